@@ -1,0 +1,130 @@
+"""Charges: queued in the transaction that closes a stay, executed after the car has left.
+
+`queue_charge` runs inside the caller's transaction (the lane's exit decision) and writes the
+charge, the fee accrual in the ledger and the outbox job together; the charge worker picks the
+job up after commit. One charge per session is enforced by the unique session_id.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from billing import ledger
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeJob:
+    charge_id: int
+    session_id: int
+    account_id: int
+    car_park_id: int
+    amount_fen: int
+    idempotency_key: str
+    status: str
+    attempts: int
+    agreement_no: str
+    provider: str
+    plate: str
+    car_park_name: str
+    entered_at: datetime
+    exited_at: datetime
+
+
+def idempotency_key_for(session_id: int) -> str:
+    return f"session-{session_id}"
+
+
+async def queue_charge(
+    conn: asyncpg.Connection,
+    *,
+    session_id: int,
+    account_id: int,
+    agreement_id: int,
+    car_park_id: int,
+    amount_fen: int,
+) -> int:
+    charge_id: int = await conn.fetchval(
+        """INSERT INTO charges (session_id, account_id, agreement_id, amount_fen, idempotency_key)
+           VALUES ($1, $2, $3, $4, $5) RETURNING id""",
+        session_id,
+        account_id,
+        agreement_id,
+        amount_fen,
+        idempotency_key_for(session_id),
+    )
+    await ledger.post(
+        conn,
+        "fee_accrued",
+        [(ledger.receivable(account_id), amount_fen), (ledger.revenue(car_park_id), -amount_fen)],
+        session_id=session_id,
+        charge_id=charge_id,
+    )
+    await conn.execute("INSERT INTO outbox (kind, ref_id) VALUES ('charge', $1)", charge_id)
+    await conn.execute("NOTIFY outbox")
+    return charge_id
+
+
+async def load_job(conn: asyncpg.Connection, charge_id: int) -> ChargeJob | None:
+    row = await conn.fetchrow(
+        """SELECT c.id AS charge_id, c.session_id, c.account_id, s.car_park_id, c.amount_fen,
+                  c.idempotency_key, c.status, c.attempts, a.agreement_no, a.provider,
+                  s.plate, cp.name AS car_park_name, s.entered_at, s.exited_at
+           FROM charges c
+           JOIN pay_later_agreements a ON a.id = c.agreement_id
+           JOIN sessions s ON s.id = c.session_id
+           JOIN car_parks cp ON cp.id = s.car_park_id
+           WHERE c.id = $1""",
+        charge_id,
+    )
+    return ChargeJob(**dict(row)) if row else None
+
+
+async def mark_succeeded(
+    conn: asyncpg.Connection, job: ChargeJob, provider_ref: str, provider_name: str
+) -> bool:
+    """Records the provider's success once; False when it was already recorded."""
+    updated = await conn.fetchval(
+        """UPDATE charges SET status = 'succeeded', provider_ref = $2, settled_at = now(),
+                  attempts = attempts + 1, last_error = NULL
+           WHERE id = $1 AND status = 'pending' RETURNING id""",
+        job.charge_id,
+        provider_ref,
+    )
+    if updated is None:
+        return False
+    await ledger.post(
+        conn,
+        "charge_settled",
+        [
+            (ledger.clearing(provider_name), job.amount_fen),
+            (ledger.receivable(job.account_id), -job.amount_fen),
+        ],
+        session_id=job.session_id,
+        charge_id=job.charge_id,
+    )
+    return True
+
+
+async def mark_failed(conn: asyncpg.Connection, job: ChargeJob, reason: str) -> bool:
+    """The charge finally failed: the fee stays owed (arrears) and pay-later is blocked."""
+    updated = await conn.fetchval(
+        """UPDATE charges SET status = 'failed', last_error = $2, attempts = attempts + 1
+           WHERE id = $1 AND status = 'pending' RETURNING id""",
+        job.charge_id,
+        reason,
+    )
+    if updated is None:
+        return False
+    await conn.execute(
+        "UPDATE accounts SET blocked_for_arrears = true WHERE id = $1", job.account_id
+    )
+    return True
+
+
+async def record_attempt_error(conn: asyncpg.Connection, charge_id: int, error: str) -> None:
+    await conn.execute(
+        "UPDATE charges SET attempts = attempts + 1, last_error = $2 WHERE id = $1",
+        charge_id,
+        error,
+    )

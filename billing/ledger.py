@@ -1,0 +1,70 @@
+"""Double-entry ledger: append-only lines, each transaction summing to zero.
+
+Ledger accounts:
+  receivable:account:{id}   what a driver owes (debit) until the provider pays it
+  revenue:car_park:{id}     a car park's earned fees (credit)
+  clearing:provider:{name}  money the provider has collected for us (debit)
+"""
+
+import uuid
+from collections.abc import Sequence
+
+import asyncpg
+
+
+def receivable(account_id: int) -> str:
+    return f"receivable:account:{account_id}"
+
+
+def revenue(car_park_id: int) -> str:
+    return f"revenue:car_park:{car_park_id}"
+
+
+def clearing(provider: str) -> str:
+    return f"clearing:provider:{provider}"
+
+
+class UnbalancedTransaction(ValueError):
+    pass
+
+
+async def post(
+    conn: asyncpg.Connection,
+    kind: str,
+    lines: Sequence[tuple[str, int]],
+    *,
+    session_id: int | None = None,
+    charge_id: int | None = None,
+) -> uuid.UUID:
+    """Appends one balanced transaction; the database re-checks the balance at commit."""
+    if sum(amount for _, amount in lines) != 0 or any(amount == 0 for _, amount in lines):
+        raise UnbalancedTransaction(f"{kind}: {lines}")
+    transaction_id = uuid.uuid4()
+    await conn.executemany(
+        """INSERT INTO ledger_entries
+               (transaction_id, ledger_account, amount_fen, kind, session_id, charge_id)
+           VALUES ($1, $2, $3, $4, $5, $6)""",
+        [
+            (transaction_id, account, amount, kind, session_id, charge_id)
+            for account, amount in lines
+        ],
+    )
+    return transaction_id
+
+
+async def is_balanced(conn: asyncpg.Connection) -> bool:
+    """True when the whole ledger and every transaction in it sum to zero."""
+    unbalanced = await conn.fetchval(
+        """SELECT count(*) FROM (SELECT transaction_id FROM ledger_entries
+                                 GROUP BY transaction_id HAVING sum(amount_fen) <> 0) t"""
+    )
+    total = await conn.fetchval("SELECT COALESCE(sum(amount_fen), 0) FROM ledger_entries")
+    return bool(unbalanced == 0 and total == 0)
+
+
+async def balance(conn: asyncpg.Connection, ledger_account: str) -> int:
+    value: int = await conn.fetchval(
+        "SELECT COALESCE(sum(amount_fen), 0) FROM ledger_entries WHERE ledger_account = $1",
+        ledger_account,
+    )
+    return value

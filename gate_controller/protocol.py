@@ -1,0 +1,120 @@
+"""Gate protocol v1: topics and message models shared by the server and the gates.
+
+MQTT 3.1.1 compatible, JSON payloads, QoS 1. See ../shared/DESIGN.md, "Gate protocol".
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Literal
+from uuid import UUID
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+PROTOCOL_ROOT = "parking/v1"
+QOS = 1
+
+Direction = Literal["in", "out"]
+PlateColor = Literal["blue", "green", "yellow", "white", "black"]
+Action = Literal["open", "hold", "deny"]
+TopicKind = Literal["capture", "command", "ack", "event", "status", "config"]
+_CODE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+PlateText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=2, max_length=16)]
+
+
+class _Message(BaseModel):
+    # Unknown fields are ignored so that newer gate firmware can add fields without breaking v1.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class CameraRead(_Message):
+    plate: PlateText
+    color: PlateColor | None = None
+    confidence: float = Field(ge=0.0, le=1.0)
+
+
+class Capture(_Message):
+    capture_id: UUID
+    seq: int = Field(ge=0)
+    direction: Direction
+    captured_at: AwareDatetime
+    camera_read: CameraRead | None = None
+    image: str | None = Field(default=None, description="base64 JPEG, size-capped")
+    offline: bool = False
+
+
+class Command(_Message):
+    capture_id: UUID
+    action: Action
+    display: list[str]
+    fee_fen: int | None = Field(default=None, ge=0)
+    payment_qr_url: str | None = None
+    issued_at: AwareDatetime
+    expires_at: AwareDatetime
+
+
+class Ack(_Message):
+    capture_id: UUID
+    received_at: AwareDatetime
+    duplicate: bool = False
+
+
+class GateEvent(_Message):
+    type: Literal["barrier_opened", "barrier_closed", "vehicle_passed", "manual_open"]
+    at: AwareDatetime
+    capture_id: UUID | None = None
+    reason: str | None = None
+
+
+class GateStatus(_Message):
+    state: Literal["online", "offline"]
+    outbox_length: int = Field(default=0, ge=0)
+    firmware: str | None = None
+
+
+class WhitelistEntry(_Message):
+    plate: PlateText
+    color: PlateColor | None = None
+
+
+class GateConfig(_Message):
+    whitelist: list[WhitelistEntry] = []
+    whitelist_expires_at: AwareDatetime | None = None
+    display: dict[str, str] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class GateAddress:
+    lot: str
+    gate: str
+
+
+class Topics:
+    """Builds and parses gate topics under an optional deployment prefix."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.root = f"{prefix.rstrip('/')}/{PROTOCOL_ROOT}" if prefix else PROTOCOL_ROOT
+        self._depth = self.root.count("/") + 1
+
+    def topic(self, address: GateAddress, kind: TopicKind) -> str:
+        return f"{self.root}/{address.lot}/{address.gate}/{kind}"
+
+    def all_gates(self, kind: TopicKind) -> str:
+        return f"{self.root}/+/+/{kind}"
+
+    def parse(self, topic: str) -> tuple[GateAddress, str] | None:
+        """The gate and message kind of a topic, or None when it is not a well-formed gate topic."""
+        if not topic.startswith(self.root + "/"):
+            return None
+        parts = topic.split("/")[self._depth :]
+        if len(parts) != 3 or not _CODE.match(parts[0]) or not _CODE.match(parts[1]):
+            return None
+        return GateAddress(parts[0], parts[1]), parts[2]
+
+
+def is_valid_code(code: str) -> bool:
+    return bool(_CODE.match(code))
+
+
+def encode(message: BaseModel) -> bytes:
+    return message.model_dump_json(exclude_none=True).encode()

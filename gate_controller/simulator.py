@@ -1,0 +1,222 @@
+"""Gate simulator: many gates across many car parks publishing captures like real cameras.
+
+Used by `parking demo`, the benchmarks and the tests. Like a real gate it keeps each capture
+until the server's ack and sends it again if none comes; on top of that it injects duplicates
+(the same capture published again) and double reads (the same car read twice).
+"""
+
+import asyncio
+import random
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+import orjson
+
+from gate_controller.mqtt import IncomingMessage, MqttClient
+from gate_controller.protocol import CameraRead, Capture, GateAddress, Topics, encode
+
+PROVINCES = "京津沪渝冀豫云辽黑湘皖鲁新苏浙赣鄂桂甘晋蒙陕吉闽贵粤青藏川宁琼"
+LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"  # no I, no O
+DIGITS = "0123456789"
+
+
+def random_plate(rng: random.Random, green: bool = False, province: str = "浙") -> str:
+    """A grammatical plate (GA 36): province, letter, then 5 (blue) or D/F + 5 (green)."""
+    tail = "".join(rng.choice(DIGITS + LETTERS) for _ in range(4)) + rng.choice(DIGITS)
+    if green:
+        return f"{province}{rng.choice('ABCDEFGH')}{rng.choice('DF')}{tail}"
+    return f"{province}{rng.choice('ABCDEFGH')}{tail}"
+
+
+@dataclass(frozen=True, slots=True)
+class Vehicle:
+    plate: str
+    color: Literal["blue", "green"]
+    bound: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SimGate:
+    lot: str
+    gate: str
+    direction: Literal["in", "out"]
+
+
+@dataclass(frozen=True, slots=True)
+class ExitRecord:
+    vehicle: Vehicle
+    stay_s: float  # by the simulator's own clock, independent of the server
+
+
+@dataclass
+class SimReport:
+    sent: int = 0
+    resent: int = 0
+    duplicates_sent: int = 0
+    double_reads_sent: int = 0
+    entries: int = 0
+    exits: int = 0
+    bound_exits: int = 0
+    unbound_exits: int = 0
+    commands: Counter[str] = field(default_factory=Counter)
+    acks: int = 0
+    unanswered: int = 0
+    round_trip_ms: list[float] = field(default_factory=list)
+    exit_log: list[ExitRecord] = field(default_factory=list)
+
+
+@dataclass
+class _Pending:
+    address: GateAddress
+    payload: bytes
+    sent_at: float
+    acked: bool = False
+    commanded: bool = False
+
+
+class GateSimulator:
+    def __init__(
+        self,
+        mqtt_url: str,
+        gates: list[SimGate],
+        inside: dict[str, list[tuple[Vehicle, datetime]]],
+        outside: list[Vehicle],
+        *,
+        topic_prefix: str = "",
+        duplicate_rate: float = 0.05,
+        double_read_rate: float = 0.03,
+        exit_share: float = 0.6,
+        resend_after_s: float = 3.0,
+        seed: int = 7,
+    ) -> None:
+        self.topics = Topics(topic_prefix)
+        self.gates_in = [g for g in gates if g.direction == "in"]
+        self.gates_out = [g for g in gates if g.direction == "out"]
+        self.inside = {lot: list(vs) for lot, vs in inside.items()}
+        self.outside = list(outside)
+        self.duplicate_rate = duplicate_rate
+        self.double_read_rate = double_read_rate
+        self.exit_share = exit_share
+        self.resend_after_s = resend_after_s
+        self.rng = random.Random(seed)
+        self.report = SimReport()
+        self._seq: Counter[GateAddress] = Counter()
+        self._pending: dict[str, _Pending] = {}
+        self._mqtt = MqttClient(mqtt_url, f"gate-sim-{uuid.uuid4().hex[:8]}")
+
+    async def __aenter__(self) -> "GateSimulator":
+        await self._mqtt.start()
+        await self._mqtt.subscribe(self.topics.all_gates("command"), self._on_command)
+        await self._mqtt.subscribe(self.topics.all_gates("ack"), self._on_ack)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self._mqtt.stop()
+
+    async def run(self, rate: float, duration_s: float) -> SimReport:
+        """Publishes about `rate` captures a second for `duration_s`, then waits for answers."""
+        interval = 1.0 / rate
+        started = time.perf_counter()
+        n = 0
+        while (elapsed := time.perf_counter() - started) < duration_s:
+            await self.step()
+            n += 1
+            await asyncio.sleep(max(0.0, n * interval - elapsed))
+            await self._resend_overdue()
+        await self.drain()
+        return self.report
+
+    async def step(self) -> None:
+        lots_with_cars = [g for g in self.gates_out if self.inside.get(g.lot)]
+        if lots_with_cars and (not self.outside or self.rng.random() < self.exit_share):
+            gate = self.rng.choice(lots_with_cars)
+            cars = self.inside[gate.lot]
+            vehicle, entered_at = cars.pop(self.rng.randrange(len(cars)))
+            self.outside.append(vehicle)
+            stay_s = (datetime.now(UTC) - entered_at).total_seconds()
+            self.report.exit_log.append(ExitRecord(vehicle, stay_s))
+            self.report.exits += 1
+            if vehicle.bound:
+                self.report.bound_exits += 1
+            else:
+                self.report.unbound_exits += 1
+        elif self.outside and self.gates_in:
+            gate = self.rng.choice(self.gates_in)
+            vehicle = self.outside.pop(self.rng.randrange(len(self.outside)))
+            self.inside.setdefault(gate.lot, []).append((vehicle, datetime.now(UTC)))
+            self.report.entries += 1
+        else:
+            return
+        await self.capture(gate, vehicle)
+        if self.rng.random() < self.double_read_rate:
+            self.report.double_reads_sent += 1
+            await self.capture(gate, vehicle)
+
+    async def capture(
+        self, gate: SimGate, vehicle: Vehicle, *, confidence: float = 0.97
+    ) -> uuid.UUID:
+        """Publishes one capture of `vehicle` at `gate`; returns its capture_id."""
+        address = GateAddress(gate.lot, gate.gate)
+        self._seq[address] += 1
+        capture = Capture(
+            capture_id=uuid.uuid4(),
+            seq=self._seq[address],
+            direction=gate.direction,
+            captured_at=datetime.now(UTC),
+            camera_read=CameraRead(plate=vehicle.plate, color=vehicle.color, confidence=confidence),
+        )
+        payload = encode(capture)
+        key = str(capture.capture_id)
+        self._pending[key] = _Pending(address, payload, time.perf_counter())
+        await self._mqtt.publish(self.topics.topic(address, "capture"), payload)
+        self.report.sent += 1
+        if self.rng.random() < self.duplicate_rate:
+            self.report.duplicates_sent += 1
+            await self._mqtt.publish(self.topics.topic(address, "capture"), payload)
+        return capture.capture_id
+
+    async def drain(self, timeout_s: float = 15.0) -> None:
+        deadline = time.perf_counter() + timeout_s
+        while self.outstanding() and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+            await self._resend_overdue()
+        self.report.unanswered = self.outstanding()
+
+    def outstanding(self) -> int:
+        return len(self._pending)
+
+    async def _resend_overdue(self) -> None:
+        now = time.perf_counter()
+        for pending in self._pending.values():
+            if not pending.acked and now - pending.sent_at > self.resend_after_s:
+                pending.sent_at = now
+                self.report.resent += 1
+                await self._mqtt.publish(
+                    self.topics.topic(pending.address, "capture"), pending.payload, wait=False
+                )
+
+    def _on_command(self, message: IncomingMessage) -> None:
+        data = orjson.loads(message.payload)
+        pending = self._pending.get(data.get("capture_id", ""))
+        if pending is None or pending.commanded:
+            return
+        pending.commanded = True
+        self.report.commands[data["action"]] += 1
+        self.report.round_trip_ms.append((message.received_at - pending.sent_at) * 1000)
+        self._forget_if_answered(data["capture_id"], pending)
+
+    def _on_ack(self, message: IncomingMessage) -> None:
+        data = orjson.loads(message.payload)
+        pending = self._pending.get(data.get("capture_id", ""))
+        if pending is not None and not pending.acked:
+            pending.acked = True
+            self.report.acks += 1
+            self._forget_if_answered(data["capture_id"], pending)
+
+    def _forget_if_answered(self, key: str, pending: _Pending) -> None:
+        if pending.acked and pending.commanded:
+            del self._pending[key]

@@ -1,0 +1,129 @@
+"""Writes that set up the world: operators, car parks, gates, tariffs, drivers, bindings.
+
+Used by seeding (demo, tests) today and by the operator and driver APIs later.
+"""
+
+from datetime import datetime
+
+import asyncpg
+
+
+async def create_operator(conn: asyncpg.Connection, name: str) -> int:
+    operator_id: int = await conn.fetchval(
+        """INSERT INTO operators (name) VALUES ($1)
+           ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id""",
+        name,
+    )
+    return operator_id
+
+
+async def create_car_park(
+    conn: asyncpg.Connection,
+    *,
+    operator_id: int,
+    code: str,
+    name: str,
+    capacity: int,
+    latitude: float | None = None,
+    longitude: float | None = None,
+    no_entry_policy: str = "exception",
+    no_entry_fee_fen: int = 0,
+) -> int:
+    car_park_id: int = await conn.fetchval(
+        """INSERT INTO car_parks (operator_id, code, name, capacity, latitude, longitude,
+                                  no_entry_policy, no_entry_fee_fen)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id""",
+        operator_id,
+        code,
+        name,
+        capacity,
+        latitude,
+        longitude,
+        no_entry_policy,
+        no_entry_fee_fen,
+    )
+    return car_park_id
+
+
+async def create_gate(conn: asyncpg.Connection, car_park_id: int, code: str, direction: str) -> int:
+    gate_id: int = await conn.fetchval(
+        "INSERT INTO gates (car_park_id, code, direction) VALUES ($1, $2, $3) RETURNING id",
+        car_park_id,
+        code,
+        direction,
+    )
+    return gate_id
+
+
+async def create_tariff(
+    conn: asyncpg.Connection,
+    car_park_id: int,
+    *,
+    effective_from: datetime,
+    free_minutes: int,
+    hourly_fen: int,
+    daily_cap_fen: int | None,
+) -> int:
+    tariff_id: int = await conn.fetchval(
+        """INSERT INTO tariffs (car_park_id, effective_from, free_minutes, hourly_fen,
+                                daily_cap_fen)
+           VALUES ($1, $2, $3, $4, $5) RETURNING id""",
+        car_park_id,
+        effective_from,
+        free_minutes,
+        hourly_fen,
+        daily_cap_fen,
+    )
+    return tariff_id
+
+
+async def create_account(conn: asyncpg.Connection, phone: str, name: str | None = None) -> int:
+    account_id: int = await conn.fetchval(
+        "INSERT INTO accounts (phone, display_name) VALUES ($1, $2) RETURNING id", phone, name
+    )
+    return account_id
+
+
+async def bind_plate(conn: asyncpg.Connection, account_id: int, plate: str, color: str) -> int:
+    binding_id: int = await conn.fetchval(
+        "INSERT INTO plate_bindings (account_id, plate, color) VALUES ($1, $2, $3) RETURNING id",
+        account_id,
+        plate,
+        color,
+    )
+    return binding_id
+
+
+async def sign_pay_later(
+    conn: asyncpg.Connection,
+    account_id: int,
+    *,
+    provider: str,
+    agreement_no: str,
+    per_session_limit_fen: int,
+) -> int:
+    agreement_id: int = await conn.fetchval(
+        """INSERT INTO pay_later_agreements
+               (account_id, provider, agreement_no, per_session_limit_fen)
+           VALUES ($1, $2, $3, $4) RETURNING id""",
+        account_id,
+        provider,
+        agreement_no,
+        per_session_limit_fen,
+    )
+    return agreement_id
+
+
+async def seed_open_session(
+    conn: asyncpg.Connection, car_park_id: int, plate: str, color: str, entered_at: datetime
+) -> int:
+    """A car already inside when the system starts (imported from the previous system)."""
+    session_id: int = await conn.fetchval(
+        """INSERT INTO sessions (car_park_id, plate, plate_color, entered_at)
+           VALUES ($1, $2, $3, $4) RETURNING id""",
+        car_park_id,
+        plate,
+        color,
+        entered_at,
+    )
+    return session_id

@@ -1,0 +1,150 @@
+"""The `parking` command line."""
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import uvicorn
+
+from billing import sandbox
+from parking.app import create_app
+from parking.db import create_pool
+from parking.infra import endpoints
+from parking.logging import configure_logging
+from parking.migrate import MIGRATIONS_DIR, migrate, schema_snapshot
+from parking.runtime import running
+from parking.settings import Settings, get_settings
+
+SNAPSHOT_PATH = MIGRATIONS_DIR / "schema_snapshot.txt"
+
+
+async def _migrate(settings: Settings, snapshot: Path | None) -> None:
+    async with endpoints(settings, database_only=True) as eps:
+        pool = await create_pool(eps.database_url, min_size=1, max_size=1)
+        try:
+            async with pool.acquire() as conn:
+                applied = await migrate(conn)
+                print(f"migrations applied: {applied or 'none (up to date)'}")
+                if snapshot is not None:
+                    text = await schema_snapshot(conn)
+                    await asyncio.to_thread(snapshot.write_text, text, encoding="utf-8")
+                    print(f"schema snapshot written to {snapshot}")
+        finally:
+            await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def _provider_url(settings: Settings) -> AsyncIterator[str]:
+    """The configured provider, or a sandbox served in-process for a laptop run."""
+    if settings.payment_provider_url:
+        yield settings.payment_provider_url
+        return
+    async with sandbox.running() as (url, _):
+        yield url
+
+
+async def _serve(settings: Settings) -> None:
+    async with (
+        endpoints(settings) as eps,
+        _provider_url(settings) as provider_url,
+        running(settings, eps, provider_url) as runtime,
+    ):
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(runtime),
+                host=settings.api_host,
+                port=settings.api_port,
+                log_level="info",
+                lifespan="off",
+            )
+        )
+        await server.serve()
+
+
+async def _sandbox(port: int, faults: sandbox.FaultConfig) -> None:
+    async with sandbox.running(faults, port=port) as (url, _):
+        print(f"sandbox provider on {url}", flush=True)
+        await asyncio.Event().wait()
+
+
+def _plates(argv: list[str]) -> int:
+    from plate_recognition.evaluate import main as plates_main
+
+    return plates_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="parking", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_migrate = sub.add_parser("migrate", help="apply database migrations")
+    p_migrate.add_argument(
+        "--snapshot",
+        nargs="?",
+        const=SNAPSHOT_PATH,
+        type=Path,
+        help=f"also write the resulting schema description (default {SNAPSHOT_PATH.name})",
+    )
+
+    sub.add_parser("serve", help="run the API, the lane service and the workers")
+
+    p_demo = sub.add_parser("demo", help="run a simulated city end to end")
+    p_demo.add_argument("--duration", type=float, default=60.0, help="seconds of traffic")
+    p_demo.add_argument("--rate", type=float, default=20.0, help="captures per second")
+    p_demo.add_argument("--json", action="store_true", help="print a JSON summary last")
+    p_demo.add_argument("--no-api", action="store_true", help="do not serve the HTTP API")
+
+    p_sandbox = sub.add_parser("sandbox-provider", help="run the sandbox payment provider")
+    p_sandbox.add_argument("--port", type=int, default=8100)
+    p_sandbox.add_argument("--error-rate", type=float, default=0.0)
+    p_sandbox.add_argument("--lost-response-rate", type=float, default=0.0)
+    p_sandbox.add_argument("--timeout-rate", type=float, default=0.0)
+
+    sub.add_parser("plates", help="plate recognition tools (eval, bench)", add_help=False)
+
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["plates"]:
+        return _plates(argv[1:])
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    if args.command == "demo" and "PARKING_LOG_LEVEL" not in os.environ:
+        # The demo prints its own progress; per-capture logs would drown it.
+        settings.log_level = "WARNING"
+    configure_logging(
+        settings.log_level,
+        settings.log_json,
+        settings.log_pseudonym_key.get_secret_value() if settings.log_pseudonym_key else None,
+    )
+    if args.command == "migrate":
+        asyncio.run(_migrate(settings, args.snapshot))
+    elif args.command == "serve":
+        asyncio.run(_serve(settings))
+    elif args.command == "demo":
+        from parking.demo import run_demo
+
+        summary = asyncio.run(
+            run_demo(settings, args.duration, args.rate, serve_api=not args.no_api)
+        )
+        if args.json:
+            print(orjson.dumps(summary).decode())
+        else:
+            print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+    elif args.command == "sandbox-provider":
+        faults = sandbox.FaultConfig(
+            error_rate=args.error_rate,
+            lost_response_rate=args.lost_response_rate,
+            timeout_rate=args.timeout_rate,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_sandbox(args.port, faults))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

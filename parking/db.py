@@ -1,0 +1,31 @@
+"""asyncpg pool with JSON codecs; the caller of a unit of work owns its transaction."""
+
+from typing import Any
+
+import asyncpg
+import orjson
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typename in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typename,
+            encoder=lambda v: orjson.dumps(v).decode(),
+            decoder=orjson.loads,
+            schema="pg_catalog",
+        )
+
+
+async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30
+    )
+    return pool
+
+
+Record = asyncpg.Record
+Connection = asyncpg.Connection
+
+
+def as_dict(record: Any) -> dict[str, Any]:
+    return dict(record) if record is not None else {}

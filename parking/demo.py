@@ -1,0 +1,294 @@
+"""`parking demo`: a small city on real servers, simulated traffic, live API, JSON summary."""
+
+import asyncio
+import contextlib
+import random
+import secrets
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+
+import asyncpg
+import uvicorn
+
+from billing import ledger, sandbox
+from billing.tariff import Tariff
+from gate_controller.mqtt import MqttClient
+from gate_controller.protocol import CameraRead, Capture, GateAddress, Topics, encode
+from gate_controller.simulator import GateSimulator, SimGate, Vehicle, random_plate
+from parking.admin import repository as admin
+from parking.app import create_app
+from parking.infra import endpoints
+from parking.logging import mask_plates_in_text
+from parking.runtime import Runtime, running
+from parking.settings import Settings
+
+# Real streets of Lin'an, Hangzhou, where the reference deployment runs.
+DEMO_CAR_PARKS = [
+    ("chengzhong", "城中街停车场", 120, 30.2335, 119.7245),
+    ("qianwang", "钱王街停车场", 200, 30.2318, 119.7190),
+    ("jinbei", "锦北广场停车场", 80, 30.2420, 119.7301),
+    ("station", "临安汽车站停车场", 300, 30.2262, 119.7078),
+]
+TARIFF = {"free_minutes": 15, "hourly_fen": 500, "daily_cap_fen": 4000}
+PAY_LATER_LIMIT_FEN = 20_000
+
+
+@dataclass
+class DemoCity:
+    run_id: str
+    car_park_ids: list[int]
+    gates: list[SimGate]
+    inside: dict[str, list[tuple[Vehicle, datetime]]]
+    outside: list[Vehicle]
+
+
+async def seed_city(pool: asyncpg.Pool, rng: random.Random, drivers: int = 400) -> DemoCity:
+    """Car parks with entry and exit gates, a tariff, drivers (70 % bound with pay-later), and
+    cars already parked for 20 minutes to 3 days so that exits carry real fees."""
+    run_id = secrets.token_hex(3)
+    now = datetime.now(UTC)
+    vehicles = []
+    for _ in range(drivers):
+        green = rng.random() < 0.2
+        vehicles.append(
+            Vehicle(
+                random_plate(rng, green=green), "green" if green else "blue", rng.random() < 0.7
+            )
+        )
+    gates: list[SimGate] = []
+    car_park_ids: list[int] = []
+    inside: dict[str, list[tuple[Vehicle, datetime]]] = {}
+    async with pool.acquire() as conn, conn.transaction():
+        operator_id = await admin.create_operator(conn, "临安城市停车运营")
+        for code, name, capacity, lat, lon in DEMO_CAR_PARKS:
+            lot = f"{code}-{run_id}"
+            car_park_id = await admin.create_car_park(
+                conn,
+                operator_id=operator_id,
+                code=lot,
+                name=name,
+                capacity=capacity,
+                latitude=lat,
+                longitude=lon,
+            )
+            car_park_ids.append(car_park_id)
+            await admin.create_tariff(
+                conn, car_park_id, effective_from=now - timedelta(days=30), **TARIFF
+            )
+            for gate, direction in (("in1", "in"), ("out1", "out"), ("out2", "out")):
+                await admin.create_gate(conn, car_park_id, gate, direction)
+                gates.append(SimGate(lot, gate, direction))  # type: ignore[arg-type]
+            inside[lot] = []
+        for i, vehicle in enumerate(vehicles):
+            if vehicle.bound:
+                account_id = await admin.create_account(conn, f"+86-demo-{run_id}-{i:05d}")
+                await admin.bind_plate(conn, account_id, vehicle.plate, vehicle.color)
+                await admin.sign_pay_later(
+                    conn,
+                    account_id,
+                    provider="sandbox",
+                    agreement_no=f"AGR-{run_id}-{i:05d}",
+                    per_session_limit_fen=PAY_LATER_LIMIT_FEN,
+                )
+        rng.shuffle(vehicles)
+        parked = vehicles[: len(vehicles) // 2]
+        for n, vehicle in enumerate(parked):
+            lot_index = n % len(DEMO_CAR_PARKS)
+            lot = f"{DEMO_CAR_PARKS[lot_index][0]}-{run_id}"
+            entered_at = now - timedelta(minutes=rng.randint(20, 3 * 24 * 60))
+            await admin.seed_open_session(
+                conn, car_park_ids[lot_index], vehicle.plate, vehicle.color, entered_at
+            )
+            inside[lot].append((vehicle, entered_at))
+    return DemoCity(run_id, car_park_ids, gates, inside, vehicles[len(vehicles) // 2 :])
+
+
+async def _publish_bad_messages(mqtt: MqttClient, topics: Topics, lot: str) -> int:
+    """What a broken or hostile gate sends: each must become a dead letter, nothing else."""
+    bad = [
+        (topics.topic(GateAddress(lot, "in1"), "capture"), b"{not json"),
+        (topics.topic(GateAddress(lot, "nosuchgate"), "capture"), _valid_capture()),
+        (topics.topic(GateAddress(lot, "in1"), "capture"), b"x" * (1024 * 1024)),
+    ]
+    for topic, payload in bad:
+        await mqtt.publish(topic, payload)
+    return len(bad)
+
+
+def _valid_capture() -> bytes:
+    return encode(
+        Capture(
+            capture_id=uuid.uuid4(),
+            seq=1,
+            direction="in",
+            captured_at=datetime.now(UTC),
+            camera_read=CameraRead(plate="浙A00001", color="blue", confidence=0.99),
+        )
+    )
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return round(values[0], 2)
+    return round(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1], 2)
+
+
+async def summarise(
+    runtime: Runtime, city: DemoCity, sim: GateSimulator, started: datetime, expected_dead: int
+) -> dict[str, Any]:
+    ids = city.car_park_ids
+    async with runtime.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            """SELECT count(*) AS captures,
+                      count(*) FILTER (WHERE direction = 'out') AS exit_captures,
+                      count(*) FILTER (WHERE direction = 'out' AND outcome <> 'duplicate_read'
+                                       AND command->>'action' = 'open') AS opened,
+                      -- A held car read again while it waits at the barrier is one exit.
+                      count(DISTINCT COALESCE(session_id::text, capture_id::text))
+                          FILTER (WHERE direction = 'out' AND command->>'action' = 'hold')
+                          AS held
+               FROM captures WHERE car_park_id = ANY($1)""",
+            ids,
+        )
+        charges = await conn.fetchrow(
+            """SELECT count(*) FILTER (WHERE c.status = 'succeeded') AS charged,
+                      count(*) FILTER (WHERE c.status = 'pending') AS pending,
+                      count(*) FILTER (WHERE c.status = 'failed') AS failed,
+                      COALESCE(sum(c.amount_fen) FILTER (WHERE c.status = 'succeeded'), 0)::bigint
+                          AS charged_fen
+               FROM charges c JOIN sessions s ON s.id = c.session_id
+               WHERE s.car_park_id = ANY($1)""",
+            ids,
+        )
+        dead_letters = await conn.fetchval(
+            "SELECT count(*) FROM dead_letters WHERE received_at >= $1 AND topic LIKE $2",
+            started,
+            f"{runtime.lanes.topics.root}/%-{city.run_id}/%",
+        )
+        balanced = await ledger.is_balanced(conn)
+    latencies = list(runtime.lanes.stats.latencies_ms)
+    report = sim.report
+    # The simulator's own oracle: bound cars whose stay is past the free minutes must be charged.
+    tariff = Tariff(**TARIFF)
+    bound_paid_exits = sum(
+        1 for e in report.exit_log if e.vehicle.bound and tariff.fee_for_seconds(int(e.stay_s)) > 0
+    )
+    return {
+        "captures": row["captures"],
+        "entries": report.entries,
+        "exits": report.exits,
+        "exit_captures": row["exit_captures"],
+        "opened": row["opened"],
+        "held": row["held"],
+        "bound_exits": report.bound_exits,
+        "bound_exits_with_fee": bound_paid_exits,
+        "unbound_exits": report.unbound_exits,
+        "charged": charges["charged"],
+        "charges_pending": charges["pending"],
+        "charges_failed": charges["failed"],
+        "charged_fen": charges["charged_fen"],
+        "duplicates_sent": report.duplicates_sent + report.resent,
+        "duplicates_ignored": runtime.lanes.stats.duplicates,
+        "double_reads": report.double_reads_sent,
+        "unanswered": report.unanswered,
+        "notifications_sent": runtime.outbox.stats.notified,
+        "dead_letters": dead_letters,
+        "dead_letters_expected": expected_dead,
+        "decision_p50_ms": _percentile(latencies, 50),
+        "decision_p99_ms": _percentile(latencies, 99),
+        "gate_round_trip_p99_ms": _percentile(report.round_trip_ms, 99),
+        "ledger_balanced": balanced,
+    }
+
+
+async def _wait_for_outbox(runtime: Runtime, timeout_s: float) -> None:
+    """Charges run after the cars left: give the worker time to finish them."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        async with runtime.pool.acquire() as conn:
+            if await conn.fetchval("SELECT count(*) FROM outbox WHERE done_at IS NULL") == 0:
+                return
+        await asyncio.sleep(0.2)
+
+
+async def _progress(runtime: Runtime, sim: GateSimulator, out: TextIO) -> None:
+    while True:
+        await asyncio.sleep(2.0)
+        stats = runtime.lanes.stats
+        lat = list(stats.latencies_ms)[-2000:]
+        print(
+            f"demo: captures sent {sim.report.sent:5d}  decided {stats.captures:5d}  "
+            f"open {sim.report.commands['open']:5d}  hold {sim.report.commands['hold']:4d}  "
+            f"charged {runtime.outbox.stats.charged:4d}  p99 {_percentile(lat, 99):6.1f} ms",
+            file=out,
+            flush=True,
+        )
+
+
+async def run_demo(
+    settings: Settings, duration_s: float, rate: float, serve_api: bool = True
+) -> dict[str, Any]:
+    out = sys.stderr
+    started = datetime.now(UTC)
+    rng = random.Random()
+    async with (
+        endpoints(settings) as eps,
+        sandbox.running() as (provider_url, _),
+        running(settings, eps, settings.payment_provider_url or provider_url) as runtime,
+    ):
+        city = await seed_city(runtime.pool, rng)
+        print(
+            f"demo: city seeded: {len(city.car_park_ids)} car parks, {len(city.gates)} gates, "
+            f"{sum(len(v) for v in city.inside.values())} cars inside",
+            file=out,
+        )
+        server = None
+        server_task = None
+        if serve_api:
+            server = uvicorn.Server(
+                uvicorn.Config(
+                    create_app(runtime),
+                    host=settings.api_host,
+                    port=settings.api_port,
+                    log_level="warning",
+                    lifespan="off",
+                )
+            )
+            server_task = asyncio.create_task(server.serve())
+            print(
+                f"demo: API on http://{settings.api_host}:{settings.api_port} "
+                "(/health, /docs, /api/v1/car-parks)",
+                file=out,
+            )
+        async with GateSimulator(
+            runtime.endpoints.mqtt_url,
+            city.gates,
+            city.inside,
+            city.outside,
+            topic_prefix=settings.mqtt_topic_prefix,
+            seed=rng.randrange(1 << 30),
+        ) as sim:
+            expected_dead = await _publish_bad_messages(
+                runtime.mqtt, runtime.lanes.topics, city.gates[0].lot
+            )
+            progress = asyncio.create_task(_progress(runtime, sim, out))
+            try:
+                await sim.run(rate, duration_s)
+                await _wait_for_outbox(runtime, timeout_s=20)
+            finally:
+                progress.cancel()
+            summary = await summarise(runtime, city, sim, started, expected_dead)
+        for note in list(runtime.notifier.sent)[-3:]:
+            print(f"demo: sms -> {mask_plates_in_text(note.body)}", file=out)
+        if server is not None and server_task is not None:
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await server_task
+    return summary

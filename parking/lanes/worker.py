@@ -1,0 +1,229 @@
+"""The lane service's MQTT side: consumes captures, owns each one's transaction, and only after
+commit publishes the command and the ack and updates occupancy.
+
+Captures are spread over `lane_concurrency` queues by car park, so one car park's captures are
+decided in order while different car parks proceed in parallel.
+"""
+
+import asyncio
+import time
+import zlib
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+from pydantic import ValidationError
+
+from gate_controller.mqtt import IncomingMessage, MqttClient
+from gate_controller.protocol import Ack, Capture, GateAddress, Topics, encode
+from parking.lanes import repository as repo
+from parking.lanes.repository import GateInfo
+from parking.lanes.service import Decision, LaneService
+from parking.logging import correlation_id, get_logger
+from parking.occupancy.service import Occupancy
+from parking.settings import Settings
+
+log = get_logger(__name__)
+_GATE_CACHE_TTL_S = 60.0
+
+
+@dataclass
+class LaneStats:
+    captures: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    failures: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    # Capture received -> command acknowledged by the broker, in ms (recent window).
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=200_000))
+
+
+class InvalidMessage(Exception):
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class LaneWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        mqtt: MqttClient,
+        occupancy: Occupancy,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.mqtt = mqtt
+        self.occupancy = occupancy
+        self.service = LaneService(settings)
+        self.topics = Topics(settings.mqtt_topic_prefix)
+        self.stats = LaneStats()
+        self._gates: dict[GateAddress, tuple[float, GateInfo]] = {}
+        self._queues = [asyncio.Queue[IncomingMessage]() for _ in range(settings.lane_concurrency)]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._consume(q)) for q in self._queues]
+        topic_filter = self.topics.all_gates("capture")
+        if self.settings.mqtt_shared_group:
+            topic_filter = f"$share/{self.settings.mqtt_shared_group}/{topic_filter}"
+        await self.mqtt.subscribe(topic_filter, self._enqueue)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def pending(self) -> int:
+        return sum(q.qsize() for q in self._queues)
+
+    def _enqueue(self, message: IncomingMessage) -> None:
+        parsed = self.topics.parse(message.topic)
+        lot = parsed[0].lot if parsed else message.topic
+        self._queues[zlib.crc32(lot.encode()) % len(self._queues)].put_nowait(message)
+
+    async def _consume(self, queue: asyncio.Queue[IncomingMessage]) -> None:
+        while True:
+            message = await queue.get()
+            try:
+                await self.handle(message)
+            except Exception:
+                # Not acked: the gate keeps the capture in its outbox and sends it again.
+                self.stats.failures += 1
+                log.exception("lane.capture_failed", topic=message.topic)
+            finally:
+                correlation_id.set(None)
+
+    async def handle(self, message: IncomingMessage) -> None:
+        try:
+            address, capture = self._parse(message)
+            correlation_id.set(str(capture.capture_id))
+            gate = await self._gate(address)
+            if gate.direction not in ("both", capture.direction):
+                raise InvalidMessage(
+                    "direction_mismatch", f"{capture.direction} capture on a {gate.direction} gate"
+                )
+        except InvalidMessage as exc:
+            await self._dead_letter(message, exc)
+            return
+
+        now = datetime.now(UTC)
+        decision, command = await self._decide(gate, address, capture, now)
+        await self.mqtt.publish(self.topics.topic(address, "command"), command)
+        latency_ms = (time.perf_counter() - message.received_at) * 1000
+        ack = Ack(capture_id=capture.capture_id, received_at=now, duplicate=decision is None)
+        await self.mqtt.publish(self.topics.topic(address, "ack"), encode(ack), wait=False)
+
+        self.stats.captures += 1
+        if decision is None:
+            self.stats.duplicates += 1
+            log.info("lane.duplicate_capture", gate=address.gate, lot=address.lot)
+            return
+        self.stats.latencies_ms.append(latency_ms)
+        self.stats.outcomes[decision.outcome] += 1
+        if decision.occupancy_delta:
+            await self.occupancy.adjust(gate.car_park_id, decision.occupancy_delta)
+        log.info(
+            "lane.decided",
+            lot=address.lot,
+            gate=address.gate,
+            direction=capture.direction,
+            outcome=decision.outcome,
+            action=decision.command.action,
+            fee_fen=decision.fee_fen,
+            latency_ms=round(latency_ms, 2),
+        )
+
+    async def _decide(
+        self, gate: GateInfo, address: GateAddress, capture: Capture, now: datetime
+    ) -> tuple[Decision | None, bytes]:
+        """Decides in one transaction; a redelivered capture gets its stored command again.
+
+        Returns (None, command) for a duplicate. A unique violation means a concurrent worker
+        handled the same capture or plate first: the second attempt sees its committed result.
+        """
+        async with self.pool.acquire() as conn:
+            for attempt in (1, 2):
+                try:
+                    async with conn.transaction():
+                        stored = await repo.stored_command(conn, capture.capture_id)
+                        if stored is not None:
+                            return None, orjson.dumps(stored)
+                        decision = await self.service.decide(conn, gate, capture, now)
+                        command_json: dict[str, Any] = decision.command.model_dump(
+                            mode="json", exclude_none=True
+                        )
+                        await repo.insert_capture(
+                            conn,
+                            capture_id=capture.capture_id,
+                            gate_id=gate.gate_id,
+                            car_park_id=gate.car_park_id,
+                            seq=capture.seq,
+                            direction=capture.direction,
+                            plate=capture.camera_read.plate if capture.camera_read else None,
+                            plate_color=capture.camera_read.color if capture.camera_read else None,
+                            read_confidence=(
+                                capture.camera_read.confidence if capture.camera_read else None
+                            ),
+                            captured_at=capture.captured_at,
+                            received_at=now,
+                            offline=capture.offline,
+                            outcome=decision.outcome,
+                            session_id=decision.session_id,
+                            command=command_json,
+                        )
+                        return decision, orjson.dumps(command_json)
+                except asyncpg.UniqueViolationError:
+                    if attempt == 2:
+                        raise
+        raise AssertionError("unreachable")
+
+    def _parse(self, message: IncomingMessage) -> tuple[GateAddress, Capture]:
+        parsed = self.topics.parse(message.topic)
+        if parsed is None or parsed[1] != "capture":
+            raise InvalidMessage("bad_topic", message.topic)
+        if len(message.payload) > self.settings.max_capture_bytes:
+            raise InvalidMessage(
+                "oversized",
+                f"{len(message.payload)} bytes > {self.settings.max_capture_bytes}",
+            )
+        try:
+            data = orjson.loads(message.payload)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidMessage("malformed_json", str(exc)) from exc
+        try:
+            return parsed[0], Capture.model_validate(data)
+        except ValidationError as exc:
+            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise InvalidMessage("invalid_message", detail) from exc
+
+    async def _gate(self, address: GateAddress) -> GateInfo:
+        cached = self._gates.get(address)
+        if cached and time.monotonic() - cached[0] < _GATE_CACHE_TTL_S:
+            return cached[1]
+        async with self.pool.acquire() as conn:
+            gate = await repo.load_gate(conn, address.lot, address.gate)
+        if gate is None:
+            raise InvalidMessage("unknown_gate", f"{address.lot}/{address.gate}")
+        self._gates[address] = (time.monotonic(), gate)
+        return gate
+
+    async def _dead_letter(self, message: IncomingMessage, exc: InvalidMessage) -> None:
+        self.stats.dead_letters += 1
+        keep = message.payload[:4096] if exc.reason == "oversized" else message.payload
+        async with self.pool.acquire() as conn:
+            await repo.insert_dead_letter(
+                conn,
+                source="mqtt",
+                topic=message.topic,
+                reason=exc.reason,
+                detail=exc.detail,
+                payload=keep,
+                payload_size=len(message.payload),
+            )
+        log.warning("lane.dead_letter", reason=exc.reason, size=len(message.payload))

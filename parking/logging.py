@@ -1,0 +1,89 @@
+"""structlog configuration: dotted event names, a correlation id, no personal data in clear.
+
+Plates and phone numbers must never reach a log line readable. Callers pass them through
+`pseudonym()`, and a processor masks any key named like personal data as a safety net.
+"""
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import sys
+from collections.abc import MutableMapping
+from contextvars import ContextVar
+from typing import Any
+
+import structlog
+
+correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=None)
+
+_PERSONAL_KEYS = frozenset({"plate", "phone", "plates", "candidates", "body"})
+_pseudonym_key = secrets.token_bytes(32)
+
+
+def pseudonym(value: str) -> str:
+    """Stable keyed hash of a plate or phone: equal inputs correlate, nothing reads back."""
+    digest = hmac.new(_pseudonym_key, value.encode(), hashlib.sha256).hexdigest()
+    return f"p_{digest[:12]}"
+
+
+def mask_plate(plate: str) -> str:
+    """For people (dashboard feed, demo output): keep the province and last two characters."""
+    if len(plate) <= 3:
+        return "*" * len(plate)
+    return plate[:1] + "*" * (len(plate) - 3) + plate[-2:]
+
+
+def _add_correlation_id(
+    _: Any, __: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    cid = correlation_id.get()
+    if cid is not None:
+        event.setdefault("cid", cid)
+    return event
+
+
+def _mask_personal(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in _PERSONAL_KEYS & event.keys():
+        value = event[key]
+        if isinstance(value, str) and not value.startswith("p_"):
+            event[key] = pseudonym(value)
+        elif isinstance(value, list | tuple):
+            event[key] = [pseudonym(str(v)) for v in value]
+    return event
+
+
+def configure_logging(level: str = "INFO", json: bool = False, key: str | None = None) -> None:
+    global _pseudonym_key
+    if key:
+        _pseudonym_key = key.encode()
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            _add_correlation_id,
+            _mask_personal,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)
+
+
+_PLATE_IN_TEXT = re.compile(r"[\u4e00-\u9fff][A-Z][A-Z0-9]{4,6}[\u4e00-\u9fff]?")
+
+
+def mask_plates_in_text(text: str) -> str:
+    return _PLATE_IN_TEXT.sub(lambda m: mask_plate(m.group(0)), text)

@@ -1,0 +1,57 @@
+"""All configuration in one place, read from `PARKING_*` environment variables."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PARKING_", env_file=".env", extra="ignore")
+
+    # Servers. Unset means "start an embedded one under data_dir" (see parking.infra).
+    database_url: str | None = None
+    redis_url: str | None = None
+    mqtt_url: str | None = None
+    data_dir: Path = Path(".data")
+    embedded_mqtt_port: int = 18830
+
+    # Prepended to every gate topic so several deployments (or test runs) can share a broker.
+    mqtt_topic_prefix: str = ""
+    mqtt_client_id: str = "parking-lanes"
+    # Lane workers scale out behind `$share/<group>/...` (Mosquitto 2, EMQX); None: plain.
+    mqtt_shared_group: str | None = None
+    mqtt_ack_timeout_s: float = 5.0
+
+    # Namespace for every Redis key and channel, so deployments (or test runs) can share a Redis.
+    redis_key_prefix: str = "parking:"
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    # Lane service.
+    lane_concurrency: int = 16
+    max_capture_bytes: int = 512 * 1024
+    duplicate_read_window_s: int = 120
+    command_ttl_s: int = 30
+    timezone: str = "Asia/Shanghai"
+    payment_qr_base_url: str = "https://pay.example.invalid/qr"
+
+    # Billing.
+    payment_provider_url: str | None = None
+    charge_max_attempts: int = 6
+    charge_retry_base_s: float = 0.5
+    worker_poll_interval_s: float = 0.5
+
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    # Key for the hash that stands in for plates and phones in logs. When unset a random key
+    # is drawn per process: logs stay free of personal data but do not correlate across runs.
+    log_pseudonym_key: SecretStr | None = None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,144 @@
+"""Image in, ranked plate candidates out.
+
+:func:`recognise` is a plain module-level function with picklable arguments and result,
+so the lane service can run it in a ``concurrent.futures.ProcessPoolExecutor``; each
+worker process builds its engine once, on first use, and keeps it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from plate_recognition.engines import DEFAULT_ENGINE, PlateReader, ReadResult, get_reader
+from plate_recognition.grammar import Candidate
+from plate_recognition.localise import Corners, classify_color, find_plates
+
+Kind = Literal["crop", "scene"]
+
+#: A scene read this confident ends the search through further plate candidates.
+_GOOD_ENOUGH = 0.9
+
+_READERS: dict[str, PlateReader] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Recognition:
+    """Result of reading one image: ranked candidates (maybe none) and where the plate was.
+
+    ``corners`` (bottom-right, bottom-left, top-left, top-right) is ``None`` for crops
+    and for frames where no plate was found.
+    """
+
+    engine: str
+    kind: Kind
+    candidates: tuple[Candidate, ...]
+    color: str | None = None
+    corners: Corners | None = None
+    raw: str = ""
+    elapsed_ms: float = 0.0
+
+    @property
+    def plate(self) -> str | None:
+        return self.candidates[0].plate if self.candidates else None
+
+    @property
+    def confidence(self) -> float:
+        return self.candidates[0].score if self.candidates else 0.0
+
+
+def reader(engine: str = DEFAULT_ENGINE) -> PlateReader:
+    """The process-wide reader for ``engine`` (built on first use)."""
+    if engine not in _READERS:
+        _READERS[engine] = get_reader(engine)
+    return _READERS[engine]
+
+
+def decode_image(data: bytes | np.ndarray) -> np.ndarray:
+    """BGR image from encoded bytes (JPEG/PNG/...) or an array (gray or BGR)."""
+    if isinstance(data, np.ndarray):
+        image = data
+    else:
+        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        if decoded is None:
+            raise ValueError("image bytes could not be decoded")
+        image = decoded
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 8:
+        raise ValueError(f"unsupported image shape {image.shape}")
+    return image
+
+
+def guess_kind(image: np.ndarray) -> Kind:
+    """A wide, short image is already a plate; anything else is a camera frame."""
+    h, w = image.shape[:2]
+    return "crop" if w >= 2 * h and h <= 200 else "scene"
+
+
+def recognise(
+    image: bytes | np.ndarray,
+    kind_hint: Kind | None = None,
+    engine: str = DEFAULT_ENGINE,
+    color_hint: str | None = None,
+) -> Recognition:
+    """Read the plate in ``image`` (encoded bytes or BGR array).
+
+    ``kind_hint`` says whether it is a plate crop or a whole camera frame (guessed from
+    its shape otherwise). Never raises for an unreadable plate: ``candidates`` is empty.
+    Raises ``ValueError`` for undecodable input.
+    """
+    start = time.perf_counter()
+    frame = decode_image(image)
+    kind = kind_hint or guess_kind(frame)
+    r = reader(engine)
+    if kind == "crop":
+        color = color_hint or classify_color(frame)
+        result = r.read(frame, color)
+        return Recognition(
+            engine=r.name,
+            kind="crop",
+            candidates=result.candidates,
+            color=color,
+            raw=result.raw,
+            elapsed_ms=(time.perf_counter() - start) * 1000,
+        )
+    best: tuple[float, ReadResult, Corners, str | None] | None = None
+    # Localisation ranks regions by shape and colour; the recogniser's confidence decides.
+    for region in find_plates(frame):
+        color = color_hint or region.color
+        result = r.read(region.crop, color)
+        score = result.candidates[0].score if result.candidates else 0.0
+        if best is None or score > best[0]:
+            best = (score, result, region.corners, color)
+        if score >= _GOOD_ENOUGH:
+            break
+    elapsed = (time.perf_counter() - start) * 1000
+    if best is None or not best[1].candidates:
+        return Recognition(r.name, "scene", (), elapsed_ms=elapsed)
+    _, result, corners, color = best
+    return Recognition(r.name, "scene", result.candidates, color, corners, result.raw, elapsed)
+
+
+def vote(recognitions: Iterable[Recognition], limit: int = 10) -> list[Candidate]:
+    """Combine several reads of the same car (successive frames) into one ranking.
+
+    A plate's score is its mean score over all frames, a frame that did not propose it
+    counting 0, so one confident misread cannot outvote consistent reads.
+    """
+    totals: dict[str, float] = defaultdict(float)
+    frames = 0
+    for rec in recognitions:
+        frames += 1
+        for cand in rec.candidates:
+            totals[cand.plate] += cand.score
+    if not frames:
+        return []
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:limit]
+    return [Candidate(plate, total / frames) for plate, total in ranked]

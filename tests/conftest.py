@@ -1,0 +1,180 @@
+"""Test fixtures on real servers: the machine's PostgreSQL, Redis and MQTT broker.
+
+Each test session creates its own database (dropped at the end), uses its own Redis database
+number, and puts its gate topics under a unique prefix, so runs never see each other's data.
+Override the servers with PARKING_TEST_DATABASE_URL / _REDIS_URL / _MQTT_URL.
+"""
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from billing import sandbox
+from parking.admin import repository as admin
+from parking.infra import Endpoints
+from parking.migrate import migrate
+from parking.runtime import Runtime, running
+from parking.settings import Settings
+from tests.gates import GateProbe
+
+ADMIN_DSN = os.environ.get(
+    "PARKING_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("PARKING_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+MQTT_URL = os.environ.get("PARKING_TEST_MQTT_URL", "mqtt://127.0.0.1:1883")
+
+
+def _dsn_for(database: str) -> str:
+    base, _, _ = ADMIN_DSN.rpartition("/")
+    return f"{base}/{database}"
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    name = f"parking_test_{uuid.uuid4().hex[:10]}"
+    admin_conn = await asyncpg.connect(ADMIN_DSN)
+    await admin_conn.execute(f'CREATE DATABASE "{name}"')
+    url = _dsn_for(name)
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    try:
+        yield url
+    finally:
+        await admin_conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin_conn.close()
+
+
+# The session-wide sandbox's faults; a test may decline its own drivers' agreements.
+SANDBOX_FAULTS = sandbox.FaultConfig()
+
+
+@pytest.fixture(scope="session")
+async def provider_url() -> AsyncIterator[str]:
+    async with sandbox.running(SANDBOX_FAULTS) as (url, _):
+        yield url
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(
+        database_url=None,
+        redis_url=None,
+        mqtt_url=None,
+        mqtt_topic_prefix=f"test-{uuid.uuid4().hex[:8]}",
+        redis_key_prefix=f"test-{uuid.uuid4().hex[:8]}:",
+        mqtt_client_id=f"lanes-{uuid.uuid4().hex[:8]}",
+        lane_concurrency=4,
+        worker_poll_interval_s=0.1,
+        charge_retry_base_s=0.05,
+    )
+
+
+@pytest.fixture
+async def runtime(
+    settings: Settings, database_url: str, provider_url: str
+) -> AsyncIterator[Runtime]:
+    eps = Endpoints(database_url, REDIS_URL, MQTT_URL)
+    async with running(settings, eps, provider_url) as rt:
+        yield rt
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Redis]:
+    client = Redis.from_url(REDIS_URL, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def gate(settings: Settings) -> AsyncIterator[GateProbe]:
+    async with GateProbe(MQTT_URL, settings.mqtt_topic_prefix) as probe:
+        yield probe
+
+
+@dataclass
+class Lot:
+    id: int
+    code: str
+    name: str
+
+
+@pytest.fixture
+async def lot(runtime: Runtime) -> Lot:
+    return await create_lot(runtime)
+
+
+async def create_lot(runtime: Runtime) -> Lot:
+    """A car park with one entry and one exit gate; no free minutes, ¥6 per started hour,
+    ¥50 a day."""
+    code = f"lot-{uuid.uuid4().hex[:8]}"
+    name = "测试停车场"
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        operator_id = await admin.create_operator(conn, "测试运营")
+        car_park_id = await admin.create_car_park(
+            conn, operator_id=operator_id, code=code, name=name, capacity=50
+        )
+        await admin.create_gate(conn, car_park_id, "in1", "in")
+        await admin.create_gate(conn, car_park_id, "out1", "out")
+        await admin.create_tariff(
+            conn,
+            car_park_id,
+            effective_from=datetime.now(UTC) - timedelta(days=365),
+            free_minutes=0,
+            hourly_fen=600,
+            daily_cap_fen=5000,
+        )
+    return Lot(car_park_id, code, name)
+
+
+@dataclass
+class Driver:
+    account_id: int
+    plate: str
+    agreement_id: int | None
+
+
+async def make_driver(
+    runtime: Runtime, plate: str, *, pay_later: bool = True, limit_fen: int = 20_000
+) -> Driver:
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        account_id = await admin.create_account(conn, f"+86-{uuid.uuid4().hex[:12]}")
+        await admin.bind_plate(conn, account_id, plate, "blue")
+        agreement_id = None
+        if pay_later:
+            agreement_id = await admin.sign_pay_later(
+                conn,
+                account_id,
+                provider="sandbox",
+                agreement_no=f"AGR-{uuid.uuid4().hex[:12]}",
+                per_session_limit_fen=limit_fen,
+            )
+    return Driver(account_id, plate, agreement_id)
+
+
+async def eventually(probe: Any, timeout_s: float = 10.0, interval_s: float = 0.05) -> Any:
+    """Polls an async predicate until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s (last value {value!r})")
+        await asyncio.sleep(interval_s)
+
+
+def unique_plate() -> str:
+    """A grammatical blue plate nobody else in this test run has."""
+    digits = f"{uuid.uuid4().int % 100000:05d}"
+    return f"浙{'ABCDEFGH'[uuid.uuid4().int % 8]}{digits}"

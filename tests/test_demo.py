@@ -1,0 +1,24 @@
+"""`parking demo` end to end on the machine's servers: every exit decided, every bound exit
+with a fee charged exactly once, ledger balanced, only the deliberate dead letters."""
+
+from parking.demo import run_demo
+from parking.settings import Settings
+from tests.conftest import MQTT_URL, REDIS_URL
+
+
+async def test_demo_city_runs_end_to_end(settings: Settings, database_url: str) -> None:
+    settings.database_url = database_url
+    settings.redis_url = REDIS_URL
+    settings.mqtt_url = MQTT_URL
+    summary = await run_demo(settings, duration_s=4, rate=25, serve_api=False)
+
+    assert summary["exits"] > 20 and summary["entries"] > 10
+    assert summary["opened"] + summary["held"] == summary["exits"], summary
+    assert summary["unanswered"] == 0
+    assert summary["charged"] == summary["bound_exits_with_fee"] > 0, summary
+    assert summary["charges_pending"] == summary["charges_failed"] == 0
+    assert summary["duplicates_ignored"] >= summary["duplicates_sent"]
+    assert summary["dead_letters"] == summary["dead_letters_expected"] == 3
+    assert summary["notifications_sent"] >= summary["charged"]
+    assert summary["ledger_balanced"] is True
+    assert 0 < summary["decision_p50_ms"] <= summary["decision_p99_ms"]
