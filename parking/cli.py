@@ -73,9 +73,15 @@ async def _sandbox(port: int, faults: sandbox.FaultConfig) -> None:
 
 
 def _plates(argv: list[str]) -> int:
+    """`parking plates eval PATH ...` and `parking plates bench PATH ...`."""
     from plate_recognition.evaluate import main as plates_main
 
-    return plates_main(argv)
+    if argv[:1] == ["eval"]:
+        return plates_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        return plates_main([*argv[1:], "--bench"])
+    print("usage: parking plates {eval,bench} PATH [--engine E] [--json] ...", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,8 +227,6 @@ async def test_exit_without_entry_record_goes_to_a_person(
     command = await gate.decide(lot.code, "out1", gate.capture("out", unique_plate()))
     assert command["action"] == "hold"
     async with runtime.pool.acquire() as conn:
-        outcome = await conn.fetchval(
-            "SELECT outcome FROM captures WHERE car_park_id = $1", lot.id
-        )
+        outcome = await conn.fetchval("SELECT outcome FROM captures WHERE car_park_id = $1", lot.id)
     assert outcome == "held_no_entry"
     assert await _charge_rows(runtime, lot) == []
