@@ -94,7 +94,7 @@ class MqttClient:
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._subscriptions: dict[str, MessageHandler] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._acked_early: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -130,10 +130,13 @@ class MqttClient:
         """Publishes at QoS 1; with `wait`, returns once the broker acknowledged it."""
         assert self._loop is not None, "start() first"
         future: asyncio.Future[None] = self._loop.create_future()
+        # Never call into paho while holding our lock: paho's thread holds its own lock when it
+        # calls _on_publish, which takes ours. The PUBACK may therefore arrive before the future
+        # is registered; _on_publish then leaves the mid in _acked_early.
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise RuntimeError(f"publish failed: {paho.error_string(info.rc)}")
         with self._lock:
-            info = self._client.publish(topic, payload, qos=1, retain=retain)
-            if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-                raise RuntimeError(f"publish failed: {paho.error_string(info.rc)}")
             if info.mid in self._acked_early:
                 self._acked_early.discard(info.mid)
                 future.set_result(None)
