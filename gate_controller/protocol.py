@@ -40,7 +40,12 @@ class Capture(_Message):
     captured_at: AwareDatetime
     camera_read: CameraRead | None = None
     image: str | None = Field(default=None, description="base64 JPEG, size-capped")
+    # Further frames of the same pass; the server reads them all and lets them vote.
+    images: list[str] = Field(default_factory=list, max_length=8)
     offline: bool = False
+
+    def frames(self) -> list[str]:
+        return ([self.image] if self.image else []) + self.images
 
 
 class Command(_Message):

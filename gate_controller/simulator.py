@@ -48,6 +48,7 @@ class SimGate:
 
 @dataclass(frozen=True, slots=True)
 class ExitRecord:
+    capture_id: uuid.UUID  # the first read of this exit
     vehicle: Vehicle
     stay_s: float  # by the simulator's own clock, independent of the server
 
@@ -138,7 +139,8 @@ class GateSimulator:
             vehicle, entered_at = cars.pop(self.rng.randrange(len(cars)))
             self.outside.append(vehicle)
             stay_s = (datetime.now(UTC) - entered_at).total_seconds()
-            self.report.exit_log.append(ExitRecord(vehicle, stay_s))
+            capture_id = await self.capture(gate, vehicle)
+            self.report.exit_log.append(ExitRecord(capture_id, vehicle, stay_s))
             self.report.exits += 1
             if vehicle.bound:
                 self.report.bound_exits += 1
@@ -149,9 +151,9 @@ class GateSimulator:
             vehicle = self.outside.pop(self.rng.randrange(len(self.outside)))
             self.inside.setdefault(gate.lot, []).append((vehicle, datetime.now(UTC)))
             self.report.entries += 1
+            await self.capture(gate, vehicle)
         else:
             return
-        await self.capture(gate, vehicle)
         if self.rng.random() < self.double_read_rate:
             self.report.double_reads_sent += 1
             await self.capture(gate, vehicle)

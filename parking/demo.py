@@ -145,17 +145,15 @@ async def summarise(
 ) -> dict[str, Any]:
     ids = city.car_park_ids
     async with runtime.pool.acquire() as conn:
-        row = await conn.fetchrow(
-            """SELECT count(*) AS captures,
-                      count(*) FILTER (WHERE direction = 'out') AS exit_captures,
-                      count(*) FILTER (WHERE direction = 'out' AND outcome <> 'duplicate_read'
-                                       AND command->>'action' = 'open') AS opened,
-                      -- A held car read again while it waits at the barrier is one exit.
-                      count(DISTINCT COALESCE(session_id::text, capture_id::text))
-                          FILTER (WHERE direction = 'out' AND command->>'action' = 'hold')
-                          AS held
-               FROM captures WHERE car_park_id = ANY($1)""",
-            ids,
+        captures = await conn.fetchval(
+            "SELECT count(*) FROM captures WHERE car_park_id = ANY($1)", ids
+        )
+        # Each simulated exit is judged by the decision on its first read.
+        decided = await conn.fetchrow(
+            """SELECT count(*) FILTER (WHERE command->>'action' = 'open') AS opened,
+                      count(*) FILTER (WHERE command->>'action' = 'hold') AS held
+               FROM captures WHERE capture_id = ANY($1)""",
+            [e.capture_id for e in sim.report.exit_log],
         )
         charges = await conn.fetchrow(
             """SELECT count(*) FILTER (WHERE c.status = 'succeeded') AS charged,
@@ -181,12 +179,11 @@ async def summarise(
         1 for e in report.exit_log if e.vehicle.bound and tariff.fee_for_seconds(int(e.stay_s)) > 0
     )
     return {
-        "captures": row["captures"],
+        "captures": captures,
         "entries": report.entries,
         "exits": report.exits,
-        "exit_captures": row["exit_captures"],
-        "opened": row["opened"],
-        "held": row["held"],
+        "opened": decided["opened"],
+        "held": decided["held"],
         "bound_exits": report.bound_exits,
         "bound_exits_with_fee": bound_paid_exits,
         "unbound_exits": report.unbound_exits,

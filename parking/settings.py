@@ -38,6 +38,14 @@ class Settings(BaseSettings):
     timezone: str = "Asia/Shanghai"
     payment_qr_base_url: str = "https://pay.example.invalid/qr"
 
+    # Plate reading. A camera read at or above camera_min_confidence is taken as it is; below
+    # it, or with no read, the capture's images are read server-side in a process pool.
+    camera_min_confidence: float = 0.9
+    # The least score a read needs to open or close a stay by its exact plate.
+    plate_min_confidence: float = 0.8
+    ocr_engine: str = "rapidocr"
+    ocr_workers: int = 1
+
     # Billing.
     payment_provider_url: str | None = None
     charge_max_attempts: int = 6

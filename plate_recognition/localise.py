@@ -48,6 +48,10 @@ _MAX_CANDIDATES = 6
 #: A row of 7-8 characters crosses dark/light at least ~12 times; car paint, lamps and
 #: signs rarely do.
 _MIN_TRANSITIONS = 7.0
+#: Where :func:`_tighten` looks for a light plate around its colour blob: the frame it
+#: warps the neighbourhood to (w, h) and how far it grows the blob (side, top, bottom).
+_TIGHTEN_FRAME = (240, 120)
+_TIGHTEN_SEARCH = (0.1, 0.6, 0.4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +196,46 @@ def _transitions(crop: np.ndarray) -> float:
     return float(np.median(changes))
 
 
+def _tighten(image: np.ndarray, corners: Corners) -> Corners | None:
+    """Bounds of the bright rectangle around a light (new-energy) plate's colour blob.
+
+    The green mask of a new-energy plate catches only its greener lower part (the top
+    fades to white), so the blob is loose; the plate as a whole is brighter than the car
+    around it, which Otsu on the neighbourhood separates.
+    """
+    w, h = _TIGHTEN_FRAME
+    side, top, bottom = _TIGHTEN_SEARCH
+    src = np.array(expand(corners, side, top, bottom), dtype=np.float32)
+    dst = np.array([[w - 1, h - 1], [0, h - 1], [0, 0], [w - 1, 0]], dtype=np.float32)
+    matrix = cv2.getPerspectiveTransform(src, dst)
+    gray = cv2.cvtColor(cv2.warpPerspective(image, matrix, (w, h)), cv2.COLOR_BGR2GRAY)
+    _, bright = cv2.threshold(
+        cv2.GaussianBlur(gray, (5, 5), 0), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU
+    )
+    # Closing fills the dark characters so the plate is one component.
+    bright = cv2.morphologyEx(
+        bright, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_RECT, (w // 16, h // 13))
+    )
+    contours, _ = cv2.findContours(bright, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    rect = cv2.minAreaRect(max(contours, key=cv2.contourArea))
+    # The blob's own area in this frame; a plate is neither much smaller nor much larger.
+    blob_area = (w / (1 + 2 * side)) * (h / (1 + top + bottom))
+    if not 0.5 <= rect[1][0] * rect[1][1] / blob_area <= 2.0:
+        return None
+    box = cv2.boxPoints(rect).reshape(-1, 1, 2).astype(np.float32)
+    return order_corners(cv2.perspectiveTransform(box, np.linalg.inv(matrix)).reshape(4, 2))
+
+
+def _framed(
+    image: np.ndarray, corners: Corners, color: str | None, margins: tuple[float, float, float]
+) -> tuple[np.ndarray, float]:
+    """Rectified crop of a candidate (with ``margins``) and its texture."""
+    crop = rectify(image, expand(corners, *margins), CANONICAL_SIZE.get(color or "", _DEFAULT_SIZE))
+    return crop, _transitions(crop)
+
+
 def find_plates(image: np.ndarray, limit: int = _MAX_CANDIDATES) -> list[PlateRegion]:
     """Plate candidates in a BGR frame, best first (possibly empty)."""
     hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
@@ -215,11 +259,13 @@ def find_plates(image: np.ndarray, limit: int = _MAX_CANDIDATES) -> list[PlateRe
             continue
         if color is None:
             color = classify_color(rectify(image, corners, _DEFAULT_SIZE))
-        margins = _MARGINS.get(color or "", _DEFAULT_MARGIN)
-        crop = rectify(
-            image, expand(corners, *margins), CANONICAL_SIZE.get(color or "", _DEFAULT_SIZE)
-        )
-        texture = _transitions(crop)
+        crop, texture = _framed(image, corners, color, _MARGINS.get(color or "", _DEFAULT_MARGIN))
+        tight = _tighten(image, corners) if color == "green" else None
+        if tight is not None:
+            # Keep whichever framing shows more character strokes.
+            tight_crop, tight_texture = _framed(image, tight, color, _DEFAULT_MARGIN)
+            if tight_texture >= texture:
+                corners, crop, texture = tight, tight_crop, tight_texture
         if texture < _MIN_TRANSITIONS:
             continue
         regions.append(PlateRegion(corners, crop, color, score * min(1.0, texture / 14.0)))

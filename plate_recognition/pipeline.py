@@ -28,6 +28,38 @@ _GOOD_ENOUGH = 0.9
 _READERS: dict[str, PlateReader] = {}
 
 
+def _stretched_gray(image: np.ndarray) -> np.ndarray:
+    """Grey, min-max stretched copy: a light-green or washed-out plate gains contrast."""
+    gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    gray = cv2.normalize(gray, np.empty_like(gray), 0, 255, cv2.NORM_MINMAX)
+    return cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+
+
+def _read_region(r: PlateReader, crop: np.ndarray, color: str | None) -> ReadResult:
+    """Read a localised plate; when unsure, also its stretched grey copy, and vote.
+
+    Scene crops vary in light and framing far more than camera crops; averaging two
+    views' candidate scores (a candidate one view lacks counts 0) rewards plates both
+    agree on, the way :func:`vote` does across frames.
+    """
+    first = r.read(crop, color)
+    if first.best is not None and first.best.score >= _GOOD_ENOUGH:
+        return first
+    second = r.read(_stretched_gray(crop), color)
+    totals: dict[str, float] = defaultdict(float)
+    for result in (first, second):
+        for cand in result.candidates:
+            totals[cand.plate] += cand.score / 2
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:10]
+    lead = max((first, second), key=lambda res: res.best.score if res.best else 0.0)
+    return ReadResult(
+        engine=first.engine,
+        candidates=tuple(Candidate(plate, score) for plate, score in ranked),
+        raw=lead.raw,
+        positions=lead.positions,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Recognition:
     """Result of reading one image: ranked candidates (maybe none) and where the plate was.
@@ -113,7 +145,7 @@ def recognise(
     # Localisation ranks regions by shape and colour; the recogniser's confidence decides.
     for region in find_plates(frame):
         color = color_hint or region.color
-        result = r.read(region.crop, color)
+        result = _read_region(r, region.crop, color)
         score = result.candidates[0].score if result.candidates else 0.0
         if best is None or score > best[0]:
             best = (score, result, region.corners, color)

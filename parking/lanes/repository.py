@@ -186,3 +186,34 @@ async def insert_dead_letter(
         payload,
         payload_size,
     )
+
+
+async def open_plates(conn: asyncpg.Connection, car_park_id: int) -> list[str]:
+    """The plates parked in a car park now: what an uncertain exit read is matched against."""
+    rows = await conn.fetch(
+        "SELECT plate FROM sessions WHERE car_park_id = $1 AND status = 'open'", car_park_id
+    )
+    return [r["plate"] for r in rows]
+
+
+async def insert_exception(
+    conn: asyncpg.Connection,
+    *,
+    capture_id: UUID,
+    car_park_id: int,
+    gate_id: int,
+    reason: str,
+    candidates: list[dict[str, Any]],
+    image: bytes | None,
+) -> int:
+    exception_id: int = await conn.fetchval(
+        """INSERT INTO lane_exceptions (capture_id, car_park_id, gate_id, reason, candidates, image)
+           VALUES ($1, $2, $3, $4, $5, $6) RETURNING id""",
+        capture_id,
+        car_park_id,
+        gate_id,
+        reason,
+        candidates,
+        image,
+    )
+    return exception_id

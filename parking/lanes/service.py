@@ -1,12 +1,14 @@
 """The exit (and entry) decision for one capture. See ../shared/DESIGN.md, "The exit decision".
 
 `decide` runs inside the caller's transaction and returns what to tell the gate and what to do
-after commit; it never publishes or touches Redis itself.
+after commit; it never publishes or touches Redis itself. Charging the wrong person is the
+worst failure: a plate that is not certain is matched only uniquely and with a margin against
+the cars parked in this car park, and anything less goes to an operator while the gate holds.
 """
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 
@@ -14,9 +16,10 @@ from billing import charges
 from billing.tariff import format_fen
 from gate_controller.protocol import Action, Capture, Command
 from parking.lanes import repository as repo
+from parking.lanes.reading import PlateReading
 from parking.lanes.repository import GateInfo, OpenSession
 from parking.settings import Settings
-from plate_recognition.grammar import normalise
+from plate_recognition.matching import MatchResult, match
 
 Outcome = Literal[
     "entered",
@@ -30,18 +33,41 @@ Outcome = Literal[
     "held_arrears",
     "held_no_entry",
     "held_unreadable",
+    "held_ambiguous",
     "held_no_tariff",
 ]
+MatchStatus = Literal["exact", "fuzzy", "ambiguous", "no_match"]
+ExceptionReason = Literal["unreadable", "ambiguous", "no_entry"]
+
+
+_EXCEPTION_HOLD: dict[ExceptionReason, tuple[Outcome, "MatchStatus | None", str]] = {
+    "unreadable": ("held_unreadable", None, "车牌待确认"),
+    "ambiguous": ("held_ambiguous", "ambiguous", "车牌待确认"),
+    "no_entry": ("held_no_entry", "no_match", "无入场记录"),
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     outcome: Outcome
     command: Command
+    plate: str | None = None
     session_id: int | None = None
     occupancy_delta: int = 0
     charge_id: int | None = None
     fee_fen: int | None = None
+    match_status: MatchStatus | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Exit:
+    """The stay an exit read was resolved to, or why it could not be."""
+
+    plate: str | None
+    session: OpenSession | None
+    match_status: MatchStatus | None
+    duplicate_of: int | None = None
+    ranked: tuple[tuple[str, float], ...] = ()
 
 
 class LaneService:
@@ -51,37 +77,43 @@ class LaneService:
         self.command_ttl = timedelta(seconds=settings.command_ttl_s)
 
     async def decide(
-        self, conn: asyncpg.Connection, gate: GateInfo, capture: Capture, now: datetime
+        self,
+        conn: asyncpg.Connection,
+        gate: GateInfo,
+        capture: Capture,
+        reading: PlateReading,
+        now: datetime,
     ) -> Decision:
-        read = capture.camera_read
-        plate = normalise(read.plate) if read else None
-        if plate is None:
-            # Issue #3 adds server-side OCR; until a plate is known a person decides.
-            return self._hold(capture, now, "held_unreadable", ["未识别车牌", "请联系管理员"])
-        color = read.color if read else None
         # Offline uploads happened earlier, when the gate decided alone; live ones happen now.
         at = capture.captured_at if capture.offline else now
         if capture.direction == "in":
-            return await self._entry(conn, gate, capture, plate, color, at, now)
-        return await self._exit(conn, gate, capture, plate, color, at, now)
+            return await self._entry(conn, gate, capture, reading, at, now)
+        return await self._exit(conn, gate, capture, reading, at, now)
+
+    def _confident(self, reading: PlateReading) -> str | None:
+        best = reading.best
+        return best.plate if best and best.score >= self.settings.plate_min_confidence else None
 
     async def _entry(
         self,
         conn: asyncpg.Connection,
         gate: GateInfo,
         capture: Capture,
-        plate: str,
-        color: str | None,
+        reading: PlateReading,
         at: datetime,
         now: datetime,
     ) -> Decision:
+        plate = self._confident(reading)
+        if plate is None:
+            return await self._exception(conn, gate, capture, reading, now, "unreadable")
+        color = capture.camera_read.color if capture.camera_read else None
         inside = await repo.open_session_for_update(conn, gate.car_park_id, plate)
         outcome: Outcome = "entered"
         delta = 1
         if inside is not None:
             if at - inside.entered_at < self.duplicate_window:
                 # The same car read twice at the barrier.
-                return self._open(capture, now, "duplicate_read", [plate], inside.id)
+                return self._open(capture, now, "duplicate_read", plate, inside.id)
             await repo.supersede_session(conn, inside.id, at)
             outcome, delta = "entered_superseding", 0
         session_id = await repo.open_session(
@@ -92,35 +124,69 @@ class LaneService:
             entered_at=at,
             entry_capture_id=capture.capture_id,
         )
-        return self._open(capture, now, outcome, [plate, "欢迎光临"], session_id, delta)
+        return self._open(capture, now, outcome, plate, session_id, delta, welcome=True)
+
+    async def _resolve_exit(
+        self, conn: asyncpg.Connection, gate: GateInfo, reading: PlateReading, at: datetime
+    ) -> _Exit:
+        plate = self._confident(reading)
+        if plate is not None:
+            session = await repo.open_session_for_update(conn, gate.car_park_id, plate)
+            if session is not None:
+                return _Exit(plate, session, "exact")
+            recent = await repo.recent_exit(
+                conn, gate.car_park_id, plate, at - self.duplicate_window
+            )
+            if recent is not None:
+                return _Exit(plate, None, "exact", duplicate_of=recent)
+            if reading.source == "camera":
+                # A confident camera read is what the car shows; never bend it onto a
+                # look-alike parked plate. No stay for it: the no-entry policy decides.
+                return _Exit(plate, None, "no_match")
+        if not reading.candidates:
+            return _Exit(None, None, None)
+        parked = await repo.open_plates(conn, gate.car_park_id)
+        result: MatchResult = match(reading.candidates, parked, raw=reading.raw)
+        if result.plate is not None:
+            session = await repo.open_session_for_update(conn, gate.car_park_id, result.plate)
+            if session is not None:
+                return _Exit(result.plate, session, result.status, ranked=result.ranked)
+        status: MatchStatus = "ambiguous" if result.status == "ambiguous" else "no_match"
+        return _Exit(plate, None, status, ranked=result.ranked)
 
     async def _exit(
         self,
         conn: asyncpg.Connection,
         gate: GateInfo,
         capture: Capture,
-        plate: str,
-        color: str | None,
+        reading: PlateReading,
         at: datetime,
         now: datetime,
     ) -> Decision:
-        session = await repo.open_session_for_update(conn, gate.car_park_id, plate)
+        resolved = await self._resolve_exit(conn, gate, reading, at)
+        if resolved.duplicate_of is not None:
+            return self._open(capture, now, "duplicate_read", resolved.plate, resolved.duplicate_of)
+        if resolved.match_status == "ambiguous":
+            return await self._exception(
+                conn, gate, capture, reading, now, "ambiguous", resolved.ranked
+            )
+        plate, session = resolved.plate, resolved.session
+        if plate is None:
+            return await self._exception(
+                conn, gate, capture, reading, now, "unreadable", resolved.ranked
+            )
+
         fee_override: int | None = None
         if session is None:
-            recent = await repo.recent_exit(
-                conn, gate.car_park_id, plate, at - self.duplicate_window
-            )
-            if recent is not None:
-                return self._open(capture, now, "duplicate_read", [plate], recent)
             if gate.no_entry_policy != "fixed_fee":
-                return self._hold(
-                    capture, now, "held_no_entry", [plate, "无入场记录", "请联系管理员"]
+                return await self._exception(
+                    conn, gate, capture, reading, now, "no_entry", resolved.ranked
                 )
             session_id = await repo.open_session(
                 conn,
                 car_park_id=gate.car_park_id,
                 plate=plate,
-                plate_color=color,
+                plate_color=capture.camera_read.color if capture.camera_read else None,
                 entered_at=at,
                 entry_capture_id=None,
             )
@@ -133,13 +199,16 @@ class LaneService:
             tariff = await repo.tariff_at(conn, gate.car_park_id, session.entered_at)
             if tariff is None:
                 return self._hold(
-                    capture, now, "held_no_tariff", [plate, "请联系管理员"], session.id
+                    capture, now, "held_no_tariff", plate, ["请联系管理员"], session.id
                 )
             fee = tariff.fee(session.entered_at, at)
+        matched = resolved.match_status
 
         if fee == 0:
             await self._close(conn, session, capture, at, 0, None, "free")
-            return self._open(capture, now, "exited_free", [plate, "一路顺风"], session.id, -1, 0)
+            return self._open(
+                capture, now, "exited_free", plate, session.id, -1, fee=0, match_status=matched
+            )
 
         pay_later = await repo.pay_later_for_plate(conn, plate)
         hold_reason = _hold_reason(pay_later, fee)
@@ -148,9 +217,11 @@ class LaneService:
                 capture,
                 now,
                 hold_reason or "held_unbound",
-                [plate, f"应缴 {format_fen(fee)}", "请扫码缴费"],
+                plate,
+                [f"应缴 {format_fen(fee)}", "请扫码缴费"],
                 session.id,
                 fee,
+                matched,
             )
         await self._close(conn, session, capture, at, fee, pay_later.account_id, "pay_later")
         charge_id = await charges.queue_charge(
@@ -161,13 +232,41 @@ class LaneService:
             car_park_id=gate.car_park_id,
             amount_fen=fee,
         )
-        return Decision(
-            "exited_pay_later",
-            self._command(capture, now, "open", [plate, f"{format_fen(fee)} 离场后扣款"], fee),
-            session.id,
-            -1,
-            charge_id,
-            fee,
+        command = self._command(capture, now, "open", [plate, f"{format_fen(fee)} 离场后扣款"], fee)
+        return Decision("exited_pay_later", command, plate, session.id, -1, charge_id, fee, matched)
+
+    async def _exception(
+        self,
+        conn: asyncpg.Connection,
+        gate: GateInfo,
+        capture: Capture,
+        reading: PlateReading,
+        now: datetime,
+        reason: ExceptionReason,
+        ranked: tuple[tuple[str, float], ...] = (),
+    ) -> Decision:
+        """The gate holds and an operator decides; the capture's frame goes with it."""
+        candidates: list[dict[str, Any]] = [
+            {"plate": c.plate, "score": round(c.score, 4), "kind": "read"}
+            for c in reading.candidates[:5]
+        ] + [{"plate": p, "distance": round(d, 3), "kind": "parked"} for p, d in ranked[:5]]
+        await repo.insert_exception(
+            conn,
+            capture_id=capture.capture_id,
+            car_park_id=gate.car_park_id,
+            gate_id=gate.gate_id,
+            reason=reason,
+            candidates=candidates,
+            image=reading.image,
+        )
+        outcome, match_status, display = _EXCEPTION_HOLD[reason]
+        return self._hold(
+            capture,
+            now,
+            outcome,
+            self._confident(reading),
+            [display, "请稍候 人工处理"],
+            match_status=match_status,
         )
 
     @staticmethod
@@ -214,30 +313,39 @@ class LaneService:
         capture: Capture,
         now: datetime,
         outcome: Outcome,
-        display: list[str],
+        plate: str | None,
         session_id: int | None,
         delta: int = 0,
+        *,
         fee: int | None = None,
+        welcome: bool = False,
+        match_status: MatchStatus | None = None,
     ) -> Decision:
+        greeting = "欢迎光临" if welcome else "一路顺风"
+        display = [plate, greeting] if plate else [greeting]
         command = self._command(capture, now, "open", display, fee)
-        return Decision(outcome, command, session_id, delta, None, fee)
+        return Decision(outcome, command, plate, session_id, delta, None, fee, match_status)
 
     def _hold(
         self,
         capture: Capture,
         now: datetime,
         outcome: Outcome,
+        plate: str | None,
         display: list[str],
         session_id: int | None = None,
         fee: int | None = None,
+        match_status: MatchStatus | None = None,
     ) -> Decision:
         qr = (
             f"{self.settings.payment_qr_base_url}/{session_id}"
             if session_id is not None and fee
             else None
         )
-        command = self._command(capture, now, "hold", display, fee, qr)
-        return Decision(outcome, command, session_id, 0, None, fee)
+        command = self._command(
+            capture, now, "hold", [plate, *display] if plate else display, fee, qr
+        )
+        return Decision(outcome, command, plate, session_id, 0, None, fee, match_status)
 
 
 def _hold_reason(pay_later: repo.PayLater | None, fee: int) -> Outcome | None:

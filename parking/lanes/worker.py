@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from gate_controller.mqtt import IncomingMessage, MqttClient
 from gate_controller.protocol import Ack, Capture, GateAddress, Topics, encode
 from parking.lanes import repository as repo
+from parking.lanes.reading import PlateReader, PlateReading, decode_frames
 from parking.lanes.repository import GateInfo
 from parking.lanes.service import Decision, LaneService
 from parking.logging import correlation_id, get_logger
@@ -61,6 +62,7 @@ class LaneWorker:
         self.mqtt = mqtt
         self.occupancy = occupancy
         self.service = LaneService(settings)
+        self.reader = PlateReader(settings)
         self.topics = Topics(settings.mqtt_topic_prefix)
         self.stats = LaneStats()
         self._gates: dict[GateAddress, tuple[float, GateInfo]] = {}
@@ -78,6 +80,7 @@ class LaneWorker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.reader.close()
 
     def pending(self) -> int:
         return sum(q.qsize() for q in self._queues)
@@ -108,12 +111,18 @@ class LaneWorker:
                 raise InvalidMessage(
                     "direction_mismatch", f"{capture.direction} capture on a {gate.direction} gate"
                 )
+            try:
+                frames = decode_frames(capture)
+            except ValueError as exc:
+                raise InvalidMessage("invalid_image", str(exc)) from exc
         except InvalidMessage as exc:
             await self._dead_letter(message, exc)
             return
 
+        # Reading (OCR, in the process pool) happens before the transaction, never inside it.
+        reading = await self.reader.read(capture, frames)
         now = datetime.now(UTC)
-        decision, command = await self._decide(gate, address, capture, now)
+        decision, command = await self._decide(gate, capture, reading, now)
         await self.mqtt.publish(self.topics.topic(address, "command"), command)
         latency_ms = (time.perf_counter() - message.received_at) * 1000
         ack = Ack(capture_id=capture.capture_id, received_at=now, duplicate=decision is None)
@@ -140,7 +149,7 @@ class LaneWorker:
         )
 
     async def _decide(
-        self, gate: GateInfo, address: GateAddress, capture: Capture, now: datetime
+        self, gate: GateInfo, capture: Capture, reading: PlateReading, now: datetime
     ) -> tuple[Decision | None, bytes]:
         """Decides in one transaction; a redelivered capture gets its stored command again.
 
@@ -154,7 +163,7 @@ class LaneWorker:
                         stored = await repo.stored_command(conn, capture.capture_id)
                         if stored is not None:
                             return None, orjson.dumps(stored)
-                        decision = await self.service.decide(conn, gate, capture, now)
+                        decision = await self.service.decide(conn, gate, capture, reading, now)
                         command_json: dict[str, Any] = decision.command.model_dump(
                             mode="json", exclude_none=True
                         )
@@ -165,11 +174,11 @@ class LaneWorker:
                             car_park_id=gate.car_park_id,
                             seq=capture.seq,
                             direction=capture.direction,
-                            plate=capture.camera_read.plate if capture.camera_read else None,
+                            plate=decision.plate,
                             plate_color=capture.camera_read.color if capture.camera_read else None,
-                            read_confidence=(
-                                capture.camera_read.confidence if capture.camera_read else None
-                            ),
+                            read_confidence=reading.best.score if reading.best else None,
+                            plate_source=reading.source,
+                            match_status=decision.match_status,
                             captured_at=capture.captured_at,
                             received_at=now,
                             offline=capture.offline,

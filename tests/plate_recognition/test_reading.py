@@ -6,9 +6,11 @@ import pickle
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 from plate_recognition.engines import get_reader
+from plate_recognition.engines.tesseract import serial_image
 from plate_recognition.localise import find_plates, parse_corners, polygon_iou
 from plate_recognition.pipeline import recognise, vote
 
@@ -38,7 +40,27 @@ def test_tesseract_engine_runs(plate_data: Path, plate_rows: list[dict[str, str]
     assert all(0 < c.score <= 1 for c in result.candidates)
 
 
-@pytest.mark.parametrize("name", ["0ee2893a76568d53", "d32fae0d8ff813b7"])
+def test_green_scenes_read_full_length(plate_data: Path, plate_rows: list[dict[str, str]]) -> None:
+    for row in (r for r in plate_rows if r["kind"] == "scene" and r["color"] == "green"):
+        rec = recognise((plate_data / row["file"]).read_bytes())
+        assert rec.color == "green"
+        assert rec.plate is not None and len(rec.plate) == 8
+        assert row["plate"] in [c.plate for c in rec.candidates[:5]]
+
+
+def test_tesseract_serial_image_drops_frame_and_province(
+    plate_data: Path, plate_rows: list[dict[str, str]]
+) -> None:
+    row = _crops(plate_rows)[0]
+    binary = serial_image(cv2.imread(str(plate_data / row["file"])), "blue")
+    assert set(np.unique(binary)) <= {0, 255}
+    ink_columns = np.flatnonzero((binary == 0).any(axis=0))
+    # Six serial characters remain; the left sixth (province glyph, frame) is blank.
+    assert ink_columns.size and ink_columns[0] > 0.12 * binary.shape[1]
+
+
+# The last is a blurred, light-green new-energy plate whose colour mask is loose.
+@pytest.mark.parametrize("name", ["0ee2893a76568d53", "d32fae0d8ff813b7", "db1488e1ca9a5da0"])
 def test_localisation_on_scenes(
     plate_data: Path, plate_rows: list[dict[str, str]], name: str
 ) -> None:

@@ -1,0 +1,103 @@
+"""Which plate a capture shows: the camera's own read when it is confident, else server-side
+OCR of the capture's frames in a process pool (never on the event loop), frames voting."""
+
+import asyncio
+import base64
+import binascii
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+from gate_controller.protocol import Capture
+from parking.logging import get_logger
+from parking.settings import Settings
+from plate_recognition.grammar import Candidate, candidates_from_text
+from plate_recognition.pipeline import Recognition, recognise, vote
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PlateReading:
+    candidates: tuple[Candidate, ...]
+    source: Literal["camera", "ocr", "none"]
+    raw: str | None = None
+    image: bytes | None = None  # the first frame, kept for an operator if a person must decide
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates else None
+
+
+def decode_frames(capture: Capture) -> list[bytes]:
+    """The capture's frames as bytes; ValueError when one is not valid base64."""
+    try:
+        return [base64.b64decode(frame, validate=True) for frame in capture.frames()]
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"image is not valid base64: {exc}") from exc
+
+
+def _read_frame(data: bytes, engine: str) -> Recognition | None:
+    """Runs in a pool process. An undecodable image is an unreadable frame, not an error."""
+    try:
+        return recognise(data, engine=engine)
+    except ValueError:
+        return None
+
+
+class PlateReader:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn: the parent runs threads (paho, asyncpg), which fork would copy half-way.
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.settings.ocr_workers,
+                mp_context=multiprocessing.get_context("spawn"),
+            )
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def read(self, capture: Capture, frames: list[bytes]) -> PlateReading:
+        camera = capture.camera_read
+        camera_candidates = (
+            candidates_from_text(camera.plate, camera.confidence, camera.color) if camera else []
+        )
+        if camera and camera.confidence >= self.settings.camera_min_confidence:
+            return PlateReading(tuple(camera_candidates), "camera", camera.plate)
+        if not frames:
+            source: Literal["camera", "none"] = "camera" if camera_candidates else "none"
+            return PlateReading(tuple(camera_candidates), source, camera.plate if camera else None)
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._executor(), _read_frame, f, self.settings.ocr_engine)
+                for f in frames
+            )
+        )
+        recognitions = [r for r in results if r is not None]
+        # The low-confidence camera read still votes, as one more frame.
+        merged = _merge(vote(recognitions), camera_candidates)
+        raw = next((r.raw for r in recognitions if r.raw), camera.plate if camera else None)
+        log.info(
+            "lane.ocr_read",
+            frames=len(frames),
+            read=len(recognitions),
+            score=round(merged[0].score, 3) if merged else None,
+        )
+        return PlateReading(tuple(merged), "ocr", raw, frames[0])
+
+
+def _merge(voted: list[Candidate], camera: list[Candidate]) -> list[Candidate]:
+    if not camera:
+        return voted
+    scores: dict[str, float] = {}
+    for candidate in [*voted, *camera]:
+        scores[candidate.plate] = max(scores.get(candidate.plate, 0.0), candidate.score)
+    return [Candidate(p, s) for p, s in sorted(scores.items(), key=lambda kv: -kv[1])]

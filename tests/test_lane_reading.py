@@ -1,0 +1,199 @@
+"""Server-side plate reading and matching at the lane: OCR of the capture's frames in a process
+pool, confusion-aware matching against the cars parked, and a person for anything uncertain."""
+
+import base64
+from datetime import timedelta
+from pathlib import Path
+
+from parking.runtime import Runtime
+from tests.conftest import Lot, eventually, make_driver
+from tests.gates import GateProbe
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _frame(name: str) -> str:
+    return base64.b64encode((FIXTURES / name).read_bytes()).decode()
+
+
+async def _enter(runtime: Runtime, gate: GateProbe, lot: Lot, plate: str) -> None:
+    command = await gate.decide(lot.code, "in1", gate.capture("in", plate))
+    assert command["action"] == "open"
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE sessions SET entered_at = entered_at - interval '45 minutes' "
+            "WHERE car_park_id = $1 AND plate = $2 AND status = 'open'",
+            lot.id,
+            plate,
+        )
+
+
+async def _capture_row(runtime: Runtime, capture_id: object) -> dict:
+    async with runtime.pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT * FROM captures WHERE capture_id = $1", capture_id)
+    return dict(row)
+
+
+async def _exception(runtime: Runtime, capture_id: object) -> dict | None:
+    async with runtime.pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT * FROM lane_exceptions WHERE capture_id = $1", capture_id)
+    return dict(row) if row else None
+
+
+async def test_exit_with_only_an_image_is_read_by_the_server_and_charged(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    driver = await make_driver(runtime, "皖AD2Y34")
+    await _enter(runtime, gate, lot, driver.plate)
+
+    exit_capture = gate.capture("out", None).model_copy(
+        update={"image": _frame("plate_wanAD2Y34.jpg")}
+    )
+    await gate.send(lot.code, "out1", exit_capture)
+    command = await gate.wait_for(exit_capture, timeout_s=60)  # first OCR loads the model
+
+    assert (command["action"], command["fee_fen"]) == ("open", 600)
+    row = await _capture_row(runtime, exit_capture.capture_id)
+    assert (row["plate"], row["plate_source"], row["match_status"]) == (
+        "皖AD2Y34",
+        "ocr",
+        "exact",
+    )
+    assert row["read_confidence"] > 0.8
+    assert await _exception(runtime, exit_capture.capture_id) is None
+
+    async def charged() -> bool:
+        async with runtime.pool.acquire() as conn:
+            return (
+                await conn.fetchval(
+                    "SELECT status FROM charges WHERE account_id = $1", driver.account_id
+                )
+                == "succeeded"
+            )
+
+    await eventually(charged)
+
+
+async def test_low_confidence_misread_is_matched_to_the_one_parked_look_alike(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    driver = await make_driver(runtime, "浙A8D05S")
+    await _enter(runtime, gate, lot, driver.plate)
+    await _enter(runtime, gate, lot, "浙C77231")
+
+    # The camera confused 8/B and 0/D and is not sure of it.
+    exit_capture = gate.capture("out", "浙AB005S", confidence=0.55)
+    command = await gate.decide(lot.code, "out1", exit_capture)
+
+    assert command["action"] == "open"
+    row = await _capture_row(runtime, exit_capture.capture_id)
+    assert (row["plate"], row["match_status"]) == (driver.plate, "fuzzy")
+
+
+async def test_confident_camera_read_is_never_bent_onto_a_look_alike(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    parked = await make_driver(runtime, "浙K8D07S")
+    await _enter(runtime, gate, lot, parked.plate)
+
+    # A car with no entry record whose plate differs from the parked one by look-alikes.
+    exit_capture = gate.capture("out", "浙KB007S", confidence=0.97)
+    command = await gate.decide(lot.code, "out1", exit_capture)
+
+    assert command["action"] == "hold"
+    exception = await _exception(runtime, exit_capture.capture_id)
+    assert exception is not None and exception["reason"] == "no_entry"
+    async with runtime.pool.acquire() as conn:
+        status = await conn.fetchval(
+            "SELECT status FROM sessions WHERE car_park_id = $1 AND plate = $2",
+            lot.id,
+            parked.plate,
+        )
+        charges = await conn.fetchval(
+            "SELECT count(*) FROM charges WHERE account_id = $1", parked.account_id
+        )
+    assert status == "open" and charges == 0
+
+
+async def test_ambiguous_read_goes_to_an_operator_and_charges_nobody(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    first = await make_driver(runtime, "浙A1234B")
+    second = await make_driver(runtime, "浙A12348")
+    for driver in (first, second):
+        await _enter(runtime, gate, lot, driver.plate)
+
+    # B or 8? Both are parked: a guess could charge the wrong driver.
+    exit_capture = gate.capture("out", "浙A1234B", confidence=0.5)
+    command = await gate.decide(lot.code, "out1", exit_capture)
+
+    assert command["action"] == "hold"
+    exception = await _exception(runtime, exit_capture.capture_id)
+    assert exception is not None and exception["reason"] == "ambiguous"
+    proposed = {c["plate"] for c in exception["candidates"] if c["kind"] == "parked"}
+    assert {first.plate, second.plate} <= proposed
+    async with runtime.pool.acquire() as conn:
+        open_stays = await conn.fetchval(
+            "SELECT count(*) FROM sessions WHERE car_park_id = $1 AND status = 'open'", lot.id
+        )
+        charges = await conn.fetchval(
+            "SELECT count(*) FROM charges WHERE account_id = ANY($1)",
+            [first.account_id, second.account_id],
+        )
+    assert open_stays == 2 and charges == 0
+
+
+async def test_unreadable_capture_holds_with_its_image_for_an_operator(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    garbage = base64.b64encode(b"\xff\xd8 not really a jpeg").decode()
+    exit_capture = gate.capture("out", None).model_copy(update={"image": garbage})
+    await gate.send(lot.code, "out1", exit_capture)
+    command = await gate.wait_for(exit_capture, timeout_s=60)
+
+    assert command["action"] == "hold"
+    exception = await _exception(runtime, exit_capture.capture_id)
+    assert exception is not None and exception["reason"] == "unreadable"
+    assert exception["image"] == base64.b64decode(garbage)
+
+    entry_capture = gate.capture("in", None)
+    command = await gate.decide(lot.code, "in1", entry_capture)
+    assert command["action"] == "hold"
+    assert (await _exception(runtime, entry_capture.capture_id))["reason"] == "unreadable"
+
+
+async def test_frames_that_are_not_base64_are_dead_lettered(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    capture = gate.capture("in", None).model_copy(update={"images": ["%%% not base64 %%%"]})
+    await gate.send(lot.code, "in1", capture)
+
+    async def dead() -> str | None:
+        async with runtime.pool.acquire() as conn:
+            return await conn.fetchval(
+                "SELECT reason FROM dead_letters WHERE topic LIKE $1",
+                f"{runtime.lanes.topics.root}/{lot.code}/%",
+            )
+
+    assert await eventually(dead) == "invalid_image"
+    assert await _capture_row_count(runtime, lot) == 0
+
+
+async def _capture_row_count(runtime: Runtime, lot: Lot) -> int:
+    async with runtime.pool.acquire() as conn:
+        return await conn.fetchval("SELECT count(*) FROM captures WHERE car_park_id = $1", lot.id)
+
+
+async def test_stay_is_priced_from_server_time_even_when_the_gate_clock_is_off(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    driver = await make_driver(runtime, "浙A66666")
+    entry = gate.capture("in", driver.plate)
+    skewed = entry.model_copy(update={"captured_at": entry.captured_at - timedelta(hours=5)})
+    await gate.decide(lot.code, "in1", skewed)
+    command = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+    # Priced by the server's clock: a stay of seconds, not the five hours the gate's clock says.
+    assert (command["action"], command["fee_fen"]) == ("open", 0)
+    row = await _capture_row(runtime, skewed.capture_id)
+    skew = row["received_at"] - row["captured_at"]
+    assert timedelta(hours=4, minutes=59) < skew < timedelta(hours=5, minutes=1), "skew recorded"
