@@ -45,8 +45,11 @@ async def queue_charge(
     amount_fen: int,
 ) -> int:
     charge_id: int = await conn.fetchval(
-        """INSERT INTO charges (session_id, account_id, agreement_id, amount_fen, idempotency_key)
-           VALUES ($1, $2, $3, $4, $5) RETURNING id""",
+        """WITH charge AS (
+               INSERT INTO charges
+                   (session_id, account_id, agreement_id, amount_fen, idempotency_key)
+               VALUES ($1, $2, $3, $4, $5) RETURNING id)
+           INSERT INTO outbox (kind, ref_id) SELECT 'charge', id FROM charge RETURNING ref_id""",
         session_id,
         account_id,
         agreement_id,
@@ -60,8 +63,6 @@ async def queue_charge(
         session_id=session_id,
         charge_id=charge_id,
     )
-    await conn.execute("INSERT INTO outbox (kind, ref_id) VALUES ('charge', $1)", charge_id)
-    await conn.execute("NOTIFY outbox")
     return charge_id
 
 

@@ -57,18 +57,16 @@ async def enqueue(
 ) -> int | None:
     """Queues a notification once per source_key; None when it was already queued."""
     notification_id: int | None = await conn.fetchval(
-        """INSERT INTO notifications (account_id, kind, source_key, body)
-           VALUES ($1, $2, $3, $4) ON CONFLICT (source_key) DO NOTHING RETURNING id""",
+        """WITH notification AS (
+               INSERT INTO notifications (account_id, kind, source_key, body)
+               VALUES ($1, $2, $3, $4) ON CONFLICT (source_key) DO NOTHING RETURNING id)
+           INSERT INTO outbox (kind, ref_id) SELECT 'notification', id FROM notification
+           RETURNING ref_id""",
         account_id,
         kind,
         source_key,
         body,
     )
-    if notification_id is not None:
-        await conn.execute(
-            "INSERT INTO outbox (kind, ref_id) VALUES ('notification', $1)", notification_id
-        )
-        await conn.execute("NOTIFY outbox")
     return notification_id
 
 

@@ -25,11 +25,16 @@ DIGITS = "0123456789"
 
 
 def random_plate(rng: random.Random, green: bool = False, province: str = "浙") -> str:
-    """A grammatical plate (GA 36): province, letter, then 5 (blue) or D/F + 5 (green)."""
-    tail = "".join(rng.choice(DIGITS + LETTERS) for _ in range(4)) + rng.choice(DIGITS)
+    """A grammatical plate (GA 36): province, issuing-authority letter, then five characters
+    (blue) or, for a small new-energy car, D/F, a letter or digit and four digits (green)."""
+    authority = rng.choice("ABCDEFGH")
     if green:
-        return f"{province}{rng.choice('ABCDEFGH')}{rng.choice('DF')}{tail}"
-    return f"{province}{rng.choice('ABCDEFGH')}{tail}"
+        digits = "".join(rng.choice(DIGITS) for _ in range(4))
+        return f"{province}{authority}{rng.choice('DF')}{rng.choice(DIGITS + LETTERS)}{digits}"
+    serial = [rng.choice(DIGITS) for _ in range(5)]
+    for position in rng.sample(range(5), rng.choice((0, 1, 2))):
+        serial[position] = rng.choice(LETTERS)
+    return f"{province}{authority}{''.join(serial)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,9 @@ class Vehicle:
     plate: str
     color: Literal["blue", "green"]
     bound: bool
+    # A photo of the plate (base64 JPEG): captures then carry it instead of a camera read,
+    # so that the server reads the plate itself.
+    image: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,11 +131,14 @@ class GateSimulator:
         interval = 1.0 / rate
         started = time.perf_counter()
         n = 0
+        last_resend_check = started
         while (elapsed := time.perf_counter() - started) < duration_s:
             await self.step()
             n += 1
             await asyncio.sleep(max(0.0, n * interval - elapsed))
-            await self._resend_overdue()
+            if time.perf_counter() - last_resend_check > 1.0:
+                last_resend_check = time.perf_counter()
+                await self._resend_overdue()
         await self.drain()
         return self.report
 
@@ -184,7 +195,7 @@ class GateSimulator:
     async def drain(self, timeout_s: float = 15.0) -> None:
         deadline = time.perf_counter() + timeout_s
         while self.outstanding() and time.perf_counter() < deadline:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.25)
             await self._resend_overdue()
         self.report.unanswered = self.outstanding()
 

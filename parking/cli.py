@@ -5,11 +5,13 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import orjson
 import uvicorn
+import uvloop
 
 from billing import sandbox
 from parking.app import create_app
@@ -20,7 +22,13 @@ from parking.migrate import MIGRATIONS_DIR, migrate, schema_snapshot
 from parking.runtime import running
 from parking.settings import Settings, get_settings
 
+T = TypeVar("T")
 SNAPSHOT_PATH = MIGRATIONS_DIR / "schema_snapshot.txt"
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    """uvloop: asyncpg's and the broker client's socket work is the lane's hot path."""
+    return uvloop.run(main)
 
 
 async def _migrate(settings: Settings, snapshot: Path | None) -> None:
@@ -48,11 +56,11 @@ async def _provider_url(settings: Settings) -> AsyncIterator[str]:
         yield url
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, *, outbox_worker: bool) -> None:
     async with (
         endpoints(settings) as eps,
         _provider_url(settings) as provider_url,
-        running(settings, eps, provider_url) as runtime,
+        running(settings, eps, provider_url, outbox_worker=outbox_worker) as runtime,
     ):
         server = uvicorn.Server(
             uvicorn.Config(
@@ -64,6 +72,16 @@ async def _serve(settings: Settings) -> None:
             )
         )
         await server.serve()
+
+
+async def _worker(settings: Settings) -> None:
+    async with (
+        endpoints(settings) as eps,
+        _provider_url(settings) as provider_url,
+        running(settings, eps, provider_url, lanes=False),
+    ):
+        print("outbox worker running", file=sys.stderr, flush=True)
+        await asyncio.Event().wait()
 
 
 async def _sandbox(port: int, faults: sandbox.FaultConfig) -> None:
@@ -97,13 +115,31 @@ def main(argv: list[str] | None = None) -> int:
         help=f"also write the resulting schema description (default {SNAPSHOT_PATH.name})",
     )
 
-    sub.add_parser("serve", help="run the API, the lane service and the workers")
+    p_serve = sub.add_parser("serve", help="run the API, the lane service and the workers")
+    p_serve.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="leave charges and notifications to separate `parking worker` processes",
+    )
+    sub.add_parser("worker", help="run only the charge and notification (outbox) worker")
 
     p_demo = sub.add_parser("demo", help="run a simulated city end to end")
     p_demo.add_argument("--duration", type=float, default=60.0, help="seconds of traffic")
     p_demo.add_argument("--rate", type=float, default=20.0, help="captures per second")
     p_demo.add_argument("--json", action="store_true", help="print a JSON summary last")
     p_demo.add_argument("--no-api", action="store_true", help="do not serve the HTTP API")
+
+    p_bench = sub.add_parser("bench", help="exit decisions under load (JSON figures)")
+    p_bench.add_argument("--rate", type=float, default=200.0, help="captures per second")
+    p_bench.add_argument("--duration", type=float, default=30.0, help="seconds of load")
+    p_bench.add_argument("--car-parks", type=int, default=40)
+    p_bench.add_argument(
+        "--ocr",
+        type=Path,
+        metavar="PLATES_DIR",
+        help="captures carry plate photos from this labels.csv folder instead of camera reads",
+    )
+    p_bench.add_argument("--json", action="store_true", help="print only the JSON line")
 
     p_sandbox = sub.add_parser("sandbox-provider", help="run the sandbox payment provider")
     p_sandbox.add_argument("--port", type=int, default=8100)
@@ -119,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         return _plates(argv[1:])
     args = parser.parse_args(argv)
     settings = get_settings()
-    if args.command == "demo" and "PARKING_LOG_LEVEL" not in os.environ:
+    if args.command in ("demo", "bench") and "PARKING_LOG_LEVEL" not in os.environ:
         # The demo prints its own progress; per-capture logs would drown it.
         settings.log_level = "WARNING"
     configure_logging(
@@ -128,19 +164,34 @@ def main(argv: list[str] | None = None) -> int:
         settings.log_pseudonym_key.get_secret_value() if settings.log_pseudonym_key else None,
     )
     if args.command == "migrate":
-        asyncio.run(_migrate(settings, args.snapshot))
+        _run(_migrate(settings, args.snapshot))
     elif args.command == "serve":
-        asyncio.run(_serve(settings))
+        _run(_serve(settings, outbox_worker=not args.no_worker))
+    elif args.command == "worker":
+        _run(_worker(settings))
     elif args.command == "demo":
         from parking.demo import run_demo
 
-        summary = asyncio.run(
-            run_demo(settings, args.duration, args.rate, serve_api=not args.no_api)
-        )
+        summary = _run(run_demo(settings, args.duration, args.rate, serve_api=not args.no_api))
         if args.json:
             print(orjson.dumps(summary).decode())
         else:
             print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+    elif args.command == "bench":
+        from parking.bench import run_bench, sandbox_process
+
+        with sandbox_process() as provider_url:
+            result = _run(
+                run_bench(
+                    settings,
+                    provider_url,
+                    rate=args.rate,
+                    duration_s=args.duration,
+                    ocr_folder=args.ocr,
+                    car_parks=args.car_parks,
+                )
+            )
+        print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
     elif args.command == "sandbox-provider":
         faults = sandbox.FaultConfig(
             error_rate=args.error_rate,
@@ -148,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout_rate=args.timeout_rate,
         )
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_sandbox(args.port, faults))
+            _run(_sandbox(args.port, faults))
     return 0
 
 

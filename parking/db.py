@@ -16,9 +16,25 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
-async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+class _NoResetConnection(asyncpg.Connection):
+    """Skips the reset query asyncpg runs each time a connection returns to the pool: one
+    round trip per request, and these connections keep no session state (no LISTEN, no
+    session settings, no advisory locks)."""
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
+async def create_pool(
+    dsn: str, min_size: int = 2, max_size: int = 10, *, stateless: bool = False
+) -> asyncpg.Pool:
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=30
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        command_timeout=30,
+        connection_class=_NoResetConnection if stateless else asyncpg.Connection,
     )
     return pool
 

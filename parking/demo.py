@@ -47,36 +47,56 @@ class DemoCity:
     outside: list[Vehicle]
 
 
-async def seed_city(pool: asyncpg.Pool, rng: random.Random, drivers: int = 400) -> DemoCity:
+def _vehicles(rng: random.Random, count: int) -> list[Vehicle]:
+    plates: set[str] = set()
+    vehicles: list[Vehicle] = []
+    while len(vehicles) < count:
+        green = rng.random() < 0.2
+        plate = random_plate(rng, green=green)
+        if plate not in plates:
+            plates.add(plate)
+            vehicles.append(Vehicle(plate, "green" if green else "blue", rng.random() < 0.7))
+    return vehicles
+
+
+async def seed_city(
+    pool: asyncpg.Pool,
+    rng: random.Random,
+    *,
+    drivers: int = 400,
+    car_parks: int = len(DEMO_CAR_PARKS),
+    parked_share: float = 0.5,
+    vehicles: list[Vehicle] | None = None,
+) -> DemoCity:
     """Car parks with entry and exit gates, a tariff, drivers (70 % bound with pay-later), and
     cars already parked for 20 minutes to 3 days so that exits carry real fees."""
     run_id = secrets.token_hex(3)
     now = datetime.now(UTC)
-    vehicles = []
-    for _ in range(drivers):
-        green = rng.random() < 0.2
-        vehicles.append(
-            Vehicle(
-                random_plate(rng, green=green), "green" if green else "blue", rng.random() < 0.7
-            )
-        )
+    vehicles = list(vehicles) if vehicles is not None else _vehicles(rng, drivers)
     gates: list[SimGate] = []
     car_park_ids: list[int] = []
+    lots: list[str] = []
     inside: dict[str, list[tuple[Vehicle, datetime]]] = {}
     async with pool.acquire() as conn, conn.transaction():
+        # A long-lived database holds earlier runs' drivers: never claim a plate already bound.
+        taken = set(await admin.bound_plates(conn, [v.plate for v in vehicles]))
+        vehicles = [v for v in vehicles if v.plate not in taken]
         operator_id = await admin.create_operator(conn, "临安城市停车运营")
-        for code, name, capacity, lat, lon in DEMO_CAR_PARKS:
-            lot = f"{code}-{run_id}"
+        for n in range(car_parks):
+            code, name, capacity, lat, lon = DEMO_CAR_PARKS[n % len(DEMO_CAR_PARKS)]
+            round_ = n // len(DEMO_CAR_PARKS)
+            lot = f"{code}{round_ or ''}-{run_id}"
             car_park_id = await admin.create_car_park(
                 conn,
                 operator_id=operator_id,
                 code=lot,
-                name=name,
+                name=f"{name}{round_ + 1}号" if round_ else name,
                 capacity=capacity,
                 latitude=lat,
                 longitude=lon,
             )
             car_park_ids.append(car_park_id)
+            lots.append(lot)
             await admin.create_tariff(
                 conn, car_park_id, effective_from=now - timedelta(days=30), **TARIFF
             )
@@ -96,16 +116,15 @@ async def seed_city(pool: asyncpg.Pool, rng: random.Random, drivers: int = 400) 
                     per_session_limit_fen=PAY_LATER_LIMIT_FEN,
                 )
         rng.shuffle(vehicles)
-        parked = vehicles[: len(vehicles) // 2]
-        for n, vehicle in enumerate(parked):
-            lot_index = n % len(DEMO_CAR_PARKS)
-            lot = f"{DEMO_CAR_PARKS[lot_index][0]}-{run_id}"
+        parked_count = int(len(vehicles) * parked_share)
+        for n, vehicle in enumerate(vehicles[:parked_count]):
+            lot_index = n % car_parks
             entered_at = now - timedelta(minutes=rng.randint(20, 3 * 24 * 60))
             await admin.seed_open_session(
                 conn, car_park_ids[lot_index], vehicle.plate, vehicle.color, entered_at
             )
-            inside[lot].append((vehicle, entered_at))
-    return DemoCity(run_id, car_park_ids, gates, inside, vehicles[len(vehicles) // 2 :])
+            inside[lots[lot_index]].append((vehicle, entered_at))
+    return DemoCity(run_id, car_park_ids, gates, inside, vehicles[parked_count:])
 
 
 async def _publish_bad_messages(mqtt: MqttClient, topics: Topics, lot: str) -> int:

@@ -43,10 +43,12 @@ async def running(
     provider_url: str,
     *,
     provider: PaymentProvider | None = None,
-    workers: bool = True,
+    lanes: bool = True,
+    outbox_worker: bool = True,
 ) -> AsyncIterator[Runtime]:
-    """Starts the system against `endpoints`; with workers=False only the clients (API only)."""
-    pool = await create_pool(endpoints.database_url, min_size=2, max_size=20)
+    """Starts the system against `endpoints`: the lane service and the charge/notification
+    worker, or either alone (`parking worker` runs the outbox worker in its own process)."""
+    pool = await create_pool(endpoints.database_url, min_size=2, max_size=20, stateless=True)
     # The outbox worker has its own connections so that charging never delays a gate.
     worker_pool = await create_pool(endpoints.database_url, min_size=1, max_size=4)
     redis = Redis.from_url(endpoints.redis_url, decode_responses=True)
@@ -56,12 +58,14 @@ async def running(
     provider = provider or SandboxProvider(provider_url)
     notifier = DevNotifier()
     tasks: list[asyncio.Task[None]] = []
+    lane_worker: LaneWorker | None = None
     try:
         async with pool.acquire() as conn:
             await migrate(conn)
         occupancy = Occupancy(redis, pool, settings.redis_key_prefix)
-        await mqtt.start()
-        lanes = LaneWorker(settings, pool, mqtt, occupancy)
+        if lanes:
+            await mqtt.start()
+        lane_worker = LaneWorker(settings, pool, mqtt, occupancy)
         outbox = OutboxWorker(
             worker_pool,
             provider,
@@ -71,12 +75,17 @@ async def running(
             retry_base_s=settings.charge_retry_base_s,
             poll_interval_s=settings.worker_poll_interval_s,
         )
-        if workers:
+        if lanes:
             await occupancy.rebuild_all()
-            await lanes.start()
+            await lane_worker.start()
+        if outbox_worker:
             tasks.append(asyncio.create_task(outbox.run()))
-        yield Runtime(settings, endpoints, pool, redis, mqtt, occupancy, lanes, outbox, notifier)
+        yield Runtime(
+            settings, endpoints, pool, redis, mqtt, occupancy, lane_worker, outbox, notifier
+        )
     finally:
+        if lane_worker is not None:
+            await lane_worker.stop()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

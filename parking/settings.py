@@ -1,9 +1,11 @@
 """All configuration in one place, read from `PARKING_*` environment variables."""
 
+import os
+import socket
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -19,7 +21,10 @@ class Settings(BaseSettings):
 
     # Prepended to every gate topic so several deployments (or test runs) can share a broker.
     mqtt_topic_prefix: str = ""
-    mqtt_client_id: str = "parking-lanes"
+    # Unique per process by default: two clients with one id keep disconnecting each other.
+    mqtt_client_id: str = Field(
+        default_factory=lambda: f"parking-{socket.gethostname()}-{os.getpid()}"
+    )
     # Lane workers scale out behind `$share/<group>/...` (Mosquitto 2, EMQX); None: plain.
     mqtt_shared_group: str | None = None
     mqtt_ack_timeout_s: float = 5.0

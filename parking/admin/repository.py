@@ -94,6 +94,14 @@ async def bind_plate(conn: asyncpg.Connection, account_id: int, plate: str, colo
     return binding_id
 
 
+async def bound_plates(conn: asyncpg.Connection, plates: list[str]) -> list[str]:
+    """Those of `plates` that have an active binding."""
+    rows = await conn.fetch(
+        "SELECT plate FROM plate_bindings WHERE unbound_at IS NULL AND plate = ANY($1)", plates
+    )
+    return [r["plate"] for r in rows]
+
+
 async def sign_pay_later(
     conn: asyncpg.Connection,
     account_id: int,

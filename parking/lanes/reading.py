@@ -9,11 +9,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
-from gate_controller.protocol import Capture
+from gate_controller.protocol import CameraRead, Capture
 from parking.logging import get_logger
 from parking.settings import Settings
-from plate_recognition.grammar import Candidate, candidates_from_text
-from plate_recognition.pipeline import Recognition, recognise, vote
+from plate_recognition.grammar import Candidate, candidates_from_text, is_valid, normalise
+from plate_recognition.pipeline import Recognition, reader, recognise, vote
 
 log = get_logger(__name__)
 
@@ -46,6 +46,10 @@ def _read_frame(data: bytes, engine: str) -> Recognition | None:
         return None
 
 
+def _load_engine(engine: str) -> None:
+    reader(engine)
+
+
 class PlateReader:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -60,15 +64,29 @@ class PlateReader:
             )
         return self._pool
 
+    async def warm_up(self) -> None:
+        """Starts every pool process and loads its model, so the first captures do not pay."""
+        loop = asyncio.get_running_loop()
+        pool = self._executor()
+        await asyncio.gather(
+            *(
+                loop.run_in_executor(pool, _load_engine, self.settings.ocr_engine)
+                for _ in range(self.settings.ocr_workers * 2)
+            )
+        )
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def read(self, capture: Capture, frames: list[bytes]) -> PlateReading:
         camera = capture.camera_read
-        camera_candidates = (
-            candidates_from_text(camera.plate, camera.confidence, camera.color) if camera else []
-        )
+        if camera and camera.confidence >= self.settings.camera_min_confidence:
+            plate = normalise(camera.plate)
+            if plate is not None and is_valid(plate):
+                # The hot path: a confident, grammatical camera read is taken as it is.
+                return PlateReading((Candidate(plate, camera.confidence),), "camera", camera.plate)
+        camera_candidates = _camera_candidates(camera) if camera else []
         if camera and camera.confidence >= self.settings.camera_min_confidence:
             return PlateReading(tuple(camera_candidates), "camera", camera.plate)
         if not frames:
@@ -92,6 +110,16 @@ class PlateReader:
             score=round(merged[0].score, 3) if merged else None,
         )
         return PlateReading(tuple(merged), "ocr", raw, frames[0])
+
+
+def _camera_candidates(camera: CameraRead) -> list[Candidate]:
+    """A camera's confidence is for its whole read: a grammatical read keeps it as its score,
+    followed by the grammar's alternatives (which only matter when matching a doubtful read)."""
+    alternatives = candidates_from_text(camera.plate, camera.confidence, camera.color)
+    plate = normalise(camera.plate)
+    if plate is None or not is_valid(plate):
+        return alternatives
+    return [Candidate(plate, camera.confidence), *(c for c in alternatives if c.plate != plate)]
 
 
 def _merge(voted: list[Candidate], camera: list[Candidate]) -> list[Candidate]:

@@ -141,15 +141,19 @@ async def close_session(
     )
 
 
-async def tariff_at(conn: asyncpg.Connection, car_park_id: int, at: datetime) -> Tariff | None:
-    row = await conn.fetchrow(
-        """SELECT free_minutes, hourly_fen, daily_cap_fen FROM tariffs
-           WHERE car_park_id = $1 AND effective_from <= $2
-           ORDER BY effective_from DESC LIMIT 1""",
+async def tariff_versions(
+    conn: asyncpg.Connection, car_park_id: int
+) -> list[tuple[datetime, Tariff]]:
+    """A car park's tariffs by effective date, newest first."""
+    rows = await conn.fetch(
+        """SELECT effective_from, free_minutes, hourly_fen, daily_cap_fen FROM tariffs
+           WHERE car_park_id = $1 ORDER BY effective_from DESC""",
         car_park_id,
-        at,
     )
-    return Tariff(row["free_minutes"], row["hourly_fen"], row["daily_cap_fen"]) if row else None
+    return [
+        (r["effective_from"], Tariff(r["free_minutes"], r["hourly_fen"], r["daily_cap_fen"]))
+        for r in rows
+    ]
 
 
 async def pay_later_for_plate(conn: asyncpg.Connection, plate: str) -> PayLater | None:

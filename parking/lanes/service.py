@@ -6,6 +6,7 @@ worst failure: a plate that is not certain is matched only uniquely and with a m
 the cars parked in this car park, and anything less goes to an operator while the gate holds.
 """
 
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -13,7 +14,7 @@ from typing import Any, Literal
 import asyncpg
 
 from billing import charges
-from billing.tariff import format_fen
+from billing.tariff import Tariff, format_fen
 from gate_controller.protocol import Action, Capture, Command
 from parking.lanes import repository as repo
 from parking.lanes.reading import PlateReading
@@ -36,6 +37,7 @@ Outcome = Literal[
     "held_ambiguous",
     "held_no_tariff",
 ]
+_TARIFF_CACHE_S = 60.0
 MatchStatus = Literal["exact", "fuzzy", "ambiguous", "no_match"]
 ExceptionReason = Literal["unreadable", "ambiguous", "no_entry"]
 
@@ -75,6 +77,17 @@ class LaneService:
         self.settings = settings
         self.duplicate_window = timedelta(seconds=settings.duplicate_read_window_s)
         self.command_ttl = timedelta(seconds=settings.command_ttl_s)
+        # Tariffs change rarely and are versioned by date: read them once a minute, not per exit.
+        self._tariffs: dict[int, tuple[float, list[tuple[datetime, Tariff]]]] = {}
+
+    async def _tariff_at(
+        self, conn: asyncpg.Connection, car_park_id: int, at: datetime
+    ) -> Tariff | None:
+        cached = self._tariffs.get(car_park_id)
+        if cached is None or time.monotonic() - cached[0] > _TARIFF_CACHE_S:
+            cached = (time.monotonic(), await repo.tariff_versions(conn, car_park_id))
+            self._tariffs[car_park_id] = cached
+        return next((tariff for since, tariff in cached[1] if since <= at), None)
 
     async def decide(
         self,
@@ -196,7 +209,7 @@ class LaneService:
         if fee_override is not None:
             fee = fee_override
         else:
-            tariff = await repo.tariff_at(conn, gate.car_park_id, session.entered_at)
+            tariff = await self._tariff_at(conn, gate.car_park_id, session.entered_at)
             if tariff is None:
                 return self._hold(
                     capture, now, "held_no_tariff", plate, ["请联系管理员"], session.id

@@ -66,7 +66,9 @@ class LaneWorker:
         self.topics = Topics(settings.mqtt_topic_prefix)
         self.stats = LaneStats()
         self._gates: dict[GateAddress, tuple[float, GateInfo]] = {}
-        self._queues = [asyncio.Queue[IncomingMessage]() for _ in range(settings.lane_concurrency)]
+        self._queues = [
+            asyncio.Queue[IncomingMessage | None]() for _ in range(settings.lane_concurrency)
+        ]
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -77,9 +79,14 @@ class LaneWorker:
         await self.mqtt.subscribe(topic_filter, self._enqueue)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        """Lets each queue finish the capture in hand, then stops. A sentinel rather than only
+        cancel(): a cancellation landing inside a client library's own timeout handling can be
+        absorbed, leaving a consumer waiting on its queue forever."""
+        for queue in self._queues:
+            queue.put_nowait(None)
+        _, unfinished = await asyncio.wait(self._tasks, timeout=5.0) if self._tasks else ((), ())
+        for task in unfinished:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         self.reader.close()
 
     def pending(self) -> int:
@@ -90,9 +97,8 @@ class LaneWorker:
         lot = parsed[0].lot if parsed else message.topic
         self._queues[zlib.crc32(lot.encode()) % len(self._queues)].put_nowait(message)
 
-    async def _consume(self, queue: asyncio.Queue[IncomingMessage]) -> None:
-        while True:
-            message = await queue.get()
+    async def _consume(self, queue: asyncio.Queue[IncomingMessage | None]) -> None:
+        while (message := await queue.get()) is not None:
             try:
                 await self.handle(message)
             except Exception:
@@ -122,9 +128,12 @@ class LaneWorker:
         # Reading (OCR, in the process pool) happens before the transaction, never inside it.
         reading = await self.reader.read(capture, frames)
         now = datetime.now(UTC)
+        started_db = time.perf_counter()
         decision, command = await self._decide(gate, capture, reading, now)
+        started_publish = time.perf_counter()
         await self.mqtt.publish(self.topics.topic(address, "command"), command)
-        latency_ms = (time.perf_counter() - message.received_at) * 1000
+        done = time.perf_counter()
+        latency_ms = (done - message.received_at) * 1000
         ack = Ack(capture_id=capture.capture_id, received_at=now, duplicate=decision is None)
         await self.mqtt.publish(self.topics.topic(address, "ack"), encode(ack), wait=False)
 
@@ -146,6 +155,9 @@ class LaneWorker:
             action=decision.command.action,
             fee_fen=decision.fee_fen,
             latency_ms=round(latency_ms, 2),
+            queued_ms=round((started_db - message.received_at) * 1000, 2),
+            db_ms=round((started_publish - started_db) * 1000, 2),
+            publish_ms=round((done - started_publish) * 1000, 2),
         )
 
     async def _decide(

@@ -9,10 +9,13 @@ from redis.asyncio import Redis
 
 from parking.occupancy import repository
 
-# Adjusts an existing counter and returns it; returns nil when the counter is missing.
+# Adjusts an existing counter, announces it to dashboards and returns it (one round trip);
+# returns nil when the counter is missing.
 _INCR_IF_EXISTS = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  return redis.call('INCRBY', KEYS[1], ARGV[1])
+  local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3] .. ':' .. value)
+  return value
 end
 return false
 """
@@ -28,11 +31,13 @@ class Occupancy:
 
     async def adjust(self, car_park_id: int, delta: int) -> int:
         """Applies a committed change; rebuilds the counter if Redis had lost it."""
-        value = await self._incr(keys=[self._key.format(car_park_id)], args=[delta])
+        value = await self._incr(
+            keys=[self._key.format(car_park_id)], args=[delta, self.channel, car_park_id]
+        )
         if value is None:
             # The rebuilt count already includes the committed change.
             value = await self._rebuild(car_park_id)
-        await self.redis.publish(self.channel, f"{car_park_id}:{value}")
+            await self.redis.publish(self.channel, f"{car_park_id}:{value}")
         return int(value)
 
     async def get(self, car_park_id: int) -> int:

@@ -1,0 +1,243 @@
+"""`parking bench`: exit decisions under load, measured the way DESIGN.md states the targets.
+
+Latency is capture received by the lane service -> command acknowledged by the broker
+(`decision`), and publish by the gate -> command received by the gate (`gate_round_trip`).
+The simulated gates run in their own process so that they do not share the lane's event loop.
+"""
+
+import asyncio
+import base64
+import contextlib
+import csv
+import multiprocessing
+import random
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from billing import sandbox
+from gate_controller.simulator import GateSimulator, SimGate, SimReport, Vehicle
+from parking.demo import DemoCity, seed_city
+from parking.infra import Endpoints, endpoints
+from parking.runtime import Runtime, running
+from parking.settings import Settings
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if len(values) < 2:
+        value = round(values[0], 2) if values else 0.0
+        return {"p50_ms": value, "p95_ms": value, "p99_ms": value, "max_ms": value}
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return {
+        "p50_ms": round(q[49], 2),
+        "p95_ms": round(q[94], 2),
+        "p99_ms": round(q[98], 2),
+        "max_ms": round(max(values), 2),
+    }
+
+
+def _simulate(
+    mqtt_url: str,
+    prefix: str,
+    gates: list[SimGate],
+    inside: dict[str, list[tuple[Vehicle, Any]]],
+    outside: list[Vehicle],
+    rate: float,
+    duration_s: float,
+    exit_share: float,
+) -> SimReport:
+    """Runs in a separate process: the gates' side of the benchmark."""
+
+    async def go() -> SimReport:
+        async with GateSimulator(
+            mqtt_url,
+            gates,
+            inside,
+            outside,
+            topic_prefix=prefix,
+            duplicate_rate=0.0,
+            double_read_rate=0.0,
+            exit_share=exit_share,
+            resend_after_s=10.0,
+        ) as sim:
+            return await sim.run(rate, duration_s)
+
+    return uvloop.run(go())
+
+
+def _serve_sandbox(port: int) -> None:
+    """Runs in its own process: the provider is another service, not part of the lane."""
+    asyncio.run(_sandbox_forever(port))
+
+
+async def _sandbox_forever(port: int) -> None:
+    async with sandbox.running(port=port):
+        await asyncio.Event().wait()
+
+
+def _outbox_worker(settings: dict[str, Any], eps: Endpoints, provider_url: str) -> None:
+    """Runs in its own process: charging is deferred work and must not slow the gates."""
+
+    async def go() -> None:
+        async with running(Settings(**settings), eps, provider_url, lanes=False):
+            await asyncio.Event().wait()
+
+    uvloop.run(go())
+
+
+@contextlib.contextmanager
+def sandbox_process() -> Iterator[str]:
+    port = sandbox.free_port()
+    process = multiprocessing.get_context("spawn").Process(
+        target=_serve_sandbox, args=(port,), daemon=True
+    )
+    process.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.join(5)
+
+
+def _plate_photos(folder: Path, rng: random.Random) -> list[Vehicle]:
+    """Vehicles whose plates are the cropped photos of a labels.csv folder."""
+    seen: set[str] = set()
+    vehicles = []
+    with (folder / "labels.csv").open(encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["kind"] != "crop" or row["plate"] in seen:
+                continue
+            seen.add(row["plate"])
+            image = base64.b64encode((folder / row["file"]).read_bytes()).decode()
+            color = "green" if row["color"] == "green" else "blue"
+            vehicles.append(Vehicle(row["plate"], color, rng.random() < 0.7, image))  # type: ignore[arg-type]
+    return vehicles
+
+
+async def _wait_for_charges(
+    runtime: Runtime, car_park_ids: list[int], timeout_s: float
+) -> dict[str, int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        async with runtime.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                """SELECT count(*) FILTER (WHERE c.status = 'succeeded') AS succeeded,
+                          count(*) FILTER (WHERE c.status = 'pending') AS pending
+                   FROM charges c JOIN sessions s ON s.id = c.session_id
+                   WHERE s.car_park_id = ANY($1)""",
+                car_park_ids,
+            )
+        if row["pending"] == 0 or time.monotonic() > deadline:
+            return dict(row)
+        await asyncio.sleep(0.5)
+
+
+async def _progress(runtime: Runtime, started: float) -> None:
+    while True:
+        await asyncio.sleep(2.0)
+        stats = runtime.lanes.stats
+        recent = list(stats.latencies_ms)[-1000:]
+        p99 = _percentiles(recent)["p99_ms"]
+        print(
+            f"bench: {time.monotonic() - started:5.1f}s  decided {stats.captures:6d}  "
+            f"queued {runtime.lanes.pending():4d}  recent p99 {p99:7.1f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+async def run_bench(
+    settings: Settings,
+    provider_url: str,
+    *,
+    rate: float,
+    duration_s: float,
+    ocr_folder: Path | None = None,
+    car_parks: int = 40,
+) -> dict[str, Any]:
+    rng = random.Random()
+    exits_needed = int(rate * duration_s * 1.2) + 100
+    provider_url = settings.payment_provider_url or provider_url
+    spawn = multiprocessing.get_context("spawn")
+    async with (
+        endpoints(settings) as eps,
+        running(settings, eps, provider_url, outbox_worker=False) as runtime,
+    ):
+        worker = spawn.Process(
+            target=_outbox_worker,
+            args=(settings.model_dump(exclude={"mqtt_client_id"}), eps, provider_url),
+            daemon=True,
+        )
+        worker.start()
+        if ocr_folder is not None:
+            # Few distinct photos: cars leave and come back, both directions read by OCR.
+            photos = _plate_photos(ocr_folder, rng)
+            city: DemoCity = await seed_city(
+                runtime.pool, rng, car_parks=car_parks, parked_share=0.8, vehicles=photos
+            )
+            exit_share = 0.5
+            print("bench: warming the OCR process pool", file=sys.stderr)
+            await runtime.lanes.reader.warm_up()
+        else:
+            city = await seed_city(
+                runtime.pool, rng, drivers=exits_needed, car_parks=car_parks, parked_share=1.0
+            )
+            exit_share = 1.0
+        print(
+            f"bench: {len(city.car_park_ids)} car parks, "
+            f"{sum(len(v) for v in city.inside.values())} cars inside; "
+            f"{rate}/s for {duration_s}s",
+            file=sys.stderr,
+        )
+        started = time.monotonic()
+        progress = asyncio.create_task(_progress(runtime, started))
+        loop = asyncio.get_running_loop()
+        with ProcessPoolExecutor(1, mp_context=spawn) as gates:
+            report: SimReport = await loop.run_in_executor(
+                gates,
+                _simulate,
+                runtime.endpoints.mqtt_url,
+                settings.mqtt_topic_prefix,
+                city.gates,
+                city.inside,
+                city.outside,
+                rate,
+                duration_s,
+                exit_share,
+            )
+        elapsed = time.monotonic() - started
+        progress.cancel()
+        charged = await _wait_for_charges(runtime, city.car_park_ids, timeout_s=30)
+        worker.terminate()
+        stats = runtime.lanes.stats
+        latencies = list(stats.latencies_ms)
+        return {
+            "mode": "ocr" if ocr_folder is not None else "camera_read",
+            "rate": rate,
+            "duration_s": duration_s,
+            "car_parks": len(city.car_park_ids),
+            "captures_sent": report.sent,
+            "decisions": stats.captures,
+            "exits": report.exits,
+            "throughput_per_s": round(stats.captures / elapsed, 1),
+            **_percentiles(latencies),
+            "gate_round_trip": _percentiles(report.round_trip_ms),
+            "outcomes": dict(stats.outcomes),
+            "errors": stats.failures + report.unanswered + stats.dead_letters,
+            "charged": charged["succeeded"],
+            "charges_pending": charged["pending"],
+            "lane_concurrency": settings.lane_concurrency,
+            "ocr_workers": settings.ocr_workers if ocr_folder is not None else 0,
+        }
