@@ -180,7 +180,12 @@ class GateSimulator:
             seq=self._seq[address],
             direction=gate.direction,
             captured_at=datetime.now(UTC),
-            camera_read=CameraRead(plate=vehicle.plate, color=vehicle.color, confidence=confidence),
+            camera_read=(
+                None
+                if vehicle.image
+                else CameraRead(plate=vehicle.plate, color=vehicle.color, confidence=confidence)
+            ),
+            image=vehicle.image,
         )
         payload = encode(capture)
         key = str(capture.capture_id)

@@ -144,6 +144,20 @@ async def _wait_for_charges(
         await asyncio.sleep(0.5)
 
 
+async def _wrong_plates(runtime: Runtime, report: SimReport) -> dict[str, int]:
+    truth = {e.capture_id: e.vehicle.plate for e in report.exit_log}
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT capture_id, plate, outcome FROM captures WHERE capture_id = ANY($1)",
+            list(truth),
+        )
+    wrong = [r for r in rows if r["plate"] is not None and r["plate"] != truth[r["capture_id"]]]
+    return {
+        "decided": len(wrong),
+        "charged": sum(1 for r in wrong if r["outcome"] == "exited_pay_later"),
+    }
+
+
 async def _progress(runtime: Runtime, started: float) -> None:
     while True:
         await asyncio.sleep(2.0)
@@ -220,6 +234,7 @@ async def run_bench(
         elapsed = time.monotonic() - started
         progress.cancel()
         charged = await _wait_for_charges(runtime, city.car_park_ids, timeout_s=30)
+        wrong = await _wrong_plates(runtime, report)
         worker.terminate()
         stats = runtime.lanes.stats
         latencies = list(stats.latencies_ms)
@@ -237,6 +252,9 @@ async def run_bench(
             "outcomes": dict(stats.outcomes),
             "errors": stats.failures + report.unanswered + stats.dead_letters,
             "charged": charged["succeeded"],
+            # Exits decided on a plate other than the car's own (the simulator knows the truth).
+            "exits_wrong_plate": wrong["decided"],
+            "exits_wrong_plate_charged": wrong["charged"],
             "charges_pending": charged["pending"],
             "lane_concurrency": settings.lane_concurrency,
             "ocr_workers": settings.ocr_workers if ocr_folder is not None else 0,

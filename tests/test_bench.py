@@ -1,0 +1,25 @@
+"""`parking bench` runs end to end (gates, lanes and the outbox worker in their own processes)
+and its figures add up. It asserts no timings: speed is for the benchmark to report."""
+
+from billing.sandbox import running as sandbox_running
+from parking.bench import run_bench
+from parking.settings import Settings
+from tests.conftest import MQTT_URL, REDIS_URL
+
+
+async def test_bench_decides_every_exit_and_reports_figures(
+    settings: Settings, database_url: str
+) -> None:
+    settings.database_url = database_url
+    settings.redis_url = REDIS_URL
+    settings.mqtt_url = MQTT_URL
+    async with sandbox_running() as (provider_url, _):
+        result = await run_bench(settings, provider_url, rate=30, duration_s=2, car_parks=4)
+
+    assert result["errors"] == 0, result
+    assert result["decisions"] == result["captures_sent"] == result["exits"] > 0
+    assert result["charged"] == result["outcomes"].get("exited_pay_later", 0) > 0
+    assert result["charges_pending"] == 0
+    assert result["exits_wrong_plate"] == 0
+    assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"] <= result["max_ms"]
+    assert set(result["gate_round_trip"]) == {"p50_ms", "p95_ms", "p99_ms", "max_ms"}
