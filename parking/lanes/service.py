@@ -223,25 +223,25 @@ class LaneService:
                 capture, now, "exited_free", plate, session.id, -1, fee=0, match_status=matched
             )
 
-        pay_later = await repo.pay_later_for_plate(conn, plate)
-        hold_reason = _hold_reason(pay_later, fee)
-        if hold_reason is not None or pay_later is None or pay_later.agreement_id is None:
+        pay_later = _pay_later(await repo.pay_later_for_plate(conn, plate), fee)
+        if isinstance(pay_later, str):
             return self._hold(
                 capture,
                 now,
-                hold_reason or "held_unbound",
+                pay_later,
                 plate,
                 [f"应缴 {format_fen(fee)}", "请扫码缴费"],
                 session.id,
                 fee,
                 matched,
             )
-        await self._close(conn, session, capture, at, fee, pay_later.account_id, "pay_later")
+        account_id, agreement_id = pay_later
+        await self._close(conn, session, capture, at, fee, account_id, "pay_later")
         charge_id = await charges.queue_charge(
             conn,
             session_id=session.id,
-            account_id=pay_later.account_id,
-            agreement_id=pay_later.agreement_id,
+            account_id=account_id,
+            agreement_id=agreement_id,
             car_park_id=gate.car_park_id,
             amount_fen=fee,
         )
@@ -361,14 +361,14 @@ class LaneService:
         return Decision(outcome, command, plate, session_id, 0, None, fee, match_status)
 
 
-def _hold_reason(pay_later: repo.PayLater | None, fee: int) -> Outcome | None:
-    """Why a stay with a fee cannot leave on pay-later, or None when it can."""
-    if pay_later is None:
+def _pay_later(found: repo.PayLater | None, fee: int) -> tuple[int, int] | Outcome:
+    """(account, agreement) when a stay with a fee may leave on pay-later, else why it is held."""
+    if found is None:
         return "held_unbound"
-    if pay_later.agreement_id is None or pay_later.per_session_limit_fen is None:
+    if found.agreement_id is None or found.per_session_limit_fen is None:
         return "held_no_agreement"
-    if pay_later.blocked_for_arrears:
+    if found.blocked_for_arrears:
         return "held_arrears"
-    if fee > pay_later.per_session_limit_fen:
+    if fee > found.per_session_limit_fen:
         return "held_over_limit"
-    return None
+    return found.account_id, found.agreement_id

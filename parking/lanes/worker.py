@@ -165,16 +165,16 @@ class LaneWorker:
     ) -> tuple[Decision | None, bytes]:
         """Decides in one transaction; a redelivered capture gets its stored command again.
 
-        Returns (None, command) for a duplicate. A unique violation means a concurrent worker
-        handled the same capture or plate first: the second attempt sees its committed result.
+        Returns (None, command) for a duplicate. Duplicates are detected by the capture's primary
+        key at insert, not by a lookup first: that saves every capture a round trip, and the
+        duplicate's decision is rolled back with its transaction. A unique violation for any
+        other reason means a concurrent worker changed the same stay first: the second attempt
+        sees its committed result.
         """
         async with self.pool.acquire() as conn:
             for attempt in (1, 2):
                 try:
                     async with conn.transaction():
-                        stored = await repo.stored_command(conn, capture.capture_id)
-                        if stored is not None:
-                            return None, orjson.dumps(stored)
                         decision = await self.service.decide(conn, gate, capture, reading, now)
                         command_json: dict[str, Any] = decision.command.model_dump(
                             mode="json", exclude_none=True
@@ -198,8 +198,11 @@ class LaneWorker:
                             session_id=decision.session_id,
                             command=command_json,
                         )
-                        return decision, orjson.dumps(command_json)
+                    return decision, orjson.dumps(command_json)
                 except asyncpg.UniqueViolationError:
+                    stored = await repo.stored_command(conn, capture.capture_id)
+                    if stored is not None:
+                        return None, orjson.dumps(stored)
                     if attempt == 2:
                         raise
         raise AssertionError("unreachable")
