@@ -21,17 +21,39 @@ class GateInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class OpenSession:
-    id: int
-    entered_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
 class PayLater:
     account_id: int
     agreement_id: int | None
     per_session_limit_fen: int | None
     blocked_for_arrears: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OpenSession:
+    id: int
+    entered_at: datetime
+    # Read with the stay, so an exit needs no second query for the driver's agreement.
+    pay_later: PayLater | None = None
+
+
+# The binding, account and active agreement of the plate in `{plate}`, for one row.
+_PAY_LATER_COLUMNS = """a.id AS account_id, pa.id AS agreement_id, pa.per_session_limit_fen,
+                        a.blocked_for_arrears"""
+_PAY_LATER_JOINS = """
+    LEFT JOIN plate_bindings b ON b.plate = {plate} AND b.unbound_at IS NULL
+    LEFT JOIN accounts a ON a.id = b.account_id
+    LEFT JOIN pay_later_agreements pa ON pa.account_id = a.id AND pa.cancelled_at IS NULL"""
+
+
+def _pay_later(row: asyncpg.Record) -> PayLater | None:
+    if row["account_id"] is None:
+        return None
+    return PayLater(
+        row["account_id"],
+        row["agreement_id"],
+        row["per_session_limit_fen"],
+        row["blocked_for_arrears"],
+    )
 
 
 async def load_gate(conn: asyncpg.Connection, lot: str, gate: str) -> GateInfo | None:
@@ -65,12 +87,14 @@ async def open_session_for_update(
     conn: asyncpg.Connection, car_park_id: int, plate: str
 ) -> OpenSession | None:
     row = await conn.fetchrow(
-        """SELECT id, entered_at FROM sessions
-           WHERE car_park_id = $1 AND plate = $2 AND status = 'open' FOR UPDATE""",
+        f"""SELECT s.id, s.entered_at, {_PAY_LATER_COLUMNS}
+            FROM sessions s {_PAY_LATER_JOINS.format(plate="s.plate")}
+            WHERE s.car_park_id = $1 AND s.plate = $2 AND s.status = 'open'
+            FOR UPDATE OF s""",
         car_park_id,
         plate,
     )
-    return OpenSession(row["id"], row["entered_at"]) if row else None
+    return OpenSession(row["id"], row["entered_at"], _pay_later(row)) if row else None
 
 
 async def recent_exit(
@@ -158,16 +182,11 @@ async def tariff_versions(
 
 async def pay_later_for_plate(conn: asyncpg.Connection, plate: str) -> PayLater | None:
     row = await conn.fetchrow(
-        """SELECT a.id AS account_id, pa.id AS agreement_id, pa.per_session_limit_fen,
-                  a.blocked_for_arrears
-           FROM plate_bindings b
-           JOIN accounts a ON a.id = b.account_id
-           LEFT JOIN pay_later_agreements pa
-                  ON pa.account_id = a.id AND pa.cancelled_at IS NULL
-           WHERE b.plate = $1 AND b.unbound_at IS NULL""",
+        f"""SELECT {_PAY_LATER_COLUMNS}
+            FROM (SELECT $1::text AS plate) p {_PAY_LATER_JOINS.format(plate="p.plate")}""",
         plate,
     )
-    return PayLater(**dict(row)) if row else None
+    return _pay_later(row)
 
 
 async def insert_dead_letter(

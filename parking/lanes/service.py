@@ -203,7 +203,7 @@ class LaneService:
                 entered_at=at,
                 entry_capture_id=None,
             )
-            session = OpenSession(session_id, at)
+            session = OpenSession(session_id, at, await repo.pay_later_for_plate(conn, plate))
             fee_override = gate.no_entry_fee_fen
 
         if fee_override is not None:
@@ -223,7 +223,7 @@ class LaneService:
                 capture, now, "exited_free", plate, session.id, -1, fee=0, match_status=matched
             )
 
-        pay_later = _pay_later(await repo.pay_later_for_plate(conn, plate), fee)
+        pay_later = _pay_later(session.pay_later, fee)
         if isinstance(pay_later, str):
             return self._hold(
                 capture,
