@@ -162,6 +162,27 @@ async def make_driver(
     return Driver(account_id, plate, agreement_id)
 
 
+async def backdate_entry(runtime: Runtime, lot: Lot, plate: str, by: timedelta) -> None:
+    """Moves an open stay's entry into the past, as if the car had been parked that long."""
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            """UPDATE sessions SET entered_at = entered_at - $3::interval
+               WHERE car_park_id = $1 AND plate = $2 AND status = 'open'""",
+            lot.id,
+            plate,
+            by,
+        )
+
+
+async def enter(
+    runtime: Runtime, gate: GateProbe, lot: Lot, plate: str, *, parked_for: timedelta
+) -> None:
+    """The car enters through the lot's entry gate and has been parked for `parked_for`."""
+    command = await gate.decide(lot.code, "in1", gate.capture("in", plate))
+    assert command["action"] == "open", command
+    await backdate_entry(runtime, lot, plate, parked_for)
+
+
 async def eventually(probe: Any, timeout_s: float = 10.0, interval_s: float = 0.05) -> Any:
     """Polls an async predicate until it returns something truthy."""
     deadline = asyncio.get_running_loop().time() + timeout_s

@@ -15,6 +15,7 @@ from tests.conftest import (
     SANDBOX_FAULTS,
     Lot,
     create_lot,
+    enter,
     eventually,
     make_driver,
     unique_plate,
@@ -42,15 +43,7 @@ async def flaky_runtime(
 async def _exit_after(
     runtime: Runtime, gate: GateProbe, lot: Lot, plate: str, stay: timedelta
 ) -> dict:
-    await gate.decide(lot.code, "in1", gate.capture("in", plate))
-    async with runtime.pool.acquire() as conn:
-        await conn.execute(
-            "UPDATE sessions SET entered_at = entered_at - $3::interval "
-            "WHERE car_park_id = $1 AND plate = $2 AND status = 'open'",
-            lot.id,
-            plate,
-            stay,
-        )
+    await enter(runtime, gate, lot, plate, parked_for=stay)
     return await gate.decide(lot.code, "out1", gate.capture("out", plate))
 
 

@@ -5,19 +5,8 @@ from zoneinfo import ZoneInfo
 
 from billing import ledger
 from parking.runtime import Runtime
-from tests.conftest import Lot, eventually, make_driver, unique_plate
+from tests.conftest import Lot, backdate_entry, eventually, make_driver, unique_plate
 from tests.gates import GateProbe
-
-
-async def _backdate_entry(runtime: Runtime, lot: Lot, plate: str, by: timedelta) -> None:
-    async with runtime.pool.acquire() as conn:
-        await conn.execute(
-            """UPDATE sessions SET entered_at = entered_at - $3::interval
-               WHERE car_park_id = $1 AND plate = $2 AND status = 'open'""",
-            lot.id,
-            plate,
-            by,
-        )
 
 
 async def _charge_rows(runtime: Runtime, lot: Lot) -> list[dict]:
@@ -40,7 +29,7 @@ async def test_bound_driver_leaves_at_once_and_is_charged_once(
     assert entry["_topic"].endswith(f"/{lot.code}/in1/command")
     assert await runtime.occupancy.get(lot.id) == 1
 
-    await _backdate_entry(runtime, lot, driver.plate, timedelta(hours=2, minutes=10))
+    await backdate_entry(runtime, lot, driver.plate, timedelta(hours=2, minutes=10))
     exit_capture = gate.capture("out", driver.plate)
     command = await gate.decide(lot.code, "out1", exit_capture)
 
@@ -98,7 +87,7 @@ async def test_same_capture_three_times_takes_effect_once(
     for _ in range(3):
         await gate.send(lot.code, "in1", entry)
     await gate.wait_for(entry, commands=3, acks=3)
-    await _backdate_entry(runtime, lot, driver.plate, timedelta(minutes=30))
+    await backdate_entry(runtime, lot, driver.plate, timedelta(minutes=30))
 
     exit_capture = gate.capture("out", driver.plate)
     for _ in range(3):
@@ -156,7 +145,7 @@ async def test_unbound_plate_is_held_with_fee_and_payment_qr(
 ) -> None:
     plate = unique_plate()
     await gate.decide(lot.code, "in1", gate.capture("in", plate))
-    await _backdate_entry(runtime, lot, plate, timedelta(minutes=61))
+    await backdate_entry(runtime, lot, plate, timedelta(minutes=61))
 
     command = await gate.decide(lot.code, "out1", gate.capture("out", plate))
 
@@ -194,7 +183,7 @@ async def test_pay_later_limits_and_arrears_hold_the_gate(
     }
     for plate in expected:
         await gate.decide(lot.code, "in1", gate.capture("in", plate))
-        await _backdate_entry(runtime, lot, plate, timedelta(hours=3))
+        await backdate_entry(runtime, lot, plate, timedelta(hours=3))
         command = await gate.decide(lot.code, "out1", gate.capture("out", plate))
         assert (command["action"], command["fee_fen"]) == ("hold", 1800)
 
@@ -214,7 +203,7 @@ async def test_short_stay_within_free_minutes_opens_without_charge(
         await conn.execute("UPDATE tariffs SET free_minutes = 15 WHERE car_park_id = $1", lot.id)
     plate = unique_plate()  # unbound: a free stay needs no agreement
     await gate.decide(lot.code, "in1", gate.capture("in", plate))
-    await _backdate_entry(runtime, lot, plate, timedelta(minutes=10))
+    await backdate_entry(runtime, lot, plate, timedelta(minutes=10))
     command = await gate.decide(lot.code, "out1", gate.capture("out", plate))
     assert command["action"] == "open"
     assert command["fee_fen"] == 0

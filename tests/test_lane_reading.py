@@ -6,7 +6,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from parking.runtime import Runtime
-from tests.conftest import Lot, eventually, make_driver
+from tests.conftest import Lot, enter, eventually, make_driver
 from tests.gates import GateProbe
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -17,15 +17,7 @@ def _frame(name: str) -> str:
 
 
 async def _enter(runtime: Runtime, gate: GateProbe, lot: Lot, plate: str) -> None:
-    command = await gate.decide(lot.code, "in1", gate.capture("in", plate))
-    assert command["action"] == "open"
-    async with runtime.pool.acquire() as conn:
-        await conn.execute(
-            "UPDATE sessions SET entered_at = entered_at - interval '45 minutes' "
-            "WHERE car_park_id = $1 AND plate = $2 AND status = 'open'",
-            lot.id,
-            plate,
-        )
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=45))
 
 
 async def _capture_row(runtime: Runtime, capture_id: object) -> dict:
