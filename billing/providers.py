@@ -27,6 +27,10 @@ class PaymentProvider(Protocol):
         self, *, idempotency_key: str, agreement_no: str, amount_fen: int, description: str
     ) -> ChargeResult: ...
 
+    async def lookup(self, *, idempotency_key: str) -> ChargeResult | None:
+        """What the provider did with a charge, or None when it never received it."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -60,6 +64,21 @@ class SandboxProvider:
             return ChargeResult("declined", body["order_id"], body.get("reason"))
         response.raise_for_status()
         body = response.json()
+        return ChargeResult("succeeded", body["order_id"])
+
+    async def lookup(self, *, idempotency_key: str) -> ChargeResult | None:
+        try:
+            response = await self._http.get(f"/v1/charges/{idempotency_key}")
+        except httpx.HTTPError as exc:
+            raise ProviderUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 500:
+            raise ProviderUnavailable(f"provider answered {response.status_code}")
+        response.raise_for_status()
+        body = response.json()
+        if body["status"] == "declined":
+            return ChargeResult("declined", body["order_id"], body.get("reason"))
         return ChargeResult("succeeded", body["order_id"])
 
     async def aclose(self) -> None:

@@ -14,7 +14,7 @@ import asyncpg
 import structlog
 
 from billing import charges, notifications
-from billing.providers import PaymentProvider, ProviderUnavailable
+from billing.providers import ChargeResult, PaymentProvider, ProviderUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -73,7 +73,13 @@ class OutboxWorker:
             await listener.add_listener("outbox", wake)
             try:
                 while True:
-                    if await self.run_once() == 0:
+                    try:
+                        claimed = await self.run_once()
+                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                        # The database went away: jobs stay in the outbox; try again shortly.
+                        log.exception("outbox.pass_failed")
+                        claimed = 0
+                    if claimed == 0:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
                         self._wake.clear()
@@ -108,7 +114,9 @@ class OutboxWorker:
         except Exception as exc:  # a job's failure must not stop the others
             log.exception("outbox.job_failed", job_id=job.id, kind=job.kind)
             self.stats.errors.append(f"{job.kind}:{type(exc).__name__}")
-            await self._retry_later(job, f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(Exception):
+                # Unexpected errors back off to the capped delay; the job stays visible.
+                await self._retry_later(job, f"{type(exc).__name__}: {exc}")
 
     async def _charge(self, job: Job) -> None:
         async with self.pool.acquire() as conn:
@@ -125,7 +133,9 @@ class OutboxWorker:
             )
         except ProviderUnavailable as exc:
             if job.attempts >= self.max_attempts:
-                await self._charge_failed(job, charge, f"provider unavailable: {exc}")
+                # The outcome is unknown, not a failure: the provider may have taken the money
+                # and lost the answer. Ask it before deciding the driver owes anything.
+                await self._settle_from_lookup(job, charge, str(exc))
                 return
             self.stats.retries += 1
             log.warning("billing.charge_retry", charge_id=charge.charge_id, attempt=job.attempts)
@@ -133,6 +143,22 @@ class OutboxWorker:
                 await charges.record_attempt_error(conn, charge.charge_id, str(exc))
             await self._retry_later(job, str(exc))
             return
+        await self._record(job, charge, result)
+
+    async def _settle_from_lookup(self, job: Job, charge: charges.ChargeJob, error: str) -> None:
+        try:
+            result = await self.provider.lookup(idempotency_key=charge.idempotency_key)
+        except ProviderUnavailable:
+            # Still unknown: keep trying (at the capped backoff) rather than guess.
+            self.stats.retries += 1
+            await self._retry_later(job, f"outcome unknown: {error}")
+            return
+        if result is None:
+            await self._charge_failed(job, charge, f"provider never received it: {error}")
+        else:
+            await self._record(job, charge, result)
+
+    async def _record(self, job: Job, charge: charges.ChargeJob, result: ChargeResult) -> None:
         if result.status == "declined":
             await self._charge_failed(job, charge, f"declined: {result.reason}")
             return

@@ -180,7 +180,10 @@ class MqttClient:
         """Keepalive pings and retries, which paho's own thread would otherwise do."""
         while True:
             await asyncio.sleep(1.0)
-            self._client.loop_misc()
+            try:
+                self._client.loop_misc()
+            except Exception:  # must not end: without it, keepalive and retries stop
+                log.exception("mqtt.housekeeping_failed", client_id=self.client_id)
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)

@@ -62,6 +62,9 @@ class Ack(_Message):
     capture_id: UUID
     received_at: AwareDatetime
     duplicate: bool = False
+    # Set when the server refused the capture (it is in the dead letters with this reason):
+    # the gate must drop it from its outbox rather than resend it forever.
+    rejected: str | None = None
 
 
 class GateEvent(_Message):

@@ -54,12 +54,24 @@ def _mask_personal(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
     return event
 
 
+def _mask_exception_text(
+    _: Any, __: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    if isinstance(event.get("exception"), str):
+        event["exception"] = mask_plates_in_text(event["exception"])
+    return event
+
+
 def configure_logging(level: str = "INFO", json: bool = False, key: str | None = None) -> None:
     global _pseudonym_key
     if key:
         _pseudonym_key = key.encode()
     renderer: Any = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
     )
     structlog.configure(
         processors=[
@@ -68,6 +80,10 @@ def configure_logging(level: str = "INFO", json: bool = False, key: str | None =
             _mask_personal,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            # Tracebacks as text, without local variables (which hold plates), then masked:
+            # database errors quote the offending key, e.g. "Key (plate)=(浙A12345)".
+            structlog.processors.format_exc_info,
+            _mask_exception_text,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
@@ -83,7 +99,10 @@ def get_logger(name: str) -> Any:
 
 
 _PLATE_IN_TEXT = re.compile(r"[\u4e00-\u9fff][A-Z][A-Z0-9]{4,6}[\u4e00-\u9fff]?")
+_PHONE_IN_TEXT = re.compile(r"(?<!\d)(?:\+?86[- ]?)?1[3-9]\d{9}(?!\d)")
 
 
 def mask_plates_in_text(text: str) -> str:
-    return _PLATE_IN_TEXT.sub(lambda m: mask_plate(m.group(0)), text)
+    """Masks plates and mobile numbers found anywhere in a text."""
+    text = _PLATE_IN_TEXT.sub(lambda m: mask_plate(m.group(0)), text)
+    return _PHONE_IN_TEXT.sub(lambda m: m.group(0)[:3] + "****" + m.group(0)[-4:], text)

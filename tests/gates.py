@@ -81,7 +81,7 @@ class GateProbe:
             return True
 
         await asyncio.wait_for(done(), timeout_s)
-        return self.commands[key][0]
+        return self.commands[key][0] if commands else {}
 
     async def decide(self, lot: str, gate: str, capture: Capture) -> dict[str, Any]:
         await self.send(lot, gate, capture)

@@ -81,6 +81,11 @@ async def test_malformed_unknown_and_oversized_captures_are_dead_lettered(
     assert await _counts(runtime, lot) == before
     assert str(valid.capture_id) not in gate.commands
     assert str(wrong_direction.capture_id) not in gate.commands
+    # The gate is told, so that it drops them from its outbox instead of resending forever.
+    await gate.wait_for(valid, commands=0, acks=2)
+    await gate.wait_for(wrong_direction, commands=0, acks=1)
+    assert {a["rejected"] for a in gate.acks[str(valid.capture_id)]} == {"unknown_gate"}
+    assert gate.acks[str(wrong_direction.capture_id)][0]["rejected"] == "direction_mismatch"
     assert runtime.lanes.stats.dead_letters == len(sent)
 
     # The lane keeps working after all that.

@@ -121,3 +121,34 @@ async def test_declined_charge_becomes_arrears_and_blocks_pay_later(
 
     second = await _exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
     assert second["action"] == "hold", "arrears block pay-later at the next exit"
+
+
+async def test_unknown_outcome_is_asked_of_the_provider_before_any_arrears(
+    settings: Settings, database_url: str, gate: GateProbe
+) -> None:
+    # Every answer is lost after the charge is applied: only a lookup can tell.
+    faults = sandbox.FaultConfig(lost_response_rate=1.0, seed=3)
+    settings.charge_max_attempts = 2
+    async with sandbox.running(faults) as (url, app):
+        eps = Endpoints(database_url, REDIS_URL, MQTT_URL)
+        async with running(settings, eps, url) as runtime:
+            lot = await create_lot(runtime)
+            driver = await make_driver(runtime, unique_plate())
+            command = await _exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
+            assert command["action"] == "open"
+
+            async def settled() -> str | None:
+                async with runtime.pool.acquire() as conn:
+                    status = await conn.fetchval(
+                        "SELECT status FROM charges WHERE account_id = $1", driver.account_id
+                    )
+                return status if status != "pending" else None
+
+            assert await eventually(settled, timeout_s=20) == "succeeded"
+            async with runtime.pool.acquire() as conn:
+                blocked = await conn.fetchval(
+                    "SELECT blocked_for_arrears FROM accounts WHERE id = $1", driver.account_id
+                )
+                assert await ledger.balance(conn, ledger.receivable(driver.account_id)) == 0
+            assert blocked is False
+            assert len(app.state.orders) == 1

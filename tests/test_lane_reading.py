@@ -189,3 +189,63 @@ async def test_stay_is_priced_from_server_time_even_when_the_gate_clock_is_off(
     row = await _capture_row(runtime, skewed.capture_id)
     skew = row["received_at"] - row["captured_at"]
     assert timedelta(hours=4, minutes=59) < skew < timedelta(hours=5, minutes=1), "skew recorded"
+
+
+async def test_blurry_second_read_of_a_car_that_just_left_charges_no_look_alike(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    leaving = await make_driver(runtime, "浙E8D05S")
+    look_alike = await make_driver(runtime, "浙E8D058")
+    for driver in (leaving, look_alike):
+        await _enter(runtime, gate, lot, driver.plate)
+    first = await gate.decide(lot.code, "out1", gate.capture("out", leaving.plate))
+    assert first["action"] == "open"
+
+    # The same car read again, badly: closest to the car that left, not to the one parked.
+    again = gate.capture("out", "浙E8D05S", confidence=0.4)
+    command = await gate.decide(lot.code, "out1", again)
+
+    assert command["action"] == "open"
+    row = await _capture_row(runtime, again.capture_id)
+    assert (row["outcome"], row["plate"]) == ("duplicate_read", leaving.plate)
+    async with runtime.pool.acquire() as conn:
+        status = await conn.fetchval(
+            "SELECT status FROM sessions WHERE car_park_id = $1 AND plate = $2",
+            lot.id,
+            look_alike.plate,
+        )
+    assert status == "open"
+
+
+async def test_fixed_fee_without_entry_needs_a_certain_read_and_cannot_be_dodged(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE car_parks SET no_entry_policy = 'fixed_fee', no_entry_fee_fen = 2000 "
+            "WHERE id = $1",
+            lot.id,
+        )
+    runtime.lanes._gates.clear()  # the gate cache holds the old policy for a minute
+    driver = await make_driver(runtime, "浙F12345")
+
+    unsure = gate.capture("out", driver.plate, confidence=0.85)
+    command = await gate.decide(lot.code, "out1", unsure)
+    assert command["action"] == "hold"
+    assert (await _exception(runtime, unsure.capture_id))["reason"] == "no_entry"
+
+    sure = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+    assert (sure["action"], sure["fee_fen"]) == ("open", 2000)
+
+    # An unbound car held for the fixed fee backs off and tries again: still the fixed fee.
+    stranger = "浙F54321"
+    held = await gate.decide(lot.code, "out1", gate.capture("out", stranger))
+    retry = await gate.decide(lot.code, "out1", gate.capture("out", stranger))
+    assert (
+        (held["action"], held["fee_fen"])
+        == (retry["action"], retry["fee_fen"])
+        == (
+            "hold",
+            2000,
+        )
+    )

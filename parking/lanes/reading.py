@@ -6,6 +6,7 @@ import base64
 import binascii
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,6 +65,13 @@ class PlateReader:
             )
         return self._pool
 
+    async def _read_frames(self, frames: list[bytes]) -> list[Recognition | None]:
+        loop = asyncio.get_running_loop()
+        pool = self._executor()
+        return await asyncio.gather(
+            *(loop.run_in_executor(pool, _read_frame, f, self.settings.ocr_engine) for f in frames)
+        )
+
     async def warm_up(self) -> None:
         """Starts every pool process and loads its model, so the first captures do not pay."""
         loop = asyncio.get_running_loop()
@@ -92,13 +100,14 @@ class PlateReader:
         if not frames:
             source: Literal["camera", "none"] = "camera" if camera_candidates else "none"
             return PlateReading(tuple(camera_candidates), source, camera.plate if camera else None)
-        loop = asyncio.get_running_loop()
-        results = await asyncio.gather(
-            *(
-                loop.run_in_executor(self._executor(), _read_frame, f, self.settings.ocr_engine)
-                for f in frames
-            )
-        )
+        try:
+            results = await self._read_frames(frames)
+        except BrokenProcessPool:
+            # A pool process died (e.g. out of memory on a hostile image): start a new pool.
+            log.error("lane.ocr_pool_broken")
+            self.close()
+            self._pool = None
+            results = await self._read_frames(frames)
         recognitions = [r for r in results if r is not None]
         # The low-confidence camera read still votes, as one more frame.
         merged = _merge(vote(recognitions), camera_candidates)

@@ -34,6 +34,8 @@ class OpenSession:
     entered_at: datetime
     # Read with the stay, so an exit needs no second query for the driver's agreement.
     pay_later: PayLater | None = None
+    # Set on stays opened at the exit under the car park's no-entry fixed-fee policy.
+    fixed_fee_fen: int | None = None
 
 
 # The binding, account and active agreement of the plate in `{plate}`, for one row.
@@ -87,14 +89,30 @@ async def open_session_for_update(
     conn: asyncpg.Connection, car_park_id: int, plate: str
 ) -> OpenSession | None:
     row = await conn.fetchrow(
-        f"""SELECT s.id, s.entered_at, {_PAY_LATER_COLUMNS}
+        f"""SELECT s.id, s.entered_at, s.fixed_fee_fen, {_PAY_LATER_COLUMNS}
             FROM sessions s {_PAY_LATER_JOINS.format(plate="s.plate")}
             WHERE s.car_park_id = $1 AND s.plate = $2 AND s.status = 'open'
             FOR UPDATE OF s""",
         car_park_id,
         plate,
     )
-    return OpenSession(row["id"], row["entered_at"], _pay_later(row)) if row else None
+    if row is None:
+        return None
+    return OpenSession(row["id"], row["entered_at"], _pay_later(row), row["fixed_fee_fen"])
+
+
+async def recent_exits(
+    conn: asyncpg.Connection, car_park_id: int, since: datetime
+) -> dict[str, int]:
+    """Plates that left since `since`, with their stay: a doubtful read may be the same car."""
+    rows = await conn.fetch(
+        """SELECT DISTINCT ON (plate) plate, id FROM sessions
+           WHERE car_park_id = $1 AND status = 'closed' AND exited_at >= $2
+           ORDER BY plate, exited_at DESC""",
+        car_park_id,
+        since,
+    )
+    return {r["plate"]: r["id"] for r in rows}
 
 
 async def recent_exit(
@@ -119,15 +137,18 @@ async def open_session(
     plate_color: str | None,
     entered_at: datetime,
     entry_capture_id: UUID | None,
+    fixed_fee_fen: int | None = None,
 ) -> int:
     session_id: int = await conn.fetchval(
-        """INSERT INTO sessions (car_park_id, plate, plate_color, entered_at, entry_capture_id)
-           VALUES ($1, $2, $3, $4, $5) RETURNING id""",
+        """INSERT INTO sessions
+               (car_park_id, plate, plate_color, entered_at, entry_capture_id, fixed_fee_fen)
+           VALUES ($1, $2, $3, $4, $5, $6) RETURNING id""",
         car_park_id,
         plate,
         plate_color,
         entered_at,
         entry_capture_id,
+        fixed_fee_fen,
     )
     return session_id
 

@@ -103,6 +103,14 @@ class LaneService:
             return await self._entry(conn, gate, capture, reading, at, now)
         return await self._exit(conn, gate, capture, reading, at, now)
 
+    def _certain_camera_read(self, reading: PlateReading) -> bool:
+        best = reading.best
+        return (
+            reading.source == "camera"
+            and best is not None
+            and best.score >= self.settings.camera_min_confidence
+        )
+
     def _confident(self, reading: PlateReading) -> str | None:
         best = reading.best
         return best.plate if best and best.score >= self.settings.plate_min_confidence else None
@@ -159,7 +167,12 @@ class LaneService:
         if not reading.candidates:
             return _Exit(None, None, None)
         parked = await repo.open_plates(conn, gate.car_park_id)
-        result: MatchResult = match(reading.candidates, parked, raw=reading.raw)
+        # Cars that just left compete too: a blurry second read of a car already out must not
+        # become a unique match for its parked look-alike.
+        left = await repo.recent_exits(conn, gate.car_park_id, at - self.duplicate_window)
+        result: MatchResult = match(reading.candidates, [*parked, *left], raw=reading.raw)
+        if result.plate in left:
+            return _Exit(result.plate, None, result.status, duplicate_of=left[result.plate])
         if result.plate is not None:
             session = await repo.open_session_for_update(conn, gate.car_park_id, result.plate)
             if session is not None:
@@ -189,9 +202,11 @@ class LaneService:
                 conn, gate, capture, reading, now, "unreadable", resolved.ranked
             )
 
-        fee_override: int | None = None
+        occupancy_delta = -1
         if session is None:
-            if gate.no_entry_policy != "fixed_fee":
+            if gate.no_entry_policy != "fixed_fee" or not self._certain_camera_read(reading):
+                # Charging a fixed fee to whoever has this plate bound needs a read we are sure
+                # of; anything less is for a person.
                 return await self._exception(
                     conn, gate, capture, reading, now, "no_entry", resolved.ranked
                 )
@@ -202,12 +217,15 @@ class LaneService:
                 plate_color=capture.camera_read.color if capture.camera_read else None,
                 entered_at=at,
                 entry_capture_id=None,
+                fixed_fee_fen=gate.no_entry_fee_fen,
             )
-            session = OpenSession(session_id, at, await repo.pay_later_for_plate(conn, plate))
-            fee_override = gate.no_entry_fee_fen
+            session = OpenSession(
+                session_id, at, await repo.pay_later_for_plate(conn, plate), gate.no_entry_fee_fen
+            )
+            occupancy_delta = 0  # never counted in: it was opened at the exit
 
-        if fee_override is not None:
-            fee = fee_override
+        if session.fixed_fee_fen is not None:
+            fee = session.fixed_fee_fen
         else:
             tariff = await self._tariff_at(conn, gate.car_park_id, session.entered_at)
             if tariff is None:
@@ -220,7 +238,14 @@ class LaneService:
         if fee == 0:
             await self._close(conn, session, capture, at, 0, None, "free")
             return self._open(
-                capture, now, "exited_free", plate, session.id, -1, fee=0, match_status=matched
+                capture,
+                now,
+                "exited_free",
+                plate,
+                session.id,
+                occupancy_delta,
+                fee=0,
+                match_status=matched,
             )
 
         pay_later = _pay_later(session.pay_later, fee)
@@ -246,7 +271,9 @@ class LaneService:
             amount_fen=fee,
         )
         command = self._command(capture, now, "open", [plate, f"{format_fen(fee)} 离场后扣款"], fee)
-        return Decision("exited_pay_later", command, plate, session.id, -1, charge_id, fee, matched)
+        return Decision(
+            "exited_pay_later", command, plate, session.id, occupancy_delta, charge_id, fee, matched
+        )
 
     async def _exception(
         self,

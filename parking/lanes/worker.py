@@ -12,6 +12,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 import orjson
@@ -130,6 +131,9 @@ class LaneWorker:
         now = datetime.now(UTC)
         started_db = time.perf_counter()
         decision, command = await self._decide(gate, capture, reading, now)
+        if decision is not None and decision.occupancy_delta:
+            # Before publishing: a publish that fails after commit must not lose the change.
+            await self.occupancy.adjust(gate.car_park_id, decision.occupancy_delta)
         started_publish = time.perf_counter()
         await self.mqtt.publish(self.topics.topic(address, "command"), command)
         done = time.perf_counter()
@@ -144,8 +148,6 @@ class LaneWorker:
             return
         self.stats.latencies_ms.append(latency_ms)
         self.stats.outcomes[decision.outcome] += 1
-        if decision.occupancy_delta:
-            await self.occupancy.adjust(gate.car_park_id, decision.occupancy_delta)
         log.info(
             "lane.decided",
             lot=address.lot,
@@ -251,3 +253,16 @@ class LaneWorker:
                 payload_size=len(message.payload),
             )
         log.warning("lane.dead_letter", reason=exc.reason, size=len(message.payload))
+        await self._ack_rejected(message, exc.reason)
+
+    async def _ack_rejected(self, message: IncomingMessage, reason: str) -> None:
+        """Tells the gate its capture is kept as a dead letter, so that it stops resending."""
+        parsed = self.topics.parse(message.topic)
+        if parsed is None or len(message.payload) > self.settings.max_capture_bytes:
+            return
+        try:
+            capture_id = UUID(str(orjson.loads(message.payload)["capture_id"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return  # nothing to acknowledge it by
+        ack = Ack(capture_id=capture_id, received_at=datetime.now(UTC), rejected=reason)
+        await self.mqtt.publish(self.topics.topic(parsed[0], "ack"), encode(ack), wait=False)
