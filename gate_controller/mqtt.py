@@ -160,12 +160,18 @@ class MqttClient:
         first = True
         while not self._stopping:
             try:
+                # paho connects synchronously on this loop: only let it once the broker is
+                # known to answer, so an unreachable host never stalls the loop.
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.address.host, self.address.port), 2.0
+                )
+                writer.close()
                 if first:
                     self._client.connect(self.address.host, self.address.port, self.keepalive_s)
                 else:
                     self._client.reconnect()
                 first = False
-            except (OSError, paho.WebsocketConnectionError) as exc:
+            except (OSError, TimeoutError, paho.WebsocketConnectionError) as exc:
                 log.warning("mqtt.connect_failed", client_id=self.client_id, error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
