@@ -5,6 +5,7 @@ charge, the fee accrual in the ledger and the outbox job together; the charge wo
 job up after commit. One charge per session is enforced by the unique session_id.
 """
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -31,8 +32,11 @@ class ChargeJob:
     exited_at: datetime
 
 
-def idempotency_key_for(session_id: int) -> str:
-    return f"session-{session_id}"
+def new_idempotency_key(session_id: int) -> str:
+    """Drawn once when the charge is queued and stored with it, so every retry reuses it; random
+    so that keys stay unique at the provider across databases and deployments sharing one
+    merchant account (a bare session id would collide)."""
+    return f"s{session_id}-{uuid.uuid4().hex}"
 
 
 async def queue_charge(
@@ -54,7 +58,7 @@ async def queue_charge(
         account_id,
         agreement_id,
         amount_fen,
-        idempotency_key_for(session_id),
+        new_idempotency_key(session_id),
     )
     await ledger.post(
         conn,
