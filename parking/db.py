@@ -1,7 +1,5 @@
 """asyncpg pool with JSON codecs; the caller of a unit of work owns its transaction."""
 
-from typing import Any
-
 import asyncpg
 import orjson
 
@@ -37,11 +35,3 @@ async def create_pool(
         connection_class=_NoResetConnection if stateless else asyncpg.Connection,
     )
     return pool
-
-
-Record = asyncpg.Record
-Connection = asyncpg.Connection
-
-
-def as_dict(record: Any) -> dict[str, Any]:
-    return dict(record) if record is not None else {}
