@@ -115,20 +115,6 @@ async def recent_exits(
     return {r["plate"]: r["id"] for r in rows}
 
 
-async def recent_exit(
-    conn: asyncpg.Connection, car_park_id: int, plate: str, since: datetime
-) -> int | None:
-    session_id: int | None = await conn.fetchval(
-        """SELECT id FROM sessions
-           WHERE car_park_id = $1 AND plate = $2 AND status = 'closed' AND exited_at >= $3
-           ORDER BY exited_at DESC LIMIT 1""",
-        car_park_id,
-        plate,
-        since,
-    )
-    return session_id
-
-
 async def open_session(
     conn: asyncpg.Connection,
     *,

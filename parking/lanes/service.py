@@ -150,26 +150,24 @@ class LaneService:
     async def _resolve_exit(
         self, conn: asyncpg.Connection, gate: GateInfo, reading: PlateReading, at: datetime
     ) -> _Exit:
+        if not reading.candidates:
+            return _Exit(None, None, None)
         plate = self._confident(reading)
         if plate is not None:
             session = await repo.open_session_for_update(conn, gate.car_park_id, plate)
             if session is not None:
                 return _Exit(plate, session, "exact")
-            recent = await repo.recent_exit(
-                conn, gate.car_park_id, plate, at - self.duplicate_window
-            )
-            if recent is not None:
-                return _Exit(plate, None, "exact", duplicate_of=recent)
+        # Cars that just left: a second read of one of them is the same car, never a stay of a
+        # parked look-alike. Read once, for the exact check and for matching.
+        left = await repo.recent_exits(conn, gate.car_park_id, at - self.duplicate_window)
+        if plate is not None:
+            if plate in left:
+                return _Exit(plate, None, "exact", duplicate_of=left[plate])
             if reading.source == "camera":
                 # A confident camera read is what the car shows; never bend it onto a
                 # look-alike parked plate. No stay for it: the no-entry policy decides.
                 return _Exit(plate, None, "no_match")
-        if not reading.candidates:
-            return _Exit(None, None, None)
         parked = await repo.open_plates(conn, gate.car_park_id)
-        # Cars that just left compete too: a blurry second read of a car already out must not
-        # become a unique match for its parked look-alike.
-        left = await repo.recent_exits(conn, gate.car_park_id, at - self.duplicate_window)
         result: MatchResult = match(reading.candidates, [*parked, *left], raw=reading.raw)
         if result.plate in left:
             return _Exit(result.plate, None, result.status, duplicate_of=left[result.plate])
