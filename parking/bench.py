@@ -12,7 +12,6 @@ import csv
 import multiprocessing
 import random
 import socket
-import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -24,23 +23,10 @@ import uvloop
 
 from billing import sandbox
 from gate_controller.simulator import GateSimulator, SimGate, SimReport, Vehicle
-from parking.demo import DemoCity, seed_city
+from parking.demo import DemoCity, percentiles, seed_city
 from parking.infra import Endpoints, endpoints
 from parking.runtime import Runtime, running
 from parking.settings import Settings
-
-
-def _percentiles(values: list[float]) -> dict[str, float]:
-    if len(values) < 2:
-        value = round(values[0], 2) if values else 0.0
-        return {"p50_ms": value, "p95_ms": value, "p99_ms": value, "max_ms": value}
-    q = statistics.quantiles(values, n=100, method="inclusive")
-    return {
-        "p50_ms": round(q[49], 2),
-        "p95_ms": round(q[94], 2),
-        "p99_ms": round(q[98], 2),
-        "max_ms": round(max(values), 2),
-    }
 
 
 def _simulate(
@@ -163,7 +149,7 @@ async def _progress(runtime: Runtime, started: float) -> None:
         await asyncio.sleep(2.0)
         stats = runtime.lanes.stats
         recent = list(stats.latencies_ms)[-1000:]
-        p99 = _percentiles(recent)["p99_ms"]
+        p99 = percentiles(recent)["p99_ms"]
         print(
             f"bench: {time.monotonic() - started:5.1f}s  decided {stats.captures:6d}  "
             f"queued {runtime.lanes.pending():4d}  recent p99 {p99:7.1f} ms",
@@ -247,8 +233,8 @@ async def run_bench(
             "decisions": stats.captures,
             "exits": report.exits,
             "throughput_per_s": round(stats.captures / elapsed, 1),
-            **_percentiles(latencies),
-            "gate_round_trip": _percentiles(report.round_trip_ms),
+            **percentiles(latencies),
+            "gate_round_trip": percentiles(report.round_trip_ms),
             "outcomes": dict(stats.outcomes),
             "errors": stats.failures + report.unanswered + stats.dead_letters,
             "charged": charged["succeeded"],
