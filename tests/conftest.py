@@ -174,6 +174,15 @@ async def backdate_entry(runtime: Runtime, lot: Lot, plate: str, by: timedelta) 
         )
 
 
+async def stay_status(runtime: Runtime, lot: Lot, plate: str) -> str | None:
+    """The status of the plate's (only) stay in the car park."""
+    async with runtime.pool.acquire() as conn:
+        status: str | None = await conn.fetchval(
+            "SELECT status FROM sessions WHERE car_park_id = $1 AND plate = $2", lot.id, plate
+        )
+    return status
+
+
 async def enter(
     runtime: Runtime, gate: GateProbe, lot: Lot, plate: str, *, parked_for: timedelta
 ) -> None:

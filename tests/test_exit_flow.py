@@ -5,7 +5,14 @@ from zoneinfo import ZoneInfo
 
 from billing import ledger
 from parking.runtime import Runtime
-from tests.conftest import Lot, backdate_entry, eventually, make_driver, unique_plate
+from tests.conftest import (
+    Lot,
+    backdate_entry,
+    eventually,
+    make_driver,
+    stay_status,
+    unique_plate,
+)
 from tests.gates import GateProbe
 
 
@@ -153,10 +160,8 @@ async def test_unbound_plate_is_held_with_fee_and_payment_qr(
     assert command["fee_fen"] == 1200
     assert command["payment_qr_url"]
     assert "¥12.00" in " ".join(command["display"])
+    status = await stay_status(runtime, lot, plate)
     async with runtime.pool.acquire() as conn:
-        status = await conn.fetchval(
-            "SELECT status FROM sessions WHERE car_park_id = $1 AND plate = $2", lot.id, plate
-        )
         outcome = await conn.fetchval(
             "SELECT outcome FROM captures WHERE car_park_id = $1 AND direction = 'out'", lot.id
         )

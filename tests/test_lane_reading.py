@@ -6,7 +6,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from parking.runtime import Runtime
-from tests.conftest import Lot, enter, eventually, make_driver
+from tests.conftest import Lot, enter, eventually, make_driver, stay_status
 from tests.gates import GateProbe
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -95,12 +95,8 @@ async def test_confident_camera_read_is_never_bent_onto_a_look_alike(
     assert command["action"] == "hold"
     exception = await _exception(runtime, exit_capture.capture_id)
     assert exception is not None and exception["reason"] == "no_entry"
+    status = await stay_status(runtime, lot, parked.plate)
     async with runtime.pool.acquire() as conn:
-        status = await conn.fetchval(
-            "SELECT status FROM sessions WHERE car_park_id = $1 AND plate = $2",
-            lot.id,
-            parked.plate,
-        )
         charges = await conn.fetchval(
             "SELECT count(*) FROM charges WHERE account_id = $1", parked.account_id
         )
@@ -208,13 +204,7 @@ async def test_blurry_second_read_of_a_car_that_just_left_charges_no_look_alike(
     assert command["action"] == "open"
     row = await _capture_row(runtime, again.capture_id)
     assert (row["outcome"], row["plate"]) == ("duplicate_read", leaving.plate)
-    async with runtime.pool.acquire() as conn:
-        status = await conn.fetchval(
-            "SELECT status FROM sessions WHERE car_park_id = $1 AND plate = $2",
-            lot.id,
-            look_alike.plate,
-        )
-    assert status == "open"
+    assert await stay_status(runtime, lot, look_alike.plate) == "open"
 
 
 async def test_fixed_fee_without_entry_needs_a_certain_read_and_cannot_be_dodged(
