@@ -120,9 +120,5 @@ class Topics:
         return GateAddress(parts[0], parts[1]), parts[2]
 
 
-def is_valid_code(code: str) -> bool:
-    return bool(_CODE.match(code))
-
-
 def encode(message: BaseModel) -> bytes:
     return message.model_dump_json(exclude_none=True).encode()
