@@ -41,10 +41,7 @@ class Occupancy:
         return int(value)
 
     async def get(self, car_park_id: int) -> int:
-        value = await self.redis.get(self._key.format(car_park_id))
-        if value is None:
-            return await self._rebuild(car_park_id)
-        return int(value)
+        return (await self.get_many([car_park_id]))[car_park_id]
 
     async def get_many(self, car_park_ids: list[int]) -> dict[int, int]:
         if not car_park_ids:
