@@ -11,7 +11,7 @@ from datetime import datetime
 
 import asyncpg
 
-from billing import ledger
+from billing import debts, ledger
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,30 +71,58 @@ async def queue_charge(
 
 
 async def load_job(conn: asyncpg.Connection, charge_id: int) -> ChargeJob | None:
+    return await _load(conn, "c.id = $1", charge_id)
+
+
+async def load_by_key(conn: asyncpg.Connection, idempotency_key: str) -> ChargeJob | None:
+    """The charge a provider order belongs to, locked until the transaction ends."""
+    return await _load(conn, "c.idempotency_key = $1", idempotency_key, lock=True)
+
+
+async def _load(
+    conn: asyncpg.Connection, where: str, value: object, *, lock: bool = False
+) -> ChargeJob | None:
+    lock_clause = "FOR UPDATE OF c" if lock else ""
     row = await conn.fetchrow(
-        """SELECT c.id AS charge_id, c.session_id, c.account_id, s.car_park_id, c.amount_fen,
+        f"""SELECT c.id AS charge_id, c.session_id, c.account_id, s.car_park_id, c.amount_fen,
                   c.idempotency_key, c.status, c.attempts, a.agreement_no, a.provider,
                   s.plate, cp.name AS car_park_name, s.entered_at, s.exited_at
            FROM charges c
            JOIN pay_later_agreements a ON a.id = c.agreement_id
            JOIN sessions s ON s.id = c.session_id
            JOIN car_parks cp ON cp.id = s.car_park_id
-           WHERE c.id = $1""",
-        charge_id,
+           WHERE {where} {lock_clause}""",
+        value,
     )
     return ChargeJob(**dict(row)) if row else None
 
 
+async def mark_submitted(conn: asyncpg.Connection, charge_id: int, provider_ref: str) -> None:
+    """The provider accepted the charge and will answer by notification (or order query)."""
+    await conn.execute(
+        """UPDATE charges SET submitted_at = COALESCE(submitted_at, now()), provider_ref = $2,
+                  attempts = attempts + 1, last_error = NULL
+           WHERE id = $1 AND status = 'pending'""",
+        charge_id,
+        provider_ref,
+    )
+
+
 async def mark_succeeded(
-    conn: asyncpg.Connection, job: ChargeJob, provider_ref: str, provider_name: str
+    conn: asyncpg.Connection,
+    job: ChargeJob,
+    provider_ref: str,
+    provider_name: str,
+    finished_at: datetime | None,
 ) -> bool:
     """Records the provider's success once; False when it was already recorded."""
     updated = await conn.fetchval(
         """UPDATE charges SET status = 'succeeded', provider_ref = $2, settled_at = now(),
-                  attempts = attempts + 1, last_error = NULL
+                  provider_finished_at = COALESCE($3, now()), last_error = NULL
            WHERE id = $1 AND status = 'pending' RETURNING id""",
         job.charge_id,
         provider_ref,
+        finished_at,
     )
     if updated is None:
         return False
@@ -112,18 +140,17 @@ async def mark_succeeded(
 
 
 async def mark_failed(conn: asyncpg.Connection, job: ChargeJob, reason: str) -> bool:
-    """The charge finally failed: the fee stays owed (arrears) and pay-later is blocked."""
+    """The charge finally failed: the fee becomes a debt (its receivable stays open in the
+    ledger) and the account loses pay-later until the debt is settled."""
     updated = await conn.fetchval(
-        """UPDATE charges SET status = 'failed', last_error = $2, attempts = attempts + 1
+        """UPDATE charges SET status = 'failed', last_error = $2
            WHERE id = $1 AND status = 'pending' RETURNING id""",
         job.charge_id,
         reason,
     )
     if updated is None:
         return False
-    await conn.execute(
-        "UPDATE accounts SET blocked_for_arrears = true WHERE id = $1", job.account_id
-    )
+    await debts.open_debt(conn, job.account_id, job.charge_id, job.amount_fen)
     return True
 
 

@@ -4,6 +4,7 @@ Ledger accounts:
   receivable:account:{id}   what a driver owes (debit) until the provider pays it
   revenue:car_park:{id}     a car park's earned fees (credit)
   clearing:provider:{name}  money the provider has collected for us (debit)
+  overpaid:account:{id}     money a driver paid twice, owed back until refunded (credit)
 """
 
 import uuid
@@ -24,6 +25,10 @@ def clearing(provider: str) -> str:
     return f"clearing:provider:{provider}"
 
 
+def overpaid(account_id: int | None) -> str:
+    return f"overpaid:account:{account_id if account_id is not None else 'anonymous'}"
+
+
 class UnbalancedTransaction(ValueError):
     pass
 
@@ -35,17 +40,21 @@ async def post(
     *,
     session_id: int | None = None,
     charge_id: int | None = None,
+    payment_id: int | None = None,
+    refund_id: int | None = None,
 ) -> uuid.UUID:
     """Appends one balanced transaction; the database re-checks the balance at commit."""
-    if sum(amount for _, amount in lines) != 0 or any(amount == 0 for _, amount in lines):
+    lines = [(account, amount) for account, amount in lines if amount != 0]
+    if sum(amount for _, amount in lines) != 0 or not lines:
         raise UnbalancedTransaction(f"{kind}: {lines}")
     transaction_id = uuid.uuid4()
     await conn.executemany(
         """INSERT INTO ledger_entries
-               (transaction_id, ledger_account, amount_fen, kind, session_id, charge_id)
-           VALUES ($1, $2, $3, $4, $5, $6)""",
+               (transaction_id, ledger_account, amount_fen, kind, session_id, charge_id,
+                payment_id, refund_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
         [
-            (transaction_id, account, amount, kind, session_id, charge_id)
+            (transaction_id, account, amount, kind, session_id, charge_id, payment_id, refund_id)
             for account, amount in lines
         ],
     )
@@ -58,13 +67,13 @@ async def is_balanced(conn: asyncpg.Connection) -> bool:
         """SELECT count(*) FROM (SELECT transaction_id FROM ledger_entries
                                  GROUP BY transaction_id HAVING sum(amount_fen) <> 0) t"""
     )
-    total = await conn.fetchval("SELECT COALESCE(sum(amount_fen), 0) FROM ledger_entries")
+    total = await conn.fetchval("SELECT COALESCE(sum(amount_fen), 0)::bigint FROM ledger_entries")
     return bool(unbalanced == 0 and total == 0)
 
 
 async def balance(conn: asyncpg.Connection, ledger_account: str) -> int:
     value: int = await conn.fetchval(
-        "SELECT COALESCE(sum(amount_fen), 0) FROM ledger_entries WHERE ledger_account = $1",
+        "SELECT COALESCE(sum(amount_fen), 0)::bigint FROM ledger_entries WHERE ledger_account = $1",
         ledger_account,
     )
     return value

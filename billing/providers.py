@@ -1,37 +1,121 @@
 """Payment-provider adapters. Everything outside this module sees only `PaymentProvider`.
 
-An Alipay or WeChat Pay pay-later adapter is another class with the same two methods.
+A provider deducts under a driver's pay-later agreement (`create_charge`, answered
+asynchronously), takes payments the driver makes by scanning a QR code (`create_payment`),
+refunds, answers order queries, sends signed notifications and publishes a daily statement.
+An Alipay or WeChat Pay adapter is another class with the same methods.
 """
 
+import csv
+import io
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from datetime import date, datetime
+from typing import Any, Literal, Protocol
 
 import httpx
+import orjson
+
+from billing import signing
+
+OrderKind = Literal["charge", "payment", "refund"]
+OrderStatus = Literal["processing", "succeeded", "declined", "pending_payment", "closed"]
+FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "declined", "closed"})
 
 
 @dataclass(frozen=True, slots=True)
-class ChargeResult:
-    status: Literal["succeeded", "declined"]
+class OrderResult:
+    """What the provider says about one order (a charge, a payment) or one refund."""
+
+    kind: OrderKind
+    # Our number for it: a charge's idempotency key, a payment's or a refund's number.
+    out_trade_no: str
+    status: OrderStatus
+    amount_fen: int
     provider_ref: str
     reason: str | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class StatementLine:
+    out_trade_no: str
+    provider_ref: str
+    kind: OrderKind
+    amount_fen: int
+    finished_at: datetime
 
 
 class ProviderUnavailable(Exception):
     """Timeout, connection error or 5xx: the outcome is unknown, retry with the same key."""
 
 
+class ProviderRejected(Exception):
+    """The provider refused the request itself (4xx): retrying it unchanged will not help."""
+
+
+class InvalidNotification(Exception):
+    """A notification whose signature, freshness or shape is wrong: forged or corrupted."""
+
+
 class PaymentProvider(Protocol):
     name: str
 
-    async def charge(
-        self, *, idempotency_key: str, agreement_no: str, amount_fen: int, description: str
-    ) -> ChargeResult: ...
+    async def create_charge(
+        self, *, out_trade_no: str, agreement_no: str, amount_fen: int, description: str
+    ) -> OrderResult: ...
 
-    async def lookup(self, *, idempotency_key: str) -> ChargeResult | None:
-        """What the provider did with a charge, or None when it never received it."""
+    async def create_payment(
+        self, *, out_trade_no: str, amount_fen: int, description: str
+    ) -> tuple[OrderResult, str]:
+        """The order and the URL the driver pays at."""
         ...
 
+    async def query(self, *, out_trade_no: str) -> OrderResult | None:
+        """What the provider did with an order, or None when it never received it."""
+        ...
+
+    async def refund(
+        self, *, out_refund_no: str, out_trade_no: str, amount_fen: int, reason: str
+    ) -> OrderResult: ...
+
+    async def statement(self, day: date) -> list[StatementLine]: ...
+
+    def parse_notification(
+        self, body: bytes, headers: Mapping[str, str], *, now: int
+    ) -> OrderResult: ...
+
     async def aclose(self) -> None: ...
+
+
+def _datetime(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _order(body: Mapping[str, Any]) -> OrderResult:
+    if body.get("type") == "refund" or "refund_id" in body:
+        return OrderResult(
+            "refund",
+            str(body["out_refund_no"]),
+            body["status"],
+            int(body["amount_fen"]),
+            str(body["refund_id"]),
+            body.get("reason"),
+            _datetime(body.get("finished_at")),
+        )
+    return OrderResult(
+        body.get("kind") or body["type"],
+        str(body["out_trade_no"]),
+        body["status"],
+        int(body["amount_fen"]),
+        str(body["order_id"]),
+        body.get("reason"),
+        _datetime(body.get("finished_at")),
+    )
 
 
 class SandboxProvider:
@@ -39,47 +123,94 @@ class SandboxProvider:
 
     name = "sandbox"
 
-    def __init__(self, base_url: str, timeout_s: float = 3.0) -> None:
+    def __init__(
+        self, base_url: str, *, secret: str, notify_url: str | None, timeout_s: float = 3.0
+    ) -> None:
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout_s)
+        self._secret = secret
+        self._notify_url = notify_url
 
-    async def charge(
-        self, *, idempotency_key: str, agreement_no: str, amount_fen: int, description: str
-    ) -> ChargeResult:
+    async def _send(
+        self, method: str, path: str, *, key: str | None = None, body: dict[str, Any] | None = None
+    ) -> httpx.Response:
+        headers = {"Idempotency-Key": key} if key else None
         try:
-            response = await self._http.post(
-                "/v1/charges",
-                json={
-                    "agreement_no": agreement_no,
-                    "amount_fen": amount_fen,
-                    "description": description,
-                },
-                headers={"Idempotency-Key": idempotency_key},
-            )
+            response = await self._http.request(method, path, json=body, headers=headers)
         except httpx.HTTPError as exc:
             raise ProviderUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        if response.status_code >= 500:
+        # Overloaded, throttled or timed out: the outcome is unknown, not refused.
+        if response.status_code >= 500 or response.status_code in (408, 429):
             raise ProviderUnavailable(f"provider answered {response.status_code}")
-        if response.status_code == 402:
-            body = response.json()
-            return ChargeResult("declined", body["order_id"], body.get("reason"))
-        response.raise_for_status()
-        body = response.json()
-        return ChargeResult("succeeded", body["order_id"])
+        return response
 
-    async def lookup(self, *, idempotency_key: str) -> ChargeResult | None:
-        try:
-            response = await self._http.get(f"/v1/charges/{idempotency_key}")
-        except httpx.HTTPError as exc:
-            raise ProviderUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    @staticmethod
+    def _checked(response: httpx.Response) -> dict[str, Any]:
+        if response.status_code >= 400:
+            raise ProviderRejected(f"provider answered {response.status_code}: {response.text}")
+        body: dict[str, Any] = response.json()
+        return body
+
+    def _with_notify_url(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self._notify_url:
+            body["notify_url"] = self._notify_url
+        return body
+
+    async def create_charge(
+        self, *, out_trade_no: str, agreement_no: str, amount_fen: int, description: str
+    ) -> OrderResult:
+        body = {"agreement_no": agreement_no, "amount_fen": amount_fen, "description": description}
+        response = await self._send(
+            "POST", "/v1/charges", key=out_trade_no, body=self._with_notify_url(body)
+        )
+        return _order(self._checked(response))
+
+    async def create_payment(
+        self, *, out_trade_no: str, amount_fen: int, description: str
+    ) -> tuple[OrderResult, str]:
+        body = {"amount_fen": amount_fen, "description": description}
+        response = await self._send(
+            "POST", "/v1/payments", key=out_trade_no, body=self._with_notify_url(body)
+        )
+        answer = self._checked(response)
+        return _order(answer), str(answer["pay_url"])
+
+    async def query(self, *, out_trade_no: str) -> OrderResult | None:
+        response = await self._send("GET", f"/v1/orders/{out_trade_no}")
         if response.status_code == 404:
             return None
-        if response.status_code >= 500:
-            raise ProviderUnavailable(f"provider answered {response.status_code}")
-        response.raise_for_status()
-        body = response.json()
-        if body["status"] == "declined":
-            return ChargeResult("declined", body["order_id"], body.get("reason"))
-        return ChargeResult("succeeded", body["order_id"])
+        return _order(self._checked(response))
+
+    async def refund(
+        self, *, out_refund_no: str, out_trade_no: str, amount_fen: int, reason: str
+    ) -> OrderResult:
+        body = {"out_trade_no": out_trade_no, "amount_fen": amount_fen, "reason": reason}
+        response = await self._send("POST", "/v1/refunds", key=out_refund_no, body=body)
+        return _order(self._checked(response))
+
+    async def statement(self, day: date) -> list[StatementLine]:
+        response = await self._send("GET", f"/v1/statements/{day.isoformat()}")
+        if response.status_code >= 400:
+            raise ProviderRejected(f"statement: {response.status_code}: {response.text}")
+        return [
+            StatementLine(
+                row["out_trade_no"],
+                row["order_id"],
+                row["type"],  # type: ignore[arg-type]
+                int(row["amount_fen"]),
+                datetime.fromisoformat(row["finished_at"]),
+            )
+            for row in csv.DictReader(io.StringIO(response.text))
+        ]
+
+    def parse_notification(
+        self, body: bytes, headers: Mapping[str, str], *, now: int
+    ) -> OrderResult:
+        if not signing.verify(self._secret, body, headers.get(signing.SIGNATURE_HEADER), now=now):
+            raise InvalidNotification("bad or missing signature")
+        try:
+            return _order(orjson.loads(body))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise InvalidNotification(f"malformed notification: {exc}") from exc
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -1,20 +1,31 @@
-"""The outbox worker: runs queued charges and notifications after their transaction committed.
+"""The outbox worker: runs what a committed transaction queued (charges, refunds, driver
+notifications, gate commands after a payment) and a periodic sweep (debt reminders, payments
+whose notification never came).
 
 Jobs are claimed with FOR UPDATE SKIP LOCKED and a lease, so several workers can run and a
-crashed one's jobs come back after the lease. A charge is sent with its session's idempotency
-key on every attempt, so a retry after a lost answer cannot charge twice.
+crashed one's jobs come back after the lease. A charge is sent with its own idempotency key on
+every attempt and a follow-up asks the provider before sending again, so neither a lost answer
+nor a worker killed at any point can charge twice.
 """
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import asyncpg
 import structlog
 
-from billing import charges, notifications
-from billing.providers import ChargeResult, PaymentProvider, ProviderUnavailable
+from billing import charges, debts, notifications, refunds, settlement
+from billing.providers import (
+    OrderResult,
+    PaymentProvider,
+    ProviderRejected,
+    ProviderUnavailable,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -24,7 +35,9 @@ class WorkerStats:
     charged: int = 0
     retries: int = 0
     arrears: int = 0
+    refunded: int = 0
     notified: int = 0
+    reminders: int = 0
     # Jobs that raised something unexpected (a count: a list would grow for ever).
     failures: int = 0
 
@@ -44,24 +57,39 @@ class OutboxWorker:
         provider: PaymentProvider,
         notifier: notifications.Notifier,
         *,
+        gate_commands: Callable[[int], Awaitable[None]] | None = None,
         timezone: str = "Asia/Shanghai",
-        max_attempts: int = 6,
         retry_base_s: float = 0.5,
+        query_after_s: float = 5.0,
         poll_interval_s: float = 0.5,
         lease_s: float = 60.0,
         batch: int = 8,
+        sweep_interval_s: float = 60.0,
+        reminder_every: timedelta = timedelta(days=3),
     ) -> None:
         self.pool = pool
         self.provider = provider
         self.notifier = notifier
+        # Publishes the open command for a payment that released a held car (needs MQTT).
+        self.gate_commands = gate_commands
         self.tz = ZoneInfo(timezone)
-        self.max_attempts = max_attempts
         self.retry_base_s = retry_base_s
+        # How long to wait for the notification of an accepted charge before asking.
+        self.query_after_s = query_after_s
+        self.sweep_interval_s = sweep_interval_s
+        self.reminder_every = reminder_every
+        self._handlers: dict[str, Callable[[Job], Awaitable[None]]] = {
+            "charge": self._charge,
+            "refund": self._refund,
+            "notification": self._notify,
+            "gate_command": self._gate_command,
+        }
         self.poll_interval_s = poll_interval_s
         self.lease_s = lease_s
         self.batch = batch
         self.stats = WorkerStats()
         self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
 
     async def run(self) -> None:
         """Works until cancelled; LISTEN wakes it as soon as a job is committed."""
@@ -71,9 +99,13 @@ class OutboxWorker:
 
         async with self.pool.acquire() as listener:
             await listener.add_listener("outbox", wake)
+            next_sweep = 0.0
             try:
-                while True:
+                while not self._stopping.is_set():
                     try:
+                        if time.monotonic() >= next_sweep:
+                            next_sweep = time.monotonic() + self.sweep_interval_s
+                            await self.sweep(datetime.now(UTC))
                         claimed = await self.run_once()
                     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                         # The database went away: jobs stay in the outbox; try again shortly.
@@ -85,6 +117,12 @@ class OutboxWorker:
                         self._wake.clear()
             finally:
                 await listener.remove_listener("outbox", wake)
+
+    def stop(self) -> None:
+        """Finishes the jobs in hand and returns from `run` (a deploy, SIGTERM): jobs are not
+        left claimed until their lease runs out."""
+        self._stopping.set()
+        self._wake.set()
 
     async def run_once(self) -> int:
         """Claims and runs one batch of due jobs; returns how many were claimed."""
@@ -107,10 +145,7 @@ class OutboxWorker:
 
     async def _run_job(self, job: Job) -> None:
         try:
-            if job.kind == "charge":
-                await self._charge(job)
-            else:
-                await self._notify(job)
+            await self._handlers[job.kind](job)
         except Exception as exc:  # a job's failure must not stop the others
             log.exception("outbox.job_failed", job_id=job.id, kind=job.kind)
             self.stats.failures += 1
@@ -125,81 +160,113 @@ class OutboxWorker:
             await self._done(job)
             return
         try:
-            result = await self.provider.charge(
-                idempotency_key=charge.idempotency_key,
-                agreement_no=charge.agreement_no,
-                amount_fen=charge.amount_fen,
-                description=f"parking {charge.car_park_name}",
-            )
+            result = None
+            if job.attempts > 1:
+                # A retry or a follow-up: ask first, the order may exist (a lost answer, a crash
+                # after sending, a notification that never came). A refused query says nothing
+                # about the charge: it is retried, never taken for a decline.
+                try:
+                    result = await self.provider.query(out_trade_no=charge.idempotency_key)
+                except ProviderRejected as exc:
+                    raise ProviderUnavailable(f"order query refused: {exc}") from exc
+            if result is None:
+                result = await self.provider.create_charge(
+                    out_trade_no=charge.idempotency_key,
+                    agreement_no=charge.agreement_no,
+                    amount_fen=charge.amount_fen,
+                    description=f"parking {charge.car_park_name}",
+                )
         except ProviderUnavailable as exc:
-            if job.attempts >= self.max_attempts:
-                # The outcome is unknown, not a failure: the provider may have taken the money
-                # and lost the answer. Ask it before deciding the driver owes anything.
-                await self._settle_from_lookup(job, charge, str(exc))
-                return
+            # The outcome is unknown, never a failure: the provider may have taken the money
+            # and lost the answer. Keep asking, at a capped backoff, with the same key.
             self.stats.retries += 1
             log.warning("billing.charge_retry", charge_id=charge.charge_id, attempt=job.attempts)
             async with self.pool.acquire() as conn:
                 await charges.record_attempt_error(conn, charge.charge_id, str(exc))
             await self._retry_later(job, str(exc))
             return
-        await self._record(job, charge, result)
+        except ProviderRejected as exc:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if (await settlement.fail_charge(conn, charge, str(exc))).effect == "arrears":
+                    self.stats.arrears += 1
+                await self._mark_done(conn, job)
+            return
+        if not result.final:
+            async with self.pool.acquire() as conn:
+                await charges.mark_submitted(conn, charge.charge_id, result.provider_ref)
+            await self._retry_later(
+                job, "accepted; waiting for the notification", self.query_after_s
+            )
+            return
+        await self._apply(job, result)
 
-    async def _settle_from_lookup(self, job: Job, charge: charges.ChargeJob, error: str) -> None:
+    async def _refund(self, job: Job) -> None:
+        async with self.pool.acquire() as conn:
+            refund = await refunds.load(conn, job.ref_id)
+        if refund is None or refund.status != "pending":
+            await self._done(job)
+            return
         try:
-            result = await self.provider.lookup(idempotency_key=charge.idempotency_key)
-        except ProviderUnavailable:
-            # Still unknown: keep trying (at the capped backoff) rather than guess.
+            result = await self.provider.refund(
+                out_refund_no=refund.out_refund_no,
+                out_trade_no=refund.out_trade_no,
+                amount_fen=refund.amount_fen,
+                reason=refund.reason,
+            )
+        except ProviderUnavailable as exc:
             self.stats.retries += 1
-            await self._retry_later(job, f"outcome unknown: {error}")
+            async with self.pool.acquire() as conn:
+                await refunds.record_error(conn, refund.id, str(exc))
+            await self._retry_later(job, str(exc))
             return
-        if result is None:
-            await self._charge_failed(job, charge, f"provider never received it: {error}")
-        else:
-            await self._record(job, charge, result)
-
-    async def _record(self, job: Job, charge: charges.ChargeJob, result: ChargeResult) -> None:
-        if result.status == "declined":
-            await self._charge_failed(job, charge, f"declined: {result.reason}")
+        except ProviderRejected as exc:
+            log.error("billing.refund_rejected", refund_id=refund.id, error=str(exc))
+            async with self.pool.acquire() as conn, conn.transaction():
+                await refunds.mark_failed(conn, refund.id, str(exc))
+                await self._mark_done(conn, job)
             return
-        async with self.pool.acquire() as conn, conn.transaction():
-            if await charges.mark_succeeded(conn, charge, result.provider_ref, self.provider.name):
-                await notifications.enqueue(
-                    conn,
-                    account_id=charge.account_id,
-                    kind="exit_charged",
-                    source_key=f"charge:{charge.charge_id}:succeeded",
-                    body=notifications.exit_charged_text(
-                        charge.plate,
-                        charge.car_park_name,
-                        charge.entered_at,
-                        charge.exited_at,
-                        charge.amount_fen,
-                        self.tz,
-                    ),
-                )
-                self.stats.charged += 1
-                log.info(
-                    "billing.charged", charge_id=charge.charge_id, amount_fen=charge.amount_fen
-                )
-            await self._mark_done(conn, job)
+        await self._apply(job, result)
 
-    async def _charge_failed(self, job: Job, charge: charges.ChargeJob, reason: str) -> None:
+    async def _apply(self, job: Job | None, result: OrderResult) -> settlement.Applied:
         async with self.pool.acquire() as conn, conn.transaction():
-            if await charges.mark_failed(conn, charge, reason):
-                await notifications.enqueue(
-                    conn,
-                    account_id=charge.account_id,
-                    kind="charge_failed",
-                    source_key=f"charge:{charge.charge_id}:failed",
-                    body=(
-                        f"{charge.plate}: the parking fee at {charge.car_park_name} could not be "
-                        "collected; pay it in the app to keep leaving without stopping"
-                    ),
-                )
-                self.stats.arrears += 1
-                log.warning("billing.charge_failed", charge_id=charge.charge_id, reason=reason)
-            await self._mark_done(conn, job)
+            applied = await settlement.apply(conn, self.provider.name, result, self.tz)
+            if job is not None:
+                await self._mark_done(conn, job)
+        if applied.effect == "charged":
+            self.stats.charged += 1
+        elif applied.effect == "arrears":
+            self.stats.arrears += 1
+        elif applied.effect == "refunded":
+            self.stats.refunded += 1
+        return applied
+
+    async def _gate_command(self, job: Job) -> None:
+        if self.gate_commands is None:
+            await self._retry_later(job, "no gate connection in this process")
+            return
+        await self.gate_commands(job.ref_id)
+        await self._done(job)
+
+    async def sweep(self, now: datetime) -> None:
+        """Periodic work: debt reminders, and payments whose notification never came."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            self.stats.reminders += await debts.send_reminders(
+                conn, every=self.reminder_every, now=now
+            )
+            # Payments the driver may have completed without us hearing of it.
+            stale = await conn.fetch(
+                """SELECT out_trade_no FROM payments WHERE status = 'pending'
+                   AND created_at BETWEEN $1::timestamptz - interval '1 day'
+                                      AND $1::timestamptz - make_interval(secs => $2)
+                   ORDER BY id LIMIT 100""",
+                now,
+                self.query_after_s,
+            )
+        for row in stale:
+            with contextlib.suppress(ProviderUnavailable, ProviderRejected):
+                result = await self.provider.query(out_trade_no=row["out_trade_no"])
+                if result is not None and result.final:
+                    await self._apply(None, result)
 
     async def _notify(self, job: Job) -> None:
         async with self.pool.acquire() as conn:
@@ -210,8 +277,8 @@ class OutboxWorker:
                 self.stats.notified += 1
             await self._mark_done(conn, job)
 
-    async def _retry_later(self, job: Job, error: str) -> None:
-        delay = min(self.retry_base_s * 2 ** (job.attempts - 1), 300.0)
+    async def _retry_later(self, job: Job, error: str, base_s: float | None = None) -> None:
+        delay = min((base_s or self.retry_base_s) * 2 ** (job.attempts - 1), 300.0)
         async with self.pool.acquire() as conn:
             await conn.execute(
                 """UPDATE outbox SET available_at = now() + make_interval(secs => $2),

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import multiprocessing
 import random
+import secrets
 import socket
 import sys
 import time
@@ -25,7 +26,7 @@ from billing import sandbox
 from gate_controller.simulator import GateSimulator, SimGate, SimReport, Vehicle
 from parking.demo import DemoCity, percentiles, seed_city
 from parking.infra import Endpoints, endpoints
-from parking.runtime import Runtime, running
+from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
 
 
@@ -58,31 +59,25 @@ def _simulate(
     return uvloop.run(go())
 
 
-def _serve_sandbox(port: int) -> None:
-    """Runs in its own process: the provider is another service, not part of the lane."""
-    asyncio.run(_sandbox_forever(port))
-
-
-async def _sandbox_forever(port: int) -> None:
-    async with sandbox.running(port=port):
-        await asyncio.Event().wait()
-
-
-def _outbox_worker(settings: dict[str, Any], eps: Endpoints, provider_url: str) -> None:
+def _outbox_worker(settings: dict[str, Any], eps: Endpoints, provider: ProviderEndpoint) -> None:
     """Runs in its own process: charging is deferred work and must not slow the gates."""
 
     async def go() -> None:
-        async with running(Settings(**settings), eps, provider_url, lanes=False):
+        async with running(Settings(**settings), eps, provider, lanes=False):
             await asyncio.Event().wait()
 
     uvloop.run(go())
 
 
 @contextlib.contextmanager
-def sandbox_process() -> Iterator[str]:
+def sandbox_process(faults: sandbox.FaultConfig | None = None) -> Iterator[ProviderEndpoint]:
+    """The provider in its own process: another service, not part of the lane."""
     port = sandbox.free_port()
+    secret = secrets.token_hex(16)
     process = multiprocessing.get_context("spawn").Process(
-        target=_serve_sandbox, args=(port,), daemon=True
+        target=sandbox.serve,
+        args=(port, faults or sandbox.FaultConfig(), secret, ":memory:"),
+        daemon=True,
     )
     process.start()
     try:
@@ -91,7 +86,7 @@ def sandbox_process() -> Iterator[str]:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
                 break
             time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
+        yield ProviderEndpoint(f"http://127.0.0.1:{port}", secret)
     finally:
         process.terminate()
         process.join(5)
@@ -160,7 +155,7 @@ async def _progress(runtime: Runtime, started: float) -> None:
 
 async def run_bench(
     settings: Settings,
-    provider_url: str,
+    provider: ProviderEndpoint,
     *,
     rate: float,
     duration_s: float,
@@ -169,15 +164,14 @@ async def run_bench(
 ) -> dict[str, Any]:
     rng = random.Random()
     exits_needed = int(rate * duration_s * 1.2) + 100
-    provider_url = settings.payment_provider_url or provider_url
     spawn = multiprocessing.get_context("spawn")
     async with (
         endpoints(settings) as eps,
-        running(settings, eps, provider_url, outbox_worker=False) as runtime,
+        running(settings, eps, provider, outbox_worker=False) as runtime,
     ):
         worker = spawn.Process(
             target=_outbox_worker,
-            args=(settings.model_dump(exclude={"mqtt_client_id"}), eps, provider_url),
+            args=(settings.model_dump(exclude={"mqtt_client_id"}), eps, provider),
             daemon=True,
         )
         worker.start()

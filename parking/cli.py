@@ -4,8 +4,9 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,12 +15,13 @@ import uvicorn
 import uvloop
 
 from billing import sandbox
+from parking import billing_cli
 from parking.app import create_app
 from parking.db import create_pool
 from parking.infra import endpoints
 from parking.logging import configure_logging
 from parking.migrate import MIGRATIONS_DIR, migrate, schema_snapshot
-from parking.runtime import running
+from parking.runtime import payment_provider, running
 from parking.settings import Settings, get_settings
 
 T = TypeVar("T")
@@ -46,21 +48,11 @@ async def _migrate(settings: Settings, snapshot: Path | None) -> None:
             await pool.close()
 
 
-@contextlib.asynccontextmanager
-async def _provider_url(settings: Settings) -> AsyncIterator[str]:
-    """The configured provider, or a sandbox served in-process for a laptop run."""
-    if settings.payment_provider_url:
-        yield settings.payment_provider_url
-        return
-    async with sandbox.running() as (url, _):
-        yield url
-
-
 async def _serve(settings: Settings, *, outbox_worker: bool) -> None:
     async with (
         endpoints(settings) as eps,
-        _provider_url(settings) as provider_url,
-        running(settings, eps, provider_url, outbox_worker=outbox_worker) as runtime,
+        payment_provider(settings) as provider,
+        running(settings, eps, provider, outbox_worker=outbox_worker) as runtime,
     ):
         server = uvicorn.Server(
             uvicorn.Config(
@@ -77,17 +69,20 @@ async def _serve(settings: Settings, *, outbox_worker: bool) -> None:
 async def _worker(settings: Settings) -> None:
     async with (
         endpoints(settings) as eps,
-        _provider_url(settings) as provider_url,
-        running(settings, eps, provider_url, lanes=False),
+        payment_provider(settings) as provider,
+        running(settings, eps, provider, lanes=False),
     ):
         print("outbox worker running", file=sys.stderr, flush=True)
-        await asyncio.Event().wait()
+        await _until_terminated()
 
 
-async def _sandbox(port: int, faults: sandbox.FaultConfig) -> None:
-    async with sandbox.running(faults, port=port) as (url, _):
-        print(f"sandbox provider on {url}", flush=True)
-        await asyncio.Event().wait()
+async def _until_terminated() -> None:
+    """Returns on SIGTERM or SIGINT, so that leaving `running` stops the workers cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
 
 
 def _plates(argv: list[str]) -> int:
@@ -128,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--rate", type=float, default=20.0, help="captures per second")
     p_demo.add_argument("--json", action="store_true", help="print a JSON summary last")
     p_demo.add_argument("--no-api", action="store_true", help="do not serve the HTTP API")
+    sandbox.add_arguments(p_demo)  # faults of the in-process sandbox provider
 
     p_bench = sub.add_parser("bench", help="exit decisions under load (JSON figures)")
     p_bench.add_argument("--rate", type=float, default=200.0, help="captures per second")
@@ -141,11 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_bench.add_argument("--json", action="store_true", help="print only the JSON line")
 
-    p_sandbox = sub.add_parser("sandbox-provider", help="run the sandbox payment provider")
+    p_sandbox = sub.add_parser(
+        "sandbox-provider",
+        help="run the sandbox payment provider (signs with PARKING_PAYMENT_PROVIDER_SECRET)",
+    )
     p_sandbox.add_argument("--port", type=int, default=8100)
-    p_sandbox.add_argument("--error-rate", type=float, default=0.0)
-    p_sandbox.add_argument("--lost-response-rate", type=float, default=0.0)
-    p_sandbox.add_argument("--timeout-rate", type=float, default=0.0)
+    p_sandbox.add_argument(
+        "--db", default=":memory:", help="SQLite file for its orders (default: in memory)"
+    )
+    sandbox.add_arguments(p_sandbox)
+
+    p_billing = sub.add_parser("billing", help="reconciliation and money reports")
+    billing_cli.add_arguments(p_billing)
 
     sub.add_parser("plates", help="plate recognition tools (eval, bench)", add_help=False)
 
@@ -172,7 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "demo":
         from parking.demo import run_demo
 
-        summary = _run(run_demo(settings, args.duration, args.rate, serve_api=not args.no_api))
+        summary = _run(
+            run_demo(
+                settings,
+                args.duration,
+                args.rate,
+                serve_api=not args.no_api,
+                faults=sandbox.faults_from_args(args),
+            )
+        )
         if args.json:
             print(orjson.dumps(summary).decode())
         else:
@@ -180,11 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "bench":
         from parking.bench import run_bench, sandbox_process
 
-        with sandbox_process() as provider_url:
+        with sandbox_process() as provider:
             result = _run(
                 run_bench(
                     settings,
-                    provider_url,
+                    provider,
                     rate=args.rate,
                     duration_s=args.duration,
                     ocr_folder=args.ocr,
@@ -193,13 +204,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
     elif args.command == "sandbox-provider":
-        faults = sandbox.FaultConfig(
-            error_rate=args.error_rate,
-            lost_response_rate=args.lost_response_rate,
-            timeout_rate=args.timeout_rate,
-        )
+        if settings.payment_provider_secret is None:
+            parser.error(
+                "set PARKING_PAYMENT_PROVIDER_SECRET: the key notifications are signed with"
+            )
         with contextlib.suppress(KeyboardInterrupt):
-            _run(_sandbox(args.port, faults))
+            sandbox.serve(
+                args.port,
+                sandbox.faults_from_args(args),
+                settings.payment_provider_secret.get_secret_value(),
+                args.db,
+            )
+    elif args.command == "billing":
+        return _run(billing_cli.run(settings, args))
     return 0
 
 

@@ -11,11 +11,12 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import uvicorn
 
-from billing import ledger, sandbox
+from billing import agreements, ledger, reconcile, sandbox
 from billing.tariff import Tariff
 from gate_controller.mqtt import MqttClient
 from gate_controller.protocol import CameraRead, Capture, GateAddress, Topics, encode
@@ -24,7 +25,7 @@ from parking.admin import repository as admin
 from parking.app import create_app
 from parking.infra import endpoints
 from parking.logging import mask_plates_in_text
-from parking.runtime import Runtime, running
+from parking.runtime import Runtime, payment_provider, running
 from parking.settings import Settings
 
 # Real streets of Lin'an, Hangzhou, where the reference deployment runs.
@@ -34,7 +35,45 @@ DEMO_CAR_PARKS = [
     ("jinbei", "锦北广场停车场", 80, 30.2420, 119.7301),
     ("station", "临安汽车站停车场", 300, 30.2262, 119.7078),
 ]
-TARIFF = {"free_minutes": 15, "hourly_fen": 500, "daily_cap_fen": 4000}
+# A typical city tariff: 15 free minutes; days ¥5 the first hour then ¥2 a half hour; nights
+# ¥1 per two hours, at most ¥5; at most ¥40 per 24 h; new-energy (green) plates half price.
+TARIFF = Tariff.from_json(
+    {
+        "free_minutes": 15,
+        "bands": [
+            {
+                "name": "day",
+                "start": "08:00",
+                "end": "20:00",
+                "lines": [
+                    {"from_minute": 0, "to_minute": 60, "kind": "flat", "amount_fen": 500},
+                    {
+                        "from_minute": 60,
+                        "kind": "per_increment",
+                        "increment_minutes": 30,
+                        "amount_fen": 200,
+                    },
+                ],
+            },
+            {
+                "name": "night",
+                "start": "20:00",
+                "end": "08:00",
+                "lines": [
+                    {
+                        "from_minute": 0,
+                        "kind": "per_increment",
+                        "increment_minutes": 120,
+                        "amount_fen": 100,
+                    }
+                ],
+                "max_fen": 500,
+            },
+        ],
+        "daily_cap_fen": 4000,
+        "colour_discount_percent": {"green": 50},
+    }
+)
 PAY_LATER_LIMIT_FEN = 20_000
 
 
@@ -98,7 +137,7 @@ async def seed_city(
             car_park_ids.append(car_park_id)
             lots.append(lot)
             await admin.create_tariff(
-                conn, car_park_id, effective_from=now - timedelta(days=30), **TARIFF
+                conn, car_park_id, effective_from=now - timedelta(days=30), tariff=TARIFF
             )
             for gate, direction in (("in1", "in"), ("out1", "out"), ("out2", "out")):
                 await admin.create_gate(conn, car_park_id, gate, direction)
@@ -108,7 +147,7 @@ async def seed_city(
             if vehicle.bound:
                 account_id = await admin.create_account(conn, f"+86-demo-{run_id}-{i:05d}")
                 await admin.bind_plate(conn, account_id, vehicle.plate, vehicle.color)
-                await admin.sign_pay_later(
+                await agreements.sign(
                     conn,
                     account_id,
                     provider="sandbox",
@@ -195,13 +234,25 @@ async def summarise(
             started,
             f"{runtime.lanes.topics.root}/%-{city.run_id}/%",
         )
+        money = await conn.fetchrow(
+            """SELECT (SELECT count(*) FROM debts d JOIN charges c ON c.id = d.charge_id
+                       JOIN sessions s ON s.id = c.session_id WHERE s.car_park_id = ANY($1))
+                          AS debts,
+                      (SELECT COALESCE(max(n), 0) FROM (
+                           SELECT count(*) AS n FROM charges c JOIN sessions s
+                           ON s.id = c.session_id WHERE s.car_park_id = ANY($1)
+                           GROUP BY c.session_id) per_session) AS charges_per_session_max,
+                      (SELECT count(*) FROM dead_letters WHERE source = 'provider_notification'
+                       AND received_at >= $2) AS notifications_rejected""",
+            ids,
+            started,
+        )
         balanced = await ledger.is_balanced(conn)
     decision = percentiles(list(runtime.lanes.stats.latencies_ms))
     report = sim.report
     # The simulator's own oracle: bound cars whose stay is past the free minutes must be charged.
-    tariff = Tariff(**TARIFF)
     bound_paid_exits = sum(
-        1 for e in report.exit_log if e.vehicle.bound and tariff.fee_for_seconds(int(e.stay_s)) > 0
+        1 for e in report.exit_log if e.vehicle.bound and e.stay_s > TARIFF.free_minutes * 60
     )
     return {
         "captures": captures,
@@ -216,6 +267,10 @@ async def summarise(
         "charges_pending": charges["pending"],
         "charges_failed": charges["failed"],
         "charged_fen": charges["charged_fen"],
+        "charges_per_session_max": money["charges_per_session_max"],
+        "charge_retries": runtime.outbox.stats.retries,
+        "debts": money["debts"],
+        "notifications_rejected": money["notifications_rejected"],
         "duplicates_sent": report.duplicates_sent + report.resent,
         "duplicates_ignored": runtime.lanes.stats.duplicates,
         "double_reads": report.double_reads_sent,
@@ -230,6 +285,17 @@ async def summarise(
     }
 
 
+async def _reconcile_today(runtime: Runtime) -> dict[str, Any]:
+    """Today's books against the provider's statement, as `parking billing reconcile` does."""
+    day = datetime.now(ZoneInfo(runtime.settings.timezone)).date()
+    statement = await runtime.provider.statement(day)
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        result = await reconcile.reconcile(
+            conn, runtime.provider.name, day, statement, runtime.settings.timezone
+        )
+    return result.summary()
+
+
 async def _wait_for_outbox(runtime: Runtime, timeout_s: float) -> None:
     """Charges run after the cars left: give the worker time to finish them."""
     deadline = time.monotonic() + timeout_s
@@ -240,30 +306,41 @@ async def _wait_for_outbox(runtime: Runtime, timeout_s: float) -> None:
         await asyncio.sleep(0.2)
 
 
-async def _progress(runtime: Runtime, sim: GateSimulator, out: TextIO) -> None:
+async def _progress(runtime: Runtime, sim: GateSimulator, city: DemoCity, out: TextIO) -> None:
     while True:
         await asyncio.sleep(2.0)
         stats = runtime.lanes.stats
         lat = list(stats.latencies_ms)[-2000:]
+        # Charges are booked by the worker and by the provider's notifications to the API.
+        async with runtime.pool.acquire() as conn:
+            charged = await conn.fetchval(
+                """SELECT count(*) FROM charges c JOIN sessions s ON s.id = c.session_id
+                   WHERE s.car_park_id = ANY($1) AND c.status = 'succeeded'""",
+                city.car_park_ids,
+            )
         print(
             f"demo: captures sent {sim.report.sent:5d}  decided {stats.captures:5d}  "
             f"open {sim.report.commands['open']:5d}  hold {sim.report.commands['hold']:4d}  "
-            f"charged {runtime.outbox.stats.charged:4d}  p99 {percentiles(lat)['p99_ms']:6.1f} ms",
+            f"charged {charged:4d}  p99 {percentiles(lat)['p99_ms']:6.1f} ms",
             file=out,
             flush=True,
         )
 
 
 async def run_demo(
-    settings: Settings, duration_s: float, rate: float, serve_api: bool = True
+    settings: Settings,
+    duration_s: float,
+    rate: float,
+    serve_api: bool = True,
+    faults: sandbox.FaultConfig | None = None,
 ) -> dict[str, Any]:
     out = sys.stderr
     started = datetime.now(UTC)
     rng = random.Random()
     async with (
         endpoints(settings) as eps,
-        sandbox.running() as (provider_url, _),
-        running(settings, eps, settings.payment_provider_url or provider_url) as runtime,
+        payment_provider(settings, faults) as provider,
+        running(settings, eps, provider) as runtime,
     ):
         city = await seed_city(runtime.pool, rng)
         print(
@@ -300,13 +377,14 @@ async def run_demo(
             expected_dead = await _publish_bad_messages(
                 runtime.mqtt, runtime.lanes.topics, city.gates[0].lot
             )
-            progress = asyncio.create_task(_progress(runtime, sim, out))
+            progress = asyncio.create_task(_progress(runtime, sim, city, out))
             try:
                 await sim.run(rate, duration_s)
-                await _wait_for_outbox(runtime, timeout_s=20)
+                await _wait_for_outbox(runtime, timeout_s=60)
             finally:
                 progress.cancel()
             summary = await summarise(runtime, city, sim, started, expected_dead)
+            summary["reconciliation"] = await _reconcile_today(runtime)
         for note in list(runtime.notifier.sent)[-3:]:
             print(f"demo: sms -> {mask_plates_in_text(note.body)}", file=out)
         if server is not None and server_task is not None:

@@ -5,12 +5,15 @@ Used by `parking serve`, `parking demo` and the tests, so all three run the same
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import asyncpg
 from redis.asyncio import Redis
 
+from billing import sandbox
 from billing.notifications import DevNotifier
 from billing.providers import PaymentProvider, SandboxProvider
 from billing.worker import OutboxWorker
@@ -20,7 +23,52 @@ from parking.infra import Endpoints
 from parking.lanes.worker import LaneWorker
 from parking.migrate import migrate
 from parking.occupancy.service import Occupancy
+from parking.payments.service import release_gate
 from parking.settings import Settings
+
+NOTIFY_PATH = "/api/v1/payments/notifications/{provider}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderEndpoint:
+    url: str
+    secret: str
+
+
+class ConfigurationError(RuntimeError):
+    pass
+
+
+@contextlib.asynccontextmanager
+async def payment_provider(
+    settings: Settings, faults: sandbox.FaultConfig | None = None
+) -> AsyncIterator[ProviderEndpoint]:
+    """The configured provider, or a sandbox served in-process (a laptop run, the demo)."""
+    if settings.payment_provider_url:
+        if settings.payment_provider_secret is None:
+            raise ConfigurationError(
+                "PARKING_PAYMENT_PROVIDER_SECRET is required with PARKING_PAYMENT_PROVIDER_URL"
+            )
+        secret = settings.payment_provider_secret.get_secret_value()
+        yield ProviderEndpoint(settings.payment_provider_url, secret)
+        return
+    secret = secrets.token_hex(16)
+    # Its orders live beside the embedded database, so they outlast a restart like a real
+    # provider's books do (and reconcile against ours).
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    orders = str(settings.data_dir / "sandbox-provider.sqlite3")
+    async with sandbox.running(faults, secret=secret, db_path=orders) as (url, _):
+        yield ProviderEndpoint(url, secret)
+
+
+def make_provider(settings: Settings, endpoint: ProviderEndpoint) -> PaymentProvider:
+    notify_url = settings.public_base_url.rstrip("/") + NOTIFY_PATH.format(provider="sandbox")
+    return SandboxProvider(
+        endpoint.url,
+        secret=endpoint.secret,
+        notify_url=notify_url,
+        timeout_s=settings.payment_provider_timeout_s,
+    )
 
 
 @dataclass
@@ -34,20 +82,20 @@ class Runtime:
     lanes: LaneWorker
     outbox: OutboxWorker
     notifier: DevNotifier
+    provider: PaymentProvider
 
 
 @contextlib.asynccontextmanager
 async def running(
     settings: Settings,
     endpoints: Endpoints,
-    provider_url: str,
+    provider_endpoint: ProviderEndpoint,
     *,
-    provider: PaymentProvider | None = None,
     lanes: bool = True,
     outbox_worker: bool = True,
 ) -> AsyncIterator[Runtime]:
-    """Starts the system against `endpoints`: the lane service and the charge/notification
-    worker, or either alone (`parking worker` runs the outbox worker in its own process)."""
+    """Starts the system against `endpoints`: the lane service and the outbox worker, or
+    either alone (`parking worker` runs the outbox worker in its own process)."""
     pool = await create_pool(endpoints.database_url, min_size=2, max_size=20, stateless=True)
     # The outbox worker has its own connections so that charging never delays a gate.
     worker_pool = await create_pool(endpoints.database_url, min_size=1, max_size=4)
@@ -55,7 +103,7 @@ async def running(
     mqtt = MqttClient(
         endpoints.mqtt_url, settings.mqtt_client_id, ack_timeout_s=settings.mqtt_ack_timeout_s
     )
-    provider = provider or SandboxProvider(provider_url)
+    provider = make_provider(settings, provider_endpoint)
     notifier = DevNotifier()
     tasks: list[asyncio.Task[None]] = []
     lane_worker: LaneWorker | None = None
@@ -63,29 +111,53 @@ async def running(
         async with pool.acquire() as conn:
             await migrate(conn)
         occupancy = Occupancy(redis, pool, settings.redis_key_prefix)
-        if lanes:
+        if lanes or outbox_worker:
             await mqtt.start()
         lane_worker = LaneWorker(settings, pool, mqtt, occupancy)
+        runtime: Runtime | None = None
+
+        async def gate_commands(payment_id: int) -> None:
+            assert runtime is not None
+            await release_gate(runtime, payment_id)
+
         outbox = OutboxWorker(
             worker_pool,
             provider,
             notifier,
+            gate_commands=gate_commands,
             timezone=settings.timezone,
-            max_attempts=settings.charge_max_attempts,
             retry_base_s=settings.charge_retry_base_s,
+            query_after_s=settings.charge_query_after_s,
             poll_interval_s=settings.worker_poll_interval_s,
+            sweep_interval_s=settings.worker_sweep_interval_s,
+            lease_s=settings.worker_lease_s,
+            reminder_every=timedelta(days=settings.debt_reminder_every_days),
         )
         if lanes:
             await occupancy.rebuild_all()
             await lane_worker.start()
         if outbox_worker:
             tasks.append(asyncio.create_task(outbox.run()))
-        yield Runtime(
-            settings, endpoints, pool, redis, mqtt, occupancy, lane_worker, outbox, notifier
+        runtime = Runtime(
+            settings,
+            endpoints,
+            pool,
+            redis,
+            mqtt,
+            occupancy,
+            lane_worker,
+            outbox,
+            notifier,
+            provider,
         )
+        yield runtime
     finally:
         if lane_worker is not None:
             await lane_worker.stop()
+        if tasks:
+            outbox.stop()
+            # Jobs in hand finish (a provider call is bounded by its timeout); cancel after that.
+            await asyncio.wait(tasks, timeout=settings.payment_provider_timeout_s + 2)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

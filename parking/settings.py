@@ -41,7 +41,6 @@ class Settings(BaseSettings):
     duplicate_read_window_s: int = 120
     command_ttl_s: int = 30
     timezone: str = "Asia/Shanghai"
-    payment_qr_base_url: str = "https://pay.example.invalid/qr"
 
     # Plate reading. A camera read at or above camera_min_confidence is taken as it is; below
     # it, or with no read, the capture's images are read server-side in a process pool.
@@ -51,11 +50,23 @@ class Settings(BaseSettings):
     ocr_engine: str = "rapidocr"
     ocr_workers: int = 1
 
-    # Billing.
+    # Where drivers' phones and the payment provider reach this service: the gate's payment QR
+    # codes and the provider's notification URL are built from it.
+    public_base_url: str = "http://127.0.0.1:8000"
+
+    # Billing. With no provider URL a sandbox provider is started in-process (laptop runs).
     payment_provider_url: str | None = None
-    charge_max_attempts: int = 6
+    # Verifies the provider's signed notifications; required with payment_provider_url.
+    payment_provider_secret: SecretStr | None = None
+    payment_provider_timeout_s: float = 3.0
     charge_retry_base_s: float = 0.5
+    # How long an accepted charge waits for its notification before the order is queried.
+    charge_query_after_s: float = 5.0
     worker_poll_interval_s: float = 0.5
+    worker_sweep_interval_s: float = 60.0
+    # A job a crashed worker had claimed is picked up again after this long.
+    worker_lease_s: float = 60.0
+    debt_reminder_every_days: int = 3
 
     log_level: str = "INFO"
     log_json: bool = False

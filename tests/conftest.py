@@ -6,6 +6,7 @@ Override the servers with PARKING_TEST_DATABASE_URL / _REDIS_URL / _MQTT_URL.
 """
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -14,14 +15,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
+import uvicorn
 from redis.asyncio import Redis
 
-from billing import sandbox
+from billing import agreements, sandbox
+from billing.tariff import Tariff
 from parking.admin import repository as admin
+from parking.app import create_app
 from parking.infra import Endpoints
 from parking.migrate import migrate
-from parking.runtime import Runtime, running
+from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
 from tests.gates import GateProbe
 
@@ -56,13 +61,14 @@ async def database_url() -> AsyncIterator[str]:
 
 
 # The session-wide sandbox's faults; a test may decline its own drivers' agreements.
-SANDBOX_FAULTS = sandbox.FaultConfig()
+SANDBOX_FAULTS = sandbox.FaultConfig(processing_delay_s=0.01, notify_retry_s=(0.1,))
+SANDBOX_SECRET = uuid.uuid4().hex
 
 
 @pytest.fixture(scope="session")
-async def provider_url() -> AsyncIterator[str]:
-    async with sandbox.running(SANDBOX_FAULTS) as (url, _):
-        yield url
+async def provider() -> AsyncIterator[ProviderEndpoint]:
+    async with sandbox.running(SANDBOX_FAULTS, secret=SANDBOX_SECRET) as (url, _):
+        yield ProviderEndpoint(url, SANDBOX_SECRET)
 
 
 @pytest.fixture
@@ -77,15 +83,19 @@ def settings() -> Settings:
         lane_concurrency=4,
         worker_poll_interval_s=0.1,
         charge_retry_base_s=0.05,
+        charge_query_after_s=0.1,
+        # No API server in most tests: the provider's notifications go nowhere and the worker
+        # learns outcomes by order query; tests of notifications serve the API themselves.
+        public_base_url="http://127.0.0.1:9",
     )
 
 
 @pytest.fixture
 async def runtime(
-    settings: Settings, database_url: str, provider_url: str
+    settings: Settings, database_url: str, provider: ProviderEndpoint
 ) -> AsyncIterator[Runtime]:
     eps = Endpoints(database_url, REDIS_URL, MQTT_URL)
-    async with running(settings, eps, provider_url) as rt:
+    async with running(settings, eps, provider) as rt:
         yield rt
 
 
@@ -130,9 +140,7 @@ async def create_lot(runtime: Runtime) -> Lot:
             conn,
             car_park_id,
             effective_from=datetime.now(UTC) - timedelta(days=365),
-            free_minutes=0,
-            hourly_fen=600,
-            daily_cap_fen=5000,
+            tariff=Tariff.hourly(free_minutes=0, hourly_fen=600, daily_cap_fen=5000),
         )
     return Lot(car_park_id, code, name)
 
@@ -152,7 +160,7 @@ async def make_driver(
         await admin.bind_plate(conn, account_id, plate, "blue")
         agreement_id = None
         if pay_later:
-            agreement_id = await admin.sign_pay_later(
+            agreement_id = await agreements.sign(
                 conn,
                 account_id,
                 provider="sandbox",
@@ -208,3 +216,67 @@ def unique_plate() -> str:
     """A grammatical blue plate nobody else in this test run has."""
     digits = f"{uuid.uuid4().int % 100000:05d}"
     return f"浙{'ABCDEFGH'[uuid.uuid4().int % 8]}{digits}"
+
+
+@contextlib.asynccontextmanager
+async def provider_and_runtime(
+    settings: Settings, database_url: str, faults: sandbox.FaultConfig, *, secret: str = ""
+) -> AsyncIterator[tuple[Runtime, str]]:
+    """A sandbox provider of its own (with these faults) and a runtime charging through it;
+    yields the runtime and the provider's URL."""
+    secret = secret or uuid.uuid4().hex
+    async with sandbox.running(faults, secret=secret) as (url, _):
+        eps = Endpoints(database_url, REDIS_URL, MQTT_URL)
+        async with running(settings, eps, ProviderEndpoint(url, secret)) as runtime:
+            yield runtime, url
+
+
+async def provider_order(provider_url: str, out_trade_no: str) -> dict[str, Any] | None:
+    """The provider's view of an order, asked until it answers (injected 5xx included)."""
+    async with httpx.AsyncClient(base_url=provider_url) as http:
+        for _ in range(50):
+            response = await http.get(f"/v1/orders/{out_trade_no}")
+            if response.status_code < 500:
+                break
+    if response.status_code == 404:
+        return None
+    response.raise_for_status()
+    order: dict[str, Any] = response.json()
+    return order
+
+
+async def charges_of(runtime: Runtime, lot: Lot) -> list[asyncpg.Record]:
+    async with runtime.pool.acquire() as conn:
+        return await conn.fetch(
+            "SELECT c.* FROM charges c JOIN sessions s ON s.id = c.session_id "
+            "WHERE s.car_park_id = $1 ORDER BY c.id",
+            lot.id,
+        )
+
+
+async def exit_after(
+    runtime: Runtime, gate: GateProbe, lot: Lot, plate: str, stay: timedelta
+) -> dict[str, Any]:
+    await enter(runtime, gate, lot, plate, parked_for=stay)
+    return await gate.decide(lot.code, "out1", gate.capture("out", plate))
+
+
+@contextlib.asynccontextmanager
+async def api_server(runtime: Runtime, port: int) -> AsyncIterator[str]:
+    """Serves the API on 127.0.0.1:`port`, where the provider's notifications are sent when
+    `settings.public_base_url` points there."""
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(runtime), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

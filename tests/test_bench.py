@@ -1,8 +1,7 @@
 """`parking bench` runs end to end (gates, lanes and the outbox worker in their own processes)
 and its figures add up. It asserts no timings: speed is for the benchmark to report."""
 
-from billing.sandbox import running as sandbox_running
-from parking.bench import run_bench
+from parking.bench import run_bench, sandbox_process
 from parking.settings import Settings
 from tests.conftest import MQTT_URL, REDIS_URL
 
@@ -13,8 +12,8 @@ async def test_bench_decides_every_exit_and_reports_figures(
     settings.database_url = database_url
     settings.redis_url = REDIS_URL
     settings.mqtt_url = MQTT_URL
-    async with sandbox_running() as (provider_url, _):
-        result = await run_bench(settings, provider_url, rate=30, duration_s=2, car_parks=4)
+    with sandbox_process() as provider:
+        result = await run_bench(settings, provider, rate=30, duration_s=2, car_parks=4)
 
     assert result["errors"] == 0, result
     assert result["decisions"] == result["captures_sent"] == result["exits"] > 0

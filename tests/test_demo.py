@@ -1,12 +1,17 @@
 """`parking demo` end to end on the machine's servers: every exit decided, every bound exit
 with a fee charged exactly once, ledger balanced, only the deliberate dead letters."""
 
+from pathlib import Path
+
 from parking.demo import run_demo
 from parking.settings import Settings
 from tests.conftest import MQTT_URL, REDIS_URL
 
 
-async def test_demo_city_runs_end_to_end(settings: Settings, database_url: str) -> None:
+async def test_demo_city_runs_end_to_end(
+    settings: Settings, database_url: str, tmp_path: Path
+) -> None:
+    settings.data_dir = tmp_path  # the sandbox provider's books start empty like this database
     settings.database_url = database_url
     settings.redis_url = REDIS_URL
     settings.mqtt_url = MQTT_URL
@@ -21,4 +26,6 @@ async def test_demo_city_runs_end_to_end(settings: Settings, database_url: str) 
     assert summary["dead_letters"] == summary["dead_letters_expected"] == 3
     assert summary["notifications_sent"] >= summary["charged"]
     assert summary["ledger_balanced"] is True
+    assert summary["charges_per_session_max"] == 1
+    assert summary["debts"] == 0 and summary["notifications_rejected"] == 0
     assert 0 < summary["decision_p50_ms"] <= summary["decision_p99_ms"]

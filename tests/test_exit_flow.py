@@ -205,7 +205,11 @@ async def test_short_stay_within_free_minutes_opens_without_charge(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
     async with runtime.pool.acquire() as conn:
-        await conn.execute("UPDATE tariffs SET free_minutes = 15 WHERE car_park_id = $1", lot.id)
+        await conn.execute(
+            "UPDATE tariffs SET rules = jsonb_set(rules, '{free_minutes}', '15') "
+            "WHERE car_park_id = $1",
+            lot.id,
+        )
     plate = unique_plate()  # unbound: a free stay needs no agreement
     await gate.decide(lot.code, "in1", gate.capture("in", plate))
     await backdate_entry(runtime, lot, plate, timedelta(minutes=10))

@@ -7,6 +7,8 @@ from datetime import datetime
 
 import asyncpg
 
+from billing.tariff import Tariff
+
 
 async def create_operator(conn: asyncpg.Connection, name: str) -> int:
     operator_id: int = await conn.fetchval(
@@ -60,19 +62,14 @@ async def create_tariff(
     car_park_id: int,
     *,
     effective_from: datetime,
-    free_minutes: int,
-    hourly_fen: int,
-    daily_cap_fen: int | None,
+    tariff: Tariff,
 ) -> int:
     tariff_id: int = await conn.fetchval(
-        """INSERT INTO tariffs (car_park_id, effective_from, free_minutes, hourly_fen,
-                                daily_cap_fen)
-           VALUES ($1, $2, $3, $4, $5) RETURNING id""",
+        """INSERT INTO tariffs (car_park_id, effective_from, rules) VALUES ($1, $2, $3)
+           RETURNING id""",
         car_park_id,
         effective_from,
-        free_minutes,
-        hourly_fen,
-        daily_cap_fen,
+        tariff.to_json(),
     )
     return tariff_id
 
@@ -100,26 +97,6 @@ async def bound_plates(conn: asyncpg.Connection, plates: list[str]) -> list[str]
         "SELECT plate FROM plate_bindings WHERE unbound_at IS NULL AND plate = ANY($1)", plates
     )
     return [r["plate"] for r in rows]
-
-
-async def sign_pay_later(
-    conn: asyncpg.Connection,
-    account_id: int,
-    *,
-    provider: str,
-    agreement_no: str,
-    per_session_limit_fen: int,
-) -> int:
-    agreement_id: int = await conn.fetchval(
-        """INSERT INTO pay_later_agreements
-               (account_id, provider, agreement_no, per_session_limit_fen)
-           VALUES ($1, $2, $3, $4) RETURNING id""",
-        account_id,
-        provider,
-        agreement_no,
-        per_session_limit_fen,
-    )
-    return agreement_id
 
 
 async def seed_open_session(

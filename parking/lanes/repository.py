@@ -7,8 +7,6 @@ from uuid import UUID
 
 import asyncpg
 
-from billing.tariff import Tariff
-
 
 @dataclass(frozen=True, slots=True)
 class GateInfo:
@@ -26,6 +24,8 @@ class PayLater:
     agreement_id: int | None
     per_session_limit_fen: int | None
     blocked_for_arrears: bool
+    # Open debts, collected with the stay's fee at the gate.
+    debt_fen: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +36,15 @@ class OpenSession:
     pay_later: PayLater | None = None
     # Set on stays opened at the exit under the car park's no-entry fixed-fee policy.
     fixed_fee_fen: int | None = None
+    plate_color: str | None = None
 
 
 # The binding, account and active agreement of the plate in `{plate}`, for one row.
 _PAY_LATER_COLUMNS = """a.id AS account_id, pa.id AS agreement_id, pa.per_session_limit_fen,
-                        a.blocked_for_arrears"""
+    a.blocked_for_arrears,
+    CASE WHEN a.blocked_for_arrears THEN
+        (SELECT COALESCE(sum(d.amount_fen), 0)::bigint FROM debts d
+         WHERE d.account_id = a.id AND d.settled_at IS NULL) ELSE 0 END AS debt_fen"""
 _PAY_LATER_JOINS = """
     LEFT JOIN plate_bindings b ON b.plate = {plate} AND b.unbound_at IS NULL
     LEFT JOIN accounts a ON a.id = b.account_id
@@ -55,6 +59,7 @@ def _pay_later(row: asyncpg.Record) -> PayLater | None:
         row["agreement_id"],
         row["per_session_limit_fen"],
         row["blocked_for_arrears"],
+        row["debt_fen"],
     )
 
 
@@ -89,7 +94,7 @@ async def open_session_for_update(
     conn: asyncpg.Connection, car_park_id: int, plate: str
 ) -> OpenSession | None:
     row = await conn.fetchrow(
-        f"""SELECT s.id, s.entered_at, s.fixed_fee_fen, {_PAY_LATER_COLUMNS}
+        f"""SELECT s.id, s.entered_at, s.fixed_fee_fen, s.plate_color, {_PAY_LATER_COLUMNS}
             FROM sessions s {_PAY_LATER_JOINS.format(plate="s.plate")}
             WHERE s.car_park_id = $1 AND s.plate = $2 AND s.status = 'open'
             FOR UPDATE OF s""",
@@ -98,7 +103,9 @@ async def open_session_for_update(
     )
     if row is None:
         return None
-    return OpenSession(row["id"], row["entered_at"], _pay_later(row), row["fixed_fee_fen"])
+    return OpenSession(
+        row["id"], row["entered_at"], _pay_later(row), row["fixed_fee_fen"], row["plate_color"]
+    )
 
 
 async def recent_exits(
@@ -170,21 +177,6 @@ async def close_session(
         account_id,
         settlement,
     )
-
-
-async def tariff_versions(
-    conn: asyncpg.Connection, car_park_id: int
-) -> list[tuple[datetime, Tariff]]:
-    """A car park's tariffs by effective date, newest first."""
-    rows = await conn.fetch(
-        """SELECT effective_from, free_minutes, hourly_fen, daily_cap_fen FROM tariffs
-           WHERE car_park_id = $1 ORDER BY effective_from DESC""",
-        car_park_id,
-    )
-    return [
-        (r["effective_from"], Tariff(r["free_minutes"], r["hourly_fen"], r["daily_cap_fen"]))
-        for r in rows
-    ]
 
 
 async def pay_later_for_plate(conn: asyncpg.Connection, plate: str) -> PayLater | None:

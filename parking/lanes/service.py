@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 import asyncpg
 
-from billing import charges
-from billing.tariff import Tariff, format_fen
+from billing import charges, fees
+from billing.tariff import format_fen
 from gate_controller.protocol import Action, Capture, Command
 from parking.lanes import repository as repo
 from parking.lanes.reading import PlateReading
@@ -78,16 +78,16 @@ class LaneService:
         self.duplicate_window = timedelta(seconds=settings.duplicate_read_window_s)
         self.command_ttl = timedelta(seconds=settings.command_ttl_s)
         # Tariffs change rarely and are versioned by date: read them once a minute, not per exit.
-        self._tariffs: dict[int, tuple[float, list[tuple[datetime, Tariff]]]] = {}
+        self._tariffs: dict[int, tuple[float, fees.TariffVersions]] = {}
 
-    async def _tariff_at(
-        self, conn: asyncpg.Connection, car_park_id: int, at: datetime
-    ) -> Tariff | None:
+    async def _tariff_versions(
+        self, conn: asyncpg.Connection, car_park_id: int
+    ) -> fees.TariffVersions:
         cached = self._tariffs.get(car_park_id)
         if cached is None or time.monotonic() - cached[0] > _TARIFF_CACHE_S:
-            cached = (time.monotonic(), await repo.tariff_versions(conn, car_park_id))
+            cached = (time.monotonic(), await fees.tariff_versions(conn, car_park_id))
             self._tariffs[car_park_id] = cached
-        return next((tariff for since, tariff in cached[1] if since <= at), None)
+        return cached[1]
 
     async def decide(
         self,
@@ -145,7 +145,9 @@ class LaneService:
             entered_at=at,
             entry_capture_id=capture.capture_id,
         )
-        return self._open(capture, now, outcome, plate, session_id, delta, welcome=True)
+        owner = await repo.pay_later_for_plate(conn, plate)
+        debt = owner.debt_fen if owner else 0
+        return self._open(capture, now, outcome, plate, session_id, delta, welcome=True, debt=debt)
 
     async def _resolve_exit(
         self, conn: asyncpg.Connection, gate: GateInfo, reading: PlateReading, at: datetime
@@ -222,16 +224,18 @@ class LaneService:
             )
             occupancy_delta = 0  # never counted in: it was opened at the exit
 
-        if session.fixed_fee_fen is not None:
-            fee = session.fixed_fee_fen
-        else:
-            tariff = await self._tariff_at(conn, gate.car_park_id, session.entered_at)
-            if tariff is None:
-                return self._hold(
-                    capture, now, "held_no_tariff", plate, ["请联系管理员"], session.id
-                )
-            fee = tariff.fee(session.entered_at, at)
+        priced = fees.stay_fee(
+            await self._tariff_versions(conn, gate.car_park_id),
+            entered_at=session.entered_at,
+            at=at,
+            plate_color=session.plate_color,
+            fixed_fee_fen=session.fixed_fee_fen,
+        )
+        if priced is None:
+            return self._hold(capture, now, "held_no_tariff", plate, ["请联系管理员"], session.id)
+        fee = priced.fee_fen
         matched = resolved.match_status
+        debt = session.pay_later.debt_fen if session.pay_later else 0
 
         if fee == 0:
             await self._close(conn, session, capture, at, 0, None, "free")
@@ -244,18 +248,23 @@ class LaneService:
                 occupancy_delta,
                 fee=0,
                 match_status=matched,
+                debt=debt,
             )
 
         pay_later = _pay_later(session.pay_later, fee)
         if isinstance(pay_later, str):
+            # The debt is collected with the stay's fee through the same QR code.
+            due = [f"应缴 {format_fen(fee + debt)}"]
+            if debt:
+                due.append(f"含欠费 {format_fen(debt)}")
             return self._hold(
                 capture,
                 now,
                 pay_later,
                 plate,
-                [f"应缴 {format_fen(fee)}", "请扫码缴费"],
+                [*due, "请扫码缴费"],
                 session.id,
-                fee,
+                fee + debt,
                 matched,
             )
         account_id, agreement_id = pay_later
@@ -358,9 +367,13 @@ class LaneService:
         fee: int | None = None,
         welcome: bool = False,
         match_status: MatchStatus | None = None,
+        debt: int = 0,
     ) -> Decision:
         greeting = "欢迎光临" if welcome else "一路顺风"
         display = [plate, greeting] if plate else [greeting]
+        if debt:
+            # Arrears are shown at every visit; the app and the next paid exit collect them.
+            display.append(f"欠费 {format_fen(debt)} 请在App缴纳")
         command = self._command(capture, now, "open", display, fee)
         return Decision(outcome, command, plate, session_id, delta, None, fee, match_status)
 
@@ -375,8 +388,9 @@ class LaneService:
         fee: int | None = None,
         match_status: MatchStatus | None = None,
     ) -> Decision:
+        # The capture id is the QR's secret: random, and valid only for this held exit.
         qr = (
-            f"{self.settings.payment_qr_base_url}/{session_id}"
+            f"{self.settings.public_base_url}/api/v1/gate-payments/{capture.capture_id}"
             if session_id is not None and fee
             else None
         )

@@ -1,0 +1,57 @@
+"""Pay-later agreements: a driver signs one with a provider (with a per-session limit), may
+change the limit and may cancel it. One active agreement per account; a cancelled one is kept
+(charges already queued under it still refer to it)."""
+
+import asyncpg
+
+
+class AgreementError(ValueError):
+    pass
+
+
+async def sign(
+    conn: asyncpg.Connection,
+    account_id: int,
+    *,
+    provider: str,
+    agreement_no: str,
+    per_session_limit_fen: int,
+) -> int:
+    if per_session_limit_fen <= 0:
+        raise AgreementError("the per-session limit must be positive")
+    try:
+        agreement_id: int = await conn.fetchval(
+            """INSERT INTO pay_later_agreements
+                   (account_id, provider, agreement_no, per_session_limit_fen)
+               VALUES ($1, $2, $3, $4) RETURNING id""",
+            account_id,
+            provider,
+            agreement_no,
+            per_session_limit_fen,
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise AgreementError("the account already has an active agreement") from exc
+    return agreement_id
+
+
+async def set_limit(conn: asyncpg.Connection, account_id: int, per_session_limit_fen: int) -> None:
+    if per_session_limit_fen <= 0:
+        raise AgreementError("the per-session limit must be positive")
+    updated = await conn.fetchval(
+        """UPDATE pay_later_agreements SET per_session_limit_fen = $2
+           WHERE account_id = $1 AND cancelled_at IS NULL RETURNING id""",
+        account_id,
+        per_session_limit_fen,
+    )
+    if updated is None:
+        raise AgreementError("no active agreement")
+
+
+async def cancel(conn: asyncpg.Connection, account_id: int) -> bool:
+    """From now on the account's exits hold (no agreement); False when none was active."""
+    cancelled = await conn.fetchval(
+        """UPDATE pay_later_agreements SET cancelled_at = now()
+           WHERE account_id = $1 AND cancelled_at IS NULL RETURNING id""",
+        account_id,
+    )
+    return cancelled is not None

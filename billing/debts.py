@@ -1,0 +1,142 @@
+"""Arrears: a charge that finally failed is a debt of its account.
+
+While an account has an open debt it loses pay-later (the exit holds and shows the debt with
+the stay's fee, collected together through the gate's QR code), the driver can settle in the
+app, and reminders go out at a fixed interval. The receivable of a debt stays open in the
+ledger until a payment settles it.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import asyncpg
+
+from billing import notifications
+from billing.tariff import format_fen
+
+# Age buckets for the ageing report, in days: (label, lower bound inclusive).
+AGE_BUCKETS: tuple[tuple[str, int], ...] = (
+    ("0-7", 0),
+    ("8-30", 8),
+    ("31-90", 31),
+    ("91+", 91),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Debt:
+    id: int
+    account_id: int
+    charge_id: int
+    amount_fen: int
+    created_at: datetime
+
+
+async def open_debt(
+    conn: asyncpg.Connection, account_id: int, charge_id: int, amount_fen: int
+) -> None:
+    await conn.execute(
+        """INSERT INTO debts (account_id, charge_id, amount_fen) VALUES ($1, $2, $3)
+           ON CONFLICT (charge_id) DO NOTHING""",
+        account_id,
+        charge_id,
+        amount_fen,
+    )
+    await conn.execute("UPDATE accounts SET blocked_for_arrears = true WHERE id = $1", account_id)
+
+
+async def open_debts(
+    conn: asyncpg.Connection, account_id: int, *, lock: bool = False
+) -> list[Debt]:
+    lock_clause = "FOR UPDATE" if lock else ""
+    rows = await conn.fetch(
+        f"""SELECT id, account_id, charge_id, amount_fen, created_at FROM debts
+            WHERE account_id = $1 AND settled_at IS NULL ORDER BY id {lock_clause}""",
+        account_id,
+    )
+    return [Debt(**dict(r)) for r in rows]
+
+
+async def settle(
+    conn: asyncpg.Connection, account_id: int, payment_id: int, debt_ids: list[int]
+) -> int:
+    """Settles the listed debts that are still open with a payment; returns the fen settled.
+    Pay-later comes back when nothing is left open."""
+    settled: int = await conn.fetchval(
+        """WITH settled AS (
+               UPDATE debts SET settled_at = now(), payment_id = $2
+               WHERE account_id = $1 AND id = ANY($3::bigint[]) AND settled_at IS NULL
+               RETURNING amount_fen)
+           SELECT COALESCE(sum(amount_fen), 0)::bigint FROM settled""",
+        account_id,
+        payment_id,
+        debt_ids,
+    )
+    await conn.execute(
+        """UPDATE accounts SET blocked_for_arrears = false
+           WHERE id = $1 AND NOT EXISTS (
+               SELECT 1 FROM debts WHERE account_id = $1 AND settled_at IS NULL)""",
+        account_id,
+    )
+    return settled
+
+
+async def send_reminders(
+    conn: asyncpg.Connection, *, every: timedelta, now: datetime, limit: int = 500
+) -> int:
+    """Queues one reminder per account whose oldest unreminded debt is due; returns how many.
+    Runs in the caller's transaction; the notification outbox sends them after commit."""
+    rows = await conn.fetch(
+        """WITH due AS (
+               SELECT account_id, sum(amount_fen)::bigint AS total, count(*) AS n,
+                      max(reminders_sent) AS sent
+               FROM debts
+               WHERE settled_at IS NULL
+                 AND COALESCE(last_reminded_at, created_at) <= $1::timestamptz - $2::interval
+               GROUP BY account_id ORDER BY account_id LIMIT $3)
+           SELECT account_id, total, n, sent FROM due""",
+        now,
+        every,
+        limit,
+    )
+    for row in rows:
+        await notifications.enqueue(
+            conn,
+            account_id=row["account_id"],
+            kind="debt_reminder",
+            source_key=f"debt-reminder:{row['account_id']}:{row['sent'] + 1}:{now.date()}",
+            body=(
+                f"You owe {format_fen(row['total'])} in parking fees ({row['n']} unpaid "
+                "stays); pay in the app to leave without stopping again"
+            ),
+        )
+        await conn.execute(
+            """UPDATE debts SET reminders_sent = reminders_sent + 1, last_reminded_at = $2
+               WHERE account_id = $1 AND settled_at IS NULL""",
+            row["account_id"],
+            now,
+        )
+    return len(rows)
+
+
+async def ageing(conn: asyncpg.Connection, now: datetime) -> list[dict[str, int | str]]:
+    """Open debts by age bucket: how many, how much, how many accounts."""
+    rows = await conn.fetch(
+        """SELECT amount_fen, account_id,
+                  floor(extract(epoch FROM $1::timestamptz - created_at) / 86400)::int AS age_days
+           FROM debts WHERE settled_at IS NULL""",
+        now,
+    )
+    report: list[dict[str, int | str]] = []
+    bounds = [low for _, low in AGE_BUCKETS[1:]] + [10**9]
+    for (label, low), high in zip(AGE_BUCKETS, bounds, strict=True):
+        inside = [r for r in rows if low <= r["age_days"] < high]
+        report.append(
+            {
+                "age_days": label,
+                "debts": len(inside),
+                "accounts": len({r["account_id"] for r in inside}),
+                "amount_fen": sum(r["amount_fen"] for r in inside),
+            }
+        )
+    return report

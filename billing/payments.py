@@ -1,0 +1,173 @@
+"""Payments a driver makes by themselves: a held car's fee plus any debts, through the QR code
+the gate shows, or debts in the app.
+
+`mark_paid` books a completed payment once: the held stay closes (settlement 'paid_at_gate'),
+the debts it was priced with are settled, the gate gets its open command through the outbox,
+and anything paid twice (a debt settled meanwhile, a stay an operator already let out) is
+refunded by itself rather than kept.
+"""
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from billing import debts, ledger, notifications, refunds
+from billing.tariff import format_fen
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    id: int
+    out_trade_no: str
+    provider: str
+    purpose: str
+    account_id: int | None
+    session_id: int | None
+    capture_id: UUID | None
+    stay_fee_fen: int
+    debt_fen: int
+    debt_ids: list[int]
+    amount_fen: int
+    status: str
+    pay_url: str | None
+
+
+_COLUMNS = """id, out_trade_no, provider, purpose, account_id, session_id, capture_id,
+              stay_fee_fen, debt_fen, debt_ids, amount_fen, status, pay_url"""
+
+
+def new_out_trade_no() -> str:
+    return f"p{uuid.uuid4().hex}"
+
+
+async def open_for_capture(conn: asyncpg.Connection, capture_id: UUID) -> Payment | None:
+    """The payment the driver at a held exit started, if any (pending or already paid)."""
+    row = await conn.fetchrow(
+        f"""SELECT {_COLUMNS} FROM payments WHERE capture_id = $1 AND status <> 'closed'
+            ORDER BY id DESC LIMIT 1""",
+        capture_id,
+    )
+    return Payment(**dict(row)) if row else None
+
+
+async def create(
+    conn: asyncpg.Connection,
+    *,
+    provider: str,
+    purpose: str,
+    account_id: int | None,
+    session_id: int | None,
+    capture_id: UUID | None,
+    stay_fee_fen: int,
+    owed: list[debts.Debt],
+) -> Payment:
+    row = await conn.fetchrow(
+        f"""INSERT INTO payments (out_trade_no, provider, purpose, account_id, session_id,
+                                  capture_id, stay_fee_fen, debt_fen, debt_ids, amount_fen)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $7::bigint + $8::bigint)
+            RETURNING {_COLUMNS}""",
+        new_out_trade_no(),
+        provider,
+        purpose,
+        account_id,
+        session_id,
+        capture_id,
+        stay_fee_fen,
+        sum(d.amount_fen for d in owed),
+        [d.id for d in owed],
+    )
+    return Payment(**dict(row))
+
+
+async def set_pay_url(conn: asyncpg.Connection, payment_id: int, pay_url: str, ref: str) -> None:
+    await conn.execute(
+        "UPDATE payments SET pay_url = $2, provider_ref = $3 WHERE id = $1",
+        payment_id,
+        pay_url,
+        ref,
+    )
+
+
+async def mark_closed(conn: asyncpg.Connection, out_trade_no: str) -> None:
+    await conn.execute(
+        "UPDATE payments SET status = 'closed' WHERE out_trade_no = $1 AND status = 'pending'",
+        out_trade_no,
+    )
+
+
+async def mark_paid(
+    conn: asyncpg.Connection,
+    out_trade_no: str,
+    provider_ref: str,
+    finished_at: datetime | None,
+) -> Payment | None:
+    """Books a completed payment once; None when it was already booked or is not ours."""
+    row = await conn.fetchrow(
+        f"""UPDATE payments SET status = 'succeeded', paid_at = now(), provider_ref = $2,
+                   provider_finished_at = COALESCE($3, now())
+            WHERE out_trade_no = $1 AND status IN ('pending', 'closed') RETURNING {_COLUMNS}""",
+        out_trade_no,
+        provider_ref,
+        finished_at,
+    )
+    if row is None:
+        return None
+    payment = Payment(**dict(row))
+    stay_booked, car_park_id = await _close_stay(conn, payment)
+    debt_booked = (
+        await debts.settle(conn, payment.account_id, payment.id, payment.debt_ids)
+        if payment.account_id is not None and payment.debt_ids
+        else 0
+    )
+    overpaid = payment.amount_fen - stay_booked - debt_booked
+    lines = [(ledger.clearing(payment.provider), payment.amount_fen)]
+    if stay_booked and car_park_id is not None:
+        lines.append((ledger.revenue(car_park_id), -stay_booked))
+    if debt_booked and payment.account_id is not None:
+        lines.append((ledger.receivable(payment.account_id), -debt_booked))
+    if overpaid:
+        lines.append((ledger.overpaid(payment.account_id), -overpaid))
+    await ledger.post(
+        conn, "payment_received", lines, session_id=payment.session_id, payment_id=payment.id
+    )
+    if overpaid:
+        await refunds.request_for_payment(
+            conn,
+            payment_id=payment.id,
+            amount_fen=overpaid,
+            reason="paid twice: the debt or stay was already settled",
+            actor="system",
+            kind="overpayment",
+        )
+    if stay_booked:
+        await conn.execute(
+            "INSERT INTO outbox (kind, ref_id) VALUES ('gate_command', $1)", payment.id
+        )
+    if payment.account_id is not None:
+        await notifications.enqueue(
+            conn,
+            account_id=payment.account_id,
+            kind="payment_received",
+            source_key=f"payment:{payment.id}:succeeded",
+            body=f"{format_fen(payment.amount_fen)} received, thank you",
+        )
+    return payment
+
+
+async def _close_stay(conn: asyncpg.Connection, payment: Payment) -> tuple[int, int | None]:
+    """Closes the held stay the payment was for, if it is still open; (fen booked, car park)."""
+    if payment.session_id is None or payment.stay_fee_fen == 0:
+        return 0, None
+    row = await conn.fetchrow(
+        """UPDATE sessions SET status = 'closed', exited_at = now(), exit_capture_id = $2,
+                  fee_fen = $3, account_id = $4, settlement = 'paid_at_gate'
+           WHERE id = $1 AND status = 'open' RETURNING car_park_id""",
+        payment.session_id,
+        payment.capture_id,
+        payment.stay_fee_fen,
+        payment.account_id,
+    )
+    return (payment.stay_fee_fen, row["car_park_id"]) if row else (0, None)

@@ -1,0 +1,227 @@
+"""Refunds: new money movements, never edits. An operator gives a fee back with a reason (the
+request is audit-logged); money taken twice goes back by itself. The provider call runs from
+the outbox with the refund's own number as idempotency key; on success the ledger gets
+reversing lines and the driver a message."""
+
+import uuid
+from dataclasses import dataclass
+
+import asyncpg
+
+from billing import ledger, notifications
+from billing.tariff import format_fen
+
+
+class RefundNotAllowed(ValueError):
+    """The refund asked for is more than what is left of the order, or the order took no money."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refund:
+    id: int
+    out_refund_no: str
+    provider: str
+    out_trade_no: str
+    charge_id: int | None
+    payment_id: int | None
+    car_park_id: int
+    account_id: int | None
+    amount_fen: int
+    kind: str
+    reason: str
+    status: str
+
+
+_COLUMNS = """id, out_refund_no, provider, out_trade_no, charge_id, payment_id, car_park_id,
+              account_id, amount_fen, kind, reason, status"""
+
+
+async def request_for_charge(
+    conn: asyncpg.Connection, *, charge_id: int, amount_fen: int, reason: str, actor: str
+) -> Refund:
+    """An operator refund of a charged fee. Locks the charge so concurrent requests cannot
+    together refund more than was charged."""
+    row = await conn.fetchrow(
+        """SELECT c.id, c.idempotency_key, c.amount_fen, c.status, c.account_id, s.car_park_id,
+                  a.provider
+           FROM charges c JOIN sessions s ON s.id = c.session_id
+           JOIN pay_later_agreements a ON a.id = c.agreement_id
+           WHERE c.id = $1 FOR UPDATE OF c""",
+        charge_id,
+    )
+    if row is None or row["status"] != "succeeded":
+        raise RefundNotAllowed("only a charge the provider collected can be refunded")
+    return await _request(
+        conn,
+        provider=row["provider"],
+        out_trade_no=row["idempotency_key"],
+        order_amount_fen=row["amount_fen"],
+        charge_id=row["id"],
+        payment_id=None,
+        car_park_id=row["car_park_id"],
+        account_id=row["account_id"],
+        amount_fen=amount_fen,
+        kind="operator",
+        reason=reason,
+        actor=actor,
+    )
+
+
+async def request_for_payment(
+    conn: asyncpg.Connection,
+    *,
+    payment_id: int,
+    amount_fen: int,
+    reason: str,
+    actor: str,
+    kind: str = "operator",
+) -> Refund:
+    row = await conn.fetchrow(
+        """SELECT p.id, p.out_trade_no, p.amount_fen, p.status, p.account_id, p.provider,
+                  COALESCE(s.car_park_id, c.car_park_id) AS car_park_id
+           FROM payments p LEFT JOIN sessions s ON s.id = p.session_id
+           LEFT JOIN captures c ON c.capture_id = p.capture_id
+           WHERE p.id = $1 FOR UPDATE OF p""",
+        payment_id,
+    )
+    if row is None or row["status"] != "succeeded":
+        raise RefundNotAllowed("only a payment the driver completed can be refunded")
+    car_park_id = row["car_park_id"]
+    if car_park_id is None:
+        # A debt payment made in the app: the money belongs to the car parks of the debts.
+        car_park_id = await conn.fetchval(
+            """SELECT s.car_park_id FROM debts d JOIN charges ch ON ch.id = d.charge_id
+               JOIN sessions s ON s.id = ch.session_id WHERE d.payment_id = $1
+               ORDER BY d.id LIMIT 1""",
+            payment_id,
+        )
+    return await _request(
+        conn,
+        provider=row["provider"],
+        out_trade_no=row["out_trade_no"],
+        order_amount_fen=row["amount_fen"],
+        charge_id=None,
+        payment_id=row["id"],
+        car_park_id=car_park_id,
+        account_id=row["account_id"],
+        amount_fen=amount_fen,
+        kind=kind,
+        reason=reason,
+        actor=actor,
+    )
+
+
+async def _request(
+    conn: asyncpg.Connection,
+    *,
+    provider: str,
+    out_trade_no: str,
+    order_amount_fen: int,
+    charge_id: int | None,
+    payment_id: int | None,
+    car_park_id: int,
+    account_id: int | None,
+    amount_fen: int,
+    kind: str,
+    reason: str,
+    actor: str,
+) -> Refund:
+    already: int = await conn.fetchval(
+        "SELECT COALESCE(sum(amount_fen), 0)::bigint FROM refunds "
+        "WHERE out_trade_no = $1 AND status <> 'failed'",
+        out_trade_no,
+    )
+    if amount_fen <= 0 or already + amount_fen > order_amount_fen:
+        raise RefundNotAllowed(
+            f"{format_fen(amount_fen)} is more than the {format_fen(order_amount_fen - already)} "
+            "left to refund"
+        )
+    row = await conn.fetchrow(
+        f"""WITH refund AS (
+                INSERT INTO refunds (out_refund_no, provider, out_trade_no, charge_id, payment_id,
+                                     car_park_id, account_id, amount_fen, kind, reason,
+                                     requested_by)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {_COLUMNS}),
+            job AS (INSERT INTO outbox (kind, ref_id) SELECT 'refund', id FROM refund)
+            SELECT {_COLUMNS} FROM refund""",
+        f"r{uuid.uuid4().hex}",
+        provider,
+        out_trade_no,
+        charge_id,
+        payment_id,
+        car_park_id,
+        account_id,
+        amount_fen,
+        kind,
+        reason,
+        actor,
+    )
+    await conn.execute(
+        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
+        actor,
+        "refund.requested",
+        f"refund:{row['id']}",
+        {"out_trade_no": out_trade_no, "amount_fen": amount_fen, "reason": reason},
+    )
+    return Refund(**dict(row))
+
+
+async def load(conn: asyncpg.Connection, refund_id: int) -> Refund | None:
+    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM refunds WHERE id = $1", refund_id)
+    return Refund(**dict(row)) if row else None
+
+
+async def mark_succeeded(
+    conn: asyncpg.Connection, out_refund_no: str, provider_ref: str, finished_at: object
+) -> Refund | None:
+    """Books a refund the provider made, once; None when it was already booked or unknown."""
+    row = await conn.fetchrow(
+        f"""UPDATE refunds SET status = 'succeeded', provider_ref = $2, finished_at = now(),
+                   provider_finished_at = COALESCE($3, now()), last_error = NULL
+            WHERE out_refund_no = $1 AND status = 'pending' RETURNING {_COLUMNS}""",
+        out_refund_no,
+        provider_ref,
+        finished_at,
+    )
+    if row is None:
+        return None
+    refund = Refund(**dict(row))
+    given_back_from = (
+        ledger.revenue(refund.car_park_id)
+        if refund.kind == "operator"
+        else ledger.overpaid(refund.account_id)
+    )
+    await ledger.post(
+        conn,
+        "refund",
+        [
+            (given_back_from, refund.amount_fen),
+            (ledger.clearing(refund.provider), -refund.amount_fen),
+        ],
+        charge_id=refund.charge_id,
+        payment_id=refund.payment_id,
+        refund_id=refund.id,
+    )
+    if refund.account_id is not None:
+        await notifications.enqueue(
+            conn,
+            account_id=refund.account_id,
+            kind="refund",
+            source_key=f"refund:{refund.id}:succeeded",
+            body=f"{format_fen(refund.amount_fen)} refunded: {refund.reason}",
+        )
+    return refund
+
+
+async def mark_failed(conn: asyncpg.Connection, refund_id: int, error: str) -> None:
+    """The provider refused the refund: nothing moved, an operator looks at it."""
+    await conn.execute(
+        """UPDATE refunds SET status = 'failed', last_error = $2
+           WHERE id = $1 AND status = 'pending'""",
+        refund_id,
+        error[:500],
+    )
+
+
+async def record_error(conn: asyncpg.Connection, refund_id: int, error: str) -> None:
+    await conn.execute("UPDATE refunds SET last_error = $2 WHERE id = $1", refund_id, error[:500])

@@ -1,0 +1,74 @@
+"""SQL for driver payments at the gate: the held exit a QR code was shown for."""
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+
+@dataclass(frozen=True, slots=True)
+class HeldExit:
+    capture_id: UUID
+    lot: str
+    gate: str
+    car_park_id: int
+    car_park_name: str
+    outcome: str
+    session_id: int | None
+    session_status: str | None
+    plate: str | None
+    plate_color: str | None
+    entered_at: datetime | None
+    fixed_fee_fen: int | None
+
+
+async def held_exit(conn: asyncpg.Connection, capture_id: UUID) -> HeldExit | None:
+    row = await conn.fetchrow(
+        """SELECT c.capture_id, cp.code AS lot, g.code AS gate, cp.id AS car_park_id,
+                  cp.name AS car_park_name, c.outcome, c.session_id, s.status AS session_status,
+                  s.plate, s.plate_color, s.entered_at, s.fixed_fee_fen
+           FROM captures c JOIN gates g ON g.id = c.gate_id
+           JOIN car_parks cp ON cp.id = c.car_park_id
+           LEFT JOIN sessions s ON s.id = c.session_id
+           WHERE c.capture_id = $1 AND c.direction = 'out'""",
+        capture_id,
+    )
+    return HeldExit(**dict(row)) if row else None
+
+
+async def account_for_plate(conn: asyncpg.Connection, plate: str) -> int | None:
+    account_id: int | None = await conn.fetchval(
+        "SELECT account_id FROM plate_bindings WHERE plate = $1 AND unbound_at IS NULL", plate
+    )
+    return account_id
+
+
+async def store_command(
+    conn: asyncpg.Connection, capture_id: UUID, command: dict[str, Any], outcome: str
+) -> None:
+    """A redelivered capture gets the latest command: open once paid."""
+    await conn.execute(
+        "UPDATE captures SET command = $2, outcome = $3 WHERE capture_id = $1",
+        capture_id,
+        command,
+        outcome,
+    )
+
+
+async def payment_for_release(conn: asyncpg.Connection, payment_id: int) -> UUID | None:
+    capture_id: UUID | None = await conn.fetchval(
+        "SELECT capture_id FROM payments WHERE id = $1 AND status = 'succeeded'", payment_id
+    )
+    return capture_id
+
+
+async def open_stay(conn: asyncpg.Connection, car_park_code: str, plate: str) -> asyncpg.Record:
+    return await conn.fetchrow(
+        """SELECT cp.id AS car_park_id, cp.name, s.entered_at, s.plate_color, s.fixed_fee_fen
+           FROM car_parks cp JOIN sessions s ON s.car_park_id = cp.id
+           WHERE cp.code = $1 AND s.plate = $2 AND s.status = 'open'""",
+        car_park_code,
+        plate,
+    )

@@ -1,0 +1,46 @@
+"""Payment routes: the held gate's QR code, the provider's notifications, fee quotes."""
+
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Query, Request
+
+from parking.deps import ConnectionDep, RuntimeDep
+from parking.errors import NotFound
+from parking.payments import service
+from parking.payments.schemas import GatePayment, NotificationAccepted, Quote
+
+router = APIRouter(prefix="/api/v1", tags=["payments"])
+
+Plate = Annotated[str, Query(min_length=7, max_length=8, pattern=r"^[\w\u4e00-\u9fff]+$")]
+
+
+@router.get("/gate-payments/{capture_id}")
+async def get_gate_payment(capture_id: UUID, runtime: RuntimeDep) -> GatePayment:
+    """What a held gate's QR code shows once the payment was started, and whether it is paid."""
+    return await service.gate_payment_status(runtime, capture_id)
+
+
+@router.post("/gate-payments/{capture_id}")
+async def start_gate_payment(capture_id: UUID, runtime: RuntimeDep) -> GatePayment:
+    """Starts (or returns) the payment of a held exit: the stay's fee now plus any debts."""
+    return await service.start_gate_payment(runtime, capture_id)
+
+
+@router.post("/payments/notifications/{provider}")
+async def provider_notification(
+    provider: str, request: Request, runtime: RuntimeDep
+) -> NotificationAccepted:
+    """Signed asynchronous notifications from the payment provider."""
+    if provider != runtime.provider.name:
+        raise NotFound("provider")
+    applied = await service.accept_notification(
+        runtime, runtime.provider, await request.body(), request.headers
+    )
+    return NotificationAccepted(effect=applied.effect)
+
+
+@router.get("/car-parks/{code}/quote")
+async def quote(code: str, plate: Plate, conn: ConnectionDep) -> Quote:
+    """The fee a car parked here now would pay if it left now."""
+    return await service.quote(conn, code, plate)

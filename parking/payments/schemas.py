@@ -1,0 +1,38 @@
+from datetime import datetime
+from uuid import UUID
+
+from pydantic import BaseModel
+
+
+class GatePayment(BaseModel):
+    """What the phone that scanned a held gate's QR code shows."""
+
+    capture_id: UUID
+    car_park: str
+    status: str
+    stay_fee_fen: int
+    debt_fen: int
+    amount_fen: int
+    pay_url: str | None
+
+
+class QuoteSegment(BaseModel):
+    start: datetime
+    end: datetime
+    band: str
+    day_type: str
+    fee_fen: int
+
+
+class Quote(BaseModel):
+    car_park: str
+    plate: str
+    parked_minutes: int
+    fee_fen: int
+    gross_fen: int
+    discount_fen: int
+    segments: list[QuoteSegment]
+
+
+class NotificationAccepted(BaseModel):
+    effect: str

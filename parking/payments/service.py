@@ -1,0 +1,257 @@
+"""Driver payments at the gate and the provider's notifications.
+
+A held car's QR code leads here: the phone asks for the amount (the stay's fee now plus any
+debts), starts a provider payment and is sent to the provider's page. The provider's signed
+notification (or, when it is lost, an order query) books the payment; the held stay closes and
+the outbox worker publishes the gate's open command (`release_gate`).
+
+Starting a payment spans two units of work on purpose: the payment row commits before the
+provider is called (a side effect after commit), and its pay URL is stored after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+from zoneinfo import ZoneInfo
+
+import asyncpg
+
+from billing import debts, fees, payments, settlement
+from billing.providers import (
+    InvalidNotification,
+    PaymentProvider,
+    ProviderRejected,
+    ProviderUnavailable,
+)
+from gate_controller.protocol import Command, GateAddress, Topics, encode
+from parking.errors import AppError, NotFound
+from parking.lanes import repository as lanes_repo
+from parking.logging import get_logger
+from parking.payments import repository as repo
+from parking.payments.schemas import GatePayment, Quote, QuoteSegment
+
+if TYPE_CHECKING:  # the runtime wires this module's release_gate into the outbox worker
+    from parking.runtime import Runtime
+
+log = get_logger(__name__)
+
+# Exits the driver may pay for at the gate: a known stay with a fee, not let out on pay-later.
+_PAYABLE_OUTCOMES = frozenset(
+    {"held_unbound", "held_no_agreement", "held_over_limit", "held_arrears"}
+)
+
+
+class ProviderDown(AppError):
+    def __init__(self) -> None:
+        super().__init__(503, "payment_provider_unavailable", "try again in a moment")
+
+
+async def _payable(
+    conn: asyncpg.Connection, capture_id: UUID
+) -> tuple[repo.HeldExit, int, list[debts.Debt], int | None]:
+    held = await repo.held_exit(conn, capture_id)
+    if held is None or held.outcome not in _PAYABLE_OUTCOMES or held.plate is None:
+        raise NotFound("gate_payment")
+    if held.session_status != "open" or held.entered_at is None:
+        raise AppError(409, "stay_already_closed", "this stay has already been settled")
+    priced = fees.stay_fee(
+        await fees.tariff_versions(conn, held.car_park_id),
+        entered_at=held.entered_at,
+        at=datetime.now(UTC),
+        plate_color=held.plate_color,
+        fixed_fee_fen=held.fixed_fee_fen,
+    )
+    if priced is None:
+        raise AppError(409, "no_tariff", "the car park has no tariff; ask the attendant")
+    account_id = await repo.account_for_plate(conn, held.plate)
+    owed = await debts.open_debts(conn, account_id) if account_id is not None else []
+    return held, priced.fee_fen, owed, account_id
+
+
+def _view(held: repo.HeldExit, payment: payments.Payment) -> GatePayment:
+    return GatePayment(
+        capture_id=held.capture_id,
+        car_park=held.car_park_name,
+        status=payment.status,
+        stay_fee_fen=payment.stay_fee_fen,
+        debt_fen=payment.debt_fen,
+        amount_fen=payment.amount_fen,
+        pay_url=payment.pay_url,
+    )
+
+
+async def start_gate_payment(runtime: Runtime, capture_id: UUID) -> GatePayment:
+    """Creates the payment for a held exit, or returns the one already started."""
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        payment = await payments.open_for_capture(conn, capture_id)
+        held = await repo.held_exit(conn, capture_id)
+        if payment is None:
+            held, stay_fee, owed, account_id = await _payable(conn, capture_id)
+            if stay_fee + sum(d.amount_fen for d in owed) == 0:
+                raise AppError(409, "nothing_to_pay", "nothing is due; the gate opens by itself")
+            payment = await payments.create(
+                conn,
+                provider=runtime.provider.name,
+                purpose="gate",
+                account_id=account_id,
+                session_id=held.session_id,
+                capture_id=capture_id,
+                stay_fee_fen=stay_fee,
+                owed=owed,
+            )
+    assert held is not None
+    return _view(held, await _open_at_provider(runtime, payment, f"parking {held.car_park_name}"))
+
+
+async def start_debt_payment(runtime: Runtime, account_id: int) -> payments.Payment:
+    """A driver settles their debts in the app: one payment for all that is open."""
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        owed = await debts.open_debts(conn, account_id, lock=True)
+        if not owed:
+            raise AppError(409, "no_debts", "there is nothing to pay")
+        payment = await payments.create(
+            conn,
+            provider=runtime.provider.name,
+            purpose="debts",
+            account_id=account_id,
+            session_id=None,
+            capture_id=None,
+            stay_fee_fen=0,
+            owed=owed,
+        )
+    return await _open_at_provider(runtime, payment, "parking fees owed")
+
+
+async def _open_at_provider(
+    runtime: Runtime, payment: payments.Payment, description: str
+) -> payments.Payment:
+    """Creates the provider order of a committed payment (idempotent by its number)."""
+    if payment.status != "pending" or payment.pay_url:
+        return payment
+    try:
+        order, pay_url = await runtime.provider.create_payment(
+            out_trade_no=payment.out_trade_no,
+            amount_fen=payment.amount_fen,
+            description=description,
+        )
+    except (ProviderUnavailable, ProviderRejected) as exc:
+        log.warning("payments.provider_failed", error=str(exc))
+        raise ProviderDown() from exc
+    async with runtime.pool.acquire() as conn:
+        await payments.set_pay_url(conn, payment.id, pay_url, order.provider_ref)
+    return dataclasses.replace(payment, pay_url=pay_url)
+
+
+async def gate_payment_status(runtime: Runtime, capture_id: UUID) -> GatePayment:
+    """The payment for a held exit; a pending one is asked about at the provider, so a lost
+    notification does not keep a paying driver at the barrier."""
+    async with runtime.pool.acquire() as conn:
+        payment = await payments.open_for_capture(conn, capture_id)
+        held = await repo.held_exit(conn, capture_id)
+    if payment is None or held is None:
+        raise NotFound("gate_payment")
+    if payment.status == "pending":
+        try:
+            result = await runtime.provider.query(out_trade_no=payment.out_trade_no)
+        except (ProviderUnavailable, ProviderRejected):
+            result = None
+        if result is not None and result.final:
+            async with runtime.pool.acquire() as conn, conn.transaction():
+                await settlement.apply(
+                    conn, runtime.provider.name, result, ZoneInfo(runtime.settings.timezone)
+                )
+                payment = await payments.open_for_capture(conn, capture_id) or payment
+    return _view(held, payment)
+
+
+async def accept_notification(
+    runtime: Runtime, provider: PaymentProvider, body: bytes, headers: Any
+) -> settlement.Applied:
+    """Verifies and books a provider notification; a forged one is dead-lettered and changes
+    nothing else."""
+    try:
+        result = provider.parse_notification(body, headers, now=int(datetime.now(UTC).timestamp()))
+    except InvalidNotification as exc:
+        async with runtime.pool.acquire() as conn:
+            await lanes_repo.insert_dead_letter(
+                conn,
+                source="provider_notification",
+                topic=provider.name,
+                reason="invalid_notification",
+                detail=str(exc),
+                payload=body[:65536],
+                payload_size=len(body),
+            )
+        log.warning("payments.notification_rejected", reason=str(exc))
+        raise AppError(401, "invalid_notification", str(exc)) from exc
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        applied = await settlement.apply(
+            conn, provider.name, result, ZoneInfo(runtime.settings.timezone)
+        )
+    log.info("payments.notification_applied", kind=result.kind, effect=applied.effect)
+    return applied
+
+
+async def release_gate(runtime: Runtime, payment_id: int) -> None:
+    """Opens the barrier for a held car whose payment was booked (an outbox job)."""
+    async with runtime.pool.acquire() as conn:
+        capture_id = await repo.payment_for_release(conn, payment_id)
+        held = await repo.held_exit(conn, capture_id) if capture_id else None
+    if held is None:
+        return
+    now = datetime.now(UTC)
+    command = Command(
+        capture_id=held.capture_id,
+        action="open",
+        display=[held.plate or "", "已缴费 一路顺风"],
+        fee_fen=None,
+        payment_qr_url=None,
+        issued_at=now,
+        expires_at=now + timedelta(seconds=runtime.settings.command_ttl_s),
+    )
+    async with runtime.pool.acquire() as conn:
+        await repo.store_command(
+            conn,
+            held.capture_id,
+            command.model_dump(mode="json", exclude_none=True),
+            "paid_at_gate",
+        )
+    topics = Topics(runtime.settings.mqtt_topic_prefix)
+    await runtime.mqtt.publish(
+        topics.topic(GateAddress(held.lot, held.gate), "command"), encode(command)
+    )
+    await runtime.occupancy.adjust(held.car_park_id, -1)
+    log.info("lane.exit_opened_after_payment", lot=held.lot, gate=held.gate)
+
+
+async def quote(conn: asyncpg.Connection, car_park_code: str, plate: str) -> Quote:
+    row = await repo.open_stay(conn, car_park_code, plate)
+    if row is None:
+        raise NotFound("stay")
+    now = datetime.now(UTC)
+    priced = fees.stay_fee(
+        await fees.tariff_versions(conn, row["car_park_id"]),
+        entered_at=row["entered_at"],
+        at=now,
+        plate_color=row["plate_color"],
+        fixed_fee_fen=row["fixed_fee_fen"],
+    )
+    if priced is None:
+        raise AppError(409, "no_tariff", "the car park has no tariff")
+    parked = int((now - row["entered_at"]).total_seconds() // 60)
+    q = priced.quote
+    return Quote(
+        car_park=row["name"],
+        plate=plate,
+        parked_minutes=max(0, parked),
+        fee_fen=priced.fee_fen,
+        gross_fen=q.gross_fen if q else priced.fee_fen,
+        discount_fen=q.discount_fen if q else 0,
+        segments=[
+            QuoteSegment(start=s.start, end=s.end, band=s.band, day_type=s.day_type, fee_fen=s.fen)
+            for s in (q.segments if q else ())
+        ],
+    )

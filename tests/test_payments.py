@@ -1,0 +1,344 @@
+"""Money that comes in other ways than a pay-later charge: the provider's signed notifications
+(duplicated, late, out of order, forged), a held car paying its fee and debts through the
+gate's QR code, and debts settled in the app."""
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from billing import agreements, ledger, sandbox, signing
+from parking.app import create_app
+from parking.payments import service as payments_service
+from parking.runtime import ProviderEndpoint, Runtime
+from parking.settings import Settings
+from tests.conftest import (
+    SANDBOX_FAULTS,
+    Lot,
+    api_server,
+    charges_of,
+    create_lot,
+    eventually,
+    exit_after,
+    make_driver,
+    provider_and_runtime,
+    unique_plate,
+)
+from tests.gates import GateProbe
+
+
+@pytest.fixture
+async def api(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(runtime))
+    async with httpx.AsyncClient(transport=transport, base_url="http://parking.test") as client:
+        yield client
+
+
+def _signed(secret: str, payload: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    body = orjson.dumps(payload)
+    header = signing.sign(secret, body, int(datetime.now(UTC).timestamp()))
+    return body, {signing.SIGNATURE_HEADER: header, "content-type": "application/json"}
+
+
+def _charge_event(key: str, status: str, amount_fen: int, order_id: str) -> dict[str, Any]:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "type": "charge",
+        "out_trade_no": key,
+        "order_id": order_id,
+        "status": status,
+        "amount_fen": amount_fen,
+        "reason": "insufficient_funds" if status == "declined" else None,
+        "finished_at": datetime.now(UTC).isoformat(),
+    }
+
+
+async def _settlements(runtime: Runtime, charge_id: int) -> int:
+    async with runtime.pool.acquire() as conn:
+        count: int = await conn.fetchval(
+            "SELECT count(DISTINCT transaction_id) FROM ledger_entries "
+            "WHERE charge_id = $1 AND kind = 'charge_settled'",
+            charge_id,
+        )
+    return count
+
+
+async def test_notifications_duplicated_late_out_of_order_or_forged_book_once(
+    settings: Settings, database_url: str, gate: GateProbe
+) -> None:
+    # The provider is unreachable for requests, so only the notifications we post decide.
+    secret = uuid.uuid4().hex
+    faults = sandbox.FaultConfig(error_rate=1.0)
+    async with provider_and_runtime(settings, database_url, faults, secret=secret) as (runtime, _):
+        lot = await create_lot(runtime)
+        driver = await make_driver(runtime, unique_plate())
+        await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
+        [charge] = await charges_of(runtime, lot)
+        key, amount = charge["idempotency_key"], charge["amount_fen"]
+        transport = httpx.ASGITransport(app=create_app(runtime))
+        async with httpx.AsyncClient(transport=transport, base_url="http://parking.test") as api:
+
+            async def notify(payload: dict[str, Any], key_used: str = secret) -> httpx.Response:
+                body, headers = _signed(key_used, payload)
+                return await api.post(
+                    "/api/v1/payments/notifications/sandbox", content=body, headers=headers
+                )
+
+            early = await notify(_charge_event(key, "processing", amount, "sbx_1"))
+            assert early.json() == {"effect": "no_change"}
+            forged = await notify(_charge_event(key, "succeeded", amount * 2, "sbx_1"), "forger")
+            assert forged.status_code == 401
+            assert forged.json()["error"]["code"] == "invalid_notification"
+            assert (await charges_of(runtime, lot))[0]["status"] == "pending"
+
+            first = await notify(_charge_event(key, "succeeded", amount, "sbx_1"))
+            again = await notify(_charge_event(key, "succeeded", amount, "sbx_1"))
+            late_decline = await notify(_charge_event(key, "declined", amount, "sbx_1"))
+            stranger = await notify(_charge_event("s0-unknown-order", "succeeded", 100, "sbx_2"))
+            unsigned = await api.post(
+                "/api/v1/payments/notifications/sandbox",
+                content=orjson.dumps(_charge_event(key, "declined", amount, "sbx_1")),
+            )
+        assert [r.json()["effect"] for r in (first, again, late_decline, stranger)] == [
+            "charged",
+            "no_change",
+            "no_change",
+            "unknown_order",
+        ]
+        assert unsigned.status_code == 401
+        [charge] = await charges_of(runtime, lot)
+        assert (charge["status"], charge["provider_ref"]) == ("succeeded", "sbx_1")
+        assert await _settlements(runtime, charge["id"]) == 1
+        async with runtime.pool.acquire() as conn:
+            assert await ledger.is_balanced(conn)
+            assert await ledger.balance(conn, ledger.receivable(driver.account_id)) == 0
+            assert (
+                await conn.fetchval("SELECT count(*) FROM debts WHERE charge_id = $1", charge["id"])
+                == 0
+            )
+            rejected = await conn.fetchval(
+                "SELECT count(*) FROM dead_letters WHERE source = 'provider_notification' "
+                "AND received_at > now() - interval '1 minute'"
+            )
+        assert rejected >= 2, "forged and unsigned notifications are dead-lettered"
+
+
+async def test_real_notifications_with_duplicates_and_forgeries_charge_each_exit_once(
+    settings: Settings, database_url: str, gate: GateProbe
+) -> None:
+    port = sandbox.free_port()
+    settings.public_base_url = f"http://127.0.0.1:{port}"
+    settings.charge_query_after_s = 60  # no order queries: the notifications must do it
+    faults = sandbox.FaultConfig(
+        duplicate_notification_rate=1.0,
+        forged_notification_rate=1.0,
+        late_notification_rate=0.5,
+        late_notification_s=0.3,
+        processing_delay_s=0.01,
+        seed=5,
+    )
+    async with provider_and_runtime(settings, database_url, faults) as (runtime, _):
+        async with api_server(runtime, port):
+            lot = await create_lot(runtime)
+            drivers = [await make_driver(runtime, unique_plate()) for _ in range(4)]
+            for driver in drivers:
+                await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=70))
+
+            async def all_charged() -> list[Any]:
+                rows = await charges_of(runtime, lot)
+                return rows if [r["status"] for r in rows] == ["succeeded"] * 4 else []
+
+            rows = await eventually(all_charged, timeout_s=20)
+        for row in rows:
+            assert await _settlements(runtime, row["id"]) == 1
+        async with runtime.pool.acquire() as conn:
+            assert await ledger.is_balanced(conn)
+            assert await ledger.balance(conn, ledger.revenue(lot.id)) == -4 * 1200
+            told = await conn.fetchval(
+                "SELECT count(*) FROM notifications WHERE kind = 'exit_charged' "
+                "AND account_id = ANY($1)",
+                [d.account_id for d in drivers],
+            )
+        assert told == 4
+
+
+async def test_held_car_pays_fee_and_debt_by_qr_and_pay_later_comes_back(
+    runtime: Runtime,
+    provider: ProviderEndpoint,
+    gate: GateProbe,
+    lot: Lot,
+    api: httpx.AsyncClient,
+) -> None:
+    driver = await make_driver(runtime, unique_plate())
+    async with runtime.pool.acquire() as conn:
+        agreement_no = await conn.fetchval(
+            "SELECT agreement_no FROM pay_later_agreements WHERE id = $1", driver.agreement_id
+        )
+    SANDBOX_FAULTS.declined_agreements.add(agreement_no)
+    await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
+
+    async def in_debt() -> bool:
+        async with runtime.pool.acquire() as conn:
+            return bool(
+                await conn.fetchval(
+                    "SELECT blocked_for_arrears FROM accounts WHERE id = $1", driver.account_id
+                )
+            )
+
+    await eventually(in_debt)
+    SANDBOX_FAULTS.declined_agreements.discard(agreement_no)
+
+    # Next visit: the entry shows the debt, the exit holds for fee + debt with a QR code.
+    entry = gate.capture("in", driver.plate)
+    entered = await gate.decide(lot.code, "in1", entry)
+    assert any("欠费 ¥6.00" in line for line in entered["display"])
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE sessions SET entered_at = entered_at - interval '90 minutes' "
+            "WHERE car_park_id = $1 AND plate = $2 AND status = 'open'",
+            lot.id,
+            driver.plate,
+        )
+    exit_capture = gate.capture("out", driver.plate)
+    held = await gate.decide(lot.code, "out1", exit_capture)
+    assert (held["action"], held["fee_fen"]) == ("hold", 1200 + 600)
+    qr_path = httpx.URL(held["payment_qr_url"]).path
+    assert qr_path == f"/api/v1/gate-payments/{exit_capture.capture_id}"
+
+    started = await api.post(qr_path)
+    assert started.status_code == 200, started.text
+    view = started.json()
+    assert (view["stay_fee_fen"], view["debt_fen"], view["amount_fen"]) == (1200, 600, 1800)
+    assert view["status"] == "pending" and view["pay_url"]
+    assert (await api.post(qr_path)).json()["pay_url"] == view["pay_url"], "a rescan reuses it"
+
+    # The driver pays in their wallet; the notification is lost (nobody listens at the
+    # notify URL in this test), so the phone's status poll asks the provider.
+    async with httpx.AsyncClient(base_url=provider.url) as wallet:
+        out_trade_no = httpx.URL(view["pay_url"]).path.rsplit("/", 1)[-1]
+        paid = await wallet.post(f"/v1/payments/{out_trade_no}/pay")
+        assert paid.status_code == 200, paid.text
+    status = (await api.get(qr_path)).json()
+    assert status["status"] == "succeeded"
+
+    await gate.wait_for(exit_capture, commands=2)
+    opened = gate.commands[str(exit_capture.capture_id)][1]
+    assert opened["action"] == "open"
+    async with runtime.pool.acquire() as conn:
+        stay = await conn.fetchrow(
+            "SELECT status, settlement, fee_fen FROM sessions WHERE exit_capture_id = $1",
+            exit_capture.capture_id,
+        )
+        debt = await conn.fetchrow("SELECT * FROM debts WHERE account_id = $1", driver.account_id)
+        blocked = await conn.fetchval(
+            "SELECT blocked_for_arrears FROM accounts WHERE id = $1", driver.account_id
+        )
+        assert await ledger.is_balanced(conn)
+        assert await ledger.balance(conn, ledger.receivable(driver.account_id)) == 0
+        stored = await conn.fetchval(
+            "SELECT command->>'action' FROM captures WHERE capture_id = $1",
+            exit_capture.capture_id,
+        )
+    assert (stay["status"], stay["settlement"], stay["fee_fen"]) == ("closed", "paid_at_gate", 1200)
+    assert debt["settled_at"] is not None and blocked is False
+    assert stored == "open", "a redelivered capture gets the open command"
+
+    # Pay-later is back: the next exit opens without stopping.
+    again = await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
+    assert again["action"] == "open"
+
+
+async def test_debts_settled_in_the_app_restore_pay_later(
+    runtime: Runtime, provider: ProviderEndpoint, gate: GateProbe, lot: Lot
+) -> None:
+    settings = runtime.settings
+    driver = await make_driver(runtime, unique_plate())
+    async with runtime.pool.acquire() as conn:
+        agreement_no = await conn.fetchval(
+            "SELECT agreement_no FROM pay_later_agreements WHERE id = $1", driver.agreement_id
+        )
+    SANDBOX_FAULTS.declined_agreements.add(agreement_no)
+    await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
+    await eventually(lambda: _debt_total(runtime, driver.account_id))
+    SANDBOX_FAULTS.declined_agreements.discard(agreement_no)
+
+    payment = await payments_service.start_debt_payment(runtime, driver.account_id)
+    assert (payment.amount_fen, payment.purpose) == (600, "debts")
+    async with httpx.AsyncClient(base_url=provider.url) as wallet:
+        assert (await wallet.post(f"/v1/payments/{payment.out_trade_no}/pay")).status_code == 200
+    # No notification reaches us here; the worker's sweep asks about pending payments.
+    settings.charge_query_after_s = 0.0
+    runtime.outbox.query_after_s = 0.0
+    await runtime.outbox.sweep(datetime.now(UTC))
+    assert await _debt_total(runtime, driver.account_id) == 0
+    async with runtime.pool.acquire() as conn:
+        assert not await conn.fetchval(
+            "SELECT blocked_for_arrears FROM accounts WHERE id = $1", driver.account_id
+        )
+        assert await ledger.is_balanced(conn)
+        assert await ledger.balance(conn, ledger.receivable(driver.account_id)) == 0
+    with pytest.raises(Exception, match="nothing to pay"):
+        await payments_service.start_debt_payment(runtime, driver.account_id)
+
+
+async def _debt_total(runtime: Runtime, account_id: int) -> int:
+    async with runtime.pool.acquire() as conn:
+        total: int = await conn.fetchval(
+            "SELECT COALESCE(sum(amount_fen), 0)::bigint FROM debts "
+            "WHERE account_id = $1 AND settled_at IS NULL",
+            account_id,
+        )
+    return total
+
+
+async def test_cancelled_agreement_holds_the_next_exit(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    driver = await make_driver(runtime, unique_plate())
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        with pytest.raises(agreements.AgreementError):
+            await agreements.sign(
+                conn,
+                driver.account_id,
+                provider="sandbox",
+                agreement_no=f"AGR-{uuid.uuid4().hex[:8]}",
+                per_session_limit_fen=1000,
+            )
+    async with runtime.pool.acquire() as conn:
+        assert await agreements.cancel(conn, driver.account_id)
+        assert not await agreements.cancel(conn, driver.account_id)
+    command = await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
+    assert command["action"] == "hold"
+
+
+async def test_quote_gives_the_fee_the_exit_would_charge(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient
+) -> None:
+    plate = unique_plate()
+    driver = await make_driver(runtime, plate)
+    entry = gate.capture("in", plate)
+    await gate.decide(lot.code, "in1", entry)
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE sessions SET entered_at = entered_at - interval '90 minutes' "
+            "WHERE car_park_id = $1 AND plate = $2 AND status = 'open'",
+            lot.id,
+            plate,
+        )
+    quote = await api.get(f"/api/v1/car-parks/{lot.code}/quote", params={"plate": plate})
+    assert quote.status_code == 200, quote.text
+    body = quote.json()
+    assert (body["fee_fen"], body["parked_minutes"]) == (1200, 90)
+    assert sum(s["fee_fen"] for s in body["segments"]) == body["gross_fen"]
+    command = await gate.decide(lot.code, "out1", gate.capture("out", plate))
+    assert command["fee_fen"] == body["fee_fen"]
+    assert driver.account_id
+
+    missing = await api.get(f"/api/v1/car-parks/{lot.code}/quote", params={"plate": plate})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "stay_not_found"
+    bad = await api.get(f"/api/v1/car-parks/{lot.code}/quote", params={"plate": "x"})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
