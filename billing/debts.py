@@ -32,9 +32,16 @@ class Debt:
     created_at: datetime
 
 
+async def _lock_account(conn: asyncpg.Connection, account_id: int) -> None:
+    """Serialises every change of an account's debts, so that the arrears flag written last
+    sees every debt committed before it."""
+    await conn.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account_id)
+
+
 async def open_debt(
     conn: asyncpg.Connection, account_id: int, charge_id: int, amount_fen: int
 ) -> None:
+    await _lock_account(conn, account_id)
     await conn.execute(
         """INSERT INTO debts (account_id, charge_id, amount_fen) VALUES ($1, $2, $3)
            ON CONFLICT (charge_id) DO NOTHING""",
@@ -61,7 +68,8 @@ async def settle(
     conn: asyncpg.Connection, account_id: int, payment_id: int, debt_ids: list[int]
 ) -> int:
     """Settles the listed debts that are still open with a payment; returns the fen settled.
-    Pay-later comes back when nothing is left open."""
+    Pay-later comes back when nothing is left open (checked even with no debts listed)."""
+    await _lock_account(conn, account_id)
     settled: int = await conn.fetchval(
         """WITH settled AS (
                UPDATE debts SET settled_at = now(), payment_id = $2
@@ -73,9 +81,9 @@ async def settle(
         debt_ids,
     )
     await conn.execute(
-        """UPDATE accounts SET blocked_for_arrears = false
-           WHERE id = $1 AND NOT EXISTS (
-               SELECT 1 FROM debts WHERE account_id = $1 AND settled_at IS NULL)""",
+        """UPDATE accounts SET blocked_for_arrears = EXISTS (
+               SELECT 1 FROM debts WHERE account_id = $1 AND settled_at IS NULL)
+           WHERE id = $1""",
         account_id,
     )
     return settled
@@ -88,13 +96,14 @@ async def send_reminders(
     Runs in the caller's transaction; the notification outbox sends them after commit."""
     rows = await conn.fetch(
         """WITH due AS (
-               SELECT account_id, sum(amount_fen)::bigint AS total, count(*) AS n,
-                      max(reminders_sent) AS sent
-               FROM debts
+               SELECT DISTINCT account_id FROM debts
                WHERE settled_at IS NULL
                  AND COALESCE(last_reminded_at, created_at) <= $1::timestamptz - $2::interval
-               GROUP BY account_id ORDER BY account_id LIMIT $3)
-           SELECT account_id, total, n, sent FROM due""",
+               ORDER BY account_id LIMIT $3)
+           SELECT d.account_id, sum(d.amount_fen)::bigint AS total, count(*) AS n,
+                  max(d.reminders_sent) AS sent
+           FROM debts d JOIN due USING (account_id)
+           WHERE d.settled_at IS NULL GROUP BY d.account_id""",
         now,
         every,
         limit,

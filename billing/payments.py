@@ -53,6 +53,22 @@ async def open_for_capture(conn: asyncpg.Connection, capture_id: UUID) -> Paymen
     return Payment(**dict(row)) if row else None
 
 
+async def amount_of(conn: asyncpg.Connection, out_trade_no: str) -> int | None:
+    amount: int | None = await conn.fetchval(
+        "SELECT amount_fen FROM payments WHERE out_trade_no = $1", out_trade_no
+    )
+    return amount
+
+
+async def open_debts_payment(conn: asyncpg.Connection, account_id: int) -> Payment | None:
+    row = await conn.fetchrow(
+        f"""SELECT {_COLUMNS} FROM payments
+            WHERE account_id = $1 AND purpose = 'debts' AND status = 'pending'""",
+        account_id,
+    )
+    return Payment(**dict(row)) if row else None
+
+
 async def create(
     conn: asyncpg.Connection,
     *,
@@ -119,7 +135,7 @@ async def mark_paid(
     stay_booked, car_park_id = await _close_stay(conn, payment)
     debt_booked = (
         await debts.settle(conn, payment.account_id, payment.id, payment.debt_ids)
-        if payment.account_id is not None and payment.debt_ids
+        if payment.account_id is not None
         else 0
     )
     overpaid = payment.amount_fen - stay_booked - debt_booked

@@ -79,6 +79,10 @@ class PaymentProvider(Protocol):
         """What the provider did with an order, or None when it never received it."""
         ...
 
+    async def close_payment(self, *, out_trade_no: str) -> OrderResult:
+        """Closes an unpaid payment; a paid one is returned as it is."""
+        ...
+
     async def refund(
         self, *, out_refund_no: str, out_trade_no: str, amount_fen: int, reason: str
     ) -> OrderResult: ...
@@ -178,6 +182,16 @@ class SandboxProvider:
         response = await self._send("GET", f"/v1/orders/{out_trade_no}")
         if response.status_code == 404:
             return None
+        return _order(self._checked(response))
+
+    async def close_payment(self, *, out_trade_no: str) -> OrderResult:
+        response = await self._send("POST", f"/v1/payments/{out_trade_no}/close")
+        if response.status_code == 409:
+            # Already paid: the order as it is.
+            order = await self.query(out_trade_no=out_trade_no)
+            if order is None:
+                raise ProviderRejected(f"payment {out_trade_no} vanished")
+            return order
         return _order(self._checked(response))
 
     async def refund(

@@ -78,7 +78,7 @@ async def request_for_payment(
 ) -> Refund:
     row = await conn.fetchrow(
         """SELECT p.id, p.out_trade_no, p.amount_fen, p.status, p.account_id, p.provider,
-                  COALESCE(s.car_park_id, c.car_park_id) AS car_park_id
+                  p.debt_ids, COALESCE(s.car_park_id, c.car_park_id) AS car_park_id
            FROM payments p LEFT JOIN sessions s ON s.id = p.session_id
            LEFT JOIN captures c ON c.capture_id = p.capture_id
            WHERE p.id = $1 FOR UPDATE OF p""",
@@ -88,12 +88,13 @@ async def request_for_payment(
         raise RefundNotAllowed("only a payment the driver completed can be refunded")
     car_park_id = row["car_park_id"]
     if car_park_id is None:
-        # A debt payment made in the app: the money belongs to the car parks of the debts.
+        # A debt payment made in the app: the money belongs to the car parks of the debts it
+        # was priced with (whichever payment finally settled them).
         car_park_id = await conn.fetchval(
             """SELECT s.car_park_id FROM debts d JOIN charges ch ON ch.id = d.charge_id
-               JOIN sessions s ON s.id = ch.session_id WHERE d.payment_id = $1
+               JOIN sessions s ON s.id = ch.session_id WHERE d.id = ANY($1::bigint[])
                ORDER BY d.id LIMIT 1""",
-            payment_id,
+            row["debt_ids"],
         )
     return await _request(
         conn,
@@ -126,6 +127,8 @@ async def _request(
     reason: str,
     actor: str,
 ) -> Refund:
+    if not 3 <= len(reason.strip()) <= 500:
+        raise RefundNotAllowed("give a reason of 3 to 500 characters")
     already: int = await conn.fetchval(
         "SELECT COALESCE(sum(amount_fen), 0)::bigint FROM refunds "
         "WHERE out_trade_no = $1 AND status <> 'failed'",

@@ -15,7 +15,16 @@ from billing.providers import OrderResult
 
 log = structlog.get_logger(__name__)
 
-Effect = Literal["charged", "arrears", "paid", "refunded", "closed", "no_change", "unknown_order"]
+Effect = Literal[
+    "charged",
+    "arrears",
+    "paid",
+    "refunded",
+    "closed",
+    "no_change",
+    "unknown_order",
+    "amount_mismatch",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +42,10 @@ async def apply(
         return await _charge(conn, provider_name, result, tz)
     if result.kind == "payment":
         if result.status == "succeeded":
+            expected = await payments.amount_of(conn, result.out_trade_no)
+            if expected is not None and expected != result.amount_fen:
+                log.error("billing.amount_mismatch", provider_ref=result.provider_ref)
+                return Applied("amount_mismatch")
             paid = await payments.mark_paid(
                 conn, result.out_trade_no, result.provider_ref, result.finished_at
             )
@@ -58,6 +71,15 @@ async def _charge(
         return Applied("unknown_order")
     if charge.status != "pending" or not result.final:
         return Applied("no_change")
+    if result.amount_fen != charge.amount_fen:
+        # Never book an amount we did not ask for; reconciliation and a person take it up.
+        log.error(
+            "billing.amount_mismatch",
+            charge_id=charge.charge_id,
+            ours=charge.amount_fen,
+            theirs=result.amount_fen,
+        )
+        return Applied("amount_mismatch")
     if result.status == "succeeded":
         if not await charges.mark_succeeded(
             conn, charge, result.provider_ref, provider_name, result.finished_at

@@ -66,6 +66,7 @@ class OutboxWorker:
         batch: int = 8,
         sweep_interval_s: float = 60.0,
         reminder_every: timedelta = timedelta(days=3),
+        payment_lifetime_s: float = 900.0,
     ) -> None:
         self.pool = pool
         self.provider = provider
@@ -78,6 +79,8 @@ class OutboxWorker:
         self.query_after_s = query_after_s
         self.sweep_interval_s = sweep_interval_s
         self.reminder_every = reminder_every
+        # An unpaid QR or app payment is closed at the provider after this long.
+        self.payment_lifetime_s = payment_lifetime_s
         self._handlers: dict[str, Callable[[Job], Awaitable[None]]] = {
             "charge": self._charge,
             "refund": self._refund,
@@ -230,8 +233,11 @@ class OutboxWorker:
     async def _apply(self, job: Job | None, result: OrderResult) -> settlement.Applied:
         async with self.pool.acquire() as conn, conn.transaction():
             applied = await settlement.apply(conn, self.provider.name, result, self.tz)
-            if job is not None:
+            if job is not None and applied.effect != "amount_mismatch":
                 await self._mark_done(conn, job)
+        if job is not None and applied.effect == "amount_mismatch":
+            # Left visible and pending; asked again at the capped backoff.
+            await self._retry_later(job, "provider reports another amount")
         if applied.effect == "charged":
             self.stats.charged += 1
         elif applied.effect == "arrears":
@@ -253,20 +259,33 @@ class OutboxWorker:
             self.stats.reminders += await debts.send_reminders(
                 conn, every=self.reminder_every, now=now
             )
-            # Payments the driver may have completed without us hearing of it.
+            # Payments the driver may have completed without us hearing of it, newest first;
+            # past their lifetime they are closed at the provider so they cannot be paid late.
             stale = await conn.fetch(
-                """SELECT out_trade_no FROM payments WHERE status = 'pending'
-                   AND created_at BETWEEN $1::timestamptz - interval '1 day'
-                                      AND $1::timestamptz - make_interval(secs => $2)
-                   ORDER BY id LIMIT 100""",
+                """SELECT out_trade_no, created_at < $1::timestamptz - make_interval(secs => $3)
+                          AS expired
+                   FROM payments WHERE status = 'pending'
+                   AND created_at < $1::timestamptz - make_interval(secs => $2)
+                   ORDER BY created_at DESC LIMIT 200""",
                 now,
                 self.query_after_s,
+                self.payment_lifetime_s,
             )
         for row in stale:
-            with contextlib.suppress(ProviderUnavailable, ProviderRejected):
-                result = await self.provider.query(out_trade_no=row["out_trade_no"])
-                if result is not None and result.final:
-                    await self._apply(None, result)
+            try:
+                await self._follow_up_payment(row["out_trade_no"], expired=row["expired"])
+            except Exception:  # one payment's trouble must not stop the sweep
+                log.exception("billing.payment_follow_up_failed")
+
+    async def _follow_up_payment(self, out_trade_no: str, *, expired: bool) -> None:
+        try:
+            result = await self.provider.query(out_trade_no=out_trade_no)
+            if expired and (result is None or not result.final):
+                result = await self.provider.close_payment(out_trade_no=out_trade_no)
+        except (ProviderUnavailable, ProviderRejected):
+            return
+        if result is not None and result.final:
+            await self._apply(None, result)
 
     async def _notify(self, job: Job) -> None:
         async with self.pool.acquire() as conn:

@@ -2,6 +2,7 @@
 (duplicated, late, out of order, forged), a held car paying its fee and debts through the
 gate's QR code, and debts settled in the app."""
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -12,6 +13,7 @@ import orjson
 import pytest
 
 from billing import agreements, ledger, sandbox, signing
+from gate_controller.protocol import Capture
 from parking.app import create_app
 from parking.payments import service as payments_service
 from parking.runtime import ProviderEndpoint, Runtime
@@ -342,3 +344,159 @@ async def test_quote_gives_the_fee_the_exit_would_charge(
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "stay_not_found"
     bad = await api.get(f"/api/v1/car-parks/{lot.code}/quote", params={"plate": "x"})
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
+
+
+async def _decline_once(runtime: Runtime, gate: GateProbe, lot: Lot) -> Any:
+    """A driver whose charge was declined: one debt of ¥6.00, pay-later blocked."""
+    driver = await make_driver(runtime, unique_plate())
+    async with runtime.pool.acquire() as conn:
+        agreement_no = await conn.fetchval(
+            "SELECT agreement_no FROM pay_later_agreements WHERE id = $1", driver.agreement_id
+        )
+    SANDBOX_FAULTS.declined_agreements.add(agreement_no)
+    await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
+    await eventually(lambda: _debt_total(runtime, driver.account_id))
+    SANDBOX_FAULTS.declined_agreements.discard(agreement_no)
+    return driver
+
+
+async def _pay(provider: ProviderEndpoint, out_trade_no: str) -> None:
+    async with httpx.AsyncClient(base_url=provider.url) as wallet:
+        paid = await wallet.post(f"/v1/payments/{out_trade_no}/pay")
+    assert paid.status_code == 200, paid.text
+
+
+async def _book_by_sweep(runtime: Runtime) -> None:
+    runtime.outbox.query_after_s = 0.0
+    await runtime.outbox.sweep(datetime.now(UTC))
+
+
+async def test_a_debt_paid_in_the_app_and_again_at_the_gate_is_refunded_once(
+    runtime: Runtime,
+    provider: ProviderEndpoint,
+    gate: GateProbe,
+    lot: Lot,
+    api: httpx.AsyncClient,
+) -> None:
+    driver = await _decline_once(runtime, gate, lot)
+    first = await payments_service.start_debt_payment(runtime, driver.account_id)
+    again = await payments_service.start_debt_payment(runtime, driver.account_id)
+    assert again.out_trade_no == first.out_trade_no, "asking twice gives the same order"
+    # Next visit: held for fee + debt, paid by QR code; then the app payment started before
+    # is paid too. It is all overpaid (the debt is settled) and goes back by itself.
+    await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE sessions SET entered_at = entered_at - interval '90 minutes' "
+            "WHERE car_park_id = $1 AND plate = $2 AND status = 'open'",
+            lot.id,
+            driver.plate,
+        )
+    exit_capture = gate.capture("out", driver.plate)
+    held = await gate.decide(lot.code, "out1", exit_capture)
+    assert held["fee_fen"] == 1200 + 600
+    qr = (await api.post(f"/api/v1/gate-payments/{exit_capture.capture_id}")).json()
+    await _pay(provider, httpx.URL(qr["pay_url"]).path.rsplit("/", 1)[-1])
+    assert (await api.get(f"/api/v1/gate-payments/{exit_capture.capture_id}")).json()[
+        "status"
+    ] == "succeeded"
+    await gate.wait_for(exit_capture, commands=2)
+    await _pay(provider, first.out_trade_no)
+    await _book_by_sweep(runtime)
+
+    async def refunded() -> list[Any]:
+        async with runtime.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT amount_fen, status FROM refunds WHERE account_id = $1 "
+                "AND kind = 'overpayment'",
+                driver.account_id,
+            )
+        return rows if rows and all(r["status"] == "succeeded" for r in rows) else []
+
+    assert [r["amount_fen"] for r in await eventually(refunded)] == [600]
+    async with runtime.pool.acquire() as conn:
+        assert await ledger.is_balanced(conn)
+        assert await ledger.balance(conn, ledger.overpaid(driver.account_id)) == 0
+        assert await ledger.balance(conn, ledger.receivable(driver.account_id)) == 0
+        blocked = await conn.fetchval(
+            "SELECT blocked_for_arrears FROM accounts WHERE id = $1", driver.account_id
+        )
+    assert blocked is False
+
+
+async def _held_unbound_exits(
+    runtime: Runtime, gate: GateProbe, lot: Lot, count: int
+) -> list[Capture]:
+    """An unbound car parked 90 minutes, read `count` times at the exit: each read holds."""
+    plate = unique_plate()
+    await gate.decide(lot.code, "in1", gate.capture("in", plate))
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE sessions SET entered_at = entered_at - interval '90 minutes' "
+            "WHERE car_park_id = $1 AND plate = $2 AND status = 'open'",
+            lot.id,
+            plate,
+        )
+    captures = [gate.capture("out", plate) for _ in range(count)]
+    for capture in captures:
+        held = await gate.decide(lot.code, "out1", capture)
+        assert (held["action"], held["fee_fen"]) == ("hold", 1200)
+    return captures
+
+
+async def test_two_qr_codes_of_one_stay_both_paid_close_it_once_and_refund_the_other(
+    runtime: Runtime,
+    provider: ProviderEndpoint,
+    gate: GateProbe,
+    lot: Lot,
+    api: httpx.AsyncClient,
+) -> None:
+    first, second = await _held_unbound_exits(runtime, gate, lot, 2)
+    scans = await asyncio.gather(
+        *(api.post(f"/api/v1/gate-payments/{first.capture_id}") for _ in range(4))
+    )
+    assert [s.status_code for s in scans] == [200] * 4, [s.text for s in scans]
+    assert len({s.json()["pay_url"] for s in scans}) == 1, "simultaneous scans: one payment"
+    other = await api.post(f"/api/v1/gate-payments/{second.capture_id}")
+    assert other.status_code == 200, other.text
+    for view in (scans[0].json(), other.json()):
+        await _pay(provider, httpx.URL(view["pay_url"]).path.rsplit("/", 1)[-1])
+    for capture in (first, second):
+        assert (await api.get(f"/api/v1/gate-payments/{capture.capture_id}")).status_code == 200
+    async with runtime.pool.acquire() as conn:
+        stay = await conn.fetchrow(
+            "SELECT status, fee_fen, exit_capture_id FROM sessions WHERE id = "
+            "(SELECT session_id FROM captures WHERE capture_id = $1)",
+            first.capture_id,
+        )
+        paid = await conn.fetch(
+            "SELECT id, status FROM payments WHERE capture_id = ANY($1) ORDER BY id",
+            [first.capture_id, second.capture_id],
+        )
+        overpaid = await conn.fetchval(
+            "SELECT count(*) FROM refunds WHERE payment_id = ANY($1) AND kind = 'overpayment'",
+            [p["id"] for p in paid],
+        )
+        assert await ledger.is_balanced(conn)
+        assert await ledger.balance(conn, ledger.revenue(lot.id)) == -1200
+    assert (stay["status"], stay["fee_fen"]) == ("closed", 1200)
+    assert [p["status"] for p in paid] == ["succeeded", "succeeded"]
+    assert overpaid == 1, "the second payment goes back"
+
+
+async def test_an_unpaid_qr_payment_is_closed_at_the_provider_after_its_lifetime(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient
+) -> None:
+    [held] = await _held_unbound_exits(runtime, gate, lot, 1)
+    started = await api.post(f"/api/v1/gate-payments/{held.capture_id}")
+    assert started.status_code == 200, started.text
+    runtime.outbox.payment_lifetime_s = 0.0
+    await _book_by_sweep(runtime)
+    async with runtime.pool.acquire() as conn:
+        status = await conn.fetchval(
+            "SELECT status FROM payments WHERE capture_id = $1", held.capture_id
+        )
+    assert status == "closed"
+    # The driver asks again: a new payment replaces the closed one.
+    again = await api.post(f"/api/v1/gate-payments/{held.capture_id}")
+    assert again.status_code == 200 and again.json()["pay_url"] != started.json()["pay_url"]

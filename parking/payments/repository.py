@@ -22,17 +22,23 @@ class HeldExit:
     plate_color: str | None
     entered_at: datetime | None
     fixed_fee_fen: int | None
+    # A stay opened at the exit (no entry record) was never counted in the occupancy.
+    counted_in: bool | None
 
 
-async def held_exit(conn: asyncpg.Connection, capture_id: UUID) -> HeldExit | None:
+async def held_exit(
+    conn: asyncpg.Connection, capture_id: UUID, *, lock: bool = False
+) -> HeldExit | None:
+    lock_clause = "FOR UPDATE OF c" if lock else ""
     row = await conn.fetchrow(
-        """SELECT c.capture_id, cp.code AS lot, g.code AS gate, cp.id AS car_park_id,
+        f"""SELECT c.capture_id, cp.code AS lot, g.code AS gate, cp.id AS car_park_id,
                   cp.name AS car_park_name, c.outcome, c.session_id, s.status AS session_status,
-                  s.plate, s.plate_color, s.entered_at, s.fixed_fee_fen
+                  s.plate, s.plate_color, s.entered_at, s.fixed_fee_fen,
+                  s.entry_capture_id IS NOT NULL AS counted_in
            FROM captures c JOIN gates g ON g.id = c.gate_id
            JOIN car_parks cp ON cp.id = c.car_park_id
            LEFT JOIN sessions s ON s.id = c.session_id
-           WHERE c.capture_id = $1 AND c.direction = 'out'""",
+           WHERE c.capture_id = $1 AND c.direction = 'out' {lock_clause}""",
         capture_id,
     )
     return HeldExit(**dict(row)) if row else None

@@ -86,8 +86,9 @@ def _view(held: repo.HeldExit, payment: payments.Payment) -> GatePayment:
 async def start_gate_payment(runtime: Runtime, capture_id: UUID) -> GatePayment:
     """Creates the payment for a held exit, or returns the one already started."""
     async with runtime.pool.acquire() as conn, conn.transaction():
+        # Locked: two scans of the same QR code at once start one payment.
+        held = await repo.held_exit(conn, capture_id, lock=True)
         payment = await payments.open_for_capture(conn, capture_id)
-        held = await repo.held_exit(conn, capture_id)
         if payment is None:
             held, stay_fee, owed, account_id = await _payable(conn, capture_id)
             if stay_fee + sum(d.amount_fen for d in owed) == 0:
@@ -110,6 +111,11 @@ async def start_debt_payment(runtime: Runtime, account_id: int) -> payments.Paym
     """A driver settles their debts in the app: one payment for all that is open."""
     async with runtime.pool.acquire() as conn, conn.transaction():
         owed = await debts.open_debts(conn, account_id, lock=True)
+        payment = await payments.open_debts_payment(conn, account_id)
+        if payment is not None:
+            # Asked again before paying: the same order (a debt settled meanwhile at a gate
+            # makes it an overpayment, refunded by itself).
+            return await _open_at_provider(runtime, payment, "parking fees owed")
         if not owed:
             raise AppError(409, "no_debts", "there is nothing to pay")
         payment = await payments.create(
@@ -223,7 +229,8 @@ async def release_gate(runtime: Runtime, payment_id: int) -> None:
     await runtime.mqtt.publish(
         topics.topic(GateAddress(held.lot, held.gate), "command"), encode(command)
     )
-    await runtime.occupancy.adjust(held.car_park_id, -1)
+    if held.counted_in:
+        await runtime.occupancy.adjust(held.car_park_id, -1)
     log.info("lane.exit_opened_after_payment", lot=held.lot, gate=held.gate)
 
 
