@@ -1,22 +1,47 @@
 """The FastAPI application. It is built around a started Runtime (see parking.runtime)."""
 
+import secrets
+
 from fastapi import FastAPI
 
+from parking.auth.router import router as auth_router
+from parking.auth.sms import DevSms, SmsSender
+from parking.auth.tokens import TokenSigner
 from parking.car_parks.router import router as car_parks_router
+from parking.dashboard.router import router as dashboard_router
+from parking.drivers.router import router as drivers_router
 from parking.errors import install_error_handlers
 from parking.health import router as health_router
+from parking.logging import get_logger
+from parking.operators.router import router as operators_router
 from parking.payments.router import router as payments_router
+from parking.public.router import router as public_router
 from parking.runtime import Runtime
 
+log = get_logger(__name__)
 
-def create_app(runtime: Runtime) -> FastAPI:
+
+def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app = FastAPI(
         title="Parking: leave first, pay later",
         version="0.1.0",
     )
     app.state.runtime = runtime
+    settings = runtime.settings
+    if settings.jwt_secret is None:
+        log.warning("auth.ephemeral_signing_key", hint="set PARKING_JWT_SECRET in production")
+        key = secrets.token_urlsafe(48)
+    else:
+        key = settings.jwt_secret.get_secret_value()
+    app.state.signer = TokenSigner(key, settings.access_token_ttl_s)
+    app.state.sms = sms or DevSms()
     install_error_handlers(app)
     app.include_router(health_router)
+    app.include_router(auth_router)
     app.include_router(car_parks_router)
     app.include_router(payments_router)
+    app.include_router(drivers_router)
+    app.include_router(operators_router)
+    app.include_router(public_router)
+    app.include_router(dashboard_router)
     return app

@@ -68,6 +68,19 @@ class Settings(BaseSettings):
     worker_lease_s: float = 60.0
     debt_reminder_every_days: int = 3
 
+    # Access control. Tokens are signed with jwt_secret (HS256); when it is unset a random key
+    # is drawn per process (a laptop run: tokens do not survive a restart).
+    jwt_secret: SecretStr | None = None
+    access_token_ttl_s: int = 900
+    refresh_token_ttl_days: int = 30
+    login_code_ttl_s: int = 300
+    login_code_max_attempts: int = 5
+    # Sign-in codes one phone (or one client address) may ask for per hour.
+    login_codes_per_hour: int = 5
+    login_codes_per_hour_per_client: int = 30
+    # Capture frames kept for operators (exception queue) this many days, then erased.
+    image_retention_days: int = 30
+
     log_level: str = "INFO"
     log_json: bool = False
 

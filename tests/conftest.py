@@ -18,12 +18,15 @@ import asyncpg
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from billing import agreements, sandbox
 from billing.tariff import Tariff
 from parking.admin import repository as admin
 from parking.app import create_app
+from parking.auth import repository as auth_repo
+from parking.auth.tokens import hash_password
 from parking.infra import Endpoints
 from parking.migrate import migrate
 from parking.runtime import ProviderEndpoint, Runtime, running
@@ -117,6 +120,7 @@ class Lot:
     id: int
     code: str
     name: str
+    operator_id: int
 
 
 @pytest.fixture
@@ -130,7 +134,7 @@ async def create_lot(runtime: Runtime) -> Lot:
     code = f"lot-{uuid.uuid4().hex[:8]}"
     name = "测试停车场"
     async with runtime.pool.acquire() as conn, conn.transaction():
-        operator_id = await admin.create_operator(conn, "测试运营")
+        operator_id = await admin.create_operator(conn, f"测试运营-{code}")
         car_park_id = await admin.create_car_park(
             conn, operator_id=operator_id, code=code, name=name, capacity=50
         )
@@ -142,7 +146,7 @@ async def create_lot(runtime: Runtime) -> Lot:
             effective_from=datetime.now(UTC) - timedelta(days=365),
             tariff=Tariff.hourly(free_minutes=0, hourly_fen=600, daily_cap_fen=5000),
         )
-    return Lot(car_park_id, code, name)
+    return Lot(car_park_id, code, name, operator_id)
 
 
 @dataclass
@@ -280,3 +284,53 @@ async def api_server(runtime: Runtime, port: int) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+@pytest.fixture
+def app(runtime: Runtime) -> FastAPI:
+    return create_app(runtime)
+
+
+@pytest.fixture
+async def api(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The API in-process (ASGI), with no credentials unless a test passes some."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://parking.test") as client:
+        yield client
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def driver_token(app: FastAPI, account_id: int) -> str:
+    token: str = app.state.signer.issue(f"account:{account_id}", "driver")
+    return token
+
+
+@dataclass
+class Staff:
+    user_id: int
+    operator_id: int
+    role: str
+    email: str
+    password: str
+
+
+async def make_staff(runtime: Runtime, operator_id: int, role: str = "admin") -> Staff:
+    email = f"{role}-{uuid.uuid4().hex[:8]}@operator.test"
+    password = uuid.uuid4().hex
+    async with runtime.pool.acquire() as conn:
+        user_id = await auth_repo.create_operator_user(
+            conn, operator_id, email, "Staff", role, hash_password(password)
+        )
+    return Staff(user_id, operator_id, role, email, password)
+
+
+def staff_token(app: FastAPI, staff: Staff) -> str:
+    token: str = app.state.signer.issue(
+        f"operator_user:{staff.user_id}",
+        staff.role,
+        staff.operator_id,  # type: ignore[arg-type]
+    )
+    return token

@@ -1,0 +1,123 @@
+"""Who is calling: the bearer credential of a request, resolved once, and the dependency
+aliases routes declare to say who may call them.
+
+- drivers and operator staff carry JWT access tokens (`parking.auth.tokens`);
+- the city platform and guidance signs carry a `ck_…` API key, gates a `gk_…` key.
+A route that needs a kind of caller answers 401 to an anonymous or invalid credential and 403
+to a valid credential of another kind. Objects of another driver or another operator's car
+park are answered 404, never 403: their existence is not disclosed.
+"""
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from fastapi import Depends, Request
+
+from parking.auth import repository as repo
+from parking.auth.tokens import InvalidToken, TokenSigner, digest
+from parking.errors import AppError
+
+PrincipalKind = Literal["driver", "operator", "city", "gate"]
+CITY_KEY_PREFIX = "ck_"
+GATE_KEY_PREFIX = "gk_"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    kind: PrincipalKind
+    account_id: int | None = None
+    operator_id: int | None = None
+    operator_user_id: int | None = None
+    role: str | None = None
+    gate_id: int | None = None
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names this caller."""
+        if self.kind == "operator":
+            return f"operator_user:{self.operator_user_id}"
+        if self.kind == "driver":
+            return f"account:{self.account_id}"
+        return self.kind
+
+
+class Unauthenticated(AppError):
+    def __init__(self, message: str = "a valid bearer token is required") -> None:
+        super().__init__(401, "unauthenticated", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(AppError):
+    def __init__(self, message: str = "not allowed for this caller") -> None:
+        super().__init__(403, "forbidden", message)
+
+
+def signer(request: Request) -> TokenSigner:
+    token_signer: TokenSigner = request.app.state.signer
+    return token_signer
+
+
+async def _principal(request: Request) -> Principal | None:
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, credential = header.partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        raise Unauthenticated("use 'Authorization: Bearer <token>'")
+    credential = credential.strip()
+    pool = request.app.state.runtime.pool
+    if credential.startswith((CITY_KEY_PREFIX, GATE_KEY_PREFIX)):
+        async with pool.acquire() as conn:
+            key = await repo.api_key(conn, digest(credential))
+        if key is None:
+            raise Unauthenticated("unknown or revoked API key")
+        return Principal(key.kind, gate_id=key.gate_id)
+    try:
+        claims = signer(request).decode(credential)
+    except InvalidToken as exc:
+        raise Unauthenticated(f"invalid token: {exc}") from exc
+    kind, _, raw_id = claims.subject.partition(":")
+    if not raw_id.isdigit():
+        raise Unauthenticated("invalid token subject")
+    if claims.role == "driver" and kind == "account":
+        async with pool.acquire() as conn:
+            if not await repo.account_active(conn, int(raw_id)):
+                raise Unauthenticated("the account no longer exists")
+        return Principal("driver", account_id=int(raw_id))
+    if kind == "operator_user":
+        async with pool.acquire() as conn:
+            if not await repo.operator_user_active(conn, int(raw_id)):
+                raise Unauthenticated("the user is disabled")
+        return Principal(
+            "operator",
+            operator_id=claims.operator_id,
+            operator_user_id=int(raw_id),
+            role=claims.role,
+        )
+    raise Unauthenticated("invalid token subject")
+
+
+def _require(
+    *kinds: PrincipalKind, roles: tuple[str, ...] = ()
+) -> Callable[[Request], Awaitable[Principal]]:
+    async def dependency(request: Request) -> Principal:
+        principal = await _principal(request)
+        if principal is None:
+            raise Unauthenticated()
+        if principal.kind not in kinds or (roles and principal.role not in roles):
+            raise Forbidden()
+        return principal
+
+    return dependency
+
+
+async def _optional(request: Request) -> Principal | None:
+    """Public routes: anyone, but a credential that is presented must be valid."""
+    return await _principal(request)
+
+
+DriverDep = Annotated[Principal, Depends(_require("driver"))]
+OperatorDep = Annotated[Principal, Depends(_require("operator"))]
+OperatorAdminDep = Annotated[Principal, Depends(_require("operator", roles=("admin",)))]
+GateDep = Annotated[Principal, Depends(_require("gate"))]
+MaybePrincipalDep = Annotated[Principal | None, Depends(_optional)]

@@ -1,0 +1,53 @@
+"""Sign-in routes (OAuth2-style token endpoint with three grants)."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Request, Response
+
+from parking.auth import service
+from parking.auth.principal import signer
+from parking.auth.schemas import (
+    CodeGrant,
+    CodeRequest,
+    CodeSent,
+    Logout,
+    PasswordGrant,
+    RefreshGrant,
+    TokenPair,
+)
+from parking.deps import RuntimeDep
+
+router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
+
+Grant = Annotated[CodeGrant | RefreshGrant | PasswordGrant, Body(discriminator="grant_type")]
+
+
+@router.post("/sign-in-codes", status_code=202)
+async def request_sign_in_code(
+    body: CodeRequest, request: Request, runtime: RuntimeDep
+) -> CodeSent:
+    """Texts a six-digit code to the phone (rate-limited per phone and per client)."""
+    client = request.client.host if request.client else "unknown"
+    return await service.request_code(runtime, request.app.state.sms, body.phone, client)
+
+
+@router.post("/token")
+async def token(
+    grant: Grant, request: Request, runtime: RuntimeDep, response: Response
+) -> TokenPair:
+    """Drivers: `sign_in_code`; operator staff: `password`; both: `refresh_token` (rotates)."""
+    response.headers["Cache-Control"] = "no-store"
+    token_signer = signer(request)
+    if isinstance(grant, CodeGrant):
+        return await service.sign_in_with_code(runtime, token_signer, grant.phone, grant.code)
+    if isinstance(grant, PasswordGrant):
+        return await service.sign_in_with_password(
+            runtime, token_signer, grant.email, grant.password
+        )
+    return await service.refresh(runtime, token_signer, grant.refresh_token)
+
+
+@router.post("/sign-out", status_code=204)
+async def sign_out(body: Logout, runtime: RuntimeDep) -> None:
+    """Revokes the refresh token and every token rotated from the same sign-in."""
+    await service.sign_out(runtime, body.refresh_token)

@@ -1,0 +1,42 @@
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+# Mainland mobile numbers, optionally with +86.
+Phone = Field(pattern=r"^(\+86)?1[3-9]\d{9}$")
+
+
+class CodeRequest(BaseModel):
+    phone: str = Phone
+
+
+class CodeSent(BaseModel):
+    expires_in: int
+
+
+class CodeGrant(BaseModel):
+    grant_type: Literal["sign_in_code"]
+    phone: str = Phone
+    code: str = Field(pattern=r"^\d{6}$")
+
+
+class RefreshGrant(BaseModel):
+    grant_type: Literal["refresh_token"]
+    refresh_token: str = Field(min_length=20, max_length=200)
+
+
+class PasswordGrant(BaseModel):
+    grant_type: Literal["password"]
+    email: str = Field(min_length=3, max_length=200)
+    password: str = Field(min_length=1, max_length=200)
+
+
+class TokenPair(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int
+    refresh_token: str
+
+
+class Logout(BaseModel):
+    refresh_token: str = Field(min_length=20, max_length=200)

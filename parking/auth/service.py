@@ -1,0 +1,173 @@
+"""Signing in: drivers by phone and one-time code, operator staff by password; refresh tokens
+that rotate and betray their reuse.
+
+A failed attempt must be remembered even though the request fails, so these functions commit
+their own transaction and raise only after it.
+"""
+
+import hmac
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from parking.auth import repository as repo
+from parking.auth.schemas import CodeSent, TokenPair
+from parking.auth.sms import SmsSender
+from parking.auth.tokens import (
+    Role,
+    TokenSigner,
+    digest,
+    new_code,
+    new_secret,
+    verify_password,
+)
+from parking.errors import AppError
+from parking.ratelimit import hit
+from parking.runtime import Runtime
+
+
+class SignInFailed(AppError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(401, code, message)
+
+
+def _code_hash(phone: str, code: str) -> str:
+    return digest(f"{phone}:{code}")
+
+
+def normalise_phone(phone: str) -> str:
+    return phone.removeprefix("+86")
+
+
+async def _issue(
+    conn: asyncpg.Connection,
+    runtime: Runtime,
+    signer: TokenSigner,
+    subject: str,
+    role: Role,
+    operator_id: int | None,
+    family: uuid.UUID | None = None,
+) -> TokenPair:
+    refresh = new_secret("rt_")
+    await repo.insert_refresh(
+        conn,
+        digest(refresh),
+        subject,
+        family or uuid.uuid4(),
+        datetime.now(UTC) + timedelta(days=runtime.settings.refresh_token_ttl_days),
+    )
+    return TokenPair(
+        access_token=signer.issue(subject, role, operator_id),
+        expires_in=signer.access_ttl_s,
+        refresh_token=refresh,
+    )
+
+
+async def request_code(runtime: Runtime, sms: SmsSender, phone: str, client: str) -> CodeSent:
+    settings = runtime.settings
+    phone = normalise_phone(phone)
+    prefix = f"{settings.redis_key_prefix}ratelimit:sign-in-code"
+    await hit(runtime.redis, f"{prefix}:phone:{digest(phone)}", settings.login_codes_per_hour, 3600)
+    await hit(
+        runtime.redis,
+        f"{prefix}:client:{client}",
+        settings.login_codes_per_hour_per_client,
+        3600,
+    )
+    code = new_code()
+    async with runtime.pool.acquire() as conn:
+        await repo.insert_code(
+            conn,
+            phone,
+            _code_hash(phone, code),
+            datetime.now(UTC) + timedelta(seconds=settings.login_code_ttl_s),
+        )
+    await sms.send(phone, f"【便捷泊车】登录验证码 sign-in code: {code}")
+    return CodeSent(expires_in=settings.login_code_ttl_s)
+
+
+async def sign_in_with_code(
+    runtime: Runtime, signer: TokenSigner, phone: str, code: str
+) -> TokenPair:
+    phone = normalise_phone(phone)
+    failure: SignInFailed | None = None
+    pair: TokenPair | None = None
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        found = await repo.latest_code(conn, phone)
+        if found is None:
+            failure = SignInFailed("invalid_code", "no sign-in code was requested")
+        elif found.expires_at < datetime.now(UTC):
+            failure = SignInFailed("code_expired", "the code expired; ask for a new one")
+        elif found.attempts >= runtime.settings.login_code_max_attempts:
+            failure = SignInFailed("too_many_attempts", "too many wrong codes; ask for a new one")
+        else:
+            right = hmac.compare_digest(found.code_hash, _code_hash(phone, code))
+            await repo.count_attempt(conn, found.id, consumed=right)
+            if not right:
+                failure = SignInFailed("invalid_code", "wrong code")
+            else:
+                account_id = await repo.account_for_phone(conn, phone)
+                pair = await _issue(conn, runtime, signer, f"account:{account_id}", "driver", None)
+    if failure is not None:
+        raise failure
+    assert pair is not None
+    return pair
+
+
+async def sign_in_with_password(
+    runtime: Runtime, signer: TokenSigner, email: str, password: str
+) -> TokenPair:
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        user = await repo.operator_user_by_email(conn, email.lower())
+        if user is None or not verify_password(password, user.password_hash):
+            raise SignInFailed("invalid_credentials", "wrong e-mail or password")
+        return await _issue(
+            conn, runtime, signer, f"operator_user:{user.id}", user.role, user.operator_id
+        )
+
+
+async def refresh(runtime: Runtime, signer: TokenSigner, token: str) -> TokenPair:
+    failure: SignInFailed | None = None
+    pair: TokenPair | None = None
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        found = await repo.refresh_token(conn, digest(token))
+        if found is None or found.revoked_at is not None:
+            failure = SignInFailed("invalid_refresh_token", "unknown or revoked refresh token")
+        elif found.rotated_at is not None:
+            # Used twice: someone else has a copy. End the whole sign-in.
+            await repo.revoke_family(conn, found.family)
+            failure = SignInFailed("refresh_token_reused", "sign in again")
+        elif found.expires_at < datetime.now(UTC):
+            failure = SignInFailed("invalid_refresh_token", "the refresh token expired")
+        else:
+            await repo.mark_rotated(conn, found.id)
+            pair = await _reissue(conn, runtime, signer, found)
+            if pair is None:
+                failure = SignInFailed("invalid_refresh_token", "the account is gone")
+    if failure is not None:
+        raise failure
+    assert pair is not None
+    return pair
+
+
+async def _reissue(
+    conn: asyncpg.Connection, runtime: Runtime, signer: TokenSigner, found: repo.RefreshToken
+) -> TokenPair | None:
+    kind, _, raw_id = found.subject.partition(":")
+    if kind == "account" and await repo.account_active(conn, int(raw_id)):
+        return await _issue(conn, runtime, signer, found.subject, "driver", None, found.family)
+    if kind == "operator_user":
+        user = await repo.operator_user_by_id(conn, int(raw_id))
+        if user is not None:
+            return await _issue(
+                conn, runtime, signer, found.subject, user.role, user.operator_id, found.family
+            )
+    return None
+
+
+async def sign_out(runtime: Runtime, token: str) -> None:
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        found = await repo.refresh_token(conn, digest(token))
+        if found is not None:
+            await repo.revoke_family(conn, found.family)

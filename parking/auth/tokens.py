@@ -1,0 +1,106 @@
+"""Bearer tokens and secrets.
+
+Access tokens are short-lived JWTs signed HS256 with the service's key; decoding accepts only
+that algorithm (an `alg: none` or RS/HS-confused token is refused), requires an expiry and
+checks issuer and audience. Refresh tokens, sign-in codes and API keys are random strings of
+which only a SHA-256 hash is stored.
+"""
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import jwt
+
+ISSUER = "parking"
+AUDIENCE = "parking-api"
+_ALGORITHM = "HS256"
+
+Role = Literal["driver", "admin", "attendant"]
+
+
+class InvalidToken(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    subject: str  # "account:12" or "operator_user:3"
+    role: Role
+    operator_id: int | None
+    expires_at: int
+
+
+class TokenSigner:
+    def __init__(self, key: str, access_ttl_s: int) -> None:
+        if len(key) < 32:
+            raise ValueError("the token signing key must be at least 32 characters")
+        self._key = key
+        self.access_ttl_s = access_ttl_s
+
+    def issue(self, subject: str, role: Role, operator_id: int | None = None) -> str:
+        now = int(time.time())
+        payload: dict[str, Any] = {
+            "sub": subject,
+            "role": role,
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "iat": now,
+            "exp": now + self.access_ttl_s,
+        }
+        if operator_id is not None:
+            payload["op"] = operator_id
+        return jwt.encode(payload, self._key, algorithm=_ALGORITHM)
+
+    def decode(self, token: str) -> Claims:
+        try:
+            payload = jwt.decode(
+                token,
+                self._key,
+                algorithms=[_ALGORITHM],
+                audience=AUDIENCE,
+                issuer=ISSUER,
+                options={"require": ["exp", "iat", "sub", "iss", "aud"]},
+            )
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(str(exc)) from exc
+        role = payload.get("role")
+        if role not in ("driver", "admin", "attendant"):
+            raise InvalidToken("unknown role")
+        operator_id = payload.get("op")
+        if role != "driver" and not isinstance(operator_id, int):
+            raise InvalidToken("operator token without operator")
+        return Claims(str(payload["sub"]), role, operator_id, int(payload["exp"]))
+
+
+def new_secret(prefix: str = "") -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_code() -> str:
+    """A six-digit sign-in code."""
+    return f"{secrets.randbelow(1_000_000):06d}"
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    derived = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1)
+    return f"scrypt${salt.hex()}${derived.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, salt_hex, derived_hex = stored.split("$")
+    except ValueError:
+        return False
+    if scheme != "scrypt":
+        return False
+    derived = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt_hex), n=2**14, r=8, p=1)
+    return hmac.compare_digest(derived.hex(), derived_hex)

@@ -1,0 +1,5 @@
+"""The public, read-only API for guidance signs and the city platform."""
+
+from fastapi import APIRouter
+
+router = APIRouter(prefix="/api/v1/public", tags=["public"])
