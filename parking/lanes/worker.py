@@ -24,12 +24,16 @@ from parking.lanes import repository as repo
 from parking.lanes.reading import PlateReader, PlateReading, decode_frames
 from parking.lanes.repository import GateInfo
 from parking.lanes.service import Decision, LaneService
-from parking.logging import correlation_id, get_logger
+from parking.logging import correlation_id, get_logger, mask_plate
 from parking.occupancy.service import Occupancy
 from parking.settings import Settings
 
 log = get_logger(__name__)
 _GATE_CACHE_TTL_S = 60.0
+
+
+def lane_events_channel(settings: Settings) -> str:
+    return f"{settings.redis_key_prefix}lane-events"
 
 
 @dataclass
@@ -65,6 +69,7 @@ class LaneWorker:
         self.service = LaneService(settings)
         self.reader = PlateReader(settings)
         self.topics = Topics(settings.mqtt_topic_prefix)
+        self.lane_events_channel = lane_events_channel(settings)
         self.stats = LaneStats()
         self._gates: dict[GateAddress, tuple[float, GateInfo]] = {}
         self._queues = [
@@ -148,6 +153,7 @@ class LaneWorker:
             return
         self.stats.latencies_ms.append(latency_ms)
         self.stats.outcomes[decision.outcome] += 1
+        await self._announce(gate, address, capture, decision, latency_ms, now)
         log.info(
             "lane.decided",
             lot=address.lot,
@@ -161,6 +167,33 @@ class LaneWorker:
             db_ms=round((started_publish - started_db) * 1000, 2),
             publish_ms=round((done - started_publish) * 1000, 2),
         )
+
+    async def _announce(
+        self,
+        gate: GateInfo,
+        address: GateAddress,
+        capture: Capture,
+        decision: Decision,
+        latency_ms: float,
+        now: datetime,
+    ) -> None:
+        """The live lane feed of the operator dashboard (Redis pub/sub, plate masked)."""
+        event = {
+            "car_park_id": gate.car_park_id,
+            "lot": address.lot,
+            "gate": address.gate,
+            "direction": capture.direction,
+            "plate": mask_plate(decision.plate) if decision.plate else None,
+            "outcome": decision.outcome,
+            "action": decision.command.action,
+            "fee_fen": decision.fee_fen,
+            "latency_ms": round(latency_ms, 1),
+            "at": now.isoformat(),
+        }
+        try:
+            await self.occupancy.redis.publish(self.lane_events_channel, orjson.dumps(event))
+        except Exception:  # the feed is a view; a Redis hiccup must not fail the capture
+            log.warning("lane.feed_publish_failed")
 
     async def _decide(
         self, gate: GateInfo, capture: Capture, reading: PlateReading, now: datetime
