@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ from parking.db import create_pool
 from parking.infra import endpoints
 from parking.logging import configure_logging
 from parking.migrate import MIGRATIONS_DIR, migrate, schema_snapshot
+from parking.retention import service as retention
 from parking.runtime import payment_provider, running
 from parking.settings import Settings, get_settings
 
@@ -85,6 +87,18 @@ async def _until_terminated() -> None:
     await stop.wait()
 
 
+async def _retention(settings: Settings) -> None:
+    async with endpoints(settings, database_only=True) as eps:
+        pool = await create_pool(eps.database_url, min_size=1, max_size=1)
+        try:
+            erased = await retention.expire_images(
+                pool, settings.image_retention_days, datetime.now(UTC)
+            )
+        finally:
+            await pool.close()
+    print(orjson.dumps({"images_erased": erased}).decode())
+
+
 def _plates(argv: list[str]) -> int:
     """`parking plates eval PATH ...` and `parking plates bench PATH ...`."""
     from plate_recognition.evaluate import main as plates_main
@@ -146,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         "--db", default=":memory:", help="SQLite file for its orders (default: in memory)"
     )
     sandbox.add_arguments(p_sandbox)
+
+    sub.add_parser(
+        "retention", help="erase capture images older than PARKING_IMAGE_RETENTION_DAYS now"
+    )
 
     p_billing = sub.add_parser("billing", help="reconciliation and money reports")
     billing_cli.add_arguments(p_billing)
@@ -215,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                 settings.payment_provider_secret.get_secret_value(),
                 args.db,
             )
+    elif args.command == "retention":
+        _run(_retention(settings))
     elif args.command == "billing":
         return _run(billing_cli.run(settings, args))
     return 0

@@ -12,7 +12,7 @@ import secrets
 import sys
 from collections.abc import MutableMapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -62,7 +62,9 @@ def _mask_exception_text(
     return event
 
 
-def configure_logging(level: str = "INFO", json: bool = False, key: str | None = None) -> None:
+def configure_logging(
+    level: str = "INFO", json: bool = False, key: str | None = None, stream: TextIO | None = None
+) -> None:
     global _pseudonym_key
     if key:
         _pseudonym_key = key.encode()
@@ -89,7 +91,7 @@ def configure_logging(level: str = "INFO", json: bool = False, key: str | None =
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
 

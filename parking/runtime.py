@@ -24,6 +24,7 @@ from parking.lanes.worker import LaneWorker
 from parking.migrate import migrate
 from parking.occupancy.service import Occupancy
 from parking.payments.service import release_gate
+from parking.retention import service as retention
 from parking.settings import Settings
 
 NOTIFY_PATH = "/api/v1/payments/notifications/{provider}"
@@ -106,6 +107,7 @@ async def running(
     provider = make_provider(settings, provider_endpoint)
     notifier = DevNotifier()
     tasks: list[asyncio.Task[None]] = []
+    maintenance: list[asyncio.Task[None]] = []
     lane_worker: LaneWorker | None = None
     try:
         async with pool.acquire() as conn:
@@ -138,6 +140,13 @@ async def running(
             await lane_worker.start()
         if outbox_worker:
             tasks.append(asyncio.create_task(outbox.run()))
+            maintenance.append(
+                asyncio.create_task(
+                    retention.run_periodically(
+                        worker_pool, settings.image_retention_days, interval_s=3600
+                    )
+                )
+            )
         runtime = Runtime(
             settings,
             endpoints,
@@ -158,9 +167,9 @@ async def running(
             outbox.stop()
             # Jobs in hand finish (a provider call is bounded by its timeout); cancel after that.
             await asyncio.wait(tasks, timeout=settings.payment_provider_timeout_s + 2)
-        for task in tasks:
+        for task in tasks + maintenance:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *maintenance, return_exceptions=True)
         with contextlib.suppress(Exception):
             await mqtt.stop()
         await provider.aclose()

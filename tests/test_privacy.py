@@ -1,0 +1,113 @@
+"""Personal data: plates and phone numbers never reach the logs in clear, and capture images
+are erased after the retention period by a job."""
+
+import base64
+import io
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import httpx
+import pytest
+import structlog
+from fastapi import FastAPI
+
+from parking.admin import repository as admin
+from parking.logging import configure_logging, get_logger
+from parking.retention import service as retention
+from parking.runtime import Runtime
+from tests.conftest import Lot, eventually, exit_after, make_driver, unique_plate
+from tests.gates import GateProbe
+from tests.test_lane_reading import FIXTURES
+
+
+@pytest.fixture
+def service_logs() -> Iterator[io.StringIO]:
+    """The service's own log configuration (masking included), written to a buffer."""
+    buffer = io.StringIO()
+    configure_logging("DEBUG", json=True, stream=buffer)
+    yield buffer
+    structlog.reset_defaults()
+
+
+async def test_plates_and_phones_stay_out_of_the_logs(
+    service_logs: io.StringIO,
+    runtime: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+) -> None:
+    phone = f"137{uuid.uuid4().int % 10**8:08d}"
+    await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
+    code = app.state.sms.last_code(phone)
+    await api.post(
+        "/api/v1/auth/token", json={"grant_type": "sign_in_code", "phone": phone, "code": "000000"}
+    )
+    signed_in = await api.post(
+        "/api/v1/auth/token", json={"grant_type": "sign_in_code", "phone": phone, "code": code}
+    )
+    assert signed_in.status_code == 200
+
+    charged = await make_driver(runtime, unique_plate())
+    await exit_after(runtime, gate, lot, charged.plate, timedelta(minutes=70))
+    stranger = unique_plate()  # no entry record: an exception for a person, logged as such
+    await gate.decide(lot.code, "out1", gate.capture("out", stranger))
+    unbound = unique_plate()
+    await exit_after(runtime, gate, lot, unbound, timedelta(minutes=70))
+
+    async def charged_done() -> bool:
+        async with runtime.pool.acquire() as conn:
+            return (
+                await conn.fetchval(
+                    "SELECT status FROM charges WHERE account_id = $1", charged.account_id
+                )
+                == "succeeded"
+            )
+
+    await eventually(charged_done)
+    # What a careless call or a database error would put in a line: fields named plate or
+    # phone, and an error text quoting the plate (a unique violation on a binding).
+    log = get_logger("tests.privacy")
+    log.info("driver.bound", plate=charged.plate, phone=phone)
+    try:
+        async with runtime.pool.acquire() as conn:
+            await admin.bind_plate(conn, charged.account_id, charged.plate, "blue")
+    except asyncpg.UniqueViolationError:
+        log.exception("driver.bind_failed")
+    text = service_logs.getvalue()
+    assert "driver.bind_failed" in text and "UniqueViolationError" in text
+    assert "lane.decided" in text and "billing.charged" in text, "the flows were logged"
+    for secret in (phone, charged.plate, stranger, unbound, code):
+        assert secret not in text, f"{secret!r} appears in the logs"
+
+
+async def test_capture_images_are_erased_after_the_retention_period(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    # A photo of a car with no entry record here: held for a person, its frame kept for them.
+    photo = base64.b64encode((FIXTURES / "plate_wanM04698.jpg").read_bytes()).decode()
+    fresh, old = (gate.capture("out", None).model_copy(update={"image": photo}) for _ in range(2))
+    for capture in (fresh, old):
+        await gate.send(lot.code, "out1", capture)
+        await gate.wait_for(capture, timeout_s=60)  # the first OCR loads the model
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE lane_exceptions SET created_at = now() - interval '31 days' "
+            "WHERE capture_id = $1",
+            old.capture_id,
+        )
+    erased = await retention.expire_images(
+        runtime.pool, runtime.settings.image_retention_days, datetime.now(UTC)
+    )
+    assert erased >= 1
+    async with runtime.pool.acquire() as conn:
+        kept = {
+            r["capture_id"]: r["image"] is not None
+            for r in await conn.fetch(
+                "SELECT capture_id, image FROM lane_exceptions WHERE capture_id = ANY($1)",
+                [fresh.capture_id, old.capture_id],
+            )
+        }
+    assert kept == {fresh.capture_id: True, old.capture_id: False}
