@@ -1,11 +1,390 @@
-"""SQL of the driver app: a driver's own account, plates, stays, money and messages."""
+"""SQL of the driver app: a driver's own account, plates, stays, money and messages.
+
+Every query takes the signed-in driver's account id and returns only what belongs to it.
+"""
+
+from datetime import datetime
+from typing import Any
 
 import asyncpg
 
+# The stays a driver may see: those of a plate while it was bound to the account (a new
+# binding sees no history from before it; a stay charged to someone else is theirs), and every
+# stay charged to the account. $1 is the account id.
+_VISIBLE_STAYS = """
+    SELECT s.id, s.car_park_id, s.plate, s.plate_color, s.status, s.entered_at, s.exited_at,
+           s.fee_fen, s.settlement, s.account_id
+    FROM plate_bindings b
+    JOIN sessions s ON s.plate = b.plate AND s.entered_at >= b.bound_at
+                   AND (b.unbound_at IS NULL OR s.entered_at < b.unbound_at)
+    WHERE b.account_id = $1 AND (s.account_id IS NULL OR s.account_id = $1)
+    UNION
+    SELECT s.id, s.car_park_id, s.plate, s.plate_color, s.status, s.entered_at, s.exited_at,
+           s.fee_fen, s.settlement, s.account_id
+    FROM sessions s WHERE s.account_id = $1"""
 
-async def account(conn: asyncpg.Connection, account_id: int) -> asyncpg.Record | None:
-    return await conn.fetchrow(
-        """SELECT id, phone, blocked_for_arrears FROM accounts
-           WHERE id = $1 AND deleted_at IS NULL""",
+_STAY_COLUMNS = """v.id, cp.name AS car_park, v.plate, v.status, v.entered_at, v.exited_at,
+                   v.fee_fen, v.settlement"""
+
+
+async def account(
+    conn: asyncpg.Connection, account_id: int, *, lock: bool = False
+) -> asyncpg.Record | None:
+    """The account unless deleted; locked, it serialises plate and debt changes of the account
+    (billing.debts locks the same row)."""
+    lock_clause = "FOR UPDATE" if lock else ""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"""SELECT id, phone, display_name, blocked_for_arrears FROM accounts
+            WHERE id = $1 AND deleted_at IS NULL {lock_clause}""",
         account_id,
+    )
+    return row
+
+
+async def active_bindings(conn: asyncpg.Connection, account_id: int) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT id, plate, color, bound_at, verified_by FROM plate_bindings
+           WHERE account_id = $1 AND unbound_at IS NULL ORDER BY bound_at, id""",
+        account_id,
+    )
+    return rows
+
+
+async def plate_holder(conn: asyncpg.Connection, plate: str) -> int | None:
+    """The account the plate is actively bound to."""
+    holder: int | None = await conn.fetchval(
+        "SELECT account_id FROM plate_bindings WHERE plate = $1 AND unbound_at IS NULL", plate
+    )
+    return holder
+
+
+async def insert_binding(
+    conn: asyncpg.Connection,
+    account_id: int,
+    plate: str,
+    color: str,
+    *,
+    verified_by: str,
+    licence_ref: str,
+) -> asyncpg.Record | None:
+    """The new binding; None when the plate is actively bound already (waits for a concurrent
+    claim of the same plate to commit or roll back, so at most one of them binds it)."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """INSERT INTO plate_bindings (account_id, plate, color, verified_by, licence_ref)
+           VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (plate) WHERE unbound_at IS NULL DO NOTHING
+           RETURNING id, plate, color, bound_at, verified_by""",
+        account_id,
+        plate,
+        color,
+        verified_by,
+        licence_ref,
+    )
+    return row
+
+
+async def open_dispute(
+    conn: asyncpg.Connection,
+    *,
+    plate: str,
+    color: str,
+    claimant_account_id: int,
+    holder_account_id: int,
+    verified_by: str,
+    licence_ref: str,
+) -> int:
+    """The claimant's open dispute of the plate, opened now unless one is open already."""
+    dispute_id: int | None = await conn.fetchval(
+        """INSERT INTO plate_disputes (plate, color, claimant_account_id, holder_account_id,
+                                       claimant_verified_by, claimant_licence_ref)
+           VALUES ($1, $2, $3, $4, $5, $6)
+           ON CONFLICT (plate, claimant_account_id) WHERE status = 'open' DO NOTHING
+           RETURNING id""",
+        plate,
+        color,
+        claimant_account_id,
+        holder_account_id,
+        verified_by,
+        licence_ref,
+    )
+    if dispute_id is None:
+        dispute_id = await conn.fetchval(
+            """SELECT id FROM plate_disputes
+               WHERE plate = $1 AND claimant_account_id = $2 AND status = 'open'""",
+            plate,
+            claimant_account_id,
+        )
+    assert dispute_id is not None
+    return dispute_id
+
+
+async def unbind(conn: asyncpg.Connection, account_id: int, binding_id: int) -> bool:
+    """Ends one of the account's active bindings; False when it has no such binding."""
+    unbound = await conn.fetchval(
+        """UPDATE plate_bindings SET unbound_at = now()
+           WHERE id = $2 AND account_id = $1 AND unbound_at IS NULL RETURNING id""",
+        account_id,
+        binding_id,
+    )
+    return unbound is not None
+
+
+async def active_agreement(conn: asyncpg.Connection, account_id: int) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """SELECT id, provider, agreement_no, per_session_limit_fen, signed_at
+           FROM pay_later_agreements WHERE account_id = $1 AND cancelled_at IS NULL""",
+        account_id,
+    )
+    return row
+
+
+async def open_debt_total(conn: asyncpg.Connection, account_id: int) -> int:
+    total: int = await conn.fetchval(
+        """SELECT COALESCE(sum(amount_fen), 0)::bigint FROM debts
+           WHERE account_id = $1 AND settled_at IS NULL""",
+        account_id,
+    )
+    return total
+
+
+async def stays(
+    conn: asyncpg.Connection,
+    account_id: int,
+    *,
+    status: str | None,
+    before: datetime | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """The account's visible stays, newest entry first; `closed` is every stay that ended."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""SELECT {_STAY_COLUMNS}
+            FROM ({_VISIBLE_STAYS}) v JOIN car_parks cp ON cp.id = v.car_park_id
+            WHERE ($2::text IS NULL OR (v.status = 'open') = ($2 = 'open'))
+              AND ($3::timestamptz IS NULL OR v.entered_at < $3)
+            ORDER BY v.entered_at DESC, v.id DESC LIMIT $4""",
+        account_id,
+        status,
+        before,
+        limit,
+    )
+    return rows
+
+
+async def stay(conn: asyncpg.Connection, account_id: int, stay_id: int) -> asyncpg.Record | None:
+    """One visible stay with its charge, if any."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"""SELECT {_STAY_COLUMNS}, c.amount_fen AS charge_amount_fen,
+                   c.status AS charge_status, c.created_at AS charge_created_at,
+                   c.settled_at AS charge_settled_at
+            FROM ({_VISIBLE_STAYS}) v JOIN car_parks cp ON cp.id = v.car_park_id
+            LEFT JOIN charges c ON c.session_id = v.id
+            WHERE v.id = $2""",
+        account_id,
+        stay_id,
+    )
+    return row
+
+
+async def refunds_of_stay(conn: asyncpg.Connection, stay_id: int) -> list[asyncpg.Record]:
+    """Refunds of the stay's charge and of payments made for the stay."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT amount_fen, kind, reason, status, created_at, finished_at FROM refunds
+           WHERE charge_id IN (SELECT id FROM charges WHERE session_id = $1)
+              OR payment_id IN (SELECT id FROM payments WHERE session_id = $1)
+           ORDER BY id""",
+        stay_id,
+    )
+    return rows
+
+
+async def open_debts(conn: asyncpg.Connection, account_id: int) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT d.id, cp.name AS car_park, s.id AS stay_id, s.entered_at, s.exited_at,
+                  d.amount_fen, d.created_at
+           FROM debts d JOIN charges c ON c.id = d.charge_id
+           JOIN sessions s ON s.id = c.session_id JOIN car_parks cp ON cp.id = s.car_park_id
+           WHERE d.account_id = $1 AND d.settled_at IS NULL ORDER BY d.created_at, d.id""",
+        account_id,
+    )
+    return rows
+
+
+async def notifications(
+    conn: asyncpg.Connection, account_id: int, limit: int
+) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT id, kind, body, status, created_at FROM notifications
+           WHERE account_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2""",
+        account_id,
+        limit,
+    )
+    return rows
+
+
+async def has_pending_charges(conn: asyncpg.Connection, account_id: int) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT 1 FROM charges WHERE account_id = $1 AND status = 'pending' LIMIT 1",
+            account_id,
+        )
+    )
+
+
+# The data export: what is held about an account, table by table, in explicit columns (so
+# nothing internal such as provider idempotency keys leaks out by a new column).
+
+
+async def _dicts(conn: asyncpg.Connection, sql: str, account_id: int) -> list[dict[str, Any]]:
+    return [dict(r) for r in await conn.fetch(sql, account_id)]
+
+
+async def export_account(conn: asyncpg.Connection, account_id: int) -> dict[str, Any]:
+    row = await conn.fetchrow(
+        """SELECT id, phone, display_name, blocked_for_arrears, created_at FROM accounts
+           WHERE id = $1""",
+        account_id,
+    )
+    assert row is not None
+    return dict(row)
+
+
+async def export_bindings(conn: asyncpg.Connection, account_id: int) -> list[dict[str, Any]]:
+    return await _dicts(
+        conn,
+        """SELECT id, plate, color, bound_at, unbound_at, verified_by, licence_ref
+           FROM plate_bindings WHERE account_id = $1 ORDER BY bound_at, id""",
+        account_id,
+    )
+
+
+async def export_agreements(conn: asyncpg.Connection, account_id: int) -> list[dict[str, Any]]:
+    return await _dicts(
+        conn,
+        """SELECT id, provider, agreement_no, per_session_limit_fen, signed_at, cancelled_at
+           FROM pay_later_agreements WHERE account_id = $1 ORDER BY signed_at, id""",
+        account_id,
+    )
+
+
+async def export_stays(conn: asyncpg.Connection, account_id: int) -> list[dict[str, Any]]:
+    return await _dicts(
+        conn,
+        f"""SELECT {_STAY_COLUMNS}, cp.code AS car_park_code, v.plate_color
+            FROM ({_VISIBLE_STAYS}) v JOIN car_parks cp ON cp.id = v.car_park_id
+            ORDER BY v.entered_at, v.id""",
+        account_id,
+    )
+
+
+async def export_charges(conn: asyncpg.Connection, account_id: int) -> list[dict[str, Any]]:
+    return await _dicts(
+        conn,
+        """SELECT id, session_id AS stay_id, amount_fen, status, provider_ref, created_at,
+                  settled_at
+           FROM charges WHERE account_id = $1 ORDER BY id""",
+        account_id,
+    )
+
+
+async def export_payments(conn: asyncpg.Connection, account_id: int) -> list[dict[str, Any]]:
+    return await _dicts(
+        conn,
+        """SELECT id, out_trade_no, provider, purpose, session_id AS stay_id, stay_fee_fen,
+                  debt_fen, amount_fen, status, created_at, paid_at
+           FROM payments WHERE account_id = $1 ORDER BY id""",
+        account_id,
+    )
+
+
+async def export_debts(conn: asyncpg.Connection, account_id: int) -> list[dict[str, Any]]:
+    return await _dicts(
+        conn,
+        """SELECT id, charge_id, amount_fen, created_at, settled_at, payment_id, reminders_sent
+           FROM debts WHERE account_id = $1 ORDER BY id""",
+        account_id,
+    )
+
+
+async def export_refunds(conn: asyncpg.Connection, account_id: int) -> list[dict[str, Any]]:
+    return await _dicts(
+        conn,
+        """SELECT id, charge_id, payment_id, amount_fen, kind, reason, status, created_at,
+                  finished_at
+           FROM refunds WHERE account_id = $1 ORDER BY id""",
+        account_id,
+    )
+
+
+async def export_notifications(conn: asyncpg.Connection, account_id: int) -> list[dict[str, Any]]:
+    return await _dicts(
+        conn,
+        """SELECT id, kind, body, status, created_at, sent_at FROM notifications
+           WHERE account_id = $1 ORDER BY created_at, id""",
+        account_id,
+    )
+
+
+async def export_disputes(conn: asyncpg.Connection, account_id: int) -> list[dict[str, Any]]:
+    """The account's disputes, as claimant or as holder (the other party is not named)."""
+    return await _dicts(
+        conn,
+        """SELECT id, plate, color,
+                  CASE WHEN claimant_account_id = $1 THEN 'claimant' ELSE 'holder' END AS role,
+                  status, created_at, resolved_at
+           FROM plate_disputes WHERE claimant_account_id = $1 OR holder_account_id = $1
+           ORDER BY id""",
+        account_id,
+    )
+
+
+# Account deletion: personal data goes, money records stay (unlinked from the phone).
+
+
+async def erase_account(conn: asyncpg.Connection, account_id: int) -> None:
+    await conn.execute(
+        """UPDATE accounts SET deleted_at = now(), phone = 'deleted:' || id, display_name = NULL
+           WHERE id = $1""",
+        account_id,
+    )
+
+
+async def unbind_all(conn: asyncpg.Connection, account_id: int) -> None:
+    await conn.execute(
+        "UPDATE plate_bindings SET unbound_at = now() WHERE account_id = $1 AND unbound_at IS NULL",
+        account_id,
+    )
+
+
+async def withdraw_disputes(conn: asyncpg.Connection, account_id: int) -> None:
+    """Open disputes the account made or was the holder in: its bindings are gone."""
+    await conn.execute(
+        """UPDATE plate_disputes SET status = 'withdrawn', resolved_at = now()
+           WHERE status = 'open' AND (claimant_account_id = $1 OR holder_account_id = $1)""",
+        account_id,
+    )
+
+
+async def erase_notifications(conn: asyncpg.Connection, account_id: int) -> None:
+    """Message texts name plates and places; those not yet sent are not sent any more."""
+    await conn.execute(
+        """UPDATE notifications SET body = '',
+                  status = CASE WHEN status = 'pending' THEN 'failed' ELSE status END
+           WHERE account_id = $1""",
+        account_id,
+    )
+
+
+async def delete_sign_in_codes(conn: asyncpg.Connection, phone: str) -> None:
+    await conn.execute("DELETE FROM login_codes WHERE phone = $1", phone)
+
+
+async def audit(
+    conn: asyncpg.Connection, *, actor: str, action: str, subject: str, detail: dict[str, Any]
+) -> None:
+    await conn.execute(
+        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
+        actor,
+        action,
+        subject,
+        detail,
     )

@@ -1,17 +1,307 @@
 """The driver app's use cases. Every function is scoped to the signed-in driver's account:
 another driver's objects are not found (404), never forbidden."""
 
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
 import asyncpg
 
+from billing import agreements
+from parking.auth import repository as auth_repo
 from parking.drivers import repository as repo
-from parking.drivers.schemas import Me
-from parking.errors import NotFound
+from parking.drivers.schemas import (
+    Agreement,
+    Binding,
+    ChargeView,
+    DebtPayment,
+    Debts,
+    DebtView,
+    Export,
+    Me,
+    NotificationView,
+    PlateClaim,
+    Receipt,
+    RefundView,
+    Stay,
+    StayPage,
+)
+from parking.drivers.verification import VehicleRegistry, licence_ref
+from parking.errors import AppError, NotFound
+from parking.logging import get_logger
+from parking.payments import service as payments_service
+from parking.ratelimit import hit
+from parking.runtime import Runtime
+from plate_recognition import grammar
+
+log = get_logger(__name__)
+
+# Enough for a household's or a small business's cars; more is a fleet, not a driver.
+MAX_PLATES_PER_ACCOUNT = 5
+# Ownership checks one account may ask the vehicle registry for per hour: a real registry
+# must not become an oracle for guessing licence numbers.
+PLATE_CLAIMS_PER_HOUR = 10
+
+
+@dataclass(frozen=True, slots=True)
+class PlateDisputed:
+    """The plate is bound to another account: a dispute was opened and the plate stays."""
+
+    dispute_id: int
+
+
+def _account_or_404(row: asyncpg.Record | None) -> asyncpg.Record:
+    # The principal dependency refuses deleted accounts; this covers one deleted meanwhile.
+    if row is None:
+        raise NotFound("account")
+    return row
+
+
+def _binding(row: asyncpg.Record) -> Binding:
+    return Binding(**dict(row))
+
+
+def _agreement(row: asyncpg.Record | None) -> Agreement | None:
+    return Agreement(**dict(row)) if row else None
 
 
 async def me(conn: asyncpg.Connection, account_id: int) -> Me:
-    row = await repo.account(conn, account_id)
-    if row is None:
-        raise NotFound("account")
+    row = _account_or_404(await repo.account(conn, account_id))
     return Me(
-        account_id=row["id"], phone=row["phone"], blocked_for_arrears=row["blocked_for_arrears"]
+        account_id=row["id"],
+        phone=row["phone"],
+        display_name=row["display_name"],
+        blocked_for_arrears=row["blocked_for_arrears"],
+        plates=[_binding(b) for b in await repo.active_bindings(conn, account_id)],
+        agreement=_agreement(await repo.active_agreement(conn, account_id)),
+        open_debt_fen=await repo.open_debt_total(conn, account_id),
     )
+
+
+async def plates(conn: asyncpg.Connection, account_id: int) -> list[Binding]:
+    return [_binding(b) for b in await repo.active_bindings(conn, account_id)]
+
+
+def canonical_plate(raw: str, color: str) -> str:
+    plate = grammar.normalise(raw)
+    if plate is None or not grammar.is_valid(plate, color):
+        raise AppError(
+            422,
+            "invalid_plate",
+            "not a valid plate for this colour (green plates have 8 characters)",
+        )
+    return plate
+
+
+async def claim_plate(
+    conn: asyncpg.Connection,
+    runtime: Runtime,
+    registry: VehicleRegistry,
+    account_id: int,
+    claim: PlateClaim,
+) -> Binding | PlateDisputed:
+    """Binds a plate the driver proves to own. A plate bound to another account does not move:
+    a dispute is opened (returned, and committed, so an operator can resolve it)."""
+    plate = canonical_plate(claim.plate, claim.color)
+    await hit(
+        runtime.redis,
+        f"{runtime.settings.redis_key_prefix}ratelimit:plate-claims:account:{account_id}",
+        PLATE_CLAIMS_PER_HOUR,
+        3600,
+    )
+    if not await registry.verify(plate, claim.color, claim.licence_no, claim.owner_name):
+        raise AppError(
+            422,
+            "ownership_not_proven",
+            "the vehicle registry does not confirm this licence and owner for the plate",
+        )
+    proof = await licence_ref(claim.licence_no)
+    _account_or_404(await repo.account(conn, account_id, lock=True))
+    holder = await repo.plate_holder(conn, plate)
+    if holder is None:
+        if len(await repo.active_bindings(conn, account_id)) >= MAX_PLATES_PER_ACCOUNT:
+            raise AppError(
+                409, "too_many_plates", f"at most {MAX_PLATES_PER_ACCOUNT} plates per account"
+            )
+        row = await repo.insert_binding(
+            conn,
+            account_id,
+            plate,
+            claim.color,
+            verified_by=registry.name,
+            licence_ref=proof,
+        )
+        if row is not None:
+            log.info("drivers.plate_bound", account_id=account_id, plate=plate)
+            return _binding(row)
+        # Bound by a concurrent claim that committed first.
+        holder = await repo.plate_holder(conn, plate)
+        assert holder is not None
+    if holder == account_id:
+        raise AppError(409, "already_bound", "this plate is already bound to your account")
+    dispute_id = await repo.open_dispute(
+        conn,
+        plate=plate,
+        color=claim.color,
+        claimant_account_id=account_id,
+        holder_account_id=holder,
+        verified_by=registry.name,
+        licence_ref=proof,
+    )
+    log.info("drivers.plate_disputed", account_id=account_id, dispute_id=dispute_id, plate=plate)
+    return PlateDisputed(dispute_id)
+
+
+async def unbind_plate(conn: asyncpg.Connection, account_id: int, binding_id: int) -> None:
+    if not await repo.unbind(conn, account_id, binding_id):
+        raise NotFound("binding")
+
+
+async def agreement(conn: asyncpg.Connection, account_id: int) -> Agreement:
+    found = _agreement(await repo.active_agreement(conn, account_id))
+    if found is None:
+        raise NotFound("agreement")
+    return found
+
+
+async def sign_agreement(
+    conn: asyncpg.Connection, provider: str, account_id: int, per_session_limit_fen: int
+) -> Agreement:
+    if await repo.active_agreement(conn, account_id) is not None:
+        raise AppError(409, "agreement_exists", "cancel the active agreement first")
+    try:
+        await agreements.sign(
+            conn,
+            account_id,
+            provider=provider,
+            agreement_no=f"AGR-{uuid.uuid4().hex}",
+            per_session_limit_fen=per_session_limit_fen,
+        )
+    except agreements.AgreementError as exc:
+        # The limit was validated, so only a concurrent signing can get here.
+        raise AppError(409, "agreement_exists", "cancel the active agreement first") from exc
+    return await agreement(conn, account_id)
+
+
+async def set_agreement_limit(
+    conn: asyncpg.Connection, account_id: int, per_session_limit_fen: int
+) -> Agreement:
+    try:
+        await agreements.set_limit(conn, account_id, per_session_limit_fen)
+    except agreements.AgreementError as exc:
+        raise NotFound("agreement") from exc
+    return await agreement(conn, account_id)
+
+
+async def cancel_agreement(conn: asyncpg.Connection, account_id: int) -> None:
+    if not await agreements.cancel(conn, account_id):
+        raise NotFound("agreement")
+
+
+async def stays(
+    conn: asyncpg.Connection,
+    account_id: int,
+    *,
+    status: str | None,
+    before: datetime | None,
+    limit: int,
+) -> StayPage:
+    rows = await repo.stays(conn, account_id, status=status, before=before, limit=limit)
+    items = [Stay(**dict(r)) for r in rows]
+    return StayPage(items=items, next_before=items[-1].entered_at if len(items) == limit else None)
+
+
+async def receipt(conn: asyncpg.Connection, account_id: int, stay_id: int) -> Receipt:
+    row = await repo.stay(conn, account_id, stay_id)
+    if row is None:
+        raise NotFound("stay")
+    until = row["exited_at"] or datetime.now(UTC)
+    charge = None
+    if row["charge_status"] is not None:
+        charge = ChargeView(
+            amount_fen=row["charge_amount_fen"],
+            status=row["charge_status"],
+            created_at=row["charge_created_at"],
+            settled_at=row["charge_settled_at"],
+        )
+    return Receipt(
+        id=row["id"],
+        car_park=row["car_park"],
+        plate=row["plate"],
+        status=row["status"],
+        entered_at=row["entered_at"],
+        exited_at=row["exited_at"],
+        duration_minutes=max(0, int((until - row["entered_at"]).total_seconds()) // 60),
+        fee_fen=row["fee_fen"],
+        settlement=row["settlement"],
+        charge=charge,
+        refunds=[RefundView(**dict(r)) for r in await repo.refunds_of_stay(conn, stay_id)],
+    )
+
+
+async def debts(conn: asyncpg.Connection, account_id: int) -> Debts:
+    items = [DebtView(**dict(r)) for r in await repo.open_debts(conn, account_id)]
+    return Debts(total_fen=sum(d.amount_fen for d in items), debts=items)
+
+
+async def pay_debts(runtime: Runtime, account_id: int) -> DebtPayment:
+    """One payment for everything owed (the same one while it is unpaid); 409 `no_debts`."""
+    payment = await payments_service.start_debt_payment(runtime, account_id)
+    return DebtPayment(
+        out_trade_no=payment.out_trade_no,
+        amount_fen=payment.amount_fen,
+        pay_url=payment.pay_url,
+        status=payment.status,
+    )
+
+
+async def notifications(
+    conn: asyncpg.Connection, account_id: int, limit: int
+) -> list[NotificationView]:
+    return [NotificationView(**dict(r)) for r in await repo.notifications(conn, account_id, limit)]
+
+
+async def export(conn: asyncpg.Connection, account_id: int) -> Export:
+    _account_or_404(await repo.account(conn, account_id))
+    return Export(
+        exported_at=datetime.now(UTC),
+        account=await repo.export_account(conn, account_id),
+        bindings=await repo.export_bindings(conn, account_id),
+        agreements=await repo.export_agreements(conn, account_id),
+        stays=await repo.export_stays(conn, account_id),
+        charges=await repo.export_charges(conn, account_id),
+        payments=await repo.export_payments(conn, account_id),
+        debts=await repo.export_debts(conn, account_id),
+        refunds=await repo.export_refunds(conn, account_id),
+        notifications=await repo.export_notifications(conn, account_id),
+        disputes=await repo.export_disputes(conn, account_id),
+    )
+
+
+async def delete_account(conn: asyncpg.Connection, account_id: int) -> None:
+    """Erases the account's personal data in the request's one transaction. Money records
+    (stays, charges, payments, debts, refunds, the ledger) are kept, as the law requires, but
+    no longer lead to a phone. Signing in with the same phone later starts a new account."""
+    row = _account_or_404(await repo.account(conn, account_id, lock=True))
+    if await repo.open_debt_total(conn, account_id) > 0:
+        raise AppError(409, "settle_debts_first", "pay what you owe before deleting the account")
+    if await repo.has_pending_charges(conn, account_id):
+        # A charge still in flight may yet fail and become a debt nobody could pay.
+        raise AppError(
+            409, "charges_pending", "a parking fee is still being charged; try again shortly"
+        )
+    await repo.erase_account(conn, account_id)
+    await repo.unbind_all(conn, account_id)
+    await agreements.cancel(conn, account_id)
+    await auth_repo.revoke_subject(conn, f"account:{account_id}")
+    await repo.withdraw_disputes(conn, account_id)
+    await repo.erase_notifications(conn, account_id)
+    await repo.delete_sign_in_codes(conn, row["phone"])
+    await repo.audit(
+        conn,
+        actor=f"account:{account_id}",
+        action="account.deleted",
+        subject=f"account:{account_id}",
+        detail={},
+    )
+    log.info("drivers.account_deleted", account_id=account_id)
