@@ -19,6 +19,7 @@ from billing import sandbox
 from parking import billing_cli
 from parking.app import create_app
 from parking.db import create_pool
+from parking.gates import provision as gates_provision
 from parking.infra import endpoints
 from parking.logging import configure_logging
 from parking.migrate import MIGRATIONS_DIR, migrate, schema_snapshot
@@ -165,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         "retention", help="erase capture images older than PARKING_IMAGE_RETENTION_DAYS now"
     )
 
+    gates_provision.add_arguments(
+        sub.add_parser("gates", help="broker accounts and ACLs for gates and lane workers")
+    )
+
     p_billing = sub.add_parser("billing", help="reconciliation and money reports")
     billing_cli.add_arguments(p_billing)
 
@@ -235,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     elif args.command == "retention":
         _run(_retention(settings))
+    elif args.command == "gates":
+        return gates_provision.run(args)
     elif args.command == "billing":
         return _run(billing_cli.run(settings, args))
     return 0
