@@ -22,13 +22,21 @@ log = get_logger(__name__)
 @dataclass(frozen=True, slots=True)
 class PlateReading:
     candidates: tuple[Candidate, ...]
-    source: Literal["camera", "ocr", "none"]
+    # "operator": a person settled a held capture's plate (see `operator_reading`).
+    source: Literal["camera", "ocr", "none", "operator"]
     raw: str | None = None
     image: bytes | None = None  # the first frame, kept for an operator if a person must decide
 
     @property
     def best(self) -> Candidate | None:
         return self.candidates[0] if self.candidates else None
+
+
+def operator_reading(plate: str) -> PlateReading:
+    """An attendant's decision on a held capture: a person looked at the car and chose or typed
+    the (grammatical, normalised) plate, so it is as certain as a read can be. Like a confident
+    camera read, it is taken as it is and never bent onto a look-alike parked plate."""
+    return PlateReading((Candidate(plate, 1.0),), "operator", plate)
 
 
 def decode_frames(capture: Capture) -> list[bytes]:

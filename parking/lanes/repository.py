@@ -90,6 +90,33 @@ async def insert_capture(conn: asyncpg.Connection, **values: Any) -> None:
     )
 
 
+async def update_capture_decision(
+    conn: asyncpg.Connection,
+    capture_id: UUID,
+    *,
+    plate: str | None,
+    plate_source: str,
+    match_status: str | None,
+    outcome: str,
+    session_id: int | None,
+    command: dict[str, Any],
+) -> None:
+    """A held capture decided again (an operator settled its plate): its row records the new
+    decision, and a redelivery of the capture gets the new command."""
+    await conn.execute(
+        """UPDATE captures SET plate = $2, plate_source = $3, match_status = $4, outcome = $5,
+                  session_id = $6, command = $7
+           WHERE capture_id = $1""",
+        capture_id,
+        plate,
+        plate_source,
+        match_status,
+        outcome,
+        session_id,
+        command,
+    )
+
+
 async def open_session_for_update(
     conn: asyncpg.Connection, car_park_id: int, plate: str
 ) -> OpenSession | None:

@@ -103,7 +103,11 @@ class LaneService:
             return await self._entry(conn, gate, capture, reading, at, now)
         return await self._exit(conn, gate, capture, reading, at, now)
 
-    def _certain_camera_read(self, reading: PlateReading) -> bool:
+    def _certain_read(self, reading: PlateReading) -> bool:
+        """A plate a stay may be opened at the exit for: an operator's, or a confident camera
+        read."""
+        if reading.source == "operator":
+            return True
         best = reading.best
         return (
             reading.source == "camera"
@@ -165,9 +169,10 @@ class LaneService:
         if plate is not None:
             if plate in left:
                 return _Exit(plate, None, "exact", duplicate_of=left[plate])
-            if reading.source == "camera":
-                # A confident camera read is what the car shows; never bend it onto a
-                # look-alike parked plate. No stay for it: the no-entry policy decides.
+            if reading.source in ("camera", "operator"):
+                # A confident camera read is what the car shows, and an operator's plate is what
+                # a person saw; never bend either onto a look-alike parked plate. No stay for
+                # it: the no-entry policy decides.
                 return _Exit(plate, None, "no_match")
         parked = await repo.open_plates(conn, gate.car_park_id)
         result: MatchResult = match(reading.candidates, [*parked, *left], raw=reading.raw)
@@ -204,7 +209,7 @@ class LaneService:
 
         occupancy_delta = -1
         if session is None:
-            if gate.no_entry_policy != "fixed_fee" or not self._certain_camera_read(reading):
+            if gate.no_entry_policy != "fixed_fee" or not self._certain_read(reading):
                 # Charging a fixed fee to whoever has this plate bound needs a read we are sure
                 # of; anything less is for a person.
                 return await self._exception(
@@ -293,6 +298,11 @@ class LaneService:
         ranked: tuple[tuple[str, float], ...] = (),
     ) -> Decision:
         """The gate holds and an operator decides; the capture's frame goes with it."""
+        outcome, match_status, display = _EXCEPTION_HOLD[reason]
+        if reading.source == "operator":
+            # An operator re-deciding this capture's open exception: no second exception (the
+            # operator service refuses a decision that would still need one).
+            return self._hold(capture, now, outcome, self._confident(reading), [display])
         candidates: list[dict[str, Any]] = [
             {"plate": c.plate, "score": round(c.score, 4), "kind": "read"}
             for c in reading.candidates[:5]
@@ -306,7 +316,6 @@ class LaneService:
             candidates=candidates,
             image=reading.image,
         )
-        outcome, match_status, display = _EXCEPTION_HOLD[reason]
         return self._hold(
             capture,
             now,

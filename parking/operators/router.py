@@ -1,5 +1,270 @@
-"""The operator API: staff see and change only their own company's car parks."""
+"""The operator API: staff see and change only their own company's car parks.
 
-from fastapi import APIRouter
+Attendants and admins (`OperatorDep`) read everything of their company, resolve exceptions and
+open gates; changing a car park, its gates and tariffs, and refunding, is for admins
+(`OperatorAdminDep`). Another company's objects are answered 404.
+
+The routes that command a gate commit their own transaction before they publish: the
+connection of `ConnectionDep` commits only after the response has been sent.
+"""
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Query, Response
+
+from parking.auth.principal import OperatorAdminDep, OperatorDep
+from parking.deps import ConnectionDep, RuntimeDep
+from parking.operators import service
+from parking.operators.schemas import (
+    CODE_PATTERN,
+    MAX_ID,
+    CarParkChange,
+    DebtBucket,
+    Gate,
+    Instant,
+    LaneException,
+    ManualOpen,
+    NewGate,
+    NewRefund,
+    NewTariff,
+    Opened,
+    OperatorCarPark,
+    Refund,
+    RefundLine,
+    Resolution,
+    Resolved,
+    RevenueLine,
+    Stay,
+    TariffVersion,
+)
 
 router = APIRouter(prefix="/api/v1/operator", tags=["operator"])
+
+CarParkCode = Annotated[str, Path(pattern=CODE_PATTERN)]
+GateCode = Annotated[str, Path(pattern=CODE_PATTERN)]
+CarParkFilter = Annotated[str | None, Query(pattern=CODE_PATTERN, description="a car park's code")]
+Id = Annotated[int, Path(ge=1, le=MAX_ID)]
+From = Annotated[
+    date | None, Query(alias="from", description="first local day (default: 29 days before 'to')")
+]
+To = Annotated[date | None, Query(alias="to", description="last local day (default: today)")]
+
+
+@router.get("/car-parks")
+async def list_car_parks(
+    operator: OperatorDep, conn: ConnectionDep, runtime: RuntimeDep
+) -> list[OperatorCarPark]:
+    """The company's car parks with their live occupancy."""
+    return await service.list_car_parks(conn, runtime.occupancy, operator)
+
+
+@router.get("/car-parks/{code}")
+async def get_car_park(
+    code: CarParkCode, operator: OperatorDep, conn: ConnectionDep, runtime: RuntimeDep
+) -> OperatorCarPark:
+    return await service.get_car_park(conn, runtime.occupancy, operator, code)
+
+
+@router.patch("/car-parks/{code}")
+async def update_car_park(
+    code: CarParkCode,
+    change: CarParkChange,
+    admin: OperatorAdminDep,
+    conn: ConnectionDep,
+    runtime: RuntimeDep,
+) -> OperatorCarPark:
+    """Renames a car park or changes its capacity (admins)."""
+    return await service.update_car_park(conn, runtime.occupancy, admin, code, change)
+
+
+@router.get("/car-parks/{code}/gates")
+async def list_gates(code: CarParkCode, operator: OperatorDep, conn: ConnectionDep) -> list[Gate]:
+    return await service.list_gates(conn, operator, code)
+
+
+@router.post("/car-parks/{code}/gates", status_code=201)
+async def add_gate(
+    code: CarParkCode, new: NewGate, admin: OperatorAdminDep, conn: ConnectionDep
+) -> Gate:
+    """Adds a gate (admins); 409 `gate_exists` when the code is taken."""
+    return await service.add_gate(conn, admin, code, new)
+
+
+@router.get("/car-parks/{code}/tariffs")
+async def list_tariffs(
+    code: CarParkCode, operator: OperatorDep, conn: ConnectionDep
+) -> list[TariffVersion]:
+    """Tariff versions, newest first; a stay is priced by the version in force when it began."""
+    return await service.list_tariffs(conn, operator, code)
+
+
+@router.post(
+    "/car-parks/{code}/tariffs",
+    status_code=201,
+    responses={
+        201: {
+            "description": "The new version. Exit lanes cache a car park's tariffs for up to "
+            "60 s: until their cache expires they price with the versions they already had."
+        }
+    },
+)
+async def add_tariff(
+    code: CarParkCode, new: NewTariff, admin: OperatorAdminDep, conn: ConnectionDep
+) -> TariffVersion:
+    """Adds a tariff version (admins). `rules` is a `billing.tariff.Tariff` (422
+    `invalid_tariff` with the validation errors in `details`). `effective_from` may not lie
+    more than a minute in the past (422 `effective_from_in_past`): that would change the price
+    of stays already begun. The exit lanes read tariffs at most once a minute, so a version
+    that starts within the next minute may apply up to 60 s late."""
+    return await service.add_tariff(conn, admin, code, new, datetime.now(UTC))
+
+
+@router.get("/stays")
+async def list_stays(
+    operator: OperatorDep,
+    conn: ConnectionDep,
+    car_park: CarParkFilter = None,
+    plate: Annotated[str | None, Query(description="the exact plate", max_length=32)] = None,
+    entered_from: Annotated[Instant | None, Query(alias="from")] = None,
+    entered_to: Annotated[Instant | None, Query(alias="to")] = None,
+    status: Literal["open", "closed"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> list[Stay]:
+    """Stays at the company's car parks by entry time, newest first (plates masked). `from`
+    is inclusive, `to` exclusive."""
+    return await service.list_stays(
+        conn,
+        operator,
+        car_park=car_park,
+        plate=plate,
+        entered_from=entered_from,
+        entered_to=entered_to,
+        status=status,
+        limit=limit,
+    )
+
+
+@router.get("/exceptions")
+async def list_exceptions(
+    operator: OperatorDep,
+    conn: ConnectionDep,
+    car_park: CarParkFilter = None,
+    status: Literal["open", "resolved"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[LaneException]:
+    """The exception queue: captures the lane held for a person, newest first."""
+    return await service.list_exceptions(
+        conn, operator, car_park=car_park, status=status, limit=limit
+    )
+
+
+@router.get(
+    "/exceptions/{exception_id}/image",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}},
+)
+async def exception_image(exception_id: Id, operator: OperatorDep, conn: ConnectionDep) -> Response:
+    """The capture's frame; 404 when there was none or it has been erased."""
+    image = await service.exception_image(conn, operator, exception_id)
+    return Response(image, media_type="image/jpeg", headers={"Cache-Control": "private, no-store"})
+
+
+@router.post("/exceptions/{exception_id}/resolve")
+async def resolve_exception(
+    exception_id: Id, resolution: Resolution, operator: OperatorDep, runtime: RuntimeDep
+) -> Resolved:
+    """The attendant chooses or types the plate: the held capture is decided again with it
+    and the gate gets the new command. 409 `already_resolved`; 409 `no_open_stay` when no car
+    with that plate is parked there (check the plate, or open the gate by hand)."""
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        resolved, effect = await service.resolve_exception(
+            conn,
+            runtime.lanes.service,
+            operator,
+            exception_id,
+            resolution.plate,
+            datetime.now(UTC),
+        )
+    await service.apply(runtime, effect)
+    return resolved
+
+
+@router.post("/car-parks/{code}/gates/{gate}/open")
+async def open_gate(
+    code: CarParkCode,
+    gate: GateCode,
+    request: ManualOpen,
+    operator: OperatorDep,
+    runtime: RuntimeDep,
+) -> Opened:
+    """Opens a gate by hand, for the reason given (audit-logged). With the `capture_id` of a
+    held exit, its stay is closed with settlement 'operator': the fee is recorded, not
+    charged."""
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        opened, effect = await service.open_gate(
+            conn,
+            operator,
+            code,
+            gate,
+            request,
+            command_ttl=timedelta(seconds=runtime.settings.command_ttl_s),
+            now=datetime.now(UTC),
+        )
+    await service.apply(runtime, effect)
+    return opened
+
+
+@router.post("/charges/{charge_id}/refunds", status_code=201)
+async def refund_charge(
+    charge_id: Id, request: NewRefund, admin: OperatorAdminDep, conn: ConnectionDep
+) -> Refund:
+    """Refunds (part of) a collected charge (admins); the provider is asked by the outbox
+    worker. 409 `refund_not_allowed` when the charge was not collected or too much is asked."""
+    return await service.refund_charge(conn, admin, charge_id, request)
+
+
+@router.get("/refunds")
+async def list_refunds(
+    operator: OperatorDep,
+    conn: ConnectionDep,
+    runtime: RuntimeDep,
+    start: From = None,
+    end: To = None,
+) -> list[RefundLine]:
+    timezone = runtime.settings.timezone
+    first, last = service.period(start, end, timezone)
+    return await service.list_refunds(conn, operator, first, last, timezone)
+
+
+@router.get(
+    "/reports/revenue",
+    response_model=list[RevenueLine],
+    responses={200: {"content": {"text/csv": {}}}},
+)
+async def revenue_report(
+    operator: OperatorDep,
+    conn: ConnectionDep,
+    runtime: RuntimeDep,
+    start: From = None,
+    end: To = None,
+    output: Annotated[Literal["json", "csv"], Query(alias="format")] = "json",
+) -> Response | list[dict[str, object]]:
+    """Revenue per car park and local day: pay-later fees, fees paid at the gate, refunds,
+    net. `format=csv` answers a CSV attachment."""
+    timezone = runtime.settings.timezone
+    first, last = service.period(start, end, timezone)
+    rows = await service.revenue(conn, operator, first, last, timezone)
+    if output == "json":
+        return rows
+    return Response(
+        service.revenue_csv(rows),
+        media_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="revenue-{first}-{last}.csv"'},
+    )
+
+
+@router.get("/reports/debts")
+async def debts_report(operator: OperatorDep, conn: ConnectionDep) -> list[DebtBucket]:
+    """Open debts of stays at the company's car parks, by age in days."""
+    return await service.debts_by_age(conn, operator, datetime.now(UTC))

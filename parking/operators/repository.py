@@ -1,0 +1,347 @@
+"""SQL of the operator API. Every read of a car park, stay, exception or charge is scoped by the
+caller's operator company in SQL: another company's objects are simply not found."""
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from gate_controller.protocol import Direction
+
+_CAR_PARK_COLUMNS = """id, code, name, capacity, latitude, longitude, no_entry_policy,
+    no_entry_fee_fen"""
+
+
+async def car_parks(conn: asyncpg.Connection, operator_id: int) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"SELECT {_CAR_PARK_COLUMNS} FROM car_parks WHERE operator_id = $1 ORDER BY code",
+        operator_id,
+    )
+    return rows
+
+
+async def car_park(
+    conn: asyncpg.Connection, operator_id: int, code: str, *, lock: bool = False
+) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"""SELECT {_CAR_PARK_COLUMNS} FROM car_parks WHERE operator_id = $1 AND code = $2
+            {"FOR UPDATE" if lock else ""}""",
+        operator_id,
+        code,
+    )
+    return row
+
+
+async def update_car_park(
+    conn: asyncpg.Connection, car_park_id: int, *, name: str, capacity: int
+) -> asyncpg.Record:
+    row: asyncpg.Record = await conn.fetchrow(
+        f"""UPDATE car_parks SET name = $2, capacity = $3 WHERE id = $1
+            RETURNING {_CAR_PARK_COLUMNS}""",
+        car_park_id,
+        name,
+        capacity,
+    )
+    return row
+
+
+async def gates(conn: asyncpg.Connection, car_park_id: int) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        "SELECT id, code, direction, created_at FROM gates WHERE car_park_id = $1 ORDER BY code",
+        car_park_id,
+    )
+    return rows
+
+
+async def gate(conn: asyncpg.Connection, car_park_id: int, code: str) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT id, code, direction FROM gates WHERE car_park_id = $1 AND code = $2",
+        car_park_id,
+        code,
+    )
+    return row
+
+
+async def insert_gate(
+    conn: asyncpg.Connection, car_park_id: int, code: str, direction: str
+) -> asyncpg.Record | None:
+    """None when the car park already has a gate with this code."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """INSERT INTO gates (car_park_id, code, direction) VALUES ($1, $2, $3)
+           ON CONFLICT (car_park_id, code) DO NOTHING
+           RETURNING id, code, direction, created_at""",
+        car_park_id,
+        code,
+        direction,
+    )
+    return row
+
+
+async def tariffs(conn: asyncpg.Connection, car_park_id: int) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT id, effective_from, rules, created_at FROM tariffs WHERE car_park_id = $1
+           ORDER BY effective_from DESC""",
+        car_park_id,
+    )
+    return rows
+
+
+async def insert_tariff(
+    conn: asyncpg.Connection, car_park_id: int, effective_from: datetime, rules: dict[str, Any]
+) -> asyncpg.Record | None:
+    """None when the car park already has a version from that instant."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """INSERT INTO tariffs (car_park_id, effective_from, rules) VALUES ($1, $2, $3)
+           ON CONFLICT (car_park_id, effective_from) DO NOTHING
+           RETURNING id, effective_from, rules, created_at""",
+        car_park_id,
+        effective_from,
+        rules,
+    )
+    return row
+
+
+async def stays(
+    conn: asyncpg.Connection,
+    operator_id: int,
+    *,
+    car_park_id: int | None,
+    plate: str | None,
+    entered_from: datetime | None,
+    entered_to: datetime | None,
+    status: str | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT s.id, cp.code AS car_park, s.plate, s.plate_color, s.status, s.entered_at,
+                  s.exited_at, s.fee_fen, s.settlement, c.id AS charge_id,
+                  c.status AS charge_status
+           FROM sessions s JOIN car_parks cp ON cp.id = s.car_park_id
+           LEFT JOIN charges c ON c.session_id = s.id
+           WHERE cp.operator_id = $1
+             AND ($2::bigint IS NULL OR s.car_park_id = $2)
+             AND ($3::text IS NULL OR s.plate = $3)
+             AND ($4::timestamptz IS NULL OR s.entered_at >= $4)
+             AND ($5::timestamptz IS NULL OR s.entered_at < $5)
+             AND ($6::text IS NULL OR s.status = $6)
+           ORDER BY s.entered_at DESC, s.id DESC LIMIT $7""",
+        operator_id,
+        car_park_id,
+        plate,
+        entered_from,
+        entered_to,
+        status,
+        limit,
+    )
+    return rows
+
+
+_EXCEPTION_COLUMNS = """e.id, cp.code AS car_park, g.code AS gate, e.reason, e.created_at,
+    e.candidates, e.image IS NOT NULL AS has_image, e.status, e.resolved_plate"""
+
+
+async def exceptions(
+    conn: asyncpg.Connection,
+    operator_id: int,
+    *,
+    car_park_id: int | None,
+    status: str | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""SELECT {_EXCEPTION_COLUMNS}
+            FROM lane_exceptions e JOIN car_parks cp ON cp.id = e.car_park_id
+            JOIN gates g ON g.id = e.gate_id
+            WHERE cp.operator_id = $1
+              AND ($2::bigint IS NULL OR e.car_park_id = $2)
+              AND ($3::text IS NULL OR e.status = $3)
+            ORDER BY e.created_at DESC, e.id DESC LIMIT $4""",
+        operator_id,
+        car_park_id,
+        status,
+        limit,
+    )
+    return rows
+
+
+async def exception_image(
+    conn: asyncpg.Connection, operator_id: int, exception_id: int
+) -> asyncpg.Record | None:
+    """The exception's stored frame (`image`, NULL when there was none or it was erased)."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """SELECT e.image FROM lane_exceptions e JOIN car_parks cp ON cp.id = e.car_park_id
+           WHERE e.id = $1 AND cp.operator_id = $2""",
+        exception_id,
+        operator_id,
+    )
+    return row
+
+
+@dataclass(frozen=True, slots=True)
+class HeldCapture:
+    """A capture the lane held, with what is needed to decide it again."""
+
+    exception_id: int
+    exception_status: str
+    capture_id: UUID
+    car_park_id: int
+    lot: str
+    gate: str
+    seq: int
+    direction: Direction
+    captured_at: datetime
+    offline: bool
+    plate_color: str | None
+
+
+async def exception_for_update(
+    conn: asyncpg.Connection, operator_id: int, exception_id: int
+) -> HeldCapture | None:
+    """Locked, so that two operators resolving the same exception decide it once."""
+    row = await conn.fetchrow(
+        """SELECT e.id AS exception_id, e.status AS exception_status, c.capture_id,
+                  cp.id AS car_park_id, cp.code AS lot, g.code AS gate, c.seq, c.direction,
+                  c.captured_at, c.offline, c.plate_color
+           FROM lane_exceptions e JOIN car_parks cp ON cp.id = e.car_park_id
+           JOIN gates g ON g.id = e.gate_id JOIN captures c ON c.capture_id = e.capture_id
+           WHERE e.id = $1 AND cp.operator_id = $2
+           FOR UPDATE OF e, c""",
+        exception_id,
+        operator_id,
+    )
+    return HeldCapture(**dict(row)) if row else None
+
+
+async def mark_exception_resolved(
+    conn: asyncpg.Connection, capture_id: UUID, plate: str | None, actor: str
+) -> int | None:
+    """Resolves the capture's open exception, if it has one; returns its id."""
+    exception_id: int | None = await conn.fetchval(
+        """UPDATE lane_exceptions SET status = 'resolved', resolved_plate = $2, resolved_by = $3,
+                  resolved_at = now()
+           WHERE capture_id = $1 AND status = 'open' RETURNING id""",
+        capture_id,
+        plate,
+        actor,
+    )
+    return exception_id
+
+
+@dataclass(frozen=True, slots=True)
+class HeldStay:
+    id: int
+    status: str
+    plate: str
+    plate_color: str | None
+    entered_at: datetime
+    fixed_fee_fen: int | None
+    # A stay opened at the exit (no entry record, fixed-fee policy) was never counted in.
+    counted_in: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GateCapture:
+    """A capture at a gate, locked, and the stay it was decided for, locked too."""
+
+    capture_id: UUID
+    direction: str
+    action: str
+    stay: HeldStay | None
+
+
+async def capture_at_gate(
+    conn: asyncpg.Connection, gate_id: int, capture_id: UUID
+) -> GateCapture | None:
+    row = await conn.fetchrow(
+        """SELECT capture_id, direction, command->>'action' AS action, session_id
+           FROM captures WHERE capture_id = $1 AND gate_id = $2 FOR UPDATE""",
+        capture_id,
+        gate_id,
+    )
+    if row is None:
+        return None
+    stay = None
+    if row["session_id"] is not None:
+        # Locked as the lane and the payments lock it, so the stay is closed once.
+        stay_row = await conn.fetchrow(
+            """SELECT id, status, plate, plate_color, entered_at, fixed_fee_fen,
+                      (entry_capture_id IS NOT NULL OR fixed_fee_fen IS NULL) AS counted_in
+               FROM sessions WHERE id = $1 FOR UPDATE""",
+            row["session_id"],
+        )
+        stay = HeldStay(**dict(stay_row))
+    return GateCapture(row["capture_id"], row["direction"], row["action"], stay)
+
+
+async def close_stay_by_operator(
+    conn: asyncpg.Connection,
+    *,
+    session_id: int,
+    exited_at: datetime,
+    exit_capture_id: UUID,
+    fee_fen: int | None,
+) -> None:
+    """An operator let the car out: the fee is recorded and nobody is charged."""
+    await conn.execute(
+        """UPDATE sessions SET status = 'closed', exited_at = $2, exit_capture_id = $3,
+                  fee_fen = $4, settlement = 'operator'
+           WHERE id = $1 AND status = 'open'""",
+        session_id,
+        exited_at,
+        exit_capture_id,
+        fee_fen,
+    )
+
+
+async def store_command(
+    conn: asyncpg.Connection, capture_id: UUID, command: dict[str, Any], outcome: str
+) -> None:
+    """A redelivered capture gets the latest command."""
+    await conn.execute(
+        "UPDATE captures SET command = $2, outcome = $3 WHERE capture_id = $1",
+        capture_id,
+        command,
+        outcome,
+    )
+
+
+async def charge_of_operator(conn: asyncpg.Connection, operator_id: int, charge_id: int) -> bool:
+    found: bool = await conn.fetchval(
+        """SELECT EXISTS (SELECT 1 FROM charges c JOIN sessions s ON s.id = c.session_id
+                          JOIN car_parks cp ON cp.id = s.car_park_id
+                          WHERE c.id = $1 AND cp.operator_id = $2)""",
+        charge_id,
+        operator_id,
+    )
+    return found
+
+
+async def open_debts(
+    conn: asyncpg.Connection, operator_id: int, now: datetime
+) -> list[asyncpg.Record]:
+    """Open debts of stays at the company's car parks, with their age in whole days."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT d.amount_fen, d.account_id,
+                  floor(extract(epoch FROM $2::timestamptz - d.created_at) / 86400)::int
+                      AS age_days
+           FROM debts d JOIN charges c ON c.id = d.charge_id
+           JOIN sessions s ON s.id = c.session_id JOIN car_parks cp ON cp.id = s.car_park_id
+           WHERE d.settled_at IS NULL AND cp.operator_id = $1""",
+        operator_id,
+        now,
+    )
+    return rows
+
+
+async def audit(
+    conn: asyncpg.Connection, actor: str, action: str, subject: str, detail: dict[str, Any]
+) -> None:
+    await conn.execute(
+        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
+        actor,
+        action,
+        subject,
+        detail,
+    )

@@ -1,0 +1,214 @@
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import orjson
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
+
+from plate_recognition.grammar import is_valid, normalise
+
+CODE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# PostgreSQL text cannot hold NUL: refused here rather than failing in the database.
+_NO_NUL = r"^[^\x00]*$"
+# Ids are bigint: a larger number is a request error, not a database error.
+MAX_ID = 2**63 - 1
+
+
+def _utc(value: datetime) -> datetime:
+    """An instant in UTC; one that UTC cannot represent (year 9999 west of Greenwich) is a
+    request error, not a database error."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the instant is out of range") from None
+
+
+Instant = Annotated[AwareDatetime, AfterValidator(_utc)]
+Code = Annotated[str, StringConstraints(pattern=CODE_PATTERN)]
+Reason = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=3, max_length=500, pattern=_NO_NUL)
+]
+Name = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=_NO_NUL)
+]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OperatorCarPark(BaseModel):
+    code: str
+    name: str
+    capacity: int
+    occupied: int
+    free: int
+    latitude: float | None
+    longitude: float | None
+    no_entry_policy: str
+    no_entry_fee_fen: int
+
+
+class CarParkChange(_Request):
+    name: Name | None = None
+    capacity: Annotated[int, Field(ge=0, le=100_000)] | None = None
+
+
+class Gate(BaseModel):
+    code: str
+    direction: str
+    created_at: datetime
+
+
+class NewGate(_Request):
+    code: Code
+    direction: Literal["in", "out", "both"]
+
+
+class TariffVersion(BaseModel):
+    id: int
+    effective_from: datetime
+    rules: dict[str, Any]
+    created_at: datetime
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+class NewTariff(_Request):
+    effective_from: Instant
+    # Validated by billing.tariff.Tariff; its errors are answered as 422 `invalid_tariff`.
+    rules: dict[str, Any]
+
+    @field_validator("rules")
+    @classmethod
+    def _storable(cls, rules: dict[str, Any]) -> dict[str, Any]:
+        # Stored as jsonb through orjson: integers of 64 bits at most, and no NUL in text.
+        try:
+            orjson.dumps(rules)
+        except orjson.JSONEncodeError:
+            raise ValueError("numbers in a tariff must fit in 64 bits") from None
+        if _has_nul(rules):
+            raise ValueError("text in a tariff cannot contain NUL")
+        return rules
+
+
+class Stay(BaseModel):
+    id: int
+    car_park: str
+    # Masked: staff are not the plate's owner (search by the exact plate to find a car).
+    plate: str
+    plate_color: str | None
+    status: str
+    entered_at: datetime
+    exited_at: datetime | None
+    fee_fen: int | None
+    settlement: str | None
+    charge_id: int | None
+    charge_status: str | None
+
+
+class LaneException(BaseModel):
+    """One entry of the exception queue (the operator dashboard depends on these fields)."""
+
+    id: int
+    car_park: str
+    gate: str
+    reason: str
+    created_at: datetime
+    # What the readers proposed and the closest parked plates, as the lane stored them.
+    candidates: list[dict[str, Any]]
+    has_image: bool
+    image_url: str | None
+    status: str
+    resolved_plate: str | None
+
+
+class Resolution(_Request):
+    plate: str
+
+    @field_validator("plate")
+    @classmethod
+    def _grammatical(cls, value: str) -> str:
+        plate = normalise(value)
+        if plate is None or not is_valid(plate):
+            raise ValueError("not a valid Chinese licence plate")
+        return plate
+
+
+class Resolved(BaseModel):
+    outcome: str
+    action: str
+    fee_fen: int | None
+
+
+class ManualOpen(_Request):
+    reason: Reason
+    # The held capture the car is standing at the barrier for, if any.
+    capture_id: UUID | None = None
+
+
+class Opened(BaseModel):
+    # The capture the open command was sent for: the held one, or a new id of its own.
+    capture_id: UUID
+    # The held stay that was closed by this open (settlement 'operator', fee not charged).
+    session_id: int | None
+    fee_fen: int | None
+
+
+class NewRefund(_Request):
+    amount_fen: Annotated[int, Field(gt=0, le=MAX_ID)]
+    reason: Reason
+
+
+class Refund(BaseModel):
+    id: int
+    charge_id: int | None
+    amount_fen: int
+    kind: str
+    reason: str
+    status: str
+
+
+class RefundLine(BaseModel):
+    id: int
+    created_at: datetime
+    car_park: str
+    amount_fen: int
+    kind: str
+    reason: str
+    requested_by: str
+    status: str
+    out_refund_no: str
+
+
+class RevenueLine(BaseModel):
+    day: str
+    car_park: str
+    car_park_name: str
+    pay_later_fen: int
+    paid_at_gate_fen: int
+    refunded_fen: int
+    net_fen: int
+
+
+class DebtBucket(BaseModel):
+    age_days: str
+    debts: int
+    accounts: int
+    amount_fen: int

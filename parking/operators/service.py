@@ -1,0 +1,546 @@
+"""The operator API's use cases. Every function is scoped to the caller's operator company:
+another company's car parks, stays, exceptions and charges are not found (404), never
+forbidden. Every change writes an audit_log row naming the staff member.
+
+Functions that change a gate (`resolve_exception`, `open_gate`) return a `GateEffect` with the
+decision: the caller commits and only then `apply` publishes the command and moves the
+occupancy counter.
+"""
+
+import uuid
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import asyncpg
+from pydantic import ValidationError
+
+from billing import fees, refunds, reports
+from billing.debts import AGE_BUCKETS
+from billing.tariff import Tariff
+from gate_controller.protocol import CameraRead, Capture, Command, GateAddress, Topics, encode
+from parking.auth.principal import Principal
+from parking.errors import AppError, NotFound
+from parking.lanes import repository as lanes_repo
+from parking.lanes.reading import operator_reading
+from parking.lanes.service import LaneService
+from parking.logging import get_logger, mask_plate
+from parking.occupancy.service import Occupancy
+from parking.operators import repository as repo
+from parking.operators.schemas import (
+    CarParkChange,
+    DebtBucket,
+    Gate,
+    LaneException,
+    ManualOpen,
+    NewGate,
+    NewRefund,
+    NewTariff,
+    Opened,
+    OperatorCarPark,
+    Refund,
+    RefundLine,
+    Resolved,
+    RevenueLine,
+    Stay,
+    TariffVersion,
+)
+from parking.runtime import Runtime
+from plate_recognition.grammar import normalise, plate_color_guess
+
+log = get_logger(__name__)
+
+# A new tariff may start at most this long ago (clock skew between the console and us); any
+# earlier would reprice stays that have already begun.
+TARIFF_BACKDATE_TOLERANCE = timedelta(minutes=1)
+# What the lane answers when a capture still needs a person: an operator's plate must not.
+_STILL_AN_EXCEPTION = frozenset({"held_no_entry", "held_unreadable", "held_ambiguous"})
+REVENUE_COLUMNS = tuple(RevenueLine.model_fields)
+_LONGEST_REPORT = timedelta(days=366)
+_DEFAULT_REPORT = timedelta(days=29)  # the last 30 days, both ends included
+_MANUAL_OPEN_DISPLAY = "人工放行"
+
+
+@dataclass(frozen=True, slots=True)
+class GateEffect:
+    """What happens after commit: the command to the gate, the occupancy change."""
+
+    car_park_id: int
+    address: GateAddress
+    command: Command
+    occupancy_delta: int
+
+
+async def apply(runtime: Runtime, effect: GateEffect) -> None:
+    """After commit. Occupancy first: a publish that fails must not lose the counted change."""
+    if effect.occupancy_delta:
+        await runtime.occupancy.adjust(effect.car_park_id, effect.occupancy_delta)
+    topic = Topics(runtime.settings.mqtt_topic_prefix).topic(effect.address, "command")
+    await runtime.mqtt.publish(topic, encode(effect.command))
+    log.info(
+        "operator.gate_command",
+        lot=effect.address.lot,
+        gate=effect.address.gate,
+        action=effect.command.action,
+    )
+
+
+def _operator_id(principal: Principal) -> int:
+    if principal.operator_id is None:  # OperatorDep only lets staff tokens through
+        raise AppError(403, "forbidden", "not a member of an operator company")
+    return principal.operator_id
+
+
+async def _own_car_park(
+    conn: asyncpg.Connection, principal: Principal, code: str, *, lock: bool = False
+) -> asyncpg.Record:
+    row = await repo.car_park(conn, _operator_id(principal), code, lock=lock)
+    if row is None:
+        raise NotFound("car_park")
+    return row
+
+
+def _car_park_view(row: asyncpg.Record, occupied: int) -> OperatorCarPark:
+    return OperatorCarPark(
+        code=row["code"],
+        name=row["name"],
+        capacity=row["capacity"],
+        occupied=occupied,
+        free=max(0, row["capacity"] - occupied),
+        latitude=row["latitude"],
+        longitude=row["longitude"],
+        no_entry_policy=row["no_entry_policy"],
+        no_entry_fee_fen=row["no_entry_fee_fen"],
+    )
+
+
+# Car parks, gates, tariffs
+
+
+async def list_car_parks(
+    conn: asyncpg.Connection, occupancy: Occupancy, principal: Principal
+) -> list[OperatorCarPark]:
+    rows = await repo.car_parks(conn, _operator_id(principal))
+    counts = await occupancy.get_many([r["id"] for r in rows])
+    return [_car_park_view(r, counts[r["id"]]) for r in rows]
+
+
+async def get_car_park(
+    conn: asyncpg.Connection, occupancy: Occupancy, principal: Principal, code: str
+) -> OperatorCarPark:
+    row = await _own_car_park(conn, principal, code)
+    return _car_park_view(row, await occupancy.get(row["id"]))
+
+
+async def update_car_park(
+    conn: asyncpg.Connection,
+    occupancy: Occupancy,
+    principal: Principal,
+    code: str,
+    change: CarParkChange,
+) -> OperatorCarPark:
+    row = await _own_car_park(conn, principal, code, lock=True)
+    wanted = change.model_dump(exclude_none=True)
+    changed = {k: {"from": row[k], "to": v} for k, v in wanted.items() if row[k] != v}
+    if changed:
+        row = await repo.update_car_park(
+            conn,
+            row["id"],
+            name=wanted.get("name", row["name"]),
+            capacity=wanted.get("capacity", row["capacity"]),
+        )
+        await repo.audit(
+            conn, principal.actor, "car_park.updated", f"car_park:{row['id']}", changed
+        )
+    return _car_park_view(row, await occupancy.get(row["id"]))
+
+
+async def list_gates(conn: asyncpg.Connection, principal: Principal, code: str) -> list[Gate]:
+    car_park = await _own_car_park(conn, principal, code)
+    return [Gate(**dict(r)) for r in await repo.gates(conn, car_park["id"])]
+
+
+async def add_gate(conn: asyncpg.Connection, principal: Principal, code: str, new: NewGate) -> Gate:
+    car_park = await _own_car_park(conn, principal, code)
+    row = await repo.insert_gate(conn, car_park["id"], new.code, new.direction)
+    if row is None:
+        raise AppError(409, "gate_exists", f"the car park already has a gate {new.code!r}")
+    await repo.audit(
+        conn,
+        principal.actor,
+        "gate.created",
+        f"gate:{row['id']}",
+        {"car_park": code, "gate": new.code, "direction": new.direction},
+    )
+    return Gate(code=row["code"], direction=row["direction"], created_at=row["created_at"])
+
+
+def _tariff_view(row: asyncpg.Record) -> TariffVersion:
+    return TariffVersion(
+        id=row["id"],
+        effective_from=row["effective_from"],
+        rules=row["rules"],
+        created_at=row["created_at"],
+    )
+
+
+async def list_tariffs(
+    conn: asyncpg.Connection, principal: Principal, code: str
+) -> list[TariffVersion]:
+    car_park = await _own_car_park(conn, principal, code)
+    return [_tariff_view(r) for r in await repo.tariffs(conn, car_park["id"])]
+
+
+async def add_tariff(
+    conn: asyncpg.Connection, principal: Principal, code: str, new: NewTariff, now: datetime
+) -> TariffVersion:
+    car_park = await _own_car_park(conn, principal, code)
+    try:
+        tariff = Tariff.from_json(new.rules)
+    except ValidationError as exc:
+        details = [
+            {"loc": ["rules", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        raise AppError(422, "invalid_tariff", "the tariff rules are not valid", details) from exc
+    if new.effective_from < now - TARIFF_BACKDATE_TOLERANCE:
+        # A stay is priced by the tariff in force when it began: a version starting in the
+        # past would change the price of stays already begun.
+        raise AppError(
+            422,
+            "effective_from_in_past",
+            "a tariff cannot start in the past: it would change the price of stays already begun",
+        )
+    row = await repo.insert_tariff(conn, car_park["id"], new.effective_from, tariff.to_json())
+    if row is None:
+        raise AppError(
+            409, "tariff_exists", "the car park already has a tariff version from that instant"
+        )
+    await repo.audit(
+        conn,
+        principal.actor,
+        "tariff.created",
+        f"tariff:{row['id']}",
+        {"car_park": code, "effective_from": new.effective_from.isoformat()},
+    )
+    return _tariff_view(row)
+
+
+# Stays
+
+
+async def list_stays(
+    conn: asyncpg.Connection,
+    principal: Principal,
+    *,
+    car_park: str | None,
+    plate: str | None,
+    entered_from: datetime | None,
+    entered_to: datetime | None,
+    status: str | None,
+    limit: int,
+) -> list[Stay]:
+    exact = None
+    if plate is not None:
+        # Exact, but written as people write plates: any case, with or without the dot.
+        exact = normalise(plate)
+        if exact is None:
+            raise AppError(422, "invalid_plate", "not a licence plate")
+    car_park_id = (await _own_car_park(conn, principal, car_park))["id"] if car_park else None
+    rows = await repo.stays(
+        conn,
+        _operator_id(principal),
+        car_park_id=car_park_id,
+        plate=exact,
+        entered_from=entered_from,
+        entered_to=entered_to,
+        status=status,
+        limit=limit,
+    )
+    return [Stay(**{**dict(r), "plate": mask_plate(r["plate"])}) for r in rows]
+
+
+# The exception queue
+
+
+def image_url(exception_id: int) -> str:
+    return f"/api/v1/operator/exceptions/{exception_id}/image"
+
+
+async def list_exceptions(
+    conn: asyncpg.Connection,
+    principal: Principal,
+    *,
+    car_park: str | None,
+    status: str | None,
+    limit: int,
+) -> list[LaneException]:
+    car_park_id = (await _own_car_park(conn, principal, car_park))["id"] if car_park else None
+    rows = await repo.exceptions(
+        conn, _operator_id(principal), car_park_id=car_park_id, status=status, limit=limit
+    )
+    return [
+        LaneException(**dict(r), image_url=image_url(r["id"]) if r["has_image"] else None)
+        for r in rows
+    ]
+
+
+async def exception_image(
+    conn: asyncpg.Connection, principal: Principal, exception_id: int
+) -> bytes:
+    row = await repo.exception_image(conn, _operator_id(principal), exception_id)
+    if row is None:
+        raise NotFound("exception")
+    if row["image"] is None:
+        raise NotFound("image")
+    image: bytes = row["image"]
+    return image
+
+
+def _held_capture(held: repo.HeldCapture, plate: str) -> Capture:
+    """The held capture as the lane saw it. The decision takes the plate from the reading and
+    only the colour from the camera read, so the camera's colour (or the grammar's guess) is
+    all that is rebuilt of it."""
+    color = held.plate_color or plate_color_guess(plate)
+    return Capture(
+        capture_id=held.capture_id,
+        seq=held.seq,
+        direction=held.direction,
+        captured_at=held.captured_at,
+        offline=held.offline,
+        camera_read=(
+            CameraRead(plate=plate, color=color, confidence=1.0)  # type: ignore[arg-type]
+            if color
+            else None
+        ),
+    )
+
+
+async def resolve_exception(
+    conn: asyncpg.Connection,
+    lanes: LaneService,
+    principal: Principal,
+    exception_id: int,
+    plate: str,
+    now: datetime,
+) -> tuple[Resolved, GateEffect]:
+    """The attendant gives the plate of a held capture: it is decided again, as the lane decides
+    any capture, with the plate as a certain read; the capture row and the exception record
+    the new decision in the caller's transaction."""
+    held = await repo.exception_for_update(conn, _operator_id(principal), exception_id)
+    if held is None:
+        raise NotFound("exception")
+    if held.exception_status != "open":
+        raise AppError(409, "already_resolved", "this exception has already been resolved")
+    gate = await lanes_repo.load_gate(conn, held.lot, held.gate)
+    if gate is None:  # the exception's gate is a foreign key: this cannot happen
+        raise NotFound("gate")
+    decision = await lanes.decide(
+        conn, gate, _held_capture(held, plate), operator_reading(plate), now
+    )
+    if decision.outcome in _STILL_AN_EXCEPTION:
+        raise AppError(
+            409,
+            "no_open_stay",
+            "no car with this plate is parked here: check the plate, or open the gate by hand",
+        )
+    command = decision.command
+    await lanes_repo.update_capture_decision(
+        conn,
+        held.capture_id,
+        plate=decision.plate,
+        plate_source="operator",
+        match_status=decision.match_status,
+        outcome=decision.outcome,
+        session_id=decision.session_id,
+        command=command.model_dump(mode="json", exclude_none=True),
+    )
+    await repo.mark_exception_resolved(conn, held.capture_id, plate, principal.actor)
+    await repo.audit(
+        conn,
+        principal.actor,
+        "lane_exception.resolved",
+        f"lane_exception:{held.exception_id}",
+        {
+            "capture_id": str(held.capture_id),
+            "outcome": decision.outcome,
+            "action": command.action,
+            "fee_fen": decision.fee_fen,
+            "session_id": decision.session_id,
+            "charge_id": decision.charge_id,
+        },
+    )
+    effect = GateEffect(
+        held.car_park_id, GateAddress(held.lot, held.gate), command, decision.occupancy_delta
+    )
+    resolved = Resolved(outcome=decision.outcome, action=command.action, fee_fen=decision.fee_fen)
+    return resolved, effect
+
+
+# Opening a gate by hand
+
+
+async def open_gate(
+    conn: asyncpg.Connection,
+    principal: Principal,
+    code: str,
+    gate_code: str,
+    request: ManualOpen,
+    *,
+    command_ttl: timedelta,
+    now: datetime,
+) -> tuple[Opened, GateEffect]:
+    """Opens a gate for the reason given. With the capture of a held exit, its stay is closed
+    (settlement 'operator': the fee is recorded, nobody is charged) and its exception, if any,
+    is resolved."""
+    car_park = await _own_car_park(conn, principal, code)
+    gate = await repo.gate(conn, car_park["id"], gate_code)
+    if gate is None:
+        raise NotFound("gate")
+    # Without a capture the command gets an id of its own: the gate opens for nobody in its
+    # records.
+    capture_id = request.capture_id or uuid.uuid4()
+    plate: str | None = None
+    session_id: int | None = None
+    fee_fen: int | None = None
+    occupancy_delta = 0
+    exception_id: int | None = None
+    held = None
+    if request.capture_id is not None:
+        held = await repo.capture_at_gate(conn, gate["id"], request.capture_id)
+        if held is None:
+            raise NotFound("capture")
+        stay = held.stay
+        if held.direction == "out" and stay is not None and stay.status == "open":
+            priced = fees.stay_fee(
+                await fees.tariff_versions(conn, car_park["id"]),
+                entered_at=stay.entered_at,
+                at=now,
+                plate_color=stay.plate_color,
+                fixed_fee_fen=stay.fixed_fee_fen,
+            )
+            fee_fen = priced.fee_fen if priced else None
+            await repo.close_stay_by_operator(
+                conn,
+                session_id=stay.id,
+                exited_at=now,
+                exit_capture_id=held.capture_id,
+                fee_fen=fee_fen,
+            )
+            plate, session_id = stay.plate, stay.id
+            occupancy_delta = -1 if stay.counted_in else 0
+    command = Command(
+        capture_id=capture_id,
+        action="open",
+        display=[plate, _MANUAL_OPEN_DISPLAY] if plate else [_MANUAL_OPEN_DISPLAY],
+        issued_at=now,
+        expires_at=now + command_ttl,
+    )
+    if held is not None and held.action == "hold":
+        # A redelivery of the held capture must not hold the car again.
+        await repo.store_command(
+            conn,
+            capture_id,
+            command.model_dump(mode="json", exclude_none=True),
+            "opened_by_operator",
+        )
+        exception_id = await repo.mark_exception_resolved(conn, capture_id, None, principal.actor)
+    await repo.audit(
+        conn,
+        principal.actor,
+        "gate.opened",
+        f"gate:{gate['id']}",
+        {
+            "car_park": code,
+            "gate": gate_code,
+            "reason": request.reason,
+            "capture_id": str(request.capture_id) if request.capture_id else None,
+            "session_id": session_id,
+            "fee_fen": fee_fen,
+            "exception_id": exception_id,
+        },
+    )
+    effect = GateEffect(car_park["id"], GateAddress(code, gate_code), command, occupancy_delta)
+    return Opened(capture_id=capture_id, session_id=session_id, fee_fen=fee_fen), effect
+
+
+# Money
+
+
+async def refund_charge(
+    conn: asyncpg.Connection, principal: Principal, charge_id: int, request: NewRefund
+) -> Refund:
+    """Gives (part of) a collected fee back; billing audit-logs the request."""
+    if not await repo.charge_of_operator(conn, _operator_id(principal), charge_id):
+        raise NotFound("charge")
+    try:
+        refund = await refunds.request_for_charge(
+            conn,
+            charge_id=charge_id,
+            amount_fen=request.amount_fen,
+            reason=request.reason,
+            actor=principal.actor,
+        )
+    except refunds.RefundNotAllowed as exc:
+        raise AppError(409, "refund_not_allowed", str(exc)) from exc
+    return Refund(
+        id=refund.id,
+        charge_id=refund.charge_id,
+        amount_fen=refund.amount_fen,
+        kind=refund.kind,
+        reason=refund.reason,
+        status=refund.status,
+    )
+
+
+def period(start: date | None, end: date | None, timezone: str) -> tuple[date, date]:
+    """A report's days, both included; by default the last 30 local days."""
+    end = end or datetime.now(ZoneInfo(timezone)).date()
+    if start is None:
+        # Not before the first day there is (a date near date.min cannot go back 29 days).
+        start = end - _DEFAULT_REPORT if end - date.min >= _DEFAULT_REPORT else date.min
+    if start > end:
+        raise AppError(422, "invalid_period", "'from' must not be after 'to'")
+    if end - start > _LONGEST_REPORT:
+        raise AppError(422, "invalid_period", "a report covers at most 366 days")
+    return start, end
+
+
+async def list_refunds(
+    conn: asyncpg.Connection, principal: Principal, start: date, end: date, timezone: str
+) -> list[RefundLine]:
+    own = {r["code"] for r in await repo.car_parks(conn, _operator_id(principal))}
+    rows = await reports.refunds(conn, start=start, end=end, timezone=timezone)
+    return [RefundLine(**r) for r in rows if r["car_park"] in own]
+
+
+async def revenue(
+    conn: asyncpg.Connection, principal: Principal, start: date, end: date, timezone: str
+) -> list[dict[str, Any]]:
+    own = [r["id"] for r in await repo.car_parks(conn, _operator_id(principal))]
+    return await reports.revenue(conn, start=start, end=end, timezone=timezone, car_park_ids=own)
+
+
+def revenue_csv(rows: list[dict[str, Any]]) -> str:
+    # An empty report still has its header, so that it parses as a table.
+    return reports.to_csv(rows) or ",".join(REVENUE_COLUMNS) + "\n"
+
+
+async def debts_by_age(
+    conn: asyncpg.Connection, principal: Principal, now: datetime
+) -> list[DebtBucket]:
+    rows = await repo.open_debts(conn, _operator_id(principal), now)
+    bounds = [low for _, low in AGE_BUCKETS[1:]] + [10**9]
+    buckets = []
+    for (label, low), high in zip(AGE_BUCKETS, bounds, strict=True):
+        inside = [r for r in rows if low <= r["age_days"] < high]
+        buckets.append(
+            DebtBucket(
+                age_days=label,
+                debts=len(inside),
+                accounts=len({r["account_id"] for r in inside}),
+                amount_fen=sum(r["amount_fen"] for r in inside),
+            )
+        )
+    return buckets
