@@ -64,6 +64,8 @@ async def _serve(settings: Settings, *, outbox_worker: bool) -> None:
                 port=settings.api_port,
                 log_level="info",
                 lifespan="off",
+                # Open dashboard event streams must not hold a shutdown for ever.
+                timeout_graceful_shutdown=5,
             )
         )
         await server.serve()

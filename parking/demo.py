@@ -358,6 +358,8 @@ async def run_demo(
                     port=settings.api_port,
                     log_level="warning",
                     lifespan="off",
+                    # Open dashboard event streams must not hold a shutdown for ever.
+                    timeout_graceful_shutdown=5,
                 )
             )
             server_task = asyncio.create_task(server.serve())

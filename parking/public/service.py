@@ -1,0 +1,128 @@
+"""Live availability for the public: car parks from PostgreSQL, counts from the occupancy
+counters (Redis, rebuilt from PostgreSQL when missing)."""
+
+from datetime import UTC, datetime
+
+import asyncpg
+
+from parking.car_parks import repository as car_parks
+from parking.errors import NotFound
+from parking.public import repository
+from parking.public.schemas import (
+    CarParkAvailability,
+    LocalisedText,
+    Location,
+    NearbyCarPark,
+    Place,
+    PlaceAvailability,
+)
+from parking.runtime import Runtime
+
+# Car park names are written in Chinese (ISO 639-1).
+NAME_LANGUAGE = "zh"
+
+# Per car park, the occupied count last seen and since when ("<count>|<iso time>"); returns
+# those times, so every API process reports the same time for the same count.
+# KEYS[1]: the hash; ARGV[1]: now; then pairs of car park id and occupied count.
+_LAST_CHANGES = """
+local times = {}
+for i = 2, #ARGV, 2 do
+  local seen = redis.call('HGET', KEYS[1], ARGV[i])
+  local count, at = nil, nil
+  if seen then
+    local bar = string.find(seen, '|', 1, true)
+    count, at = string.sub(seen, 1, bar - 1), string.sub(seen, bar + 1)
+  end
+  if count ~= ARGV[i + 1] then
+    at = ARGV[1]
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. '|' .. at)
+  end
+  times[#times + 1] = at
+end
+return times
+"""
+
+
+async def _last_changes(runtime: Runtime, counts: dict[int, int]) -> dict[int, datetime]:
+    """When each count last changed. The counters keep no time, so this is the first time
+    this API saw the count; losing the hash only makes the times newer."""
+    if not counts:
+        return {}
+    script = runtime.redis.register_script(_LAST_CHANGES)
+    now = datetime.now(UTC).replace(microsecond=0).isoformat()
+    args: list[str | int] = [now]
+    for car_park_id, occupied in counts.items():
+        args += [car_park_id, occupied]
+    times = await script(keys=[f"{runtime.settings.redis_key_prefix}public:count-seen"], args=args)
+    return {
+        car_park_id: datetime.fromisoformat(at)
+        for car_park_id, at in zip(counts, times, strict=True)
+    }
+
+
+async def _availabilities(
+    runtime: Runtime, rows: list[asyncpg.Record]
+) -> list[CarParkAvailability]:
+    counts = await runtime.occupancy.get_many([r["id"] for r in rows])
+    changed = await _last_changes(runtime, counts)
+    return [_availability(r, counts[r["id"]], changed[r["id"]]) for r in rows]
+
+
+def _availability(row: asyncpg.Record, occupied: int, updated_at: datetime) -> CarParkAvailability:
+    located = row["latitude"] is not None and row["longitude"] is not None
+    return CarParkAvailability(
+        code=row["code"],
+        name=row["name"],
+        capacity=row["capacity"],
+        # Cars counted in beyond the capacity (the barrier never stops a car) leave none free.
+        free=max(0, row["capacity"] - occupied),
+        occupied=occupied,
+        location=Location(latitude=row["latitude"], longitude=row["longitude"])
+        if located
+        else None,
+        updated_at=updated_at,
+    )
+
+
+async def car_parks_available(
+    conn: asyncpg.Connection, runtime: Runtime
+) -> list[CarParkAvailability]:
+    return await _availabilities(runtime, await car_parks.list_car_parks(conn))
+
+
+async def car_park_available(
+    conn: asyncpg.Connection, runtime: Runtime, code: str
+) -> CarParkAvailability:
+    row = await car_parks.get_by_code(conn, code)
+    if row is None:
+        raise NotFound("car_park")
+    return (await _availabilities(runtime, [row]))[0]
+
+
+async def nearby(
+    conn: asyncpg.Connection, runtime: Runtime, latitude: float, longitude: float, radius_m: int
+) -> list[NearbyCarPark]:
+    rows = await repository.nearby(conn, latitude, longitude, radius_m)
+    views = await _availabilities(runtime, rows)
+    return [
+        NearbyCarPark(**view.model_dump(), distance_m=round(row["distance_m"]))
+        for row, view in zip(rows, views, strict=True)
+    ]
+
+
+async def places(conn: asyncpg.Connection, runtime: Runtime) -> list[Place]:
+    return [
+        Place(
+            id=view.code,
+            name=[LocalisedText(language=NAME_LANGUAGE, text=view.name)],
+            location=view.location,
+            capacity=view.capacity,
+            availability=PlaceAvailability(
+                free=view.free,
+                occupied=view.occupied,
+                status="full" if view.free == 0 else "open",
+                last_updated=view.updated_at,
+            ),
+        )
+        for view in await car_parks_available(conn, runtime)
+    ]

@@ -1,0 +1,243 @@
+"""The operator dashboard's API: today's summary of the operator's own car parks and the live
+feed (server-sent events from Redis pub/sub) of their occupancy and lane decisions."""
+
+import asyncio
+import re
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import orjson
+from fastapi import FastAPI
+
+from billing import sandbox
+from parking.dashboard import service
+from parking.lanes.worker import lane_events_channel
+from parking.logging import mask_plate
+from parking.runtime import Runtime
+from tests.conftest import (
+    Lot,
+    Staff,
+    api_server,
+    bearer,
+    create_lot,
+    driver_token,
+    eventually,
+    exit_after,
+    make_driver,
+    make_staff,
+    staff_token,
+    unique_plate,
+)
+from tests.gates import GateProbe
+
+SUMMARY = "/api/v1/operator/dashboard/summary"
+EVENTS = "/api/v1/operator/dashboard/events"
+
+
+async def _enter(gate: GateProbe, lot: Lot, plate: str) -> None:
+    command = await gate.decide(lot.code, "in1", gate.capture("in", plate))
+    assert command["action"] == "open", command
+
+
+async def _unreadable_exit(gate: GateProbe, lot: Lot) -> None:
+    command = await gate.decide(lot.code, "out1", gate.capture("out", None))
+    assert command["action"] == "hold", command
+
+
+async def _traffic_today(runtime: Runtime, lot: Lot) -> tuple[Counter[int], Counter[int]]:
+    """Entries and exits per local hour today, from the stays as stored."""
+    zone = ZoneInfo(runtime.settings.timezone)
+    today = datetime.now(zone).date()
+    async with runtime.pool.acquire() as conn:
+        stays = await conn.fetch(
+            "SELECT entered_at, exited_at, status, entry_capture_id FROM sessions "
+            "WHERE car_park_id = $1",
+            lot.id,
+        )
+    entries: Counter[int] = Counter()
+    exits: Counter[int] = Counter()
+    for stay in stays:
+        entered = stay["entered_at"].astimezone(zone)
+        if entered.date() == today and stay["entry_capture_id"] is not None:
+            entries[entered.hour] += 1
+        if stay["status"] == "closed" and stay["exited_at"].astimezone(zone).date() == today:
+            exits[stay["exited_at"].astimezone(zone).hour] += 1
+    return entries, exits
+
+
+async def test_summary_shows_only_the_operators_car_parks_today(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    other = await create_lot(runtime)
+    driver = await make_driver(runtime, unique_plate())
+    exit_command = await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=70))
+    assert (exit_command["action"], exit_command["fee_fen"]) == ("open", 1200)
+    await _enter(gate, lot, unique_plate())
+    await _unreadable_exit(gate, lot)
+    # Another company's traffic, takings and exceptions are not this operator's.
+    other_driver = await make_driver(runtime, unique_plate())
+    await exit_after(runtime, gate, other, other_driver.plate, timedelta(minutes=30))
+    await _enter(gate, other, unique_plate())
+    await _unreadable_exit(gate, other)
+
+    staff = await make_staff(runtime, lot.operator_id, "attendant")
+    answer = await api.get(SUMMARY, headers=bearer(staff_token(app, staff)))
+
+    assert answer.status_code == 200, answer.text
+    summary = answer.json()
+    zone = ZoneInfo(runtime.settings.timezone)
+    assert summary["day"] == datetime.now(zone).date().isoformat()
+    assert summary["timezone"] == runtime.settings.timezone
+    assert summary["car_parks"] == [
+        {
+            "code": lot.code,
+            "name": lot.name,
+            "capacity": 50,
+            "occupied": 1,
+            "free": 49,
+            "revenue_fen": 1200,
+        }
+    ]
+    assert summary["revenue_fen"] == 1200
+    assert summary["open_exceptions"] == 1
+    entries, exits = await _traffic_today(runtime, lot)
+    assert [row["hour"] for row in summary["hourly"]] == list(range(24))
+    assert {r["hour"]: r["entries"] for r in summary["hourly"] if r["entries"]} == entries
+    assert {r["hour"]: r["exits"] for r in summary["hourly"] if r["exits"]} == exits
+    assert sum(exits.values()) == 1 and sum(entries.values()) in (1, 2)  # 2 unless past midnight
+
+
+async def test_dashboard_api_is_for_operator_staff_only(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime
+) -> None:
+    driver = await make_driver(runtime, unique_plate())
+    for path in (SUMMARY, EVENTS):
+        anonymous = await api.get(path)
+        as_driver = await api.get(path, headers=bearer(driver_token(app, driver.account_id)))
+        assert anonymous.status_code == 401, path
+        assert as_driver.status_code == 403, path
+
+
+async def _events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Parses a server-sent event stream into (event name, JSON data)."""
+    name, data = "message", []
+    async for line in response.aiter_lines():
+        if line.startswith(":"):
+            continue
+        if not line:
+            if data:
+                yield name, orjson.loads("\n".join(data))
+            name, data = "message", []
+        elif line.startswith("event:"):
+            name = line.removeprefix("event:").strip()
+        elif line.startswith("data:"):
+            data.append(line.removeprefix("data:").strip())
+
+
+async def _subscribers(runtime: Runtime) -> list[int]:
+    channels = [runtime.occupancy.channel, lane_events_channel(runtime.settings)]
+    counts = await runtime.redis.pubsub_numsub(*channels)
+    return [count for _, count in counts]
+
+
+async def _sign_in(http: httpx.AsyncClient, staff: Staff) -> str:
+    answer = await http.post(
+        "/api/v1/auth/token",
+        json={"grant_type": "password", "email": staff.email, "password": staff.password},
+    )
+    assert answer.status_code == 200, answer.text
+    token: str = answer.json()["access_token"]
+    return token
+
+
+async def test_feed_streams_own_occupancy_and_lane_decisions_and_cleans_up(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    other = await create_lot(runtime)
+    staff = await make_staff(runtime, lot.operator_id)
+    plates = [unique_plate(), unique_plate()]
+    # A real server: the stream is read as it is written.
+    async with (
+        api_server(runtime, sandbox.free_port()) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        token = await _sign_in(http, staff)
+        async with http.stream("GET", EVENTS, headers=bearer(token)) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = _events(response)
+            name, snapshot = await asyncio.wait_for(anext(events), 10)
+            assert (name, snapshot) == (
+                "snapshot",
+                {
+                    "car_parks": [
+                        {
+                            "code": lot.code,
+                            "name": lot.name,
+                            "capacity": 50,
+                            "occupied": 0,
+                            "free": 50,
+                        }
+                    ]
+                },
+            )
+            assert await _subscribers(runtime) == [1, 1]
+
+            await _enter(gate, other, unique_plate())
+            for plate in plates:
+                await _enter(gate, lot, plate)
+            received: list[tuple[str, dict[str, Any]]] = []
+            while sum(name == "lane" for name, _ in received) < len(plates):
+                received.append(await asyncio.wait_for(anext(events), 10))
+        # The client has gone: its subscriptions are closed with it.
+        await eventually(lambda: _no_subscribers(runtime))
+
+    assert {data["car_park"] for _, data in received} == {lot.code}
+    occupancy = [data for name, data in received if name == "occupancy"]
+    assert occupancy == [
+        {"car_park": lot.code, "occupied": n, "free": 50 - n, "capacity": 50} for n in (1, 2)
+    ]
+    lanes = [data for name, data in received if name == "lane"]
+    assert [lane["plate"] for lane in lanes] == [mask_plate(p) for p in plates]
+    for lane in lanes:
+        assert (lane["gate"], lane["direction"], lane["outcome"], lane["action"]) == (
+            "in1",
+            "in",
+            "entered",
+            "open",
+        )
+        assert lane["latency_ms"] >= 0 and datetime.fromisoformat(lane["at"]).tzinfo
+
+
+async def _no_subscribers(runtime: Runtime) -> bool:
+    return await _subscribers(runtime) == [0, 0]
+
+
+async def test_idle_feed_sends_keep_alive_comments(runtime: Runtime, lot: Lot) -> None:
+    stream = service.live_events(runtime, lot.operator_id, keepalive_s=0.05)
+    try:
+        snapshot = await asyncio.wait_for(anext(stream), 5)
+        assert snapshot.startswith("event: snapshot\n")
+        assert await asyncio.wait_for(anext(stream), 5) == ": keep-alive\n\n"
+    finally:
+        await stream.aclose()
+    assert await _subscribers(runtime) == [0, 0]
+
+
+async def test_dashboard_page_is_self_contained(api: httpx.AsyncClient) -> None:
+    answer = await api.get("/dashboard")
+
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/html")
+    page = answer.text
+    assert 'id="sign-in-form"' in page and "/api/v1/auth/token" in page
+    # Nothing loaded from elsewhere: no external scripts, styles, images or fonts.
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", page)
+    assert not re.search(r"url\(|@import|<link\b", page)
+    policy = answer.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'sha256-" in policy
+    assert "unsafe-inline" not in policy

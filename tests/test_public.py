@@ -1,0 +1,192 @@
+"""The public API for guidance signs and the city platform: live availability per car park,
+car parks near a point, APDS-style places; cacheable, with ETags; anonymous or a city key."""
+
+import math
+import random
+import uuid
+from datetime import datetime
+
+import httpx
+
+from parking.admin import repository as admin
+from parking.auth import repository as auth_repo
+from parking.auth.tokens import digest, new_secret
+from parking.runtime import Runtime
+from tests.conftest import Lot, bearer, unique_plate
+from tests.gates import GateProbe
+
+EARTH_RADIUS_M = 6_371_008.8
+
+
+async def _located_lot(runtime: Runtime, latitude: float, longitude: float) -> str:
+    code = f"geo-{uuid.uuid4().hex[:8]}"
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        operator_id = await admin.create_operator(conn, f"运营-{code}")
+        await admin.create_car_park(
+            conn,
+            operator_id=operator_id,
+            code=code,
+            name=f"停车场 {code}",
+            capacity=20,
+            latitude=latitude,
+            longitude=longitude,
+        )
+    return code
+
+
+def _haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    a = (
+        math.sin((p2 - p1) / 2) ** 2
+        + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
+    )
+    return 2 * EARTH_RADIUS_M * math.asin(math.sqrt(a))
+
+
+async def _enter(gate: GateProbe, lot: Lot) -> None:
+    command = await gate.decide(lot.code, "in1", gate.capture("in", unique_plate()))
+    assert command["action"] == "open", command
+
+
+async def test_car_park_shows_live_counts_and_is_cacheable(
+    api: httpx.AsyncClient, runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    await _enter(gate, lot)
+    await _enter(gate, lot)
+
+    first = await api.get(f"/api/v1/public/car-parks/{lot.code}")
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert (body["code"], body["name"], body["capacity"]) == (lot.code, lot.name, 50)
+    assert (body["occupied"], body["free"], body["location"]) == (2, 48, None)
+    assert datetime.fromisoformat(body["updated_at"]).tzinfo is not None
+    assert first.headers["cache-control"] == "public, max-age=10"
+    etag = first.headers["etag"]
+
+    unchanged = await api.get(
+        f"/api/v1/public/car-parks/{lot.code}", headers={"If-None-Match": etag}
+    )
+    assert unchanged.status_code == 304 and unchanged.content == b""
+    assert unchanged.headers["etag"] == etag
+
+    await _enter(gate, lot)
+    changed = await api.get(
+        f"/api/v1/public/car-parks/{lot.code}", headers={"If-None-Match": f"W/{etag}"}
+    )
+    assert changed.status_code == 200
+    assert changed.headers["etag"] != etag
+    assert changed.json()["occupied"] == 3
+    assert changed.json()["updated_at"] >= body["updated_at"]
+
+
+async def test_counts_lost_from_redis_are_rebuilt_from_the_stays(
+    api: httpx.AsyncClient, runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    await _enter(gate, lot)
+    await runtime.redis.delete(f"{runtime.settings.redis_key_prefix}occupancy:{lot.id}")
+
+    listed = await api.get("/api/v1/public/car-parks")
+
+    assert listed.status_code == 200
+    mine = [c for c in listed.json() if c["code"] == lot.code]
+    assert [(c["occupied"], c["free"]) for c in mine] == [(1, 49)]
+    assert listed.headers["cache-control"] == "public, max-age=10"
+
+
+async def test_unknown_car_park_is_404(api: httpx.AsyncClient) -> None:
+    answer = await api.get("/api/v1/public/car-parks/no-such-lot")
+    assert answer.status_code == 404
+    assert answer.json()["error"]["code"] == "car_park_not_found"
+
+
+async def test_nearby_lists_car_parks_within_the_radius_nearest_first(
+    api: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    # A point of its own, far from any other test's car parks.
+    lat, lon = random.uniform(-60, 60), random.uniform(-170, 170)
+    far = await _located_lot(runtime, lat + 0.03, lon)  # about 3.3 km north
+    near = await _located_lot(runtime, lat, lon + 0.005)  # about 0.5 km east
+    middle = await _located_lot(runtime, lat - 0.01, lon - 0.01)  # about 1.4 km south-west
+
+    answer = await api.get(
+        "/api/v1/public/car-parks/nearby", params={"lat": lat, "lon": lon, "radius_m": 3000}
+    )
+
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["cache-control"] == "public, max-age=10" and answer.headers["etag"]
+    found = answer.json()
+    assert [c["code"] for c in found] == [near, middle]
+    assert far not in {c["code"] for c in found}
+    for car_park in found:
+        where = car_park["location"]
+        expected = _haversine_m(lat, lon, where["latitude"], where["longitude"])
+        assert abs(car_park["distance_m"] - expected) <= 1
+        assert (car_park["occupied"], car_park["free"]) == (0, 20)
+
+    wider = await api.get(
+        "/api/v1/public/car-parks/nearby", params={"lat": lat, "lon": lon, "radius_m": 20000}
+    )
+    assert [c["code"] for c in wider.json()] == [near, middle, far]
+
+
+async def test_nearby_rejects_radius_and_coordinates_out_of_range(
+    api: httpx.AsyncClient,
+) -> None:
+    for params in (
+        {"lat": 30.2, "lon": 119.7, "radius_m": 0},
+        {"lat": 30.2, "lon": 119.7, "radius_m": 20001},
+        {"lat": 91, "lon": 119.7},
+        {"lat": 30.2, "lon": 181},
+        {"lon": 119.7},
+    ):
+        answer = await api.get("/api/v1/public/car-parks/nearby", params=params)
+        assert answer.status_code == 422, params
+        assert answer.json()["error"]["code"] == "invalid_request"
+
+
+async def test_places_are_apds_shaped_and_full_when_no_space_is_free(
+    api: httpx.AsyncClient, runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE car_parks SET capacity = 1, latitude = 30.23, longitude = 119.72 WHERE id = $1",
+            lot.id,
+        )
+    answer = await api.get("/api/v1/public/places")
+    assert answer.status_code == 200
+    (place,) = [p for p in answer.json() if p["id"] == lot.code]
+    assert place["name"] == [{"language": "zh", "text": lot.name}]
+    assert place["location"] == {"latitude": 30.23, "longitude": 119.72}
+    assert place["capacity"] == 1
+    assert place["availability"]["status"] == "open"
+    assert (place["availability"]["free"], place["availability"]["occupied"]) == (1, 0)
+
+    await _enter(gate, lot)
+
+    answer = await api.get("/api/v1/public/places")
+    (place,) = [p for p in answer.json() if p["id"] == lot.code]
+    availability = place["availability"]
+    assert (availability["status"], availability["free"], availability["occupied"]) == (
+        "full",
+        0,
+        1,
+    )
+    assert datetime.fromisoformat(availability["lastUpdated"]).tzinfo is not None
+
+
+async def test_city_key_is_accepted_and_a_bad_credential_refused(
+    api: httpx.AsyncClient, runtime: Runtime, lot: Lot
+) -> None:
+    key = "ck_" + new_secret()
+    async with runtime.pool.acquire() as conn:
+        await auth_repo.create_api_key(conn, "city", digest(key), "guidance signs")
+
+    with_key = await api.get(f"/api/v1/public/car-parks/{lot.code}", headers=bearer(key))
+    anonymous = await api.get(f"/api/v1/public/car-parks/{lot.code}")
+    forged = await api.get(
+        f"/api/v1/public/car-parks/{lot.code}", headers=bearer("ck_" + new_secret())
+    )
+
+    assert with_key.status_code == anonymous.status_code == 200
+    assert with_key.json() == anonymous.json()
+    assert forged.status_code == 401
