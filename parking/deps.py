@@ -21,4 +21,6 @@ async def get_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-ConnectionDep = Annotated[asyncpg.Connection, Depends(get_connection)]
+# scope="function": the transaction commits (or fails) before the response is sent, so a
+# client is never told "done" about something that did not commit.
+ConnectionDep = Annotated[asyncpg.Connection, Depends(get_connection, scope="function")]

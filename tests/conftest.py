@@ -266,12 +266,18 @@ async def exit_after(
 
 
 @contextlib.asynccontextmanager
-async def api_server(runtime: Runtime, port: int) -> AsyncIterator[str]:
-    """Serves the API on 127.0.0.1:`port`, where the provider's notifications are sent when
-    `settings.public_base_url` points there."""
+async def api_server(
+    runtime: Runtime, port: int, *, app: FastAPI | None = None
+) -> AsyncIterator[str]:
+    """Serves the API (`app`, or a new one) on 127.0.0.1:`port`, where the provider's
+    notifications are sent when `settings.public_base_url` points there."""
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(runtime), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+            app or create_app(runtime),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="off",
         )
     )
     task = asyncio.create_task(server.serve())
