@@ -1,0 +1,386 @@
+"""Every route against every kind of caller: anonymous, driver A, driver B, staff of car park X
+(admin and attendant), an admin of car park Y, a gate credential and a city key. Each gets only
+what it should: another driver's objects and another company's car parks are 404, the wrong
+kind of caller 403, no credential 401. A route added without a row here fails the test.
+
+The result table is written to .artifacts/access-matrix.txt.
+"""
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from billing.tariff import Tariff
+from parking.auth import repository as auth_repo
+from parking.auth.tokens import digest, new_secret
+from parking.runtime import Runtime
+from tests.conftest import (
+    Lot,
+    bearer,
+    charges_of,
+    create_lot,
+    driver_token,
+    eventually,
+    exit_after,
+    make_driver,
+    make_staff,
+    staff_token,
+    unique_plate,
+)
+from tests.gates import GateProbe
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / ".artifacts"
+CALLERS = ("anonymous", "driver_a", "driver_b", "admin_x", "attendant_x", "admin_y", "gate", "city")
+
+
+class Access(Enum):
+    PUBLIC = "anyone"
+    SIGNED = "provider signature only"
+    DRIVER = "any driver, about themselves"
+    DRIVER_A = "driver A only (A's object)"
+    STAFF = "any staff, own company's data only"
+    STAFF_X = "staff of X (X's object)"
+    ADMIN_X = "admins of X (X's object)"
+
+
+def expected(access: Access, caller: str) -> str:
+    """'allowed', or the status a denial must have."""
+    if access is Access.PUBLIC:
+        return "allowed"
+    if access is Access.SIGNED:
+        return "401"
+    if caller == "anonymous":
+        return "401"
+    staff = caller in ("admin_x", "attendant_x", "admin_y")
+    if access is Access.DRIVER:
+        return "allowed" if caller.startswith("driver") else "403"
+    if access is Access.DRIVER_A:
+        return {"driver_a": "allowed", "driver_b": "404"}.get(caller, "403")
+    if access is Access.STAFF:
+        return "allowed" if staff else "403"
+    if access is Access.STAFF_X:
+        return {"admin_x": "allowed", "attendant_x": "allowed", "admin_y": "404"}.get(caller, "403")
+    return {"admin_x": "allowed", "attendant_x": "403", "admin_y": "404"}.get(caller, "403")
+
+
+@dataclass
+class World:
+    lot_x: Lot
+    lot_y: Lot
+    tokens: dict[str, str]
+    stay_a: int
+    binding_a: int
+    charge_a: int
+    exception_x: int
+    held_capture_x: uuid.UUID
+    parked_plate_x: str
+    plate_a: str
+    stays_x: list[int] = field(default_factory=list)
+
+
+Body = Callable[[World], dict[str, Any]] | None
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    path: str
+    access: Access
+    body: Body = None
+    query: Callable[[World], dict[str, str]] | None = None
+
+
+def _plate_body(_: World) -> dict[str, Any]:
+    plate = unique_plate()
+    return {"plate": plate, "color": "blue", "licence_no": f"DEV-{plate}", "owner_name": "X"}
+
+
+def _tariff_body(_: World) -> dict[str, Any]:
+    start = datetime.now(UTC) + timedelta(days=1, seconds=uuid.uuid4().int % 10**6)
+    return {
+        "effective_from": start.isoformat(),
+        "rules": Tariff.hourly(free_minutes=15, hourly_fen=600).to_json(),
+    }
+
+
+ROWS = [
+    Row("GET", "/health", Access.PUBLIC),
+    Row(
+        "POST",
+        "/api/v1/auth/sign-in-codes",
+        Access.PUBLIC,
+        lambda w: {"phone": f"138{uuid.uuid4().int % 10**8:08d}"},
+    ),
+    Row(
+        "POST",
+        "/api/v1/auth/token",
+        Access.PUBLIC,
+        lambda w: {"grant_type": "refresh_token", "refresh_token": "rt_" + "x" * 40},
+    ),
+    Row("POST", "/api/v1/auth/sign-out", Access.PUBLIC, lambda w: {"refresh_token": "x" * 40}),
+    Row("GET", "/api/v1/car-parks", Access.PUBLIC),
+    Row("GET", "/api/v1/car-parks/{code}", Access.PUBLIC),
+    Row(
+        "GET",
+        "/api/v1/car-parks/{code}/quote",
+        Access.PUBLIC,
+        query=lambda w: {"plate": w.parked_plate_x},
+    ),
+    Row("POST", "/api/v1/gate-payments/{capture_id}", Access.PUBLIC),
+    Row("GET", "/api/v1/gate-payments/{capture_id}", Access.PUBLIC),
+    Row("POST", "/api/v1/payments/notifications/{provider}", Access.SIGNED, lambda w: {}),
+    Row("GET", "/api/v1/public/car-parks", Access.PUBLIC),
+    Row("GET", "/api/v1/public/car-parks/{code}", Access.PUBLIC),
+    Row(
+        "GET",
+        "/api/v1/public/car-parks/nearby",
+        Access.PUBLIC,
+        query=lambda w: {"lat": "30.23", "lon": "119.72", "radius_m": "5000"},
+    ),
+    Row("GET", "/api/v1/public/places", Access.PUBLIC),
+    Row("GET", "/dashboard", Access.PUBLIC),
+    Row("GET", "/openapi.json", Access.PUBLIC),
+    Row("GET", "/docs", Access.PUBLIC),
+    Row("GET", "/docs/oauth2-redirect", Access.PUBLIC),
+    Row("GET", "/redoc", Access.PUBLIC),
+    Row("GET", "/api/v1/me", Access.DRIVER),
+    Row("GET", "/api/v1/me/plates", Access.DRIVER),
+    Row("POST", "/api/v1/me/plates", Access.DRIVER, _plate_body),
+    Row("GET", "/api/v1/me/agreement", Access.DRIVER),
+    Row("PUT", "/api/v1/me/agreement", Access.DRIVER, lambda w: {"per_session_limit_fen": 9000}),
+    Row("PATCH", "/api/v1/me/agreement", Access.DRIVER, lambda w: {"per_session_limit_fen": 20000}),
+    Row("GET", "/api/v1/me/stays", Access.DRIVER),
+    Row("GET", "/api/v1/me/stays/{stay_id}", Access.DRIVER_A),
+    Row("GET", "/api/v1/me/debts", Access.DRIVER),
+    Row("POST", "/api/v1/me/debts/payment", Access.DRIVER),
+    Row("GET", "/api/v1/me/notifications", Access.DRIVER),
+    Row("GET", "/api/v1/me/export", Access.DRIVER),
+    Row("GET", "/api/v1/operator/car-parks", Access.STAFF),
+    Row("GET", "/api/v1/operator/car-parks/{code}", Access.STAFF_X),
+    Row("PATCH", "/api/v1/operator/car-parks/{code}", Access.ADMIN_X, lambda w: {"capacity": 50}),
+    Row("GET", "/api/v1/operator/car-parks/{code}/gates", Access.STAFF_X),
+    Row(
+        "POST",
+        "/api/v1/operator/car-parks/{code}/gates",
+        Access.ADMIN_X,
+        lambda w: {"code": f"g{uuid.uuid4().hex[:6]}", "direction": "in"},
+    ),
+    Row("GET", "/api/v1/operator/car-parks/{code}/tariffs", Access.STAFF_X),
+    Row("POST", "/api/v1/operator/car-parks/{code}/tariffs", Access.ADMIN_X, _tariff_body),
+    Row("GET", "/api/v1/operator/stays", Access.STAFF),
+    Row("GET", "/api/v1/operator/exceptions", Access.STAFF),
+    Row("GET", "/api/v1/operator/exceptions/{exception_id}/image", Access.STAFF_X),
+    Row(
+        "POST",
+        "/api/v1/operator/exceptions/{exception_id}/resolve",
+        Access.STAFF_X,
+        lambda w: {"plate": unique_plate()},
+    ),
+    Row(
+        "POST",
+        "/api/v1/operator/car-parks/{code}/gates/{gate}/open",
+        Access.STAFF_X,
+        lambda w: {"reason": "access matrix test"},
+    ),
+    Row(
+        "POST",
+        "/api/v1/operator/charges/{charge_id}/refunds",
+        Access.ADMIN_X,
+        lambda w: {"amount_fen": 1, "reason": "access matrix test"},
+    ),
+    Row("GET", "/api/v1/operator/refunds", Access.STAFF),
+    Row("GET", "/api/v1/operator/reports/revenue", Access.STAFF),
+    Row("GET", "/api/v1/operator/reports/debts", Access.STAFF),
+    Row("GET", "/api/v1/operator/dashboard/summary", Access.STAFF),
+    # An event stream never ends: its allowed callers are tested in test_dashboard.py.
+    Row("GET", "/api/v1/operator/dashboard/events", Access.STAFF),
+    # Last: these end A's binding, agreement and account.
+    Row("DELETE", "/api/v1/me/plates/{binding_id}", Access.DRIVER_A),
+    Row("DELETE", "/api/v1/me/agreement", Access.DRIVER),
+    Row("DELETE", "/api/v1/me", Access.DRIVER),
+]
+STREAMS = {"/api/v1/operator/dashboard/events"}
+
+
+def _fill(path: str, world: World) -> str:
+    return path.format(
+        code=world.lot_x.code,
+        gate="out1",
+        capture_id=world.held_capture_x,
+        provider="sandbox",
+        stay_id=world.stay_a,
+        binding_id=world.binding_a,
+        exception_id=world.exception_x,
+        charge_id=world.charge_a,
+    )
+
+
+async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) -> World:
+    lot_y = await create_lot(runtime)
+    admin_x = await make_staff(runtime, lot_x.operator_id, "admin")
+    attendant_x = await make_staff(runtime, lot_x.operator_id, "attendant")
+    admin_y = await make_staff(runtime, lot_y.operator_id, "admin")
+    driver_a = await make_driver(runtime, unique_plate())
+    driver_b = await make_driver(runtime, unique_plate())
+    await exit_after(runtime, gate, lot_x, driver_a.plate, timedelta(minutes=90))
+
+    async def charged() -> int | None:
+        rows = await charges_of(runtime, lot_x)
+        return rows[0]["id"] if rows and rows[0]["status"] == "succeeded" else None
+
+    charge_a = await eventually(charged)
+    # An exit with no entry record: an exception of X, with a frame for the image route.
+    stranger = gate.capture("out", unique_plate())
+    await gate.decide(lot_x.code, "out1", stranger)
+    # An unbound car held at X's exit: the QR code's payment routes.
+    parked = unique_plate()
+    await exit_after(runtime, gate, lot_x, parked, timedelta(minutes=90))
+    held = gate.capture("out", parked)
+    await gate.decide(lot_x.code, "out1", held)
+    inside = unique_plate()
+    await gate.decide(lot_x.code, "in1", gate.capture("in", inside))
+    gate_key, city_key = "gk_" + new_secret(), "ck_" + new_secret()
+    async with runtime.pool.acquire() as conn:
+        exception_x = await conn.fetchval(
+            "UPDATE lane_exceptions SET image = $2 WHERE capture_id = $1 RETURNING id",
+            stranger.capture_id,
+            b"\xff\xd8\xff\xe0fake-jpeg",
+        )
+        stay_a = await conn.fetchval("SELECT session_id FROM charges WHERE id = $1", charge_a)
+        binding_a = await conn.fetchval(
+            "SELECT id FROM plate_bindings WHERE account_id = $1", driver_a.account_id
+        )
+        gate_id = await conn.fetchval(
+            "SELECT id FROM gates WHERE car_park_id = $1 AND code = 'out1'", lot_x.id
+        )
+        await auth_repo.create_api_key(conn, "gate", digest(gate_key), "matrix gate", gate_id)
+        await auth_repo.create_api_key(conn, "city", digest(city_key), "matrix city")
+        stays_x = [
+            r["id"]
+            for r in await conn.fetch("SELECT id FROM sessions WHERE car_park_id = $1", lot_x.id)
+        ]
+    tokens = {
+        "driver_a": driver_token(app, driver_a.account_id),
+        "driver_b": driver_token(app, driver_b.account_id),
+        "admin_x": staff_token(app, admin_x),
+        "attendant_x": staff_token(app, attendant_x),
+        "admin_y": staff_token(app, admin_y),
+        "gate": gate_key,
+        "city": city_key,
+    }
+    return World(
+        lot_x,
+        lot_y,
+        tokens,
+        stay_a,
+        binding_a,
+        charge_a,
+        exception_x,
+        held.capture_id,
+        inside,
+        driver_a.plate,
+        stays_x,
+    )
+
+
+def _outcome(response: httpx.Response) -> str:
+    """'allowed', or the denial status ('401', '403', '404')."""
+    if response.status_code >= 500:
+        return f"server error {response.status_code}"
+    code = (
+        response.json().get("error", {}).get("code")
+        if response.headers.get("content-type", "").startswith("application/json")
+        and response.status_code >= 400
+        else None
+    )
+    if response.status_code == 401 and code in ("unauthenticated", "invalid_notification"):
+        return "401"
+    if response.status_code == 403 and code == "forbidden":
+        return "403"
+    if response.status_code == 404:
+        return "404"
+    return "allowed"
+
+
+async def test_every_route_gives_each_caller_only_what_it_should(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    world = await _world(runtime, app, gate, lot)
+    schema_routes = {
+        (method.upper(), path)
+        for path, operations in app.openapi()["paths"].items()
+        for method in operations
+    }
+    covered = {(row.method, row.path) for row in ROWS}
+    assert schema_routes - covered == set(), "routes without an access row"
+
+    table: list[str] = [f"{'route':62} " + " ".join(f"{c:>11}" for c in CALLERS)]
+    mismatches: list[str] = []
+    for row in ROWS:
+        cells: list[str] = []
+        # Denials first: an allowed call may change what later calls see.
+        for caller in sorted(CALLERS, key=lambda c: expected(row.access, c) == "allowed"):
+            want = expected(row.access, caller)
+            if row.path in STREAMS and want == "allowed":
+                cells.append(f"{caller}:skipped")
+                continue
+            headers = bearer(world.tokens[caller]) if caller in world.tokens else {}
+            response = await api.request(
+                row.method,
+                _fill(row.path, world),
+                headers=headers,
+                json=row.body(world) if row.body else None,
+                params=row.query(world) if row.query else None,
+            )
+            got = _outcome(response)
+            cells.append(f"{caller}:{response.status_code}")
+            if got != want:
+                mismatches.append(
+                    f"{row.method} {row.path} as {caller}: {response.status_code} "
+                    f"({got}), expected {want}: {response.text[:200]}"
+                )
+        by_caller = dict(cell.split(":") for cell in cells)
+        table.append(
+            f"{row.method + ' ' + row.path:62} " + " ".join(f"{by_caller[c]:>11}" for c in CALLERS)
+        )
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "access-matrix.txt").write_text("\n".join(table) + "\n", encoding="utf-8")
+    assert mismatches == [], "\n".join(mismatches)
+
+
+async def test_lists_never_show_another_drivers_or_companys_objects(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    world = await _world(runtime, app, gate, lot)
+    as_b = bearer(world.tokens["driver_b"])
+    stays_b = (await api.get("/api/v1/me/stays", headers=as_b)).json()
+    assert world.stay_a not in {s["id"] for s in stays_b["items"]}
+    export_b = (await api.get("/api/v1/me/export", headers=as_b)).text
+    assert world.plate_a not in export_b
+
+    as_y = bearer(world.tokens["admin_y"])
+    codes_y = {
+        c["code"] for c in (await api.get("/api/v1/operator/car-parks", headers=as_y)).json()
+    }
+    assert codes_y == {world.lot_y.code}
+    stays_y = (await api.get("/api/v1/operator/stays", headers=as_y)).json()
+    assert not {s["id"] for s in stays_y} & set(world.stays_x)
+    exceptions_y = (await api.get("/api/v1/operator/exceptions", headers=as_y)).json()
+    assert world.exception_x not in {e["id"] for e in exceptions_y}
+    summary_y = (await api.get("/api/v1/operator/dashboard/summary", headers=as_y)).json()
+    assert world.lot_x.code not in str(summary_y)
+    revenue_y = await api.get(
+        "/api/v1/operator/reports/revenue", headers=as_y, params={"format": "csv"}
+    )
+    assert world.lot_x.code not in revenue_y.text
+
+    as_x = bearer(world.tokens["admin_x"])
+    stays_x = (await api.get("/api/v1/operator/stays", headers=as_x)).json()
+    assert set(world.stays_x) <= {s["id"] for s in stays_x}
