@@ -23,6 +23,8 @@ from gate_controller.protocol import CameraRead, Capture, GateAddress, Topics, e
 from gate_controller.simulator import GateSimulator, SimGate, Vehicle, random_plate
 from parking.admin import repository as admin
 from parking.app import create_app
+from parking.auth import repository as auth_repo
+from parking.auth.tokens import hash_password
 from parking.infra import endpoints
 from parking.logging import mask_plates_in_text
 from parking.runtime import Runtime, payment_provider, running
@@ -80,6 +82,7 @@ PAY_LATER_LIMIT_FEN = 20_000
 @dataclass
 class DemoCity:
     run_id: str
+    operator_id: int
     car_park_ids: list[int]
     gates: list[SimGate]
     inside: dict[str, list[tuple[Vehicle, datetime]]]
@@ -163,7 +166,7 @@ async def seed_city(
                 conn, car_park_ids[lot_index], vehicle.plate, vehicle.color, entered_at
             )
             inside[lots[lot_index]].append((vehicle, entered_at))
-    return DemoCity(run_id, car_park_ids, gates, inside, vehicles[parked_count:])
+    return DemoCity(run_id, operator_id, car_park_ids, gates, inside, vehicles[parked_count:])
 
 
 async def _publish_bad_messages(mqtt: MqttClient, topics: Topics, lot: str) -> int:
@@ -285,6 +288,16 @@ async def summarise(
     }
 
 
+async def _dashboard_user(runtime: Runtime, city: DemoCity) -> tuple[str, str]:
+    """An admin of the demo's operator, with a fresh password, to watch the demo live."""
+    email, password = f"admin-{city.run_id}@parking.demo", secrets.token_urlsafe(9)
+    async with runtime.pool.acquire() as conn:
+        await auth_repo.create_operator_user(
+            conn, city.operator_id, email, "Demo admin", "admin", hash_password(password)
+        )
+    return email, password
+
+
 async def _reconcile_today(runtime: Runtime) -> dict[str, Any]:
     """Today's books against the provider's statement, as `parking billing reconcile` does."""
     day = datetime.now(ZoneInfo(runtime.settings.timezone)).date()
@@ -363,9 +376,11 @@ async def run_demo(
                 )
             )
             server_task = asyncio.create_task(server.serve())
+            email, password = await _dashboard_user(runtime, city)
+            base = f"http://{settings.api_host}:{settings.api_port}"
             print(
-                f"demo: API on http://{settings.api_host}:{settings.api_port} "
-                "(/health, /docs, /api/v1/car-parks)",
+                f"demo: API on {base} (/docs, /api/v1/public/car-parks); operator dashboard "
+                f"{base}/dashboard, sign in as {email} / {password}",
                 file=out,
             )
         async with GateSimulator(
