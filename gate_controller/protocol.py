@@ -5,9 +5,11 @@ MQTT 3.1.1 compatible, JSON payloads, QoS 1. See ../shared/DESIGN.md, "Gate prot
 
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
+import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 PROTOCOL_ROOT = "parking/v1"
@@ -16,6 +18,8 @@ QOS = 1
 Direction = Literal["in", "out"]
 PlateColor = Literal["blue", "green", "yellow", "white", "black"]
 Action = Literal["open", "hold", "deny"]
+# What a gate did on its own when the server did not answer in time (see gate_controller.agent).
+OfflineAction = Literal["open", "hold"]
 TopicKind = Literal["capture", "command", "ack", "event", "status", "config"]
 _CODE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -43,6 +47,9 @@ class Capture(_Message):
     # Further frames of the same pass; the server reads them all and lets them vote.
     images: list[str] = Field(default_factory=list, max_length=8)
     offline: bool = False
+    # With `offline`: what the gate already did. "open": the car has passed; "hold": it was sent
+    # to the booth.
+    offline_action: OfflineAction | None = None
 
     def frames(self) -> list[str]:
         return ([self.image] if self.image else []) + self.images
@@ -78,17 +85,52 @@ class GateStatus(_Message):
     state: Literal["online", "offline"]
     outbox_length: int = Field(default=0, ge=0)
     firmware: str | None = None
+    agent_version: str | None = None
+    at: AwareDatetime | None = None
+    # Until when the gate holds a valid offline whitelist (None: it has none).
+    whitelist_expires_at: AwareDatetime | None = None
 
 
 class WhitelistEntry(_Message):
     plate: PlateText
     color: PlateColor | None = None
+    per_session_limit_fen: int | None = Field(default=None, gt=0)
+
+
+# The display texts of a gate's own (offline) decisions, as keys of GateConfig.display, with
+# what a gate shows when its config has none.
+DISPLAY_DEFAULTS = {
+    "offline_entry": "欢迎光临",
+    "offline_exit": "一路顺风",
+    "offline_hold": "请到岗亭缴费",
+}
 
 
 class GateConfig(_Message):
     whitelist: list[WhitelistEntry] = []
     whitelist_expires_at: AwareDatetime | None = None
     display: dict[str, str] = {}
+    # Signed configs (parking.gates.config): the car park they are for, when they were made, and
+    # the server's Ed25519 signature (base64) over `signed_bytes()`.
+    lot: str | None = None
+    issued_at: AwareDatetime | None = None
+    signature: str | None = None
+
+    def signed_bytes(self) -> bytes:
+        """What the signature covers: every field that steers the gate, as canonical JSON
+        (sorted keys, no blanks, times in UTC). Built field by field rather than from the
+        model's dump, so that a field a newer server adds cannot break older gates' checks."""
+        document = {
+            "v": 1,
+            "lot": self.lot,
+            "issued_at": _utc_text(self.issued_at),
+            "whitelist_expires_at": _utc_text(self.whitelist_expires_at),
+            "whitelist": [
+                [entry.plate, entry.color, entry.per_session_limit_fen] for entry in self.whitelist
+            ],
+            "display": self.display,
+        }
+        return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +160,10 @@ class Topics:
         if len(parts) != 3 or not _CODE.match(parts[0]) or not _CODE.match(parts[1]):
             return None
         return GateAddress(parts[0], parts[1]), parts[2]
+
+
+def _utc_text(moment: datetime | None) -> str | None:
+    return moment.astimezone(UTC).isoformat() if moment is not None else None
 
 
 def encode(message: BaseModel) -> bytes:

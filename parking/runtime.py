@@ -19,6 +19,7 @@ from billing.providers import PaymentProvider, SandboxProvider
 from billing.worker import OutboxWorker
 from gate_controller.mqtt import MqttClient
 from parking.db import create_pool
+from parking.gates import config as gate_configs
 from parking.infra import Endpoints
 from parking.lanes.worker import LaneWorker
 from parking.migrate import migrate
@@ -138,6 +139,18 @@ async def running(
         if lanes:
             await occupancy.rebuild_all()
             await lane_worker.start()
+        if lanes and settings.gate_config_key is not None:
+            maintenance.append(
+                asyncio.create_task(
+                    gate_configs.publish_periodically(
+                        pool,
+                        mqtt,
+                        settings,
+                        gate_configs.load_private_key(settings.gate_config_key.get_secret_value()),
+                        interval_s=settings.gate_config_interval_s,
+                    )
+                )
+            )
         if outbox_worker:
             tasks.append(asyncio.create_task(outbox.run()))
             maintenance.append(

@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     # Sign-in codes one phone (or one client address) may ask for per hour.
     login_codes_per_hour: int = 5
     login_codes_per_hour_per_client: int = 30
+    # Signs the gates' offline whitelists (Ed25519 private key, PEM or base64 seed; `parking
+    # gates keygen`). Unset: no whitelist is published and an offline gate holds every exit.
+    gate_config_key: SecretStr | None = None
+    gate_config_interval_s: float = 60.0
+
     # Capture frames kept for operators (exception queue) this many days, then erased.
     image_retention_days: int = 30
 

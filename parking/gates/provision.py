@@ -26,7 +26,7 @@ import asyncpg
 import orjson
 
 from gate_controller.protocol import GateAddress, TopicKind, Topics
-from parking.gates import repository
+from parking.gates import config, repository
 from parking.infra import endpoints
 from parking.settings import Settings, get_settings
 
@@ -312,8 +312,9 @@ def provision(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds `provision` under `parser` (the `parking gates` parser)."""
+    """Adds `provision`, `keygen` and `publish-config` under `parser` (`parking gates`)."""
     sub = parser.add_subparsers(dest="gates_command", required=True)
+    config.add_parsers(sub)  # keygen, publish-config
     p_provision = sub.add_parser(
         "provision",
         help="broker users, ACL and mosquitto.conf for the gates and the lane service",
@@ -363,6 +364,8 @@ async def _database_gates(settings: Settings) -> list[GateAddress]:
 def run(args: argparse.Namespace) -> int:
     """`parking gates provision`: 0 when written, 2 on input that was refused, 1 when a file
     could not be read or written."""
+    if args.gates_command != "provision":
+        return config.run(args)
     settings = get_settings()
     try:
         gates = [parse_gate(text) for text in args.gate]

@@ -1,6 +1,8 @@
+from dataclasses import dataclass
+
 import asyncpg
 
-from gate_controller.protocol import GateAddress
+from gate_controller.protocol import GateAddress, PlateColor
 
 
 async def gate_addresses(conn: asyncpg.Connection) -> list[GateAddress]:
@@ -11,3 +13,31 @@ async def gate_addresses(conn: asyncpg.Connection) -> list[GateAddress]:
            ORDER BY cp.code, g.code"""
     )
     return [GateAddress(row["lot"], row["gate"]) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class WhitelistedCar:
+    plate: str
+    color: PlateColor  # the table's CHECK allows no other
+    per_session_limit_fen: int
+
+
+async def offline_whitelists(conn: asyncpg.Connection) -> dict[str, list[WhitelistedCar]]:
+    """By car park code, the cars parked there now that may leave a gate that cannot reach the
+    server: an active binding, an active pay-later agreement, no block for arrears."""
+    rows = await conn.fetch(
+        """SELECT cp.code AS lot, s.plate, b.color, pa.per_session_limit_fen
+           FROM sessions s
+           JOIN car_parks cp ON cp.id = s.car_park_id
+           JOIN plate_bindings b ON b.plate = s.plate AND b.unbound_at IS NULL
+           JOIN accounts a ON a.id = b.account_id
+           JOIN pay_later_agreements pa ON pa.account_id = a.id AND pa.cancelled_at IS NULL
+           WHERE s.status = 'open' AND NOT a.blocked_for_arrears AND a.deleted_at IS NULL
+           ORDER BY cp.code, s.plate"""
+    )
+    whitelists: dict[str, list[WhitelistedCar]] = {}
+    for row in rows:
+        whitelists.setdefault(row["lot"], []).append(
+            WhitelistedCar(row["plate"], row["color"], row["per_session_limit_fen"])
+        )
+    return whitelists

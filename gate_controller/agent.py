@@ -1,0 +1,573 @@
+"""The gate edge agent: runs beside one barrier, between its camera and the lane service.
+
+For each camera event it stores a capture in the local outbox (SQLite) and publishes it. The
+server's command operates the barrier and the display. When no command comes within
+`offline_after_s`, or the broker cannot be reached, the agent decides alone: an entry is let
+in; an exit opens when the plate is on the server's signed offline whitelist, and is otherwise
+sent to the booth. The capture is then flagged `offline` with what was done and uploaded when
+the link returns. A capture leaves the outbox only when the server acks it, and unacked ones
+are resent in seq order, also after a restart.
+
+The barrier opens at most once per capture, whoever asks: a late or redelivered command for a
+capture the gate already opened for changes nothing. A late "open" for a capture the gate sent
+to the booth on its own lifts the barrier only while no newer car has been captured here (the
+car is still at the barrier); later than that, the booth has dealt with it.
+
+The gate's status is retained on `.../status`, with an "offline" last will. Its config (the
+whitelist and display texts) is read from the retained `.../config` and kept on disk.
+
+Run it as `python -m gate_controller.agent --config agent.toml` (see `AgentConfig`).
+"""
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import importlib.metadata
+import signal
+import sys
+import time
+import tomllib
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from gate_controller.barrier import Barrier, Display, SimulatedDisplay, SimulatedRelay
+from gate_controller.camera import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    CameraEvent,
+    CameraSource,
+    FolderCameraSource,
+    HttpCameraSource,
+)
+from gate_controller.mqtt import IncomingMessage, MqttClient
+from gate_controller.outbox import Outbox
+from gate_controller.protocol import (
+    DISPLAY_DEFAULTS,
+    Ack,
+    CameraRead,
+    Capture,
+    Command,
+    Direction,
+    GateAddress,
+    GateConfig,
+    GateEvent,
+    GateStatus,
+    OfflineAction,
+    TopicKind,
+    Topics,
+    encode,
+)
+from gate_controller.whitelist import OfflineWhitelist, load_public_key
+
+log = structlog.get_logger(__name__)
+
+try:
+    AGENT_VERSION = importlib.metadata.version("parking")
+except importlib.metadata.PackageNotFoundError:
+    AGENT_VERSION = "dev"
+
+_LINK_TICK_S = 0.1
+_PRUNE_EVERY_S = 600.0
+_REMOTE_OPENS_KEPT = 256
+
+Code = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class FolderCamera(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["folder"]
+    path: Path
+    poll_s: float = Field(default=0.1, gt=0)
+
+
+class HttpCamera(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["http"]
+    host: str = "127.0.0.1"
+    port: int = Field(default=8088, ge=0, lt=65536)
+
+
+class AgentConfig(BaseModel):
+    """The agent's configuration; on the command line a TOML file such as
+
+    lot = "lot-a"
+    gate = "out1"
+    direction = "out"
+    server_public_key = "<the public key `parking gates keygen` printed>"
+    outbox_path = "/var/lib/gate-agent/outbox.sqlite3"
+    mqtt_url = "mqtts://gate-lot-a-out1:<password>@broker.example:8883"
+
+    [camera]
+    kind = "http"    # or: kind = "folder" and path = "/srv/camera/drop"
+    host = "192.168.1.10"
+    port = 8088
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lot: Code
+    gate: Code
+    # The gate's direction; at a gate that works both ways the camera reports it per car.
+    direction: Literal["in", "out", "both"]
+    # The server's config key (PEM, or base64 of its 32 raw bytes): `parking gates keygen`.
+    server_public_key: str
+    outbox_path: Path
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    topic_prefix: str = ""
+    # Default: gate-<lot>-<gate>, the gate's broker user (`parking gates provision`).
+    client_id: str | None = None
+    # No command within this long: the gate decides alone.
+    offline_after_s: float = Field(default=1.5, gt=0)
+    # The least camera confidence to let a whitelisted plate out offline: a misread that hits
+    # another whitelisted plate would charge the wrong driver.
+    offline_min_confidence: float = Field(default=0.9, ge=0, le=1)
+    heartbeat_s: float = Field(default=30.0, gt=0)
+    # Unacked captures are resent after this, doubling per attempt up to resend_max_s.
+    resend_after_s: float = Field(default=5.0, gt=0)
+    resend_max_s: float = Field(default=60.0, gt=0)
+    # Acked captures stay this long in the local journal (against late duplicate commands).
+    journal_keep_s: float = Field(default=86_400.0, gt=0)
+    firmware: str | None = None
+    max_image_bytes: int = Field(default=DEFAULT_MAX_IMAGE_BYTES, gt=0)
+    camera: FolderCamera | HttpCamera | None = Field(default=None, discriminator="kind")
+
+    @property
+    def camera_direction(self) -> Direction | None:
+        return None if self.direction == "both" else self.direction
+
+
+class GateAgent:
+    def __init__(
+        self, config: AgentConfig, camera: CameraSource, barrier: Barrier, display: Display
+    ) -> None:
+        self.config = config
+        self.camera = camera
+        self.barrier = barrier
+        self.display = display
+        self.address = GateAddress(config.lot, config.gate)
+        self.topics = Topics(config.topic_prefix)
+        self.whitelist = OfflineWhitelist(load_public_key(config.server_public_key), config.lot)
+        self.outbox: Outbox | None = None
+        offline = GateStatus(state="offline", firmware=config.firmware, agent_version=AGENT_VERSION)
+        self.mqtt = MqttClient(
+            config.mqtt_url,
+            config.client_id or f"gate-{config.lot}-{config.gate}",
+            will=(self._topic("status"), encode(offline)),
+        )
+        # Captures waiting for the server's command, by capture_id.
+        self._awaiting: dict[uuid.UUID, asyncio.Future[Command]] = {}
+        # Operators' opens of no capture of ours, so that a redelivery does not open again.
+        self._remote_opens: OrderedDict[uuid.UUID, None] = OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # The link as the link loop last saw it: up, or down since when (time.monotonic()).
+        self._link_up = asyncio.Event()
+        self._down_since: float | None = None
+        # Configs refused since start, by reason (a forged one shows up here).
+        self.config_refusals: Counter[str] = Counter()
+
+    @property
+    def store(self) -> Outbox:
+        assert self.outbox is not None, "start() first"
+        return self.outbox
+
+    async def __aenter__(self) -> "GateAgent":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self.outbox = Outbox(self.config.outbox_path)
+        abandoned = self.store.abandon_undecided(time.time())
+        if abandoned:
+            log.warning("agent.undecided_captures_from_last_run", count=abandoned)
+        self._load_config()
+        await self.mqtt.subscribe(self._topic("command"), self._on_command)
+        await self.mqtt.subscribe(self._topic("ack"), self._on_ack)
+        await self.mqtt.subscribe(self._topic("config"), self._on_config)
+        # The gate works without a broker: do not wait for the connection.
+        self._down_since = time.monotonic()
+        await self.mqtt.start(wait_connected_s=None)
+        self._spawn(self._consume_camera())
+        self._spawn(self._link())
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.mqtt.connected:
+            # A clean disconnect suppresses the last will: say it ourselves.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._publish_status("offline", wait=True), 2.0)
+        await self.mqtt.stop()
+        if self.outbox is not None:
+            self.outbox.close()
+            self.outbox = None
+
+    # Captures
+
+    async def capture(self, event: CameraEvent) -> Capture:
+        """Stores the event as a capture, publishes it and starts its decision; returns once it
+        is stored (the decision goes on in the background)."""
+        capture_id = uuid.uuid4()
+        built: list[Capture] = []
+
+        def payload_for(seq: int) -> bytes:
+            built.append(self._capture(capture_id, seq, event))
+            return encode(built[-1])
+
+        self.store.add(capture_id, time.time(), payload_for)
+        capture = built[-1]
+        answer = asyncio.get_running_loop().create_future()
+        self._awaiting[capture_id] = answer
+        if self.mqtt.connected:
+            await self._publish("capture", encode(capture))
+        self._spawn(self._decide(capture, answer))
+        return capture
+
+    def _capture(self, capture_id: uuid.UUID, seq: int, event: CameraEvent) -> Capture:
+        read = None
+        if event.plate is not None:
+            # A read without a confidence is not trusted: the server reads the image itself.
+            confidence = event.confidence if event.confidence is not None else 0.0
+            read = CameraRead(plate=event.plate, color=event.color, confidence=confidence)
+        image = base64.b64encode(event.image_jpeg).decode() if event.image_jpeg else None
+        return Capture(
+            capture_id=capture_id,
+            seq=seq,
+            direction=event.direction,
+            captured_at=event.captured_at,
+            camera_read=read,
+            image=image,
+        )
+
+    async def _decide(self, capture: Capture, answer: asyncio.Future[Command]) -> None:
+        """Waits `offline_after_s` for the server's command, then decides alone. A link down
+        for longer than that already is not waited for; one that comes up in the meantime
+        (the agent just started, the broker just restarted) still carries the capture."""
+        command: Command | None = None
+        try:
+            if not self._known_unreachable():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.offline_after_s):
+                        if not self.mqtt.connected:
+                            await self._link_up.wait()
+                            await self._publish("capture", encode(capture))
+                        command = await answer
+        finally:
+            self._awaiting.pop(capture.capture_id, None)
+        if command is not None:
+            await self._follow(capture, command)
+        else:
+            await self._decide_offline(capture)
+
+    async def _follow(self, capture: Capture, command: Command) -> None:
+        self.store.decide(
+            capture.capture_id,
+            "server",
+            command.action,
+            send_at=time.time() + self.config.resend_after_s,
+        )
+        if command.action == "open":
+            await self._open(capture.capture_id, "server")
+        await self.display.show(command.display, qr_url=command.payment_qr_url)
+
+    async def _decide_offline(self, capture: Capture) -> None:
+        now = datetime.now(UTC)
+        action: OfflineAction = "open"
+        if capture.direction == "in":
+            text = "offline_entry"
+        elif self._whitelisted(capture, now):
+            text = "offline_exit"
+        else:
+            action, text = "hold", "offline_hold"
+        flagged = capture.model_copy(update={"offline": True, "offline_action": action})
+        self.store.decide(
+            capture.capture_id, "offline", action, send_at=time.time(), payload=encode(flagged)
+        )
+        log.info(
+            "agent.decided_offline",
+            seq=capture.seq,
+            direction=capture.direction,
+            action=action,
+            broker_connected=self.mqtt.connected,
+        )
+        if action == "open":
+            await self._open(capture.capture_id, text)
+        await self.display.show([self.whitelist.display(text, DISPLAY_DEFAULTS[text])])
+
+    def _known_unreachable(self) -> bool:
+        down_since = self._down_since
+        return (
+            down_since is not None and time.monotonic() - down_since >= self.config.offline_after_s
+        )
+
+    def _whitelisted(self, capture: Capture, now: datetime) -> bool:
+        read = capture.camera_read
+        return (
+            read is not None
+            and read.confidence >= self.config.offline_min_confidence
+            and self.whitelist.allows(read.plate, read.color, now)
+        )
+
+    async def _open(self, capture_id: uuid.UUID, reason: str) -> bool:
+        """Lifts the barrier for the capture unless it already was; True when it lifted."""
+        if not self.store.mark_opened(capture_id, time.time()):
+            log.info("agent.already_opened", capture_id=str(capture_id), reason=reason)
+            return False
+        await self._lift(capture_id, reason)
+        return True
+
+    async def _lift(self, capture_id: uuid.UUID, reason: str) -> None:
+        await self.barrier.open(reason)
+        event = GateEvent(
+            type="barrier_opened", at=datetime.now(UTC), capture_id=capture_id, reason=reason
+        )
+        if self.mqtt.connected:
+            await self._publish("event", encode(event))
+
+    # Messages from the server
+
+    async def _on_command(self, message: IncomingMessage) -> None:
+        try:
+            command = Command.model_validate_json(message.payload)
+        except ValidationError:
+            log.warning("agent.bad_command", size=len(message.payload))
+            return
+        answer = self._awaiting.get(command.capture_id)
+        if answer is not None and not answer.done():
+            answer.set_result(command)
+            return
+        await self._late_command(command)
+
+    async def _late_command(self, command: Command) -> None:
+        """A command for a capture that is not waiting for one: a payment made at the gate, an
+        operator's open, the answer to a capture decided offline, or a redelivery."""
+        if command.action != "open":
+            return  # a late hold changes nothing at the barrier
+        if command.expires_at <= datetime.now(UTC):
+            log.info("agent.expired_command_ignored", capture_id=str(command.capture_id))
+            return
+        record = self.store.record(command.capture_id)
+        if record is None:
+            # Not one of this gate's captures: an operator opening the gate for nobody in
+            # particular. QoS 1 may deliver it twice.
+            if command.capture_id in self._remote_opens:
+                return
+            self._remote_opens[command.capture_id] = None
+            while len(self._remote_opens) > _REMOTE_OPENS_KEPT:
+                self._remote_opens.popitem(last=False)
+            await self._lift(command.capture_id, "remote")
+            await self.display.show(command.display)
+            return
+        if record.decided_by != "server" and record.seq != self.store.latest_seq():
+            log.info("agent.late_open_ignored", capture_id=str(command.capture_id))
+            return
+        if await self._open(command.capture_id, "server_late"):
+            await self.display.show(command.display)
+
+    def _on_ack(self, message: IncomingMessage) -> None:
+        try:
+            ack = Ack.model_validate_json(message.payload)
+        except ValidationError:
+            log.warning("agent.bad_ack", size=len(message.payload))
+            return
+        now = time.time()
+        if not self.store.ack(ack.capture_id, now):
+            return
+        if ack.rejected:
+            log.warning("agent.capture_rejected", capture_id=str(ack.capture_id), why=ack.rejected)
+        # The server answers again: captures waiting out their backoff go now.
+        self.store.resend_all(now, backing_off_only=True)
+
+    def _on_config(self, message: IncomingMessage) -> None:
+        if not message.payload:
+            return  # the retained config was cleared: keep the one held
+        try:
+            config = GateConfig.model_validate_json(message.payload)
+        except ValidationError:
+            log.warning("agent.bad_config", size=len(message.payload))
+            return
+        refusal = self.whitelist.offer(config, datetime.now(UTC))
+        if refusal is not None:
+            self.config_refusals[refusal] += 1
+            log.warning("agent.config_refused", why=refusal)
+            return
+        self.store.save_config(message.payload)
+        log.info(
+            "agent.config_accepted",
+            entries=len(config.whitelist),
+            expires_at=str(config.whitelist_expires_at),
+        )
+
+    def _load_config(self) -> None:
+        payload = self.store.load_config()
+        if payload is None:
+            return
+        try:
+            config = GateConfig.model_validate_json(payload)
+        except ValidationError:
+            return
+        refusal = self.whitelist.offer(config, datetime.now(UTC))
+        if refusal is not None:
+            log.info("agent.stored_config_unusable", why=refusal)
+
+    # The link: resends, status
+
+    async def _consume_camera(self) -> None:
+        while True:
+            try:
+                async for event in self.camera.events():
+                    await self.capture(event)
+            except Exception:
+                # The event was not stored: the camera keeps it and offers it again.
+                log.exception("agent.capture_failed")
+                await asyncio.sleep(1.0)
+
+    async def _link(self) -> None:
+        was_connected = False
+        next_heartbeat = next_prune = 0.0
+        while True:
+            try:
+                connected = self.mqtt.connected
+                now = time.monotonic()
+                if connected and not was_connected:
+                    self._down_since = None
+                    self._link_up.set()
+                    self.store.resend_all(time.time(), backing_off_only=False)
+                    next_heartbeat = now  # online at once
+                elif was_connected and not connected:
+                    self._down_since = now
+                    self._link_up.clear()
+                was_connected = connected
+                if connected:
+                    if now >= next_heartbeat:
+                        next_heartbeat = now + self.config.heartbeat_s
+                        await self._publish_status("online")
+                    await self._send_due()
+                if now >= next_prune:
+                    next_prune = now + _PRUNE_EVERY_S
+                    self.store.prune(time.time() - self.config.journal_keep_s)
+            except Exception:  # must not end: without it nothing is ever resent
+                log.exception("agent.link_failed")
+            await asyncio.sleep(_LINK_TICK_S)
+
+    async def _send_due(self) -> None:
+        now = time.time()
+        for capture_id, payload in self.store.due(now):
+            if not self.mqtt.connected or not await self._publish("capture", payload):
+                return
+            self.store.sent(capture_id, now, self.config.resend_after_s, self.config.resend_max_s)
+
+    async def _publish_status(
+        self, state: Literal["online", "offline"], wait: bool = False
+    ) -> None:
+        now = datetime.now(UTC)
+        status = GateStatus(
+            state=state,
+            outbox_length=self.store.length(),
+            firmware=self.config.firmware,
+            agent_version=AGENT_VERSION,
+            at=now,
+            whitelist_expires_at=self.whitelist.expires_at(now),
+        )
+        await self.mqtt.publish(self._topic("status"), encode(status), retain=True, wait=wait)
+
+    async def _publish(self, kind: TopicKind, payload: bytes) -> bool:
+        """Hands a message to the client without waiting for the broker; False if it refused
+        (the outbox still holds what matters)."""
+        try:
+            await self.mqtt.publish(self._topic(kind), payload, wait=False)
+        except RuntimeError as exc:
+            log.warning("agent.publish_failed", kind=kind, error=str(exc))
+            return False
+        return True
+
+    def _topic(self, kind: TopicKind) -> str:
+        return self.topics.topic(self.address, kind)
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+# Command line
+
+
+def load_config(path: Path) -> AgentConfig:
+    with path.open("rb") as handle:
+        return AgentConfig.model_validate(tomllib.load(handle))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, required=True, metavar="FILE", help="the agent's TOML file"
+    )
+
+
+async def serve(config: AgentConfig, stop: asyncio.Event) -> None:
+    """Runs the agent with the camera its config names, a simulated relay and display (the
+    drivers for real relays are not part of this release), until `stop` is set."""
+    if config.camera is None:
+        raise ValueError("the config has no [camera] section")
+    barrier, display = SimulatedRelay(), SimulatedDisplay()
+    async with contextlib.AsyncExitStack() as stack:
+        camera: CameraSource
+        if config.camera.kind == "folder":
+            camera = FolderCameraSource(
+                config.camera.path,
+                config.camera_direction,
+                poll_s=config.camera.poll_s,
+                max_image_bytes=config.max_image_bytes,
+            )
+        else:
+            camera = await stack.enter_async_context(
+                HttpCameraSource(
+                    config.camera.host,
+                    config.camera.port,
+                    config.camera_direction,
+                    max_image_bytes=config.max_image_bytes,
+                )
+            )
+        await stack.enter_async_context(GateAgent(config, camera, barrier, display))
+        log.info("agent.started", lot=config.lot, gate=config.gate, version=AGENT_VERSION)
+        await stop.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    """0 after a clean stop (SIGINT/SIGTERM), 2 when the config is unusable."""
+    try:
+        config = load_config(args.config)
+        load_public_key(config.server_public_key)
+    except (OSError, tomllib.TOMLDecodeError, ValidationError, ValueError) as exc:
+        print(f"gate agent: {args.config}: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(config, stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="gate-agent", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

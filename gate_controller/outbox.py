@@ -1,0 +1,202 @@
+"""The gate agent's durable local store (SQLite, WAL): its captures and its last valid config.
+
+Every capture is written here, with its `seq`, before it is published, and stays "in the outbox"
+until the server acks it. The row then stays for a day without its payload, as the journal of
+what the gate did for that capture (who decided, whether the barrier opened), so that a late or
+redelivered command never lifts the barrier twice. `seq` is SQLite's AUTOINCREMENT rowid: it
+grows across restarts and is never reused, also after rows are pruned.
+
+Calls are synchronous on the event loop on purpose: a gate handles a car every few seconds and
+each call is one small indexed statement, so handing them to a thread would cost more than it
+saves. `synchronous=FULL`: a capture the camera was told is stored survives a power cut.
+"""
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from uuid import UUID
+
+DecidedBy = Literal["server", "offline", "abandoned"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS captures (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    capture_id   TEXT NOT NULL UNIQUE,
+    payload      BLOB,             -- the capture as it is (re)sent; NULL once acked
+    created_at   REAL NOT NULL,
+    -- 'abandoned': the agent stopped before the capture was decided
+    decided_by   TEXT CHECK (decided_by IN ('server', 'offline', 'abandoned')),
+    action       TEXT,
+    opened_at    REAL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_send_at REAL,             -- NULL: not to be resent (awaiting its decision, or acked)
+    acked_at     REAL
+);
+CREATE INDEX IF NOT EXISTS captures_unacked ON captures (seq) WHERE acked_at IS NULL;
+CREATE INDEX IF NOT EXISTS captures_acked_at ON captures (acked_at) WHERE acked_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS gate_config (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    payload BLOB NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureRecord:
+    seq: int
+    decided_by: DecidedBy | None
+    action: str | None
+    opened: bool
+    acked: bool
+
+
+class Outbox:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def add(self, capture_id: UUID, now: float, payload_for: Callable[[int], bytes]) -> int:
+        """Stores a new capture, whose payload is built from the seq it gets; returns the seq."""
+        with self._db:
+            cursor = self._db.execute(
+                "INSERT INTO captures (capture_id, created_at) VALUES (?, ?)",
+                (str(capture_id), now),
+            )
+            seq = cursor.lastrowid
+            assert seq is not None
+            self._db.execute(
+                "UPDATE captures SET payload = ? WHERE seq = ?", (payload_for(seq), seq)
+            )
+        return seq
+
+    def decide(
+        self,
+        capture_id: UUID,
+        decided_by: DecidedBy,
+        action: str,
+        *,
+        send_at: float,
+        payload: bytes | None = None,
+    ) -> None:
+        """Records who decided what; an unacked capture is (re)sent from `send_at`, with
+        `payload` instead of the stored one when given."""
+        with self._db:
+            self._db.execute(
+                """UPDATE captures SET decided_by = ?, action = ?,
+                       payload = CASE WHEN acked_at IS NULL THEN coalesce(?, payload) END,
+                       next_send_at = CASE WHEN acked_at IS NULL THEN ? END
+                   WHERE capture_id = ?""",
+                (decided_by, action, payload, send_at, str(capture_id)),
+            )
+
+    def mark_opened(self, capture_id: UUID, now: float) -> bool:
+        """True for the first opening of this capture's barrier, False when it already opened."""
+        with self._db:
+            cursor = self._db.execute(
+                "UPDATE captures SET opened_at = ? WHERE capture_id = ? AND opened_at IS NULL",
+                (now, str(capture_id)),
+            )
+        return cursor.rowcount == 1
+
+    def ack(self, capture_id: UUID, now: float) -> bool:
+        """Drops the capture from the outbox; False when it was not in it."""
+        with self._db:
+            cursor = self._db.execute(
+                """UPDATE captures SET acked_at = ?, payload = NULL, next_send_at = NULL
+                   WHERE capture_id = ? AND acked_at IS NULL""",
+                (now, str(capture_id)),
+            )
+        return cursor.rowcount == 1
+
+    def due(self, now: float, limit: int = 100) -> list[tuple[UUID, bytes]]:
+        """Captures to (re)send now, in seq order."""
+        rows = self._db.execute(
+            """SELECT capture_id, payload FROM captures
+               WHERE acked_at IS NULL AND next_send_at <= ? AND payload IS NOT NULL
+               ORDER BY seq LIMIT ?""",
+            (now, limit),
+        ).fetchall()
+        return [(UUID(capture_id), payload) for capture_id, payload in rows]
+
+    def sent(self, capture_id: UUID, now: float, first_retry_s: float, max_retry_s: float) -> None:
+        """Schedules the next resend, doubling the wait per attempt up to `max_retry_s`."""
+        with self._db:
+            self._db.execute(
+                """UPDATE captures
+                   SET next_send_at = ? + min(? * (1 << min(attempts, 16)), ?),
+                       attempts = attempts + 1
+                   WHERE capture_id = ? AND acked_at IS NULL""",
+                (now, first_retry_s, max_retry_s, str(capture_id)),
+            )
+
+    def resend_all(self, now: float, *, backing_off_only: bool) -> int:
+        """Makes decided, unacked captures due now: all of them (the link is back), or those
+        already resent at least once (the server answers again)."""
+        with self._db:
+            cursor = self._db.execute(
+                """UPDATE captures SET next_send_at = ?
+                   WHERE acked_at IS NULL AND decided_by IS NOT NULL
+                     AND (next_send_at IS NULL OR next_send_at > ?)
+                     AND (attempts > 0 OR NOT ?)""",
+                (now, now, backing_off_only),
+            )
+        return cursor.rowcount
+
+    def abandon_undecided(self, now: float) -> int:
+        """Captures a previous run stored but never decided: sent as they are, nothing done."""
+        with self._db:
+            cursor = self._db.execute(
+                """UPDATE captures SET decided_by = 'abandoned', next_send_at = ?
+                   WHERE decided_by IS NULL AND acked_at IS NULL""",
+                (now,),
+            )
+        return cursor.rowcount
+
+    def record(self, capture_id: UUID) -> CaptureRecord | None:
+        row = self._db.execute(
+            """SELECT seq, decided_by, action, opened_at IS NOT NULL, acked_at IS NOT NULL
+               FROM captures WHERE capture_id = ?""",
+            (str(capture_id),),
+        ).fetchone()
+        if row is None:
+            return None
+        return CaptureRecord(row[0], row[1], row[2], bool(row[3]), bool(row[4]))
+
+    def latest_seq(self) -> int | None:
+        seq: int | None = self._db.execute("SELECT max(seq) FROM captures").fetchone()[0]
+        return seq
+
+    def length(self) -> int:
+        count: int = self._db.execute(
+            "SELECT count(*) FROM captures WHERE acked_at IS NULL"
+        ).fetchone()[0]
+        return count
+
+    def unacked(self) -> list[tuple[int, UUID]]:
+        rows = self._db.execute(
+            "SELECT seq, capture_id FROM captures WHERE acked_at IS NULL ORDER BY seq"
+        ).fetchall()
+        return [(seq, UUID(capture_id)) for seq, capture_id in rows]
+
+    def prune(self, acked_before: float) -> int:
+        with self._db:
+            cursor = self._db.execute("DELETE FROM captures WHERE acked_at < ?", (acked_before,))
+        return cursor.rowcount
+
+    def save_config(self, payload: bytes) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO gate_config (id, payload) VALUES (1, ?)", (payload,)
+            )
+
+    def load_config(self) -> bytes | None:
+        row = self._db.execute("SELECT payload FROM gate_config WHERE id = 1").fetchone()
+        return bytes(row[0]) if row else None

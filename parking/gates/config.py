@@ -1,0 +1,241 @@
+"""Each gate's config, signed and retained on its `.../config` topic.
+
+The config carries the car park's offline whitelist: the cars parked there now whose plate is
+bound to an account with an active pay-later agreement and no block for arrears, each with its
+per-session limit. A gate that cannot reach the server lets these out and no one else. The list
+is valid for `valid_for` (24 h by default) and signed with the server's Ed25519 key over
+`GateConfig.signed_bytes()`; the gates hold the public key (`parking gates keygen` prints it)
+and ignore a config whose signature, car park or expiry does not check out.
+
+Cars enter all the time, so the configs are republished every `interval_s` by
+`publish_periodically`; `parking gates publish-config` does it once.
+"""
+
+import argparse
+import asyncio
+import base64
+import binascii
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import orjson
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gate_controller.mqtt import MqttClient
+from gate_controller.protocol import (
+    DISPLAY_DEFAULTS,
+    GateAddress,
+    GateConfig,
+    Topics,
+    WhitelistEntry,
+    encode,
+)
+from parking.db import create_pool
+from parking.gates import repository
+from parking.gates.repository import WhitelistedCar
+from parking.infra import endpoints
+from parking.logging import get_logger
+from parking.settings import Settings, get_settings
+
+log = get_logger(__name__)
+
+DEFAULT_VALIDITY = timedelta(hours=24)
+# Retained publishes in flight at once (the client's own window is 1000).
+_PUBLISH_BATCH = 500
+
+
+# Keys
+
+
+def generate_private_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def load_private_key(text: str) -> Ed25519PrivateKey:
+    """A PEM (PKCS#8, unencrypted) Ed25519 private key, or its 32-byte seed in base64."""
+    text = text.strip()
+    if text.startswith("-----BEGIN"):
+        key = serialization.load_pem_private_key(text.encode(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError("the config key must be an Ed25519 private key")
+        return key
+    try:
+        return Ed25519PrivateKey.from_private_bytes(base64.b64decode(text, validate=True))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"the config key is neither PEM nor 32 bytes of base64: {exc}") from None
+
+
+def private_key_pem(key: Ed25519PrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def public_key_text(key: Ed25519PrivateKey) -> str:
+    """The public key as the gates are configured with it: its 32 raw bytes in base64."""
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+# Configs
+
+
+def signed(config: GateConfig, key: Ed25519PrivateKey) -> GateConfig:
+    signature = base64.b64encode(key.sign(config.signed_bytes())).decode()
+    return config.model_copy(update={"signature": signature})
+
+
+def build_config(
+    lot: str,
+    cars: Sequence[WhitelistedCar],
+    key: Ed25519PrivateKey,
+    *,
+    issued_at: datetime,
+    valid_for: timedelta = DEFAULT_VALIDITY,
+) -> GateConfig:
+    config = GateConfig(
+        lot=lot,
+        issued_at=issued_at,
+        whitelist=[
+            WhitelistEntry(
+                plate=car.plate,
+                color=car.color,
+                per_session_limit_fen=car.per_session_limit_fen,
+            )
+            for car in cars
+        ],
+        whitelist_expires_at=issued_at + valid_for,
+        display=dict(DISPLAY_DEFAULTS),
+    )
+    return signed(config, key)
+
+
+async def publish_configs(
+    pool: asyncpg.Pool,
+    mqtt: MqttClient,
+    settings: Settings,
+    private_key: Ed25519PrivateKey,
+    *,
+    valid_for: timedelta = DEFAULT_VALIDITY,
+    now: datetime | None = None,
+) -> int:
+    """Publishes every gate's signed config, retained; returns how many gates got one. A car
+    park with no whitelisted car still gets its (empty) list: the gates must not keep an old one."""
+    issued_at = now or datetime.now(UTC)
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        gates = await repository.gate_addresses(conn)
+        whitelists = await repository.offline_whitelists(conn)
+    payloads: dict[str, bytes] = {}
+    for lot in {address.lot for address in gates}:
+        config = build_config(
+            lot, whitelists.get(lot, []), private_key, issued_at=issued_at, valid_for=valid_for
+        )
+        payloads[lot] = encode(config)
+    topics = Topics(settings.mqtt_topic_prefix)
+    for start in range(0, len(gates), _PUBLISH_BATCH):
+        batch: list[GateAddress] = gates[start : start + _PUBLISH_BATCH]
+        await asyncio.gather(
+            *(
+                mqtt.publish(topics.topic(gate, "config"), payloads[gate.lot], retain=True)
+                for gate in batch
+            )
+        )
+    log.info(
+        "gates.configs_published",
+        gates=len(gates),
+        car_parks=len(payloads),
+        whitelisted=sum(len(cars) for cars in whitelists.values()),
+    )
+    return len(gates)
+
+
+async def publish_periodically(
+    pool: asyncpg.Pool,
+    mqtt: MqttClient,
+    settings: Settings,
+    private_key: Ed25519PrivateKey,
+    *,
+    interval_s: float = 60.0,
+) -> None:
+    """Republishes the configs every `interval_s`, so that cars that entered since are on the
+    lists and the lists never expire while the server runs."""
+    while True:
+        try:
+            await publish_configs(pool, mqtt, settings, private_key)
+        except Exception:  # must not end: the gates' lists would expire
+            log.exception("gates.configs_publish_failed")
+        await asyncio.sleep(interval_s)
+
+
+# Command line: `parking gates keygen`, `parking gates publish-config`
+
+
+def add_parsers(gates_commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Adds `keygen` and `publish-config` to the `parking gates` subcommands."""
+    p_keygen = gates_commands.add_parser(
+        "keygen",
+        help="a new Ed25519 key for signing gate configs; prints the public key for the gates",
+    )
+    p_keygen.add_argument(
+        "--out", type=Path, required=True, metavar="FILE", help="private key file (PEM, 0600)"
+    )
+    p_publish = gates_commands.add_parser(
+        "publish-config",
+        help="publish every gate's signed config (offline whitelist) once, retained",
+    )
+    p_publish.add_argument(
+        "--key-file", type=Path, required=True, metavar="FILE", help="the private key (PEM)"
+    )
+    p_publish.add_argument(
+        "--valid-hours", type=float, default=DEFAULT_VALIDITY.total_seconds() / 3600
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """0 when done, 2 on a key that cannot be written or read."""
+    if args.gates_command == "keygen":
+        return _keygen(args.out)
+    try:
+        key = load_private_key(args.key_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"parking gates publish-config: {exc}", file=sys.stderr)
+        return 2
+    valid_for = timedelta(hours=args.valid_hours)
+    count = asyncio.run(_publish_once(get_settings(), key, valid_for))
+    print(orjson.dumps({"gates": count}).decode())
+    return 0
+
+
+def _keygen(out: Path) -> int:
+    key = generate_private_key()
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        print(
+            f"parking gates keygen: {exc} (an existing key is never overwritten)", file=sys.stderr
+        )
+        return 2
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(private_key_pem(key))
+    print(orjson.dumps({"private_key_file": str(out), "public_key": public_key_text(key)}).decode())
+    return 0
+
+
+async def _publish_once(settings: Settings, key: Ed25519PrivateKey, valid_for: timedelta) -> int:
+    async with endpoints(settings) as eps:
+        pool = await create_pool(eps.database_url, min_size=1, max_size=1)
+        mqtt = MqttClient(eps.mqtt_url, f"gate-config-{uuid.uuid4().hex[:8]}")
+        try:
+            await mqtt.start()
+            return await publish_configs(pool, mqtt, settings, key, valid_for=valid_for)
+        finally:
+            await mqtt.stop()
+            await pool.close()

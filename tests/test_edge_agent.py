@@ -1,0 +1,525 @@
+"""The gate edge agent against the real broker and lane service: server decisions, offline
+decisions from the signed whitelist, store-and-forward through restarts, status and last will."""
+
+import asyncio
+import base64
+import contextlib
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from gate_controller.agent import AgentConfig, GateAgent
+from gate_controller.barrier import SimulatedDisplay, SimulatedRelay
+from gate_controller.camera import (
+    CameraEvent,
+    FolderCameraSource,
+    HttpCameraSource,
+    QueueCameraSource,
+)
+from gate_controller.mqtt import IncomingMessage, MqttClient
+from gate_controller.protocol import (
+    DISPLAY_DEFAULTS,
+    Command,
+    GateAddress,
+    GateConfig,
+    Topics,
+    WhitelistEntry,
+    encode,
+)
+from gate_controller.simulator import Vehicle
+from parking.gates import repository as gates_repo
+from parking.gates.config import (
+    build_config,
+    generate_private_key,
+    load_private_key,
+    private_key_pem,
+    public_key_text,
+    publish_configs,
+    signed,
+)
+from parking.gates.repository import WhitelistedCar
+from parking.runtime import ProviderEndpoint, Runtime, running
+from parking.settings import Settings
+from tests.conftest import MQTT_URL, Lot, enter, eventually, make_driver, stay_status, unique_plate
+from tests.gates import GateProbe
+
+SERVER_KEY = generate_private_key()
+HOLD_TEXT = DISPLAY_DEFAULTS["offline_hold"]
+# A tiny JPEG is enough: the camera's read is confident, the image rides along.
+JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64 + b"\xff\xd9"
+
+
+def _prefix() -> str:
+    return f"test-agent-{uuid.uuid4().hex[:8]}"
+
+
+def _config(tmp_path: Path, lot: str, gate: str, prefix: str, **overrides: Any) -> AgentConfig:
+    values: dict[str, Any] = {
+        "lot": lot,
+        "gate": gate,
+        "direction": "in" if gate.startswith("in") else "out",
+        "server_public_key": public_key_text(SERVER_KEY),
+        "outbox_path": tmp_path / f"{lot}-{gate}.sqlite3",
+        "mqtt_url": MQTT_URL,
+        "topic_prefix": prefix,
+        "client_id": f"gate-test-{uuid.uuid4().hex[:8]}",
+        "offline_after_s": 0.3,
+        "heartbeat_s": 0.5,
+        "resend_after_s": 0.3,
+        "resend_max_s": 1.0,
+    }
+    return AgentConfig(**(values | overrides))
+
+
+@dataclass
+class Lane:
+    agent: GateAgent
+    camera: QueueCameraSource
+    relay: SimulatedRelay = field(default_factory=SimulatedRelay)
+    display: SimulatedDisplay = field(default_factory=SimulatedDisplay)
+
+    def reasons(self) -> list[str]:
+        return [opening.reason for opening in self.relay.openings]
+
+
+@contextlib.asynccontextmanager
+async def lane(config: AgentConfig) -> AsyncIterator[Lane]:
+    camera = QueueCameraSource()
+    relay, display = SimulatedRelay(), SimulatedDisplay()
+    async with GateAgent(config, camera, relay, display) as agent:
+        yield Lane(agent, camera, relay, display)
+
+
+def car(direction: str, plate: str, *, confidence: float = 0.98) -> CameraEvent:
+    return CameraEvent(direction, datetime.now(UTC), plate, "blue", confidence)  # type: ignore[arg-type]
+
+
+class Listener:
+    """A broker client that collects what is published on some topics."""
+
+    def __init__(self) -> None:
+        self.mqtt = MqttClient(MQTT_URL, f"listener-{uuid.uuid4().hex[:8]}")
+        self.messages: list[IncomingMessage] = []
+
+    async def __aenter__(self) -> "Listener":
+        await self.mqtt.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.mqtt.stop()
+
+    async def listen(self, topic_filter: str) -> None:
+        await self.mqtt.subscribe(topic_filter, self.messages.append)
+        await asyncio.sleep(0.2)  # the subscription is in place
+
+    def payloads(self, topic: str) -> list[dict[str, Any]]:
+        return [orjson.loads(m.payload) for m in self.messages if m.topic == topic and m.payload]
+
+    async def clear_retained(self, topics: list[str]) -> None:
+        for topic in topics:
+            await self.mqtt.publish(topic, b"", retain=True)
+
+
+async def until(predicate: Callable[[], Any], timeout_s: float = 10.0) -> Any:
+    async def probe() -> Any:
+        return predicate()
+
+    return await eventually(probe, timeout_s)
+
+
+async def _stored_captures(runtime: Runtime, capture_ids: list[uuid.UUID]) -> list[Any]:
+    async with runtime.pool.acquire() as conn:
+        return await conn.fetch(
+            "SELECT capture_id, offline, outcome FROM captures WHERE capture_id = ANY($1::uuid[])",
+            capture_ids,
+        )
+
+
+async def test_captures_reach_the_lane_and_the_barrier_follows_its_command(
+    runtime: Runtime, settings: Settings, lot: Lot, tmp_path: Path
+) -> None:
+    driver = await make_driver(runtime, unique_plate())
+    prefix = settings.mqtt_topic_prefix
+    entry_config = _config(tmp_path, lot.code, "in1", prefix, offline_after_s=5.0)
+    relay_in, display_in = SimulatedRelay(), SimulatedDisplay()
+    async with (
+        HttpCameraSource("127.0.0.1", 0, "in") as camera,
+        GateAgent(entry_config, camera, relay_in, display_in) as entry_agent,
+        httpx.AsyncClient(base_url=camera.url) as http,
+    ):
+        # Reports that cannot be a capture are refused before anything is stored.
+        for bad in (
+            {"plate": driver.plate, "confidence": 1.5},
+            {"direction": "in"},
+            {"image": "not base64!", "direction": "in"},
+            {"image": base64.b64encode(b"GIF89a").decode()},
+        ):
+            response = await http.post("/events", json=bad)
+            assert response.status_code == 422, bad
+            assert response.json()["error"]["code"] == "invalid_request"
+        assert entry_agent.store.length() == 0
+
+        response = await http.post(
+            "/events",
+            json={
+                "plate": driver.plate,
+                "color": "blue",
+                "confidence": 0.97,
+                "image": base64.b64encode(JPEG).decode(),
+            },
+        )
+        assert response.status_code == 202
+        await until(lambda: relay_in.openings)
+        assert [o.reason for o in relay_in.openings] == ["server"]
+        assert display_in.current and display_in.current[0] == driver.plate
+        await until(lambda: entry_agent.store.length() == 0)
+    assert await stay_status(runtime, lot, driver.plate) == "open"
+
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE sessions SET entered_at = entered_at - interval '1 hour' "
+            "WHERE car_park_id = $1 AND plate = $2",
+            lot.id,
+            driver.plate,
+        )
+    exit_config = _config(tmp_path, lot.code, "out1", prefix, offline_after_s=5.0)
+    async with lane(exit_config) as out:
+        vehicle = Vehicle(driver.plate, "blue", bound=True)
+        await out.camera.put(CameraEvent.of_vehicle(vehicle, "out"))
+        await until(lambda: out.relay.openings)
+        await until(lambda: out.agent.store.length() == 0)
+        assert out.reasons() == ["server"]
+    assert await stay_status(runtime, lot, driver.plate) == "closed"
+    async with runtime.pool.acquire() as conn:
+        offline = await conn.fetchval(
+            "SELECT bool_or(offline) FROM captures WHERE car_park_id = $1", lot.id
+        )
+    assert offline is False
+
+
+async def test_offline_decisions_from_the_signed_whitelist_are_uploaded_when_the_server_returns(
+    runtime: Runtime,
+    settings: Settings,
+    lot: Lot,
+    gate: GateProbe,
+    provider: ProviderEndpoint,
+    tmp_path: Path,
+) -> None:
+    bound = await make_driver(runtime, unique_plate())
+    blocked = await make_driver(runtime, unique_plate())
+    unbound = unique_plate()
+    for plate in (bound.plate, blocked.plate, unbound):
+        await enter(runtime, gate, lot, plate, parked_for=timedelta(hours=1))
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE accounts SET blocked_for_arrears = true WHERE id = $1", blocked.account_id
+        )
+
+    # No lane serves this prefix yet: the gates are on their own.
+    offline = settings.model_copy(
+        update={"mqtt_topic_prefix": _prefix(), "mqtt_client_id": f"lanes-{uuid.uuid4().hex[:8]}"}
+    )
+    assert await publish_configs(runtime.pool, runtime.mqtt, offline, SERVER_KEY) >= 2
+    topics = Topics(offline.mqtt_topic_prefix)
+    newcomer = unique_plate()
+    try:
+        async with (
+            lane(_config(tmp_path, lot.code, "out1", offline.mqtt_topic_prefix)) as out,
+            lane(_config(tmp_path, lot.code, "in1", offline.mqtt_topic_prefix)) as into,
+        ):
+            held = await until(lambda: out.agent.whitelist.config)
+            assert [entry.plate for entry in held.whitelist] == [bound.plate]
+
+            await out.camera.put(car("out", bound.plate))
+            await until(lambda: out.relay.openings)
+            await out.camera.put(car("out", unbound))
+            await out.camera.put(car("out", blocked.plate))
+            await into.camera.put(car("in", newcomer))
+            await until(lambda: len(out.display.shown) == 3 and into.relay.openings)
+            assert out.reasons() == ["offline_exit"]
+            assert out.display.shown[1:] == [[HOLD_TEXT], [HOLD_TEXT]]
+            assert into.reasons() == ["offline_entry"]
+
+            # Nobody acks: everything stays in the outboxes.
+            await asyncio.sleep(0.5)
+            exits = out.agent.store.unacked()
+            entries = into.agent.store.unacked()
+            assert [seq for seq, _ in exits] == [1, 2, 3]
+            assert len(entries) == 1
+            capture_ids = [capture_id for _, capture_id in exits + entries]
+
+            async with running(offline, runtime.endpoints, provider, outbox_worker=False) as lanes:
+                await until(lambda: out.agent.store.length() + into.agent.store.length() == 0)
+                stored = await _stored_captures(runtime, capture_ids)
+                # The late answers to what the gates already did change nothing at the barrier.
+                await asyncio.sleep(0.3)
+                stats = lanes.lanes.stats
+            # Each capture was decided once (resends, if any, were answered as duplicates).
+            assert sum(stats.outcomes.values()) == 4 and stats.dead_letters == 0
+
+            assert len(stored) == 4 and all(row["offline"] for row in stored)
+            outcomes = {row["capture_id"]: row["outcome"] for row in stored}
+            assert outcomes[exits[0][1]] == "exited_pay_later"
+            assert outcomes[entries[0][1]] == "entered"
+            assert out.reasons() == ["offline_exit"]
+            assert into.reasons() == ["offline_entry"]
+        assert await stay_status(runtime, lot, bound.plate) == "closed"
+    finally:
+        async with runtime.pool.acquire() as conn:
+            gates = await gates_repo.gate_addresses(conn)
+        async with Listener() as cleaner:
+            await cleaner.clear_retained(
+                [topics.topic(g, kind) for g in gates for kind in ("config", "status")]
+            )
+
+
+async def test_forged_tampered_foreign_and_expired_whitelists_are_ignored(tmp_path: Path) -> None:
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    trusted, forged_plate = unique_plate(), unique_plate()
+    address = GateAddress(lot, "out1")
+    config_topic = Topics(prefix).topic(address, "config")
+    now = datetime.now(UTC)
+
+    def whitelist(*plates: str) -> list[WhitelistedCar]:
+        return [WhitelistedCar(plate, "blue", 20_000) for plate in plates]
+
+    valid = build_config(lot, whitelist(trusted), SERVER_KEY, issued_at=now)
+    forged = build_config(
+        lot, whitelist(trusted, forged_plate), generate_private_key(), issued_at=now
+    )
+    tampered = valid.model_copy(
+        update={"whitelist": [*valid.whitelist, WhitelistEntry(plate=forged_plate, color="blue")]}
+    )
+    foreign = build_config("another-lot", whitelist(forged_plate), SERVER_KEY, issued_at=now)
+    expired = build_config(
+        lot,
+        whitelist(forged_plate),
+        SERVER_KEY,
+        issued_at=now - timedelta(hours=25),
+        valid_for=timedelta(hours=24),
+    )
+    unsigned = valid.model_copy(update={"signature": None})
+    async with Listener() as server, lane(_config(tmp_path, lot, "out1", prefix)) as out:
+        try:
+            await server.mqtt.publish(config_topic, encode(valid), retain=True)
+            await until(lambda: out.agent.whitelist.config)
+            for config in (forged, tampered, foreign, expired, unsigned):
+                await server.mqtt.publish(config_topic, encode(config), retain=True)
+            await until(lambda: out.agent.config_refusals.total() == 5)
+            assert out.agent.config_refusals == {
+                "bad_signature": 2,
+                "other_car_park": 1,
+                "expired": 1,
+                "unsigned": 1,
+            }
+
+            await out.camera.put(car("out", forged_plate))
+            await until(lambda: out.display.shown)
+            assert out.display.current == [HOLD_TEXT] and not out.relay.openings
+            # A read the gate is not sure of does not open for a whitelisted plate.
+            await out.camera.put(car("out", trusted, confidence=0.6))
+            await out.camera.put(car("out", trusted))
+            await until(lambda: len(out.display.shown) == 3)
+            assert out.display.shown[1] == [HOLD_TEXT]
+            assert out.reasons() == ["offline_exit"]
+            # Once its time is up the list is as good as empty.
+            assert not out.agent.whitelist.allows(
+                trusted, "blue", now + timedelta(hours=24, seconds=1)
+            )
+        finally:
+            await server.clear_retained([config_topic])
+
+
+async def test_a_late_server_command_never_lifts_the_barrier_twice(tmp_path: Path) -> None:
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    command_topic = Topics(prefix).topic(GateAddress(lot, "out1"), "command")
+
+    def open_command(capture_id: uuid.UUID, *, ttl: timedelta = timedelta(seconds=30)) -> bytes:
+        now = datetime.now(UTC)
+        command = Command(
+            capture_id=capture_id,
+            action="open",
+            display=["已缴费 一路顺风"],
+            issued_at=now,
+            expires_at=now + ttl,
+        )
+        return encode(command)
+
+    async with Listener() as server, lane(_config(tmp_path, lot, "out1", prefix)) as out:
+        await out.camera.put(car("out", unique_plate()))
+        await until(lambda: out.display.shown)
+        ((_, first),) = out.agent.store.unacked()
+        # The server was just slow: the car is still at the barrier, so its "open" lifts it,
+        # once, however often it comes.
+        for _ in range(2):
+            await server.mqtt.publish(command_topic, open_command(first))
+        await until(lambda: out.relay.openings)
+        await asyncio.sleep(0.2)
+        assert out.reasons() == ["server_late"]
+
+        # Two more cars held offline: an "open" for the first of them comes after the next car
+        # was captured (the first went through the booth) and is ignored, as is an expired one.
+        await out.camera.put(car("out", unique_plate()))
+        await out.camera.put(car("out", unique_plate()))
+        await until(lambda: len(out.display.shown) == 4)
+        (_, second), (_, third) = out.agent.store.unacked()[1:]
+        await server.mqtt.publish(command_topic, open_command(second))
+        await server.mqtt.publish(command_topic, open_command(third, ttl=timedelta(seconds=-1)))
+        # An operator's open of no capture of ours lifts it once, even when delivered twice.
+        remote = uuid.uuid4()
+        await server.mqtt.publish(command_topic, open_command(remote))
+        await server.mqtt.publish(command_topic, open_command(remote))
+        await until(lambda: len(out.relay.openings) == 2)
+        await asyncio.sleep(0.3)
+        assert out.reasons() == ["server_late", "remote"]
+
+
+async def test_a_restarted_agent_resends_its_unacked_captures_in_seq_order(tmp_path: Path) -> None:
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    topics = Topics(prefix)
+    address = GateAddress(lot, "out1")
+    config = _config(tmp_path, lot, "out1", prefix)
+    trusted = unique_plate()
+    async with Listener() as server:
+        try:
+            whitelist = [WhitelistedCar(trusted, "blue", 20_000)]
+            valid = build_config(lot, whitelist, SERVER_KEY, issued_at=datetime.now(UTC))
+            await server.mqtt.publish(topics.topic(address, "config"), encode(valid), retain=True)
+            async with lane(config) as first:
+                await until(lambda: first.agent.whitelist.config)
+                for _ in range(3):
+                    await first.camera.put(car("out", unique_plate()))
+                await until(lambda: len(first.display.shown) == 3)
+                sent = first.agent.store.unacked()
+
+            await server.listen(topics.topic(address, "capture"))
+            async with lane(config) as second:
+                capture_topic = topics.topic(address, "capture")
+                await until(lambda: len(server.payloads(capture_topic)) >= 3)
+                resent = server.payloads(capture_topic)[:3]
+                assert [(c["seq"], c["capture_id"]) for c in resent] == [
+                    (seq, str(capture_id)) for seq, capture_id in sent
+                ]
+                assert all(c["offline"] and c["offline_action"] == "hold" for c in resent)
+                later = await second.agent.capture(car("out", unique_plate()))
+                assert later.seq == 4
+                assert second.agent.store.length() == 4
+
+            # Restarted where the broker cannot be reached: the whitelist kept on disk still
+            # lets the bound car out, at once.
+            unreachable = config.model_copy(update={"mqtt_url": "mqtt://127.0.0.1:9"})
+            async with lane(unreachable) as third:
+                await third.camera.put(car("out", trusted))
+                await until(lambda: third.relay.openings)
+                assert third.reasons() == ["offline_exit"]
+                assert third.agent.store.length() == 5
+        finally:
+            await server.clear_retained(
+                [topics.topic(address, "config"), topics.topic(address, "status")]
+            )
+
+
+async def test_status_is_online_and_the_last_will_says_offline_when_the_agent_dies(
+    tmp_path: Path,
+) -> None:
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    status_topic = Topics(prefix).topic(GateAddress(lot, "in1"), "status")
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    config_file = tmp_path / "agent.toml"
+    config_file.write_text(
+        f"""
+lot = "{lot}"
+gate = "in1"
+direction = "in"
+server_public_key = "{public_key_text(SERVER_KEY)}"
+outbox_path = "{tmp_path / "outbox.sqlite3"}"
+mqtt_url = "{MQTT_URL}"
+topic_prefix = "{prefix}"
+heartbeat_s = 0.3
+firmware = "relay-sim 1.0"
+
+[camera]
+kind = "folder"
+path = "{folder}"
+""",
+        encoding="utf-8",
+    )
+    async with Listener() as watcher:
+        await watcher.listen(status_topic)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gate_controller.agent",
+            "--config",
+            str(config_file),
+            cwd=Path(__file__).parent.parent,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            online = await until(lambda: watcher.payloads(status_topic), timeout_s=15.0)
+            assert online[-1]["state"] == "online"
+            assert online[-1]["firmware"] == "relay-sim 1.0"
+            assert online[-1]["outbox_length"] == 0
+
+            # A camera drops a read into the folder: it is captured, and kept (no server).
+            (folder / "0001.jpg").write_bytes(JPEG)
+            (folder / "0001.json").write_text(
+                orjson.dumps({"plate": unique_plate(), "confidence": 0.95}).decode()
+            )
+            await until(lambda: (folder / "done" / "0001.json").exists())
+            assert (folder / "done" / "0001.jpg").exists()
+            await until(lambda: watcher.payloads(status_topic)[-1]["outbox_length"] == 1)
+
+            os.kill(process.pid, signal.SIGKILL)
+            await process.wait()
+            last = await until(
+                lambda: [s for s in watcher.payloads(status_topic) if s["state"] == "offline"]
+            )
+            assert last[-1]["state"] == "offline"
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await watcher.clear_retained([status_topic])
+
+
+async def test_folder_camera_rejects_what_is_not_a_report(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text('{"plate": "浙A12345", "color": "blue", "confidence": 0.9}')
+    (tmp_path / "a.jpg").write_bytes(JPEG)
+    (tmp_path / "b.json").write_text('{"color": "blue"}')
+    (tmp_path / "c.json").write_text('{"plate": "浙A12346", "direction": "out"}')
+    camera = FolderCameraSource(tmp_path, "in", settle_s=0.0)
+    events = camera.events()
+    first = await anext(events)
+    second = await anext(events)
+    assert (first.plate, first.direction, first.image_jpeg) == ("浙A12345", "in", JPEG)
+    assert (second.plate, second.direction, second.image_jpeg) == ("浙A12346", "out", None)
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["a.jpg", "a.json"]
+    assert [p.name for p in (tmp_path / "rejected").iterdir()] == ["b.json"]
+    await events.aclose()
+
+
+def test_config_keys_round_trip_and_signatures_cover_the_expiry() -> None:
+    key = load_private_key(private_key_pem(SERVER_KEY))
+    assert public_key_text(key) == public_key_text(SERVER_KEY)
+    now = datetime.now(UTC)
+    config = build_config("lot-a", [WhitelistedCar("浙A12345", "blue", 100)], key, issued_at=now)
+    parsed = GateConfig.model_validate_json(encode(config))
+    assert parsed.signed_bytes() == config.signed_bytes()
+    prolonged = parsed.model_copy(update={"whitelist_expires_at": now + timedelta(days=30)})
+    assert prolonged.signed_bytes() != parsed.signed_bytes()
+    assert signed(prolonged, key).signature != parsed.signature
+    with pytest.raises(ValueError):
+        load_private_key("not a key")
