@@ -36,10 +36,11 @@ Outcome = Literal[
     "held_unreadable",
     "held_ambiguous",
     "held_no_tariff",
+    "exited_offline_unpaid",
 ]
 _TARIFF_CACHE_S = 60.0
 MatchStatus = Literal["exact", "fuzzy", "ambiguous", "no_match"]
-ExceptionReason = Literal["unreadable", "ambiguous", "no_entry"]
+ExceptionReason = Literal["unreadable", "ambiguous", "no_entry", "offline_exit"]
 
 
 _EXCEPTION_HOLD: dict[ExceptionReason, tuple[Outcome, "MatchStatus | None", str]] = {
@@ -257,6 +258,10 @@ class LaneService:
             )
 
         pay_later = _pay_later(session.pay_later, fee)
+        if isinstance(pay_later, str) and capture.offline and capture.offline_action == "open":
+            return await self._left_unpaid_offline(
+                conn, gate, capture, session, plate, at, now, fee, pay_later, occupancy_delta
+            )
         if isinstance(pay_later, str):
             # The debt is collected with the stay's fee through the same QR code.
             due = [f"应缴 {format_fen(fee + debt)}"]
@@ -285,6 +290,38 @@ class LaneService:
         command = self._command(capture, now, "open", [plate, f"{format_fen(fee)} 离场后扣款"], fee)
         return Decision(
             "exited_pay_later", command, plate, session.id, occupancy_delta, charge_id, fee, matched
+        )
+
+    async def _left_unpaid_offline(
+        self,
+        conn: asyncpg.Connection,
+        gate: GateInfo,
+        capture: Capture,
+        session: OpenSession,
+        plate: str,
+        at: datetime,
+        now: datetime,
+        fee: int,
+        why: Outcome,
+        occupancy_delta: int,
+    ) -> Decision:
+        """The gate let the car out while it could not reach us and there is no consent to
+        charge it (not bound, no agreement, over the limit, in arrears): the stay ends as
+        unpaid and a person collects the fee. Never a charge the driver did not agree to."""
+        account_id = session.pay_later.account_id if session.pay_later else None
+        await self._close(conn, session, capture, at, fee, account_id, "offline_unpaid")
+        await repo.insert_exception(
+            conn,
+            capture_id=capture.capture_id,
+            car_park_id=gate.car_park_id,
+            gate_id=gate.gate_id,
+            reason="offline_exit",
+            candidates=[{"plate": plate, "kind": "read", "fee_fen": fee, "held_because": why}],
+            image=None,
+        )
+        command = self._command(capture, now, "open", [plate, "一路顺风"], fee)
+        return Decision(
+            "exited_offline_unpaid", command, plate, session.id, occupancy_delta, None, fee, None
         )
 
     async def _exception(

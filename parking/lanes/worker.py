@@ -229,6 +229,7 @@ class LaneWorker:
                             captured_at=capture.captured_at,
                             received_at=now,
                             offline=capture.offline,
+                            offline_action=capture.offline_action,
                             outcome=decision.outcome,
                             session_id=decision.session_id,
                             command=command_json,
