@@ -340,3 +340,30 @@ def staff_token(app: FastAPI, staff: Staff) -> str:
         staff.operator_id,  # type: ignore[arg-type]
     )
     return token
+
+
+async def driver_in_debt(runtime: Runtime, gate: GateProbe, lot: Lot) -> Driver:
+    """A pay-later driver whose first charge (a 30-minute stay, ¥6.00) the provider declined:
+    one open debt, pay-later blocked."""
+    driver = await make_driver(runtime, unique_plate())
+    async with runtime.pool.acquire() as conn:
+        agreement_no = await conn.fetchval(
+            "SELECT agreement_no FROM pay_later_agreements WHERE id = $1", driver.agreement_id
+        )
+    SANDBOX_FAULTS.declined_agreements.add(agreement_no)
+    try:
+        await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
+
+        async def in_debt() -> bool:
+            async with runtime.pool.acquire() as conn:
+                return bool(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM debts WHERE account_id = $1 AND settled_at IS NULL",
+                        driver.account_id,
+                    )
+                )
+
+        await eventually(in_debt)
+    finally:
+        SANDBOX_FAULTS.declined_agreements.discard(agreement_no)
+    return driver

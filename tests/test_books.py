@@ -13,9 +13,9 @@ import pytest
 from billing import debts, ledger, reconcile, refunds, reports
 from parking.runtime import ProviderEndpoint, Runtime
 from tests.conftest import (
-    SANDBOX_FAULTS,
     Lot,
     charges_of,
+    driver_in_debt,
     eventually,
     exit_after,
     make_driver,
@@ -160,21 +160,9 @@ async def test_refund_is_a_reversing_entry_with_reason_audit_and_a_message(
 async def test_debts_get_reminders_at_an_interval_and_show_in_the_ageing_report(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
-    driver = await make_driver(runtime, unique_plate())
+    driver = await driver_in_debt(runtime, gate, lot)
     async with runtime.pool.acquire() as conn:
-        agreement_no = await conn.fetchval(
-            "SELECT agreement_no FROM pay_later_agreements WHERE id = $1", driver.agreement_id
-        )
-    SANDBOX_FAULTS.declined_agreements.add(agreement_no)
-    await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
-
-    async def debt() -> asyncpg.Record | None:
-        async with runtime.pool.acquire() as conn:
-            return await conn.fetchrow(
-                "SELECT * FROM debts WHERE account_id = $1", driver.account_id
-            )
-
-    owed = await eventually(debt)
+        owed = await conn.fetchrow("SELECT * FROM debts WHERE account_id = $1", driver.account_id)
     now = datetime.now(UTC)
     async with runtime.pool.acquire() as conn:
         await conn.execute(

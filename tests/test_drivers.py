@@ -17,10 +17,10 @@ from parking.auth.tokens import verify_password
 from parking.drivers.verification import DevRegistry, dev_licence_no, registry_of
 from parking.runtime import ProviderEndpoint, Runtime
 from tests.conftest import (
-    SANDBOX_FAULTS,
     Lot,
     backdate_entry,
     bearer,
+    driver_in_debt,
     driver_token,
     eventually,
     exit_after,
@@ -494,31 +494,6 @@ async def test_the_agreement_is_signed_changed_and_cancelled_and_the_exit_follow
     assert again.status_code == 201 and again.json()["id"] != agreement["id"]
 
 
-async def _driver_in_debt(runtime: Runtime, gate: GateProbe, lot: Lot) -> Any:
-    """A driver whose charge was declined: one debt of ¥6.00, pay-later blocked."""
-    driver = await make_driver(runtime, unique_plate())
-    async with runtime.pool.acquire() as conn:
-        agreement_no = await conn.fetchval(
-            "SELECT agreement_no FROM pay_later_agreements WHERE id = $1", driver.agreement_id
-        )
-    SANDBOX_FAULTS.declined_agreements.add(agreement_no)
-    try:
-        await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
-
-        async def in_debt() -> bool:
-            async with runtime.pool.acquire() as conn:
-                return bool(
-                    await conn.fetchval(
-                        "SELECT count(*) FROM debts WHERE account_id = $1", driver.account_id
-                    )
-                )
-
-        await eventually(in_debt)
-    finally:
-        SANDBOX_FAULTS.declined_agreements.discard(agreement_no)
-    return driver
-
-
 async def test_debts_are_listed_and_paid_in_the_app(
     api: httpx.AsyncClient,
     app: FastAPI,
@@ -527,7 +502,7 @@ async def test_debts_are_listed_and_paid_in_the_app(
     gate: GateProbe,
     lot: Lot,
 ) -> None:
-    driver = await _driver_in_debt(runtime, gate, lot)
+    driver = await driver_in_debt(runtime, gate, lot)
     headers = bearer(driver_token(app, driver.account_id))
     me = (await api.get("/api/v1/me", headers=headers)).json()
     assert (me["blocked_for_arrears"], me["open_debt_fen"]) == (True, 600)

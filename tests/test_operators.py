@@ -15,11 +15,11 @@ from gate_controller.protocol import Capture
 from parking.logging import mask_plate
 from parking.runtime import Runtime
 from tests.conftest import (
-    SANDBOX_FAULTS,
     Lot,
     bearer,
     charges_of,
     create_lot,
+    driver_in_debt,
     driver_token,
     enter,
     eventually,
@@ -493,23 +493,14 @@ async def test_refunds_and_money_reports_cover_only_the_companys_car_parks(
     theirs = await _headers(runtime, app, other.operator_id, "admin")
     driver = await make_driver(runtime, unique_plate())
     await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=90))
-    debtor = await make_driver(runtime, unique_plate())
-    async with runtime.pool.acquire() as conn:
-        agreement_no = await conn.fetchval(
-            "SELECT agreement_no FROM pay_later_agreements WHERE id = $1", debtor.agreement_id
-        )
-    SANDBOX_FAULTS.declined_agreements.add(agreement_no)
-    try:
-        await exit_after(runtime, gate, lot, debtor.plate, timedelta(minutes=30))
+    debtor = await driver_in_debt(runtime, gate, lot)
 
-        async def settled() -> list[asyncpg.Record]:
-            rows = await charges_of(runtime, lot)
-            done = [r["status"] for r in rows] == ["succeeded", "failed"]
-            return rows if done else []
+    async def settled() -> list[asyncpg.Record]:
+        rows = await charges_of(runtime, lot)
+        done = [r["status"] for r in rows] == ["succeeded", "failed"]
+        return rows if done else []
 
-        charged, _ = await eventually(settled, timeout_s=15)
-    finally:
-        SANDBOX_FAULTS.declined_agreements.discard(agreement_no)
+    charged, _ = await eventually(settled, timeout_s=15)
 
     refund_url = f"{OPERATOR}/charges/{charged['id']}/refunds"
     refunded = await api.post(

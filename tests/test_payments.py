@@ -18,11 +18,11 @@ from parking.payments import service as payments_service
 from parking.runtime import ProviderEndpoint, Runtime
 from parking.settings import Settings
 from tests.conftest import (
-    SANDBOX_FAULTS,
     Lot,
     api_server,
     charges_of,
     create_lot,
+    driver_in_debt,
     eventually,
     exit_after,
     make_driver,
@@ -167,24 +167,7 @@ async def test_held_car_pays_fee_and_debt_by_qr_and_pay_later_comes_back(
     lot: Lot,
     api: httpx.AsyncClient,
 ) -> None:
-    driver = await make_driver(runtime, unique_plate())
-    async with runtime.pool.acquire() as conn:
-        agreement_no = await conn.fetchval(
-            "SELECT agreement_no FROM pay_later_agreements WHERE id = $1", driver.agreement_id
-        )
-    SANDBOX_FAULTS.declined_agreements.add(agreement_no)
-    await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
-
-    async def in_debt() -> bool:
-        async with runtime.pool.acquire() as conn:
-            return bool(
-                await conn.fetchval(
-                    "SELECT blocked_for_arrears FROM accounts WHERE id = $1", driver.account_id
-                )
-            )
-
-    await eventually(in_debt)
-    SANDBOX_FAULTS.declined_agreements.discard(agreement_no)
+    driver = await driver_in_debt(runtime, gate, lot)
 
     # Next visit: the entry shows the debt, the exit holds for fee + debt with a QR code.
     entry = gate.capture("in", driver.plate)
@@ -250,15 +233,7 @@ async def test_debts_settled_in_the_app_restore_pay_later(
     runtime: Runtime, provider: ProviderEndpoint, gate: GateProbe, lot: Lot
 ) -> None:
     settings = runtime.settings
-    driver = await make_driver(runtime, unique_plate())
-    async with runtime.pool.acquire() as conn:
-        agreement_no = await conn.fetchval(
-            "SELECT agreement_no FROM pay_later_agreements WHERE id = $1", driver.agreement_id
-        )
-    SANDBOX_FAULTS.declined_agreements.add(agreement_no)
-    await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
-    await eventually(lambda: _debt_total(runtime, driver.account_id))
-    SANDBOX_FAULTS.declined_agreements.discard(agreement_no)
+    driver = await driver_in_debt(runtime, gate, lot)
 
     payment = await payments_service.start_debt_payment(runtime, driver.account_id)
     assert (payment.amount_fen, payment.purpose) == (600, "debts")
@@ -338,20 +313,6 @@ async def test_quote_gives_the_fee_the_exit_would_charge(
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
 
 
-async def _decline_once(runtime: Runtime, gate: GateProbe, lot: Lot) -> Any:
-    """A driver whose charge was declined: one debt of ¥6.00, pay-later blocked."""
-    driver = await make_driver(runtime, unique_plate())
-    async with runtime.pool.acquire() as conn:
-        agreement_no = await conn.fetchval(
-            "SELECT agreement_no FROM pay_later_agreements WHERE id = $1", driver.agreement_id
-        )
-    SANDBOX_FAULTS.declined_agreements.add(agreement_no)
-    await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
-    await eventually(lambda: _debt_total(runtime, driver.account_id))
-    SANDBOX_FAULTS.declined_agreements.discard(agreement_no)
-    return driver
-
-
 async def _pay(provider: ProviderEndpoint, out_trade_no: str) -> None:
     async with httpx.AsyncClient(base_url=provider.url) as wallet:
         paid = await wallet.post(f"/v1/payments/{out_trade_no}/pay")
@@ -370,7 +331,7 @@ async def test_a_debt_paid_in_the_app_and_again_at_the_gate_is_refunded_once(
     lot: Lot,
     api: httpx.AsyncClient,
 ) -> None:
-    driver = await _decline_once(runtime, gate, lot)
+    driver = await driver_in_debt(runtime, gate, lot)
     first = await payments_service.start_debt_payment(runtime, driver.account_id)
     again = await payments_service.start_debt_payment(runtime, driver.account_id)
     assert again.out_trade_no == first.out_trade_no, "asking twice gives the same order"

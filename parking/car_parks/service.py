@@ -6,7 +6,7 @@ from parking.errors import NotFound
 from parking.occupancy.service import Occupancy
 
 
-def _view(row: asyncpg.Record, occupied: int) -> CarParkOccupancy:
+def view(row: asyncpg.Record, occupied: int) -> CarParkOccupancy:
     return CarParkOccupancy(
         code=row["code"],
         name=row["name"],
@@ -23,7 +23,7 @@ async def list_with_occupancy(
 ) -> list[CarParkOccupancy]:
     rows = await repository.list_car_parks(conn)
     counts = await occupancy.get_many([r["id"] for r in rows])
-    return [_view(r, counts[r["id"]]) for r in rows]
+    return [view(r, counts[r["id"]]) for r in rows]
 
 
 async def get_with_occupancy(
@@ -32,4 +32,4 @@ async def get_with_occupancy(
     row = await repository.get_by_code(conn, code)
     if row is None:
         raise NotFound("car_park")
-    return _view(row, await occupancy.get(row["id"]))
+    return view(row, await occupancy.get(row["id"]))

@@ -266,3 +266,16 @@ async def insert_exception(
         image,
     )
     return exception_id
+
+
+async def store_command(
+    conn: asyncpg.Connection, capture_id: UUID, command: dict[str, Any], outcome: str
+) -> None:
+    """A decision taken later (paid at the gate, opened by an operator): a redelivered capture
+    gets this command, not the first one."""
+    await conn.execute(
+        "UPDATE captures SET command = $2, outcome = $3 WHERE capture_id = $1",
+        capture_id,
+        command,
+        outcome,
+    )

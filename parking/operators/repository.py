@@ -295,18 +295,6 @@ async def close_stay_by_operator(
     )
 
 
-async def store_command(
-    conn: asyncpg.Connection, capture_id: UUID, command: dict[str, Any], outcome: str
-) -> None:
-    """A redelivered capture gets the latest command."""
-    await conn.execute(
-        "UPDATE captures SET command = $2, outcome = $3 WHERE capture_id = $1",
-        capture_id,
-        command,
-        outcome,
-    )
-
-
 async def charge_of_operator(conn: asyncpg.Connection, operator_id: int, charge_id: int) -> bool:
     found: bool = await conn.fetchval(
         """SELECT EXISTS (SELECT 1 FROM charges c JOIN sessions s ON s.id = c.session_id

@@ -13,6 +13,7 @@ from pydantic import (
     field_validator,
 )
 
+from parking.car_parks.schemas import CarParkOccupancy
 from plate_recognition.grammar import is_valid, normalise
 
 CODE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -45,14 +46,7 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class OperatorCarPark(BaseModel):
-    code: str
-    name: str
-    capacity: int
-    occupied: int
-    free: int
-    latitude: float | None
-    longitude: float | None
+class OperatorCarPark(CarParkOccupancy):
     no_entry_policy: str
     no_entry_fee_fen: int
 

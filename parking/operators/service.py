@@ -21,6 +21,7 @@ from billing.debts import AGE_BUCKETS
 from billing.tariff import Tariff
 from gate_controller.protocol import CameraRead, Capture, Command, GateAddress, Topics, encode
 from parking.auth.principal import Principal
+from parking.car_parks import service as car_parks_service
 from parking.errors import AppError, NotFound
 from parking.lanes import repository as lanes_repo
 from parking.lanes.reading import operator_reading
@@ -103,13 +104,7 @@ async def _own_car_park(
 
 def _car_park_view(row: asyncpg.Record, occupied: int) -> OperatorCarPark:
     return OperatorCarPark(
-        code=row["code"],
-        name=row["name"],
-        capacity=row["capacity"],
-        occupied=occupied,
-        free=max(0, row["capacity"] - occupied),
-        latitude=row["latitude"],
-        longitude=row["longitude"],
+        **car_parks_service.view(row, occupied).model_dump(),
         no_entry_policy=row["no_entry_policy"],
         no_entry_fee_fen=row["no_entry_fee_fen"],
     )
@@ -439,7 +434,7 @@ async def open_gate(
     )
     if held is not None and held.action == "hold":
         # A redelivery of the held capture must not hold the car again.
-        await repo.store_command(
+        await lanes_repo.store_command(
             conn,
             capture_id,
             command.model_dump(mode="json", exclude_none=True),

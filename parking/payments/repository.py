@@ -2,7 +2,6 @@
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -49,18 +48,6 @@ async def account_for_plate(conn: asyncpg.Connection, plate: str) -> int | None:
         "SELECT account_id FROM plate_bindings WHERE plate = $1 AND unbound_at IS NULL", plate
     )
     return account_id
-
-
-async def store_command(
-    conn: asyncpg.Connection, capture_id: UUID, command: dict[str, Any], outcome: str
-) -> None:
-    """A redelivered capture gets the latest command: open once paid."""
-    await conn.execute(
-        "UPDATE captures SET command = $2, outcome = $3 WHERE capture_id = $1",
-        capture_id,
-        command,
-        outcome,
-    )
 
 
 async def payment_for_release(conn: asyncpg.Connection, payment_id: int) -> UUID | None:

@@ -219,7 +219,7 @@ async def release_gate(runtime: Runtime, payment_id: int) -> None:
         expires_at=now + timedelta(seconds=runtime.settings.command_ttl_s),
     )
     async with runtime.pool.acquire() as conn:
-        await repo.store_command(
+        await lanes_repo.store_command(
             conn,
             held.capture_id,
             command.model_dump(mode="json", exclude_none=True),
