@@ -66,6 +66,8 @@ async def _serve(settings: Settings, *, outbox_worker: bool) -> None:
                 lifespan="off",
                 # Open dashboard event streams must not hold a shutdown for ever.
                 timeout_graceful_shutdown=5,
+                # Its lines quote raw query strings, which carry plates.
+                access_log=False,
             )
         )
         await server.serve()

@@ -373,6 +373,8 @@ async def run_demo(
                     lifespan="off",
                     # Open dashboard event streams must not hold a shutdown for ever.
                     timeout_graceful_shutdown=5,
+                    # Its lines quote raw query strings, which carry plates.
+                    access_log=False,
                 )
             )
             server_task = asyncio.create_task(server.serve())

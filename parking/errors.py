@@ -57,6 +57,14 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body("invalid_request", "request failed validation", details), status_code=422
         )
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Still the one JSON shape; the error itself is logged by the server, masked.
+        return JSONResponse(
+            error_body("internal_error", "something went wrong; it has been logged"),
+            status_code=500,
+        )
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")

@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     worker_lease_s: float = 60.0
     debt_reminder_every_days: int = 3
 
+    # Stand-ins for the outside world on a laptop (vehicle licence registry): never in production.
+    # Without them, binding a plate needs a registry configured on the app (503 otherwise).
+    dev_adapters: bool = False
+
     # Access control. Tokens are signed with jwt_secret (HS256); when it is unset a random key
     # is drawn per process (a laptop run: tokens do not survive a restart).
     jwt_secret: SecretStr | None = None
@@ -78,6 +82,10 @@ class Settings(BaseSettings):
     # Sign-in codes one phone (or one client address) may ask for per hour.
     login_codes_per_hour: int = 5
     login_codes_per_hour_per_client: int = 30
+    # Public fee quotes one client may ask for per minute.
+    quotes_per_minute_per_client: int = 60
+    # Staff password attempts per e-mail per hour (six times that per client address).
+    password_attempts_per_hour: int = 10
     # Signs the gates' offline whitelists (Ed25519 private key, PEM or base64 seed; `parking
     # gates keygen`). Unset: no whitelist is published and an offline gate holds every exit.
     gate_config_key: SecretStr | None = None

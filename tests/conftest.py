@@ -87,6 +87,7 @@ def settings() -> Settings:
         worker_poll_interval_s=0.1,
         charge_retry_base_s=0.05,
         charge_query_after_s=0.1,
+        dev_adapters=True,
         # No API server in most tests: the provider's notifications go nowhere and the worker
         # learns outcomes by order query; tests of notifications serve the API themselves.
         public_base_url="http://127.0.0.1:9",

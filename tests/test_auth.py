@@ -170,3 +170,46 @@ async def test_api_keys_are_stored_hashed_and_can_be_revoked(runtime: Runtime) -
             "UPDATE api_keys SET revoked_at = now() WHERE key_hash = $1", digest(key)
         )
         assert await auth_repo.api_key(conn, digest(key)) is None
+
+
+async def test_staff_password_guessing_is_rate_limited(
+    api: httpx.AsyncClient, runtime: Runtime, lot: Lot
+) -> None:
+    staff = await make_staff(runtime, lot.operator_id, "admin")
+    limit = runtime.settings.password_attempts_per_hour
+    answers = [
+        await api.post(
+            "/api/v1/auth/token",
+            json={"grant_type": "password", "email": staff.email, "password": f"guess-{n}"},
+        )
+        for n in range(limit + 1)
+    ]
+    assert [a.status_code for a in answers[:limit]] == [401] * limit
+    assert answers[limit].status_code == 429
+    nul = await api.post(
+        "/api/v1/auth/token",
+        json={"grant_type": "password", "email": "a\u0000@b.c", "password": "x"},
+    )
+    assert nul.status_code == 422 and nul.json()["error"]["code"] == "invalid_request"
+
+
+async def test_a_demoted_or_disabled_user_loses_rights_with_the_same_token(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, lot: Lot
+) -> None:
+    staff = await make_staff(runtime, lot.operator_id, "admin")
+    headers = bearer(
+        app.state.signer.issue(f"operator_user:{staff.user_id}", "admin", lot.operator_id)
+    )
+    change = {"capacity": 60}
+    path = f"/api/v1/operator/car-parks/{lot.code}"
+    assert (await api.patch(path, json=change, headers=headers)).status_code == 200
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE operator_users SET role = 'attendant' WHERE id = $1", staff.user_id
+        )
+    assert (await api.patch(path, json=change, headers=headers)).status_code == 403
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE operator_users SET disabled_at = now() WHERE id = $1", staff.user_id
+        )
+    assert (await api.get(path, headers=headers)).status_code == 401

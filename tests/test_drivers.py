@@ -513,6 +513,10 @@ async def test_debts_are_listed_and_paid_in_the_app(
     stay = (await api.get(f"/api/v1/me/stays/{debt['stay_id']}", headers=headers)).json()
     assert stay["charge"]["status"] == "failed" and stay["exited_at"] == debt["exited_at"]
     assert _error(await api.delete("/api/v1/me", headers=headers)) == (409, "settle_debts_first")
+    # Unbinding would make the next exit an unbound one: fee only, debts dodged.
+    [plate] = (await api.get("/api/v1/me/plates", headers=headers)).json()
+    unbind = await api.delete(f"/api/v1/me/plates/{plate['id']}", headers=headers)
+    assert _error(unbind) == (409, "settle_debts_first")
 
     started = await api.post("/api/v1/me/debts/payment", headers=headers)
     assert started.status_code == 200, started.text
@@ -729,3 +733,16 @@ async def test_an_account_is_not_deleted_while_a_charge_is_in_flight(
     headers = bearer(driver_token(app, driver.account_id))
     assert _error(await api.delete("/api/v1/me", headers=headers)) == (409, "charges_pending")
     assert (await api.get("/api/v1/me", headers=headers)).status_code == 200
+
+
+async def test_without_a_configured_registry_no_plate_can_be_bound(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime
+) -> None:
+    """The dev registry proves any plate with `DEV-<plate>`: outside dev runs it is refused."""
+    runtime.settings.dev_adapters = False
+    _, headers = await _new_driver(runtime, app)
+    plate = unique_plate()
+    answer = await api.post(
+        "/api/v1/me/plates", json=_claim(plate, dev_licence_no(plate)), headers=headers
+    )
+    assert _error(answer) == (503, "vehicle_registry_unavailable")

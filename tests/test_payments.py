@@ -453,3 +453,22 @@ async def test_an_unpaid_qr_payment_is_closed_at_the_provider_after_its_lifetime
     # The driver asks again: a new payment replaces the closed one.
     again = await api.post(f"/api/v1/gate-payments/{held.capture_id}")
     assert again.status_code == 200 and again.json()["pay_url"] != started.json()["pay_url"]
+
+
+async def test_oversized_notifications_and_quote_floods_are_refused(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient
+) -> None:
+    huge = await api.post(
+        "/api/v1/payments/notifications/sandbox", content=b"{" + b" " * 20_000 + b"}"
+    )
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "payload_too_large"
+    nul = await api.get("/api/v1/car-parks/a%00b/quote", params={"plate": unique_plate()})
+    assert nul.status_code == 422 and nul.json()["error"]["code"] == "invalid_request"
+
+    runtime.settings.quotes_per_minute_per_client = 3
+    plate = unique_plate()
+    answers = [
+        await api.get(f"/api/v1/car-parks/{lot.code}/quote", params={"plate": plate})
+        for _ in range(4)
+    ]
+    assert [a.status_code for a in answers] == [404, 404, 404, 429]

@@ -86,13 +86,16 @@ async def _principal(request: Request) -> Principal | None:
         return Principal("driver", account_id=int(raw_id))
     if kind == "operator_user":
         async with pool.acquire() as conn:
-            if not await repo.operator_user_active(conn, int(raw_id)):
-                raise Unauthenticated("the user is disabled")
+            user = await repo.operator_user_by_id(conn, int(raw_id))
+        if user is None:
+            raise Unauthenticated("the user is disabled")
+        # Role and company as they are now, not as the token was issued: a demoted or moved
+        # user loses the rights at once.
         return Principal(
             "operator",
-            operator_id=claims.operator_id,
-            operator_user_id=int(raw_id),
-            role=claims.role,
+            operator_id=user.operator_id,
+            operator_user_id=user.id,
+            role=user.role,
         )
     raise Unauthenticated("invalid token subject")
 

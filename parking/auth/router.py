@@ -41,8 +41,9 @@ async def token(
     if isinstance(grant, CodeGrant):
         return await service.sign_in_with_code(runtime, token_signer, grant.phone, grant.code)
     if isinstance(grant, PasswordGrant):
+        client = request.client.host if request.client else "unknown"
         return await service.sign_in_with_password(
-            runtime, token_signer, grant.email, grant.password
+            runtime, token_signer, grant.email, grant.password, client
         )
     return await service.refresh(runtime, token_signer, grant.refresh_token)
 

@@ -27,7 +27,7 @@ class RefreshGrant(BaseModel):
 
 class PasswordGrant(BaseModel):
     grant_type: Literal["password"]
-    email: str = Field(min_length=3, max_length=200)
+    email: str = Field(min_length=3, max_length=200, pattern=r"^[^\s\x00@]+@[^\s\x00@]+$")
     password: str = Field(min_length=1, max_length=200)
 
 

@@ -5,6 +5,7 @@ A failed attempt must be remembered even though the request fails, so these func
 their own transaction and raise only after it.
 """
 
+import asyncio
 import hmac
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ from parking.auth.tokens import (
     Role,
     TokenSigner,
     digest,
+    hash_password,
     new_code,
     new_secret,
     verify_password,
@@ -115,13 +117,31 @@ async def sign_in_with_code(
     return pair
 
 
+# Checked when the e-mail is unknown, so that both answers take as long (no e-mail probing).
+_NO_SUCH_USER = hash_password(new_secret())
+
+
 async def sign_in_with_password(
-    runtime: Runtime, signer: TokenSigner, email: str, password: str
+    runtime: Runtime, signer: TokenSigner, email: str, password: str, client: str
 ) -> TokenPair:
+    settings = runtime.settings
+    email = email.lower()
+    prefix = f"{settings.redis_key_prefix}ratelimit:password"
+    await hit(
+        runtime.redis, f"{prefix}:email:{digest(email)}", settings.password_attempts_per_hour, 3600
+    )
+    await hit(
+        runtime.redis, f"{prefix}:client:{client}", settings.password_attempts_per_hour * 6, 3600
+    )
+    async with runtime.pool.acquire() as conn:
+        user = await repo.operator_user_by_email(conn, email)
+    # scrypt takes tens of milliseconds: off the event loop, which the lanes share.
+    right = await asyncio.to_thread(
+        verify_password, password, user.password_hash if user else _NO_SUCH_USER
+    )
+    if user is None or not right:
+        raise SignInFailed("invalid_credentials", "wrong e-mail or password")
     async with runtime.pool.acquire() as conn, conn.transaction():
-        user = await repo.operator_user_by_email(conn, email.lower())
-        if user is None or not verify_password(password, user.password_hash):
-            raise SignInFailed("invalid_credentials", "wrong e-mail or password")
         return await _issue(
             conn, runtime, signer, f"operator_user:{user.id}", user.role, user.operator_id
         )

@@ -1,7 +1,7 @@
 from fastapi import APIRouter, Response
 
 from parking.car_parks import service
-from parking.car_parks.schemas import CarParkOccupancy
+from parking.car_parks.schemas import CarParkCode, CarParkOccupancy
 from parking.deps import ConnectionDep, RuntimeDep
 
 router = APIRouter(prefix="/api/v1", tags=["car parks"])
@@ -18,7 +18,7 @@ async def list_car_parks(
 
 @router.get("/car-parks/{code}", response_model=CarParkOccupancy)
 async def get_car_park(
-    code: str, conn: ConnectionDep, runtime: RuntimeDep, response: Response
+    code: CarParkCode, conn: ConnectionDep, runtime: RuntimeDep, response: Response
 ) -> CarParkOccupancy:
     response.headers["Cache-Control"] = "public, max-age=5"
     return await service.get_with_occupancy(conn, runtime.occupancy, code)

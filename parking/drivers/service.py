@@ -153,6 +153,9 @@ async def claim_plate(
 
 
 async def unbind_plate(conn: asyncpg.Connection, account_id: int, binding_id: int) -> None:
+    if await repo.open_debt_total(conn, account_id):
+        # Otherwise unbinding would turn the next exit into an unbound one, fee without debts.
+        raise AppError(409, "settle_debts_first", "pay what is owed before unbinding a plate")
     if not await repo.unbind(conn, account_id, binding_id):
         raise NotFound("binding")
 

@@ -19,6 +19,7 @@ from typing import Protocol
 from fastapi import FastAPI
 
 from parking.auth.tokens import hash_password
+from parking.errors import AppError
 
 
 class VehicleRegistry(Protocol):
@@ -80,9 +81,14 @@ def dev_licence_no(plate: str) -> str:
 
 
 def registry_of(app: FastAPI) -> VehicleRegistry:
-    """The app's registry, a `DevRegistry` created on first use when none was configured."""
+    """The app's registry; a `DevRegistry` (created on first use) only where dev adapters are
+    allowed (PARKING_DEV_ADAPTERS): it proves any plate with `DEV-<plate>`, so it fails closed."""
     registry: VehicleRegistry | None = getattr(app.state, "vehicle_registry", None)
     if registry is None:
+        if not app.state.runtime.settings.dev_adapters:
+            raise AppError(
+                503, "vehicle_registry_unavailable", "plate ownership cannot be checked now"
+            )
         registry = DevRegistry()
         app.state.vehicle_registry = registry
     return registry

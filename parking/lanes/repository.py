@@ -47,7 +47,7 @@ _PAY_LATER_COLUMNS = """a.id AS account_id, pa.id AS agreement_id, pa.per_sessio
          WHERE d.account_id = a.id AND d.settled_at IS NULL) ELSE 0 END AS debt_fen"""
 _PAY_LATER_JOINS = """
     LEFT JOIN plate_bindings b ON b.plate = {plate} AND b.unbound_at IS NULL
-    LEFT JOIN accounts a ON a.id = b.account_id
+    LEFT JOIN accounts a ON a.id = b.account_id AND a.deleted_at IS NULL
     LEFT JOIN pay_later_agreements pa ON pa.account_id = a.id AND pa.cancelled_at IS NULL"""
 
 

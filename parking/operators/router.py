@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query, Response
 
 from parking.auth.principal import OperatorAdminDep, OperatorDep
+from parking.car_parks.schemas import CarParkCode
 from parking.deps import ConnectionDep, RuntimeDep
 from parking.operators import service
 from parking.operators.schemas import (
@@ -41,7 +42,6 @@ from parking.operators.schemas import (
 
 router = APIRouter(prefix="/api/v1/operator", tags=["operator"])
 
-CarParkCode = Annotated[str, Path(pattern=CODE_PATTERN)]
 GateCode = Annotated[str, Path(pattern=CODE_PATTERN)]
 CarParkFilter = Annotated[str | None, Query(pattern=CODE_PATTERN, description="a car park's code")]
 Id = Annotated[int, Path(ge=1, le=MAX_ID)]

@@ -13,10 +13,9 @@ from pydantic import (
     field_validator,
 )
 
-from parking.car_parks.schemas import CarParkOccupancy
+from parking.car_parks.schemas import CODE_PATTERN, CarParkOccupancy
 from plate_recognition.grammar import is_valid, normalise
 
-CODE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 # PostgreSQL text cannot hold NUL: refused here rather than failing in the database.
 _NO_NUL = r"^[^\x00]*$"
 # Ids are bigint: a larger number is a request error, not a database error.

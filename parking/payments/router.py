@@ -5,13 +5,16 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query, Request
 
+from parking.car_parks.schemas import CarParkCode
 from parking.deps import ConnectionDep, RuntimeDep
-from parking.errors import NotFound
+from parking.errors import AppError, NotFound
 from parking.payments import service
 from parking.payments.schemas import GatePayment, NotificationAccepted, Quote
+from parking.ratelimit import hit
 
 router = APIRouter(prefix="/api/v1", tags=["payments"])
 
+MAX_NOTIFICATION_BYTES = 16 * 1024
 Plate = Annotated[str, Query(min_length=7, max_length=8, pattern=r"^[\w\u4e00-\u9fff]+$")]
 
 
@@ -34,13 +37,28 @@ async def provider_notification(
     """Signed asynchronous notifications from the payment provider."""
     if provider != runtime.provider.name:
         raise NotFound("provider")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_NOTIFICATION_BYTES:
+            raise AppError(413, "payload_too_large", "a notification is a few hundred bytes")
     applied = await service.accept_notification(
-        runtime, runtime.provider, await request.body(), request.headers
+        runtime, runtime.provider, bytes(body), request.headers
     )
     return NotificationAccepted(effect=applied.effect)
 
 
 @router.get("/car-parks/{code}/quote")
-async def quote(code: str, plate: Plate, conn: ConnectionDep) -> Quote:
-    """The fee a car parked here now would pay if it left now."""
+async def quote(
+    code: CarParkCode, plate: Plate, request: Request, conn: ConnectionDep, runtime: RuntimeDep
+) -> Quote:
+    """The fee a car parked here now would pay if it left now. Rate-limited per client: it
+    says how long a plate has been parked, so it must not serve as a way to find cars."""
+    client = request.client.host if request.client else "unknown"
+    await hit(
+        runtime.redis,
+        f"{runtime.settings.redis_key_prefix}ratelimit:quote:{client}",
+        runtime.settings.quotes_per_minute_per_client,
+        60,
+    )
     return await service.quote(conn, code, plate)

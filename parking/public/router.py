@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, TypeAdapter
 
 from parking.auth.principal import MaybePrincipalDep
+from parking.car_parks.schemas import CarParkCode
 from parking.deps import ConnectionDep, RuntimeDep
 from parking.public import service
 from parking.public.schemas import CarParkAvailability, NearbyCarPark, Place
@@ -66,7 +67,11 @@ async def nearby_car_parks(
 
 @router.get("/car-parks/{code}", response_model=CarParkAvailability, responses=_NOT_MODIFIED)
 async def get_car_park(
-    code: str, _: MaybePrincipalDep, request: Request, conn: ConnectionDep, runtime: RuntimeDep
+    code: CarParkCode,
+    _: MaybePrincipalDep,
+    request: Request,
+    conn: ConnectionDep,
+    runtime: RuntimeDep,
 ) -> Response:
     return _cacheable(request, await service.car_park_available(conn, runtime, code))
 
