@@ -69,14 +69,6 @@ async def account_active(conn: asyncpg.Connection, account_id: int) -> bool:
     )
 
 
-async def operator_user_active(conn: asyncpg.Connection, user_id: int) -> bool:
-    return bool(
-        await conn.fetchval(
-            "SELECT 1 FROM operator_users WHERE id = $1 AND disabled_at IS NULL", user_id
-        )
-    )
-
-
 async def account_for_phone(conn: asyncpg.Connection, phone: str) -> int:
     """The account of a phone number, created at its first sign-in."""
     account_id: int = await conn.fetchval(
