@@ -93,33 +93,63 @@ class OutboxWorker:
         self.stats = WorkerStats()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._next_sweep = 0.0
+        # (job id, attempts) of jobs in hand whose outcome could not be written.
+        self._unreleased: set[tuple[int, int]] = set()
 
     async def run(self) -> None:
-        """Works until cancelled; LISTEN wakes it as soon as a job is committed."""
+        """Works until stopped; LISTEN wakes it as soon as a job is committed. When the
+        database goes away it keeps trying and, once it is back, listens on a new connection."""
 
         def wake(*_: object) -> None:
             self._wake.set()
 
-        async with self.pool.acquire() as listener:
-            await listener.add_listener("outbox", wake)
-            next_sweep = 0.0
+        while not self._stopping.is_set():
             try:
-                while not self._stopping.is_set():
+                async with self.pool.acquire() as listener:
+                    await listener.add_listener("outbox", wake)
                     try:
-                        if time.monotonic() >= next_sweep:
-                            next_sweep = time.monotonic() + self.sweep_interval_s
-                            await self.sweep(datetime.now(UTC))
-                        claimed = await self.run_once()
-                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                        # The database went away: jobs stay in the outbox; try again shortly.
-                        log.exception("outbox.pass_failed")
-                        claimed = 0
-                    if claimed == 0:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
-                        self._wake.clear()
-            finally:
-                await listener.remove_listener("outbox", wake)
+                        await self._work(listener)
+                    finally:
+                        if not listener.is_closed():
+                            await listener.remove_listener("outbox", wake)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                log.exception("outbox.listen_failed")
+                await asyncio.sleep(self.poll_interval_s)
+
+    async def _work(self, listener: asyncpg.Connection) -> None:
+        """Passes until stopped, or until the listening connection is lost."""
+        while not self._stopping.is_set() and not listener.is_closed():
+            try:
+                if self._unreleased:
+                    await self._release_unfinished()
+                if time.monotonic() >= self._next_sweep:
+                    self._next_sweep = time.monotonic() + self.sweep_interval_s
+                    await self.sweep(datetime.now(UTC))
+                claimed = await self.run_once()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                # The database went away: jobs stay in the outbox; try again shortly.
+                log.exception("outbox.pass_failed")
+                claimed = 0
+            if claimed == 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
+                self._wake.clear()
+
+    async def _release_unfinished(self) -> None:
+        """Jobs whose outcome could not be written (the database went away mid-job) are
+        released once it is back instead of waiting out their lease, unless someone claimed
+        them since (attempts changed)."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                """UPDATE outbox SET locked_until = NULL
+                   FROM unnest($1::bigint[], $2::int[]) AS mine(id, attempts)
+                   WHERE outbox.id = mine.id AND outbox.attempts = mine.attempts
+                     AND outbox.done_at IS NULL""",
+                [job_id for job_id, _ in self._unreleased],
+                [attempts for _, attempts in self._unreleased],
+            )
+        self._unreleased.clear()
 
     def stop(self) -> None:
         """Finishes the jobs in hand and returns from `run` (a deploy, SIGTERM): jobs are not
@@ -152,9 +182,11 @@ class OutboxWorker:
         except Exception as exc:  # a job's failure must not stop the others
             log.exception("outbox.job_failed", job_id=job.id, kind=job.kind)
             self.stats.failures += 1
-            with contextlib.suppress(Exception):
+            try:
                 # Unexpected errors back off to the capped delay; the job stays visible.
                 await self._retry_later(job, f"{type(exc).__name__}: {exc}")
+            except Exception:
+                self._unreleased.add((job.id, job.attempts))
 
     async def _charge(self, job: Job) -> None:
         async with self.pool.acquire() as conn:

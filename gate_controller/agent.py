@@ -167,7 +167,6 @@ class GateAgent:
         self._remote_opens: OrderedDict[uuid.UUID, None] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         # The link as the link loop last saw it: up, or down since when (time.monotonic()).
-        self._link_up = asyncio.Event()
         self._down_since: float | None = None
         # Configs refused since start, by reason (a forged one shows up here).
         self.config_refusals: Counter[str] = Counter()
@@ -259,7 +258,8 @@ class GateAgent:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.config.offline_after_s):
                         if not self.mqtt.connected:
-                            await self._link_up.wait()
+                            # The client's own state: the link loop's view lags up to a tick.
+                            await self.mqtt.wait_connected()
                             await self._publish("capture", encode(capture))
                         command = await answer
         finally:
@@ -441,12 +441,10 @@ class GateAgent:
                 now = time.monotonic()
                 if connected and not was_connected:
                     self._down_since = None
-                    self._link_up.set()
                     self.store.resend_all(time.time(), backing_off_only=False)
                     next_heartbeat = now  # online at once
                 elif was_connected and not connected:
                     self._down_since = now
-                    self._link_up.clear()
                 was_connected = connected
                 if connected:
                     if now >= next_heartbeat:
@@ -484,6 +482,10 @@ class GateAgent:
     async def _publish(self, kind: TopicKind, payload: bytes) -> bool:
         """Hands a message to the client without waiting for the broker; False if it refused
         (the outbox still holds what matters)."""
+        if not self.mqtt.connected:
+            # Never park a message in the client while the link is down: it would go out on
+            # reconnect as it was, ahead of what the outbox holds by then (flagged offline).
+            return False
         try:
             await self.mqtt.publish(self._topic(kind), payload, wait=False)
         except RuntimeError as exc:

@@ -113,6 +113,9 @@ class MqttClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
     async def start(self, wait_connected_s: float | None = 10.0) -> None:
         self._loop = asyncio.get_running_loop()
         self._spawn(self._maintain_connection())
