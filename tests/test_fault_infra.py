@@ -459,8 +459,10 @@ async def _listening_backends(pool: asyncpg.Pool) -> int:
 async def test_postgres_immediate_restart_mid_stream_every_capture_takes_effect_once(
     settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # The default lease (60 s): jobs in hand when the database went away are released by the
-    # worker itself once it is back, not left to the lease.
+    # Jobs in hand when the database went away are released by the worker once it is back,
+    # but a claim that committed while its connection died is known to nobody: only its lease
+    # (PARKING_WORKER_LEASE_S, 60 s by default) frees it. A short lease keeps the test short.
+    settings = settings.model_copy(update={"worker_lease_s": 5.0})
     async with (
         own_postgres() as postgres,
         own_provider() as (provider, books),
