@@ -26,7 +26,7 @@ from billing.tariff import Tariff
 from parking.admin import repository as admin
 from parking.app import create_app
 from parking.auth import repository as auth_repo
-from parking.auth.tokens import hash_password
+from parking.auth.tokens import Role, hash_password
 from parking.infra import Endpoints
 from parking.migrate import migrate
 from parking.runtime import ProviderEndpoint, Runtime, running
@@ -319,12 +319,12 @@ def driver_token(app: FastAPI, account_id: int) -> str:
 class Staff:
     user_id: int
     operator_id: int
-    role: str
+    role: Role
     email: str
     password: str
 
 
-async def make_staff(runtime: Runtime, operator_id: int, role: str = "admin") -> Staff:
+async def make_staff(runtime: Runtime, operator_id: int, role: Role = "admin") -> Staff:
     email = f"{role}-{uuid.uuid4().hex[:8]}@operator.test"
     password = uuid.uuid4().hex
     async with runtime.pool.acquire() as conn:
@@ -338,7 +338,7 @@ def staff_token(app: FastAPI, staff: Staff) -> str:
     token: str = app.state.signer.issue(
         f"operator_user:{staff.user_id}",
         staff.role,
-        staff.operator_id,  # type: ignore[arg-type]
+        staff.operator_id,
     )
     return token
 
