@@ -71,12 +71,14 @@ def _outbox_worker(settings: dict[str, Any], eps: Endpoints, provider: ProviderE
 
 @contextlib.contextmanager
 def sandbox_process(faults: sandbox.FaultConfig | None = None) -> Iterator[ProviderEndpoint]:
-    """The provider in its own process: another service, not part of the lane."""
+    """The provider in its own process: another service, not part of the lane. By default it
+    sends no notifications: the bench serves no API to receive them (the worker asks for each
+    order instead), and failing deliveries would only burn the cores the lane is measured on."""
     port = sandbox.free_port()
     secret = secrets.token_hex(16)
     process = multiprocessing.get_context("spawn").Process(
         target=sandbox.serve,
-        args=(port, faults or sandbox.FaultConfig(), secret, ":memory:"),
+        args=(port, faults or sandbox.FaultConfig(lost_notification_rate=1.0), secret, ":memory:"),
         daemon=True,
     )
     process.start()
