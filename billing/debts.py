@@ -6,8 +6,10 @@ app, and reminders go out at a fixed interval. The receivable of a debt stays op
 ledger until a payment settles it.
 """
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -136,6 +138,11 @@ async def ageing(conn: asyncpg.Connection, now: datetime) -> list[dict[str, int 
            FROM debts WHERE settled_at IS NULL""",
         now,
     )
+    return age_buckets(rows)
+
+
+def age_buckets(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, int | str]]:
+    """Debts (rows with amount_fen, account_id, age_days) counted into AGE_BUCKETS."""
     report: list[dict[str, int | str]] = []
     bounds = [low for _, low in AGE_BUCKETS[1:]] + [10**9]
     for (label, low), high in zip(AGE_BUCKETS, bounds, strict=True):

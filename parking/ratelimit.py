@@ -1,6 +1,7 @@
 """Fixed-window rate limits in Redis. Losing Redis resets the windows, which only makes the
 limits briefly lenient: nothing that matters depends on them being exact."""
 
+from fastapi import Request
 from redis.asyncio import Redis
 
 from parking.errors import AppError
@@ -25,3 +26,8 @@ async def hit(redis: Redis, key: str, limit: int, window_s: int) -> None:
         count, _, ttl = await pipe.execute()
     if count > limit:
         raise RateLimited(max(1, int(ttl)))
+
+
+def client_address(request: Request) -> str:
+    """What per-client limits are counted by."""
+    return request.client.host if request.client else "unknown"

@@ -16,6 +16,7 @@ from parking.auth.schemas import (
     TokenPair,
 )
 from parking.deps import RuntimeDep
+from parking.ratelimit import client_address
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 
@@ -27,7 +28,7 @@ async def request_sign_in_code(
     body: CodeRequest, request: Request, runtime: RuntimeDep
 ) -> CodeSent:
     """Texts a six-digit code to the phone (rate-limited per phone and per client)."""
-    client = request.client.host if request.client else "unknown"
+    client = client_address(request)
     return await service.request_code(runtime, request.app.state.sms, body.phone, client)
 
 
@@ -41,7 +42,7 @@ async def token(
     if isinstance(grant, CodeGrant):
         return await service.sign_in_with_code(runtime, token_signer, grant.phone, grant.code)
     if isinstance(grant, PasswordGrant):
-        client = request.client.host if request.client else "unknown"
+        client = client_address(request)
         return await service.sign_in_with_password(
             runtime, token_signer, grant.email, grant.password, client
         )

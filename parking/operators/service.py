@@ -16,8 +16,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 from pydantic import ValidationError
 
-from billing import fees, refunds, reports
-from billing.debts import AGE_BUCKETS
+from billing import debts, fees, refunds, reports
 from billing.tariff import Tariff
 from gate_controller.protocol import CameraRead, Capture, Command, GateAddress, Topics, encode
 from parking.auth.principal import Principal
@@ -526,16 +525,4 @@ async def debts_by_age(
     conn: asyncpg.Connection, principal: Principal, now: datetime
 ) -> list[DebtBucket]:
     rows = await repo.open_debts(conn, _operator_id(principal), now)
-    bounds = [low for _, low in AGE_BUCKETS[1:]] + [10**9]
-    buckets = []
-    for (label, low), high in zip(AGE_BUCKETS, bounds, strict=True):
-        inside = [r for r in rows if low <= r["age_days"] < high]
-        buckets.append(
-            DebtBucket(
-                age_days=label,
-                debts=len(inside),
-                accounts=len({r["account_id"] for r in inside}),
-                amount_fen=sum(r["amount_fen"] for r in inside),
-            )
-        )
-    return buckets
+    return [DebtBucket.model_validate(bucket) for bucket in debts.age_buckets(rows)]

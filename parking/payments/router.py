@@ -10,7 +10,7 @@ from parking.deps import ConnectionDep, RuntimeDep
 from parking.errors import AppError, NotFound
 from parking.payments import service
 from parking.payments.schemas import GatePayment, NotificationAccepted, Quote
-from parking.ratelimit import hit
+from parking.ratelimit import client_address, hit
 
 router = APIRouter(prefix="/api/v1", tags=["payments"])
 
@@ -54,7 +54,7 @@ async def quote(
 ) -> Quote:
     """The fee a car parked here now would pay if it left now. Rate-limited per client: it
     says how long a plate has been parked, so it must not serve as a way to find cars."""
-    client = request.client.host if request.client else "unknown"
+    client = client_address(request)
     await hit(
         runtime.redis,
         f"{runtime.settings.redis_key_prefix}ratelimit:quote:{client}",
