@@ -128,8 +128,10 @@ async def open_session_for_update(
         car_park_id,
         plate,
     )
-    if row is None:
-        return None
+    return _open_session(row) if row else None
+
+
+def _open_session(row: asyncpg.Record) -> OpenSession:
     return OpenSession(
         row["id"], row["entered_at"], _pay_later(row), row["fixed_fee_fen"], row["plate_color"]
     )
@@ -158,11 +160,16 @@ async def open_session(
     entered_at: datetime,
     entry_capture_id: UUID | None,
     fixed_fee_fen: int | None = None,
-) -> int:
-    session_id: int = await conn.fetchval(
-        """INSERT INTO sessions
-               (car_park_id, plate, plate_color, entered_at, entry_capture_id, fixed_fee_fen)
-           VALUES ($1, $2, $3, $4, $5, $6) RETURNING id""",
+) -> OpenSession:
+    """Opens a stay and reads its driver's agreement and debts in the same round trip."""
+    row = await conn.fetchrow(
+        f"""WITH s AS (
+                INSERT INTO sessions
+                    (car_park_id, plate, plate_color, entered_at, entry_capture_id, fixed_fee_fen)
+                VALUES ($1, $2, $3, $4, $5, $6)
+                RETURNING id, plate, entered_at, fixed_fee_fen, plate_color)
+            SELECT s.id, s.entered_at, s.fixed_fee_fen, s.plate_color, {_PAY_LATER_COLUMNS}
+            FROM s {_PAY_LATER_JOINS.format(plate="s.plate")}""",
         car_park_id,
         plate,
         plate_color,
@@ -170,7 +177,7 @@ async def open_session(
         entry_capture_id,
         fixed_fee_fen,
     )
-    return session_id
+    return _open_session(row)
 
 
 async def supersede_session(conn: asyncpg.Connection, session_id: int, at: datetime) -> None:
@@ -204,15 +211,6 @@ async def close_session(
         account_id,
         settlement,
     )
-
-
-async def pay_later_for_plate(conn: asyncpg.Connection, plate: str) -> PayLater | None:
-    row = await conn.fetchrow(
-        f"""SELECT {_PAY_LATER_COLUMNS}
-            FROM (SELECT $1::text AS plate) p {_PAY_LATER_JOINS.format(plate="p.plate")}""",
-        plate,
-    )
-    return _pay_later(row)
 
 
 async def insert_dead_letter(

@@ -142,7 +142,7 @@ class LaneService:
                 return self._open(capture, now, "duplicate_read", plate, inside.id)
             await repo.supersede_session(conn, inside.id, at)
             outcome, delta = "entered_superseding", 0
-        session_id = await repo.open_session(
+        stay = await repo.open_session(
             conn,
             car_park_id=gate.car_park_id,
             plate=plate,
@@ -150,9 +150,8 @@ class LaneService:
             entered_at=at,
             entry_capture_id=capture.capture_id,
         )
-        owner = await repo.pay_later_for_plate(conn, plate)
-        debt = owner.debt_fen if owner else 0
-        return self._open(capture, now, outcome, plate, session_id, delta, welcome=True, debt=debt)
+        debt = stay.pay_later.debt_fen if stay.pay_later else 0
+        return self._open(capture, now, outcome, plate, stay.id, delta, welcome=True, debt=debt)
 
     async def _resolve_exit(
         self, conn: asyncpg.Connection, gate: GateInfo, reading: PlateReading, at: datetime
@@ -216,7 +215,7 @@ class LaneService:
                 return await self._exception(
                     conn, gate, capture, reading, now, "no_entry", resolved.ranked
                 )
-            session_id = await repo.open_session(
+            session = await repo.open_session(
                 conn,
                 car_park_id=gate.car_park_id,
                 plate=plate,
@@ -224,9 +223,6 @@ class LaneService:
                 entered_at=at,
                 entry_capture_id=None,
                 fixed_fee_fen=gate.no_entry_fee_fen,
-            )
-            session = OpenSession(
-                session_id, at, await repo.pay_later_for_plate(conn, plate), gate.no_entry_fee_fen
             )
             occupancy_delta = 0  # never counted in: it was opened at the exit
 
