@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal, Protocol
 
-import httpx
+import aiohttp
 import orjson
 
 from billing import signing
@@ -122,33 +122,61 @@ def _order(body: Mapping[str, Any]) -> OrderResult:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ProviderAnswer:
+    status_code: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return orjson.loads(self.content)
+
+
 class SandboxProvider:
-    """Client of the sandbox provider (billing.sandbox), a real HTTP service."""
+    """Client of the sandbox provider (billing.sandbox), a real HTTP service.
+
+    aiohttp rather than httpx: the charge worker makes one request per charge, and httpx took
+    0.8 ms of CPU per request against aiohttp's 0.1 ms (`parking bench`, see README)."""
 
     name = "sandbox"
 
     def __init__(
         self, base_url: str, *, secret: str, notify_url: str | None, timeout_s: float = 3.0
     ) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout_s)
+        self._base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        # Made on first use: a session belongs to the event loop it is created in.
+        self._http: aiohttp.ClientSession | None = None
         self._secret = secret
         self._notify_url = notify_url
 
     async def _send(
         self, method: str, path: str, *, key: str | None = None, body: dict[str, Any] | None = None
-    ) -> httpx.Response:
-        headers = {"Idempotency-Key": key} if key else None
+    ) -> ProviderAnswer:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=self._timeout)
+        headers = {"Idempotency-Key": key} if key else {}
+        data = None
+        if body is not None:
+            data = orjson.dumps(body)
+            headers["Content-Type"] = "application/json"
         try:
-            response = await self._http.request(method, path, json=body, headers=headers)
-        except httpx.HTTPError as exc:
+            async with self._http.request(
+                method, self._base_url + path, data=data, headers=headers
+            ) as response:
+                answer = ProviderAnswer(response.status, await response.read())
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise ProviderUnavailable(f"{type(exc).__name__}: {exc}") from exc
         # Overloaded, throttled or timed out: the outcome is unknown, not refused.
-        if response.status_code >= 500 or response.status_code in (408, 429):
-            raise ProviderUnavailable(f"provider answered {response.status_code}")
-        return response
+        if answer.status_code >= 500 or answer.status_code in (408, 429):
+            raise ProviderUnavailable(f"provider answered {answer.status_code}")
+        return answer
 
     @staticmethod
-    def _checked(response: httpx.Response) -> dict[str, Any]:
+    def _checked(response: ProviderAnswer) -> dict[str, Any]:
         if response.status_code >= 400:
             raise ProviderRejected(f"provider answered {response.status_code}: {response.text}")
         body: dict[str, Any] = response.json()
@@ -227,4 +255,5 @@ class SandboxProvider:
             raise InvalidNotification(f"malformed notification: {exc}") from exc
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.close()

@@ -78,7 +78,9 @@ class FaultConfig:
     timeout_rate: float = 0.0  # hang timeout_s before taking effect
     slow_after_apply_rate: float = 0.0  # take effect, then hang timeout_s before answering
     timeout_s: float = 10.0
-    processing_delay_s: float = 0.05  # a deduction stays "processing" this long
+    # A deduction stays "processing" this long; 0 decides it within the request (the
+    # synchronous success most agreement deductions get), answered 200 instead of 202.
+    processing_delay_s: float = 0.05
     decline_rate: float = 0.0  # deductions declined for insufficient funds
     declined_agreements: set[str] = field(default_factory=set)  # always declined
     notify_url: str | None = None  # for orders created without their own notify_url
@@ -448,7 +450,7 @@ class Sandbox:
     def start(self) -> None:
         self._http = httpx.AsyncClient(timeout=NOTIFY_TIMEOUT_S)
         for out_trade_no in self.book.processing():
-            self.finish_charge_later(out_trade_no)
+            self._spawn(self._finish_charge_later(out_trade_no, self.faults.processing_delay_s))
 
     async def stop(self) -> None:
         # A cancelled task spawns nothing more (tasks spawn only after their sleeps); the loop is
@@ -501,22 +503,30 @@ class Sandbox:
 
     # Deductions.
 
-    def finish_charge_later(self, out_trade_no: str) -> None:
-        self._spawn(self._finish_charge(out_trade_no, self.faults.processing_delay_s))
+    def finish_charge(self, order: Order) -> Order:
+        """Decides a new deduction now (no processing delay) or later; returns the order as
+        the create request answers it."""
+        if self.faults.processing_delay_s <= 0:
+            return self._decide_charge(order)
+        self._spawn(self._finish_charge_later(order.out_trade_no, self.faults.processing_delay_s))
+        return order
 
-    async def _finish_charge(self, out_trade_no: str, delay_s: float) -> None:
+    async def _finish_charge_later(self, out_trade_no: str, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
         order = self.book.order(out_trade_no)
-        if order is None or order.status != "processing":
-            return
+        if order is not None and order.status == "processing":
+            self._decide_charge(order)
+
+    def _decide_charge(self, order: Order) -> Order:
         declined = order.agreement_no in self.faults.declined_agreements or self.chance(
             self.faults.decline_rate
         )
         if declined:
-            order = self.book.finish(out_trade_no, "declined", "insufficient_funds")
+            order = self.book.finish(order.out_trade_no, "declined", "insufficient_funds")
         else:
-            order = self.book.finish(out_trade_no, "succeeded", None)
+            order = self.book.finish(order.out_trade_no, "succeeded", None)
         self.notify_order(order)
+        return order
 
     # Notifications.
 
@@ -720,19 +730,17 @@ def create_app(
                 voided=False,
             )
             book.add_order(order)
-            sandbox.finish_charge_later(order.out_trade_no)
-            response = JSONResponse(order.body(base_url(request)), status_code=202)
+            order = sandbox.finish_charge(order)
         elif (order.kind, order.agreement_no, order.amount_fen) != (
             "charge",
             charge.agreement_no,
             charge.amount_fen,
         ):
-            response = _error(
-                409, "idempotency_key_reused", "this key was used for a different order"
+            return await sandbox.fail_after_effect(
+                _error(409, "idempotency_key_reused", "this key was used for a different order")
             )
-        else:
-            status_code = 202 if order.status == "processing" else 200
-            response = JSONResponse(order.body(base_url(request)), status_code=status_code)
+        status_code = 202 if order.status == "processing" else 200
+        response = JSONResponse(order.body(base_url(request)), status_code=status_code)
         return await sandbox.fail_after_effect(response)
 
     @app.get("/v1/orders/{out_trade_no}")

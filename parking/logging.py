@@ -12,9 +12,12 @@ import secrets
 import sys
 from collections.abc import MutableMapping
 from contextvars import ContextVar
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
+
+if TYPE_CHECKING:
+    from parking.settings import Settings
 
 correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=None)
 
@@ -93,6 +96,15 @@ def configure_logging(
         ),
         logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
         cache_logger_on_first_use=False,
+    )
+
+
+def configure_from(settings: "Settings", stream: TextIO | None = None) -> None:
+    """The configuration every process of ours starts with (spawned children included: they
+    inherit nothing, and an unconfigured structlog prints every event unmasked)."""
+    key = settings.log_pseudonym_key
+    configure_logging(
+        settings.log_level, settings.log_json, key.get_secret_value() if key else None, stream
     )
 
 
