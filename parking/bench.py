@@ -16,8 +16,9 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,17 +132,19 @@ def _plate_photos(folder: Path, rng: random.Random) -> list[Vehicle]:
 
 
 async def _wait_for_charges(
-    runtime: Runtime, car_park_ids: list[int], timeout_s: float
+    runtime: Runtime, report: SimReport, timeout_s: float
 ) -> dict[str, int]:
+    """The charges of this run's exits (a database may hold many days of others)."""
+    exits = [e.capture_id for e in report.exit_log]
     deadline = time.monotonic() + timeout_s
     while True:
         async with runtime.pool.acquire() as conn:
             row = await conn.fetchrow(
                 """SELECT count(*) FILTER (WHERE c.status = 'succeeded') AS succeeded,
                           count(*) FILTER (WHERE c.status = 'pending') AS pending
-                   FROM charges c JOIN sessions s ON s.id = c.session_id
-                   WHERE s.car_park_id = ANY($1)""",
-                car_park_ids,
+                   FROM captures x JOIN charges c ON c.session_id = x.session_id
+                   WHERE x.capture_id = ANY($1) AND x.direction = 'out'""",
+                exits,
             )
         if row["pending"] == 0 or time.monotonic() > deadline:
             return dict(row)
@@ -176,6 +179,103 @@ async def _progress(runtime: Runtime, started: float) -> None:
         )
 
 
+@contextlib.asynccontextmanager
+async def lane_service(settings: Settings, provider: ProviderEndpoint) -> AsyncIterator[Runtime]:
+    """The system under measurement: the lane service in this process, the outbox worker in its
+    own (charging is deferred work and must not slow the gates)."""
+    async with (
+        endpoints(settings) as eps,
+        running(settings, eps, provider, outbox_worker=False) as runtime,
+    ):
+        worker = multiprocessing.get_context("spawn").Process(
+            target=_outbox_worker,
+            args=(settings.model_dump(exclude={"mqtt_client_id"}), eps, provider),
+            daemon=True,
+        )
+        worker.start()
+        try:
+            yield runtime
+        finally:
+            worker.terminate()
+            worker.join(5)
+
+
+@dataclass
+class _DecisionWindow:
+    """When decisions were first and last counted: their rate without the simulated gates'
+    start-up (a process spawn, and its city to unpickle)."""
+
+    first: tuple[float, int] | None = None
+    last: tuple[float, int] | None = None
+
+    async def watch(self, runtime: Runtime) -> None:
+        stats = runtime.lanes.stats
+        counted = stats.captures
+        while True:
+            await asyncio.sleep(0.05)
+            if stats.captures != counted:
+                counted = stats.captures
+                self.last = (time.monotonic(), counted)
+                self.first = self.first or self.last
+
+    def rate(self) -> float | None:
+        if self.first is None or self.last is None or self.last[0] <= self.first[0]:
+            return None
+        return round((self.last[1] - self.first[1]) / (self.last[0] - self.first[0]), 1)
+
+
+async def drive(
+    runtime: Runtime, city: DemoCity, *, rate: float, duration_s: float, exit_share: float
+) -> dict[str, Any]:
+    """Simulated gates (their own process) send `rate` captures a second for `duration_s` to the
+    running lane; returns its figures once this run's charges are done."""
+    started = time.monotonic()
+    progress = asyncio.create_task(_progress(runtime, started))
+    window = _DecisionWindow()
+    watcher = asyncio.create_task(window.watch(runtime))
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as gates:
+        report: SimReport = await loop.run_in_executor(
+            gates,
+            _simulate,
+            runtime.endpoints.mqtt_url,
+            runtime.settings.mqtt_topic_prefix,
+            city.gates,
+            city.inside,
+            city.outside,
+            rate,
+            duration_s,
+            exit_share,
+        )
+    elapsed = time.monotonic() - started
+    progress.cancel()
+    watcher.cancel()
+    charged = await _wait_for_charges(runtime, report, timeout_s=30)
+    wrong = await _wrong_plates(runtime, report)
+    stats = runtime.lanes.stats
+    return {
+        "rate": rate,
+        "duration_s": duration_s,
+        "car_parks": len(city.car_park_ids),
+        "captures_sent": report.sent,
+        "decisions": stats.captures,
+        "exits": report.exits,
+        "throughput_per_s": round(stats.captures / elapsed, 1),
+        # From the first decision to the last, the gates' start-up left out.
+        "throughput_deciding_per_s": window.rate(),
+        **percentiles(list(stats.latencies_ms)),
+        "gate_round_trip": percentiles(report.round_trip_ms),
+        "outcomes": dict(stats.outcomes),
+        "errors": stats.failures + report.unanswered + stats.dead_letters,
+        "charged": charged["succeeded"],
+        # Exits decided on a plate other than the car's own (the simulator knows the truth).
+        "exits_wrong_plate": wrong["decided"],
+        "exits_wrong_plate_charged": wrong["charged"],
+        "charges_pending": charged["pending"],
+        "lane_concurrency": runtime.settings.lane_concurrency,
+    }
+
+
 async def run_bench(
     settings: Settings,
     provider: ProviderEndpoint,
@@ -187,17 +287,7 @@ async def run_bench(
 ) -> dict[str, Any]:
     rng = random.Random()
     exits_needed = int(rate * duration_s * 1.2) + 100
-    spawn = multiprocessing.get_context("spawn")
-    async with (
-        endpoints(settings) as eps,
-        running(settings, eps, provider, outbox_worker=False) as runtime,
-    ):
-        worker = spawn.Process(
-            target=_outbox_worker,
-            args=(settings.model_dump(exclude={"mqtt_client_id"}), eps, provider),
-            daemon=True,
-        )
-        worker.start()
+    async with lane_service(settings, provider) as runtime:
         if ocr_folder is not None:
             # Few distinct photos: cars leave and come back, both directions read by OCR.
             photos = _plate_photos(ocr_folder, rng)
@@ -218,47 +308,11 @@ async def run_bench(
             f"{rate}/s for {duration_s}s",
             file=sys.stderr,
         )
-        started = time.monotonic()
-        progress = asyncio.create_task(_progress(runtime, started))
-        loop = asyncio.get_running_loop()
-        with ProcessPoolExecutor(1, mp_context=spawn) as gates:
-            report: SimReport = await loop.run_in_executor(
-                gates,
-                _simulate,
-                runtime.endpoints.mqtt_url,
-                settings.mqtt_topic_prefix,
-                city.gates,
-                city.inside,
-                city.outside,
-                rate,
-                duration_s,
-                exit_share,
-            )
-        elapsed = time.monotonic() - started
-        progress.cancel()
-        charged = await _wait_for_charges(runtime, city.car_park_ids, timeout_s=30)
-        wrong = await _wrong_plates(runtime, report)
-        worker.terminate()
-        stats = runtime.lanes.stats
-        latencies = list(stats.latencies_ms)
-        return {
-            "mode": "ocr" if ocr_folder is not None else "camera_read",
-            "rate": rate,
-            "duration_s": duration_s,
-            "car_parks": len(city.car_park_ids),
-            "captures_sent": report.sent,
-            "decisions": stats.captures,
-            "exits": report.exits,
-            "throughput_per_s": round(stats.captures / elapsed, 1),
-            **percentiles(latencies),
-            "gate_round_trip": percentiles(report.round_trip_ms),
-            "outcomes": dict(stats.outcomes),
-            "errors": stats.failures + report.unanswered + stats.dead_letters,
-            "charged": charged["succeeded"],
-            # Exits decided on a plate other than the car's own (the simulator knows the truth).
-            "exits_wrong_plate": wrong["decided"],
-            "exits_wrong_plate_charged": wrong["charged"],
-            "charges_pending": charged["pending"],
-            "lane_concurrency": settings.lane_concurrency,
-            "ocr_workers": settings.ocr_workers if ocr_folder is not None else 0,
-        }
+        figures = await drive(
+            runtime, city, rate=rate, duration_s=duration_s, exit_share=exit_share
+        )
+    return {
+        "mode": "ocr" if ocr_folder is not None else "camera_read",
+        **figures,
+        "ocr_workers": settings.ocr_workers if ocr_folder is not None else 0,
+    }

@@ -21,7 +21,7 @@ from parking.app import create_app
 from parking.db import create_pool
 from parking.gates import provision as gates_provision
 from parking.infra import endpoints
-from parking.logging import configure_logging
+from parking.logging import configure_from
 from parking.migrate import MIGRATIONS_DIR, migrate, schema_snapshot
 from parking.retention import service as retention
 from parking.runtime import payment_provider, running
@@ -51,11 +51,11 @@ async def _migrate(settings: Settings, snapshot: Path | None) -> None:
             await pool.close()
 
 
-async def _serve(settings: Settings, *, outbox_worker: bool) -> None:
+async def _serve(settings: Settings, *, lanes: bool, outbox_worker: bool) -> None:
     async with (
         endpoints(settings) as eps,
         payment_provider(settings) as provider,
-        running(settings, eps, provider, outbox_worker=outbox_worker) as runtime,
+        running(settings, eps, provider, lanes=lanes, outbox_worker=outbox_worker) as runtime,
     ):
         server = uvicorn.Server(
             uvicorn.Config(
@@ -73,13 +73,14 @@ async def _serve(settings: Settings, *, outbox_worker: bool) -> None:
         await server.serve()
 
 
-async def _worker(settings: Settings) -> None:
+async def _without_api(settings: Settings, *, lanes: bool, name: str) -> None:
+    """`parking lanes` (the lane service alone) or `parking worker` (the outbox worker alone)."""
     async with (
         endpoints(settings) as eps,
         payment_provider(settings) as provider,
-        running(settings, eps, provider, lanes=False),
+        running(settings, eps, provider, lanes=lanes, outbox_worker=not lanes),
     ):
-        print("outbox worker running", file=sys.stderr, flush=True)
+        print(f"{name} running", file=sys.stderr, flush=True)
         await _until_terminated()
 
 
@@ -116,7 +117,8 @@ def _plates(argv: list[str]) -> int:
     return 2
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and option; `main` runs what it parses (tests parse without running)."""
     parser = argparse.ArgumentParser(prog="parking", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -131,10 +133,16 @@ def main(argv: list[str] | None = None) -> int:
 
     p_serve = sub.add_parser("serve", help="run the API, the lane service and the workers")
     p_serve.add_argument(
+        "--no-lanes",
+        action="store_true",
+        help="no lane service here: gate captures are left to `parking lanes` processes",
+    )
+    p_serve.add_argument(
         "--no-worker",
         action="store_true",
         help="leave charges and notifications to separate `parking worker` processes",
     )
+    sub.add_parser("lanes", help="run only the lane service (gate captures, exit decisions)")
     sub.add_parser("worker", help="run only the charge and notification (outbox) worker")
 
     p_demo = sub.add_parser("demo", help="run a simulated city end to end")
@@ -145,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     sandbox.add_arguments(p_demo)  # faults of the in-process sandbox provider
 
     p_bench = sub.add_parser("bench", help="exit decisions under load (JSON figures)")
-    p_bench.add_argument("--rate", type=float, default=200.0, help="captures per second")
+    p_bench.add_argument(
+        "--rate", type=float, help="captures per second (default 200; 100 with --city-day)"
+    )
     p_bench.add_argument("--duration", type=float, default=30.0, help="seconds of load")
-    p_bench.add_argument("--car-parks", type=int, default=40)
+    p_bench.add_argument("--car-parks", type=int, help="default 40; 3,476 with --city-day")
     p_bench.add_argument(
         "--ocr",
         type=Path,
@@ -155,6 +165,28 @@ def main(argv: list[str] | None = None) -> int:
         help="captures carry plate photos from this labels.csv folder instead of camera reads",
     )
     p_bench.add_argument("--json", action="store_true", help="print only the JSON line")
+    city_day = p_bench.add_argument_group(
+        "city day",
+        "a day of the whole city in a database of its own (see parking/citybench.py), the lane "
+        "replayed on top of it, the operator views and the public API timed under it",
+    )
+    city_day.add_argument("--city-day", action="store_true")
+    city_day.add_argument("--stays", type=int, help="stays in the day's history (default 1M)")
+    city_day.add_argument("--replay-seconds", type=float, help="seconds of replay (default 60)")
+    city_day.add_argument("--query-calls", type=int, help="calls of each view (default 20)")
+    city_day.add_argument(
+        "--load-workers", type=int, help="processes loading the history (default 2)"
+    )
+    city_day.add_argument(
+        "--database",
+        help="create the database under this name and keep it (default: a new one, dropped)",
+    )
+    city_day.add_argument("--seed", type=int, help="random seed of the city and its day")
+    city_day.add_argument(
+        "--explain-out",
+        type=Path,
+        help="where the EXPLAIN of each view goes (default .artifacts/city-day-explain.txt)",
+    )
 
     p_sandbox = sub.add_parser(
         "sandbox-provider",
@@ -178,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     billing_cli.add_arguments(p_billing)
 
     sub.add_parser("plates", help="plate recognition tools (eval, bench)", add_help=False)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["plates"]:
@@ -188,17 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("demo", "bench") and "PARKING_LOG_LEVEL" not in os.environ:
         # The demo prints its own progress; per-capture logs would drown it.
         settings.log_level = "WARNING"
-    configure_logging(
-        settings.log_level,
-        settings.log_json,
-        settings.log_pseudonym_key.get_secret_value() if settings.log_pseudonym_key else None,
-    )
+    configure_from(settings)
     if args.command == "migrate":
         _run(_migrate(settings, args.snapshot))
     elif args.command == "serve":
-        _run(_serve(settings, outbox_worker=not args.no_worker))
+        _run(_serve(settings, lanes=not args.no_lanes, outbox_worker=not args.no_worker))
+    elif args.command == "lanes":
+        _run(_without_api(settings, lanes=True, name="lane service"))
     elif args.command == "worker":
-        _run(_worker(settings))
+        _run(_without_api(settings, lanes=False, name="outbox worker"))
     elif args.command == "demo":
         from parking.demo import run_demo
 
@@ -215,6 +249,25 @@ def main(argv: list[str] | None = None) -> int:
             print(orjson.dumps(summary).decode())
         else:
             print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+    elif args.command == "bench" and args.city_day:
+        from parking.bench import sandbox_process
+        from parking.citybench import CityDayConfig, run_city_day
+
+        given = {
+            "car_parks": args.car_parks,
+            "stays": args.stays,
+            "rate": args.rate,
+            "replay_seconds": args.replay_seconds,
+            "query_calls": args.query_calls,
+            "load_workers": args.load_workers,
+            "database": args.database,
+            "seed": args.seed,
+            "explain_path": args.explain_out,
+        }
+        config = CityDayConfig(**{k: v for k, v in given.items() if v is not None})
+        with sandbox_process() as provider:
+            result = _run(run_city_day(settings, provider, config))
+        print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
     elif args.command == "bench":
         from parking.bench import run_bench, sandbox_process
 
@@ -223,10 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                 run_bench(
                     settings,
                     provider,
-                    rate=args.rate,
+                    rate=args.rate or 200.0,
                     duration_s=args.duration,
                     ocr_folder=args.ocr,
-                    car_parks=args.car_parks,
+                    car_parks=args.car_parks or 40,
                 )
             )
         print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
