@@ -20,7 +20,17 @@ async def get_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
         yield conn
 
 
+async def get_read_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the read pool (PARKING_DATABASE_READ_URL's replica, else the primary) in
+    a read-only transaction. Only for reads that may lag the primary by a moment: public
+    availability, operator reports and searches. Never for an exit decision, money, auth or
+    anything read in order to write."""
+    async with get_runtime(request).read_pool.acquire() as conn, conn.transaction(readonly=True):
+        yield conn
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 # scope="function": the transaction commits (or fails) before the response is sent, so a
 # client is never told "done" about something that did not commit.
 ConnectionDep = Annotated[asyncpg.Connection, Depends(get_connection, scope="function")]
+ReadConnectionDep = Annotated[asyncpg.Connection, Depends(get_read_connection, scope="function")]

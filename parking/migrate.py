@@ -41,13 +41,16 @@ async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) ->
     """Applies pending migrations; returns the versions applied by this call."""
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS schema_migrations (
-                   version text PRIMARY KEY,
-                   name text NOT NULL,
-                   checksum text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now())"""
-        )
+        # Checked first: even IF NOT EXISTS needs CREATE on the schema, which the services' role
+        # (parking_app) lacks; on an up-to-date database they only read what was applied.
+        if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+            await conn.execute(
+                """CREATE TABLE schema_migrations (
+                       version text PRIMARY KEY,
+                       name text NOT NULL,
+                       checksum text NOT NULL,
+                       applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
         applied = {
             r["version"]: r["checksum"]
             for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")

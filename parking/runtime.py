@@ -78,6 +78,8 @@ class Runtime:
     settings: Settings
     endpoints: Endpoints
     pool: asyncpg.Pool
+    # PARKING_DATABASE_READ_URL's replica, or `pool` itself when none is configured.
+    read_pool: asyncpg.Pool
     redis: Redis
     mqtt: MqttClient
     occupancy: Occupancy
@@ -97,10 +99,25 @@ async def running(
     outbox_worker: bool = True,
 ) -> AsyncIterator[Runtime]:
     """Starts the system against `endpoints`: the lane service and the outbox worker, or
-    either alone (`parking worker` runs the outbox worker in its own process)."""
-    pool = await create_pool(endpoints.database_url, min_size=2, max_size=20, stateless=True)
+    either alone (`parking lanes`, `parking worker`), or neither (the API alone: `parking
+    serve --no-lanes --no-worker`)."""
+    # A lane service opens a connection per decision queue before the first car: opening them
+    # under load made the first seconds' p99 three times the steady state's.
+    pool = await create_pool(
+        endpoints.database_url,
+        min_size=settings.lane_concurrency + 2 if lanes else 2,
+        max_size=max(20, settings.lane_concurrency + 4),
+        stateless=True,
+    )
     # The outbox worker has its own connections so that charging never delays a gate.
     worker_pool = await create_pool(endpoints.database_url, min_size=1, max_size=4)
+    # No idle connections: a process that serves no API (lanes, worker) never opens one, and a
+    # replica that is down fails only the reads that use it, not the process's start.
+    read_pool = (
+        await create_pool(settings.database_read_url, min_size=0, max_size=10, stateless=True)
+        if settings.database_read_url
+        else pool
+    )
     redis = Redis.from_url(endpoints.redis_url, decode_responses=True)
     mqtt = MqttClient(
         endpoints.mqtt_url, settings.mqtt_client_id, ack_timeout_s=settings.mqtt_ack_timeout_s
@@ -114,8 +131,8 @@ async def running(
         async with pool.acquire() as conn:
             await migrate(conn)
         occupancy = Occupancy(redis, pool, settings.redis_key_prefix)
-        if lanes or outbox_worker:
-            await mqtt.start()
+        # Every role publishes to the gates: the API too (a manual open, a resolved exception).
+        await mqtt.start()
         lane_worker = LaneWorker(settings, pool, mqtt, occupancy)
         runtime: Runtime | None = None
 
@@ -164,6 +181,7 @@ async def running(
             settings,
             endpoints,
             pool,
+            read_pool,
             redis,
             mqtt,
             occupancy,
@@ -188,4 +206,6 @@ async def running(
         await provider.aclose()
         await redis.aclose()
         await worker_pool.close()
+        if read_pool is not pool:
+            await read_pool.close()
         await pool.close()

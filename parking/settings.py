@@ -14,6 +14,11 @@ class Settings(BaseSettings):
 
     # Servers. Unset means "start an embedded one under data_dir" (see parking.infra).
     database_url: str | None = None
+    # A streaming replica for reads that may lag the primary by a moment: public availability
+    # and operator reports (deps.ReadConnectionDep). None: the primary. Nothing that decides an
+    # exit, moves money, authorises a caller or writes reads from it. Several hosts with
+    # `?target_session_attrs=prefer-standby` fall back to the primary when no replica answers.
+    database_read_url: str | None = None
     redis_url: str | None = None
     mqtt_url: str | None = None
     data_dir: Path = Path(".data")

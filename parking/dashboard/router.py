@@ -7,7 +7,7 @@ from parking.auth.principal import Forbidden, OperatorDep, Principal
 from parking.dashboard import service
 from parking.dashboard.page import dashboard_page
 from parking.dashboard.schemas import DashboardSummary
-from parking.deps import ConnectionDep, RuntimeDep
+from parking.deps import ReadConnectionDep, RuntimeDep
 
 router = APIRouter(tags=["dashboard"])
 
@@ -35,7 +35,7 @@ async def page() -> HTMLResponse:
 
 @router.get("/api/v1/operator/dashboard/summary")
 async def summary(
-    principal: OperatorDep, conn: ConnectionDep, runtime: RuntimeDep
+    principal: OperatorDep, conn: ReadConnectionDep, runtime: RuntimeDep
 ) -> DashboardSummary:
     """The operator's car parks with live occupancy and today's revenue, today's entries and
     exits per local hour, and the number of open lane exceptions."""

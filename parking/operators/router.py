@@ -5,7 +5,9 @@ open gates; changing a car park, its gates and tariffs, and refunding, is for ad
 (`OperatorAdminDep`). Another company's objects are answered 404.
 
 The routes that command a gate commit their own transaction before they publish: the
-connection of `ConnectionDep` commits only after the response has been sent.
+connection of `ConnectionDep` commits only after the response has been sent. The stays search
+and the revenue and debt reports read from the read replica when there is one
+(`ReadConnectionDep`): they may trail the primary by a moment.
 """
 
 from datetime import UTC, date, datetime, timedelta
@@ -15,7 +17,7 @@ from fastapi import APIRouter, Path, Query, Response
 
 from parking.auth.principal import OperatorAdminDep, OperatorDep
 from parking.car_parks.schemas import CarParkCode
-from parking.deps import ConnectionDep, RuntimeDep
+from parking.deps import ConnectionDep, ReadConnectionDep, RuntimeDep
 from parking.operators import service
 from parking.operators.schemas import (
     CODE_PATTERN,
@@ -123,7 +125,7 @@ async def add_tariff(
 @router.get("/stays")
 async def list_stays(
     operator: OperatorDep,
-    conn: ConnectionDep,
+    conn: ReadConnectionDep,
     car_park: CarParkFilter = None,
     plate: Annotated[str | None, Query(description="the exact plate", max_length=32)] = None,
     entered_from: Annotated[Instant | None, Query(alias="from")] = None,
@@ -244,7 +246,7 @@ async def list_refunds(
 )
 async def revenue_report(
     operator: OperatorDep,
-    conn: ConnectionDep,
+    conn: ReadConnectionDep,
     runtime: RuntimeDep,
     start: From = None,
     end: To = None,
@@ -265,6 +267,6 @@ async def revenue_report(
 
 
 @router.get("/reports/debts")
-async def debts_report(operator: OperatorDep, conn: ConnectionDep) -> list[DebtBucket]:
+async def debts_report(operator: OperatorDep, conn: ReadConnectionDep) -> list[DebtBucket]:
     """Open debts of stays at the company's car parks, by age in days."""
     return await service.debts_by_age(conn, operator, datetime.now(UTC))

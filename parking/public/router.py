@@ -2,7 +2,8 @@
 
 Anyone may call it; the city's API key is accepted too (a presented credential must be valid).
 Answers may be cached for 10 s by anyone, and carry an ETag so that a poller asking again with
-If-None-Match gets 304 while nothing changed.
+If-None-Match gets 304 while nothing changed. Car parks are read from the read replica when
+there is one (`ReadConnectionDep`); the counts come from the occupancy counters either way.
 """
 
 import hashlib
@@ -14,7 +15,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from parking.auth.principal import MaybePrincipalDep
 from parking.car_parks.schemas import CarParkCode
-from parking.deps import ConnectionDep, RuntimeDep
+from parking.deps import ReadConnectionDep, RuntimeDep
 from parking.public import service
 from parking.public.schemas import CarParkAvailability, NearbyCarPark, Place
 
@@ -45,7 +46,7 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
 
 @router.get("/car-parks", response_model=list[CarParkAvailability], responses=_NOT_MODIFIED)
 async def list_car_parks(
-    _: MaybePrincipalDep, request: Request, conn: ConnectionDep, runtime: RuntimeDep
+    _: MaybePrincipalDep, request: Request, conn: ReadConnectionDep, runtime: RuntimeDep
 ) -> Response:
     """Every car park with its capacity, free and occupied spaces and location."""
     return _cacheable(request, await service.car_parks_available(conn, runtime))
@@ -55,7 +56,7 @@ async def list_car_parks(
 async def nearby_car_parks(
     _: MaybePrincipalDep,
     request: Request,
-    conn: ConnectionDep,
+    conn: ReadConnectionDep,
     runtime: RuntimeDep,
     lat: Annotated[float, Query(ge=-90, le=90)],
     lon: Annotated[float, Query(ge=-180, le=180)],
@@ -70,7 +71,7 @@ async def get_car_park(
     code: CarParkCode,
     _: MaybePrincipalDep,
     request: Request,
-    conn: ConnectionDep,
+    conn: ReadConnectionDep,
     runtime: RuntimeDep,
 ) -> Response:
     return _cacheable(request, await service.car_park_available(conn, runtime, code))
@@ -78,7 +79,7 @@ async def get_car_park(
 
 @router.get("/places", response_model=list[Place], responses=_NOT_MODIFIED)
 async def list_places(
-    _: MaybePrincipalDep, request: Request, conn: ConnectionDep, runtime: RuntimeDep
+    _: MaybePrincipalDep, request: Request, conn: ReadConnectionDep, runtime: RuntimeDep
 ) -> Response:
     """Car parks as APDS-style places (localised names, location, capacity, availability)."""
     return _cacheable(request, await service.places(conn, runtime))
