@@ -74,6 +74,16 @@ def _wait_for_listener(port: int, process: subprocess.Popen[bytes], log: Path) -
     pytest.fail(f"mosquitto did not listen on {port}: {log.read_text(errors='replace')}")
 
 
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Stops a server a test started: SIGTERM, then SIGKILL if it has not exited in time."""
+    process.terminate()
+    try:
+        process.wait(TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @pytest.fixture(scope="module")
 def broker() -> Iterator[Broker]:
     mosquitto = shutil.which("mosquitto", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
@@ -102,12 +112,7 @@ def broker() -> Iterator[Broker]:
         passwords = {account.username: account.password for account in result.accounts}
         yield Broker(port, passwords, Topics(PREFIX))
     finally:
-        process.terminate()
-        try:
-            process.wait(TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         shutil.rmtree(root)
 
 

@@ -44,7 +44,13 @@ from parking.runtime import ProviderEndpoint, running
 from parking.settings import Settings
 from tests.conftest import MQTT_URL, REDIS_URL
 from tests.faults import free_port
-from tests.test_broker_security import Broker, Client, _wait_for_listener, logged_in
+from tests.test_broker_security import (
+    Broker,
+    Client,
+    _wait_for_listener,
+    logged_in,
+    stop_process,
+)
 from tests.test_fault_infra import PG_BIN, own_postgres
 
 REPO = Path(__file__).resolve().parent.parent
@@ -367,8 +373,7 @@ def test_the_redis_primary_and_replica_files_run_and_replicate() -> None:
         replica.close()
     finally:
         for process in processes:
-            process.terminate()
-            process.wait(TIMEOUT_S)
+            stop_process(process)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -452,12 +457,7 @@ def mosquitto(name: str, config: str, folder: Path) -> Iterator[None]:
         _wait_for_listener(int(port_line.group(1)), process, log)
         yield
     finally:
-        process.terminate()
-        try:
-            process.wait(TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         print(f"--- {name} ---\n{log.read_text(errors='replace')[-3000:]}")
 
 
