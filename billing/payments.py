@@ -76,14 +76,17 @@ async def create(
     purpose: str,
     account_id: int | None,
     session_id: int | None,
-    capture_id: UUID | None,
+    capture: tuple[UUID, datetime] | None,
     stay_fee_fen: int,
     owed: list[debts.Debt],
 ) -> Payment:
+    """`capture`: the held exit's (capture_id, captured_at), for a payment at the gate."""
+    capture_id, captured_at = capture if capture is not None else (None, None)
     row = await conn.fetchrow(
         f"""INSERT INTO payments (out_trade_no, provider, purpose, account_id, session_id,
-                                  capture_id, stay_fee_fen, debt_fen, debt_ids, amount_fen)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $7::bigint + $8::bigint)
+                                  capture_id, capture_captured_at, stay_fee_fen, debt_fen,
+                                  debt_ids, amount_fen)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $8::bigint + $9::bigint)
             RETURNING {_COLUMNS}""",
         new_out_trade_no(),
         provider,
@@ -91,6 +94,7 @@ async def create(
         account_id,
         session_id,
         capture_id,
+        captured_at,
         stay_fee_fen,
         sum(d.amount_fen for d in owed),
         [d.id for d in owed],

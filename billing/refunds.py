@@ -80,7 +80,8 @@ async def request_for_payment(
         """SELECT p.id, p.out_trade_no, p.amount_fen, p.status, p.account_id, p.provider,
                   p.debt_ids, COALESCE(s.car_park_id, c.car_park_id) AS car_park_id
            FROM payments p LEFT JOIN sessions s ON s.id = p.session_id
-           LEFT JOIN captures c ON c.capture_id = p.capture_id
+           LEFT JOIN captures c
+                ON c.capture_id = p.capture_id AND c.captured_at = p.capture_captured_at
            WHERE p.id = $1 FOR UPDATE OF p""",
         payment_id,
     )

@@ -69,6 +69,7 @@ from parking.demo import PAY_LATER_LIMIT_FEN, TARIFF, DemoCity, percentiles
 from parking.infra import endpoints
 from parking.migrate import migrate
 from parking.occupancy import repository as occupancy_repo
+from parking.partitions.service import SESSION_ID_DAY_FACTOR, session_id_floor
 from parking.runtime import ProviderEndpoint, Runtime
 from parking.settings import Settings
 
@@ -153,6 +154,11 @@ PER_STAY_TABLES = (
 )
 
 
+def _counter(table: str) -> str:
+    """The sequence part of a table's ids (a stay's id also carries its day)."""
+    return f"id % {SESSION_ID_DAY_FACTOR}" if table == "sessions" else "id"
+
+
 def _columns(names: str) -> tuple[str, ...]:
     return tuple(names.split())
 
@@ -177,7 +183,8 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
         "provider_ref last_error created_at settled_at submitted_at provider_finished_at"
     ),
     "payments": _columns(
-        "id out_trade_no provider purpose account_id session_id capture_id stay_fee_fen "
+        "id out_trade_no provider purpose account_id session_id capture_id capture_captured_at "
+        "stay_fee_fen "
         "debt_fen debt_ids amount_fen status pay_url provider_ref created_at paid_at "
         "provider_finished_at"
     ),
@@ -187,7 +194,8 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
     "notifications": _columns("id account_id kind source_key body status created_at sent_at"),
     "outbox": _columns("kind ref_id available_at attempts created_at done_at"),
     "lane_exceptions": _columns(
-        "capture_id car_park_id gate_id reason candidates image status resolved_plate "
+        "capture_id capture_captured_at car_park_id gate_id reason candidates image status "
+        "resolved_plate "
         "resolved_by created_at resolved_at"
     ),
     "debts": _columns("id account_id charge_id amount_fen created_at settled_at payment_id"),
@@ -475,12 +483,16 @@ class _Day:
         session_id: int | None,
         command: str,
         *,
+        captured: float | None = None,
         plate_source: str = "camera",
         match_status: str | None = None,
         confidence: float | None = None,
         unread: bool = False,
     ) -> tuple[Any, ...]:
-        """A captures row; its seq is given when the day reaches it (see _emit)."""
+        """A captures row; its seq is given when the day reaches it (see _emit). `captured`:
+        when the camera took it (default: a moment before it reached the lane at `at`)."""
+        if captured is None:
+            captured = at - self.rng.uniform(0.05, 0.4)
         return (
             capture_id,
             gate_id,
@@ -490,7 +502,7 @@ class _Day:
             None if unread else car.plate,
             car.color,
             confidence if confidence is not None else round(self.rng.uniform(0.91, 0.995), 3),
-            _dt(at - self.rng.uniform(0.05, 0.4)),
+            _dt(captured),
             _dt(at),
             outcome,
             session_id,
@@ -574,7 +586,7 @@ class _Day:
         park = self.part.car_parks[
             bisect.bisect_left(self.park_cum, rng.random() * self.park_cum[-1])
         ]
-        stay_id = self._id("sessions")
+        stay_id = session_id_floor(_dt(t).date()) + self._id("sessions")
         entry_id = uuid.uuid4()
         debt = sum(fen for _, fen in car.debts)
         gate_in = rng.choice(park.gates_in)
@@ -650,6 +662,7 @@ class _Day:
         if leaves >= part.end:
             return still_open  # parked now
         exit_id = uuid.uuid4()
+        exit_captured = leaves - rng.uniform(0.05, 0.4)
         gate_out = rng.choice(park.gates_out)
         bundle: list[tuple[str, tuple[Any, ...]]] = []
         order = self.order = self.order + 1
@@ -663,6 +676,7 @@ class _Day:
                     "lane_exceptions",
                     (
                         exit_id,
+                        _dt(exit_captured),
                         park.id,
                         gate_out,
                         "unreadable",
@@ -685,7 +699,8 @@ class _Day:
                         "captures",
                         self._capture(
                             gate_out, park, exit_id, "out", car, leaves, "held_unreadable", None,
-                            hold, plate_source="ocr", confidence=0.41, unread=True,
+                            hold, captured=exit_captured, plate_source="ocr", confidence=0.41,
+                            unread=True,
                         ),
                     )
                 )  # fmt: skip
@@ -746,7 +761,7 @@ class _Day:
                         "captures",
                         self._capture(
                             gate_out, park, exit_id, "out", car, leaves, held, stay_id, hold,
-                            match_status="exact", **source,
+                            captured=exit_captured, match_status="exact", **source,
                         ),
                     )
                 )  # fmt: skip
@@ -755,7 +770,7 @@ class _Day:
                 return still_open
             outcome, settlement, account_id = "paid_at_gate", "paid_at_gate", car.account_id
             command = self._command(exit_id, "open", [car.plate, "已缴费 一路顺风"], paid)
-            self._pay(bundle, car, park, stay_id, exit_id, fee, decided, paid)
+            self._pay(bundle, car, park, stay_id, (exit_id, exit_captured), fee, decided, paid)
             closed = paid
         bundle.insert(
             0,
@@ -763,7 +778,7 @@ class _Day:
                 "captures",
                 self._capture(
                     gate_out, park, exit_id, "out", car, leaves, outcome, stay_id, command,
-                    match_status="exact", **source,
+                    captured=exit_captured, match_status="exact", **source,
                 ),
             ),
         )  # fmt: skip
@@ -865,12 +880,13 @@ class _Day:
         car: _Car,
         park: PlannedCarPark,
         stay_id: int,
-        capture_id: uuid.UUID,
+        capture: tuple[uuid.UUID, float],
         fee: int,
         held: float,
         paid: float,
     ) -> None:
-        """The held driver paid the fee and any debts through the gate's QR code."""
+        """The held driver paid the fee and any debts through the gate's QR code for the held
+        exit `capture` (its id and capture time)."""
         payment_id = self._id("payments")
         out_trade_no = new_out_trade_no()
         debt_ids = [debt_id for debt_id, _ in car.debts]
@@ -885,7 +901,8 @@ class _Day:
                     "gate",
                     car.account_id,
                     stay_id,
-                    capture_id,
+                    capture[0],
+                    _dt(capture[1]),
                     fee,
                     debt,
                     debt_ids,
@@ -1007,7 +1024,9 @@ async def load_history(
     conn = await asyncpg.connect(dsn)
     try:
         first = {
-            table: await conn.fetchval(f"SELECT COALESCE(max(id), 0) + 1 FROM {table}")
+            table: await conn.fetchval(
+                f"SELECT COALESCE(max({_counter(table)}), 0) + 1 FROM {table}"
+            )
             for table in _ASSIGNED_IDS
         }
     finally:

@@ -23,6 +23,7 @@ from parking.gates import provision as gates_provision
 from parking.infra import endpoints
 from parking.logging import configure_from
 from parking.migrate import MIGRATIONS_DIR, migrate, schema_snapshot
+from parking.partitions import service as partitions
 from parking.retention import service as retention
 from parking.runtime import payment_provider, running
 from parking.settings import Settings, get_settings
@@ -103,6 +104,22 @@ async def _retention(settings: Settings) -> None:
         finally:
             await pool.close()
     print(orjson.dumps({"images_erased": erased}).decode())
+
+
+async def _partitions(settings: Settings) -> None:
+    async with endpoints(settings, database_only=True) as eps:
+        pool = await create_pool(eps.database_url, min_size=1, max_size=1)
+        try:
+            maintained = await partitions.ensure_partitions(
+                pool, settings.partition_months_ahead, datetime.now(UTC).date()
+            )
+        finally:
+            await pool.close()
+    print(
+        orjson.dumps(
+            {"created": maintained.created, "rows_in_default": maintained.rows_in_default}
+        ).decode()
+    )
 
 
 def _plates(argv: list[str]) -> int:
@@ -202,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
         "retention", help="erase capture images older than PARKING_IMAGE_RETENTION_DAYS now"
     )
 
+    sub.add_parser(
+        "partitions",
+        help="create the monthly partitions of this month and PARKING_PARTITION_MONTHS_AHEAD more",
+    )
+
     gates_provision.add_arguments(
         sub.add_parser("gates", help="broker accounts and ACLs for gates and lane workers")
     )
@@ -297,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     elif args.command == "retention":
         _run(_retention(settings))
+    elif args.command == "partitions":
+        _run(_partitions(settings))
     elif args.command == "gates":
         return gates_provision.run(args)
     elif args.command == "billing":

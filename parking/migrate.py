@@ -77,6 +77,8 @@ async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) ->
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
 
 
+# Partitions are left out: their names carry the month the migrations ran in, and what they
+# hold (columns, constraints, indexes, row triggers) is their parent's.
 _SNAPSHOT_QUERIES = {
     "column": """
         SELECT c.table_name || '.' || c.column_name || ' ' || c.data_type
@@ -84,19 +86,25 @@ _SNAPSHOT_QUERIES = {
                || COALESCE(' DEFAULT ' || c.column_default, '')
         FROM information_schema.columns c
         JOIN information_schema.tables t USING (table_schema, table_name)
-        WHERE c.table_schema = 'public' AND t.table_type = 'BASE TABLE'
+        JOIN pg_class cl ON cl.relname = c.table_name
+             AND cl.relnamespace = 'public'::regnamespace
+        WHERE c.table_schema = 'public' AND t.table_type = 'BASE TABLE' AND NOT cl.relispartition
         ORDER BY c.table_name, c.ordinal_position""",
     "constraint": """
         SELECT cl.relname || ' ' || co.conname || ' ' || pg_get_constraintdef(co.oid)
         FROM pg_constraint co JOIN pg_class cl ON cl.oid = co.conrelid
         JOIN pg_namespace n ON n.oid = cl.relnamespace
-        WHERE n.nspname = 'public' ORDER BY 1""",
-    "index": "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1",
+        WHERE n.nspname = 'public' AND NOT cl.relispartition ORDER BY 1""",
+    "index": """
+        SELECT i.indexdef FROM pg_indexes i
+        JOIN pg_class cl ON cl.relname = i.tablename AND cl.relnamespace = 'public'::regnamespace
+        WHERE i.schemaname = 'public' AND NOT cl.relispartition ORDER BY 1""",
     "trigger": """
         SELECT cl.relname || ' ' || pg_get_triggerdef(tg.oid)
         FROM pg_trigger tg JOIN pg_class cl ON cl.oid = tg.tgrelid
         JOIN pg_namespace n ON n.oid = cl.relnamespace
-        WHERE n.nspname = 'public' AND NOT tg.tgisinternal ORDER BY 1""",
+        WHERE n.nspname = 'public' AND NOT tg.tgisinternal AND NOT cl.relispartition
+        ORDER BY 1""",
 }
 
 

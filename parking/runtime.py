@@ -24,6 +24,7 @@ from parking.infra import Endpoints
 from parking.lanes.worker import LaneWorker
 from parking.migrate import migrate
 from parking.occupancy.service import Occupancy
+from parking.partitions import service as partitions
 from parking.payments.service import release_gate
 from parking.retention import service as retention
 from parking.settings import Settings
@@ -174,6 +175,13 @@ async def running(
                 asyncio.create_task(
                     retention.run_periodically(
                         worker_pool, settings.image_retention_days, interval_s=3600
+                    )
+                )
+            )
+            maintenance.append(
+                asyncio.create_task(
+                    partitions.run_periodically(
+                        worker_pool, settings.partition_months_ahead, interval_s=3600
                     )
                 )
             )

@@ -98,6 +98,8 @@ class Settings(BaseSettings):
 
     # Capture frames kept for operators (exception queue) this many days, then erased.
     image_retention_days: int = 30
+    # Monthly partitions of stays, captures and ledger lines kept ready beyond this month.
+    partition_months_ahead: int = Field(default=2, ge=1, le=24)
 
     log_level: str = "INFO"
     log_json: bool = False

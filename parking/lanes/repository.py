@@ -75,9 +75,13 @@ async def load_gate(conn: asyncpg.Connection, lot: str, gate: str) -> GateInfo |
     return GateInfo(**dict(row)) if row else None
 
 
-async def stored_command(conn: asyncpg.Connection, capture_id: UUID) -> dict[str, Any] | None:
+async def stored_command(
+    conn: asyncpg.Connection, capture_id: UUID, captured_at: datetime
+) -> dict[str, Any] | None:
     command: dict[str, Any] | None = await conn.fetchval(
-        "SELECT command FROM captures WHERE capture_id = $1", capture_id
+        "SELECT command FROM captures WHERE capture_id = $1 AND captured_at = $2",
+        capture_id,
+        captured_at,
     )
     return command
 
@@ -247,6 +251,7 @@ async def insert_exception(
     conn: asyncpg.Connection,
     *,
     capture_id: UUID,
+    capture_captured_at: datetime,
     car_park_id: int,
     gate_id: int,
     reason: str,
@@ -254,9 +259,11 @@ async def insert_exception(
     image: bytes | None,
 ) -> int:
     exception_id: int = await conn.fetchval(
-        """INSERT INTO lane_exceptions (capture_id, car_park_id, gate_id, reason, candidates, image)
-           VALUES ($1, $2, $3, $4, $5, $6) RETURNING id""",
+        """INSERT INTO lane_exceptions
+               (capture_id, capture_captured_at, car_park_id, gate_id, reason, candidates, image)
+           VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id""",
         capture_id,
+        capture_captured_at,
         car_park_id,
         gate_id,
         reason,

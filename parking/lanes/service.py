@@ -309,6 +309,7 @@ class LaneService:
         await repo.insert_exception(
             conn,
             capture_id=capture.capture_id,
+            capture_captured_at=capture.captured_at,
             car_park_id=gate.car_park_id,
             gate_id=gate.gate_id,
             reason="offline_exit",
@@ -343,6 +344,7 @@ class LaneService:
         await repo.insert_exception(
             conn,
             capture_id=capture.capture_id,
+            capture_captured_at=capture.captured_at,
             car_park_id=gate.car_park_id,
             gate_id=gate.gate_id,
             reason=reason,

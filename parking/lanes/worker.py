@@ -236,7 +236,9 @@ class LaneWorker:
                         )
                     return decision, orjson.dumps(command_json)
                 except asyncpg.UniqueViolationError:
-                    stored = await repo.stored_command(conn, capture.capture_id)
+                    stored = await repo.stored_command(
+                        conn, capture.capture_id, capture.captured_at
+                    )
                     if stored is not None:
                         return None, orjson.dumps(stored)
                     if attempt == 2:

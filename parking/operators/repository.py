@@ -205,7 +205,8 @@ async def exception_for_update(
                   cp.id AS car_park_id, cp.code AS lot, g.code AS gate, c.seq, c.direction,
                   c.captured_at, c.offline, c.plate_color
            FROM lane_exceptions e JOIN car_parks cp ON cp.id = e.car_park_id
-           JOIN gates g ON g.id = e.gate_id JOIN captures c ON c.capture_id = e.capture_id
+           JOIN gates g ON g.id = e.gate_id JOIN captures c
+               ON c.capture_id = e.capture_id AND c.captured_at = e.capture_captured_at
            WHERE e.id = $1 AND cp.operator_id = $2
            FOR UPDATE OF e, c""",
         exception_id,

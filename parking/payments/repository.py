@@ -10,6 +10,7 @@ import asyncpg
 @dataclass(frozen=True, slots=True)
 class HeldExit:
     capture_id: UUID
+    captured_at: datetime
     lot: str
     gate: str
     car_park_id: int
@@ -30,8 +31,9 @@ async def held_exit(
 ) -> HeldExit | None:
     lock_clause = "FOR UPDATE OF c" if lock else ""
     row = await conn.fetchrow(
-        f"""SELECT c.capture_id, cp.code AS lot, g.code AS gate, cp.id AS car_park_id,
-                  cp.name AS car_park_name, c.outcome, c.session_id, s.status AS session_status,
+        f"""SELECT c.capture_id, c.captured_at, cp.code AS lot, g.code AS gate,
+                  cp.id AS car_park_id, cp.name AS car_park_name, c.outcome, c.session_id,
+                  s.status AS session_status,
                   s.plate, s.plate_color, s.entered_at, s.fixed_fee_fen,
                   s.entry_capture_id IS NOT NULL AS counted_in
            FROM captures c JOIN gates g ON g.id = c.gate_id

@@ -99,7 +99,7 @@ async def start_gate_payment(runtime: Runtime, capture_id: UUID) -> GatePayment:
                 purpose="gate",
                 account_id=account_id,
                 session_id=held.session_id,
-                capture_id=capture_id,
+                capture=(held.capture_id, held.captured_at),
                 stay_fee_fen=stay_fee,
                 owed=owed,
             )
@@ -124,7 +124,7 @@ async def start_debt_payment(runtime: Runtime, account_id: int) -> payments.Paym
             purpose="debts",
             account_id=account_id,
             session_id=None,
-            capture_id=None,
+            capture=None,
             stay_fee_fen=0,
             owed=owed,
         )
