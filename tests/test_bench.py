@@ -21,4 +21,5 @@ async def test_bench_decides_every_exit_and_reports_figures(
     assert result["charges_pending"] == 0
     assert result["exits_wrong_plate"] == 0
     assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"] <= result["max_ms"]
+    assert 0 < result["p99_first_200_ms"] <= result["max_ms"]
     assert set(result["gate_round_trip"]) == {"p50_ms", "p95_ms", "p99_ms", "max_ms"}

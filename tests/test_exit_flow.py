@@ -3,11 +3,20 @@
 from datetime import timedelta
 from zoneinfo import ZoneInfo
 
-from billing import ledger
-from parking.runtime import Runtime
+import asyncpg
+import pytest
+
+from billing import fees, ledger
+from parking.infra import Endpoints
+from parking.lanes import repository as lane_repo
+from parking.runtime import ProviderEndpoint, Runtime, running
+from parking.settings import Settings
 from tests.conftest import (
+    MQTT_URL,
+    REDIS_URL,
     Lot,
     backdate_entry,
+    create_lot,
     eventually,
     make_driver,
     stay_status,
@@ -228,3 +237,47 @@ async def test_exit_without_entry_record_goes_to_a_person(
         outcome = await conn.fetchval("SELECT outcome FROM captures WHERE car_park_id = $1", lot.id)
     assert outcome == "held_no_entry"
     assert await _charge_rows(runtime, lot) == []
+
+
+async def test_a_lane_starts_with_its_gates_and_tariffs_read_and_learns_new_gates(
+    settings: Settings,
+    database_url: str,
+    provider: ProviderEndpoint,
+    gate: GateProbe,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first car at a gate that existed when the lane started waits for no lookup; a car
+    park opened later is looked up at its first capture."""
+    gates_looked_up: list[tuple[str, str]] = []
+    tariffs_read: list[int] = []
+    load_gate, tariff_versions = lane_repo.load_gate, fees.tariff_versions
+
+    async def recorded_load_gate(
+        conn: asyncpg.Connection, lot: str, gate: str
+    ) -> lane_repo.GateInfo | None:
+        gates_looked_up.append((lot, gate))
+        return await load_gate(conn, lot, gate)
+
+    async def recorded_tariff_versions(
+        conn: asyncpg.Connection, car_park_id: int
+    ) -> fees.TariffVersions:
+        tariffs_read.append(car_park_id)
+        return await tariff_versions(conn, car_park_id)
+
+    eps = Endpoints(database_url, REDIS_URL, MQTT_URL)
+    async with running(settings, eps, provider) as runtime:
+        existing = await create_lot(runtime)
+    async with running(settings, eps, provider) as runtime:
+        monkeypatch.setattr(lane_repo, "load_gate", recorded_load_gate)
+        monkeypatch.setattr(fees, "tariff_versions", recorded_tariff_versions)
+        opened_later = await create_lot(runtime)
+        for lot in (existing, opened_later):
+            driver = await make_driver(runtime, unique_plate())
+            entry = await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
+            assert entry["action"] == "open"
+            await backdate_entry(runtime, lot, driver.plate, timedelta(hours=1, minutes=5))
+            command = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+            assert (command["action"], command["fee_fen"]) == ("open", 1200)
+
+    assert gates_looked_up == [(opened_later.code, "in1"), (opened_later.code, "out1")]
+    assert tariffs_read == [opened_later.id]

@@ -1,11 +1,14 @@
 """All SQL of the lane service. Every function runs on the caller's connection/transaction."""
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import asyncpg
+
+from billing import fees
+from billing.tariff import Tariff
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,16 +66,41 @@ def _pay_later(row: asyncpg.Record) -> PayLater | None:
     )
 
 
+_GATE_INFO = """g.id AS gate_id, cp.id AS car_park_id, cp.name AS car_park_name, g.direction,
+    cp.no_entry_policy, cp.no_entry_fee_fen
+    FROM gates g JOIN car_parks cp ON cp.id = g.car_park_id"""
+
+
 async def load_gate(conn: asyncpg.Connection, lot: str, gate: str) -> GateInfo | None:
     row = await conn.fetchrow(
-        """SELECT g.id AS gate_id, cp.id AS car_park_id, cp.name AS car_park_name, g.direction,
-                  cp.no_entry_policy, cp.no_entry_fee_fen
-           FROM gates g JOIN car_parks cp ON cp.id = g.car_park_id
-           WHERE cp.code = $1 AND g.code = $2""",
+        f"SELECT {_GATE_INFO} WHERE cp.code = $1 AND g.code = $2",
         lot,
         gate,
     )
     return GateInfo(**dict(row)) if row else None
+
+
+async def all_gates(conn: asyncpg.Connection) -> dict[tuple[str, str], GateInfo]:
+    """Every gate by (car park code, gate code): a lane's cache filled in one query."""
+    rows = await conn.fetch(f"SELECT cp.code AS lot, g.code AS gate, {_GATE_INFO}")
+    return {
+        (r["lot"], r["gate"]): GateInfo(**{k: v for k, v in r.items() if k not in ("lot", "gate")})
+        for r in rows
+    }
+
+
+async def all_tariff_versions(conn: asyncpg.Connection) -> dict[int, fees.TariffVersions]:
+    """Every car park's tariffs by effective date, newest first (fees.tariff_versions for all)."""
+    rows = await conn.fetch(
+        "SELECT car_park_id, effective_from, rules FROM tariffs"
+        " ORDER BY car_park_id, effective_from DESC"
+    )
+    versions: dict[int, fees.TariffVersions] = {}
+    for r in rows:
+        versions.setdefault(r["car_park_id"], []).append(
+            (r["effective_from"], Tariff.from_json(r["rules"]))
+        )
+    return versions
 
 
 async def stored_command(
@@ -245,6 +273,27 @@ async def open_plates(conn: asyncpg.Connection, car_park_id: int) -> list[str]:
         "SELECT plate FROM sessions WHERE car_park_id = $1 AND status = 'open'", car_park_id
     )
     return [r["plate"] for r in rows]
+
+
+async def prepare_lookups(conn: asyncpg.Connection) -> None:
+    """Runs a decision's lookups and its stay update with keys that match nothing: asyncpg then
+    has them prepared on this connection, and its server process has read those tables'
+    catalog. The inserts are left out: they cannot run without rows to refer to."""
+    now = datetime.now(UTC)
+    await load_gate(conn, "", "")
+    await open_session_for_update(conn, 0, "")
+    await recent_exits(conn, 0, now)
+    await open_plates(conn, 0)
+    await fees.tariff_versions(conn, 0)
+    await close_session(
+        conn,
+        session_id=0,
+        exited_at=now,
+        exit_capture_id=UUID(int=0),
+        fee_fen=0,
+        account_id=None,
+        settlement="free",
+    )
 
 
 async def insert_exception(

@@ -81,6 +81,11 @@ class LaneService:
         # Tariffs change rarely and are versioned by date: read them once a minute, not per exit.
         self._tariffs: dict[int, tuple[float, fees.TariffVersions]] = {}
 
+    def cache_tariffs(self, versions: dict[int, fees.TariffVersions]) -> None:
+        """Every car park's tariffs, read in one query when the lane starts."""
+        loaded = time.monotonic()
+        self._tariffs = {car_park_id: (loaded, v) for car_park_id, v in versions.items()}
+
     async def _tariff_versions(
         self, conn: asyncpg.Connection, car_park_id: int
     ) -> fees.TariffVersions:
