@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     # is drawn per process: logs stay free of personal data but do not correlate across runs.
     log_pseudonym_key: SecretStr | None = None
 
+    # The public list, places and nearby answers are built at most once per this many seconds
+    # per process and served from memory in between, so their counts are at most this old
+    # (parking.public.cache). 0: built for every request.
+    public_cache_seconds: float = Field(default=1.0, ge=0)
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -1,18 +1,25 @@
 """The public API for guidance signs and the city platform: live availability per car park,
 car parks near a point, APDS-style places; cacheable, with ETags; anonymous or a city key."""
 
+import asyncio
 import math
 import random
 import uuid
 from datetime import datetime
+from typing import Any
 
 import httpx
+from fastapi import FastAPI
+from pydantic import BaseModel, TypeAdapter
 
 from parking.admin import repository as admin
 from parking.auth import repository as auth_repo
 from parking.auth.tokens import digest, new_secret
+from parking.public.cache import Answer, AnswerCache
+from parking.public.router import get_answer_cache
+from parking.public.schemas import CarParkAvailability, NearbyCarPark, Place
 from parking.runtime import Runtime
-from tests.conftest import Lot, bearer, unique_plate
+from tests.conftest import Lot, bearer, eventually, unique_plate
 from tests.gates import GateProbe
 
 EARTH_RADIUS_M = 6_371_008.8
@@ -41,6 +48,22 @@ def _haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
         + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
     )
     return 2 * EARTH_RADIUS_M * math.asin(math.sqrt(a))
+
+
+def _as_documented(model: type[BaseModel], answer: httpx.Response) -> list[Any]:
+    """The answer, checked to be exactly what the documented models would write (the answers
+    are built as plain dicts)."""
+    models = TypeAdapter(list[model])  # type: ignore[valid-type]
+    assert models.dump_json(models.validate_json(answer.content), by_alias=True) == answer.content
+    return list(answer.json())
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 async def _enter(gate: GateProbe, lot: Lot) -> None:
@@ -88,7 +111,7 @@ async def test_counts_lost_from_redis_are_rebuilt_from_the_stays(
     listed = await api.get("/api/v1/public/car-parks")
 
     assert listed.status_code == 200
-    mine = [c for c in listed.json() if c["code"] == lot.code]
+    mine = [c for c in _as_documented(CarParkAvailability, listed) if c["code"] == lot.code]
     assert [(c["occupied"], c["free"]) for c in mine] == [(1, 49)]
     assert listed.headers["cache-control"] == "public, max-age=10"
 
@@ -114,7 +137,7 @@ async def test_nearby_lists_car_parks_within_the_radius_nearest_first(
 
     assert answer.status_code == 200, answer.text
     assert answer.headers["cache-control"] == "public, max-age=10" and answer.headers["etag"]
-    found = answer.json()
+    found = _as_documented(NearbyCarPark, answer)
     assert [c["code"] for c in found] == [near, middle]
     assert far not in {c["code"] for c in found}
     for car_park in found:
@@ -154,7 +177,7 @@ async def test_places_are_apds_shaped_and_full_when_no_space_is_free(
         )
     answer = await api.get("/api/v1/public/places")
     assert answer.status_code == 200
-    (place,) = [p for p in answer.json() if p["id"] == lot.code]
+    (place,) = [p for p in _as_documented(Place, answer) if p["id"] == lot.code]
     assert place["name"] == [{"language": "zh", "text": lot.name}]
     assert place["location"] == {"latitude": 30.23, "longitude": 119.72}
     assert place["capacity"] == 1
@@ -163,15 +186,88 @@ async def test_places_are_apds_shaped_and_full_when_no_space_is_free(
 
     await _enter(gate, lot)
 
-    answer = await api.get("/api/v1/public/places")
-    (place,) = [p for p in answer.json() if p["id"] == lot.code]
-    availability = place["availability"]
+    async def availability_now() -> dict[str, Any]:
+        # Places are built once per PARKING_PUBLIC_CACHE_SECONDS: the car shows within that.
+        answer = await api.get("/api/v1/public/places")
+        (place,) = [p for p in answer.json() if p["id"] == lot.code]
+        return dict(place["availability"]) if place["availability"]["occupied"] else {}
+
+    availability = await eventually(availability_now)
     assert (availability["status"], availability["free"], availability["occupied"]) == (
         "full",
         0,
         1,
     )
     assert datetime.fromisoformat(availability["lastUpdated"]).tzinfo is not None
+
+
+async def test_lists_are_built_once_per_interval_and_nearby_once_per_point(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    clock = _Clock()
+    cache = AnswerCache(2.0, clock=clock)
+    app.dependency_overrides[get_answer_cache] = lambda: cache
+    lat, lon = random.uniform(-60, 60), random.uniform(-170, 170)
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE car_parks SET latitude = $2, longitude = $3 WHERE id = $1", lot.id, lat, lon
+        )
+    lists = ("/api/v1/public/car-parks", "/api/v1/public/places")
+    first = {path: await api.get(path) for path in lists}
+    near = await api.get("/api/v1/public/car-parks/nearby", params={"lat": lat, "lon": lon})
+
+    await _enter(gate, lot)
+    clock.now = 1.9
+
+    for path, answer in first.items():
+        again = await api.get(path)
+        assert (again.content, again.headers["etag"]) == (answer.content, answer.headers["etag"])
+        unchanged = await api.get(path, headers={"If-None-Match": answer.headers["etag"]})
+        assert unchanged.status_code == 304
+    same_point = await api.get("/api/v1/public/car-parks/nearby", params={"lat": lat, "lon": lon})
+    assert same_point.content == near.content
+    # Another point (or radius) is another answer, built now.
+    other = await api.get(
+        "/api/v1/public/car-parks/nearby", params={"lat": lat, "lon": lon, "radius_m": 999}
+    )
+    assert [c["occupied"] for c in other.json()] == [1]
+    # One car park is never cached.
+    one = await api.get(f"/api/v1/public/car-parks/{lot.code}")
+    assert one.json()["occupied"] == 1
+
+    clock.now = 2.0
+    listed = await api.get(lists[0], headers={"If-None-Match": first[lists[0]].headers["etag"]})
+    assert listed.status_code == 200 and listed.headers["etag"] != first[lists[0]].headers["etag"]
+    assert [c["occupied"] for c in listed.json() if c["code"] == lot.code] == [1]
+    places = (await api.get(lists[1])).json()
+    assert [p["availability"]["occupied"] for p in places if p["id"] == lot.code] == [1]
+    same_point = await api.get("/api/v1/public/car-parks/nearby", params={"lat": lat, "lon": lon})
+    assert [c["occupied"] for c in same_point.json()] == [1]
+
+
+async def test_concurrent_misses_build_an_answer_once() -> None:
+    builds = 0
+    release = asyncio.Event()
+
+    async def build() -> Answer:
+        nonlocal builds
+        builds += 1
+        await release.wait()
+        return Answer(b"[]", '"e"')
+
+    cache = AnswerCache(1.0)
+    callers = [asyncio.create_task(cache.get("car-parks", build)) for _ in range(5)]
+    await asyncio.sleep(0)
+    # The first builder goes away mid-build: the next caller builds instead.
+    callers[0].cancel()
+    await asyncio.sleep(0)
+    release.set()
+    answers = await asyncio.gather(*callers[1:])
+
+    assert {a.body for a in answers} == {b"[]"}
+    assert builds == 2
+    assert await cache.get("car-parks", build) is answers[0]
+    assert builds == 2
 
 
 async def test_city_key_is_accepted_and_a_bad_credential_refused(

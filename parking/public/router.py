@@ -4,36 +4,67 @@ Anyone may call it; the city's API key is accepted too (a presented credential m
 Answers may be cached for 10 s by anyone, and carry an ETag so that a poller asking again with
 If-None-Match gets 304 while nothing changed. Car parks are read from the read replica when
 there is one (`ReadConnectionDep`); the counts come from the occupancy counters either way.
+
+The list, the places and each nearby search are built once per PARKING_PUBLIC_CACHE_SECONDS
+(default 1 s) in each process and served from memory in between (`AnswerCache`): their counts
+are at most that old when they leave the process. One car park's answer is built every time.
 """
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel, TypeAdapter
+import orjson
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from parking.auth.principal import MaybePrincipalDep
 from parking.car_parks.schemas import CarParkCode
 from parking.deps import ReadConnectionDep, RuntimeDep
 from parking.public import service
+from parking.public.cache import Answer, AnswerCache
 from parking.public.schemas import CarParkAvailability, NearbyCarPark, Place
 
 router = APIRouter(prefix="/api/v1/public", tags=["public"])
 
 CACHE_CONTROL = "public, max-age=10"
 _NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified"}}
-_MODELS: TypeAdapter[BaseModel | Sequence[BaseModel]] = TypeAdapter(BaseModel | Sequence[BaseModel])
 
 
-def _cacheable(request: Request, payload: BaseModel | Sequence[BaseModel]) -> Response:
-    # serialize_as_any: each model with its own fields, not those of BaseModel (none).
-    body = _MODELS.dump_json(payload, by_alias=True, serialize_as_any=True)
-    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
-    headers = {"Cache-Control": CACHE_CONTROL, "ETag": etag}
-    if _matches(request.headers.get("if-none-match"), etag):
+def get_answer_cache(request: Request, runtime: RuntimeDep) -> AnswerCache:
+    """The app's cache of built answers: one per app, as the data is one per runtime."""
+    cache: AnswerCache | None = getattr(request.app.state, "public_answers", None)
+    if cache is None:
+        cache = AnswerCache(runtime.settings.public_cache_seconds)
+        request.app.state.public_answers = cache
+    return cache
+
+
+AnswerCacheDep = Annotated[AnswerCache, Depends(get_answer_cache)]
+
+
+def _answer(payload: Any) -> Answer:
+    # OPT_UTC_Z: times end in "Z", as pydantic writes them.
+    body = orjson.dumps(payload, option=orjson.OPT_UTC_Z)
+    return Answer(body, f'"{hashlib.sha256(body).hexdigest()[:32]}"')
+
+
+def _respond(request: Request, answer: Answer) -> Response:
+    headers = {"Cache-Control": CACHE_CONTROL, "ETag": answer.etag}
+    if _matches(request.headers.get("if-none-match"), answer.etag):
         return Response(status_code=304, headers=headers)
-    return Response(body, media_type="application/json", headers=headers)
+    return Response(answer.body, media_type="application/json", headers=headers)
+
+
+async def _cached(
+    request: Request,
+    answers: AnswerCache,
+    key: Hashable,
+    payload: Callable[[], Awaitable[Any]],
+) -> Response:
+    async def build() -> Answer:
+        return _answer(await payload())
+
+    return _respond(request, await answers.get(key, build))
 
 
 def _matches(if_none_match: str | None, etag: str) -> bool:
@@ -46,10 +77,16 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
 
 @router.get("/car-parks", response_model=list[CarParkAvailability], responses=_NOT_MODIFIED)
 async def list_car_parks(
-    _: MaybePrincipalDep, request: Request, conn: ReadConnectionDep, runtime: RuntimeDep
+    _: MaybePrincipalDep,
+    request: Request,
+    conn: ReadConnectionDep,
+    runtime: RuntimeDep,
+    answers: AnswerCacheDep,
 ) -> Response:
     """Every car park with its capacity, free and occupied spaces and location."""
-    return _cacheable(request, await service.car_parks_available(conn, runtime))
+    return await _cached(
+        request, answers, "car-parks", lambda: service.car_parks_available(conn, runtime)
+    )
 
 
 @router.get("/car-parks/nearby", response_model=list[NearbyCarPark], responses=_NOT_MODIFIED)
@@ -58,12 +95,18 @@ async def nearby_car_parks(
     request: Request,
     conn: ReadConnectionDep,
     runtime: RuntimeDep,
+    answers: AnswerCacheDep,
     lat: Annotated[float, Query(ge=-90, le=90)],
     lon: Annotated[float, Query(ge=-180, le=180)],
     radius_m: Annotated[int, Query(ge=1, le=20_000)] = 1000,
 ) -> Response:
     """Car parks within `radius_m` metres of the point, nearest first, with the distance."""
-    return _cacheable(request, await service.nearby(conn, runtime, lat, lon, radius_m))
+    return await _cached(
+        request,
+        answers,
+        ("nearby", lat, lon, radius_m),
+        lambda: service.nearby(conn, runtime, lat, lon, radius_m),
+    )
 
 
 @router.get("/car-parks/{code}", response_model=CarParkAvailability, responses=_NOT_MODIFIED)
@@ -74,12 +117,16 @@ async def get_car_park(
     conn: ReadConnectionDep,
     runtime: RuntimeDep,
 ) -> Response:
-    return _cacheable(request, await service.car_park_available(conn, runtime, code))
+    return _respond(request, _answer(await service.car_park_available(conn, runtime, code)))
 
 
 @router.get("/places", response_model=list[Place], responses=_NOT_MODIFIED)
 async def list_places(
-    _: MaybePrincipalDep, request: Request, conn: ReadConnectionDep, runtime: RuntimeDep
+    _: MaybePrincipalDep,
+    request: Request,
+    conn: ReadConnectionDep,
+    runtime: RuntimeDep,
+    answers: AnswerCacheDep,
 ) -> Response:
     """Car parks as APDS-style places (localised names, location, capacity, availability)."""
-    return _cacheable(request, await service.places(conn, runtime))
+    return await _cached(request, answers, "places", lambda: service.places(conn, runtime))

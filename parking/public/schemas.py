@@ -37,7 +37,7 @@ class PlaceAvailability(BaseModel):
     free: int
     occupied: int
     status: Literal["open", "full"]
-    last_updated: datetime = Field(serialization_alias="lastUpdated")
+    last_updated: datetime = Field(alias="lastUpdated")
 
 
 class Place(BaseModel):
