@@ -24,7 +24,9 @@ async def revenue(
 
     Only the car parks' revenue lines are read, from the covering index ledger_entries_revenue
     (an index-only scan of the months the days fall in), and summed per ledger account before
-    the car parks are joined: a city's day is millions of ledger lines, its report 3,476 rows."""
+    the car parks are joined: a city's day is millions of ledger lines, its report 3,476 rows.
+    An operator's accounts are matched through a hashed subplan: `= ANY($4)` compares every
+    line with every account (10 s for 1,000 car parks on a 1M-stay day)."""
     accounts = [ledger.revenue(i) for i in car_park_ids] if car_park_ids is not None else None
     rows = await conn.fetch(
         """WITH days AS (
@@ -37,7 +39,7 @@ async def revenue(
                WHERE ledger_account LIKE 'revenue:%'
                  AND created_at >= ($1::date::timestamp AT TIME ZONE $3)
                  AND created_at < (($2::date + 1)::timestamp AT TIME ZONE $3)
-                 AND ($4::text[] IS NULL OR ledger_account = ANY($4))
+                 AND ($4::text[] IS NULL OR ledger_account IN (SELECT unnest($4::text[])))
                GROUP BY 1, 2)
            SELECT d.day, cp.code AS car_park, cp.name AS car_park_name,
                   (-d.accrued_fen)::bigint AS pay_later_fen, (-d.gate_fen)::bigint AS gate_fen,
