@@ -185,29 +185,16 @@ async def test_a_capture_no_month_covers_is_kept_and_reported(
     # A gate whose clock is years ahead: the capture is accepted, into the default partition.
     far = datetime(2031, 5, 4, 12, tzinfo=UTC)
     capture_id = uuid.uuid4()
-    await conn.execute(
-        """INSERT INTO captures (capture_id, gate_id, car_park_id, seq, direction, captured_at,
-                                 received_at, outcome, command)
-           VALUES ($1, $2, $3, 1, 'out', $4, now(), 'held_unreadable', '{}')""",
-        capture_id,
-        gate,
-        car_park,
-        far,
-    )
+    insert = """INSERT INTO captures (capture_id, gate_id, car_park_id, seq, direction,
+                                      captured_at, received_at, outcome, command)
+                VALUES ($1, $2, $3, 1, 'out', $4, now(), 'held_unreadable', '{}')"""
+    await conn.execute(insert, capture_id, gate, car_park, far)
     assert await _partition_of(conn, "captures", "WHERE capture_id = $1", capture_id) == (
         "captures_default"
     )
     # The same capture delivered again meets its row.
     with pytest.raises(asyncpg.UniqueViolationError, match="captures_default_pkey"):
-        await conn.execute(
-            """INSERT INTO captures (capture_id, gate_id, car_park_id, seq, direction, captured_at,
-                                     received_at, outcome, command)
-               VALUES ($1, $2, $3, 1, 'out', $4, now(), 'held_unreadable', '{}')""",
-            capture_id,
-            gate,
-            car_park,
-            far,
-        )
+        await conn.execute(insert, capture_id, gate, car_park, far)
     # Its month is not created over it (that would fail); the row is reported instead.
     assert await conn.fetchval("SELECT ensure_month_partition('captures', $1)", far.date()) is None
     pool = await create_pool(database_url, min_size=1, max_size=1)
