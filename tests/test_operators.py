@@ -481,6 +481,9 @@ async def test_stays_are_listed_newest_first_with_filters_and_masked_plates(
     assert [s["id"] for s in await stays(**{"from": since})] == [newest["id"]]
     assert [s["id"] for s in await stays(to=since)] == [oldest["id"]]
     assert [s["id"] for s in await stays(limit="1")] == [newest["id"]]
+    combined = {"car_park": lot.code, "plate": left.plate, "from": since, "status": "closed"}
+    assert [s["id"] for s in await stays(**combined)] == [newest["id"]]
+    assert await stays(car_park=lot.code, plate=parked, status="closed") == []
     wrong = await api.get(f"{OPERATOR}/stays", params={"status": "gone"}, headers=attendant)
     assert wrong.status_code == 422
 

@@ -114,26 +114,32 @@ async def stays(
     status: str | None,
     limit: int,
 ) -> list[asyncpg.Record]:
+    # Only the filters given go into the statement: one statement per combination, each with
+    # its own plan. A single "($n IS NULL OR …)" statement is planned generically after a few
+    # runs, and that plan is a scan of every stay (88 ms on a city day against 0.26 ms).
+    filters = (
+        ("s.car_park_id = {}", car_park_id),
+        ("s.plate = {}", plate),
+        ("s.entered_at >= {}", entered_from),
+        ("s.entered_at < {}", entered_to),
+        ("s.status = {}", status),
+    )
+    conditions = ["cp.operator_id = $1"]
+    args: list[object] = [operator_id]
+    for condition, value in filters:
+        if value is not None:
+            args.append(value)
+            conditions.append(condition.format(f"${len(args)}"))
+    args.append(limit)
     rows: list[asyncpg.Record] = await conn.fetch(
-        """SELECT s.id, cp.code AS car_park, s.plate, s.plate_color, s.status, s.entered_at,
-                  s.exited_at, s.fee_fen, s.settlement, c.id AS charge_id,
-                  c.status AS charge_status
-           FROM sessions s JOIN car_parks cp ON cp.id = s.car_park_id
-           LEFT JOIN charges c ON c.session_id = s.id
-           WHERE cp.operator_id = $1
-             AND ($2::bigint IS NULL OR s.car_park_id = $2)
-             AND ($3::text IS NULL OR s.plate = $3)
-             AND ($4::timestamptz IS NULL OR s.entered_at >= $4)
-             AND ($5::timestamptz IS NULL OR s.entered_at < $5)
-             AND ($6::text IS NULL OR s.status = $6)
-           ORDER BY s.entered_at DESC, s.id DESC LIMIT $7""",
-        operator_id,
-        car_park_id,
-        plate,
-        entered_from,
-        entered_to,
-        status,
-        limit,
+        f"""SELECT s.id, cp.code AS car_park, s.plate, s.plate_color, s.status, s.entered_at,
+                   s.exited_at, s.fee_fen, s.settlement, c.id AS charge_id,
+                   c.status AS charge_status
+            FROM sessions s JOIN car_parks cp ON cp.id = s.car_park_id
+            LEFT JOIN charges c ON c.session_id = s.id
+            WHERE {" AND ".join(conditions)}
+            ORDER BY s.entered_at DESC, s.id DESC LIMIT ${len(args)}""",
+        *args,
     )
     return rows
 
