@@ -6,11 +6,12 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import orjson
 import uvicorn
 import uvloop
@@ -94,31 +95,28 @@ async def _until_terminated() -> None:
     await stop.wait()
 
 
-async def _retention(settings: Settings) -> None:
+async def _once(
+    settings: Settings, job: Callable[[asyncpg.Pool, Settings], Awaitable[Any]]
+) -> None:
+    """Runs one maintenance job now, on a pool of one connection, and prints its result."""
     async with endpoints(settings, database_only=True) as eps:
         pool = await create_pool(eps.database_url, min_size=1, max_size=1)
         try:
-            erased = await retention.expire_images(
-                pool, settings.image_retention_days, datetime.now(UTC)
-            )
+            result = await job(pool, settings)
         finally:
             await pool.close()
-    print(orjson.dumps({"images_erased": erased}).decode())
+    print(orjson.dumps(result).decode())
 
 
-async def _partitions(settings: Settings) -> None:
-    async with endpoints(settings, database_only=True) as eps:
-        pool = await create_pool(eps.database_url, min_size=1, max_size=1)
-        try:
-            maintained = await partitions.ensure_partitions(
-                pool, settings.partition_months_ahead, datetime.now(UTC).date()
-            )
-        finally:
-            await pool.close()
-    print(
-        orjson.dumps(
-            {"created": maintained.created, "rows_in_default": maintained.rows_in_default}
-        ).decode()
+async def _retention(pool: asyncpg.Pool, settings: Settings) -> dict[str, int]:
+    erased = await retention.expire_images(pool, settings.image_retention_days, datetime.now(UTC))
+    return {"images_erased": erased}
+
+
+async def _partitions(pool: asyncpg.Pool, settings: Settings) -> partitions.Maintained:
+    """`{"created": [...], "rows_in_default": {...}}` once printed."""
+    return await partitions.ensure_partitions(
+        pool, settings.partition_months_ahead, datetime.now(UTC).date()
     )
 
 
@@ -318,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.db,
             )
     elif args.command == "retention":
-        _run(_retention(settings))
+        _run(_once(settings, _retention))
     elif args.command == "partitions":
-        _run(_partitions(settings))
+        _run(_once(settings, _partitions))
     elif args.command == "gates":
         return gates_provision.run(args)
     elif args.command == "billing":

@@ -6,9 +6,9 @@ Used by `parking serve`, `parking demo` and the tests, so all three run the same
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from redis.asyncio import Redis
@@ -88,6 +88,14 @@ class Runtime:
     outbox: OutboxWorker
     notifier: DevNotifier
     provider: PaymentProvider
+
+
+async def _hourly(job: Callable[[], Awaitable[object]]) -> None:
+    """A maintenance job now and every hour; when the database is away, it waits for the next."""
+    while True:
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await job()
+        await asyncio.sleep(3600)
 
 
 @contextlib.asynccontextmanager
@@ -173,15 +181,19 @@ async def running(
             tasks.append(asyncio.create_task(outbox.run()))
             maintenance.append(
                 asyncio.create_task(
-                    retention.run_periodically(
-                        worker_pool, settings.image_retention_days, interval_s=3600
+                    _hourly(
+                        lambda: retention.expire_images(
+                            worker_pool, settings.image_retention_days, datetime.now(UTC)
+                        )
                     )
                 )
             )
             maintenance.append(
                 asyncio.create_task(
-                    partitions.run_periodically(
-                        worker_pool, settings.partition_months_ahead, interval_s=3600
+                    _hourly(
+                        lambda: partitions.ensure_partitions(
+                            worker_pool, settings.partition_months_ahead, datetime.now(UTC).date()
+                        )
                     )
                 )
             )

@@ -4,10 +4,8 @@ PARKING_PARTITION_MONTHS_AHEAD months exist, so a month's first write never land
 default partition. Old months are never dropped here: stays and ledger lines are books a
 finance team keeps for years (docs/partitioning.md, "Old months")."""
 
-import asyncio
-import contextlib
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date
 
 import asyncpg
 
@@ -69,10 +67,3 @@ async def ensure_partitions(pool: asyncpg.Pool, months_ahead: int, today: date) 
     if stranded:
         log.warning("partitions.rows_in_default", rows=stranded)
     return Maintained(created, stranded)
-
-
-async def run_periodically(pool: asyncpg.Pool, months_ahead: int, interval_s: float) -> None:
-    while True:
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            await ensure_partitions(pool, months_ahead, datetime.now(UTC).date())
-        await asyncio.sleep(interval_s)

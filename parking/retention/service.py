@@ -2,9 +2,7 @@
 need them (PARKING_IMAGE_RETENTION_DAYS). Runs hourly inside the service and on demand with
 `parking retention`."""
 
-import asyncio
-import contextlib
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 
@@ -20,10 +18,3 @@ async def expire_images(pool: asyncpg.Pool, retention_days: int, now: datetime) 
     if erased:
         log.info("retention.images_erased", count=erased, retention_days=retention_days)
     return erased
-
-
-async def run_periodically(pool: asyncpg.Pool, retention_days: int, interval_s: float) -> None:
-    while True:
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            await expire_images(pool, retention_days, datetime.now(UTC))
-        await asyncio.sleep(interval_s)
