@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 
 from billing import ledger
+from parking.admin import repository as admin
 from parking.db import create_pool
 from parking.partitions.service import ensure_partitions, months_from, session_id_floor
 
@@ -28,20 +29,12 @@ async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def _car_park(conn: asyncpg.Connection) -> tuple[int, int]:
-    operator = await conn.fetchval(
-        "INSERT INTO operators (name) VALUES ($1) RETURNING id", f"op-{uuid.uuid4().hex[:8]}"
+    suffix = uuid.uuid4().hex[:8]
+    operator = await admin.create_operator(conn, f"op-{suffix}")
+    car_park = await admin.create_car_park(
+        conn, operator_id=operator, code=f"cp-{suffix}", name="P", capacity=10
     )
-    car_park = await conn.fetchval(
-        """INSERT INTO car_parks (operator_id, code, name, capacity)
-           VALUES ($1, $2, 'P', 10) RETURNING id""",
-        operator,
-        f"cp-{uuid.uuid4().hex[:8]}",
-    )
-    gate = await conn.fetchval(
-        "INSERT INTO gates (car_park_id, code, direction) VALUES ($1, 'out', 'out') RETURNING id",
-        car_park,
-    )
-    return car_park, gate
+    return car_park, await admin.create_gate(conn, car_park, "out", "out")
 
 
 async def _partition_of(conn: asyncpg.Connection, table: str, where: str, *args: object) -> str:
