@@ -136,10 +136,10 @@ class ProviderAnswer:
 
 
 class SandboxProvider:
-    """Client of the sandbox provider (billing.sandbox), a real HTTP service.
+    """Client of the sandbox provider (parking_dev.sandbox), a real HTTP service.
 
     aiohttp rather than httpx: the charge worker makes one request per charge, and httpx took
-    0.8 ms of CPU per request against aiohttp's 0.1 ms (`parking bench`, see README)."""
+    0.8 ms of CPU per request against aiohttp's 0.1 ms (`parking-dev bench`, see README)."""
 
     name = "sandbox"
 

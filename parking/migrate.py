@@ -10,7 +10,15 @@ from pathlib import Path
 
 import asyncpg
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+def _migrations_dir() -> Path:
+    """`migrations/` at the top of the source tree, or its copy inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "_migrations"
+    return packaged if packaged.is_dir() else here.parent / "migrations"
+
+
+MIGRATIONS_DIR = _migrations_dir()
 _LOCK_KEY = 0x7061726B  # "park"
 
 

@@ -1,6 +1,6 @@
 """Wires the running system together: pools and clients, the lane worker, the outbox worker.
 
-Used by `parking serve`, `parking demo` and the tests, so all three run the same code paths.
+Used by `parking serve`, `parking-dev demo` and the tests, so all three run the same code paths.
 """
 
 import asyncio
@@ -9,11 +9,11 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import asyncpg
 from redis.asyncio import Redis
 
-from billing import sandbox
 from billing.notifications import DevNotifier
 from billing.providers import PaymentProvider, SandboxProvider
 from billing.worker import OutboxWorker
@@ -28,6 +28,9 @@ from parking.partitions import service as partitions
 from parking.payments.service import release_gate
 from parking.retention import service as retention
 from parking.settings import Settings
+
+if TYPE_CHECKING:
+    from parking_dev import sandbox
 
 NOTIFY_PATH = "/api/v1/payments/notifications/{provider}"
 
@@ -44,9 +47,10 @@ class ConfigurationError(RuntimeError):
 
 @contextlib.asynccontextmanager
 async def payment_provider(
-    settings: Settings, faults: sandbox.FaultConfig | None = None
+    settings: Settings, faults: "sandbox.FaultConfig | None" = None
 ) -> AsyncIterator[ProviderEndpoint]:
-    """The configured provider, or a sandbox served in-process (a laptop run, the demo)."""
+    """The configured provider, or a sandbox served in-process (a laptop run, the demo) when
+    the development tools are installed."""
     if settings.payment_provider_url:
         if settings.payment_provider_secret is None:
             raise ConfigurationError(
@@ -55,6 +59,13 @@ async def payment_provider(
         secret = settings.payment_provider_secret.get_secret_value()
         yield ProviderEndpoint(settings.payment_provider_url, secret)
         return
+    try:
+        from parking_dev import sandbox
+    except ImportError:
+        raise ConfigurationError(
+            "PARKING_PAYMENT_PROVIDER_URL is not set and the sandbox provider is not installed "
+            "(it comes with the development tools: pip install ./devtools)"
+        ) from None
     secret = secrets.token_hex(16)
     # Its orders live beside the embedded database, so they outlast a restart like a real
     # provider's books do (and reconcile against ours).

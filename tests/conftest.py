@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from billing import agreements, sandbox
+from billing import agreements
 from billing.tariff import Tariff
 from parking.admin import repository as admin
 from parking.app import create_app
@@ -31,6 +31,7 @@ from parking.infra import Endpoints
 from parking.migrate import migrate
 from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
+from parking_dev import sandbox
 from tests.gates import GateProbe
 
 ADMIN_DSN = os.environ.get(

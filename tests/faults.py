@@ -42,11 +42,12 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from billing import ledger, sandbox
+from billing import ledger
 from gate_controller.simulator import GateSimulator, SimGate, Vehicle
 from parking.db import create_pool
-from parking.demo import TARIFF, DemoCity, seed_city
 from parking.migrate import migrate
+from parking_dev import sandbox
+from parking_dev.demo import TARIFF, DemoCity, seed_city
 from tests.conftest import ADMIN_DSN, MQTT_URL, REDIS_URL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -11,8 +11,8 @@ from typing import Literal
 import pytest
 from fastapi import FastAPI
 
-from billing import sandbox
 from parking.runtime import Runtime
+from parking_dev import sandbox
 from tests.conftest import (
     Lot,
     api_server,

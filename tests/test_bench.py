@@ -1,8 +1,8 @@
-"""`parking bench` runs end to end (gates, lanes and the outbox worker in their own processes)
+"""`parking-dev bench` runs end to end (gates, lanes and the outbox worker in their own processes)
 and its figures add up. It asserts no timings: speed is for the benchmark to report."""
 
-from parking.bench import run_bench, sandbox_process
 from parking.settings import Settings
+from parking_dev.bench import run_bench, sandbox_process
 from tests.conftest import MQTT_URL, REDIS_URL
 
 

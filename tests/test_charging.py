@@ -5,9 +5,10 @@ from datetime import timedelta
 
 import asyncpg
 
-from billing import ledger, sandbox
+from billing import ledger
 from parking.runtime import Runtime
 from parking.settings import Settings
+from parking_dev import sandbox
 from tests.conftest import (
     SANDBOX_FAULTS,
     Lot,

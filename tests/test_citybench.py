@@ -1,5 +1,5 @@
-"""`parking bench --city-day` at a tiny scale: the day it loads is consistent (the books balance,
-every pay-later stay has its one charge, every stay its captures, the lane's counters match the
+"""`parking-dev bench --city-day` at a tiny scale: the day it loads is consistent (the books
+balance, every pay-later stay has its one charge, every stay its captures, the lane's counters match the
 open stays) and its JSON carries every figure. No timings are asserted: speed is for the
 benchmark to report."""
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import asyncpg
 
 from gate_controller.protocol import Command
-from parking.bench import sandbox_process
-from parking.citybench import PER_STAY_TABLES, CityDayConfig, run_city_day
 from parking.settings import Settings
+from parking_dev.bench import sandbox_process
+from parking_dev.citybench import PER_STAY_TABLES, CityDayConfig, run_city_day
 from tests.conftest import ADMIN_DSN, MQTT_URL, REDIS_URL, _dsn_for
 
 VIEWS = {

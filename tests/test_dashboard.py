@@ -13,11 +13,11 @@ import httpx
 import orjson
 from fastapi import FastAPI
 
-from billing import sandbox
 from parking.dashboard import service
 from parking.lanes.worker import lane_events_channel
 from parking.logging import mask_plate
 from parking.runtime import Runtime
+from parking_dev import sandbox
 from tests.conftest import (
     Lot,
     Staff,

@@ -9,9 +9,9 @@ from uuid import UUID
 import pytest
 from playwright.async_api import ConsoleMessage, async_playwright, expect
 
-from billing import sandbox
 from parking.logging import mask_plate
 from parking.runtime import Runtime
+from parking_dev import sandbox
 from tests.conftest import (
     Lot,
     api_server,

@@ -1,10 +1,10 @@
-"""`parking demo` end to end on the machine's servers: every exit decided, every bound exit
+"""`parking-dev demo` end to end on the machine's servers: every exit decided, every bound exit
 with a fee charged exactly once, ledger balanced, only the deliberate dead letters."""
 
 from pathlib import Path
 
-from parking.demo import run_demo
 from parking.settings import Settings
+from parking_dev.demo import run_demo
 from tests.conftest import MQTT_URL, REDIS_URL
 
 

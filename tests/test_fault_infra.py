@@ -31,18 +31,19 @@ import orjson
 import pytest
 import structlog
 
-from billing import ledger, sandbox
+from billing import ledger
 from gate_controller.agent import AgentConfig, GateAgent
 from gate_controller.barrier import SimulatedDisplay, SimulatedRelay
 from gate_controller.camera import CameraEvent, QueueCameraSource
 from gate_controller.mqtt import IncomingMessage, MqttClient
 from gate_controller.protocol import DISPLAY_DEFAULTS, Topics
-from parking.demo import DemoCity, seed_city
 from parking.gates.config import generate_private_key, public_key_text, publish_configs
 from parking.infra import Endpoints
 from parking.logging import configure_logging
 from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
+from parking_dev import sandbox
+from parking_dev.demo import DemoCity, seed_city
 from tests.conftest import (
     MQTT_URL,
     REDIS_URL,

@@ -11,12 +11,13 @@ import httpx
 import orjson
 import pytest
 
-from billing import agreements, ledger, sandbox, signing
+from billing import agreements, ledger, signing
 from gate_controller.protocol import Capture
 from parking.app import create_app
 from parking.payments import service as payments_service
 from parking.runtime import ProviderEndpoint, Runtime
 from parking.settings import Settings
+from parking_dev import sandbox
 from tests.conftest import (
     Lot,
     api_server,

@@ -25,7 +25,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from billing import signing
-from billing.sandbox import FaultConfig, add_arguments, faults_from_args, running
+from parking_dev.sandbox import FaultConfig, add_arguments, faults_from_args, running
 from tests.conftest import eventually
 
 SECRET = "merchant-shared-secret"

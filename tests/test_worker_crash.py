@@ -32,10 +32,11 @@ import asyncpg
 import httpx
 import pytest
 
-from billing import ledger, sandbox
+from billing import ledger
 from parking.infra import Endpoints
 from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
+from parking_dev import sandbox
 from tests.conftest import (
     ADMIN_DSN,
     MQTT_URL,

@@ -1,4 +1,4 @@
-"""PP-OCRv4 recogniser (the ONNX model shipped in the rapidocr-onnxruntime wheel).
+"""PP-OCRv4 recogniser (PaddleOCR's ONNX model, shipped in plate_recognition/models/).
 
 Only the recognition network is used: localisation already produced a rectified plate,
 so rapidocr's text detector and angle classifier would only cost time. We run the ONNX
@@ -32,10 +32,7 @@ _TOP_K = 4
 
 
 def _model_path() -> Path:
-    # Imported here only to locate the wheel's model folder.
-    import rapidocr_onnxruntime
-
-    return Path(rapidocr_onnxruntime.__file__).resolve().parent / "models" / _MODEL_FILE
+    return Path(__file__).resolve().parent.parent / "models" / _MODEL_FILE
 
 
 class RapidOcrReader:

@@ -1,4 +1,4 @@
-"""`parking bench --city-day`: the city of DESIGN.md (3,476 car parks, about a million stays a
+"""`parking-dev bench --city-day`: the city of DESIGN.md (3,476 car parks, about a million stays a
 day) in a database of its own, the live lane on top of that data, and the operator and public
 views under it.
 
@@ -63,15 +63,15 @@ from parking.admin import repository as admin
 from parking.app import create_app
 from parking.auth import repository as auth_repo
 from parking.auth.tokens import hash_password
-from parking.bench import drive, lane_service
 from parking.db import create_pool
-from parking.demo import PAY_LATER_LIMIT_FEN, TARIFF, DemoCity, percentiles
 from parking.infra import endpoints
 from parking.migrate import migrate
 from parking.occupancy import repository as occupancy_repo
 from parking.partitions.service import SESSION_ID_DAY_FACTOR, session_id_floor
 from parking.runtime import ProviderEndpoint, Runtime
 from parking.settings import Settings
+from parking_dev.bench import drive, lane_service
+from parking_dev.demo import PAY_LATER_LIMIT_FEN, TARIFF, DemoCity, percentiles
 
 CITY_CAR_PARKS = 3476  # DESIGN.md: the reference deployment's city-wide count
 CITY_STAYS_PER_DAY = 1_000_000

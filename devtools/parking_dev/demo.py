@@ -1,4 +1,4 @@
-"""`parking demo`: a small city on real servers, simulated traffic, live API, JSON summary."""
+"""`parking-dev demo`: a small city on real servers, simulated traffic, live API, JSON summary."""
 
 import asyncio
 import contextlib
@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import uvicorn
 
-from billing import agreements, ledger, reconcile, sandbox
+from billing import agreements, ledger, reconcile
 from billing.tariff import Tariff
 from gate_controller.mqtt import MqttClient
 from gate_controller.protocol import CameraRead, Capture, GateAddress, Topics, encode
@@ -29,6 +29,7 @@ from parking.infra import endpoints
 from parking.logging import mask_plates_in_text
 from parking.runtime import Runtime, payment_provider, running
 from parking.settings import Settings
+from parking_dev import sandbox
 
 # Real streets of Lin'an, Hangzhou, where the reference deployment runs.
 DEMO_CAR_PARKS = [

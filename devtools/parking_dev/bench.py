@@ -1,4 +1,4 @@
-"""`parking bench`: exit decisions under load, measured the way DESIGN.md states the targets.
+"""`parking-dev bench`: exit decisions under load, measured the way DESIGN.md states the targets.
 
 Latency is capture received by the lane service -> command acknowledged by the broker
 (`decision`), and publish by the gate -> command received by the gate (`gate_round_trip`).
@@ -26,13 +26,13 @@ from typing import Any
 
 import uvloop
 
-from billing import sandbox
 from gate_controller.simulator import GateSimulator, SimGate, SimReport, Vehicle
-from parking.demo import DemoCity, percentiles, seed_city
 from parking.infra import Endpoints, endpoints
 from parking.logging import configure_from, configure_logging
 from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
+from parking_dev import sandbox
+from parking_dev.demo import DemoCity, percentiles, seed_city
 
 # Niceness of the outbox worker and the simulated provider during a bench run.
 DEFERRED_WORK_NICENESS = 10

@@ -1,0 +1,151 @@
+"""The `parking-dev` command line: the simulated city, the benchmarks and the sandbox provider.
+
+These are development tools: a production install (`pip install parking`) carries none of them.
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import orjson
+import uvloop
+
+from parking.logging import configure_from
+from parking.settings import get_settings
+from parking_dev import sandbox
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parking-dev", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_demo = sub.add_parser("demo", help="run a simulated city end to end")
+    p_demo.add_argument("--duration", type=float, default=60.0, help="seconds of traffic")
+    p_demo.add_argument("--rate", type=float, default=20.0, help="captures per second")
+    p_demo.add_argument("--json", action="store_true", help="print a JSON summary last")
+    p_demo.add_argument("--no-api", action="store_true", help="do not serve the HTTP API")
+    sandbox.add_arguments(p_demo)  # faults of the in-process sandbox provider
+
+    p_bench = sub.add_parser("bench", help="exit decisions under load (JSON figures)")
+    p_bench.add_argument(
+        "--rate", type=float, help="captures per second (default 200; 100 with --city-day)"
+    )
+    p_bench.add_argument("--duration", type=float, default=30.0, help="seconds of load")
+    p_bench.add_argument("--car-parks", type=int, help="default 40; 3,476 with --city-day")
+    p_bench.add_argument(
+        "--ocr",
+        type=Path,
+        metavar="PLATES_DIR",
+        help="captures carry plate photos from this labels.csv folder instead of camera reads",
+    )
+    p_bench.add_argument("--json", action="store_true", help="print only the JSON line")
+    city_day = p_bench.add_argument_group(
+        "city day",
+        "a day of the whole city in a database of its own (see parking_dev/citybench.py), the "
+        "lane replayed on top of it, the operator views and the public API timed under it",
+    )
+    city_day.add_argument("--city-day", action="store_true")
+    city_day.add_argument("--stays", type=int, help="stays in the day's history (default 1M)")
+    city_day.add_argument("--replay-seconds", type=float, help="seconds of replay (default 60)")
+    city_day.add_argument("--query-calls", type=int, help="calls of each view (default 20)")
+    city_day.add_argument(
+        "--load-workers", type=int, help="processes loading the history (default 2)"
+    )
+    city_day.add_argument(
+        "--database",
+        help="create the database under this name and keep it (default: a new one, dropped)",
+    )
+    city_day.add_argument("--seed", type=int, help="random seed of the city and its day")
+    city_day.add_argument(
+        "--explain-out",
+        type=Path,
+        help="where the EXPLAIN of each view goes (default .artifacts/city-day-explain.txt)",
+    )
+
+    p_sandbox = sub.add_parser(
+        "sandbox-provider",
+        help="run the sandbox payment provider (signs with PARKING_PAYMENT_PROVIDER_SECRET)",
+    )
+    p_sandbox.add_argument("--port", type=int, default=8100)
+    p_sandbox.add_argument(
+        "--db", default=":memory:", help="SQLite file for its orders (default: in memory)"
+    )
+    sandbox.add_arguments(p_sandbox)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    settings = get_settings()
+    if args.command in ("demo", "bench") and "PARKING_LOG_LEVEL" not in os.environ:
+        # The demo prints its own progress; per-capture logs would drown it.
+        settings.log_level = "WARNING"
+    configure_from(settings)
+    if args.command == "demo":
+        from parking_dev.demo import run_demo
+
+        summary = uvloop.run(
+            run_demo(
+                settings,
+                args.duration,
+                args.rate,
+                serve_api=not args.no_api,
+                faults=sandbox.faults_from_args(args),
+            )
+        )
+        option = 0 if args.json else orjson.OPT_INDENT_2
+        print(orjson.dumps(summary, option=option).decode())
+    elif args.command == "bench" and args.city_day:
+        from parking_dev.bench import sandbox_process
+        from parking_dev.citybench import CityDayConfig, run_city_day
+
+        given = {
+            "car_parks": args.car_parks,
+            "stays": args.stays,
+            "rate": args.rate,
+            "replay_seconds": args.replay_seconds,
+            "query_calls": args.query_calls,
+            "load_workers": args.load_workers,
+            "database": args.database,
+            "seed": args.seed,
+            "explain_path": args.explain_out,
+        }
+        config = CityDayConfig(**{k: v for k, v in given.items() if v is not None})
+        with sandbox_process() as provider:
+            result = uvloop.run(run_city_day(settings, provider, config))
+        print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
+    elif args.command == "bench":
+        from parking_dev.bench import run_bench, sandbox_process
+
+        with sandbox_process() as provider:
+            result = uvloop.run(
+                run_bench(
+                    settings,
+                    provider,
+                    rate=args.rate or 200.0,
+                    duration_s=args.duration,
+                    ocr_folder=args.ocr,
+                    car_parks=args.car_parks or 40,
+                )
+            )
+        print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
+    elif args.command == "sandbox-provider":
+        if settings.payment_provider_secret is None:
+            parser.error(
+                "set PARKING_PAYMENT_PROVIDER_SECRET: the key notifications are signed with"
+            )
+        with contextlib.suppress(KeyboardInterrupt):
+            sandbox.serve(
+                args.port,
+                sandbox.faults_from_args(args),
+                settings.payment_provider_secret.get_secret_value(),
+                args.db,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
