@@ -1,7 +1,7 @@
 """`parking-dev bench --city-day` at a tiny scale: the day it loads is consistent (the books
-balance, every pay-later stay has its one charge, every stay its captures, the lane's counters match the
-open stays) and its JSON carries every figure. No timings are asserted: speed is for the
-benchmark to report."""
+balance, every pay-later stay has its one charge, every stay its captures, the lane's counters
+match the open stays) and its JSON carries every figure. No timings are asserted: speed is for
+the benchmark to report."""
 
 import uuid
 from pathlib import Path
