@@ -176,6 +176,7 @@ ROWS = [
     Row("POST", "/api/v1/operator/car-parks/{code}/tariffs", Access.ADMIN_X, _tariff_body),
     Row("GET", "/api/v1/operator/stays", Access.STAFF),
     Row("GET", "/api/v1/operator/exceptions", Access.STAFF),
+    Row("GET", "/api/v1/operator/capture-conflicts", Access.STAFF),
     Row("GET", "/api/v1/operator/exceptions/{exception_id}/image", Access.STAFF_X),
     Row(
         "POST",

@@ -103,22 +103,57 @@ async def all_tariff_versions(conn: asyncpg.Connection) -> dict[int, fees.Tariff
     return versions
 
 
-async def stored_command(
-    conn: asyncpg.Connection, capture_id: UUID, captured_at: datetime
-) -> dict[str, Any] | None:
-    command: dict[str, Any] | None = await conn.fetchval(
-        "SELECT command FROM captures WHERE capture_id = $1 AND captured_at = $2",
+@dataclass(frozen=True, slots=True)
+class StoredCapture:
+    command: dict[str, Any]
+    # None for captures stored before their content was fingerprinted.
+    content_sha256: bytes | None
+
+
+async def stored_capture(conn: asyncpg.Connection, capture_id: UUID) -> StoredCapture | None:
+    """The capture with this id, whatever time a resend of it carries."""
+    row = await conn.fetchrow(
+        """SELECT c.command, k.content_sha256 FROM capture_keys k
+           JOIN captures c ON c.capture_id = k.capture_id AND c.captured_at = k.captured_at
+           WHERE k.capture_id = $1""",
         capture_id,
-        captured_at,
     )
-    return command
+    return StoredCapture(row["command"], row["content_sha256"]) if row else None
 
 
-async def insert_capture(conn: asyncpg.Connection, **values: Any) -> None:
+async def insert_capture(conn: asyncpg.Connection, content_sha256: bytes, **values: Any) -> None:
+    """The capture's row and its key, in one statement: a second capture with the same id (at
+    any captured_at) is a unique violation of capture_keys."""
     columns = ", ".join(values)
-    placeholders = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+    placeholders = ", ".join(f"${i}" for i in range(3, len(values) + 3))
     await conn.execute(
-        f"INSERT INTO captures ({columns}) VALUES ({placeholders})", *values.values()
+        f"""WITH key AS (
+                INSERT INTO capture_keys (capture_id, captured_at, content_sha256)
+                VALUES ($1, $2, ${len(values) + 3})
+            )
+            INSERT INTO captures ({columns}) VALUES ({placeholders})""",
+        values["capture_id"],
+        values["captured_at"],
+        *values.values(),
+        content_sha256,
+    )
+
+
+async def insert_capture_conflict(
+    conn: asyncpg.Connection,
+    *,
+    capture_id: UUID,
+    car_park_id: int,
+    gate_id: int,
+    resent: dict[str, Any],
+) -> None:
+    await conn.execute(
+        """INSERT INTO capture_conflicts (capture_id, car_park_id, gate_id, resent)
+           VALUES ($1, $2, $3, $4)""",
+        capture_id,
+        car_park_id,
+        gate_id,
+        resent,
     )
 
 

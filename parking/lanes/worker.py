@@ -6,6 +6,7 @@ decided in order while different car parks proceed in parallel.
 """
 
 import asyncio
+import hashlib
 import time
 import zlib
 from collections import Counter, deque
@@ -52,6 +53,19 @@ class InvalidMessage(Exception):
         super().__init__(reason)
         self.reason = reason
         self.detail = detail
+
+
+def content_fingerprint(gate: GateInfo, capture: Capture) -> bytes:
+    """What makes two messages with one capture_id the same capture: the gate, direction,
+    sequence number, camera read and frames. Not the time (a gate may re-stamp a resend) nor
+    the offline flags (a capture first sent online may be uploaded again from the outbox)."""
+    digest = hashlib.sha256()
+    camera = capture.camera_read.model_dump(mode="json") if capture.camera_read else None
+    digest.update(orjson.dumps([gate.gate_id, capture.direction, capture.seq, camera]))
+    for frame in capture.frames():
+        digest.update(b"\0")
+        digest.update(frame.encode())
+    return digest.digest()
 
 
 class LaneWorker:
@@ -226,12 +240,15 @@ class LaneWorker:
     ) -> tuple[Decision | None, bytes]:
         """Decides in one transaction; a redelivered capture gets its stored command again.
 
-        Returns (None, command) for a duplicate. Duplicates are detected by the capture's primary
-        key at insert, not by a lookup first: that saves every capture a round trip, and the
-        duplicate's decision is rolled back with its transaction. A unique violation for any
+        Returns (None, command) for a duplicate: any capture whose id was stored before, whatever
+        its captured_at or content (a resend that differs is recorded for an operator, never
+        decided). Duplicates are detected by the capture's key at insert, not by a lookup first:
+        that saves every capture a round trip, and the duplicate's decision is rolled back with
+        its transaction. A unique violation for any
         other reason means a concurrent worker changed the same stay first: the second attempt
         sees its committed result.
         """
+        fingerprint = content_fingerprint(gate, capture)
         async with self.pool.acquire() as conn:
             for attempt in (1, 2):
                 try:
@@ -242,6 +259,7 @@ class LaneWorker:
                         )
                         await repo.insert_capture(
                             conn,
+                            content_sha256=fingerprint,
                             capture_id=capture.capture_id,
                             gate_id=gate.gate_id,
                             car_park_id=gate.car_park_id,
@@ -262,14 +280,29 @@ class LaneWorker:
                         )
                     return decision, orjson.dumps(command_json)
                 except asyncpg.UniqueViolationError:
-                    stored = await repo.stored_command(
-                        conn, capture.capture_id, capture.captured_at
-                    )
+                    stored = await repo.stored_capture(conn, capture.capture_id)
                     if stored is not None:
-                        return None, orjson.dumps(stored)
+                        if stored.content_sha256 not in (None, fingerprint):
+                            await self._record_conflict(conn, gate, capture)
+                        return None, orjson.dumps(stored.command)
                     if attempt == 2:
                         raise
         raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _record_conflict(conn: asyncpg.Connection, gate: GateInfo, capture: Capture) -> None:
+        """A resend that says something else than the capture stored under its id: never
+        decided (the stored command answers it), kept for an operator."""
+        resent = capture.model_dump(mode="json", exclude={"image", "images"})
+        resent["frames"] = len(capture.frames())
+        await repo.insert_capture_conflict(
+            conn,
+            capture_id=capture.capture_id,
+            car_park_id=gate.car_park_id,
+            gate_id=gate.gate_id,
+            resent=resent,
+        )
+        log.warning("lane.conflicting_resend", gate_id=gate.gate_id)
 
     def _parse(self, message: IncomingMessage) -> tuple[GateAddress, Capture]:
         parsed = self.topics.parse(message.topic)

@@ -172,6 +172,25 @@ async def exceptions(
     return rows
 
 
+async def capture_conflicts(
+    conn: asyncpg.Connection, operator_id: int, *, car_park_id: int | None, limit: int
+) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT x.id, x.capture_id, cp.code AS car_park, g.code AS gate, x.received_at,
+                  x.resent, c.command AS stored_command, c.captured_at AS stored_captured_at
+           FROM capture_conflicts x JOIN car_parks cp ON cp.id = x.car_park_id
+           JOIN gates g ON g.id = x.gate_id
+           JOIN capture_keys k ON k.capture_id = x.capture_id
+           JOIN captures c ON c.capture_id = k.capture_id AND c.captured_at = k.captured_at
+           WHERE cp.operator_id = $1 AND ($2::bigint IS NULL OR x.car_park_id = $2)
+           ORDER BY x.received_at DESC, x.id DESC LIMIT $3""",
+        operator_id,
+        car_park_id,
+        limit,
+    )
+    return rows
+
+
 async def exception_image(
     conn: asyncpg.Connection, operator_id: int, exception_id: int
 ) -> asyncpg.Record | None:

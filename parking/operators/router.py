@@ -22,6 +22,7 @@ from parking.operators import service
 from parking.operators.schemas import (
     CODE_PATTERN,
     MAX_ID,
+    CaptureConflict,
     CarParkChange,
     DebtBucket,
     Gate,
@@ -159,6 +160,18 @@ async def list_exceptions(
     return await service.list_exceptions(
         conn, operator, car_park=car_park, status=status, limit=limit
     )
+
+
+@router.get("/capture-conflicts")
+async def list_capture_conflicts(
+    operator: OperatorDep,
+    conn: ConnectionDep,
+    car_park: CarParkFilter = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[CaptureConflict]:
+    """Resends that said something else than the capture stored under their id: each was
+    answered with the stored decision and never decided; newest first."""
+    return await service.list_capture_conflicts(conn, operator, car_park=car_park, limit=limit)
 
 
 @router.get(

@@ -116,6 +116,20 @@ class Stay(BaseModel):
     charge_status: str | None
 
 
+class CaptureConflict(BaseModel):
+    """A resend whose content differed from the capture stored under its id."""
+
+    id: int
+    capture_id: UUID
+    car_park: str
+    gate: str
+    received_at: datetime
+    # What the resend said (without frames), and what the stored capture decided.
+    resent: dict[str, Any]
+    stored_command: dict[str, Any]
+    stored_captured_at: datetime
+
+
 class LaneException(BaseModel):
     """One entry of the exception queue (the operator dashboard depends on these fields)."""
 

@@ -29,6 +29,7 @@ from parking.logging import get_logger, mask_plate
 from parking.occupancy.service import Occupancy
 from parking.operators import repository as repo
 from parking.operators.schemas import (
+    CaptureConflict,
     CarParkChange,
     DebtBucket,
     Gate,
@@ -278,6 +279,16 @@ async def list_exceptions(
         LaneException(**dict(r), image_url=image_url(r["id"]) if r["has_image"] else None)
         for r in rows
     ]
+
+
+async def list_capture_conflicts(
+    conn: asyncpg.Connection, principal: Principal, *, car_park: str | None, limit: int
+) -> list[CaptureConflict]:
+    car_park_id = (await _own_car_park(conn, principal, car_park))["id"] if car_park else None
+    rows = await repo.capture_conflicts(
+        conn, _operator_id(principal), car_park_id=car_park_id, limit=limit
+    )
+    return [CaptureConflict(**dict(r)) for r in rows]
 
 
 async def exception_image(
