@@ -2,7 +2,8 @@
 
 Each test session creates its own database (dropped at the end), uses its own Redis database
 number, and puts its gate topics under a unique prefix, so runs never see each other's data.
-Override the servers with PARKING_TEST_DATABASE_URL / _REDIS_URL / _MQTT_URL.
+Override the servers with PARKING_TEST_DATABASE_URL / _REDIS_URL / _MQTT_URL; `./scripts/test`
+sets them to throwaway servers of its own where nothing listens (scripts/test_servers.py).
 """
 
 import asyncio
