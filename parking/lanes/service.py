@@ -78,13 +78,25 @@ class LaneService:
         self.settings = settings
         self.duplicate_window = timedelta(seconds=settings.duplicate_read_window_s)
         self.command_ttl = timedelta(seconds=settings.command_ttl_s)
-        # Tariffs change rarely and are versioned by date: read them once a minute, not per exit.
+        # Tariffs change rarely and are versioned by date: read once, dropped when the database
+        # announces a change (LaneWorker listens), and read again after a minute at the latest.
         self._tariffs: dict[int, tuple[float, fees.TariffVersions]] = {}
 
     def cache_tariffs(self, versions: dict[int, fees.TariffVersions]) -> None:
         """Every car park's tariffs, read in one query when the lane starts."""
         loaded = time.monotonic()
         self._tariffs = {car_park_id: (loaded, v) for car_park_id, v in versions.items()}
+
+    def forget_tariffs(self, car_park_id: int | None = None) -> None:
+        """Drops one car park's cached tariffs (all of them with None): read again at its next
+        exit."""
+        if car_park_id is None:
+            self._tariffs.clear()
+        else:
+            self._tariffs.pop(car_park_id, None)
+
+    def tariffs_cached(self, car_park_id: int) -> bool:
+        return car_park_id in self._tariffs
 
     async def _tariff_versions(
         self, conn: asyncpg.Connection, car_park_id: int

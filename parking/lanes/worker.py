@@ -6,6 +6,7 @@ decided in order while different car parks proceed in parallel.
 """
 
 import asyncio
+import contextlib
 import hashlib
 import time
 import zlib
@@ -31,6 +32,8 @@ from parking.settings import Settings
 
 log = get_logger(__name__)
 _GATE_CACHE_TTL_S = 60.0
+# How soon the tariff listener connects again after losing its connection.
+_TARIFF_LISTENER_RETRY_S = 1.0
 
 
 def lane_events_channel(settings: Settings) -> str:
@@ -90,8 +93,13 @@ class LaneWorker:
             asyncio.Queue[IncomingMessage | None]() for _ in range(settings.lane_concurrency)
         ]
         self._tasks: list[asyncio.Task[None]] = []
+        self._tariff_listener: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        # Listening before the warm-up reads the tariffs: no change can fall in between.
+        listening = asyncio.Event()
+        self._tariff_listener = asyncio.create_task(self._listen_for_tariffs(listening))
+        await listening.wait()
         await self.warm_up()
         self._tasks = [asyncio.create_task(self._consume(q)) for q in self._queues]
         topic_filter = self.topics.all_gates("capture")
@@ -133,7 +141,43 @@ class LaneWorker:
         _, unfinished = await asyncio.wait(self._tasks, timeout=5.0) if self._tasks else ((), ())
         for task in unfinished:
             task.cancel()
+        if self._tariff_listener is not None:
+            self._tariff_listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tariff_listener
         self.reader.close()
+
+    async def _listen_for_tariffs(self, listening: asyncio.Event) -> None:
+        """Drops a car park's cached tariffs as soon as a version is added or changed (migration
+        0016 announces it), so that an exit is priced by the version the fee quote shows. While
+        the listening connection is down nothing is announced: every cache is dropped when it
+        is back."""
+
+        def changed(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            self.service.forget_tariffs(int(payload))
+
+        while True:
+            try:
+                async with self.pool.acquire() as listener:
+                    closed = asyncio.Event()
+
+                    def lost(_conn: object, closed: asyncio.Event = closed) -> None:
+                        closed.set()
+
+                    listener.add_termination_listener(lost)
+                    await listener.add_listener("tariffs", changed)
+                    if listening.is_set():
+                        self.service.forget_tariffs()
+                    listening.set()
+                    try:
+                        await closed.wait()
+                    finally:
+                        listener.remove_termination_listener(lost)
+                        if not listener.is_closed():
+                            await listener.remove_listener("tariffs", changed)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                log.warning("lane.tariff_listener_lost")
+            await asyncio.sleep(_TARIFF_LISTENER_RETRY_S)
 
     def pending(self) -> int:
         return sum(q.qsize() for q in self._queues)
