@@ -14,6 +14,7 @@ import pytest
 from billing import agreements, ledger, signing
 from gate_controller.protocol import Capture
 from parking.app import create_app
+from parking.errors import AppError
 from parking.payments import service as payments_service
 from parking.runtime import ProviderEndpoint, Runtime
 from parking.settings import Settings
@@ -24,10 +25,12 @@ from tests.conftest import (
     charges_of,
     create_lot,
     driver_in_debt,
+    enter,
     eventually,
     exit_after,
     make_driver,
     provider_and_runtime,
+    provider_order,
     unique_plate,
 )
 from tests.gates import GateProbe
@@ -473,3 +476,39 @@ async def test_oversized_notifications_and_quote_floods_are_refused(
         for _ in range(4)
     ]
     assert [a.status_code for a in answers] == [404, 404, 404, 429]
+
+
+async def test_a_debt_settled_at_the_gate_is_no_longer_offered_in_the_app(
+    runtime: Runtime,
+    provider: ProviderEndpoint,
+    gate: GateProbe,
+    lot: Lot,
+    api: httpx.AsyncClient,
+) -> None:
+    driver = await driver_in_debt(runtime, gate, lot)
+    started = await payments_service.start_debt_payment(runtime, driver.account_id)
+    # Next visit: held for fee + debt, paid by QR code at the gate; the debt is settled.
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=90))
+    exit_capture = gate.capture("out", driver.plate)
+    held = await gate.decide(lot.code, "out1", exit_capture)
+    assert held["fee_fen"] == 1200 + 600
+    qr = (await api.post(f"/api/v1/gate-payments/{exit_capture.capture_id}")).json()
+    await _pay(provider, httpx.URL(qr["pay_url"]).path.rsplit("/", 1)[-1])
+    paid = await api.get(f"/api/v1/gate-payments/{exit_capture.capture_id}")
+    assert paid.json()["status"] == "succeeded"
+    await gate.wait_for(exit_capture, commands=2)
+
+    with pytest.raises(AppError) as asked:
+        await payments_service.start_debt_payment(runtime, driver.account_id)
+    assert asked.value.code == "no_debts"
+    # The order priced with the settled debt was withdrawn: it can no longer be paid.
+    order = await provider_order(provider.url, started.out_trade_no)
+    assert order is not None and order["status"] == "closed"
+    async with runtime.pool.acquire() as conn:
+        status = await conn.fetchval(
+            "SELECT status FROM payments WHERE out_trade_no = $1", started.out_trade_no
+        )
+        refunds = await conn.fetchval(
+            "SELECT count(*) FROM refunds WHERE account_id = $1", driver.account_id
+        )
+    assert (status, refunds) == ("closed", 0)

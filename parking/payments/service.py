@@ -108,27 +108,51 @@ async def start_gate_payment(runtime: Runtime, capture_id: UUID) -> GatePayment:
 
 
 async def start_debt_payment(runtime: Runtime, account_id: int) -> payments.Payment:
-    """A driver settles their debts in the app: one payment for all that is open."""
-    async with runtime.pool.acquire() as conn, conn.transaction():
-        owed = await debts.open_debts(conn, account_id, lock=True)
-        payment = await payments.open_debts_payment(conn, account_id)
+    """A driver settles their debts in the app: one payment for exactly what is open now. An
+    unpaid payment priced with the same debts is offered again; one priced with debts settled
+    since (at a gate, say) is withdrawn at the provider first, never offered."""
+    for _ in range(2):
+        async with runtime.pool.acquire() as conn, conn.transaction():
+            owed = await debts.open_debts(conn, account_id, lock=True)
+            payment = await payments.open_debts_payment(conn, account_id)
+            if payment is None:
+                if not owed:
+                    raise AppError(409, "no_debts", "there is nothing to pay")
+                payment = await payments.create(
+                    conn,
+                    provider=runtime.provider.name,
+                    purpose="debts",
+                    account_id=account_id,
+                    session_id=None,
+                    capture=None,
+                    stay_fee_fen=0,
+                    owed=owed,
+                )
+            elif sorted(payment.debt_ids) != sorted(d.id for d in owed):
+                stale = payment
+                payment = None
         if payment is not None:
-            # Asked again before paying: the same order (a debt settled meanwhile at a gate
-            # makes it an overpayment, refunded by itself).
             return await _open_at_provider(runtime, payment, "parking fees owed")
-        if not owed:
-            raise AppError(409, "no_debts", "there is nothing to pay")
-        payment = await payments.create(
-            conn,
-            provider=runtime.provider.name,
-            purpose="debts",
-            account_id=account_id,
-            session_id=None,
-            capture=None,
-            stay_fee_fen=0,
-            owed=owed,
+        await _withdraw(runtime, stale)
+    raise ProviderDown()  # the stale order could not be withdrawn: ask again in a moment
+
+
+async def _withdraw(runtime: Runtime, payment: payments.Payment) -> None:
+    """Closes an unpaid payment at the provider and books what the provider says happened to
+    it (paid in the meantime, it is booked like any payment; money taken twice is refunded)."""
+    if payment.pay_url is None:
+        async with runtime.pool.acquire() as conn:
+            await payments.mark_closed(conn, payment.out_trade_no)
+        return
+    try:
+        result = await runtime.provider.close_payment(out_trade_no=payment.out_trade_no)
+    except (ProviderUnavailable, ProviderRejected) as exc:
+        log.warning("payments.withdraw_failed", error=str(exc))
+        raise ProviderDown() from exc
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        await settlement.apply(
+            conn, runtime.provider.name, result, ZoneInfo(runtime.settings.timezone)
         )
-    return await _open_at_provider(runtime, payment, "parking fees owed")
 
 
 async def _open_at_provider(
