@@ -12,6 +12,32 @@ from gate_controller.mqtt import IncomingMessage, MqttClient
 from gate_controller.protocol import CameraRead, Capture, GateAddress, Topics, encode
 
 
+class SubAcks:
+    """The broker's SUBACKs to one client, counted from paho's on_subscribe: a test waits for
+    its subscriptions to be in place (a message published after the SUBACK reaches it) instead
+    of sleeping. Install it before the client subscribes; a refused subscription fails."""
+
+    def __init__(self, mqtt: MqttClient) -> None:
+        self.acked = 0
+        self.refused: list[str] = []
+        self._changed = asyncio.Event()
+        mqtt._client.on_subscribe = self._on_subscribe
+
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, reason_codes: Any, _p: Any) -> None:
+        # Called on the event loop (the client's socket is read there), once per SUBACK.
+        self.refused += [str(code) for code in reason_codes if code.is_failure]
+        self.acked += 1
+        self._changed.set()
+
+    async def wait(self, count: int, timeout_s: float = 10.0) -> None:
+        """Until `count` SUBACKs have come since the client was handed to us."""
+        async with asyncio.timeout(timeout_s):
+            while self.acked < count:
+                self._changed.clear()
+                await self._changed.wait()
+        assert not self.refused, f"the broker refused subscriptions: {self.refused}"
+
+
 class GateProbe:
     def __init__(self, mqtt_url: str, topic_prefix: str) -> None:
         self.topics = Topics(topic_prefix)
@@ -20,13 +46,14 @@ class GateProbe:
         self.acks: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._changed = asyncio.Event()
         self._seq = 0
+        self._subacks = SubAcks(self.mqtt)
 
     async def __aenter__(self) -> "GateProbe":
         await self.mqtt.start()
         await self.mqtt.subscribe(self.topics.all_gates("command"), self._collect(self.commands))
         await self.mqtt.subscribe(self.topics.all_gates("ack"), self._collect(self.acks))
-        # Subscriptions are sent on connect; give the broker a moment to register them.
-        await asyncio.sleep(0.1)
+        # Commands and acks published from now on reach us.
+        await self._subacks.wait(2)
         return self
 
     async def __aexit__(self, *_: object) -> None:

@@ -5,21 +5,46 @@ from datetime import UTC, datetime
 
 import orjson
 
+from billing import ledger
 from gate_controller.protocol import encode
 from parking.runtime import Runtime
 from tests.conftest import Lot, eventually, unique_plate
 from tests.gates import GateProbe
 
 
-async def _counts(runtime: Runtime, lot: Lot) -> dict[str, int]:
+async def _counts(
+    runtime: Runtime, lot: Lot, plates: list[str], capture_ids: list[uuid.UUID]
+) -> dict[str, int]:
+    """Rows the test's messages could have made: its car park's, its plates' and its capture
+    ids' stays and captures, their charges, ledger lines and outbox jobs (the plates are bound to
+    no account, so no driver notification can be theirs). Other tests' rows never count."""
     async with runtime.pool.acquire() as conn:
         row = await conn.fetchrow(
-            """SELECT (SELECT count(*) FROM sessions WHERE car_park_id = $1) AS sessions,
-                      (SELECT count(*) FROM captures WHERE car_park_id = $1) AS captures,
-                      (SELECT count(*) FROM charges) AS charges,
-                      (SELECT count(*) FROM ledger_entries) AS ledger,
-                      (SELECT count(*) FROM outbox) AS outbox""",
+            """WITH stays AS (
+                   SELECT id FROM sessions WHERE car_park_id = $1 OR plate = ANY($2::text[])
+               ), mine AS (
+                   SELECT id FROM charges WHERE session_id IN (SELECT id FROM stays)
+               )
+               SELECT (SELECT count(*) FROM stays) AS sessions,
+                      (SELECT count(*) FROM captures
+                       WHERE car_park_id = $1 OR capture_id = ANY($3::uuid[])) AS captures,
+                      (SELECT count(*) FROM mine) AS charges,
+                      (SELECT count(*) FROM payments
+                       WHERE session_id IN (SELECT id FROM stays)
+                          OR capture_id = ANY($3::uuid[])) AS payments,
+                      (SELECT count(*) FROM ledger_entries
+                       WHERE session_id IN (SELECT id FROM stays)
+                          OR ledger_account = $4) AS ledger,
+                      (SELECT count(*) FROM outbox
+                       WHERE (kind = 'charge' AND ref_id IN (SELECT id FROM mine))
+                          OR (kind = 'gate_command' AND ref_id IN (
+                                SELECT id FROM payments
+                                WHERE session_id IN (SELECT id FROM stays)
+                                   OR capture_id = ANY($3::uuid[])))) AS outbox""",
             lot.id,
+            plates,
+            capture_ids,
+            ledger.revenue(lot.id),
         )
     return dict(row)
 
@@ -27,10 +52,10 @@ async def _counts(runtime: Runtime, lot: Lot) -> dict[str, int]:
 async def test_malformed_unknown_and_oversized_captures_are_dead_lettered(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
-    before = await _counts(runtime, lot)
     valid = gate.capture("in", unique_plate())
     wrong_direction = gate.capture("out", unique_plate())
-    missing_fields = orjson.dumps({"capture_id": str(uuid.uuid4()), "direction": "in"})
+    missing_fields_id, naive_time_id = uuid.uuid4(), uuid.uuid4()
+    missing_fields = orjson.dumps({"capture_id": str(missing_fields_id), "direction": "in"})
     bad_values = orjson.dumps(
         {
             "capture_id": "not-a-uuid",
@@ -41,7 +66,7 @@ async def test_malformed_unknown_and_oversized_captures_are_dead_lettered(
     )
     naive_time = orjson.dumps(
         {
-            "capture_id": str(uuid.uuid4()),
+            "capture_id": str(naive_time_id),
             "seq": 1,
             "direction": "in",
             "captured_at": "2026-01-01T08:00:00",
@@ -61,6 +86,9 @@ async def test_malformed_unknown_and_oversized_captures_are_dead_lettered(
         (lot.code, "in1", naive_time, "invalid_message"),
         (lot.code, "in1", encode(wrong_direction), "direction_mismatch"),
     ]
+    plates = [c.camera_read.plate for c in (valid, wrong_direction) if c.camera_read]
+    capture_ids = [valid.capture_id, wrong_direction.capture_id, missing_fields_id, naive_time_id]
+    before = await _counts(runtime, lot, plates, capture_ids)
     for lot_code, gate_code, payload, _ in sent:
         await gate.publish_raw(lot_code, gate_code, payload)
 
@@ -78,7 +106,7 @@ async def test_malformed_unknown_and_oversized_captures_are_dead_lettered(
     assert all(r["detail"] for r in rows if r["reason"] != "malformed_json")
     big = next(r for r in rows if r["reason"] == "oversized")
     assert big["payload_size"] == len(oversized) and len(big["payload"]) <= 4096
-    assert await _counts(runtime, lot) == before
+    assert await _counts(runtime, lot, plates, capture_ids) == before
     assert str(valid.capture_id) not in gate.commands
     assert str(wrong_direction.capture_id) not in gate.commands
     # The gate is told, so that it drops them from its outbox instead of resending forever.
@@ -91,3 +119,9 @@ async def test_malformed_unknown_and_oversized_captures_are_dead_lettered(
     # The lane keeps working after all that.
     command = await gate.decide(lot.code, "in1", gate.capture("in", unique_plate()))
     assert command["action"] == "open"
+    # And the counts above do see what a capture changes: its stay and itself.
+    after = await _counts(runtime, lot, plates, capture_ids)
+    assert after == before | {
+        "sessions": before["sessions"] + 1,
+        "captures": before["captures"] + 1,
+    }

@@ -51,7 +51,7 @@ from parking.gates.repository import WhitelistedCar
 from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
 from tests.conftest import MQTT_URL, Lot, enter, eventually, make_driver, stay_status, unique_plate
-from tests.gates import GateProbe
+from tests.gates import GateProbe, SubAcks
 
 SERVER_KEY = generate_private_key()
 HOLD_TEXT = DISPLAY_DEFAULTS["offline_hold"]
@@ -93,10 +93,17 @@ class Lane:
 
 
 @contextlib.asynccontextmanager
-async def lane(config: AgentConfig) -> AsyncIterator[Lane]:
+async def lane(config: AgentConfig, *, reachable: bool = True) -> AsyncIterator[Lane]:
+    """A gate agent on simulated hardware; when the broker is `reachable`, yields once its
+    command, ack and config subscriptions are acknowledged, so that whatever a test publishes
+    to the gate from then on reaches it."""
     camera = QueueCameraSource()
     relay, display = SimulatedRelay(), SimulatedDisplay()
-    async with GateAgent(config, camera, relay, display) as agent:
+    agent = GateAgent(config, camera, relay, display)
+    subacks = SubAcks(agent.mqtt)
+    async with agent:
+        if reachable:
+            await subacks.wait(3)
         yield Lane(agent, camera, relay, display)
 
 
@@ -110,6 +117,8 @@ class Listener:
     def __init__(self) -> None:
         self.mqtt = MqttClient(MQTT_URL, f"listener-{uuid.uuid4().hex[:8]}")
         self.messages: list[IncomingMessage] = []
+        self._subacks = SubAcks(self.mqtt)
+        self._subscriptions = 0
 
     async def __aenter__(self) -> "Listener":
         await self.mqtt.start()
@@ -119,8 +128,9 @@ class Listener:
         await self.mqtt.stop()
 
     async def listen(self, topic_filter: str) -> None:
+        self._subscriptions += 1
         await self.mqtt.subscribe(topic_filter, self.messages.append)
-        await asyncio.sleep(0.2)  # the subscription is in place
+        await self._subacks.wait(self._subscriptions)  # the subscription is in place
 
     def payloads(self, topic: str) -> list[dict[str, Any]]:
         return [orjson.loads(m.payload) for m in self.messages if m.topic == topic and m.payload]
@@ -128,6 +138,24 @@ class Listener:
     async def clear_retained(self, topics: list[str]) -> None:
         for topic in topics:
             await self.mqtt.publish(topic, b"", retain=True)
+
+
+def _open_command(
+    capture_id: uuid.UUID,
+    *,
+    ttl: timedelta = timedelta(seconds=30),
+    display: tuple[str, ...] = ("已缴费 一路顺风",),
+) -> bytes:
+    """An operator's or a payment's "open" for the capture, as the server would send it."""
+    now = datetime.now(UTC)
+    command = Command(
+        capture_id=capture_id,
+        action="open",
+        display=list(display),
+        issued_at=now,
+        expires_at=now + ttl,
+    )
+    return encode(command)
 
 
 async def until(predicate: Callable[[], Any], timeout_s: float = 10.0) -> Any:
@@ -234,9 +262,11 @@ async def test_offline_decisions_from_the_signed_whitelist_are_uploaded_when_the
     newcomer = unique_plate()
     try:
         async with (
+            Listener() as uplink,
             lane(_config(tmp_path, lot.code, "out1", offline.mqtt_topic_prefix)) as out,
             lane(_config(tmp_path, lot.code, "in1", offline.mqtt_topic_prefix)) as into,
         ):
+            await uplink.listen(topics.all_gates("capture"))
             held = await until(lambda: out.agent.whitelist.config)
             assert [entry.plate for entry in held.whitelist] == [bound.plate]
 
@@ -250,19 +280,41 @@ async def test_offline_decisions_from_the_signed_whitelist_are_uploaded_when_the
             assert out.display.shown[1:] == [[HOLD_TEXT], [HOLD_TEXT]]
             assert into.reasons() == ["offline_entry"]
 
-            # Nobody acks: everything stays in the outboxes.
-            await asyncio.sleep(0.5)
             exits = out.agent.store.unacked()
             entries = into.agent.store.unacked()
             assert [seq for seq, _ in exits] == [1, 2, 3]
             assert len(entries) == 1
             capture_ids = [capture_id for _, capture_id in exits + entries]
+            # The gates send what they decided alone, flagged offline; nobody acks it, so it
+            # stays in the outboxes.
+            await until(
+                lambda: (
+                    {
+                        orjson.loads(m.payload)["capture_id"]
+                        for m in uplink.messages
+                        if orjson.loads(m.payload).get("offline")
+                    }
+                    >= {str(capture_id) for capture_id in capture_ids}
+                )
+            )
+            assert out.agent.store.unacked() == exits
+            assert into.agent.store.unacked() == entries
 
             async with running(offline, runtime.endpoints, provider, outbox_worker=False) as lanes:
                 await until(lambda: out.agent.store.length() + into.agent.store.length() == 0)
                 stored = await _stored_captures(runtime, capture_ids)
                 # The late answers to what the gates already did change nothing at the barrier.
-                await asyncio.sleep(0.3)
+                # The lane publishes each command before its ack, so every answer reached its
+                # gate before the outboxes emptied; a gate handles its commands in order, so
+                # once an operator's open sent now has lifted both barriers, the answers have
+                # been handled.
+                remote = uuid.uuid4()
+                for gate_name in ("out1", "in1"):
+                    await uplink.mqtt.publish(
+                        topics.topic(GateAddress(lot.code, gate_name), "command"),
+                        _open_command(remote),
+                    )
+                await until(lambda: "remote" in out.reasons() and "remote" in into.reasons())
                 stats = lanes.lanes.stats
             # Each capture was decided once (resends, if any, were answered as duplicates).
             assert sum(stats.outcomes.values()) == 4 and stats.dead_letters == 0
@@ -271,8 +323,8 @@ async def test_offline_decisions_from_the_signed_whitelist_are_uploaded_when_the
             outcomes = {row["capture_id"]: row["outcome"] for row in stored}
             assert outcomes[exits[0][1]] == "exited_pay_later"
             assert outcomes[entries[0][1]] == "entered"
-            assert out.reasons() == ["offline_exit"]
-            assert into.reasons() == ["offline_entry"]
+            assert out.reasons() == ["offline_exit", "remote"]
+            assert into.reasons() == ["offline_entry", "remote"]
         assert await stay_status(runtime, lot, bound.plate) == "closed"
     finally:
         async with runtime.pool.acquire() as conn:
@@ -343,17 +395,13 @@ async def test_forged_tampered_foreign_and_expired_whitelists_are_ignored(tmp_pa
 async def test_a_late_server_command_never_lifts_the_barrier_twice(tmp_path: Path) -> None:
     prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
     command_topic = Topics(prefix).topic(GateAddress(lot, "out1"), "command")
+    open_command = _open_command
 
-    def open_command(capture_id: uuid.UUID, *, ttl: timedelta = timedelta(seconds=30)) -> bytes:
-        now = datetime.now(UTC)
-        command = Command(
-            capture_id=capture_id,
-            action="open",
-            display=["已缴费 一路顺风"],
-            issued_at=now,
-            expires_at=now + ttl,
-        )
-        return encode(command)
+    async def handled(mark: str) -> None:
+        """Until the gate has handled every command published before now: it handles them in
+        order, and an operator's open of no capture shows its text when handled."""
+        await server.mqtt.publish(command_topic, open_command(uuid.uuid4(), display=(mark,)))
+        await until(lambda: out.display.current == [mark])
 
     async with Listener() as server, lane(_config(tmp_path, lot, "out1", prefix)) as out:
         await out.camera.put(car("out", unique_plate()))
@@ -363,15 +411,15 @@ async def test_a_late_server_command_never_lifts_the_barrier_twice(tmp_path: Pat
         # once, however often it comes.
         for _ in range(2):
             await server.mqtt.publish(command_topic, open_command(first))
-        await until(lambda: out.relay.openings)
-        await asyncio.sleep(0.2)
-        assert out.reasons() == ["server_late"]
+        await handled("标记一")
+        assert out.reasons() == ["server_late", "remote"]
 
         # Two more cars held offline: an "open" for the first of them comes after the next car
         # was captured (the first went through the booth) and is ignored, as is an expired one.
         await out.camera.put(car("out", unique_plate()))
         await out.camera.put(car("out", unique_plate()))
-        await until(lambda: len(out.display.shown) == 4)
+        # Shown so far: the first hold, the late open's text, the mark, and now two holds.
+        await until(lambda: len(out.display.shown) == 5)
         (_, second), (_, third) = out.agent.store.unacked()[1:]
         await server.mqtt.publish(command_topic, open_command(second))
         await server.mqtt.publish(command_topic, open_command(third, ttl=timedelta(seconds=-1)))
@@ -379,9 +427,9 @@ async def test_a_late_server_command_never_lifts_the_barrier_twice(tmp_path: Pat
         remote = uuid.uuid4()
         await server.mqtt.publish(command_topic, open_command(remote))
         await server.mqtt.publish(command_topic, open_command(remote))
-        await until(lambda: len(out.relay.openings) == 2)
-        await asyncio.sleep(0.3)
-        assert out.reasons() == ["server_late", "remote"]
+        await handled("标记二")
+        # The slow server's, the first mark's, the operator's (once), the second mark's.
+        assert out.reasons() == ["server_late", "remote", "remote", "remote"]
 
 
 async def test_a_restarted_agent_resends_its_unacked_captures_in_seq_order(tmp_path: Path) -> None:
@@ -418,7 +466,7 @@ async def test_a_restarted_agent_resends_its_unacked_captures_in_seq_order(tmp_p
             # Restarted where the broker cannot be reached: the whitelist kept on disk still
             # lets the bound car out, at once.
             unreachable = config.model_copy(update={"mqtt_url": "mqtt://127.0.0.1:9"})
-            async with lane(unreachable) as third:
+            async with lane(unreachable, reachable=False) as third:
                 await third.camera.put(car("out", trusted))
                 await until(lambda: third.relay.openings)
                 assert third.reasons() == ["offline_exit"]

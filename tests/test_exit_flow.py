@@ -210,6 +210,36 @@ async def test_pay_later_limits_and_arrears_hold_the_gate(
     assert await _charge_rows(runtime, lot) == []
 
 
+async def test_a_fee_equal_to_the_pay_later_limit_opens_and_one_fen_more_holds(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """DESIGN.md: open when the fee is ≤ the agreement's limit. Three hours cost 1800 fen."""
+    at_limit = await make_driver(runtime, unique_plate(), limit_fen=1800)
+    one_fen_over = await make_driver(runtime, unique_plate(), limit_fen=1799)
+    expected = {
+        at_limit.plate: ("open", "exited_pay_later"),
+        one_fen_over.plate: ("hold", "held_over_limit"),
+    }
+    for plate, (action, _) in expected.items():
+        await gate.decide(lot.code, "in1", gate.capture("in", plate))
+        await backdate_entry(runtime, lot, plate, timedelta(hours=3))
+        command = await gate.decide(lot.code, "out1", gate.capture("out", plate))
+        assert (command["action"], command["fee_fen"]) == (action, 1800), plate
+
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT plate, outcome FROM captures WHERE car_park_id = $1 AND direction = 'out'",
+            lot.id,
+        )
+    assert {r["plate"]: r["outcome"] for r in rows} == {
+        plate: outcome for plate, (_, outcome) in expected.items()
+    }
+    charges = await _charge_rows(runtime, lot)
+    assert [(c["account_id"], c["amount_fen"]) for c in charges] == [(at_limit.account_id, 1800)]
+    assert await stay_status(runtime, lot, at_limit.plate) == "closed"
+    assert await stay_status(runtime, lot, one_fen_over.plate) == "open"
+
+
 async def test_short_stay_within_free_minutes_opens_without_charge(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
