@@ -63,11 +63,21 @@ async def queue_charge(
     await ledger.post(
         conn,
         "fee_accrued",
-        [(ledger.receivable(account_id), amount_fen), (ledger.revenue(car_park_id), -amount_fen)],
+        accrual_lines(account_id, car_park_id, amount_fen),
         session_id=session_id,
         charge_id=charge_id,
     )
     return charge_id
+
+
+def accrual_lines(account_id: int, car_park_id: int, amount_fen: int) -> list[tuple[str, int]]:
+    """The fee accrued at a pay-later exit: the driver owes it, the car park earned it."""
+    return [(ledger.receivable(account_id), amount_fen), (ledger.revenue(car_park_id), -amount_fen)]
+
+
+def settlement_lines(provider: str, account_id: int, amount_fen: int) -> list[tuple[str, int]]:
+    """A charge the provider collected: the driver's receivable moves to the provider's clearing."""
+    return [(ledger.clearing(provider), amount_fen), (ledger.receivable(account_id), -amount_fen)]
 
 
 async def load_job(conn: asyncpg.Connection, charge_id: int) -> ChargeJob | None:
@@ -129,10 +139,7 @@ async def mark_succeeded(
     await ledger.post(
         conn,
         "charge_settled",
-        [
-            (ledger.clearing(provider_name), job.amount_fen),
-            (ledger.receivable(job.account_id), -job.amount_fen),
-        ],
+        settlement_lines(provider_name, job.account_id, job.amount_fen),
         session_id=job.session_id,
         charge_id=job.charge_id,
     )

@@ -33,6 +33,15 @@ class UnbalancedTransaction(ValueError):
     pass
 
 
+def balanced(kind: str, lines: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The lines of one transaction as they are booked: zero amounts left out; raises
+    UnbalancedTransaction unless the rest sum to zero (and there is any)."""
+    kept = [(account, amount) for account, amount in lines if amount != 0]
+    if sum(amount for _, amount in kept) != 0 or not kept:
+        raise UnbalancedTransaction(f"{kind}: {kept}")
+    return kept
+
+
 async def post(
     conn: asyncpg.Connection,
     kind: str,
@@ -44,9 +53,7 @@ async def post(
     refund_id: int | None = None,
 ) -> uuid.UUID:
     """Appends one balanced transaction; the database re-checks the balance at commit."""
-    lines = [(account, amount) for account, amount in lines if amount != 0]
-    if sum(amount for _, amount in lines) != 0 or not lines:
-        raise UnbalancedTransaction(f"{kind}: {lines}")
+    lines = balanced(kind, lines)
     transaction_id = uuid.uuid4()
     await conn.executemany(
         """INSERT INTO ledger_entries

@@ -143,13 +143,14 @@ async def mark_paid(
         else 0
     )
     overpaid = payment.amount_fen - stay_booked - debt_booked
-    lines = [(ledger.clearing(payment.provider), payment.amount_fen)]
-    if stay_booked and car_park_id is not None:
-        lines.append((ledger.revenue(car_park_id), -stay_booked))
-    if debt_booked and payment.account_id is not None:
-        lines.append((ledger.receivable(payment.account_id), -debt_booked))
-    if overpaid:
-        lines.append((ledger.overpaid(payment.account_id), -overpaid))
+    lines = received_lines(
+        payment.provider,
+        payment.amount_fen,
+        stay_fen=stay_booked,
+        car_park_id=car_park_id,
+        debt_fen=debt_booked,
+        account_id=payment.account_id,
+    )
     await ledger.post(
         conn, "payment_received", lines, session_id=payment.session_id, payment_id=payment.id
     )
@@ -175,6 +176,29 @@ async def mark_paid(
             body=f"{format_fen(payment.amount_fen)} received, thank you",
         )
     return payment
+
+
+def received_lines(
+    provider: str,
+    amount_fen: int,
+    *,
+    stay_fen: int,
+    car_park_id: int | None,
+    debt_fen: int,
+    account_id: int | None,
+) -> list[tuple[str, int]]:
+    """A booked payment: the provider collected `amount_fen` for the stay's fee (the car park's
+    revenue), the debts it settled (the driver's receivable) and, for the rest, money paid twice
+    (owed back to the driver)."""
+    overpaid = amount_fen - stay_fen - debt_fen
+    lines = [(ledger.clearing(provider), amount_fen)]
+    if stay_fen and car_park_id is not None:
+        lines.append((ledger.revenue(car_park_id), -stay_fen))
+    if debt_fen and account_id is not None:
+        lines.append((ledger.receivable(account_id), -debt_fen))
+    if overpaid:
+        lines.append((ledger.overpaid(account_id), -overpaid))
+    return lines
 
 
 async def _close_stay(conn: asyncpg.Connection, payment: Payment) -> tuple[int, int | None]:

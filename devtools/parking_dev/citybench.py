@@ -53,10 +53,10 @@ import httpx
 import orjson
 import uvloop
 
-from billing import fees, ledger
+from billing import charges, fees, ledger
 from billing.charges import new_idempotency_key
 from billing.notifications import exit_charged_text
-from billing.payments import new_out_trade_no
+from billing.payments import new_out_trade_no, received_lines
 from billing.tariff import Tariff, format_fen
 from gate_controller.simulator import SimGate, Vehicle, random_plate
 from parking.admin import repository as admin
@@ -65,6 +65,8 @@ from parking.auth import repository as auth_repo
 from parking.auth.tokens import hash_password
 from parking.db import create_pool
 from parking.infra import endpoints
+from parking.lanes.repository import PayLater
+from parking.lanes.rules import exit_rule
 from parking.migrate import migrate
 from parking.occupancy import repository as occupancy_repo
 from parking.partitions.service import SESSION_ID_DAY_FACTOR, session_id_floor
@@ -347,6 +349,20 @@ class _Car:
     # Open debts: (debt id, fen). While there are any, pay-later is blocked.
     debts: list[tuple[int, int]] = field(default_factory=list)
 
+    def pay_later(self) -> PayLater | None:
+        """The car's binding, agreement and arrears as the lane reads them with its stay
+        (parking.lanes.repository): None when unbound; the account is blocked for arrears, and
+        its debts known, while it has open debts."""
+        if self.account_id is None:
+            return None
+        return PayLater(
+            self.account_id,
+            self.agreement_id,
+            PAY_LATER_LIMIT_FEN if self.agreement_id is not None else None,
+            blocked_for_arrears=bool(self.debts),
+            debt_fen=sum(fen for _, fen in self.debts),
+        )
+
 
 class _Day:
     """Generates one part's day in time order and COPYs it, one transaction per chunk."""
@@ -533,7 +549,7 @@ class _Day:
     ) -> None:
         """A balanced ledger transaction (as billing.ledger.post writes it)."""
         transaction_id = uuid.uuid4()
-        for account, amount in lines:
+        for account, amount in ledger.balanced(kind, lines):
             if amount:
                 bundle.append(
                     (
@@ -711,49 +727,44 @@ class _Day:
         source: dict[str, Any] = (
             {"plate_source": "operator", "confidence": 0.41} if unreadable else {}
         )
-        priced = fees.stay_fee(
+        # The lane's own rule (parking.lanes.rules): the fee, and free, pay-later or held.
+        rule = exit_rule(
             self.versions[park.tariff],
             entered_at=entered_at,
             at=_dt(decided),
             plate_color=car.color,
             fixed_fee_fen=None,
+            pay_later_state=car.pay_later(),
         )
-        fee = priced.fee_fen if priced else 0
+        assert rule is not None, "every car park has had its tariff since before the day"
+        fee = rule.fee_fen
         closed = decided
         account_id: int | None
-        if fee == 0:
+        if rule.outcome == "exited_free":
             outcome, settlement, account_id = "exited_free", "free", None
             command = self._command(
                 exit_id, "open", [car.plate, "一路顺风", *_debt_line(debt)], decided, fee
             )
-        elif car.agreement_id is not None and not car.debts and fee <= PAY_LATER_LIMIT_FEN:
-            outcome, settlement, account_id = "exited_pay_later", "pay_later", car.account_id
+        elif rule.charge_to is not None:
+            outcome, settlement, account_id = "exited_pay_later", "pay_later", rule.charge_to[0]
             command = self._command(
                 exit_id, "open", [car.plate, f"{format_fen(fee)} 离场后扣款"], decided, fee
             )
             self._charge(bundle, car, park, stay_id, fee, entered, decided)
         else:
-            held = (
-                "held_unbound"
-                if car.account_id is None
-                else "held_no_agreement"
-                if car.agreement_id is None
-                else "held_arrears"
-                if car.debts
-                else "held_over_limit"
-            )
+            held = rule.outcome
             paid = decided + rng.uniform(20, 120)
             if paid >= part.end:  # still at the barrier, paying
                 due = [
-                    f"应缴 {format_fen(fee + debt)}",
-                    *([f"含欠费 {format_fen(debt)}"] if debt else []),
+                    f"应缴 {format_fen(rule.due_fen)}",
+                    *([f"含欠费 {format_fen(rule.debt_fen)}"] if rule.debt_fen else []),
                 ]
                 hold = self._command(
                     exit_id,
                     "hold",
                     [car.plate, *due, "请扫码缴费"],
                     decided,
-                    fee + debt,
+                    rule.due_fen,
                     f"{part.public_base_url}/api/v1/gate-payments/{exit_id}",
                 )
                 bundle.append(
@@ -825,11 +836,10 @@ class _Day:
                 ),
             )
         )
-        receivable = ledger.receivable(car.account_id)
         self._post(
             bundle,
             "fee_accrued",
-            [(receivable, fee), (ledger.revenue(park.id), -fee)],
+            charges.accrual_lines(car.account_id, park.id, fee),
             left,
             session_id=stay_id,
             charge_id=charge_id,
@@ -860,7 +870,7 @@ class _Day:
         self._post(
             bundle,
             "charge_settled",
-            [(ledger.clearing(PROVIDER), fee), (receivable, -fee)],
+            charges.settlement_lines(PROVIDER, car.account_id, fee),
             finished,
             session_id=stay_id,
             charge_id=charge_id,
@@ -916,9 +926,14 @@ class _Day:
                 ),
             )
         )
-        lines = [(ledger.clearing(PROVIDER), fee + debt), (ledger.revenue(park.id), -fee)]
-        if debt and car.account_id is not None:
-            lines.append((ledger.receivable(car.account_id), -debt))
+        lines = received_lines(
+            PROVIDER,
+            fee + debt,
+            stay_fen=fee,
+            car_park_id=park.id,
+            debt_fen=debt,
+            account_id=car.account_id,
+        )
         self._post(
             bundle, "payment_received", lines, paid, session_id=stay_id, payment_id=payment_id
         )

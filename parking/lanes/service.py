@@ -19,25 +19,10 @@ from gate_controller.protocol import Action, Capture, Command
 from parking.lanes import repository as repo
 from parking.lanes.reading import PlateReading
 from parking.lanes.repository import GateInfo, OpenSession
+from parking.lanes.rules import Outcome, exit_rule
 from parking.settings import Settings
 from plate_recognition.matching import MatchResult, match
 
-Outcome = Literal[
-    "entered",
-    "entered_superseding",
-    "duplicate_read",
-    "exited_free",
-    "exited_pay_later",
-    "held_unbound",
-    "held_no_agreement",
-    "held_over_limit",
-    "held_arrears",
-    "held_no_entry",
-    "held_unreadable",
-    "held_ambiguous",
-    "held_no_tariff",
-    "exited_offline_unpaid",
-]
 _TARIFF_CACHE_S = 60.0
 MatchStatus = Literal["exact", "fuzzy", "ambiguous", "no_match"]
 ExceptionReason = Literal["unreadable", "ambiguous", "no_entry", "offline_exit"]
@@ -243,20 +228,21 @@ class LaneService:
             )
             occupancy_delta = 0  # never counted in: it was opened at the exit
 
-        priced = fees.stay_fee(
+        rule = exit_rule(
             await self._tariff_versions(conn, gate.car_park_id),
             entered_at=session.entered_at,
             at=at,
             plate_color=session.plate_color,
             fixed_fee_fen=session.fixed_fee_fen,
+            pay_later_state=session.pay_later,
         )
-        if priced is None:
+        if rule is None:
             return self._hold(capture, now, "held_no_tariff", plate, ["请联系管理员"], session.id)
-        fee = priced.fee_fen
+        fee = rule.fee_fen
         matched = resolved.match_status
-        debt = session.pay_later.debt_fen if session.pay_later else 0
+        debt = rule.debt_fen
 
-        if fee == 0:
+        if rule.outcome == "exited_free":
             await self._close(conn, session, capture, at, 0, None, "free")
             return self._open(
                 capture,
@@ -270,27 +256,26 @@ class LaneService:
                 debt=debt,
             )
 
-        pay_later = _pay_later(session.pay_later, fee)
-        if isinstance(pay_later, str) and capture.offline and capture.offline_action == "open":
+        if rule.charge_to is None and capture.offline and capture.offline_action == "open":
             return await self._left_unpaid_offline(
-                conn, gate, capture, session, plate, at, now, fee, pay_later, occupancy_delta
+                conn, gate, capture, session, plate, at, now, fee, rule.outcome, occupancy_delta
             )
-        if isinstance(pay_later, str):
+        if rule.charge_to is None:
             # The debt is collected with the stay's fee through the same QR code.
-            due = [f"应缴 {format_fen(fee + debt)}"]
+            due = [f"应缴 {format_fen(rule.due_fen)}"]
             if debt:
                 due.append(f"含欠费 {format_fen(debt)}")
             return self._hold(
                 capture,
                 now,
-                pay_later,
+                rule.outcome,
                 plate,
                 [*due, "请扫码缴费"],
                 session.id,
-                fee + debt,
+                rule.due_fen,
                 matched,
             )
-        account_id, agreement_id = pay_later
+        account_id, agreement_id = rule.charge_to
         await self._close(conn, session, capture, at, fee, account_id, "pay_later")
         charge_id = await charges.queue_charge(
             conn,
@@ -459,16 +444,3 @@ class LaneService:
             capture, now, "hold", [plate, *display] if plate else display, fee, qr
         )
         return Decision(outcome, command, plate, session_id, 0, None, fee, match_status)
-
-
-def _pay_later(found: repo.PayLater | None, fee: int) -> tuple[int, int] | Outcome:
-    """(account, agreement) when a stay with a fee may leave on pay-later, else why it is held."""
-    if found is None:
-        return "held_unbound"
-    if found.agreement_id is None or found.per_session_limit_fen is None:
-        return "held_no_agreement"
-    if found.blocked_for_arrears:
-        return "held_arrears"
-    if fee > found.per_session_limit_fen:
-        return "held_over_limit"
-    return found.account_id, found.agreement_id
