@@ -5,6 +5,7 @@ charge, the fee accrual in the ledger and the outbox job together; the charge wo
 job up after commit. One charge per session is enforced by the unique session_id.
 """
 
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -12,6 +13,7 @@ from datetime import datetime
 import asyncpg
 
 from billing import debts, ledger
+from billing.providers import DESCRIPTION_MAX_CHARS
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,35 @@ class ChargeJob:
     car_park_name: str
     entered_at: datetime
     exited_at: datetime
+
+
+# A zero-width joiner or variation selector means nothing without what followed it.
+_ZWJ = "\u200d"
+_DANGLING = _ZWJ + "\ufe0e\ufe0f"
+
+
+def description(car_park_name: str, *, limit: int = DESCRIPTION_MAX_CHARS) -> str:
+    """The charge's description as the provider shows it to the driver: never longer than the
+    provider takes (a longer one is refused, which must not happen for a name an admin chose).
+    Control and format characters (but the joiner of joined emoji) become spaces; a cut falls
+    between whole characters (never between a letter and its combining accent, nor inside a
+    joined emoji) and ends in "…"."""
+    name = "".join(
+        " " if ch != _ZWJ and unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp") else ch
+        for ch in car_park_name
+    )
+    text = " ".join(f"parking {name}".split())
+    if len(text) <= limit:
+        return text
+    # Cut where the next character does not belong to the previous one: not before a
+    # combining mark, a variation selector or a joiner, nor just after a joiner.
+    end = limit - 1
+    while end > 0 and (
+        unicodedata.combining(text[end]) or text[end] in _DANGLING or text[end - 1] in _DANGLING
+    ):
+        end -= 1
+    cut = text[:end].rstrip()
+    return cut + "…"
 
 
 def new_idempotency_key(session_id: int) -> str:
@@ -146,6 +177,42 @@ async def mark_succeeded(
     return True
 
 
+async def mark_succeeded_late(
+    conn: asyncpg.Connection,
+    job: ChargeJob,
+    provider_ref: str,
+    provider_name: str,
+    finished_at: datetime | None,
+) -> int | None:
+    """The provider's success arrived after the charge was marked failed: the charge is
+    booked as collected once (conditional on 'failed'), its debt is settled by it and the
+    account's pay-later comes back when nothing else is open. Returns the fen collected twice
+    (the debt had already been paid at a gate or in the app: owed back to the driver, on the
+    overpaid account), 0 when the debt was still open, None when this news was booked before."""
+    updated = await conn.fetchval(
+        """UPDATE charges SET status = 'succeeded', provider_ref = $2, settled_at = now(),
+                  provider_finished_at = COALESCE($3, now())
+           WHERE id = $1 AND status = 'failed' RETURNING id""",
+        job.charge_id,
+        provider_ref,
+        finished_at,
+    )
+    if updated is None:
+        return None
+    debt_was_open = await debts.settle_by_charge(conn, job.account_id, job.charge_id)
+    credited = (
+        ledger.receivable(job.account_id) if debt_was_open else ledger.overpaid(job.account_id)
+    )
+    await ledger.post(
+        conn,
+        "charge_settled",
+        [(ledger.clearing(provider_name), job.amount_fen), (credited, -job.amount_fen)],
+        session_id=job.session_id,
+        charge_id=job.charge_id,
+    )
+    return 0 if debt_was_open else job.amount_fen
+
+
 async def mark_failed(conn: asyncpg.Connection, job: ChargeJob, reason: str) -> bool:
     """The charge finally failed: the fee becomes a debt (its receivable stays open in the
     ledger) and the account loses pay-later until the debt is settled."""
@@ -167,3 +234,75 @@ async def record_attempt_error(conn: asyncpg.Connection, charge_id: int, error: 
         charge_id,
         error,
     )
+
+
+async def hold_for_operator(
+    conn: asyncpg.Connection,
+    job: ChargeJob,
+    *,
+    provider: str,
+    code: str,
+    http_status: int | None,
+    reason: str,
+) -> None:
+    """The provider refused the charge for the car park's own reason (a bad request, its
+    credentials, an unknown agreement or order, a conflicting key): the charge stays pending,
+    no debt, the driver keeps pay-later; one open charge exception per charge waits for an
+    operator to retry it (`retry_held`)."""
+    await conn.execute(
+        """UPDATE charges SET attempts = attempts + 1, last_error = $2
+           WHERE id = $1 AND status = 'pending'""",
+        job.charge_id,
+        reason[:1000],
+    )
+    await conn.execute(
+        """INSERT INTO charge_exceptions
+               (charge_id, car_park_id, provider, http_status, code, reason)
+           VALUES ($1, $2, $3, $4, $5, $6)
+           ON CONFLICT (charge_id) WHERE status = 'open' DO NOTHING""",
+        job.charge_id,
+        job.car_park_id,
+        provider,
+        http_status,
+        code[:100],
+        reason[:1000],
+    )
+
+
+async def retry_held(conn: asyncpg.Connection, exception_id: int, actor: str) -> str | None:
+    """An operator fixed what the provider refused: the exception is closed and, when the
+    charge is still pending, sent again by the outbox worker (asking the provider first).
+    Returns the exception's new status ('retried', or 'resolved' when the charge was settled
+    meanwhile); None when it was not open. Runs in the caller's transaction; audit-logged."""
+    row = await conn.fetchrow(
+        """SELECT e.id, e.charge_id, c.status AS charge_status FROM charge_exceptions e
+           JOIN charges c ON c.id = e.charge_id
+           WHERE e.id = $1 AND e.status = 'open' FOR UPDATE OF e, c""",
+        exception_id,
+    )
+    if row is None:
+        return None
+    status = "retried" if row["charge_status"] == "pending" else "resolved"
+    await conn.execute(
+        """UPDATE charge_exceptions SET status = $2, resolved_at = now(), resolved_by = $3
+           WHERE id = $1""",
+        exception_id,
+        status,
+        actor,
+    )
+    if status == "retried":
+        # One outbox job per charge (unique): the finished one is made due again.
+        await conn.execute(
+            """INSERT INTO outbox (kind, ref_id) VALUES ('charge', $1)
+               ON CONFLICT (kind, ref_id) DO UPDATE
+               SET done_at = NULL, available_at = now(), locked_until = NULL, last_error = NULL""",
+            row["charge_id"],
+        )
+    await conn.execute(
+        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
+        actor,
+        "charge_exception.retried" if status == "retried" else "charge_exception.resolved",
+        f"charge:{row['charge_id']}",
+        {"charge_exception_id": exception_id},
+    )
+    return status

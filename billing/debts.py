@@ -91,6 +91,25 @@ async def settle(
     return settled
 
 
+async def settle_by_charge(conn: asyncpg.Connection, account_id: int, charge_id: int) -> bool:
+    """The charge a debt came from was collected after all (late news): its debt is settled by
+    it, unless a payment settled it before; True when it was still open. Pay-later comes back
+    when nothing else is open."""
+    await _lock_account(conn, account_id)
+    settled = await conn.fetchval(
+        """UPDATE debts SET settled_at = now(), settled_by_charge = true
+           WHERE charge_id = $1 AND settled_at IS NULL RETURNING id""",
+        charge_id,
+    )
+    await conn.execute(
+        """UPDATE accounts SET blocked_for_arrears = EXISTS (
+               SELECT 1 FROM debts WHERE account_id = $1 AND settled_at IS NULL)
+           WHERE id = $1""",
+        account_id,
+    )
+    return settled is not None
+
+
 async def send_reminders(
     conn: asyncpg.Connection, *, every: timedelta, now: datetime, limit: int = 500
 ) -> int:

@@ -37,10 +37,17 @@ _COLUMNS = """id, out_refund_no, provider, out_trade_no, charge_id, payment_id, 
 
 
 async def request_for_charge(
-    conn: asyncpg.Connection, *, charge_id: int, amount_fen: int, reason: str, actor: str
+    conn: asyncpg.Connection,
+    *,
+    charge_id: int,
+    amount_fen: int,
+    reason: str,
+    actor: str,
+    kind: str = "operator",
 ) -> Refund:
-    """An operator refund of a charged fee. Locks the charge so concurrent requests cannot
-    together refund more than was charged."""
+    """A refund of a charged fee: an operator's, or (kind 'overpayment') money the charge
+    collected after the debt it had become was paid otherwise. Locks the charge so concurrent
+    requests cannot together refund more than was charged."""
     row = await conn.fetchrow(
         """SELECT c.id, c.idempotency_key, c.amount_fen, c.status, c.account_id, s.car_park_id,
                   a.provider
@@ -61,7 +68,7 @@ async def request_for_charge(
         car_park_id=row["car_park_id"],
         account_id=row["account_id"],
         amount_fen=amount_fen,
-        kind="operator",
+        kind=kind,
         reason=reason,
         actor=actor,
     )

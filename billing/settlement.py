@@ -12,6 +12,7 @@ import structlog
 
 from billing import charges, notifications, payments, refunds
 from billing.providers import OrderResult
+from billing.tariff import format_fen
 
 log = structlog.get_logger(__name__)
 
@@ -69,7 +70,9 @@ async def _charge(
     if charge is None:
         log.warning("billing.unknown_order", provider_ref=result.provider_ref)
         return Applied("unknown_order")
-    if charge.status != "pending" or not result.final:
+    if not result.final or charge.status == "succeeded":
+        return Applied("no_change")
+    if charge.status == "failed" and result.status != "succeeded":
         return Applied("no_change")
     if result.amount_fen != charge.amount_fen:
         # Never book an amount we did not ask for; reconciliation and a person take it up.
@@ -80,6 +83,8 @@ async def _charge(
             theirs=result.amount_fen,
         )
         return Applied("amount_mismatch")
+    if result.status == "succeeded" and charge.status == "failed":
+        return await _late_success(conn, provider_name, charge, result)
     if result.status == "succeeded":
         if not await charges.mark_succeeded(
             conn, charge, result.provider_ref, provider_name, result.finished_at
@@ -102,6 +107,58 @@ async def _charge(
         log.info("billing.charged", charge_id=charge.charge_id, amount_fen=charge.amount_fen)
         return Applied("charged")
     return await fail_charge(conn, charge, f"{result.status}: {result.reason}")
+
+
+async def _late_success(
+    conn: asyncpg.Connection,
+    provider_name: str,
+    charge: charges.ChargeJob,
+    result: OrderResult,
+) -> Applied:
+    """The provider collected a charge we had marked failed (a success notification or order
+    query after a decline, a refusal or a lost answer): booked once, the debt settled, the
+    block lifted, and whatever the driver paid for that debt meanwhile refunded by itself."""
+    twice = await charges.mark_succeeded_late(
+        conn, charge, result.provider_ref, provider_name, result.finished_at
+    )
+    if twice is None:
+        return Applied("no_change")
+    refund_id = None
+    if twice:
+        refund = await refunds.request_for_charge(
+            conn,
+            charge_id=charge.charge_id,
+            amount_fen=twice,
+            reason="paid twice: the debt was settled before the charge's late success",
+            actor="system",
+            kind="overpayment",
+        )
+        refund_id = refund.id
+    await conn.execute(
+        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
+        "system",
+        "charge.late_success",
+        f"charge:{charge.charge_id}",
+        {
+            "provider_ref": result.provider_ref,
+            "amount_fen": charge.amount_fen,
+            "refunded_fen": twice,
+            "refund_id": refund_id,
+        },
+    )
+    await notifications.enqueue(
+        conn,
+        account_id=charge.account_id,
+        kind="charge_collected_late",
+        source_key=f"charge:{charge.charge_id}:late_success",
+        body=(
+            f"{charge.plate}: the parking fee at {charge.car_park_name} "
+            f"({format_fen(charge.amount_fen)}) was collected after all"
+            + (f"; the {format_fen(twice)} you paid for it is being refunded" if twice else "")
+        ),
+    )
+    log.warning("billing.charge_late_success", charge_id=charge.charge_id, refunded_fen=twice)
+    return Applied("charged")
 
 
 async def fail_charge(conn: asyncpg.Connection, charge: charges.ChargeJob, reason: str) -> Applied:

@@ -478,6 +478,9 @@ class Tariff(BaseModel):
 
 
 def format_fen(amount_fen: int) -> str:
-    """¥12.00 for 1200 fen, exactly (no float on the way)."""
-    yuan, fen = divmod(amount_fen, 100)
-    return f"¥{yuan}.{fen:02d}"
+    """¥12.00 for 1200 fen, exactly (no float on the way); a negative amount has its sign
+    before the currency sign: -¥0.05 for -5 fen (divmod of a negative number would give
+    ¥-1.95)."""
+    sign = "-" if amount_fen < 0 else ""
+    yuan, fen = divmod(abs(amount_fen), 100)
+    return f"{sign}¥{yuan}.{fen:02d}"

@@ -20,9 +20,11 @@ import asyncpg
 import structlog
 
 from billing import charges, debts, notifications, refunds, settlement
+from billing.dead_letters import dead_letter
 from billing.providers import (
     OrderResult,
     PaymentProvider,
+    ProviderMalformed,
     ProviderRejected,
     ProviderUnavailable,
 )
@@ -35,6 +37,8 @@ class WorkerStats:
     charged: int = 0
     retries: int = 0
     arrears: int = 0
+    # Charges the provider refused for the car park's own reason: held for an operator.
+    held_for_operator: int = 0
     refunded: int = 0
     notified: int = 0
     reminders: int = 0
@@ -196,7 +200,9 @@ class OutboxWorker:
             return
         try:
             result = None
-            if job.attempts > 1:
+            # charge.attempts: a charge sent before (by an earlier job, e.g. before an operator
+            # asked for a retry) is asked about first too.
+            if job.attempts > 1 or charge.attempts > 0:
                 # A retry or a follow-up: ask first, the order may exist (a lost answer, a crash
                 # after sending, a notification that never came). A refused query says nothing
                 # about the charge: it is retried, never taken for a decline.
@@ -209,21 +215,44 @@ class OutboxWorker:
                     out_trade_no=charge.idempotency_key,
                     agreement_no=charge.agreement_no,
                     amount_fen=charge.amount_fen,
-                    description=f"parking {charge.car_park_name}",
+                    description=charges.description(charge.car_park_name),
                 )
         except ProviderUnavailable as exc:
             # The outcome is unknown, never a failure: the provider may have taken the money
-            # and lost the answer. Keep asking, at a capped backoff, with the same key.
+            # and lost the answer (or sent one we cannot read: kept as a dead letter). Keep
+            # asking, at a capped backoff, with the same key.
             self.stats.retries += 1
             log.warning("billing.charge_retry", charge_id=charge.charge_id, attempt=job.attempts)
             async with self.pool.acquire() as conn:
+                if isinstance(exc, ProviderMalformed):
+                    await dead_letter(conn, self.provider.name, exc)
                 await charges.record_attempt_error(conn, charge.charge_id, str(exc))
             await self._retry_later(job, str(exc))
             return
         except ProviderRejected as exc:
             async with self.pool.acquire() as conn, conn.transaction():
-                if (await settlement.fail_charge(conn, charge, str(exc))).effect == "arrears":
-                    self.stats.arrears += 1
+                if exc.side == "driver":
+                    # Declined, insufficient funds, agreement paused: the driver's debt.
+                    if (await settlement.fail_charge(conn, charge, str(exc))).effect == "arrears":
+                        self.stats.arrears += 1
+                else:
+                    # The car park's own request was refused: never the driver's debt. The
+                    # charge stays pending for an operator (charge_exceptions).
+                    await charges.hold_for_operator(
+                        conn,
+                        charge,
+                        provider=self.provider.name,
+                        code=exc.code,
+                        http_status=exc.status_code,
+                        reason=str(exc),
+                    )
+                    self.stats.held_for_operator += 1
+                    log.error(
+                        "billing.charge_held_for_operator",
+                        charge_id=charge.charge_id,
+                        code=exc.code,
+                        status=exc.status_code,
+                    )
                 await self._mark_done(conn, job)
             return
         if not result.final:
@@ -251,6 +280,8 @@ class OutboxWorker:
         except ProviderUnavailable as exc:
             self.stats.retries += 1
             async with self.pool.acquire() as conn:
+                if isinstance(exc, ProviderMalformed):
+                    await dead_letter(conn, self.provider.name, exc)
                 await refunds.record_error(conn, refund.id, str(exc))
             await self._retry_later(job, str(exc))
             return

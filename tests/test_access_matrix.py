@@ -83,6 +83,7 @@ class World:
     parked_plate_x: str
     plate_a: str
     stays_x: list[int] = field(default_factory=list)
+    charge_exception_x: int = 0
 
 
 Body = Callable[[World], dict[str, Any]] | None
@@ -177,6 +178,8 @@ ROWS = [
     Row("GET", "/api/v1/operator/stays", Access.STAFF),
     Row("GET", "/api/v1/operator/exceptions", Access.STAFF),
     Row("GET", "/api/v1/operator/capture-conflicts", Access.STAFF),
+    Row("GET", "/api/v1/operator/charge-exceptions", Access.STAFF),
+    Row("POST", "/api/v1/operator/charge-exceptions/{charge_exception_id}/retry", Access.ADMIN_X),
     Row("GET", "/api/v1/operator/exceptions/{exception_id}/image", Access.STAFF_X),
     Row(
         "POST",
@@ -219,6 +222,7 @@ def _fill(path: str, world: World) -> str:
         stay_id=world.stay_a,
         binding_id=world.binding_a,
         exception_id=world.exception_x,
+        charge_exception_id=world.charge_exception_x,
         charge_id=world.charge_a,
     )
 
@@ -255,6 +259,15 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
             b"\xff\xd8\xff\xe0fake-jpeg",
         )
         stay_a = await conn.fetchval("SELECT session_id FROM charges WHERE id = $1", charge_a)
+        # A charge of X the provider refused for the car park's own reason.
+        charge_exception_x = await conn.fetchval(
+            """INSERT INTO charge_exceptions (charge_id, car_park_id, provider, http_status,
+                                              code, reason)
+               VALUES ($1, $2, 'sandbox', 400, 'invalid_request', 'access matrix test')
+               RETURNING id""",
+            charge_a,
+            lot_x.id,
+        )
         binding_a = await conn.fetchval(
             "SELECT id FROM plate_bindings WHERE account_id = $1", driver_a.account_id
         )
@@ -288,6 +301,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         inside,
         driver_a.plate,
         stays_x,
+        charge_exception_x,
     )
 
 

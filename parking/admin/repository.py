@@ -8,6 +8,7 @@ from datetime import datetime
 import asyncpg
 
 from billing.tariff import Tariff
+from parking.car_parks.schemas import check_car_park_name
 
 
 async def create_operator(conn: asyncpg.Connection, name: str) -> int:
@@ -37,7 +38,7 @@ async def create_car_park(
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id""",
         operator_id,
         code,
-        name,
+        check_car_park_name(name),
         capacity,
         latitude,
         longitude,

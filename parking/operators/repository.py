@@ -359,3 +359,43 @@ async def audit(
         subject,
         detail,
     )
+
+
+async def charge_exceptions(
+    conn: asyncpg.Connection,
+    operator_id: int,
+    *,
+    car_park_id: int | None,
+    status: str | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Charges the provider refused for the car park's own reason, newest first."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT e.id, e.charge_id, cp.code AS car_park, c.amount_fen, c.status AS charge_status,
+                  e.provider, e.http_status, e.code, e.reason, e.status, e.created_at,
+                  e.resolved_at, e.resolved_by
+           FROM charge_exceptions e JOIN car_parks cp ON cp.id = e.car_park_id
+           JOIN charges c ON c.id = e.charge_id
+           WHERE cp.operator_id = $1
+             AND ($2::bigint IS NULL OR e.car_park_id = $2)
+             AND ($3::text IS NULL OR e.status = $3)
+           ORDER BY e.created_at DESC, e.id DESC LIMIT $4""",
+        operator_id,
+        car_park_id,
+        status,
+        limit,
+    )
+    return rows
+
+
+async def charge_exception_of_operator(
+    conn: asyncpg.Connection, operator_id: int, exception_id: int
+) -> bool:
+    found: bool = await conn.fetchval(
+        """SELECT EXISTS (SELECT 1 FROM charge_exceptions e
+                          JOIN car_parks cp ON cp.id = e.car_park_id
+                          WHERE e.id = $1 AND cp.operator_id = $2)""",
+        exception_id,
+        operator_id,
+    )
+    return found

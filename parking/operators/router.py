@@ -24,6 +24,7 @@ from parking.operators.schemas import (
     MAX_ID,
     CaptureConflict,
     CarParkChange,
+    ChargeException,
     DebtBucket,
     Gate,
     Instant,
@@ -228,6 +229,31 @@ async def open_gate(
         )
     await service.apply(runtime, effect)
     return opened
+
+
+@router.get("/charge-exceptions")
+async def list_charge_exceptions(
+    operator: OperatorDep,
+    conn: ConnectionDep,
+    car_park: CarParkFilter = None,
+    status: Literal["open", "retried", "resolved"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[ChargeException]:
+    """Charges the payment provider refused for the car park's own reason (a bad request, an
+    over-long field, credentials, an unknown agreement or order, a conflicting key), newest
+    first. They are not the driver's debt: the charge stays pending until retried."""
+    return await service.list_charge_exceptions(
+        conn, operator, car_park=car_park, status=status, limit=limit
+    )
+
+
+@router.post("/charge-exceptions/{charge_exception_id}/retry")
+async def retry_charge_exception(
+    charge_exception_id: Id, admin: OperatorAdminDep, conn: ConnectionDep
+) -> ChargeException:
+    """Sends the charge again once its cause is fixed (admins); audit-logged. 409
+    `already_handled` when it is no longer open."""
+    return await service.retry_charge_exception(conn, admin, charge_exception_id)
 
 
 @router.post("/charges/{charge_id}/refunds", status_code=201)

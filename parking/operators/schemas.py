@@ -13,7 +13,13 @@ from pydantic import (
     field_validator,
 )
 
-from parking.car_parks.schemas import CODE_PATTERN, CarParkOccupancy
+from billing.money import PositiveFen
+from parking.car_parks.schemas import (
+    CAR_PARK_NAME_MAX_CHARS,
+    CODE_PATTERN,
+    CarParkOccupancy,
+    printable_name,
+)
 from plate_recognition.grammar import is_valid, normalise
 
 # PostgreSQL text cannot hold NUL: refused here rather than failing in the database.
@@ -39,6 +45,14 @@ Reason = Annotated[
 Name = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=_NO_NUL)
 ]
+# A car park's name goes into every charge's description, which the payment providers limit
+# (200 characters, see billing.providers.DESCRIPTION_MAX_CHARS) and show to the driver: short,
+# printable, on one line.
+CarParkName = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=CAR_PARK_NAME_MAX_CHARS),
+    AfterValidator(printable_name),
+]
 
 
 class _Request(BaseModel):
@@ -51,7 +65,7 @@ class OperatorCarPark(CarParkOccupancy):
 
 
 class CarParkChange(_Request):
-    name: Name | None = None
+    name: CarParkName | None = None
     capacity: Annotated[int, Field(ge=0, le=100_000)] | None = None
 
 
@@ -179,7 +193,8 @@ class Opened(BaseModel):
 
 
 class NewRefund(_Request):
-    amount_fen: Annotated[int, Field(gt=0, le=MAX_ID)]
+    # Strict: 600.0, "600" and true are refused, not read as fen.
+    amount_fen: PositiveFen
     reason: Reason
 
 
@@ -219,3 +234,22 @@ class DebtBucket(BaseModel):
     debts: int
     accounts: int
     amount_fen: int
+
+
+class ChargeException(BaseModel):
+    """A charge the provider refused for the car park's own reason: pending, no debt, waiting
+    for an operator to fix the cause and retry it."""
+
+    id: int
+    charge_id: int
+    car_park: str
+    amount_fen: int
+    charge_status: str
+    provider: str
+    http_status: int | None
+    code: str
+    reason: str
+    status: str
+    created_at: datetime
+    resolved_at: datetime | None
+    resolved_by: str | None

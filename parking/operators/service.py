@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 from pydantic import ValidationError
 
-from billing import debts, fees, refunds, reports
+from billing import charges, debts, fees, refunds, reports
 from billing.tariff import Tariff
 from gate_controller.protocol import CameraRead, Capture, Command, GateAddress, Topics, encode
 from parking.auth.principal import Principal
@@ -31,6 +31,7 @@ from parking.operators import repository as repo
 from parking.operators.schemas import (
     CaptureConflict,
     CarParkChange,
+    ChargeException,
     DebtBucket,
     Gate,
     LaneException,
@@ -497,6 +498,35 @@ async def refund_charge(
         reason=refund.reason,
         status=refund.status,
     )
+
+
+async def list_charge_exceptions(
+    conn: asyncpg.Connection,
+    principal: Principal,
+    *,
+    car_park: str | None,
+    status: str | None,
+    limit: int,
+) -> list[ChargeException]:
+    car_park_id = (await _own_car_park(conn, principal, car_park))["id"] if car_park else None
+    rows = await repo.charge_exceptions(
+        conn, _operator_id(principal), car_park_id=car_park_id, status=status, limit=limit
+    )
+    return [ChargeException(**dict(r)) for r in rows]
+
+
+async def retry_charge_exception(
+    conn: asyncpg.Connection, principal: Principal, exception_id: int
+) -> ChargeException:
+    """The cause is fixed (a car park renamed, credentials renewed): the charge is sent again
+    by the outbox worker, which asks the provider first. Audit-logged by billing."""
+    operator_id = _operator_id(principal)
+    if not await repo.charge_exception_of_operator(conn, operator_id, exception_id):
+        raise NotFound("charge_exception")
+    if await charges.retry_held(conn, exception_id, principal.actor) is None:
+        raise AppError(409, "already_handled", "this charge exception is no longer open")
+    rows = await repo.charge_exceptions(conn, operator_id, car_park_id=None, status=None, limit=500)
+    return next(ChargeException(**dict(r)) for r in rows if r["id"] == exception_id)
 
 
 def period(start: date | None, end: date | None, timezone: str) -> tuple[date, date]:

@@ -22,6 +22,7 @@ import asyncpg
 from billing import debts, fees, payments, settlement
 from billing.providers import (
     InvalidNotification,
+    MalformedNotification,
     PaymentProvider,
     ProviderRejected,
     ProviderUnavailable,
@@ -205,18 +206,22 @@ async def accept_notification(
     try:
         result = provider.parse_notification(body, headers, now=int(datetime.now(UTC).timestamp()))
     except InvalidNotification as exc:
+        # Signed but not a valid event (a list, a float amount, a missing field): the provider's
+        # fault, not a forgery; 400 so that it is not taken for a key problem.
+        malformed = isinstance(exc, MalformedNotification)
+        reason = "malformed_notification" if malformed else "invalid_notification"
         async with runtime.pool.acquire() as conn:
             await lanes_repo.insert_dead_letter(
                 conn,
                 source="provider_notification",
                 topic=provider.name,
-                reason="invalid_notification",
+                reason=reason,
                 detail=str(exc),
                 payload=body[:65536],
                 payload_size=len(body),
             )
         log.warning("payments.notification_rejected", reason=str(exc))
-        raise AppError(401, "invalid_notification", str(exc)) from exc
+        raise AppError(400 if malformed else 401, reason, str(exc)) from exc
     async with runtime.pool.acquire() as conn, conn.transaction():
         applied = await settlement.apply(
             conn, provider.name, result, ZoneInfo(runtime.settings.timezone)

@@ -21,6 +21,14 @@ class FaultConfig:
     processing_delay_s: float = 0.05
     decline_rate: float = 0.0  # deductions declined for insufficient funds
     declined_agreements: set[str] = field(default_factory=set)  # always declined
+    # Refusals of a charge request, each with the error code a real provider gives. The
+    # driver's side: the driver paused the pay-later service (403 agreement_paused). The
+    # merchant's side: an agreement number the provider does not know (404
+    # agreement_not_found), the merchant's credentials refused (401 unauthorized); an
+    # over-long description is a 400 invalid_request and a reused key a 409 by themselves.
+    paused_agreements: set[str] = field(default_factory=set)
+    unknown_agreements: set[str] = field(default_factory=set)
+    unauthorized_rate: float = 0.0  # 401 before doing anything
     notify_url: str | None = None  # for orders created without their own notify_url
     notify_retry_s: tuple[float, ...] = (0.2, 1.0, 5.0)  # waits between delivery attempts
     lost_notification_rate: float = 0.0  # never sent: the merchant must query the order
@@ -48,6 +56,8 @@ class FaultConfig:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["declined_agreements"] = sorted(self.declined_agreements)
+        data["paused_agreements"] = sorted(self.paused_agreements)
+        data["unknown_agreements"] = sorted(self.unknown_agreements)
         data["notify_retry_s"] = list(self.notify_retry_s)
         return data
 
@@ -81,9 +91,11 @@ def _timezone(text: str) -> str:
     return text
 
 
-# (flag, FaultConfig field, parser, metavar, help) for every fault but declined_agreements.
+# (flag, FaultConfig field, parser, metavar, help) for every fault but the agreement sets.
 _FLAGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
     ("--error-rate", "error_rate", _rate, "P", "share of requests answered 503 at once"),
+    ("--unauthorized-rate", "unauthorized_rate", _rate, "P",
+     "share of requests answered 401 (the merchant's credentials refused)"),
     ("--lost-response-rate", "lost_response_rate", _rate, "P",
      "share of requests that take effect, then answer 503"),
     ("--timeout-rate", "timeout_rate", _rate, "P",
@@ -134,9 +146,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="AGREEMENT_NO",
         help="always decline deductions under this agreement (repeatable)",
     )
+    parser.add_argument(
+        "--paused-agreement",
+        dest="paused_agreements",
+        action="append",
+        metavar="AGREEMENT_NO",
+        help="refuse deductions under this agreement: 403 agreement_paused (repeatable)",
+    )
+    parser.add_argument(
+        "--unknown-agreement",
+        dest="unknown_agreements",
+        action="append",
+        metavar="AGREEMENT_NO",
+        help="refuse deductions under this agreement: 404 agreement_not_found (repeatable)",
+    )
 
 
 def faults_from_args(args: argparse.Namespace) -> FaultConfig:
     values = {name: getattr(args, name) for name in FAULT_FIELDS}
-    values["declined_agreements"] = set(args.declined_agreements or ())
+    for name in ("declined_agreements", "paused_agreements", "unknown_agreements"):
+        values[name] = set(getattr(args, name) or ())
     return FaultConfig(**values)

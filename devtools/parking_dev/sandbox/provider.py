@@ -124,6 +124,8 @@ class Sandbox:
         return not self._stopping.is_set()
 
     async def fail_before_effect(self) -> JSONResponse | None:
+        if self.chance(self.faults.unauthorized_rate):
+            return error(401, "unauthorized", "the merchant's credentials were refused")
         if self.chance(self.faults.error_rate):
             return error(503, "service_unavailable", "injected error before taking effect")
         if self.chance(self.faults.timeout_rate) and not await self._hang():

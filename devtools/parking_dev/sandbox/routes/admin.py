@@ -71,6 +71,20 @@ async def change_amount(
     return JSONResponse(order.body(base_url(request)))
 
 
+@router.post("/orders/{out_trade_no}/succeed")
+async def succeed_late(out_trade_no: str, request: Request, sandbox: SandboxDep) -> JSONResponse:
+    """Late news: a declined (or still processing) charge collected after all; the merchant
+    hears of it by notification or order query like any outcome."""
+    book = sandbox.book
+    order = book.order(out_trade_no)
+    if order is None or order.kind != "charge":
+        return not_found(f"charge {out_trade_no}")
+    if order.status != "succeeded":
+        order = book.finish(out_trade_no, "succeeded", None)
+        sandbox.notify_order(order)
+    return JSONResponse(order.body(base_url(request)))
+
+
 @router.post("/orders/{out_trade_no}/void")
 async def void_order(out_trade_no: str, request: Request, sandbox: SandboxDep) -> JSONResponse:
     """The order stays queryable but is missing from the statement files."""

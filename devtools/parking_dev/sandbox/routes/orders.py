@@ -35,6 +35,10 @@ async def create_charge(
         return failure
     book = sandbox.book
     order = book.order(idempotency_key)
+    if order is None and charge.agreement_no in sandbox.faults.unknown_agreements:
+        return error(404, "agreement_not_found", f"no agreement {charge.agreement_no}")
+    if order is None and charge.agreement_no in sandbox.faults.paused_agreements:
+        return error(403, "agreement_paused", "the user paused the pay-later service")
     if order is None:
         order = Order(
             order_id=f"sbx_{uuid.uuid4().hex}",

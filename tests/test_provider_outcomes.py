@@ -1,0 +1,413 @@
+"""Exactly once at the edges (issue #16): whose side a provider's refusal is on, late news that
+reconciles, exact money parsing, and bad provider payloads that change nothing."""
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from fastapi import FastAPI
+
+from billing import charges, ledger, signing
+from billing.money import InvalidAmount, fen_from_json, fen_from_text
+from billing.providers import (
+    DESCRIPTION_MAX_CHARS,
+    InvalidNotification,
+    MalformedNotification,
+    ProviderAnswer,
+    ProviderMalformed,
+    ProviderRejected,
+    SandboxProvider,
+)
+from billing.tariff import format_fen
+from parking.payments import service as payments_service
+from parking.runtime import ProviderEndpoint, Runtime
+from tests.conftest import (
+    SANDBOX_FAULTS,
+    SANDBOX_SECRET,
+    Lot,
+    bearer,
+    charges_of,
+    create_lot,
+    driver_in_debt,
+    eventually,
+    exit_after,
+    make_driver,
+    make_staff,
+    staff_token,
+    unique_plate,
+)
+from tests.gates import GateProbe
+
+OPERATOR = "/api/v1/operator"
+NOTIFY = "/api/v1/payments/notifications/sandbox"
+
+
+def _signed(payload: Any, secret: str = SANDBOX_SECRET) -> tuple[bytes, dict[str, str]]:
+    body = orjson.dumps(payload)
+    header = signing.sign(secret, body, int(datetime.now(UTC).timestamp()))
+    return body, {signing.SIGNATURE_HEADER: header, "content-type": "application/json"}
+
+
+def _charge_event(key: str, status: str, amount_fen: Any, order_id: str) -> dict[str, Any]:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "type": "charge",
+        "out_trade_no": key,
+        "order_id": order_id,
+        "status": status,
+        "amount_fen": amount_fen,
+        "reason": None,
+        "finished_at": datetime.now(UTC).isoformat(),
+    }
+
+
+async def _agreement_no(runtime: Runtime, agreement_id: int | None) -> str:
+    async with runtime.pool.acquire() as conn:
+        number: str = await conn.fetchval(
+            "SELECT agreement_no FROM pay_later_agreements WHERE id = $1", agreement_id
+        )
+    return number
+
+
+async def _account(runtime: Runtime, account_id: int) -> tuple[bool, int, int]:
+    """(blocked for arrears, open debts, receivable balance)."""
+    async with runtime.pool.acquire() as conn:
+        blocked = await conn.fetchval(
+            "SELECT blocked_for_arrears FROM accounts WHERE id = $1", account_id
+        )
+        open_debts = await conn.fetchval(
+            "SELECT count(*) FROM debts WHERE account_id = $1 AND settled_at IS NULL", account_id
+        )
+        owed = await ledger.balance(conn, ledger.receivable(account_id))
+    return blocked, open_debts, owed
+
+
+# 3. Exact money
+
+
+def test_negative_amounts_format_with_the_sign_before_the_currency() -> None:
+    assert format_fen(-5) == "-¥0.05"
+    assert format_fen(-1200) == "-¥12.00"
+    assert format_fen(-101) == "-¥1.01"
+    assert (format_fen(0), format_fen(5), format_fen(1200)) == ("¥0.00", "¥0.05", "¥12.00")
+
+
+@pytest.mark.parametrize("value", [600.9, 600.0, "600", "600.9", True, False, None, -5, [600]])
+def test_json_amounts_must_be_integer_fen(value: Any) -> None:
+    with pytest.raises(InvalidAmount):
+        fen_from_json(value)
+    assert fen_from_json(600) == 600
+    assert fen_from_json(-5, negative_ok=True) == -5
+
+
+@pytest.mark.parametrize("text", ["600.9", "600.0", "6e2", " 600", "600 ", "1_000", "", "-5", "+5"])
+def test_text_amounts_must_be_integer_fen(text: str) -> None:
+    with pytest.raises(InvalidAmount):
+        fen_from_text(text)
+    assert fen_from_text("600") == 600
+
+
+@pytest.mark.parametrize("amount", [600.9, 600.0, "600", True, -600])
+def test_a_signed_notification_with_an_inexact_amount_is_refused(amount: Any) -> None:
+    provider = SandboxProvider("http://127.0.0.1:9", secret="k" * 32, notify_url=None)
+    body, headers = _signed(_charge_event("s1-key", "succeeded", amount, "sbx_1"), "k" * 32)
+    with pytest.raises(MalformedNotification):
+        provider.parse_notification(body, headers, now=int(datetime.now(UTC).timestamp()))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[]", b'{"kind": "charge"}', b'{"kind":"charge","out_trade_no":"k","order_id":"o",'
+     b'"status":"succeeded","amount_fen":600.9}', b"not json"],
+)  # fmt: skip
+def test_a_malformed_provider_answer_is_an_unknown_outcome_not_a_crash(content: bytes) -> None:
+    with pytest.raises(ProviderMalformed):
+        SandboxProvider._order_of(ProviderAnswer(200, content))
+
+
+# 1. Whose side a refusal is on
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "side"),
+    [
+        (400, b'{"error":"invalid_request","message":"description too long"}', "car_park"),
+        (401, b'{"error":"unauthorized"}', "car_park"),
+        (404, b'{"error":"agreement_not_found"}', "car_park"),
+        (409, b'{"error":"idempotency_key_reused"}', "car_park"),
+        (422, b"<html>gateway</html>", "car_park"),
+        (403, b'{"error":"agreement_paused"}', "driver"),
+        (402, b'{"error":"insufficient_funds"}', "driver"),
+    ],
+)
+def test_refusals_are_classified_by_whose_reason_they_are(
+    status: int, body: bytes, side: str
+) -> None:
+    with pytest.raises(ProviderRejected) as refused:
+        SandboxProvider._order_of(ProviderAnswer(status, body))
+    assert refused.value.side == side
+    assert refused.value.status_code == status
+
+
+def test_a_charge_description_never_exceeds_the_providers_limit() -> None:
+    for name in ["停" * 195, "a" * 500, "e\u0301" * 150, "👨\u200d👩\u200d👧" * 80, "x\ny\x00z"]:
+        text = charges.description(name)
+        assert len(text) <= DESCRIPTION_MAX_CHARS
+        assert text.replace("\u200d", "").isprintable(), text
+    assert charges.description("城中街停车场") == "parking 城中街停车场"
+    # A cut never leaves half of a combined character or a dangling joiner behind.
+    cut = charges.description("e\u0301" * 150)
+    assert cut.endswith("e\u0301…"), cut[-3:]
+    joined = charges.description("👨\u200d👩\u200d👧" * 80)
+    assert joined.endswith("👧…"), joined[-3:]
+
+
+async def test_names_that_would_break_charges_cannot_be_configured(
+    runtime: Runtime, lot: Lot, app: FastAPI, api: httpx.AsyncClient
+) -> None:
+    headers = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+    for name in ["停" * 195, "a" * 65, "line\nbreak", "nul\x00", "rtl\u202eoverride"]:
+        answer = await api.patch(
+            f"{OPERATOR}/car-parks/{lot.code}", json={"name": name}, headers=headers
+        )
+        assert answer.status_code == 422, (name, answer.text)
+        assert answer.json()["error"]["code"] == "invalid_request"
+    ok = await api.patch(
+        f"{OPERATOR}/car-parks/{lot.code}", json={"name": "停" * 64}, headers=headers
+    )
+    assert ok.status_code == 200, ok.text
+    # Money in API requests is integer fen too: 600.0, "600" and true are refused.
+    for amount in [600.0, "600", True, 600.5]:
+        refund = await api.post(
+            f"{OPERATOR}/charges/1/refunds",
+            json={"amount_fen": amount, "reason": "a test"},
+            headers=headers,
+        )
+        assert refund.status_code == 422, (amount, refund.text)
+
+
+async def test_a_long_car_park_name_still_charges_the_driver(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    # A name from before the limit (or set behind the API's back): the description is cut.
+    async with runtime.pool.acquire() as conn:
+        await conn.execute("UPDATE car_parks SET name = $2 WHERE id = $1", lot.id, "停" * 195)
+    driver = await make_driver(runtime, unique_plate())
+    await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
+
+    async def settled() -> list[Any]:
+        rows = await charges_of(runtime, lot)
+        return rows if rows and rows[0]["status"] != "pending" else []
+
+    [charge] = await eventually(settled)
+    assert charge["status"] == "succeeded", charge["last_error"]
+    assert await _account(runtime, driver.account_id) == (False, 0, 0)
+
+
+async def test_the_car_parks_refusals_go_to_an_operator_never_to_the_driver(
+    runtime: Runtime, gate: GateProbe, lot: Lot, app: FastAPI, api: httpx.AsyncClient
+) -> None:
+    driver = await make_driver(runtime, unique_plate())
+    agreement_no = await _agreement_no(runtime, driver.agreement_id)
+    SANDBOX_FAULTS.unknown_agreements.add(agreement_no)  # 404 agreement_not_found
+    try:
+        await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
+        admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+
+        async def listed() -> list[Any]:
+            answer = await api.get(f"{OPERATOR}/charge-exceptions?status=open", headers=admin)
+            assert answer.status_code == 200, answer.text
+            return [e for e in answer.json() if e["car_park"] == lot.code]
+
+        [exception] = await eventually(listed)
+    finally:
+        SANDBOX_FAULTS.unknown_agreements.discard(agreement_no)
+    assert (exception["http_status"], exception["code"]) == (404, "agreement_not_found")
+    assert (exception["amount_fen"], exception["charge_status"]) == (600, "pending")
+    [charge] = await charges_of(runtime, lot)
+    assert charge["status"] == "pending"
+    assert await _account(runtime, driver.account_id) == (False, 0, 600), (
+        "no debt, pay-later kept; the fee stays receivable"
+    )
+    # Another company sees none of it.
+    other = await create_lot(runtime)
+    stranger = bearer(staff_token(app, await make_staff(runtime, other.operator_id, "admin")))
+    theirs = await api.get(f"{OPERATOR}/charge-exceptions", headers=stranger)
+    assert [e["id"] for e in theirs.json() if e["id"] == exception["id"]] == []
+    refused = await api.post(
+        f"{OPERATOR}/charge-exceptions/{exception['id']}/retry", headers=stranger
+    )
+    assert refused.status_code == 404
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    forbidden = await api.post(
+        f"{OPERATOR}/charge-exceptions/{exception['id']}/retry", headers=attendant
+    )
+    assert forbidden.status_code == 403
+
+    # The cause fixed, an admin retries: the same charge is collected, once.
+    retried = await api.post(f"{OPERATOR}/charge-exceptions/{exception['id']}/retry", headers=admin)
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["status"] == "retried"
+    again = await api.post(f"{OPERATOR}/charge-exceptions/{exception['id']}/retry", headers=admin)
+    assert again.status_code == 409
+
+    async def collected() -> bool:
+        return [r["status"] for r in await charges_of(runtime, lot)] == ["succeeded"]
+
+    await eventually(collected)
+    assert await _account(runtime, driver.account_id) == (False, 0, 0)
+    async with runtime.pool.acquire() as conn:
+        audited = await conn.fetchval(
+            "SELECT count(*) FROM audit_log WHERE action = 'charge_exception.retried' "
+            "AND subject = $1",
+            f"charge:{charge['id']}",
+        )
+    assert audited == 1
+
+
+async def test_the_drivers_refusal_still_becomes_a_debt(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    driver = await make_driver(runtime, unique_plate())
+    agreement_no = await _agreement_no(runtime, driver.agreement_id)
+    SANDBOX_FAULTS.paused_agreements.add(agreement_no)  # 403 agreement_paused
+    try:
+        await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
+
+        async def failed() -> bool:
+            return [r["status"] for r in await charges_of(runtime, lot)] == ["failed"]
+
+        await eventually(failed)
+    finally:
+        SANDBOX_FAULTS.paused_agreements.discard(agreement_no)
+    assert await _account(runtime, driver.account_id) == (True, 1, 600)
+
+
+# 2. Late news
+
+
+async def _failed_charge(runtime: Runtime, driver_account: int) -> Any:
+    async with runtime.pool.acquire() as conn:
+        return await conn.fetchrow(
+            "SELECT * FROM charges WHERE account_id = $1 AND status = 'failed'", driver_account
+        )
+
+
+async def test_a_success_after_failed_settles_the_debt_once_and_lifts_the_block(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient
+) -> None:
+    driver = await driver_in_debt(runtime, gate, lot)
+    charge = await _failed_charge(runtime, driver.account_id)
+    assert await _account(runtime, driver.account_id) == (True, 1, 600)
+    event = _charge_event(charge["idempotency_key"], "succeeded", 600, "sbx_late")
+    answers = []
+    for _ in range(3):  # the late news, then replays of it
+        body, headers = _signed(event)
+        answers.append(await api.post(NOTIFY, content=body, headers=headers))
+    assert [a.json() for a in answers] == [
+        {"effect": "charged"},
+        {"effect": "no_change"},
+        {"effect": "no_change"},
+    ]
+    assert await _account(runtime, driver.account_id) == (False, 0, 0)
+    async with runtime.pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT * FROM charges WHERE id = $1", charge["id"])
+        settlements = await conn.fetchval(
+            "SELECT count(DISTINCT transaction_id) FROM ledger_entries "
+            "WHERE charge_id = $1 AND kind = 'charge_settled'",
+            charge["id"],
+        )
+        audit = await conn.fetch(
+            "SELECT detail FROM audit_log WHERE action = 'charge.late_success' AND subject = $1",
+            f"charge:{charge['id']}",
+        )
+        refunds = await conn.fetchval(
+            "SELECT count(*) FROM refunds WHERE charge_id = $1", charge["id"]
+        )
+        assert await ledger.is_balanced(conn)
+    assert (row["status"], row["provider_ref"]) == ("succeeded", "sbx_late")
+    assert settlements == 1 and len(audit) == 1 and refunds == 0
+    assert audit[0]["detail"]["refunded_fen"] == 0
+
+
+async def test_a_success_after_the_debt_was_paid_refunds_what_was_taken_twice_once(
+    runtime: Runtime,
+    provider: ProviderEndpoint,
+    gate: GateProbe,
+    lot: Lot,
+    api: httpx.AsyncClient,
+) -> None:
+    driver = await driver_in_debt(runtime, gate, lot)
+    charge = await _failed_charge(runtime, driver.account_id)
+    # The driver pays the debt in the app.
+    payment = await payments_service.start_debt_payment(runtime, driver.account_id)
+    async with httpx.AsyncClient(base_url=provider.url) as wallet:
+        paid = await wallet.post(f"/v1/payments/{payment.out_trade_no}/pay")
+    assert paid.status_code == 200, paid.text
+    runtime.outbox.query_after_s = 0.0
+    await runtime.outbox.sweep(datetime.now(UTC))
+    assert await _account(runtime, driver.account_id) == (False, 0, 0)
+
+    # Then the provider collects the declined charge after all, and says so: taken twice.
+    async with httpx.AsyncClient(base_url=provider.url) as admin:
+        late = await admin.post(f"/_sandbox/orders/{charge['idempotency_key']}/succeed")
+    assert late.status_code == 200, late.text
+    event = _charge_event(charge["idempotency_key"], "succeeded", 600, late.json()["order_id"])
+    effects = []
+    for _ in range(2):
+        body, headers = _signed(event)
+        effects.append((await api.post(NOTIFY, content=body, headers=headers)).json()["effect"])
+    assert effects == ["charged", "no_change"]
+
+    async def refunded() -> list[Any]:
+        async with runtime.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT amount_fen, status, kind FROM refunds WHERE charge_id = $1", charge["id"]
+            )
+        return rows if rows and all(r["status"] == "succeeded" for r in rows) else []
+
+    rows = await eventually(refunded)
+    assert [(r["amount_fen"], r["kind"]) for r in rows] == [(600, "overpayment")]
+    assert await _account(runtime, driver.account_id) == (False, 0, 0)
+    async with runtime.pool.acquire() as conn:
+        assert await ledger.is_balanced(conn)
+        assert await ledger.balance(conn, ledger.overpaid(driver.account_id)) == 0
+        assert await ledger.balance(conn, ledger.revenue(lot.id)) == -600
+
+
+# 4. Bad provider payloads
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        ["not", "an", "object"],
+        {"type": "charge", "out_trade_no": "k", "status": "succeeded", "amount_fen": 600},
+        "float",
+    ],
+)
+async def test_signed_malformed_notifications_are_dead_lettered_and_change_nothing(
+    payload: Any, runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient
+) -> None:
+    driver = await driver_in_debt(runtime, gate, lot)
+    charge = await _failed_charge(runtime, driver.account_id)
+    if payload == "float":
+        payload = _charge_event(charge["idempotency_key"], "succeeded", 600.0, "sbx_f")
+    body, headers = _signed(payload)
+    answer = await api.post(NOTIFY, content=body, headers=headers)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["code"] == "malformed_notification"
+    async with runtime.pool.acquire() as conn:
+        kept = await conn.fetchval(
+            "SELECT count(*) FROM dead_letters WHERE source = 'provider_notification' "
+            "AND reason = 'malformed_notification' AND payload = $1",
+            body,
+        )
+        status = await conn.fetchval("SELECT status FROM charges WHERE id = $1", charge["id"])
+    assert kept == 1
+    assert status == "failed"
+    assert await _account(runtime, driver.account_id) == (True, 1, 600)
+    assert issubclass(MalformedNotification, InvalidNotification)
