@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     worker_lease_s: float = 60.0
     debt_reminder_every_days: int = 3
 
+    # Attempts per kind of outbox job; after the last one the job is dead (never claimed again,
+    # listed for operators, who may retry it). A dead charge stays pending: it is not a debt.
+    job_max_attempts_charge: int = Field(default=20, ge=1)
+    job_max_attempts_refund: int = Field(default=20, ge=1)
+    job_max_attempts_notification: int = Field(default=8, ge=1)
+    job_max_attempts_gate_command: int = Field(default=5, ge=1)
+    # Retry delays double up to this (each with jitter).
+    job_backoff_cap_s: float = Field(default=300.0, gt=0)
+
     # Stand-ins for the outside world on a laptop (vehicle licence registry): never in production.
     # Without them, binding a plate needs a registry configured on the app (503 otherwise).
     dev_adapters: bool = False
