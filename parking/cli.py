@@ -110,6 +110,12 @@ async def _retention(pool: asyncpg.Pool, settings: Settings) -> dict[str, int]:
     return {"images_erased": erased}
 
 
+async def _prune(pool: asyncpg.Pool, settings: Settings) -> dict[str, int]:
+    return await retention.prune(
+        pool, retention.Retention.from_settings(settings), datetime.now(UTC)
+    )
+
+
 async def _partitions(pool: asyncpg.Pool, settings: Settings) -> partitions.Maintained:
     """`{"created": [...], "rows_in_default": {...}}` once printed."""
     return await partitions.ensure_partitions(
@@ -162,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser(
+        "prune",
+        help="delete done jobs, dead letters, sent notifications and expired refresh tokens "
+        "past their retention now",
+    )
+
+    sub.add_parser(
         "partitions",
         help="create the monthly partitions of this month and PARKING_PARTITION_MONTHS_AHEAD more",
     )
@@ -196,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         _run(_without_api(settings, lanes=False, name="outbox worker"))
     elif args.command == "retention":
         _run(_once(settings, _retention))
+    elif args.command == "prune":
+        _run(_once(settings, _prune))
     elif args.command == "partitions":
         _run(_once(settings, _partitions))
     elif args.command == "gates":

@@ -201,6 +201,7 @@ async def running(
                 )
             )
         if outbox_worker:
+            kept = retention.Retention.from_settings(settings)
             tasks.append(asyncio.create_task(outbox.run()))
             maintenance.append(
                 asyncio.create_task(
@@ -209,6 +210,11 @@ async def running(
                             worker_pool, settings.image_retention_days, datetime.now(UTC)
                         )
                     )
+                )
+            )
+            maintenance.append(
+                asyncio.create_task(
+                    _hourly(lambda: retention.prune(worker_pool, kept, datetime.now(UTC)))
                 )
             )
             maintenance.append(

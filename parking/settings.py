@@ -107,6 +107,14 @@ class Settings(BaseSettings):
 
     # Capture frames kept for operators (exception queue) this many days, then erased.
     image_retention_days: int = 30
+    # Pruned hourly (and by `parking prune`): done outbox jobs, dead letters (bad gate
+    # messages) and dead jobs that carry no money (notifications, gate commands), sent driver
+    # notifications, and refresh tokens this long after they expired or were revoked. Money
+    # (charges, payments, refunds, ledger) and dead charge or refund jobs are never pruned.
+    done_job_retention_days: int = Field(default=7, ge=1)
+    dead_letter_retention_days: int = Field(default=30, ge=1)
+    sent_notification_retention_days: int = Field(default=90, ge=1)
+    refresh_token_grace_days: int = Field(default=7, ge=0)
     # Monthly partitions of stays, captures and ledger lines kept ready beyond this month.
     partition_months_ahead: int = Field(default=2, ge=1, le=24)
 

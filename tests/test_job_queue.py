@@ -1,20 +1,26 @@
 """The outbox as a job queue (billing.queue): retries back off exponentially with jitter up to a
-cap, and a job is dead after its kind's attempts (a dead charge is pending, never a debt) until
-an operator retries it."""
+cap, a job is dead after its kind's attempts (a dead charge is pending, never a debt) until an
+operator retries it, and done jobs, dead letters, sent notifications and old refresh tokens are
+pruned after their retention while money is never pruned."""
 
 import asyncio
 import random
 import statistics
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
+import orjson
+import pytest
 
 from billing import queue as job_queue
+from parking import cli
+from parking.retention import service as retention
 from parking.runtime import Runtime
 from parking.settings import Settings
 from parking_dev import sandbox
 from tests.conftest import (
+    Lot,
     charges_of,
     create_lot,
     eventually,
@@ -25,6 +31,9 @@ from tests.conftest import (
     unique_plate,
 )
 from tests.gates import GateProbe
+
+# Money tables: pruning must never take a row from them.
+MONEY = ("charges", "payments", "refunds", "debts", "ledger_entries")
 
 
 def test_backoff_doubles_up_to_the_cap_with_equal_jitter() -> None:
@@ -143,3 +152,183 @@ async def test_a_job_whose_worker_never_finishes_it_ends_dead_without_running(
     row = await eventually(dead)
     assert row["attempts"] == limit + 1 and "lease" in row["last_error"]
     assert runtime.outbox.stats.failures == 0, "it was not run"
+
+
+async def _prunable_world(runtime: Runtime, lot: Lot) -> dict[str, dict[str, int]]:
+    """Rows on either side of each retention; returns {table: {label: id}}."""
+    driver = await make_driver(runtime, unique_plate())
+    ids: dict[str, dict[str, int]] = {"outbox": {}, "dead_letters": {}, "notifications": {}}
+    ids["refresh_tokens"] = {}
+
+    def ref() -> int:
+        return 10**15 + uuid.uuid4().int % 10**12
+
+    async with runtime.pool.acquire() as conn:
+        # (label, kind, done days ago, dead days ago, created days ago)
+        for label, kind, done, dead, created in (
+            ("done_8d", "notification", 8, None, 8),
+            ("done_6d", "notification", 6, None, 6),
+            ("due_30d", "notification", None, None, 30),
+            ("dead_notification_31d", "notification", None, 31, 31),
+            ("dead_notification_29d", "notification", None, 29, 29),
+            ("dead_gate_command_31d", "gate_command", None, 31, 31),
+            ("dead_charge_400d", "charge", None, 400, 400),
+            ("dead_refund_400d", "refund", None, 400, 400),
+        ):
+            ids["outbox"][label] = await conn.fetchval(
+                """INSERT INTO outbox (kind, ref_id, created_at, available_at, done_at, dead_at,
+                                       locked_until)
+                   VALUES ($1, $2, now() - make_interval(days => $5),
+                           now() + interval '1 day', now() - make_interval(days => $3),
+                           now() - make_interval(days => $4), now() + interval '1 day')
+                   RETURNING id""",
+                kind,
+                ref(),
+                done,
+                dead,
+                created,
+            )
+        for label, days in (("31d", 31), ("29d", 29)):
+            ids["dead_letters"][label] = await conn.fetchval(
+                """INSERT INTO dead_letters (source, reason, payload_size, received_at)
+                   VALUES ('test', 'prune test', 0, now() - make_interval(days => $1))
+                   RETURNING id""",
+                days,
+            )
+        for label, status, days in (
+            ("sent_91d", "sent", 91),
+            ("sent_89d", "sent", 89),
+            ("pending_200d", "pending", 200),
+            ("failed_200d", "failed", 200),
+        ):
+            ids["notifications"][label] = await conn.fetchval(
+                """INSERT INTO notifications (account_id, kind, source_key, body, status,
+                                              created_at, sent_at)
+                   VALUES ($1, 'test', $2, 'prune test', $3, now() - make_interval(days => $4),
+                           CASE WHEN $3 = 'sent' THEN now() - make_interval(days => $4) END)
+                   RETURNING id""",
+                driver.account_id,
+                f"prune-test:{uuid.uuid4()}",
+                status,
+                days,
+            )
+        for label, expires_days, revoked_days in (
+            ("expired_8d", -8, None),
+            ("expired_6d", -6, None),
+            ("revoked_8d", 20, 8),
+            ("revoked_6d", 20, 6),
+            ("live", 20, None),
+        ):
+            ids["refresh_tokens"][label] = await conn.fetchval(
+                """INSERT INTO refresh_tokens (token_hash, subject, family, expires_at,
+                                               revoked_at)
+                   VALUES ($1, 'account:0', gen_random_uuid(),
+                           now() + make_interval(days => $2),
+                           now() - make_interval(days => $3))
+                   RETURNING id""",
+                uuid.uuid4().hex,
+                expires_days,
+                revoked_days,
+            )
+    return ids
+
+
+PRUNED = {
+    "outbox": {"done_8d", "dead_notification_31d", "dead_gate_command_31d"},
+    "dead_letters": {"31d"},
+    "notifications": {"sent_91d"},
+    "refresh_tokens": {"expired_8d", "revoked_8d"},
+}
+
+
+async def test_pruning_deletes_what_outlived_its_retention_and_never_money(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    # A real charged exit: its job is done; backdated, the job goes and its money stays.
+    driver = await make_driver(runtime, unique_plate())
+    await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=90))
+
+    async def charged() -> list[object]:
+        rows = await charges_of(runtime, lot)
+        return rows if rows and rows[0]["status"] == "succeeded" else []
+
+    [charge] = await eventually(charged)
+    ids = await _prunable_world(runtime, lot)
+    async with runtime.pool.acquire() as conn:
+
+        async def job_done() -> object:
+            return await conn.fetchval(
+                """UPDATE outbox SET done_at = now() - interval '8 days'
+                   WHERE kind = 'charge' AND ref_id = $1 AND done_at IS NOT NULL RETURNING id""",
+                charge["id"],
+            )
+
+        charge_job = await eventually(job_done)
+        money_before = {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in MONEY}
+
+    counts = await retention.prune(
+        runtime.pool, retention.Retention.from_settings(runtime.settings), datetime.now(UTC)
+    )
+    assert set(counts) == {
+        "done_jobs",
+        "dead_jobs",
+        "dead_letters",
+        "sent_notifications",
+        "refresh_tokens",
+    }
+
+    async with runtime.pool.acquire() as conn:
+        for table, rows in ids.items():
+            left = {
+                r["id"]
+                for r in await conn.fetch(
+                    f"SELECT id FROM {table} WHERE id = ANY($1)",
+                    list(rows.values()),
+                )
+            }
+            gone = {label for label, row_id in rows.items() if row_id not in left}
+            assert gone == PRUNED[table], table
+        assert await conn.fetchval("SELECT count(*) FROM outbox WHERE id = $1", charge_job) == 0
+        assert await conn.fetchval("SELECT status FROM charges WHERE id = $1", charge["id"]) == (
+            "succeeded"
+        )
+        assert await conn.fetchval(
+            "SELECT count(*) FROM ledger_entries WHERE session_id = $1", charge["session_id"]
+        )
+        # Even with every retention long past, no money row goes (in a transaction undone after).
+        tr = conn.transaction()
+        await tr.start()
+        try:
+            far = datetime.now(UTC) + timedelta(days=365 * 100)
+            await job_queue.prune(
+                conn, done_before=far, dead_before=far, prunable_dead_kinds=["notification"]
+            )
+            for table, before in money_before.items():
+                after = await conn.fetchval(f"SELECT count(*) FROM {table}")
+                assert after == before, table
+            assert (
+                await conn.fetchval(
+                    "SELECT count(*) FROM outbox WHERE id = ANY($1)",
+                    [ids["outbox"]["dead_charge_400d"], ids["outbox"]["dead_refund_400d"]],
+                )
+                == 2
+            ), "dead money jobs wait for an operator"
+        finally:
+            await tr.rollback()
+
+
+async def test_parking_prune_prints_its_counts_as_json(
+    settings: Settings, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings.database_url = database_url
+    await cli._once(settings, cli._prune)
+    printed = orjson.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(printed) == {
+        "done_jobs",
+        "dead_jobs",
+        "dead_letters",
+        "sent_notifications",
+        "refresh_tokens",
+    }
+    assert all(isinstance(v, int) and v >= 0 for v in printed.values())
+    assert cli.build_parser().parse_args(["prune"]).command == "prune"
