@@ -291,11 +291,13 @@ async def retry_held(conn: asyncpg.Connection, exception_id: int, actor: str) ->
         actor,
     )
     if status == "retried":
-        # One outbox job per charge (unique): the finished one is made due again.
+        # One outbox job per charge (unique): the finished (or dead) one is made due again,
+        # with its attempt limit counted afresh (billing/queue.py).
         await conn.execute(
             """INSERT INTO outbox (kind, ref_id) VALUES ('charge', $1)
                ON CONFLICT (kind, ref_id) DO UPDATE
-               SET done_at = NULL, available_at = now(), locked_until = NULL, last_error = NULL""",
+               SET done_at = NULL, dead_at = NULL, available_at = now(), locked_until = NULL,
+                   last_error = NULL, attempts_at_retry = outbox.attempts""",
             row["charge_id"],
         )
     await conn.execute(

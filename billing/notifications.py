@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
+from billing.queue import delete_in_batches
 from billing.tariff import format_fen
 
 
@@ -82,4 +83,19 @@ async def mark_sent(conn: asyncpg.Connection, notification_id: int) -> None:
     await conn.execute(
         "UPDATE notifications SET status = 'sent', sent_at = now() WHERE id = $1",
         notification_id,
+    )
+
+
+async def prune_sent(conn: asyncpg.Connection, before: datetime) -> int:
+    """Deletes notifications sent before `before` (pending and failed ones stay). Their
+    `source_key`s name events that do not come again (a charge, a payment, a dated reminder)."""
+    return await delete_in_batches(
+        conn,
+        """WITH gone AS (
+               DELETE FROM notifications WHERE id IN (
+                   SELECT id FROM notifications
+                   WHERE status = 'sent' AND sent_at < $1 LIMIT $2)
+               RETURNING 1)
+           SELECT count(*) FROM gone""",
+        before,
     )

@@ -2,16 +2,19 @@
 notifications, gate commands after a payment) and a periodic sweep (debt reminders, payments
 whose notification never came).
 
-Jobs are claimed with FOR UPDATE SKIP LOCKED and a lease, so several workers can run and a
-crashed one's jobs come back after the lease. A charge is sent with its own idempotency key on
-every attempt and a follow-up asks the provider before sending again, so neither a lost answer
-nor a worker killed at any point can charge twice.
+The queue's mechanics (claim with a lease, jittered backoff, done, dead after a number of
+attempts per kind, pruning) are in `billing.queue`; this module is the handlers and the
+dispatch. Jobs are claimed with FOR UPDATE SKIP LOCKED and a lease, so several workers can run
+and a crashed one's jobs come back after the lease. A charge is sent with its own idempotency
+key on every attempt and a follow-up asks the provider before sending again, so neither a lost
+answer nor a worker killed at any point can charge twice.
 """
 
 import asyncio
 import contextlib
+import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -20,6 +23,7 @@ import asyncpg
 import structlog
 
 from billing import charges, debts, notifications, refunds, settlement
+from billing import queue as job_queue
 from billing.dead_letters import dead_letter
 from billing.providers import (
     OrderResult,
@@ -28,6 +32,7 @@ from billing.providers import (
     ProviderRejected,
     ProviderUnavailable,
 )
+from billing.queue import Job
 
 log = structlog.get_logger(__name__)
 
@@ -44,14 +49,22 @@ class WorkerStats:
     reminders: int = 0
     # Jobs that raised something unexpected (a count: a list would grow for ever).
     failures: int = 0
+    # Jobs that used up their kind's attempts (each logged as outbox.job_dead).
+    dead: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
-    id: int
-    kind: str
-    ref_id: int
-    attempts: int
+# Attempts per kind of job before it is dead and waits for an operator. A charge or a refund
+# keeps being asked about for a while (each retry asks the provider first); a driver's message
+# or a barrier's open command is worth little once late.
+DEFAULT_MAX_ATTEMPTS: Mapping[str, int] = {
+    "charge": 20,
+    "refund": 20,
+    "notification": 8,
+    "gate_command": 5,
+}
+# Dead jobs that carry no money, deleted after the dead-letter retention: a driver's message
+# or a barrier's command that never went out. Dead charges and refunds wait for an operator.
+PRUNABLE_DEAD_KINDS = frozenset({"notification", "gate_command"})
 
 
 class OutboxWorker:
@@ -71,6 +84,9 @@ class OutboxWorker:
         sweep_interval_s: float = 60.0,
         reminder_every: timedelta = timedelta(days=3),
         payment_lifetime_s: float = 900.0,
+        max_attempts: Mapping[str, int] = DEFAULT_MAX_ATTEMPTS,
+        backoff_cap_s: float = 300.0,
+        rng: random.Random | None = None,
     ) -> None:
         self.pool = pool
         self.provider = provider
@@ -94,6 +110,12 @@ class OutboxWorker:
         self.poll_interval_s = poll_interval_s
         self.lease_s = lease_s
         self.batch = batch
+        self.queue = job_queue.Queue(
+            pool,
+            job_queue.RetryPolicy(max_attempts=dict(max_attempts), cap_s=backoff_cap_s),
+            lease_s=lease_s,
+            rng=rng,
+        )
         self.stats = WorkerStats()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -144,15 +166,7 @@ class OutboxWorker:
         """Jobs whose outcome could not be written (the database went away mid-job) are
         released once it is back instead of waiting out their lease, unless someone claimed
         them since (attempts changed)."""
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                """UPDATE outbox SET locked_until = NULL
-                   FROM unnest($1::bigint[], $2::int[]) AS mine(id, attempts)
-                   WHERE outbox.id = mine.id AND outbox.attempts = mine.attempts
-                     AND outbox.done_at IS NULL""",
-                [job_id for job_id, _ in self._unreleased],
-                [attempts for _, attempts in self._unreleased],
-            )
+        await self.queue.release(self._unreleased)
         self._unreleased.clear()
 
     def stop(self) -> None:
@@ -162,23 +176,14 @@ class OutboxWorker:
         self._wake.set()
 
     async def run_once(self) -> int:
-        """Claims and runs one batch of due jobs; returns how many were claimed."""
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                """UPDATE outbox SET locked_until = now() + make_interval(secs => $2),
-                          attempts = attempts + 1
-                   WHERE id IN (SELECT id FROM outbox
-                                WHERE done_at IS NULL AND available_at <= now()
-                                  AND (locked_until IS NULL OR locked_until < now())
-                                ORDER BY available_at, id LIMIT $1
-                                FOR UPDATE SKIP LOCKED)
-                   RETURNING id, kind, ref_id, attempts""",
-                self.batch,
-                self.lease_s,
-            )
-        jobs = [Job(**dict(r)) for r in rows]
+        """Claims and runs one batch of due jobs; returns how many were claimed (a job claimed
+        past its attempts is made dead instead of run)."""
+        dead_before = self.queue.dead
+        jobs = await self.queue.claim(self.batch)
+        buried = self.queue.dead - dead_before
+        self.stats.dead += buried
         await asyncio.gather(*(self._run_job(job) for job in jobs))
-        return len(jobs)
+        return len(jobs) + buried
 
     async def _run_job(self, job: Job) -> None:
         try:
@@ -360,22 +365,14 @@ class OutboxWorker:
             await self._mark_done(conn, job)
 
     async def _retry_later(self, job: Job, error: str, base_s: float | None = None) -> None:
-        delay = min((base_s or self.retry_base_s) * 2 ** (job.attempts - 1), 300.0)
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                """UPDATE outbox SET available_at = now() + make_interval(secs => $2),
-                          locked_until = NULL, last_error = $3 WHERE id = $1""",
-                job.id,
-                delay,
-                error[:500],
-            )
+        """Again after a jittered backoff, or dead when it was the kind's last attempt (a dead
+        charge stays pending, never a debt: it waits for an operator)."""
+        if not await self.queue.retry_later(job, error, base_s or self.retry_base_s):
+            self.stats.dead += 1
 
     async def _done(self, job: Job) -> None:
-        async with self.pool.acquire() as conn:
-            await self._mark_done(conn, job)
+        await self.queue.done(job)
 
     @staticmethod
     async def _mark_done(conn: asyncpg.Connection, job: Job) -> None:
-        await conn.execute(
-            "UPDATE outbox SET done_at = now(), locked_until = NULL WHERE id = $1", job.id
-        )
+        await job_queue.mark_done(conn, job)

@@ -116,6 +116,12 @@ async def _retention(pool: asyncpg.Pool, settings: Settings) -> dict[str, int]:
     return {"images_erased": erased}
 
 
+async def _prune(pool: asyncpg.Pool, settings: Settings) -> dict[str, int]:
+    return await retention.prune(
+        pool, retention.Retention.from_settings(settings), datetime.now(UTC)
+    )
+
+
 async def _partitions(pool: asyncpg.Pool, settings: Settings) -> partitions.Maintained:
     """`{"created": [...], "rows_in_default": {...}}` once printed."""
     return await partitions.ensure_partitions(
@@ -168,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser(
+        "prune",
+        help="delete done jobs, dead letters, sent notifications and expired refresh tokens "
+        "past their retention now",
+    )
+
+    sub.add_parser(
         "partitions",
         help="create the monthly partitions of this month and PARKING_PARTITION_MONTHS_AHEAD more",
     )
@@ -202,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         run(_without_api(settings, lanes=False, name="outbox worker"))
     elif args.command == "retention":
         run(_once(settings, _retention))
+    elif args.command == "prune":
+        run(_once(settings, _prune))
     elif args.command == "partitions":
         run(_once(settings, _partitions))
     elif args.command == "gates":

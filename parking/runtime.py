@@ -101,6 +101,16 @@ class Runtime:
     provider: PaymentProvider
 
 
+def job_limits(settings: Settings) -> dict[str, int]:
+    """Attempts per kind of outbox job, from the settings (billing does not read them)."""
+    return {
+        "charge": settings.job_max_attempts_charge,
+        "refund": settings.job_max_attempts_refund,
+        "notification": settings.job_max_attempts_notification,
+        "gate_command": settings.job_max_attempts_gate_command,
+    }
+
+
 async def _hourly(job: Callable[[], Awaitable[object]]) -> None:
     """A maintenance job now and every hour; when the database is away, it waits for the next."""
     while True:
@@ -172,6 +182,8 @@ async def running(
             sweep_interval_s=settings.worker_sweep_interval_s,
             lease_s=settings.worker_lease_s,
             reminder_every=timedelta(days=settings.debt_reminder_every_days),
+            max_attempts=job_limits(settings),
+            backoff_cap_s=settings.job_backoff_cap_s,
         )
         if lanes:
             await occupancy.rebuild_all()
@@ -189,6 +201,7 @@ async def running(
                 )
             )
         if outbox_worker:
+            kept = retention.Retention.from_settings(settings)
             tasks.append(asyncio.create_task(outbox.run()))
             maintenance.append(
                 asyncio.create_task(
@@ -197,6 +210,11 @@ async def running(
                             worker_pool, settings.image_retention_days, datetime.now(UTC)
                         )
                     )
+                )
+            )
+            maintenance.append(
+                asyncio.create_task(
+                    _hourly(lambda: retention.prune(worker_pool, kept, datetime.now(UTC)))
                 )
             )
             maintenance.append(

@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     worker_lease_s: float = 60.0
     debt_reminder_every_days: int = 3
 
+    # Attempts per kind of outbox job; after the last one the job is dead (never claimed again,
+    # listed for operators, who may retry it). A dead charge stays pending: it is not a debt.
+    job_max_attempts_charge: int = Field(default=20, ge=1)
+    job_max_attempts_refund: int = Field(default=20, ge=1)
+    job_max_attempts_notification: int = Field(default=8, ge=1)
+    job_max_attempts_gate_command: int = Field(default=5, ge=1)
+    # Retry delays double up to this (each with jitter).
+    job_backoff_cap_s: float = Field(default=300.0, gt=0)
+
     # Stand-ins for the outside world on a laptop (vehicle licence registry): never in production.
     # Without them, binding a plate needs a registry configured on the app (503 otherwise).
     dev_adapters: bool = False
@@ -98,6 +107,14 @@ class Settings(BaseSettings):
 
     # Capture frames kept for operators (exception queue) this many days, then erased.
     image_retention_days: int = 30
+    # Pruned hourly (and by `parking prune`): done outbox jobs, dead letters (bad gate
+    # messages) and dead jobs that carry no money (notifications, gate commands), sent driver
+    # notifications, and refresh tokens this long after they expired or were revoked. Money
+    # (charges, payments, refunds, ledger) and dead charge or refund jobs are never pruned.
+    done_job_retention_days: int = Field(default=7, ge=1)
+    dead_letter_retention_days: int = Field(default=30, ge=1)
+    sent_notification_retention_days: int = Field(default=90, ge=1)
+    refresh_token_grace_days: int = Field(default=7, ge=0)
     # Monthly partitions of stays, captures and ledger lines kept ready beyond this month.
     partition_months_ahead: int = Field(default=2, ge=1, le=24)
 

@@ -82,6 +82,8 @@ class World:
     held_capture_x: uuid.UUID
     parked_plate_x: str
     plate_a: str
+    # The outbox job of A's charge (done: a retry answers 409 to those allowed to ask).
+    job_x: int
     stays_x: list[int] = field(default_factory=list)
     charge_exception_x: int = 0
 
@@ -202,6 +204,8 @@ ROWS = [
     Row("GET", "/api/v1/operator/refunds", Access.STAFF),
     Row("GET", "/api/v1/operator/reports/revenue", Access.STAFF),
     Row("GET", "/api/v1/operator/reports/debts", Access.STAFF),
+    Row("GET", "/api/v1/operator/jobs", Access.STAFF),
+    Row("POST", "/api/v1/operator/jobs/{job_id}/retry", Access.ADMIN_X),
     Row("GET", "/api/v1/operator/dashboard/summary", Access.STAFF),
     # An event stream never ends: its allowed callers are tested in test_dashboard.py.
     Row("GET", "/api/v1/operator/dashboard/events", Access.STAFF),
@@ -224,6 +228,7 @@ def _fill(path: str, world: World) -> str:
         exception_id=world.exception_x,
         charge_exception_id=world.charge_exception_x,
         charge_id=world.charge_a,
+        job_id=world.job_x,
     )
 
 
@@ -268,6 +273,9 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
             charge_a,
             lot_x.id,
         )
+        job_x = await conn.fetchval(
+            "SELECT id FROM outbox WHERE kind = 'charge' AND ref_id = $1", charge_a
+        )
         binding_a = await conn.fetchval(
             "SELECT id FROM plate_bindings WHERE account_id = $1", driver_a.account_id
         )
@@ -300,6 +308,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         held.capture_id,
         inside,
         driver_a.plate,
+        job_x,
         stays_x,
         charge_exception_x,
     )

@@ -600,3 +600,100 @@ async def test_malformed_requests_are_refused_before_they_reach_the_database(
         f"{OPERATOR}/reports/revenue", params={"to": "0001-01-02"}, headers=admin
     )
     assert (first_days.status_code, first_days.json()) == (200, [])
+
+
+async def test_dead_and_stuck_jobs_are_listed_for_the_company_and_admins_retry_dead_ones(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    admin = await _headers(runtime, app, lot.operator_id, "admin")
+    attendant = await _headers(runtime, app, lot.operator_id, "attendant")
+    other = await _headers(runtime, app, (await create_lot(runtime)).operator_id, "admin")
+    for _ in range(2):
+        driver = await make_driver(runtime, unique_plate())
+        await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=90))
+
+    async def charged() -> list[asyncpg.Record]:
+        rows = await charges_of(runtime, lot)
+        return rows if len(rows) == 2 and all(r["status"] == "succeeded" for r in rows) else []
+
+    first, second = await eventually(charged)
+    async with runtime.pool.acquire() as conn:
+        # The first charge's job died (as after 20 refused attempts); the second is stuck: due
+        # an hour ago and held under a lease nobody releases.
+        dead_id = await conn.fetchval(
+            """UPDATE outbox SET done_at = NULL, dead_at = now(), attempts = 20,
+                      last_error = 'provider 503'
+               WHERE kind = 'charge' AND ref_id = $1 RETURNING id""",
+            first["id"],
+        )
+        stuck_id = await conn.fetchval(
+            """UPDATE outbox SET done_at = NULL, available_at = now() - interval '1 hour',
+                      locked_until = now() + interval '1 hour'
+               WHERE kind = 'charge' AND ref_id = $1 RETURNING id""",
+            second["id"],
+        )
+    try:
+        listed = (await api.get(f"{OPERATOR}/jobs", headers=attendant)).json()
+        by_id = {j["id"]: j for j in listed}
+        assert by_id[dead_id]["state"] == "dead" and by_id[stuck_id]["state"] == "stuck"
+        assert by_id[dead_id] | {"dead_at": None, "created_at": None, "available_at": None} == {
+            "id": dead_id,
+            "kind": "charge",
+            "ref_id": first["id"],
+            "car_park": lot.code,
+            "state": "dead",
+            "attempts": 20,
+            "total_attempts": 20,
+            "last_error": "provider 503",
+            "created_at": None,
+            "available_at": None,
+            "locked_until": None,
+            "dead_at": None,
+        }
+        dead_only = (await api.get(f"{OPERATOR}/jobs?state=dead", headers=admin)).json()
+        assert dead_id in {j["id"] for j in dead_only} and stuck_id not in {
+            j["id"] for j in dead_only
+        }
+        assert (
+            await api.get(f"{OPERATOR}/jobs", params={"car_park": lot.code}, headers=admin)
+        ).json() == listed
+        # Another company sees none of them and cannot retry them.
+        assert not {dead_id, stuck_id} & {
+            j["id"] for j in (await api.get(f"{OPERATOR}/jobs", headers=other)).json()
+        }
+        response = await api.post(f"{OPERATOR}/jobs/{dead_id}/retry", headers=other)
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "job_not_found"
+        response = await api.post(f"{OPERATOR}/jobs/{dead_id}/retry", headers=attendant)
+        assert response.status_code == 403
+        response = await api.post(f"{OPERATOR}/jobs/{stuck_id}/retry", headers=admin)
+        assert response.status_code == 409
+        assert response.json()["error"]["code"] == "job_not_dead"
+
+        response = await api.post(f"{OPERATOR}/jobs/{dead_id}/retry", headers=admin)
+        assert response.status_code == 200, response.text
+        retried = response.json()
+        assert (retried["state"], retried["attempts"], retried["total_attempts"]) == (
+            "due",
+            0,
+            20,
+        )
+        [entry] = await _audit(runtime, "job.retried", f"outbox:{dead_id}")
+        assert entry["actor"].startswith("operator_user:")
+        assert entry["detail"]["kind"] == "charge"
+        assert entry["detail"]["last_error"] == "provider 503"
+
+        async def done() -> object:
+            async with runtime.pool.acquire() as conn:
+                return await conn.fetchrow(
+                    "SELECT * FROM outbox WHERE id = $1 AND done_at IS NOT NULL", dead_id
+                )
+
+        # The worker takes it up at once: the charge was collected already, so it is done.
+        job = await eventually(done)
+        assert (job["attempts"], job["attempts_at_retry"], job["dead_at"]) == (21, 20, None)
+    finally:
+        async with runtime.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE outbox SET done_at = now(), locked_until = NULL WHERE id = $1", stuck_id
+            )

@@ -275,6 +275,7 @@ async def summarise(
         "charged_fen": charges["charged_fen"],
         "charges_per_session_max": money["charges_per_session_max"],
         "charge_retries": runtime.outbox.stats.retries,
+        "jobs_dead": runtime.outbox.stats.dead,
         "debts": money["debts"],
         "notifications_rejected": money["notifications_rejected"],
         "duplicates_sent": report.duplicates_sent + report.resent,
@@ -313,11 +314,14 @@ async def _reconcile_today(runtime: Runtime) -> dict[str, Any]:
 
 
 async def _wait_for_outbox(runtime: Runtime, timeout_s: float) -> None:
-    """Charges run after the cars left: give the worker time to finish them."""
+    """Charges run after the cars left: give the worker time to finish them (a dead job is
+    finished with as far as the worker goes: it waits for an operator)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         async with runtime.pool.acquire() as conn:
-            if await conn.fetchval("SELECT count(*) FROM outbox WHERE done_at IS NULL") == 0:
+            if not await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM outbox WHERE done_at IS NULL AND dead_at IS NULL)"
+            ):
                 return
         await asyncio.sleep(0.2)
 

@@ -399,3 +399,78 @@ async def charge_exception_of_operator(
         operator_id,
     )
     return found
+
+
+# Which car park a job is about: a charge's stay's, a refund's own, a gate command's payment's
+# held capture's. Driver notifications belong to an account, not to a company: not listed here.
+_JOB_CAR_PARK = """JOIN LATERAL (
+        SELECT s.car_park_id FROM charges c JOIN sessions s ON s.id = c.session_id
+        WHERE j.kind = 'charge' AND c.id = j.ref_id
+        UNION ALL
+        SELECT r.car_park_id FROM refunds r WHERE j.kind = 'refund' AND r.id = j.ref_id
+        UNION ALL
+        SELECT cap.car_park_id FROM payments p
+        JOIN captures cap ON cap.capture_id = p.capture_id
+                         AND cap.captured_at = p.capture_captured_at
+        WHERE j.kind = 'gate_command' AND p.id = j.ref_id
+    ) owner ON true
+    JOIN car_parks cp ON cp.id = owner.car_park_id"""
+_JOB_COLUMNS = """j.id, j.kind, j.ref_id, j.attempts - j.attempts_at_retry AS attempts,
+    j.attempts AS total_attempts, j.last_error, j.created_at, j.available_at, j.locked_until,
+    j.dead_at, j.done_at, cp.code AS car_park"""
+
+
+async def jobs_needing_a_person(
+    conn: asyncpg.Connection,
+    operator_id: int,
+    *,
+    car_park_id: int | None,
+    dead: bool,
+    stuck: bool,
+    overdue_before: datetime,
+    many_attempts: int,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Dead jobs and stuck ones (not done, due before `overdue_before` or tried at least
+    `many_attempts` times since the last retry) of the company's car parks, oldest first."""
+    # Only the states asked for go into the statement, so that each is planned on its own
+    # partial index (outbox_dead, outbox_due) and never as a scan of every done job.
+    args: list[object] = [operator_id, car_park_id, limit]
+    wanted = []
+    if dead:
+        wanted.append("o.dead_at IS NOT NULL")
+    if stuck:
+        args += [overdue_before, many_attempts]
+        wanted.append(
+            """(o.done_at IS NULL AND o.dead_at IS NULL
+                AND (o.available_at < $4 OR o.attempts - o.attempts_at_retry >= $5))"""
+        )
+    if not wanted:
+        return []
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""SELECT {_JOB_COLUMNS}
+            FROM (SELECT * FROM outbox o WHERE o.kind <> 'notification'
+                  AND ({" OR ".join(wanted)})) j
+            {_JOB_CAR_PARK}
+            WHERE cp.operator_id = $1 AND ($2::bigint IS NULL OR cp.id = $2)
+            ORDER BY coalesce(j.dead_at, j.available_at), j.id LIMIT $3""",
+        *args,
+    )
+    return rows
+
+
+async def job_of_operator(
+    conn: asyncpg.Connection, operator_id: int, job_id: int
+) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"""SELECT {_JOB_COLUMNS} FROM outbox j {_JOB_CAR_PARK}
+            WHERE j.id = $1 AND cp.operator_id = $2""",
+        job_id,
+        operator_id,
+    )
+    return row
+
+
+async def wake_outbox_workers(conn: asyncpg.Connection) -> None:
+    """Delivered at commit, like the insert trigger's (migration 0003)."""
+    await conn.execute("SELECT pg_notify('outbox', '')")

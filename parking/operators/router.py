@@ -35,6 +35,7 @@ from parking.operators.schemas import (
     NewTariff,
     Opened,
     OperatorCarPark,
+    OutboxJob,
     Refund,
     RefundLine,
     Resolution,
@@ -309,3 +310,26 @@ async def revenue_report(
 async def debts_report(operator: OperatorDep, conn: ReadConnectionDep) -> list[DebtBucket]:
     """Open debts of stays at the company's car parks, by age in days."""
     return await service.debts_by_age(conn, operator, datetime.now(UTC))
+
+
+@router.get("/jobs")
+async def list_jobs(
+    operator: OperatorDep,
+    conn: ConnectionDep,
+    car_park: CarParkFilter = None,
+    state: Literal["stuck", "dead"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[OutboxJob]:
+    """Charges, refunds and gate commands of the company's car parks that need a person, oldest
+    first: `dead` (every attempt failed; never tried again unless retried) and `stuck` (not
+    done 15 minutes after it was due, or tried 5 times). A dead charge is not a debt."""
+    return await service.list_jobs(
+        conn, operator, car_park=car_park, state=state, limit=limit, now=datetime.now(UTC)
+    )
+
+
+@router.post("/jobs/{job_id}/retry")
+async def retry_job(job_id: Id, admin: OperatorAdminDep, conn: ConnectionDep) -> OutboxJob:
+    """Makes a dead job due now with its attempts afresh (admins; audit-logged). 409
+    `job_not_dead` when it is not dead."""
+    return await service.retry_job(conn, admin, job_id, datetime.now(UTC))

@@ -253,3 +253,24 @@ class ChargeException(BaseModel):
     created_at: datetime
     resolved_at: datetime | None
     resolved_by: str | None
+
+
+class OutboxJob(BaseModel):
+    """A job of the outbox that needs a person: dead (its attempts used up) or stuck (due long
+    ago, or tried many times). A dead charge is pending, not a debt: retry it, or refund or
+    settle it otherwise."""
+
+    id: int
+    # charge, refund or gate_command; `ref_id` is the charge's, refund's or payment's id.
+    kind: str
+    ref_id: int
+    car_park: str
+    state: Literal["due", "stuck", "dead"]
+    # Attempts since an operator last retried it (the limit counts these), and ever.
+    attempts: int
+    total_attempts: int
+    last_error: str | None
+    created_at: datetime
+    available_at: datetime
+    locked_until: datetime | None
+    dead_at: datetime | None

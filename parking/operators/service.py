@@ -10,13 +10,14 @@ occupancy counter.
 import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 import asyncpg
 from pydantic import ValidationError
 
 from billing import charges, debts, fees, refunds, reports
+from billing import queue as job_queue
 from billing.tariff import Tariff
 from gate_controller.protocol import CameraRead, Capture, Command, GateAddress, Topics, encode
 from parking.auth.principal import Principal
@@ -41,6 +42,7 @@ from parking.operators.schemas import (
     NewTariff,
     Opened,
     OperatorCarPark,
+    OutboxJob,
     Refund,
     RefundLine,
     Resolved,
@@ -62,6 +64,10 @@ REVENUE_COLUMNS = tuple(RevenueLine.model_fields)
 _LONGEST_REPORT = timedelta(days=366)
 _DEFAULT_REPORT = timedelta(days=29)  # the last 30 days, both ends included
 _MANUAL_OPEN_DISPLAY = "人工放行"
+# A job not done this long after it was due, or tried this many times since its last retry, is
+# stuck: listed for a person before it is dead.
+JOB_OVERDUE = timedelta(minutes=15)
+JOB_MANY_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -567,3 +573,73 @@ async def debts_by_age(
 ) -> list[DebtBucket]:
     rows = await repo.open_debts(conn, _operator_id(principal), now)
     return [DebtBucket.model_validate(bucket) for bucket in debts.age_buckets(rows)]
+
+
+# The outbox's jobs that need a person
+
+
+def _job_view(row: asyncpg.Record, now: datetime) -> OutboxJob:
+    state: Literal["due", "stuck", "dead"]
+    if row["dead_at"] is not None:
+        state = "dead"
+    elif row["done_at"] is None and (
+        row["available_at"] < now - JOB_OVERDUE or row["attempts"] >= JOB_MANY_ATTEMPTS
+    ):
+        state = "stuck"
+    else:
+        state = "due"
+    fields = {k: row[k] for k in OutboxJob.model_fields if k != "state"}
+    return OutboxJob(**fields, state=state)
+
+
+async def list_jobs(
+    conn: asyncpg.Connection,
+    principal: Principal,
+    *,
+    car_park: str | None,
+    state: str | None,
+    limit: int,
+    now: datetime,
+) -> list[OutboxJob]:
+    """Dead and stuck charges, refunds and gate commands of the company's car parks."""
+    car_park_id = (await _own_car_park(conn, principal, car_park))["id"] if car_park else None
+    rows = await repo.jobs_needing_a_person(
+        conn,
+        _operator_id(principal),
+        car_park_id=car_park_id,
+        dead=state in (None, "dead"),
+        stuck=state in (None, "stuck"),
+        overdue_before=now - JOB_OVERDUE,
+        many_attempts=JOB_MANY_ATTEMPTS,
+        limit=limit,
+    )
+    return [_job_view(r, now) for r in rows]
+
+
+async def retry_job(
+    conn: asyncpg.Connection, principal: Principal, job_id: int, now: datetime
+) -> OutboxJob:
+    """A dead job due again now, with its kind's attempts afresh (audit-logged). A charge's
+    retry asks the provider for its order first, like every retry."""
+    job = await repo.job_of_operator(conn, _operator_id(principal), job_id)
+    if job is None:
+        raise NotFound("job")
+    if await job_queue.retry_dead(conn, job_id) is None:
+        raise AppError(409, "job_not_dead", "only a dead job can be retried")
+    await repo.audit(
+        conn,
+        principal.actor,
+        "job.retried",
+        f"outbox:{job_id}",
+        {
+            "kind": job["kind"],
+            "ref_id": job["ref_id"],
+            "car_park": job["car_park"],
+            "attempts": job["total_attempts"],
+            "last_error": job["last_error"],
+        },
+    )
+    await repo.wake_outbox_workers(conn)
+    retried = await repo.job_of_operator(conn, _operator_id(principal), job_id)
+    assert retried is not None
+    return _job_view(retried, now)

@@ -4,6 +4,8 @@ from datetime import datetime
 
 import asyncpg
 
+from billing.queue import delete_in_batches
+
 
 async def erase_images_before(conn: asyncpg.Connection, before: datetime) -> int:
     """Erases capture frames kept for operators (the exception queue) older than `before`."""
@@ -15,3 +17,34 @@ async def erase_images_before(conn: asyncpg.Connection, before: datetime) -> int
         before,
     )
     return erased
+
+
+async def delete_dead_letters_before(conn: asyncpg.Connection, before: datetime) -> int:
+    """Bad gate messages (and forged notifications) recorded before `before`."""
+    return await delete_in_batches(
+        conn,
+        """WITH gone AS (
+               DELETE FROM dead_letters WHERE id IN (
+                   SELECT id FROM dead_letters WHERE received_at < $1 LIMIT $2)
+               RETURNING 1)
+           SELECT count(*) FROM gone""",
+        before,
+    )
+
+
+async def delete_refresh_tokens_before(conn: asyncpg.Connection, before: datetime) -> int:
+    """Refresh tokens that expired, or were revoked, before `before`. Presenting one after it
+    is gone fails as it did before (401). A rotated token is kept until it expires: presenting
+    it again until then still revokes its whole sign-in."""
+    return await delete_in_batches(
+        conn,
+        """WITH gone AS (
+               DELETE FROM refresh_tokens WHERE id IN (
+                   SELECT id FROM refresh_tokens WHERE expires_at < $1
+                   UNION
+                   SELECT id FROM refresh_tokens WHERE revoked_at < $1
+                   LIMIT $2)
+               RETURNING 1)
+           SELECT count(*) FROM gone""",
+        before,
+    )
