@@ -146,6 +146,7 @@ PAST_DAYS = 30
 PER_STAY_TABLES = (
     "sessions",
     "captures",
+    "capture_keys",
     "charges",
     "payments",
     "debts",
@@ -180,6 +181,8 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
         "capture_id gate_id car_park_id seq direction plate plate_color read_confidence "
         "captured_at received_at outcome session_id command plate_source match_status"
     ),
+    # A capture's identity across months (migration 0013), written with every capture.
+    "capture_keys": _columns("capture_id captured_at"),
     "charges": _columns(
         "id session_id account_id agreement_id amount_fen idempotency_key status attempts "
         "provider_ref last_error created_at settled_at submitted_at provider_finished_at"
@@ -534,6 +537,7 @@ class _Day:
             row = (*row[:3], self.seq[gate_id], *row[4:])
             hour = int((row[9].timestamp() - self.part.start) // 3600)
             self.captures_by_hour[min(23, max(0, hour))] += 1
+            self._add("capture_keys", (row[0], row[8]))
         self._add(table, row)
 
     def _post(
@@ -1140,7 +1144,11 @@ async def consistency(conn: asyncpg.Connection) -> dict[str, Any]:
                  AS exits_without_capture,
              (SELECT count(*) FROM debts d JOIN accounts a ON a.id = d.account_id
                 WHERE d.settled_at IS NULL AND NOT a.blocked_for_arrears)
-                 AS open_debts_of_unblocked_accounts"""
+                 AS open_debts_of_unblocked_accounts,
+             (SELECT count(*) FROM captures c WHERE NOT EXISTS (
+                SELECT 1 FROM capture_keys k
+                WHERE k.capture_id = c.capture_id AND k.captured_at = c.captured_at))
+                 AS captures_without_key"""
     )
     return {"ledger_balanced": await ledger.is_balanced(conn), **dict(row)}
 
