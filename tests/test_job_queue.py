@@ -3,7 +3,6 @@ cap, a job is dead after its kind's attempts (a dead charge is pending, never a 
 operator retries it, and done jobs, dead letters, sent notifications and old refresh tokens are
 pruned after their retention while money is never pruned."""
 
-import asyncio
 import random
 import statistics
 import uuid
@@ -90,9 +89,15 @@ async def test_a_charge_is_dead_after_its_attempts_not_a_debt_and_charged_once_w
         row = await eventually(dead, timeout_s=20)
         assert row["attempts"] == 3 and row["done_at"] is None
         assert "503" in str(row["last_error"])
-        assert runtime.outbox.stats.dead == 1
-        # Never claimed again: well past the backoff the next attempt would have had.
-        await asyncio.sleep(0.6)
+        # Never claimed again, even when due: the worker passes over it. (Its in-memory count of
+        # dead jobs is not asserted: the session's database holds other tests' jobs too.)
+        async with runtime.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE outbox SET available_at = now() - interval '1 hour' WHERE id = $1",
+                row["id"],
+            )
+        for _ in range(3):
+            await runtime.outbox.run_once()
         assert (await job())["attempts"] == 3
         [charge] = await charges_of(runtime, lot)
         assert charge["status"] == "pending"
