@@ -66,6 +66,37 @@ def listening(url: str) -> bool:
         return False
 
 
+def postgres_signs_in(url: str) -> bool:
+    """Whether the PostgreSQL at `url` lets the tests in (a Debian cluster just installed on
+    a fresh machine listens on 5432 but wants a password): psql, when there is one, tries."""
+    psql = shutil.which("psql") or next(
+        iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/psql"))), None
+    )
+    if psql is None:
+        return True
+    env = {**os.environ, "PGCONNECT_TIMEOUT": "5"}
+    try:
+        result = subprocess.run(
+            [psql, "-w", "-X", "-q", "-d", url, "-c", "SELECT 1"],
+            capture_output=True,
+            env=env,
+            timeout=15,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    if result.returncode != 0:
+        reason = result.stderr.decode(errors="replace").strip().splitlines()[-1:]
+        say(f"{url} listens but does not let the tests in ({' '.join(reason)})")
+    return result.returncode == 0
+
+
+def usable(var: str, url: str) -> bool:
+    if not listening(url):
+        return False
+    return var != "PARKING_TEST_DATABASE_URL" or postgres_signs_in(url)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -365,7 +396,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     wanted = {var: os.environ.get(var) or url for var, url in DEFAULT_URLS.items()}
-    missing = [var for var, url in wanted.items() if not listening(url)]
+    missing = [var for var, url in wanted.items() if not usable(var, url)]
     if not missing:
         os.execvp(argv[0], argv)
 
@@ -387,7 +418,7 @@ def main(argv: list[str]) -> int:
         for var in missing:
             server = starters[var]()
             env[var] = server.url
-            say(f"nothing listens at {wanted[var]}: started {server.name} at {server.url}")
+            say(f"cannot use {wanted[var]}: started {server.name} at {server.url}")
         with forwarded_signals(lambda: process):
             process = subprocess.Popen(argv, env=env)
             code = process.wait()
