@@ -340,8 +340,8 @@ async def open_debts(
         """SELECT d.amount_fen, d.account_id,
                   floor(extract(epoch FROM $2::timestamptz - d.created_at) / 86400)::int
                       AS age_days
-           FROM debts d JOIN charges c ON c.id = d.charge_id
-           JOIN sessions s ON s.id = c.session_id JOIN car_parks cp ON cp.id = s.car_park_id
+           FROM debts d
+           JOIN sessions s ON s.id = d.session_id JOIN car_parks cp ON cp.id = s.car_park_id
            WHERE d.settled_at IS NULL AND cp.operator_id = $1""",
         operator_id,
         now,
