@@ -412,3 +412,20 @@ async def test_a_small_clock_error_is_clamped_without_a_flag(
             "SELECT count(*) FROM gate_clock_skews WHERE capture_id = $1", upload.capture_id
         )
     assert flagged == 0
+
+
+async def test_an_exception_about_a_stay_is_not_resolved_by_deciding_its_capture_again(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(days=8))
+    await ghosts.sweep_ghost_stays(runtime.pool, datetime.now(UTC))
+    [ghost] = await _exceptions(runtime, lot, "ghost_stay")
+    # Filed under the stay's entry capture: deciding that again would enter the car again.
+    resolved = await api.post(
+        f"/api/v1/operator/exceptions/{ghost['id']}/resolve",
+        json={"plate": plate},
+        headers=await _attendant(runtime, app, lot),
+    )
+    assert resolved.status_code == 409, resolved.text
+    assert (await _stay(runtime, lot, plate))["status"] == "open"
