@@ -29,7 +29,8 @@ AGE_BUCKETS: tuple[tuple[str, int], ...] = (
 class Debt:
     id: int
     account_id: int
-    charge_id: int
+    # None for the debt of a held stay left without paying (no charge was ever made).
+    charge_id: int | None
     amount_fen: int
     created_at: datetime
 
@@ -45,13 +46,31 @@ async def open_debt(
 ) -> None:
     await _lock_account(conn, account_id)
     await conn.execute(
-        """INSERT INTO debts (account_id, charge_id, amount_fen) VALUES ($1, $2, $3)
-           ON CONFLICT (charge_id) DO NOTHING""",
+        """INSERT INTO debts (account_id, charge_id, session_id, amount_fen)
+           SELECT $1, $2, c.session_id, $3 FROM charges c WHERE c.id = $2
+           ON CONFLICT DO NOTHING""",
         account_id,
         charge_id,
         amount_fen,
     )
     await conn.execute("UPDATE accounts SET blocked_for_arrears = true WHERE id = $1", account_id)
+
+
+async def open_stay_debt(
+    conn: asyncpg.Connection, account_id: int, session_id: int, amount_fen: int
+) -> bool:
+    """A held stay whose car left without paying: its fee is a debt with no charge behind it
+    (the caller books the accrual). True when it was new; pay-later is blocked like any debt."""
+    await _lock_account(conn, account_id)
+    debt_id = await conn.fetchval(
+        """INSERT INTO debts (account_id, session_id, amount_fen) VALUES ($1, $2, $3)
+           ON CONFLICT DO NOTHING RETURNING id""",
+        account_id,
+        session_id,
+        amount_fen,
+    )
+    await conn.execute("UPDATE accounts SET blocked_for_arrears = true WHERE id = $1", account_id)
+    return debt_id is not None
 
 
 async def open_debts(

@@ -5,6 +5,7 @@ Ledger accounts:
   revenue:car_park:{id}     a car park's earned fees (credit)
   clearing:provider:{name}  money the provider has collected for us (debit)
   overpaid:account:{id}     money a driver paid twice, owed back until refunded (credit)
+  clearing:{cash|card}:car_park:{id}  money an attendant took at the car park's booth (debit)
 """
 
 import uuid
@@ -23,6 +24,11 @@ def revenue(car_park_id: int) -> str:
 
 def clearing(provider: str) -> str:
     return f"clearing:provider:{provider}"
+
+
+def booth_clearing(method: str, car_park_id: int) -> str:
+    """Cash in the booth's till, or card takings the acquirer owes the car park."""
+    return f"clearing:{method}:car_park:{car_park_id}"
 
 
 def overpaid(account_id: int | None) -> str:

@@ -8,6 +8,10 @@ same money on both sides. Every difference lands in exactly one bucket:
   amount_mismatch      both show it with different amounts
 Exceptions are recorded once per (provider, day, order); re-running finds the same set and adds
 nothing. Nothing is corrected here: an exception waits for a person.
+
+Booth takings (cash and cards an attendant took) never pass the provider: the day's booth
+payments per car park and method are set beside what the ledger booked to their clearing
+accounts, for the till count; a difference shows as `ledger_fen` unequal to `amount_fen`.
 """
 
 from collections import Counter
@@ -30,6 +34,15 @@ class Difference:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class BoothTakings:
+    car_park_id: int
+    method: str
+    payments: int
+    amount_fen: int
+    ledger_fen: int
+
+
 @dataclass
 class Reconciliation:
     provider: str
@@ -40,6 +53,7 @@ class Reconciliation:
     differences: list[Difference]
     new_exceptions: int = 0
     by_bucket: Counter[str] = field(default_factory=Counter)
+    booth: list[BoothTakings] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
         return {
@@ -51,6 +65,12 @@ class Reconciliation:
             "exceptions": len(self.differences),
             "new_exceptions": self.new_exceptions,
             "by_bucket": {bucket: self.by_bucket.get(bucket, 0) for bucket in BUCKETS},
+            "booth": {
+                "payments": sum(b.payments for b in self.booth),
+                "amount_fen": sum(b.amount_fen for b in self.booth),
+                "ledger_fen": sum(b.ledger_fen for b in self.booth),
+                "unbalanced": sum(1 for b in self.booth if b.amount_fen != b.ledger_fen),
+            },
         }
 
 
@@ -68,6 +88,28 @@ _BOOKED = """
     SELECT r.out_refund_no, r.amount_fen FROM refunds r
     WHERE r.provider = $1 AND r.status = 'succeeded'
       AND (r.provider_finished_at AT TIME ZONE $3)::date = $2"""
+
+# The day's booth payments per car park and method, beside their clearing lines in the ledger.
+_BOOTH = """
+    WITH taken AS (
+        SELECT car_park_id, method, count(*) AS payments, sum(amount_fen) AS amount_fen
+        FROM booth_payments
+        WHERE created_at >= ($1::date::timestamp AT TIME ZONE $2)
+          AND created_at < (($1::date + 1)::timestamp AT TIME ZONE $2)
+        GROUP BY 1, 2),
+    booked AS (
+        SELECT split_part(ledger_account, ':', 4)::bigint AS car_park_id,
+               split_part(ledger_account, ':', 2) AS method, sum(amount_fen) AS ledger_fen
+        FROM ledger_entries
+        WHERE kind = 'booth_payment' AND ledger_account LIKE 'clearing:%:car_park:%'
+          AND created_at >= ($1::date::timestamp AT TIME ZONE $2)
+          AND created_at < (($1::date + 1)::timestamp AT TIME ZONE $2)
+        GROUP BY 1, 2)
+    SELECT car_park_id, method, COALESCE(t.payments, 0)::int AS payments,
+           COALESCE(t.amount_fen, 0)::bigint AS amount_fen,
+           COALESCE(b.ledger_fen, 0)::bigint AS ledger_fen
+    FROM taken t FULL JOIN booked b USING (car_park_id, method)
+    ORDER BY car_park_id, method"""
 
 # What we know of an order number anywhere in our books, to explain a difference.
 _KNOWN = """
@@ -119,6 +161,7 @@ async def reconcile(
         len(both) - sum(1 for d in differences if d.bucket == "amount_mismatch"),
         differences,
         by_bucket=Counter(d.bucket for d in differences),
+        booth=[BoothTakings(**dict(r)) for r in await conn.fetch(_BOOTH, day, timezone)],
     )
     run_id = await conn.fetchval(
         """INSERT INTO reconciliation_runs

@@ -99,8 +99,8 @@ async def request_for_payment(
         # A debt payment made in the app: the money belongs to the car parks of the debts it
         # was priced with (whichever payment finally settled them).
         car_park_id = await conn.fetchval(
-            """SELECT s.car_park_id FROM debts d JOIN charges ch ON ch.id = d.charge_id
-               JOIN sessions s ON s.id = ch.session_id WHERE d.id = ANY($1::bigint[])
+            """SELECT s.car_park_id FROM debts d
+               JOIN sessions s ON s.id = d.session_id WHERE d.id = ANY($1::bigint[])
                ORDER BY d.id LIMIT 1""",
             row["debt_ids"],
         )

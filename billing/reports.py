@@ -20,7 +20,8 @@ async def revenue(
     timezone: str,
     car_park_ids: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per car park and local day: pay-later fees, fees paid at the gate, refunds, net.
+    """Per car park and local day: pay-later fees, fees paid at the gate (QR code) and at the
+    booth (cash or card), refunds, net.
 
     Only the car parks' revenue lines are read, from the covering index ledger_entries_revenue
     (an index-only scan of the months the days fall in), and summed per ledger account before
@@ -33,6 +34,7 @@ async def revenue(
                SELECT (created_at AT TIME ZONE $3)::date AS day, ledger_account,
                       sum(amount_fen) FILTER (WHERE kind = 'fee_accrued') AS accrued_fen,
                       sum(amount_fen) FILTER (WHERE kind = 'payment_received') AS gate_fen,
+                      sum(amount_fen) FILTER (WHERE kind = 'booth_payment') AS booth_fen,
                       sum(amount_fen) FILTER (WHERE kind = 'refund') AS refunded_fen,
                       sum(amount_fen) AS total_fen
                FROM ledger_entries
@@ -43,6 +45,7 @@ async def revenue(
                GROUP BY 1, 2)
            SELECT d.day, cp.code AS car_park, cp.name AS car_park_name,
                   (-d.accrued_fen)::bigint AS pay_later_fen, (-d.gate_fen)::bigint AS gate_fen,
+                  (-d.booth_fen)::bigint AS booth_fen,
                   d.refunded_fen::bigint AS refunded_fen, (-d.total_fen)::bigint AS net_fen
            FROM days d JOIN car_parks cp ON d.ledger_account = 'revenue:car_park:' || cp.id
            ORDER BY 1, 2""",
@@ -58,6 +61,7 @@ async def revenue(
             "car_park_name": r["car_park_name"],
             "pay_later_fen": r["pay_later_fen"] or 0,
             "paid_at_gate_fen": r["gate_fen"] or 0,
+            "paid_at_booth_fen": r["booth_fen"] or 0,
             "refunded_fen": r["refunded_fen"] or 0,
             "net_fen": r["net_fen"] or 0,
         }

@@ -18,6 +18,7 @@ from billing.notifications import DevNotifier
 from billing.providers import PaymentProvider, SandboxProvider
 from billing.worker import OutboxWorker
 from gate_controller.mqtt import MqttClient
+from parking.booth import ghosts
 from parking.db import create_pool
 from parking.gates import config as gate_configs
 from parking.infra import Endpoints
@@ -215,6 +216,11 @@ async def running(
             maintenance.append(
                 asyncio.create_task(
                     _hourly(lambda: retention.prune(worker_pool, kept, datetime.now(UTC)))
+                )
+            )
+            maintenance.append(
+                asyncio.create_task(
+                    _hourly(lambda: ghosts.sweep_ghost_stays(worker_pool, datetime.now(UTC)))
                 )
             )
             maintenance.append(

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     max_capture_bytes: int = 512 * 1024
     duplicate_read_window_s: int = 120
     command_ttl_s: int = 30
+    # An offline capture's gate time this far after we received it, or before its stay's entry,
+    # is a wrong gate clock: flagged for an operator and priced at the receipt time.
+    gate_clock_tolerance_s: int = Field(default=300, ge=0)
     timezone: str = "Asia/Shanghai"
 
     # Plate reading. A camera read at or above camera_min_confidence is taken as it is; below

@@ -201,6 +201,14 @@ ROWS = [
         Access.ADMIN_X,
         lambda w: {"amount_fen": 1, "reason": "access matrix test"},
     ),
+    # A wrong amount: those allowed get 409 amount_mismatch and the held car stays held.
+    Row(
+        "POST",
+        "/api/v1/operator/car-parks/{code}/booth-payments",
+        Access.STAFF_X,
+        lambda w: {"capture_id": str(w.held_capture_x), "method": "cash", "amount_fen": 1},
+    ),
+    Row("GET", "/api/v1/operator/clock-skews", Access.STAFF),
     Row("GET", "/api/v1/operator/refunds", Access.STAFF),
     Row("GET", "/api/v1/operator/reports/revenue", Access.STAFF),
     Row("GET", "/api/v1/operator/reports/debts", Access.STAFF),

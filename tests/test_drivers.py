@@ -305,7 +305,17 @@ async def test_a_binding_sees_no_history_from_before_it_and_nobody_sees_other_dr
     previous_headers = bearer(driver_token(app, previous.account_id))
     [previous_stay] = await _stay_ids(api, previous_headers)
     [old_binding] = (await api.get("/api/v1/me/plates", headers=previous_headers)).json()
-    await api.delete(f"/api/v1/me/plates/{old_binding['id']}", headers=previous_headers)
+
+    async def collected() -> bool:
+        async with runtime.pool.acquire() as conn:
+            status = await conn.fetchval(
+                "SELECT status FROM charges WHERE session_id = $1", previous_stay
+            )
+        return bool(status == "succeeded")
+
+    await eventually(collected)  # no plate is unbound while a charge on it is pending
+    unbound = await api.delete(f"/api/v1/me/plates/{old_binding['id']}", headers=previous_headers)
+    assert unbound.status_code == 204
 
     _, headers = await _new_driver(runtime, app)
     await _bind(api, headers, registry, plate)
@@ -746,3 +756,32 @@ async def test_without_a_configured_registry_no_plate_can_be_bound(
         "/api/v1/me/plates", json=_claim(plate, dev_licence_no(plate)), headers=headers
     )
     assert _error(answer) == (503, "vehicle_registry_unavailable")
+
+
+async def test_a_plate_is_not_unbound_while_a_charge_on_it_is_pending(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, lot: Lot
+) -> None:
+    driver = await make_driver(runtime, unique_plate())
+    stay = await _insert_stay(
+        runtime, lot, driver.plate, datetime.now(UTC), account_id=driver.account_id
+    )
+    async with runtime.pool.acquire() as conn:
+        # Queued by no outbox job: it stays pending for the whole test.
+        charge_id = await conn.fetchval(
+            """INSERT INTO charges (session_id, account_id, agreement_id, amount_fen,
+                                    idempotency_key)
+               VALUES ($1, $2, $3, 1200, $4) RETURNING id""",
+            stay,
+            driver.account_id,
+            driver.agreement_id,
+            f"test-{uuid.uuid4().hex}",
+        )
+    headers = bearer(driver_token(app, driver.account_id))
+    [binding] = (await api.get("/api/v1/me/plates", headers=headers)).json()
+    unbind = await api.delete(f"/api/v1/me/plates/{binding['id']}", headers=headers)
+    assert _error(unbind) == (409, "charges_pending")
+    async with runtime.pool.acquire() as conn:
+        await conn.execute("UPDATE charges SET status = 'succeeded' WHERE id = $1", charge_id)
+    assert (
+        await api.delete(f"/api/v1/me/plates/{binding['id']}", headers=headers)
+    ).status_code == 204

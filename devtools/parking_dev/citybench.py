@@ -203,7 +203,9 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
         "resolved_plate "
         "resolved_by created_at resolved_at"
     ),
-    "debts": _columns("id account_id charge_id amount_fen created_at settled_at payment_id"),
+    "debts": _columns(
+        "id account_id charge_id amount_fen created_at settled_at payment_id session_id"
+    ),
 }
 # Tables whose ids the loader assigns itself (rows of other tables refer to them).
 _ASSIGNED_IDS = (
@@ -859,6 +861,7 @@ class _Day:
                 _dt(finished),
                 None,
                 None,
+                stay_id,
             ]
             car.debts.append((debt_id, fee))
             self._notify(

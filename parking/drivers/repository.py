@@ -201,8 +201,8 @@ async def open_debts(conn: asyncpg.Connection, account_id: int) -> list[asyncpg.
     rows: list[asyncpg.Record] = await conn.fetch(
         """SELECT d.id, cp.name AS car_park, s.id AS stay_id, s.entered_at, s.exited_at,
                   d.amount_fen, d.created_at
-           FROM debts d JOIN charges c ON c.id = d.charge_id
-           JOIN sessions s ON s.id = c.session_id JOIN car_parks cp ON cp.id = s.car_park_id
+           FROM debts d
+           JOIN sessions s ON s.id = d.session_id JOIN car_parks cp ON cp.id = s.car_park_id
            WHERE d.account_id = $1 AND d.settled_at IS NULL ORDER BY d.created_at, d.id""",
         account_id,
     )
@@ -221,11 +221,22 @@ async def notifications(
     return rows
 
 
-async def has_pending_charges(conn: asyncpg.Connection, account_id: int) -> bool:
+async def has_pending_charges(
+    conn: asyncpg.Connection, account_id: int, *, binding_id: int | None = None
+) -> bool:
+    """A charge still pending for the account, or for a stay of one of its bound plates (only
+    the binding `binding_id`'s, when given), whoever it is charged to."""
     return bool(
         await conn.fetchval(
-            "SELECT 1 FROM charges WHERE account_id = $1 AND status = 'pending' LIMIT 1",
+            """SELECT 1 FROM charges WHERE status = 'pending' AND (
+                   ($2::bigint IS NULL AND account_id = $1)
+                   OR session_id IN (
+                       SELECT s.id FROM plate_bindings b JOIN sessions s ON s.plate = b.plate
+                       WHERE b.account_id = $1 AND b.unbound_at IS NULL
+                         AND ($2::bigint IS NULL OR b.id = $2)))
+               LIMIT 1""",
             account_id,
+            binding_id,
         )
     )
 

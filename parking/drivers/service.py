@@ -156,6 +156,11 @@ async def unbind_plate(conn: asyncpg.Connection, account_id: int, binding_id: in
     if await repo.open_debt_total(conn, account_id):
         # Otherwise unbinding would turn the next exit into an unbound one, fee without debts.
         raise AppError(409, "settle_debts_first", "pay what is owed before unbinding a plate")
+    if await repo.has_pending_charges(conn, account_id, binding_id=binding_id):
+        # A charge in flight may yet fail: its debt must find the account the plate is bound to.
+        raise AppError(
+            409, "charges_pending", "a parking fee is still being charged; try again shortly"
+        )
     if not await repo.unbind(conn, account_id, binding_id):
         raise NotFound("binding")
 

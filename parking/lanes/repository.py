@@ -303,9 +303,12 @@ async def insert_dead_letter(
 
 
 async def open_plates(conn: asyncpg.Connection, car_park_id: int) -> list[str]:
-    """The plates parked in a car park now: what an uncertain exit read is matched against."""
+    """The plates parked in a car park now: what an uncertain exit read is matched against.
+    Ghost stays (sent to an operator, parking.booth.ghosts) are no candidates."""
     rows = await conn.fetch(
-        "SELECT plate FROM sessions WHERE car_park_id = $1 AND status = 'open'", car_park_id
+        "SELECT plate FROM sessions WHERE car_park_id = $1 AND status = 'open'"
+        " AND ghost_at IS NULL",
+        car_park_id,
     )
     return [r["plate"] for r in rows]
 

@@ -29,6 +29,10 @@ Outcome = Literal[
     "held_ambiguous",
     "held_no_tariff",
     "exited_offline_unpaid",
+    # An offline capture the gate sent to the booth: the stay awaits a booth payment.
+    "exited_offline_booth",
+    # An offline capture of a stay the booth was already paid for.
+    "exited_paid_at_booth",
 ]
 
 

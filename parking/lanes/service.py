@@ -16,6 +16,8 @@ import asyncpg
 from billing import charges, fees
 from billing.tariff import format_fen
 from gate_controller.protocol import Action, Capture, Command
+from parking.lanes import edges
+from parking.lanes import edges_repository as edges_repo
 from parking.lanes import repository as repo
 from parking.lanes.reading import PlateReading
 from parking.lanes.repository import GateInfo, OpenSession
@@ -63,6 +65,7 @@ class LaneService:
         self.settings = settings
         self.duplicate_window = timedelta(seconds=settings.duplicate_read_window_s)
         self.command_ttl = timedelta(seconds=settings.command_ttl_s)
+        self.clock_tolerance = timedelta(seconds=settings.gate_clock_tolerance_s)
         # Tariffs change rarely and are versioned by date: read once, dropped when the database
         # announces a change (LaneWorker listens), and read again after a minute at the latest.
         self._tariffs: dict[int, tuple[float, fees.TariffVersions]] = {}
@@ -101,7 +104,8 @@ class LaneService:
         now: datetime,
     ) -> Decision:
         # Offline uploads happened earlier, when the gate decided alone; live ones happen now.
-        at = capture.captured_at if capture.offline else now
+        # Never later than now: a gate clock ahead proves nothing (see edges.bounded_gate_time).
+        at = min(capture.captured_at, now) if capture.offline else now
         if capture.direction == "in":
             return await self._entry(conn, gate, capture, reading, at, now)
         return await self._exit(conn, gate, capture, reading, at, now)
@@ -134,6 +138,8 @@ class LaneService:
         plate = self._confident(reading)
         if plate is None:
             return await self._exception(conn, gate, capture, reading, now, "unreadable")
+        if capture.offline:
+            at = await self._gate_time(conn, gate, capture, now, None)
         color = capture.camera_read.color if capture.camera_read else None
         inside = await repo.open_session_for_update(conn, gate.car_park_id, plate)
         outcome: Outcome = "entered"
@@ -142,7 +148,8 @@ class LaneService:
             if at - inside.entered_at < self.duplicate_window:
                 # The same car read twice at the barrier.
                 return self._open(capture, now, "duplicate_read", plate, inside.id)
-            await repo.supersede_session(conn, inside.id, at)
+            versions = await self._tariff_versions(conn, gate.car_park_id)
+            await edges.end_missed_stay(conn, gate, inside, plate, at, versions)
             outcome, delta = "entered_superseding", 0
         stay = await repo.open_session(
             conn,
@@ -196,6 +203,10 @@ class LaneService:
         at: datetime,
         now: datetime,
     ) -> Decision:
+        if capture.offline and (
+            paid := await self._paid_at_booth(conn, gate, capture, reading, now)
+        ):
+            return paid
         resolved = await self._resolve_exit(conn, gate, reading, at)
         if resolved.duplicate_of is not None:
             return self._open(capture, now, "duplicate_read", resolved.plate, resolved.duplicate_of)
@@ -228,6 +239,8 @@ class LaneService:
             )
             occupancy_delta = 0  # never counted in: it was opened at the exit
 
+        if capture.offline:
+            at = await self._gate_time(conn, gate, capture, now, session)
         rule = exit_rule(
             await self._tariff_versions(conn, gate.car_park_id),
             entered_at=session.entered_at,
@@ -256,6 +269,10 @@ class LaneService:
                 debt=debt,
             )
 
+        if capture.offline and capture.offline_action == "hold":
+            return await self._sent_to_booth(
+                conn, gate, capture, session, plate, at, now, fee, rule.outcome, occupancy_delta
+            )
         if rule.charge_to is None and capture.offline and capture.offline_action == "open":
             return await self._left_unpaid_offline(
                 conn, gate, capture, session, plate, at, now, fee, rule.outcome, occupancy_delta
@@ -321,6 +338,84 @@ class LaneService:
         command = self._command(capture, now, "open", [plate, "一路顺风"], fee)
         return Decision(
             "exited_offline_unpaid", command, plate, session.id, occupancy_delta, None, fee, None
+        )
+
+    async def _gate_time(
+        self,
+        conn: asyncpg.Connection,
+        gate: GateInfo,
+        capture: Capture,
+        now: datetime,
+        session: OpenSession | None,
+    ) -> datetime:
+        return await edges.gate_time(
+            conn,
+            gate,
+            capture,
+            now,
+            session_id=session.id if session else None,
+            entered_at=session.entered_at if session else None,
+            tolerance=self.clock_tolerance,
+        )
+
+    async def _paid_at_booth(
+        self,
+        conn: asyncpg.Connection,
+        gate: GateInfo,
+        capture: Capture,
+        reading: PlateReading,
+        now: datetime,
+    ) -> Decision | None:
+        """An offline upload of a car the booth already took the money for (the booth could
+        reach us while the gate could not): it is that stay's exit, never a second fee."""
+        plate = self._confident(reading)
+        session_id = (
+            await edges_repo.booth_paid_stay(conn, gate.car_park_id, plate, now) if plate else None
+        )
+        if plate is None or session_id is None:
+            return None
+        await edges_repo.attach_exit_capture(conn, session_id, capture.capture_id)
+        return self._open(capture, now, "exited_paid_at_booth", plate, session_id)
+
+    async def _sent_to_booth(
+        self,
+        conn: asyncpg.Connection,
+        gate: GateInfo,
+        capture: Capture,
+        session: OpenSession,
+        plate: str,
+        at: datetime,
+        now: datetime,
+        fee: int,
+        why: Outcome,
+        occupancy_delta: int,
+    ) -> Decision:
+        """The gate, offline, sent the car to the booth, where an attendant may have taken cash:
+        never charged pay-later (that would take the fee twice). The stay ends awaiting a booth
+        payment and an operator sees it until one is recorded."""
+        account_id = session.pay_later.account_id if session.pay_later else None
+        await self._close(conn, session, capture, at, fee, account_id, "offline_booth")
+        await repo.insert_exception(
+            conn,
+            capture_id=capture.capture_id,
+            capture_captured_at=capture.captured_at,
+            car_park_id=gate.car_park_id,
+            gate_id=gate.gate_id,
+            reason="offline_booth",
+            candidates=[
+                {
+                    "plate": plate,
+                    "kind": "stay",
+                    "session_id": session.id,
+                    "fee_fen": fee,
+                    "held_because": why,
+                }
+            ],
+            image=None,
+        )
+        command = self._command(capture, now, "hold", [plate, "请到岗亭缴费"], fee)
+        return Decision(
+            "exited_offline_booth", command, plate, session.id, occupancy_delta, None, fee, None
         )
 
     async def _exception(

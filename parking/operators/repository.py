@@ -210,6 +210,7 @@ class HeldCapture:
 
     exception_id: int
     exception_status: str
+    reason: str
     capture_id: UUID
     car_park_id: int
     lot: str
@@ -226,7 +227,7 @@ async def exception_for_update(
 ) -> HeldCapture | None:
     """Locked, so that two operators resolving the same exception decide it once."""
     row = await conn.fetchrow(
-        """SELECT e.id AS exception_id, e.status AS exception_status, c.capture_id,
+        """SELECT e.id AS exception_id, e.status AS exception_status, e.reason, c.capture_id,
                   cp.id AS car_park_id, cp.code AS lot, g.code AS gate, c.seq, c.direction,
                   c.captured_at, c.offline, c.plate_color
            FROM lane_exceptions e JOIN car_parks cp ON cp.id = e.car_park_id
@@ -340,8 +341,8 @@ async def open_debts(
         """SELECT d.amount_fen, d.account_id,
                   floor(extract(epoch FROM $2::timestamptz - d.created_at) / 86400)::int
                       AS age_days
-           FROM debts d JOIN charges c ON c.id = d.charge_id
-           JOIN sessions s ON s.id = c.session_id JOIN car_parks cp ON cp.id = s.car_park_id
+           FROM debts d
+           JOIN sessions s ON s.id = d.session_id JOIN car_parks cp ON cp.id = s.car_park_id
            WHERE d.settled_at IS NULL AND cp.operator_id = $1""",
         operator_id,
         now,

@@ -225,6 +225,7 @@ class RevenueLine(BaseModel):
     car_park_name: str
     pay_later_fen: int
     paid_at_gate_fen: int
+    paid_at_booth_fen: int
     refunded_fen: int
     net_fen: int
 

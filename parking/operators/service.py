@@ -60,6 +60,10 @@ log = get_logger(__name__)
 TARIFF_BACKDATE_TOLERANCE = timedelta(minutes=1)
 # What the lane answers when a capture still needs a person: an operator's plate must not.
 _STILL_AN_EXCEPTION = frozenset({"held_no_entry", "held_unreadable", "held_ambiguous"})
+# Exceptions about a stay rather than an unread plate (parking.lanes.edges, parking.booth): their
+# capture is an entry or an exit already decided, and deciding it again would enter or close a
+# car a second time. The booth payment, a refund or a manual open settles them.
+_ABOUT_A_STAY = frozenset({"unpaid_exit", "offline_booth", "ghost_stay"})
 REVENUE_COLUMNS = tuple(RevenueLine.model_fields)
 _LONGEST_REPORT = timedelta(days=366)
 _DEFAULT_REPORT = timedelta(days=29)  # the last 30 days, both ends included
@@ -345,6 +349,8 @@ async def resolve_exception(
         raise NotFound("exception")
     if held.exception_status != "open":
         raise AppError(409, "already_resolved", "this exception has already been resolved")
+    if held.reason in _ABOUT_A_STAY:
+        raise AppError(409, "not_a_plate_question", "this exception is about a stay, not a plate")
     gate = await lanes_repo.load_gate(conn, held.lot, held.gate)
     if gate is None:  # the exception's gate is a foreign key: this cannot happen
         raise NotFound("gate")

@@ -1,0 +1,431 @@
+"""The edges of the lane (issues #15 and #16): a held stay left without paying, booth payments,
+offline captures sent to the booth, ghost stays and gate clocks that are wrong."""
+
+import secrets
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from billing import charges, ledger, reconcile, reports
+from parking.booth import ghosts
+from parking.runtime import Runtime
+from tests.conftest import (
+    Lot,
+    bearer,
+    charges_of,
+    create_lot,
+    driver_token,
+    enter,
+    eventually,
+    make_driver,
+    make_staff,
+    staff_token,
+    unique_plate,
+)
+from tests.gates import GateProbe
+
+
+async def _attendant(runtime: Runtime, app: FastAPI, lot: Lot) -> dict[str, str]:
+    return bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+
+
+async def _stay(runtime: Runtime, lot: Lot, plate: str) -> asyncpg.Record:
+    """The plate's earliest stay in the car park."""
+    async with runtime.pool.acquire() as conn:
+        row: asyncpg.Record = await conn.fetchrow(
+            """SELECT * FROM sessions WHERE car_park_id = $1 AND plate = $2
+               ORDER BY entered_at LIMIT 1""",
+            lot.id,
+            plate,
+        )
+    return row
+
+
+async def _exceptions(runtime: Runtime, lot: Lot, reason: str) -> list[asyncpg.Record]:
+    async with runtime.pool.acquire() as conn:
+        rows: list[asyncpg.Record] = await conn.fetch(
+            "SELECT * FROM lane_exceptions WHERE car_park_id = $1 AND reason = $2 ORDER BY id",
+            lot.id,
+            reason,
+        )
+    return rows
+
+
+# 1. A held stay never paid does not vanish.
+
+
+async def test_a_held_stay_left_unpaid_is_a_debt_of_the_account_bound_at_its_entry(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    driver = await make_driver(runtime, unique_plate(), pay_later=False)
+    async with runtime.pool.acquire() as conn:  # bound since long before the entry
+        await conn.execute(
+            "UPDATE plate_bindings SET bound_at = bound_at - interval '1 day' WHERE plate = $1",
+            driver.plate,
+        )
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=90))
+    held = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+    assert (held["action"], held["fee_fen"]) == ("hold", 1200)
+    # The car tailgated out; it comes back.
+    again = await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
+    assert again["action"] == "open"
+    assert "欠费 ¥12.00 请在App缴纳" in again["display"], "the debt shows at once"
+    stay = await _stay(runtime, lot, driver.plate)
+    assert (stay["status"], stay["settlement"], stay["fee_fen"], stay["account_id"]) == (
+        "superseded",
+        "debt",
+        1200,
+        driver.account_id,
+    )
+    async with runtime.pool.acquire() as conn:
+        debt = await conn.fetchrow(
+            "SELECT amount_fen, session_id, settled_at FROM debts WHERE account_id = $1",
+            driver.account_id,
+        )
+        blocked = await conn.fetchval(
+            "SELECT blocked_for_arrears FROM accounts WHERE id = $1", driver.account_id
+        )
+        receivable = await ledger.balance(conn, ledger.receivable(driver.account_id))
+        assert await ledger.is_balanced(conn)
+    assert (debt["amount_fen"], debt["session_id"], debt["settled_at"]) == (1200, stay["id"], None)
+    assert blocked and receivable == 1200
+    listed = await api.get("/api/v1/me/debts", headers=bearer(driver_token(app, driver.account_id)))
+    assert listed.json()["total_fen"] == 1200
+    assert await _exceptions(runtime, lot, "unpaid_exit") == []
+
+
+async def test_a_held_stay_left_unpaid_by_nobody_bound_goes_to_an_operator(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
+    held = gate.capture("out", plate)
+    assert (await gate.decide(lot.code, "out1", held))["action"] == "hold"
+    await gate.decide(lot.code, "in1", gate.capture("in", plate))
+    stay = await _stay(runtime, lot, plate)
+    assert (stay["status"], stay["settlement"], stay["fee_fen"]) == (
+        "superseded",
+        "unpaid_exit",
+        1200,
+    )
+    [exception] = await _exceptions(runtime, lot, "unpaid_exit")
+    assert exception["capture_id"] == held.capture_id and exception["status"] == "open"
+    assert exception["candidates"][0]["fee_fen"] == 1200
+    assert exception["candidates"][0]["session_id"] == stay["id"]
+
+
+async def test_a_stay_superseded_with_no_fee_held_stays_as_before(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
+    await gate.decide(lot.code, "in1", gate.capture("in", plate))
+    stay = await _stay(runtime, lot, plate)
+    assert (stay["status"], stay["settlement"], stay["fee_fen"]) == ("superseded", None, None)
+    assert await _exceptions(runtime, lot, "unpaid_exit") == []
+
+
+# 2. Booth payments.
+
+
+async def test_booth_cash_for_a_held_exit_closes_the_stay_books_it_and_opens_the_gate(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
+    held = gate.capture("out", plate)
+    assert (await gate.decide(lot.code, "out1", held))["fee_fen"] == 1200
+    headers = await _attendant(runtime, app, lot)
+    path = f"/api/v1/operator/car-parks/{lot.code}/booth-payments"
+    wrong = await api.post(
+        path,
+        json={"capture_id": str(held.capture_id), "method": "cash", "amount_fen": 1000},
+        headers=headers,
+    )
+    assert (wrong.status_code, wrong.json()["error"]["code"]) == (409, "amount_mismatch")
+    paid = await api.post(
+        path,
+        json={"capture_id": str(held.capture_id), "method": "cash", "amount_fen": 1200},
+        headers=headers,
+    )
+    assert paid.status_code == 201, paid.text
+    assert (paid.json()["amount_fen"], paid.json()["method"]) == (1200, "cash")
+    await gate.wait_for(held, commands=2)
+    assert gate.commands[str(held.capture_id)][1]["action"] == "open"
+
+    stay = await _stay(runtime, lot, plate)
+    assert (stay["status"], stay["settlement"], stay["fee_fen"]) == (
+        "closed",
+        "paid_at_booth",
+        1200,
+    )
+    async with runtime.pool.acquire() as conn:
+        assert await ledger.balance(conn, f"clearing:cash:car_park:{lot.id}") == 1200
+        assert await ledger.balance(conn, ledger.revenue(lot.id)) == -1200
+        assert await ledger.is_balanced(conn)
+        audit = await conn.fetchval(
+            "SELECT count(*) FROM audit_log WHERE action = 'booth_payment.recorded' "
+            "AND detail->>'session_id' = $1",
+            str(stay["id"]),
+        )
+        today = datetime.now(ZoneInfo(runtime.settings.timezone)).date()
+        revenue = await reports.revenue(
+            conn, start=today, end=today, timezone=runtime.settings.timezone, car_park_ids=[lot.id]
+        )
+        statement = await runtime.provider.statement(today)
+        async with conn.transaction():
+            books = await reconcile.reconcile(
+                conn, runtime.provider.name, today, statement, runtime.settings.timezone
+            )
+    assert audit == 1
+    assert [(r["paid_at_booth_fen"], r["net_fen"]) for r in revenue] == [(1200, 1200)]
+    mine = [b for b in books.booth if b.car_park_id == lot.id]
+    assert [(b.method, b.payments, b.amount_fen, b.ledger_fen) for b in mine] == [
+        ("cash", 1, 1200, 1200)
+    ]
+
+    # Nothing can take the same fee again: not the booth, not the QR code...
+    again = await api.post(
+        path,
+        json={"capture_id": str(held.capture_id), "method": "card", "amount_fen": 1200},
+        headers=headers,
+    )
+    assert again.status_code == 409
+    qr = await api.post(f"/api/v1/gate-payments/{held.capture_id}")
+    assert qr.status_code == 404, "the QR code is for a held exit, and this one is paid"
+    # ... and not a charge: the database refuses a second booking of the stay's fee.
+    driver = await make_driver(runtime, unique_plate())
+    async with runtime.pool.acquire() as conn:
+        with pytest.raises(asyncpg.UniqueViolationError):
+            async with conn.transaction():
+                await charges.queue_charge(
+                    conn,
+                    session_id=stay["id"],
+                    account_id=driver.account_id,
+                    agreement_id=driver.agreement_id or 0,
+                    car_park_id=lot.id,
+                    amount_fen=1200,
+                )
+
+
+async def test_a_booth_payment_is_for_staff_of_that_car_park_only(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
+    held = gate.capture("out", plate)
+    await gate.decide(lot.code, "out1", held)
+    other = await create_lot(runtime)
+    stranger = await _attendant(runtime, app, other)
+    body = {"capture_id": str(held.capture_id), "method": "cash", "amount_fen": 1200}
+    for code in (lot.code, other.code):
+        response = await api.post(
+            f"/api/v1/operator/car-parks/{code}/booth-payments", json=body, headers=stranger
+        )
+        assert response.status_code == 404, response.text
+    assert (await _stay(runtime, lot, plate))["status"] == "open"
+
+
+# 3. An offline hold sent to the booth is never charged pay-later.
+
+
+def _offline(gate: GateProbe, plate: str, action: str, **update: Any) -> Any:
+    return gate.capture("out", plate).model_copy(
+        update={"offline": True, "offline_action": action, **update}
+    )
+
+
+async def test_an_offline_hold_of_a_pay_later_driver_awaits_the_booth_and_is_never_charged(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=90))
+    upload = _offline(gate, driver.plate, "hold")
+    await gate.decide(lot.code, "out1", upload)
+    stay = await _stay(runtime, lot, driver.plate)
+    assert (stay["status"], stay["settlement"], stay["fee_fen"]) == (
+        "closed",
+        "offline_booth",
+        1200,
+    )
+    headers = await _attendant(runtime, app, lot)
+    listed = (await api.get("/api/v1/operator/exceptions", headers=headers)).json()
+    [waiting] = [e for e in listed if e["reason"] == "offline_booth"]
+    assert waiting["candidates"][0]["fee_fen"] == 1200
+
+    paid = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
+        json={"session_id": stay["id"], "method": "card", "amount_fen": 1200},
+        headers=headers,
+    )
+    assert paid.status_code == 201, paid.text
+    stay = await _stay(runtime, lot, driver.plate)
+    assert stay["settlement"] == "paid_at_booth"
+    [resolved] = await _exceptions(runtime, lot, "offline_booth")
+    assert resolved["status"] == "resolved"
+    async with runtime.pool.acquire() as conn:
+        assert await ledger.balance(conn, f"clearing:card:car_park:{lot.id}") == 1200
+    assert await charges_of(runtime, lot) == []
+
+
+async def test_an_offline_hold_uploaded_after_the_booth_took_the_money_is_matched_to_it(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=90))
+    stay = await _stay(runtime, lot, driver.plate)
+    left_at = datetime.now(UTC)
+    # The gate cannot reach us, the booth can: the attendant takes cash for the open stay.
+    paid = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
+        json={"session_id": stay["id"], "method": "cash", "amount_fen": 1200},
+        headers=await _attendant(runtime, app, lot),
+    )
+    assert paid.status_code == 201, paid.text
+    upload = _offline(gate, driver.plate, "hold", captured_at=left_at)
+    await gate.decide(lot.code, "out1", upload)
+    stay = await _stay(runtime, lot, driver.plate)
+    assert (stay["settlement"], stay["exit_capture_id"]) == ("paid_at_booth", upload.capture_id)
+    assert await charges_of(runtime, lot) == []
+    assert await _exceptions(runtime, lot, "offline_booth") == []
+    assert await _exceptions(runtime, lot, "no_entry") == []
+
+
+# 5. Ghost stays.
+
+
+async def test_a_stay_open_past_the_car_parks_limit_is_a_ghost_once(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(days=8))
+    fresh = unique_plate()
+    await enter(runtime, gate, lot, fresh, parked_for=timedelta(days=6))
+    for _ in range(2):  # idempotent: a second sweep finds nothing new
+        await ghosts.sweep_ghost_stays(runtime.pool, datetime.now(UTC))
+    [ghost] = await _exceptions(runtime, lot, "ghost_stay")
+    stay = await _stay(runtime, lot, plate)
+    assert ghost["candidates"][0]["session_id"] == stay["id"]
+    assert ghost["candidates"][0]["why"] == "open_too_long"
+    assert stay["ghost_at"] is not None and stay["status"] == "open"
+    assert (await _stay(runtime, lot, fresh))["ghost_at"] is None
+
+
+async def test_a_stay_whose_plate_entered_elsewhere_since_is_a_ghost(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(hours=3))
+    elsewhere = await create_lot(runtime)
+    await enter(runtime, gate, elsewhere, plate, parked_for=timedelta(hours=1))
+    await ghosts.sweep_ghost_stays(runtime.pool, datetime.now(UTC))
+    [ghost] = await _exceptions(runtime, lot, "ghost_stay")
+    assert ghost["candidates"][0]["why"] == "seen_elsewhere"
+    assert await _exceptions(runtime, elsewhere, "ghost_stay") == []
+
+
+async def test_a_ghost_stay_is_never_matched_to_an_uncertain_exit_read(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    plate = f"浙K{secrets.randbelow(10_000):04d}0"
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(days=8))
+    await ghosts.sweep_ghost_stays(runtime.pool, datetime.now(UTC))
+    # A doubtful read one confusion away (0 read as D): it would be matched to the stay.
+    doubtful = gate.capture("out", plate[:-1] + "D", confidence=0.5)
+    await gate.decide(lot.code, "out1", doubtful)
+    async with runtime.pool.acquire() as conn:
+        decided = await conn.fetchrow(
+            "SELECT outcome, session_id FROM captures WHERE capture_id = $1", doubtful.capture_id
+        )
+    assert decided["session_id"] is None and decided["outcome"] == "held_unreadable"
+    assert (await _stay(runtime, lot, plate))["status"] == "open"
+
+
+# 6. Gate clocks.
+
+
+async def test_a_gate_clock_far_ahead_prices_the_stay_at_the_time_the_server_received_it(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=30))
+    sent = datetime.now(UTC)
+    upload = _offline(gate, driver.plate, "open", captured_at=sent + timedelta(hours=26))
+    command = await gate.decide(lot.code, "out1", upload)
+    assert command["fee_fen"] == 600, "30 minutes, not 26 hours"
+    stay = await _stay(runtime, lot, driver.plate)
+    assert stay["exited_at"] <= datetime.now(UTC)
+    listed = await api.get(
+        "/api/v1/operator/clock-skews",
+        params={"car_park": lot.code},
+        headers=await _attendant(runtime, app, lot),
+    )
+    [skew] = listed.json()
+    assert (skew["kind"], skew["gate"], skew["session_id"]) == ("ahead", "out1", stay["id"])
+    assert skew["skew_s"] > 25 * 3600
+
+
+async def test_a_gate_clock_behind_the_entry_never_makes_a_stay_free(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    driver = await make_driver(runtime, unique_plate())
+    # 2 h 50 min in: three started hours when we receive the upload.
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=2, minutes=50))
+    stay = await _stay(runtime, lot, driver.plate)
+    upload = _offline(
+        gate, driver.plate, "open", captured_at=stay["entered_at"] - timedelta(hours=2)
+    )
+    command = await gate.decide(lot.code, "out1", upload)
+    assert command["fee_fen"] == 1800
+    stay = await _stay(runtime, lot, driver.plate)
+    assert stay["exited_at"] >= stay["entered_at"]
+    listed = await api.get(
+        "/api/v1/operator/clock-skews", headers=await _attendant(runtime, app, lot)
+    )
+    [skew] = [s for s in listed.json() if s["session_id"] == stay["id"]]
+    assert skew["kind"] == "behind" and skew["skew_s"] < -3600
+
+    async def charged() -> list[asyncpg.Record]:
+        return [c for c in await charges_of(runtime, lot) if c["amount_fen"] == 1800]
+
+    assert await eventually(charged)
+
+
+async def test_a_small_clock_error_is_clamped_without_a_flag(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=30))
+    upload = _offline(
+        gate, driver.plate, "open", captured_at=datetime.now(UTC) + timedelta(minutes=2)
+    )
+    await gate.decide(lot.code, "out1", upload)
+    stay = await _stay(runtime, lot, driver.plate)
+    assert stay["exited_at"] <= datetime.now(UTC)
+    async with runtime.pool.acquire() as conn:
+        flagged = await conn.fetchval(
+            "SELECT count(*) FROM gate_clock_skews WHERE capture_id = $1", upload.capture_id
+        )
+    assert flagged == 0
+
+
+async def test_an_exception_about_a_stay_is_not_resolved_by_deciding_its_capture_again(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(days=8))
+    await ghosts.sweep_ghost_stays(runtime.pool, datetime.now(UTC))
+    [ghost] = await _exceptions(runtime, lot, "ghost_stay")
+    # Filed under the stay's entry capture: deciding that again would enter the car again.
+    resolved = await api.post(
+        f"/api/v1/operator/exceptions/{ghost['id']}/resolve",
+        json={"plate": plate},
+        headers=await _attendant(runtime, app, lot),
+    )
+    assert resolved.status_code == 409, resolved.text
+    assert (await _stay(runtime, lot, plate))["status"] == "open"
