@@ -233,6 +233,11 @@ class GateAgent:
         return capture
 
     def _capture(self, capture_id: uuid.UUID, seq: int, event: CameraEvent) -> Capture:
+        # Only a gate that works both ways takes the camera's word for the direction: an exit
+        # must never be decided (offline: opened) as an entry.
+        direction = self.config.camera_direction or event.direction
+        if direction != event.direction:
+            log.warning("agent.direction_overridden", reported=event.direction, gate=direction)
         read = None
         if event.plate is not None:
             # A read without a confidence is not trusted: the server reads the image itself.
@@ -242,7 +247,7 @@ class GateAgent:
         return Capture(
             capture_id=capture_id,
             seq=seq,
-            direction=event.direction,
+            direction=direction,
             captured_at=event.captured_at,
             camera_read=read,
             image=image,

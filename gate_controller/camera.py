@@ -95,7 +95,13 @@ class CameraReport(BaseModel):
     def to_event(
         self, default_direction: Direction | None, image_jpeg: bytes | None, max_image_bytes: int
     ) -> CameraEvent:
-        direction = self.direction or default_direction
+        # The gate's own direction rules: at an exit-only gate, a report saying "in" would
+        # otherwise open the barrier offline as an entry (entries always open).
+        if default_direction is not None and self.direction not in (None, default_direction):
+            raise InvalidCameraReport(
+                f"direction {self.direction!r} at a gate that only works {default_direction!r}"
+            )
+        direction = default_direction or self.direction
         if direction is None:
             raise InvalidCameraReport("direction is required at a gate that works both ways")
         if self.image is not None:

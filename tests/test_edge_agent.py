@@ -547,13 +547,13 @@ async def test_folder_camera_rejects_what_is_not_a_report(tmp_path: Path) -> Non
     (tmp_path / "a.json").write_text('{"plate": "浙A12345", "color": "blue", "confidence": 0.9}')
     (tmp_path / "a.jpg").write_bytes(JPEG)
     (tmp_path / "b.json").write_text('{"color": "blue"}')
-    (tmp_path / "c.json").write_text('{"plate": "浙A12346", "direction": "out"}')
+    (tmp_path / "c.json").write_text('{"plate": "浙A12346", "direction": "in"}')
     camera = FolderCameraSource(tmp_path, "in", settle_s=0.0)
     events = camera.events()
     first = await anext(events)
     second = await anext(events)
     assert (first.plate, first.direction, first.image_jpeg) == ("浙A12345", "in", JPEG)
-    assert (second.plate, second.direction, second.image_jpeg) == ("浙A12346", "out", None)
+    assert (second.plate, second.direction, second.image_jpeg) == ("浙A12346", "in", None)
     assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["a.jpg", "a.json"]
     assert [p.name for p in (tmp_path / "rejected").iterdir()] == ["b.json"]
     await events.aclose()
@@ -571,3 +571,33 @@ def test_config_keys_round_trip_and_signatures_cover_the_expiry() -> None:
     assert signed(prolonged, key).signature != parsed.signature
     with pytest.raises(ValueError):
         load_private_key("not a key")
+
+
+async def test_an_exit_gate_never_takes_a_reports_word_that_a_car_is_coming_in(
+    tmp_path: Path,
+) -> None:
+    """Offline, an entry always opens: a report at an exit-only gate saying `direction: in`
+    must not turn the gate into an entry (the server would later dead-letter the upload, so
+    nothing would record the opening)."""
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    config = _config(tmp_path, lot, "out1", prefix, mqtt_url="mqtt://127.0.0.1:9")
+    async with lane(config, reachable=False) as out:
+        await out.camera.put(car("in", unique_plate()))
+        await until(lambda: out.display.shown)
+        assert out.display.current == [HOLD_TEXT] and not out.relay.openings
+        ((_, capture_id),) = out.agent.store.unacked()
+        assert out.agent.store.record(capture_id) is not None
+
+    # The camera inputs refuse such a report outright: it is not this gate's kind of pass.
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    (folder / "a.json").write_text('{"plate": "浙A12345", "direction": "in", "confidence": 0.9}')
+    camera = FolderCameraSource(folder, "out", settle_s=0.0, poll_s=0.01)
+    events = camera.events()
+    reading = asyncio.ensure_future(anext(events))
+    await until(lambda: (folder / "rejected" / "a.json").exists())
+    assert not reading.done()
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
+    await events.aclose()
