@@ -36,11 +36,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+)
 
 from gate_controller.barrier import Barrier, Display, SimulatedDisplay, SimulatedRelay
 from gate_controller.camera import (
     DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_SKEW_S,
     CameraEvent,
     CameraSource,
     FolderCameraSource,
@@ -92,6 +101,13 @@ class HttpCamera(BaseModel):
     kind: Literal["http"]
     host: str = "127.0.0.1"
     port: int = Field(default=8088, ge=0, lt=65536)
+    # The camera's own key (HMAC-SHA256 of each report) and the addresses it posts from:
+    # without both, anyone who reaches the port could report a parked driver's plate at the
+    # exit. No defaults: a config without them does not start.
+    key: SecretStr = Field(min_length=32)
+    allowed_addresses: list[IPvAnyNetwork] = Field(min_length=1)
+    # How far a report's time may be from the agent's clock.
+    max_skew_s: float = Field(default=DEFAULT_MAX_SKEW_S, gt=0, le=300)
 
 
 class AgentConfig(BaseModel):
@@ -108,6 +124,8 @@ class AgentConfig(BaseModel):
     kind = "http"    # or: kind = "folder" and path = "/srv/camera/drop"
     host = "192.168.1.10"
     port = 8088
+    key = "<32+ random characters, also set in the camera>"
+    allowed_addresses = ["192.168.1.20/32"]    # the camera's own address
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -542,6 +560,9 @@ async def serve(config: AgentConfig, stop: asyncio.Event) -> None:
                     config.camera.host,
                     config.camera.port,
                     config.camera_direction,
+                    key=config.camera.key.get_secret_value().encode(),
+                    allowed_addresses=[str(a) for a in config.camera.allowed_addresses],
+                    max_skew_s=config.camera.max_skew_s,
                     max_image_bytes=config.max_image_bytes,
                 )
             )

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from gate_controller.agent import AgentConfig, GateAgent
 from gate_controller.barrier import SimulatedDisplay, SimulatedRelay
@@ -25,10 +27,12 @@ from gate_controller.camera import (
     FolderCameraSource,
     HttpCameraSource,
     QueueCameraSource,
+    camera_signature_headers,
 )
 from gate_controller.mqtt import IncomingMessage, MqttClient
 from gate_controller.protocol import (
     DISPLAY_DEFAULTS,
+    Capture,
     Command,
     GateAddress,
     GateConfig,
@@ -57,6 +61,18 @@ SERVER_KEY = generate_private_key()
 HOLD_TEXT = DISPLAY_DEFAULTS["offline_hold"]
 # A tiny JPEG is enough: the camera's read is confident, the image rides along.
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64 + b"\xff\xd9"
+
+
+CAMERA_KEY = "camera-key-" + "k" * 32
+
+
+def _signed_post(
+    body: dict[str, Any], *, key: str = CAMERA_KEY, at: float | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """A camera report as the gate's own camera sends it: the body, and its timestamp and
+    HMAC headers."""
+    raw = orjson.dumps(body)
+    return raw, camera_signature_headers(key.encode(), raw, time.time() if at is None else at)
 
 
 def _prefix() -> str:
@@ -181,7 +197,9 @@ async def test_captures_reach_the_lane_and_the_barrier_follows_its_command(
     entry_config = _config(tmp_path, lot.code, "in1", prefix, offline_after_s=5.0)
     relay_in, display_in = SimulatedRelay(), SimulatedDisplay()
     async with (
-        HttpCameraSource("127.0.0.1", 0, "in") as camera,
+        HttpCameraSource(
+            "127.0.0.1", 0, "in", key=CAMERA_KEY.encode(), allowed_addresses=["127.0.0.1"]
+        ) as camera,
         GateAgent(entry_config, camera, relay_in, display_in) as entry_agent,
         httpx.AsyncClient(base_url=camera.url) as http,
     ):
@@ -192,20 +210,21 @@ async def test_captures_reach_the_lane_and_the_barrier_follows_its_command(
             {"image": "not base64!", "direction": "in"},
             {"image": base64.b64encode(b"GIF89a").decode()},
         ):
-            response = await http.post("/events", json=bad)
+            raw, headers = _signed_post(bad)
+            response = await http.post("/events", content=raw, headers=headers)
             assert response.status_code == 422, bad
             assert response.json()["error"]["code"] == "invalid_request"
         assert entry_agent.store.length() == 0
 
-        response = await http.post(
-            "/events",
-            json={
+        raw, headers = _signed_post(
+            {
                 "plate": driver.plate,
                 "color": "blue",
                 "confidence": 0.97,
                 "image": base64.b64encode(JPEG).decode(),
-            },
+            }
         )
+        response = await http.post("/events", content=raw, headers=headers)
         assert response.status_code == 202
         await until(lambda: relay_in.openings)
         assert [o.reason for o in relay_in.openings] == ["server"]
@@ -601,3 +620,85 @@ async def test_an_exit_gate_never_takes_a_reports_word_that_a_car_is_coming_in(
     with contextlib.suppress(asyncio.CancelledError):
         await reading
     await events.aclose()
+
+
+async def test_only_the_gates_own_camera_can_report_a_car(tmp_path: Path) -> None:
+    """Anyone who could reach `POST /events` could report a parked driver's plate at the exit:
+    their stay closed and charged, the barrier lifted for whoever stood there. Only a report
+    signed with the camera's key, fresh, never seen before, from an allowed address counts."""
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    trusted = unique_plate()
+    config = _config(tmp_path, lot, "out1", prefix, mqtt_url="mqtt://127.0.0.1:9")
+    whitelist = [WhitelistedCar(trusted, "blue", 20_000)]
+    relay, display = SimulatedRelay(), SimulatedDisplay()
+    report = {"plate": trusted, "color": "blue", "confidence": 0.99}
+    async with (
+        HttpCameraSource(
+            "127.0.0.1", 0, "out", key=CAMERA_KEY.encode(), allowed_addresses=["127.0.0.1/32"]
+        ) as camera,
+        GateAgent(config, camera, relay, display) as agent,
+        httpx.AsyncClient(base_url=camera.url) as http,
+    ):
+        agent.whitelist.offer(
+            build_config(lot, whitelist, SERVER_KEY, issued_at=datetime.now(UTC)),
+            datetime.now(UTC),
+        )
+        raw, headers = _signed_post(report)
+        forged_key = _signed_post(report, key="another-key-" + "x" * 32)
+        stale = _signed_post(report, at=time.time() - 600)
+        future = _signed_post(report, at=time.time() + 600)
+        tampered = (orjson.dumps(report | {"confidence": 1.0}), headers)
+        for body, sent_headers in (
+            (raw, {}),
+            (raw, {"X-Camera-Timestamp": headers["X-Camera-Timestamp"]}),
+            forged_key,
+            stale,
+            future,
+            tampered,
+        ):
+            response = await http.post("/events", content=body, headers=sent_headers)
+            assert response.status_code == 401, response.text
+            assert response.json()["error"]["code"] == "unauthenticated"
+        assert agent.store.length() == 0 and not relay.openings
+
+        # The genuine report is taken once; the same bytes again are a replay.
+        assert (await http.post("/events", content=raw, headers=headers)).status_code == 202
+        replayed = await http.post("/events", content=raw, headers=headers)
+        assert replayed.status_code == 401 and agent.store.length() == 1
+        await until(lambda: relay.openings)
+        assert [o.reason for o in relay.openings] == ["offline_exit"]
+
+        # A camera's clock cannot date a pass in the future (or far in the past): the agent's
+        # own clock bounds it.
+        before = datetime.now(UTC)
+        late = report | {"captured_at": (before + timedelta(days=1)).isoformat()}
+        raw, headers = _signed_post(late)
+        assert (await http.post("/events", content=raw, headers=headers)).status_code == 202
+        await until(lambda: agent.store.length() == 2)
+        payloads = [
+            Capture.model_validate_json(payload) for _, payload in agent.store.due(time.time() + 60)
+        ]
+        assert payloads and all(
+            before - timedelta(minutes=2) <= c.captured_at <= datetime.now(UTC) for c in payloads
+        )
+
+    # An agent configured for an HTTP camera without its key and addresses does not start.
+    for camera_section in (
+        {"kind": "http"},
+        {"kind": "http", "key": CAMERA_KEY},
+        {"kind": "http", "key": "short", "allowed_addresses": ["127.0.0.1"]},
+    ):
+        with pytest.raises(ValidationError):
+            _config(tmp_path, lot, "out1", prefix, camera=camera_section)
+
+    # From an address not on the list, even a signed report is refused.
+    async with (
+        HttpCameraSource(
+            "127.0.0.1", 0, "out", key=CAMERA_KEY.encode(), allowed_addresses=["10.1.2.3"]
+        ) as camera,
+        httpx.AsyncClient(base_url=camera.url) as http,
+    ):
+        raw, headers = _signed_post(report)
+        response = await http.post("/events", content=raw, headers=headers)
+        assert response.status_code == 403
+        assert response.json()["error"]["code"] == "forbidden"
