@@ -13,6 +13,12 @@ capture the gate already opened for changes nothing. A late "open" for a capture
 to the booth on its own lifts the barrier only while no newer car has been captured here (the
 car is still at the barrier); later than that, the booth has dealt with it.
 
+The gate acts only on commands the server signed (Ed25519, the key that signs its config) for
+this very gate, that have not expired; anything else is counted in `command_refusals` and
+ignored, whoever managed to publish it. An opening no signed command explains (the booth's
+button: `manual_open`) is reported as a `manual_open` event, kept on disk until the broker has
+it, so that operators see every lift of the barrier.
+
 The gate's status is retained on `.../status`, with an "offline" last will. Its config (the
 whitelist and display texts) is read from the retained `.../config` and kept on disk.
 
@@ -22,6 +28,7 @@ Run it as `python -m gate_controller.agent --config agent.toml` (see `AgentConfi
 import argparse
 import asyncio
 import base64
+import binascii
 import contextlib
 import importlib.metadata
 import signal
@@ -36,11 +43,21 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from cryptography.exceptions import InvalidSignature
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+)
 
 from gate_controller.barrier import Barrier, Display, SimulatedDisplay, SimulatedRelay
 from gate_controller.camera import (
     DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_SKEW_S,
     CameraEvent,
     CameraSource,
     FolderCameraSource,
@@ -92,6 +109,13 @@ class HttpCamera(BaseModel):
     kind: Literal["http"]
     host: str = "127.0.0.1"
     port: int = Field(default=8088, ge=0, lt=65536)
+    # The camera's own key (HMAC-SHA256 of each report) and the addresses it posts from:
+    # without both, anyone who reaches the port could report a parked driver's plate at the
+    # exit. No defaults: a config without them does not start.
+    key: SecretStr = Field(min_length=32)
+    allowed_addresses: list[IPvAnyNetwork] = Field(min_length=1)
+    # How far a report's time may be from the agent's clock.
+    max_skew_s: float = Field(default=DEFAULT_MAX_SKEW_S, gt=0, le=300)
 
 
 class AgentConfig(BaseModel):
@@ -108,6 +132,8 @@ class AgentConfig(BaseModel):
     kind = "http"    # or: kind = "folder" and path = "/srv/camera/drop"
     host = "192.168.1.10"
     port = 8088
+    key = "<32+ random characters, also set in the camera>"
+    allowed_addresses = ["192.168.1.20/32"]    # the camera's own address
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -170,6 +196,8 @@ class GateAgent:
         self._down_since: float | None = None
         # Configs refused since start, by reason (a forged one shows up here).
         self.config_refusals: Counter[str] = Counter()
+        # Commands refused since start, by reason (unsigned, forged, another gate's, expired).
+        self.command_refusals: Counter[str] = Counter()
 
     @property
     def store(self) -> Outbox:
@@ -233,6 +261,11 @@ class GateAgent:
         return capture
 
     def _capture(self, capture_id: uuid.UUID, seq: int, event: CameraEvent) -> Capture:
+        # Only a gate that works both ways takes the camera's word for the direction: an exit
+        # must never be decided (offline: opened) as an entry.
+        direction = self.config.camera_direction or event.direction
+        if direction != event.direction:
+            log.warning("agent.direction_overridden", reported=event.direction, gate=direction)
         read = None
         if event.plate is not None:
             # A read without a confidence is not trusted: the server reads the image itself.
@@ -242,7 +275,7 @@ class GateAgent:
         return Capture(
             capture_id=capture_id,
             seq=seq,
-            direction=event.direction,
+            direction=direction,
             captured_at=event.captured_at,
             camera_read=read,
             image=image,
@@ -326,6 +359,30 @@ class GateAgent:
         await self._lift(capture_id, reason)
         return True
 
+    async def manual_open(self, reason: str) -> None:
+        """The booth's button (or any opening no signed command explains): lifts the barrier and
+        reports it as a `manual_open` event, stored first so that it reaches the server even
+        when the link is down now."""
+        event = GateEvent(
+            type="manual_open", at=datetime.now(UTC), reason=reason[:200], event_id=uuid.uuid4()
+        )
+        self.store.add_event(encode(event))
+        await self.barrier.open("manual")
+        log.info("agent.manual_open")
+        await self._send_events()
+
+    async def _send_events(self) -> None:
+        """Sends the stored events, each dropped only once the broker has acknowledged it."""
+        for event_id, payload in self.store.pending_events():
+            if not self.mqtt.connected:
+                return
+            try:
+                await self.mqtt.publish(self._topic("event"), payload, wait=True)
+            except (RuntimeError, TimeoutError) as exc:
+                log.warning("agent.event_publish_failed", error=str(exc))
+                return
+            self.store.event_sent(event_id)
+
     async def _lift(self, capture_id: uuid.UUID, reason: str) -> None:
         await self.barrier.open(reason)
         event = GateEvent(
@@ -341,6 +398,13 @@ class GateAgent:
             command = Command.model_validate_json(message.payload)
         except ValidationError:
             log.warning("agent.bad_command", size=len(message.payload))
+            return
+        refusal = self._command_refusal(command, datetime.now(UTC))
+        if refusal is not None:
+            # Whoever can publish on the broker (a shared login, a broker without ACLs) must
+            # not be able to lift the barrier: only the server's key can.
+            self.command_refusals[refusal] += 1
+            log.warning("agent.command_refused", why=refusal, capture_id=str(command.capture_id))
             return
         answer = self._awaiting.get(command.capture_id)
         if answer is not None and not answer.done():
@@ -373,6 +437,22 @@ class GateAgent:
             return
         if await self._open(command.capture_id, "server_late"):
             await self.display.show(command.display)
+
+    def _command_refusal(self, command: Command, now: datetime) -> str | None:
+        """Why the gate must not act on `command`, or None when the server signed it for this
+        gate and it has not expired."""
+        if command.signature is None:
+            return "unsigned"
+        try:
+            signature = base64.b64decode(command.signature, validate=True)
+            self.whitelist.public_key.verify(signature, command.signed_bytes())
+        except (InvalidSignature, binascii.Error, ValueError):
+            return "bad_signature"
+        if (command.lot, command.gate) != (self.address.lot, self.address.gate):
+            return "other_gate"
+        if command.expires_at <= now:
+            return "expired"
+        return None
 
     def _on_ack(self, message: IncomingMessage) -> None:
         try:
@@ -451,6 +531,7 @@ class GateAgent:
                         next_heartbeat = now + self.config.heartbeat_s
                         await self._publish_status("online")
                     await self._send_due()
+                    await self._send_events()
                 if now >= next_prune:
                     next_prune = now + _PRUNE_EVERY_S
                     self.store.prune(time.time() - self.config.journal_keep_s)
@@ -537,6 +618,9 @@ async def serve(config: AgentConfig, stop: asyncio.Event) -> None:
                     config.camera.host,
                     config.camera.port,
                     config.camera_direction,
+                    key=config.camera.key.get_secret_value().encode(),
+                    allowed_addresses=[str(a) for a in config.camera.allowed_addresses],
+                    max_skew_s=config.camera.max_skew_s,
                     max_image_bytes=config.max_image_bytes,
                 )
             )

@@ -7,7 +7,10 @@ with 202 then. A crash before that leaves the event with the camera, to be deliv
 
 - `FolderCameraSource`: cameras (or their vendor software) that drop a JSON sidecar per pass,
   optionally with a JPEG of the same stem, into a folder.
-- `HttpCameraSource`: cameras that POST their reads, ANPR-style, to `POST /events`.
+- `HttpCameraSource`: cameras that POST their reads, ANPR-style, to `POST /events`. Only the
+  gate's own camera may: each report carries a timestamp and an HMAC-SHA256 of it and the body
+  under the camera's key (`camera_signature_headers`), is at most `max_skew_s` away from the
+  agent's clock, is taken once (a replay is refused), and comes from an allowed address.
 - `QueueCameraSource`: events handed in by code (tests, the simulator's vehicles).
 """
 
@@ -15,19 +18,21 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
+import hmac
+import ipaddress
 import shutil
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, Self
 
 import structlog
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -38,6 +43,22 @@ log = structlog.get_logger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 DEFAULT_MAX_IMAGE_BYTES = 256 * 1024
+TIMESTAMP_HEADER = "X-Camera-Timestamp"
+SIGNATURE_HEADER = "X-Camera-Signature"
+# How far a report's signing time (and the pass time it reports) may be from the agent's clock.
+DEFAULT_MAX_SKEW_S = 30.0
+
+
+def camera_signature(key: bytes, body: bytes, timestamp: str) -> str:
+    """Hex HMAC-SHA256 over `<timestamp>\n<body>`: the time is signed with the report, so an
+    old report cannot be sent again under a new time."""
+    return hmac.new(key, timestamp.encode() + b"\n" + body, hashlib.sha256).hexdigest()
+
+
+def camera_signature_headers(key: bytes, body: bytes, at: float) -> dict[str, str]:
+    """The headers a camera sends with `body` at Unix time `at`."""
+    timestamp = f"{at:.3f}"
+    return {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: camera_signature(key, body, timestamp)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +114,23 @@ class CameraReport(BaseModel):
         return self
 
     def to_event(
-        self, default_direction: Direction | None, image_jpeg: bytes | None, max_image_bytes: int
+        self,
+        default_direction: Direction | None,
+        image_jpeg: bytes | None,
+        max_image_bytes: int,
+        *,
+        max_age: timedelta | None = None,
     ) -> CameraEvent:
-        direction = self.direction or default_direction
+        """The report as an event. Its pass time is bounded by the agent's clock: never later
+        than now, and with `max_age` never earlier than that before now (the agent's time is
+        used instead), so that a camera's clock cannot stretch or shift a stay's fee."""
+        # The gate's own direction rules: at an exit-only gate, a report saying "in" would
+        # otherwise open the barrier offline as an entry (entries always open).
+        if default_direction is not None and self.direction not in (None, default_direction):
+            raise InvalidCameraReport(
+                f"direction {self.direction!r} at a gate that only works {default_direction!r}"
+            )
+        direction = default_direction or self.direction
         if direction is None:
             raise InvalidCameraReport("direction is required at a gate that works both ways")
         if self.image is not None:
@@ -110,9 +145,14 @@ class CameraReport(BaseModel):
                 raise InvalidCameraReport(
                     f"image of {len(image_jpeg)} bytes is over the {max_image_bytes}-byte limit"
                 )
+        now = datetime.now(UTC)
+        captured_at = self.captured_at
+        too_old = max_age is not None and captured_at is not None and captured_at < now - max_age
+        if captured_at is None or captured_at > now or too_old:
+            captured_at = now
         return CameraEvent(
             direction=direction,
-            captured_at=self.captured_at or datetime.now(UTC),
+            captured_at=captured_at,
             plate=self.plate,
             color=self.color,
             confidence=self.confidence,
@@ -239,9 +279,12 @@ def _error(status: int, code: str, message: str, details: Any = None) -> JSONRes
 
 
 class HttpCameraSource:
-    """`POST /events` with a `CameraReport` as JSON: 202 once the capture is stored, 422 for a
-    report that cannot be a capture, 503 when the agent does not take it in time. Serves on
-    `host:port` while inside `async with`; port 0 picks a free one (see `url`)."""
+    """`POST /events` with a `CameraReport` as JSON and the camera's signature headers: 202 once
+    the capture is stored; 403 from an address not in `allowed_addresses`; 401 for a missing,
+    wrong, stale (over `max_skew_s` off the agent's clock) or replayed signature; 413 for a body
+    no report with an allowed image can be; 422 for a report that cannot be a capture; 503 when
+    the agent does not take it in time. Serves on `host:port` while inside `async with`; port 0
+    picks a free one (see `url`)."""
 
     def __init__(
         self,
@@ -249,14 +292,27 @@ class HttpCameraSource:
         port: int,
         default_direction: Direction | None,
         *,
+        key: bytes,
+        allowed_addresses: Sequence[str],
+        max_skew_s: float = DEFAULT_MAX_SKEW_S,
         store_timeout_s: float = 5.0,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     ) -> None:
+        if len(key) < 16:
+            raise ValueError("the camera key must be at least 16 bytes")
+        if not allowed_addresses:
+            raise ValueError("no camera address is allowed")
         self.host = host
         self.port = port
         self.default_direction = default_direction
+        self.key = key
+        self.allowed = [ipaddress.ip_network(a, strict=False) for a in allowed_addresses]
+        self.max_skew_s = max_skew_s
         self.store_timeout_s = store_timeout_s
         self.max_image_bytes = max_image_bytes
+        # Signatures taken within the skew window, with when they may be forgotten: an older
+        # replay fails the time check anyway.
+        self._seen: dict[str, float] = {}
         self._handoff = _HandOff()
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -291,19 +347,33 @@ class HttpCameraSource:
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="gate agent camera input", docs_url=None, redoc_url=None)
 
-        @app.exception_handler(RequestValidationError)
-        async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-            details = [
-                {"field": ".".join(map(str, e["loc"][1:])) or "body", "message": e["msg"]}
-                for e in exc.errors()
-            ]
-            return _error(422, "invalid_request", "the camera report is not valid", details)
-
         @app.post("/events", status_code=202)
-        async def post_event(report: CameraReport) -> Any:
+        async def post_event(request: Request) -> Any:
+            if not self._address_allowed(request):
+                log.warning("camera.address_refused")
+                return _error(403, "forbidden", "this address may not report cars here")
+            body = await request.body()
+            refusal = self._authentication_refusal(request, body)
+            if refusal is not None:
+                log.warning("camera.report_refused", why=refusal)
+                return _error(401, "unauthenticated", f"camera report refused: {refusal}")
+            # base64 grows an image by a third; plus room for the read itself.
+            if len(body) > self.max_image_bytes * 4 // 3 + 4096:
+                return _error(413, "too_large", "the report is larger than any allowed image")
+            try:
+                report = CameraReport.model_validate_json(body)
+            except ValidationError as exc:
+                details = [
+                    {"field": ".".join(map(str, e["loc"])) or "body", "message": e["msg"]}
+                    for e in exc.errors()
+                ]
+                return _error(422, "invalid_request", "the camera report is not valid", details)
             try:
                 event = report.to_event(
-                    self.default_direction, None, max_image_bytes=self.max_image_bytes
+                    self.default_direction,
+                    None,
+                    max_image_bytes=self.max_image_bytes,
+                    max_age=timedelta(seconds=self.max_skew_s),
                 )
             except InvalidCameraReport as exc:
                 return _error(422, "invalid_request", str(exc))
@@ -314,3 +384,37 @@ class HttpCameraSource:
             return {"status": "accepted"}
 
         return app
+
+    def _address_allowed(self, request: Request) -> bool:
+        if request.client is None:
+            return False
+        try:
+            address = ipaddress.ip_address(request.client.host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.allowed)
+
+    def _authentication_refusal(self, request: Request, body: bytes) -> str | None:
+        """Why the report is not the camera's own, fresh and new; None when it is. The
+        signature is checked before the time, so an unsigned caller learns nothing else."""
+        timestamp = request.headers.get(TIMESTAMP_HEADER)
+        signature = request.headers.get(SIGNATURE_HEADER)
+        if timestamp is None or signature is None:
+            return "unsigned"
+        expected = camera_signature(self.key, body, timestamp)
+        if not hmac.compare_digest(expected, signature.strip().lower()):
+            return "bad_signature"
+        try:
+            signed_at = float(timestamp)
+        except ValueError:
+            return "bad_timestamp"
+        now = time.time()
+        if not abs(now - signed_at) <= self.max_skew_s:  # also refuses nan
+            return "stale"
+        for seen, forget_at in list(self._seen.items()):
+            if forget_at < now:
+                del self._seen[seen]
+        if expected in self._seen:
+            return "replayed"
+        self._seen[expected] = signed_at + self.max_skew_s
+        return None

@@ -36,6 +36,11 @@ CREATE TABLE IF NOT EXISTS captures (
 );
 CREATE INDEX IF NOT EXISTS captures_unacked ON captures (seq) WHERE acked_at IS NULL;
 CREATE INDEX IF NOT EXISTS captures_acked_at ON captures (acked_at) WHERE acked_at IS NOT NULL;
+-- Events the server must hear of (a manual open), until the broker has acknowledged them.
+CREATE TABLE IF NOT EXISTS events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    payload BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS gate_config (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
     payload BLOB NOT NULL
@@ -200,3 +205,17 @@ class Outbox:
     def load_config(self) -> bytes | None:
         row = self._db.execute("SELECT payload FROM gate_config WHERE id = 1").fetchone()
         return bytes(row[0]) if row else None
+
+    def add_event(self, payload: bytes) -> None:
+        with self._db:
+            self._db.execute("INSERT INTO events (payload) VALUES (?)", (payload,))
+
+    def pending_events(self, limit: int = 100) -> list[tuple[int, bytes]]:
+        rows = self._db.execute(
+            "SELECT id, payload FROM events ORDER BY id LIMIT ?", (limit,)
+        ).fetchall()
+        return [(event_id, bytes(payload)) for event_id, payload in rows]
+
+    def event_sent(self, event_id: int) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM events WHERE id = ?", (event_id,))

@@ -63,6 +63,30 @@ class Command(_Message):
     payment_qr_url: str | None = None
     issued_at: AwareDatetime
     expires_at: AwareDatetime
+    # Signed commands (parking.gates.commands): the gate they are for and the server's Ed25519
+    # signature (base64) over `signed_bytes()`. Optional so that older messages still parse;
+    # the gate agent acts on none without a valid signature for itself that has not expired.
+    lot: str | None = None
+    gate: str | None = None
+    signature: str | None = None
+
+    def signed_bytes(self) -> bytes:
+        """What the signature covers: the gate, the capture, what to do and show, and until
+        when, as canonical JSON. `"kind": "command"` keeps it from ever reading as a config."""
+        document = {
+            "v": 1,
+            "kind": "command",
+            "lot": self.lot,
+            "gate": self.gate,
+            "capture_id": str(self.capture_id),
+            "action": self.action,
+            "display": self.display,
+            "fee_fen": self.fee_fen,
+            "payment_qr_url": self.payment_qr_url,
+            "issued_at": _utc_text(self.issued_at),
+            "expires_at": _utc_text(self.expires_at),
+        }
+        return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
 
 
 class Ack(_Message):
@@ -78,7 +102,9 @@ class GateEvent(_Message):
     type: Literal["barrier_opened", "barrier_closed", "vehicle_passed", "manual_open"]
     at: AwareDatetime
     capture_id: UUID | None = None
-    reason: str | None = None
+    reason: str | None = Field(default=None, max_length=200)
+    # The event's own id: QoS 1 may deliver it twice, the server keeps it once.
+    event_id: UUID | None = None
 
 
 class GateStatus(_Message):

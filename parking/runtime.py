@@ -21,6 +21,7 @@ from gate_controller.mqtt import MqttClient
 from parking.booth import ghosts
 from parking.db import create_pool
 from parking.gates import config as gate_configs
+from parking.gates.events import GateEventRecorder
 from parking.infra import Endpoints
 from parking.lanes.worker import LaneWorker
 from parking.migrate import migrate
@@ -189,6 +190,8 @@ async def running(
         if lanes:
             await occupancy.rebuild_all()
             await lane_worker.start()
+            # The gates' manual openings, for operators (parking.gates.events).
+            await GateEventRecorder(settings, pool, mqtt).start()
         if lanes and settings.gate_config_key is not None:
             maintenance.append(
                 asyncio.create_task(

@@ -180,6 +180,7 @@ ROWS = [
     Row("GET", "/api/v1/operator/stays", Access.STAFF),
     Row("GET", "/api/v1/operator/exceptions", Access.STAFF),
     Row("GET", "/api/v1/operator/capture-conflicts", Access.STAFF),
+    Row("GET", "/api/v1/operator/gate-events", Access.STAFF),
     Row("GET", "/api/v1/operator/charge-exceptions", Access.STAFF),
     Row("POST", "/api/v1/operator/charge-exceptions/{charge_exception_id}/retry", Access.ADMIN_X),
     Row("GET", "/api/v1/operator/exceptions/{exception_id}/image", Access.STAFF_X),
@@ -416,3 +417,41 @@ async def test_lists_never_show_another_drivers_or_companys_objects(
     as_x = bearer(world.tokens["admin_x"])
     stays_x = (await api.get("/api/v1/operator/stays", headers=as_x)).json()
     assert set(world.stays_x) <= {s["id"] for s in stays_x}
+
+
+async def test_a_manual_open_takes_only_a_capture_of_the_gate_it_opens(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """Gate in1 opened by hand with the capture of a car held at out1: refused. Taken, it would
+    close that car's stay as let out by an operator while in1's barrier lifted for someone
+    else, and out1 would hold the car still."""
+    world = await _world(runtime, app, gate, lot)
+    as_x = bearer(world.tokens["admin_x"])
+    held = str(world.held_capture_x)
+    response = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/gates/in1/open",
+        headers=as_x,
+        json={"reason": "access matrix test", "capture_id": held},
+    )
+    assert response.status_code == 404, response.text
+    async with runtime.pool.acquire() as conn:
+        stay = await conn.fetchrow(
+            """SELECT s.status, c.command->>'action' AS action
+               FROM captures c JOIN sessions s ON s.id = c.session_id
+               WHERE c.capture_id = $1""",
+            world.held_capture_x,
+        )
+    assert (stay["status"], stay["action"]) == ("open", "hold")
+    # At its own gate the same capture is let out (the path above was the only difference).
+    response = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/gates/out1/open",
+        headers=as_x,
+        json={"reason": "access matrix test", "capture_id": held},
+    )
+    assert response.status_code == 200, response.text
+    opened = await eventually(lambda: _commands_for(gate, held, "open"), timeout_s=10.0)
+    assert {command["_topic"].rsplit("/", 2)[1] for command in opened} == {"out1"}
+
+
+async def _commands_for(gate: GateProbe, capture_id: str, action: str) -> list[dict[str, Any]]:
+    return [c for c in gate.commands[capture_id] if c["action"] == action]

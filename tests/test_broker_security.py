@@ -35,6 +35,7 @@ from parking.gates import provision
 PREFIX = f"sec-{uuid.uuid4().hex[:6]}"
 GATE_A = GateAddress("lot-1", "out1")
 GATE_B = GateAddress("lot-1", "in1")  # same car park: isolation holds between gates, not lots
+LANES_1 = provision.instance_username("lanes", 1)
 NEGATIVE_WAIT_S = 1.0
 TIMEOUT_S = 5.0
 
@@ -97,6 +98,7 @@ def broker() -> Iterator[Broker]:
     result = provision.provision(
         [GATE_A, GATE_B],
         root / "broker",
+        instances={"lanes": 2, "worker": 1, "api": 1},
         prefix=PREFIX,
         port=port,
         bind_address="127.0.0.1",
@@ -119,13 +121,21 @@ def broker() -> Iterator[Broker]:
 class Client:
     """A threaded paho client speaking MQTT 3.1.1, as the gates do; records what it receives."""
 
-    def __init__(self, broker: Broker, username: str | None, password: str | None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        username: str | None,
+        password: str | None,
+        client_id: str | None = None,
+    ) -> None:
         self._broker = broker
         self._paho = paho.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"sec-{uuid.uuid4().hex[:8]}",
+            client_id=client_id or f"sec-{uuid.uuid4().hex[:8]}",
             protocol=paho.MQTTv311,
         )
+        self.disconnects = 0
+        self._paho.on_disconnect = self._on_disconnect
         if username is not None:
             self._paho.username_pw_set(username, password)
         self._paho.on_connect = self._on_connect
@@ -141,6 +151,11 @@ class Client:
     ) -> None:
         with self._changed:
             self.connect_result = code
+            self._changed.notify_all()
+
+    def _on_disconnect(self, *_: object) -> None:
+        with self._changed:
+            self.disconnects += 1
             self._changed.notify_all()
 
     def _on_subscribe(
@@ -186,8 +201,8 @@ class Client:
 
 
 @contextlib.contextmanager
-def logged_in(broker: Broker, username: str) -> Iterator[Client]:
-    client = Client(broker, username, broker.passwords[username])
+def logged_in(broker: Broker, username: str, client_id: str | None = None) -> Iterator[Client]:
+    client = Client(broker, username, broker.passwords[username], client_id)
     code = client.connect()
     try:
         assert not code.is_failure, f"{username} refused: {code}"
@@ -204,7 +219,7 @@ def test_gates_use_their_own_topics_and_the_lane_service_those_of_every_gate(
     broker: Broker,
 ) -> None:
     with (
-        logged_in(broker, provision.LANES_USER) as lanes,
+        logged_in(broker, LANES_1) as lanes,
         logged_in(broker, provision.gate_username(GATE_A)) as gate,
     ):
         # The lane service subscribes as the scaled-out lane workers do.
@@ -227,7 +242,7 @@ def test_gates_use_their_own_topics_and_the_lane_service_those_of_every_gate(
 
 def test_a_gate_cannot_publish_as_another_gate_or_as_the_server(broker: Broker) -> None:
     with (
-        logged_in(broker, provision.LANES_USER) as lanes,
+        logged_in(broker, LANES_1) as lanes,
         logged_in(broker, provision.gate_username(GATE_A)) as gate_a,
         logged_in(broker, provision.gate_username(GATE_B)) as gate_b,
     ):
@@ -258,7 +273,7 @@ def test_a_gate_cannot_publish_as_another_gate_or_as_the_server(broker: Broker) 
 
 def test_a_gate_subscribing_to_everything_receives_only_its_own_messages(broker: Broker) -> None:
     with (
-        logged_in(broker, provision.LANES_USER) as lanes,
+        logged_in(broker, LANES_1) as lanes,
         logged_in(broker, provision.gate_username(GATE_A)) as gate_a,
         logged_in(broker, provision.gate_username(GATE_B)) as gate_b,
     ):
@@ -286,7 +301,7 @@ def test_a_gate_subscribing_to_everything_receives_only_its_own_messages(broker:
 
 def test_the_lane_service_cannot_forge_a_capture(broker: Broker) -> None:
     with (
-        logged_in(broker, provision.LANES_USER) as lanes,
+        logged_in(broker, LANES_1) as lanes,
         logged_in(broker, provision.gate_username(GATE_A)) as gate,
     ):
         lanes.subscribe(broker.topics.all_gates("capture"))
@@ -384,8 +399,9 @@ def test_reprovisioning_keeps_passwords_until_rotated(
     assert orjson.loads(capsys.readouterr().out)["new_passwords"] == 1
     second = _passwords(out)
     assert second[a] == first[a]
-    assert second[provision.LANES_USER] == first[provision.LANES_USER]
-    assert set(second) == {provision.LANES_USER, a, b}
+    assert second[LANES_1] == first[LANES_1]
+    roles = {provision.instance_username(role, 1) for role in provision.ROLES}
+    assert set(second) == roles | {a, b}
 
     acl = (out / provision.ACL_FILE).read_text()
     assert f"user {b}\ntopic write parking/v1/lot-1/in1/capture\n" in acl
@@ -394,9 +410,9 @@ def test_reprovisioning_keeps_passwords_until_rotated(
 
     assert _provision_command("--gate", "lot-1/in1", "--rotate", *common) == 0
     third = _passwords(out)
-    assert set(third) == {provision.LANES_USER, b}  # lot-1/out1 removed: its login is gone
+    assert set(third) == roles | {b}  # lot-1/out1 removed: its login is gone
     assert third[b] != second[b]
-    assert third[provision.LANES_USER] != second[provision.LANES_USER]
+    assert third[LANES_1] != second[LANES_1]
     assert f"\n{a}:" not in (out / provision.PASSWORD_FILE).read_text()
 
 
@@ -414,3 +430,68 @@ async def test_gates_are_read_from_the_database(database_url: str) -> None:
         await conn.close()
     gates = await provision.gates_from_database(database_url)
     assert {GateAddress(code, "in1"), GateAddress(code, "out1")} <= set(gates)
+
+
+def test_a_gate_cannot_disconnect_another_gate_by_taking_its_client_id(broker: Broker) -> None:
+    """A gate's client id is predictable (`gate-<lot>-<gate>`); any gate login used to knock
+    that gate off the broker by connecting under it. The broker now takes the client id from
+    the username, so the impostor only ever replaces its own session."""
+    victim_id = provision.gate_username(GATE_B)
+    with (
+        logged_in(broker, LANES_1) as lanes,
+        logged_in(broker, provision.gate_username(GATE_B), client_id=victim_id) as victim,
+    ):
+        victim.subscribe(broker.topic(GATE_B, "command"))
+        with logged_in(broker, provision.gate_username(GATE_A), client_id=victim_id):
+            lanes.publish(broker.topic(GATE_B, "command"), b"still-there")
+            assert victim.gets(broker.topic(GATE_B, "command"), b"still-there")
+        assert victim.disconnects == 0
+
+
+def test_each_server_process_has_its_own_login_and_only_its_roles_topics(broker: Broker) -> None:
+    """Lane processes, charge workers and API processes each log in as themselves (two lane
+    processes at once included); workers and the API may only send commands."""
+    lanes_2 = provision.instance_username("lanes", 2)
+    worker, api = (provision.instance_username(r, 1) for r in ("worker", "api"))
+    assert {LANES_1, lanes_2, worker, api} <= broker.passwords.keys()
+    with (
+        logged_in(broker, LANES_1) as first,
+        logged_in(broker, lanes_2) as second,
+        logged_in(broker, worker) as charge_worker,
+        logged_in(broker, api) as api_process,
+        logged_in(broker, provision.gate_username(GATE_A)) as gate,
+    ):
+        for lanes in (first, second):
+            lanes.subscribe(f"$share/lanes/{broker.topics.all_gates('capture')}")
+        charge_worker.subscribe(broker.topics.all_gates("capture"))
+        gate.subscribe(broker.topic(GATE_A, "command"))
+        gate.subscribe(broker.topic(GATE_A, "config"))
+        charge_worker.publish(broker.topic(GATE_A, "command"), b"from-worker")
+        api_process.publish(broker.topic(GATE_A, "command"), b"from-api")
+        api_process.publish(broker.topic(GATE_A, "config"), b"forged", retain=True)
+        gate.publish(broker.topic(GATE_A, "capture"), b"genuine")
+        assert gate.gets(broker.topic(GATE_A, "command"), b"from-worker")
+        assert gate.gets(broker.topic(GATE_A, "command"), b"from-api")
+        capture = broker.topic(GATE_A, "capture")
+        # A shared subscription: one of the two lane processes gets it.
+        assert first.gets(capture, b"genuine") or second.gets(capture, b"genuine", 0)
+        assert not charge_worker.gets_any(lambda m: True, NEGATIVE_WAIT_S)
+        assert not gate.gets_any(forged, 0)
+        assert first.disconnects == second.disconnects == 0
+
+
+def test_an_oversized_message_never_reaches_the_lane_service(broker: Broker) -> None:
+    """A 100 MiB capture took a lane process from 187 to 447 MB: the broker now drops any
+    packet over 1 MiB and disconnects its sender."""
+    assert provision.MAX_PACKET_BYTES == 1024 * 1024
+    with (
+        logged_in(broker, LANES_1) as lanes,
+        logged_in(broker, provision.gate_username(GATE_A)) as big,
+        logged_in(broker, provision.gate_username(GATE_B)) as small,
+    ):
+        lanes.subscribe(broker.topics.all_gates("capture"))
+        big._paho.publish(broker.topic(GATE_A, "capture"), b"x" * (2 * 1024 * 1024), qos=1)
+        assert big._wait(lambda: big.disconnects > 0, TIMEOUT_S)
+        small.publish(broker.topic(GATE_B, "capture"), b"small")
+        assert lanes.gets(broker.topic(GATE_B, "capture"), b"small")
+        assert not lanes.gets_any(lambda m: len(m.payload) > 1024 * 1024, 0)

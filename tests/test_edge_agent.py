@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -14,9 +15,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import orjson
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi import FastAPI
+from pydantic import SecretStr, ValidationError
 
 from gate_controller.agent import AgentConfig, GateAgent
 from gate_controller.barrier import SimulatedDisplay, SimulatedRelay
@@ -25,10 +30,12 @@ from gate_controller.camera import (
     FolderCameraSource,
     HttpCameraSource,
     QueueCameraSource,
+    camera_signature_headers,
 )
 from gate_controller.mqtt import IncomingMessage, MqttClient
 from gate_controller.protocol import (
     DISPLAY_DEFAULTS,
+    Capture,
     Command,
     GateAddress,
     GateConfig,
@@ -38,6 +45,7 @@ from gate_controller.protocol import (
 )
 from gate_controller.simulator import Vehicle
 from parking.gates import repository as gates_repo
+from parking.gates.commands import sign_command
 from parking.gates.config import (
     build_config,
     generate_private_key,
@@ -50,13 +58,62 @@ from parking.gates.config import (
 from parking.gates.repository import WhitelistedCar
 from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
-from tests.conftest import MQTT_URL, Lot, enter, eventually, make_driver, stay_status, unique_plate
+from tests.conftest import (
+    MQTT_URL,
+    Lot,
+    bearer,
+    create_lot,
+    enter,
+    eventually,
+    make_driver,
+    make_staff,
+    staff_token,
+    stay_status,
+    unique_plate,
+)
 from tests.gates import GateProbe, SubAcks
 
 SERVER_KEY = generate_private_key()
 HOLD_TEXT = DISPLAY_DEFAULTS["offline_hold"]
 # A tiny JPEG is enough: the camera's read is confident, the image rides along.
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64 + b"\xff\xd9"
+
+
+CAMERA_KEY = "camera-key-" + "k" * 32
+
+
+def _signed_post(
+    body: dict[str, Any], *, key: str = CAMERA_KEY, at: float | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """A camera report as the gate's own camera sends it: the body, and its timestamp and
+    HMAC headers."""
+    raw = orjson.dumps(body)
+    return raw, camera_signature_headers(key.encode(), raw, time.time() if at is None else at)
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The runtime signs its commands with the key the agents here trust; it publishes the
+    gates' configs once at its start (`clean_configs` clears them after the test)."""
+    return settings.model_copy(
+        update={
+            "gate_config_key": SecretStr(private_key_pem(SERVER_KEY)),
+            "gate_config_interval_s": 3600.0,
+        }
+    )
+
+
+@pytest.fixture
+async def clean_configs(settings: Settings, database_url: str) -> AsyncIterator[None]:
+    yield
+    conn = await asyncpg.connect(database_url)
+    try:
+        gates = await gates_repo.gate_addresses(conn)
+    finally:
+        await conn.close()
+    topics = Topics(settings.mqtt_topic_prefix)
+    async with Listener() as cleaner:
+        await cleaner.clear_retained([topics.topic(g, "config") for g in gates])
 
 
 def _prefix() -> str:
@@ -142,11 +199,14 @@ class Listener:
 
 def _open_command(
     capture_id: uuid.UUID,
+    address: GateAddress,
     *,
     ttl: timedelta = timedelta(seconds=30),
     display: tuple[str, ...] = ("已缴费 一路顺风",),
+    key: Ed25519PrivateKey = SERVER_KEY,
 ) -> bytes:
-    """An operator's or a payment's "open" for the capture, as the server would send it."""
+    """An operator's or a payment's "open" for the capture, as the server sends it: signed for
+    the gate at `address`."""
     now = datetime.now(UTC)
     command = Command(
         capture_id=capture_id,
@@ -155,7 +215,7 @@ def _open_command(
         issued_at=now,
         expires_at=now + ttl,
     )
-    return encode(command)
+    return encode(sign_command(command, address, key))
 
 
 async def until(predicate: Callable[[], Any], timeout_s: float = 10.0) -> Any:
@@ -174,14 +234,16 @@ async def _stored_captures(runtime: Runtime, capture_ids: list[uuid.UUID]) -> li
 
 
 async def test_captures_reach_the_lane_and_the_barrier_follows_its_command(
-    runtime: Runtime, settings: Settings, lot: Lot, tmp_path: Path
+    runtime: Runtime, settings: Settings, lot: Lot, tmp_path: Path, clean_configs: None
 ) -> None:
     driver = await make_driver(runtime, unique_plate())
     prefix = settings.mqtt_topic_prefix
     entry_config = _config(tmp_path, lot.code, "in1", prefix, offline_after_s=5.0)
     relay_in, display_in = SimulatedRelay(), SimulatedDisplay()
     async with (
-        HttpCameraSource("127.0.0.1", 0, "in") as camera,
+        HttpCameraSource(
+            "127.0.0.1", 0, "in", key=CAMERA_KEY.encode(), allowed_addresses=["127.0.0.1"]
+        ) as camera,
         GateAgent(entry_config, camera, relay_in, display_in) as entry_agent,
         httpx.AsyncClient(base_url=camera.url) as http,
     ):
@@ -192,20 +254,21 @@ async def test_captures_reach_the_lane_and_the_barrier_follows_its_command(
             {"image": "not base64!", "direction": "in"},
             {"image": base64.b64encode(b"GIF89a").decode()},
         ):
-            response = await http.post("/events", json=bad)
+            raw, headers = _signed_post(bad)
+            response = await http.post("/events", content=raw, headers=headers)
             assert response.status_code == 422, bad
             assert response.json()["error"]["code"] == "invalid_request"
         assert entry_agent.store.length() == 0
 
-        response = await http.post(
-            "/events",
-            json={
+        raw, headers = _signed_post(
+            {
                 "plate": driver.plate,
                 "color": "blue",
                 "confidence": 0.97,
                 "image": base64.b64encode(JPEG).decode(),
-            },
+            }
         )
+        response = await http.post("/events", content=raw, headers=headers)
         assert response.status_code == 202
         await until(lambda: relay_in.openings)
         assert [o.reason for o in relay_in.openings] == ["server"]
@@ -242,6 +305,7 @@ async def test_offline_decisions_from_the_signed_whitelist_are_uploaded_when_the
     gate: GateProbe,
     provider: ProviderEndpoint,
     tmp_path: Path,
+    clean_configs: None,
 ) -> None:
     bound = await make_driver(runtime, unique_plate())
     blocked = await make_driver(runtime, unique_plate())
@@ -312,7 +376,7 @@ async def test_offline_decisions_from_the_signed_whitelist_are_uploaded_when_the
                 for gate_name in ("out1", "in1"):
                     await uplink.mqtt.publish(
                         topics.topic(GateAddress(lot.code, gate_name), "command"),
-                        _open_command(remote),
+                        _open_command(remote, GateAddress(lot.code, gate_name)),
                     )
                 await until(lambda: "remote" in out.reasons() and "remote" in into.reasons())
                 stats = lanes.lanes.stats
@@ -394,8 +458,11 @@ async def test_forged_tampered_foreign_and_expired_whitelists_are_ignored(tmp_pa
 
 async def test_a_late_server_command_never_lifts_the_barrier_twice(tmp_path: Path) -> None:
     prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
-    command_topic = Topics(prefix).topic(GateAddress(lot, "out1"), "command")
-    open_command = _open_command
+    address = GateAddress(lot, "out1")
+    command_topic = Topics(prefix).topic(address, "command")
+
+    def open_command(capture_id: uuid.UUID, **options: Any) -> bytes:
+        return _open_command(capture_id, address, **options)
 
     async def handled(mark: str) -> None:
         """Until the gate has handled every command published before now: it handles them in
@@ -547,13 +614,13 @@ async def test_folder_camera_rejects_what_is_not_a_report(tmp_path: Path) -> Non
     (tmp_path / "a.json").write_text('{"plate": "浙A12345", "color": "blue", "confidence": 0.9}')
     (tmp_path / "a.jpg").write_bytes(JPEG)
     (tmp_path / "b.json").write_text('{"color": "blue"}')
-    (tmp_path / "c.json").write_text('{"plate": "浙A12346", "direction": "out"}')
+    (tmp_path / "c.json").write_text('{"plate": "浙A12346", "direction": "in"}')
     camera = FolderCameraSource(tmp_path, "in", settle_s=0.0)
     events = camera.events()
     first = await anext(events)
     second = await anext(events)
     assert (first.plate, first.direction, first.image_jpeg) == ("浙A12345", "in", JPEG)
-    assert (second.plate, second.direction, second.image_jpeg) == ("浙A12346", "out", None)
+    assert (second.plate, second.direction, second.image_jpeg) == ("浙A12346", "in", None)
     assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["a.jpg", "a.json"]
     assert [p.name for p in (tmp_path / "rejected").iterdir()] == ["b.json"]
     await events.aclose()
@@ -571,3 +638,250 @@ def test_config_keys_round_trip_and_signatures_cover_the_expiry() -> None:
     assert signed(prolonged, key).signature != parsed.signature
     with pytest.raises(ValueError):
         load_private_key("not a key")
+
+
+async def test_an_exit_gate_never_takes_a_reports_word_that_a_car_is_coming_in(
+    tmp_path: Path,
+) -> None:
+    """Offline, an entry always opens: a report at an exit-only gate saying `direction: in`
+    must not turn the gate into an entry (the server would later dead-letter the upload, so
+    nothing would record the opening)."""
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    config = _config(tmp_path, lot, "out1", prefix, mqtt_url="mqtt://127.0.0.1:9")
+    async with lane(config, reachable=False) as out:
+        await out.camera.put(car("in", unique_plate()))
+        await until(lambda: out.display.shown)
+        assert out.display.current == [HOLD_TEXT] and not out.relay.openings
+        ((_, capture_id),) = out.agent.store.unacked()
+        assert out.agent.store.record(capture_id) is not None
+
+    # The camera inputs refuse such a report outright: it is not this gate's kind of pass.
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    (folder / "a.json").write_text('{"plate": "浙A12345", "direction": "in", "confidence": 0.9}')
+    camera = FolderCameraSource(folder, "out", settle_s=0.0, poll_s=0.01)
+    events = camera.events()
+    reading = asyncio.ensure_future(anext(events))
+    await until(lambda: (folder / "rejected" / "a.json").exists())
+    assert not reading.done()
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
+    await events.aclose()
+
+
+async def test_only_the_gates_own_camera_can_report_a_car(tmp_path: Path) -> None:
+    """Anyone who could reach `POST /events` could report a parked driver's plate at the exit:
+    their stay closed and charged, the barrier lifted for whoever stood there. Only a report
+    signed with the camera's key, fresh, never seen before, from an allowed address counts."""
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    trusted = unique_plate()
+    config = _config(tmp_path, lot, "out1", prefix, mqtt_url="mqtt://127.0.0.1:9")
+    whitelist = [WhitelistedCar(trusted, "blue", 20_000)]
+    relay, display = SimulatedRelay(), SimulatedDisplay()
+    report = {"plate": trusted, "color": "blue", "confidence": 0.99}
+    async with (
+        HttpCameraSource(
+            "127.0.0.1", 0, "out", key=CAMERA_KEY.encode(), allowed_addresses=["127.0.0.1/32"]
+        ) as camera,
+        GateAgent(config, camera, relay, display) as agent,
+        httpx.AsyncClient(base_url=camera.url) as http,
+    ):
+        agent.whitelist.offer(
+            build_config(lot, whitelist, SERVER_KEY, issued_at=datetime.now(UTC)),
+            datetime.now(UTC),
+        )
+        raw, headers = _signed_post(report)
+        forged_key = _signed_post(report, key="another-key-" + "x" * 32)
+        stale = _signed_post(report, at=time.time() - 600)
+        future = _signed_post(report, at=time.time() + 600)
+        tampered = (orjson.dumps(report | {"confidence": 1.0}), headers)
+        for body, sent_headers in (
+            (raw, {}),
+            (raw, {"X-Camera-Timestamp": headers["X-Camera-Timestamp"]}),
+            forged_key,
+            stale,
+            future,
+            tampered,
+        ):
+            response = await http.post("/events", content=body, headers=sent_headers)
+            assert response.status_code == 401, response.text
+            assert response.json()["error"]["code"] == "unauthenticated"
+        assert agent.store.length() == 0 and not relay.openings
+
+        # The genuine report is taken once; the same bytes again are a replay.
+        assert (await http.post("/events", content=raw, headers=headers)).status_code == 202
+        replayed = await http.post("/events", content=raw, headers=headers)
+        assert replayed.status_code == 401 and agent.store.length() == 1
+        await until(lambda: relay.openings)
+        assert [o.reason for o in relay.openings] == ["offline_exit"]
+
+        # A camera's clock cannot date a pass in the future (or far in the past): the agent's
+        # own clock bounds it.
+        before = datetime.now(UTC)
+        late = report | {"captured_at": (before + timedelta(days=1)).isoformat()}
+        raw, headers = _signed_post(late)
+        assert (await http.post("/events", content=raw, headers=headers)).status_code == 202
+        await until(lambda: agent.store.length() == 2)
+        payloads = [
+            Capture.model_validate_json(payload) for _, payload in agent.store.due(time.time() + 60)
+        ]
+        assert payloads and all(
+            before - timedelta(minutes=2) <= c.captured_at <= datetime.now(UTC) for c in payloads
+        )
+
+    # An agent configured for an HTTP camera without its key and addresses does not start.
+    for camera_section in (
+        {"kind": "http"},
+        {"kind": "http", "key": CAMERA_KEY},
+        {"kind": "http", "key": "short", "allowed_addresses": ["127.0.0.1"]},
+    ):
+        with pytest.raises(ValidationError):
+            _config(tmp_path, lot, "out1", prefix, camera=camera_section)
+
+    # From an address not on the list, even a signed report is refused.
+    async with (
+        HttpCameraSource(
+            "127.0.0.1", 0, "out", key=CAMERA_KEY.encode(), allowed_addresses=["10.1.2.3"]
+        ) as camera,
+        httpx.AsyncClient(base_url=camera.url) as http,
+    ):
+        raw, headers = _signed_post(report)
+        response = await http.post("/events", content=raw, headers=headers)
+        assert response.status_code == 403
+        assert response.json()["error"]["code"] == "forbidden"
+
+
+async def test_a_gate_acts_only_on_commands_the_server_signed_for_it(tmp_path: Path) -> None:
+    """Whoever can publish on a gate's command topic (the shared lane login, a broker without
+    ACLs) could lift its barrier. The gate now lifts only for a command the server signed for
+    this gate and this capture, before it expires."""
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    address = GateAddress(lot, "out1")
+    topic = Topics(prefix).topic(address, "command")
+    now = datetime.now(UTC)
+
+    def command(action: str = "open", display: str = "开") -> Command:
+        return Command(
+            capture_id=uuid.uuid4(),
+            action=action,  # type: ignore[arg-type]
+            display=[display],
+            issued_at=now,
+            expires_at=now + timedelta(seconds=30),
+        )
+
+    held = sign_command(command("hold"), address, SERVER_KEY)
+    refused = [
+        encode(command()),  # unsigned, as every command was before
+        encode(sign_command(command(), address, generate_private_key())),
+        encode(held.model_copy(update={"action": "open"})),  # a signed hold made an open
+        encode(sign_command(command(), GateAddress(lot, "out2"), SERVER_KEY)),
+        encode(sign_command(command(), GateAddress("another-lot", "out1"), SERVER_KEY)),
+        _open_command(uuid.uuid4(), address, ttl=timedelta(seconds=-1)),
+    ]
+    async with Listener() as anyone, lane(_config(tmp_path, lot, "out1", prefix)) as out:
+        for payload in refused:
+            await anyone.mqtt.publish(topic, payload)
+        # Handled in order: once the genuine one has lifted the barrier, all were seen.
+        await anyone.mqtt.publish(topic, _open_command(uuid.uuid4(), address, display=("真",)))
+        await until(lambda: out.display.current == ["真"])
+        assert out.reasons() == ["remote"]
+        assert out.agent.command_refusals == {
+            "unsigned": 1,
+            "bad_signature": 2,
+            "other_gate": 2,
+            "expired": 1,
+        }
+
+
+async def test_every_publisher_signs_its_commands_for_the_gate_they_are_for(
+    runtime: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    provider: ProviderEndpoint,
+    gate: GateProbe,
+    lot: Lot,
+    clean_configs: None,
+) -> None:
+    """The lane's decisions, the gate opened after a payment at the gate and an operator's
+    manual open are all signed the same way."""
+    public_key = SERVER_KEY.public_key()
+    paying, by_hand = unique_plate(), unique_plate()
+    for plate in (paying, by_hand):
+        await enter(runtime, gate, lot, plate, parked_for=timedelta(hours=1))
+    held_paying = gate.capture("out", paying)
+    held_by_hand = gate.capture("out", by_hand)
+    qr_url = (await gate.decide(lot.code, "out1", held_paying))["payment_qr_url"]
+    assert (await gate.decide(lot.code, "out1", held_by_hand))["action"] == "hold"
+
+    staff = await make_staff(runtime, lot.operator_id)
+    opened = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/gates/out1/open",
+        headers=bearer(staff_token(app, staff)),
+        json={"reason": "driver at the booth", "capture_id": str(held_by_hand.capture_id)},
+    )
+    assert opened.status_code == 200, opened.text
+    qr_path = httpx.URL(qr_url).path
+    view = (await api.post(qr_path)).json()
+    async with httpx.AsyncClient(base_url=provider.url) as wallet:
+        out_trade_no = httpx.URL(view["pay_url"]).path.rsplit("/", 1)[-1]
+        assert (await wallet.post(f"/v1/payments/{out_trade_no}/pay")).status_code == 200
+    assert (await api.get(qr_path)).json()["status"] == "succeeded"
+    await gate.wait_for(held_paying, commands=2)
+    await gate.wait_for(held_by_hand, commands=2, acks=1)
+
+    published = [c for commands in gate.commands.values() for c in commands]
+    assert {(c["capture_id"], c["action"]) for c in published} >= {
+        (str(held_paying.capture_id), "open"),  # the payment's
+        (str(held_by_hand.capture_id), "open"),  # the operator's
+        (str(held_by_hand.capture_id), "hold"),  # the lane's
+    }
+    for data in published:
+        topic = data.pop("_topic")
+        command = Command.model_validate(data)
+        assert command.signature is not None, data
+        public_key.verify(base64.b64decode(command.signature), command.signed_bytes())
+        assert topic.endswith(f"/{command.lot}/{command.gate}/command")
+
+
+async def test_a_manual_open_at_the_booth_reaches_the_operators(
+    runtime: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    settings: Settings,
+    lot: Lot,
+    tmp_path: Path,
+    clean_configs: None,
+) -> None:
+    """An opening no signed command explains is reported, even when it happened while the
+    gate could not reach the broker, and operators of the car park see it once."""
+    config = _config(tmp_path, lot.code, "out1", settings.mqtt_topic_prefix)
+    unreachable = config.model_copy(update={"mqtt_url": "mqtt://127.0.0.1:9"})
+    async with lane(unreachable, reachable=False) as offline:
+        await offline.agent.manual_open("按钮: 救护车")
+        assert offline.reasons() == ["manual"]
+    async with lane(config) as online:
+        await until(lambda: not online.agent.store.pending_events())
+
+    staff = await make_staff(runtime, lot.operator_id)
+
+    async def listed() -> list[dict[str, Any]]:
+        response = await api.get(
+            "/api/v1/operator/gate-events",
+            headers=bearer(staff_token(app, staff)),
+            params={"car_park": lot.code},
+        )
+        assert response.status_code == 200, response.text
+        events: list[dict[str, Any]] = response.json()
+        return events
+
+    (event,) = await eventually(listed)
+    assert (event["gate"], event["type"], event["reason"]) == (
+        "out1",
+        "manual_open",
+        "按钮: 救护车",
+    )
+    other = await make_staff(runtime, (await create_lot(runtime)).operator_id)
+    assert (
+        await api.get("/api/v1/operator/gate-events", headers=bearer(staff_token(app, other)))
+    ).json() == []

@@ -1,9 +1,12 @@
 """`parking gates provision`: broker accounts and topic permissions for the gates (Mosquitto 2).
 
-Writes into one folder: `password_file` (one user per gate, `gate-<lot>-<gate>`, and `lanes` for
-the lane service), `acl_file` (each gate may use only its own topics, the lane service every
-gate's topics in the server's direction), `mosquitto.conf` (log-in required, both files, TLS
-lines to uncomment) and `credentials.json` (mode 0600: the plaintext passwords, for the people
+Writes into one folder: `password_file` (one user per gate, `gate-<lot>-<gate>`, and one per
+server process: `lanes-N` for each lane process, `worker-N` for each charge worker, `api-N` for
+each API process), `acl_file` (each gate may use only its own topics, a lane process every gate's
+topics in the server's direction, workers and API processes only the command topics),
+`mosquitto.conf` (log-in required, both files, the client id taken from the username so that
+no login can knock another client off, a 1 MiB packet limit, TLS lines to uncomment) and
+`credentials.json` (mode 0600: the plaintext passwords, for the people
 who install the gates). Passwords already in `credentials.json` are kept unless `--rotate`, so
 adding a gate does not log every other gate out. See docs/broker-security.md.
 """
@@ -30,7 +33,17 @@ from parking.gates import config, repository
 from parking.infra import endpoints
 from parking.settings import Settings, get_settings
 
+# The role of the lane service's processes; each instance logs in as `lanes-<n>`.
 LANES_USER = "lanes"
+# Server roles and what each may do: the lane service reads what gates send and answers; the
+# charge worker (a gate opened after a payment) and the API (an operator's open, a resolved
+# exception) only send commands.
+ROLES: tuple[str, ...] = ("lanes", "worker", "api")
+DEFAULT_INSTANCES = {"lanes": 1, "worker": 1, "api": 1}
+# The largest MQTT packet the broker takes; a larger one disconnects its sender. A capture is
+# at most PARKING_MAX_CAPTURE_BYTES (512 KiB); a 100 MiB one took a lane process from 187 to 447
+# MB before the lane could refuse it.
+MAX_PACKET_BYTES = 1024 * 1024
 PASSWORD_FILE = "password_file"
 ACL_FILE = "acl_file"
 CONF_FILE = "mosquitto.conf"
@@ -57,7 +70,8 @@ class ProvisionError(ValueError):
 class Account:
     username: str
     password: str
-    gate: GateAddress | None  # None: the lane service
+    gate: GateAddress | None  # None: a server process of `role`
+    role: str = LANES_USER
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,15 +123,25 @@ def gate_username(address: GateAddress) -> str:
     return f"gate-{address.lot}-{address.gate}"
 
 
+def instance_username(role: str, number: int) -> str:
+    return f"{role}-{number}"
+
+
 def new_password() -> str:
     # URL-safe, so that it fits unescaped in PARKING_MQTT_URL (mqtt://lanes:<password>@host).
     return secrets.token_urlsafe(24)
 
 
 def plan_accounts(
-    gates: Iterable[GateAddress], known_passwords: Mapping[str, str]
+    gates: Iterable[GateAddress],
+    known_passwords: Mapping[str, str],
+    instances: Mapping[str, int] = DEFAULT_INSTANCES,
 ) -> list[Account]:
-    """The lane service's account and one per gate, keeping the passwords already known."""
+    """One account per server process (`instances`: how many of each role) and one per gate,
+    keeping the passwords already known."""
+    for role, count in instances.items():
+        if role not in ROLES or not 1 <= count <= 999:
+            raise ProvisionError(f"{role}={count}: expected 1-999 of each of {', '.join(ROLES)}")
     by_username: dict[str, GateAddress] = {}
     for address in map(checked, gates):
         username = gate_username(address)
@@ -130,12 +154,21 @@ def plan_accounts(
             )
     if not by_username:
         raise ProvisionError("no gates to provision (give --gate, --gates-file or --from-db)")
-    wanted: list[tuple[str, GateAddress | None]] = [(LANES_USER, None)]
-    wanted += sorted(by_username.items(), key=lambda item: item[0])
-    return [
-        Account(username, known_passwords.get(username) or new_password(), gate)
-        for username, gate in wanted
+    servers = [
+        Account(
+            instance_username(role, number),
+            known_passwords.get(instance_username(role, number)) or new_password(),
+            None,
+            role,
+        )
+        for role in ROLES
+        for number in range(1, instances.get(role, DEFAULT_INSTANCES[role]) + 1)
     ]
+    gate_accounts = [
+        Account(username, known_passwords.get(username) or new_password(), gate, "gate")
+        for username, gate in sorted(by_username.items(), key=lambda item: item[0])
+    ]
+    return servers + gate_accounts
 
 
 def mosquitto_hash(password: str) -> str:
@@ -161,9 +194,11 @@ def acl_text(accounts: Sequence[Account], topics: Topics) -> str:
     ]
     for account in accounts:
         lines += ["", f"user {account.username}"]
-        if account.gate is None:
+        if account.gate is None and account.role == LANES_USER:
             lines += [f"topic read {topics.all_gates(kind)}" for kind in GATE_PUBLISHES]
             lines += [f"topic write {topics.all_gates(kind)}" for kind in SERVER_PUBLISHES]
+        elif account.gate is None:
+            lines += [f"topic write {topics.all_gates('command')}"]
         else:
             lines += [f"topic write {topics.topic(account.gate, kind)}" for kind in GATE_PUBLISHES]
             lines += [f"topic read {topics.topic(account.gate, kind)}" for kind in SERVER_PUBLISHES]
@@ -179,9 +214,11 @@ def mosquitto_conf_text(config_dir: Path, port: int, bind_address: str | None) -
 # there: with per_listener_settings false the settings below hold for every listener.
 per_listener_settings false
 
-# Every client logs in: one user per gate, "{LANES_USER}" for the lane service.
+# Every client logs in: one user per gate, one per server process (lanes-N, worker-N, api-N).
 allow_anonymous false
 password_file {config_dir / PASSWORD_FILE}
+# Larger packets disconnect their sender before any subscriber has to hold them.
+max_packet_size {MAX_PACKET_BYTES}
 # Each gate publishes only its own capture/event/status and reads only its own
 # command/ack/config; the lane service reads and writes those of every gate.
 acl_file {config_dir / ACL_FILE}
@@ -189,6 +226,11 @@ acl_file {config_dir / ACL_FILE}
 # Plain MQTT: passwords and captures cross the network in clear. Keep it to the broker's own
 # host or a closed network, and give gates anywhere else the TLS listener below.
 {listener}
+# The client id is the username, whatever the client asks for: a gate's id is predictable, and
+# any login could otherwise disconnect that gate by connecting under its id. (So each server
+# process needs a login of its own: two under one login would keep replacing each other.)
+# A listener's setting: repeat it under every listener.
+use_username_as_clientid true
 
 # TLS: uncomment, give the server certificate and its key (readable by the broker's user), and
 # connect with mqtts://host:8883 (gates and PARKING_MQTT_URL). Clients check the certificate
@@ -197,6 +239,7 @@ acl_file {config_dir / ACL_FILE}
 #listener 8883
 #certfile /etc/mosquitto/certs/server.crt
 #keyfile /etc/mosquitto/certs/server.key
+#use_username_as_clientid true
 # Optionally also require a client certificate signed by your gates' CA (the passwords still
 # apply unless use_identity_as_username is set):
 #cafile /etc/mosquitto/certs/gates-ca.crt
@@ -210,7 +253,7 @@ def credentials_document(accounts: Sequence[Account], topics: Topics) -> dict[st
 
 def _credential(account: Account) -> dict[str, str]:
     if account.gate is None:
-        return {"username": account.username, "password": account.password, "role": "lanes"}
+        return {"username": account.username, "password": account.password, "role": account.role}
     return {
         "username": account.username,
         "password": account.password,
@@ -262,6 +305,7 @@ def provision(
     config_dir: Path | None = None,
     broker_group: str | None = None,
     rotate: bool = False,
+    instances: Mapping[str, int] = DEFAULT_INSTANCES,
 ) -> Provisioned:
     """Writes the broker's files for `gates` into `out_dir`. `config_dir` is where the broker
     will read them (default: `out_dir`). With `broker_group` the password file, the ACL and a
@@ -286,7 +330,7 @@ def provision(
     gid = _group_id(broker_group) if broker_group is not None else None
     credentials_path = out_dir / CREDENTIALS_FILE
     previous = {} if rotate else known_passwords(credentials_path)
-    accounts = plan_accounts(gates, previous)
+    accounts = plan_accounts(gates, previous, instances)
     topics = Topics(prefix)
 
     if not out_dir.exists():
@@ -349,6 +393,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="GROUP",
         help="give the password file and ACL to this group (mosquitto, when run on the broker)",
     )
+    for role, what in (
+        ("lanes", "lane processes"),
+        ("workers", "charge worker processes"),
+        ("apis", "API processes"),
+    ):
+        p_provision.add_argument(
+            f"--{role}",
+            type=int,
+            default=1,
+            metavar="N",
+            help=f"{what}, each with a login of its own (default 1)",
+        )
     p_provision.add_argument(
         "--rotate",
         action="store_true",
@@ -382,6 +438,7 @@ def run(args: argparse.Namespace) -> int:
             config_dir=args.config_dir,
             broker_group=args.broker_group,
             rotate=args.rotate,
+            instances={"lanes": args.lanes, "worker": args.workers, "api": args.apis},
         )
     except ProvisionError as exc:
         print(f"parking gates provision: {exc}", file=sys.stderr)
@@ -390,7 +447,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"parking gates provision: {exc}", file=sys.stderr)
         return 1
     summary = {
-        "gates": len(result.accounts) - 1,
+        "gates": sum(1 for account in result.accounts if account.gate is not None),
         "new_passwords": result.new_passwords,
         "files": {name: str(path) for name, path in result.files.items()},
     }

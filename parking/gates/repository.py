@@ -1,4 +1,6 @@
 from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
 
 import asyncpg
 
@@ -41,3 +43,55 @@ async def offline_whitelists(conn: asyncpg.Connection) -> dict[str, list[Whiteli
             WhitelistedCar(row["plate"], row["color"], row["per_session_limit_fen"])
         )
     return whitelists
+
+
+async def insert_gate_event(
+    conn: asyncpg.Connection,
+    *,
+    lot: str,
+    gate: str,
+    event_id: UUID,
+    type: str,
+    reason: str | None,
+    at: datetime,
+) -> bool | None:
+    """Keeps a gate's event once: True when stored, False when it was already, None when the
+    gate is unknown."""
+    row = await conn.fetchrow(
+        """WITH g AS (
+               SELECT g.id, g.car_park_id FROM gates g JOIN car_parks cp ON cp.id = g.car_park_id
+               WHERE cp.code = $1 AND g.code = $2
+           ), ins AS (
+               INSERT INTO gate_events (event_id, car_park_id, gate_id, type, reason, at)
+               SELECT $3, g.car_park_id, g.id, $4, $5, $6 FROM g
+               ON CONFLICT (event_id) DO NOTHING
+               RETURNING id
+           )
+           SELECT EXISTS (SELECT 1 FROM g) AS known, EXISTS (SELECT 1 FROM ins) AS stored""",
+        lot,
+        gate,
+        event_id,
+        type,
+        reason,
+        at,
+    )
+    assert row is not None
+    return bool(row["stored"]) if row["known"] else None
+
+
+async def gate_events(
+    conn: asyncpg.Connection, operator_id: int, *, car_park_id: int | None, limit: int
+) -> list[asyncpg.Record]:
+    """The operator's gates' reported openings, newest first."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT e.id, e.event_id, cp.code AS car_park, g.code AS gate, e.type, e.reason,
+                  e.at, e.received_at
+           FROM gate_events e JOIN car_parks cp ON cp.id = e.car_park_id
+           JOIN gates g ON g.id = e.gate_id
+           WHERE cp.operator_id = $1 AND ($2::bigint IS NULL OR e.car_park_id = $2)
+           ORDER BY e.received_at DESC, e.id DESC LIMIT $3""",
+        operator_id,
+        car_park_id,
+        limit,
+    )
+    return rows

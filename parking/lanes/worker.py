@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from gate_controller.mqtt import IncomingMessage, MqttClient
 from gate_controller.protocol import Ack, Capture, GateAddress, Topics, encode
+from parking.gates.commands import publish_command
 from parking.lanes import repository as repo
 from parking.lanes.reading import PlateReader, PlateReading, decode_frames
 from parking.lanes.repository import GateInfo
@@ -224,7 +225,7 @@ class LaneWorker:
             # Before publishing: a publish that fails after commit must not lose the change.
             await self.occupancy.adjust(gate.car_park_id, decision.occupancy_delta)
         started_publish = time.perf_counter()
-        await self.mqtt.publish(self.topics.topic(address, "command"), command)
+        await publish_command(self.mqtt, self.settings, address, command)
         done = time.perf_counter()
         latency_ms = (done - message.received_at) * 1000
         ack = Ack(capture_id=capture.capture_id, received_at=now, duplicate=decision is None)

@@ -27,6 +27,7 @@ from parking.operators.schemas import (
     ChargeException,
     DebtBucket,
     Gate,
+    GateOpening,
     Instant,
     LaneException,
     ManualOpen,
@@ -174,6 +175,18 @@ async def list_capture_conflicts(
     """Resends that said something else than the capture stored under their id: each was
     answered with the stored decision and never decided; newest first."""
     return await service.list_capture_conflicts(conn, operator, car_park=car_park, limit=limit)
+
+
+@router.get("/gate-events")
+async def list_gate_events(
+    operator: OperatorDep,
+    conn: ConnectionDep,
+    car_park: CarParkFilter = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[GateOpening]:
+    """Barriers lifted without a signed command of ours (the booth's button), as the gates
+    reported them; newest first."""
+    return await service.list_gate_openings(conn, operator, car_park=car_park, limit=limit)
 
 
 @router.get(

@@ -144,6 +144,19 @@ class CaptureConflict(BaseModel):
     stored_captured_at: datetime
 
 
+class GateOpening(BaseModel):
+    """A barrier lifted without a signed command (the booth's button), as its gate reported."""
+
+    id: int
+    event_id: UUID
+    car_park: str
+    gate: str
+    type: str
+    reason: str | None
+    at: datetime
+    received_at: datetime
+
+
 class LaneException(BaseModel):
     """One entry of the exception queue (the operator dashboard depends on these fields)."""
 

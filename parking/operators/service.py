@@ -19,10 +19,12 @@ from pydantic import ValidationError
 from billing import charges, debts, fees, refunds, reports
 from billing import queue as job_queue
 from billing.tariff import Tariff
-from gate_controller.protocol import CameraRead, Capture, Command, GateAddress, Topics, encode
+from gate_controller.protocol import CameraRead, Capture, Command, GateAddress
 from parking.auth.principal import Principal
 from parking.car_parks import service as car_parks_service
 from parking.errors import AppError, NotFound
+from parking.gates import repository as gates_repo
+from parking.gates.commands import publish_command
 from parking.lanes import repository as lanes_repo
 from parking.lanes.reading import operator_reading
 from parking.lanes.service import LaneService
@@ -35,6 +37,7 @@ from parking.operators.schemas import (
     ChargeException,
     DebtBucket,
     Gate,
+    GateOpening,
     LaneException,
     ManualOpen,
     NewGate,
@@ -88,8 +91,7 @@ async def apply(runtime: Runtime, effect: GateEffect) -> None:
     """After commit. Occupancy first: a publish that fails must not lose the counted change."""
     if effect.occupancy_delta:
         await runtime.occupancy.adjust(effect.car_park_id, effect.occupancy_delta)
-    topic = Topics(runtime.settings.mqtt_topic_prefix).topic(effect.address, "command")
-    await runtime.mqtt.publish(topic, encode(effect.command))
+    await publish_command(runtime.mqtt, runtime.settings, effect.address, effect.command)
     log.info(
         "operator.gate_command",
         lot=effect.address.lot,
@@ -300,6 +302,16 @@ async def list_capture_conflicts(
         conn, _operator_id(principal), car_park_id=car_park_id, limit=limit
     )
     return [CaptureConflict(**dict(r)) for r in rows]
+
+
+async def list_gate_openings(
+    conn: asyncpg.Connection, principal: Principal, *, car_park: str | None, limit: int
+) -> list[GateOpening]:
+    car_park_id = (await _own_car_park(conn, principal, car_park))["id"] if car_park else None
+    rows = await gates_repo.gate_events(
+        conn, _operator_id(principal), car_park_id=car_park_id, limit=limit
+    )
+    return [GateOpening(**dict(r)) for r in rows]
 
 
 async def exception_image(

@@ -27,8 +27,9 @@ from billing.providers import (
     ProviderRejected,
     ProviderUnavailable,
 )
-from gate_controller.protocol import Command, GateAddress, Topics, encode
+from gate_controller.protocol import Command, GateAddress
 from parking.errors import AppError, NotFound
+from parking.gates.commands import publish_command
 from parking.lanes import repository as lanes_repo
 from parking.logging import get_logger
 from parking.payments import repository as repo
@@ -254,10 +255,7 @@ async def release_gate(runtime: Runtime, payment_id: int) -> None:
             command.model_dump(mode="json", exclude_none=True),
             "paid_at_gate",
         )
-    topics = Topics(runtime.settings.mqtt_topic_prefix)
-    await runtime.mqtt.publish(
-        topics.topic(GateAddress(held.lot, held.gate), "command"), encode(command)
-    )
+    await publish_command(runtime.mqtt, runtime.settings, GateAddress(held.lot, held.gate), command)
     if held.counted_in:
         await runtime.occupancy.adjust(held.car_park_id, -1)
     log.info("lane.exit_opened_after_payment", lot=held.lot, gate=held.gate)

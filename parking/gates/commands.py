@@ -1,0 +1,56 @@
+"""Barrier commands, signed in this one place for every publisher: the lane's decisions, the
+gate opened after a payment, an operator's manual open.
+
+Each command is bound to its gate (car park and gate code), its capture and its expiry, and
+signed with the server's Ed25519 key, the one that signs the gates' configs
+(`PARKING_GATE_CONFIG_KEY`, `parking gates keygen`); the gate agent acts on nothing else. So a
+client that can publish on a command topic (a shared broker login, a broker without ACLs, a
+replayed message for another gate) cannot lift a barrier. Without the key the commands go out
+unsigned and every agent refuses them: a gate then works as if offline (fail closed).
+"""
+
+import base64
+from functools import lru_cache
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gate_controller.mqtt import MqttClient
+from gate_controller.protocol import Command, GateAddress, Topics, encode
+from parking.gates.config import load_private_key
+from parking.logging import get_logger
+from parking.settings import Settings
+
+log = get_logger(__name__)
+
+
+def sign_command(command: Command, address: GateAddress, key: Ed25519PrivateKey) -> Command:
+    bound = command.model_copy(update={"lot": address.lot, "gate": address.gate, "signature": None})
+    signature = base64.b64encode(key.sign(bound.signed_bytes())).decode()
+    return bound.model_copy(update={"signature": signature})
+
+
+@lru_cache(maxsize=4)
+def _key(text: str) -> Ed25519PrivateKey:
+    return load_private_key(text)
+
+
+def command_key(settings: Settings) -> Ed25519PrivateKey | None:
+    if settings.gate_config_key is None:
+        return None
+    return _key(settings.gate_config_key.get_secret_value())
+
+
+async def publish_command(
+    mqtt: MqttClient, settings: Settings, address: GateAddress, command: Command | bytes
+) -> None:
+    """Signs `command` for the gate at `address` and publishes it there (QoS 1, waiting for the
+    broker). `command` may be the stored JSON of one (the lane answers a resend with it)."""
+    if isinstance(command, bytes):
+        command = Command.model_validate_json(command)
+    key = command_key(settings)
+    if key is None:
+        log.warning("gates.command_unsigned", lot=address.lot, gate=address.gate)
+        payload = encode(command.model_copy(update={"lot": address.lot, "gate": address.gate}))
+    else:
+        payload = encode(sign_command(command, address, key))
+    await mqtt.publish(Topics(settings.mqtt_topic_prefix).topic(address, "command"), payload)
