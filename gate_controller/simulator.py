@@ -10,6 +10,7 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -126,13 +127,18 @@ class GateSimulator:
     async def __aexit__(self, *_: object) -> None:
         await self._mqtt.stop()
 
-    async def run(self, rate: float, duration_s: float) -> SimReport:
-        """Publishes about `rate` captures a second for `duration_s`, then waits for answers."""
+    async def run(
+        self, rate: float, duration_s: float, keep_going: Callable[[], bool] | None = None
+    ) -> SimReport:
+        """Publishes about `rate` captures a second for `duration_s` (and on while `keep_going`
+        says so), then waits for answers."""
         interval = 1.0 / rate
         started = time.perf_counter()
         n = 0
         last_resend_check = started
-        while (elapsed := time.perf_counter() - started) < duration_s:
+        while (elapsed := time.perf_counter() - started) < duration_s or (
+            keep_going is not None and keep_going()
+        ):
             await self.step()
             n += 1
             await asyncio.sleep(max(0.0, n * interval - elapsed))
