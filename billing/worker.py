@@ -206,6 +206,15 @@ class OutboxWorker:
         if charge is None or charge.status != "pending":
             await self._done(job)
             return
+        async with self.pool.acquire() as conn, conn.transaction():
+            sending = await charges.begin_sending(conn, charge.charge_id)
+            if not sending:
+                # Held by the driver's "not my car" until an operator decides (a decision
+                # that lets it stand makes the job due again), or no longer pending.
+                await self._mark_done(conn, job)
+        if not sending:
+            log.info("billing.charge_held_for_dispute", charge_id=charge.charge_id)
+            return
         try:
             result = None
             # charge.attempts: a charge sent before (by an earlier job, e.g. before an operator

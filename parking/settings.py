@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     # Drivers' messages: Chinese by default ("en" for an English deployment; no per-account
     # preference exists yet). Charge messages link to `<public_base_url>/r/<token>`.
     message_language: Literal["zh", "en"] = "zh"
+    # Signs the receipt page's expiring frame URLs (HMAC-SHA256, >= 32 characters). Unset: a
+    # fixed development key when dev_adapters is on, else no frames on receipts (503).
+    receipt_key: SecretStr | None = None
+    receipt_frame_url_ttl_s: int = Field(default=900, ge=10, le=86_400)
 
     # Billing. With no provider URL a sandbox provider is started in-process (laptop runs).
     payment_provider_url: str | None = None
