@@ -308,3 +308,62 @@ async def retry_held(conn: asyncpg.Connection, exception_id: int, actor: str) ->
         {"charge_exception_id": exception_id},
     )
     return status
+
+
+async def begin_sending(conn: asyncpg.Connection, charge_id: int) -> bool:
+    """Before the worker hands a charge to the provider: under the charge's row lock, False
+    when it is no longer pending or a driver's open dispute holds it; else records that it is
+    being sent (`sent_at`). A dispute takes the same lock, so it either holds the charge
+    before it is sent or finds it sent. Runs in the caller's transaction."""
+    status = await conn.fetchval("SELECT status FROM charges WHERE id = $1 FOR UPDATE", charge_id)
+    if status != "pending":
+        return False
+    # A statement of its own, after the lock: it sees a dispute committed while it waited.
+    if await conn.fetchval(
+        "SELECT 1 FROM charge_disputes WHERE charge_id = $1 AND status = 'open' AND held",
+        charge_id,
+    ):
+        return False
+    await conn.execute(
+        "UPDATE charges SET sent_at = COALESCE(sent_at, now()) WHERE id = $1", charge_id
+    )
+    return True
+
+
+async def release_held(conn: asyncpg.Connection, charge_id: int) -> None:
+    """A held charge the operator let stand: its outbox job is due again (one per charge)."""
+    await conn.execute(
+        """INSERT INTO outbox (kind, ref_id) VALUES ('charge', $1)
+           ON CONFLICT (kind, ref_id) DO UPDATE
+           SET done_at = NULL, dead_at = NULL, available_at = now(), locked_until = NULL,
+               last_error = NULL, attempts_at_retry = outbox.attempts""",
+        charge_id,
+    )
+
+
+async def cancel_unsent(conn: asyncpg.Connection, charge_id: int) -> ChargeJob | None:
+    """A charge that was never sent is not owed after all (an operator agreed it was not the
+    driver's car): cancelled once, its fee accrual reversed. None when it was sent or is no
+    longer pending. Runs in the caller's transaction."""
+    cancelled = await conn.fetchval(
+        """UPDATE charges SET status = 'cancelled', last_error = NULL
+           WHERE id = $1 AND status = 'pending' AND sent_at IS NULL AND submitted_at IS NULL
+             AND attempts = 0
+           RETURNING id""",
+        charge_id,
+    )
+    if cancelled is None:
+        return None
+    job = await load_job(conn, charge_id)
+    assert job is not None
+    await ledger.post(
+        conn,
+        "fee_cancelled",
+        [
+            (account, -amount)
+            for account, amount in accrual_lines(job.account_id, job.car_park_id, job.amount_fen)
+        ],
+        session_id=job.session_id,
+        charge_id=job.charge_id,
+    )
+    return job

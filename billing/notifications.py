@@ -1,10 +1,15 @@
 """Driver notifications: written in the transaction that caused them, sent by the outbox worker
-through a `Notifier` adapter (SMS / app push in production, `DevNotifier` here)."""
+through a `Notifier` adapter (SMS / app push in production, `DevNotifier` here).
 
+Texts come from per-language templates (`TEMPLATES`), Chinese by default; a charge's message
+links to its receipt page (`receipt_link`: a random token per message, stored as its hash)."""
+
+import hashlib
+import secrets
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -35,8 +40,90 @@ class DevNotifier:
         self.sent.append(notification)
 
 
-def format_duration(seconds: int) -> str:
+Language = Literal["zh", "en"]
+LANGUAGES: tuple[Language, ...] = ("zh", "en")
+
+# One template per message kind and language; `{receipt}` is the receipt sentence (empty when
+# there is no link). Plates in them are the driver's own.
+TEMPLATES: dict[str, dict[Language, str]] = {
+    "exit_charged": {
+        "zh": "{plate} 于{time}驶离{car_park}，停车{duration}，费用{amount}已扣款{receipt}",
+        "en": "{plate} left {car_park} at {time}, {duration}, {amount} charged{receipt}",
+    },
+    "charge_failed": {
+        "zh": "{plate} 在{car_park}的停车费{amount}未能扣款，"
+        "请在App中缴纳，以继续无感离场{receipt}",
+        "en": "{plate}: the parking fee at {car_park} could not be collected; "
+        "pay it in the app to keep leaving without stopping{receipt}",
+    },
+    "charge_collected_late": {
+        "zh": "{plate} 在{car_park}的停车费{amount}已扣款{twice}{receipt}",
+        "en": "{plate}: the parking fee at {car_park} ({amount}) was collected after all"
+        "{twice}{receipt}",
+    },
+    "refund": {
+        "zh": "已退款{amount}：{reason}",
+        "en": "{amount} refunded: {reason}",
+    },
+    "dispute_opened": {
+        "zh": "已收到您对{car_park}停车费{amount}的申诉（不是我的车），"
+        "运营方核对出入口照片后告知结果",
+        "en": "We received your dispute of the {amount} fee at {car_park} (not my car); "
+        "the car park will check both photos and tell you",
+    },
+    "dispute_driver_right": {
+        "zh": "申诉成立：{car_park}的停车费{amount}{outcome}",
+        "en": "Your dispute was upheld: the {amount} fee at {car_park} {outcome}",
+    },
+    "dispute_charge_stands": {
+        "zh": "申诉未成立：运营方核对照片后确认{car_park}的停车费{amount}由您支付{receipt}",
+        "en": "Your dispute was not upheld: having checked the photos, the car park confirms "
+        "the {amount} fee at {car_park}{receipt}",
+    },
+}
+_RECEIPT: dict[Language, str] = {"zh": "，凭证：{url}", "en": ". Receipt: {url}"}
+_TWICE: dict[Language, str] = {
+    "zh": "，您为此另付的{amount}将退还",
+    "en": "; the {amount} you paid for it is being refunded",
+}
+_DISPUTE_OUTCOME: dict[str, dict[Language, str]] = {
+    "cancelled": {"zh": "不再收取", "en": "will not be charged"},
+    "refunded": {"zh": "将全额退还", "en": "is being refunded in full"},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MessageStyle:
+    """How drivers' messages are written: the language, the local time zone, and where receipt
+    links point (`<base>/r/<token>`; None: no links)."""
+
+    tz: ZoneInfo = field(default_factory=lambda: ZoneInfo("Asia/Shanghai"))
+    language: Language = "zh"
+    receipt_base_url: str | None = None
+
+
+def render(kind: str, language: Language, **fields: object) -> str:
+    fields.setdefault("receipt", "")
+    fields.setdefault("twice", "")
+    return TEMPLATES[kind][language].format(**fields)
+
+
+def receipt_sentence(language: Language, url: str | None) -> str:
+    return _RECEIPT[language].format(url=url) if url else ""
+
+
+def twice_sentence(language: Language, amount_fen: int) -> str:
+    return _TWICE[language].format(amount=format_fen(amount_fen)) if amount_fen else ""
+
+
+def dispute_outcome(language: Language, outcome: Literal["cancelled", "refunded"]) -> str:
+    return _DISPUTE_OUTCOME[outcome][language]
+
+
+def format_duration(seconds: int, language: Language = "en") -> str:
     hours, rest = divmod(max(0, seconds), 3600)
+    if language == "zh":
+        return f"{hours}小时{rest // 60}分" if hours else f"{rest // 60}分钟"
     return f"{hours}h{rest // 60:02d}m"
 
 
@@ -47,10 +134,38 @@ def exit_charged_text(
     exited_at: datetime,
     amount_fen: int,
     tz: ZoneInfo,
+    *,
+    language: Language = "zh",
+    receipt_url: str | None = None,
 ) -> str:
-    left = exited_at.astimezone(tz).strftime("%H:%M")
-    stay = format_duration(int((exited_at - entered_at).total_seconds()))
-    return f"{plate} left {car_park_name} at {left}, {stay}, {format_fen(amount_fen)} charged"
+    return render(
+        "exit_charged",
+        language,
+        plate=plate,
+        car_park=car_park_name,
+        time=exited_at.astimezone(tz).strftime("%H:%M"),
+        duration=format_duration(int((exited_at - entered_at).total_seconds()), language),
+        amount=format_fen(amount_fen),
+        receipt=receipt_sentence(language, receipt_url),
+    )
+
+
+def receipt_token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+async def receipt_link(conn: asyncpg.Connection, charge_id: int, style: MessageStyle) -> str | None:
+    """A new receipt link for the charge's message (None when links are off): a random token,
+    unguessable, stored only as its hash and tied to this one charge."""
+    if style.receipt_base_url is None:
+        return None
+    token = secrets.token_urlsafe(24)
+    await conn.execute(
+        "INSERT INTO receipts (token_hash, charge_id) VALUES ($1, $2)",
+        receipt_token_hash(token),
+        charge_id,
+    )
+    return f"{style.receipt_base_url.rstrip('/')}/r/{token}"
 
 
 async def enqueue(

@@ -183,7 +183,12 @@ async def load(conn: asyncpg.Connection, refund_id: int) -> Refund | None:
 
 
 async def mark_succeeded(
-    conn: asyncpg.Connection, out_refund_no: str, provider_ref: str, finished_at: object
+    conn: asyncpg.Connection,
+    out_refund_no: str,
+    provider_ref: str,
+    finished_at: object,
+    *,
+    style: notifications.MessageStyle | None = None,
 ) -> Refund | None:
     """Books a refund the provider made, once; None when it was already booked or unknown."""
     row = await conn.fetchrow(
@@ -219,7 +224,12 @@ async def mark_succeeded(
             account_id=refund.account_id,
             kind="refund",
             source_key=f"refund:{refund.id}:succeeded",
-            body=f"{format_fen(refund.amount_fen)} refunded: {refund.reason}",
+            body=notifications.render(
+                "refund",
+                (style or notifications.MessageStyle()).language,
+                amount=format_fen(refund.amount_fen),
+                reason=refund.reason,
+            ),
         )
     return refund
 

@@ -5,7 +5,6 @@ nothing the second time."""
 
 from dataclasses import dataclass
 from typing import Literal
-from zoneinfo import ZoneInfo
 
 import asyncpg
 import structlog
@@ -36,11 +35,14 @@ class Applied:
 
 
 async def apply(
-    conn: asyncpg.Connection, provider_name: str, result: OrderResult, tz: ZoneInfo
+    conn: asyncpg.Connection,
+    provider_name: str,
+    result: OrderResult,
+    style: notifications.MessageStyle,
 ) -> Applied:
-    """Runs in the caller's transaction."""
+    """Runs in the caller's transaction; drivers' messages are written in `style`."""
     if result.kind == "charge":
-        return await _charge(conn, provider_name, result, tz)
+        return await _charge(conn, provider_name, result, style)
     if result.kind == "payment":
         if result.status == "succeeded":
             expected = await payments.amount_of(conn, result.out_trade_no)
@@ -57,14 +59,17 @@ async def apply(
         return Applied("no_change")
     if result.status == "succeeded":
         refund = await refunds.mark_succeeded(
-            conn, result.out_trade_no, result.provider_ref, result.finished_at
+            conn, result.out_trade_no, result.provider_ref, result.finished_at, style=style
         )
         return Applied("refunded") if refund else Applied("no_change")
     return Applied("no_change")
 
 
 async def _charge(
-    conn: asyncpg.Connection, provider_name: str, result: OrderResult, tz: ZoneInfo
+    conn: asyncpg.Connection,
+    provider_name: str,
+    result: OrderResult,
+    style: notifications.MessageStyle,
 ) -> Applied:
     charge = await charges.load_by_key(conn, result.out_trade_no)
     if charge is None:
@@ -84,7 +89,7 @@ async def _charge(
         )
         return Applied("amount_mismatch")
     if result.status == "succeeded" and charge.status == "failed":
-        return await _late_success(conn, provider_name, charge, result)
+        return await _late_success(conn, provider_name, charge, result, style)
     if result.status == "succeeded":
         if not await charges.mark_succeeded(
             conn, charge, result.provider_ref, provider_name, result.finished_at
@@ -101,12 +106,14 @@ async def _charge(
                 charge.entered_at,
                 charge.exited_at,
                 charge.amount_fen,
-                tz,
+                style.tz,
+                language=style.language,
+                receipt_url=await notifications.receipt_link(conn, charge.charge_id, style),
             ),
         )
         log.info("billing.charged", charge_id=charge.charge_id, amount_fen=charge.amount_fen)
         return Applied("charged")
-    return await fail_charge(conn, charge, f"{result.status}: {result.reason}")
+    return await fail_charge(conn, charge, f"{result.status}: {result.reason}", style)
 
 
 async def _late_success(
@@ -114,6 +121,7 @@ async def _late_success(
     provider_name: str,
     charge: charges.ChargeJob,
     result: OrderResult,
+    style: notifications.MessageStyle,
 ) -> Applied:
     """The provider collected a charge we had marked failed (a success notification or order
     query after a decline, a refusal or a lost answer): booked once, the debt settled, the
@@ -151,17 +159,28 @@ async def _late_success(
         account_id=charge.account_id,
         kind="charge_collected_late",
         source_key=f"charge:{charge.charge_id}:late_success",
-        body=(
-            f"{charge.plate}: the parking fee at {charge.car_park_name} "
-            f"({format_fen(charge.amount_fen)}) was collected after all"
-            + (f"; the {format_fen(twice)} you paid for it is being refunded" if twice else "")
+        body=notifications.render(
+            "charge_collected_late",
+            style.language,
+            plate=charge.plate,
+            car_park=charge.car_park_name,
+            amount=format_fen(charge.amount_fen),
+            twice=notifications.twice_sentence(style.language, twice),
+            receipt=notifications.receipt_sentence(
+                style.language, await notifications.receipt_link(conn, charge.charge_id, style)
+            ),
         ),
     )
     log.warning("billing.charge_late_success", charge_id=charge.charge_id, refunded_fen=twice)
     return Applied("charged")
 
 
-async def fail_charge(conn: asyncpg.Connection, charge: charges.ChargeJob, reason: str) -> Applied:
+async def fail_charge(
+    conn: asyncpg.Connection,
+    charge: charges.ChargeJob,
+    reason: str,
+    style: notifications.MessageStyle,
+) -> Applied:
     """The charge finally failed: it becomes a debt and the driver is told how to pay it."""
     if not await charges.mark_failed(conn, charge, reason):
         return Applied("no_change")
@@ -170,9 +189,15 @@ async def fail_charge(conn: asyncpg.Connection, charge: charges.ChargeJob, reaso
         account_id=charge.account_id,
         kind="charge_failed",
         source_key=f"charge:{charge.charge_id}:failed",
-        body=(
-            f"{charge.plate}: the parking fee at {charge.car_park_name} could not be collected; "
-            "pay it in the app to keep leaving without stopping"
+        body=notifications.render(
+            "charge_failed",
+            style.language,
+            plate=charge.plate,
+            car_park=charge.car_park_name,
+            amount=format_fen(charge.amount_fen),
+            receipt=notifications.receipt_sentence(
+                style.language, await notifications.receipt_link(conn, charge.charge_id, style)
+            ),
         ),
     )
     log.warning("billing.charge_failed", charge_id=charge.charge_id, reason=reason)

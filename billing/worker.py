@@ -76,6 +76,8 @@ class OutboxWorker:
         *,
         gate_commands: Callable[[int], Awaitable[None]] | None = None,
         timezone: str = "Asia/Shanghai",
+        language: notifications.Language = "zh",
+        receipt_base_url: str | None = None,
         retry_base_s: float = 0.5,
         query_after_s: float = 5.0,
         poll_interval_s: float = 0.5,
@@ -94,6 +96,7 @@ class OutboxWorker:
         # Publishes the open command for a payment that released a held car (needs MQTT).
         self.gate_commands = gate_commands
         self.tz = ZoneInfo(timezone)
+        self.style = notifications.MessageStyle(self.tz, language, receipt_base_url)
         self.retry_base_s = retry_base_s
         # How long to wait for the notification of an accepted charge before asking.
         self.query_after_s = query_after_s
@@ -203,6 +206,15 @@ class OutboxWorker:
         if charge is None or charge.status != "pending":
             await self._done(job)
             return
+        async with self.pool.acquire() as conn, conn.transaction():
+            sending = await charges.begin_sending(conn, charge.charge_id)
+            if not sending:
+                # Held by the driver's "not my car" until an operator decides (a decision
+                # that lets it stand makes the job due again), or no longer pending.
+                await self._mark_done(conn, job)
+        if not sending:
+            log.info("billing.charge_held_for_dispute", charge_id=charge.charge_id)
+            return
         try:
             result = None
             # charge.attempts: a charge sent before (by an earlier job, e.g. before an operator
@@ -238,7 +250,8 @@ class OutboxWorker:
             async with self.pool.acquire() as conn, conn.transaction():
                 if exc.side == "driver":
                     # Declined, insufficient funds, agreement paused: the driver's debt.
-                    if (await settlement.fail_charge(conn, charge, str(exc))).effect == "arrears":
+                    failed = await settlement.fail_charge(conn, charge, str(exc), self.style)
+                    if failed.effect == "arrears":
                         self.stats.arrears += 1
                 else:
                     # The car park's own request was refused: never the driver's debt. The
@@ -300,7 +313,7 @@ class OutboxWorker:
 
     async def _apply(self, job: Job | None, result: OrderResult) -> settlement.Applied:
         async with self.pool.acquire() as conn, conn.transaction():
-            applied = await settlement.apply(conn, self.provider.name, result, self.tz)
+            applied = await settlement.apply(conn, self.provider.name, result, self.style)
             if job is not None and applied.effect != "amount_mismatch":
                 await self._mark_done(conn, job)
         if job is not None and applied.effect == "amount_mismatch":

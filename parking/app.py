@@ -10,6 +10,8 @@ from parking.auth.tokens import TokenSigner
 from parking.booth.router import router as booth_router
 from parking.car_parks.router import router as car_parks_router
 from parking.dashboard.router import router as dashboard_router
+from parking.disputes.router import driver_router as driver_disputes_router
+from parking.disputes.router import router as disputes_router
 from parking.drivers.router import router as drivers_router
 from parking.errors import install_error_handlers
 from parking.health import router as health_router
@@ -17,6 +19,8 @@ from parking.logging import get_logger
 from parking.operators.router import router as operators_router
 from parking.payments.router import router as payments_router
 from parking.public.router import router as public_router
+from parking.receipts.router import router as receipts_router
+from parking.receipts.signing import FrameSigner
 from parking.runtime import Runtime
 
 log = get_logger(__name__)
@@ -36,6 +40,11 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
         key = settings.jwt_secret.get_secret_value()
     app.state.signer = TokenSigner(key, settings.access_token_ttl_s)
     app.state.sms = sms or DevSms()
+    app.state.frame_signer = FrameSigner.from_settings(settings)
+    if app.state.frame_signer is None:
+        log.warning(
+            "receipts.no_frame_key", hint="set PARKING_RECEIPT_KEY: receipts show no frames"
+        )
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(auth_router)
@@ -46,4 +55,7 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.include_router(booth_router)
     app.include_router(public_router)
     app.include_router(dashboard_router)
+    app.include_router(receipts_router)
+    app.include_router(disputes_router)
+    app.include_router(driver_disputes_router)
     return app

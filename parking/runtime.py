@@ -178,6 +178,8 @@ async def running(
             notifier,
             gate_commands=gate_commands,
             timezone=settings.timezone,
+            language=settings.message_language,
+            receipt_base_url=settings.public_base_url,
             retry_base_s=settings.charge_retry_base_s,
             query_after_s=settings.charge_query_after_s,
             poll_interval_s=settings.worker_poll_interval_s,

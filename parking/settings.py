@@ -4,6 +4,7 @@ import os
 import socket
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -61,6 +62,14 @@ class Settings(BaseSettings):
     # Where drivers' phones and the payment provider reach this service: the gate's payment QR
     # codes and the provider's notification URL are built from it.
     public_base_url: str = "http://127.0.0.1:8000"
+
+    # Drivers' messages: Chinese by default ("en" for an English deployment; no per-account
+    # preference exists yet). Charge messages link to `<public_base_url>/r/<token>`.
+    message_language: Literal["zh", "en"] = "zh"
+    # Signs the receipt page's expiring frame URLs (HMAC-SHA256, >= 32 characters). Unset: a
+    # fixed development key when dev_adapters is on, else no frames on receipts (503).
+    receipt_key: SecretStr | None = None
+    receipt_frame_url_ttl_s: int = Field(default=900, ge=10, le=86_400)
 
     # Billing. With no provider URL a sandbox provider is started in-process (laptop runs).
     payment_provider_url: str | None = None

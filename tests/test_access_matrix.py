@@ -86,6 +86,10 @@ class World:
     job_x: int
     stays_x: list[int] = field(default_factory=list)
     charge_exception_x: int = 0
+    # The receipt link in A's exit message, a signed link to its entry frame, A's dispute.
+    receipt_token: str = ""
+    frame_query: dict[str, str] = field(default_factory=dict)
+    dispute_x: int = 0
 
 
 Body = Callable[[World], dict[str, Any]] | None
@@ -215,6 +219,21 @@ ROWS = [
     Row("GET", "/api/v1/operator/reports/debts", Access.STAFF),
     Row("GET", "/api/v1/operator/jobs", Access.STAFF),
     Row("POST", "/api/v1/operator/jobs/{job_id}/retry", Access.ADMIN_X),
+    Row("GET", "/r/{receipt_token}", Access.PUBLIC),
+    Row("GET", "/r/{receipt_token}/frames/{which}", Access.PUBLIC, query=lambda w: w.frame_query),
+    Row("POST", "/r/{receipt_token}/dispute", Access.PUBLIC),
+    Row("GET", "/api/v1/receipts/{receipt_token}", Access.PUBLIC),
+    Row("POST", "/api/v1/receipts/{receipt_token}/dispute", Access.PUBLIC),
+    Row("POST", "/api/v1/me/stays/{dispute_stay_id}/dispute", Access.DRIVER_A),
+    Row("GET", "/api/v1/operator/disputes", Access.STAFF),
+    Row("GET", "/api/v1/operator/disputes/{dispute_id}", Access.STAFF_X),
+    Row("GET", "/api/v1/operator/disputes/{dispute_id}/frames/{which}", Access.STAFF_X),
+    Row(
+        "POST",
+        "/api/v1/operator/disputes/{dispute_id}/decision",
+        Access.ADMIN_X,
+        lambda w: {"outcome": "charge_stands", "note": "access matrix test"},
+    ),
     Row("GET", "/api/v1/operator/dashboard/summary", Access.STAFF),
     # An event stream never ends: its allowed callers are tested in test_dashboard.py.
     Row("GET", "/api/v1/operator/dashboard/events", Access.STAFF),
@@ -238,6 +257,10 @@ def _fill(path: str, world: World) -> str:
         charge_exception_id=world.charge_exception_x,
         charge_id=world.charge_a,
         job_id=world.job_x,
+        receipt_token=world.receipt_token,
+        which="entry",
+        dispute_stay_id=world.stay_a,
+        dispute_id=world.dispute_x,
     )
 
 
@@ -297,6 +320,27 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
             r["id"]
             for r in await conn.fetch("SELECT id FROM sessions WHERE car_park_id = $1", lot_x.id)
         ]
+        # A's receipt link (in the exit message), a frame of A's entry, and A's dispute.
+        message = await conn.fetchval(
+            "SELECT body FROM notifications WHERE account_id = $1 AND kind = 'exit_charged'",
+            driver_a.account_id,
+        )
+        receipt_token = message.rsplit("/r/", 1)[1]
+        await conn.execute(
+            """INSERT INTO capture_frames (capture_id, car_park_id, image)
+               SELECT entry_capture_id, car_park_id, $2 FROM sessions WHERE id = $1""",
+            stay_a,
+            b"\xff\xd8\xff\xe0fake-jpeg",
+        )
+        dispute_x = await conn.fetchval(
+            """INSERT INTO charge_disputes (charge_id, account_id, car_park_id, via, held)
+               VALUES ($1, $2, $3, 'app', false) RETURNING id""",
+            charge_a,
+            driver_a.account_id,
+            lot_x.id,
+        )
+    frame_url = app.state.frame_signer.url(receipt_token, "entry")
+    frame_query = dict(part.split("=", 1) for part in frame_url.split("?", 1)[1].split("&"))
     tokens = {
         "driver_a": driver_token(app, driver_a.account_id),
         "driver_b": driver_token(app, driver_b.account_id),
@@ -320,6 +364,9 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         job_x,
         stays_x,
         charge_exception_x,
+        receipt_token,
+        frame_query,
+        dispute_x,
     )
 
 

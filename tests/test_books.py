@@ -147,7 +147,7 @@ async def test_refund_is_a_reversing_entry_with_reason_audit_and_a_message(
         listed = await reports.refunds(conn, start=day, end=day, timezone=runtime.settings.timezone)
     assert audit["actor"] == "operator:alice"
     assert audit["detail"]["reason"] == "barrier fault, driver waited"
-    assert message == "¥4.00 refunded: barrier fault, driver waited"
+    assert message == "已退款¥4.00：barrier fault, driver waited"
     assert [(r["pay_later_fen"], r["refunded_fen"], r["net_fen"]) for r in revenue] == [
         (1200, 400, 800)
     ]

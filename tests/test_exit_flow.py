@@ -87,8 +87,10 @@ async def test_bound_driver_leaves_at_once_and_is_charged_once(
 
     notification = await eventually(sent_notification)
     left = session["exited_at"].astimezone(ZoneInfo("Asia/Shanghai")).strftime("%H:%M")
-    assert notification["body"] == (
-        f"{driver.plate} left {lot.name} at {left}, 2h10m, ¥18.00 charged"
+    # Chinese by default, with the charge's receipt link (tests/test_evidence.py opens it).
+    assert notification["body"].startswith(
+        f"{driver.plate} 于{left}驶离{lot.name}，停车2小时10分，费用¥18.00已扣款，凭证："
+        f"{runtime.settings.public_base_url}/r/"
     )
     assert session["status"] == "closed"
     assert session["settlement"] == "pay_later"

@@ -139,6 +139,18 @@ async def insert_capture(conn: asyncpg.Connection, content_sha256: bytes, **valu
     )
 
 
+async def insert_frame(
+    conn: asyncpg.Connection, capture_id: UUID, car_park_id: int, image: bytes
+) -> None:
+    """The capture's first frame, kept until the image retention erases it."""
+    await conn.execute(
+        "INSERT INTO capture_frames (capture_id, car_park_id, image) VALUES ($1, $2, $3)",
+        capture_id,
+        car_park_id,
+        image,
+    )
+
+
 async def insert_capture_conflict(
     conn: asyncpg.Connection,
     *,

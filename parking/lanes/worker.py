@@ -220,7 +220,9 @@ class LaneWorker:
         reading = await self.reader.read(capture, frames)
         now = datetime.now(UTC)
         started_db = time.perf_counter()
-        decision, command = await self._decide(gate, capture, reading, now)
+        decision, command = await self._decide(
+            gate, capture, reading, now, frames[0] if frames else None
+        )
         if decision is not None and decision.occupancy_delta:
             # Before publishing: a publish that fails after commit must not lose the change.
             await self.occupancy.adjust(gate.car_park_id, decision.occupancy_delta)
@@ -281,7 +283,12 @@ class LaneWorker:
             log.warning("lane.feed_publish_failed")
 
     async def _decide(
-        self, gate: GateInfo, capture: Capture, reading: PlateReading, now: datetime
+        self,
+        gate: GateInfo,
+        capture: Capture,
+        reading: PlateReading,
+        now: datetime,
+        frame: bytes | None = None,
     ) -> tuple[Decision | None, bytes]:
         """Decides in one transaction; a redelivered capture gets its stored command again.
 
@@ -323,6 +330,11 @@ class LaneWorker:
                             session_id=decision.session_id,
                             command=command_json,
                         )
+                        if frame is not None:
+                            # The evidence of the stay: the driver's receipt, a dispute.
+                            await repo.insert_frame(
+                                conn, capture.capture_id, gate.car_park_id, frame
+                            )
                     return decision, orjson.dumps(command_json)
                 except asyncpg.UniqueViolationError:
                     stored = await repo.stored_capture(conn, capture.capture_id)

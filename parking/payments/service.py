@@ -15,7 +15,6 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
-from zoneinfo import ZoneInfo
 
 import asyncpg
 
@@ -32,6 +31,7 @@ from parking.errors import AppError, NotFound
 from parking.gates.commands import publish_command
 from parking.lanes import repository as lanes_repo
 from parking.logging import get_logger
+from parking.messages import message_style
 from parking.payments import repository as repo
 from parking.payments.schemas import GatePayment, Quote, QuoteSegment
 
@@ -152,9 +152,7 @@ async def _withdraw(runtime: Runtime, payment: payments.Payment) -> None:
         log.warning("payments.withdraw_failed", error=str(exc))
         raise ProviderDown() from exc
     async with runtime.pool.acquire() as conn, conn.transaction():
-        await settlement.apply(
-            conn, runtime.provider.name, result, ZoneInfo(runtime.settings.timezone)
-        )
+        await settlement.apply(conn, runtime.provider.name, result, message_style(runtime.settings))
 
 
 async def _open_at_provider(
@@ -193,7 +191,7 @@ async def gate_payment_status(runtime: Runtime, capture_id: UUID) -> GatePayment
         if result is not None and result.final:
             async with runtime.pool.acquire() as conn, conn.transaction():
                 await settlement.apply(
-                    conn, runtime.provider.name, result, ZoneInfo(runtime.settings.timezone)
+                    conn, runtime.provider.name, result, message_style(runtime.settings)
                 )
                 payment = await payments.open_for_capture(conn, capture_id) or payment
     return _view(held, payment)
@@ -225,7 +223,7 @@ async def accept_notification(
         raise AppError(400 if malformed else 401, reason, str(exc)) from exc
     async with runtime.pool.acquire() as conn, conn.transaction():
         applied = await settlement.apply(
-            conn, provider.name, result, ZoneInfo(runtime.settings.timezone)
+            conn, provider.name, result, message_style(runtime.settings)
         )
     log.info("payments.notification_applied", kind=result.kind, effect=applied.effect)
     return applied

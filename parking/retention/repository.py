@@ -8,12 +8,16 @@ from billing.queue import delete_in_batches
 
 
 async def erase_images_before(conn: asyncpg.Connection, before: datetime) -> int:
-    """Erases capture frames kept for operators (the exception queue) older than `before`."""
+    """Erases capture frames older than `before`: those kept for operators (the exception
+    queue) and those kept as the evidence of stays (receipts, disputes)."""
     erased: int = await conn.fetchval(
         """WITH erased AS (
                UPDATE lane_exceptions SET image = NULL
+               WHERE image IS NOT NULL AND created_at < $1 RETURNING 1),
+           evidence AS (
+               UPDATE capture_frames SET image = NULL
                WHERE image IS NOT NULL AND created_at < $1 RETURNING 1)
-           SELECT count(*) FROM erased""",
+           SELECT (SELECT count(*) FROM erased) + (SELECT count(*) FROM evidence)""",
         before,
     )
     return erased

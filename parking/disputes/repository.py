@@ -1,0 +1,174 @@
+"""SQL of "not my car": a driver's dispute of a charge and an operator's decision."""
+
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+_DISPUTE = """d.id, d.charge_id, d.account_id, d.car_park_id, d.via, d.held, d.status,
+              d.opened_at, d.decided_at, d.decided_by, d.note, d.refund_id"""
+
+
+async def lock_charge(conn: asyncpg.Connection, charge_id: int) -> asyncpg.Record | None:
+    """The charge, locked (the outbox worker takes the same lock before sending it), with
+    what its messages say."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """SELECT c.id, c.account_id, c.amount_fen, c.status, c.sent_at, c.submitted_at,
+                  c.attempts, c.idempotency_key, s.car_park_id, cp.name AS car_park
+           FROM charges c JOIN sessions s ON s.id = c.session_id
+           JOIN car_parks cp ON cp.id = s.car_park_id
+           WHERE c.id = $1 FOR UPDATE OF c""",
+        charge_id,
+    )
+    return row
+
+
+async def charge_of_stay(conn: asyncpg.Connection, account_id: int, stay_id: int) -> int | None:
+    """The charge of one of the account's stays (charged to it)."""
+    charge_id: int | None = await conn.fetchval(
+        "SELECT id FROM charges WHERE session_id = $1 AND account_id = $2", stay_id, account_id
+    )
+    return charge_id
+
+
+async def dispute_of_charge(conn: asyncpg.Connection, charge_id: int) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"SELECT {_DISPUTE} FROM charge_disputes d WHERE d.charge_id = $1", charge_id
+    )
+    return row
+
+
+async def insert_dispute(
+    conn: asyncpg.Connection,
+    *,
+    charge_id: int,
+    account_id: int,
+    car_park_id: int,
+    via: str,
+    held: bool,
+) -> asyncpg.Record:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"""INSERT INTO charge_disputes AS d (charge_id, account_id, car_park_id, via, held)
+            VALUES ($1, $2, $3, $4, $5) RETURNING {_DISPUTE}""",
+        charge_id,
+        account_id,
+        car_park_id,
+        via,
+        held,
+    )
+    assert row is not None
+    return row
+
+
+_LISTED = f"""
+    SELECT {_DISPUTE}, c.amount_fen, c.status AS charge_status, s.id AS stay_id, s.plate,
+           s.entered_at, s.exited_at, s.entry_capture_id, s.exit_capture_id,
+           cp.code AS car_park_code, cp.name AS car_park
+    FROM charge_disputes d JOIN car_parks cp ON cp.id = d.car_park_id
+    JOIN charges c ON c.id = d.charge_id JOIN sessions s ON s.id = c.session_id
+    WHERE cp.operator_id = $1"""
+
+
+async def list_disputes(
+    conn: asyncpg.Connection,
+    operator_id: int,
+    *,
+    status: str | None,
+    car_park: str | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """The company's disputes, oldest first (the queue's order)."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""{_LISTED} AND ($2::text IS NULL OR d.status = $2)
+              AND ($3::text IS NULL OR cp.code = $3)
+            ORDER BY d.opened_at, d.id LIMIT $4""",
+        operator_id,
+        status,
+        car_park,
+        limit,
+    )
+    return rows
+
+
+async def dispute(
+    conn: asyncpg.Connection, operator_id: int, dispute_id: int, *, lock: bool = False
+) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"{_LISTED} AND d.id = $2 {'FOR UPDATE OF d' if lock else ''}", operator_id, dispute_id
+    )
+    return row
+
+
+async def captures(conn: asyncpg.Connection, capture_ids: list[UUID]) -> list[asyncpg.Record]:
+    """What the lane read on these captures (the exception's candidates when a person was
+    asked), and whether their frame is still kept."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT k.capture_id, c.captured_at, g.code AS gate, c.plate, c.read_confidence,
+                  c.plate_source, c.match_status, c.outcome, e.candidates,
+                  (f.image IS NOT NULL OR e.image IS NOT NULL) AS has_frame
+           FROM capture_keys k
+           JOIN captures c ON c.capture_id = k.capture_id AND c.captured_at = k.captured_at
+           JOIN gates g ON g.id = c.gate_id
+           LEFT JOIN capture_frames f ON f.capture_id = k.capture_id
+           LEFT JOIN lane_exceptions e ON e.capture_id = k.capture_id
+           WHERE k.capture_id = ANY($1::uuid[])""",
+        capture_ids,
+    )
+    return rows
+
+
+async def frame(conn: asyncpg.Connection, capture_id: UUID) -> bytes | None:
+    """The capture's kept frame: its evidence frame, else the one its exception kept."""
+    image: bytes | None = await conn.fetchval(
+        """SELECT COALESCE(
+               (SELECT image FROM capture_frames WHERE capture_id = $1),
+               (SELECT image FROM lane_exceptions WHERE capture_id = $1))""",
+        capture_id,
+    )
+    return image
+
+
+async def refundable_fen(conn: asyncpg.Connection, charge_id: int) -> int:
+    """What is left to refund of a collected charge."""
+    left: int = await conn.fetchval(
+        """SELECT c.amount_fen - COALESCE(sum(r.amount_fen), 0)::bigint FROM charges c
+           LEFT JOIN refunds r ON r.out_trade_no = c.idempotency_key AND r.status <> 'failed'
+           WHERE c.id = $1 GROUP BY c.amount_fen""",
+        charge_id,
+    )
+    return left
+
+
+async def mark_decided(
+    conn: asyncpg.Connection,
+    dispute_id: int,
+    *,
+    status: str,
+    actor: str,
+    note: str | None,
+    refund_id: int | None,
+) -> asyncpg.Record | None:
+    """Decides an open dispute once; None when it was decided already."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"""UPDATE charge_disputes AS d SET status = $2, decided_at = now(), decided_by = $3,
+                   note = $4, refund_id = $5
+            WHERE d.id = $1 AND d.status = 'open' RETURNING {_DISPUTE}""",
+        dispute_id,
+        status,
+        actor,
+        note,
+        refund_id,
+    )
+    return row
+
+
+async def audit(
+    conn: asyncpg.Connection, *, actor: str, action: str, subject: str, detail: dict[str, Any]
+) -> None:
+    await conn.execute(
+        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
+        actor,
+        action,
+        subject,
+        detail,
+    )

@@ -1,0 +1,316 @@
+""" "Not my car": the driver disputes a charge in one step (receipt page or app), an operator
+decides with both frames in front of them.
+
+- Opened on a charge not yet sent, the charge is held: the outbox worker does not send it
+  (`billing.charges.begin_sending` takes the charge's lock, as opening a dispute does).
+- Opened on a charge already collected (or sent), nothing moves until the decision: a refund
+  on one tap would let anyone undo their fee without a person looking at the frames.
+- `driver_right`: a held charge is cancelled (its accrual reversed), a collected one refunded
+  in full through `billing.refunds`; the dispute stays listed (`status=driver_right`) for the
+  real car to be found. `charge_stands`: a held charge is released to the provider, once.
+- Each dispute is one per charge (disputing twice is the same dispute), audit-logged, and the
+  driver is told both the opening and the outcome.
+"""
+
+from uuid import UUID
+
+import asyncpg
+
+from billing import charges, notifications, refunds
+from billing.tariff import format_fen
+from parking.auth.principal import Principal
+from parking.disputes import repository as repo
+from parking.disputes.schemas import (
+    ChargeSummary,
+    Decision,
+    DisputeView,
+    Evidence,
+    OperatorDispute,
+    Read,
+)
+from parking.errors import AppError, NotFound
+from parking.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def view(row: asyncpg.Record) -> DisputeView:
+    return DisputeView(
+        id=row["id"],
+        status=row["status"],
+        held=row["held"],
+        opened_at=row["opened_at"],
+        decided_at=row["decided_at"],
+        refund_id=row["refund_id"],
+    )
+
+
+async def open_dispute(
+    conn: asyncpg.Connection,
+    *,
+    charge_id: int,
+    account_id: int,
+    via: str,
+    style: notifications.MessageStyle,
+) -> DisputeView:
+    """The driver's "not my car" on one of their charges; the same dispute when it exists.
+    Runs in the caller's transaction."""
+    charge = await repo.lock_charge(conn, charge_id)
+    if charge is None or charge["account_id"] != account_id:
+        raise NotFound("charge")
+    existing = await repo.dispute_of_charge(conn, charge_id)
+    if existing is not None:
+        return view(existing)
+    if charge["status"] not in ("pending", "succeeded"):
+        raise AppError(
+            409,
+            "charge_not_disputable",
+            "this fee was not collected and is owed as a debt: contact the car park",
+        )
+    held = (
+        charge["status"] == "pending"
+        and charge["sent_at"] is None
+        and charge["submitted_at"] is None
+        and charge["attempts"] == 0
+    )
+    row = await repo.insert_dispute(
+        conn,
+        charge_id=charge_id,
+        account_id=account_id,
+        car_park_id=charge["car_park_id"],
+        via=via,
+        held=held,
+    )
+    await repo.audit(
+        conn,
+        actor=f"account:{account_id}",
+        action="charge_dispute.opened",
+        subject=f"charge_dispute:{row['id']}",
+        detail={"charge_id": charge_id, "held": held, "via": via},
+    )
+    await notifications.enqueue(
+        conn,
+        account_id=account_id,
+        kind="dispute_opened",
+        source_key=f"charge_dispute:{row['id']}:opened",
+        body=notifications.render(
+            "dispute_opened",
+            style.language,
+            car_park=charge["car_park"],
+            amount=format_fen(charge["amount_fen"]),
+        ),
+    )
+    log.info("disputes.opened", dispute_id=row["id"], charge_id=charge_id, held=held)
+    return view(row)
+
+
+async def dispute_stay(
+    conn: asyncpg.Connection, account_id: int, stay_id: int, style: notifications.MessageStyle
+) -> DisputeView:
+    """The driver app's "not my car" on a stay charged to the account."""
+    charge_id = await repo.charge_of_stay(conn, account_id, stay_id)
+    if charge_id is None:
+        raise NotFound("stay")
+    return await open_dispute(
+        conn, charge_id=charge_id, account_id=account_id, via="app", style=style
+    )
+
+
+def _operator_id(principal: Principal) -> int:
+    if principal.operator_id is None:  # OperatorDep only lets staff tokens through
+        raise AppError(403, "forbidden", "not a member of an operator company")
+    return principal.operator_id
+
+
+def frame_url(dispute_id: int, which: str) -> str:
+    return f"/api/v1/operator/disputes/{dispute_id}/frames/{which}"
+
+
+def _evidence(dispute_id: int, which: str, capture: asyncpg.Record | None) -> Evidence | None:
+    if capture is None:
+        return None
+    return Evidence(
+        capture_id=str(capture["capture_id"]),
+        gate=capture["gate"],
+        captured_at=capture["captured_at"],
+        read=Read(
+            plate=capture["plate"],
+            confidence=capture["read_confidence"],
+            source=capture["plate_source"],
+            match_status=capture["match_status"],
+            candidates=capture["candidates"] or [],
+        ),
+        frame_url=frame_url(dispute_id, which) if capture["has_frame"] else None,
+    )
+
+
+async def _operator_views(
+    conn: asyncpg.Connection, rows: list[asyncpg.Record]
+) -> list[OperatorDispute]:
+    ids: list[UUID] = [
+        c for r in rows for c in (r["entry_capture_id"], r["exit_capture_id"]) if c is not None
+    ]
+    captures = {c["capture_id"]: c for c in await repo.captures(conn, ids)} if ids else {}
+    return [
+        OperatorDispute(
+            id=r["id"],
+            status=r["status"],
+            held=r["held"],
+            via=r["via"],
+            opened_at=r["opened_at"],
+            decided_at=r["decided_at"],
+            decided_by=r["decided_by"],
+            note=r["note"],
+            refund_id=r["refund_id"],
+            car_park=r["car_park_code"],
+            stay_id=r["stay_id"],
+            plate=r["plate"],
+            entered_at=r["entered_at"],
+            exited_at=r["exited_at"],
+            charge=ChargeSummary(
+                id=r["charge_id"], amount_fen=r["amount_fen"], status=r["charge_status"]
+            ),
+            entry=_evidence(r["id"], "entry", captures.get(r["entry_capture_id"])),
+            exit=_evidence(r["id"], "exit", captures.get(r["exit_capture_id"])),
+        )
+        for r in rows
+    ]
+
+
+async def list_disputes(
+    conn: asyncpg.Connection,
+    principal: Principal,
+    *,
+    status: str | None,
+    car_park: str | None,
+    limit: int,
+) -> list[OperatorDispute]:
+    rows = await repo.list_disputes(
+        conn, _operator_id(principal), status=status, car_park=car_park, limit=limit
+    )
+    return await _operator_views(conn, rows)
+
+
+async def get_dispute(
+    conn: asyncpg.Connection, principal: Principal, dispute_id: int
+) -> OperatorDispute:
+    row = await repo.dispute(conn, _operator_id(principal), dispute_id)
+    if row is None:
+        raise NotFound("dispute")
+    return (await _operator_views(conn, [row]))[0]
+
+
+async def frame(
+    conn: asyncpg.Connection, principal: Principal, dispute_id: int, which: str
+) -> bytes:
+    row = await repo.dispute(conn, _operator_id(principal), dispute_id)
+    if row is None:
+        raise NotFound("dispute")
+    capture_id = row["entry_capture_id"] if which == "entry" else row["exit_capture_id"]
+    image = await repo.frame(conn, capture_id) if capture_id is not None else None
+    if image is None:
+        raise NotFound("frame")
+    return image
+
+
+async def decide(
+    conn: asyncpg.Connection,
+    principal: Principal,
+    dispute_id: int,
+    decision: Decision,
+    style: notifications.MessageStyle,
+) -> OperatorDispute:
+    """An admin's decision, once; audit-logged; the driver is told. Runs in the caller's
+    transaction (the refund's provider call and the released charge follow from the outbox)."""
+    row = await repo.dispute(conn, _operator_id(principal), dispute_id, lock=True)
+    if row is None:
+        raise NotFound("dispute")
+    if row["status"] != "open":
+        raise AppError(409, "already_decided", "this dispute has already been decided")
+    charge = await repo.lock_charge(conn, row["charge_id"])
+    assert charge is not None  # a foreign key
+    refund_id: int | None = None
+    effect = "none"
+    if decision.outcome == "driver_right":
+        if charge["status"] == "succeeded":
+            left = await repo.refundable_fen(conn, charge["id"])
+            if left > 0:
+                try:
+                    refund = await refunds.request_for_charge(
+                        conn,
+                        charge_id=charge["id"],
+                        amount_fen=left,
+                        reason=f"not the driver's car (dispute {dispute_id})",
+                        actor=principal.actor,
+                    )
+                except refunds.RefundNotAllowed as exc:  # the lock above rules this out
+                    raise AppError(409, "refund_not_allowed", str(exc)) from exc
+                refund_id = refund.id
+            effect = "refunded"
+        elif charge["status"] == "pending":
+            if await charges.cancel_unsent(conn, charge["id"]) is None:
+                raise AppError(
+                    409,
+                    "charge_in_flight",
+                    "the provider has the charge and has not answered yet: decide once it has",
+                )
+            effect = "cancelled"
+        else:
+            raise AppError(
+                409, "charge_not_disputable", f"the charge is {charge['status']}: nothing to undo"
+            )
+    elif row["held"] and charge["status"] == "pending":
+        await charges.release_held(conn, charge["id"])
+        effect = "released"
+    decided = await repo.mark_decided(
+        conn,
+        dispute_id,
+        status=decision.outcome,
+        actor=principal.actor,
+        note=decision.note,
+        refund_id=refund_id,
+    )
+    if decided is None:  # the row lock above rules this out
+        raise AppError(409, "already_decided", "this dispute has already been decided")
+    await repo.audit(
+        conn,
+        actor=principal.actor,
+        action="charge_dispute.decided",
+        subject=f"charge_dispute:{dispute_id}",
+        detail={
+            "outcome": decision.outcome,
+            "effect": effect,
+            "charge_id": charge["id"],
+            "refund_id": refund_id,
+            "note": decision.note,
+        },
+    )
+    amount = format_fen(charge["amount_fen"])
+    if decision.outcome == "driver_right":
+        body = notifications.render(
+            "dispute_driver_right",
+            style.language,
+            car_park=charge["car_park"],
+            amount=amount,
+            outcome=notifications.dispute_outcome(
+                style.language, "refunded" if effect == "refunded" else "cancelled"
+            ),
+        )
+    else:
+        link = await notifications.receipt_link(conn, charge["id"], style)
+        body = notifications.render(
+            "dispute_charge_stands",
+            style.language,
+            car_park=charge["car_park"],
+            amount=amount,
+            receipt=notifications.receipt_sentence(style.language, link),
+        )
+    await notifications.enqueue(
+        conn,
+        account_id=row["account_id"],
+        kind=f"dispute_{decision.outcome}",
+        source_key=f"charge_dispute:{dispute_id}:decided",
+        body=body,
+    )
+    log.info("disputes.decided", dispute_id=dispute_id, outcome=decision.outcome, effect=effect)
+    return await get_dispute(conn, principal, dispute_id)
