@@ -64,6 +64,9 @@ def content_fingerprint(gate: GateInfo, capture: Capture) -> bytes:
     the offline flags (a capture first sent online may be uploaded again from the outbox)."""
     digest = hashlib.sha256()
     camera = capture.camera_read.model_dump(mode="json") if capture.camera_read else None
+    if camera is not None and camera.get("model") is None:
+        # Captures fingerprinted before cameras could name their model: the same bytes.
+        camera.pop("model", None)
     digest.update(orjson.dumps([gate.gate_id, capture.direction, capture.seq, camera]))
     for frame in capture.frames():
         digest.update(b"\0")
@@ -219,7 +222,9 @@ class LaneWorker:
         reading = await self.reader.read(capture, frames)
         now = datetime.now(UTC)
         started_db = time.perf_counter()
-        decision, command = await self._decide(gate, capture, reading, now)
+        decision, command = await self._decide(
+            gate, capture, reading, now, frames[0] if frames else None
+        )
         if decision is not None and decision.occupancy_delta:
             # Before publishing: a publish that fails after commit must not lose the change.
             await self.occupancy.adjust(gate.car_park_id, decision.occupancy_delta)
@@ -280,7 +285,12 @@ class LaneWorker:
             log.warning("lane.feed_publish_failed")
 
     async def _decide(
-        self, gate: GateInfo, capture: Capture, reading: PlateReading, now: datetime
+        self,
+        gate: GateInfo,
+        capture: Capture,
+        reading: PlateReading,
+        now: datetime,
+        frame: bytes | None = None,
     ) -> tuple[Decision | None, bytes]:
         """Decides in one transaction; a redelivered capture gets its stored command again.
 
@@ -304,14 +314,16 @@ class LaneWorker:
                         await repo.insert_capture(
                             conn,
                             content_sha256=fingerprint,
+                            frame=frame,
                             capture_id=capture.capture_id,
                             gate_id=gate.gate_id,
                             car_park_id=gate.car_park_id,
                             seq=capture.seq,
                             direction=capture.direction,
                             plate=decision.plate,
-                            plate_color=capture.camera_read.color if capture.camera_read else None,
+                            plate_color=reading.color,
                             read_confidence=reading.best.score if reading.best else None,
+                            read_certain=self.service.certain(reading),
                             plate_source=reading.source,
                             match_status=decision.match_status,
                             captured_at=capture.captured_at,
