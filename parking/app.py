@@ -8,6 +8,7 @@ from parking.auth.router import router as auth_router
 from parking.auth.sms import DevSms, SmsSender
 from parking.auth.tokens import TokenSigner
 from parking.car_parks.router import router as car_parks_router
+from parking.confirmations.router import router as confirmations_router
 from parking.dashboard.router import router as dashboard_router
 from parking.drivers.router import router as drivers_router
 from parking.errors import install_error_handlers
@@ -42,6 +43,7 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.include_router(payments_router)
     app.include_router(drivers_router)
     app.include_router(operators_router)
+    app.include_router(confirmations_router)
     app.include_router(public_router)
     app.include_router(dashboard_router)
     return app

@@ -23,6 +23,7 @@ from parking.auth.tokens import digest, new_secret
 from parking.runtime import Runtime
 from tests.conftest import (
     Lot,
+    backdate_entry,
     bearer,
     charges_of,
     create_lot,
@@ -86,6 +87,8 @@ class World:
     job_x: int
     stays_x: list[int] = field(default_factory=list)
     charge_exception_x: int = 0
+    # A charge of X awaiting an operator's confirmation, with both frames kept.
+    confirmation_x: int = 0
 
 
 Body = Callable[[World], dict[str, Any]] | None
@@ -206,6 +209,21 @@ ROWS = [
     Row("GET", "/api/v1/operator/reports/debts", Access.STAFF),
     Row("GET", "/api/v1/operator/jobs", Access.STAFF),
     Row("POST", "/api/v1/operator/jobs/{job_id}/retry", Access.ADMIN_X),
+    Row("GET", "/api/v1/operator/confirmations", Access.STAFF),
+    Row("GET", "/api/v1/operator/confirmations/{confirmation_id}/entry-image", Access.STAFF_X),
+    Row("GET", "/api/v1/operator/confirmations/{confirmation_id}/exit-image", Access.STAFF_X),
+    Row(
+        "POST",
+        "/api/v1/operator/confirmations/{confirmation_id}/confirm",
+        Access.STAFF_X,
+        lambda w: {"reason": "access matrix test"},
+    ),
+    Row(
+        "POST",
+        "/api/v1/operator/confirmations/{confirmation_id}/reject",
+        Access.STAFF_X,
+        lambda w: {"reason": "access matrix test"},
+    ),
     Row("GET", "/api/v1/operator/dashboard/summary", Access.STAFF),
     # An event stream never ends: its allowed callers are tested in test_dashboard.py.
     Row("GET", "/api/v1/operator/dashboard/events", Access.STAFF),
@@ -229,6 +247,7 @@ def _fill(path: str, world: World) -> str:
         charge_exception_id=world.charge_exception_x,
         charge_id=world.charge_a,
         job_id=world.job_x,
+        confirmation_id=world.confirmation_x,
     )
 
 
@@ -256,6 +275,13 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
     await gate.decide(lot_x.code, "out1", held)
     inside = unique_plate()
     await gate.decide(lot_x.code, "in1", gate.capture("in", inside))
+    # A bound car that came in on a read that was not certain: its charge awaits a person.
+    unsure = await make_driver(runtime, unique_plate())
+    unsure_entry = gate.capture("in", unsure.plate, confidence=0.9)
+    await gate.decide(lot_x.code, "in1", unsure_entry)
+    await backdate_entry(runtime, lot_x, unsure.plate, timedelta(minutes=90))
+    unsure_exit = gate.capture("out", unsure.plate)
+    await gate.decide(lot_x.code, "out1", unsure_exit)
     gate_key, city_key = "gk_" + new_secret(), "ck_" + new_secret()
     async with runtime.pool.acquire() as conn:
         exception_x = await conn.fetchval(
@@ -288,6 +314,17 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
             r["id"]
             for r in await conn.fetch("SELECT id FROM sessions WHERE car_park_id = $1", lot_x.id)
         ]
+        confirmation_x = await conn.fetchval(
+            "SELECT id FROM charges WHERE account_id = $1 AND status = 'awaiting_confirmation'",
+            unsure.account_id,
+        )
+        for capture in (unsure_entry, unsure_exit):
+            await conn.execute(
+                "INSERT INTO capture_frames (capture_id, captured_at, image) VALUES ($1, $2, $3)",
+                capture.capture_id,
+                capture.captured_at,
+                b"\xff\xd8\xff\xe0fake-jpeg",
+            )
     tokens = {
         "driver_a": driver_token(app, driver_a.account_id),
         "driver_b": driver_token(app, driver_b.account_id),
@@ -311,6 +348,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         job_x,
         stays_x,
         charge_exception_x,
+        confirmation_x,
     )
 
 
