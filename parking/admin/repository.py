@@ -31,11 +31,12 @@ async def create_car_park(
     longitude: float | None = None,
     no_entry_policy: str = "exception",
     no_entry_fee_fen: int = 0,
+    uncertain_exit_policy: str = "open_confirm",
 ) -> int:
     car_park_id: int = await conn.fetchval(
         """INSERT INTO car_parks (operator_id, code, name, capacity, latitude, longitude,
-                                  no_entry_policy, no_entry_fee_fen)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id""",
+                                  no_entry_policy, no_entry_fee_fen, uncertain_exit_policy)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id""",
         operator_id,
         code,
         check_car_park_name(name),
@@ -44,6 +45,7 @@ async def create_car_park(
         longitude,
         no_entry_policy,
         no_entry_fee_fen,
+        uncertain_exit_policy,
     )
     return car_park_id
 
