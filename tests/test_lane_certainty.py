@@ -226,7 +226,7 @@ async def test_a_car_with_no_entry_record_is_not_the_parked_look_alike(
 
 
 async def test_the_no_entry_fixed_fee_is_paid_at_the_gate_never_charged_on_one_read(
-    runtime: Runtime, gate: GateProbe, lot: Lot
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient
 ) -> None:
     await _policy(runtime, lot, no_entry_policy="fixed_fee", no_entry_fee_fen=2000)
     driver = await make_driver(runtime, unique_plate())  # bound, not here
@@ -236,13 +236,17 @@ async def test_the_no_entry_fixed_fee_is_paid_at_the_gate_never_charged_on_one_r
     assert (command["action"], command["fee_fen"]) == ("hold", 2000)
     assert command["payment_qr_url"].endswith(f"/api/v1/gate-payments/{command['capture_id']}")
     assert await _charges(runtime, driver) == []
+    # The QR code takes the fixed fee, and nobody's debts: one read names nobody.
+    started = await api.post(f"/api/v1/gate-payments/{command['capture_id']}")
+    assert started.status_code == 200, started.text
+    assert (started.json()["stay_fee_fen"], started.json()["debt_fen"]) == (2000, 0)
 
 
 # The colour discount follows the plate type, not a camera's colour guess.
 
 
 async def test_the_green_discount_needs_a_green_plate_not_a_cameras_guess(
-    runtime: Runtime, gate: GateProbe, lot: Lot
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient
 ) -> None:
     async with runtime.pool.acquire() as conn:
         await admin.create_tariff(
@@ -260,6 +264,9 @@ async def test_the_green_discount_needs_a_green_plate_not_a_cameras_guess(
     await _in(runtime, gate, lot, blue, confidence=0.99, color="green")
     held = await gate.decide(lot.code, "out1", gate.capture("out", blue, color="green"))
     assert (held["action"], held["fee_fen"]) == ("hold", 1200)
+    started = await api.post(f"/api/v1/gate-payments/{held['capture_id']}")
+    assert started.status_code == 200, started.text
+    assert started.json()["stay_fee_fen"] == 1200, "the QR code asks what the gate showed"
 
     # A new-energy plate (8 characters), read green with certainty: half price.
     green = "浙AD" + unique_plate()[3:] + "1"

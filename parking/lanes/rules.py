@@ -218,8 +218,10 @@ def priced_color(plate: str, stay_color: str | None, *, vouched: bool) -> str | 
 @dataclass(frozen=True, slots=True)
 class ExitRule:
     """How a priced stay leaves: `exited_free`, `exited_pay_later` (charged `fee_fen` to
-    `charge_to`, an (account, agreement)), or held with why (`held_unbound`,
-    `held_no_agreement`, `held_arrears`, `held_over_limit`) and `due_fen` at the gate."""
+    `charge_to`, an (account, agreement)), `exited_awaiting_confirmation` (the same charge,
+    recorded until an operator confirms it), or held with why (`held_unbound`,
+    `held_no_agreement`, `held_arrears`, `held_over_limit`, `held_uncertain`,
+    `held_no_entry_fee`) and `due_fen` at the gate."""
 
     outcome: Outcome
     fee_fen: int

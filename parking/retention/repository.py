@@ -8,12 +8,14 @@ from billing.queue import delete_in_batches
 
 
 async def erase_images_before(conn: asyncpg.Connection, before: datetime) -> int:
-    """Erases capture frames kept for operators (the exception queue) older than `before`."""
+    """Erases capture frames kept for operators (the exception queue, and every capture's first
+    frame for confirming a charge) older than `before`."""
     erased: int = await conn.fetchval(
         """WITH erased AS (
                UPDATE lane_exceptions SET image = NULL
-               WHERE image IS NOT NULL AND created_at < $1 RETURNING 1)
-           SELECT count(*) FROM erased""",
+               WHERE image IS NOT NULL AND created_at < $1 RETURNING 1),
+           frames AS (DELETE FROM capture_frames WHERE created_at < $1 RETURNING 1)
+           SELECT (SELECT count(*) FROM erased) + (SELECT count(*) FROM frames)""",
         before,
     )
     return erased
