@@ -23,6 +23,7 @@ from typing import Literal, Protocol
 
 from billing import fees
 from parking.lanes.repository import PayLater
+from parking.settings import Settings
 from plate_recognition.grammar import COLORS, Candidate, is_valid, plate_color_guess
 from plate_recognition.matching import match, plausible_plate
 
@@ -75,6 +76,14 @@ class Certainty:
     ocr_score: float
     camera_scores: Mapping[str, float] = field(default_factory=dict)
     camera_default: float = 0.98
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Certainty":
+        return cls(
+            settings.plate_certain_score,
+            dict(settings.camera_certain_scores),
+            settings.camera_certain_score_default,
+        )
 
     def threshold(self, source: ReadSource, model: str | None) -> float | None:
         if source == "camera":

@@ -83,11 +83,7 @@ class _Exit:
 class LaneService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.certainty = Certainty(
-            settings.plate_certain_score,
-            dict(settings.camera_certain_scores),
-            settings.camera_certain_score_default,
-        )
+        self.certainty = Certainty.from_settings(settings)
         self.duplicate_window = timedelta(seconds=settings.duplicate_read_window_s)
         self.command_ttl = timedelta(seconds=settings.command_ttl_s)
         # Tariffs change rarely and are versioned by date: read once, dropped when the database
