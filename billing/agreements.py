@@ -2,6 +2,8 @@
 change the limit and may cancel it. One active agreement per account; a cancelled one is kept
 (charges already queued under it still refer to it)."""
 
+from datetime import datetime
+
 import asyncpg
 
 
@@ -16,18 +18,22 @@ async def sign(
     provider: str,
     agreement_no: str,
     per_session_limit_fen: int,
+    signed_at: datetime | None = None,
 ) -> int:
+    """An agreement signed now, or at `signed_at` (imported with its history: an agreement pays
+    only for stays that began after it)."""
     if per_session_limit_fen <= 0:
         raise AgreementError("the per-session limit must be positive")
     try:
         agreement_id: int = await conn.fetchval(
             """INSERT INTO pay_later_agreements
-                   (account_id, provider, agreement_no, per_session_limit_fen)
-               VALUES ($1, $2, $3, $4) RETURNING id""",
+                   (account_id, provider, agreement_no, per_session_limit_fen, signed_at)
+               VALUES ($1, $2, $3, $4, COALESCE($5, now())) RETURNING id""",
             account_id,
             provider,
             agreement_no,
             per_session_limit_fen,
+            signed_at,
         )
     except asyncpg.UniqueViolationError as exc:
         raise AgreementError("the account already has an active agreement") from exc

@@ -78,7 +78,23 @@ async def queue_charge(
     agreement_id: int,
     car_park_id: int,
     amount_fen: int,
+    awaiting_confirmation: bool = False,
 ) -> int:
+    """The exit's charge. `awaiting_confirmation`: the stay's reads were not both certain, so
+    the charge is only recorded (no ledger line, no job, nothing sent) until an operator
+    confirms it (`confirm`) or rejects it (`discard_unconfirmed`)."""
+    if awaiting_confirmation:
+        awaiting_id: int = await conn.fetchval(
+            """INSERT INTO charges
+                   (session_id, account_id, agreement_id, amount_fen, idempotency_key, status)
+               VALUES ($1, $2, $3, $4, $5, 'awaiting_confirmation') RETURNING id""",
+            session_id,
+            account_id,
+            agreement_id,
+            amount_fen,
+            new_idempotency_key(session_id),
+        )
+        return awaiting_id
     charge_id: int = await conn.fetchval(
         """WITH charge AS (
                INSERT INTO charges
@@ -99,6 +115,56 @@ async def queue_charge(
         charge_id=charge_id,
     )
     return charge_id
+
+
+@dataclass(frozen=True, slots=True)
+class UnconfirmedCharge:
+    charge_id: int
+    session_id: int
+    account_id: int
+    car_park_id: int
+    amount_fen: int
+
+
+async def confirm(conn: asyncpg.Connection, charge_id: int) -> UnconfirmedCharge | None:
+    """An operator confirmed a charge awaiting confirmation: it becomes pending, its fee is
+    accrued and its job queued, in the caller's transaction, once (conditional on its status:
+    None when it was not awaiting confirmation)."""
+    row = await conn.fetchrow(
+        """WITH c AS (
+               UPDATE charges SET status = 'pending'
+               WHERE id = $1 AND status = 'awaiting_confirmation'
+               RETURNING id, session_id, account_id, amount_fen),
+           job AS (INSERT INTO outbox (kind, ref_id) SELECT 'charge', id FROM c)
+           SELECT c.id AS charge_id, c.session_id, c.account_id, s.car_park_id, c.amount_fen
+           FROM c JOIN sessions s ON s.id = c.session_id""",
+        charge_id,
+    )
+    if row is None:
+        return None
+    charge = UnconfirmedCharge(**dict(row))
+    await ledger.post(
+        conn,
+        "fee_accrued",
+        accrual_lines(charge.account_id, charge.car_park_id, charge.amount_fen),
+        session_id=charge.session_id,
+        charge_id=charge.charge_id,
+    )
+    return charge
+
+
+async def discard_unconfirmed(conn: asyncpg.Connection, charge_id: int) -> UnconfirmedCharge | None:
+    """An operator rejected a charge awaiting confirmation: it is deleted (it was never booked
+    nor sent to the provider). None when it was not awaiting confirmation."""
+    row = await conn.fetchrow(
+        """WITH c AS (
+               DELETE FROM charges WHERE id = $1 AND status = 'awaiting_confirmation'
+               RETURNING id, session_id, account_id, amount_fen)
+           SELECT c.id AS charge_id, c.session_id, c.account_id, s.car_park_id, c.amount_fen
+           FROM c JOIN sessions s ON s.id = c.session_id""",
+        charge_id,
+    )
+    return UnconfirmedCharge(**dict(row)) if row else None
 
 
 def accrual_lines(account_id: int, car_park_id: int, amount_fen: int) -> list[tuple[str, int]]:

@@ -74,7 +74,7 @@ class CameraEvent:
 
     @classmethod
     def of_vehicle(
-        cls, vehicle: Vehicle, direction: Direction, *, confidence: float = 0.97
+        cls, vehicle: Vehicle, direction: Direction, *, confidence: float = 0.99
     ) -> "CameraEvent":
         """A simulated vehicle as the camera would report it: its plate read, or only its photo
         when it has one (the server then reads the plate itself)."""

@@ -35,6 +35,9 @@ class CameraRead(_Message):
     plate: PlateText
     color: PlateColor | None = None
     confidence: float = Field(ge=0.0, le=1.0)
+    # The camera's make/model: its confidence is calibrated per model (the server's
+    # `camera_certain_scores`). Optional, so v1 gates that do not send it still work.
+    model: Annotated[str, StringConstraints(max_length=64)] | None = None
 
 
 class Capture(_Message):

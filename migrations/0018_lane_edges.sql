@@ -13,8 +13,8 @@ ALTER TABLE sessions ADD CONSTRAINT sessions_settlement_check
 
 ALTER TABLE lane_exceptions DROP CONSTRAINT lane_exceptions_reason_check;
 ALTER TABLE lane_exceptions ADD CONSTRAINT lane_exceptions_reason_check
-    CHECK (reason IN ('unreadable', 'ambiguous', 'no_entry', 'offline_exit', 'unpaid_exit',
-                      'offline_booth', 'ghost_stay'));
+    CHECK (reason IN ('unreadable', 'ambiguous', 'no_entry', 'offline_exit', 'uncertain',
+                      'rejected', 'unpaid_exit', 'offline_booth', 'ghost_stay'));
 
 -- The last hold of a stay with a fee, found when the plate enters again (a tailgated exit).
 -- Partial: only held exits a driver could pay are indexed, a small share of captures.

@@ -1,15 +1,7 @@
 -- Evidence to the driver and "not my car" (issue #15).
 --
--- The first frame of every capture, kept as the evidence of its stay for the driver's receipt
--- and an operator's review; erased (image NULL) after PARKING_IMAGE_RETENTION_DAYS.
-CREATE TABLE capture_frames (
-    capture_id   uuid PRIMARY KEY REFERENCES capture_keys(capture_id),
-    car_park_id  bigint NOT NULL REFERENCES car_parks(id),
-    image        bytea,
-    created_at   timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX capture_frames_images ON capture_frames (created_at) WHERE image IS NOT NULL;
-GRANT SELECT, INSERT, UPDATE ON capture_frames TO parking_app;
+-- The first frame of every capture (capture_frames, migration 0017) is the evidence of its
+-- stay for the driver's receipt and an operator's review.
 
 -- The links in drivers' messages: a random token per message, stored only as its SHA-256,
 -- naming one charge.
@@ -27,7 +19,7 @@ ALTER TABLE charges ADD COLUMN sent_at timestamptz;
 -- A held charge the operator decided for the driver: never sent, its accrual reversed.
 ALTER TABLE charges DROP CONSTRAINT charges_status_check;
 ALTER TABLE charges ADD CONSTRAINT charges_status_check
-    CHECK (status IN ('pending', 'succeeded', 'failed', 'cancelled'));
+    CHECK (status IN ('pending', 'succeeded', 'failed', 'awaiting_confirmation', 'cancelled'));
 
 -- "Not my car": one dispute per charge, decided by an operator with both frames.
 CREATE TABLE charge_disputes (

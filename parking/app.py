@@ -9,6 +9,7 @@ from parking.auth.sms import DevSms, SmsSender
 from parking.auth.tokens import TokenSigner
 from parking.booth.router import router as booth_router
 from parking.car_parks.router import router as car_parks_router
+from parking.confirmations.router import router as confirmations_router
 from parking.dashboard.router import router as dashboard_router
 from parking.disputes.router import driver_router as driver_disputes_router
 from parking.disputes.router import router as disputes_router
@@ -53,6 +54,7 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.include_router(drivers_router)
     app.include_router(operators_router)
     app.include_router(booth_router)
+    app.include_router(confirmations_router)
     app.include_router(public_router)
     app.include_router(dashboard_router)
     app.include_router(receipts_router)

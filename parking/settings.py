@@ -54,8 +54,17 @@ class Settings(BaseSettings):
     # Plate reading. A camera read at or above camera_min_confidence is taken as it is; below
     # it, or with no read, the capture's images are read server-side in a process pool.
     camera_min_confidence: float = 0.9
-    # The least score a read needs to open or close a stay by its exact plate.
+    # The least score a read needs to open a stay at the entry.
     plate_min_confidence: float = 0.8
+    # A read is *certain* (DESIGN.md, "The exit decision" 5) when its score reaches the
+    # threshold of its source, it has a colour, and it is a valid plate of that colour. Only
+    # certain reads match a parked plate exactly, and only a stay whose entry and exit reads
+    # were both certain is charged pay-later without a person. Server OCR: a calibrated
+    # probability (the calibration sets the default; until then 0.995). Cameras: per camera
+    # model (`camera_read.model`), else the default.
+    plate_certain_score: float = Field(default=0.995, ge=0.0, le=1.0)
+    camera_certain_scores: dict[str, float] = Field(default_factory=dict)
+    camera_certain_score_default: float = Field(default=0.98, ge=0.0, le=1.0)
     ocr_engine: str = "rapidocr"
     ocr_workers: int = 1
 

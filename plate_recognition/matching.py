@@ -4,6 +4,12 @@ Charging the wrong account is the worst failure, so a fuzzy match is accepted on
 it is close to the read *and* clearly closer than any other parked plate; everything
 else goes to an operator as ``ambiguous`` or ``no_match``. Distances are a weighted edit
 distance whose substitution costs reflect what OCR actually confuses (0/D/Q, 8/B, ...).
+
+A read that is itself a plausible plate (grammatical as read, nothing corrected, its
+province known) is never bent onto a look-alike: "no entry record" explains it as well as
+a misread does, so it matches only a parked plate it equals, or one the reader itself
+offers among its alternatives while its own top candidate is weak. Different provinces are
+different cars: a read whose province is known never matches another province's plate.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from plate_recognition.grammar import PROVINCES, Candidate
+from plate_recognition.grammar import PROVINCES, Candidate, is_valid
 
 MatchStatus = Literal["exact", "fuzzy", "ambiguous", "no_match"]
 
@@ -56,6 +62,9 @@ RANK_WEIGHT = 0.3
 #: Defaults tuned on the seeded lot simulation in tests/plate_recognition/test_matching.py.
 MAX_DISTANCE = 1.0
 MIN_MARGIN = 0.6
+#: Below this score a plausible read's own top candidate is weak enough for one of the
+#: reader's alternatives (never a mere look-alike) to be the plate.
+WEAK_TOP_SCORE = 0.5
 
 _PAIR_COST: dict[tuple[str, str], float] = {}
 for _group, _cost in [(g, CONFUSABLE_COST) for g in CONFUSION_GROUPS] + [
@@ -143,6 +152,29 @@ def _as_pairs(candidates: Iterable[Candidate | tuple[str, float]]) -> list[tuple
     return sorted(((p, s) for p, s in pairs if p), key=lambda ps: -ps[1])
 
 
+def _top(candidates: Sequence[Candidate | tuple[str, float]]) -> Candidate | None:
+    best: Candidate | None = None
+    for c in candidates:
+        cand = c if isinstance(c, Candidate) else Candidate(c[0], c[1])
+        if cand.plate and (best is None or cand.score > best.score):
+            best = cand
+    return best
+
+
+def plausible_plate(candidate: Candidate) -> bool:
+    """Whether a read is a plate on its own: grammatical as read (nothing corrected) with its
+    province read. Such a read is never bent onto a look-alike (see `match`)."""
+    return (
+        not candidate.corrected and candidate.plate[:1] in PROVINCES and is_valid(candidate.plate)
+    )
+
+
+def same_province(read: str, plate: str) -> bool:
+    """False when the read's province is known and differs: another province's plate is
+    another car. An unread province ("?") contradicts nothing."""
+    return read[:1] not in PROVINCES or read[:1] == plate[:1]
+
+
 def match(
     candidates: Sequence[Candidate | tuple[str, float]],
     parked_plates: Iterable[str],
@@ -151,6 +183,7 @@ def match(
     max_distance: float = MAX_DISTANCE,
     min_margin: float = MIN_MARGIN,
     max_candidates: int = 5,
+    weak_top_score: float = WEAK_TOP_SCORE,
 ) -> MatchResult:
     """Match ranked read candidates against the plates currently parked.
 
@@ -159,7 +192,16 @@ def match(
     accepted only if its cost is at most ``max_distance`` and the runner-up's cost is at
     least ``min_margin`` higher; ``raw`` (the engine's unconstrained text) is a last-
     resort candidate for reads the grammar could not parse (e.g. a dropped character).
+
+    Parked plates of another province than the top candidate's are never considered. When
+    the top candidate is a plausible plate (`plausible_plate`), the best parked plate is
+    accepted only if it *is* that plate, or if it is one of the reader's own alternatives
+    and the top candidate scored below ``weak_top_score``; otherwise the read is a car with
+    no entry record (``no_match``), whatever parked plate it resembles.
     """
+    head = _top(candidates)
+    province = (head.plate if head is not None else raw or "")[:1]
+    parked_plates = [p for p in parked_plates if same_province(province, p)]
     pairs = _as_pairs(candidates)[:max_candidates]
     top = pairs[0][1] if pairs else 1.0
     reads = [(p, RANK_WEIGHT * math.log(max(top, 1e-12) / max(s, 1e-12))) for p, s in pairs]
@@ -184,6 +226,23 @@ def match(
     best_cost, best_plate = costs[0]
     margin = costs[1][0] - best_cost if len(costs) > 1 else math.inf
     if best_cost > max_distance:
+        return MatchResult("no_match", None, best_cost, margin, ranked)
+    if province not in PROVINCES:
+        # Without its province the read cannot tell the parked car from another province's
+        # car with the same letters: that is for a person.
+        return MatchResult("no_match", None, best_cost, margin, ranked)
+    if head is not None and best_plate not in {p for p, _ in pairs}:
+        # Only a plate the reader (or the grammar's correction of what it read) offers: a
+        # parked plate that differs where the read was a valid character is a look-alike.
+        return MatchResult("no_match", None, best_cost, margin, ranked)
+    if (
+        head is not None
+        and plausible_plate(head)
+        and best_plate != head.plate
+        and head.score >= weak_top_score
+    ):
+        # The read is a valid plate that is not parked here: "no entry record" explains it as
+        # well as a misread of a look-alike does. Never bend it.
         return MatchResult("no_match", None, best_cost, margin, ranked)
     if margin < min_margin:
         return MatchResult("ambiguous", None, best_cost, margin, ranked)

@@ -180,12 +180,23 @@ async def make_driver(
 
 
 async def backdate_entry(runtime: Runtime, lot: Lot, plate: str, by: timedelta) -> None:
-    """Moves an open stay's entry into the past, as if the car had been parked that long."""
-    async with runtime.pool.acquire() as conn:
+    """Moves an open stay's entry into the past, as if the car had been parked that long; the
+    plate's binding and agreement, made before it came in, move back with it (a stay is charged
+    pay-later only to a binding and agreement that existed when it began)."""
+    async with runtime.pool.acquire() as conn, conn.transaction():
         await conn.execute(
             """UPDATE sessions SET entered_at = entered_at - $3::interval
                WHERE car_park_id = $1 AND plate = $2 AND status = 'open'""",
             lot.id,
+            plate,
+            by,
+        )
+        await conn.execute(
+            """WITH b AS (
+                   UPDATE plate_bindings SET bound_at = bound_at - $2::interval
+                   WHERE plate = $1 AND unbound_at IS NULL RETURNING account_id)
+               UPDATE pay_later_agreements SET signed_at = signed_at - $2::interval
+               WHERE account_id IN (SELECT account_id FROM b) AND cancelled_at IS NULL""",
             plate,
             by,
         )

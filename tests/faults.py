@@ -240,7 +240,7 @@ class RecordingSimulator(GateSimulator):
         return self
 
     async def capture(
-        self, gate: SimGate, vehicle: Vehicle, *, confidence: float = 0.97
+        self, gate: SimGate, vehicle: Vehicle, *, confidence: float = 0.99
     ) -> uuid.UUID:
         sent_at = datetime.now(UTC)
         capture_id = await super().capture(gate, vehicle, confidence=confidence)

@@ -23,6 +23,7 @@ from parking.auth.tokens import digest, new_secret
 from parking.runtime import Runtime
 from tests.conftest import (
     Lot,
+    backdate_entry,
     bearer,
     charges_of,
     create_lot,
@@ -90,6 +91,8 @@ class World:
     receipt_token: str = ""
     frame_query: dict[str, str] = field(default_factory=dict)
     dispute_x: int = 0
+    # A charge of X awaiting an operator's confirmation, with both frames kept.
+    confirmation_x: int = 0
 
 
 Body = Callable[[World], dict[str, Any]] | None
@@ -234,6 +237,21 @@ ROWS = [
         Access.ADMIN_X,
         lambda w: {"outcome": "charge_stands", "note": "access matrix test"},
     ),
+    Row("GET", "/api/v1/operator/confirmations", Access.STAFF),
+    Row("GET", "/api/v1/operator/confirmations/{confirmation_id}/entry-image", Access.STAFF_X),
+    Row("GET", "/api/v1/operator/confirmations/{confirmation_id}/exit-image", Access.STAFF_X),
+    Row(
+        "POST",
+        "/api/v1/operator/confirmations/{confirmation_id}/confirm",
+        Access.STAFF_X,
+        lambda w: {"reason": "access matrix test"},
+    ),
+    Row(
+        "POST",
+        "/api/v1/operator/confirmations/{confirmation_id}/reject",
+        Access.STAFF_X,
+        lambda w: {"reason": "access matrix test"},
+    ),
     Row("GET", "/api/v1/operator/dashboard/summary", Access.STAFF),
     # An event stream never ends: its allowed callers are tested in test_dashboard.py.
     Row("GET", "/api/v1/operator/dashboard/events", Access.STAFF),
@@ -261,6 +279,7 @@ def _fill(path: str, world: World) -> str:
         which="entry",
         dispute_stay_id=world.stay_a,
         dispute_id=world.dispute_x,
+        confirmation_id=world.confirmation_x,
     )
 
 
@@ -288,6 +307,13 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
     await gate.decide(lot_x.code, "out1", held)
     inside = unique_plate()
     await gate.decide(lot_x.code, "in1", gate.capture("in", inside))
+    # A bound car that came in on a read that was not certain: its charge awaits a person.
+    unsure = await make_driver(runtime, unique_plate())
+    unsure_entry = gate.capture("in", unsure.plate, confidence=0.9)
+    await gate.decide(lot_x.code, "in1", unsure_entry)
+    await backdate_entry(runtime, lot_x, unsure.plate, timedelta(minutes=90))
+    unsure_exit = gate.capture("out", unsure.plate)
+    await gate.decide(lot_x.code, "out1", unsure_exit)
     gate_key, city_key = "gk_" + new_secret(), "ck_" + new_secret()
     async with runtime.pool.acquire() as conn:
         exception_x = await conn.fetchval(
@@ -327,8 +353,9 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         )
         receipt_token = message.rsplit("/r/", 1)[1]
         await conn.execute(
-            """INSERT INTO capture_frames (capture_id, car_park_id, image)
-               SELECT entry_capture_id, car_park_id, $2 FROM sessions WHERE id = $1""",
+            """INSERT INTO capture_frames (capture_id, captured_at, car_park_id, image)
+               SELECT s.entry_capture_id, k.captured_at, s.car_park_id, $2 FROM sessions s
+               JOIN capture_keys k ON k.capture_id = s.entry_capture_id WHERE s.id = $1""",
             stay_a,
             b"\xff\xd8\xff\xe0fake-jpeg",
         )
@@ -339,6 +366,19 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
             driver_a.account_id,
             lot_x.id,
         )
+        confirmation_x = await conn.fetchval(
+            "SELECT id FROM charges WHERE account_id = $1 AND status = 'awaiting_confirmation'",
+            unsure.account_id,
+        )
+        for capture in (unsure_entry, unsure_exit):
+            await conn.execute(
+                """INSERT INTO capture_frames (capture_id, captured_at, car_park_id, image)
+                   VALUES ($1, $2, $3, $4)""",
+                capture.capture_id,
+                capture.captured_at,
+                lot_x.id,
+                b"\xff\xd8\xff\xe0fake-jpeg",
+            )
     frame_url = app.state.frame_signer.url(receipt_token, "entry")
     frame_query = dict(part.split("=", 1) for part in frame_url.split("?", 1)[1].split("&"))
     tokens = {
@@ -367,6 +407,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         receipt_token,
         frame_query,
         dispute_x,
+        confirmation_x,
     )
 
 

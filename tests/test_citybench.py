@@ -14,7 +14,7 @@ from billing.charges import accrual_lines, settlement_lines
 from billing.payments import received_lines
 from gate_controller.protocol import Command
 from parking.lanes.repository import PayLater, all_tariff_versions
-from parking.lanes.rules import exit_rule
+from parking.lanes.rules import exit_rule, priced_color
 from parking.settings import Settings
 from parking_dev.bench import sandbox_process
 from parking_dev.citybench import PER_STAY_TABLES, CityDayConfig, run_city_day
@@ -199,6 +199,8 @@ async def _check_every_exit_follows_the_lanes_rules(conn: asyncpg.Connection) ->
                SELECT c.capture_id, c.outcome, c.command, s.id AS session_id, s.car_park_id,
                       s.plate, s.plate_color, s.entered_at, s.fixed_fee_fen, s.status,
                       s.fee_fen, s.settlement, s.account_id AS stay_account_id,
+                      -- Whether the charge may rest on the reads: entry and exit certain.
+                      s.entry_certain, COALESCE(c.read_certain, false) AS exit_certain,
                       -- An attendant's plate for an unreadable exit: decided when resolved.
                       COALESCE(e.resolved_at, c.received_at) AS decided_at
                FROM captures c
@@ -215,11 +217,14 @@ async def _check_every_exit_follows_the_lanes_rules(conn: asyncpg.Connection) ->
                   p.id AS payment_id, p.account_id AS payment_account_id, p.stay_fee_fen,
                   p.debt_fen AS paid_debt_fen, p.amount_fen AS paid_fen
            FROM exits x
-           -- The driver's pay-later state as the lane reads it (parking.lanes.repository).
-           LEFT JOIN plate_bindings b ON b.plate = x.plate AND b.unbound_at IS NULL
+           -- The driver's pay-later state as the lane reads it (parking.lanes.repository): the
+           -- binding of the vehicle (plate and colour) and the agreement that covered the entry.
+           LEFT JOIN plate_bindings b ON b.plate = x.plate AND b.color = x.plate_color
+               AND b.unbound_at IS NULL AND b.bound_at <= x.entered_at
            LEFT JOIN accounts a ON a.id = b.account_id AND a.deleted_at IS NULL
            LEFT JOIN pay_later_agreements pa
                ON pa.account_id = a.id AND pa.cancelled_at IS NULL
+               AND pa.signed_at <= x.entered_at
            LEFT JOIN charges ch ON ch.session_id = x.session_id
            LEFT JOIN payments p ON p.capture_id = x.capture_id AND p.status = 'succeeded'""",
         list(_RULED),
@@ -250,9 +255,16 @@ async def _check_every_exit_follows_the_lanes_rules(conn: asyncpg.Connection) ->
             versions.get(row["car_park_id"], []),
             entered_at=row["entered_at"],
             at=row["decided_at"],
-            plate_color=row["plate_color"],
+            # The colour discount as the lane gives it (parking.lanes.rules.priced_color).
+            plate_color=priced_color(
+                row["plate"],
+                row["plate_color"],
+                vouched=state is not None or row["entry_certain"] or row["exit_certain"],
+            ),
             fixed_fee_fen=row["fixed_fee_fen"],
             pay_later_state=state,
+            reads_certain=row["entry_certain"] and row["exit_certain"],
+            uncertain_policy="open_confirm",
         )
         outcome = row["outcome"]
         seen[outcome] += 1

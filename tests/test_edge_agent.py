@@ -61,6 +61,7 @@ from parking.settings import Settings
 from tests.conftest import (
     MQTT_URL,
     Lot,
+    backdate_entry,
     bearer,
     create_lot,
     enter,
@@ -276,13 +277,7 @@ async def test_captures_reach_the_lane_and_the_barrier_follows_its_command(
         await until(lambda: entry_agent.store.length() == 0)
     assert await stay_status(runtime, lot, driver.plate) == "open"
 
-    async with runtime.pool.acquire() as conn:
-        await conn.execute(
-            "UPDATE sessions SET entered_at = entered_at - interval '1 hour' "
-            "WHERE car_park_id = $1 AND plate = $2",
-            lot.id,
-            driver.plate,
-        )
+    await backdate_entry(runtime, lot, driver.plate, timedelta(hours=1))
     exit_config = _config(tmp_path, lot.code, "out1", prefix, offline_after_s=5.0)
     async with lane(exit_config) as out:
         vehicle = Vehicle(driver.plate, "blue", bound=True)

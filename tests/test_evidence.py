@@ -31,6 +31,7 @@ from tests.conftest import (
     REDIS_URL,
     Driver,
     Lot,
+    backdate_entry,
     bearer,
     charges_of,
     create_lot,
@@ -61,14 +62,7 @@ async def exit_with_frames(
         update={"image": base64.b64encode(ENTRY_JPEG).decode()}
     )
     assert (await gate.decide(lot.code, "in1", entry))["action"] == "open"
-    async with runtime.pool.acquire() as conn:
-        await conn.execute(
-            """UPDATE sessions SET entered_at = entered_at - $3::interval
-               WHERE car_park_id = $1 AND plate = $2 AND status = 'open'""",
-            lot.id,
-            plate,
-            stay,
-        )
+    await backdate_entry(runtime, lot, plate, stay)
     exit_ = gate.capture("out", plate).model_copy(
         update={"image": base64.b64encode(EXIT_JPEG).decode()}
     )

@@ -22,6 +22,7 @@ from parking_dev import sandbox
 from tests.conftest import (
     Lot,
     api_server,
+    backdate_entry,
     charges_of,
     create_lot,
     driver_in_debt,
@@ -177,13 +178,8 @@ async def test_held_car_pays_fee_and_debt_by_qr_and_pay_later_comes_back(
     entry = gate.capture("in", driver.plate)
     entered = await gate.decide(lot.code, "in1", entry)
     assert any("欠费 ¥6.00" in line for line in entered["display"])
-    async with runtime.pool.acquire() as conn:
-        await conn.execute(
-            "UPDATE sessions SET entered_at = entered_at - interval '90 minutes' "
-            "WHERE car_park_id = $1 AND plate = $2 AND status = 'open'",
-            lot.id,
-            driver.plate,
-        )
+    # With the binding: a stay is charged pay-later only to a binding older than it.
+    await backdate_entry(runtime, lot, driver.plate, timedelta(minutes=90))
     exit_capture = gate.capture("out", driver.plate)
     held = await gate.decide(lot.code, "out1", exit_capture)
     assert (held["action"], held["fee_fen"]) == ("hold", 1200 + 600)
@@ -295,13 +291,8 @@ async def test_quote_gives_the_fee_the_exit_would_charge(
     driver = await make_driver(runtime, plate)
     entry = gate.capture("in", plate)
     await gate.decide(lot.code, "in1", entry)
-    async with runtime.pool.acquire() as conn:
-        await conn.execute(
-            "UPDATE sessions SET entered_at = entered_at - interval '90 minutes' "
-            "WHERE car_park_id = $1 AND plate = $2 AND status = 'open'",
-            lot.id,
-            plate,
-        )
+    # With the binding: a stay is charged pay-later only to a binding older than it.
+    await backdate_entry(runtime, lot, plate, timedelta(minutes=90))
     quote = await api.get(f"/api/v1/car-parks/{lot.code}/quote", params={"plate": plate})
     assert quote.status_code == 200, quote.text
     body = quote.json()
@@ -342,13 +333,8 @@ async def test_a_debt_paid_in_the_app_and_again_at_the_gate_is_refunded_once(
     # Next visit: held for fee + debt, paid by QR code; then the app payment started before
     # is paid too. It is all overpaid (the debt is settled) and goes back by itself.
     await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
-    async with runtime.pool.acquire() as conn:
-        await conn.execute(
-            "UPDATE sessions SET entered_at = entered_at - interval '90 minutes' "
-            "WHERE car_park_id = $1 AND plate = $2 AND status = 'open'",
-            lot.id,
-            driver.plate,
-        )
+    # With the binding: a stay is charged pay-later only to a binding older than it.
+    await backdate_entry(runtime, lot, driver.plate, timedelta(minutes=90))
     exit_capture = gate.capture("out", driver.plate)
     held = await gate.decide(lot.code, "out1", exit_capture)
     assert held["fee_fen"] == 1200 + 600
@@ -387,13 +373,8 @@ async def _held_unbound_exits(
     """An unbound car parked 90 minutes, read `count` times at the exit: each read holds."""
     plate = unique_plate()
     await gate.decide(lot.code, "in1", gate.capture("in", plate))
-    async with runtime.pool.acquire() as conn:
-        await conn.execute(
-            "UPDATE sessions SET entered_at = entered_at - interval '90 minutes' "
-            "WHERE car_park_id = $1 AND plate = $2 AND status = 'open'",
-            lot.id,
-            plate,
-        )
+    # With the binding: a stay is charged pay-later only to a binding older than it.
+    await backdate_entry(runtime, lot, plate, timedelta(minutes=90))
     captures = [gate.capture("out", plate) for _ in range(count)]
     for capture in captures:
         held = await gate.decide(lot.code, "out1", capture)

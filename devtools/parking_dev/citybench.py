@@ -175,11 +175,12 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "sessions": _columns(
         "id car_park_id plate plate_color status entered_at entry_capture_id exited_at "
-        "exit_capture_id fee_fen account_id settlement"
+        "exit_capture_id fee_fen account_id settlement entry_certain"
     ),
     "captures": _columns(
         "capture_id gate_id car_park_id seq direction plate plate_color read_confidence "
-        "captured_at received_at outcome session_id command plate_source match_status"
+        "captured_at received_at outcome session_id command plate_source match_status "
+        "read_certain"
     ),
     # A capture's identity across months (migration 0013), written with every capture.
     "capture_keys": _columns("capture_id captured_at"),
@@ -514,6 +515,10 @@ class _Day:
         when the camera took it (default: a moment before it reached the lane at `at`)."""
         if captured is None:
             captured = at - self.rng.uniform(0.05, 0.4)
+        # The day's cameras are calibrated ones whose reads are certain from 0.98 (the lane's
+        # default threshold, parking.lanes.rules.is_certain); an attendant's plate is certain.
+        score = confidence if confidence is not None else round(self.rng.uniform(0.98, 0.999), 3)
+        certain = not unread and (plate_source == "operator" or score >= 0.98)
         return (
             capture_id,
             gate_id,
@@ -522,7 +527,7 @@ class _Day:
             direction,
             None if unread else car.plate,
             car.color,
-            confidence if confidence is not None else round(self.rng.uniform(0.91, 0.995), 3),
+            score,
             _dt(captured),
             _dt(at),
             outcome,
@@ -530,6 +535,7 @@ class _Day:
             command,
             plate_source,
             match_status,
+            certain,
         )
 
     def _emit(self, table: str, row: tuple[Any, ...]) -> None:
@@ -663,6 +669,7 @@ class _Day:
                 fee,
                 account_id,
                 settlement,
+                True,  # entered on a certain camera read
             ),
         )
 
@@ -741,6 +748,9 @@ class _Day:
             plate_color=car.color,
             fixed_fee_fen=None,
             pay_later_state=car.pay_later(),
+            # Certain camera reads at entry and exit (or an attendant's plate at the exit).
+            reads_certain=True,
+            uncertain_policy="open_confirm",
         )
         assert rule is not None, "every car park has had its tariff since before the day"
         fee = rule.fee_fen

@@ -152,21 +152,32 @@ async def seed_city(
         for i, vehicle in enumerate(vehicles):
             if vehicle.bound:
                 account_id = await admin.create_account(conn, f"+86-demo-{run_id}-{i:05d}")
-                await admin.bind_plate(conn, account_id, vehicle.plate, vehicle.color)
+                # Signed up a month ago: before any of the seeded stays began (a binding pays
+                # only for stays that began after it).
+                await admin.bind_plate(
+                    conn, account_id, vehicle.plate, vehicle.color, since=now - timedelta(days=30)
+                )
                 await agreements.sign(
                     conn,
                     account_id,
                     provider="sandbox",
                     agreement_no=f"AGR-{run_id}-{i:05d}",
                     per_session_limit_fen=PAY_LATER_LIMIT_FEN,
+                    signed_at=now - timedelta(days=30),
                 )
         rng.shuffle(vehicles)
         parked_count = int(len(vehicles) * parked_share)
         for n, vehicle in enumerate(vehicles[:parked_count]):
             lot_index = n % car_parks
             entered_at = now - timedelta(minutes=rng.randint(20, 3 * 24 * 60))
+            # The simulated cameras' reads are certain (gate_controller.simulator).
             await admin.seed_open_session(
-                conn, car_park_ids[lot_index], vehicle.plate, vehicle.color, entered_at
+                conn,
+                car_park_ids[lot_index],
+                vehicle.plate,
+                vehicle.color,
+                entered_at,
+                entry_certain=True,
             )
             inside[lots[lot_index]].append((vehicle, entered_at))
     return DemoCity(run_id, operator_id, car_park_ids, gates, inside, vehicles[parked_count:])

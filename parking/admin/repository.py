@@ -31,11 +31,12 @@ async def create_car_park(
     longitude: float | None = None,
     no_entry_policy: str = "exception",
     no_entry_fee_fen: int = 0,
+    uncertain_exit_policy: str = "open_confirm",
 ) -> int:
     car_park_id: int = await conn.fetchval(
         """INSERT INTO car_parks (operator_id, code, name, capacity, latitude, longitude,
-                                  no_entry_policy, no_entry_fee_fen)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id""",
+                                  no_entry_policy, no_entry_fee_fen, uncertain_exit_policy)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id""",
         operator_id,
         code,
         check_car_park_name(name),
@@ -44,6 +45,7 @@ async def create_car_park(
         longitude,
         no_entry_policy,
         no_entry_fee_fen,
+        uncertain_exit_policy,
     )
     return car_park_id
 
@@ -82,12 +84,23 @@ async def create_account(conn: asyncpg.Connection, phone: str, name: str | None 
     return account_id
 
 
-async def bind_plate(conn: asyncpg.Connection, account_id: int, plate: str, color: str) -> int:
+async def bind_plate(
+    conn: asyncpg.Connection,
+    account_id: int,
+    plate: str,
+    color: str,
+    *,
+    since: datetime | None = None,
+) -> int:
+    """A binding, made now or `since` (an account imported with its history: a binding pays
+    only for stays that began after it)."""
     binding_id: int = await conn.fetchval(
-        "INSERT INTO plate_bindings (account_id, plate, color) VALUES ($1, $2, $3) RETURNING id",
+        """INSERT INTO plate_bindings (account_id, plate, color, bound_at)
+           VALUES ($1, $2, $3, COALESCE($4, now())) RETURNING id""",
         account_id,
         plate,
         color,
+        since,
     )
     return binding_id
 
@@ -101,15 +114,23 @@ async def bound_plates(conn: asyncpg.Connection, plates: list[str]) -> list[str]
 
 
 async def seed_open_session(
-    conn: asyncpg.Connection, car_park_id: int, plate: str, color: str, entered_at: datetime
+    conn: asyncpg.Connection,
+    car_park_id: int,
+    plate: str,
+    color: str,
+    entered_at: datetime,
+    *,
+    entry_certain: bool = False,
 ) -> int:
-    """A car already inside when the system starts (imported from the previous system)."""
+    """A car already inside when the system starts (imported from the previous system). Its
+    entry read counts as certain only when the caller knows it was (a simulation does)."""
     session_id: int = await conn.fetchval(
-        """INSERT INTO sessions (car_park_id, plate, plate_color, entered_at)
-           VALUES ($1, $2, $3, $4) RETURNING id""",
+        """INSERT INTO sessions (car_park_id, plate, plate_color, entered_at, entry_certain)
+           VALUES ($1, $2, $3, $4, $5) RETURNING id""",
         car_park_id,
         plate,
         color,
         entered_at,
+        entry_certain,
     )
     return session_id

@@ -25,6 +25,7 @@ from gate_controller.protocol import Capture
 from parking.lanes import edges_repository as edges_repo
 from parking.lanes import repository as repo
 from parking.lanes.repository import GateInfo, OpenSession
+from parking.lanes.rules import identity_color
 from parking.logging import get_logger
 
 log = get_logger(__name__)
@@ -58,7 +59,9 @@ async def end_missed_stay(
         return
     # Priced up to the hold: the gate showed that fee, and it is what the car owed when it left.
     fee = priced.fee_fen
-    account_id = await edges_repo.account_bound_at(conn, plate, stay.entered_at)
+    account_id = await edges_repo.account_bound_at(
+        conn, plate, identity_color(plate, stay.plate_color), stay.entered_at
+    )
     await edges_repo.supersede_unpaid(
         conn,
         session_id=stay.id,

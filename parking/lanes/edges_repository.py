@@ -31,15 +31,20 @@ async def last_payable_hold(conn: asyncpg.Connection, session_id: int) -> Hold |
     return Hold(**dict(row)) if row else None
 
 
-async def account_bound_at(conn: asyncpg.Connection, plate: str, at: datetime) -> int | None:
-    """The account the plate was bound to at `at` (a stay's entry), if it still exists."""
+async def account_bound_at(
+    conn: asyncpg.Connection, plate: str, color: str, at: datetime
+) -> int | None:
+    """The account the vehicle (plate and colour) was bound to at `at` (a stay's entry), if it
+    still exists."""
     account_id: int | None = await conn.fetchval(
         """SELECT b.account_id FROM plate_bindings b JOIN accounts a ON a.id = b.account_id
-           WHERE b.plate = $1 AND b.bound_at <= $2 AND (b.unbound_at IS NULL OR b.unbound_at > $2)
+           WHERE b.plate = $1 AND b.color = $3
+             AND b.bound_at <= $2 AND (b.unbound_at IS NULL OR b.unbound_at > $2)
              AND a.deleted_at IS NULL
            ORDER BY b.bound_at DESC LIMIT 1""",
         plate,
         at,
+        color,
     )
     return account_id
 
@@ -67,17 +72,19 @@ async def supersede_unpaid(
 
 
 async def booth_paid_stay(
-    conn: asyncpg.Connection, car_park_id: int, plate: str, at: datetime
+    conn: asyncpg.Connection, car_park_id: int, plate: str, color: str, at: datetime
 ) -> int | None:
-    """A stay of the plate the booth was paid for whose exit capture has not come yet."""
+    """A stay of the vehicle the booth was paid for whose exit capture has not come yet."""
     session_id: int | None = await conn.fetchval(
         """SELECT s.id FROM sessions s
-           WHERE s.car_park_id = $1 AND s.plate = $2 AND s.settlement = 'paid_at_booth'
+           WHERE s.car_park_id = $1 AND s.plate = $2 AND s.plate_color = $4
+             AND s.settlement = 'paid_at_booth'
              AND s.exit_capture_id IS NULL AND s.entered_at <= $3
            ORDER BY s.entered_at DESC LIMIT 1 FOR UPDATE""",
         car_park_id,
         plate,
         at,
+        color,
     )
     return session_id
 

@@ -5,6 +5,7 @@ import asyncio
 import base64
 import binascii
 import multiprocessing
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -21,22 +22,29 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class PlateReading:
+    """A capture's read (a `rules.Read`): ranked candidates, the plate's colour as the camera
+    or the OCR saw it (None: unknown, and then the read is not certain of the vehicle), and
+    the camera model whose calibration its score follows."""
+
     candidates: tuple[Candidate, ...]
     # "operator": a person settled a held capture's plate (see `operator_reading`).
     source: Literal["camera", "ocr", "none", "operator"]
     raw: str | None = None
     image: bytes | None = None  # the first frame, kept for an operator if a person must decide
+    color: str | None = None
+    model: str | None = None
 
     @property
     def best(self) -> Candidate | None:
         return self.candidates[0] if self.candidates else None
 
 
-def operator_reading(plate: str) -> PlateReading:
+def operator_reading(plate: str, color: str | None) -> PlateReading:
     """An attendant's decision on a held capture: a person looked at the car and chose or typed
-    the (grammatical, normalised) plate, so it is as certain as a read can be. Like a confident
-    camera read, it is taken as it is and never bent onto a look-alike parked plate."""
-    return PlateReading((Candidate(plate, 1.0),), "operator", plate)
+    the (grammatical, normalised) plate, so it is as certain as a read can be (with the colour
+    the camera saw, or the plate's grammar's). Like a certain camera read, it is taken as it is
+    and never bent onto a look-alike parked plate."""
+    return PlateReading((Candidate(plate, 1.0),), "operator", plate, color=color)
 
 
 def decode_frames(capture: Capture) -> list[bytes]:
@@ -97,17 +105,35 @@ class PlateReader:
 
     async def read(self, capture: Capture, frames: list[bytes]) -> PlateReading:
         camera = capture.camera_read
+        color, model = (camera.color, camera.model) if camera else (None, None)
         if camera and camera.confidence >= self.settings.camera_min_confidence:
             plate = normalise(camera.plate)
             if plate is not None and is_valid(plate):
-                # The hot path: a confident, grammatical camera read is taken as it is.
-                return PlateReading((Candidate(plate, camera.confidence),), "camera", camera.plate)
+                # The hot path: a confident, grammatical camera read is taken as it is (whether
+                # it is *certain* is the exit decision's question: lanes.rules.is_certain).
+                return PlateReading(
+                    (Candidate(plate, camera.confidence),),
+                    "camera",
+                    camera.plate,
+                    None,
+                    color,
+                    model,
+                )
         camera_candidates = _camera_candidates(camera) if camera else []
         if camera and camera.confidence >= self.settings.camera_min_confidence:
-            return PlateReading(tuple(camera_candidates), "camera", camera.plate)
+            return PlateReading(
+                tuple(camera_candidates), "camera", camera.plate, None, color, model
+            )
         if not frames:
             source: Literal["camera", "none"] = "camera" if camera_candidates else "none"
-            return PlateReading(tuple(camera_candidates), source, camera.plate if camera else None)
+            return PlateReading(
+                tuple(camera_candidates),
+                source,
+                camera.plate if camera else None,
+                None,
+                color,
+                model,
+            )
         try:
             results = await self._read_frames(frames)
         except BrokenProcessPool:
@@ -119,6 +145,10 @@ class PlateReader:
         recognitions = [r for r in results if r is not None]
         # The low-confidence camera read still votes, as one more frame.
         merged = _merge(vote(recognitions), camera_candidates)
+        # The colour the frames show, by majority (the camera's own guess breaks no tie: it is
+        # the doubtful read).
+        colors = Counter(r.color for r in recognitions if r.color)
+        ocr_color = colors.most_common(1)[0][0] if colors else color
         raw = next((r.raw for r in recognitions if r.raw), camera.plate if camera else None)
         log.info(
             "lane.ocr_read",
@@ -126,7 +156,7 @@ class PlateReader:
             read=len(recognitions),
             score=round(merged[0].score, 3) if merged else None,
         )
-        return PlateReading(tuple(merged), "ocr", raw, frames[0])
+        return PlateReading(tuple(merged), "ocr", raw, frames[0], ocr_color)
 
 
 def _camera_candidates(camera: CameraRead) -> list[Candidate]:

@@ -19,6 +19,8 @@ class GateInfo:
     direction: str
     no_entry_policy: str
     no_entry_fee_fen: int
+    # 'open_confirm' or 'hold': an exit whose charge cannot rest on two certain reads.
+    uncertain_exit_policy: str = "open_confirm"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,18 +42,28 @@ class OpenSession:
     # Set on stays opened at the exit under the car park's no-entry fixed-fee policy.
     fixed_fee_fen: int | None = None
     plate_color: str | None = None
+    # Whether the stay's entry read was certain (rules.is_certain).
+    entry_certain: bool = False
 
 
-# The binding, account and active agreement of the plate in `{plate}`, for one row.
+# The binding, account and active agreement of the vehicle (`{plate}`, `{color}`) that covered
+# a stay beginning at `{entered_at}`: a plate's owner is never charged for another colour's
+# vehicle, and a binding or agreement made after the car came in does not pay for its stay
+# (it pays at the gate).
 _PAY_LATER_COLUMNS = """a.id AS account_id, pa.id AS agreement_id, pa.per_session_limit_fen,
     a.blocked_for_arrears,
     CASE WHEN a.blocked_for_arrears THEN
         (SELECT COALESCE(sum(d.amount_fen), 0)::bigint FROM debts d
          WHERE d.account_id = a.id AND d.settled_at IS NULL) ELSE 0 END AS debt_fen"""
 _PAY_LATER_JOINS = """
-    LEFT JOIN plate_bindings b ON b.plate = {plate} AND b.unbound_at IS NULL
+    LEFT JOIN plate_bindings b ON b.plate = {plate} AND b.color = {color}
+        AND b.unbound_at IS NULL AND b.bound_at <= {entered_at}
     LEFT JOIN accounts a ON a.id = b.account_id AND a.deleted_at IS NULL
-    LEFT JOIN pay_later_agreements pa ON pa.account_id = a.id AND pa.cancelled_at IS NULL"""
+    LEFT JOIN pay_later_agreements pa ON pa.account_id = a.id AND pa.cancelled_at IS NULL
+        AND pa.signed_at <= {entered_at}"""
+_STAY_JOINS = _PAY_LATER_JOINS.format(
+    plate="s.plate", color="s.plate_color", entered_at="s.entered_at"
+)
 
 
 def _pay_later(row: asyncpg.Record) -> PayLater | None:
@@ -67,7 +79,7 @@ def _pay_later(row: asyncpg.Record) -> PayLater | None:
 
 
 _GATE_INFO = """g.id AS gate_id, cp.id AS car_park_id, cp.name AS car_park_name, g.direction,
-    cp.no_entry_policy, cp.no_entry_fee_fen
+    cp.no_entry_policy, cp.no_entry_fee_fen, cp.uncertain_exit_policy
     FROM gates g JOIN car_parks cp ON cp.id = g.car_park_id"""
 
 
@@ -121,33 +133,30 @@ async def stored_capture(conn: asyncpg.Connection, capture_id: UUID) -> StoredCa
     return StoredCapture(row["command"], row["content_sha256"]) if row else None
 
 
-async def insert_capture(conn: asyncpg.Connection, content_sha256: bytes, **values: Any) -> None:
-    """The capture's row and its key, in one statement: a second capture with the same id (at
-    any captured_at) is a unique violation of capture_keys."""
+async def insert_capture(
+    conn: asyncpg.Connection, content_sha256: bytes, frame: bytes | None, **values: Any
+) -> None:
+    """The capture's row, its key and its first frame (the stay's evidence: an operator
+    confirming a charge, the driver's receipt, a dispute), in one statement: a second capture
+    with the same id (at any captured_at) is a unique violation of capture_keys."""
     columns = ", ".join(values)
     placeholders = ", ".join(f"${i}" for i in range(3, len(values) + 3))
+    car_park = 3 + list(values).index("car_park_id")
     await conn.execute(
         f"""WITH key AS (
                 INSERT INTO capture_keys (capture_id, captured_at, content_sha256)
                 VALUES ($1, $2, ${len(values) + 3})
+            ), frame AS (
+                INSERT INTO capture_frames (capture_id, captured_at, car_park_id, image)
+                SELECT $1, $2, ${car_park}::bigint, ${len(values) + 4}::bytea
+                WHERE ${len(values) + 4}::bytea IS NOT NULL
             )
             INSERT INTO captures ({columns}) VALUES ({placeholders})""",
         values["capture_id"],
         values["captured_at"],
         *values.values(),
         content_sha256,
-    )
-
-
-async def insert_frame(
-    conn: asyncpg.Connection, capture_id: UUID, car_park_id: int, image: bytes
-) -> None:
-    """The capture's first frame, kept until the image retention erases it."""
-    await conn.execute(
-        "INSERT INTO capture_frames (capture_id, car_park_id, image) VALUES ($1, $2, $3)",
-        capture_id,
-        car_park_id,
-        image,
+        frame,
     )
 
 
@@ -181,10 +190,11 @@ async def update_capture_decision(
     command: dict[str, Any],
 ) -> None:
     """A held capture decided again (an operator settled its plate): its row records the new
-    decision, and a redelivery of the capture gets the new command."""
+    decision, and a redelivery of the capture gets the new command. An operator's plate is a
+    certain read."""
     await conn.execute(
         """UPDATE captures SET plate = $2, plate_source = $3, match_status = $4, outcome = $5,
-                  session_id = $6, command = $7
+                  session_id = $6, command = $7, read_certain = true
            WHERE capture_id = $1""",
         capture_id,
         plate,
@@ -196,38 +206,81 @@ async def update_capture_decision(
     )
 
 
+_STAY_COLUMNS = "s.id, s.entered_at, s.fixed_fee_fen, s.plate_color, s.entry_certain"
+
+
 async def open_session_for_update(
-    conn: asyncpg.Connection, car_park_id: int, plate: str
+    conn: asyncpg.Connection, car_park_id: int, plate: str, color: str
 ) -> OpenSession | None:
+    """The open stay of the vehicle (plate, colour) here, locked, with its driver's pay-later
+    state."""
     row = await conn.fetchrow(
-        f"""SELECT s.id, s.entered_at, s.fixed_fee_fen, s.plate_color, {_PAY_LATER_COLUMNS}
-            FROM sessions s {_PAY_LATER_JOINS.format(plate="s.plate")}
-            WHERE s.car_park_id = $1 AND s.plate = $2 AND s.status = 'open'
+        f"""SELECT {_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}
+            FROM sessions s {_STAY_JOINS}
+            WHERE s.car_park_id = $1 AND s.plate = $2 AND s.plate_color = $3
+              AND s.status = 'open'
             FOR UPDATE OF s""",
         car_park_id,
         plate,
+        color,
     )
     return _open_session(row) if row else None
 
 
 def _open_session(row: asyncpg.Record) -> OpenSession:
     return OpenSession(
-        row["id"], row["entered_at"], _pay_later(row), row["fixed_fee_fen"], row["plate_color"]
+        row["id"],
+        row["entered_at"],
+        _pay_later(row),
+        row["fixed_fee_fen"],
+        row["plate_color"],
+        row["entry_certain"],
     )
+
+
+Identity = tuple[str, str]
 
 
 async def recent_exits(
     conn: asyncpg.Connection, car_park_id: int, since: datetime
-) -> dict[str, int]:
-    """Plates that left since `since`, with their stay: a doubtful read may be the same car."""
+) -> dict[Identity, int]:
+    """Vehicles (plate, colour) that left since `since`, with their stay: a second read of one
+    of them is the same car, never a stay of a parked look-alike."""
     rows = await conn.fetch(
-        """SELECT DISTINCT ON (plate) plate, id FROM sessions
+        """SELECT DISTINCT ON (plate, plate_color) plate, plate_color, id FROM sessions
            WHERE car_park_id = $1 AND status = 'closed' AND exited_at >= $2
-           ORDER BY plate, exited_at DESC""",
+           ORDER BY plate, plate_color, exited_at DESC""",
         car_park_id,
         since,
     )
-    return {r["plate"]: r["id"] for r in rows}
+    return {(r["plate"], r["plate_color"]): r["id"] for r in rows}
+
+
+async def cars_here(
+    conn: asyncpg.Connection, car_park_id: int, since: datetime
+) -> tuple[dict[Identity, bool], dict[Identity, int]]:
+    """What an uncertain exit read is matched against, in one round trip: the vehicles parked
+    here now (with whether their entry read was certain; ghost stays, sent to an operator by
+    parking.booth.ghosts, are no candidates), and those that left since `since` (with their
+    stay)."""
+    rows = await conn.fetch(
+        """SELECT plate, plate_color, entry_certain, NULL::bigint AS id FROM sessions
+           WHERE car_park_id = $1 AND status = 'open' AND ghost_at IS NULL
+           UNION ALL
+           (SELECT DISTINCT ON (plate, plate_color) plate, plate_color, NULL, id FROM sessions
+            WHERE car_park_id = $1 AND status = 'closed' AND exited_at >= $2
+            ORDER BY plate, plate_color, exited_at DESC)""",
+        car_park_id,
+        since,
+    )
+    parked: dict[Identity, bool] = {}
+    left: dict[Identity, int] = {}
+    for r in rows:
+        if r["id"] is None:
+            parked[(r["plate"], r["plate_color"])] = r["entry_certain"]
+        else:
+            left[(r["plate"], r["plate_color"])] = r["id"]
+    return parked, left
 
 
 async def open_session(
@@ -235,26 +288,29 @@ async def open_session(
     *,
     car_park_id: int,
     plate: str,
-    plate_color: str | None,
+    plate_color: str,
     entered_at: datetime,
     entry_capture_id: UUID | None,
+    entry_certain: bool,
     fixed_fee_fen: int | None = None,
 ) -> OpenSession:
     """Opens a stay and reads its driver's agreement and debts in the same round trip."""
     row = await conn.fetchrow(
         f"""WITH s AS (
                 INSERT INTO sessions
-                    (car_park_id, plate, plate_color, entered_at, entry_capture_id, fixed_fee_fen)
-                VALUES ($1, $2, $3, $4, $5, $6)
-                RETURNING id, plate, entered_at, fixed_fee_fen, plate_color)
-            SELECT s.id, s.entered_at, s.fixed_fee_fen, s.plate_color, {_PAY_LATER_COLUMNS}
-            FROM s {_PAY_LATER_JOINS.format(plate="s.plate")}""",
+                    (car_park_id, plate, plate_color, entered_at, entry_capture_id, fixed_fee_fen,
+                     entry_certain)
+                VALUES ($1, $2, $3, $4, $5, $6, $7)
+                RETURNING id, plate, entered_at, fixed_fee_fen, plate_color, entry_certain)
+            SELECT {_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}
+            FROM s {_STAY_JOINS}""",
         car_park_id,
         plate,
         plate_color,
         entered_at,
         entry_capture_id,
         fixed_fee_fen,
+        entry_certain,
     )
     return _open_session(row)
 
@@ -314,26 +370,15 @@ async def insert_dead_letter(
     )
 
 
-async def open_plates(conn: asyncpg.Connection, car_park_id: int) -> list[str]:
-    """The plates parked in a car park now: what an uncertain exit read is matched against.
-    Ghost stays (sent to an operator, parking.booth.ghosts) are no candidates."""
-    rows = await conn.fetch(
-        "SELECT plate FROM sessions WHERE car_park_id = $1 AND status = 'open'"
-        " AND ghost_at IS NULL",
-        car_park_id,
-    )
-    return [r["plate"] for r in rows]
-
-
 async def prepare_lookups(conn: asyncpg.Connection) -> None:
     """Runs a decision's lookups and its stay update with keys that match nothing: asyncpg then
     has them prepared on this connection, and its server process has read those tables'
     catalog. The inserts are left out: they cannot run without rows to refer to."""
     now = datetime.now(UTC)
     await load_gate(conn, "", "")
-    await open_session_for_update(conn, 0, "")
+    await open_session_for_update(conn, 0, "", "")
     await recent_exits(conn, 0, now)
-    await open_plates(conn, 0)
+    await cars_here(conn, 0, now)
     await fees.tariff_versions(conn, 0)
     await close_session(
         conn,

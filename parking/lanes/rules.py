@@ -1,18 +1,37 @@
-"""The exit decision's rules for a stay the lane has found: what it costs and how it may leave.
+"""The exit decision's pure rules: which stay an exit read belongs to, what the stay costs and
+how it may leave.
 
-Pure functions, no I/O. The lane (`service.py`) calls `exit_rule` inside its transaction with
-the stay and the driver's pay-later state it read with it; the city-day loader
-(`parking_dev.citybench`) decides the stays it generates with the same function, and its test
-re-decides every loaded stay with it. A change to when a stay is free, pay-later or held, or
-to what it is charged, belongs here, so that neither can drift from the other.
+Pure functions, no I/O. The lane (`service.py`) calls `resolve_plate` with the cars parked
+and just gone that it read, and `exit_rule` inside its transaction with the stay and the
+driver's pay-later state it read with it; the city-day loader (`parking_dev.citybench`) decides
+the stays it generates with the same `exit_rule`, and its test re-decides every loaded stay with
+it; a misread simulation can run `resolve_plate` a million times without a database. A change
+to which stay a read is, when a stay is free, pay-later or held, or to what it is charged,
+belongs here, so that none of them can drift from the others.
+
+A plate's identity is (characters, colour): 蓝 浙A12345 and 黄 浙A12345 are two vehicles. A
+read is *certain* when its score reaches its source's calibrated threshold, it has a colour
+and it is a valid plate of that colour; only a certain read matches a parked plate exactly,
+and only a stay whose entry and exit reads were both certain is charged pay-later without a
+person (DESIGN.md, "The exit decision" 3-5).
 """
 
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 from billing import fees
 from parking.lanes.repository import PayLater
+from parking.settings import Settings
+from plate_recognition.grammar import COLORS, Candidate, is_valid, plate_color_guess
+from plate_recognition.matching import match, plausible_plate
+
+# (plate, colour): what a stay, a binding and a read are about.
+Identity = tuple[str, str]
+ReadSource = Literal["camera", "ocr", "none", "operator"]
+# What the car park does with an exit whose charge cannot rest on two certain reads.
+UncertainPolicy = Literal["hold", "open_confirm"]
 
 Outcome = Literal[
     "entered",
@@ -33,14 +52,189 @@ Outcome = Literal[
     "exited_offline_booth",
     # An offline capture of a stay the booth was already paid for.
     "exited_paid_at_booth",
+    # A pay-later charge whose reads were not both certain: the gate opened and the charge
+    # waits for an operator (car park policy 'open_confirm'), or the gate holds ('hold').
+    "exited_awaiting_confirmation",
+    "held_uncertain",
+    # A stay opened at the exit under the no-entry fixed fee: paid at the gate, never
+    # charged to a pay-later account on one read (DESIGN.md step 9).
+    "held_no_entry_fee",
 ]
+ResolutionStatus = Literal["exact", "fuzzy", "ambiguous", "no_entry", "unreadable"]
+
+
+def identity_color(plate: str, color: str | None) -> str:
+    """The colour a stay of `plate` is kept under: the read's when it is a colour the plate's
+    grammar allows, else the grammar's own (8 characters: green new energy; otherwise blue).
+    Migration 0017 gave the stays recorded without a colour the same."""
+    if color is not None and color in COLORS and is_valid(plate, color):
+        return color
+    return "green" if len(plate) == 8 else "blue"
+
+
+@dataclass(frozen=True, slots=True)
+class Certainty:
+    """The score from which a read of each source is certain: server OCR's calibrated
+    probability, and each camera model's (`camera_read.model`), else the cameras' default."""
+
+    ocr_score: float
+    camera_scores: Mapping[str, float] = field(default_factory=dict)
+    camera_default: float = 0.98
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Certainty":
+        return cls(
+            settings.plate_certain_score,
+            dict(settings.camera_certain_scores),
+            settings.camera_certain_score_default,
+        )
+
+    def threshold(self, source: ReadSource, model: str | None) -> float | None:
+        if source == "camera":
+            return (
+                self.camera_scores.get(model, self.camera_default)
+                if model
+                else (self.camera_default)
+            )
+        if source == "ocr":
+            return self.ocr_score
+        return None
+
+
+class Read(Protocol):
+    """What a reader made of a capture (lanes.reading.PlateReading is one; `ExitRead` is a
+    plain one for simulations)."""
+
+    @property
+    def candidates(self) -> tuple[Candidate, ...]: ...
+    @property
+    def color(self) -> str | None: ...
+    @property
+    def source(self) -> ReadSource: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def raw(self) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ExitRead:
+    candidates: tuple[Candidate, ...]
+    color: str | None
+    source: ReadSource
+    model: str | None = None
+    raw: str | None = None
+
+
+def is_certain(read: Read, certainty: Certainty) -> bool:
+    """A read the lane may take as the car's identity without matching: an operator's plate, or
+    a reader's top candidate at or above its source's threshold, with a colour, grammatical
+    as read for that colour (a '7-character green' plate is a misread of something)."""
+    best = read.candidates[0] if read.candidates else None
+    if best is None or read.color not in COLORS or best.corrected:
+        return False
+    if not is_valid(best.plate, read.color):
+        return False
+    if read.source == "operator":
+        return True
+    threshold = certainty.threshold(read.source, read.model)
+    return threshold is not None and best.score >= threshold
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """Which stay an exit read belongs to, or why none.
+
+    `identity`: the matched stay's (exact, fuzzy), or for `no_entry` the read's own when it is
+    a plate (a fixed-fee stay may be opened for it). `certain`: the exit read was certain.
+    `left`: the identity is of a car that left within the duplicate window (this read is a
+    second read of it). `entry_certain`: the matched parked stay's entry read was certain.
+    Statuses: `exact` only for a certain read equal to the stay's identity; `fuzzy` for any
+    other match (an uncertain read, found unique and with a margin among the cars here, even
+    when its text equals the plate); `ambiguous`, `no_entry`, `unreadable` for a person or the
+    car park's no-entry policy."""
+
+    status: ResolutionStatus
+    identity: Identity | None = None
+    certain: bool = False
+    left: bool = False
+    entry_certain: bool = False
+    ranked: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def reads_certain(self) -> bool:
+        """Whether a charge for the matched stay may rest on its reads alone: entry and exit
+        both certain (the colour agreeing with the binding is the lane's binding lookup,
+        which joins on it)."""
+        return self.status == "exact" and self.certain and self.entry_certain
+
+
+def resolve_plate(
+    read: Read,
+    parked: Mapping[Identity, bool],
+    left: Collection[Identity],
+    certainty: Certainty,
+) -> Resolution:
+    """The stay an exit read belongs to. `parked`: the identities with an open stay here, each
+    with whether its entry read was certain; `left`: identities whose stay here closed within
+    the duplicate window. For a certain read only its own identity matters, so a caller may
+    pass just that entry of either.
+
+    A certain read matches its identity exactly or is a car with no entry record: never a
+    look-alike, another colour or another province. Any other read is matched confusion-aware
+    against the cars here of its colour (any colour when it has none), and only a unique one
+    with a margin, which `plate_recognition.matching.match` refuses for a read that is a valid
+    plate of its own that is not parked (no entry record explains it as well)."""
+    best = read.candidates[0] if read.candidates else None
+    if best is None:
+        return Resolution("unreadable")
+    if is_certain(read, certainty):
+        assert read.color is not None
+        identity = (best.plate, read.color)
+        if identity in parked:
+            return Resolution("exact", identity, True, entry_certain=parked[identity])
+        if identity in left:
+            return Resolution("exact", identity, True, left=True)
+        return Resolution("no_entry", identity, True)
+    color = identity_color(best.plate, read.color) if read.color else None
+    by_text: dict[str, list[Identity]] = {}
+    for identity in (*parked, *(i for i in left if i not in parked)):
+        if color is None or identity[1] == color:
+            by_text.setdefault(identity[0], []).append(identity)
+    result = match(read.candidates, by_text, raw=read.raw)
+    if result.status == "ambiguous":
+        return Resolution("ambiguous", ranked=result.ranked)
+    if result.plate is None:
+        own = (
+            (best.plate, identity_color(best.plate, read.color)) if plausible_plate(best) else None
+        )
+        return Resolution("no_entry", own, ranked=result.ranked)
+    identities = by_text[result.plate]
+    if len(identities) > 1:
+        # The same characters on two vehicles here (a blue car and a yellow lorry), and a read
+        # whose colour does not tell them apart.
+        return Resolution("ambiguous", ranked=result.ranked)
+    identity = identities[0]
+    if identity in parked:
+        return Resolution("fuzzy", identity, entry_certain=parked[identity], ranked=result.ranked)
+    return Resolution("fuzzy", identity, left=True, ranked=result.ranked)
+
+
+def priced_color(plate: str, stay_color: str | None, *, vouched: bool) -> str | None:
+    """The plate type a stay is priced as (colour discounts, e.g. new energy at half price):
+    the stay's colour when a binding of that colour or a certain read vouches for it, else
+    only what the plate's grammar says (8 characters: green). A camera's colour guess alone
+    never gives a blue 7-character plate the green discount."""
+    return stay_color if vouched else plate_color_guess(plate)
 
 
 @dataclass(frozen=True, slots=True)
 class ExitRule:
     """How a priced stay leaves: `exited_free`, `exited_pay_later` (charged `fee_fen` to
-    `charge_to`, an (account, agreement)), or held with why (`held_unbound`,
-    `held_no_agreement`, `held_arrears`, `held_over_limit`) and `due_fen` at the gate."""
+    `charge_to`, an (account, agreement)), `exited_awaiting_confirmation` (the same charge,
+    recorded until an operator confirms it), or held with why (`held_unbound`,
+    `held_no_agreement`, `held_arrears`, `held_over_limit`, `held_uncertain`,
+    `held_no_entry_fee`) and `due_fen` at the gate."""
 
     outcome: Outcome
     fee_fen: int
@@ -75,9 +269,18 @@ def exit_rule(
     plate_color: str | None,
     fixed_fee_fen: int | None,
     pay_later_state: PayLater | None,
+    reads_certain: bool,
+    uncertain_policy: UncertainPolicy,
 ) -> ExitRule | None:
     """The stay's fee at `at` and how it leaves; None when the car park has no tariff for it
-    (the gate holds for a person)."""
+    (the gate holds for a person).
+
+    `pay_later_state`: the binding of the stay's identity (plate and colour) and its agreement
+    that existed when the stay began. A pay-later charge rests on the reads only when
+    `reads_certain` (entry and exit certain); otherwise `uncertain_policy` decides: 'hold' (an
+    operator decides at the gate) or 'open_confirm' (the gate opens, the charge waits for an
+    operator's confirmation). A fixed fee for a car with no entry record is paid at the gate:
+    one read never charges a pay-later account."""
     priced = fees.stay_fee(
         versions,
         entered_at=entered_at,
@@ -88,10 +291,16 @@ def exit_rule(
     if priced is None:
         return None
     fee = priced.fee_fen
+    if fixed_fee_fen is not None:
+        return ExitRule("exited_free", 0) if fee == 0 else ExitRule("held_no_entry_fee", fee)
     debt = pay_later_state.debt_fen if pay_later_state else 0
     if fee == 0:
         return ExitRule("exited_free", 0, debt)
     verdict = pay_later(pay_later_state, fee)
     if isinstance(verdict, str):
         return ExitRule(verdict, fee, debt)
+    if not reads_certain:
+        if uncertain_policy == "hold":
+            return ExitRule("held_uncertain", fee, debt)
+        return ExitRule("exited_awaiting_confirmation", fee, debt, verdict)
     return ExitRule("exited_pay_later", fee, debt, verdict)

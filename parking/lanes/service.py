@@ -2,8 +2,11 @@
 
 `decide` runs inside the caller's transaction and returns what to tell the gate and what to do
 after commit; it never publishes or touches Redis itself. Charging the wrong person is the
-worst failure: a plate that is not certain is matched only uniquely and with a margin against
-the cars parked in this car park, and anything less goes to an operator while the gate holds.
+worst failure: a vehicle is its (plate, colour); only a certain read matches a parked one
+exactly, any other read is matched only uniquely and with a margin against the cars parked in
+this car park (`rules.resolve_plate`), and a pay-later charge rests on the reads alone only
+when the stay's entry and exit were both certain; otherwise the car park's policy holds the
+gate for an operator or opens it with the charge awaiting an operator's confirmation.
 """
 
 import time
@@ -21,13 +24,22 @@ from parking.lanes import edges_repository as edges_repo
 from parking.lanes import repository as repo
 from parking.lanes.reading import PlateReading
 from parking.lanes.repository import GateInfo, OpenSession
-from parking.lanes.rules import Outcome, exit_rule
+from parking.lanes.rules import (
+    Certainty,
+    Outcome,
+    Resolution,
+    UncertainPolicy,
+    exit_rule,
+    identity_color,
+    is_certain,
+    priced_color,
+    resolve_plate,
+)
 from parking.settings import Settings
-from plate_recognition.matching import MatchResult, match
 
 _TARIFF_CACHE_S = 60.0
 MatchStatus = Literal["exact", "fuzzy", "ambiguous", "no_match"]
-ExceptionReason = Literal["unreadable", "ambiguous", "no_entry", "offline_exit"]
+ExceptionReason = Literal["unreadable", "ambiguous", "no_entry", "offline_exit", "uncertain"]
 
 
 _EXCEPTION_HOLD: dict[ExceptionReason, tuple[Outcome, "MatchStatus | None", str]] = {
@@ -53,16 +65,27 @@ class Decision:
 class _Exit:
     """The stay an exit read was resolved to, or why it could not be."""
 
-    plate: str | None
-    session: OpenSession | None
-    match_status: MatchStatus | None
+    resolution: Resolution
+    session: OpenSession | None = None
     duplicate_of: int | None = None
-    ranked: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def plate(self) -> str | None:
+        identity = self.resolution.identity
+        return identity[0] if identity else None
+
+    @property
+    def match_status(self) -> MatchStatus | None:
+        status = self.resolution.status
+        if status in ("exact", "fuzzy", "ambiguous"):
+            return status
+        return "no_match" if status == "no_entry" else None
 
 
 class LaneService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.certainty = Certainty.from_settings(settings)
         self.duplicate_window = timedelta(seconds=settings.duplicate_read_window_s)
         self.command_ttl = timedelta(seconds=settings.command_ttl_s)
         self.clock_tolerance = timedelta(seconds=settings.gate_clock_tolerance_s)
@@ -110,17 +133,8 @@ class LaneService:
             return await self._entry(conn, gate, capture, reading, at, now)
         return await self._exit(conn, gate, capture, reading, at, now)
 
-    def _certain_read(self, reading: PlateReading) -> bool:
-        """A plate a stay may be opened at the exit for: an operator's, or a confident camera
-        read."""
-        if reading.source == "operator":
-            return True
-        best = reading.best
-        return (
-            reading.source == "camera"
-            and best is not None
-            and best.score >= self.settings.camera_min_confidence
-        )
+    def certain(self, reading: PlateReading) -> bool:
+        return is_certain(reading, self.certainty)
 
     def _confident(self, reading: PlateReading) -> str | None:
         best = reading.best
@@ -140,8 +154,10 @@ class LaneService:
             return await self._exception(conn, gate, capture, reading, now, "unreadable")
         if capture.offline:
             at = await self._gate_time(conn, gate, capture, now, None)
-        color = capture.camera_read.color if capture.camera_read else None
-        inside = await repo.open_session_for_update(conn, gate.car_park_id, plate)
+        # The vehicle is (plate, colour); a read without a colour (or with one the plate's
+        # grammar rules out) is kept under the grammar's colour and is not certain.
+        color = identity_color(plate, reading.color)
+        inside = await repo.open_session_for_update(conn, gate.car_park_id, plate, color)
         outcome: Outcome = "entered"
         delta = 1
         if inside is not None:
@@ -158,6 +174,7 @@ class LaneService:
             plate_color=color,
             entered_at=at,
             entry_capture_id=capture.capture_id,
+            entry_certain=self.certain(reading),
         )
         debt = stay.pay_later.debt_fen if stay.pay_later else 0
         return self._open(capture, now, outcome, plate, stay.id, delta, welcome=True, debt=debt)
@@ -165,34 +182,45 @@ class LaneService:
     async def _resolve_exit(
         self, conn: asyncpg.Connection, gate: GateInfo, reading: PlateReading, at: datetime
     ) -> _Exit:
-        if not reading.candidates:
-            return _Exit(None, None, None)
-        plate = self._confident(reading)
-        if plate is not None:
-            session = await repo.open_session_for_update(conn, gate.car_park_id, plate)
+        """Which stay the exit read is (rules.resolve_plate), reading only what that needs: for
+        a certain read its own vehicle's stay (and, when there is none, the cars that just
+        left); for any other read every car here and just gone, in one query."""
+        best = reading.best
+        if best is None:
+            return _Exit(resolve_plate(reading, {}, (), self.certainty))
+        since = at - self.duplicate_window
+        if self.certain(reading):
+            assert reading.color is not None
+            own = (best.plate, reading.color)
+            session = await repo.open_session_for_update(conn, gate.car_park_id, *own)
             if session is not None:
-                return _Exit(plate, session, "exact")
-        # Cars that just left: a second read of one of them is the same car, never a stay of a
-        # parked look-alike. Read once, for the exact check and for matching.
-        left = await repo.recent_exits(conn, gate.car_park_id, at - self.duplicate_window)
-        if plate is not None:
-            if plate in left:
-                return _Exit(plate, None, "exact", duplicate_of=left[plate])
-            if reading.source in ("camera", "operator"):
-                # A confident camera read is what the car shows, and an operator's plate is what
-                # a person saw; never bend either onto a look-alike parked plate. No stay for
-                # it: the no-entry policy decides.
-                return _Exit(plate, None, "no_match")
-        parked = await repo.open_plates(conn, gate.car_park_id)
-        result: MatchResult = match(reading.candidates, [*parked, *left], raw=reading.raw)
-        if result.plate in left:
-            return _Exit(result.plate, None, result.status, duplicate_of=left[result.plate])
-        if result.plate is not None:
-            session = await repo.open_session_for_update(conn, gate.car_park_id, result.plate)
-            if session is not None:
-                return _Exit(result.plate, session, result.status, ranked=result.ranked)
-        status: MatchStatus = "ambiguous" if result.status == "ambiguous" else "no_match"
-        return _Exit(plate, None, status, ranked=result.ranked)
+                parked = {own: session.entry_certain}
+                return _Exit(resolve_plate(reading, parked, (), self.certainty), session)
+            left = await repo.recent_exits(conn, gate.car_park_id, since)
+            resolution = resolve_plate(reading, {}, left, self.certainty)
+        else:
+            parked, left = await repo.cars_here(conn, gate.car_park_id, since)
+            resolution = resolve_plate(reading, parked, left, self.certainty)
+        identity = resolution.identity
+        if identity is None or resolution.status not in ("exact", "fuzzy"):
+            return _Exit(resolution)
+        if resolution.left:
+            return _Exit(resolution, duplicate_of=left[identity])
+        session = await repo.open_session_for_update(conn, gate.car_park_id, *identity)
+        if session is None:
+            # Gone since it was read (a concurrent exit closed it): nothing to close here.
+            return _Exit(Resolution("no_entry", identity, resolution.certain))
+        return _Exit(resolution, session)
+
+    def _uncertain_policy(
+        self, gate: GateInfo, capture: Capture, reading: PlateReading
+    ) -> UncertainPolicy:
+        """What an exit whose charge cannot rest on two certain reads does. A car that already
+        left (its gate opened offline) cannot be held; an operator deciding a held capture is
+        the person a 'hold' waits for: in both the charge waits for confirmation."""
+        if reading.source == "operator" or (capture.offline and capture.offline_action == "open"):
+            return "open_confirm"
+        return "hold" if gate.uncertain_exit_policy == "hold" else "open_confirm"
 
     async def _exit(
         self,
@@ -208,46 +236,50 @@ class LaneService:
         ):
             return paid
         resolved = await self._resolve_exit(conn, gate, reading, at)
+        resolution = resolved.resolution
+        ranked = resolution.ranked
         if resolved.duplicate_of is not None:
             return self._open(capture, now, "duplicate_read", resolved.plate, resolved.duplicate_of)
-        if resolved.match_status == "ambiguous":
-            return await self._exception(
-                conn, gate, capture, reading, now, "ambiguous", resolved.ranked
-            )
+        if resolution.status == "ambiguous":
+            return await self._exception(conn, gate, capture, reading, now, "ambiguous", ranked)
+        if resolution.status == "unreadable":
+            return await self._exception(conn, gate, capture, reading, now, "unreadable", ranked)
         plate, session = resolved.plate, resolved.session
-        if plate is None:
-            return await self._exception(
-                conn, gate, capture, reading, now, "unreadable", resolved.ranked
-            )
 
         occupancy_delta = -1
         if session is None:
-            if gate.no_entry_policy != "fixed_fee" or not self._certain_read(reading):
-                # Charging a fixed fee to whoever has this plate bound needs a read we are sure
-                # of; anything less is for a person.
-                return await self._exception(
-                    conn, gate, capture, reading, now, "no_entry", resolved.ranked
-                )
+            identity = resolution.identity
+            if gate.no_entry_policy != "fixed_fee" or identity is None or not resolution.certain:
+                # A fixed fee for a car with no entry record needs a read we are sure of (the
+                # stay opened for it is that vehicle's); anything less is for a person.
+                return await self._exception(conn, gate, capture, reading, now, "no_entry", ranked)
             session = await repo.open_session(
                 conn,
                 car_park_id=gate.car_park_id,
-                plate=plate,
-                plate_color=capture.camera_read.color if capture.camera_read else None,
+                plate=identity[0],
+                plate_color=identity[1],
                 entered_at=at,
                 entry_capture_id=None,
+                entry_certain=False,  # no entry read: never charged pay-later (rules.exit_rule)
                 fixed_fee_fen=gate.no_entry_fee_fen,
             )
             occupancy_delta = 0  # never counted in: it was opened at the exit
+        assert plate is not None
 
         if capture.offline:
             at = await self._gate_time(conn, gate, capture, now, session)
+        # The colour discount follows the plate type a binding of that colour or a certain read
+        # vouches for; a doubtful camera's colour guess alone gets only what the grammar says.
+        vouched = session.pay_later is not None or session.entry_certain or resolution.certain
         rule = exit_rule(
             await self._tariff_versions(conn, gate.car_park_id),
             entered_at=session.entered_at,
             at=at,
-            plate_color=session.plate_color,
+            plate_color=priced_color(plate, session.plate_color, vouched=vouched),
             fixed_fee_fen=session.fixed_fee_fen,
             pay_later_state=session.pay_later,
+            reads_certain=resolution.certain and session.entry_certain,
+            uncertain_policy=self._uncertain_policy(gate, capture, reading),
         )
         if rule is None:
             return self._hold(capture, now, "held_no_tariff", plate, ["请联系管理员"], session.id)
@@ -277,6 +309,12 @@ class LaneService:
             return await self._left_unpaid_offline(
                 conn, gate, capture, session, plate, at, now, fee, rule.outcome, occupancy_delta
             )
+        if rule.outcome == "held_uncertain":
+            # Bound and able to pay later, but the reads are not both certain: an operator
+            # decides with the frames (and the driver may pay at the gate meanwhile).
+            await self._insert_exception(
+                conn, gate, capture, reading, "uncertain", ranked, stay_plate=plate
+            )
         if rule.charge_to is None:
             # The debt is collected with the stay's fee through the same QR code.
             due = [f"应缴 {format_fen(rule.due_fen)}"]
@@ -294,6 +332,7 @@ class LaneService:
             )
         account_id, agreement_id = rule.charge_to
         await self._close(conn, session, capture, at, fee, account_id, "pay_later")
+        awaiting = rule.outcome == "exited_awaiting_confirmation"
         charge_id = await charges.queue_charge(
             conn,
             session_id=session.id,
@@ -301,10 +340,13 @@ class LaneService:
             agreement_id=agreement_id,
             car_park_id=gate.car_park_id,
             amount_fen=fee,
+            awaiting_confirmation=awaiting,
         )
-        command = self._command(capture, now, "open", [plate, f"{format_fen(fee)} 离场后扣款"], fee)
+        # Awaiting: charged only once an operator has compared the entry and exit frames.
+        line = f"{format_fen(fee)} 核实后扣款" if awaiting else f"{format_fen(fee)} 离场后扣款"
+        command = self._command(capture, now, "open", [plate, line], fee)
         return Decision(
-            "exited_pay_later", command, plate, session.id, occupancy_delta, charge_id, fee, matched
+            rule.outcome, command, plate, session.id, occupancy_delta, charge_id, fee, matched
         )
 
     async def _left_unpaid_offline(
@@ -370,7 +412,11 @@ class LaneService:
         reach us while the gate could not): it is that stay's exit, never a second fee."""
         plate = self._confident(reading)
         session_id = (
-            await edges_repo.booth_paid_stay(conn, gate.car_park_id, plate, now) if plate else None
+            await edges_repo.booth_paid_stay(
+                conn, gate.car_park_id, plate, identity_color(plate, reading.color), now
+            )
+            if plate
+            else None
         )
         if plate is None or session_id is None:
             return None
@@ -434,10 +480,35 @@ class LaneService:
             # An operator re-deciding this capture's open exception: no second exception (the
             # operator service refuses a decision that would still need one).
             return self._hold(capture, now, outcome, self._confident(reading), [display])
-        candidates: list[dict[str, Any]] = [
-            {"plate": c.plate, "score": round(c.score, 4), "kind": "read"}
-            for c in reading.candidates[:5]
-        ] + [{"plate": p, "distance": round(d, 3), "kind": "parked"} for p, d in ranked[:5]]
+        await self._insert_exception(conn, gate, capture, reading, reason, ranked)
+        return self._hold(
+            capture,
+            now,
+            outcome,
+            self._confident(reading),
+            [display, "请稍候 人工处理"],
+            match_status=match_status,
+        )
+
+    @staticmethod
+    async def _insert_exception(
+        conn: asyncpg.Connection,
+        gate: GateInfo,
+        capture: Capture,
+        reading: PlateReading,
+        reason: ExceptionReason,
+        ranked: tuple[tuple[str, float], ...] = (),
+        *,
+        stay_plate: str | None = None,
+    ) -> None:
+        candidates: list[dict[str, Any]] = (
+            ([{"plate": stay_plate, "kind": "stay"}] if stay_plate else [])
+            + [
+                {"plate": c.plate, "score": round(c.score, 4), "kind": "read"}
+                for c in reading.candidates[:5]
+            ]
+            + [{"plate": p, "distance": round(d, 3), "kind": "parked"} for p, d in ranked[:5]]
+        )
         await repo.insert_exception(
             conn,
             capture_id=capture.capture_id,
@@ -447,14 +518,6 @@ class LaneService:
             reason=reason,
             candidates=candidates,
             image=reading.image,
-        )
-        return self._hold(
-            capture,
-            now,
-            outcome,
-            self._confident(reading),
-            [display, "请稍候 人工处理"],
-            match_status=match_status,
         )
 
     @staticmethod

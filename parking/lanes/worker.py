@@ -65,6 +65,9 @@ def content_fingerprint(gate: GateInfo, capture: Capture) -> bytes:
     the offline flags (a capture first sent online may be uploaded again from the outbox)."""
     digest = hashlib.sha256()
     camera = capture.camera_read.model_dump(mode="json") if capture.camera_read else None
+    if camera is not None and camera.get("model") is None:
+        # Captures fingerprinted before cameras could name their model: the same bytes.
+        camera.pop("model", None)
     digest.update(orjson.dumps([gate.gate_id, capture.direction, capture.seq, camera]))
     for frame in capture.frames():
         digest.update(b"\0")
@@ -296,9 +299,8 @@ class LaneWorker:
         its captured_at or content (a resend that differs is recorded for an operator, never
         decided). Duplicates are detected by the capture's key at insert, not by a lookup first:
         that saves every capture a round trip, and the duplicate's decision is rolled back with
-        its transaction. A unique violation for any
-        other reason means a concurrent worker changed the same stay first: the second attempt
-        sees its committed result.
+        its transaction. A unique violation for any other reason means a concurrent worker
+        changed the same stay first: the second attempt sees its committed result.
         """
         fingerprint = content_fingerprint(gate, capture)
         async with self.pool.acquire() as conn:
@@ -312,14 +314,16 @@ class LaneWorker:
                         await repo.insert_capture(
                             conn,
                             content_sha256=fingerprint,
+                            frame=frame,
                             capture_id=capture.capture_id,
                             gate_id=gate.gate_id,
                             car_park_id=gate.car_park_id,
                             seq=capture.seq,
                             direction=capture.direction,
                             plate=decision.plate,
-                            plate_color=capture.camera_read.color if capture.camera_read else None,
+                            plate_color=reading.color,
                             read_confidence=reading.best.score if reading.best else None,
+                            read_certain=self.service.certain(reading),
                             plate_source=reading.source,
                             match_status=decision.match_status,
                             captured_at=capture.captured_at,
@@ -330,11 +334,6 @@ class LaneWorker:
                             session_id=decision.session_id,
                             command=command_json,
                         )
-                        if frame is not None:
-                            # The evidence of the stay: the driver's receipt, a dispute.
-                            await repo.insert_frame(
-                                conn, capture.capture_id, gate.car_park_id, frame
-                            )
                     return decision, orjson.dumps(command_json)
                 except asyncpg.UniqueViolationError:
                     stored = await repo.stored_capture(conn, capture.capture_id)

@@ -27,6 +27,7 @@ from parking.gates import repository as gates_repo
 from parking.gates.commands import publish_command
 from parking.lanes import repository as lanes_repo
 from parking.lanes.reading import operator_reading
+from parking.lanes.rules import identity_color
 from parking.lanes.service import LaneService
 from parking.logging import get_logger, mask_plate
 from parking.occupancy.service import Occupancy
@@ -366,8 +367,10 @@ async def resolve_exception(
     gate = await lanes_repo.load_gate(conn, held.lot, held.gate)
     if gate is None:  # the exception's gate is a foreign key: this cannot happen
         raise NotFound("gate")
+    # The vehicle is the plate with the colour the camera saw (the grammar's when it saw none).
+    color = identity_color(plate, held.plate_color)
     decision = await lanes.decide(
-        conn, gate, _held_capture(held, plate), operator_reading(plate), now
+        conn, gate, _held_capture(held, plate), operator_reading(plate, color), now
     )
     if decision.outcome in _STILL_AN_EXCEPTION:
         raise AppError(

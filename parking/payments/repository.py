@@ -24,6 +24,7 @@ class HeldExit:
     fixed_fee_fen: int | None
     # A stay opened at the exit (no entry record) was never counted in the occupancy.
     counted_in: bool | None
+    entry_certain: bool | None = None
 
 
 async def held_exit(
@@ -35,7 +36,7 @@ async def held_exit(
                   cp.id AS car_park_id, cp.name AS car_park_name, c.outcome, c.session_id,
                   s.status AS session_status,
                   s.plate, s.plate_color, s.entered_at, s.fixed_fee_fen,
-                  s.entry_capture_id IS NOT NULL AS counted_in
+                  s.entry_capture_id IS NOT NULL AS counted_in, s.entry_certain
            FROM captures c JOIN gates g ON g.id = c.gate_id
            JOIN car_parks cp ON cp.id = c.car_park_id
            LEFT JOIN sessions s ON s.id = c.session_id
@@ -45,9 +46,14 @@ async def held_exit(
     return HeldExit(**dict(row)) if row else None
 
 
-async def account_for_plate(conn: asyncpg.Connection, plate: str) -> int | None:
+async def account_for_plate(conn: asyncpg.Connection, plate: str, color: str) -> int | None:
+    """The account the vehicle (plate, colour) is bound to: a blue plate's owner has nothing to
+    do with a yellow plate's stay."""
     account_id: int | None = await conn.fetchval(
-        "SELECT account_id FROM plate_bindings WHERE plate = $1 AND unbound_at IS NULL", plate
+        """SELECT account_id FROM plate_bindings
+           WHERE plate = $1 AND color = $2 AND unbound_at IS NULL""",
+        plate,
+        color,
     )
     return account_id
 

@@ -30,6 +30,7 @@ from gate_controller.protocol import Command, GateAddress
 from parking.errors import AppError, NotFound
 from parking.gates.commands import publish_command
 from parking.lanes import repository as lanes_repo
+from parking.lanes.rules import priced_color
 from parking.logging import get_logger
 from parking.messages import message_style
 from parking.payments import repository as repo
@@ -42,8 +43,18 @@ log = get_logger(__name__)
 
 # Exits the driver may pay for at the gate: a known stay with a fee, not let out on pay-later.
 _PAYABLE_OUTCOMES = frozenset(
-    {"held_unbound", "held_no_agreement", "held_over_limit", "held_arrears"}
+    {
+        "held_unbound",
+        "held_no_agreement",
+        "held_over_limit",
+        "held_arrears",
+        "held_uncertain",
+        "held_no_entry_fee",
+    }
 )
+# Holds whose vehicle rests on a read that is not certain (or on one read): nobody's debts are
+# collected through them.
+_NOBODYS = frozenset({"held_uncertain", "held_no_entry_fee"})
 
 
 class ProviderDown(AppError):
@@ -59,16 +70,25 @@ async def _payable(
         raise NotFound("gate_payment")
     if held.session_status != "open" or held.entered_at is None:
         raise AppError(409, "stay_already_closed", "this stay has already been settled")
+    account_id = (
+        None
+        if held.outcome in _NOBODYS or held.plate_color is None
+        else await repo.account_for_plate(conn, held.plate, held.plate_color)
+    )
     priced = fees.stay_fee(
         await fees.tariff_versions(conn, held.car_park_id),
         entered_at=held.entered_at,
         at=datetime.now(UTC),
-        plate_color=held.plate_color,
+        # As the lane priced the hold (parking.lanes.rules.priced_color).
+        plate_color=priced_color(
+            held.plate,
+            held.plate_color,
+            vouched=account_id is not None or bool(held.entry_certain),
+        ),
         fixed_fee_fen=held.fixed_fee_fen,
     )
     if priced is None:
         raise AppError(409, "no_tariff", "the car park has no tariff; ask the attendant")
-    account_id = await repo.account_for_plate(conn, held.plate)
     owed = await debts.open_debts(conn, account_id) if account_id is not None else []
     return held, priced.fee_fen, owed, account_id
 

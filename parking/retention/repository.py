@@ -9,7 +9,8 @@ from billing.queue import delete_in_batches
 
 async def erase_images_before(conn: asyncpg.Connection, before: datetime) -> int:
     """Erases capture frames older than `before`: those kept for operators (the exception
-    queue) and those kept as the evidence of stays (receipts, disputes)."""
+    queue) and every capture's first frame, the evidence of its stay (confirming a charge,
+    receipts, disputes); the rows stay, so a receipt can say its frame has expired."""
     erased: int = await conn.fetchval(
         """WITH erased AS (
                UPDATE lane_exceptions SET image = NULL

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
 from plate_recognition.grammar import (
     DIGITS,
     LETTERS,
@@ -101,15 +99,24 @@ def test_ambiguous_when_two_parked_plates_fit() -> None:
 
 
 def test_simulated_lots_never_match_wrongly(real_plates: list[str]) -> None:
+    """Parked cars leaving, read with realistic misreads: never matched to another car. A
+    correct read always finds its car; a misread is matched only where the read is not a
+    plate of its own (a grammar-forced correction), because a misread that is itself a valid
+    plate (8 read as B in a serial) looks exactly like a look-alike car with no entry record
+    (DESIGN.md "The exit decision" 4): those go to a person. With this simulation's 20 %
+    misreads that is about one exit in six; at real gates, where reads are right ≥ 95 % of
+    the time and the reader offers its alternatives, far fewer."""
     rng = random.Random(SEED)
     pool = _plate_pool(rng, real_plates)
-    right = wrong = unmatched = stranger_matched = 0
+    right = wrong = unmatched = stranger_matched = correct_reads = correct_reads_matched = 0
     for _ in range(LOTS):
         parked = rng.sample(pool, PARKED)
         parked_set = set(parked)
         for plate in rng.sample(parked, EXITS_PER_LOT):
             read = _misread(plate, rng)
             result = match(candidates_from_text(read, 0.9), parked, raw=read)
+            correct_reads += read == plate
+            correct_reads_matched += read == plate and result.plate == plate
             if result.plate == plate:
                 right += 1
             elif result.plate is None:
@@ -128,7 +135,8 @@ def test_simulated_lots_never_match_wrongly(real_plates: list[str]) -> None:
     )
     assert wrong == 0
     assert stranger_matched == 0
-    assert right / exits >= 0.99
+    assert correct_reads_matched == correct_reads
+    assert right / exits >= 0.82
 
 
 def test_lookalikes_are_one_confusable_character_away() -> None:
@@ -138,20 +146,18 @@ def test_lookalikes_are_one_confusable_character_away() -> None:
     assert "皖A1234B" not in found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="match() bends a look-alike stranger's own (valid) plate onto the one parked car it "
-    "resembles (DESIGN.md: never, when 'no entry record' explains the read as well); issue #14 "
-    "report",
-)
 def test_simulated_lookalike_strangers_never_match_the_parked_car(
     real_plates: list[str],
 ) -> None:
     """Cars with no entry record whose plate is a look-alike of a parked car's: whatever the
-    camera makes of them, they are never matched to that car's stay."""
+    camera makes of them, they are never matched to that car's stay. Except when the camera
+    makes *that car's plate* of them, character for character (a misread that undoes the one
+    look-alike character): no matcher can tell that read from the parked car's own, so it is
+    counted apart, and the lane never charges on a read that is not certain without a
+    person (tests/test_lane_certainty.py)."""
     rng = random.Random(SEED + 1)
     pool = _plate_pool(rng, real_plates)
-    tried = matched_to_lookalike = 0
+    tried = matched_to_lookalike = read_as_the_parked_car = 0
     for _ in range(LOTS):
         parked = rng.sample(pool, PARKED)
         parked_set = set(parked)
@@ -161,8 +167,32 @@ def test_simulated_lookalike_strangers_never_match_the_parked_car(
             read = _misread(stranger, rng)
             result = match(candidates_from_text(read, 0.9), parked, raw=read)
             tried += 1
-            if result.plate == original:
+            if read == original:
+                read_as_the_parked_car += 1
+            elif result.plate == original:
                 matched_to_lookalike += 1
-    print(f"look-alike strangers matched to the parked car: {matched_to_lookalike}/{tried}")
+    print(
+        f"look-alike strangers matched to the parked car: {matched_to_lookalike}/{tried}, "
+        f"read as the parked car's plate exactly: {read_as_the_parked_car}"
+    )
     assert tried == LOTS * LOOKALIKES_PER_LOT
     assert matched_to_lookalike == 0
+    assert read_as_the_parked_car <= tried // 100
+
+
+def test_a_valid_read_is_never_bent_onto_a_look_alike_or_another_province() -> None:
+    parked = ["浙A8D05S", "浙W61245"]
+    # Itself a plate, not parked here: no entry record, not the parked look-alike.
+    assert match(candidates_from_text("浙AB005S", 0.9), parked).status == "no_match"
+    # Another province is another car, however the rest reads.
+    assert match(candidates_from_text("皖W61245", 0.5), parked).status == "no_match"
+    assert match(candidates_from_text("皖W6I245", 0.5), parked).status == "no_match"
+    # Without a province the read cannot tell 浙 from 皖.
+    assert match(candidates_from_text("W61245", 0.9), parked).status == "no_match"
+    # Not a plate as read (O is never issued): the grammar's correction is the parked car.
+    fixed = match(candidates_from_text("浙A8DO5S", 0.9), parked)
+    assert (fixed.status, fixed.plate) == ("exact", "浙A8D05S")
+    # The reader itself offers the parked plate as an alternative while unsure of its top one.
+    weak = match([("浙AB005S", 0.3), ("浙A8D05S", 0.25)], parked)
+    assert (weak.status, weak.plate) == ("fuzzy", "浙A8D05S")
+    assert match([("浙AB005S", 0.9), ("浙A8D05S", 0.05)], parked).plate is None

@@ -1,0 +1,151 @@
+"""SQL of charge confirmations. Every query is scoped to the caller's operator company."""
+
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+_CAPTURE = """LEFT JOIN capture_keys {k} ON {k}.capture_id = {id}
+    LEFT JOIN captures {c} ON {c}.capture_id = {k}.capture_id AND {c}.captured_at = {k}.captured_at
+    LEFT JOIN capture_frames {f} ON {f}.capture_id = {id}"""
+
+
+async def awaiting(
+    conn: asyncpg.Connection, operator_id: int, *, car_park_id: int | None, limit: int
+) -> list[asyncpg.Record]:
+    """Charges awaiting confirmation, oldest first, with both reads and whether their frames
+    are kept."""
+    entry = _CAPTURE.format(k="ek", c="ec", f="ef", id="s.entry_capture_id")
+    exit_ = _CAPTURE.format(k="xk", c="xc", f="xf", id="s.exit_capture_id")
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""SELECT c.id, cp.code AS car_park, s.plate, s.plate_color, s.entered_at, s.exited_at,
+                  c.amount_fen, c.created_at, xc.match_status,
+                  ec.plate_source AS entry_source, ec.read_confidence AS entry_confidence,
+                  s.entry_certain, ef.capture_id IS NOT NULL AS entry_image,
+                  xc.plate_source AS exit_source, xc.read_confidence AS exit_confidence,
+                  xc.read_certain AS exit_certain, xf.capture_id IS NOT NULL AS exit_image
+           FROM charges c
+           JOIN sessions s ON s.id = c.session_id
+           JOIN car_parks cp ON cp.id = s.car_park_id
+           {entry}
+           {exit_}
+           WHERE c.status = 'awaiting_confirmation' AND cp.operator_id = $1
+             AND ($2::bigint IS NULL OR cp.id = $2)
+           ORDER BY c.created_at, c.id
+           LIMIT $3""",
+        operator_id,
+        car_park_id,
+        limit,
+    )
+    return rows
+
+
+async def frame(
+    conn: asyncpg.Connection, operator_id: int, charge_id: int, *, entry: bool
+) -> asyncpg.Record | None:
+    """The charge's stay's entry (or exit) frame; `image` NULL when none was kept."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """SELECT f.image FROM charges c
+           JOIN sessions s ON s.id = c.session_id
+           JOIN car_parks cp ON cp.id = s.car_park_id
+           LEFT JOIN capture_frames f
+               ON f.capture_id = CASE WHEN $3 THEN s.entry_capture_id ELSE s.exit_capture_id END
+           WHERE c.id = $1 AND cp.operator_id = $2""",
+        charge_id,
+        operator_id,
+        entry,
+    )
+    return row
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitingCharge:
+    charge_id: int
+    status: str
+    session_id: int
+    car_park_id: int
+    account_id: int
+    amount_fen: int
+    plate: str
+    plate_color: str
+    exit_capture_id: UUID | None
+
+
+async def charge_for_update(
+    conn: asyncpg.Connection, operator_id: int, charge_id: int
+) -> AwaitingCharge | None:
+    row = await conn.fetchrow(
+        """SELECT c.id AS charge_id, c.status, s.id AS session_id, s.car_park_id, c.account_id,
+                  c.amount_fen, s.plate, s.plate_color, s.exit_capture_id
+           FROM charges c
+           JOIN sessions s ON s.id = c.session_id
+           JOIN car_parks cp ON cp.id = s.car_park_id
+           WHERE c.id = $1 AND cp.operator_id = $2
+           FOR UPDATE OF c""",
+        charge_id,
+        operator_id,
+    )
+    return AwaitingCharge(**dict(row)) if row else None
+
+
+async def reopen_stay(conn: asyncpg.Connection, session_id: int) -> bool | None:
+    """Opens the stay again, its entry no longer taken as certain, unless its vehicle has
+    another open stay here. Returns whether it was counted in the occupancy at its entry, or
+    None when it was not reopened."""
+    counted_in: bool | None = await conn.fetchval(
+        """UPDATE sessions s SET status = 'open', exited_at = NULL, exit_capture_id = NULL,
+                  fee_fen = NULL, account_id = NULL, settlement = NULL, entry_certain = false
+           WHERE s.id = $1 AND s.status = 'closed'
+             AND NOT EXISTS (SELECT 1 FROM open_stays o
+                             WHERE o.car_park_id = s.car_park_id AND o.plate = s.plate
+                               AND o.plate_color = s.plate_color)
+           RETURNING s.entry_capture_id IS NOT NULL""",
+        session_id,
+    )
+    return counted_in
+
+
+async def unattribute_stay(conn: asyncpg.Connection, session_id: int) -> None:
+    """The stay stays closed but is nobody's: its fee was never charged."""
+    await conn.execute(
+        "UPDATE sessions SET account_id = NULL, settlement = 'operator' WHERE id = $1",
+        session_id,
+    )
+
+
+async def open_rejection_exception(
+    conn: asyncpg.Connection, capture_id: UUID, candidates: list[dict[str, Any]]
+) -> int | None:
+    """The exit capture goes (back) to the exception queue as 'rejected', with its frame; the
+    capture row records the outcome. None when the capture is unknown."""
+    exception_id: int | None = await conn.fetchval(
+        """WITH c AS (
+               UPDATE captures SET outcome = 'charge_rejected'
+               WHERE capture_id = $1
+               RETURNING capture_id, captured_at, car_park_id, gate_id)
+           INSERT INTO lane_exceptions
+               (capture_id, capture_captured_at, car_park_id, gate_id, reason, candidates, image)
+           SELECT c.capture_id, c.captured_at, c.car_park_id, c.gate_id, 'rejected', $2, f.image
+           FROM c LEFT JOIN capture_frames f ON f.capture_id = c.capture_id
+           ON CONFLICT (capture_id) DO UPDATE
+           SET reason = 'rejected', status = 'open', candidates = EXCLUDED.candidates,
+               resolved_plate = NULL, resolved_by = NULL, resolved_at = NULL,
+               image = COALESCE(lane_exceptions.image, EXCLUDED.image)
+           RETURNING id""",
+        capture_id,
+        candidates,
+    )
+    return exception_id
+
+
+async def audit(
+    conn: asyncpg.Connection, actor: str, action: str, subject: str, detail: dict[str, Any]
+) -> None:
+    await conn.execute(
+        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
+        actor,
+        action,
+        subject,
+        detail,
+    )

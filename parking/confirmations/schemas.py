@@ -1,0 +1,48 @@
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+
+class ReadSummary(BaseModel):
+    """A capture's read as the lane recorded it."""
+
+    source: str | None
+    confidence: float | None
+    certain: bool | None
+    image_url: str | None
+
+
+class Confirmation(BaseModel):
+    id: int  # the charge's
+    car_park: str
+    plate: str
+    plate_color: str
+    entered_at: datetime
+    exited_at: datetime | None
+    amount_fen: int
+    created_at: datetime
+    match_status: str | None
+    entry: ReadSummary
+    exit: ReadSummary
+
+
+class ConfirmationDecision(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # Why (kept in the audit log): what the frames showed.
+    reason: Annotated[
+        str,
+        StringConstraints(
+            strip_whitespace=True, min_length=1, max_length=500, pattern=r"^[^\x00]*$"
+        ),
+    ] = Field(description="what the operator saw in the entry and exit frames")
+
+
+class Decided(BaseModel):
+    id: int
+    status: Literal["pending", "rejected"]
+    session_id: int
+    # The exception the rejected exit waits in for the right plate.
+    exception_id: int | None = None
+    # Whether the rejected stay was opened again (its car may still be inside).
+    reopened: bool | None = None

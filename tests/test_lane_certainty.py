@@ -1,0 +1,388 @@
+"""Never the wrong driver (issue #15): the lane's part, through the real lane.
+
+Each test is one way the adversarial review got a stranger charged on the lane as it was:
+a consistent misread, a plate's colour ignored, no margin between parked look-alikes, a car
+with no entry record bent onto a parked look-alike or another province's plate, a fixed fee
+charged on one read, the green discount on a camera's colour guess, a binding made after the
+car came in. A vehicle is its (plate, colour); only a stay whose entry and exit reads were
+both certain is charged without a person; otherwise the car park's policy holds the gate or
+opens it with the charge awaiting an operator (`parking/confirmations/`).
+"""
+
+import base64
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from billing.tariff import Tariff
+from parking.admin import repository as admin
+from parking.runtime import Runtime
+from tests.conftest import (
+    Driver,
+    Lot,
+    backdate_entry,
+    bearer,
+    eventually,
+    make_driver,
+    make_staff,
+    staff_token,
+    unique_plate,
+)
+from tests.gates import GateProbe
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FRAME = (FIXTURES / "plate_wanM04698.jpg").read_bytes()
+
+
+async def _charges(runtime: Runtime, *drivers: Driver) -> list[dict[str, Any]]:
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT * FROM charges WHERE account_id = ANY($1) ORDER BY id",
+            [d.account_id for d in drivers],
+        )
+    return [dict(r) for r in rows]
+
+
+async def _jobs(runtime: Runtime, charge_id: int) -> int:
+    async with runtime.pool.acquire() as conn:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM outbox WHERE kind = 'charge' AND ref_id = $1", charge_id
+            )
+        )
+
+
+async def _exception(runtime: Runtime, capture_id: object) -> dict[str, Any] | None:
+    async with runtime.pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT * FROM lane_exceptions WHERE capture_id = $1", capture_id)
+    return dict(row) if row else None
+
+
+async def _open_stays(runtime: Runtime, lot: Lot) -> list[tuple[str, str]]:
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT plate, plate_color FROM sessions WHERE car_park_id = $1 AND status = 'open'"
+            " ORDER BY plate, plate_color",
+            lot.id,
+        )
+    return [(r["plate"], r["plate_color"]) for r in rows]
+
+
+async def _policy(runtime: Runtime, lot: Lot, **columns: object) -> None:
+    async with runtime.pool.acquire() as conn:
+        for column, value in columns.items():
+            await conn.execute(f"UPDATE car_parks SET {column} = $2 WHERE id = $1", lot.id, value)
+    runtime.lanes._gates.clear()  # the gate cache holds a car park's policies for a minute
+
+
+async def _in(
+    runtime: Runtime,
+    gate: GateProbe,
+    lot: Lot,
+    plate: str,
+    *,
+    confidence: float = 0.98,
+    color: str = "blue",
+    parked_for: timedelta = timedelta(minutes=90),
+) -> None:
+    command = await gate.decide(
+        lot.code, "in1", gate.capture("in", plate, confidence=confidence, color=color)
+    )
+    assert command["action"] == "open", command
+    await backdate_entry(runtime, lot, plate, parked_for)
+
+
+# 1. One consistent misread charges a stranger.
+
+
+async def test_a_misread_that_is_not_certain_at_both_ends_charges_nobody_without_a_person(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    # 皖ALC998 is bound; a car showing 皖ACC998 is read as 皖ALC998 at 0.85 at both gates.
+    owner = await make_driver(runtime, "皖ALC998")
+    await _in(runtime, gate, lot, owner.plate, confidence=0.85)
+    command = await gate.decide(lot.code, "out1", gate.capture("out", owner.plate, confidence=0.85))
+
+    # The car park's default policy: the gate opens, the charge waits for an operator.
+    assert command["action"] == "open"
+    (charge,) = await _charges(runtime, owner)
+    assert charge["status"] == "awaiting_confirmation"
+    assert await _jobs(runtime, charge["id"]) == 0, "nothing is sent to the provider"
+    async with runtime.pool.acquire() as conn:
+        accrued = await conn.fetchval(
+            "SELECT count(*) FROM ledger_entries WHERE session_id = $1", charge["session_id"]
+        )
+    assert accrued == 0, "nothing is booked"
+
+
+async def test_a_hold_policy_car_park_holds_an_exit_that_is_not_certain(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    await _policy(runtime, lot, uncertain_exit_policy="hold")
+    owner = await make_driver(runtime, "皖ALC99B")
+    await _in(runtime, gate, lot, owner.plate, confidence=0.85)
+    exit_capture = gate.capture("out", owner.plate, confidence=0.85)
+    command = await gate.decide(lot.code, "out1", exit_capture)
+
+    assert (command["action"], command["fee_fen"]) == ("hold", 1200)
+    assert command["payment_qr_url"], "the driver may pay at the gate meanwhile"
+    exception = await _exception(runtime, exit_capture.capture_id)
+    assert exception is not None and exception["reason"] == "uncertain"
+    assert await _charges(runtime, owner) == []
+    assert await _open_stays(runtime, lot) == [(owner.plate, "blue")]
+
+
+async def test_a_camera_misreading_the_same_way_with_another_colour_charges_nobody(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    # Read 0.99 at both gates, but as a yellow plate: the bound plate is a blue one.
+    owner = await make_driver(runtime, "皖ALC99D")
+    await _in(runtime, gate, lot, owner.plate, confidence=0.99, color="yellow")
+    command = await gate.decide(
+        lot.code, "out1", gate.capture("out", owner.plate, confidence=0.99, color="yellow")
+    )
+
+    assert (command["action"], command["fee_fen"]) == ("hold", 1200)
+    assert await _charges(runtime, owner) == []
+
+
+# 2. Colour is part of a plate's identity.
+
+
+async def test_a_yellow_plate_is_another_vehicle_than_the_blue_one_with_its_characters(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    owner = await make_driver(runtime, "浙X12345")  # bound blue
+    # (backdate_entry moves every open stay of the plate: both have been here 90 minutes.)
+    await _in(runtime, gate, lot, owner.plate, color="blue", parked_for=timedelta(0))
+    await _in(runtime, gate, lot, owner.plate, color="yellow")  # a lorry, read right
+    assert await _open_stays(runtime, lot) == [("浙X12345", "blue"), ("浙X12345", "yellow")]
+
+    lorry = await gate.decide(lot.code, "out1", gate.capture("out", owner.plate, color="yellow"))
+    assert (lorry["action"], lorry["fee_fen"]) == ("hold", 1200)
+    assert await _charges(runtime, owner) == []
+
+    car = await gate.decide(lot.code, "out1", gate.capture("out", owner.plate, color="blue"))
+    assert (car["action"], car["fee_fen"]) == ("open", 1200)
+    (charge,) = await _charges(runtime, owner)
+    async with runtime.pool.acquire() as conn:
+        color = await conn.fetchval(
+            "SELECT plate_color FROM sessions WHERE id = $1", charge["session_id"]
+        )
+    assert (color, charge["amount_fen"]) == ("blue", 1200)
+
+
+# 3. A margin from every score below certain.
+
+
+async def test_two_parked_look_alikes_are_never_told_apart_by_a_read_that_is_not_certain(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    first = await make_driver(runtime, "浙U58871")
+    second = await make_driver(runtime, "浙U5B871")
+    for driver in (first, second):
+        await _in(runtime, gate, lot, driver.plate)
+
+    for confidence in (0.80, 0.95):
+        exit_capture = gate.capture("out", second.plate, confidence=confidence)
+        command = await gate.decide(lot.code, "out1", exit_capture)
+        assert command["action"] == "hold", confidence
+        exception = await _exception(runtime, exit_capture.capture_id)
+        assert exception is not None and exception["reason"] == "ambiguous", confidence
+    assert await _charges(runtime, first, second) == []
+    assert len(await _open_stays(runtime, lot)) == 2
+
+    # A certain read is the car it says, look-alike or not.
+    sure = await gate.decide(lot.code, "out1", gate.capture("out", second.plate, confidence=0.99))
+    assert sure["action"] == "open"
+    assert [c["account_id"] for c in await _charges(runtime, first, second)] == [second.account_id]
+
+
+# 4. A car with no entry record is never bent onto a parked look-alike or another province.
+
+
+async def test_a_car_with_no_entry_record_is_not_the_parked_look_alike(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    parked = await make_driver(runtime, "浙W61245")
+    await _in(runtime, gate, lot, parked.plate)
+
+    # Another province's car, and a look-alike (5/S), read without certainty: each is a plate
+    # of its own that is not parked here, so "no entry record" explains it.
+    for stranger in ("皖W61245", "浙W6124S"):
+        exit_capture = gate.capture("out", stranger, confidence=0.6)
+        command = await gate.decide(lot.code, "out1", exit_capture)
+        assert command["action"] == "hold", stranger
+        exception = await _exception(runtime, exit_capture.capture_id)
+        assert exception is not None and exception["reason"] == "no_entry", stranger
+    assert await _open_stays(runtime, lot) == [(parked.plate, "blue")]
+    assert await _charges(runtime, parked) == []
+
+
+# 5. A fixed fee for a car with no entry record is never charged to a pay-later account.
+
+
+async def test_the_no_entry_fixed_fee_is_paid_at_the_gate_never_charged_on_one_read(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient
+) -> None:
+    await _policy(runtime, lot, no_entry_policy="fixed_fee", no_entry_fee_fen=2000)
+    driver = await make_driver(runtime, unique_plate())  # bound, not here
+
+    command = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+
+    assert (command["action"], command["fee_fen"]) == ("hold", 2000)
+    assert command["payment_qr_url"].endswith(f"/api/v1/gate-payments/{command['capture_id']}")
+    assert await _charges(runtime, driver) == []
+    # The QR code takes the fixed fee, and nobody's debts: one read names nobody.
+    started = await api.post(f"/api/v1/gate-payments/{command['capture_id']}")
+    assert started.status_code == 200, started.text
+    assert (started.json()["stay_fee_fen"], started.json()["debt_fen"]) == (2000, 0)
+
+
+# The colour discount follows the plate type, not a camera's colour guess.
+
+
+async def test_the_green_discount_needs_a_green_plate_not_a_cameras_guess(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient
+) -> None:
+    async with runtime.pool.acquire() as conn:
+        await admin.create_tariff(
+            conn,
+            lot.id,
+            effective_from=datetime.now(UTC) - timedelta(days=1),
+            tariff=Tariff.hourly(free_minutes=0, hourly_fen=600).model_copy(
+                update={"colour_discount_percent": {"green": 50}}
+            ),
+        )
+    runtime.lanes.service.forget_tariffs(lot.id)
+
+    # A blue 7-character plate the camera calls green: full price.
+    blue = unique_plate()
+    await _in(runtime, gate, lot, blue, confidence=0.99, color="green")
+    held = await gate.decide(lot.code, "out1", gate.capture("out", blue, color="green"))
+    assert (held["action"], held["fee_fen"]) == ("hold", 1200)
+    started = await api.post(f"/api/v1/gate-payments/{held['capture_id']}")
+    assert started.status_code == 200, started.text
+    assert started.json()["stay_fee_fen"] == 1200, "the QR code asks what the gate showed"
+
+    # A new-energy plate (8 characters), read green with certainty: half price.
+    green = "浙AD" + unique_plate()[3:] + "1"
+    await _in(runtime, gate, lot, green, confidence=0.99, color="green")
+    half = await gate.decide(lot.code, "out1", gate.capture("out", green, color="green"))
+    assert (half["action"], half["fee_fen"]) == ("hold", 600)
+
+
+# A stay is charged only to the binding that existed when it began.
+
+
+async def test_a_plate_bound_after_the_car_came_in_pays_at_the_gate(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    plate = unique_plate()
+    command = await gate.decide(lot.code, "in1", gate.capture("in", plate))
+    assert command["action"] == "open"
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE sessions SET entered_at = entered_at - interval '2 days 10 minutes' "
+            "WHERE car_park_id = $1 AND plate = $2 AND status = 'open'",
+            lot.id,
+            plate,
+        )
+    late = await make_driver(runtime, plate)  # bound minutes before the stay ends
+
+    command = await gate.decide(lot.code, "out1", gate.capture("out", plate))
+
+    assert (command["action"], command["fee_fen"]) == ("hold", 5000 * 2 + 600)
+    assert await _charges(runtime, late) == []
+
+
+# The operator's side: confirm or reject with both frames.
+
+
+def _framed(gate: GateProbe, direction: str, plate: str, confidence: float) -> Any:
+    capture = gate.capture(direction, plate, confidence=confidence)
+    return capture.model_copy(update={"image": base64.b64encode(FRAME).decode()})
+
+
+async def _awaiting(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> tuple[Driver, list[dict[str, Any]]]:
+    """A bound car that came in on a doubtful read and left on a certain one, both framed."""
+    driver = await make_driver(runtime, unique_plate())
+    entry = _framed(gate, "in", driver.plate, 0.9)
+    assert (await gate.decide(lot.code, "in1", entry))["action"] == "open"
+    await backdate_entry(runtime, lot, driver.plate, timedelta(minutes=90))
+    command = await gate.decide(lot.code, "out1", _framed(gate, "out", driver.plate, 0.99))
+    assert (command["action"], command["fee_fen"]) == ("open", 1200)
+    return driver, await _charges(runtime, driver)
+
+
+async def test_an_operator_confirms_a_charge_with_both_frames_and_it_is_queued_once(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    driver, (charge,) = await _awaiting(runtime, gate, lot)
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+
+    listed = (await api.get("/api/v1/operator/confirmations", headers=attendant)).json()
+    (item,) = [c for c in listed if c["id"] == charge["id"]]
+    assert (item["plate"], item["amount_fen"], item["entry"]["certain"]) == (
+        driver.plate,
+        1200,
+        False,
+    )
+    for read in (item["entry"], item["exit"]):
+        image = await api.get(read["image_url"], headers=attendant)
+        assert (image.status_code, image.content) == (200, FRAME)
+
+    body = {"reason": "入口与出口为同一车辆"}
+    url = f"/api/v1/operator/confirmations/{charge['id']}/confirm"
+    confirmed = await api.post(url, json=body, headers=attendant)
+    assert confirmed.status_code == 200, confirmed.text
+    again = await api.post(url, json=body, headers=attendant)
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "not_awaiting_confirmation"
+    assert await _jobs(runtime, charge["id"]) == 1
+
+    async def succeeded() -> bool:
+        return (await _charges(runtime, driver))[0]["status"] == "succeeded"
+
+    await eventually(succeeded)
+    async with runtime.pool.acquire() as conn:
+        audit = await conn.fetchval(
+            "SELECT detail FROM audit_log WHERE action = 'charge.confirmed' AND subject = $1",
+            f"charge:{charge['id']}",
+        )
+    assert audit["reason"] == body["reason"]
+
+
+async def test_a_rejected_charge_charges_nobody_and_the_exit_waits_for_the_right_plate(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    driver, (charge,) = await _awaiting(runtime, gate, lot)
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    before = await runtime.occupancy.get(lot.id)
+
+    rejected = await api.post(
+        f"/api/v1/operator/confirmations/{charge['id']}/reject",
+        json={"reason": "出口车辆不是入场车辆"},
+        headers=attendant,
+    )
+
+    assert rejected.status_code == 200, rejected.text
+    decided = rejected.json()
+    assert (decided["status"], decided["reopened"]) == ("rejected", True)
+    assert await _charges(runtime, driver) == []
+    assert await _open_stays(runtime, lot) == [(driver.plate, "blue")]
+    assert await runtime.occupancy.get(lot.id) == before + 1
+    async with runtime.pool.acquire() as conn:
+        exception = await conn.fetchrow(
+            "SELECT * FROM lane_exceptions WHERE id = $1", decided["exception_id"]
+        )
+    assert (exception["reason"], exception["status"], exception["image"]) == (
+        "rejected",
+        "open",
+        FRAME,
+    )

@@ -1,0 +1,76 @@
+"""The exit decision's pure plate resolution (parking.lanes.rules.resolve_plate), without a
+database: what a misread simulation builds on."""
+
+from parking.lanes.rules import (
+    Certainty,
+    ExitRead,
+    identity_color,
+    is_certain,
+    priced_color,
+    resolve_plate,
+)
+from plate_recognition.grammar import Candidate, candidates_from_text
+
+CERTAINTY = Certainty(ocr_score=0.995, camera_scores={"cheap-cam": 0.995}, camera_default=0.98)
+
+
+def camera(
+    plate: str, score: float, color: str | None = "blue", model: str | None = None
+) -> ExitRead:
+    return ExitRead((Candidate(plate, score),), color, "camera", model, plate)
+
+
+def test_a_certain_read_needs_its_sources_score_a_colour_and_a_plate_of_that_colour() -> None:
+    assert is_certain(camera("浙A12345", 0.98), CERTAINTY)
+    assert not is_certain(camera("浙A12345", 0.97), CERTAINTY)
+    assert not is_certain(camera("浙A12345", 0.99, model="cheap-cam"), CERTAINTY)
+    assert not is_certain(camera("浙A12345", 0.99, color=None), CERTAINTY)
+    assert not is_certain(camera("浙A12345", 0.99, color="green"), CERTAINTY)  # 7 characters
+    assert is_certain(camera("浙AD12345", 0.99, color="green"), CERTAINTY)
+    ocr = ExitRead((Candidate("浙A12345", 0.99),), "blue", "ocr")
+    assert not is_certain(ocr, CERTAINTY)
+
+
+def test_a_certain_read_is_its_own_vehicle_or_none_here() -> None:
+    parked = {("浙A12345", "blue"): True, ("浙A1234S", "blue"): True}
+    exact = resolve_plate(camera("浙A12345", 0.99), parked, (), CERTAINTY)
+    assert (exact.status, exact.identity, exact.reads_certain) == (
+        "exact",
+        ("浙A12345", "blue"),
+        True,
+    )
+    yellow = resolve_plate(camera("浙A12345", 0.99, "yellow"), parked, (), CERTAINTY)
+    assert (yellow.status, yellow.identity) == ("no_entry", ("浙A12345", "yellow"))
+    gone = resolve_plate(camera("浙B99999", 0.99), {}, {("浙B99999", "blue")}, CERTAINTY)
+    assert (gone.status, gone.left) == ("exact", True)
+
+
+def test_a_read_that_is_not_certain_needs_a_unique_match_with_a_margin() -> None:
+    parked = {("浙U58871", "blue"): True, ("浙U5B871", "blue"): True}
+    for score in (0.8, 0.95):
+        assert resolve_plate(camera("浙U5B871", score), parked, (), CERTAINTY).status == (
+            "ambiguous"
+        )
+    alone = resolve_plate(camera("浙U5B871", 0.95), {("浙U5B871", "blue"): True}, (), CERTAINTY)
+    assert (alone.status, alone.certain, alone.reads_certain) == ("fuzzy", False, False)
+    # No colour read: a blue car and a yellow lorry with these characters are both candidates.
+    two = {("浙U5B871", "blue"): True, ("浙U5B871", "yellow"): True}
+    assert resolve_plate(camera("浙U5B871", 0.95, None), two, (), CERTAINTY).status == "ambiguous"
+
+
+def test_a_valid_plate_not_parked_here_is_a_car_with_no_entry_record() -> None:
+    parked = {("浙W61245", "blue"): True}
+    for stranger in ("皖W61245", "浙W6124S"):
+        read = ExitRead(tuple(candidates_from_text(stranger, 0.6)), "blue", "camera")
+        resolved = resolve_plate(read, parked, (), CERTAINTY)
+        assert (resolved.status, resolved.identity) == ("no_entry", (stranger, "blue"))
+    assert resolve_plate(ExitRead((), None, "none"), parked, (), CERTAINTY).status == "unreadable"
+
+
+def test_colours_of_stays_and_prices_follow_the_plate_type() -> None:
+    assert identity_color("浙A12345", "green") == "blue"
+    assert identity_color("浙AD12345", None) == "green"
+    assert identity_color("浙A12345", "yellow") == "yellow"
+    assert priced_color("浙A12345", "green", vouched=False) is None
+    assert priced_color("浙AD12345", "green", vouched=False) == "green"
+    assert priced_color("浙A12345", "yellow", vouched=True) == "yellow"
