@@ -48,6 +48,7 @@ class Access(Enum):
     STAFF = "any staff, own company's data only"
     STAFF_X = "staff of X (X's object)"
     ADMIN_X = "admins of X (X's object)"
+    ADMIN = "any company's admin (the city's, not a company's object)"
 
 
 def expected(access: Access, caller: str) -> str:
@@ -65,6 +66,8 @@ def expected(access: Access, caller: str) -> str:
         return {"driver_a": "allowed", "driver_b": "404"}.get(caller, "403")
     if access is Access.STAFF:
         return "allowed" if staff else "403"
+    if access is Access.ADMIN:
+        return "allowed" if caller in ("admin_x", "admin_y") else "403"
     if access is Access.STAFF_X:
         return {"admin_x": "allowed", "attendant_x": "allowed", "admin_y": "404"}.get(caller, "403")
     return {"admin_x": "allowed", "attendant_x": "403", "admin_y": "404"}.get(caller, "403")
@@ -86,6 +89,7 @@ class World:
     job_x: int
     stays_x: list[int] = field(default_factory=list)
     charge_exception_x: int = 0
+    ownership_claim: int = 0
 
 
 Body = Callable[[World], dict[str, Any]] | None
@@ -206,6 +210,14 @@ ROWS = [
     Row("GET", "/api/v1/operator/reports/debts", Access.STAFF),
     Row("GET", "/api/v1/operator/jobs", Access.STAFF),
     Row("POST", "/api/v1/operator/jobs/{job_id}/retry", Access.ADMIN_X),
+    Row("GET", "/api/v1/operator/ownership-claims", Access.ADMIN),
+    Row("GET", "/api/v1/operator/ownership-claims/{ownership_claim_id}", Access.ADMIN),
+    Row(
+        "POST",
+        "/api/v1/operator/ownership-claims/{ownership_claim_id}/decision",
+        Access.ADMIN,
+        lambda w: {"in_favour_of": "holder", "reason": "access matrix test"},
+    ),
     Row("GET", "/api/v1/operator/dashboard/summary", Access.STAFF),
     # An event stream never ends: its allowed callers are tested in test_dashboard.py.
     Row("GET", "/api/v1/operator/dashboard/events", Access.STAFF),
@@ -229,6 +241,7 @@ def _fill(path: str, world: World) -> str:
         charge_exception_id=world.charge_exception_x,
         charge_id=world.charge_a,
         job_id=world.job_x,
+        ownership_claim_id=world.ownership_claim,
     )
 
 
@@ -256,6 +269,8 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
     await gate.decide(lot_x.code, "out1", held)
     inside = unique_plate()
     await gate.decide(lot_x.code, "in1", gate.capture("in", inside))
+    claim_holder = await make_driver(runtime, unique_plate())
+    claimant = await make_driver(runtime, unique_plate())
     gate_key, city_key = "gk_" + new_secret(), "ck_" + new_secret()
     async with runtime.pool.acquire() as conn:
         exception_x = await conn.fetchval(
@@ -288,6 +303,14 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
             r["id"]
             for r in await conn.fetch("SELECT id FROM sessions WHERE car_park_id = $1", lot_x.id)
         ]
+        # An open ownership claim between two other drivers.
+        ownership_claim = await conn.fetchval(
+            """INSERT INTO plate_disputes (plate, color, claimant_account_id, holder_account_id)
+               VALUES ($1, 'blue', $2, $3) RETURNING id""",
+            claim_holder.plate,
+            claimant.account_id,
+            claim_holder.account_id,
+        )
     tokens = {
         "driver_a": driver_token(app, driver_a.account_id),
         "driver_b": driver_token(app, driver_b.account_id),
@@ -311,6 +334,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         job_x,
         stays_x,
         charge_exception_x,
+        ownership_claim,
     )
 
 
