@@ -41,7 +41,8 @@ class OfflineWhitelist:
         self.public_key = public_key
         self.lot = lot
         self.config: GateConfig | None = None
-        self._plates: dict[str, WhitelistEntry] = {}
+        # By plate text, every entry of it: one per vehicle (colour) bound.
+        self._plates: dict[str, list[WhitelistEntry]] = {}
 
     def refusal(self, config: GateConfig, now: datetime) -> str | None:
         """Why `config` must not be used, or None when it is valid."""
@@ -70,7 +71,10 @@ class OfflineWhitelist:
         reason = self.refusal(config, now)
         if reason is None:
             self.config = config
-            self._plates = {normal_plate(entry.plate): entry for entry in config.whitelist}
+            plates: dict[str, list[WhitelistEntry]] = {}
+            for entry in config.whitelist:
+                plates.setdefault(normal_plate(entry.plate), []).append(entry)
+            self._plates = plates
         return reason
 
     def expires_at(self, now: datetime) -> datetime | None:
@@ -79,14 +83,14 @@ class OfflineWhitelist:
         return expires if expires is not None and expires > now else None
 
     def allows(self, plate: str, color: str | None, now: datetime) -> bool:
-        """Whether the plate may leave while the server is unreachable. A colour known on both
-        sides must agree: a yellow plate is another vehicle than the blue one of that text."""
+        """Whether the vehicle may leave while the server is unreachable. A plate's identity is
+        (plate, colour): when the camera reports a colour, an entry of that colour (or one that
+        names none) must be on the list; a yellow plate is another vehicle than the blue one of
+        the same characters. A read without a colour is matched on the characters alone."""
         if self.expires_at(now) is None:
             return False
-        entry = self._plates.get(normal_plate(plate))
-        if entry is None:
-            return False
-        return entry.color is None or color is None or entry.color == color
+        entries = self._plates.get(normal_plate(plate), [])
+        return any(color is None or entry.color in (None, color) for entry in entries)
 
     def display(self, key: str, default: str) -> str:
         return self.config.display.get(key, default) if self.config else default

@@ -18,6 +18,7 @@ from parking.errors import install_error_handlers
 from parking.health import router as health_router
 from parking.logging import get_logger
 from parking.operators.router import router as operators_router
+from parking.ownership.router import router as ownership_router
 from parking.payments.router import router as payments_router
 from parking.public.router import router as public_router
 from parking.receipts.router import router as receipts_router
@@ -55,6 +56,7 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.include_router(operators_router)
     app.include_router(booth_router)
     app.include_router(confirmations_router)
+    app.include_router(ownership_router)
     app.include_router(public_router)
     app.include_router(dashboard_router)
     app.include_router(receipts_router)

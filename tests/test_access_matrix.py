@@ -49,6 +49,7 @@ class Access(Enum):
     STAFF = "any staff, own company's data only"
     STAFF_X = "staff of X (X's object)"
     ADMIN_X = "admins of X (X's object)"
+    ADMIN = "any company's admin (the city's, not a company's object)"
 
 
 def expected(access: Access, caller: str) -> str:
@@ -66,6 +67,8 @@ def expected(access: Access, caller: str) -> str:
         return {"driver_a": "allowed", "driver_b": "404"}.get(caller, "403")
     if access is Access.STAFF:
         return "allowed" if staff else "403"
+    if access is Access.ADMIN:
+        return "allowed" if caller in ("admin_x", "admin_y") else "403"
     if access is Access.STAFF_X:
         return {"admin_x": "allowed", "attendant_x": "allowed", "admin_y": "404"}.get(caller, "403")
     return {"admin_x": "allowed", "attendant_x": "403", "admin_y": "404"}.get(caller, "403")
@@ -93,6 +96,7 @@ class World:
     dispute_x: int = 0
     # A charge of X awaiting an operator's confirmation, with both frames kept.
     confirmation_x: int = 0
+    ownership_claim: int = 0
 
 
 Body = Callable[[World], dict[str, Any]] | None
@@ -252,6 +256,14 @@ ROWS = [
         Access.STAFF_X,
         lambda w: {"reason": "access matrix test"},
     ),
+    Row("GET", "/api/v1/operator/ownership-claims", Access.ADMIN),
+    Row("GET", "/api/v1/operator/ownership-claims/{ownership_claim_id}", Access.ADMIN),
+    Row(
+        "POST",
+        "/api/v1/operator/ownership-claims/{ownership_claim_id}/decision",
+        Access.ADMIN,
+        lambda w: {"in_favour_of": "holder", "reason": "access matrix test"},
+    ),
     Row("GET", "/api/v1/operator/dashboard/summary", Access.STAFF),
     # An event stream never ends: its allowed callers are tested in test_dashboard.py.
     Row("GET", "/api/v1/operator/dashboard/events", Access.STAFF),
@@ -280,6 +292,7 @@ def _fill(path: str, world: World) -> str:
         dispute_stay_id=world.stay_a,
         dispute_id=world.dispute_x,
         confirmation_id=world.confirmation_x,
+        ownership_claim_id=world.ownership_claim,
     )
 
 
@@ -314,6 +327,8 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
     await backdate_entry(runtime, lot_x, unsure.plate, timedelta(minutes=90))
     unsure_exit = gate.capture("out", unsure.plate)
     await gate.decide(lot_x.code, "out1", unsure_exit)
+    claim_holder = await make_driver(runtime, unique_plate())
+    claimant = await make_driver(runtime, unique_plate())
     gate_key, city_key = "gk_" + new_secret(), "ck_" + new_secret()
     async with runtime.pool.acquire() as conn:
         exception_x = await conn.fetchval(
@@ -379,6 +394,14 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
                 lot_x.id,
                 b"\xff\xd8\xff\xe0fake-jpeg",
             )
+        # An open ownership claim between two other drivers.
+        ownership_claim = await conn.fetchval(
+            """INSERT INTO plate_disputes (plate, color, claimant_account_id, holder_account_id)
+               VALUES ($1, 'blue', $2, $3) RETURNING id""",
+            claim_holder.plate,
+            claimant.account_id,
+            claim_holder.account_id,
+        )
     frame_url = app.state.frame_signer.url(receipt_token, "entry")
     frame_query = dict(part.split("=", 1) for part in frame_url.split("?", 1)[1].split("&"))
     tokens = {
@@ -408,6 +431,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         frame_query,
         dispute_x,
         confirmation_x,
+        ownership_claim,
     )
 
 

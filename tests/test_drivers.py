@@ -74,6 +74,15 @@ async def _bind(
     return binding
 
 
+async def _bind_unregistered(api: httpx.AsyncClient, headers: Headers, plate: str) -> None:
+    """Binds a plate the registry has no record of: a second claim of it opens a dispute
+    (the registry cannot tell who owns it now)."""
+    bound = await api.post(
+        "/api/v1/me/plates", json=_claim(plate, dev_licence_no(plate)), headers=headers
+    )
+    assert bound.status_code == 201, bound.text
+
+
 def _error(response: httpx.Response) -> tuple[int, str]:
     return response.status_code, response.json()["error"]["code"]
 
@@ -202,22 +211,27 @@ async def test_a_plate_claimed_by_a_second_driver_opens_a_dispute_and_stays_put(
     holder_id, holder = await _new_driver(runtime, app)
     claimant_id, claimant = await _new_driver(runtime, app)
     plate = unique_plate()
-    binding = await _bind(api, holder, registry, plate)
+    # A vehicle the registry has no record of, proven as the dev registry allows.
+    bound = await api.post(
+        "/api/v1/me/plates", json=_claim(plate, dev_licence_no(plate)), headers=holder
+    )
+    assert bound.status_code == 201, bound.text
+    binding = bound.json()
 
     # Without proof nothing happens at all.
     unproven = await api.post(
         "/api/v1/me/plates", json=_claim(plate, "WRONG-LICENCE"), headers=claimant
     )
     assert _error(unproven) == (422, "ownership_not_proven")
-    # The registry now has the car under the claimant (sold, say): proven, but bound to another.
-    registry.register(plate, "blue", "NEW-OWNER-1", "王五")
+    # The claimant proves the plate as well as the registry can (it has no record to tell
+    # who owns it now): bound to another, so a dispute, and the plate stays put.
     disputed = await api.post(
-        "/api/v1/me/plates", json=_claim(plate, "NEW-OWNER-1", "王五"), headers=claimant
+        "/api/v1/me/plates", json=_claim(plate, dev_licence_no(plate), "王五"), headers=claimant
     )
     assert _error(disputed) == (409, "plate_disputed")
     dispute_id = disputed.json()["error"]["details"]["dispute_id"]
     again = await api.post(
-        "/api/v1/me/plates", json=_claim(plate, "NEW-OWNER-1", "王五"), headers=claimant
+        "/api/v1/me/plates", json=_claim(plate, dev_licence_no(plate), "王五"), headers=claimant
     )
     assert again.json()["error"]["details"]["dispute_id"] == dispute_id, "one open dispute"
 
@@ -236,12 +250,70 @@ async def test_a_plate_claimed_by_a_second_driver_opens_a_dispute_and_stays_put(
         plate,
         "dev-registry",
     )
-    assert verify_password("NEW-OWNER-1", dispute["claimant_licence_ref"])
+    assert verify_password(dev_licence_no(plate), dispute["claimant_licence_ref"])
     assert [(r["id"], r["account_id"]) for r in active] == [(binding["id"], holder_id)]
     assert (await api.get("/api/v1/me/plates", headers=claimant)).json() == []
     assert [p["plate"] for p in (await api.get("/api/v1/me/plates", headers=holder)).json()] == [
         plate
     ]
+
+
+async def test_the_yellow_and_the_blue_plate_of_one_text_are_two_vehicles(
+    api: httpx.AsyncClient,
+    app: FastAPI,
+    runtime: Runtime,
+    registry: DevRegistry,
+    lot: Lot,
+) -> None:
+    car_id, car_owner = await _new_driver(runtime, app)
+    lorry_id, lorry_owner = await _new_driver(runtime, app)
+    plate = unique_plate()
+    registry.register(plate, "blue", "CAR-LIC", "轿车车主")
+    registry.register(plate, "yellow", "LORRY-LIC", "货车车主")
+    car = await api.post(
+        "/api/v1/me/plates", json=_claim(plate, "CAR-LIC", "轿车车主"), headers=car_owner
+    )
+    assert car.status_code == 201, car.text
+    # The registry answers for a (plate, type): the blue car's licence proves no yellow plate.
+    assert _error(
+        await api.post(
+            "/api/v1/me/plates",
+            json=_claim(plate, "CAR-LIC", "轿车车主", color="yellow"),
+            headers=car_owner,
+        )
+    ) == (422, "ownership_not_proven")
+    lorry = await api.post(
+        "/api/v1/me/plates",
+        json=_claim(plate, "LORRY-LIC", "货车车主", color="yellow"),
+        headers=lorry_owner,
+    )
+    assert lorry.status_code == 201, lorry.text
+    assert (lorry.json()["plate"], lorry.json()["color"]) == (plate, "yellow")
+    assert [
+        (p["plate"], p["color"])
+        for p in (await api.get("/api/v1/me/plates", headers=car_owner)).json()
+    ] == [(plate, "blue")]
+    async with runtime.pool.acquire() as conn:
+        active = await conn.fetch(
+            """SELECT account_id, color FROM plate_bindings
+               WHERE plate = $1 AND unbound_at IS NULL ORDER BY id""",
+            plate,
+        )
+        disputes = await conn.fetchval(
+            "SELECT count(*) FROM plate_disputes WHERE plate = $1", plate
+        )
+    assert [(r["account_id"], r["color"]) for r in active] == [
+        (car_id, "blue"),
+        (lorry_id, "yellow"),
+    ]
+    assert disputes == 0, "no dispute: another vehicle"
+
+    # Each owner sees the stays of their own vehicle only.
+    blue_stay = await _insert_stay(runtime, lot, plate, datetime.now(UTC) + timedelta(seconds=1))
+    async with runtime.pool.acquire() as conn:
+        await conn.execute("UPDATE sessions SET plate_color = 'yellow' WHERE id = $1", blue_stay)
+    assert await _stay_ids(api, car_owner) == []
+    assert await _stay_ids(api, lorry_owner) == [blue_stay]
 
 
 async def test_unbinding_is_for_the_own_bindings_only(
@@ -583,10 +655,9 @@ async def test_the_export_holds_everything_about_the_account_and_nothing_else(
     old = await _bind(api, headers, registry, past)
     await api.delete(f"/api/v1/me/plates/{old['id']}", headers=headers)
     await _bind(api, headers, registry, current)
-    await _bind(api, holder, registry, theirs)
-    registry.register(theirs, "blue", "MINE-TOO", "赵六")
+    await _bind_unregistered(api, holder, theirs)
     claimed = await api.post(
-        "/api/v1/me/plates", json=_claim(theirs, "MINE-TOO", "赵六"), headers=headers
+        "/api/v1/me/plates", json=_claim(theirs, dev_licence_no(theirs), "赵六"), headers=headers
     )
     assert _error(claimed) == (409, "plate_disputed")
     await api.put("/api/v1/me/agreement", json={"per_session_limit_fen": 4000}, headers=headers)
@@ -662,9 +733,8 @@ async def test_a_deleted_account_loses_its_personal_data_and_signing_in_again_st
     await api.put("/api/v1/me/agreement", json={"per_session_limit_fen": 5000}, headers=headers)
     _, holder = await _new_driver(runtime, app)
     theirs = unique_plate()
-    await _bind(api, holder, registry, theirs)
-    registry.register(theirs, "blue", "CLAIM-1", "钱七")
-    claim = _claim(theirs, "CLAIM-1", "钱七")
+    await _bind_unregistered(api, holder, theirs)
+    claim = _claim(theirs, dev_licence_no(theirs), "钱七")
     assert _error(await api.post("/api/v1/me/plates", json=claim, headers=headers))[0] == 409
     stay = await _insert_stay(runtime, lot, plate, datetime.now(UTC), account_id=account_id)
     async with runtime.pool.acquire() as conn:

@@ -44,6 +44,7 @@ from gate_controller.protocol import (
     encode,
 )
 from gate_controller.simulator import Vehicle
+from gate_controller.whitelist import OfflineWhitelist
 from parking.gates import repository as gates_repo
 from parking.gates.commands import sign_command
 from parking.gates.config import (
@@ -392,6 +393,38 @@ async def test_offline_decisions_from_the_signed_whitelist_are_uploaded_when_the
             await cleaner.clear_retained(
                 [topics.topic(g, kind) for g in gates for kind in ("config", "status")]
             )
+
+
+async def test_the_offline_whitelist_is_of_the_bound_vehicle_not_of_its_plate_text(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    car = await make_driver(runtime, unique_plate())  # bound blue, with pay-later
+    other_lot = await create_lot(runtime)
+    await gate.decide(lot.code, "in1", gate.capture("in", car.plate, color="blue"))
+    # A lorry with the same characters on a yellow plate, parked elsewhere: nobody's binding.
+    await gate.decide(other_lot.code, "in1", gate.capture("in", car.plate, color="yellow"))
+    async with runtime.pool.acquire() as conn:
+        whitelists = await gates_repo.offline_whitelists(conn)
+    assert [(c.plate, c.color) for c in whitelists.get(lot.code, [])] == [(car.plate, "blue")]
+    assert car.plate not in [c.plate for c in whitelists.get(other_lot.code, [])]
+
+
+def test_the_gate_matches_a_whitelisted_plate_on_its_colour_too() -> None:
+    lot, now = f"lot-{uuid.uuid4().hex[:8]}", datetime.now(UTC)
+    both, lorry = unique_plate(), unique_plate()
+    cars = [
+        WhitelistedCar(both, "blue", 20_000),
+        WhitelistedCar(both, "yellow", 5_000),
+        WhitelistedCar(lorry, "yellow", 5_000),
+    ]
+    whitelist = OfflineWhitelist(SERVER_KEY.public_key(), lot)
+    assert whitelist.offer(build_config(lot, cars, SERVER_KEY, issued_at=now), now) is None
+    assert whitelist.allows(both, "blue", now) and whitelist.allows(both, "yellow", now)
+    assert not whitelist.allows(both, "green", now)
+    assert whitelist.allows(lorry, "yellow", now)
+    assert not whitelist.allows(lorry, "blue", now), "another vehicle of the same characters"
+    # A camera that reports no colour is matched on the characters alone.
+    assert whitelist.allows(lorry, None, now)
 
 
 async def test_forged_tampered_foreign_and_expired_whitelists_are_ignored(tmp_path: Path) -> None:

@@ -308,6 +308,74 @@ async def test_quote_gives_the_fee_the_exit_would_charge(
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
 
 
+async def test_quote_is_for_the_plate_of_the_colour_asked(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient
+) -> None:
+    plate = unique_plate()
+    await gate.decide(lot.code, "in1", gate.capture("in", plate, color="yellow"))
+    path = f"/api/v1/car-parks/{lot.code}/quote"
+
+    lorry = await api.get(path, params={"plate": plate, "color": "yellow"})
+    assert lorry.status_code == 200, lorry.text
+    assert (lorry.json()["plate"], lorry.json()["color"]) == (plate, "yellow")
+    assert (await api.get(path, params={"plate": plate})).json()["color"] == "yellow"
+    car = await api.get(path, params={"plate": plate, "color": "blue"})
+    assert car.status_code == 404 and car.json()["error"]["code"] == "stay_not_found"
+    red = await api.get(path, params={"plate": plate, "color": "red"})
+    assert red.status_code == 422 and red.json()["error"]["code"] == "invalid_request"
+    assert red.json()["error"]["details"][0]["loc"] == ["query", "color"]
+
+
+def test_the_quoted_stay_is_of_one_vehicle_never_a_guess() -> None:
+    """The rule alone, until the lane keeps open stays per (plate, colour) (the test below)."""
+    blue, yellow, unread = {"plate_color": "blue"}, {"plate_color": "yellow"}, {"plate_color": None}
+    pick = payments_service._stay_of_vehicle
+    with pytest.raises(AppError) as asked:
+        pick([blue, yellow], None)  # type: ignore[list-item]
+    assert (asked.value.status_code, asked.value.code) == (409, "plate_color_required")
+    assert asked.value.details == {"colors": ["blue", "yellow"]}
+    assert pick([blue, yellow], "yellow") is yellow  # type: ignore[list-item]
+    assert pick([blue, unread], "blue") is blue  # type: ignore[list-item]
+    assert pick([unread], "green") is unread, "a stay with no colour read answers for any"  # type: ignore[list-item]
+    with pytest.raises(AppError) as missing:
+        pick([blue], "yellow")  # type: ignore[list-item]
+    assert missing.value.code == "stay_not_found"
+
+
+async def test_quote_without_a_colour_asks_for_it_when_two_vehicles_share_the_text(
+    runtime: Runtime, lot: Lot, api: httpx.AsyncClient
+) -> None:
+    plate = unique_plate()
+    entered = datetime.now(UTC) - timedelta(minutes=90)
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            """INSERT INTO sessions (car_park_id, plate, plate_color, entered_at)
+               VALUES ($1, $2, 'blue', $3)""",
+            lot.id,
+            plate,
+            entered,
+        )
+        # Another vehicle with the same characters: a stay of its own (open stays are one
+        # per car park and vehicle, migration 0017).
+        await conn.execute(
+            """INSERT INTO sessions (car_park_id, plate, plate_color, entered_at)
+               VALUES ($1, $2, 'yellow', $3)""",
+            lot.id,
+            plate,
+            entered - timedelta(minutes=30),
+        )
+    path = f"/api/v1/car-parks/{lot.code}/quote"
+    ambiguous = await api.get(path, params={"plate": plate})
+    assert ambiguous.status_code == 409, ambiguous.text
+    error = ambiguous.json()["error"]
+    assert error["code"] == "plate_color_required"
+    assert sorted(error["details"]["colors"]) == ["blue", "yellow"]
+    blue = (await api.get(path, params={"plate": plate, "color": "blue"})).json()
+    yellow = (await api.get(path, params={"plate": plate, "color": "yellow"})).json()
+    assert (blue["color"], blue["parked_minutes"]) == ("blue", 90)
+    assert (yellow["color"], yellow["parked_minutes"]) == ("yellow", 120)
+
+
 async def _pay(provider: ProviderEndpoint, out_trade_no: str) -> None:
     async with httpx.AsyncClient(base_url=provider.url) as wallet:
         paid = await wallet.post(f"/v1/payments/{out_trade_no}/pay")

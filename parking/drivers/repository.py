@@ -8,14 +8,16 @@ from typing import Any
 
 import asyncpg
 
-# The stays a driver may see: those of a plate while it was bound to the account (a new
+# The stays a driver may see: those of a vehicle (plate and colour; a stay whose colour was not
+# read counts as any colour's) while it was bound to the account (a new
 # binding sees no history from before it; a stay charged to someone else is theirs), and every
 # stay charged to the account. $1 is the account id.
 _VISIBLE_STAYS = """
     SELECT s.id, s.car_park_id, s.plate, s.plate_color, s.status, s.entered_at, s.exited_at,
            s.fee_fen, s.settlement, s.account_id
     FROM plate_bindings b
-    JOIN sessions s ON s.plate = b.plate AND s.entered_at >= b.bound_at
+    JOIN sessions s ON s.plate = b.plate AND COALESCE(s.plate_color, b.color) = b.color
+                   AND s.entered_at >= b.bound_at
                    AND (b.unbound_at IS NULL OR s.entered_at < b.unbound_at)
     WHERE b.account_id = $1 AND (s.account_id IS NULL OR s.account_id = $1)
     UNION
@@ -50,12 +52,27 @@ async def active_bindings(conn: asyncpg.Connection, account_id: int) -> list[asy
     return rows
 
 
-async def plate_holder(conn: asyncpg.Connection, plate: str) -> int | None:
-    """The account the plate is actively bound to."""
-    holder: int | None = await conn.fetchval(
-        "SELECT account_id FROM plate_bindings WHERE plate = $1 AND unbound_at IS NULL", plate
+async def binding(
+    conn: asyncpg.Connection, account_id: int, binding_id: int
+) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """SELECT id, plate, color, bound_at, verified_by FROM plate_bindings
+           WHERE id = $2 AND account_id = $1""",
+        account_id,
+        binding_id,
     )
-    return holder
+    return row
+
+
+async def active_binding(conn: asyncpg.Connection, plate: str, color: str) -> asyncpg.Record | None:
+    """The vehicle's (plate, colour) active binding: id, account_id, licence_ref."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """SELECT id, account_id, licence_ref FROM plate_bindings
+           WHERE plate = $1 AND color = $2 AND unbound_at IS NULL""",
+        plate,
+        color,
+    )
+    return row
 
 
 async def insert_binding(
@@ -67,12 +84,12 @@ async def insert_binding(
     verified_by: str,
     licence_ref: str,
 ) -> asyncpg.Record | None:
-    """The new binding; None when the plate is actively bound already (waits for a concurrent
-    claim of the same plate to commit or roll back, so at most one of them binds it)."""
+    """The new binding; None when the vehicle (plate, colour) is actively bound already (waits
+    for a concurrent claim of it to commit or roll back, so at most one of them binds it)."""
     row: asyncpg.Record | None = await conn.fetchrow(
         """INSERT INTO plate_bindings (account_id, plate, color, verified_by, licence_ref)
            VALUES ($1, $2, $3, $4, $5)
-           ON CONFLICT (plate) WHERE unbound_at IS NULL DO NOTHING
+           ON CONFLICT (plate, color) WHERE unbound_at IS NULL DO NOTHING
            RETURNING id, plate, color, bound_at, verified_by""",
         account_id,
         plate,
@@ -90,28 +107,35 @@ async def open_dispute(
     color: str,
     claimant_account_id: int,
     holder_account_id: int,
+    holder_binding_id: int,
     verified_by: str,
     licence_ref: str,
+    same_licence_as_holder: bool | None,
 ) -> int:
-    """The claimant's open dispute of the plate, opened now unless one is open already."""
+    """The claimant's open dispute of the vehicle, opened now unless one is open already."""
     dispute_id: int | None = await conn.fetchval(
         """INSERT INTO plate_disputes (plate, color, claimant_account_id, holder_account_id,
-                                       claimant_verified_by, claimant_licence_ref)
-           VALUES ($1, $2, $3, $4, $5, $6)
-           ON CONFLICT (plate, claimant_account_id) WHERE status = 'open' DO NOTHING
+                                       holder_binding_id, claimant_verified_by,
+                                       claimant_licence_ref, same_licence_as_holder)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+           ON CONFLICT (plate, color, claimant_account_id) WHERE status = 'open' DO NOTHING
            RETURNING id""",
         plate,
         color,
         claimant_account_id,
         holder_account_id,
+        holder_binding_id,
         verified_by,
         licence_ref,
+        same_licence_as_holder,
     )
     if dispute_id is None:
         dispute_id = await conn.fetchval(
             """SELECT id FROM plate_disputes
-               WHERE plate = $1 AND claimant_account_id = $2 AND status = 'open'""",
+               WHERE plate = $1 AND color = $2 AND claimant_account_id = $3
+                 AND status = 'open'""",
             plate,
+            color,
             claimant_account_id,
         )
     assert dispute_id is not None
@@ -369,7 +393,8 @@ async def unbind_all(conn: asyncpg.Connection, account_id: int) -> None:
 async def withdraw_disputes(conn: asyncpg.Connection, account_id: int) -> None:
     """Open disputes the account made or was the holder in: its bindings are gone."""
     await conn.execute(
-        """UPDATE plate_disputes SET status = 'withdrawn', resolved_at = now()
+        """UPDATE plate_disputes SET status = 'withdrawn', resolved_at = now(),
+                  resolved_by = 'account_deleted'
            WHERE status = 'open' AND (claimant_account_id = $1 OR holder_account_id = $1)""",
         account_id,
     )

@@ -75,9 +75,12 @@ async def bind_plate(
     runtime: RuntimeDep,
     registry: RegistryDep,
 ) -> Binding | JSONResponse:
-    """Binds a plate once the vehicle registry confirms the licence and owner. 422
-    `ownership_not_proven`; 409 `already_bound`; 409 `plate_disputed` (details.dispute_id)
-    when another account holds the plate, which stays with it."""
+    """Binds a vehicle (plate, colour: a yellow 浙A12345 is another vehicle than the blue
+    one) once the vehicle registry confirms the licence and owner. 422 `invalid_plate`,
+    `ownership_not_proven`; 409 `already_bound`. When another account holds the vehicle and the
+    registry's own record names the driver as its owner, the binding moves to the driver now
+    (201); when the registry cannot tell, 409 `plate_disputed` (details.dispute_id) and the
+    vehicle stays where it is until an operator decides."""
     outcome = await service.claim_plate(conn, runtime, registry, _account(driver), claim)
     if isinstance(outcome, service.PlateDisputed):
         # Answered, not raised: the dispute is committed with the request's transaction.

@@ -26,9 +26,10 @@ from parking.drivers.schemas import (
     Stay,
     StayPage,
 )
-from parking.drivers.verification import VehicleRegistry, licence_ref
+from parking.drivers.verification import VehicleRegistry, licence_ref, same_licence
 from parking.errors import AppError, NotFound
 from parking.logging import get_logger
+from parking.ownership import service as ownership
 from parking.payments import service as payments_service
 from parking.ratelimit import hit
 from parking.runtime import Runtime
@@ -88,7 +89,9 @@ def canonical_plate(raw: str, color: str) -> str:
         raise AppError(
             422,
             "invalid_plate",
-            "not a valid plate for this colour (green plates have 8 characters)",
+            "车牌号格式不符 / not a valid plate for this colour (e.g. 浙A12345; green "
+            "new-energy plates have 8 characters, and no plate has I or O)",
+            {"plate": raw, "color": color},
         )
     return plate
 
@@ -100,8 +103,10 @@ async def claim_plate(
     account_id: int,
     claim: PlateClaim,
 ) -> Binding | PlateDisputed:
-    """Binds a plate the driver proves to own. A plate bound to another account does not move:
-    a dispute is opened (returned, and committed, so an operator can resolve it)."""
+    """Binds a vehicle (plate, colour) the driver proves to own. One bound to another account
+    opens a dispute (returned, and committed, so an operator can decide it), unless the
+    registry's own record proves the driver the owner: then the dispute ends at once and the
+    binding moves to the driver (parking.ownership)."""
     plate = canonical_plate(claim.plate, claim.color)
     await hit(
         runtime.redis,
@@ -109,47 +114,59 @@ async def claim_plate(
         PLATE_CLAIMS_PER_HOUR,
         3600,
     )
-    if not await registry.verify(plate, claim.color, claim.licence_no, claim.owner_name):
+    proof = await registry.prove(plate, claim.color, claim.licence_no, claim.owner_name)
+    if proof == "not_proven":
         raise AppError(
             422,
             "ownership_not_proven",
             "the vehicle registry does not confirm this licence and owner for the plate",
         )
-    proof = await licence_ref(claim.licence_no)
+    proof_ref = await licence_ref(claim.licence_no)
     _account_or_404(await repo.account(conn, account_id, lock=True))
-    holder = await repo.plate_holder(conn, plate)
+    holder = await repo.active_binding(conn, plate, claim.color)
+    if holder is not None and holder["account_id"] == account_id:
+        raise AppError(409, "already_bound", "this plate is already bound to your account")
+    if len(await repo.active_bindings(conn, account_id)) >= MAX_PLATES_PER_ACCOUNT:
+        raise AppError(
+            409, "too_many_plates", f"at most {MAX_PLATES_PER_ACCOUNT} plates per account"
+        )
     if holder is None:
-        if len(await repo.active_bindings(conn, account_id)) >= MAX_PLATES_PER_ACCOUNT:
-            raise AppError(
-                409, "too_many_plates", f"at most {MAX_PLATES_PER_ACCOUNT} plates per account"
-            )
         row = await repo.insert_binding(
             conn,
             account_id,
             plate,
             claim.color,
             verified_by=registry.name,
-            licence_ref=proof,
+            licence_ref=proof_ref,
         )
         if row is not None:
             log.info("drivers.plate_bound", account_id=account_id, plate=plate)
             return _binding(row)
         # Bound by a concurrent claim that committed first.
-        holder = await repo.plate_holder(conn, plate)
+        holder = await repo.active_binding(conn, plate, claim.color)
         assert holder is not None
-    if holder == account_id:
-        raise AppError(409, "already_bound", "this plate is already bound to your account")
+        if holder["account_id"] == account_id:
+            raise AppError(409, "already_bound", "this plate is already bound to your account")
     dispute_id = await repo.open_dispute(
         conn,
         plate=plate,
         color=claim.color,
         claimant_account_id=account_id,
-        holder_account_id=holder,
+        holder_account_id=holder["account_id"],
+        holder_binding_id=holder["id"],
         verified_by=registry.name,
-        licence_ref=proof,
+        licence_ref=proof_ref,
+        same_licence_as_holder=await same_licence(claim.licence_no, holder["licence_ref"]),
     )
     log.info("drivers.plate_disputed", account_id=account_id, dispute_id=dispute_id, plate=plate)
-    return PlateDisputed(dispute_id)
+    if proof != "registered_owner":
+        return PlateDisputed(dispute_id)
+    binding_id = await ownership.uphold(
+        conn, dispute_id, resolved_by=f"registry:{registry.name}", note=None
+    )
+    row = await repo.binding(conn, account_id, binding_id)
+    assert row is not None
+    return _binding(row)
 
 
 async def unbind_plate(conn: asyncpg.Connection, account_id: int, binding_id: int) -> None:

@@ -14,21 +14,30 @@ that proved the binding and reads back nothing.
 import asyncio
 import unicodedata
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from fastapi import FastAPI
 
-from parking.auth.tokens import hash_password
+from parking.auth.tokens import hash_password, verify_password
 from parking.errors import AppError
+
+# How far a registry's answer proves that the claimant owns the vehicle (plate, colour):
+# - "registered_owner": the registry's own record of the vehicle names this licence and owner.
+#   It proves who owns the vehicle now, also against an earlier binding by someone else (a car
+#   sold since): a dispute it answers ends, and the binding moves.
+# - "unrecorded": accepted although the registry holds no record to compare (the dev
+#   registry's `DEV-<plate>`): enough to bind a free plate, never to take one from its holder.
+# - "not_proven": the registry does not confirm it.
+Proof = Literal["registered_owner", "unrecorded", "not_proven"]
 
 
 class VehicleRegistry(Protocol):
     # Recorded on the binding as `verified_by`.
     name: str
 
-    async def verify(self, plate: str, color: str, licence_no: str, owner_name: str) -> bool:
-        """Whether the registry has this vehicle (canonical plate, plate colour) with this
-        licence number and owner."""
+    async def prove(self, plate: str, color: str, licence_no: str, owner_name: str) -> Proof:
+        """What the registry says of this vehicle (canonical plate, plate colour: a yellow
+        浙A12345 is another vehicle than the blue one) with this licence number and owner."""
         ...
 
 
@@ -42,37 +51,41 @@ def _canonical_name(owner_name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Vehicle:
-    color: str
     licence_no: str
     owner_name: str
 
 
 class DevRegistry:
-    """An in-memory registry for laptops, the demo and the tests.
+    """An in-memory registry for laptops, the demo and the tests, keyed like a real one by
+    (plate, colour).
 
-    A registered plate is proven only by its registered colour, licence number and owner.
-    A plate nobody registered is proven by the licence number `dev_licence_no(plate)` (any
-    owner name), so a vehicle can be bound from /docs without registering it first.
+    A registered vehicle is proven only by its licence number and owner, and that proof is
+    the registry's own record ("registered_owner"). A vehicle nobody registered is proven by
+    the licence number `dev_licence_no(plate)` (any owner name), without a record
+    ("unrecorded"), so a vehicle can be bound from /docs without registering it first.
     """
 
     name = "dev-registry"
 
     def __init__(self) -> None:
-        self._vehicles: dict[str, _Vehicle] = {}
+        self._vehicles: dict[tuple[str, str], _Vehicle] = {}
 
     def register(self, plate: str, color: str, licence_no: str, owner_name: str) -> None:
-        """Records (or replaces, as when a car is sold) the vehicle with canonical `plate`."""
-        self._vehicles[plate] = _Vehicle(
-            color, canonical_licence_no(licence_no), _canonical_name(owner_name)
+        """Records (or replaces, as when a car is sold) the vehicle (canonical `plate`,
+        `color`)."""
+        self._vehicles[(plate, color)] = _Vehicle(
+            canonical_licence_no(licence_no), _canonical_name(owner_name)
         )
 
-    async def verify(self, plate: str, color: str, licence_no: str, owner_name: str) -> bool:
-        known = self._vehicles.get(plate)
+    async def prove(self, plate: str, color: str, licence_no: str, owner_name: str) -> Proof:
+        known = self._vehicles.get((plate, color))
         if known is None:
-            return canonical_licence_no(licence_no) == dev_licence_no(plate)
-        return known == _Vehicle(
-            color, canonical_licence_no(licence_no), _canonical_name(owner_name)
-        )
+            if canonical_licence_no(licence_no) == dev_licence_no(plate):
+                return "unrecorded"
+            return "not_proven"
+        if known == _Vehicle(canonical_licence_no(licence_no), _canonical_name(owner_name)):
+            return "registered_owner"
+        return "not_proven"
 
 
 def dev_licence_no(plate: str) -> str:
@@ -98,3 +111,10 @@ async def licence_ref(licence_no: str) -> str:
     """What a binding stores of the licence number that proved it (hashed off the event loop:
     scrypt takes tens of milliseconds)."""
     return await asyncio.to_thread(hash_password, canonical_licence_no(licence_no))
+
+
+async def same_licence(licence_no: str, ref: str | None) -> bool | None:
+    """Whether `licence_no` is the licence a stored `licence_ref` was made of (None: no ref)."""
+    if ref is None:
+        return None
+    return await asyncio.to_thread(verify_password, canonical_licence_no(licence_no), ref)

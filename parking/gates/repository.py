@@ -26,16 +26,20 @@ class WhitelistedCar:
 
 async def offline_whitelists(conn: asyncpg.Connection) -> dict[str, list[WhitelistedCar]]:
     """By car park code, the cars parked there now that may leave a gate that cannot reach the
-    server: an active binding, an active pay-later agreement, no block for arrears."""
+    server: an active binding, an active pay-later agreement, no block for arrears. A plate's
+    identity is (plate, colour): a stay is matched with the binding of its own colour (a yellow
+    浙A12345 is not the bound blue one); a stay whose colour was not read, with each binding of
+    its characters, every entry carrying the binding's colour for the gate to check."""
     rows = await conn.fetch(
         """SELECT cp.code AS lot, s.plate, b.color, pa.per_session_limit_fen
            FROM sessions s
            JOIN car_parks cp ON cp.id = s.car_park_id
            JOIN plate_bindings b ON b.plate = s.plate AND b.unbound_at IS NULL
+                                 AND b.color = COALESCE(s.plate_color, b.color)
            JOIN accounts a ON a.id = b.account_id
            JOIN pay_later_agreements pa ON pa.account_id = a.id AND pa.cancelled_at IS NULL
            WHERE s.status = 'open' AND NOT a.blocked_for_arrears AND a.deleted_at IS NULL
-           ORDER BY cp.code, s.plate"""
+           ORDER BY cp.code, s.plate, b.color"""
     )
     whitelists: dict[str, list[WhitelistedCar]] = {}
     for row in rows:

@@ -46,16 +46,18 @@ async def held_exit(
     return HeldExit(**dict(row)) if row else None
 
 
-async def account_for_plate(conn: asyncpg.Connection, plate: str, color: str) -> int | None:
-    """The account the vehicle (plate, colour) is bound to: a blue plate's owner has nothing to
-    do with a yellow plate's stay."""
-    account_id: int | None = await conn.fetchval(
+async def account_for_vehicle(
+    conn: asyncpg.Connection, plate: str, color: str | None
+) -> int | None:
+    """The account the vehicle (plate, colour) is bound to. A stay whose colour was not read
+    names an account only when one vehicle of these characters is bound."""
+    rows = await conn.fetch(
         """SELECT account_id FROM plate_bindings
-           WHERE plate = $1 AND color = $2 AND unbound_at IS NULL""",
+           WHERE plate = $1 AND unbound_at IS NULL AND ($2::text IS NULL OR color = $2)""",
         plate,
         color,
     )
-    return account_id
+    return rows[0]["account_id"] if len(rows) == 1 else None
 
 
 async def payment_for_release(conn: asyncpg.Connection, payment_id: int) -> UUID | None:
@@ -65,11 +67,16 @@ async def payment_for_release(conn: asyncpg.Connection, payment_id: int) -> UUID
     return capture_id
 
 
-async def open_stay(conn: asyncpg.Connection, car_park_code: str, plate: str) -> asyncpg.Record:
-    return await conn.fetchrow(
+async def open_stays(
+    conn: asyncpg.Connection, car_park_code: str, plate: str
+) -> list[asyncpg.Record]:
+    """The open stays of the plate's characters in the car park: one per vehicle (colour)."""
+    rows: list[asyncpg.Record] = await conn.fetch(
         """SELECT cp.id AS car_park_id, cp.name, s.entered_at, s.plate_color, s.fixed_fee_fen
            FROM car_parks cp JOIN sessions s ON s.car_park_id = cp.id
-           WHERE cp.code = $1 AND s.plate = $2 AND s.status = 'open'""",
+           WHERE cp.code = $1 AND s.plate = $2 AND s.status = 'open'
+           ORDER BY s.entered_at, s.id""",
         car_park_code,
         plate,
     )
+    return rows

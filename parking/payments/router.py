@@ -5,6 +5,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query, Request
 
+from gate_controller.protocol import PlateColor
 from parking.car_parks.schemas import CarParkCode
 from parking.deps import ConnectionDep, RuntimeDep
 from parking.errors import AppError, NotFound
@@ -16,6 +17,10 @@ router = APIRouter(prefix="/api/v1", tags=["payments"])
 
 MAX_NOTIFICATION_BYTES = 16 * 1024
 Plate = Annotated[str, Query(min_length=7, max_length=8, pattern=r"^[\w\u4e00-\u9fff]+$")]
+Color = Annotated[
+    PlateColor | None,
+    Query(description="the plate colour; needed when vehicles of one plate text are parked"),
+]
 
 
 @router.get("/gate-payments/{capture_id}")
@@ -50,10 +55,17 @@ async def provider_notification(
 
 @router.get("/car-parks/{code}/quote")
 async def quote(
-    code: CarParkCode, plate: Plate, request: Request, conn: ConnectionDep, runtime: RuntimeDep
+    code: CarParkCode,
+    plate: Plate,
+    request: Request,
+    conn: ConnectionDep,
+    runtime: RuntimeDep,
+    color: Color = None,
 ) -> Quote:
-    """The fee a car parked here now would pay if it left now. Rate-limited per client: it
-    says how long a plate has been parked, so it must not serve as a way to find cars."""
+    """The fee a car parked here now would pay if it left now. A plate's identity is (plate,
+    colour): 409 `plate_color_required` when vehicles of this plate text in several colours
+    are parked here and no `color` was given. Rate-limited per client: it says how long a
+    plate has been parked, so it must not serve as a way to find cars."""
     client = client_address(request)
     await hit(
         runtime.redis,
@@ -61,4 +73,4 @@ async def quote(
         runtime.settings.quotes_per_minute_per_client,
         60,
     )
-    return await service.quote(conn, code, plate)
+    return await service.quote(conn, code, plate, color)

@@ -27,6 +27,8 @@ class QuoteSegment(BaseModel):
 class Quote(BaseModel):
     car_park: str
     plate: str
+    # The plate colour of the stay quoted (null when the camera read none).
+    color: str | None
     parked_minutes: int
     fee_fen: int
     gross_fen: int

@@ -73,7 +73,7 @@ async def _payable(
     account_id = (
         None
         if held.outcome in _NOBODYS or held.plate_color is None
-        else await repo.account_for_plate(conn, held.plate, held.plate_color)
+        else await repo.account_for_vehicle(conn, held.plate, held.plate_color)
     )
     priced = fees.stay_fee(
         await fees.tariff_versions(conn, held.car_park_id),
@@ -279,10 +279,30 @@ async def release_gate(runtime: Runtime, payment_id: int) -> None:
     log.info("lane.exit_opened_after_payment", lot=held.lot, gate=held.gate)
 
 
-async def quote(conn: asyncpg.Connection, car_park_code: str, plate: str) -> Quote:
-    row = await repo.open_stay(conn, car_park_code, plate)
-    if row is None:
+def _stay_of_vehicle(rows: list[asyncpg.Record], color: str | None) -> asyncpg.Record:
+    """The one open stay of the vehicle asked about. A plate's identity is (plate, colour):
+    with stays of one plate text in several colours, a quote without a colour is a 409 asking
+    for it, never a guess. A stay whose colour was not read answers for any colour."""
+    if color is not None:
+        exact = [r for r in rows if r["plate_color"] == color]
+        rows = exact or [r for r in rows if r["plate_color"] is None]
+    if not rows:
         raise NotFound("stay")
+    if len(rows) > 1:
+        raise AppError(
+            409,
+            "plate_color_required",
+            "此车牌号有多辆车在场，请指明车牌颜色 / several vehicles with this plate are parked "
+            "here: give the plate colour (color=blue, yellow, green, white or black)",
+            {"colors": sorted({r["plate_color"] or "unknown" for r in rows})},
+        )
+    return rows[0]
+
+
+async def quote(
+    conn: asyncpg.Connection, car_park_code: str, plate: str, color: str | None = None
+) -> Quote:
+    row = _stay_of_vehicle(await repo.open_stays(conn, car_park_code, plate), color)
     now = datetime.now(UTC)
     priced = fees.stay_fee(
         await fees.tariff_versions(conn, row["car_park_id"]),
@@ -298,6 +318,7 @@ async def quote(conn: asyncpg.Connection, car_park_code: str, plate: str) -> Quo
     return Quote(
         car_park=row["name"],
         plate=plate,
+        color=row["plate_color"],
         parked_minutes=max(0, parked),
         fee_fen=priced.fee_fen,
         gross_fen=q.gross_fen if q else priced.fee_fen,
