@@ -1,8 +1,11 @@
 """The FastAPI application. It is built around a started Runtime (see parking.runtime)."""
 
 import secrets
+from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from parking.auth.router import router as auth_router
 from parking.auth.sms import DevSms, SmsSender
@@ -44,4 +47,26 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.include_router(operators_router)
     app.include_router(public_router)
     app.include_router(dashboard_router)
+    if settings.trusted_proxies:
+        # uvicorn's own middleware, with our list: the right-most hop of X-Forwarded-For that
+        # is not a trusted proxy becomes request.client, which per-client limits count.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     return app
+
+
+def server_config(app: FastAPI, host: str, port: int, **options: Any) -> uvicorn.Config:
+    """How `parking serve`, the demo and the tests serve the app. uvicorn's proxy headers are
+    off: by default it believes X-Forwarded-For from 127.0.0.1, so any local client could
+    claim to be anyone; the app honours the header from PARKING_TRUSTED_PROXIES only."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="off",
+        proxy_headers=False,
+        # Open dashboard event streams must not hold a shutdown for ever.
+        timeout_graceful_shutdown=5,
+        # Its lines quote raw query strings, which carry plates.
+        access_log=False,
+        **options,
+    )

@@ -1,12 +1,14 @@
 """All configuration in one place, read from `PARKING_*` environment variables."""
 
+import ipaddress
 import os
 import socket
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -39,6 +41,11 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Proxies in front of the API (addresses or CIDRs, comma-separated: the ingress's pod
+    # network). X-Forwarded-For is believed only from these, and the client that per-client
+    # limits count is its right-most hop that is not one of them. Empty: the TCP peer, and
+    # the header is ignored (a client can write anything there).
+    trusted_proxies: Annotated[list[str], NoDecode] = []
 
     # Lane service.
     lane_concurrency: int = 16
@@ -129,6 +136,19 @@ class Settings(BaseSettings):
     # per process and served from memory in between, so their counts are at most this old
     # (parking.public.cache). 0: built for every request.
     public_cache_seconds: float = Field(default=1.0, ge=0)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxy_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: list[str]) -> list[str]:
+        # A typo must stop the start, not silently trust nobody (or everybody).
+        return [str(ipaddress.ip_network(item, strict=False)) for item in value]
 
 
 @lru_cache
