@@ -100,13 +100,25 @@ class Settings(BaseSettings):
     refresh_token_ttl_days: int = 30
     login_code_ttl_s: int = 300
     login_code_max_attempts: int = 5
-    # Sign-in codes one phone (or one client address) may ask for per hour.
-    login_codes_per_hour: int = 5
+    # Sign-in codes texted to one phone: this many in a row, then each further request waits
+    # twice as long as the one before, from login_code_backoff_s up to login_code_backoff_max_s
+    # (a phone is never refused for longer than that); forgotten after an hour without one,
+    # or at the phone's next sign-in. One client address may ask for 30 an hour.
+    login_codes_free: int = Field(default=3, ge=1)
+    login_code_backoff_s: float = Field(default=60.0, gt=0)
+    login_code_backoff_max_s: float = Field(default=900.0, gt=0)
     login_codes_per_hour_per_client: int = 30
     # Public fee quotes one client may ask for per minute.
     quotes_per_minute_per_client: int = 60
-    # Staff password attempts per e-mail per hour (six times that per client address).
-    password_attempts_per_hour: int = 10
+    # Staff passwords: this many wrong ones for an e-mail from one client address, then each
+    # further try from there waits twice as long as the one before (1 s, 2 s, ... up to
+    # password_backoff_max_s); nothing is checked while it waits, and the right password
+    # forgives. From all addresses together an e-mail gets 4× the free tries and then waits at
+    # most password_email_backoff_max_s (so a botnet cannot keep its owner out for longer); one
+    # address gets 6× over all e-mails (spraying). Forgotten after an hour without a failure.
+    password_free_failures: int = Field(default=5, ge=1)
+    password_backoff_max_s: float = Field(default=900.0, gt=0)
+    password_email_backoff_max_s: float = Field(default=30.0, gt=0)
     # Signs the gates' offline whitelists (Ed25519 private key, PEM or base64 seed; `parking
     # gates keygen`). Unset: no whitelist is published and an offline gate holds every exit.
     gate_config_key: SecretStr | None = None

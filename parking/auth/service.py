@@ -25,7 +25,7 @@ from parking.auth.tokens import (
     verify_password,
 )
 from parking.errors import AppError
-from parking.ratelimit import hit
+from parking.ratelimit import Backoff, forgive, hit, take, uncount
 from parking.runtime import Runtime
 
 
@@ -66,11 +66,23 @@ async def _issue(
     )
 
 
+def _phone_backoff(runtime: Runtime, phone: str) -> Backoff:
+    """Codes texted to one phone slow down but never stop for long: a driver whose phone an
+    attacker keeps texting still gets a code within PARKING_LOGIN_CODE_BACKOFF_MAX_S."""
+    settings = runtime.settings
+    return Backoff(
+        f"{settings.redis_key_prefix}backoff:sign-in-code:phone:{digest(phone)}",
+        free=settings.login_codes_free,
+        base_s=settings.login_code_backoff_s,
+        max_s=settings.login_code_backoff_max_s,
+    )
+
+
 async def request_code(runtime: Runtime, sms: SmsSender, phone: str, client: str) -> CodeSent:
     settings = runtime.settings
     phone = normalise_phone(phone)
     prefix = f"{settings.redis_key_prefix}ratelimit:sign-in-code"
-    await hit(runtime.redis, f"{prefix}:phone:{digest(phone)}", settings.login_codes_per_hour, 3600)
+    await take(runtime.redis, [_phone_backoff(runtime, phone)])
     await hit(
         runtime.redis,
         f"{prefix}:client:{client}",
@@ -114,7 +126,26 @@ async def sign_in_with_code(
     if failure is not None:
         raise failure
     assert pair is not None
+    # Signed in: the phone's code requests so far were the driver's own.
+    await forgive(runtime.redis, [_phone_backoff(runtime, phone)])
     return pair
+
+
+def _password_backoffs(runtime: Runtime, email: str, client: str) -> list[Backoff]:
+    """Per e-mail from one address (a guesser waits longer and longer), per e-mail from all
+    addresses (a botnet: capped low, so the owner gets in after a short wait), per address
+    over all e-mails (spraying one password over many)."""
+    settings = runtime.settings
+    prefix = f"{settings.redis_key_prefix}backoff:password"
+    free = settings.password_free_failures
+    longest = settings.password_backoff_max_s
+    return [
+        Backoff(f"{prefix}:email-client:{digest(email)}:{client}", free, 1.0, longest),
+        Backoff(
+            f"{prefix}:email:{digest(email)}", 4 * free, 1.0, settings.password_email_backoff_max_s
+        ),
+        Backoff(f"{prefix}:client:{client}", 6 * free, 1.0, longest),
+    ]
 
 
 # Checked when the e-mail is unknown, so that both answers take as long (no e-mail probing).
@@ -124,15 +155,11 @@ _NO_SUCH_USER = hash_password(new_secret())
 async def sign_in_with_password(
     runtime: Runtime, signer: TokenSigner, email: str, password: str, client: str
 ) -> TokenPair:
-    settings = runtime.settings
     email = email.lower()
-    prefix = f"{settings.redis_key_prefix}ratelimit:password"
-    await hit(
-        runtime.redis, f"{prefix}:email:{digest(email)}", settings.password_attempts_per_hour, 3600
-    )
-    await hit(
-        runtime.redis, f"{prefix}:client:{client}", settings.password_attempts_per_hour * 6, 3600
-    )
+    # Every try is counted before the password is checked (atomically: a burst of concurrent
+    # guesses gets only the free tries checked); a right password takes its count back.
+    per_email_client, per_email, per_client = _password_backoffs(runtime, email, client)
+    await take(runtime.redis, [per_email_client, per_email, per_client])
     async with runtime.pool.acquire() as conn:
         user = await repo.operator_user_by_email(conn, email)
     # scrypt takes tens of milliseconds: off the event loop, which the lanes share.
@@ -142,9 +169,12 @@ async def sign_in_with_password(
     if user is None or not right:
         raise SignInFailed("invalid_credentials", "wrong e-mail or password")
     async with runtime.pool.acquire() as conn, conn.transaction():
-        return await _issue(
+        pair = await _issue(
             conn, runtime, signer, f"operator_user:{user.id}", user.role, user.operator_id
         )
+    await forgive(runtime.redis, [per_email_client, per_email])
+    await uncount(runtime.redis, per_client)
+    return pair
 
 
 async def refresh(runtime: Runtime, signer: TokenSigner, token: str) -> TokenPair:
