@@ -10,6 +10,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from parking.auth.router import router as auth_router
 from parking.auth.sms import DevSms, SmsSender
 from parking.auth.tokens import TokenSigner
+from parking.bodylimit import BodyLimit
 from parking.car_parks.router import router as car_parks_router
 from parking.dashboard.router import router as dashboard_router
 from parking.drivers.router import router as drivers_router
@@ -17,11 +18,16 @@ from parking.errors import install_error_handlers
 from parking.health import router as health_router
 from parking.logging import get_logger
 from parking.operators.router import router as operators_router
+from parking.payments.router import MAX_NOTIFICATION_BYTES
 from parking.payments.router import router as payments_router
 from parking.public.router import router as public_router
 from parking.runtime import Runtime
 
 log = get_logger(__name__)
+
+# Routes whose bodies may be larger than PARKING_MAX_BODY_BYTES: a tariff table with a year of
+# holidays and many bands.
+TARIFF_MAX_BODY_BYTES = 256 * 1024
 
 
 def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
@@ -51,6 +57,18 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
         # uvicorn's own middleware, with our list: the right-most hop of X-Forwarded-For that
         # is not a trusted proxy becomes request.client, which per-client limits count.
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
+    # Outermost: an oversized body is refused before anything else runs.
+    app.add_middleware(
+        BodyLimit,
+        default=settings.max_body_bytes,
+        routes=[
+            (r"/api/v1/payments/notifications/[^/]+", MAX_NOTIFICATION_BYTES),
+            (
+                r"/api/v1/operator/car-parks/[^/]+/tariffs",
+                max(TARIFF_MAX_BODY_BYTES, settings.max_body_bytes),
+            ),
+        ],
+    )
     return app
 
 

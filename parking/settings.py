@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     # limits count is its right-most hop that is not one of them. Empty: the TCP peer, and
     # the header is ignored (a client can write anything there).
     trusted_proxies: Annotated[list[str], NoDecode] = []
+    # The largest request body a route accepts unless it has a limit of its own (tariff
+    # tables more, provider notifications less: parking.app); larger ones are answered 413
+    # before they are read or anyone is authenticated.
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
 
     # Lane service.
     lane_concurrency: int = 16

@@ -2,6 +2,7 @@
 bodies are bounded before anything reads them, public lists are cached and limited."""
 
 import uuid
+from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import FastAPI
@@ -9,7 +10,7 @@ from fastapi import FastAPI
 from parking.app import create_app
 from parking.runtime import Runtime
 from parking_dev import sandbox
-from tests.conftest import api_server
+from tests.conftest import Lot, api_server
 
 QUOTE = "/api/v1/car-parks/NOPE/quote"
 CODES = "/api/v1/auth/sign-in-codes"
@@ -60,3 +61,52 @@ async def test_behind_trusted_proxies_each_client_has_its_own_limits(runtime: Ru
         alice = [await ask("192.0.2.7, 10.1.2.3") for _ in range(2)]
     assert mallory == [202, 202, 429, 429]
     assert alice == [202, 202]
+
+
+async def test_an_oversized_body_is_refused_before_it_is_read_or_anyone_is_authenticated(
+    api: httpx.AsyncClient, runtime: Runtime, lot: Lot
+) -> None:
+    limit = runtime.settings.max_body_bytes
+    big = b"x" * (limit + 1)
+    routes = [
+        ("POST", "/api/v1/auth/token"),  # anonymous by nature
+        ("PATCH", f"/api/v1/operator/car-parks/{lot.code}"),  # staff only: 413 before 401
+        ("POST", "/api/v1/payments/notifications/sandbox"),  # smaller limit of its own
+    ]
+    for method, path in routes:
+        answer = await api.request(
+            method, path, content=big, headers={"Content-Type": "application/json"}
+        )
+        assert answer.status_code == 413, (path, answer.text)
+        assert answer.json()["error"]["code"] == "payload_too_large"
+
+    # No Content-Length (chunked): counted as it streams, and reading stops at the limit.
+    pulled = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        while pulled < 100 * limit:
+            pulled += 4096
+            yield b"y" * 4096
+
+    answer = await api.post("/api/v1/auth/token", content=endless())
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "payload_too_large"
+    assert pulled <= limit + 2 * 4096
+
+    # Within the limit all is as before; a route's larger limit lets a tariff table through.
+    ok = await api.post("/api/v1/auth/sign-in-codes", json={"phone": _phone()})
+    assert ok.status_code == 202
+    padded = b'{"phone": "' + _phone().encode() + b'"' + b" " * (limit - 40) + b"}"
+    assert (
+        await api.post(
+            "/api/v1/auth/sign-in-codes",
+            content=padded,
+            headers={"Content-Type": "application/json"},
+        )
+    ).status_code == 202
+    tariff_path = f"/api/v1/operator/car-parks/{lot.code}/tariffs"
+    table = b"{" + b" " * (limit + 1) + b"}"
+    tariff = await api.post(
+        tariff_path, content=table, headers={"Content-Type": "application/json"}
+    )
+    assert tariff.status_code == 401  # read (it fits) and then refused for want of a token
