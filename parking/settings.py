@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     password_free_failures: int = Field(default=5, ge=1)
     password_backoff_max_s: float = Field(default=900.0, gt=0)
     password_email_backoff_max_s: float = Field(default=30.0, gt=0)
+    # Live dashboard streams one staff member may have open at once (over all API processes),
+    # and how often an open stream checks that its user still has the right (not disabled,
+    # moved or signed out); it also ends when its token expires.
+    dashboard_streams_per_user: int = Field(default=3, ge=1)
+    dashboard_recheck_s: float = Field(default=30.0, gt=0)
     # Signs the gates' offline whitelists (Ed25519 private key, PEM or base64 seed; `parking
     # gates keygen`). Unset: no whitelist is published and an offline gate holds every exit.
     gate_config_key: SecretStr | None = None

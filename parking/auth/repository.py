@@ -184,10 +184,17 @@ async def create_operator_user(
     return user_id
 
 
-async def operator_user_by_id(conn: asyncpg.Connection, user_id: int) -> OperatorUser | None:
+async def operator_user_by_id(
+    conn: asyncpg.Connection, user_id: int, session: uuid.UUID | None = None
+) -> OperatorUser | None:
+    """An enabled staff member; with `session`, only while that sign-in is not revoked
+    (signed out, reused refresh token, password changed)."""
     row = await conn.fetchrow(
         """SELECT id, operator_id, role, password_hash FROM operator_users
-           WHERE id = $1 AND disabled_at IS NULL""",
+           WHERE id = $1 AND disabled_at IS NULL
+             AND ($2::uuid IS NULL OR EXISTS (
+                 SELECT 1 FROM refresh_tokens WHERE family = $2 AND revoked_at IS NULL))""",
         user_id,
+        session,
     )
     return OperatorUser(**dict(row)) if row else None

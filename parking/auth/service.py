@@ -52,15 +52,17 @@ async def _issue(
     family: uuid.UUID | None = None,
 ) -> TokenPair:
     refresh = new_secret("rt_")
+    family = family or uuid.uuid4()
     await repo.insert_refresh(
         conn,
         digest(refresh),
         subject,
-        family or uuid.uuid4(),
+        family,
         datetime.now(UTC) + timedelta(days=runtime.settings.refresh_token_ttl_days),
     )
     return TokenPair(
-        access_token=signer.issue(subject, role, operator_id),
+        # The access token names its sign-in: staff tokens die with it (principal.py).
+        access_token=signer.issue(subject, role, operator_id, session=str(family)),
         expires_in=signer.access_ttl_s,
         refresh_token=refresh,
     )
