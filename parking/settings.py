@@ -157,6 +157,9 @@ class Settings(BaseSettings):
     # per process and served from memory in between, so their counts are at most this old
     # (parking.public.cache). 0: built for every request.
     public_cache_seconds: float = Field(default=1.0, ge=0)
+    # Requests to the public lists and car parks (/api/v1/public/…, /api/v1/car-parks) one
+    # client may make per minute; callers with the city's key are not counted.
+    public_requests_per_minute_per_client: int = Field(default=120, ge=1)
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
