@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     login_codes_per_hour_per_client: int = 30
     # Public fee quotes one client may ask for per minute.
     quotes_per_minute_per_client: int = 60
+    # Provider notifications that fail verification (forged, junk) one client may send per
+    # minute; each is dead-lettered (a 4 KiB excerpt), and beyond this refused unstored.
+    rejected_notifications_per_minute_per_client: int = Field(default=30, ge=1)
     # Staff passwords: this many wrong ones for an e-mail from one client address, then each
     # further try from there waits twice as long as the one before (1 s, 2 s, ... up to
     # password_backoff_max_s); nothing is checked while it waits, and the right password

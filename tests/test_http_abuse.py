@@ -1,13 +1,18 @@
 """Nobody can exhaust the service over HTTP (issue #17): per-client limits count the real client,
 bodies are bounded before anything reads them, public lists are cached and limited."""
 
+import csv
+import io
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime
 
 import httpx
 from fastapi import FastAPI
 
+from billing import reports
 from parking.app import create_app
+from parking.retention import service as retention
 from parking.runtime import Runtime
 from parking_dev import sandbox
 from tests.conftest import Lot, api_server
@@ -110,3 +115,81 @@ async def test_an_oversized_body_is_refused_before_it_is_read_or_anyone_is_authe
         tariff_path, content=table, headers={"Content-Type": "application/json"}
     )
     assert tariff.status_code == 401  # read (it fits) and then refused for want of a token
+
+
+def test_csv_exports_defuse_cells_a_spreadsheet_would_run_as_formulas() -> None:
+    rows = [
+        {"car_park": '=HYPERLINK("http://x")', "reason": "+1", "net_fen": -500},
+        {"car_park": "@SUM(A1)", "reason": "-2", "net_fen": 0},
+        {"car_park": "\tx", "reason": "\rcmd", "net_fen": 12},
+        {"car_park": "plain", "reason": "a=b", "net_fen": -1},
+    ]
+    parsed = list(csv.DictReader(io.StringIO(reports.to_csv(rows), newline="")))
+    assert [r["car_park"] for r in parsed] == [
+        '\'=HYPERLINK("http://x")',
+        "'@SUM(A1)",
+        "'\tx",
+        "plain",
+    ]
+    assert [r["reason"] for r in parsed] == ["'+1", "'-2", "'\rcmd", "a=b"]
+    # Numbers are numbers: a negative amount is not a formula.
+    assert [r["net_fen"] for r in parsed] == ["-500", "0", "12", "-1"]
+
+
+async def test_the_refunds_list_reads_only_the_companys_car_parks_through_an_index(
+    runtime: Runtime,
+) -> None:
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        plan = await conn.fetchval(
+            "EXPLAIN (FORMAT JSON) " + reports.REFUNDS_SQL,
+            date(2026, 1, 1),
+            date(2026, 1, 31),
+            "Asia/Shanghai",
+            [1, 2],
+        )
+    assert "refunds_car_park_created" in str(plan)
+
+
+async def test_junk_notifications_keep_only_an_excerpt_and_are_throttled_per_client(
+    api: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    runtime.settings.rejected_notifications_per_minute_per_client = 3
+    marker = uuid.uuid4().hex
+    junk = (marker + "x" * 12_000).encode()
+    statuses = [
+        (await api.post("/api/v1/payments/notifications/sandbox", content=junk)).status_code
+        for _ in range(5)
+    ]
+    assert statuses == [401, 401, 401, 429, 429]
+    async with runtime.pool.acquire() as conn:
+        kept = await conn.fetch(
+            "SELECT length(payload) AS kept, payload_size FROM dead_letters "
+            "WHERE position($1::bytea in payload) = 1",
+            marker.encode(),
+        )
+    assert [(r["kept"], r["payload_size"]) for r in kept] == [(4096, len(junk))] * 3
+
+
+async def test_dead_letters_lose_their_payloads_with_the_images(runtime: Runtime) -> None:
+    """A bad capture's payload carries a plate and frames: it goes when images go."""
+    marker = uuid.uuid4().hex
+    async with runtime.pool.acquire() as conn:
+        for age_days in (40, 1):
+            await conn.execute(
+                """INSERT INTO dead_letters
+                       (source, topic, reason, payload, payload_size, received_at)
+                   VALUES ('mqtt', $1, 'invalid_json', $2, 10,
+                           now() - make_interval(days => $3))""",
+                marker,
+                b'{"plate": "\xe6\xb5\x99A12345"}',
+                age_days,
+            )
+    await retention.expire_images(runtime.pool, 30, datetime.now(UTC))
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT payload IS NULL AS erased, payload_size FROM dead_letters WHERE topic = $1 "
+            "ORDER BY received_at",
+            marker,
+        )
+    assert [(r["erased"], r["payload_size"]) for r in rows] == [(True, 10), (False, 10)]

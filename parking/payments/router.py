@@ -40,7 +40,9 @@ async def provider_notification(
         raise NotFound("provider")
     # At most MAX_NOTIFICATION_BYTES: the app's BodyLimit cuts longer ones off.
     body = await request.body()
-    applied = await service.accept_notification(runtime, runtime.provider, body, request.headers)
+    applied = await service.accept_notification(
+        runtime, runtime.provider, body, request.headers, client_address(request)
+    )
     return NotificationAccepted(effect=applied.effect)
 
 
