@@ -304,3 +304,56 @@ async def test_a_demoted_or_disabled_user_loses_rights_with_the_same_token(
             "UPDATE operator_users SET disabled_at = now() WHERE id = $1", staff.user_id
         )
     assert (await api.get(path, headers=headers)).status_code == 401
+
+
+async def test_staff_change_their_password_and_that_ends_their_other_sign_ins(
+    api: httpx.AsyncClient, runtime: Runtime, lot: Lot
+) -> None:
+    staff = await make_staff(runtime, lot.operator_id, "attendant")
+
+    async def sign_in(password: str) -> httpx.Response:
+        return await api.post(
+            "/api/v1/auth/token",
+            json={"grant_type": "password", "email": staff.email, "password": password},
+        )
+
+    here, elsewhere = (await sign_in(staff.password)).json(), (await sign_in(staff.password)).json()
+    change = "/api/v1/auth/password"
+    mine = f"/api/v1/operator/car-parks/{lot.code}"
+    new_password = "correct horse battery staple"
+
+    wrong = await api.post(
+        change,
+        json={"current_password": "not-it", "new_password": new_password},
+        headers=bearer(here["access_token"]),
+    )
+    assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "wrong_password"
+    short = await api.post(
+        change,
+        json={"current_password": staff.password, "new_password": "short"},
+        headers=bearer(here["access_token"]),
+    )
+    assert short.status_code == 422
+    changed = await api.post(
+        change,
+        json={"current_password": staff.password, "new_password": new_password},
+        headers=bearer(here["access_token"]),
+    )
+    assert changed.status_code == 204, changed.text
+
+    # The other sign-in ends at once: its access token and its refresh token.
+    assert (await api.get(mine, headers=bearer(elsewhere["access_token"]))).status_code == 401
+    refreshed = await api.post(
+        "/api/v1/auth/token",
+        json={"grant_type": "refresh_token", "refresh_token": elsewhere["refresh_token"]},
+    )
+    assert refreshed.status_code == 401
+    # This one goes on.
+    assert (await api.get(mine, headers=bearer(here["access_token"]))).status_code == 200
+    rotated = await api.post(
+        "/api/v1/auth/token",
+        json={"grant_type": "refresh_token", "refresh_token": here["refresh_token"]},
+    )
+    assert rotated.status_code == 200
+    assert (await sign_in(staff.password)).status_code == 401
+    assert (await sign_in(new_password)).status_code == 200

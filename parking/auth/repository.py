@@ -155,6 +155,24 @@ async def revoke_subject(conn: asyncpg.Connection, subject: str) -> None:
     )
 
 
+async def revoke_subject_except(
+    conn: asyncpg.Connection, subject: str, keep_family: uuid.UUID | None
+) -> None:
+    """Ends every sign-in of `subject` but `keep_family` (the one asking)."""
+    await conn.execute(
+        """UPDATE refresh_tokens SET revoked_at = now()
+           WHERE subject = $1 AND revoked_at IS NULL AND family IS DISTINCT FROM $2""",
+        subject,
+        keep_family,
+    )
+
+
+async def set_password(conn: asyncpg.Connection, user_id: int, password_hash: str) -> None:
+    await conn.execute(
+        "UPDATE operator_users SET password_hash = $2 WHERE id = $1", user_id, password_hash
+    )
+
+
 async def operator_user_by_email(conn: asyncpg.Connection, email: str) -> OperatorUser | None:
     row = await conn.fetchrow(
         """SELECT id, operator_id, role, password_hash FROM operator_users

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from parking.auth import repository as repo
+from parking.auth.principal import Principal
 from parking.auth.schemas import CodeSent, TokenPair
 from parking.auth.sms import SmsSender
 from parking.auth.tokens import (
@@ -177,6 +178,32 @@ async def sign_in_with_password(
     await forgive(runtime.redis, [per_email_client, per_email])
     await uncount(runtime.redis, per_client)
     return pair
+
+
+async def change_password(runtime: Runtime, principal: Principal, current: str, new: str) -> None:
+    """A staff member's new password, given the current one. Every other sign-in of theirs
+    ends (its refresh tokens revoked, its access tokens refused at once: they name their
+    sign-in); the one asking goes on. Wrong current passwords back off like sign-ins."""
+    assert principal.operator_user_id is not None
+    settings = runtime.settings
+    backoff = Backoff(
+        f"{settings.redis_key_prefix}backoff:password-change:{principal.operator_user_id}",
+        settings.password_free_failures,
+        1.0,
+        settings.password_backoff_max_s,
+    )
+    await take(runtime.redis, [backoff])
+    async with runtime.pool.acquire() as conn:
+        user = await repo.operator_user_by_id(conn, principal.operator_user_id)
+    if user is None:
+        raise SignInFailed("invalid_credentials", "the user is disabled")
+    if not await asyncio.to_thread(verify_password, current, user.password_hash):
+        raise AppError(403, "wrong_password", "the current password is not right")
+    new_hash = await asyncio.to_thread(hash_password, new)
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        await repo.set_password(conn, user.id, new_hash)
+        await repo.revoke_subject_except(conn, f"operator_user:{user.id}", principal.session)
+    await forgive(runtime.redis, [backoff])
 
 
 async def refresh(runtime: Runtime, signer: TokenSigner, token: str) -> TokenPair:
