@@ -8,6 +8,7 @@ their own transaction and raise only after it.
 import asyncio
 import hmac
 import uuid
+import weakref
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -151,6 +152,22 @@ def _password_backoffs(runtime: Runtime, email: str, client: str) -> list[Backof
     ]
 
 
+# scrypt costs tens of milliseconds of CPU and 16 MiB a check: one at a time per process, so
+# that a flood of password guesses (each from a fresh address, all within their free tries)
+# takes at most one core from the lane and the rest of the API, never all of them.
+# One per event loop (a semaphore belongs to the loop it first waited on).
+_HASHING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _verify(password: str, stored: str) -> bool:
+    hashing = _HASHING.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(1))
+    async with hashing:
+        # Off the event loop, which the lanes share.
+        return await asyncio.to_thread(verify_password, password, stored)
+
+
 # Checked when the e-mail is unknown, so that both answers take as long (no e-mail probing).
 _NO_SUCH_USER = hash_password(new_secret())
 
@@ -165,10 +182,7 @@ async def sign_in_with_password(
     await take(runtime.redis, [per_email_client, per_email, per_client])
     async with runtime.pool.acquire() as conn:
         user = await repo.operator_user_by_email(conn, email)
-    # scrypt takes tens of milliseconds: off the event loop, which the lanes share.
-    right = await asyncio.to_thread(
-        verify_password, password, user.password_hash if user else _NO_SUCH_USER
-    )
+    right = await _verify(password, user.password_hash if user else _NO_SUCH_USER)
     if user is None or not right:
         raise SignInFailed("invalid_credentials", "wrong e-mail or password")
     async with runtime.pool.acquire() as conn, conn.transaction():
@@ -197,7 +211,7 @@ async def change_password(runtime: Runtime, principal: Principal, current: str, 
         user = await repo.operator_user_by_id(conn, principal.operator_user_id)
     if user is None:
         raise SignInFailed("invalid_credentials", "the user is disabled")
-    if not await asyncio.to_thread(verify_password, current, user.password_hash):
+    if not await _verify(current, user.password_hash):
         raise AppError(403, "wrong_password", "the current password is not right")
     new_hash = await asyncio.to_thread(hash_password, new)
     async with runtime.pool.acquire() as conn, conn.transaction():
