@@ -69,28 +69,50 @@ async def revenue(
     ]
 
 
+# One company's refunds of a period: read through refunds_car_park_created (migration 0022),
+# never a scan of every company's refunds.
+REFUNDS_SQL = """
+    SELECT r.id, r.created_at, cp.code AS car_park, r.amount_fen, r.kind, r.reason,
+           r.requested_by, r.status, r.out_refund_no
+    FROM refunds r JOIN car_parks cp ON cp.id = r.car_park_id
+    WHERE r.created_at >= ($1::date::timestamp AT TIME ZONE $3)
+      AND r.created_at < (($2::date + 1)::timestamp AT TIME ZONE $3)
+      AND ($4::bigint[] IS NULL OR r.car_park_id = ANY($4::bigint[]))
+    ORDER BY r.created_at"""
+
+
 async def refunds(
-    conn: asyncpg.Connection, *, start: date, end: date, timezone: str
+    conn: asyncpg.Connection,
+    *,
+    start: date,
+    end: date,
+    timezone: str,
+    car_park_ids: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
-    rows = await conn.fetch(
-        """SELECT r.id, r.created_at, cp.code AS car_park, r.amount_fen, r.kind, r.reason,
-                  r.requested_by, r.status, r.out_refund_no
-           FROM refunds r JOIN car_parks cp ON cp.id = r.car_park_id
-           WHERE r.created_at >= ($1::date::timestamp AT TIME ZONE $3)
-             AND r.created_at < (($2::date + 1)::timestamp AT TIME ZONE $3)
-           ORDER BY r.created_at""",
-        start,
-        end,
-        timezone,
-    )
+    """Refunds created in the local days [start, end]; of `car_park_ids` only, when given."""
+    ids = list(car_park_ids) if car_park_ids is not None else None
+    rows = await conn.fetch(REFUNDS_SQL, start, end, timezone, ids)
     return [{**dict(r), "created_at": r["created_at"].isoformat()} for r in rows]
+
+
+# A text cell a spreadsheet would run as a formula (or that hides one behind a tab or a line
+# break) is written with a leading apostrophe: operators open these files in Excel, and a
+# refund reason or a car park's name is typed by people. Numbers are left as they are.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    # CRLF (RFC 4180): then a CR inside a cell is quoted too, and cannot split a row.
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\r\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({key: _cell(value) for key, value in row.items()} for row in rows)
     return out.getvalue()

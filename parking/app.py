@@ -1,12 +1,16 @@
 """The FastAPI application. It is built around a started Runtime (see parking.runtime)."""
 
 import secrets
+from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from parking.auth.router import router as auth_router
 from parking.auth.sms import DevSms, SmsSender
 from parking.auth.tokens import TokenSigner
+from parking.bodylimit import BodyLimit
 from parking.booth.router import router as booth_router
 from parking.car_parks.router import router as car_parks_router
 from parking.confirmations.router import router as confirmations_router
@@ -19,6 +23,7 @@ from parking.health import router as health_router
 from parking.logging import get_logger
 from parking.operators.router import router as operators_router
 from parking.ownership.router import router as ownership_router
+from parking.payments.router import MAX_NOTIFICATION_BYTES
 from parking.payments.router import router as payments_router
 from parking.public.router import router as public_router
 from parking.receipts.router import router as receipts_router
@@ -26,6 +31,10 @@ from parking.receipts.signing import FrameSigner
 from parking.runtime import Runtime
 
 log = get_logger(__name__)
+
+# Routes whose bodies may be larger than PARKING_MAX_BODY_BYTES: a tariff table with a year of
+# holidays and many bands.
+TARIFF_MAX_BODY_BYTES = 256 * 1024
 
 
 def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
@@ -62,4 +71,38 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.include_router(receipts_router)
     app.include_router(disputes_router)
     app.include_router(driver_disputes_router)
+    if settings.trusted_proxies:
+        # uvicorn's own middleware, with our list: the right-most hop of X-Forwarded-For that
+        # is not a trusted proxy becomes request.client, which per-client limits count.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
+    # Outermost: an oversized body is refused before anything else runs.
+    app.add_middleware(
+        BodyLimit,
+        default=settings.max_body_bytes,
+        routes=[
+            (r"/api/v1/payments/notifications/[^/]+", MAX_NOTIFICATION_BYTES),
+            (
+                r"/api/v1/operator/car-parks/[^/]+/tariffs",
+                max(TARIFF_MAX_BODY_BYTES, settings.max_body_bytes),
+            ),
+        ],
+    )
     return app
+
+
+def server_config(app: FastAPI, host: str, port: int, **options: Any) -> uvicorn.Config:
+    """How `parking serve`, the demo and the tests serve the app. uvicorn's proxy headers are
+    off: by default it believes X-Forwarded-For from 127.0.0.1, so any local client could
+    claim to be anyone; the app honours the header from PARKING_TRUSTED_PROXIES only."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="off",
+        proxy_headers=False,
+        # Open dashboard event streams must not hold a shutdown for ever.
+        timeout_graceful_shutdown=5,
+        # Its lines quote raw query strings, which carry plates.
+        access_log=False,
+        **options,
+    )

@@ -15,7 +15,7 @@ import uvicorn
 import uvloop
 
 from parking import billing_cli
-from parking.app import create_app
+from parking.app import create_app, server_config
 from parking.db import create_pool
 from parking.gates import provision as gates_provision
 from parking.infra import endpoints
@@ -63,16 +63,8 @@ async def _serve(settings: Settings, *, lanes: bool, outbox_worker: bool) -> Non
         running(settings, eps, provider, lanes=lanes, outbox_worker=outbox_worker) as runtime,
     ):
         server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(runtime),
-                host=settings.api_host,
-                port=settings.api_port,
-                log_level="info",
-                lifespan="off",
-                # Open dashboard event streams must not hold a shutdown for ever.
-                timeout_graceful_shutdown=5,
-                # Its lines quote raw query strings, which carry plates.
-                access_log=False,
+            server_config(
+                create_app(runtime), settings.api_host, settings.api_port, log_level="info"
             )
         )
         await server.serve()

@@ -1,5 +1,10 @@
-"""Fixed-window rate limits in Redis. Losing Redis resets the windows, which only makes the
-limits briefly lenient: nothing that matters depends on them being exact."""
+"""Rate limits in Redis: fixed windows (`hit`), and backoffs (`take`) that slow a caller who
+keeps trying without ever shutting anyone out for long. Losing Redis resets them, which only
+makes the limits briefly lenient: nothing that matters depends on them being exact."""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from fastapi import Request
 from redis.asyncio import Redis
@@ -35,6 +40,80 @@ async def hit(redis: Redis, key: str, limit: int, window_s: int) -> None:
     count, ttl = await redis.register_script(_HIT)(keys=[key], args=[window_s])
     if int(count) > limit:
         raise RateLimited(max(1, int(ttl)))
+
+
+# Every scope's wait first: while one lasts, the try is refused and counted nowhere (refused
+# tries must not grow the wait, or an owner retrying would lengthen their own). Otherwise the
+# try is counted in each scope, and from its `free`-th try on a scope waits base * 2^(n - free)
+# ms, capped, before the next. Counts are forgotten `memory` ms after a scope's last try.
+# KEYS: per scope its count and its wait; ARGV: memory_ms, then per scope free, base_ms, max_ms.
+_TAKE = """
+local wait = 0
+for i = 2, #KEYS, 2 do
+  local left = redis.call('PTTL', KEYS[i])
+  if left > wait then wait = left end
+end
+if wait > 0 then return wait end
+for i = 1, #KEYS, 2 do
+  local at = 1 + 3 * (i - 1) / 2
+  local free = tonumber(ARGV[at + 1])
+  local count = redis.call('INCR', KEYS[i])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  if count >= free then
+    local delay = tonumber(ARGV[at + 2]) * 2 ^ math.min(count - free, 40)
+    delay = math.min(delay, tonumber(ARGV[at + 3]))
+    redis.call('SET', KEYS[i + 1], '1', 'PX', math.max(1, math.floor(delay)))
+  end
+end
+return 0
+"""
+
+# Takes one try back from a count (a success that should not weigh on a shared scope).
+_UNCOUNT = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then redis.call('DECR', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """One scope of a backoff (an e-mail, a client, a phone): `free` tries in a row, then each
+    try waits twice as long as the one before, from `base_s` up to `max_s`."""
+
+    key: str
+    free: int
+    base_s: float
+    max_s: float
+
+    @property
+    def count_key(self) -> str:
+        return f"{self.key}:count"
+
+    @property
+    def wait_key(self) -> str:
+        return f"{self.key}:wait"
+
+
+async def take(redis: Redis, scopes: Sequence[Backoff], memory_s: int = 3600) -> None:
+    """Counts one try in every scope, or raises RateLimited (counting nothing) while any of them
+    waits. Atomic: a burst of concurrent tries gets no more than the free ones through."""
+    keys = [key for scope in scopes for key in (scope.count_key, scope.wait_key)]
+    args: list[int] = [memory_s * 1000]
+    for scope in scopes:
+        args += [scope.free, int(scope.base_s * 1000), int(scope.max_s * 1000)]
+    wait_ms = int(await redis.register_script(_TAKE)(keys=keys, args=args))
+    if wait_ms > 0:
+        raise RateLimited(max(1, math.ceil(wait_ms / 1000)))
+
+
+async def forgive(redis: Redis, scopes: Sequence[Backoff]) -> None:
+    """Forgets the scopes' tries and waits (the owner proved who they are)."""
+    await redis.delete(*(key for scope in scopes for key in (scope.count_key, scope.wait_key)))
+
+
+async def uncount(redis: Redis, scope: Backoff) -> None:
+    """Takes back one counted try (a success, in a scope that counts only failures)."""
+    await redis.register_script(_UNCOUNT)(keys=[scope.count_key])
 
 
 def client_address(request: Request) -> str:

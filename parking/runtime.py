@@ -133,13 +133,20 @@ async def running(
     """Starts the system against `endpoints`: the lane service and the outbox worker, or
     either alone (`parking lanes`, `parking worker`), or neither (the API alone: `parking
     serve --no-lanes --no-worker`)."""
+    # The API's and the maintenance jobs' connections. The lane has its own (below): requests
+    # holding connections, however many, never make a gate wait for one (issue #17).
+    pool = await create_pool(endpoints.database_url, min_size=2, max_size=20, stateless=True)
     # A lane service opens a connection per decision queue before the first car: opening them
     # under load made the first seconds' p99 three times the steady state's.
-    pool = await create_pool(
-        endpoints.database_url,
-        min_size=settings.lane_concurrency + 2 if lanes else 2,
-        max_size=max(20, settings.lane_concurrency + 4),
-        stateless=True,
+    lane_pool = (
+        await create_pool(
+            endpoints.database_url,
+            min_size=settings.lane_concurrency + 2,
+            max_size=settings.lane_concurrency + 4,
+            stateless=True,
+        )
+        if lanes
+        else pool
     )
     # The outbox worker has its own connections so that charging never delays a gate.
     worker_pool = await create_pool(endpoints.database_url, min_size=1, max_size=4)
@@ -151,6 +158,8 @@ async def running(
         else pool
     )
     redis = Redis.from_url(endpoints.redis_url, decode_responses=True)
+    # Likewise the lane's own Redis connections (occupancy counters, the dashboard feed).
+    lane_redis = Redis.from_url(endpoints.redis_url, decode_responses=True) if lanes else redis
     mqtt = MqttClient(
         endpoints.mqtt_url, settings.mqtt_client_id, ack_timeout_s=settings.mqtt_ack_timeout_s
     )
@@ -165,7 +174,12 @@ async def running(
         occupancy = Occupancy(redis, pool, settings.redis_key_prefix)
         # Every role publishes to the gates: the API too (a manual open, a resolved exception).
         await mqtt.start()
-        lane_worker = LaneWorker(settings, pool, mqtt, occupancy)
+        lane_worker = LaneWorker(
+            settings,
+            lane_pool,
+            mqtt,
+            Occupancy(lane_redis, lane_pool, settings.redis_key_prefix) if lanes else occupancy,
+        )
         runtime: Runtime | None = None
 
         async def gate_commands(payment_id: int) -> None:
@@ -265,7 +279,11 @@ async def running(
             await mqtt.stop()
         await provider.aclose()
         await redis.aclose()
+        if lane_redis is not redis:
+            await lane_redis.aclose()
         await worker_pool.close()
+        if lane_pool is not pool:
+            await lane_pool.close()
         if read_pool is not pool:
             await read_pool.close()
         await pool.close()

@@ -1,13 +1,14 @@
 """All configuration in one place, read from `PARKING_*` environment variables."""
 
+import ipaddress
 import os
 import socket
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -40,6 +41,15 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Proxies in front of the API (addresses or CIDRs, comma-separated: the ingress's pod
+    # network). X-Forwarded-For is believed only from these, and the client that per-client
+    # limits count is its right-most hop that is not one of them. Empty: the TCP peer, and
+    # the header is ignored (a client can write anything there).
+    trusted_proxies: Annotated[list[str], NoDecode] = []
+    # The largest request body a route accepts unless it has a limit of its own (tariff
+    # tables more, provider notifications less: parking.app); larger ones are answered 413
+    # before they are read or anyone is authenticated.
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
 
     # Lane service.
     lane_concurrency: int = 16
@@ -114,13 +124,33 @@ class Settings(BaseSettings):
     refresh_token_ttl_days: int = 30
     login_code_ttl_s: int = 300
     login_code_max_attempts: int = 5
-    # Sign-in codes one phone (or one client address) may ask for per hour.
-    login_codes_per_hour: int = 5
+    # Sign-in codes texted to one phone: this many in a row, then each further request waits
+    # twice as long as the one before, from login_code_backoff_s up to login_code_backoff_max_s
+    # (a phone is never refused for longer than that); forgotten after an hour without one,
+    # or at the phone's next sign-in. One client address may ask for 30 an hour.
+    login_codes_free: int = Field(default=3, ge=1)
+    login_code_backoff_s: float = Field(default=60.0, gt=0)
+    login_code_backoff_max_s: float = Field(default=900.0, gt=0)
     login_codes_per_hour_per_client: int = 30
     # Public fee quotes one client may ask for per minute.
     quotes_per_minute_per_client: int = 60
-    # Staff password attempts per e-mail per hour (six times that per client address).
-    password_attempts_per_hour: int = 10
+    # Provider notifications that fail verification (forged, junk) one client may send per
+    # minute; each is dead-lettered (a 4 KiB excerpt), and beyond this refused unstored.
+    rejected_notifications_per_minute_per_client: int = Field(default=30, ge=1)
+    # Staff passwords: this many wrong ones for an e-mail from one client address, then each
+    # further try from there waits twice as long as the one before (1 s, 2 s, ... up to
+    # password_backoff_max_s); nothing is checked while it waits, and the right password
+    # forgives. From all addresses together an e-mail gets 4× the free tries and then waits at
+    # most password_email_backoff_max_s (so a botnet cannot keep its owner out for longer); one
+    # address gets 6× over all e-mails (spraying). Forgotten after an hour without a failure.
+    password_free_failures: int = Field(default=5, ge=1)
+    password_backoff_max_s: float = Field(default=900.0, gt=0)
+    password_email_backoff_max_s: float = Field(default=30.0, gt=0)
+    # Live dashboard streams one staff member may have open at once (over all API processes),
+    # and how often an open stream checks that its user still has the right (not disabled,
+    # moved or signed out); it also ends when its token expires.
+    dashboard_streams_per_user: int = Field(default=3, ge=1)
+    dashboard_recheck_s: float = Field(default=30.0, gt=0)
     # Signs the gates' offline whitelists (Ed25519 private key, PEM or base64 seed; `parking
     # gates keygen`). Unset: no whitelist is published and an offline gate holds every exit.
     gate_config_key: SecretStr | None = None
@@ -150,6 +180,22 @@ class Settings(BaseSettings):
     # per process and served from memory in between, so their counts are at most this old
     # (parking.public.cache). 0: built for every request.
     public_cache_seconds: float = Field(default=1.0, ge=0)
+    # Requests to the public lists and car parks (/api/v1/public/…, /api/v1/car-parks) one
+    # client may make per minute; callers with the city's key are not counted.
+    public_requests_per_minute_per_client: int = Field(default=120, ge=1)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxy_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: list[str]) -> list[str]:
+        # A typo must stop the start, not silently trust nobody (or everybody).
+        return [str(ipaddress.ip_network(item, strict=False)) for item in value]
 
 
 @lru_cache

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from billing import agreements
 from billing.tariff import Tariff
 from parking.admin import repository as admin
-from parking.app import create_app
+from parking.app import create_app, server_config
 from parking.auth import repository as auth_repo
 from parking.auth.tokens import Role, hash_password
 from parking.infra import Endpoints
@@ -304,13 +304,7 @@ async def api_server(
     """Serves the API (`app`, or a new one) on 127.0.0.1:`port`, where the provider's
     notifications are sent when `settings.public_base_url` points there."""
     server = uvicorn.Server(
-        uvicorn.Config(
-            app or create_app(runtime),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            lifespan="off",
-        )
+        server_config(app or create_app(runtime), "127.0.0.1", port, log_level="warning")
     )
     task = asyncio.create_task(server.serve())
     while not server.started:

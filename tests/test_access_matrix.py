@@ -139,6 +139,13 @@ ROWS = [
         lambda w: {"grant_type": "refresh_token", "refresh_token": "rt_" + "x" * 40},
     ),
     Row("POST", "/api/v1/auth/sign-out", Access.PUBLIC, lambda w: {"refresh_token": "x" * 40}),
+    # A wrong current password (403 wrong_password) for those allowed: nobody's changes.
+    Row(
+        "POST",
+        "/api/v1/auth/password",
+        Access.STAFF,
+        lambda w: {"current_password": "not-it", "new_password": "a long new passphrase"},
+    ),
     Row("GET", "/api/v1/car-parks", Access.PUBLIC),
     Row("GET", "/api/v1/car-parks/{code}", Access.PUBLIC),
     Row(

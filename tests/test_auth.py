@@ -10,6 +10,7 @@ import jwt
 import orjson
 from fastapi import FastAPI
 
+from parking.app import create_app
 from parking.auth import repository as auth_repo
 from parking.auth.tokens import AUDIENCE, ISSUER, TokenSigner, digest, new_secret
 from parking.runtime import Runtime
@@ -71,17 +72,46 @@ async def test_wrong_codes_are_counted_and_end_the_code(
     assert late.status_code == 401 and late.json()["error"]["code"] == "too_many_attempts"
 
 
-async def test_code_requests_are_rate_limited_per_phone(
-    api: httpx.AsyncClient, runtime: Runtime
+async def _waits_pass(runtime: Runtime) -> None:
+    """What the passing of time does to every backoff wait of this test (its own key prefix)."""
+    waits = await runtime.redis.keys(f"{runtime.settings.redis_key_prefix}*:wait")
+    if waits:
+        await runtime.redis.delete(*waits)
+
+
+async def test_code_requests_for_a_phone_wait_longer_and_longer_but_never_past_the_cap(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime
 ) -> None:
+    """Texting a phone over and over (an attacker's, or an impatient driver's) gets slower, but
+    the phone is never blocked for longer than PARKING_LOGIN_CODE_BACKOFF_MAX_S."""
+    settings = runtime.settings
     phone = _phone()
-    statuses = [
-        (await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})).status_code
-        for _ in range(runtime.settings.login_codes_per_hour + 1)
-    ]
-    assert statuses[:-1] == [202] * runtime.settings.login_codes_per_hour
-    refused = await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
-    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) > 0
+
+    async def ask() -> httpx.Response:
+        return await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
+
+    free = [(await ask()).status_code for _ in range(settings.login_codes_free)]
+    assert free == [202] * settings.login_codes_free
+    waits = []
+    for _ in range(8):
+        refused = await ask()
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "rate_limited"
+        waits.append(int(refused.headers["Retry-After"]))
+        await _waits_pass(runtime)
+        assert (await ask()).status_code == 202
+    base, cap = settings.login_code_backoff_s, settings.login_code_backoff_max_s
+    assert waits == [min(int(base * 2**n), int(cap)) for n in range(8)]
+    assert max(waits) == cap
+    # The driver signs in with the newest code; that forgives the phone's earlier requests.
+    await _waits_pass(runtime)
+    await ask()
+    answer = await api.post(
+        "/api/v1/auth/token",
+        json={"grant_type": "sign_in_code", "phone": phone, "code": app.state.sms.last_code(phone)},
+    )
+    assert answer.status_code == 200, answer.text
+    assert (await ask()).status_code == 202
     bad = await api.post("/api/v1/auth/sign-in-codes", json={"phone": "12345"})
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
 
@@ -172,25 +202,86 @@ async def test_api_keys_are_stored_hashed_and_can_be_revoked(runtime: Runtime) -
         assert await auth_repo.api_key(conn, digest(key)) is None
 
 
-async def test_staff_password_guessing_is_rate_limited(
-    api: httpx.AsyncClient, runtime: Runtime, lot: Lot
+def _behind_proxy(runtime: Runtime) -> httpx.AsyncClient:
+    """The API behind a trusted local proxy: X-Forwarded-For names each request's client."""
+    runtime.settings.trusted_proxies = ["127.0.0.1/32"]
+    transport = httpx.ASGITransport(app=create_app(runtime))
+    return httpx.AsyncClient(transport=transport, base_url="http://parking.test")
+
+
+async def test_password_guessing_slows_the_guesser_and_never_locks_the_owner_out(
+    runtime: Runtime, lot: Lot
 ) -> None:
     staff = await make_staff(runtime, lot.operator_id, "admin")
-    limit = runtime.settings.password_attempts_per_hour
-    answers = [
-        await api.post(
+    free = runtime.settings.password_free_failures
+
+    async with _behind_proxy(runtime) as api:
+
+        async def sign_in(client: str, password: str) -> httpx.Response:
+            return await api.post(
+                "/api/v1/auth/token",
+                json={"grant_type": "password", "email": staff.email, "password": password},
+                headers={"X-Forwarded-For": client},
+            )
+
+        guesses = [await sign_in("203.0.113.9", f"guess-{n}") for n in range(3 * free)]
+        statuses = [a.status_code for a in guesses]
+        # The free tries are checked; after them the guesser waits (nothing is checked meanwhile).
+        assert statuses[:free] == [401] * free and set(statuses[free:]) == {429}, statuses
+        assert all(1 <= int(a.headers["Retry-After"]) <= 1 for a in guesses[free:])
+        # Each wrong guess after a wait doubles the next wait.
+        waits = []
+        for n in range(4):
+            await _waits_pass(runtime)
+            assert (await sign_in("203.0.113.9", f"again-{n}")).status_code == 401
+            waits.append(int((await sign_in("203.0.113.9", "x")).headers["Retry-After"]))
+        assert waits == [2, 4, 8, 16]
+
+        # Meanwhile the owner, elsewhere, signs in at once with the right password ...
+        assert (await sign_in("192.0.2.20", staff.password)).status_code == 200
+        # ... and from the guesser's own address too, once its short wait has passed.
+        assert (await sign_in("203.0.113.9", staff.password)).status_code == 429
+        await _waits_pass(runtime)
+        assert (await sign_in("203.0.113.9", staff.password)).status_code == 200
+        # Which forgave that address's failures for this e-mail.
+        assert (await sign_in("203.0.113.9", "typo")).status_code == 401
+        assert (await sign_in("203.0.113.9", staff.password)).status_code == 200
+
+        nul = await api.post(
             "/api/v1/auth/token",
-            json={"grant_type": "password", "email": staff.email, "password": f"guess-{n}"},
+            json={"grant_type": "password", "email": "a\u0000@b.c", "password": "x"},
         )
-        for n in range(limit + 1)
-    ]
-    assert [a.status_code for a in answers[:limit]] == [401] * limit
-    assert answers[limit].status_code == 429
-    nul = await api.post(
-        "/api/v1/auth/token",
-        json={"grant_type": "password", "email": "a\u0000@b.c", "password": "x"},
-    )
-    assert nul.status_code == 422 and nul.json()["error"]["code"] == "invalid_request"
+        assert nul.status_code == 422 and nul.json()["error"]["code"] == "invalid_request"
+
+
+async def test_guessing_from_many_addresses_delays_an_e_mail_only_briefly(
+    runtime: Runtime, lot: Lot
+) -> None:
+    """A botnet guessing one e-mail from many addresses slows that e-mail's checks to one per
+    few seconds, at most PARKING_PASSWORD_EMAIL_BACKOFF_MAX_S: the owner gets in after that."""
+    staff = await make_staff(runtime, lot.operator_id, "admin")
+    settings = runtime.settings
+    async with _behind_proxy(runtime) as api:
+
+        async def sign_in(client: str, password: str) -> httpx.Response:
+            return await api.post(
+                "/api/v1/auth/token",
+                json={"grant_type": "password", "email": staff.email, "password": password},
+                headers={"X-Forwarded-For": client},
+            )
+
+        waits = []
+        for n in range(4 * settings.password_free_failures + 12):
+            answer = await sign_in(f"198.51.100.{n}", "wrong")
+            if answer.status_code == 429:
+                waits.append(int(answer.headers["Retry-After"]))
+                await _waits_pass(runtime)
+        assert waits and max(waits) == settings.password_email_backoff_max_s
+        owner = await sign_in("192.0.2.20", staff.password)
+        assert owner.status_code == 429
+        assert int(owner.headers["Retry-After"]) <= settings.password_email_backoff_max_s
+        await _waits_pass(runtime)
+        assert (await sign_in("192.0.2.20", staff.password)).status_code == 200
 
 
 async def test_a_demoted_or_disabled_user_loses_rights_with_the_same_token(
@@ -213,3 +304,56 @@ async def test_a_demoted_or_disabled_user_loses_rights_with_the_same_token(
             "UPDATE operator_users SET disabled_at = now() WHERE id = $1", staff.user_id
         )
     assert (await api.get(path, headers=headers)).status_code == 401
+
+
+async def test_staff_change_their_password_and_that_ends_their_other_sign_ins(
+    api: httpx.AsyncClient, runtime: Runtime, lot: Lot
+) -> None:
+    staff = await make_staff(runtime, lot.operator_id, "attendant")
+
+    async def sign_in(password: str) -> httpx.Response:
+        return await api.post(
+            "/api/v1/auth/token",
+            json={"grant_type": "password", "email": staff.email, "password": password},
+        )
+
+    here, elsewhere = (await sign_in(staff.password)).json(), (await sign_in(staff.password)).json()
+    change = "/api/v1/auth/password"
+    mine = f"/api/v1/operator/car-parks/{lot.code}"
+    new_password = "correct horse battery staple"
+
+    wrong = await api.post(
+        change,
+        json={"current_password": "not-it", "new_password": new_password},
+        headers=bearer(here["access_token"]),
+    )
+    assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "wrong_password"
+    short = await api.post(
+        change,
+        json={"current_password": staff.password, "new_password": "short"},
+        headers=bearer(here["access_token"]),
+    )
+    assert short.status_code == 422
+    changed = await api.post(
+        change,
+        json={"current_password": staff.password, "new_password": new_password},
+        headers=bearer(here["access_token"]),
+    )
+    assert changed.status_code == 204, changed.text
+
+    # The other sign-in ends at once: its access token and its refresh token.
+    assert (await api.get(mine, headers=bearer(elsewhere["access_token"]))).status_code == 401
+    refreshed = await api.post(
+        "/api/v1/auth/token",
+        json={"grant_type": "refresh_token", "refresh_token": elsewhere["refresh_token"]},
+    )
+    assert refreshed.status_code == 401
+    # This one goes on.
+    assert (await api.get(mine, headers=bearer(here["access_token"]))).status_code == 200
+    rotated = await api.post(
+        "/api/v1/auth/token",
+        json={"grant_type": "refresh_token", "refresh_token": here["refresh_token"]},
+    )
+    assert rotated.status_code == 200
+    assert (await sign_in(staff.password)).status_code == 401
+    assert (await sign_in(new_password)).status_code == 200

@@ -2,6 +2,7 @@
 and its figures add up. It asserts no timings: speed is for the benchmark to report."""
 
 from parking.settings import Settings
+from parking_dev.abuse import run_abuse_bench
 from parking_dev.bench import run_bench, sandbox_process
 from tests.conftest import MQTT_URL, REDIS_URL
 
@@ -23,3 +24,27 @@ async def test_bench_decides_every_exit_and_reports_figures(
     assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"] <= result["max_ms"]
     assert 0 < result["p99_first_200_ms"] <= result["max_ms"]
     assert set(result["gate_round_trip"]) == {"p50_ms", "p95_ms", "p99_ms", "max_ms"}
+
+
+async def test_abuse_bench_runs_the_lane_alone_and_under_abuse_and_reports_both(
+    settings: Settings, database_url: str
+) -> None:
+    settings.database_url = database_url
+    settings.redis_url = REDIS_URL
+    settings.mqtt_url = MQTT_URL
+    with sandbox_process() as provider:
+        result = await run_abuse_bench(
+            settings, provider, rate=20, duration_s=2, car_parks=2, clients=20, concurrency=2
+        )
+
+    for phase in ("alone", "abused"):
+        figures = result[phase]
+        assert figures["errors"] == 0, result
+        assert figures["decisions"] == figures["exits"] > 0, result
+        assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+    abuse = result["abuse"]
+    assert abuse["requests"] > 0 and abuse["server_errors"] == 0, abuse["answered"]
+    statuses = {status for counts in abuse["answered"].values() for status in counts}
+    assert statuses <= {"200", "202", "304", "401", "404", "413", "422", "429", "closed"}, abuse
+    assert "413" in abuse["answered"].get("oversized", {"413": 0}), abuse
+    assert isinstance(result["p99_change_pct"], float) and isinstance(result["target_met"], bool)

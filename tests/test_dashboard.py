@@ -2,6 +2,7 @@
 feed (server-sent events from Redis pub/sub) of their occupancy and lane decisions."""
 
 import asyncio
+import contextlib
 import re
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -13,7 +14,10 @@ import httpx
 import orjson
 from fastapi import FastAPI
 
+from parking.app import create_app
+from parking.auth.tokens import TokenSigner
 from parking.dashboard import service
+from parking.dashboard.feed import Feed, feed_channels
 from parking.lanes.worker import lane_events_channel
 from parking.logging import mask_plate
 from parking.runtime import Runtime
@@ -218,7 +222,8 @@ async def _no_subscribers(runtime: Runtime) -> bool:
 
 
 async def test_idle_feed_sends_keep_alive_comments(runtime: Runtime, lot: Lot) -> None:
-    stream = service.live_events(runtime, lot.operator_id, keepalive_s=0.05)
+    feed = Feed(runtime.redis, feed_channels(runtime))
+    stream = service.live_events(runtime, feed, lot.operator_id, keepalive_s=0.05)
     try:
         snapshot = await asyncio.wait_for(anext(stream), 5)
         assert snapshot.startswith("event: snapshot\n")
@@ -226,6 +231,102 @@ async def test_idle_feed_sends_keep_alive_comments(runtime: Runtime, lot: Lot) -
     finally:
         await stream.aclose()
     assert await _subscribers(runtime) == [0, 0]
+
+
+async def _open(
+    stack: contextlib.AsyncExitStack, http: httpx.AsyncClient, token: str
+) -> tuple[httpx.Response, AsyncIterator[tuple[str, dict[str, Any]]]]:
+    response = await stack.enter_async_context(http.stream("GET", EVENTS, headers=bearer(token)))
+    events = _events(response)
+    if response.status_code == 200:
+        name, _ = await asyncio.wait_for(anext(events), 10)
+        assert name == "snapshot"
+    return response, events
+
+
+async def test_streams_share_one_subscription_and_each_staff_member_has_a_few(
+    runtime: Runtime, lot: Lot
+) -> None:
+    limit = runtime.settings.dashboard_streams_per_user
+    alice = await make_staff(runtime, lot.operator_id)
+    bob = await make_staff(runtime, lot.operator_id)
+    async with (
+        api_server(runtime, sandbox.free_port()) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        alice_token, bob_token = await _sign_in(http, alice), await _sign_in(http, bob)
+        async with contextlib.AsyncExitStack() as stack:
+            # Held on to: a stream's reader, dropped, would close its response.
+            streams = [await _open(stack, http, alice_token) for _ in range(limit)]
+            assert [response.status_code for response, _ in streams] == [200] * limit
+            # Every stream of the process is fed by one Redis subscription.
+            assert await _subscribers(runtime) == [1, 1]
+            refused, _ = await _open(stack, http, alice_token)
+            assert refused.status_code == 429
+            await refused.aread()
+            assert refused.json()["error"]["code"] == "too_many_streams"
+            assert int(refused.headers["Retry-After"]) > 0
+            other = await _open(stack, http, bob_token)
+            assert other[0].status_code == 200
+        await eventually(lambda: _no_subscribers(runtime))
+        # Closed streams gave their places back.
+        async with contextlib.AsyncExitStack() as stack:
+            again = await _open(stack, http, alice_token)
+            assert again[0].status_code == 200
+
+
+async def _ends(events: AsyncIterator[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Reads until the server ends the stream; its last event says why."""
+    async for name, data in events:
+        if name == "end":
+            rest = [event async for event in events]
+            assert rest == []
+            return data
+    raise AssertionError("the stream ended without an end event")
+
+
+async def test_a_stream_ends_when_its_user_is_disabled_signs_out_or_the_token_expires(
+    runtime: Runtime, lot: Lot
+) -> None:
+    runtime.settings.dashboard_recheck_s = 0.1
+    staff = await make_staff(runtime, lot.operator_id)
+    app = create_app(runtime)
+    async with (
+        api_server(runtime, sandbox.free_port(), app=app) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        async with contextlib.AsyncExitStack() as stack:
+            _, events = await _open(stack, http, await _sign_in(http, staff))
+            async with runtime.pool.acquire() as conn:
+                await conn.execute(
+                    "UPDATE operator_users SET disabled_at = now() WHERE id = $1", staff.user_id
+                )
+            assert await asyncio.wait_for(_ends(events), 10) == {"reason": "access_revoked"}
+            async with runtime.pool.acquire() as conn:
+                await conn.execute(
+                    "UPDATE operator_users SET disabled_at = NULL WHERE id = $1", staff.user_id
+                )
+
+        async with contextlib.AsyncExitStack() as stack:
+            signed_in = await http.post(
+                "/api/v1/auth/token",
+                json={"grant_type": "password", "email": staff.email, "password": staff.password},
+            )
+            pair = signed_in.json()
+            _, events = await _open(stack, http, pair["access_token"])
+            out = await http.post(
+                "/api/v1/auth/sign-out", json={"refresh_token": pair["refresh_token"]}
+            )
+            assert out.status_code == 204
+            assert await asyncio.wait_for(_ends(events), 10) == {"reason": "access_revoked"}
+            # The signed-out access token is refused everywhere, not only by the stream.
+            summary = await http.get(SUMMARY, headers=bearer(pair["access_token"]))
+            assert summary.status_code == 401
+
+        async with contextlib.AsyncExitStack() as stack:
+            app.state.signer = TokenSigner(app.state.signer._key, access_ttl_s=1)
+            _, events = await _open(stack, http, await _sign_in(http, staff))
+            assert await asyncio.wait_for(_ends(events), 10) == {"reason": "token_expired"}
 
 
 async def test_dashboard_page_is_self_contained(api: httpx.AsyncClient) -> None:

@@ -286,3 +286,50 @@ async def test_city_key_is_accepted_and_a_bad_credential_refused(
     assert with_key.status_code == anonymous.status_code == 200
     assert with_key.json() == anonymous.json()
     assert forged.status_code == 401
+
+
+async def test_the_v1_car_park_list_is_built_once_per_interval_like_the_other_lists(
+    api: httpx.AsyncClient, app: FastAPI, gate: GateProbe, lot: Lot
+) -> None:
+    clock = _Clock()
+    cache = AnswerCache(2.0, clock=clock)
+    app.dependency_overrides[get_answer_cache] = lambda: cache
+    first = await api.get("/api/v1/car-parks")
+    assert first.status_code == 200 and first.headers["etag"]
+    assert [c["occupied"] for c in first.json() if c["code"] == lot.code] == [0]
+
+    await _enter(gate, lot)
+    clock.now = 1.9
+    again = await api.get("/api/v1/car-parks")
+    assert (again.content, again.headers["etag"]) == (first.content, first.headers["etag"])
+    unchanged = await api.get("/api/v1/car-parks", headers={"If-None-Match": first.headers["etag"]})
+    assert unchanged.status_code == 304
+
+    clock.now = 2.0
+    fresh = await api.get("/api/v1/car-parks")
+    assert [c["occupied"] for c in fresh.json() if c["code"] == lot.code] == [1]
+    one = await api.get(f"/api/v1/car-parks/{lot.code}")
+    assert one.status_code == 200 and one.json()["occupied"] == 1
+
+
+async def test_every_public_list_is_limited_per_client_but_not_for_the_city_key(
+    api: httpx.AsyncClient, runtime: Runtime, lot: Lot
+) -> None:
+    runtime.settings.public_requests_per_minute_per_client = 5
+    paths = [
+        "/api/v1/car-parks",
+        f"/api/v1/car-parks/{lot.code}",
+        "/api/v1/public/car-parks",
+        "/api/v1/public/places",
+        f"/api/v1/public/car-parks/{lot.code}",
+    ]
+    assert [(await api.get(path)).status_code for path in paths] == [200] * 5
+    for path in [*paths, "/api/v1/public/car-parks/nearby?lat=30&lon=120"]:
+        refused = await api.get(path)
+        assert refused.status_code == 429, path
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    key = "ck_" + new_secret()
+    async with runtime.pool.acquire() as conn:
+        await auth_repo.create_api_key(conn, "city", digest(key), "guidance signs")
+    assert [(await api.get(p, headers=bearer(key))).status_code for p in paths] == [200] * 5

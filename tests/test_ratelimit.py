@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from parking.ratelimit import RateLimited, hit
+from parking.ratelimit import Backoff, RateLimited, forgive, hit, take
 from tests.conftest import REDIS_URL
 
 
@@ -83,3 +83,43 @@ async def test_a_counter_left_without_expiry_gets_one(any_redis: Redis) -> None:
         await hit(any_redis, key, limit=3, window_s=60)
     assert 0 < await any_redis.ttl(key) <= 60
     await any_redis.delete(key)
+
+
+async def _waits(redis: Redis, key: str) -> None:
+    """What the passing of every wait does."""
+    for wait in await redis.keys(f"{key}*:wait"):
+        await redis.delete(wait)
+
+
+async def test_backoff_lets_the_free_tries_through_then_doubles_each_wait_up_to_the_cap(
+    any_redis: Redis,
+) -> None:
+    key = f"parking-test:backoff:{uuid.uuid4().hex}"
+    scope = Backoff(key, free=2, base_s=1, max_s=8)
+    await take(any_redis, [scope])  # 1st: no wait
+    await take(any_redis, [scope])  # 2nd: the next one waits 1 s
+    waits = []
+    for _ in range(6):
+        with pytest.raises(RateLimited) as refused:
+            await take(any_redis, [scope])
+        waits.append(int(refused.value.headers["Retry-After"]))
+        # A refused try is not counted: the wait does not grow while it lasts.
+        with pytest.raises(RateLimited):
+            await take(any_redis, [scope])
+        await _waits(any_redis, key)
+        await take(any_redis, [scope])
+    assert waits == [1, 2, 4, 8, 8, 8]
+
+
+async def test_backoff_refuses_while_any_scope_waits_and_forgiving_ends_a_scope(
+    any_redis: Redis,
+) -> None:
+    key = f"parking-test:backoff:{uuid.uuid4().hex}"
+    slow = Backoff(f"{key}:slow", free=1, base_s=60, max_s=60)
+    other = Backoff(f"{key}:other", free=100, base_s=60, max_s=60)
+    await take(any_redis, [slow, other])
+    with pytest.raises(RateLimited):
+        await take(any_redis, [other, slow])
+    await take(any_redis, [other])  # the other scope alone does not wait
+    await forgive(any_redis, [slow])
+    await take(any_redis, [slow, other])

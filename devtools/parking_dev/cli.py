@@ -41,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="captures carry plate photos from this labels.csv folder instead of camera reads",
     )
     p_bench.add_argument("--json", action="store_true", help="print only the JSON line")
+    abuse = p_bench.add_argument_group(
+        "abuse",
+        "exits at --rate (default 100) for --duration alone, then again while many fake "
+        "clients hammer the public and sign-in routes; the lane's p99 both ways",
+    )
+    abuse.add_argument("--abuse", action="store_true")
+    abuse.add_argument("--abuse-clients", type=int, default=500, help="fake client addresses")
+    abuse.add_argument(
+        "--abuse-connections", type=int, default=16, help="concurrent abusive connections"
+    )
     city_day = p_bench.add_argument_group(
         "city day",
         "a day of the whole city in a database of its own (see parking_dev/citybench.py), the "
@@ -116,6 +126,23 @@ def main(argv: list[str] | None = None) -> int:
         config = CityDayConfig(**{k: v for k, v in given.items() if v is not None})
         with sandbox_process() as provider:
             result = run(run_city_day(settings, provider, config))
+        print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
+    elif args.command == "bench" and args.abuse:
+        from parking_dev.abuse import run_abuse_bench
+        from parking_dev.bench import sandbox_process
+
+        with sandbox_process() as provider:
+            result = run(
+                run_abuse_bench(
+                    settings,
+                    provider,
+                    rate=args.rate or 100.0,
+                    duration_s=args.duration,
+                    car_parks=args.car_parks or 40,
+                    clients=args.abuse_clients,
+                    concurrency=args.abuse_connections,
+                )
+            )
         print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
     elif args.command == "bench":
         from parking_dev.bench import run_bench, sandbox_process

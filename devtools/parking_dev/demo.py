@@ -22,7 +22,7 @@ from gate_controller.mqtt import MqttClient
 from gate_controller.protocol import CameraRead, Capture, GateAddress, Topics, encode
 from gate_controller.simulator import GateSimulator, SimGate, Vehicle, random_plate
 from parking.admin import repository as admin
-from parking.app import create_app
+from parking.app import create_app, server_config
 from parking.auth import repository as auth_repo
 from parking.auth.tokens import hash_password
 from parking.infra import endpoints
@@ -389,16 +389,8 @@ async def run_demo(
         server_task = None
         if serve_api:
             server = uvicorn.Server(
-                uvicorn.Config(
-                    create_app(runtime),
-                    host=settings.api_host,
-                    port=settings.api_port,
-                    log_level="warning",
-                    lifespan="off",
-                    # Open dashboard event streams must not hold a shutdown for ever.
-                    timeout_graceful_shutdown=5,
-                    # Its lines quote raw query strings, which carry plates.
-                    access_log=False,
+                server_config(
+                    create_app(runtime), settings.api_host, settings.api_port, log_level="warning"
                 )
             )
             server_task = asyncio.create_task(server.serve())

@@ -8,10 +8,12 @@ to a valid credential of another kind. Objects of another driver or another oper
 park are answered 404, never 403: their existence is not disclosed.
 """
 
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import asyncpg
 from fastapi import Depends, Request
 
 from parking.auth import repository as repo
@@ -31,6 +33,9 @@ class Principal:
     operator_user_id: int | None = None
     role: str | None = None
     gate_id: int | None = None
+    # Staff tokens: the sign-in they belong to and when they expire (long-lived streams).
+    session: uuid.UUID | None = None
+    expires_at: int | None = None
 
     @property
     def actor(self) -> str:
@@ -85,10 +90,14 @@ async def _principal(request: Request) -> Principal | None:
                 raise Unauthenticated("the account no longer exists")
         return Principal("driver", account_id=int(raw_id))
     if kind == "operator_user":
+        try:
+            session = uuid.UUID(claims.session) if claims.session else None
+        except ValueError as exc:
+            raise Unauthenticated("invalid token session") from exc
         async with pool.acquire() as conn:
-            user = await repo.operator_user_by_id(conn, int(raw_id))
+            user = await repo.operator_user_by_id(conn, int(raw_id), session)
         if user is None:
-            raise Unauthenticated("the user is disabled")
+            raise Unauthenticated("the user is disabled or signed out")
         # Role and company as they are now, not as the token was issued: a demoted or moved
         # user loses the rights at once.
         return Principal(
@@ -96,8 +105,20 @@ async def _principal(request: Request) -> Principal | None:
             operator_id=user.operator_id,
             operator_user_id=user.id,
             role=user.role,
+            session=session,
+            expires_at=claims.expires_at,
         )
     raise Unauthenticated("invalid token subject")
+
+
+async def still_staff(pool: asyncpg.Pool, principal: Principal) -> bool:
+    """Whether a staff caller resolved a while ago still has the same rights: enabled, in the
+    same company, and (for a signed-in token) not signed out. Long-lived streams ask this."""
+    if principal.operator_user_id is None:
+        return False
+    async with pool.acquire() as conn:
+        user = await repo.operator_user_by_id(conn, principal.operator_user_id, principal.session)
+    return user is not None and user.operator_id == principal.operator_id
 
 
 def _require(

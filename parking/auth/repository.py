@@ -155,6 +155,24 @@ async def revoke_subject(conn: asyncpg.Connection, subject: str) -> None:
     )
 
 
+async def revoke_subject_except(
+    conn: asyncpg.Connection, subject: str, keep_family: uuid.UUID | None
+) -> None:
+    """Ends every sign-in of `subject` but `keep_family` (the one asking)."""
+    await conn.execute(
+        """UPDATE refresh_tokens SET revoked_at = now()
+           WHERE subject = $1 AND revoked_at IS NULL AND family IS DISTINCT FROM $2""",
+        subject,
+        keep_family,
+    )
+
+
+async def set_password(conn: asyncpg.Connection, user_id: int, password_hash: str) -> None:
+    await conn.execute(
+        "UPDATE operator_users SET password_hash = $2 WHERE id = $1", user_id, password_hash
+    )
+
+
 async def operator_user_by_email(conn: asyncpg.Connection, email: str) -> OperatorUser | None:
     row = await conn.fetchrow(
         """SELECT id, operator_id, role, password_hash FROM operator_users
@@ -184,10 +202,17 @@ async def create_operator_user(
     return user_id
 
 
-async def operator_user_by_id(conn: asyncpg.Connection, user_id: int) -> OperatorUser | None:
+async def operator_user_by_id(
+    conn: asyncpg.Connection, user_id: int, session: uuid.UUID | None = None
+) -> OperatorUser | None:
+    """An enabled staff member; with `session`, only while that sign-in is not revoked
+    (signed out, reused refresh token, password changed)."""
     row = await conn.fetchrow(
         """SELECT id, operator_id, role, password_hash FROM operator_users
-           WHERE id = $1 AND disabled_at IS NULL""",
+           WHERE id = $1 AND disabled_at IS NULL
+             AND ($2::uuid IS NULL OR EXISTS (
+                 SELECT 1 FROM refresh_tokens WHERE family = $2 AND revoked_at IS NULL))""",
         user_id,
+        session,
     )
     return OperatorUser(**dict(row)) if row else None

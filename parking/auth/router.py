@@ -5,12 +5,13 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Request, Response
 
 from parking.auth import service
-from parking.auth.principal import signer
+from parking.auth.principal import OperatorDep, signer
 from parking.auth.schemas import (
     CodeGrant,
     CodeRequest,
     CodeSent,
     Logout,
+    PasswordChange,
     PasswordGrant,
     RefreshGrant,
     TokenPair,
@@ -53,3 +54,10 @@ async def token(
 async def sign_out(body: Logout, runtime: RuntimeDep) -> None:
     """Revokes the refresh token and every token rotated from the same sign-in."""
     await service.sign_out(runtime, body.refresh_token)
+
+
+@router.post("/password", status_code=204)
+async def change_password(body: PasswordChange, staff: OperatorDep, runtime: RuntimeDep) -> None:
+    """Staff change their own password (the current one, and a new one of 12 or more
+    characters); every other sign-in of theirs ends. 403 `wrong_password`."""
+    await service.change_password(runtime, staff, body.current_password, body.new_password)

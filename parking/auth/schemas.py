@@ -40,3 +40,9 @@ class TokenPair(BaseModel):
 
 class Logout(BaseModel):
     refresh_token: str = Field(min_length=20, max_length=200)
+
+
+class PasswordChange(BaseModel):
+    current_password: str = Field(min_length=1, max_length=200)
+    # Long rather than clever: a passphrase of four words passes, "Passw0rd!" does not.
+    new_password: str = Field(min_length=12, max_length=200)

@@ -8,11 +8,13 @@ their own transaction and raise only after it.
 import asyncio
 import hmac
 import uuid
+import weakref
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
 from parking.auth import repository as repo
+from parking.auth.principal import Principal
 from parking.auth.schemas import CodeSent, TokenPair
 from parking.auth.sms import SmsSender
 from parking.auth.tokens import (
@@ -25,7 +27,7 @@ from parking.auth.tokens import (
     verify_password,
 )
 from parking.errors import AppError
-from parking.ratelimit import hit
+from parking.ratelimit import Backoff, forgive, hit, take, uncount
 from parking.runtime import Runtime
 
 
@@ -52,17 +54,31 @@ async def _issue(
     family: uuid.UUID | None = None,
 ) -> TokenPair:
     refresh = new_secret("rt_")
+    family = family or uuid.uuid4()
     await repo.insert_refresh(
         conn,
         digest(refresh),
         subject,
-        family or uuid.uuid4(),
+        family,
         datetime.now(UTC) + timedelta(days=runtime.settings.refresh_token_ttl_days),
     )
     return TokenPair(
-        access_token=signer.issue(subject, role, operator_id),
+        # The access token names its sign-in: staff tokens die with it (principal.py).
+        access_token=signer.issue(subject, role, operator_id, session=str(family)),
         expires_in=signer.access_ttl_s,
         refresh_token=refresh,
+    )
+
+
+def _phone_backoff(runtime: Runtime, phone: str) -> Backoff:
+    """Codes texted to one phone slow down but never stop for long: a driver whose phone an
+    attacker keeps texting still gets a code within PARKING_LOGIN_CODE_BACKOFF_MAX_S."""
+    settings = runtime.settings
+    return Backoff(
+        f"{settings.redis_key_prefix}backoff:sign-in-code:phone:{digest(phone)}",
+        free=settings.login_codes_free,
+        base_s=settings.login_code_backoff_s,
+        max_s=settings.login_code_backoff_max_s,
     )
 
 
@@ -70,7 +86,7 @@ async def request_code(runtime: Runtime, sms: SmsSender, phone: str, client: str
     settings = runtime.settings
     phone = normalise_phone(phone)
     prefix = f"{settings.redis_key_prefix}ratelimit:sign-in-code"
-    await hit(runtime.redis, f"{prefix}:phone:{digest(phone)}", settings.login_codes_per_hour, 3600)
+    await take(runtime.redis, [_phone_backoff(runtime, phone)])
     await hit(
         runtime.redis,
         f"{prefix}:client:{client}",
@@ -114,7 +130,42 @@ async def sign_in_with_code(
     if failure is not None:
         raise failure
     assert pair is not None
+    # Signed in: the phone's code requests so far were the driver's own.
+    await forgive(runtime.redis, [_phone_backoff(runtime, phone)])
     return pair
+
+
+def _password_backoffs(runtime: Runtime, email: str, client: str) -> list[Backoff]:
+    """Per e-mail from one address (a guesser waits longer and longer), per e-mail from all
+    addresses (a botnet: capped low, so the owner gets in after a short wait), per address
+    over all e-mails (spraying one password over many)."""
+    settings = runtime.settings
+    prefix = f"{settings.redis_key_prefix}backoff:password"
+    free = settings.password_free_failures
+    longest = settings.password_backoff_max_s
+    return [
+        Backoff(f"{prefix}:email-client:{digest(email)}:{client}", free, 1.0, longest),
+        Backoff(
+            f"{prefix}:email:{digest(email)}", 4 * free, 1.0, settings.password_email_backoff_max_s
+        ),
+        Backoff(f"{prefix}:client:{client}", 6 * free, 1.0, longest),
+    ]
+
+
+# scrypt costs tens of milliseconds of CPU and 16 MiB a check: one at a time per process, so
+# that a flood of password guesses (each from a fresh address, all within their free tries)
+# takes at most one core from the lane and the rest of the API, never all of them.
+# One per event loop (a semaphore belongs to the loop it first waited on).
+_HASHING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _verify(password: str, stored: str) -> bool:
+    hashing = _HASHING.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(1))
+    async with hashing:
+        # Off the event loop, which the lanes share.
+        return await asyncio.to_thread(verify_password, password, stored)
 
 
 # Checked when the e-mail is unknown, so that both answers take as long (no e-mail probing).
@@ -124,27 +175,49 @@ _NO_SUCH_USER = hash_password(new_secret())
 async def sign_in_with_password(
     runtime: Runtime, signer: TokenSigner, email: str, password: str, client: str
 ) -> TokenPair:
-    settings = runtime.settings
     email = email.lower()
-    prefix = f"{settings.redis_key_prefix}ratelimit:password"
-    await hit(
-        runtime.redis, f"{prefix}:email:{digest(email)}", settings.password_attempts_per_hour, 3600
-    )
-    await hit(
-        runtime.redis, f"{prefix}:client:{client}", settings.password_attempts_per_hour * 6, 3600
-    )
+    # Every try is counted before the password is checked (atomically: a burst of concurrent
+    # guesses gets only the free tries checked); a right password takes its count back.
+    per_email_client, per_email, per_client = _password_backoffs(runtime, email, client)
+    await take(runtime.redis, [per_email_client, per_email, per_client])
     async with runtime.pool.acquire() as conn:
         user = await repo.operator_user_by_email(conn, email)
-    # scrypt takes tens of milliseconds: off the event loop, which the lanes share.
-    right = await asyncio.to_thread(
-        verify_password, password, user.password_hash if user else _NO_SUCH_USER
-    )
+    right = await _verify(password, user.password_hash if user else _NO_SUCH_USER)
     if user is None or not right:
         raise SignInFailed("invalid_credentials", "wrong e-mail or password")
     async with runtime.pool.acquire() as conn, conn.transaction():
-        return await _issue(
+        pair = await _issue(
             conn, runtime, signer, f"operator_user:{user.id}", user.role, user.operator_id
         )
+    await forgive(runtime.redis, [per_email_client, per_email])
+    await uncount(runtime.redis, per_client)
+    return pair
+
+
+async def change_password(runtime: Runtime, principal: Principal, current: str, new: str) -> None:
+    """A staff member's new password, given the current one. Every other sign-in of theirs
+    ends (its refresh tokens revoked, its access tokens refused at once: they name their
+    sign-in); the one asking goes on. Wrong current passwords back off like sign-ins."""
+    assert principal.operator_user_id is not None
+    settings = runtime.settings
+    backoff = Backoff(
+        f"{settings.redis_key_prefix}backoff:password-change:{principal.operator_user_id}",
+        settings.password_free_failures,
+        1.0,
+        settings.password_backoff_max_s,
+    )
+    await take(runtime.redis, [backoff])
+    async with runtime.pool.acquire() as conn:
+        user = await repo.operator_user_by_id(conn, principal.operator_user_id)
+    if user is None:
+        raise SignInFailed("invalid_credentials", "the user is disabled")
+    if not await _verify(current, user.password_hash):
+        raise AppError(403, "wrong_password", "the current password is not right")
+    new_hash = await asyncio.to_thread(hash_password, new)
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        await repo.set_password(conn, user.id, new_hash)
+        await repo.revoke_subject_except(conn, f"operator_user:{user.id}", principal.session)
+    await forgive(runtime.redis, [backoff])
 
 
 async def refresh(runtime: Runtime, signer: TokenSigner, token: str) -> TokenPair:

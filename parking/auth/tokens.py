@@ -32,6 +32,8 @@ class Claims:
     role: Role
     operator_id: int | None
     expires_at: int
+    # The sign-in (refresh token family) the token was issued in; signing out ends it.
+    session: str | None = None
 
 
 class TokenSigner:
@@ -41,7 +43,13 @@ class TokenSigner:
         self._key = key
         self.access_ttl_s = access_ttl_s
 
-    def issue(self, subject: str, role: Role, operator_id: int | None = None) -> str:
+    def issue(
+        self,
+        subject: str,
+        role: Role,
+        operator_id: int | None = None,
+        session: str | None = None,
+    ) -> str:
         now = int(time.time())
         payload: dict[str, Any] = {
             "sub": subject,
@@ -53,6 +61,8 @@ class TokenSigner:
         }
         if operator_id is not None:
             payload["op"] = operator_id
+        if session is not None:
+            payload["sid"] = session
         return jwt.encode(payload, self._key, algorithm=_ALGORITHM)
 
     def decode(self, token: str) -> Claims:
@@ -73,7 +83,10 @@ class TokenSigner:
         operator_id = payload.get("op")
         if role != "driver" and not isinstance(operator_id, int):
             raise InvalidToken("operator token without operator")
-        return Claims(str(payload["sub"]), role, operator_id, int(payload["exp"]))
+        session = payload.get("sid")
+        if session is not None and not isinstance(session, str):
+            raise InvalidToken("bad session")
+        return Claims(str(payload["sub"]), role, operator_id, int(payload["exp"]), session)
 
 
 def new_secret(prefix: str = "") -> str:

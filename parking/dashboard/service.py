@@ -2,17 +2,20 @@
 feed of their occupancy and lane decisions (Redis pub/sub, filtered to the operator)."""
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import math
+import time as clock
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-import anyio
 import asyncpg
 import orjson
 from pydantic import BaseModel, ValidationError
 
 from billing import reports
 from parking.dashboard import repository
+from parking.dashboard.feed import Feed
 from parking.dashboard.schemas import (
     CarParkLive,
     CarParkToday,
@@ -22,7 +25,7 @@ from parking.dashboard.schemas import (
     OccupancyChanged,
     Snapshot,
 )
-from parking.lanes.worker import lane_events_channel
+from parking.errors import AppError
 from parking.logging import get_logger
 from parking.runtime import Runtime
 
@@ -30,8 +33,6 @@ log = get_logger(__name__)
 
 # A comment line this often keeps proxies and browsers from closing an idle stream.
 KEEPALIVE_S = 15.0
-# How long closing the feed's Redis connection may take once the client has gone.
-_CLOSE_TIMEOUT_S = 2.0
 
 
 def _live(row: asyncpg.Record, occupied: int) -> CarParkLive:
@@ -112,42 +113,111 @@ def _forward(
     return _event("lane", LaneDecided.model_validate({**decision, "car_park": car_park["code"]}))
 
 
+def _end(reason: str) -> str:
+    return f"event: end\ndata: {orjson.dumps({'reason': reason}).decode()}\n\n"
+
+
 async def live_events(
-    runtime: Runtime, operator_id: int, keepalive_s: float = KEEPALIVE_S
+    runtime: Runtime,
+    feed: Feed,
+    operator_id: int,
+    *,
+    keepalive_s: float = KEEPALIVE_S,
+    expires_at: float | None = None,
+    recheck_s: float | None = None,
+    still_allowed: Callable[[], Awaitable[bool]] | None = None,
 ) -> AsyncIterator[str]:
     """Server-sent events: a snapshot of the counts, then every occupancy change and lane
     decision of the operator's own car parks, and a keep-alive comment when idle.
 
-    Car parks are the operator's as of the start of the stream. When the client goes, the
-    response is cancelled and the pub/sub connection closed, which ends its subscriptions.
+    The stream ends, with an `end` event saying why, when the token expires (epoch seconds
+    `expires_at`: `token_expired`), when `still_allowed` (asked every `recheck_s`) says the
+    caller lost the right (`access_revoked`), or when it cannot keep up with the feed
+    (`too_slow`, `feed_lost`). The page then reconnects with its current token.
+    Car parks are the operator's as of the start of the stream.
     """
     async with runtime.pool.acquire() as conn:
         own = {r["id"]: r for r in await repository.own_car_parks(conn, operator_id)}
-    pubsub = runtime.redis.pubsub()
-    try:
-        await pubsub.subscribe(runtime.occupancy.channel, lane_events_channel(runtime.settings))
+    async with feed.listen() as listener:
         # Counted after subscribing: a change in between arrives as an event as well.
         counts = await runtime.occupancy.get_many(list(own))
         yield _event("snapshot", Snapshot(car_parks=[_live(own[i], counts[i]) for i in own]))
         loop = asyncio.get_running_loop()
         keepalive_at = loop.time() + keepalive_s
+        expires = loop.time() + (expires_at - clock.time()) if expires_at is not None else math.inf
+        recheck_at = loop.time() + recheck_s if recheck_s is not None else math.inf
         while True:
-            message = await pubsub.get_message(
-                ignore_subscribe_messages=True, timeout=max(0.0, keepalive_at - loop.time())
-            )
-            if message is not None:
+            await listener.wait(min(keepalive_at, expires, recheck_at) - loop.time())
+            if listener.ended is not None:
+                yield _end(listener.ended)
+                return
+            while listener.messages:
+                channel, data = listener.messages.popleft()
                 try:
-                    event = _forward(runtime, message["channel"], message["data"], own)
+                    event = _forward(runtime, channel, data, own)
                 except (ValueError, ValidationError):  # orjson's decode error is a ValueError
-                    log.warning("dashboard.bad_feed_message", channel=message["channel"])
+                    log.warning("dashboard.bad_feed_message", channel=channel)
                     event = None
                 if event is not None:
                     yield event
+            now = loop.time()
+            if now >= expires:
+                yield _end("token_expired")
+                return
+            if now >= recheck_at and still_allowed is not None:
+                if not await still_allowed():
+                    yield _end("access_revoked")
+                    return
+                recheck_at = loop.time() + (recheck_s or math.inf)
             # Checked after every message: other operators' traffic must not starve it.
             if loop.time() >= keepalive_at:
                 yield ": keep-alive\n\n"
                 keepalive_at = loop.time() + keepalive_s
-    finally:
-        # The response task is being cancelled: only a shielded await can still run.
-        with anyio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
-            await pubsub.aclose()
+
+
+# Claims one of a staff member's stream places, unless they hold `limit` live ones already.
+# A place is live while its stream renews it (every recheck); a crashed process's places lapse.
+# KEYS: the member's places; ARGV: now, lapse_s, limit, this stream's id.
+_CLAIM = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])))
+return 1
+"""
+
+
+class TooManyStreams(AppError):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(
+            429,
+            "too_many_streams",
+            "this user has as many live dashboards open as allowed; close one",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+
+
+class StreamPlace:
+    """One of a staff member's few concurrent streams, counted across every API process."""
+
+    def __init__(self, runtime: Runtime, operator_user_id: int) -> None:
+        settings = runtime.settings
+        self.redis = runtime.redis
+        self.key = f"{settings.redis_key_prefix}dashboard:streams:{operator_user_id}"
+        self.id = uuid.uuid4().hex
+        self.limit = settings.dashboard_streams_per_user
+        self.lapse_s = 3 * max(settings.dashboard_recheck_s, KEEPALIVE_S)
+
+    async def claim(self) -> None:
+        claimed = await self.redis.register_script(_CLAIM)(
+            keys=[self.key], args=[clock.time(), self.lapse_s, self.limit, self.id]
+        )
+        if not int(claimed):
+            raise TooManyStreams(int(KEEPALIVE_S))
+
+    async def renew(self) -> None:
+        await self.redis.zadd(self.key, {self.id: clock.time()}, xx=True)
+        await self.redis.expire(self.key, math.ceil(self.lapse_s))
+
+    async def release(self) -> None:
+        await self.redis.zrem(self.key, self.id)

@@ -572,9 +572,9 @@ def period(start: date | None, end: date | None, timezone: str) -> tuple[date, d
 async def list_refunds(
     conn: asyncpg.Connection, principal: Principal, start: date, end: date, timezone: str
 ) -> list[RefundLine]:
-    own = {r["code"] for r in await repo.car_parks(conn, _operator_id(principal))}
-    rows = await reports.refunds(conn, start=start, end=end, timezone=timezone)
-    return [RefundLine(**r) for r in rows if r["car_park"] in own]
+    own = [r["id"] for r in await repo.car_parks(conn, _operator_id(principal))]
+    rows = await reports.refunds(conn, start=start, end=end, timezone=timezone, car_park_ids=own)
+    return [RefundLine(**r) for r in rows]
 
 
 async def revenue(
@@ -586,7 +586,7 @@ async def revenue(
 
 def revenue_csv(rows: list[dict[str, Any]]) -> str:
     # An empty report still has its header, so that it parses as a table.
-    return reports.to_csv(rows) or ",".join(REVENUE_COLUMNS) + "\n"
+    return reports.to_csv(rows) or ",".join(REVENUE_COLUMNS) + "\r\n"
 
 
 async def debts_by_age(

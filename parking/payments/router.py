@@ -8,13 +8,14 @@ from fastapi import APIRouter, Query, Request
 from gate_controller.protocol import PlateColor
 from parking.car_parks.schemas import CarParkCode
 from parking.deps import ConnectionDep, RuntimeDep
-from parking.errors import AppError, NotFound
+from parking.errors import NotFound
 from parking.payments import service
 from parking.payments.schemas import GatePayment, NotificationAccepted, Quote
 from parking.ratelimit import client_address, hit
 
 router = APIRouter(prefix="/api/v1", tags=["payments"])
 
+# A notification is a few hundred bytes (parking.app's BodyLimit enforces this).
 MAX_NOTIFICATION_BYTES = 16 * 1024
 Plate = Annotated[str, Query(min_length=7, max_length=8, pattern=r"^[\w\u4e00-\u9fff]+$")]
 Color = Annotated[
@@ -42,13 +43,10 @@ async def provider_notification(
     """Signed asynchronous notifications from the payment provider."""
     if provider != runtime.provider.name:
         raise NotFound("provider")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_NOTIFICATION_BYTES:
-            raise AppError(413, "payload_too_large", "a notification is a few hundred bytes")
+    # At most MAX_NOTIFICATION_BYTES: the app's BodyLimit cuts longer ones off.
+    body = await request.body()
     applied = await service.accept_notification(
-        runtime, runtime.provider, bytes(body), request.headers
+        runtime, runtime.provider, body, request.headers, client_address(request)
     )
     return NotificationAccepted(effect=applied.effect)
 

@@ -35,6 +35,7 @@ from parking.logging import get_logger
 from parking.messages import message_style
 from parking.payments import repository as repo
 from parking.payments.schemas import GatePayment, Quote, QuoteSegment
+from parking.ratelimit import hit
 
 if TYPE_CHECKING:  # the runtime wires this module's release_gate into the outbox worker
     from parking.runtime import Runtime
@@ -217,14 +218,28 @@ async def gate_payment_status(runtime: Runtime, capture_id: UUID) -> GatePayment
     return _view(held, payment)
 
 
+# What a rejected notification keeps of its body for a person to look at: enough to see what
+# it was, not so much that junk fills the database (its full size is kept as a number).
+DEAD_LETTER_EXCERPT_BYTES = 4096
+
+
 async def accept_notification(
-    runtime: Runtime, provider: PaymentProvider, body: bytes, headers: Any
+    runtime: Runtime, provider: PaymentProvider, body: bytes, headers: Any, client: str
 ) -> settlement.Applied:
-    """Verifies and books a provider notification; a forged one is dead-lettered and changes
-    nothing else."""
+    """Verifies and books a provider notification; a forged one is dead-lettered (an excerpt)
+    and changes nothing else. Rejected ones are throttled per client (429 beyond
+    PARKING_REJECTED_NOTIFICATIONS_PER_MINUTE_PER_CLIENT, nothing stored); the provider's
+    valid notifications never are."""
     try:
         result = provider.parse_notification(body, headers, now=int(datetime.now(UTC).timestamp()))
     except InvalidNotification as exc:
+        settings = runtime.settings
+        await hit(
+            runtime.redis,
+            f"{settings.redis_key_prefix}ratelimit:rejected-notification:{client}",
+            settings.rejected_notifications_per_minute_per_client,
+            60,
+        )
         # Signed but not a valid event (a list, a float amount, a missing field): the provider's
         # fault, not a forgery; 400 so that it is not taken for a key problem.
         malformed = isinstance(exc, MalformedNotification)
@@ -235,8 +250,8 @@ async def accept_notification(
                 source="provider_notification",
                 topic=provider.name,
                 reason=reason,
-                detail=str(exc),
-                payload=body[:65536],
+                detail=str(exc)[:1000],
+                payload=body[:DEAD_LETTER_EXCERPT_BYTES],
                 payload_size=len(body),
             )
         log.warning("payments.notification_rejected", reason=str(exc))

@@ -23,8 +23,28 @@ from parking.deps import ReadConnectionDep, RuntimeDep
 from parking.public import service
 from parking.public.cache import Answer, AnswerCache
 from parking.public.schemas import CarParkAvailability, NearbyCarPark, Place
+from parking.ratelimit import client_address, hit
 
-router = APIRouter(prefix="/api/v1/public", tags=["public"])
+
+async def public_client_limit(
+    principal: MaybePrincipalDep, request: Request, runtime: RuntimeDep
+) -> None:
+    """Anonymous callers of the public API get PARKING_PUBLIC_REQUESTS_PER_MINUTE_PER_CLIENT
+    (429 beyond); the city's key (guidance signs, many behind one address) is not counted."""
+    if principal is not None and principal.kind == "city":
+        return
+    settings = runtime.settings
+    await hit(
+        runtime.redis,
+        f"{settings.redis_key_prefix}ratelimit:public:{client_address(request)}",
+        settings.public_requests_per_minute_per_client,
+        60,
+    )
+
+
+PublicLimit = Depends(public_client_limit)
+
+router = APIRouter(prefix="/api/v1/public", tags=["public"], dependencies=[PublicLimit])
 
 CACHE_CONTROL = "public, max-age=10"
 _NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified"}}
@@ -42,29 +62,29 @@ def get_answer_cache(request: Request, runtime: RuntimeDep) -> AnswerCache:
 AnswerCacheDep = Annotated[AnswerCache, Depends(get_answer_cache)]
 
 
-def _answer(payload: Any) -> Answer:
+def answer_of(payload: Any) -> Answer:
     # OPT_UTC_Z: times end in "Z", as pydantic writes them.
     body = orjson.dumps(payload, option=orjson.OPT_UTC_Z)
     return Answer(body, f'"{hashlib.sha256(body).hexdigest()[:32]}"')
 
 
-def _respond(request: Request, answer: Answer) -> Response:
+def respond(request: Request, answer: Answer) -> Response:
     headers = {"Cache-Control": CACHE_CONTROL, "ETag": answer.etag}
     if _matches(request.headers.get("if-none-match"), answer.etag):
         return Response(status_code=304, headers=headers)
     return Response(answer.body, media_type="application/json", headers=headers)
 
 
-async def _cached(
+async def cached(
     request: Request,
     answers: AnswerCache,
     key: Hashable,
     payload: Callable[[], Awaitable[Any]],
 ) -> Response:
     async def build() -> Answer:
-        return _answer(await payload())
+        return answer_of(await payload())
 
-    return _respond(request, await answers.get(key, build))
+    return respond(request, await answers.get(key, build))
 
 
 def _matches(if_none_match: str | None, etag: str) -> bool:
@@ -84,7 +104,7 @@ async def list_car_parks(
     answers: AnswerCacheDep,
 ) -> Response:
     """Every car park with its capacity, free and occupied spaces and location."""
-    return await _cached(
+    return await cached(
         request, answers, "car-parks", lambda: service.car_parks_available(conn, runtime)
     )
 
@@ -101,7 +121,7 @@ async def nearby_car_parks(
     radius_m: Annotated[int, Query(ge=1, le=20_000)] = 1000,
 ) -> Response:
     """Car parks within `radius_m` metres of the point, nearest first, with the distance."""
-    return await _cached(
+    return await cached(
         request,
         answers,
         ("nearby", lat, lon, radius_m),
@@ -117,7 +137,7 @@ async def get_car_park(
     conn: ReadConnectionDep,
     runtime: RuntimeDep,
 ) -> Response:
-    return _respond(request, _answer(await service.car_park_available(conn, runtime, code)))
+    return respond(request, answer_of(await service.car_park_available(conn, runtime, code)))
 
 
 @router.get("/places", response_model=list[Place], responses=_NOT_MODIFIED)
@@ -129,4 +149,4 @@ async def list_places(
     answers: AnswerCacheDep,
 ) -> Response:
     """Car parks as APDS-style places (localised names, location, capacity, availability)."""
-    return await _cached(request, answers, "places", lambda: service.places(conn, runtime))
+    return await cached(request, answers, "places", lambda: service.places(conn, runtime))

@@ -24,6 +24,19 @@ async def erase_images_before(conn: asyncpg.Connection, before: datetime) -> int
     return erased
 
 
+async def erase_dead_letter_payloads_before(conn: asyncpg.Connection, before: datetime) -> int:
+    """Dead letters keep their reason, size and time; the payload (a bad capture carries a
+    plate and frames) goes when capture images do."""
+    erased: int = await conn.fetchval(
+        """WITH erased AS (
+               UPDATE dead_letters SET payload = NULL
+               WHERE payload IS NOT NULL AND received_at < $1 RETURNING 1)
+           SELECT count(*) FROM erased""",
+        before,
+    )
+    return erased
+
+
 async def delete_dead_letters_before(conn: asyncpg.Connection, before: datetime) -> int:
     """Bad gate messages (and forged notifications) recorded before `before`."""
     return await delete_in_batches(

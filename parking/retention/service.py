@@ -22,10 +22,19 @@ log = get_logger(__name__)
 
 
 async def expire_images(pool: asyncpg.Pool, retention_days: int, now: datetime) -> int:
+    """Erases capture frames, and the payloads of dead letters (bad captures carry plates and
+    frames too), older than the image retention; returns how many frames."""
+    before = now - timedelta(days=retention_days)
     async with pool.acquire() as conn:
-        erased = await repo.erase_images_before(conn, now - timedelta(days=retention_days))
-    if erased:
-        log.info("retention.images_erased", count=erased, retention_days=retention_days)
+        erased = await repo.erase_images_before(conn, before)
+        payloads = await repo.erase_dead_letter_payloads_before(conn, before)
+    if erased or payloads:
+        log.info(
+            "retention.images_erased",
+            count=erased,
+            dead_letter_payloads=payloads,
+            retention_days=retention_days,
+        )
     return erased
 
 
