@@ -269,7 +269,8 @@ def choose_threshold(
             "target": target,
         }
     return {
-        "threshold": round(t, 6),
+        # Rounded up: a read scored just below (a wrong one, say) never reaches it.
+        "threshold": math.ceil(t * 1e6) / 1e6,
         "reads_above": n_above,
         "wrong_valid_above": w_above,
         "upper95": upper_bound(w_above, n_above),
