@@ -122,14 +122,20 @@ async def _partitions(pool: asyncpg.Pool, settings: Settings) -> partitions.Main
 
 
 def _plates(argv: list[str]) -> int:
-    """`parking plates eval PATH ...` and `parking plates bench PATH ...`."""
+    """`parking plates eval PATH ...`, `parking plates calibrate PATH ...` and
+    `parking plates bench PATH ...`."""
     from plate_recognition.evaluate import main as plates_main
 
     if argv[:1] == ["eval"]:
         return plates_main(argv[1:])
+    if argv[:1] == ["calibrate"]:
+        return plates_main([*argv[1:], "--calibrate"])
     if argv[:1] == ["bench"]:
         return plates_main([*argv[1:], "--bench"])
-    print("usage: parking plates {eval,bench} PATH [--engine E] [--json] ...", file=sys.stderr)
+    print(
+        "usage: parking plates {eval,calibrate,bench} PATH [--engine E] [--json] ...",
+        file=sys.stderr,
+    )
     return 2
 
 
@@ -183,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_billing = sub.add_parser("billing", help="reconciliation and money reports")
     billing_cli.add_arguments(p_billing)
 
-    sub.add_parser("plates", help="plate recognition tools (eval, bench)", add_help=False)
+    sub.add_parser(
+        "plates", help="plate recognition tools (eval, calibrate, bench)", add_help=False
+    )
     return parser
 
 

@@ -16,6 +16,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from plate_recognition.calibration import calibrate_candidates
 from plate_recognition.engines import DEFAULT_ENGINE, PlateReader, ReadResult, get_reader
 from plate_recognition.grammar import Candidate
 from plate_recognition.localise import Corners, classify_color, find_plates
@@ -65,7 +66,9 @@ class Recognition:
     """Result of reading one image: ranked candidates (maybe none) and where the plate was.
 
     ``corners`` (bottom-right, bottom-left, top-left, top-right) is ``None`` for crops
-    and for frames where no plate was found.
+    and for frames where no plate was found. The top candidate's score is the calibrated
+    probability that the read is exactly right (:mod:`plate_recognition.calibration`);
+    ``raw_score`` is the engine's own score it was mapped from.
     """
 
     engine: str
@@ -75,6 +78,7 @@ class Recognition:
     corners: Corners | None = None
     raw: str = ""
     elapsed_ms: float = 0.0
+    raw_score: float = 0.0
 
     @property
     def plate(self) -> str | None:
@@ -119,12 +123,14 @@ def recognise(
     kind_hint: Kind | None = None,
     engine: str = DEFAULT_ENGINE,
     color_hint: str | None = None,
+    calibrated: bool = True,
 ) -> Recognition:
     """Read the plate in ``image`` (encoded bytes or BGR array).
 
     ``kind_hint`` says whether it is a plate crop or a whole camera frame (guessed from
     its shape otherwise). Never raises for an unreadable plate: ``candidates`` is empty.
-    Raises ``ValueError`` for undecodable input.
+    Raises ``ValueError`` for undecodable input. ``calibrated=False`` leaves the engine's
+    raw scores (what ``parking plates calibrate`` fits the table on).
     """
     start = time.perf_counter()
     frame = decode_image(image)
@@ -136,10 +142,11 @@ def recognise(
         return Recognition(
             engine=r.name,
             kind="crop",
-            candidates=result.candidates,
+            candidates=_scored(result.candidates, r.name, calibrated),
             color=color,
             raw=result.raw,
             elapsed_ms=(time.perf_counter() - start) * 1000,
+            raw_score=result.candidates[0].score if result.candidates else 0.0,
         )
     best: tuple[float, ReadResult, Corners, str | None] | None = None
     # Localisation ranks regions by shape and colour; the recogniser's confidence decides.
@@ -154,8 +161,15 @@ def recognise(
     elapsed = (time.perf_counter() - start) * 1000
     if best is None or not best[1].candidates:
         return Recognition(r.name, "scene", (), elapsed_ms=elapsed)
-    _, result, corners, color = best
-    return Recognition(r.name, "scene", result.candidates, color, corners, result.raw, elapsed)
+    raw_score, result, corners, color = best
+    candidates = _scored(result.candidates, r.name, calibrated)
+    return Recognition(r.name, "scene", candidates, color, corners, result.raw, elapsed, raw_score)
+
+
+def _scored(
+    candidates: tuple[Candidate, ...], engine: str, calibrated: bool
+) -> tuple[Candidate, ...]:
+    return calibrate_candidates(candidates, engine) if calibrated else candidates
 
 
 def vote(recognitions: Iterable[Recognition], limit: int = 10) -> list[Candidate]:

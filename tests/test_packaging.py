@@ -42,6 +42,7 @@ def test_the_wheel_carries_migrations_and_the_plate_model(wheel: Path) -> None:
     for name in migrations:
         assert f"parking/_migrations/{name}" in names
     assert "plate_recognition/models/ch_PP-OCRv4_rec_infer.onnx" in names
+    assert "plate_recognition/calibration.json" in names  # the reader's calibrated scores
     assert "parking/dashboard/index.html" in names
 
 
