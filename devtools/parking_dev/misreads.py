@@ -30,7 +30,7 @@ import random
 import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -45,11 +45,13 @@ from parking.lanes.rules import (
     Certainty,
     ExitPlan,
     Identity,
+    Resolution,
     UncertainPolicy,
     identity_color,
     is_certain,
     plan_exit,
     resolve_plate,
+    uncertain_policy,
 )
 from parking.settings import Settings
 from plate_recognition.grammar import LETTERS, PROVINCES, Candidate, is_valid
@@ -257,6 +259,39 @@ def random_plate(rng: random.Random, prefix: str, color: str) -> str:
     for i in rng.sample(range(5), rng.choice((0, 1, 1, 2))):
         serial[i] = rng.choice(LETTERS)
     return prefix + "".join(serial)
+
+
+def decide_exit(
+    reading: PlateReading,
+    parked: Mapping[Identity, bool],
+    left: Collection[Identity],
+    stay_of: Callable[[Identity], OpenSession | None],
+    certainty: Certainty,
+    versions: fees.TariffVersions,
+    *,
+    at: datetime,
+    no_entry_fee_fen: int | None,
+    car_park_policy: str,
+) -> tuple[Resolution, ExitPlan]:
+    """An exit as the lane decides it (`LaneService._exit`): the read resolved against the
+    vehicles parked here and just gone, then `plan_exit` on the stay it resolved to
+    (`stay_of`: the open stay of an identity, with its binding as of the stay's start)."""
+    resolution = resolve_plate(reading, parked, left, certainty)
+    stay = None
+    if resolution.status in ("exact", "fuzzy") and not resolution.left:
+        assert resolution.identity is not None
+        stay = stay_of(resolution.identity)
+    plan = plan_exit(
+        resolution,
+        stay,
+        versions,
+        at=at,
+        no_entry_fee_fen=no_entry_fee_fen,
+        uncertain_policy=uncertain_policy(
+            car_park_policy, operator_read=reading.source == "operator", offline_open=False
+        ),
+    )
+    return resolution, plan
 
 
 class City:
@@ -552,19 +587,24 @@ class City:
         while car_park.left and car_park.left[0][0] < now - self.window:
             car_park.left.popleft()
         left = {identity for _, identity in car_park.left}
-        resolution = resolve_plate(reading, car_park.parked, left, self.certainty)
-        stay = None
-        if resolution.identity is not None and resolution.status in ("exact", "fuzzy"):
-            found = car_park.stays.get(resolution.identity)
-            stay = found if found is not None and not resolution.left else None
-        plan = plan_exit(
-            resolution,
-            self._stay_session(car_park, stay) if stay else None,
+        resolution, plan = decide_exit(
+            reading,
+            car_park.parked,
+            left,
+            lambda identity: self._stay_session(car_park, car_park.stays[identity]),
+            self.certainty,
             car_park.tariff,
             at=_EPOCH + timedelta(seconds=now),
             no_entry_fee_fen=car_park.fixed_fee,
-            uncertain_policy=car_park.policy,
+            car_park_policy=car_park.policy,
         )
+        stay = None
+        if (
+            plan.rule is not None
+            and resolution.identity is not None
+            and plan.fixed_fee_stay is None
+        ):
+            stay = car_park.stays[resolution.identity]
         self._judge(car_park, vehicle, kind, reading, plan, stay, resolution.status)
         # The lane's records after the exit: a priced stay is closed (pay-later, free, or paid
         # at the gate). Another car's stay that a person looked at (an exception, a charge
@@ -608,7 +648,9 @@ class City:
         else:
             tally.wrong_account_charges += 1
             per_kind["wrong_account_charges"] += 1
-        if len(tally.wrong_cases) < 50:
+        # Every automatic one is listed; those awaiting confirmation, the first 20.
+        listed_awaiting = sum(1 for c in tally.wrong_cases if c["awaiting_confirmation"])
+        if not awaiting or listed_awaiting < 20:
             best = reading.best
             tally.wrong_cases.append(
                 {
