@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from plate_recognition.calibration import certain_threshold
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PARKING_", env_file=".env", extra="ignore")
@@ -70,9 +72,10 @@ class Settings(BaseSettings):
     # threshold of its source, it has a colour, and it is a valid plate of that colour. Only
     # certain reads match a parked plate exactly, and only a stay whose entry and exit reads
     # were both certain is charged pay-later without a person. Server OCR: a calibrated
-    # probability (the calibration sets the default; until then 0.995). Cameras: per camera
-    # model (`camera_read.model`), else the default.
-    plate_certain_score: float = Field(default=0.995, ge=0.0, le=1.0)
+    # probability, by default the threshold `parking plates calibrate` chose and shipped in
+    # plate_recognition/calibration.json. Cameras: per camera model (`camera_read.model`,
+    # measured like the server's reader), else the default.
+    plate_certain_score: float = Field(default_factory=certain_threshold, ge=0.0, le=1.0)
     camera_certain_scores: dict[str, float] = Field(default_factory=dict)
     camera_certain_score_default: float = Field(default=0.98, ge=0.0, le=1.0)
     ocr_engine: str = "rapidocr"

@@ -32,9 +32,12 @@ async def _exception(runtime: Runtime, capture_id: object) -> dict | None:
     return dict(row) if row else None
 
 
-async def test_exit_with_only_an_image_is_read_by_the_server_and_charged(
+async def test_exit_with_only_an_image_is_read_by_the_server_and_opens_for_a_confirmed_charge(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
+    """The server reads the frame right (calibrated 0.998), matched unique to the parked car;
+    below the calibrated certain threshold (0.999658) a charge waits for an operator (the car
+    park's default policy opens the gate)."""
     driver = await make_driver(runtime, "皖AD2Y34")
     await _enter(runtime, gate, lot, driver.plate)
 
@@ -46,24 +49,19 @@ async def test_exit_with_only_an_image_is_read_by_the_server_and_charged(
 
     assert (command["action"], command["fee_fen"]) == ("open", 600)
     row = await _capture_row(runtime, exit_capture.capture_id)
-    assert (row["plate"], row["plate_source"], row["match_status"]) == (
+    assert (row["plate"], row["plate_source"], row["match_status"], row["outcome"]) == (
         "皖AD2Y34",
         "ocr",
-        "exact",
+        "fuzzy",
+        "exited_awaiting_confirmation",
     )
-    assert row["read_confidence"] > 0.8
+    assert 0.99 < row["read_confidence"] < runtime.settings.plate_certain_score
     assert await _exception(runtime, exit_capture.capture_id) is None
-
-    async def charged() -> bool:
-        async with runtime.pool.acquire() as conn:
-            return (
-                await conn.fetchval(
-                    "SELECT status FROM charges WHERE account_id = $1", driver.account_id
-                )
-                == "succeeded"
-            )
-
-    await eventually(charged)
+    async with runtime.pool.acquire() as conn:
+        status = await conn.fetchval(
+            "SELECT status FROM charges WHERE account_id = $1", driver.account_id
+        )
+    assert status == "awaiting_confirmation"
 
 
 async def test_low_confidence_misread_is_matched_to_the_one_parked_look_alike(

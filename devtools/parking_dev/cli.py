@@ -67,7 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--database",
         help="create the database under this name and keep it (default: a new one, dropped)",
     )
-    city_day.add_argument("--seed", type=int, help="random seed of the city and its day")
+    city_day.add_argument("--seed", type=int, help="random seed (city day, misreads)")
+    misreads = p_bench.add_argument_group(
+        "misreads",
+        "a city's exits with realistic misreads decided by the lane's own pure rules, no "
+        "database (see parking_dev/misreads.py): wrong-account charges, exits needing a person",
+    )
+    misreads.add_argument("--misreads", action="store_true")
+    misreads.add_argument("--exits", type=int, default=1_000_000, help="exits (default 1M)")
     city_day.add_argument(
         "--explain-out",
         type=Path,
@@ -108,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         option = 0 if args.json else orjson.OPT_INDENT_2
         print(orjson.dumps(summary, option=option).decode())
+    elif args.command == "bench" and args.misreads:
+        from parking_dev.misreads import run_misreads
+
+        seed = 15 if args.seed is None else args.seed
+        result = run_misreads(settings, exits=args.exits, seed=seed)
+        print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
     elif args.command == "bench" and args.city_day:
         from parking_dev.bench import sandbox_process
         from parking_dev.citybench import CityDayConfig, run_city_day

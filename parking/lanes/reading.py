@@ -105,35 +105,9 @@ class PlateReader:
 
     async def read(self, capture: Capture, frames: list[bytes]) -> PlateReading:
         camera = capture.camera_read
-        color, model = (camera.color, camera.model) if camera else (None, None)
-        if camera and camera.confidence >= self.settings.camera_min_confidence:
-            plate = normalise(camera.plate)
-            if plate is not None and is_valid(plate):
-                # The hot path: a confident, grammatical camera read is taken as it is (whether
-                # it is *certain* is the exit decision's question: lanes.rules.is_certain).
-                return PlateReading(
-                    (Candidate(plate, camera.confidence),),
-                    "camera",
-                    camera.plate,
-                    None,
-                    color,
-                    model,
-                )
-        camera_candidates = _camera_candidates(camera) if camera else []
-        if camera and camera.confidence >= self.settings.camera_min_confidence:
-            return PlateReading(
-                tuple(camera_candidates), "camera", camera.plate, None, color, model
-            )
-        if not frames:
-            source: Literal["camera", "none"] = "camera" if camera_candidates else "none"
-            return PlateReading(
-                tuple(camera_candidates),
-                source,
-                camera.plate if camera else None,
-                None,
-                color,
-                model,
-            )
+        decided = camera_reading(camera, self.settings.camera_min_confidence, bool(frames))
+        if decided is not None:
+            return decided
         try:
             results = await self._read_frames(frames)
         except BrokenProcessPool:
@@ -143,20 +117,65 @@ class PlateReader:
             self._pool = None
             results = await self._read_frames(frames)
         recognitions = [r for r in results if r is not None]
-        # The low-confidence camera read still votes, as one more frame.
-        merged = _merge(vote(recognitions), camera_candidates)
-        # The colour the frames show, by majority (the camera's own guess breaks no tie: it is
-        # the doubtful read).
-        colors = Counter(r.color for r in recognitions if r.color)
-        ocr_color = colors.most_common(1)[0][0] if colors else color
-        raw = next((r.raw for r in recognitions if r.raw), camera.plate if camera else None)
+        reading = ocr_reading(camera, recognitions, frames[0])
         log.info(
             "lane.ocr_read",
             frames=len(frames),
             read=len(recognitions),
-            score=round(merged[0].score, 3) if merged else None,
+            score=round(reading.candidates[0].score, 3) if reading.candidates else None,
         )
-        return PlateReading(tuple(merged), "ocr", raw, frames[0], ocr_color)
+        return reading
+
+
+def camera_reading(
+    camera: CameraRead | None, min_confidence: float, has_frames: bool
+) -> PlateReading | None:
+    """The read when the camera's own decides it (pure: the misread simulation reads with it):
+    a confident camera read, or whatever the camera offers when there are no frames to read.
+    None: the frames are to be read (`ocr_reading`)."""
+    color, model = (camera.color, camera.model) if camera else (None, None)
+    if camera and camera.confidence >= min_confidence:
+        plate = normalise(camera.plate)
+        if plate is not None and is_valid(plate):
+            # The hot path: a confident, grammatical camera read is taken as it is (whether
+            # it is *certain* is the exit decision's question: lanes.rules.is_certain).
+            return PlateReading(
+                (Candidate(plate, camera.confidence),),
+                "camera",
+                camera.plate,
+                None,
+                color,
+                model,
+            )
+    camera_candidates = _camera_candidates(camera) if camera else []
+    if camera and camera.confidence >= min_confidence:
+        return PlateReading(tuple(camera_candidates), "camera", camera.plate, None, color, model)
+    if not has_frames:
+        source: Literal["camera", "none"] = "camera" if camera_candidates else "none"
+        return PlateReading(
+            tuple(camera_candidates),
+            source,
+            camera.plate if camera else None,
+            None,
+            color,
+            model,
+        )
+    return None
+
+
+def ocr_reading(
+    camera: CameraRead | None, recognitions: list[Recognition], first_frame: bytes | None
+) -> PlateReading:
+    """The frames' reads voting, with a doubtful camera read as one more frame (pure)."""
+    color = camera.color if camera else None
+    camera_candidates = _camera_candidates(camera) if camera else []
+    merged = _merge(vote(recognitions), camera_candidates)
+    # The colour the frames show, by majority (the camera's own guess breaks no tie: it is
+    # the doubtful read).
+    colors = Counter(r.color for r in recognitions if r.color)
+    ocr_color = colors.most_common(1)[0][0] if colors else color
+    raw = next((r.raw for r in recognitions if r.raw), camera.plate if camera else None)
+    return PlateReading(tuple(merged), "ocr", raw, first_frame, ocr_color)
 
 
 def _camera_candidates(camera: CameraRead) -> list[Candidate]:

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Literal, Protocol
 
 from billing import fees
-from parking.lanes.repository import PayLater
+from parking.lanes.repository import OpenSession, PayLater
 from parking.settings import Settings
 from plate_recognition.grammar import COLORS, Candidate, is_valid, plate_color_guess
 from plate_recognition.matching import match, plausible_plate
@@ -61,6 +61,8 @@ Outcome = Literal[
     "held_no_entry_fee",
 ]
 ResolutionStatus = Literal["exact", "fuzzy", "ambiguous", "no_entry", "unreadable"]
+# Why an exit (or entry) waits for an operator in `lane_exceptions`.
+ExceptionReason = Literal["unreadable", "ambiguous", "no_entry", "offline_exit", "uncertain"]
 
 
 def identity_color(plate: str, color: str | None) -> str:
@@ -304,3 +306,108 @@ def exit_rule(
             return ExitRule("held_uncertain", fee, debt)
         return ExitRule("exited_awaiting_confirmation", fee, debt, verdict)
     return ExitRule("exited_pay_later", fee, debt, verdict)
+
+
+def uncertain_policy(
+    car_park_policy: str, *, operator_read: bool, offline_open: bool
+) -> UncertainPolicy:
+    """What an exit whose charge cannot rest on two certain reads does. A car that already
+    left (its gate opened offline) cannot be held; an operator deciding a held capture is
+    the person a 'hold' waits for: in both the charge waits for confirmation."""
+    if operator_read or offline_open:
+        return "open_confirm"
+    return "hold" if car_park_policy == "hold" else "open_confirm"
+
+
+@dataclass(frozen=True, slots=True)
+class ExitPlan:
+    """How an exit read leaves, decided from its `Resolution`, the stay it resolved to and the
+    car park's policies (`plan_exit`); the lane carries it out in its transaction.
+
+    `exception`: the reason of the `lane_exceptions` row an operator decides (the gate holds,
+    or for `uncertain` holds with the fee). `fixed_fee_stay`: the identity the lane opens a stay
+    for at the exit under the no-entry fixed fee (the plan's `rule` prices that stay). `rule`:
+    the priced stay's fee and how it leaves (None when the stay was not priced: a duplicate, an
+    exception before pricing, or no tariff)."""
+
+    outcome: Outcome
+    exception: ExceptionReason | None = None
+    rule: ExitRule | None = None
+    fixed_fee_stay: Identity | None = None
+
+    @property
+    def needs_person(self) -> bool:
+        """An operator must act: an exception at the gate, no tariff, or a charge awaiting
+        confirmation (paying a fee at the gate by QR needs nobody)."""
+        return self.exception is not None or self.outcome in (
+            "held_no_tariff",
+            "exited_awaiting_confirmation",
+        )
+
+
+_EXCEPTION_OUTCOME: dict[ExceptionReason, Outcome] = {
+    "unreadable": "held_unreadable",
+    "ambiguous": "held_ambiguous",
+    "no_entry": "held_no_entry",
+}
+
+
+def plan_exit(
+    resolution: Resolution,
+    stay: OpenSession | None,
+    versions: fees.TariffVersions,
+    *,
+    at: datetime,
+    no_entry_fee_fen: int | None,
+    uncertain_policy: UncertainPolicy,
+    offline_open: bool = False,
+) -> ExitPlan:
+    """The exit decision after the read is resolved (`resolve_plate`), as the lane takes it.
+
+    `stay`: the open stay of the resolved identity (None when there is none: a car that just
+    left, no entry record, or gone since it was read). `no_entry_fee_fen`: the car park's fixed
+    fee for a car with no entry record, None when its policy sends such cars to an operator.
+    `offline_open`: the gate already let the car out while it could not reach us.
+
+    A car read again within the duplicate window is the same car leaving; an ambiguous or
+    unreadable read, and a car with no entry record (unless the fixed-fee policy applies and
+    the read is certain), wait for a person; a found stay is priced by `exit_rule`, its colour
+    discount following the plate type a binding or a certain read vouches for."""
+    status = resolution.status
+    if status in ("exact", "fuzzy") and resolution.left:
+        return ExitPlan("duplicate_read")
+    if status == "ambiguous" or status == "unreadable":
+        return ExitPlan(_EXCEPTION_OUTCOME[status], status)
+    identity = resolution.identity
+    fixed_fee_stay: Identity | None = None
+    if stay is None:
+        if no_entry_fee_fen is None or identity is None or not resolution.certain:
+            # A fixed fee for a car with no entry record needs a read we are sure of (the stay
+            # opened for it is that vehicle's); anything less is for a person.
+            return ExitPlan("held_no_entry", "no_entry")
+        fixed_fee_stay = identity
+        # No entry read: never charged pay-later (exit_rule), whatever the binding.
+        stay = OpenSession(0, at, None, no_entry_fee_fen, identity[1], entry_certain=False)
+    assert identity is not None
+    plate = identity[0]
+    vouched = stay.pay_later is not None or stay.entry_certain or resolution.certain
+    rule = exit_rule(
+        versions,
+        entered_at=stay.entered_at,
+        at=at,
+        plate_color=priced_color(plate, stay.plate_color, vouched=vouched),
+        fixed_fee_fen=stay.fixed_fee_fen,
+        pay_later_state=stay.pay_later,
+        reads_certain=resolution.certain and stay.entry_certain,
+        uncertain_policy=uncertain_policy,
+    )
+    if rule is None:
+        return ExitPlan("held_no_tariff", fixed_fee_stay=fixed_fee_stay)
+    if rule.outcome == "exited_free":
+        return ExitPlan("exited_free", rule=rule, fixed_fee_stay=fixed_fee_stay)
+    if rule.charge_to is None and offline_open:
+        # Left while the gate could not reach us, with no consent to charge: unpaid, for a
+        # person to collect. Never a charge the driver did not agree to.
+        return ExitPlan("exited_offline_unpaid", "offline_exit", rule, fixed_fee_stay)
+    exception: ExceptionReason | None = "uncertain" if rule.outcome == "held_uncertain" else None
+    return ExitPlan(rule.outcome, exception, rule, fixed_fee_stay)

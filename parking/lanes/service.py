@@ -26,20 +26,19 @@ from parking.lanes.reading import PlateReading
 from parking.lanes.repository import GateInfo, OpenSession
 from parking.lanes.rules import (
     Certainty,
+    ExceptionReason,
     Outcome,
     Resolution,
-    UncertainPolicy,
-    exit_rule,
     identity_color,
     is_certain,
-    priced_color,
+    plan_exit,
     resolve_plate,
+    uncertain_policy,
 )
 from parking.settings import Settings
 
 _TARIFF_CACHE_S = 60.0
 MatchStatus = Literal["exact", "fuzzy", "ambiguous", "no_match"]
-ExceptionReason = Literal["unreadable", "ambiguous", "no_entry", "offline_exit", "uncertain"]
 
 
 _EXCEPTION_HOLD: dict[ExceptionReason, tuple[Outcome, "MatchStatus | None", str]] = {
@@ -212,16 +211,6 @@ class LaneService:
             return _Exit(Resolution("no_entry", identity, resolution.certain))
         return _Exit(resolution, session)
 
-    def _uncertain_policy(
-        self, gate: GateInfo, capture: Capture, reading: PlateReading
-    ) -> UncertainPolicy:
-        """What an exit whose charge cannot rest on two certain reads does. A car that already
-        left (its gate opened offline) cannot be held; an operator deciding a held capture is
-        the person a 'hold' waits for: in both the charge waits for confirmation."""
-        if reading.source == "operator" or (capture.offline and capture.offline_action == "open"):
-            return "open_confirm"
-        return "hold" if gate.uncertain_exit_policy == "hold" else "open_confirm"
-
     async def _exit(
         self,
         conn: asyncpg.Connection,
@@ -238,56 +227,56 @@ class LaneService:
         resolved = await self._resolve_exit(conn, gate, reading, at)
         resolution = resolved.resolution
         ranked = resolution.ranked
-        if resolved.duplicate_of is not None:
+        if capture.offline:
+            # A gate's clock is not trusted blindly: bounded by our receipt and the stay's entry.
+            at = await self._gate_time(conn, gate, capture, now, resolved.session)
+        offline_open = capture.offline and capture.offline_action == "open"
+        # Which way the exit goes is one pure function (rules.plan_exit), shared with the
+        # misread simulation (parking_dev.misreads); this carries it out.
+        plan = plan_exit(
+            resolution,
+            resolved.session,
+            await self._tariff_versions(conn, gate.car_park_id),
+            at=at,
+            no_entry_fee_fen=(
+                gate.no_entry_fee_fen if gate.no_entry_policy == "fixed_fee" else None
+            ),
+            uncertain_policy=uncertain_policy(
+                gate.uncertain_exit_policy,
+                operator_read=reading.source == "operator",
+                offline_open=offline_open,
+            ),
+            offline_open=offline_open,
+        )
+        if plan.outcome == "duplicate_read":
             return self._open(capture, now, "duplicate_read", resolved.plate, resolved.duplicate_of)
-        if resolution.status == "ambiguous":
-            return await self._exception(conn, gate, capture, reading, now, "ambiguous", ranked)
-        if resolution.status == "unreadable":
-            return await self._exception(conn, gate, capture, reading, now, "unreadable", ranked)
+        if plan.exception in ("ambiguous", "unreadable", "no_entry"):
+            return await self._exception(conn, gate, capture, reading, now, plan.exception, ranked)
         plate, session = resolved.plate, resolved.session
 
         occupancy_delta = -1
-        if session is None:
-            identity = resolution.identity
-            if gate.no_entry_policy != "fixed_fee" or identity is None or not resolution.certain:
-                # A fixed fee for a car with no entry record needs a read we are sure of (the
-                # stay opened for it is that vehicle's); anything less is for a person.
-                return await self._exception(conn, gate, capture, reading, now, "no_entry", ranked)
+        if plan.fixed_fee_stay is not None:
             session = await repo.open_session(
                 conn,
                 car_park_id=gate.car_park_id,
-                plate=identity[0],
-                plate_color=identity[1],
+                plate=plan.fixed_fee_stay[0],
+                plate_color=plan.fixed_fee_stay[1],
                 entered_at=at,
                 entry_capture_id=None,
                 entry_certain=False,  # no entry read: never charged pay-later (rules.exit_rule)
                 fixed_fee_fen=gate.no_entry_fee_fen,
             )
             occupancy_delta = 0  # never counted in: it was opened at the exit
-        assert plate is not None
+        assert plate is not None and session is not None
 
-        if capture.offline:
-            at = await self._gate_time(conn, gate, capture, now, session)
-        # The colour discount follows the plate type a binding of that colour or a certain read
-        # vouches for; a doubtful camera's colour guess alone gets only what the grammar says.
-        vouched = session.pay_later is not None or session.entry_certain or resolution.certain
-        rule = exit_rule(
-            await self._tariff_versions(conn, gate.car_park_id),
-            entered_at=session.entered_at,
-            at=at,
-            plate_color=priced_color(plate, session.plate_color, vouched=vouched),
-            fixed_fee_fen=session.fixed_fee_fen,
-            pay_later_state=session.pay_later,
-            reads_certain=resolution.certain and session.entry_certain,
-            uncertain_policy=self._uncertain_policy(gate, capture, reading),
-        )
+        rule = plan.rule
         if rule is None:
             return self._hold(capture, now, "held_no_tariff", plate, ["请联系管理员"], session.id)
         fee = rule.fee_fen
         matched = resolved.match_status
         debt = rule.debt_fen
 
-        if rule.outcome == "exited_free":
+        if plan.outcome == "exited_free":
             await self._close(conn, session, capture, at, 0, None, "free")
             return self._open(
                 capture,
@@ -302,14 +291,15 @@ class LaneService:
             )
 
         if capture.offline and capture.offline_action == "hold":
+            # The gate sent the car to the booth: it awaits the booth, never a pay-later charge.
             return await self._sent_to_booth(
                 conn, gate, capture, session, plate, at, now, fee, rule.outcome, occupancy_delta
             )
-        if rule.charge_to is None and capture.offline and capture.offline_action == "open":
+        if plan.outcome == "exited_offline_unpaid":
             return await self._left_unpaid_offline(
                 conn, gate, capture, session, plate, at, now, fee, rule.outcome, occupancy_delta
             )
-        if rule.outcome == "held_uncertain":
+        if plan.exception == "uncertain":
             # Bound and able to pay later, but the reads are not both certain: an operator
             # decides with the frames (and the driver may pay at the gate meanwhile).
             await self._insert_exception(

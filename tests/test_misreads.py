@@ -1,0 +1,240 @@
+"""`parking-dev bench --misreads` (issue #15, "Measure it"): the misread simulation, and proof
+that it decides exits as the lane does (the same cases through the real lane and through
+`parking_dev.misreads.decide_exit`)."""
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from billing import fees
+from gate_controller.protocol import CameraRead
+from parking.lanes import repository as repo
+from parking.lanes.reading import camera_reading
+from parking.lanes.rules import Certainty, Identity
+from parking.runtime import Runtime
+from parking.settings import Settings
+from parking_dev.misreads import MisreadModel, decide_exit, run_misreads
+from tests.conftest import Lot, backdate_entry, make_driver
+from tests.gates import GateProbe
+
+SMALL = MisreadModel(car_parks=40, vehicles=20_000)
+
+
+def _without_timings(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in report.items() if k not in ("build_s", "duration_s")}
+
+
+@pytest.fixture(scope="module")
+def small_run() -> dict[str, Any]:
+    return run_misreads(Settings(), exits=20_000, seed=15)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue #15: a car whose plate reads as the same valid wrong plate at entry and exit, "
+    "both times at a camera score above its certain threshold, is charged to the holder of "
+    "the misread plate (6 in the 1M run, 1 in this one); see README 'Never the wrong driver'",
+)
+def test_a_small_run_charges_no_stranger(small_run: dict[str, Any]) -> None:
+    assert small_run["wrong_account_charges"] == 0, small_run["wrong_account_cases"]
+
+
+def test_a_small_run_counts_add_up(small_run: dict[str, Any]) -> None:
+    report = small_run
+    assert report["exits"] == 20_000
+    assert sum(report["by_outcome"].values()) == report["exits"]
+    assert report["needs_person"] + report["auto_exits"] == report["exits"]
+    kinds = report["by_misread_kind"].values()
+    assert sum(k["exits"] for k in kinds) == report["exits"]
+    assert sum(k.get("needs_person", 0) for k in kinds) == report["needs_person"]
+    assert (
+        sum(k.get("wrong_account_charges", 0) for k in kinds) == (report["wrong_account_charges"])
+    )
+    listed = [c for c in report["wrong_account_cases"] if not c["awaiting_confirmation"]]
+    assert len(listed) == report["wrong_account_charges"]
+    # Every automatic charge rests on two certain reads: an exact match of a certain entry.
+    assert all(c["resolution"] == "exact" and c["entry_certain"] for c in listed)
+    # The model's misreads happen: consistent ones, random ones, strangers, double reads.
+    names = set(report["by_misread_kind"])
+    for kind in ("clean", "consistent", "random_char", "hard_frame", "unreadable"):
+        assert kind in names, kind
+    assert any(n.startswith("stranger_") for n in names)
+    assert any(n.startswith("double_read_") for n in names)
+    assert report["by_outcome"]["exited_pay_later"] > 0
+
+
+def test_a_run_is_the_same_for_its_seed() -> None:
+    first = run_misreads(Settings(), exits=3_000, seed=7, model=SMALL)
+    again = run_misreads(Settings(), exits=3_000, seed=7, model=SMALL)
+    other = run_misreads(Settings(), exits=3_000, seed=8, model=SMALL)
+    assert _without_timings(first) == _without_timings(again)
+    assert _without_timings(first) != _without_timings(other)
+
+
+# The lane and the simulation decide alike.
+
+
+async def _policy(runtime: Runtime, lot: Lot, **columns: object) -> None:
+    async with runtime.pool.acquire() as conn:
+        for column, value in columns.items():
+            await conn.execute(f"UPDATE car_parks SET {column} = $2 WHERE id = $1", lot.id, value)
+    runtime.lanes._gates.clear()
+
+
+async def _in(
+    runtime: Runtime,
+    gate: GateProbe,
+    lot: Lot,
+    plate: str,
+    confidence: float,
+    color: str = "blue",
+    parked_for: timedelta = timedelta(minutes=90),
+) -> None:
+    capture = gate.capture("in", plate, confidence=confidence, color=color)
+    assert (await gate.decide(lot.code, "in1", capture))["action"] == "open"
+    await backdate_entry(runtime, lot, plate, parked_for)
+
+
+async def _simulated(
+    runtime: Runtime, lot: Lot, plate: str | None, confidence: float, color: str
+) -> tuple[str, int | None, int | None]:
+    """What the simulation decides for this exit read, given the lane's records as they are."""
+    settings = runtime.settings
+    camera = (
+        CameraRead(plate=plate, color=color, confidence=confidence)  # type: ignore[arg-type]
+        if plate
+        else None
+    )
+    reading = camera_reading(camera, settings.camera_min_confidence, False)
+    assert reading is not None
+    at = datetime.now(UTC)
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        parked, left = await repo.cars_here(
+            conn, lot.id, at - timedelta(seconds=settings.duplicate_read_window_s)
+        )
+        stays = {i: await repo.open_session_for_update(conn, lot.id, *i) for i in parked}
+        versions = await fees.tariff_versions(conn, lot.id)
+        gate = await conn.fetchrow(
+            "SELECT no_entry_policy, no_entry_fee_fen, uncertain_exit_policy FROM car_parks"
+            " WHERE id = $1",
+            lot.id,
+        )
+
+    def stay_of(identity: Identity) -> repo.OpenSession | None:
+        return stays.get(identity)
+
+    _, plan = decide_exit(
+        reading,
+        parked,
+        set(left),
+        stay_of,
+        Certainty.from_settings(settings),
+        versions,
+        at=at,
+        no_entry_fee_fen=(
+            gate["no_entry_fee_fen"] if gate["no_entry_policy"] == "fixed_fee" else None
+        ),
+        car_park_policy=gate["uncertain_exit_policy"],
+    )
+    rule = plan.rule
+    # What the gate is told: a held stay's fee and debts, an exit's fee, nothing otherwise.
+    shown = (
+        None
+        if rule is None
+        else rule.fee_fen
+        if rule.charge_to or plan.outcome == "exited_free"
+        else rule.due_fen
+    )
+    return plan.outcome, shown, rule.charge_to[0] if rule and rule.charge_to else None
+
+
+async def _lane(
+    runtime: Runtime, gate: GateProbe, lot: Lot, plate: str | None, confidence: float, color: str
+) -> tuple[str, int | None, int | None]:
+    capture = gate.capture("out", plate, confidence=confidence, color=color)
+    command = await gate.decide(lot.code, "out1", capture)
+    async with runtime.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            """SELECT c.outcome, ch.account_id AS charged FROM captures c
+               LEFT JOIN charges ch ON ch.session_id = c.session_id
+                   AND c.outcome LIKE 'exited_%'
+               WHERE c.capture_id = $1""",
+            capture.capture_id,
+        )
+    return row["outcome"], command.get("fee_fen"), row["charged"]
+
+
+CASES = {
+    # name: (entries [(plate, confidence, colour, minutes)], exit (plate, confidence, colour),
+    #        car park policies, bound plates)
+    "certain_both": ([("浙A3M001", 0.99, "blue", 90)], ("浙A3M001", 0.99, "blue"), {}, True),
+    "uncertain_both": ([("浙A3M002", 0.85, "blue", 90)], ("浙A3M002", 0.85, "blue"), {}, True),
+    "uncertain_hold": (
+        [("浙A3M003", 0.85, "blue", 90)],
+        ("浙A3M003", 0.92, "blue"),
+        {"uncertain_exit_policy": "hold"},
+        True,
+    ),
+    "certain_entry_doubtful_exit": (
+        [("浙A3M004", 0.99, "blue", 90)],
+        ("浙A3M004", 0.95, "blue"),
+        {},
+        True,
+    ),
+    "yellow_both": ([("浙A3M005", 0.99, "yellow", 90)], ("浙A3M005", 0.99, "yellow"), {}, True),
+    "short_stay": ([("浙A3M006", 0.99, "blue", 0)], ("浙A3M006", 0.99, "blue"), {}, True),
+    "unbound": ([("浙A3M007", 0.99, "blue", 90)], ("浙A3M007", 0.99, "blue"), {}, False),
+    "lookalikes_doubtful": (
+        [("浙U38871", 0.99, "blue", 90), ("浙U3B871", 0.99, "blue", 90)],
+        ("浙U3B871", 0.95, "blue"),
+        {},
+        True,
+    ),
+    "lookalike_no_entry": (
+        [("浙A3M0B8", 0.99, "blue", 90)],
+        ("浙A3M088", 0.99, "blue"),
+        {},
+        True,
+    ),
+    "no_entry_fixed_fee": (
+        [("浙A3M009", 0.99, "blue", 90)],
+        ("皖A3M009", 0.99, "blue"),
+        {"no_entry_policy": "fixed_fee", "no_entry_fee_fen": 1000},
+        True,
+    ),
+    "unreadable": ([("浙A3M010", 0.99, "blue", 90)], (None, 0.0, "blue"), {}, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+async def test_the_lane_and_the_simulation_decide_alike(
+    runtime: Runtime, gate: GateProbe, lot: Lot, case: str
+) -> None:
+    entries, (plate, confidence, color), policies, bound = CASES[case]
+    if policies:
+        await _policy(runtime, lot, **policies)
+    drivers = {}
+    for entry_plate, *_ in entries:
+        if bound:
+            drivers[entry_plate] = await make_driver(runtime, entry_plate)
+    for entry_plate, entry_confidence, entry_color, minutes in entries:
+        await _in(
+            runtime,
+            gate,
+            lot,
+            entry_plate,
+            entry_confidence,
+            entry_color,
+            timedelta(minutes=minutes),
+        )
+
+    simulated = await _simulated(runtime, lot, plate, confidence, color)
+    decided = await _lane(runtime, gate, lot, plate, confidence, color)
+    assert decided == simulated, case
+
+    if decided[0].startswith("exited_"):
+        # The same car read again at once: both call it the same car leaving.
+        again = await _simulated(runtime, lot, plate, confidence, color)
+        assert again[0] == "duplicate_read"
+        assert (await _lane(runtime, gate, lot, plate, confidence, color))[0] == again[0]
