@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from pydantic import SecretStr
 
 from gate_controller.simulator import GateSimulator, SimGate, SimReport, Vehicle
+from parking.gates.config import generate_private_key, private_key_pem
 from parking.infra import Endpoints, endpoints
 from parking.logging import configure_from, configure_logging
 from parking.runtime import ProviderEndpoint, Runtime, running
@@ -186,7 +188,10 @@ async def _progress(runtime: Runtime, started: float) -> None:
 @contextlib.asynccontextmanager
 async def lane_service(settings: Settings, provider: ProviderEndpoint) -> AsyncIterator[Runtime]:
     """The system under measurement: the lane service in this process, the outbox worker in its
-    own (charging is deferred work and must not slow the gates)."""
+    own (charging is deferred work and must not slow the gates). Its commands are signed as in
+    production: with a key of its own when none is configured."""
+    if settings.gate_config_key is None:
+        settings.gate_config_key = SecretStr(private_key_pem(generate_private_key()))
     async with (
         endpoints(settings) as eps,
         running(settings, eps, provider, outbox_worker=False) as runtime,
