@@ -12,7 +12,7 @@ from datetime import datetime
 
 import asyncpg
 
-from billing import debts, ledger
+from billing import audit, debts, ledger
 from billing.providers import DESCRIPTION_MAX_CHARS
 
 
@@ -366,8 +366,8 @@ async def retry_held(conn: asyncpg.Connection, exception_id: int, actor: str) ->
                    last_error = NULL, attempts_at_retry = outbox.attempts""",
             row["charge_id"],
         )
-    await conn.execute(
-        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
+    await audit.record(
+        conn,
         actor,
         "charge_exception.retried" if status == "retried" else "charge_exception.resolved",
         f"charge:{row['charge_id']}",

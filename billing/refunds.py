@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from billing import ledger, notifications
+from billing import audit, ledger, notifications
 from billing.tariff import format_fen
 
 
@@ -167,8 +167,8 @@ async def _request(
         reason,
         actor,
     )
-    await conn.execute(
-        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
+    await audit.record(
+        conn,
         actor,
         "refund.requested",
         f"refund:{row['id']}",

@@ -9,7 +9,7 @@ from typing import Literal
 import asyncpg
 import structlog
 
-from billing import charges, notifications, payments, refunds
+from billing import audit, charges, notifications, payments, refunds
 from billing.providers import OrderResult
 from billing.tariff import format_fen
 
@@ -142,8 +142,8 @@ async def _late_success(
             kind="overpayment",
         )
         refund_id = refund.id
-    await conn.execute(
-        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
+    await audit.record(
+        conn,
         "system",
         "charge.late_success",
         f"charge:{charge.charge_id}",

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from billing import fees, ledger
+from billing import audit, fees, ledger
 from billing.tariff import format_fen
 from gate_controller.protocol import Command, GateAddress, Topics, encode
 from parking.auth.principal import Principal
@@ -167,7 +167,7 @@ async def record_payment(
         effect = BoothEffect(
             car_park["id"], GateAddress(held.lot, held.gate), command, effect.occupancy_delta
         )
-    await operators_repo.audit(
+    await audit.record(
         conn,
         principal.actor,
         "booth_payment.recorded",

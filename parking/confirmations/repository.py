@@ -137,15 +137,3 @@ async def open_rejection_exception(
         candidates,
     )
     return exception_id
-
-
-async def audit(
-    conn: asyncpg.Connection, actor: str, action: str, subject: str, detail: dict[str, Any]
-) -> None:
-    await conn.execute(
-        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
-        actor,
-        action,
-        subject,
-        detail,
-    )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from billing import charges
+from billing import audit, charges
 from parking.auth.principal import Principal
 from parking.confirmations import repository as repo
 from parking.confirmations.schemas import Confirmation, Decided, ReadSummary
@@ -100,7 +100,7 @@ async def confirm(
     charge = await _awaiting(conn, principal, charge_id)
     confirmed = await charges.confirm(conn, charge_id)
     assert confirmed is not None  # locked and awaiting above
-    await repo.audit(
+    await audit.record(
         conn,
         principal.actor,
         "charge.confirmed",
@@ -143,7 +143,7 @@ async def reject(
             charge.exit_capture_id,
             [{"plate": charge.plate, "kind": "rejected", "fee_fen": charge.amount_fen}],
         )
-    await repo.audit(
+    await audit.record(
         conn,
         principal.actor,
         "charge.rejected",

@@ -1,6 +1,5 @@
 """SQL of "not my car": a driver's dispute of a charge and an operator's decision."""
 
-from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -160,15 +159,3 @@ async def mark_decided(
         refund_id,
     )
     return row
-
-
-async def audit(
-    conn: asyncpg.Connection, *, actor: str, action: str, subject: str, detail: dict[str, Any]
-) -> None:
-    await conn.execute(
-        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
-        actor,
-        action,
-        subject,
-        detail,
-    )

@@ -16,7 +16,7 @@ from uuid import UUID
 
 import asyncpg
 
-from billing import charges, notifications, refunds
+from billing import audit, charges, notifications, refunds
 from billing.tariff import format_fen
 from parking.auth.principal import Principal
 from parking.disputes import repository as repo
@@ -81,7 +81,7 @@ async def open_dispute(
         via=via,
         held=held,
     )
-    await repo.audit(
+    await audit.record(
         conn,
         actor=f"account:{account_id}",
         action="charge_dispute.opened",
@@ -272,7 +272,7 @@ async def decide(
     )
     if decided is None:  # the row lock above rules this out
         raise AppError(409, "already_decided", "this dispute has already been decided")
-    await repo.audit(
+    await audit.record(
         conn,
         actor=principal.actor,
         action="charge_dispute.decided",

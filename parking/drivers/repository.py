@@ -412,15 +412,3 @@ async def erase_notifications(conn: asyncpg.Connection, account_id: int) -> None
 
 async def delete_sign_in_codes(conn: asyncpg.Connection, phone: str) -> None:
     await conn.execute("DELETE FROM login_codes WHERE phone = $1", phone)
-
-
-async def audit(
-    conn: asyncpg.Connection, *, actor: str, action: str, subject: str, detail: dict[str, Any]
-) -> None:
-    await conn.execute(
-        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
-        actor,
-        action,
-        subject,
-        detail,
-    )

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from billing import agreements
+from billing import agreements, audit
 from parking.auth import repository as auth_repo
 from parking.drivers import repository as repo
 from parking.drivers.schemas import (
@@ -322,7 +322,7 @@ async def delete_account(conn: asyncpg.Connection, account_id: int) -> None:
     await repo.withdraw_disputes(conn, account_id)
     await repo.erase_notifications(conn, account_id)
     await repo.delete_sign_in_codes(conn, row["phone"])
-    await repo.audit(
+    await audit.record(
         conn,
         actor=f"account:{account_id}",
         action="account.deleted",

@@ -350,18 +350,6 @@ async def open_debts(
     return rows
 
 
-async def audit(
-    conn: asyncpg.Connection, actor: str, action: str, subject: str, detail: dict[str, Any]
-) -> None:
-    await conn.execute(
-        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
-        actor,
-        action,
-        subject,
-        detail,
-    )
-
-
 async def charge_exceptions(
     conn: asyncpg.Connection,
     operator_id: int,

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 from pydantic import ValidationError
 
-from billing import charges, debts, fees, refunds, reports
+from billing import audit, charges, debts, fees, refunds, reports
 from billing import queue as job_queue
 from billing.tariff import Tariff
 from gate_controller.protocol import CameraRead, Capture, Command, GateAddress
@@ -159,7 +159,7 @@ async def update_car_park(
             name=wanted.get("name", row["name"]),
             capacity=wanted.get("capacity", row["capacity"]),
         )
-        await repo.audit(
+        await audit.record(
             conn, principal.actor, "car_park.updated", f"car_park:{row['id']}", changed
         )
     return _car_park_view(row, await occupancy.get(row["id"]))
@@ -175,7 +175,7 @@ async def add_gate(conn: asyncpg.Connection, principal: Principal, code: str, ne
     row = await repo.insert_gate(conn, car_park["id"], new.code, new.direction)
     if row is None:
         raise AppError(409, "gate_exists", f"the car park already has a gate {new.code!r}")
-    await repo.audit(
+    await audit.record(
         conn,
         principal.actor,
         "gate.created",
@@ -226,7 +226,7 @@ async def add_tariff(
         raise AppError(
             409, "tariff_exists", "the car park already has a tariff version from that instant"
         )
-    await repo.audit(
+    await audit.record(
         conn,
         principal.actor,
         "tariff.created",
@@ -390,7 +390,7 @@ async def resolve_exception(
         command=command.model_dump(mode="json", exclude_none=True),
     )
     await repo.mark_exception_resolved(conn, held.capture_id, plate, principal.actor)
-    await repo.audit(
+    await audit.record(
         conn,
         principal.actor,
         "lane_exception.resolved",
@@ -479,7 +479,7 @@ async def open_gate(
             "opened_by_operator",
         )
         exception_id = await repo.mark_exception_resolved(conn, capture_id, None, principal.actor)
-    await repo.audit(
+    await audit.record(
         conn,
         principal.actor,
         "gate.opened",
@@ -647,7 +647,7 @@ async def retry_job(
         raise NotFound("job")
     if await job_queue.retry_dead(conn, job_id) is None:
         raise AppError(409, "job_not_dead", "only a dead job can be retried")
-    await repo.audit(
+    await audit.record(
         conn,
         principal.actor,
         "job.retried",

@@ -1,7 +1,6 @@
 """SQL of plate ownership disputes and of moving a binding between accounts."""
 
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 
@@ -159,15 +158,3 @@ async def stays_between(
         until,
     )
     return rows
-
-
-async def audit(
-    conn: asyncpg.Connection, *, actor: str, action: str, subject: str, detail: dict[str, Any]
-) -> None:
-    await conn.execute(
-        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4)",
-        actor,
-        action,
-        subject,
-        detail,
-    )

@@ -12,7 +12,7 @@ the proof are listed with the dispute for review. Both drivers are told either w
 
 import asyncpg
 
-from billing import notifications
+from billing import audit, notifications
 from parking.auth.principal import Principal
 from parking.errors import AppError, NotFound
 from parking.logging import get_logger
@@ -208,7 +208,7 @@ async def decide(
         await uphold(conn, dispute_id, resolved_by=admin.actor, note=decision.reason)
     else:
         await _reject(conn, dispute, resolved_by=admin.actor, note=decision.reason)
-    await repo.audit(
+    await audit.record(
         conn,
         actor=admin.actor,
         action="plate_dispute.decided",
