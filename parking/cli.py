@@ -22,8 +22,9 @@ from parking.infra import endpoints
 from parking.logging import configure_from
 from parking.migrate import MIGRATIONS_DIR, migrate, schema_snapshot
 from parking.partitions import service as partitions
+from parking.production import ProductionRefused, refuse_stand_ins
 from parking.retention import service as retention
-from parking.runtime import payment_provider, running
+from parking.runtime import ConfigurationError, payment_provider, running
 from parking.settings import Settings, get_settings
 
 T = TypeVar("T")
@@ -57,6 +58,7 @@ async def _migrate(settings: Settings, snapshot: Path | None) -> None:
 
 
 async def _serve(settings: Settings, *, lanes: bool, outbox_worker: bool) -> None:
+    await refuse_stand_ins(settings)
     async with (
         endpoints(settings) as eps,
         payment_provider(settings) as provider,
@@ -72,6 +74,7 @@ async def _serve(settings: Settings, *, lanes: bool, outbox_worker: bool) -> Non
 
 async def _without_api(settings: Settings, *, lanes: bool, name: str) -> None:
     """`parking lanes` (the lane service alone) or `parking worker` (the outbox worker alone)."""
+    await refuse_stand_ins(settings)
     async with (
         endpoints(settings) as eps,
         payment_provider(settings) as provider,
@@ -195,6 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _start(settings: Settings, args: argparse.Namespace) -> int:
+    """`parking serve`, `lanes` or `worker`; 2 (and every reason on stderr) when the
+    configuration cannot start, as production does on any stand-in."""
+    try:
+        if args.command == "serve":
+            run(_serve(settings, lanes=not args.no_lanes, outbox_worker=not args.no_worker))
+        elif args.command == "lanes":
+            run(_without_api(settings, lanes=True, name="lane service"))
+        else:
+            run(_without_api(settings, lanes=False, name="outbox worker"))
+    except (ProductionRefused, ConfigurationError) as exc:
+        print(f"parking {args.command}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if argv is None:
@@ -204,14 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = get_settings()
     configure_from(settings)
+    if args.command in ("serve", "lanes", "worker"):
+        return _start(settings, args)
     if args.command == "migrate":
         run(_migrate(settings, args.snapshot))
-    elif args.command == "serve":
-        run(_serve(settings, lanes=not args.no_lanes, outbox_worker=not args.no_worker))
-    elif args.command == "lanes":
-        run(_without_api(settings, lanes=True, name="lane service"))
-    elif args.command == "worker":
-        run(_without_api(settings, lanes=False, name="outbox worker"))
     elif args.command == "retention":
         run(_once(settings, _retention))
     elif args.command == "prune":

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 import asyncpg
 from redis.asyncio import Redis
 
-from billing.notifications import DevNotifier
+from billing.notifications import DevNotifier, Notifier
 from billing.providers import PaymentProvider, SandboxProvider
 from billing.worker import OutboxWorker
 from gate_controller.mqtt import MqttClient
+from parking.auth.sms import DevSms, SmsSender
 from parking.booth import ghosts
 from parking.db import create_pool
 from parking.gates import config as gate_configs
@@ -30,6 +31,7 @@ from parking.partitions import service as partitions
 from parking.payments.service import release_gate
 from parking.retention import service as retention
 from parking.settings import Settings
+from parking.sms import service as sms_service
 
 if TYPE_CHECKING:
     from parking_dev import sandbox
@@ -99,8 +101,11 @@ class Runtime:
     occupancy: Occupancy
     lanes: LaneWorker
     outbox: OutboxWorker
-    notifier: DevNotifier
+    # Drivers' notifications and sign-in codes: the SMS service when PARKING_SMS_PROVIDER is
+    # set, else in-memory stand-ins (DevNotifier, DevSms) that the demo and tests read.
+    notifier: Notifier
     provider: PaymentProvider
+    sms: SmsSender
 
 
 def job_limits(settings: Settings) -> dict[str, int]:
@@ -164,7 +169,15 @@ async def running(
         endpoints.mqtt_url, settings.mqtt_client_id, ack_timeout_s=settings.mqtt_ack_timeout_s
     )
     provider = make_provider(settings, provider_endpoint)
-    notifier = DevNotifier()
+    sms_setup = sms_service.client_from(settings)
+    notifier: Notifier
+    sms: SmsSender
+    if sms_setup is None:
+        notifier, sms = DevNotifier(), DevSms()
+    else:
+        sms_client, templates = sms_setup
+        notifier = sms_service.SmsNotifier(worker_pool, sms_client, templates)
+        sms = sms_service.AliyunCodeSender(sms_client, templates.login_code)
     tasks: list[asyncio.Task[None]] = []
     maintenance: list[asyncio.Task[None]] = []
     lane_worker: LaneWorker | None = None
@@ -263,6 +276,7 @@ async def running(
             outbox,
             notifier,
             provider,
+            sms,
         )
         yield runtime
     finally:
@@ -278,6 +292,8 @@ async def running(
         with contextlib.suppress(Exception):
             await mqtt.stop()
         await provider.aclose()
+        if sms_setup is not None:
+            await sms_setup[0].aclose()
         await redis.aclose()
         if lane_redis is not redis:
             await lane_redis.aclose()

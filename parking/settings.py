@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from plate_recognition.calibration import certain_threshold
@@ -15,6 +15,11 @@ from plate_recognition.calibration import certain_threshold
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PARKING_", env_file=".env", extra="ignore")
+
+    # "production" refuses to start while any stand-in for the outside world would be used
+    # (parking.production lists them): embedded servers, the sandbox provider, the in-memory
+    # SMS and notifier, the dev vehicle registry, random per-process keys, unsigned commands.
+    env: Literal["development", "production"] = "development"
 
     # Servers. Unset means "start an embedded one under data_dir" (see parking.infra).
     database_url: str | None = None
@@ -82,8 +87,9 @@ class Settings(BaseSettings):
     ocr_workers: int = 1
 
     # Where drivers' phones and the payment provider reach this service: the gate's payment QR
-    # codes and the provider's notification URL are built from it.
-    public_base_url: str = "http://127.0.0.1:8000"
+    # codes, receipt links and the provider's notification URL are built from it. Unset: this
+    # API's own address (api_host:api_port; a development run); production requires it.
+    public_base_url: str = Field(default="", validate_default=True)
 
     # Drivers' messages: Chinese by default ("en" for an English deployment; no per-account
     # preference exists yet). Charge messages link to `<public_base_url>/r/<token>`.
@@ -115,6 +121,23 @@ class Settings(BaseSettings):
     job_max_attempts_gate_command: int = Field(default=5, ge=1)
     # Retry delays double up to this (each with jitter).
     job_backoff_cap_s: float = Field(default=300.0, gt=0)
+
+    # Text messages (sign-in codes, drivers' notifications). Unset provider: the in-memory dev
+    # sender (nothing leaves the process). "aliyun": Alibaba Cloud SMS (dysmsapi SendSms) with
+    # these keys, the approved sign name and one template per message (parking.sms).
+    sms_provider: Literal["aliyun"] | None = None
+    sms_endpoint: str = "https://dysmsapi.aliyuncs.com/"
+    sms_access_key_id: str | None = None
+    sms_access_key_secret: SecretStr | None = None
+    sms_sign_name: str | None = None
+    # Template codes (SMS_…): the sign-in code (one variable, `${code}`), the charge messages
+    # (exit charged, charge failed, collected late) and every other notice; those two carry
+    # the message's whole text (billing.notifications, in PARKING_MESSAGE_LANGUAGE) as
+    # `${content}`.
+    sms_template_login_code: str | None = None
+    sms_template_charge: str | None = None
+    sms_template_notice: str | None = None
+    sms_timeout_s: float = Field(default=5.0, gt=0)
 
     # Stand-ins for the outside world on a laptop (vehicle licence registry): never in production.
     # Without them, binding a plate needs a registry configured on the app (503 otherwise).
@@ -186,6 +209,18 @@ class Settings(BaseSettings):
     # Requests to the public lists and car parks (/api/v1/public/…, /api/v1/car-parks) one
     # client may make per minute; callers with the city's key are not counted.
     public_requests_per_minute_per_client: int = Field(default=120, ge=1)
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _public_base_url(cls, value: str, info: ValidationInfo) -> str:
+        if value:
+            return value.rstrip("/")
+        host = info.data.get("api_host", "127.0.0.1")
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{info.data.get('api_port', 8000)}"
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

@@ -423,7 +423,7 @@ async def run_demo(
                 progress.cancel()
             summary = await summarise(runtime, city, sim, started, expected_dead)
             summary["reconciliation"] = await _reconcile_today(runtime)
-        for note in list(runtime.notifier.sent)[-3:]:
+        for note in list(getattr(runtime.notifier, "sent", ()))[-3:]:
             print(f"demo: sms -> {mask_plates_in_text(note.body)}", file=out)
         if server is not None and server_task is not None:
             server.should_exit = True

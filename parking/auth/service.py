@@ -101,7 +101,7 @@ async def request_code(runtime: Runtime, sms: SmsSender, phone: str, client: str
             _code_hash(phone, code),
             datetime.now(UTC) + timedelta(seconds=settings.login_code_ttl_s),
         )
-    await sms.send(phone, f"【便捷泊车】登录验证码 sign-in code: {code}")
+    await sms.send_code(phone, code)
     return CodeSent(expires_in=settings.login_code_ttl_s)
 
 

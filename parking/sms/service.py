@@ -1,0 +1,82 @@
+"""The SMS adapters behind the service's two interfaces: sign-in codes (`SmsSender`) and
+drivers' notifications (billing's `Notifier`), both on Alibaba Cloud SMS templates."""
+
+from dataclasses import dataclass
+
+import asyncpg
+
+from billing.notifications import Notification
+from parking.errors import AppError
+from parking.logging import get_logger
+from parking.settings import Settings
+from parking.sms import repository
+from parking.sms.aliyun import AliyunSmsClient, AliyunSmsConfig, SmsError
+
+log = get_logger(__name__)
+
+# Notification kinds sent with the charge template; every other kind uses the notice template.
+CHARGE_KINDS = frozenset({"exit_charged", "charge_failed", "charge_collected_late"})
+
+
+@dataclass(frozen=True, slots=True)
+class Templates:
+    login_code: str
+    charge: str
+    notice: str
+
+
+def client_from(settings: Settings) -> tuple[AliyunSmsClient, Templates] | None:
+    """The configured SMS service, or None (the in-memory dev sender). Incomplete settings are
+    refused at start-up (parking.production names them), not here."""
+    if settings.sms_provider != "aliyun":
+        return None
+    assert settings.sms_access_key_id and settings.sms_access_key_secret
+    assert settings.sms_sign_name and settings.sms_template_login_code
+    assert settings.sms_template_charge and settings.sms_template_notice
+    config = AliyunSmsConfig(
+        endpoint=settings.sms_endpoint,
+        access_key_id=settings.sms_access_key_id,
+        access_key_secret=settings.sms_access_key_secret.get_secret_value(),
+        sign_name=settings.sms_sign_name,
+        timeout_s=settings.sms_timeout_s,
+    )
+    templates = Templates(
+        settings.sms_template_login_code, settings.sms_template_charge, settings.sms_template_notice
+    )
+    return AliyunSmsClient(config), templates
+
+
+class AliyunCodeSender:
+    """Sign-in codes: the login template with `${code}`."""
+
+    def __init__(self, client: AliyunSmsClient, template: str) -> None:
+        self.client = client
+        self.template = template
+
+    async def send_code(self, phone: str, code: str) -> None:
+        try:
+            await self.client.send(phone, self.template, {"code": code})
+        except SmsError as exc:
+            log.warning("sms.code_not_sent", reason=exc.code)
+            raise AppError(503, "sms_unavailable", "the sign-in code could not be sent") from exc
+
+
+class SmsNotifier:
+    """Drivers' notifications as text messages to the account's phone; an error leaves the
+    notification's job to the outbox's retries."""
+
+    def __init__(self, pool: asyncpg.Pool, client: AliyunSmsClient, templates: Templates) -> None:
+        self.pool = pool
+        self.client = client
+        self.templates = templates
+
+    async def send(self, notification: Notification) -> None:
+        async with self.pool.acquire() as conn:
+            phone = await repository.phone_of(conn, notification.account_id)
+        if phone is None:
+            log.info("sms.account_gone", notification_id=notification.id)
+            return
+        template = (
+            self.templates.charge if notification.kind in CHARGE_KINDS else self.templates.notice
+        )
+        await self.client.send(phone, template, {"content": notification.body})
