@@ -130,7 +130,12 @@ async def settle_by_charge(conn: asyncpg.Connection, account_id: int, charge_id:
 
 
 async def send_reminders(
-    conn: asyncpg.Connection, *, every: timedelta, now: datetime, limit: int = 500
+    conn: asyncpg.Connection,
+    *,
+    every: timedelta,
+    now: datetime,
+    limit: int = 500,
+    language: notifications.Language = "zh",
 ) -> int:
     """Queues one reminder per account whose oldest unreminded debt is due; returns how many.
     Runs in the caller's transaction; the notification outbox sends them after commit."""
@@ -154,9 +159,8 @@ async def send_reminders(
             account_id=row["account_id"],
             kind="debt_reminder",
             source_key=f"debt-reminder:{row['account_id']}:{row['sent'] + 1}:{now.date()}",
-            body=(
-                f"You owe {format_fen(row['total'])} in parking fees ({row['n']} unpaid "
-                "stays); pay in the app to leave without stopping again"
+            body=notifications.render(
+                "debt_reminder", language, amount=format_fen(row["total"]), count=row["n"]
             ),
         )
         await conn.execute(

@@ -61,6 +61,15 @@ TEMPLATES: dict[str, dict[Language, str]] = {
         "en": "{plate}: the parking fee at {car_park} ({amount}) was collected after all"
         "{twice}{receipt}",
     },
+    "debt_reminder": {
+        "zh": "您有{count}笔停车费共{amount}尚未缴纳，请在App中缴纳，以继续无感离场",
+        "en": "You owe {amount} in parking fees ({count} unpaid stays); pay in the app to "
+        "leave without stopping again",
+    },
+    "payment_received": {
+        "zh": "已收到您支付的{amount}，谢谢",
+        "en": "{amount} received, thank you",
+    },
     "refund": {
         "zh": "已退款{amount}：{reason}",
         "en": "{amount} refunded: {reason}",

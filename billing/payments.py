@@ -123,8 +123,11 @@ async def mark_paid(
     out_trade_no: str,
     provider_ref: str,
     finished_at: datetime | None,
+    *,
+    language: notifications.Language = "zh",
 ) -> Payment | None:
-    """Books a completed payment once; None when it was already booked or is not ours."""
+    """Books a completed payment once; None when it was already booked or is not ours. The
+    driver's message is written in `language`."""
     row = await conn.fetchrow(
         f"""UPDATE payments SET status = 'succeeded', paid_at = now(), provider_ref = $2,
                    provider_finished_at = COALESCE($3, now())
@@ -173,7 +176,9 @@ async def mark_paid(
             account_id=payment.account_id,
             kind="payment_received",
             source_key=f"payment:{payment.id}:succeeded",
-            body=f"{format_fen(payment.amount_fen)} received, thank you",
+            body=notifications.render(
+                "payment_received", language, amount=format_fen(payment.amount_fen)
+            ),
         )
     return payment
 

@@ -50,7 +50,11 @@ async def apply(
                 log.error("billing.amount_mismatch", provider_ref=result.provider_ref)
                 return Applied("amount_mismatch")
             paid = await payments.mark_paid(
-                conn, result.out_trade_no, result.provider_ref, result.finished_at
+                conn,
+                result.out_trade_no,
+                result.provider_ref,
+                result.finished_at,
+                language=style.language,
             )
             return Applied("paid", paid.id) if paid else Applied("no_change")
         if result.status == "closed":

@@ -338,7 +338,7 @@ class OutboxWorker:
         """Periodic work: debt reminders, and payments whose notification never came."""
         async with self.pool.acquire() as conn, conn.transaction():
             self.stats.reminders += await debts.send_reminders(
-                conn, every=self.reminder_every, now=now
+                conn, every=self.reminder_every, now=now, language=self.style.language
             )
             # Payments the driver may have completed without us hearing of it, newest first;
             # past their lifetime they are closed at the provider so they cannot be paid late.

@@ -71,6 +71,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
                             conn,
                             every=timedelta(days=settings.debt_reminder_every_days),
                             now=datetime.now(UTC),
+                            language=settings.message_language,
                         )
                     print(orjson.dumps({"reminders": sent}).decode())
                     return 0

@@ -15,6 +15,7 @@ import uvicorn
 import uvloop
 
 from parking import billing_cli
+from parking.admin import cli as admin_cli
 from parking.app import create_app, server_config
 from parking.db import create_pool
 from parking.gates import provision as gates_provision
@@ -189,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("gates", help="broker accounts and ACLs for gates and lane workers")
     )
 
+    admin_cli.add_arguments(
+        sub.add_parser(
+            "admin",
+            help="companies, car parks, staff, gates and API keys (audit-logged)",
+            description=admin_cli.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+
     p_billing = sub.add_parser("billing", help="reconciliation and money reports")
     billing_cli.add_arguments(p_billing)
 
@@ -235,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         run(_once(settings, _partitions))
     elif args.command == "gates":
         return gates_provision.run(args)
+    elif args.command == "admin":
+        return run(admin_cli.run(settings, args))
     elif args.command == "billing":
         return run(billing_cli.run(settings, args))
     return 0

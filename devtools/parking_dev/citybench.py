@@ -53,7 +53,7 @@ import httpx
 import orjson
 import uvloop
 
-from billing import charges, fees, ledger
+from billing import charges, fees, ledger, notifications
 from billing.charges import new_idempotency_key
 from billing.notifications import exit_charged_text
 from billing.payments import new_out_trade_no, received_lines
@@ -966,7 +966,7 @@ class _Day:
                 car.account_id,
                 "payment_received",
                 f"payment:{payment_id}:succeeded",
-                f"{format_fen(fee + debt)} received, thank you",
+                notifications.render("payment_received", "zh", amount=format_fen(fee + debt)),
                 paid,
             )
 

@@ -1,6 +1,6 @@
 """Writes that set up the world: operators, car parks, gates, tariffs, drivers, bindings.
 
-Used by seeding (demo, tests) today and by the operator and driver APIs later.
+Used by `parking admin …` (parking.admin.service) and by seeding (demo, tests).
 """
 
 from datetime import datetime
@@ -32,11 +32,13 @@ async def create_car_park(
     no_entry_policy: str = "exception",
     no_entry_fee_fen: int = 0,
     uncertain_exit_policy: str = "open_confirm",
+    address: str | None = None,
 ) -> int:
     car_park_id: int = await conn.fetchval(
         """INSERT INTO car_parks (operator_id, code, name, capacity, latitude, longitude,
-                                  no_entry_policy, no_entry_fee_fen, uncertain_exit_policy)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id""",
+                                  no_entry_policy, no_entry_fee_fen, uncertain_exit_policy,
+                                  address)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id""",
         operator_id,
         code,
         check_car_park_name(name),
@@ -46,8 +48,79 @@ async def create_car_park(
         no_entry_policy,
         no_entry_fee_fen,
         uncertain_exit_policy,
+        address,
     )
     return car_park_id
+
+
+async def insert_company(conn: asyncpg.Connection, name: str) -> int | None:
+    """A new company (operator); None when one of that name exists."""
+    operator_id: int | None = await conn.fetchval(
+        "INSERT INTO operators (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING id",
+        name,
+    )
+    return operator_id
+
+
+async def company_id(conn: asyncpg.Connection, ref: str) -> int | None:
+    """A company by its id or its exact name."""
+    found: int | None = await conn.fetchval(
+        "SELECT id FROM operators WHERE name = $1 OR ($2::bigint IS NOT NULL AND id = $2)",
+        ref,
+        int(ref) if ref.isdigit() else None,
+    )
+    return found
+
+
+async def car_park_by_code(conn: asyncpg.Connection, code: str) -> asyncpg.Record | None:
+    """id, operator_id and uncertain_exit_policy of the car park with `code`, locked for the
+    caller's transaction."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT id, operator_id, uncertain_exit_policy FROM car_parks WHERE code = $1 FOR UPDATE",
+        code,
+    )
+    return row
+
+
+async def set_uncertain_exit_policy(
+    conn: asyncpg.Connection, car_park_id: int, policy: str
+) -> None:
+    await conn.execute(
+        "UPDATE car_parks SET uncertain_exit_policy = $2 WHERE id = $1", car_park_id, policy
+    )
+
+
+async def gate_id(conn: asyncpg.Connection, car_park_code: str, gate_code: str) -> int | None:
+    found: int | None = await conn.fetchval(
+        """SELECT g.id FROM gates g JOIN car_parks cp ON cp.id = g.car_park_id
+           WHERE cp.code = $1 AND g.code = $2""",
+        car_park_code,
+        gate_code,
+    )
+    return found
+
+
+async def api_keys(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Every API key (never the key itself: only its hash is stored, and not listed)."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT k.id, k.kind, k.label, cp.code AS car_park, g.code AS gate, k.created_at,
+                  k.revoked_at
+           FROM api_keys k LEFT JOIN gates g ON g.id = k.gate_id
+           LEFT JOIN car_parks cp ON cp.id = g.car_park_id
+           ORDER BY k.id"""
+    )
+    return rows
+
+
+async def revoke_api_key(conn: asyncpg.Connection, key_id: int) -> str | None:
+    """Revokes a key that is not yet revoked; its kind, or None when there is no such key
+    (or it was revoked already)."""
+    kind: str | None = await conn.fetchval(
+        """UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL
+           RETURNING kind""",
+        key_id,
+    )
+    return kind
 
 
 async def create_gate(conn: asyncpg.Connection, car_park_id: int, code: str, direction: str) -> int:
