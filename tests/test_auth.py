@@ -357,3 +357,54 @@ async def test_staff_change_their_password_and_that_ends_their_other_sign_ins(
     assert rotated.status_code == 200
     assert (await sign_in(staff.password)).status_code == 401
     assert (await sign_in(new_password)).status_code == 200
+
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+async def test_the_token_endpoint_takes_the_oauth2_form_encoding(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, lot: Lot
+) -> None:
+    staff = await make_staff(runtime, lot.operator_id, "admin")
+    # RFC 6749 §4.3: the password grant's `username` is the staff e-mail.
+    signed_in = await api.post(
+        "/api/v1/auth/token",
+        data={"grant_type": "password", "username": staff.email, "password": staff.password},
+    )
+    assert signed_in.status_code == 200, signed_in.text
+    pair = signed_in.json()
+    assert app.state.signer.decode(pair["access_token"]).role == "admin"
+    refreshed = await api.post(
+        "/api/v1/auth/token",
+        data={"grant_type": "refresh_token", "refresh_token": pair["refresh_token"]},
+    )
+    assert refreshed.status_code == 200, refreshed.text
+
+    phone = _phone()
+    await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
+    driver = await api.post(
+        "/api/v1/auth/token",
+        data={"grant_type": "sign_in_code", "phone": phone, "code": app.state.sms.last_code(phone)},
+    )
+    assert driver.status_code == 200, driver.text
+
+
+async def test_bad_token_forms_are_refused_in_the_one_error_shape(
+    api: httpx.AsyncClient, runtime: Runtime, lot: Lot
+) -> None:
+    staff = await make_staff(runtime, lot.operator_id, "admin")
+    for body in (
+        f"grant_type=password&username={staff.email}&password={staff.password}&password=x",
+        f"grant_type=password&username={staff.email}",
+        "grant_type=client_credentials&client_id=x",
+        "=&&=",
+        "grant_type=password&username=%FF%FE&password=x",
+    ):
+        answer = await api.post("/api/v1/auth/token", content=body.encode(), headers=FORM)
+        assert answer.status_code == 422, (body, answer.text)
+        assert answer.json()["error"]["code"] == "invalid_request", body
+        assert staff.password not in answer.text
+    not_json = await api.post(
+        "/api/v1/auth/token", content=b"{", headers={"Content-Type": "application/json"}
+    )
+    assert not_json.status_code == 422 and not_json.json()["error"]["code"] == "invalid_request"

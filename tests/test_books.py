@@ -173,7 +173,8 @@ async def test_debts_get_reminders_at_an_interval_and_show_in_the_ageing_report(
     async def reminders() -> list[str]:
         async with runtime.pool.acquire() as conn:
             rows = await conn.fetch(
-                "SELECT body FROM notifications WHERE account_id = $1 AND kind = 'debt_reminder'",
+                "SELECT body FROM notifications WHERE account_id = $1 AND kind = 'debt_reminder' "
+                "ORDER BY id",
                 driver.account_id,
             )
         return [r["body"] for r in rows]
@@ -182,7 +183,15 @@ async def test_debts_get_reminders_at_an_interval_and_show_in_the_ageing_report(
         async with runtime.pool.acquire() as conn, conn.transaction():
             await debts.send_reminders(conn, every=timedelta(days=3), now=when)
     assert len(await reminders()) == 2, "one now, the next only after the interval"
-    assert "¥6.00" in (await reminders())[0]
+    assert (await reminders())[0] == "您有1笔停车费共¥6.00尚未缴纳，请在App中缴纳，以继续无感离场"
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        await debts.send_reminders(
+            conn, every=timedelta(days=3), now=now + timedelta(days=7), language="en"
+        )
+    assert (await reminders())[2] == (
+        "You owe ¥6.00 in parking fees (1 unpaid stays); pay in the app to leave without "
+        "stopping again"
+    )
 
     async with runtime.pool.acquire() as conn:
         report = {row["age_days"]: row for row in await debts.ageing(conn, now)}

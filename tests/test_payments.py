@@ -224,6 +224,13 @@ async def test_held_car_pays_fee_and_debt_by_qr_and_pay_later_comes_back(
     assert debt["settled_at"] is not None and blocked is False
     assert stored == "open", "a redelivered capture gets the open command"
 
+    async with runtime.pool.acquire() as conn:
+        thanks = await conn.fetchval(
+            """SELECT body FROM notifications WHERE account_id = $1 AND kind = 'payment_received'""",
+            driver.account_id,
+        )
+    assert thanks == "已收到您支付的¥18.00，谢谢"
+
     # Pay-later is back: the next exit opens without stopping.
     again = await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
     assert again["action"] == "open"
