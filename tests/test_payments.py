@@ -226,7 +226,7 @@ async def test_held_car_pays_fee_and_debt_by_qr_and_pay_later_comes_back(
 
     async with runtime.pool.acquire() as conn:
         thanks = await conn.fetchval(
-            """SELECT body FROM notifications WHERE account_id = $1 AND kind = 'payment_received'""",
+            "SELECT body FROM notifications WHERE account_id = $1 AND kind = 'payment_received'",
             driver.account_id,
         )
     assert thanks == "已收到您支付的¥18.00，谢谢"
