@@ -28,7 +28,7 @@ from parking.payments.router import router as payments_router
 from parking.public.router import router as public_router
 from parking.receipts.router import router as receipts_router
 from parking.receipts.signing import FrameSigner
-from parking.runtime import Runtime
+from parking.runtime import ConfigurationError, Runtime
 
 log = get_logger(__name__)
 
@@ -45,6 +45,8 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.state.runtime = runtime
     settings = runtime.settings
     if settings.jwt_secret is None:
+        if settings.env == "production":
+            raise ConfigurationError("PARKING_JWT_SECRET is required in production")
         log.warning("auth.ephemeral_signing_key", hint="set PARKING_JWT_SECRET in production")
         key = secrets.token_urlsafe(48)
     else:

@@ -208,22 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _start(settings: Settings, args: argparse.Namespace) -> int:
-    """`parking serve`, `lanes` or `worker`; 2 (and every reason on stderr) when the
-    configuration cannot start, as production does on any stand-in."""
-    try:
-        if args.command == "serve":
-            run(_serve(settings, lanes=not args.no_lanes, outbox_worker=not args.no_worker))
-        elif args.command == "lanes":
-            run(_without_api(settings, lanes=True, name="lane service"))
-        else:
-            run(_without_api(settings, lanes=False, name="outbox worker"))
-    except (ProductionRefused, ConfigurationError) as exc:
-        print(f"parking {args.command}: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if argv is None:
@@ -233,9 +217,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = get_settings()
     configure_from(settings)
-    if args.command in ("serve", "lanes", "worker"):
-        return _start(settings, args)
-    if args.command == "migrate":
+    try:
+        return _command(settings, args)
+    except (ProductionRefused, ConfigurationError) as exc:
+        # A configuration that cannot run (production on a stand-in): every reason, status 2.
+        print(f"parking {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _command(settings: Settings, args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        run(_serve(settings, lanes=not args.no_lanes, outbox_worker=not args.no_worker))
+    elif args.command == "lanes":
+        run(_without_api(settings, lanes=True, name="lane service"))
+    elif args.command == "worker":
+        run(_without_api(settings, lanes=False, name="outbox worker"))
+    elif args.command == "migrate":
         run(_migrate(settings, args.snapshot))
     elif args.command == "retention":
         run(_once(settings, _retention))

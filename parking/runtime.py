@@ -63,6 +63,11 @@ async def payment_provider(
         secret = settings.payment_provider_secret.get_secret_value()
         yield ProviderEndpoint(settings.payment_provider_url, secret)
         return
+    if settings.env == "production":
+        raise ConfigurationError(
+            "PARKING_PAYMENT_PROVIDER_URL is not set: production never takes money through "
+            "the in-process sandbox provider"
+        )
     try:
         from parking_dev import sandbox
     except ImportError:

@@ -231,3 +231,12 @@ async def test_a_complete_production_configuration_starts(
             process.terminate()
         _, errors = await asyncio.wait_for(process.communicate(), timeout=30)
     assert "refuses" not in errors.decode(errors="replace")
+
+
+async def test_reconciling_in_production_never_asks_an_in_process_sandbox(
+    database_url: str, tmp_path: Path
+) -> None:
+    env = _environment({"env": "production", "database_url": database_url})
+    code, output = await _run("billing", "reconcile", "2026-12-01", env=env, cwd=tmp_path)
+    assert code == 2, output
+    assert "PARKING_PAYMENT_PROVIDER_URL is not set" in output and "Traceback" not in output
