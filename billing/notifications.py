@@ -24,6 +24,15 @@ class Notification:
     account_id: int
     kind: str
     body: str
+    # The message's fields, where an adapter fills a template of its own with them (an SMS
+    # service's approved charge template); None: the text alone.
+    params: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    body: str
+    params: dict[str, str]
 
 
 class Notifier(Protocol):
@@ -136,6 +145,36 @@ def format_duration(seconds: int, language: Language = "en") -> str:
     return f"{hours}h{rest // 60:02d}m"
 
 
+def exit_charged(
+    plate: str,
+    car_park_name: str,
+    entered_at: datetime,
+    exited_at: datetime,
+    amount_fen: int,
+    tz: ZoneInfo,
+    *,
+    language: Language = "zh",
+    receipt_url: str | None = None,
+) -> Message:
+    """The charge message and its fields (an SMS template's variables: the amount in yuan
+    without its sign, the receipt link or nothing)."""
+    fields = {
+        "plate": plate,
+        "car_park": car_park_name,
+        "time": exited_at.astimezone(tz).strftime("%H:%M"),
+        "duration": format_duration(int((exited_at - entered_at).total_seconds()), language),
+    }
+    body = render(
+        "exit_charged",
+        language,
+        **fields,
+        amount=format_fen(amount_fen),
+        receipt=receipt_sentence(language, receipt_url),
+    )
+    yuan, fen = divmod(amount_fen, 100)
+    return Message(body, {**fields, "amount": f"{yuan}.{fen:02d}", "receipt": receipt_url or ""})
+
+
 def exit_charged_text(
     plate: str,
     car_park_name: str,
@@ -147,16 +186,16 @@ def exit_charged_text(
     language: Language = "zh",
     receipt_url: str | None = None,
 ) -> str:
-    return render(
-        "exit_charged",
-        language,
-        plate=plate,
-        car_park=car_park_name,
-        time=exited_at.astimezone(tz).strftime("%H:%M"),
-        duration=format_duration(int((exited_at - entered_at).total_seconds()), language),
-        amount=format_fen(amount_fen),
-        receipt=receipt_sentence(language, receipt_url),
-    )
+    return exit_charged(
+        plate,
+        car_park_name,
+        entered_at,
+        exited_at,
+        amount_fen,
+        tz,
+        language=language,
+        receipt_url=receipt_url,
+    ).body
 
 
 def receipt_token_hash(token: str) -> bytes:
@@ -178,26 +217,34 @@ async def receipt_link(conn: asyncpg.Connection, charge_id: int, style: MessageS
 
 
 async def enqueue(
-    conn: asyncpg.Connection, *, account_id: int, kind: str, source_key: str, body: str
+    conn: asyncpg.Connection,
+    *,
+    account_id: int,
+    kind: str,
+    source_key: str,
+    body: str,
+    params: dict[str, str] | None = None,
 ) -> int | None:
     """Queues a notification once per source_key; None when it was already queued."""
     notification_id: int | None = await conn.fetchval(
         """WITH notification AS (
-               INSERT INTO notifications (account_id, kind, source_key, body)
-               VALUES ($1, $2, $3, $4) ON CONFLICT (source_key) DO NOTHING RETURNING id)
+               INSERT INTO notifications (account_id, kind, source_key, body, params)
+               VALUES ($1, $2, $3, $4, $5) ON CONFLICT (source_key) DO NOTHING RETURNING id)
            INSERT INTO outbox (kind, ref_id) SELECT 'notification', id FROM notification
            RETURNING ref_id""",
         account_id,
         kind,
         source_key,
         body,
+        params,
     )
     return notification_id
 
 
 async def load(conn: asyncpg.Connection, notification_id: int) -> Notification | None:
     row = await conn.fetchrow(
-        "SELECT id, account_id, kind, body FROM notifications WHERE id = $1 AND status = 'pending'",
+        """SELECT id, account_id, kind, body, params FROM notifications
+           WHERE id = $1 AND status = 'pending'""",
         notification_id,
     )
     return Notification(**dict(row)) if row else None

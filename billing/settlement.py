@@ -99,21 +99,23 @@ async def _charge(
             conn, charge, result.provider_ref, provider_name, result.finished_at
         ):
             return Applied("no_change")
+        message = notifications.exit_charged(
+            charge.plate,
+            charge.car_park_name,
+            charge.entered_at,
+            charge.exited_at,
+            charge.amount_fen,
+            style.tz,
+            language=style.language,
+            receipt_url=await notifications.receipt_link(conn, charge.charge_id, style),
+        )
         await notifications.enqueue(
             conn,
             account_id=charge.account_id,
             kind="exit_charged",
             source_key=f"charge:{charge.charge_id}:succeeded",
-            body=notifications.exit_charged_text(
-                charge.plate,
-                charge.car_park_name,
-                charge.entered_at,
-                charge.exited_at,
-                charge.amount_fen,
-                style.tz,
-                language=style.language,
-                receipt_url=await notifications.receipt_link(conn, charge.charge_id, style),
-            ),
+            body=message.body,
+            params=message.params,
         )
         log.info("billing.charged", charge_id=charge.charge_id, amount_fen=charge.amount_fen)
         return Applied("charged")

@@ -130,10 +130,10 @@ class Settings(BaseSettings):
     sms_access_key_id: str | None = None
     sms_access_key_secret: SecretStr | None = None
     sms_sign_name: str | None = None
-    # Template codes (SMS_…): the sign-in code (one variable, `${code}`), the charge messages
-    # (exit charged, charge failed, collected late) and every other notice; those two carry
-    # the message's whole text (billing.notifications, in PARKING_MESSAGE_LANGUAGE) as
-    # `${content}`.
+    # Template codes (SMS_…): the sign-in code (`${code}`); the charge after an exit
+    # (`${plate}`, `${car_park}`, `${time}`, `${duration}`, `${amount}` in yuan, `${receipt}`
+    # the receipt link); every other notice, its whole text (billing.notifications, in
+    # PARKING_MESSAGE_LANGUAGE) as `${content}`.
     sms_template_login_code: str | None = None
     sms_template_charge: str | None = None
     sms_template_notice: str | None = None

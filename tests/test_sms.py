@@ -4,6 +4,9 @@ and notice templates, and a refused or wrongly signed message never counted as s
 
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -15,8 +18,9 @@ from parking.admin import repository as admin
 from parking.runtime import Runtime
 from parking.settings import Settings
 from parking.sms.aliyun import signature
-from tests.conftest import eventually
+from tests.conftest import Lot, eventually, exit_after, make_driver, unique_plate
 from tests.fake_aliyun_sms import FakeAliyunSms, serving
+from tests.gates import GateProbe
 
 KEY_ID = "LTAI-test-key"
 SECRET = "test-secret-of-the-fake"
@@ -94,7 +98,13 @@ async def test_a_code_the_service_refuses_is_a_503_not_a_silent_success(
     assert fake_sms.refused == ["SignatureDoesNotMatch"] and fake_sms.accepted == []
 
 
-async def _notify(runtime: Runtime, account_id: int, kind: str, body: str) -> int:
+async def _notify(
+    runtime: Runtime,
+    account_id: int,
+    kind: str,
+    body: str,
+    params: dict[str, str] | None = None,
+) -> int:
     async with runtime.pool.acquire() as conn, conn.transaction():
         notification_id = await notifications.enqueue(
             conn,
@@ -102,6 +112,7 @@ async def _notify(runtime: Runtime, account_id: int, kind: str, body: str) -> in
             kind=kind,
             source_key=f"test:{uuid.uuid4().hex}",
             body=body,
+            params=params,
         )
     assert notification_id is not None
     return notification_id
@@ -121,13 +132,34 @@ async def test_drivers_notifications_go_to_their_phone_by_template(
     phone = _phone()
     async with runtime.pool.acquire() as conn:
         account_id = await admin.create_account(conn, f"+86{phone}")
-    charged = "浙A12345 于18:02驶离城中街停车场，停车2小时10分，费用¥12.00已扣款"
-    first = await _notify(runtime, account_id, "exit_charged", charged)
+    tz = ZoneInfo("Asia/Shanghai")
+    left = datetime(2026, 12, 6, 18, 2, tzinfo=tz)
+    charged = notifications.exit_charged(
+        "浙A12345",
+        "城中街停车场",
+        left - timedelta(hours=2, minutes=10),
+        left,
+        1205,
+        tz,
+        receipt_url="https://parking.example.cn/r/abc",
+    )
+    first = await _notify(runtime, account_id, "exit_charged", charged.body, charged.params)
     second = await _notify(runtime, account_id, "debt_reminder", "您有1笔停车费共¥6.00尚未缴纳")
     for notification_id in (first, second):
         await eventually(lambda n=notification_id: _is_sent(runtime, n))
     by_template = {m["template"]: m for m in fake_sms.accepted}
-    assert by_template["SMS_100002"]["params"] == {"content": charged}
+    assert by_template["SMS_100002"]["params"] == {
+        "plate": "浙A12345",
+        "car_park": "城中街停车场",
+        "time": "18:02",
+        "duration": "2小时10分",
+        "amount": "12.05",
+        "receipt": "https://parking.example.cn/r/abc",
+    }
+    assert charged.body == (
+        "浙A12345 于18:02驶离城中街停车场，停车2小时10分，费用¥12.05已扣款，"
+        "凭证：https://parking.example.cn/r/abc"
+    )
     assert by_template["SMS_100003"]["params"] == {"content": "您有1笔停车费共¥6.00尚未缴纳"}
     assert {m["phone"] for m in fake_sms.accepted} == {phone}
 
@@ -155,3 +187,24 @@ async def test_a_refused_notification_stays_pending_and_is_retried(
     await eventually(retried)
     assert await _status(runtime, notification_id) == "pending"
     fake_sms.fail_with = None
+
+
+async def test_a_pay_later_exit_is_texted_with_the_charge_templates_fields(
+    runtime: Runtime, gate: GateProbe, lot: Lot, fake_sms: FakeAliyunSms
+) -> None:
+    driver = await make_driver(runtime, unique_plate())
+    opened = await exit_after(runtime, gate, lot, driver.plate, timedelta(hours=2, minutes=10))
+    assert opened["action"] == "open", opened
+
+    async def texted() -> list[dict[str, Any]]:
+        return [m for m in fake_sms.accepted if m["template"] == "SMS_100002"]
+
+    [message] = await eventually(texted)
+    params = message["params"]
+    assert (params["plate"], params["car_park"], params["duration"], params["amount"]) == (
+        driver.plate,
+        lot.name,
+        "2小时10分",
+        "18.00",
+    )
+    assert params["receipt"].startswith(f"{runtime.settings.public_base_url}/r/")

@@ -14,8 +14,9 @@ from parking.sms.aliyun import AliyunSmsClient, AliyunSmsConfig, SmsError
 
 log = get_logger(__name__)
 
-# Notification kinds sent with the charge template; every other kind uses the notice template.
-CHARGE_KINDS = frozenset({"exit_charged", "charge_failed", "charge_collected_late"})
+# The notification kind sent with the charge template, one variable per field (billing.
+# notifications.exit_charged); every other kind goes with the notice template as `${content}`.
+CHARGE_KIND = "exit_charged"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +77,7 @@ class SmsNotifier:
         if phone is None:
             log.info("sms.account_gone", notification_id=notification.id)
             return
-        template = (
-            self.templates.charge if notification.kind in CHARGE_KINDS else self.templates.notice
-        )
-        await self.client.send(phone, template, {"content": notification.body})
+        if notification.kind == CHARGE_KIND and notification.params:
+            await self.client.send(phone, self.templates.charge, notification.params)
+        else:
+            await self.client.send(phone, self.templates.notice, {"content": notification.body})
