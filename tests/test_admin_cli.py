@@ -14,10 +14,12 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from pydantic import SecretStr
 
 from billing.tariff import Tariff
 from parking.admin import cli as admin_cli
 from parking.cli import build_parser
+from parking.gates import config as gate_configs
 from parking.runtime import Runtime
 from parking.settings import Settings
 from tests.conftest import bearer
@@ -29,11 +31,18 @@ def _unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}"
 
 
+GATE_KEY = gate_configs.generate_private_key()
+
+
 async def admin(
     database_url: str, capsys: pytest.CaptureFixture[str], *argv: str
 ) -> tuple[int, Any]:
     """`parking admin --json --actor test:admin ARGV…`: its exit status and printed JSON."""
-    settings = Settings(_env_file=None, database_url=database_url)  # type: ignore[call-arg]
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        database_url=database_url,
+        gate_config_key=SecretStr(gate_configs.private_key_pem(GATE_KEY)),
+    )
     args = build_parser().parse_args(["admin", "--json", "--actor", "test:admin", *argv])
     capsys.readouterr()
     code = await admin_cli.run(settings, args)
@@ -141,6 +150,7 @@ async def test_day_one_of_a_company_without_sql(
     assert code == 0, gate
     username = f"gate-{car_park_code}-out1"
     assert gate["broker"]["username"] == username and len(gate["camera_key"]) >= 32
+    assert gate["server_public_key"] == gate_configs.public_key_text(GATE_KEY)
     credentials = orjson.loads((broker_dir / "credentials.json").read_bytes())
     assert {"username": username, "password": gate["broker"]["password"]}.items() <= next(
         user for user in credentials["users"] if user["username"] == username

@@ -21,6 +21,7 @@ import orjson
 from billing.tariff import Tariff
 from parking.admin import service
 from parking.db import create_pool
+from parking.gates import config as gate_configs
 from parking.infra import endpoints
 from parking.settings import Settings
 
@@ -122,6 +123,17 @@ def _password(args: argparse.Namespace) -> str | None:
     return sys.stdin.readline().rstrip("\r\n")
 
 
+def _server_public_key(settings: Settings) -> str | None:
+    """The public half of PARKING_GATE_CONFIG_KEY, which the gate's agent is configured with."""
+    if settings.gate_config_key is None:
+        return None
+    try:
+        key = gate_configs.load_private_key(settings.gate_config_key.get_secret_value())
+    except ValueError as exc:
+        raise service.AdminError(f"PARKING_GATE_CONFIG_KEY: {exc}") from None
+    return gate_configs.public_key_text(key)
+
+
 Command = Callable[[asyncpg.Connection, str], Awaitable[Any]]
 
 
@@ -168,6 +180,7 @@ def command(args: argparse.Namespace, settings: Settings) -> Command:
             direction=args.direction,
             topic_prefix=settings.mqtt_topic_prefix,
             broker_dir=args.broker_dir,
+            server_public_key=_server_public_key(settings),
         )
     if what == ("api-key", "create"):
         return lambda conn, actor: service.create_api_key(

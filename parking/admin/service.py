@@ -214,11 +214,13 @@ async def create_gate(
     direction: Literal["in", "out", "both"],
     topic_prefix: str,
     broker_dir: Path,
+    server_public_key: str | None = None,
 ) -> dict[str, Any]:
     """A gate, with what its installer needs once: its broker login (the broker's files in
     `broker_dir` are rewritten for every gate as `parking gates provision --from-db` does,
-    keeping the passwords already there) and a new key for its camera (the agent's
-    `[camera] key`, also set in the camera; not stored here)."""
+    keeping the passwords already there), a new key for its camera (the agent's
+    `[camera] key`, also set in the camera; not stored here) and, when commands are signed,
+    the public key the agent checks them with (`server_public_key`)."""
     if not provision.CODE.fullmatch(code):
         raise AdminError(f"gate code {code!r}: 1-64 characters of A-Z a-z 0-9 _ -")
     car_park_row = await _car_park(conn, car_park)
@@ -259,6 +261,7 @@ async def create_gate(
         "topic_root": topics.root,
         "broker": broker,
         "camera_key": camera_key,
+        "server_public_key": server_public_key,
     }
 
 
