@@ -25,10 +25,11 @@ from parking.operators.router import router as operators_router
 from parking.ownership.router import router as ownership_router
 from parking.payments.router import MAX_NOTIFICATION_BYTES
 from parking.payments.router import router as payments_router
+from parking.production import ConfigurationError
 from parking.public.router import router as public_router
 from parking.receipts.router import router as receipts_router
 from parking.receipts.signing import FrameSigner
-from parking.runtime import ConfigurationError, Runtime
+from parking.runtime import Runtime
 
 log = get_logger(__name__)
 

@@ -23,9 +23,9 @@ from parking.infra import endpoints
 from parking.logging import configure_from
 from parking.migrate import MIGRATIONS_DIR, migrate, schema_snapshot
 from parking.partitions import service as partitions
-from parking.production import ProductionRefused, refuse_stand_ins
+from parking.production import ConfigurationError, ProductionRefused, refuse_stand_ins
 from parking.retention import service as retention
-from parking.runtime import ConfigurationError, payment_provider, running
+from parking.runtime import payment_provider, running
 from parking.settings import Settings, get_settings
 
 T = TypeVar("T")

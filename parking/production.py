@@ -27,6 +27,10 @@ class Missing:
         return f"{self.setting}: {self.why}"
 
 
+class ConfigurationError(RuntimeError):
+    """Settings this process cannot run with (any environment)."""
+
+
 class ProductionRefused(RuntimeError):
     def __init__(self, missing: list[Missing]) -> None:
         self.missing = missing
@@ -65,7 +69,7 @@ def stand_ins(settings: Settings) -> list[Missing]:
                 "unset: the provider's notifications could not be verified",
             )
         )
-    missing += _sms(settings)
+    missing += sms_missing(settings)
     if settings.dev_adapters:
         missing.append(
             Missing(
@@ -120,7 +124,7 @@ def stand_ins(settings: Settings) -> list[Missing]:
     return missing
 
 
-def _sms(settings: Settings) -> list[Missing]:
+def sms_missing(settings: Settings) -> list[Missing]:
     if settings.sms_provider is None:
         return [
             Missing(

@@ -29,6 +29,7 @@ from parking.migrate import migrate
 from parking.occupancy.service import Occupancy
 from parking.partitions import service as partitions
 from parking.payments.service import release_gate
+from parking.production import ConfigurationError
 from parking.retention import service as retention
 from parking.settings import Settings
 from parking.sms import service as sms_service
@@ -43,10 +44,6 @@ NOTIFY_PATH = "/api/v1/payments/notifications/{provider}"
 class ProviderEndpoint:
     url: str
     secret: str
-
-
-class ConfigurationError(RuntimeError):
-    pass
 
 
 @contextlib.asynccontextmanager
@@ -143,6 +140,8 @@ async def running(
     """Starts the system against `endpoints`: the lane service and the outbox worker, or
     either alone (`parking lanes`, `parking worker`), or neither (the API alone: `parking
     serve --no-lanes --no-worker`)."""
+    # Half-configured SMS stops the start before anything is opened.
+    sms_setup = sms_service.client_from(settings)
     # The API's and the maintenance jobs' connections. The lane has its own (below): requests
     # holding connections, however many, never make a gate wait for one (issue #17).
     pool = await create_pool(endpoints.database_url, min_size=2, max_size=20, stateless=True)
@@ -174,7 +173,6 @@ async def running(
         endpoints.mqtt_url, settings.mqtt_client_id, ack_timeout_s=settings.mqtt_ack_timeout_s
     )
     provider = make_provider(settings, provider_endpoint)
-    sms_setup = sms_service.client_from(settings)
     notifier: Notifier
     sms: SmsSender
     if sms_setup is None:

@@ -16,8 +16,9 @@ from pydantic import SecretStr
 
 from parking import cli
 from parking.gates import config as gate_configs
-from parking.production import ProductionRefused, stand_ins
-from parking.runtime import ProviderEndpoint
+from parking.infra import Endpoints
+from parking.production import ConfigurationError, ProductionRefused, stand_ins
+from parking.runtime import ProviderEndpoint, running
 from parking.settings import Settings
 from parking_dev import sandbox
 from tests.conftest import MQTT_URL, REDIS_URL
@@ -240,3 +241,14 @@ async def test_reconciling_in_production_never_asks_an_in_process_sandbox(
     code, output = await _run("billing", "reconcile", "2026-12-01", env=env, cwd=tmp_path)
     assert code == 2, output
     assert "PARKING_PAYMENT_PROVIDER_URL is not set" in output and "Traceback" not in output
+
+
+async def test_half_configured_sms_stops_a_development_start_naming_what_is_missing(
+    settings: Settings, database_url: str, provider: ProviderEndpoint
+) -> None:
+    half = settings.model_copy(update={"sms_provider": "aliyun", "sms_access_key_id": "LTAI"})
+    with pytest.raises(ConfigurationError) as refused:
+        async with running(half, Endpoints(database_url, REDIS_URL, MQTT_URL), provider):
+            pass
+    assert "PARKING_SMS_ACCESS_KEY_SECRET" in str(refused.value)
+    assert "PARKING_SMS_ACCESS_KEY_ID" not in str(refused.value)

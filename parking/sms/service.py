@@ -8,6 +8,7 @@ import asyncpg
 from billing.notifications import Notification
 from parking.errors import AppError
 from parking.logging import get_logger
+from parking.production import ConfigurationError, sms_missing
 from parking.settings import Settings
 from parking.sms import repository
 from parking.sms.aliyun import AliyunSmsClient, AliyunSmsConfig, SmsError
@@ -27,10 +28,13 @@ class Templates:
 
 
 def client_from(settings: Settings) -> tuple[AliyunSmsClient, Templates] | None:
-    """The configured SMS service, or None (the in-memory dev sender). Incomplete settings are
-    refused at start-up (parking.production names them), not here."""
+    """The configured SMS service, or None (the in-memory dev sender); ConfigurationError
+    naming what is missing when it is set up half."""
     if settings.sms_provider != "aliyun":
         return None
+    missing = sms_missing(settings)
+    if missing:
+        raise ConfigurationError("; ".join(map(str, missing)))
     assert settings.sms_access_key_id and settings.sms_access_key_secret
     assert settings.sms_sign_name and settings.sms_template_login_code
     assert settings.sms_template_charge and settings.sms_template_notice
