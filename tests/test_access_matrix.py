@@ -167,6 +167,7 @@ ROWS = [
     ),
     Row("GET", "/api/v1/public/places", Access.PUBLIC),
     Row("GET", "/dashboard", Access.PUBLIC),
+    Row("GET", "/pay/{capture_id}", Access.PUBLIC),
     Row("GET", "/openapi.json", Access.PUBLIC),
     Row("GET", "/docs", Access.PUBLIC),
     Row("GET", "/docs/oauth2-redirect", Access.PUBLIC),
