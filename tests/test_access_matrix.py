@@ -200,6 +200,7 @@ ROWS = [
     Row("GET", "/api/v1/operator/exceptions", Access.STAFF),
     Row("GET", "/api/v1/operator/capture-conflicts", Access.STAFF),
     Row("GET", "/api/v1/operator/gate-events", Access.STAFF),
+    Row("GET", "/api/v1/operator/audit-log", Access.ADMIN),
     Row("GET", "/api/v1/operator/charge-exceptions", Access.STAFF),
     Row("POST", "/api/v1/operator/charge-exceptions/{charge_exception_id}/retry", Access.ADMIN_X),
     Row("GET", "/api/v1/operator/exceptions/{exception_id}/image", Access.STAFF_X),
