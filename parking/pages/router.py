@@ -34,3 +34,10 @@ async def pay_page(capture_id: UUID, runtime: RuntimeDep, lang: LangQuery = "zh"
         state=view.state if view is not None else "unknown",
         now=datetime.now(UTC),
     )
+
+
+@router.get("/app", response_class=HTMLResponse)
+async def driver_app(runtime: RuntimeDep, lang: LangQuery = "zh") -> HTMLResponse:
+    """The driver's app (mobile web): signs in with a phone code, then uses /api/v1/me."""
+    timezone = runtime.settings.timezone
+    return render("app.html", lang, ZoneInfo(timezone), timezone=timezone)
