@@ -54,7 +54,6 @@ TEXTS: dict[str, dict[str, str]] = {
         "en": "The payment service is unavailable: try again in a moment",
     },
     "error_network": {"zh": "网络异常，请重试", "en": "Network problem: please try again"},
-
     # The driver's app (/app).
     "app_title": {"zh": "便捷泊车", "en": "Parking"},
     "phone": {"zh": "手机号", "en": "Mobile number"},
@@ -83,7 +82,10 @@ TEXTS: dict[str, dict[str, str]] = {
     "bind": {"zh": "绑定", "en": "Bind"},
     "bound": {"zh": "绑定成功", "en": "Bound"},
     "unbind": {"zh": "解绑", "en": "Unbind"},
-    "disputed": {"zh": "有人申请此车归属，运营方审核中", "en": "Someone claims this vehicle: under review"},
+    "disputed": {
+        "zh": "有人申请此车归属，运营方审核中",
+        "en": "Someone claims this vehicle: under review",
+    },
     "claims": {"zh": "归属申请", "en": "Ownership claims"},
     "claim_open": {"zh": "审核中", "en": "under review"},
     "claim_upheld": {"zh": "已确认归您", "en": "confirmed yours"},
@@ -123,7 +125,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "en": "If the photos do not show your car, tap here: the car park checks both photos.",
     },
     "dispute_open": {"zh": "申诉处理中", "en": "Dispute under review"},
-    "dispute_driver_right": {"zh": "申诉成立：费用已取消或退还", "en": "Upheld: cancelled or refunded"},
+    "dispute_driver_right": {
+        "zh": "申诉成立：费用已取消或退还",
+        "en": "Upheld: cancelled or refunded",
+    },
     "dispute_charge_stands": {"zh": "申诉未成立：费用维持", "en": "Not upheld: the fee stands"},
     "debts": {"zh": "欠费", "en": "Debts"},
     "no_debts": {"zh": "没有欠费", "en": "Nothing owed"},
@@ -136,13 +141,17 @@ TEXTS: dict[str, dict[str, str]] = {
     "account": {"zh": "账户", "en": "Account"},
     "pay_later": {"zh": "无感支付", "en": "Pay later"},
     "pay_later_on": {"zh": "已开通，每次最高", "en": "On, up to"},
-    "pay_later_off": {"zh": "未开通：出口将显示费用与付款码", "en": "Off: exits show the fee and a QR code"},
+    "pay_later_off": {
+        "zh": "未开通：出口将显示费用与付款码",
+        "en": "Off: exits show the fee and a QR code",
+    },
     "blocked": {"zh": "有欠费，缴清前暂停无感支付", "en": "Paused until what is owed is paid"},
     "export": {"zh": "导出我的数据", "en": "Export my data"},
     "delete_account": {"zh": "注销账户", "en": "Delete my account"},
     "delete_confirm": {
         "zh": "确定注销账户？车辆将解绑，个人信息将删除（交易记录依法保留）。",
-        "en": "Delete the account? Vehicles are unbound and personal data erased (money records are kept as the law requires).",
+        "en": "Delete the account? Vehicles are unbound and personal data erased (money "
+        "records are kept as the law requires).",
     },
     "deleted": {"zh": "账户已注销", "en": "Account deleted"},
     "error": {"zh": "操作失败：", "en": "Failed: "},
