@@ -48,6 +48,14 @@ PHONE_SCREENSHOT = ROOT / ".artifacts" / "dashboard-390.png"
 PHONE = {"width": 390, "height": 844}
 FRAME = (Path(__file__).parent / "fixtures" / "plate_wanAD2Y34.jpg").read_bytes()
 STEP_TIMEOUT_MS = 10_000
+# An axe-style check: the form controls, buttons and images on the page that have no
+# accessible name (a label, aria-label, text or alt). Pages must answer [].
+UNNAMED = """() => [...document.querySelectorAll("input, select, textarea, button, img")]
+    .filter((el) => el.type !== "hidden")
+    .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute("aria-label")
+        && !(el.tagName === "BUTTON" && el.textContent.trim())
+        && !(el.tagName === "IMG" && el.getAttribute("alt")))
+    .map((el) => el.id || el.outerHTML.slice(0, 80))"""
 
 pytestmark = [
     pytest.mark.skipif(
@@ -117,6 +125,7 @@ async def test_operator_watches_a_car_enter_and_resolves_an_exception(
             page.on("pageerror", lambda error: problems.append(str(error)))
             page.on("console", on_console)
             await page.goto(f"{url}/dashboard")
+            assert await page.evaluate(UNNAMED) == []
 
             await _sign_in(page, staff)
             occupancy = page.locator(f"#occupancy-{lot.code}")
@@ -248,6 +257,7 @@ async def test_on_a_phone_an_admin_confirms_a_charge_and_decides_a_dispute_with_
                 "裁决申诉"
             )
             await page.screenshot(path=str(PHONE_SCREENSHOT), full_page=True)
+            assert await page.evaluate(UNNAMED) == []
         finally:
             await context.close()
 

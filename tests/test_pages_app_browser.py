@@ -16,7 +16,13 @@ from parking.runtime import Runtime
 from parking_dev import sandbox
 from tests.conftest import Lot, api_server, make_driver, unique_plate
 from tests.gates import GateProbe
-from tests.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS, ROOT, STEP_TIMEOUT_MS
+from tests.test_dashboard_browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    ROOT,
+    STEP_TIMEOUT_MS,
+    UNNAMED,
+)
 from tests.test_evidence import exit_with_frames
 
 ARTIFACTS = ROOT / ".artifacts"
@@ -97,6 +103,7 @@ async def test_a_driver_signs_in_binds_a_plate_and_disputes_a_stay_seen_with_bot
             await expect(page.locator("#stay-dispute")).to_have_text("申诉处理中")
             await expect(page.get_by_role("button", name="不是我的车")).to_be_hidden()
             await page.screenshot(path=str(ARTIFACTS / "pages-app-stay-360.png"), full_page=True)
+            assert await page.evaluate(UNNAMED) == []
 
             await page.get_by_role("button", name="欠费").click()
             await expect(page.locator("#debts")).to_contain_text("没有欠费")

@@ -17,7 +17,13 @@ from parking.runtime import Runtime
 from parking_dev import sandbox
 from tests.conftest import Lot, api_server, driver_in_debt, enter, unique_plate
 from tests.gates import GateProbe
-from tests.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS, ROOT, STEP_TIMEOUT_MS
+from tests.test_dashboard_browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    ROOT,
+    STEP_TIMEOUT_MS,
+    UNNAMED,
+)
 
 ARTIFACTS = ROOT / ".artifacts"
 PHONE = {"width": 360, "height": 780}
@@ -77,6 +83,7 @@ async def test_a_held_driver_pays_on_the_page_and_is_told_to_drive_on(
             # Nothing wider than the phone.
             assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
             await page.screenshot(path=str(ARTIFACTS / "pages-pay-due-360.png"), full_page=True)
+            assert await page.evaluate(UNNAMED) == []
 
             async with page.expect_popup() as opened:
                 await page.get_by_role("button", name="支付 ¥18.00").click()
