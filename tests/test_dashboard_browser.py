@@ -196,6 +196,10 @@ async def test_on_a_phone_an_admin_confirms_a_charge_and_decides_a_dispute_with_
     # A driver says "not my car" about a charge with frames at both ends.
     disputer = await make_driver(runtime, unique_plate())
     stay_id = await exit_with_frames(runtime, gate, lot, disputer.plate, timedelta(minutes=100))
+    # A car at the exit with no entry record: a person opens by hand, with a reason.
+    stranger = gate.capture("out", unique_plate())
+    assert (await gate.decide(lot.code, "out1", stranger))["action"] == "hold"
+    no_entry = await _exception_id(runtime, stranger.capture_id)
     problems: list[str] = []
     async with api_server(runtime, sandbox.free_port(), app=app) as url:
         async with httpx.AsyncClient(base_url=url) as api:
@@ -251,6 +255,12 @@ async def test_on_a_phone_an_admin_confirms_a_charge_and_decides_a_dispute_with_
             await review.get_by_role("button", name="申诉成立（取消或退款）").click()
             await expect(review).to_have_attribute("data-status", "driver_right")
 
+            exception = page.locator(f"#exception-{no_entry}")
+            await expect(exception).to_contain_text("无入场记录")
+            await exception.get_by_label("抬杆原因").fill("无入场记录，已现场核实")
+            await exception.get_by_role("button", name="人工抬杆").click()
+            await expect(page.locator(f"#exception-result-{no_entry}")).to_have_text("已人工抬杆")
+
             audit = page.locator("#audit-log")
             await expect(audit.locator('tr[data-action="charge.confirmed"]')).to_have_count(1)
             await expect(audit.locator('tr[data-action="charge_dispute.decided"]')).to_contain_text(
@@ -267,5 +277,7 @@ async def test_on_a_phone_an_admin_confirms_a_charge_and_decides_a_dispute_with_
         decided = await conn.fetchval(
             "SELECT status FROM charge_disputes WHERE id = $1", dispute_id
         )
+        opened = await conn.fetchval("SELECT status FROM lane_exceptions WHERE id = $1", no_entry)
+    assert opened == "resolved"
     assert confirmed != "awaiting_confirmation"
     assert decided == "driver_right"

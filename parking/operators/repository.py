@@ -145,7 +145,7 @@ async def stays(
 
 
 _EXCEPTION_COLUMNS = """e.id, cp.code AS car_park, g.code AS gate, e.reason, e.created_at,
-    e.candidates, e.image IS NOT NULL AS has_image, e.status, e.resolved_plate"""
+    e.candidates, e.image IS NOT NULL AS has_image, e.status, e.resolved_plate, e.capture_id"""
 
 
 async def exceptions(

@@ -171,6 +171,8 @@ class LaneException(BaseModel):
     image_url: str | None
     status: str
     resolved_plate: str | None
+    # The held capture: a manual open with it (`.../gates/{gate}/open`) resolves the exception.
+    capture_id: UUID | None = None
 
 
 class Resolution(_Request):
