@@ -175,6 +175,13 @@ async def test_a_driver_pays_what_is_owed_exports_their_data_and_deletes_the_acc
             await expect(page.locator("#debt-status")).to_have_text("欠费已缴清", timeout=20_000)
 
             await page.get_by_role("button", name="账户").click()
+            facts = page.locator("#account-facts")
+            await expect(facts).to_contain_text("已开通，每次最高 ¥200.00")
+            await page.get_by_role("button", name="暂停无感支付").click()
+            await expect(facts).to_contain_text("未开通")
+            await page.get_by_label("每次最高扣款（元）").fill("150")
+            await page.get_by_role("button", name="开通无感支付").click()
+            await expect(facts).to_contain_text("已开通，每次最高 ¥150.00")
             async with page.expect_download() as downloading:
                 await page.get_by_role("button", name="导出我的数据").click()
             exported = json.loads((await (await downloading.value).path()).read_text())

@@ -146,6 +146,9 @@ TEXTS: dict[str, dict[str, str]] = {
         "en": "Off: exits show the fee and a QR code",
     },
     "blocked": {"zh": "有欠费，缴清前暂停无感支付", "en": "Paused until what is owed is paid"},
+    "pause_pay_later": {"zh": "暂停无感支付", "en": "Pause pay later"},
+    "open_pay_later": {"zh": "开通无感支付", "en": "Turn on pay later"},
+    "limit_yuan": {"zh": "每次最高扣款（元）", "en": "Most per stay (yuan)"},
     "export": {"zh": "导出我的数据", "en": "Export my data"},
     "delete_account": {"zh": "注销账户", "en": "Delete my account"},
     "delete_confirm": {

@@ -344,7 +344,25 @@
       : t.pay_later_off;
     const facts = [[t.phone, me.phone], [t.pay_later, me.blocked_for_arrears ? t.blocked : payLater]];
     $("account-facts").replaceChildren(...facts.flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { text: v })]));
+    $("pause-pay-later").hidden = !me.agreement;
+    $("pay-later-form").hidden = Boolean(me.agreement);
   }
+
+  // Pay later: paused, exits hold with the fee and a QR code; turned on, with a limit per stay.
+  $("pause-pay-later").addEventListener("click", async () => {
+    try {
+      await call("/api/v1/me/agreement", { method: "DELETE" });
+      await loadAccount();
+    } catch (error) { failed(error); }
+  });
+  $("pay-later-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const limit = Math.round(Number($("pay-later-limit").value) * 100);
+    try {
+      await call("/api/v1/me/agreement", { method: "PUT", json: { per_session_limit_fen: limit } });
+      await loadAccount();
+    } catch (error) { failed(error); }
+  });
 
   $("export").addEventListener("click", async () => {
     try {
