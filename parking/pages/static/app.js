@@ -321,9 +321,9 @@
         if (owed && !owed.total_fen) {
           $("debt-status").textContent = t.debts_paid;
           $("debt-pay-link").hidden = true;
-        } else if (Date.now() < until) setTimeout(poll, 1500);
+        } else if (Date.now() < until) setTimeout(poll, 2000);
       };
-      setTimeout(poll, 1500);
+      setTimeout(poll, 2000);
     } catch (error) { failed(error); }
   });
 

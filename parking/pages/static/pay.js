@@ -9,7 +9,7 @@
   const payButton = document.getElementById("pay");
   const payLink = document.getElementById("pay-link");
   const FINAL = new Set(["open", "settled", "expired", "unknown", "no_tariff"]);
-  const POLL_MS = 1500;
+  const POLL_MS = 2000;
   let polling = false;
 
   function show(state, message) {
