@@ -23,6 +23,8 @@ from parking.health import router as health_router
 from parking.logging import get_logger
 from parking.operators.router import router as operators_router
 from parking.ownership.router import router as ownership_router
+from parking.pages.router import STATIC_ASSETS
+from parking.pages.router import router as pages_router
 from parking.payments.router import MAX_NOTIFICATION_BYTES
 from parking.payments.router import router as payments_router
 from parking.production import ConfigurationError
@@ -73,6 +75,8 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.include_router(dashboard_router)
     app.include_router(receipts_router)
     app.include_router(disputes_router)
+    app.include_router(pages_router)
+    app.mount("/static/pages", STATIC_ASSETS, name="pages-static")
     app.include_router(driver_disputes_router)
     if settings.trusted_proxies:
         # uvicorn's own middleware, with our list: the right-most hop of X-Forwarded-For that

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     max_capture_bytes: int = 512 * 1024
     duplicate_read_window_s: int = 120
     command_ttl_s: int = 30
+    # A held gate's QR code starts a payment for this long after the capture was received
+    # (the car is at the barrier); later scans are told it expired. A payment already
+    # started stays payable.
+    gate_qr_ttl_s: int = Field(default=900, ge=60)
     # An offline capture's gate time this far after we received it, or before its stay's entry,
     # is a wrong gate clock: flagged for an operator and priced at the receipt time.
     gate_clock_tolerance_s: int = Field(default=300, ge=0)

@@ -1,26 +1,36 @@
-"""The operator dashboard in a real browser (Debian's headless Chromium driven by Playwright):
-sign in, watch a car enter live, resolve an exception from the queue; a screenshot of the page
-is left in `.artifacts/dashboard.png`."""
+"""The operator console in a real browser (Debian's headless Chromium driven by Playwright):
+sign in, watch a car enter live, resolve an exception from the queue (outcomes and car parks
+as people say them, in Chinese first); on a 390-px phone, confirm a charge and decide a "not
+my car" dispute with both frames side by side, and read the audit log. Screenshots are left
+in `.artifacts/dashboard*.png`."""
 
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from uuid import UUID
 
+import httpx
 import pytest
-from playwright.async_api import ConsoleMessage, async_playwright, expect
+from fastapi import FastAPI
+from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
 
 from parking.logging import mask_plate
 from parking.runtime import Runtime
 from parking_dev import sandbox
 from tests.conftest import (
     Lot,
+    Staff,
     api_server,
     backdate_entry,
+    bearer,
+    driver_token,
     make_driver,
     make_staff,
     unique_plate,
 )
 from tests.gates import GateProbe
+from tests.test_evidence import exit_with_frames
+from tests.test_lane_certainty import _awaiting
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -34,15 +44,45 @@ CHROMIUM_ARGS = [
 ]
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / ".artifacts" / "dashboard.png"
+PHONE_SCREENSHOT = ROOT / ".artifacts" / "dashboard-390.png"
+PHONE = {"width": 390, "height": 844}
 FRAME = (Path(__file__).parent / "fixtures" / "plate_wanAD2Y34.jpg").read_bytes()
 STEP_TIMEOUT_MS = 10_000
+# An axe-style check: the form controls, buttons and images on the page that have no
+# accessible name (a label, aria-label, text or alt). Pages must answer [].
+UNNAMED = """() => [...document.querySelectorAll("input, select, textarea, button, img")]
+    .filter((el) => el.type !== "hidden")
+    .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute("aria-label")
+        && !(el.tagName === "BUTTON" && el.textContent.trim())
+        && !(el.tagName === "IMG" && el.getAttribute("alt")))
+    .map((el) => el.id || el.outerHTML.slice(0, 80))"""
 
 pytestmark = [
     pytest.mark.skipif(
         not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium"
     ),
-    pytest.mark.timeout(60),
+    pytest.mark.timeout(90),
 ]
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """One browser for the module; each test has a context (a fresh profile) of its own."""
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def _sign_in(page: Page, staff: Staff) -> None:
+    await page.fill("#email", staff.email)
+    await page.fill("#password", staff.password)
+    await page.click("#sign-in")
+    await expect(page.locator("#feed-status")).to_have_attribute("data-state", "live")
 
 
 async def _hold_unreadable_exit(runtime: Runtime, gate: GateProbe, lot: Lot) -> int:
@@ -62,7 +102,7 @@ async def _exception_id(runtime: Runtime, capture_id: UUID) -> int:
 
 
 async def test_operator_watches_a_car_enter_and_resolves_an_exception(
-    runtime: Runtime, gate: GateProbe, lot: Lot
+    runtime: Runtime, gate: GateProbe, lot: Lot, browser: Browser
 ) -> None:
     staff = await make_staff(runtime, lot.operator_id)
     # An exception already waiting, with its frame (set directly: this test reads no images).
@@ -77,26 +117,20 @@ async def test_operator_watches_a_car_enter_and_resolves_an_exception(
         if "Content Security Policy" in message.text:
             problems.append(message.text)
 
-    async with (
-        api_server(runtime, sandbox.free_port()) as url,
-        async_playwright() as playwright,
-    ):
-        browser = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
+    async with api_server(runtime, sandbox.free_port()) as url:
+        context = await browser.new_context(viewport={"width": 1360, "height": 1000})
         try:
-            page = await browser.new_page(viewport={"width": 1360, "height": 1000})
+            page = await context.new_page()
             page.set_default_timeout(STEP_TIMEOUT_MS)
             page.on("pageerror", lambda error: problems.append(str(error)))
             page.on("console", on_console)
             await page.goto(f"{url}/dashboard")
+            assert await page.evaluate(UNNAMED) == []
 
-            await page.fill("#email", staff.email)
-            await page.fill("#password", staff.password)
-            await page.click("#sign-in")
+            await _sign_in(page, staff)
             occupancy = page.locator(f"#occupancy-{lot.code}")
             await expect(occupancy).to_have_text("0", timeout=STEP_TIMEOUT_MS)
-            await expect(page.locator("#feed-status")).to_have_text("live")
+            await expect(page.locator("#feed-status")).to_have_text("实时")
             await page.wait_for_function(
                 """id => {
                     const image = document.getElementById(`exception-image-${id}`);
@@ -110,7 +144,10 @@ async def test_operator_watches_a_car_enter_and_resolves_an_exception(
             await expect(occupancy).to_have_text("1", timeout=STEP_TIMEOUT_MS)
             newest = page.locator("#lane-feed tr").first
             await expect(newest).to_contain_text(mask_plate(plate), timeout=STEP_TIMEOUT_MS)
-            await expect(newest).to_contain_text("entered")
+            # Outcomes and car parks as people say them, not internal names and codes.
+            await expect(newest.locator(".outcome")).to_have_text("入场")
+            await expect(newest).to_contain_text(lot.name)
+            await expect(newest).not_to_contain_text(lot.code)
 
             # An hour and a half later the car leaves, but the camera cannot read it: the
             # operator types the plate, the gate opens and the fee is charged afterwards.
@@ -118,11 +155,11 @@ async def test_operator_watches_a_car_enter_and_resolves_an_exception(
             held = await _hold_unreadable_exit(runtime, gate, lot)
             card = page.locator(f"#exception-{held}")
             await expect(card).to_be_visible(timeout=STEP_TIMEOUT_MS)
-            await expect(card).to_contain_text("Plate unreadable")
+            await expect(card).to_contain_text("车牌无法识别")
             await page.fill(f"#resolve-plate-{held}", plate)
             await page.click(f"#resolve-{held}")
             await expect(page.locator(f"#exception-result-{held}")).to_have_text(
-                f"Resolved as {plate}: exited_pay_later, gate open, fee ¥12.00",
+                f"已确认为 {plate}：离场后扣款，道闸已抬起，费用 ¥12.00",
                 timeout=STEP_TIMEOUT_MS,
             )
             await expect(card).to_have_attribute("data-status", "resolved")
@@ -132,8 +169,14 @@ async def test_operator_watches_a_car_enter_and_resolves_an_exception(
 
             SCREENSHOT.parent.mkdir(exist_ok=True)
             await page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            # The English switch relabels what is on the page, live.
+            await page.click("#lang")
+            entered = page.locator('#lane-feed tr[data-outcome="entered"] .outcome')
+            await expect(entered).to_have_text("entered")
+            await expect(page.locator("#sign-out")).to_have_text("Sign out")
         finally:
-            await browser.close()
+            await context.close()
 
     assert problems == []
     async with runtime.pool.acquire() as conn:
@@ -143,3 +186,98 @@ async def test_operator_watches_a_car_enter_and_resolves_an_exception(
     assert (resolved["status"], resolved["resolved_plate"]) == ("resolved", plate)
     assert SCREENSHOT.stat().st_size > 0
     assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_on_a_phone_an_admin_confirms_a_charge_and_decides_a_dispute_with_both_frames(
+    runtime: Runtime, app: FastAPI, gate: GateProbe, lot: Lot, browser: Browser
+) -> None:
+    admin = await make_staff(runtime, lot.operator_id, "admin")
+    _, (awaiting,) = await _awaiting(runtime, gate, lot)
+    # A driver says "not my car" about a charge with frames at both ends.
+    disputer = await make_driver(runtime, unique_plate())
+    stay_id = await exit_with_frames(runtime, gate, lot, disputer.plate, timedelta(minutes=100))
+    # A car at the exit with no entry record: a person opens by hand, with a reason.
+    stranger = gate.capture("out", unique_plate())
+    assert (await gate.decide(lot.code, "out1", stranger))["action"] == "hold"
+    no_entry = await _exception_id(runtime, stranger.capture_id)
+    problems: list[str] = []
+    async with api_server(runtime, sandbox.free_port(), app=app) as url:
+        async with httpx.AsyncClient(base_url=url) as api:
+            opened = await api.post(
+                f"/api/v1/me/stays/{stay_id}/dispute",
+                headers=bearer(driver_token(app, disputer.account_id)),
+            )
+        assert opened.status_code in (200, 201), opened.text
+        async with runtime.pool.acquire() as conn:
+            dispute_id = await conn.fetchval(
+                "SELECT d.id FROM charge_disputes d JOIN charges c ON c.id = d.charge_id "
+                "WHERE c.session_id = $1",
+                stay_id,
+            )
+        context = await browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
+        try:
+            page = await context.new_page()
+            page.set_default_timeout(STEP_TIMEOUT_MS)
+            page.on("pageerror", lambda error: problems.append(str(error)))
+            await page.goto(f"{url}/dashboard")
+            await _sign_in(page, admin)
+
+            # The header keeps "退出登录" on screen, and nothing runs off the phone's width.
+            sign_out = await page.locator("#sign-out").bounding_box()
+            assert sign_out is not None and sign_out["x"] + sign_out["width"] <= PHONE["width"]
+            feed = await page.locator(".feed-scroll").first.bounding_box()
+            assert feed is not None and feed["x"] + feed["width"] <= PHONE["width"]
+            assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+
+            card = page.locator(f"#confirmations-{awaiting['id']}")
+            await expect(card).to_contain_text(lot.name)
+            for which in ("entry", "exit"):
+                await page.wait_for_function(
+                    """id => { const i = document.getElementById(id);
+                               return i !== null && i.complete && i.naturalWidth > 0; }""",
+                    arg=f"confirmations-{awaiting['id']}-{which}",
+                )
+            entry_box = await card.locator("img").nth(0).bounding_box()
+            exit_box = await card.locator("img").nth(1).bounding_box()
+            assert entry_box and exit_box
+            assert entry_box["y"] == exit_box["y"] and entry_box["x"] < exit_box["x"], (
+                "side by side"
+            )
+            await card.get_by_role("button", name="确认扣款").click()
+            await expect(card.locator(".result")).to_contain_text("请填写核对说明")
+            await card.get_by_label("核对说明").fill("入口与出口为同一车辆")
+            await card.get_by_role("button", name="确认扣款").click()
+            await expect(card).to_have_attribute("data-status", "confirmed")
+
+            review = page.locator(f"#disputes-{dispute_id}")
+            await expect(review).to_contain_text(disputer.plate)
+            await review.get_by_label("裁决说明").fill("出场照片不是该车")
+            await review.get_by_role("button", name="申诉成立（取消或退款）").click()
+            await expect(review).to_have_attribute("data-status", "driver_right")
+
+            exception = page.locator(f"#exception-{no_entry}")
+            await expect(exception).to_contain_text("无入场记录")
+            await exception.get_by_label("抬杆原因").fill("无入场记录，已现场核实")
+            await exception.get_by_role("button", name="人工抬杆").click()
+            await expect(page.locator(f"#exception-result-{no_entry}")).to_have_text("已人工抬杆")
+
+            audit = page.locator("#audit-log")
+            await expect(audit.locator('tr[data-action="charge.confirmed"]')).to_have_count(1)
+            await expect(audit.locator('tr[data-action="charge_dispute.decided"]')).to_contain_text(
+                "裁决申诉"
+            )
+            await page.screenshot(path=str(PHONE_SCREENSHOT), full_page=True)
+            assert await page.evaluate(UNNAMED) == []
+        finally:
+            await context.close()
+
+    assert problems == []
+    async with runtime.pool.acquire() as conn:
+        confirmed = await conn.fetchval("SELECT status FROM charges WHERE id = $1", awaiting["id"])
+        decided = await conn.fetchval(
+            "SELECT status FROM charge_disputes WHERE id = $1", dispute_id
+        )
+        opened = await conn.fetchval("SELECT status FROM lane_exceptions WHERE id = $1", no_entry)
+    assert opened == "resolved"
+    assert confirmed != "awaiting_confirmation"
+    assert decided == "driver_right"

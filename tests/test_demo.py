@@ -4,6 +4,7 @@ with a fee charged exactly once, ledger balanced, only the deliberate dead lette
 from pathlib import Path
 
 from parking.settings import Settings
+from parking_dev import sandbox
 from parking_dev.demo import run_demo
 from tests.conftest import MQTT_URL, REDIS_URL
 
@@ -15,7 +16,10 @@ async def test_demo_city_runs_end_to_end(
     settings.database_url = database_url
     settings.redis_url = REDIS_URL
     settings.mqtt_url = MQTT_URL
-    summary = await run_demo(settings, duration_s=4, rate=25, serve_api=False)
+    # Its API serves the held cars' QR pages (and hears the sandbox's notifications).
+    settings.api_port = sandbox.free_port()
+    settings.public_base_url = f"http://127.0.0.1:{settings.api_port}"
+    summary = await run_demo(settings, duration_s=4, rate=25)
 
     assert summary["exits"] > 20 and summary["entries"] > 10
     assert summary["opened"] + summary["held"] == summary["exits"], summary
@@ -26,6 +30,8 @@ async def test_demo_city_runs_end_to_end(
     assert summary["dead_letters"] == summary["dead_letters_expected"] == 3
     assert summary["notifications_sent"] >= summary["charged"]
     assert summary["ledger_balanced"] is True
+    # Held drivers paid on the page their QR code opens, and the barrier opened for them.
+    assert summary["paid_by_qr"] >= 1, summary
     assert summary["charges_per_session_max"] == 1
     assert summary["debts"] == 0 and summary["notifications_rejected"] == 0
     assert 0 < summary["decision_p50_ms"] <= summary["decision_p99_ms"]

@@ -139,6 +139,7 @@ async def test_only_a_signed_in_driver_sees_their_account(
         "plates": [],
         "agreement": None,
         "open_debt_fen": 0,
+        "plate_claims": [],
     }
 
     plate = unique_plate()

@@ -849,7 +849,8 @@ async def test_every_publisher_signs_its_commands_for_the_gate_they_are_for(
         json={"reason": "driver at the booth", "capture_id": str(held_by_hand.capture_id)},
     )
     assert opened.status_code == 200, opened.text
-    qr_path = httpx.URL(qr_url).path
+    # The QR code opens the pay page, whose 支付 button starts the payment through the API.
+    qr_path = httpx.URL(qr_url).path.replace("/pay/", "/api/v1/gate-payments/", 1)
     view = (await api.post(qr_path)).json()
     async with httpx.AsyncClient(base_url=provider.url) as wallet:
         out_trade_no = httpx.URL(view["pay_url"]).path.rsplit("/", 1)[-1]

@@ -234,7 +234,7 @@ async def test_the_no_entry_fixed_fee_is_paid_at_the_gate_never_charged_on_one_r
     command = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
 
     assert (command["action"], command["fee_fen"]) == ("hold", 2000)
-    assert command["payment_qr_url"].endswith(f"/api/v1/gate-payments/{command['capture_id']}")
+    assert command["payment_qr_url"].endswith(f"/pay/{command['capture_id']}")
     assert await _charges(runtime, driver) == []
     # The QR code takes the fixed fee, and nobody's debts: one read names nobody.
     started = await api.post(f"/api/v1/gate-payments/{command['capture_id']}")

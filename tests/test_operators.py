@@ -285,6 +285,7 @@ async def test_resolving_an_unreadable_exit_with_the_parked_drivers_plate_opens_
         "image_url",
         "status",
         "resolved_plate",
+        "capture_id",
     }
     assert (item["car_park"], item["gate"], item["reason"], item["status"]) == (
         lot.code,
@@ -292,6 +293,7 @@ async def test_resolving_an_unreadable_exit_with_the_parked_drivers_plate_opens_
         "unreadable",
         "open",
     )
+    assert item["capture_id"] == str(held.capture_id)
     assert (item["has_image"], item["image_url"], item["resolved_plate"]) == (False, None, None)
     assert await runtime.occupancy.get(lot.id) == 1
 

@@ -234,7 +234,15 @@ async def test_an_operator_decides_for_the_claimant_with_both_sides_evidence_in_
 async def test_an_operator_decides_for_the_holder_and_nothing_moves(
     api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, lot: Lot
 ) -> None:
-    plate, holder_id, _, claimant_id, claimant, dispute_id = await _open_dispute(api, runtime, app)
+    plate, holder_id, holder, claimant_id, claimant, dispute_id = await _open_dispute(
+        api, runtime, app
+    )
+    # Both drivers see the dispute in the app: the holder's plate is disputed, the claimant's
+    # claim is under review.
+    held = (await api.get("/api/v1/me", headers=holder)).json()
+    assert [(p["plate"], p["disputed"]) for p in held["plates"]] == [(plate, True)]
+    claims = (await api.get("/api/v1/me", headers=claimant)).json()["plate_claims"]
+    assert [(c["id"], c["plate"], c["status"]) for c in claims] == [(dispute_id, plate, "open")]
     admin_x = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
     decided = await api.post(
         f"{CLAIMS}/{dispute_id}/decision",
@@ -243,6 +251,10 @@ async def test_an_operator_decides_for_the_holder_and_nothing_moves(
     )
     assert decided.status_code == 200, decided.text
     assert decided.json()["status"] == "rejected"
+    claims = (await api.get("/api/v1/me", headers=claimant)).json()["plate_claims"]
+    assert [c["status"] for c in claims] == ["rejected"]
+    held = (await api.get("/api/v1/me/plates", headers=holder)).json()
+    assert [p["disputed"] for p in held] == [False]
     [binding] = await _bindings(runtime, plate)
     assert (binding["account_id"], binding["unbound_at"]) == (holder_id, None)
     assert "plate_ownership_claim_rejected" in await _notifications(runtime, claimant_id)

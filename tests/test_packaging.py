@@ -44,6 +44,9 @@ def test_the_wheel_carries_migrations_and_the_plate_model(wheel: Path) -> None:
     assert "plate_recognition/models/ch_PP-OCRv4_rec_infer.onnx" in names
     assert "plate_recognition/calibration.json" in names  # the reader's calibrated scores
     assert "parking/dashboard/index.html" in names
+    # The pages' templates, stylesheet and scripts (no CDN: they are served from the package).
+    for asset in ("templates/pay.html", "templates/app.html", "static/pages.css", "static/pay.js"):
+        assert f"parking/pages/{asset}" in names, asset
 
 
 def test_the_wheel_carries_no_dev_tools_or_fakes(wheel: Path) -> None:

@@ -183,8 +183,9 @@ async def test_held_car_pays_fee_and_debt_by_qr_and_pay_later_comes_back(
     exit_capture = gate.capture("out", driver.plate)
     held = await gate.decide(lot.code, "out1", exit_capture)
     assert (held["action"], held["fee_fen"]) == ("hold", 1200 + 600)
-    qr_path = httpx.URL(held["payment_qr_url"]).path
-    assert qr_path == f"/api/v1/gate-payments/{exit_capture.capture_id}"
+    # The QR code opens the pay page, which starts the payment through the API.
+    assert httpx.URL(held["payment_qr_url"]).path == f"/pay/{exit_capture.capture_id}"
+    qr_path = f"/api/v1/gate-payments/{exit_capture.capture_id}"
 
     started = await api.post(qr_path)
     assert started.status_code == 200, started.text

@@ -70,6 +70,7 @@ from parking.lanes.rules import exit_rule
 from parking.migrate import migrate
 from parking.occupancy import repository as occupancy_repo
 from parking.partitions.service import SESSION_ID_DAY_FACTOR, session_id_floor
+from parking.payments.qr import gate_payment_page_url
 from parking.runtime import ProviderEndpoint, Runtime
 from parking.settings import Settings
 from parking_dev.bench import drive, lane_service
@@ -781,7 +782,7 @@ class _Day:
                     [car.plate, *due, "请扫码缴费"],
                     decided,
                     rule.due_fen,
-                    f"{part.public_base_url}/api/v1/gate-payments/{exit_id}",
+                    gate_payment_page_url(part.public_base_url, exit_id),
                 )
                 bundle.append(
                     (

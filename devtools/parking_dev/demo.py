@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import random
+import re
 import secrets
 import statistics
 import sys
@@ -14,6 +15,7 @@ from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
 import asyncpg
+import httpx
 import uvicorn
 
 from billing import agreements, ledger, reconcile
@@ -337,6 +339,58 @@ async def _wait_for_outbox(runtime: Runtime, timeout_s: float) -> None:
         await asyncio.sleep(0.2)
 
 
+# Held cars whose drivers scan the gate's QR code and pay on its page (parking/pages/).
+QR_PAYERS = 3
+_FORM_ACTION = re.compile(r'<form[^>]*action="([^"]+)"')
+
+
+async def _pay_held_cars_by_qr(runtime: Runtime, city: DemoCity, out: TextIO) -> int:
+    """Some held drivers do what a phone does with the QR code: open its page, press 支付
+    (which starts the payment), press the wallet's pay button on the provider's payer page,
+    and wait on the page until the barrier opens. Returns how many drove on."""
+    async with runtime.pool.acquire() as conn:
+        held = await conn.fetch(
+            """SELECT c.command->>'payment_qr_url' AS qr FROM captures c
+               JOIN sessions s ON s.id = c.session_id
+               WHERE c.car_park_id = ANY($1) AND c.command->>'payment_qr_url' IS NOT NULL
+                 AND c.outcome LIKE 'held_%' AND s.status = 'open'
+               ORDER BY c.received_at DESC LIMIT $2""",
+            city.car_park_ids,
+            QR_PAYERS,
+        )
+    paid = 0
+    async with httpx.AsyncClient(timeout=10.0) as phone:
+        for row in held:
+            try:
+                paid += await _pay_by_qr(phone, row["qr"])
+            except httpx.HTTPError as exc:
+                print(f"demo: a QR payment failed: {exc!r}", file=out)
+    print(f"demo: {paid} held drivers paid on the QR code's page and drove on", file=out)
+    return paid
+
+
+async def _pay_by_qr(phone: httpx.AsyncClient, qr: str) -> int:
+    """1 when the driver paid and the barrier opened (the page's 请通行), else 0."""
+    page = await phone.get(qr)
+    if page.status_code != 200 or "支付" not in page.text:
+        return 0
+    api = qr.replace("/pay/", "/api/v1/gate-payments/")  # what the page's 支付 button calls
+    started = await phone.post(api)
+    if started.status_code != 200 or not started.json().get("pay_url"):
+        return 0
+    pay_url = httpx.URL(started.json()["pay_url"])
+    action = _FORM_ACTION.search((await phone.get(pay_url)).text)
+    if action is None:
+        return 0
+    await phone.post(pay_url.join(action.group(1)))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # the page polls the same way
+        if (await phone.get(api)).json().get("gate_open"):
+            return 1
+        await asyncio.sleep(0.3)
+    return 0
+
+
 async def _progress(runtime: Runtime, sim: GateSimulator, city: DemoCity, out: TextIO) -> None:
     while True:
         await asyncio.sleep(2.0)
@@ -418,10 +472,12 @@ async def run_demo(
             progress = asyncio.create_task(_progress(runtime, sim, city, out))
             try:
                 await sim.run(rate, duration_s)
+                paid_by_qr = await _pay_held_cars_by_qr(runtime, city, out) if serve_api else 0
                 await _wait_for_outbox(runtime, timeout_s=60)
             finally:
                 progress.cancel()
             summary = await summarise(runtime, city, sim, started, expected_dead)
+            summary["paid_by_qr"] = paid_by_qr
             summary["reconciliation"] = await _reconcile_today(runtime)
         for note in list(getattr(runtime.notifier, "sent", ()))[-3:]:
             print(f"demo: sms -> {mask_plates_in_text(note.body)}", file=out)

@@ -14,7 +14,7 @@ import asyncpg
 # stay charged to the account. $1 is the account id.
 _VISIBLE_STAYS = """
     SELECT s.id, s.car_park_id, s.plate, s.plate_color, s.status, s.entered_at, s.exited_at,
-           s.fee_fen, s.settlement, s.account_id
+           s.fee_fen, s.settlement, s.account_id, s.entry_capture_id, s.exit_capture_id
     FROM plate_bindings b
     JOIN sessions s ON s.plate = b.plate AND COALESCE(s.plate_color, b.color) = b.color
                    AND s.entered_at >= b.bound_at
@@ -22,7 +22,7 @@ _VISIBLE_STAYS = """
     WHERE b.account_id = $1 AND (s.account_id IS NULL OR s.account_id = $1)
     UNION
     SELECT s.id, s.car_park_id, s.plate, s.plate_color, s.status, s.entered_at, s.exited_at,
-           s.fee_fen, s.settlement, s.account_id
+           s.fee_fen, s.settlement, s.account_id, s.entry_capture_id, s.exit_capture_id
     FROM sessions s WHERE s.account_id = $1"""
 
 _STAY_COLUMNS = """v.id, cp.name AS car_park, v.plate, v.status, v.entered_at, v.exited_at,
@@ -45,8 +45,12 @@ async def account(
 
 async def active_bindings(conn: asyncpg.Connection, account_id: int) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await conn.fetch(
-        """SELECT id, plate, color, bound_at, verified_by FROM plate_bindings
-           WHERE account_id = $1 AND unbound_at IS NULL ORDER BY bound_at, id""",
+        """SELECT b.id, b.plate, b.color, b.bound_at, b.verified_by,
+                  EXISTS (SELECT 1 FROM plate_disputes d WHERE d.status = 'open'
+                          AND d.holder_account_id = b.account_id AND d.plate = b.plate
+                          AND d.color = b.color) AS disputed
+           FROM plate_bindings b
+           WHERE b.account_id = $1 AND b.unbound_at IS NULL ORDER BY b.bound_at, b.id""",
         account_id,
     )
     return rows
@@ -197,7 +201,8 @@ async def stays(
 async def stay(conn: asyncpg.Connection, account_id: int, stay_id: int) -> asyncpg.Record | None:
     """One visible stay with its charge, if any."""
     row: asyncpg.Record | None = await conn.fetchrow(
-        f"""SELECT {_STAY_COLUMNS}, c.amount_fen AS charge_amount_fen,
+        f"""SELECT {_STAY_COLUMNS}, v.entry_capture_id, v.exit_capture_id,
+                   c.id AS charge_id, c.amount_fen AS charge_amount_fen,
                    c.status AS charge_status, c.created_at AS charge_created_at,
                    c.settled_at AS charge_settled_at
             FROM ({_VISIBLE_STAYS}) v JOIN car_parks cp ON cp.id = v.car_park_id
@@ -412,3 +417,14 @@ async def erase_notifications(conn: asyncpg.Connection, account_id: int) -> None
 
 async def delete_sign_in_codes(conn: asyncpg.Connection, phone: str) -> None:
     await conn.execute("DELETE FROM login_codes WHERE phone = $1", phone)
+
+
+async def plate_claims(conn: asyncpg.Connection, account_id: int) -> list[asyncpg.Record]:
+    """The account's claims on vehicles bound to someone else (plate ownership disputes),
+    newest first."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT id, plate, color, status, created_at, resolved_at FROM plate_disputes
+           WHERE claimant_account_id = $1 ORDER BY created_at DESC, id DESC LIMIT 20""",
+        account_id,
+    )
+    return rows

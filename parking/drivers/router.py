@@ -1,6 +1,6 @@
 """The driver app's API: everything under /api/v1/me is the signed-in driver's own."""
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -144,6 +144,20 @@ async def list_stays(
 async def get_stay(stay_id: RowId, driver: DriverDep, conn: ConnectionDep) -> Receipt:
     """A stay's receipt: where, when, how long, the fee, how it was settled, refunds."""
     return await service.receipt(conn, _account(driver), stay_id)
+
+
+@router.get(
+    "/stays/{stay_id}/frames/{which}",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}, 404: _ERROR},
+)
+async def stay_frame(
+    stay_id: RowId, which: Literal["entry", "exit"], driver: DriverDep, conn: ConnectionDep
+) -> Response:
+    """The entry or exit frame of one of the driver's stays (their own car, as the receipt
+    shows it); 404 when none was kept or it has been erased."""
+    image = await service.stay_frame(conn, _account(driver), stay_id, which)
+    return Response(image, media_type="image/jpeg", headers={"Cache-Control": "private, no-store"})
 
 
 @router.get("/debts")

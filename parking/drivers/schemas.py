@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
+from parking.disputes.schemas import DisputeView
+
 PlateColor = Literal["blue", "green", "yellow", "white", "black"]
 StayStatus = Literal["open", "closed"]
 # The most a driver may let one stay cost without stopping (¥10,000).
@@ -30,6 +32,20 @@ class Binding(BaseModel):
     color: str
     bound_at: datetime
     verified_by: str | None
+    # Another driver claims this vehicle: it stays bound here until an operator decides.
+    disputed: bool = False
+
+
+class PlateClaimState(BaseModel):
+    """The driver's claim on a vehicle bound to another account (409 `plate_disputed`)."""
+
+    id: int
+    plate: str
+    color: str
+    # open, upheld (the vehicle is now the driver's), rejected or withdrawn.
+    status: str
+    created_at: datetime
+    resolved_at: datetime | None
 
 
 class PlateClaim(BaseModel):
@@ -61,6 +77,7 @@ class Me(BaseModel):
     plates: list[Binding]
     agreement: Agreement | None
     open_debt_fen: int
+    plate_claims: list[PlateClaimState] = []
 
 
 class Stay(BaseModel):
@@ -109,6 +126,11 @@ class Receipt(BaseModel):
     settlement: str | None
     charge: ChargeView | None
     refunds: list[RefundView]
+    # Whether the entry and exit frames are still kept (GET .../frames/entry|exit).
+    entry_frame: bool = False
+    exit_frame: bool = False
+    # "Not my car" on the stay's charge, if the driver raised it.
+    dispute: DisputeView | None = None
 
 
 class DebtView(BaseModel):

@@ -9,6 +9,8 @@ import asyncpg
 
 from billing import agreements, audit
 from parking.auth import repository as auth_repo
+from parking.disputes import repository as disputes_repo
+from parking.disputes import service as disputes_service
 from parking.drivers import repository as repo
 from parking.drivers.schemas import (
     Agreement,
@@ -21,6 +23,7 @@ from parking.drivers.schemas import (
     Me,
     NotificationView,
     PlateClaim,
+    PlateClaimState,
     Receipt,
     RefundView,
     Stay,
@@ -76,6 +79,9 @@ async def me(conn: asyncpg.Connection, account_id: int) -> Me:
         plates=[_binding(b) for b in await repo.active_bindings(conn, account_id)],
         agreement=_agreement(await repo.active_agreement(conn, account_id)),
         open_debt_fen=await repo.open_debt_total(conn, account_id),
+        plate_claims=[
+            PlateClaimState(**dict(r)) for r in await repo.plate_claims(conn, account_id)
+        ],
     )
 
 
@@ -241,6 +247,15 @@ async def receipt(conn: asyncpg.Connection, account_id: int, stay_id: int) -> Re
     if row is None:
         raise NotFound("stay")
     until = row["exited_at"] or datetime.now(UTC)
+    captures = [c for c in (row["entry_capture_id"], row["exit_capture_id"]) if c is not None]
+    framed = {
+        c["capture_id"]: bool(c["has_frame"]) for c in await disputes_repo.captures(conn, captures)
+    }
+    dispute = (
+        await disputes_repo.dispute_of_charge(conn, row["charge_id"])
+        if row["charge_id"] is not None
+        else None
+    )
     charge = None
     if row["charge_status"] is not None:
         charge = ChargeView(
@@ -261,7 +276,22 @@ async def receipt(conn: asyncpg.Connection, account_id: int, stay_id: int) -> Re
         settlement=row["settlement"],
         charge=charge,
         refunds=[RefundView(**dict(r)) for r in await repo.refunds_of_stay(conn, stay_id)],
+        entry_frame=framed.get(row["entry_capture_id"], False),
+        exit_frame=framed.get(row["exit_capture_id"], False),
+        dispute=disputes_service.view(dispute) if dispute is not None else None,
     )
+
+
+async def stay_frame(conn: asyncpg.Connection, account_id: int, stay_id: int, which: str) -> bytes:
+    """The entry or exit frame of one of the driver's own stays; 404 when none is kept."""
+    row = await repo.stay(conn, account_id, stay_id)
+    if row is None:
+        raise NotFound("stay")
+    capture_id = row["entry_capture_id"] if which == "entry" else row["exit_capture_id"]
+    image = await disputes_repo.frame(conn, capture_id) if capture_id is not None else None
+    if image is None:
+        raise NotFound("frame")
+    return image
 
 
 async def debts(conn: asyncpg.Connection, account_id: int) -> Debts:

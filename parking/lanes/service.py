@@ -35,6 +35,7 @@ from parking.lanes.rules import (
     resolve_plate,
     uncertain_policy,
 )
+from parking.payments.qr import gate_payment_page_url
 from parking.settings import Settings
 
 _TARIFF_CACHE_S = 60.0
@@ -582,9 +583,8 @@ class LaneService:
         fee: int | None = None,
         match_status: MatchStatus | None = None,
     ) -> Decision:
-        # The capture id is the QR's secret: random, and valid only for this held exit.
         qr = (
-            f"{self.settings.public_base_url}/api/v1/gate-payments/{capture.capture_id}"
+            gate_payment_page_url(self.settings.public_base_url, capture.capture_id)
             if session_id is not None and fee
             else None
         )

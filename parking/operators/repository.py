@@ -145,7 +145,7 @@ async def stays(
 
 
 _EXCEPTION_COLUMNS = """e.id, cp.code AS car_park, g.code AS gate, e.reason, e.created_at,
-    e.candidates, e.image IS NOT NULL AS has_image, e.status, e.resolved_plate"""
+    e.candidates, e.image IS NOT NULL AS has_image, e.status, e.resolved_plate, e.capture_id"""
 
 
 async def exceptions(
@@ -463,3 +463,32 @@ async def job_of_operator(
 async def wake_outbox_workers(conn: asyncpg.Connection) -> None:
     """Delivered at commit, like the insert trigger's (migration 0003)."""
     await conn.execute("SELECT pg_notify('outbox', '')")
+
+
+async def audit_log(
+    conn: asyncpg.Connection,
+    operator_id: int,
+    *,
+    before: int | None,
+    action: str | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """What the company's staff did, newest first, a page at a time (ids below `before`):
+    one index range per staff member (audit_log_actor), merged."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT a.id, a.actor, u.name AS actor_name, u.email AS actor_email, a.action,
+                  a.subject, a.detail, a.created_at
+           FROM operator_users u
+           CROSS JOIN LATERAL (
+               SELECT * FROM audit_log l
+               WHERE l.actor = 'operator_user:' || u.id
+                 AND ($2::bigint IS NULL OR l.id < $2) AND ($3::text IS NULL OR l.action = $3)
+               ORDER BY l.id DESC LIMIT $4) a
+           WHERE u.operator_id = $1
+           ORDER BY a.id DESC LIMIT $4""",
+        operator_id,
+        before,
+        action,
+        limit,
+    )
+    return rows

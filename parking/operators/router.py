@@ -22,6 +22,7 @@ from parking.operators import service
 from parking.operators.schemas import (
     CODE_PATTERN,
     MAX_ID,
+    AuditPage,
     CaptureConflict,
     CarParkChange,
     ChargeException,
@@ -187,6 +188,21 @@ async def list_gate_events(
     """Barriers lifted without a signed command of ours (the booth's button), as the gates
     reported them; newest first."""
     return await service.list_gate_openings(conn, operator, car_park=car_park, limit=limit)
+
+
+@router.get("/audit-log")
+async def audit_log(
+    admin: OperatorAdminDep,
+    conn: ConnectionDep,
+    before: Annotated[int | None, Query(ge=1, le=MAX_ID, description="older than this id")] = None,
+    action: Annotated[
+        str | None, Query(pattern=r"^[a-z_]+\.[a-z_]+$", description="e.g. charge.confirmed")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> AuditPage:
+    """What the company's staff did (confirmed, refunded, resolved, opened, decided...),
+    newest first, `limit` a page; `next_before` asks for the next page. Admins."""
+    return await service.audit_log(conn, admin, before=before, action=action, limit=limit)
 
 
 @router.get(

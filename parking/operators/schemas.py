@@ -171,6 +171,8 @@ class LaneException(BaseModel):
     image_url: str | None
     status: str
     resolved_plate: str | None
+    # The held capture: a manual open with it (`.../gates/{gate}/open`) resolves the exception.
+    capture_id: UUID | None = None
 
 
 class Resolution(_Request):
@@ -288,3 +290,22 @@ class OutboxJob(BaseModel):
     available_at: datetime
     locked_until: datetime | None
     dead_at: datetime | None
+
+
+class AuditEntry(BaseModel):
+    """One line of the audit log: which staff member did what to which record."""
+
+    id: int
+    actor: str
+    actor_name: str
+    actor_email: str
+    action: str
+    subject: str | None
+    detail: dict[str, Any] | None
+    created_at: datetime
+
+
+class AuditPage(BaseModel):
+    entries: list[AuditEntry]
+    # Pass as `before` for the next (older) page; null on the last page.
+    next_before: int | None

@@ -33,6 +33,8 @@ from parking.logging import get_logger, mask_plate
 from parking.occupancy.service import Occupancy
 from parking.operators import repository as repo
 from parking.operators.schemas import (
+    AuditEntry,
+    AuditPage,
     CaptureConflict,
     CarParkChange,
     ChargeException,
@@ -303,6 +305,23 @@ async def list_capture_conflicts(
         conn, _operator_id(principal), car_park_id=car_park_id, limit=limit
     )
     return [CaptureConflict(**dict(r)) for r in rows]
+
+
+async def audit_log(
+    conn: asyncpg.Connection,
+    principal: Principal,
+    *,
+    before: int | None,
+    action: str | None,
+    limit: int,
+) -> AuditPage:
+    rows = await repo.audit_log(
+        conn, _operator_id(principal), before=before, action=action, limit=limit
+    )
+    return AuditPage(
+        entries=[AuditEntry(**dict(r)) for r in rows],
+        next_before=rows[-1]["id"] if len(rows) == limit else None,
+    )
 
 
 async def list_gate_openings(

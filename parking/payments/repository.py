@@ -25,6 +25,7 @@ class HeldExit:
     # A stay opened at the exit (no entry record) was never counted in the occupancy.
     counted_in: bool | None
     entry_certain: bool | None = None
+    received_at: datetime | None = None
 
 
 async def held_exit(
@@ -36,7 +37,8 @@ async def held_exit(
                   cp.id AS car_park_id, cp.name AS car_park_name, c.outcome, c.session_id,
                   s.status AS session_status,
                   s.plate, s.plate_color, s.entered_at, s.fixed_fee_fen,
-                  s.entry_capture_id IS NOT NULL AS counted_in, s.entry_certain
+                  s.entry_capture_id IS NOT NULL AS counted_in, s.entry_certain,
+                  c.received_at
            FROM captures c JOIN gates g ON g.id = c.gate_id
            JOIN car_parks cp ON cp.id = c.car_park_id
            LEFT JOIN sessions s ON s.id = c.session_id

@@ -1,4 +1,5 @@
 from datetime import datetime
+from typing import Literal
 from uuid import UUID
 
 from pydantic import BaseModel
@@ -14,6 +15,8 @@ class GatePayment(BaseModel):
     debt_fen: int
     amount_fen: int
     pay_url: str | None
+    # The barrier was told to open (the hold was lifted: paid, or opened by an operator).
+    gate_open: bool = False
 
 
 class QuoteSegment(BaseModel):
@@ -38,3 +41,34 @@ class Quote(BaseModel):
 
 class NotificationAccepted(BaseModel):
     effect: str
+
+
+class PageDebt(BaseModel):
+    # None for the debts a started payment includes, shown as one line.
+    created_at: datetime | None
+    amount_fen: int
+
+
+# What the pay page says: `due` (the fee to pay), `paying` (a payment was started), `paid`
+# (booked, the barrier about to open), `open` (the barrier was told to open), `settled` (the
+# stay was settled some other way), `expired` (scanned too late), `no_tariff`, `nothing_due`.
+PageState = Literal[
+    "due", "paying", "paid", "open", "settled", "expired", "no_tariff", "nothing_due"
+]
+
+
+class GatePaymentPage(BaseModel):
+    """What the page a held gate's QR code opens shows (parking/pages/)."""
+
+    capture_id: UUID
+    state: PageState
+    car_park: str
+    plate_masked: str | None
+    entered_at: datetime | None
+    stay_fee_fen: int = 0
+    gross_fen: int | None = None
+    discount_fen: int = 0
+    segments: list[QuoteSegment] = []
+    debts: list[PageDebt] = []
+    amount_fen: int = 0
+    pay_url: str | None = None

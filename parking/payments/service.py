@@ -26,15 +26,23 @@ from billing.providers import (
     ProviderRejected,
     ProviderUnavailable,
 )
+from billing.tariff import PricedSegment
 from gate_controller.protocol import Command, GateAddress
 from parking.errors import AppError, NotFound
 from parking.gates.commands import publish_command
 from parking.lanes import repository as lanes_repo
 from parking.lanes.rules import priced_color
-from parking.logging import get_logger
+from parking.logging import get_logger, mask_plate
 from parking.messages import message_style
 from parking.payments import repository as repo
-from parking.payments.schemas import GatePayment, Quote, QuoteSegment
+from parking.payments.schemas import (
+    GatePayment,
+    GatePaymentPage,
+    PageDebt,
+    PageState,
+    Quote,
+    QuoteSegment,
+)
 from parking.ratelimit import hit
 
 if TYPE_CHECKING:  # the runtime wires this module's release_gate into the outbox worker
@@ -53,6 +61,8 @@ _PAYABLE_OUTCOMES = frozenset(
         "held_no_entry_fee",
     }
 )
+# A held exit's outcome once the hold is lifted (parking.lanes.repository.store_command).
+_LIFTED = frozenset({"paid_at_gate", "paid_at_booth", "opened_by_operator"})
 # Holds whose vehicle rests on a read that is not certain (or on one read): nobody's debts are
 # collected through them.
 _NOBODYS = frozenset({"held_uncertain", "held_no_entry_fee"})
@@ -63,14 +73,38 @@ class ProviderDown(AppError):
         super().__init__(503, "payment_provider_unavailable", "try again in a moment")
 
 
-async def _payable(
-    conn: asyncpg.Connection, capture_id: UUID
-) -> tuple[repo.HeldExit, int, list[debts.Debt], int | None]:
+class QrExpired(AppError):
+    def __init__(self) -> None:
+        super().__init__(
+            410,
+            "qr_expired",
+            "二维码已过期，请在出口重新扫码 / this QR code has expired: scan the one at the exit",
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Due:
+    held: repo.HeldExit
+    priced: fees.StayFee
+    owed: list[debts.Debt]
+    account_id: int | None
+
+
+def _expired(held: repo.HeldExit, ttl_s: int, now: datetime) -> bool:
+    return held.received_at is not None and now - held.received_at > timedelta(seconds=ttl_s)
+
+
+async def _payable(conn: asyncpg.Connection, capture_id: UUID, qr_ttl_s: int) -> _Due:
+    """What a held exit owes now, for a payment not yet started: 404 for no held exit, 409
+    for a stay already settled, 410 for a QR code scanned after PARKING_GATE_QR_TTL_S."""
     held = await repo.held_exit(conn, capture_id)
     if held is None or held.outcome not in _PAYABLE_OUTCOMES or held.plate is None:
         raise NotFound("gate_payment")
     if held.session_status != "open" or held.entered_at is None:
         raise AppError(409, "stay_already_closed", "this stay has already been settled")
+    now = datetime.now(UTC)
+    if _expired(held, qr_ttl_s, now):
+        raise QrExpired()
     account_id = (
         None
         if held.outcome in _NOBODYS or held.plate_color is None
@@ -79,7 +113,7 @@ async def _payable(
     priced = fees.stay_fee(
         await fees.tariff_versions(conn, held.car_park_id),
         entered_at=held.entered_at,
-        at=datetime.now(UTC),
+        at=now,
         # As the lane priced the hold (parking.lanes.rules.priced_color).
         plate_color=priced_color(
             held.plate,
@@ -91,7 +125,7 @@ async def _payable(
     if priced is None:
         raise AppError(409, "no_tariff", "the car park has no tariff; ask the attendant")
     owed = await debts.open_debts(conn, account_id) if account_id is not None else []
-    return held, priced.fee_fen, owed, account_id
+    return _Due(held, priced, owed, account_id)
 
 
 def _view(held: repo.HeldExit, payment: payments.Payment) -> GatePayment:
@@ -103,6 +137,7 @@ def _view(held: repo.HeldExit, payment: payments.Payment) -> GatePayment:
         debt_fen=payment.debt_fen,
         amount_fen=payment.amount_fen,
         pay_url=payment.pay_url,
+        gate_open=held.outcome not in _PAYABLE_OUTCOMES,
     )
 
 
@@ -113,18 +148,19 @@ async def start_gate_payment(runtime: Runtime, capture_id: UUID) -> GatePayment:
         held = await repo.held_exit(conn, capture_id, lock=True)
         payment = await payments.open_for_capture(conn, capture_id)
         if payment is None:
-            held, stay_fee, owed, account_id = await _payable(conn, capture_id)
-            if stay_fee + sum(d.amount_fen for d in owed) == 0:
+            due = await _payable(conn, capture_id, runtime.settings.gate_qr_ttl_s)
+            held = due.held
+            if due.priced.fee_fen + sum(d.amount_fen for d in due.owed) == 0:
                 raise AppError(409, "nothing_to_pay", "nothing is due; the gate opens by itself")
             payment = await payments.create(
                 conn,
                 provider=runtime.provider.name,
                 purpose="gate",
-                account_id=account_id,
+                account_id=due.account_id,
                 session_id=held.session_id,
                 capture=(held.capture_id, held.captured_at),
-                stay_fee_fen=stay_fee,
-                owed=owed,
+                stay_fee_fen=due.priced.fee_fen,
+                owed=due.owed,
             )
     assert held is not None
     return _view(held, await _open_at_provider(runtime, payment, f"parking {held.car_park_name}"))
@@ -216,6 +252,70 @@ async def gate_payment_status(runtime: Runtime, capture_id: UUID) -> GatePayment
                 )
                 payment = await payments.open_for_capture(conn, capture_id) or payment
     return _view(held, payment)
+
+
+async def gate_payment_page(runtime: Runtime, capture_id: UUID) -> GatePaymentPage | None:
+    """What the page a held gate's QR code opens shows; None for no such held exit. A
+    payment started is asked about at the provider (gate_payment_status) as the poll does."""
+    try:
+        status = await gate_payment_status(runtime, capture_id)
+    except NotFound:
+        status = None
+    async with runtime.pool.acquire() as conn:
+        held = await repo.held_exit(conn, capture_id)
+        if held is None or held.session_id is None:
+            return None
+        page = GatePaymentPage(
+            capture_id=capture_id,
+            state="due",
+            car_park=held.car_park_name,
+            plate_masked=mask_plate(held.plate) if held.plate else None,
+            entered_at=held.entered_at,
+        )
+        if status is not None:
+            state: PageState = "settled"
+            if status.status == "pending":
+                state = "paying"
+            elif status.status == "succeeded":
+                state = "open" if status.gate_open else "paid"
+            return page.model_copy(
+                update={
+                    "state": state,
+                    "stay_fee_fen": status.stay_fee_fen,
+                    "amount_fen": status.amount_fen,
+                    "debts": [PageDebt(created_at=None, amount_fen=status.debt_fen)]
+                    if status.debt_fen
+                    else [],
+                    "pay_url": status.pay_url,
+                }
+            )
+        try:
+            due = await _payable(conn, capture_id, runtime.settings.gate_qr_ttl_s)
+        except QrExpired:
+            return page.model_copy(update={"state": "expired"})
+        except NotFound:
+            # A hold lifted another way (booth, operator) says so; any other capture is unknown.
+            return page.model_copy(update={"state": "settled"}) if held.outcome in _LIFTED else None
+        except AppError as exc:
+            state = "no_tariff" if exc.code == "no_tariff" else "settled"
+            return page.model_copy(update={"state": state})
+    quote = due.priced.quote
+    amount = due.priced.fee_fen + sum(d.amount_fen for d in due.owed)
+    return page.model_copy(
+        update={
+            "state": "due" if amount else "nothing_due",
+            "stay_fee_fen": due.priced.fee_fen,
+            "gross_fen": quote.gross_fen if quote else None,
+            "discount_fen": quote.discount_fen if quote else 0,
+            "segments": [_segment(s) for s in (quote.segments if quote else ())],
+            "debts": [PageDebt(created_at=d.created_at, amount_fen=d.amount_fen) for d in due.owed],
+            "amount_fen": amount,
+        }
+    )
+
+
+def _segment(s: PricedSegment) -> QuoteSegment:
+    return QuoteSegment(start=s.start, end=s.end, band=s.band, day_type=s.day_type, fee_fen=s.fen)
 
 
 # What a rejected notification keeps of its body for a person to look at: enough to see what
@@ -338,8 +438,5 @@ async def quote(
         fee_fen=priced.fee_fen,
         gross_fen=q.gross_fen if q else priced.fee_fen,
         discount_fen=q.discount_fen if q else 0,
-        segments=[
-            QuoteSegment(start=s.start, end=s.end, band=s.band, day_type=s.day_type, fee_fen=s.fen)
-            for s in (q.segments if q else ())
-        ],
+        segments=[_segment(s) for s in (q.segments if q else ())],
     )
