@@ -66,8 +66,9 @@ def description(car_park_name: str, *, limit: int = DESCRIPTION_MAX_CHARS) -> st
 def new_idempotency_key(session_id: int) -> str:
     """Drawn once when the charge is queued and stored with it, so every retry reuses it; random
     so that keys stay unique at the provider across databases and deployments sharing one
-    merchant account (a bare session id would collide)."""
-    return f"s{session_id}-{uuid.uuid4().hex}"
+    merchant account (a bare session id would collide). At most 32 characters: WeChat Pay's
+    out_trade_no takes no more."""
+    return f"s{session_id}-{uuid.uuid4().hex}"[:32]
 
 
 async def queue_charge(

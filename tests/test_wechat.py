@@ -1,0 +1,305 @@
+"""The WeChat Pay Score parking adapter (billing.wechat) against the v3 emulator
+(parking_dev.wechat), end to end over HTTP: signed requests, signed answers, signed and
+encrypted notifications, the emulator's faults."""
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from billing.providers import (
+    InvalidNotification,
+    OrderResult,
+    ParkingDeduction,
+    ProviderMalformed,
+    ProviderRejected,
+    ProviderUnavailable,
+    ServiceStateChange,
+)
+from billing.wechat import WeChatParkingProvider
+from parking_dev import sandbox
+from parking_dev.wechat import Emulator, EmulatorConfig, running
+from tests.conftest import eventually, unique_plate
+
+
+@dataclasses.dataclass
+class Receiver:
+    """The merchant's notification endpoint: every body parsed by the adapter."""
+
+    url: str
+    accepted: list[Any]
+    rejected: list[str]
+
+
+@contextlib.asynccontextmanager
+async def receiver(get_provider: Any) -> AsyncIterator[Receiver]:
+    got = Receiver("", [], [])
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            got.accepted.append(
+                get_provider().parse_notification(body, dict(request.headers), now=int(time.time()))
+            )
+        except InvalidNotification as exc:
+            got.rejected.append(str(exc))
+            return web.json_response({"code": "FAIL", "message": "bad"}, status=401)
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/notify", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    got.url = f"http://127.0.0.1:{port}/notify"
+    try:
+        yield got
+    finally:
+        await runner.cleanup()
+
+
+@dataclasses.dataclass
+class Rails:
+    provider: WeChatParkingProvider
+    emulator: Emulator
+    notes: Receiver
+
+
+@contextlib.asynccontextmanager
+async def rails(
+    config: EmulatorConfig | None = None, timeout_s: float = 2.0
+) -> AsyncIterator[Rails]:
+    holder: list[WeChatParkingProvider] = []
+    async with receiver(lambda: holder[0]) as notes, running(config) as (url, emulator):
+        provider = WeChatParkingProvider(
+            emulator.credentials(), notify_url=notes.url, base_url=url, timeout_s=timeout_s
+        )
+        holder.append(provider)
+        try:
+            yield Rails(provider, emulator, notes)
+        finally:
+            await provider.aclose()
+
+
+def _faults(**kw: Any) -> EmulatorConfig:
+    advance = kw.pop("advance", True)
+    bad = kw.pop("bad_response_signature_rate", 0.0)
+    return EmulatorConfig(
+        faults=sandbox.FaultConfig(processing_delay_s=0.01, notify_retry_s=(0.05, 0.2), **kw),
+        advance=advance,
+        bad_response_signature_rate=bad,
+    )
+
+
+def _stay(plate: str, parking_id: str | None) -> ParkingDeduction:
+    exited = datetime.now(UTC)
+    return ParkingDeduction(
+        plate=plate,
+        color="blue",
+        entered_at=exited - timedelta(hours=2),
+        exited_at=exited,
+        car_park_name="城中街停车场",
+        parking_id=parking_id,
+        out_parking_no=f"e{plate.encode().hex()}",
+    )
+
+
+async def _enter_and_charge(r: Rails, plate: str, key: str, fen: int = 1200) -> OrderResult:
+    entry = await r.provider.register_entry(
+        out_parking_no=f"e-{key}",
+        plate=plate,
+        color="blue",
+        entered_at=datetime.now(UTC) - timedelta(hours=2),
+        car_park_name="城中街停车场",
+        free_duration_s=0,
+    )
+    assert entry.state == "normal" and entry.parking_id
+    return await r.provider.create_charge(
+        out_trade_no=key,
+        agreement_no=f"o-{plate}",
+        amount_fen=fen,
+        description="parking 城中街停车场",
+        parking=_stay(plate, entry.parking_id),
+    )
+
+
+def _charges(notes: Receiver) -> list[OrderResult]:
+    return [n for n in notes.accepted if isinstance(n, OrderResult) and n.kind == "charge"]
+
+
+async def test_entry_registered_deduction_accepted_and_the_notification_decrypted() -> None:
+    async with rails(_faults()) as r:
+        plate = unique_plate()
+        accepted = await _enter_and_charge(r, plate, "s1-abc")
+        assert (accepted.status, accepted.amount_fen) == ("processing", 1200)
+        notified = await eventually(lambda: _async(_charges(r.notes)))
+        assert notified[0].status == "succeeded" and not notified[0].advanced
+        assert notified[0].out_trade_no == "s1-abc"
+        queried = await r.provider.query(out_trade_no="s1-abc")
+        assert queried is not None and queried.status == "succeeded"
+        assert queried.provider_ref == notified[0].provider_ref
+        # The deduction named the registered entry, its plate and its times.
+        info = r.emulator.transactions["s1-abc"]["parking_info"]
+        assert info["plate_number"] == plate and info["charging_duration"] >= 7200
+        assert await r.provider.query(out_trade_no="s1-never") is None
+
+
+async def test_a_short_balance_is_advanced_by_wechat_or_failed_when_it_may_not() -> None:
+    async with rails(_faults(declined_agreements=set())) as r:
+        plate = unique_plate()
+        r.emulator.config.faults.declined_agreements.add(f"o-{plate}")
+        await _enter_and_charge(r, plate, "s2-adv")
+        notified = await eventually(lambda: _async(_charges(r.notes)))
+        assert notified[0].status == "succeeded" and notified[0].advanced
+    async with rails(_faults(advance=False)) as r:
+        plate = unique_plate()
+        r.emulator.config.faults.declined_agreements.add(f"o-{plate}")
+        await _enter_and_charge(r, plate, "s2-fail")
+        notified = await eventually(lambda: _async(_charges(r.notes)))
+        assert notified[0].status == "declined" and not notified[0].advanced
+
+
+async def test_refund_and_statement() -> None:
+    async with rails(_faults()) as r:
+        await _enter_and_charge(r, unique_plate(), "s3-ref", 1500)
+        await eventually(lambda: _async(_charges(r.notes)))
+        refund = await r.provider.refund(
+            out_refund_no="r3-ref", out_trade_no="s3-ref", amount_fen=500, reason="不是我的车"
+        )
+        assert (refund.kind, refund.status, refund.amount_fen) == ("refund", "succeeded", 500)
+        again = await r.provider.refund(
+            out_refund_no="r3-ref", out_trade_no="s3-ref", amount_fen=500, reason="不是我的车"
+        )
+        assert again.provider_ref == refund.provider_ref
+        notes = await eventually(
+            lambda: _async([n for n in r.notes.accepted if getattr(n, "kind", "") == "refund"])
+        )
+        assert notes[0].out_trade_no == "r3-ref"
+        today = datetime.now(UTC).astimezone(r.provider._tz).date()
+        lines = await r.provider.statement(today)
+        assert {(line.kind, line.out_trade_no, line.amount_fen) for line in lines} == {
+            ("charge", "s3-ref", 1500),
+            ("refund", "r3-ref", 500),
+        }
+        assert await r.provider.statement(date(2001, 1, 1)) == []
+
+
+async def test_forged_notifications_are_rejected_and_duplicates_arrive_twice() -> None:
+    async with rails(_faults(forged_notification_rate=1.0, duplicate_notification_rate=1.0)) as r:
+        await _enter_and_charge(r, unique_plate(), "s4-dup")
+        await eventually(lambda: _async(len(_charges(r.notes)) == 2 and r.notes.rejected))
+        assert all(n.amount_fen == 1200 for n in _charges(r.notes)), "the forgery said 1 fen"
+        assert "signature" in r.notes.rejected[0] or "APIv3" in r.notes.rejected[0]
+
+
+async def test_a_notification_signed_by_someone_else_or_stale_is_refused() -> None:
+    async with rails(_faults()) as r:
+        body = b'{"event_type":"TRANSACTION.SUCCESS","resource":{}}'
+        now = int(time.time())
+        other = r.emulator._signed_headers(body, forged=True)
+        with pytest.raises(InvalidNotification):
+            r.provider.parse_notification(body, other, now=now)
+        genuine = r.emulator._signed_headers(body)
+        with pytest.raises(InvalidNotification, match="stale"):
+            r.provider.parse_notification(body, genuine, now=now + 3600)
+
+
+async def test_a_paused_plate_is_told_and_answered_paused() -> None:
+    async with rails(_faults()) as r:
+        plate = unique_plate()
+        assert (await r.provider.service_state(agreement_no="o1", plate=plate, color="blue")).usable
+        entry = await r.provider.register_entry(
+            out_parking_no="e5",
+            plate=plate,
+            color="blue",
+            entered_at=datetime.now(UTC),
+            car_park_name="城中街停车场",
+            free_duration_s=900,
+        )
+        r.emulator.set_plate_state(plate, "BLUE", "PAUSE")
+        changes = await eventually(
+            lambda: _async([n for n in r.notes.accepted if isinstance(n, ServiceStateChange)])
+        )
+        assert (changes[0].plate, changes[0].color, changes[0].state) == (plate, "blue", "paused")
+        assert changes[0].parking_id == entry.parking_id
+        state = await r.provider.service_state(agreement_no="o1", plate=plate, color="blue")
+        assert state.state == "paused" and not state.usable
+        r.emulator.set_plate_state(plate, "BLUE", "OVERDUE")
+        again = await r.provider.register_entry(
+            out_parking_no="e5b",
+            plate=plate,
+            color="blue",
+            entered_at=datetime.now(UTC),
+            car_park_name="城中街停车场",
+            free_duration_s=0,
+        )
+        assert again.state == "overdue"
+
+
+async def test_requests_signed_with_the_wrong_key_are_refused() -> None:
+    async with rails(_faults()) as r:
+        wrong = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = wrong.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        creds = dataclasses.replace(r.emulator.credentials(), private_key_pem=pem)
+        impostor = WeChatParkingProvider(
+            creds, notify_url=r.notes.url, base_url=r.provider._base_url
+        )
+        try:
+            with pytest.raises(ProviderRejected) as refused:
+                await impostor.service_state(agreement_no="o", plate=unique_plate(), color="blue")
+        finally:
+            await impostor.aclose()
+        assert refused.value.code == "SIGN_ERROR" and refused.value.side == "car_park"
+        assert r.emulator.rejected_requests == 1
+
+
+async def test_a_wrongly_signed_answer_is_not_believed() -> None:
+    async with rails(_faults(bad_response_signature_rate=1.0)) as r:
+        with pytest.raises(ProviderMalformed):
+            await r.provider.service_state(agreement_no="o", plate=unique_plate(), color="blue")
+
+
+async def test_errors_and_timeouts_are_outages_and_a_retry_makes_one_order() -> None:
+    async with rails(_faults(error_rate=1.0)) as r:
+        with pytest.raises(ProviderUnavailable):
+            await r.provider.service_state(agreement_no="o", plate=unique_plate(), color="blue")
+    async with rails(_faults(timeout_rate=1.0, timeout_s=5.0), timeout_s=0.3) as r:
+        with pytest.raises(ProviderUnavailable):
+            await r.provider.service_state(agreement_no="o", plate=unique_plate(), color="blue")
+    async with rails(_faults(lost_response_rate=1.0)) as r:
+        plate = unique_plate()
+        with pytest.raises(ProviderUnavailable):
+            await _enter_and_charge(r, plate, "s6-lost")
+        r.emulator.config.faults.lost_response_rate = 0.0
+        await _enter_and_charge(r, plate, "s6-lost")
+        assert list(r.emulator.transactions) == ["s6-lost"]
+        # The same number for another amount is the car park's mistake, never a new order.
+        with pytest.raises(ProviderRejected) as refused:
+            await _enter_and_charge(r, plate, "s6-lost", fen=999)
+        assert refused.value.code == "OUT_TRADE_NO_USED"
+
+
+async def test_an_out_trade_no_wechat_would_refuse_is_refused_before_sending() -> None:
+    async with rails(_faults()) as r:
+        with pytest.raises(ProviderRejected):
+            await _enter_and_charge(r, unique_plate(), "s" * 33)
+        assert r.emulator.transactions == {}
+
+
+async def _async(value: Any) -> Any:
+    await asyncio.sleep(0)
+    return value
