@@ -24,6 +24,7 @@ Effect = Literal[
     "no_change",
     "unknown_order",
     "amount_mismatch",
+    "service_state",  # a plate's service state changed (not an order: parking.payments)
 ]
 
 
@@ -92,7 +93,12 @@ async def _charge(
         return await _late_success(conn, provider_name, charge, result, style)
     if result.status == "succeeded":
         if not await charges.mark_succeeded(
-            conn, charge, result.provider_ref, provider_name, result.finished_at
+            conn,
+            charge,
+            result.provider_ref,
+            provider_name,
+            result.finished_at,
+            advanced=result.advanced,
         ):
             return Applied("no_change")
         await notifications.enqueue(

@@ -59,6 +59,8 @@ from billing.providers import (
 )
 
 WECHAT_API = "https://api.mch.weixin.qq.com"
+# WeChat Pay API v3's own hosts (main and backup domain); any other base URL is an emulator.
+WECHAT_HOSTS = (WECHAT_API, "https://api2.mch.weixin.qq.com")
 
 # Our plate colours and WeChat's (LIMEGREEN, the yellow-green of large new-energy vehicles, is
 # not a colour our readers give).
@@ -256,7 +258,7 @@ class WeChatParkingProvider:
         self._notify_url = notify_url
         self._base_url = base_url.rstrip("/")
         # Anything but WeChat's own API is an emulator (parking_dev.wechat): a stand-in.
-        self.is_stand_in = self._base_url not in (WECHAT_API, "https://api2.mch.weixin.qq.com")
+        self.is_stand_in = self._base_url not in WECHAT_HOSTS
         self._tz = ZoneInfo(timezone)
         self._max_age_s = notification_max_age_s
         self._client = AsyncWeChatPay(

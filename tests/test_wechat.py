@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from billing import ledger
 from billing.providers import (
     InvalidNotification,
     OrderResult,
@@ -25,9 +27,28 @@ from billing.providers import (
     ServiceStateChange,
 )
 from billing.wechat import WeChatParkingProvider
+from parking.infra import Endpoints
+from parking.runtime import ProviderEndpoint, Runtime
+from parking.runtime import running as runtime_running
+from parking.settings import Settings
 from parking_dev import sandbox
 from parking_dev.wechat import Emulator, EmulatorConfig, running
-from tests.conftest import eventually, unique_plate
+from tests.conftest import (
+    MQTT_URL,
+    REDIS_URL,
+    Driver,
+    Lot,
+    api_server,
+    backdate_entry,
+    charges_of,
+    create_lot,
+    enter,
+    eventually,
+    make_driver,
+    unique_plate,
+)
+from tests.gates import GateProbe
+from tests.test_payments import _settlements
 
 
 @dataclasses.dataclass
@@ -303,3 +324,138 @@ async def test_an_out_trade_no_wechat_would_refuse_is_refused_before_sending() -
 async def _async(value: Any) -> Any:
     await asyncio.sleep(0)
     return value
+
+
+# The whole system on the WeChat rails: the lane registers entries, the worker deducts, the
+# emulator's signed and encrypted notifications reach the API and are booked once.
+
+
+@contextlib.asynccontextmanager
+async def wechat_runtime(
+    settings: Settings, database_url: str, config: EmulatorConfig
+) -> AsyncIterator[tuple[Runtime, Emulator]]:
+    port = sandbox.free_port()
+    settings.public_base_url = f"http://127.0.0.1:{port}"
+    settings.payment_provider = "wechat"
+    settings.charge_query_after_s = 60  # no order queries: the notifications must do it
+    async with running(config) as (url, emulator):
+        endpoint = ProviderEndpoint(url, "", kind="wechat", credentials=emulator.credentials())
+        eps = Endpoints(database_url, REDIS_URL, MQTT_URL)
+        async with runtime_running(settings, eps, endpoint) as runtime, api_server(runtime, port):
+            yield runtime, emulator
+
+
+async def _wechat_driver(runtime: Runtime, plate: str) -> Driver:
+    # The emulator knows a driver by plate: its openid is "o-<plate>".
+    return await make_driver(runtime, plate, provider="wechat", agreement_no=f"o-{plate}")
+
+
+async def _session(runtime: Runtime, lot: Lot, plate: str) -> asyncpg.Record:
+    async with runtime.pool.acquire() as conn:
+        row: asyncpg.Record = await conn.fetchrow(
+            "SELECT * FROM sessions WHERE car_park_id = $1 AND plate = $2", lot.id, plate
+        )
+    return row
+
+
+async def test_the_system_on_wechat_registers_entries_and_books_each_deduction_once(
+    settings: Settings, database_url: str, gate: GateProbe
+) -> None:
+    config = _faults(duplicate_notification_rate=1.0, forged_notification_rate=1.0)
+    async with wechat_runtime(settings, database_url, config) as (runtime, emulator):
+        lot = await create_lot(runtime)
+        short = await _wechat_driver(runtime, unique_plate())
+        emulator.config.faults.declined_agreements.add(f"o-{short.plate}")
+        drivers = [await _wechat_driver(runtime, unique_plate()) for _ in range(2)] + [short]
+        for driver in drivers:
+            await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(0))
+            registered = await eventually(lambda d=driver: _stay_parking_id(runtime, lot, d.plate))
+            assert (
+                registered
+                == emulator.parkings[
+                    next(
+                        iter(
+                            k
+                            for k, p in emulator.parkings.items()
+                            if p["plate_number"] == driver.plate
+                        )
+                    )
+                ]["id"]
+            )
+            await backdate_entry(runtime, lot, driver.plate, timedelta(minutes=70))
+            command = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+            assert (command["action"], command["fee_fen"]) == ("open", 1200)
+
+        async def all_charged() -> list[Any]:
+            rows = await charges_of(runtime, lot)
+            return rows if [r["status"] for r in rows] == ["succeeded"] * 3 else []
+
+        rows = await eventually(all_charged, timeout_s=20)
+        assert len(emulator.transactions) == 3, "one WeChat order per stay"
+        for row in rows:
+            order = emulator.transactions[row["idempotency_key"]]
+            assert row["provider_ref"] == order["transaction_id"]
+            assert (
+                order["parking_info"]["parking_id"]
+                == (await _stay_by_id(runtime, row["session_id"]))["provider_parking_id"]
+            )
+        advanced = {row["account_id"]: row["advanced_by_provider"] for row in rows}
+        assert advanced == {
+            drivers[0].account_id: False,
+            drivers[1].account_id: False,
+            short.account_id: True,
+        }
+        async with runtime.pool.acquire() as conn:
+            assert await ledger.is_balanced(conn)
+            assert await ledger.balance(conn, ledger.clearing("wechat")) == 3 * 1200
+            debts_open = await conn.fetchval(
+                "SELECT count(*) FROM debts WHERE account_id = $1", short.account_id
+            )
+            forged = await conn.fetchval(
+                "SELECT count(*) FROM dead_letters WHERE source = 'provider_notification' "
+                "AND topic = 'wechat'"
+            )
+        assert debts_open == 0, "an advanced deduction is never the driver's debt"
+        assert forged >= 1, "the forged notifications were refused and kept"
+        delivered = [n for n in emulator.notices if n.event_type == "TRANSACTION.SUCCESS"]
+        assert len([n for n in delivered if n.outcome == "delivered"]) >= 6, "duplicates came"
+        for row in rows:
+            assert await _settlements(runtime, row["id"]) == 1
+
+
+async def test_a_plate_paused_during_the_stay_is_held_at_the_exit(
+    settings: Settings, database_url: str, gate: GateProbe
+) -> None:
+    async with wechat_runtime(settings, database_url, _faults()) as (runtime, emulator):
+        lot = await create_lot(runtime)
+        driver = await _wechat_driver(runtime, unique_plate())
+        await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=70))
+        await eventually(lambda: _stay_parking_id(runtime, lot, driver.plate))
+        emulator.set_plate_state(driver.plate, "BLUE", "PAUSE")
+        await eventually(lambda: _service_state(runtime, driver.plate, "paused"))
+        command = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+        assert (command["action"], command["fee_fen"]) == ("hold", 1200)
+        assert await charges_of(runtime, lot) == []
+        # Resumed: the next stay leaves on pay-later again.
+        emulator.set_plate_state(driver.plate, "BLUE", "NORMAL")
+        await eventually(lambda: _service_state(runtime, driver.plate, "normal"))
+
+
+async def _stay_parking_id(runtime: Runtime, lot: Lot, plate: str) -> str | None:
+    return (await _session(runtime, lot, plate))["provider_parking_id"]
+
+
+async def _stay_by_id(runtime: Runtime, session_id: int) -> asyncpg.Record:
+    async with runtime.pool.acquire() as conn:
+        row: asyncpg.Record = await conn.fetchrow(
+            "SELECT * FROM sessions WHERE id = $1", session_id
+        )
+    return row
+
+
+async def _service_state(runtime: Runtime, plate: str, state: str) -> bool:
+    async with runtime.pool.acquire() as conn:
+        found = await conn.fetchval(
+            "SELECT state FROM plate_services WHERE provider = 'wechat' AND plate = $1", plate
+        )
+    return bool(found == state)
