@@ -58,7 +58,7 @@ async def payment_provider(
     """The configured provider, or a sandbox (or WeChat Pay emulator) served in-process (a
     laptop run, the demo) when the development tools are installed."""
     if settings.payment_provider == "wechat":
-        async with _wechat(settings) as endpoint:
+        async with _wechat(settings, faults) as endpoint:
             yield endpoint
         return
     if settings.payment_provider_url:
@@ -86,7 +86,9 @@ async def payment_provider(
 
 
 @contextlib.asynccontextmanager
-async def _wechat(settings: Settings) -> AsyncIterator[ProviderEndpoint]:
+async def _wechat(
+    settings: Settings, faults: "sandbox.FaultConfig | None"
+) -> AsyncIterator[ProviderEndpoint]:
     missing = settings.wechat_missing()
     if settings.wechat_configured():
         if missing:
@@ -102,7 +104,8 @@ async def _wechat(settings: Settings) -> AsyncIterator[ProviderEndpoint]:
             "WeChat Pay needs " + ", ".join(missing) + " (the emulator that stands in for it on "
             "a laptop comes with the development tools: pip install ./devtools)"
         ) from None
-    async with emulator.running() as (url, running_emulator):
+    config = emulator.EmulatorConfig(faults=faults) if faults else None
+    async with emulator.running(config) as (url, running_emulator):
         yield ProviderEndpoint(url, "", kind="wechat", credentials=running_emulator.credentials())
 
 

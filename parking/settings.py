@@ -209,7 +209,7 @@ class Settings(BaseSettings):
         """Any WeChat Pay key is set: the real rails are meant, and all of them are needed."""
         return any(
             getattr(self, name) is not None
-            for name in self.model_fields
+            for name in type(self).model_fields
             if name.startswith("wechat_") and name != "wechat_api_url"
         )
 

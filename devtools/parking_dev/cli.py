@@ -26,7 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--rate", type=float, default=20.0, help="captures per second")
     p_demo.add_argument("--json", action="store_true", help="print a JSON summary last")
     p_demo.add_argument("--no-api", action="store_true", help="do not serve the HTTP API")
-    sandbox.add_arguments(p_demo)  # faults of the in-process sandbox provider
+    p_demo.add_argument(
+        "--provider",
+        choices=("sandbox", "wechat"),
+        help="payment rails: the sandbox, or WeChat Pay (its emulator unless the PARKING_WECHAT_* "
+        "keys are set); default PARKING_PAYMENT_PROVIDER",
+    )
+    # Faults of the in-process sandbox provider (or WeChat Pay emulator).
+    sandbox.add_arguments(p_demo)
 
     p_bench = sub.add_parser("bench", help="exit decisions under load (JSON figures)")
     p_bench.add_argument(
@@ -104,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from parking_dev.demo import run_demo
 
+        if args.provider:
+            settings.payment_provider = args.provider
         summary = run(
             run_demo(
                 settings,

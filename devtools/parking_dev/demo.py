@@ -112,6 +112,7 @@ async def seed_city(
     car_parks: int = len(DEMO_CAR_PARKS),
     parked_share: float = 0.5,
     vehicles: list[Vehicle] | None = None,
+    provider: str = "sandbox",
 ) -> DemoCity:
     """Car parks with entry and exit gates, a tariff, drivers (70 % bound with pay-later), and
     cars already parked for 20 minutes to 3 days so that exits carry real fees."""
@@ -160,8 +161,11 @@ async def seed_city(
                 await agreements.sign(
                     conn,
                     account_id,
-                    provider="sandbox",
-                    agreement_no=f"AGR-{run_id}-{i:05d}",
+                    provider=provider,
+                    # WeChat knows a driver by openid (the emulator's are "o-<plate>").
+                    agreement_no=(
+                        f"o-{vehicle.plate}" if provider == "wechat" else f"AGR-{run_id}-{i:05d}"
+                    ),
                     per_session_limit_fen=PAY_LATER_LIMIT_FEN,
                     signed_at=now - timedelta(days=30),
                 )
@@ -240,6 +244,7 @@ async def summarise(
             """SELECT count(*) FILTER (WHERE c.status = 'succeeded') AS charged,
                       count(*) FILTER (WHERE c.status = 'pending') AS pending,
                       count(*) FILTER (WHERE c.status = 'failed') AS failed,
+                      count(*) FILTER (WHERE c.advanced_by_provider) AS advanced,
                       COALESCE(sum(c.amount_fen) FILTER (WHERE c.status = 'succeeded'), 0)::bigint
                           AS charged_fen
                FROM charges c JOIN sessions s ON s.id = c.session_id
@@ -283,6 +288,8 @@ async def summarise(
         "charged": charges["charged"],
         "charges_pending": charges["pending"],
         "charges_failed": charges["failed"],
+        # Paid by the provider in the driver's stead (WeChat's 垫资): charged, never a debt.
+        "charges_advanced": charges["advanced"],
         "charged_fen": charges["charged_fen"],
         "charges_per_session_max": money["charges_per_session_max"],
         "charge_retries": runtime.outbox.stats.retries,
@@ -379,7 +386,7 @@ async def run_demo(
         payment_provider(settings, faults) as provider,
         running(settings, eps, provider) as runtime,
     ):
-        city = await seed_city(runtime.pool, rng)
+        city = await seed_city(runtime.pool, rng, provider=runtime.provider.name)
         print(
             f"demo: city seeded: {len(city.car_park_ids)} car parks, {len(city.gates)} gates, "
             f"{sum(len(v) for v in city.inside.values())} cars inside",
