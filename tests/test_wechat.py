@@ -8,6 +8,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -28,7 +29,14 @@ from billing.providers import (
 )
 from billing.wechat import WeChatParkingProvider
 from parking.infra import Endpoints
-from parking.runtime import ProviderEndpoint, Runtime
+from parking.runtime import (
+    ConfigurationError,
+    ProviderEndpoint,
+    Runtime,
+    make_provider,
+    payment_provider,
+    wechat_credentials,
+)
 from parking.runtime import running as runtime_running
 from parking.settings import Settings
 from parking_dev import sandbox
@@ -459,3 +467,41 @@ async def _service_state(runtime: Runtime, plate: str, state: str) -> bool:
             "SELECT state FROM plate_services WHERE provider = 'wechat' AND plate = $1", plate
         )
     return bool(found == state)
+
+
+async def test_settings_name_the_stand_ins_and_every_missing_wechat_key(tmp_path: Path) -> None:
+    assert Settings(payment_provider="sandbox").payment_stand_ins() == [
+        "payment provider: sandbox (PARKING_PAYMENT_PROVIDER=sandbox)"
+    ]
+    bare = Settings(payment_provider="wechat")
+    assert not bare.wechat_configured() and "emulator" in bare.payment_stand_ins()[0]
+    partial = Settings(payment_provider="wechat", wechat_mchid="1900000109")
+    assert len(partial.wechat_missing()) == 5, partial.wechat_missing()
+    with pytest.raises(ConfigurationError) as refused:
+        async with payment_provider(partial):
+            pass
+    assert "PARKING_WECHAT_APIV3_KEY" in str(refused.value)
+    assert "PARKING_WECHAT_PLATFORM_PUBLIC_KEY_PATH" in str(refused.value)
+
+    emulator = Emulator()
+    creds = emulator.credentials()
+    (tmp_path / "key.pem").write_text(creds.private_key_pem)
+    (tmp_path / "platform.pem").write_text(creds.platform_public_key_pem or "")
+    full = Settings(
+        payment_provider="wechat",
+        wechat_mchid=creds.mchid,
+        wechat_appid=creds.appid,
+        wechat_cert_serial_no=creds.cert_serial_no,
+        wechat_private_key_path=tmp_path / "key.pem",
+        wechat_apiv3_key=creds.apiv3_key,
+        wechat_platform_public_key_path=tmp_path / "platform.pem",
+        wechat_platform_public_key_id=creds.platform_public_key_id,
+    )
+    assert full.wechat_missing() == [] and full.payment_stand_ins() == []
+    assert wechat_credentials(full) == creds
+    async with payment_provider(full) as endpoint:
+        provider = make_provider(full, endpoint)
+        assert (provider.name, provider.is_stand_in) == ("wechat", False)
+        await provider.aclose()
+    elsewhere = full.model_copy(update={"wechat_api_url": "http://127.0.0.1:9"})
+    assert "not WeChat's API" in elsewhere.payment_stand_ins()[0]
