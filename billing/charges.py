@@ -35,6 +35,7 @@ class ChargeJob:
     plate_color: str = "blue"
     # The provider's id of the stay, when it was registered at its entry.
     provider_parking_id: str | None = None
+    entry_capture_id: uuid.UUID | None = None
 
     def deduction(self) -> ParkingDeduction:
         """The stay as the parking rails describe a deduction (billing.providers)."""
@@ -46,7 +47,9 @@ class ChargeJob:
             car_park_name=self.car_park_name,
             parking_id=self.provider_parking_id,
             # Registered at the exit when the entry's registration never happened.
-            out_parking_no=entries.out_parking_no(self.session_id, self.entered_at),
+            out_parking_no=entries.out_parking_no(
+                self.session_id, self.entry_capture_id, self.entered_at
+            ),
         )
 
 
@@ -211,7 +214,7 @@ async def _load(
         f"""SELECT c.id AS charge_id, c.session_id, c.account_id, s.car_park_id, c.amount_fen,
                   c.idempotency_key, c.status, c.attempts, a.agreement_no, a.provider,
                   s.plate, cp.name AS car_park_name, s.entered_at, s.exited_at,
-                  s.plate_color, s.provider_parking_id
+                  s.plate_color, s.provider_parking_id, s.entry_capture_id
            FROM charges c
            JOIN pay_later_agreements a ON a.id = c.agreement_id
            JOIN sessions s ON s.id = c.session_id

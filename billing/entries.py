@@ -6,16 +6,19 @@ registered by the deduction at its exit, under the same number."""
 
 from dataclasses import dataclass
 from datetime import datetime
+from uuid import UUID
 
 import asyncpg
 
+from billing import fees
 
-def out_parking_no(session_id: int, entered_at: datetime) -> str:
-    """Our number for a stay's entry at the provider: the same at the entry and at the exit,
-    at most 32 characters, and unlikely to meet another deployment's on a shared merchant
-    account (the entry's microsecond is part of it)."""
-    micros = int(entered_at.timestamp() * 1_000_000)
-    return f"e{session_id}-{micros:x}"[:32]
+
+def out_parking_no(session_id: int, entry_capture_id: UUID | None, entered_at: datetime) -> str:
+    """Our number for a stay's entry at the provider: the same at the entry and at the exit, at
+    most 32 characters, and not another deployment's on a shared merchant account (the entry
+    capture's random id is part of it; a stay without one, its entry's microsecond)."""
+    tail = entry_capture_id.hex if entry_capture_id else f"{int(entered_at.timestamp() * 1e6):x}"
+    return f"e{session_id}-{tail}"[:32]
 
 
 async def queue(conn: asyncpg.Connection, session_id: int) -> None:
@@ -26,6 +29,8 @@ async def queue(conn: asyncpg.Connection, session_id: int) -> None:
 @dataclass(frozen=True, slots=True)
 class Entry:
     session_id: int
+    car_park_id: int
+    entry_capture_id: UUID | None
     plate: str
     plate_color: str
     entered_at: datetime
@@ -37,13 +42,13 @@ class Entry:
 
     @property
     def out_parking_no(self) -> str:
-        return out_parking_no(self.session_id, self.entered_at)
+        return out_parking_no(self.session_id, self.entry_capture_id, self.entered_at)
 
 
 async def load(conn: asyncpg.Connection, session_id: int) -> Entry | None:
     row = await conn.fetchrow(
-        """SELECT s.id AS session_id, s.plate, s.plate_color, s.entered_at,
-                  cp.name AS car_park_name, s.provider_parking_id,
+        """SELECT s.id AS session_id, s.car_park_id, s.entry_capture_id, s.plate,
+                  s.plate_color, s.entered_at, cp.name AS car_park_name, s.provider_parking_id,
                   pa.provider, pa.agreement_no
            FROM sessions s
            JOIN car_parks cp ON cp.id = s.car_park_id
@@ -55,6 +60,12 @@ async def load(conn: asyncpg.Connection, session_id: int) -> Entry | None:
         session_id,
     )
     return Entry(**dict(row)) if row else None
+
+
+async def free_duration_s(conn: asyncpg.Connection, entry: Entry) -> int:
+    """The free time of the tariff the stay is priced by, as the provider shows it."""
+    tariff = fees.tariff_at(await fees.tariff_versions(conn, entry.car_park_id), entry.entered_at)
+    return tariff.free_minutes * 60 if tariff is not None else 0
 
 
 async def record_parking_id(conn: asyncpg.Connection, session_id: int, parking_id: str) -> None:

@@ -342,6 +342,7 @@ class OutboxWorker:
         """Registers a stay with the provider (billing.entries) and records the plate's state."""
         async with self.pool.acquire() as conn:
             entry = await entries.load(conn, job.ref_id)
+            free_s = await entries.free_duration_s(conn, entry) if entry else 0
         if (
             entry is None
             or entry.provider_parking_id is not None
@@ -356,7 +357,7 @@ class OutboxWorker:
                 color=entry.plate_color,
                 entered_at=entry.entered_at,
                 car_park_name=entry.car_park_name,
-                free_duration_s=0,
+                free_duration_s=free_s,
                 agreement_no=entry.agreement_no,
             )
         except ProviderUnavailable as exc:

@@ -340,12 +340,13 @@ async def _async(value: Any) -> Any:
 
 @contextlib.asynccontextmanager
 async def wechat_runtime(
-    settings: Settings, database_url: str, config: EmulatorConfig
+    settings: Settings, database_url: str, config: EmulatorConfig, query_after_s: float = 60
 ) -> AsyncIterator[tuple[Runtime, Emulator]]:
     port = sandbox.free_port()
     settings.public_base_url = f"http://127.0.0.1:{port}"
     settings.payment_provider = "wechat"
-    settings.charge_query_after_s = 60  # no order queries: the notifications must do it
+    # 60 s: no order queries, the notifications must do it.
+    settings.charge_query_after_s = query_after_s
     async with running(config) as (url, emulator):
         endpoint = ProviderEndpoint(url, "", kind="wechat", credentials=emulator.credentials())
         eps = Endpoints(database_url, REDIS_URL, MQTT_URL)
@@ -429,6 +430,35 @@ async def test_the_system_on_wechat_registers_entries_and_books_each_deduction_o
         assert len([n for n in delivered if n.outcome == "delivered"]) >= 6, "duplicates came"
         for row in rows:
             assert await _settlements(runtime, row["id"]) == 1
+
+
+async def test_every_fault_ends_in_one_wechat_order_per_stay(
+    settings: Settings, database_url: str, gate: GateProbe
+) -> None:
+    config = _faults(error_rate=0.3, lost_response_rate=0.3, lost_notification_rate=0.5, seed=11)
+    async with wechat_runtime(settings, database_url, config, query_after_s=0.2) as (
+        runtime,
+        emulator,
+    ):
+        lot = await create_lot(runtime)
+        drivers = [await _wechat_driver(runtime, unique_plate()) for _ in range(5)]
+        for driver in drivers:
+            await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=70))
+            command = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+            assert command["action"] == "open"
+
+        async def all_charged() -> list[Any]:
+            rows = await charges_of(runtime, lot)
+            return rows if [r["status"] for r in rows] == ["succeeded"] * 5 else []
+
+        rows = await eventually(all_charged, timeout_s=30)
+        assert sorted(emulator.transactions) == sorted(r["idempotency_key"] for r in rows)
+        plates = [p["plate_number"] for p in emulator.parkings.values()]
+        assert sorted(plates) == sorted(d.plate for d in drivers), "one entry per stay"
+        for row in rows:
+            assert await _settlements(runtime, row["id"]) == 1
+        async with runtime.pool.acquire() as conn:
+            assert await ledger.is_balanced(conn)
 
 
 async def test_a_plate_paused_during_the_stay_is_held_at_the_exit(
