@@ -276,6 +276,8 @@ async def mark_succeeded_late(
     provider_ref: str,
     provider_name: str,
     finished_at: datetime | None,
+    *,
+    advanced: bool = False,
 ) -> int | None:
     """The provider's success arrived after the charge was marked failed: the charge is
     booked as collected once (conditional on 'failed'), its debt is settled by it and the
@@ -284,11 +286,12 @@ async def mark_succeeded_late(
     overpaid account), 0 when the debt was still open, None when this news was booked before."""
     updated = await conn.fetchval(
         """UPDATE charges SET status = 'succeeded', provider_ref = $2, settled_at = now(),
-                  provider_finished_at = COALESCE($3, now())
+                  provider_finished_at = COALESCE($3, now()), advanced_by_provider = $4
            WHERE id = $1 AND status = 'failed' RETURNING id""",
         job.charge_id,
         provider_ref,
         finished_at,
+        advanced,
     )
     if updated is None:
         return None

@@ -133,7 +133,12 @@ async def _late_success(
     query after a decline, a refusal or a lost answer): booked once, the debt settled, the
     block lifted, and whatever the driver paid for that debt meanwhile refunded by itself."""
     twice = await charges.mark_succeeded_late(
-        conn, charge, result.provider_ref, provider_name, result.finished_at
+        conn,
+        charge,
+        result.provider_ref,
+        provider_name,
+        result.finished_at,
+        advanced=result.advanced,
     )
     if twice is None:
         return Applied("no_change")

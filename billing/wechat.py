@@ -57,10 +57,7 @@ from billing.providers import (
     ServiceStateChange,
     StatementLine,
 )
-
-WECHAT_API = "https://api.mch.weixin.qq.com"
-# WeChat Pay API v3's own hosts (main and backup domain); any other base URL is an emulator.
-WECHAT_HOSTS = (WECHAT_API, "https://api2.mch.weixin.qq.com")
+from billing.rails import WECHAT_API, WECHAT_HOSTS
 
 # Our plate colours and WeChat's (LIMEGREEN, the yellow-green of large new-energy vehicles, is
 # not a colour our readers give).

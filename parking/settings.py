@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from billing.wechat import WECHAT_HOSTS
+from billing.rails import WECHAT_HOSTS
 from plate_recognition.calibration import certain_threshold
 
 

@@ -40,7 +40,7 @@ from parking.runtime import (
 from parking.runtime import running as runtime_running
 from parking.settings import Settings
 from parking_dev import sandbox
-from parking_dev.wechat import Emulator, EmulatorConfig, running
+from parking_dev.wechat import Emulator, EmulatorConfig, running, write_keys
 from tests.conftest import (
     MQTT_URL,
     REDIS_URL,
@@ -535,3 +535,22 @@ async def test_settings_name_the_stand_ins_and_every_missing_wechat_key(tmp_path
         await provider.aclose()
     elsewhere = full.model_copy(update={"wechat_api_url": "http://127.0.0.1:9"})
     assert "not WeChat's API" in elsewhere.payment_stand_ins()[0]
+
+
+async def test_the_emulators_written_settings_point_the_service_at_it(tmp_path: Path) -> None:
+    async with running(_faults()) as (url, emulator):
+        env = write_keys(emulator, url, tmp_path)
+        settings = Settings(_env_file=env)  # type: ignore[call-arg]
+        assert settings.payment_provider == "wechat" and settings.wechat_missing() == []
+        assert settings.payment_stand_ins() == [
+            f"payment provider: WeChat Pay at {url} (not WeChat's API)"
+        ]
+        async with payment_provider(settings) as endpoint:
+            provider = make_provider(settings, endpoint)
+            try:
+                plate = unique_plate()
+                state = await provider.service_state(agreement_no="o", plate=plate, color="blue")
+            finally:
+                await provider.aclose()
+        assert state.usable and provider.is_stand_in
+        assert emulator.rejected_requests == 0

@@ -97,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--db", default=":memory:", help="SQLite file for its orders (default: in memory)"
     )
     sandbox.add_arguments(p_sandbox)
+
+    p_wechat = sub.add_parser(
+        "wechat-emulator",
+        help="run the WeChat Pay v3 parking emulator; its keys and the PARKING_WECHAT_* settings "
+        "for `parking serve` are written to --keys",
+    )
+    p_wechat.add_argument("--port", type=int, default=8110)
+    p_wechat.add_argument("--keys", type=Path, default=Path(".data/wechat-emulator"))
+    p_wechat.add_argument(
+        "--no-advance", action="store_true", help="fail a short balance instead of advancing it"
+    )
+    sandbox.add_arguments(p_wechat)
     return parser
 
 
@@ -181,6 +193,17 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
+    elif args.command == "wechat-emulator":
+        from parking_dev import wechat
+
+        with contextlib.suppress(KeyboardInterrupt):
+            wechat.serve(
+                args.port,
+                wechat.EmulatorConfig(
+                    faults=sandbox.faults_from_args(args), advance=not args.no_advance
+                ),
+                args.keys,
+            )
     elif args.command == "sandbox-provider":
         if settings.payment_provider_secret is None:
             parser.error(

@@ -29,6 +29,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -744,3 +745,44 @@ async def running(config: EmulatorConfig | None = None) -> AsyncIterator[tuple[s
         emulator._stopping.set()
         server.should_exit = True
         await task
+
+
+def write_keys(emulator: Emulator, url: str, folder: Path) -> Path:
+    """The merchant's side of the emulator's keys in `folder` (private key and platform public
+    key files, and `wechat.env` with the PARKING_* settings that point the service at it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    creds = emulator.credentials()
+    private_key = folder / "apiclient_key.pem"
+    private_key.write_text(creds.private_key_pem)
+    private_key.chmod(0o600)
+    public_key = folder / "platform_public_key.pem"
+    public_key.write_text(creds.platform_public_key_pem or "")
+    env = folder / "wechat.env"
+    env.write_text(
+        "\n".join(
+            [
+                "PARKING_PAYMENT_PROVIDER=wechat",
+                f"PARKING_WECHAT_API_URL={url}",
+                f"PARKING_WECHAT_MCHID={creds.mchid}",
+                f"PARKING_WECHAT_APPID={creds.appid}",
+                f"PARKING_WECHAT_CERT_SERIAL_NO={creds.cert_serial_no}",
+                f"PARKING_WECHAT_PRIVATE_KEY_PATH={private_key.resolve()}",
+                f"PARKING_WECHAT_APIV3_KEY={creds.apiv3_key}",
+                f"PARKING_WECHAT_PLATFORM_PUBLIC_KEY_PATH={public_key.resolve()}",
+                f"PARKING_WECHAT_PLATFORM_PUBLIC_KEY_ID={creds.platform_public_key_id}",
+                "",
+            ]
+        )
+    )
+    env.chmod(0o600)
+    return env
+
+
+def serve(port: int, config: EmulatorConfig, keys: Path) -> None:
+    """Runs the emulator in the foreground on 127.0.0.1:`port` with fresh keys in `keys`."""
+    app = create_app(config)
+    env = write_keys(app.state.emulator, f"http://127.0.0.1:{port}", keys)
+    print(f"WeChat Pay emulator on http://127.0.0.1:{port}; settings in {env}", flush=True)
+    uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="info", access_log=False)
+    ).run()
