@@ -17,7 +17,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from billing import ledger
+from billing import ledger, refunds
 from billing.providers import (
     InvalidNotification,
     OrderResult,
@@ -459,6 +459,57 @@ async def test_every_fault_ends_in_one_wechat_order_per_stay(
             assert await _settlements(runtime, row["id"]) == 1
         async with runtime.pool.acquire() as conn:
             assert await ledger.is_balanced(conn)
+
+
+async def test_a_refund_on_wechat_is_booked_once(
+    settings: Settings, database_url: str, gate: GateProbe
+) -> None:
+    config = _faults(duplicate_notification_rate=1.0)
+    async with wechat_runtime(settings, database_url, config) as (runtime, emulator):
+        lot = await create_lot(runtime)
+        driver = await _wechat_driver(runtime, unique_plate())
+        await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=70))
+        await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+
+        async def charged() -> list[Any]:
+            rows = await charges_of(runtime, lot)
+            return rows if rows and rows[0]["status"] == "succeeded" else []
+
+        (charge,) = await eventually(charged, timeout_s=20)
+        async with runtime.pool.acquire() as conn, conn.transaction():
+            refund = await refunds.request_for_charge(
+                conn, charge_id=charge["id"], amount_fen=500, reason="不是我的车", actor="test"
+            )
+
+        async def refunded() -> bool:
+            async with runtime.pool.acquire() as conn:
+                status = await conn.fetchval("SELECT status FROM refunds WHERE id = $1", refund.id)
+            return bool(status == "succeeded")
+
+        await eventually(refunded, timeout_s=20)
+        (wechat_refund,) = emulator.refunds.values()
+        assert wechat_refund["amount"] == {
+            "total": 1200,
+            "refund": 500,
+            "payer_total": 1200,
+            "payer_refund": 500,
+            "currency": "CNY",
+        }
+        await eventually(
+            lambda: _async(
+                len(
+                    [
+                        n
+                        for n in emulator.notices
+                        if n.event_type == "REFUND.SUCCESS" and n.outcome == "delivered"
+                    ]
+                )
+                == 2
+            )
+        )
+        async with runtime.pool.acquire() as conn:
+            assert await ledger.is_balanced(conn)
+            assert await ledger.balance(conn, ledger.clearing("wechat")) == 1200 - 500
 
 
 async def test_a_plate_paused_during_the_stay_is_held_at_the_exit(
