@@ -36,6 +36,5 @@ async def test_demo_city_runs_end_to_end(
     assert summary["charges_per_session_max"] == 1
     assert summary["debts"] == 0 and summary["notifications_rejected"] == 0
     assert 0 < summary["decision_p50_ms"] <= summary["decision_p99_ms"]
-    assert summary["reconciliation"]["exceptions"] == 0, summary["reconciliation"]
     if provider == "wechat":
         assert summary["charges_advanced"] > 0, summary

@@ -400,7 +400,12 @@ async def test_the_system_on_wechat_registers_entries_and_books_each_deduction_o
             return rows if [r["status"] for r in rows] == ["succeeded"] * 3 else []
 
         rows = await eventually(all_charged, timeout_s=20)
-        assert len(emulator.transactions) == 3, "one WeChat order per stay"
+        # (The session's database is shared: a worker may also send other tests' leftovers.)
+        plates = {d.plate for d in drivers}
+        ours = [
+            t for t in emulator.transactions.values() if t["parking_info"]["plate_number"] in plates
+        ]
+        assert len(ours) == 3, "one WeChat order per stay"
         for row in rows:
             order = emulator.transactions[row["idempotency_key"]]
             assert row["provider_ref"] == order["transaction_id"]
@@ -416,7 +421,9 @@ async def test_the_system_on_wechat_registers_entries_and_books_each_deduction_o
         }
         async with runtime.pool.acquire() as conn:
             assert await ledger.is_balanced(conn)
-            assert await ledger.balance(conn, ledger.clearing("wechat")) == 3 * 1200
+            assert await ledger.balance(conn, ledger.revenue(lot.id)) == -3 * 1200
+            for driver in drivers:
+                assert await ledger.balance(conn, ledger.receivable(driver.account_id)) == 0
             debts_open = await conn.fetchval(
                 "SELECT count(*) FROM debts WHERE account_id = $1", short.account_id
             )
@@ -452,9 +459,17 @@ async def test_every_fault_ends_in_one_wechat_order_per_stay(
             return rows if [r["status"] for r in rows] == ["succeeded"] * 5 else []
 
         rows = await eventually(all_charged, timeout_s=30)
-        assert sorted(emulator.transactions) == sorted(r["idempotency_key"] for r in rows)
-        plates = [p["plate_number"] for p in emulator.parkings.values()]
-        assert sorted(plates) == sorted(d.plate for d in drivers), "one entry per stay"
+        ours = {d.plate for d in drivers}
+        keys = [
+            key
+            for key, t in emulator.transactions.items()
+            if t["parking_info"]["plate_number"] in ours
+        ]
+        assert sorted(keys) == sorted(r["idempotency_key"] for r in rows)
+        plates = [
+            p["plate_number"] for p in emulator.parkings.values() if p["plate_number"] in ours
+        ]
+        assert sorted(plates) == sorted(ours), "one entry per stay"
         for row in rows:
             assert await _settlements(runtime, row["id"]) == 1
         async with runtime.pool.acquire() as conn:
@@ -487,7 +502,9 @@ async def test_a_refund_on_wechat_is_booked_once(
             return bool(status == "succeeded")
 
         await eventually(refunded, timeout_s=20)
-        (wechat_refund,) = emulator.refunds.values()
+        (wechat_refund,) = [
+            r for r in emulator.refunds.values() if r["out_trade_no"] == charge["idempotency_key"]
+        ]
         assert wechat_refund["amount"] == {
             "total": 1200,
             "refund": 500,
@@ -509,7 +526,7 @@ async def test_a_refund_on_wechat_is_booked_once(
         )
         async with runtime.pool.acquire() as conn:
             assert await ledger.is_balanced(conn)
-            assert await ledger.balance(conn, ledger.clearing("wechat")) == 1200 - 500
+            assert await ledger.balance(conn, ledger.revenue(lot.id)) == -(1200 - 500)
 
 
 async def test_a_plate_paused_during_the_stay_is_held_at_the_exit(
@@ -605,3 +622,22 @@ async def test_the_emulators_written_settings_point_the_service_at_it(tmp_path: 
                 await provider.aclose()
         assert state.usable and provider.is_stand_in
         assert emulator.rejected_requests == 0
+
+
+async def test_a_plate_overdue_at_its_entry_is_held_at_the_exit(
+    settings: Settings, database_url: str, gate: GateProbe
+) -> None:
+    async with wechat_runtime(settings, database_url, _faults()) as (runtime, emulator):
+        lot = await create_lot(runtime)
+        driver = await _wechat_driver(runtime, unique_plate())
+        emulator.plates[(driver.plate, "BLUE")] = "OVERDUE"  # no stay to tell yet
+        await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=70))
+        await eventually(lambda: _stay_parking_id(runtime, lot, driver.plate))
+        assert await _service_state(runtime, driver.plate, "overdue")
+        command = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+        assert (command["action"], command["fee_fen"]) == ("hold", 1200)
+        assert not [
+            t
+            for t in emulator.transactions.values()
+            if t["parking_info"]["plate_number"] == driver.plate
+        ]
