@@ -529,24 +529,6 @@ async def test_a_refund_on_wechat_is_booked_once(
             assert await ledger.balance(conn, ledger.revenue(lot.id)) == -(1200 - 500)
 
 
-async def test_a_plate_paused_during_the_stay_is_held_at_the_exit(
-    settings: Settings, database_url: str, gate: GateProbe
-) -> None:
-    async with wechat_runtime(settings, database_url, _faults()) as (runtime, emulator):
-        lot = await create_lot(runtime)
-        driver = await _wechat_driver(runtime, unique_plate())
-        await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=70))
-        await eventually(lambda: _stay_parking_id(runtime, lot, driver.plate))
-        emulator.set_plate_state(driver.plate, "BLUE", "PAUSE")
-        await eventually(lambda: _service_state(runtime, driver.plate, "paused"))
-        command = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
-        assert (command["action"], command["fee_fen"]) == ("hold", 1200)
-        assert await charges_of(runtime, lot) == []
-        # Resumed: the next stay leaves on pay-later again.
-        emulator.set_plate_state(driver.plate, "BLUE", "NORMAL")
-        await eventually(lambda: _service_state(runtime, driver.plate, "normal"))
-
-
 async def _stay_parking_id(runtime: Runtime, lot: Lot, plate: str) -> str | None:
     return (await _session(runtime, lot, plate))["provider_parking_id"]
 
@@ -624,20 +606,26 @@ async def test_the_emulators_written_settings_point_the_service_at_it(tmp_path: 
         assert emulator.rejected_requests == 0
 
 
-async def test_a_plate_overdue_at_its_entry_is_held_at_the_exit(
-    settings: Settings, database_url: str, gate: GateProbe
+@pytest.mark.parametrize(
+    ("when", "theirs", "ours"),
+    [("during_stay", "PAUSE", "paused"), ("at_entry", "OVERDUE", "overdue")],
+)
+async def test_a_plate_whose_service_is_not_normal_is_held_at_the_exit(
+    settings: Settings, database_url: str, gate: GateProbe, when: str, theirs: str, ours: str
 ) -> None:
     async with wechat_runtime(settings, database_url, _faults()) as (runtime, emulator):
         lot = await create_lot(runtime)
         driver = await _wechat_driver(runtime, unique_plate())
-        emulator.plates[(driver.plate, "BLUE")] = "OVERDUE"  # no stay to tell yet
+        if when == "at_entry":
+            emulator.plates[(driver.plate, "BLUE")] = theirs  # no stay to tell yet
         await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=70))
         await eventually(lambda: _stay_parking_id(runtime, lot, driver.plate))
-        assert await _service_state(runtime, driver.plate, "overdue")
+        if when == "during_stay":
+            emulator.set_plate_state(driver.plate, "BLUE", theirs)  # told by notification
+        await eventually(lambda: _service_state(runtime, driver.plate, ours))
         command = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
         assert (command["action"], command["fee_fen"]) == ("hold", 1200)
-        assert not [
-            t
-            for t in emulator.transactions.values()
-            if t["parking_info"]["plate_number"] == driver.plate
-        ]
+        assert await charges_of(runtime, lot) == []
+        # Resumed: the plate may leave on pay-later again.
+        emulator.set_plate_state(driver.plate, "BLUE", "NORMAL")
+        await eventually(lambda: _service_state(runtime, driver.plate, "normal"))
