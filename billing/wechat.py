@@ -31,6 +31,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 from zoneinfo import ZoneInfo
@@ -38,6 +39,7 @@ from zoneinfo import ZoneInfo
 import httpx
 from wechatpayv3.async_ import AsyncWeChatPay
 from wechatpayv3.async_.type import RequestType, WeChatPayType
+from wechatpayv3.async_.utils import load_certificate
 
 from billing.providers import (
     InvalidNotification,
@@ -273,6 +275,13 @@ class WeChatParkingProvider:
         )
         # The library's gateway is WeChat's; an emulator (or the backup domain) replaces it.
         self._client._core._gate_way = self._base_url
+        if credentials.platform_cert_dir and credentials.platform_public_key_pem is None:
+            # Certificate mode: the library loads the certificates when its client opens (the
+            # first request); a notification may come first, so they are read now too.
+            for pem in sorted(Path(credentials.platform_cert_dir).glob("*.pem")):
+                certificate = load_certificate(pem.read_text())
+                if certificate is not None:
+                    self._client._core._certificates.append(certificate)
         self._open = False
 
     async def _request(

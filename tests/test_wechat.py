@@ -5,6 +5,7 @@ encrypted notifications, the emulator's faults."""
 import asyncio
 import contextlib
 import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
@@ -629,3 +630,38 @@ async def test_a_plate_whose_service_is_not_normal_is_held_at_the_exit(
         # Resumed: the plate may leave on pay-later again.
         emulator.set_plate_state(driver.plate, "BLUE", "NORMAL")
         await eventually(lambda: _service_state(runtime, driver.plate, "normal"))
+
+
+async def test_platform_certificates_verify_answers_and_a_first_notification(
+    tmp_path: Path,
+) -> None:
+    async with running(_faults()) as (url, emulator):
+        creds = emulator.use_certificate(tmp_path / "certs")
+        provider = WeChatParkingProvider(creds, notify_url="https://x.example/n", base_url=url)
+        try:
+            # A notification before any request (the client not yet open) verifies too.
+            resource = {
+                "out_trade_no": "s9-cert",
+                "transaction_id": "4200000",
+                "trade_state": "SUCCESS",
+                "trade_scene": "PARKING",
+                "bank_type": "BPA",
+                "success_time": "2026-12-06T18:00:00+08:00",
+                "amount": {"total": 800, "currency": "CNY"},
+            }
+            body = emulator.event("TRANSACTION.SUCCESS", json.dumps(resource))
+            parsed = provider.parse_notification(
+                body, emulator._signed_headers(body), now=int(time.time())
+            )
+            assert isinstance(parsed, OrderResult) and parsed.advanced
+            assert (parsed.out_trade_no, parsed.amount_fen) == ("s9-cert", 800)
+            with pytest.raises(InvalidNotification):
+                provider.parse_notification(
+                    body, emulator._signed_headers(body, forged=True), now=int(time.time())
+                )
+            state = await provider.service_state(
+                agreement_no="o", plate=unique_plate(), color="blue"
+            )
+            assert state.usable
+        finally:
+            await provider.aclose()

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -28,17 +29,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
 import uvicorn
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.x509.oid import NameOID
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
@@ -116,6 +119,9 @@ class Emulator:
         self.merchant_serial = secrets.token_hex(20).upper()
         self.platform_key = _new_key()
         self.platform_key_id = f"PUB_KEY_ID_{secrets.token_hex(12).upper()}"
+        # What its answers and notifications name in Wechatpay-Serial: the public key's id, or
+        # (use_certificate) the serial number of a platform certificate.
+        self.platform_serial = self.platform_key_id
         self.apiv3_key = secrets.token_hex(16)  # 32 characters
         self.plates: dict[tuple[str, str], str] = {}
         self.parkings: dict[str, dict[str, Any]] = {}
@@ -138,6 +144,34 @@ class Emulator:
             apiv3_key=self.apiv3_key,
             platform_public_key_pem=_pem_public(self.platform_key),
             platform_public_key_id=self.platform_key_id,
+        )
+
+    def use_certificate(self, folder: Path) -> WeChatCredentials:
+        """Platform-certificate mode (WeChat's older one): a certificate of the platform key in
+        `folder`, named by its serial in Wechatpay-Serial; the merchant's credentials for it."""
+        serial = x509.random_serial_number()
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Tenpay.com Root CA")])
+        now = datetime.now(UTC)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.platform_key.public_key())
+            .serial_number(serial)
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=365))
+            .sign(self.platform_key, hashes.SHA256())
+        )
+        self.platform_serial = f"{serial:X}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{self.platform_serial}.pem").write_bytes(
+            certificate.public_bytes(serialization.Encoding.PEM)
+        )
+        return dataclasses.replace(
+            self.credentials(),
+            platform_public_key_pem=None,
+            platform_public_key_id=None,
+            platform_cert_dir=str(folder),
         )
 
     def chance(self, rate: float) -> bool:
@@ -209,7 +243,7 @@ class Emulator:
         return {
             "Wechatpay-Timestamp": timestamp,
             "Wechatpay-Nonce": nonce,
-            "Wechatpay-Serial": self.platform_key_id,
+            "Wechatpay-Serial": self.platform_serial,
             "Wechatpay-Signature-Type": _SCHEME,
             "Wechatpay-Signature": _sign(key, f"{timestamp}\n{nonce}\n{body.decode()}\n"),
             "Request-ID": str(uuid.uuid4()),
@@ -261,34 +295,7 @@ class Emulator:
             )
             if self.chance(rate)
         ]
-        original = {"VEHICLE.ENTRANCE_STATE_CHANGE": ""}.get(event_type, "transaction")
         plaintext = json.dumps(resource, ensure_ascii=False)
-
-        def event(content: str, forged: bool = False) -> bytes:
-            nonce = secrets.token_hex(6)  # 12 characters, as WeChat's
-            associated = original
-            # A forger cannot encrypt under the APIv3 key: a key of their own.
-            key_text = secrets.token_hex(16) if forged else self.apiv3_key
-            ciphertext = AESGCM(key_text.encode()).encrypt(
-                nonce.encode(), content.encode(), associated.encode()
-            )
-            return json.dumps(
-                {
-                    "id": str(uuid.uuid4()),
-                    "create_time": _now(),
-                    "resource_type": "encrypt-resource",
-                    "event_type": event_type,
-                    "summary": "支付成功" if event_type.startswith("TRANSACTION") else event_type,
-                    "resource": {
-                        "original_type": original,
-                        "algorithm": "AEAD_AES_256_GCM",
-                        "ciphertext": base64.b64encode(ciphertext).decode(),
-                        "associated_data": associated,
-                        "nonce": nonce,
-                    },
-                },
-                ensure_ascii=False,
-            ).encode()
 
         if "forged" in applied:
             forged = dict(resource)
@@ -296,16 +303,47 @@ class Emulator:
                 forged["amount"] = {**forged["amount"], "total": 1}
             notice = Notice(event_type, url, key, ["forged"])
             self.notices.append(notice)
-            self._spawn(self._deliver(notice, event(json.dumps(forged), True), True, ()))
+            self._spawn(
+                self._deliver(
+                    notice, self.event(event_type, json.dumps(forged), forged=True), True, ()
+                )
+            )
         if "lost" in applied:
             self.notices.append(Notice(event_type, url, key, applied, outcome="dropped"))
             return
         delay = faults.late_notification_s if "late" in applied else 0.0
-        body = event(plaintext)
+        body = self.event(event_type, plaintext)
         for _ in range(2 if "duplicate" in applied else 1):
             notice = Notice(event_type, url, key, applied)
             self.notices.append(notice)
             self._spawn(self._deliver(notice, body, False, faults.notify_retry_s, delay))
+
+    def event(self, event_type: str, content: str, *, forged: bool = False) -> bytes:
+        """A notification's body: `content` encrypted under the APIv3 key (a forger's own key
+        when `forged`: they cannot have ours)."""
+        original = {"VEHICLE.ENTRANCE_STATE_CHANGE": ""}.get(event_type, "transaction")
+        nonce = secrets.token_hex(6)  # 12 characters, as WeChat's
+        key_text = secrets.token_hex(16) if forged else self.apiv3_key
+        ciphertext = AESGCM(key_text.encode()).encrypt(
+            nonce.encode(), content.encode(), original.encode()
+        )
+        return json.dumps(
+            {
+                "id": str(uuid.uuid4()),
+                "create_time": _now(),
+                "resource_type": "encrypt-resource",
+                "event_type": event_type,
+                "summary": "支付成功" if event_type.startswith("TRANSACTION") else event_type,
+                "resource": {
+                    "original_type": original,
+                    "algorithm": "AEAD_AES_256_GCM",
+                    "ciphertext": base64.b64encode(ciphertext).decode(),
+                    "associated_data": original,
+                    "nonce": nonce,
+                },
+            },
+            ensure_ascii=False,
+        ).encode()
 
     async def _deliver(
         self,
