@@ -322,8 +322,8 @@ class WeChatParkingProvider:
         if status >= 400:
             if code in _RETRY_CODES:
                 raise ProviderUnavailable(f"WeChat Pay answered {status} {code}")
-            if status == 404 or code in _NOT_FOUND_CODES:
-                return 404, body
+            if method == RequestType.GET and (status == 404 or code in _NOT_FOUND_CODES):
+                return 404, body  # a query for something WeChat does not have
             side: RejectionSide = "driver" if code in _DRIVER_CODES else "car_park"
             message = body.get("message") if isinstance(body, dict) else None
             raise ProviderRejected(
@@ -507,11 +507,16 @@ class WeChatParkingProvider:
     async def statement(self, day: date) -> list[StatementLine]:
         """The day's trade bill (ALL, uncompressed), its hash checked: successful deductions
         and payments as charges/payments, refunds as refunds."""
-        status, body = await self._request(
-            f"/v3/bill/tradebill?bill_date={day.isoformat()}&bill_type=ALL"
-        )
+        try:
+            status, body = await self._request(
+                f"/v3/bill/tradebill?bill_date={day.isoformat()}&bill_type=ALL"
+            )
+        except ProviderRejected as exc:
+            if exc.code == "NO_STATEMENT_EXIST":
+                return []  # no trade that day
+            raise
         if status == 404:
-            return []  # NO_STATEMENT_EXIST: no trade that day
+            return []
         url = body.get("download_url") if isinstance(body, dict) else None
         if not isinstance(url, str) or not url.startswith(self._base_url):
             raise ProviderMalformed(f"download_url {url!r} is not WeChat Pay's")

@@ -665,3 +665,15 @@ async def test_platform_certificates_verify_answers_and_a_first_notification(
             assert state.usable
         finally:
             await provider.aclose()
+
+
+async def test_refusing_a_refund_is_a_rejection_not_an_unknown_outcome() -> None:
+    config = _faults()
+    config.faults.processing_delay_s = 60.0  # the deduction stays ACCEPTED
+    async with rails(config) as r:
+        await _enter_and_charge(r, unique_plate(), "s7-open")
+        with pytest.raises(ProviderRejected) as refused:
+            await r.provider.refund(
+                out_refund_no="r7-open", out_trade_no="s7-open", amount_fen=100, reason="x"
+            )
+        assert refused.value.code == "RESOURCE_NOT_EXISTS"

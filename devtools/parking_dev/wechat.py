@@ -438,8 +438,9 @@ class Emulator:
     def public(record: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in record.items() if not k.startswith("_")}
 
-    def bill(self, day: str) -> bytes:
-        """The day's trade bill as WeChat writes it: backtick-prefixed CSV fields."""
+    def bill(self, day: str) -> bytes | None:
+        """The day's trade bill as WeChat writes it: backtick-prefixed CSV fields; None when
+        nothing was traded that day (WeChat answers NO_STATEMENT_EXIST)."""
         header = [
             "交易时间", "公众账号ID", "商户号", "特约商户号", "设备号", "微信订单号",
             "商户订单号", "用户标识", "交易类型", "交易状态", "付款银行", "货币种类",
@@ -483,6 +484,8 @@ class Emulator:
                      "0.00", "0.60%", yuan(refund["amount"]["total"]), amount, ""]  # fmt: skip
             writer.writerow([f"`{cell}" for cell in cells])
             rows += 1
+        if rows == 0:
+            return None
         writer.writerow(["总交易单数", "应结订单总金额", "退款总金额"])
         writer.writerow([f"`{rows}", "`0.00", "`0.00"])
         return out.getvalue().encode()
@@ -727,6 +730,8 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
             return failure
         day = request.query_params.get("bill_date", "")
         content = emulator.bill(day)
+        if content is None:
+            return emulator.error(400, "NO_STATEMENT_EXIST", "账单文件不存在")
         token = secrets.token_urlsafe(12)
         emulator.bills[token] = content
         base = str(request.base_url).rstrip("/")
