@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
@@ -54,6 +55,7 @@ from tests.conftest import (
     enter,
     eventually,
     make_driver,
+    stay_status,
     unique_plate,
 )
 from tests.gates import GateProbe
@@ -677,3 +679,35 @@ async def test_refusing_a_refund_is_a_rejection_not_an_unknown_outcome() -> None
                 out_refund_no="r7-open", out_trade_no="s7-open", amount_fen=100, reason="x"
             )
         assert refused.value.code == "RESOURCE_NOT_EXISTS"
+
+
+async def test_a_held_car_pays_by_wechat_native_qr_and_the_gate_opens(
+    settings: Settings, database_url: str, gate: GateProbe
+) -> None:
+    async with wechat_runtime(settings, database_url, _faults()) as (runtime, emulator):
+        lot = await create_lot(runtime)
+        plate = unique_plate()  # nobody's: held with the fee and a QR code
+        await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=70))
+        exit_capture = gate.capture("out", plate)
+        held = await gate.decide(lot.code, "out1", exit_capture)
+        assert (held["action"], held["fee_fen"]) == ("hold", 1200)
+        async with httpx.AsyncClient(base_url=runtime.settings.public_base_url) as phone:
+            started = await phone.post(httpx.URL(held["payment_qr_url"]).path)
+            assert started.status_code == 200, started.text
+            pay_url = started.json()["pay_url"]
+            assert pay_url.startswith("weixin://wxpay/bizpayurl?pr=")
+            out_trade_no = pay_url.rsplit("=", 1)[-1]
+            assert emulator.payments[out_trade_no]["amount"]["total"] == 1200
+            async with httpx.AsyncClient(base_url=_emulator_url(runtime)) as wallet:
+                paid = await wallet.post(f"/_emulator/pay/{out_trade_no}")
+                assert paid.status_code == 200
+        # The signed, encrypted TRANSACTION.SUCCESS books it; the gate gets its open command.
+        await gate.wait_for(exit_capture, commands=2)
+        assert gate.commands[str(exit_capture.capture_id)][1]["action"] == "open"
+        assert await stay_status(runtime, lot, plate) == "closed"
+
+
+def _emulator_url(runtime: Runtime) -> str:
+    provider = runtime.provider
+    assert isinstance(provider, WeChatParkingProvider)
+    return provider._base_url

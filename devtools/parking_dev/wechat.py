@@ -754,6 +754,28 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
             return emulator.error(404, "RESOURCE_NOT_EXISTS", "账单不存在")
         return Response(content, media_type="text/csv")
 
+    @app.post("/_emulator/pay/{out_trade_no}")
+    async def pay(out_trade_no: str) -> Response:
+        """Unsigned administration: the driver scanned the Native QR code and paid."""
+        payment = emulator.payments.get(out_trade_no)
+        if payment is None:
+            return Response(status_code=404)
+        if payment["trade_state"] == "NOTPAY":
+            payment.update(
+                trade_state="SUCCESS",
+                trade_state_description="支付成功",
+                success_time=_now(),
+                bank_type="OTHERS",
+                payer={"openid": f"o-payer-{secrets.token_hex(4)}"},
+            )
+            emulator.notify(
+                payment["_notify_url"],
+                "TRANSACTION.SUCCESS",
+                out_trade_no,
+                emulator.public(payment),
+            )
+        return emulator.answer(200, emulator.public(payment))
+
     @app.put("/_emulator/plates")
     async def set_plate(request: Request) -> Response:
         """Unsigned administration (tests, the demo): a plate's service state."""
