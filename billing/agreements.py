@@ -6,6 +6,8 @@ from datetime import datetime
 
 import asyncpg
 
+from billing.providers import ServiceState
+
 
 class AgreementError(ValueError):
     pass
@@ -61,3 +63,33 @@ async def cancel(conn: asyncpg.Connection, account_id: int) -> bool:
         account_id,
     )
     return cancelled is not None
+
+
+async def record_service_state(
+    conn: asyncpg.Connection,
+    provider: str,
+    plate: str,
+    color: str,
+    state: ServiceState,
+    changed_at: datetime,
+) -> bool:
+    """What the provider said about a plate's pay-later service (a state-change notification,
+    an entry's registration, a service query). A word as new or newer wins (the provider's
+    times are to the second: `changed_at` is taken to the second too, and of two words in one
+    second the later arrival wins); an older one (a notification retried late, out of order)
+    changes nothing and returns False."""
+    changed_at = changed_at.replace(microsecond=0)
+    recorded = await conn.fetchval(
+        """INSERT INTO plate_services (provider, plate, plate_color, state, changed_at)
+           VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (provider, plate, plate_color) DO UPDATE
+               SET state = EXCLUDED.state, changed_at = EXCLUDED.changed_at, recorded_at = now()
+               WHERE plate_services.changed_at <= EXCLUDED.changed_at
+           RETURNING true""",
+        provider,
+        plate,
+        color,
+        state,
+        changed_at,
+    )
+    return bool(recorded)

@@ -12,8 +12,8 @@ from datetime import datetime
 
 import asyncpg
 
-from billing import audit, debts, ledger
-from billing.providers import DESCRIPTION_MAX_CHARS
+from billing import audit, debts, entries, ledger
+from billing.providers import DESCRIPTION_MAX_CHARS, ParkingDeduction
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,25 @@ class ChargeJob:
     car_park_name: str
     entered_at: datetime
     exited_at: datetime
+    plate_color: str = "blue"
+    # The provider's id of the stay, when it was registered at its entry.
+    provider_parking_id: str | None = None
+    entry_capture_id: uuid.UUID | None = None
+
+    def deduction(self) -> ParkingDeduction:
+        """The stay as the parking rails describe a deduction (billing.providers)."""
+        return ParkingDeduction(
+            plate=self.plate,
+            color=self.plate_color,
+            entered_at=self.entered_at,
+            exited_at=self.exited_at,
+            car_park_name=self.car_park_name,
+            parking_id=self.provider_parking_id,
+            # Registered at the exit when the entry's registration never happened.
+            out_parking_no=entries.out_parking_no(
+                self.session_id, self.entry_capture_id, self.entered_at
+            ),
+        )
 
 
 # A zero-width joiner or variation selector means nothing without what followed it.
@@ -66,8 +85,9 @@ def description(car_park_name: str, *, limit: int = DESCRIPTION_MAX_CHARS) -> st
 def new_idempotency_key(session_id: int) -> str:
     """Drawn once when the charge is queued and stored with it, so every retry reuses it; random
     so that keys stay unique at the provider across databases and deployments sharing one
-    merchant account (a bare session id would collide)."""
-    return f"s{session_id}-{uuid.uuid4().hex}"
+    merchant account (a bare session id would collide). At most 32 characters: WeChat Pay's
+    out_trade_no takes no more."""
+    return f"s{session_id}-{uuid.uuid4().hex}"[:32]
 
 
 async def queue_charge(
@@ -193,7 +213,8 @@ async def _load(
     row = await conn.fetchrow(
         f"""SELECT c.id AS charge_id, c.session_id, c.account_id, s.car_park_id, c.amount_fen,
                   c.idempotency_key, c.status, c.attempts, a.agreement_no, a.provider,
-                  s.plate, cp.name AS car_park_name, s.entered_at, s.exited_at
+                  s.plate, cp.name AS car_park_name, s.entered_at, s.exited_at,
+                  s.plate_color, s.provider_parking_id, s.entry_capture_id
            FROM charges c
            JOIN pay_later_agreements a ON a.id = c.agreement_id
            JOIN sessions s ON s.id = c.session_id
@@ -221,15 +242,21 @@ async def mark_succeeded(
     provider_ref: str,
     provider_name: str,
     finished_at: datetime | None,
+    *,
+    advanced: bool = False,
 ) -> bool:
-    """Records the provider's success once; False when it was already recorded."""
+    """Records the provider's success once; False when it was already recorded. `advanced`:
+    the provider paid in the driver's stead (垫资); booked alike (the car park is paid, the
+    driver's receivable is cleared), and marked so."""
     updated = await conn.fetchval(
         """UPDATE charges SET status = 'succeeded', provider_ref = $2, settled_at = now(),
-                  provider_finished_at = COALESCE($3, now()), last_error = NULL
+                  provider_finished_at = COALESCE($3, now()), last_error = NULL,
+                  advanced_by_provider = $4
            WHERE id = $1 AND status = 'pending' RETURNING id""",
         job.charge_id,
         provider_ref,
         finished_at,
+        advanced,
     )
     if updated is None:
         return False
@@ -249,6 +276,8 @@ async def mark_succeeded_late(
     provider_ref: str,
     provider_name: str,
     finished_at: datetime | None,
+    *,
+    advanced: bool = False,
 ) -> int | None:
     """The provider's success arrived after the charge was marked failed: the charge is
     booked as collected once (conditional on 'failed'), its debt is settled by it and the
@@ -257,11 +286,12 @@ async def mark_succeeded_late(
     overpaid account), 0 when the debt was still open, None when this news was booked before."""
     updated = await conn.fetchval(
         """UPDATE charges SET status = 'succeeded', provider_ref = $2, settled_at = now(),
-                  provider_finished_at = COALESCE($3, now())
+                  provider_finished_at = COALESCE($3, now()), advanced_by_provider = $4
            WHERE id = $1 AND status = 'failed' RETURNING id""",
         job.charge_id,
         provider_ref,
         finished_at,
+        advanced,
     )
     if updated is None:
         return None

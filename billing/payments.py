@@ -40,7 +40,7 @@ _COLUMNS = """id, out_trade_no, provider, purpose, account_id, session_id, captu
 
 
 def new_out_trade_no() -> str:
-    return f"p{uuid.uuid4().hex}"
+    return f"p{uuid.uuid4().hex[:31]}"  # WeChat Pay's out_trade_no: at most 32 characters
 
 
 async def open_for_capture(conn: asyncpg.Connection, capture_id: UUID) -> Payment | None:

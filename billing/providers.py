@@ -1,9 +1,18 @@
 """Payment-provider adapters. Everything outside this module sees only `PaymentProvider`.
 
-A provider deducts under a driver's pay-later agreement (`create_charge`, answered
-asynchronously), takes payments the driver makes by scanning a QR code (`create_payment`),
-refunds, answers order queries, sends signed notifications and publishes a daily statement.
-An Alipay or WeChat Pay adapter is another class with the same methods.
+The interface is shaped on the real pay-later rails (WeChat Pay Score parking, API v3): a
+plate's service state with the provider (`service_state`: normal, paused, overdue, not opened;
+only "normal" may leave on pay-later), the registration of each stay at its entry
+(`register_entry`, which answers the provider's parking id and the plate's state then), a
+deduction for that entry (`create_charge`, answered asynchronously; `out_trade_no` is our
+idempotency key), payments the driver makes by scanning a QR code (`create_payment`), refunds,
+order queries, signed notifications (an order's outcome, or a plate's service state changing:
+`parse_notification`) and a daily statement. A deduction the provider *advanced* (WeChat's
+垫资: the driver's balance was short and the provider paid the car park) is a success with
+`advanced=True`: the car park is paid, and it never becomes the driver's debt with us.
+
+Adapters: `SandboxProvider` (parking_dev.sandbox, a stand-in with injectable faults) and
+`billing.wechat.WeChatParkingProvider` (the WeChat Pay v3 wire protocol).
 """
 
 import csv
@@ -12,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal, Protocol
+from urllib.parse import urlencode
 
 import aiohttp
 import orjson
@@ -37,10 +47,80 @@ class OrderResult:
     provider_ref: str
     reason: str | None = None
     finished_at: datetime | None = None
+    # A succeeded charge the provider paid in the driver's stead (WeChat's 垫资, bank_type
+    # BPA): the car park is paid; what the driver owes is the provider's to collect.
+    advanced: bool = False
 
     @property
     def final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+
+# A plate's pay-later service with the provider. Only "normal" lets a car leave on pay-later:
+#   paused:     the driver paused the service (WeChat PAUSE)
+#   overdue:    signed, but in arrears with the provider (WeChat OVERDUE)
+#   not_opened: the plate has no service with this provider (WeChat OUT_SERVICE, or an
+#               evaluation the driver's credit failed: EVALUATION_FAILED)
+ServiceState = Literal["normal", "paused", "overdue", "not_opened"]
+SERVICE_STATES: frozenset[str] = frozenset({"normal", "paused", "overdue", "not_opened"})
+
+
+@dataclass(frozen=True, slots=True)
+class PlateService:
+    """A plate's service state as the provider answered it (`service_state`)."""
+
+    plate: str
+    color: str
+    state: ServiceState
+    reason: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.state == "normal"
+
+
+@dataclass(frozen=True, slots=True)
+class ParkingEntry:
+    """A stay registered with the provider at its entry (`register_entry`)."""
+
+    out_parking_no: str
+    # The provider's id of the entry: a deduction for the stay names it.
+    parking_id: str
+    # The plate's service state at the entry.
+    state: ServiceState
+
+
+@dataclass(frozen=True, slots=True)
+class ParkingDeduction:
+    """The stay a deduction is for, as the parking rails want it described."""
+
+    plate: str
+    color: str
+    entered_at: datetime
+    exited_at: datetime
+    car_park_name: str
+    # The provider's parking id from `register_entry`; None when the stay was never
+    # registered (the adapter registers it first when its rails need one).
+    parking_id: str | None = None
+    out_parking_no: str | None = None
+    device_id: str = "gate"
+    free_duration_s: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStateChange:
+    """A signed notification that a plate's service state changed during a stay."""
+
+    plate: str
+    color: str
+    state: ServiceState
+    changed_at: datetime | None = None
+    parking_id: str | None = None
+    out_parking_no: str | None = None
+
+
+# What a provider notification says: an order's (or refund's) outcome, or a state change.
+Notification = OrderResult | ServiceStateChange
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +199,37 @@ class MalformedNotification(InvalidNotification):
 
 class PaymentProvider(Protocol):
     name: str
+    # A stand-in for the real rails (the sandbox, or an adapter pointed at an emulator):
+    # never in production.
+    is_stand_in: bool
+
+    async def service_state(self, *, agreement_no: str, plate: str, color: str) -> PlateService:
+        """The plate's pay-later service with the provider (`agreement_no` names the driver
+        with it: WeChat's openid)."""
+        ...
+
+    async def register_entry(
+        self,
+        *,
+        out_parking_no: str,
+        plate: str,
+        color: str,
+        entered_at: datetime,
+        car_park_name: str,
+        free_duration_s: int,
+        agreement_no: str | None = None,
+    ) -> ParkingEntry:
+        """Registers a stay at its entry (idempotent by `out_parking_no`)."""
+        ...
 
     async def create_charge(
-        self, *, out_trade_no: str, agreement_no: str, amount_fen: int, description: str
+        self,
+        *,
+        out_trade_no: str,
+        agreement_no: str,
+        amount_fen: int,
+        description: str,
+        parking: ParkingDeduction | None = None,
     ) -> OrderResult: ...
 
     async def create_payment(
@@ -146,7 +254,7 @@ class PaymentProvider(Protocol):
 
     def parse_notification(
         self, body: bytes, headers: Mapping[str, str], *, now: int
-    ) -> OrderResult: ...
+    ) -> Notification: ...
 
     async def aclose(self) -> None: ...
 
@@ -210,6 +318,9 @@ def _order(body: Any) -> OrderResult:
     kind = body.get("kind") or body.get("type")
     if kind not in _KINDS or kind == "refund":
         raise _Malformed(f"unknown order kind {kind!r}")
+    advanced = body.get("advanced", False)
+    if not isinstance(advanced, bool):
+        raise _Malformed(f"advanced must be a boolean, not {advanced!r}")
     return OrderResult(
         kind,
         _text(body, "out_trade_no") or "",
@@ -218,6 +329,7 @@ def _order(body: Any) -> OrderResult:
         _text(body, "order_id") or "",
         reason,
         _datetime(body, "finished_at"),
+        advanced=advanced and status == "succeeded",
     )
 
 
@@ -241,6 +353,7 @@ class SandboxProvider:
     0.8 ms of CPU per request against aiohttp's 0.1 ms (`parking-dev bench`, see README)."""
 
     name = "sandbox"
+    is_stand_in = True
 
     def __init__(
         self, base_url: str, *, secret: str, notify_url: str | None, timeout_s: float = 3.0
@@ -314,9 +427,52 @@ class SandboxProvider:
             body["notify_url"] = self._notify_url
         return body
 
+    async def service_state(self, *, agreement_no: str, plate: str, color: str) -> PlateService:
+        query = urlencode({"agreement_no": agreement_no, "plate": plate, "color": color})
+        response = await self._send("GET", f"/v1/plate-services?{query}")
+        body = self._checked(response)
+        state = body.get("state") if isinstance(body, dict) else None
+        if state not in SERVICE_STATES:
+            raise ProviderMalformed(f"unknown service state {state!r}", response.content)
+        return PlateService(plate, color, state, body.get("reason"))
+
+    async def register_entry(
+        self,
+        *,
+        out_parking_no: str,
+        plate: str,
+        color: str,
+        entered_at: datetime,
+        car_park_name: str,
+        free_duration_s: int,
+        agreement_no: str | None = None,
+    ) -> ParkingEntry:
+        body = {
+            "plate": plate,
+            "color": color,
+            "entered_at": entered_at.isoformat(),
+            "car_park_name": car_park_name,
+            "free_duration_s": free_duration_s,
+            "agreement_no": agreement_no,
+        }
+        response = await self._send("POST", "/v1/parkings", key=out_parking_no, body=body)
+        answer = self._checked(response)
+        parking_id = answer.get("parking_id") if isinstance(answer, dict) else None
+        state = answer.get("state") if isinstance(answer, dict) else None
+        if not isinstance(parking_id, str) or not parking_id or state not in SERVICE_STATES:
+            raise ProviderMalformed("not a parking entry", response.content)
+        return ParkingEntry(out_parking_no, parking_id, state)
+
     async def create_charge(
-        self, *, out_trade_no: str, agreement_no: str, amount_fen: int, description: str
+        self,
+        *,
+        out_trade_no: str,
+        agreement_no: str,
+        amount_fen: int,
+        description: str,
+        parking: ParkingDeduction | None = None,
     ) -> OrderResult:
+        # The sandbox deducts under the agreement alone; the stay is not part of its API.
         body = {"agreement_no": agreement_no, "amount_fen": amount_fen, "description": description}
         response = await self._send(
             "POST", "/v1/charges", key=out_trade_no, body=self._with_notify_url(body)

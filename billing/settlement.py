@@ -24,6 +24,7 @@ Effect = Literal[
     "no_change",
     "unknown_order",
     "amount_mismatch",
+    "service_state",  # a plate's service state changed (not an order: parking.payments)
 ]
 
 
@@ -96,7 +97,12 @@ async def _charge(
         return await _late_success(conn, provider_name, charge, result, style)
     if result.status == "succeeded":
         if not await charges.mark_succeeded(
-            conn, charge, result.provider_ref, provider_name, result.finished_at
+            conn,
+            charge,
+            result.provider_ref,
+            provider_name,
+            result.finished_at,
+            advanced=result.advanced,
         ):
             return Applied("no_change")
         message = notifications.exit_charged(
@@ -133,7 +139,12 @@ async def _late_success(
     query after a decline, a refusal or a lost answer): booked once, the debt settled, the
     block lifted, and whatever the driver paid for that debt meanwhile refunded by itself."""
     twice = await charges.mark_succeeded_late(
-        conn, charge, result.provider_ref, provider_name, result.finished_at
+        conn,
+        charge,
+        result.provider_ref,
+        provider_name,
+        result.finished_at,
+        advanced=result.advanced,
     )
     if twice is None:
         return Applied("no_change")

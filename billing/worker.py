@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import structlog
 
-from billing import charges, debts, notifications, refunds, settlement
+from billing import agreements, charges, debts, entries, notifications, refunds, settlement
 from billing import queue as job_queue
 from billing.dead_letters import dead_letter
 from billing.providers import (
@@ -61,10 +61,12 @@ DEFAULT_MAX_ATTEMPTS: Mapping[str, int] = {
     "refund": 20,
     "notification": 8,
     "gate_command": 5,
+    "parking_entry": 8,
 }
 # Dead jobs that carry no money, deleted after the dead-letter retention: a driver's message
 # or a barrier's command that never went out. Dead charges and refunds wait for an operator.
-PRUNABLE_DEAD_KINDS = frozenset({"notification", "gate_command"})
+# A stay whose entry was never registered is registered by its deduction at the exit.
+PRUNABLE_DEAD_KINDS = frozenset({"notification", "gate_command", "parking_entry"})
 
 
 class OutboxWorker:
@@ -109,6 +111,7 @@ class OutboxWorker:
             "refund": self._refund,
             "notification": self._notify,
             "gate_command": self._gate_command,
+            "parking_entry": self._parking_entry,
         }
         self.poll_interval_s = poll_interval_s
         self.lease_s = lease_s
@@ -233,6 +236,7 @@ class OutboxWorker:
                     agreement_no=charge.agreement_no,
                     amount_fen=charge.amount_fen,
                     description=charges.description(charge.car_park_name),
+                    parking=charge.deduction(),
                 )
         except ProviderUnavailable as exc:
             # The outcome is unknown, never a failure: the provider may have taken the money
@@ -333,6 +337,48 @@ class OutboxWorker:
             return
         await self.gate_commands(job.ref_id)
         await self._done(job)
+
+    async def _parking_entry(self, job: Job) -> None:
+        """Registers a stay with the provider (billing.entries) and records the plate's state."""
+        async with self.pool.acquire() as conn:
+            entry = await entries.load(conn, job.ref_id)
+            free_s = await entries.free_duration_s(conn, entry) if entry else 0
+        if (
+            entry is None
+            or entry.provider_parking_id is not None
+            or entry.provider != self.provider.name
+        ):
+            await self._done(job)
+            return
+        try:
+            registered = await self.provider.register_entry(
+                out_parking_no=entry.out_parking_no,
+                plate=entry.plate,
+                color=entry.plate_color,
+                entered_at=entry.entered_at,
+                car_park_name=entry.car_park_name,
+                free_duration_s=free_s,
+                agreement_no=entry.agreement_no,
+            )
+        except ProviderUnavailable as exc:
+            await self._retry_later(job, str(exc))
+            return
+        except ProviderRejected as exc:
+            # The deduction at the exit registers the stay again; an operator sees the log.
+            log.error("billing.entry_refused", session_id=entry.session_id, code=exc.code)
+            await self._done(job)
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            await entries.record_parking_id(conn, entry.session_id, registered.parking_id)
+            await agreements.record_service_state(
+                conn,
+                self.provider.name,
+                entry.plate,
+                entry.plate_color,
+                registered.state,
+                datetime.now(UTC),
+            )
+            await self._mark_done(conn, job)
 
     async def sweep(self, now: datetime) -> None:
         """Periodic work: debt reminders, and payments whose notification never came."""

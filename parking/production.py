@@ -54,21 +54,7 @@ def stand_ins(settings: Settings) -> list[Missing]:
             missing.append(
                 Missing(f"PARKING_{name.upper()}", f"unset: an embedded {what} would be started")
             )
-    if not settings.payment_provider_url:
-        missing.append(
-            Missing(
-                "PARKING_PAYMENT_PROVIDER_URL",
-                "unset: the in-process sandbox payment provider would take the money "
-                "(it approves every charge)",
-            )
-        )
-    if settings.payment_provider_secret is None:
-        missing.append(
-            Missing(
-                "PARKING_PAYMENT_PROVIDER_SECRET",
-                "unset: the provider's notifications could not be verified",
-            )
-        )
+    missing += provider_missing(settings)
     missing += sms_missing(settings)
     if settings.dev_adapters:
         missing.append(
@@ -119,6 +105,32 @@ def stand_ins(settings: Settings) -> list[Missing]:
                 "PARKING_LOG_PSEUDONYM_KEY",
                 "unset: plates and phones in logs would be hashed with a random key per process "
                 "(logs would not correlate across processes or restarts)",
+            )
+        )
+    return missing
+
+
+def provider_missing(settings: Settings) -> list[Missing]:
+    """The payment rails' stand-ins: on WeChat's rails the emulator, a URL that is not WeChat's
+    or a missing merchant key; otherwise the in-process sandbox or an unverifiable provider."""
+    if settings.payment_provider == "wechat":
+        return [
+            Missing(name, "required on WeChat Pay's rails") for name in settings.wechat_missing()
+        ] + [Missing("PARKING_WECHAT_API_URL", why) for why in settings.payment_stand_ins()]
+    missing: list[Missing] = []
+    if not settings.payment_provider_url:
+        missing.append(
+            Missing(
+                "PARKING_PAYMENT_PROVIDER_URL",
+                "unset: the in-process sandbox payment provider would take the money "
+                "(it approves every charge)",
+            )
+        )
+    if settings.payment_provider_secret is None:
+        missing.append(
+            Missing(
+                "PARKING_PAYMENT_PROVIDER_SECRET",
+                "unset: the provider's notifications could not be verified",
             )
         )
     return missing
@@ -180,7 +192,7 @@ async def refuse_stand_ins(settings: Settings) -> None:
     if settings.env != "production":
         return
     missing = stand_ins(settings)
-    if settings.payment_provider_url:
+    if settings.payment_provider != "wechat" and settings.payment_provider_url:
         sandbox = await provider_stand_in(settings.payment_provider_url)
         if sandbox is not None:
             missing.append(sandbox)

@@ -9,13 +9,14 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import asyncpg
 from redis.asyncio import Redis
 
 from billing.notifications import DevNotifier, Notifier
 from billing.providers import PaymentProvider, SandboxProvider
+from billing.wechat import WeChatCredentials, WeChatParkingProvider
 from billing.worker import OutboxWorker
 from gate_controller.mqtt import MqttClient
 from parking.auth.sms import DevSms, SmsSender
@@ -44,14 +45,21 @@ NOTIFY_PATH = "/api/v1/payments/notifications/{provider}"
 class ProviderEndpoint:
     url: str
     secret: str
+    # "wechat": WeChat Pay v3 at `url` with these keys (`secret` unused).
+    kind: Literal["sandbox", "wechat"] = "sandbox"
+    credentials: WeChatCredentials | None = None
 
 
 @contextlib.asynccontextmanager
 async def payment_provider(
     settings: Settings, faults: "sandbox.FaultConfig | None" = None
 ) -> AsyncIterator[ProviderEndpoint]:
-    """The configured provider, or a sandbox served in-process (a laptop run, the demo) when
-    the development tools are installed."""
+    """The configured provider, or a sandbox (or WeChat Pay emulator) served in-process (a
+    laptop run, the demo) when the development tools are installed."""
+    if settings.payment_provider == "wechat":
+        async with _wechat(settings, faults) as endpoint:
+            yield endpoint
+        return
     if settings.payment_provider_url:
         if settings.payment_provider_secret is None:
             raise ConfigurationError(
@@ -81,7 +89,63 @@ async def payment_provider(
         yield ProviderEndpoint(url, secret)
 
 
+@contextlib.asynccontextmanager
+async def _wechat(
+    settings: Settings, faults: "sandbox.FaultConfig | None"
+) -> AsyncIterator[ProviderEndpoint]:
+    missing = settings.wechat_missing()
+    if settings.wechat_configured():
+        if missing:
+            raise ConfigurationError("WeChat Pay needs " + ", ".join(missing))
+        yield ProviderEndpoint(
+            settings.wechat_api_url, "", kind="wechat", credentials=wechat_credentials(settings)
+        )
+        return
+    if settings.env == "production":
+        raise ConfigurationError(
+            "WeChat Pay needs " + ", ".join(missing) + ": production never takes money "
+            "through the WeChat Pay emulator"
+        )
+    try:
+        from parking_dev import wechat as emulator
+    except ImportError:
+        raise ConfigurationError(
+            "WeChat Pay needs " + ", ".join(missing) + " (the emulator that stands in for it on "
+            "a laptop comes with the development tools: pip install ./devtools)"
+        ) from None
+    config = emulator.EmulatorConfig(faults=faults) if faults else None
+    async with emulator.running(config) as (url, running_emulator):
+        yield ProviderEndpoint(url, "", kind="wechat", credentials=running_emulator.credentials())
+
+
+def wechat_credentials(settings: Settings) -> WeChatCredentials:
+    """The merchant's WeChat Pay keys from the settings (read from their files)."""
+    assert settings.wechat_private_key_path is not None and settings.wechat_apiv3_key is not None
+    public_key = settings.wechat_platform_public_key_path
+    return WeChatCredentials(
+        mchid=settings.wechat_mchid or "",
+        appid=settings.wechat_appid or "",
+        cert_serial_no=settings.wechat_cert_serial_no or "",
+        private_key_pem=settings.wechat_private_key_path.read_text(),
+        apiv3_key=settings.wechat_apiv3_key.get_secret_value(),
+        platform_public_key_pem=public_key.read_text() if public_key else None,
+        platform_public_key_id=settings.wechat_platform_public_key_id,
+        platform_cert_dir=(
+            str(settings.wechat_platform_cert_dir) if settings.wechat_platform_cert_dir else None
+        ),
+    )
+
+
 def make_provider(settings: Settings, endpoint: ProviderEndpoint) -> PaymentProvider:
+    if endpoint.kind == "wechat":
+        assert endpoint.credentials is not None
+        return WeChatParkingProvider(
+            endpoint.credentials,
+            notify_url=settings.public_base_url.rstrip("/") + NOTIFY_PATH.format(provider="wechat"),
+            base_url=endpoint.url,
+            timeout_s=settings.payment_provider_timeout_s,
+            timezone=settings.timezone,
+        )
     notify_url = settings.public_base_url.rstrip("/") + NOTIFY_PATH.format(provider="sandbox")
     return SandboxProvider(
         endpoint.url,

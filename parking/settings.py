@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from billing.rails import WECHAT_HOSTS
 from plate_recognition.calibration import certain_threshold
 
 
@@ -103,11 +104,28 @@ class Settings(BaseSettings):
     receipt_key: SecretStr | None = None
     receipt_frame_url_ttl_s: int = Field(default=900, ge=10, le=86_400)
 
-    # Billing. With no provider URL a sandbox provider is started in-process (laptop runs).
+    # Billing. The payment rails: "sandbox" (a stand-in with injectable faults; with no
+    # provider URL one is started in-process, a laptop run) or "wechat" (WeChat Pay Score
+    # parking, API v3: billing.wechat; with none of the wechat_* keys set, an emulator of it is
+    # started in-process instead, a stand-in too). See README "Payment rails".
+    payment_provider: Literal["sandbox", "wechat"] = "sandbox"
     payment_provider_url: str | None = None
     # Verifies the provider's signed notifications; required with payment_provider_url.
     payment_provider_secret: SecretStr | None = None
     payment_provider_timeout_s: float = 3.0
+    # WeChat Pay (payment_provider=wechat): the merchant id and app id, the merchant API
+    # certificate's serial number and private key (PEM file), the APIv3 key (32 characters),
+    # and the platform's public key (PEM file) with its id (PUB_KEY_ID_...), or a folder of
+    # platform certificates instead. The API is WeChat's own unless an emulator's is given.
+    wechat_api_url: str = "https://api.mch.weixin.qq.com"
+    wechat_mchid: str | None = None
+    wechat_appid: str | None = None
+    wechat_cert_serial_no: str | None = None
+    wechat_private_key_path: Path | None = None
+    wechat_apiv3_key: SecretStr | None = None
+    wechat_platform_public_key_path: Path | None = None
+    wechat_platform_public_key_id: str | None = None
+    wechat_platform_cert_dir: Path | None = None
     charge_retry_base_s: float = 0.5
     # How long an accepted charge waits for its notification before the order is queried.
     charge_query_after_s: float = 5.0
@@ -225,6 +243,49 @@ class Settings(BaseSettings):
         elif ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{info.data.get('api_port', 8000)}"
+
+    def wechat_configured(self) -> bool:
+        """Any WeChat Pay key is set: the real rails are meant, and all of them are needed."""
+        return any(
+            getattr(self, name) is not None
+            for name in type(self).model_fields
+            if name.startswith("wechat_") and name != "wechat_api_url"
+        )
+
+    def wechat_missing(self) -> list[str]:
+        """The WeChat Pay settings still unset (all of them named at once)."""
+        missing = [
+            f"PARKING_{name.upper()}"
+            for name in (
+                "wechat_mchid",
+                "wechat_appid",
+                "wechat_cert_serial_no",
+                "wechat_private_key_path",
+                "wechat_apiv3_key",
+            )
+            if getattr(self, name) is None
+        ]
+        has_key = (
+            self.wechat_platform_public_key_path is not None
+            and self.wechat_platform_public_key_id is not None
+        )
+        if not has_key and self.wechat_platform_cert_dir is None:
+            missing.append(
+                "PARKING_WECHAT_PLATFORM_PUBLIC_KEY_PATH and PARKING_WECHAT_PLATFORM_PUBLIC_KEY_ID"
+                " (or PARKING_WECHAT_PLATFORM_CERT_DIR)"
+            )
+        return missing
+
+    def payment_stand_ins(self) -> list[str]:
+        """The payment rails' stand-ins this configuration would use (empty: real rails).
+        A production start refuses any."""
+        if self.payment_provider == "sandbox":
+            return ["payment provider: sandbox (PARKING_PAYMENT_PROVIDER=sandbox)"]
+        if not self.wechat_configured():
+            return ["payment provider: WeChat Pay emulator (the PARKING_WECHAT_* keys are unset)"]
+        if self.wechat_api_url.rstrip("/") not in WECHAT_HOSTS:
+            return [f"payment provider: WeChat Pay at {self.wechat_api_url} (not WeChat's API)"]
+        return []
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

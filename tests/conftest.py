@@ -162,7 +162,13 @@ class Driver:
 
 
 async def make_driver(
-    runtime: Runtime, plate: str, *, pay_later: bool = True, limit_fen: int = 20_000
+    runtime: Runtime,
+    plate: str,
+    *,
+    pay_later: bool = True,
+    limit_fen: int = 20_000,
+    provider: str = "sandbox",
+    agreement_no: str | None = None,
 ) -> Driver:
     async with runtime.pool.acquire() as conn, conn.transaction():
         account_id = await admin.create_account(conn, f"+86-{uuid.uuid4().hex[:12]}")
@@ -172,8 +178,8 @@ async def make_driver(
             agreement_id = await agreements.sign(
                 conn,
                 account_id,
-                provider="sandbox",
-                agreement_no=f"AGR-{uuid.uuid4().hex[:12]}",
+                provider=provider,
+                agreement_no=agreement_no or f"AGR-{uuid.uuid4().hex[:12]}",
                 per_session_limit_fen=limit_fen,
             )
     return Driver(account_id, plate, agreement_id)

@@ -140,6 +140,32 @@ async def test_production_refuses_a_provider_url_that_is_the_sandbox(
     assert "is the sandbox payment provider" in str(refusal)
 
 
+async def test_production_on_wechat_rails_refuses_the_emulator_and_missing_keys(
+    database_url: str, adapter_url: str, tmp_path: Path
+) -> None:
+    values = production_values(database_url, adapter_url)
+    values["payment_provider"] = "wechat"
+    # No merchant key at all: the in-process emulator would stand in for WeChat.
+    text = str(await _refusal(values))
+    assert "PARKING_WECHAT_MCHID" in text and "emulator" in text
+    # Every key, but WeChat's API replaced by another host (an emulator somewhere).
+    key = tmp_path / "key.pem"
+    key.write_text("not read before the refusal")
+    values |= {
+        "wechat_mchid": "1900000001",
+        "wechat_appid": "wx0000000000000001",
+        "wechat_cert_serial_no": "SERIAL",
+        "wechat_private_key_path": key,
+        "wechat_apiv3_key": SecretStr("k" * 32),
+        "wechat_platform_public_key_path": key,
+        "wechat_platform_public_key_id": "PUB_KEY_ID_1",
+        "wechat_api_url": adapter_url,
+    }
+    refusal = await _refusal(values)
+    assert [item.setting for item in refusal.missing] == ["PARKING_WECHAT_API_URL"], str(refusal)
+    assert "not WeChat's API" in str(refusal)
+
+
 def test_every_missing_setting_is_named_at_once() -> None:
     names = [item.setting for item in stand_ins(_settings({"env": "production"}))]
     assert len(names) >= 11 and len(set(names)) == len(names)

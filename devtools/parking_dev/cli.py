@@ -26,7 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--rate", type=float, default=20.0, help="captures per second")
     p_demo.add_argument("--json", action="store_true", help="print a JSON summary last")
     p_demo.add_argument("--no-api", action="store_true", help="do not serve the HTTP API")
-    sandbox.add_arguments(p_demo)  # faults of the in-process sandbox provider
+    p_demo.add_argument(
+        "--provider",
+        choices=("sandbox", "wechat"),
+        help="payment rails: the sandbox, or WeChat Pay (its emulator unless the PARKING_WECHAT_* "
+        "keys are set); default PARKING_PAYMENT_PROVIDER",
+    )
+    # Faults of the in-process sandbox provider (or WeChat Pay emulator).
+    sandbox.add_arguments(p_demo)
 
     p_bench = sub.add_parser("bench", help="exit decisions under load (JSON figures)")
     p_bench.add_argument(
@@ -90,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--db", default=":memory:", help="SQLite file for its orders (default: in memory)"
     )
     sandbox.add_arguments(p_sandbox)
+
+    p_wechat = sub.add_parser(
+        "wechat-emulator",
+        help="run the WeChat Pay v3 parking emulator; its keys and the PARKING_WECHAT_* settings "
+        "for `parking serve` are written to --keys",
+    )
+    p_wechat.add_argument("--port", type=int, default=8110)
+    p_wechat.add_argument("--keys", type=Path, default=Path(".data/wechat-emulator"))
+    p_wechat.add_argument(
+        "--no-advance", action="store_true", help="fail a short balance instead of advancing it"
+    )
+    sandbox.add_arguments(p_wechat)
     return parser
 
 
@@ -104,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from parking_dev.demo import run_demo
 
+        if args.provider:
+            settings.payment_provider = args.provider
         summary = run(
             run_demo(
                 settings,
@@ -172,6 +193,17 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
+    elif args.command == "wechat-emulator":
+        from parking_dev import wechat
+
+        with contextlib.suppress(KeyboardInterrupt):
+            wechat.serve(
+                args.port,
+                wechat.EmulatorConfig(
+                    faults=sandbox.faults_from_args(args), advance=not args.no_advance
+                ),
+                args.keys,
+            )
     elif args.command == "sandbox-provider":
         if settings.payment_provider_secret is None:
             parser.error(

@@ -29,7 +29,7 @@ from parking.auth import repository as auth_repo
 from parking.auth.tokens import hash_password
 from parking.infra import endpoints
 from parking.logging import mask_plates_in_text
-from parking.runtime import Runtime, payment_provider, running
+from parking.runtime import ProviderEndpoint, Runtime, payment_provider, running
 from parking.settings import Settings
 from parking_dev import sandbox
 
@@ -114,6 +114,7 @@ async def seed_city(
     car_parks: int = len(DEMO_CAR_PARKS),
     parked_share: float = 0.5,
     vehicles: list[Vehicle] | None = None,
+    provider: str = "sandbox",
 ) -> DemoCity:
     """Car parks with entry and exit gates, a tariff, drivers (70 % bound with pay-later), and
     cars already parked for 20 minutes to 3 days so that exits carry real fees."""
@@ -162,8 +163,11 @@ async def seed_city(
                 await agreements.sign(
                     conn,
                     account_id,
-                    provider="sandbox",
-                    agreement_no=f"AGR-{run_id}-{i:05d}",
+                    provider=provider,
+                    # WeChat knows a driver by openid (the emulator's are "o-<plate>").
+                    agreement_no=(
+                        f"o-{vehicle.plate}" if provider == "wechat" else f"AGR-{run_id}-{i:05d}"
+                    ),
                     per_session_limit_fen=PAY_LATER_LIMIT_FEN,
                     signed_at=now - timedelta(days=30),
                 )
@@ -242,6 +246,7 @@ async def summarise(
             """SELECT count(*) FILTER (WHERE c.status = 'succeeded') AS charged,
                       count(*) FILTER (WHERE c.status = 'pending') AS pending,
                       count(*) FILTER (WHERE c.status = 'failed') AS failed,
+                      count(*) FILTER (WHERE c.advanced_by_provider) AS advanced,
                       COALESCE(sum(c.amount_fen) FILTER (WHERE c.status = 'succeeded'), 0)::bigint
                           AS charged_fen
                FROM charges c JOIN sessions s ON s.id = c.session_id
@@ -285,6 +290,8 @@ async def summarise(
         "charged": charges["charged"],
         "charges_pending": charges["pending"],
         "charges_failed": charges["failed"],
+        # Paid by the provider in the driver's stead (WeChat's 垫资): charged, never a debt.
+        "charges_advanced": charges["advanced"],
         "charged_fen": charges["charged_fen"],
         "charges_per_session_max": money["charges_per_session_max"],
         "charge_retries": runtime.outbox.stats.retries,
@@ -344,7 +351,9 @@ QR_PAYERS = 3
 _FORM_ACTION = re.compile(r'<form[^>]*action="([^"]+)"')
 
 
-async def _pay_held_cars_by_qr(runtime: Runtime, city: DemoCity, out: TextIO) -> int:
+async def _pay_held_cars_by_qr(
+    runtime: Runtime, city: DemoCity, provider: ProviderEndpoint, out: TextIO
+) -> int:
     """Some held drivers do what a phone does with the QR code: open its page, press 支付
     (which starts the payment), press the wallet's pay button on the provider's payer page,
     and wait on the page until the barrier opens. Returns how many drove on."""
@@ -362,15 +371,17 @@ async def _pay_held_cars_by_qr(runtime: Runtime, city: DemoCity, out: TextIO) ->
     async with httpx.AsyncClient(timeout=10.0) as phone:
         for row in held:
             try:
-                paid += await _pay_by_qr(phone, row["qr"])
+                paid += await _pay_by_qr(phone, row["qr"], provider)
             except httpx.HTTPError as exc:
                 print(f"demo: a QR payment failed: {exc!r}", file=out)
     print(f"demo: {paid} held drivers paid on the QR code's page and drove on", file=out)
     return paid
 
 
-async def _pay_by_qr(phone: httpx.AsyncClient, qr: str) -> int:
-    """1 when the driver paid and the barrier opened (the page's 请通行), else 0."""
+async def _pay_by_qr(phone: httpx.AsyncClient, qr: str, provider: ProviderEndpoint) -> int:
+    """1 when the driver paid and the barrier opened (the page's 请通行), else 0. On WeChat's
+    rails the page shows a Native code (`weixin://…?pr=<order>`) the wallet scans: the
+    emulator's own payer stands in for the scan."""
     page = await phone.get(qr)
     if page.status_code != 200 or "支付" not in page.text:
         return 0
@@ -379,10 +390,18 @@ async def _pay_by_qr(phone: httpx.AsyncClient, qr: str) -> int:
     if started.status_code != 200 or not started.json().get("pay_url"):
         return 0
     pay_url = httpx.URL(started.json()["pay_url"])
+    if pay_url.scheme == "weixin":
+        order = pay_url.params.get("pr")
+        await phone.post(f"{provider.url.rstrip('/')}/_emulator/pay/{order}")
+        return await _wait_gate_open(phone, api)
     action = _FORM_ACTION.search((await phone.get(pay_url)).text)
     if action is None:
         return 0
     await phone.post(pay_url.join(action.group(1)))
+    return await _wait_gate_open(phone, api)
+
+
+async def _wait_gate_open(phone: httpx.AsyncClient, api: str) -> int:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:  # the page polls the same way
         if (await phone.get(api)).json().get("gate_open"):
@@ -433,7 +452,7 @@ async def run_demo(
         payment_provider(settings, faults) as provider,
         running(settings, eps, provider) as runtime,
     ):
-        city = await seed_city(runtime.pool, rng)
+        city = await seed_city(runtime.pool, rng, provider=runtime.provider.name)
         print(
             f"demo: city seeded: {len(city.car_park_ids)} car parks, {len(city.gates)} gates, "
             f"{sum(len(v) for v in city.inside.values())} cars inside",
@@ -472,7 +491,9 @@ async def run_demo(
             progress = asyncio.create_task(_progress(runtime, sim, city, out))
             try:
                 await sim.run(rate, duration_s)
-                paid_by_qr = await _pay_held_cars_by_qr(runtime, city, out) if serve_api else 0
+                paid_by_qr = 0
+                if serve_api:
+                    paid_by_qr = await _pay_held_cars_by_qr(runtime, city, provider, out)
                 await _wait_for_outbox(runtime, timeout_s=60)
             finally:
                 progress.cancel()

@@ -31,6 +31,9 @@ class PayLater:
     blocked_for_arrears: bool
     # Open debts, collected with the stay's fee at the gate.
     debt_fen: int = 0
+    # The plate's service state with the agreement's provider (plate_services), None when the
+    # provider never spoke of it: only "normal" (or None) may leave on pay-later.
+    service_state: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +57,16 @@ _PAY_LATER_COLUMNS = """a.id AS account_id, pa.id AS agreement_id, pa.per_sessio
     a.blocked_for_arrears,
     CASE WHEN a.blocked_for_arrears THEN
         (SELECT COALESCE(sum(d.amount_fen), 0)::bigint FROM debts d
-         WHERE d.account_id = a.id AND d.settled_at IS NULL) ELSE 0 END AS debt_fen"""
+         WHERE d.account_id = a.id AND d.settled_at IS NULL) ELSE 0 END AS debt_fen,
+    ps.state AS service_state"""
 _PAY_LATER_JOINS = """
     LEFT JOIN plate_bindings b ON b.plate = {plate} AND b.color = {color}
         AND b.unbound_at IS NULL AND b.bound_at <= {entered_at}
     LEFT JOIN accounts a ON a.id = b.account_id AND a.deleted_at IS NULL
     LEFT JOIN pay_later_agreements pa ON pa.account_id = a.id AND pa.cancelled_at IS NULL
-        AND pa.signed_at <= {entered_at}"""
+        AND pa.signed_at <= {entered_at}
+    LEFT JOIN plate_services ps ON ps.provider = pa.provider AND ps.plate = {plate}
+        AND ps.plate_color = {color}"""
 _STAY_JOINS = _PAY_LATER_JOINS.format(
     plate="s.plate", color="s.plate_color", entered_at="s.entered_at"
 )
@@ -75,6 +81,7 @@ def _pay_later(row: asyncpg.Record) -> PayLater | None:
         row["per_session_limit_fen"],
         row["blocked_for_arrears"],
         row["debt_fen"],
+        row["service_state"],
     )
 
 

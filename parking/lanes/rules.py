@@ -256,6 +256,9 @@ def pay_later(found: PayLater | None, fee: int) -> tuple[int, int] | Outcome:
         return "held_unbound"
     if found.agreement_id is None or found.per_session_limit_fen is None:
         return "held_no_agreement"
+    if found.service_state not in (None, "normal"):
+        # Paused, overdue or not opened with the provider: no active pay-later agreement.
+        return "held_no_agreement"
     if found.blocked_for_arrears:
         return "held_arrears"
     if fee > found.per_session_limit_fen:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from billing import charges, fees
+from billing import charges, entries, fees
 from billing.tariff import format_fen
 from gate_controller.protocol import Action, Capture, Command
 from parking.lanes import edges
@@ -176,6 +176,13 @@ class LaneService:
             entry_capture_id=capture.capture_id,
             entry_certain=self.certain(reading),
         )
+        if (
+            self.settings.payment_provider == "wechat"
+            and stay.pay_later is not None
+            and stay.pay_later.agreement_id is not None
+        ):
+            # The parking rails want each pay-later stay registered at its entry (after commit).
+            await entries.queue(conn, stay.id)
         debt = stay.pay_later.debt_fen if stay.pay_later else 0
         return self._open(capture, now, outcome, plate, stay.id, delta, welcome=True, debt=debt)
 

@@ -18,13 +18,14 @@ from uuid import UUID
 
 import asyncpg
 
-from billing import debts, fees, payments, settlement
+from billing import agreements, debts, fees, payments, settlement
 from billing.providers import (
     InvalidNotification,
     MalformedNotification,
     PaymentProvider,
     ProviderRejected,
     ProviderUnavailable,
+    ServiceStateChange,
 )
 from billing.tariff import PricedSegment
 from gate_controller.protocol import Command, GateAddress
@@ -356,6 +357,19 @@ async def accept_notification(
             )
         log.warning("payments.notification_rejected", reason=str(exc))
         raise AppError(400 if malformed else 401, reason, str(exc)) from exc
+    if isinstance(result, ServiceStateChange):
+        # A plate's pay-later service changed during a stay: the lane reads it at the exit.
+        async with runtime.pool.acquire() as conn:
+            recorded = await agreements.record_service_state(
+                conn,
+                provider.name,
+                result.plate,
+                result.color,
+                result.state,
+                result.changed_at or datetime.now(UTC),
+            )
+        log.info("payments.service_state_changed", state=result.state, recorded=recorded)
+        return settlement.Applied("service_state" if recorded else "no_change")
     async with runtime.pool.acquire() as conn, conn.transaction():
         applied = await settlement.apply(
             conn, provider.name, result, message_style(runtime.settings)

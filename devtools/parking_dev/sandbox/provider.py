@@ -69,6 +69,8 @@ class Sandbox:
         self.rng = random.Random(faults.seed)
         self.book = OrderBook(db_path)
         self.notifications: deque[Delivery] = deque(maxlen=NOTIFICATION_LOG_SIZE)
+        # Stays registered at their entry: out_parking_no -> parking id (routes/parking.py).
+        self.parkings: dict[str, str] = {}
         self._secret = secret
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: httpx.AsyncClient | None = None
