@@ -26,6 +26,7 @@ from parking.ownership.router import router as ownership_router
 from parking.payments.router import MAX_NOTIFICATION_BYTES
 from parking.payments.router import router as payments_router
 from parking.public.router import router as public_router
+from parking.rights.router import router as rights_router
 from parking.receipts.router import router as receipts_router
 from parking.receipts.signing import FrameSigner
 from parking.runtime import Runtime
@@ -70,6 +71,7 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.include_router(dashboard_router)
     app.include_router(receipts_router)
     app.include_router(disputes_router)
+    app.include_router(rights_router)
     app.include_router(driver_disputes_router)
     if settings.trusted_proxies:
         # uvicorn's own middleware, with our list: the right-most hop of X-Forwarded-For that

@@ -8,6 +8,7 @@ from uuid import UUID
 import asyncpg
 
 from billing import fees
+from billing.rights import RightTerms
 from billing.tariff import Tariff
 
 
@@ -21,6 +22,7 @@ class GateInfo:
     no_entry_fee_fen: int
     # 'open_confirm' or 'hold': an exit whose charge cannot rest on two certain reads.
     uncertain_exit_policy: str = "open_confirm"
+    operator_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,11 @@ class OpenSession:
     plate_color: str | None = None
     # Whether the stay's entry read was certain (rules.is_certain).
     entry_certain: bool = False
+    # The vehicle's rights here (a pass of "at most N inside" only when this stay holds one of
+    # its places) and its blacklisting reason in this company, read with the stay
+    # (`_RIGHTS_COLUMNS`); empty and None where the query does not read them.
+    rights: tuple[RightTerms, ...] = ()
+    blacklisted: str | None = None
 
 
 # The binding, account and active agreement of the vehicle (`{plate}`, `{color}`) that covered
@@ -79,7 +86,7 @@ def _pay_later(row: asyncpg.Record) -> PayLater | None:
 
 
 _GATE_INFO = """g.id AS gate_id, cp.id AS car_park_id, cp.name AS car_park_name, g.direction,
-    cp.no_entry_policy, cp.no_entry_fee_fen, cp.uncertain_exit_policy
+    cp.no_entry_policy, cp.no_entry_fee_fen, cp.uncertain_exit_policy, cp.operator_id
     FROM gates g JOIN car_parks cp ON cp.id = g.car_park_id"""
 
 
@@ -207,15 +214,38 @@ async def update_capture_decision(
 
 
 _STAY_COLUMNS = "s.id, s.entered_at, s.fixed_fee_fen, s.plate_color, s.entry_certain"
+# A stay's vehicle's blacklisting and rights in its car park: indexed lookups by (plate, colour)
+# joined into the exit's one query (no extra round trip). A right capped at N inside counts only
+# for the stay that took one of its places at entry (`sessions.assigned_right_id`).
+_RIGHTS_COLUMNS = """
+    (SELECT bl.reason FROM plate_blacklist bl
+     WHERE bl.plate = s.plate AND bl.color = s.plate_color AND bl.removed_at IS NULL
+       AND bl.operator_id = (SELECT operator_id FROM car_parks WHERE id = s.car_park_id)
+    ) AS blacklisted,
+    (SELECT json_agg(json_build_object(
+        'id', ar.id, 'kind', sp.kind, 'name', sp.name, 'valid_from', ar.valid_from,
+        'valid_until', ar.valid_until, 'free_minutes', sp.free_minutes,
+        'discount_percent', sp.discount_percent, 'flat_fee_fen', sp.flat_fee_fen,
+        'weekdays', sp.weekdays, 'window_start', sp.window_start, 'window_end', sp.window_end,
+        'time_zone', sp.time_zone))
+     FROM assigned_right_plates rp
+     JOIN assigned_rights ar ON ar.id = rp.right_id AND ar.status = 'active'
+     JOIN right_specs sp ON sp.id = ar.spec_id
+     WHERE rp.plate = s.plate AND rp.color = s.plate_color
+       AND (ar.max_inside IS NULL OR ar.id = s.assigned_right_id)
+       AND (s.car_park_id = ANY (sp.car_park_ids)
+            OR (sp.car_park_ids IS NULL AND sp.operator_id
+                = (SELECT operator_id FROM car_parks WHERE id = s.car_park_id)))
+    ) AS rights"""
 
 
 async def open_session_for_update(
     conn: asyncpg.Connection, car_park_id: int, plate: str, color: str
 ) -> OpenSession | None:
     """The open stay of the vehicle (plate, colour) here, locked, with its driver's pay-later
-    state."""
+    state, its rights here and whether it is blacklisted."""
     row = await conn.fetchrow(
-        f"""SELECT {_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}
+        f"""SELECT {_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}, {_RIGHTS_COLUMNS}
             FROM sessions s {_STAY_JOINS}
             WHERE s.car_park_id = $1 AND s.plate = $2 AND s.plate_color = $3
               AND s.status = 'open'
@@ -228,6 +258,7 @@ async def open_session_for_update(
 
 
 def _open_session(row: asyncpg.Record) -> OpenSession:
+    rights = row.get("rights")
     return OpenSession(
         row["id"],
         row["entered_at"],
@@ -235,6 +266,8 @@ def _open_session(row: asyncpg.Record) -> OpenSession:
         row["fixed_fee_fen"],
         row["plate_color"],
         row["entry_certain"],
+        tuple(RightTerms.from_json(r) for r in rights) if rights else (),
+        row.get("blacklisted"),
     )
 
 
@@ -293,14 +326,16 @@ async def open_session(
     entry_capture_id: UUID | None,
     entry_certain: bool,
     fixed_fee_fen: int | None = None,
+    assigned_right_id: int | None = None,
 ) -> OpenSession:
-    """Opens a stay and reads its driver's agreement and debts in the same round trip."""
+    """Opens a stay and reads its driver's agreement and debts in the same round trip.
+    `assigned_right_id`: the right whose place the stay takes (None: a visitor)."""
     row = await conn.fetchrow(
         f"""WITH s AS (
                 INSERT INTO sessions
                     (car_park_id, plate, plate_color, entered_at, entry_capture_id, fixed_fee_fen,
-                     entry_certain)
-                VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     entry_certain, assigned_right_id)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                 RETURNING id, plate, entered_at, fixed_fee_fen, plate_color, entry_certain)
             SELECT {_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}
             FROM s {_STAY_JOINS}""",
@@ -311,6 +346,7 @@ async def open_session(
         entry_capture_id,
         fixed_fee_fen,
         entry_certain,
+        assigned_right_id,
     )
     return _open_session(row)
 
@@ -334,10 +370,11 @@ async def close_session(
     fee_fen: int,
     account_id: int | None,
     settlement: str,
+    applied_right_id: int | None = None,
 ) -> None:
     await conn.execute(
         """UPDATE sessions SET status = 'closed', exited_at = $2, exit_capture_id = $3,
-                  fee_fen = $4, account_id = $5, settlement = $6
+                  fee_fen = $4, account_id = $5, settlement = $6, applied_right_id = $7
            WHERE id = $1 AND status = 'open'""",
         session_id,
         exited_at,
@@ -345,6 +382,7 @@ async def close_session(
         fee_fen,
         account_id,
         settlement,
+        applied_right_id,
     )
 
 
