@@ -26,9 +26,9 @@ from parking.ownership.router import router as ownership_router
 from parking.payments.router import MAX_NOTIFICATION_BYTES
 from parking.payments.router import router as payments_router
 from parking.public.router import router as public_router
-from parking.rights.router import router as rights_router
 from parking.receipts.router import router as receipts_router
 from parking.receipts.signing import FrameSigner
+from parking.rights.router import router as rights_router
 from parking.runtime import Runtime
 
 log = get_logger(__name__)

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
+from parking.gates import repository as gates_repo
 from parking.runtime import Runtime
 from tests.conftest import (
     Lot,
@@ -347,3 +348,56 @@ async def test_a_csv_with_bad_rows_imports_the_good_ones_and_reports_each_bad_on
         headers={**admin, "content-type": "text/csv"},
     )
     assert missing.status_code == 422 and missing.json()["error"]["code"] == "invalid_csv"
+
+
+async def test_the_quote_the_held_gate_and_the_booth_price_the_stay_under_its_right(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    admin = await _admin(runtime, app, lot)
+    spec = await _spec(api, admin, name="商户八折", kind="discount", discount_percent=20)
+    plate = unique_plate()  # not bound: held at the exit with the fee
+    await _right(api, admin, spec, [plate])
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=150))
+    quote = (await api.get(f"/api/v1/car-parks/{lot.code}/quote", params={"plate": plate})).json()
+    assert quote["fee_fen"] == 1440 and quote["right"] == "商户八折"
+    assert quote["right_reduction_fen"] == 360
+    held = gate.capture("out", plate)
+    command = await gate.decide(lot.code, "out1", held)
+    assert command["action"] == "hold" and command["fee_fen"] == 1440
+    wrong = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
+        json={"capture_id": str(held.capture_id), "method": "cash", "amount_fen": 1800},
+        headers=admin,
+    )
+    assert wrong.status_code == 409 and wrong.json()["error"]["details"]["fee_fen"] == 1440
+    paid = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
+        json={"capture_id": str(held.capture_id), "method": "cash", "amount_fen": 1440},
+        headers=admin,
+    )
+    assert paid.status_code == 201, paid.text
+
+
+async def test_the_offline_whitelist_has_pass_holders_and_no_blacklisted_vehicle(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    admin = await _admin(runtime, app, lot)
+    monthly = await _spec(api, admin, kind="free_passage")
+    discount = await _spec(api, admin, kind="discount", discount_percent=10)
+    holder, sharer, discounted, bound_bad = (unique_plate() for _ in range(4))
+    await _right(api, admin, monthly, [holder, sharer], max_inside=1)
+    await _right(api, admin, discount, [discounted])
+    await make_driver(runtime, bound_bad)
+    for plate in (holder, sharer, discounted, bound_bad):
+        await gate.decide(lot.code, "in1", gate.capture("in", plate))
+    response = await api.post(
+        "/api/v1/operator/blacklist",
+        json={"plate": bound_bad, "color": "blue", "reason": "欠费不缴"},
+        headers=admin,
+    )
+    assert response.status_code == 201
+    async with runtime.pool.acquire() as conn:
+        cars = (await gates_repo.offline_whitelists(conn)).get(lot.code, [])
+    # The pass's one place (the sharer came in as a visitor), free of any limit; a discount is
+    # no free passage; a blacklisted vehicle is off the list even though it could pay later.
+    assert [(c.plate, c.per_session_limit_fen) for c in cars] == [(holder, None)]

@@ -65,6 +65,7 @@ async def _due(conn: asyncpg.Connection, stay: repo.BoothStay, now: datetime) ->
             at=now,
             plate_color=stay.plate_color,
             fixed_fee_fen=stay.fixed_fee_fen,
+            rights=await lanes_repo.stay_rights(conn, stay.id),
         )
         if priced is None:
             raise AppError(409, "no_tariff", "the car park has no tariff for this stay")

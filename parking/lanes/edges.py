@@ -50,6 +50,7 @@ async def end_missed_stay(
             at=max(hold.held_at, stay.entered_at),
             plate_color=stay.plate_color,
             fixed_fee_fen=stay.fixed_fee_fen,
+            rights=stay.rights,
         )
         if hold is not None
         else None

@@ -217,17 +217,13 @@ _STAY_COLUMNS = "s.id, s.entered_at, s.fixed_fee_fen, s.plate_color, s.entry_cer
 # A stay's vehicle's blacklisting and rights in its car park: indexed lookups by (plate, colour)
 # joined into the exit's one query (no extra round trip). A right capped at N inside counts only
 # for the stay that took one of its places at entry (`sessions.assigned_right_id`).
-_RIGHTS_COLUMNS = """
-    (SELECT bl.reason FROM plate_blacklist bl
-     WHERE bl.plate = s.plate AND bl.color = s.plate_color AND bl.removed_at IS NULL
-       AND bl.operator_id = (SELECT operator_id FROM car_parks WHERE id = s.car_park_id)
-    ) AS blacklisted,
-    (SELECT json_agg(json_build_object(
-        'id', ar.id, 'kind', sp.kind, 'name', sp.name, 'valid_from', ar.valid_from,
-        'valid_until', ar.valid_until, 'free_minutes', sp.free_minutes,
-        'discount_percent', sp.discount_percent, 'flat_fee_fen', sp.flat_fee_fen,
-        'weekdays', sp.weekdays, 'window_start', sp.window_start, 'window_end', sp.window_end,
-        'time_zone', sp.time_zone))
+_RIGHT_JSON = """json_build_object(
+    'id', ar.id, 'kind', sp.kind, 'name', sp.name, 'valid_from', ar.valid_from,
+    'valid_until', ar.valid_until, 'free_minutes', sp.free_minutes,
+    'discount_percent', sp.discount_percent, 'flat_fee_fen', sp.flat_fee_fen,
+    'weekdays', sp.weekdays, 'window_start', sp.window_start, 'window_end', sp.window_end,
+    'time_zone', sp.time_zone)"""
+_ACTIVE_RIGHTS = f"""(SELECT json_agg({_RIGHT_JSON})
      FROM assigned_right_plates rp
      JOIN assigned_rights ar ON ar.id = rp.right_id AND ar.status = 'active'
      JOIN right_specs sp ON sp.id = ar.spec_id
@@ -235,8 +231,13 @@ _RIGHTS_COLUMNS = """
        AND (ar.max_inside IS NULL OR ar.id = s.assigned_right_id)
        AND (s.car_park_id = ANY (sp.car_park_ids)
             OR (sp.car_park_ids IS NULL AND sp.operator_id
-                = (SELECT operator_id FROM car_parks WHERE id = s.car_park_id)))
-    ) AS rights"""
+                = (SELECT operator_id FROM car_parks WHERE id = s.car_park_id))))"""
+_RIGHTS_COLUMNS = f"""
+    (SELECT bl.reason FROM plate_blacklist bl
+     WHERE bl.plate = s.plate AND bl.color = s.plate_color AND bl.removed_at IS NULL
+       AND bl.operator_id = (SELECT operator_id FROM car_parks WHERE id = s.car_park_id)
+    ) AS blacklisted,
+    {_ACTIVE_RIGHTS} AS rights"""
 
 
 async def open_session_for_update(
@@ -272,6 +273,21 @@ def _open_session(row: asyncpg.Record) -> OpenSession:
 
 
 Identity = tuple[str, str]
+
+
+async def stay_rights(conn: asyncpg.Connection, session_id: int) -> tuple[RightTerms, ...]:
+    """The rights that price a stay wherever else it is priced (the gate's QR code, the booth,
+    the quote, an operator's open, the receipt): an open stay's as its exit reads them, a
+    closed one's the right its exit applied (whatever became of that right since)."""
+    rights = await conn.fetchval(
+        f"""SELECT CASE WHEN s.status = 'open' THEN {_ACTIVE_RIGHTS}
+                   ELSE (SELECT json_agg({_RIGHT_JSON}) FROM assigned_rights ar
+                         JOIN right_specs sp ON sp.id = ar.spec_id
+                         WHERE ar.id = s.applied_right_id) END
+            FROM sessions s WHERE s.id = $1""",
+        session_id,
+    )
+    return tuple(RightTerms.from_json(r) for r in rights) if rights else ()
 
 
 async def recent_exits(

@@ -452,6 +452,7 @@ async def open_gate(
                 at=now,
                 plate_color=stay.plate_color,
                 fixed_fee_fen=stay.fixed_fee_fen,
+                rights=await lanes_repo.stay_rights(conn, stay.id),
             )
             fee_fen = priced.fee_fen if priced else None
             await repo.close_stay_by_operator(

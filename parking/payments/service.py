@@ -87,6 +87,7 @@ async def _payable(
             vouched=account_id is not None or bool(held.entry_certain),
         ),
         fixed_fee_fen=held.fixed_fee_fen,
+        rights=await lanes_repo.stay_rights(conn, held.session_id) if held.session_id else (),
     )
     if priced is None:
         raise AppError(409, "no_tariff", "the car park has no tariff; ask the attendant")
@@ -325,6 +326,7 @@ async def quote(
         at=now,
         plate_color=row["plate_color"],
         fixed_fee_fen=row["fixed_fee_fen"],
+        rights=await lanes_repo.stay_rights(conn, row["id"]),
     )
     if priced is None:
         raise AppError(409, "no_tariff", "the car park has no tariff")
@@ -338,6 +340,8 @@ async def quote(
         fee_fen=priced.fee_fen,
         gross_fen=q.gross_fen if q else priced.fee_fen,
         discount_fen=q.discount_fen if q else 0,
+        right=priced.right.right.name if priced.right else None,
+        right_reduction_fen=priced.right.reduction_fen if priced.right else 0,
         segments=[
             QuoteSegment(start=s.start, end=s.end, band=s.band, day_type=s.day_type, fee_fen=s.fen)
             for s in (q.segments if q else ())
