@@ -155,6 +155,20 @@ def fee_under(
 
 
 @dataclass(frozen=True, slots=True)
+class Validation:
+    """A merchant's validation of one stay: free minutes or an amount (billing.fees.stay_fee
+    applies it after the right)."""
+
+    id: int
+    free_minutes: int | None = None
+    amount_fen: int | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Validation":
+        return cls(int(data["id"]), data.get("free_minutes"), data.get("amount_fen"))
+
+
+@dataclass(frozen=True, slots=True)
 class Applied:
     """The right a stay's fee was reduced by: the fee under it and the tariff's without it."""
 

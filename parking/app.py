@@ -21,6 +21,8 @@ from parking.drivers.router import router as drivers_router
 from parking.errors import install_error_handlers
 from parking.health import router as health_router
 from parking.logging import get_logger
+from parking.merchants.router import merchant_router
+from parking.merchants.router import operator_router as merchants_router
 from parking.operators.router import router as operators_router
 from parking.ownership.router import router as ownership_router
 from parking.payments.router import MAX_NOTIFICATION_BYTES
@@ -72,6 +74,8 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.include_router(receipts_router)
     app.include_router(disputes_router)
     app.include_router(rights_router)
+    app.include_router(merchants_router)
+    app.include_router(merchant_router)
     app.include_router(driver_disputes_router)
     if settings.trusted_proxies:
         # uvicorn's own middleware, with our list: the right-most hop of X-Forwarded-For that

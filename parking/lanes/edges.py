@@ -51,6 +51,7 @@ async def end_missed_stay(
             plate_color=stay.plate_color,
             fixed_fee_fen=stay.fixed_fee_fen,
             rights=stay.rights,
+            validation=stay.validation,
         )
         if hold is not None
         else None

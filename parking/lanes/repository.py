@@ -8,7 +8,7 @@ from uuid import UUID
 import asyncpg
 
 from billing import fees
-from billing.rights import RightTerms
+from billing.rights import RightTerms, Validation
 from billing.tariff import Tariff
 
 
@@ -51,6 +51,8 @@ class OpenSession:
     # (`_RIGHTS_COLUMNS`); empty and None where the query does not read them.
     rights: tuple[RightTerms, ...] = ()
     blacklisted: str | None = None
+    # A merchant's validation of the stay (parking/merchants/).
+    validation: Validation | None = None
 
 
 # The binding, account and active agreement of the vehicle (`{plate}`, `{color}`) that covered
@@ -232,12 +234,16 @@ _ACTIVE_RIGHTS = f"""(SELECT json_agg({_RIGHT_JSON})
        AND (s.car_park_id = ANY (sp.car_park_ids)
             OR (sp.car_park_ids IS NULL AND sp.operator_id
                 = (SELECT operator_id FROM car_parks WHERE id = s.car_park_id))))"""
+_VALIDATION = """(SELECT json_build_object(
+        'id', v.id, 'free_minutes', v.free_minutes, 'amount_fen', v.amount_fen)
+     FROM validations v WHERE v.session_id = s.id)"""
 _RIGHTS_COLUMNS = f"""
     (SELECT bl.reason FROM plate_blacklist bl
      WHERE bl.plate = s.plate AND bl.color = s.plate_color AND bl.removed_at IS NULL
        AND bl.operator_id = (SELECT operator_id FROM car_parks WHERE id = s.car_park_id)
     ) AS blacklisted,
-    {_ACTIVE_RIGHTS} AS rights"""
+    {_ACTIVE_RIGHTS} AS rights,
+    {_VALIDATION} AS validation"""
 
 
 async def open_session_for_update(
@@ -269,25 +275,42 @@ def _open_session(row: asyncpg.Record) -> OpenSession:
         row["entry_certain"],
         tuple(RightTerms.from_json(r) for r in rights) if rights else (),
         row.get("blacklisted"),
+        Validation.from_json(row["validation"]) if row.get("validation") else None,
     )
 
 
 Identity = tuple[str, str]
 
 
-async def stay_rights(conn: asyncpg.Connection, session_id: int) -> tuple[RightTerms, ...]:
-    """The rights that price a stay wherever else it is priced (the gate's QR code, the booth,
-    the quote, an operator's open, the receipt): an open stay's as its exit reads them, a
-    closed one's the right its exit applied (whatever became of that right since)."""
-    rights = await conn.fetchval(
+@dataclass(frozen=True, slots=True)
+class StayTerms:
+    """What reduces a stay's fee besides the tariff: its vehicle's rights and a merchant's
+    validation (billing.fees.stay_fee's `rights` and `validation`)."""
+
+    rights: tuple[RightTerms, ...] = ()
+    validation: Validation | None = None
+
+
+async def stay_terms(conn: asyncpg.Connection, session_id: int) -> StayTerms:
+    """The terms that price a stay wherever else it is priced (the gate's QR code, the booth,
+    the quote, an operator's open, the receipt, a validation): an open stay's as its exit reads
+    them, a closed one's the right its exit applied (whatever became of that right since)."""
+    row = await conn.fetchrow(
         f"""SELECT CASE WHEN s.status = 'open' THEN {_ACTIVE_RIGHTS}
                    ELSE (SELECT json_agg({_RIGHT_JSON}) FROM assigned_rights ar
                          JOIN right_specs sp ON sp.id = ar.spec_id
-                         WHERE ar.id = s.applied_right_id) END
+                         WHERE ar.id = s.applied_right_id) END AS rights,
+                   {_VALIDATION} AS validation
             FROM sessions s WHERE s.id = $1""",
         session_id,
     )
-    return tuple(RightTerms.from_json(r) for r in rights) if rights else ()
+    if row is None:
+        return StayTerms()
+    rights, validation = row["rights"], row["validation"]
+    return StayTerms(
+        tuple(RightTerms.from_json(r) for r in rights) if rights else (),
+        Validation.from_json(validation) if validation else None,
+    )
 
 
 async def recent_exits(

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Literal, Protocol
 
 from billing import fees
-from billing.rights import Applied, RightTerms
+from billing.rights import Applied, RightTerms, Validation
 from parking.lanes.repository import OpenSession, PayLater
 from parking.settings import Settings
 from plate_recognition.grammar import COLORS, Candidate, is_valid, plate_color_guess
@@ -281,6 +281,7 @@ def exit_rule(
     reads_certain: bool,
     uncertain_policy: UncertainPolicy,
     rights: tuple[RightTerms, ...] = (),
+    validation: Validation | None = None,
 ) -> ExitRule | None:
     """The stay's fee at `at` and how it leaves; None when the car park has no tariff for it
     (the gate holds for a person).
@@ -293,7 +294,8 @@ def exit_rule(
     one read never charges a pay-later account.
 
     `rights`: the vehicle's rights here; the most favourable to the driver prices the stay
-    (billing.rights), and a fee of 0 under a pass or a whitelist opens like any free stay."""
+    (billing.rights), and a fee of 0 under a pass or a whitelist opens like any free stay.
+    `validation`: a merchant's validation of the stay, applied after the right."""
     priced = fees.stay_fee(
         versions,
         entered_at=entered_at,
@@ -301,6 +303,7 @@ def exit_rule(
         plate_color=plate_color,
         fixed_fee_fen=fixed_fee_fen,
         rights=rights,
+        validation=validation,
     )
     if priced is None:
         return None
@@ -414,6 +417,7 @@ def plan_exit(
         reads_certain=resolution.certain and stay.entry_certain,
         uncertain_policy=uncertain_policy,
         rights=stay.rights,
+        validation=stay.validation,
     )
     if stay.blacklisted is not None and not offline_open:
         # Blacklisted: held for a person whatever the fee (blacklist before any right).

@@ -446,13 +446,15 @@ async def open_gate(
             raise NotFound("capture")
         stay = held.stay
         if held.direction == "out" and stay is not None and stay.status == "open":
+            terms = await lanes_repo.stay_terms(conn, stay.id)
             priced = fees.stay_fee(
                 await fees.tariff_versions(conn, car_park["id"]),
                 entered_at=stay.entered_at,
                 at=now,
                 plate_color=stay.plate_color,
                 fixed_fee_fen=stay.fixed_fee_fen,
-                rights=await lanes_repo.stay_rights(conn, stay.id),
+                rights=terms.rights,
+                validation=terms.validation,
             )
             fee_fen = priced.fee_fen if priced else None
             await repo.close_stay_by_operator(

@@ -37,6 +37,8 @@ class Quote(BaseModel):
     # by how much: fee_fen is the tariff's fee less this.
     right: str | None = None
     right_reduction_fen: int = 0
+    # What a merchant's validation took off (after the right).
+    validation_fen: int = 0
     segments: list[QuoteSegment]
 
 

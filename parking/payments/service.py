@@ -76,6 +76,11 @@ async def _payable(
         if held.outcome in _NOBODYS or held.plate_color is None
         else await repo.account_for_vehicle(conn, held.plate, held.plate_color)
     )
+    terms = (
+        await lanes_repo.stay_terms(conn, held.session_id)
+        if held.session_id
+        else lanes_repo.StayTerms()
+    )
     priced = fees.stay_fee(
         await fees.tariff_versions(conn, held.car_park_id),
         entered_at=held.entered_at,
@@ -87,7 +92,8 @@ async def _payable(
             vouched=account_id is not None or bool(held.entry_certain),
         ),
         fixed_fee_fen=held.fixed_fee_fen,
-        rights=await lanes_repo.stay_rights(conn, held.session_id) if held.session_id else (),
+        rights=terms.rights,
+        validation=terms.validation,
     )
     if priced is None:
         raise AppError(409, "no_tariff", "the car park has no tariff; ask the attendant")
@@ -320,13 +326,15 @@ async def quote(
 ) -> Quote:
     row = _stay_of_vehicle(await repo.open_stays(conn, car_park_code, plate), color)
     now = datetime.now(UTC)
+    terms = await lanes_repo.stay_terms(conn, row["id"])
     priced = fees.stay_fee(
         await fees.tariff_versions(conn, row["car_park_id"]),
         entered_at=row["entered_at"],
         at=now,
         plate_color=row["plate_color"],
         fixed_fee_fen=row["fixed_fee_fen"],
-        rights=await lanes_repo.stay_rights(conn, row["id"]),
+        rights=terms.rights,
+        validation=terms.validation,
     )
     if priced is None:
         raise AppError(409, "no_tariff", "the car park has no tariff")
@@ -342,6 +350,7 @@ async def quote(
         discount_fen=q.discount_fen if q else 0,
         right=priced.right.right.name if priced.right else None,
         right_reduction_fen=priced.right.reduction_fen if priced.right else 0,
+        validation_fen=priced.validation_fen,
         segments=[
             QuoteSegment(start=s.start, end=s.end, band=s.band, day_type=s.day_type, fee_fen=s.fen)
             for s in (q.segments if q else ())

@@ -24,6 +24,8 @@ class Fee(BaseModel):
     # The right the fee was reduced by (a pass, free minutes, a discount, a flat fee).
     right: str | None = None
     right_reduction_fen: int = 0
+    # What a merchant's validation took off.
+    validation_fen: int = 0
     segments: list[Segment]
 
 
