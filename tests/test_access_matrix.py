@@ -322,6 +322,7 @@ ROWS = [
     Row("POST", "/api/v1/operator/rights/{right_id}/resume", Access.ADMIN_X),
     Row("POST", "/api/v1/operator/rights/{right_id}/cancel", Access.ADMIN_X),
     Row("GET", "/api/v1/operator/blacklist", Access.STAFF),
+    Row("GET", "/api/v1/operator/reports/pass-occupancy", Access.STAFF),
     Row(
         "POST",
         "/api/v1/operator/blacklist",

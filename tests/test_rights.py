@@ -18,6 +18,7 @@ from tests.conftest import (
     backdate_entry,
     bearer,
     create_lot,
+    driver_token,
     enter,
     make_driver,
     make_staff,
@@ -109,7 +110,9 @@ async def test_a_discount_is_priced_by_the_fee_calculation_and_charged_pay_later
     runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
 ) -> None:
     admin = await _admin(runtime, app, lot)
-    spec = await _spec(api, admin, kind="discount", discount_percent=50, car_parks=[lot.code])
+    spec = await _spec(
+        api, admin, name="员工五折", kind="discount", discount_percent=50, car_parks=[lot.code]
+    )
     driver = await make_driver(runtime, unique_plate())
     right = await _right(api, admin, spec, [driver.plate])
     await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=150))
@@ -118,6 +121,10 @@ async def test_a_discount_is_priced_by_the_fee_calculation_and_charged_pay_later
     stay = await _stay(runtime, lot, driver.plate)
     assert stay["settlement"] == "pay_later" and stay["fee_fen"] == 900
     assert stay["applied_right_id"] == right["id"]
+    # The driver sees the right on the stay.
+    mine = bearer(driver_token(app, driver.account_id))
+    stays = (await api.get("/api/v1/me/stays", headers=mine)).json()["items"]
+    assert [(s["fee_fen"], s["pass_name"]) for s in stays] == [(900, "员工五折")]
 
 
 async def test_a_blacklisted_car_is_held_with_the_reason_for_the_attendant(
@@ -203,6 +210,10 @@ async def test_a_pass_for_two_plates_lets_one_inside_the_other_is_a_visitor(
     assert sum("按临时车计费" in d for d in displays) == 1, displays
     places = [(await _stay(runtime, lot, p))["assigned_right_id"] for p in (first, second)]
     assert sorted(places, key=lambda p: p is None) == [right["id"], None]
+    occupancy = (await api.get("/api/v1/operator/reports/pass-occupancy", headers=admin)).json()
+    assert [(o["car_park"], o["pass_holders"], o["visitors"]) for o in occupancy] == [
+        (lot.code, 1, 1)
+    ]
     holder, visitor = (first, second) if places[0] else (second, first)
     for plate in (holder, visitor):
         await backdate_entry(runtime, lot, plate, timedelta(hours=2))

@@ -72,6 +72,8 @@ class Stay(BaseModel):
     exited_at: datetime | None
     fee_fen: int | None
     settlement: str | None
+    # The pass (or other right) the stay held a place of or was priced under.
+    pass_name: str | None = None
 
 
 class StayPage(BaseModel):
@@ -109,6 +111,8 @@ class Receipt(BaseModel):
     settlement: str | None
     charge: ChargeView | None
     refunds: list[RefundView]
+    # The pass (or other right) the stay held a place of or was priced under.
+    pass_name: str | None = None
 
 
 class DebtView(BaseModel):

@@ -261,6 +261,7 @@ async def receipt(conn: asyncpg.Connection, account_id: int, stay_id: int) -> Re
         settlement=row["settlement"],
         charge=charge,
         refunds=[RefundView(**dict(r)) for r in await repo.refunds_of_stay(conn, stay_id)],
+        pass_name=row["pass_name"],
     )
 
 

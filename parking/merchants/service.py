@@ -25,31 +25,20 @@ from parking.merchants.schemas import (
     NewValidation,
     Validation,
 )
-from parking.rights import repository as rights_repo
-
-
-def _company(principal: Principal) -> int:
-    if principal.operator_id is None:  # the dependencies let only staff through
-        raise AppError(403, "forbidden", "not a member of an operator company")
-    return principal.operator_id
+from parking.rights.service import car_park_scope, company_of
 
 
 def _merchant_of(principal: Principal) -> tuple[int, int]:
     if principal.merchant_id is None:  # MerchantDep lets only merchants' staff through
         raise AppError(403, "forbidden", "not a merchant's staff")
-    return _company(principal), principal.merchant_id
+    return company_of(principal), principal.merchant_id
 
 
 async def create(
     conn: asyncpg.Connection, principal: Principal, request: NewMerchant, password_hash: str
 ) -> Merchant:
-    operator_id = _company(principal)
-    ids: list[int] | None = None
-    if request.car_parks is not None:
-        codes = sorted(set(request.car_parks))
-        ids = await rights_repo.car_park_ids(conn, operator_id, codes)
-        if len(ids) != len(codes):
-            raise NotFound("car_park")
+    operator_id = company_of(principal)
+    ids = await car_park_scope(conn, operator_id, request.car_parks)
     merchant_id = await repo.insert_merchant(
         conn,
         operator_id=operator_id,
@@ -92,13 +81,13 @@ async def _merchant(conn: asyncpg.Connection, operator_id: int, merchant_id: int
 
 
 async def list_merchants(conn: asyncpg.Connection, principal: Principal) -> list[Merchant]:
-    return [Merchant(**dict(r)) for r in await repo.merchants(conn, _company(principal))]
+    return [Merchant(**dict(r)) for r in await repo.merchants(conn, company_of(principal))]
 
 
 async def top_up(
     conn: asyncpg.Connection, principal: Principal, merchant_id: int, add_fen: int
 ) -> Merchant:
-    operator_id = _company(principal)
+    operator_id = company_of(principal)
     if not await repo.top_up(conn, operator_id, merchant_id, add_fen):
         raise NotFound("merchant")
     await audit.record(
@@ -197,5 +186,5 @@ async def list_validations(
 async def report(
     conn: asyncpg.Connection, principal: Principal, since: datetime, until: datetime
 ) -> list[MerchantReport]:
-    rows = await repo.report(conn, _company(principal), since, until)
+    rows = await repo.report(conn, company_of(principal), since, until)
     return [MerchantReport(**dict(r)) for r in rows]

@@ -289,3 +289,19 @@ async def places_taken(conn: asyncpg.Connection, right_id: int) -> int:
         right_id,
     )
     return taken
+
+
+async def occupancy_by_standing(conn: asyncpg.Connection, operator_id: int) -> list[asyncpg.Record]:
+    """Per car park of the company: the stays inside now holding a place of a right (pass
+    holders) and the others (visitors)."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT cp.code AS car_park, cp.capacity,
+                  count(s.id) FILTER (WHERE s.assigned_right_id IS NOT NULL) AS pass_holders,
+                  count(s.id) FILTER (WHERE s.assigned_right_id IS NULL) AS visitors
+           FROM car_parks cp
+           LEFT JOIN sessions s ON s.car_park_id = cp.id AND s.status = 'open'
+           WHERE cp.operator_id = $1
+           GROUP BY cp.id ORDER BY cp.code""",
+        operator_id,
+    )
+    return rows

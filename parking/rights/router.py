@@ -16,6 +16,7 @@ from parking.rights.schemas import (
     NewBlacklistEntry,
     NewRight,
     NewRightSpec,
+    PassOccupancy,
     Renewal,
     Right,
     RightSpec,
@@ -100,6 +101,13 @@ async def resume_right(right_id: RightId, operator: OperatorAdminDep, conn: Conn
 @router.post("/rights/{right_id}/cancel")
 async def cancel_right(right_id: RightId, operator: OperatorAdminDep, conn: ConnectionDep) -> Right:
     return await service.change_status(conn, operator, right_id, "cancel")
+
+
+@router.get("/reports/pass-occupancy")
+async def pass_occupancy(operator: OperatorDep, conn: ConnectionDep) -> list[PassOccupancy]:
+    """Per car park: the cars inside now holding a place of a pass or whitelist, and the
+    visitors (a pass's vehicle beyond its "at most N inside" is a visitor)."""
+    return await service.pass_occupancy(conn, operator)
 
 
 @router.get("/blacklist")

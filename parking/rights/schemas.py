@@ -166,6 +166,14 @@ class ImportReport(BaseModel):
     failed: list[ImportFailure]
 
 
+class PassOccupancy(BaseModel):
+    car_park: str
+    capacity: int
+    # Stays inside now holding a place of a right (a pass, a whitelist), and the others.
+    pass_holders: int
+    visitors: int
+
+
 class NewBlacklistEntry(Vehicle):
     reason: Reason
 

@@ -30,6 +30,7 @@ from parking.rights.schemas import (
     NewBlacklistEntry,
     NewRight,
     NewRightSpec,
+    PassOccupancy,
     Renewal,
     Right,
     RightSpec,
@@ -43,10 +44,25 @@ IMPORT_COLUMNS = ("spec", "plates", "valid_from", "valid_until", "max_inside", "
 MAX_IMPORT_ROWS = 5000
 
 
-def _company(principal: Principal) -> int:
-    if principal.operator_id is None:  # OperatorDep lets only staff through
+def company_of(principal: Principal) -> int:
+    """The caller's operator company (the staff and merchant dependencies let no one else in)."""
+    if principal.operator_id is None:
         raise AppError(403, "forbidden", "not a member of an operator company")
     return principal.operator_id
+
+
+async def car_park_scope(
+    conn: asyncpg.Connection, operator_id: int, codes: list[str] | None
+) -> list[int] | None:
+    """The ids of the company's car parks named (None: all of them, now and later); 404 when
+    one is not the company's."""
+    if codes is None:
+        return None
+    wanted = sorted(set(codes))
+    ids = await repo.car_park_ids(conn, operator_id, wanted)
+    if len(ids) != len(wanted):
+        raise NotFound("car_park")
+    return ids
 
 
 def _spec(row: asyncpg.Record) -> RightSpec:
@@ -58,13 +74,8 @@ def _spec(row: asyncpg.Record) -> RightSpec:
 async def create_spec(
     conn: asyncpg.Connection, principal: Principal, request: NewRightSpec
 ) -> RightSpec:
-    operator_id = _company(principal)
-    ids: list[int] | None = None
-    if request.car_parks is not None:
-        codes = sorted(set(request.car_parks))
-        ids = await repo.car_park_ids(conn, operator_id, codes)
-        if len(ids) != len(codes):
-            raise NotFound("car_park")
+    operator_id = company_of(principal)
+    ids = await car_park_scope(conn, operator_id, request.car_parks)
     row = await repo.insert_spec(
         conn,
         operator_id=operator_id,
@@ -92,7 +103,7 @@ async def create_spec(
 
 
 async def list_specs(conn: asyncpg.Connection, principal: Principal) -> list[RightSpec]:
-    return [_spec(r) for r in await repo.specs(conn, _company(principal))]
+    return [_spec(r) for r in await repo.specs(conn, company_of(principal))]
 
 
 async def _right(conn: asyncpg.Connection, operator_id: int, right_id: int) -> Right:
@@ -141,7 +152,7 @@ async def _insert(
 
 
 async def create_right(conn: asyncpg.Connection, principal: Principal, request: NewRight) -> Right:
-    operator_id = _company(principal)
+    operator_id = company_of(principal)
     right_id = await _insert(conn, principal, operator_id, request, "operator")
     return await _right(conn, operator_id, right_id)
 
@@ -156,7 +167,7 @@ async def list_rights(
     limit: int,
 ) -> list[Right]:
     rows = await repo.rights(
-        conn, _company(principal), status=status, plate=plate, after_id=after_id, limit=limit
+        conn, company_of(principal), status=status, plate=plate, after_id=after_id, limit=limit
     )
     return [Right(**dict(r)) for r in rows]
 
@@ -174,7 +185,7 @@ async def change_status(
 ) -> Right:
     """Suspends, resumes or cancels a right; a cancelled right is final. A stay inside keeps
     its place but the right no longer reduces its fee from the exit on."""
-    operator_id = _company(principal)
+    operator_id = company_of(principal)
     row = await repo.right(conn, operator_id, right_id, lock=True)
     if row is None:
         raise NotFound("right")
@@ -193,7 +204,7 @@ async def renew(
 ) -> Right:
     """Extends a right's validity (never shortens it: cancel for that). A vehicle parked under
     it is covered up to the new end at its exit."""
-    operator_id = _company(principal)
+    operator_id = company_of(principal)
     row = await repo.right(conn, operator_id, right_id, lock=True)
     if row is None:
         raise NotFound("right")
@@ -275,7 +286,7 @@ async def import_csv(conn: asyncpg.Connection, principal: Principal, body: bytes
     `浙A12345/blue;浙A12346/green`, the colour defaulting to the plate's grammar; dates are
     local days, `valid_until` the last day). Good rows are imported, each bad one is reported
     with its line and why, and changes nothing."""
-    operator_id = _company(principal)
+    operator_id = company_of(principal)
     try:
         text = body.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -306,6 +317,11 @@ async def import_csv(conn: asyncpg.Connection, principal: Principal, body: bytes
     return ImportReport(imported=len(imported), right_ids=imported, failed=failed)
 
 
+async def pass_occupancy(conn: asyncpg.Connection, principal: Principal) -> list[PassOccupancy]:
+    rows = await repo.occupancy_by_standing(conn, company_of(principal))
+    return [PassOccupancy(**dict(r)) for r in rows]
+
+
 # Blacklist
 
 
@@ -314,7 +330,7 @@ async def add_to_blacklist(
 ) -> BlacklistEntry:
     row = await repo.insert_blacklist(
         conn,
-        operator_id=_company(principal),
+        operator_id=company_of(principal),
         plate=request.plate,
         color=request.color,
         reason=request.reason,
@@ -336,7 +352,7 @@ async def list_blacklist(
     conn: asyncpg.Connection, principal: Principal, *, include_removed: bool, limit: int
 ) -> list[BlacklistEntry]:
     rows = await repo.blacklist(
-        conn, _company(principal), include_removed=include_removed, limit=limit
+        conn, company_of(principal), include_removed=include_removed, limit=limit
     )
     return [BlacklistEntry(**dict(r)) for r in rows]
 
@@ -344,7 +360,7 @@ async def list_blacklist(
 async def remove_from_blacklist(
     conn: asyncpg.Connection, principal: Principal, entry_id: int
 ) -> BlacklistEntry:
-    row = await repo.remove_blacklist(conn, _company(principal), entry_id, principal.actor)
+    row = await repo.remove_blacklist(conn, company_of(principal), entry_id, principal.actor)
     if row is None:
         raise NotFound("blacklist_entry")
     await audit.record(conn, principal.actor, "blacklist.removed", f"blacklist:{entry_id}", {})
