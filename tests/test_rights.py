@@ -157,12 +157,23 @@ async def test_a_blacklisted_car_is_held_with_the_reason_for_the_attendant(
         )
     assert row["reason"] == "blacklisted" and row["candidates"][0]["reason"] == "逃费三次"
     exceptions = (await api.get("/api/v1/operator/exceptions", headers=admin)).json()
-    assert any(e["reason"] == "blacklisted" for e in exceptions)
+    (held,) = [e for e in exceptions if e["reason"] == "blacklisted"]
+    # Resolving it by plate while the vehicle is listed changes nothing.
+    refused = await api.post(
+        f"/api/v1/operator/exceptions/{held['id']}/resolve", json={"plate": plate}, headers=admin
+    )
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "blacklisted"
     # At the entry too: held, and no stay is opened. Another colour is another vehicle.
     blocked = await gate.decide(lot.code, "in1", gate.capture("in", plate, color="yellow"))
     assert blocked["action"] == "open"
     removed = await api.delete(f"/api/v1/operator/blacklist/{listed.json()['id']}", headers=admin)
     assert removed.status_code == 200 and removed.json()["removed_at"] is not None
+    # Off the list, the attendant resolves the held exit: the whitelist lets it out free.
+    resolved = await api.post(
+        f"/api/v1/operator/exceptions/{held['id']}/resolve", json={"plate": plate}, headers=admin
+    )
+    assert resolved.status_code == 200, resolved.text
+    assert resolved.json()["action"] == "open" and resolved.json()["fee_fen"] == 0
 
 
 async def test_blacklisted_at_the_entry(

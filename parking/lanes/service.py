@@ -583,6 +583,9 @@ class LaneService:
         """A vehicle on the company's blacklist: held at the barrier, and the attendant sees why
         (an exception in the queue, the decision in the dashboard's feed). The stay, if any,
         stays open."""
+        if reading.source == "operator":
+            # An operator re-deciding a held capture: its exception exists (they are told).
+            return Decision("held_blacklisted", self._command(capture, now, "hold", [plate]), plate)
         candidates: list[dict[str, Any]] = [
             {"plate": plate, "kind": "blacklisted", "reason": reason, "fee_fen": fee}
         ]

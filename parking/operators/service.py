@@ -378,6 +378,12 @@ async def resolve_exception(
             "no_open_stay",
             "no car with this plate is parked here: check the plate, or open the gate by hand",
         )
+    if decision.outcome == "held_blacklisted":
+        raise AppError(
+            409,
+            "blacklisted",
+            "the vehicle is on the blacklist: remove it first, or open the gate by hand",
+        )
     command = decision.command
     await lanes_repo.update_capture_decision(
         conn,
