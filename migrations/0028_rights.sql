@@ -45,7 +45,8 @@ CREATE TABLE assigned_rights (
     max_inside      integer CHECK (max_inside >= 1),
     status          text NOT NULL DEFAULT 'active'
                     CHECK (status IN ('active', 'suspended', 'cancelled')),
-    source          text NOT NULL DEFAULT 'operator' CHECK (source IN ('operator', 'import')),
+    source          text NOT NULL DEFAULT 'operator'
+                    CHECK (source IN ('operator', 'import', 'purchase')),
     created_by      text NOT NULL,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),

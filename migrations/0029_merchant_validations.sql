@@ -38,3 +38,53 @@ CREATE TABLE validations (
     CHECK ((free_minutes IS NULL) <> (amount_fen IS NULL))
 );
 CREATE INDEX validations_merchant ON validations (merchant_id, created_at);
+
+-- Monthly passes drivers buy in the app (issue #20). An offer sells a right specification for
+-- a number of days at a price; a purchase is paid through the payment provider and booked as
+-- deferred revenue (`deferred:pass_purchase:N`), recognised as the car park's revenue day by day
+-- over the pass's period; on payment the purchase gets its assigned right (source 'purchase').
+CREATE TABLE pass_offers (
+    id              bigserial PRIMARY KEY,
+    operator_id     bigint NOT NULL REFERENCES operators(id),
+    spec_id         bigint NOT NULL REFERENCES right_specs(id),
+    -- Where it is sold, and whose revenue it is.
+    car_park_id     bigint NOT NULL REFERENCES car_parks(id),
+    name            text NOT NULL CHECK (length(name) BETWEEN 1 AND 64),
+    price_fen       bigint NOT NULL CHECK (price_fen BETWEEN 1 AND 100000000),
+    period_days     integer NOT NULL CHECK (period_days BETWEEN 1 AND 366),
+    active          boolean NOT NULL DEFAULT true,
+    created_by      text NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX pass_offers_car_park ON pass_offers (car_park_id) WHERE active;
+
+ALTER TABLE payments DROP CONSTRAINT payments_purpose_check;
+ALTER TABLE payments ADD CONSTRAINT payments_purpose_check
+    CHECK (purpose IN ('gate', 'debts', 'pass'));
+ALTER TABLE payments ADD COLUMN pass_fen bigint NOT NULL DEFAULT 0 CHECK (pass_fen >= 0);
+ALTER TABLE payments DROP CONSTRAINT payments_check;
+ALTER TABLE payments ADD CONSTRAINT payments_check
+    CHECK (amount_fen > 0 AND amount_fen = stay_fee_fen + debt_fen + pass_fen);
+
+CREATE TABLE pass_purchases (
+    id              bigserial PRIMARY KEY,
+    offer_id        bigint NOT NULL REFERENCES pass_offers(id),
+    account_id      bigint NOT NULL REFERENCES accounts(id),
+    plate           text NOT NULL,
+    color           text NOT NULL CHECK (color IN ('blue', 'green', 'yellow', 'white', 'black')),
+    payment_id      bigint NOT NULL UNIQUE REFERENCES payments(id),
+    car_park_id     bigint NOT NULL REFERENCES car_parks(id),
+    amount_fen      bigint NOT NULL CHECK (amount_fen > 0),
+    -- Set when paid: the period and the right it bought.
+    starts_at       timestamptz,
+    ends_at         timestamptz,
+    right_id        bigint UNIQUE REFERENCES assigned_rights(id),
+    recognised_fen  bigint NOT NULL DEFAULT 0
+                    CHECK (recognised_fen >= 0 AND recognised_fen <= amount_fen),
+    reminded_at     timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    CHECK ((right_id IS NULL) = (starts_at IS NULL) AND (starts_at IS NULL) = (ends_at IS NULL))
+);
+CREATE INDEX pass_purchases_account ON pass_purchases (account_id, id);
+CREATE INDEX pass_purchases_unrecognised ON pass_purchases (id)
+    WHERE right_id IS NOT NULL AND recognised_fen < amount_fen;

@@ -25,6 +25,8 @@ from parking.merchants.router import merchant_router
 from parking.merchants.router import operator_router as merchants_router
 from parking.operators.router import router as operators_router
 from parking.ownership.router import router as ownership_router
+from parking.passes.router import driver_router as passes_driver_router
+from parking.passes.router import operator_router as passes_operator_router
 from parking.payments.router import MAX_NOTIFICATION_BYTES
 from parking.payments.router import router as payments_router
 from parking.public.router import router as public_router
@@ -76,6 +78,8 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.include_router(rights_router)
     app.include_router(merchants_router)
     app.include_router(merchant_router)
+    app.include_router(passes_operator_router)
+    app.include_router(passes_driver_router)
     app.include_router(driver_disputes_router)
     if settings.trusted_proxies:
         # uvicorn's own middleware, with our list: the right-most hop of X-Forwarded-For that

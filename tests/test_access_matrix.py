@@ -360,6 +360,18 @@ ROWS = [
         lambda w: {"car_park": w.lot_x.code, "plate": w.parked_plate_x, "free_minutes": 10},
     ),
     Row("GET", "/api/v1/merchant/validations", Access.MERCHANT),
+    # An empty offer or purchase: 422 for those allowed, nothing created.
+    Row("POST", "/api/v1/operator/pass-offers", Access.ADMIN, lambda w: {}),
+    Row("GET", "/api/v1/operator/pass-offers", Access.STAFF),
+    Row("GET", "/api/v1/operator/reports/pass-revenue", Access.STAFF),
+    Row(
+        "GET",
+        "/api/v1/me/pass-offers",
+        Access.DRIVER,
+        query=lambda w: {"car_park": w.lot_x.code},
+    ),
+    Row("POST", "/api/v1/me/passes", Access.DRIVER, lambda w: {}),
+    Row("GET", "/api/v1/me/passes", Access.DRIVER),
     Row("GET", "/api/v1/operator/dashboard/summary", Access.STAFF),
     # An event stream never ends: its allowed callers are tested in test_dashboard.py.
     Row("GET", "/api/v1/operator/dashboard/events", Access.STAFF),

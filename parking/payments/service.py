@@ -134,7 +134,7 @@ async def start_gate_payment(runtime: Runtime, capture_id: UUID) -> GatePayment:
                 owed=owed,
             )
     assert held is not None
-    return _view(held, await _open_at_provider(runtime, payment, f"parking {held.car_park_name}"))
+    return _view(held, await open_at_provider(runtime, payment, f"parking {held.car_park_name}"))
 
 
 async def start_debt_payment(runtime: Runtime, account_id: int) -> payments.Payment:
@@ -162,7 +162,7 @@ async def start_debt_payment(runtime: Runtime, account_id: int) -> payments.Paym
                 stale = payment
                 payment = None
         if payment is not None:
-            return await _open_at_provider(runtime, payment, "parking fees owed")
+            return await open_at_provider(runtime, payment, "parking fees owed")
         await _withdraw(runtime, stale)
     raise ProviderDown()  # the stale order could not be withdrawn: ask again in a moment
 
@@ -183,7 +183,7 @@ async def _withdraw(runtime: Runtime, payment: payments.Payment) -> None:
         await settlement.apply(conn, runtime.provider.name, result, message_style(runtime.settings))
 
 
-async def _open_at_provider(
+async def open_at_provider(
     runtime: Runtime, payment: payments.Payment, description: str
 ) -> payments.Payment:
     """Creates the provider order of a committed payment (idempotent by its number)."""
