@@ -18,6 +18,46 @@ from billing import ledger, notifications
 _US = timedelta(microseconds=1)
 
 
+async def assign_right(
+    conn: asyncpg.Connection,
+    *,
+    spec_id: int,
+    operator_id: int,
+    vehicles: list[tuple[str, str]],
+    valid_from: datetime,
+    valid_until: datetime,
+    max_inside: int | None,
+    label: str | None,
+    source: str,
+    created_by: str,
+) -> int:
+    """An assigned right of a specification for vehicles (plate, colour), in one statement: the
+    one writer of assigned rights (an operator's, an import's, a purchase's)."""
+    right_id: int = await conn.fetchval(
+        """WITH ar AS (
+               INSERT INTO assigned_rights (spec_id, operator_id, valid_from, valid_until,
+                                            max_inside, label, source, created_by)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id
+           ), plates AS (
+               INSERT INTO assigned_right_plates (right_id, plate, color)
+               SELECT ar.id, v.plate, v.color FROM ar,
+                      unnest($9::text[], $10::text[]) AS v (plate, color)
+           )
+           SELECT id FROM ar""",
+        spec_id,
+        operator_id,
+        valid_from,
+        valid_until,
+        max_inside,
+        label,
+        source,
+        created_by,
+        [v[0] for v in vehicles],
+        [v[1] for v in vehicles],
+    )
+    return right_id
+
+
 async def activate(conn: asyncpg.Connection, payment_id: int, provider: str, now: datetime) -> None:
     """Books a paid pass purchase once (the payment is booked once: `payments.mark_paid`)."""
     purchase = await conn.fetchrow(
@@ -35,24 +75,17 @@ async def activate(conn: asyncpg.Connection, payment_id: int, provider: str, now
         return
     starts = max(now, purchase["current_end"] or now)
     ends = starts + timedelta(days=purchase["period_days"])
-    right_id = await conn.fetchval(
-        """WITH ar AS (
-               INSERT INTO assigned_rights (spec_id, operator_id, label, valid_from, valid_until,
-                                            source, created_by)
-               VALUES ($1, $2, $3, $4, $5, 'purchase', $6) RETURNING id
-           ), plate AS (
-               INSERT INTO assigned_right_plates (right_id, plate, color)
-               SELECT id, $7, $8 FROM ar
-           )
-           SELECT id FROM ar""",
-        purchase["spec_id"],
-        purchase["operator_id"],
-        purchase["name"],
-        starts,
-        ends,
-        f"account:{purchase['account_id']}",
-        purchase["plate"],
-        purchase["color"],
+    right_id = await assign_right(
+        conn,
+        spec_id=purchase["spec_id"],
+        operator_id=purchase["operator_id"],
+        vehicles=[(purchase["plate"], purchase["color"])],
+        valid_from=starts,
+        valid_until=ends,
+        max_inside=None,
+        label=purchase["name"],
+        source="purchase",
+        created_by=f"account:{purchase['account_id']}",
     )
     await conn.execute(
         "UPDATE pass_purchases SET starts_at = $2, ends_at = $3, right_id = $4 WHERE id = $1",

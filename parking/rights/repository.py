@@ -92,44 +92,6 @@ _RIGHT_COLUMNS = """ar.id, ar.spec_id, sp.name AS spec_name, sp.kind,
     ar.created_at, ar.updated_at"""
 
 
-async def insert_right(
-    conn: asyncpg.Connection,
-    *,
-    operator_id: int,
-    spec_id: int,
-    vehicles: list[tuple[str, str]],
-    valid_from: datetime,
-    valid_until: datetime,
-    max_inside: int | None,
-    label: str | None,
-    source: str,
-    created_by: str,
-) -> int:
-    right_id: int = await conn.fetchval(
-        """WITH ar AS (
-               INSERT INTO assigned_rights (spec_id, operator_id, valid_from, valid_until,
-                                            max_inside, label, source, created_by)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id
-           ), plates AS (
-               INSERT INTO assigned_right_plates (right_id, plate, color)
-               SELECT ar.id, v.plate, v.color FROM ar,
-                      unnest($9::text[], $10::text[]) AS v (plate, color)
-           )
-           SELECT id FROM ar""",
-        spec_id,
-        operator_id,
-        valid_from,
-        valid_until,
-        max_inside,
-        label,
-        source,
-        created_by,
-        [v[0] for v in vehicles],
-        [v[1] for v in vehicles],
-    )
-    return right_id
-
-
 async def right(
     conn: asyncpg.Connection, operator_id: int, right_id: int, *, lock: bool = False
 ) -> asyncpg.Record | None:

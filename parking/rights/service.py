@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 from pydantic import ValidationError
 
-from billing import audit
+from billing import audit, passes
 from parking.auth.principal import Principal
 from parking.errors import AppError, NotFound
 from parking.lanes.rules import identity_color
@@ -122,7 +122,8 @@ async def _insert(
 ) -> int:
     if not await repo.spec_exists(conn, operator_id, request.spec_id):
         raise NotFound("right_spec")
-    right_id = await repo.insert_right(
+    # The one writer of assigned rights (operators, imports and purchases alike).
+    right_id = await passes.assign_right(
         conn,
         operator_id=operator_id,
         spec_id=request.spec_id,
