@@ -9,9 +9,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import orjson
 from fastapi import FastAPI
 
 from parking.gates import repository as gates_repo
+from parking.lanes.worker import lane_events_channel
 from parking.runtime import Runtime
 from tests.conftest import (
     Lot,
@@ -20,6 +22,7 @@ from tests.conftest import (
     create_lot,
     driver_token,
     enter,
+    eventually,
     make_driver,
     make_staff,
     staff_token,
@@ -187,8 +190,21 @@ async def test_blacklisted_at_the_entry(
         headers=admin,
     )
     assert response.status_code == 201
+    feed = runtime.occupancy.redis.pubsub()
+    await feed.subscribe(lane_events_channel(runtime.settings))
     command = await gate.decide(lot.code, "in1", gate.capture("in", plate))
     assert command["action"] == "hold"
+
+    async def alert() -> dict[str, Any] | None:
+        message = await feed.get_message(ignore_subscribe_messages=True, timeout=0.2)
+        event: dict[str, Any] | None = orjson.loads(message["data"]) if message else None
+        return event if event and event.get("lot") == lot.code else None
+
+    # The attendant's alert in the dashboard's lane feed, with the reason (plate masked).
+    event = await eventually(alert)
+    await feed.aclose()
+    assert event["outcome"] == "held_blacklisted" and event["alert"] == "黑名单：套牌嫌疑"
+    assert plate not in orjson.dumps(event).decode()
     async with runtime.pool.acquire() as conn:
         stays = await conn.fetchval(
             "SELECT count(*) FROM sessions WHERE car_park_id = $1 AND plate = $2", lot.id, plate
@@ -423,3 +439,24 @@ async def test_the_offline_whitelist_has_pass_holders_and_no_blacklisted_vehicle
     # The pass's one place (the sharer came in as a visitor), free of any limit; a discount is
     # no free passage; a blacklisted vehicle is off the list even though it could pay later.
     assert [(c.plate, c.per_session_limit_fen) for c in cars] == [(holder, None)]
+
+
+async def test_overlapping_rights_the_most_favourable_one_prices_the_stay_once(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    admin = await _admin(runtime, app, lot)
+    flat = await _spec(api, admin, name="flat ¥10", kind="flat_fee", flat_fee_fen=1000)
+    half = await _spec(api, admin, name="half", kind="discount", discount_percent=50)
+    hour = await _spec(api, admin, name="free hour", kind="free_minutes", free_minutes=60)
+    driver = await make_driver(runtime, unique_plate())
+    rights = [await _right(api, admin, s, [driver.plate]) for s in (flat, half, hour)]
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=150))
+    # By the tariff ¥18; flat ¥10, half ¥9, an hour free ¥12: ¥9, charged once.
+    command = await _exit(gate, lot, driver.plate)
+    assert command["fee_fen"] == 900
+    assert (await _stay(runtime, lot, driver.plate))["applied_right_id"] == rights[1]["id"]
+    async with runtime.pool.acquire() as conn:
+        charged = await conn.fetch(
+            "SELECT amount_fen FROM charges WHERE account_id = $1", driver.account_id
+        )
+    assert [c["amount_fen"] for c in charged] == [900]

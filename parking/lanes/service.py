@@ -60,6 +60,8 @@ class Decision:
     charge_id: int | None = None
     fee_fen: int | None = None
     match_status: MatchStatus | None = None
+    # What the attendant must see at once in the dashboard's lane feed (a blacklisted vehicle).
+    alert: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -602,7 +604,9 @@ class LaneService:
             image=reading.image,
         )
         command = self._command(capture, now, "hold", [plate, "请稍候 人工处理"])
-        return Decision("held_blacklisted", command, plate, session_id, 0, None, fee)
+        return Decision(
+            "held_blacklisted", command, plate, session_id, 0, None, fee, alert=f"黑名单：{reason}"
+        )
 
     def _command(
         self,
