@@ -10,6 +10,7 @@ import asyncpg
 from billing import fees
 from billing.rights import RightTerms, Validation
 from billing.tariff import Tariff
+from parking.rights import repository as rights_repo
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,6 +458,9 @@ async def prepare_lookups(conn: asyncpg.Connection) -> None:
     await recent_exits(conn, 0, now)
     await cars_here(conn, 0, now)
     await fees.tariff_versions(conn, 0)
+    # An entry's blacklist and rights, and a capped pass's places (parking/rights/).
+    await rights_repo.entry_standing(conn, operator_id=0, car_park_id=0, plate="", color="", at=now)
+    await rights_repo.places_taken(conn, 0)
     await close_session(
         conn,
         session_id=0,
