@@ -45,7 +45,7 @@ async def make_merchant(
     async with runtime.pool.acquire() as conn:
         user_id = await conn.fetchval("SELECT id FROM operator_users WHERE email = $1", email)
     staff = Staff(user_id, lot.operator_id, "merchant", email, "a long shop password")
-    return response.json(), bearer(staff_token(app, staff)), admin
+    return {**response.json(), "email": email}, bearer(staff_token(app, staff)), admin
 
 
 async def test_free_minutes_validated_once_priced_at_the_exit_and_reported(
@@ -122,7 +122,16 @@ async def test_an_amount_never_below_zero_and_the_budget_is_a_limit(
 async def test_a_merchant_can_only_validate_and_only_in_its_car_parks(
     runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
 ) -> None:
-    _, shop, _ = await make_merchant(runtime, app, api, lot, budget_fen=1000)
+    merchant, shop, _ = await make_merchant(runtime, app, api, lot, budget_fen=1000)
+    email = merchant["email"]
+    # The merchant's staff sign in like any staff, with the password the admin gave.
+    signed_in = await api.post(
+        "/api/v1/auth/token",
+        json={"grant_type": "password", "email": email, "password": "a long shop password"},
+    )
+    assert signed_in.status_code == 200, signed_in.text
+    token = bearer(signed_in.json()["access_token"])
+    assert (await api.get("/api/v1/merchant", headers=token)).json()["budget_fen"] == 1000
     for method, path in (
         ("GET", "/api/v1/operator/stays"),
         ("GET", "/api/v1/operator/rights"),
