@@ -1,5 +1,6 @@
--- Merchant validations and passes sold in the app (issue #20). A shop in a car park validates a visitor's stay before the
--- exit (free minutes or an amount), once per stay, out of a budget its car park company gave it.
+-- Merchant validations and passes sold in the app (issue #20). A shop in a car park validates
+-- a visitor's stay before the exit (free minutes or an amount), once per stay, out of a budget
+-- its car park company gave it.
 CREATE TABLE merchants (
     id              bigserial PRIMARY KEY,
     operator_id     bigint NOT NULL REFERENCES operators(id),
