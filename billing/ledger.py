@@ -6,6 +6,8 @@ Ledger accounts:
   clearing:provider:{name}  money the provider has collected for us (debit)
   overpaid:account:{id}     money a driver paid twice, owed back until refunded (credit)
   clearing:{cash|card}:car_park:{id}  money an attendant took at the car park's booth (debit)
+  deferred:pass_purchase:{id}  a pass paid for and not yet earned (credit), recognised into
+                            the car park's revenue over the pass's period (billing/passes.py)
 """
 
 import uuid
@@ -29,6 +31,10 @@ def clearing(provider: str) -> str:
 def booth_clearing(method: str, car_park_id: int) -> str:
     """Cash in the booth's till, or card takings the acquirer owes the car park."""
     return f"clearing:{method}:car_park:{car_park_id}"
+
+
+def deferred_pass(purchase_id: int) -> str:
+    return f"deferred:pass_purchase:{purchase_id}"
 
 
 def overpaid(account_id: int | None) -> str:

@@ -9,12 +9,12 @@ refunded by itself rather than kept.
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from uuid import UUID
 
 import asyncpg
 
-from billing import debts, ledger, notifications, refunds
+from billing import debts, ledger, notifications, passes, refunds
 from billing.tariff import format_fen
 
 
@@ -79,14 +79,17 @@ async def create(
     capture: tuple[UUID, datetime] | None,
     stay_fee_fen: int,
     owed: list[debts.Debt],
+    pass_fen: int = 0,
 ) -> Payment:
-    """`capture`: the held exit's (capture_id, captured_at), for a payment at the gate."""
+    """`capture`: the held exit's (capture_id, captured_at), for a payment at the gate.
+    `pass_fen`: the price of a pass bought in the app (purpose 'pass')."""
     capture_id, captured_at = capture if capture is not None else (None, None)
     row = await conn.fetchrow(
         f"""INSERT INTO payments (out_trade_no, provider, purpose, account_id, session_id,
                                   capture_id, capture_captured_at, stay_fee_fen, debt_fen,
-                                  debt_ids, amount_fen)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $8::bigint + $9::bigint)
+                                  debt_ids, pass_fen, amount_fen)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
+                    $8::bigint + $9::bigint + $11::bigint)
             RETURNING {_COLUMNS}""",
         new_out_trade_no(),
         provider,
@@ -98,6 +101,7 @@ async def create(
         stay_fee_fen,
         sum(d.amount_fen for d in owed),
         [d.id for d in owed],
+        pass_fen,
     )
     return Payment(**dict(row))
 
@@ -139,6 +143,10 @@ async def mark_paid(
     if row is None:
         return None
     payment = Payment(**dict(row))
+    if payment.purpose == "pass":
+        # Deferred revenue, and the pass's right (billing/passes.py).
+        await passes.activate(conn, payment.id, payment.provider, datetime.now(UTC))
+        return payment
     stay_booked, car_park_id = await _close_stay(conn, payment)
     debt_booked = (
         await debts.settle(conn, payment.account_id, payment.id, payment.debt_ids)

@@ -21,7 +21,7 @@ async def revenue(
     car_park_ids: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Per car park and local day: pay-later fees, fees paid at the gate (QR code) and at the
-    booth (cash or card), refunds, net.
+    booth (cash or card), passes earned, refunds, net.
 
     Only the car parks' revenue lines are read, from the covering index ledger_entries_revenue
     (an index-only scan of the months the days fall in), and summed per ledger account before
@@ -35,6 +35,7 @@ async def revenue(
                       sum(amount_fen) FILTER (WHERE kind = 'fee_accrued') AS accrued_fen,
                       sum(amount_fen) FILTER (WHERE kind = 'payment_received') AS gate_fen,
                       sum(amount_fen) FILTER (WHERE kind = 'booth_payment') AS booth_fen,
+                      sum(amount_fen) FILTER (WHERE kind = 'pass_revenue') AS pass_fen,
                       sum(amount_fen) FILTER (WHERE kind = 'refund') AS refunded_fen,
                       sum(amount_fen) AS total_fen
                FROM ledger_entries
@@ -45,7 +46,7 @@ async def revenue(
                GROUP BY 1, 2)
            SELECT d.day, cp.code AS car_park, cp.name AS car_park_name,
                   (-d.accrued_fen)::bigint AS pay_later_fen, (-d.gate_fen)::bigint AS gate_fen,
-                  (-d.booth_fen)::bigint AS booth_fen,
+                  (-d.booth_fen)::bigint AS booth_fen, (-d.pass_fen)::bigint AS pass_fen,
                   d.refunded_fen::bigint AS refunded_fen, (-d.total_fen)::bigint AS net_fen
            FROM days d JOIN car_parks cp ON d.ledger_account = 'revenue:car_park:' || cp.id
            ORDER BY 1, 2""",
@@ -62,6 +63,8 @@ async def revenue(
             "pay_later_fen": r["pay_later_fen"] or 0,
             "paid_at_gate_fen": r["gate_fen"] or 0,
             "paid_at_booth_fen": r["booth_fen"] or 0,
+            # Passes bought in the app, as they are earned (billing/passes.py).
+            "passes_fen": r["pass_fen"] or 0,
             "refunded_fen": r["refunded_fen"] or 0,
             "net_fen": r["net_fen"] or 0,
         }

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import structlog
 
-from billing import agreements, charges, debts, entries, notifications, refunds, settlement
+from billing import agreements, charges, debts, entries, notifications, passes, refunds, settlement
 from billing import queue as job_queue
 from billing.dead_letters import dead_letter
 from billing.providers import (
@@ -87,6 +87,7 @@ class OutboxWorker:
         batch: int = 8,
         sweep_interval_s: float = 60.0,
         reminder_every: timedelta = timedelta(days=3),
+        pass_reminder_before: timedelta = timedelta(days=3),
         payment_lifetime_s: float = 900.0,
         max_attempts: Mapping[str, int] = DEFAULT_MAX_ATTEMPTS,
         backoff_cap_s: float = 300.0,
@@ -104,6 +105,7 @@ class OutboxWorker:
         self.query_after_s = query_after_s
         self.sweep_interval_s = sweep_interval_s
         self.reminder_every = reminder_every
+        self.pass_reminder_before = pass_reminder_before
         # An unpaid QR or app payment is closed at the provider after this long.
         self.payment_lifetime_s = payment_lifetime_s
         self._handlers: dict[str, Callable[[Job], Awaitable[None]]] = {
@@ -385,6 +387,11 @@ class OutboxWorker:
         async with self.pool.acquire() as conn, conn.transaction():
             self.stats.reminders += await debts.send_reminders(
                 conn, every=self.reminder_every, now=now, language=self.style.language
+            )
+            # Passes bought in the app: the revenue earned since, and reminders before expiry.
+            await passes.recognise(conn, now)
+            self.stats.reminders += await passes.send_expiry_reminders(
+                conn, now, self.pass_reminder_before
             )
             # Payments the driver may have completed without us hearing of it, newest first;
             # past their lifetime they are closed at the provider so they cannot be paid late.

@@ -21,16 +21,21 @@ from parking.drivers.router import router as drivers_router
 from parking.errors import install_error_handlers
 from parking.health import router as health_router
 from parking.logging import get_logger
+from parking.merchants.router import merchant_router
+from parking.merchants.router import operator_router as merchants_router
 from parking.operators.router import router as operators_router
 from parking.ownership.router import router as ownership_router
 from parking.pages.router import STATIC_ASSETS
 from parking.pages.router import router as pages_router
+from parking.passes.router import driver_router as passes_driver_router
+from parking.passes.router import operator_router as passes_operator_router
 from parking.payments.router import MAX_NOTIFICATION_BYTES
 from parking.payments.router import router as payments_router
 from parking.production import ConfigurationError
 from parking.public.router import router as public_router
 from parking.receipts.router import router as receipts_router
 from parking.receipts.signing import FrameSigner
+from parking.rights.router import router as rights_router
 from parking.runtime import Runtime
 
 log = get_logger(__name__)
@@ -77,6 +82,11 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.include_router(disputes_router)
     app.include_router(pages_router)
     app.mount("/static/pages", STATIC_ASSETS, name="pages-static")
+    app.include_router(rights_router)
+    app.include_router(merchants_router)
+    app.include_router(merchant_router)
+    app.include_router(passes_operator_router)
+    app.include_router(passes_driver_router)
     app.include_router(driver_disputes_router)
     if settings.trusted_proxies:
         # uvicorn's own middleware, with our list: the right-most hop of X-Forwarded-For that

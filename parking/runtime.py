@@ -280,6 +280,7 @@ async def running(
             sweep_interval_s=settings.worker_sweep_interval_s,
             lease_s=settings.worker_lease_s,
             reminder_every=timedelta(days=settings.debt_reminder_every_days),
+            pass_reminder_before=timedelta(days=settings.pass_reminder_days),
             max_attempts=job_limits(settings),
             backoff_cap_s=settings.job_backoff_cap_s,
         )

@@ -134,6 +134,8 @@ class Settings(BaseSettings):
     # A job a crashed worker had claimed is picked up again after this long.
     worker_lease_s: float = 60.0
     debt_reminder_every_days: int = 3
+    # A driver's pass bought in the app: the reminder before it ends (unless renewed).
+    pass_reminder_days: int = Field(default=3, ge=1, le=60)
 
     # Attempts per kind of outbox job; after the last one the job is dead (never claimed again,
     # listed for operators, who may retry it). A dead charge stays pending: it is not a debt.

@@ -23,6 +23,7 @@ from parking.auth.tokens import digest, new_secret
 from parking.runtime import Runtime
 from tests.conftest import (
     Lot,
+    Staff,
     backdate_entry,
     bearer,
     charges_of,
@@ -38,7 +39,17 @@ from tests.conftest import (
 from tests.gates import GateProbe
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / ".artifacts"
-CALLERS = ("anonymous", "driver_a", "driver_b", "admin_x", "attendant_x", "admin_y", "gate", "city")
+CALLERS = (
+    "anonymous",
+    "driver_a",
+    "driver_b",
+    "admin_x",
+    "attendant_x",
+    "admin_y",
+    "merchant_x",
+    "gate",
+    "city",
+)
 
 
 class Access(Enum):
@@ -50,6 +61,7 @@ class Access(Enum):
     STAFF_X = "staff of X (X's object)"
     ADMIN_X = "admins of X (X's object)"
     ADMIN = "any company's admin (the city's, not a company's object)"
+    MERCHANT = "a merchant's staff, about their merchant"
 
 
 def expected(access: Access, caller: str) -> str:
@@ -60,6 +72,9 @@ def expected(access: Access, caller: str) -> str:
         return "401"
     if caller == "anonymous":
         return "401"
+    if access is Access.MERCHANT:
+        return "allowed" if caller == "merchant_x" else "403"
+    # A merchant's staff (of X) pass no other staff route: every branch below answers 403.
     staff = caller in ("admin_x", "attendant_x", "admin_y")
     if access is Access.DRIVER:
         return "allowed" if caller.startswith("driver") else "403"
@@ -97,6 +112,10 @@ class World:
     # A charge of X awaiting an operator's confirmation, with both frames kept.
     confirmation_x: int = 0
     ownership_claim: int = 0
+    # An assigned right, a blacklist entry and a merchant of X.
+    right_x: int = 0
+    blacklist_x: int = 0
+    merchant_x: int = 0
 
 
 Body = Callable[[World], dict[str, Any]] | None
@@ -275,6 +294,88 @@ ROWS = [
         Access.ADMIN,
         lambda w: {"in_favour_of": "holder", "reason": "access matrix test"},
     ),
+    Row(
+        "POST",
+        "/api/v1/operator/right-specs",
+        Access.ADMIN,
+        lambda w: {"name": f"spec-{uuid.uuid4().hex[:8]}", "kind": "free_passage"},
+    ),
+    Row("GET", "/api/v1/operator/right-specs", Access.STAFF),
+    # No vehicle: 422 for those allowed, nothing created.
+    Row(
+        "POST",
+        "/api/v1/operator/rights",
+        Access.ADMIN,
+        lambda w: {
+            "spec_id": 1,
+            "vehicles": [],
+            "valid_from": "2026-12-01T00:00:00+08:00",
+            "valid_until": "2027-01-01T00:00:00+08:00",
+        },
+    ),
+    Row("GET", "/api/v1/operator/rights", Access.STAFF),
+    # Not a CSV with the columns: 422 invalid_csv for those allowed.
+    Row("POST", "/api/v1/operator/rights/import", Access.ADMIN, lambda w: {}),
+    Row(
+        "POST",
+        "/api/v1/operator/rights/{right_id}/renew",
+        Access.ADMIN_X,
+        lambda w: {"valid_until": (datetime.now(UTC) + timedelta(days=400)).isoformat()},
+    ),
+    Row("POST", "/api/v1/operator/rights/{right_id}/suspend", Access.ADMIN_X),
+    Row("POST", "/api/v1/operator/rights/{right_id}/resume", Access.ADMIN_X),
+    Row("POST", "/api/v1/operator/rights/{right_id}/cancel", Access.ADMIN_X),
+    Row("GET", "/api/v1/operator/blacklist", Access.STAFF),
+    Row("GET", "/api/v1/operator/reports/pass-occupancy", Access.STAFF),
+    Row(
+        "POST",
+        "/api/v1/operator/blacklist",
+        Access.ADMIN,
+        lambda w: {"plate": unique_plate(), "color": "blue", "reason": "access matrix test"},
+    ),
+    Row("DELETE", "/api/v1/operator/blacklist/{blacklist_id}", Access.ADMIN_X),
+    Row(
+        "POST",
+        "/api/v1/operator/merchants",
+        Access.ADMIN,
+        lambda w: {
+            "name": f"shop-{uuid.uuid4().hex[:8]}",
+            "budget_fen": 100,
+            "user": {
+                "email": f"shop-{uuid.uuid4().hex[:8]}@merchant.test",
+                "name": "shop",
+                "password": "a long shop password",
+            },
+        },
+    ),
+    Row("GET", "/api/v1/operator/merchants", Access.STAFF),
+    Row(
+        "POST",
+        "/api/v1/operator/merchants/{merchant_id}/budget",
+        Access.ADMIN_X,
+        lambda w: {"add_fen": 100},
+    ),
+    Row("GET", "/api/v1/operator/reports/validations", Access.STAFF),
+    Row("GET", "/api/v1/merchant", Access.MERCHANT),
+    Row(
+        "POST",
+        "/api/v1/merchant/validations",
+        Access.MERCHANT,
+        lambda w: {"car_park": w.lot_x.code, "plate": w.parked_plate_x, "free_minutes": 10},
+    ),
+    Row("GET", "/api/v1/merchant/validations", Access.MERCHANT),
+    # An empty offer or purchase: 422 for those allowed, nothing created.
+    Row("POST", "/api/v1/operator/pass-offers", Access.ADMIN, lambda w: {}),
+    Row("GET", "/api/v1/operator/pass-offers", Access.STAFF),
+    Row("GET", "/api/v1/operator/reports/pass-revenue", Access.STAFF),
+    Row(
+        "GET",
+        "/api/v1/me/pass-offers",
+        Access.DRIVER,
+        query=lambda w: {"car_park": w.lot_x.code},
+    ),
+    Row("POST", "/api/v1/me/passes", Access.DRIVER, lambda w: {}),
+    Row("GET", "/api/v1/me/passes", Access.DRIVER),
     Row("GET", "/api/v1/operator/dashboard/summary", Access.STAFF),
     # An event stream never ends: its allowed callers are tested in test_dashboard.py.
     Row("GET", "/api/v1/operator/dashboard/events", Access.STAFF),
@@ -304,6 +405,9 @@ def _fill(path: str, world: World) -> str:
         dispute_id=world.dispute_x,
         confirmation_id=world.confirmation_x,
         ownership_claim_id=world.ownership_claim,
+        right_id=world.right_x,
+        blacklist_id=world.blacklist_x,
+        merchant_id=world.merchant_x,
     )
 
 
@@ -413,6 +517,44 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
             claimant.account_id,
             claim_holder.account_id,
         )
+        # A right, a blacklist entry and a merchant (with its sign-in) of X.
+        spec_x = await conn.fetchval(
+            """INSERT INTO right_specs (operator_id, name, kind, created_by)
+               VALUES ($1, 'matrix', 'free_passage', 'test') RETURNING id""",
+            lot_x.operator_id,
+        )
+        right_x = await conn.fetchval(
+            """WITH ar AS (
+                   INSERT INTO assigned_rights (spec_id, operator_id, valid_from, valid_until,
+                                                created_by)
+                   VALUES ($1, $2, now() - interval '1 day', now() + interval '30 days', 'test')
+                   RETURNING id)
+               INSERT INTO assigned_right_plates (right_id, plate, color)
+               SELECT id, $3, 'blue' FROM ar RETURNING right_id""",
+            spec_x,
+            lot_x.operator_id,
+            unique_plate(),
+        )
+        blacklist_x = await conn.fetchval(
+            """INSERT INTO plate_blacklist (operator_id, plate, color, reason, created_by)
+               VALUES ($1, $2, 'blue', 'matrix', 'test') RETURNING id""",
+            lot_x.operator_id,
+            unique_plate(),
+        )
+        merchant_x = await conn.fetchval(
+            """INSERT INTO merchants (operator_id, name, budget_fen, created_by)
+               VALUES ($1, 'matrix shop', 100000, 'test') RETURNING id""",
+            lot_x.operator_id,
+        )
+        merchant_user = await auth_repo.create_operator_user(
+            conn,
+            lot_x.operator_id,
+            f"shop-{uuid.uuid4().hex[:8]}@merchant.test",
+            "shop",
+            "merchant",
+            "not-a-hash",
+            merchant_x,
+        )
     frame_url = app.state.frame_signer.url(receipt_token, "entry")
     frame_query = dict(part.split("=", 1) for part in frame_url.split("?", 1)[1].split("&"))
     tokens = {
@@ -421,6 +563,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         "admin_x": staff_token(app, admin_x),
         "attendant_x": staff_token(app, attendant_x),
         "admin_y": staff_token(app, admin_y),
+        "merchant_x": staff_token(app, Staff(merchant_user, lot_x.operator_id, "merchant", "", "")),
         "gate": gate_key,
         "city": city_key,
     }
@@ -443,6 +586,9 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         dispute_x,
         confirmation_x,
         ownership_claim,
+        right_x,
+        blacklist_x,
+        merchant_x,
     )
 
 

@@ -21,15 +21,19 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import uvloop
 from pydantic import SecretStr
 
+from billing import fees
 from gate_controller.simulator import GateSimulator, SimGate, SimReport, Vehicle
 from parking.gates.config import generate_private_key, private_key_pem
 from parking.infra import Endpoints, endpoints
+from parking.lanes import repository as lanes_repo
+from parking.lanes.rules import exit_rule
 from parking.logging import configure_from, configure_logging
 from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
@@ -293,6 +297,115 @@ async def drive(
     }
 
 
+# The rights `--rights-share` hands out, in turn: a whitelist, a night pass (19:00-07:00),
+# free minutes, a discount and a flat fee (all of the city's car parks, no cap on cars inside:
+# the seeded stays took no pass's place at entry).
+_BENCH_RIGHTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("bench whitelist", "free_passage", {}),
+    ("bench night pass", "free_passage", {"window_start": "19:00", "window_end": "07:00"}),
+    ("bench free minutes", "free_minutes", {"free_minutes": 60}),
+    ("bench discount", "discount", {"discount_percent": 30}),
+    ("bench flat fee", "flat_fee", {"flat_fee_fen": 500}),
+)
+
+
+async def seed_rights(runtime: Runtime, city: DemoCity, rng: random.Random, share: float) -> int:
+    """Gives `share` of the cars parked in the city a right (one of _BENCH_RIGHTS), valid for a
+    month around now; returns how many cars hold one."""
+    vehicles = [vehicle for cars in city.inside.values() for vehicle, _ in cars]
+    chosen = [v for v in vehicles if rng.random() < share]
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        spec_ids = []
+        for name, kind, terms in _BENCH_RIGHTS:
+            spec_ids.append(
+                await conn.fetchval(
+                    """INSERT INTO right_specs (operator_id, name, kind, free_minutes,
+                           discount_percent, flat_fee_fen, window_start, window_end, created_by)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7::text::time, $8::text::time, 'bench')
+                       RETURNING id""",
+                    city.operator_id,
+                    f"{name} {city.run_id}",
+                    kind,
+                    terms.get("free_minutes"),
+                    terms.get("discount_percent"),
+                    terms.get("flat_fee_fen"),
+                    terms.get("window_start"),
+                    terms.get("window_end"),
+                )
+            )
+        await conn.execute(
+            """WITH cars AS (
+                   SELECT plate, color, spec_id FROM unnest($1::text[], $2::text[], $3::bigint[])
+                       AS c (plate, color, spec_id)
+               ), ar AS (
+                   INSERT INTO assigned_rights (spec_id, operator_id, valid_from, valid_until,
+                                                label, created_by)
+                   SELECT spec_id, $4, now() - interval '15 days', now() + interval '15 days',
+                          plate || '/' || color, 'bench'
+                   FROM cars RETURNING id, label)
+               INSERT INTO assigned_right_plates (right_id, plate, color)
+               SELECT id, split_part(label, '/', 1), split_part(label, '/', 2) FROM ar""",
+            [v.plate for v in chosen],
+            [v.color for v in chosen],
+            [spec_ids[i % len(spec_ids)] for i in range(len(chosen))],
+            city.operator_id,
+        )
+    return len(chosen)
+
+
+async def exit_lookup_cost(runtime: Runtime, samples: int = 500) -> dict[str, Any]:
+    """The exit's own lookup and pricing, timed apart from the queueing of a loaded machine:
+    the stay's one query (`open_session_for_update`, which reads the rights and blacklist with
+    the stay) and `exit_rule`, for open stays whose vehicle holds a right and for others,
+    interleaved; and the same rows read with the query as it was before rights (stay and
+    pay-later state only)."""
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            """SELECT s.car_park_id, s.plate, s.plate_color,
+                      EXISTS (SELECT 1 FROM assigned_right_plates rp
+                              WHERE rp.plate = s.plate AND rp.color = s.plate_color) AS holder
+               FROM sessions s WHERE s.status = 'open' AND s.fixed_fee_fen IS NULL"""
+        )
+        holders = [r for r in rows if r["holder"]][:samples]
+        others = [r for r in rows if not r["holder"]][:samples]
+        versions: dict[int, Any] = {}
+        timings: dict[str, list[float]] = {"with_right": [], "without_right": [], "before": []}
+        # The pre-rights query, for the same rows (parking/lanes/repository.py's parts).
+        before = (
+            f"SELECT {lanes_repo._STAY_COLUMNS}, {lanes_repo._PAY_LATER_COLUMNS}"
+            f" FROM sessions s {lanes_repo._STAY_JOINS}"
+            " WHERE s.car_park_id = $1 AND s.plate = $2 AND s.plate_color = $3"
+            " AND s.status = 'open' FOR UPDATE OF s"
+        )
+        now = datetime.now(UTC)
+        for holder, other in zip(holders, others, strict=False):
+            for name, row in (("with_right", holder), ("without_right", other), ("before", other)):
+                key = (row["car_park_id"], row["plate"], row["plate_color"])
+                if key[0] not in versions:
+                    versions[key[0]] = await fees.tariff_versions(conn, key[0])
+                async with conn.transaction():
+                    started = time.perf_counter()
+                    if name == "before":
+                        await conn.fetchrow(before, *key)
+                    else:
+                        stay = await lanes_repo.open_session_for_update(conn, *key)
+                        assert stay is not None
+                        exit_rule(
+                            versions[key[0]],
+                            entered_at=stay.entered_at,
+                            at=now,
+                            plate_color=stay.plate_color,
+                            fixed_fee_fen=None,
+                            pay_later_state=stay.pay_later,
+                            reads_certain=True,
+                            uncertain_policy="hold",
+                            rights=stay.rights,
+                            validation=stay.validation,
+                        )
+                    timings[name].append((time.perf_counter() - started) * 1000)
+    return {name: {"n": len(t), **percentiles(t)} for name, t in timings.items()}
+
+
 async def run_bench(
     settings: Settings,
     provider: ProviderEndpoint,
@@ -301,6 +414,7 @@ async def run_bench(
     duration_s: float,
     ocr_folder: Path | None = None,
     car_parks: int = 40,
+    rights_share: float = 0.0,
 ) -> dict[str, Any]:
     rng = random.Random()
     exits_needed = int(rate * duration_s * 1.2) + 100
@@ -319,6 +433,7 @@ async def run_bench(
                 runtime.pool, rng, drivers=exits_needed, car_parks=car_parks, parked_share=1.0
             )
             exit_share = 1.0
+        with_rights = await seed_rights(runtime, city, rng, rights_share) if rights_share else 0
         # The city was seeded after the lane started; a lane in service starts on its gates.
         await runtime.lanes.warm_up()
         print(
@@ -327,6 +442,8 @@ async def run_bench(
             f"{rate}/s for {duration_s}s",
             file=sys.stderr,
         )
+        # Measured while the cars are all parked, before the load (which lets them out).
+        lookup = await exit_lookup_cost(runtime) if rights_share else None
         figures = await drive(
             runtime, city, rate=rate, duration_s=duration_s, exit_share=exit_share
         )
@@ -334,4 +451,7 @@ async def run_bench(
         "mode": "ocr" if ocr_folder is not None else "camera_read",
         **figures,
         "ocr_workers": settings.ocr_workers if ocr_folder is not None else 0,
+        "rights_share": rights_share,
+        "cars_with_rights": with_rights,
+        "exit_lookup_ms": lookup,
     }

@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="captures carry plate photos from this labels.csv folder instead of camera reads",
     )
     p_bench.add_argument("--json", action="store_true", help="print only the JSON line")
+    p_bench.add_argument(
+        "--rights-share",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="give this share of the parked cars a right (whitelist, night pass, free minutes, "
+        "discount, flat fee in turn), e.g. 0.2",
+    )
     abuse = p_bench.add_argument_group(
         "abuse",
         "exits at --rate (default 100) for --duration alone, then again while many fake "
@@ -190,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                     duration_s=args.duration,
                     ocr_folder=args.ocr,
                     car_parks=args.car_parks or 40,
+                    rights_share=args.rights_share,
                 )
             )
         print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())

@@ -33,6 +33,8 @@ class Principal:
     operator_user_id: int | None = None
     role: str | None = None
     gate_id: int | None = None
+    # A merchant's staff (role 'merchant'): the merchant they validate stays for.
+    merchant_id: int | None = None
     # Staff tokens: the sign-in they belong to and when they expire (long-lived streams).
     session: uuid.UUID | None = None
     expires_at: int | None = None
@@ -105,6 +107,7 @@ async def _principal(request: Request) -> Principal | None:
             operator_id=user.operator_id,
             operator_user_id=user.id,
             role=user.role,
+            merchant_id=user.merchant_id,
             session=session,
             expires_at=claims.expires_at,
         )
@@ -141,7 +144,10 @@ async def _optional(request: Request) -> Principal | None:
 
 
 DriverDep = Annotated[Principal, Depends(_require("driver"))]
-OperatorDep = Annotated[Principal, Depends(_require("operator"))]
+# The company's staff. A merchant's staff sign in the same way but are none of them: they may
+# only validate stays (MerchantDep).
+OperatorDep = Annotated[Principal, Depends(_require("operator", roles=("admin", "attendant")))]
 OperatorAdminDep = Annotated[Principal, Depends(_require("operator", roles=("admin",)))]
+MerchantDep = Annotated[Principal, Depends(_require("operator", roles=("merchant",)))]
 GateDep = Annotated[Principal, Depends(_require("gate"))]
 MaybePrincipalDep = Annotated[Principal | None, Depends(_optional)]

@@ -36,8 +36,10 @@ class RefreshToken:
 class OperatorUser:
     id: int
     operator_id: int
-    role: Literal["admin", "attendant"]
+    role: Literal["admin", "attendant", "merchant"]
     password_hash: str
+    # Set for the role 'merchant': the merchant they validate stays for.
+    merchant_id: int | None = None
 
 
 async def api_key(conn: asyncpg.Connection, key_hash: str) -> ApiKey | None:
@@ -175,7 +177,7 @@ async def set_password(conn: asyncpg.Connection, user_id: int, password_hash: st
 
 async def operator_user_by_email(conn: asyncpg.Connection, email: str) -> OperatorUser | None:
     row = await conn.fetchrow(
-        """SELECT id, operator_id, role, password_hash FROM operator_users
+        """SELECT id, operator_id, role, password_hash, merchant_id FROM operator_users
            WHERE email = $1 AND disabled_at IS NULL""",
         email,
     )
@@ -189,15 +191,17 @@ async def create_operator_user(
     name: str,
     role: str,
     password_hash: str,
+    merchant_id: int | None = None,
 ) -> int:
     user_id: int = await conn.fetchval(
-        """INSERT INTO operator_users (operator_id, email, name, role, password_hash)
-           VALUES ($1, $2, $3, $4, $5) RETURNING id""",
+        """INSERT INTO operator_users (operator_id, email, name, role, password_hash, merchant_id)
+           VALUES ($1, $2, $3, $4, $5, $6) RETURNING id""",
         operator_id,
         email,
         name,
         role,
         password_hash,
+        merchant_id,
     )
     return user_id
 
@@ -208,7 +212,7 @@ async def operator_user_by_id(
     """An enabled staff member; with `session`, only while that sign-in is not revoked
     (signed out, reused refresh token, password changed)."""
     row = await conn.fetchrow(
-        """SELECT id, operator_id, role, password_hash FROM operator_users
+        """SELECT id, operator_id, role, password_hash, merchant_id FROM operator_users
            WHERE id = $1 AND disabled_at IS NULL
              AND ($2::uuid IS NULL OR EXISTS (
                  SELECT 1 FROM refresh_tokens WHERE family = $2 AND revoked_at IS NULL))""",

@@ -19,7 +19,7 @@ ISSUER = "parking"
 AUDIENCE = "parking-api"
 _ALGORITHM = "HS256"
 
-Role = Literal["driver", "admin", "attendant"]
+Role = Literal["driver", "admin", "attendant", "merchant"]
 
 
 class InvalidToken(Exception):
@@ -78,7 +78,7 @@ class TokenSigner:
         except jwt.PyJWTError as exc:
             raise InvalidToken(str(exc)) from exc
         role = payload.get("role")
-        if role not in ("driver", "admin", "attendant"):
+        if role not in ("driver", "admin", "attendant", "merchant"):
             raise InvalidToken("unknown role")
         operator_id = payload.get("op")
         if role != "driver" and not isinstance(operator_id, int):

@@ -59,12 +59,15 @@ async def _due(conn: asyncpg.Connection, stay: repo.BoothStay, now: datetime) ->
     """The fee the booth takes: an open stay's fee now (as the QR code would ask), or the fee
     recorded when a car that left offline was uploaded."""
     if stay.status == "open":
+        terms = await lanes_repo.stay_terms(conn, stay.id)
         priced = fees.stay_fee(
             await fees.tariff_versions(conn, stay.car_park_id),
             entered_at=stay.entered_at,
             at=now,
             plate_color=stay.plate_color,
             fixed_fee_fen=stay.fixed_fee_fen,
+            rights=terms.rights,
+            validation=terms.validation,
         )
         if priced is None:
             raise AppError(409, "no_tariff", "the car park has no tariff for this stay")

@@ -14,7 +14,8 @@ import asyncpg
 # stay charged to the account. $1 is the account id.
 _VISIBLE_STAYS = """
     SELECT s.id, s.car_park_id, s.plate, s.plate_color, s.status, s.entered_at, s.exited_at,
-           s.fee_fen, s.settlement, s.account_id, s.entry_capture_id, s.exit_capture_id
+           s.fee_fen, s.settlement, s.account_id, s.entry_capture_id, s.exit_capture_id,
+           COALESCE(s.applied_right_id, s.assigned_right_id) AS right_id
     FROM plate_bindings b
     JOIN sessions s ON s.plate = b.plate AND COALESCE(s.plate_color, b.color) = b.color
                    AND s.entered_at >= b.bound_at
@@ -22,11 +23,14 @@ _VISIBLE_STAYS = """
     WHERE b.account_id = $1 AND (s.account_id IS NULL OR s.account_id = $1)
     UNION
     SELECT s.id, s.car_park_id, s.plate, s.plate_color, s.status, s.entered_at, s.exited_at,
-           s.fee_fen, s.settlement, s.account_id, s.entry_capture_id, s.exit_capture_id
+           s.fee_fen, s.settlement, s.account_id, s.entry_capture_id, s.exit_capture_id,
+           COALESCE(s.applied_right_id, s.assigned_right_id) AS right_id
     FROM sessions s WHERE s.account_id = $1"""
 
 _STAY_COLUMNS = """v.id, cp.name AS car_park, v.plate, v.status, v.entered_at, v.exited_at,
-                   v.fee_fen, v.settlement"""
+                   v.fee_fen, v.settlement,
+                   (SELECT sp.name FROM assigned_rights ar JOIN right_specs sp ON sp.id = ar.spec_id
+                    WHERE ar.id = v.right_id) AS pass_name"""
 
 
 async def account(

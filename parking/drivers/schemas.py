@@ -89,6 +89,8 @@ class Stay(BaseModel):
     exited_at: datetime | None
     fee_fen: int | None
     settlement: str | None
+    # The pass (or other right) the stay held a place of or was priced under.
+    pass_name: str | None = None
 
 
 class StayPage(BaseModel):
@@ -131,6 +133,8 @@ class Receipt(BaseModel):
     exit_frame: bool = False
     # "Not my car" on the stay's charge, if the driver raised it.
     dispute: DisputeView | None = None
+    # The pass (or other right) the stay held a place of or was priced under.
+    pass_name: str | None = None
 
 
 class DebtView(BaseModel):

@@ -279,6 +279,7 @@ async def receipt(conn: asyncpg.Connection, account_id: int, stay_id: int) -> Re
         entry_frame=framed.get(row["entry_capture_id"], False),
         exit_frame=framed.get(row["exit_capture_id"], False),
         dispute=disputes_service.view(dispute) if dispute is not None else None,
+        pass_name=row["pass_name"],
     )
 
 

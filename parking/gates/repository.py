@@ -21,30 +21,65 @@ async def gate_addresses(conn: asyncpg.Connection) -> list[GateAddress]:
 class WhitelistedCar:
     plate: str
     color: PlateColor  # the table's CHECK allows no other
-    per_session_limit_fen: int
+    # None for a pass holder: it leaves free, whatever the stay's fee.
+    per_session_limit_fen: int | None
 
 
 async def offline_whitelists(conn: asyncpg.Connection) -> dict[str, list[WhitelistedCar]]:
     """By car park code, the cars parked there now that may leave a gate that cannot reach the
-    server: an active binding, an active pay-later agreement, no block for arrears. A plate's
-    identity is (plate, colour): a stay is matched with the binding of its own colour (a yellow
-    浙A12345 is not the bound blue one); a stay whose colour was not read, with each binding of
-    its characters, every entry carrying the binding's colour for the gate to check."""
+    server: an active binding, an active pay-later agreement, no block for arrears; and pass
+    holders (a free-passage right of that car park, active and valid now, and for a pass of
+    "at most N inside" the stay holding its place), with no limit. A vehicle on the company's
+    blacklist is on no list. A plate's identity is (plate, colour): a stay is matched with the
+    binding of its own colour (a yellow 浙A12345 is not the bound blue one); a stay whose colour
+    was not read, with each binding of its characters, every entry carrying the binding's colour
+    for the gate to check."""
     rows = await conn.fetch(
-        """SELECT cp.code AS lot, s.plate, b.color, pa.per_session_limit_fen
-           FROM sessions s
-           JOIN car_parks cp ON cp.id = s.car_park_id
-           JOIN plate_bindings b ON b.plate = s.plate AND b.unbound_at IS NULL
-                                 AND b.color = COALESCE(s.plate_color, b.color)
-           JOIN accounts a ON a.id = b.account_id
-           JOIN pay_later_agreements pa ON pa.account_id = a.id AND pa.cancelled_at IS NULL
-           WHERE s.status = 'open' AND NOT a.blocked_for_arrears AND a.deleted_at IS NULL
-           ORDER BY cp.code, s.plate, b.color"""
+        """WITH listed AS (
+               SELECT cp.code AS lot, s.plate, b.color, pa.per_session_limit_fen
+               FROM sessions s
+               JOIN car_parks cp ON cp.id = s.car_park_id
+               JOIN plate_bindings b ON b.plate = s.plate AND b.unbound_at IS NULL
+                                     AND b.color = COALESCE(s.plate_color, b.color)
+               JOIN accounts a ON a.id = b.account_id
+               JOIN pay_later_agreements pa ON pa.account_id = a.id AND pa.cancelled_at IS NULL
+               WHERE s.status = 'open' AND NOT a.blocked_for_arrears AND a.deleted_at IS NULL
+                 AND NOT EXISTS (
+                     SELECT 1 FROM plate_blacklist bl
+                     WHERE bl.plate = s.plate AND bl.color = b.color
+                       AND bl.operator_id = cp.operator_id AND bl.removed_at IS NULL)
+           ), passes AS (
+               SELECT DISTINCT cp.code AS lot, s.plate, s.plate_color AS color,
+                      NULL::bigint AS per_session_limit_fen
+               FROM sessions s
+               JOIN car_parks cp ON cp.id = s.car_park_id
+               JOIN assigned_right_plates rp ON rp.plate = s.plate AND rp.color = s.plate_color
+               JOIN assigned_rights ar ON ar.id = rp.right_id AND ar.status = 'active'
+                    AND ar.valid_from <= now() AND ar.valid_until > now()
+                    AND (ar.max_inside IS NULL OR ar.id = s.assigned_right_id)
+               JOIN right_specs sp ON sp.id = ar.spec_id AND sp.kind = 'free_passage'
+                    AND (cp.id = ANY (sp.car_park_ids)
+                         OR (sp.car_park_ids IS NULL AND sp.operator_id = cp.operator_id))
+               WHERE s.status = 'open'
+                 AND NOT EXISTS (
+                     SELECT 1 FROM plate_blacklist bl
+                     WHERE bl.plate = s.plate AND bl.color = s.plate_color
+                       AND bl.operator_id = cp.operator_id AND bl.removed_at IS NULL)
+           )
+           SELECT lot, plate, color, min(per_session_limit_fen) AS per_session_limit_fen,
+                  bool_or(per_session_limit_fen IS NULL) AS pass
+           FROM (SELECT * FROM listed UNION ALL SELECT * FROM passes) cars
+           GROUP BY lot, plate, color
+           ORDER BY lot, plate, color"""
     )
     whitelists: dict[str, list[WhitelistedCar]] = {}
     for row in rows:
         whitelists.setdefault(row["lot"], []).append(
-            WhitelistedCar(row["plate"], row["color"], row["per_session_limit_fen"])
+            WhitelistedCar(
+                row["plate"],
+                row["color"],
+                None if row["pass"] else row["per_session_limit_fen"],
+            )
         )
     return whitelists
 

@@ -50,6 +50,8 @@ async def end_missed_stay(
             at=max(hold.held_at, stay.entered_at),
             plate_color=stay.plate_color,
             fixed_fee_fen=stay.fixed_fee_fen,
+            rights=stay.rights,
+            validation=stay.validation,
         )
         if hold is not None
         else None

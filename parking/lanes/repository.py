@@ -8,7 +8,9 @@ from uuid import UUID
 import asyncpg
 
 from billing import fees
+from billing.rights import RightTerms, Validation
 from billing.tariff import Tariff
+from parking.rights import repository as rights_repo
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +23,7 @@ class GateInfo:
     no_entry_fee_fen: int
     # 'open_confirm' or 'hold': an exit whose charge cannot rest on two certain reads.
     uncertain_exit_policy: str = "open_confirm"
+    operator_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,13 @@ class OpenSession:
     plate_color: str | None = None
     # Whether the stay's entry read was certain (rules.is_certain).
     entry_certain: bool = False
+    # The vehicle's rights here (a pass of "at most N inside" only when this stay holds one of
+    # its places) and its blacklisting reason in this company, read with the stay
+    # (`_RIGHTS_COLUMNS`); empty and None where the query does not read them.
+    rights: tuple[RightTerms, ...] = ()
+    blacklisted: str | None = None
+    # A merchant's validation of the stay (parking/merchants/).
+    validation: Validation | None = None
 
 
 # The binding, account and active agreement of the vehicle (`{plate}`, `{color}`) that covered
@@ -86,7 +96,7 @@ def _pay_later(row: asyncpg.Record) -> PayLater | None:
 
 
 _GATE_INFO = """g.id AS gate_id, cp.id AS car_park_id, cp.name AS car_park_name, g.direction,
-    cp.no_entry_policy, cp.no_entry_fee_fen, cp.uncertain_exit_policy
+    cp.no_entry_policy, cp.no_entry_fee_fen, cp.uncertain_exit_policy, cp.operator_id
     FROM gates g JOIN car_parks cp ON cp.id = g.car_park_id"""
 
 
@@ -214,15 +224,43 @@ async def update_capture_decision(
 
 
 _STAY_COLUMNS = "s.id, s.entered_at, s.fixed_fee_fen, s.plate_color, s.entry_certain"
+# A stay's vehicle's blacklisting and rights in its car park: indexed lookups by (plate, colour)
+# joined into the exit's one query (no extra round trip). A right capped at N inside counts only
+# for the stay that took one of its places at entry (`sessions.assigned_right_id`).
+_RIGHT_JSON = """json_build_object(
+    'id', ar.id, 'kind', sp.kind, 'name', sp.name, 'valid_from', ar.valid_from,
+    'valid_until', ar.valid_until, 'free_minutes', sp.free_minutes,
+    'discount_percent', sp.discount_percent, 'flat_fee_fen', sp.flat_fee_fen,
+    'weekdays', sp.weekdays, 'window_start', sp.window_start, 'window_end', sp.window_end,
+    'time_zone', sp.time_zone)"""
+_ACTIVE_RIGHTS = f"""(SELECT json_agg({_RIGHT_JSON})
+     FROM assigned_right_plates rp
+     JOIN assigned_rights ar ON ar.id = rp.right_id AND ar.status = 'active'
+     JOIN right_specs sp ON sp.id = ar.spec_id
+     WHERE rp.plate = s.plate AND rp.color = s.plate_color
+       AND (ar.max_inside IS NULL OR ar.id = s.assigned_right_id)
+       AND (s.car_park_id = ANY (sp.car_park_ids)
+            OR (sp.car_park_ids IS NULL AND sp.operator_id
+                = (SELECT operator_id FROM car_parks WHERE id = s.car_park_id))))"""
+_VALIDATION = """(SELECT json_build_object(
+        'id', v.id, 'free_minutes', v.free_minutes, 'amount_fen', v.amount_fen)
+     FROM validations v WHERE v.session_id = s.id)"""
+_RIGHTS_COLUMNS = f"""
+    (SELECT bl.reason FROM plate_blacklist bl
+     WHERE bl.plate = s.plate AND bl.color = s.plate_color AND bl.removed_at IS NULL
+       AND bl.operator_id = (SELECT operator_id FROM car_parks WHERE id = s.car_park_id)
+    ) AS blacklisted,
+    {_ACTIVE_RIGHTS} AS rights,
+    {_VALIDATION} AS validation"""
 
 
 async def open_session_for_update(
     conn: asyncpg.Connection, car_park_id: int, plate: str, color: str
 ) -> OpenSession | None:
     """The open stay of the vehicle (plate, colour) here, locked, with its driver's pay-later
-    state."""
+    state, its rights here and whether it is blacklisted."""
     row = await conn.fetchrow(
-        f"""SELECT {_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}
+        f"""SELECT {_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}, {_RIGHTS_COLUMNS}
             FROM sessions s {_STAY_JOINS}
             WHERE s.car_park_id = $1 AND s.plate = $2 AND s.plate_color = $3
               AND s.status = 'open'
@@ -235,6 +273,7 @@ async def open_session_for_update(
 
 
 def _open_session(row: asyncpg.Record) -> OpenSession:
+    rights = row.get("rights")
     return OpenSession(
         row["id"],
         row["entered_at"],
@@ -242,10 +281,44 @@ def _open_session(row: asyncpg.Record) -> OpenSession:
         row["fixed_fee_fen"],
         row["plate_color"],
         row["entry_certain"],
+        tuple(RightTerms.from_json(r) for r in rights) if rights else (),
+        row.get("blacklisted"),
+        Validation.from_json(row["validation"]) if row.get("validation") else None,
     )
 
 
 Identity = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class StayTerms:
+    """What reduces a stay's fee besides the tariff: its vehicle's rights and a merchant's
+    validation (billing.fees.stay_fee's `rights` and `validation`)."""
+
+    rights: tuple[RightTerms, ...] = ()
+    validation: Validation | None = None
+
+
+async def stay_terms(conn: asyncpg.Connection, session_id: int) -> StayTerms:
+    """The terms that price a stay wherever else it is priced (the gate's QR code, the booth,
+    the quote, an operator's open, the receipt, a validation): an open stay's as its exit reads
+    them, a closed one's the right its exit applied (whatever became of that right since)."""
+    row = await conn.fetchrow(
+        f"""SELECT CASE WHEN s.status = 'open' THEN {_ACTIVE_RIGHTS}
+                   ELSE (SELECT json_agg({_RIGHT_JSON}) FROM assigned_rights ar
+                         JOIN right_specs sp ON sp.id = ar.spec_id
+                         WHERE ar.id = s.applied_right_id) END AS rights,
+                   {_VALIDATION} AS validation
+            FROM sessions s WHERE s.id = $1""",
+        session_id,
+    )
+    if row is None:
+        return StayTerms()
+    rights, validation = row["rights"], row["validation"]
+    return StayTerms(
+        tuple(RightTerms.from_json(r) for r in rights) if rights else (),
+        Validation.from_json(validation) if validation else None,
+    )
 
 
 async def recent_exits(
@@ -300,14 +373,16 @@ async def open_session(
     entry_capture_id: UUID | None,
     entry_certain: bool,
     fixed_fee_fen: int | None = None,
+    assigned_right_id: int | None = None,
 ) -> OpenSession:
-    """Opens a stay and reads its driver's agreement and debts in the same round trip."""
+    """Opens a stay and reads its driver's agreement and debts in the same round trip.
+    `assigned_right_id`: the right whose place the stay takes (None: a visitor)."""
     row = await conn.fetchrow(
         f"""WITH s AS (
                 INSERT INTO sessions
                     (car_park_id, plate, plate_color, entered_at, entry_capture_id, fixed_fee_fen,
-                     entry_certain)
-                VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     entry_certain, assigned_right_id)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                 RETURNING id, plate, entered_at, fixed_fee_fen, plate_color, entry_certain)
             SELECT {_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}
             FROM s {_STAY_JOINS}""",
@@ -318,6 +393,7 @@ async def open_session(
         entry_capture_id,
         fixed_fee_fen,
         entry_certain,
+        assigned_right_id,
     )
     return _open_session(row)
 
@@ -341,10 +417,11 @@ async def close_session(
     fee_fen: int,
     account_id: int | None,
     settlement: str,
+    applied_right_id: int | None = None,
 ) -> None:
     await conn.execute(
         """UPDATE sessions SET status = 'closed', exited_at = $2, exit_capture_id = $3,
-                  fee_fen = $4, account_id = $5, settlement = $6
+                  fee_fen = $4, account_id = $5, settlement = $6, applied_right_id = $7
            WHERE id = $1 AND status = 'open'""",
         session_id,
         exited_at,
@@ -352,6 +429,7 @@ async def close_session(
         fee_fen,
         account_id,
         settlement,
+        applied_right_id,
     )
 
 
@@ -387,6 +465,9 @@ async def prepare_lookups(conn: asyncpg.Connection) -> None:
     await recent_exits(conn, 0, now)
     await cars_here(conn, 0, now)
     await fees.tariff_versions(conn, 0)
+    # An entry's blacklist and rights, and a capped pass's places (parking/rights/).
+    await rights_repo.entry_standing(conn, operator_id=0, car_park_id=0, plate="", color="", at=now)
+    await rights_repo.places_taken(conn, 0)
     await close_session(
         conn,
         session_id=0,

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Literal, Protocol
 
 from billing import fees
+from billing.rights import Applied, RightTerms, Validation
 from parking.lanes.repository import OpenSession, PayLater
 from parking.settings import Settings
 from plate_recognition.grammar import COLORS, Candidate, is_valid, plate_color_guess
@@ -59,10 +60,14 @@ Outcome = Literal[
     # A stay opened at the exit under the no-entry fixed fee: paid at the gate, never
     # charged to a pay-later account on one read (DESIGN.md step 9).
     "held_no_entry_fee",
+    # A vehicle on the company's blacklist, at the entry or the exit: a person decides.
+    "held_blacklisted",
 ]
 ResolutionStatus = Literal["exact", "fuzzy", "ambiguous", "no_entry", "unreadable"]
 # Why an exit (or entry) waits for an operator in `lane_exceptions`.
-ExceptionReason = Literal["unreadable", "ambiguous", "no_entry", "offline_exit", "uncertain"]
+ExceptionReason = Literal[
+    "unreadable", "ambiguous", "no_entry", "offline_exit", "uncertain", "blacklisted"
+]
 
 
 def identity_color(plate: str, color: str | None) -> str:
@@ -243,6 +248,8 @@ class ExitRule:
     # The driver's open debts (known only while the account is blocked for arrears).
     debt_fen: int = 0
     charge_to: tuple[int, int] | None = None
+    # The right (pass, whitelist, free minutes, discount, flat fee) the fee was reduced by.
+    right: Applied | None = None
 
     @property
     def due_fen(self) -> int:
@@ -276,6 +283,8 @@ def exit_rule(
     pay_later_state: PayLater | None,
     reads_certain: bool,
     uncertain_policy: UncertainPolicy,
+    rights: tuple[RightTerms, ...] = (),
+    validation: Validation | None = None,
 ) -> ExitRule | None:
     """The stay's fee at `at` and how it leaves; None when the car park has no tariff for it
     (the gate holds for a person).
@@ -285,30 +294,36 @@ def exit_rule(
     `reads_certain` (entry and exit certain); otherwise `uncertain_policy` decides: 'hold' (an
     operator decides at the gate) or 'open_confirm' (the gate opens, the charge waits for an
     operator's confirmation). A fixed fee for a car with no entry record is paid at the gate:
-    one read never charges a pay-later account."""
+    one read never charges a pay-later account.
+
+    `rights`: the vehicle's rights here; the most favourable to the driver prices the stay
+    (billing.rights), and a fee of 0 under a pass or a whitelist opens like any free stay.
+    `validation`: a merchant's validation of the stay, applied after the right."""
     priced = fees.stay_fee(
         versions,
         entered_at=entered_at,
         at=at,
         plate_color=plate_color,
         fixed_fee_fen=fixed_fee_fen,
+        rights=rights,
+        validation=validation,
     )
     if priced is None:
         return None
-    fee = priced.fee_fen
+    fee, right = priced.fee_fen, priced.right
     if fixed_fee_fen is not None:
         return ExitRule("exited_free", 0) if fee == 0 else ExitRule("held_no_entry_fee", fee)
     debt = pay_later_state.debt_fen if pay_later_state else 0
     if fee == 0:
-        return ExitRule("exited_free", 0, debt)
+        return ExitRule("exited_free", 0, debt, right=right)
     verdict = pay_later(pay_later_state, fee)
     if isinstance(verdict, str):
-        return ExitRule(verdict, fee, debt)
+        return ExitRule(verdict, fee, debt, right=right)
     if not reads_certain:
         if uncertain_policy == "hold":
-            return ExitRule("held_uncertain", fee, debt)
-        return ExitRule("exited_awaiting_confirmation", fee, debt, verdict)
-    return ExitRule("exited_pay_later", fee, debt, verdict)
+            return ExitRule("held_uncertain", fee, debt, right=right)
+        return ExitRule("exited_awaiting_confirmation", fee, debt, verdict, right)
+    return ExitRule("exited_pay_later", fee, debt, verdict, right)
 
 
 def uncertain_policy(
@@ -375,7 +390,8 @@ def plan_exit(
     A car read again within the duplicate window is the same car leaving; an ambiguous or
     unreadable read, and a car with no entry record (unless the fixed-fee policy applies and
     the read is certain), wait for a person; a found stay is priced by `exit_rule`, its colour
-    discount following the plate type a binding or a certain read vouches for."""
+    discount following the plate type a binding or a certain read vouches for, and its
+    rights applied (a blacklisted vehicle is held for a person, before any right)."""
     status = resolution.status
     if status in ("exact", "fuzzy") and resolution.left:
         return ExitPlan("duplicate_read")
@@ -403,7 +419,12 @@ def plan_exit(
         pay_later_state=stay.pay_later,
         reads_certain=resolution.certain and stay.entry_certain,
         uncertain_policy=uncertain_policy,
+        rights=stay.rights,
+        validation=stay.validation,
     )
+    if stay.blacklisted is not None and not offline_open:
+        # Blacklisted: held for a person whatever the fee (blacklist before any right).
+        return ExitPlan("held_blacklisted", "blacklisted", rule, fixed_fee_stay)
     if rule is None:
         return ExitPlan("held_no_tariff", fixed_fee_stay=fixed_fee_stay)
     if rule.outcome == "exited_free":

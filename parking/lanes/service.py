@@ -17,6 +17,7 @@ from typing import Any, Literal
 import asyncpg
 
 from billing import charges, entries, fees
+from billing.rights import RightTerms
 from billing.tariff import format_fen
 from gate_controller.protocol import Action, Capture, Command
 from parking.lanes import edges
@@ -36,6 +37,7 @@ from parking.lanes.rules import (
     uncertain_policy,
 )
 from parking.payments.qr import gate_payment_page_url
+from parking.rights import service as rights
 from parking.settings import Settings
 
 _TARIFF_CACHE_S = 60.0
@@ -59,6 +61,8 @@ class Decision:
     charge_id: int | None = None
     fee_fen: int | None = None
     match_status: MatchStatus | None = None
+    # What the attendant must see at once in the dashboard's lane feed (a blacklisted vehicle).
+    alert: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,13 +164,27 @@ class LaneService:
         inside = await repo.open_session_for_update(conn, gate.car_park_id, plate, color)
         outcome: Outcome = "entered"
         delta = 1
+        if inside is not None and at - inside.entered_at < self.duplicate_window:
+            # The same car read twice at the barrier.
+            return self._open(capture, now, "duplicate_read", plate, inside.id)
+        standing = await rights.entry_standing(
+            conn,
+            operator_id=gate.operator_id,
+            car_park_id=gate.car_park_id,
+            plate=plate,
+            color=color,
+            at=at,
+        )
+        if standing.blacklisted is not None and not capture.offline:
+            return await self._blacklisted(
+                conn, gate, capture, reading, now, plate, standing.blacklisted
+            )
         if inside is not None:
-            if at - inside.entered_at < self.duplicate_window:
-                # The same car read twice at the barrier.
-                return self._open(capture, now, "duplicate_read", plate, inside.id)
             versions = await self._tariff_versions(conn, gate.car_park_id)
             await edges.end_missed_stay(conn, gate, inside, plate, at, versions)
             outcome, delta = "entered_superseding", 0
+        # After the missed stay ended: it holds no place of a pass any more.
+        place_of, pass_full = await rights.take_place(conn, standing.rights)
         stay = await repo.open_session(
             conn,
             car_park_id=gate.car_park_id,
@@ -175,6 +193,7 @@ class LaneService:
             entered_at=at,
             entry_capture_id=capture.capture_id,
             entry_certain=self.certain(reading),
+            assigned_right_id=place_of,
         )
         if (
             self.settings.payment_provider == "wechat"
@@ -184,7 +203,18 @@ class LaneService:
             # The parking rails want each pay-later stay registered at its entry (after commit).
             await entries.queue(conn, stay.id)
         debt = stay.pay_later.debt_fen if stay.pay_later else 0
-        return self._open(capture, now, outcome, plate, stay.id, delta, welcome=True, debt=debt)
+        return self._open(
+            capture,
+            now,
+            outcome,
+            plate,
+            stay.id,
+            delta,
+            welcome=True,
+            debt=debt,
+            # Every place of the vehicle's pass is taken: this stay is a visitor's.
+            note="月租车位已满 按临时车计费" if pass_full else None,
+        )
 
     async def _resolve_exit(
         self, conn: asyncpg.Connection, gate: GateInfo, reading: PlateReading, at: datetime
@@ -261,6 +291,12 @@ class LaneService:
         if plan.exception in ("ambiguous", "unreadable", "no_entry"):
             return await self._exception(conn, gate, capture, reading, now, plan.exception, ranked)
         plate, session = resolved.plate, resolved.session
+        if plan.exception == "blacklisted":
+            assert plate is not None and session is not None and session.blacklisted is not None
+            fee = plan.rule.fee_fen if plan.rule else None
+            return await self._blacklisted(
+                conn, gate, capture, reading, now, plate, session.blacklisted, session.id, fee
+            )
 
         occupancy_delta = -1
         if plan.fixed_fee_stay is not None:
@@ -284,8 +320,9 @@ class LaneService:
         matched = resolved.match_status
         debt = rule.debt_fen
 
+        right = rule.right.right if rule.right else None
         if plan.outcome == "exited_free":
-            await self._close(conn, session, capture, at, 0, None, "free")
+            await self._close(conn, session, capture, at, 0, None, "free", right)
             return self._open(
                 capture,
                 now,
@@ -296,6 +333,7 @@ class LaneService:
                 fee=0,
                 match_status=matched,
                 debt=debt,
+                note=right.name if right else None,
             )
 
         if capture.offline and capture.offline_action == "hold":
@@ -329,7 +367,7 @@ class LaneService:
                 matched,
             )
         account_id, agreement_id = rule.charge_to
-        await self._close(conn, session, capture, at, fee, account_id, "pay_later")
+        await self._close(conn, session, capture, at, fee, account_id, "pay_later", right)
         awaiting = rule.outcome == "exited_awaiting_confirmation"
         charge_id = await charges.queue_charge(
             conn,
@@ -527,6 +565,7 @@ class LaneService:
         fee: int,
         account_id: int | None,
         settlement: str,
+        right: RightTerms | None = None,
     ) -> None:
         await repo.close_session(
             conn,
@@ -536,6 +575,45 @@ class LaneService:
             fee_fen=fee,
             account_id=account_id,
             settlement=settlement,
+            applied_right_id=right.id if right else None,
+        )
+
+    async def _blacklisted(
+        self,
+        conn: asyncpg.Connection,
+        gate: GateInfo,
+        capture: Capture,
+        reading: PlateReading,
+        now: datetime,
+        plate: str,
+        reason: str,
+        session_id: int | None = None,
+        fee: int | None = None,
+    ) -> Decision:
+        """A vehicle on the company's blacklist: held at the barrier, and the attendant sees why
+        (an exception in the queue, the decision in the dashboard's feed). The stay, if any,
+        stays open."""
+        if reading.source == "operator":
+            # An operator re-deciding a held capture: its exception exists (they are told).
+            return Decision("held_blacklisted", self._command(capture, now, "hold", [plate]), plate)
+        candidates: list[dict[str, Any]] = [
+            {"plate": plate, "kind": "blacklisted", "reason": reason, "fee_fen": fee}
+        ]
+        if session_id is not None:
+            candidates[0]["session_id"] = session_id
+        await repo.insert_exception(
+            conn,
+            capture_id=capture.capture_id,
+            capture_captured_at=capture.captured_at,
+            car_park_id=gate.car_park_id,
+            gate_id=gate.gate_id,
+            reason="blacklisted",
+            candidates=candidates,
+            image=reading.image,
+        )
+        command = self._command(capture, now, "hold", [plate, "请稍候 人工处理"])
+        return Decision(
+            "held_blacklisted", command, plate, session_id, 0, None, fee, alert=f"黑名单：{reason}"
         )
 
     def _command(
@@ -570,9 +648,13 @@ class LaneService:
         welcome: bool = False,
         match_status: MatchStatus | None = None,
         debt: int = 0,
+        note: str | None = None,
     ) -> Decision:
         greeting = "欢迎光临" if welcome else "一路顺风"
         display = [plate, greeting] if plate else [greeting]
+        if note:
+            # The right the car left under (a pass, a whitelist), or why it entered as a visitor.
+            display.insert(len(display) - 1, note)
         if debt:
             # Arrears are shown at every visit; the app and the next paid exit collect them.
             display.append(f"欠费 {format_fen(debt)} 请在App缴纳")

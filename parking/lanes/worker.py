@@ -280,6 +280,8 @@ class LaneWorker:
             "latency_ms": round(latency_ms, 1),
             "at": now.isoformat(),
         }
+        if decision.alert:
+            event["alert"] = decision.alert
         try:
             await self.occupancy.redis.publish(self.lane_events_channel, orjson.dumps(event))
         except Exception:  # the feed is a view; a Redis hiccup must not fail the capture

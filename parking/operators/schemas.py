@@ -241,6 +241,8 @@ class RevenueLine(BaseModel):
     pay_later_fen: int
     paid_at_gate_fen: int
     paid_at_booth_fen: int
+    # The part of passes bought in the app earned that day.
+    passes_fen: int
     refunded_fen: int
     net_fen: int
 

@@ -397,6 +397,12 @@ async def resolve_exception(
             "no_open_stay",
             "no car with this plate is parked here: check the plate, or open the gate by hand",
         )
+    if decision.outcome == "held_blacklisted":
+        raise AppError(
+            409,
+            "blacklisted",
+            "the vehicle is on the blacklist: remove it first, or open the gate by hand",
+        )
     command = decision.command
     await lanes_repo.update_capture_decision(
         conn,
@@ -465,12 +471,15 @@ async def open_gate(
             raise NotFound("capture")
         stay = held.stay
         if held.direction == "out" and stay is not None and stay.status == "open":
+            terms = await lanes_repo.stay_terms(conn, stay.id)
             priced = fees.stay_fee(
                 await fees.tariff_versions(conn, car_park["id"]),
                 entered_at=stay.entered_at,
                 at=now,
                 plate_color=stay.plate_color,
                 fixed_fee_fen=stay.fixed_fee_fen,
+                rights=terms.rights,
+                validation=terms.validation,
             )
             fee_fen = priced.fee_fen if priced else None
             await repo.close_stay_by_operator(

@@ -36,6 +36,12 @@ class Quote(BaseModel):
     fee_fen: int
     gross_fen: int
     discount_fen: int
+    # The right (pass, whitelist, free minutes, discount, flat fee) the fee is reduced by, and
+    # by how much: fee_fen is the tariff's fee less this.
+    right: str | None = None
+    right_reduction_fen: int = 0
+    # What a merchant's validation took off (after the right).
+    validation_fen: int = 0
     segments: list[QuoteSegment]
 
 

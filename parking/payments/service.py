@@ -111,6 +111,11 @@ async def _payable(conn: asyncpg.Connection, capture_id: UUID, qr_ttl_s: int) ->
         if held.outcome in _NOBODYS or held.plate_color is None
         else await repo.account_for_vehicle(conn, held.plate, held.plate_color)
     )
+    terms = (
+        await lanes_repo.stay_terms(conn, held.session_id)
+        if held.session_id
+        else lanes_repo.StayTerms()
+    )
     priced = fees.stay_fee(
         await fees.tariff_versions(conn, held.car_park_id),
         entered_at=held.entered_at,
@@ -122,6 +127,8 @@ async def _payable(conn: asyncpg.Connection, capture_id: UUID, qr_ttl_s: int) ->
             vouched=account_id is not None or bool(held.entry_certain),
         ),
         fixed_fee_fen=held.fixed_fee_fen,
+        rights=terms.rights,
+        validation=terms.validation,
     )
     if priced is None:
         raise AppError(409, "no_tariff", "the car park has no tariff; ask the attendant")
@@ -164,7 +171,7 @@ async def start_gate_payment(runtime: Runtime, capture_id: UUID) -> GatePayment:
                 owed=due.owed,
             )
     assert held is not None
-    return _view(held, await _open_at_provider(runtime, payment, f"parking {held.car_park_name}"))
+    return _view(held, await open_at_provider(runtime, payment, f"parking {held.car_park_name}"))
 
 
 async def start_debt_payment(runtime: Runtime, account_id: int) -> payments.Payment:
@@ -192,7 +199,7 @@ async def start_debt_payment(runtime: Runtime, account_id: int) -> payments.Paym
                 stale = payment
                 payment = None
         if payment is not None:
-            return await _open_at_provider(runtime, payment, "parking fees owed")
+            return await open_at_provider(runtime, payment, "parking fees owed")
         await _withdraw(runtime, stale)
     raise ProviderDown()  # the stale order could not be withdrawn: ask again in a moment
 
@@ -213,7 +220,7 @@ async def _withdraw(runtime: Runtime, payment: payments.Payment) -> None:
         await settlement.apply(conn, runtime.provider.name, result, message_style(runtime.settings))
 
 
-async def _open_at_provider(
+async def open_at_provider(
     runtime: Runtime, payment: payments.Payment, description: str
 ) -> payments.Payment:
     """Creates the provider order of a committed payment (idempotent by its number)."""
@@ -433,12 +440,15 @@ async def quote(
 ) -> Quote:
     row = _stay_of_vehicle(await repo.open_stays(conn, car_park_code, plate), color)
     now = datetime.now(UTC)
+    terms = await lanes_repo.stay_terms(conn, row["id"])
     priced = fees.stay_fee(
         await fees.tariff_versions(conn, row["car_park_id"]),
         entered_at=row["entered_at"],
         at=now,
         plate_color=row["plate_color"],
         fixed_fee_fen=row["fixed_fee_fen"],
+        rights=terms.rights,
+        validation=terms.validation,
     )
     if priced is None:
         raise AppError(409, "no_tariff", "the car park has no tariff")
@@ -452,5 +462,8 @@ async def quote(
         fee_fen=priced.fee_fen,
         gross_fen=q.gross_fen if q else priced.fee_fen,
         discount_fen=q.discount_fen if q else 0,
+        right=priced.right.right.name if priced.right else None,
+        right_reduction_fen=priced.right.reduction_fen if priced.right else 0,
+        validation_fen=priced.validation_fen,
         segments=[_segment(s) for s in (q.segments if q else ())],
     )

@@ -21,6 +21,11 @@ class Fee(BaseModel):
     # Before the daily and stay caps and the discount; None for a fixed fee.
     gross_fen: int | None
     discount_fen: int
+    # The right the fee was reduced by (a pass, free minutes, a discount, a flat fee).
+    right: str | None = None
+    right_reduction_fen: int = 0
+    # What a merchant's validation took off.
+    validation_fen: int = 0
     segments: list[Segment]
 
 

@@ -15,6 +15,7 @@ from parking.disputes import repository as disputes_repo
 from parking.disputes import service as disputes
 from parking.disputes.schemas import DisputeView
 from parking.errors import AppError, NotFound
+from parking.lanes import repository as lanes_repo
 from parking.logging import mask_plate
 from parking.receipts import repository as repo
 from parking.receipts.schemas import ChargeState, Fee, Frames, ReceiptView, Segment
@@ -32,12 +33,15 @@ async def _fee(conn: asyncpg.Connection, row: asyncpg.Record) -> Fee:
     """The tariff's segments when they add up to what was charged (a fixed fee has none)."""
     total = row["amount_fen"]
     exited = row["exited_at"] or datetime.now(UTC)
+    terms = await lanes_repo.stay_terms(conn, row["stay_id"])
     priced = fees.stay_fee(
         await fees.tariff_versions(conn, row["car_park_id"]),
         entered_at=row["entered_at"],
         at=exited,
         plate_color=row["plate_color"],
         fixed_fee_fen=row["fixed_fee_fen"],
+        rights=terms.rights,
+        validation=terms.validation,
     )
     if priced is None or priced.quote is None or priced.fee_fen != total:
         return Fee(total_fen=total, gross_fen=None, discount_fen=0, segments=[])
@@ -46,6 +50,9 @@ async def _fee(conn: asyncpg.Connection, row: asyncpg.Record) -> Fee:
         total_fen=total,
         gross_fen=quote.gross_fen,
         discount_fen=quote.discount_fen,
+        right=priced.right.right.name if priced.right else None,
+        right_reduction_fen=priced.right.reduction_fen if priced.right else 0,
+        validation_fen=priced.validation_fen,
         segments=[
             Segment(start=s.start, end=s.end, band=s.band, day_type=s.day_type, fen=s.fen)
             for s in quote.segments

@@ -1,0 +1,190 @@
+"""Merchant validations: a shop in a car park (a merchant, with a budget its car park company
+gave it) validates a visitor's stay before the exit, with free minutes or an amount.
+
+- Once per stay: a second validation of a stay by the same merchant with the same terms answers
+  the first (idempotent, nothing spent again); any other is refused (409 `already_validated`).
+- Its cost to the budget is fixed when it is given: an amount costs the amount, free minutes
+  the tariff's fee for the stay's first that many minutes. A validation the budget cannot pay
+  for is refused (409 `budget_exhausted`) and changes nothing.
+- The exit (and the QR code, the booth, the quote) price the stay with it, after the vehicle's
+  right (billing.fees.stay_fee).
+"""
+
+from datetime import datetime, timedelta
+
+import asyncpg
+
+from billing import audit, fees
+from parking.auth.principal import Principal
+from parking.errors import AppError, NotFound
+from parking.merchants import repository as repo
+from parking.merchants.schemas import (
+    Merchant,
+    MerchantReport,
+    NewMerchant,
+    NewValidation,
+    Validation,
+)
+from parking.rights.service import car_park_scope, company_of
+
+
+def _merchant_of(principal: Principal) -> tuple[int, int]:
+    if principal.merchant_id is None:  # MerchantDep lets only merchants' staff through
+        raise AppError(403, "forbidden", "not a merchant's staff")
+    return company_of(principal), principal.merchant_id
+
+
+async def create(
+    conn: asyncpg.Connection, principal: Principal, request: NewMerchant, password_hash: str
+) -> Merchant:
+    operator_id = company_of(principal)
+    ids = await car_park_scope(conn, operator_id, request.car_parks)
+    merchant_id = await repo.insert_merchant(
+        conn,
+        operator_id=operator_id,
+        name=request.name,
+        car_park_ids=ids,
+        budget_fen=request.budget_fen,
+        created_by=principal.actor,
+    )
+    if merchant_id is None:
+        raise AppError(409, "merchant_exists", "the company has a merchant of that name")
+    try:
+        async with conn.transaction():
+            user_id = await conn.fetchval(
+                """INSERT INTO operator_users
+                       (operator_id, email, name, role, password_hash, merchant_id)
+                   VALUES ($1, $2, $3, 'merchant', $4, $5) RETURNING id""",
+                operator_id,
+                request.user.email.lower(),
+                request.user.name,
+                password_hash,
+                merchant_id,
+            )
+    except asyncpg.UniqueViolationError as exc:
+        raise AppError(409, "email_taken", "a user with that e-mail exists") from exc
+    await audit.record(
+        conn,
+        principal.actor,
+        "merchant.created",
+        f"merchant:{merchant_id}",
+        {"budget_fen": request.budget_fen, "user": f"operator_user:{user_id}"},
+    )
+    return await _merchant(conn, operator_id, merchant_id)
+
+
+async def _merchant(conn: asyncpg.Connection, operator_id: int, merchant_id: int) -> Merchant:
+    row = await repo.merchant(conn, operator_id, merchant_id)
+    if row is None:
+        raise NotFound("merchant")
+    return Merchant(**dict(row))
+
+
+async def list_merchants(conn: asyncpg.Connection, principal: Principal) -> list[Merchant]:
+    return [Merchant(**dict(r)) for r in await repo.merchants(conn, company_of(principal))]
+
+
+async def top_up(
+    conn: asyncpg.Connection, principal: Principal, merchant_id: int, add_fen: int
+) -> Merchant:
+    operator_id = company_of(principal)
+    if not await repo.top_up(conn, operator_id, merchant_id, add_fen):
+        raise NotFound("merchant")
+    await audit.record(
+        conn, principal.actor, "merchant.budget_added", f"merchant:{merchant_id}", {"fen": add_fen}
+    )
+    return await _merchant(conn, operator_id, merchant_id)
+
+
+async def me(conn: asyncpg.Connection, principal: Principal) -> Merchant:
+    operator_id, merchant_id = _merchant_of(principal)
+    return await _merchant(conn, operator_id, merchant_id)
+
+
+def _cost(versions: fees.TariffVersions, stay: asyncpg.Record, request: NewValidation) -> int:
+    if request.amount_fen is not None:
+        return request.amount_fen
+    assert request.free_minutes is not None
+    entered = stay["entered_at"]
+    priced = fees.stay_fee(
+        versions,
+        entered_at=entered,
+        at=entered + timedelta(minutes=request.free_minutes),
+        plate_color=stay["plate_color"],
+        fixed_fee_fen=None,
+    )
+    return priced.fee_fen if priced else 0
+
+
+async def validate(
+    conn: asyncpg.Connection, principal: Principal, request: NewValidation
+) -> tuple[Validation, bool]:
+    """The validation, and whether it was given now (False: it had been, identically)."""
+    operator_id, merchant_id = _merchant_of(principal)
+    stay = await repo.open_stay(
+        conn,
+        operator_id=operator_id,
+        merchant_id=merchant_id,
+        car_park_code=request.car_park,
+        plate=request.plate,
+        color=request.color,
+    )
+    if stay is None:
+        raise NotFound("stay")
+    if stay["fixed_fee_fen"] is not None:
+        raise AppError(409, "not_validatable", "a stay without an entry record has a fixed fee")
+    cost = _cost(await fees.tariff_versions(conn, stay["car_park_id"]), stay, request)
+    created = await repo.insert_validation(
+        conn,
+        merchant_id=merchant_id,
+        session_id=stay["id"],
+        car_park_id=stay["car_park_id"],
+        free_minutes=request.free_minutes,
+        amount_fen=request.amount_fen,
+        cost_fen=cost,
+        created_by=principal.actor,
+    )
+    found = await repo.validation(conn, session_id=stay["id"])
+    assert found is not None
+    if created is None:
+        same = (
+            found["merchant_id"] == merchant_id
+            and found["free_minutes"] == request.free_minutes
+            and found["amount_fen"] == request.amount_fen
+        )
+        if not same:
+            raise AppError(409, "already_validated", "this stay has been validated already")
+        return _validation(found), False
+    if not await repo.spend(conn, merchant_id, cost):
+        raise AppError(
+            409,
+            "budget_exhausted",
+            "the merchant's budget cannot pay for this validation",
+            details={"cost_fen": cost},
+        )
+    await audit.record(
+        conn,
+        principal.actor,
+        "validation.given",
+        f"validation:{created}",
+        {"merchant_id": merchant_id, "session_id": stay["id"], "cost_fen": cost},
+    )
+    return _validation(found), True
+
+
+def _validation(row: asyncpg.Record) -> Validation:
+    return Validation(**{k: v for k, v in row.items() if k != "merchant_id"})
+
+
+async def list_validations(
+    conn: asyncpg.Connection, principal: Principal, *, limit: int
+) -> list[Validation]:
+    _, merchant_id = _merchant_of(principal)
+    return [_validation(r) for r in await repo.validations(conn, merchant_id, limit=limit)]
+
+
+async def report(
+    conn: asyncpg.Connection, principal: Principal, since: datetime, until: datetime
+) -> list[MerchantReport]:
+    rows = await repo.report(conn, company_of(principal), since, until)
+    return [MerchantReport(**dict(r)) for r in rows]

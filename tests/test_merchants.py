@@ -1,0 +1,157 @@
+"""Merchant validations: a merchant's staff validate a visitor's stay before the exit (free
+minutes or an amount) once, out of the budget the company gave them; the exit, the quote and
+the report see it; a merchant's sign-in can do nothing else."""
+
+import asyncio
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from parking.runtime import Runtime
+from tests.conftest import (
+    Lot,
+    Staff,
+    bearer,
+    create_lot,
+    enter,
+    make_driver,
+    make_staff,
+    staff_token,
+    unique_plate,
+)
+from tests.gates import GateProbe
+
+
+async def make_merchant(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, lot: Lot, budget_fen: int
+) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+    """A merchant of the lot's company: (the merchant, its staff's headers, an admin's)."""
+    admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+    email = f"shop-{uuid.uuid4().hex[:8]}@merchant.test"
+    response = await api.post(
+        "/api/v1/operator/merchants",
+        json={
+            "name": f"咖啡店-{uuid.uuid4().hex[:6]}",
+            "budget_fen": budget_fen,
+            "car_parks": [lot.code],
+            "user": {"email": email, "name": "店员", "password": "a long shop password"},
+        },
+        headers=admin,
+    )
+    assert response.status_code == 201, response.text
+    async with runtime.pool.acquire() as conn:
+        user_id = await conn.fetchval("SELECT id FROM operator_users WHERE email = $1", email)
+    staff = Staff(user_id, lot.operator_id, "merchant", email, "a long shop password")
+    return {**response.json(), "email": email}, bearer(staff_token(app, staff)), admin
+
+
+async def test_free_minutes_validated_once_priced_at_the_exit_and_reported(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    merchant, shop, admin = await make_merchant(runtime, app, api, lot, budget_fen=5000)
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=150))
+    body = {"car_park": lot.code, "plate": driver.plate, "color": "blue", "free_minutes": 120}
+    # The same validation sent twice at once, and again later: given once, paid once.
+    first, second = await asyncio.gather(
+        api.post("/api/v1/merchant/validations", json=body, headers=shop),
+        api.post("/api/v1/merchant/validations", json=body, headers=shop),
+    )
+    assert sorted([first.status_code, second.status_code]) == [200, 201], (first.text, second.text)
+    assert first.json()["id"] == second.json()["id"]
+    third = await api.post("/api/v1/merchant/validations", json=body, headers=shop)
+    assert third.status_code == 200 and third.json()["id"] == first.json()["id"]
+    # Another validation of the same stay (other terms) is refused.
+    other = await api.post(
+        "/api/v1/merchant/validations", json={**body, "free_minutes": 30}, headers=shop
+    )
+    assert other.status_code == 409 and other.json()["error"]["code"] == "already_validated"
+    me = (await api.get("/api/v1/merchant", headers=shop)).json()
+    assert me["spent_fen"] == 1200 and me["remaining_fen"] == 3800  # two hours' tariff
+    quote = (
+        await api.get(f"/api/v1/car-parks/{lot.code}/quote", params={"plate": driver.plate})
+    ).json()
+    assert quote["fee_fen"] == 600 and quote["validation_fen"] == 1200
+    command = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+    assert command["action"] == "open" and command["fee_fen"] == 600  # from 2 h in: 30 min
+    report = (await api.get("/api/v1/operator/reports/validations", headers=admin)).json()
+    assert [(r["merchant_id"], r["validations"], r["cost_fen"]) for r in report] == [
+        (merchant["id"], 1, 1200)
+    ]
+    # After the exit there is nothing to validate.
+    late = await api.post("/api/v1/merchant/validations", json=body, headers=shop)
+    assert late.status_code == 404
+
+
+async def test_an_amount_never_below_zero_and_the_budget_is_a_limit(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    _, shop, admin = await make_merchant(runtime, app, api, lot, budget_fen=1000)
+    visitor, another = unique_plate(), unique_plate()
+    await enter(runtime, gate, lot, visitor, parked_for=timedelta(minutes=30))  # ¥6
+    await enter(runtime, gate, lot, another, parked_for=timedelta(minutes=30))
+    given = await api.post(
+        "/api/v1/merchant/validations",
+        json={"car_park": lot.code, "plate": visitor, "amount_fen": 800},
+        headers=shop,
+    )
+    assert given.status_code == 201 and given.json()["cost_fen"] == 800
+    over = await api.post(
+        "/api/v1/merchant/validations",
+        json={"car_park": lot.code, "plate": another, "amount_fen": 300},
+        headers=shop,
+    )
+    assert over.status_code == 409 and over.json()["error"]["code"] == "budget_exhausted"
+    # Nothing changed: the other car is not validated, the budget as it was.
+    assert (await api.get("/api/v1/merchant", headers=shop)).json()["spent_fen"] == 800
+    merchants = (await api.get("/api/v1/operator/merchants", headers=admin)).json()
+    topped = await api.post(
+        f"/api/v1/operator/merchants/{merchants[0]['id']}/budget",
+        json={"add_fen": 500},
+        headers=admin,
+    )
+    assert topped.json()["remaining_fen"] == 700
+    # ¥6 less ¥8: free, the gate opens for an unbound visitor.
+    command = await gate.decide(lot.code, "out1", gate.capture("out", visitor))
+    assert command["action"] == "open" and command["fee_fen"] == 0
+
+
+async def test_a_merchant_can_only_validate_and_only_in_its_car_parks(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    merchant, shop, _ = await make_merchant(runtime, app, api, lot, budget_fen=1000)
+    email = merchant["email"]
+    # The merchant's staff sign in like any staff, with the password the admin gave.
+    signed_in = await api.post(
+        "/api/v1/auth/token",
+        json={"grant_type": "password", "email": email, "password": "a long shop password"},
+    )
+    assert signed_in.status_code == 200, signed_in.text
+    token = bearer(signed_in.json()["access_token"])
+    assert (await api.get("/api/v1/merchant", headers=token)).json()["budget_fen"] == 1000
+    for method, path in (
+        ("GET", "/api/v1/operator/stays"),
+        ("GET", "/api/v1/operator/rights"),
+        ("GET", "/api/v1/operator/exceptions"),
+        ("POST", "/api/v1/operator/blacklist"),
+    ):
+        response = await api.request(method, path, headers=shop, json={})
+        assert response.status_code == 403, (path, response.text)
+    elsewhere = await create_lot(runtime)
+    plate = unique_plate()
+    await enter(runtime, gate, elsewhere, plate, parked_for=timedelta(minutes=30))
+    response = await api.post(
+        "/api/v1/merchant/validations",
+        json={"car_park": elsewhere.code, "plate": plate, "free_minutes": 30},
+        headers=shop,
+    )
+    assert response.status_code == 404
+    bad = await api.post(
+        "/api/v1/merchant/validations",
+        json={"car_park": lot.code, "plate": plate, "free_minutes": 30, "amount_fen": 1},
+        headers=shop,
+    )
+    assert bad.status_code == 422
