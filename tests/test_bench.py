@@ -42,6 +42,12 @@ async def test_abuse_bench_runs_the_lane_alone_and_under_abuse_and_reports_both(
         assert figures["errors"] == 0, result
         assert figures["decisions"] == figures["exits"] > 0, result
         assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+        # What each phase cost, so that a change of p99 can be told from a busy machine.
+        cpu = figures["cpu"]
+        assert cpu["lane_cpu_s"] > 0 and cpu["wall_s"] > 0, cpu
+        assert cpu["lane_waited_for_cpu_s"] >= 0 and cpu["load_avg_1m"] >= 0, cpu
+    # The API served the abuse in a process of its own, the clients in another.
+    assert result["abused"]["cpu"]["api_cpu_s"] > 0 and result["abused"]["cpu"]["clients_cpu_s"] > 0
     abuse = result["abuse"]
     assert abuse["requests"] > 0 and abuse["server_errors"] == 0, abuse["answered"]
     statuses = {status for counts in abuse["answered"].values() for status in counts}

@@ -92,6 +92,15 @@ def _serve_provider(port: int, faults: sandbox.FaultConfig, secret: str) -> None
     sandbox.serve(port, faults, secret, ":memory:")
 
 
+def wait_for_port(port: int, timeout_s: float = 30) -> None:
+    """Until something accepts connections on the local port (a child process serving)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def sandbox_process(faults: sandbox.FaultConfig | None = None) -> Iterator[ProviderEndpoint]:
     """The provider in its own process: another service, not part of the lane. By default it
@@ -111,11 +120,7 @@ def sandbox_process(faults: sandbox.FaultConfig | None = None) -> Iterator[Provi
     )
     process.start()
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            time.sleep(0.1)
+        wait_for_port(port)
         yield ProviderEndpoint(f"http://127.0.0.1:{port}", secret)
     finally:
         process.terminate()

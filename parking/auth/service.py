@@ -9,6 +9,7 @@ import asyncio
 import hmac
 import uuid
 import weakref
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -27,8 +28,9 @@ from parking.auth.tokens import (
     verify_password,
 )
 from parking.errors import AppError
-from parking.ratelimit import Backoff, forgive, hit, take, uncount
+from parking.ratelimit import Backoff, Budget, RateLimited, forgive, hit, take, uncount
 from parking.runtime import Runtime
+from parking.settings import Settings
 
 
 class SignInFailed(AppError):
@@ -152,18 +154,47 @@ def _password_backoffs(runtime: Runtime, email: str, client: str) -> list[Backof
     ]
 
 
-# scrypt costs tens of milliseconds of CPU and 16 MiB a check: one at a time per process, so
-# that a flood of password guesses (each from a fresh address, all within their free tries)
-# takes at most one core from the lane and the rest of the API, never all of them.
-# One per event loop (a semaphore belongs to the loop it first waited on).
-_HASHING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+# scrypt costs tens of milliseconds of CPU and 16 MiB a check: one at a time per process, and
+# at most PARKING_PASSWORD_CHECKS_PER_SECOND of them, so that a flood of password guesses (each
+# from a fresh address, all within their free tries) takes a bounded share of one core from
+# the lanes and the rest of the API. A guess beyond the budget is refused before anything is
+# counted or hashed. One of each per event loop (a semaphore belongs to the loop it first
+# waited on; the tests run many loops and runtimes).
+@dataclass(slots=True)
+class _Hashing:
+    one_at_a_time: asyncio.Semaphore
+    budget: Budget
+
+
+_HASHING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Hashing] = (
     weakref.WeakKeyDictionary()
 )
 
 
-async def _verify(password: str, stored: str) -> bool:
-    hashing = _HASHING.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(1))
-    async with hashing:
+def _hashing(settings: Settings) -> _Hashing:
+    loop = asyncio.get_running_loop()
+    hashing = _HASHING.get(loop)
+    if hashing is None:
+        hashing = _Hashing(asyncio.Semaphore(1), Budget(settings.password_checks_per_second))
+        _HASHING[loop] = hashing
+    return hashing
+
+
+async def _counted_check(runtime: Runtime, scopes: list[Backoff]) -> _Hashing:
+    """One password check out of the budget, and the try counted in its backoff `scopes`; or
+    RateLimited, with neither taken."""
+    hashing = _hashing(runtime.settings)
+    hashing.budget.take()
+    try:
+        await take(runtime.redis, scopes)
+    except RateLimited:
+        hashing.budget.give_back()
+        raise
+    return hashing
+
+
+async def _verify(hashing: _Hashing, password: str, stored: str) -> bool:
+    async with hashing.one_at_a_time:
         # Off the event loop, which the lanes share.
         return await asyncio.to_thread(verify_password, password, stored)
 
@@ -179,10 +210,10 @@ async def sign_in_with_password(
     # Every try is counted before the password is checked (atomically: a burst of concurrent
     # guesses gets only the free tries checked); a right password takes its count back.
     per_email_client, per_email, per_client = _password_backoffs(runtime, email, client)
-    await take(runtime.redis, [per_email_client, per_email, per_client])
+    hashing = await _counted_check(runtime, [per_email_client, per_email, per_client])
     async with runtime.pool.acquire() as conn:
         user = await repo.operator_user_by_email(conn, email)
-    right = await _verify(password, user.password_hash if user else _NO_SUCH_USER)
+    right = await _verify(hashing, password, user.password_hash if user else _NO_SUCH_USER)
     if user is None or not right:
         raise SignInFailed("invalid_credentials", "wrong e-mail or password")
     async with runtime.pool.acquire() as conn, conn.transaction():
@@ -206,12 +237,12 @@ async def change_password(runtime: Runtime, principal: Principal, current: str, 
         1.0,
         settings.password_backoff_max_s,
     )
-    await take(runtime.redis, [backoff])
+    hashing = await _counted_check(runtime, [backoff])
     async with runtime.pool.acquire() as conn:
         user = await repo.operator_user_by_id(conn, principal.operator_user_id)
     if user is None:
         raise SignInFailed("invalid_credentials", "the user is disabled")
-    if not await _verify(current, user.password_hash):
+    if not await _verify(hashing, current, user.password_hash):
         raise AppError(403, "wrong_password", "the current password is not right")
     new_hash = await asyncio.to_thread(hash_password, new)
     async with runtime.pool.acquire() as conn, conn.transaction():
