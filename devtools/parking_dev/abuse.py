@@ -39,7 +39,7 @@ from parking.logging import configure_from
 from parking.runtime import ProviderEndpoint, running
 from parking.settings import Settings
 from parking_dev import sandbox
-from parking_dev.bench import drive, lane_service, wait_for_port
+from parking_dev.bench import analyze, drive, lane_service, wait_for_port
 from parking_dev.demo import DemoCity, seed_city
 
 # The lane's p99 under abuse may be at most this much above its p99 alone.
@@ -233,6 +233,7 @@ async def run_abuse_bench(
         city = await seed_city(
             runtime.pool, rng, drivers=exits_needed, car_parks=car_parks, parked_share=1.0
         )
+        await analyze(runtime)
         await runtime.lanes.warm_up()
         alone_city, abused_city = _split(city)
         async with runtime.pool.acquire() as conn:
