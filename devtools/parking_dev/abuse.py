@@ -15,7 +15,6 @@ were answered.
 """
 
 import asyncio
-import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -24,7 +23,6 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -159,27 +157,15 @@ def _serve_api(
     uvloop.run(go())
 
 
-def _waited_for_cpu_s(pid: int) -> float:
-    """Seconds the process's threads have spent ready to run but waiting for a core (Linux
-    schedstat; 0 where there is none): what the rest of the machine costs the process."""
-    waited = 0
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            waited += int((task / "schedstat").read_text().split()[1])
-    return waited / 1e9
-
-
 @dataclasses.dataclass
 class _Cpu:
-    """CPU seconds of the lane (this process) and the API process, the seconds the lane waited
-    for a core, the machine's busy share and its load, from `start` to `figures`."""
+    """CPU seconds of the API process and the machine's busy share, from creation to `figures`
+    (the lane's own are in each phase's `lane_cpu`)."""
 
     api: psutil.Process
 
     def __post_init__(self) -> None:
         self.started = time.monotonic()
-        self.lane = time.process_time()
-        self.lane_waited_s = _waited_for_cpu_s(os.getpid())
         self.api_s = self._api_s()
         self.machine = psutil.cpu_times()
 
@@ -195,11 +181,8 @@ class _Cpu:
         )
         return {
             "wall_s": round(wall, 1),
-            "lane_cpu_s": round(time.process_time() - self.lane, 1),
-            "lane_waited_for_cpu_s": round(_waited_for_cpu_s(os.getpid()) - self.lane_waited_s, 1),
             "api_cpu_s": round(self._api_s() - self.api_s, 1),
             "machine_busy_pct": round(100 * busy / (wall * (psutil.cpu_count() or 1)), 1),
-            "load_avg_1m": round(os.getloadavg()[0], 2),
         }
 
 
@@ -211,7 +194,7 @@ def _split(city: DemoCity) -> tuple[DemoCity, DemoCity]:
 
 
 def _phase(figures: dict[str, Any]) -> dict[str, Any]:
-    keep = ("decisions", "exits", "errors", "p50_ms", "p95_ms", "p99_ms", "max_ms")
+    keep = ("decisions", "exits", "errors", "p50_ms", "p95_ms", "p99_ms", "max_ms", "lane_cpu")
     return {key: figures[key] for key in keep} | {"throughput_per_s": figures["throughput_per_s"]}
 
 

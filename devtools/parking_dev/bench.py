@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +246,34 @@ class _DecisionWindow:
         return round((self.last[1] - self.first[1]) / (self.last[0] - self.first[0]), 1)
 
 
+def waited_for_cpu_s(pid: int) -> float:
+    """Seconds the process's threads have spent ready to run but waiting for a core (Linux
+    schedstat; 0 where there is none): what the rest of a shared machine costs the process."""
+    waited = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            waited += int((task / "schedstat").read_text().split()[1])
+    return waited / 1e9
+
+
+@dataclass
+class _LaneCpu:
+    """The lane process's CPU and its wait for a core over a run, and the machine's load: a
+    run's latency read beside them tells the lane's own cost from a busy machine's."""
+
+    cpu_s: float = field(default_factory=time.process_time)
+    waited_s: float = field(default_factory=lambda: waited_for_cpu_s(os.getpid()))
+
+    def figures(self, decisions: int) -> dict[str, Any]:
+        cpu_s = time.process_time() - self.cpu_s
+        return {
+            "cpu_s": round(cpu_s, 1),
+            "cpu_ms_per_decision": round(1000 * cpu_s / decisions, 2) if decisions else None,
+            "waited_for_cpu_s": round(waited_for_cpu_s(os.getpid()) - self.waited_s, 1),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        }
+
+
 def _p99_first(latencies_ms: deque[float]) -> float | None:
     """p99 of the first decisions; None once the window has dropped them (a long run)."""
     if len(latencies_ms) == latencies_ms.maxlen:
@@ -259,6 +287,7 @@ async def drive(
     """Simulated gates (their own process) send `rate` captures a second for `duration_s` to the
     running lane; returns its figures once this run's charges are done."""
     started = time.monotonic()
+    lane_cpu = _LaneCpu()
     progress = asyncio.create_task(_progress(runtime, started))
     window = _DecisionWindow()
     watcher = asyncio.create_task(window.watch(runtime))
@@ -277,6 +306,7 @@ async def drive(
             exit_share,
         )
     elapsed = time.monotonic() - started
+    lane_cpu_figures = lane_cpu.figures(runtime.lanes.stats.captures)
     progress.cancel()
     watcher.cancel()
     charged = await _wait_for_charges(runtime, report, timeout_s=30)
@@ -303,6 +333,7 @@ async def drive(
         "exits_wrong_plate_charged": wrong["charged"],
         "charges_pending": charged["pending"],
         "lane_concurrency": runtime.settings.lane_concurrency,
+        "lane_cpu": lane_cpu_figures,
     }
 
 

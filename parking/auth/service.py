@@ -8,8 +8,7 @@ their own transaction and raise only after it.
 import asyncio
 import hmac
 import uuid
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -154,47 +153,35 @@ def _password_backoffs(runtime: Runtime, email: str, client: str) -> list[Backof
     ]
 
 
-# scrypt costs tens of milliseconds of CPU and 16 MiB a check: one at a time per process, and
-# at most PARKING_PASSWORD_CHECKS_PER_SECOND of them, so that a flood of password guesses (each
-# from a fresh address, all within their free tries) takes a bounded share of one core from
-# the lanes and the rest of the API. A guess beyond the budget is refused before anything is
-# counted or hashed. One of each per event loop (a semaphore belongs to the loop it first
-# waited on; the tests run many loops and runtimes).
 @dataclass(slots=True)
-class _Hashing:
-    one_at_a_time: asyncio.Semaphore
+class PasswordChecks:
+    """scrypt costs tens of milliseconds of CPU and 16 MiB a check: one at a time per API
+    process, and at most PARKING_PASSWORD_CHECKS_PER_SECOND of them, so that a flood of
+    password guesses (each from a fresh address at a fresh e-mail, all within their free tries)
+    takes a bounded share of one core from the lanes and the rest of the API. A guess beyond
+    the budget is refused before anything is counted or hashed. One per app (`create_app`)."""
+
     budget: Budget
+    one_at_a_time: asyncio.Semaphore = field(default_factory=asyncio.Semaphore)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "PasswordChecks":
+        return cls(Budget(settings.password_checks_per_second))
 
 
-_HASHING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Hashing] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _hashing(settings: Settings) -> _Hashing:
-    loop = asyncio.get_running_loop()
-    hashing = _HASHING.get(loop)
-    if hashing is None:
-        hashing = _Hashing(asyncio.Semaphore(1), Budget(settings.password_checks_per_second))
-        _HASHING[loop] = hashing
-    return hashing
-
-
-async def _counted_check(runtime: Runtime, scopes: list[Backoff]) -> _Hashing:
+async def _counted_check(runtime: Runtime, checks: PasswordChecks, scopes: list[Backoff]) -> None:
     """One password check out of the budget, and the try counted in its backoff `scopes`; or
     RateLimited, with neither taken."""
-    hashing = _hashing(runtime.settings)
-    hashing.budget.take()
+    checks.budget.take()
     try:
         await take(runtime.redis, scopes)
     except RateLimited:
-        hashing.budget.give_back()
+        checks.budget.give_back()
         raise
-    return hashing
 
 
-async def _verify(hashing: _Hashing, password: str, stored: str) -> bool:
-    async with hashing.one_at_a_time:
+async def _verify(checks: PasswordChecks, password: str, stored: str) -> bool:
+    async with checks.one_at_a_time:
         # Off the event loop, which the lanes share.
         return await asyncio.to_thread(verify_password, password, stored)
 
@@ -204,16 +191,21 @@ _NO_SUCH_USER = hash_password(new_secret())
 
 
 async def sign_in_with_password(
-    runtime: Runtime, signer: TokenSigner, email: str, password: str, client: str
+    runtime: Runtime,
+    signer: TokenSigner,
+    checks: PasswordChecks,
+    email: str,
+    password: str,
+    client: str,
 ) -> TokenPair:
     email = email.lower()
     # Every try is counted before the password is checked (atomically: a burst of concurrent
     # guesses gets only the free tries checked); a right password takes its count back.
     per_email_client, per_email, per_client = _password_backoffs(runtime, email, client)
-    hashing = await _counted_check(runtime, [per_email_client, per_email, per_client])
+    await _counted_check(runtime, checks, [per_email_client, per_email, per_client])
     async with runtime.pool.acquire() as conn:
         user = await repo.operator_user_by_email(conn, email)
-    right = await _verify(hashing, password, user.password_hash if user else _NO_SUCH_USER)
+    right = await _verify(checks, password, user.password_hash if user else _NO_SUCH_USER)
     if user is None or not right:
         raise SignInFailed("invalid_credentials", "wrong e-mail or password")
     async with runtime.pool.acquire() as conn, conn.transaction():
@@ -225,7 +217,9 @@ async def sign_in_with_password(
     return pair
 
 
-async def change_password(runtime: Runtime, principal: Principal, current: str, new: str) -> None:
+async def change_password(
+    runtime: Runtime, checks: PasswordChecks, principal: Principal, current: str, new: str
+) -> None:
     """A staff member's new password, given the current one. Every other sign-in of theirs
     ends (its refresh tokens revoked, its access tokens refused at once: they name their
     sign-in); the one asking goes on. Wrong current passwords back off like sign-ins."""
@@ -237,12 +231,12 @@ async def change_password(runtime: Runtime, principal: Principal, current: str, 
         1.0,
         settings.password_backoff_max_s,
     )
-    hashing = await _counted_check(runtime, [backoff])
+    await _counted_check(runtime, checks, [backoff])
     async with runtime.pool.acquire() as conn:
         user = await repo.operator_user_by_id(conn, principal.operator_user_id)
     if user is None:
         raise SignInFailed("invalid_credentials", "the user is disabled")
-    if not await _verify(hashing, current, user.password_hash):
+    if not await _verify(checks, current, user.password_hash):
         raise AppError(403, "wrong_password", "the current password is not right")
     new_hash = await asyncio.to_thread(hash_password, new)
     async with runtime.pool.acquire() as conn, conn.transaction():
