@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from parking.auth.router import router as auth_router
+from parking.auth.service import PasswordChecks
 from parking.auth.sms import SmsSender
 from parking.auth.tokens import TokenSigner
 from parking.bodylimit import BodyLimit
@@ -61,6 +62,7 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
         key = settings.jwt_secret.get_secret_value()
     app.state.signer = TokenSigner(key, settings.access_token_ttl_s)
     app.state.sms = sms or runtime.sms
+    app.state.password_checks = PasswordChecks.from_settings(settings)
     app.state.frame_signer = FrameSigner.from_settings(settings)
     if app.state.frame_signer is None:
         log.warning(

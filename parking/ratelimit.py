@@ -3,7 +3,8 @@ keeps trying without ever shutting anyone out for long. Losing Redis resets them
 makes the limits briefly lenient: nothing that matters depends on them being exact."""
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -114,6 +115,32 @@ async def forgive(redis: Redis, scopes: Sequence[Backoff]) -> None:
 async def uncount(redis: Redis, scope: Backoff) -> None:
     """Takes back one counted try (a success, in a scope that counts only failures)."""
     await redis.register_script(_UNCOUNT)(keys=[scope.count_key])
+
+
+class Budget:
+    """A token bucket in this process: `rate` units a second, at most `rate` (and at least one)
+    kept for a burst. For work whose cost is this process's CPU, which no shared counter knows
+    better than the process itself."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self._clock = clock
+        self._tokens = self.capacity
+        self._at = clock()
+
+    def take(self) -> None:
+        """Takes one unit, or raises RateLimited (taking nothing) when none is left."""
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1:
+            raise RateLimited(max(1, math.ceil((1 - self._tokens) / self.rate)))
+        self._tokens -= 1
+
+    def give_back(self) -> None:
+        """Returns a unit taken for work that was then not done."""
+        self._tokens = min(self.capacity, self._tokens + 1)
 
 
 def client_address(request: Request) -> str:

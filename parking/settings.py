@@ -196,6 +196,11 @@ class Settings(BaseSettings):
     password_free_failures: int = Field(default=5, ge=1)
     password_backoff_max_s: float = Field(default=900.0, gt=0)
     password_email_backoff_max_s: float = Field(default=30.0, gt=0)
+    # Password checks (scrypt, ~60 ms of CPU each) one API process makes per second, with as
+    # many in a burst; a guess beyond them is refused at once (429, nothing counted, nothing
+    # hashed), so that guesses from any number of addresses never take more than this share
+    # of a core from the lanes and the rest of the API.
+    password_checks_per_second: float = Field(default=4.0, gt=0)
     # Live dashboard streams one staff member may have open at once (over all API processes),
     # and how often an open stream checks that its user still has the right (not disabled,
     # moved or signed out); it also ends when its token expires.

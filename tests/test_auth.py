@@ -8,12 +8,14 @@ import uuid
 import httpx
 import jwt
 import orjson
+import pytest
 from fastapi import FastAPI
 
 from parking.app import create_app
 from parking.auth import repository as auth_repo
 from parking.auth.tokens import AUDIENCE, ISSUER, TokenSigner, digest, new_secret
 from parking.runtime import Runtime
+from parking.settings import Settings
 from tests.conftest import Lot, bearer, make_staff
 
 
@@ -70,6 +72,14 @@ async def test_wrong_codes_are_counted_and_end_the_code(
         "/api/v1/auth/token", json={"grant_type": "sign_in_code", "phone": phone, "code": right}
     )
     assert late.status_code == 401 and late.json()["error"]["code"] == "too_many_attempts"
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The process's budget of password checks is the subject of one test, which sets its own;
+    the others check as many passwords as they need to."""
+    settings.password_checks_per_second = 1000
+    return settings
 
 
 async def _waits_pass(runtime: Runtime) -> None:
@@ -282,6 +292,37 @@ async def test_guessing_from_many_addresses_delays_an_e_mail_only_briefly(
         assert int(owner.headers["Retry-After"]) <= settings.password_email_backoff_max_s
         await _waits_pass(runtime)
         assert (await sign_in("192.0.2.20", staff.password)).status_code == 200
+
+
+async def test_guesses_beyond_the_process_budget_are_refused_unhashed_and_uncounted(
+    runtime: Runtime, lot: Lot
+) -> None:
+    """Guesses each from a fresh address at a fresh e-mail are all within their free tries, so
+    only the process's budget (PARKING_PASSWORD_CHECKS_PER_SECOND) bounds the CPU they take:
+    beyond it a guess is answered 429 at once, before any try is counted or hashed."""
+    runtime.settings.password_checks_per_second = 0.01  # one check, then one per 100 s
+    async with _behind_proxy(runtime) as api:
+        statuses, retry_after = [], []
+        for n in range(6):
+            answer = await api.post(
+                "/api/v1/auth/token",
+                json={
+                    "grant_type": "password",
+                    "email": f"guess-{n}@example.test",
+                    "password": "wrong",
+                },
+                headers={"X-Forwarded-For": f"198.51.100.{n}"},
+            )
+            statuses.append(answer.status_code)
+            retry_after.append(answer.headers.get("Retry-After"))
+    assert statuses == [401] + [429] * 5, statuses
+    assert all(wait is not None and int(wait) >= 1 for wait in retry_after[1:]), retry_after
+    # Only the checked guess was counted (each scope's key ends in its address or e-mail's
+    # digest, then `:count`).
+    counted = await runtime.redis.keys(f"{runtime.settings.redis_key_prefix}backoff:password*")
+    assert len(counted) == 3, counted
+    assert all(key.endswith(":count") for key in counted), counted
+    assert {key.split(":")[-2] for key in counted if ":client:" in key} == {"198.51.100.0"}
 
 
 async def test_a_demoted_or_disabled_user_loses_rights_with_the_same_token(

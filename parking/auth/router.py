@@ -131,7 +131,12 @@ async def token(
     if isinstance(grant, PasswordGrant):
         client = client_address(request)
         return await service.sign_in_with_password(
-            runtime, token_signer, grant.email, grant.password, client
+            runtime,
+            token_signer,
+            request.app.state.password_checks,
+            grant.email,
+            grant.password,
+            client,
         )
     return await service.refresh(runtime, token_signer, grant.refresh_token)
 
@@ -143,7 +148,15 @@ async def sign_out(body: Logout, runtime: RuntimeDep) -> None:
 
 
 @router.post("/password", status_code=204)
-async def change_password(body: PasswordChange, staff: OperatorDep, runtime: RuntimeDep) -> None:
+async def change_password(
+    body: PasswordChange, staff: OperatorDep, runtime: RuntimeDep, request: Request
+) -> None:
     """Staff change their own password (the current one, and a new one of 12 or more
     characters); every other sign-in of theirs ends. 403 `wrong_password`."""
-    await service.change_password(runtime, staff, body.current_password, body.new_password)
+    await service.change_password(
+        runtime,
+        request.app.state.password_checks,
+        staff,
+        body.current_password,
+        body.new_password,
+    )

@@ -8,7 +8,7 @@ their own transaction and raise only after it.
 import asyncio
 import hmac
 import uuid
-import weakref
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -27,8 +27,9 @@ from parking.auth.tokens import (
     verify_password,
 )
 from parking.errors import AppError
-from parking.ratelimit import Backoff, forgive, hit, take, uncount
+from parking.ratelimit import Backoff, Budget, RateLimited, forgive, hit, take, uncount
 from parking.runtime import Runtime
+from parking.settings import Settings
 
 
 class SignInFailed(AppError):
@@ -152,18 +153,35 @@ def _password_backoffs(runtime: Runtime, email: str, client: str) -> list[Backof
     ]
 
 
-# scrypt costs tens of milliseconds of CPU and 16 MiB a check: one at a time per process, so
-# that a flood of password guesses (each from a fresh address, all within their free tries)
-# takes at most one core from the lane and the rest of the API, never all of them.
-# One per event loop (a semaphore belongs to the loop it first waited on).
-_HASHING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
-    weakref.WeakKeyDictionary()
-)
+@dataclass(slots=True)
+class PasswordChecks:
+    """scrypt costs tens of milliseconds of CPU and 16 MiB a check: one at a time per API
+    process, and at most PARKING_PASSWORD_CHECKS_PER_SECOND of them, so that a flood of
+    password guesses (each from a fresh address at a fresh e-mail, all within their free tries)
+    takes a bounded share of one core from the lanes and the rest of the API. A guess beyond
+    the budget is refused before anything is counted or hashed. One per app (`create_app`)."""
+
+    budget: Budget
+    one_at_a_time: asyncio.Semaphore = field(default_factory=asyncio.Semaphore)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "PasswordChecks":
+        return cls(Budget(settings.password_checks_per_second))
 
 
-async def _verify(password: str, stored: str) -> bool:
-    hashing = _HASHING.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(1))
-    async with hashing:
+async def _counted_check(runtime: Runtime, checks: PasswordChecks, scopes: list[Backoff]) -> None:
+    """One password check out of the budget, and the try counted in its backoff `scopes`; or
+    RateLimited, with neither taken."""
+    checks.budget.take()
+    try:
+        await take(runtime.redis, scopes)
+    except RateLimited:
+        checks.budget.give_back()
+        raise
+
+
+async def _verify(checks: PasswordChecks, password: str, stored: str) -> bool:
+    async with checks.one_at_a_time:
         # Off the event loop, which the lanes share.
         return await asyncio.to_thread(verify_password, password, stored)
 
@@ -173,16 +191,21 @@ _NO_SUCH_USER = hash_password(new_secret())
 
 
 async def sign_in_with_password(
-    runtime: Runtime, signer: TokenSigner, email: str, password: str, client: str
+    runtime: Runtime,
+    signer: TokenSigner,
+    checks: PasswordChecks,
+    email: str,
+    password: str,
+    client: str,
 ) -> TokenPair:
     email = email.lower()
     # Every try is counted before the password is checked (atomically: a burst of concurrent
     # guesses gets only the free tries checked); a right password takes its count back.
     per_email_client, per_email, per_client = _password_backoffs(runtime, email, client)
-    await take(runtime.redis, [per_email_client, per_email, per_client])
+    await _counted_check(runtime, checks, [per_email_client, per_email, per_client])
     async with runtime.pool.acquire() as conn:
         user = await repo.operator_user_by_email(conn, email)
-    right = await _verify(password, user.password_hash if user else _NO_SUCH_USER)
+    right = await _verify(checks, password, user.password_hash if user else _NO_SUCH_USER)
     if user is None or not right:
         raise SignInFailed("invalid_credentials", "wrong e-mail or password")
     async with runtime.pool.acquire() as conn, conn.transaction():
@@ -194,7 +217,9 @@ async def sign_in_with_password(
     return pair
 
 
-async def change_password(runtime: Runtime, principal: Principal, current: str, new: str) -> None:
+async def change_password(
+    runtime: Runtime, checks: PasswordChecks, principal: Principal, current: str, new: str
+) -> None:
     """A staff member's new password, given the current one. Every other sign-in of theirs
     ends (its refresh tokens revoked, its access tokens refused at once: they name their
     sign-in); the one asking goes on. Wrong current passwords back off like sign-ins."""
@@ -206,12 +231,12 @@ async def change_password(runtime: Runtime, principal: Principal, current: str, 
         1.0,
         settings.password_backoff_max_s,
     )
-    await take(runtime.redis, [backoff])
+    await _counted_check(runtime, checks, [backoff])
     async with runtime.pool.acquire() as conn:
         user = await repo.operator_user_by_id(conn, principal.operator_user_id)
     if user is None:
         raise SignInFailed("invalid_credentials", "the user is disabled")
-    if not await _verify(current, user.password_hash):
+    if not await _verify(checks, current, user.password_hash):
         raise AppError(403, "wrong_password", "the current password is not right")
     new_hash = await asyncio.to_thread(hash_password, new)
     async with runtime.pool.acquire() as conn, conn.transaction():
