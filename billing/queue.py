@@ -16,7 +16,7 @@ attempt, so a job that kills its worker every time ends dead too.
 """
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -46,6 +46,19 @@ class Job:
     @property
     def attempts_since_retry(self) -> int:
         return self.attempts - self.attempts_at_retry
+
+
+class RetryLater(Exception):
+    """Raised by a job's handler when the job should be tried again after its backoff (from
+    `base_s`, or the worker's base when None), or made dead if that was its last attempt."""
+
+    def __init__(self, error: str, base_s: float | None = None) -> None:
+        super().__init__(error)
+        self.base_s = base_s
+
+
+# Called with a job and its last error when it goes dead (its handler's own bookkeeping).
+OnDead = Callable[[Job, str], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +94,11 @@ class Queue:
         *,
         lease_s: float = 60.0,
         rng: random.Random | None = None,
+        on_dead: Mapping[str, OnDead] | None = None,
     ) -> None:
         self.pool = pool
+        # Per kind, what else a dead job changes (a feed delivery is marked dead).
+        self.on_dead = dict(on_dead or {})
         self.policy = policy or RetryPolicy()
         self.lease_s = lease_s
         self.rng = rng or random.Random()
@@ -144,6 +160,8 @@ class Queue:
                 error[:500],
             )
         self.dead += 1
+        if (hook := self.on_dead.get(job.kind)) is not None:
+            await hook(job, error[:500])
         log.error(
             "outbox.job_dead",
             job_id=job.id,

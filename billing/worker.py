@@ -64,7 +64,11 @@ DEFAULT_MAX_ATTEMPTS: Mapping[str, int] = {
 }
 # Dead jobs that carry no money, deleted after the dead-letter retention: a driver's message
 # or a barrier's command that never went out. Dead charges and refunds wait for an operator.
-PRUNABLE_DEAD_KINDS = frozenset({"notification", "gate_command"})
+PRUNABLE_DEAD_KINDS = frozenset({"notification", "gate_command", "feed_delivery"})
+
+# A handler of a kind of job the worker runs for another package (parking's feed deliveries):
+# returning means done; raising `billing.queue.RetryLater` means again after the backoff.
+Handler = Callable[[Job], Awaitable[None]]
 
 
 class OutboxWorker:
@@ -89,6 +93,8 @@ class OutboxWorker:
         max_attempts: Mapping[str, int] = DEFAULT_MAX_ATTEMPTS,
         backoff_cap_s: float = 300.0,
         rng: random.Random | None = None,
+        handlers: Mapping[str, Handler] | None = None,
+        on_dead: Mapping[str, job_queue.OnDead] | None = None,
     ) -> None:
         self.pool = pool
         self.provider = provider
@@ -110,6 +116,8 @@ class OutboxWorker:
             "notification": self._notify,
             "gate_command": self._gate_command,
         }
+        for kind, handler in (handlers or {}).items():
+            self._handlers[kind] = self._then_done(handler)
         self.poll_interval_s = poll_interval_s
         self.lease_s = lease_s
         self.batch = batch
@@ -118,6 +126,7 @@ class OutboxWorker:
             job_queue.RetryPolicy(max_attempts=dict(max_attempts), cap_s=backoff_cap_s),
             lease_s=lease_s,
             rng=rng,
+            on_dead=on_dead,
         )
         self.stats = WorkerStats()
         self._wake = asyncio.Event()
@@ -188,9 +197,22 @@ class OutboxWorker:
         await asyncio.gather(*(self._run_job(job) for job in jobs))
         return len(jobs) + buried
 
+    def _then_done(self, handler: Handler) -> Handler:
+        async def run(job: Job) -> None:
+            await handler(job)
+            await self._done(job)
+
+        return run
+
     async def _run_job(self, job: Job) -> None:
         try:
             await self._handlers[job.kind](job)
+        except job_queue.RetryLater as exc:
+            # An expected failure (a subscriber's endpoint down): no traceback.
+            try:
+                await self._retry_later(job, str(exc), exc.base_s)
+            except Exception:
+                self._unreleased.add((job.id, job.attempts))
         except Exception as exc:  # a job's failure must not stop the others
             log.exception("outbox.job_failed", job_id=job.id, kind=job.kind)
             self.stats.failures += 1

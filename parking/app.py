@@ -7,6 +7,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from parking.apds.router import router as apds_router
 from parking.auth.router import router as auth_router
 from parking.auth.sms import DevSms, SmsSender
 from parking.auth.tokens import TokenSigner
@@ -67,6 +68,7 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.include_router(confirmations_router)
     app.include_router(ownership_router)
     app.include_router(public_router)
+    app.include_router(apds_router)
     app.include_router(dashboard_router)
     app.include_router(receipts_router)
     app.include_router(disputes_router)

@@ -110,6 +110,7 @@ def job_limits(settings: Settings) -> dict[str, int]:
         "refund": settings.job_max_attempts_refund,
         "notification": settings.job_max_attempts_notification,
         "gate_command": settings.job_max_attempts_gate_command,
+        "feed_delivery": settings.job_max_attempts_feed_delivery,
     }
 
 

@@ -97,6 +97,8 @@ class World:
     # A charge of X awaiting an operator's confirmation, with both frames kept.
     confirmation_x: int = 0
     ownership_claim: int = 0
+    # The tariff of X, as an APDS rate table.
+    rate_x: int = 0
 
 
 Body = Callable[[World], dict[str, Any]] | None
@@ -166,6 +168,14 @@ ROWS = [
         query=lambda w: {"lat": "30.23", "lon": "119.72", "radius_m": "5000"},
     ),
     Row("GET", "/api/v1/public/places", Access.PUBLIC),
+    Row("GET", "/apds/v4/places", Access.PUBLIC),
+    Row("GET", "/apds/v4/places/{place_id}", Access.PUBLIC),
+    Row("GET", "/apds/v4/rates", Access.PUBLIC),
+    Row("GET", "/apds/v4/rates/{rate_id}", Access.PUBLIC),
+    # The company's own stays: staff of X see X's, an admin of Y an empty list (STAFF), and
+    # one of X's stays is not found for Y (STAFF_X).
+    Row("GET", "/apds/v4/sessions", Access.STAFF),
+    Row("GET", "/apds/v4/sessions/{session_id}", Access.STAFF_X),
     Row("GET", "/dashboard", Access.PUBLIC),
     Row("GET", "/openapi.json", Access.PUBLIC),
     Row("GET", "/docs", Access.PUBLIC),
@@ -300,6 +310,9 @@ def _fill(path: str, world: World) -> str:
         dispute_id=world.dispute_x,
         confirmation_id=world.confirmation_x,
         ownership_claim_id=world.ownership_claim,
+        place_id=world.lot_x.code,
+        rate_id=world.rate_x,
+        session_id=world.stay_a,
     )
 
 
@@ -409,6 +422,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
             claimant.account_id,
             claim_holder.account_id,
         )
+        rate_x = await conn.fetchval("SELECT id FROM tariffs WHERE car_park_id = $1", lot_x.id)
     frame_url = app.state.frame_signer.url(receipt_token, "entry")
     frame_query = dict(part.split("=", 1) for part in frame_url.split("?", 1)[1].split("&"))
     tokens = {
@@ -439,6 +453,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         dispute_x,
         confirmation_x,
         ownership_claim,
+        rate_x,
     )
 
 
@@ -446,6 +461,10 @@ def _outcome(response: httpx.Response) -> str:
     """'allowed', or the denial status ('401', '403', '404')."""
     if response.status_code >= 500:
         return f"server error {response.status_code}"
+    json_body = response.headers.get("content-type", "").startswith("application/json")
+    if json_body and response.status_code >= 400 and response.json().get("status") == "error":
+        # APDS's error shape (/apds/…): the status says it all.
+        return {401: "401", 403: "403", 404: "404"}.get(response.status_code, "allowed")
     code = (
         response.json().get("error", {}).get("code")
         if response.headers.get("content-type", "").startswith("application/json")

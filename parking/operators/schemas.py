@@ -62,11 +62,14 @@ class _Request(BaseModel):
 class OperatorCarPark(CarParkOccupancy):
     no_entry_policy: str
     no_entry_fee_fen: int
+    # Closed to the public for now (the APDS place says so; gates keep working).
+    closed: bool = False
 
 
 class CarParkChange(_Request):
     name: CarParkName | None = None
     capacity: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    closed: bool | None = None
 
 
 class Gate(BaseModel):

@@ -58,7 +58,9 @@ async def _last_changes(runtime: Runtime, counts: dict[int, int]) -> dict[int, d
 Answer = dict[str, Any]
 
 
-async def _availabilities(runtime: Runtime, rows: list[asyncpg.Record]) -> list[Answer]:
+async def availabilities(runtime: Runtime, rows: list[asyncpg.Record]) -> list[Answer]:
+    """`CarParkAvailability` of each car park row (id, code, name, capacity, latitude,
+    longitude), in order."""
     counts = await runtime.occupancy.get_many([r["id"] for r in rows])
     changed = await _last_changes(runtime, counts)
     return [_availability(r, counts[r["id"]], changed[r["id"]]) for r in rows]
@@ -83,7 +85,7 @@ def _availability(row: asyncpg.Record, occupied: int, updated_at: datetime) -> A
 
 async def car_parks_available(conn: asyncpg.Connection, runtime: Runtime) -> list[Answer]:
     """`CarParkAvailability` of every car park."""
-    return await _availabilities(runtime, await car_parks.list_car_parks(conn))
+    return await availabilities(runtime, await car_parks.list_car_parks(conn))
 
 
 async def car_park_available(conn: asyncpg.Connection, runtime: Runtime, code: str) -> Answer:
@@ -91,7 +93,7 @@ async def car_park_available(conn: asyncpg.Connection, runtime: Runtime, code: s
     row = await car_parks.get_by_code(conn, code)
     if row is None:
         raise NotFound("car_park")
-    return (await _availabilities(runtime, [row]))[0]
+    return (await availabilities(runtime, [row]))[0]
 
 
 async def nearby(
@@ -99,7 +101,7 @@ async def nearby(
 ) -> list[Answer]:
     """`NearbyCarPark`s, nearest first."""
     rows = await repository.nearby(conn, latitude, longitude, radius_m)
-    views = await _availabilities(runtime, rows)
+    views = await availabilities(runtime, rows)
     return [
         {**view, "distance_m": round(row["distance_m"])}
         for row, view in zip(rows, views, strict=True)

@@ -1,0 +1,182 @@
+"""APDS v4 routes (`/apds/v4/…`), a faithful second face of our data for APDS clients (the
+city's integrators); our own Chinese-first public API (`/api/v1/public`) stays as it is.
+
+Places (with occupancy) and rates are public like `/api/v1/public`: anyone, or the city's key;
+the same per-client limit; built once per PARKING_PUBLIC_CACHE_SECONDS per process and query,
+with ETags. Sessions carry plates: only the company's own staff, and only its car parks'.
+Errors on these routes are APDS `ResponseStatus` objects (`parking.errors`).
+"""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from parking.apds import service
+from parking.apds.repository import SessionFilter
+from parking.apds.schemas import HierarchyElementList, Json, RateTableList, SessionList
+from parking.auth.principal import MaybePrincipalDep, OperatorDep
+from parking.deps import ReadConnectionDep, RuntimeDep
+from parking.public.router import AnswerCacheDep, PublicLimit, answer_of, cached, respond
+
+router = APIRouter(prefix="/apds/v4", tags=["apds"])
+
+Latitude = Annotated[float | None, Query(ge=-90, le=90)]
+Longitude = Annotated[float | None, Query(ge=-180, le=180)]
+Radius = Annotated[int | None, Query(ge=0, le=50_000, description="metres")]
+# Unix epoch seconds, as APDS's filters are.
+Epoch = Annotated[int | None, Query(ge=0, le=10**10)]
+PageNumber = Annotated[int, Query(ge=1, le=1_000_000)]
+CommaList = Annotated[str | None, Query(max_length=2000, description="comma-separated")]
+
+
+def _names(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+@router.get("/places", response_model=HierarchyElementList, dependencies=[PublicLimit])
+async def list_places(
+    _: MaybePrincipalDep,
+    request: Request,
+    conn: ReadConnectionDep,
+    runtime: RuntimeDep,
+    answers: AnswerCacheDep,
+    latitude: Latitude = None,
+    longitude: Longitude = None,
+    radius: Radius = None,
+    modified_since: Epoch = None,
+    name: Annotated[str | None, Query(max_length=200)] = None,
+    type: CommaList = None,  # APDS's name for the place types
+    layer: Annotated[int | None, Query(ge=0)] = None,
+    expand: CommaList = None,
+    page: PageNumber = 1,
+) -> Response:
+    """Car parks as APDS places (layer 0; `layer` filters nothing); `expand=occupancy` adds
+    their live occupancy."""
+    near = service.near(latitude, longitude, radius)
+    expanded = service.expansions(_names(expand) or [], service.PLACE_EXPANSIONS)
+    types = frozenset(_names(type) or [])
+    paged = service.page_of(page, runtime.settings.apds_page_size)
+    return await cached(
+        request,
+        answers,
+        ("apds-places", near, modified_since, name, types, expanded, paged),
+        lambda: service.places(
+            conn,
+            runtime,
+            near=near,
+            modified_since=service.instant(modified_since),
+            name=name,
+            types=types,
+            expand=expanded,
+            page=paged,
+        ),
+    )
+
+
+@router.get("/places/{place_id}", response_model=Json, dependencies=[PublicLimit])
+async def get_place(
+    place_id: str,
+    _: MaybePrincipalDep,
+    request: Request,
+    conn: ReadConnectionDep,
+    runtime: RuntimeDep,
+    expand: CommaList = None,
+) -> Response:
+    expanded = service.expansions(_names(expand) or [], service.PLACE_EXPANSIONS)
+    return respond(request, answer_of(await service.place(conn, runtime, place_id, expanded)))
+
+
+@router.get("/rates", response_model=RateTableList, dependencies=[PublicLimit])
+async def list_rates(
+    _: MaybePrincipalDep,
+    request: Request,
+    conn: ReadConnectionDep,
+    runtime: RuntimeDep,
+    answers: AnswerCacheDep,
+    latitude: Latitude = None,
+    longitude: Longitude = None,
+    radius: Radius = None,
+    place: CommaList = None,
+    modified_since: Epoch = None,
+    expand: CommaList = None,
+    page: PageNumber = 1,
+) -> Response:
+    """Tariff versions in force now or later as APDS rate tables; `place` takes car park
+    codes."""
+    near = service.near(latitude, longitude, radius)
+    service.expansions(_names(expand) or [], service.RATE_EXPANSIONS)
+    places = _names(place)
+    paged = service.page_of(page, runtime.settings.apds_page_size)
+    return await cached(
+        request,
+        answers,
+        ("apds-rates", near, tuple(places) if places is not None else None, modified_since, paged),
+        lambda: service.rates(
+            conn,
+            near=near,
+            car_parks=places,
+            modified_since=service.instant(modified_since),
+            page=paged,
+        ),
+    )
+
+
+@router.get("/rates/{rate_id}", response_model=Json, dependencies=[PublicLimit])
+async def get_rate(
+    rate_id: str,
+    _: MaybePrincipalDep,
+    request: Request,
+    conn: ReadConnectionDep,
+    expand: CommaList = None,
+) -> Response:
+    service.expansions(_names(expand) or [], service.RATE_EXPANSIONS)
+    return respond(request, answer_of(await service.rate(conn, rate_id)))
+
+
+@router.get("/sessions", response_model=SessionList)
+async def list_sessions(
+    operator: OperatorDep,
+    conn: ReadConnectionDep,
+    runtime: RuntimeDep,
+    latitude: Latitude = None,
+    longitude: Longitude = None,
+    radius: Radius = None,
+    place: CommaList = None,
+    start_after: Epoch = None,
+    start_before: Epoch = None,
+    end_after: Epoch = None,
+    end_before: Epoch = None,
+    modified_since: Epoch = None,
+    expand: CommaList = None,
+    page: PageNumber = 1,
+) -> Response:
+    """The company's stays as APDS sessions, newest first (they name plates: staff only)."""
+    assert operator.operator_id is not None
+    service.expansions(_names(expand) or [], service.SESSION_EXPANSIONS)
+    wanted = SessionFilter(
+        near=service.near(latitude, longitude, radius),
+        car_parks=_names(place),
+        start_after=service.instant(start_after),
+        start_before=service.instant(start_before),
+        end_after=service.instant(end_after),
+        end_before=service.instant(end_before),
+        modified_since=service.instant(modified_since),
+    )
+    paged = service.page_of(page, runtime.settings.apds_page_size)
+    listed = await service.sessions(conn, operator.operator_id, wanted, paged)
+    return Response(answer_of(listed).body, media_type="application/json")
+
+
+@router.get("/sessions/{session_id}", response_model=Json)
+async def get_session(
+    session_id: str,
+    operator: OperatorDep,
+    conn: ReadConnectionDep,
+    expand: CommaList = None,
+) -> Response:
+    assert operator.operator_id is not None
+    service.expansions(_names(expand) or [], service.SESSION_EXPANSIONS)
+    found = await service.session(conn, operator.operator_id, session_id)
+    return Response(answer_of(found).body, media_type="application/json")
