@@ -20,6 +20,7 @@ from parking.disputes.router import driver_router as driver_disputes_router
 from parking.disputes.router import router as disputes_router
 from parking.drivers.router import router as drivers_router
 from parking.errors import install_error_handlers
+from parking.feeds.router import router as feeds_router
 from parking.health import router as health_router
 from parking.logging import get_logger
 from parking.operators.router import router as operators_router
@@ -69,6 +70,7 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.include_router(ownership_router)
     app.include_router(public_router)
     app.include_router(apds_router)
+    app.include_router(feeds_router)
     app.include_router(dashboard_router)
     app.include_router(receipts_router)
     app.include_router(disputes_router)

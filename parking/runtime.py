@@ -20,6 +20,7 @@ from billing.worker import OutboxWorker
 from gate_controller.mqtt import MqttClient
 from parking.booth import ghosts
 from parking.db import create_pool
+from parking.feeds.service import FeedSender, OccupancyWatcher
 from parking.gates import config as gate_configs
 from parking.gates.events import GateEventRecorder
 from parking.infra import Endpoints
@@ -101,6 +102,10 @@ class Runtime:
     outbox: OutboxWorker
     notifier: DevNotifier
     provider: PaymentProvider
+    # Push feeds (parking.feeds): the outbox's handler of their deliveries, and, where the
+    # outbox worker runs, the watcher queueing occupancy deliveries.
+    feeds: FeedSender | None = None
+    occupancy_watcher: OccupancyWatcher | None = None
 
 
 def job_limits(settings: Settings) -> dict[str, int]:
@@ -169,6 +174,7 @@ async def running(
     tasks: list[asyncio.Task[None]] = []
     maintenance: list[asyncio.Task[None]] = []
     lane_worker: LaneWorker | None = None
+    feeds: FeedSender | None = None
     try:
         async with pool.acquire() as conn:
             await migrate(conn)
@@ -187,6 +193,7 @@ async def running(
             assert runtime is not None
             await release_gate(runtime, payment_id)
 
+        feeds = FeedSender(worker_pool, occupancy, settings)
         outbox = OutboxWorker(
             worker_pool,
             provider,
@@ -203,7 +210,10 @@ async def running(
             reminder_every=timedelta(days=settings.debt_reminder_every_days),
             max_attempts=job_limits(settings),
             backoff_cap_s=settings.job_backoff_cap_s,
+            handlers={"feed_delivery": feeds.deliver},
+            on_dead={"feed_delivery": feeds.dead},
         )
+        watcher: OccupancyWatcher | None = None
         if lanes:
             await occupancy.rebuild_all()
             await lane_worker.start()
@@ -224,6 +234,8 @@ async def running(
         if outbox_worker:
             kept = retention.Retention.from_settings(settings)
             tasks.append(asyncio.create_task(outbox.run()))
+            watcher = OccupancyWatcher(redis, worker_pool, occupancy.channel, settings)
+            maintenance.append(asyncio.create_task(watcher.run()))
             maintenance.append(
                 asyncio.create_task(
                     _hourly(
@@ -264,6 +276,8 @@ async def running(
             outbox,
             notifier,
             provider,
+            feeds,
+            watcher,
         )
         yield runtime
     finally:
@@ -279,6 +293,8 @@ async def running(
         with contextlib.suppress(Exception):
             await mqtt.stop()
         await provider.aclose()
+        if feeds is not None:
+            await feeds.aclose()
         await redis.aclose()
         if lane_redis is not redis:
             await lane_redis.aclose()

@@ -99,6 +99,8 @@ class World:
     ownership_claim: int = 0
     # The tariff of X, as an APDS rate table.
     rate_x: int = 0
+    # An APDS subscription and the city platform of X.
+    subscription_x: str = ""
 
 
 Body = Callable[[World], dict[str, Any]] | None
@@ -176,6 +178,23 @@ ROWS = [
     # one of X's stays is not found for Y (STAFF_X).
     Row("GET", "/apds/v4/sessions", Access.STAFF),
     Row("GET", "/apds/v4/sessions/{session_id}", Access.STAFF_X),
+    # Subscriptions are the company's: created by its admins, listed by its staff.
+    Row(
+        "POST",
+        "/apds/v4/webhooks",
+        Access.ADMIN,
+        lambda w: {"endpoint": "http://127.0.0.1:9/hook", "topics": ["SessionCreated"]},
+    ),
+    Row("GET", "/apds/v4/webhooks", Access.STAFF),
+    Row("POST", "/apds/v4/webhooks/{subscription_id}/resume", Access.ADMIN_X),
+    # The company's own (no object of another company to ask for).
+    Row("GET", "/api/v1/operator/city-platform", Access.STAFF),
+    Row(
+        "PUT",
+        "/api/v1/operator/city-platform",
+        Access.ADMIN,
+        lambda w: {"endpoint": "http://127.0.0.1:9/city", "key": "k" * 32},
+    ),
     Row("GET", "/dashboard", Access.PUBLIC),
     Row("GET", "/openapi.json", Access.PUBLIC),
     Row("GET", "/docs", Access.PUBLIC),
@@ -284,6 +303,8 @@ ROWS = [
     Row("GET", "/api/v1/operator/dashboard/summary", Access.STAFF),
     # An event stream never ends: its allowed callers are tested in test_dashboard.py.
     Row("GET", "/api/v1/operator/dashboard/events", Access.STAFF),
+    Row("DELETE", "/apds/v4/webhooks/{subscription_id}", Access.ADMIN_X),
+    Row("DELETE", "/api/v1/operator/city-platform", Access.ADMIN),
     # Last: these end A's binding, agreement and account.
     Row("DELETE", "/api/v1/me/plates/{binding_id}", Access.DRIVER_A),
     Row("DELETE", "/api/v1/me/agreement", Access.DRIVER),
@@ -313,6 +334,7 @@ def _fill(path: str, world: World) -> str:
         place_id=world.lot_x.code,
         rate_id=world.rate_x,
         session_id=world.stay_a,
+        subscription_id=world.subscription_x,
     )
 
 
@@ -423,6 +445,20 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
             claim_holder.account_id,
         )
         rate_x = await conn.fetchval("SELECT id FROM tariffs WHERE car_park_id = $1", lot_x.id)
+        subscription_x = str(
+            await conn.fetchval(
+                """INSERT INTO feed_subscriptions (operator_id, format, endpoint, secret, topics)
+                   VALUES ($1, 'apds', 'http://127.0.0.1:9/hook', 'whsec_matrix',
+                           ARRAY['session_started']) RETURNING public_id""",
+                lot_x.operator_id,
+            )
+        )
+        await conn.execute(
+            """INSERT INTO feed_subscriptions (operator_id, format, endpoint, secret, topics)
+               VALUES ($1, 'city', 'http://127.0.0.1:9/city', 'matrix-city-key',
+                       ARRAY['occupancy'])""",
+            lot_x.operator_id,
+        )
     frame_url = app.state.frame_signer.url(receipt_token, "entry")
     frame_query = dict(part.split("=", 1) for part in frame_url.split("?", 1)[1].split("&"))
     tokens = {
@@ -454,6 +490,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         confirmation_x,
         ownership_claim,
         rate_x,
+        subscription_x,
     )
 
 

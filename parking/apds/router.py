@@ -7,15 +7,24 @@ with ETags. Sessions carry plates: only the company's own staff, and only its ca
 Errors on these routes are APDS `ResponseStatus` objects (`parking.errors`).
 """
 
+import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
 from parking.apds import service
 from parking.apds.repository import SessionFilter
-from parking.apds.schemas import HierarchyElementList, Json, RateTableList, SessionList
-from parking.auth.principal import MaybePrincipalDep, OperatorDep
-from parking.deps import ReadConnectionDep, RuntimeDep
+from parking.apds.schemas import (
+    HierarchyElementList,
+    Json,
+    RateTableList,
+    ResponseStatus,
+    SessionList,
+)
+from parking.auth.principal import MaybePrincipalDep, OperatorAdminDep, OperatorDep
+from parking.deps import ConnectionDep, ReadConnectionDep, RuntimeDep
+from parking.feeds import service as feeds
+from parking.feeds.schemas import CreatedSubscription, EventSubscription, Subscription
 from parking.public.router import AnswerCacheDep, PublicLimit, answer_of, cached, respond
 
 router = APIRouter(prefix="/apds/v4", tags=["apds"])
@@ -180,3 +189,36 @@ async def get_session(
     service.expansions(_names(expand) or [], service.SESSION_EXPANSIONS)
     found = await service.session(conn, operator.operator_id, session_id)
     return Response(answer_of(found).body, media_type="application/json")
+
+
+# ===== Subscriptions (push) =====
+
+
+@router.post("/webhooks", response_model=CreatedSubscription)
+async def subscribe(
+    wanted: EventSubscription, admin: OperatorAdminDep, conn: ConnectionDep
+) -> CreatedSubscription:
+    """An APDS subscription of the company (admins): each event of its topics at its car parks
+    is POSTed to `endpoint`, signed with the returned `secret` (shown this once)."""
+    return await feeds.subscribe(conn, admin, wanted)
+
+
+@router.get("/webhooks")
+async def list_subscriptions(operator: OperatorDep, conn: ConnectionDep) -> list[Subscription]:
+    return await feeds.subscriptions(conn, operator)
+
+
+@router.delete("/webhooks/{subscription_id}", response_model=ResponseStatus)
+async def unsubscribe(
+    subscription_id: uuid.UUID, admin: OperatorAdminDep, conn: ConnectionDep
+) -> ResponseStatus:
+    await feeds.unsubscribe(conn, admin, subscription_id)
+    return ResponseStatus(status="ok", code=200, message="subscription deleted")
+
+
+@router.post("/webhooks/{subscription_id}/resume")
+async def resume_subscription(
+    subscription_id: uuid.UUID, admin: OperatorAdminDep, conn: ConnectionDep
+) -> Subscription:
+    """A paused subscription (too many failed deliveries in a row) gets deliveries again."""
+    return await feeds.resume(conn, admin, subscription_id)

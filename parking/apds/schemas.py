@@ -2,11 +2,9 @@
 answers themselves are built as plain dicts (`parking.apds.service`) and checked against the
 official document's schemas by tests/test_apds.py; these models document their outline."""
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict
 
-Json = dict[str, Any]
+from parking.apds.shapes import Json
 
 
 class PaginatedListMeta(BaseModel):

@@ -17,21 +17,25 @@ Lists are `…List`s with APDS paging (`page`, `meta`).
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 
 from billing.tariff import Band, RateLine, Tariff
 from parking.apds import repository as repo
 from parking.apds.repository import Near, Page, SessionFilter
+from parking.apds.shapes import (
+    PLATE_COLOURS,
+    Json,
+    occupancy_reference,
+    session_view,
+    text,
+    time_of,
+)
 from parking.errors import AppError, NotFound
 from parking.public import service as public
 from parking.runtime import Runtime
 
-Json = dict[str, Any]
-
 CURRENCY = "CNY"
-COUNTRY = "cn"
 # Our names are Chinese; fixed texts come in Chinese and English.
 NAME_LANGUAGE = "zh"
 PLACE_EXPANSIONS = frozenset(
@@ -58,13 +62,6 @@ SESSION_EXPANSIONS = frozenset(
         "segments.assignedRight",
     }
 )
-_PLATE_COLOURS = {
-    "blue": "蓝牌",
-    "yellow": "黄牌",
-    "green": "绿牌",
-    "white": "白牌",
-    "black": "黑牌",
-}
 
 
 class BadRequest(AppError):
@@ -103,18 +100,6 @@ def page_of(page: int | None, size: int) -> Page:
     return Page(limit=size, offset=((page or 1) - 1) * size)
 
 
-def _time(value: datetime) -> str:
-    """APDS DateTime: YYYY-MM-DDTHH:MM:SSZ."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _text(zh: str, en: str | None = None) -> list[Json]:
-    texts = [{"language": "zh", "string": zh}]
-    if en is not None:
-        texts.append({"language": "en", "string": en})
-    return texts
-
-
 def _listed(data: list[Json], total: int, page: Page, now: datetime) -> Json:
     return {
         "meta": {
@@ -138,7 +123,7 @@ def _place(row: asyncpg.Record, timezone: str, expand: frozenset[str], view: Jso
         "type": "place",
         "name": [{"language": NAME_LANGUAGE, "string": row["name"]}],
         "layer": 0,
-        "hierarchyElementRecord": {"creationTime": _time(row["updated_at"])},
+        "hierarchyElementRecord": {"creationTime": time_of(row["updated_at"])},
         "timeZone": timezone,
     }
     if "pointLocation" in expand and row["latitude"] is not None and row["longitude"] is not None:
@@ -163,37 +148,13 @@ def _place(row: asyncpg.Record, timezone: str, expand: frozenset[str], view: Jso
         place["operatingRestrictions"] = [
             {
                 "operatingRestriction": "noParking",
-                "operatingRestrictionContext": _text("停车场暂停开放", "car park closed"),
+                "operatingRestrictionContext": text("停车场暂停开放", "car park closed"),
             }
         ]
     if view is not None:
-        at = _time(view["updated_at"])
-        capacity = row["capacity"]
-        occupied = view["occupied"]
-        percentage = min(100.0, 100.0 * occupied / capacity) if capacity else 100.0
-        place["hierarchyElementReference"] = {
-            "elementId": {"id": row["code"], "version": row["version"], "className": "Place"},
-            "supply": [
-                {
-                    "supplyViewType": "spaceView",
-                    # A closed car park offers no spaces.
-                    "supplyQuantity": 0 if closed else capacity,
-                }
-            ],
-            "demandTable": [
-                {
-                    "timestamp": at,
-                    "demandType": [
-                        {
-                            "count": occupied,
-                            "occupancyCalculation": "counted",
-                            "percentage": round(percentage, 1),
-                            "recordDateTime": at,
-                        }
-                    ],
-                }
-            ],
-        }
+        place["hierarchyElementReference"] = occupancy_reference(
+            row, view["occupied"], view["updated_at"]
+        )
     return place
 
 
@@ -255,7 +216,7 @@ def _duration(minutes: int) -> str:
     return f"{days:02d}:{hours:02d}:{mins:02d}" if days else f"{hours:02d}:{mins:02d}"
 
 
-def _rules_text(tariff: Tariff) -> tuple[str, str]:
+def _rulestext(tariff: Tariff) -> tuple[str, str]:
     zh: list[str] = []
     en: list[str] = []
     if tariff.free_minutes:
@@ -268,7 +229,7 @@ def _rules_text(tariff: Tariff) -> tuple[str, str]:
         zh.append(f"单次停车最高¥{tariff.stay_cap_fen / 100:.2f}")
         en.append(f"at most CNY {tariff.stay_cap_fen / 100:.2f} per stay")
     for colour, percent in sorted(tariff.colour_discount_percent.items()):
-        name = _PLATE_COLOURS.get(colour, colour)
+        name = PLATE_COLOURS.get(colour, colour)
         zh.append(f"{name}优惠{percent}%")
         en.append(f"{percent}% off for {colour} plates")
     return "；".join(zh), "; ".join(en)
@@ -311,11 +272,11 @@ def _collection(
         "collectionSequence": sequence,
         "applicableCurrency": CURRENCY,
         "resetTime": f"{band.start:%H:%M}",
-        "validStart": _time(valid_from),
+        "validStart": time_of(valid_from),
         "relativeTimes": False,
         "taxIncluded": True,
         "rateLines": [
-            _line(f"{tariff_id}-{sequence}", n, line, _text(zh, en) if n == 1 else None)
+            _line(f"{tariff_id}-{sequence}", n, line, text(zh, en) if n == 1 else None)
             for n, line in enumerate(band.lines, start=1)
         ],
     }
@@ -329,14 +290,14 @@ def _collection(
 
 def _rate_table(row: asyncpg.Record) -> Json:
     tariff = Tariff.from_json(row["rules"])
-    rules = _rules_text(tariff)
+    rules = _rulestext(tariff)
     bands = [(band, False) for band in tariff.bands] + [
         (band, True) for band in tariff.holiday_bands or ()
     ]
     table: Json = {
         "id": str(row["id"]),
         "version": 1,
-        "rateTableName": _text(f"{row['car_park_name']}收费标准", f"{row['car_park']} rates"),
+        "rateTableName": text(f"{row['car_park_name']}收费标准", f"{row['car_park']} rates"),
         "availability": "public",
         "rateType": "hourly",
         "rateResponsibleParty": {
@@ -344,7 +305,7 @@ def _rate_table(row: asyncpg.Record) -> Json:
             "version": 1,
             "className": "Operator",
         },
-        "validityStart": _time(row["effective_from"]),
+        "validityStart": time_of(row["effective_from"]),
         "activeTimes": {
             "available24hours": True,
             "openAllYear": True,
@@ -398,44 +359,6 @@ async def rate(conn: asyncpg.Connection, rate_id: str) -> Json:
 
 
 # ===== Sessions =====
-
-
-def session_view(row: asyncpg.Record, operator_id: int) -> Json:
-    """A stay as an APDS `Session` (it names the plate: for the company's own systems)."""
-    closed = row["exited_at"] is not None
-    segment: Json = {
-        "id": f"{row['id']}-1",
-        "version": 2 if closed else 1,
-        "actualStart": _time(row["entered_at"]),
-        "assignedRight": {"id": f"stay-{row['id']}", "version": 1, "className": "AssignedRight"},
-        "validationType": ["licensePlate"],
-    }
-    session: Json = {
-        "id": str(row["id"]),
-        "version": 2 if closed else 1,
-        "actualStart": _time(row["entered_at"]),
-        "initiator": {"id": str(operator_id), "version": 1, "className": "Operator"},
-        "hierarchyElement": {
-            "id": row["car_park"],
-            "version": row["car_park_version"],
-            "className": "Place",
-        },
-        "identifiedCredentials": [
-            {
-                "type": "licensePlate",
-                "credentialAssignedType": "vehicle",
-                "identifier": {"id": row["plate"], "className": "ChineseNumberPlate"},
-            }
-        ],
-        "segments": [segment],
-        "identifiedVehicle": {
-            "country": COUNTRY,
-            "description": _PLATE_COLOURS.get(row["plate_color"], row["plate_color"]),
-        },
-    }
-    if closed:
-        session["actualEnd"] = segment["actualEnd"] = _time(row["exited_at"])
-    return session
 
 
 async def sessions(
