@@ -170,6 +170,7 @@ ROWS = [
         query=lambda w: {"lat": "30.23", "lon": "119.72", "radius_m": "5000"},
     ),
     Row("GET", "/api/v1/public/places", Access.PUBLIC),
+    Row("GET", "/api/v1/public/signs", Access.PUBLIC),
     Row("GET", "/apds/v4/places", Access.PUBLIC),
     Row("GET", "/apds/v4/places/{place_id}", Access.PUBLIC),
     Row("GET", "/apds/v4/rates", Access.PUBLIC),

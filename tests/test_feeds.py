@@ -244,3 +244,81 @@ async def test_bad_subscriptions_are_refused_in_apds_shape(
     assert refused.status_code in (404, 422), refused.text
     assert schema_errors("ResponseStatus", refused.json()) == []
     assert (await api.get("/apds/v4/webhooks", headers=admin)).json() == []
+
+
+async def test_the_city_platform_gets_entries_exits_and_free_spaces_and_loses_none(
+    fast: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    receiver: Receiver,
+) -> None:
+    admin = await _admin(fast, app, lot)
+    key = "city-platform-key-0123456789"
+    configured = await api.put(
+        "/api/v1/operator/city-platform",
+        json={"endpoint": receiver.url, "key": key},
+        headers=admin,
+    )
+    assert configured.status_code == 200, configured.text
+    assert configured.json()["topics"] == ["entry", "exit", "spaces"]
+    assert fast.occupancy_watcher is not None
+    await asyncio.wait_for(fast.occupancy_watcher.ready.wait(), 10)
+    # The platform is never paused, however often it fails; a delivery dies after 2 attempts.
+    fast.settings.feed_pause_after_failures = 1
+    fast.outbox.queue.policy.max_attempts["feed_delivery"] = 2  # type: ignore[index]
+    receiver.down = True
+    driver = await make_driver(fast, unique_plate())
+    left = await exit_after(fast, gate, lot, driver.plate, timedelta(minutes=70))
+    assert left["action"] == "open"
+
+    async def all_dead() -> list[Any]:
+        rows = [
+            r
+            for topic in ("session_started", "session_ended")
+            for r in await _deliveries(fast, lot, topic)
+        ]
+        return rows if len(rows) == 2 and all(r["status"] == "dead" for r in rows) else []
+
+    dead = await eventually(all_dead)
+    listed = await api.get("/api/v1/operator/jobs", params={"state": "dead"}, headers=admin)
+    assert {j["id"] for j in listed.json() if j["kind"] == "feed_delivery"} >= {
+        r["job_id"] for r in dead
+    }
+    assert (await api.get("/api/v1/operator/city-platform", headers=admin)).json()[
+        "consecutive_failures"
+    ] >= 4
+
+    # The platform is back: an admin retries the dead deliveries, each arrives once, with the
+    # event id its failed attempts had.
+    receiver.down = False
+    failed_ids = {r.event_id for r in receiver.received}
+    for row in dead:
+        retried = await api.post(f"/api/v1/operator/jobs/{row['job_id']}/retry", headers=admin)
+        assert retried.status_code == 200, retried.text
+
+    async def both_taken() -> list[Any]:
+        taken = [r for r in receiver.taken() if r.json["eventType"] in ("entry", "exit")]
+        return taken if len(taken) == 2 else []
+
+    entry, exit_ = sorted(await eventually(both_taken), key=lambda r: r.json["eventType"])
+    assert {entry.event_id, exit_.event_id} <= failed_ids
+    for event in (entry, exit_):
+        assert event.signed_with(key) and event.json["eventId"] == event.event_id
+        assert event.json["parkCode"] == lot.code and event.json["plateNo"] == driver.plate
+        assert event.json["plateColor"] == "蓝牌"
+    assert exit_.json["feeFen"] == 1200 and "exitTime" in exit_.json
+    # Free spaces, as the signs count them.
+    await enter(fast, gate, lot, unique_plate(), parked_for=timedelta(minutes=1))
+
+    async def spaces() -> Any:
+        taken = [r for r in receiver.taken() if r.json["eventType"] == "spaces"]
+        return taken and taken[-1].json["occupiedSpaces"] == 1 and taken[-1]
+
+    latest = await eventually(spaces, timeout_s=20)
+    assert latest.json["freeSpaces"] == 49 and latest.json["totalSpaces"] == 50
+    assert latest.signed_with(key)
+    removed = await api.delete("/api/v1/operator/city-platform", headers=admin)
+    assert removed.status_code == 204
+    assert (await api.get("/api/v1/operator/city-platform", headers=admin)).json() is None

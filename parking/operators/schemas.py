@@ -278,7 +278,8 @@ class OutboxJob(BaseModel):
     settle it otherwise."""
 
     id: int
-    # charge, refund or gate_command; `ref_id` is the charge's, refund's or payment's id.
+    # charge, refund, gate_command or feed_delivery; `ref_id` is the charge's, refund's,
+    # payment's or delivery's id.
     kind: str
     ref_id: int
     car_park: str

@@ -37,3 +37,11 @@ async def nearby(
         EARTH_RADIUS_M,
     )
     return rows
+
+
+async def sign_rows(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Every car park, with what a guidance sign needs."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        "SELECT id, code, capacity, closed_at IS NOT NULL AS closed FROM car_parks ORDER BY code"
+    )
+    return rows

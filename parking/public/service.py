@@ -1,6 +1,7 @@
 """Live availability for the public: car parks from PostgreSQL, counts from the occupancy
 counters (Redis, rebuilt from PostgreSQL when missing)."""
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -125,3 +126,38 @@ async def places(conn: asyncpg.Connection, runtime: Runtime) -> list[Answer]:
         }
         for view in await car_parks_available(conn, runtime)
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class SignBoard:
+    """Every car park's sign numbers (a `Sign` each, by code), read at `as_of`."""
+
+    signs: dict[str, Answer]
+    as_of: datetime
+
+
+async def sign_board(conn: asyncpg.Connection, runtime: Runtime) -> SignBoard:
+    rows = await repository.sign_rows(conn)
+    counts = await runtime.occupancy.get_many([r["id"] for r in rows])
+    signs: dict[str, Answer] = {}
+    for row in rows:
+        free = max(0, row["capacity"] - counts[row["id"]])
+        status = "closed" if row["closed"] else "full" if free == 0 else "open"
+        signs[row["code"]] = {
+            "code": row["code"],
+            "free": 0 if row["closed"] else free,
+            "status": status,
+        }
+    return SignBoard(signs, datetime.now(UTC).replace(microsecond=0))
+
+
+def signs(board: SignBoard, codes: list[str] | None) -> Answer:
+    """`Signs` of the car parks asked for (all when None), in the order asked."""
+    if codes is None:
+        chosen = list(board.signs.values())
+    else:
+        chosen = [
+            board.signs.get(code, {"code": code, "free": None, "status": "unknown"})
+            for code in codes
+        ]
+    return {"car_parks": chosen, "as_of": board.as_of}
