@@ -200,6 +200,8 @@ class Settings(BaseSettings):
     feed_retry_base_s: float = Field(default=1.0, gt=0)
     feed_pause_after_failures: int = Field(default=10, ge=1)
     feed_occupancy_interval_s: float = Field(default=5.0, ge=0)
+    # Every car park's free spaces go to the city platform this often, changed or not (0: off).
+    feed_city_heartbeat_s: float = Field(default=300.0, ge=0)
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

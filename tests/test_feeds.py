@@ -322,3 +322,28 @@ async def test_the_city_platform_gets_entries_exits_and_free_spaces_and_loses_no
     removed = await api.delete("/api/v1/operator/city-platform", headers=admin)
     assert removed.status_code == 204
     assert (await api.get("/api/v1/operator/city-platform", headers=admin)).json() is None
+
+
+async def test_the_city_platform_gets_a_heartbeat_of_free_spaces_without_changes(
+    fast: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    lot: Lot,
+    receiver: Receiver,
+) -> None:
+    admin = await _admin(fast, app, lot)
+    key = "city-platform-key-heartbeat-0001"
+    configured = await api.put(
+        "/api/v1/operator/city-platform", json={"endpoint": receiver.url, "key": key}, headers=admin
+    )
+    assert configured.status_code == 200
+    fast.settings.feed_city_heartbeat_s = 0.2
+
+    async def beats() -> list[Any]:
+        taken = [r for r in receiver.taken() if r.json["parkCode"] == lot.code]
+        return taken if len(taken) >= 2 else []
+
+    for beat in await eventually(beats, timeout_s=20):
+        assert beat.signed_with(key)
+        assert beat.json["eventType"] == "spaces" and beat.json["freeSpaces"] == 50
+    assert len({beat.event_id for beat in await beats()}) == len(await beats())

@@ -151,22 +151,26 @@ async def failed(
 
 async def queue_occupancy(
     conn: asyncpg.Connection,
-    car_park_ids: list[int],
+    car_park_ids: list[int] | None,
     interval_s: float,
     subscription_id: int | None = None,
+    format: str | None = None,
 ) -> int:
-    """A pending occupancy delivery for each live subscriber of each car park (or only
-    `subscription_id`), unless one is pending already; due `interval_s` after the last one
-    sent to that subscriber for that car park. Returns how many were queued."""
+    """A pending occupancy delivery for each live subscriber of each car park (None: every
+    car park a subscriber covers; or only `subscription_id`'s, or only subscribers of
+    `format`), unless one is pending already; due `interval_s` after the last one sent to that
+    subscriber for that car park. Returns how many were queued."""
     queued: int = await conn.fetchval(
         """WITH delivery AS (
                INSERT INTO feed_deliveries (subscription_id, topic, car_park_id)
                SELECT s.id, 'occupancy', c.id
                FROM car_parks c JOIN feed_subscriptions s ON s.operator_id = c.operator_id
-               WHERE c.id = ANY ($1::bigint[]) AND s.deleted_at IS NULL AND s.paused_at IS NULL
+               WHERE ($1::bigint[] IS NULL OR c.id = ANY ($1::bigint[]))
+                 AND s.deleted_at IS NULL AND s.paused_at IS NULL
                  AND 'occupancy' = ANY (s.topics)
                  AND (s.car_park_ids IS NULL OR c.id = ANY (s.car_park_ids))
                  AND ($3::bigint IS NULL OR s.id = $3)
+                 AND ($4::text IS NULL OR s.format = $4)
                ON CONFLICT (subscription_id, car_park_id)
                    WHERE topic = 'occupancy' AND status = 'pending' DO NOTHING
                RETURNING id, subscription_id, car_park_id),
@@ -182,6 +186,7 @@ async def queue_occupancy(
         car_park_ids,
         interval_s,
         subscription_id,
+        format,
     )
     return queued
 

@@ -7,7 +7,9 @@ worker (`billing.queue`: retries with backoff, dead after PARKING_JOB_MAX_ATTEMP
   park's change queues one pending delivery per subscriber, due PARKING_FEED_OCCUPANCY_INTERVAL_S
   after the last one sent, and the count is read when it is sent (the latest). Changes while
   one is pending fold into it; a change that lands while one is being sent queues the next.
-  A change missed while no worker listened is sent with the next change.
+  A change missed while no worker listened is sent with the next change; a city platform
+  also gets every car park's free spaces every PARKING_FEED_CITY_HEARTBEAT_S (a heartbeat),
+  changed or not.
 - Each delivery is one POST of JSON, signed like the provider's notifications
   (`billing.signing`: `X-Parking-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "t." + body>`),
   with `X-Parking-Event-Id` (the delivery's id: the same on every retry, so a receiver drops
@@ -260,7 +262,17 @@ class OccupancyWatcher:
         loop = asyncio.get_running_loop()
         changed: set[int] = set()
         flush_at = loop.time() + self.flush_s
+        # The first beat one interval after the start (not a burst at every restart).
+        last_beat = loop.time()
         while True:
+            beat = self.settings.feed_city_heartbeat_s
+            if beat > 0 and loop.time() >= last_beat + beat:
+                # Every car park's free spaces to each city platform, changed or not.
+                last_beat = loop.time()
+                async with self.pool.acquire() as conn:
+                    await repo.queue_occupancy(
+                        conn, None, self.settings.feed_occupancy_interval_s, format="city"
+                    )
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.flush_s)
             if message is not None:
                 car_park, _, _ = str(message["data"]).partition(":")
