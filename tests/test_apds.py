@@ -5,7 +5,6 @@ as sessions (its staff only), paging, APDS's filters and its error shape."""
 
 import random
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,6 +28,7 @@ from tests.conftest import (
     driver_token,
     enter,
     exit_after,
+    located_car_park,
     make_driver,
     make_staff,
     staff_token,
@@ -70,19 +70,7 @@ async def _locate(runtime: Runtime, lot: Lot, latitude: float, longitude: float)
 
 
 async def _untariffed(runtime: Runtime, latitude: float, longitude: float) -> str:
-    code = f"nt-{uuid.uuid4().hex[:8]}"
-    async with runtime.pool.acquire() as conn, conn.transaction():
-        operator_id = await admin.create_operator(conn, f"运营-{code}")
-        await admin.create_car_park(
-            conn,
-            operator_id=operator_id,
-            code=code,
-            name="无收费标准停车场",
-            capacity=0,
-            latitude=latitude,
-            longitude=longitude,
-        )
-    return code
+    return await located_car_park(runtime, latitude, longitude, name="无收费标准停车场", capacity=0)
 
 
 def test_the_document_is_the_official_v4_and_its_one_defect_is_still_there() -> None:

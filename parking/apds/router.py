@@ -8,12 +8,14 @@ Errors on these routes are APDS `ResponseStatus` objects (`parking.errors`).
 """
 
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from parking.apds import service
-from parking.apds.repository import SessionFilter
+from parking.apds.repository import Near, Page, SessionFilter
 from parking.apds.schemas import (
     HierarchyElementList,
     Json,
@@ -44,6 +46,41 @@ def _names(value: str | None) -> list[str] | None:
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """The query parameters every APDS list takes (hashable: part of a cached answer's key)."""
+
+    near: Near | None
+    # Unix epoch seconds, as given.
+    modified_since: int | None
+    expand: tuple[str, ...]
+    page: Page
+
+    @property
+    def since(self) -> datetime | None:
+        return service.instant(self.modified_since)
+
+
+def listing(
+    runtime: RuntimeDep,
+    latitude: Latitude = None,
+    longitude: Longitude = None,
+    radius: Radius = None,
+    modified_since: Epoch = None,
+    expand: CommaList = None,
+    page: PageNumber = 1,
+) -> Listing:
+    return Listing(
+        service.near(latitude, longitude, radius),
+        modified_since,
+        tuple(_names(expand) or ()),
+        service.page_of(page, runtime.settings.apds_page_size),
+    )
+
+
+ListingDep = Annotated[Listing, Depends(listing)]
+
+
 @router.get("/places", response_model=HierarchyElementList, dependencies=[PublicLimit])
 async def list_places(
     _: MaybePrincipalDep,
@@ -51,35 +88,28 @@ async def list_places(
     conn: ReadConnectionDep,
     runtime: RuntimeDep,
     answers: AnswerCacheDep,
-    latitude: Latitude = None,
-    longitude: Longitude = None,
-    radius: Radius = None,
-    modified_since: Epoch = None,
+    listed: ListingDep,
     name: Annotated[str | None, Query(max_length=200)] = None,
     type: CommaList = None,  # APDS's name for the place types
     layer: Annotated[int | None, Query(ge=0)] = None,
-    expand: CommaList = None,
-    page: PageNumber = 1,
 ) -> Response:
     """Car parks as APDS places (layer 0; `layer` filters nothing); `expand=occupancy` adds
     their live occupancy."""
-    near = service.near(latitude, longitude, radius)
-    expanded = service.expansions(_names(expand) or [], service.PLACE_EXPANSIONS)
+    expanded = service.expansions(listed.expand, service.PLACE_EXPANSIONS)
     types = frozenset(_names(type) or [])
-    paged = service.page_of(page, runtime.settings.apds_page_size)
     return await cached(
         request,
         answers,
-        ("apds-places", near, modified_since, name, types, expanded, paged),
+        ("apds-places", listed, name, types, expanded),
         lambda: service.places(
             conn,
             runtime,
-            near=near,
-            modified_since=service.instant(modified_since),
+            near=listed.near,
+            modified_since=listed.since,
             name=name,
             types=types,
             expand=expanded,
-            page=paged,
+            page=listed.page,
         ),
     )
 
@@ -102,32 +132,24 @@ async def list_rates(
     _: MaybePrincipalDep,
     request: Request,
     conn: ReadConnectionDep,
-    runtime: RuntimeDep,
     answers: AnswerCacheDep,
-    latitude: Latitude = None,
-    longitude: Longitude = None,
-    radius: Radius = None,
+    listed: ListingDep,
     place: CommaList = None,
-    modified_since: Epoch = None,
-    expand: CommaList = None,
-    page: PageNumber = 1,
 ) -> Response:
     """Tariff versions in force now or later as APDS rate tables; `place` takes car park
     codes."""
-    near = service.near(latitude, longitude, radius)
-    service.expansions(_names(expand) or [], service.RATE_EXPANSIONS)
+    service.expansions(listed.expand, service.RATE_EXPANSIONS)
     places = _names(place)
-    paged = service.page_of(page, runtime.settings.apds_page_size)
     return await cached(
         request,
         answers,
-        ("apds-rates", near, tuple(places) if places is not None else None, modified_since, paged),
+        ("apds-rates", listed, tuple(places) if places is not None else None),
         lambda: service.rates(
             conn,
-            near=near,
+            near=listed.near,
             car_parks=places,
-            modified_since=service.instant(modified_since),
-            page=paged,
+            modified_since=listed.since,
+            page=listed.page,
         ),
     )
 
@@ -148,34 +170,27 @@ async def get_rate(
 async def list_sessions(
     operator: OperatorDep,
     conn: ReadConnectionDep,
-    runtime: RuntimeDep,
-    latitude: Latitude = None,
-    longitude: Longitude = None,
-    radius: Radius = None,
+    listed: ListingDep,
     place: CommaList = None,
     start_after: Epoch = None,
     start_before: Epoch = None,
     end_after: Epoch = None,
     end_before: Epoch = None,
-    modified_since: Epoch = None,
-    expand: CommaList = None,
-    page: PageNumber = 1,
 ) -> Response:
     """The company's stays as APDS sessions, newest first (they name plates: staff only)."""
     assert operator.operator_id is not None
-    service.expansions(_names(expand) or [], service.SESSION_EXPANSIONS)
+    service.expansions(listed.expand, service.SESSION_EXPANSIONS)
     wanted = SessionFilter(
-        near=service.near(latitude, longitude, radius),
+        near=listed.near,
         car_parks=_names(place),
         start_after=service.instant(start_after),
         start_before=service.instant(start_before),
         end_after=service.instant(end_after),
         end_before=service.instant(end_before),
-        modified_since=service.instant(modified_since),
+        modified_since=listed.since,
     )
-    paged = service.page_of(page, runtime.settings.apds_page_size)
-    listed = await service.sessions(conn, operator.operator_id, wanted, paged)
-    return Response(answer_of(listed).body, media_type="application/json")
+    found = await service.sessions(conn, operator.operator_id, wanted, listed.page)
+    return Response(answer_of(found).body, media_type="application/json")
 
 
 @router.get("/sessions/{session_id}", response_model=Json)
