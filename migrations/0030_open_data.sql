@@ -72,6 +72,8 @@ CREATE UNIQUE INDEX feed_deliveries_one_pending_occupancy ON feed_deliveries
 CREATE INDEX feed_deliveries_last_occupancy ON feed_deliveries
     (subscription_id, car_park_id, sent_at DESC) WHERE topic = 'occupancy' AND sent_at IS NOT NULL;
 CREATE INDEX feed_deliveries_subscription ON feed_deliveries (subscription_id, id DESC);
+-- Pruning reads finished deliveries by age (`parking prune`).
+CREATE INDEX feed_deliveries_finished ON feed_deliveries (created_at) WHERE status <> 'pending';
 
 ALTER TABLE outbox DROP CONSTRAINT outbox_kind_check;
 ALTER TABLE outbox ADD CONSTRAINT outbox_kind_check

@@ -6,7 +6,7 @@ by an admin and arrives once, with its event id."""
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
@@ -14,6 +14,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from parking.retention import service as retention
 from parking.runtime import Runtime
 from tests.apds_schema import schema_errors
 from tests.conftest import (
@@ -347,3 +348,43 @@ async def test_the_city_platform_gets_a_heartbeat_of_free_spaces_without_changes
         assert beat.signed_with(key)
         assert beat.json["eventType"] == "spaces" and beat.json["freeSpaces"] == 50
     assert len({beat.event_id for beat in await beats()}) == len(await beats())
+
+
+async def test_finished_deliveries_are_pruned_pending_ones_never(
+    runtime: Runtime, lot: Lot
+) -> None:
+    old = {"sent": 8, "skipped": 8, "dead": 31, "pending": 400}
+    async with runtime.pool.acquire() as conn:
+        subscription = await conn.fetchval(
+            """INSERT INTO feed_subscriptions (operator_id, format, endpoint, secret, topics)
+               VALUES ($1, 'apds', 'http://127.0.0.1:9/x', 'whsec_x', ARRAY['occupancy'])
+               RETURNING id""",
+            lot.operator_id,
+        )
+        ids = {}
+        for status, days in {**old, "recent_dead": 10}.items():
+            ids[status] = await conn.fetchval(
+                """INSERT INTO feed_deliveries (subscription_id, topic, car_park_id, status,
+                                                created_at)
+                   VALUES ($1, 'occupancy', $2, $3, now() - make_interval(days => $4))
+                   RETURNING id""",
+                subscription,
+                lot.id,
+                "dead" if status == "recent_dead" else status,
+                days,
+            )
+    counts = await retention.prune(
+        runtime.pool, retention.Retention.from_settings(runtime.settings), datetime.now(UTC)
+    )
+    assert counts["feed_deliveries"] >= 3
+    async with runtime.pool.acquire() as conn:
+        left = {
+            r["id"]
+            for r in await conn.fetch(
+                "SELECT id FROM feed_deliveries WHERE id = ANY($1)", list(ids.values())
+            )
+        }
+    assert {status for status, row_id in ids.items() if row_id in left} == {
+        "pending",
+        "recent_dead",
+    }

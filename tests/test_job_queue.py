@@ -286,6 +286,7 @@ async def test_pruning_deletes_what_outlived_its_retention_and_never_money(
         "dead_letters",
         "sent_notifications",
         "refresh_tokens",
+        "feed_deliveries",
     }
 
     async with runtime.pool.acquire() as conn:
@@ -340,6 +341,7 @@ async def test_parking_prune_prints_its_counts_as_json(
         "dead_letters",
         "sent_notifications",
         "refresh_tokens",
+        "feed_deliveries",
     }
     assert all(isinstance(v, int) and v >= 0 for v in printed.values())
     assert cli.build_parser().parse_args(["prune"]).command == "prune"

@@ -5,6 +5,8 @@ from datetime import datetime
 
 import asyncpg
 
+from billing.queue import delete_in_batches
+
 _SUBSCRIPTION = """s.id, s.public_id, s.format, s.endpoint, s.topics, s.consecutive_failures,
     s.paused_at, s.created_at,
     (SELECT array_agg(c.code ORDER BY c.code) FROM car_parks c WHERE c.id = ANY (s.car_park_ids))
@@ -195,4 +197,23 @@ async def mark_dead(conn: asyncpg.Connection, delivery_id: int) -> None:
     await conn.execute(
         "UPDATE feed_deliveries SET status = 'dead' WHERE id = $1 AND status = 'pending'",
         delivery_id,
+    )
+
+
+async def prune(conn: asyncpg.Connection, *, done_before: datetime, dead_before: datetime) -> int:
+    """Deletes deliveries sent or skipped before `done_before` and dead ones before
+    `dead_before` (their outbox jobs go with the outbox's own pruning)."""
+    return await delete_in_batches(
+        conn,
+        """WITH gone AS (
+               DELETE FROM feed_deliveries WHERE id IN (
+                   SELECT id FROM feed_deliveries
+                   WHERE status <> 'pending'
+                     AND created_at < CASE WHEN status = 'dead' THEN $2::timestamptz
+                                           ELSE $1::timestamptz END
+                   LIMIT $3)
+               RETURNING 1)
+           SELECT count(*) FROM gone""",
+        done_before,
+        dead_before,
     )
