@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -95,7 +95,12 @@ class OutboxWorker:
         rng: random.Random | None = None,
         handlers: Mapping[str, Handler] | None = None,
         on_dead: Mapping[str, job_queue.OnDead] | None = None,
+        kinds: Iterable[str] | None = None,
+        skip_kinds: Iterable[str] = (),
+        sweeps: bool = True,
     ) -> None:
+        """`kinds`/`skip_kinds`: the kinds of job this worker claims (default all); `sweeps`:
+        whether it also runs the periodic sweep (one worker of a process does)."""
         self.pool = pool
         self.provider = provider
         self.notifier = notifier
@@ -127,7 +132,10 @@ class OutboxWorker:
             lease_s=lease_s,
             rng=rng,
             on_dead=on_dead,
+            kinds=kinds,
+            skip_kinds=skip_kinds,
         )
+        self.sweeps = sweeps
         self.stats = WorkerStats()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -161,7 +169,7 @@ class OutboxWorker:
             try:
                 if self._unreleased:
                     await self._release_unfinished()
-                if time.monotonic() >= self._next_sweep:
+                if self.sweeps and time.monotonic() >= self._next_sweep:
                     self._next_sweep = time.monotonic() + self.sweep_interval_s
                     await self.sweep(datetime.now(UTC))
                 claimed = await self.run_once()

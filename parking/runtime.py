@@ -106,6 +106,13 @@ class Runtime:
     # outbox worker runs, the watcher queueing occupancy deliveries.
     feeds: FeedSender | None = None
     occupancy_watcher: OccupancyWatcher | None = None
+    # The outbox worker of the feeds' deliveries alone (a slow subscriber never delays a charge).
+    feed_outbox: OutboxWorker | None = None
+
+
+# The outbox kinds of the feeds' own worker, and how many of its jobs it has in hand at once.
+FEED_KINDS = ("feed_delivery",)
+FEED_BATCH = 32
 
 
 def job_limits(settings: Settings) -> dict[str, int]:
@@ -156,6 +163,8 @@ async def running(
     )
     # The outbox worker has its own connections so that charging never delays a gate.
     worker_pool = await create_pool(endpoints.database_url, min_size=1, max_size=4)
+    # And the feeds' deliveries theirs, so that neither waits for the other's connections.
+    feed_pool = await create_pool(endpoints.database_url, min_size=1, max_size=4)
     # No idle connections: a process that serves no API (lanes, worker) never opens one, and a
     # replica that is down fails only the reads that use it, not the process's start.
     read_pool = (
@@ -193,7 +202,7 @@ async def running(
             assert runtime is not None
             await release_gate(runtime, payment_id)
 
-        feeds = FeedSender(worker_pool, occupancy, settings)
+        feeds = FeedSender(feed_pool, occupancy, settings)
         outbox = OutboxWorker(
             worker_pool,
             provider,
@@ -210,8 +219,22 @@ async def running(
             reminder_every=timedelta(days=settings.debt_reminder_every_days),
             max_attempts=job_limits(settings),
             backoff_cap_s=settings.job_backoff_cap_s,
+            skip_kinds=FEED_KINDS,
+        )
+        feed_outbox = OutboxWorker(
+            feed_pool,
+            provider,
+            notifier,
+            poll_interval_s=settings.worker_poll_interval_s,
+            lease_s=settings.worker_lease_s,
+            max_attempts=job_limits(settings),
+            backoff_cap_s=settings.job_backoff_cap_s,
+            # Deliveries wait on subscribers' endpoints: many in hand at once.
+            batch=FEED_BATCH,
             handlers={"feed_delivery": feeds.deliver},
             on_dead={"feed_delivery": feeds.dead},
+            kinds=FEED_KINDS,
+            sweeps=False,
         )
         watcher: OccupancyWatcher | None = None
         if lanes:
@@ -234,7 +257,8 @@ async def running(
         if outbox_worker:
             kept = retention.Retention.from_settings(settings)
             tasks.append(asyncio.create_task(outbox.run()))
-            watcher = OccupancyWatcher(redis, worker_pool, occupancy.channel, settings)
+            tasks.append(asyncio.create_task(feed_outbox.run()))
+            watcher = OccupancyWatcher(redis, feed_pool, occupancy.channel, settings)
             maintenance.append(asyncio.create_task(watcher.run()))
             maintenance.append(
                 asyncio.create_task(
@@ -278,6 +302,7 @@ async def running(
             provider,
             feeds,
             watcher,
+            feed_outbox,
         )
         yield runtime
     finally:
@@ -285,6 +310,7 @@ async def running(
             await lane_worker.stop()
         if tasks:
             outbox.stop()
+            feed_outbox.stop()
             # Jobs in hand finish (a provider call is bounded by its timeout); cancel after that.
             await asyncio.wait(tasks, timeout=settings.payment_provider_timeout_s + 2)
         for task in tasks + maintenance:
@@ -299,6 +325,7 @@ async def running(
         if lane_redis is not redis:
             await lane_redis.aclose()
         await worker_pool.close()
+        await feed_pool.close()
         if lane_pool is not pool:
             await lane_pool.close()
         if read_pool is not pool:
