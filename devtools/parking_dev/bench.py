@@ -343,6 +343,7 @@ async def _subscribe_everyone(runtime: Runtime, city: DemoCity, url: str) -> int
                         SELECT operator_id, kind, $2 || '/' || kind, 'bench-feed-secret',
                                ARRAY['occupancy', 'session_started', 'session_ended']
                         FROM companies, unnest(ARRAY['apds', 'city']) AS kind
+                        ON CONFLICT DO NOTHING
                         RETURNING 1)
                SELECT count(*) FROM made""",
             list(city.car_park_ids),
