@@ -96,13 +96,12 @@ class Queue:
         rng: random.Random | None = None,
         on_dead: Mapping[str, OnDead] | None = None,
         kinds: Iterable[str] | None = None,
-        skip_kinds: Iterable[str] = (),
     ) -> None:
         self.pool = pool
-        # The kinds this queue claims (None: all but `skip_kinds`): a worker of its own for the
-        # feeds' deliveries keeps a subscriber's slow endpoint from delaying charges.
+        # The kinds this queue claims (None: every kind): each worker claims the kinds it has
+        # handlers for, so the feeds' deliveries, with a worker of their own, never wait
+        # behind charges nor delay them (migration 0030's index serves a claim per kind).
         self.kinds = None if kinds is None else sorted(kinds)
-        self.skip_kinds = sorted(skip_kinds)
         # Per kind, what else a dead job changes (a feed delivery is marked dead).
         self.on_dead = dict(on_dead or {})
         self.policy = policy or RetryPolicy()
@@ -124,14 +123,12 @@ class Queue:
                                   AND available_at <= now()
                                   AND (locked_until IS NULL OR locked_until < now())
                                   AND ($3::text[] IS NULL OR kind = ANY ($3::text[]))
-                                  AND kind <> ALL ($4::text[])
                                 ORDER BY available_at, id LIMIT $1
                                 FOR UPDATE SKIP LOCKED)
                    RETURNING id, kind, ref_id, attempts, attempts_at_retry""",
                 batch,
                 self.lease_s,
                 self.kinds,
-                self.skip_kinds,
             )
         jobs = [Job(**dict(r)) for r in rows]
         runnable = []

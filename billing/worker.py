@@ -96,11 +96,10 @@ class OutboxWorker:
         handlers: Mapping[str, Handler] | None = None,
         on_dead: Mapping[str, job_queue.OnDead] | None = None,
         kinds: Iterable[str] | None = None,
-        skip_kinds: Iterable[str] = (),
         sweeps: bool = True,
     ) -> None:
-        """`kinds`/`skip_kinds`: the kinds of job this worker claims (default all); `sweeps`:
-        whether it also runs the periodic sweep (one worker of a process does)."""
+        """`kinds`: the kinds of job this worker claims (default: those it has handlers for);
+        `sweeps`: whether it also runs the periodic sweep (one worker of a process does)."""
         self.pool = pool
         self.provider = provider
         self.notifier = notifier
@@ -132,8 +131,7 @@ class OutboxWorker:
             lease_s=lease_s,
             rng=rng,
             on_dead=on_dead,
-            kinds=kinds,
-            skip_kinds=skip_kinds,
+            kinds=sorted(self._handlers) if kinds is None else kinds,
         )
         self.sweeps = sweeps
         self.stats = WorkerStats()

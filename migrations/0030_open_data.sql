@@ -75,6 +75,9 @@ CREATE INDEX feed_deliveries_subscription ON feed_deliveries (subscription_id, i
 -- Pruning reads finished deliveries by age (`parking prune`).
 CREATE INDEX feed_deliveries_finished ON feed_deliveries (created_at) WHERE status <> 'pending';
 
+-- Each outbox worker claims its own kinds (the feeds' deliveries have a worker of their own): a
+-- backlog of one kind is not scanned by the other's claims.
+CREATE INDEX outbox_due_kind ON outbox (kind, available_at) WHERE done_at IS NULL AND dead_at IS NULL;
 ALTER TABLE outbox DROP CONSTRAINT outbox_kind_check;
 ALTER TABLE outbox ADD CONSTRAINT outbox_kind_check
     CHECK (kind IN ('charge', 'notification', 'refund', 'gate_command', 'feed_delivery'));

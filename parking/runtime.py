@@ -219,7 +219,6 @@ async def running(
             reminder_every=timedelta(days=settings.debt_reminder_every_days),
             max_attempts=job_limits(settings),
             backoff_cap_s=settings.job_backoff_cap_s,
-            skip_kinds=FEED_KINDS,
         )
         feed_outbox = OutboxWorker(
             feed_pool,
