@@ -113,24 +113,25 @@ async def delivery(conn: asyncpg.Connection, delivery_id: int) -> asyncpg.Record
     return row
 
 
-async def mark(
-    conn: asyncpg.Connection, delivery_id: int, status: str, sent_value: int | None = None
+async def skip(conn: asyncpg.Connection, delivery_id: int) -> None:
+    """Not sent: its subscription is paused or gone."""
+    await conn.execute("UPDATE feed_deliveries SET status = 'skipped' WHERE id = $1", delivery_id)
+
+
+async def sent(
+    conn: asyncpg.Connection, delivery_id: int, subscription_id: int, sent_value: int | None
 ) -> None:
+    """The delivery was taken: sent (with the count it carried), and its subscriber's failures
+    in a row are over (one statement: deliveries are many)."""
     await conn.execute(
-        """UPDATE feed_deliveries SET status = $2, sent_value = $3,
-                  sent_at = CASE WHEN $2 = 'sent' THEN now() END
-           WHERE id = $1""",
+        """WITH delivery AS (
+               UPDATE feed_deliveries SET status = 'sent', sent_value = $3, sent_at = now()
+               WHERE id = $1)
+           UPDATE feed_subscriptions SET consecutive_failures = 0
+           WHERE id = $2 AND consecutive_failures <> 0""",
         delivery_id,
-        status,
-        sent_value,
-    )
-
-
-async def succeeded(conn: asyncpg.Connection, subscription_id: int) -> None:
-    await conn.execute(
-        "UPDATE feed_subscriptions SET consecutive_failures = 0 WHERE id = $1 "
-        "AND consecutive_failures <> 0",
         subscription_id,
+        sent_value,
     )
 
 

@@ -100,7 +100,7 @@ class FeedSender:
             if delivery["deleted_at"] is not None or (
                 delivery["paused_at"] is not None and delivery["format"] == "apds"
             ):
-                await repo.mark(conn, delivery["id"], "skipped")
+                await repo.skip(conn, delivery["id"])
                 return
         occupied = (
             await self.occupancy.get(delivery["car_park_id"])
@@ -109,7 +109,7 @@ class FeedSender:
         )
         body = orjson.dumps(self._payload(delivery, occupied))
         error = await self._post(delivery, body)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn:
             if error is not None:
                 paused = await repo.failed(
                     conn,
@@ -119,8 +119,7 @@ class FeedSender:
                     else None,
                 )
             else:
-                await repo.mark(conn, delivery["id"], "sent", occupied)
-                await repo.succeeded(conn, delivery["subscription_id"])
+                await repo.sent(conn, delivery["id"], delivery["subscription_id"], occupied)
         if error is not None:
             log.warning(
                 "feed.delivery_failed",
