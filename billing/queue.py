@@ -16,7 +16,7 @@ attempt, so a job that kills its worker every time ends dead too.
 """
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -46,6 +46,19 @@ class Job:
     @property
     def attempts_since_retry(self) -> int:
         return self.attempts - self.attempts_at_retry
+
+
+class RetryLater(Exception):
+    """Raised by a job's handler when the job should be tried again after its backoff (from
+    `base_s`, or the worker's base when None), or made dead if that was its last attempt."""
+
+    def __init__(self, error: str, base_s: float | None = None) -> None:
+        super().__init__(error)
+        self.base_s = base_s
+
+
+# Called with a job and its last error when it goes dead (its handler's own bookkeeping).
+OnDead = Callable[[Job, str], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +94,16 @@ class Queue:
         *,
         lease_s: float = 60.0,
         rng: random.Random | None = None,
+        on_dead: Mapping[str, OnDead] | None = None,
+        kinds: Iterable[str] | None = None,
     ) -> None:
         self.pool = pool
+        # The kinds this queue claims (None: every kind): each worker claims the kinds it has
+        # handlers for, so the feeds' deliveries, with a worker of their own, never wait
+        # behind charges nor delay them (migration 0030's index serves a claim per kind).
+        self.kinds = None if kinds is None else sorted(kinds)
+        # Per kind, what else a dead job changes (a feed delivery is marked dead).
+        self.on_dead = dict(on_dead or {})
         self.policy = policy or RetryPolicy()
         self.lease_s = lease_s
         self.rng = rng or random.Random()
@@ -101,11 +122,13 @@ class Queue:
                                 WHERE done_at IS NULL AND dead_at IS NULL
                                   AND available_at <= now()
                                   AND (locked_until IS NULL OR locked_until < now())
+                                  AND ($3::text[] IS NULL OR kind = ANY ($3::text[]))
                                 ORDER BY available_at, id LIMIT $1
                                 FOR UPDATE SKIP LOCKED)
                    RETURNING id, kind, ref_id, attempts, attempts_at_retry""",
                 batch,
                 self.lease_s,
+                self.kinds,
             )
         jobs = [Job(**dict(r)) for r in rows]
         runnable = []
@@ -144,6 +167,8 @@ class Queue:
                 error[:500],
             )
         self.dead += 1
+        if (hook := self.on_dead.get(job.kind)) is not None:
+            await hook(job, error[:500])
         log.error(
             "outbox.job_dead",
             job_id=job.id,

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -66,7 +66,11 @@ DEFAULT_MAX_ATTEMPTS: Mapping[str, int] = {
 # Dead jobs that carry no money, deleted after the dead-letter retention: a driver's message
 # or a barrier's command that never went out. Dead charges and refunds wait for an operator.
 # A stay whose entry was never registered is registered by its deduction at the exit.
-PRUNABLE_DEAD_KINDS = frozenset({"notification", "gate_command", "parking_entry"})
+PRUNABLE_DEAD_KINDS = frozenset({"notification", "gate_command", "parking_entry", "feed_delivery"})
+
+# A handler of a kind of job the worker runs for another package (parking's feed deliveries):
+# returning means done; raising `billing.queue.RetryLater` means again after the backoff.
+Handler = Callable[[Job], Awaitable[None]]
 
 
 class OutboxWorker:
@@ -92,7 +96,13 @@ class OutboxWorker:
         max_attempts: Mapping[str, int] = DEFAULT_MAX_ATTEMPTS,
         backoff_cap_s: float = 300.0,
         rng: random.Random | None = None,
+        handlers: Mapping[str, Handler] | None = None,
+        on_dead: Mapping[str, job_queue.OnDead] | None = None,
+        kinds: Iterable[str] | None = None,
+        sweeps: bool = True,
     ) -> None:
+        """`kinds`: the kinds of job this worker claims (default: those it has handlers for);
+        `sweeps`: whether it also runs the periodic sweep (one worker of a process does)."""
         self.pool = pool
         self.provider = provider
         self.notifier = notifier
@@ -115,6 +125,8 @@ class OutboxWorker:
             "gate_command": self._gate_command,
             "parking_entry": self._parking_entry,
         }
+        for kind, handler in (handlers or {}).items():
+            self._handlers[kind] = self._then_done(handler)
         self.poll_interval_s = poll_interval_s
         self.lease_s = lease_s
         self.batch = batch
@@ -123,7 +135,10 @@ class OutboxWorker:
             job_queue.RetryPolicy(max_attempts=dict(max_attempts), cap_s=backoff_cap_s),
             lease_s=lease_s,
             rng=rng,
+            on_dead=on_dead,
+            kinds=sorted(self._handlers) if kinds is None else kinds,
         )
+        self.sweeps = sweeps
         self.stats = WorkerStats()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -157,7 +172,7 @@ class OutboxWorker:
             try:
                 if self._unreleased:
                     await self._release_unfinished()
-                if time.monotonic() >= self._next_sweep:
+                if self.sweeps and time.monotonic() >= self._next_sweep:
                     self._next_sweep = time.monotonic() + self.sweep_interval_s
                     await self.sweep(datetime.now(UTC))
                 claimed = await self.run_once()
@@ -193,9 +208,22 @@ class OutboxWorker:
         await asyncio.gather(*(self._run_job(job) for job in jobs))
         return len(jobs) + buried
 
+    def _then_done(self, handler: Handler) -> Handler:
+        async def run(job: Job) -> None:
+            await handler(job)
+            await self._done(job)
+
+        return run
+
     async def _run_job(self, job: Job) -> None:
         try:
             await self._handlers[job.kind](job)
+        except job_queue.RetryLater as exc:
+            # An expected failure (a subscriber's endpoint down): no traceback.
+            try:
+                await self._retry_later(job, str(exc), exc.base_s)
+            except Exception:
+                self._unreleased.add((job.id, job.attempts))
         except Exception as exc:  # a job's failure must not stop the others
             log.exception("outbox.job_failed", job_id=job.id, kind=job.kind)
             self.stats.failures += 1

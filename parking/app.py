@@ -7,6 +7,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from parking.apds.router import router as apds_router
 from parking.auth.router import router as auth_router
 from parking.auth.service import PasswordChecks
 from parking.auth.sms import SmsSender
@@ -20,6 +21,7 @@ from parking.disputes.router import driver_router as driver_disputes_router
 from parking.disputes.router import router as disputes_router
 from parking.drivers.router import router as drivers_router
 from parking.errors import install_error_handlers
+from parking.feeds.router import router as feeds_router
 from parking.health import router as health_router
 from parking.logging import get_logger
 from parking.merchants.router import merchant_router
@@ -79,6 +81,8 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.include_router(confirmations_router)
     app.include_router(ownership_router)
     app.include_router(public_router)
+    app.include_router(apds_router)
+    app.include_router(feeds_router)
     app.include_router(dashboard_router)
     app.include_router(receipts_router)
     app.include_router(disputes_router)

@@ -22,6 +22,7 @@ from gate_controller.mqtt import MqttClient
 from parking.auth.sms import DevSms, SmsSender
 from parking.booth import ghosts
 from parking.db import create_pool
+from parking.feeds.service import FeedSender, OccupancyWatcher
 from parking.gates import config as gate_configs
 from parking.gates.events import GateEventRecorder
 from parking.infra import Endpoints
@@ -172,6 +173,17 @@ class Runtime:
     notifier: Notifier
     provider: PaymentProvider
     sms: SmsSender
+    # Push feeds (parking.feeds): the outbox's handler of their deliveries, and, where the
+    # outbox worker runs, the watcher queueing occupancy deliveries.
+    feeds: FeedSender | None = None
+    occupancy_watcher: OccupancyWatcher | None = None
+    # The outbox worker of the feeds' deliveries alone (a slow subscriber never delays a charge).
+    feed_outbox: OutboxWorker | None = None
+
+
+# The outbox kinds of the feeds' own worker, and how many of its jobs it has in hand at once.
+FEED_KINDS = ("feed_delivery",)
+FEED_BATCH = 32
 
 
 def job_limits(settings: Settings) -> dict[str, int]:
@@ -181,6 +193,7 @@ def job_limits(settings: Settings) -> dict[str, int]:
         "refund": settings.job_max_attempts_refund,
         "notification": settings.job_max_attempts_notification,
         "gate_command": settings.job_max_attempts_gate_command,
+        "feed_delivery": settings.job_max_attempts_feed_delivery,
     }
 
 
@@ -223,6 +236,8 @@ async def running(
     )
     # The outbox worker has its own connections so that charging never delays a gate.
     worker_pool = await create_pool(endpoints.database_url, min_size=1, max_size=4)
+    # And the feeds' deliveries theirs, so that neither waits for the other's connections.
+    feed_pool = await create_pool(endpoints.database_url, min_size=1, max_size=4)
     # No idle connections: a process that serves no API (lanes, worker) never opens one, and a
     # replica that is down fails only the reads that use it, not the process's start.
     read_pool = (
@@ -248,6 +263,7 @@ async def running(
     tasks: list[asyncio.Task[None]] = []
     maintenance: list[asyncio.Task[None]] = []
     lane_worker: LaneWorker | None = None
+    feeds: FeedSender | None = None
     try:
         async with pool.acquire() as conn:
             await migrate(conn)
@@ -266,6 +282,7 @@ async def running(
             assert runtime is not None
             await release_gate(runtime, payment_id)
 
+        feeds = FeedSender(feed_pool, occupancy, settings)
         outbox = OutboxWorker(
             worker_pool,
             provider,
@@ -284,6 +301,22 @@ async def running(
             max_attempts=job_limits(settings),
             backoff_cap_s=settings.job_backoff_cap_s,
         )
+        feed_outbox = OutboxWorker(
+            feed_pool,
+            provider,
+            notifier,
+            poll_interval_s=settings.worker_poll_interval_s,
+            lease_s=settings.worker_lease_s,
+            max_attempts=job_limits(settings),
+            backoff_cap_s=settings.job_backoff_cap_s,
+            # Deliveries wait on subscribers' endpoints: many in hand at once.
+            batch=FEED_BATCH,
+            handlers={"feed_delivery": feeds.deliver},
+            on_dead={"feed_delivery": feeds.dead},
+            kinds=FEED_KINDS,
+            sweeps=False,
+        )
+        watcher: OccupancyWatcher | None = None
         if lanes:
             await occupancy.rebuild_all()
             await lane_worker.start()
@@ -304,6 +337,9 @@ async def running(
         if outbox_worker:
             kept = retention.Retention.from_settings(settings)
             tasks.append(asyncio.create_task(outbox.run()))
+            tasks.append(asyncio.create_task(feed_outbox.run()))
+            watcher = OccupancyWatcher(redis, feed_pool, occupancy.channel, settings)
+            maintenance.append(asyncio.create_task(watcher.run()))
             maintenance.append(
                 asyncio.create_task(
                     _hourly(
@@ -345,6 +381,9 @@ async def running(
             notifier,
             provider,
             sms,
+            feeds,
+            watcher,
+            feed_outbox,
         )
         yield runtime
     finally:
@@ -352,6 +391,7 @@ async def running(
             await lane_worker.stop()
         if tasks:
             outbox.stop()
+            feed_outbox.stop()
             # Jobs in hand finish (a provider call is bounded by its timeout); cancel after that.
             await asyncio.wait(tasks, timeout=settings.payment_provider_timeout_s + 2)
         for task in tasks + maintenance:
@@ -362,10 +402,13 @@ async def running(
         await provider.aclose()
         if sms_setup is not None:
             await sms_setup[0].aclose()
+        if feeds is not None:
+            await feeds.aclose()
         await redis.aclose()
         if lane_redis is not redis:
             await lane_redis.aclose()
         await worker_pool.close()
+        await feed_pool.close()
         if lane_pool is not pool:
             await lane_pool.close()
         if read_pool is not pool:

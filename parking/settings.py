@@ -143,6 +143,7 @@ class Settings(BaseSettings):
     job_max_attempts_refund: int = Field(default=20, ge=1)
     job_max_attempts_notification: int = Field(default=8, ge=1)
     job_max_attempts_gate_command: int = Field(default=5, ge=1)
+    job_max_attempts_feed_delivery: int = Field(default=10, ge=1)
     # Retry delays double up to this (each with jitter).
     job_backoff_cap_s: float = Field(default=300.0, gt=0)
 
@@ -238,6 +239,21 @@ class Settings(BaseSettings):
     # Requests to the public lists and car parks (/api/v1/public/…, /api/v1/car-parks) one
     # client may make per minute; callers with the city's key are not counted.
     public_requests_per_minute_per_client: int = Field(default=120, ge=1)
+    # Items per page of the APDS lists (/apds/v4/…).
+    apds_page_size: int = Field(default=100, ge=1, le=1000)
+
+    # Push feeds (APDS webhooks, the city platform): a delivery is one signed POST answered
+    # 2xx within feed_timeout_s; a failed one is tried again after feed_retry_base_s, doubling
+    # (PARKING_JOB_BACKOFF_CAP_S, PARKING_JOB_MAX_ATTEMPTS_FEED_DELIVERY). An APDS subscription
+    # is paused after this many failed attempts in a row (the city platform never is: nothing
+    # of its feed is dropped). A car park's occupancy goes to a subscriber at most once per
+    # feed_occupancy_interval_s, with the latest count.
+    feed_timeout_s: float = Field(default=5.0, gt=0)
+    feed_retry_base_s: float = Field(default=1.0, gt=0)
+    feed_pause_after_failures: int = Field(default=10, ge=1)
+    feed_occupancy_interval_s: float = Field(default=5.0, ge=0)
+    # Every car park's free spaces go to the city platform this often, changed or not (0: off).
+    feed_city_heartbeat_s: float = Field(default=300.0, ge=0)
 
     @field_validator("public_base_url")
     @classmethod

@@ -154,6 +154,30 @@ async def create_lot(runtime: Runtime) -> Lot:
     return Lot(car_park_id, code, name, operator_id)
 
 
+async def located_car_park(
+    runtime: Runtime,
+    latitude: float,
+    longitude: float,
+    *,
+    name: str | None = None,
+    capacity: int = 20,
+) -> str:
+    """A car park of a company of its own at the point, with no gates and no tariff."""
+    code = f"geo-{uuid.uuid4().hex[:8]}"
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        operator_id = await admin.create_operator(conn, f"运营-{code}")
+        await admin.create_car_park(
+            conn,
+            operator_id=operator_id,
+            code=code,
+            name=name or f"停车场 {code}",
+            capacity=capacity,
+            latitude=latitude,
+            longitude=longitude,
+        )
+    return code
+
+
 @dataclass
 class Driver:
     account_id: int

@@ -116,6 +116,10 @@ class World:
     right_x: int = 0
     blacklist_x: int = 0
     merchant_x: int = 0
+    # The tariff of X, as an APDS rate table.
+    rate_x: int = 0
+    # An APDS subscription and the city platform of X.
+    subscription_x: str = ""
 
 
 Body = Callable[[World], dict[str, Any]] | None
@@ -185,6 +189,32 @@ ROWS = [
         query=lambda w: {"lat": "30.23", "lon": "119.72", "radius_m": "5000"},
     ),
     Row("GET", "/api/v1/public/places", Access.PUBLIC),
+    Row("GET", "/api/v1/public/signs", Access.PUBLIC),
+    Row("GET", "/apds/v4/places", Access.PUBLIC),
+    Row("GET", "/apds/v4/places/{place_id}", Access.PUBLIC),
+    Row("GET", "/apds/v4/rates", Access.PUBLIC),
+    Row("GET", "/apds/v4/rates/{rate_id}", Access.PUBLIC),
+    # The company's own stays: staff of X see X's, an admin of Y an empty list (STAFF), and
+    # one of X's stays is not found for Y (STAFF_X).
+    Row("GET", "/apds/v4/sessions", Access.STAFF),
+    Row("GET", "/apds/v4/sessions/{session_id}", Access.STAFF_X),
+    # Subscriptions are the company's: created by its admins, listed by its staff.
+    Row(
+        "POST",
+        "/apds/v4/webhooks",
+        Access.ADMIN,
+        lambda w: {"endpoint": "http://127.0.0.1:9/hook", "topics": ["SessionCreated"]},
+    ),
+    Row("GET", "/apds/v4/webhooks", Access.STAFF),
+    Row("POST", "/apds/v4/webhooks/{subscription_id}/resume", Access.ADMIN_X),
+    # The company's own (no object of another company to ask for).
+    Row("GET", "/api/v1/operator/city-platform", Access.STAFF),
+    Row(
+        "PUT",
+        "/api/v1/operator/city-platform",
+        Access.ADMIN,
+        lambda w: {"endpoint": "http://127.0.0.1:9/city", "key": "k" * 32},
+    ),
     Row("GET", "/dashboard", Access.PUBLIC),
     Row("GET", "/pay/{capture_id}", Access.PUBLIC),
     Row("GET", "/app", Access.PUBLIC),
@@ -379,6 +409,8 @@ ROWS = [
     Row("GET", "/api/v1/operator/dashboard/summary", Access.STAFF),
     # An event stream never ends: its allowed callers are tested in test_dashboard.py.
     Row("GET", "/api/v1/operator/dashboard/events", Access.STAFF),
+    Row("DELETE", "/apds/v4/webhooks/{subscription_id}", Access.ADMIN_X),
+    Row("DELETE", "/api/v1/operator/city-platform", Access.ADMIN),
     # Last: these end A's binding, agreement and account.
     Row("DELETE", "/api/v1/me/plates/{binding_id}", Access.DRIVER_A),
     Row("DELETE", "/api/v1/me/agreement", Access.DRIVER),
@@ -408,6 +440,10 @@ def _fill(path: str, world: World) -> str:
         right_id=world.right_x,
         blacklist_id=world.blacklist_x,
         merchant_id=world.merchant_x,
+        place_id=world.lot_x.code,
+        rate_id=world.rate_x,
+        session_id=world.stay_a,
+        subscription_id=world.subscription_x,
     )
 
 
@@ -555,6 +591,21 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
             "not-a-hash",
             merchant_x,
         )
+        rate_x = await conn.fetchval("SELECT id FROM tariffs WHERE car_park_id = $1", lot_x.id)
+        subscription_x = str(
+            await conn.fetchval(
+                """INSERT INTO feed_subscriptions (operator_id, format, endpoint, secret, topics)
+                   VALUES ($1, 'apds', 'http://127.0.0.1:9/hook', 'whsec_matrix',
+                           ARRAY['session_started']) RETURNING public_id""",
+                lot_x.operator_id,
+            )
+        )
+        await conn.execute(
+            """INSERT INTO feed_subscriptions (operator_id, format, endpoint, secret, topics)
+               VALUES ($1, 'city', 'http://127.0.0.1:9/city', 'matrix-city-key',
+                       ARRAY['occupancy'])""",
+            lot_x.operator_id,
+        )
     frame_url = app.state.frame_signer.url(receipt_token, "entry")
     frame_query = dict(part.split("=", 1) for part in frame_url.split("?", 1)[1].split("&"))
     tokens = {
@@ -589,6 +640,8 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         right_x,
         blacklist_x,
         merchant_x,
+        rate_x,
+        subscription_x,
     )
 
 
@@ -596,6 +649,10 @@ def _outcome(response: httpx.Response) -> str:
     """'allowed', or the denial status ('401', '403', '404')."""
     if response.status_code >= 500:
         return f"server error {response.status_code}"
+    json_body = response.headers.get("content-type", "").startswith("application/json")
+    if json_body and response.status_code >= 400 and response.json().get("status") == "error":
+        # APDS's error shape (/apds/…): the status says it all.
+        return {401: "401", 403: "403", 404: "404"}.get(response.status_code, "allowed")
     code = (
         response.json().get("error", {}).get("code")
         if response.headers.get("content-type", "").startswith("application/json")

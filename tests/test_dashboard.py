@@ -143,9 +143,14 @@ async def _events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str
 
 
 async def _subscribers(runtime: Runtime) -> list[int]:
+    """The dashboards' subscriptions (the push feeds' occupancy watcher, subscribed to the
+    occupancy channel too, is not counted)."""
+    assert runtime.occupancy_watcher is not None
+    await asyncio.wait_for(runtime.occupancy_watcher.ready.wait(), 10)
     channels = [runtime.occupancy.channel, lane_events_channel(runtime.settings)]
     counts = await runtime.redis.pubsub_numsub(*channels)
-    return [count for _, count in counts]
+    occupancy, lanes = (count for _, count in counts)
+    return [occupancy - 1, lanes]
 
 
 async def _sign_in(http: httpx.AsyncClient, staff: Staff) -> str:

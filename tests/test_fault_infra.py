@@ -520,7 +520,8 @@ async def test_the_outbox_worker_listens_again_after_a_database_restart(
     ):
 
         async def listening() -> bool:
-            return await _listening_backends(runtime.pool) == 1
+            # The charges' worker and the feeds' deliveries' worker, each on its connection.
+            return await _listening_backends(runtime.pool) == 2
 
         await eventually(listening)
         await postgres.stop_immediately()

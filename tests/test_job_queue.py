@@ -57,7 +57,13 @@ def test_attempt_limits_per_kind_come_from_the_settings() -> None:
     from parking.runtime import job_limits
 
     limits = job_limits(Settings(job_max_attempts_gate_command=2))
-    assert limits == {"charge": 20, "refund": 20, "notification": 8, "gate_command": 2}
+    assert limits == {
+        "charge": 20,
+        "refund": 20,
+        "notification": 8,
+        "gate_command": 2,
+        "feed_delivery": 10,
+    }
     policy = job_queue.RetryPolicy(max_attempts=limits)
     assert policy.limit("gate_command") == 2
     assert policy.limit("something new") == job_queue.DEFAULT_MAX_ATTEMPTS
@@ -280,6 +286,7 @@ async def test_pruning_deletes_what_outlived_its_retention_and_never_money(
         "dead_letters",
         "sent_notifications",
         "refresh_tokens",
+        "feed_deliveries",
     }
 
     async with runtime.pool.acquire() as conn:
@@ -334,6 +341,7 @@ async def test_parking_prune_prints_its_counts_as_json(
         "dead_letters",
         "sent_notifications",
         "refresh_tokens",
+        "feed_deliveries",
     }
     assert all(isinstance(v, int) and v >= 0 for v in printed.values())
     assert cli.build_parser().parse_args(["prune"]).command == "prune"

@@ -4,7 +4,6 @@ car parks near a point, APDS-style places; cacheable, with ETags; anonymous or a
 import asyncio
 import math
 import random
-import uuid
 from datetime import datetime
 from typing import Any
 
@@ -12,33 +11,16 @@ import httpx
 from fastapi import FastAPI
 from pydantic import BaseModel, TypeAdapter
 
-from parking.admin import repository as admin
 from parking.auth import repository as auth_repo
 from parking.auth.tokens import digest, new_secret
 from parking.public.cache import Answer, AnswerCache
 from parking.public.router import get_answer_cache
 from parking.public.schemas import CarParkAvailability, NearbyCarPark, Place
 from parking.runtime import Runtime
-from tests.conftest import Lot, bearer, eventually, unique_plate
+from tests.conftest import Lot, bearer, eventually, located_car_park, unique_plate
 from tests.gates import GateProbe
 
 EARTH_RADIUS_M = 6_371_008.8
-
-
-async def _located_lot(runtime: Runtime, latitude: float, longitude: float) -> str:
-    code = f"geo-{uuid.uuid4().hex[:8]}"
-    async with runtime.pool.acquire() as conn, conn.transaction():
-        operator_id = await admin.create_operator(conn, f"运营-{code}")
-        await admin.create_car_park(
-            conn,
-            operator_id=operator_id,
-            code=code,
-            name=f"停车场 {code}",
-            capacity=20,
-            latitude=latitude,
-            longitude=longitude,
-        )
-    return code
 
 
 def _haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
@@ -127,9 +109,9 @@ async def test_nearby_lists_car_parks_within_the_radius_nearest_first(
 ) -> None:
     # A point of its own, far from any other test's car parks.
     lat, lon = random.uniform(-60, 60), random.uniform(-170, 170)
-    far = await _located_lot(runtime, lat + 0.03, lon)  # about 3.3 km north
-    near = await _located_lot(runtime, lat, lon + 0.005)  # about 0.5 km east
-    middle = await _located_lot(runtime, lat - 0.01, lon - 0.01)  # about 1.4 km south-west
+    far = await located_car_park(runtime, lat + 0.03, lon)  # about 3.3 km north
+    near = await located_car_park(runtime, lat, lon + 0.005)  # about 0.5 km east
+    middle = await located_car_park(runtime, lat - 0.01, lon - 0.01)  # about 1.4 km south-west
 
     answer = await api.get(
         "/api/v1/public/car-parks/nearby", params={"lat": lat, "lon": lon, "radius_m": 3000}

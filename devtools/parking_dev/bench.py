@@ -3,6 +3,10 @@
 Latency is capture received by the lane service -> command acknowledged by the broker
 (`decision`), and publish by the gate -> command received by the gate (`gate_round_trip`).
 The simulated gates run in their own process so that they do not share the lane's event loop.
+With `--feeds` every company of the city has an APDS webhook subscription (every topic) and a
+city platform, both answered by a receiver in a process of its own: the stays' trigger queues
+their deliveries in the lane's transactions, and `feeds` reports the delivery lag (queued ->
+recorded as sent).
 """
 
 import asyncio
@@ -450,6 +454,93 @@ async def exit_lookup_cost(runtime: Runtime, samples: int = 500) -> dict[str, An
     return {name: {"n": len(t), **percentiles(t)} for name, t in timings.items()}
 
 
+def _feed_receiver(port: int) -> None:
+    """A subscriber that takes every delivery (its own process: not on the lane's loop)."""
+    from aiohttp import web
+
+    async def take(_: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/{any}", take)
+    web.run_app(app, host="127.0.0.1", port=port, print=None)
+
+
+@contextlib.contextmanager
+def feed_receiver() -> Iterator[str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = multiprocessing.get_context("spawn").Process(
+        target=_feed_receiver, args=(port,), daemon=True
+    )
+    process.start()
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the feed receiver did not start")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.join(5)
+
+
+async def _subscribe_everyone(runtime: Runtime, city: DemoCity, url: str) -> int:
+    async with runtime.pool.acquire() as conn:
+        created: int = await conn.fetchval(
+            """WITH companies AS (SELECT DISTINCT operator_id FROM car_parks
+                                  WHERE id = ANY ($1::bigint[])),
+                    made AS (
+                        INSERT INTO feed_subscriptions (operator_id, format, endpoint, secret,
+                                                        topics)
+                        SELECT operator_id, kind, $2 || '/' || kind, 'bench-feed-secret',
+                               ARRAY['occupancy', 'session_started', 'session_ended']
+                        FROM companies, unnest(ARRAY['apds', 'city']) AS kind
+                        ON CONFLICT DO NOTHING
+                        RETURNING 1)
+               SELECT count(*) FROM made""",
+            list(city.car_park_ids),
+            url,
+        )
+    return created
+
+
+async def _feed_figures(runtime: Runtime, city: DemoCity, timeout_s: float = 60) -> dict[str, Any]:
+    """Waits for the deliveries queued by the run to be sent; their lag, queued -> sent."""
+    deadline = time.monotonic() + timeout_s
+    async with runtime.pool.acquire() as conn:
+        while True:
+            pending = await conn.fetchval(
+                "SELECT count(*) FROM feed_deliveries WHERE status = 'pending' "
+                "AND car_park_id = ANY ($1::bigint[])",
+                list(city.car_park_ids),
+            )
+            if pending == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        rows = await conn.fetch(
+            """SELECT topic = 'occupancy' AS occupancy,
+                      extract(epoch FROM sent_at - created_at) * 1000 AS lag_ms
+               FROM feed_deliveries
+               WHERE status = 'sent' AND car_park_id = ANY ($1::bigint[])""",
+            list(city.car_park_ids),
+        )
+    sessions = [r["lag_ms"] for r in rows if not r["occupancy"]]
+    occupancy = [r["lag_ms"] for r in rows if r["occupancy"]]
+    return {
+        "sent": len(rows),
+        "pending_after_run": pending,
+        # A stay's start or end: queued by the lane's transaction, sent by the worker.
+        "session_delivery_lag": percentiles([float(v) for v in sessions]),
+        # Occupancy: due at most once per interval per car park and subscriber, by design.
+        "occupancy_delivery_lag": percentiles([float(v) for v in occupancy]),
+    }
+
+
 async def run_bench(
     settings: Settings,
     provider: ProviderEndpoint,
@@ -459,6 +550,7 @@ async def run_bench(
     ocr_folder: Path | None = None,
     car_parks: int = 40,
     rights_share: float = 0.0,
+    feeds_url: str | None = None,
 ) -> dict[str, Any]:
     rng = random.Random()
     exits_needed = int(rate * duration_s * 1.2) + 100
@@ -489,9 +581,17 @@ async def run_bench(
         )
         # Measured while the cars are all parked, before the load (which lets them out).
         lookup = await exit_lookup_cost(runtime) if rights_share else None
+        subscriptions = (
+            await _subscribe_everyone(runtime, city, feeds_url) if feeds_url is not None else 0
+        )
         figures = await drive(
             runtime, city, rate=rate, duration_s=duration_s, exit_share=exit_share
         )
+        if feeds_url is not None:
+            figures["feeds"] = {
+                "subscriptions": subscriptions,
+                **await _feed_figures(runtime, city),
+            }
     return {
         "mode": "ocr" if ocr_folder is not None else "camera_read",
         **figures,

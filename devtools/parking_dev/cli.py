@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PLATES_DIR",
         help="captures carry plate photos from this labels.csv folder instead of camera reads",
     )
+    p_bench.add_argument(
+        "--feeds",
+        action="store_true",
+        help="every company subscribed (APDS webhook and city platform) to a local receiver; "
+        "reports the delivery lag",
+    )
     p_bench.add_argument("--json", action="store_true", help="print only the JSON line")
     p_bench.add_argument(
         "--rights-share",
@@ -187,9 +193,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
     elif args.command == "bench":
-        from parking_dev.bench import run_bench, sandbox_process
+        from parking_dev.bench import feed_receiver, run_bench, sandbox_process
 
-        with sandbox_process() as provider:
+        with (
+            sandbox_process() as provider,
+            feed_receiver() if args.feeds else contextlib.nullcontext() as feeds_url,
+        ):
             result = run(
                 run_bench(
                     settings,
@@ -199,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                     ocr_folder=args.ocr,
                     car_parks=args.car_parks or 40,
                     rights_share=args.rights_share,
+                    feeds_url=feeds_url,
                 )
             )
         print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())

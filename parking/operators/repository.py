@@ -11,7 +11,7 @@ import asyncpg
 from gate_controller.protocol import Direction
 
 _CAR_PARK_COLUMNS = """id, code, name, capacity, latitude, longitude, no_entry_policy,
-    no_entry_fee_fen"""
+    no_entry_fee_fen, closed_at IS NOT NULL AS closed"""
 
 
 async def car_parks(conn: asyncpg.Connection, operator_id: int) -> list[asyncpg.Record]:
@@ -35,14 +35,18 @@ async def car_park(
 
 
 async def update_car_park(
-    conn: asyncpg.Connection, car_park_id: int, *, name: str, capacity: int
+    conn: asyncpg.Connection, car_park_id: int, *, name: str, capacity: int, closed: bool
 ) -> asyncpg.Record:
+    """Closing keeps the time it was first closed; reopening clears it."""
     row: asyncpg.Record = await conn.fetchrow(
-        f"""UPDATE car_parks SET name = $2, capacity = $3 WHERE id = $1
+        f"""UPDATE car_parks SET name = $2, capacity = $3,
+                   closed_at = CASE WHEN $4 THEN coalesce(closed_at, now()) END
+            WHERE id = $1
             RETURNING {_CAR_PARK_COLUMNS}""",
         car_park_id,
         name,
         capacity,
+        closed,
     )
     return row
 
@@ -391,7 +395,8 @@ async def charge_exception_of_operator(
 
 
 # Which car park a job is about: a charge's stay's, a refund's own, a gate command's payment's
-# held capture's. Driver notifications belong to an account, not to a company: not listed here.
+# held capture's, a feed delivery's. Driver notifications belong to an account, not to a
+# company: not listed here.
 _JOB_CAR_PARK = """JOIN LATERAL (
         SELECT s.car_park_id FROM charges c JOIN sessions s ON s.id = c.session_id
         WHERE j.kind = 'charge' AND c.id = j.ref_id
@@ -402,6 +407,9 @@ _JOB_CAR_PARK = """JOIN LATERAL (
         JOIN captures cap ON cap.capture_id = p.capture_id
                          AND cap.captured_at = p.capture_captured_at
         WHERE j.kind = 'gate_command' AND p.id = j.ref_id
+        UNION ALL
+        SELECT d.car_park_id FROM feed_deliveries d
+        WHERE j.kind = 'feed_delivery' AND d.id = j.ref_id
     ) owner ON true
     JOIN car_parks cp ON cp.id = owner.car_park_id"""
 _JOB_COLUMNS = """j.id, j.kind, j.ref_id, j.attempts - j.attempts_at_retry AS attempts,

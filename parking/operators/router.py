@@ -349,7 +349,8 @@ async def list_jobs(
     state: Literal["stuck", "dead"] | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[OutboxJob]:
-    """Charges, refunds and gate commands of the company's car parks that need a person, oldest
+    """Charges, refunds, gate commands and feed deliveries (webhooks, the city platform) of the
+    company's car parks that need a person, oldest
     first: `dead` (every attempt failed; never tried again unless retried) and `stuck` (not
     done 15 minutes after it was due, or tried 5 times). A dead charge is not a debt."""
     return await service.list_jobs(

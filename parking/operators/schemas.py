@@ -62,11 +62,14 @@ class _Request(BaseModel):
 class OperatorCarPark(CarParkOccupancy):
     no_entry_policy: str
     no_entry_fee_fen: int
+    # Closed to the public for now (the APDS place says so; gates keep working).
+    closed: bool = False
 
 
 class CarParkChange(_Request):
     name: CarParkName | None = None
     capacity: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    closed: bool | None = None
 
 
 class Gate(BaseModel):
@@ -279,7 +282,8 @@ class OutboxJob(BaseModel):
     settle it otherwise."""
 
     id: int
-    # charge, refund or gate_command; `ref_id` is the charge's, refund's or payment's id.
+    # charge, refund, gate_command or feed_delivery; `ref_id` is the charge's, refund's,
+    # payment's or delivery's id.
     kind: str
     ref_id: int
     car_park: str

@@ -123,6 +123,7 @@ def _car_park_view(row: asyncpg.Record, occupied: int) -> OperatorCarPark:
         **car_parks_service.view(row, occupied).model_dump(),
         no_entry_policy=row["no_entry_policy"],
         no_entry_fee_fen=row["no_entry_fee_fen"],
+        closed=row["closed"],
     )
 
 
@@ -160,6 +161,7 @@ async def update_car_park(
             row["id"],
             name=wanted.get("name", row["name"]),
             capacity=wanted.get("capacity", row["capacity"]),
+            closed=wanted.get("closed", row["closed"]),
         )
         await audit.record(
             conn, principal.actor, "car_park.updated", f"car_park:{row['id']}", changed

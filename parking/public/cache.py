@@ -5,6 +5,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,14 +16,19 @@ class Answer:
     etag: str
 
 
+T = TypeVar("T")
+
+
 @dataclass(slots=True)
 class _Build:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     callers: int = 0
 
 
-class AnswerCache:
+class AnswerCache(Generic[T]):
     """Answers by key, each served for `ttl_s` seconds after it was built (0: never cached).
+    An answer is an `Answer` (serialised, with its ETag) unless the cache is made for another
+    type (the guidance signs' board of every car park, which each request slices).
 
     An answer is therefore at most `ttl_s` older than the data (on top of the replica's lag),
     and a key must hold everything the answer depends on. Concurrent misses of one key build it
@@ -34,10 +40,10 @@ class AnswerCache:
         self.ttl_s = ttl_s
         self._clock = clock
         # In the order built, hence of expiry (one ttl for all): expired ones leave from the front.
-        self._answers: dict[Hashable, tuple[float, Answer]] = {}
+        self._answers: dict[Hashable, tuple[float, T]] = {}
         self._builds: dict[Hashable, _Build] = {}
 
-    async def get(self, key: Hashable, build: Callable[[], Awaitable[Answer]]) -> Answer:
+    async def get(self, key: Hashable, build: Callable[[], Awaitable[T]]) -> T:
         if self.ttl_s <= 0:
             return await build()
         cached = self._fresh(key)
@@ -59,7 +65,7 @@ class AnswerCache:
             if pending.callers == 0:
                 del self._builds[key]
 
-    def _fresh(self, key: Hashable) -> Answer | None:
+    def _fresh(self, key: Hashable) -> T | None:
         now = self._clock()
         # Every key asked for (nearby: any point) is kept only until it expires.
         while self._answers:

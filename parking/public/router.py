@@ -22,7 +22,8 @@ from parking.car_parks.schemas import CarParkCode
 from parking.deps import ReadConnectionDep, RuntimeDep
 from parking.public import service
 from parking.public.cache import Answer, AnswerCache
-from parking.public.schemas import CarParkAvailability, NearbyCarPark, Place
+from parking.public.schemas import CarParkAvailability, NearbyCarPark, Place, Signs
+from parking.public.service import SignBoard
 from parking.ratelimit import client_address, hit
 
 
@@ -50,16 +51,29 @@ CACHE_CONTROL = "public, max-age=10"
 _NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified"}}
 
 
-def get_answer_cache(request: Request, runtime: RuntimeDep) -> AnswerCache:
+def get_answer_cache(request: Request, runtime: RuntimeDep) -> AnswerCache[Answer]:
     """The app's cache of built answers: one per app, as the data is one per runtime."""
-    cache: AnswerCache | None = getattr(request.app.state, "public_answers", None)
+    cache: AnswerCache[Answer] | None = getattr(request.app.state, "public_answers", None)
     if cache is None:
         cache = AnswerCache(runtime.settings.public_cache_seconds)
         request.app.state.public_answers = cache
     return cache
 
 
-AnswerCacheDep = Annotated[AnswerCache, Depends(get_answer_cache)]
+AnswerCacheDep = Annotated[AnswerCache[Answer], Depends(get_answer_cache)]
+
+
+def get_sign_boards(request: Request, runtime: RuntimeDep) -> AnswerCache[SignBoard]:
+    """The app's board of every car park's sign numbers (one entry: rebuilt at most once per
+    PARKING_PUBLIC_CACHE_SECONDS, sliced for each sign)."""
+    boards: AnswerCache[SignBoard] | None = getattr(request.app.state, "sign_boards", None)
+    if boards is None:
+        boards = AnswerCache(runtime.settings.public_cache_seconds)
+        request.app.state.sign_boards = boards
+    return boards
+
+
+SignBoardsDep = Annotated[AnswerCache[SignBoard], Depends(get_sign_boards)]
 
 
 def answer_of(payload: Any) -> Answer:
@@ -77,7 +91,7 @@ def respond(request: Request, answer: Answer) -> Response:
 
 async def cached(
     request: Request,
-    answers: AnswerCache,
+    answers: AnswerCache[Answer],
     key: Hashable,
     payload: Callable[[], Awaitable[Any]],
 ) -> Response:
@@ -150,3 +164,23 @@ async def list_places(
 ) -> Response:
     """Car parks as APDS-style places (localised names, location, capacity, availability)."""
     return await cached(request, answers, "places", lambda: service.places(conn, runtime))
+
+
+@router.get("/signs", response_model=Signs, responses=_NOT_MODIFIED)
+async def signs(
+    _: MaybePrincipalDep,
+    request: Request,
+    conn: ReadConnectionDep,
+    runtime: RuntimeDep,
+    boards: SignBoardsDep,
+    car_parks: Annotated[
+        str | None, Query(max_length=4000, description="comma-separated car park codes")
+    ] = None,
+) -> Response:
+    """What guidance signs show: free spaces and open/full/closed per car park (the ones
+    asked for, or all). Served from a board of every car park built at most once per
+    PARKING_PUBLIC_CACHE_SECONDS per process, so a network of thousands of signs polling costs
+    no database or Redis work per request (signs carry the city's key: not rate-limited)."""
+    board = await boards.get("signs", lambda: service.sign_board(conn, runtime))
+    codes = [code.strip() for code in car_parks.split(",") if code.strip()] if car_parks else None
+    return respond(request, answer_of(service.signs(board, codes)))

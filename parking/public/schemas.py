@@ -48,3 +48,16 @@ class Place(BaseModel):
     location: Location | None
     capacity: int
     availability: PlaceAvailability
+
+
+class Sign(BaseModel):
+    code: str
+    # None: no such car park (a sign configured wrongly shows nothing rather than a number).
+    free: int | None
+    status: Literal["open", "full", "closed", "unknown"]
+
+
+class Signs(BaseModel):
+    car_parks: list[Sign]
+    # When the numbers were read (at most PARKING_PUBLIC_CACHE_SECONDS old when served).
+    as_of: datetime

@@ -1,6 +1,7 @@
 """Live availability for the public: car parks from PostgreSQL, counts from the occupancy
 counters (Redis, rebuilt from PostgreSQL when missing)."""
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -58,7 +59,9 @@ async def _last_changes(runtime: Runtime, counts: dict[int, int]) -> dict[int, d
 Answer = dict[str, Any]
 
 
-async def _availabilities(runtime: Runtime, rows: list[asyncpg.Record]) -> list[Answer]:
+async def availabilities(runtime: Runtime, rows: list[asyncpg.Record]) -> list[Answer]:
+    """`CarParkAvailability` of each car park row (id, code, name, capacity, latitude,
+    longitude), in order."""
     counts = await runtime.occupancy.get_many([r["id"] for r in rows])
     changed = await _last_changes(runtime, counts)
     return [_availability(r, counts[r["id"]], changed[r["id"]]) for r in rows]
@@ -83,7 +86,7 @@ def _availability(row: asyncpg.Record, occupied: int, updated_at: datetime) -> A
 
 async def car_parks_available(conn: asyncpg.Connection, runtime: Runtime) -> list[Answer]:
     """`CarParkAvailability` of every car park."""
-    return await _availabilities(runtime, await car_parks.list_car_parks(conn))
+    return await availabilities(runtime, await car_parks.list_car_parks(conn))
 
 
 async def car_park_available(conn: asyncpg.Connection, runtime: Runtime, code: str) -> Answer:
@@ -91,7 +94,7 @@ async def car_park_available(conn: asyncpg.Connection, runtime: Runtime, code: s
     row = await car_parks.get_by_code(conn, code)
     if row is None:
         raise NotFound("car_park")
-    return (await _availabilities(runtime, [row]))[0]
+    return (await availabilities(runtime, [row]))[0]
 
 
 async def nearby(
@@ -99,7 +102,7 @@ async def nearby(
 ) -> list[Answer]:
     """`NearbyCarPark`s, nearest first."""
     rows = await repository.nearby(conn, latitude, longitude, radius_m)
-    views = await _availabilities(runtime, rows)
+    views = await availabilities(runtime, rows)
     return [
         {**view, "distance_m": round(row["distance_m"])}
         for row, view in zip(rows, views, strict=True)
@@ -123,3 +126,38 @@ async def places(conn: asyncpg.Connection, runtime: Runtime) -> list[Answer]:
         }
         for view in await car_parks_available(conn, runtime)
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class SignBoard:
+    """Every car park's sign numbers (a `Sign` each, by code), read at `as_of`."""
+
+    signs: dict[str, Answer]
+    as_of: datetime
+
+
+async def sign_board(conn: asyncpg.Connection, runtime: Runtime) -> SignBoard:
+    rows = await repository.sign_rows(conn)
+    counts = await runtime.occupancy.get_many([r["id"] for r in rows])
+    signs: dict[str, Answer] = {}
+    for row in rows:
+        free = max(0, row["capacity"] - counts[row["id"]])
+        status = "closed" if row["closed"] else "full" if free == 0 else "open"
+        signs[row["code"]] = {
+            "code": row["code"],
+            "free": 0 if row["closed"] else free,
+            "status": status,
+        }
+    return SignBoard(signs, datetime.now(UTC).replace(microsecond=0))
+
+
+def signs(board: SignBoard, codes: list[str] | None) -> Answer:
+    """`Signs` of the car parks asked for (all when None), in the order asked."""
+    if codes is None:
+        chosen = list(board.signs.values())
+    else:
+        chosen = [
+            board.signs.get(code, {"code": code, "free": None, "status": "unknown"})
+            for code in codes
+        ]
+    return {"car_parks": chosen, "as_of": board.as_of}

@@ -1,7 +1,7 @@
 """Data retention: plate images are personal data and are kept only as long as an operator may
-need them (PARKING_IMAGE_RETENTION_DAYS); done jobs, dead letters, sent notifications and old
-refresh tokens are pruned after theirs (`prune`). Both run hourly inside the service and on
-demand with `parking retention` and `parking prune`.
+need them (PARKING_IMAGE_RETENTION_DAYS); done jobs, dead letters, sent notifications, finished
+feed deliveries and old refresh tokens are pruned after theirs (`prune`). Both run hourly
+inside the service and on demand with `parking retention` and `parking prune`.
 
 Money is never pruned: charges, payments, refunds, debts and the ledger (append-only) stay, and
 so do dead charge and refund jobs, which wait for an operator."""
@@ -14,6 +14,7 @@ import asyncpg
 from billing import notifications
 from billing import queue as job_queue
 from billing.worker import PRUNABLE_DEAD_KINDS
+from parking.feeds import repository as feeds
 from parking.logging import get_logger
 from parking.retention import repository as repo
 from parking.settings import Settings
@@ -72,6 +73,9 @@ async def prune(pool: asyncpg.Pool, retention: Retention, now: datetime) -> dict
         )
         counts["refresh_tokens"] = await repo.delete_refresh_tokens_before(
             conn, now - retention.refresh_token_grace
+        )
+        counts["feed_deliveries"] = await feeds.prune(
+            conn, done_before=now - retention.done_jobs, dead_before=now - retention.dead_letters
         )
     if any(counts.values()):
         log.info("retention.pruned", **counts)

@@ -1,0 +1,239 @@
+"""APDS v4 routes (`/apds/v4/…`), a faithful second face of our data for APDS clients (the
+city's integrators); our own Chinese-first public API (`/api/v1/public`) stays as it is.
+
+Places (with occupancy) and rates are public like `/api/v1/public`: anyone, or the city's key;
+the same per-client limit; built once per PARKING_PUBLIC_CACHE_SECONDS per process and query,
+with ETags. Sessions carry plates: only the company's own staff, and only its car parks'.
+Errors on these routes are APDS `ResponseStatus` objects (`parking.errors`).
+"""
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from parking.apds import service
+from parking.apds.repository import Near, Page, SessionFilter
+from parking.apds.schemas import (
+    HierarchyElementList,
+    Json,
+    RateTableList,
+    ResponseStatus,
+    SessionList,
+)
+from parking.auth.principal import MaybePrincipalDep, OperatorAdminDep, OperatorDep
+from parking.deps import ConnectionDep, ReadConnectionDep, RuntimeDep
+from parking.feeds import service as feeds
+from parking.feeds.schemas import CreatedSubscription, EventSubscription, Subscription
+from parking.public.router import AnswerCacheDep, PublicLimit, answer_of, cached, respond
+
+router = APIRouter(prefix="/apds/v4", tags=["apds"])
+
+Latitude = Annotated[float | None, Query(ge=-90, le=90)]
+Longitude = Annotated[float | None, Query(ge=-180, le=180)]
+Radius = Annotated[int | None, Query(ge=0, le=50_000, description="metres")]
+# Unix epoch seconds, as APDS's filters are.
+Epoch = Annotated[int | None, Query(ge=0, le=10**10)]
+PageNumber = Annotated[int, Query(ge=1, le=1_000_000)]
+CommaList = Annotated[str | None, Query(max_length=2000, description="comma-separated")]
+
+
+def _names(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """The query parameters every APDS list takes (hashable: part of a cached answer's key)."""
+
+    near: Near | None
+    # Unix epoch seconds, as given.
+    modified_since: int | None
+    expand: tuple[str, ...]
+    page: Page
+
+    @property
+    def since(self) -> datetime | None:
+        return service.instant(self.modified_since)
+
+
+def listing(
+    runtime: RuntimeDep,
+    latitude: Latitude = None,
+    longitude: Longitude = None,
+    radius: Radius = None,
+    modified_since: Epoch = None,
+    expand: CommaList = None,
+    page: PageNumber = 1,
+) -> Listing:
+    return Listing(
+        service.near(latitude, longitude, radius),
+        modified_since,
+        tuple(_names(expand) or ()),
+        service.page_of(page, runtime.settings.apds_page_size),
+    )
+
+
+ListingDep = Annotated[Listing, Depends(listing)]
+
+
+@router.get("/places", response_model=HierarchyElementList, dependencies=[PublicLimit])
+async def list_places(
+    _: MaybePrincipalDep,
+    request: Request,
+    conn: ReadConnectionDep,
+    runtime: RuntimeDep,
+    answers: AnswerCacheDep,
+    listed: ListingDep,
+    name: Annotated[str | None, Query(max_length=200)] = None,
+    type: CommaList = None,  # APDS's name for the place types
+    layer: Annotated[int | None, Query(ge=0)] = None,
+) -> Response:
+    """Car parks as APDS places (layer 0; `layer` filters nothing); `expand=occupancy` adds
+    their live occupancy."""
+    expanded = service.expansions(listed.expand, service.PLACE_EXPANSIONS)
+    types = frozenset(_names(type) or [])
+    return await cached(
+        request,
+        answers,
+        ("apds-places", listed, name, types, expanded),
+        lambda: service.places(
+            conn,
+            runtime,
+            near=listed.near,
+            modified_since=listed.since,
+            name=name,
+            types=types,
+            expand=expanded,
+            page=listed.page,
+        ),
+    )
+
+
+@router.get("/places/{place_id}", response_model=Json, dependencies=[PublicLimit])
+async def get_place(
+    place_id: str,
+    _: MaybePrincipalDep,
+    request: Request,
+    conn: ReadConnectionDep,
+    runtime: RuntimeDep,
+    expand: CommaList = None,
+) -> Response:
+    expanded = service.expansions(_names(expand) or [], service.PLACE_EXPANSIONS)
+    return respond(request, answer_of(await service.place(conn, runtime, place_id, expanded)))
+
+
+@router.get("/rates", response_model=RateTableList, dependencies=[PublicLimit])
+async def list_rates(
+    _: MaybePrincipalDep,
+    request: Request,
+    conn: ReadConnectionDep,
+    answers: AnswerCacheDep,
+    listed: ListingDep,
+    place: CommaList = None,
+) -> Response:
+    """Tariff versions in force now or later as APDS rate tables; `place` takes car park
+    codes."""
+    service.expansions(listed.expand, service.RATE_EXPANSIONS)
+    places = _names(place)
+    return await cached(
+        request,
+        answers,
+        ("apds-rates", listed, tuple(places) if places is not None else None),
+        lambda: service.rates(
+            conn,
+            near=listed.near,
+            car_parks=places,
+            modified_since=listed.since,
+            page=listed.page,
+        ),
+    )
+
+
+@router.get("/rates/{rate_id}", response_model=Json, dependencies=[PublicLimit])
+async def get_rate(
+    rate_id: str,
+    _: MaybePrincipalDep,
+    request: Request,
+    conn: ReadConnectionDep,
+    expand: CommaList = None,
+) -> Response:
+    service.expansions(_names(expand) or [], service.RATE_EXPANSIONS)
+    return respond(request, answer_of(await service.rate(conn, rate_id)))
+
+
+@router.get("/sessions", response_model=SessionList)
+async def list_sessions(
+    operator: OperatorDep,
+    conn: ReadConnectionDep,
+    listed: ListingDep,
+    place: CommaList = None,
+    start_after: Epoch = None,
+    start_before: Epoch = None,
+    end_after: Epoch = None,
+    end_before: Epoch = None,
+) -> Response:
+    """The company's stays as APDS sessions, newest first (they name plates: staff only)."""
+    assert operator.operator_id is not None
+    service.expansions(listed.expand, service.SESSION_EXPANSIONS)
+    wanted = SessionFilter(
+        near=listed.near,
+        car_parks=_names(place),
+        start_after=service.instant(start_after),
+        start_before=service.instant(start_before),
+        end_after=service.instant(end_after),
+        end_before=service.instant(end_before),
+        modified_since=listed.since,
+    )
+    found = await service.sessions(conn, operator.operator_id, wanted, listed.page)
+    return Response(answer_of(found).body, media_type="application/json")
+
+
+@router.get("/sessions/{session_id}", response_model=Json)
+async def get_session(
+    session_id: str,
+    operator: OperatorDep,
+    conn: ReadConnectionDep,
+    expand: CommaList = None,
+) -> Response:
+    assert operator.operator_id is not None
+    service.expansions(_names(expand) or [], service.SESSION_EXPANSIONS)
+    found = await service.session(conn, operator.operator_id, session_id)
+    return Response(answer_of(found).body, media_type="application/json")
+
+
+# ===== Subscriptions (push) =====
+
+
+@router.post("/webhooks", response_model=CreatedSubscription)
+async def subscribe(
+    wanted: EventSubscription, admin: OperatorAdminDep, conn: ConnectionDep
+) -> CreatedSubscription:
+    """An APDS subscription of the company (admins): each event of its topics at its car parks
+    is POSTed to `endpoint`, signed with the returned `secret` (shown this once)."""
+    return await feeds.subscribe(conn, admin, wanted)
+
+
+@router.get("/webhooks")
+async def list_subscriptions(operator: OperatorDep, conn: ConnectionDep) -> list[Subscription]:
+    return await feeds.subscriptions(conn, operator)
+
+
+@router.delete("/webhooks/{subscription_id}", response_model=ResponseStatus)
+async def unsubscribe(
+    subscription_id: uuid.UUID, admin: OperatorAdminDep, conn: ConnectionDep
+) -> ResponseStatus:
+    await feeds.unsubscribe(conn, admin, subscription_id)
+    return ResponseStatus(status="ok", code=200, message="subscription deleted")
+
+
+@router.post("/webhooks/{subscription_id}/resume")
+async def resume_subscription(
+    subscription_id: uuid.UUID, admin: OperatorAdminDep, conn: ConnectionDep
+) -> Subscription:
+    """A paused subscription (too many failed deliveries in a row) gets deliveries again."""
+    return await feeds.resume(conn, admin, subscription_id)

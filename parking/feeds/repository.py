@@ -1,0 +1,220 @@
+"""Push subscriptions and their deliveries (migration 0030)."""
+
+import uuid
+from datetime import datetime
+
+import asyncpg
+
+from billing.queue import delete_in_batches
+
+_SUBSCRIPTION = """s.id, s.public_id, s.format, s.endpoint, s.topics, s.consecutive_failures,
+    s.paused_at, s.created_at,
+    (SELECT array_agg(c.code ORDER BY c.code) FROM car_parks c WHERE c.id = ANY (s.car_park_ids))
+        AS car_parks"""
+
+
+async def own_car_park_ids(
+    conn: asyncpg.Connection, operator_id: int, codes: list[str]
+) -> dict[str, int]:
+    rows = await conn.fetch(
+        "SELECT code, id FROM car_parks WHERE operator_id = $1 AND code = ANY ($2::text[])",
+        operator_id,
+        codes,
+    )
+    return {r["code"]: r["id"] for r in rows}
+
+
+async def create(
+    conn: asyncpg.Connection,
+    *,
+    operator_id: int,
+    format: str,
+    endpoint: str,
+    secret: str,
+    topics: list[str],
+    car_park_ids: list[int] | None,
+) -> asyncpg.Record:
+    row: asyncpg.Record = await conn.fetchrow(
+        f"""WITH s AS (
+                INSERT INTO feed_subscriptions
+                    (operator_id, format, endpoint, secret, topics, car_park_ids)
+                VALUES ($1, $2, $3, $4, $5, $6) RETURNING *)
+            SELECT {_SUBSCRIPTION} FROM s""",
+        operator_id,
+        format,
+        endpoint,
+        secret,
+        topics,
+        car_park_ids,
+    )
+    return row
+
+
+async def subscriptions(
+    conn: asyncpg.Connection, operator_id: int, format: str
+) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""SELECT {_SUBSCRIPTION} FROM feed_subscriptions s
+            WHERE s.operator_id = $1 AND s.format = $2 AND s.deleted_at IS NULL ORDER BY s.id""",
+        operator_id,
+        format,
+    )
+    return rows
+
+
+async def delete(
+    conn: asyncpg.Connection, operator_id: int, format: str, public_id: uuid.UUID | None = None
+) -> asyncpg.Record | None:
+    """The company's subscription (of `format`; by its id, or its only one) is deleted."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """UPDATE feed_subscriptions SET deleted_at = now()
+           WHERE operator_id = $1 AND format = $2 AND deleted_at IS NULL
+             AND ($3::uuid IS NULL OR public_id = $3)
+           RETURNING id, public_id""",
+        operator_id,
+        format,
+        public_id,
+    )
+    return row
+
+
+async def resume(
+    conn: asyncpg.Connection, operator_id: int, public_id: uuid.UUID
+) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"""WITH s AS (
+                UPDATE feed_subscriptions SET paused_at = NULL, consecutive_failures = 0
+                WHERE operator_id = $1 AND public_id = $2 AND deleted_at IS NULL
+                RETURNING *)
+            SELECT {_SUBSCRIPTION} FROM s""",
+        operator_id,
+        public_id,
+    )
+    return row
+
+
+async def delivery(conn: asyncpg.Connection, delivery_id: int) -> asyncpg.Record | None:
+    """A delivery with what sending it needs: its subscription, car park and stay."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """SELECT d.id, d.topic, d.status, d.event_at, d.car_park_id, d.session_id,
+                  s.id AS subscription_id, s.operator_id, s.format, s.endpoint, s.secret,
+                  s.paused_at, s.deleted_at,
+                  c.code, c.name, c.capacity, c.version, c.closed_at, c.latitude, c.longitude,
+                  c.created_at, c.updated_at,
+                  st.plate, st.plate_color, st.status AS session_status, st.entered_at,
+                  st.exited_at, st.fee_fen, st.settlement
+           FROM feed_deliveries d
+           JOIN feed_subscriptions s ON s.id = d.subscription_id
+           JOIN car_parks c ON c.id = d.car_park_id
+           LEFT JOIN sessions st ON st.id = d.session_id
+           WHERE d.id = $1""",
+        delivery_id,
+    )
+    return row
+
+
+async def skip(conn: asyncpg.Connection, delivery_id: int) -> None:
+    """Not sent: its subscription is paused or gone."""
+    await conn.execute("UPDATE feed_deliveries SET status = 'skipped' WHERE id = $1", delivery_id)
+
+
+async def sent(
+    conn: asyncpg.Connection, delivery_id: int, subscription_id: int, sent_value: int | None
+) -> None:
+    """The delivery was taken: sent (with the count it carried), and its subscriber's failures
+    in a row are over (one statement: deliveries are many)."""
+    await conn.execute(
+        """WITH delivery AS (
+               UPDATE feed_deliveries SET status = 'sent', sent_value = $3, sent_at = now()
+               WHERE id = $1)
+           UPDATE feed_subscriptions SET consecutive_failures = 0
+           WHERE id = $2 AND consecutive_failures <> 0""",
+        delivery_id,
+        subscription_id,
+        sent_value,
+    )
+
+
+async def failed(
+    conn: asyncpg.Connection, subscription_id: int, pause_after: int | None
+) -> datetime | None:
+    """Counts a failed attempt; pauses the subscription at `pause_after` in a row (None: never).
+    Returns when it was paused, if it is."""
+    paused: datetime | None = await conn.fetchval(
+        """UPDATE feed_subscriptions
+           SET consecutive_failures = consecutive_failures + 1,
+               paused_at = CASE WHEN $2::int IS NOT NULL AND consecutive_failures + 1 >= $2
+                                THEN coalesce(paused_at, now()) ELSE paused_at END
+           WHERE id = $1 RETURNING paused_at""",
+        subscription_id,
+        pause_after,
+    )
+    return paused
+
+
+async def queue_occupancy(
+    conn: asyncpg.Connection,
+    car_park_ids: list[int] | None,
+    interval_s: float,
+    subscription_id: int | None = None,
+    format: str | None = None,
+) -> int:
+    """A pending occupancy delivery for each live subscriber of each car park (None: every
+    car park a subscriber covers; or only `subscription_id`'s, or only subscribers of
+    `format`), unless one is pending already; due `interval_s` after the last one sent to that
+    subscriber for that car park. Returns how many were queued."""
+    queued: int = await conn.fetchval(
+        """WITH delivery AS (
+               INSERT INTO feed_deliveries (subscription_id, topic, car_park_id)
+               SELECT s.id, 'occupancy', c.id
+               FROM car_parks c JOIN feed_subscriptions s ON s.operator_id = c.operator_id
+               WHERE ($1::bigint[] IS NULL OR c.id = ANY ($1::bigint[]))
+                 AND s.deleted_at IS NULL AND s.paused_at IS NULL
+                 AND 'occupancy' = ANY (s.topics)
+                 AND (s.car_park_ids IS NULL OR c.id = ANY (s.car_park_ids))
+                 AND ($3::bigint IS NULL OR s.id = $3)
+                 AND ($4::text IS NULL OR s.format = $4)
+               ON CONFLICT (subscription_id, car_park_id)
+                   WHERE topic = 'occupancy' AND status = 'pending' DO NOTHING
+               RETURNING id, subscription_id, car_park_id),
+           job AS (
+               INSERT INTO outbox (kind, ref_id, available_at)
+               SELECT 'feed_delivery', d.id, greatest(now(), (
+                   SELECT max(l.sent_at) FROM feed_deliveries l
+                   WHERE l.subscription_id = d.subscription_id AND l.car_park_id = d.car_park_id
+                     AND l.topic = 'occupancy' AND l.sent_at IS NOT NULL
+               ) + make_interval(secs => $2))
+               FROM delivery d RETURNING 1)
+           SELECT count(*) FROM job""",
+        car_park_ids,
+        interval_s,
+        subscription_id,
+        format,
+    )
+    return queued
+
+
+async def mark_dead(conn: asyncpg.Connection, delivery_id: int) -> None:
+    await conn.execute(
+        "UPDATE feed_deliveries SET status = 'dead' WHERE id = $1 AND status = 'pending'",
+        delivery_id,
+    )
+
+
+async def prune(conn: asyncpg.Connection, *, done_before: datetime, dead_before: datetime) -> int:
+    """Deletes deliveries sent or skipped before `done_before` and dead ones before
+    `dead_before` (their outbox jobs go with the outbox's own pruning)."""
+    return await delete_in_batches(
+        conn,
+        """WITH gone AS (
+               DELETE FROM feed_deliveries WHERE id IN (
+                   SELECT id FROM feed_deliveries
+                   WHERE status <> 'pending'
+                     AND created_at < CASE WHEN status = 'dead' THEN $2::timestamptz
+                                           ELSE $1::timestamptz END
+                   LIMIT $3)
+               RETURNING 1)
+           SELECT count(*) FROM gone""",
+        done_before,
+        dead_before,
+    )

@@ -1,0 +1,415 @@
+"""Push feeds against a real local HTTP receiver: APDS webhook subscriptions (session start and
+end, occupancy at most once per interval with the latest count), signatures, retries with
+backoff, a subscription paused after failures in a row and resumed, and the city platform's
+feed (entries, exits, free spaces), which loses nothing: a delivery that went dead is retried
+by an admin and arrives once, with its event id."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from parking.retention import service as retention
+from parking.runtime import Runtime
+from tests.apds_schema import schema_errors
+from tests.conftest import (
+    Lot,
+    bearer,
+    create_lot,
+    enter,
+    eventually,
+    exit_after,
+    make_driver,
+    make_staff,
+    staff_token,
+    unique_plate,
+)
+from tests.feed_receiver import Receiver
+from tests.gates import GateProbe
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with Receiver() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def fast(runtime: Runtime) -> Runtime:
+    """Retries after 50 ms (doubling), occupancy at most once a second."""
+    runtime.settings.feed_retry_base_s = 0.05
+    runtime.settings.feed_occupancy_interval_s = 1.0
+    return runtime
+
+
+async def _admin(runtime: Runtime, app: FastAPI, lot: Lot) -> dict[str, str]:
+    return bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+
+
+async def _subscribe(
+    api: httpx.AsyncClient, admin: dict[str, str], url: str, topics: list[str], lot: Lot
+) -> dict[str, Any]:
+    created = await api.post(
+        "/apds/v4/webhooks",
+        json={"endpoint": url, "topics": topics, "places": [lot.code]},
+        headers=admin,
+    )
+    assert created.status_code == 200, created.text
+    body: dict[str, Any] = created.json()
+    assert body["status"] == "ok" and body["secret"].startswith("whsec_")
+    assert schema_errors("ResponseStatusWithId", body) == []
+    return body
+
+
+async def _deliveries(runtime: Runtime, lot: Lot, topic: str) -> list[Any]:
+    async with runtime.pool.acquire() as conn:
+        return await conn.fetch(
+            """SELECT d.*, o.attempts, o.dead_at, o.id AS job_id FROM feed_deliveries d
+               JOIN outbox o ON o.kind = 'feed_delivery' AND o.ref_id = d.id
+               WHERE d.car_park_id = $1 AND d.topic = $2 ORDER BY d.id""",
+            lot.id,
+            topic,
+        )
+
+
+async def test_session_events_are_signed_retried_and_apds_sessions(
+    fast: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    receiver: Receiver,
+) -> None:
+    admin = await _admin(fast, app, lot)
+    subscription = await _subscribe(
+        api, admin, receiver.url, ["SessionCreated", "SessionUpdated"], lot
+    )
+    receiver.failures_left = 2
+    driver = await make_driver(fast, unique_plate())
+    left = await exit_after(fast, gate, lot, driver.plate, timedelta(minutes=40))
+    assert left["action"] == "open"
+
+    async def both() -> bool:
+        return len(receiver.taken()) == 2
+
+    await eventually(both)
+    created, updated = sorted(receiver.taken(), key=lambda r: r.json["type"])
+    assert (created.json["type"], updated.json["type"]) == ("SessionCreated", "SessionUpdated")
+    # The two refused attempts were the first event's, with its id, and it came a third time.
+    refused = [r for r in receiver.received if r.answered == 500]
+    assert len(refused) == 2 and {r.event_id for r in refused} <= {
+        created.event_id,
+        updated.event_id,
+    }
+    for event in (created, updated):
+        assert event.signed_with(subscription["secret"])
+        assert not event.signed_with("whsec_someone-else")
+        assert event.json["id"] == event.event_id
+        assert schema_errors("Session", event.json["data"]) == []
+        credential = event.json["data"]["identifiedCredentials"][0]
+        assert credential["identifier"]["id"] == driver.plate
+    assert "actualEnd" in updated.json["data"] and "actualEnd" not in created.json["data"]
+
+    # Delivered means no more attempts: nothing else arrives, every delivery is sent once.
+    async def both_sent() -> bool:
+        rows = await _deliveries(fast, lot, "session_started") + await _deliveries(
+            fast, lot, "session_ended"
+        )
+        return [r["status"] for r in rows] == ["sent", "sent"]
+
+    await eventually(both_sent)
+    assert len(receiver.received) == 4
+    listed = await api.get("/apds/v4/webhooks", headers=admin)
+    assert listed.json()[0]["consecutive_failures"] == 0
+
+
+async def test_occupancy_goes_at_most_once_per_interval_with_the_latest_count(
+    fast: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    receiver: Receiver,
+) -> None:
+    admin = await _admin(fast, app, lot)
+    subscription = await _subscribe(api, admin, receiver.url, ["OccupancyUpdated"], lot)
+    assert fast.occupancy_watcher is not None
+    await asyncio.wait_for(fast.occupancy_watcher.ready.wait(), 10)
+    plates = [unique_plate() for _ in range(6)]
+    for plate in plates:
+        await enter(fast, gate, lot, plate, parked_for=timedelta(minutes=1))
+
+    def count(event: Any) -> int:
+        demand: int = event.json["data"]["demandTable"][0]["demandType"][0]["count"]
+        return demand
+
+    async def latest_arrived() -> bool:
+        taken = receiver.taken("occupancy")
+        return bool(taken) and count(taken[-1]) == len(plates)
+
+    await eventually(latest_arrived, timeout_s=20)
+    taken = receiver.taken("occupancy")
+    assert len(taken) < len(plates)  # changes were folded together
+    for event in taken:
+        assert event.signed_with(subscription["secret"])
+        assert schema_errors("HierarchyElementReference", event.json["data"]) == []
+        assert event.json["type"] == "OccupancyUpdated"
+
+    async def recorded() -> list[Any]:
+        # The receiver answers before the sender records the delivery as sent.
+        rows = await _deliveries(fast, lot, "occupancy")
+        sent = [r for r in rows if r["status"] == "sent"]
+        return sent if [r["sent_value"] for r in sent] == [count(e) for e in taken] else []
+
+    sent = await eventually(recorded)
+    gaps = [later["sent_at"] - earlier["sent_at"] for earlier, later in pairwise(sent)]
+    assert all(gap >= timedelta(seconds=1) for gap in gaps), gaps
+
+
+async def test_a_failing_subscriber_is_paused_and_resumed(
+    fast: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    receiver: Receiver,
+) -> None:
+    fast.settings.feed_pause_after_failures = 3
+    admin = await _admin(fast, app, lot)
+    subscription = await _subscribe(api, admin, receiver.url, ["SessionCreated"], lot)
+    receiver.down = True
+    await enter(fast, gate, lot, unique_plate(), parked_for=timedelta(minutes=1))
+
+    async def paused() -> Any:
+        listed = (await api.get("/apds/v4/webhooks", headers=admin)).json()
+        return listed[0]["paused"] and listed[0]
+
+    state = await eventually(paused)
+    assert state["consecutive_failures"] == 3
+
+    async def skipped() -> bool:
+        rows = await _deliveries(fast, lot, "session_started")
+        return [r["status"] for r in rows] == ["skipped"]
+
+    # The delivery in hand is dropped at its next attempt, not sent.
+    await eventually(skipped)
+    attempts = len(receiver.received)
+    # Paused: a new stay queues nothing for it.
+    await enter(fast, gate, lot, unique_plate(), parked_for=timedelta(minutes=1))
+    assert len(await _deliveries(fast, lot, "session_started")) == 1
+    assert len(receiver.received) == attempts
+
+    receiver.down = False
+    resumed = await api.post(f"/apds/v4/webhooks/{subscription['id']}/resume", headers=admin)
+    assert resumed.status_code == 200 and resumed.json()["paused"] is False
+    plate = unique_plate()
+    await enter(fast, gate, lot, plate, parked_for=timedelta(minutes=1))
+
+    async def delivered() -> bool:
+        return any(
+            r.json["data"]["identifiedCredentials"][0]["identifier"]["id"] == plate
+            for r in receiver.taken()
+        )
+
+    await eventually(delivered)
+    # Another company cannot resume or delete it; its own admin can delete it.
+    other = await _admin(fast, app, await create_lot(fast))
+    for attempt in ("", "/resume"):
+        method = "POST" if attempt else "DELETE"
+        url = f"/apds/v4/webhooks/{subscription['id']}{attempt}"
+        assert (await api.request(method, url, headers=other)).status_code == 404
+    gone = await api.delete(f"/apds/v4/webhooks/{subscription['id']}", headers=admin)
+    assert gone.status_code == 200 and gone.json()["status"] == "ok"
+    assert (await api.get("/apds/v4/webhooks", headers=admin)).json() == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"endpoint": "ftp://example.test/x", "topics": ["SessionCreated"]},
+        {"endpoint": "http://127.0.0.1/x", "topics": ["SystemEvents"]},
+        {"endpoint": "http://127.0.0.1/x", "topics": []},
+        {"endpoint": "http://127.0.0.1/x", "topics": ["SessionCreated"], "places": ["nope"]},
+    ],
+)
+async def test_bad_subscriptions_are_refused_in_apds_shape(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, lot: Lot, body: dict[str, Any]
+) -> None:
+    admin = await _admin(runtime, app, lot)
+    refused = await api.post("/apds/v4/webhooks", json=body, headers=admin)
+    assert refused.status_code in (404, 422), refused.text
+    assert schema_errors("ResponseStatus", refused.json()) == []
+    assert (await api.get("/apds/v4/webhooks", headers=admin)).json() == []
+
+
+async def test_the_city_platform_gets_entries_exits_and_free_spaces_and_loses_none(
+    fast: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    receiver: Receiver,
+) -> None:
+    admin = await _admin(fast, app, lot)
+    key = "city-platform-key-0123456789"
+    configured = await api.put(
+        "/api/v1/operator/city-platform",
+        json={"endpoint": receiver.url, "key": key},
+        headers=admin,
+    )
+    assert configured.status_code == 200, configured.text
+    assert configured.json()["topics"] == ["entry", "exit", "spaces"]
+    assert fast.occupancy_watcher is not None
+    await asyncio.wait_for(fast.occupancy_watcher.ready.wait(), 10)
+    # The platform is never paused, however often it fails; a delivery dies after 2 attempts.
+    fast.settings.feed_pause_after_failures = 1
+    assert fast.feed_outbox is not None
+    fast.feed_outbox.queue.policy.max_attempts["feed_delivery"] = 2  # type: ignore[index]
+    receiver.down = True
+    driver = await make_driver(fast, unique_plate())
+    left = await exit_after(fast, gate, lot, driver.plate, timedelta(minutes=70))
+    assert left["action"] == "open"
+
+    async def all_dead() -> list[Any]:
+        rows = [
+            r
+            for topic in ("session_started", "session_ended")
+            for r in await _deliveries(fast, lot, topic)
+        ]
+        return rows if len(rows) == 2 and all(r["status"] == "dead" for r in rows) else []
+
+    dead = await eventually(all_dead)
+    listed = await api.get("/api/v1/operator/jobs", params={"state": "dead"}, headers=admin)
+    assert {j["id"] for j in listed.json() if j["kind"] == "feed_delivery"} >= {
+        r["job_id"] for r in dead
+    }
+    assert (await api.get("/api/v1/operator/city-platform", headers=admin)).json()[
+        "consecutive_failures"
+    ] >= 4
+
+    # The platform is back: an admin retries the dead deliveries, each arrives once, with the
+    # event id its failed attempts had.
+    receiver.down = False
+    failed_ids = {r.event_id for r in receiver.received}
+    for row in dead:
+        retried = await api.post(f"/api/v1/operator/jobs/{row['job_id']}/retry", headers=admin)
+        assert retried.status_code == 200, retried.text
+
+    async def both_taken() -> list[Any]:
+        taken = [r for r in receiver.taken() if r.json["eventType"] in ("entry", "exit")]
+        return taken if len(taken) == 2 else []
+
+    entry, exit_ = sorted(await eventually(both_taken), key=lambda r: r.json["eventType"])
+    assert {entry.event_id, exit_.event_id} <= failed_ids
+    for event in (entry, exit_):
+        assert event.signed_with(key) and event.json["eventId"] == event.event_id
+        assert event.json["parkCode"] == lot.code and event.json["plateNo"] == driver.plate
+        assert event.json["plateColor"] == "蓝牌"
+    assert exit_.json["feeFen"] == 1200 and "exitTime" in exit_.json
+    # Free spaces, as the signs count them.
+    await enter(fast, gate, lot, unique_plate(), parked_for=timedelta(minutes=1))
+
+    async def spaces() -> Any:
+        taken = [r for r in receiver.taken() if r.json["eventType"] == "spaces"]
+        return taken and taken[-1].json["occupiedSpaces"] == 1 and taken[-1]
+
+    latest = await eventually(spaces, timeout_s=20)
+    assert latest.json["freeSpaces"] == 49 and latest.json["totalSpaces"] == 50
+    assert latest.signed_with(key)
+    removed = await api.delete("/api/v1/operator/city-platform", headers=admin)
+    assert removed.status_code == 204
+    assert (await api.get("/api/v1/operator/city-platform", headers=admin)).json() is None
+
+
+async def test_the_city_platform_gets_a_heartbeat_of_free_spaces_without_changes(
+    fast: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    lot: Lot,
+    receiver: Receiver,
+) -> None:
+    admin = await _admin(fast, app, lot)
+    key = "city-platform-key-heartbeat-0001"
+    configured = await api.put(
+        "/api/v1/operator/city-platform", json={"endpoint": receiver.url, "key": key}, headers=admin
+    )
+    assert configured.status_code == 200
+    fast.settings.feed_city_heartbeat_s = 0.2
+
+    async def beats() -> list[Any]:
+        taken = [r for r in receiver.taken() if r.json["parkCode"] == lot.code]
+        return taken if len(taken) >= 2 else []
+
+    for beat in await eventually(beats, timeout_s=20):
+        assert beat.signed_with(key)
+        assert beat.json["eventType"] == "spaces" and beat.json["freeSpaces"] == 50
+    assert len({beat.event_id for beat in await beats()}) == len(await beats())
+
+
+async def test_finished_deliveries_are_pruned_pending_ones_never(
+    runtime: Runtime, lot: Lot
+) -> None:
+    old = {"sent": 8, "skipped": 8, "dead": 31, "pending": 400}
+    async with runtime.pool.acquire() as conn:
+        subscription = await conn.fetchval(
+            """INSERT INTO feed_subscriptions (operator_id, format, endpoint, secret, topics)
+               VALUES ($1, 'apds', 'http://127.0.0.1:9/x', 'whsec_x', ARRAY['occupancy'])
+               RETURNING id""",
+            lot.operator_id,
+        )
+        ids = {}
+        for status, days in {**old, "recent_dead": 10}.items():
+            ids[status] = await conn.fetchval(
+                """INSERT INTO feed_deliveries (subscription_id, topic, car_park_id, status,
+                                                created_at)
+                   VALUES ($1, 'occupancy', $2, $3, now() - make_interval(days => $4))
+                   RETURNING id""",
+                subscription,
+                lot.id,
+                "dead" if status == "recent_dead" else status,
+                days,
+            )
+    counts = await retention.prune(
+        runtime.pool, retention.Retention.from_settings(runtime.settings), datetime.now(UTC)
+    )
+    # (The worker's hourly pass, run at its start, may have pruned them first.)
+    assert counts["feed_deliveries"] >= 0
+    async with runtime.pool.acquire() as conn:
+        left = {
+            r["id"]
+            for r in await conn.fetch(
+                "SELECT id FROM feed_deliveries WHERE id = ANY($1)", list(ids.values())
+            )
+        }
+    assert {status for status, row_id in ids.items() if row_id in left} == {
+        "pending",
+        "recent_dead",
+    }
+
+
+async def test_charges_and_feed_deliveries_have_workers_of_their_own(runtime: Runtime) -> None:
+    assert runtime.feed_outbox is not None
+    async with runtime.pool.acquire() as conn:
+        job = await conn.fetchval(
+            "INSERT INTO outbox (kind, ref_id) VALUES ('feed_delivery', -1) RETURNING id"
+        )
+    # The charges' worker never claims it; the feeds' worker does (and finds no delivery).
+    assert runtime.outbox.queue.kinds == ["charge", "gate_command", "notification", "refund"]
+    assert runtime.feed_outbox.queue.kinds == ["feed_delivery"]
+
+    async def done() -> bool:
+        async with runtime.pool.acquire() as conn:
+            return bool(
+                await conn.fetchval("SELECT done_at IS NOT NULL FROM outbox WHERE id = $1", job)
+            )
+
+    await eventually(done)
+    assert runtime.feed_outbox.stats.failures == 0
+    claimed = await runtime.outbox.queue.claim(50)
+    assert all(j.kind != "feed_delivery" for j in claimed)
+    await runtime.outbox.queue.release((j.id, j.attempts) for j in claimed)

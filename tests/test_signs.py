@@ -1,0 +1,74 @@
+"""The guidance signs' endpoint: free spaces and open/full/closed per car park, from a board
+built once per interval (no database work per sign), ETags, the city key not rate-limited."""
+
+from datetime import timedelta
+
+import httpx
+from fastapi import FastAPI
+
+from parking.app import create_app
+from parking.auth import repository as auth_repo
+from parking.auth.tokens import digest, new_secret
+from parking.runtime import Runtime
+from tests.conftest import bearer, create_lot, enter, unique_plate
+from tests.gates import GateProbe
+
+
+async def test_signs_show_free_spaces_full_and_closed_from_a_cached_board(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe
+) -> None:
+    runtime.settings.public_cache_seconds = 3600
+    busy, full, closed = [await create_lot(runtime) for _ in range(3)]
+    async with runtime.pool.acquire() as conn:
+        await conn.execute("UPDATE car_parks SET capacity = 1 WHERE id = $1", full.id)
+        await conn.execute("UPDATE car_parks SET closed_at = now() WHERE id = $1", closed.id)
+    for _ in range(2):
+        await enter(runtime, gate, busy, unique_plate(), parked_for=timedelta(minutes=1))
+    await enter(runtime, gate, full, unique_plate(), parked_for=timedelta(minutes=1))
+    codes = f"{closed.code},{busy.code},{full.code},no-such-park"
+    first = await api.get("/api/v1/public/signs", params={"car_parks": codes})
+    assert first.status_code == 200, first.text
+    assert first.json()["car_parks"] == [
+        {"code": closed.code, "free": 0, "status": "closed"},
+        {"code": busy.code, "free": 48, "status": "open"},
+        {"code": full.code, "free": 0, "status": "full"},
+        {"code": "no-such-park", "free": None, "status": "unknown"},
+    ]
+    assert first.headers["cache-control"] == "public, max-age=10"
+    unchanged = await api.get(
+        "/api/v1/public/signs",
+        params={"car_parks": codes},
+        headers={"If-None-Match": first.headers["etag"]},
+    )
+    assert unchanged.status_code == 304
+    everything = await api.get("/api/v1/public/signs")
+    assert {busy.code, full.code, closed.code} <= {
+        s["code"] for s in everything.json()["car_parks"]
+    }
+
+    # Served from the board: a change in the database is not read again for each sign...
+    async with runtime.pool.acquire() as conn:
+        await conn.execute("UPDATE car_parks SET closed_at = now() WHERE id = $1", busy.id)
+    again = await api.get("/api/v1/public/signs", params={"car_parks": busy.code})
+    assert again.json()["car_parks"] == [{"code": busy.code, "free": 48, "status": "open"}]
+    # ...but by the next board (a new process here).
+    fresh = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(runtime)), base_url="http://parking.test"
+    )
+    async with fresh:
+        rebuilt = await fresh.get("/api/v1/public/signs", params={"car_parks": busy.code})
+    assert rebuilt.json()["car_parks"] == [{"code": busy.code, "free": 0, "status": "closed"}]
+
+
+async def test_the_city_key_is_not_limited_anonymous_signs_are(
+    runtime: Runtime, api: httpx.AsyncClient
+) -> None:
+    runtime.settings.public_requests_per_minute_per_client = 2
+    city_key = "ck_" + new_secret()
+    async with runtime.pool.acquire() as conn:
+        await auth_repo.create_api_key(conn, "city", digest(city_key), "signs test")
+    for _ in range(5):
+        signed = await api.get("/api/v1/public/signs", headers=bearer(city_key))
+        assert signed.status_code == 200
+    anonymous = [(await api.get("/api/v1/public/signs")).status_code for _ in range(3)]
+    assert anonymous == [200, 200, 429]
