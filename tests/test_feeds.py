@@ -399,7 +399,8 @@ async def test_charges_and_feed_deliveries_have_workers_of_their_own(runtime: Ru
             "INSERT INTO outbox (kind, ref_id) VALUES ('feed_delivery', -1) RETURNING id"
         )
     # The charges' worker never claims it; the feeds' worker does (and finds no delivery).
-    assert runtime.outbox.queue.kinds == ["charge", "gate_command", "notification", "refund"]
+    assert "charge" in runtime.outbox.queue.kinds
+    assert "feed_delivery" not in runtime.outbox.queue.kinds
     assert runtime.feed_outbox.queue.kinds == ["feed_delivery"]
 
     async def done() -> bool:

@@ -153,7 +153,12 @@ async def test_a_fee_is_booked_once_across_months_and_no_partition_can_be_rewrit
         car_park,
         unique_plate(),
     )
-    lines = [("receivable:account:1", 500), (ledger.revenue(car_park), -500)]
+    # An account of its own: a line on another test's account would change that one's balance.
+    account = await conn.fetchval(
+        "INSERT INTO accounts (phone) VALUES ($1) RETURNING id",
+        f"+86139{uuid.uuid4().int % 10**8:08d}",
+    )
+    lines = [(ledger.receivable(account), 500), (ledger.revenue(car_park), -500)]
     async with conn.transaction():
         # Written as if last month: the accrual lives in an older partition.
         transaction = uuid.uuid4()
