@@ -23,6 +23,7 @@ from parking.db import create_pool
 from parking.gates import config as gate_configs
 from parking.gates.events import GateEventRecorder
 from parking.infra import Endpoints
+from parking.lanes.verify import ChargeVerifier
 from parking.lanes.worker import LaneWorker
 from parking.migrate import migrate
 from parking.occupancy.service import Occupancy
@@ -110,6 +111,7 @@ def job_limits(settings: Settings) -> dict[str, int]:
         "refund": settings.job_max_attempts_refund,
         "notification": settings.job_max_attempts_notification,
         "gate_command": settings.job_max_attempts_gate_command,
+        "verify_charge": settings.job_max_attempts_verify_charge,
     }
 
 
@@ -168,6 +170,7 @@ async def running(
     tasks: list[asyncio.Task[None]] = []
     maintenance: list[asyncio.Task[None]] = []
     lane_worker: LaneWorker | None = None
+    verifier: ChargeVerifier | None = None
     try:
         async with pool.acquire() as conn:
             await migrate(conn)
@@ -186,11 +189,13 @@ async def running(
             assert runtime is not None
             await release_gate(runtime, payment_id)
 
+        verifier = ChargeVerifier(settings, worker_pool)
         outbox = OutboxWorker(
             worker_pool,
             provider,
             notifier,
             gate_commands=gate_commands,
+            charge_verifier=verifier,
             timezone=settings.timezone,
             language=settings.message_language,
             receipt_base_url=settings.public_base_url,
@@ -272,6 +277,8 @@ async def running(
             outbox.stop()
             # Jobs in hand finish (a provider call is bounded by its timeout); cancel after that.
             await asyncio.wait(tasks, timeout=settings.payment_provider_timeout_s + 2)
+        if verifier is not None:
+            verifier.close()
         for task in tasks + maintenance:
             task.cancel()
         await asyncio.gather(*tasks, *maintenance, return_exceptions=True)

@@ -310,14 +310,22 @@ def _framed(gate: GateProbe, direction: str, plate: str, confidence: float) -> A
 async def _awaiting(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> tuple[Driver, list[dict[str, Any]]]:
-    """A bound car that came in on a doubtful read and left on a certain one, both framed."""
+    """A bound car that came in on a doubtful read and left on a certain one, both framed. The
+    frames show another plate (皖M04698): the server's reader refutes the charge, which waits
+    for an operator."""
     driver = await make_driver(runtime, unique_plate())
     entry = _framed(gate, "in", driver.plate, 0.9)
     assert (await gate.decide(lot.code, "in1", entry))["action"] == "open"
     await backdate_entry(runtime, lot, driver.plate, timedelta(minutes=90))
     command = await gate.decide(lot.code, "out1", _framed(gate, "out", driver.plate, 0.99))
     assert (command["action"], command["fee_fen"]) == ("open", 1200)
-    return driver, await _charges(runtime, driver)
+
+    async def referred() -> list[dict[str, Any]] | None:
+        found = await _charges(runtime, driver)
+        return found if found[0]["status"] == "awaiting_confirmation" else None
+
+    # The verification starts the reader's process pool first: allow for it.
+    return driver, await eventually(referred, timeout_s=90)
 
 
 async def test_an_operator_confirms_a_charge_with_both_frames_and_it_is_queued_once(

@@ -30,12 +30,6 @@ def small_run() -> dict[str, Any]:
     return run_misreads(Settings(), exits=20_000, seed=15)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #15: a car whose plate reads as the same valid wrong plate at entry and exit, "
-    "both times at a camera score above its certain threshold, is charged to the holder of "
-    "the misread plate (6 in the 1M run, 1 in this one); see README 'Never the wrong driver'",
-)
 def test_a_small_run_charges_no_stranger(small_run: dict[str, Any]) -> None:
     assert small_run["wrong_account_charges"] == 0, small_run["wrong_account_cases"]
 

@@ -6,12 +6,14 @@ import base64
 import binascii
 import multiprocessing
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Literal
 
 from gate_controller.protocol import CameraRead, Capture
+from parking.lanes.rules import FrameRead
 from parking.logging import get_logger
 from parking.settings import Settings
 from plate_recognition.grammar import Candidate, candidates_from_text, is_valid, normalise
@@ -103,19 +105,23 @@ class PlateReader:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def read(self, capture: Capture, frames: list[bytes]) -> PlateReading:
-        camera = capture.camera_read
-        decided = camera_reading(camera, self.settings.camera_min_confidence, bool(frames))
-        if decided is not None:
-            return decided
+    async def read_frames(self, frames: list[bytes]) -> list[Recognition | None]:
+        """Each frame read in the pool (None: not an image)."""
         try:
-            results = await self._read_frames(frames)
+            return await self._read_frames(frames)
         except BrokenProcessPool:
             # A pool process died (e.g. out of memory on a hostile image): start a new pool.
             log.error("lane.ocr_pool_broken")
             self.close()
             self._pool = None
-            results = await self._read_frames(frames)
+            return await self._read_frames(frames)
+
+    async def read(self, capture: Capture, frames: list[bytes]) -> PlateReading:
+        camera = capture.camera_read
+        decided = camera_reading(camera, self.settings.camera_min_confidence, bool(frames))
+        if decided is not None:
+            return decided
+        results = await self.read_frames(frames)
         recognitions = [r for r in results if r is not None]
         reading = ocr_reading(camera, recognitions, frames[0])
         log.info(
@@ -176,6 +182,17 @@ def ocr_reading(
     ocr_color = colors.most_common(1)[0][0] if colors else color
     raw = next((r.raw for r in recognitions if r.raw), camera.plate if camera else None)
     return PlateReading(tuple(merged), "ocr", raw, first_frame, ocr_color)
+
+
+def frame_reads(recognitions: Sequence[Recognition | None]) -> tuple[FrameRead, ...]:
+    """Each frame's top read (None: no plate found) with its calibrated score: what a charge's
+    verification weighs (`rules.verify_charge`)."""
+    return tuple(
+        FrameRead(r.candidates[0].plate, r.candidates[0].score, r.color)
+        if r is not None and r.candidates
+        else FrameRead(None, 0.0)
+        for r in recognitions
+    )
 
 
 def _camera_candidates(camera: CameraRead) -> list[Candidate]:

@@ -16,7 +16,7 @@ and only a stay whose entry and exit reads were both certain is charged pay-late
 person (DESIGN.md, "The exit decision" 3-5).
 """
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -77,11 +77,19 @@ def identity_color(plate: str, color: str | None) -> str:
 @dataclass(frozen=True, slots=True)
 class Certainty:
     """The score from which a read of each source is certain: server OCR's calibrated
-    probability, and each camera model's (`camera_read.model`), else the cameras' default."""
+    probability, and each camera model's (`camera_read.model`), else the cameras' default.
+
+    Which certain reads are *proven* (DESIGN.md step 5: a calibrated score): server OCR's (its
+    table is measured), an operator's, and a camera model's listed in `camera_scores` (an
+    installer set it from a calibration of that model's reads), or any camera's when
+    `camera_default_calibrated` says the default was set so. A certain read of an uncalibrated
+    camera is only one reader's word: a charge on it waits for the server's reader to agree
+    with the capture's frames (`verify_charge`)."""
 
     ocr_score: float
     camera_scores: Mapping[str, float] = field(default_factory=dict)
     camera_default: float = 0.98
+    camera_default_calibrated: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Certainty":
@@ -89,7 +97,17 @@ class Certainty:
             settings.plate_certain_score,
             dict(settings.camera_certain_scores),
             settings.camera_certain_score_default,
+            settings.camera_default_calibrated,
         )
+
+    def calibrated(self, source: ReadSource, model: str | None) -> bool:
+        if source in ("ocr", "operator"):
+            return True
+        if source == "camera":
+            return (model is not None and model in self.camera_scores) or (
+                self.camera_default_calibrated
+            )
+        return False
 
     def threshold(self, source: ReadSource, model: str | None) -> float | None:
         if source == "camera":
@@ -143,6 +161,83 @@ def is_certain(read: Read, certainty: Certainty) -> bool:
     return threshold is not None and best.score >= threshold
 
 
+def is_proven(read: Read, certainty: Certainty) -> bool:
+    """A certain read whose score is a calibrated probability (`Certainty.calibrated`): a
+    charge may rest on it without a second reader."""
+    return is_certain(read, certainty) and certainty.calibrated(read.source, read.model)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameRead:
+    """The server reader's top read of one frame (`plate` None: no plate found), its score a
+    calibrated probability, and the plate's colour as the frame shows it (None: not seen)."""
+
+    plate: str | None
+    score: float
+    color: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """When the server's reader settles a charge on an unproven read (`verify_charge`): a frame
+    *agrees* when its top read is the stay's plate at `agree_score` or more, and *contradicts*
+    when it is another valid plate at `contradict_score` or more (reads scored 0.9 and more
+    were a different valid plate 1.4 % of the time under gate conditions, none clean:
+    `plate_recognition/calibration.json`)."""
+
+    agree_score: float = 0.9
+    contradict_score: float = 0.9
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Verification":
+        return cls(settings.verify_agree_score, settings.verify_contradict_score)
+
+
+VerifyVerdict = Literal["verified", "refuted", "unconfirmed"]
+
+
+def verify_charge(
+    identity: Identity,
+    ends: Sequence[Sequence[FrameRead] | None],
+    verification: Verification,
+) -> VerifyVerdict:
+    """Whether a pay-later charge for a stay of `identity` may go to the provider without a
+    person.
+
+    `ends`: for the entry and the exit, the server reader's reads of that capture's frames,
+    or None for an end whose read was proven (it needs no second reader). A charge is
+    `verified` when no frame of either end contradicts the vehicle (another valid plate, or
+    the plate in another colour) and every unproven end has a frame that agrees (the plate, in
+    the stay's colour when the frame shows one): two readers, the camera and the server's, then
+    name the same vehicle at both ends. `refuted`: some frame shows another vehicle;
+    `unconfirmed`: an unproven end had no frame, or none the server read as the plate with
+    confidence. Both wait for an operator.
+
+    One reader's certainty is not two independent reads: a plate that fools a camera the
+    same way at entry and exit (a bolt, dirt, a worn character) does so with a confident
+    score both times, so "entry and exit both certain" does not multiply the error away."""
+    plate, color = identity
+    checked = [frames for frames in ends if frames is not None]
+    for frames in checked:
+        for read in frames:
+            if (
+                read.plate is not None
+                and read.score >= verification.contradict_score
+                and (read.plate != plate or (read.color is not None and read.color != color))
+                and is_valid(read.plate)
+            ):
+                return "refuted"
+    for frames in checked:
+        if not any(
+            read.plate == plate
+            and read.color in (None, color)
+            and read.score >= verification.agree_score
+            for read in frames
+        ):
+            return "unconfirmed"
+    return "verified"
+
+
 @dataclass(frozen=True, slots=True)
 class Resolution:
     """Which stay an exit read belongs to, or why none.
@@ -162,6 +257,8 @@ class Resolution:
     left: bool = False
     entry_certain: bool = False
     ranked: tuple[tuple[str, float], ...] = ()
+    # The exit read was proven (`is_proven`: certain, and its score calibrated).
+    proven: bool = False
 
     @property
     def reads_certain(self) -> bool:
@@ -193,11 +290,14 @@ def resolve_plate(
     if is_certain(read, certainty):
         assert read.color is not None
         identity = (best.plate, read.color)
+        proven = certainty.calibrated(read.source, read.model)
         if identity in parked:
-            return Resolution("exact", identity, True, entry_certain=parked[identity])
+            return Resolution(
+                "exact", identity, True, entry_certain=parked[identity], proven=proven
+            )
         if identity in left:
-            return Resolution("exact", identity, True, left=True)
-        return Resolution("no_entry", identity, True)
+            return Resolution("exact", identity, True, left=True, proven=proven)
+        return Resolution("no_entry", identity, True, proven=proven)
     color = identity_color(best.plate, read.color) if read.color else None
     by_text: dict[str, list[Identity]] = {}
     for identity in (*parked, *(i for i in left if i not in parked)):
@@ -243,6 +343,9 @@ class ExitRule:
     # The driver's open debts (known only while the account is blocked for arrears).
     debt_fen: int = 0
     charge_to: tuple[int, int] | None = None
+    # A charge whose reads are not both proven: it waits for the server's reader to agree
+    # with the entry and exit frames (`verify_charge`) before it goes to the provider.
+    verify: bool = False
 
     @property
     def due_fen(self) -> int:
@@ -273,16 +376,22 @@ def exit_rule(
     pay_later_state: PayLater | None,
     reads_certain: bool,
     uncertain_policy: UncertainPolicy,
+    reads_proven: bool = True,
+    verifiable: bool = False,
 ) -> ExitRule | None:
     """The stay's fee at `at` and how it leaves; None when the car park has no tariff for it
     (the gate holds for a person).
 
     `pay_later_state`: the binding of the stay's identity (plate and colour) and its agreement
-    that existed when the stay began. A pay-later charge rests on the reads only when
-    `reads_certain` (entry and exit certain); otherwise `uncertain_policy` decides: 'hold' (an
-    operator decides at the gate) or 'open_confirm' (the gate opens, the charge waits for an
-    operator's confirmation). A fixed fee for a car with no entry record is paid at the gate:
-    one read never charges a pay-later account."""
+    that existed when the stay began. A pay-later charge rests on the reads alone only when
+    they are `reads_certain` and `reads_proven` (entry and exit certain, by calibrated
+    scores). When the frames can be read again (`verifiable`: the exit sent frames), a charge
+    on certain but unproven reads (an uncalibrated camera's), or on doubtful reads where the
+    car park opens, waits for the server's reader (`verify`; a person only when it does not
+    agree). Otherwise `uncertain_policy` decides: 'hold' (an operator decides at the gate) or
+    'open_confirm' (the gate opens, the charge waits for an operator's confirmation). A fixed
+    fee for a car with no entry record is paid at the gate: one read never charges a
+    pay-later account."""
     priced = fees.stay_fee(
         versions,
         entered_at=entered_at,
@@ -301,11 +410,13 @@ def exit_rule(
     verdict = pay_later(pay_later_state, fee)
     if isinstance(verdict, str):
         return ExitRule(verdict, fee, debt)
-    if not reads_certain:
-        if uncertain_policy == "hold":
-            return ExitRule("held_uncertain", fee, debt)
-        return ExitRule("exited_awaiting_confirmation", fee, debt, verdict)
-    return ExitRule("exited_pay_later", fee, debt, verdict)
+    if reads_certain and reads_proven:
+        return ExitRule("exited_pay_later", fee, debt, verdict)
+    if verifiable and (reads_certain or uncertain_policy == "open_confirm"):
+        return ExitRule("exited_pay_later", fee, debt, verdict, verify=True)
+    if uncertain_policy == "hold":
+        return ExitRule("held_uncertain", fee, debt)
+    return ExitRule("exited_awaiting_confirmation", fee, debt, verdict)
 
 
 def uncertain_policy(
@@ -361,6 +472,7 @@ def plan_exit(
     no_entry_fee_fen: int | None,
     uncertain_policy: UncertainPolicy,
     offline_open: bool = False,
+    verifiable: bool = False,
 ) -> ExitPlan:
     """The exit decision after the read is resolved (`resolve_plate`), as the lane takes it.
 
@@ -368,6 +480,8 @@ def plan_exit(
     left, no entry record, or gone since it was read). `no_entry_fee_fen`: the car park's fixed
     fee for a car with no entry record, None when its policy sends such cars to an operator.
     `offline_open`: the gate already let the car out while it could not reach us.
+    `verifiable`: the exit capture sent frames the server's reader can read again
+    (`verify_charge`).
 
     A car read again within the duplicate window is the same car leaving; an ambiguous or
     unreadable read, and a car with no entry record (unless the fixed-fee policy applies and
@@ -400,6 +514,8 @@ def plan_exit(
         pay_later_state=stay.pay_later,
         reads_certain=resolution.certain and stay.entry_certain,
         uncertain_policy=uncertain_policy,
+        reads_proven=resolution.proven and stay.entry_proven,
+        verifiable=verifiable and not offline_open,
     )
     if rule is None:
         return ExitPlan("held_no_tariff", fixed_fee_stay=fixed_fee_stay)

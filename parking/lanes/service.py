@@ -31,6 +31,7 @@ from parking.lanes.rules import (
     Resolution,
     identity_color,
     is_certain,
+    is_proven,
     plan_exit,
     resolve_plate,
     uncertain_policy,
@@ -135,6 +136,9 @@ class LaneService:
     def certain(self, reading: PlateReading) -> bool:
         return is_certain(reading, self.certainty)
 
+    def proven(self, reading: PlateReading) -> bool:
+        return is_proven(reading, self.certainty)
+
     def _confident(self, reading: PlateReading) -> str | None:
         best = reading.best
         return best.plate if best and best.score >= self.settings.plate_min_confidence else None
@@ -174,6 +178,7 @@ class LaneService:
             entered_at=at,
             entry_capture_id=capture.capture_id,
             entry_certain=self.certain(reading),
+            entry_proven=self.proven(reading),
         )
         debt = stay.pay_later.debt_fen if stay.pay_later else 0
         return self._open(capture, now, outcome, plate, stay.id, delta, welcome=True, debt=debt)
@@ -247,6 +252,8 @@ class LaneService:
                 offline_open=offline_open,
             ),
             offline_open=offline_open,
+            # The frames the server's reader can read again before the charge is sent.
+            verifiable=bool(capture.frames()),
         )
         if plan.outcome == "duplicate_read":
             return self._open(capture, now, "duplicate_read", resolved.plate, resolved.duplicate_of)
@@ -331,6 +338,7 @@ class LaneService:
             car_park_id=gate.car_park_id,
             amount_fen=fee,
             awaiting_confirmation=awaiting,
+            awaiting_verification=rule.verify,
         )
         # Awaiting: charged only once an operator has compared the entry and exit frames.
         line = f"{format_fen(fee)} 核实后扣款" if awaiting else f"{format_fen(fee)} 离场后扣款"

@@ -223,9 +223,7 @@ class LaneWorker:
         reading = await self.reader.read(capture, frames)
         now = datetime.now(UTC)
         started_db = time.perf_counter()
-        decision, command = await self._decide(
-            gate, capture, reading, now, frames[0] if frames else None
-        )
+        decision, command = await self._decide(gate, capture, reading, now, frames)
         if decision is not None and decision.occupancy_delta:
             # Before publishing: a publish that fails after commit must not lose the change.
             await self.occupancy.adjust(gate.car_park_id, decision.occupancy_delta)
@@ -291,7 +289,7 @@ class LaneWorker:
         capture: Capture,
         reading: PlateReading,
         now: datetime,
-        frame: bytes | None = None,
+        frames: list[bytes] | None = None,
     ) -> tuple[Decision | None, bytes]:
         """Decides in one transaction; a redelivered capture gets its stored command again.
 
@@ -314,7 +312,8 @@ class LaneWorker:
                         await repo.insert_capture(
                             conn,
                             content_sha256=fingerprint,
-                            frame=frame,
+                            frame=frames[0] if frames else None,
+                            more_frames=frames[1:] if frames else None,
                             capture_id=capture.capture_id,
                             gate_id=gate.gate_id,
                             car_park_id=gate.car_park_id,
@@ -324,6 +323,7 @@ class LaneWorker:
                             plate_color=reading.color,
                             read_confidence=reading.best.score if reading.best else None,
                             read_certain=self.service.certain(reading),
+                            read_proven=self.service.proven(reading),
                             plate_source=reading.source,
                             match_status=decision.match_status,
                             captured_at=capture.captured_at,
