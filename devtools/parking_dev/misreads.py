@@ -5,16 +5,25 @@ DESIGN.md, "Numbers the system is built to": wrong-account charges 0 in a simula
 exits with realistic misreads; exits needing a person ≤ 0.5 %. Nothing here decides: a read is
 turned into the lane's `PlateReading` by `lanes.reading.camera_reading` / `ocr_reading`, an
 entry is recorded as `LaneService._entry` records it (`identity_color`, `is_certain`), and an
-exit is `rules.resolve_plate` then `rules.plan_exit` — the very functions the lane calls (a
-test decides the same cases through the real lane and here). What is simulated is the world:
+exit is `rules.resolve_plate` then `rules.plan_exit`, a charge on reads not both proven is
+settled by `rules.verify_charge` — the very functions the lane and its worker call (a test
+decides the same cases through the real lane and here). What is simulated is the world:
 cars, their plates, what cameras and the server OCR make of them, and the truth to judge by.
 
-The model (`MisreadModel`, every figure in the JSON): gate cameras read most plates right with
-scores clustered near 1 and a few hard frames (night, rain, glare) scored lower; a hard frame
-under `camera_min_confidence` is read again by server OCR from three frames, its scores
-calibrated-ish. Some cars carry a plate that reads wrong the same way every time (a bolt, dirt,
-a worn character: C→L, 8→B, 0→D/Q, 2→Z, 5→S, 1→7 and back), a few of them with scores a camera
-is sure of; other reads miss one random character, swap a look-alike province or take a yellow
+The model (`MisreadModel`, every figure in the JSON). The cameras are a model of our own, not
+a measurement (no camera's reads were available to us): right reads score 1 − Exp(mean 0.002),
+on a hard frame (night, rain, glare) 1 − Exp(mean 0.03); a wrong read scores uniformly in
+0.6–0.975, or 0.975–0.999 when it is a confident error; they are uncalibrated (so, as in
+production by default, no camera read is *proven*). The server's reader is measured: each of a
+capture's three frames draws its read and calibrated score from what `parking plates
+calibrate` measured under that frame's condition (`OcrModel`, `ocr_reads.json`: a hard frame
+is one of the six gate conditions, any other frame clean), and the lane reads the frames when
+its rules ask (a camera read under `camera_min_confidence`, a doubtful entry, an exit read
+that found no stay) and a charge's verification reads them again. Some cars carry a plate
+that reads wrong the same way every time (a bolt, dirt, a worn character: C→L, 8→B, 0→D/Q,
+2→Z, 5→S, 1→7 and back), a few of them with scores a camera is sure of, and half the server's
+frames of them read the same wrong plate (scored as the wrong valid plates measured); other
+reads miss one random character, swap a look-alike province or take a yellow
 plate for a blue one; some frames show no plate at all. Look-alike pairs (浙U58871, 浙U5B871)
 share a home car park; cars with no entry record leave too (look-alikes of a parked bound car,
 the same serial of another province, anyone); some exits are read twice. Plates the simulated
@@ -47,6 +56,7 @@ from parking.lanes.reading import (
     frame_reads,
     ocr_reading,
     operator_reading,
+    second_reading,
 )
 from parking.lanes.repository import OpenSession, PayLater
 from parking.lanes.rules import (
@@ -57,6 +67,8 @@ from parking.lanes.rules import (
     Resolution,
     UncertainPolicy,
     Verification,
+    better_entry_read,
+    entry_wants_second_reader,
     identity_color,
     is_certain,
     is_proven,
@@ -64,6 +76,7 @@ from parking.lanes.rules import (
     resolve_plate,
     uncertain_policy,
     verify_charge,
+    wants_second_reader,
 )
 from parking.settings import Settings
 from plate_recognition import calibration
@@ -183,6 +196,21 @@ class Stay:
 
 
 @dataclass(slots=True)
+class Seen:
+    """One capture as the world made it: its misread kind, the lane's reading, the camera's
+    read and the server reader's reads of its frames."""
+
+    kind: str
+    reading: PlateReading
+    camera: CameraRead | None
+    recognitions: list[Recognition]
+
+    @property
+    def frames(self) -> tuple[FrameRead, ...]:
+        return frame_reads(self.recognitions)
+
+
+@dataclass(slots=True)
 class CarPark:
     index: int
     tariff: fees.TariffVersions
@@ -212,6 +240,8 @@ class Tally:
     by_outcome: Counter[str] = field(default_factory=Counter)
     by_kind: dict[str, Counter[str]] = field(default_factory=dict)
     verifications: Counter[str] = field(default_factory=Counter)
+    second_readings: int = 0
+    entry_second_readings: int = 0
     wrong_cases: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -497,11 +527,9 @@ class City:
             return self.rng.uniform(0.975, 0.999)
         return self.rng.uniform(0.6, 0.975)
 
-    def read(
-        self, vehicle: Vehicle, *, stranger: bool = False
-    ) -> tuple[str, PlateReading, tuple[FrameRead, ...]]:
-        """(misread kind, the lane's reading, the server reader's reads of the capture's
-        frames) of one capture of `vehicle`."""
+    def read(self, vehicle: Vehicle, *, stranger: bool = False) -> "Seen":
+        """One capture of `vehicle`: its misread kind, the lane's reading, and what the camera
+        and the server's reader made of it."""
         m, rng = self.model, self.rng
         plate, color = vehicle.plate, vehicle.color
         kind = "clean"
@@ -511,7 +539,7 @@ class City:
         text, seen_color = plate, color
         u = rng.random()
         if u < m.unreadable_rate:
-            return "unreadable", self._reading(None, []), ()
+            return Seen("unreadable", self._reading(None, []), None, [])
         if vehicle.consistent and rng.random() < m.consistent_read_rate:
             kind, text = "consistent", vehicle.consistent
             score = self._score_wrong(vehicle.confident)
@@ -529,7 +557,7 @@ class City:
         if stranger:
             kind = f"stranger_{kind}"
         camera = CameraRead(plate=text, color=seen_color, confidence=round(score, 4))  # type: ignore[arg-type]
-        return kind, self._reading(camera, recognitions), frame_reads(recognitions)
+        return Seen(kind, self._reading(camera, recognitions), camera, recognitions)
 
     def _reading(self, camera: CameraRead | None, recognitions: list[Recognition]) -> PlateReading:
         decided = camera_reading(camera, self.min_camera, True)
@@ -578,7 +606,14 @@ class City:
         if not record:
             return
         self.tally.entries += 1
-        kind, reading, frames = self.read(vehicle)
+        seen = self.read(vehicle)
+        kind, reading = seen.kind, seen.reading
+        if seen.recognitions and entry_wants_second_reader(reading, self.certainty):
+            # As the lane worker: a doubtful camera read, the frames read by the server.
+            self.tally.entry_second_readings += 1
+            reading = better_entry_read(
+                reading, second_reading(seen.camera, seen.recognitions, None), self.verification
+            )
         self.tally.entries_by_kind[kind] += 1
         best = reading.best
         if best is None or best.score < self.min_entry:
@@ -597,7 +632,7 @@ class City:
             at,
             is_certain(reading, self.certainty),
             is_proven(reading, self.certainty),
-            frames,
+            seen.frames,
         )
         self._record(car_park, stay)
         vehicle.stay = stay
@@ -672,25 +707,35 @@ class City:
     ) -> None:
         tally = self.tally
         tally.exits += 1
-        kind, reading, frames = self.read(vehicle, stranger=stranger)
+        seen = self.read(vehicle, stranger=stranger)
+        kind, reading = seen.kind, seen.reading
         if double:
             kind = f"double_read_{kind}"
         now = car_park.clock
         while car_park.left and car_park.left[0][0] < now - self.window:
             car_park.left.popleft()
         left = {identity for _, identity in car_park.left}
-        resolution, plan = decide_exit(
-            reading,
-            car_park.parked,
-            left,
-            lambda identity: self._stay_session(car_park, car_park.stays[identity]),
-            self.certainty,
-            car_park.tariff,
-            at=_EPOCH + timedelta(seconds=now),
-            no_entry_fee_fen=car_park.fixed_fee,
-            car_park_policy=car_park.policy,
-            verifiable=True,
-        )
+
+        def decide(reading: PlateReading) -> tuple[Resolution, ExitPlan]:
+            return decide_exit(
+                reading,
+                car_park.parked,
+                left,
+                lambda identity: self._stay_session(car_park, car_park.stays[identity]),
+                self.certainty,
+                car_park.tariff,
+                at=_EPOCH + timedelta(seconds=now),
+                no_entry_fee_fen=car_park.fixed_fee,
+                car_park_policy=car_park.policy,
+                verifiable=True,
+            )
+
+        resolution, plan = decide(reading)
+        if seen.recognitions and wants_second_reader(reading, plan.outcome, self.certainty):
+            # As the lane worker: the frames read by the server, and the exit decided again.
+            tally.second_readings += 1
+            reading = second_reading(seen.camera, seen.recognitions, None)
+            resolution, plan = decide(reading)
         stay = None
         if (
             plan.rule is not None
@@ -705,11 +750,12 @@ class City:
                 stay.identity,
                 (
                     None if stay.entry_proven else stay.entry_frames,
-                    None if resolution.proven else frames,
+                    None if resolution.proven else seen.frames,
                 ),
                 self.verification,
             )
             tally.verifications[verdict] += 1
+            tally.by_kind.setdefault(kind, Counter())[f"verification_{verdict}"] += 1
         needs_person = plan.needs_person or verdict not in (None, "verified")
         self._judge(car_park, vehicle, kind, reading, plan, stay, resolution.status, needs_person)
         # The lane's records after the exit: a priced stay is closed (pay-later, free, or paid
@@ -814,6 +860,9 @@ def run_misreads(
         # Charges on reads not both proven, checked by the server's reader (verify_charge):
         # 'verified' go to the provider, the others wait for an operator.
         "verifications": dict(sorted(tally.verifications.items())),
+        # Exits whose camera read found no stay, read again by the server's reader at the gate.
+        "second_readings": tally.second_readings,
+        "entry_second_readings": tally.entry_second_readings,
         "by_misread_kind": {k: dict(sorted(v.items())) for k, v in sorted(tally.by_kind.items())},
         "entries": tally.entries,
         "entries_needing_person": tally.entries_needing_person,

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from gate_controller.protocol import CameraRead, Capture
@@ -116,6 +116,11 @@ class PlateReader:
             self._pool = None
             return await self._read_frames(frames)
 
+    async def read_again(self, capture: Capture, frames: list[bytes]) -> PlateReading:
+        """The frames read by the server alone (`second_reading`)."""
+        recognitions = [r for r in await self.read_frames(frames) if r is not None]
+        return second_reading(capture.camera_read, recognitions, frames[0])
+
     async def read(self, capture: Capture, frames: list[bytes]) -> PlateReading:
         camera = capture.camera_read
         decided = camera_reading(camera, self.settings.camera_min_confidence, bool(frames))
@@ -182,6 +187,18 @@ def ocr_reading(
     ocr_color = colors.most_common(1)[0][0] if colors else color
     raw = next((r.raw for r in recognitions if r.raw), camera.plate if camera else None)
     return PlateReading(tuple(merged), "ocr", raw, first_frame, ocr_color)
+
+
+def second_reading(
+    camera: CameraRead | None, recognitions: list[Recognition], first_frame: bytes | None
+) -> PlateReading:
+    """The server's own read of a capture whose camera read found no stay (pure;
+    `rules.wants_second_reader`): the frames alone voting, the camera's doubtful text left out
+    (it is what is in doubt), its colour only when no frame shows one."""
+    reading = ocr_reading(None, recognitions, first_frame)
+    if reading.color is None and camera is not None:
+        return replace(reading, color=camera.color)
+    return reading
 
 
 def frame_reads(recognitions: Sequence[Recognition | None]) -> tuple[FrameRead, ...]:

@@ -19,7 +19,7 @@ person (DESIGN.md, "The exit decision" 3-5).
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from billing import fees
 from parking.lanes.repository import OpenSession, PayLater
@@ -137,6 +137,9 @@ class Read(Protocol):
     def raw(self) -> str | None: ...
 
 
+R = TypeVar("R", bound=Read)
+
+
 @dataclass(frozen=True, slots=True)
 class ExitRead:
     candidates: tuple[Candidate, ...]
@@ -165,6 +168,36 @@ def is_proven(read: Read, certainty: Certainty) -> bool:
     """A certain read whose score is a calibrated probability (`Certainty.calibrated`): a
     charge may rest on it without a second reader."""
     return is_certain(read, certainty) and certainty.calibrated(read.source, read.model)
+
+
+def wants_second_reader(read: Read, outcome: Outcome, certainty: Certainty) -> bool:
+    """Whether the server's reader reads a capture's frames before an operator is asked: a
+    camera read that is not proven (an uncalibrated camera's, or a doubtful one) found no
+    stay, or no unique one. The frames may show a parked car the camera misread (a character,
+    the colour); a car that really has no entry record is read as itself again. Only these
+    rare exits pay for OCR on the gate's path."""
+    return (
+        read.source == "camera"
+        and outcome in ("held_no_entry", "held_ambiguous")
+        and not is_proven(read, certainty)
+    )
+
+
+def entry_wants_second_reader(read: Read, certainty: Certainty) -> bool:
+    """Whether an entry's frames are read by the server before its stay is opened: a doubtful
+    camera read (not certain). A stay opened under a misread plate is found by nobody at the
+    exit (the car is "no entry record" and the stay a ghost); entries are not the exit's
+    hot path."""
+    return read.source == "camera" and not is_certain(read, certainty)
+
+
+def better_entry_read(camera: R, server: R, verification: "Verification") -> R:
+    """The read a stay is opened under when the camera was doubtful: the server's when it is
+    sure enough to agree with at a charge's verification (a calibrated score of
+    `agree_score`: reads scored 0.9 and more were the plate 97 % of the time under gate
+    conditions), else the camera's."""
+    best = server.candidates[0] if server.candidates else None
+    return server if best is not None and best.score >= verification.agree_score else camera
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +411,7 @@ def exit_rule(
     uncertain_policy: UncertainPolicy,
     reads_proven: bool = True,
     verifiable: bool = False,
+    exit_certain: bool | None = None,
 ) -> ExitRule | None:
     """The stay's fee at `at` and how it leaves; None when the car park has no tariff for it
     (the gate holds for a person).
@@ -387,11 +421,12 @@ def exit_rule(
     they are `reads_certain` and `reads_proven` (entry and exit certain, by calibrated
     scores). When the frames can be read again (`verifiable`: the exit sent frames), a charge
     on certain but unproven reads (an uncalibrated camera's), or on doubtful reads where the
-    car park opens, waits for the server's reader (`verify`; a person only when it does not
-    agree). Otherwise `uncertain_policy` decides: 'hold' (an operator decides at the gate) or
-    'open_confirm' (the gate opens, the charge waits for an operator's confirmation). A fixed
-    fee for a car with no entry record is paid at the gate: one read never charges a
-    pay-later account."""
+    car park opens, or on a doubtful entry when the exit read (`exit_certain`) is certain,
+    waits for the server's reader (`verify`; a person only when it does not agree): a 'hold'
+    car park holds the gate only when it is not sure who is leaving. Otherwise
+    `uncertain_policy` decides: 'hold' (an operator decides at the gate) or 'open_confirm'
+    (the gate opens, the charge waits for an operator's confirmation). A fixed fee for a car
+    with no entry record is paid at the gate: one read never charges a pay-later account."""
     priced = fees.stay_fee(
         versions,
         entered_at=entered_at,
@@ -412,7 +447,8 @@ def exit_rule(
         return ExitRule(verdict, fee, debt)
     if reads_certain and reads_proven:
         return ExitRule("exited_pay_later", fee, debt, verdict)
-    if verifiable and (reads_certain or uncertain_policy == "open_confirm"):
+    exit_sure = reads_certain if exit_certain is None else exit_certain
+    if verifiable and (exit_sure or uncertain_policy == "open_confirm"):
         return ExitRule("exited_pay_later", fee, debt, verdict, verify=True)
     if uncertain_policy == "hold":
         return ExitRule("held_uncertain", fee, debt)
@@ -516,6 +552,7 @@ def plan_exit(
         uncertain_policy=uncertain_policy,
         reads_proven=resolution.proven and stay.entry_proven,
         verifiable=verifiable and not offline_open,
+        exit_certain=resolution.certain,
     )
     if rule is None:
         return ExitPlan("held_no_tariff", fixed_fee_stay=fixed_fee_stay)
