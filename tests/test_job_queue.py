@@ -57,7 +57,13 @@ def test_attempt_limits_per_kind_come_from_the_settings() -> None:
     from parking.runtime import job_limits
 
     limits = job_limits(Settings(job_max_attempts_gate_command=2))
-    assert limits == {"charge": 20, "refund": 20, "notification": 8, "gate_command": 2}
+    assert limits == {
+        "charge": 20,
+        "refund": 20,
+        "notification": 8,
+        "gate_command": 2,
+        "verify_charge": 10,
+    }
     policy = job_queue.RetryPolicy(max_attempts=limits)
     assert policy.limit("gate_command") == 2
     assert policy.limit("something new") == job_queue.DEFAULT_MAX_ATTEMPTS

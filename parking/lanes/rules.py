@@ -10,9 +10,12 @@ to which stay a read is, when a stay is free, pay-later or held, or to what it i
 belongs here, so that none of them can drift from the others.
 
 A plate's identity is (characters, colour): 蓝 浙A12345 and 黄 浙A12345 are two vehicles. A
-read is *certain* when its score reaches its source's calibrated threshold, it has a colour
-and it is a valid plate of that colour; only a certain read matches a parked plate exactly,
-and only a stay whose entry and exit reads were both certain is charged pay-later without a
+read is *certain* when its score reaches its source's threshold, it has a colour and it is a
+valid plate of that colour; only a certain read matches a parked plate exactly. It is *proven*
+when that threshold is a calibrated one (server OCR, an operator, a camera model an installer
+measured): a stay whose entry and exit reads were both proven is charged pay-later on them
+alone; any other charge the lane opens the gate for waits until the server's reader agrees
+with the stay's frames (`verify_charge`, run by the worker after the car left), or for a
 person (DESIGN.md, "The exit decision" 3-5).
 """
 
@@ -551,7 +554,7 @@ def plan_exit(
         reads_certain=resolution.certain and stay.entry_certain,
         uncertain_policy=uncertain_policy,
         reads_proven=resolution.proven and stay.entry_proven,
-        verifiable=verifiable and not offline_open,
+        verifiable=verifiable,
         exit_certain=resolution.certain,
     )
     if rule is None:
