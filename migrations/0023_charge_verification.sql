@@ -10,8 +10,15 @@
 -- queued, once) when they agree, or waits for an operator ('awaiting_confirmation') when they
 -- do not (lanes.rules.verify_charge). The gate's decision is not slowed: the car has left.
 
--- Whether the stay's entry read was certain by a calibrated score (rules.is_proven).
+-- Whether the stay's entry read was certain by a calibrated score (rules.is_proven). Stays open
+-- now count as proven when their entry was a certain read of the server's reader or an
+-- operator's; a camera's certain read is not (no camera model was calibrated before this).
 ALTER TABLE sessions ADD COLUMN entry_proven boolean NOT NULL DEFAULT false;
+UPDATE sessions s SET entry_proven = true
+    FROM capture_keys k
+    JOIN captures c ON c.capture_id = k.capture_id AND c.captured_at = k.captured_at
+    WHERE s.status = 'open' AND k.capture_id = s.entry_capture_id
+      AND c.read_certain AND c.plate_source IN ('ocr', 'operator');
 
 -- The same for any capture's read. NULL for captures decided before this.
 ALTER TABLE captures ADD COLUMN read_proven boolean;

@@ -243,3 +243,26 @@ async def test_a_doubtful_entry_read_is_read_again_so_the_exit_finds_the_stay(
     assert (command["action"], command["fee_fen"]) == ("open", 1200), command
     charge = await _settled(runtime, driver)
     assert charge["verification"]["verdict"] == "verified"
+
+
+async def test_a_hold_car_park_opens_when_the_frames_agree_with_a_doubtful_exit_read(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    # A 'hold' car park held every exit read below the certain threshold for a person. The
+    # server reads the frames at the gate: they show the stay's plate, so the gate opens and
+    # the charge is verified at both ends as any other.
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE car_parks SET uncertain_exit_policy = 'hold' WHERE id = $1", lot.id
+        )
+    runtime.lanes._gates.clear()  # the gate cache holds a car park's policies for a minute
+    driver = await _holder(runtime, "皖AD2Y34")
+    entry = _capture(gate, "in", driver.plate, 0.99, AD2Y34)
+    assert (await gate.decide(lot.code, "in1", entry))["action"] == "open"
+    await backdate_entry(runtime, lot, driver.plate, timedelta(minutes=90))
+
+    doubtful = _capture(gate, "out", driver.plate, 0.93, AD2Y34)
+    command = await _decide(gate, lot, "out1", doubtful)
+    assert (command["action"], command["fee_fen"]) == ("open", 1200), command
+    charge = await _settled(runtime, driver)
+    assert charge["verification"]["verdict"] == "verified"

@@ -161,6 +161,9 @@ class MisreadModel:
     # like the wrong valid plates it was measured on).
     ocr_frames: int = 3
     consistent_ocr_share: float = 0.5
+    # A harsher world, for robustness: the server's reads of a *confident* consistent car's
+    # wrong plate scored like right reads (as sure as the camera), not like wrong ones.
+    consistent_ocr_scored_as_right: bool = False
     # A plate outside the simulated population: issued (to someone) and bound with pay-later.
     registry_density: float = 0.3
     # Car parks: 'hold' policy for reads not both certain; a fixed fee for no entry record.
@@ -256,6 +259,10 @@ class OcrModel:
     def __init__(self, table: Mapping[str, Any]) -> None:
         self._bins: dict[str, tuple[list[float], list[list[float]]]] = {}
         self._wrong: dict[str, tuple[list[float], list[list[float]]]] = {}
+        self._right = {
+            condition: self._cumulative(rows, lambda r: r[2])
+            for condition, rows in table["conditions"].items()
+        }
         gate_wrong: list[list[float]] = []
         for condition, rows in table["conditions"].items():
             self._bins[condition] = self._cumulative(rows, lambda r: r[2] + r[3] + r[4])
@@ -294,6 +301,10 @@ class OcrModel:
         u = rng.random() * (exact + wrong + neither)
         outcome = "exact" if u < exact else "wrong_valid" if u < exact + wrong else "neither"
         return outcome, rng.uniform(low, high)
+
+    def right_score(self, rng: random.Random, condition: str) -> float:
+        low, high, *_ = self._bin(rng, self._right[condition])
+        return rng.uniform(low, high)
 
     def wrong_score(self, rng: random.Random, condition: str) -> float:
         low, high, *_ = self._bin(rng, self._wrong[condition])
@@ -380,6 +391,7 @@ def decide_exit(
     no_entry_fee_fen: int | None,
     car_park_policy: str,
     verifiable: bool = False,
+    verification: Verification | None = None,
 ) -> tuple[Resolution, ExitPlan]:
     """An exit as the lane decides it (`LaneService._exit`): the read resolved against the
     vehicles parked here and just gone, then `plan_exit` on the stay it resolved to
@@ -399,6 +411,8 @@ def decide_exit(
             car_park_policy, operator_read=reading.source == "operator", offline_open=False
         ),
         verifiable=verifiable,
+        exit_frames=reading.frames,
+        verification=verification,
     )
     return resolution, plan
 
@@ -579,7 +593,11 @@ class City:
                 color = "blue"
             if vehicle.consistent and rng.random() < m.consistent_ocr_share:
                 plate: str | None = vehicle.consistent
-                score = ocr.wrong_score(rng, condition)
+                score = (
+                    ocr.right_score(rng, condition)
+                    if m.consistent_ocr_scored_as_right and vehicle.confident
+                    else ocr.wrong_score(rng, condition)
+                )
             else:
                 outcome, score = ocr.draw(rng, condition)
                 plate = (
@@ -728,6 +746,7 @@ class City:
                 no_entry_fee_fen=car_park.fixed_fee,
                 car_park_policy=car_park.policy,
                 verifiable=True,
+                verification=self.verification,
             )
 
         resolution, plan = decide(reading)

@@ -35,6 +35,8 @@ class PlateReading:
     image: bytes | None = None  # the first frame, kept for an operator if a person must decide
     color: str | None = None
     model: str | None = None
+    # The server's reads of each frame, when it read them (`ocr_reading`).
+    frames: tuple[FrameRead, ...] = ()
 
     @property
     def best(self) -> Candidate | None:
@@ -186,7 +188,9 @@ def ocr_reading(
     colors = Counter(r.color for r in recognitions if r.color)
     ocr_color = colors.most_common(1)[0][0] if colors else color
     raw = next((r.raw for r in recognitions if r.raw), camera.plate if camera else None)
-    return PlateReading(tuple(merged), "ocr", raw, first_frame, ocr_color)
+    return PlateReading(
+        tuple(merged), "ocr", raw, first_frame, ocr_color, frames=frame_reads(recognitions)
+    )
 
 
 def second_reading(

@@ -176,12 +176,13 @@ def is_proven(read: Read, certainty: Certainty) -> bool:
 def wants_second_reader(read: Read, outcome: Outcome, certainty: Certainty) -> bool:
     """Whether the server's reader reads a capture's frames before an operator is asked: a
     camera read that is not proven (an uncalibrated camera's, or a doubtful one) found no
-    stay, or no unique one. The frames may show a parked car the camera misread (a character,
-    the colour); a car that really has no entry record is read as itself again. Only these
-    rare exits pay for OCR on the gate's path."""
+    stay, or no unique one, or is too doubtful for a 'hold' car park to open on (the frames
+    may agree: `plan_exit`'s `exit_frames`). The frames may show a parked car the camera
+    misread (a character, the colour); a car that really has no entry record is read as itself
+    again. Only these rare exits pay for OCR on the gate's path."""
     return (
         read.source == "camera"
-        and outcome in ("held_no_entry", "held_ambiguous")
+        and outcome in ("held_no_entry", "held_ambiguous", "held_uncertain")
         and not is_proven(read, certainty)
     )
 
@@ -512,6 +513,8 @@ def plan_exit(
     uncertain_policy: UncertainPolicy,
     offline_open: bool = False,
     verifiable: bool = False,
+    exit_frames: Sequence[FrameRead] = (),
+    verification: Verification | None = None,
 ) -> ExitPlan:
     """The exit decision after the read is resolved (`resolve_plate`), as the lane takes it.
 
@@ -520,7 +523,9 @@ def plan_exit(
     fee for a car with no entry record, None when its policy sends such cars to an operator.
     `offline_open`: the gate already let the car out while it could not reach us.
     `verifiable`: the exit capture sent frames the server's reader can read again
-    (`verify_charge`).
+    (`verify_charge`). `exit_frames`: the server's reads of them when it read them at the gate;
+    frames that agree with the stay (`verify_charge` on the exit's end) make a doubtful exit
+    read sure enough for a 'hold' car park to open (the charge is still verified).
 
     A car read again within the duplicate window is the same car leaving; an ambiguous or
     unreadable read, and a car with no entry record (unless the fixed-fee policy applies and
@@ -555,7 +560,12 @@ def plan_exit(
         uncertain_policy=uncertain_policy,
         reads_proven=resolution.proven and stay.entry_proven,
         verifiable=verifiable,
-        exit_certain=resolution.certain,
+        exit_certain=resolution.certain
+        or (
+            verification is not None
+            and bool(exit_frames)
+            and verify_charge(identity, (None, exit_frames), verification) == "verified"
+        ),
     )
     if rule is None:
         return ExitPlan("held_no_tariff", fixed_fee_stay=fixed_fee_stay)

@@ -29,6 +29,7 @@ from parking.lanes.rules import (
     ExceptionReason,
     Outcome,
     Resolution,
+    Verification,
     identity_color,
     is_certain,
     is_proven,
@@ -86,6 +87,7 @@ class LaneService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.certainty = Certainty.from_settings(settings)
+        self.verification = Verification.from_settings(settings)
         self.duplicate_window = timedelta(seconds=settings.duplicate_read_window_s)
         self.command_ttl = timedelta(seconds=settings.command_ttl_s)
         self.clock_tolerance = timedelta(seconds=settings.gate_clock_tolerance_s)
@@ -254,6 +256,8 @@ class LaneService:
             offline_open=offline_open,
             # The frames the server's reader can read again before the charge is sent.
             verifiable=bool(capture.frames()),
+            exit_frames=reading.frames,
+            verification=self.verification,
         )
         if plan.outcome == "duplicate_read":
             return self._open(capture, now, "duplicate_read", resolved.plate, resolved.duplicate_of)

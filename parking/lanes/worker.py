@@ -27,7 +27,6 @@ from parking.lanes import repository as repo
 from parking.lanes.reading import PlateReader, PlateReading, decode_frames
 from parking.lanes.repository import GateInfo
 from parking.lanes.rules import (
-    Verification,
     better_entry_read,
     entry_wants_second_reader,
     wants_second_reader,
@@ -99,7 +98,6 @@ class LaneWorker:
         self.occupancy = occupancy
         self.service = LaneService(settings)
         self.reader = PlateReader(settings)
-        self.verification = Verification.from_settings(settings)
         self.topics = Topics(settings.mqtt_topic_prefix)
         self.lane_events_channel = lane_events_channel(settings)
         self.stats = LaneStats()
@@ -238,7 +236,7 @@ class LaneWorker:
             and entry_wants_second_reader(reading, self.service.certainty)
         ):
             reading = better_entry_read(
-                reading, await self.reader.read_again(capture, frames), self.verification
+                reading, await self.reader.read_again(capture, frames), self.service.verification
             )
         now = datetime.now(UTC)
         started_db = time.perf_counter()
