@@ -341,6 +341,9 @@ async def test_an_operator_confirms_a_charge_with_both_frames_and_it_is_queued_o
         1200,
         False,
     )
+    # What the server's reader found: the frames show another plate.
+    assert item["verification"]["verdict"] == "refuted"
+    assert item["verification"]["exit"][0]["plate"] == "皖M04698"
     for read in (item["entry"], item["exit"]):
         image = await api.get(read["image_url"], headers=attendant)
         assert (image.status_code, image.content) == (200, FRAME)
