@@ -9,6 +9,7 @@ import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -99,20 +100,30 @@ async def queue_charge(
     car_park_id: int,
     amount_fen: int,
     awaiting_confirmation: bool = False,
+    awaiting_verification: bool = False,
 ) -> int:
     """The exit's charge. `awaiting_confirmation`: the stay's reads were not both certain, so
     the charge is only recorded (no ledger line, no job, nothing sent) until an operator
-    confirms it (`confirm`) or rejects it (`discard_unconfirmed`)."""
-    if awaiting_confirmation:
+    confirms it (`confirm`) or rejects it (`discard_unconfirmed`). `awaiting_verification`:
+    recorded the same way, with a 'verify_charge' job: a second reader checks the stay's
+    frames first (`verified`, or `refer_to_operator`)."""
+    if awaiting_confirmation or awaiting_verification:
         awaiting_id: int = await conn.fetchval(
-            """INSERT INTO charges
-                   (session_id, account_id, agreement_id, amount_fen, idempotency_key, status)
-               VALUES ($1, $2, $3, $4, $5, 'awaiting_confirmation') RETURNING id""",
+            """WITH charge AS (
+                   INSERT INTO charges
+                       (session_id, account_id, agreement_id, amount_fen, idempotency_key,
+                        status)
+                   VALUES ($1, $2, $3, $4, $5, $6) RETURNING id),
+               job AS (
+                   INSERT INTO outbox (kind, ref_id)
+                   SELECT 'verify_charge', id FROM charge WHERE $6 = 'awaiting_verification')
+               SELECT id FROM charge""",
             session_id,
             account_id,
             agreement_id,
             amount_fen,
             new_idempotency_key(session_id),
+            "awaiting_verification" if awaiting_verification else "awaiting_confirmation",
         )
         return awaiting_id
     charge_id: int = await conn.fetchval(
@@ -146,19 +157,23 @@ class UnconfirmedCharge:
     amount_fen: int
 
 
-async def confirm(conn: asyncpg.Connection, charge_id: int) -> UnconfirmedCharge | None:
-    """An operator confirmed a charge awaiting confirmation: it becomes pending, its fee is
-    accrued and its job queued, in the caller's transaction, once (conditional on its status:
-    None when it was not awaiting confirmation)."""
+async def confirm(
+    conn: asyncpg.Connection, charge_id: int, *, awaiting: str = "awaiting_confirmation"
+) -> UnconfirmedCharge | None:
+    """An operator confirmed a charge awaiting confirmation (or the second reader verified one
+    `awaiting` 'awaiting_verification': `verified`): it becomes pending, its fee is accrued and
+    its job queued, in the caller's transaction, once (conditional on its status: None when it
+    was not awaiting so)."""
     row = await conn.fetchrow(
         """WITH c AS (
                UPDATE charges SET status = 'pending'
-               WHERE id = $1 AND status = 'awaiting_confirmation'
+               WHERE id = $1 AND status = $2
                RETURNING id, session_id, account_id, amount_fen),
            job AS (INSERT INTO outbox (kind, ref_id) SELECT 'charge', id FROM c)
            SELECT c.id AS charge_id, c.session_id, c.account_id, s.car_park_id, c.amount_fen
            FROM c JOIN sessions s ON s.id = c.session_id""",
         charge_id,
+        awaiting,
     )
     if row is None:
         return None
@@ -171,6 +186,40 @@ async def confirm(conn: asyncpg.Connection, charge_id: int) -> UnconfirmedCharge
         charge_id=charge.charge_id,
     )
     return charge
+
+
+async def verified(
+    conn: asyncpg.Connection, charge_id: int, verification: dict[str, Any]
+) -> UnconfirmedCharge | None:
+    """The second reader agreed with the stay's frames: the charge goes on as if confirmed
+    (pending, accrued, queued, once). None when it was not awaiting verification."""
+    charge = await confirm(conn, charge_id, awaiting="awaiting_verification")
+    if charge is not None:
+        await _record_verification(conn, charge_id, verification)
+    return charge
+
+
+async def refer_to_operator(
+    conn: asyncpg.Connection, charge_id: int, verification: dict[str, Any]
+) -> bool:
+    """The second reader did not agree (or had no frame to read): the charge waits for an
+    operator's confirmation with both frames, as any charge on doubtful reads. False when it
+    was not awaiting verification."""
+    status = await conn.fetchval(
+        """UPDATE charges SET status = 'awaiting_confirmation', verification = $2
+           WHERE id = $1 AND status = 'awaiting_verification' RETURNING status""",
+        charge_id,
+        verification,
+    )
+    return status is not None
+
+
+async def _record_verification(
+    conn: asyncpg.Connection, charge_id: int, verification: dict[str, Any]
+) -> None:
+    await conn.execute(
+        "UPDATE charges SET verification = $2 WHERE id = $1", charge_id, verification
+    )
 
 
 async def discard_unconfirmed(conn: asyncpg.Connection, charge_id: int) -> UnconfirmedCharge | None:

@@ -62,6 +62,7 @@ DEFAULT_MAX_ATTEMPTS: Mapping[str, int] = {
     "notification": 8,
     "gate_command": 5,
     "parking_entry": 8,
+    "verify_charge": 10,
 }
 # Dead jobs that carry no money, deleted after the dead-letter retention: a driver's message
 # or a barrier's command that never went out. Dead charges and refunds wait for an operator.
@@ -81,6 +82,7 @@ class OutboxWorker:
         notifier: notifications.Notifier,
         *,
         gate_commands: Callable[[int], Awaitable[None]] | None = None,
+        charge_verifier: Callable[[int], Awaitable[None]] | None = None,
         timezone: str = "Asia/Shanghai",
         language: notifications.Language = "zh",
         receipt_base_url: str | None = None,
@@ -108,6 +110,9 @@ class OutboxWorker:
         self.notifier = notifier
         # Publishes the open command for a payment that released a held car (needs MQTT).
         self.gate_commands = gate_commands
+        # Reads a charge's entry and exit frames again before it is sent (a 'verify_charge'
+        # job: the charge rests on an uncalibrated camera's reads); needs the plate reader.
+        self.charge_verifier = charge_verifier
         self.tz = ZoneInfo(timezone)
         self.style = notifications.MessageStyle(self.tz, language, receipt_base_url)
         self.retry_base_s = retry_base_s
@@ -124,6 +129,7 @@ class OutboxWorker:
             "notification": self._notify,
             "gate_command": self._gate_command,
             "parking_entry": self._parking_entry,
+            "verify_charge": self._verify_charge,
         }
         for kind, handler in (handlers or {}).items():
             self._handlers[kind] = self._then_done(handler)
@@ -409,6 +415,13 @@ class OutboxWorker:
                 datetime.now(UTC),
             )
             await self._mark_done(conn, job)
+
+    async def _verify_charge(self, job: Job) -> None:
+        if self.charge_verifier is None:
+            await self._retry_later(job, "no plate reader in this process")
+            return
+        await self.charge_verifier(job.ref_id)
+        await self._done(job)
 
     async def sweep(self, now: datetime) -> None:
         """Periodic work: debt reminders, and payments whose notification never came."""

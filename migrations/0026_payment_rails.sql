@@ -25,4 +25,5 @@ ALTER TABLE charges ADD COLUMN advanced_by_provider boolean NOT NULL DEFAULT fal
 -- that want one (WeChat Pay Score parking).
 ALTER TABLE outbox DROP CONSTRAINT outbox_kind_check;
 ALTER TABLE outbox ADD CONSTRAINT outbox_kind_check
-    CHECK (kind IN ('charge', 'notification', 'refund', 'gate_command', 'parking_entry'));
+    CHECK (kind IN ('charge', 'notification', 'refund', 'gate_command', 'verify_charge',
+                    'parking_entry'));

@@ -80,8 +80,8 @@ CREATE INDEX feed_deliveries_finished ON feed_deliveries (created_at) WHERE stat
 CREATE INDEX outbox_due_kind ON outbox (kind, available_at) WHERE done_at IS NULL AND dead_at IS NULL;
 ALTER TABLE outbox DROP CONSTRAINT outbox_kind_check;
 ALTER TABLE outbox ADD CONSTRAINT outbox_kind_check
-    CHECK (kind IN ('charge', 'notification', 'refund', 'gate_command', 'parking_entry',
-                    'feed_delivery'));
+    CHECK (kind IN ('charge', 'notification', 'refund', 'gate_command', 'verify_charge',
+                    'parking_entry', 'feed_delivery'));
 
 -- A stay that starts (a row becomes open) or ends (leaves open) is queued for every
 -- subscriber of its car park and topic in the transaction that changed it, whichever path

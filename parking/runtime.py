@@ -26,6 +26,7 @@ from parking.feeds.service import FeedSender, OccupancyWatcher
 from parking.gates import config as gate_configs
 from parking.gates.events import GateEventRecorder
 from parking.infra import Endpoints
+from parking.lanes.verify import ChargeVerifier
 from parking.lanes.worker import LaneWorker
 from parking.migrate import migrate
 from parking.occupancy.service import Occupancy
@@ -194,6 +195,7 @@ def job_limits(settings: Settings) -> dict[str, int]:
         "notification": settings.job_max_attempts_notification,
         "gate_command": settings.job_max_attempts_gate_command,
         "feed_delivery": settings.job_max_attempts_feed_delivery,
+        "verify_charge": settings.job_max_attempts_verify_charge,
     }
 
 
@@ -264,6 +266,7 @@ async def running(
     maintenance: list[asyncio.Task[None]] = []
     lane_worker: LaneWorker | None = None
     feeds: FeedSender | None = None
+    verifier: ChargeVerifier | None = None
     try:
         async with pool.acquire() as conn:
             await migrate(conn)
@@ -283,11 +286,13 @@ async def running(
             await release_gate(runtime, payment_id)
 
         feeds = FeedSender(feed_pool, occupancy, settings)
+        verifier = ChargeVerifier(settings, worker_pool)
         outbox = OutboxWorker(
             worker_pool,
             provider,
             notifier,
             gate_commands=gate_commands,
+            charge_verifier=verifier,
             timezone=settings.timezone,
             language=settings.message_language,
             receipt_base_url=settings.public_base_url,
@@ -394,6 +399,8 @@ async def running(
             feed_outbox.stop()
             # Jobs in hand finish (a provider call is bounded by its timeout); cancel after that.
             await asyncio.wait(tasks, timeout=settings.payment_provider_timeout_s + 2)
+        if verifier is not None:
+            verifier.close()
         for task in tasks + maintenance:
             task.cancel()
         await asyncio.gather(*tasks, *maintenance, return_exceptions=True)

@@ -88,6 +88,16 @@ class Settings(BaseSettings):
     plate_certain_score: float = Field(default_factory=certain_threshold, ge=0.0, le=1.0)
     camera_certain_scores: dict[str, float] = Field(default_factory=dict)
     camera_certain_score_default: float = Field(default=0.98, ge=0.0, le=1.0)
+    # A camera score is a calibrated probability only where an installer measured it: the
+    # models in camera_certain_scores (set from `parking plates calibrate` on that model's
+    # reads), and every other model when this says the default was measured so too. A charge
+    # on an uncalibrated camera's reads waits for the server's reader to agree with the entry
+    # and exit frames (lanes.rules.verify_charge): a frame agrees when it reads the stay's
+    # plate at verify_agree_score or more, contradicts when it reads another valid plate at
+    # verify_contradict_score or more (calibrated scores).
+    camera_default_calibrated: bool = False
+    verify_agree_score: float = Field(default=0.9, ge=0.0, le=1.0)
+    verify_contradict_score: float = Field(default=0.9, ge=0.0, le=1.0)
     ocr_engine: str = "rapidocr"
     ocr_workers: int = 1
 
@@ -144,6 +154,7 @@ class Settings(BaseSettings):
     job_max_attempts_notification: int = Field(default=8, ge=1)
     job_max_attempts_gate_command: int = Field(default=5, ge=1)
     job_max_attempts_feed_delivery: int = Field(default=10, ge=1)
+    job_max_attempts_verify_charge: int = Field(default=10, ge=1)
     # Retry delays double up to this (each with jitter).
     job_backoff_cap_s: float = Field(default=300.0, gt=0)
 

@@ -92,6 +92,10 @@ def settings() -> Settings:
         charge_retry_base_s=0.05,
         charge_query_after_s=0.1,
         dev_adapters=True,
+        # The tests' cameras report the scores a test gives them: taken as calibrated, so a
+        # certain read is proven and a charge on it needs no second reader. The tests of the
+        # second reader (test_charge_verification.py) turn this off, as production has it.
+        camera_default_calibrated=True,
         # No API server in most tests: the provider's notifications go nowhere and the worker
         # learns outcomes by order query; tests of notifications serve the API themselves.
         public_base_url="http://127.0.0.1:9",

@@ -63,6 +63,7 @@ def test_attempt_limits_per_kind_come_from_the_settings() -> None:
         "notification": 8,
         "gate_command": 2,
         "feed_delivery": 10,
+        "verify_charge": 10,
     }
     policy = job_queue.RetryPolicy(max_attempts=limits)
     assert policy.limit("gate_command") == 2

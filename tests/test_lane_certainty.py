@@ -310,14 +310,22 @@ def _framed(gate: GateProbe, direction: str, plate: str, confidence: float) -> A
 async def _awaiting(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> tuple[Driver, list[dict[str, Any]]]:
-    """A bound car that came in on a doubtful read and left on a certain one, both framed."""
+    """A bound car that came in on a certain read and left on a doubtful one, both framed. The
+    frames show another plate (皖M04698): the server's reader refutes the charge, which waits
+    for an operator."""
     driver = await make_driver(runtime, unique_plate())
-    entry = _framed(gate, "in", driver.plate, 0.9)
+    entry = _framed(gate, "in", driver.plate, 0.99)
     assert (await gate.decide(lot.code, "in1", entry))["action"] == "open"
     await backdate_entry(runtime, lot, driver.plate, timedelta(minutes=90))
-    command = await gate.decide(lot.code, "out1", _framed(gate, "out", driver.plate, 0.99))
+    command = await gate.decide(lot.code, "out1", _framed(gate, "out", driver.plate, 0.95))
     assert (command["action"], command["fee_fen"]) == ("open", 1200)
-    return driver, await _charges(runtime, driver)
+
+    async def referred() -> list[dict[str, Any]] | None:
+        found = await _charges(runtime, driver)
+        return found if found[0]["status"] == "awaiting_confirmation" else None
+
+    # The verification starts the reader's process pool first: allow for it.
+    return driver, await eventually(referred, timeout_s=90)
 
 
 async def test_an_operator_confirms_a_charge_with_both_frames_and_it_is_queued_once(
@@ -328,11 +336,14 @@ async def test_an_operator_confirms_a_charge_with_both_frames_and_it_is_queued_o
 
     listed = (await api.get("/api/v1/operator/confirmations", headers=attendant)).json()
     (item,) = [c for c in listed if c["id"] == charge["id"]]
-    assert (item["plate"], item["amount_fen"], item["entry"]["certain"]) == (
+    assert (item["plate"], item["amount_fen"], item["exit"]["certain"]) == (
         driver.plate,
         1200,
         False,
     )
+    # What the server's reader found: the frames show another plate.
+    assert item["verification"]["verdict"] == "refuted"
+    assert item["verification"]["exit"][0]["plate"] == "皖M04698"
     for read in (item["entry"], item["exit"]):
         image = await api.get(read["image_url"], headers=attendant)
         assert (image.status_code, image.content) == (200, FRAME)

@@ -2,6 +2,8 @@
 that it decides exits as the lane does (the same cases through the real lane and through
 `parking_dev.misreads.decide_exit`)."""
 
+import json
+import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,10 +13,16 @@ from billing import fees
 from gate_controller.protocol import CameraRead
 from parking.lanes import repository as repo
 from parking.lanes.reading import camera_reading
-from parking.lanes.rules import Certainty, Identity
+from parking.lanes.rules import Certainty, FrameRead, Identity, Verification, verify_charge
 from parking.runtime import Runtime
 from parking.settings import Settings
-from parking_dev.misreads import MisreadModel, decide_exit, run_misreads
+from parking_dev.misreads import (
+    OCR_TABLE_PATH,
+    MisreadModel,
+    OcrModel,
+    decide_exit,
+    run_misreads,
+)
 from tests.conftest import Lot, backdate_entry, make_driver
 from tests.gates import GateProbe
 
@@ -30,12 +38,6 @@ def small_run() -> dict[str, Any]:
     return run_misreads(Settings(), exits=20_000, seed=15)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #15: a car whose plate reads as the same valid wrong plate at entry and exit, "
-    "both times at a camera score above its certain threshold, is charged to the holder of "
-    "the misread plate (6 in the 1M run, 1 in this one); see README 'Never the wrong driver'",
-)
 def test_a_small_run_charges_no_stranger(small_run: dict[str, Any]) -> None:
     assert small_run["wrong_account_charges"] == 0, small_run["wrong_account_cases"]
 
@@ -238,3 +240,43 @@ async def test_the_lane_and_the_simulation_decide_alike(
         again = await _simulated(runtime, lot, plate, confidence, color)
         assert again[0] == "duplicate_read"
         assert (await _lane(runtime, gate, lot, plate, confidence, color))[0] == again[0]
+
+
+# The rule a charge's verification applies (the worker's and the simulation's), and the
+# simulated server reader against what it was measured to read.
+
+
+def test_a_charge_is_verified_only_when_no_frame_contradicts_and_each_unsure_end_agrees() -> None:
+    plate = ("浙A3M011", "blue")
+    rules = Verification(agree_score=0.9, contradict_score=0.9)
+    agree, unsure, nothing = FrameRead("浙A3M011", 0.95, "blue"), FrameRead("浙A3M011", 0.5), None
+    assert verify_charge(plate, ((agree,), (unsure, agree)), rules) == "verified"
+    # A proven end (None) needs no frame; an unproven one with none, or none sure, is a person's.
+    assert verify_charge(plate, (nothing, (agree,)), rules) == "verified"
+    assert verify_charge(plate, ((agree,), ()), rules) == "unconfirmed"
+    assert verify_charge(plate, ((agree,), (unsure,)), rules) == "unconfirmed"
+    # Another valid plate, or the plate in another colour, read with confidence on any frame.
+    other = FrameRead("浙A3M017", 0.93, "blue")
+    assert verify_charge(plate, ((agree, other), (agree,)), rules) == "refuted"
+    yellow = FrameRead("浙A3M011", 0.97, "yellow")
+    assert verify_charge(plate, ((agree,), (agree, yellow)), rules) == "refuted"
+    # Unsure misreads and unreadable frames contradict nothing.
+    weak = FrameRead("浙A3M017", 0.6, "blue")
+    assert verify_charge(plate, ((agree, weak), (agree, FrameRead(None, 0.0))), rules) == (
+        "verified"
+    )
+
+
+def test_the_simulated_server_reader_reads_as_it_was_measured() -> None:
+    ocr = OcrModel.load()
+    table = json.loads(OCR_TABLE_PATH.read_text(encoding="utf-8"))["conditions"]
+    rng = random.Random(15)
+    for condition in ("clean", "night", "jpeg"):
+        rows = table[condition]
+        reads = sum(r[2] + r[3] + r[4] for r in rows)
+        drawn = [ocr.draw(rng, condition) for _ in range(20_000)]
+        exact = sum(o == "exact" for o, _ in drawn) / len(drawn)
+        assert abs(exact - sum(r[2] for r in rows) / reads) < 0.015, condition
+        sure_wrong = sum(o == "wrong_valid" and s >= 0.9 for o, s in drawn) / len(drawn)
+        measured = sum(r[3] for r in rows if r[0] >= 0.9) / reads
+        assert abs(sure_wrong - measured) < 0.004, condition

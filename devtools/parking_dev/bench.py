@@ -554,6 +554,11 @@ async def run_bench(
 ) -> dict[str, Any]:
     rng = random.Random()
     exits_needed = int(rate * duration_s * 1.2) + 100
+    if ocr_folder is None and "camera_default_calibrated" not in settings.model_fields_set:
+        # The simulated cameras' scores are the ones we give them: calibrated by construction,
+        # so their charges go to the provider as a calibrated camera model's do (with photos,
+        # charges on the server's reads are verified by the worker, as in production).
+        settings = settings.model_copy(update={"camera_default_calibrated": True})
     async with lane_service(settings, provider) as runtime:
         if ocr_folder is not None:
             # Few distinct photos: cars leave and come back, both directions read by OCR.

@@ -176,7 +176,8 @@ async def seed_city(
         for n, vehicle in enumerate(vehicles[:parked_count]):
             lot_index = n % car_parks
             entered_at = now - timedelta(minutes=rng.randint(20, 3 * 24 * 60))
-            # The simulated cameras' reads are certain (gate_controller.simulator).
+            # The simulated cameras' reads are certain (gate_controller.simulator), and their
+            # scores ours: calibrated by construction.
             await admin.seed_open_session(
                 conn,
                 car_park_ids[lot_index],
@@ -184,6 +185,7 @@ async def seed_city(
                 vehicle.color,
                 entered_at,
                 entry_certain=True,
+                entry_proven=True,
             )
             inside[lots[lot_index]].append((vehicle, entered_at))
     return DemoCity(run_id, operator_id, car_park_ids, gates, inside, vehicles[parked_count:])
@@ -440,6 +442,9 @@ async def run_demo(
 ) -> dict[str, Any]:
     out = sys.stderr
     started = datetime.now(UTC)
+    if "camera_default_calibrated" not in settings.model_fields_set:
+        # The simulated cameras' scores are the ones we give them: calibrated by construction.
+        settings = settings.model_copy(update={"camera_default_calibrated": True})
     if serve_api and "public_base_url" not in settings.model_fields_set:
         # QR codes and the sandbox provider's notifications must reach this run's API, on
         # whichever port it was given, not whatever else listens on the default one.

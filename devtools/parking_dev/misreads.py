@@ -5,16 +5,25 @@ DESIGN.md, "Numbers the system is built to": wrong-account charges 0 in a simula
 exits with realistic misreads; exits needing a person ≤ 0.5 %. Nothing here decides: a read is
 turned into the lane's `PlateReading` by `lanes.reading.camera_reading` / `ocr_reading`, an
 entry is recorded as `LaneService._entry` records it (`identity_color`, `is_certain`), and an
-exit is `rules.resolve_plate` then `rules.plan_exit` — the very functions the lane calls (a
-test decides the same cases through the real lane and here). What is simulated is the world:
+exit is `rules.resolve_plate` then `rules.plan_exit`, a charge on reads not both proven is
+settled by `rules.verify_charge` — the very functions the lane and its worker call (a test
+decides the same cases through the real lane and here). What is simulated is the world:
 cars, their plates, what cameras and the server OCR make of them, and the truth to judge by.
 
-The model (`MisreadModel`, every figure in the JSON): gate cameras read most plates right with
-scores clustered near 1 and a few hard frames (night, rain, glare) scored lower; a hard frame
-under `camera_min_confidence` is read again by server OCR from three frames, its scores
-calibrated-ish. Some cars carry a plate that reads wrong the same way every time (a bolt, dirt,
-a worn character: C→L, 8→B, 0→D/Q, 2→Z, 5→S, 1→7 and back), a few of them with scores a camera
-is sure of; other reads miss one random character, swap a look-alike province or take a yellow
+The model (`MisreadModel`, every figure in the JSON). The cameras are a model of our own, not
+a measurement (no camera's reads were available to us): right reads score 1 − Exp(mean 0.002),
+on a hard frame (night, rain, glare) 1 − Exp(mean 0.03); a wrong read scores uniformly in
+0.6–0.975, or 0.975–0.999 when it is a confident error; they are uncalibrated (so, as in
+production by default, no camera read is *proven*). The server's reader is measured: each of a
+capture's three frames draws its read and calibrated score from what `parking plates
+calibrate` measured under that frame's condition (`OcrModel`, `ocr_reads.json`: a hard frame
+is one of the six gate conditions, any other frame clean), and the lane reads the frames when
+its rules ask (a camera read under `camera_min_confidence`, a doubtful entry, an exit read
+that found no stay) and a charge's verification reads them again. Some cars carry a plate
+that reads wrong the same way every time (a bolt, dirt, a worn character: C→L, 8→B, 0→D/Q,
+2→Z, 5→S, 1→7 and back), a few of them with scores a camera is sure of, and half the server's
+frames of them read the same wrong plate (scored as the wrong valid plates measured); other
+reads miss one random character, swap a look-alike province or take a yellow
 plate for a blue one; some frames show no plate at all. Look-alike pairs (浙U58871, 浙U5B871)
 share a home car park; cars with no entry record leave too (look-alikes of a parked bound car,
 the same serial of another province, anyone); some exits are read twice. Plates the simulated
@@ -25,6 +34,7 @@ charges that stranger when the rules let it.
 
 import bisect
 import heapq
+import json
 import math
 import random
 import time
@@ -33,27 +43,43 @@ from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from billing import fees
 from billing.tariff import Tariff
 from gate_controller.protocol import CameraRead
-from parking.lanes.reading import PlateReading, camera_reading, ocr_reading, operator_reading
+from parking.lanes.reading import (
+    PlateReading,
+    camera_reading,
+    frame_reads,
+    ocr_reading,
+    operator_reading,
+    second_reading,
+)
 from parking.lanes.repository import OpenSession, PayLater
 from parking.lanes.rules import (
     Certainty,
     ExitPlan,
+    FrameRead,
     Identity,
     Resolution,
     UncertainPolicy,
+    Verification,
+    better_entry_read,
+    entry_wants_second_reader,
     identity_color,
     is_certain,
+    is_proven,
     plan_exit,
     resolve_plate,
     uncertain_policy,
+    verify_charge,
+    wants_second_reader,
 )
 from parking.settings import Settings
+from plate_recognition import calibration
 from plate_recognition.grammar import LETTERS, PROVINCES, Candidate, is_valid
 from plate_recognition.matching import PROVINCE_GROUPS
 from plate_recognition.pipeline import Recognition
@@ -88,6 +114,11 @@ DURATIONS = (
     (0.17, 540.0, 0.25),
     (0.03, 1200.0, 0.4),
 )
+
+# The server reader's reads as measured, by condition and score bin (`ocr_table`).
+OCR_TABLE_PATH = Path(__file__).with_name("ocr_reads.json")
+GATE_CONDITIONS = ("night", "glare_rain", "motion_blur", "distant", "jpeg", "tilt")
+_OCR_EDGES = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,12 +155,15 @@ class MisreadModel:
     # Per exit: a car with no entry record; a second read of the same exit.
     no_entry_rate: float = 0.003
     double_read_rate: float = 0.01
-    # Server OCR of a hard frame (three frames): a frame right, misread (one confusable
-    # character) or without a plate; a wrong frame's calibrated score above 0.995 is rare.
+    # Frames per capture, each read by the server's reader as measured (`OcrModel`: a hard
+    # frame under one of the six gate conditions, any other clean). Per frame of a car whose
+    # plate reads wrong the same way: the server's reader reads the same wrong plate (scored
+    # like the wrong valid plates it was measured on).
     ocr_frames: int = 3
-    ocr_frame_right: float = 0.92
-    ocr_frame_wrong: float = 0.05
-    ocr_wrong_certain_share: float = 0.001
+    consistent_ocr_share: float = 0.5
+    # A harsher world, for robustness: the server's reads of a *confident* consistent car's
+    # wrong plate scored like right reads (as sure as the camera), not like wrong ones.
+    consistent_ocr_scored_as_right: bool = False
     # A plate outside the simulated population: issued (to someone) and bound with pay-later.
     registry_density: float = 0.3
     # Car parks: 'hold' policy for reads not both certain; a fixed fee for no entry record.
@@ -159,6 +193,24 @@ class Stay:
     vehicle: Vehicle
     entered_s: float
     entry_certain: bool
+    entry_proven: bool = False
+    # The server reader's reads of the entry's frames (what a charge's verification reads).
+    entry_frames: tuple[FrameRead, ...] = ()
+
+
+@dataclass(slots=True)
+class Seen:
+    """One capture as the world made it: its misread kind, the lane's reading, the camera's
+    read and the server reader's reads of its frames."""
+
+    kind: str
+    reading: PlateReading
+    camera: CameraRead | None
+    recognitions: list[Recognition]
+
+    @property
+    def frames(self) -> tuple[FrameRead, ...]:
+        return frame_reads(self.recognitions)
 
 
 @dataclass(slots=True)
@@ -190,7 +242,73 @@ class Tally:
     entries_by_kind: Counter[str] = field(default_factory=Counter)
     by_outcome: Counter[str] = field(default_factory=Counter)
     by_kind: dict[str, Counter[str]] = field(default_factory=dict)
+    verifications: Counter[str] = field(default_factory=Counter)
+    second_readings: int = 0
+    entry_second_readings: int = 0
     wrong_cases: list[dict[str, Any]] = field(default_factory=list)
+
+
+class OcrModel:
+    """The server reader as measured (`ocr_reads.json`, made by `ocr_table` from the reads of
+    `parking plates calibrate`): per condition, score bins with how many reads were exact, a
+    different valid plate or neither. A frame draws a bin by its share of reads, an outcome by
+    the bin's counts, and a score uniformly within the bin. Frames are drawn independently
+    (real frames of one pass are correlated, so voting and verification do a little better
+    here than they would)."""
+
+    def __init__(self, table: Mapping[str, Any]) -> None:
+        self._bins: dict[str, tuple[list[float], list[list[float]]]] = {}
+        self._wrong: dict[str, tuple[list[float], list[list[float]]]] = {}
+        self._right = {
+            condition: self._cumulative(rows, lambda r: r[2])
+            for condition, rows in table["conditions"].items()
+        }
+        gate_wrong: list[list[float]] = []
+        for condition, rows in table["conditions"].items():
+            self._bins[condition] = self._cumulative(rows, lambda r: r[2] + r[3] + r[4])
+            if condition != "clean":
+                gate_wrong.extend(rows)
+        pooled = self._cumulative(gate_wrong, lambda r: r[3])
+        for condition, rows in table["conditions"].items():
+            # Scores of different valid plates: the condition's own when measured on enough
+            # of them, else those of every gate condition (higher: the conservative choice).
+            enough = sum(r[3] for r in rows) >= 50
+            self._wrong[condition] = self._cumulative(rows, lambda r: r[3]) if enough else pooled
+
+    @staticmethod
+    def _cumulative(
+        rows: list[list[float]], weight: Callable[[list[float]], float]
+    ) -> tuple[list[float], list[list[float]]]:
+        kept = [r for r in rows if weight(r) > 0]
+        cumulative, total = [], 0.0
+        for r in kept:
+            total += weight(r)
+            cumulative.append(total)
+        return cumulative, kept
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> "OcrModel":
+        return cls(json.loads((path or OCR_TABLE_PATH).read_text(encoding="utf-8")))
+
+    @staticmethod
+    def _bin(rng: random.Random, table: tuple[list[float], list[list[float]]]) -> list[float]:
+        cumulative, rows = table
+        return rows[bisect.bisect_right(cumulative, rng.random() * cumulative[-1])]
+
+    def draw(self, rng: random.Random, condition: str) -> tuple[str, float]:
+        """(exact | wrong_valid | neither, calibrated score) of one frame."""
+        low, high, exact, wrong, neither = self._bin(rng, self._bins[condition])
+        u = rng.random() * (exact + wrong + neither)
+        outcome = "exact" if u < exact else "wrong_valid" if u < exact + wrong else "neither"
+        return outcome, rng.uniform(low, high)
+
+    def right_score(self, rng: random.Random, condition: str) -> float:
+        low, high, *_ = self._bin(rng, self._right[condition])
+        return rng.uniform(low, high)
+
+    def wrong_score(self, rng: random.Random, condition: str) -> float:
+        low, high, *_ = self._bin(rng, self._wrong[condition])
+        return rng.uniform(low, high)
 
 
 class Registry:
@@ -272,6 +390,8 @@ def decide_exit(
     at: datetime,
     no_entry_fee_fen: int | None,
     car_park_policy: str,
+    verifiable: bool = False,
+    verification: Verification | None = None,
 ) -> tuple[Resolution, ExitPlan]:
     """An exit as the lane decides it (`LaneService._exit`): the read resolved against the
     vehicles parked here and just gone, then `plan_exit` on the stay it resolved to
@@ -290,6 +410,9 @@ def decide_exit(
         uncertain_policy=uncertain_policy(
             car_park_policy, operator_read=reading.source == "operator", offline_open=False
         ),
+        verifiable=verifiable,
+        exit_frames=reading.frames,
+        verification=verification,
     )
     return resolution, plan
 
@@ -299,6 +422,8 @@ class City:
         self.model = model
         self.rng = random.Random(seed)
         self.certainty = Certainty.from_settings(settings)
+        self.verification = Verification.from_settings(settings)
+        self.ocr = OcrModel.load()
         self.min_camera = settings.camera_min_confidence
         self.min_entry = settings.plate_min_confidence
         self.window = float(settings.duplicate_read_window_s)
@@ -416,17 +541,19 @@ class City:
             return self.rng.uniform(0.975, 0.999)
         return self.rng.uniform(0.6, 0.975)
 
-    def read(self, vehicle: Vehicle, *, stranger: bool = False) -> tuple[str, PlateReading]:
-        """(misread kind, the lane's reading) of one capture of `vehicle`."""
+    def read(self, vehicle: Vehicle, *, stranger: bool = False) -> "Seen":
+        """One capture of `vehicle`: its misread kind, the lane's reading, and what the camera
+        and the server's reader made of it."""
         m, rng = self.model, self.rng
         plate, color = vehicle.plate, vehicle.color
         kind = "clean"
         hard = rng.random() < m.hard_frame_rate
+        condition = rng.choice(GATE_CONDITIONS) if hard else "clean"
         score = self._score_right(hard)
         text, seen_color = plate, color
         u = rng.random()
         if u < m.unreadable_rate:
-            return "unreadable", self._reading(None, "unreadable", vehicle)
+            return Seen("unreadable", self._reading(None, []), None, [])
         if vehicle.consistent and rng.random() < m.consistent_read_rate:
             kind, text = "consistent", vehicle.consistent
             score = self._score_wrong(vehicle.confident)
@@ -440,48 +567,51 @@ class City:
             kind, seen_color = "yellow_as_blue", "blue"  # the text is right: the score too
         elif hard:
             kind = "hard_frame"
+        recognitions = self._ocr(vehicle, kind, condition)
         if stranger:
             kind = f"stranger_{kind}"
         camera = CameraRead(plate=text, color=seen_color, confidence=round(score, 4))  # type: ignore[arg-type]
-        return kind, self._reading(camera, kind, vehicle)
+        return Seen(kind, self._reading(camera, recognitions), camera, recognitions)
 
-    def _reading(self, camera: CameraRead | None, kind: str, vehicle: Vehicle) -> PlateReading:
+    def _reading(self, camera: CameraRead | None, recognitions: list[Recognition]) -> PlateReading:
         decided = camera_reading(camera, self.min_camera, True)
         if decided is not None:
             return decided
-        return ocr_reading(camera, self._ocr(vehicle, kind), None)
+        return ocr_reading(camera, recognitions, None)
 
-    def _ocr(self, vehicle: Vehicle, kind: str) -> list[Recognition]:
-        """Server OCR of the capture's frames: calibrated-ish scores."""
-        m, rng = self.model, self.rng
+    def _ocr(self, vehicle: Vehicle, kind: str, condition: str) -> list[Recognition]:
+        """The server reader's reads of the capture's frames under `condition`, drawn from
+        what it was measured to read (`OcrModel`): the plate, a different valid plate (one
+        confusable or random character) or nothing valid, with calibrated scores. A car whose
+        plate reads wrong the same way shows the server the same wrong plate on a share of
+        frames, scored like the wrong valid plates measured."""
+        m, rng, ocr = self.model, self.rng, self.ocr
         out: list[Recognition] = []
         for _ in range(m.ocr_frames):
-            u = rng.random()
-            if kind == "unreadable" or u >= m.ocr_frame_right + m.ocr_frame_wrong:
-                continue
             color = vehicle.color
-            if kind.endswith("yellow_as_blue") and rng.random() < 0.5:
+            if kind == "yellow_as_blue" and rng.random() < 0.5:
                 color = "blue"
-            if vehicle.consistent and rng.random() < 0.5:
-                plate = vehicle.consistent
+            if vehicle.consistent and rng.random() < m.consistent_ocr_share:
+                plate: str | None = vehicle.consistent
                 score = (
-                    rng.uniform(0.995, 0.9999)
-                    if vehicle.confident and rng.random() < 0.5
-                    else rng.uniform(0.5, 0.99)
+                    ocr.right_score(rng, condition)
+                    if m.consistent_ocr_scored_as_right and vehicle.confident
+                    else ocr.wrong_score(rng, condition)
                 )
-            elif u < m.ocr_frame_right:
-                plate = vehicle.plate
-                score = max(0.5, 1.0 - rng.expovariate(1 / 0.004))
             else:
-                plate = consistent_misread(vehicle.plate, vehicle.color, rng) or random_misread(
-                    vehicle.plate, vehicle.color, rng
+                outcome, score = ocr.draw(rng, condition)
+                plate = (
+                    vehicle.plate
+                    if outcome == "exact"
+                    else (
+                        consistent_misread(vehicle.plate, vehicle.color, rng)
+                        or random_misread(vehicle.plate, vehicle.color, rng)
+                    )
+                    if outcome == "wrong_valid"
+                    else None
                 )
-                score = (
-                    rng.uniform(0.995, 0.9999)
-                    if rng.random() < m.ocr_wrong_certain_share
-                    else rng.uniform(0.3, 0.99)
-                )
-            out.append(Recognition("sim", "scene", (Candidate(plate, score),), color, None, plate))
+            candidates = (Candidate(plate, score),) if plate else ()
+            out.append(Recognition("sim", "scene", candidates, color, None, plate or ""))
         return out
 
     # The lane's records.
@@ -494,7 +624,14 @@ class City:
         if not record:
             return
         self.tally.entries += 1
-        kind, reading = self.read(vehicle)
+        seen = self.read(vehicle)
+        kind, reading = seen.kind, seen.reading
+        if seen.recognitions and entry_wants_second_reader(reading, self.certainty):
+            # As the lane worker: a doubtful camera read, the frames read by the server.
+            self.tally.entry_second_readings += 1
+            reading = better_entry_read(
+                reading, second_reading(seen.camera, seen.recognitions, None), self.verification
+            )
         self.tally.entries_by_kind[kind] += 1
         best = reading.best
         if best is None or best.score < self.min_entry:
@@ -507,7 +644,14 @@ class City:
         if identity in car_park.stays:
             # The lane supersedes the stay it had (the car it belongs to is still inside).
             self.tally.superseded_by_misread += 1
-        stay = Stay(identity, vehicle, at, is_certain(reading, self.certainty))
+        stay = Stay(
+            identity,
+            vehicle,
+            at,
+            is_certain(reading, self.certainty),
+            is_proven(reading, self.certainty),
+            seen.frames,
+        )
         self._record(car_park, stay)
         vehicle.stay = stay
 
@@ -530,6 +674,7 @@ class City:
             None,
             stay.identity[1],
             stay.entry_certain,
+            entry_proven=stay.entry_proven,
         )
 
     def exit_once(self) -> None:
@@ -580,24 +725,36 @@ class City:
     ) -> None:
         tally = self.tally
         tally.exits += 1
-        kind, reading = self.read(vehicle, stranger=stranger)
+        seen = self.read(vehicle, stranger=stranger)
+        kind, reading = seen.kind, seen.reading
         if double:
             kind = f"double_read_{kind}"
         now = car_park.clock
         while car_park.left and car_park.left[0][0] < now - self.window:
             car_park.left.popleft()
         left = {identity for _, identity in car_park.left}
-        resolution, plan = decide_exit(
-            reading,
-            car_park.parked,
-            left,
-            lambda identity: self._stay_session(car_park, car_park.stays[identity]),
-            self.certainty,
-            car_park.tariff,
-            at=_EPOCH + timedelta(seconds=now),
-            no_entry_fee_fen=car_park.fixed_fee,
-            car_park_policy=car_park.policy,
-        )
+
+        def decide(reading: PlateReading) -> tuple[Resolution, ExitPlan]:
+            return decide_exit(
+                reading,
+                car_park.parked,
+                left,
+                lambda identity: self._stay_session(car_park, car_park.stays[identity]),
+                self.certainty,
+                car_park.tariff,
+                at=_EPOCH + timedelta(seconds=now),
+                no_entry_fee_fen=car_park.fixed_fee,
+                car_park_policy=car_park.policy,
+                verifiable=True,
+                verification=self.verification,
+            )
+
+        resolution, plan = decide(reading)
+        if seen.recognitions and wants_second_reader(reading, plan.outcome, self.certainty):
+            # As the lane worker: the frames read by the server, and the exit decided again.
+            tally.second_readings += 1
+            reading = second_reading(seen.camera, seen.recognitions, None)
+            resolution, plan = decide(reading)
         stay = None
         if (
             plan.rule is not None
@@ -605,13 +762,27 @@ class City:
             and plan.fixed_fee_stay is None
         ):
             stay = car_park.stays[resolution.identity]
-        self._judge(car_park, vehicle, kind, reading, plan, stay, resolution.status)
+        verdict = None
+        if stay is not None and plan.rule is not None and plan.rule.verify:
+            # The worker's check before the charge goes to the provider (lanes.verify).
+            verdict = verify_charge(
+                stay.identity,
+                (
+                    None if stay.entry_proven else stay.entry_frames,
+                    None if resolution.proven else seen.frames,
+                ),
+                self.verification,
+            )
+            tally.verifications[verdict] += 1
+            tally.by_kind.setdefault(kind, Counter())[f"verification_{verdict}"] += 1
+        needs_person = plan.needs_person or verdict not in (None, "verified")
+        self._judge(car_park, vehicle, kind, reading, plan, stay, resolution.status, needs_person)
         # The lane's records after the exit: a priced stay is closed (pay-later, free, or paid
         # at the gate). Another car's stay that a person looked at (an exception, a charge
         # awaiting confirmation) is opened again: the operator rejects it.
         if stay is not None and plan.rule is not None and plan.outcome != "held_no_tariff":
             self._close(car_park, stay)
-            if stay.vehicle is not vehicle and plan.needs_person:
+            if stay.vehicle is not vehicle and needs_person:
                 self._record(car_park, stay)
             else:
                 car_park.left.append((now, stay.identity))
@@ -625,13 +796,14 @@ class City:
         plan: ExitPlan,
         stay: Stay | None,
         status: str,
+        needs_person: bool,
     ) -> None:
         tally = self.tally
         tally.by_outcome[plan.outcome] += 1
         per_kind = tally.by_kind.setdefault(kind, Counter())
         per_kind["exits"] += 1
         per_kind[plan.outcome] += 1
-        if plan.needs_person:
+        if needs_person:
             tally.needs_person += 1
             per_kind["needs_person"] += 1
         else:
@@ -641,7 +813,9 @@ class City:
             return
         if rule.charge_to[0] == vehicle.account:
             return
-        awaiting = plan.outcome == "exited_awaiting_confirmation"
+        # A charge a person must confirm first: recorded awaiting confirmation at the gate, or
+        # its verification did not settle it.
+        awaiting = needs_person
         if awaiting:
             tally.wrong_account_charges_awaiting_confirmation += 1
             per_kind["wrong_account_awaiting_confirmation"] += 1
@@ -702,6 +876,12 @@ def run_misreads(
         "auto_exits": tally.auto_exits,
         "auto_exit_rate": round(tally.auto_exits / n, 6) if n else 0.0,
         "by_outcome": dict(sorted(tally.by_outcome.items())),
+        # Charges on reads not both proven, checked by the server's reader (verify_charge):
+        # 'verified' go to the provider, the others wait for an operator.
+        "verifications": dict(sorted(tally.verifications.items())),
+        # Exits whose camera read found no stay, read again by the server's reader at the gate.
+        "second_readings": tally.second_readings,
+        "entry_second_readings": tally.entry_second_readings,
         "by_misread_kind": {k: dict(sorted(v.items())) for k, v in sorted(tally.by_kind.items())},
         "entries": tally.entries,
         "entries_needing_person": tally.entries_needing_person,
@@ -714,8 +894,33 @@ def run_misreads(
             "ocr_score": city.certainty.ocr_score,
             "camera_default": city.certainty.camera_default,
             "camera_min_confidence": city.min_camera,
+            "camera_default_calibrated": city.certainty.camera_default_calibrated,
+            "verify_agree_score": city.verification.agree_score,
+            "verify_contradict_score": city.verification.contradict_score,
         },
         "model": asdict(model),
         "build_s": round(built, 2),
         "duration_s": round(duration, 2),
+    }
+
+
+def ocr_table(reads: Path) -> dict[str, Any]:
+    """Bins reads saved by `parking plates calibrate … --save-reads` (scores mapped through the
+    shipped calibration, as the lane sees them): per condition and score bin, how many reads
+    were exact, a different valid plate, or neither (no plate, or not a valid one)."""
+    calibrate = calibration.calibrator("rapidocr")
+    assert calibrate is not None
+    edges = (*_OCR_EDGES, calibration.certain_threshold("rapidocr"), 1.0)
+    table: dict[str, list[list[float]]] = {}
+    for line in reads.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        score = calibrate(r["raw_score"]) if r["raw_score"] is not None else 0.0
+        i = min(bisect.bisect_right(edges, score) - 1, len(edges) - 2)
+        rows = table.setdefault(
+            r["condition"], [[edges[j], edges[j + 1], 0, 0, 0] for j in range(len(edges) - 1)]
+        )
+        rows[i][2 if r["exact"] else 3 if r["wrong_valid"] else 4] += 1
+    return {
+        "columns": ["score_from", "score_to", "exact", "wrong_valid", "neither"],
+        "conditions": {c: [r for r in rows if sum(r[2:]) > 0] for c, rows in sorted(table.items())},
     }

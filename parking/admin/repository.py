@@ -194,16 +194,20 @@ async def seed_open_session(
     entered_at: datetime,
     *,
     entry_certain: bool = False,
+    entry_proven: bool = False,
 ) -> int:
     """A car already inside when the system starts (imported from the previous system). Its
-    entry read counts as certain only when the caller knows it was (a simulation does)."""
+    entry read counts as certain (and proven: certain by a calibrated score) only when the
+    caller knows it was (a simulation does)."""
     session_id: int = await conn.fetchval(
-        """INSERT INTO sessions (car_park_id, plate, plate_color, entered_at, entry_certain)
-           VALUES ($1, $2, $3, $4, $5) RETURNING id""",
+        """INSERT INTO sessions
+               (car_park_id, plate, plate_color, entered_at, entry_certain, entry_proven)
+           VALUES ($1, $2, $3, $4, $5, $6) RETURNING id""",
         car_park_id,
         plate,
         color,
         entered_at,
         entry_certain,
+        entry_proven,
     )
     return session_id

@@ -20,7 +20,7 @@ async def awaiting(
     exit_ = _CAPTURE.format(k="xk", c="xc", f="xf", id="s.exit_capture_id")
     rows: list[asyncpg.Record] = await conn.fetch(
         f"""SELECT c.id, cp.code AS car_park, s.plate, s.plate_color, s.entered_at, s.exited_at,
-                  c.amount_fen, c.created_at, xc.match_status,
+                  c.amount_fen, c.created_at, xc.match_status, c.verification,
                   ec.plate_source AS entry_source, ec.read_confidence AS entry_confidence,
                   s.entry_certain, ef.capture_id IS NOT NULL AS entry_image,
                   xc.plate_source AS exit_source, xc.read_confidence AS exit_confidence,

@@ -1,5 +1,5 @@
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -25,6 +25,10 @@ class Confirmation(BaseModel):
     match_status: str | None
     entry: ReadSummary
     exit: ReadSummary
+    # What the server's reader found in the frames when it checked the charge first
+    # ({"verdict": "refuted" | "unconfirmed", "entry", "exit": each frame's plate, score,
+    # colour}); None when the charge was never verified.
+    verification: dict[str, Any] | None = None
 
 
 class ConfirmationDecision(BaseModel):

@@ -63,6 +63,7 @@ async def list_awaiting(
                 certain=r["exit_certain"],
                 image_url=image_url(r["id"], "exit") if r["exit_image"] else None,
             ),
+            verification=r["verification"],
         )
         for r in rows
     ]

@@ -6,12 +6,14 @@ import base64
 import binascii
 import multiprocessing
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from gate_controller.protocol import CameraRead, Capture
+from parking.lanes.rules import FrameRead
 from parking.logging import get_logger
 from parking.settings import Settings
 from plate_recognition.grammar import Candidate, candidates_from_text, is_valid, normalise
@@ -33,6 +35,8 @@ class PlateReading:
     image: bytes | None = None  # the first frame, kept for an operator if a person must decide
     color: str | None = None
     model: str | None = None
+    # The server's reads of each frame, when it read them (`ocr_reading`).
+    frames: tuple[FrameRead, ...] = ()
 
     @property
     def best(self) -> Candidate | None:
@@ -103,19 +107,28 @@ class PlateReader:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def read(self, capture: Capture, frames: list[bytes]) -> PlateReading:
-        camera = capture.camera_read
-        decided = camera_reading(camera, self.settings.camera_min_confidence, bool(frames))
-        if decided is not None:
-            return decided
+    async def read_frames(self, frames: list[bytes]) -> list[Recognition | None]:
+        """Each frame read in the pool (None: not an image)."""
         try:
-            results = await self._read_frames(frames)
+            return await self._read_frames(frames)
         except BrokenProcessPool:
             # A pool process died (e.g. out of memory on a hostile image): start a new pool.
             log.error("lane.ocr_pool_broken")
             self.close()
             self._pool = None
-            results = await self._read_frames(frames)
+            return await self._read_frames(frames)
+
+    async def read_again(self, capture: Capture, frames: list[bytes]) -> PlateReading:
+        """The frames read by the server alone (`second_reading`)."""
+        recognitions = [r for r in await self.read_frames(frames) if r is not None]
+        return second_reading(capture.camera_read, recognitions, frames[0])
+
+    async def read(self, capture: Capture, frames: list[bytes]) -> PlateReading:
+        camera = capture.camera_read
+        decided = camera_reading(camera, self.settings.camera_min_confidence, bool(frames))
+        if decided is not None:
+            return decided
+        results = await self.read_frames(frames)
         recognitions = [r for r in results if r is not None]
         reading = ocr_reading(camera, recognitions, frames[0])
         log.info(
@@ -175,7 +188,32 @@ def ocr_reading(
     colors = Counter(r.color for r in recognitions if r.color)
     ocr_color = colors.most_common(1)[0][0] if colors else color
     raw = next((r.raw for r in recognitions if r.raw), camera.plate if camera else None)
-    return PlateReading(tuple(merged), "ocr", raw, first_frame, ocr_color)
+    return PlateReading(
+        tuple(merged), "ocr", raw, first_frame, ocr_color, frames=frame_reads(recognitions)
+    )
+
+
+def second_reading(
+    camera: CameraRead | None, recognitions: list[Recognition], first_frame: bytes | None
+) -> PlateReading:
+    """The server's own read of a capture whose camera read found no stay (pure;
+    `rules.wants_second_reader`): the frames alone voting, the camera's doubtful text left out
+    (it is what is in doubt), its colour only when no frame shows one."""
+    reading = ocr_reading(None, recognitions, first_frame)
+    if reading.color is None and camera is not None:
+        return replace(reading, color=camera.color)
+    return reading
+
+
+def frame_reads(recognitions: Sequence[Recognition | None]) -> tuple[FrameRead, ...]:
+    """Each frame's top read (None: no plate found) with its calibrated score: what a charge's
+    verification weighs (`rules.verify_charge`)."""
+    return tuple(
+        FrameRead(r.candidates[0].plate, r.candidates[0].score, r.color)
+        if r is not None and r.candidates
+        else FrameRead(None, 0.0)
+        for r in recognitions
+    )
 
 
 def _camera_candidates(camera: CameraRead) -> list[Candidate]:

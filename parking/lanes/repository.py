@@ -48,7 +48,8 @@ class OpenSession:
     # Set on stays opened at the exit under the car park's no-entry fixed-fee policy.
     fixed_fee_fen: int | None = None
     plate_color: str | None = None
-    # Whether the stay's entry read was certain (rules.is_certain).
+    # Whether the stay's entry read was certain (rules.is_certain), and proven (certain by a
+    # calibrated score: rules.is_proven).
     entry_certain: bool = False
     # The vehicle's rights here (a pass of "at most N inside" only when this stay holds one of
     # its places) and its blacklisting reason in this company, read with the stay
@@ -57,6 +58,7 @@ class OpenSession:
     blacklisted: str | None = None
     # A merchant's validation of the stay (parking/merchants/).
     validation: Validation | None = None
+    entry_proven: bool = False
 
 
 # The binding, account and active agreement of the vehicle (`{plate}`, `{color}`) that covered
@@ -151,11 +153,16 @@ async def stored_capture(conn: asyncpg.Connection, capture_id: UUID) -> StoredCa
 
 
 async def insert_capture(
-    conn: asyncpg.Connection, content_sha256: bytes, frame: bytes | None, **values: Any
+    conn: asyncpg.Connection,
+    content_sha256: bytes,
+    frame: bytes | None,
+    more_frames: list[bytes] | None = None,
+    **values: Any,
 ) -> None:
-    """The capture's row, its key and its first frame (the stay's evidence: an operator
-    confirming a charge, the driver's receipt, a dispute), in one statement: a second capture
-    with the same id (at any captured_at) is a unique violation of capture_keys."""
+    """The capture's row, its key and its frames (the first is the stay's evidence: an operator
+    confirming a charge, the driver's receipt, a dispute; all are what a charge's verification
+    reads), in one statement: a second capture with the same id (at any captured_at) is a
+    unique violation of capture_keys."""
     columns = ", ".join(values)
     placeholders = ", ".join(f"${i}" for i in range(3, len(values) + 3))
     car_park = 3 + list(values).index("car_park_id")
@@ -164,8 +171,10 @@ async def insert_capture(
                 INSERT INTO capture_keys (capture_id, captured_at, content_sha256)
                 VALUES ($1, $2, ${len(values) + 3})
             ), frame AS (
-                INSERT INTO capture_frames (capture_id, captured_at, car_park_id, image)
-                SELECT $1, $2, ${car_park}::bigint, ${len(values) + 4}::bytea
+                INSERT INTO capture_frames
+                    (capture_id, captured_at, car_park_id, image, more_images)
+                SELECT $1, $2, ${car_park}::bigint, ${len(values) + 4}::bytea,
+                       ${len(values) + 5}::bytea[]
                 WHERE ${len(values) + 4}::bytea IS NOT NULL
             )
             INSERT INTO captures ({columns}) VALUES ({placeholders})""",
@@ -174,6 +183,7 @@ async def insert_capture(
         *values.values(),
         content_sha256,
         frame,
+        more_frames or None,
     )
 
 
@@ -223,7 +233,9 @@ async def update_capture_decision(
     )
 
 
-_STAY_COLUMNS = "s.id, s.entered_at, s.fixed_fee_fen, s.plate_color, s.entry_certain"
+_STAY_COLUMNS = (
+    "s.id, s.entered_at, s.fixed_fee_fen, s.plate_color, s.entry_certain, s.entry_proven"
+)
 # A stay's vehicle's blacklisting and rights in its car park: indexed lookups by (plate, colour)
 # joined into the exit's one query (no extra round trip). A right capped at N inside counts only
 # for the stay that took one of its places at entry (`sessions.assigned_right_id`).
@@ -284,6 +296,7 @@ def _open_session(row: asyncpg.Record) -> OpenSession:
         tuple(RightTerms.from_json(r) for r in rights) if rights else (),
         row.get("blacklisted"),
         Validation.from_json(row["validation"]) if row.get("validation") else None,
+        row["entry_proven"],
     )
 
 
@@ -374,6 +387,7 @@ async def open_session(
     entry_certain: bool,
     fixed_fee_fen: int | None = None,
     assigned_right_id: int | None = None,
+    entry_proven: bool = False,
 ) -> OpenSession:
     """Opens a stay and reads its driver's agreement and debts in the same round trip.
     `assigned_right_id`: the right whose place the stay takes (None: a visitor)."""
@@ -381,9 +395,10 @@ async def open_session(
         f"""WITH s AS (
                 INSERT INTO sessions
                     (car_park_id, plate, plate_color, entered_at, entry_capture_id, fixed_fee_fen,
-                     entry_certain, assigned_right_id)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                RETURNING id, plate, entered_at, fixed_fee_fen, plate_color, entry_certain)
+                     entry_certain, assigned_right_id, entry_proven)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                RETURNING id, plate, entered_at, fixed_fee_fen, plate_color, entry_certain,
+                          entry_proven)
             SELECT {_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}
             FROM s {_STAY_JOINS}""",
         car_park_id,
@@ -394,6 +409,7 @@ async def open_session(
         fixed_fee_fen,
         entry_certain,
         assigned_right_id,
+        entry_proven,
     )
     return _open_session(row)
 
@@ -515,4 +531,55 @@ async def store_command(
         capture_id,
         command,
         outcome,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeEvidence:
+    """What a charge's verification reads: the stay's vehicle, whether each end's read was
+    proven, and each end's kept frames (empty when none was sent or they have expired)."""
+
+    status: str
+    plate: str
+    plate_color: str
+    entry_proven: bool
+    exit_proven: bool
+    entry_frames: list[bytes]
+    exit_frames: list[bytes]
+
+
+_FRAMES = """LEFT JOIN capture_keys {k} ON {k}.capture_id = {id}
+    LEFT JOIN captures {c} ON {c}.capture_id = {k}.capture_id AND {c}.captured_at = {k}.captured_at
+    LEFT JOIN capture_frames {f} ON {f}.capture_id = {id}"""
+
+
+async def charge_evidence(conn: asyncpg.Connection, charge_id: int) -> ChargeEvidence | None:
+    entry = _FRAMES.format(k="ek", c="ec", f="ef", id="s.entry_capture_id")
+    exit_ = _FRAMES.format(k="xk", c="xc", f="xf", id="s.exit_capture_id")
+    row = await conn.fetchrow(
+        f"""SELECT ch.status, s.plate, s.plate_color, s.entry_proven,
+                   COALESCE(xc.read_proven, false) AS exit_proven,
+                   ef.image AS entry_image, ef.more_images AS entry_more,
+                   xf.image AS exit_image, xf.more_images AS exit_more
+            FROM charges ch
+            JOIN sessions s ON s.id = ch.session_id
+            {entry}
+            {exit_}
+            WHERE ch.id = $1""",
+        charge_id,
+    )
+    if row is None:
+        return None
+
+    def frames(first: bytes | None, more: list[bytes] | None) -> list[bytes]:
+        return [first, *(more or [])] if first is not None else []
+
+    return ChargeEvidence(
+        row["status"],
+        row["plate"],
+        row["plate_color"],
+        row["entry_proven"],
+        row["exit_proven"],
+        frames(row["entry_image"], row["entry_more"]),
+        frames(row["exit_image"], row["exit_more"]),
     )

@@ -10,16 +10,19 @@ to which stay a read is, when a stay is free, pay-later or held, or to what it i
 belongs here, so that none of them can drift from the others.
 
 A plate's identity is (characters, colour): 蓝 浙A12345 and 黄 浙A12345 are two vehicles. A
-read is *certain* when its score reaches its source's calibrated threshold, it has a colour
-and it is a valid plate of that colour; only a certain read matches a parked plate exactly,
-and only a stay whose entry and exit reads were both certain is charged pay-later without a
+read is *certain* when its score reaches its source's threshold, it has a colour and it is a
+valid plate of that colour; only a certain read matches a parked plate exactly. It is *proven*
+when that threshold is a calibrated one (server OCR, an operator, a camera model an installer
+measured): a stay whose entry and exit reads were both proven is charged pay-later on them
+alone; any other charge the lane opens the gate for waits until the server's reader agrees
+with the stay's frames (`verify_charge`, run by the worker after the car left), or for a
 person (DESIGN.md, "The exit decision" 3-5).
 """
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from billing import fees
 from billing.rights import Applied, RightTerms, Validation
@@ -82,11 +85,19 @@ def identity_color(plate: str, color: str | None) -> str:
 @dataclass(frozen=True, slots=True)
 class Certainty:
     """The score from which a read of each source is certain: server OCR's calibrated
-    probability, and each camera model's (`camera_read.model`), else the cameras' default."""
+    probability, and each camera model's (`camera_read.model`), else the cameras' default.
+
+    Which certain reads are *proven* (DESIGN.md step 5: a calibrated score): server OCR's (its
+    table is measured), an operator's, and a camera model's listed in `camera_scores` (an
+    installer set it from a calibration of that model's reads), or any camera's when
+    `camera_default_calibrated` says the default was set so. A certain read of an uncalibrated
+    camera is only one reader's word: a charge on it waits for the server's reader to agree
+    with the capture's frames (`verify_charge`)."""
 
     ocr_score: float
     camera_scores: Mapping[str, float] = field(default_factory=dict)
     camera_default: float = 0.98
+    camera_default_calibrated: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Certainty":
@@ -94,7 +105,17 @@ class Certainty:
             settings.plate_certain_score,
             dict(settings.camera_certain_scores),
             settings.camera_certain_score_default,
+            settings.camera_default_calibrated,
         )
+
+    def calibrated(self, source: ReadSource, model: str | None) -> bool:
+        if source in ("ocr", "operator"):
+            return True
+        if source == "camera":
+            return (model is not None and model in self.camera_scores) or (
+                self.camera_default_calibrated
+            )
+        return False
 
     def threshold(self, source: ReadSource, model: str | None) -> float | None:
         if source == "camera":
@@ -124,6 +145,9 @@ class Read(Protocol):
     def raw(self) -> str | None: ...
 
 
+R = TypeVar("R", bound=Read)
+
+
 @dataclass(frozen=True, slots=True)
 class ExitRead:
     candidates: tuple[Candidate, ...]
@@ -148,6 +172,114 @@ def is_certain(read: Read, certainty: Certainty) -> bool:
     return threshold is not None and best.score >= threshold
 
 
+def is_proven(read: Read, certainty: Certainty) -> bool:
+    """A certain read whose score is a calibrated probability (`Certainty.calibrated`): a
+    charge may rest on it without a second reader."""
+    return is_certain(read, certainty) and certainty.calibrated(read.source, read.model)
+
+
+def wants_second_reader(read: Read, outcome: Outcome, certainty: Certainty) -> bool:
+    """Whether the server's reader reads a capture's frames before an operator is asked: a
+    camera read that is not proven (an uncalibrated camera's, or a doubtful one) found no
+    stay, or no unique one, or is too doubtful for a 'hold' car park to open on (the frames
+    may agree: `plan_exit`'s `exit_frames`). The frames may show a parked car the camera
+    misread (a character, the colour); a car that really has no entry record is read as itself
+    again. Only these rare exits pay for OCR on the gate's path."""
+    return (
+        read.source == "camera"
+        and outcome in ("held_no_entry", "held_ambiguous", "held_uncertain")
+        and not is_proven(read, certainty)
+    )
+
+
+def entry_wants_second_reader(read: Read, certainty: Certainty) -> bool:
+    """Whether an entry's frames are read by the server before its stay is opened: a doubtful
+    camera read (not certain). A stay opened under a misread plate is found by nobody at the
+    exit (the car is "no entry record" and the stay a ghost); entries are not the exit's
+    hot path."""
+    return read.source == "camera" and not is_certain(read, certainty)
+
+
+def better_entry_read(camera: R, server: R, verification: "Verification") -> R:
+    """The read a stay is opened under when the camera was doubtful: the server's when it is
+    sure enough to agree with at a charge's verification (a calibrated score of
+    `agree_score`: reads scored 0.9 and more were the plate 97 % of the time under gate
+    conditions), else the camera's."""
+    best = server.candidates[0] if server.candidates else None
+    return server if best is not None and best.score >= verification.agree_score else camera
+
+
+@dataclass(frozen=True, slots=True)
+class FrameRead:
+    """The server reader's top read of one frame (`plate` None: no plate found), its score a
+    calibrated probability, and the plate's colour as the frame shows it (None: not seen)."""
+
+    plate: str | None
+    score: float
+    color: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """When the server's reader settles a charge on an unproven read (`verify_charge`): a frame
+    *agrees* when its top read is the stay's plate at `agree_score` or more, and *contradicts*
+    when it is another valid plate at `contradict_score` or more (reads scored 0.9 and more
+    were a different valid plate 1.4 % of the time under gate conditions, none clean:
+    `plate_recognition/calibration.json`)."""
+
+    agree_score: float = 0.9
+    contradict_score: float = 0.9
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Verification":
+        return cls(settings.verify_agree_score, settings.verify_contradict_score)
+
+
+VerifyVerdict = Literal["verified", "refuted", "unconfirmed"]
+
+
+def verify_charge(
+    identity: Identity,
+    ends: Sequence[Sequence[FrameRead] | None],
+    verification: Verification,
+) -> VerifyVerdict:
+    """Whether a pay-later charge for a stay of `identity` may go to the provider without a
+    person.
+
+    `ends`: for the entry and the exit, the server reader's reads of that capture's frames,
+    or None for an end whose read was proven (it needs no second reader). A charge is
+    `verified` when no frame of either end contradicts the vehicle (another valid plate, or
+    the plate in another colour) and every unproven end has a frame that agrees (the plate, in
+    the stay's colour when the frame shows one): two readers, the camera and the server's, then
+    name the same vehicle at both ends. `refuted`: some frame shows another vehicle;
+    `unconfirmed`: an unproven end had no frame, or none the server read as the plate with
+    confidence. Both wait for an operator.
+
+    One reader's certainty is not two independent reads: a plate that fools a camera the
+    same way at entry and exit (a bolt, dirt, a worn character) does so with a confident
+    score both times, so "entry and exit both certain" does not multiply the error away."""
+    plate, color = identity
+    checked = [frames for frames in ends if frames is not None]
+    for frames in checked:
+        for read in frames:
+            if (
+                read.plate is not None
+                and read.score >= verification.contradict_score
+                and (read.plate != plate or (read.color is not None and read.color != color))
+                and is_valid(read.plate)
+            ):
+                return "refuted"
+    for frames in checked:
+        if not any(
+            read.plate == plate
+            and read.color in (None, color)
+            and read.score >= verification.agree_score
+            for read in frames
+        ):
+            return "unconfirmed"
+    return "verified"
+
+
 @dataclass(frozen=True, slots=True)
 class Resolution:
     """Which stay an exit read belongs to, or why none.
@@ -167,6 +299,8 @@ class Resolution:
     left: bool = False
     entry_certain: bool = False
     ranked: tuple[tuple[str, float], ...] = ()
+    # The exit read was proven (`is_proven`: certain, and its score calibrated).
+    proven: bool = False
 
     @property
     def reads_certain(self) -> bool:
@@ -198,11 +332,14 @@ def resolve_plate(
     if is_certain(read, certainty):
         assert read.color is not None
         identity = (best.plate, read.color)
+        proven = certainty.calibrated(read.source, read.model)
         if identity in parked:
-            return Resolution("exact", identity, True, entry_certain=parked[identity])
+            return Resolution(
+                "exact", identity, True, entry_certain=parked[identity], proven=proven
+            )
         if identity in left:
-            return Resolution("exact", identity, True, left=True)
-        return Resolution("no_entry", identity, True)
+            return Resolution("exact", identity, True, left=True, proven=proven)
+        return Resolution("no_entry", identity, True, proven=proven)
     color = identity_color(best.plate, read.color) if read.color else None
     by_text: dict[str, list[Identity]] = {}
     for identity in (*parked, *(i for i in left if i not in parked)):
@@ -250,6 +387,9 @@ class ExitRule:
     charge_to: tuple[int, int] | None = None
     # The right (pass, whitelist, free minutes, discount, flat fee) the fee was reduced by.
     right: Applied | None = None
+    # A charge whose reads are not both proven: it waits for the server's reader to agree
+    # with the entry and exit frames (`verify_charge`) before it goes to the provider.
+    verify: bool = False
 
     @property
     def due_fen(self) -> int:
@@ -285,16 +425,24 @@ def exit_rule(
     uncertain_policy: UncertainPolicy,
     rights: tuple[RightTerms, ...] = (),
     validation: Validation | None = None,
+    reads_proven: bool = True,
+    verifiable: bool = False,
+    exit_certain: bool | None = None,
 ) -> ExitRule | None:
     """The stay's fee at `at` and how it leaves; None when the car park has no tariff for it
     (the gate holds for a person).
 
     `pay_later_state`: the binding of the stay's identity (plate and colour) and its agreement
-    that existed when the stay began. A pay-later charge rests on the reads only when
-    `reads_certain` (entry and exit certain); otherwise `uncertain_policy` decides: 'hold' (an
-    operator decides at the gate) or 'open_confirm' (the gate opens, the charge waits for an
-    operator's confirmation). A fixed fee for a car with no entry record is paid at the gate:
-    one read never charges a pay-later account.
+    that existed when the stay began. A pay-later charge rests on the reads alone only when
+    they are `reads_certain` and `reads_proven` (entry and exit certain, by calibrated
+    scores). When the frames can be read again (`verifiable`: the exit sent frames), a charge
+    on certain but unproven reads (an uncalibrated camera's), or on doubtful reads where the
+    car park opens, or on a doubtful entry when the exit read (`exit_certain`) is certain,
+    waits for the server's reader (`verify`; a person only when it does not agree): a 'hold'
+    car park holds the gate only when it is not sure who is leaving. Otherwise
+    `uncertain_policy` decides: 'hold' (an operator decides at the gate) or 'open_confirm'
+    (the gate opens, the charge waits for an operator's confirmation). A fixed fee for a car
+    with no entry record is paid at the gate: one read never charges a pay-later account.
 
     `rights`: the vehicle's rights here; the most favourable to the driver prices the stay
     (billing.rights), and a fee of 0 under a pass or a whitelist opens like any free stay.
@@ -319,11 +467,14 @@ def exit_rule(
     verdict = pay_later(pay_later_state, fee)
     if isinstance(verdict, str):
         return ExitRule(verdict, fee, debt, right=right)
-    if not reads_certain:
-        if uncertain_policy == "hold":
-            return ExitRule("held_uncertain", fee, debt, right=right)
-        return ExitRule("exited_awaiting_confirmation", fee, debt, verdict, right)
-    return ExitRule("exited_pay_later", fee, debt, verdict, right)
+    if reads_certain and reads_proven:
+        return ExitRule("exited_pay_later", fee, debt, verdict, right)
+    exit_sure = reads_certain if exit_certain is None else exit_certain
+    if verifiable and (exit_sure or uncertain_policy == "open_confirm"):
+        return ExitRule("exited_pay_later", fee, debt, verdict, right, verify=True)
+    if uncertain_policy == "hold":
+        return ExitRule("held_uncertain", fee, debt, right=right)
+    return ExitRule("exited_awaiting_confirmation", fee, debt, verdict, right)
 
 
 def uncertain_policy(
@@ -379,6 +530,9 @@ def plan_exit(
     no_entry_fee_fen: int | None,
     uncertain_policy: UncertainPolicy,
     offline_open: bool = False,
+    verifiable: bool = False,
+    exit_frames: Sequence[FrameRead] = (),
+    verification: Verification | None = None,
 ) -> ExitPlan:
     """The exit decision after the read is resolved (`resolve_plate`), as the lane takes it.
 
@@ -386,6 +540,10 @@ def plan_exit(
     left, no entry record, or gone since it was read). `no_entry_fee_fen`: the car park's fixed
     fee for a car with no entry record, None when its policy sends such cars to an operator.
     `offline_open`: the gate already let the car out while it could not reach us.
+    `verifiable`: the exit capture sent frames the server's reader can read again
+    (`verify_charge`). `exit_frames`: the server's reads of them when it read them at the gate;
+    frames that agree with the stay (`verify_charge` on the exit's end) make a doubtful exit
+    read sure enough for a 'hold' car park to open (the charge is still verified).
 
     A car read again within the duplicate window is the same car leaving; an ambiguous or
     unreadable read, and a car with no entry record (unless the fixed-fee policy applies and
@@ -421,6 +579,14 @@ def plan_exit(
         uncertain_policy=uncertain_policy,
         rights=stay.rights,
         validation=stay.validation,
+        reads_proven=resolution.proven and stay.entry_proven,
+        verifiable=verifiable,
+        exit_certain=resolution.certain
+        or (
+            verification is not None
+            and bool(exit_frames)
+            and verify_charge(identity, (None, exit_frames), verification) == "verified"
+        ),
     )
     if stay.blacklisted is not None and not offline_open:
         # Blacklisted: held for a person whatever the fee (blacklist before any right).

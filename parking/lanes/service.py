@@ -30,8 +30,10 @@ from parking.lanes.rules import (
     ExceptionReason,
     Outcome,
     Resolution,
+    Verification,
     identity_color,
     is_certain,
+    is_proven,
     plan_exit,
     resolve_plate,
     uncertain_policy,
@@ -90,6 +92,7 @@ class LaneService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.certainty = Certainty.from_settings(settings)
+        self.verification = Verification.from_settings(settings)
         self.duplicate_window = timedelta(seconds=settings.duplicate_read_window_s)
         self.command_ttl = timedelta(seconds=settings.command_ttl_s)
         self.clock_tolerance = timedelta(seconds=settings.gate_clock_tolerance_s)
@@ -139,6 +142,9 @@ class LaneService:
 
     def certain(self, reading: PlateReading) -> bool:
         return is_certain(reading, self.certainty)
+
+    def proven(self, reading: PlateReading) -> bool:
+        return is_proven(reading, self.certainty)
 
     def _confident(self, reading: PlateReading) -> str | None:
         best = reading.best
@@ -194,6 +200,7 @@ class LaneService:
             entry_capture_id=capture.capture_id,
             entry_certain=self.certain(reading),
             assigned_right_id=place_of,
+            entry_proven=self.proven(reading),
         )
         if (
             self.settings.payment_provider == "wechat"
@@ -285,6 +292,10 @@ class LaneService:
                 offline_open=offline_open,
             ),
             offline_open=offline_open,
+            # The frames the server's reader can read again before the charge is sent.
+            verifiable=bool(capture.frames()),
+            exit_frames=reading.frames,
+            verification=self.verification,
         )
         if plan.outcome == "duplicate_read":
             return self._open(capture, now, "duplicate_read", resolved.plate, resolved.duplicate_of)
@@ -377,6 +388,7 @@ class LaneService:
             car_park_id=gate.car_park_id,
             amount_fen=fee,
             awaiting_confirmation=awaiting,
+            awaiting_verification=rule.verify,
         )
         # Awaiting: charged only once an operator has compared the entry and exit frames.
         line = f"{format_fen(fee)} 核实后扣款" if awaiting else f"{format_fen(fee)} 离场后扣款"

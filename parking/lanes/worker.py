@@ -26,6 +26,11 @@ from parking.gates.commands import publish_command
 from parking.lanes import repository as repo
 from parking.lanes.reading import PlateReader, PlateReading, decode_frames
 from parking.lanes.repository import GateInfo
+from parking.lanes.rules import (
+    better_entry_read,
+    entry_wants_second_reader,
+    wants_second_reader,
+)
 from parking.lanes.service import Decision, LaneService
 from parking.logging import correlation_id, get_logger, mask_plate
 from parking.occupancy.service import Occupancy
@@ -50,6 +55,10 @@ class LaneStats:
     outcomes: Counter[str] = field(default_factory=Counter)
     # Capture received -> command acknowledged by the broker, in ms (recent window).
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=200_000))
+
+
+class _ReadAgain(Exception):
+    """Rolls a decision back so that the capture's frames are read by the server first."""
 
 
 class InvalidMessage(Exception):
@@ -221,11 +230,25 @@ class LaneWorker:
 
         # Reading (OCR, in the process pool) happens before the transaction, never inside it.
         reading = await self.reader.read(capture, frames)
+        if (
+            capture.direction == "in"
+            and frames
+            and entry_wants_second_reader(reading, self.service.certainty)
+        ):
+            reading = better_entry_read(
+                reading, await self.reader.read_again(capture, frames), self.service.verification
+            )
         now = datetime.now(UTC)
         started_db = time.perf_counter()
-        decision, command = await self._decide(
-            gate, capture, reading, now, frames[0] if frames else None
-        )
+        try:
+            decision, command = await self._decide(
+                gate, capture, reading, now, frames, may_read_again=bool(frames)
+            )
+        except _ReadAgain:
+            # A camera read that found no stay: the frames are read by the server (rolled
+            # back first, so the OCR is outside any transaction) and the capture decided again.
+            reading = await self.reader.read_again(capture, frames)
+            decision, command = await self._decide(gate, capture, reading, now, frames)
         if decision is not None and decision.occupancy_delta:
             # Before publishing: a publish that fails after commit must not lose the change.
             await self.occupancy.adjust(gate.car_park_id, decision.occupancy_delta)
@@ -293,7 +316,9 @@ class LaneWorker:
         capture: Capture,
         reading: PlateReading,
         now: datetime,
-        frame: bytes | None = None,
+        frames: list[bytes] | None = None,
+        *,
+        may_read_again: bool = False,
     ) -> tuple[Decision | None, bytes]:
         """Decides in one transaction; a redelivered capture gets its stored command again.
 
@@ -310,13 +335,18 @@ class LaneWorker:
                 try:
                     async with conn.transaction():
                         decision = await self.service.decide(conn, gate, capture, reading, now)
+                        if may_read_again and wants_second_reader(
+                            reading, decision.outcome, self.service.certainty
+                        ):
+                            raise _ReadAgain
                         command_json: dict[str, Any] = decision.command.model_dump(
                             mode="json", exclude_none=True
                         )
                         await repo.insert_capture(
                             conn,
                             content_sha256=fingerprint,
-                            frame=frame,
+                            frame=frames[0] if frames else None,
+                            more_frames=frames[1:] if frames else None,
                             capture_id=capture.capture_id,
                             gate_id=gate.gate_id,
                             car_park_id=gate.car_park_id,
@@ -326,6 +356,7 @@ class LaneWorker:
                             plate_color=reading.color,
                             read_confidence=reading.best.score if reading.best else None,
                             read_certain=self.service.certain(reading),
+                            read_proven=self.service.proven(reading),
                             plate_source=reading.source,
                             match_status=decision.match_status,
                             captured_at=capture.captured_at,

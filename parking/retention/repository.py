@@ -16,7 +16,7 @@ async def erase_images_before(conn: asyncpg.Connection, before: datetime) -> int
                UPDATE lane_exceptions SET image = NULL
                WHERE image IS NOT NULL AND created_at < $1 RETURNING 1),
            evidence AS (
-               UPDATE capture_frames SET image = NULL
+               UPDATE capture_frames SET image = NULL, more_images = NULL
                WHERE image IS NOT NULL AND created_at < $1 RETURNING 1)
            SELECT (SELECT count(*) FROM erased) + (SELECT count(*) FROM evidence)""",
         before,

@@ -1,0 +1,70 @@
+"""A second reader for a charge on an uncalibrated camera's word (issue #15).
+
+The lane opens the gate for a bound car at once and records its charge 'awaiting_verification'
+when the stay's reads are not both *proven* (rules.is_proven: certain by a calibrated score).
+The outbox worker's 'verify_charge' job runs this after the car has left, never on the gate's
+path: the server's reader reads the entry's and the exit's kept frames in a process pool and
+`rules.verify_charge` decides. Verified: the charge goes on (pending, accrued, queued, once).
+Otherwise it waits for an operator with both frames (`awaiting_confirmation`), as a charge on
+doubtful reads does. The misread simulation decides with the same `verify_charge`.
+"""
+
+from typing import Any
+
+import asyncpg
+
+from billing import audit, charges
+from parking.lanes import repository as repo
+from parking.lanes.reading import PlateReader, frame_reads
+from parking.lanes.rules import FrameRead, Verification, verify_charge
+from parking.logging import get_logger
+from parking.settings import Settings
+
+log = get_logger(__name__)
+
+
+def _reads(reads: tuple[FrameRead, ...] | None) -> list[dict[str, Any]] | None:
+    if reads is None:
+        return None
+    return [{"plate": r.plate, "score": round(r.score, 4), "color": r.color} for r in reads]
+
+
+class ChargeVerifier:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.verification = Verification.from_settings(settings)
+        # Its own pool of reader processes, started at the first charge to verify: the lane's
+        # pool reads the gates' frames and must not queue behind this.
+        self.reader = PlateReader(settings)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    async def __call__(self, charge_id: int) -> None:
+        async with self.pool.acquire() as conn:
+            evidence = await repo.charge_evidence(conn, charge_id)
+        if evidence is None or evidence.status != "awaiting_verification":
+            return  # decided already (a job run twice), or gone
+        entry = (
+            None
+            if evidence.entry_proven
+            else frame_reads(await self.reader.read_frames(evidence.entry_frames))
+        )
+        exit_ = (
+            None
+            if evidence.exit_proven
+            else frame_reads(await self.reader.read_frames(evidence.exit_frames))
+        )
+        identity = (evidence.plate, evidence.plate_color)
+        verdict = verify_charge(identity, (entry, exit_), self.verification)
+        found = {"verdict": verdict, "entry": _reads(entry), "exit": _reads(exit_)}
+        async with self.pool.acquire() as conn, conn.transaction():
+            if verdict == "verified":
+                decided = await charges.verified(conn, charge_id, found) is not None
+            else:
+                decided = await charges.refer_to_operator(conn, charge_id, found)
+            if decided:
+                await audit.record(
+                    conn, "system:verifier", f"charge.{verdict}", f"charge:{charge_id}", found
+                )
+        log.info("charge.verification", charge_id=charge_id, verdict=verdict, decided=decided)
