@@ -116,6 +116,8 @@ class World:
     right_x: int = 0
     blacklist_x: int = 0
     merchant_x: int = 0
+    # A staff member of X (an attendant) for the disable route.
+    staff_x: int = 0
 
 
 Body = Callable[[World], dict[str, Any]] | None
@@ -356,6 +358,19 @@ ROWS = [
         lambda w: {"add_fen": 100},
     ),
     Row("GET", "/api/v1/operator/reports/validations", Access.STAFF),
+    Row("GET", "/api/v1/operator/staff", Access.ADMIN),
+    Row(
+        "POST",
+        "/api/v1/operator/staff",
+        Access.ADMIN,
+        lambda w: {
+            "email": f"staff-{uuid.uuid4().hex[:8]}@operator.test",
+            "name": "new attendant",
+            "password": "a long staff password",
+            "role": "attendant",
+        },
+    ),
+    Row("POST", "/api/v1/operator/staff/{staff_id}/disable", Access.ADMIN_X),
     Row("GET", "/api/v1/merchant", Access.MERCHANT),
     Row(
         "POST",
@@ -408,6 +423,7 @@ def _fill(path: str, world: World) -> str:
         right_id=world.right_x,
         blacklist_id=world.blacklist_x,
         merchant_id=world.merchant_x,
+        staff_id=world.staff_x,
     )
 
 
@@ -555,6 +571,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
             "not-a-hash",
             merchant_x,
         )
+    staff_x = (await make_staff(runtime, lot_x.operator_id, "attendant")).user_id
     frame_url = app.state.frame_signer.url(receipt_token, "entry")
     frame_query = dict(part.split("=", 1) for part in frame_url.split("?", 1)[1].split("&"))
     tokens = {
@@ -589,6 +606,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         right_x,
         blacklist_x,
         merchant_x,
+        staff_x,
     )
 
 
