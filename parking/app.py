@@ -37,8 +37,8 @@ from parking.public.router import router as public_router
 from parking.receipts.router import router as receipts_router
 from parking.receipts.signing import FrameSigner
 from parking.rights.router import router as rights_router
-from parking.staff.router import router as staff_router
 from parking.runtime import Runtime
+from parking.staff.router import router as staff_router
 
 log = get_logger(__name__)
 
