@@ -95,7 +95,7 @@ async def test_on_a_phone_an_admin_refunds_a_charge_and_publishes_a_tariff(
 
             # Refunds: find the car's stays by plate, refund part of the charge with a reason.
             await page.locator("#refund-search").get_by_label("车牌").fill(plate)
-            await page.get_by_role("button", name="查找").click()
+            await page.locator("#refund-search").get_by_role("button", name="查找").click()
             card = page.locator(f"#refund-{charge_id}")
             await expect(card).to_contain_text("¥12.00")
             await card.get_by_label("退款金额（元）").fill("5")
@@ -208,6 +208,17 @@ async def test_an_admin_manages_staff_blacklist_and_rights(
                 "data-status", "suspended"
             )
             await expect(page.locator("#rights-result")).to_contain_text("已暂停")
+            # Found by its plate, too.
+            await page.locator("#rights-search").get_by_label("车牌").fill(pass_plate)
+            await page.locator("#rights-search").get_by_role("button", name="查找").click()
+            await expect(page.locator("#rights tr")).to_have_count(1)
+
+            # The English switch relabels the admin screens.
+            await page.click("#lang")
+            await expect(page.locator(f"#staff-{leaving.user_id}")).to_contain_text("disabled")
+            await expect(page.locator("#rights tr").first).to_contain_text("suspended")
+            await expect(page.locator("#staff-heading")).to_contain_text("Staff")
+            await page.click("#lang")
 
             assert await page.evaluate(UNNAMED) == []
             await _screenshots(page, "staff", "#staff-heading >> xpath=..")
