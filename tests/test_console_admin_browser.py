@@ -199,10 +199,11 @@ async def test_an_admin_manages_staff_blacklist_and_rights(
             # A CSV import: the good row imported, the bad one reported by line.
             await page.locator("#rights-csv").fill(csv_text)
             await page.get_by_role("button", name="导入", exact=True).click()
-            await expect(page.locator("#import-summary")).to_have_text("已导入 1 行, 失败 1")
+            await expect(page.locator("#import-summary")).to_have_text("已导入 1 行，失败 1")
             await expect(page.locator('#import-failures li[data-line="3"]')).to_contain_text("季租")
             right = page.locator("#rights tr", has_text=pass_plate)
             await expect(right).to_have_attribute("data-status", "active")
+            await expect(right).to_contain_text("2027/12/31")
             await right.get_by_role("button", name="暂停").click()
             await expect(page.locator("#rights tr", has_text=pass_plate)).to_have_attribute(
                 "data-status", "suspended"
