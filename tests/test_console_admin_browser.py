@@ -147,6 +147,7 @@ async def test_an_admin_manages_staff_blacklist_and_rights(
 ) -> None:
     admin = await make_staff(runtime, lot.operator_id, "admin")
     leaving = await make_staff(runtime, lot.operator_id, "attendant")
+    attendant = await make_staff(runtime, lot.operator_id, "attendant")
     pass_plate, bad_plate, banned = unique_plate(), unique_plate(), unique_plate()
     async with runtime.pool.acquire() as conn:
         await conn.execute(
@@ -224,6 +225,23 @@ async def test_an_admin_manages_staff_blacklist_and_rights(
             assert await page.evaluate(UNNAMED) == []
             await _screenshots(page, "staff", "#staff-heading >> xpath=..")
             await _screenshots(page, "rights", "#rights-heading >> xpath=..")
+        finally:
+            await context.close()
+
+        # An attendant sees the lists, not the admins' forms and buttons.
+        context = await browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
+        try:
+            page = await context.new_page()
+            page.set_default_timeout(STEP_TIMEOUT_MS)
+            page.on("pageerror", lambda error: problems.append(str(error)))
+            await page.goto(f"{url}/dashboard")
+            await _sign_in(page, attendant)
+            await expect(page.locator("#blacklist")).to_contain_text("多次逃费")
+            await expect(page.locator("#rights tr")).to_have_count(1)
+            for hidden in ("#tariff-form", "#staff-heading", "#rights-import", "#blacklist-form"):
+                await expect(page.locator(hidden)).to_be_hidden()
+            await expect(page.locator("#rights button")).to_have_count(2)
+            await expect(page.locator("#rights button").first).to_be_hidden()
         finally:
             await context.close()
 
