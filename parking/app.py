@@ -40,6 +40,7 @@ from parking.receipts.router import router as receipts_router
 from parking.receipts.signing import FrameSigner
 from parking.rights.router import router as rights_router
 from parking.runtime import Runtime
+from parking.staff.router import router as staff_router
 
 log = get_logger(__name__)
 
@@ -90,6 +91,7 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.mount("/static/pages", STATIC_ASSETS, name="pages-static")
     app.include_router(rights_router)
     app.include_router(merchants_router)
+    app.include_router(staff_router)
     app.include_router(merchant_router)
     app.include_router(passes_operator_router)
     app.include_router(passes_driver_router)

@@ -120,6 +120,8 @@ class World:
     rate_x: int = 0
     # An APDS subscription and the city platform of X.
     subscription_x: str = ""
+    # A staff member of X (an attendant) for the disable route.
+    staff_x: int = 0
 
 
 Body = Callable[[World], dict[str, Any]] | None
@@ -386,6 +388,19 @@ ROWS = [
         lambda w: {"add_fen": 100},
     ),
     Row("GET", "/api/v1/operator/reports/validations", Access.STAFF),
+    Row("GET", "/api/v1/operator/staff", Access.ADMIN),
+    Row(
+        "POST",
+        "/api/v1/operator/staff",
+        Access.ADMIN,
+        lambda w: {
+            "email": f"staff-{uuid.uuid4().hex[:8]}@operator.test",
+            "name": "new attendant",
+            "password": "a long staff password",
+            "role": "attendant",
+        },
+    ),
+    Row("POST", "/api/v1/operator/staff/{staff_id}/disable", Access.ADMIN_X),
     Row("GET", "/api/v1/merchant", Access.MERCHANT),
     Row(
         "POST",
@@ -444,6 +459,7 @@ def _fill(path: str, world: World) -> str:
         rate_id=world.rate_x,
         session_id=world.stay_a,
         subscription_id=world.subscription_x,
+        staff_id=world.staff_x,
     )
 
 
@@ -606,6 +622,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
                        ARRAY['occupancy'])""",
             lot_x.operator_id,
         )
+    staff_x = (await make_staff(runtime, lot_x.operator_id, "attendant")).user_id
     frame_url = app.state.frame_signer.url(receipt_token, "entry")
     frame_query = dict(part.split("=", 1) for part in frame_url.split("?", 1)[1].split("&"))
     tokens = {
@@ -642,6 +659,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         merchant_x,
         rate_x,
         subscription_x,
+        staff_x,
     )
 
 

@@ -10,12 +10,22 @@ from uuid import uuid4
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from playwright.async_api import Browser, async_playwright, expect
 
 from parking.logging import mask_plate
 from parking.runtime import Runtime
 from parking_dev import sandbox
-from tests.conftest import Lot, api_server, driver_in_debt, enter, unique_plate
+from tests.conftest import (
+    Lot,
+    api_server,
+    bearer,
+    driver_in_debt,
+    enter,
+    make_staff,
+    staff_token,
+    unique_plate,
+)
 from tests.gates import GateProbe
 from tests.test_dashboard_browser import (
     CHROMIUM,
@@ -110,6 +120,57 @@ async def test_a_held_driver_pays_on_the_page_and_is_told_to_drive_on(
             "SELECT outcome FROM captures WHERE capture_id = $1", held["capture_id"]
         )
     assert (paid["status"], paid["amount_fen"], outcome) == ("succeeded", 1800, "paid_at_gate")
+
+
+async def test_the_page_showing_the_fee_says_drive_on_when_staff_open_by_hand(
+    runtime: Runtime, app: FastAPI, gate: GateProbe, lot: Lot, browser: Browser
+) -> None:
+    plate = unique_plate()  # bound to nobody: held with the fee to pay
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
+    held = await _held(gate, lot, plate)
+    attendant = await make_staff(runtime, lot.operator_id, "attendant")
+    problems: list[str] = []
+    async with api_server(runtime, sandbox.free_port(), app=app) as url:
+        context = await browser.new_context(viewport=PHONE)
+        try:
+            page = await context.new_page()
+            page.set_default_timeout(STEP_TIMEOUT_MS)
+            page.on("pageerror", lambda error: problems.append(str(error)))
+            await page.goto(url + httpx.URL(held["payment_qr_url"]).path)
+            await expect(page.locator("#status")).to_have_text("请支付后离场")
+
+            # Before the driver starts paying, the attendant opens the barrier by hand.
+            async with httpx.AsyncClient(base_url=url) as api:
+                opened = await api.post(
+                    f"/api/v1/operator/car-parks/{lot.code}/gates/out1/open",
+                    json={"reason": "扫码失败，现场收现金", "capture_id": held["capture_id"]},
+                    headers=bearer(staff_token(app, attendant)),
+                )
+                assert opened.status_code == 200, opened.text
+                status = await api.get(f"/api/v1/gate-payments/{held['capture_id']}")
+            assert status.status_code == 409
+            assert status.json()["error"]["code"] == "hold_lifted"
+
+            # The page learns it by itself, without a reload, and offers no payment any more.
+            await expect(page.locator("#status")).to_have_text(
+                "工作人员已抬杆，请通行", timeout=STEP_TIMEOUT_MS
+            )
+            await expect(page.locator("#pay")).to_be_hidden()
+            await page.screenshot(path=str(ARTIFACTS / "pages-pay-opened-360.png"), full_page=True)
+            await page.reload()
+            await expect(page.locator("#status")).to_have_text("工作人员已抬杆，请通行")
+        finally:
+            await context.close()
+
+    assert problems == []
+    async with runtime.pool.acquire() as conn:
+        outcome = await conn.fetchval(
+            "SELECT outcome FROM captures WHERE capture_id = $1", held["capture_id"]
+        )
+        payments = await conn.fetchval(
+            "SELECT count(*) FROM payments WHERE capture_id = $1", held["capture_id"]
+        )
+    assert (outcome, payments) == ("opened_by_operator", 0)
 
 
 async def test_an_expired_or_unknown_qr_code_says_so(

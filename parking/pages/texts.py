@@ -29,6 +29,10 @@ TEXTS: dict[str, dict[str, str]] = {
     },
     "state_paid": {"zh": "支付成功，道闸正在抬起…", "en": "Paid. The barrier is opening…"},
     "state_open": {"zh": "请通行", "en": "Please drive on"},
+    "state_opened": {
+        "zh": "工作人员已抬杆，请通行",
+        "en": "Staff opened the barrier: please drive on",
+    },
     "state_settled": {
         "zh": "此次停车已结清，无需再次支付",
         "en": "This stay is already paid: nothing more to pay",

@@ -57,9 +57,10 @@ class PageDebt(BaseModel):
 
 # What the pay page says: `due` (the fee to pay), `paying` (a payment was started), `paid`
 # (booked, the barrier about to open), `open` (the barrier was told to open), `settled` (the
-# stay was settled some other way), `expired` (scanned too late), `no_tariff`, `nothing_due`.
+# stay was settled some other way), `opened` (staff opened the barrier by hand before any
+# payment), `expired` (scanned too late), `no_tariff`, `nothing_due`.
 PageState = Literal[
-    "due", "paying", "paid", "open", "settled", "expired", "no_tariff", "nothing_due"
+    "due", "paying", "paid", "open", "opened", "settled", "expired", "no_tariff", "nothing_due"
 ]
 
 

@@ -246,6 +246,15 @@ async def gate_payment_status(runtime: Runtime, capture_id: UUID) -> GatePayment
     async with runtime.pool.acquire() as conn:
         payment = await payments.open_for_capture(conn, capture_id)
         held = await repo.held_exit(conn, capture_id)
+    if payment is None and held is not None and held.outcome in _LIFTED:
+        # Lifted before any payment started (the booth, staff by hand): the page that was
+        # showing the fee learns it from its poll.
+        raise AppError(
+            409,
+            "hold_lifted",
+            "the hold was lifted without this payment",
+            details={"outcome": held.outcome},
+        )
     if payment is None or held is None:
         raise NotFound("gate_payment")
     if payment.status == "pending":
@@ -262,12 +271,18 @@ async def gate_payment_status(runtime: Runtime, capture_id: UUID) -> GatePayment
     return _view(held, payment)
 
 
+def _lifted_state(outcome: str) -> PageState:
+    return "opened" if outcome == "opened_by_operator" else "settled"
+
+
 async def gate_payment_page(runtime: Runtime, capture_id: UUID) -> GatePaymentPage | None:
     """What the page a held gate's QR code opens shows; None for no such held exit. A
     payment started is asked about at the provider (gate_payment_status) as the poll does."""
     try:
         status = await gate_payment_status(runtime, capture_id)
-    except NotFound:
+    except AppError as exc:
+        if exc.code not in ("gate_payment_not_found", "hold_lifted"):
+            raise
         status = None
     async with runtime.pool.acquire() as conn:
         held = await repo.held_exit(conn, capture_id)
@@ -303,7 +318,9 @@ async def gate_payment_page(runtime: Runtime, capture_id: UUID) -> GatePaymentPa
             return page.model_copy(update={"state": "expired"})
         except NotFound:
             # A hold lifted another way (booth, operator) says so; any other capture is unknown.
-            return page.model_copy(update={"state": "settled"}) if held.outcome in _LIFTED else None
+            if held.outcome not in _LIFTED:
+                return None
+            return page.model_copy(update={"state": _lifted_state(held.outcome)})
         except AppError as exc:
             state = "no_tariff" if exc.code == "no_tariff" else "settled"
             return page.model_copy(update={"state": state})

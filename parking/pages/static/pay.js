@@ -1,5 +1,6 @@
 // The pay page: start the payment, open the provider's payer page, then follow the payment
-// and the barrier by polling (no reload) until "请通行".
+// and the barrier by polling (no reload) until "请通行" (also while the fee is shown: staff may
+// open the barrier by hand before any payment).
 "use strict";
 (() => {
   const main = document.getElementById("pay-page");
@@ -8,7 +9,7 @@
   const status = document.getElementById("status");
   const payButton = document.getElementById("pay");
   const payLink = document.getElementById("pay-link");
-  const FINAL = new Set(["open", "settled", "expired", "unknown", "no_tariff"]);
+  const FINAL = new Set(["open", "opened", "settled", "expired", "unknown", "no_tariff"]);
   const POLL_MS = 2000;
   let polling = false;
 
@@ -30,6 +31,13 @@
     try {
       const response = await fetch(api, { cache: "no-store", headers: { Accept: "application/json" } });
       if (response.ok) show(stateOf(await response.json()));
+      else if (response.status === 409) {
+        // The hold was lifted before any payment started (staff by hand, the booth).
+        const body = await response.json().catch(() => null);
+        if (body && body.error && body.error.code === "hold_lifted") {
+          show(body.error.details.outcome === "opened_by_operator" ? "opened" : "settled");
+        }
+      }
     } catch (_) {
       // Offline for a moment: the next poll tries again.
     }
@@ -71,5 +79,6 @@
   }
 
   if (payButton) payButton.addEventListener("click", pay);
-  if (main.dataset.state === "paying" || main.dataset.state === "paid") follow();
+  // While the fee is shown the page also polls: staff may open the barrier by hand meanwhile.
+  if (["due", "paying", "paid"].includes(main.dataset.state)) follow();
 })();
