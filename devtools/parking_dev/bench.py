@@ -42,7 +42,7 @@ from parking.logging import configure_from, configure_logging
 from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
 from parking_dev import sandbox
-from parking_dev.demo import DemoCity, percentiles, seed_city
+from parking_dev.demo import DemoCity, percentiles, seed_city, with_simulated_cameras
 
 # Niceness of the outbox worker and the simulated provider during a bench run.
 DEFERRED_WORK_NICENESS = 10
@@ -554,11 +554,8 @@ async def run_bench(
 ) -> dict[str, Any]:
     rng = random.Random()
     exits_needed = int(rate * duration_s * 1.2) + 100
-    if ocr_folder is None and "camera_default_calibrated" not in settings.model_fields_set:
-        # The simulated cameras' scores are the ones we give them: calibrated by construction,
-        # so their charges go to the provider as a calibrated camera model's do (with photos,
-        # charges on the server's reads are verified by the worker, as in production).
-        settings = settings.model_copy(update={"camera_default_calibrated": True})
+    if ocr_folder is None:
+        settings = with_simulated_cameras(settings)
     async with lane_service(settings, provider) as runtime:
         if ocr_folder is not None:
             # Few distinct photos: cars leave and come back, both directions read by OCR.

@@ -74,7 +74,13 @@ from parking.payments.qr import gate_payment_page_url
 from parking.runtime import ProviderEndpoint, Runtime
 from parking.settings import Settings
 from parking_dev.bench import drive, lane_service
-from parking_dev.demo import PAY_LATER_LIMIT_FEN, TARIFF, DemoCity, percentiles
+from parking_dev.demo import (
+    PAY_LATER_LIMIT_FEN,
+    TARIFF,
+    DemoCity,
+    percentiles,
+    with_simulated_cameras,
+)
 
 CITY_CAR_PARKS = 3476  # DESIGN.md: the reference deployment's city-wide count
 CITY_STAYS_PER_DAY = 1_000_000
@@ -176,7 +182,7 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "sessions": _columns(
         "id car_park_id plate plate_color status entered_at entry_capture_id exited_at "
-        "exit_capture_id fee_fen account_id settlement entry_certain"
+        "exit_capture_id fee_fen account_id settlement entry_certain entry_proven"
     ),
     "captures": _columns(
         "capture_id gate_id car_park_id seq direction plate plate_color read_confidence "
@@ -671,6 +677,7 @@ class _Day:
                 account_id,
                 settlement,
                 True,  # entered on a certain camera read
+                True,  # of a calibrated camera model (`with_simulated_cameras`)
             ),
         )
 
@@ -1579,7 +1586,7 @@ async def run_city_day(
         await _create_database(server, name)
         dsn = _database_dsn(server, name)
         progress(f"database {name}")
-        city_settings = settings.model_copy(
+        city_settings = with_simulated_cameras(settings).model_copy(
             update={
                 "database_url": dsn,
                 "redis_url": eps.redis_url,

@@ -433,6 +433,16 @@ async def _progress(runtime: Runtime, sim: GateSimulator, city: DemoCity, out: T
         )
 
 
+def with_simulated_cameras(settings: Settings) -> Settings:
+    """The simulated cameras' scores are the ones we give them: calibrated by construction, so
+    their charges go to the provider as a calibrated camera model's do (charges on the server's
+    reads of photos are still verified by the worker, as in production). An explicit setting
+    wins."""
+    if "camera_default_calibrated" in settings.model_fields_set:
+        return settings
+    return settings.model_copy(update={"camera_default_calibrated": True})
+
+
 async def run_demo(
     settings: Settings,
     duration_s: float,
@@ -442,9 +452,7 @@ async def run_demo(
 ) -> dict[str, Any]:
     out = sys.stderr
     started = datetime.now(UTC)
-    if "camera_default_calibrated" not in settings.model_fields_set:
-        # The simulated cameras' scores are the ones we give them: calibrated by construction.
-        settings = settings.model_copy(update={"camera_default_calibrated": True})
+    settings = with_simulated_cameras(settings)
     if serve_api and "public_base_url" not in settings.model_fields_set:
         # QR codes and the sandbox provider's notifications must reach this run's API, on
         # whichever port it was given, not whatever else listens on the default one.
