@@ -441,3 +441,50 @@ async def test_a_rejected_charge_charges_nobody_and_the_exit_waits_for_the_right
         "open",
         FRAME,
     )
+
+
+async def test_deciding_a_rejected_exit_again_commands_no_gate(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """The car of a rejected charge left long ago: the operator's plate moves the stay and the
+    occupancy, and no open command is sent to a barrier with nobody waiting at it."""
+    driver, (charge,) = await _awaiting(runtime, gate, lot)
+    async with runtime.pool.acquire() as conn:
+        exit_id = str(
+            await conn.fetchval(
+                "SELECT exit_capture_id FROM sessions WHERE id = $1", charge["session_id"]
+            )
+        )
+    assert len(gate.commands[exit_id]) == 1
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    rejected = await api.post(
+        f"/api/v1/operator/confirmations/{charge['id']}/reject",
+        json={"reason": "出口车辆不是入场车辆"},
+        headers=attendant,
+    )
+    assert rejected.status_code == 200, rejected.text
+    before = await runtime.occupancy.get(lot.id)
+
+    resolved = await api.post(
+        f"/api/v1/operator/exceptions/{rejected.json()['exception_id']}/resolve",
+        json={"plate": driver.plate},
+        headers=attendant,
+    )
+
+    assert resolved.status_code == 200, resolved.text
+    # A command published after the resolution reaches the gate after anything it published.
+    opened = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/gates/out1/open",
+        json={"reason": "测试 barrier check"},
+        headers=attendant,
+    )
+    assert opened.status_code == 200, opened.text
+    await eventually(lambda: _has_command(gate, opened.json()["capture_id"]))
+    assert len(gate.commands[exit_id]) == 1, gate.commands[exit_id]
+    assert resolved.json()["gate_commanded"] is False
+    assert await _open_stays(runtime, lot) == []
+    assert await runtime.occupancy.get(lot.id) == before - 1
+
+
+async def _has_command(gate: GateProbe, capture_id: str) -> bool:
+    return bool(gate.commands.get(capture_id))

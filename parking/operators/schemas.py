@@ -191,6 +191,8 @@ class Resolved(BaseModel):
     outcome: str
     action: str
     fee_fen: int | None
+    # False for an exit whose car left long ago (a rejected charge's): no gate is commanded.
+    gate_commanded: bool = True
 
 
 class ManualOpen(_Request):
