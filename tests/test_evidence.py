@@ -404,6 +404,17 @@ async def test_the_driver_is_right_about_a_held_charge_it_is_cancelled_never_sen
             driver.account_id,
         )
     assert told is not None and "不再收取" in told
+    # The revenue report: the fee accrued and its cancellation, each in its own column, and
+    # the columns add up to the net (nothing was earned).
+    (line,) = (await api.get("/api/v1/operator/reports/revenue", headers=admin)).json()
+    amount = charge["amount_fen"]
+    assert (line["pay_later_fen"], line["cancelled_fen"], line["net_fen"]) == (amount, amount, 0)
+    columns = ("pay_later_fen", "paid_at_gate_fen", "paid_at_booth_fen", "passes_fen")
+    assert sum(line[c] for c in columns) - line["refunded_fen"] - line["cancelled_fen"] == 0
+    exported = await api.get(
+        "/api/v1/operator/reports/revenue", params={"format": "csv"}, headers=admin
+    )
+    assert exported.text.splitlines()[0].endswith(",refunded_fen,cancelled_fen,net_fen")
     # The stay waits in the disputes' queue for the real car to be found.
     to_find = (
         await api.get("/api/v1/operator/disputes", params={"status": "driver_right"}, headers=admin)

@@ -246,6 +246,8 @@ class RevenueLine(BaseModel):
     # The part of passes bought in the app earned that day.
     passes_fen: int
     refunded_fen: int
+    # Pay-later fees accrued and then cancelled (never charged), on the day of cancellation.
+    cancelled_fen: int
     net_fen: int
 
 
