@@ -11,7 +11,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jwt
 
@@ -19,7 +19,7 @@ ISSUER = "parking"
 AUDIENCE = "parking-api"
 _ALGORITHM = "HS256"
 
-Role = Literal["driver", "admin", "attendant", "merchant"]
+Role = Literal["driver", "admin", "attendant", "merchant", "platform"]
 
 
 class InvalidToken(Exception):
@@ -78,7 +78,7 @@ class TokenSigner:
         except jwt.PyJWTError as exc:
             raise InvalidToken(str(exc)) from exc
         role = payload.get("role")
-        if role not in ("driver", "admin", "attendant", "merchant"):
+        if role not in get_args(Role):
             raise InvalidToken("unknown role")
         operator_id = payload.get("op")
         if role != "driver" and not isinstance(operator_id, int):
