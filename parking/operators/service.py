@@ -68,8 +68,9 @@ TARIFF_BACKDATE_TOLERANCE = timedelta(minutes=1)
 _STILL_AN_EXCEPTION = frozenset({"held_no_entry", "held_unreadable", "held_ambiguous"})
 # Exceptions about a stay rather than an unread plate (parking.lanes.edges, parking.booth): their
 # capture is an entry or an exit already decided, and deciding it again would enter or close a
-# car a second time. The booth payment, a refund or a manual open settles them.
-_ABOUT_A_STAY = frozenset({"unpaid_exit", "offline_booth", "ghost_stay"})
+# car a second time. The booth payment, a refund or a manual open settles them. An
+# 'offline_exit' is one too: its car left while the gate was offline, its stay closed unpaid.
+_ABOUT_A_STAY = frozenset({"unpaid_exit", "offline_booth", "offline_exit", "ghost_stay"})
 # Exceptions whose car left long ago: a pay-later exit whose charge an operator rejected
 # (parking.confirmations). Deciding them again records the decision, moves the stay and the
 # occupancy, and commands no gate: an open command would wait unused at a barrier with
