@@ -358,6 +358,40 @@ async def mark_succeeded_late(
     return 0 if debt_was_open else job.amount_fen
 
 
+async def mark_collected_after_cancel(
+    conn: asyncpg.Connection,
+    job: ChargeJob,
+    provider_ref: str,
+    provider_name: str,
+    finished_at: datetime | None,
+) -> bool:
+    """The provider collected a charge we had cancelled (its fee is not owed: its accrual was
+    reversed): the money is booked once (conditional on 'cancelled' and not yet collected),
+    owed back to the driver on their overpaid account; the charge stays cancelled and the
+    caller asks for the refund. False when this news was booked before."""
+    updated = await conn.fetchval(
+        """UPDATE charges SET provider_ref = $2, settled_at = now(),
+                  provider_finished_at = COALESCE($3, now())
+           WHERE id = $1 AND status = 'cancelled' AND settled_at IS NULL RETURNING id""",
+        job.charge_id,
+        provider_ref,
+        finished_at,
+    )
+    if updated is None:
+        return False
+    await ledger.post(
+        conn,
+        "charge_settled",
+        [
+            (ledger.clearing(provider_name), job.amount_fen),
+            (ledger.overpaid(job.account_id), -job.amount_fen),
+        ],
+        session_id=job.session_id,
+        charge_id=job.charge_id,
+    )
+    return True
+
+
 async def mark_failed(conn: asyncpg.Connection, job: ChargeJob, reason: str) -> bool:
     """The charge finally failed: the fee becomes a debt (its receivable stays open in the
     ledger) and the account loses pay-later until the debt is settled."""

@@ -14,7 +14,7 @@ from uuid import UUID
 
 import asyncpg
 
-from billing import debts, ledger, notifications, passes, refunds
+from billing import audit, debts, ledger, notifications, passes, refunds
 from billing.tariff import format_fen
 
 
@@ -178,6 +178,7 @@ async def mark_paid(
         await conn.execute(
             "INSERT INTO outbox (kind, ref_id) VALUES ('gate_command', $1)", payment.id
         )
+        await _resolve_held_exception(conn, payment)
     if payment.account_id is not None:
         await notifications.enqueue(
             conn,
@@ -189,6 +190,35 @@ async def mark_paid(
             ),
         )
     return payment
+
+
+async def _resolve_held_exception(conn: asyncpg.Connection, payment: Payment) -> None:
+    """The held exit's open exception (an 'uncertain' hold waits for an operator while the
+    driver may pay) is settled by the payment that closed its stay: resolved in the same
+    transaction, audit-logged, and gone from the operator's queue."""
+    if payment.capture_id is None:
+        return
+    row = await conn.fetchrow(
+        """UPDATE lane_exceptions SET status = 'resolved', resolved_by = $2, resolved_at = now()
+           WHERE capture_id = $1 AND status = 'open' RETURNING id, reason""",
+        payment.capture_id,
+        f"payment:{payment.id}",
+    )
+    if row is not None:
+        await audit.record(
+            conn,
+            "system",
+            "lane_exception.resolved",
+            f"lane_exception:{row['id']}",
+            {
+                "capture_id": str(payment.capture_id),
+                "reason": row["reason"],
+                "settled_by": "gate_payment",
+                "payment_id": payment.id,
+                "session_id": payment.session_id,
+                "fee_fen": payment.stay_fee_fen,
+            },
+        )
 
 
 def received_lines(

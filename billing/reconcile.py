@@ -78,7 +78,8 @@ class Reconciliation:
 _BOOKED = """
     SELECT c.idempotency_key AS no, c.amount_fen FROM charges c
     JOIN pay_later_agreements a ON a.id = c.agreement_id
-    WHERE a.provider = $1 AND c.status = 'succeeded'
+    WHERE a.provider = $1
+      AND (c.status = 'succeeded' OR (c.status = 'cancelled' AND c.settled_at IS NOT NULL))
       AND (c.provider_finished_at AT TIME ZONE $3)::date = $2
     UNION ALL
     SELECT p.out_trade_no, p.amount_fen FROM payments p

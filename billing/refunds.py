@@ -46,17 +46,21 @@ async def request_for_charge(
     kind: str = "operator",
 ) -> Refund:
     """A refund of a charged fee: an operator's, or (kind 'overpayment') money the charge
-    collected after the debt it had become was paid otherwise. Locks the charge so concurrent
-    requests cannot together refund more than was charged."""
+    collected after the debt it had become was paid otherwise, or after it was cancelled.
+    Locks the charge so concurrent requests cannot together refund more than was charged."""
     row = await conn.fetchrow(
         """SELECT c.id, c.idempotency_key, c.amount_fen, c.status, c.account_id, s.car_park_id,
-                  a.provider
+                  a.provider, c.settled_at IS NOT NULL AS collected
            FROM charges c JOIN sessions s ON s.id = c.session_id
            JOIN pay_later_agreements a ON a.id = c.agreement_id
            WHERE c.id = $1 FOR UPDATE OF c""",
         charge_id,
     )
-    if row is None or row["status"] != "succeeded":
+    # A cancelled charge the provider collected anyway (charges.mark_collected_after_cancel)
+    # took money too.
+    if row is None or not (
+        row["status"] == "succeeded" or (row["status"] == "cancelled" and row["collected"])
+    ):
         raise RefundNotAllowed("only a charge the provider collected can be refunded")
     return await _request(
         conn,

@@ -20,8 +20,11 @@ async def revenue(
     timezone: str,
     car_park_ids: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per car park and local day: pay-later fees, fees paid at the gate (QR code) and at the
-    booth (cash or card), passes earned, refunds, net.
+    """Per car park and local day: pay-later fees accrued, fees paid at the gate (QR code) and
+    at the booth (cash or card), passes earned, refunds, pay-later fees cancelled (a dispute
+    the driver won before the charge was sent: counted the day it was cancelled), net. Every
+    column is a sum of the day's revenue lines: net = pay_later + paid_at_gate + paid_at_booth
+    + passes - refunded - cancelled.
 
     Only the car parks' revenue lines are read, from the covering index ledger_entries_revenue
     (an index-only scan of the months the days fall in), and summed per ledger account before
@@ -37,6 +40,7 @@ async def revenue(
                       sum(amount_fen) FILTER (WHERE kind = 'booth_payment') AS booth_fen,
                       sum(amount_fen) FILTER (WHERE kind = 'pass_revenue') AS pass_fen,
                       sum(amount_fen) FILTER (WHERE kind = 'refund') AS refunded_fen,
+                      sum(amount_fen) FILTER (WHERE kind = 'fee_cancelled') AS cancelled_fen,
                       sum(amount_fen) AS total_fen
                FROM ledger_entries
                WHERE ledger_account LIKE 'revenue:%'
@@ -47,7 +51,8 @@ async def revenue(
            SELECT d.day, cp.code AS car_park, cp.name AS car_park_name,
                   (-d.accrued_fen)::bigint AS pay_later_fen, (-d.gate_fen)::bigint AS gate_fen,
                   (-d.booth_fen)::bigint AS booth_fen, (-d.pass_fen)::bigint AS pass_fen,
-                  d.refunded_fen::bigint AS refunded_fen, (-d.total_fen)::bigint AS net_fen
+                  d.refunded_fen::bigint AS refunded_fen,
+                  d.cancelled_fen::bigint AS cancelled_fen, (-d.total_fen)::bigint AS net_fen
            FROM days d JOIN car_parks cp ON d.ledger_account = 'revenue:car_park:' || cp.id
            ORDER BY 1, 2""",
         start,
@@ -66,6 +71,7 @@ async def revenue(
             # Passes bought in the app, as they are earned (billing/passes.py).
             "passes_fen": r["pass_fen"] or 0,
             "refunded_fen": r["refunded_fen"] or 0,
+            "cancelled_fen": r["cancelled_fen"] or 0,
             "net_fen": r["net_fen"] or 0,
         }
         for r in rows

@@ -20,6 +20,7 @@ Effect = Literal[
     "arrears",
     "paid",
     "refunded",
+    "refunding",  # a charge collected after it was cancelled: booked, its refund requested
     "closed",
     "no_change",
     "unknown_order",
@@ -95,6 +96,8 @@ async def _charge(
         return Applied("amount_mismatch")
     if result.status == "succeeded" and charge.status == "failed":
         return await _late_success(conn, provider_name, charge, result, style)
+    if result.status == "succeeded" and charge.status == "cancelled":
+        return await _collected_after_cancel(conn, provider_name, charge, result)
     if result.status == "succeeded":
         if not await charges.mark_succeeded(
             conn,
@@ -190,6 +193,43 @@ async def _late_success(
     )
     log.warning("billing.charge_late_success", charge_id=charge.charge_id, refunded_fen=twice)
     return Applied("charged")
+
+
+async def _collected_after_cancel(
+    conn: asyncpg.Connection,
+    provider_name: str,
+    charge: charges.ChargeJob,
+    result: OrderResult,
+) -> Applied:
+    """The provider collected a charge we had cancelled (a dispute found it was not the
+    driver's car before it was sent, yet the provider has the order): money taken is never
+    lost. It is booked once, owed back to the driver, and refunded in full by itself; the
+    audit log and the refund's record say why."""
+    if not await charges.mark_collected_after_cancel(
+        conn, charge, result.provider_ref, provider_name, result.finished_at
+    ):
+        return Applied("no_change")
+    refund = await refunds.request_for_charge(
+        conn,
+        charge_id=charge.charge_id,
+        amount_fen=charge.amount_fen,
+        reason="collected after the charge was cancelled",
+        actor="system",
+        kind="overpayment",
+    )
+    await audit.record(
+        conn,
+        "system",
+        "charge.collected_after_cancel",
+        f"charge:{charge.charge_id}",
+        {
+            "provider_ref": result.provider_ref,
+            "amount_fen": charge.amount_fen,
+            "refund_id": refund.id,
+        },
+    )
+    log.warning("billing.charge_collected_after_cancel", charge_id=charge.charge_id)
+    return Applied("refunding")
 
 
 async def fail_charge(

@@ -1,5 +1,6 @@
 """Every route against every kind of caller: anonymous, driver A, driver B, staff of car park X
-(admin and attendant), an admin of car park Y, a gate credential and a city key. Each gets only
+(admin and attendant), an admin of car park Y, a merchant's staff of X, the city platform's
+staff, a gate credential and a city key. Each gets only
 what it should: another driver's objects and another company's car parks are 404, the wrong
 kind of caller 403, no credential 401. A route added without a row here fails the test.
 
@@ -18,6 +19,7 @@ import httpx
 from fastapi import FastAPI
 
 from billing.tariff import Tariff
+from parking.admin import repository as admin_repo
 from parking.auth import repository as auth_repo
 from parking.auth.tokens import digest, new_secret
 from parking.runtime import Runtime
@@ -47,6 +49,7 @@ CALLERS = (
     "attendant_x",
     "admin_y",
     "merchant_x",
+    "platform",
     "gate",
     "city",
 )
@@ -60,8 +63,10 @@ class Access(Enum):
     STAFF = "any staff, own company's data only"
     STAFF_X = "staff of X (X's object)"
     ADMIN_X = "admins of X (X's object)"
-    ADMIN = "any company's admin (the city's, not a company's object)"
+    ADMIN = "any company's admin, about their own company"
     MERCHANT = "a merchant's staff, about their merchant"
+    PLATFORM = "the city platform's staff (the city's, no company's object)"
+    SELF_STAFF = "any company's or the platform's staff, about themselves"
 
 
 def expected(access: Access, caller: str) -> str:
@@ -74,6 +79,11 @@ def expected(access: Access, caller: str) -> str:
         return "401"
     if access is Access.MERCHANT:
         return "allowed" if caller == "merchant_x" else "403"
+    if access is Access.PLATFORM:
+        return "allowed" if caller == "platform" else "403"
+    if access is Access.SELF_STAFF:
+        return "allowed" if caller in ("admin_x", "attendant_x", "admin_y", "platform") else "403"
+    # The platform's staff pass no company route either: every branch below answers 403.
     # A merchant's staff (of X) pass no other staff route: every branch below answers 403.
     staff = caller in ("admin_x", "attendant_x", "admin_y")
     if access is Access.DRIVER:
@@ -168,7 +178,7 @@ ROWS = [
     Row(
         "POST",
         "/api/v1/auth/password",
-        Access.STAFF,
+        Access.SELF_STAFF,
         lambda w: {"current_password": "not-it", "new_password": "a long new passphrase"},
     ),
     Row("GET", "/api/v1/car-parks", Access.PUBLIC),
@@ -318,12 +328,12 @@ ROWS = [
         Access.STAFF_X,
         lambda w: {"reason": "access matrix test"},
     ),
-    Row("GET", "/api/v1/operator/ownership-claims", Access.ADMIN),
-    Row("GET", "/api/v1/operator/ownership-claims/{ownership_claim_id}", Access.ADMIN),
+    Row("GET", "/api/v1/operator/ownership-claims", Access.PLATFORM),
+    Row("GET", "/api/v1/operator/ownership-claims/{ownership_claim_id}", Access.PLATFORM),
     Row(
         "POST",
         "/api/v1/operator/ownership-claims/{ownership_claim_id}/decision",
-        Access.ADMIN,
+        Access.PLATFORM,
         lambda w: {"in_favour_of": "holder", "reason": "access matrix test"},
     ),
     Row(
@@ -468,6 +478,9 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
     admin_x = await make_staff(runtime, lot_x.operator_id, "admin")
     attendant_x = await make_staff(runtime, lot_x.operator_id, "attendant")
     admin_y = await make_staff(runtime, lot_y.operator_id, "admin")
+    async with runtime.pool.acquire() as conn:
+        platform_company = await admin_repo.create_operator(conn, f"平台-{uuid.uuid4().hex[:8]}")
+    platform = await make_staff(runtime, platform_company, "platform")
     driver_a = await make_driver(runtime, unique_plate())
     driver_b = await make_driver(runtime, unique_plate())
     await exit_after(runtime, gate, lot_x, driver_a.plate, timedelta(minutes=90))
@@ -632,6 +645,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         "attendant_x": staff_token(app, attendant_x),
         "admin_y": staff_token(app, admin_y),
         "merchant_x": staff_token(app, Staff(merchant_user, lot_x.operator_id, "merchant", "", "")),
+        "platform": staff_token(app, platform),
         "gate": gate_key,
         "city": city_key,
     }

@@ -154,8 +154,8 @@ async def test_refund_is_a_reversing_entry_with_reason_audit_and_a_message(
     assert any(r["id"] == refund.id and r["requested_by"] == "operator:alice" for r in listed)
     csv_text = reports.to_csv(revenue)
     assert csv_text.splitlines()[0].startswith("day,car_park,")
-    # pay-later, paid at the gate, paid at the booth, refunded, net
-    assert csv_text.splitlines()[1].endswith(",1200,0,0,0,400,800")
+    # pay-later, paid at the gate, paid at the booth, passes, refunded, cancelled, net
+    assert csv_text.splitlines()[1].endswith(",1200,0,0,0,400,0,800")
 
 
 async def test_debts_get_reminders_at_an_interval_and_show_in_the_ageing_report(

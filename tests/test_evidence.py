@@ -7,6 +7,7 @@ import base64
 import contextlib
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,10 +15,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
+import orjson
 import pytest
 from fastapi import FastAPI
 
-from billing import ledger
+from billing import ledger, signing
 from billing.notifications import exit_charged_text, format_duration
 from parking.app import create_app
 from parking.infra import Endpoints
@@ -29,6 +31,7 @@ from parking.settings import Settings
 from tests.conftest import (
     MQTT_URL,
     REDIS_URL,
+    SANDBOX_SECRET,
     Driver,
     Lot,
     backdate_entry,
@@ -401,11 +404,109 @@ async def test_the_driver_is_right_about_a_held_charge_it_is_cancelled_never_sen
             driver.account_id,
         )
     assert told is not None and "不再收取" in told
+    # The revenue report: the fee accrued and its cancellation, each in its own column, and
+    # the columns add up to the net (nothing was earned).
+    (line,) = (await api.get("/api/v1/operator/reports/revenue", headers=admin)).json()
+    amount = charge["amount_fen"]
+    assert (line["pay_later_fen"], line["cancelled_fen"], line["net_fen"]) == (amount, amount, 0)
+    columns = ("pay_later_fen", "paid_at_gate_fen", "paid_at_booth_fen", "passes_fen")
+    assert sum(line[c] for c in columns) - line["refunded_fen"] - line["cancelled_fen"] == 0
+    exported = await api.get(
+        "/api/v1/operator/reports/revenue", params={"format": "csv"}, headers=admin
+    )
+    assert exported.text.splitlines()[0].endswith(",refunded_fen,cancelled_fen,net_fen")
     # The stay waits in the disputes' queue for the real car to be found.
     to_find = (
         await api.get("/api/v1/operator/disputes", params={"status": "driver_right"}, headers=admin)
     ).json()
     assert dispute["id"] in {d["id"] for d in to_find}
+
+
+async def test_a_cancelled_charge_the_provider_collects_anyway_is_booked_and_refunded_once(
+    quiet: Runtime,
+    quiet_api: tuple[FastAPI, httpx.AsyncClient],
+    gate: GateProbe,
+    provider: ProviderEndpoint,
+) -> None:
+    """Money taken is never lost: a success for a charge we cancelled is booked (owed back to
+    the driver) and refunded in full by itself, once however often the news comes."""
+    app, api = quiet_api
+    lot = await create_lot(quiet)
+    driver = await make_driver(quiet, unique_plate())
+    stay_id = await exit_with_frames(quiet, gate, lot, driver.plate, timedelta(minutes=30))
+    charge = await charge_of(quiet, stay_id)
+    as_driver = bearer(driver_token(app, driver.account_id))
+    dispute = (await api.post(f"/api/v1/me/stays/{stay_id}/dispute", headers=as_driver)).json()
+    admin = bearer(staff_token(app, await make_staff(quiet, lot.operator_id, "admin")))
+    decided = await api.post(
+        f"/api/v1/operator/disputes/{dispute['id']}/decision",
+        json={"outcome": "driver_right", "note": "the exit frame shows another car"},
+        headers=admin,
+    )
+    assert decided.status_code == 200, decided.text
+    assert (await charge_of(quiet, stay_id))["status"] == "cancelled"
+
+    # The provider has the order after all (a request we never saw answered) and collects it.
+    key, amount = charge["idempotency_key"], charge["amount_fen"]
+    async with httpx.AsyncClient(base_url=provider.url) as books:
+        created = await books.post(
+            "/_sandbox/orders", json={"out_trade_no": key, "amount_fen": amount}
+        )
+        assert created.status_code == 201, created.text
+    event = {
+        "event_id": str(uuid.uuid4()),
+        "type": "charge",
+        "out_trade_no": key,
+        "order_id": created.json()["order_id"],
+        "status": "succeeded",
+        "amount_fen": amount,
+        "reason": None,
+        "finished_at": datetime.now(UTC).isoformat(),
+    }
+    effects = []
+    for _ in range(2):  # the news, and a replay of it
+        body = orjson.dumps(event)
+        headers = {
+            signing.SIGNATURE_HEADER: signing.sign(SANDBOX_SECRET, body, int(time.time())),
+            "content-type": "application/json",
+        }
+        answer = await api.post(
+            "/api/v1/payments/notifications/sandbox", content=body, headers=headers
+        )
+        assert answer.status_code == 200, answer.text
+        effects.append(answer.json()["effect"])
+    assert effects == ["refunding", "no_change"]
+
+    async def refunded() -> list[Any]:
+        await run_worker(quiet)
+        async with quiet.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT amount_fen, kind, status FROM refunds WHERE charge_id = $1", charge["id"]
+            )
+        return [dict(r) for r in rows] if rows and rows[0]["status"] == "succeeded" else []
+
+    assert await eventually(refunded) == [
+        {"amount_fen": amount, "kind": "overpayment", "status": "succeeded"}
+    ]
+    async with quiet.pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT * FROM charges WHERE id = $1", charge["id"])
+        audit = await conn.fetch(
+            "SELECT actor, detail FROM audit_log WHERE action = 'charge.collected_after_cancel' "
+            "AND subject = $1",
+            f"charge:{charge['id']}",
+        )
+        collected = await conn.fetchval(
+            "SELECT count(DISTINCT transaction_id) FROM ledger_entries "
+            "WHERE charge_id = $1 AND kind = 'charge_settled'",
+            charge["id"],
+        )
+        assert await ledger.is_balanced(conn)
+        assert await ledger.balance(conn, ledger.overpaid(driver.account_id)) == 0
+        assert await ledger.balance(conn, ledger.revenue(lot.id)) == 0
+    assert row["status"] == "cancelled" and row["settled_at"] is not None
+    assert collected == 1 and len(audit) == 1 and audit[0]["actor"] == "system"
+    order = await provider_order(provider.url, key)
+    assert order is not None and order["refunded_fen"] == amount
 
 
 async def test_not_my_car_after_collection_is_refunded_in_full_when_the_driver_is_right(

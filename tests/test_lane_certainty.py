@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from billing.tariff import Tariff
 from parking.admin import repository as admin
-from parking.runtime import Runtime
+from parking.runtime import ProviderEndpoint, Runtime
 from tests.conftest import (
     Driver,
     Lot,
@@ -133,6 +133,61 @@ async def test_a_hold_policy_car_park_holds_an_exit_that_is_not_certain(
     assert exception is not None and exception["reason"] == "uncertain"
     assert await _charges(runtime, owner) == []
     assert await _open_stays(runtime, lot) == [(owner.plate, "blue")]
+
+
+async def test_paying_a_held_uncertain_exit_by_qr_resolves_its_exception(
+    runtime: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    provider: ProviderEndpoint,
+) -> None:
+    """The driver pays the hold at the gate: the gate opens and the operator's queue no longer
+    asks anybody to decide the exit (resolved with the payment, audit-logged)."""
+    await _policy(runtime, lot, uncertain_exit_policy="hold")
+    owner = await make_driver(runtime, unique_plate())
+    await _in(runtime, gate, lot, owner.plate, confidence=0.85)
+    exit_capture = gate.capture("out", owner.plate, confidence=0.85)
+    assert (await gate.decide(lot.code, "out1", exit_capture))["action"] == "hold"
+    exception = await _exception(runtime, exit_capture.capture_id)
+    assert exception is not None and (exception["reason"], exception["status"]) == (
+        "uncertain",
+        "open",
+    )
+
+    qr_path = f"/api/v1/gate-payments/{exit_capture.capture_id}"
+    started = await api.post(qr_path)
+    assert started.status_code == 200, started.text
+    async with httpx.AsyncClient(base_url=provider.url) as wallet:
+        out_trade_no = httpx.URL(started.json()["pay_url"]).path.rsplit("/", 1)[-1]
+        paid = await wallet.post(f"/v1/payments/{out_trade_no}/pay")
+        assert paid.status_code == 200, paid.text
+    assert (await api.get(qr_path)).json()["status"] == "succeeded"
+    await gate.wait_for(exit_capture, commands=2)
+    assert gate.commands[str(exit_capture.capture_id)][1]["action"] == "open"
+
+    exception = await _exception(runtime, exit_capture.capture_id)
+    assert exception is not None and exception["status"] == "resolved"
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    queue = await api.get(
+        "/api/v1/operator/exceptions", params={"status": "open"}, headers=attendant
+    )
+    assert exception["id"] not in {e["id"] for e in queue.json()}
+    async with runtime.pool.acquire() as conn:
+        audit = await conn.fetch(
+            "SELECT actor, detail FROM audit_log WHERE action = 'lane_exception.resolved' "
+            "AND subject = $1",
+            f"lane_exception:{exception['id']}",
+        )
+    assert [(a["actor"], a["detail"]["settled_by"]) for a in audit] == [("system", "gate_payment")]
+    # Nothing is left for an operator to decide: deciding it now is refused.
+    late = await api.post(
+        f"/api/v1/operator/exceptions/{exception['id']}/resolve",
+        json={"plate": owner.plate},
+        headers=attendant,
+    )
+    assert (late.status_code, late.json()["error"]["code"]) == (409, "already_resolved")
 
 
 async def test_a_camera_misreading_the_same_way_with_another_colour_charges_nobody(
@@ -397,3 +452,50 @@ async def test_a_rejected_charge_charges_nobody_and_the_exit_waits_for_the_right
         "open",
         FRAME,
     )
+
+
+async def test_deciding_a_rejected_exit_again_commands_no_gate(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """The car of a rejected charge left long ago: the operator's plate moves the stay and the
+    occupancy, and no open command is sent to a barrier with nobody waiting at it."""
+    driver, (charge,) = await _awaiting(runtime, gate, lot)
+    async with runtime.pool.acquire() as conn:
+        exit_id = str(
+            await conn.fetchval(
+                "SELECT exit_capture_id FROM sessions WHERE id = $1", charge["session_id"]
+            )
+        )
+    assert len(gate.commands[exit_id]) == 1
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    rejected = await api.post(
+        f"/api/v1/operator/confirmations/{charge['id']}/reject",
+        json={"reason": "出口车辆不是入场车辆"},
+        headers=attendant,
+    )
+    assert rejected.status_code == 200, rejected.text
+    before = await runtime.occupancy.get(lot.id)
+
+    resolved = await api.post(
+        f"/api/v1/operator/exceptions/{rejected.json()['exception_id']}/resolve",
+        json={"plate": driver.plate},
+        headers=attendant,
+    )
+
+    assert resolved.status_code == 200, resolved.text
+    # A command published after the resolution reaches the gate after anything it published.
+    opened = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/gates/out1/open",
+        json={"reason": "测试 barrier check"},
+        headers=attendant,
+    )
+    assert opened.status_code == 200, opened.text
+    await eventually(lambda: _has_command(gate, opened.json()["capture_id"]))
+    assert len(gate.commands[exit_id]) == 1, gate.commands[exit_id]
+    assert resolved.json()["gate_commanded"] is False
+    assert await _open_stays(runtime, lot) == []
+    assert await runtime.occupancy.get(lot.id) == before - 1
+
+
+async def _has_command(gate: GateProbe, capture_id: str) -> bool:
+    return bool(gate.commands.get(capture_id))

@@ -4,8 +4,21 @@ handed to a person — never charged without consent, never left open."""
 
 from datetime import UTC, datetime, timedelta
 
+import httpx
+from fastapi import FastAPI
+
 from parking.runtime import Runtime
-from tests.conftest import Lot, charges_of, enter, eventually, make_driver, unique_plate
+from tests.conftest import (
+    Lot,
+    bearer,
+    charges_of,
+    enter,
+    eventually,
+    make_driver,
+    make_staff,
+    staff_token,
+    unique_plate,
+)
 from tests.gates import GateProbe
 
 
@@ -73,6 +86,41 @@ async def test_offline_exit_without_consent_to_charge_is_closed_unpaid_for_a_per
     assert exception["candidates"][0]["held_because"] == "held_unbound"
     assert await charges_of(runtime, lot) == []
     assert await runtime.occupancy.get(lot.id) == before - 1
+
+
+async def test_an_unpaid_offline_exit_is_settled_at_the_booth_never_decided_again_by_plate(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """Its car left while the gate was offline and its fee is owed: deciding the capture again
+    by plate would command a gate nobody waits at and drop the fee; the booth takes it."""
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
+    upload = gate.capture("out", plate).model_copy(
+        update={"offline": True, "offline_action": "open"}
+    )
+    assert (await gate.decide(lot.code, "out1", upload))["action"] == "open"
+    async with runtime.pool.acquire() as conn:
+        exception_id = await conn.fetchval(
+            "SELECT id FROM lane_exceptions WHERE capture_id = $1", upload.capture_id
+        )
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+
+    answer = await api.post(
+        f"/api/v1/operator/exceptions/{exception_id}/resolve",
+        json={"plate": plate},
+        headers=attendant,
+    )
+
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["error"]["code"] == "not_a_plate_question"
+    async with runtime.pool.acquire() as conn:
+        status = await conn.fetchval(
+            "SELECT status FROM lane_exceptions WHERE id = $1", exception_id
+        )
+        settlement = await conn.fetchval(
+            "SELECT settlement FROM sessions WHERE exit_capture_id = $1", upload.capture_id
+        )
+    assert (status, settlement) == ("open", "offline_unpaid")
 
 
 async def test_a_live_exit_of_the_same_kind_still_holds(

@@ -303,7 +303,12 @@ async def test_resolving_an_unreadable_exit_with_the_parked_drivers_plate_opens_
         f"{OPERATOR}/exceptions/{item['id']}/resolve", json={"plate": typed}, headers=attendant
     )
     assert resolved.status_code == 200, resolved.text
-    assert resolved.json() == {"outcome": "exited_pay_later", "action": "open", "fee_fen": 1200}
+    assert resolved.json() == {
+        "outcome": "exited_pay_later",
+        "action": "open",
+        "fee_fen": 1200,
+        "gate_commanded": True,
+    }
 
     await gate.wait_for(held, commands=2)
     second = gate.commands[str(held.capture_id)][1]
@@ -351,7 +356,12 @@ async def test_resolving_a_held_entry_lets_the_car_in_and_counts_it(
         json={"plate": plate},
         headers=attendant,
     )
-    assert resolved.json() == {"outcome": "entered", "action": "open", "fee_fen": None}
+    assert resolved.json() == {
+        "outcome": "entered",
+        "action": "open",
+        "fee_fen": None,
+        "gate_commanded": True,
+    }
     await gate.wait_for(held, commands=2)
     assert gate.commands[str(held.capture_id)][1]["action"] == "open"
     stay = await _row(

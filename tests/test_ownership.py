@@ -1,8 +1,9 @@
 """Ownership disputes end (issue #15). A claim on a (plate, colour) bound to another account
 opens a dispute; the vehicle registry ends it when its own record proves the claimant the
-owner (the binding moves at the proof time), otherwise an operator admin decides with both
-parties' evidence in front of them. From the proof on the previous holder is never charged;
-the stays between the claim and the proof are listed for review."""
+owner (the binding moves at the proof time), otherwise the city platform's staff (role
+'platform', never a car park company's) decide with both parties' evidence in front of them.
+From the proof on the previous holder is never charged; the stays between the claim and the
+proof are listed for review."""
 
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -30,6 +31,13 @@ from tests.gates import GateProbe
 
 Headers = dict[str, str]
 CLAIMS = "/api/v1/operator/ownership-claims"
+
+
+async def _platform(runtime: Runtime, app: FastAPI) -> dict[str, str]:
+    """A member of the city platform's staff: of the platform's own company (no car parks)."""
+    async with runtime.pool.acquire() as conn:
+        company = await admin.create_operator(conn, f"城市平台-{uuid.uuid4().hex[:8]}")
+    return bearer(staff_token(app, await make_staff(runtime, company, "platform")))
 
 
 @pytest.fixture
@@ -164,7 +172,7 @@ async def test_the_registry_ends_a_dispute_and_the_binding_moves_at_the_proof_ti
     assert charge["account_id"] == buyer_id
 
 
-async def test_an_operator_decides_for_the_claimant_with_both_sides_evidence_in_front_of_them(
+async def test_the_platform_decides_for_the_claimant_with_both_sides_evidence_in_front_of_them(
     api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, lot: Lot
 ) -> None:
     plate, holder_id, holder, claimant_id, claimant, dispute_id = await _open_dispute(
@@ -179,10 +187,14 @@ async def test_an_operator_decides_for_the_claimant_with_both_sides_evidence_in_
         )
     # Entered as the claim was made, still inside: between the claim and any later proof.
     between = await _insert_stay(runtime, lot, plate, claimed_at, holder_id)
+    platform = await _platform(runtime, app)
     admin_x = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
     attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    # A plate is no company's: a car park company's staff neither see nor decide claims.
+    for company_staff in (admin_x, attendant):
+        assert _error(await api.get(CLAIMS, headers=company_staff)) == (403, "forbidden")
 
-    listed = await api.get(CLAIMS, headers=admin_x)
+    listed = await api.get(CLAIMS, headers=platform)
     assert listed.status_code == 200, listed.text
     [claim] = [c for c in listed.json() if c["id"] == dispute_id]
     assert (claim["plate"], claim["color"], claim["status"]) == (plate, "blue", "open")
@@ -191,16 +203,17 @@ async def test_an_operator_decides_for_the_claimant_with_both_sides_evidence_in_
     assert claim["holder"]["account_id"] == holder_id
     assert claim["holder"]["bound_at"] is not None and claim["holder"]["unbound_at"] is None
     assert claim["claimant"]["same_licence_as_holder"] is True
-    detail = (await api.get(f"{CLAIMS}/{dispute_id}", headers=admin_x)).json()
+    detail = (await api.get(f"{CLAIMS}/{dispute_id}", headers=platform)).json()
     assert [s["id"] for s in detail["stays_since_claim"]] == [between], "not the stay before"
     assert before != between
     assert detail["stays_since_claim"][0]["charged_to"] == "holder"
 
     decision = {"in_favour_of": "claimant", "reason": "购车合同与新行驶证已核实"}
-    assert _error(
-        await api.post(f"{CLAIMS}/{dispute_id}/decision", json=decision, headers=attendant)
-    ) == (403, "forbidden")
-    decided = await api.post(f"{CLAIMS}/{dispute_id}/decision", json=decision, headers=admin_x)
+    for company_staff in (admin_x, attendant):
+        assert _error(
+            await api.post(f"{CLAIMS}/{dispute_id}/decision", json=decision, headers=company_staff)
+        ) == (403, "forbidden")
+    decided = await api.post(f"{CLAIMS}/{dispute_id}/decision", json=decision, headers=platform)
     assert decided.status_code == 200, decided.text
     body = decided.json()
     assert body["status"] == "upheld"
@@ -225,13 +238,13 @@ async def test_an_operator_decides_for_the_claimant_with_both_sides_evidence_in_
     assert audit is not None and audit["action"] == "plate_dispute.decided"
     assert audit["detail"]["in_favour_of"] == "claimant"
 
-    again = await api.post(f"{CLAIMS}/{dispute_id}/decision", json=decision, headers=admin_x)
+    again = await api.post(f"{CLAIMS}/{dispute_id}/decision", json=decision, headers=platform)
     assert _error(again) == (409, "ownership_claim_decided")
-    still_open = (await api.get(CLAIMS, headers=admin_x)).json()
+    still_open = (await api.get(CLAIMS, headers=platform)).json()
     assert dispute_id not in [c["id"] for c in still_open], "no longer open"
 
 
-async def test_an_operator_decides_for_the_holder_and_nothing_moves(
+async def test_the_platform_decides_for_the_holder_and_nothing_moves(
     api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, lot: Lot
 ) -> None:
     plate, holder_id, holder, claimant_id, claimant, dispute_id = await _open_dispute(
@@ -243,11 +256,10 @@ async def test_an_operator_decides_for_the_holder_and_nothing_moves(
     assert [(p["plate"], p["disputed"]) for p in held["plates"]] == [(plate, True)]
     claims = (await api.get("/api/v1/me", headers=claimant)).json()["plate_claims"]
     assert [(c["id"], c["plate"], c["status"]) for c in claims] == [(dispute_id, plate, "open")]
-    admin_x = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
     decided = await api.post(
         f"{CLAIMS}/{dispute_id}/decision",
         json={"in_favour_of": "holder", "reason": "申请人未提供过户证明"},
-        headers=admin_x,
+        headers=await _platform(runtime, app),
     )
     assert decided.status_code == 200, decided.text
     assert decided.json()["status"] == "rejected"
@@ -269,7 +281,7 @@ async def test_bad_decisions_and_unknown_claims_change_nothing(
     api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, lot: Lot
 ) -> None:
     plate, holder_id, _, _, _, dispute_id = await _open_dispute(api, runtime, app)
-    admin_x = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+    admin_x = await _platform(runtime, app)
     path = f"{CLAIMS}/{dispute_id}/decision"
     for body in (
         {"in_favour_of": "nobody", "reason": "x"},

@@ -74,7 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     staff_create.add_argument("--company", required=True, help="company id or name")
     staff_create.add_argument("--email", required=True)
     staff_create.add_argument("--name", required=True)
-    staff_create.add_argument("--role", choices=["admin", "attendant"], default="admin")
+    staff_create.add_argument(
+        "--role",
+        choices=["admin", "attendant", "platform"],
+        default="admin",
+        help="platform: the city platform's staff (decide plate ownership claims; give the "
+        "platform's own company, which runs no car parks)",
+    )
     staff_create.add_argument(
         "--password-stdin",
         action="store_true",

@@ -163,7 +163,7 @@ async def create_staff(
     company: str,
     email: str,
     name: str,
-    role: Literal["admin", "attendant"],
+    role: Literal["admin", "attendant", "platform"],
     password: str | None,
 ) -> dict[str, Any]:
     """A staff member; without `password` one is drawn and returned once (to be changed at

@@ -149,5 +149,12 @@ DriverDep = Annotated[Principal, Depends(_require("driver"))]
 OperatorDep = Annotated[Principal, Depends(_require("operator", roles=("admin", "attendant")))]
 OperatorAdminDep = Annotated[Principal, Depends(_require("operator", roles=("admin",)))]
 MerchantDep = Annotated[Principal, Depends(_require("operator", roles=("merchant",)))]
+# The city platform's staff (role 'platform'): plate ownership, which is the city's and no car
+# park company's. They pass no company route, and no company's staff pass theirs.
+PlatformDep = Annotated[Principal, Depends(_require("operator", roles=("platform",)))]
+# Staff of a company or of the platform, about themselves (their password).
+SelfStaffDep = Annotated[
+    Principal, Depends(_require("operator", roles=("admin", "attendant", "platform")))
+]
 GateDep = Annotated[Principal, Depends(_require("gate"))]
 MaybePrincipalDep = Annotated[Principal | None, Depends(_optional)]

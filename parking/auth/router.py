@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import Field, TypeAdapter, ValidationError
 
 from parking.auth import service
-from parking.auth.principal import OperatorDep, signer
+from parking.auth.principal import SelfStaffDep, signer
 from parking.auth.schemas import (
     CodeGrant,
     CodeRequest,
@@ -149,7 +149,7 @@ async def sign_out(body: Logout, runtime: RuntimeDep) -> None:
 
 @router.post("/password", status_code=204)
 async def change_password(
-    body: PasswordChange, staff: OperatorDep, runtime: RuntimeDep, request: Request
+    body: PasswordChange, staff: SelfStaffDep, runtime: RuntimeDep, request: Request
 ) -> None:
     """Staff change their own password (the current one, and a new one of 12 or more
     characters); every other sign-in of theirs ends. 403 `wrong_password`."""

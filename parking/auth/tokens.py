@@ -11,7 +11,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast, get_args
 
 import jwt
 
@@ -19,7 +19,8 @@ ISSUER = "parking"
 AUDIENCE = "parking-api"
 _ALGORITHM = "HS256"
 
-Role = Literal["driver", "admin", "attendant", "merchant"]
+Role = Literal["driver", "admin", "attendant", "merchant", "platform"]
+_ROLES = frozenset(get_args(Role))
 
 
 class InvalidToken(Exception):
@@ -78,7 +79,7 @@ class TokenSigner:
         except jwt.PyJWTError as exc:
             raise InvalidToken(str(exc)) from exc
         role = payload.get("role")
-        if role not in ("driver", "admin", "attendant", "merchant"):
+        if role not in _ROLES:
             raise InvalidToken("unknown role")
         operator_id = payload.get("op")
         if role != "driver" and not isinstance(operator_id, int):
@@ -86,7 +87,9 @@ class TokenSigner:
         session = payload.get("sid")
         if session is not None and not isinstance(session, str):
             raise InvalidToken("bad session")
-        return Claims(str(payload["sub"]), role, operator_id, int(payload["exp"]), session)
+        return Claims(
+            str(payload["sub"]), cast(Role, role), operator_id, int(payload["exp"]), session
+        )
 
 
 def new_secret(prefix: str = "") -> str:

@@ -221,7 +221,8 @@ async def resolve_exception(
     exception_id: Id, resolution: Resolution, operator: OperatorDep, runtime: RuntimeDep
 ) -> Resolved:
     """The attendant chooses or types the plate: the held capture is decided again with it
-    and the gate gets the new command. 409 `already_resolved`; 409 `no_open_stay` when no car
+    and the gate gets the new command (not for a rejected charge's exit: that car left long
+    ago, `gate_commanded` false). 409 `already_resolved`; 409 `no_open_stay` when no car
     with that plate is parked there (check the plate, or open the gate by hand)."""
     async with runtime.pool.acquire() as conn, conn.transaction():
         resolved, effect = await service.resolve_exception(

@@ -194,6 +194,8 @@ class Resolved(BaseModel):
     outcome: str
     action: str
     fee_fen: int | None
+    # False for an exit whose car left long ago (a rejected charge's): no gate is commanded.
+    gate_commanded: bool = True
 
 
 class ManualOpen(_Request):
@@ -247,6 +249,8 @@ class RevenueLine(BaseModel):
     # The part of passes bought in the app earned that day.
     passes_fen: int
     refunded_fen: int
+    # Pay-later fees accrued and then cancelled (never charged), on the day of cancellation.
+    cancelled_fen: int
     net_fen: int
 
 

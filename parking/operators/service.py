@@ -68,8 +68,14 @@ TARIFF_BACKDATE_TOLERANCE = timedelta(minutes=1)
 _STILL_AN_EXCEPTION = frozenset({"held_no_entry", "held_unreadable", "held_ambiguous"})
 # Exceptions about a stay rather than an unread plate (parking.lanes.edges, parking.booth): their
 # capture is an entry or an exit already decided, and deciding it again would enter or close a
-# car a second time. The booth payment, a refund or a manual open settles them.
-_ABOUT_A_STAY = frozenset({"unpaid_exit", "offline_booth", "ghost_stay"})
+# car a second time. The booth payment, a refund or a manual open settles them. An
+# 'offline_exit' is one too: its car left while the gate was offline, its stay closed unpaid.
+_ABOUT_A_STAY = frozenset({"unpaid_exit", "offline_booth", "offline_exit", "ghost_stay"})
+# Exceptions whose car left long ago: a pay-later exit whose charge an operator rejected
+# (parking.confirmations). Deciding them again records the decision, moves the stay and the
+# occupancy, and commands no gate: an open command would wait unused at a barrier with
+# nobody in front of it (or lift it for whoever is).
+_CAR_GONE = frozenset({"rejected"})
 REVENUE_COLUMNS = tuple(RevenueLine.model_fields)
 _LONGEST_REPORT = timedelta(days=366)
 _DEFAULT_REPORT = timedelta(days=29)  # the last 30 days, both ends included
@@ -82,11 +88,12 @@ JOB_MANY_ATTEMPTS = 5
 
 @dataclass(frozen=True, slots=True)
 class GateEffect:
-    """What happens after commit: the command to the gate, the occupancy change."""
+    """What happens after commit: the command to the gate (None: no gate is commanded), the
+    occupancy change."""
 
     car_park_id: int
     address: GateAddress
-    command: Command
+    command: Command | None
     occupancy_delta: int
 
 
@@ -94,6 +101,8 @@ async def apply(runtime: Runtime, effect: GateEffect) -> None:
     """After commit. Occupancy first: a publish that fails must not lose the counted change."""
     if effect.occupancy_delta:
         await runtime.occupancy.adjust(effect.car_park_id, effect.occupancy_delta)
+    if effect.command is None:
+        return
     await publish_command(runtime.mqtt, runtime.settings, effect.address, effect.command)
     log.info(
         "operator.gate_command",
@@ -417,6 +426,7 @@ async def resolve_exception(
         command=command.model_dump(mode="json", exclude_none=True),
     )
     await repo.mark_exception_resolved(conn, held.capture_id, plate, principal.actor)
+    commanded = held.reason not in _CAR_GONE
     await audit.record(
         conn,
         principal.actor,
@@ -426,15 +436,24 @@ async def resolve_exception(
             "capture_id": str(held.capture_id),
             "outcome": decision.outcome,
             "action": command.action,
+            "gate_commanded": commanded,
             "fee_fen": decision.fee_fen,
             "session_id": decision.session_id,
             "charge_id": decision.charge_id,
         },
     )
     effect = GateEffect(
-        held.car_park_id, GateAddress(held.lot, held.gate), command, decision.occupancy_delta
+        held.car_park_id,
+        GateAddress(held.lot, held.gate),
+        command if commanded else None,
+        decision.occupancy_delta,
     )
-    resolved = Resolved(outcome=decision.outcome, action=command.action, fee_fen=decision.fee_fen)
+    resolved = Resolved(
+        outcome=decision.outcome,
+        action=command.action,
+        fee_fen=decision.fee_fen,
+        gate_commanded=commanded,
+    )
     return resolved, effect
 
 

@@ -1,15 +1,16 @@
-"""Operator routes of ownership claims (plate disputes): the open ones with both parties'
-evidence, one with the stays since the claim, and an admin's decision.
+"""Platform routes of ownership claims (plate disputes): the open ones with both parties'
+evidence, one with the stays since the claim, and the decision.
 
-A vehicle's ownership is the city's, not one company's: the claims are listed to and decided
-by the admins of any operator company (attendants are refused), every decision audit-logged.
+A vehicle's ownership is the city's, not one company's: the claims (drivers' evidence and
+stays in every company's car parks) are listed to and decided by the city platform's staff
+only (role 'platform'); every company's staff is refused, every decision audit-logged.
 """
 
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from parking.auth.principal import OperatorAdminDep
+from parking.auth.principal import PlatformDep
 from parking.deps import ConnectionDep
 from parking.ownership import service
 from parking.ownership.schemas import OwnershipClaim, OwnershipClaimDetail, OwnershipDecision
@@ -21,7 +22,7 @@ ClaimId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 @router.get("")
 async def list_open_claims(
-    admin: OperatorAdminDep,
+    staff: PlatformDep,
     conn: ConnectionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[OwnershipClaim]:
@@ -31,7 +32,7 @@ async def list_open_claims(
 
 @router.get("/{ownership_claim_id}")
 async def get_claim(
-    ownership_claim_id: ClaimId, admin: OperatorAdminDep, conn: ConnectionDep
+    ownership_claim_id: ClaimId, staff: PlatformDep, conn: ConnectionDep
 ) -> OwnershipClaimDetail:
     """One claim, with the vehicle's stays from the claim to the proof (or now) for review."""
     return await service.claim_detail(conn, ownership_claim_id)
@@ -41,9 +42,9 @@ async def get_claim(
 async def decide_claim(
     ownership_claim_id: ClaimId,
     decision: OwnershipDecision,
-    admin: OperatorAdminDep,
+    staff: PlatformDep,
     conn: ConnectionDep,
 ) -> OwnershipClaimDetail:
     """For the claimant: the binding moves to them now (the proof time) and the holder's ends.
     For the holder: nothing moves. Both drivers are told; 409 `ownership_claim_decided`."""
-    return await service.decide(conn, admin, ownership_claim_id, decision)
+    return await service.decide(conn, staff, ownership_claim_id, decision)

@@ -3,7 +3,8 @@
 A claim of a vehicle (plate, colour) bound to another account opens a dispute (parking.drivers).
 It ends one of two ways:
 - the vehicle registry's own record proves the claimant the owner (`uphold` from the claim), or
-- an operator admin decides for the claimant or the holder (`decide`), audit-logged.
+- the city platform's staff (role 'platform') decide for the claimant or the holder
+  (`decide`), audit-logged.
 An upheld dispute moves the binding at the proof time, the dispute's `resolved_at`: the
 holder's binding ends and the claimant's begins at that same instant, so every stay that enters
 from then on is the claimant's and never the previous holder's. The stays between the claim and
@@ -196,21 +197,21 @@ async def _reject(
 
 
 async def decide(
-    conn: asyncpg.Connection, admin: Principal, dispute_id: int, decision: OwnershipDecision
+    conn: asyncpg.Connection, staff: Principal, dispute_id: int, decision: OwnershipDecision
 ) -> OwnershipClaimDetail:
-    """An operator admin's decision of an open claim, audit-logged."""
+    """The platform staff's decision of an open claim, audit-logged."""
     dispute = await repo.lock_claim(conn, dispute_id)
     if dispute is None:
         raise NotFound("ownership_claim")
     if dispute["status"] != "open":
         raise AppError(409, "ownership_claim_decided", "this ownership claim was already decided")
     if decision.in_favour_of == "claimant":
-        await uphold(conn, dispute_id, resolved_by=admin.actor, note=decision.reason)
+        await uphold(conn, dispute_id, resolved_by=staff.actor, note=decision.reason)
     else:
-        await _reject(conn, dispute, resolved_by=admin.actor, note=decision.reason)
+        await _reject(conn, dispute, resolved_by=staff.actor, note=decision.reason)
     await audit.record(
         conn,
-        actor=admin.actor,
+        actor=staff.actor,
         action="plate_dispute.decided",
         subject=f"plate_dispute:{dispute_id}",
         detail={"in_favour_of": decision.in_favour_of, "reason": decision.reason},
