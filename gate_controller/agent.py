@@ -28,7 +28,6 @@ Run it as `python -m gate_controller.agent --config agent.toml` (see `AgentConfi
 import argparse
 import asyncio
 import base64
-import binascii
 import contextlib
 import importlib.metadata
 import signal
@@ -43,7 +42,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import structlog
-from cryptography.exceptions import InvalidSignature
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -81,7 +79,7 @@ from gate_controller.protocol import (
     Topics,
     encode,
 )
-from gate_controller.whitelist import OfflineWhitelist, load_public_key
+from gate_controller.whitelist import OfflineWhitelist, command_refusal, load_public_key
 
 log = structlog.get_logger(__name__)
 
@@ -441,18 +439,7 @@ class GateAgent:
     def _command_refusal(self, command: Command, now: datetime) -> str | None:
         """Why the gate must not act on `command`, or None when the server signed it for this
         gate and it has not expired."""
-        if command.signature is None:
-            return "unsigned"
-        try:
-            signature = base64.b64decode(command.signature, validate=True)
-            self.whitelist.public_key.verify(signature, command.signed_bytes())
-        except (InvalidSignature, binascii.Error, ValueError):
-            return "bad_signature"
-        if (command.lot, command.gate) != (self.address.lot, self.address.gate):
-            return "other_gate"
-        if command.expires_at <= now:
-            return "expired"
-        return None
+        return command_refusal(command, self.whitelist.public_key, self.address, now)
 
     def _on_ack(self, message: IncomingMessage) -> None:
         try:

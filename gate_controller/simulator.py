@@ -2,7 +2,11 @@
 
 Used by `parking-dev demo`, the benchmarks and the tests. Like a real gate it keeps each capture
 until the server's ack and sends it again if none comes; on top of that it injects duplicates
-(the same capture published again) and double reads (the same car read twice).
+(the same capture published again) and double reads (the same car read twice). Like a real gate
+it counts a command only when the server signed it for that gate and it has not expired (the
+agent's own check, `gate_controller.whitelist.command_refusal`); anything else is counted by
+reason in `SimReport.command_refusals` and logged, so a run that sends unsigned or forged
+commands shows them instead of counting them as answers.
 """
 
 import asyncio
@@ -16,9 +20,15 @@ from datetime import UTC, datetime
 from typing import Literal
 
 import orjson
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import ValidationError
 
 from gate_controller.mqtt import IncomingMessage, MqttClient
-from gate_controller.protocol import CameraRead, Capture, GateAddress, Topics, encode
+from gate_controller.protocol import CameraRead, Capture, Command, GateAddress, Topics, encode
+from gate_controller.whitelist import command_refusal
+
+log = structlog.get_logger(__name__)
 
 PROVINCES = "京津沪渝冀豫云辽黑湘皖鲁新苏浙赣鄂桂甘晋蒙陕吉闽贵粤青藏川宁琼"
 LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"  # no I, no O
@@ -73,6 +83,9 @@ class SimReport:
     bound_exits: int = 0
     unbound_exits: int = 0
     commands: Counter[str] = field(default_factory=Counter)
+    # Commands a real gate would have refused, by reason (unsigned, bad_signature, other_gate,
+    # expired, malformed): never counted in `commands`, and their captures stay unanswered.
+    command_refusals: Counter[str] = field(default_factory=Counter)
     acks: int = 0
     unanswered: int = 0
     round_trip_ms: list[float] = field(default_factory=list)
@@ -96,6 +109,7 @@ class GateSimulator:
         inside: dict[str, list[tuple[Vehicle, datetime]]],
         outside: list[Vehicle],
         *,
+        server_key: Ed25519PublicKey,
         topic_prefix: str = "",
         duplicate_rate: float = 0.05,
         double_read_rate: float = 0.03,
@@ -104,6 +118,8 @@ class GateSimulator:
         seed: int = 7,
     ) -> None:
         self.topics = Topics(topic_prefix)
+        # The public key of the server's PARKING_GATE_CONFIG_KEY, as every gate is given.
+        self.server_key = server_key
         self.gates_in = [g for g in gates if g.direction == "in"]
         self.gates_out = [g for g in gates if g.direction == "out"]
         self.inside = {lot: list(vs) for lot, vs in inside.items()}
@@ -226,14 +242,36 @@ class GateSimulator:
                 )
 
     def _on_command(self, message: IncomingMessage) -> None:
-        data = orjson.loads(message.payload)
-        pending = self._pending.get(data.get("capture_id", ""))
+        command = self._signed_command(message)
+        if command is None:
+            return
+        key = str(command.capture_id)
+        pending = self._pending.get(key)
         if pending is None or pending.commanded:
             return
         pending.commanded = True
-        self.report.commands[data["action"]] += 1
+        self.report.commands[command.action] += 1
         self.report.round_trip_ms.append((message.received_at - pending.sent_at) * 1000)
-        self._forget_if_answered(data["capture_id"], pending)
+        self._forget_if_answered(key, pending)
+
+    def _signed_command(self, message: IncomingMessage) -> Command | None:
+        """The command, when a real gate on the message's topic would act on it."""
+        parsed = self.topics.parse(message.topic)
+        try:
+            command = Command.model_validate_json(message.payload)
+        except ValidationError:
+            refusal: str | None = "malformed"
+        else:
+            refusal = (
+                "malformed"
+                if parsed is None
+                else command_refusal(command, self.server_key, parsed[0], datetime.now(UTC))
+            )
+        if refusal is None:
+            return command
+        self.report.command_refusals[refusal] += 1
+        log.warning("sim.command_refused", why=refusal, topic=message.topic)
+        return None
 
     def _on_ack(self, message: IncomingMessage) -> None:
         data = orjson.loads(message.payload)

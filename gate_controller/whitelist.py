@@ -15,7 +15,27 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from gate_controller.protocol import GateConfig, WhitelistEntry
+from gate_controller.protocol import Command, GateAddress, GateConfig, WhitelistEntry
+
+
+def command_refusal(
+    command: Command, key: Ed25519PublicKey, address: GateAddress, now: datetime
+) -> str | None:
+    """Why a gate at `address` must not act on `command`, or None when the server signed it
+    (`key`: the server's public key) for this very gate and it has not expired. The reasons:
+    unsigned, bad_signature, other_gate, expired."""
+    if command.signature is None:
+        return "unsigned"
+    try:
+        signature = base64.b64decode(command.signature, validate=True)
+        key.verify(signature, command.signed_bytes())
+    except (InvalidSignature, binascii.Error, ValueError):
+        return "bad_signature"
+    if (command.lot, command.gate) != (address.lot, address.gate):
+        return "other_gate"
+    if command.expires_at <= now:
+        return "expired"
+    return None
 
 
 def load_public_key(text: str) -> Ed25519PublicKey:

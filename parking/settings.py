@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from billing.rails import WECHAT_HOSTS
@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     database_read_url: str | None = None
     redis_url: str | None = None
     mqtt_url: str | None = None
+    # A file holding PARKING_MQTT_URL (instead of it): each pod of a StatefulSet reads its own
+    # broker login, mounted from a Secret under its pod name (deploy/kubernetes). A missing file
+    # stops the process rather than letting it share another process's login.
+    mqtt_url_file: Path | None = None
     data_dir: Path = Path(".data")
     embedded_mqtt_port: int = 18830
 
@@ -265,6 +269,24 @@ class Settings(BaseSettings):
     feed_occupancy_interval_s: float = Field(default=5.0, ge=0)
     # Every car park's free spaces go to the city platform this often, changed or not (0: off).
     feed_city_heartbeat_s: float = Field(default=300.0, ge=0)
+
+    @model_validator(mode="after")
+    def _mqtt_url_from_file(self) -> "Settings":
+        if self.mqtt_url_file is None:
+            return self
+        if self.mqtt_url is not None:
+            raise ValueError("set PARKING_MQTT_URL or PARKING_MQTT_URL_FILE, not both")
+        try:
+            url = self.mqtt_url_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(
+                f"PARKING_MQTT_URL_FILE {str(self.mqtt_url_file)!r}: {exc.strerror}; this "
+                "process has no broker login of its own"
+            ) from None
+        if not url:
+            raise ValueError(f"PARKING_MQTT_URL_FILE {str(self.mqtt_url_file)!r} is empty")
+        self.mqtt_url = url
+        return self
 
     @field_validator("public_base_url")
     @classmethod

@@ -45,6 +45,7 @@ from redis.asyncio import Redis
 from billing import ledger
 from gate_controller.simulator import GateSimulator, SimGate, Vehicle
 from parking.db import create_pool
+from parking.gates.config import generate_private_key, private_key_pem
 from parking.migrate import migrate
 from parking_dev import sandbox
 from parking_dev.demo import TARIFF, DemoCity, seed_city
@@ -56,6 +57,8 @@ RESULTS_PATH = REPO_ROOT / ".artifacts" / "fault-results.jsonl"
 # outcome by order query (PARKING_CHARGE_QUERY_AFTER_S later).
 PROVIDER_FAULTS = sandbox.FaultConfig(processing_delay_s=0.01, lost_notification_rate=1.0)
 EXIT_OUTCOMES = ("exited_free", "exited_pay_later", "exited_offline_unpaid")
+# The server's command key in the fault tests' services; the simulated gates hold its public key.
+COMMAND_KEY = generate_private_key()
 
 
 @contextlib.asynccontextmanager
@@ -218,6 +221,8 @@ def service_env(
         "PARKING_WORKER_POLL_INTERVAL_S": "0.1",
         "PARKING_DATA_DIR": str(data_dir),
         "PARKING_LOG_LEVEL": "WARNING",
+        # Commands are signed as in production; the simulated gates verify them.
+        "PARKING_GATE_CONFIG_KEY": private_key_pem(COMMAND_KEY),
     }
 
 
@@ -269,6 +274,7 @@ class LaneCluster:
             self.city.gates,
             self.city.inside,
             self.city.outside,
+            server_key=COMMAND_KEY.public_key(),
             topic_prefix=self.topic_prefix,
             **kwargs,
         )

@@ -17,6 +17,7 @@ async def test_bench_decides_every_exit_and_reports_figures(
         result = await run_bench(settings, provider, rate=30, duration_s=2, car_parks=4)
 
     assert result["errors"] == 0, result
+    assert result["commands_refused_by_gates"] == {}, result  # the gates verify signatures
     assert result["decisions"] == result["captures_sent"] == result["exits"] > 0
     assert result["charged"] == result["outcomes"].get("exited_pay_later", 0) > 0
     assert result["charges_pending"] == 0

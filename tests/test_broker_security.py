@@ -416,6 +416,28 @@ def test_reprovisioning_keeps_passwords_until_rotated(
     assert f"\n{a}:" not in (out / provision.PASSWORD_FILE).read_text()
 
 
+def test_reprovisioning_keeps_every_server_login_already_given_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three lane pods log in as lanes-1..3; adding a gate later (a run without --lanes, or
+    `parking admin gate create --broker-dir`) used to write lanes-1 only, and the broker's
+    reload then locked lanes-2 and lanes-3 out."""
+    out = tmp_path / "broker"
+    common = ["--gate", "lot-1/out1", "--out", str(out), "--prefix", ""]
+    assert _provision_command(*common, "--lanes", "3", "--apis", "2") == 0
+    first = _passwords(out)
+    assert _provision_command(*common, "--gate", "lot-1/in1") == 0
+    second = _passwords(out)
+    for user in ("lanes-1", "lanes-2", "lanes-3", "api-1", "api-2", "worker-1"):
+        assert second[user] == first[user], user
+    assert "lanes-4" not in second and "worker-2" not in second
+    acl = (out / provision.ACL_FILE).read_text()
+    assert "user lanes-3\ntopic read parking/v1/+/+/capture\n" in acl
+    assert _provision_command(*common, "--rotate") == 0
+    assert "lanes-3" not in _passwords(out)  # --rotate starts over at the asked number
+    capsys.readouterr()
+
+
 async def test_gates_are_read_from_the_database(database_url: str) -> None:
     code = f"lot-{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(database_url)

@@ -48,6 +48,7 @@ from tests.test_broker_security import (
     Broker,
     Client,
     _wait_for_listener,
+    forged,
     logged_in,
     stop_process,
 )
@@ -88,7 +89,7 @@ def _by_kind(kind: str) -> dict[str, dict[str, Any]]:
 
 
 def _pod_specs() -> dict[str, dict[str, Any]]:
-    workloads = {**_by_kind("Deployment"), **_by_kind("Job")}
+    workloads = {**_by_kind("StatefulSet"), **_by_kind("Job")}
     return {name: doc["spec"]["template"]["spec"] for name, doc in workloads.items()}
 
 
@@ -130,31 +131,34 @@ def test_the_base_renders_with_kustomize() -> None:
     kinds = sorted(f"{doc['kind']}/{doc['metadata']['name']}" for doc in objects)
     assert kinds == [
         "ConfigMap/parking-settings",
-        "Deployment/parking-api",
-        "Deployment/parking-lanes",
-        "Deployment/parking-worker",
         "Job/parking-migrate",
         "Namespace/parking",
         "PodDisruptionBudget/parking-api",
         "PodDisruptionBudget/parking-lanes",
         "PodDisruptionBudget/parking-worker",
         "Service/parking-api",
+        "Service/parking-lanes",
+        "Service/parking-worker",
+        "StatefulSet/parking-api",
+        "StatefulSet/parking-lanes",
+        "StatefulSet/parking-worker",
     ]
     for doc in objects:
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == "parking", doc["metadata"]
-        if doc["kind"] in ("Deployment", "Job"):
+        if doc["kind"] in ("StatefulSet", "Job"):
             for container in doc["spec"]["template"]["spec"]["containers"]:
                 assert container["image"] == "registry.example.city/parking:0.1.0"
 
 
 def test_selectors_probes_and_references_fit_together() -> None:
-    deployments = _by_kind("Deployment")
+    deployments = _by_kind("StatefulSet")
     labels = {
         name: doc["spec"]["template"]["metadata"]["labels"] for name, doc in deployments.items()
     }
     for name, doc in deployments.items():
         assert doc["spec"]["selector"]["matchLabels"].items() <= labels[name].items(), name
+        assert doc["spec"]["serviceName"] in _by_kind("Service"), name
     for selecting in [*_by_kind("Service").values(), *_by_kind("PodDisruptionBudget").values()]:
         selector = selecting["spec"]["selector"]
         selector = selector.get("matchLabels", selector)
@@ -172,7 +176,7 @@ def test_selectors_probes_and_references_fit_together() -> None:
     assert port["name"] == api["readinessProbe"]["httpGet"]["port"]
     assert str(port["containerPort"]) == settings["PARKING_API_PORT"]
     assert settings["PARKING_API_HOST"] == "0.0.0.0"
-    [service] = _by_kind("Service").values()
+    service = _by_kind("Service")["parking-api"]
     assert service["spec"]["ports"][0]["targetPort"] == port["name"]
 
     [lanes] = _pod_specs()["parking-lanes"]["containers"]
@@ -189,6 +193,9 @@ def test_selectors_probes_and_references_fit_together() -> None:
                 ref = variable.get("valueFrom", {}).get("secretKeyRef")
                 if ref is not None:
                     assert ref["key"] in secrets[ref["name"]]["stringData"], (name, ref)
+            for volume in spec.get("volumes", []):
+                if "secret" in volume:
+                    assert volume["secret"]["secretName"] in secrets, name
 
 
 def test_every_parking_variable_named_in_deploy_and_the_guide_is_a_setting() -> None:
@@ -208,9 +215,12 @@ def test_every_parking_variable_named_in_deploy_and_the_guide_is_a_setting() -> 
 
 def test_every_secret_setting_is_in_the_secret_template_and_none_in_the_configmap() -> None:
     template = _by_kind("Secret")["parking-secrets"]["stringData"]
-    wanted = {_env_name(field) for field in _secret_fields()}
+    # The broker URL is per pod (parking-mqtt-<role>, test_every_replica_logs_in_as_itself).
+    wanted = {_env_name(field) for field in _secret_fields() - {"mqtt_url"}}
     assert wanted <= template.keys(), wanted - template.keys()
-    assert all(value == "" for value in template.values()), "the template carries no values"
+    assert "PARKING_MQTT_URL" not in template
+    for secret in _by_kind("Secret").values():
+        assert all(value == "" for value in secret["stringData"].values()), "no values"
     configmap = _by_kind("ConfigMap")["parking-settings"]["data"]
     assert not wanted & configmap.keys()
     assert all(value != "" for value in configmap.values()), "unset means the default, not ''"
@@ -238,15 +248,67 @@ def test_every_command_in_the_manifests_is_a_parking_command() -> None:
         parser.parse_args(["serve", "--no-such-option"])  # the parse can fail
 
 
-def test_the_central_acl_grants_the_lane_workers_what_provisioning_does() -> None:
-    provisioned = provision.acl_text([provision.Account("lanes", "-", None)], Topics(""))
+# Each role's StatefulSet, by role as `parking gates provision` names its logins.
+ROLE_WORKLOADS = {"lanes": "parking-lanes", "worker": "parking-worker", "api": "parking-api"}
+
+
+def test_every_replica_logs_in_to_the_broker_as_itself() -> None:
+    """The broker takes the client id from the username, so two processes under one login keep
+    replacing each other: every pod reads a login of its own, named by its pod name, from its
+    role's Secret, and the central ACL has that login with its role's rights."""
+    assert set(ROLE_WORKLOADS) == set(provision.ROLES)
+    assert not _by_kind("Deployment"), "a Deployment's surge pod would share a login"
+    secrets = _by_kind("Secret")
     central = (MOSQUITTO / "central-acl").read_text(encoding="utf-8")
-    assert _user_block(central, provision.LANES_USER) == _user_block(
-        provisioned, provision.LANES_USER
-    )
+    for role, name in ROLE_WORKLOADS.items():
+        workload = _by_kind("StatefulSet")[name]
+        replicas = workload["spec"]["replicas"]
+        spec = workload["spec"]["template"]["spec"]
+        [container] = spec["containers"]
+        env = [variable["name"] for variable in container["env"]]
+        values = {variable["name"]: variable for variable in container["env"]}
+        assert values["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        # Kubernetes expands $(POD_NAME) only from a variable defined before it.
+        assert env.index("POD_NAME") < env.index("PARKING_MQTT_URL_FILE"), name
+        assert "PARKING_MQTT_URL" not in env and "PARKING_MQTT_CLIENT_ID" not in env
+        [mount] = container["volumeMounts"]
+        assert mount["readOnly"] is True
+        assert values["PARKING_MQTT_URL_FILE"]["value"] == f"{mount['mountPath']}/$(POD_NAME)"
+        [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == f"parking-mqtt-{role}", "only its role's logins"
+        assert volume["secret"]["defaultMode"] & 0o007 == 0, "not readable by others"
+        assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsUser"]
+        logins = secrets[f"parking-mqtt-{role}"]["stringData"]
+        assert set(logins) == {f"{name}-{ordinal}" for ordinal in range(replicas)}, name
+        for number in range(1, replicas + 1):
+            user = provision.instance_username(role, number)
+            wanted = provision.acl_text([provision.Account(user, "-", None, role)], Topics(""))
+            assert _user_block(central, user) == _user_block(wanted, user), user
+            assert _user_block(central, user), user
     bridge = _user_block(central, "bridge-west")
     region_rule = re.compile(r"topic (read|write) parking/v1/lot-w\d/\+/\w+")
     assert bridge and all(region_rule.fullmatch(rule) for rule in bridge), bridge
+    for listener in re.finditer(r"^#?listener .*(?:\n(?!#?listener).*)*", _central_conf(), re.M):
+        assert re.search(r"^#?use_username_as_clientid true$", listener.group(0), re.M), listener
+    assert re.search(rf"^max_packet_size {provision.MAX_PACKET_BYTES}$", _central_conf(), re.M)
+
+
+def test_a_pod_reads_its_broker_login_from_its_own_file(tmp_path: Path) -> None:
+    login = tmp_path / "parking-lanes-0"
+    login.write_text("mqtt://lanes-1:secret@mqtt-central:1883\n", encoding="utf-8")
+    settings = Settings(_env_file=None, mqtt_url_file=login)  # type: ignore[call-arg]
+    assert settings.mqtt_url == "mqtt://lanes-1:secret@mqtt-central:1883"
+    # A pod beyond the provisioned logins does not start (rather than share one).
+    with pytest.raises(ValueError, match="no broker login of its own"):
+        Settings(_env_file=None, mqtt_url_file=tmp_path / "parking-lanes-3")  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="not both"):
+        Settings(  # type: ignore[call-arg]
+            _env_file=None, mqtt_url_file=login, mqtt_url="mqtt://lanes-2:x@mqtt-central:1883"
+        )
+
+
+def _central_conf() -> str:
+    return (MOSQUITTO / "central.conf").read_text(encoding="utf-8")
 
 
 def _user_block(acl: str, user: str) -> list[str]:
@@ -498,29 +560,13 @@ def test_bridged_brokers_carry_captures_to_shared_lane_workers_and_commands_back
     root.chmod(0o711)
     try:
         central_port, edge_port = free_port(), free_port()
-        central_config = _broker_folder(root, "central-config", writable=False)
-        passwords = {"lanes": uuid.uuid4().hex, "bridge-west": uuid.uuid4().hex}
-        _broker_file(
-            central_config / "password_file",
-            provision.password_file_text(
-                [provision.Account(user, password, None) for user, password in passwords.items()]
-            ),
-        )
-        _broker_file(
-            central_config / "acl_file", (MOSQUITTO / "central-acl").read_text(encoding="utf-8")
-        )
+        central_conf, passwords = _central_files(root, central_port)
         edge = provision.provision(
             [gate_w, gate_e],
             root / "edge-config",
             broker_group="mosquitto" if os.geteuid() == 0 else None,
         )
         gate_passwords = {account.username: account.password for account in edge.accounts}
-        central_conf = _render(
-            MOSQUITTO / "central.conf",
-            central_port,
-            CONFIG_DIR=str(central_config),
-            DATA_DIR=str(_broker_folder(root, "central-data", writable=True)),
-        )
         edge_conf = _render(
             MOSQUITTO / "edge.conf",
             edge_port,
@@ -535,8 +581,8 @@ def test_bridged_brokers_carry_captures_to_shared_lane_workers_and_commands_back
         with (
             mosquitto("central", central_conf, root),
             mosquitto("edge", edge_conf, root),
-            logged_in(central, "lanes") as lane_1,
-            logged_in(central, "lanes") as lane_2,
+            logged_in(central, "lanes-1") as lane_1,
+            logged_in(central, "lanes-2") as lane_2,
             logged_in(edge_broker, provision.gate_username(gate_w)) as gate,
             logged_in(edge_broker, provision.gate_username(gate_e)) as misplaced_gate,
         ):
@@ -570,6 +616,118 @@ def test_bridged_brokers_carry_captures_to_shared_lane_workers_and_commands_back
             assert gate.gets(topics.topic(gate_w, "command"), command)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _central_files(root: Path, port: int) -> tuple[str, dict[str, str]]:
+    """The central broker's deploy files in `root`, a password for every user of its ACL:
+    the rendered central.conf and the passwords."""
+    acl = (MOSQUITTO / "central-acl").read_text(encoding="utf-8")
+    users = re.findall(r"^user (\S+)$", acl, re.MULTILINE)
+    passwords = {user: uuid.uuid4().hex for user in users}
+    config = _broker_folder(root, "central-config", writable=False)
+    _broker_file(
+        config / "password_file",
+        provision.password_file_text(
+            [provision.Account(user, password, None) for user, password in passwords.items()]
+        ),
+    )
+    _broker_file(config / "acl_file", acl)
+    conf = _render(
+        MOSQUITTO / "central.conf",
+        port,
+        CONFIG_DIR=str(config),
+        DATA_DIR=str(_broker_folder(root, "central-data", writable=True)),
+    )
+    return conf, passwords
+
+
+@contextlib.contextmanager
+def central_broker() -> Iterator[Broker]:
+    """The central broker as deployed (central.conf, central-acl) on a port of the test's own."""
+    root = Path(tempfile.mkdtemp(prefix="deploy-central-"))
+    root.chmod(0o711)
+    try:
+        port = free_port()
+        conf, passwords = _central_files(root, port)
+        with mosquitto("central", conf, root):
+            yield Broker(port, passwords, Topics(""))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+GATE_W = GateAddress("lot-w1", "out1")
+
+
+def test_on_the_central_broker_each_process_kind_has_only_its_own_rights() -> None:
+    """The API and the charge workers may send commands and nothing else: no gate config (the
+    offline whitelist), no ack, no captures read; a lane process cannot forge a capture; an
+    edge bridge cannot send commands to its own region's gates."""
+    with (
+        central_broker() as broker,
+        logged_in(broker, "lanes-1") as lanes,
+        logged_in(broker, "api-1") as api,
+        logged_in(broker, "worker-1") as worker,
+        logged_in(broker, "bridge-west") as bridge,
+    ):
+        lanes.subscribe(broker.topics.all_gates("capture"))
+        bridge.subscribe(broker.topic(GATE_W, "command"))
+        bridge.subscribe(broker.topic(GATE_W, "config"))
+        bridge.subscribe(broker.topic(GATE_W, "ack"))
+        for reader in (api, worker):
+            reader.subscribe(broker.topics.all_gates("capture"))
+        api.publish(broker.topic(GATE_W, "config"), b"forged", retain=True)
+        api.publish(broker.topic(GATE_W, "ack"), b"forged")
+        worker.publish(broker.topic(GATE_W, "config"), b"forged", retain=True)
+        lanes.publish(broker.topic(GATE_W, "capture"), b"forged")
+        bridge.publish(broker.topic(GATE_W, "command"), b"forged")
+        api.publish(broker.topic(GATE_W, "command"), b"from-api")
+        worker.publish(broker.topic(GATE_W, "command"), b"from-worker")
+        bridge.publish(broker.topic(GATE_W, "capture"), b"genuine")
+        assert bridge.gets(broker.topic(GATE_W, "command"), b"from-api")
+        assert bridge.gets(broker.topic(GATE_W, "command"), b"from-worker")
+        assert lanes.gets(broker.topic(GATE_W, "capture"), b"genuine")
+        # The allowed messages came after the forged ones, over the same connections.
+        assert not bridge.gets_any(forged, NEGATIVE_WAIT_S)
+        assert not lanes.gets_any(forged, 0)
+        assert not api.gets_any(lambda m: True, 0)
+        assert not worker.gets_any(lambda m: True, 0)
+
+
+def test_on_the_central_broker_no_login_can_take_another_clients_id() -> None:
+    """Every server process used to share the `lanes` login and pick its own client id: any of
+    them, or any holder of that password, could knock a lane process or a region's bridge off
+    by connecting under its id. The client id is now the username."""
+    with (
+        central_broker() as broker,
+        logged_in(broker, "lanes-1", client_id="lanes-1") as victim,
+        logged_in(broker, "bridge-west", client_id="bridge-west") as bridge,
+    ):
+        victim.subscribe(broker.topics.all_gates("capture"))
+        bridge.subscribe(broker.topic(GATE_W, "command"))
+        for impostor, taken in (("api-1", "lanes-1"), ("lanes-2", "bridge-west")):
+            with logged_in(broker, impostor, client_id=taken) as intruder:
+                intruder.publish(broker.topic(GATE_W, "command"), b"from-" + impostor.encode())
+                assert bridge.gets(broker.topic(GATE_W, "command"), b"from-" + impostor.encode())
+        bridge.publish(broker.topic(GATE_W, "capture"), b"still-there")
+        assert victim.gets(broker.topic(GATE_W, "capture"), b"still-there")
+        assert victim.disconnects == bridge.disconnects == 0
+
+
+def test_the_central_broker_refuses_an_oversized_packet() -> None:
+    with (
+        central_broker() as broker,
+        logged_in(broker, "lanes-1") as lanes,
+        logged_in(broker, "bridge-west") as big,
+        logged_in(broker, "lanes-2") as other,
+    ):
+        lanes.subscribe(broker.topics.all_gates("capture"))
+        big._paho.publish(broker.topic(GATE_W, "capture"), b"x" * (2 * 1024 * 1024), qos=1)
+        assert big._wait(lambda: big.disconnects > 0, TIMEOUT_S)
+        assert other.disconnects == 0
+        with logged_in(broker, "bridge-west") as bridge:
+            bridge.publish(broker.topic(GATE_W, "capture"), b"small")
+            assert lanes.gets(broker.topic(GATE_W, "capture"), b"small")
+        assert not lanes.gets_any(lambda m: len(m.payload) > 1024 * 1024, 0)
 
 
 def _delivered(lanes: tuple[Client, ...], topic: str, payloads: list[bytes]) -> list[bytes]:

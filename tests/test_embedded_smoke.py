@@ -179,6 +179,7 @@ async def test_demo_on_embedded_servers_as_a_newcomer_runs_it(tmp_path: Path) ->
     assert summary["exits"] > 20 and summary["entries"] > 10, summary
     assert summary["opened"] + summary["held"] == summary["exits"], summary
     assert summary["unanswered"] == 0, summary
+    assert summary["commands_refused"] == {}, summary  # the gates verify every command
     assert summary["charged"] == summary["bound_exits_with_fee"] > 0, summary
     assert summary["charges_pending"] == summary["charges_failed"] == 0, summary
     assert summary["duplicates_ignored"] >= summary["duplicates_sent"], summary

@@ -43,7 +43,7 @@ from parking.logging import configure_logging
 from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
 from parking_dev import sandbox
-from parking_dev.demo import DemoCity, seed_city
+from parking_dev.demo import DemoCity, ensure_command_key, seed_city
 from tests.conftest import (
     MQTT_URL,
     REDIS_URL,
@@ -81,6 +81,14 @@ RESEND_AFTER_S = 1.0
 SIM_ACK_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 30.0
 CHARGES_TIMEOUT_S = 30.0
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """Commands signed as in production, before the system starts: the simulated gates verify
+    them."""
+    ensure_command_key(settings)
+    return settings
 
 
 @pytest.fixture(autouse=True)
@@ -396,6 +404,7 @@ async def city_and_gates(
         city.gates,
         city.inside,
         city.outside,
+        server_key=ensure_command_key(settings),
         topic_prefix=settings.mqtt_topic_prefix,
         resend_after_s=RESEND_AFTER_S,
         seed=13,

@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from pydantic import SecretStr
 
 from billing import fees
 from gate_controller.simulator import GateSimulator, SimGate, SimReport, Vehicle
-from parking.gates.config import generate_private_key, private_key_pem
+from gate_controller.whitelist import load_public_key
+from parking.gates.commands import command_key
+from parking.gates.config import public_key_text
 from parking.infra import Endpoints, endpoints
 from parking.lanes import repository as lanes_repo
 from parking.lanes.rules import exit_rule
@@ -42,7 +43,13 @@ from parking.logging import configure_from, configure_logging
 from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
 from parking_dev import sandbox
-from parking_dev.demo import DemoCity, percentiles, seed_city, with_simulated_cameras
+from parking_dev.demo import (
+    DemoCity,
+    ensure_command_key,
+    percentiles,
+    seed_city,
+    with_simulated_cameras,
+)
 
 # Niceness of the outbox worker and the simulated provider during a bench run.
 DEFERRED_WORK_NICENESS = 10
@@ -52,6 +59,7 @@ FIRST_DECISIONS = 200
 
 def _simulate(
     mqtt_url: str,
+    server_key: str,
     prefix: str,
     gates: list[SimGate],
     inside: dict[str, list[tuple[Vehicle, Any]]],
@@ -69,6 +77,7 @@ def _simulate(
             gates,
             inside,
             outside,
+            server_key=load_public_key(server_key),
             topic_prefix=prefix,
             duplicate_rate=0.0,
             double_read_rate=0.0,
@@ -211,8 +220,7 @@ async def lane_service(settings: Settings, provider: ProviderEndpoint) -> AsyncI
     """The system under measurement: the lane service in this process, the outbox worker in its
     own (charging is deferred work and must not slow the gates). Its commands are signed as in
     production: with a key of its own when none is configured."""
-    if settings.gate_config_key is None:
-        settings.gate_config_key = SecretStr(private_key_pem(generate_private_key()))
+    ensure_command_key(settings)
     async with (
         endpoints(settings) as eps,
         running(settings, eps, provider, outbox_worker=False) as runtime,
@@ -300,11 +308,15 @@ async def drive(
     window = _DecisionWindow()
     watcher = asyncio.create_task(window.watch(runtime))
     loop = asyncio.get_running_loop()
+    signing_key = command_key(runtime.settings)
+    assert signing_key is not None, "lane_service() gives the lane a command key"
+    server_key_text = public_key_text(signing_key)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as gates:
         report: SimReport = await loop.run_in_executor(
             gates,
             _simulate,
             runtime.endpoints.mqtt_url,
+            server_key_text,
             runtime.settings.mqtt_topic_prefix,
             city.gates,
             city.inside,
@@ -335,6 +347,7 @@ async def drive(
         "gate_round_trip": percentiles(report.round_trip_ms),
         "outcomes": dict(stats.outcomes),
         "errors": stats.failures + report.unanswered + stats.dead_letters,
+        "commands_refused_by_gates": dict(report.command_refusals),
         "charged": charged["succeeded"],
         # Exits decided on a plate other than the car's own (the simulator knows the truth).
         "exits_wrong_plate": wrong["decided"],

@@ -17,6 +17,8 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import httpx
 import uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import SecretStr
 
 from billing import agreements, ledger, reconcile
 from billing.tariff import Tariff
@@ -27,6 +29,8 @@ from parking.admin import repository as admin
 from parking.app import create_app, server_config
 from parking.auth import repository as auth_repo
 from parking.auth.tokens import hash_password
+from parking.gates.commands import command_key
+from parking.gates.config import generate_private_key, private_key_pem
 from parking.infra import endpoints
 from parking.logging import mask_plates_in_text
 from parking.runtime import ProviderEndpoint, Runtime, payment_provider, running
@@ -215,6 +219,16 @@ def _valid_capture() -> bytes:
     )
 
 
+def ensure_command_key(settings: Settings) -> Ed25519PublicKey:
+    """Commands are signed as in production, with a key of this run's own when none is
+    configured; returns the public key the simulated gates verify them with."""
+    if settings.gate_config_key is None:
+        settings.gate_config_key = SecretStr(private_key_pem(generate_private_key()))
+    key = command_key(settings)
+    assert key is not None
+    return key.public_key()
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     """p50/p95/p99/max in ms, rounded; zeros for no values."""
     if len(values) < 2:
@@ -304,6 +318,8 @@ async def summarise(
         "duplicates_ignored": runtime.lanes.stats.duplicates,
         "double_reads": report.double_reads_sent,
         "unanswered": report.unanswered,
+        # Commands the simulated gates refused (unsigned, forged, another gate's, expired).
+        "commands_refused": dict(report.command_refusals),
         "notifications_sent": runtime.outbox.stats.notified,
         "dead_letters": dead_letters,
         "dead_letters_expected": expected_dead,
@@ -460,6 +476,7 @@ async def run_demo(
             update={"public_base_url": f"http://{settings.api_host}:{settings.api_port}"}
         )
     rng = random.Random()
+    server_key = ensure_command_key(settings)
     async with (
         endpoints(settings) as eps,
         payment_provider(settings, faults) as provider,
@@ -495,6 +512,7 @@ async def run_demo(
             city.gates,
             city.inside,
             city.outside,
+            server_key=server_key,
             topic_prefix=settings.mqtt_topic_prefix,
             seed=rng.randrange(1 << 30),
         ) as sim:

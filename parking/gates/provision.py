@@ -137,11 +137,17 @@ def plan_accounts(
     known_passwords: Mapping[str, str],
     instances: Mapping[str, int] = DEFAULT_INSTANCES,
 ) -> list[Account]:
-    """One account per server process (`instances`: how many of each role) and one per gate,
-    keeping the passwords already known."""
+    """One account per server process (`instances`: at least how many of each role) and one
+    per gate, keeping the passwords already known. Server logins already provisioned are kept
+    too (`lanes-3` stays when run again with fewer): a pod of a StatefulSet scaled to 3 would
+    otherwise lose its login when a gate is added. `--rotate` (no known passwords) starts over."""
     for role, count in instances.items():
         if role not in ROLES or not 1 <= count <= 999:
             raise ProvisionError(f"{role}={count}: expected 1-999 of each of {', '.join(ROLES)}")
+    counts = {
+        role: max(instances.get(role, DEFAULT_INSTANCES[role]), _known_count(role, known_passwords))
+        for role in ROLES
+    }
     by_username: dict[str, GateAddress] = {}
     for address in map(checked, gates):
         username = gate_username(address)
@@ -162,13 +168,20 @@ def plan_accounts(
             role,
         )
         for role in ROLES
-        for number in range(1, instances.get(role, DEFAULT_INSTANCES[role]) + 1)
+        for number in range(1, counts[role] + 1)
     ]
     gate_accounts = [
         Account(username, known_passwords.get(username) or new_password(), gate, "gate")
         for username, gate in sorted(by_username.items(), key=lambda item: item[0])
     ]
     return servers + gate_accounts
+
+
+def _known_count(role: str, known_passwords: Mapping[str, str]) -> int:
+    """The highest `<role>-<n>` among the known logins (0 when none)."""
+    pattern = re.compile(rf"{re.escape(role)}-([1-9][0-9]{{0,2}})")
+    numbers = [int(m.group(1)) for m in map(pattern.fullmatch, known_passwords) if m]
+    return max(numbers, default=0)
 
 
 def mosquitto_hash(password: str) -> str:
