@@ -36,14 +36,15 @@ def constrained_positions(
     masks: np.ndarray,
     top_k: int = 4,
     within_class: tuple[int, ...] = (0,),
-) -> list[Alternatives] | None:
+) -> tuple[list[Alternatives], float] | None:
     """Best alignment of ``probs`` (frames × symbols, blank first, rows summing to 1) to
     the template whose classes are ``masks`` (see :func:`class_masks`).
 
-    Returns the per-position alternatives: each class's top ``top_k`` symbols at that
-    position's best frame, as shares of the frame's non-blank probability (of the class's
-    own for the positions in ``within_class``); ``None`` when the image has fewer frames
-    than the template has characters.
+    Returns the per-position alternatives (each class's top ``top_k`` symbols at that
+    position's best frame, as shares of the frame's non-blank probability, of the class's
+    own for the positions in ``within_class``) and the alignment's probability relative to
+    the unconstrained best path (≤ 1: how much the template had to force); ``None`` when
+    the image has fewer frames than the template has characters.
     """
     frames = probs.shape[0]
     length = masks.shape[0]
@@ -55,18 +56,16 @@ def constrained_positions(
     blank = logp[:, 0]
     states = 2 * length + 1  # blank, label 0, blank, label 1, ..., blank
     score = np.full(states, _NEG)
-    back = np.zeros((frames, states), dtype=np.int8)  # 0 stay, 1 from s-1, 2 from s-2
+    back = np.zeros((frames, states), dtype=np.int8)  # 0 stay, 1 from the state before
     score[0] = blank[0]
     score[1] = emit[0, 0]
-    is_label = np.arange(states) % 2 == 1
     for t in range(1, frames):
-        stay = score
-        prev1 = np.concatenate(([_NEG], score[:-1]))
-        prev2 = np.concatenate(([_NEG, _NEG], score[:-2]))
-        prev2 = np.where(is_label, prev2, _NEG)  # skip a blank only into a label
-        options = np.stack((stay, prev1, prev2))
-        choice = options.argmax(axis=0)
-        best = options[choice, np.arange(states)]
+        # A character follows the previous one only through a blank frame. (CTC may skip
+        # the blank between two different symbols, but a class's best symbol can be the
+        # same as its neighbour's, and CTC would merge those: 皖ACC220 read 皖AAC220.)
+        prev = np.concatenate(([_NEG], score[:-1]))
+        choice = (prev > score).astype(np.int8)
+        best = np.where(choice == 1, prev, score)
         emission = np.empty(states)
         emission[0::2] = blank[t]
         emission[1::2] = emit[t]
@@ -75,6 +74,7 @@ def constrained_positions(
     end = states - 1 if score[-1] >= score[-2] else states - 2
     if score[end] <= _NEG / 2:
         return None
+    ratio = float(np.exp(min(0.0, score[end] - logp.max(axis=1).sum())))
     # Trace back which frames each label state held.
     path = np.empty(frames, dtype=np.int64)
     s = end
@@ -93,4 +93,4 @@ def constrained_positions(
         mass = float(norm.sum()) or 1.0
         ranked = cls[np.argsort(-probs[t, cls])][:top_k]
         out.append([(chars[i], float(probs[t, i]) / mass) for i in ranked])
-    return out
+    return out, ratio

@@ -59,12 +59,15 @@ def test_a_province_read_as_a_letter_is_recovered() -> None:
     # Greedy decoding offers no province: the grammar can only mark it unknown.
     greedy = rank_candidates(_greedy(SMUDGED), "blue")
     assert greedy[0].plate == "?A12345"
-    positions = constrained_positions(SMUDGED, CHARS, class_masks(CHARS, ORDINARY))
-    assert positions is not None
+    found = constrained_positions(SMUDGED, CHARS, class_masks(CHARS, ORDINARY))
+    assert found is not None
+    positions, ratio = found
     assert [alts[0][0] for alts in positions] == list("皖A12345")
     # The province is ranked among provinces only: 皖 0.04 against 浙 0.01.
     assert positions[0][0][1] == pytest.approx(0.8)
     assert positions[0][1] == ("浙", pytest.approx(0.2))
+    # The path had to take 皖 (0.04) where M (0.4) was likelier: a tenth of the best path.
+    assert ratio == pytest.approx(0.1)
     best = template_candidates(positions, ORDINARY, 1.0, 3)
     assert best[0].plate == "皖A12345"
 
@@ -77,7 +80,7 @@ def test_a_dropped_character_is_found_where_blank_won() -> None:
     assert len(_greedy(probs)) == 6
     found = constrained_positions(probs, CHARS, class_masks(CHARS, ORDINARY))
     assert found is not None
-    assert "".join(alts[0][0] for alts in found) == "皖A12345"
+    assert "".join(alts[0][0] for alts in found[0]) == "皖A12345"
 
 
 def test_too_few_frames_for_the_template() -> None:

@@ -98,7 +98,7 @@ def test_doubtful_crops_are_read_again_denoised(
 ) -> None:
     """Heavy JPEG and night noise: the grammar-constrained decode and the denoised grey
     variant (read when the first read is doubtful) read far more of the same 40 crops
-    (2026-12-06: JPEG 32 → 54 of 80, night 64 → 77 of 80 with the reader before them)."""
+    (2026-12-06: JPEG 32 → 52 of 80, night 64 → 79 of 80 with the reader before them)."""
     rows = [r for r in plate_rows if r["kind"] == "crop"][:40]
     images = [(cv2.imread(str(plate_data / r["file"])), r) for r in rows]
 
