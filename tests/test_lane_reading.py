@@ -36,7 +36,7 @@ async def test_exit_with_only_an_image_is_read_by_the_server_and_opens_for_a_con
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
     """The server reads the frame right (calibrated 0.998), matched unique to the parked car;
-    below the calibrated certain threshold (0.999658) a charge waits for an operator (the car
+    below the calibrated certain threshold (0.999341) a charge waits for an operator (the car
     park's default policy opens the gate)."""
     driver = await make_driver(runtime, "皖AD2Y34")
     await _enter(runtime, gate, lot, driver.plate)
