@@ -14,6 +14,14 @@ from billing.rails import WECHAT_HOSTS
 from plate_recognition.calibration import certain_threshold
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PARKING_", env_file=".env", extra="ignore")
 
@@ -103,7 +111,8 @@ class Settings(BaseSettings):
     verify_agree_score: float = Field(default=0.9, ge=0.0, le=1.0)
     verify_contradict_score: float = Field(default=0.9, ge=0.0, le=1.0)
     ocr_engine: str = "rapidocr"
-    ocr_workers: int = 1
+    # OCR process pool: one single-threaded reader per core this process may run on.
+    ocr_workers: int = Field(default_factory=_usable_cores, ge=1)
 
     # Where drivers' phones and the payment provider reach this service: the gate's payment QR
     # codes, receipt links and the provider's notification URL are built from it. Unset: this

@@ -224,6 +224,37 @@ def _length_variants(
             yield [*positions[:i], *positions[i + 1 :]], 0.5 * (1.0 - top)
 
 
+def templates(color: str | None = None) -> list[tuple[tuple[str, ...], float]]:
+    """Every plate template (one character class per position) with its prior for
+    ``color``: 1 for the colour's usual shapes, a soft penalty for the others."""
+    usual = _TEMPLATES_BY_COLOR.get(color)
+    if usual is None:
+        raise ValueError(f"unknown plate colour {color!r}")
+    return [(t, 1.0 if t in usual else _COLOR_MISMATCH) for t in _ALL_TEMPLATES]
+
+
+def template_candidates(
+    positions: Sequence[Alternatives], template: tuple[str, ...], penalty: float, limit: int
+) -> list[Candidate]:
+    """The best ``limit`` plates of one template from per-position alternatives of exactly
+    its length, each score a product of probabilities times ``penalty``."""
+    options = [_position_options(alts, cls) for alts, cls in zip(positions, template, strict=True)]
+    return [
+        Candidate(plate, score * penalty, fixed)
+        for score, plate, fixed in _best_products(options, limit)
+    ]
+
+
+def merge_candidates(groups: Iterable[Iterable[Candidate]], limit: int = 10) -> list[Candidate]:
+    """One ranking from several: each plate keeps its best score."""
+    best: dict[str, Candidate] = {}
+    for group in groups:
+        for cand in group:
+            if cand.plate not in best or cand.score > best[cand.plate].score:
+                best[cand.plate] = cand
+    return sorted(best.values(), key=lambda c: -c.score)[:limit]
+
+
 def rank_candidates(
     positions: Sequence[Alternatives],
     color: str | None = None,
@@ -239,25 +270,14 @@ def rank_candidates(
     candidates; the list is sorted best first. If nothing fits the grammar it is empty
     and the caller must treat the read as unreadable.
     """
-    usual = _TEMPLATES_BY_COLOR.get(color)
-    if usual is None:
-        raise ValueError(f"unknown plate colour {color!r}")
     norm = [[(_norm_char(ch), p) for ch, p in alts] for alts in positions]
-    best: dict[str, Candidate] = {}
-    for template in _ALL_TEMPLATES:
-        prior = 1.0 if template in usual else _COLOR_MISMATCH
+    groups = []
+    for template, prior in templates(color):
         for variant, length_penalty in _length_variants(norm, len(template)):
             penalty = prior * length_penalty
-            if penalty <= 0.0:
-                continue
-            options = [
-                _position_options(alts, cls) for alts, cls in zip(variant, template, strict=True)
-            ]
-            for score, plate, fixed in _best_products(options, limit):
-                cand = Candidate(plate, score * penalty, fixed)
-                if plate not in best or cand.score > best[plate].score:
-                    best[plate] = cand
-    return sorted(best.values(), key=lambda c: -c.score)[:limit]
+            if penalty > 0.0:
+                groups.append(template_candidates(variant, template, penalty, limit))
+    return merge_candidates(groups, limit)
 
 
 def candidates_from_text(

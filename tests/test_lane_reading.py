@@ -37,7 +37,7 @@ async def test_exit_with_only_an_image_is_read_by_the_server_and_opens_for_a_ver
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
     """The server reads the frame right (calibrated 0.998), matched unique to the parked car;
-    below the calibrated certain threshold (0.999658) the charge waits for its verification
+    below the calibrated certain threshold (0.999341) the charge waits for its verification
     (the car park's default policy opens the gate), which reads the exit's frame as the stay's
     plate and none as another: it goes on without an operator."""
     driver = await make_driver(runtime, "皖AD2Y34")

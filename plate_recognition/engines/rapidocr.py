@@ -17,8 +17,16 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from plate_recognition.ctc import class_masks, constrained_positions
 from plate_recognition.engines.base import ReadResult, freeze_positions
-from plate_recognition.grammar import PLATE_CHARSET, Alternatives, rank_candidates
+from plate_recognition.grammar import (
+    PLATE_CHARSET,
+    Alternatives,
+    merge_candidates,
+    rank_candidates,
+    template_candidates,
+    templates,
+)
 
 _MODEL_FILE = "ch_PP-OCRv4_rec_infer.onnx"
 # The model was trained on 48-pixel lines padded to at least 320 wide. 40 pixels reads the
@@ -29,6 +37,12 @@ _MODEL_FILE = "ch_PP-OCRv4_rec_infer.onnx"
 _HEIGHT = 40
 _MIN_WIDTH = 200
 _TOP_K = 4
+#: Below this raw score the greedy read is doubtful: the grammar-constrained decode
+#: (:mod:`plate_recognition.ctc`) is added to its candidates.
+CONSTRAIN_BELOW = 0.9
+#: Exponent of the constrained path's probability relative to the greedy one in the
+#: score of its candidates.
+FORCED_WEIGHT = 0.5
 
 
 def _model_path() -> Path:
@@ -57,6 +71,7 @@ class RapidOcrReader:
         keep = [0] + [i for i, ch in enumerate(charset) if ch in wanted]
         self._keep = np.array(keep, dtype=np.int64)
         self._chars = [charset[i] for i in keep]
+        self._mask_cache: dict[tuple[str, ...], np.ndarray] = {}
 
     def _prepare(self, image: np.ndarray) -> np.ndarray:
         if image.ndim == 2:
@@ -68,11 +83,14 @@ class RapidOcrReader:
         batch[0, :, :, :width] = resized.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
         return batch
 
-    def positions(self, image: np.ndarray) -> list[Alternatives]:
-        """Per-character alternatives from a CTC decode restricted to the plate alphabet."""
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """Per-frame probabilities over the plate alphabet (blank first), rows summing to 1."""
         probs = self._session.run(None, {self._input: self._prepare(image)})[0][0]
         probs = probs[:, self._keep]
-        probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-9)
+        return np.asarray(probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-9))
+
+    def _greedy(self, probs: np.ndarray) -> list[Alternatives]:
+        """Per-character alternatives from a greedy CTC decode."""
         best = probs.argmax(axis=1)
         out: list[Alternatives] = []
         t = 0
@@ -91,11 +109,35 @@ class RapidOcrReader:
             t = end + 1
         return out
 
+    def positions(self, image: np.ndarray) -> list[Alternatives]:
+        """Per-character alternatives from a CTC decode restricted to the plate alphabet."""
+        return self._greedy(self.probabilities(image))
+
+    def _masks(self, template: tuple[str, ...]) -> np.ndarray:
+        masks = self._mask_cache.get(template)
+        if masks is None:
+            masks = self._mask_cache[template] = class_masks(self._chars, template)
+        return masks
+
     def read(self, image: np.ndarray, color: str | None = None) -> ReadResult:
-        positions = self.positions(image)
+        probs = self.probabilities(image)
+        positions = self._greedy(probs)
+        candidates = rank_candidates(positions, color)
+        if not candidates or candidates[0].score < CONSTRAIN_BELOW:
+            groups = [candidates]
+            for template, prior in templates(color):
+                found = constrained_positions(probs, self._chars, self._masks(template), _TOP_K)
+                if found is not None:
+                    # Scaled by how much the template forced the path (its square root:
+                    # chosen on seeds 500-501; the full ratio lost most of the JPEG gain,
+                    # none lets forced paths outrank right greedy reads of tilted plates).
+                    alts, forced = found
+                    penalty = prior * forced**FORCED_WEIGHT
+                    groups.append(template_candidates(alts, template, penalty, 10))
+            candidates = merge_candidates(groups)
         return ReadResult(
             engine=self.name,
-            candidates=tuple(rank_candidates(positions, color)),
+            candidates=tuple(candidates),
             raw="".join(alts[0][0] for alts in positions),
             positions=freeze_positions(positions),
         )
