@@ -69,6 +69,7 @@ from parking.lanes.rules import (
     Verification,
     better_entry_read,
     entry_wants_second_reader,
+    frames_to_verify,
     identity_color,
     is_certain,
     is_proven,
@@ -194,8 +195,10 @@ class Stay:
     entered_s: float
     entry_certain: bool
     entry_proven: bool = False
-    # The server reader's reads of the entry's frames (what a charge's verification reads).
+    # The server reader's reads of the entry's frames (what a charge's verification reads),
+    # and which reader made the entry's read.
     entry_frames: tuple[FrameRead, ...] = ()
+    entry_source: str | None = None
 
 
 @dataclass(slots=True)
@@ -391,7 +394,6 @@ def decide_exit(
     no_entry_fee_fen: int | None,
     car_park_policy: str,
     verifiable: bool = False,
-    verification: Verification | None = None,
 ) -> tuple[Resolution, ExitPlan]:
     """An exit as the lane decides it (`LaneService._exit`): the read resolved against the
     vehicles parked here and just gone, then `plan_exit` on the stay it resolved to
@@ -411,8 +413,6 @@ def decide_exit(
             car_park_policy, operator_read=reading.source == "operator", offline_open=False
         ),
         verifiable=verifiable,
-        exit_frames=reading.frames,
-        verification=verification,
     )
     return resolution, plan
 
@@ -651,6 +651,7 @@ class City:
             is_certain(reading, self.certainty),
             is_proven(reading, self.certainty),
             seen.frames,
+            reading.source,
         )
         self._record(car_park, stay)
         vehicle.stay = stay
@@ -746,7 +747,6 @@ class City:
                 no_entry_fee_fen=car_park.fixed_fee,
                 car_park_policy=car_park.policy,
                 verifiable=True,
-                verification=self.verification,
             )
 
         resolution, plan = decide(reading)
@@ -768,8 +768,8 @@ class City:
             verdict = verify_charge(
                 stay.identity,
                 (
-                    None if stay.entry_proven else stay.entry_frames,
-                    None if resolution.proven else seen.frames,
+                    frames_to_verify(stay.entry_proven, stay.entry_source, stay.entry_frames),
+                    frames_to_verify(resolution.proven, reading.source, seen.frames),
                 ),
                 self.verification,
             )

@@ -546,6 +546,9 @@ class ChargeEvidence:
     exit_proven: bool
     entry_frames: list[bytes]
     exit_frames: list[bytes]
+    # Which reader made each end's read (`captures.plate_source`: camera, ocr, operator).
+    entry_source: str | None = None
+    exit_source: str | None = None
 
 
 _FRAMES = """LEFT JOIN capture_keys {k} ON {k}.capture_id = {id}
@@ -559,6 +562,7 @@ async def charge_evidence(conn: asyncpg.Connection, charge_id: int) -> ChargeEvi
     row = await conn.fetchrow(
         f"""SELECT ch.status, s.plate, s.plate_color, s.entry_proven,
                    COALESCE(xc.read_proven, false) AS exit_proven,
+                   ec.plate_source AS entry_source, xc.plate_source AS exit_source,
                    ef.image AS entry_image, ef.more_images AS entry_more,
                    xf.image AS exit_image, xf.more_images AS exit_more
             FROM charges ch
@@ -582,4 +586,6 @@ async def charge_evidence(conn: asyncpg.Connection, charge_id: int) -> ChargeEvi
         row["exit_proven"],
         frames(row["entry_image"], row["entry_more"]),
         frames(row["exit_image"], row["exit_more"]),
+        row["entry_source"],
+        row["exit_source"],
     )

@@ -238,6 +238,19 @@ class Verification:
 VerifyVerdict = Literal["verified", "refuted", "unconfirmed"]
 
 
+def frames_to_verify(
+    proven: bool, source: str | None, frames: Sequence[FrameRead]
+) -> Sequence[FrameRead] | None:
+    """What `verify_charge` may weigh for one end of a stay: nothing to check when its read was
+    proven (None); the server reader's reads of its frames when the end was read by another
+    reader (the camera); and no corroboration at all (an empty list: `unconfirmed`) when the
+    server's reader itself made the end's doubtful read, since reading the same frames again
+    with the same reader is not a second opinion."""
+    if proven:
+        return None
+    return frames if source == "camera" else ()
+
+
 def verify_charge(
     identity: Identity,
     ends: Sequence[Sequence[FrameRead] | None],
@@ -531,8 +544,6 @@ def plan_exit(
     uncertain_policy: UncertainPolicy,
     offline_open: bool = False,
     verifiable: bool = False,
-    exit_frames: Sequence[FrameRead] = (),
-    verification: Verification | None = None,
 ) -> ExitPlan:
     """The exit decision after the read is resolved (`resolve_plate`), as the lane takes it.
 
@@ -541,9 +552,9 @@ def plan_exit(
     fee for a car with no entry record, None when its policy sends such cars to an operator.
     `offline_open`: the gate already let the car out while it could not reach us.
     `verifiable`: the exit capture sent frames the server's reader can read again
-    (`verify_charge`). `exit_frames`: the server's reads of them when it read them at the gate;
-    frames that agree with the stay (`verify_charge` on the exit's end) make a doubtful exit
-    read sure enough for a 'hold' car park to open (the charge is still verified).
+    (`verify_charge`). A doubtful exit read does not open a 'hold' car park: the server's
+    reads of the frames at the gate are the same reader that made a doubtful read, not a
+    second one (`frames_to_verify`).
 
     A car read again within the duplicate window is the same car leaving; an ambiguous or
     unreadable read, and a car with no entry record (unless the fixed-fee policy applies and
@@ -581,12 +592,7 @@ def plan_exit(
         validation=stay.validation,
         reads_proven=resolution.proven and stay.entry_proven,
         verifiable=verifiable,
-        exit_certain=resolution.certain
-        or (
-            verification is not None
-            and bool(exit_frames)
-            and verify_charge(identity, (None, exit_frames), verification) == "verified"
-        ),
+        exit_certain=resolution.certain,
     )
     if stay.blacklisted is not None and not offline_open:
         # Blacklisted: held for a person whatever the fee (blacklist before any right).

@@ -294,8 +294,6 @@ class LaneService:
             offline_open=offline_open,
             # The frames the server's reader can read again before the charge is sent.
             verifiable=bool(capture.frames()),
-            exit_frames=reading.frames,
-            verification=self.verification,
         )
         if plan.outcome == "duplicate_read":
             return self._open(capture, now, "duplicate_read", resolved.plate, resolved.duplicate_of)

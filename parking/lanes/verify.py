@@ -9,6 +9,7 @@ Otherwise it waits for an operator with both frames (`awaiting_confirmation`), a
 doubtful reads does. The misread simulation decides with the same `verify_charge`.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -16,14 +17,14 @@ import asyncpg
 from billing import audit, charges
 from parking.lanes import repository as repo
 from parking.lanes.reading import PlateReader, frame_reads
-from parking.lanes.rules import FrameRead, Verification, verify_charge
+from parking.lanes.rules import FrameRead, Verification, frames_to_verify, verify_charge
 from parking.logging import get_logger
 from parking.settings import Settings
 
 log = get_logger(__name__)
 
 
-def _reads(reads: tuple[FrameRead, ...] | None) -> list[dict[str, Any]] | None:
+def _reads(reads: Sequence[FrameRead] | None) -> list[dict[str, Any]] | None:
     if reads is None:
         return None
     return [{"plate": r.plate, "score": round(r.score, 4), "color": r.color} for r in reads]
@@ -40,21 +41,23 @@ class ChargeVerifier:
     def close(self) -> None:
         self.reader.close()
 
+    async def _frames(
+        self, proven: bool, source: str | None, images: list[bytes]
+    ) -> Sequence[FrameRead] | None:
+        """One end's frames as `frames_to_verify` lets them count (read only when they do)."""
+        wanted = not proven and source == "camera"
+        reads = frame_reads(await self.reader.read_frames(images)) if wanted else ()
+        return frames_to_verify(proven, source, reads)
+
     async def __call__(self, charge_id: int) -> None:
         async with self.pool.acquire() as conn:
             evidence = await repo.charge_evidence(conn, charge_id)
         if evidence is None or evidence.status != "awaiting_verification":
             return  # decided already (a job run twice), or gone
-        entry = (
-            None
-            if evidence.entry_proven
-            else frame_reads(await self.reader.read_frames(evidence.entry_frames))
+        entry = await self._frames(
+            evidence.entry_proven, evidence.entry_source, evidence.entry_frames
         )
-        exit_ = (
-            None
-            if evidence.exit_proven
-            else frame_reads(await self.reader.read_frames(evidence.exit_frames))
-        )
+        exit_ = await self._frames(evidence.exit_proven, evidence.exit_source, evidence.exit_frames)
         identity = (evidence.plate, evidence.plate_color)
         verdict = verify_charge(identity, (entry, exit_), self.verification)
         found = {"verdict": verdict, "entry": _reads(entry), "exit": _reads(exit_)}
