@@ -2,15 +2,29 @@
 change the limit and may cancel it. One active agreement per account; a cancelled one is kept
 (charges already queued under it still refer to it)."""
 
+from collections.abc import Iterable
 from datetime import datetime
 
 import asyncpg
+import structlog
 
-from billing.providers import ServiceState
+from billing.providers import (
+    PaymentProvider,
+    PlateService,
+    ProviderRejected,
+    ProviderUnavailable,
+    ServiceState,
+)
+
+log = structlog.get_logger(__name__)
 
 
 class AgreementError(ValueError):
     pass
+
+
+class AgreementNoInUse(AgreementError):
+    """Another account's active agreement has this number (on WeChat: the same openid)."""
 
 
 async def sign(
@@ -38,6 +52,8 @@ async def sign(
             signed_at,
         )
     except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name == "pay_later_active_agreement_no":
+            raise AgreementNoInUse("another account's agreement has this number") from exc
         raise AgreementError("the account already has an active agreement") from exc
     return agreement_id
 
@@ -93,3 +109,53 @@ async def record_service_state(
         changed_at,
     )
     return bool(recorded)
+
+
+async def look_up_states(
+    provider: PaymentProvider, vehicles: Iterable[tuple[str, str, str]]
+) -> list[PlateService]:
+    """The provider's word on each (agreement_no, plate, colour), for as many as it answered:
+    a refused query skips its plate, an outage ends the look-up (what was not answered stays
+    as it was and is asked again by the worker's sweep)."""
+    answered = []
+    for agreement_no, plate, color in vehicles:
+        try:
+            answered.append(
+                await provider.service_state(agreement_no=agreement_no, plate=plate, color=color)
+            )
+        except ProviderUnavailable as exc:
+            log.warning("billing.plate_state_unavailable", provider=provider.name, error=str(exc))
+            break
+        except ProviderRejected as exc:
+            log.warning("billing.plate_state_refused", provider=provider.name, code=exc.code)
+    return answered
+
+
+async def record_looked_up(
+    conn: asyncpg.Connection, provider: str, answered: Iterable[PlateService], at: datetime
+) -> None:
+    for service in answered:
+        await record_service_state(conn, provider, service.plate, service.color, service.state, at)
+
+
+async def stale_services(
+    conn: asyncpg.Connection, provider: str, *, older_than: datetime, limit: int
+) -> list[asyncpg.Record]:
+    """Bound vehicles of active agreements with `provider` whose service state was never
+    learned or last learned before `older_than`, the longest unchecked first: (agreement_no,
+    plate, color)."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT a.agreement_no, b.plate, b.color
+           FROM pay_later_agreements a
+           JOIN plate_bindings b ON b.account_id = a.account_id AND b.unbound_at IS NULL
+           LEFT JOIN plate_services ps
+                  ON ps.provider = a.provider AND ps.plate = b.plate AND ps.plate_color = b.color
+           WHERE a.provider = $1 AND a.cancelled_at IS NULL
+             AND (ps.recorded_at IS NULL OR ps.recorded_at < $2)
+           ORDER BY ps.recorded_at NULLS FIRST, b.id
+           LIMIT $3""",
+        provider,
+        older_than,
+        limit,
+    )
+    return rows

@@ -361,6 +361,8 @@ class WeChatParkingProvider:
         state = body.get("service_state") if isinstance(body, dict) else None
         if state not in _STATES:
             raise ProviderMalformed(f"unknown service_state {state!r}")
+        if body.get("openid", agreement_no) != agreement_no:
+            raise ProviderMalformed("the answer is about another WeChat user")
         return PlateService(plate, color, _STATES[state], None if state == "NORMAL" else state)
 
     async def register_entry(

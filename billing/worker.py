@@ -47,6 +47,8 @@ class WorkerStats:
     refunded: int = 0
     notified: int = 0
     reminders: int = 0
+    # Plate service states asked again by the sweep and answered.
+    plate_states: int = 0
     # Jobs that raised something unexpected (a count: a list would grow for ever).
     failures: int = 0
     # Jobs that used up their kind's attempts (each logged as outbox.job_dead).
@@ -95,6 +97,8 @@ class OutboxWorker:
         reminder_every: timedelta = timedelta(days=3),
         pass_reminder_before: timedelta = timedelta(days=3),
         payment_lifetime_s: float = 900.0,
+        plate_state_max_age_s: float = 86_400.0,
+        plate_state_batch: int = 50,
         max_attempts: Mapping[str, int] = DEFAULT_MAX_ATTEMPTS,
         backoff_cap_s: float = 300.0,
         rng: random.Random | None = None,
@@ -123,6 +127,9 @@ class OutboxWorker:
         self.pass_reminder_before = pass_reminder_before
         # An unpaid QR or app payment is closed at the provider after this long.
         self.payment_lifetime_s = payment_lifetime_s
+        # Plate service states older than this are asked again, this many per sweep.
+        self.plate_state_max_age_s = plate_state_max_age_s
+        self.plate_state_batch = plate_state_batch
         self._handlers: dict[str, Callable[[Job], Awaitable[None]]] = {
             "charge": self._charge,
             "refund": self._refund,
@@ -424,7 +431,8 @@ class OutboxWorker:
         await self._done(job)
 
     async def sweep(self, now: datetime) -> None:
-        """Periodic work: debt reminders, and payments whose notification never came."""
+        """Periodic work: debt reminders, payments whose notification never came, and plate
+        service states grown old."""
         async with self.pool.acquire() as conn, conn.transaction():
             self.stats.reminders += await debts.send_reminders(
                 conn, every=self.reminder_every, now=now, language=self.style.language
@@ -451,6 +459,32 @@ class OutboxWorker:
                 await self._follow_up_payment(row["out_trade_no"], expired=row["expired"])
             except Exception:  # one payment's trouble must not stop the sweep
                 log.exception("billing.payment_follow_up_failed")
+        try:
+            await self._refresh_plate_states(now)
+        except Exception:  # the rest of the sweep must not depend on the plate states
+            log.exception("billing.plate_states_refresh_failed")
+
+    async def _refresh_plate_states(self, now: datetime) -> None:
+        """Asks the provider again about bound plates of active agreements whose service state
+        is older than the maximum age (or was never learned), a bounded batch per sweep. An
+        outage ends the batch: those plates stay stale and are asked at the next sweep. The
+        lanes read the recorded states only and never wait for this."""
+        async with self.pool.acquire() as conn:
+            stale = await agreements.stale_services(
+                conn,
+                self.provider.name,
+                older_than=now - timedelta(seconds=self.plate_state_max_age_s),
+                limit=self.plate_state_batch,
+            )
+        if not stale:
+            return
+        answered = await agreements.look_up_states(
+            self.provider, [(r["agreement_no"], r["plate"], r["color"]) for r in stale]
+        )
+        async with self.pool.acquire() as conn, conn.transaction():
+            await agreements.record_looked_up(conn, self.provider.name, answered, datetime.now(UTC))
+        self.stats.plate_states += len(answered)
+        log.info("billing.plate_states_refreshed", asked=len(stale), answered=len(answered))
 
     async def _follow_up_payment(self, out_trade_no: str, *, expired: bool) -> None:
         try:

@@ -300,6 +300,8 @@ async def running(
             query_after_s=settings.charge_query_after_s,
             poll_interval_s=settings.worker_poll_interval_s,
             sweep_interval_s=settings.worker_sweep_interval_s,
+            plate_state_max_age_s=settings.plate_state_max_age_s,
+            plate_state_batch=settings.plate_state_batch,
             lease_s=settings.worker_lease_s,
             reminder_every=timedelta(days=settings.debt_reminder_every_days),
             pass_reminder_before=timedelta(days=settings.pass_reminder_days),

@@ -154,6 +154,11 @@ class Settings(BaseSettings):
     charge_query_after_s: float = 5.0
     worker_poll_interval_s: float = 0.5
     worker_sweep_interval_s: float = 60.0
+    # A bound plate's service state with the provider (normal / paused / overdue / not opened)
+    # older than this is asked again by the worker's sweep, at most `plate_state_batch` plates
+    # per sweep (state notifications and entry registrations keep it fresh in between).
+    plate_state_max_age_s: float = Field(default=86_400.0, ge=0)
+    plate_state_batch: int = Field(default=50, ge=1, le=1000)
     # A job a crashed worker had claimed is picked up again after this long.
     worker_lease_s: float = 60.0
     debt_reminder_every_days: int = 3

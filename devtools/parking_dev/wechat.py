@@ -124,6 +124,10 @@ class Emulator:
         self.platform_serial = self.platform_key_id
         self.apiv3_key = secrets.token_hex(16)  # 32 characters
         self.plates: dict[tuple[str, str], str] = {}
+        # The WeChat user (openid) who opened a plate's service, where a test or the demo said
+        # so: the plate-service query under another openid answers OUT_SERVICE. A plate with
+        # none answers its state to any openid.
+        self.openers: dict[tuple[str, str], str] = {}
         self.parkings: dict[str, dict[str, Any]] = {}
         self.transactions: dict[str, dict[str, Any]] = {}
         self.payments: dict[str, dict[str, Any]] = {}
@@ -131,6 +135,8 @@ class Emulator:
         self.bills: dict[str, bytes] = {}
         self.notices: list[Notice] = []
         self.rejected_requests = 0
+        # The plate of every plate-service query received (answered or failed).
+        self.service_queries: list[str] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: httpx.AsyncClient | None = None
         self._stopping = asyncio.Event()
@@ -375,12 +381,17 @@ class Emulator:
     def plate_state(self, plate: str, color: str) -> str:
         return self.plates.get((plate, color), self.config.default_state)
 
-    def set_plate_state(self, plate: str, color: str, state: str) -> None:
-        """A driver paused, resumed, fell overdue or closed the service: every open entry of
-        the plate is told (VEHICLE.ENTRANCE_STATE_CHANGE)."""
+    def set_plate_state(
+        self, plate: str, color: str, state: str, *, openid: str | None = None
+    ) -> None:
+        """A driver paused, resumed, fell overdue or closed the service (`openid`: the WeChat
+        user who opened it): every open entry of the plate is told
+        (VEHICLE.ENTRANCE_STATE_CHANGE)."""
         if state not in _STATES:
             raise ValueError(f"unknown state {state!r}")
         self.plates[(plate, color)] = state
+        if openid is not None:
+            self.openers[(plate, color)] = openid
         for parking in self.parkings.values():
             if (parking["plate_number"], parking["plate_color"]) != (plate, color):
                 continue
@@ -520,6 +531,7 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
 
     @app.get("/v3/vehicle/parking/services/find")
     async def services_find(request: Request) -> Response:
+        emulator.service_queries.append(request.query_params.get("plate_number", ""))
         _, failure = await signed(request)
         if failure:
             return failure
@@ -528,6 +540,9 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
             return emulator.error(400, "PARAM_ERROR", "appid, plate_number and openid needed")
         color = q.get("plate_color", "")
         state = emulator.plate_state(q["plate_number"], color)
+        opener = emulator.openers.get((q["plate_number"], color))
+        if opener is not None and opener != q["openid"]:
+            state = "OUT_SERVICE"  # not this WeChat user's plate service
         return emulator.answer(
             200,
             {
@@ -778,10 +793,13 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
 
     @app.put("/_emulator/plates")
     async def set_plate(request: Request) -> Response:
-        """Unsigned administration (tests, the demo): a plate's service state."""
+        """Unsigned administration (tests, the demo): a plate's service state (and, with
+        `openid`, the WeChat user who opened it)."""
         data = await request.json()
         try:
-            emulator.set_plate_state(data["plate_number"], data["plate_color"], data["state"])
+            emulator.set_plate_state(
+                data["plate_number"], data["plate_color"], data["state"], openid=data.get("openid")
+            )
         except (KeyError, ValueError, TypeError) as exc:
             return Response(str(exc), status_code=400)
         return Response(status_code=204)

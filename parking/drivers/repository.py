@@ -52,8 +52,14 @@ async def active_bindings(conn: asyncpg.Connection, account_id: int) -> list[asy
         """SELECT b.id, b.plate, b.color, b.bound_at, b.verified_by,
                   EXISTS (SELECT 1 FROM plate_disputes d WHERE d.status = 'open'
                           AND d.holder_account_id = b.account_id AND d.plate = b.plate
-                          AND d.color = b.color) AS disputed
+                          AND d.color = b.color) AS disputed,
+                  ps.state AS service_state, ps.recorded_at AS service_checked_at,
+                  a.id IS NOT NULL AS pay_later
            FROM plate_bindings b
+           LEFT JOIN pay_later_agreements a
+                  ON a.account_id = b.account_id AND a.cancelled_at IS NULL
+           LEFT JOIN plate_services ps
+                  ON ps.provider = a.provider AND ps.plate = b.plate AND ps.plate_color = b.color
            WHERE b.account_id = $1 AND b.unbound_at IS NULL ORDER BY b.bound_at, b.id""",
         account_id,
     )

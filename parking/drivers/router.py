@@ -11,6 +11,7 @@ from parking.drivers import service
 from parking.drivers.schemas import (
     Agreement,
     AgreementLimit,
+    AgreementRequest,
     Binding,
     DebtPayment,
     Debts,
@@ -105,14 +106,15 @@ async def get_agreement(driver: DriverDep, conn: ConnectionDep) -> Agreement:
     return await service.agreement(conn, _account(driver))
 
 
-@router.put("/agreement", status_code=201, responses={409: _ERROR})
+@router.put("/agreement", status_code=201, responses={409: _ERROR, 422: _ERROR})
 async def sign_agreement(
-    body: AgreementLimit, driver: DriverDep, conn: ConnectionDep, runtime: RuntimeDep
+    body: AgreementRequest, driver: DriverDep, conn: ConnectionDep, runtime: RuntimeDep
 ) -> Agreement:
-    """Signs a pay-later agreement with the payment provider; 409 while one is active."""
-    return await service.sign_agreement(
-        conn, runtime.provider.name, _account(driver), body.per_session_limit_fen
-    )
+    """Signs a pay-later agreement with the payment provider; 409 while one is active. On
+    WeChat `openid` (the driver's WeChat identity) is required (422 `openid_required`) and is
+    the agreement's number; 409 `openid_in_use` when another account has pay-later under it.
+    The bound plates' service states are looked up with the provider (see GET /api/v1/me)."""
+    return await service.sign_agreement(conn, runtime, _account(driver), body)
 
 
 @router.patch("/agreement", responses={404: _ERROR})

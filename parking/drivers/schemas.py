@@ -34,6 +34,12 @@ class Binding(BaseModel):
     verified_by: str | None
     # Another driver claims this vehicle: it stays bound here until an operator decides.
     disputed: bool = False
+    # The plate's pay-later service with the agreement's provider, as last learned (None: no
+    # agreement, or the provider has not answered yet), what it means for the driver in
+    # Chinese, and when it was learned. Only "normal" leaves without stopping at the barrier.
+    service_state: Literal["normal", "paused", "overdue", "not_opened"] | None = None
+    service_note: str | None = None
+    service_checked_at: datetime | None = None
 
 
 class PlateClaimState(BaseModel):
@@ -67,6 +73,13 @@ class Agreement(BaseModel):
 
 class AgreementLimit(BaseModel):
     per_session_limit_fen: int = Field(gt=0, le=MAX_PER_SESSION_LIMIT_FEN)
+
+
+class AgreementRequest(AgreementLimit):
+    # The driver's WeChat identity under our appid (the app learns it at WeChat sign-in): on
+    # the WeChat provider it is the agreement's number and is required; other providers
+    # ignore it. (WeChat's are 28 ASCII characters; the emulator's name the plate.)
+    openid: str | None = Field(default=None, pattern=r"^\S{1,128}$")
 
 
 class Me(BaseModel):

@@ -8,12 +8,14 @@ from datetime import UTC, datetime
 import asyncpg
 
 from billing import agreements, audit
+from billing.providers import PlateService
 from parking.auth import repository as auth_repo
 from parking.disputes import repository as disputes_repo
 from parking.disputes import service as disputes_service
 from parking.drivers import repository as repo
 from parking.drivers.schemas import (
     Agreement,
+    AgreementRequest,
     Binding,
     ChargeView,
     DebtPayment,
@@ -46,6 +48,19 @@ MAX_PLATES_PER_ACCOUNT = 5
 # must not become an oracle for guessing licence numbers.
 PLATE_CLAIMS_PER_HOUR = 10
 
+# What a plate's pay-later service state means at the barrier, for the driver.
+SERVICE_NOTES = {
+    "normal": "先离场后付费可用：出场自动抬杆，停车费由支付平台（微信支付分停车服务）自动扣除。",
+    "paused": "您已在支付平台暂停该车牌的停车服务：出场时需停车扫码缴费；"
+    "在微信支付分停车服务中恢复后即可先离场后付费。",
+    "overdue": "该车牌的停车服务因在支付平台有欠款而受限：出场时需停车扫码缴费；"
+    "还清欠款后自动恢复。",
+    "not_opened": "该车牌尚未在支付平台开通停车服务（或开通未通过评估）：出场时需停车扫码缴费；"
+    "请先在微信支付分停车服务中开通该车牌。",
+}
+# Pay-later is on, but the provider has not answered about the plate yet.
+SERVICE_UNKNOWN_NOTE = "正在向支付平台查询该车牌的停车服务状态，请稍后刷新。"
+
 
 @dataclass(frozen=True, slots=True)
 class PlateDisputed:
@@ -62,7 +77,39 @@ def _account_or_404(row: asyncpg.Record | None) -> asyncpg.Record:
 
 
 def _binding(row: asyncpg.Record) -> Binding:
-    return Binding(**dict(row))
+    data = dict(row)
+    pay_later = data.pop("pay_later", False)
+    state = data.get("service_state")
+    note = SERVICE_NOTES[state] if state else SERVICE_UNKNOWN_NOTE if pay_later else None
+    return Binding(**data, service_note=note)
+
+
+async def _look_up(
+    runtime: Runtime, agreement: asyncpg.Record | None, vehicles: list[tuple[str, str]]
+) -> list[PlateService]:
+    """The provider's state of each vehicle under the account's agreement (none without one,
+    or with one of another provider). Asked in the request, where the driver expects it fresh;
+    an outage leaves it to the worker's sweep."""
+    if agreement is None or agreement["provider"] != runtime.provider.name:
+        return []
+    return await agreements.look_up_states(
+        runtime.provider, [(agreement["agreement_no"], plate, color) for plate, color in vehicles]
+    )
+
+
+async def _bound(
+    conn: asyncpg.Connection,
+    runtime: Runtime,
+    account_id: int,
+    binding_id: int,
+    answered: list[PlateService],
+) -> Binding:
+    """The new binding with the plate's service state just looked up."""
+    await agreements.record_looked_up(conn, runtime.provider.name, answered, datetime.now(UTC))
+    for row in await repo.active_bindings(conn, account_id):
+        if row["id"] == binding_id:
+            return _binding(row)
+    raise NotFound("binding")
 
 
 def _agreement(row: asyncpg.Record | None) -> Agreement | None:
@@ -128,6 +175,9 @@ async def claim_plate(
             "the vehicle registry does not confirm this licence and owner for the plate",
         )
     proof_ref = await licence_ref(claim.licence_no)
+    answered = await _look_up(
+        runtime, await repo.active_agreement(conn, account_id), [(plate, claim.color)]
+    )
     _account_or_404(await repo.account(conn, account_id, lock=True))
     holder = await repo.active_binding(conn, plate, claim.color)
     if holder is not None and holder["account_id"] == account_id:
@@ -147,7 +197,7 @@ async def claim_plate(
         )
         if row is not None:
             log.info("drivers.plate_bound", account_id=account_id, plate=plate)
-            return _binding(row)
+            return await _bound(conn, runtime, account_id, row["id"], answered)
         # Bound by a concurrent claim that committed first.
         holder = await repo.active_binding(conn, plate, claim.color)
         assert holder is not None
@@ -170,9 +220,7 @@ async def claim_plate(
     binding_id = await ownership.uphold(
         conn, dispute_id, resolved_by=f"registry:{registry.name}", note=None
     )
-    row = await repo.binding(conn, account_id, binding_id)
-    assert row is not None
-    return _binding(row)
+    return await _bound(conn, runtime, account_id, binding_id, answered)
 
 
 async def unbind_plate(conn: asyncpg.Connection, account_id: int, binding_id: int) -> None:
@@ -196,21 +244,47 @@ async def agreement(conn: asyncpg.Connection, account_id: int) -> Agreement:
 
 
 async def sign_agreement(
-    conn: asyncpg.Connection, provider: str, account_id: int, per_session_limit_fen: int
+    conn: asyncpg.Connection, runtime: Runtime, account_id: int, request: AgreementRequest
 ) -> Agreement:
+    """Turns pay-later on. On WeChat the agreement's number is the driver's openid (the
+    provider knows the driver by it); the bound plates' service states are looked up now."""
+    provider = runtime.provider
+    if provider.name == "wechat":
+        if request.openid is None:
+            raise AppError(
+                422,
+                "openid_required",
+                "请先用微信登录以开通微信支付分停车服务 / WeChat pay-later needs the driver's "
+                "WeChat openid",
+            )
+        agreement_no = request.openid
+    else:
+        agreement_no = f"AGR-{uuid.uuid4().hex}"
     if await repo.active_agreement(conn, account_id) is not None:
         raise AppError(409, "agreement_exists", "cancel the active agreement first")
+    bound = await repo.active_bindings(conn, account_id)
+    answered = await agreements.look_up_states(
+        provider, [(agreement_no, b["plate"], b["color"]) for b in bound]
+    )
     try:
         await agreements.sign(
             conn,
             account_id,
-            provider=provider,
-            agreement_no=f"AGR-{uuid.uuid4().hex}",
-            per_session_limit_fen=per_session_limit_fen,
+            provider=provider.name,
+            agreement_no=agreement_no,
+            per_session_limit_fen=request.per_session_limit_fen,
         )
+    except agreements.AgreementNoInUse as exc:
+        raise AppError(
+            409,
+            "openid_in_use",
+            "该微信身份已在另一个账户开通先离场后付费 / this WeChat identity has pay-later on "
+            "another account",
+        ) from exc
     except agreements.AgreementError as exc:
         # The limit was validated, so only a concurrent signing can get here.
         raise AppError(409, "agreement_exists", "cancel the active agreement first") from exc
+    await agreements.record_looked_up(conn, provider.name, answered, datetime.now(UTC))
     return await agreement(conn, account_id)
 
 

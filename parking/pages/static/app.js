@@ -186,6 +186,11 @@
           } catch (error) { failed(error); }
         },
       }),
+      // The provider's word on the plate's pay-later service, when it stops the car.
+      ...(binding.service_note && binding.service_state !== "normal"
+        ? [h("div", { class: "note", "data-service": binding.service_state || "unknown",
+                      text: binding.service_note })]
+        : []),
     )));
     if (!me.plates.length) list.append(h("li", { class: "note", text: t.no_plates }));
     $("claims").replaceChildren(...me.plate_claims.map((claim) => h(

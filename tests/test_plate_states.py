@@ -1,0 +1,224 @@
+"""A bound plate's pay-later service state with the provider, where the driver and the worker
+use it: looked up when a plate is bound or pay-later is turned on (GET /api/v1/me shows it with
+a Chinese note), refreshed by the worker's sweep when old (an outage retried at the next
+sweep), read by the lane without asking the provider. On WeChat the agreement's number is the
+driver's openid."""
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from parking.admin import repository as admin
+from parking.app import create_app
+from parking.drivers.service import SERVICE_NOTES, SERVICE_UNKNOWN_NOTE
+from parking.drivers.verification import DevRegistry, registry_of
+from parking.runtime import Runtime
+from parking.settings import Settings
+from parking_dev import sandbox
+from tests.conftest import (
+    backdate_entry,
+    bearer,
+    charges_of,
+    create_lot,
+    driver_token,
+    enter,
+    eventually,
+    provider_and_runtime,
+    unique_plate,
+)
+from tests.gates import GateProbe
+from tests.test_wechat import _faults, _stay_parking_id, wechat_runtime
+
+Headers = dict[str, str]
+
+
+@contextlib.asynccontextmanager
+async def driver_app(runtime: Runtime) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    app = create_app(runtime)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://parking.test") as api:
+        yield api, app
+
+
+async def _driver(runtime: Runtime, app: FastAPI) -> Headers:
+    async with runtime.pool.acquire() as conn:
+        account_id = await admin.create_account(conn, f"139{uuid.uuid4().int % 10**8:08d}")
+    return bearer(driver_token(app, account_id))
+
+
+async def _bind(api: httpx.AsyncClient, app: FastAPI, headers: Headers, plate: str) -> Any:
+    registry = registry_of(app)
+    assert isinstance(registry, DevRegistry)
+    licence_no = f"LIC{uuid.uuid4().hex[:10].upper()}"
+    registry.register(plate, "blue", licence_no, "车主")
+    claim = {"plate": plate, "color": "blue", "licence_no": licence_no, "owner_name": "车主"}
+    bound = await api.post("/api/v1/me/plates", json=claim, headers=headers)
+    assert bound.status_code == 201, bound.text
+    return bound.json()
+
+
+async def _sign(api: httpx.AsyncClient, headers: Headers, **extra: Any) -> httpx.Response:
+    body = {"per_session_limit_fen": 20_000, **extra}
+    return await api.put("/api/v1/me/agreement", json=body, headers=headers)
+
+
+async def _plate(api: httpx.AsyncClient, headers: Headers, plate: str) -> dict[str, Any]:
+    me = await api.get("/api/v1/me", headers=headers)
+    assert me.status_code == 200, me.text
+    (found,) = [p for p in me.json()["plates"] if p["plate"] == plate]
+    return dict(found)
+
+
+async def test_binding_and_turning_pay_later_on_look_the_plates_up(
+    settings: Settings, database_url: str
+) -> None:
+    faults = sandbox.FaultConfig(processing_delay_s=0.01)
+    async with (
+        provider_and_runtime(settings, database_url, faults) as (runtime, _),
+        driver_app(runtime) as (api, app),
+    ):
+        headers = await _driver(runtime, app)
+        first, second = unique_plate(), unique_plate()
+        # Without pay-later there is no provider to ask: no state, no note.
+        bound = await _bind(api, app, headers, first)
+        assert (bound["service_state"], bound["service_note"]) == (None, None)
+        # Turning pay-later on asks about the bound plate.
+        signed = await _sign(api, headers)
+        assert signed.status_code == 201, signed.text
+        shown = await _plate(api, headers, first)
+        assert shown["service_state"] == "normal" and shown["service_checked_at"] is not None
+        assert shown["service_note"] == SERVICE_NOTES["normal"]
+        # The driver paused the service with the provider; binding another plate asks at once.
+        faults.paused_agreements.add(signed.json()["agreement_no"])
+        bound = await _bind(api, app, headers, second)
+        assert bound["service_state"] == "paused"
+        assert bound["service_note"] == SERVICE_NOTES["paused"] and "暂停" in bound["service_note"]
+        assert (await _plate(api, headers, second))["service_state"] == "paused"
+
+
+async def test_a_provider_outage_at_binding_binds_and_the_sweep_asks_again(
+    settings: Settings, database_url: str
+) -> None:
+    settings.worker_sweep_interval_s = 0.2
+    settings.plate_state_max_age_s = 3600
+    settings.plate_state_batch = 1000
+    faults = sandbox.FaultConfig(processing_delay_s=0.01)
+    async with (
+        provider_and_runtime(settings, database_url, faults) as (runtime, _),
+        driver_app(runtime) as (api, app),
+    ):
+        headers = await _driver(runtime, app)
+        assert (await _sign(api, headers)).status_code == 201
+        faults.error_rate = 1.0
+        plate = unique_plate()
+        bound = await _bind(api, app, headers, plate)
+        # Bound all the same; the driver is told the state is still being asked.
+        assert (bound["service_state"], bound["service_note"]) == (None, SERVICE_UNKNOWN_NOTE)
+        faults.error_rate = 0.0
+
+        async def refreshed() -> bool:
+            return (await _plate(api, headers, plate))["service_state"] == "normal"
+
+        await eventually(refreshed, timeout_s=20)
+
+
+async def test_on_wechat_the_openid_is_the_agreement_and_a_silent_pause_is_refreshed_and_held(
+    settings: Settings, database_url: str, gate: GateProbe
+) -> None:
+    settings.worker_sweep_interval_s = 0.2
+    settings.plate_state_batch = 1000
+    settings.plate_state_max_age_s = 0  # every sweep asks again
+    async with (
+        wechat_runtime(settings, database_url, _faults()) as (runtime, emulator),
+        driver_app(runtime) as (api, app),
+    ):
+        lot = await create_lot(runtime)
+        headers = await _driver(runtime, app)
+        plate = unique_plate()
+        openid = f"o-{plate}"  # how the emulator knows the driver (its deductions' payer)
+        await _bind(api, app, headers, plate)
+        refused = await _sign(api, headers)
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "openid_required"
+        emulator.set_plate_state(plate, "BLUE", "NORMAL", openid=openid)
+        signed = await _sign(api, headers, openid=openid)
+        assert signed.status_code == 201, signed.text
+        assert (signed.json()["provider"], signed.json()["agreement_no"]) == ("wechat", openid)
+        assert (await _plate(api, headers, plate))["service_state"] == "normal"
+        # The car comes in while the service is normal.
+        await enter(runtime, gate, lot, plate, parked_for=timedelta(0))
+        await backdate_entry(runtime, lot, plate, timedelta(minutes=70))
+        await eventually(lambda: _stay_parking_id(runtime, lot, plate))  # registered: normal
+        # The driver pauses it in WeChat, and the state-change notification is lost: only the
+        # worker's refresh learns it.
+        emulator.plates[(plate, "BLUE")] = "PAUSE"
+
+        async def paused() -> bool:
+            return (await _plate(api, headers, plate))["service_state"] == "paused"
+
+        await eventually(paused, timeout_s=20)
+        shown = await _plate(api, headers, plate)
+        assert shown["service_note"] == SERVICE_NOTES["paused"]
+        command = await gate.decide(lot.code, "out1", gate.capture("out", plate))
+        assert (command["action"], command["fee_fen"]) == ("hold", 1200)
+        assert await charges_of(runtime, lot) == []
+        # Another account cannot turn pay-later on under the same WeChat user.
+        other = await _driver(runtime, app)
+        taken = await _sign(api, other, openid=openid)
+        assert taken.status_code == 409 and taken.json()["error"]["code"] == "openid_in_use"
+        # Off and on again under the same openid.
+        assert (await api.delete("/api/v1/me/agreement", headers=headers)).status_code == 204
+        assert (await _sign(api, headers, openid=openid)).status_code == 201
+
+
+async def test_a_wechat_outage_during_the_refresh_is_retried_at_a_later_sweep(
+    settings: Settings, database_url: str
+) -> None:
+    settings.worker_sweep_interval_s = 0.2
+    settings.plate_state_batch = 1000
+    settings.plate_state_max_age_s = 0
+    async with (
+        wechat_runtime(settings, database_url, _faults()) as (runtime, emulator),
+        driver_app(runtime) as (api, app),
+    ):
+        headers = await _driver(runtime, app)
+        plate = unique_plate()
+        await _bind(api, app, headers, plate)
+        assert (await _sign(api, headers, openid=f"o-{plate}")).status_code == 201
+        assert (await _plate(api, headers, plate))["service_state"] == "normal"
+        emulator.config.faults.error_rate = 1.0
+        emulator.plates[(plate, "BLUE")] = "PAUSE"
+        asked = len(emulator.service_queries)
+
+        async def failed_twice() -> bool:
+            return len(emulator.service_queries) >= asked + 2
+
+        await eventually(failed_twice, timeout_s=20)
+        # Every answer failed: what was known stays (the lane keeps using it).
+        assert (await _plate(api, headers, plate))["service_state"] == "normal"
+        emulator.config.faults.error_rate = 0.0
+
+        async def paused() -> bool:
+            return (await _plate(api, headers, plate))["service_state"] == "paused"
+
+        await eventually(paused, timeout_s=20)
+
+
+async def test_a_plate_opened_by_another_wechat_user_is_not_opened_for_this_one(
+    settings: Settings, database_url: str
+) -> None:
+    async with (
+        wechat_runtime(settings, database_url, _faults()) as (runtime, emulator),
+        driver_app(runtime) as (api, app),
+    ):
+        headers = await _driver(runtime, app)
+        plate = unique_plate()
+        emulator.set_plate_state(plate, "BLUE", "NORMAL", openid=f"o-{plate}")
+        assert (await _sign(api, headers, openid="o-someone-else")).status_code == 201
+        bound = await _bind(api, app, headers, plate)
+        assert bound["service_state"] == "not_opened"
+        assert bound["service_note"] == SERVICE_NOTES["not_opened"]
