@@ -223,6 +223,9 @@ def service_env(
         "PARKING_LOG_LEVEL": "WARNING",
         # Commands are signed as in production; the simulated gates verify them.
         "PARKING_GATE_CONFIG_KEY": private_key_pem(COMMAND_KEY),
+        # The simulated cameras' scores are the ones we give them (`with_simulated_cameras`):
+        # their charges go to the provider without a second reader, as a calibrated model's.
+        "PARKING_CAMERA_DEFAULT_CALIBRATED": "true",
     }
 
 
