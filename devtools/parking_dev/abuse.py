@@ -284,12 +284,8 @@ async def lane_alone_and_loaded(
                 loading = loop.run_in_executor(
                     pool,
                     load,
-                    f"http://127.0.0.1:{port}",
-                    codes,
-                    *prepared,
-                    *load_args,
                     # The load's own start-up (a spawn) is covered by a little more time.
-                    duration_s + 3,
+                    *(f"http://127.0.0.1:{port}", codes, *prepared, *load_args, duration_s + 3),
                 )
                 loaded = await drive(
                     runtime, loaded_city, rate=rate, duration_s=duration_s, exit_share=1.0
