@@ -1,6 +1,7 @@
 """FastAPI dependency aliases."""
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 import asyncpg
@@ -25,7 +26,15 @@ async def get_read_connection(request: Request) -> AsyncIterator[asyncpg.Connect
     a read-only transaction. Only for reads that may lag the primary by a moment: public
     availability, operator reports and searches. Never for an exit decision, money, auth or
     anything read in order to write."""
-    async with get_runtime(request).read_pool.acquire() as conn, conn.transaction(readonly=True):
+    async with read_transaction(get_runtime(request)) as conn:
+        yield conn
+
+
+@asynccontextmanager
+async def read_transaction(runtime: Runtime) -> AsyncIterator[asyncpg.Connection]:
+    """What `ReadConnectionDep` gives, for a route that reads only now and then (the signs
+    rebuild their board once per interval, and take no connection otherwise)."""
+    async with runtime.read_pool.acquire() as conn, conn.transaction(readonly=True):
         yield conn
 
 

@@ -124,6 +124,7 @@ class World:
     ownership_claim: int = 0
     # An assigned right, a blacklist entry and a merchant of X.
     right_x: int = 0
+    spec_x: int = 0
     blacklist_x: int = 0
     merchant_x: int = 0
     # The tariff of X, as an APDS rate table.
@@ -210,6 +211,11 @@ ROWS = [
     # one of X's stays is not found for Y (STAFF_X).
     Row("GET", "/apds/v4/sessions", Access.STAFF),
     Row("GET", "/apds/v4/sessions/{session_id}", Access.STAFF_X),
+    # Right specifications and assigned rights (they name plates) likewise.
+    Row("GET", "/apds/v4/rights/specs", Access.STAFF),
+    Row("GET", "/apds/v4/rights/specs/{right_spec_id}", Access.STAFF_X),
+    Row("GET", "/apds/v4/rights/assigned", Access.STAFF),
+    Row("GET", "/apds/v4/rights/assigned/{assigned_right_id}", Access.STAFF_X),
     # Subscriptions are the company's: created by its admins, listed by its staff.
     Row(
         "POST",
@@ -463,6 +469,8 @@ def _fill(path: str, world: World) -> str:
         confirmation_id=world.confirmation_x,
         ownership_claim_id=world.ownership_claim,
         right_id=world.right_x,
+        right_spec_id=world.spec_x,
+        assigned_right_id=world.right_x,
         blacklist_id=world.blacklist_x,
         merchant_id=world.merchant_x,
         place_id=world.lot_x.code,
@@ -669,6 +677,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         confirmation_x,
         ownership_claim,
         right_x,
+        spec_x,
         blacklist_x,
         merchant_x,
         rate_x,

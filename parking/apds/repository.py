@@ -190,3 +190,124 @@ async def session(
         operator_id,
     )
     return row
+
+
+# A right specification with the company's car parks it applies at (all of them when it names
+# none); one that applies at none of them is not served (APDS needs at least one place).
+_SPEC_FROM = """FROM right_specs sp
+           CROSS JOIN LATERAL (
+               SELECT array_agg(c.code ORDER BY c.code) AS codes,
+                      array_agg(c.version ORDER BY c.code) AS versions
+               FROM car_parks c
+               WHERE c.operator_id = sp.operator_id
+                 AND (sp.car_park_ids IS NULL OR c.id = ANY (sp.car_park_ids))) places"""
+_SPEC = f"""SELECT sp.id, sp.operator_id, sp.name, sp.kind, sp.free_minutes, sp.discount_percent,
+                   sp.flat_fee_fen, sp.weekdays, sp.window_start, sp.window_end, sp.created_at,
+                   places.codes AS car_parks, places.versions AS car_park_versions
+            {_SPEC_FROM}"""
+# Conditions on a specification's car parks (`c`), for the place and geographic filters.
+_SPEC_AT = """EXISTS (SELECT 1 FROM car_parks c
+                      WHERE c.operator_id = sp.operator_id
+                        AND (sp.car_park_ids IS NULL OR c.id = ANY (sp.car_park_ids)) AND {})"""
+
+
+def _spec_places(where: _Where, near: Near | None, car_parks: list[str] | None) -> None:
+    if car_parks is not None:
+        where.add(_SPEC_AT.format(f"c.code = ANY({where.param(car_parks)}::text[])"))
+    if near is not None:
+        inner = _Where()
+        inner.args = where.args
+        inner.near(near, "c")
+        where.add(_SPEC_AT.format(inner.sql))
+
+
+async def right_specs(
+    conn: asyncpg.Connection,
+    operator_id: int,
+    *,
+    near: Near | None,
+    car_parks: list[str] | None,
+    modified_since: datetime | None,
+    page: Page,
+) -> tuple[list[asyncpg.Record], int]:
+    where = _Where()
+    where.add(f"sp.operator_id = {where.param(operator_id)}")
+    where.add("places.codes IS NOT NULL")
+    _spec_places(where, near, car_parks)
+    if modified_since is not None:
+        where.add(f"sp.created_at >= {where.param(modified_since)}")
+    return await _page(conn, _SPEC, f"SELECT count(*) {_SPEC_FROM}", where, "sp.id", page)
+
+
+async def right_spec(
+    conn: asyncpg.Connection, operator_id: int, spec_id: int
+) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"{_SPEC} WHERE sp.id = $1 AND sp.operator_id = $2 AND places.codes IS NOT NULL",
+        spec_id,
+        operator_id,
+    )
+    return row
+
+
+_ASSIGNED = """SELECT ar.id, ar.spec_id, ar.operator_id, ar.valid_from, ar.valid_until,
+                      ar.status, ar.source, ar.created_at, ar.updated_at,
+                      (SELECT json_agg(json_build_object('plate', rp.plate, 'color', rp.color)
+                                       ORDER BY rp.plate, rp.color)
+                       FROM assigned_right_plates rp WHERE rp.right_id = ar.id) AS vehicles
+               FROM assigned_rights ar JOIN right_specs sp ON sp.id = ar.spec_id"""
+
+
+@dataclass(frozen=True, slots=True)
+class AssignedFilter:
+    near: Near | None = None
+    car_parks: list[str] | None = None
+    specs: list[int] | None = None
+    plates: list[str] | None = None
+    start_after: datetime | None = None
+    start_before: datetime | None = None
+    end_after: datetime | None = None
+    end_before: datetime | None = None
+    modified_since: datetime | None = None
+
+
+async def assigned_rights(
+    conn: asyncpg.Connection, operator_id: int, wanted: AssignedFilter, page: Page
+) -> tuple[list[asyncpg.Record], int]:
+    """The company's assigned rights, in the order they were given."""
+    where = _Where()
+    where.add(f"ar.operator_id = {where.param(operator_id)}")
+    _spec_places(where, wanted.near, wanted.car_parks)
+    if wanted.specs is not None:
+        where.add(f"ar.spec_id = ANY({where.param(wanted.specs)}::bigint[])")
+    if wanted.plates is not None:
+        where.add(
+            "EXISTS (SELECT 1 FROM assigned_right_plates rp WHERE rp.right_id = ar.id"
+            f" AND rp.plate = ANY({where.param(wanted.plates)}::text[]))"
+        )
+    for column, bound, value in (
+        ("valid_from", ">", wanted.start_after),
+        ("valid_from", "<", wanted.start_before),
+        ("valid_until", ">", wanted.end_after),
+        ("valid_until", "<", wanted.end_before),
+        ("updated_at", ">=", wanted.modified_since),
+    ):
+        if value is not None:
+            where.add(f"ar.{column} {bound} {where.param(value)}")
+    return await _page(
+        conn,
+        _ASSIGNED,
+        "SELECT count(*) FROM assigned_rights ar JOIN right_specs sp ON sp.id = ar.spec_id",
+        where,
+        "ar.id",
+        page,
+    )
+
+
+async def assigned_right(
+    conn: asyncpg.Connection, operator_id: int, right_id: int
+) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"{_ASSIGNED} WHERE ar.id = $1 AND ar.operator_id = $2", right_id, operator_id
+    )
+    return row

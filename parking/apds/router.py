@@ -3,7 +3,8 @@ city's integrators); our own Chinese-first public API (`/api/v1/public`) stays a
 
 Places (with occupancy) and rates are public like `/api/v1/public`: anyone, or the city's key;
 the same per-client limit; built once per PARKING_PUBLIC_CACHE_SECONDS per process and query,
-with ETags. Sessions carry plates: only the company's own staff, and only its car parks'.
+with ETags. Sessions and assigned rights carry plates, right specifications are the company's own
+arrangements (APDS asks for a client's credentials on both): only the company's own staff.
 Errors on these routes are APDS `ResponseStatus` objects (`parking.errors`).
 """
 
@@ -15,12 +16,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from parking.apds import service
-from parking.apds.repository import Near, Page, SessionFilter
+from parking.apds.repository import AssignedFilter, Near, Page, SessionFilter
 from parking.apds.schemas import (
+    AssignedRightList,
     HierarchyElementList,
     Json,
     RateTableList,
     ResponseStatus,
+    RightSpecificationList,
     SessionList,
 )
 from parking.auth.principal import MaybePrincipalDep, OperatorAdminDep, OperatorDep
@@ -203,6 +206,90 @@ async def get_session(
     assert operator.operator_id is not None
     service.expansions(_names(expand) or [], service.SESSION_EXPANSIONS)
     found = await service.session(conn, operator.operator_id, session_id)
+    return Response(answer_of(found).body, media_type="application/json")
+
+
+@router.get("/rights/specs", response_model=RightSpecificationList)
+async def list_right_specs(
+    operator: OperatorDep,
+    conn: ReadConnectionDep,
+    listed: ListingDep,
+    place: CommaList = None,
+) -> Response:
+    """The company's right specifications (`place` takes car park codes)."""
+    assert operator.operator_id is not None
+    service.expansions(listed.expand, service.RIGHT_SPEC_EXPANSIONS)
+    found = await service.right_specs(
+        conn,
+        operator.operator_id,
+        near=listed.near,
+        car_parks=_names(place),
+        modified_since=listed.since,
+        page=listed.page,
+    )
+    return Response(answer_of(found).body, media_type="application/json")
+
+
+@router.get("/rights/specs/{right_spec_id}", response_model=Json)
+async def get_right_spec(
+    right_spec_id: str,
+    operator: OperatorDep,
+    conn: ReadConnectionDep,
+    expand: CommaList = None,
+) -> Response:
+    assert operator.operator_id is not None
+    service.expansions(_names(expand) or [], service.RIGHT_SPEC_EXPANSIONS)
+    found = await service.right_spec(conn, operator.operator_id, right_spec_id)
+    return Response(answer_of(found).body, media_type="application/json")
+
+
+@router.get("/rights/assigned", response_model=AssignedRightList)
+async def list_assigned_rights(
+    operator: OperatorDep,
+    conn: ReadConnectionDep,
+    listed: ListingDep,
+    place: CommaList = None,
+    right_spec: CommaList = None,
+    credential_id: CommaList = None,
+    start_after: Epoch = None,
+    start_before: Epoch = None,
+    end_after: Epoch = None,
+    end_before: Epoch = None,
+) -> Response:
+    """The company's assigned rights (they name plates: staff only); `credential_id` takes
+    plates, `right_spec` specification ids."""
+    assert operator.operator_id is not None
+    service.expansions(listed.expand, service.ASSIGNED_EXPANSIONS)
+    specs = _names(right_spec)
+    if specs is not None and not all(
+        spec.isascii() and spec.isdigit() and len(spec) <= 18 for spec in specs
+    ):
+        raise service.BadRequest("right_spec takes right specification ids")
+    wanted = AssignedFilter(
+        near=listed.near,
+        car_parks=_names(place),
+        specs=[int(spec) for spec in specs] if specs is not None else None,
+        plates=_names(credential_id),
+        start_after=service.instant(start_after),
+        start_before=service.instant(start_before),
+        end_after=service.instant(end_after),
+        end_before=service.instant(end_before),
+        modified_since=listed.since,
+    )
+    found = await service.assigned_rights(conn, operator.operator_id, wanted, listed.page)
+    return Response(answer_of(found).body, media_type="application/json")
+
+
+@router.get("/rights/assigned/{assigned_right_id}", response_model=Json)
+async def get_assigned_right(
+    assigned_right_id: str,
+    operator: OperatorDep,
+    conn: ReadConnectionDep,
+    expand: CommaList = None,
+) -> Response:
+    assert operator.operator_id is not None
+    service.expansions(_names(expand) or [], service.ASSIGNED_EXPANSIONS)
+    found = await service.assigned_right(conn, operator.operator_id, assigned_right_id)
     return Response(answer_of(found).body, media_type="application/json")
 
 

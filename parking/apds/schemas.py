@@ -30,6 +30,14 @@ class RateTableList(_List):
     """APDS `RateTableList`: tariff versions as `RateTable`s."""
 
 
+class RightSpecificationList(_List):
+    """APDS `RightSpecificationList`: the company's right specifications."""
+
+
+class AssignedRightList(_List):
+    """APDS `AssignedRightList`: the company's assigned rights (they name plates)."""
+
+
 class SessionList(_List):
     """APDS `SessionList`: stays as `Session`s."""
 

@@ -12,6 +12,14 @@ in tests/fixtures/apds/; tests/test_apds.py validates every answer against it).
   in the lines' descriptions.
 - A stay is a `Session` with the plate as its vehicle credential and one segment; the right
   it used is the car park's pay-as-you-go (`AssignedRight` "stay-<id>", not served).
+- A right specification (`parking.rights`) is a `RightSpecification` (`permitParking`, plates as
+  credentials, its car parks as `hierarchyElements`, its weekdays and hours window as the
+  validity's recurring period; what it grants in `description`); it is never changed, so its
+  version is 1. An assigned right is an `AssignedRight`: its plates as the holder's vehicle
+  credentials, `[valid_from, valid_until)` as its one planned use (a cancelled one with its
+  `cancelTime`), `expiry` its end; its version stays 1 (we keep none). APDS has no field for a
+  suspension, so a suspended right looks active here (`/api/v1/operator/rights` tells). Both
+  are the company's own (they name plates): staff only.
 Lists are `…List`s with APDS paging (`page`, `meta`).
 """
 
@@ -22,11 +30,13 @@ import asyncpg
 
 from billing.tariff import Band, RateLine, Tariff
 from parking.apds import repository as repo
-from parking.apds.repository import Near, Page, SessionFilter
+from parking.apds.repository import AssignedFilter, Near, Page, SessionFilter
 from parking.apds.shapes import (
     PLATE_COLOURS,
     Json,
     occupancy_reference,
+    operator_reference,
+    plate_credential,
     session_view,
     text,
     time_of,
@@ -53,6 +63,8 @@ PLACE_EXPANSIONS = frozenset(
     }
 )
 RATE_EXPANSIONS = frozenset({"rateLineCollections", "rateLineCollections.rateLines"})
+RIGHT_SPEC_EXPANSIONS = frozenset({"rateEligibility", "validity", "credentials", "rightPools"})
+ASSIGNED_EXPANSIONS = frozenset({"plannedUses", "assignedRightIssuer"})
 SESSION_EXPANSIONS = frozenset(
     {
         "credentials",
@@ -300,11 +312,7 @@ def _rate_table(row: asyncpg.Record) -> Json:
         "rateTableName": text(f"{row['car_park_name']}收费标准", f"{row['car_park']} rates"),
         "availability": "public",
         "rateType": "hourly",
-        "rateResponsibleParty": {
-            "id": str(row["operator_id"]),
-            "version": 1,
-            "className": "Operator",
-        },
+        "rateResponsibleParty": operator_reference(row["operator_id"]),
         "validityStart": time_of(row["effective_from"]),
         "activeTimes": {
             "available24hours": True,
@@ -379,3 +387,137 @@ async def session(conn: asyncpg.Connection, operator_id: int, session_id: str) -
     if row is None:
         raise NotFound("session")
     return session_view(row, operator_id)
+
+
+# ===== Rights =====
+
+_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+def _grants(row: asyncpg.Record) -> tuple[str, str]:
+    """What a specification grants, in Chinese and English."""
+    kind = row["kind"]
+    if kind == "free_minutes":
+        return f"免费停车{row['free_minutes']}分钟", f"{row['free_minutes']} free minutes"
+    if kind == "discount":
+        return f"停车费优惠{row['discount_percent']}%", f"{row['discount_percent']}% off the fee"
+    if kind == "flat_fee":
+        yuan = row["flat_fee_fen"] / 100
+        return f"每次停车¥{yuan:.2f}", f"CNY {yuan:.2f} per stay"
+    return "免费通行", "free passage"
+
+
+def _right_spec(row: asyncpg.Record) -> Json:
+    zh, en = _grants(row)
+    period: Json = {
+        "recurringDayWeekMonthPeriod": [
+            {"applicableDay": [_DAYS[d - 1] for d in sorted(row["weekdays"])]}
+        ]
+    }
+    if row["window_start"] is not None:
+        period["recurringTimePeriodOfDay"] = [
+            {
+                "startTimeOfPeriod": f"{row['window_start']:%H:%M}",
+                "endTimeOfPeriod": f"{row['window_end']:%H:%M}",
+            }
+        ]
+    return {
+        "id": str(row["id"]),
+        "version": 1,
+        "description": text(f"{row['name']}：{zh}", f"{row['name']}: {en}"),
+        "type": "permitParking",
+        "transferable": False,
+        "credentials": ["licensePlate"],
+        "validity": {
+            "validityStatus": "definedByValidityTimeSpec",
+            "validityTimeSpecification": {
+                "overallStartTime": time_of(row["created_at"]),
+                "validPeriods": [period],
+            },
+        },
+        "issuer": operator_reference(row["operator_id"]),
+        "hierarchyElements": [
+            {"id": code, "version": version, "className": "Place"}
+            for code, version in zip(row["car_parks"], row["car_park_versions"], strict=True)
+        ],
+    }
+
+
+def _number(value: str, limit: int = 18) -> int | None:
+    """A path id as our integer id (None: no such object)."""
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= limit else None
+
+
+async def right_specs(
+    conn: asyncpg.Connection,
+    operator_id: int,
+    *,
+    near: Near | None,
+    car_parks: list[str] | None,
+    modified_since: datetime | None,
+    page: Page,
+) -> Json:
+    """A `RightSpecificationList` of the company's right specifications."""
+    now = datetime.now(UTC)
+    rows, total = await repo.right_specs(
+        conn,
+        operator_id,
+        near=near,
+        car_parks=car_parks,
+        modified_since=modified_since,
+        page=page,
+    )
+    return _listed([_right_spec(row) for row in rows], total, page, now)
+
+
+async def right_spec(conn: asyncpg.Connection, operator_id: int, spec_id: str) -> Json:
+    number = _number(spec_id)
+    row = await repo.right_spec(conn, operator_id, number) if number is not None else None
+    if row is None:
+        raise NotFound("right_specification")
+    return _right_spec(row)
+
+
+def _assigned_right(row: asyncpg.Record) -> Json:
+    use: Json = {
+        "startTime": time_of(row["valid_from"]),
+        "endTime": time_of(row["valid_until"]),
+        "issuanceTime": time_of(row["created_at"]),
+        "issueMethod": "electronic",
+    }
+    if row["status"] == "cancelled":
+        use["cancelTime"] = time_of(row["updated_at"])
+    vehicles = row["vehicles"] or []
+    right: Json = {
+        "id": str(row["id"]),
+        "version": 1,
+        "rightSpecification": {
+            "id": str(row["spec_id"]),
+            "version": 1,
+            "className": "RightSpecification",
+        },
+        "rightHolder": {"credentials": [plate_credential(v["plate"]) for v in vehicles]},
+        "assignedRightIssuer": operator_reference(row["operator_id"]),
+        "issueMethod": "electronic",
+        "issuanceTime": time_of(row["created_at"]),
+        "expiry": time_of(row["valid_until"]),
+        "plannedUses": [use],
+    }
+    return right
+
+
+async def assigned_rights(
+    conn: asyncpg.Connection, operator_id: int, wanted: AssignedFilter, page: Page
+) -> Json:
+    """An `AssignedRightList` of the company's assigned rights."""
+    now = datetime.now(UTC)
+    rows, total = await repo.assigned_rights(conn, operator_id, wanted, page)
+    return _listed([_assigned_right(row) for row in rows], total, page, now)
+
+
+async def assigned_right(conn: asyncpg.Connection, operator_id: int, right_id: str) -> Json:
+    number = _number(right_id)
+    row = await repo.assigned_right(conn, operator_id, number) if number is not None else None
+    if row is None:
+        raise NotFound("assigned_right")
+    return _assigned_right(row)

@@ -60,6 +60,19 @@ def occupancy_reference(car_park: Mapping[str, Any], occupied: int, at: datetime
     }
 
 
+def plate_credential(plate: str) -> Json:
+    """A vehicle's plate as an APDS `CredentialAssigned`."""
+    return {
+        "type": "licensePlate",
+        "credentialAssignedType": "vehicle",
+        "identifier": {"id": plate, "className": "ChineseNumberPlate"},
+    }
+
+
+def operator_reference(operator_id: int) -> Json:
+    return {"id": str(operator_id), "version": 1, "className": "Operator"}
+
+
 def session_view(row: Mapping[str, Any], operator_id: int) -> Json:
     """A stay as an APDS `Session` (it names the plate: for the company's own systems); `row`:
     id, plate, plate_color, entered_at, exited_at, car_park (code), car_park_version."""
@@ -75,19 +88,13 @@ def session_view(row: Mapping[str, Any], operator_id: int) -> Json:
         "id": str(row["id"]),
         "version": 2 if closed else 1,
         "actualStart": time_of(row["entered_at"]),
-        "initiator": {"id": str(operator_id), "version": 1, "className": "Operator"},
+        "initiator": operator_reference(operator_id),
         "hierarchyElement": {
             "id": row["car_park"],
             "version": row["car_park_version"],
             "className": "Place",
         },
-        "identifiedCredentials": [
-            {
-                "type": "licensePlate",
-                "credentialAssignedType": "vehicle",
-                "identifier": {"id": row["plate"], "className": "ChineseNumberPlate"},
-            }
-        ],
+        "identifiedCredentials": [plate_credential(row["plate"])],
         "segments": [segment],
         "identifiedVehicle": {
             "country": COUNTRY,

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from parking.auth.principal import MaybePrincipalDep
 from parking.car_parks.schemas import CarParkCode
-from parking.deps import ReadConnectionDep, RuntimeDep
+from parking.deps import ReadConnectionDep, RuntimeDep, read_transaction
 from parking.public import service
 from parking.public.cache import Answer, AnswerCache
 from parking.public.schemas import CarParkAvailability, NearbyCarPark, Place, Signs
@@ -170,7 +170,6 @@ async def list_places(
 async def signs(
     _: MaybePrincipalDep,
     request: Request,
-    conn: ReadConnectionDep,
     runtime: RuntimeDep,
     boards: SignBoardsDep,
     car_parks: Annotated[
@@ -180,7 +179,13 @@ async def signs(
     """What guidance signs show: free spaces and open/full/closed per car park (the ones
     asked for, or all). Served from a board of every car park built at most once per
     PARKING_PUBLIC_CACHE_SECONDS per process, so a network of thousands of signs polling costs
-    no database or Redis work per request (signs carry the city's key: not rate-limited)."""
-    board = await boards.get("signs", lambda: service.sign_board(conn, runtime))
+    no database or Redis work per request: a connection only to rebuild it (signs carry the
+    city's key: not rate-limited; the key itself is looked up)."""
+
+    async def build() -> SignBoard:
+        async with read_transaction(runtime) as conn:
+            return await service.sign_board(conn, runtime)
+
+    board = await boards.get("signs", build)
     codes = [code.strip() for code in car_parks.split(",") if code.strip()] if car_parks else None
     return respond(request, answer_of(service.signs(board, codes)))
