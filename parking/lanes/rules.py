@@ -225,14 +225,24 @@ class Verification:
     *agrees* when its top read is the stay's plate at `agree_score` or more, and *contradicts*
     when it is another valid plate at `contradict_score` or more (reads scored 0.9 and more
     were a different valid plate 1.4 % of the time under gate conditions, none clean:
-    `plate_recognition/calibration.json`)."""
+    `plate_recognition/calibration.json`).
+
+    `certain_score`: the server reader's certain threshold (`Certainty.ocr_score`, where a wrong
+    valid plate is at most 1 in 10,000 under gate conditions too). A frame read at it is a
+    proven read on its own: the end it belongs to is settled as an end whose read was proven
+    (`verify_charge`). 1.0 and more: never."""
 
     agree_score: float = 0.9
     contradict_score: float = 0.9
+    certain_score: float = 1.01
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Verification":
-        return cls(settings.verify_agree_score, settings.verify_contradict_score)
+        return cls(
+            settings.verify_agree_score,
+            settings.verify_contradict_score,
+            settings.plate_certain_score,
+        )
 
 
 VerifyVerdict = Literal["verified", "refuted", "unconfirmed"]
@@ -268,11 +278,39 @@ def verify_charge(
     `unconfirmed`: an unproven end had no frame, or none the server read as the plate with
     confidence. Both wait for an operator.
 
+    An end with a frame the server read as the vehicle at its certain threshold
+    (`Verification.certain_score`) and none it read as another vehicle at that threshold is
+    settled like an end whose read was proven (the lane opens a stay on such a server read
+    alone, `better_entry_read`, and never checks a proven end's frames): a doubtful read of
+    another plate in a second frame (a car behind, a wrong valid read at 0.9-0.95, which the
+    calibration saw on clean photos too) does not outweigh it. Agreement below the certain
+    threshold is never summed across frames: a plate that reads wrong the same way does so on
+    every frame of a pass, which per-frame calibration does not measure.
+
     One reader's certainty is not two independent reads: a plate that fools a camera the
     same way at entry and exit (a bolt, dirt, a worn character) does so with a confident
     score both times, so "entry and exit both certain" does not multiply the error away."""
     plate, color = identity
-    checked = [frames for frames in ends if frames is not None]
+
+    def same(read: FrameRead) -> bool:
+        return read.plate == plate and read.color in (None, color)
+
+    def certain(read: FrameRead) -> bool:
+        return (
+            read.plate is not None
+            and read.score >= verification.certain_score
+            and (same(read) or is_valid(read.plate))
+        )
+
+    checked = [
+        frames
+        for frames in ends
+        if frames is not None
+        and not (
+            any(certain(read) and same(read) for read in frames)
+            and not any(certain(read) and not same(read) for read in frames)
+        )
+    ]
     for frames in checked:
         for read in frames:
             if (
@@ -283,12 +321,7 @@ def verify_charge(
             ):
                 return "refuted"
     for frames in checked:
-        if not any(
-            read.plate == plate
-            and read.color in (None, color)
-            and read.score >= verification.agree_score
-            for read in frames
-        ):
+        if not any(same(read) and read.score >= verification.agree_score for read in frames):
             return "unconfirmed"
     return "verified"
 
