@@ -31,11 +31,20 @@ from parking.app import create_app, server_config
 from parking.auth import repository as auth_repo
 from parking.auth.tokens import Role, hash_password
 from parking.infra import Endpoints
+from parking.logging import configure_logging
 from parking.migrate import migrate
 from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
 from parking_dev import sandbox
 from tests.gates import GateProbe
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The services' log configuration for the whole run, as every process of ours has it
+    (masked, on stderr): unconfigured, structlog prints to stdout, where a background worker's
+    line lands in the middle of a command's JSON output a test reads."""
+    configure_logging("INFO")
+
 
 ADMIN_DSN = os.environ.get(
     "PARKING_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"

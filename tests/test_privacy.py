@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import httpx
 import pytest
-import structlog
 from fastapi import FastAPI
 
 from parking.admin import repository as admin
@@ -28,7 +27,7 @@ def service_logs() -> Iterator[io.StringIO]:
     buffer = io.StringIO()
     configure_logging("DEBUG", json=True, stream=buffer)
     yield buffer
-    structlog.reset_defaults()
+    configure_logging("INFO")  # as tests/conftest.py has it for the run
 
 
 async def test_plates_and_phones_stay_out_of_the_logs(
