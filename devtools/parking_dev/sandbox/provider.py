@@ -126,6 +126,16 @@ class Sandbox:
         return not self._stopping.is_set()
 
     async def fail_before_effect(self) -> JSONResponse | None:
+        """An injected failure of a request that would take effect (a charge, a refund, an
+        entry), before it does."""
+        return await self._injected_failure()
+
+    async def fail_query(self) -> JSONResponse | None:
+        """The same failures for a read that takes no effect (a plate's service state): kept
+        apart so what counts effects (the worker-crash tests' spies) does not count reads."""
+        return await self._injected_failure()
+
+    async def _injected_failure(self) -> JSONResponse | None:
         if self.chance(self.faults.unauthorized_rate):
             return error(401, "unauthorized", "the merchant's credentials were refused")
         if self.chance(self.faults.error_rate):

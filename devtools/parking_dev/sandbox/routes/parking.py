@@ -31,7 +31,7 @@ async def plate_service(
     plate: str = Query(min_length=2, max_length=16),
     color: str = Query(min_length=1, max_length=16),
 ) -> JSONResponse:
-    if (failure := await sandbox.fail_before_effect()) is not None:
+    if (failure := await sandbox.fail_query()) is not None:
         return failure
     return JSONResponse(
         {"plate": plate, "color": color, "state": _state(sandbox, agreement_no), "reason": None}
