@@ -10,7 +10,7 @@ import orjson
 import pytest
 from fastapi import FastAPI
 
-from billing import charges, ledger, signing
+from billing import agreements, charges, ledger, signing
 from billing.money import InvalidAmount, fen_from_json, fen_from_text
 from billing.providers import (
     DESCRIPTION_MAX_CHARS,
@@ -273,6 +273,12 @@ async def test_the_drivers_refusal_still_becomes_a_debt(
 ) -> None:
     driver = await make_driver(runtime, unique_plate())
     agreement_no = await _agreement_no(runtime, driver.agreement_id)
+    # The provider said "normal" a moment ago; the pause reaches us only as the charge's 403
+    # (no notification, and no state refresh before the exit: the lane lets the car out).
+    async with runtime.pool.acquire() as conn:
+        await agreements.record_service_state(
+            conn, runtime.provider.name, driver.plate, "blue", "normal", datetime.now(UTC)
+        )
     SANDBOX_FAULTS.paused_agreements.add(agreement_no)  # 403 agreement_paused
     try:
         await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
