@@ -32,6 +32,7 @@ from tests.conftest import (
     charges_of,
     create_lot,
     driver_in_debt,
+    enter,
     eventually,
     exit_after,
     make_driver,
@@ -273,15 +274,27 @@ async def test_the_drivers_refusal_still_becomes_a_debt(
 ) -> None:
     driver = await make_driver(runtime, unique_plate())
     agreement_no = await _agreement_no(runtime, driver.agreement_id)
-    # The provider said "normal" a moment ago; the pause reaches us only as the charge's 403
-    # (no notification, and no state refresh before the exit: the lane lets the car out).
+    # The provider said "normal" at the entry (its registration, or a state query); the pause
+    # reaches us only as the charge's 403: no notification, no refresh before the exit.
     async with runtime.pool.acquire() as conn:
         await agreements.record_service_state(
             conn, runtime.provider.name, driver.plate, "blue", "normal", datetime.now(UTC)
         )
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=30))
+
+    async def entry_registered() -> bool:
+        async with runtime.pool.acquire() as conn:
+            return not await conn.fetchval(
+                """SELECT EXISTS (SELECT 1 FROM outbox o JOIN sessions s ON s.id = o.ref_id
+                   WHERE o.kind = 'parking_entry' AND o.done_at IS NULL AND o.dead_at IS NULL
+                     AND s.plate = $1)""",
+                driver.plate,
+            )
+
+    await eventually(entry_registered)
     SANDBOX_FAULTS.paused_agreements.add(agreement_no)  # 403 agreement_paused
     try:
-        await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
+        await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
 
         async def failed() -> bool:
             return [r["status"] for r in await charges_of(runtime, lot)] == ["failed"]
