@@ -27,6 +27,7 @@ from parking.runtime import ProviderEndpoint, Runtime
 from tests.conftest import (
     SANDBOX_FAULTS,
     SANDBOX_SECRET,
+    Driver,
     Lot,
     bearer,
     charges_of,
@@ -208,14 +209,47 @@ async def test_a_long_car_park_name_still_charges_the_driver(
     assert await _account(runtime, driver.account_id) == (False, 0, 0)
 
 
+async def _exit_refused_at_the_charge(
+    runtime: Runtime,
+    gate: GateProbe,
+    lot: Lot,
+    driver: Driver,
+    refusals: set[str],
+    agreement_no: str,
+) -> None:
+    """The car stays while the provider says its plate's service is normal (recorded, and the
+    stay's registration at the entry answered), and leaves; only then does the sandbox refuse
+    the agreement (`refusals`, one of its fault sets), so the refusal reaches us at the charge
+    with no notification or state refresh before it (which would rightly hold the car)."""
+    async with runtime.pool.acquire() as conn:
+        await agreements.record_service_state(
+            conn, runtime.provider.name, driver.plate, "blue", "normal", datetime.now(UTC)
+        )
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=30))
+
+    async def entry_registered() -> bool:
+        async with runtime.pool.acquire() as conn:
+            return not await conn.fetchval(
+                """SELECT EXISTS (SELECT 1 FROM outbox o JOIN sessions s ON s.id = o.ref_id
+                   WHERE o.kind = 'parking_entry' AND o.done_at IS NULL AND o.dead_at IS NULL
+                     AND s.plate = $1)""",
+                driver.plate,
+            )
+
+    await eventually(entry_registered)
+    refusals.add(agreement_no)
+    await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+
+
 async def test_the_car_parks_refusals_go_to_an_operator_never_to_the_driver(
     runtime: Runtime, gate: GateProbe, lot: Lot, app: FastAPI, api: httpx.AsyncClient
 ) -> None:
     driver = await make_driver(runtime, unique_plate())
     agreement_no = await _agreement_no(runtime, driver.agreement_id)
-    SANDBOX_FAULTS.unknown_agreements.add(agreement_no)  # 404 agreement_not_found
     try:
-        await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
+        await _exit_refused_at_the_charge(
+            runtime, gate, lot, driver, SANDBOX_FAULTS.unknown_agreements, agreement_no
+        )  # 404 agreement_not_found
         admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
 
         async def listed() -> list[Any]:
@@ -274,27 +308,10 @@ async def test_the_drivers_refusal_still_becomes_a_debt(
 ) -> None:
     driver = await make_driver(runtime, unique_plate())
     agreement_no = await _agreement_no(runtime, driver.agreement_id)
-    # The provider said "normal" at the entry (its registration, or a state query); the pause
-    # reaches us only as the charge's 403: no notification, no refresh before the exit.
-    async with runtime.pool.acquire() as conn:
-        await agreements.record_service_state(
-            conn, runtime.provider.name, driver.plate, "blue", "normal", datetime.now(UTC)
-        )
-    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=30))
-
-    async def entry_registered() -> bool:
-        async with runtime.pool.acquire() as conn:
-            return not await conn.fetchval(
-                """SELECT EXISTS (SELECT 1 FROM outbox o JOIN sessions s ON s.id = o.ref_id
-                   WHERE o.kind = 'parking_entry' AND o.done_at IS NULL AND o.dead_at IS NULL
-                     AND s.plate = $1)""",
-                driver.plate,
-            )
-
-    await eventually(entry_registered)
-    SANDBOX_FAULTS.paused_agreements.add(agreement_no)  # 403 agreement_paused
     try:
-        await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+        await _exit_refused_at_the_charge(
+            runtime, gate, lot, driver, SANDBOX_FAULTS.paused_agreements, agreement_no
+        )  # 403 agreement_paused
 
         async def failed() -> bool:
             return [r["status"] for r in await charges_of(runtime, lot)] == ["failed"]
