@@ -122,6 +122,8 @@ async def test_a_driver_signs_in_binds_a_plate_and_disputes_a_stay_seen_with_bot
                     " return i.complete && i.naturalWidth > 0; }",
                     arg=frame,
                 )
+            # Chinese units, as the pay page and the charge message write a stay's length.
+            await expect(page.locator("#stay-facts")).to_contain_text("1小时40分")
             await page.get_by_role("button", name="不是我的车").click()
             await expect(page.locator("#stay-dispute")).to_have_text("申诉处理中")
             await expect(page.get_by_role("button", name="不是我的车")).to_be_hidden()

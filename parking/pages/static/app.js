@@ -10,6 +10,12 @@
     timeZone: $("app").dataset.tz, hour12: false, year: "numeric", month: "2-digit", day: "2-digit",
     hour: "2-digit", minute: "2-digit",
   }) : "—");
+  // As the pay page and the messages write it (billing.notifications.format_duration).
+  const duration = (minutes) => {
+    const hours = Math.floor(minutes / 60);
+    if (!zh) return `${hours}h${String(minutes % 60).padStart(2, "0")}m`;
+    return hours ? `${hours}小时${minutes % 60}分` : `${minutes}分钟`;
+  };
   const frameUrls = [];
 
   function h(tag, props = {}, ...children) {
@@ -268,7 +274,7 @@
     const facts = [
       [t.car_park, stay.car_park], [t.plate, stay.plate], [t.entered, when(stay.entered_at)],
       [t.exited, stay.exited_at ? when(stay.exited_at) : t.inside],
-      [t.duration, `${Math.floor(stay.duration_minutes / 60)}h${String(stay.duration_minutes % 60).padStart(2, "0")}m`],
+      [t.duration, duration(stay.duration_minutes)],
       [t.fee, stay.fee_fen == null ? "—" : yuan(stay.fee_fen)],
     ];
     if (stay.charge) facts.push([t.charge, `${yuan(stay.charge.amount_fen)} ${t[`charge_${stay.charge.status}`] || stay.charge.status}`]);
