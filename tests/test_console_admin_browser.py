@@ -196,12 +196,21 @@ async def test_an_admin_manages_staff_blacklist_and_rights(
             await form.get_by_role("button", name="添加").click()
             await expect(page.locator("#blacklist")).to_contain_text("多次逃费")
             await expect(page.locator("#blacklist")).to_contain_text(banned)
+            # The API's refusal in the console's language, not its English message.
+            await form.get_by_label("车牌", exact=True).fill(banned)
+            await form.get_by_label("原因").fill("再次逃费")
+            await form.get_by_role("button", name="添加").click()
+            await expect(page.locator("#blacklist-result")).to_have_text(
+                "操作失败：该车辆已在黑名单中"
+            )
 
             # A CSV import: the good row imported, the bad one reported by line.
             await page.locator("#rights-csv").fill(csv_text)
             await page.get_by_role("button", name="导入", exact=True).click()
             await expect(page.locator("#import-summary")).to_have_text("已导入 1 行，失败 1")
-            await expect(page.locator('#import-failures li[data-line="3"]')).to_contain_text("季租")
+            await expect(page.locator('#import-failures li[data-line="3"]')).to_have_text(
+                "第3行：未知的权益类型 “季租”"
+            )
             right = page.locator("#rights tr", has_text=pass_plate)
             await expect(right).to_have_attribute("data-status", "active")
             await expect(right).to_contain_text("2027/12/31")

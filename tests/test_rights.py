@@ -372,6 +372,14 @@ async def test_a_csv_with_bad_rows_imports_the_good_ones_and_reports_each_bad_on
     assert report["imported"] == 2
     assert [f["line"] for f in report["failed"]] == [3, 4, 5, 6, 7]
     assert all(f["error"] for f in report["failed"])
+    # Each reason has a code the console words in the operator's language, with its cell.
+    assert [(f["code"], f["value"]) for f in report["failed"]] == [
+        ("invalid_plate", "浙A1/blue"),
+        ("unknown_right_spec", "季租"),
+        ("invalid_row", None),
+        ("invalid_date", "yesterday"),
+        ("invalid_row", None),
+    ]
     rights = (await api.get("/api/v1/operator/rights", headers=admin)).json()
     assert sorted(r["id"] for r in rights) == sorted(report["right_ids"])
     by_label = {r["label"]: r for r in rights}

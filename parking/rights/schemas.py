@@ -157,6 +157,13 @@ class Right(BaseModel):
 class ImportFailure(BaseModel):
     # The CSV line (1 is the header).
     line: int
+    # Why, for the console to say in the operator's language: unknown_right_spec,
+    # invalid_plate, invalid_date, invalid_row, or the code of the error the row met
+    # (e.g. right_status, conflict).
+    code: str
+    # The cell the row failed on, when one did (the spec's name, the plate, the date).
+    value: str | None = None
+    # The same in English, with the details.
     error: str
 
 

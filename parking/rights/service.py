@@ -227,18 +227,32 @@ async def renew(
 # Bulk import
 
 
+class _RowError(ValueError):
+    """Why one CSV row is not imported: a code the console words, and the cell it failed on."""
+
+    def __init__(self, code: str, value: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.value = value
+
+
 def _local_instant(text: str, *, end_of_day: bool) -> datetime:
     """An ISO datetime with its offset, or a local date: its start (valid_from) or the end of
     that day (valid_until: the date is the last day of validity)."""
     text = text.strip()
-    if len(text) == 10:
-        day = date.fromisoformat(text)
-        if end_of_day:
-            day += timedelta(days=1)
-        return datetime.combine(day, time(0), tzinfo=LOCAL_ZONE)
-    instant = datetime.fromisoformat(text)
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            if end_of_day:
+                day += timedelta(days=1)
+            return datetime.combine(day, time(0), tzinfo=LOCAL_ZONE)
+        instant = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise _RowError("invalid_date", text, f"{text!r} is not a date") from exc
     if instant.utcoffset() is None:
-        raise ValueError(f"{text!r} has no UTC offset (or give a date: YYYY-MM-DD)")
+        raise _RowError(
+            "invalid_date", text, f"{text!r} has no UTC offset (or give a date: YYYY-MM-DD)"
+        )
     return instant
 
 
@@ -250,14 +264,17 @@ def _vehicles(cell: str) -> list[dict[str, str]]:
         plate, _, color = part.strip().partition("/")
         plate = plate.strip()
         color = color.strip() or identity_color(plate, None)
-        vehicles.append({"plate": plate_of(plate, color), "color": color})
+        try:
+            vehicles.append({"plate": plate_of(plate, color), "color": color})
+        except ValueError as exc:
+            raise _RowError("invalid_plate", part.strip(), str(exc)) from exc
     return vehicles
 
 
 def _row_request(row: dict[str, str], spec_ids: dict[str, int]) -> NewRight:
     spec = (row.get("spec") or "").strip()
     if spec not in spec_ids:
-        raise ValueError(f"unknown right specification {spec!r}")
+        raise _RowError("unknown_right_spec", spec, f"unknown right specification {spec!r}")
     max_inside = (row.get("max_inside") or "").strip()
     label = (row.get("label") or "").strip()
     return NewRight.model_validate(
@@ -272,14 +289,19 @@ def _row_request(row: dict[str, str], spec_ids: dict[str, int]) -> NewRight:
     )
 
 
-def _reason(exc: Exception) -> str:
+def _failure(line: int, exc: Exception) -> ImportFailure:
+    if isinstance(exc, _RowError):
+        return ImportFailure(line=line, code=exc.code, value=exc.value, error=str(exc))
     if isinstance(exc, ValidationError):
-        return "; ".join(
+        error = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'row'}: {e['msg']}" for e in exc.errors()
         )
+        return ImportFailure(line=line, code="invalid_row", error=error)
     if isinstance(exc, AppError):
-        return exc.message
-    return str(exc) or type(exc).__name__
+        return ImportFailure(line=line, code=exc.code, error=exc.message)
+    # A constraint the row broke in the database, or a cell that is no number.
+    code = "conflict" if isinstance(exc, asyncpg.PostgresError) else "invalid_row"
+    return ImportFailure(line=line, code=code, error=str(exc) or type(exc).__name__)
 
 
 async def import_csv(conn: asyncpg.Connection, principal: Principal, body: bytes) -> ImportReport:
@@ -314,7 +336,7 @@ async def import_csv(conn: asyncpg.Connection, principal: Principal, body: bytes
             async with conn.transaction():
                 imported.append(await _insert(conn, principal, operator_id, request, "import"))
         except (ValueError, AppError, asyncpg.PostgresError) as exc:
-            failed.append(ImportFailure(line=line, error=_reason(exc)))
+            failed.append(_failure(line, exc))
     return ImportReport(imported=len(imported), right_ids=imported, failed=failed)
 
 
