@@ -64,6 +64,10 @@ async def _sign_in(page: Page, app: FastAPI, url: str, phone: str) -> None:
     await expect(page.locator("#sign-in-status")).to_have_text("验证码已发送")
     code = app.state.sms.last_code(phone)
     assert code is not None
+    # A wrong code is refused in the page's language, not the API's English message.
+    await page.get_by_label("验证码").fill("000000" if code != "000000" else "111111")
+    await page.get_by_role("button", name="登录").click()
+    await expect(page.locator("#sign-in-status")).to_contain_text("验证码不正确")
     await page.get_by_label("验证码").fill(code)
     await page.get_by_role("button", name="登录").click()
     await expect(page.locator("#app")).to_have_attribute("data-state", "signed-in")

@@ -101,6 +101,17 @@ TEXTS: dict[str, dict[str, str]] = {
         "en": "The registry did not confirm it: check the licence number and owner",
     },
     "err_already_bound": {"zh": "该车辆已绑定在您的账户", "en": "Already bound to your account"},
+    "err_invalid_code": {"zh": "验证码不正确", "en": "Wrong code"},
+    "err_code_expired": {
+        "zh": "验证码已过期，请重新获取",
+        "en": "The code expired: ask for a new one",
+    },
+    "err_too_many_attempts": {
+        "zh": "验证码错误次数过多，请重新获取",
+        "en": "Too many wrong codes: ask for a new one",
+    },
+    "err_rate_limited": {"zh": "操作过于频繁，请稍后再试", "en": "Too many requests: try later"},
+    "err_invalid_request": {"zh": "请检查输入内容", "en": "Please check what you entered"},
     "err_plate_disputed": {
         "zh": "该车辆已被其他账户绑定，已提交归属申请，运营方审核后通知您",
         "en": "Another account holds this vehicle: your claim was sent for review",

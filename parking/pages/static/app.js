@@ -87,7 +87,8 @@
     $("notice").hidden = !message;
   }
 
-  const failed = (error) => notice(`${t.error}${t[`err_${error.code}`] || error.message}`);
+  const reason = (error) => t[`err_${error.code}`] || error.message;
+  const failed = (error) => notice(`${t.error}${reason(error)}`);
 
   // ---- signing in -----------------------------------------------------------------------
 
@@ -105,7 +106,7 @@
       $("sign-in-status").textContent = t.code_sent;
       $("code").focus();
     } catch (error) {
-      $("sign-in-status").textContent = `${t.error}${error.message}`;
+      $("sign-in-status").textContent = `${t.error}${reason(error)}`;
     }
   });
 
@@ -123,7 +124,7 @@
       tokens.keep(body);
       signedIn();
     } catch (error) {
-      $("sign-in-status").textContent = `${t.error}${error.message}`;
+      $("sign-in-status").textContent = `${t.error}${reason(error)}`;
     }
   });
 
