@@ -121,6 +121,32 @@ async def test_on_a_phone_an_admin_refunds_a_charge_and_publishes_a_tariff(
             await expect(page.locator("#tariff-result")).to_have_text("已发布新版本")
             await expect(page.locator("#tariffs tr")).to_have_count(2)
             await expect(page.locator("#tariffs tr").first).to_contain_text("免费 45 分钟")
+            # The quick set-up writes the rules an operator would otherwise type as JSON, and
+            # each version reads in words.
+            await page.get_by_role("button", name="生成规则").click()
+            await expect(page.locator("#tariff-result")).to_have_text("请填写每小时费用。")
+            await page.get_by_label("免费时长（分钟）").fill("30")
+            await page.get_by_label("每小时（元）").fill("5")
+            await page.get_by_label("每日封顶（元，可空）").fill("40")
+            await page.get_by_label("绿牌优惠（%，可空）").fill("50")
+            await page.get_by_role("button", name="生成规则").click()
+            await page.get_by_role("button", name="发布新版本").click()
+            await expect(page.locator("#tariff-result")).to_have_text(
+                "操作失败：该生效时间已有收费版本，请换一个时间"
+            )
+            later = await page.locator("#tariff-from").input_value()
+            await page.locator("#tariff-from").fill(f"{int(later[:4]) + 1}{later[4:]}")
+            await page.get_by_role("button", name="发布新版本").click()
+            await expect(page.locator("#tariff-result")).to_have_text("已发布新版本")
+            await expect(page.locator("#tariffs tr")).to_have_count(3)
+            newest = page.locator("#tariffs tr").first
+            for words in (
+                "免费 30 分钟",
+                "日封顶 ¥40.00",
+                "绿牌 优惠 50%",
+                "全天：每60 分钟 ¥5.00",
+            ):
+                await expect(newest).to_contain_text(words)
 
             assert await page.evaluate(UNNAMED) == []
             await _screenshots(page, "refunds", "#refunds-heading >> xpath=..")
@@ -133,13 +159,18 @@ async def test_on_a_phone_an_admin_refunds_a_charge_and_publishes_a_tariff(
         refund = await conn.fetchrow(
             "SELECT amount_fen, reason, kind FROM refunds WHERE charge_id = $1", charge_id
         )
-        free_minutes = await conn.fetchval(
-            "SELECT rules->>'free_minutes' FROM tariffs WHERE car_park_id = $1 "
-            "ORDER BY effective_from DESC LIMIT 1",
-            lot.id,
-        )
+        versions = [
+            json.loads(rules)
+            for (rules,) in await conn.fetch(
+                "SELECT rules::text FROM tariffs WHERE car_park_id = $1 ORDER BY id", lot.id
+            )
+        ]
     assert dict(refund) == {"amount_fen": 500, "reason": "道闸故障多停了半小时", "kind": "operator"}
-    assert free_minutes == "45"
+    assert versions[1]["free_minutes"] == 45
+    quick = versions[2]
+    assert (quick["free_minutes"], quick["daily_cap_fen"]) == (30, 4000)
+    assert quick["colour_discount_percent"] == {"green": 50}
+    assert [line["amount_fen"] for line in quick["bands"][0]["lines"]] == [500]
 
 
 async def test_an_admin_manages_staff_blacklist_and_rights(
