@@ -2,16 +2,20 @@
 Playwright), Chinese first, each action checked in the database: refund a stay's charge with a
 reason and publish a tariff version (on a 390-px phone); add and disable staff, blacklist a
 vehicle, import rights from a CSV with its per-row report and suspend a right (on a desktop).
+The city platform's staff decide a plate ownership claim with both sides' evidence (on a phone).
 Screenshots at both widths in `.artifacts/console-*.png`."""
 
 import json
+import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from parking.admin import repository as admin_repo
 from parking.runtime import Runtime
 from parking_dev import sandbox
 from tests.conftest import (
@@ -34,6 +38,7 @@ from tests.test_dashboard_browser import (
     UNNAMED,
     _sign_in,
 )
+from tests.test_ownership import _bindings, _insert_stay, _open_dispute
 
 DESKTOP = {"width": 1280, "height": 900}
 ARTIFACTS = ROOT / ".artifacts"
@@ -311,3 +316,52 @@ async def test_an_admin_manages_staff_blacklist_and_rights(
     assert (disabled, admin_enabled, added) == (True, True, "attendant")
     assert reason == "多次逃费"
     assert status == "suspended"
+
+
+async def test_the_city_platform_decides_an_ownership_claim_with_the_stays_in_front_of_it(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, lot: Lot, browser: Browser
+) -> None:
+    plate, holder_id, _, claimant_id, _, claim_id = await _open_dispute(api, runtime, app)
+    async with runtime.pool.acquire() as conn:
+        claimed_at = await conn.fetchval(
+            "SELECT created_at FROM plate_disputes WHERE id = $1", claim_id
+        )
+        company = await admin_repo.create_operator(conn, f"城市平台-{uuid.uuid4().hex[:8]}")
+    stay_id = await _insert_stay(runtime, lot, plate, max(claimed_at, datetime.now(UTC)), holder_id)
+    platform = await make_staff(runtime, company, "platform")
+    problems: list[str] = []
+    async with api_server(runtime, sandbox.free_port(), app=app) as url:
+        context = await browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
+        try:
+            page = await context.new_page()
+            page.set_default_timeout(STEP_TIMEOUT_MS)
+            page.on("pageerror", lambda error: problems.append(str(error)))
+            await page.goto(f"{url}/dashboard")
+            await page.fill("#email", platform.email)
+            await page.fill("#password", platform.password)
+            await page.click("#sign-in")
+            # The platform's view, not a car park company's dashboard.
+            await expect(page.locator("#platform-view")).to_be_visible()
+            await expect(page.locator("#dashboard-view")).to_be_hidden()
+            card = page.locator(f"#claims-{claim_id}")
+            await expect(card).to_contain_text(plate)
+            await expect(card).to_contain_text(f"申请人：账户 #{claimant_id}")
+            await expect(card).to_contain_text(f"现绑定人：账户 #{holder_id}")
+            await card.get_by_role("button", name="查看停车记录").click()
+            await expect(card.locator(f'tr[data-stay="{stay_id}"]')).to_contain_text("扣现绑定人")
+            # A decision needs its grounds.
+            await card.get_by_role("button", name="归申请人").click()
+            await expect(card.locator(".result")).to_have_text("请填写裁决依据。")
+            await card.get_by_label("裁决依据（必填）").fill("购车合同与新行驶证已核实")
+            await card.get_by_role("button", name="归申请人").click()
+            await expect(card.locator(".result")).to_have_text("已裁决：车辆归申请人，绑定已转移")
+            await expect(card).to_have_attribute("data-status", "upheld")
+            assert await page.evaluate(UNNAMED) == []
+            await _screenshots(page, "claims", "#claims-heading >> xpath=..")
+        finally:
+            await context.close()
+
+    assert problems == []
+    old, new = await _bindings(runtime, plate)
+    assert (old["account_id"], new["account_id"]) == (holder_id, claimant_id)
+    assert old["unbound_at"] == new["bound_at"]

@@ -50,6 +50,11 @@ FRAME = (Path(__file__).parent / "fixtures" / "plate_wanAD2Y34.jpg").read_bytes(
 STEP_TIMEOUT_MS = 10_000
 # An axe-style check: the form controls, buttons and images on the page that have no
 # accessible name (a label, aria-label, text or alt). Pages must answer [].
+# Elements whose words come from the page's text table but found none there (the key shows;
+# checked in Chinese, where no text equals its English key).
+UNTRANSLATED = """() => [...document.querySelectorAll("[data-i18n]")]
+    .filter((el) => el.textContent.trim() === el.dataset.i18n)
+    .map((el) => el.dataset.i18n)"""
 UNNAMED = """() => [...document.querySelectorAll("input, select, textarea, button, img")]
     .filter((el) => el.type !== "hidden")
     .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute("aria-label")
@@ -170,6 +175,7 @@ async def test_operator_watches_a_car_enter_and_resolves_an_exception(
             SCREENSHOT.parent.mkdir(exist_ok=True)
             await page.screenshot(path=str(SCREENSHOT), full_page=True)
 
+            assert await page.evaluate(UNTRANSLATED) == []
             # The English switch relabels what is on the page, live.
             await page.click("#lang")
             entered = page.locator('#lane-feed tr[data-outcome="entered"] .outcome')
