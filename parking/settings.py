@@ -10,7 +10,6 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from billing.rails import WECHAT_HOSTS
 from plate_recognition.calibration import certain_threshold
 
 
@@ -345,17 +344,6 @@ class Settings(BaseSettings):
                 " (or PARKING_WECHAT_PLATFORM_CERT_DIR)"
             )
         return missing
-
-    def payment_stand_ins(self) -> list[str]:
-        """The payment rails' stand-ins this configuration would use (empty: real rails).
-        A production start refuses any."""
-        if self.payment_provider == "sandbox":
-            return ["payment provider: sandbox (PARKING_PAYMENT_PROVIDER=sandbox)"]
-        if not self.wechat_configured():
-            return ["payment provider: WeChat Pay emulator (the PARKING_WECHAT_* keys are unset)"]
-        if self.wechat_api_url.rstrip("/") not in WECHAT_HOSTS:
-            return [f"payment provider: WeChat Pay at {self.wechat_api_url} (not WeChat's API)"]
-        return []
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

@@ -31,6 +31,7 @@ from billing.providers import (
 )
 from billing.wechat import WeChatParkingProvider
 from parking.infra import Endpoints
+from parking.production import payment_stand_ins
 from parking.runtime import (
     ConfigurationError,
     ProviderEndpoint,
@@ -553,11 +554,13 @@ async def _service_state(runtime: Runtime, plate: str, state: str) -> bool:
 
 
 async def test_settings_name_the_stand_ins_and_every_missing_wechat_key(tmp_path: Path) -> None:
-    assert Settings(payment_provider="sandbox").payment_stand_ins() == [
-        "payment provider: sandbox (PARKING_PAYMENT_PROVIDER=sandbox)"
-    ]
+    sandbox_rails = Settings(payment_provider="sandbox", payment_provider_url=None)
+    assert "in-process sandbox" in payment_stand_ins(sandbox_rails)[0].why
     bare = Settings(payment_provider="wechat")
-    assert not bare.wechat_configured() and "emulator" in bare.payment_stand_ins()[0]
+    named = [item.setting for item in payment_stand_ins(bare)]
+    # Every key once, the emulator given as the reason, nothing named again.
+    assert not bare.wechat_configured() and named == bare.wechat_missing()
+    assert all("emulator" in item.why for item in payment_stand_ins(bare))
     partial = Settings(payment_provider="wechat", wechat_mchid="1900000109")
     assert len(partial.wechat_missing()) == 5, partial.wechat_missing()
     with pytest.raises(ConfigurationError) as refused:
@@ -580,14 +583,14 @@ async def test_settings_name_the_stand_ins_and_every_missing_wechat_key(tmp_path
         wechat_platform_public_key_path=tmp_path / "platform.pem",
         wechat_platform_public_key_id=creds.platform_public_key_id,
     )
-    assert full.wechat_missing() == [] and full.payment_stand_ins() == []
+    assert full.wechat_missing() == [] and payment_stand_ins(full) == []
     assert wechat_credentials(full) == creds
     async with payment_provider(full) as endpoint:
         provider = make_provider(full, endpoint)
         assert (provider.name, provider.is_stand_in) == ("wechat", False)
         await provider.aclose()
     elsewhere = full.model_copy(update={"wechat_api_url": "http://127.0.0.1:9"})
-    assert "not WeChat's API" in elsewhere.payment_stand_ins()[0]
+    assert "not WeChat's API" in payment_stand_ins(elsewhere)[0].why
 
 
 async def test_the_emulators_written_settings_point_the_service_at_it(tmp_path: Path) -> None:
@@ -595,8 +598,8 @@ async def test_the_emulators_written_settings_point_the_service_at_it(tmp_path: 
         env = write_keys(emulator, url, tmp_path)
         settings = Settings(_env_file=env)  # type: ignore[call-arg]
         assert settings.payment_provider == "wechat" and settings.wechat_missing() == []
-        assert settings.payment_stand_ins() == [
-            f"payment provider: WeChat Pay at {url} (not WeChat's API)"
+        assert [str(item) for item in payment_stand_ins(settings)] == [
+            f"PARKING_WECHAT_API_URL: {url} is not WeChat's API (an emulator stands in)"
         ]
         async with payment_provider(settings) as endpoint:
             provider = make_provider(settings, endpoint)
