@@ -48,12 +48,12 @@ from tests.conftest import (
     MQTT_URL,
     REDIS_URL,
     Driver,
-    Lot,
     api_server,
     backdate_entry,
     charges_of,
     create_lot,
     enter,
+    entry_registered,
     eventually,
     make_driver,
     stay_status,
@@ -363,14 +363,6 @@ async def _wechat_driver(runtime: Runtime, plate: str) -> Driver:
     return await make_driver(runtime, plate, provider="wechat", agreement_no=f"o-{plate}")
 
 
-async def _session(runtime: Runtime, lot: Lot, plate: str) -> asyncpg.Record:
-    async with runtime.pool.acquire() as conn:
-        row: asyncpg.Record = await conn.fetchrow(
-            "SELECT * FROM sessions WHERE car_park_id = $1 AND plate = $2", lot.id, plate
-        )
-    return row
-
-
 async def test_the_system_on_wechat_registers_entries_and_books_each_deduction_once(
     settings: Settings, database_url: str, gate: GateProbe
 ) -> None:
@@ -382,7 +374,7 @@ async def test_the_system_on_wechat_registers_entries_and_books_each_deduction_o
         drivers = [await _wechat_driver(runtime, unique_plate()) for _ in range(2)] + [short]
         for driver in drivers:
             await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(0))
-            registered = await eventually(lambda d=driver: _stay_parking_id(runtime, lot, d.plate))
+            registered = await entry_registered(runtime, lot, driver.plate)
             assert (
                 registered
                 == emulator.parkings[
@@ -533,10 +525,6 @@ async def test_a_refund_on_wechat_is_booked_once(
             assert await ledger.balance(conn, ledger.revenue(lot.id)) == -(1200 - 500)
 
 
-async def _stay_parking_id(runtime: Runtime, lot: Lot, plate: str) -> str | None:
-    return (await _session(runtime, lot, plate))["provider_parking_id"]
-
-
 async def _stay_by_id(runtime: Runtime, session_id: int) -> asyncpg.Record:
     async with runtime.pool.acquire() as conn:
         row: asyncpg.Record = await conn.fetchrow(
@@ -625,7 +613,7 @@ async def test_a_plate_whose_service_is_not_normal_is_held_at_the_exit(
         if when == "at_entry":
             emulator.plates[(driver.plate, "BLUE")] = theirs  # no stay to tell yet
         await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=70))
-        await eventually(lambda: _stay_parking_id(runtime, lot, driver.plate))
+        await entry_registered(runtime, lot, driver.plate)
         if when == "during_stay":
             emulator.set_plate_state(driver.plate, "BLUE", theirs)  # told by notification
         await eventually(lambda: _service_state(runtime, driver.plate, ours))
