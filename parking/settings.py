@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     # Billing. The payment rails: "sandbox" (a stand-in with injectable faults; with no
     # provider URL one is started in-process, a laptop run) or "wechat" (WeChat Pay Score
     # parking, API v3: billing.wechat; with none of the wechat_* keys set, an emulator of it is
-    # started in-process instead, a stand-in too). See README "Payment rails".
+    # started in-process instead, a stand-in too). See docs/billing.md, "Payment rails".
     payment_provider: Literal["sandbox", "wechat"] = "sandbox"
     payment_provider_url: str | None = None
     # Verifies the provider's signed notifications; required with payment_provider_url.
