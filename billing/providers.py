@@ -350,7 +350,8 @@ class SandboxProvider:
     """Client of the sandbox provider (parking_dev.sandbox), a real HTTP service.
 
     aiohttp rather than httpx: the charge worker makes one request per charge, and httpx took
-    0.8 ms of CPU per request against aiohttp's 0.1 ms (`parking-dev bench`, see README)."""
+    0.8 ms of CPU per request against aiohttp's 0.1 ms (`parking-dev bench`, see
+    docs/benchmarks.md)."""
 
     name = "sandbox"
     is_stand_in = True

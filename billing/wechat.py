@@ -116,7 +116,7 @@ _YUAN = re.compile(r"^(-?)([0-9]+)(?:\.([0-9]{1,2}))?$")
 
 @dataclass(frozen=True, slots=True)
 class WeChatCredentials:
-    """The merchant's WeChat Pay keys (see README "Payment rails")."""
+    """The merchant's WeChat Pay keys (see docs/billing.md, "Payment rails")."""
 
     mchid: str
     appid: str

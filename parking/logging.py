@@ -1,7 +1,8 @@
 """structlog configuration: dotted event names, a correlation id, no personal data in clear.
 
 Plates and phone numbers must never reach a log line readable. Callers pass them through
-`pseudonym()`, and a processor masks any key named like personal data as a safety net.
+`pseudonym()`, and processors mask any key named like personal data, and plates and phones
+quoted in error texts, as a safety net.
 """
 
 import hashlib
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
 correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=None)
 
 _PERSONAL_KEYS = frozenset({"plate", "phone", "plates", "candidates", "body"})
+# Texts that quote what they are about: a traceback, a provider's or a validation's error
+# message (a pydantic error repeats the input, a WeChat answer's plate_number included).
+_FREE_TEXT_KEYS = frozenset({"exception", "error", "reason", "why"})
 _pseudonym_key = secrets.token_bytes(32)
 
 
@@ -57,11 +61,10 @@ def _mask_personal(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
     return event
 
 
-def _mask_exception_text(
-    _: Any, __: str, event: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    if isinstance(event.get("exception"), str):
-        event["exception"] = mask_plates_in_text(event["exception"])
+def _mask_free_text(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in _FREE_TEXT_KEYS & event.keys():
+        if isinstance(event[key], str):
+            event[key] = mask_plates_in_text(event[key])
     return event
 
 
@@ -85,10 +88,11 @@ def configure_logging(
             _mask_personal,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            # Tracebacks as text, without local variables (which hold plates), then masked:
-            # database errors quote the offending key, e.g. "Key (plate)=(浙A12345)".
+            # Tracebacks as text, without local variables (which hold plates), then masked
+            # with the other free texts: database errors quote the offending key, e.g.
+            # "Key (plate)=(浙A12345)".
             structlog.processors.format_exc_info,
-            _mask_exception_text,
+            _mask_free_text,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

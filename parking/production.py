@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
+from billing.rails import WECHAT_HOSTS
 from parking.settings import Settings
 
 PROBE_TIMEOUT_S = 3.0
@@ -54,7 +55,7 @@ def stand_ins(settings: Settings) -> list[Missing]:
             missing.append(
                 Missing(f"PARKING_{name.upper()}", f"unset: an embedded {what} would be started")
             )
-    missing += provider_missing(settings)
+    missing += payment_stand_ins(settings)
     missing += sms_missing(settings)
     if settings.dev_adapters:
         missing.append(
@@ -110,14 +111,27 @@ def stand_ins(settings: Settings) -> list[Missing]:
     return missing
 
 
-def provider_missing(settings: Settings) -> list[Missing]:
-    """The payment rails' stand-ins: on WeChat's rails the emulator, a URL that is not WeChat's
-    or a missing merchant key; otherwise the in-process sandbox or an unverifiable provider."""
+def payment_stand_ins(settings: Settings) -> list[Missing]:
+    """The payment rails' stand-ins, each setting named once: on WeChat's rails every missing
+    merchant key (none set: the emulator would stand in) and an API URL that is not WeChat's;
+    otherwise the in-process sandbox or an unverifiable provider. The one place that decides
+    them (`provider_stand_in` asks a configured provider URL what it is)."""
     if settings.payment_provider == "wechat":
-        return [
-            Missing(name, "required on WeChat Pay's rails") for name in settings.wechat_missing()
-        ] + [Missing("PARKING_WECHAT_API_URL", why) for why in settings.payment_stand_ins()]
-    missing: list[Missing] = []
+        why = (
+            "required on WeChat Pay's rails"
+            if settings.wechat_configured()
+            else "unset: the in-process WeChat Pay emulator would take the money"
+        )
+        missing = [Missing(name, why) for name in settings.wechat_missing()]
+        if settings.wechat_configured() and settings.wechat_api_url.rstrip("/") not in WECHAT_HOSTS:
+            missing.append(
+                Missing(
+                    "PARKING_WECHAT_API_URL",
+                    f"{settings.wechat_api_url} is not WeChat's API (an emulator stands in)",
+                )
+            )
+        return missing
+    missing = []
     if not settings.payment_provider_url:
         missing.append(
             Missing(

@@ -10,7 +10,6 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from billing.rails import WECHAT_HOSTS
 from plate_recognition.calibration import certain_threshold
 
 
@@ -130,7 +129,7 @@ class Settings(BaseSettings):
     # Billing. The payment rails: "sandbox" (a stand-in with injectable faults; with no
     # provider URL one is started in-process, a laptop run) or "wechat" (WeChat Pay Score
     # parking, API v3: billing.wechat; with none of the wechat_* keys set, an emulator of it is
-    # started in-process instead, a stand-in too). See README "Payment rails".
+    # started in-process instead, a stand-in too). See docs/billing.md, "Payment rails".
     payment_provider: Literal["sandbox", "wechat"] = "sandbox"
     payment_provider_url: str | None = None
     # Verifies the provider's signed notifications; required with payment_provider_url.
@@ -345,17 +344,6 @@ class Settings(BaseSettings):
                 " (or PARKING_WECHAT_PLATFORM_CERT_DIR)"
             )
         return missing
-
-    def payment_stand_ins(self) -> list[str]:
-        """The payment rails' stand-ins this configuration would use (empty: real rails).
-        A production start refuses any."""
-        if self.payment_provider == "sandbox":
-            return ["payment provider: sandbox (PARKING_PAYMENT_PROVIDER=sandbox)"]
-        if not self.wechat_configured():
-            return ["payment provider: WeChat Pay emulator (the PARKING_WECHAT_* keys are unset)"]
-        if self.wechat_api_url.rstrip("/") not in WECHAT_HOSTS:
-            return [f"payment provider: WeChat Pay at {self.wechat_api_url} (not WeChat's API)"]
-        return []
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

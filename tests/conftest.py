@@ -275,6 +275,25 @@ async def eventually(probe: Any, timeout_s: float = 10.0, interval_s: float = 0.
         await asyncio.sleep(interval_s)
 
 
+async def entry_registered(runtime: Runtime, lot: Lot, plate: str) -> str:
+    """Waits until the provider answered the registration of the plate's stay at its entry
+    (WeChat's rails register each pay-later stay; the sandbox's register none) and returns
+    the provider's parking id."""
+
+    async def parking_id() -> str | None:
+        async with runtime.pool.acquire() as conn:
+            found: str | None = await conn.fetchval(
+                """SELECT provider_parking_id FROM sessions
+                   WHERE car_park_id = $1 AND plate = $2""",
+                lot.id,
+                plate,
+            )
+        return found
+
+    registered: str = await eventually(parking_id)
+    return registered
+
+
 # unique_plate()'s plates: 浙, an issuing letter of Zhejiang's (A-L; never I or O, see
 # plate_recognition/grammar.py) that no plate written out in the tests uses, five digits.
 _PLATE_LETTERS = "BDGHJL"

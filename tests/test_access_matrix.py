@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from billing.tariff import Tariff
@@ -481,7 +482,15 @@ def _fill(path: str, world: World) -> str:
     )
 
 
-async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) -> World:
+# Image routes answer with the stored bytes: no picture needed.
+FAKE_JPEG = b"\xff\xd8\xff\xe0fake-jpeg"
+
+
+@pytest.fixture
+async def world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot: Lot) -> World:
+    """Every caller of the matrix with the objects each may or may not reach (car park X is
+    the `lot` fixture's), made afresh for each test: allowed calls change them."""
+    lot_x = lot
     lot_y = await create_lot(runtime)
     admin_x = await make_staff(runtime, lot_x.operator_id, "admin")
     attendant_x = await make_staff(runtime, lot_x.operator_id, "attendant")
@@ -522,7 +531,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
         exception_x = await conn.fetchval(
             "UPDATE lane_exceptions SET image = $2 WHERE capture_id = $1 RETURNING id",
             stranger.capture_id,
-            b"\xff\xd8\xff\xe0fake-jpeg",
+            FAKE_JPEG,
         )
         stay_a = await conn.fetchval("SELECT session_id FROM charges WHERE id = $1", charge_a)
         # A charge of X the provider refused for the car park's own reason.
@@ -560,7 +569,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
                SELECT s.entry_capture_id, k.captured_at, s.car_park_id, $2 FROM sessions s
                JOIN capture_keys k ON k.capture_id = s.entry_capture_id WHERE s.id = $1""",
             stay_a,
-            b"\xff\xd8\xff\xe0fake-jpeg",
+            FAKE_JPEG,
         )
         dispute_x = await conn.fetchval(
             """INSERT INTO charge_disputes (charge_id, account_id, car_park_id, via, held)
@@ -580,7 +589,7 @@ async def _world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot_x: Lot) ->
                 capture.capture_id,
                 capture.captured_at,
                 lot_x.id,
-                b"\xff\xd8\xff\xe0fake-jpeg",
+                FAKE_JPEG,
             )
         # An open ownership claim between two other drivers.
         ownership_claim = await conn.fetchval(
@@ -710,9 +719,8 @@ def _outcome(response: httpx.Response) -> str:
 
 
 async def test_every_route_gives_each_caller_only_what_it_should(
-    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+    app: FastAPI, api: httpx.AsyncClient, world: World
 ) -> None:
-    world = await _world(runtime, app, gate, lot)
     schema_routes = {
         (method.upper(), path)
         for path, operations in app.openapi()["paths"].items()
@@ -756,9 +764,8 @@ async def test_every_route_gives_each_caller_only_what_it_should(
 
 
 async def test_lists_never_show_another_drivers_or_companys_objects(
-    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+    api: httpx.AsyncClient, world: World
 ) -> None:
-    world = await _world(runtime, app, gate, lot)
     as_b = bearer(world.tokens["driver_b"])
     stays_b = (await api.get("/api/v1/me/stays", headers=as_b)).json()
     assert world.stay_a not in {s["id"] for s in stays_b["items"]}
@@ -787,12 +794,11 @@ async def test_lists_never_show_another_drivers_or_companys_objects(
 
 
 async def test_a_manual_open_takes_only_a_capture_of_the_gate_it_opens(
-    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+    runtime: Runtime, api: httpx.AsyncClient, gate: GateProbe, lot: Lot, world: World
 ) -> None:
     """Gate in1 opened by hand with the capture of a car held at out1: refused. Taken, it would
     close that car's stay as let out by an operator while in1's barrier lifted for someone
     else, and out1 would hold the car still."""
-    world = await _world(runtime, app, gate, lot)
     as_x = bearer(world.tokens["admin_x"])
     held = str(world.held_capture_x)
     response = await api.post(

@@ -9,12 +9,14 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import structlog
 from fastapi import FastAPI
 
 from billing import notifications, refunds
 from parking.admin import repository as admin
 from parking.auth.tokens import verify_password
 from parking.drivers.verification import DevRegistry, dev_licence_no, registry_of
+from parking.logging import pseudonym
 from parking.runtime import ProviderEndpoint, Runtime
 from tests.conftest import (
     Lot,
@@ -856,3 +858,22 @@ async def test_a_plate_is_not_unbound_while_a_charge_on_it_is_pending(
     assert (
         await api.delete(f"/api/v1/me/plates/{binding['id']}", headers=headers)
     ).status_code == 204
+
+
+async def test_binding_and_disputing_a_plate_log_only_its_pseudonym(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient
+) -> None:
+    """The lines name the vehicle by its pseudonym at the call, not through the masking
+    processor alone: a process whose logging is not configured as ours has no such net."""
+    plate = unique_plate()
+    _, holder = await _new_driver(runtime, app)
+    _, claimant = await _new_driver(runtime, app)
+    with structlog.testing.capture_logs() as logged:
+        await _bind_unregistered(api, holder, plate)
+        claim = _claim(plate, dev_licence_no(plate), "孙八")
+        claimed = await api.post("/api/v1/me/plates", json=claim, headers=claimant)
+    assert _error(claimed) == (409, "plate_disputed")
+    lines = {line["event"]: line for line in logged}
+    assert lines["drivers.plate_bound"]["plate"] == pseudonym(plate)
+    assert lines["drivers.plate_disputed"]["plate"] == pseudonym(plate)
+    assert plate not in repr(logged)

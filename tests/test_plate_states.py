@@ -27,12 +27,13 @@ from tests.conftest import (
     create_lot,
     driver_token,
     enter,
+    entry_registered,
     eventually,
     provider_and_runtime,
     unique_plate,
 )
 from tests.gates import GateProbe
-from tests.test_wechat import _faults, _stay_parking_id, wechat_runtime
+from tests.test_wechat import _faults, wechat_runtime
 
 Headers = dict[str, str]
 
@@ -152,7 +153,7 @@ async def test_on_wechat_the_openid_is_the_agreement_and_a_silent_pause_is_refre
         # The car comes in while the service is normal.
         await enter(runtime, gate, lot, plate, parked_for=timedelta(0))
         await backdate_entry(runtime, lot, plate, timedelta(minutes=70))
-        await eventually(lambda: _stay_parking_id(runtime, lot, plate))  # registered: normal
+        await entry_registered(runtime, lot, plate)  # registered: normal
         # The driver pauses it in WeChat, and the state-change notification is lost: only the
         # worker's refresh learns it.
         emulator.plates[(plate, "BLUE")] = "PAUSE"

@@ -3,6 +3,7 @@ are erased after the retention period by a job."""
 
 import base64
 import io
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,14 @@ def service_logs() -> Iterator[io.StringIO]:
     configure_logging("DEBUG", json=True, stream=buffer)
     yield buffer
     configure_logging("INFO")  # as tests/conftest.py has it for the run
+
+
+def logged_text(buffer: io.StringIO) -> str:
+    """The JSON lines as read: JSON escapes 浙 as \\u6d59, so a plate in clear would never
+    match the raw buffer."""
+    return "\n".join(
+        json.dumps(json.loads(line), ensure_ascii=False) for line in buffer.getvalue().splitlines()
+    )
 
 
 async def test_plates_and_phones_stay_out_of_the_logs(
@@ -75,11 +84,25 @@ async def test_plates_and_phones_stay_out_of_the_logs(
             await admin.bind_plate(conn, charged.account_id, charged.plate, "blue")
     except asyncpg.UniqueViolationError:
         log.exception("driver.bind_failed")
-    text = service_logs.getvalue()
+    text = logged_text(service_logs)
     assert "driver.bind_failed" in text and "UniqueViolationError" in text
     assert "lane.decided" in text and "billing.charged" in text, "the flows were logged"
     for secret in (phone, charged.plate, stranger, unbound, code):
         assert secret not in text, f"{secret!r} appears in the logs"
+
+
+def test_error_texts_quoting_a_plate_or_phone_are_masked(service_logs: io.StringIO) -> None:
+    """A provider's or a validation's error message repeats what it was given: a WeChat answer
+    with its plate_number, a phone in a refused request (logged as error, reason or why)."""
+    plate, phone = unique_plate(), f"137{uuid.uuid4().int % 10**8:08d}"
+    quoted = f"not a parking entry: input_value={{'plate_number': '{plate}', 'phone': '{phone}'}}"
+    log = get_logger("tests.privacy")
+    log.warning("outbox.job_failed", error=quoted)
+    log.warning("payments.notification_rejected", reason=quoted)
+    log.warning("gate.command_refused", why=quoted)
+    text = logged_text(service_logs)
+    assert text.count("not a parking entry") == 3, text
+    assert plate not in text and phone not in text, text
 
 
 async def test_capture_images_are_erased_after_the_retention_period(

@@ -145,9 +145,12 @@ async def test_production_on_wechat_rails_refuses_the_emulator_and_missing_keys(
 ) -> None:
     values = production_values(database_url, adapter_url)
     values["payment_provider"] = "wechat"
-    # No merchant key at all: the in-process emulator would stand in for WeChat.
-    text = str(await _refusal(values))
-    assert "PARKING_WECHAT_MCHID" in text and "emulator" in text
+    # No merchant key at all: the in-process emulator would stand in for WeChat. Each key is
+    # named once, with the emulator as its reason, and nothing else is named for it.
+    refusal = await _refusal(values)
+    named = [item.setting for item in refusal.missing]
+    assert named == _settings(values).wechat_missing(), str(refusal)
+    assert "PARKING_WECHAT_MCHID" in named and "emulator" in str(refusal)
     # Every key, but WeChat's API replaced by another host (an emulator somewhere).
     key = tmp_path / "key.pem"
     key.write_text("not read before the refusal")

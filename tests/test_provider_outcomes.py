@@ -217,26 +217,16 @@ async def _exit_refused_at_the_charge(
     refusals: set[str],
     agreement_no: str,
 ) -> None:
-    """The car stays while the provider says its plate's service is normal (recorded, and the
-    stay's registration at the entry answered), and leaves; only then does the sandbox refuse
-    the agreement (`refusals`, one of its fault sets), so the refusal reaches us at the charge
-    with no notification or state refresh before it (which would rightly hold the car)."""
+    """The car stays while the provider's last word on its plate's service is normal (recorded
+    before the entry; the sandbox's rails register no entry to wait for), and leaves; only then
+    does the sandbox refuse the agreement (`refusals`, one of its fault sets), so the refusal
+    reaches us at the charge with no notification or state refresh before it (which would
+    rightly hold the car)."""
     async with runtime.pool.acquire() as conn:
         await agreements.record_service_state(
             conn, runtime.provider.name, driver.plate, "blue", "normal", datetime.now(UTC)
         )
     await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=30))
-
-    async def entry_registered() -> bool:
-        async with runtime.pool.acquire() as conn:
-            return not await conn.fetchval(
-                """SELECT EXISTS (SELECT 1 FROM outbox o JOIN sessions s ON s.id = o.ref_id
-                   WHERE o.kind = 'parking_entry' AND o.done_at IS NULL AND o.dead_at IS NULL
-                     AND s.plate = $1)""",
-                driver.plate,
-            )
-
-    await eventually(entry_registered)
     refusals.add(agreement_no)
     await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
 

@@ -31,6 +31,7 @@ from billing.providers import (
 )
 from billing.wechat import WeChatParkingProvider
 from parking.infra import Endpoints
+from parking.production import payment_stand_ins
 from parking.runtime import (
     ConfigurationError,
     ProviderEndpoint,
@@ -47,12 +48,12 @@ from tests.conftest import (
     MQTT_URL,
     REDIS_URL,
     Driver,
-    Lot,
     api_server,
     backdate_entry,
     charges_of,
     create_lot,
     enter,
+    entry_registered,
     eventually,
     make_driver,
     stay_status,
@@ -362,14 +363,6 @@ async def _wechat_driver(runtime: Runtime, plate: str) -> Driver:
     return await make_driver(runtime, plate, provider="wechat", agreement_no=f"o-{plate}")
 
 
-async def _session(runtime: Runtime, lot: Lot, plate: str) -> asyncpg.Record:
-    async with runtime.pool.acquire() as conn:
-        row: asyncpg.Record = await conn.fetchrow(
-            "SELECT * FROM sessions WHERE car_park_id = $1 AND plate = $2", lot.id, plate
-        )
-    return row
-
-
 async def test_the_system_on_wechat_registers_entries_and_books_each_deduction_once(
     settings: Settings, database_url: str, gate: GateProbe
 ) -> None:
@@ -381,7 +374,7 @@ async def test_the_system_on_wechat_registers_entries_and_books_each_deduction_o
         drivers = [await _wechat_driver(runtime, unique_plate()) for _ in range(2)] + [short]
         for driver in drivers:
             await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(0))
-            registered = await eventually(lambda d=driver: _stay_parking_id(runtime, lot, d.plate))
+            registered = await entry_registered(runtime, lot, driver.plate)
             assert (
                 registered
                 == emulator.parkings[
@@ -532,10 +525,6 @@ async def test_a_refund_on_wechat_is_booked_once(
             assert await ledger.balance(conn, ledger.revenue(lot.id)) == -(1200 - 500)
 
 
-async def _stay_parking_id(runtime: Runtime, lot: Lot, plate: str) -> str | None:
-    return (await _session(runtime, lot, plate))["provider_parking_id"]
-
-
 async def _stay_by_id(runtime: Runtime, session_id: int) -> asyncpg.Record:
     async with runtime.pool.acquire() as conn:
         row: asyncpg.Record = await conn.fetchrow(
@@ -553,11 +542,13 @@ async def _service_state(runtime: Runtime, plate: str, state: str) -> bool:
 
 
 async def test_settings_name_the_stand_ins_and_every_missing_wechat_key(tmp_path: Path) -> None:
-    assert Settings(payment_provider="sandbox").payment_stand_ins() == [
-        "payment provider: sandbox (PARKING_PAYMENT_PROVIDER=sandbox)"
-    ]
+    sandbox_rails = Settings(payment_provider="sandbox", payment_provider_url=None)
+    assert "in-process sandbox" in payment_stand_ins(sandbox_rails)[0].why
     bare = Settings(payment_provider="wechat")
-    assert not bare.wechat_configured() and "emulator" in bare.payment_stand_ins()[0]
+    named = [item.setting for item in payment_stand_ins(bare)]
+    # Every key once, the emulator given as the reason, nothing named again.
+    assert not bare.wechat_configured() and named == bare.wechat_missing()
+    assert all("emulator" in item.why for item in payment_stand_ins(bare))
     partial = Settings(payment_provider="wechat", wechat_mchid="1900000109")
     assert len(partial.wechat_missing()) == 5, partial.wechat_missing()
     with pytest.raises(ConfigurationError) as refused:
@@ -580,14 +571,14 @@ async def test_settings_name_the_stand_ins_and_every_missing_wechat_key(tmp_path
         wechat_platform_public_key_path=tmp_path / "platform.pem",
         wechat_platform_public_key_id=creds.platform_public_key_id,
     )
-    assert full.wechat_missing() == [] and full.payment_stand_ins() == []
+    assert full.wechat_missing() == [] and payment_stand_ins(full) == []
     assert wechat_credentials(full) == creds
     async with payment_provider(full) as endpoint:
         provider = make_provider(full, endpoint)
         assert (provider.name, provider.is_stand_in) == ("wechat", False)
         await provider.aclose()
     elsewhere = full.model_copy(update={"wechat_api_url": "http://127.0.0.1:9"})
-    assert "not WeChat's API" in elsewhere.payment_stand_ins()[0]
+    assert "not WeChat's API" in payment_stand_ins(elsewhere)[0].why
 
 
 async def test_the_emulators_written_settings_point_the_service_at_it(tmp_path: Path) -> None:
@@ -595,8 +586,8 @@ async def test_the_emulators_written_settings_point_the_service_at_it(tmp_path: 
         env = write_keys(emulator, url, tmp_path)
         settings = Settings(_env_file=env)  # type: ignore[call-arg]
         assert settings.payment_provider == "wechat" and settings.wechat_missing() == []
-        assert settings.payment_stand_ins() == [
-            f"payment provider: WeChat Pay at {url} (not WeChat's API)"
+        assert [str(item) for item in payment_stand_ins(settings)] == [
+            f"PARKING_WECHAT_API_URL: {url} is not WeChat's API (an emulator stands in)"
         ]
         async with payment_provider(settings) as endpoint:
             provider = make_provider(settings, endpoint)
@@ -622,7 +613,7 @@ async def test_a_plate_whose_service_is_not_normal_is_held_at_the_exit(
         if when == "at_entry":
             emulator.plates[(driver.plate, "BLUE")] = theirs  # no stay to tell yet
         await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=70))
-        await eventually(lambda: _stay_parking_id(runtime, lot, driver.plate))
+        await entry_registered(runtime, lot, driver.plate)
         if when == "during_stay":
             emulator.set_plate_state(driver.plate, "BLUE", theirs)  # told by notification
         await eventually(lambda: _service_state(runtime, driver.plate, ours))

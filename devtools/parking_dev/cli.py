@@ -13,8 +13,19 @@ import orjson
 
 from parking.cli import run
 from parking.logging import configure_from
-from parking.settings import get_settings
+from parking.settings import Settings, get_settings
 from parking_dev import sandbox
+
+# The benches' embedded servers, apart from the demo's under .data/: a bench's charges in the
+# demo's database would be the next demo's reconciliation differences.
+BENCH_DATA_DIR = Path(".data/bench")
+
+
+def use_bench_data_dir(settings: Settings) -> None:
+    """A bench keeps its embedded servers' data in BENCH_DATA_DIR unless PARKING_DATA_DIR
+    chooses a folder (servers given by PARKING_*_URL are used as they are)."""
+    if "data_dir" not in settings.model_fields_set:
+        settings.data_dir = BENCH_DATA_DIR
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         # The demo prints its own progress; per-capture logs would drown it.
         settings.log_level = "WARNING"
     configure_from(settings)
+    if args.command == "bench":
+        use_bench_data_dir(settings)
     if args.command == "demo":
         from parking_dev.demo import run_demo
 

@@ -19,6 +19,7 @@ import base64
 import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -27,7 +28,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,7 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import NameOID
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from billing.wechat import WeChatCredentials
@@ -54,6 +55,8 @@ _SCHEME = "WECHATPAY2-SHA256-RSA2048"
 _STATES = {"NORMAL", "PAUSE", "OVERDUE", "OUT_SERVICE", "EVALUATION_FAILED"}
 # How far a request's timestamp may be from the emulator's clock (WeChat: 5 minutes).
 _CLOCK_SKEW_S = 300
+
+Route = Callable[..., Awaitable[Response]]
 
 
 def _now() -> str:
@@ -516,25 +519,42 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
     app = FastAPI(title="WeChat Pay v3 parking emulator", lifespan=lifespan)
     app.state.emulator = emulator
 
-    async def signed(request: Request) -> tuple[Any, Response | None]:
-        body = await request.body()
-        problem = emulator.verify_request(request, body)
-        if problem is not None:
-            emulator.rejected_requests += 1
-            return None, emulator.error(401, "SIGN_ERROR", problem)
-        if (failure := await emulator.before()) is not None:
-            return None, failure
-        try:
-            return (json.loads(body) if body else None), None
-        except ValueError:
-            return None, emulator.error(400, "PARAM_ERROR", "body is not JSON")
+    def signed(*, takes_effect: bool = False) -> Callable[[Route], Route]:
+        """A v3 route as WeChat serves it: the request's signature checked (401 SIGN_ERROR),
+        the faults injected before any effect, the JSON body in `request.state.body`; on a
+        route that takes effect, a successful answer passes the faults injected after it."""
 
-    @app.get("/v3/vehicle/parking/services/find")
-    async def services_find(request: Request) -> Response:
+        def decorate(route: Route) -> Route:
+            @functools.wraps(route)
+            async def checked(*args: Any, **kwargs: Any) -> Response:
+                request: Request = kwargs["request"]
+                body = await request.body()
+                problem = emulator.verify_request(request, body)
+                if problem is not None:
+                    emulator.rejected_requests += 1
+                    return emulator.error(401, "SIGN_ERROR", problem)
+                if (failure := await emulator.before()) is not None:
+                    return failure
+                try:
+                    request.state.body = json.loads(body) if body else None
+                except ValueError:
+                    return emulator.error(400, "PARAM_ERROR", "body is not JSON")
+                response = await route(*args, **kwargs)
+                if takes_effect and response.status_code < 300:
+                    return await emulator.after(response)
+                return response
+
+            return checked
+
+        return decorate
+
+    def note_service_query(request: Request) -> None:
+        # Counted as asked even when the answer fails (tests count the worker's attempts).
         emulator.service_queries.append(request.query_params.get("plate_number", ""))
-        _, failure = await signed(request)
-        if failure:
-            return failure
+
+    @app.get("/v3/vehicle/parking/services/find", dependencies=[Depends(note_service_query)])
+    @signed()
+    async def services_find(request: Request) -> Response:
         q = request.query_params
         if not (q.get("appid") and q.get("plate_number") and q.get("openid")):
             return emulator.error(400, "PARAM_ERROR", "appid, plate_number and openid needed")
@@ -559,10 +579,9 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
         )
 
     @app.post("/v3/vehicle/parking/parkings")
+    @signed(takes_effect=True)
     async def create_parking(request: Request) -> Response:
-        data, failure = await signed(request)
-        if failure:
-            return failure
+        data = request.state.body
         required = ("out_parking_no", "plate_number", "plate_color", "notify_url", "start_time")
         if not isinstance(data, dict) or any(not data.get(k) for k in required):
             return emulator.error(400, "PARAM_ERROR", f"{', '.join(required)} are required")
@@ -580,13 +599,12 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
         answer["state"] = "NORMAL" if state == "NORMAL" else "BLOCKED"
         if state != "NORMAL":
             answer["block_reason"] = state
-        return await emulator.after(emulator.answer(200, answer))
+        return emulator.answer(200, answer)
 
     @app.post("/v3/vehicle/transactions/parking")
+    @signed(takes_effect=True)
     async def create_transaction(request: Request) -> Response:
-        data, failure = await signed(request)
-        if failure:
-            return failure
+        data = request.state.body
         info = data.get("parking_info") if isinstance(data, dict) else None
         if (
             not isinstance(info, dict)
@@ -605,7 +623,7 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
         if existing is not None:
             if existing["amount"]["total"] != data["amount"]["total"]:
                 return emulator.error(403, "OUT_TRADE_NO_USED", "商户订单号重复")
-            return await emulator.after(emulator.answer(200, emulator.public(existing)))
+            return emulator.answer(200, emulator.public(existing))
         state = emulator.plate_state(parking["plate_number"], parking["plate_color"])
         order = {
             "appid": emulator.appid,
@@ -631,23 +649,20 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
             emulator.decide(data["out_trade_no"])
         else:
             emulator._spawn(emulator.decide_later(data["out_trade_no"]))
-        return await emulator.after(emulator.answer(200, emulator.public(order)))
+        return emulator.answer(200, emulator.public(order))
 
     @app.get("/v3/vehicle/transactions/out-trade-no/{out_trade_no}")
+    @signed()
     async def query_transaction(out_trade_no: str, request: Request) -> Response:
-        _, failure = await signed(request)
-        if failure:
-            return failure
         order = emulator.transactions.get(out_trade_no)
         if order is None:
             return emulator.error(404, "ORDER_NOT_EXIST", "订单不存在")
         return emulator.answer(200, emulator.public(order))
 
     @app.post("/v3/pay/transactions/native")
+    @signed(takes_effect=True)
     async def native(request: Request) -> Response:
-        data, failure = await signed(request)
-        if failure:
-            return failure
+        data = request.state.body
         if not isinstance(data, dict) or not isinstance(data.get("out_trade_no"), str):
             return emulator.error(400, "PARAM_ERROR", "out_trade_no")
         no = data["out_trade_no"]
@@ -664,23 +679,19 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
                 "_notify_url": data.get("notify_url"),
             }
         code_url = f"weixin://wxpay/bizpayurl?pr={no}"
-        return await emulator.after(emulator.answer(200, {"code_url": code_url}))
+        return emulator.answer(200, {"code_url": code_url})
 
     @app.get("/v3/pay/transactions/out-trade-no/{out_trade_no}")
+    @signed()
     async def query_payment(out_trade_no: str, request: Request) -> Response:
-        _, failure = await signed(request)
-        if failure:
-            return failure
         payment = emulator.payments.get(out_trade_no)
         if payment is None:
             return emulator.error(404, "ORDER_NOT_EXIST", "订单不存在")
         return emulator.answer(200, emulator.public(payment))
 
     @app.post("/v3/pay/transactions/out-trade-no/{out_trade_no}/close")
+    @signed()
     async def close_payment(out_trade_no: str, request: Request) -> Response:
-        _, failure = await signed(request)
-        if failure:
-            return failure
         payment = emulator.payments.get(out_trade_no)
         if payment is None:
             return emulator.error(404, "ORDER_NOT_EXIST", "订单不存在")
@@ -690,10 +701,9 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
         return emulator.answer(204)
 
     @app.post("/v3/refund/domestic/refunds")
+    @signed(takes_effect=True)
     async def refund(request: Request) -> Response:
-        data, failure = await signed(request)
-        if failure:
-            return failure
+        data = request.state.body
         no = data.get("out_trade_no") if isinstance(data, dict) else None
         order = emulator.transactions.get(no or "") or emulator.payments.get(no or "")
         if order is None or order["trade_state"] not in ("SUCCESS", "REFUND"):
@@ -736,13 +746,11 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
                 "amount": existing["amount"],
             }
             emulator.notify(data.get("notify_url"), "REFUND.SUCCESS", no or "", resource)
-        return await emulator.after(emulator.answer(200, existing))
+        return emulator.answer(200, existing)
 
     @app.get("/v3/bill/tradebill")
+    @signed()
     async def trade_bill(request: Request) -> Response:
-        _, failure = await signed(request)
-        if failure:
-            return failure
         day = request.query_params.get("bill_date", "")
         content = emulator.bill(day)
         if content is None:
@@ -760,10 +768,8 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
         )
 
     @app.get("/v3/billdownload/file")
+    @signed()
     async def bill_file(request: Request, token: str) -> Response:
-        _, failure = await signed(request)
-        if failure:
-            return failure
         content = emulator.bills.get(token)
         if content is None:
             return emulator.error(404, "RESOURCE_NOT_EXISTS", "账单不存在")

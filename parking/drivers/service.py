@@ -33,7 +33,7 @@ from parking.drivers.schemas import (
 )
 from parking.drivers.verification import VehicleRegistry, licence_ref, same_licence
 from parking.errors import AppError, NotFound
-from parking.logging import get_logger
+from parking.logging import get_logger, pseudonym
 from parking.ownership import service as ownership
 from parking.payments import service as payments_service
 from parking.ratelimit import hit
@@ -196,7 +196,7 @@ async def claim_plate(
             licence_ref=proof_ref,
         )
         if row is not None:
-            log.info("drivers.plate_bound", account_id=account_id, plate=plate)
+            log.info("drivers.plate_bound", account_id=account_id, plate=pseudonym(plate))
             return await _bound(conn, runtime, account_id, row["id"], answered)
         # Bound by a concurrent claim that committed first.
         holder = await repo.active_binding(conn, plate, claim.color)
@@ -214,7 +214,12 @@ async def claim_plate(
         licence_ref=proof_ref,
         same_licence_as_holder=await same_licence(claim.licence_no, holder["licence_ref"]),
     )
-    log.info("drivers.plate_disputed", account_id=account_id, dispute_id=dispute_id, plate=plate)
+    log.info(
+        "drivers.plate_disputed",
+        account_id=account_id,
+        dispute_id=dispute_id,
+        plate=pseudonym(plate),
+    )
     if proof != "registered_owner":
         return PlateDisputed(dispute_id)
     binding_id = await ownership.uphold(

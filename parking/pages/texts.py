@@ -173,4 +173,35 @@ TEXTS: dict[str, dict[str, str]] = {
     },
     "deleted": {"zh": "账户已注销", "en": "Account deleted"},
     "error": {"zh": "操作失败：", "en": "Failed: "},
+    # The receipt page (/r/{token}, the charge message's link; parking/receipts/page.py).
+    "receipt_title": {"zh": "停车凭证", "en": "Parking receipt"},
+    "status": {"zh": "状态", "en": "Status"},
+    "receipt_fee": {"zh": "费用明细", "en": "Fee"},
+    "receipt_frames": {"zh": "出入口照片", "en": "Gate photos"},
+    "receipt_entry_frame": {"zh": "入场", "en": "Entry"},
+    "receipt_exit_frame": {"zh": "离场", "en": "Exit"},
+    "receipt_dispute_note": {
+        "zh": "如照片中不是您的车，点此申诉；未扣款的费用将暂停扣款，由运营方核对后处理。",
+        "en": "If the photos do not show your car, tap here: a fee not yet taken is held, and "
+        "the car park decides after checking both photos.",
+    },
+    "receipt_dispute_open": {
+        "zh": "申诉处理中：运营方将核对出入口照片后通知您。",
+        "en": "Dispute under review: the car park will check both photos and tell you.",
+    },
+    "receipt_dispute_driver_right": {
+        "zh": "申诉成立：该费用已取消或退还。",
+        "en": "Dispute upheld: the fee was cancelled or refunded.",
+    },
+    "receipt_dispute_charge_stands": {
+        "zh": "申诉未成立：运营方核对照片后确认该费用。",
+        "en": "Dispute not upheld: the car park confirmed the fee after checking the photos.",
+    },
+    "receipt_charge_pending": {"zh": "待扣款", "en": "Being charged"},
+    "receipt_charge_succeeded": {"zh": "已扣款", "en": "Charged"},
+    "receipt_charge_failed": {
+        "zh": "扣款失败，请在App中缴纳",
+        "en": "Not collected: pay it in the app",
+    },
+    "receipt_charge_cancelled": {"zh": "已取消，无需支付", "en": "Cancelled: nothing to pay"},
 }

@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 
 from billing.notifications import format_duration
 from billing.tariff import format_fen
+from parking.pages.texts import TEXTS
 from parking.receipts.schemas import ReceiptView
 
 Lang = Literal["zh", "en"]
@@ -40,51 +41,9 @@ CONTENT_SECURITY_POLICY = "; ".join(
     ]
 )
 
-_TEXT: dict[str, dict[Lang, str]] = {
-    "title": {"zh": "停车凭证", "en": "Parking receipt"},
-    "switch": {"zh": "English", "en": "中文"},
-    "car_park": {"zh": "停车场", "en": "Car park"},
-    "plate": {"zh": "车牌", "en": "Plate"},
-    "entered": {"zh": "入场时间", "en": "Entered"},
-    "exited": {"zh": "离场时间", "en": "Left"},
-    "duration": {"zh": "停车时长", "en": "Duration"},
-    "status": {"zh": "状态", "en": "Status"},
-    "refunded": {"zh": "已退款", "en": "Refunded"},
-    "fee": {"zh": "费用明细", "en": "Fee"},
-    "discount": {"zh": "优惠", "en": "Discount"},
-    "frames": {"zh": "出入口照片", "en": "Gate photos"},
-    "entry_frame": {"zh": "入场", "en": "Entry"},
-    "exit_frame": {"zh": "离场", "en": "Exit"},
-    "no_frame": {"zh": "照片已按规定删除或不可用", "en": "Photo erased or unavailable"},
-    "dispute": {"zh": "不是我的车", "en": "Not my car"},
-    "dispute_note": {
-        "zh": "如照片中不是您的车，点此申诉；未扣款的费用将暂停扣款，由运营方核对后处理。",
-        "en": "If the photos do not show your car, tap here: a fee not yet taken is held, and "
-        "the car park decides after checking both photos.",
-    },
-    "dispute_open": {
-        "zh": "申诉处理中：运营方将核对出入口照片后通知您。",
-        "en": "Dispute under review: the car park will check both photos and tell you.",
-    },
-    "dispute_driver_right": {
-        "zh": "申诉成立：该费用已取消或退还。",
-        "en": "Dispute upheld: the fee was cancelled or refunded.",
-    },
-    "dispute_charge_stands": {
-        "zh": "申诉未成立：运营方核对照片后确认该费用。",
-        "en": "Dispute not upheld: the car park confirmed the fee after checking the photos.",
-    },
-}
-_STATUS: dict[str, dict[Lang, str]] = {
-    "pending": {"zh": "待扣款", "en": "Being charged"},
-    "succeeded": {"zh": "已扣款", "en": "Charged"},
-    "failed": {"zh": "扣款失败，请在App中缴纳", "en": "Not collected: pay it in the app"},
-    "cancelled": {"zh": "已取消，无需支付", "en": "Cancelled: nothing to pay"},
-}
-
 
 def _t(key: str, lang: Lang) -> str:
-    return escape(_TEXT[key][lang])
+    return escape(TEXTS[key][lang])
 
 
 def _time(at: datetime | None, tz: ZoneInfo) -> str:
@@ -107,22 +66,21 @@ def render(receipt: ReceiptView, token: str, lang: Lang, tz: ZoneInfo) -> str:
         )
     figures = []
     for which, url in (("entry", receipt.frames.entry), ("exit", receipt.frames.exit)):
+        caption = _t(f"receipt_{which}_frame", lang)
         picture = (
-            f'<img src="{escape(url)}" alt="{_t(which + "_frame", lang)}" loading="lazy">'
+            f'<img src="{escape(url)}" alt="{caption}" loading="lazy">'
             if url
             else f'<p class="note">{_t("no_frame", lang)}</p>'
         )
-        figures.append(
-            f"<figure>{picture}<figcaption>{_t(which + '_frame', lang)}</figcaption></figure>"
-        )
+        figures.append(f"<figure>{picture}<figcaption>{caption}</figcaption></figure>")
     if receipt.dispute is None:
         dispute = (
             f'<form method="post" action="/r/{escape(token)}/dispute?lang={lang}">'
-            f'<button type="submit">{_t("dispute", lang)}</button></form>'
-            f'<p class="note">{_t("dispute_note", lang)}</p>'
+            f'<button type="submit">{_t("not_my_car", lang)}</button></form>'
+            f'<p class="note">{_t("receipt_dispute_note", lang)}</p>'
         )
     else:
-        dispute = f"<p>{_t('dispute_' + receipt.dispute.status, lang)}</p>"
+        dispute = f"<p>{_t('receipt_dispute_' + receipt.dispute.status, lang)}</p>"
     refunded = (
         f"<dt>{_t('refunded', lang)}</dt><dd>{escape(format_fen(receipt.refunded_fen))}</dd>"
         if receipt.refunded_fen
@@ -134,17 +92,17 @@ def render(receipt: ReceiptView, token: str, lang: Lang, tz: ZoneInfo) -> str:
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="referrer" content="no-referrer">
-<title>{_t("title", lang)}</title>
+<title>{_t("receipt_title", lang)}</title>
 <style>{_STYLE}</style>
 </head>
 <body>
 <main>
 <a class="lang" href="?lang={other}">{_t("switch", lang)}</a>
-<h1>{_t("title", lang)}</h1>
+<h1>{_t("receipt_title", lang)}</h1>
 <section>
 <div class="fee">{escape(format_fen(receipt.charge.amount_fen))}</div>
 <dl>
-<dt>{_t("status", lang)}</dt><dd>{escape(_STATUS[receipt.charge.status][lang])}</dd>
+<dt>{_t("status", lang)}</dt><dd>{_t("receipt_charge_" + receipt.charge.status, lang)}</dd>
 {refunded}
 <dt>{_t("car_park", lang)}</dt><dd>{escape(receipt.car_park)}</dd>
 <dt>{_t("plate", lang)}</dt><dd>{escape(receipt.plate)}</dd>
@@ -154,11 +112,11 @@ def render(receipt: ReceiptView, token: str, lang: Lang, tz: ZoneInfo) -> str:
 </dl>
 </section>
 <section>
-<h2>{_t("fee", lang)}</h2>
+<h2>{_t("receipt_fee", lang)}</h2>
 <table>{rows}</table>
 </section>
 <section>
-<h2>{_t("frames", lang)}</h2>
+<h2>{_t("receipt_frames", lang)}</h2>
 <div class="frames">{"".join(figures)}</div>
 </section>
 <section>{dispute}</section>
