@@ -360,6 +360,10 @@ async def test_a_gate_clock_far_ahead_prices_the_stay_at_the_time_the_server_rec
     upload = _offline(gate, driver.plate, "open", captured_at=sent + timedelta(hours=26))
     command = await gate.decide(lot.code, "out1", upload)
     assert command["fee_fen"] == 600, "30 minutes, not 26 hours"
+    # The car left between its entry and the upload: the 30 minutes are not proven, so the
+    # charge waits for an operator (it would cost less at the earliest provable moment).
+    [charge] = [c for c in await charges_of(runtime, lot) if c["account_id"] == driver.account_id]
+    assert (charge["amount_fen"], charge["status"]) == (600, "awaiting_confirmation")
     stay = await _stay(runtime, lot, driver.plate)
     assert stay["exited_at"] <= datetime.now(UTC)
     listed = await api.get(
@@ -392,10 +396,39 @@ async def test_a_gate_clock_behind_the_entry_never_makes_a_stay_free(
     [skew] = [s for s in listed.json() if s["session_id"] == stay["id"]]
     assert skew["kind"] == "behind" and skew["skew_s"] < -3600
 
-    async def charged() -> list[asyncpg.Record]:
-        return [c for c in await charges_of(runtime, lot) if c["amount_fen"] == 1800]
+    [charge] = [c for c in await charges_of(runtime, lot) if c["account_id"] == driver.account_id]
+    assert (charge["amount_fen"], charge["status"]) == (1800, "awaiting_confirmation")
 
-    assert await eventually(charged)
+
+async def test_a_gate_clock_proven_wrong_by_its_own_live_captures_prices_what_they_prove(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The exit gate answered a live capture a moment ago (a lower seq): an upload whose clock
+    says 2 h earlier happened after that capture, not 2 h before it. The time proven is the
+    three hours parked: charged without a person, as nothing cheaper is provable."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=2, minutes=50))
+    assert (await gate.decide(lot.code, "out1", gate.capture("out", unique_plate())))["action"]
+    upload = _offline(
+        gate, driver.plate, "open", captured_at=datetime.now(UTC) - timedelta(hours=2)
+    )
+    command = await gate.decide(lot.code, "out1", upload)
+    assert command["fee_fen"] == 1800, "not the 50 minutes the wrong clock says"
+    async with runtime.pool.acquire() as conn:
+        skew = await conn.fetchrow(
+            "SELECT kind, skew_s FROM gate_clock_skews WHERE capture_id = $1", upload.capture_id
+        )
+    assert skew is not None and skew["kind"] == "behind" and skew["skew_s"] < -3600
+
+    async def charged() -> list[asyncpg.Record]:
+        return [
+            c
+            for c in await charges_of(runtime, lot)
+            if c["account_id"] == driver.account_id and c["status"] != "awaiting_confirmation"
+        ]
+
+    [charge] = await eventually(charged)
+    assert charge["amount_fen"] == 1800
 
 
 async def test_a_small_clock_error_is_clamped_without_a_flag(

@@ -1,14 +1,17 @@
 """The edges of the lane: what the exit decision does around a stay besides open, charge or hold.
 
 - A held stay whose car left anyway (tailgating, a barrier lifted by hand without a record) is
-  found when its plate enters again: its fee becomes a debt of the account the plate was bound
-  to at its entry, or, with nobody to owe it, an exception for an operator. Never a silent
-  `superseded`.
-- Gate clocks: an offline capture's time is the gate's, which may be wrong. It is clamped
-  between the stay's entry and the moment we received the capture; a gate time more than
-  `gate_clock_tolerance_s` after the receipt, or before the entry, proves the clock wrong: the
-  capture is flagged (`gate_clock_skews`) and the stay priced at the receipt time, the one
-  moment we witnessed by which the car had certainly left.
+  found when its plate enters again: its fee becomes a debt of the account the vehicle was
+  bound to from the stay's entry to its hold, when both ends were read with proven certainty
+  (a debt is a charge without a person: DESIGN.md, "The exit decision"); otherwise an
+  exception for an operator. Never a silent `superseded`.
+- Gate clocks: an offline capture's time is the gate's, which may be wrong. What the server
+  can prove bounds it: not before the stay's entry nor the gate's last live capture before it
+  (a lower seq), not after the gate's next live capture (a higher seq) nor the moment we
+  received it. Within the tolerance it is clamped to those bounds; beyond, the clock is proven
+  wrong (`gate_clock_skews`, for an operator): the latest provable moment is taken (an entry's
+  shortest stay; an exit by which the car had certainly left) and an exit's charge waits for
+  an operator when the earliest provable moment would cost less (`rules.exit_rule`).
 
 Everything runs in the lane's transaction; nothing here publishes or touches Redis.
 """
@@ -61,8 +64,14 @@ async def end_missed_stay(
         return
     # Priced up to the hold: the gate showed that fee, and it is what the car owed when it left.
     fee = priced.fee_fen
-    account_id = await edges_repo.account_bound_at(
-        conn, plate, identity_color(plate, stay.plate_color), stay.entered_at
+    # Owed without a person only on reads a charge could rest on: a stranger read as this plate
+    # at a gate (even twice, the same way) must not become its owner's debt.
+    account_id = (
+        await edges_repo.account_bound_throughout(
+            conn, plate, identity_color(plate, stay.plate_color), stay.entered_at, hold.held_at
+        )
+        if stay.entry_proven and hold.read_proven
+        else None
     )
     await edges_repo.supersede_unpaid(
         conn,
@@ -106,6 +115,7 @@ async def end_missed_stay(
                 "session_id": stay.id,
                 "fee_fen": fee,
                 "held_because": hold.outcome,
+                "reads_proven": stay.entry_proven and hold.read_proven,
             }
         ],
         image=None,
@@ -118,32 +128,41 @@ SkewKind = Literal["ahead", "behind"]
 
 @dataclass(frozen=True, slots=True)
 class GateTime:
-    """The time an offline capture is taken at, and why the gate's own was not, if it was not."""
+    """The time an offline capture is taken at, and why the gate's own was not, if it was not.
+    `earliest`: with a clock proven wrong, the earliest moment the capture can have happened
+    (`at` is the latest)."""
 
     at: datetime
     skew: SkewKind | None = None
     skew_s: int = 0
+    earliest: datetime | None = None
 
 
 def bounded_gate_time(
     gate_time: datetime,
     received_at: datetime,
-    entered_at: datetime | None,
     tolerance: timedelta,
+    *,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
 ) -> GateTime:
-    """An offline capture's time, within what the server can prove: never after we received it,
-    never before the stay's entry. Beyond the tolerance the gate's clock is proven wrong and
-    its time says nothing: the receipt time is taken (the car had left by then)."""
-    if gate_time > received_at:
-        ahead = gate_time - received_at
+    """An offline capture's time, within what the server can prove: between `not_before` (the
+    stay's entry, the gate's last live capture before it) and `not_after` (its next live
+    capture) and never after we received it. Beyond the tolerance the gate's clock is proven
+    wrong and its time says nothing: the latest provable moment is taken, with the earliest
+    beside it."""
+    latest = received_at if not_after is None else min(received_at, not_after)
+    earliest = None if not_before is None else min(not_before, latest)
+    if gate_time > latest:
+        ahead = gate_time - latest
         if ahead > tolerance:
-            return GateTime(received_at, "ahead", int(ahead.total_seconds()))
-        return GateTime(received_at)
-    if entered_at is not None and gate_time < entered_at:
-        behind = entered_at - gate_time
+            return GateTime(latest, "ahead", int(ahead.total_seconds()), earliest)
+        return GateTime(latest)
+    if earliest is not None and gate_time < earliest:
+        behind = earliest - gate_time
         if behind > tolerance:
-            return GateTime(received_at, "behind", -int(behind.total_seconds()))
-        return GateTime(entered_at)
+            return GateTime(latest, "behind", -int(behind.total_seconds()), earliest)
+        return GateTime(earliest)
     return GateTime(gate_time)
 
 
@@ -156,9 +175,18 @@ async def gate_time(
     session_id: int | None,
     entered_at: datetime | None,
     tolerance: timedelta,
-) -> datetime:
-    """`bounded_gate_time` for an offline capture, flagging a wrong clock for an operator."""
-    taken = bounded_gate_time(capture.captured_at, received_at, entered_at, tolerance)
+) -> GateTime:
+    """`bounded_gate_time` for an offline capture, bounded by the stay's entry and the gate's
+    live captures around it, flagging a wrong clock for an operator."""
+    before, after = await edges_repo.live_neighbours(conn, gate.gate_id, capture.seq)
+    floors = [t for t in (entered_at, before) if t is not None]
+    taken = bounded_gate_time(
+        capture.captured_at,
+        received_at,
+        tolerance,
+        not_before=max(floors) if floors else None,
+        not_after=after,
+    )
     if taken.skew is not None:
         await edges_repo.insert_clock_skew(
             conn,
@@ -174,4 +202,4 @@ async def gate_time(
             taken_at=taken.at,
         )
         log.warning("lane.gate_clock_skew", gate_id=gate.gate_id, kind=taken.skew, s=taken.skew_s)
-    return taken.at
+    return taken

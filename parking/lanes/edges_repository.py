@@ -17,11 +17,14 @@ class Hold:
     gate_id: int
     held_at: datetime
     outcome: str
+    # The hold's read was proven (certain by a calibrated score).
+    read_proven: bool
 
 
 async def last_payable_hold(conn: asyncpg.Connection, session_id: int) -> Hold | None:
     row = await conn.fetchrow(
-        """SELECT capture_id, captured_at, gate_id, received_at AS held_at, outcome
+        """SELECT capture_id, captured_at, gate_id, received_at AS held_at, outcome,
+                  COALESCE(read_proven, false) AS read_proven
            FROM captures
            WHERE session_id = $1 AND outcome IN
                  ('held_unbound', 'held_no_agreement', 'held_over_limit', 'held_arrears')
@@ -31,22 +34,45 @@ async def last_payable_hold(conn: asyncpg.Connection, session_id: int) -> Hold |
     return Hold(**dict(row)) if row else None
 
 
-async def account_bound_at(
-    conn: asyncpg.Connection, plate: str, color: str, at: datetime
+async def account_bound_throughout(
+    conn: asyncpg.Connection, plate: str, color: str, since: datetime, until: datetime
 ) -> int | None:
-    """The account the vehicle (plate and colour) was bound to at `at` (a stay's entry), if it
-    still exists."""
+    """The account the vehicle (plate and colour) was bound to from `since` (a stay's entry)
+    to `until` (its exit) without a break, if it still exists. A binding that ended in between
+    (given up, or moved to the owner a registry or the city platform proved) covers no part
+    of what the stay owes."""
     account_id: int | None = await conn.fetchval(
         """SELECT b.account_id FROM plate_bindings b JOIN accounts a ON a.id = b.account_id
-           WHERE b.plate = $1 AND b.color = $3
-             AND b.bound_at <= $2 AND (b.unbound_at IS NULL OR b.unbound_at > $2)
+           WHERE b.plate = $1 AND b.color = $4
+             AND b.bound_at <= $2 AND (b.unbound_at IS NULL OR b.unbound_at > $3)
              AND a.deleted_at IS NULL
            ORDER BY b.bound_at DESC LIMIT 1""",
         plate,
-        at,
+        since,
+        until,
         color,
     )
     return account_id
+
+
+async def live_neighbours(
+    conn: asyncpg.Connection, gate_id: int, seq: int
+) -> tuple[datetime | None, datetime | None]:
+    """When we received the gate's nearest live captures before and after `seq` in its counter
+    (which grows across the agent's restarts): a capture with a lower seq was taken before
+    this one, one with a higher seq after it."""
+    row = await conn.fetchrow(
+        """SELECT (SELECT received_at FROM captures
+                   WHERE gate_id = $1 AND NOT offline AND seq < $2
+                   ORDER BY seq DESC LIMIT 1) AS before,
+                  (SELECT received_at FROM captures
+                   WHERE gate_id = $1 AND NOT offline AND seq > $2
+                   ORDER BY seq LIMIT 1) AS after""",
+        gate_id,
+        seq,
+    )
+    assert row is not None
+    return row["before"], row["after"]
 
 
 async def supersede_unpaid(

@@ -474,6 +474,7 @@ def exit_rule(
     reads_proven: bool = True,
     verifiable: bool = False,
     exit_certain: bool | None = None,
+    earliest_at: datetime | None = None,
 ) -> ExitRule | None:
     """The stay's fee at `at` and how it leaves; None when the car park has no tariff for it
     (the gate holds for a person).
@@ -492,7 +493,12 @@ def exit_rule(
 
     `rights`: the vehicle's rights here; the most favourable to the driver prices the stay
     (billing.rights), and a fee of 0 under a pass or a whitelist opens like any free stay.
-    `validation`: a merchant's validation of the stay, applied after the right."""
+    `validation`: a merchant's validation of the stay, applied after the right.
+
+    `earliest_at`: the exit's time was not witnessed (an offline gate whose clock was proven
+    wrong: `at` is the latest moment the server can prove, this the earliest). When the stay
+    would cost less at it, the charge waits for an operator's confirmation: nobody is charged
+    without a person for time the server cannot prove."""
     priced = fees.stay_fee(
         versions,
         entered_at=entered_at,
@@ -513,6 +519,18 @@ def exit_rule(
     verdict = pay_later(pay_later_state, fee)
     if isinstance(verdict, str):
         return ExitRule(verdict, fee, debt, right=right)
+    if earliest_at is not None:
+        earliest = fees.stay_fee(
+            versions,
+            entered_at=entered_at,
+            at=max(earliest_at, entered_at),
+            plate_color=plate_color,
+            fixed_fee_fen=fixed_fee_fen,
+            rights=rights,
+            validation=validation,
+        )
+        if earliest is None or earliest.fee_fen < fee:
+            return ExitRule("exited_awaiting_confirmation", fee, debt, verdict, right)
     if reads_certain and reads_proven:
         return ExitRule("exited_pay_later", fee, debt, verdict, right)
     exit_sure = reads_certain if exit_certain is None else exit_certain
@@ -577,6 +595,7 @@ def plan_exit(
     uncertain_policy: UncertainPolicy,
     offline_open: bool = False,
     verifiable: bool = False,
+    earliest_at: datetime | None = None,
 ) -> ExitPlan:
     """The exit decision after the read is resolved (`resolve_plate`), as the lane takes it.
 
@@ -585,9 +604,10 @@ def plan_exit(
     fee for a car with no entry record, None when its policy sends such cars to an operator.
     `offline_open`: the gate already let the car out while it could not reach us.
     `verifiable`: the exit capture sent frames the server's reader can read again
-    (`verify_charge`). A doubtful exit read does not open a 'hold' car park: the server's
-    reads of the frames at the gate are the same reader that made a doubtful read, not a
-    second one (`frames_to_verify`).
+    (`verify_charge`). `earliest_at`: an offline exit's earliest provable time when the gate's
+    clock was proven wrong (`exit_rule`). A doubtful exit read does not open a 'hold' car park:
+    the server's reads of the frames at the gate are the same reader that made a doubtful
+    read, not a second one (`frames_to_verify`).
 
     A car read again within the duplicate window is the same car leaving; an ambiguous or
     unreadable read, and a car with no entry record (unless the fixed-fee policy applies and
@@ -626,6 +646,7 @@ def plan_exit(
         reads_proven=resolution.proven and stay.entry_proven,
         verifiable=verifiable,
         exit_certain=resolution.certain,
+        earliest_at=earliest_at,
     )
     if stay.blacklisted is not None and not offline_open:
         # Blacklisted: held for a person whatever the fee (blacklist before any right).

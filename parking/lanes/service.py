@@ -163,7 +163,7 @@ class LaneService:
         if plate is None:
             return await self._exception(conn, gate, capture, reading, now, "unreadable")
         if capture.offline:
-            at = await self._gate_time(conn, gate, capture, now, None)
+            at = (await self._gate_time(conn, gate, capture, now, None)).at
         # The vehicle is (plate, colour); a read without a colour (or with one the plate's
         # grammar rules out) is kept under the grammar's colour and is not certain.
         color = identity_color(plate, reading.color)
@@ -272,9 +272,11 @@ class LaneService:
         resolved = await self._resolve_exit(conn, gate, reading, at)
         resolution = resolved.resolution
         ranked = resolution.ranked
+        earliest_at = None
         if capture.offline:
-            # A gate's clock is not trusted blindly: bounded by our receipt and the stay's entry.
-            at = await self._gate_time(conn, gate, capture, now, resolved.session)
+            # A gate's clock is not trusted blindly: bounded by what the server can prove.
+            taken = await self._gate_time(conn, gate, capture, now, resolved.session)
+            at, earliest_at = taken.at, taken.earliest
         offline_open = capture.offline and capture.offline_action == "open"
         # Which way the exit goes is one pure function (rules.plan_exit), shared with the
         # misread simulation (parking_dev.misreads); this carries it out.
@@ -294,6 +296,7 @@ class LaneService:
             offline_open=offline_open,
             # The frames the server's reader can read again before the charge is sent.
             verifiable=bool(capture.frames()),
+            earliest_at=earliest_at,
         )
         if plan.outcome == "duplicate_read":
             return self._open(capture, now, "duplicate_read", resolved.plate, resolved.duplicate_of)
@@ -435,7 +438,7 @@ class LaneService:
         capture: Capture,
         now: datetime,
         session: OpenSession | None,
-    ) -> datetime:
+    ) -> edges.GateTime:
         return await edges.gate_time(
             conn,
             gate,
