@@ -323,6 +323,29 @@ async def test_the_green_discount_needs_a_green_plate_not_a_cameras_guess(
     assert started.status_code == 200, started.text
     assert started.json()["stay_fee_fen"] == 1200, "the QR code asks what the gate showed"
 
+    # A yellow plate's type read with doubt at the entry: quoted as the exit would price it,
+    # by the plate's grammar (blue), not the guessed colour's discount.
+    async with runtime.pool.acquire() as conn:
+        await admin.create_tariff(
+            conn,
+            lot.id,
+            effective_from=datetime.now(UTC) - timedelta(hours=12),
+            tariff=Tariff.hourly(free_minutes=0, hourly_fen=600).model_copy(
+                update={"colour_discount_percent": {"green": 50, "yellow": 50}}
+            ),
+        )
+    runtime.lanes.service.forget_tariffs(lot.id)
+    lorry = unique_plate()
+    await _in(runtime, gate, lot, lorry, confidence=0.9, color="yellow")
+    quoted = await api.get(
+        f"/api/v1/car-parks/{lot.code}/quote", params={"plate": lorry, "color": "yellow"}
+    )
+    assert quoted.status_code == 200, quoted.text
+    exit_ = await gate.decide(
+        lot.code, "out1", gate.capture("out", lorry, confidence=0.9, color="yellow")
+    )
+    assert quoted.json()["fee_fen"] == exit_["fee_fen"] == 1200
+
     # A new-energy plate (8 characters), read green with certainty: half price.
     green = "浙AD" + unique_plate()[3:] + "1"
     await _in(runtime, gate, lot, green, confidence=0.99, color="green")

@@ -75,7 +75,7 @@ async def open_stays(
     """The open stays of the plate's characters in the car park: one per vehicle (colour)."""
     rows: list[asyncpg.Record] = await conn.fetch(
         """SELECT cp.id AS car_park_id, cp.name, s.id, s.entered_at, s.plate_color,
-                  s.fixed_fee_fen
+                  s.fixed_fee_fen, s.entry_certain
            FROM car_parks cp JOIN sessions s ON s.car_park_id = cp.id
            WHERE cp.code = $1 AND s.plate = $2 AND s.status = 'open'
            ORDER BY s.entered_at, s.id""",

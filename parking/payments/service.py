@@ -458,11 +458,16 @@ async def quote(
     row = _stay_of_vehicle(await repo.open_stays(conn, car_park_code, plate), color)
     now = datetime.now(UTC)
     terms = await lanes_repo.stay_terms(conn, row["id"])
+    bound = await repo.account_for_vehicle(conn, plate, row["plate_color"]) is not None
     priced = fees.stay_fee(
         await fees.tariff_versions(conn, row["car_park_id"]),
         entered_at=row["entered_at"],
         at=now,
-        plate_color=row["plate_color"],
+        # The plate type the exit would price (parking.lanes.rules.priced_color), not a
+        # colour a doubtful entry read guessed.
+        plate_color=priced_color(
+            plate, row["plate_color"], vouched=bound or bool(row["entry_certain"])
+        ),
         fixed_fee_fen=row["fixed_fee_fen"],
         rights=terms.rights,
         validation=terms.validation,
