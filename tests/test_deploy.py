@@ -467,6 +467,21 @@ def test_the_emqx_configuration_parses_and_sets_what_the_guide_relies_on() -> No
     assert conf["cluster"]["discovery_strategy"] == "dns"
 
 
+def test_on_emqx_the_client_id_is_the_username_as_on_mosquitto() -> None:
+    """Mosquitto's use_username_as_clientid, on EMQX: without it any login could disconnect a
+    lane process or a gate by connecting under its client id. No listener or zone of the file
+    may turn it back off."""
+    conf = ConfigFactory.parse_file(str(EMQX / "emqx.conf"))
+    assert conf["mqtt"]["use_username_as_clientid"] is True
+    mosquitto = (MOSQUITTO / "central.conf").read_text(encoding="utf-8").splitlines()
+    assert "use_username_as_clientid true" in mosquitto
+    for name, zone in conf.get("zones", {}).items():
+        assert zone.get("mqtt", {}).get("use_username_as_clientid", True) is True, name
+    for kind, listeners in conf["listeners"].items():
+        for name, listener in listeners.items():
+            assert "zone" not in listener or listener["zone"] in conf.get("zones", {}), (kind, name)
+
+
 def test_the_emqx_acl_is_the_provisioned_acl_rule_by_rule() -> None:
     converter = _converter()
     gates = [GateAddress("lot-1", "in1"), GateAddress("lot-1", "out1")]
