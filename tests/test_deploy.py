@@ -136,6 +136,8 @@ def test_the_base_renders_with_kustomize() -> None:
         "PodDisruptionBudget/parking-api",
         "PodDisruptionBudget/parking-lanes",
         "PodDisruptionBudget/parking-worker",
+        "PriorityClass/parking-deferred",
+        "PriorityClass/parking-lanes",
         "Service/parking-api",
         "Service/parking-lanes",
         "Service/parking-worker",
@@ -144,7 +146,7 @@ def test_the_base_renders_with_kustomize() -> None:
         "StatefulSet/parking-worker",
     ]
     for doc in objects:
-        if doc["kind"] != "Namespace":
+        if doc["kind"] not in ("Namespace", "PriorityClass"):  # cluster-scoped
             assert doc["metadata"]["namespace"] == "parking", doc["metadata"]
         if doc["kind"] in ("StatefulSet", "Job"):
             for container in doc["spec"]["template"]["spec"]["containers"]:
@@ -196,6 +198,43 @@ def test_selectors_probes_and_references_fit_together() -> None:
             for volume in spec.get("volumes", []):
                 if "secret" in volume:
                     assert volume["secret"]["secretName"] in secrets, name
+
+
+def _quantity(value: str | int) -> float:
+    """A Kubernetes CPU or memory quantity as a number (cores, bytes)."""
+    text = str(value)
+    for suffix, factor in (("m", 1e-3), ("Ki", 2**10), ("Mi", 2**20), ("Gi", 2**30)):
+        if text.endswith(suffix):
+            return float(text.removesuffix(suffix)) * factor
+    return float(text)
+
+
+def test_lanes_come_first_on_a_node_short_of_cpu_or_memory() -> None:
+    """The lanes' pods are placed before and evicted after the API's and the worker's (a higher
+    priority class), and are Guaranteed: every container's requests equal its limits, so no
+    other pod's burst (the public API under abuse) is given a lane's CPU. The others ask less
+    CPU than a lane and may not preempt it."""
+    classes = {name: doc for name, doc in _by_kind("PriorityClass").items()}
+    specs = _pod_specs()
+    lanes_class = classes[specs["parking-lanes"]["priorityClassName"]]
+    for role in ("parking-api", "parking-worker"):
+        other = classes[specs[role]["priorityClassName"]]
+        assert lanes_class["value"] > other["value"], role
+        assert other.get("preemptionPolicy") == "Never", role
+        assert not other.get("globalDefault", False), role
+    assert not lanes_class.get("globalDefault", False)
+    for container in specs["parking-lanes"]["containers"]:
+        resources = container["resources"]
+        assert resources["limits"].keys() == resources["requests"].keys() == {"cpu", "memory"}
+        for kind in ("cpu", "memory"):
+            assert _quantity(resources["limits"][kind]) == _quantity(resources["requests"][kind])
+        # Whole cores: the static CPU manager gives a Guaranteed pod cores of its own.
+        assert _quantity(resources["requests"]["cpu"]).is_integer()
+    [lane] = specs["parking-lanes"]["containers"]
+    [api] = specs["parking-api"]["containers"]
+    assert _quantity(api["resources"]["requests"]["cpu"]) < _quantity(
+        lane["resources"]["requests"]["cpu"]
+    )
 
 
 def test_every_parking_variable_named_in_deploy_and_the_guide_is_a_setting() -> None:
