@@ -217,6 +217,9 @@ class Settings(BaseSettings):
     # Provider notifications that fail verification (forged, junk) one client may send per
     # minute; each is dead-lettered (a 4 KiB excerpt), and beyond this refused unstored.
     rejected_notifications_per_minute_per_client: int = Field(default=30, ge=1)
+    # And all clients together (many addresses): at most this many dead letters of junk a
+    # minute, over all API processes. The provider's valid notifications are never counted.
+    rejected_notifications_per_minute: int = Field(default=300, ge=1)
     # Staff passwords: this many wrong ones for an e-mail from one client address, then each
     # further try from there waits twice as long as the one before (1 s, 2 s, ... up to
     # password_backoff_max_s); nothing is checked while it waits, and the right password

@@ -3,21 +3,24 @@ bodies are bounded before anything reads them, public lists are cached and limit
 
 import csv
 import io
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 
 import httpx
+import orjson
 from fastapi import FastAPI
 
-from billing import reports
+from billing import reports, signing
 from parking.app import create_app
 from parking.retention import service as retention
 from parking.runtime import Runtime
 from parking_dev import sandbox
-from tests.conftest import Lot, api_server
+from tests.conftest import SANDBOX_SECRET, Lot, api_server
 
 QUOTE = "/api/v1/car-parks/NOPE/quote"
+NOTIFICATIONS = "/api/v1/payments/notifications/sandbox"
 CODES = "/api/v1/auth/sign-in-codes"
 
 
@@ -169,6 +172,58 @@ async def test_junk_notifications_keep_only_an_excerpt_and_are_throttled_per_cli
             marker.encode(),
         )
     assert [(r["kept"], r["payload_size"]) for r in kept] == [(4096, len(junk))] * 3
+
+
+async def test_junk_notifications_from_many_addresses_store_a_bounded_amount(
+    runtime: Runtime,
+) -> None:
+    """Junk from a botnet (every request from a new address, behind the trusted ingress) is
+    dead-lettered at most PARKING_REJECTED_NOTIFICATIONS_PER_MINUTE times a minute over all
+    clients; the provider's own signed notifications are still answered."""
+    runtime.settings.trusted_proxies = ["127.0.0.0/8"]
+    runtime.settings.rejected_notifications_per_minute = 3
+    marker = uuid.uuid4().hex
+    transport = httpx.ASGITransport(app=create_app(runtime))  # the peer: a trusted proxy
+    async with httpx.AsyncClient(transport=transport, base_url="http://parking.test") as http:
+        statuses = [
+            (
+                await http.post(
+                    NOTIFICATIONS,
+                    content=(marker + "x" * 100).encode(),
+                    headers={"X-Forwarded-For": f"198.51.100.{n}"},
+                )
+            ).status_code
+            for n in range(1, 6)
+        ]
+        body = orjson.dumps(
+            {
+                "event_id": str(uuid.uuid4()),
+                "type": "charge",
+                "out_trade_no": f"s0-{marker}",
+                "order_id": "sbx_unknown",
+                "status": "succeeded",
+                "amount_fen": 100,
+                "reason": None,
+                "finished_at": datetime.now(UTC).isoformat(),
+            }
+        )
+        valid = await http.post(
+            NOTIFICATIONS,
+            content=body,
+            headers={
+                signing.SIGNATURE_HEADER: signing.sign(SANDBOX_SECRET, body, int(time.time())),
+                "content-type": "application/json",
+                "X-Forwarded-For": "198.51.100.9",
+            },
+        )
+    assert statuses == [401, 401, 401, 429, 429]
+    assert valid.status_code == 200 and valid.json() == {"effect": "unknown_order"}, valid.text
+    async with runtime.pool.acquire() as conn:
+        kept = await conn.fetchval(
+            "SELECT count(*) FROM dead_letters WHERE position($1::bytea in payload) = 1",
+            marker.encode(),
+        )
+    assert kept == 3
 
 
 async def test_dead_letters_lose_their_payloads_with_the_images(runtime: Runtime) -> None:
