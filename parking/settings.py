@@ -268,6 +268,10 @@ class Settings(BaseSettings):
     # per process and served from memory in between, so their counts are at most this old
     # (parking.public.cache). 0: built for every request.
     public_cache_seconds: float = Field(default=1.0, ge=0)
+    # How long a process keeps an API key it found valid without asking the database again
+    # (0: it always asks). A revoked key stops at once anyway (`parking admin api-key revoke`
+    # tells every process through Redis); this bounds a revocation nobody announced.
+    api_key_cache_seconds: float = Field(default=10.0, ge=0)
     # Requests to the public lists and car parks (/api/v1/public/…, /api/v1/car-parks) one
     # client may make per minute; callers with the city's key are not counted.
     public_requests_per_minute_per_client: int = Field(default=120, ge=1)
