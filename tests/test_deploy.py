@@ -13,6 +13,7 @@ provisioned Mosquitto ACL and checked rule by rule.
 import asyncio
 import contextlib
 import importlib.util
+import ipaddress
 import os
 import re
 import shutil
@@ -235,6 +236,20 @@ def test_lanes_come_first_on_a_node_short_of_cpu_or_memory() -> None:
     assert _quantity(api["resources"]["requests"]["cpu"]) < _quantity(
         lane["resources"]["requests"]["cpu"]
     )
+
+
+def test_the_manifests_name_the_proxies_whose_forwarded_for_is_believed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Behind the ingress every client would share its address (the whole city 30 sign-in
+    codes an hour): the API believes X-Forwarded-For from the ingress's network, and only
+    from a private one (never from everyone)."""
+    value = _by_kind("ConfigMap")["parking-settings"]["data"]["PARKING_TRUSTED_PROXIES"]
+    monkeypatch.setenv("PARKING_TRUSTED_PROXIES", value)
+    networks = [ipaddress.ip_network(n) for n in Settings(_env_file=None).trusted_proxies]  # type: ignore[call-arg]
+    assert networks and all(network.is_private for network in networks), networks
+    [api] = _pod_specs()["parking-api"]["containers"]
+    assert {"configMapRef": {"name": "parking-settings"}} in api["envFrom"]
 
 
 def test_every_parking_variable_named_in_deploy_and_the_guide_is_a_setting() -> None:

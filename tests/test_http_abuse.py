@@ -3,6 +3,7 @@ bodies are bounded before anything reads them, public lists are cached and limit
 
 import csv
 import io
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -13,11 +14,12 @@ import orjson
 from fastapi import FastAPI
 
 from billing import reports, signing
-from parking.app import create_app
+from parking.app import TARIFF_MAX_BODY_BYTES, create_app
 from parking.retention import service as retention
 from parking.runtime import Runtime
 from parking_dev import sandbox
 from tests.conftest import SANDBOX_SECRET, Lot, api_server
+from tests.test_access_matrix import ROWS
 
 QUOTE = "/api/v1/car-parks/NOPE/quote"
 NOTIFICATIONS = "/api/v1/payments/notifications/sandbox"
@@ -118,6 +120,20 @@ async def test_an_oversized_body_is_refused_before_it_is_read_or_anyone_is_authe
         tariff_path, content=table, headers={"Content-Type": "application/json"}
     )
     assert tariff.status_code == 401  # read (it fits) and then refused for want of a token
+
+
+async def test_every_route_refuses_an_oversized_body_before_anything_else(
+    api: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    """Every route of the access matrix (which lists every route the app serves), anonymous or
+    not, answers a body over the largest limit (a tariff table's) with 413: no route reads it,
+    nobody is authenticated first."""
+    big = b"x" * (max(TARIFF_MAX_BODY_BYTES, runtime.settings.max_body_bytes) + 1)
+    for row in ROWS:
+        path = re.sub(r"\{[^}]+\}", "1", row.path)
+        answer = await api.request(row.method, path, content=big)
+        assert answer.status_code == 413, (row.method, row.path, answer.status_code)
+        assert answer.json()["error"]["code"] == "payload_too_large"
 
 
 def test_csv_exports_defuse_cells_a_spreadsheet_would_run_as_formulas() -> None:
