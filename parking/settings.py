@@ -272,6 +272,9 @@ class Settings(BaseSettings):
     # (0: it always asks). A revoked key stops at once anyway (`parking admin api-key revoke`
     # tells every process through Redis); this bounds a revocation nobody announced.
     api_key_cache_seconds: float = Field(default=10.0, ge=0)
+    # Unknown or revoked API keys one client may present per minute; beyond, 429 without a
+    # look in the database (a key not in memory costs a query; an invalid token costs none).
+    bad_api_keys_per_minute_per_client: int = Field(default=20, ge=1)
     # Requests to the public lists and car parks (/api/v1/public/…, /api/v1/car-parks) one
     # client may make per minute; callers with the city's key are not counted.
     public_requests_per_minute_per_client: int = Field(default=120, ge=1)

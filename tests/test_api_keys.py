@@ -140,3 +140,31 @@ async def test_a_revoked_key_stops_at_once_in_every_process(
         return await statuses() == [401, 401]
 
     await eventually(refused_by_both)
+
+
+async def test_made_up_keys_cost_their_sender_a_wait_and_a_wrong_key_no_query(
+    runtime: Runtime, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key not in memory is a database query: one client making keys up gets 429 (no query)
+    after PARKING_BAD_API_KEYS_PER_MINUTE_PER_CLIENT of them. A sign configured with a wrong
+    key, asking again and again, is answered from memory and not counted, so the signs sharing
+    its address (one NAT) keep their own key working."""
+    runtime.settings.trusted_proxies = ["127.0.0.0/8"]
+    runtime.settings.bad_api_keys_per_minute_per_client = 3
+    key = await _city_key(runtime, database_url, capsys)
+    transport = httpx.ASGITransport(app=create_app(runtime))  # the peer: a trusted proxy
+    async with httpx.AsyncClient(transport=transport, base_url="http://parking.test") as http:
+
+        async def status(credential: str, address: str) -> int:
+            headers = bearer(credential) | {"X-Forwarded-For": address}
+            return (await http.get(PUBLIC, headers=headers)).status_code
+
+        await status(key["key"], "192.0.2.1")
+        await _listening(runtime)
+        wrong = f"ck_{uuid.uuid4().hex}"
+        assert [await status(wrong, "192.0.2.1") for _ in range(10)] == [401] * 10
+        made_up = [await status(f"ck_{uuid.uuid4().hex}", "198.51.100.7") for _ in range(5)]
+        assert made_up == [401, 401, 401, 429, 429]
+        runtime.api_keys.ttl_s = 0  # every key looked up again: the signs' address may still
+        assert await status(key["key"], "192.0.2.1") == 200
+        assert await status(key["key"], "198.51.100.7") == 429

@@ -1,5 +1,6 @@
-"""The API keys (`ck_…`, `gk_…`) a process has found valid, kept in memory: a guidance sign's or
-the city platform's every poll would otherwise be a database query.
+"""The API keys (`ck_…`, `gk_…`) a process has looked up, kept in memory: a guidance sign's or
+the city platform's every poll would otherwise be a database query. Keys found unknown are kept
+too (a sign configured with a wrong key asks again and again), for as long.
 
 A revoked key stops working at once in every process: `parking admin api-key revoke` publishes
 the key's id on a Redis channel (`revoked_channel`) once its transaction has committed, and each
@@ -7,7 +8,8 @@ process's cache, subscribed to that channel, drops the key. The cache answers on
 subscription stands (a revocation published while it was down would be missed), is emptied
 whenever the subscription is made again, and keeps no lookup that began before a revocation it
 heard. PARKING_API_KEY_CACHE_SECONDS bounds an entry's life anyway: the backstop for a
-revocation no message announced (a lost publish, an UPDATE by hand).
+revocation no message announced (a lost publish, an UPDATE by hand), and how long a key that was
+tried before it was created stays unknown.
 """
 
 import asyncio
@@ -42,14 +44,14 @@ async def announce_revoked(redis: Redis, redis_key_prefix: str, key_id: int) -> 
 
 
 class ApiKeyCache:
-    """Valid API keys by their digest, for at most `ttl_s` (0: none kept), while subscribed to
-    revocations."""
+    """API keys by their digest (None: no valid key), for at most `ttl_s` (0: none kept), while
+    subscribed to revocations."""
 
     def __init__(self, redis: Redis, redis_key_prefix: str, ttl_s: float) -> None:
         self.redis = redis
         self.channel = revoked_channel(redis_key_prefix)
         self.ttl_s = ttl_s
-        self._keys: dict[str, tuple[ApiKey, float]] = {}
+        self._keys: dict[str, tuple[ApiKey | None, float]] = {}
         # Moves on with every revocation heard and every (re)subscription: a lookup that began
         # before one of them may have read a key that is now revoked, and is not kept.
         self._generation = 0
@@ -60,7 +62,8 @@ class ApiKeyCache:
     async def lookup(
         self, key_hash: str, load: Callable[[], Awaitable[ApiKey | None]]
     ) -> ApiKey | None:
-        """The valid key of this digest: from memory, or `load`ed (the database) and kept."""
+        """The valid key of this digest, or None: from memory, or `load`ed (the database) and
+        kept."""
         if self.ttl_s <= 0:
             return await load()
         if self._reader is None or self._reader.done():
@@ -72,7 +75,7 @@ class ApiKeyCache:
         generation = self._generation
         key = await load()
         self._keys.pop(key_hash, None)
-        if key is not None and self.subscribed.is_set() and generation == self._generation:
+        if self.subscribed.is_set() and generation == self._generation:
             if len(self._keys) >= MAX_KEYS:
                 self._keys.clear()
             self._keys[key_hash] = (key, time.monotonic() + self.ttl_s)
@@ -84,7 +87,7 @@ class ApiKeyCache:
         if key_id is None:
             self._keys.clear()
             return
-        for digest in [d for d, (key, _) in self._keys.items() if key.id == key_id]:
+        for digest in [d for d, (key, _) in self._keys.items() if key and key.id == key_id]:
             del self._keys[digest]
 
     async def _read(self) -> None:

@@ -19,6 +19,7 @@ from fastapi import Depends, Request
 from parking.auth import repository as repo
 from parking.auth.tokens import InvalidToken, TokenSigner, digest
 from parking.errors import AppError
+from parking.ratelimit import client_address, hit, refuse_if_spent
 
 PrincipalKind = Literal["driver", "operator", "city", "gate"]
 CITY_KEY_PREFIX = "ck_"
@@ -76,10 +77,19 @@ async def _principal(request: Request) -> Principal | None:
     pool = runtime.pool
     if credential.startswith((CITY_KEY_PREFIX, GATE_KEY_PREFIX)):
         key_hash = digest(credential)
+        settings = runtime.settings
+        misses = f"{settings.redis_key_prefix}ratelimit:bad-api-key:{client_address(request)}"
 
         async def load() -> repo.ApiKey | None:
+            # Made-up keys would each cost a query: a client that sent too many waits.
+            await refuse_if_spent(
+                runtime.redis, misses, settings.bad_api_keys_per_minute_per_client
+            )
             async with pool.acquire() as conn:
-                return await repo.api_key(conn, key_hash)
+                found = await repo.api_key(conn, key_hash)
+            if found is None:
+                await hit(runtime.redis, misses, settings.bad_api_keys_per_minute_per_client, 60)
+            return found
 
         # A sign polls every few seconds: its key is read from memory, not the database.
         key = await runtime.api_keys.lookup(key_hash, load)
