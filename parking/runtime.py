@@ -175,7 +175,7 @@ class Runtime:
     notifier: Notifier
     provider: PaymentProvider
     sms: SmsSender
-    # The API keys this process found valid (parking.auth.apikeys).
+    # The API keys this process has looked up (parking.auth.apikeys).
     api_keys: ApiKeyCache
     # Push feeds (parking.feeds): the outbox's handler of their deliveries, and, where the
     # outbox worker runs, the watcher queueing occupancy deliveries.
