@@ -25,6 +25,13 @@ end
 return {count, ttl}
 """
 
+# What `hit` has counted against a key so far, and the seconds left of its window.
+_COUNTED = """
+local count = redis.call('GET', KEYS[1])
+if not count then return {0, 0} end
+return {tonumber(count), redis.call('TTL', KEYS[1])}
+"""
+
 
 class RateLimited(AppError):
     def __init__(self, retry_after_s: int) -> None:
@@ -115,6 +122,14 @@ async def forgive(redis: Redis, scopes: Sequence[Backoff]) -> None:
 async def uncount(redis: Redis, scope: Backoff) -> None:
     """Takes back one counted try (a success, in a scope that counts only failures)."""
     await redis.register_script(_UNCOUNT)(keys=[scope.count_key])
+
+
+async def refuse_if_spent(redis: Redis, key: str, limit: int) -> None:
+    """Raises RateLimited when `hit` has counted `limit` against `key` in its window already,
+    counting nothing: for work that is counted only when it fails, checked before it is done."""
+    count, ttl = await redis.register_script(_COUNTED)(keys=[key])
+    if int(count) >= limit:
+        raise RateLimited(max(1, int(ttl)))
 
 
 class Budget:

@@ -19,6 +19,7 @@ from billing.providers import PaymentProvider, SandboxProvider
 from billing.wechat import WeChatCredentials, WeChatParkingProvider
 from billing.worker import OutboxWorker
 from gate_controller.mqtt import MqttClient
+from parking.auth.apikeys import ApiKeyCache
 from parking.auth.sms import DevSms, SmsSender
 from parking.booth import ghosts
 from parking.db import create_pool
@@ -174,6 +175,8 @@ class Runtime:
     notifier: Notifier
     provider: PaymentProvider
     sms: SmsSender
+    # The API keys this process has looked up (parking.auth.apikeys).
+    api_keys: ApiKeyCache
     # Push feeds (parking.feeds): the outbox's handler of their deliveries, and, where the
     # outbox worker runs, the watcher queueing occupancy deliveries.
     feeds: FeedSender | None = None
@@ -262,6 +265,7 @@ async def running(
         sms_client, templates = sms_setup
         notifier = sms_service.SmsNotifier(worker_pool, sms_client, templates)
         sms = sms_service.AliyunCodeSender(sms_client, templates.login_code)
+    api_keys = ApiKeyCache(redis, settings.redis_key_prefix, settings.api_key_cache_seconds)
     tasks: list[asyncio.Task[None]] = []
     maintenance: list[asyncio.Task[None]] = []
     lane_worker: LaneWorker | None = None
@@ -388,6 +392,7 @@ async def running(
             notifier,
             provider,
             sms,
+            api_keys,
             feeds,
             watcher,
             feed_outbox,
@@ -406,6 +411,7 @@ async def running(
         for task in tasks + maintenance:
             task.cancel()
         await asyncio.gather(*tasks, *maintenance, return_exceptions=True)
+        await api_keys.close()
         with contextlib.suppress(Exception):
             await mqtt.stop()
         await provider.aclose()

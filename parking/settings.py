@@ -216,6 +216,9 @@ class Settings(BaseSettings):
     # Provider notifications that fail verification (forged, junk) one client may send per
     # minute; each is dead-lettered (a 4 KiB excerpt), and beyond this refused unstored.
     rejected_notifications_per_minute_per_client: int = Field(default=30, ge=1)
+    # And all clients together (many addresses): at most this many dead letters of junk a
+    # minute, over all API processes. The provider's valid notifications are never counted.
+    rejected_notifications_per_minute: int = Field(default=300, ge=1)
     # Staff passwords: this many wrong ones for an e-mail from one client address, then each
     # further try from there waits twice as long as the one before (1 s, 2 s, ... up to
     # password_backoff_max_s); nothing is checked while it waits, and the right password
@@ -264,6 +267,13 @@ class Settings(BaseSettings):
     # per process and served from memory in between, so their counts are at most this old
     # (parking.public.cache). 0: built for every request.
     public_cache_seconds: float = Field(default=1.0, ge=0)
+    # How long a process keeps an API key it found valid without asking the database again
+    # (0: it always asks). A revoked key stops at once anyway (`parking admin api-key revoke`
+    # tells every process through Redis); this bounds a revocation nobody announced.
+    api_key_cache_seconds: float = Field(default=10.0, ge=0)
+    # Unknown or revoked API keys one client may present per minute; beyond, 429 without a
+    # look in the database (a key not in memory costs a query; an invalid token costs none).
+    bad_api_keys_per_minute_per_client: int = Field(default=20, ge=1)
     # Requests to the public lists and car parks (/api/v1/public/…, /api/v1/car-parks) one
     # client may make per minute; callers with the city's key are not counted.
     public_requests_per_minute_per_client: int = Field(default=120, ge=1)

@@ -1,6 +1,8 @@
 """`parking-dev bench` runs end to end (gates, lanes and the outbox worker in their own processes)
 and its figures add up. It asserts no timings: speed is for the benchmark to report."""
 
+import pytest
+
 from parking.settings import Settings
 from parking_dev.abuse import run_abuse_bench
 from parking_dev.bench import run_bench, sandbox_process
@@ -29,16 +31,33 @@ async def test_bench_decides_every_exit_and_reports_figures(
     assert result["lane_cpu"]["cpu_ms_per_decision"] > 0, result["lane_cpu"]
 
 
+@pytest.mark.parametrize("priorities", ["deployed", "equal"])
 async def test_abuse_bench_runs_the_lane_alone_and_under_abuse_and_reports_both(
-    settings: Settings, database_url: str
+    settings: Settings, database_url: str, priorities: str
 ) -> None:
     settings.database_url = database_url
     settings.redis_url = REDIS_URL
     settings.mqtt_url = MQTT_URL
     with sandbox_process() as provider:
         result = await run_abuse_bench(
-            settings, provider, rate=20, duration_s=2, car_parks=2, clients=20, concurrency=2
+            settings,
+            provider,
+            rate=20,
+            duration_s=2,
+            car_parks=2,
+            clients=20,
+            concurrency=2,
+            priorities=priorities,
         )
+
+    # As deployed, the lane comes first: the API and the abusers (other machines) yield the CPU
+    # to it; "equal" shares the machine as if nobody had said so. Read from the kernel.
+    assert result["priorities"]["mode"] == priorities
+    nice = result["priorities"]["niceness"]
+    if priorities == "deployed":
+        assert nice["lane"] < nice["api"] < nice["clients"], nice
+    else:
+        assert nice["lane"] == nice["api"] == nice["clients"], nice
 
     for phase in ("alone", "abused"):
         figures = result[phase]

@@ -13,6 +13,7 @@ provisioned Mosquitto ACL and checked rule by rule.
 import asyncio
 import contextlib
 import importlib.util
+import ipaddress
 import os
 import re
 import shutil
@@ -136,6 +137,8 @@ def test_the_base_renders_with_kustomize() -> None:
         "PodDisruptionBudget/parking-api",
         "PodDisruptionBudget/parking-lanes",
         "PodDisruptionBudget/parking-worker",
+        "PriorityClass/parking-deferred",
+        "PriorityClass/parking-lanes",
         "Service/parking-api",
         "Service/parking-lanes",
         "Service/parking-worker",
@@ -144,7 +147,7 @@ def test_the_base_renders_with_kustomize() -> None:
         "StatefulSet/parking-worker",
     ]
     for doc in objects:
-        if doc["kind"] != "Namespace":
+        if doc["kind"] not in ("Namespace", "PriorityClass"):  # cluster-scoped
             assert doc["metadata"]["namespace"] == "parking", doc["metadata"]
         if doc["kind"] in ("StatefulSet", "Job"):
             for container in doc["spec"]["template"]["spec"]["containers"]:
@@ -196,6 +199,57 @@ def test_selectors_probes_and_references_fit_together() -> None:
             for volume in spec.get("volumes", []):
                 if "secret" in volume:
                     assert volume["secret"]["secretName"] in secrets, name
+
+
+def _quantity(value: str | int) -> float:
+    """A Kubernetes CPU or memory quantity as a number (cores, bytes)."""
+    text = str(value)
+    for suffix, factor in (("m", 1e-3), ("Ki", 2**10), ("Mi", 2**20), ("Gi", 2**30)):
+        if text.endswith(suffix):
+            return float(text.removesuffix(suffix)) * factor
+    return float(text)
+
+
+def test_lanes_come_first_on_a_node_short_of_cpu_or_memory() -> None:
+    """The lanes' pods are placed before and evicted after the API's and the worker's (a higher
+    priority class), and are Guaranteed: every container's requests equal its limits, so no
+    other pod's burst (the public API under abuse) is given a lane's CPU. The others ask less
+    CPU than a lane and may not preempt it."""
+    classes = {name: doc for name, doc in _by_kind("PriorityClass").items()}
+    specs = _pod_specs()
+    lanes_class = classes[specs["parking-lanes"]["priorityClassName"]]
+    for role in ("parking-api", "parking-worker"):
+        other = classes[specs[role]["priorityClassName"]]
+        assert lanes_class["value"] > other["value"], role
+        assert other.get("preemptionPolicy") == "Never", role
+        assert not other.get("globalDefault", False), role
+    assert not lanes_class.get("globalDefault", False)
+    for container in specs["parking-lanes"]["containers"]:
+        resources = container["resources"]
+        assert resources["limits"].keys() == resources["requests"].keys() == {"cpu", "memory"}
+        for kind in ("cpu", "memory"):
+            assert _quantity(resources["limits"][kind]) == _quantity(resources["requests"][kind])
+        # Whole cores: the static CPU manager gives a Guaranteed pod cores of its own.
+        assert _quantity(resources["requests"]["cpu"]).is_integer()
+    [lane] = specs["parking-lanes"]["containers"]
+    [api] = specs["parking-api"]["containers"]
+    assert _quantity(api["resources"]["requests"]["cpu"]) < _quantity(
+        lane["resources"]["requests"]["cpu"]
+    )
+
+
+def test_the_manifests_name_the_proxies_whose_forwarded_for_is_believed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Behind the ingress every client would share its address (the whole city 30 sign-in
+    codes an hour): the API believes X-Forwarded-For from the ingress's network, and only
+    from a private one (never from everyone)."""
+    value = _by_kind("ConfigMap")["parking-settings"]["data"]["PARKING_TRUSTED_PROXIES"]
+    monkeypatch.setenv("PARKING_TRUSTED_PROXIES", value)
+    networks = [ipaddress.ip_network(n) for n in Settings(_env_file=None).trusted_proxies]  # type: ignore[call-arg]
+    assert networks and all(network.is_private for network in networks), networks
+    [api] = _pod_specs()["parking-api"]["containers"]
+    assert {"configMapRef": {"name": "parking-settings"}} in api["envFrom"]
 
 
 def test_every_parking_variable_named_in_deploy_and_the_guide_is_a_setting() -> None:
@@ -465,6 +519,21 @@ def test_the_emqx_configuration_parses_and_sets_what_the_guide_relies_on() -> No
     [authn] = conf["authentication"]
     assert (authn["backend"], authn["user_id_type"]) == ("built_in_database", "username")
     assert conf["cluster"]["discovery_strategy"] == "dns"
+
+
+def test_on_emqx_the_client_id_is_the_username_as_on_mosquitto() -> None:
+    """Mosquitto's use_username_as_clientid, on EMQX: without it any login could disconnect a
+    lane process or a gate by connecting under its client id. No listener or zone of the file
+    may turn it back off."""
+    conf = ConfigFactory.parse_file(str(EMQX / "emqx.conf"))
+    assert conf["mqtt"]["use_username_as_clientid"] is True
+    mosquitto = (MOSQUITTO / "central.conf").read_text(encoding="utf-8").splitlines()
+    assert "use_username_as_clientid true" in mosquitto
+    for name, zone in conf.get("zones", {}).items():
+        assert zone.get("mqtt", {}).get("use_username_as_clientid", True) is True, name
+    for kind, listeners in conf["listeners"].items():
+        for name, listener in listeners.items():
+            assert "zone" not in listener or listener["zone"] in conf.get("zones", {}), (kind, name)
 
 
 def test_the_emqx_acl_is_the_provisioned_acl_rule_by_rule() -> None:

@@ -3,21 +3,26 @@ bodies are bounded before anything reads them, public lists are cached and limit
 
 import csv
 import io
+import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 
 import httpx
+import orjson
 from fastapi import FastAPI
 
-from billing import reports
-from parking.app import create_app
+from billing import reports, signing
+from parking.app import TARIFF_MAX_BODY_BYTES, create_app
 from parking.retention import service as retention
 from parking.runtime import Runtime
 from parking_dev import sandbox
-from tests.conftest import Lot, api_server
+from tests.conftest import SANDBOX_SECRET, Lot, api_server
+from tests.test_access_matrix import ROWS
 
 QUOTE = "/api/v1/car-parks/NOPE/quote"
+NOTIFICATIONS = "/api/v1/payments/notifications/sandbox"
 CODES = "/api/v1/auth/sign-in-codes"
 
 
@@ -117,6 +122,20 @@ async def test_an_oversized_body_is_refused_before_it_is_read_or_anyone_is_authe
     assert tariff.status_code == 401  # read (it fits) and then refused for want of a token
 
 
+async def test_every_route_refuses_an_oversized_body_before_anything_else(
+    api: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    """Every route of the access matrix (which lists every route the app serves), anonymous or
+    not, answers a body over the largest limit (a tariff table's) with 413: no route reads it,
+    nobody is authenticated first."""
+    big = b"x" * (max(TARIFF_MAX_BODY_BYTES, runtime.settings.max_body_bytes) + 1)
+    for row in ROWS:
+        path = re.sub(r"\{[^}]+\}", "1", row.path)
+        answer = await api.request(row.method, path, content=big)
+        assert answer.status_code == 413, (row.method, row.path, answer.status_code)
+        assert answer.json()["error"]["code"] == "payload_too_large"
+
+
 def test_csv_exports_defuse_cells_a_spreadsheet_would_run_as_formulas() -> None:
     rows = [
         {"car_park": '=HYPERLINK("http://x")', "reason": "+1", "net_fen": -500},
@@ -169,6 +188,58 @@ async def test_junk_notifications_keep_only_an_excerpt_and_are_throttled_per_cli
             marker.encode(),
         )
     assert [(r["kept"], r["payload_size"]) for r in kept] == [(4096, len(junk))] * 3
+
+
+async def test_junk_notifications_from_many_addresses_store_a_bounded_amount(
+    runtime: Runtime,
+) -> None:
+    """Junk from a botnet (every request from a new address, behind the trusted ingress) is
+    dead-lettered at most PARKING_REJECTED_NOTIFICATIONS_PER_MINUTE times a minute over all
+    clients; the provider's own signed notifications are still answered."""
+    runtime.settings.trusted_proxies = ["127.0.0.0/8"]
+    runtime.settings.rejected_notifications_per_minute = 3
+    marker = uuid.uuid4().hex
+    transport = httpx.ASGITransport(app=create_app(runtime))  # the peer: a trusted proxy
+    async with httpx.AsyncClient(transport=transport, base_url="http://parking.test") as http:
+        statuses = [
+            (
+                await http.post(
+                    NOTIFICATIONS,
+                    content=(marker + "x" * 100).encode(),
+                    headers={"X-Forwarded-For": f"198.51.100.{n}"},
+                )
+            ).status_code
+            for n in range(1, 6)
+        ]
+        body = orjson.dumps(
+            {
+                "event_id": str(uuid.uuid4()),
+                "type": "charge",
+                "out_trade_no": f"s0-{marker}",
+                "order_id": "sbx_unknown",
+                "status": "succeeded",
+                "amount_fen": 100,
+                "reason": None,
+                "finished_at": datetime.now(UTC).isoformat(),
+            }
+        )
+        valid = await http.post(
+            NOTIFICATIONS,
+            content=body,
+            headers={
+                signing.SIGNATURE_HEADER: signing.sign(SANDBOX_SECRET, body, int(time.time())),
+                "content-type": "application/json",
+                "X-Forwarded-For": "198.51.100.9",
+            },
+        )
+    assert statuses == [401, 401, 401, 429, 429]
+    assert valid.status_code == 200 and valid.json() == {"effect": "unknown_order"}, valid.text
+    async with runtime.pool.acquire() as conn:
+        kept = await conn.fetchval(
+            "SELECT count(*) FROM dead_letters WHERE position($1::bytea in payload) = 1",
+            marker.encode(),
+        )
+    assert kept == 3
 
 
 async def test_dead_letters_lose_their_payloads_with_the_images(runtime: Runtime) -> None:

@@ -1,17 +1,21 @@
 """`parking-dev bench --abuse`: does abuse of the public and sign-in routes slow the lane?
 
 The lane service and the API run as they are deployed: in processes of their own (`parking
-lanes`, `parking serve --no-lanes`), the API with half the lane's CPU weight, as the Kubernetes
-manifests request (1 core for a lane pod, 500m for an API pod; on one machine that weight is a
-niceness, `API_NICENESS`). Simulated gates drive exits at `rate` twice: once alone, once while
-another process plays many clients at once (each request from one of `clients` fake addresses,
-named in X-Forwarded-For, which the API trusts from its local peer, as behind an ingress) on
-every public list, nearby search, fee quotes, sign-in codes, password guesses, oversized bodies
-and junk provider notifications. Those clients stand for machines elsewhere: their process
-runs at the lowest priority (`CLIENTS_NICENESS`), and its CPU is reported, as is each phase's
-CPU of the lane and the API and the machine's load (other work on the machine shows there).
-The report gives the exit decisions' latency without and with the abuse, and what the abusers
-were answered.
+lanes`, `parking serve --no-lanes`). Simulated gates drive exits at `rate` twice: once alone,
+once while another process plays many clients at once (each request from one of `clients` fake
+addresses, named in X-Forwarded-For, which the API trusts from its local peer, as behind an
+ingress) on every public list, nearby search, fee quotes, sign-in codes, password guesses,
+oversized bodies and junk provider notifications.
+
+Priorities (`PRIORITIES`, reported under "priorities" as each process's measured niceness):
+"deployed" mirrors deploy/kubernetes on this one machine. There lanes come first: a higher
+PriorityClass, Guaranteed QoS, 1 core requested against an API pod's 500m; here the API runs
+at the niceness of half the lane's CPU weight (`API_NICENESS`), and the clients, which stand
+for machines elsewhere, at the lowest priority (`CLIENTS_NICENESS`). "equal" runs both at the
+lane's own priority: the machine shared as if no deployment said who comes first.
+The report gives the exit decisions' latency without and with the abuse, each phase's CPU of
+the lane, the API and the clients, the lane's wait for a core, the machine's load (other work
+on the machine shows there), and what the abusers were answered.
 """
 
 import asyncio
@@ -39,7 +43,13 @@ from parking.logging import configure_from
 from parking.runtime import ProviderEndpoint, running
 from parking.settings import Settings
 from parking_dev import sandbox
-from parking_dev.bench import analyze, drive, lane_service, wait_for_port
+from parking_dev.bench import (
+    DEFERRED_WORK_NICENESS,
+    analyze,
+    drive,
+    lane_service,
+    wait_for_port,
+)
 from parking_dev.demo import DemoCity, seed_city
 
 # The lane's p99 under abuse may be at most this much above its p99 alone.
@@ -50,6 +60,13 @@ TARGET_P99_INCREASE = 0.20
 API_NICENESS = 3
 # The fake clients are other machines: here they take only what the system leaves.
 CLIENTS_NICENESS = 19
+# Niceness of (the API, the abusing clients) by `--abuse-priorities`.
+PRIORITIES = {"deployed": (API_NICENESS, CLIENTS_NICENESS), "equal": (0, 0)}
+
+
+def niceness(pid: int = 0) -> int:
+    """A process's niceness as the kernel has it (this process's by default)."""
+    return os.getpriority(os.PRIO_PROCESS, pid)
 
 
 def _requests(rng: random.Random, car_parks: list[str]) -> tuple[str, str, str, dict[str, Any]]:
@@ -97,12 +114,17 @@ def _requests(rng: random.Random, car_parks: list[str]) -> tuple[str, str, str, 
 
 
 def _abuse(
-    base_url: str, car_parks: list[str], clients: int, concurrency: int, duration_s: float
-) -> tuple[dict[str, dict[str, int]], float]:
-    """Runs in its own process: `concurrency` connections sending as fast as they are answered,
-    each request from one of `clients` addresses. Returns counts by route and status, and the
-    CPU seconds the clients took."""
-    os.nice(CLIENTS_NICENESS)
+    base_url: str,
+    car_parks: list[str],
+    clients: int,
+    concurrency: int,
+    clients_niceness: int,
+    duration_s: float,
+) -> tuple[tuple[dict[str, dict[str, int]], int], float]:
+    """Runs in its own process, at `clients_niceness`: `concurrency` connections sending as fast
+    as they are answered, each request from one of `clients` addresses. Returns counts by route
+    and status with the process's niceness, and the CPU seconds the clients took."""
+    os.nice(clients_niceness)
 
     async def go() -> dict[str, dict[str, int]]:
         rng = random.Random()
@@ -128,14 +150,18 @@ def _abuse(
             await asyncio.gather(*(one_client() for _ in range(concurrency)))
         return {kind: dict(counts) for kind, counts in sorted(answered.items())}
 
-    return uvloop.run(go()), time.process_time()
+    return (uvloop.run(go()), niceness()), time.process_time()
 
 
 def _serve_api(
-    settings: dict[str, Any], eps: Endpoints, provider: ProviderEndpoint, port: int
+    settings: dict[str, Any],
+    eps: Endpoints,
+    provider: ProviderEndpoint,
+    port: int,
+    api_niceness: int,
 ) -> None:
     """Runs in its own process: the API as deployed (`parking serve --no-lanes --no-worker`)."""
-    os.nice(API_NICENESS)
+    os.nice(api_niceness)
     api_settings = Settings(**settings)
     configure_from(api_settings)
 
@@ -210,6 +236,8 @@ class LoadedRun:
     # What the load function returned besides its CPU seconds.
     load: Any
     load_s: float
+    # The API process's niceness, read from the kernel while it served.
+    api_niceness: int | None = None
 
     def p99_change_pct(self) -> float | None:
         base, loaded = self.alone["p99_ms"], self.loaded["p99_ms"]
@@ -232,10 +260,11 @@ async def lane_alone_and_loaded(
     load_args: tuple[Any, ...],
     describe: str,
     prepare: Callable[[asyncpg.Connection], Awaitable[tuple[Any, ...]]] | None = None,
+    api_niceness: int = API_NICENESS,
 ) -> LoadedRun:
-    """The lane service and the API in processes of their own; exits at `rate` for
-    `duration_s` alone, then again while `load` runs against the API. `prepare` may add to the
-    load's arguments from the seeded database (before `load_args`)."""
+    """The lane service and the API (at `api_niceness`) in processes of their own; exits at
+    `rate` for `duration_s` alone, then again while `load` runs against the API. `prepare` may
+    add to the load's arguments from the seeded database (before `load_args`)."""
     rng = random.Random()
     exits_needed = 2 * (int(rate * duration_s * 1.2) + 100)
     async with lane_service(settings, provider) as runtime:
@@ -261,6 +290,7 @@ async def lane_alone_and_loaded(
                 runtime.endpoints,
                 provider,
                 port,
+                api_niceness,
             ),
             daemon=True,
         )
@@ -269,6 +299,8 @@ async def lane_alone_and_loaded(
             await asyncio.to_thread(wait_for_port, port)
             if not api.is_alive():
                 raise RuntimeError("the API process did not start")
+            assert api.pid is not None
+            api_niceness_measured = niceness(api.pid)
             print(f"bench: {rate}/s for {duration_s}s alone", file=sys.stderr)
             runtime.lanes.stats = LaneStats()
             cpu = _Cpu(psutil.Process(api.pid))
@@ -302,6 +334,7 @@ async def lane_alone_and_loaded(
         _phase(loaded) | {"cpu": loaded_cpu},
         result,
         load_s,
+        api_niceness_measured,
     )
 
 
@@ -314,9 +347,11 @@ async def run_abuse_bench(
     car_parks: int = 40,
     clients: int = 500,
     concurrency: int = 16,
+    priorities: str = "deployed",
 ) -> dict[str, Any]:
     # The API believes X-Forwarded-For from the local abusers, as it would from an ingress.
     settings.trusted_proxies = ["127.0.0.1/32"]
+    api_niceness, clients_niceness = PRIORITIES[priorities]
     run = await lane_alone_and_loaded(
         settings,
         provider,
@@ -324,10 +359,11 @@ async def run_abuse_bench(
         duration_s=duration_s,
         car_parks=car_parks,
         load=_abuse,
-        load_args=(clients, concurrency),
+        load_args=(clients, concurrency, clients_niceness),
         describe=f"{concurrency} connections of abuse from {clients} addresses",
+        api_niceness=api_niceness,
     )
-    answered: dict[str, dict[str, int]] = run.load
+    answered: dict[str, dict[str, int]] = run.load[0]
     requests = sum(sum(counts.values()) for counts in answered.values())
     change = run.p99_change_pct()
     return {
@@ -340,7 +376,18 @@ async def run_abuse_bench(
         "p99_change_pct": change,
         "target_p99_change_pct": round(100 * TARGET_P99_INCREASE),
         "target_met": change is not None and change <= 100 * TARGET_P99_INCREASE,
-        "niceness": {"lane": os.nice(0), "api": API_NICENESS, "clients": CLIENTS_NICENESS},
+        "priorities": {
+            "mode": priorities,
+            # Each as the kernel had it while running (higher: yields the CPU to lower).
+            "niceness": {
+                "lane": niceness(),
+                "api": run.api_niceness,
+                "clients": run.load[1],
+                # Deferred work in every bench (parking_dev.bench); the gates run as the lane.
+                "outbox_worker_and_provider": DEFERRED_WORK_NICENESS,
+                "gates": niceness(),
+            },
+        },
         "abuse": {
             "clients": clients,
             "connections": concurrency,

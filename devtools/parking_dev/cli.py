@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     abuse.add_argument(
         "--abuse-connections", type=int, default=16, help="concurrent abusive connections"
     )
+    abuse.add_argument(
+        "--abuse-priorities",
+        choices=["deployed", "equal"],
+        default="deployed",
+        help="deployed: the API and the clients yield the CPU to the lane, as deploy/kubernetes "
+        "says (default); equal: everything at the lane's priority",
+    )
     signs = p_bench.add_argument_group(
         "guidance signs",
         "exits at --rate (default 100) for --duration alone, then again while N signs poll "
@@ -232,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                     car_parks=args.car_parks or 40,
                     clients=args.abuse_clients,
                     concurrency=args.abuse_connections,
+                    priorities=args.abuse_priorities,
                 )
             )
         print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())

@@ -17,9 +17,12 @@ from typing import Any
 
 import asyncpg
 import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from billing.tariff import Tariff
 from parking.admin import service
+from parking.auth import apikeys
 from parking.db import create_pool
 from parking.gates import config as gate_configs
 from parking.infra import endpoints
@@ -230,8 +233,26 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
                     result = await job(conn, actor)
             finally:
                 await pool.close()
+            if (args.admin_object, args.admin_command) == ("api-key", "revoke"):
+                await _announce_revoked(settings, eps.redis_url, args.id)
     except service.AdminError as exc:
         print(f"parking admin: {exc}", file=sys.stderr)
         return 2
     _print(result, args.json)
     return 0
+
+
+async def _announce_revoked(settings: Settings, redis_url: str, key_id: int) -> None:
+    """Tells the running processes that the key is revoked (committed already): they stop
+    taking it at once rather than within PARKING_API_KEY_CACHE_SECONDS."""
+    later = f"processes still taking it stop within {settings.api_key_cache_seconds:g} s"
+    if not redis_url:
+        print(f"parking admin: PARKING_REDIS_URL is not set: {later}", file=sys.stderr)
+        return
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await apikeys.announce_revoked(redis, settings.redis_key_prefix, key_id)
+    except (RedisError, OSError) as exc:
+        print(f"parking admin: Redis did not take the news ({exc}): {later}", file=sys.stderr)
+    finally:
+        await redis.aclose()

@@ -8,6 +8,7 @@ to a valid credential of another kind. Objects of another driver or another oper
 park are answered 404, never 403: their existence is not disclosed.
 """
 
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -15,10 +16,12 @@ from typing import Annotated, Literal
 
 import asyncpg
 from fastapi import Depends, Request
+from redis.exceptions import RedisError
 
 from parking.auth import repository as repo
 from parking.auth.tokens import InvalidToken, TokenSigner, digest
 from parking.errors import AppError
+from parking.ratelimit import client_address, hit, refuse_if_spent
 
 PrincipalKind = Literal["driver", "operator", "city", "gate"]
 CITY_KEY_PREFIX = "ck_"
@@ -72,10 +75,31 @@ async def _principal(request: Request) -> Principal | None:
     if scheme.lower() != "bearer" or not credential.strip():
         raise Unauthenticated("use 'Authorization: Bearer <token>'")
     credential = credential.strip()
-    pool = request.app.state.runtime.pool
+    runtime = request.app.state.runtime
+    pool = runtime.pool
     if credential.startswith((CITY_KEY_PREFIX, GATE_KEY_PREFIX)):
-        async with pool.acquire() as conn:
-            key = await repo.api_key(conn, digest(credential))
+        key_hash = digest(credential)
+        settings = runtime.settings
+        misses = f"{settings.redis_key_prefix}ratelimit:bad-api-key:{client_address(request)}"
+
+        async def load() -> repo.ApiKey | None:
+            # Made-up keys would each cost a query: a client that sent too many waits. Without
+            # Redis the count is skipped, not the key: signs keep working through its outage.
+            with contextlib.suppress(RedisError, OSError):
+                await refuse_if_spent(
+                    runtime.redis, misses, settings.bad_api_keys_per_minute_per_client
+                )
+            async with pool.acquire() as conn:
+                found = await repo.api_key(conn, key_hash)
+            if found is None:
+                with contextlib.suppress(RedisError, OSError):
+                    await hit(
+                        runtime.redis, misses, settings.bad_api_keys_per_minute_per_client, 60
+                    )
+            return found
+
+        # A sign polls every few seconds: its key is read from memory, not the database.
+        key = await runtime.api_keys.lookup(key_hash, load)
         if key is None:
             raise Unauthenticated("unknown or revoked API key")
         return Principal(key.kind, gate_id=key.gate_id)

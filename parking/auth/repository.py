@@ -10,6 +10,7 @@ import asyncpg
 
 @dataclass(frozen=True, slots=True)
 class ApiKey:
+    id: int
     kind: Literal["city", "gate"]
     gate_id: int | None
 
@@ -44,9 +45,10 @@ class OperatorUser:
 
 async def api_key(conn: asyncpg.Connection, key_hash: str) -> ApiKey | None:
     row = await conn.fetchrow(
-        "SELECT kind, gate_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", key_hash
+        "SELECT id, kind, gate_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+        key_hash,
     )
-    return ApiKey(row["kind"], row["gate_id"]) if row else None
+    return ApiKey(row["id"], row["kind"], row["gate_id"]) if row else None
 
 
 async def create_api_key(

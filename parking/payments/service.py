@@ -353,18 +353,22 @@ async def accept_notification(
 ) -> settlement.Applied:
     """Verifies and books a provider notification; a forged one is dead-lettered (an excerpt)
     and changes nothing else. Rejected ones are throttled per client (429 beyond
-    PARKING_REJECTED_NOTIFICATIONS_PER_MINUTE_PER_CLIENT, nothing stored); the provider's
-    valid notifications never are."""
+    PARKING_REJECTED_NOTIFICATIONS_PER_MINUTE_PER_CLIENT, nothing stored) and from all clients
+    together (PARKING_REJECTED_NOTIFICATIONS_PER_MINUTE: junk from many addresses stores a
+    bounded amount); the provider's valid notifications never are."""
     try:
         result = provider.parse_notification(body, headers, now=int(datetime.now(UTC).timestamp()))
     except InvalidNotification as exc:
         settings = runtime.settings
+        prefix = f"{settings.redis_key_prefix}ratelimit:rejected-notification"
         await hit(
             runtime.redis,
-            f"{settings.redis_key_prefix}ratelimit:rejected-notification:{client}",
+            f"{prefix}:{client}",
             settings.rejected_notifications_per_minute_per_client,
             60,
         )
+        # Counted after the client's own limit: one client over it takes nothing from others.
+        await hit(runtime.redis, f"{prefix}:all", settings.rejected_notifications_per_minute, 60)
         # Signed but not a valid event (a list, a float amount, a missing field): the provider's
         # fault, not a forgery; 400 so that it is not taken for a key problem.
         malformed = isinstance(exc, MalformedNotification)
