@@ -52,13 +52,14 @@ from billing.tariff import Tariff
 from gate_controller.protocol import CameraRead
 from parking.lanes.reading import (
     PlateReading,
+    camera_own_read,
     camera_reading,
     frame_reads,
     ocr_reading,
     operator_reading,
     second_reading,
 )
-from parking.lanes.repository import OpenSession, PayLater
+from parking.lanes.repository import CameraOwnRead, OpenSession, PayLater
 from parking.lanes.rules import (
     Certainty,
     ExitPlan,
@@ -196,9 +197,10 @@ class Stay:
     entry_certain: bool
     entry_proven: bool = False
     # The server reader's reads of the entry's frames (what a charge's verification reads),
-    # and which reader made the entry's read.
+    # which reader made the entry's read, and the camera's own read when the server's made it.
     entry_frames: tuple[FrameRead, ...] = ()
     entry_source: str | None = None
+    entry_camera: CameraOwnRead | None = None
 
 
 @dataclass(slots=True)
@@ -652,6 +654,7 @@ class City:
             is_proven(reading, self.certainty),
             seen.frames,
             reading.source,
+            camera_own_read(seen.camera, reading),
         )
         self._record(car_park, stay)
         vehicle.stay = stay
@@ -768,8 +771,20 @@ class City:
             verdict = verify_charge(
                 stay.identity,
                 (
-                    frames_to_verify(stay.entry_proven, stay.entry_source, stay.entry_frames),
-                    frames_to_verify(resolution.proven, reading.source, seen.frames),
+                    frames_to_verify(
+                        stay.identity,
+                        stay.entry_proven,
+                        stay.entry_source,
+                        stay.entry_frames,
+                        stay.entry_camera,
+                    ),
+                    frames_to_verify(
+                        stay.identity,
+                        resolution.proven,
+                        reading.source,
+                        seen.frames,
+                        camera_own_read(seen.camera, reading),
+                    ),
                 ),
                 self.verification,
             )
