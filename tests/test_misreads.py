@@ -50,6 +50,14 @@ def test_a_small_run_charges_no_stranger(small_run: dict[str, Any]) -> None:
     assert small_run["wrong_account_charges"] == 0, small_run["wrong_account_cases"]
 
 
+def test_a_small_harsh_run_charges_no_stranger(small_run: dict[str, Any]) -> None:
+    # Worse cameras, more plates that read wrong the same way, more look-alikes and strangers.
+    report = run_misreads(Settings(), exits=20_000, seed=15, model=MisreadModel.harsh())
+    assert report["wrong_account_charges"] == 0, report["wrong_account_cases"]
+    harsher = report["by_misread_kind"]["consistent"]["exits"]
+    assert harsher > 3 * small_run["by_misread_kind"]["consistent"]["exits"]
+
+
 def test_a_small_run_counts_add_up(small_run: dict[str, Any]) -> None:
     report = small_run
     assert report["exits"] == 20_000

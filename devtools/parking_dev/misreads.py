@@ -173,6 +173,26 @@ class MisreadModel:
     fixed_fee_share: float = 0.3
     occupancy: float = 0.6
 
+    @classmethod
+    def harsh(cls) -> "MisreadModel":
+        """A harsher world (`bench --misreads --harsh`): what no calibration bounds is worse
+        (cameras misread 3-10 times as often, and as confidently; 5 times as many plates that
+        read wrong the same way; more hard frames, look-alikes parked together, strangers and
+        double reads), while the server's reader reads each frame as it was measured to (its
+        calibration is what the rules rest on: making it read a consistent car's wrong plate
+        with right reads' scores on more cars would contradict that measurement)."""
+        return cls(
+            consistent_car_share=0.01,
+            consistent_read_rate=0.9,
+            confident_error_share=0.1,
+            random_char_rate=0.02,
+            province_swap_rate=0.005,
+            hard_frame_rate=0.05,
+            lookalike_pair_share=0.03,
+            no_entry_rate=0.01,
+            double_read_rate=0.03,
+        )
+
 
 @dataclass(slots=True)
 class Vehicle:
