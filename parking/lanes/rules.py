@@ -181,10 +181,12 @@ def is_proven(read: Read, certainty: Certainty) -> bool:
 def wants_second_reader(read: Read, outcome: Outcome, certainty: Certainty) -> bool:
     """Whether the server's reader reads a capture's frames before an operator is asked: a
     camera read that is not proven (an uncalibrated camera's, or a doubtful one) found no
-    stay, or no unique one, or is too doubtful for a 'hold' car park to open on (the frames
-    may agree: `plan_exit`'s `exit_frames`). The frames may show a parked car the camera
-    misread (a character, the colour); a car that really has no entry record is read as itself
-    again. Only these rare exits pay for OCR on the gate's path."""
+    stay, or no unique one, or is too doubtful for a 'hold' car park to open on. The frames
+    may show a parked car the camera misread (a character, the colour); a car that really has
+    no entry record is read as itself again. For 'held_uncertain' only a certain (so proven)
+    server read changes the decision (a doubtful one is the server's word alone:
+    `frames_to_verify`), or one that finds no stay; rare, but the misread simulation sees
+    both. Only these rare exits pay for OCR on the gate's path."""
     return (
         read.source == "camera"
         and outcome in ("held_no_entry", "held_ambiguous", "held_uncertain")
