@@ -16,12 +16,24 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from fastapi import FastAPI
 
 from gate_controller.protocol import CameraRead, Capture
 from parking.runtime import Runtime
 from parking.settings import Settings
-from tests.conftest import Driver, Lot, backdate_entry, eventually, make_driver, unique_plate
+from tests.conftest import (
+    Driver,
+    Lot,
+    backdate_entry,
+    bearer,
+    eventually,
+    make_driver,
+    make_staff,
+    staff_token,
+    unique_plate,
+)
 from tests.gates import GateProbe
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -233,7 +245,7 @@ async def test_a_camera_misread_at_the_exit_is_read_again_before_a_person_is_ask
 
 
 async def test_a_doubtful_entry_read_is_read_again_so_the_exit_finds_the_stay(
-    runtime: Runtime, gate: GateProbe, lot: Lot
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
 ) -> None:
     # The entry camera reads 皖AD2Y84 at 0.93; the frames show 皖AD2Y34, which the server reads
     # at a calibrated 0.998: the stay is 皖AD2Y34's, and its exit is no "no entry record". The
@@ -252,6 +264,72 @@ async def test_a_doubtful_entry_read_is_read_again_so_the_exit_finds_the_stay(
         "unconfirmed",
     )
     assert charge["verification"]["entry"] == []
+    # The operator sees what the camera itself read at the entry: another plate.
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    listed = (await api.get("/api/v1/operator/confirmations", headers=attendant)).json()
+    (item,) = [c for c in listed if c["id"] == charge["id"]]
+    assert item["entry"]["source"] == "ocr"
+    assert item["entry"]["camera"] == {"plate": "皖AD2Y84", "color": "blue", "confidence": 0.93}
+    assert item["exit"]["camera"] is None
+
+
+async def _capture_row(runtime: Runtime, capture: Capture) -> dict[str, Any]:
+    async with runtime.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT * FROM captures WHERE capture_id = $1", capture.capture_id
+        )
+    assert row is not None
+    return dict(row)
+
+
+async def test_a_doubtful_exit_the_server_decided_is_charged_when_the_camera_named_the_car(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    # The exit's camera read 皖AD2Y34 at 0.85, too doubtful to decide: the server's reader
+    # decides (0.998, under its certain threshold). Before, the server's read alone stood for
+    # the exit and the charge waited for an operator. The camera's own read is kept with the
+    # capture and is the exit's second reader: it names the car and the frames agree.
+    driver = await _holder(runtime, "皖AD2Y34")
+    entry = _capture(gate, "in", driver.plate, 0.99, AD2Y34)
+    assert (await gate.decide(lot.code, "in1", entry))["action"] == "open"
+    await backdate_entry(runtime, lot, driver.plate, timedelta(minutes=90))
+    exit_ = _capture(gate, "out", driver.plate, 0.85, AD2Y34, model="doubtful-cam")
+    command = await _decide(gate, lot, "out1", exit_)
+    assert (command["action"], command["fee_fen"]) == ("open", 1200), command
+
+    row = await _capture_row(runtime, exit_)
+    assert (row["plate"], row["plate_source"], row["camera_plate"], row["camera_color"]) == (
+        driver.plate,
+        "ocr",
+        driver.plate,
+        "blue",
+    )
+    assert (round(row["camera_confidence"], 4), row["camera_model"]) == (0.85, "doubtful-cam")
+    charge = await _settled(runtime, driver)
+    assert charge["verification"]["verdict"] == "verified", charge["verification"]
+    assert charge["verification"]["exit"][0]["plate"] == driver.plate
+    assert charge["status"] in ("pending", "succeeded")
+    assert await _booked(runtime, charge) == (1, 2)
+
+
+async def test_a_doubtful_entry_the_server_read_again_is_corroborated_by_the_camera(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    # The entry camera reads 皖AD2Y34 at 0.93 (not certain): the server reads the frames again
+    # and the stay is opened on its read. The camera named the same car: with the frames
+    # agreeing, the entry is corroborated (before: unconfirmed, an operator decided).
+    driver = await _holder(runtime, "皖AD2Y34")
+    entry = _capture(gate, "in", driver.plate, 0.93, AD2Y34)
+    assert (await _decide(gate, lot, "in1", entry))["action"] == "open"
+    assert (await _capture_row(runtime, entry))["plate_source"] == "ocr"
+    await backdate_entry(runtime, lot, driver.plate, timedelta(minutes=90))
+
+    command = await gate.decide(lot.code, "out1", _capture(gate, "out", driver.plate, 0.99, AD2Y34))
+    assert (command["action"], command["fee_fen"]) == ("open", 1200), command
+    charge = await _settled(runtime, driver)
+    assert charge["verification"]["verdict"] == "verified", charge["verification"]
+    assert charge["verification"]["entry"][0]["plate"] == driver.plate
+    assert await _booked(runtime, charge) == (1, 2)
 
 
 async def test_a_hold_car_park_holds_a_doubtful_exit_read_its_own_reader_cannot_confirm(

@@ -13,7 +13,15 @@ from billing import fees
 from gate_controller.protocol import CameraRead
 from parking.lanes import repository as repo
 from parking.lanes.reading import camera_reading
-from parking.lanes.rules import Certainty, FrameRead, Identity, Verification, verify_charge
+from parking.lanes.repository import CameraOwnRead
+from parking.lanes.rules import (
+    Certainty,
+    FrameRead,
+    Identity,
+    Verification,
+    frames_to_verify,
+    verify_charge,
+)
 from parking.runtime import Runtime
 from parking.settings import Settings
 from parking_dev.misreads import (
@@ -40,6 +48,14 @@ def small_run() -> dict[str, Any]:
 
 def test_a_small_run_charges_no_stranger(small_run: dict[str, Any]) -> None:
     assert small_run["wrong_account_charges"] == 0, small_run["wrong_account_cases"]
+
+
+def test_a_small_harsh_run_charges_no_stranger(small_run: dict[str, Any]) -> None:
+    # Worse cameras, more plates that read wrong the same way, more look-alikes and strangers.
+    report = run_misreads(Settings(), exits=20_000, seed=15, model=MisreadModel.harsh())
+    assert report["wrong_account_charges"] == 0, report["wrong_account_cases"]
+    harsher = report["by_misread_kind"]["consistent"]["exits"]
+    assert harsher > 3 * small_run["by_misread_kind"]["consistent"]["exits"]
 
 
 def test_a_small_run_counts_add_up(small_run: dict[str, Any]) -> None:
@@ -265,6 +281,33 @@ def test_a_charge_is_verified_only_when_no_frame_contradicts_and_each_unsure_end
     assert verify_charge(plate, ((agree, weak), (agree, FrameRead(None, 0.0))), rules) == (
         "verified"
     )
+
+
+def test_an_end_the_server_decided_counts_its_frames_only_when_the_camera_named_the_car() -> None:
+    # Before, an end the server's reader decided was never corroborated (always unconfirmed).
+    identity = ("浙A3M011", "blue")
+    frames = (FrameRead("浙A3M011", 0.95, "blue"),)
+    rules = Verification(agree_score=0.9, contradict_score=0.9)
+
+    def end(source: str, camera: CameraOwnRead | None) -> Any:
+        return frames_to_verify(identity, False, source, frames, camera)
+
+    named = CameraOwnRead("浙A·3M011", "blue", 0.85, "cam")
+    assert end("ocr", named) == frames
+    assert verify_charge(identity, (end("ocr", named), None), rules) == "verified"
+    assert end("ocr", CameraOwnRead("浙A3M011", None, 0.4)) == frames  # no colour reported
+    # Another plate, or the plate in another colour: the readers disagree, a person decides
+    # (an uncalibrated camera's read refutes nothing).
+    for other in (
+        CameraOwnRead("浙A3M017", "blue", 0.85),
+        CameraOwnRead("浙A3M011", "yellow", 0.85),
+    ):
+        assert end("ocr", other) == ()
+        assert verify_charge(identity, (end("ocr", other), None), rules) == "unconfirmed"
+    # No camera read: the server reading its own frames again is no second reader.
+    assert end("ocr", None) == ()
+    assert end("camera", None) == frames
+    assert frames_to_verify(identity, True, "ocr", frames, None) is None
 
 
 def test_the_simulated_server_reader_reads_as_it_was_measured() -> None:

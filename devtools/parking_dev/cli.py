@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     misreads.add_argument("--misreads", action="store_true")
     misreads.add_argument("--exits", type=int, default=1_000_000, help="exits (default 1M)")
+    misreads.add_argument(
+        "--harsh",
+        action="store_true",
+        help="a harsher world: worse cameras, more consistent misreads and look-alikes "
+        "(MisreadModel.harsh)",
+    )
     city_day.add_argument(
         "--explain-out",
         type=Path,
@@ -183,10 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         option = 0 if args.json else orjson.OPT_INDENT_2
         print(orjson.dumps(summary, option=option).decode())
     elif args.command == "bench" and args.misreads:
-        from parking_dev.misreads import run_misreads
+        from parking_dev.misreads import MisreadModel, run_misreads
 
         seed = 15 if args.seed is None else args.seed
-        result = run_misreads(settings, exits=args.exits, seed=seed)
+        model = MisreadModel.harsh() if args.harsh else MisreadModel()
+        result = run_misreads(settings, exits=args.exits, seed=seed, model=model)
         print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
     elif args.command == "bench" and args.city_day:
         from parking_dev.bench import sandbox_process

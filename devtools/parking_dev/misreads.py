@@ -52,13 +52,14 @@ from billing.tariff import Tariff
 from gate_controller.protocol import CameraRead
 from parking.lanes.reading import (
     PlateReading,
+    camera_own_read,
     camera_reading,
     frame_reads,
     ocr_reading,
     operator_reading,
     second_reading,
 )
-from parking.lanes.repository import OpenSession, PayLater
+from parking.lanes.repository import CameraOwnRead, OpenSession, PayLater
 from parking.lanes.rules import (
     Certainty,
     ExitPlan,
@@ -172,6 +173,26 @@ class MisreadModel:
     fixed_fee_share: float = 0.3
     occupancy: float = 0.6
 
+    @classmethod
+    def harsh(cls) -> "MisreadModel":
+        """A harsher world (`bench --misreads --harsh`): what no calibration bounds is worse
+        (cameras misread 3-10 times as often, and as confidently; 5 times as many plates that
+        read wrong the same way; more hard frames, look-alikes parked together, strangers and
+        double reads), while the server's reader reads each frame as it was measured to (its
+        calibration is what the rules rest on: making it read a consistent car's wrong plate
+        with right reads' scores on more cars would contradict that measurement)."""
+        return cls(
+            consistent_car_share=0.01,
+            consistent_read_rate=0.9,
+            confident_error_share=0.1,
+            random_char_rate=0.02,
+            province_swap_rate=0.005,
+            hard_frame_rate=0.05,
+            lookalike_pair_share=0.03,
+            no_entry_rate=0.01,
+            double_read_rate=0.03,
+        )
+
 
 @dataclass(slots=True)
 class Vehicle:
@@ -196,9 +217,10 @@ class Stay:
     entry_certain: bool
     entry_proven: bool = False
     # The server reader's reads of the entry's frames (what a charge's verification reads),
-    # and which reader made the entry's read.
+    # which reader made the entry's read, and the camera's own read when the server's made it.
     entry_frames: tuple[FrameRead, ...] = ()
     entry_source: str | None = None
+    entry_camera: CameraOwnRead | None = None
 
 
 @dataclass(slots=True)
@@ -652,6 +674,7 @@ class City:
             is_proven(reading, self.certainty),
             seen.frames,
             reading.source,
+            camera_own_read(seen.camera, reading),
         )
         self._record(car_park, stay)
         vehicle.stay = stay
@@ -768,8 +791,20 @@ class City:
             verdict = verify_charge(
                 stay.identity,
                 (
-                    frames_to_verify(stay.entry_proven, stay.entry_source, stay.entry_frames),
-                    frames_to_verify(resolution.proven, reading.source, seen.frames),
+                    frames_to_verify(
+                        stay.identity,
+                        stay.entry_proven,
+                        stay.entry_source,
+                        stay.entry_frames,
+                        stay.entry_camera,
+                    ),
+                    frames_to_verify(
+                        stay.identity,
+                        resolution.proven,
+                        reading.source,
+                        seen.frames,
+                        camera_own_read(seen.camera, reading),
+                    ),
                 ),
                 self.verification,
             )

@@ -24,7 +24,11 @@ async def awaiting(
                   ec.plate_source AS entry_source, ec.read_confidence AS entry_confidence,
                   s.entry_certain, ef.capture_id IS NOT NULL AS entry_image,
                   xc.plate_source AS exit_source, xc.read_confidence AS exit_confidence,
-                  xc.read_certain AS exit_certain, xf.capture_id IS NOT NULL AS exit_image
+                  xc.read_certain AS exit_certain, xf.capture_id IS NOT NULL AS exit_image,
+                  ec.camera_plate AS entry_camera_plate, ec.camera_color AS entry_camera_color,
+                  ec.camera_confidence AS entry_camera_confidence,
+                  xc.camera_plate AS exit_camera_plate, xc.camera_color AS exit_camera_color,
+                  xc.camera_confidence AS exit_camera_confidence
            FROM charges c
            JOIN sessions s ON s.id = c.session_id
            JOIN car_parks cp ON cp.id = s.car_park_id

@@ -4,6 +4,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 
+class CameraReadSummary(BaseModel):
+    """The camera's own read of a capture whose read the server's reader made."""
+
+    plate: str
+    color: str | None
+    confidence: float
+
+
 class ReadSummary(BaseModel):
     """A capture's read as the lane recorded it."""
 
@@ -11,6 +19,8 @@ class ReadSummary(BaseModel):
     confidence: float | None
     certain: bool | None
     image_url: str | None
+    # With source 'ocr': what the camera itself read (the end's second reader), if it sent one.
+    camera: CameraReadSummary | None = None
 
 
 class Confirmation(BaseModel):

@@ -11,7 +11,7 @@ import asyncpg
 from billing import audit, charges
 from parking.auth.principal import Principal
 from parking.confirmations import repository as repo
-from parking.confirmations.schemas import Confirmation, Decided, ReadSummary
+from parking.confirmations.schemas import CameraReadSummary, Confirmation, Decided, ReadSummary
 from parking.errors import AppError, NotFound
 from parking.logging import get_logger
 from parking.operators import repository as operators_repo
@@ -27,6 +27,14 @@ def _operator_id(principal: Principal) -> int:
     if principal.operator_id is None:  # OperatorDep only lets staff tokens through
         raise AppError(403, "forbidden", "not a member of an operator company")
     return principal.operator_id
+
+
+def _camera_read(row: asyncpg.Record, end: str) -> CameraReadSummary | None:
+    plate = row[f"{end}_camera_plate"]
+    if plate is None:
+        return None
+    confidence = round(row[f"{end}_camera_confidence"], 4)
+    return CameraReadSummary(plate=plate, color=row[f"{end}_camera_color"], confidence=confidence)
 
 
 async def list_awaiting(
@@ -56,12 +64,14 @@ async def list_awaiting(
                 confidence=r["entry_confidence"],
                 certain=r["entry_certain"],
                 image_url=image_url(r["id"], "entry") if r["entry_image"] else None,
+                camera=_camera_read(r, "entry"),
             ),
             exit=ReadSummary(
                 source=r["exit_source"],
                 confidence=r["exit_confidence"],
                 certain=r["exit_certain"],
                 image_url=image_url(r["id"], "exit") if r["exit_image"] else None,
+                camera=_camera_read(r, "exit"),
             ),
             verification=r["verification"],
         )

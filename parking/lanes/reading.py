@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from gate_controller.protocol import CameraRead, Capture
+from parking.lanes.repository import CameraOwnRead
 from parking.lanes.rules import FrameRead
 from parking.logging import get_logger
 from parking.settings import Settings
@@ -203,6 +204,16 @@ def second_reading(
     if reading.color is None and camera is not None:
         return replace(reading, color=camera.color)
     return reading
+
+
+def camera_own_read(camera: CameraRead | None, reading: PlateReading) -> CameraOwnRead | None:
+    """The camera's own read kept beside a capture's read when the server's reader made it
+    (pure: the lane records it, the misread simulation too): the end's second reader at a
+    charge's verification (`rules.frames_to_verify`). None when the camera decided the read
+    itself, an operator did, or the camera sent no read."""
+    if camera is None or reading.source != "ocr":
+        return None
+    return CameraOwnRead(camera.plate, camera.color, camera.confidence, camera.model)
 
 
 def frame_reads(recognitions: Sequence[Recognition | None]) -> tuple[FrameRead, ...]:

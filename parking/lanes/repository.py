@@ -535,6 +535,20 @@ async def store_command(
 
 
 @dataclass(frozen=True, slots=True)
+class CameraOwnRead:
+    """What the camera itself reported for a capture whose read the server's reader made (the
+    camera was doubtful, or its read found no stay): its text as sent, colour, confidence
+    (uncalibrated unless its model's is) and model, kept beside the decided read
+    (`captures.camera_*`). For that end the camera is the second reader
+    (`rules.frames_to_verify`)."""
+
+    text: str
+    color: str | None
+    confidence: float
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ChargeEvidence:
     """What a charge's verification reads: the stay's vehicle, whether each end's read was
     proven, and each end's kept frames (empty when none was sent or they have expired)."""
@@ -549,6 +563,9 @@ class ChargeEvidence:
     # Which reader made each end's read (`captures.plate_source`: camera, ocr, operator).
     entry_source: str | None = None
     exit_source: str | None = None
+    # The camera's own read of an end the server's reader decided (None otherwise).
+    entry_camera: CameraOwnRead | None = None
+    exit_camera: CameraOwnRead | None = None
 
 
 _FRAMES = """LEFT JOIN capture_keys {k} ON {k}.capture_id = {id}
@@ -563,6 +580,12 @@ async def charge_evidence(conn: asyncpg.Connection, charge_id: int) -> ChargeEvi
         f"""SELECT ch.status, s.plate, s.plate_color, s.entry_proven,
                    COALESCE(xc.read_proven, false) AS exit_proven,
                    ec.plate_source AS entry_source, xc.plate_source AS exit_source,
+                   ec.camera_plate AS entry_camera_plate, ec.camera_color AS entry_camera_color,
+                   ec.camera_confidence AS entry_camera_confidence,
+                   ec.camera_model AS entry_camera_model,
+                   xc.camera_plate AS exit_camera_plate, xc.camera_color AS exit_camera_color,
+                   xc.camera_confidence AS exit_camera_confidence,
+                   xc.camera_model AS exit_camera_model,
                    ef.image AS entry_image, ef.more_images AS entry_more,
                    xf.image AS exit_image, xf.more_images AS exit_more
             FROM charges ch
@@ -578,6 +601,17 @@ async def charge_evidence(conn: asyncpg.Connection, charge_id: int) -> ChargeEvi
     def frames(first: bytes | None, more: list[bytes] | None) -> list[bytes]:
         return [first, *(more or [])] if first is not None else []
 
+    def camera(end: str) -> CameraOwnRead | None:
+        text = row[f"{end}_camera_plate"]
+        if text is None:
+            return None
+        return CameraOwnRead(
+            text,
+            row[f"{end}_camera_color"],
+            row[f"{end}_camera_confidence"],
+            row[f"{end}_camera_model"],
+        )
+
     return ChargeEvidence(
         row["status"],
         row["plate"],
@@ -588,4 +622,6 @@ async def charge_evidence(conn: asyncpg.Connection, charge_id: int) -> ChargeEvi
         frames(row["exit_image"], row["exit_more"]),
         row["entry_source"],
         row["exit_source"],
+        camera("entry"),
+        camera("exit"),
     )

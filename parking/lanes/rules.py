@@ -26,9 +26,9 @@ from typing import Literal, Protocol, TypeVar
 
 from billing import fees
 from billing.rights import Applied, RightTerms, Validation
-from parking.lanes.repository import OpenSession, PayLater
+from parking.lanes.repository import CameraOwnRead, OpenSession, PayLater
 from parking.settings import Settings
-from plate_recognition.grammar import COLORS, Candidate, is_valid, plate_color_guess
+from plate_recognition.grammar import COLORS, Candidate, is_valid, normalise, plate_color_guess
 from plate_recognition.matching import match, plausible_plate
 
 # (plate, colour): what a stay, a binding and a read are about.
@@ -181,10 +181,12 @@ def is_proven(read: Read, certainty: Certainty) -> bool:
 def wants_second_reader(read: Read, outcome: Outcome, certainty: Certainty) -> bool:
     """Whether the server's reader reads a capture's frames before an operator is asked: a
     camera read that is not proven (an uncalibrated camera's, or a doubtful one) found no
-    stay, or no unique one, or is too doubtful for a 'hold' car park to open on (the frames
-    may agree: `plan_exit`'s `exit_frames`). The frames may show a parked car the camera
-    misread (a character, the colour); a car that really has no entry record is read as itself
-    again. Only these rare exits pay for OCR on the gate's path."""
+    stay, or no unique one, or is too doubtful for a 'hold' car park to open on. The frames
+    may show a parked car the camera misread (a character, the colour); a car that really has
+    no entry record is read as itself again. For 'held_uncertain' only a certain (so proven)
+    server read changes the decision (a doubtful one is the server's word alone:
+    `frames_to_verify`), or one that finds no stay; rare, but the misread simulation sees
+    both. Only these rare exits pay for OCR on the gate's path."""
     return (
         read.source == "camera"
         and outcome in ("held_no_entry", "held_ambiguous", "held_uncertain")
@@ -248,17 +250,49 @@ class Verification:
 VerifyVerdict = Literal["verified", "refuted", "unconfirmed"]
 
 
+def camera_names(camera: CameraOwnRead, identity: Identity) -> bool:
+    """Whether the camera's own read is exactly this vehicle: its plate's characters, and its
+    colour when the camera reported one."""
+    return normalise(camera.text) == identity[0] and camera.color in (None, identity[1])
+
+
+def has_second_reader(identity: Identity, source: str | None, camera: CameraOwnRead | None) -> bool:
+    """Whether an unproven end of a stay of `identity` had a reader besides the server's whose
+    read the server's frames can corroborate: the camera that decided the end, or, for an end
+    the server's reader decided, the camera's own read when it named exactly this vehicle.
+
+    A camera that named another plate (or colour) leaves the end unconfirmed, it does not
+    refute it: its score is not calibrated, so there is no score at which its read says
+    "another vehicle" with a known error (a refutation is a calibrated frame read,
+    `Verification.contradict_score`), and the two readers disagreeing already sends the charge
+    to a person. Reading the same frames again with the server's reader is never a second
+    reader."""
+    if source == "camera":
+        return True
+    return source == "ocr" and camera is not None and camera_names(camera, identity)
+
+
 def frames_to_verify(
-    proven: bool, source: str | None, frames: Sequence[FrameRead]
+    identity: Identity,
+    proven: bool,
+    source: str | None,
+    frames: Sequence[FrameRead],
+    camera: CameraOwnRead | None = None,
 ) -> Sequence[FrameRead] | None:
-    """What `verify_charge` may weigh for one end of a stay: nothing to check when its read was
-    proven (None); the server reader's reads of its frames when the end was read by another
-    reader (the camera); and no corroboration at all (an empty list: `unconfirmed`) when the
-    server's reader itself made the end's doubtful read, since reading the same frames again
-    with the same reader is not a second opinion."""
+    """What `verify_charge` may weigh for one end of a stay of `identity`: nothing to check when
+    its read was proven (None); the server reader's reads of its frames when the end had a
+    second reader (`has_second_reader`: the camera decided it, or the server's reader decided
+    it and the camera's own read, `camera`, named this vehicle); and no corroboration at all
+    (an empty list: `unconfirmed`) when the server's reader alone named the vehicle, since
+    reading the same frames again with the same reader is not a second opinion.
+
+    The mirror of a camera-decided end: there the camera named the car and the server's frames
+    must agree; here the server named it and the camera's own text must be the plate, with the
+    server's frames agreeing at `Verification.agree_score` (its decided read may carry the
+    camera's text as a candidate, the frames' reads never do)."""
     if proven:
         return None
-    return frames if source == "camera" else ()
+    return frames if has_second_reader(identity, source, camera) else ()
 
 
 def verify_charge(

@@ -1,12 +1,15 @@
-"""A second reader for a charge on an uncalibrated camera's word (issue #15).
+"""A second reader for a charge on one reader's word (issue #15).
 
 The lane opens the gate for a bound car at once and records its charge 'awaiting_verification'
 when the stay's reads are not both *proven* (rules.is_proven: certain by a calibrated score).
 The outbox worker's 'verify_charge' job runs this after the car has left, never on the gate's
 path: the server's reader reads the entry's and the exit's kept frames in a process pool and
-`rules.verify_charge` decides. Verified: the charge goes on (pending, accrued, queued, once).
-Otherwise it waits for an operator with both frames (`awaiting_confirmation`), as a charge on
-doubtful reads does. The misread simulation decides with the same `verify_charge`.
+`rules.verify_charge` decides. An end the camera read is corroborated by the server's frames;
+an end the server's reader decided, by the camera's own read of it (kept in the capture's
+row) naming the same vehicle with the frames agreeing (`rules.frames_to_verify`). Verified:
+the charge goes on (pending, accrued, queued, once). Otherwise it waits for an operator with
+both frames (`awaiting_confirmation`), as a charge on doubtful reads does. The misread
+simulation decides with the same `verify_charge`.
 """
 
 from collections.abc import Sequence
@@ -17,7 +20,15 @@ import asyncpg
 from billing import audit, charges
 from parking.lanes import repository as repo
 from parking.lanes.reading import PlateReader, frame_reads
-from parking.lanes.rules import FrameRead, Verification, frames_to_verify, verify_charge
+from parking.lanes.repository import CameraOwnRead
+from parking.lanes.rules import (
+    FrameRead,
+    Identity,
+    Verification,
+    frames_to_verify,
+    has_second_reader,
+    verify_charge,
+)
 from parking.logging import get_logger
 from parking.settings import Settings
 
@@ -42,23 +53,38 @@ class ChargeVerifier:
         self.reader.close()
 
     async def _frames(
-        self, proven: bool, source: str | None, images: list[bytes]
+        self,
+        identity: Identity,
+        proven: bool,
+        source: str | None,
+        camera: CameraOwnRead | None,
+        images: list[bytes],
     ) -> Sequence[FrameRead] | None:
         """One end's frames as `frames_to_verify` lets them count (read only when they do)."""
-        wanted = not proven and source == "camera"
+        wanted = not proven and has_second_reader(identity, source, camera)
         reads = frame_reads(await self.reader.read_frames(images)) if wanted else ()
-        return frames_to_verify(proven, source, reads)
+        return frames_to_verify(identity, proven, source, reads, camera)
 
     async def __call__(self, charge_id: int) -> None:
         async with self.pool.acquire() as conn:
             evidence = await repo.charge_evidence(conn, charge_id)
         if evidence is None or evidence.status != "awaiting_verification":
             return  # decided already (a job run twice), or gone
-        entry = await self._frames(
-            evidence.entry_proven, evidence.entry_source, evidence.entry_frames
-        )
-        exit_ = await self._frames(evidence.exit_proven, evidence.exit_source, evidence.exit_frames)
         identity = (evidence.plate, evidence.plate_color)
+        entry = await self._frames(
+            identity,
+            evidence.entry_proven,
+            evidence.entry_source,
+            evidence.entry_camera,
+            evidence.entry_frames,
+        )
+        exit_ = await self._frames(
+            identity,
+            evidence.exit_proven,
+            evidence.exit_source,
+            evidence.exit_camera,
+            evidence.exit_frames,
+        )
         verdict = verify_charge(identity, (entry, exit_), self.verification)
         found = {"verdict": verdict, "entry": _reads(entry), "exit": _reads(exit_)}
         async with self.pool.acquire() as conn, conn.transaction():

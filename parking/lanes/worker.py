@@ -24,7 +24,7 @@ from gate_controller.mqtt import IncomingMessage, MqttClient
 from gate_controller.protocol import Ack, Capture, GateAddress, Topics, encode
 from parking.gates.commands import publish_command
 from parking.lanes import repository as repo
-from parking.lanes.reading import PlateReader, PlateReading, decode_frames
+from parking.lanes.reading import PlateReader, PlateReading, camera_own_read, decode_frames
 from parking.lanes.repository import GateInfo
 from parking.lanes.rules import (
     better_entry_read,
@@ -342,6 +342,7 @@ class LaneWorker:
                         command_json: dict[str, Any] = decision.command.model_dump(
                             mode="json", exclude_none=True
                         )
+                        camera = camera_own_read(capture.camera_read, reading)
                         await repo.insert_capture(
                             conn,
                             content_sha256=fingerprint,
@@ -358,6 +359,10 @@ class LaneWorker:
                             read_certain=self.service.certain(reading),
                             read_proven=self.service.proven(reading),
                             plate_source=reading.source,
+                            camera_plate=camera.text if camera else None,
+                            camera_color=camera.color if camera else None,
+                            camera_confidence=camera.confidence if camera else None,
+                            camera_model=camera.model if camera else None,
                             match_status=decision.match_status,
                             captured_at=capture.captured_at,
                             received_at=now,
