@@ -330,7 +330,15 @@ class HttpCameraSource:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False)
+        # The camera talks to the agent directly: an X-Forwarded-For header is the caller's
+        # claim, and trusting it from 127.0.0.1 (uvicorn's default) would pass the address list.
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            proxy_headers=False,
+        )
         self._server = uvicorn.Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:

@@ -816,6 +816,23 @@ async def test_only_the_gates_own_camera_can_report_a_car(tmp_path: Path) -> Non
         assert response.json()["error"]["code"] == "forbidden"
 
 
+async def test_a_forwarded_for_header_does_not_pass_the_camera_address_list() -> None:
+    """Only 10.1.2.3 (the camera) may report; a client on the agent's own host claims to be it
+    with X-Forwarded-For. Without the camera's key it still learns whether the address check
+    passed (401 instead of 403)."""
+    report = {"plate": "浙A12345", "color": "blue", "confidence": 0.99}
+    async with (
+        HttpCameraSource(
+            "127.0.0.1", 0, "out", key=CAMERA_KEY.encode(), allowed_addresses=["10.1.2.3"]
+        ) as camera,
+        httpx.AsyncClient(base_url=camera.url) as http,
+    ):
+        direct = await http.post("/events", json=report)
+        spoofed = await http.post("/events", json=report, headers={"X-Forwarded-For": "10.1.2.3"})
+    assert direct.status_code == 403
+    assert spoofed.status_code == 403, spoofed.text
+
+
 async def test_a_gate_acts_only_on_commands_the_server_signed_for_it(tmp_path: Path) -> None:
     """Whoever can publish on a gate's command topic (the shared lane login, a broker without
     ACLs) could lift its barrier. The gate now lifts only for a command the server signed for
