@@ -282,9 +282,10 @@ class HttpCameraSource:
     """`POST /events` with a `CameraReport` as JSON and the camera's signature headers: 202 once
     the capture is stored; 403 from an address not in `allowed_addresses`; 401 for a missing,
     wrong, stale (over `max_skew_s` off the agent's clock) or replayed signature; 413 for a body
-    no report with an allowed image can be; 422 for a report that cannot be a capture; 503 when
-    the agent does not take it in time. Serves on `host:port` while inside `async with`; port 0
-    picks a free one (see `url`)."""
+    no report with an allowed image can be (refused by its declared length, or once that much
+    has arrived, before the signature is checked); 422 for a report that cannot be a capture;
+    503 when the agent does not take it in time. Serves on `host:port` while inside
+    `async with`; port 0 picks a free one (see `url`)."""
 
     def __init__(
         self,
@@ -360,14 +361,15 @@ class HttpCameraSource:
             if not self._address_allowed(request):
                 log.warning("camera.address_refused")
                 return _error(403, "forbidden", "this address may not report cars here")
-            body = await request.body()
+            # Bounded before anything is read: a caller without the key must not make the
+            # agent hold (or even receive) a body larger than any report can be.
+            body = await self._bounded_body(request)
+            if body is None:
+                return _error(413, "too_large", "the report is larger than any allowed image")
             refusal = self._authentication_refusal(request, body)
             if refusal is not None:
                 log.warning("camera.report_refused", why=refusal)
                 return _error(401, "unauthenticated", f"camera report refused: {refusal}")
-            # base64 grows an image by a third; plus room for the read itself.
-            if len(body) > self.max_image_bytes * 4 // 3 + 4096:
-                return _error(413, "too_large", "the report is larger than any allowed image")
             try:
                 report = CameraReport.model_validate_json(body)
             except ValidationError as exc:
@@ -392,6 +394,21 @@ class HttpCameraSource:
             return {"status": "accepted"}
 
         return app
+
+    async def _bounded_body(self, request: Request) -> bytes | None:
+        """The body, or None as soon as its declared length or the bytes received so far
+        (a chunked body declares none) are over what a report can be."""
+        # base64 grows an image by a third; plus room for the read itself.
+        limit = self.max_image_bytes * 4 // 3 + 4096
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return None
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return None
+        return bytes(body)
 
     def _address_allowed(self, request: Request) -> bool:
         if request.client is None:

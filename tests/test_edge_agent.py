@@ -833,6 +833,34 @@ async def test_a_forwarded_for_header_does_not_pass_the_camera_address_list() ->
     assert spoofed.status_code == 403, spoofed.text
 
 
+async def test_an_unsigned_oversized_camera_body_is_refused_before_it_is_read() -> None:
+    """From an allowed address but without the key: 64 MiB, declared or chunked. No report
+    with an allowed image is over ~350 KiB, so the input stops reading long before the end
+    (before it could check a signature over the whole body)."""
+    pulled = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        while pulled < 64 * 1024 * 1024:
+            pulled += 64 * 1024
+            yield b"x" * (64 * 1024)
+
+    async with HttpCameraSource(
+        "127.0.0.1", 0, "out", key=CAMERA_KEY.encode(), allowed_addresses=["127.0.0.1"]
+    ) as camera:
+        transport = httpx.ASGITransport(app=camera.app, client=("127.0.0.1", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as http:
+            chunked = await http.post("/events", content=endless())
+            assert chunked.status_code == 413 and pulled <= 1024 * 1024, pulled
+            pulled = 0
+            declared = await http.post(
+                "/events",
+                content=endless(),
+                headers={"Content-Length": str(64 * 1024 * 1024)},
+            )
+            assert declared.status_code == 413 and pulled <= 64 * 1024, pulled
+
+
 async def test_a_gate_acts_only_on_commands_the_server_signed_for_it(tmp_path: Path) -> None:
     """Whoever can publish on a gate's command topic (the shared lane login, a broker without
     ACLs) could lift its barrier. The gate now lifts only for a command the server signed for
