@@ -10,7 +10,8 @@ with 202 then. A crash before that leaves the event with the camera, to be deliv
 - `HttpCameraSource`: cameras that POST their reads, ANPR-style, to `POST /events`. Only the
   gate's own camera may: each report carries a timestamp and an HMAC-SHA256 of it and the body
   under the camera's key (`camera_signature_headers`), is at most `max_skew_s` away from the
-  agent's clock, is taken once (a replay is refused), and comes from an allowed address.
+  agent's clock, is taken once (a replay is refused, also after a restart: the signatures
+  taken are kept in the agent's outbox), and comes from an allowed address.
 - `QueueCameraSource`: events handed in by code (tests, the simulator's vehicles).
 """
 
@@ -36,6 +37,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gate_controller.outbox import Outbox
 from gate_controller.protocol import Direction, PlateColor, PlateText
 from gate_controller.simulator import Vehicle
 
@@ -295,6 +297,7 @@ class HttpCameraSource:
         *,
         key: bytes,
         allowed_addresses: Sequence[str],
+        outbox_path: Path,
         max_skew_s: float = DEFAULT_MAX_SKEW_S,
         store_timeout_s: float = 5.0,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
@@ -311,9 +314,10 @@ class HttpCameraSource:
         self.max_skew_s = max_skew_s
         self.store_timeout_s = store_timeout_s
         self.max_image_bytes = max_image_bytes
-        # Signatures taken within the skew window, with when they may be forgotten: an older
-        # replay fails the time check anyway.
-        self._seen: dict[str, float] = {}
+        # The agent's store, where the signatures taken are kept until an older replay would
+        # fail the time check anyway: a restart must not make a replay new again.
+        self.outbox_path = outbox_path
+        self._outbox: Outbox | None = None
         self._handoff = _HandOff()
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -327,6 +331,7 @@ class HttpCameraSource:
         return self._handoff.events()
 
     async def __aenter__(self) -> Self:
+        self._outbox = Outbox(self.outbox_path)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
@@ -352,6 +357,9 @@ class HttpCameraSource:
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             await self._task
+        if self._outbox is not None:
+            self._outbox.close()
+            self._outbox = None
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="gate agent camera input", docs_url=None, redoc_url=None)
@@ -436,10 +444,9 @@ class HttpCameraSource:
         now = time.time()
         if not abs(now - signed_at) <= self.max_skew_s:  # also refuses nan
             return "stale"
-        for seen, forget_at in list(self._seen.items()):
-            if forget_at < now:
-                del self._seen[seen]
-        if expected in self._seen:
+        assert self._outbox is not None, "serve it with `async with` first"
+        if not self._outbox.use_once(
+            "camera_signature", expected, signed_at + self.max_skew_s, now
+        ):
             return "replayed"
-        self._seen[expected] = signed_at + self.max_skew_s
         return None
