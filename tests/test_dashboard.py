@@ -334,6 +334,28 @@ async def test_a_stream_ends_when_its_user_is_disabled_signs_out_or_the_token_ex
             assert await asyncio.wait_for(_ends(events), 10) == {"reason": "token_expired"}
 
 
+async def test_a_stream_ends_when_its_user_loses_the_dashboard_role(
+    runtime: Runtime, lot: Lot
+) -> None:
+    """An admin made platform staff (a role that passes no company route) mid-stream: every
+    request of theirs is refused at once, and so is the open stream."""
+    runtime.settings.dashboard_recheck_s = 0.1
+    staff = await make_staff(runtime, lot.operator_id)
+    async with (
+        api_server(runtime, sandbox.free_port()) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        token = await _sign_in(http, staff)
+        _, events = await _open(stack, http, token)
+        async with runtime.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE operator_users SET role = 'platform' WHERE id = $1", staff.user_id
+            )
+        assert (await http.get(SUMMARY, headers=bearer(token))).status_code == 403
+        assert await asyncio.wait_for(_ends(events), 10) == {"reason": "access_revoked"}
+
+
 async def test_dashboard_page_is_self_contained(api: httpx.AsyncClient) -> None:
     answer = await api.get("/dashboard")
 
