@@ -75,7 +75,8 @@ async def events(principal: OperatorDep, runtime: RuntimeDep, feed: FeedDep) -> 
     the operator's own car parks, and a keep-alive comment every 15 s. A staff member may have
     PARKING_DASHBOARD_STREAMS_PER_USER open (429 `too_many_streams` beyond). A stream ends
     with an `end` event when the token expires, or when the user is disabled, moved, signed
-    out or given a role the route refuses (checked every PARKING_DASHBOARD_RECHECK_S); the page reconnects with a fresh token."""
+    out or given a role the route refuses (checked every PARKING_DASHBOARD_RECHECK_S); the
+    page reconnects with a fresh token."""
     operator_id = _operator_id(principal)
     assert principal.operator_user_id is not None  # a staff principal names its user
     place = service.StreamPlace(runtime, principal.operator_user_id)
