@@ -280,6 +280,20 @@ async def test_streams_share_one_subscription_and_each_staff_member_has_a_few(
             assert again[0].status_code == 200
 
 
+async def test_the_stream_limit_is_the_persons_not_the_tokens(runtime: Runtime, lot: Lot) -> None:
+    limit = runtime.settings.dashboard_streams_per_user
+    staff = await make_staff(runtime, lot.operator_id)
+    async with (
+        api_server(runtime, sandbox.free_port()) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        # Each from a sign-in of its own; held on to (a dropped reader closes its response).
+        streams = [await _open(stack, http, await _sign_in(http, staff)) for _ in range(limit + 2)]
+        statuses = [response.status_code for response, _ in streams]
+    assert statuses == [200] * limit + [429, 429]
+
+
 async def _ends(events: AsyncIterator[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """Reads until the server ends the stream; its last event says why."""
     async for name, data in events:

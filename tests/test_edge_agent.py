@@ -738,6 +738,23 @@ async def test_an_exit_gate_never_takes_a_reports_word_that_a_car_is_coming_in(
     with contextlib.suppress(asyncio.CancelledError):
         await reading
     await events.aclose()
+    async with (
+        HttpCameraSource(
+            "127.0.0.1",
+            0,
+            "out",
+            key=CAMERA_KEY.encode(),
+            allowed_addresses=["127.0.0.1"],
+            outbox_path=tmp_path / "camera.sqlite3",
+        ) as http_camera,
+        httpx.AsyncClient(base_url=http_camera.url) as http,
+    ):
+        for direction in ("in", "IN", "both"):
+            raw, headers = _signed_post(
+                {"plate": "浙A12345", "confidence": 0.99, "direction": direction}
+            )
+            answer = await http.post("/events", content=raw, headers=headers)
+            assert answer.status_code == 422, (direction, answer.text)
 
 
 async def test_only_the_gates_own_camera_can_report_a_car(tmp_path: Path) -> None:
@@ -797,7 +814,10 @@ async def test_only_the_gates_own_camera_can_report_a_car(tmp_path: Path) -> Non
         late = report | {"captured_at": (before + timedelta(days=1)).isoformat()}
         raw, headers = _signed_post(late)
         assert (await http.post("/events", content=raw, headers=headers)).status_code == 202
-        await until(lambda: agent.store.length() == 2)
+        old = report | {"captured_at": (before - timedelta(days=2)).isoformat()}
+        raw, headers = _signed_post(old)
+        assert (await http.post("/events", content=raw, headers=headers)).status_code == 202
+        await until(lambda: agent.store.length() == 3)
         payloads = [
             Capture.model_validate_json(payload) for _, payload in agent.store.due(time.time() + 60)
         ]
