@@ -35,7 +35,7 @@ import sys
 import time
 import tomllib
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,7 +90,6 @@ except importlib.metadata.PackageNotFoundError:
 
 _LINK_TICK_S = 0.1
 _PRUNE_EVERY_S = 600.0
-_REMOTE_OPENS_KEPT = 256
 
 Code = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
@@ -187,8 +186,6 @@ class GateAgent:
         )
         # Captures waiting for the server's command, by capture_id.
         self._awaiting: dict[uuid.UUID, asyncio.Future[Command]] = {}
-        # Operators' opens of no capture of ours, so that a redelivery does not open again.
-        self._remote_opens: OrderedDict[uuid.UUID, None] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         # The link as the link loop last saw it: up, or down since when (time.monotonic()).
         self._down_since: float | None = None
@@ -422,11 +419,15 @@ class GateAgent:
         if record is None:
             # Not one of this gate's captures: an operator opening the gate for nobody in
             # particular. QoS 1 may deliver it twice.
-            if command.capture_id in self._remote_opens:
+            # Kept on disk until it expires: a signed open captured off the wire and published
+            # again after a restart would otherwise lift the barrier again.
+            if not self.store.use_once(
+                "remote_open",
+                str(command.capture_id),
+                command.expires_at.timestamp(),
+                time.time(),
+            ):
                 return
-            self._remote_opens[command.capture_id] = None
-            while len(self._remote_opens) > _REMOTE_OPENS_KEPT:
-                self._remote_opens.popitem(last=False)
             await self._lift(command.capture_id, "remote")
             await self.display.show(command.display)
             return
@@ -607,6 +608,7 @@ async def serve(config: AgentConfig, stop: asyncio.Event) -> None:
                     config.camera_direction,
                     key=config.camera.key.get_secret_value().encode(),
                     allowed_addresses=[str(a) for a in config.camera.allowed_addresses],
+                    outbox_path=config.outbox_path,
                     max_skew_s=config.camera.max_skew_s,
                     max_image_bytes=config.max_image_bytes,
                 )

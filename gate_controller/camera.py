@@ -10,7 +10,8 @@ with 202 then. A crash before that leaves the event with the camera, to be deliv
 - `HttpCameraSource`: cameras that POST their reads, ANPR-style, to `POST /events`. Only the
   gate's own camera may: each report carries a timestamp and an HMAC-SHA256 of it and the body
   under the camera's key (`camera_signature_headers`), is at most `max_skew_s` away from the
-  agent's clock, is taken once (a replay is refused), and comes from an allowed address.
+  agent's clock, is taken once (a replay is refused, also after a restart: the signatures
+  taken are kept in the agent's outbox), and comes from an allowed address.
 - `QueueCameraSource`: events handed in by code (tests, the simulator's vehicles).
 """
 
@@ -36,6 +37,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gate_controller.outbox import Outbox
 from gate_controller.protocol import Direction, PlateColor, PlateText
 from gate_controller.simulator import Vehicle
 
@@ -282,9 +284,10 @@ class HttpCameraSource:
     """`POST /events` with a `CameraReport` as JSON and the camera's signature headers: 202 once
     the capture is stored; 403 from an address not in `allowed_addresses`; 401 for a missing,
     wrong, stale (over `max_skew_s` off the agent's clock) or replayed signature; 413 for a body
-    no report with an allowed image can be; 422 for a report that cannot be a capture; 503 when
-    the agent does not take it in time. Serves on `host:port` while inside `async with`; port 0
-    picks a free one (see `url`)."""
+    no report with an allowed image can be (refused by its declared length, or once that much
+    has arrived, before the signature is checked); 422 for a report that cannot be a capture;
+    503 when the agent does not take it in time. Serves on `host:port` while inside
+    `async with`; port 0 picks a free one (see `url`)."""
 
     def __init__(
         self,
@@ -294,6 +297,7 @@ class HttpCameraSource:
         *,
         key: bytes,
         allowed_addresses: Sequence[str],
+        outbox_path: Path,
         max_skew_s: float = DEFAULT_MAX_SKEW_S,
         store_timeout_s: float = 5.0,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
@@ -310,9 +314,10 @@ class HttpCameraSource:
         self.max_skew_s = max_skew_s
         self.store_timeout_s = store_timeout_s
         self.max_image_bytes = max_image_bytes
-        # Signatures taken within the skew window, with when they may be forgotten: an older
-        # replay fails the time check anyway.
-        self._seen: dict[str, float] = {}
+        # The agent's store, where the signatures taken are kept until an older replay would
+        # fail the time check anyway: a restart must not make a replay new again.
+        self.outbox_path = outbox_path
+        self._outbox: Outbox | None = None
         self._handoff = _HandOff()
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -326,11 +331,20 @@ class HttpCameraSource:
         return self._handoff.events()
 
     async def __aenter__(self) -> Self:
+        self._outbox = Outbox(self.outbox_path)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False)
+        # The camera talks to the agent directly: an X-Forwarded-For header is the caller's
+        # claim, and trusting it from 127.0.0.1 (uvicorn's default) would pass the address list.
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            proxy_headers=False,
+        )
         self._server = uvicorn.Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
@@ -343,6 +357,9 @@ class HttpCameraSource:
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             await self._task
+        if self._outbox is not None:
+            self._outbox.close()
+            self._outbox = None
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="gate agent camera input", docs_url=None, redoc_url=None)
@@ -352,14 +369,15 @@ class HttpCameraSource:
             if not self._address_allowed(request):
                 log.warning("camera.address_refused")
                 return _error(403, "forbidden", "this address may not report cars here")
-            body = await request.body()
+            # Bounded before anything is read: a caller without the key must not make the
+            # agent hold (or even receive) a body larger than any report can be.
+            body = await self._bounded_body(request)
+            if body is None:
+                return _error(413, "too_large", "the report is larger than any allowed image")
             refusal = self._authentication_refusal(request, body)
             if refusal is not None:
                 log.warning("camera.report_refused", why=refusal)
                 return _error(401, "unauthenticated", f"camera report refused: {refusal}")
-            # base64 grows an image by a third; plus room for the read itself.
-            if len(body) > self.max_image_bytes * 4 // 3 + 4096:
-                return _error(413, "too_large", "the report is larger than any allowed image")
             try:
                 report = CameraReport.model_validate_json(body)
             except ValidationError as exc:
@@ -384,6 +402,21 @@ class HttpCameraSource:
             return {"status": "accepted"}
 
         return app
+
+    async def _bounded_body(self, request: Request) -> bytes | None:
+        """The body, or None as soon as its declared length or the bytes received so far
+        (a chunked body declares none) are over what a report can be."""
+        # base64 grows an image by a third; plus room for the read itself.
+        limit = self.max_image_bytes * 4 // 3 + 4096
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return None
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return None
+        return bytes(body)
 
     def _address_allowed(self, request: Request) -> bool:
         if request.client is None:
@@ -411,10 +444,9 @@ class HttpCameraSource:
         now = time.time()
         if not abs(now - signed_at) <= self.max_skew_s:  # also refuses nan
             return "stale"
-        for seen, forget_at in list(self._seen.items()):
-            if forget_at < now:
-                del self._seen[seen]
-        if expected in self._seen:
+        assert self._outbox is not None, "serve it with `async with` first"
+        if not self._outbox.use_once(
+            "camera_signature", expected, signed_at + self.max_skew_s, now
+        ):
             return "replayed"
-        self._seen[expected] = signed_at + self.max_skew_s
         return None

@@ -1,4 +1,5 @@
-"""The gate agent's durable local store (SQLite, WAL): its captures and its last valid config.
+"""The gate agent's durable local store (SQLite, WAL): its captures, its last valid config and
+the signed messages it has acted on (so that a replay is refused also after a restart).
 
 Every capture is written here, with its `seq`, before it is published, and stays "in the outbox"
 until the server acks it. The row then stays for a day without its payload, as the journal of
@@ -19,6 +20,7 @@ from typing import Literal
 from uuid import UUID
 
 DecidedBy = Literal["server", "offline", "abandoned"]
+UsedOnceKind = Literal["camera_signature", "remote_open"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS captures (
@@ -41,6 +43,16 @@ CREATE TABLE IF NOT EXISTS events (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
     payload BLOB NOT NULL
 );
+-- Signed messages the gate acted on, each to be acted on once (a camera report's signature, an
+-- operator's remote open), until they expire: a replay after that fails its own time check.
+-- On disk, so that a restart within that time does not make a replay new again.
+CREATE TABLE IF NOT EXISTS used_once (
+    kind       TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+CREATE INDEX IF NOT EXISTS used_once_expires_at ON used_once (expires_at);
 CREATE TABLE IF NOT EXISTS gate_config (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
     payload BLOB NOT NULL
@@ -195,6 +207,17 @@ class Outbox:
         with self._db:
             cursor = self._db.execute("DELETE FROM captures WHERE acked_at < ?", (acked_before,))
         return cursor.rowcount
+
+    def use_once(self, kind: UsedOnceKind, key: str, expires_at: float, now: float) -> bool:
+        """True the first time `key` is used before it expires, False for a replay; expired
+        keys are forgotten."""
+        with self._db:
+            self._db.execute("DELETE FROM used_once WHERE expires_at < ?", (now,))
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO used_once (kind, key, expires_at) VALUES (?, ?, ?)",
+                (kind, key, expires_at),
+            )
+        return cursor.rowcount == 1
 
     def save_config(self, payload: bytes) -> None:
         with self._db:

@@ -2,6 +2,7 @@
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
@@ -125,3 +126,25 @@ async def test_malformed_unknown_and_oversized_captures_are_dead_lettered(
         "sessions": before["sessions"] + 1,
         "captures": before["captures"] + 1,
     }
+
+
+async def test_a_dead_lettered_capture_keeps_only_an_excerpt_whatever_the_reason(
+    runtime: Runtime, gate: GateProbe
+) -> None:
+    """A gate login (or an edge's bridge) sends 400 KiB captures the lane cannot use, under the
+    size limit: each is dead-lettered with its size and a bounded excerpt, not whole."""
+    marker = uuid.uuid4().hex
+    junk = orjson.dumps({"marker": marker, "junk": "x" * (400 * 1024)})
+    await gate.publish_raw("nosuchlot", "out1", junk)
+
+    async def stored() -> Any:
+        async with runtime.pool.acquire() as conn:
+            return await conn.fetchrow(
+                "SELECT length(payload) AS kept, payload_size, reason FROM dead_letters "
+                "WHERE position($1::bytea in payload) > 0",
+                marker.encode(),
+            )
+
+    row = await eventually(stored)
+    assert row["reason"] == "invalid_message" and row["payload_size"] == len(junk)
+    assert row["kept"] == 4096

@@ -280,6 +280,20 @@ async def test_streams_share_one_subscription_and_each_staff_member_has_a_few(
             assert again[0].status_code == 200
 
 
+async def test_the_stream_limit_is_the_persons_not_the_tokens(runtime: Runtime, lot: Lot) -> None:
+    limit = runtime.settings.dashboard_streams_per_user
+    staff = await make_staff(runtime, lot.operator_id)
+    async with (
+        api_server(runtime, sandbox.free_port()) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        # Each from a sign-in of its own; held on to (a dropped reader closes its response).
+        streams = [await _open(stack, http, await _sign_in(http, staff)) for _ in range(limit + 2)]
+        statuses = [response.status_code for response, _ in streams]
+    assert statuses == [200] * limit + [429, 429]
+
+
 async def _ends(events: AsyncIterator[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """Reads until the server ends the stream; its last event says why."""
     async for name, data in events:
@@ -332,6 +346,28 @@ async def test_a_stream_ends_when_its_user_is_disabled_signs_out_or_the_token_ex
             app.state.signer = TokenSigner(app.state.signer._key, access_ttl_s=1)
             _, events = await _open(stack, http, await _sign_in(http, staff))
             assert await asyncio.wait_for(_ends(events), 10) == {"reason": "token_expired"}
+
+
+async def test_a_stream_ends_when_its_user_loses_the_dashboard_role(
+    runtime: Runtime, lot: Lot
+) -> None:
+    """An admin made platform staff (a role that passes no company route) mid-stream: every
+    request of theirs is refused at once, and so is the open stream."""
+    runtime.settings.dashboard_recheck_s = 0.1
+    staff = await make_staff(runtime, lot.operator_id)
+    async with (
+        api_server(runtime, sandbox.free_port()) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        token = await _sign_in(http, staff)
+        _, events = await _open(stack, http, token)
+        async with runtime.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE operator_users SET role = 'platform' WHERE id = $1", staff.user_id
+            )
+        assert (await http.get(SUMMARY, headers=bearer(token))).status_code == 403
+        assert await asyncio.wait_for(_ends(events), 10) == {"reason": "access_revoked"}
 
 
 async def test_dashboard_page_is_self_contained(api: httpx.AsyncClient) -> None:

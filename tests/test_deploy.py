@@ -799,6 +799,53 @@ def test_the_central_broker_refuses_an_oversized_packet() -> None:
         assert not lanes.gets_any(lambda m: len(m.payload) > 1024 * 1024, 0)
 
 
+@contextlib.contextmanager
+def edge_broker(gates: list[GateAddress]) -> Iterator[Broker]:
+    """edge.conf as an edge host renders it, with the gates' provisioned logins; its bridge
+    points at a central broker that is not there (the gates' side is what is tried)."""
+    root = Path(tempfile.mkdtemp(prefix="deploy-edge-"))
+    root.chmod(0o711)
+    try:
+        port = free_port()
+        _, passwords = _central_files(root, free_port())
+        edge = provision.provision(
+            gates,
+            root / "edge-config",
+            broker_group="mosquitto" if os.geteuid() == 0 else None,
+        )
+        conf = _render(
+            MOSQUITTO / "edge.conf",
+            port,
+            CONFIG_DIR=str(root / "edge-config"),
+            DATA_DIR=str(_broker_folder(root, "edge-data", writable=True)),
+            CENTRAL_ADDRESS=f"127.0.0.1:{free_port()}",
+            BRIDGE_USER="bridge-west",
+            BRIDGE_PASSWORD=passwords["bridge-west"],
+        )
+        with mosquitto("edge", conf, root):
+            yield Broker(port, {a.username: a.password for a in edge.accounts}, Topics(""))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_on_the_edge_broker_no_gate_can_take_another_gates_client_id() -> None:
+    """The gates log in at the edge broker with ids anyone can guess (gate-<lot>-<gate>): one
+    gate's login could knock another gate off by connecting under its id."""
+    gate_in = GateAddress("lot-w1", "in1")
+    with edge_broker([GATE_W, gate_in]) as broker:
+        victim_id = provision.gate_username(gate_in)
+        with logged_in(broker, victim_id, client_id=victim_id) as victim:
+            with logged_in(broker, provision.gate_username(GATE_W), client_id=victim_id):
+                time.sleep(NEGATIVE_WAIT_S)  # a takeover disconnects at once
+            assert victim.disconnects == 0, "one gate's login knocked another off"
+
+
+def test_the_edge_broker_refuses_an_oversized_packet() -> None:
+    with edge_broker([GATE_W]) as broker, logged_in(broker, provision.gate_username(GATE_W)) as big:
+        big._paho.publish(broker.topic(GATE_W, "capture"), b"x" * (2 * 1024 * 1024), qos=1)
+        assert big._wait(lambda: big.disconnects > 0, TIMEOUT_S)
+
+
 def _delivered(lanes: tuple[Client, ...], topic: str, payloads: list[bytes]) -> list[bytes]:
     """The payloads among `payloads` the lane workers got, once each has come or time is up."""
     deadline = time.monotonic() + TIMEOUT_S

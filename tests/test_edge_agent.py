@@ -33,6 +33,7 @@ from gate_controller.camera import (
     camera_signature_headers,
 )
 from gate_controller.mqtt import IncomingMessage, MqttClient
+from gate_controller.outbox import Outbox
 from gate_controller.protocol import (
     DISPLAY_DEFAULTS,
     Capture,
@@ -245,7 +246,12 @@ async def test_captures_reach_the_lane_and_the_barrier_follows_its_command(
     relay_in, display_in = SimulatedRelay(), SimulatedDisplay()
     async with (
         HttpCameraSource(
-            "127.0.0.1", 0, "in", key=CAMERA_KEY.encode(), allowed_addresses=["127.0.0.1"]
+            "127.0.0.1",
+            0,
+            "in",
+            key=CAMERA_KEY.encode(),
+            allowed_addresses=["127.0.0.1"],
+            outbox_path=entry_config.outbox_path,
         ) as camera,
         GateAgent(entry_config, camera, relay_in, display_in) as entry_agent,
         httpx.AsyncClient(base_url=camera.url) as http,
@@ -732,6 +738,23 @@ async def test_an_exit_gate_never_takes_a_reports_word_that_a_car_is_coming_in(
     with contextlib.suppress(asyncio.CancelledError):
         await reading
     await events.aclose()
+    async with (
+        HttpCameraSource(
+            "127.0.0.1",
+            0,
+            "out",
+            key=CAMERA_KEY.encode(),
+            allowed_addresses=["127.0.0.1"],
+            outbox_path=tmp_path / "camera.sqlite3",
+        ) as http_camera,
+        httpx.AsyncClient(base_url=http_camera.url) as http,
+    ):
+        for direction in ("in", "IN", "both"):
+            raw, headers = _signed_post(
+                {"plate": "浙A12345", "confidence": 0.99, "direction": direction}
+            )
+            answer = await http.post("/events", content=raw, headers=headers)
+            assert answer.status_code == 422, (direction, answer.text)
 
 
 async def test_only_the_gates_own_camera_can_report_a_car(tmp_path: Path) -> None:
@@ -746,7 +769,12 @@ async def test_only_the_gates_own_camera_can_report_a_car(tmp_path: Path) -> Non
     report = {"plate": trusted, "color": "blue", "confidence": 0.99}
     async with (
         HttpCameraSource(
-            "127.0.0.1", 0, "out", key=CAMERA_KEY.encode(), allowed_addresses=["127.0.0.1/32"]
+            "127.0.0.1",
+            0,
+            "out",
+            key=CAMERA_KEY.encode(),
+            allowed_addresses=["127.0.0.1/32"],
+            outbox_path=config.outbox_path,
         ) as camera,
         GateAgent(config, camera, relay, display) as agent,
         httpx.AsyncClient(base_url=camera.url) as http,
@@ -786,7 +814,10 @@ async def test_only_the_gates_own_camera_can_report_a_car(tmp_path: Path) -> Non
         late = report | {"captured_at": (before + timedelta(days=1)).isoformat()}
         raw, headers = _signed_post(late)
         assert (await http.post("/events", content=raw, headers=headers)).status_code == 202
-        await until(lambda: agent.store.length() == 2)
+        old = report | {"captured_at": (before - timedelta(days=2)).isoformat()}
+        raw, headers = _signed_post(old)
+        assert (await http.post("/events", content=raw, headers=headers)).status_code == 202
+        await until(lambda: agent.store.length() == 3)
         payloads = [
             Capture.model_validate_json(payload) for _, payload in agent.store.due(time.time() + 60)
         ]
@@ -806,7 +837,12 @@ async def test_only_the_gates_own_camera_can_report_a_car(tmp_path: Path) -> Non
     # From an address not on the list, even a signed report is refused.
     async with (
         HttpCameraSource(
-            "127.0.0.1", 0, "out", key=CAMERA_KEY.encode(), allowed_addresses=["10.1.2.3"]
+            "127.0.0.1",
+            0,
+            "out",
+            key=CAMERA_KEY.encode(),
+            allowed_addresses=["10.1.2.3"],
+            outbox_path=tmp_path / "camera.sqlite3",
         ) as camera,
         httpx.AsyncClient(base_url=camera.url) as http,
     ):
@@ -814,6 +850,110 @@ async def test_only_the_gates_own_camera_can_report_a_car(tmp_path: Path) -> Non
         response = await http.post("/events", content=raw, headers=headers)
         assert response.status_code == 403
         assert response.json()["error"]["code"] == "forbidden"
+
+
+async def test_a_forwarded_for_header_does_not_pass_the_camera_address_list(
+    tmp_path: Path,
+) -> None:
+    """Only 10.1.2.3 (the camera) may report; a client on the agent's own host claims to be it
+    with X-Forwarded-For. Without the camera's key it still learns whether the address check
+    passed (401 instead of 403)."""
+    report = {"plate": "浙A12345", "color": "blue", "confidence": 0.99}
+    async with (
+        HttpCameraSource(
+            "127.0.0.1",
+            0,
+            "out",
+            key=CAMERA_KEY.encode(),
+            allowed_addresses=["10.1.2.3"],
+            outbox_path=tmp_path / "camera.sqlite3",
+        ) as camera,
+        httpx.AsyncClient(base_url=camera.url) as http,
+    ):
+        direct = await http.post("/events", json=report)
+        spoofed = await http.post("/events", json=report, headers={"X-Forwarded-For": "10.1.2.3"})
+    assert direct.status_code == 403
+    assert spoofed.status_code == 403, spoofed.text
+
+
+async def test_a_camera_report_replayed_to_a_restarted_agent_is_refused(tmp_path: Path) -> None:
+    """The agent restarts (an update, a power cut) within a signed report's 30 s: the same
+    bytes again must still be a replay, so the signatures taken are kept in its outbox."""
+    raw, headers = _signed_post({"plate": "浙A12345", "color": "blue", "confidence": 0.99})
+    taken: list[CameraEvent] = []
+    answers = []
+    for _run in range(2):
+        async with HttpCameraSource(
+            "127.0.0.1",
+            0,
+            "out",
+            key=CAMERA_KEY.encode(),
+            allowed_addresses=["127.0.0.1"],
+            outbox_path=tmp_path / "outbox.sqlite3",
+        ) as camera:
+
+            async def consume(source: HttpCameraSource = camera) -> None:
+                async for event in source.events():
+                    taken.append(event)
+
+            consuming = asyncio.create_task(consume())
+            async with httpx.AsyncClient(base_url=camera.url) as http:
+                answers.append((await http.post("/events", content=raw, headers=headers)).text)
+            consuming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consuming
+    assert '"accepted"' in answers[0] and "replayed" in answers[1], answers
+    assert len(taken) == 1
+
+
+def test_the_outbox_keeps_a_used_signature_until_it_expires(tmp_path: Path) -> None:
+    """Within its time a key is used once, also through a reopened store; past it the row goes
+    (the message's own time check refuses it then), so the table stays small."""
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    assert outbox.use_once("camera_signature", "abc", expires_at=100.0, now=50.0)
+    assert outbox.use_once("remote_open", "abc", expires_at=100.0, now=50.0)
+    outbox.close()
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    assert not outbox.use_once("camera_signature", "abc", expires_at=100.0, now=99.0)
+    assert outbox.use_once("camera_signature", "def", expires_at=300.0, now=101.0)
+    kept = outbox._db.execute("SELECT kind, key FROM used_once ORDER BY kind, key").fetchall()
+    outbox.close()
+    assert kept == [("camera_signature", "def")]
+
+
+async def test_an_unsigned_oversized_camera_body_is_refused_before_it_is_read(
+    tmp_path: Path,
+) -> None:
+    """From an allowed address but without the key: 64 MiB, declared or chunked. No report
+    with an allowed image is over ~350 KiB, so the input stops reading long before the end
+    (before it could check a signature over the whole body)."""
+    pulled = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        while pulled < 64 * 1024 * 1024:
+            pulled += 64 * 1024
+            yield b"x" * (64 * 1024)
+
+    async with HttpCameraSource(
+        "127.0.0.1",
+        0,
+        "out",
+        key=CAMERA_KEY.encode(),
+        allowed_addresses=["127.0.0.1"],
+        outbox_path=tmp_path / "camera.sqlite3",
+    ) as camera:
+        transport = httpx.ASGITransport(app=camera.app, client=("127.0.0.1", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as http:
+            chunked = await http.post("/events", content=endless())
+            assert chunked.status_code == 413 and pulled <= 1024 * 1024, pulled
+            pulled = 0
+            declared = await http.post(
+                "/events",
+                content=endless(),
+                headers={"Content-Length": str(64 * 1024 * 1024)},
+            )
+            assert declared.status_code == 413 and pulled <= 64 * 1024, pulled
 
 
 async def test_a_gate_acts_only_on_commands_the_server_signed_for_it(tmp_path: Path) -> None:
@@ -856,6 +996,33 @@ async def test_a_gate_acts_only_on_commands_the_server_signed_for_it(tmp_path: P
             "other_gate": 2,
             "expired": 1,
         }
+
+
+async def test_a_signed_remote_open_replayed_after_a_restart_lifts_nothing(
+    tmp_path: Path,
+) -> None:
+    """An operator's remote open (no capture of the gate's) captured off the wire and published
+    again within its 30 s: once to the running gate, once after the gate restarted. The opens
+    acted on are kept in the outbox until they expire."""
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    address = GateAddress(lot, "out1")
+    topic = Topics(prefix).topic(address, "command")
+    captured = _open_command(uuid.uuid4(), address, display=("一",))
+    marker = _open_command(uuid.uuid4(), address, display=("二",))
+    config = _config(tmp_path, lot, "out1", prefix)
+    async with Listener() as anyone:
+        async with lane(config) as out:
+            await anyone.mqtt.publish(topic, captured)
+            await anyone.mqtt.publish(topic, captured)
+            await anyone.mqtt.publish(topic, marker)
+            await until(lambda: out.display.current == ["二"])
+            assert out.reasons() == ["remote", "remote"]
+        marker = _open_command(uuid.uuid4(), address, display=("三",))
+        async with lane(config) as restarted:
+            await anyone.mqtt.publish(topic, captured)
+            await anyone.mqtt.publish(topic, marker)
+            await until(lambda: restarted.display.current == ["三"])
+            assert restarted.reasons() == ["remote"], "the replayed open lifted the barrier again"
 
 
 async def test_every_publisher_signs_its_commands_for_the_gate_they_are_for(

@@ -2,6 +2,7 @@
 bodies are bounded before anything reads them, public lists are cached and limited."""
 
 import csv
+import gzip
 import io
 import re
 import time
@@ -51,6 +52,21 @@ async def test_forwarded_for_from_an_untrusted_peer_is_ignored(runtime: Runtime)
     assert statuses == [404, 404, 404, 429, 429, 429]
 
 
+async def test_an_untrusted_peer_cannot_name_a_trusted_hop_in_forwarded_for(
+    runtime: Runtime,
+) -> None:
+    """The manifests trust 10.0.0.0/8; a client at 127.0.0.1 (not trusted) rotates the header,
+    with a trusted-looking hop at its right end: still one client."""
+    runtime.settings.quotes_per_minute_per_client = 3
+    runtime.settings.trusted_proxies = ["10.0.0.0/8"]
+    async with (
+        api_server(runtime, sandbox.free_port()) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        statuses = await _quote_statuses(http, [f"198.51.100.{n}, 10.0.0.{n}" for n in range(6)])
+    assert statuses == [404, 404, 404, 429, 429, 429]
+
+
 async def test_behind_trusted_proxies_each_client_has_its_own_limits(runtime: Runtime) -> None:
     """Behind the ingress (a trusted peer) the right-most untrusted hop is the client: one client
     is limited however it forges the left of the header, and another is not limited with it."""
@@ -71,6 +87,31 @@ async def test_behind_trusted_proxies_each_client_has_its_own_limits(runtime: Ru
         alice = [await ask("192.0.2.7, 10.1.2.3") for _ in range(2)]
     assert mallory == [202, 202, 429, 429]
     assert alice == [202, 202]
+
+
+async def test_forwarded_for_over_two_header_lines_counts_the_real_client(
+    runtime: Runtime,
+) -> None:
+    """Behind the ingress: a forged hop in a header line of the client's own, then the line the
+    ingress appended (the client's address, the ingress's own hop)."""
+    runtime.settings.trusted_proxies = ["127.0.0.0/8", "10.0.0.0/8"]
+    runtime.settings.login_codes_per_hour_per_client = 2
+    transport = httpx.ASGITransport(app=create_app(runtime))
+    async with httpx.AsyncClient(transport=transport, base_url="http://parking.test") as http:
+        statuses = [
+            (
+                await http.post(
+                    CODES,
+                    json={"phone": _phone()},
+                    headers=[
+                        ("X-Forwarded-For", f"203.0.113.{n}"),
+                        ("X-Forwarded-For", "192.0.2.66, 10.1.2.3"),
+                    ],
+                )
+            ).status_code
+            for n in range(4)
+        ]
+    assert statuses == [202, 202, 429, 429]
 
 
 async def test_an_oversized_body_is_refused_before_it_is_read_or_anyone_is_authenticated(
@@ -120,6 +161,41 @@ async def test_an_oversized_body_is_refused_before_it_is_read_or_anyone_is_authe
         tariff_path, content=table, headers={"Content-Type": "application/json"}
     )
     assert tariff.status_code == 401  # read (it fits) and then refused for want of a token
+
+
+async def test_a_chunked_body_over_a_socket_stops_at_the_limit_and_gzip_is_not_inflated(
+    runtime: Runtime,
+) -> None:
+    """No Content-Length (chunked) over TCP, and a gzip bomb (64 MiB of zeros in ~64 KiB,
+    under the limit) that must not be inflated."""
+    limit = runtime.settings.max_body_bytes
+    pulled = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        while pulled < 256 * limit:
+            pulled += 16 * 1024
+            yield b"y" * (16 * 1024)
+
+    bomb = gzip.compress(b"\0" * (64 * 1024 * 1024), 9)
+    assert len(bomb) < limit
+    async with (
+        api_server(runtime, sandbox.free_port()) as url,
+        httpx.AsyncClient(base_url=url, timeout=20) as http,
+    ):
+        try:
+            chunked: int | str = (
+                await http.post("/api/v1/auth/token", content=endless())
+            ).status_code
+        except httpx.TransportError as exc:  # the server closed after its 413
+            chunked = type(exc).__name__
+        inflated = await http.post(
+            CODES,
+            content=bomb,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
+    assert pulled < 64 * limit, (chunked, pulled)
+    assert inflated.status_code in (400, 413, 415, 422), inflated.text
 
 
 async def test_every_route_refuses_an_oversized_body_before_anything_else(
@@ -265,3 +341,28 @@ async def test_dead_letters_lose_their_payloads_with_the_images(runtime: Runtime
             marker,
         )
     assert [(r["erased"], r["payload_size"]) for r in rows] == [(True, 10), (False, 10)]
+
+
+async def test_old_dead_letters_of_every_source_lose_their_payload(runtime: Runtime) -> None:
+    """A forged notification's excerpt (it may quote a phone) as well as a bad capture's frames,
+    older than the image retention, through the maintenance loop's own call."""
+    marker = uuid.uuid4().hex
+    days = runtime.settings.image_retention_days
+    async with runtime.pool.acquire() as conn:
+        for source in ("provider_notification", "mqtt"):
+            await conn.execute(
+                """INSERT INTO dead_letters
+                       (source, topic, reason, payload, payload_size, received_at)
+                   VALUES ($1, $2, 'invalid_notification', $3, 10,
+                           now() - make_interval(days => $4))""",
+                source,
+                marker,
+                b'{"phone": "13712345678", "plate": "\xe6\xb5\x99A12345"}',
+                days + 1,
+            )
+    await retention.expire_images(runtime.pool, days, datetime.now(UTC))
+    async with runtime.pool.acquire() as conn:
+        kept = await conn.fetchval(
+            "SELECT count(*) FROM dead_letters WHERE topic = $1 AND payload IS NOT NULL", marker
+        )
+    assert kept == 0

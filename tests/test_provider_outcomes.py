@@ -412,6 +412,10 @@ async def test_a_success_after_the_debt_was_paid_refunds_what_was_taken_twice_on
     [
         ["not", "an", "object"],
         {"type": "charge", "out_trade_no": "k", "status": "succeeded", "amount_fen": 600},
+        None,
+        12,
+        {"type": ["charge"]},
+        {"type": "charge", "out_trade_no": {"$ne": 1}, "status": "succeeded"},
         "float",
     ],
 )

@@ -4,6 +4,7 @@ car parks near a point, APDS-style places; cacheable, with ETags; anonymous or a
 import asyncio
 import math
 import random
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -17,7 +18,15 @@ from parking.public.cache import Answer, AnswerCache
 from parking.public.router import get_answer_cache
 from parking.public.schemas import CarParkAvailability, NearbyCarPark, Place
 from parking.runtime import Runtime
-from tests.conftest import Lot, bearer, eventually, located_car_park, unique_plate
+from parking_dev import sandbox
+from tests.conftest import (
+    Lot,
+    api_server,
+    bearer,
+    eventually,
+    located_car_park,
+    unique_plate,
+)
 from tests.gates import GateProbe
 
 EARTH_RADIUS_M = 6_371_008.8
@@ -292,6 +301,34 @@ async def test_the_v1_car_park_list_is_built_once_per_interval_like_the_other_li
     assert [c["occupied"] for c in fresh.json() if c["code"] == lot.code] == [1]
     one = await api.get(f"/api/v1/car-parks/{lot.code}")
     assert one.status_code == 200 and one.json()["occupied"] == 1
+
+
+async def test_the_v1_car_park_list_is_built_once_whatever_the_query(
+    api: httpx.AsyncClient, app: FastAPI, lot: Lot
+) -> None:
+    statuses = [
+        (await api.get("/api/v1/car-parks", params={"bust": uuid.uuid4().hex})).status_code
+        for _ in range(5)
+    ]
+    assert statuses == [200] * 5
+    assert len(app.state.public_answers._answers) == 1
+
+
+async def test_the_public_list_is_limited_per_client_whatever_it_forwards(
+    runtime: Runtime,
+) -> None:
+    runtime.settings.public_requests_per_minute_per_client = 3
+    async with (
+        api_server(runtime, sandbox.free_port()) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        statuses = [
+            (
+                await http.get("/api/v1/car-parks", headers={"X-Forwarded-For": f"192.0.2.{n}"})
+            ).status_code
+            for n in range(5)
+        ]
+    assert statuses == [200, 200, 200, 429, 429]
 
 
 async def test_every_public_list_is_limited_per_client_but_not_for_the_city_key(

@@ -10,7 +10,7 @@ park are answered 404, never 403: their existence is not disclosed.
 
 import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -138,14 +138,15 @@ async def _principal(request: Request) -> Principal | None:
     raise Unauthenticated("invalid token subject")
 
 
-async def still_staff(pool: asyncpg.Pool, principal: Principal) -> bool:
-    """Whether a staff caller resolved a while ago still has the same rights: enabled, in the
-    same company, and (for a signed-in token) not signed out. Long-lived streams ask this."""
+async def still_staff(pool: asyncpg.Pool, principal: Principal, roles: Collection[str]) -> bool:
+    """Whether a staff caller resolved a while ago still has the rights of the route that
+    resolved them: enabled, in the same company, in one of the route's `roles`, and (for a
+    signed-in token) not signed out. Long-lived streams ask this."""
     if principal.operator_user_id is None:
         return False
     async with pool.acquire() as conn:
         user = await repo.operator_user_by_id(conn, principal.operator_user_id, principal.session)
-    return user is not None and user.operator_id == principal.operator_id
+    return user is not None and user.operator_id == principal.operator_id and user.role in roles
 
 
 def _require(
@@ -170,7 +171,8 @@ async def _optional(request: Request) -> Principal | None:
 DriverDep = Annotated[Principal, Depends(_require("driver"))]
 # The company's staff. A merchant's staff sign in the same way but are none of them: they may
 # only validate stays (MerchantDep).
-OperatorDep = Annotated[Principal, Depends(_require("operator", roles=("admin", "attendant")))]
+COMPANY_STAFF_ROLES = ("admin", "attendant")
+OperatorDep = Annotated[Principal, Depends(_require("operator", roles=COMPANY_STAFF_ROLES))]
 OperatorAdminDep = Annotated[Principal, Depends(_require("operator", roles=("admin",)))]
 MerchantDep = Annotated[Principal, Depends(_require("operator", roles=("merchant",)))]
 # The city platform's staff (role 'platform'): plate ownership, which is the city's and no car

@@ -7,7 +7,13 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 
-from parking.auth.principal import Forbidden, OperatorDep, Principal, still_staff
+from parking.auth.principal import (
+    COMPANY_STAFF_ROLES,
+    Forbidden,
+    OperatorDep,
+    Principal,
+    still_staff,
+)
 from parking.dashboard import service
 from parking.dashboard.feed import Feed, feed_channels
 from parking.dashboard.page import dashboard_page
@@ -68,15 +74,16 @@ async def events(principal: OperatorDep, runtime: RuntimeDep, feed: FeedDep) -> 
     """Server-sent events: `snapshot` (the counts now), then `occupancy` and `lane` events of
     the operator's own car parks, and a keep-alive comment every 15 s. A staff member may have
     PARKING_DASHBOARD_STREAMS_PER_USER open (429 `too_many_streams` beyond). A stream ends
-    with an `end` event when the token expires, or when the user is disabled, moved or signed
-    out (checked every PARKING_DASHBOARD_RECHECK_S); the page reconnects with a fresh token."""
+    with an `end` event when the token expires, or when the user is disabled, moved, signed
+    out or given a role the route refuses (checked every PARKING_DASHBOARD_RECHECK_S); the
+    page reconnects with a fresh token."""
     operator_id = _operator_id(principal)
     assert principal.operator_user_id is not None  # a staff principal names its user
     place = service.StreamPlace(runtime, principal.operator_user_id)
     await place.claim()
 
     async def still_allowed() -> bool:
-        allowed = await still_staff(runtime.pool, principal)
+        allowed = await still_staff(runtime.pool, principal, COMPANY_STAFF_ROLES)
         if allowed:
             await place.renew()
         return allowed

@@ -86,7 +86,6 @@ class GateEventRecorder:
                 topic=message.topic,
                 reason=reason,
                 detail=detail,
-                payload=message.payload[:MAX_EVENT_BYTES],
-                payload_size=len(message.payload),
+                payload=message.payload,
             )
         log.warning("gates.event_dead_letter", reason=reason)

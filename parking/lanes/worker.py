@@ -430,7 +430,6 @@ class LaneWorker:
 
     async def _dead_letter(self, message: IncomingMessage, exc: InvalidMessage) -> None:
         self.stats.dead_letters += 1
-        keep = message.payload[:4096] if exc.reason == "oversized" else message.payload
         async with self.pool.acquire() as conn:
             await repo.insert_dead_letter(
                 conn,
@@ -438,8 +437,7 @@ class LaneWorker:
                 topic=message.topic,
                 reason=exc.reason,
                 detail=exc.detail,
-                payload=keep,
-                payload_size=len(message.payload),
+                payload=message.payload,
             )
         log.warning("lane.dead_letter", reason=exc.reason, size=len(message.payload))
         await self._ack_rejected(message, exc.reason)

@@ -343,11 +343,6 @@ def _segment(s: PricedSegment) -> QuoteSegment:
     return QuoteSegment(start=s.start, end=s.end, band=s.band, day_type=s.day_type, fee_fen=s.fen)
 
 
-# What a rejected notification keeps of its body for a person to look at: enough to see what
-# it was, not so much that junk fills the database (its full size is kept as a number).
-DEAD_LETTER_EXCERPT_BYTES = 4096
-
-
 async def accept_notification(
     runtime: Runtime, provider: PaymentProvider, body: bytes, headers: Any, client: str
 ) -> settlement.Applied:
@@ -380,8 +375,7 @@ async def accept_notification(
                 topic=provider.name,
                 reason=reason,
                 detail=str(exc)[:1000],
-                payload=body[:DEAD_LETTER_EXCERPT_BYTES],
-                payload_size=len(body),
+                payload=body,
             )
         log.warning("payments.notification_rejected", reason=str(exc))
         raise AppError(400 if malformed else 401, reason, str(exc)) from exc
