@@ -13,7 +13,9 @@ from fastapi import FastAPI
 
 from parking.app import create_app
 from parking.auth import repository as auth_repo
+from parking.auth.service import PasswordChecks
 from parking.auth.tokens import AUDIENCE, ISSUER, TokenSigner, digest, new_secret
+from parking.ratelimit import Budget
 from parking.runtime import Runtime
 from parking.settings import Settings
 from tests.conftest import Lot, bearer, make_staff
@@ -323,6 +325,65 @@ async def test_guesses_beyond_the_process_budget_are_refused_unhashed_and_uncoun
     assert len(counted) == 3, counted
     assert all(key.endswith(":count") for key in counted), counted
     assert {key.split(":")[-2] for key in counted if ":client:" in key} == {"198.51.100.0"}
+
+
+async def test_a_browser_that_signed_in_before_is_never_kept_out_by_strangers_guesses(
+    runtime: Runtime, lot: Lot
+) -> None:
+    """A botnet keeps an e-mail waiting and uses up the process's password checks; the owner's
+    browser, which signed in with the e-mail before, presents the device token it was given
+    then and gets in at once. The token signs nobody in by itself, is no access token, and its
+    own wrong passwords back off."""
+    staff = await make_staff(runtime, lot.operator_id, "admin")
+    settings = runtime.settings
+    settings.trusted_proxies = ["127.0.0.1/32"]
+    app = create_app(runtime)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://parking.test") as api:
+
+        async def sign_in(
+            client: str, password: str, device: str | None = None, email: str = staff.email
+        ) -> httpx.Response:
+            return await api.post(
+                "/api/v1/auth/token",
+                json={
+                    "grant_type": "password",
+                    "email": email,
+                    "password": password,
+                    "device_token": device,
+                },
+                headers={"X-Forwarded-For": client},
+            )
+
+        first = await sign_in("192.0.2.20", staff.password)
+        assert first.status_code == 200, first.text
+        device = first.json()["device_token"]
+        for n in range(4 * settings.password_free_failures + 4):
+            await sign_in(f"198.51.100.{n}", "wrong")
+        # The e-mail waits: a browser without the token too ...
+        assert (await sign_in("192.0.2.20", staff.password)).status_code == 429
+        # ... the owner's browser does not.
+        again = await sign_in("192.0.2.20", staff.password, device)
+        assert again.status_code == 200, again.text
+        # Strangers use up the process's checks: the owner's browser has a budget of its own.
+        app.state.password_checks = PasswordChecks(Budget(0.01), Budget(0.01))
+        for n in range(3):
+            await sign_in(f"203.0.113.{n}", "x", email=f"x{n}@example.test")
+        assert (await sign_in("203.0.113.9", "x", email="y@example.test")).status_code == 429
+        owner = await sign_in("192.0.2.20", staff.password, device)
+        assert owner.status_code == 200, owner.text
+        # A device token is no bearer token.
+        refused = await api.get(
+            f"/api/v1/operator/car-parks/{lot.code}", headers={"Authorization": f"Bearer {device}"}
+        )
+        assert refused.status_code == 401
+        # Its own wrong passwords back off like a guesser's.
+        app.state.password_checks = PasswordChecks.from_settings(settings)
+        statuses = [
+            (await sign_in("192.0.2.21", f"typo-{n}", device)).status_code
+            for n in range(settings.password_free_failures + 1)
+        ]
+        assert statuses[-1] == 429 and set(statuses[:-1]) == {401}, statuses
 
 
 async def test_a_demoted_or_disabled_user_loses_rights_with_the_same_token(

@@ -137,6 +137,7 @@ async def token(
             grant.email,
             grant.password,
             client,
+            grant.device_token,
         )
     return await service.refresh(runtime, token_signer, grant.refresh_token)
 

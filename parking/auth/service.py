@@ -159,24 +159,31 @@ class PasswordChecks:
     process, and at most PARKING_PASSWORD_CHECKS_PER_SECOND of them, so that a flood of
     password guesses (each from a fresh address at a fresh e-mail, all within their free tries)
     takes a bounded share of one core from the lanes and the rest of the API. A guess beyond
-    the budget is refused before anything is counted or hashed. One per app (`create_app`)."""
+    the budget is refused before anything is counted or hashed. Sign-ins from a known device
+    (`known`) have a budget of their own: strangers' guesses cannot use up the owners' share.
+    One per app (`create_app`)."""
 
     budget: Budget
+    known: Budget
     one_at_a_time: asyncio.Semaphore = field(default_factory=asyncio.Semaphore)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "PasswordChecks":
-        return cls(Budget(settings.password_checks_per_second))
+        rate = settings.password_checks_per_second
+        return cls(Budget(rate), Budget(rate))
 
 
-async def _counted_check(runtime: Runtime, checks: PasswordChecks, scopes: list[Backoff]) -> None:
-    """One password check out of the budget, and the try counted in its backoff `scopes`; or
-    RateLimited, with neither taken."""
-    checks.budget.take()
+async def _counted_check(
+    runtime: Runtime, checks: PasswordChecks, scopes: list[Backoff], *, known: bool = False
+) -> None:
+    """One password check out of the budget (the known devices' when `known`), and the try
+    counted in its backoff `scopes`; or RateLimited, with neither taken."""
+    budget = checks.known if known else checks.budget
+    budget.take()
     try:
         await take(runtime.redis, scopes)
     except RateLimited:
-        checks.budget.give_back()
+        budget.give_back()
         raise
 
 
@@ -197,12 +204,30 @@ async def sign_in_with_password(
     email: str,
     password: str,
     client: str,
+    device_token: str | None = None,
 ) -> TokenPair:
+    """A staff sign-in. Guesses back off per e-mail and address, per address and per e-mail
+    over all addresses (a botnet). A browser that signed in with this e-mail before presents
+    the device token it was given then: the e-mail-wide wait, which strangers drive, does not
+    apply to it (its own failures back off per device instead), and its check comes out of the
+    known devices' budget. So guessing slows the guessers and never locks the owner out."""
     email = email.lower()
+    per_email_client, per_email, per_client = _password_backoffs(runtime, email, client)
+    device = signer.known_device(device_token, email)
+    if device is None:
+        scopes = [per_email_client, per_email, per_client]
+    else:
+        settings = runtime.settings
+        per_device = Backoff(
+            f"{settings.redis_key_prefix}backoff:password:device:{digest(device)}",
+            settings.password_free_failures,
+            1.0,
+            settings.password_backoff_max_s,
+        )
+        scopes = [per_device, per_client]
     # Every try is counted before the password is checked (atomically: a burst of concurrent
     # guesses gets only the free tries checked); a right password takes its count back.
-    per_email_client, per_email, per_client = _password_backoffs(runtime, email, client)
-    await _counted_check(runtime, checks, [per_email_client, per_email, per_client])
+    await _counted_check(runtime, checks, scopes, known=device is not None)
     async with runtime.pool.acquire() as conn:
         user = await repo.operator_user_by_email(conn, email)
     right = await _verify(checks, password, user.password_hash if user else _NO_SUCH_USER)
@@ -212,9 +237,9 @@ async def sign_in_with_password(
         pair = await _issue(
             conn, runtime, signer, f"operator_user:{user.id}", user.role, user.operator_id
         )
-    await forgive(runtime.redis, [per_email_client, per_email])
+    await forgive(runtime.redis, [s for s in scopes if s is not per_client])
     await uncount(runtime.redis, per_client)
-    return pair
+    return pair.model_copy(update={"device_token": signer.device_token(email)})
 
 
 async def change_password(
