@@ -14,6 +14,9 @@ from plate_recognition.engines import get_reader
 from plate_recognition.engines.tesseract import serial_image
 from plate_recognition.engines.rapidocr import RapidOcrReader
 from plate_recognition.localise import find_plates, parse_corners, plate_color, polygon_iou
+from plate_recognition import pipeline
+from plate_recognition.engines.base import ReadResult
+from plate_recognition.grammar import Candidate
 from plate_recognition.pipeline import recognise, vote
 
 N_CROPS = 12
@@ -143,6 +146,33 @@ def test_pipeline_from_bytes_and_vote(plate_data: Path, plate_rows: list[dict[st
     frames = [recognise((plate_data / crop["file"]).read_bytes()) for _ in range(2)]
     assert frames[0].kind == "crop"
     assert vote(frames)[0].plate == crop["plate"]
+
+
+class _ScoredReader:
+    """A reader whose every read is one plate at a fixed raw score, counting its reads."""
+
+    name = "rapidocr"
+
+    def __init__(self, score: float) -> None:
+        self.score = score
+        self.reads = 0
+
+    def read(
+        self, image: np.ndarray, color: str | None = None, color_sure: bool = False
+    ) -> ReadResult:
+        self.reads += 1
+        return ReadResult(self.name, (Candidate("皖A12345", self.score),))
+
+
+@pytest.mark.parametrize(("score", "reads"), [(0.95, 1), (0.7, 1), (0.59, 2)])
+def test_a_crop_is_read_again_only_below_the_score_where_it_can_change(
+    monkeypatch: pytest.MonkeyPatch, score: float, reads: int
+) -> None:
+    scored = _ScoredReader(score)
+    monkeypatch.setitem(pipeline._READERS, "rapidocr", scored)
+    crop = np.full((24, 94, 3), 128, dtype=np.uint8)
+    assert recognise(crop, "crop", calibrated=False).plate == "皖A12345"
+    assert scored.reads == reads
 
 
 def test_pipeline_rejects_garbage() -> None:
