@@ -9,14 +9,14 @@ import cv2
 import numpy as np
 import pytest
 
+from plate_recognition import pipeline
 from plate_recognition.conditions import degrade
 from plate_recognition.engines import get_reader
-from plate_recognition.engines.tesseract import serial_image
-from plate_recognition.engines.rapidocr import RapidOcrReader
-from plate_recognition.localise import find_plates, parse_corners, plate_color, polygon_iou
-from plate_recognition import pipeline
 from plate_recognition.engines.base import ReadResult
+from plate_recognition.engines.rapidocr import RapidOcrReader
+from plate_recognition.engines.tesseract import serial_image
 from plate_recognition.grammar import Candidate
+from plate_recognition.localise import find_plates, parse_corners, plate_color, polygon_iou
 from plate_recognition.pipeline import recognise, vote
 
 N_CROPS = 12
@@ -64,9 +64,7 @@ def test_a_sure_green_plate_is_read_with_all_eight_characters() -> None:
 def test_a_sure_colour_limits_the_constrained_decode_to_its_shapes() -> None:
     reader = RapidOcrReader()
     # A blue 皖A12345 with a doubtful 5 and a faint mark after it a forced path reads as D.
-    probs = _frames(
-        reader.chars, *map(_sure, "皖A1234"), {"5": 0.5, "S": 0.4}, {"D": 0.2}
-    )
+    probs = _frames(reader.chars, *map(_sure, "皖A1234"), {"5": 0.5, "S": 0.4}, {"D": 0.2})
     unsure = {c.plate for c in reader.decode(probs, "blue").candidates}
     sure = reader.decode(probs, "blue", color_sure=True)
     assert "皖A12345D" in unsure  # the green/yellow large-vehicle shape, forced
