@@ -224,12 +224,18 @@ def _length_variants(
             yield [*positions[:i], *positions[i + 1 :]], 0.5 * (1.0 - top)
 
 
-def templates(color: str | None = None) -> list[tuple[tuple[str, ...], float]]:
+def templates(
+    color: str | None = None, color_sure: bool = False
+) -> list[tuple[tuple[str, ...], float]]:
     """Every plate template (one character class per position) with its prior for
-    ``color``: 1 for the colour's usual shapes, a soft penalty for the others."""
+    ``color``: 1 for the colour's usual shapes, a soft penalty for the others; only the
+    colour's usual shapes when the colour is sure (a green plate: the two 8-character
+    shapes)."""
     usual = _TEMPLATES_BY_COLOR.get(color)
     if usual is None:
         raise ValueError(f"unknown plate colour {color!r}")
+    if color_sure and color is not None:
+        return [(t, 1.0) for t in usual]
     return [(t, 1.0 if t in usual else _COLOR_MISMATCH) for t in _ALL_TEMPLATES]
 
 

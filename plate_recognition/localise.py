@@ -22,6 +22,14 @@ Corners = tuple[tuple[float, float], tuple[float, float], tuple[float, float], t
 #: Canonical rectified sizes (width, height): 440x140 mm ordinary, 480x140 mm new energy.
 CANONICAL_SIZE = {"blue": (220, 70), "yellow": (220, 70), "green": (240, 70)}
 _DEFAULT_SIZE = (220, 70)
+#: Plate colours with dark characters on a light ground.
+LIGHT_COLORS = frozenset({"green", "yellow", "white"})
+_MIN_COLOR_SHARE = 0.25
+#: Share of a crop its colour must cover (with the characters' polarity agreeing) to be
+#: sure. Of the 500 labelled crops clean and 3 copies under each gate condition (seeds
+#: 700-702) none clean, distant, JPEG or tilted got a wrong sure colour, ≤ 0.5 % of the
+#: glare, motion-blurred and night ones; 89 % of the clean crops are sure.
+SURE_COLOR_SHARE = 0.35
 
 # HSV ranges (OpenCV hue is 0-179). Green is wide and weakly saturated because new-energy
 # plates fade from green to white towards the top.
@@ -108,15 +116,46 @@ def expand(corners: Corners, side: float, top: float, bottom: float) -> Corners:
     )
 
 
+def _color_shares(crop: np.ndarray) -> dict[str, float]:
+    """Share of the crop's pixels in each plate colour's HSV range."""
+    hsv = cv2.cvtColor(crop, cv2.COLOR_BGR2HSV)
+    area = float(crop.shape[0] * crop.shape[1])
+    return {
+        name: cv2.countNonZero(cv2.inRange(hsv, np.array(lo), np.array(hi))) / area
+        for name, (lo, hi) in _HSV_RANGES.items()
+    }
+
+
 def classify_color(crop: np.ndarray) -> str | None:
     """Plate background colour of a (roughly) cropped plate: blue, green, yellow or None."""
-    hsv = cv2.cvtColor(crop, cv2.COLOR_BGR2HSV)
-    counts = {}
-    for name, (lo, hi) in _HSV_RANGES.items():
-        counts[name] = int(cv2.countNonZero(cv2.inRange(hsv, np.array(lo), np.array(hi))))
-    name = max(counts, key=lambda k: counts[k])
+    shares = _color_shares(crop)
+    name = max(shares, key=lambda k: shares[k])
     # The background covers well over half of a plate; characters and border the rest.
-    return name if counts[name] >= 0.25 * crop.shape[0] * crop.shape[1] else None
+    return name if shares[name] >= _MIN_COLOR_SHARE else None
+
+
+def _light_background(crop: np.ndarray) -> bool:
+    """Whether the plate is dark characters on a light ground (green, yellow, white)
+    rather than light on dark (blue, black): the larger Otsu class of the crop's middle,
+    which the characters never fill, is the ground."""
+    gray = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)
+    h, w = gray.shape
+    middle = gray[h // 6 : h - h // 6, w // 20 : w - w // 20]
+    _, binary = cv2.threshold(middle, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float(binary.mean()) > 0.5
+
+
+def plate_color(crop: np.ndarray) -> tuple[str | None, bool]:
+    """Colour of a rectified plate crop and whether it is *sure*: ``(None, False)`` when no
+    colour covers enough of it or when hue and character polarity disagree (a blue plate
+    under a green cast still has light characters on a dark ground); sure when the colour
+    also covers at least :data:`SURE_COLOR_SHARE` of the crop. Sure is what lets the reader
+    restrict its constrained decoding to the colour's plate shapes."""
+    shares = _color_shares(crop)
+    name = max(shares, key=lambda k: shares[k])
+    if shares[name] < _MIN_COLOR_SHARE or _light_background(crop) != (name in LIGHT_COLORS):
+        return None, False
+    return name, shares[name] >= SURE_COLOR_SHARE
 
 
 def polygon_iou(a: Corners, b: Corners) -> float:

@@ -34,11 +34,15 @@ class ReadResult:
 
 
 class PlateReader(Protocol):
-    """Reads one plate image (BGR, already cropped/rectified to the plate)."""
+    """Reads one plate image (BGR, already cropped/rectified to the plate). ``color`` is
+    the plate colour guessed from its pixels, ``color_sure`` whether that guess is sure
+    (:func:`plate_recognition.localise.plate_color`)."""
 
     name: str
 
-    def read(self, image: np.ndarray, color: str | None = None) -> ReadResult: ...
+    def read(
+        self, image: np.ndarray, color: str | None = None, color_sure: bool = False
+    ) -> ReadResult: ...
 
 
 def freeze_positions(

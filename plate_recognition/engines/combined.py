@@ -23,8 +23,13 @@ class CombinedReader:
         self._rapid = RapidOcrReader()
         self._tess = TesseractReader()
 
-    def read(self, image: np.ndarray, color: str | None = None) -> ReadResult:
-        results = [self._rapid.read(image, color), self._tess.read(image, color)]
+    def read(
+        self, image: np.ndarray, color: str | None = None, color_sure: bool = False
+    ) -> ReadResult:
+        results = [
+            self._rapid.read(image, color, color_sure),
+            self._tess.read(image, color, color_sure),
+        ]
         scores: dict[str, float] = defaultdict(float)
         for result in results:
             for cand in result.candidates:

@@ -71,6 +71,8 @@ class RapidOcrReader:
         keep = [0] + [i for i, ch in enumerate(charset) if ch in wanted]
         self._keep = np.array(keep, dtype=np.int64)
         self._chars = [charset[i] for i in keep]
+        #: The symbols of :meth:`probabilities`' columns, the blank ("") first.
+        self.chars: tuple[str, ...] = tuple(self._chars)
         self._mask_cache: dict[tuple[str, ...], np.ndarray] = {}
 
     def _prepare(self, image: np.ndarray) -> np.ndarray:
@@ -119,13 +121,23 @@ class RapidOcrReader:
             masks = self._mask_cache[template] = class_masks(self._chars, template)
         return masks
 
-    def read(self, image: np.ndarray, color: str | None = None) -> ReadResult:
-        probs = self.probabilities(image)
+    def read(
+        self, image: np.ndarray, color: str | None = None, color_sure: bool = False
+    ) -> ReadResult:
+        """Greedy read ranked over every plate shape; when doubtful, also the constrained
+        decode, over the colour's own shapes alone when the colour is sure (a template of
+        another colour forced onto the frames won a clean blue plate read as 8 characters)."""
+        return self.decode(self.probabilities(image), color, color_sure)
+
+    def decode(
+        self, probs: np.ndarray, color: str | None = None, color_sure: bool = False
+    ) -> ReadResult:
+        """The read of per-frame probabilities over :attr:`chars` (see :meth:`read`)."""
         positions = self._greedy(probs)
         candidates = rank_candidates(positions, color)
         if not candidates or candidates[0].score < CONSTRAIN_BELOW:
             groups = [candidates]
-            for template, prior in templates(color):
+            for template, prior in templates(color, color_sure):
                 found = constrained_positions(probs, self._chars, self._masks(template), _TOP_K)
                 if found is not None:
                     # Scaled by how much the template forced the path (its square root:

@@ -160,7 +160,12 @@ class TesseractReader:
                 return provinces
         return []
 
-    def read(self, image: np.ndarray, color: str | None = None) -> ReadResult:
+    def read(
+        self, image: np.ndarray, color: str | None = None, color_sure: bool = False
+    ) -> ReadResult:
+        # Tesseract's reads carry no per-frame probabilities to constrain: ``color_sure``
+        # changes nothing here.
+        del color_sure
         serial = self._line(serial_image(image, color))
         positions = [self._province_alternatives(image), *serial]
         return ReadResult(

@@ -7,6 +7,7 @@ from plate_recognition.grammar import (
     is_valid,
     normalise,
     rank_candidates,
+    templates,
 )
 
 
@@ -84,6 +85,15 @@ def test_spurious_character_is_dropped_and_missing_province_marked() -> None:
 def test_colour_is_a_soft_prior() -> None:
     seven = [[(ch, 0.99)] for ch in "皖A12345"]
     assert rank_candidates(seven, "green")[0].plate == "皖A12345"
+
+
+def test_a_sure_colour_keeps_only_its_shapes() -> None:
+    sure_green = templates("green", color_sure=True)
+    assert sure_green and all(len(t) == 8 and prior == 1.0 for t, prior in sure_green)
+    assert {len(t) for t, _ in templates("blue", color_sure=True)} == {7}
+    # A guess that is not sure keeps every shape, penalised; no colour keeps every shape.
+    assert {len(t) for t, _ in templates("green")} == {7, 8}
+    assert templates(None, color_sure=True) == templates(None)
 
 
 def test_unknown_colour_rejected() -> None:

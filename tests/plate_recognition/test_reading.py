@@ -9,10 +9,14 @@ import cv2
 import numpy as np
 import pytest
 
+from plate_recognition import pipeline
 from plate_recognition.conditions import degrade
 from plate_recognition.engines import get_reader
+from plate_recognition.engines.base import ReadResult
+from plate_recognition.engines.rapidocr import RapidOcrReader
 from plate_recognition.engines.tesseract import serial_image
-from plate_recognition.localise import find_plates, parse_corners, polygon_iou
+from plate_recognition.grammar import Candidate
+from plate_recognition.localise import find_plates, parse_corners, plate_color, polygon_iou
 from plate_recognition.pipeline import recognise, vote
 
 N_CROPS = 12
@@ -30,6 +34,60 @@ def test_rapidocr_reads_real_crops(plate_data: Path, plate_rows: list[dict[str, 
         for r in rows
     )
     assert exact >= len(rows) - 1
+
+
+def _frames(chars: tuple[str, ...], *columns: dict[str, float]) -> np.ndarray:
+    """Per-frame probabilities over the reader's symbols: each column's given shares, the
+    rest on blank, with a blank frame between characters."""
+    probs = np.zeros((2 * len(columns) + 1, len(chars)))
+    for k, column in enumerate(columns):
+        for ch, p in column.items():
+            probs[2 * k + 1, chars.index(ch)] = p
+    probs[:, 0] = 1.0 - probs.sum(axis=1)
+    return probs
+
+
+def _sure(ch: str) -> dict[str, float]:
+    return {ch: 0.95}
+
+
+def test_a_sure_green_plate_is_read_with_all_eight_characters() -> None:
+    reader = RapidOcrReader()
+    # 皖AD12345 with its D faint: the greedy decode skips it and reads seven characters.
+    faint_d = {"D": 0.3}
+    probs = _frames(reader.chars, *map(_sure, "皖A"), faint_d, *map(_sure, "12345"))
+    assert reader.decode(probs).raw == "皖A12345"
+    result = reader.decode(probs, "green", color_sure=True)
+    assert result.plate == "皖AD12345"
+
+
+def test_a_sure_colour_limits_the_constrained_decode_to_its_shapes() -> None:
+    reader = RapidOcrReader()
+    # A blue 皖A12345 with a doubtful 5 and a faint mark after it a forced path reads as D.
+    probs = _frames(reader.chars, *map(_sure, "皖A1234"), {"5": 0.5, "S": 0.4}, {"D": 0.2})
+    unsure = {c.plate for c in reader.decode(probs, "blue").candidates}
+    sure = reader.decode(probs, "blue", color_sure=True)
+    assert "皖A12345D" in unsure  # the green/yellow large-vehicle shape, forced
+    assert sure.plate == "皖A12345"
+    assert all(len(c.plate) == 7 for c in sure.candidates)
+
+
+def test_a_blue_plate_under_a_green_cast_has_no_sure_colour(
+    plate_data: Path, plate_rows: list[dict[str, str]]
+) -> None:
+    """Its hue is in the green range, its light characters on a dark ground say blue: the
+    colour is unknown, and the plate is read with seven characters (it was read as an
+    8-character new-energy plate while its colour was taken for green)."""
+    row = next(r for r in plate_rows if "75d1297f78714a02" in r["file"])
+    image = cv2.imread(str(plate_data / row["file"]))
+    assert plate_color(image) == (None, False)
+    assert recognise(image, "crop").plate == row["plate"] == "皖AK5D11"
+    sure_blue = next(
+        cv2.imread(str(plate_data / r["file"]))
+        for r in _crops(plate_rows)
+        if plate_color(cv2.imread(str(plate_data / r["file"])))[1]
+    )
+    assert plate_color(sure_blue) == ("blue", True)
 
 
 def test_tesseract_engine_runs(plate_data: Path, plate_rows: list[dict[str, str]]) -> None:
@@ -86,6 +144,33 @@ def test_pipeline_from_bytes_and_vote(plate_data: Path, plate_rows: list[dict[st
     frames = [recognise((plate_data / crop["file"]).read_bytes()) for _ in range(2)]
     assert frames[0].kind == "crop"
     assert vote(frames)[0].plate == crop["plate"]
+
+
+class _ScoredReader:
+    """A reader whose every read is one plate at a fixed raw score, counting its reads."""
+
+    name = "rapidocr"
+
+    def __init__(self, score: float) -> None:
+        self.score = score
+        self.reads = 0
+
+    def read(
+        self, image: np.ndarray, color: str | None = None, color_sure: bool = False
+    ) -> ReadResult:
+        self.reads += 1
+        return ReadResult(self.name, (Candidate("皖A12345", self.score),))
+
+
+@pytest.mark.parametrize(("score", "reads"), [(0.95, 1), (0.7, 2), (0.3, 2)])
+def test_a_doubtful_crop_is_read_again(
+    monkeypatch: pytest.MonkeyPatch, score: float, reads: int
+) -> None:
+    scored = _ScoredReader(score)
+    monkeypatch.setitem(pipeline._READERS, "rapidocr", scored)
+    crop = np.full((24, 94, 3), 128, dtype=np.uint8)
+    assert recognise(crop, "crop", calibrated=False).plate == "皖A12345"
+    assert scored.reads == reads
 
 
 def test_pipeline_rejects_garbage() -> None:
