@@ -37,7 +37,7 @@ async def test_exit_with_only_an_image_is_read_by_the_server_and_its_charge_wait
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
     """The server reads the frame right (calibrated 0.998), matched unique to the parked car;
-    below the calibrated certain threshold (0.999341) and with no camera read, the gate opens
+    below the calibrated certain threshold (0.999348) and with no camera read, the gate opens
     (the car park's default policy) and the charge waits for an operator: the server's reader
     reading its own frames again is no second reader, so verification cannot confirm it."""
     driver = await make_driver(runtime, "皖AD2Y34")
