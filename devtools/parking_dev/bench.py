@@ -3,8 +3,8 @@
 Latency is capture received by the lane service -> command acknowledged by the broker
 (`decision`), and publish by the gate -> command received by the gate (`gate_round_trip`).
 The simulated gates run in their own process so that they do not share the lane's event loop.
-With `--feeds` every company of the city has an APDS webhook subscription (every topic) and a
-city platform, both answered by a receiver in a process of its own: the stays' trigger queues
+With `--feeds` every company of the city has a city platform and 9 APDS webhook subscriptions
+(every topic), all answered by a receiver in a process of its own: the stays' trigger queues
 their deliveries in the lane's transactions, and `feeds` reports the delivery lag (queued ->
 recorded as sent).
 """
@@ -467,6 +467,10 @@ async def exit_lookup_cost(runtime: Runtime, samples: int = 500) -> dict[str, An
     return {name: {"n": len(t), **percentiles(t)} for name, t in timings.items()}
 
 
+# Subscribers per company with --feeds (the issue's 10: the city platform and 9 APDS ones).
+FEED_SUBSCRIBERS = 10
+
+
 def _feed_receiver(port: int) -> None:
     """A subscriber that takes every delivery (its own process: not on the lane's loop)."""
     from aiohttp import web
@@ -502,7 +506,10 @@ def feed_receiver() -> Iterator[str]:
         process.join(5)
 
 
-async def _subscribe_everyone(runtime: Runtime, city: DemoCity, url: str) -> int:
+async def _subscribe_everyone(
+    runtime: Runtime, city: DemoCity, url: str, subscribers: int = FEED_SUBSCRIBERS
+) -> int:
+    """Each company: its city platform and `subscribers` - 1 APDS subscriptions, every topic."""
     async with runtime.pool.acquire() as conn:
         created: int = await conn.fetchval(
             """WITH companies AS (SELECT DISTINCT operator_id FROM car_parks
@@ -510,14 +517,16 @@ async def _subscribe_everyone(runtime: Runtime, city: DemoCity, url: str) -> int
                     made AS (
                         INSERT INTO feed_subscriptions (operator_id, format, endpoint, secret,
                                                         topics)
-                        SELECT operator_id, kind, $2 || '/' || kind, 'bench-feed-secret',
+                        SELECT operator_id, CASE WHEN n = 1 THEN 'city' ELSE 'apds' END,
+                               $2 || '/' || n, 'bench-feed-secret',
                                ARRAY['occupancy', 'session_started', 'session_ended']
-                        FROM companies, unnest(ARRAY['apds', 'city']) AS kind
+                        FROM companies, generate_series(1, $3::int) AS n
                         ON CONFLICT DO NOTHING
                         RETURNING 1)
                SELECT count(*) FROM made""",
             list(city.car_park_ids),
             url,
+            subscribers,
         )
     return created
 
@@ -567,6 +576,9 @@ async def run_bench(
 ) -> dict[str, Any]:
     rng = random.Random()
     exits_needed = int(rate * duration_s * 1.2) + 100
+    if feeds_url is not None:
+        # The receiver listens on loopback.
+        settings = settings.model_copy(update={"feed_allow_loopback": True})
     if ocr_folder is None:
         settings = with_simulated_cameras(settings)
     async with lane_service(settings, provider) as runtime:

@@ -367,11 +367,13 @@ async def get_assigned_right(
 
 @router.post("/webhooks", response_model=CreatedSubscription)
 async def subscribe(
-    wanted: EventSubscription, admin: OperatorAdminDep, conn: ConnectionDep
+    wanted: EventSubscription, admin: OperatorAdminDep, conn: ConnectionDep, runtime: RuntimeDep
 ) -> CreatedSubscription:
     """An APDS subscription of the company (admins): each event of its topics at its car parks
-    is POSTed to `endpoint`, signed with the returned `secret` (shown this once)."""
-    return await feeds.subscribe(conn, admin, wanted)
+    is POSTed to `endpoint`, signed with the returned `secret` (shown this once). An endpoint
+    that is or resolves to a loopback, private, link-local, multicast or unspecified address
+    is refused (422 endpoint_refused), and checked again at every delivery."""
+    return await feeds.subscribe(conn, admin, wanted, runtime.settings)
 
 
 @router.get("/webhooks")
