@@ -11,6 +11,7 @@ loopback (their receivers run there); production refuses that setting.
 """
 
 import asyncio
+import errno
 import ipaddress
 import socket
 from urllib.parse import urlsplit
@@ -19,6 +20,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
 from parking.errors import AppError
+from parking.settings import Settings
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -87,8 +89,9 @@ class CheckedResolver(AbstractResolver):
     like any unreachable endpoint) when any of its addresses is not public; the connector
     connects to the addresses returned here, the ones checked."""
 
-    def __init__(self, allow_loopback: bool) -> None:
-        self.allow_loopback = allow_loopback
+    def __init__(self, settings: Settings) -> None:
+        # Read at each resolution (PARKING_FEED_ALLOW_LOOPBACK as it is now).
+        self.settings = settings
         self._resolver = DefaultResolver()
 
     async def resolve(
@@ -97,9 +100,10 @@ class CheckedResolver(AbstractResolver):
         found = await self._resolver.resolve(host, port, family)
         for result in found:
             try:
-                _refuse(host, result["host"], self.allow_loopback)
+                _refuse(host, result["host"], self.settings.feed_allow_loopback)
             except EndpointRefused as exc:
-                raise OSError(exc.message) from exc
+                # errno and strerror: aiohttp shows the latter in the delivery's error.
+                raise OSError(errno.EACCES, exc.message) from exc
         return found
 
     async def close(self) -> None:

@@ -118,7 +118,7 @@ class FeedSender:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(
-                resolver=CheckedResolver(self.settings.feed_allow_loopback),
+                resolver=CheckedResolver(self.settings),
                 limit=self.settings.feed_concurrency,
             )
             self._session = aiohttp.ClientSession(
