@@ -104,7 +104,7 @@ async def deliveries(conn: asyncpg.Connection, delivery_ids: list[int]) -> list[
                   c.code, c.name, c.capacity, c.version, c.closed_at, c.latitude, c.longitude,
                   c.created_at, c.updated_at,
                   st.plate, st.plate_color, st.status AS session_status, st.entered_at,
-                  st.exited_at, st.fee_fen, st.settlement,
+                  st.exited_at, st.fee_fen, st.settlement, st.assigned_right_id,
                   d.topic = 'session_ended' AND EXISTS (
                       SELECT 1 FROM feed_deliveries e
                       WHERE e.subscription_id = d.subscription_id

@@ -277,6 +277,7 @@ class FeedSender:
                 else None,
                 "car_park": delivery["code"],
                 "car_park_version": delivery["version"],
+                "assigned_right_id": delivery["assigned_right_id"],
             }
             data = session_view(stay, delivery["operator_id"])
         return {
