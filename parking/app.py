@@ -36,6 +36,7 @@ from parking.payments.router import MAX_NOTIFICATION_BYTES
 from parking.payments.router import router as payments_router
 from parking.production import ConfigurationError
 from parking.public.router import router as public_router
+from parking.public.signs import router as signs_router
 from parking.receipts.router import router as receipts_router
 from parking.receipts.signing import FrameSigner
 from parking.rights.router import router as rights_router
@@ -82,6 +83,7 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.include_router(confirmations_router)
     app.include_router(ownership_router)
     app.include_router(public_router)
+    app.include_router(signs_router)
     app.include_router(apds_router)
     app.include_router(feeds_router)
     app.include_router(dashboard_router)

@@ -619,6 +619,14 @@ async def run_bench(
                 "subscriptions": subscriptions,
                 **await _feed_figures(runtime, city),
             }
+            # The database outlives the run: later benches must not feed a receiver that is
+            # gone (its failing deliveries would load the lane they measure).
+            async with runtime.pool.acquire() as conn:
+                await conn.execute(
+                    "UPDATE feed_subscriptions SET deleted_at = now() "
+                    "WHERE endpoint LIKE $1 || '/%' AND deleted_at IS NULL",
+                    feeds_url,
+                )
     return {
         "mode": "ocr" if ocr_folder is not None else "camera_read",
         **figures,
