@@ -2,15 +2,17 @@
 built once per interval (no database work per sign), ETags, the city key not rate-limited."""
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
+import orjson
 from fastapi import FastAPI
 
 from parking.app import create_app
 from parking.auth import repository as auth_repo
 from parking.auth.tokens import digest, new_secret
 from parking.db import create_pool
+from parking.public.service import SignBoard, signs
 from parking.runtime import Runtime
 from tests.conftest import bearer, create_lot, enter, unique_plate
 from tests.gates import GateProbe
@@ -96,3 +98,56 @@ async def test_a_poll_answered_from_the_board_takes_no_database_connection(
         runtime.read_pool = shared
         await one.close()
     assert polled.status_code == 200 and polled.json() == built.json()
+
+
+async def test_a_signed_poll_takes_no_database_connection_either(
+    runtime: Runtime, api: httpx.AsyncClient
+) -> None:
+    """The city's key is checked once per board interval, not at every poll."""
+    runtime.settings.public_cache_seconds = 3600
+    lot = await create_lot(runtime)
+    city_key = "ck_" + new_secret()
+    async with runtime.pool.acquire() as conn:
+        await auth_repo.create_api_key(conn, "city", digest(city_key), "signs test")
+    signed = bearer(city_key)
+    built = await api.get("/api/v1/public/signs", params={"car_parks": lot.code}, headers=signed)
+    assert built.status_code == 200, built.text
+    # Every connection of both pools taken: a signed sign is still answered.
+    ones = [
+        await create_pool(runtime.endpoints.database_url, min_size=1, max_size=1) for _ in range(2)
+    ]
+    shared = runtime.pool, runtime.read_pool
+    runtime.pool, runtime.read_pool = ones
+    try:
+        async with ones[0].acquire(), ones[1].acquire():
+            polled = await asyncio.wait_for(
+                api.get("/api/v1/public/signs", params={"car_parks": lot.code}, headers=signed),
+                timeout=10,
+            )
+    finally:
+        runtime.pool, runtime.read_pool = shared
+        for one in ones:
+            await one.close()
+    assert polled.status_code == 200 and polled.json() == built.json()
+    # An unknown key is still refused.
+    refused = await api.get("/api/v1/public/signs", headers=bearer("ck_" + new_secret()))
+    assert refused.status_code == 401
+
+
+def test_unchanged_numbers_keep_their_etag_on_the_next_board() -> None:
+    numbers = {"A1": b'{"code":"A1","free":3,"status":"open"}'}
+    earlier = SignBoard(dict(numbers), datetime(2026, 1, 1, 8, 0, 0, tzinfo=UTC))
+    later = SignBoard(dict(numbers), datetime(2026, 1, 1, 8, 0, 9, tzinfo=UTC))
+    first, second = signs(earlier, ["A1", "B2"]), signs(later, ["A1", "B2"])
+    assert first.body != second.body and first.etag == second.etag
+    assert orjson.loads(second.body) == {
+        "car_parks": [
+            {"code": "A1", "free": 3, "status": "open"},
+            {"code": "B2", "free": None, "status": "unknown"},
+        ],
+        "as_of": "2026-01-01T08:00:09Z",
+    }
+    changed = SignBoard({"A1": b'{"code":"A1","free":2,"status":"open"}'}, later.as_of)
+    assert signs(changed, ["A1", "B2"]).etag != first.etag
+    # Kept with its board: the same list is not built again.
+    assert signs(later, ["A1", "B2"]) is second
