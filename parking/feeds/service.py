@@ -161,7 +161,19 @@ class FeedSender:
                     else (delivery["subscription_id"], "count", delivery["car_park_id"])
                 )
                 orders.setdefault(key, []).append((job, delivery))
-        await asyncio.gather(*(self._send_in_order(order, outcome) for order in orders.values()))
+        # The latest counts, read once for the batch (the occupancy counters' Redis).
+        counted = sorted(
+            {
+                d["car_park_id"]
+                for order in orders.values()
+                for _, d in order
+                if d["topic"] == "occupancy"
+            }
+        )
+        counts = await self.occupancy.get_many(counted)
+        await asyncio.gather(
+            *(self._send_in_order(order, counts, outcome) for order in orders.values())
+        )
         async with self.pool.acquire() as conn:
             await repo.finish(conn, outcome.job_ids, outcome.sent, outcome.skipped, outcome.took)
             for subscription_id, attempts in outcome.failures.items():
@@ -175,7 +187,7 @@ class FeedSender:
         return outcome.retry
 
     async def _send_in_order(
-        self, order: list[tuple[Job, asyncpg.Record]], outcome: _Outcome
+        self, order: list[tuple[Job, asyncpg.Record]], counts: dict[int, int], outcome: _Outcome
     ) -> None:
         """One subscriber's deliveries of one stay (or one car park's count), in order: once
         one fails, the rest wait for it."""
@@ -186,11 +198,7 @@ class FeedSender:
                     "waits for the stay's start to be delivered", self.settings.feed_retry_base_s
                 )
                 continue
-            occupied = (
-                await self.occupancy.get(delivery["car_park_id"])
-                if delivery["topic"] == "occupancy"
-                else None
-            )
+            occupied = counts[delivery["car_park_id"]] if delivery["topic"] == "occupancy" else None
             body = orjson.dumps(self._payload(delivery, occupied))
             async with self._in_flight:
                 failed = await self._post(delivery, body)
@@ -217,8 +225,9 @@ class FeedSender:
 
     async def _count_changed_since(self, counts: list[tuple[int, int, int]]) -> None:
         """A count that changed while it was on its way: the next one, after the interval."""
+        now = await self.occupancy.get_many(sorted({car_park_id for _, car_park_id, _ in counts}))
         for subscription_id, car_park_id, occupied in counts:
-            if await self.occupancy.get(car_park_id) != occupied:
+            if now[car_park_id] != occupied:
                 async with self.pool.acquire() as conn:
                     await repo.queue_occupancy(
                         conn,
