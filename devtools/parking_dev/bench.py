@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import uvloop
 
 from billing import fees
@@ -229,6 +230,7 @@ async def lane_service(settings: Settings, provider: ProviderEndpoint) -> AsyncI
             target=_outbox_worker,
             args=(settings.model_dump(exclude={"mqtt_client_id"}), eps, provider),
             daemon=True,
+            name=OUTBOX_WORKER,
         )
         worker.start()
         try:
@@ -467,13 +469,29 @@ async def exit_lookup_cost(runtime: Runtime, samples: int = 500) -> dict[str, An
     return {name: {"n": len(t), **percentiles(t)} for name, t in timings.items()}
 
 
+# The outbox worker's process (its CPU per feed delivery is reported).
+OUTBOX_WORKER = "bench-outbox-worker"
+# The feeds' receiver, like the abuse bench's clients (`parking_dev.abuse.CLIENTS_NICENESS`).
+SUBSCRIBERS_NICENESS = 19
 # Subscribers per company with --feeds (the issue's 10: the city platform and 9 APDS ones).
 FEED_SUBSCRIBERS = 10
 
 
+def _worker_cpu_s() -> float | None:
+    """CPU seconds of the outbox worker's process so far (None: not found)."""
+    for child in multiprocessing.active_children():
+        if child.name == OUTBOX_WORKER and child.pid is not None:
+            times = psutil.Process(child.pid).cpu_times()
+            return float(times.user + times.system)
+    return None
+
+
 def _feed_receiver(port: int) -> None:
-    """A subscriber that takes every delivery (its own process: not on the lane's loop)."""
+    """A subscriber that takes every delivery (its own process: not on the lane's loop), at
+    the lowest priority: it stands for the subscribers' machines, elsewhere."""
     from aiohttp import web
+
+    os.nice(SUBSCRIBERS_NICENESS)
 
     async def take(_: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -531,8 +549,11 @@ async def _subscribe_everyone(
     return created
 
 
-async def _feed_figures(runtime: Runtime, city: DemoCity, timeout_s: float = 60) -> dict[str, Any]:
-    """Waits for the deliveries queued by the run to be sent; their lag, queued -> sent."""
+async def _feed_figures(
+    runtime: Runtime, city: DemoCity, worker_cpu_s: float | None, timeout_s: float = 60
+) -> dict[str, Any]:
+    """Waits for the deliveries queued by the run to be sent; their lag, queued -> sent, and
+    the outbox worker's CPU per delivery since `worker_cpu_s` (charging included)."""
     deadline = time.monotonic() + timeout_s
     async with runtime.pool.acquire() as conn:
         while True:
@@ -551,11 +572,26 @@ async def _feed_figures(runtime: Runtime, city: DemoCity, timeout_s: float = 60)
                WHERE status = 'sent' AND car_park_id = ANY ($1::bigint[])""",
             list(city.car_park_ids),
         )
+        span_s = await conn.fetchval(
+            """SELECT extract(epoch FROM max(sent_at) - min(created_at))
+               FROM feed_deliveries
+               WHERE status = 'sent' AND car_park_id = ANY ($1::bigint[])""",
+            list(city.car_park_ids),
+        )
+    cpu_now = _worker_cpu_s()
+    worker_ms = (
+        round(1000 * (cpu_now - worker_cpu_s) / len(rows), 3)
+        if cpu_now is not None and worker_cpu_s is not None and rows
+        else None
+    )
     sessions = [r["lag_ms"] for r in rows if not r["occupancy"]]
     occupancy = [r["lag_ms"] for r in rows if r["occupancy"]]
     return {
         "sent": len(rows),
         "pending_after_run": pending,
+        # From the first queued to the last sent (what one feed worker kept up with).
+        "sent_per_s": round(len(rows) / float(span_s), 1) if span_s else None,
+        "worker_cpu_ms_per_delivery": worker_ms,
         # A stay's start or end: queued by the lane's transaction, sent by the worker.
         "session_delivery_lag": percentiles([float(v) for v in sessions]),
         # Occupancy: due at most once per interval per car park and subscriber, by design.
@@ -611,13 +647,14 @@ async def run_bench(
         subscriptions = (
             await _subscribe_everyone(runtime, city, feeds_url) if feeds_url is not None else 0
         )
+        worker_cpu_s = _worker_cpu_s()
         figures = await drive(
             runtime, city, rate=rate, duration_s=duration_s, exit_share=exit_share
         )
         if feeds_url is not None:
             figures["feeds"] = {
                 "subscriptions": subscriptions,
-                **await _feed_figures(runtime, city),
+                **await _feed_figures(runtime, city, worker_cpu_s),
             }
             # The database outlives the run: later benches must not feed a receiver that is
             # gone (its failing deliveries would load the lane they measure).
