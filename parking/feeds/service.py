@@ -14,6 +14,14 @@ worker (`billing.queue`: retries with backoff, dead after PARKING_JOB_MAX_ATTEMP
   (`billing.signing`: `X-Parking-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "t." + body>`),
   with `X-Parking-Event-Id` (the delivery's id: the same on every retry, so a receiver drops
   repeats) and `X-Parking-Topic`. A 2xx answer is success; anything else is retried.
+- The feeds' outbox worker hands the sender a batch of deliveries at once: read in one
+  statement, sent with up to PARKING_FEED_CONCURRENCY POSTs in flight over kept-alive
+  connections, written back in one. A subscriber gets a stay's start before its end: the end
+  waits (is tried again later) while the start is pending, in the batch or out of it;
+  different stays go side by side. APDS v4 defines no batch of events per POST, so there is
+  none: one event, one POST.
+- Endpoints must be public addresses (`parking.feeds.addresses`): checked when set, and at
+  every delivery by the resolver the connections are made with.
 - An APDS subscription is paused after PARKING_FEED_PAUSE_AFTER_FAILURES failed attempts in a
   row: its deliveries are skipped until an admin resumes it (what it missed can be read with
   `modified_since`). The city platform's feed is never paused: its deliveries wait, and a dead
