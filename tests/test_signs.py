@@ -10,9 +10,11 @@ from fastapi import FastAPI
 
 from parking.app import create_app
 from parking.auth import repository as auth_repo
+from parking.auth.principal import Unauthenticated
 from parking.auth.tokens import digest, new_secret
 from parking.db import create_pool
 from parking.public.service import SignBoard, signs
+from parking.public.signs import sign_caller
 from parking.runtime import Runtime
 from tests.conftest import bearer, create_lot, enter, unique_plate
 from tests.gates import GateProbe
@@ -151,3 +153,46 @@ def test_unchanged_numbers_keep_their_etag_on_the_next_board() -> None:
     assert signs(changed, ["A1", "B2"]).etag != first.etag
     # Kept with its board: the same list is not built again.
     assert signs(later, ["A1", "B2"]) is second
+
+
+async def test_a_known_signs_poll_is_answered_before_the_routing_as_the_route_answers(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient
+) -> None:
+    runtime.settings.public_cache_seconds = 3600
+    lot = await create_lot(runtime)
+    city_key = "ck_" + new_secret()
+    async with runtime.pool.acquire() as conn:
+        await auth_repo.create_api_key(conn, "city", digest(city_key), "signs test")
+    signed = bearer(city_key)
+    params = {"car_parks": f"{lot.code},no-such-park"}
+    # The first poll goes through the route: it builds the board and checks the key.
+    first = await api.get("/api/v1/public/signs", params=params, headers=signed)
+    assert first.status_code == 200, first.text
+
+    def refuse() -> None:
+        raise Unauthenticated("the route was asked")
+
+    # From then on the route is not asked (its caller check would refuse everyone now)...
+    app.dependency_overrides[sign_caller] = refuse
+    try:
+        again = await api.get("/api/v1/public/signs", params=params, headers=signed)
+        assert again.status_code == 200, again.text
+        assert again.content == first.content
+        for header in ("etag", "cache-control", "content-type", "content-length"):
+            assert again.headers[header] == first.headers[header], header
+        unchanged = await api.get(
+            "/api/v1/public/signs",
+            params=params,
+            headers=signed | {"If-None-Match": first.headers["etag"]},
+        )
+        assert unchanged.status_code == 304 and unchanged.content == b""
+        # ...but anything else still is: anonymous callers, unknown keys, a repeated query.
+        assert (await api.get("/api/v1/public/signs", params=params)).status_code == 401
+        unknown = bearer("ck_" + new_secret())
+        assert (await api.get("/api/v1/public/signs", headers=unknown)).status_code == 401
+        repeated = await api.get(
+            f"/api/v1/public/signs?car_parks={lot.code}&car_parks=x", headers=signed
+        )
+        assert repeated.status_code == 401
+    finally:
+        app.dependency_overrides.clear()
