@@ -280,9 +280,6 @@ async def lane_alone_and_loaded(
             runtime.lanes.stats = LaneStats()
             loop = asyncio.get_running_loop()
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                # The load's process started, and at its priority, before the phase: its
-                # spawn and imports (seconds of CPU) otherwise land in the lane's measurement.
-                await loop.run_in_executor(pool, os.nice, CLIENTS_NICENESS)
                 cpu = _Cpu(psutil.Process(api.pid))
                 loading = loop.run_in_executor(
                     pool,
