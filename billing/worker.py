@@ -74,6 +74,9 @@ PRUNABLE_DEAD_KINDS = frozenset({"notification", "gate_command", "parking_entry"
 # A handler of a kind of job the worker runs for another package (parking's feed deliveries):
 # returning means done; raising `billing.queue.RetryLater` means again after the backoff.
 Handler = Callable[[Job], Awaitable[None]]
+# Runs a claimed batch of one kind at once (a feed's deliveries: read and written back in a
+# few statements); marks done the jobs it finished and returns the others' RetryLater by id.
+BatchHandler = Callable[[list[Job]], Awaitable[Mapping[int, job_queue.RetryLater]]]
 
 
 class OutboxWorker:
@@ -103,6 +106,7 @@ class OutboxWorker:
         backoff_cap_s: float = 300.0,
         rng: random.Random | None = None,
         handlers: Mapping[str, Handler] | None = None,
+        batch_handlers: Mapping[str, BatchHandler] | None = None,
         on_dead: Mapping[str, job_queue.OnDead] | None = None,
         kinds: Iterable[str] | None = None,
         sweeps: bool = True,
@@ -140,6 +144,7 @@ class OutboxWorker:
         }
         for kind, handler in (handlers or {}).items():
             self._handlers[kind] = self._then_done(handler)
+        self._batch_handlers = dict(batch_handlers or {})
         self.poll_interval_s = poll_interval_s
         self.lease_s = lease_s
         self.batch = batch
@@ -149,7 +154,7 @@ class OutboxWorker:
             lease_s=lease_s,
             rng=rng,
             on_dead=on_dead,
-            kinds=sorted(self._handlers) if kinds is None else kinds,
+            kinds=sorted({*self._handlers, *self._batch_handlers}) if kinds is None else kinds,
         )
         self.sweeps = sweeps
         self.stats = WorkerStats()
@@ -218,8 +223,33 @@ class OutboxWorker:
         jobs = await self.queue.claim(self.batch)
         buried = self.queue.dead - dead_before
         self.stats.dead += buried
-        await asyncio.gather(*(self._run_job(job) for job in jobs))
+        batches: dict[str, list[Job]] = {}
+        for job in jobs:
+            if job.kind in self._batch_handlers:
+                batches.setdefault(job.kind, []).append(job)
+        await asyncio.gather(
+            *(self._run_job(job) for job in jobs if job.kind not in self._batch_handlers),
+            *(self._run_batch(kind, batch) for kind, batch in batches.items()),
+        )
         return len(jobs) + buried
+
+    async def _run_batch(self, kind: str, jobs: list[Job]) -> None:
+        """A batch handler's jobs: those it returns are tried again later, the others it has
+        made done itself; when it fails, all of them are tried again."""
+        try:
+            retries = await self._batch_handlers[kind](jobs)
+        except Exception as exc:  # a batch's failure must not stop the worker
+            log.exception("outbox.batch_failed", kind=kind, jobs=len(jobs))
+            self.stats.failures += 1
+            retries = {job.id: job_queue.RetryLater(f"{type(exc).__name__}: {exc}") for job in jobs}
+        for job in jobs:
+            retry = retries.get(job.id)
+            if retry is None:
+                continue
+            try:
+                await self._retry_later(job, str(retry), retry.base_s)
+            except Exception:
+                self._unreleased.add((job.id, job.attempts))
 
     def _then_done(self, handler: Handler) -> Handler:
         async def run(job: Job) -> None:

@@ -36,6 +36,8 @@ from parking.payments.router import MAX_NOTIFICATION_BYTES
 from parking.payments.router import router as payments_router
 from parking.production import ConfigurationError
 from parking.public.router import router as public_router
+from parking.public.signs import SignsFastPath
+from parking.public.signs import router as signs_router
 from parking.receipts.router import router as receipts_router
 from parking.receipts.signing import FrameSigner
 from parking.rights.router import router as rights_router
@@ -82,6 +84,7 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
     app.include_router(confirmations_router)
     app.include_router(ownership_router)
     app.include_router(public_router)
+    app.include_router(signs_router)
     app.include_router(apds_router)
     app.include_router(feeds_router)
     app.include_router(dashboard_router)
@@ -100,6 +103,8 @@ def create_app(runtime: Runtime, sms: SmsSender | None = None) -> FastAPI:
         # uvicorn's own middleware, with our list: the right-most hop of X-Forwarded-For that
         # is not a trusted proxy becomes request.client, which per-client limits count.
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
+    # Guidance signs' polls, once their key and the board are known, before the routing.
+    app.add_middleware(SignsFastPath, state=app.state)
     # Outermost: an oversized body is refused before anything else runs.
     app.add_middleware(
         BodyLimit,

@@ -65,6 +65,14 @@ def stand_ins(settings: Settings) -> list[Missing]:
                 "(and receipts would use the fixed development key)",
             )
         )
+    if settings.feed_allow_loopback:
+        missing.append(
+            Missing(
+                "PARKING_FEED_ALLOW_LOOPBACK",
+                "true: webhook and city platform endpoints on loopback would be accepted "
+                "(a subscription could make the feeds POST to this machine's own services)",
+            )
+        )
     if settings.jwt_secret is None:
         missing.append(
             Missing(

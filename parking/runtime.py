@@ -187,7 +187,7 @@ class Runtime:
 
 # The outbox kinds of the feeds' own worker, and how many of its jobs it has in hand at once.
 FEED_KINDS = ("feed_delivery",)
-FEED_BATCH = 32
+FEED_BATCH = 200
 
 
 def job_limits(settings: Settings) -> dict[str, int]:
@@ -322,7 +322,7 @@ async def running(
             backoff_cap_s=settings.job_backoff_cap_s,
             # Deliveries wait on subscribers' endpoints: many in hand at once.
             batch=FEED_BATCH,
-            handlers={"feed_delivery": feeds.deliver},
+            batch_handlers={"feed_delivery": feeds.deliver_batch},
             on_dead={"feed_delivery": feeds.dead},
             kinds=FEED_KINDS,
             sweeps=False,

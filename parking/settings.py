@@ -292,6 +292,11 @@ class Settings(BaseSettings):
     feed_occupancy_interval_s: float = Field(default=5.0, ge=0)
     # Every car park's free spaces go to the city platform this often, changed or not (0: off).
     feed_city_heartbeat_s: float = Field(default=300.0, ge=0)
+    # POSTs a feed worker has in flight at once (over kept-alive connections).
+    feed_concurrency: int = Field(default=64, ge=1, le=1000)
+    # Endpoints on loopback are refused like every non-public address unless this is set
+    # (development and tests run their receivers there); production refuses it.
+    feed_allow_loopback: bool = False
 
     @model_validator(mode="after")
     def _mqtt_url_from_file(self) -> "Settings":

@@ -101,6 +101,8 @@ def settings() -> Settings:
         charge_retry_base_s=0.05,
         charge_query_after_s=0.1,
         dev_adapters=True,
+        # The feed tests' receivers listen on loopback.
+        feed_allow_loopback=True,
         # The tests' cameras report the scores a test gives them: taken as calibrated, so a
         # certain read is proven and a charge on it needs no second reader. The tests of the
         # second reader (test_charge_verification.py) turn this off, as production has it.

@@ -423,6 +423,91 @@ async def test_right_specifications_and_assigned_rights_are_the_companys_own(
     )
 
 
+async def test_a_sessions_right_resolves_and_a_rights_status_is_told(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    own = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+    spec = await api.post(
+        "/api/v1/operator/right-specs",
+        json={"name": "商户员工", "kind": "discount", "discount_percent": 30},
+        headers=own,
+    )
+    assert spec.status_code == 201, spec.text
+    now = datetime.now(UTC)
+    rights = []
+    for _ in range(3):
+        given = await api.post(
+            "/api/v1/operator/rights",
+            json={
+                "spec_id": spec.json()["id"],
+                "vehicles": [{"plate": unique_plate(), "color": "blue"}],
+                "valid_from": (now - timedelta(days=1)).isoformat(),
+                "valid_until": (now + timedelta(days=30)).isoformat(),
+            },
+            headers=own,
+        )
+        assert given.status_code == 201, given.text
+        rights.append(given.json()["id"])
+    active, suspended, cancelled = rights
+    for right, change in ((suspended, "suspend"), (cancelled, "cancel")):
+        changed = await api.post(f"/api/v1/operator/rights/{right}/{change}", headers=own)
+        assert changed.status_code == 200, changed.text
+
+    # A suspended or cancelled right says so; a cancelled one expired when it was cancelled.
+    listed = conforms("/rights/assigned", await api.get("/apds/v4/rights/assigned", headers=own))
+    by_id = {r["id"]: r for r in listed["data"]}
+    assert by_id[str(active)]["validityStatus"] == "definedByValidityTimeSpec"
+    assert by_id[str(suspended)]["validityStatus"] == "suspended"
+    assert "cancelTime" not in by_id[str(suspended)]["plannedUses"][0]
+    gone = by_id[str(cancelled)]
+    assert gone["validityStatus"] == "suspended"
+    assert gone["expiry"] == gone["plannedUses"][0]["cancelTime"]
+
+    # A stay under a right names it, a stay without one its pay-as-you-go right: both resolve,
+    # and so do their specifications.
+    visitor, holder = unique_plate(), unique_plate()
+    await enter(runtime, gate, lot, visitor, parked_for=timedelta(minutes=5))
+    await enter(runtime, gate, lot, holder, parked_for=timedelta(minutes=5))
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE sessions SET assigned_right_id = $2 WHERE plate = $1", holder, active
+        )
+    stays = conforms(
+        "/sessions", await api.get("/apds/v4/sessions", params={"place": lot.code}, headers=own)
+    )
+    named = {
+        s["identifiedCredentials"][0]["identifier"]["id"]: s["segments"][0]["assignedRight"]["id"]
+        for s in stays["data"]
+    }
+    assert named[holder] == str(active)
+    assert named[visitor].startswith("stay-")
+    for right_id in named.values():
+        right = conforms(
+            "/rights/assigned/{id}",
+            await api.get(f"/apds/v4/rights/assigned/{right_id}", headers=own),
+        )
+        assert right["id"] == right_id
+        conforms(
+            "/rights/specs/{id}",
+            await api.get(
+                f"/apds/v4/rights/specs/{right['rightSpecification']['id']}", headers=own
+            ),
+        )
+    paid = (await api.get(f"/apds/v4/rights/assigned/{named[visitor]}", headers=own)).json()
+    assert paid["rightHolder"]["credentials"][0]["identifier"]["id"] == visitor
+    # A stay under a right has no pay-as-you-go right; another company sees neither.
+    holder_stay = next(
+        s["id"]
+        for s in stays["data"]
+        if named[s["identifiedCredentials"][0]["identifier"]["id"]] == str(active)
+    )
+    apds_error(await api.get(f"/apds/v4/rights/assigned/stay-{holder_stay}", headers=own), 404)
+    other = await create_lot(runtime)
+    theirs = bearer(staff_token(app, await make_staff(runtime, other.operator_id, "admin")))
+    apds_error(await api.get(f"/apds/v4/rights/assigned/{named[visitor]}", headers=theirs), 404)
+    apds_error(await api.get("/apds/v4/rights/assigned/stay-x", headers=own), 404)
+
+
 @pytest.mark.parametrize(
     ("path", "params", "status"),
     [

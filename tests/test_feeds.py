@@ -5,6 +5,7 @@ feed (entries, exits, free spaces), which loses nothing: a delivery that went de
 by an admin and arrives once, with its event id."""
 
 import asyncio
+import ipaddress
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
@@ -14,6 +15,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from parking.feeds.addresses import refusal
 from parking.retention import service as retention
 from parking.runtime import Runtime
 from tests.apds_schema import schema_errors
@@ -247,6 +249,101 @@ async def test_bad_subscriptions_are_refused_in_apds_shape(
     assert (await api.get("/apds/v4/webhooks", headers=admin)).json() == []
 
 
+@pytest.mark.parametrize(
+    ("address", "refused"),
+    [
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("10.1.2.3", True),
+        ("172.16.0.1", True),
+        ("192.168.1.1", True),
+        ("169.254.169.254", True),
+        ("fe80::1", True),
+        ("fc00::1", True),
+        ("224.0.0.1", True),
+        ("ff02::1", True),
+        ("0.0.0.0", True),
+        ("::", True),
+        ("100.64.0.1", True),
+        ("::ffff:10.0.0.1", True),
+        ("8.8.8.8", False),
+        ("2400:3200::1", False),
+    ],
+)
+def test_only_public_addresses_take_feeds(address: str, refused: bool) -> None:
+    assert (refusal(ipaddress.ip_address(address), allow_loopback=False) is not None) is refused
+    # Loopback may be allowed (development, tests); nothing else is.
+    allowed = refusal(ipaddress.ip_address(address), allow_loopback=True) is None
+    assert allowed == (not refused or address in ("127.0.0.1", "::1"))
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://10.0.0.7/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[fd00::1]/hook",
+        "http://0.0.0.0:8000/hook",
+        # A name, resolved when subscribing: loopback is refused unless allowed.
+        "http://localhost:8000/hook",
+        "http://127.0.0.1:8000/hook",
+    ],
+)
+async def test_internal_endpoints_are_refused_when_set(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, lot: Lot, endpoint: str
+) -> None:
+    runtime.settings.feed_allow_loopback = False
+    admin = await _admin(runtime, app, lot)
+    refused = await api.post(
+        "/apds/v4/webhooks",
+        json={"endpoint": endpoint, "topics": ["SessionCreated"]},
+        headers=admin,
+    )
+    assert refused.status_code == 422, refused.text
+    assert schema_errors("ResponseStatus", refused.json()) == []
+    assert "address" in refused.json()["message"]
+    city = await api.put(
+        "/api/v1/operator/city-platform",
+        json={"endpoint": endpoint, "key": "city-platform-key-0123456789"},
+        headers=admin,
+    )
+    assert city.status_code == 422, city.text
+    assert city.json()["error"]["code"] == "endpoint_refused"
+    assert (await api.get("/apds/v4/webhooks", headers=admin)).json() == []
+    assert (await api.get("/api/v1/operator/city-platform", headers=admin)).json() is None
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_an_endpoint_that_turned_internal_is_refused_at_delivery(
+    fast: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    receiver: Receiver,
+    host: str,
+) -> None:
+    """Checked when sent too: a name that resolves elsewhere by then (DNS rebinding) is
+    refused, and the connection goes to the addresses checked."""
+    admin = await _admin(fast, app, lot)
+    url = receiver.url.replace("127.0.0.1", host)
+    await _subscribe(api, admin, url, ["SessionCreated"], lot)
+    # The subscription was accepted (loopback allowed); it is not any more.
+    fast.settings.feed_allow_loopback = False
+    await enter(fast, gate, lot, unique_plate(), parked_for=timedelta(minutes=1))
+
+    async def refused() -> Any:
+        rows = await _deliveries(fast, lot, "session_started")
+        async with fast.pool.acquire() as conn:
+            error = await conn.fetchval(
+                "SELECT last_error FROM outbox WHERE id = $1", rows[0]["job_id"]
+            )
+        return error and "loopback" in error and error
+
+    await eventually(refused)
+    assert receiver.received == []
+
+
 async def test_the_city_platform_gets_entries_exits_and_free_spaces_and_loses_none(
     fast: Runtime,
     app: FastAPI,
@@ -288,14 +385,23 @@ async def test_the_city_platform_gets_entries_exits_and_free_spaces_and_loses_no
     assert {j["id"] for j in listed.json() if j["kind"] == "feed_delivery"} >= {
         r["job_id"] for r in dead
     }
+    # The stay's exit waited for its entry (a receiver never gets an exit before its entry):
+    # it was not attempted until the entry's two attempts were over.
+    entry_id = str(next(r["id"] for r in dead if r["topic"] == "session_started"))
+    attempts = [r.event_id for r in receiver.received]
+    entry_attempts = [n for n, event_id in enumerate(attempts) if event_id == entry_id]
+    assert len(entry_attempts) == 2, attempts
+    assert all(
+        n > entry_attempts[-1] for n, event_id in enumerate(attempts) if event_id != entry_id
+    ), attempts
     assert (await api.get("/api/v1/operator/city-platform", headers=admin)).json()[
         "consecutive_failures"
-    ] >= 4
+    ] >= 2
 
-    # The platform is back: an admin retries the dead deliveries, each arrives once, with the
-    # event id its failed attempts had.
+    # The platform is back: an admin retries the dead deliveries, each arrives once, with its
+    # delivery's id (the entry's failed attempts had it too).
     receiver.down = False
-    failed_ids = {r.event_id for r in receiver.received}
+    failed_ids = {r.event_id for r in receiver.received} | {str(r["id"]) for r in dead}
     for row in dead:
         retried = await api.post(f"/api/v1/operator/jobs/{row['job_id']}/retry", headers=admin)
         assert retried.status_code == 200, retried.text

@@ -106,6 +106,7 @@ CASES = [
     ("public_base_url", "http://parking.example.cn", "PARKING_PUBLIC_BASE_URL", "https://"),
     ("receipt_key", None, "PARKING_RECEIPT_KEY", "no gate photos"),
     ("log_pseudonym_key", None, "PARKING_LOG_PSEUDONYM_KEY", "random key per process"),
+    ("feed_allow_loopback", True, "PARKING_FEED_ALLOW_LOOPBACK", "endpoints on loopback"),
 ]
 
 

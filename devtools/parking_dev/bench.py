@@ -3,8 +3,8 @@
 Latency is capture received by the lane service -> command acknowledged by the broker
 (`decision`), and publish by the gate -> command received by the gate (`gate_round_trip`).
 The simulated gates run in their own process so that they do not share the lane's event loop.
-With `--feeds` every company of the city has an APDS webhook subscription (every topic) and a
-city platform, both answered by a receiver in a process of its own: the stays' trigger queues
+With `--feeds` every company of the city has a city platform and 9 APDS webhook subscriptions
+(every topic), all answered by a receiver in a process of its own: the stays' trigger queues
 their deliveries in the lane's transactions, and `feeds` reports the delivery lag (queued ->
 recorded as sent).
 """
@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import uvloop
 
 from billing import fees
@@ -229,6 +230,7 @@ async def lane_service(settings: Settings, provider: ProviderEndpoint) -> AsyncI
             target=_outbox_worker,
             args=(settings.model_dump(exclude={"mqtt_client_id"}), eps, provider),
             daemon=True,
+            name=OUTBOX_WORKER,
         )
         worker.start()
         try:
@@ -467,9 +469,29 @@ async def exit_lookup_cost(runtime: Runtime, samples: int = 500) -> dict[str, An
     return {name: {"n": len(t), **percentiles(t)} for name, t in timings.items()}
 
 
+# The outbox worker's process (its CPU per feed delivery is reported).
+OUTBOX_WORKER = "bench-outbox-worker"
+# The feeds' receiver, like the abuse bench's clients (`parking_dev.abuse.CLIENTS_NICENESS`).
+SUBSCRIBERS_NICENESS = 19
+# Subscribers per company with --feeds (the issue's 10: the city platform and 9 APDS ones).
+FEED_SUBSCRIBERS = 10
+
+
+def _worker_cpu_s() -> float | None:
+    """CPU seconds of the outbox worker's process so far (None: not found)."""
+    for child in multiprocessing.active_children():
+        if child.name == OUTBOX_WORKER and child.pid is not None:
+            times = psutil.Process(child.pid).cpu_times()
+            return float(times.user + times.system)
+    return None
+
+
 def _feed_receiver(port: int) -> None:
-    """A subscriber that takes every delivery (its own process: not on the lane's loop)."""
+    """A subscriber that takes every delivery (its own process: not on the lane's loop), at
+    the lowest priority: it stands for the subscribers' machines, elsewhere."""
     from aiohttp import web
+
+    os.nice(SUBSCRIBERS_NICENESS)
 
     async def take(_: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -502,7 +524,10 @@ def feed_receiver() -> Iterator[str]:
         process.join(5)
 
 
-async def _subscribe_everyone(runtime: Runtime, city: DemoCity, url: str) -> int:
+async def _subscribe_everyone(
+    runtime: Runtime, city: DemoCity, url: str, subscribers: int = FEED_SUBSCRIBERS
+) -> int:
+    """Each company: its city platform and `subscribers` - 1 APDS subscriptions, every topic."""
     async with runtime.pool.acquire() as conn:
         created: int = await conn.fetchval(
             """WITH companies AS (SELECT DISTINCT operator_id FROM car_parks
@@ -510,20 +535,25 @@ async def _subscribe_everyone(runtime: Runtime, city: DemoCity, url: str) -> int
                     made AS (
                         INSERT INTO feed_subscriptions (operator_id, format, endpoint, secret,
                                                         topics)
-                        SELECT operator_id, kind, $2 || '/' || kind, 'bench-feed-secret',
+                        SELECT operator_id, CASE WHEN n = 1 THEN 'city' ELSE 'apds' END,
+                               $2 || '/' || n, 'bench-feed-secret',
                                ARRAY['occupancy', 'session_started', 'session_ended']
-                        FROM companies, unnest(ARRAY['apds', 'city']) AS kind
+                        FROM companies, generate_series(1, $3::int) AS n
                         ON CONFLICT DO NOTHING
                         RETURNING 1)
                SELECT count(*) FROM made""",
             list(city.car_park_ids),
             url,
+            subscribers,
         )
     return created
 
 
-async def _feed_figures(runtime: Runtime, city: DemoCity, timeout_s: float = 60) -> dict[str, Any]:
-    """Waits for the deliveries queued by the run to be sent; their lag, queued -> sent."""
+async def _feed_figures(
+    runtime: Runtime, city: DemoCity, worker_cpu_s: float | None, timeout_s: float = 60
+) -> dict[str, Any]:
+    """Waits for the deliveries queued by the run to be sent; their lag, queued -> sent, and
+    the outbox worker's CPU per delivery since `worker_cpu_s` (charging included)."""
     deadline = time.monotonic() + timeout_s
     async with runtime.pool.acquire() as conn:
         while True:
@@ -542,11 +572,26 @@ async def _feed_figures(runtime: Runtime, city: DemoCity, timeout_s: float = 60)
                WHERE status = 'sent' AND car_park_id = ANY ($1::bigint[])""",
             list(city.car_park_ids),
         )
+        span_s = await conn.fetchval(
+            """SELECT extract(epoch FROM max(sent_at) - min(created_at))
+               FROM feed_deliveries
+               WHERE status = 'sent' AND car_park_id = ANY ($1::bigint[])""",
+            list(city.car_park_ids),
+        )
+    cpu_now = _worker_cpu_s()
+    worker_ms = (
+        round(1000 * (cpu_now - worker_cpu_s) / len(rows), 3)
+        if cpu_now is not None and worker_cpu_s is not None and rows
+        else None
+    )
     sessions = [r["lag_ms"] for r in rows if not r["occupancy"]]
     occupancy = [r["lag_ms"] for r in rows if r["occupancy"]]
     return {
         "sent": len(rows),
         "pending_after_run": pending,
+        # From the first queued to the last sent (what one feed worker kept up with).
+        "sent_per_s": round(len(rows) / float(span_s), 1) if span_s else None,
+        "worker_cpu_ms_per_delivery": worker_ms,
         # A stay's start or end: queued by the lane's transaction, sent by the worker.
         "session_delivery_lag": percentiles([float(v) for v in sessions]),
         # Occupancy: due at most once per interval per car park and subscriber, by design.
@@ -567,6 +612,9 @@ async def run_bench(
 ) -> dict[str, Any]:
     rng = random.Random()
     exits_needed = int(rate * duration_s * 1.2) + 100
+    if feeds_url is not None:
+        # The receiver listens on loopback.
+        settings = settings.model_copy(update={"feed_allow_loopback": True})
     if ocr_folder is None:
         settings = with_simulated_cameras(settings)
     async with lane_service(settings, provider) as runtime:
@@ -599,14 +647,23 @@ async def run_bench(
         subscriptions = (
             await _subscribe_everyone(runtime, city, feeds_url) if feeds_url is not None else 0
         )
+        worker_cpu_s = _worker_cpu_s()
         figures = await drive(
             runtime, city, rate=rate, duration_s=duration_s, exit_share=exit_share
         )
         if feeds_url is not None:
             figures["feeds"] = {
                 "subscriptions": subscriptions,
-                **await _feed_figures(runtime, city),
+                **await _feed_figures(runtime, city, worker_cpu_s),
             }
+            # The database outlives the run: later benches must not feed a receiver that is
+            # gone (its failing deliveries would load the lane they measure).
+            async with runtime.pool.acquire() as conn:
+                await conn.execute(
+                    "UPDATE feed_subscriptions SET deleted_at = now() "
+                    "WHERE endpoint LIKE $1 || '/%' AND deleted_at IS NULL",
+                    feeds_url,
+                )
     return {
         "mode": "ocr" if ocr_folder is not None else "camera_read",
         **figures,

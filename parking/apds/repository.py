@@ -135,7 +135,8 @@ async def rate(conn: asyncpg.Connection, tariff_id: int) -> asyncpg.Record | Non
 
 
 _SESSION = """SELECT s.id, s.plate, s.plate_color, s.status, s.entered_at, s.exited_at,
-                     s.fee_fen, s.settlement, c.code AS car_park, c.version AS car_park_version
+                     s.fee_fen, s.settlement, s.assigned_right_id,
+                     c.code AS car_park, c.version AS car_park_version
               FROM sessions s JOIN car_parks c ON c.id = s.car_park_id"""
 
 
@@ -245,6 +246,19 @@ async def right_spec(
     row: asyncpg.Record | None = await conn.fetchrow(
         f"{_SPEC} WHERE sp.id = $1 AND sp.operator_id = $2 AND places.codes IS NOT NULL",
         spec_id,
+        operator_id,
+    )
+    return row
+
+
+async def company_places(conn: asyncpg.Connection, operator_id: int) -> asyncpg.Record:
+    """The company's car parks (codes and versions, by code; NULL: none) and when its first
+    was created."""
+    row: asyncpg.Record = await conn.fetchrow(
+        """SELECT array_agg(code ORDER BY code) AS car_parks,
+                  array_agg(version ORDER BY code) AS car_park_versions,
+                  min(created_at) AS created_at
+           FROM car_parks WHERE operator_id = $1""",
         operator_id,
     )
     return row

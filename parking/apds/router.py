@@ -9,6 +9,7 @@ Errors on these routes are APDS `ResponseStatus` objects (`parking.errors`).
 """
 
 import uuid
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated
@@ -26,10 +27,11 @@ from parking.apds.schemas import (
     RightSpecificationList,
     SessionList,
 )
-from parking.auth.principal import MaybePrincipalDep, OperatorAdminDep, OperatorDep
+from parking.auth.principal import MaybePrincipalDep, OperatorAdminDep, OperatorDep, Principal
 from parking.deps import ConnectionDep, ReadConnectionDep, RuntimeDep
 from parking.feeds import service as feeds
 from parking.feeds.schemas import CreatedSubscription, EventSubscription, Subscription
+from parking.public.cache import Answer, AnswerCache
 from parking.public.router import AnswerCacheDep, PublicLimit, answer_of, cached, respond
 
 router = APIRouter(prefix="/apds/v4", tags=["apds"])
@@ -84,6 +86,34 @@ def listing(
 ListingDep = Annotated[Listing, Depends(listing)]
 
 
+def _company(principal: Principal) -> int:
+    assert principal.operator_id is not None
+    return principal.operator_id
+
+
+async def _answer(
+    request: Request,
+    expand: Iterable[str],
+    known: frozenset[str],
+    build: Callable[[frozenset[str]], Awaitable[Json]],
+    cache: tuple[AnswerCache[Answer], Hashable] | None = None,
+    *,
+    public: bool,
+) -> Response:
+    """Every APDS answer: `expand` checked against the resource's `known` expansions (an APDS
+    error otherwise), then built from them. Public answers (places, rates) carry an ETag and
+    may be cached by anyone; lists are also built once per PARKING_PUBLIC_CACHE_SECONDS per
+    process (`cache`: the cache and the key of the query, the expansions added). The company's
+    own (they name plates or its arrangements) are neither."""
+    expanded = service.expansions(expand, known)
+    if not public:
+        return Response(answer_of(await build(expanded)).body, media_type="application/json")
+    if cache is not None:
+        answers, key = cache
+        return await cached(request, answers, (key, expanded), lambda: build(expanded))
+    return respond(request, answer_of(await build(expanded)))
+
+
 @router.get("/places", response_model=HierarchyElementList, dependencies=[PublicLimit])
 async def list_places(
     _: MaybePrincipalDep,
@@ -98,13 +128,12 @@ async def list_places(
 ) -> Response:
     """Car parks as APDS places (layer 0; `layer` filters nothing); `expand=occupancy` adds
     their live occupancy."""
-    expanded = service.expansions(listed.expand, service.PLACE_EXPANSIONS)
     types = frozenset(_names(type) or [])
-    return await cached(
+    return await _answer(
         request,
-        answers,
-        ("apds-places", listed, name, types, expanded),
-        lambda: service.places(
+        listed.expand,
+        service.PLACE_EXPANSIONS,
+        lambda expanded: service.places(
             conn,
             runtime,
             near=listed.near,
@@ -114,6 +143,8 @@ async def list_places(
             expand=expanded,
             page=listed.page,
         ),
+        (answers, ("apds-places", listed, name, types)),
+        public=True,
     )
 
 
@@ -126,8 +157,13 @@ async def get_place(
     runtime: RuntimeDep,
     expand: CommaList = None,
 ) -> Response:
-    expanded = service.expansions(_names(expand) or [], service.PLACE_EXPANSIONS)
-    return respond(request, answer_of(await service.place(conn, runtime, place_id, expanded)))
+    return await _answer(
+        request,
+        _names(expand) or [],
+        service.PLACE_EXPANSIONS,
+        lambda expanded: service.place(conn, runtime, place_id, expanded),
+        public=True,
+    )
 
 
 @router.get("/rates", response_model=RateTableList, dependencies=[PublicLimit])
@@ -141,19 +177,20 @@ async def list_rates(
 ) -> Response:
     """Tariff versions in force now or later as APDS rate tables; `place` takes car park
     codes."""
-    service.expansions(listed.expand, service.RATE_EXPANSIONS)
     places = _names(place)
-    return await cached(
+    return await _answer(
         request,
-        answers,
-        ("apds-rates", listed, tuple(places) if places is not None else None),
-        lambda: service.rates(
+        listed.expand,
+        service.RATE_EXPANSIONS,
+        lambda _: service.rates(
             conn,
             near=listed.near,
             car_parks=places,
             modified_since=listed.since,
             page=listed.page,
         ),
+        (answers, ("apds-rates", listed, tuple(places) if places is not None else None)),
+        public=True,
     )
 
 
@@ -165,13 +202,19 @@ async def get_rate(
     conn: ReadConnectionDep,
     expand: CommaList = None,
 ) -> Response:
-    service.expansions(_names(expand) or [], service.RATE_EXPANSIONS)
-    return respond(request, answer_of(await service.rate(conn, rate_id)))
+    return await _answer(
+        request,
+        _names(expand) or [],
+        service.RATE_EXPANSIONS,
+        lambda _: service.rate(conn, rate_id),
+        public=True,
+    )
 
 
 @router.get("/sessions", response_model=SessionList)
 async def list_sessions(
     operator: OperatorDep,
+    request: Request,
     conn: ReadConnectionDep,
     listed: ListingDep,
     place: CommaList = None,
@@ -181,8 +224,6 @@ async def list_sessions(
     end_before: Epoch = None,
 ) -> Response:
     """The company's stays as APDS sessions, newest first (they name plates: staff only)."""
-    assert operator.operator_id is not None
-    service.expansions(listed.expand, service.SESSION_EXPANSIONS)
     wanted = SessionFilter(
         near=listed.near,
         car_parks=_names(place),
@@ -192,60 +233,78 @@ async def list_sessions(
         end_before=service.instant(end_before),
         modified_since=listed.since,
     )
-    found = await service.sessions(conn, operator.operator_id, wanted, listed.page)
-    return Response(answer_of(found).body, media_type="application/json")
+    return await _answer(
+        request,
+        listed.expand,
+        service.SESSION_EXPANSIONS,
+        lambda _: service.sessions(conn, _company(operator), wanted, listed.page),
+        public=False,
+    )
 
 
 @router.get("/sessions/{session_id}", response_model=Json)
 async def get_session(
     session_id: str,
     operator: OperatorDep,
+    request: Request,
     conn: ReadConnectionDep,
     expand: CommaList = None,
 ) -> Response:
-    assert operator.operator_id is not None
-    service.expansions(_names(expand) or [], service.SESSION_EXPANSIONS)
-    found = await service.session(conn, operator.operator_id, session_id)
-    return Response(answer_of(found).body, media_type="application/json")
+    return await _answer(
+        request,
+        _names(expand) or [],
+        service.SESSION_EXPANSIONS,
+        lambda _: service.session(conn, _company(operator), session_id),
+        public=False,
+    )
 
 
 @router.get("/rights/specs", response_model=RightSpecificationList)
 async def list_right_specs(
     operator: OperatorDep,
+    request: Request,
     conn: ReadConnectionDep,
     listed: ListingDep,
     place: CommaList = None,
 ) -> Response:
     """The company's right specifications (`place` takes car park codes)."""
-    assert operator.operator_id is not None
-    service.expansions(listed.expand, service.RIGHT_SPEC_EXPANSIONS)
-    found = await service.right_specs(
-        conn,
-        operator.operator_id,
-        near=listed.near,
-        car_parks=_names(place),
-        modified_since=listed.since,
-        page=listed.page,
+    return await _answer(
+        request,
+        listed.expand,
+        service.RIGHT_SPEC_EXPANSIONS,
+        lambda _: service.right_specs(
+            conn,
+            _company(operator),
+            near=listed.near,
+            car_parks=_names(place),
+            modified_since=listed.since,
+            page=listed.page,
+        ),
+        public=False,
     )
-    return Response(answer_of(found).body, media_type="application/json")
 
 
 @router.get("/rights/specs/{right_spec_id}", response_model=Json)
 async def get_right_spec(
     right_spec_id: str,
     operator: OperatorDep,
+    request: Request,
     conn: ReadConnectionDep,
     expand: CommaList = None,
 ) -> Response:
-    assert operator.operator_id is not None
-    service.expansions(_names(expand) or [], service.RIGHT_SPEC_EXPANSIONS)
-    found = await service.right_spec(conn, operator.operator_id, right_spec_id)
-    return Response(answer_of(found).body, media_type="application/json")
+    return await _answer(
+        request,
+        _names(expand) or [],
+        service.RIGHT_SPEC_EXPANSIONS,
+        lambda _: service.right_spec(conn, _company(operator), right_spec_id),
+        public=False,
+    )
 
 
 @router.get("/rights/assigned", response_model=AssignedRightList)
 async def list_assigned_rights(
     operator: OperatorDep,
+    request: Request,
     conn: ReadConnectionDep,
     listed: ListingDep,
     place: CommaList = None,
@@ -258,39 +317,49 @@ async def list_assigned_rights(
 ) -> Response:
     """The company's assigned rights (they name plates: staff only); `credential_id` takes
     plates, `right_spec` specification ids."""
-    assert operator.operator_id is not None
-    service.expansions(listed.expand, service.ASSIGNED_EXPANSIONS)
-    specs = _names(right_spec)
-    if specs is not None and not all(
-        spec.isascii() and spec.isdigit() and len(spec) <= 18 for spec in specs
-    ):
-        raise service.BadRequest("right_spec takes right specification ids")
-    wanted = AssignedFilter(
-        near=listed.near,
-        car_parks=_names(place),
-        specs=[int(spec) for spec in specs] if specs is not None else None,
-        plates=_names(credential_id),
-        start_after=service.instant(start_after),
-        start_before=service.instant(start_before),
-        end_after=service.instant(end_after),
-        end_before=service.instant(end_before),
-        modified_since=listed.since,
+
+    def wanted() -> AssignedFilter:
+        specs = _names(right_spec)
+        if specs is not None and not all(
+            spec.isascii() and spec.isdigit() and len(spec) <= 18 for spec in specs
+        ):
+            raise service.BadRequest("right_spec takes right specification ids")
+        return AssignedFilter(
+            near=listed.near,
+            car_parks=_names(place),
+            specs=[int(spec) for spec in specs] if specs is not None else None,
+            plates=_names(credential_id),
+            start_after=service.instant(start_after),
+            start_before=service.instant(start_before),
+            end_after=service.instant(end_after),
+            end_before=service.instant(end_before),
+            modified_since=listed.since,
+        )
+
+    return await _answer(
+        request,
+        listed.expand,
+        service.ASSIGNED_EXPANSIONS,
+        lambda _: service.assigned_rights(conn, _company(operator), wanted(), listed.page),
+        public=False,
     )
-    found = await service.assigned_rights(conn, operator.operator_id, wanted, listed.page)
-    return Response(answer_of(found).body, media_type="application/json")
 
 
 @router.get("/rights/assigned/{assigned_right_id}", response_model=Json)
 async def get_assigned_right(
     assigned_right_id: str,
     operator: OperatorDep,
+    request: Request,
     conn: ReadConnectionDep,
     expand: CommaList = None,
 ) -> Response:
-    assert operator.operator_id is not None
-    service.expansions(_names(expand) or [], service.ASSIGNED_EXPANSIONS)
-    found = await service.assigned_right(conn, operator.operator_id, assigned_right_id)
-    return Response(answer_of(found).body, media_type="application/json")
+    return await _answer(
+        request,
+        _names(expand) or [],
+        service.ASSIGNED_EXPANSIONS,
+        lambda _: service.assigned_right(conn, _company(operator), assigned_right_id),
+        public=False,
+    )
 
 
 # ===== Subscriptions (push) =====
@@ -298,11 +367,13 @@ async def get_assigned_right(
 
 @router.post("/webhooks", response_model=CreatedSubscription)
 async def subscribe(
-    wanted: EventSubscription, admin: OperatorAdminDep, conn: ConnectionDep
+    wanted: EventSubscription, admin: OperatorAdminDep, conn: ConnectionDep, runtime: RuntimeDep
 ) -> CreatedSubscription:
     """An APDS subscription of the company (admins): each event of its topics at its car parks
-    is POSTed to `endpoint`, signed with the returned `secret` (shown this once)."""
-    return await feeds.subscribe(conn, admin, wanted)
+    is POSTed to `endpoint`, signed with the returned `secret` (shown this once). An endpoint
+    that is or resolves to a loopback, private, link-local, multicast or unspecified address
+    is refused (422 endpoint_refused), and checked again at every delivery."""
+    return await feeds.subscribe(conn, admin, wanted, runtime.settings)
 
 
 @router.get("/webhooks")

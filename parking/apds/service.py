@@ -10,16 +10,19 @@ in tests/fixtures/apds/; tests/test_apds.py validates every answer against it).
   started period, amounts in yuan (CNY). What APDS has no field for (the free minutes, the
   24-hour and per-stay caps, the discounts per plate colour, the hours of each band) is said
   in the lines' descriptions.
-- A stay is a `Session` with the plate as its vehicle credential and one segment; the right
-  it used is the car park's pay-as-you-go (`AssignedRight` "stay-<id>", not served).
+- A stay is a `Session` with the plate as its vehicle credential and one segment naming the
+  right it used: the company's assigned right it entered under, else its own pay-as-you-go
+  right (`AssignedRight` "stay-<id>", of the specification "pay-as-you-go": the car park's
+  rates); both are served, neither is listed.
 - A right specification (`parking.rights`) is a `RightSpecification` (`permitParking`, plates as
   credentials, its car parks as `hierarchyElements`, its weekdays and hours window as the
   validity's recurring period; what it grants in `description`); it is never changed, so its
   version is 1. An assigned right is an `AssignedRight`: its plates as the holder's vehicle
   credentials, `[valid_from, valid_until)` as its one planned use (a cancelled one with its
-  `cancelTime`), `expiry` its end; its version stays 1 (we keep none). APDS has no field for a
-  suspension, so a suspended right looks active here (`/api/v1/operator/rights` tells). Both
-  are the company's own (they name plates): staff only.
+  `cancelTime`, and its `expiry` then), `expiry` its end; its version stays 1 (we keep none).
+  APDS gives an assigned right no status: ours is in `validityStatus` (APDS's values; an
+  extension), "suspended" while suspended or once cancelled. Both are the company's own (they
+  name plates): staff only.
 Lists are `…List`s with APDS paging (`page`, `meta`).
 """
 
@@ -32,12 +35,15 @@ from billing.tariff import Band, RateLine, Tariff
 from parking.apds import repository as repo
 from parking.apds.repository import AssignedFilter, Near, Page, SessionFilter
 from parking.apds.shapes import (
+    PAY_AS_YOU_GO,
     PLATE_COLOURS,
+    STAY_RIGHT_PREFIX,
     Json,
     occupancy_reference,
     operator_reference,
     plate_credential,
     session_view,
+    stay_right_id,
     text,
     time_of,
 )
@@ -470,7 +476,35 @@ async def right_specs(
     return _listed([_right_spec(row) for row in rows], total, page, now)
 
 
+def _pay_as_you_go(operator_id: int, places: asyncpg.Record) -> Json:
+    """The right a stay without one parks under: once, at the car park's rates."""
+    return {
+        "id": PAY_AS_YOU_GO,
+        "version": 1,
+        "description": text(
+            "按次停车，按停车场收费标准计费", "pay as you go, at the car park's rates"
+        ),
+        "type": "oneTimeUseParking",
+        "transferable": False,
+        "credentials": ["licensePlate"],
+        "validity": {
+            "validityStatus": "active",
+            "validityTimeSpecification": {"overallStartTime": time_of(places["created_at"])},
+        },
+        "issuer": operator_reference(operator_id),
+        "hierarchyElements": [
+            {"id": code, "version": version, "className": "Place"}
+            for code, version in zip(places["car_parks"], places["car_park_versions"], strict=True)
+        ],
+    }
+
+
 async def right_spec(conn: asyncpg.Connection, operator_id: int, spec_id: str) -> Json:
+    if spec_id == PAY_AS_YOU_GO:
+        places = await repo.company_places(conn, operator_id)
+        if places["car_parks"] is None:
+            raise NotFound("right_specification")
+        return _pay_as_you_go(operator_id, places)
     number = _number(spec_id)
     row = await repo.right_spec(conn, operator_id, number) if number is not None else None
     if row is None:
@@ -478,7 +512,18 @@ async def right_spec(conn: asyncpg.Connection, operator_id: int, spec_id: str) -
     return _right_spec(row)
 
 
+# A right's status as APDS's ValidityStatusEnum (`validityStatus`, which APDS gives
+# validities and not assigned rights: an extension, ignored by clients that do not know it).
+# A cancelled right is suspended for good: its use carries its `cancelTime`, it expired then.
+_VALIDITY_STATUS = {
+    "active": "definedByValidityTimeSpec",
+    "suspended": "suspended",
+    "cancelled": "suspended",
+}
+
+
 def _assigned_right(row: asyncpg.Record) -> Json:
+    expiry = row["valid_until"]
     use: Json = {
         "startTime": time_of(row["valid_from"]),
         "endTime": time_of(row["valid_until"]),
@@ -487,6 +532,7 @@ def _assigned_right(row: asyncpg.Record) -> Json:
     }
     if row["status"] == "cancelled":
         use["cancelTime"] = time_of(row["updated_at"])
+        expiry = min(expiry, row["updated_at"])
     vehicles = row["vehicles"] or []
     right: Json = {
         "id": str(row["id"]),
@@ -500,9 +546,38 @@ def _assigned_right(row: asyncpg.Record) -> Json:
         "assignedRightIssuer": operator_reference(row["operator_id"]),
         "issueMethod": "electronic",
         "issuanceTime": time_of(row["created_at"]),
-        "expiry": time_of(row["valid_until"]),
+        "expiry": time_of(expiry),
+        "plannedUses": [use],
+        "validityStatus": _VALIDITY_STATUS[row["status"]],
+    }
+    return right
+
+
+def _stay_right(row: asyncpg.Record, operator_id: int) -> Json:
+    """The pay-as-you-go right of a stay that used none (its sessions' segments name it)."""
+    use: Json = {
+        "startTime": time_of(row["entered_at"]),
+        "issuanceTime": time_of(row["entered_at"]),
+        "issueMethod": "electronic",
+    }
+    if row["exited_at"] is not None:
+        use["endTime"] = time_of(row["exited_at"])
+    right: Json = {
+        "id": stay_right_id(row),
+        "version": 1,
+        "rightSpecification": {
+            "id": PAY_AS_YOU_GO,
+            "version": 1,
+            "className": "RightSpecification",
+        },
+        "rightHolder": {"credentials": [plate_credential(row["plate"])]},
+        "assignedRightIssuer": operator_reference(operator_id),
+        "issueMethod": "electronic",
+        "issuanceTime": time_of(row["entered_at"]),
         "plannedUses": [use],
     }
+    if row["exited_at"] is not None:
+        right["expiry"] = time_of(row["exited_at"])
     return right
 
 
@@ -516,6 +591,12 @@ async def assigned_rights(
 
 
 async def assigned_right(conn: asyncpg.Connection, operator_id: int, right_id: str) -> Json:
+    if right_id.startswith(STAY_RIGHT_PREFIX):
+        stay = _number(right_id.removeprefix(STAY_RIGHT_PREFIX))
+        row = await repo.session(conn, operator_id, stay) if stay is not None else None
+        if row is None or row["assigned_right_id"] is not None:
+            raise NotFound("assigned_right")
+        return _stay_right(row, operator_id)
     number = _number(right_id)
     row = await repo.assigned_right(conn, operator_id, number) if number is not None else None
     if row is None:

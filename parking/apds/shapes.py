@@ -73,15 +73,31 @@ def operator_reference(operator_id: int) -> Json:
     return {"id": str(operator_id), "version": 1, "className": "Operator"}
 
 
+# The right specification of a stay without a right: the car park's rates
+# (/apds/v4/rights/specs/pay-as-you-go), and the prefix of such a stay's own assigned right
+# (/apds/v4/rights/assigned/stay-<stay id>).
+PAY_AS_YOU_GO = "pay-as-you-go"
+STAY_RIGHT_PREFIX = "stay-"
+
+
+def stay_right_id(row: Mapping[str, Any]) -> str:
+    """The id of the assigned right a stay used (`row`: id, assigned_right_id): the company's
+    right it entered under, else its own pay-as-you-go right; both are served."""
+    if row["assigned_right_id"] is not None:
+        return str(row["assigned_right_id"])
+    return f"{STAY_RIGHT_PREFIX}{row['id']}"
+
+
 def session_view(row: Mapping[str, Any], operator_id: int) -> Json:
     """A stay as an APDS `Session` (it names the plate: for the company's own systems); `row`:
-    id, plate, plate_color, entered_at, exited_at, car_park (code), car_park_version."""
+    id, plate, plate_color, entered_at, exited_at, car_park (code), car_park_version,
+    assigned_right_id."""
     closed = row["exited_at"] is not None
     segment: Json = {
         "id": f"{row['id']}-1",
         "version": 2 if closed else 1,
         "actualStart": time_of(row["entered_at"]),
-        "assignedRight": {"id": f"stay-{row['id']}", "version": 1, "className": "AssignedRight"},
+        "assignedRight": {"id": stay_right_id(row), "version": 1, "className": "AssignedRight"},
         "validationType": ["licensePlate"],
     }
     session: Json = {

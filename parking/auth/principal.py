@@ -163,7 +163,7 @@ def _require(
     return dependency
 
 
-async def _optional(request: Request) -> Principal | None:
+async def optional_principal(request: Request) -> Principal | None:
     """Public routes: anyone, but a credential that is presented must be valid."""
     return await _principal(request)
 
@@ -183,4 +183,4 @@ SelfStaffDep = Annotated[
     Principal, Depends(_require("operator", roles=("admin", "attendant", "platform")))
 ]
 GateDep = Annotated[Principal, Depends(_require("gate"))]
-MaybePrincipalDep = Annotated[Principal | None, Depends(_optional)]
+MaybePrincipalDep = Annotated[Principal | None, Depends(optional_principal)]

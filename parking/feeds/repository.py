@@ -93,61 +93,79 @@ async def resume(
     return row
 
 
-async def delivery(conn: asyncpg.Connection, delivery_id: int) -> asyncpg.Record | None:
-    """A delivery with what sending it needs: its subscription, car park and stay."""
-    row: asyncpg.Record | None = await conn.fetchrow(
+async def deliveries(conn: asyncpg.Connection, delivery_ids: list[int]) -> list[asyncpg.Record]:
+    """Deliveries with what sending them needs: their subscription, car park and stay, and
+    whether a stay's end must wait for its start (pending outside `delivery_ids`: a receiver
+    gets a stay's start before its end, whichever was retried)."""
+    rows: list[asyncpg.Record] = await conn.fetch(
         """SELECT d.id, d.topic, d.status, d.event_at, d.car_park_id, d.session_id,
                   s.id AS subscription_id, s.operator_id, s.format, s.endpoint, s.secret,
                   s.paused_at, s.deleted_at,
                   c.code, c.name, c.capacity, c.version, c.closed_at, c.latitude, c.longitude,
                   c.created_at, c.updated_at,
                   st.plate, st.plate_color, st.status AS session_status, st.entered_at,
-                  st.exited_at, st.fee_fen, st.settlement
+                  st.exited_at, st.fee_fen, st.settlement, st.assigned_right_id,
+                  d.topic = 'session_ended' AND EXISTS (
+                      SELECT 1 FROM feed_deliveries e
+                      WHERE e.subscription_id = d.subscription_id
+                        AND e.session_id = d.session_id AND e.topic = 'session_started'
+                        AND e.status = 'pending' AND NOT (e.id = ANY ($1::bigint[]))
+                  ) AS start_pending
            FROM feed_deliveries d
            JOIN feed_subscriptions s ON s.id = d.subscription_id
            JOIN car_parks c ON c.id = d.car_park_id
            LEFT JOIN sessions st ON st.id = d.session_id
-           WHERE d.id = $1""",
-        delivery_id,
+           WHERE d.id = ANY ($1::bigint[])""",
+        delivery_ids,
     )
-    return row
+    return rows
 
 
-async def skip(conn: asyncpg.Connection, delivery_id: int) -> None:
-    """Not sent: its subscription is paused or gone."""
-    await conn.execute("UPDATE feed_deliveries SET status = 'skipped' WHERE id = $1", delivery_id)
-
-
-async def sent(
-    conn: asyncpg.Connection, delivery_id: int, subscription_id: int, sent_value: int | None
+async def finish(
+    conn: asyncpg.Connection,
+    job_ids: list[int],
+    sent: list[tuple[int, int | None]],
+    skipped: list[int],
+    took: list[int],
 ) -> None:
-    """The delivery was taken: sent (with the count it carried), and its subscriber's failures
-    in a row are over (one statement: deliveries are many)."""
+    """One statement for a batch: the deliveries `sent` (id, the count it carried) and
+    `skipped` (their subscription is paused or gone) recorded, their jobs (`job_ids`, those
+    finished without sending too) done, and the failures in a row of the subscriptions that
+    `took` one are over."""
     await conn.execute(
-        """WITH delivery AS (
-               UPDATE feed_deliveries SET status = 'sent', sent_value = $3, sent_at = now()
-               WHERE id = $1)
-           UPDATE feed_subscriptions SET consecutive_failures = 0
-           WHERE id = $2 AND consecutive_failures <> 0""",
-        delivery_id,
-        subscription_id,
-        sent_value,
+        """WITH sent AS (
+               UPDATE feed_deliveries d SET status = 'sent', sent_value = v.value,
+                                            sent_at = now()
+               FROM unnest($2::bigint[], $3::int[]) AS v(id, value) WHERE d.id = v.id),
+           skipped AS (
+               UPDATE feed_deliveries SET status = 'skipped' WHERE id = ANY ($4::bigint[])),
+           took AS (
+               UPDATE feed_subscriptions SET consecutive_failures = 0
+               WHERE id = ANY ($5::bigint[]) AND consecutive_failures <> 0)
+           UPDATE outbox SET done_at = now(), locked_until = NULL
+           WHERE id = ANY ($1::bigint[])""",
+        job_ids,
+        [delivery_id for delivery_id, _ in sent],
+        [value for _, value in sent],
+        skipped,
+        sorted(set(took)),
     )
 
 
 async def failed(
-    conn: asyncpg.Connection, subscription_id: int, pause_after: int | None
+    conn: asyncpg.Connection, subscription_id: int, attempts: int, pause_after: int | None
 ) -> datetime | None:
-    """Counts a failed attempt; pauses the subscription at `pause_after` in a row (None: never).
-    Returns when it was paused, if it is."""
+    """Counts `attempts` failed in a row; pauses the subscription at `pause_after` in a row
+    (None: never). Returns when it was paused, if it is."""
     paused: datetime | None = await conn.fetchval(
         """UPDATE feed_subscriptions
-           SET consecutive_failures = consecutive_failures + 1,
-               paused_at = CASE WHEN $2::int IS NOT NULL AND consecutive_failures + 1 >= $2
+           SET consecutive_failures = consecutive_failures + $3,
+               paused_at = CASE WHEN $2::int IS NOT NULL AND consecutive_failures + $3 >= $2
                                 THEN coalesce(paused_at, now()) ELSE paused_at END
            WHERE id = $1 RETURNING paused_at""",
         subscription_id,
         pause_after,
+        attempts,
     )
     return paused
 

@@ -4,7 +4,7 @@ with the APDS routes (`parking.apds.router`, /apds/v4/webhooks)."""
 from fastapi import APIRouter, Response
 
 from parking.auth.principal import OperatorAdminDep, OperatorDep
-from parking.deps import ConnectionDep
+from parking.deps import ConnectionDep, RuntimeDep
 from parking.feeds import service
 from parking.feeds.schemas import CityPlatform, CityPlatformChange
 
@@ -19,11 +19,13 @@ async def get_city_platform(operator: OperatorDep, conn: ConnectionDep) -> CityP
 
 @router.put("")
 async def set_city_platform(
-    change: CityPlatformChange, admin: OperatorAdminDep, conn: ConnectionDep
+    change: CityPlatformChange, admin: OperatorAdminDep, conn: ConnectionDep, runtime: RuntimeDep
 ) -> CityPlatform:
     """Pushes every entry, exit and change of free spaces of the company's car parks to the
-    endpoint, each a JSON POST signed with the key (admins; audit-logged)."""
-    return await service.set_city_platform(conn, admin, change)
+    endpoint, each a JSON POST signed with the key (admins; audit-logged). An endpoint that
+    is or resolves to a loopback, private, link-local, multicast or unspecified address is
+    refused (422 endpoint_refused)."""
+    return await service.set_city_platform(conn, admin, change, runtime.settings)
 
 
 @router.delete("", status_code=204)

@@ -14,6 +14,14 @@ worker (`billing.queue`: retries with backoff, dead after PARKING_JOB_MAX_ATTEMP
   (`billing.signing`: `X-Parking-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "t." + body>`),
   with `X-Parking-Event-Id` (the delivery's id: the same on every retry, so a receiver drops
   repeats) and `X-Parking-Topic`. A 2xx answer is success; anything else is retried.
+- The feeds' outbox worker hands the sender a batch of deliveries at once: read in one
+  statement, sent with up to PARKING_FEED_CONCURRENCY POSTs in flight over kept-alive
+  connections, written back in one. A subscriber gets a stay's start before its end: the end
+  waits (is tried again later) while the start is pending, in the batch or out of it;
+  different stays go side by side. APDS v4 defines no batch of events per POST, so there is
+  none: one event, one POST.
+- Endpoints must be public addresses (`parking.feeds.addresses`): checked when set, and at
+  every delivery by the resolver the connections are made with.
 - An APDS subscription is paused after PARKING_FEED_PAUSE_AFTER_FAILURES failed attempts in a
   row: its deliveries are skipped until an admin resumes it (what it missed can be read with
   `modified_since`). The city platform's feed is never paused: its deliveries wait, and a dead
@@ -25,12 +33,13 @@ import contextlib
 import secrets
 import time
 import uuid
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import aiohttp
 import asyncpg
-import httpx
 import orjson
 import structlog
 from redis.asyncio import Redis
@@ -42,6 +51,7 @@ from parking.apds.shapes import PLATE_COLOURS, occupancy_reference, session_view
 from parking.auth.principal import Principal
 from parking.errors import NotFound
 from parking.feeds import repository as repo
+from parking.feeds.addresses import CheckedResolver, EndpointRefused, check_endpoint, check_literal
 from parking.feeds.schemas import (
     CityPlatform,
     CityPlatformChange,
@@ -70,76 +80,169 @@ CITY_EVENT_TYPES = {"session_started": "entry", "session_ended": "exit", "occupa
 CITY_TOPICS = list(CITY_EVENT_TYPES)
 
 
+# A delivery's place in its subscriber's order: a stay's start and end go one after the other;
+# different stays (and car parks' counts) go side by side.
+OrderKey = tuple[int, str, int]
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What a batch's sending came to, written back in a few statements."""
+
+    job_ids: list[int] = field(default_factory=list)
+    sent: list[tuple[int, int | None]] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    took: list[int] = field(default_factory=list)
+    # Failed attempts per subscription (counted towards its pause), and which of them are
+    # APDS subscriptions (paused after failures in a row; the city platform never is).
+    failures: dict[int, int] = field(default_factory=dict)
+    pausable: set[int] = field(default_factory=set)
+    retry: dict[int, RetryLater] = field(default_factory=dict)
+    # Occupancy deliveries sent: (subscription, car park, the count sent).
+    counts: list[tuple[int, int, int]] = field(default_factory=list)
+
+
 class FeedSender:
-    """The outbox handler of `feed_delivery` jobs."""
+    """The outbox's batch handler of `feed_delivery` jobs: a batch is read in one statement,
+    sent with up to PARKING_FEED_CONCURRENCY POSTs in flight over kept-alive connections (a
+    stay's start before its end, per subscriber), and written back in one."""
 
     def __init__(
         self,
         pool: asyncpg.Pool,
         occupancy: Occupancy,
         settings: Settings,
-        client: httpx.AsyncClient | None = None,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.pool = pool
         self.occupancy = occupancy
         self.settings = settings
         self.zone = ZoneInfo(settings.timezone)
-        self.client = client or httpx.AsyncClient(
-            timeout=settings.feed_timeout_s, follow_redirects=False
-        )
+        # Made in the running loop when first needed (aiohttp binds it to the loop).
+        self._session = session
+        self._in_flight = asyncio.Semaphore(settings.feed_concurrency)
         self.sent = 0
 
-    async def aclose(self) -> None:
-        await self.client.aclose()
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                resolver=CheckedResolver(self.settings),
+                limit=self.settings.feed_concurrency,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self.settings.feed_timeout_s),
+                # Answers are read only for their status.
+                auto_decompress=False,
+            )
+        return self._session
 
-    async def deliver(self, job: Job) -> None:
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def deliver_batch(self, jobs: list[Job]) -> dict[int, RetryLater]:
+        """Sends the jobs' deliveries; returns the jobs to try again later (by job id); the
+        others are done."""
         async with self.pool.acquire() as conn:
-            delivery = await repo.delivery(conn, job.ref_id)
+            rows = await repo.deliveries(conn, [job.ref_id for job in jobs])
+        found = {row["id"]: row for row in rows}
+        outcome = _Outcome()
+        orders: dict[OrderKey, list[tuple[Job, asyncpg.Record]]] = {}
+        for job in sorted(jobs, key=lambda j: j.ref_id):
+            delivery = found.get(job.ref_id)
             if delivery is None or delivery["status"] in ("sent", "skipped"):
-                return
-            if delivery["deleted_at"] is not None or (
+                outcome.job_ids.append(job.id)
+            elif delivery["deleted_at"] is not None or (
                 delivery["paused_at"] is not None and delivery["format"] == "apds"
             ):
-                await repo.skip(conn, delivery["id"])
-                return
-        occupied = (
-            await self.occupancy.get(delivery["car_park_id"])
-            if delivery["topic"] == "occupancy"
-            else None
-        )
-        body = orjson.dumps(self._payload(delivery, occupied))
-        error = await self._post(delivery, body)
-        async with self.pool.acquire() as conn:
-            if error is not None:
-                paused = await repo.failed(
-                    conn,
-                    delivery["subscription_id"],
-                    self.settings.feed_pause_after_failures
-                    if delivery["format"] == "apds"
-                    else None,
+                outcome.job_ids.append(job.id)
+                outcome.skipped.append(delivery["id"])
+            elif delivery["start_pending"]:
+                outcome.retry[job.id] = RetryLater(
+                    "waits for the stay's start to be delivered", self.settings.feed_retry_base_s
                 )
             else:
-                await repo.sent(conn, delivery["id"], delivery["subscription_id"], occupied)
-        if error is not None:
+                key: OrderKey = (
+                    (delivery["subscription_id"], "stay", delivery["session_id"])
+                    if delivery["session_id"] is not None
+                    else (delivery["subscription_id"], "count", delivery["car_park_id"])
+                )
+                orders.setdefault(key, []).append((job, delivery))
+        # The latest counts, read once for the batch (the occupancy counters' Redis).
+        counted = sorted(
+            {
+                d["car_park_id"]
+                for order in orders.values()
+                for _, d in order
+                if d["topic"] == "occupancy"
+            }
+        )
+        counts = await self.occupancy.get_many(counted)
+        await asyncio.gather(
+            *(self._send_in_order(order, counts, outcome) for order in orders.values())
+        )
+        async with self.pool.acquire() as conn:
+            await repo.finish(conn, outcome.job_ids, outcome.sent, outcome.skipped, outcome.took)
+            for subscription_id, attempts in outcome.failures.items():
+                pause_after = (
+                    self.settings.feed_pause_after_failures
+                    if subscription_id in outcome.pausable
+                    else None
+                )
+                await repo.failed(conn, subscription_id, attempts, pause_after)
+        await self._count_changed_since(outcome.counts)
+        return outcome.retry
+
+    async def _send_in_order(
+        self, order: list[tuple[Job, asyncpg.Record]], counts: dict[int, int], outcome: _Outcome
+    ) -> None:
+        """One subscriber's deliveries of one stay (or one car park's count), in order: once
+        one fails, the rest wait for it."""
+        failed: str | None = None
+        for job, delivery in order:
+            if failed is not None:
+                outcome.retry[job.id] = RetryLater(
+                    "waits for the stay's start to be delivered", self.settings.feed_retry_base_s
+                )
+                continue
+            occupied = counts[delivery["car_park_id"]] if delivery["topic"] == "occupancy" else None
+            body = orjson.dumps(self._payload(delivery, occupied))
+            async with self._in_flight:
+                failed = await self._post(delivery, body)
+            subscription_id = delivery["subscription_id"]
+            if failed is None:
+                self.sent += 1
+                outcome.job_ids.append(job.id)
+                outcome.sent.append((delivery["id"], occupied))
+                outcome.took.append(subscription_id)
+                if occupied is not None:
+                    outcome.counts.append((subscription_id, delivery["car_park_id"], occupied))
+                continue
+            outcome.failures[subscription_id] = outcome.failures.get(subscription_id, 0) + 1
+            if delivery["format"] == "apds":
+                outcome.pausable.add(subscription_id)
+            outcome.retry[job.id] = RetryLater(failed, self.settings.feed_retry_base_s)
             log.warning(
                 "feed.delivery_failed",
                 delivery_id=delivery["id"],
-                subscription_id=delivery["subscription_id"],
+                subscription_id=subscription_id,
                 attempt=job.attempts,
-                paused=paused is not None,
-                error=error,
+                error=failed,
             )
-            raise RetryLater(error, self.settings.feed_retry_base_s)
-        self.sent += 1
-        if occupied is not None and await self.occupancy.get(delivery["car_park_id"]) != occupied:
-            # Changed while this one was on its way: the next one, after the interval.
-            async with self.pool.acquire() as conn:
-                await repo.queue_occupancy(
-                    conn,
-                    [delivery["car_park_id"]],
-                    self.settings.feed_occupancy_interval_s,
-                    delivery["subscription_id"],
-                )
+
+    async def _count_changed_since(self, counts: list[tuple[int, int, int]]) -> None:
+        """A count that changed while it was on its way: the next one, after the interval."""
+        now = await self.occupancy.get_many(sorted({car_park_id for _, car_park_id, _ in counts}))
+        for subscription_id, car_park_id, occupied in counts:
+            if now[car_park_id] != occupied:
+                async with self.pool.acquire() as conn:
+                    await repo.queue_occupancy(
+                        conn,
+                        [car_park_id],
+                        self.settings.feed_occupancy_interval_s,
+                        subscription_id,
+                    )
 
     async def dead(self, job: Job, error: str) -> None:
         async with self.pool.acquire() as conn:
@@ -154,12 +257,20 @@ class FeedSender:
             TOPIC_HEADER: delivery["topic"],
         }
         try:
-            answer = await self.client.post(delivery["endpoint"], content=body, headers=headers)
-        except httpx.HTTPError as exc:
+            check_literal(delivery["endpoint"], self.settings.feed_allow_loopback)
+            async with self._client().post(
+                delivery["endpoint"], data=body, headers=headers, allow_redirects=False
+            ) as answer:
+                status = answer.status
+                # Read (a little of) the answer, so that its connection is kept for the next.
+                await answer.content.read(65536)
+        except EndpointRefused as exc:
+            return exc.message
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             return f"{type(exc).__name__}: {exc}"[:300]
-        if 200 <= answer.status_code < 300:
+        if 200 <= status < 300:
             return None
-        return f"HTTP {answer.status_code}"
+        return f"HTTP {status}"
 
     def _payload(self, delivery: asyncpg.Record, occupied: int | None) -> dict[str, Any]:
         if delivery["format"] == "apds":
@@ -183,6 +294,7 @@ class FeedSender:
                 else None,
                 "car_park": delivery["code"],
                 "car_park_version": delivery["version"],
+                "assigned_right_id": delivery["assigned_right_id"],
             }
             data = session_view(stay, delivery["operator_id"])
         return {
@@ -309,7 +421,10 @@ def _operator_id(principal: Principal) -> int:
 
 
 async def subscribe(
-    conn: asyncpg.Connection, principal: Principal, wanted: EventSubscription
+    conn: asyncpg.Connection,
+    principal: Principal,
+    wanted: EventSubscription,
+    settings: Settings,
 ) -> CreatedSubscription:
     operator_id = _operator_id(principal)
     car_park_ids: list[int] | None = None
@@ -320,6 +435,7 @@ async def subscribe(
             # Another company's car park is as unknown as one that does not exist.
             raise NotFound("place")
         car_park_ids = sorted(set(own.values()))
+    await check_endpoint(str(wanted.endpoint), settings.feed_allow_loopback)
     secret = "whsec_" + secrets.token_urlsafe(32)
     row = await repo.create(
         conn,
@@ -380,11 +496,15 @@ async def city_platform(conn: asyncpg.Connection, principal: Principal) -> CityP
 
 
 async def set_city_platform(
-    conn: asyncpg.Connection, principal: Principal, change: CityPlatformChange
+    conn: asyncpg.Connection,
+    principal: Principal,
+    change: CityPlatformChange,
+    settings: Settings,
 ) -> CityPlatform:
     """Replaces the company's city platform (deliveries queued for the old one still go to
     it)."""
     operator_id = _operator_id(principal)
+    await check_endpoint(str(change.endpoint), settings.feed_allow_loopback)
     await repo.delete(conn, operator_id, "city")
     row = await repo.create(
         conn,

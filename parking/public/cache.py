@@ -46,14 +46,14 @@ class AnswerCache(Generic[T]):
     async def get(self, key: Hashable, build: Callable[[], Awaitable[T]]) -> T:
         if self.ttl_s <= 0:
             return await build()
-        cached = self._fresh(key)
+        cached = self.fresh(key)
         if cached is not None:
             return cached
         pending = self._builds.setdefault(key, _Build())
         pending.callers += 1
         try:
             async with pending.lock:
-                cached = self._fresh(key)
+                cached = self.fresh(key)
                 if cached is not None:
                     return cached
                 answer = await build()
@@ -65,7 +65,8 @@ class AnswerCache(Generic[T]):
             if pending.callers == 0:
                 del self._builds[key]
 
-    def _fresh(self, key: Hashable) -> T | None:
+    def fresh(self, key: Hashable) -> T | None:
+        """The answer kept for `key` while it is fresh, else None (nothing is built)."""
         now = self._clock()
         # Every key asked for (nearby: any point) is kept only until it expires.
         while self._answers:

@@ -19,11 +19,10 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from parking.auth.principal import MaybePrincipalDep
 from parking.car_parks.schemas import CarParkCode
-from parking.deps import ReadConnectionDep, RuntimeDep, read_transaction
+from parking.deps import ReadConnectionDep, RuntimeDep
 from parking.public import service
 from parking.public.cache import Answer, AnswerCache
-from parking.public.schemas import CarParkAvailability, NearbyCarPark, Place, Signs
-from parking.public.service import SignBoard
+from parking.public.schemas import CarParkAvailability, NearbyCarPark, Place
 from parking.ratelimit import client_address, hit
 
 
@@ -48,7 +47,7 @@ PublicLimit = Depends(public_client_limit)
 router = APIRouter(prefix="/api/v1/public", tags=["public"], dependencies=[PublicLimit])
 
 CACHE_CONTROL = "public, max-age=10"
-_NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified"}}
+NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified"}}
 
 
 def get_answer_cache(request: Request, runtime: RuntimeDep) -> AnswerCache[Answer]:
@@ -61,19 +60,6 @@ def get_answer_cache(request: Request, runtime: RuntimeDep) -> AnswerCache[Answe
 
 
 AnswerCacheDep = Annotated[AnswerCache[Answer], Depends(get_answer_cache)]
-
-
-def get_sign_boards(request: Request, runtime: RuntimeDep) -> AnswerCache[SignBoard]:
-    """The app's board of every car park's sign numbers (one entry: rebuilt at most once per
-    PARKING_PUBLIC_CACHE_SECONDS, sliced for each sign)."""
-    boards: AnswerCache[SignBoard] | None = getattr(request.app.state, "sign_boards", None)
-    if boards is None:
-        boards = AnswerCache(runtime.settings.public_cache_seconds)
-        request.app.state.sign_boards = boards
-    return boards
-
-
-SignBoardsDep = Annotated[AnswerCache[SignBoard], Depends(get_sign_boards)]
 
 
 def answer_of(payload: Any) -> Answer:
@@ -106,10 +92,10 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
     if if_none_match is None:
         return False
     tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
-    return "*" in tags or etag in tags
+    return "*" in tags or etag.removeprefix("W/") in tags
 
 
-@router.get("/car-parks", response_model=list[CarParkAvailability], responses=_NOT_MODIFIED)
+@router.get("/car-parks", response_model=list[CarParkAvailability], responses=NOT_MODIFIED)
 async def list_car_parks(
     _: MaybePrincipalDep,
     request: Request,
@@ -123,7 +109,7 @@ async def list_car_parks(
     )
 
 
-@router.get("/car-parks/nearby", response_model=list[NearbyCarPark], responses=_NOT_MODIFIED)
+@router.get("/car-parks/nearby", response_model=list[NearbyCarPark], responses=NOT_MODIFIED)
 async def nearby_car_parks(
     _: MaybePrincipalDep,
     request: Request,
@@ -143,7 +129,7 @@ async def nearby_car_parks(
     )
 
 
-@router.get("/car-parks/{code}", response_model=CarParkAvailability, responses=_NOT_MODIFIED)
+@router.get("/car-parks/{code}", response_model=CarParkAvailability, responses=NOT_MODIFIED)
 async def get_car_park(
     code: CarParkCode,
     _: MaybePrincipalDep,
@@ -154,7 +140,7 @@ async def get_car_park(
     return respond(request, answer_of(await service.car_park_available(conn, runtime, code)))
 
 
-@router.get("/places", response_model=list[Place], responses=_NOT_MODIFIED)
+@router.get("/places", response_model=list[Place], responses=NOT_MODIFIED)
 async def list_places(
     _: MaybePrincipalDep,
     request: Request,
@@ -164,28 +150,3 @@ async def list_places(
 ) -> Response:
     """Car parks as APDS-style places (localised names, location, capacity, availability)."""
     return await cached(request, answers, "places", lambda: service.places(conn, runtime))
-
-
-@router.get("/signs", response_model=Signs, responses=_NOT_MODIFIED)
-async def signs(
-    _: MaybePrincipalDep,
-    request: Request,
-    runtime: RuntimeDep,
-    boards: SignBoardsDep,
-    car_parks: Annotated[
-        str | None, Query(max_length=4000, description="comma-separated car park codes")
-    ] = None,
-) -> Response:
-    """What guidance signs show: free spaces and open/full/closed per car park (the ones
-    asked for, or all). Served from a board of every car park built at most once per
-    PARKING_PUBLIC_CACHE_SECONDS per process, so a network of thousands of signs polling costs
-    no database or Redis work per request: a connection only to rebuild it (signs carry the
-    city's key: not rate-limited; the key itself is looked up)."""
-
-    async def build() -> SignBoard:
-        async with read_transaction(runtime) as conn:
-            return await service.sign_board(conn, runtime)
-
-    board = await boards.get("signs", build)
-    codes = [code.strip() for code in car_parks.split(",") if code.strip()] if car_parks else None
-    return respond(request, answer_of(service.signs(board, codes)))

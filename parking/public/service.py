@@ -1,15 +1,18 @@
 """Live availability for the public: car parks from PostgreSQL, counts from the occupancy
 counters (Redis, rebuilt from PostgreSQL when missing)."""
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from parking.car_parks import repository as car_parks
 from parking.errors import NotFound
 from parking.public import repository
+from parking.public.cache import Answer as SerialisedAnswer
 from parking.runtime import Runtime
 
 # Car park names are written in Chinese (ISO 639-1).
@@ -128,36 +131,55 @@ async def places(conn: asyncpg.Connection, runtime: Runtime) -> list[Answer]:
     ]
 
 
-@dataclass(frozen=True, slots=True)
-class SignBoard:
-    """Every car park's sign numbers (a `Sign` each, by code), read at `as_of`."""
+# Answers a board keeps for the lists of car parks asked for (signs showing the same ones
+# share them); beyond this many, the rest are built for each poll.
+SIGN_ANSWERS_PER_BOARD = 10_000
 
-    signs: dict[str, Answer]
+
+@dataclass(slots=True)
+class SignBoard:
+    """Every car park's sign numbers, each serialised once (`Sign` JSON, by code), read at
+    `as_of`; the answers built from it, by the codes asked for (None: all)."""
+
+    signs: dict[str, bytes]
     as_of: datetime
+    answers: dict[tuple[str, ...] | None, SerialisedAnswer] = field(default_factory=dict)
 
 
 async def sign_board(conn: asyncpg.Connection, runtime: Runtime) -> SignBoard:
     rows = await repository.sign_rows(conn)
     counts = await runtime.occupancy.get_many([r["id"] for r in rows])
-    signs: dict[str, Answer] = {}
+    signs: dict[str, bytes] = {}
     for row in rows:
         free = max(0, row["capacity"] - counts[row["id"]])
         status = "closed" if row["closed"] else "full" if free == 0 else "open"
-        signs[row["code"]] = {
-            "code": row["code"],
-            "free": 0 if row["closed"] else free,
-            "status": status,
-        }
+        signs[row["code"]] = orjson.dumps(
+            {"code": row["code"], "free": 0 if row["closed"] else free, "status": status}
+        )
     return SignBoard(signs, datetime.now(UTC).replace(microsecond=0))
 
 
-def signs(board: SignBoard, codes: list[str] | None) -> Answer:
-    """`Signs` of the car parks asked for (all when None), in the order asked."""
+def signs(board: SignBoard, codes: list[str] | None) -> SerialisedAnswer:
+    """`Signs` of the car parks asked for (all when None), in the order asked, as bytes from
+    the board's. The ETag is weak and covers the numbers, not `as_of`: a sign whose numbers did
+    not change is answered 304 by the next boards too."""
+    key = tuple(codes) if codes is not None else None
+    answer = board.answers.get(key)
+    if answer is not None:
+        return answer
     if codes is None:
         chosen = list(board.signs.values())
     else:
         chosen = [
-            board.signs.get(code, {"code": code, "free": None, "status": "unknown"})
+            board.signs.get(code) or orjson.dumps({"code": code, "free": None, "status": "unknown"})
             for code in codes
         ]
-    return {"car_parks": chosen, "as_of": board.as_of}
+    numbers = b",".join(chosen)
+    as_of = orjson.dumps(board.as_of, option=orjson.OPT_UTC_Z)
+    answer = SerialisedAnswer(
+        b'{"car_parks":[' + numbers + b'],"as_of":' + as_of + b"}",
+        f'W/"{hashlib.blake2b(numbers, digest_size=16).hexdigest()}"',
+    )
+    if len(board.answers) < SIGN_ANSWERS_PER_BOARD:
+        board.answers[key] = answer
+    return answer
