@@ -10,13 +10,14 @@ from fastapi import FastAPI
 
 from parking.app import create_app
 from parking.auth import repository as auth_repo
+from parking.auth.apikeys import announce_revoked
 from parking.auth.principal import Unauthenticated
 from parking.auth.tokens import digest, new_secret
 from parking.db import create_pool
 from parking.public.service import SignBoard, signs
 from parking.public.signs import sign_caller
 from parking.runtime import Runtime
-from tests.conftest import bearer, create_lot, enter, unique_plate
+from tests.conftest import bearer, create_lot, enter, eventually, unique_plate
 from tests.gates import GateProbe
 
 
@@ -102,10 +103,17 @@ async def test_a_poll_answered_from_the_board_takes_no_database_connection(
     assert polled.status_code == 200 and polled.json() == built.json()
 
 
+async def _key_kept(runtime: Runtime, api: httpx.AsyncClient, signed: dict[str, str]) -> None:
+    """The process keeps keys only while it hears revocations (auth.apikeys): once subscribed,
+    one more poll reads the key into memory."""
+    await asyncio.wait_for(runtime.api_keys.subscribed.wait(), 10)
+    assert (await api.get("/api/v1/public/signs", headers=signed)).status_code == 200
+
+
 async def test_a_signed_poll_takes_no_database_connection_either(
     runtime: Runtime, api: httpx.AsyncClient
 ) -> None:
-    """The city's key is checked once per board interval, not at every poll."""
+    """The city's key is read from the process's key cache, not the database, at every poll."""
     runtime.settings.public_cache_seconds = 3600
     lot = await create_lot(runtime)
     city_key = "ck_" + new_secret()
@@ -114,6 +122,7 @@ async def test_a_signed_poll_takes_no_database_connection_either(
     signed = bearer(city_key)
     built = await api.get("/api/v1/public/signs", params={"car_parks": lot.code}, headers=signed)
     assert built.status_code == 200, built.text
+    await _key_kept(runtime, api, signed)
     # Every connection of both pools taken: a signed sign is still answered.
     ones = [
         await create_pool(runtime.endpoints.database_url, min_size=1, max_size=1) for _ in range(2)
@@ -168,6 +177,7 @@ async def test_a_known_signs_poll_is_answered_before_the_routing_as_the_route_an
     # The first poll goes through the route: it builds the board and checks the key.
     first = await api.get("/api/v1/public/signs", params=params, headers=signed)
     assert first.status_code == 200, first.text
+    await _key_kept(runtime, api, signed)
 
     def refuse() -> None:
         raise Unauthenticated("the route was asked")
@@ -194,5 +204,18 @@ async def test_a_known_signs_poll_is_answered_before_the_routing_as_the_route_an
             f"/api/v1/public/signs?car_parks={lot.code}&car_parks=x", headers=signed
         )
         assert repeated.status_code == 401
+        # A revoked key leaves the fast path as soon as the revocation is heard.
+        async with runtime.pool.acquire() as conn:
+            key_id = await conn.fetchval(
+                "UPDATE api_keys SET revoked_at = now() WHERE key_hash = $1 RETURNING id",
+                digest(city_key),
+            )
+        await announce_revoked(runtime.redis, runtime.settings.redis_key_prefix, key_id)
+
+        async def refused() -> bool | None:
+            answer = await api.get("/api/v1/public/signs", params=params, headers=signed)
+            return answer.status_code == 401 or None
+
+        assert await eventually(refused)
     finally:
         app.dependency_overrides.clear()

@@ -68,10 +68,9 @@ class ApiKeyCache:
             return await load()
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read())
-        if self.subscribed.is_set():
-            kept = self._keys.get(key_hash)
-            if kept is not None and kept[1] > time.monotonic():
-                return kept[0]
+        kept = self._fresh(key_hash)
+        if kept is not None:
+            return kept[0]
         generation = self._generation
         key = await load()
         self._keys.pop(key_hash, None)
@@ -80,6 +79,18 @@ class ApiKeyCache:
                 self._keys.clear()
             self._keys[key_hash] = (key, time.monotonic() + self.ttl_s)
         return key
+
+    def known(self, key_hash: str) -> ApiKey | None:
+        """The valid key of this digest when memory holds it, fresh and covered by the
+        revocations heard; None otherwise (no lookup: for a path that awaits nothing)."""
+        kept = self._fresh(key_hash)
+        return kept[0] if kept is not None else None
+
+    def _fresh(self, key_hash: str) -> tuple[ApiKey | None, float] | None:
+        if not self.subscribed.is_set():
+            return None
+        kept = self._keys.get(key_hash)
+        return kept if kept is not None and kept[1] > time.monotonic() else None
 
     def _forget(self, key_id: int | None) -> None:
         """Forgets a key (None: every key)."""

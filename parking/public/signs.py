@@ -5,9 +5,9 @@ The numbers come from a board of every car park built at most once per
 PARKING_PUBLIC_CACHE_SECONDS per process, each sign's JSON serialised once per board and each
 list of car parks asked for answered from bytes kept with the board; the ETag covers the
 numbers, so a sign whose numbers did not change gets a 304. Signs carry the city's key (not
-rate-limited), looked up once per PARKING_PUBLIC_CACHE_SECONDS per process: the key only lifts
-the limit on public numbers, so a revoked one is refused that much later at most. Anonymous
-callers are limited like the rest of the public API.
+rate-limited), read from the process's key cache (`auth.apikeys`: a revoked key is dropped as
+soon as the revocation is heard). Anonymous callers are limited like the rest of the public
+API.
 """
 
 from typing import Annotated
@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.datastructures import Headers, State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from parking.auth.principal import CITY_KEY_PREFIX, Principal, optional_principal
+from parking.auth.principal import CITY_KEY_PREFIX, optional_principal
 from parking.auth.tokens import digest
 from parking.deps import RuntimeDep, read_transaction
 from parking.public import service
@@ -41,26 +41,10 @@ def _boards(request: Request, runtime: RuntimeDep) -> AnswerCache[SignBoard]:
     return boards
 
 
-def _city_keys(request: Request, runtime: RuntimeDep) -> AnswerCache[Principal | None]:
-    """City keys found valid, by digest (an unknown key is refused, and not kept)."""
-    keys: AnswerCache[Principal | None] | None = getattr(request.app.state, "sign_keys", None)
-    if keys is None:
-        keys = AnswerCache(runtime.settings.public_cache_seconds)
-        request.app.state.sign_keys = keys
-    return keys
-
-
 async def sign_caller(request: Request, runtime: RuntimeDep) -> None:
-    """The public API's limit for anonymous callers; a city key, checked, lifts it."""
-    scheme, _, credential = request.headers.get("authorization", "").partition(" ")
-    credential = credential.strip()
-    if scheme.lower() == "bearer" and credential.startswith(CITY_KEY_PREFIX):
-        principal = await _city_keys(request, runtime).get(
-            digest(credential), lambda: optional_principal(request)
-        )
-    else:
-        principal = await optional_principal(request)
-    await public_client_limit(principal, request, runtime)
+    """The public API's limit for anonymous callers; a city key (read from the process's key
+    cache, `auth.apikeys`, which hears revocations at once) lifts it."""
+    await public_client_limit(await optional_principal(request), request, runtime)
 
 
 @router.get(
@@ -114,14 +98,15 @@ class SignsFastPath:
 
     def _answer(self, scope: Scope) -> Response | None:
         boards: AnswerCache[SignBoard] | None = getattr(self.state, "sign_boards", None)
-        keys: AnswerCache[Principal | None] | None = getattr(self.state, "sign_keys", None)
-        if boards is None or keys is None:
+        runtime = getattr(self.state, "runtime", None)
+        if boards is None or runtime is None:
             return None
         scheme, _, credential = Headers(scope=scope).get("authorization", "").partition(" ")
         credential = credential.strip()
         if scheme.lower() != "bearer" or not credential.startswith(CITY_KEY_PREFIX):
             return None
-        if keys.fresh(digest(credential)) is None:
+        key = runtime.api_keys.known(digest(credential))
+        if key is None or key.kind != "city":
             return None
         board = boards.fresh("signs")
         if board is None:
