@@ -257,12 +257,29 @@ async def stay_status(runtime: Runtime, lot: Lot, plate: str) -> str | None:
 
 
 async def enter(
-    runtime: Runtime, gate: GateProbe, lot: Lot, plate: str, *, parked_for: timedelta
+    runtime: Runtime,
+    gate: GateProbe,
+    lot: Lot,
+    plate: str,
+    *,
+    parked_for: timedelta = timedelta(minutes=90),
+    confidence: float = 0.98,
+    color: str = "blue",
 ) -> None:
-    """The car enters through the lot's entry gate and has been parked for `parked_for`."""
-    command = await gate.decide(lot.code, "in1", gate.capture("in", plate))
+    """The car enters through the lot's entry gate, read by the camera at `confidence` in
+    `color`, and has been parked for `parked_for`."""
+    capture = gate.capture("in", plate, confidence=confidence, color=color)
+    command = await gate.decide(lot.code, "in1", capture)
     assert command["action"] == "open", command
     await backdate_entry(runtime, lot, plate, parked_for)
+
+
+async def set_car_park(runtime: Runtime, lot: Lot, **columns: object) -> None:
+    """Sets the car park's columns (its policies) and makes the lane read its gates again."""
+    async with runtime.pool.acquire() as conn:
+        for column, value in columns.items():
+            await conn.execute(f"UPDATE car_parks SET {column} = $2 WHERE id = $1", lot.id, value)
+    runtime.lanes._gates.clear()
 
 
 async def eventually(probe: Any, timeout_s: float = 10.0, interval_s: float = 0.05) -> Any:

@@ -25,9 +25,11 @@ from tests.conftest import (
     Lot,
     backdate_entry,
     bearer,
+    enter,
     eventually,
     make_driver,
     make_staff,
+    set_car_park,
     staff_token,
     unique_plate,
 )
@@ -71,30 +73,6 @@ async def _open_stays(runtime: Runtime, lot: Lot) -> list[tuple[str, str]]:
     return [(r["plate"], r["plate_color"]) for r in rows]
 
 
-async def _policy(runtime: Runtime, lot: Lot, **columns: object) -> None:
-    async with runtime.pool.acquire() as conn:
-        for column, value in columns.items():
-            await conn.execute(f"UPDATE car_parks SET {column} = $2 WHERE id = $1", lot.id, value)
-    runtime.lanes._gates.clear()  # the gate cache holds a car park's policies for a minute
-
-
-async def _in(
-    runtime: Runtime,
-    gate: GateProbe,
-    lot: Lot,
-    plate: str,
-    *,
-    confidence: float = 0.98,
-    color: str = "blue",
-    parked_for: timedelta = timedelta(minutes=90),
-) -> None:
-    command = await gate.decide(
-        lot.code, "in1", gate.capture("in", plate, confidence=confidence, color=color)
-    )
-    assert command["action"] == "open", command
-    await backdate_entry(runtime, lot, plate, parked_for)
-
-
 # 1. One consistent misread charges a stranger.
 
 
@@ -103,7 +81,7 @@ async def test_a_misread_that_is_not_certain_at_both_ends_charges_nobody_without
 ) -> None:
     # 皖ALC998 is bound; a car showing 皖ACC998 is read as 皖ALC998 at 0.85 at both gates.
     owner = await make_driver(runtime, "皖ALC998")
-    await _in(runtime, gate, lot, owner.plate, confidence=0.85)
+    await enter(runtime, gate, lot, owner.plate, confidence=0.85)
     command = await gate.decide(lot.code, "out1", gate.capture("out", owner.plate, confidence=0.85))
 
     # The car park's default policy: the gate opens, the charge waits for an operator.
@@ -121,9 +99,9 @@ async def test_a_misread_that_is_not_certain_at_both_ends_charges_nobody_without
 async def test_a_hold_policy_car_park_holds_an_exit_that_is_not_certain(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
-    await _policy(runtime, lot, uncertain_exit_policy="hold")
+    await set_car_park(runtime, lot, uncertain_exit_policy="hold")
     owner = await make_driver(runtime, "皖ALC99B")
-    await _in(runtime, gate, lot, owner.plate, confidence=0.85)
+    await enter(runtime, gate, lot, owner.plate, confidence=0.85)
     exit_capture = gate.capture("out", owner.plate, confidence=0.85)
     command = await gate.decide(lot.code, "out1", exit_capture)
 
@@ -145,9 +123,9 @@ async def test_paying_a_held_uncertain_exit_by_qr_resolves_its_exception(
 ) -> None:
     """The driver pays the hold at the gate: the gate opens and the operator's queue no longer
     asks anybody to decide the exit (resolved with the payment, audit-logged)."""
-    await _policy(runtime, lot, uncertain_exit_policy="hold")
+    await set_car_park(runtime, lot, uncertain_exit_policy="hold")
     owner = await make_driver(runtime, unique_plate())
-    await _in(runtime, gate, lot, owner.plate, confidence=0.85)
+    await enter(runtime, gate, lot, owner.plate, confidence=0.85)
     exit_capture = gate.capture("out", owner.plate, confidence=0.85)
     assert (await gate.decide(lot.code, "out1", exit_capture))["action"] == "hold"
     exception = await _exception(runtime, exit_capture.capture_id)
@@ -195,7 +173,7 @@ async def test_a_camera_misreading_the_same_way_with_another_colour_charges_nobo
 ) -> None:
     # Read 0.99 at both gates, but as a yellow plate: the bound plate is a blue one.
     owner = await make_driver(runtime, "皖ALC99D")
-    await _in(runtime, gate, lot, owner.plate, confidence=0.99, color="yellow")
+    await enter(runtime, gate, lot, owner.plate, confidence=0.99, color="yellow")
     command = await gate.decide(
         lot.code, "out1", gate.capture("out", owner.plate, confidence=0.99, color="yellow")
     )
@@ -212,8 +190,8 @@ async def test_a_yellow_plate_is_another_vehicle_than_the_blue_one_with_its_char
 ) -> None:
     owner = await make_driver(runtime, "浙X12345")  # bound blue
     # (backdate_entry moves every open stay of the plate: both have been here 90 minutes.)
-    await _in(runtime, gate, lot, owner.plate, color="blue", parked_for=timedelta(0))
-    await _in(runtime, gate, lot, owner.plate, color="yellow")  # a lorry, read right
+    await enter(runtime, gate, lot, owner.plate, color="blue", parked_for=timedelta(0))
+    await enter(runtime, gate, lot, owner.plate, color="yellow")  # a lorry, read right
     assert await _open_stays(runtime, lot) == [("浙X12345", "blue"), ("浙X12345", "yellow")]
 
     lorry = await gate.decide(lot.code, "out1", gate.capture("out", owner.plate, color="yellow"))
@@ -239,7 +217,7 @@ async def test_two_parked_look_alikes_are_never_told_apart_by_a_read_that_is_not
     first = await make_driver(runtime, "浙U58871")
     second = await make_driver(runtime, "浙U5B871")
     for driver in (first, second):
-        await _in(runtime, gate, lot, driver.plate)
+        await enter(runtime, gate, lot, driver.plate)
 
     for confidence in (0.80, 0.95):
         exit_capture = gate.capture("out", second.plate, confidence=confidence)
@@ -263,7 +241,7 @@ async def test_a_car_with_no_entry_record_is_not_the_parked_look_alike(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
     parked = await make_driver(runtime, "浙W61245")
-    await _in(runtime, gate, lot, parked.plate)
+    await enter(runtime, gate, lot, parked.plate)
 
     # Another province's car, and a look-alike (5/S), read without certainty: each is a plate
     # of its own that is not parked here, so "no entry record" explains it.
@@ -283,7 +261,7 @@ async def test_a_car_with_no_entry_record_is_not_the_parked_look_alike(
 async def test_the_no_entry_fixed_fee_is_paid_at_the_gate_never_charged_on_one_read(
     runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient
 ) -> None:
-    await _policy(runtime, lot, no_entry_policy="fixed_fee", no_entry_fee_fen=2000)
+    await set_car_park(runtime, lot, no_entry_policy="fixed_fee", no_entry_fee_fen=2000)
     driver = await make_driver(runtime, unique_plate())  # bound, not here
 
     command = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
@@ -316,7 +294,7 @@ async def test_the_green_discount_needs_a_green_plate_not_a_cameras_guess(
 
     # A blue 7-character plate the camera calls green: full price.
     blue = unique_plate()
-    await _in(runtime, gate, lot, blue, confidence=0.99, color="green")
+    await enter(runtime, gate, lot, blue, confidence=0.99, color="green")
     held = await gate.decide(lot.code, "out1", gate.capture("out", blue, color="green"))
     assert (held["action"], held["fee_fen"]) == ("hold", 1200)
     started = await api.post(f"/api/v1/gate-payments/{held['capture_id']}")
@@ -336,7 +314,7 @@ async def test_the_green_discount_needs_a_green_plate_not_a_cameras_guess(
         )
     runtime.lanes.service.forget_tariffs(lot.id)
     lorry = unique_plate()
-    await _in(runtime, gate, lot, lorry, confidence=0.9, color="yellow")
+    await enter(runtime, gate, lot, lorry, confidence=0.9, color="yellow")
     quoted = await api.get(
         f"/api/v1/car-parks/{lot.code}/quote", params={"plate": lorry, "color": "yellow"}
     )
@@ -348,7 +326,7 @@ async def test_the_green_discount_needs_a_green_plate_not_a_cameras_guess(
 
     # A new-energy plate (8 characters), read green with certainty: half price.
     green = "浙AD" + unique_plate()[3:] + "1"
-    await _in(runtime, gate, lot, green, confidence=0.99, color="green")
+    await enter(runtime, gate, lot, green, confidence=0.99, color="green")
     half = await gate.decide(lot.code, "out1", gate.capture("out", green, color="green"))
     assert (half["action"], half["fee_fen"]) == ("hold", 600)
 

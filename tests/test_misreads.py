@@ -31,7 +31,7 @@ from parking_dev.misreads import (
     decide_exit,
     run_misreads,
 )
-from tests.conftest import Lot, backdate_entry, make_driver
+from tests.conftest import Lot, enter, make_driver, set_car_park
 from tests.gates import GateProbe
 
 SMALL = MisreadModel(car_parks=40, vehicles=20_000)
@@ -91,27 +91,6 @@ def test_a_run_is_the_same_for_its_seed() -> None:
 
 
 # The lane and the simulation decide alike.
-
-
-async def _policy(runtime: Runtime, lot: Lot, **columns: object) -> None:
-    async with runtime.pool.acquire() as conn:
-        for column, value in columns.items():
-            await conn.execute(f"UPDATE car_parks SET {column} = $2 WHERE id = $1", lot.id, value)
-    runtime.lanes._gates.clear()
-
-
-async def _in(
-    runtime: Runtime,
-    gate: GateProbe,
-    lot: Lot,
-    plate: str,
-    confidence: float,
-    color: str = "blue",
-    parked_for: timedelta = timedelta(minutes=90),
-) -> None:
-    capture = gate.capture("in", plate, confidence=confidence, color=color)
-    assert (await gate.decide(lot.code, "in1", capture))["action"] == "open"
-    await backdate_entry(runtime, lot, plate, parked_for)
 
 
 async def _simulated(
@@ -231,20 +210,20 @@ async def test_the_lane_and_the_simulation_decide_alike(
 ) -> None:
     entries, (plate, confidence, color), policies, bound = CASES[case]
     if policies:
-        await _policy(runtime, lot, **policies)
+        await set_car_park(runtime, lot, **policies)
     drivers = {}
     for entry_plate, *_ in entries:
         if bound:
             drivers[entry_plate] = await make_driver(runtime, entry_plate)
     for entry_plate, entry_confidence, entry_color, minutes in entries:
-        await _in(
+        await enter(
             runtime,
             gate,
             lot,
             entry_plate,
-            entry_confidence,
-            entry_color,
-            timedelta(minutes=minutes),
+            confidence=entry_confidence,
+            color=entry_color,
+            parked_for=timedelta(minutes=minutes),
         )
 
     simulated = await _simulated(runtime, lot, plate, confidence, color)

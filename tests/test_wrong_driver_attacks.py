@@ -18,12 +18,13 @@ from parking.runtime import Runtime
 from tests.conftest import (
     Driver,
     Lot,
-    backdate_entry,
     bearer,
     driver_token,
+    enter,
     eventually,
     make_driver,
     make_staff,
+    set_car_park,
     staff_token,
     unique_plate,
 )
@@ -64,30 +65,6 @@ async def _open_stays(runtime: Runtime, lot: Lot) -> list[tuple[str, str]]:
     return [(r["plate"], r["plate_color"]) for r in rows]
 
 
-async def _policy(runtime: Runtime, lot: Lot, **columns: object) -> None:
-    async with runtime.pool.acquire() as conn:
-        for column, value in columns.items():
-            await conn.execute(f"UPDATE car_parks SET {column} = $2 WHERE id = $1", lot.id, value)
-    runtime.lanes._gates.clear()
-
-
-async def _in(
-    runtime: Runtime,
-    gate: GateProbe,
-    lot: Lot,
-    plate: str,
-    *,
-    confidence: float = 0.98,
-    color: str = "blue",
-    parked_for: timedelta = timedelta(minutes=90),
-) -> None:
-    command = await gate.decide(
-        lot.code, "in1", gate.capture("in", plate, confidence=confidence, color=color)
-    )
-    assert command["action"] == "open", command
-    await backdate_entry(runtime, lot, plate, parked_for)
-
-
 async def _outcome(runtime: Runtime, capture_id: object) -> str | None:
     async with runtime.pool.acquire() as conn:
         outcome: str | None = await conn.fetchval(
@@ -114,7 +91,7 @@ async def _misread_held_then_owner_enters(
 ) -> dict[str, Any]:
     await _backdate_binding(runtime, owner.plate, timedelta(days=30))
     # A stranger's car read as the owner's plate at `confidence`, at entry and at exit.
-    await _in(runtime, gate, lot, owner.plate, confidence=confidence)
+    await enter(runtime, gate, lot, owner.plate, confidence=confidence)
     held = await gate.decide(
         lot.code, "out1", gate.capture("out", owner.plate, confidence=confidence)
     )
@@ -148,7 +125,7 @@ async def test_f1_misread_at_085_charges_nothing_without_a_person(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
     owner = await make_driver(runtime, unique_plate())
-    await _in(runtime, gate, lot, owner.plate, confidence=0.85)
+    await enter(runtime, gate, lot, owner.plate, confidence=0.85)
     await gate.decide(lot.code, "out1", gate.capture("out", owner.plate, confidence=0.85))
     (charge,) = await _charges(runtime, owner)
     assert charge["status"] == "awaiting_confirmation"
@@ -161,11 +138,11 @@ async def test_f1_misread_entry_ghost_never_charges_the_plates_owner(
     entry record). The owner's own later visit is charged once, never for the ghost."""
     owner = await make_driver(runtime, unique_plate())
     real = unique_plate()
-    await _in(runtime, gate, lot, owner.plate, confidence=0.85, parked_for=timedelta(hours=5))
+    await enter(runtime, gate, lot, owner.plate, confidence=0.85, parked_for=timedelta(hours=5))
     left = await gate.decide(lot.code, "out1", gate.capture("out", real, confidence=0.99))
     assert left["action"] == "hold"
     # The owner comes in and leaves 30 minutes later.
-    await _in(runtime, gate, lot, owner.plate, confidence=0.99, parked_for=timedelta(minutes=30))
+    await enter(runtime, gate, lot, owner.plate, confidence=0.99, parked_for=timedelta(minutes=30))
     out = await gate.decide(lot.code, "out1", gate.capture("out", owner.plate, confidence=0.99))
     assert (out["action"], out["fee_fen"]) == ("open", 600)
     assert [c["amount_fen"] for c in await _charges(runtime, owner)] == [600]
@@ -179,13 +156,13 @@ async def test_f2_a_yellow_lorry_read_certain_never_charges_the_blue_owner(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
     owner = await make_driver(runtime, "浙X" + unique_plate()[2:])
-    await _in(runtime, gate, lot, owner.plate, confidence=0.99, color="yellow")
+    await enter(runtime, gate, lot, owner.plate, confidence=0.99, color="yellow")
     out = await gate.decide(
         lot.code, "out1", gate.capture("out", owner.plate, confidence=0.99, color="yellow")
     )
     assert out["action"] == "hold"
     # The lorry tailgates out; the blue car comes in: no debt for the lorry's stay.
-    await _in(runtime, gate, lot, owner.plate, confidence=0.99, color="blue")
+    await enter(runtime, gate, lot, owner.plate, confidence=0.99, color="blue")
     assert await _charges(runtime, owner) == []
     assert await _debts(runtime, owner) == []
 
@@ -222,7 +199,7 @@ async def test_f3_a_read_of_an_absent_look_alike_is_never_the_parked_one(
 ) -> None:
     serial = unique_plate()[2:]
     parked = await make_driver(runtime, "浙U" + serial[:2] + "8" + serial[3:])
-    await _in(runtime, gate, lot, parked.plate)
+    await enter(runtime, gate, lot, parked.plate)
     look_alike = parked.plate[:4] + "B" + parked.plate[5:]
     for confidence in (0.80, 0.85, 0.89, 0.95, 0.97):
         capture = gate.capture("out", look_alike, confidence=confidence)
@@ -239,7 +216,7 @@ async def test_f3_two_parked_look_alikes_at_scores_below_certain(
     first = await make_driver(runtime, "浙U" + serial[:2] + "8" + serial[3:])
     second = await make_driver(runtime, "浙U" + serial[:2] + "B" + serial[3:])
     for driver in (first, second):
-        await _in(runtime, gate, lot, driver.plate)
+        await enter(runtime, gate, lot, driver.plate)
     for confidence in (0.90, 0.93, 0.979):
         command = await gate.decide(
             lot.code, "out1", gate.capture("out", second.plate, confidence=confidence)
@@ -255,7 +232,7 @@ async def test_f4_province_swaps_and_look_alikes_are_no_entry_at_any_score(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
     parked = await make_driver(runtime, "浙W" + unique_plate()[2:])
-    await _in(runtime, gate, lot, parked.plate)
+    await enter(runtime, gate, lot, parked.plate)
     serial = parked.plate[1:]
     strangers = [
         ("皖" + serial, 0.95),
@@ -280,7 +257,7 @@ async def test_f4_province_swaps_and_look_alikes_are_no_entry_at_any_score(
 async def test_f5_fixed_fee_on_doubtful_or_certain_reads_never_reaches_the_account(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
-    await _policy(runtime, lot, no_entry_policy="fixed_fee", no_entry_fee_fen=2000)
+    await set_car_park(runtime, lot, no_entry_policy="fixed_fee", no_entry_fee_fen=2000)
     driver = await make_driver(runtime, unique_plate())
     await _backdate_binding(runtime, driver.plate, timedelta(days=30))
     doubtful = await gate.decide(
@@ -290,7 +267,7 @@ async def test_f5_fixed_fee_on_doubtful_or_certain_reads_never_reaches_the_accou
     certain = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
     assert (certain["action"], certain["fee_fen"]) == ("hold", 2000)
     # The stranger leaves unpaid; the real car comes in and leaves later.
-    await _in(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=30))
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=30))
     assert await _debts(runtime, driver) == []
     assert await _charges(runtime, driver) == []
 
@@ -298,7 +275,7 @@ async def test_f5_fixed_fee_on_doubtful_or_certain_reads_never_reaches_the_accou
 async def test_f5_fixed_fee_offline_upload_never_charges_the_bound_plate(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
-    await _policy(runtime, lot, no_entry_policy="fixed_fee", no_entry_fee_fen=2000)
+    await set_car_park(runtime, lot, no_entry_policy="fixed_fee", no_entry_fee_fen=2000)
     driver = await make_driver(runtime, unique_plate())
     await _backdate_binding(runtime, driver.plate, timedelta(days=30))
     upload = gate.capture("out", driver.plate).model_copy(
@@ -358,7 +335,7 @@ async def test_f7_an_offline_exit_with_a_clock_behind_but_after_entry_is_not_fre
         )
     runtime.lanes.service.forget_tariffs(lot.id)
     driver = await make_driver(runtime, unique_plate())
-    await _in(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=3))
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=3))
     await gate.decide(lot.code, "out1", gate.capture("out", unique_plate()))  # live, seq n
     upload = gate.capture("out", driver.plate).model_copy(
         update={
@@ -410,7 +387,7 @@ async def test_f8_a_bound_blue_plate_read_green_at_both_ends_pays_full_price(
         )
     runtime.lanes.service.forget_tariffs(lot.id)
     driver = await make_driver(runtime, unique_plate())
-    await _in(runtime, gate, lot, driver.plate, confidence=0.99, color="green")
+    await enter(runtime, gate, lot, driver.plate, confidence=0.99, color="green")
     out = await gate.decide(
         lot.code, "out1", gate.capture("out", driver.plate, confidence=0.99, color="green")
     )
@@ -447,7 +424,7 @@ async def test_f9_an_agreement_signed_minutes_before_the_exit_pays_nothing(
 ) -> None:
     driver = await make_driver(runtime, unique_plate(), pay_later=False)
     await _backdate_binding(runtime, driver.plate, timedelta(days=30))
-    await _in(runtime, gate, lot, driver.plate, parked_for=timedelta(days=2))
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(days=2))
     late = await make_driver(runtime, unique_plate())  # a fresh agreement, moved over
     async with runtime.pool.acquire() as conn:
         await conn.execute(
@@ -464,7 +441,7 @@ async def test_f9_a_plate_handed_over_during_a_stay_charges_neither_holder(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
     first = await make_driver(runtime, unique_plate())
-    await _in(runtime, gate, lot, first.plate, parked_for=timedelta(days=2))
+    await enter(runtime, gate, lot, first.plate, parked_for=timedelta(days=2))
     async with runtime.pool.acquire() as conn:
         await conn.execute(
             "UPDATE plate_bindings SET unbound_at = now() WHERE plate = $1", first.plate
@@ -556,7 +533,7 @@ async def test_f6_a_stay_that_straddles_the_proof_is_never_the_sellers(
     assert bound.status_code == 201, bound.text
     await _backdate_binding(runtime, plate, timedelta(days=30))
     # The car (already the buyer's) comes in; the buyer proves ownership while it is parked.
-    await _in(runtime, gate, lot, plate, parked_for=timedelta(hours=2))
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(hours=2))
     registry.register(plate, "blue", "BUYER-LIC", "买家")
     taken = await api.post(
         "/api/v1/me/plates", json=_claim(plate, "BUYER-LIC", "买家"), headers=buyer
@@ -615,7 +592,7 @@ async def test_f6_after_the_platform_decides_the_seller_cannot_take_the_plate_ba
             " AND unbound_at IS NULL",
             plate,
         )
-    await _in(runtime, gate, lot, plate, parked_for=timedelta(hours=1))
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(hours=1))
     await gate.decide(lot.code, "out1", gate.capture("out", plate))
 
     async def charged() -> list[dict[str, Any]]:
@@ -638,7 +615,7 @@ async def test_f7_a_fast_clock_on_a_gate_offline_for_hours_never_charges_the_hou
     10 hours later; its clock is 26 h fast. The server can prove the stay began 10.5 h ago and
     ended before the upload, not that it lasted 10.5 h."""
     driver = await make_driver(runtime, unique_plate())
-    await _in(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=10, minutes=30))
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=10, minutes=30))
     upload = gate.capture("out", driver.plate).model_copy(
         update={
             "offline": True,
@@ -728,7 +705,7 @@ async def test_f6_a_stay_held_after_the_proof_never_becomes_the_sellers_debt(
     )
     assert bound.status_code == 201, bound.text
     await _backdate_binding(runtime, plate, timedelta(days=30))
-    await _in(runtime, gate, lot, plate, parked_for=timedelta(hours=2))
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(hours=2))
     registry.register(plate, "blue", "BUYER-LIC", "买家")
     taken = await api.post(
         "/api/v1/me/plates", json=_claim(plate, "BUYER-LIC", "买家"), headers=buyer

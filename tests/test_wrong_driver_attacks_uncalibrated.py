@@ -9,9 +9,9 @@ import pytest
 
 from parking.runtime import Runtime
 from parking.settings import Settings
-from tests.conftest import Lot, make_driver, unique_plate
+from tests.conftest import Lot, enter, make_driver, set_car_park, unique_plate
 from tests.gates import GateProbe
-from tests.test_wrong_driver_attacks import _backdate_binding, _charges, _debts, _in, _policy
+from tests.test_wrong_driver_attacks import _backdate_binding, _charges, _debts
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ async def test_p1_certain_misread_of_an_uncalibrated_camera_never_becomes_a_debt
     comes in later."""
     owner = await make_driver(runtime, unique_plate(), pay_later=False)
     await _backdate_binding(runtime, owner.plate, timedelta(days=30))
-    await _in(runtime, gate, lot, owner.plate, confidence=0.99)
+    await enter(runtime, gate, lot, owner.plate, confidence=0.99)
     held = await gate.decide(lot.code, "out1", gate.capture("out", owner.plate, confidence=0.99))
     assert held["action"] == "hold"
     await gate.decide(lot.code, "in1", gate.capture("in", owner.plate, confidence=0.99))
@@ -39,7 +39,7 @@ async def test_p2_certain_misread_of_an_uncalibrated_camera_without_frames_is_no
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
     owner = await make_driver(runtime, unique_plate())
-    await _in(runtime, gate, lot, owner.plate, confidence=0.99)
+    await enter(runtime, gate, lot, owner.plate, confidence=0.99)
     await gate.decide(lot.code, "out1", gate.capture("out", owner.plate, confidence=0.99))
     (charge,) = await _charges(runtime, owner)
     assert charge["status"] in ("awaiting_confirmation", "awaiting_verification"), charge
@@ -48,9 +48,9 @@ async def test_p2_certain_misread_of_an_uncalibrated_camera_without_frames_is_no
 async def test_p3_a_hold_car_park_uncertain_hold_never_becomes_a_debt(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
-    await _policy(runtime, lot, uncertain_exit_policy="hold")
+    await set_car_park(runtime, lot, uncertain_exit_policy="hold")
     owner = await make_driver(runtime, unique_plate())
-    await _in(runtime, gate, lot, owner.plate, confidence=0.85)
+    await enter(runtime, gate, lot, owner.plate, confidence=0.85)
     held = await gate.decide(lot.code, "out1", gate.capture("out", owner.plate, confidence=0.85))
     assert held["action"] == "hold"
     await gate.decide(lot.code, "in1", gate.capture("in", owner.plate, confidence=0.99))

@@ -50,7 +50,7 @@ from parking_dev.bench import (
     lane_service,
     wait_for_port,
 )
-from parking_dev.demo import DemoCity, seed_city
+from parking_dev.demo import DemoCity, seed_city, wait_for_outbox
 
 # The lane's p99 under abuse may be at most this much above its p99 alone.
 TARGET_P99_INCREASE = 0.20
@@ -308,6 +308,10 @@ async def lane_alone_and_loaded(
                 runtime, alone_city, rate=rate, duration_s=duration_s, exit_share=1.0
             )
             alone_cpu = cpu.figures()
+            # The first phase's charges are the outbox worker's (and the provider's, and the
+            # API's for its notifications) for a while after it: the second phase starts when
+            # they are done, as the first did, or it measures their spill-over.
+            await wait_for_outbox(runtime.pool, 120)
             print(f"bench: {rate}/s for {duration_s}s with {describe}", file=sys.stderr)
             runtime.lanes.stats = LaneStats()
             loop = asyncio.get_running_loop()

@@ -351,15 +351,15 @@ async def _reconcile_today(runtime: Runtime) -> dict[str, Any]:
     return result.summary()
 
 
-async def _wait_for_outbox(runtime: Runtime, timeout_s: float) -> None:
+async def wait_for_outbox(
+    pool: asyncpg.Pool, timeout_s: float, kinds: list[str] | None = None
+) -> None:
     """Charges run after the cars left: give the worker time to finish them (a dead job is
-    finished with as far as the worker goes: it waits for an operator). Only the kinds the
-    charges' worker runs: push deliveries to other people's subscribers (a shared database)
-    are not the demo's to wait for."""
-    kinds = runtime.outbox.queue.kinds  # None: it runs every kind
+    finished with as far as the worker goes: it waits for an operator). Only `kinds` (None:
+    every kind)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        async with runtime.pool.acquire() as conn:
+        async with pool.acquire() as conn:
             if not await conn.fetchval(
                 """SELECT EXISTS (SELECT 1 FROM outbox WHERE done_at IS NULL AND dead_at IS NULL
                                   AND ($1::text[] IS NULL OR kind = ANY ($1::text[])))""",
@@ -530,7 +530,9 @@ async def run_demo(
                 paid_by_qr = 0
                 if serve_api:
                     paid_by_qr = await _pay_held_cars_by_qr(runtime, city, provider, out)
-                await _wait_for_outbox(runtime, timeout_s=60)
+                # Only the kinds the charges' worker runs: push deliveries to other people's
+                # subscribers (a shared database) are not the demo's to wait for.
+                await wait_for_outbox(runtime.pool, 60, runtime.outbox.queue.kinds)
             finally:
                 progress.cancel()
             summary = await summarise(runtime, city, sim, started, expected_dead)

@@ -5,7 +5,9 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from starlette.requests import Request
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,3 +78,13 @@ class AnswerCache(Generic[T]):
             del self._answers[oldest]
         cached = self._answers.get(key)
         return cached[1] if cached is not None else None
+
+
+def app_cache(request: Request, name: str, ttl_s: float) -> "AnswerCache[Any]":
+    """The app's cache called `name` (one per app, as the data is one per runtime), made at
+    its first use."""
+    cache: AnswerCache[Any] | None = getattr(request.app.state, name, None)
+    if cache is None:
+        cache = AnswerCache(ttl_s)
+        setattr(request.app.state, name, cache)
+    return cache

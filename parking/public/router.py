@@ -21,7 +21,7 @@ from parking.auth.principal import MaybePrincipalDep
 from parking.car_parks.schemas import CarParkCode
 from parking.deps import ReadConnectionDep, RuntimeDep
 from parking.public import service
-from parking.public.cache import Answer, AnswerCache
+from parking.public.cache import Answer, AnswerCache, app_cache
 from parking.public.schemas import CarParkAvailability, NearbyCarPark, Place
 from parking.ratelimit import client_address, hit
 
@@ -51,12 +51,8 @@ NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modif
 
 
 def get_answer_cache(request: Request, runtime: RuntimeDep) -> AnswerCache[Answer]:
-    """The app's cache of built answers: one per app, as the data is one per runtime."""
-    cache: AnswerCache[Answer] | None = getattr(request.app.state, "public_answers", None)
-    if cache is None:
-        cache = AnswerCache(runtime.settings.public_cache_seconds)
-        request.app.state.public_answers = cache
-    return cache
+    """The app's cache of built answers."""
+    return app_cache(request, "public_answers", runtime.settings.public_cache_seconds)
 
 
 AnswerCacheDep = Annotated[AnswerCache[Answer], Depends(get_answer_cache)]

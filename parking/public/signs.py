@@ -21,7 +21,7 @@ from parking.auth.principal import CITY_KEY_PREFIX, optional_principal
 from parking.auth.tokens import digest
 from parking.deps import RuntimeDep, read_transaction
 from parking.public import service
-from parking.public.cache import AnswerCache
+from parking.public.cache import AnswerCache, app_cache
 from parking.public.router import NOT_MODIFIED, public_client_limit, respond
 from parking.public.schemas import Signs
 from parking.public.service import SignBoard
@@ -34,11 +34,7 @@ CAR_PARKS_MAX_LENGTH = 4000
 
 def _boards(request: Request, runtime: RuntimeDep) -> AnswerCache[SignBoard]:
     """The app's board of every car park's sign numbers (one entry)."""
-    boards: AnswerCache[SignBoard] | None = getattr(request.app.state, "sign_boards", None)
-    if boards is None:
-        boards = AnswerCache(runtime.settings.public_cache_seconds)
-        request.app.state.sign_boards = boards
-    return boards
+    return app_cache(request, "sign_boards", runtime.settings.public_cache_seconds)
 
 
 async def sign_caller(request: Request, runtime: RuntimeDep) -> None:
