@@ -42,6 +42,9 @@ async def test_5xx_lost_answers_and_timeouts_are_retried_with_one_order_per_sess
         seed=11,
     )
     settings.payment_provider_timeout_s = 0.3
+    # About 6 attempts in 10 fail: a charge may need a dozen. Waits capped low, so that all of
+    # its attempts fit in the test's 40 s (doubling from 0.05 s, the 11th came after 51 s).
+    settings.job_backoff_cap_s = 0.5
     async with provider_and_runtime(settings, database_url, faults) as (runtime, url):
         lot = await create_lot(runtime)
         drivers = [await make_driver(runtime, unique_plate()) for _ in range(8)]
