@@ -52,6 +52,17 @@ class _Where:
             f" AND {distance} <= {self.param(near.radius_m)}"
         )
 
+    def period(self, period: "Period", start: str, end: str) -> None:
+        """`period`'s bounds on the `start` and `end` columns (each bound exclusive)."""
+        for column, bound, value in (
+            (start, ">", period.start_after),
+            (start, "<", period.start_before),
+            (end, ">", period.end_after),
+            (end, "<", period.end_before),
+        ):
+            if value is not None:
+                self.add(f"{column} {bound} {self.param(value)}")
+
     @property
     def sql(self) -> str:
         return " AND ".join(self.conditions) if self.conditions else "true"
@@ -141,13 +152,21 @@ _SESSION = """SELECT s.id, s.plate, s.plate_color, s.status, s.entered_at, s.exi
 
 
 @dataclass(frozen=True, slots=True)
-class SessionFilter:
-    near: Near | None = None
-    car_parks: list[str] | None = None
+class Period:
+    """APDS's start_after/start_before/end_after/end_before filters on what has a start and an
+    end (a session, an assigned right)."""
+
     start_after: datetime | None = None
     start_before: datetime | None = None
     end_after: datetime | None = None
     end_before: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFilter:
+    near: Near | None = None
+    car_parks: list[str] | None = None
+    period: Period = Period()
     modified_since: datetime | None = None
 
 
@@ -161,14 +180,7 @@ async def sessions(
     where.near(wanted.near, "c")
     if wanted.car_parks is not None:
         where.add(f"c.code = ANY({where.param(wanted.car_parks)}::text[])")
-    if wanted.start_after is not None:
-        where.add(f"s.entered_at > {where.param(wanted.start_after)}")
-    if wanted.start_before is not None:
-        where.add(f"s.entered_at < {where.param(wanted.start_before)}")
-    if wanted.end_after is not None:
-        where.add(f"s.exited_at > {where.param(wanted.end_after)}")
-    if wanted.end_before is not None:
-        where.add(f"s.exited_at < {where.param(wanted.end_before)}")
+    where.period(wanted.period, "s.entered_at", "s.exited_at")
     if wanted.modified_since is not None:
         since = where.param(wanted.modified_since)
         where.add(f"(s.entered_at >= {since} OR s.exited_at >= {since})")
@@ -278,10 +290,7 @@ class AssignedFilter:
     car_parks: list[str] | None = None
     specs: list[int] | None = None
     plates: list[str] | None = None
-    start_after: datetime | None = None
-    start_before: datetime | None = None
-    end_after: datetime | None = None
-    end_before: datetime | None = None
+    period: Period = Period()
     modified_since: datetime | None = None
 
 
@@ -299,15 +308,9 @@ async def assigned_rights(
             "EXISTS (SELECT 1 FROM assigned_right_plates rp WHERE rp.right_id = ar.id"
             f" AND rp.plate = ANY({where.param(wanted.plates)}::text[]))"
         )
-    for column, bound, value in (
-        ("valid_from", ">", wanted.start_after),
-        ("valid_from", "<", wanted.start_before),
-        ("valid_until", ">", wanted.end_after),
-        ("valid_until", "<", wanted.end_before),
-        ("updated_at", ">=", wanted.modified_since),
-    ):
-        if value is not None:
-            where.add(f"ar.{column} {bound} {where.param(value)}")
+    where.period(wanted.period, "ar.valid_from", "ar.valid_until")
+    if wanted.modified_since is not None:
+        where.add(f"ar.updated_at >= {where.param(wanted.modified_since)}")
     return await _page(
         conn,
         _ASSIGNED,

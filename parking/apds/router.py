@@ -17,7 +17,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from parking.apds import service
-from parking.apds.repository import AssignedFilter, Near, Page, SessionFilter
+from parking.apds.repository import AssignedFilter, Near, Page, Period, SessionFilter
 from parking.apds.schemas import (
     AssignedRightList,
     HierarchyElementList,
@@ -84,6 +84,23 @@ def listing(
 
 
 ListingDep = Annotated[Listing, Depends(listing)]
+
+
+def period(
+    start_after: Epoch = None,
+    start_before: Epoch = None,
+    end_after: Epoch = None,
+    end_before: Epoch = None,
+) -> Period:
+    return Period(
+        service.instant(start_after),
+        service.instant(start_before),
+        service.instant(end_after),
+        service.instant(end_before),
+    )
+
+
+PeriodDep = Annotated[Period, Depends(period)]
 
 
 def _company(principal: Principal) -> int:
@@ -217,21 +234,12 @@ async def list_sessions(
     request: Request,
     conn: ReadConnectionDep,
     listed: ListingDep,
+    during: PeriodDep,
     place: CommaList = None,
-    start_after: Epoch = None,
-    start_before: Epoch = None,
-    end_after: Epoch = None,
-    end_before: Epoch = None,
 ) -> Response:
     """The company's stays as APDS sessions, newest first (they name plates: staff only)."""
     wanted = SessionFilter(
-        near=listed.near,
-        car_parks=_names(place),
-        start_after=service.instant(start_after),
-        start_before=service.instant(start_before),
-        end_after=service.instant(end_after),
-        end_before=service.instant(end_before),
-        modified_since=listed.since,
+        near=listed.near, car_parks=_names(place), period=during, modified_since=listed.since
     )
     return await _answer(
         request,
@@ -307,13 +315,10 @@ async def list_assigned_rights(
     request: Request,
     conn: ReadConnectionDep,
     listed: ListingDep,
+    during: PeriodDep,
     place: CommaList = None,
     right_spec: CommaList = None,
     credential_id: CommaList = None,
-    start_after: Epoch = None,
-    start_before: Epoch = None,
-    end_after: Epoch = None,
-    end_before: Epoch = None,
 ) -> Response:
     """The company's assigned rights (they name plates: staff only); `credential_id` takes
     plates, `right_spec` specification ids."""
@@ -329,10 +334,7 @@ async def list_assigned_rights(
             car_parks=_names(place),
             specs=[int(spec) for spec in specs] if specs is not None else None,
             plates=_names(credential_id),
-            start_after=service.instant(start_after),
-            start_before=service.instant(start_before),
-            end_after=service.instant(end_after),
-            end_before=service.instant(end_before),
+            period=during,
             modified_since=listed.since,
         )
 
