@@ -1,32 +1,38 @@
 """`parking-dev bench --abuse`: does abuse of the public and sign-in routes slow the lane?
 
 The lane service and the API run as they are deployed: in processes of their own (`parking
-lanes`, `parking serve --no-lanes`). Simulated gates drive exits at `rate` twice: once alone,
-once while another process plays many clients at once (each request from one of `clients` fake
-addresses, named in X-Forwarded-For, which the API trusts from its local peer, as behind an
-ingress) on every public list, nearby search, fee quotes, sign-in codes, password guesses,
-oversized bodies and junk provider notifications.
+lanes`, `parking serve --no-lanes`). Simulated gates drive exits at `rate` in alternating
+rounds: alone, then while another process plays many clients at once (each request from one of
+`clients` fake addresses, named in X-Forwarded-For, which the API trusts from its local peer, as
+behind an ingress) on every public list, nearby search, fee quotes, sign-in codes, password
+guesses, oversized bodies and junk provider notifications. Each phase's p99 is over all its
+rounds' decisions; each round's own p99 is listed beside it (their spread is the noise).
 
-Priorities (`PRIORITIES`, reported under "priorities" as each process's measured niceness):
-"deployed" mirrors deploy/kubernetes on this one machine. There lanes come first: a higher
-PriorityClass, Guaranteed QoS, 1 core requested against an API pod's 500m; here the API runs
-at the niceness of half the lane's CPU weight (`API_NICENESS`), and the clients, which stand
-for machines elsewhere, at the lowest priority (`CLIENTS_NICENESS`). "equal" runs both at the
-lane's own priority: the machine shared as if no deployment said who comes first.
-The report gives the exit decisions' latency without and with the abuse, each phase's CPU of
+Priorities (`PRIORITIES`, reported under "priorities" as each process's measured niceness and
+the cores): "deployed" mirrors deploy/kubernetes on this one machine. There lanes come first:
+a higher PriorityClass, Guaranteed QoS with whole cores, which the kubelet's static CPU
+manager policy makes cores of the lane pod's own; an API pod requests 500m. Here the lane
+takes a core no other process of the bench runs on (`bench.lane_placed_alone`), the API runs at
+the niceness of half the lane's CPU weight (`API_NICENESS`), and the clients, which stand for
+machines elsewhere, at the lowest priority (`CLIENTS_NICENESS`); PostgreSQL, Redis and the
+broker run on any core, as shared servers do. "equal" runs everything at the lane's priority
+on every core: the machine shared as if no deployment said who comes first.
+The report gives the exit decisions' latency without and with the abuse, each round's CPU of
 the lane, the API and the clients, the lane's wait for a core, the machine's load (other work
 on the machine shows there), and what the abusers were answered.
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import multiprocessing
 import os
 import random
+import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -40,17 +46,19 @@ from parking.app import create_app, server_config
 from parking.infra import Endpoints
 from parking.lanes.worker import LaneStats
 from parking.logging import configure_from
-from parking.runtime import ProviderEndpoint, running
+from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
 from parking_dev import sandbox
 from parking_dev.bench import (
     DEFERRED_WORK_NICENESS,
     analyze,
     drive,
+    keep_off_lane_core,
+    lane_placed_alone,
     lane_service,
     wait_for_port,
 )
-from parking_dev.demo import DemoCity, seed_city, wait_for_outbox
+from parking_dev.demo import DemoCity, percentiles, seed_city, wait_for_outbox
 
 # The lane's p99 under abuse may be at most this much above its p99 alone.
 TARGET_P99_INCREASE = 0.20
@@ -60,7 +68,8 @@ TARGET_P99_INCREASE = 0.20
 API_NICENESS = 3
 # The fake clients are other machines: here they take only what the system leaves.
 CLIENTS_NICENESS = 19
-# Niceness of (the API, the abusing clients) by `--abuse-priorities`.
+# Niceness of (the API, the clients) by `--priorities`; "deployed" also places the lane on a
+# core of its own.
 PRIORITIES = {"deployed": (API_NICENESS, CLIENTS_NICENESS), "equal": (0, 0)}
 
 
@@ -125,6 +134,7 @@ def _abuse(
     as they are answered, each request from one of `clients` addresses. Returns counts by route
     and status with the process's niceness, and the CPU seconds the clients took."""
     os.nice(clients_niceness)
+    keep_off_lane_core()
 
     async def go() -> dict[str, dict[str, int]]:
         rng = random.Random()
@@ -162,6 +172,7 @@ def _serve_api(
 ) -> None:
     """Runs in its own process: the API as deployed (`parking serve --no-lanes --no-worker`)."""
     os.nice(api_niceness)
+    keep_off_lane_core()
     api_settings = Settings(**settings)
     configure_from(api_settings)
 
@@ -214,30 +225,46 @@ class _Cpu:
         }
 
 
-def _split(city: DemoCity) -> tuple[DemoCity, DemoCity]:
-    """The parked cars in two halves: one for each run, so that every exit has its car."""
-    first = {lot: cars[::2] for lot, cars in city.inside.items()}
-    second = {lot: cars[1::2] for lot, cars in city.inside.items()}
-    return dataclasses.replace(city, inside=first), dataclasses.replace(city, inside=second)
+def _split(city: DemoCity, parts: int) -> list[DemoCity]:
+    """The parked cars in `parts` shares: one for each phase, so that every exit has its car."""
+    return [
+        dataclasses.replace(
+            city, inside={lot: cars[part::parts] for lot, cars in city.inside.items()}
+        )
+        for part in range(parts)
+    ]
 
 
-def _phase(figures: dict[str, Any]) -> dict[str, Any]:
-    keep = ("decisions", "exits", "errors", "p50_ms", "p95_ms", "p99_ms", "max_ms", "lane_cpu")
-    return {key: figures[key] for key in keep} | {"throughput_per_s": figures["throughput_per_s"]}
+def _phase(rounds: list[dict[str, Any]], latencies_ms: list[float]) -> dict[str, Any]:
+    """A phase's rounds together: the percentiles of all its decisions, and each round's p99
+    and CPU (their spread is the run-to-run noise the change is read against)."""
+    return {
+        "decisions": sum(r["decisions"] for r in rounds),
+        "exits": sum(r["exits"] for r in rounds),
+        "errors": sum(r["errors"] for r in rounds),
+        **percentiles(latencies_ms),
+        "throughput_per_s": round(statistics.fmean(r["throughput_per_s"] for r in rounds), 1),
+        "rounds": [
+            {"p99_ms": r["p99_ms"], "lane_cpu": r["lane_cpu"], "cpu": r["cpu"]} for r in rounds
+        ],
+    }
 
 
 @dataclasses.dataclass
 class LoadedRun:
-    """Exits at a rate alone, then again under another process's load on the API."""
+    """Exits at a rate alone and under another process's load on the API, in alternating
+    rounds."""
 
     car_parks: int
     alone: dict[str, Any]
     loaded: dict[str, Any]
-    # What the load function returned besides its CPU seconds.
-    load: Any
+    # What the load function returned besides its CPU seconds, a round each.
+    loads: list[Any]
     load_s: float
     # The API process's niceness, read from the kernel while it served.
-    api_niceness: int | None = None
+    api_niceness: int | None
+    # The cores of the lane and of the rest (`lane_placed_alone`), None when not placed.
+    cores: dict[str, list[int]] | None
 
     def p99_change_pct(self) -> float | None:
         base, loaded = self.alone["p99_ms"], self.loaded["p99_ms"]
@@ -247,6 +274,9 @@ class LoadedRun:
 # A load: (base URL, car park codes, *its arguments, seconds) -> (its result, its CPU seconds);
 # it runs in a process of its own (a module-level function, as a spawned process needs).
 Load = Callable[..., tuple[Any, float]]
+# What a loaded round brings besides the load (e.g. feed subscribers): entered before the
+# load starts, left after the round's deferred work is done.
+AroundLoad = Callable[[Runtime, DemoCity], contextlib.AbstractAsyncContextManager[Any]]
 
 
 async def lane_alone_and_loaded(
@@ -260,20 +290,25 @@ async def lane_alone_and_loaded(
     load_args: tuple[Any, ...],
     describe: str,
     prepare: Callable[[asyncpg.Connection], Awaitable[tuple[Any, ...]]] | None = None,
+    around_load: AroundLoad | None = None,
     api_niceness: int = API_NICENESS,
+    place_lane: bool = True,
+    rounds: int = 3,
 ) -> LoadedRun:
-    """The lane service and the API (at `api_niceness`) in processes of their own; exits at
-    `rate` for `duration_s` alone, then again while `load` runs against the API. `prepare` may
-    add to the load's arguments from the seeded database (before `load_args`)."""
+    """The lane service and the API (at `api_niceness`) in processes of their own; `rounds`
+    times, exits at `rate` for `duration_s` alone, then again while `load` runs against the API
+    (alternating, so that what drifts on the machine falls on both). Each phase starts once the
+    one before has no deferred work left (its charges, its deliveries). `place_lane`: the lane
+    on a core of its own (`lane_placed_alone`). `prepare` may add to the load's arguments from
+    the seeded database (before `load_args`)."""
     rng = random.Random()
-    exits_needed = 2 * (int(rate * duration_s * 1.2) + 100)
+    exits_needed = 2 * rounds * (int(rate * duration_s * 1.2) + 100)
     async with lane_service(settings, provider) as runtime:
         city = await seed_city(
             runtime.pool, rng, drivers=exits_needed, car_parks=car_parks, parked_share=1.0
         )
         await analyze(runtime)
         await runtime.lanes.warm_up()
-        alone_city, loaded_city = _split(city)
         async with runtime.pool.acquire() as conn:
             codes = [
                 r["code"]
@@ -282,64 +317,101 @@ async def lane_alone_and_loaded(
                 )
             ]
             prepared = await prepare(conn) if prepare is not None else ()
-        port = sandbox.free_port()
-        api = multiprocessing.get_context("spawn").Process(
-            target=_serve_api,
-            args=(
-                settings.model_dump(exclude={"mqtt_client_id"}),
-                runtime.endpoints,
-                provider,
-                port,
-                api_niceness,
-            ),
-            daemon=True,
-        )
-        api.start()
-        try:
-            await asyncio.to_thread(wait_for_port, port)
-            if not api.is_alive():
-                raise RuntimeError("the API process did not start")
-            assert api.pid is not None
-            api_niceness_measured = niceness(api.pid)
-            print(f"bench: {rate}/s for {duration_s}s alone", file=sys.stderr)
-            runtime.lanes.stats = LaneStats()
-            cpu = _Cpu(psutil.Process(api.pid))
-            alone = await drive(
-                runtime, alone_city, rate=rate, duration_s=duration_s, exit_share=1.0
+        with lane_placed_alone() if place_lane else contextlib.nullcontext() as cores:
+            port = sandbox.free_port()
+            api = multiprocessing.get_context("spawn").Process(
+                target=_serve_api,
+                args=(
+                    settings.model_dump(exclude={"mqtt_client_id"}),
+                    runtime.endpoints,
+                    provider,
+                    port,
+                    api_niceness,
+                ),
+                daemon=True,
             )
-            alone_cpu = cpu.figures()
-            # The first phase's charges are the outbox worker's (and the provider's, and the
-            # API's for its notifications) for a while after it: the second phase starts when
-            # they are done, as the first did, or it measures their spill-over.
-            await wait_for_outbox(runtime.pool, 120)
-            print(f"bench: {rate}/s for {duration_s}s with {describe}", file=sys.stderr)
-            runtime.lanes.stats = LaneStats()
-            loop = asyncio.get_running_loop()
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                cpu = _Cpu(psutil.Process(api.pid))
-                loading = loop.run_in_executor(
-                    pool,
-                    load,
-                    # The load's own start-up (a spawn) is covered by a little more time.
-                    *(f"http://127.0.0.1:{port}", codes, *prepared, *load_args, duration_s + 3),
-                )
-                loaded = await drive(
-                    runtime, loaded_city, rate=rate, duration_s=duration_s, exit_share=1.0
-                )
-                result, clients_cpu_s = await loading
-                loaded_cpu = cpu.figures() | {"clients_cpu_s": round(clients_cpu_s, 1)}
-                load_s = time.monotonic() - cpu.started
-        finally:
-            api.terminate()
-            api.join(10)
+            api.start()
+            try:
+                await asyncio.to_thread(wait_for_port, port)
+                if not api.is_alive() or api.pid is None:
+                    raise RuntimeError("the API process did not start")
+                phases = _Phases(runtime, psutil.Process(api.pid), rate, duration_s)
+                shares = _split(city, 2 * rounds)
+                load_with = (f"http://127.0.0.1:{port}", codes, *prepared, *load_args)
+                for n in range(rounds):
+                    print(f"bench: round {n + 1}: {rate}/s alone", file=sys.stderr)
+                    await phases.alone(shares[2 * n])
+                    print(f"bench: round {n + 1}: with {describe}", file=sys.stderr)
+                    around = (
+                        around_load(runtime, shares[2 * n + 1])
+                        if around_load is not None
+                        else contextlib.nullcontext()
+                    )
+                    async with around:
+                        await phases.loaded(shares[2 * n + 1], load, load_with)
+                api_niceness_measured = niceness(api.pid)
+            finally:
+                api.terminate()
+                api.join(10)
     return LoadedRun(
         len(city.car_park_ids),
-        _phase(alone) | {"cpu": alone_cpu},
-        _phase(loaded) | {"cpu": loaded_cpu},
-        result,
-        load_s,
+        _phase(phases.rounds["alone"], phases.latencies["alone"]),
+        _phase(phases.rounds["loaded"], phases.latencies["loaded"]),
+        phases.loads,
+        phases.load_s,
         api_niceness_measured,
+        cores,
     )
+
+
+class _Phases:
+    """The measured phases of `lane_alone_and_loaded`: each round's figures, and every
+    decision's latency by phase."""
+
+    def __init__(
+        self, runtime: Runtime, api: psutil.Process, rate: float, duration_s: float
+    ) -> None:
+        self.runtime, self.api, self.rate, self.duration_s = runtime, api, rate, duration_s
+        self.rounds: dict[str, list[dict[str, Any]]] = {"alone": [], "loaded": []}
+        self.latencies: dict[str, list[float]] = {"alone": [], "loaded": []}
+        self.loads: list[Any] = []
+        self.load_s = 0.0
+
+    async def _drive(self, share: DemoCity, phase: str) -> dict[str, Any]:
+        runtime = self.runtime
+        runtime.lanes.stats = LaneStats()
+        cpu = _Cpu(self.api)
+        figures = await drive(
+            runtime, share, rate=self.rate, duration_s=self.duration_s, exit_share=1.0
+        )
+        self.latencies[phase].extend(runtime.lanes.stats.latencies_ms)
+        figures["cpu"] = cpu.figures()
+        self.rounds[phase].append(figures)
+        return figures
+
+    async def _settle(self) -> None:
+        # A phase's charges are the outbox worker's (and the provider's, and the API's for its
+        # notifications) for a while after it: the next phase starts when they are done, or it
+        # measures their spill-over.
+        await wait_for_outbox(self.runtime.pool, 120)
+
+    async def alone(self, share: DemoCity) -> None:
+        await self._drive(share, "alone")
+        await self._settle()
+
+    async def loaded(self, share: DemoCity, load: Load, args: tuple[Any, ...]) -> None:
+        """Exits while `load` runs in a process of its own for as long (and a little more for
+        its own start-up, a spawn)."""
+        loop = asyncio.get_running_loop()
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            started = time.monotonic()
+            loading = loop.run_in_executor(pool, load, *(*args, self.duration_s + 3))
+            figures = await self._drive(share, "loaded")
+            result, clients_cpu_s = await loading
+            self.load_s += time.monotonic() - started
+        figures["cpu"]["clients_cpu_s"] = round(clients_cpu_s, 1)
+        self.loads.append(result)
+        await self._settle()
 
 
 async def run_abuse_bench(
@@ -352,6 +424,7 @@ async def run_abuse_bench(
     clients: int = 500,
     concurrency: int = 16,
     priorities: str = "deployed",
+    rounds: int = 3,
 ) -> dict[str, Any]:
     # The API believes X-Forwarded-For from the local abusers, as it would from an ingress.
     settings.trusted_proxies = ["127.0.0.1/32"]
@@ -366,14 +439,20 @@ async def run_abuse_bench(
         load_args=(clients, concurrency, clients_niceness),
         describe=f"{concurrency} connections of abuse from {clients} addresses",
         api_niceness=api_niceness,
+        place_lane=priorities == "deployed",
+        rounds=rounds,
     )
-    answered: dict[str, dict[str, int]] = run.load[0]
+    answered: dict[str, Counter[str]] = {}
+    for round_answered, _ in run.loads:
+        for kind, counts in round_answered.items():
+            answered.setdefault(kind, Counter()).update(counts)
     requests = sum(sum(counts.values()) for counts in answered.values())
     change = run.p99_change_pct()
     return {
         "mode": "abuse",
         "rate": rate,
         "duration_s": duration_s,
+        "rounds": rounds,
         "car_parks": run.car_parks,
         "alone": run.alone,
         "abused": run.loaded,
@@ -386,11 +465,12 @@ async def run_abuse_bench(
             "niceness": {
                 "lane": niceness(),
                 "api": run.api_niceness,
-                "clients": run.load[1],
+                "clients": run.loads[0][1],
                 # Deferred work in every bench (parking_dev.bench); the gates run as the lane.
                 "outbox_worker_and_provider": DEFERRED_WORK_NICENESS,
                 "gates": niceness(),
             },
+            "cores": run.cores,
         },
         "abuse": {
             "clients": clients,
@@ -398,12 +478,12 @@ async def run_abuse_bench(
             "requests": requests,
             "requests_per_s": round(requests / run.load_s, 1),
             "server_errors": server_errors(answered),
-            "answered": answered,
+            "answered": {kind: dict(counts) for kind, counts in sorted(answered.items())},
         },
     }
 
 
-def server_errors(answered: dict[str, dict[str, int]]) -> int:
+def server_errors(answered: Mapping[str, Mapping[str, int]]) -> int:
     """Answers of 500 and above, and failures other than a closed connection."""
     return sum(
         n

@@ -54,8 +54,45 @@ from parking_dev.demo import (
 
 # Niceness of the outbox worker and the simulated provider during a bench run.
 DEFERRED_WORK_NICENESS = 10
+# The cores left to the bench's processes other than the lane's (`lane_placed_alone`), in the
+# environment so that the processes it spawns afterwards find them.
+OTHER_CORES_ENV = "PARKING_DEV_OTHER_CORES"
 # The decisions right after the lane started, reported apart: a cold start shows there.
 FIRST_DECISIONS = 200
+
+
+@contextlib.contextmanager
+def lane_placed_alone() -> Iterator[dict[str, list[int]] | None]:
+    """Places the bench's processes as deploy/kubernetes/lanes.yaml places pods on a node: the
+    lane pod (Guaranteed QoS, whole cores, the kubelet's static CPU manager policy) gets a core
+    of its own, on which no other pod runs. Here this process (the lane) takes the last core it
+    may use; the bench's other processes, those running now (the outbox worker, the provider)
+    and those spawned meanwhile (which call `keep_off_lane_core`: the API, the simulated gates
+    and clients), the rest. PostgreSQL, Redis and the broker keep every core: a deployment
+    shares them too. Yields the cores, None (nothing placed) on a machine with one core; this
+    process gets all its cores back at the end."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        yield None
+        return
+    lane, others = cores[-1:], cores[:-1]
+    os.environ[OTHER_CORES_ENV] = ",".join(map(str, others))
+    for child in multiprocessing.active_children():
+        if child.pid is not None:
+            os.sched_setaffinity(child.pid, others)
+    os.sched_setaffinity(0, lane)
+    try:
+        yield {"lane": lane, "others": others}
+    finally:
+        os.sched_setaffinity(0, cores)
+        del os.environ[OTHER_CORES_ENV]
+
+
+def keep_off_lane_core() -> None:
+    """In a process the bench spawned: off the lane's core, if `lane_placed_alone` took one."""
+    cores = os.environ.get(OTHER_CORES_ENV)
+    if cores:
+        os.sched_setaffinity(0, {int(core) for core in cores.split(",")})
 
 
 def _simulate(
@@ -70,6 +107,7 @@ def _simulate(
     exit_share: float,
 ) -> SimReport:
     """Runs in a separate process: the gates' side of the benchmark."""
+    keep_off_lane_core()
     configure_logging("WARNING")
 
     async def go() -> SimReport:
@@ -477,7 +515,7 @@ SUBSCRIBERS_NICENESS = 19
 FEED_SUBSCRIBERS = 10
 
 
-def _worker_cpu_s() -> float | None:
+def worker_cpu() -> float | None:
     """CPU seconds of the outbox worker's process so far (None: not found)."""
     for child in multiprocessing.active_children():
         if child.name == OUTBOX_WORKER and child.pid is not None:
@@ -492,6 +530,7 @@ def _feed_receiver(port: int) -> None:
     from aiohttp import web
 
     os.nice(SUBSCRIBERS_NICENESS)
+    keep_off_lane_core()
 
     async def take(_: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -524,7 +563,7 @@ def feed_receiver() -> Iterator[str]:
         process.join(5)
 
 
-async def _subscribe_everyone(
+async def subscribe_everyone(
     runtime: Runtime, city: DemoCity, url: str, subscribers: int = FEED_SUBSCRIBERS
 ) -> int:
     """Each company: its city platform and `subscribers` - 1 APDS subscriptions, every topic."""
@@ -549,53 +588,95 @@ async def _subscribe_everyone(
     return created
 
 
-async def _feed_figures(
-    runtime: Runtime, city: DemoCity, worker_cpu_s: float | None, timeout_s: float = 60
-) -> dict[str, Any]:
-    """Waits for the deliveries queued by the run to be sent; their lag, queued -> sent, and
-    the outbox worker's CPU per delivery since `worker_cpu_s` (charging included)."""
+async def unsubscribe_everyone(runtime: Runtime, url: str) -> None:
+    """Ends the subscriptions `subscribe_everyone` made to `url`."""
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE feed_subscriptions SET deleted_at = now() "
+            "WHERE endpoint LIKE $1 || '/%' AND deleted_at IS NULL",
+            url,
+        )
+
+
+@dataclass
+class FeedLags:
+    """The deliveries queued since a moment, once sent: each one's lag (queued -> recorded as
+    sent, ms), stays' starts and ends apart from occupancy; what was left pending; the span from
+    the first queued to the last sent; the outbox worker's CPU seconds meanwhile."""
+
+    sessions: list[float]
+    occupancy: list[float]
+    pending: int
+    span_s: float | None
+    worker_cpu_s: float | None
+
+
+async def feed_lags(
+    runtime: Runtime,
+    city: DemoCity,
+    since: datetime | None,
+    worker_cpu_s: float | None,
+    timeout_s: float = 60,
+) -> FeedLags:
+    """Waits for the deliveries queued since `since` (None: ever) to be sent, and measures them;
+    `worker_cpu_s`: the outbox worker's CPU seconds at `since` (`worker_cpu`)."""
     deadline = time.monotonic() + timeout_s
+    where = "car_park_id = ANY ($1::bigint[]) AND ($2::timestamptz IS NULL OR created_at >= $2)"
+    ids = list(city.car_park_ids)
     async with runtime.pool.acquire() as conn:
         while True:
             pending = await conn.fetchval(
-                "SELECT count(*) FROM feed_deliveries WHERE status = 'pending' "
-                "AND car_park_id = ANY ($1::bigint[])",
-                list(city.car_park_ids),
+                f"SELECT count(*) FROM feed_deliveries WHERE status = 'pending' AND {where}",
+                ids,
+                since,
             )
             if pending == 0 or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
         rows = await conn.fetch(
-            """SELECT topic = 'occupancy' AS occupancy,
-                      extract(epoch FROM sent_at - created_at) * 1000 AS lag_ms
-               FROM feed_deliveries
-               WHERE status = 'sent' AND car_park_id = ANY ($1::bigint[])""",
-            list(city.car_park_ids),
+            f"""SELECT topic = 'occupancy' AS occupancy,
+                       extract(epoch FROM sent_at - created_at) * 1000 AS lag_ms
+                FROM feed_deliveries WHERE status = 'sent' AND {where}""",
+            ids,
+            since,
         )
         span_s = await conn.fetchval(
-            """SELECT extract(epoch FROM max(sent_at) - min(created_at))
-               FROM feed_deliveries
-               WHERE status = 'sent' AND car_park_id = ANY ($1::bigint[])""",
-            list(city.car_park_ids),
+            f"""SELECT extract(epoch FROM max(sent_at) - min(created_at))
+                FROM feed_deliveries WHERE status = 'sent' AND {where}""",
+            ids,
+            since,
         )
-    cpu_now = _worker_cpu_s()
-    worker_ms = (
-        round(1000 * (cpu_now - worker_cpu_s) / len(rows), 3)
-        if cpu_now is not None and worker_cpu_s is not None and rows
-        else None
+    cpu_now = worker_cpu()
+    return FeedLags(
+        sessions=[float(r["lag_ms"]) for r in rows if not r["occupancy"]],
+        occupancy=[float(r["lag_ms"]) for r in rows if r["occupancy"]],
+        pending=pending,
+        span_s=float(span_s) if span_s else None,
+        worker_cpu_s=cpu_now - worker_cpu_s
+        if cpu_now is not None and worker_cpu_s is not None
+        else None,
     )
-    sessions = [r["lag_ms"] for r in rows if not r["occupancy"]]
-    occupancy = [r["lag_ms"] for r in rows if r["occupancy"]]
+
+
+def feed_figures(runs: list[FeedLags]) -> dict[str, Any]:
+    """The runs' deliveries together: lag percentiles, the rate sent and the worker's CPU per
+    delivery (charging included)."""
+    sent = sum(len(r.sessions) + len(r.occupancy) for r in runs)
+    span_s = sum(r.span_s or 0.0 for r in runs)
+    cpus = [r.worker_cpu_s for r in runs]
+    cpu_s = None if None in cpus else sum(c or 0.0 for c in cpus)
     return {
-        "sent": len(rows),
-        "pending_after_run": pending,
+        "sent": sent,
+        "pending_after_run": sum(r.pending for r in runs),
         # From the first queued to the last sent (what one feed worker kept up with).
-        "sent_per_s": round(len(rows) / float(span_s), 1) if span_s else None,
-        "worker_cpu_ms_per_delivery": worker_ms,
+        "sent_per_s": round(sent / span_s, 1) if span_s else None,
+        "worker_cpu_ms_per_delivery": round(1000 * cpu_s / sent, 3)
+        if cpu_s is not None and sent
+        else None,
         # A stay's start or end: queued by the lane's transaction, sent by the worker.
-        "session_delivery_lag": percentiles([float(v) for v in sessions]),
+        "session_delivery_lag": percentiles([v for r in runs for v in r.sessions]),
         # Occupancy: due at most once per interval per car park and subscriber, by design.
-        "occupancy_delivery_lag": percentiles([float(v) for v in occupancy]),
+        "occupancy_delivery_lag": percentiles([v for r in runs for v in r.occupancy]),
     }
 
 
@@ -645,25 +726,20 @@ async def run_bench(
         # Measured while the cars are all parked, before the load (which lets them out).
         lookup = await exit_lookup_cost(runtime) if rights_share else None
         subscriptions = (
-            await _subscribe_everyone(runtime, city, feeds_url) if feeds_url is not None else 0
+            await subscribe_everyone(runtime, city, feeds_url) if feeds_url is not None else 0
         )
-        worker_cpu_s = _worker_cpu_s()
+        worker_cpu_s = worker_cpu()
         figures = await drive(
             runtime, city, rate=rate, duration_s=duration_s, exit_share=exit_share
         )
         if feeds_url is not None:
             figures["feeds"] = {
                 "subscriptions": subscriptions,
-                **await _feed_figures(runtime, city, worker_cpu_s),
+                **feed_figures([await feed_lags(runtime, city, None, worker_cpu_s)]),
             }
             # The database outlives the run: later benches must not feed a receiver that is
             # gone (its failing deliveries would load the lane they measure).
-            async with runtime.pool.acquire() as conn:
-                await conn.execute(
-                    "UPDATE feed_subscriptions SET deleted_at = now() "
-                    "WHERE endpoint LIKE $1 || '/%' AND deleted_at IS NULL",
-                    feeds_url,
-                )
+            await unsubscribe_everyone(runtime, feeds_url)
     return {
         "mode": "ocr" if ocr_folder is not None else "camera_read",
         **figures,

@@ -83,12 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     abuse.add_argument(
         "--abuse-connections", type=int, default=16, help="concurrent abusive connections"
     )
-    abuse.add_argument(
+    p_bench.add_argument(
+        "--priorities",
         "--abuse-priorities",
+        dest="priorities",
         choices=["deployed", "equal"],
         default="deployed",
-        help="deployed: the API and the clients yield the CPU to the lane, as deploy/kubernetes "
-        "says (default); equal: everything at the lane's priority",
+        help="--abuse and --signs: deployed (default): the lane on a core of its own, the API and "
+        "the clients yielding the CPU to it, as deploy/kubernetes places and ranks them; equal: "
+        "everything at the lane's priority on every core",
     )
     signs = p_bench.add_argument_group(
         "guidance signs",
@@ -101,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     signs.add_argument(
         "--sign-connections", type=int, default=200, help="the signs' concurrent connections"
+    )
+    signs.add_argument(
+        "--subscribers",
+        type=int,
+        default=10,
+        help="each company's push subscribers while the signs poll (its city platform and "
+        "APDS webhooks, every topic; 0: none)",
+    )
+    p_bench.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="--abuse and --signs: alternate the phases (alone, loaded) this many times",
     )
     city_day = p_bench.add_argument_group(
         "city day",
@@ -229,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                     interval_s=args.sign_interval,
                     connections=args.sign_connections,
                     car_parks=args.car_parks or 40,
+                    subscribers=args.subscribers,
+                    rounds=args.rounds,
+                    priorities=args.priorities,
                 )
             )
         print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())
@@ -246,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                     car_parks=args.car_parks or 40,
                     clients=args.abuse_clients,
                     concurrency=args.abuse_connections,
-                    priorities=args.abuse_priorities,
+                    priorities=args.priorities,
+                    rounds=args.rounds,
                 )
             )
         print(orjson.dumps(result, option=0 if args.json else orjson.OPT_INDENT_2).decode())

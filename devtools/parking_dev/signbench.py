@@ -1,19 +1,26 @@
-"""`parking-dev bench --signs N`: do N guidance signs polling `/api/v1/public/signs` slow the
-lane, and how fast are they answered?
+"""`parking-dev bench --signs N`: do N guidance signs polling `/api/v1/public/signs`, with every
+company's push subscribers, slow the lane, and how fast are signs and subscribers served?
 
-As `--abuse` (`parking_dev.abuse`): the lane service and the API in processes of their own,
-exits at `rate` alone, then again while another process plays the signs. Each sign shows one
-to three car parks (`?car_parks=A,B`), carries the city's key (as deployed: not rate-limited),
-polls every `interval_s` from a random start with `If-None-Match` (a 304 while nothing
-changed). The signs' latency is measured in their own process, which runs at the lowest
-priority (they stand for machines elsewhere): on a busy machine it includes that process's
-own wait for the CPU, so it is an upper bound.
+As `--abuse` (`parking_dev.abuse`): the lane service and the API in processes of their own, the
+lane on a core of its own, exits at `rate` alone and then again while another process plays
+the signs, in alternating rounds. Each sign shows one to three car parks
+(`?car_parks=A,B`), carries the city's key (as deployed: not rate-limited), polls every
+`interval_s` from a random start with `If-None-Match` (a 304 while nothing changed). With
+`subscribers` (the issue's 10) every company also has its city platform and APDS webhook
+subscriptions on every topic while the signs poll, answered by a receiver in a process of its
+own (`bench.feed_receiver`): their deliveries' lag is reported, and their cost is in the lane's
+figures. The signs and the receiver run at the lowest priority (they stand for machines
+elsewhere): the signs' latency, measured in their own process, includes that process's own wait
+for the CPU on a busy machine, so it is an upper bound.
 """
 
 import asyncio
+import contextlib
 import os
 import random
 import time
+from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -23,10 +30,22 @@ import uvloop
 from parking.auth import repository as auth_repo
 from parking.auth.principal import CITY_KEY_PREFIX
 from parking.auth.tokens import digest, new_secret
-from parking.runtime import ProviderEndpoint
+from parking.runtime import ProviderEndpoint, Runtime
 from parking.settings import Settings
-from parking_dev.abuse import API_NICENESS, CLIENTS_NICENESS, lane_alone_and_loaded, server_errors
-from parking_dev.demo import percentiles
+from parking_dev.abuse import PRIORITIES, lane_alone_and_loaded, server_errors
+from parking_dev.bench import (
+    FEED_SUBSCRIBERS,
+    SUBSCRIBERS_NICENESS,
+    FeedLags,
+    feed_figures,
+    feed_lags,
+    feed_receiver,
+    keep_off_lane_core,
+    subscribe_everyone,
+    unsubscribe_everyone,
+    worker_cpu,
+)
+from parking_dev.demo import DemoCity, percentiles
 
 # The lane's p99 with the signs may be at most this much above its p99 alone (the issue's).
 TARGET_P99_INCREASE = 0.10
@@ -37,13 +56,15 @@ def _signs(
     car_parks: list[str],
     city_key: str,
     signs: int,
+    signs_niceness: int,
     interval_s: float,
     connections: int,
     duration_s: float,
 ) -> tuple[dict[str, Any], float]:
     """Runs in its own process: `signs` signs polling every `interval_s` for `duration_s`.
-    Returns the answers' statuses and latencies (ms), and the CPU seconds the signs took."""
-    os.nice(CLIENTS_NICENESS)
+    Returns the answers' statuses and every poll's latency (ms), and the signs' CPU seconds."""
+    os.nice(signs_niceness)
+    keep_off_lane_core()
 
     async def go() -> dict[str, Any]:
         rng = random.Random()
@@ -82,17 +103,17 @@ def _signs(
                             etag = answer.headers.get("etag", etag)
                     except (aiohttp.ClientError, TimeoutError) as exc:
                         status = type(exc).__name__
-                    latencies.append(1000 * (time.monotonic() - sent))
+                    latencies.append(round(1000 * (time.monotonic() - sent), 3))
                     statuses[status] = statuses.get(status, 0) + 1
                     due += interval_s
 
             await asyncio.gather(*(one_sign() for _ in range(signs)))
         return {
-            "requests": len(latencies),
-            "requests_per_s": round(len(latencies) / (time.monotonic() - started), 1),
-            "answered": dict(sorted(statuses.items())),
+            "seconds": time.monotonic() - started,
+            "answered": statuses,
             "polls_late_by_an_interval": late_polls,
-        } | percentiles(latencies)
+            "latencies_ms": latencies,
+        }
 
     return uvloop.run(go()), time.process_time()
 
@@ -101,6 +122,20 @@ async def _city_key(conn: asyncpg.Connection) -> tuple[str]:
     key = new_secret(CITY_KEY_PREFIX)
     await auth_repo.create_api_key(conn, "city", digest(key), "bench signs")
     return (key,)
+
+
+def _signs_figures(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    statuses: Counter[str] = Counter()
+    for answers in rounds:
+        statuses.update(answers["answered"])
+    requests = sum(len(answers["latencies_ms"]) for answers in rounds)
+    return {
+        "requests": requests,
+        "requests_per_s": round(requests / sum(answers["seconds"] for answers in rounds), 1),
+        "answered": dict(sorted(statuses.items())),
+        "server_errors": server_errors({"signs": statuses}),
+        "polls_late_by_an_interval": sum(a["polls_late_by_an_interval"] for a in rounds),
+    } | percentiles([v for answers in rounds for v in answers["latencies_ms"]])
 
 
 async def run_signs_bench(
@@ -113,36 +148,75 @@ async def run_signs_bench(
     interval_s: float = 10.0,
     connections: int = 200,
     car_parks: int = 40,
+    subscribers: int = FEED_SUBSCRIBERS,
+    rounds: int = 3,
+    priorities: str = "deployed",
 ) -> dict[str, Any]:
-    run = await lane_alone_and_loaded(
-        settings,
-        provider,
-        rate=rate,
-        duration_s=duration_s,
-        car_parks=car_parks,
-        load=_signs,
-        load_args=(signs, interval_s, connections),
-        describe=f"{signs} signs polling every {interval_s}s",
-        prepare=_city_key,
-    )
-    answers: dict[str, Any] = run.load
+    api_niceness, signs_niceness = PRIORITIES[priorities]
+    # The receiver listens on loopback.
+    settings = settings.model_copy(update={"feed_allow_loopback": True})
+    feeds: list[FeedLags] = []
+    subscriptions: list[int] = []
+
+    with feed_receiver() if subscribers else contextlib.nullcontext() as url:
+
+        @contextlib.asynccontextmanager
+        async def subscribed(runtime: Runtime, city: DemoCity) -> AsyncIterator[None]:
+            """Every company's subscribers for the round; their deliveries measured once sent."""
+            if url is None:
+                yield
+                return
+            async with runtime.pool.acquire() as conn:
+                since = await conn.fetchval("SELECT clock_timestamp()")
+            worker_cpu_s = worker_cpu()
+            subscriptions.append(await subscribe_everyone(runtime, city, url, subscribers))
+            try:
+                yield
+                feeds.append(await feed_lags(runtime, city, since, worker_cpu_s))
+            finally:
+                await unsubscribe_everyone(runtime, url)
+
+        run = await lane_alone_and_loaded(
+            settings,
+            provider,
+            rate=rate,
+            duration_s=duration_s,
+            car_parks=car_parks,
+            load=_signs,
+            load_args=(signs, signs_niceness, interval_s, connections),
+            describe=f"{signs} signs polling every {interval_s}s and {subscribers} subscribers "
+            "per company",
+            prepare=_city_key,
+            around_load=subscribed,
+            api_niceness=api_niceness,
+            place_lane=priorities == "deployed",
+            rounds=rounds,
+        )
     change = run.p99_change_pct()
     return {
         "mode": "signs",
         "rate": rate,
         "duration_s": duration_s,
+        "rounds": rounds,
         "car_parks": run.car_parks,
         "alone": run.alone,
         "with_signs": run.loaded,
         "exit_p99_change_pct": change,
         "target_p99_change_pct": round(100 * TARGET_P99_INCREASE),
         "target_met": change is not None and change <= 100 * TARGET_P99_INCREASE,
-        "niceness": {"lane": os.nice(0), "api": API_NICENESS, "signs": CLIENTS_NICENESS},
-        "signs": {
-            "signs": signs,
-            "interval_s": interval_s,
-            "connections": connections,
-            "server_errors": server_errors({"signs": answers["answered"]}),
-        }
-        | answers,
+        "priorities": {
+            "mode": priorities,
+            "niceness": {
+                "lane": os.nice(0),
+                "api": run.api_niceness,
+                "signs": signs_niceness,
+                "subscribers": SUBSCRIBERS_NICENESS,
+            },
+            "cores": run.cores,
+        },
+        "signs": {"signs": signs, "interval_s": interval_s, "connections": connections}
+        | _signs_figures([answers for answers in run.loads]),
+        "feeds": {"subscriptions_per_round": subscriptions} | feed_figures(feeds)
+        if subscribers
+        else None,
     }
