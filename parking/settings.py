@@ -203,13 +203,17 @@ class Settings(BaseSettings):
     refresh_token_ttl_days: int = 30
     login_code_ttl_s: int = 300
     login_code_max_attempts: int = 5
-    # Sign-in codes texted to one phone: this many in a row, then each further request waits
-    # twice as long as the one before, from login_code_backoff_s up to login_code_backoff_max_s
-    # (a phone is never refused for longer than that); forgotten after an hour without one,
-    # or at the phone's next sign-in. One client address may ask for 30 an hour.
+    # Sign-in codes texted to one phone from one client address: this many in a row, then each
+    # further request from there waits twice as long as the one before, from
+    # login_code_backoff_s up to login_code_backoff_max_s. From all addresses together the phone
+    # gets as many in a row and then waits at most login_code_phone_backoff_max_s (so a botnet
+    # texts it at most once a minute, and its owner, asking from an address of their own, waits
+    # no longer). Forgotten after an hour without one, or at the phone's next sign-in. One
+    # client address may ask for 30 an hour.
     login_codes_free: int = Field(default=3, ge=1)
     login_code_backoff_s: float = Field(default=60.0, gt=0)
     login_code_backoff_max_s: float = Field(default=900.0, gt=0)
+    login_code_phone_backoff_max_s: float = Field(default=60.0, gt=0)
     login_codes_per_hour_per_client: int = 30
     # Public fee quotes one client may ask for per minute.
     quotes_per_minute_per_client: int = 60

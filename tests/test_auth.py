@@ -29,9 +29,7 @@ async def _sign_in(api: httpx.AsyncClient, app: FastAPI, phone: str) -> dict[str
     sent = await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
     assert sent.status_code == 202, sent.text
     code = app.state.sms.last_code(phone)
-    answer = await api.post(
-        "/api/v1/auth/token", json={"grant_type": "sign_in_code", "phone": phone, "code": code}
-    )
+    answer = await api.post("/api/v1/auth/token", json=_code_grant(phone, code, _challenge(sent)))
     assert answer.status_code == 200, answer.text
     pair: dict[str, str] = answer.json()
     return pair
@@ -59,21 +57,169 @@ async def test_wrong_codes_are_counted_and_end_the_code(
     api: httpx.AsyncClient, app: FastAPI, runtime: Runtime
 ) -> None:
     phone = _phone()
-    await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
+    sent = await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
     right = app.state.sms.last_code(phone)
     wrong = f"{(int(right) + 1) % 10**6:06d}"
     answers = [
-        await api.post(
-            "/api/v1/auth/token",
-            json={"grant_type": "sign_in_code", "phone": phone, "code": wrong},
-        )
+        await api.post("/api/v1/auth/token", json=_code_grant(phone, wrong, _challenge(sent)))
         for _ in range(runtime.settings.login_code_max_attempts)
     ]
     assert {a.json()["error"]["code"] for a in answers} == {"invalid_code"}
-    late = await api.post(
-        "/api/v1/auth/token", json={"grant_type": "sign_in_code", "phone": phone, "code": right}
-    )
+    late = await api.post("/api/v1/auth/token", json=_code_grant(phone, right, _challenge(sent)))
     assert late.status_code == 401 and late.json()["error"]["code"] == "too_many_attempts"
+
+
+def _challenge(sent: httpx.Response) -> str | None:
+    challenge: str | None = sent.json().get("challenge_id")
+    return challenge
+
+
+def _code_grant(phone: str, code: str | None, challenge: str | None) -> dict[str, str | None]:
+    return {"grant_type": "sign_in_code", "phone": phone, "code": code, "challenge_id": challenge}
+
+
+async def _attempts(runtime: Runtime, phone: str) -> list[tuple[int, bool]]:
+    """(attempts, consumed) of every code texted to `phone`, oldest first."""
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            """SELECT attempts, consumed_at IS NOT NULL AS consumed FROM login_codes
+               WHERE phone = $1 ORDER BY id""",
+            phone,
+        )
+    return [(row["attempts"], row["consumed"]) for row in rows]
+
+
+async def test_an_attacker_guessing_codes_for_a_phone_cannot_burn_its_owners_code(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime
+) -> None:
+    """Issue #17: a code's wrong guesses count against the challenge it was asked for only.
+    An attacker who asks for a code of their own and guesses it out, and guesses with no or a
+    forged challenge, leaves the owner's code and challenge as they were."""
+    phone = _phone()
+    owner = await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
+    assert owner.status_code == 202, owner.text
+    owners_code = app.state.sms.last_code(phone)
+    wrong = f"{(int(owners_code) + 1) % 10**6:06d}"
+    mallory = await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
+    assert mallory.status_code == 202, mallory.text
+    tries = runtime.settings.login_code_max_attempts
+    forged = "ch_1." + "A" * 22
+    for challenge in [_challenge(mallory)] * (tries + 1) + [forged] * tries + [None] * tries:
+        guess = await api.post("/api/v1/auth/token", json=_code_grant(phone, wrong, challenge))
+        assert guess.status_code in (401, 422), guess.text
+    signed_in = await api.post(
+        "/api/v1/auth/token", json=_code_grant(phone, owners_code, _challenge(owner))
+    )
+    assert signed_in.status_code == 200, signed_in.text
+    assert app.state.signer.decode(signed_in.json()["access_token"]).role == "driver"
+
+
+async def test_a_code_with_a_wrong_challenge_is_refused_and_changes_nothing(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime
+) -> None:
+    """The right code with another request's challenge, or with a challenge we never gave, is a
+    wrong code (401 `invalid_code`); a challenge we never gave counts nothing anywhere, and a
+    missing or garbled one is a bad request in the one error shape."""
+    phone = _phone()
+    first = await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
+    first_code = app.state.sms.last_code(phone)
+    second = await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
+    second_code = app.state.sms.last_code(phone)
+    assert first_code is not None and second_code is not None
+    first_id, _, first_mac = (_challenge(first) or "ch_0.x").removeprefix("ch_").partition(".")
+    second_id, _, second_mac = (_challenge(second) or "ch_0.x").removeprefix("ch_").partition(".")
+    never_given = [
+        f"ch_{first_id}.{second_mac}",  # one code's number with another's seal
+        f"ch_{second_id}.{first_mac}",
+        f"ch_{first_id}.{'A' * len(first_mac)}",
+        f"ch_{int(first_id) + 1000}.{first_mac}",
+    ]
+    for challenge in never_given:
+        for code in (first_code, second_code):
+            refused = await api.post("/api/v1/auth/token", json=_code_grant(phone, code, challenge))
+            assert refused.status_code == 401, (challenge, refused.text)
+            assert refused.json()["error"]["code"] == "invalid_code"
+    assert await _attempts(runtime, phone) == [(0, False), (0, False)]
+    assert _challenge(first) != _challenge(second)
+    # Another phone's challenge: nothing either.
+    other = _phone()
+    elsewhere = await api.post("/api/v1/auth/sign-in-codes", json={"phone": other})
+    crossed = await api.post(
+        "/api/v1/auth/token", json=_code_grant(phone, first_code, _challenge(elsewhere))
+    )
+    assert crossed.status_code == 401 and crossed.json()["error"]["code"] == "invalid_code"
+    assert await _attempts(runtime, phone) == [(0, False), (0, False)]
+    assert await _attempts(runtime, other) == [(0, False)]
+
+    for grant in (
+        {"grant_type": "sign_in_code", "phone": phone, "code": first_code},
+        _code_grant(phone, first_code, None),
+        _code_grant(phone, first_code, ""),
+        _code_grant(phone, first_code, "ch_"),
+        _code_grant(phone, first_code, "ch_1.💥"),
+        _code_grant(phone, first_code, "ch_" + "1" * 5000),
+        _code_grant(phone, first_code, f"{_challenge(first)}\n"),
+    ):
+        bad = await api.post("/api/v1/auth/token", json=grant)
+        assert bad.status_code == 422, (grant, bad.text)
+        assert set(bad.json()) == {"error"}
+        assert bad.json()["error"]["code"] == "invalid_request"
+    assert await _attempts(runtime, phone) == [(0, False), (0, False)]
+
+    # The first code with the second's challenge is a wrong guess at the second code.
+    crossed = await api.post(
+        "/api/v1/auth/token", json=_code_grant(phone, first_code, _challenge(second))
+    )
+    assert crossed.status_code == 401 and crossed.json()["error"]["code"] == "invalid_code"
+    assert await _attempts(runtime, phone) == [(0, False), (1, False)]
+    for code, sent in ((first_code, first), (second_code, second)):
+        right = await api.post(
+            "/api/v1/auth/token", json=_code_grant(phone, code, _challenge(sent))
+        )
+        assert right.status_code == 200, right.text
+    assert await _attempts(runtime, phone) == [(1, True), (2, True)]
+    again = await api.post(
+        "/api/v1/auth/token", json=_code_grant(phone, first_code, _challenge(first))
+    )
+    assert again.status_code == 401 and again.json()["error"]["code"] == "invalid_code"
+
+
+async def test_a_botnet_texting_a_phone_makes_its_owner_wait_no_longer_than_the_phone_cap(
+    runtime: Runtime,
+) -> None:
+    """Issue #17: requests for one phone from many addresses wait at most a minute phone-wide
+    (PARKING_LOGIN_CODE_PHONE_BACKOFF_MAX_S, 60 s), so the owner, asking from an address of
+    their own, waits no longer (one address asking over and over still waits up to 15 min:
+    test_code_requests_for_a_phone_wait_longer_and_longer_but_never_past_the_cap)."""
+    runtime.settings.trusted_proxies = ["127.0.0.0/8"]
+    app = create_app(runtime)
+    transport = httpx.ASGITransport(app=app)
+    phone = _phone()
+    async with httpx.AsyncClient(transport=transport, base_url="http://parking.test") as http:
+
+        async def ask(client: str) -> httpx.Response:
+            return await http.post(
+                "/api/v1/auth/sign-in-codes",
+                json={"phone": phone},
+                headers={"X-Forwarded-For": client},
+            )
+
+        for n in range(12):
+            await _waits_pass(runtime)  # each asks when the phone's last wait is over
+            answer = await ask(f"203.0.113.{n}")
+            assert answer.status_code == 202, answer.text
+        owner = await ask("192.0.2.7")
+        if owner.status_code == 429:
+            assert int(owner.headers["Retry-After"]) <= 60, owner.headers
+            await _waits_pass(runtime)
+            owner = await ask("192.0.2.7")
+        assert owner.status_code == 202, owner.text
+        signed_in = await http.post(
+            "/api/v1/auth/token",
+            json=_code_grant(phone, app.state.sms.last_code(phone), _challenge(owner)),
+            headers={"X-Forwarded-For": "192.0.2.7"},
+        )
+        assert signed_in.status_code == 200, signed_in.text
 
 
 @pytest.fixture
@@ -117,10 +263,10 @@ async def test_code_requests_for_a_phone_wait_longer_and_longer_but_never_past_t
     assert max(waits) == cap
     # The driver signs in with the newest code; that forgives the phone's earlier requests.
     await _waits_pass(runtime)
-    await ask()
+    sent = await ask()
     answer = await api.post(
         "/api/v1/auth/token",
-        json={"grant_type": "sign_in_code", "phone": phone, "code": app.state.sms.last_code(phone)},
+        json=_code_grant(phone, app.state.sms.last_code(phone), _challenge(sent)),
     )
     assert answer.status_code == 200, answer.text
     assert (await ask()).status_code == 202
@@ -490,10 +636,15 @@ async def test_the_token_endpoint_takes_the_oauth2_form_encoding(
     assert refreshed.status_code == 200, refreshed.text
 
     phone = _phone()
-    await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
+    sent = await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
     driver = await api.post(
         "/api/v1/auth/token",
-        data={"grant_type": "sign_in_code", "phone": phone, "code": app.state.sms.last_code(phone)},
+        data={
+            "grant_type": "sign_in_code",
+            "phone": phone,
+            "code": app.state.sms.last_code(phone),
+            "challenge_id": sent.json()["challenge_id"],
+        },
     )
     assert driver.status_code == 200, driver.text
 

@@ -717,7 +717,12 @@ async def _sign_in(api: httpx.AsyncClient, app: FastAPI, phone: str) -> dict[str
     assert sent.status_code == 202, sent.text
     answer = await api.post(
         "/api/v1/auth/token",
-        json={"grant_type": "sign_in_code", "phone": phone, "code": app.state.sms.last_code(phone)},
+        json={
+            "grant_type": "sign_in_code",
+            "phone": phone,
+            "code": app.state.sms.last_code(phone),
+            "challenge_id": sent.json()["challenge_id"],
+        },
     )
     assert answer.status_code == 200, answer.text
     pair: dict[str, str] = answer.json()

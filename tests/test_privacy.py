@@ -48,14 +48,15 @@ async def test_plates_and_phones_stay_out_of_the_logs(
     lot: Lot,
 ) -> None:
     phone = f"137{uuid.uuid4().int % 10**8:08d}"
-    await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
+    sent = await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
     code = app.state.sms.last_code(phone)
-    await api.post(
-        "/api/v1/auth/token", json={"grant_type": "sign_in_code", "phone": phone, "code": "000000"}
-    )
-    signed_in = await api.post(
-        "/api/v1/auth/token", json={"grant_type": "sign_in_code", "phone": phone, "code": code}
-    )
+    grant = {
+        "grant_type": "sign_in_code",
+        "phone": phone,
+        "challenge_id": sent.json()["challenge_id"],
+    }
+    await api.post("/api/v1/auth/token", json={**grant, "code": "000000"})
+    signed_in = await api.post("/api/v1/auth/token", json={**grant, "code": code})
     assert signed_in.status_code == 200
 
     charged = await make_driver(runtime, unique_plate())

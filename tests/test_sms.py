@@ -83,7 +83,12 @@ async def test_a_sign_in_code_is_sent_through_the_login_template(
     code = message["params"]["code"]
     answer = await api.post(
         "/api/v1/auth/token",
-        json={"grant_type": "sign_in_code", "phone": f"+86{phone}", "code": code},
+        json={
+            "grant_type": "sign_in_code",
+            "phone": f"+86{phone}",
+            "code": code,
+            "challenge_id": sent.json()["challenge_id"],
+        },
     )
     assert answer.status_code == 200, answer.text
 

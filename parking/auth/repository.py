@@ -85,21 +85,24 @@ async def account_for_phone(conn: asyncpg.Connection, phone: str) -> int:
 
 async def insert_code(
     conn: asyncpg.Connection, phone: str, code_hash: str, expires_at: datetime
-) -> None:
-    await conn.execute(
-        "INSERT INTO login_codes (phone, code_hash, expires_at) VALUES ($1, $2, $3)",
+) -> int:
+    code_id: int = await conn.fetchval(
+        """INSERT INTO login_codes (phone, code_hash, expires_at) VALUES ($1, $2, $3)
+           RETURNING id""",
         phone,
         code_hash,
         expires_at,
     )
+    return code_id
 
 
-async def latest_code(conn: asyncpg.Connection, phone: str) -> LoginCode | None:
-    """The phone's newest unused code, locked: concurrent attempts count one by one."""
+async def unused_code(conn: asyncpg.Connection, code_id: int, phone: str) -> LoginCode | None:
+    """The phone's code `code_id` while unused, locked: concurrent attempts count one by one."""
     row = await conn.fetchrow(
         """SELECT id, code_hash, expires_at, attempts FROM login_codes
-           WHERE phone = $1 AND consumed_at IS NULL ORDER BY created_at DESC LIMIT 1
+           WHERE id = $1 AND phone = $2 AND consumed_at IS NULL
            FOR UPDATE""",
+        code_id,
         phone,
     )
     return LoginCode(**dict(row)) if row else None

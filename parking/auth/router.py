@@ -102,9 +102,12 @@ Grant = Annotated[CodeGrant | RefreshGrant | PasswordGrant, Depends(_grant)]
 async def request_sign_in_code(
     body: CodeRequest, request: Request, runtime: RuntimeDep
 ) -> CodeSent:
-    """Texts a six-digit code to the phone (rate-limited per phone and per client)."""
+    """Texts a six-digit code to the phone (rate-limited per phone and per client); the answer's
+    `challenge_id` goes with the code to `/token`."""
     client = client_address(request)
-    return await service.request_code(runtime, request.app.state.sms, body.phone, client)
+    return await service.request_code(
+        runtime, request.app.state.sms, signer(request), body.phone, client
+    )
 
 
 @router.post(
@@ -127,7 +130,14 @@ async def token(
     response.headers["Cache-Control"] = "no-store"
     token_signer = signer(request)
     if isinstance(grant, CodeGrant):
-        return await service.sign_in_with_code(runtime, token_signer, grant.phone, grant.code)
+        return await service.sign_in_with_code(
+            runtime,
+            token_signer,
+            grant.phone,
+            grant.code,
+            grant.challenge_id,
+            client_address(request),
+        )
     if isinstance(grant, PasswordGrant):
         client = client_address(request)
         return await service.sign_in_with_password(

@@ -71,23 +71,40 @@ async def _issue(
     )
 
 
-def _phone_backoff(runtime: Runtime, phone: str) -> Backoff:
-    """Codes texted to one phone slow down but never stop for long: a driver whose phone an
-    attacker keeps texting still gets a code within PARKING_LOGIN_CODE_BACKOFF_MAX_S."""
+def _code_backoffs(runtime: Runtime, phone: str, client: str) -> list[Backoff]:
+    """Codes texted to one phone slow down but never stop for long. Per phone from one address
+    (one asking over and over waits longer and longer, up to PARKING_LOGIN_CODE_BACKOFF_MAX_S),
+    and per phone from all addresses (a botnet texting it: capped at
+    PARKING_LOGIN_CODE_PHONE_BACKOFF_MAX_S, so its owner, asking from an address of their own,
+    gets a code within that)."""
     settings = runtime.settings
-    return Backoff(
-        f"{settings.redis_key_prefix}backoff:sign-in-code:phone:{digest(phone)}",
-        free=settings.login_codes_free,
-        base_s=settings.login_code_backoff_s,
-        max_s=settings.login_code_backoff_max_s,
-    )
+    prefix = f"{settings.redis_key_prefix}backoff:sign-in-code"
+    free, base = settings.login_codes_free, settings.login_code_backoff_s
+    return [
+        Backoff(
+            f"{prefix}:phone-client:{digest(phone)}:{client}",
+            free,
+            base,
+            settings.login_code_backoff_max_s,
+        ),
+        Backoff(
+            f"{prefix}:phone:{digest(phone)}",
+            free,
+            min(base, settings.login_code_phone_backoff_max_s),
+            settings.login_code_phone_backoff_max_s,
+        ),
+    ]
 
 
-async def request_code(runtime: Runtime, sms: SmsSender, phone: str, client: str) -> CodeSent:
+async def request_code(
+    runtime: Runtime, sms: SmsSender, signer: TokenSigner, phone: str, client: str
+) -> CodeSent:
+    """Texts a code to the phone; the answer's challenge goes with it to `sign_in_with_code`.
+    Nobody else learns the challenge, so nobody else's guesses use up this code's tries."""
     settings = runtime.settings
     phone = normalise_phone(phone)
     prefix = f"{settings.redis_key_prefix}ratelimit:sign-in-code"
-    await take(runtime.redis, [_phone_backoff(runtime, phone)])
+    await take(runtime.redis, _code_backoffs(runtime, phone, client))
     await hit(
         runtime.redis,
         f"{prefix}:client:{client}",
@@ -96,26 +113,39 @@ async def request_code(runtime: Runtime, sms: SmsSender, phone: str, client: str
     )
     code = new_code()
     async with runtime.pool.acquire() as conn:
-        await repo.insert_code(
+        code_id = await repo.insert_code(
             conn,
             phone,
             _code_hash(phone, code),
             datetime.now(UTC) + timedelta(seconds=settings.login_code_ttl_s),
         )
     await sms.send_code(phone, code)
-    return CodeSent(expires_in=settings.login_code_ttl_s)
+    return CodeSent(
+        expires_in=settings.login_code_ttl_s, challenge_id=signer.code_challenge(code_id, phone)
+    )
 
 
 async def sign_in_with_code(
-    runtime: Runtime, signer: TokenSigner, phone: str, code: str
+    runtime: Runtime,
+    signer: TokenSigner,
+    phone: str,
+    code: str,
+    challenge: str,
+    client: str,
 ) -> TokenPair:
+    """A driver's sign-in with the code texted for `challenge`. Its wrong guesses count against
+    that code alone (PARKING_LOGIN_CODE_MAX_ATTEMPTS); a challenge we did not give for this
+    phone is a wrong code that counts nothing."""
     phone = normalise_phone(phone)
+    code_id = signer.challenged_code(challenge, phone)
+    if code_id is None:
+        raise SignInFailed("invalid_code", "wrong code")
     failure: SignInFailed | None = None
     pair: TokenPair | None = None
     async with runtime.pool.acquire() as conn, conn.transaction():
-        found = await repo.latest_code(conn, phone)
+        found = await repo.unused_code(conn, code_id, phone)
         if found is None:
-            failure = SignInFailed("invalid_code", "no sign-in code was requested")
+            failure = SignInFailed("invalid_code", "the code was used; ask for a new one")
         elif found.expires_at < datetime.now(UTC):
             failure = SignInFailed("code_expired", "the code expired; ask for a new one")
         elif found.attempts >= runtime.settings.login_code_max_attempts:
@@ -132,7 +162,7 @@ async def sign_in_with_code(
         raise failure
     assert pair is not None
     # Signed in: the phone's code requests so far were the driver's own.
-    await forgive(runtime.redis, [_phone_backoff(runtime, phone)])
+    await forgive(runtime.redis, _code_backoffs(runtime, phone, client))
     return pair
 
 

@@ -3,11 +3,14 @@
 Access tokens are short-lived JWTs signed HS256 with the service's key; decoding accepts only
 that algorithm (an `alg: none` or RS/HS-confused token is refused), requires an expiry and
 checks issuer and audience. Refresh tokens, sign-in codes and API keys are random strings of
-which only a SHA-256 hash is stored.
+which only a SHA-256 hash is stored. A sign-in code's challenge is sealed with the same key
+(an HMAC of the code's id and phone), so it needs no storing and cannot be made up.
 """
 
+import base64
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -72,6 +75,12 @@ class TokenSigner:
     def known_device(self, token: str | None, email: str) -> str | None:
         return known_device(self._key, token, email)
 
+    def code_challenge(self, code_id: int, phone: str) -> str:
+        return issue_code_challenge(self._key, code_id, phone)
+
+    def challenged_code(self, challenge: str, phone: str) -> int | None:
+        return challenged_code(self._key, challenge, phone)
+
     def decode(self, token: str) -> Claims:
         try:
             payload = jwt.decode(
@@ -135,6 +144,33 @@ def known_device(key: str, token: str | None, email: str) -> str | None:
     if payload["sub"] != digest(email.lower()):
         return None
     return str(payload["jti"])
+
+
+# A sign-in code's challenge: `ch_<code id>.<seal>`, the seal an HMAC of the code's id and
+# phone under the service's key (truncated to 128 bits), so only the request that asked for
+# the code learns it and nobody can make one up; nothing of it needs storing.
+CHALLENGE_PREFIX = "ch_"
+_CHALLENGE_PATTERN = re.compile(r"ch_([1-9][0-9]{0,18})\.([A-Za-z0-9_-]{22})")
+
+
+def _challenge_seal(key: str, code_id: int, phone: str) -> str:
+    mac = hmac.new(key.encode(), f"sign-in-code:{code_id}:{phone}".encode(), hashlib.sha256)
+    return base64.urlsafe_b64encode(mac.digest()[:16]).decode().rstrip("=")
+
+
+def issue_code_challenge(key: str, code_id: int, phone: str) -> str:
+    return f"{CHALLENGE_PREFIX}{code_id}.{_challenge_seal(key, code_id, phone)}"
+
+
+def challenged_code(key: str, challenge: str, phone: str) -> int | None:
+    """The id of the code `challenge` was given for, when we gave it for `phone`, else None."""
+    matched = _CHALLENGE_PATTERN.fullmatch(challenge)
+    if matched is None:
+        return None
+    code_id = int(matched[1])
+    if not hmac.compare_digest(matched[2], _challenge_seal(key, code_id, phone)):
+        return None
+    return code_id
 
 
 def new_secret(prefix: str = "") -> str:

@@ -92,6 +92,8 @@
 
   // ---- signing in -----------------------------------------------------------------------
 
+  let challenge = null;
+
   $("code-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     const phone = $("phone").value.trim();
@@ -101,7 +103,10 @@
         method: "POST", headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ phone }),
       });
-      if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => null));
+      const body = await response.json().catch(() => null);
+      if (!response.ok) throw new ApiError(response.status, body);
+      // The code goes to /token with this request's challenge (its tries are this code's alone).
+      challenge = { phone, id: body.challenge_id };
       $("token-form").hidden = false;
       $("sign-in-status").textContent = t.code_sent;
       $("code").focus();
@@ -116,7 +121,8 @@
       const response = await fetch("/api/v1/auth/token", {
         method: "POST", headers: { "Content-Type": "application/json" },
         body: JSON.stringify({
-          grant_type: "sign_in_code", phone: $("phone").value.trim(), code: $("code").value.trim(),
+          grant_type: "sign_in_code", phone: challenge?.phone, code: $("code").value.trim(),
+          challenge_id: challenge?.id,
         }),
       });
       const body = await response.json().catch(() => null);
