@@ -207,13 +207,14 @@ class Settings(BaseSettings):
     # further request from there waits twice as long as the one before, from
     # login_code_backoff_s up to login_code_backoff_max_s. From all addresses together the phone
     # gets as many in a row and then waits at most login_code_phone_backoff_max_s (so a botnet
-    # texts it at most once a minute, and its owner, asking from an address of their own, waits
-    # no longer). Forgotten after an hour without one, or at the phone's next sign-in. One
-    # client address may ask for 30 an hour.
+    # texts it at most once in five minutes, and its owner, asking from an address of their
+    # own, waits no longer; shorter lets a botnet guess more, 5 guesses a code). Forgotten
+    # after an hour without one, or at the phone's next sign-in. One client address may ask
+    # for 30 an hour.
     login_codes_free: int = Field(default=3, ge=1)
     login_code_backoff_s: float = Field(default=60.0, gt=0)
     login_code_backoff_max_s: float = Field(default=900.0, gt=0)
-    login_code_phone_backoff_max_s: float = Field(default=60.0, gt=0)
+    login_code_phone_backoff_max_s: float = Field(default=300.0, gt=0)
     login_codes_per_hour_per_client: int = 30
     # Public fee quotes one client may ask for per minute.
     quotes_per_minute_per_client: int = 60

