@@ -37,6 +37,12 @@ class Claims:
     session: str | None = None
 
 
+# A device token names the e-mail a browser signed in with before; never an access token (its
+# audience differs, and `decode` accepts only AUDIENCE).
+DEVICE_AUDIENCE = "parking-known-device"
+DEVICE_TTL_S = 90 * 24 * 3600
+
+
 class TokenSigner:
     def __init__(self, key: str, access_ttl_s: int) -> None:
         if len(key) < 32:
@@ -67,10 +73,36 @@ class TokenSigner:
         return jwt.encode(payload, self._key, algorithm=_ALGORITHM)
 
     def device_token(self, email: str) -> str:
-        return issue_device_token(self._key, email)
+        """A token naming `email` for the browser that signed in with it (`known_device`)."""
+        now = int(time.time())
+        payload = {
+            "sub": digest(email.lower()),
+            "iss": ISSUER,
+            "aud": DEVICE_AUDIENCE,
+            "iat": now,
+            "exp": now + DEVICE_TTL_S,
+            "jti": secrets.token_urlsafe(12),
+        }
+        return jwt.encode(payload, self._key, algorithm=_ALGORITHM)
 
     def known_device(self, token: str | None, email: str) -> str | None:
-        return known_device(self._key, token, email)
+        """The device token's own id when it is ours, unexpired and for `email`, else None."""
+        if not token:
+            return None
+        try:
+            payload = jwt.decode(
+                token,
+                self._key,
+                algorithms=[_ALGORITHM],
+                audience=DEVICE_AUDIENCE,
+                issuer=ISSUER,
+                options={"require": ["exp", "sub", "jti"]},
+            )
+        except jwt.PyJWTError:
+            return None
+        if payload["sub"] != digest(email.lower()):
+            return None
+        return str(payload["jti"])
 
     def decode(self, token: str) -> Claims:
         try:
@@ -96,45 +128,6 @@ class TokenSigner:
         return Claims(
             str(payload["sub"]), cast(Role, role), operator_id, int(payload["exp"]), session
         )
-
-
-# A device token names the e-mail a browser signed in with before; never an access token (its
-# audience differs, and `decode` accepts only AUDIENCE).
-DEVICE_AUDIENCE = "parking-known-device"
-DEVICE_TTL_S = 90 * 24 * 3600
-
-
-def issue_device_token(key: str, email: str) -> str:
-    now = int(time.time())
-    payload = {
-        "sub": digest(email.lower()),
-        "iss": ISSUER,
-        "aud": DEVICE_AUDIENCE,
-        "iat": now,
-        "exp": now + DEVICE_TTL_S,
-        "jti": secrets.token_urlsafe(12),
-    }
-    return jwt.encode(payload, key, algorithm=_ALGORITHM)
-
-
-def known_device(key: str, token: str | None, email: str) -> str | None:
-    """The device token's own id when it is ours, unexpired and for `email`, else None."""
-    if not token:
-        return None
-    try:
-        payload = jwt.decode(
-            token,
-            key,
-            algorithms=[_ALGORITHM],
-            audience=DEVICE_AUDIENCE,
-            issuer=ISSUER,
-            options={"require": ["exp", "sub", "jti"]},
-        )
-    except jwt.PyJWTError:
-        return None
-    if payload["sub"] != digest(email.lower()):
-        return None
-    return str(payload["jti"])
 
 
 def new_secret(prefix: str = "") -> str:
