@@ -57,6 +57,19 @@ class RetryLater(Exception):
         self.base_s = base_s
 
 
+class Waiting(RetryLater):
+    """Raised (or returned by a batch handler) when the job cannot run yet because it waits
+    for another (a stay's end for its start): tried again after `base_s` (or at `not_before`,
+    when that is later), and the try is given back: it is no attempt of its own and never makes
+    the job dead. The handler bounds the wait (what it waits for has attempts of its own)."""
+
+    def __init__(
+        self, error: str, base_s: float | None = None, not_before: datetime | None = None
+    ) -> None:
+        super().__init__(error, base_s)
+        self.not_before = not_before
+
+
 # Called with a job and its last error when it goes dead (its handler's own bookkeeping).
 OnDead = Callable[[Job, str], Awaitable[None]]
 
@@ -155,6 +168,30 @@ class Queue:
                 error[:500],
             )
         return True
+
+    async def wait(
+        self, job: Job, error: str, base_s: float, not_before: datetime | None = None
+    ) -> None:
+        """Releases a job that waits for another (`Waiting`): due again after a jittered
+        `base_s`, or at `not_before` when later, and its claim not counted as an attempt. A
+        job made dead meanwhile (what it waited for went dead) stays dead, its claim not
+        counted either."""
+        delay = backoff_s(1, base_s, self.policy.cap_s, self.rng)
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                """UPDATE outbox
+                   SET available_at = CASE WHEN dead_at IS NOT NULL THEN available_at
+                           ELSE greatest(now() + make_interval(secs => $2), coalesce($4, now()))
+                       END,
+                       last_error = CASE WHEN dead_at IS NOT NULL THEN last_error ELSE $3 END,
+                       attempts = attempts - 1, locked_until = NULL
+                   WHERE id = $1 AND attempts = $5 AND done_at IS NULL""",
+                job.id,
+                delay,
+                error[:500],
+                not_before,
+                job.attempts,
+            )
 
     async def bury(self, job: Job, error: str) -> None:
         """Dead: never claimed again, kept (with its last error) until an operator retries it.

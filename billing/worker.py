@@ -72,7 +72,8 @@ DEFAULT_MAX_ATTEMPTS: Mapping[str, int] = {
 PRUNABLE_DEAD_KINDS = frozenset({"notification", "gate_command", "parking_entry", "feed_delivery"})
 
 # A handler of a kind of job the worker runs for another package (parking's feed deliveries):
-# returning means done; raising `billing.queue.RetryLater` means again after the backoff.
+# returning means done; raising `billing.queue.RetryLater` means again after the backoff
+# (`billing.queue.Waiting`: again later, the try not counted as an attempt).
 Handler = Callable[[Job], Awaitable[None]]
 # Runs a claimed batch of one kind at once (a feed's deliveries: read and written back in a
 # few statements); marks done the jobs it finished and returns the others' RetryLater by id.
@@ -247,7 +248,7 @@ class OutboxWorker:
             if retry is None:
                 continue
             try:
-                await self._retry_later(job, str(retry), retry.base_s)
+                await self._again(job, retry)
             except Exception:
                 self._unreleased.add((job.id, job.attempts))
 
@@ -264,7 +265,7 @@ class OutboxWorker:
         except job_queue.RetryLater as exc:
             # An expected failure (a subscriber's endpoint down): no traceback.
             try:
-                await self._retry_later(job, str(exc), exc.base_s)
+                await self._again(job, exc)
             except Exception:
                 self._unreleased.add((job.id, job.attempts))
         except Exception as exc:  # a job's failure must not stop the others
@@ -534,6 +535,16 @@ class OutboxWorker:
                 await notifications.mark_sent(conn, notification.id)
                 self.stats.notified += 1
             await self._mark_done(conn, job)
+
+    async def _again(self, job: Job, retry: job_queue.RetryLater) -> None:
+        """A handler's RetryLater: another attempt after the backoff, or, `Waiting` for
+        another job, again later without counting this try."""
+        if isinstance(retry, job_queue.Waiting):
+            await self.queue.wait(
+                job, str(retry), retry.base_s or self.retry_base_s, retry.not_before
+            )
+        else:
+            await self._retry_later(job, str(retry), retry.base_s)
 
     async def _retry_later(self, job: Job, error: str, base_s: float | None = None) -> None:
         """Again after a jittered backoff, or dead when it was the kind's last attempt (a dead

@@ -14,7 +14,16 @@ from fastapi import FastAPI
 from parking.app import create_app
 from parking.auth import repository as auth_repo
 from parking.auth.service import PasswordChecks
-from parking.auth.tokens import AUDIENCE, ISSUER, TokenSigner, digest, new_secret
+from parking.auth.tokens import (
+    AUDIENCE,
+    DEVICE_AUDIENCE,
+    DEVICE_TTL_S,
+    ISSUER,
+    InvalidToken,
+    TokenSigner,
+    digest,
+    new_secret,
+)
 from parking.ratelimit import Budget
 from parking.runtime import Runtime
 from parking.settings import Settings
@@ -348,6 +357,37 @@ async def test_expired_foreign_and_unsigned_tokens_are_refused(
         assert answer.status_code == 401, name
         assert answer.json()["error"]["code"] == "unauthenticated", name
         assert answer.headers["WWW-Authenticate"] == "Bearer", name
+
+
+def test_a_device_token_names_one_e_mail_for_one_key_and_is_no_access_token() -> None:
+    signer = TokenSigner(new_secret(), 900)
+    token = signer.device_token("Staff@Example.com")
+    device = signer.known_device(token, "staff@example.com")
+    assert device is not None and device != signer.known_device(
+        signer.device_token("staff@example.com"), "staff@example.com"
+    ), "each device token has its own id"
+    assert signer.known_device(token, "other@example.com") is None
+    assert TokenSigner(new_secret(), 900).known_device(token, "staff@example.com") is None
+    assert signer.known_device(None, "staff@example.com") is None
+    assert signer.known_device("not-a-token", "staff@example.com") is None
+    access = signer.issue("operator_user:1", "admin", 1)
+    assert signer.known_device(access, "staff@example.com") is None
+    with pytest.raises(InvalidToken):
+        signer.decode(token)
+    now = int(time.time())
+    expired = jwt.encode(
+        {
+            "sub": digest("staff@example.com"),
+            "iss": ISSUER,
+            "aud": DEVICE_AUDIENCE,
+            "iat": now - DEVICE_TTL_S - 10,
+            "exp": now - 10,
+            "jti": "x",
+        },
+        signer._key,
+        algorithm="HS256",
+    )
+    assert signer.known_device(expired, "staff@example.com") is None
 
 
 async def test_api_keys_are_stored_hashed_and_can_be_revoked(runtime: Runtime) -> None:

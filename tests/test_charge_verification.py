@@ -28,6 +28,7 @@ from tests.conftest import (
     Lot,
     backdate_entry,
     bearer,
+    driver_token,
     eventually,
     make_driver,
     make_staff,
@@ -264,6 +265,17 @@ async def test_a_doubtful_entry_read_is_read_again_so_the_exit_finds_the_stay(
         "unconfirmed",
     )
     assert charge["verification"]["entry"] == []
+    # The camera's own read it weighed for the entry: another plate, no second reader.
+    assert charge["verification"]["camera"] == {
+        "entry": {
+            "plate": "皖AD2Y84",
+            "color": "blue",
+            "confidence": 0.93,
+            "model": None,
+            "names_vehicle": False,
+        },
+        "exit": None,
+    }
     # The operator sees what the camera itself read at the entry: another plate.
     attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
     listed = (await api.get("/api/v1/operator/confirmations", headers=attendant)).json()
@@ -310,6 +322,51 @@ async def test_a_doubtful_exit_the_server_decided_is_charged_when_the_camera_nam
     assert charge["verification"]["exit"][0]["plate"] == driver.plate
     assert charge["status"] in ("pending", "succeeded")
     assert await _booked(runtime, charge) == (1, 2)
+
+
+async def test_a_disputed_charge_shows_the_operator_the_cameras_own_read_of_each_end(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    # The exit's camera read 皖AD2Y34 at 0.85 and the server's reader decided the exit: the
+    # verification weighed the camera's own read as the exit's second reader and says so. The
+    # driver says "not my car": the operator deciding sees, for each end, the server reader's
+    # read and beside it the camera's own (before: the server's read alone).
+    driver = await _holder(runtime, "皖AD2Y34")
+    entry = _capture(gate, "in", driver.plate, 0.99, AD2Y34)
+    assert (await gate.decide(lot.code, "in1", entry))["action"] == "open"
+    await backdate_entry(runtime, lot, driver.plate, timedelta(minutes=90))
+    exit_ = _capture(gate, "out", driver.plate, 0.85, AD2Y34, model="doubtful-cam")
+    assert (await _decide(gate, lot, "out1", exit_))["action"] == "open"
+    charge = await _settled(runtime, driver)
+    assert charge["verification"]["verdict"] == "verified", charge["verification"]
+    assert charge["verification"]["camera"] == {
+        "entry": None,  # the camera decided the entry: its read is the entry's read
+        "exit": {
+            "plate": driver.plate,
+            "color": "blue",
+            "confidence": 0.85,
+            "model": "doubtful-cam",
+            "names_vehicle": True,
+        },
+    }
+
+    as_driver = bearer(driver_token(app, driver.account_id))
+    opened = await api.post(f"/api/v1/me/stays/{charge['session_id']}/dispute", headers=as_driver)
+    assert opened.status_code == 200, opened.text
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    shown = await api.get(f"/api/v1/operator/disputes/{opened.json()['id']}", headers=attendant)
+    assert shown.status_code == 200, shown.text
+    entry_read, exit_read = shown.json()["entry"]["read"], shown.json()["exit"]["read"]
+    assert (entry_read["plate"], entry_read["source"], entry_read["camera"]) == (
+        driver.plate,
+        "camera",
+        None,
+    )
+    assert (exit_read["plate"], exit_read["source"]) == (driver.plate, "ocr")
+    assert exit_read["camera"] == {"plate": driver.plate, "color": "blue", "confidence": 0.85}
+    listed = (await api.get("/api/v1/operator/disputes", headers=attendant)).json()
+    (item,) = [d for d in listed if d["id"] == opened.json()["id"]]
+    assert item["exit"]["read"]["camera"] == exit_read["camera"]
 
 
 async def test_a_doubtful_entry_the_server_read_again_is_corroborated_by_the_camera(

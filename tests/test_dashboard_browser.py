@@ -220,6 +220,14 @@ async def test_on_a_phone_an_admin_confirms_a_charge_and_decides_a_dispute_with_
                 "WHERE c.session_id = $1",
                 stay_id,
             )
+            # As the lane keeps it when the camera was doubtful and the server's reader decided
+            # the exit: the camera's own read beside the decided one.
+            await conn.execute(
+                "UPDATE captures SET plate_source = 'ocr', camera_plate = '皖AD2Y84',"
+                " camera_color = 'blue', camera_confidence = 0.93"
+                " WHERE capture_id = (SELECT exit_capture_id FROM sessions WHERE id = $1)",
+                stay_id,
+            )
         context = await browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
         try:
             page = await context.new_page()
@@ -257,6 +265,13 @@ async def test_on_a_phone_an_admin_confirms_a_charge_and_decides_a_dispute_with_
 
             review = page.locator(f"#disputes-{dispute_id}")
             await expect(review).to_contain_text(disputer.plate)
+            # Each end's read, and beside the exit's (the server's reader's) the camera's own.
+            await expect(review.locator(f"#disputes-{dispute_id}-entry-read")).to_contain_text(
+                f"入场 · {disputer.plate} · camera"
+            )
+            await expect(review.locator(f"#disputes-{dispute_id}-exit-read")).to_contain_text(
+                f"出场 · {disputer.plate} · ocr 0.980 · 相机识别 皖AD2Y84 蓝牌 0.930"
+            )
             await review.get_by_label("裁决说明").fill("出场照片不是该车")
             await review.get_by_role("button", name="申诉成立（取消或退款）").click()
             await expect(review).to_have_attribute("data-status", "driver_right")

@@ -398,13 +398,20 @@ async def test_the_city_platform_gets_entries_exits_and_free_spaces_and_loses_no
         "consecutive_failures"
     ] >= 2
 
-    # The platform is back: an admin retries the dead deliveries, each arrives once, with its
-    # delivery's id (the entry's failed attempts had it too).
+    # The exit never had an attempt of its own: it went dead with its entry.
+    (exit_row,) = [r for r in dead if r["topic"] == "session_ended"]
+    assert exit_row["attempts"] == 0, exit_row
+
+    # The platform is back: an admin retries the entry's dead delivery, and the exit goes
+    # again with it; each arrives once, with its delivery's id (the entry's failed attempts
+    # had it too).
     receiver.down = False
     failed_ids = {r.event_id for r in receiver.received} | {str(r["id"]) for r in dead}
-    for row in dead:
-        retried = await api.post(f"/api/v1/operator/jobs/{row['job_id']}/retry", headers=admin)
-        assert retried.status_code == 200, retried.text
+    (entry_row,) = [r for r in dead if r["topic"] == "session_started"]
+    retried = await api.post(f"/api/v1/operator/jobs/{entry_row['job_id']}/retry", headers=admin)
+    assert retried.status_code == 200, retried.text
+    again = await api.post(f"/api/v1/operator/jobs/{exit_row['job_id']}/retry", headers=admin)
+    assert again.status_code == 409, "the exit was retried with its entry"
 
     async def both_taken() -> list[Any]:
         taken = [r for r in receiver.taken() if r.json["eventType"] in ("entry", "exit")]
@@ -430,6 +437,114 @@ async def test_the_city_platform_gets_entries_exits_and_free_spaces_and_loses_no
     removed = await api.delete("/api/v1/operator/city-platform", headers=admin)
     assert removed.status_code == 204
     assert (await api.get("/api/v1/operator/city-platform", headers=admin)).json() is None
+
+
+async def test_an_exit_waiting_for_its_entry_uses_none_of_its_own_attempts(
+    fast: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    receiver: Receiver,
+) -> None:
+    # The platform fails the stay's entry three times (attempts 4 a delivery). Before, its exit
+    # spent an attempt each time it was tried while waiting, and went dead before its entry
+    # was through. Now waiting is no attempt: the exit is sent once, after its entry.
+    admin = await _admin(fast, app, lot)
+    configured = await api.put(
+        "/api/v1/operator/city-platform",
+        json={"endpoint": receiver.url, "key": "city-platform-key-waiting-0001"},
+        headers=admin,
+    )
+    assert configured.status_code == 200, configured.text
+    fast.settings.feed_retry_base_s = 0.5
+    assert fast.feed_outbox is not None
+    fast.feed_outbox.queue.policy.max_attempts["feed_delivery"] = 4  # type: ignore[index]
+    receiver.down = True
+    driver = await make_driver(fast, unique_plate())
+    assert (await exit_after(fast, gate, lot, driver.plate, timedelta(minutes=70)))["action"]
+
+    async def entry_failed_thrice() -> tuple[Any, Any] | None:
+        """The entry after its third attempt, and its exit as it waits (not in a worker's
+        hands)."""
+        (entry,) = await _deliveries(fast, lot, "session_started")
+        async with fast.pool.acquire() as conn:
+            exit_ = await conn.fetchrow(
+                """SELECT o.attempts, o.dead_at, o.last_error FROM feed_deliveries d
+                   JOIN outbox o ON o.kind = 'feed_delivery' AND o.ref_id = d.id
+                   WHERE d.car_park_id = $1 AND d.topic = 'session_ended'
+                     AND o.locked_until IS NULL""",
+                lot.id,
+            )
+        waiting = exit_ and exit_["last_error"] == "waits for the stay's start to be delivered"
+        return (entry, exit_) if entry["attempts"] >= 3 and waiting else None
+
+    entry, exit_ = await eventually(entry_failed_thrice, timeout_s=20)
+    assert entry["dead_at"] is None and entry["attempts"] == 3, entry
+    assert (exit_["attempts"], exit_["dead_at"]) == (0, None), "waiting is no attempt"
+
+    receiver.down = False
+
+    async def both_taken() -> list[Any]:
+        taken = [r for r in receiver.taken() if r.json["eventType"] in ("entry", "exit")]
+        return taken if len(taken) == 2 else []
+
+    first, second = await eventually(both_taken, timeout_s=20)
+    assert (first.json["eventType"], second.json["eventType"]) == ("entry", "exit")
+    (exit_,) = await _deliveries(fast, lot, "session_ended")
+    assert (exit_["status"], exit_["attempts"], exit_["dead_at"]) == ("sent", 1, None)
+    assert [r.event_id for r in receiver.received].count(str(exit_["id"])) == 1
+
+
+async def test_an_admin_retrying_an_exit_that_died_with_its_entry_retries_both(
+    fast: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    receiver: Receiver,
+) -> None:
+    admin = await _admin(fast, app, lot)
+    configured = await api.put(
+        "/api/v1/operator/city-platform",
+        json={"endpoint": receiver.url, "key": "city-platform-key-retry-exit-01"},
+        headers=admin,
+    )
+    assert configured.status_code == 200, configured.text
+    assert fast.feed_outbox is not None
+    fast.feed_outbox.queue.policy.max_attempts["feed_delivery"] = 2  # type: ignore[index]
+    receiver.down = True
+    driver = await make_driver(fast, unique_plate())
+    assert (await exit_after(fast, gate, lot, driver.plate, timedelta(minutes=70)))["action"]
+
+    async def both_dead() -> dict[str, Any]:
+        rows = {
+            topic: r
+            for topic in ("session_started", "session_ended")
+            for r in await _deliveries(fast, lot, topic)
+        }
+        dead = len(rows) == 2 and all(r["status"] == "dead" for r in rows.values())
+        return rows if dead else {}
+
+    dead = await eventually(both_dead)
+    assert str(dead["session_ended"]["id"]) not in {r.event_id for r in receiver.received}
+    receiver.down = False
+    exit_job = dead["session_ended"]["job_id"]
+    retried = await api.post(f"/api/v1/operator/jobs/{exit_job}/retry", headers=admin)
+    assert retried.status_code == 200, retried.text
+
+    async def both_taken() -> list[Any]:
+        taken = [r for r in receiver.taken() if r.json["eventType"] in ("entry", "exit")]
+        return taken if len(taken) == 2 else []
+
+    first, second = await eventually(both_taken)
+    assert (first.json["eventType"], second.json["eventType"]) == ("entry", "exit")
+    async with fast.pool.acquire() as conn:
+        detail = await conn.fetchval(
+            "SELECT detail FROM audit_log WHERE action = 'job.retried' AND subject = $1",
+            f"outbox:{exit_job}",
+        )
+    assert detail["retried_with"] == [dead["session_started"]["job_id"]]
 
 
 async def test_the_city_platform_gets_a_heartbeat_of_free_spaces_without_changes(

@@ -1,7 +1,10 @@
 """Exactly once at the edges (issue #16): whose side a provider's refusal is on, late news that
 reconciles, exact money parsing, and bad provider payloads that change nothing."""
 
+import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -10,7 +13,7 @@ import orjson
 import pytest
 from fastapi import FastAPI
 
-from billing import agreements, charges, ledger, signing
+from billing import agreements, charges, dead_letters, ledger, signing
 from billing.money import InvalidAmount, fen_from_json, fen_from_text
 from billing.providers import (
     DESCRIPTION_MAX_CHARS,
@@ -24,6 +27,7 @@ from billing.providers import (
 from billing.tariff import format_fen
 from parking.payments import service as payments_service
 from parking.runtime import ProviderEndpoint, Runtime
+from parking.settings import Settings
 from tests.conftest import (
     SANDBOX_FAULTS,
     SANDBOX_SECRET,
@@ -42,6 +46,7 @@ from tests.conftest import (
     unique_plate,
 )
 from tests.gates import GateProbe
+from tests.test_evidence import manual_worker, run_worker
 
 OPERATOR = "/api/v1/operator"
 NOTIFY = "/api/v1/payments/notifications/sandbox"
@@ -441,3 +446,55 @@ async def test_signed_malformed_notifications_are_dead_lettered_and_change_nothi
     assert status == "failed"
     assert await _account(runtime, driver.account_id) == (True, 1, 600)
     assert issubclass(MalformedNotification, InvalidNotification)
+
+
+@contextlib.asynccontextmanager
+async def _answering(body: bytes) -> AsyncIterator[str]:
+    """A provider that answers every request 200 with `body`; yields its URL."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            head = (
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"http://127.0.0.1:{port}"
+
+
+async def test_an_unreadable_provider_answer_is_dead_lettered_as_an_excerpt_like_any_other(
+    settings: Settings, database_url: str, gate: GateProbe
+) -> None:
+    # A provider answers a charge with 100 KiB that is not JSON. The outbox worker keeps it as a
+    # dead letter: the same bounded excerpt as a junk gate message or notification (before, 64
+    # KiB of it), with its full size.
+    marker = uuid.uuid4().hex.encode()
+    junk = marker + b"<html>" + b"x" * (100 * 1024)
+    async with (
+        _answering(junk) as url,
+        manual_worker(settings, database_url, ProviderEndpoint(url, SANDBOX_SECRET)) as runtime,
+    ):
+        lot = await create_lot(runtime)
+        driver = await make_driver(runtime, unique_plate())
+        command = await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=70))
+        assert command["fee_fen"] == 1200, command
+        await run_worker(runtime)
+        async with runtime.pool.acquire() as conn:
+            kept = await conn.fetch(
+                "SELECT source, reason, payload, payload_size FROM dead_letters"
+                " WHERE position($1::bytea in payload) = 1",
+                marker,
+            )
+            (charge,) = await charges_of(runtime, lot)
+    assert [(r["source"], r["reason"]) for r in kept] == [("provider_answer", "malformed_answer")]
+    assert (len(kept[0]["payload"]), kept[0]["payload_size"]) == (4096, len(junk))
+    assert kept[0]["payload"] == junk[: dead_letters.EXCERPT_BYTES]
+    assert charge["status"] == "pending", "an unreadable answer is an unknown outcome"
+    assert dead_letters.excerpt(junk) == junk[:4096]

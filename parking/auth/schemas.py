@@ -20,7 +20,7 @@ class CodeGrant(BaseModel):
     grant_type: Literal["sign_in_code"]
     phone: str = Phone
     code: str = Field(pattern=r"^\d{6}$")
-    # The `challenge_id` the code's request was answered with (tokens.issue_code_challenge).
+    # The `challenge_id` the code's request was answered with (TokenSigner.code_challenge).
     challenge_id: str = Field(max_length=48, pattern=r"^ch_[1-9][0-9]{0,18}\.[A-Za-z0-9_-]{22}$")
 
 

@@ -40,6 +40,17 @@ class Claims:
     session: str | None = None
 
 
+# A device token names the e-mail a browser signed in with before; never an access token (its
+# audience differs, and `decode` accepts only AUDIENCE).
+DEVICE_AUDIENCE = "parking-known-device"
+DEVICE_TTL_S = 90 * 24 * 3600
+# A sign-in code's challenge: `ch_<code id>.<seal>`, the seal an HMAC of the code's id and
+# phone under the service's key (truncated to 128 bits), so only the request that asked for
+# the code learns it and nobody can make one up; nothing of it needs storing.
+CHALLENGE_PREFIX = "ch_"
+_CHALLENGE_PATTERN = re.compile(r"ch_([1-9][0-9]{0,18})\.([A-Za-z0-9_-]{22})")
+
+
 class TokenSigner:
     def __init__(self, key: str, access_ttl_s: int) -> None:
         if len(key) < 32:
@@ -70,16 +81,56 @@ class TokenSigner:
         return jwt.encode(payload, self._key, algorithm=_ALGORITHM)
 
     def device_token(self, email: str) -> str:
-        return issue_device_token(self._key, email)
+        """A token naming `email` for the browser that signed in with it (`known_device`)."""
+        now = int(time.time())
+        payload = {
+            "sub": digest(email.lower()),
+            "iss": ISSUER,
+            "aud": DEVICE_AUDIENCE,
+            "iat": now,
+            "exp": now + DEVICE_TTL_S,
+            "jti": secrets.token_urlsafe(12),
+        }
+        return jwt.encode(payload, self._key, algorithm=_ALGORITHM)
 
     def known_device(self, token: str | None, email: str) -> str | None:
-        return known_device(self._key, token, email)
+        """The device token's own id when it is ours, unexpired and for `email`, else None."""
+        if not token:
+            return None
+        try:
+            payload = jwt.decode(
+                token,
+                self._key,
+                algorithms=[_ALGORITHM],
+                audience=DEVICE_AUDIENCE,
+                issuer=ISSUER,
+                options={"require": ["exp", "sub", "jti"]},
+            )
+        except jwt.PyJWTError:
+            return None
+        if payload["sub"] != digest(email.lower()):
+            return None
+        return str(payload["jti"])
+
+    def _challenge_seal(self, code_id: int, phone: str) -> str:
+        mac = hmac.new(
+            self._key.encode(), f"sign-in-code:{code_id}:{phone}".encode(), hashlib.sha256
+        )
+        return base64.urlsafe_b64encode(mac.digest()[:16]).decode().rstrip("=")
 
     def code_challenge(self, code_id: int, phone: str) -> str:
-        return issue_code_challenge(self._key, code_id, phone)
+        return f"{CHALLENGE_PREFIX}{code_id}.{self._challenge_seal(code_id, phone)}"
 
     def challenged_code(self, challenge: str, phone: str) -> int | None:
-        return challenged_code(self._key, challenge, phone)
+        """The id of the code `challenge` was given for, when we gave it for `phone`, else
+        None."""
+        matched = _CHALLENGE_PATTERN.fullmatch(challenge)
+        if matched is None:
+            return None
+        code_id = int(matched[1])
+        if not hmac.compare_digest(matched[2], self._challenge_seal(code_id, phone)):
+            return None
+        return code_id
 
     def decode(self, token: str) -> Claims:
         try:
@@ -105,72 +156,6 @@ class TokenSigner:
         return Claims(
             str(payload["sub"]), cast(Role, role), operator_id, int(payload["exp"]), session
         )
-
-
-# A device token names the e-mail a browser signed in with before; never an access token (its
-# audience differs, and `decode` accepts only AUDIENCE).
-DEVICE_AUDIENCE = "parking-known-device"
-DEVICE_TTL_S = 90 * 24 * 3600
-
-
-def issue_device_token(key: str, email: str) -> str:
-    now = int(time.time())
-    payload = {
-        "sub": digest(email.lower()),
-        "iss": ISSUER,
-        "aud": DEVICE_AUDIENCE,
-        "iat": now,
-        "exp": now + DEVICE_TTL_S,
-        "jti": secrets.token_urlsafe(12),
-    }
-    return jwt.encode(payload, key, algorithm=_ALGORITHM)
-
-
-def known_device(key: str, token: str | None, email: str) -> str | None:
-    """The device token's own id when it is ours, unexpired and for `email`, else None."""
-    if not token:
-        return None
-    try:
-        payload = jwt.decode(
-            token,
-            key,
-            algorithms=[_ALGORITHM],
-            audience=DEVICE_AUDIENCE,
-            issuer=ISSUER,
-            options={"require": ["exp", "sub", "jti"]},
-        )
-    except jwt.PyJWTError:
-        return None
-    if payload["sub"] != digest(email.lower()):
-        return None
-    return str(payload["jti"])
-
-
-# A sign-in code's challenge: `ch_<code id>.<seal>`, the seal an HMAC of the code's id and
-# phone under the service's key (truncated to 128 bits), so only the request that asked for
-# the code learns it and nobody can make one up; nothing of it needs storing.
-CHALLENGE_PREFIX = "ch_"
-_CHALLENGE_PATTERN = re.compile(r"ch_([1-9][0-9]{0,18})\.([A-Za-z0-9_-]{22})")
-
-
-def _challenge_seal(key: str, code_id: int, phone: str) -> str:
-    mac = hmac.new(key.encode(), f"sign-in-code:{code_id}:{phone}".encode(), hashlib.sha256)
-    return base64.urlsafe_b64encode(mac.digest()[:16]).decode().rstrip("=")
-
-
-def issue_code_challenge(key: str, code_id: int, phone: str) -> str:
-    return f"{CHALLENGE_PREFIX}{code_id}.{_challenge_seal(key, code_id, phone)}"
-
-
-def challenged_code(key: str, challenge: str, phone: str) -> int | None:
-    """The id of the code `challenge` was given for, when we gave it for `phone`, else None."""
-    matched = _CHALLENGE_PATTERN.fullmatch(challenge)
-    if matched is None:
-        return None
-    code_id = int(matched[1])
-    if not hmac.compare_digest(matched[2], _challenge_seal(key, code_id, phone)):
-        return None
-    return code_id
 
 
 def new_secret(prefix: str = "") -> str:

@@ -11,6 +11,15 @@ class CameraReadSummary(BaseModel):
     color: str | None
     confidence: float
 
+    @classmethod
+    def of(
+        cls, plate: str | None, color: str | None, confidence: float | None
+    ) -> "CameraReadSummary | None":
+        """From a capture's `camera_*` columns; None when the camera's read was not kept."""
+        if plate is None or confidence is None:
+            return None
+        return cls(plate=plate, color=color, confidence=round(confidence, 4))
+
 
 class ReadSummary(BaseModel):
     """A capture's read as the lane recorded it."""
@@ -37,7 +46,9 @@ class Confirmation(BaseModel):
     exit: ReadSummary
     # What the server's reader found in the frames when it checked the charge first
     # ({"verdict": "refuted" | "unconfirmed", "entry", "exit": each frame's plate, score,
-    # colour}); None when the charge was never verified.
+    # colour, "camera": {"entry", "exit": the camera's own read it weighed for that end, its
+    # plate, colour, confidence, model and whether it named the vehicle, or None}}); None when
+    # the charge was never verified.
     verification: dict[str, Any] | None = None
 
 

@@ -30,11 +30,9 @@ def _operator_id(principal: Principal) -> int:
 
 
 def _camera_read(row: asyncpg.Record, end: str) -> CameraReadSummary | None:
-    plate = row[f"{end}_camera_plate"]
-    if plate is None:
-        return None
-    confidence = round(row[f"{end}_camera_confidence"], 4)
-    return CameraReadSummary(plate=plate, color=row[f"{end}_camera_color"], confidence=confidence)
+    return CameraReadSummary.of(
+        row[f"{end}_camera_plate"], row[f"{end}_camera_color"], row[f"{end}_camera_confidence"]
+    )
 
 
 async def list_awaiting(

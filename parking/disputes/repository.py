@@ -100,10 +100,12 @@ async def dispute(
 
 async def captures(conn: asyncpg.Connection, capture_ids: list[UUID]) -> list[asyncpg.Record]:
     """What the lane read on these captures (the exception's candidates when a person was
-    asked), and whether their frame is still kept."""
+    asked, the camera's own read when the server's reader decided), and whether their frame is
+    still kept."""
     rows: list[asyncpg.Record] = await conn.fetch(
         """SELECT k.capture_id, c.captured_at, g.code AS gate, c.plate, c.read_confidence,
                   c.plate_source, c.match_status, c.outcome, e.candidates,
+                  c.camera_plate, c.camera_color, c.camera_confidence,
                   (f.image IS NOT NULL OR e.image IS NOT NULL) AS has_frame
            FROM capture_keys k
            JOIN captures c ON c.capture_id = k.capture_id AND c.captured_at = k.captured_at

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from parking.confirmations.schemas import CameraReadSummary
+
 DisputeStatus = Literal["open", "driver_right", "charge_stands"]
 Outcome = Literal["driver_right", "charge_stands"]
 
@@ -29,6 +31,9 @@ class Read(BaseModel):
     match_status: str | None
     # The exception's candidates when a person had to choose the plate.
     candidates: list[Any]
+    # With source 'ocr' (the server's reader decided): what the camera itself read, if it sent
+    # a read; None otherwise.
+    camera: CameraReadSummary | None = None
 
 
 class Evidence(BaseModel):

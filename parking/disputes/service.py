@@ -19,6 +19,7 @@ import asyncpg
 from billing import audit, charges, notifications, refunds
 from billing.tariff import format_fen
 from parking.auth.principal import Principal
+from parking.confirmations.schemas import CameraReadSummary
 from parking.disputes import repository as repo
 from parking.disputes.schemas import (
     ChargeSummary,
@@ -139,6 +140,9 @@ def _evidence(dispute_id: int, which: str, capture: asyncpg.Record | None) -> Ev
             source=capture["plate_source"],
             match_status=capture["match_status"],
             candidates=capture["candidates"] or [],
+            camera=CameraReadSummary.of(
+                capture["camera_plate"], capture["camera_color"], capture["camera_confidence"]
+            ),
         ),
         frame_url=frame_url(dispute_id, which) if capture["has_frame"] else None,
     )

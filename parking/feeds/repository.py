@@ -96,7 +96,8 @@ async def resume(
 async def deliveries(conn: asyncpg.Connection, delivery_ids: list[int]) -> list[asyncpg.Record]:
     """Deliveries with what sending them needs: their subscription, car park and stay, and
     whether a stay's end must wait for its start (pending outside `delivery_ids`: a receiver
-    gets a stay's start before its end, whichever was retried)."""
+    gets a stay's start before its end, whichever was retried), and when that start is due
+    next."""
     rows: list[asyncpg.Record] = await conn.fetch(
         """SELECT d.id, d.topic, d.status, d.event_at, d.car_park_id, d.session_id,
                   s.id AS subscription_id, s.operator_id, s.format, s.endpoint, s.secret,
@@ -105,13 +106,15 @@ async def deliveries(conn: asyncpg.Connection, delivery_ids: list[int]) -> list[
                   c.created_at, c.updated_at,
                   st.plate, st.plate_color, st.status AS session_status, st.entered_at,
                   st.exited_at, st.fee_fen, st.settlement, st.assigned_right_id,
-                  d.topic = 'session_ended' AND EXISTS (
-                      SELECT 1 FROM feed_deliveries e
-                      WHERE e.subscription_id = d.subscription_id
-                        AND e.session_id = d.session_id AND e.topic = 'session_started'
-                        AND e.status = 'pending' AND NOT (e.id = ANY ($1::bigint[]))
-                  ) AS start_pending
+                  start.id IS NOT NULL AS start_pending, start.due_at AS start_due_at
            FROM feed_deliveries d
+           LEFT JOIN LATERAL (
+               SELECT e.id, o.available_at AS due_at FROM feed_deliveries e
+               LEFT JOIN outbox o ON o.kind = 'feed_delivery' AND o.ref_id = e.id
+               WHERE d.topic = 'session_ended' AND e.subscription_id = d.subscription_id
+                 AND e.session_id = d.session_id AND e.topic = 'session_started'
+                 AND e.status = 'pending' AND NOT (e.id = ANY ($1::bigint[]))
+               LIMIT 1) start ON true
            JOIN feed_subscriptions s ON s.id = d.subscription_id
            JOIN car_parks c ON c.id = d.car_park_id
            LEFT JOIN sessions st ON st.id = d.session_id
@@ -212,11 +215,56 @@ async def queue_occupancy(
     return queued
 
 
-async def mark_dead(conn: asyncpg.Connection, delivery_id: int) -> None:
-    await conn.execute(
-        "UPDATE feed_deliveries SET status = 'dead' WHERE id = $1 AND status = 'pending'",
+async def mark_dead(conn: asyncpg.Connection, delivery_id: int, error: str) -> int:
+    """The delivery dead; a stay's start takes the ends waiting for it with it (their jobs
+    dead with `error`): a receiver never gets an end before its start. Returns how many ends
+    went with it."""
+    ends: int = await conn.fetchval(
+        """WITH d AS (
+               UPDATE feed_deliveries SET status = 'dead' WHERE id = $1 AND status = 'pending'
+               RETURNING id, subscription_id, session_id, topic),
+           ends AS (
+               UPDATE feed_deliveries e SET status = 'dead' FROM d
+               WHERE d.topic = 'session_started' AND e.subscription_id = d.subscription_id
+                 AND e.id > d.id AND e.session_id = d.session_id
+                 AND e.topic = 'session_ended' AND e.status = 'pending'
+               RETURNING e.id),
+           jobs AS (
+               UPDATE outbox o SET dead_at = now(), locked_until = NULL, last_error = $2
+               FROM ends WHERE o.kind = 'feed_delivery' AND o.ref_id = ends.id
+                 AND o.done_at IS NULL AND o.dead_at IS NULL
+               RETURNING 1)
+           SELECT count(*) FROM jobs""",
+        delivery_id,
+        error[:500],
+    )
+    return ends
+
+
+async def retried(conn: asyncpg.Connection, delivery_id: int) -> list[int]:
+    """An admin retried the delivery's dead job: it is pending again, and with it the other
+    end of its stay when that is dead too (a start and the ends that died with it go again
+    together, the end after its start). Returns the other deliveries' jobs made due."""
+    rows = await conn.fetch(
+        """WITH d AS (
+               UPDATE feed_deliveries SET status = 'pending' WHERE id = $1 AND status = 'dead'
+               RETURNING id, subscription_id, session_id, topic),
+           other AS (
+               UPDATE feed_deliveries e SET status = 'pending' FROM d
+               WHERE e.subscription_id = d.subscription_id AND e.session_id = d.session_id
+                 AND e.status = 'dead'
+                 AND ((d.topic = 'session_started' AND e.topic = 'session_ended' AND e.id > d.id)
+                      OR (d.topic = 'session_ended' AND e.topic = 'session_started'
+                          AND e.id < d.id))
+               RETURNING e.id)
+           UPDATE outbox o SET dead_at = NULL, available_at = now(), locked_until = NULL,
+                               attempts_at_retry = attempts
+           FROM other WHERE o.kind = 'feed_delivery' AND o.ref_id = other.id
+             AND o.dead_at IS NOT NULL
+           RETURNING o.id""",
         delivery_id,
     )
+    return sorted(r["id"] for r in rows)
 
 
 async def prune(conn: asyncpg.Connection, *, done_before: datetime, dead_before: datetime) -> int:

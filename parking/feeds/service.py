@@ -17,8 +17,10 @@ worker (`billing.queue`: retries with backoff, dead after PARKING_JOB_MAX_ATTEMP
 - The feeds' outbox worker hands the sender a batch of deliveries at once: read in one
   statement, sent with up to PARKING_FEED_CONCURRENCY POSTs in flight over kept-alive
   connections, written back in one. A subscriber gets a stay's start before its end: the end
-  waits (is tried again later) while the start is pending, in the batch or out of it;
-  different stays go side by side. APDS v4 defines no batch of events per POST, so there is
+  waits (is tried again at the start's next try) while the start is pending, in the batch or
+  out of it, and waiting is no attempt of its own (`billing.queue.Waiting`): the end goes
+  dead only with its start, and an admin's retry of either retries both. Different stays go
+  side by side. APDS v4 defines no batch of events per POST, so there is
   none: one event, one POST.
 - Endpoints must be public addresses (`parking.feeds.addresses`): checked when set, and at
   every delivery by the resolver the connections are made with.
@@ -46,7 +48,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from billing import audit, signing
-from billing.queue import Job, RetryLater
+from billing.queue import Job, RetryLater, Waiting
 from parking.apds.shapes import PLATE_COLOURS, occupancy_reference, session_view, time_of
 from parking.auth.principal import Principal
 from parking.errors import NotFound
@@ -78,6 +80,7 @@ APDS_TOPICS = {
 APDS_EVENT_TYPES = {topic: name for name, topic in APDS_TOPICS.items()}
 CITY_EVENT_TYPES = {"session_started": "entry", "session_ended": "exit", "occupancy": "spaces"}
 CITY_TOPICS = list(CITY_EVENT_TYPES)
+WAITS_FOR_START = "waits for the stay's start to be delivered"
 
 
 # A delivery's place in its subscriber's order: a stay's start and end go one after the other;
@@ -159,8 +162,10 @@ class FeedSender:
                 outcome.job_ids.append(job.id)
                 outcome.skipped.append(delivery["id"])
             elif delivery["start_pending"]:
-                outcome.retry[job.id] = RetryLater(
-                    "waits for the stay's start to be delivered", self.settings.feed_retry_base_s
+                # Not an attempt: the end waits as long as its start is tried, and goes dead
+                # with it (`dead`).
+                outcome.retry[job.id] = Waiting(
+                    WAITS_FOR_START, self.settings.feed_retry_base_s, delivery["start_due_at"]
                 )
             else:
                 key: OrderKey = (
@@ -202,9 +207,7 @@ class FeedSender:
         failed: str | None = None
         for job, delivery in order:
             if failed is not None:
-                outcome.retry[job.id] = RetryLater(
-                    "waits for the stay's start to be delivered", self.settings.feed_retry_base_s
-                )
+                outcome.retry[job.id] = Waiting(WAITS_FOR_START, self.settings.feed_retry_base_s)
                 continue
             occupied = counts[delivery["car_park_id"]] if delivery["topic"] == "occupancy" else None
             body = orjson.dumps(self._payload(delivery, occupied))
@@ -245,8 +248,12 @@ class FeedSender:
                     )
 
     async def dead(self, job: Job, error: str) -> None:
+        """The delivery dead; a stay's start takes the ends waiting for it with it (an admin's
+        retry of either retries both: `retried`)."""
         async with self.pool.acquire() as conn:
-            await repo.mark_dead(conn, job.ref_id)
+            ends = await repo.mark_dead(conn, job.ref_id, f"its stay's start is dead: {error}")
+        if ends:
+            log.warning("feed.ends_dead_with_start", delivery_id=job.ref_id, ends=ends)
 
     async def _post(self, delivery: asyncpg.Record, body: bytes) -> str | None:
         """None when the subscriber took it, else why not."""

@@ -12,10 +12,10 @@ import asyncpg
 import orjson
 from pydantic import ValidationError
 
+from billing import dead_letters
 from gate_controller.mqtt import IncomingMessage, MqttClient
 from gate_controller.protocol import GateEvent, Topics
 from parking.gates import repository
-from parking.lanes import repository as lanes_repo
 from parking.logging import get_logger
 from parking.settings import Settings
 
@@ -80,7 +80,7 @@ class GateEventRecorder:
 
     async def _dead_letter(self, message: IncomingMessage, reason: str, detail: str) -> None:
         async with self.pool.acquire() as conn:
-            await lanes_repo.insert_dead_letter(
+            await dead_letters.insert_dead_letter(
                 conn,
                 source="mqtt",
                 topic=message.topic,

@@ -449,34 +449,6 @@ async def close_session(
     )
 
 
-# What a dead letter keeps of its payload for a person to look at: enough to see what it was,
-# not so much that junk fills the database (its full size is kept as a number).
-DEAD_LETTER_EXCERPT_BYTES = 4096
-
-
-async def insert_dead_letter(
-    conn: asyncpg.Connection,
-    *,
-    source: str,
-    topic: str | None,
-    reason: str,
-    detail: str | None,
-    payload: bytes,
-) -> None:
-    """Keeps a message nothing could use: the reason, its size and an excerpt of it, whatever
-    the reason (a junk message of any kind stores a bounded amount)."""
-    await conn.execute(
-        """INSERT INTO dead_letters (source, topic, reason, detail, payload, payload_size)
-           VALUES ($1, $2, $3, $4, $5, $6)""",
-        source,
-        topic,
-        reason,
-        detail,
-        payload[:DEAD_LETTER_EXCERPT_BYTES],
-        len(payload),
-    )
-
-
 async def prepare_lookups(conn: asyncpg.Connection) -> None:
     """Runs a decision's lookups and its stay update with keys that match nothing: asyncpg then
     has them prepared on this connection, and its server process has read those tables'

@@ -25,6 +25,7 @@ from parking.lanes.rules import (
     FrameRead,
     Identity,
     Verification,
+    camera_names,
     frames_to_verify,
     has_second_reader,
     verify_charge,
@@ -39,6 +40,24 @@ def _reads(reads: Sequence[FrameRead] | None) -> list[dict[str, Any]] | None:
     if reads is None:
         return None
     return [{"plate": r.plate, "score": round(r.score, 4), "color": r.color} for r in reads]
+
+
+def _camera(
+    identity: Identity, proven: bool, source: str | None, camera: CameraOwnRead | None
+) -> dict[str, Any] | None:
+    """The camera's own read of an end the server's reader decided, as the verification
+    weighed it (`has_second_reader`): its text, colour, uncalibrated confidence and model, and
+    whether it named the stay's vehicle. None when none was weighed (a proven end, an end the
+    camera decided, no read from the camera)."""
+    if proven or source != "ocr" or camera is None:
+        return None
+    return {
+        "plate": camera.text,
+        "color": camera.color,
+        "confidence": round(camera.confidence, 4),
+        "model": camera.model,
+        "names_vehicle": camera_names(camera, identity),
+    }
 
 
 class ChargeVerifier:
@@ -86,7 +105,20 @@ class ChargeVerifier:
             evidence.exit_frames,
         )
         verdict = verify_charge(identity, (entry, exit_), self.verification)
-        found = {"verdict": verdict, "entry": _reads(entry), "exit": _reads(exit_)}
+        found = {
+            "verdict": verdict,
+            "entry": _reads(entry),
+            "exit": _reads(exit_),
+            # The camera's own reads weighed as an end's second reader.
+            "camera": {
+                "entry": _camera(
+                    identity, evidence.entry_proven, evidence.entry_source, evidence.entry_camera
+                ),
+                "exit": _camera(
+                    identity, evidence.exit_proven, evidence.exit_source, evidence.exit_camera
+                ),
+            },
+        }
         async with self.pool.acquire() as conn, conn.transaction():
             if verdict == "verified":
                 decided = await charges.verified(conn, charge_id, found) is not None

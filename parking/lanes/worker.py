@@ -20,6 +20,7 @@ import asyncpg
 import orjson
 from pydantic import ValidationError
 
+from billing import dead_letters
 from gate_controller.mqtt import IncomingMessage, MqttClient
 from gate_controller.protocol import Ack, Capture, GateAddress, Topics, encode
 from parking.gates.commands import publish_command
@@ -431,7 +432,7 @@ class LaneWorker:
     async def _dead_letter(self, message: IncomingMessage, exc: InvalidMessage) -> None:
         self.stats.dead_letters += 1
         async with self.pool.acquire() as conn:
-            await repo.insert_dead_letter(
+            await dead_letters.insert_dead_letter(
                 conn,
                 source="mqtt",
                 topic=message.topic,

@@ -23,6 +23,7 @@ from gate_controller.protocol import CameraRead, Capture, Command, GateAddress
 from parking.auth.principal import Principal
 from parking.car_parks import service as car_parks_service
 from parking.errors import AppError, NotFound
+from parking.feeds import repository as feeds_repo
 from parking.gates import repository as gates_repo
 from parking.gates.commands import publish_command
 from parking.lanes import repository as lanes_repo
@@ -690,12 +691,17 @@ async def retry_job(
     conn: asyncpg.Connection, principal: Principal, job_id: int, now: datetime
 ) -> OutboxJob:
     """A dead job due again now, with its kind's attempts afresh (audit-logged). A charge's
-    retry asks the provider for its order first, like every retry."""
+    retry asks the provider for its order first, like every retry; a feed's delivery takes
+    the other end of its stay with it when that is dead too."""
     job = await repo.job_of_operator(conn, _operator_id(principal), job_id)
     if job is None:
         raise NotFound("job")
     if await job_queue.retry_dead(conn, job_id) is None:
         raise AppError(409, "job_not_dead", "only a dead job can be retried")
+    # A feed's delivery goes again with the other end of its stay when that died with it.
+    with_it = (
+        await feeds_repo.retried(conn, job["ref_id"]) if job["kind"] == "feed_delivery" else []
+    )
     await audit.record(
         conn,
         principal.actor,
@@ -707,6 +713,7 @@ async def retry_job(
             "car_park": job["car_park"],
             "attempts": job["total_attempts"],
             "last_error": job["last_error"],
+            **({"retried_with": with_it} if with_it else {}),
         },
     )
     await repo.wake_outbox_workers(conn)

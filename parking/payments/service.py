@@ -18,7 +18,7 @@ from uuid import UUID
 
 import asyncpg
 
-from billing import agreements, debts, fees, payments, settlement
+from billing import agreements, dead_letters, debts, fees, payments, settlement
 from billing.providers import (
     InvalidNotification,
     MalformedNotification,
@@ -369,7 +369,7 @@ async def accept_notification(
         malformed = isinstance(exc, MalformedNotification)
         reason = "malformed_notification" if malformed else "invalid_notification"
         async with runtime.pool.acquire() as conn:
-            await lanes_repo.insert_dead_letter(
+            await dead_letters.insert_dead_letter(
                 conn,
                 source="provider_notification",
                 topic=provider.name,
