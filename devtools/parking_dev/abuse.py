@@ -56,6 +56,7 @@ from parking_dev.bench import (
     keep_off_lane_core,
     lane_placed_alone,
     lane_service,
+    stand_elsewhere,
     wait_for_port,
 )
 from parking_dev.demo import DemoCity, percentiles, seed_city, wait_for_outbox
@@ -133,8 +134,7 @@ def _abuse(
     """Runs in its own process, at `clients_niceness`: `concurrency` connections sending as fast
     as they are answered, each request from one of `clients` addresses. Returns counts by route
     and status with the process's niceness, and the CPU seconds the clients took."""
-    os.nice(clients_niceness)
-    keep_off_lane_core()
+    stand_elsewhere(clients_niceness)
 
     async def go() -> dict[str, dict[str, int]]:
         rng = random.Random()
@@ -244,6 +244,10 @@ def _phase(rounds: list[dict[str, Any]], latencies_ms: list[float]) -> dict[str,
         "errors": sum(r["errors"] for r in rounds),
         **percentiles(latencies_ms),
         "throughput_per_s": round(statistics.fmean(r["throughput_per_s"] for r in rounds), 1),
+        # From each round's first decision to its last (the gates' start-up left out).
+        "throughput_deciding_per_s": round(
+            statistics.fmean(r["throughput_deciding_per_s"] or 0.0 for r in rounds), 1
+        ),
         "rounds": [
             {"p99_ms": r["p99_ms"], "lane_cpu": r["lane_cpu"], "cpu": r["cpu"]} for r in rounds
         ],

@@ -57,6 +57,10 @@ DEFERRED_WORK_NICENESS = 10
 # The cores left to the bench's processes other than the lane's (`lane_placed_alone`), in the
 # environment so that the processes it spawns afterwards find them.
 OTHER_CORES_ENV = "PARKING_DEV_OTHER_CORES"
+# Every core, for processes that stand for machines elsewhere (`stand_elsewhere`).
+ALL_CORES_ENV = "PARKING_DEV_ALL_CORES"
+# Names of the bench's processes that stand for machines elsewhere (`stand_elsewhere`).
+ELSEWHERE = "bench-elsewhere"
 # The decisions right after the lane started, reported apart: a cold start shows there.
 FIRST_DECISIONS = 200
 
@@ -67,32 +71,55 @@ def lane_placed_alone() -> Iterator[dict[str, list[int]] | None]:
     lane pod (Guaranteed QoS, whole cores, the kubelet's static CPU manager policy) gets a core
     of its own, on which no other pod runs. Here this process (the lane) takes the last core it
     may use; the bench's other processes, those running now (the outbox worker, the provider)
-    and those spawned meanwhile (which call `keep_off_lane_core`: the API, the simulated gates
-    and clients), the rest. PostgreSQL, Redis and the broker keep every core: a deployment
-    shares them too. Yields the cores, None (nothing placed) on a machine with one core; this
-    process gets all its cores back at the end."""
+    and those spawned meanwhile (which call `keep_off_lane_core`: the API, the simulated
+    gates), the rest. PostgreSQL, Redis and the broker keep every core: a deployment shares
+    them too. What stands for machines elsewhere (clients, subscribers) takes only the cycles
+    nobody else wants, on any core (`stand_elsewhere`). Yields the cores, None (nothing
+    placed) on a machine with one core; this process gets all its cores back at the end."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         yield None
         return
     lane, others = cores[-1:], cores[:-1]
     os.environ[OTHER_CORES_ENV] = ",".join(map(str, others))
+    os.environ[ALL_CORES_ENV] = ",".join(map(str, cores))
     for child in multiprocessing.active_children():
-        if child.pid is not None:
+        if child.pid is None:
+            continue
+        if child.name.startswith(ELSEWHERE):
+            os.sched_setscheduler(child.pid, os.SCHED_IDLE, os.sched_param(0))
+        else:
             os.sched_setaffinity(child.pid, others)
     os.sched_setaffinity(0, lane)
     try:
         yield {"lane": lane, "others": others}
     finally:
         os.sched_setaffinity(0, cores)
-        del os.environ[OTHER_CORES_ENV]
+        del os.environ[OTHER_CORES_ENV], os.environ[ALL_CORES_ENV]
+
+
+def _cores(variable: str) -> set[int] | None:
+    cores = os.environ.get(variable)
+    return {int(core) for core in cores.split(",")} if cores else None
 
 
 def keep_off_lane_core() -> None:
     """In a process the bench spawned: off the lane's core, if `lane_placed_alone` took one."""
-    cores = os.environ.get(OTHER_CORES_ENV)
-    if cores:
-        os.sched_setaffinity(0, {int(core) for core in cores.split(",")})
+    others = _cores(OTHER_CORES_ENV)
+    if others:
+        os.sched_setaffinity(0, others)
+
+
+def stand_elsewhere(niceness: int) -> None:
+    """In a process that stands for other machines (clients, subscribers): at `niceness`; while
+    the lane has a core of its own (`lane_placed_alone`), at the idle scheduling class on every
+    core instead: other machines take none of our cycles, so here they take only those that
+    nothing else wants (the kernel preempts them at once for any other process)."""
+    os.nice(niceness)
+    every = _cores(ALL_CORES_ENV)
+    if every:
+        os.sched_setaffinity(0, every)
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def _simulate(
@@ -529,8 +556,7 @@ def _feed_receiver(port: int) -> None:
     the lowest priority: it stands for the subscribers' machines, elsewhere."""
     from aiohttp import web
 
-    os.nice(SUBSCRIBERS_NICENESS)
-    keep_off_lane_core()
+    stand_elsewhere(SUBSCRIBERS_NICENESS)
 
     async def take(_: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -546,7 +572,7 @@ def feed_receiver() -> Iterator[str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = multiprocessing.get_context("spawn").Process(
-        target=_feed_receiver, args=(port,), daemon=True
+        target=_feed_receiver, args=(port,), daemon=True, name=f"{ELSEWHERE}-subscribers"
     )
     process.start()
     try:
@@ -563,10 +589,21 @@ def feed_receiver() -> Iterator[str]:
         process.join(5)
 
 
+# What the bench's subscribers take (`subscribe_everyone`): "every" topic each, or a "mixed"
+# city: the city platform every topic, a third of the APDS subscribers too (the operator's own
+# systems: stays carry plates), the rest occupancy alone (navigation apps, other sign networks).
+SUBSCRIBER_MIXES = ("mixed", "every")
+
+
 async def subscribe_everyone(
-    runtime: Runtime, city: DemoCity, url: str, subscribers: int = FEED_SUBSCRIBERS
+    runtime: Runtime,
+    city: DemoCity,
+    url: str,
+    subscribers: int = FEED_SUBSCRIBERS,
+    mix: str = "every",
 ) -> int:
-    """Each company: its city platform and `subscribers` - 1 APDS subscriptions, every topic."""
+    """Each company: its city platform and `subscribers` - 1 APDS subscriptions, their topics
+    by `mix` (`SUBSCRIBER_MIXES`)."""
     async with runtime.pool.acquire() as conn:
         created: int = await conn.fetchval(
             """WITH companies AS (SELECT DISTINCT operator_id FROM car_parks
@@ -576,7 +613,9 @@ async def subscribe_everyone(
                                                         topics)
                         SELECT operator_id, CASE WHEN n = 1 THEN 'city' ELSE 'apds' END,
                                $2 || '/' || n, 'bench-feed-secret',
-                               ARRAY['occupancy', 'session_started', 'session_ended']
+                               CASE WHEN $4 = 'every' OR n <= 1 + ($3 - 1) / 3
+                                    THEN ARRAY['occupancy', 'session_started', 'session_ended']
+                                    ELSE ARRAY['occupancy'] END
                         FROM companies, generate_series(1, $3::int) AS n
                         ON CONFLICT DO NOTHING
                         RETURNING 1)
@@ -584,6 +623,7 @@ async def subscribe_everyone(
             list(city.car_park_ids),
             url,
             subscribers,
+            mix,
         )
     return created
 

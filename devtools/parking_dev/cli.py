@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="each company's push subscribers while the signs poll (its city platform and "
         "APDS webhooks, every topic; 0: none)",
     )
+    signs.add_argument(
+        "--subscriber-topics",
+        choices=["mixed", "every"],
+        default="mixed",
+        help="mixed (default): the city platform and a third of the APDS subscribers take every "
+        "topic, the rest occupancy alone; every: all of them every topic",
+    )
     p_bench.add_argument(
         "--rounds",
         type=int,
@@ -246,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                     connections=args.sign_connections,
                     car_parks=args.car_parks or 40,
                     subscribers=args.subscribers,
+                    subscriber_mix=args.subscriber_topics,
                     rounds=args.rounds,
                     priorities=args.priorities,
                 )

@@ -40,7 +40,7 @@ from parking_dev.bench import (
     feed_figures,
     feed_lags,
     feed_receiver,
-    keep_off_lane_core,
+    stand_elsewhere,
     subscribe_everyone,
     unsubscribe_everyone,
     worker_cpu,
@@ -63,8 +63,7 @@ def _signs(
 ) -> tuple[dict[str, Any], float]:
     """Runs in its own process: `signs` signs polling every `interval_s` for `duration_s`.
     Returns the answers' statuses and every poll's latency (ms), and the signs' CPU seconds."""
-    os.nice(signs_niceness)
-    keep_off_lane_core()
+    stand_elsewhere(signs_niceness)
 
     async def go() -> dict[str, Any]:
         rng = random.Random()
@@ -149,6 +148,7 @@ async def run_signs_bench(
     connections: int = 200,
     car_parks: int = 40,
     subscribers: int = FEED_SUBSCRIBERS,
+    subscriber_mix: str = "mixed",
     rounds: int = 3,
     priorities: str = "deployed",
 ) -> dict[str, Any]:
@@ -169,7 +169,9 @@ async def run_signs_bench(
             async with runtime.pool.acquire() as conn:
                 since = await conn.fetchval("SELECT clock_timestamp()")
             worker_cpu_s = worker_cpu()
-            subscriptions.append(await subscribe_everyone(runtime, city, url, subscribers))
+            subscriptions.append(
+                await subscribe_everyone(runtime, city, url, subscribers, subscriber_mix)
+            )
             try:
                 yield
                 feeds.append(await feed_lags(runtime, city, since, worker_cpu_s))
@@ -216,7 +218,8 @@ async def run_signs_bench(
         },
         "signs": {"signs": signs, "interval_s": interval_s, "connections": connections}
         | _signs_figures([answers for answers in run.loads]),
-        "feeds": {"subscriptions_per_round": subscriptions} | feed_figures(feeds)
+        "feeds": {"subscriptions_per_round": subscriptions, "topics": subscriber_mix}
+        | feed_figures(feeds)
         if subscribers
         else None,
     }
