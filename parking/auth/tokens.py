@@ -98,14 +98,7 @@ class TokenSigner:
         if not token:
             return None
         try:
-            payload = jwt.decode(
-                token,
-                self._key,
-                algorithms=[_ALGORITHM],
-                audience=DEVICE_AUDIENCE,
-                issuer=ISSUER,
-                options={"require": ["exp", "sub", "jti"]},
-            )
+            payload = self._verified(token, DEVICE_AUDIENCE, ["exp", "sub", "jti"])
         except jwt.PyJWTError:
             return None
         if payload["sub"] != digest(email.lower()):
@@ -132,16 +125,21 @@ class TokenSigner:
             return None
         return code_id
 
+    def _verified(self, token: str, audience: str, required: list[str]) -> dict[str, Any]:
+        """The token's claims when our key signed it for `audience` with `required` claims
+        (HS256 only); raises jwt.PyJWTError otherwise."""
+        return jwt.decode(
+            token,
+            self._key,
+            algorithms=[_ALGORITHM],
+            audience=audience,
+            issuer=ISSUER,
+            options={"require": required},
+        )
+
     def decode(self, token: str) -> Claims:
         try:
-            payload = jwt.decode(
-                token,
-                self._key,
-                algorithms=[_ALGORITHM],
-                audience=AUDIENCE,
-                issuer=ISSUER,
-                options={"require": ["exp", "iat", "sub", "iss", "aud"]},
-            )
+            payload = self._verified(token, AUDIENCE, ["exp", "iat", "sub", "iss", "aud"])
         except jwt.PyJWTError as exc:
             raise InvalidToken(str(exc)) from exc
         role = payload.get("role")
