@@ -24,8 +24,16 @@ class _NoResetConnection(asyncpg.Connection):
 
 
 async def create_pool(
-    dsn: str, min_size: int = 2, max_size: int = 10, *, stateless: bool = False
+    dsn: str,
+    min_size: int = 2,
+    max_size: int = 10,
+    *,
+    stateless: bool = False,
+    durable: bool = True,
 ) -> asyncpg.Pool:
+    """`durable=False`: commits return before the WAL reaches the disk (synchronous_commit off):
+    a crash may lose the last moments' commits, never corrupt anything. Only for work that is
+    done again after such a loss, and never for money."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
@@ -33,5 +41,6 @@ async def create_pool(
         init=_init_connection,
         command_timeout=30,
         connection_class=_NoResetConnection if stateless else asyncpg.Connection,
+        server_settings={} if durable else {"synchronous_commit": "off"},
     )
     return pool

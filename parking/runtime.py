@@ -242,7 +242,11 @@ async def running(
     # The outbox worker has its own connections so that charging never delays a gate.
     worker_pool = await create_pool(endpoints.database_url, min_size=1, max_size=4)
     # And the feeds' deliveries theirs, so that neither waits for the other's connections.
-    feed_pool = await create_pool(endpoints.database_url, min_size=1, max_size=4)
+    # Their bookkeeping (sent, due, dead) is not money and is done again if lost: a crash may
+    # lose the last moments' marks, and those deliveries go out again (at least once; the
+    # event id lets a receiver drop repeats). So their commits never wait for the WAL's flush,
+    # which the lanes' commits share.
+    feed_pool = await create_pool(endpoints.database_url, min_size=1, max_size=4, durable=False)
     # No idle connections: a process that serves no API (lanes, worker) never opens one, and a
     # replica that is down fails only the reads that use it, not the process's start.
     read_pool = (

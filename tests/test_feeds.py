@@ -635,3 +635,18 @@ async def test_charges_and_feed_deliveries_have_workers_of_their_own(runtime: Ru
     claimed = await runtime.outbox.queue.claim(50)
     assert all(j.kind != "feed_delivery" for j in claimed)
     await runtime.outbox.queue.release((j.id, j.attempts) for j in claimed)
+
+
+async def test_feed_bookkeeping_commits_without_waiting_for_the_disk_and_money_does(
+    runtime: Runtime,
+) -> None:
+    """A delivery's marks (sent, due, dead) are done again if a crash loses them (the receiver
+    drops repeats by event id): the feeds' connections commit without waiting for the WAL's
+    flush, which the lanes' commits share. Everything else, money first, waits for it."""
+    assert runtime.feeds is not None
+    async with runtime.feeds.pool.acquire() as conn:
+        assert await conn.fetchval("SHOW synchronous_commit") == "off"
+    async with runtime.pool.acquire() as conn:
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"
+    async with runtime.outbox.pool.acquire() as conn:
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"
