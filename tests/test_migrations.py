@@ -39,6 +39,23 @@ async def test_migrations_give_the_snapshot_schema_and_apply_once(
     assert await fresh_db.fetchval("SELECT count(*) FROM schema_migrations") == len(applied)
 
 
+async def test_the_queue_tables_are_vacuumed_after_a_fixed_number_of_dead_rows(
+    fresh_db: asyncpg.Connection,
+) -> None:
+    """The outbox and the feeds' deliveries churn (each row updated once or twice within
+    seconds): autovacuum's default, a fifth of the table, lets their dead rows pile up under
+    every claim (migration 0043)."""
+    await migrate(fresh_db)
+    for table in ("outbox", "feed_deliveries"):
+        options = await fresh_db.fetchval(
+            "SELECT reloptions FROM pg_class WHERE oid = $1::regclass", table
+        )
+        settings = dict(option.split("=", 1) for option in options or [])
+        assert settings["autovacuum_vacuum_scale_factor"] == "0", (table, settings)
+        assert int(settings["autovacuum_vacuum_threshold"]) <= 10_000, (table, settings)
+        assert settings["autovacuum_vacuum_cost_delay"] == "0", (table, settings)
+
+
 async def test_ledger_is_append_only_and_balanced(fresh_db: asyncpg.Connection) -> None:
     await migrate(fresh_db)
     async with fresh_db.transaction():

@@ -396,8 +396,12 @@ class _Phases:
     async def _settle(self) -> None:
         # A phase's charges are the outbox worker's (and the provider's, and the API's for its
         # notifications) for a while after it: the next phase starts when they are done, or it
-        # measures their spill-over.
+        # measures their spill-over. And on a vacuumed database, as the first began: what a
+        # phase left would otherwise be vacuumed in whichever phase follows (autovacuum visits
+        # at most once a minute on a default server).
         await wait_for_outbox(self.runtime.pool, 120)
+        async with self.runtime.pool.acquire() as conn:
+            await conn.execute("VACUUM (ANALYZE)")
 
     async def alone(self, share: DemoCity) -> None:
         await self._drive(share, "alone")
