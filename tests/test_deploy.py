@@ -426,7 +426,12 @@ async def test_the_database_files_work_on_postgresql_15(
             for name in ("primary.conf", "replica.conf"):
                 out.write((DEPLOY / "postgresql" / name).read_text(encoding="utf-8"))
         shown = {}
-        for setting in ("max_connections", "synchronous_standby_names", "hot_standby_feedback"):
+        for setting in (
+            "max_connections",
+            "synchronous_standby_names",
+            "hot_standby_feedback",
+            "autovacuum_naptime",
+        ):
             check = await asyncio.create_subprocess_exec(
                 *server.as_postgres,
                 *(str(PG_BIN / "postgres"), "-D", str(server.data), "-C", setting),
@@ -440,6 +445,7 @@ async def test_the_database_files_work_on_postgresql_15(
             "max_connections": "300",
             "synchronous_standby_names": "ANY 1 (replica1, replica2)",
             "hot_standby_feedback": "on",
+            "autovacuum_naptime": "10",  # seconds
         }
 
 
