@@ -217,7 +217,7 @@ async def run_signs_bench(
             "cores": run.cores,
         },
         "signs": {"signs": signs, "interval_s": interval_s, "connections": connections}
-        | _signs_figures([answers for answers in run.loads]),
+        | _signs_figures(run.loads),
         "feeds": {"subscriptions_per_round": subscriptions, "topics": subscriber_mix}
         | feed_figures(feeds)
         if subscribers
