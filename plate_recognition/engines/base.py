@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,3 +52,18 @@ def freeze_positions(
 ) -> tuple[tuple[tuple[str, float], ...], ...]:
     """Immutable, picklable copy of per-position alternatives."""
     return tuple(tuple((ch, float(p)) for ch, p in alts) for alts in positions)
+
+
+def vote(
+    results: Sequence[ReadResult], weights: Sequence[float] | None = None, limit: int = 10
+) -> tuple[Candidate, ...]:
+    """One ranking from several reads of one plate: each plate's weighted mean score (equal
+    weights unless given, summing to 1), a read that lacks the plate counting 0, so
+    reads must agree for a plate to stay sure."""
+    shares = weights or [1 / len(results)] * len(results)
+    totals: dict[str, float] = defaultdict(float)
+    for result, share in zip(results, shares, strict=True):
+        for cand in result.candidates:
+            totals[cand.plate] += share * cand.score
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:limit]
+    return tuple(Candidate(plate, score) for plate, score in ranked)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 
-from plate_recognition.engines.base import ReadResult
+from plate_recognition.engines.base import ReadResult, vote
 from plate_recognition.engines.rapidocr import RapidOcrReader
 from plate_recognition.engines.tesseract import TesseractReader
-from plate_recognition.grammar import Candidate
 
 #: Weights follow measured accuracy: Tesseract mostly breaks ties between PP-OCR's own
 #: alternatives rather than overruling it.
@@ -30,14 +27,9 @@ class CombinedReader:
             self._rapid.read(image, color, color_sure),
             self._tess.read(image, color, color_sure),
         ]
-        scores: dict[str, float] = defaultdict(float)
-        for result in results:
-            for cand in result.candidates:
-                scores[cand.plate] += _WEIGHTS[result.engine] * cand.score
-        ranked = sorted(scores.items(), key=lambda kv: -kv[1])[:10]
         return ReadResult(
             engine=self.name,
-            candidates=tuple(Candidate(plate, score) for plate, score in ranked),
+            candidates=vote(results, [_WEIGHTS[result.engine] for result in results]),
             raw=results[0].raw,
             positions=results[0].positions,
         )
