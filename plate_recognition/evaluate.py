@@ -38,6 +38,7 @@ from plate_recognition import calibration
 from plate_recognition.conditions import CLEAN, CONDITIONS, degrade, parse_conditions
 from plate_recognition.engines import DEFAULT_ENGINE, ENGINES
 from plate_recognition.grammar import is_valid
+from plate_recognition.holdout import unseen
 from plate_recognition.localise import parse_corners, polygon_iou
 from plate_recognition.pipeline import Kind, recognise
 
@@ -55,11 +56,12 @@ class Sample:
     condition: str = ""
 
 
-def load_samples(folder: str | Path) -> list[Sample]:
-    """Rows of ``folder/labels.csv`` with resolved image paths."""
+def load_samples(folder: str | Path, held_out_only: bool = False) -> list[Sample]:
+    """Rows of ``folder/labels.csv`` with resolved image paths; with ``held_out_only``,
+    only those no shipped model was trained on (:func:`plate_recognition.holdout.unseen`)."""
     root = Path(folder)
     with (root / "labels.csv").open(encoding="utf-8", newline="") as fh:
-        return [
+        samples = [
             Sample(
                 root / row["file"],
                 row["plate"],
@@ -70,6 +72,7 @@ def load_samples(folder: str | Path) -> list[Sample]:
             )
             for row in csv.DictReader(fh)
         ]
+    return [s for s in samples if unseen(s.path.name, s.kind)] if held_out_only else samples
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -187,9 +190,10 @@ def collect_reads(
     limit: int | None = None,
     workers: int = 1,
     progress: bool = True,
+    held_out_only: bool = False,
 ) -> list[dict[str, Any]]:
     """Read every labelled photo under every requested condition (see :func:`read_one`)."""
-    samples = load_samples(folder)[:limit]
+    samples = load_samples(folder, held_out_only)[:limit]
     if not samples:
         raise ValueError(f"no labelled images in {folder}")
     jobs = _jobs(samples, conditions, seeds, seed_start)
@@ -305,17 +309,20 @@ def evaluate(
     seeds: int = 1,
     seed_start: int = 0,
     workers: int = 1,
+    held_out_only: bool = False,
 ) -> dict[str, Any]:
     """Read every labelled image end to end (localisation included for scenes).
 
     ``conditions`` defaults to the labelled conditions alone when labels.csv has a
     ``condition`` column, else to every condition (clean and the six gate conditions).
     """
-    samples = load_samples(folder)[:limit]
+    samples = load_samples(folder, held_out_only)[:limit]
     if conditions is None:
         labelled = any(s.condition for s in samples)
         conditions = (CLEAN,) if labelled else CONDITIONS
-    rows = collect_reads(folder, engine, conditions, seeds, seed_start, limit, workers, progress)
+    rows = collect_reads(
+        folder, engine, conditions, seeds, seed_start, limit, workers, progress, held_out_only
+    )
     corners = {s.path.name: parse_corners(s.corners) for s in samples}
     for r in rows:
         r["truth_corners"] = corners.get(r["file"])
@@ -323,6 +330,7 @@ def evaluate(
     result["conditions"] = list(conditions)
     result["seeds"] = seeds
     result["seed_start"] = seed_start
+    result["held_out_only"] = held_out_only
     return result
 
 
@@ -343,6 +351,7 @@ def calibrate(
     save_reads: str | Path | None = None,
     out: str | Path | None = calibration.TABLE_PATH,
     progress: bool = True,
+    held_out_only: bool = False,
 ) -> dict[str, Any]:
     """Fit the engine's calibration on reads of ``folder`` under every condition (or on
     reads saved earlier with ``save_reads``), choose the certain threshold and write both
@@ -354,7 +363,7 @@ def calibrate(
         rows = [r for r in unique.values() if r.get("engine", engine) == engine]
     else:
         rows = collect_reads(
-            folder, engine, CONDITIONS, seeds, seed_start, limit, workers, progress
+            folder, engine, CONDITIONS, seeds, seed_start, limit, workers, progress, held_out_only
         )
     if not rows:
         raise ValueError("no reads to calibrate on")
@@ -445,9 +454,11 @@ def bench(
     seconds: float = 10.0,
     workers: int = 1,
     kind: str = "crop",
+    held_out_only: bool = False,
 ) -> dict[str, Any]:
     """Plates per second on ``kind`` images, one process per worker (one core each)."""
-    paths = [str(s.path) for s in load_samples(folder) if s.kind == kind][:200]
+    samples = load_samples(folder, held_out_only)
+    paths = [str(s.path) for s in samples if s.kind == kind][:200]
     if not paths:
         raise ValueError(f"no {kind} images in {folder}")
     if workers == 1:
@@ -491,6 +502,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--seeds", type=int, default=None, help="degraded copies per photo and condition"
     )
     parser.add_argument("--seed-start", type=int, default=0, help="first seed (held-out runs)")
+    parser.add_argument(
+        "--held-out",
+        action="store_true",
+        help="only photos no shipped model learnt from (plate_recognition/holdout.py)",
+    )
     parser.add_argument("--reads", action="append", default=[], help="calibrate on saved reads")
     parser.add_argument("--save-reads", default=None, help="write the reads (JSON lines) here")
     parser.add_argument(
@@ -508,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     result: dict[str, Any]
     if args.bench:
-        result = bench(args.path, args.engine, args.seconds, args.workers, args.kind)
+        result = bench(args.path, args.engine, args.seconds, args.workers, args.kind, args.held_out)
     elif args.calibrate:
         result = calibrate(
             args.path,
@@ -520,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             reads=args.reads,
             save_reads=args.save_reads,
             out=None if args.out == "-" else args.out,
+            held_out_only=args.held_out,
         )
     else:
         result = evaluate(
@@ -530,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seeds=args.seeds or 1,
             seed_start=args.seed_start,
             workers=args.workers,
+            held_out_only=args.held_out,
         )
     if not args.json:
         for key, value in result.items():
