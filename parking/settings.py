@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from plate_recognition.calibration import certain_threshold
+from plate_recognition.engines import DEFAULT_ENGINE
 
 
 def _usable_cores() -> int:
@@ -94,9 +95,12 @@ class Settings(BaseSettings):
     # certain reads match a parked plate exactly, and only a stay whose entry and exit reads
     # were both certain is charged pay-later without a person. Server OCR: a calibrated
     # probability, by default the threshold `parking plates calibrate` chose and shipped in
-    # plate_recognition/calibration.json. Cameras: per camera model (`camera_read.model`,
-    # measured like the server's reader), else the default.
-    plate_certain_score: float = Field(default_factory=certain_threshold, ge=0.0, le=1.0)
+    # plate_recognition/calibration.json for the engine the lanes read with. Cameras: per
+    # camera model (`camera_read.model`, measured like the server's reader), else the default.
+    ocr_engine: str = DEFAULT_ENGINE
+    plate_certain_score: float = Field(
+        default_factory=lambda fields: certain_threshold(fields["ocr_engine"]), ge=0.0, le=1.0
+    )
     camera_certain_scores: dict[str, float] = Field(default_factory=dict)
     camera_certain_score_default: float = Field(default=0.98, ge=0.0, le=1.0)
     # A camera score is a calibrated probability only where an installer measured it: the
@@ -109,7 +113,6 @@ class Settings(BaseSettings):
     camera_default_calibrated: bool = False
     verify_agree_score: float = Field(default=0.9, ge=0.0, le=1.0)
     verify_contradict_score: float = Field(default=0.9, ge=0.0, le=1.0)
-    ocr_engine: str = "rapidocr"
     # OCR process pool: one single-threaded reader per core this process may run on.
     ocr_workers: int = Field(default_factory=_usable_cores, ge=1)
 

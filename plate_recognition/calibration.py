@@ -28,6 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from plate_recognition.engines import DEFAULT_ENGINE
 from plate_recognition.grammar import Candidate
 
 TABLE_PATH = Path(__file__).resolve().parent / "calibration.json"
@@ -80,7 +81,7 @@ def calibrator(engine: str) -> Calibrator | None:
     return Calibrator(tuple(k[0] for k in knots), tuple(k[1] for k in knots))
 
 
-def certain_threshold(engine: str = "rapidocr") -> float:
+def certain_threshold(engine: str = DEFAULT_ENGINE) -> float:
     """The shipped *certain* threshold on the calibrated score of ``engine`` (the default
     of the lane's ``plate_certain_score``); 1.0 when the engine is not calibrated."""
     entry = load_table()["engines"].get(engine)

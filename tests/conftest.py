@@ -36,6 +36,7 @@ from parking.migrate import migrate
 from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
 from parking_dev import sandbox
+from plate_recognition.calibration import certain_threshold
 from tests.gates import GateProbe
 
 
@@ -477,3 +478,24 @@ async def driver_in_debt(runtime: Runtime, gate: GateProbe, lot: Lot) -> Driver:
     finally:
         SANDBOX_FAULTS.declined_agreements.discard(agreement_no)
     return driver
+
+
+def with_ppocr_reader(settings: Settings) -> Settings:
+    """``settings`` with the lanes reading by PP-OCR alone, at its own certain threshold. The
+    fixture photos (``fixtures/plate_*.jpg``) are among those PlateNet learnt from, which the
+    default reader reads surely; tests whose premise is a right read below the certain
+    threshold take PP-OCR's read of them (a calibrated 0.998 for 皖AD2Y34)."""
+    settings.ocr_engine = "rapidocr"
+    settings.plate_certain_score = certain_threshold("rapidocr")
+    return settings
+
+
+async def unbind(runtime: Runtime, *plates: str) -> None:
+    """Ends every active binding of ``plates``: tests that bind the fixture photos' plates
+    leave them free for the next."""
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE plate_bindings SET unbound_at = now()"
+            " WHERE plate = ANY($1) AND unbound_at IS NULL",
+            list(plates),
+        )

@@ -33,7 +33,9 @@ from tests.conftest import (
     make_driver,
     make_staff,
     staff_token,
+    unbind,
     unique_plate,
+    with_ppocr_reader,
 )
 from tests.gates import GateProbe
 
@@ -51,12 +53,7 @@ async def _photos_unbound(runtime: Runtime) -> AsyncIterator[None]:
     """The photos' plates are bound here: unbound again after each test (other tests bind
     them too)."""
     yield
-    async with runtime.pool.acquire() as conn:
-        await conn.execute(
-            "UPDATE plate_bindings SET unbound_at = now()"
-            " WHERE plate = ANY($1) AND unbound_at IS NULL",
-            ["皖M04698", "皖M04B98", "皖AD2Y34"],
-        )
+    await unbind(runtime, "皖M04698", "皖M04B98", "皖AD2Y34")
 
 
 async def _decide(gate: GateProbe, lot: Lot, gate_code: str, capture: Capture) -> dict[str, Any]:
@@ -70,7 +67,7 @@ def settings(settings: Settings) -> Settings:
     # As in production: cameras are not calibrated unless an installer measured their model.
     settings.camera_default_calibrated = False
     settings.camera_certain_scores = {CALIBRATED_MODEL: 0.98}
-    return settings
+    return with_ppocr_reader(settings)
 
 
 def _capture(

@@ -2,13 +2,40 @@
 pool, confusion-aware matching against the cars parked, and a person for anything uncertain."""
 
 import base64
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from parking.runtime import Runtime
-from tests.conftest import Lot, enter, eventually, make_driver, stay_status
+from parking.settings import Settings
+from plate_recognition.calibration import certain_threshold
+from plate_recognition.engines import DEFAULT_ENGINE
+from tests.conftest import (
+    Lot,
+    enter,
+    eventually,
+    make_driver,
+    stay_status,
+    unbind,
+    with_ppocr_reader,
+)
 from tests.gates import GateProbe
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return with_ppocr_reader(settings)
+
+
+@pytest.fixture(autouse=True)
+async def _photo_unbound(runtime: Runtime) -> AsyncIterator[None]:
+    """The photo's plate is bound here: unbound again after each test."""
+    yield
+    await unbind(runtime, "皖AD2Y34")
+
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -267,3 +294,30 @@ async def test_fixed_fee_without_entry_is_paid_at_the_gate_and_cannot_be_dodged(
             2000,
         )
     )
+
+
+class TestTheDefaultReader:
+    """The lane reads frames with the shipped default (PlateNet, PP-OCR on its doubtful
+    reads) at that reader's own certain threshold."""
+
+    @pytest.fixture
+    def settings(self, settings: Settings) -> Settings:
+        settings.ocr_engine = DEFAULT_ENGINE
+        settings.plate_certain_score = certain_threshold(DEFAULT_ENGINE)
+        return settings
+
+    async def test_an_exit_frame_is_read_certain_by_the_default_reader(
+        self, runtime: Runtime, gate: GateProbe, lot: Lot
+    ) -> None:
+        driver = await make_driver(runtime, "皖AD2Y34")
+        await _enter(runtime, gate, lot, driver.plate)
+        exit_capture = gate.capture("out", None).model_copy(
+            update={"image": _frame("plate_wanAD2Y34.jpg")}
+        )
+        await gate.send(lot.code, "out1", exit_capture)
+        command = await gate.wait_for(exit_capture, timeout_s=60)  # first OCR loads the model
+        assert command["action"] == "open"
+        row = await _capture_row(runtime, exit_capture.capture_id)
+        assert (row["plate"], row["plate_source"]) == ("皖AD2Y34", "ocr")
+        # PP-OCR alone reads this photo at a calibrated 0.998: doubtful, not certain.
+        assert row["read_confidence"] >= runtime.settings.plate_certain_score

@@ -82,6 +82,7 @@ from parking.lanes.rules import (
 )
 from parking.settings import Settings
 from plate_recognition import calibration
+from plate_recognition.engines import DEFAULT_ENGINE
 from plate_recognition.grammar import LETTERS, PROVINCES, Candidate, is_valid
 from plate_recognition.matching import PROVINCE_GROUPS
 from plate_recognition.pipeline import Recognition
@@ -943,9 +944,9 @@ def ocr_table(reads: Path) -> dict[str, Any]:
     """Bins reads saved by `parking plates calibrate … --save-reads` (scores mapped through the
     shipped calibration, as the lane sees them): per condition and score bin, how many reads
     were exact, a different valid plate, or neither (no plate, or not a valid one)."""
-    calibrate = calibration.calibrator("rapidocr")
+    calibrate = calibration.calibrator(DEFAULT_ENGINE)
     assert calibrate is not None
-    edges = (*_OCR_EDGES, calibration.certain_threshold("rapidocr"), 1.0)
+    edges = (*_OCR_EDGES, calibration.certain_threshold(DEFAULT_ENGINE), 1.0)
     table: dict[str, list[list[float]]] = {}
     for line in reads.read_text(encoding="utf-8").splitlines():
         r = json.loads(line)

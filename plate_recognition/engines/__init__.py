@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from plate_recognition.engines.base import PlateReader, ReadResult
 
-ENGINES = ("rapidocr", "tesseract", "combined")
-DEFAULT_ENGINE = "rapidocr"
+ENGINES = ("fused", "rapidocr", "platenet", "tesseract", "combined")
+DEFAULT_ENGINE = "fused"
 
 
 def get_reader(name: str = DEFAULT_ENGINE) -> PlateReader:
@@ -15,6 +15,14 @@ def get_reader(name: str = DEFAULT_ENGINE) -> PlateReader:
         from plate_recognition.engines.rapidocr import RapidOcrReader
 
         return RapidOcrReader()
+    if name == "fused":
+        from plate_recognition.engines.fused import FusedReader
+
+        return FusedReader()
+    if name == "platenet":
+        from plate_recognition.engines.platenet import PlateNetReader
+
+        return PlateNetReader()
     if name == "tesseract":
         from plate_recognition.engines.tesseract import TesseractReader
 

@@ -9,6 +9,8 @@ import pytest
 
 from parking.cli import main
 from plate_recognition.conditions import CONDITIONS
+from plate_recognition.engines import DEFAULT_ENGINE
+from plate_recognition.holdout import held_out
 
 
 def _last_json(capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
@@ -77,7 +79,18 @@ def test_calibrate_prints_the_reliability_table_and_threshold(
     } <= set(table[0])
     assert sum(row["reads"] for row in table) == 20 * len(CONDITIONS)
     written = json.loads(out.read_text(encoding="utf-8"))
-    entry = written["engines"]["rapidocr"]
+    entry = written["engines"][DEFAULT_ENGINE]
     assert entry["certain_threshold"] == result["certain_threshold"]
     assert written["certain_threshold"] == result["certain_threshold"]
     assert entry["knots"] == sorted(entry["knots"])
+
+
+def test_eval_held_out_counts_only_photos_no_model_learnt_from(
+    plate_data: Path, plate_rows: list[dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["plates", "eval", str(plate_data), "--conditions", "clean", "--held-out", "--json"]
+    assert main([*argv, "--engine", "platenet"]) == 0
+    result = _last_json(capsys)
+    unseen = [r for r in plate_rows if r["kind"] == "scene" or held_out(r["file"])]
+    assert result["n"] == len(unseen) < len(plate_rows)
+    assert result["held_out_only"] is True

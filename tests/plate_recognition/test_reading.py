@@ -169,7 +169,7 @@ def test_a_doubtful_crop_is_read_again(
     scored = _ScoredReader(score)
     monkeypatch.setitem(pipeline._READERS, "rapidocr", scored)
     crop = np.full((24, 94, 3), 128, dtype=np.uint8)
-    assert recognise(crop, "crop", calibrated=False).plate == "皖A12345"
+    assert recognise(crop, "crop", "rapidocr", calibrated=False).plate == "皖A12345"
     assert scored.reads == reads
 
 
@@ -189,7 +189,9 @@ def test_doubtful_crops_are_read_again_denoised(
 
     def exact(condition: str) -> int:
         return sum(
-            recognise(degrade(image, condition, Path(r["file"]).name, seed), "crop").plate
+            recognise(
+                degrade(image, condition, Path(r["file"]).name, seed), "crop", "rapidocr"
+            ).plate
             == r["plate"]
             for image, r in images
             for seed in (7, 8)
