@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 
+from gate_controller.protocol import Capture
 from parking.runtime import Runtime
 from parking.settings import Settings
 from plate_recognition.calibration import certain_threshold
 from plate_recognition.engines import DEFAULT_ENGINE
 from tests.conftest import (
+    Driver,
     Lot,
     enter,
     eventually,
@@ -60,6 +62,21 @@ async def _exception(runtime: Runtime, capture_id: object) -> dict | None:
     return dict(row) if row else None
 
 
+async def _leave_with_only_a_photo(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> tuple[Driver, Capture, dict[str, Any]]:
+    """A bound 皖AD2Y34 enters (camera read), then leaves with no camera read, only the photo
+    of its plate: the driver, the exit capture and the gate's command."""
+    driver = await make_driver(runtime, "皖AD2Y34")
+    await _enter(runtime, gate, lot, driver.plate)
+    exit_capture = gate.capture("out", None).model_copy(
+        update={"image": _frame("plate_wanAD2Y34.jpg")}
+    )
+    await gate.send(lot.code, "out1", exit_capture)
+    command = await gate.wait_for(exit_capture, timeout_s=60)  # first OCR loads the model
+    return driver, exit_capture, command
+
+
 async def test_exit_with_only_an_image_is_read_by_the_server_and_its_charge_waits_for_a_person(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
@@ -67,14 +84,7 @@ async def test_exit_with_only_an_image_is_read_by_the_server_and_its_charge_wait
     below the calibrated certain threshold (0.999348) and with no camera read, the gate opens
     (the car park's default policy) and the charge waits for an operator: the server's reader
     reading its own frames again is no second reader, so verification cannot confirm it."""
-    driver = await make_driver(runtime, "皖AD2Y34")
-    await _enter(runtime, gate, lot, driver.plate)
-
-    exit_capture = gate.capture("out", None).model_copy(
-        update={"image": _frame("plate_wanAD2Y34.jpg")}
-    )
-    await gate.send(lot.code, "out1", exit_capture)
-    command = await gate.wait_for(exit_capture, timeout_s=60)  # first OCR loads the model
+    driver, exit_capture, command = await _leave_with_only_a_photo(runtime, gate, lot)
 
     assert (command["action"], command["fee_fen"]) == ("open", 600)
     row = await _capture_row(runtime, exit_capture.capture_id)
@@ -309,13 +319,7 @@ class TestTheDefaultReader:
     async def test_an_exit_frame_is_read_certain_by_the_default_reader(
         self, runtime: Runtime, gate: GateProbe, lot: Lot
     ) -> None:
-        driver = await make_driver(runtime, "皖AD2Y34")
-        await _enter(runtime, gate, lot, driver.plate)
-        exit_capture = gate.capture("out", None).model_copy(
-            update={"image": _frame("plate_wanAD2Y34.jpg")}
-        )
-        await gate.send(lot.code, "out1", exit_capture)
-        command = await gate.wait_for(exit_capture, timeout_s=60)  # first OCR loads the model
+        _, exit_capture, command = await _leave_with_only_a_photo(runtime, gate, lot)
         assert command["action"] == "open"
         row = await _capture_row(runtime, exit_capture.capture_id)
         assert (row["plate"], row["plate_source"]) == ("皖AD2Y34", "ocr")
