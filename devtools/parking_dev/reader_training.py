@@ -1,6 +1,6 @@
 """Train the small plate recogniser shipped as ``plate_recognition/models/platenet.onnx``.
 
-    ./scripts/train-reader [--steps 10000] [--out plate_recognition/models/platenet.onnx]
+    ./scripts/train-reader [--steps 12000] [--out plate_recognition/models/platenet.onnx]
 
 A CRNN-style network (convolutions, then 1-D convolutions along the plate, CTC over the
 plate alphabet) read at 24×96, the crops' own size. It learns from the training part of
@@ -434,7 +434,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=Path("../shared/data/plates"))
-    parser.add_argument("--steps", type=int, default=10000)
+    parser.add_argument("--steps", type=int, default=12000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument(
         "--set-size", type=int, default=40000, help="degraded copies made per generation"
