@@ -16,9 +16,9 @@ def get_reader(name: str = DEFAULT_ENGINE) -> PlateReader:
 
         return RapidOcrReader()
     if name == "fused":
-        from plate_recognition.engines.fused import FusedReader
+        from plate_recognition.engines.voting import fused
 
-        return FusedReader()
+        return fused()
     if name == "platenet":
         from plate_recognition.engines.platenet import PlateNetReader
 
@@ -28,9 +28,9 @@ def get_reader(name: str = DEFAULT_ENGINE) -> PlateReader:
 
         return TesseractReader()
     if name == "combined":
-        from plate_recognition.engines.combined import CombinedReader
+        from plate_recognition.engines.voting import combined
 
-        return CombinedReader()
+        return combined()
     raise ValueError(f"unknown plate engine {name!r}; choose one of {', '.join(ENGINES)}")
 
 

@@ -13,7 +13,7 @@ import pytest
 from plate_recognition.conditions import degrade
 from plate_recognition.engines import get_reader
 from plate_recognition.engines.base import ReadResult
-from plate_recognition.engines.fused import FusedReader
+from plate_recognition.engines.voting import VotingReader
 from plate_recognition.evaluate import load_samples
 from plate_recognition.grammar import Candidate
 from plate_recognition.holdout import HOLDOUT_EVERY, held_out, unseen
@@ -96,10 +96,8 @@ class _Fixed:
         return ReadResult(self.name, (Candidate(self.plate, self.score),), raw=self.plate)
 
 
-def _fused(net: _Fixed, general: _Fixed) -> FusedReader:
-    reader = FusedReader.__new__(FusedReader)
-    reader._net, reader._general = net, general  # type: ignore[assignment]
-    return reader
+def _fused(net: _Fixed, general: _Fixed) -> VotingReader:
+    return VotingReader("fused", (net, general))
 
 
 IMAGE = np.zeros((24, 94, 3), np.uint8)
