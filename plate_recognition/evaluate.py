@@ -38,7 +38,7 @@ from plate_recognition import calibration
 from plate_recognition.conditions import CLEAN, CONDITIONS, degrade, parse_conditions
 from plate_recognition.engines import DEFAULT_ENGINE, ENGINES
 from plate_recognition.grammar import is_valid
-from plate_recognition.holdout import unseen
+from plate_recognition.holdout import TRAINED_ON_SHARED, unseen
 from plate_recognition.localise import parse_corners, polygon_iou
 from plate_recognition.pipeline import Kind, recognise
 
@@ -352,15 +352,31 @@ def calibrate(
     out: str | Path | None = calibration.TABLE_PATH,
     progress: bool = True,
     held_out_only: bool = False,
+    all_photos: bool = False,
 ) -> dict[str, Any]:
     """Fit the engine's calibration on reads of ``folder`` under every condition (or on
     reads saved earlier with ``save_reads``), choose the certain threshold and write both
-    into the table file ``out`` (``None``: print only)."""
+    into the table file ``out`` (``None``: print only).
+
+    An engine whose model learnt from the shared photos (:data:`TRAINED_ON_SHARED`) reads its
+    training photos surely: fitted on them, its certain threshold would be flattered. It is
+    calibrated ``held_out_only``, unless ``all_photos`` says no photo of ``folder`` was among
+    those it learnt from."""
+    if engine in TRAINED_ON_SHARED and not (held_out_only or all_photos):
+        raise ValueError(
+            f"{engine} learnt from the shared photos' training part: calibrate it with "
+            "--held-out, or with --all-photos when it never saw a photo of this folder"
+        )
     if reads:
         rows = [json.loads(line) for f in reads for line in Path(f).read_text().splitlines()]
         # Saved runs may overlap (each holds the clean reads): one read per photo variant.
         unique = {(r["file"], r["condition"], r["seed"]): r for r in rows}
-        rows = [r for r in unique.values() if r.get("engine", engine) == engine]
+        rows = [
+            r
+            for r in unique.values()
+            if r.get("engine", engine) == engine
+            and (not held_out_only or unseen(r["file"], r["kind"]))
+        ]
     else:
         rows = collect_reads(
             folder, engine, CONDITIONS, seeds, seed_start, limit, workers, progress, held_out_only
@@ -507,6 +523,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="only photos no shipped model learnt from (plate_recognition/holdout.py)",
     )
+    parser.add_argument(
+        "--all-photos",
+        action="store_true",
+        help="calibrate a trained engine on every photo (none of them among its training's)",
+    )
     parser.add_argument("--reads", action="append", default=[], help="calibrate on saved reads")
     parser.add_argument("--save-reads", default=None, help="write the reads (JSON lines) here")
     parser.add_argument(
@@ -526,18 +547,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.bench:
         result = bench(args.path, args.engine, args.seconds, args.workers, args.kind, args.held_out)
     elif args.calibrate:
-        result = calibrate(
-            args.path,
-            args.engine,
-            seeds=args.seeds or 8,
-            seed_start=args.seed_start,
-            limit=args.limit,
-            workers=args.workers,
-            reads=args.reads,
-            save_reads=args.save_reads,
-            out=None if args.out == "-" else args.out,
-            held_out_only=args.held_out,
-        )
+        try:
+            result = calibrate(
+                args.path,
+                args.engine,
+                seeds=args.seeds or 8,
+                seed_start=args.seed_start,
+                limit=args.limit,
+                workers=args.workers,
+                reads=args.reads,
+                save_reads=args.save_reads,
+                out=None if args.out == "-" else args.out,
+                held_out_only=args.held_out,
+                all_photos=args.all_photos,
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
     else:
         result = evaluate(
             args.path,

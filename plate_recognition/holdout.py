@@ -13,6 +13,9 @@ from pathlib import PurePath
 
 #: One photo in this many is held out.
 HOLDOUT_EVERY = 4
+#: Engines whose model learnt from the shared photos' training part: measured and calibrated
+#: on the held-out part alone.
+TRAINED_ON_SHARED = frozenset({"platenet", "fused"})
 
 
 def held_out(file: str | PurePath) -> bool:

@@ -5,6 +5,8 @@ that it decides exits as the lane does (the same cases through the real lane and
 import json
 import random
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,8 +31,10 @@ from parking_dev.misreads import (
     MisreadModel,
     OcrModel,
     decide_exit,
+    ocr_table,
     run_misreads,
 )
+from plate_recognition import calibration
 from tests.conftest import Lot, enter, make_driver, set_car_park
 from tests.gates import GateProbe
 
@@ -302,3 +306,24 @@ def test_the_simulated_server_reader_reads_as_it_was_measured() -> None:
         sure_wrong = sum(o == "wrong_valid" and s >= 0.9 for o, s in drawn) / len(drawn)
         measured = sum(r[3] for r in rows if r[0] >= 0.9) / reads
         assert abs(sure_wrong - measured) < 0.004, condition
+
+
+def test_the_measured_table_has_sorted_disjoint_bins_with_one_starting_at_certain(
+    tmp_path: Path,
+) -> None:
+    """The certain threshold is an edge wherever it falls among the fixed ones (it fell below
+    0.998 and 0.999 with the fused reader: unsorted edges put certain reads in a bin that
+    started below it, so the simulation drew most of them as uncertain)."""
+    reads = tmp_path / "reads.jsonl"
+    lines = [
+        {"condition": "clean", "raw_score": k / 400, "exact": True, "wrong_valid": False}
+        for k in range(401)
+    ]
+    reads.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+    rows = ocr_table(reads)["conditions"]["clean"]
+    assert sum(sum(r[2:]) for r in rows) == len(lines)
+    assert all(low < high for low, high, *_ in rows)
+    assert all(a[1] <= b[0] for a, b in pairwise(rows))
+    threshold = calibration.certain_threshold()
+    certain = [r for r in rows if r[0] >= threshold]
+    assert certain and certain[0][0] == threshold

@@ -946,7 +946,8 @@ def ocr_table(reads: Path) -> dict[str, Any]:
     were exact, a different valid plate, or neither (no plate, or not a valid one)."""
     calibrate = calibration.calibrator(DEFAULT_ENGINE)
     assert calibrate is not None
-    edges = (*_OCR_EDGES, calibration.certain_threshold(DEFAULT_ENGINE), 1.0)
+    # Sorted: the certain threshold may fall below some of the fixed edges.
+    edges = tuple(sorted({*_OCR_EDGES, calibration.certain_threshold(DEFAULT_ENGINE), 1.0}))
     table: dict[str, list[list[float]]] = {}
     for line in reads.read_text(encoding="utf-8").splitlines():
         r = json.loads(line)

@@ -3,7 +3,7 @@
     ./scripts/train-reader [--steps 12000] [--out plate_recognition/models/platenet.onnx]
 
 A CRNN-style network (convolutions, then 1-D convolutions along the plate, CTC over the
-plate alphabet) read at 24×96, the crops' own size. It learns from the training part of
+plate alphabet) read at 24×96, about the crops' own 94×24. It learns from the training part of
 the shared labelled crops (:mod:`plate_recognition.holdout` keeps a quarter out for
 measuring) under heavy, randomised degradations of our own, wider than the evaluation's
 gate conditions and drawn independently of them: crop jitter and perspective, darkness

@@ -2,7 +2,7 @@
 
 Trained by ``scripts/train-reader`` on the training part of the shared labelled crops
 under heavy randomised degradations (:mod:`plate_recognition.holdout` keeps a quarter out
-for measuring). It reads a plate at 24×96, the crops' own size, in about a tenth of the
+for measuring). It reads a plate at 24×96, about the crops' own 94×24, in about a tenth of the
 CPU of the general PP-OCR recogniser, and its symbols are the plate alphabet itself. Its
 training photos are blue plates; yellow and white ones it learnt from inverted copies.
 """

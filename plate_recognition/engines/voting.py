@@ -22,7 +22,8 @@ from plate_recognition.engines.base import PlateReader, ReadResult, vote
 
 class VotingReader:
     """Reads with every one of ``readers``; each plate's score is the weighted mean of its
-    scores (:func:`plate_recognition.engines.base.vote`)."""
+    scores (:func:`plate_recognition.engines.base.vote`); the raw text and per-character
+    alternatives are the first reader's."""
 
     def __init__(
         self, name: str, readers: Sequence[PlateReader], weights: Sequence[float] | None = None
@@ -35,8 +36,8 @@ class VotingReader:
         self, image: np.ndarray, color: str | None = None, color_sure: bool = False
     ) -> ReadResult:
         results = [r.read(image, color, color_sure) for r in self._readers]
-        lead = max(results, key=lambda r: r.best.score if r.best else 0.0)
-        return ReadResult(self.name, vote(results, self._weights), lead.raw, lead.positions)
+        first = results[0]  # the text and alternatives kept are the first reader's
+        return ReadResult(self.name, vote(results, self._weights), first.raw, first.positions)
 
 
 def fused() -> VotingReader:

@@ -63,7 +63,7 @@ def test_calibrate_prints_the_reliability_table_and_threshold(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "calibration.json"
-    argv = ["plates", "calibrate", str(plate_data), "--limit", "20", "--seeds", "1"]
+    argv = ["plates", "calibrate", str(plate_data), "--limit", "20", "--seeds", "1", "--held-out"]
     assert main([*argv, "--out", str(out), "--json"]) == 0
     result = _last_json(capsys)
     assert {"reliability", "certain_threshold", "threshold", "by_condition"} <= set(result)
@@ -94,3 +94,17 @@ def test_eval_held_out_counts_only_photos_no_model_learnt_from(
     unseen = [r for r in plate_rows if r["kind"] == "scene" or held_out(r["file"])]
     assert result["n"] == len(unseen) < len(plate_rows)
     assert result["held_out_only"] is True
+
+
+def test_a_trained_engine_is_not_calibrated_on_its_training_photos(
+    plate_data: Path, plate_rows: list[dict[str, str]], tmp_path: Path
+) -> None:
+    """PlateNet reads the photos it learnt from surely: a table fitted on them would put the
+    certain threshold too low. Without --held-out (or --all-photos) nothing is written."""
+    out = tmp_path / "calibration.json"
+    argv = ["plates", "calibrate", str(plate_data), "--limit", "5", "--seeds", "1"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--out", str(out), "--json"])
+    assert exit_.value.code == 2
+    assert not out.exists()
+    assert main([*argv, "--engine", "rapidocr", "--out", str(out), "--json"]) == 0

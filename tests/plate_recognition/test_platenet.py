@@ -1,5 +1,5 @@
 """PlateNet (the plate-trained recogniser), the held-out split it is measured on, and the
-default fused reader that adds PP-OCR when PlateNet is unsure."""
+default fused reader in which PlateNet and PP-OCR vote on every plate."""
 
 from __future__ import annotations
 
