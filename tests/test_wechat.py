@@ -351,6 +351,10 @@ async def wechat_runtime(
     settings.payment_provider = "wechat"
     # 60 s: no order queries, the notifications must do it.
     settings.charge_query_after_s = query_after_s
+    # Retries at most a second apart: these tests inject faults at 30-50 % rates and wait for
+    # the outcome, not for the backoff. At the default cap (300 s) a charge faulted ten times
+    # running (seen once in a full run) waited out the tests' 30 s before its next try.
+    settings.job_backoff_cap_s = 1.0
     async with running(config) as (url, emulator):
         endpoint = ProviderEndpoint(url, "", kind="wechat", credentials=emulator.credentials())
         eps = Endpoints(database_url, REDIS_URL, MQTT_URL)
