@@ -2,12 +2,15 @@
 and its figures add up. It asserts no timings: speed is for the benchmark to report."""
 
 import os
+import random
 
 import pytest
 
+from parking.runtime import Runtime
 from parking.settings import Settings
 from parking_dev.abuse import run_abuse_bench
 from parking_dev.bench import run_bench, sandbox_process
+from parking_dev.demo import wait_for_outbox
 from parking_dev.signbench import run_signs_bench
 from tests.conftest import MQTT_URL, REDIS_URL
 
@@ -135,3 +138,28 @@ async def test_signs_bench_runs_the_lane_alone_and_with_polling_signs_and_report
     assert feeds["subscriptions_per_round"][0] >= 2, feeds
     assert feeds["pending_after_run"] == 0 and feeds["sent"] > 0, feeds
     assert feeds["session_delivery_lag"]["p99_ms"] > 0, feeds
+
+
+async def test_a_phase_waits_for_its_own_deferred_work_not_for_older_jobs(
+    runtime: Runtime,
+) -> None:
+    """A database in use holds jobs queued before a bench (a subscriber that never answers
+    keeps its deliveries retrying): the phases waited for them, 120 s each, and the bench
+    test timed out in a full run. Waiting is for jobs queued since the bench began."""
+    ref_id = random.randrange(10**12, 10**13)
+    async with runtime.pool.acquire() as conn:
+        began = await conn.fetchval("SELECT now()")
+        # Queued an hour before, due in an hour: no worker takes it meanwhile.
+        await conn.execute(
+            "INSERT INTO outbox (kind, ref_id, created_at, available_at)"
+            " VALUES ('feed_delivery', $1, now() - interval '1 hour', now() + interval '1 hour')",
+            ref_id,
+        )
+    try:
+        assert await wait_for_outbox(runtime.pool, 5, since=began)
+        assert not await wait_for_outbox(runtime.pool, 0.5)
+    finally:
+        async with runtime.pool.acquire() as conn:
+            await conn.execute(
+                "DELETE FROM outbox WHERE kind = 'feed_delivery' AND ref_id = $1", ref_id
+            )

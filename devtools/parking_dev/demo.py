@@ -352,21 +352,28 @@ async def _reconcile_today(runtime: Runtime) -> dict[str, Any]:
 
 
 async def wait_for_outbox(
-    pool: asyncpg.Pool, timeout_s: float, kinds: list[str] | None = None
-) -> None:
+    pool: asyncpg.Pool,
+    timeout_s: float,
+    kinds: list[str] | None = None,
+    since: datetime | None = None,
+) -> bool:
     """Charges run after the cars left: give the worker time to finish them (a dead job is
     finished with as far as the worker goes: it waits for an operator). Only `kinds` (None:
-    every kind)."""
+    every kind), and only jobs queued from `since` on (None: all). False: still some after
+    `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         async with pool.acquire() as conn:
             if not await conn.fetchval(
                 """SELECT EXISTS (SELECT 1 FROM outbox WHERE done_at IS NULL AND dead_at IS NULL
-                                  AND ($1::text[] IS NULL OR kind = ANY ($1::text[])))""",
+                                  AND ($1::text[] IS NULL OR kind = ANY ($1::text[]))
+                                  AND ($2::timestamptz IS NULL OR created_at >= $2))""",
                 kinds,
+                since,
             ):
-                return
+                return True
         await asyncio.sleep(0.2)
+    return False
 
 
 # Held cars whose drivers scan the gate's QR code and pay on its page (parking/pages/).
