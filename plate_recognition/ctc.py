@@ -21,6 +21,21 @@ from plate_recognition.grammar import Alternatives
 _NEG = -1e9
 
 
+def best_path_runs(labels: Sequence[int] | np.ndarray) -> list[tuple[int, int, int]]:
+    """The characters of a best (per-frame argmax) CTC path: each run of one label, blanks
+    (0) left out, as (first frame, last frame, label)."""
+    runs: list[tuple[int, int, int]] = []
+    t = 0
+    while t < len(labels):
+        end = t
+        while end + 1 < len(labels) and labels[end + 1] == labels[t]:
+            end += 1
+        if labels[t] != 0:
+            runs.append((t, end, int(labels[t])))
+        t = end + 1
+    return runs
+
+
 def class_masks(chars: Sequence[str], template: Sequence[str]) -> np.ndarray:
     """Boolean (positions × symbols) mask: which CTC symbols each position may be.
     Symbol 0 is the blank and belongs to no class."""

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from plate_recognition.conditions import DEGRADATIONS
+from plate_recognition.ctc import best_path_runs
 from plate_recognition.engines.rapidocr import FRAME_PX, RapidOcrReader
 from plate_recognition.engines.rapidocr import HEIGHT as RECOGNISER_HEIGHT
 from plate_recognition.grammar import PLATE_CHARSET
@@ -173,17 +174,8 @@ def character_boxes(reader: RapidOcrReader, image: np.ndarray, plate: str) -> Bo
     general PP-OCR recogniser emits it and the next; ``None`` unless its greedy read is
     exactly ``plate`` (the alignment is then trustworthy)."""
     h, w = image.shape[:2]
-    best = reader.probabilities(image).argmax(axis=1)
-    runs: list[tuple[int, int, str]] = []
-    t = 0
-    while t < len(best):
-        end = t
-        while end + 1 < len(best) and best[end + 1] == best[t]:
-            end += 1
-        if best[t] != 0:
-            runs.append((t, end, reader.chars[best[t]]))
-        t = end + 1
-    if "".join(ch for _, _, ch in runs) != plate:
+    runs = best_path_runs(reader.probabilities(image).argmax(axis=1))
+    if "".join(reader.chars[label] for _, _, label in runs) != plate:
         return None
     # A frame of the recogniser covers FRAME_PX pixels of the crop resized to its height.
     scale = w / math.ceil(RECOGNISER_HEIGHT * w / h) * FRAME_PX
@@ -316,16 +308,11 @@ def to_tensor(images: np.ndarray) -> Any:
 
 
 def greedy(logits: Any) -> list[str]:
-    best = logits.argmax(dim=1).numpy()
-    out = []
-    for row in best:
-        chars, prev = [], 0
-        for label in row:
-            if label != prev and label != 0:
-                chars.append(CLASSES[label])
-            prev = label
-        out.append("".join(chars))
-    return out
+    """Each sample's best-path read (for the training log)."""
+    return [
+        "".join(CLASSES[label] for _, _, label in best_path_runs(row))
+        for row in logits.argmax(dim=1).numpy()
+    ]
 
 
 def train(folder: Path, steps: int, batch: int, set_size: int, out: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from plate_recognition.ctc import class_masks, constrained_positions
+from plate_recognition.ctc import best_path_runs, class_masks, constrained_positions
 from plate_recognition.engines.base import ReadResult, freeze_positions
 from plate_recognition.grammar import (
     Alternatives,
@@ -49,22 +49,14 @@ class CtcReader:
 
     def _greedy(self, probs: np.ndarray) -> list[Alternatives]:
         """Per-character alternatives from a greedy CTC decode."""
-        best = probs.argmax(axis=1)
         out: list[Alternatives] = []
-        t = 0
-        while t < len(best):
-            label = int(best[t])
-            end = t
-            while end + 1 < len(best) and best[end + 1] == label:
-                end += 1
-            if label != 0:
-                # The segment's peak frame carries the sharpest distribution over characters.
-                frame = probs[t + int(probs[t : end + 1, label].argmax())]
-                nonblank = frame[1:]
-                total = float(nonblank.sum()) or 1.0
-                top = np.argsort(-nonblank)[:_TOP_K]
-                out.append([(self.chars[i + 1], float(nonblank[i]) / total) for i in top])
-            t = end + 1
+        for start, end, label in best_path_runs(probs.argmax(axis=1)):
+            # The segment's peak frame carries the sharpest distribution over characters.
+            frame = probs[start + int(probs[start : end + 1, label].argmax())]
+            nonblank = frame[1:]
+            total = float(nonblank.sum()) or 1.0
+            top = np.argsort(-nonblank)[:_TOP_K]
+            out.append([(self.chars[i + 1], float(nonblank[i]) / total) for i in top])
         return out
 
     def positions(self, image: np.ndarray) -> list[Alternatives]:
