@@ -8,7 +8,6 @@ worker process builds its engine once, on first use, and keeps it.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -223,13 +222,4 @@ def vote(recognitions: Iterable[Recognition], limit: int = 10) -> list[Candidate
     A plate's score is its mean score over all frames, a frame that did not propose it
     counting 0, so one confident misread cannot outvote consistent reads.
     """
-    totals: dict[str, float] = defaultdict(float)
-    frames = 0
-    for rec in recognitions:
-        frames += 1
-        for cand in rec.candidates:
-            totals[cand.plate] += cand.score
-    if not frames:
-        return []
-    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:limit]
-    return [Candidate(plate, total / frames) for plate, total in ranked]
+    return list(engine_vote(list(recognitions), limit=limit))

@@ -54,16 +54,25 @@ def freeze_positions(
     return tuple(tuple((ch, float(p)) for ch, p in alts) for alts in positions)
 
 
+class Ranked(Protocol):
+    """Anything with ranked candidates: an engine's read, a pipeline's recognition."""
+
+    @property
+    def candidates(self) -> tuple[Candidate, ...]: ...
+
+
 def vote(
-    results: Sequence[ReadResult], weights: Sequence[float] | None = None, limit: int = 10
+    results: Sequence[Ranked], weights: Sequence[float] | None = None, limit: int = 10
 ) -> tuple[Candidate, ...]:
-    """One ranking from several reads of one plate: each plate's weighted mean score (equal
-    weights unless given, summing to 1), a read that lacks the plate counting 0, so
-    reads must agree for a plate to stay sure."""
-    shares = weights or [1 / len(results)] * len(results)
+    """One ranking from several reads of one plate: each plate's weighted mean score (the
+    plain mean unless ``weights``, summing to 1, are given), a read that lacks the plate
+    counting 0, so reads must agree for a plate to stay sure."""
+    if not results:
+        return ()
     totals: dict[str, float] = defaultdict(float)
-    for result, share in zip(results, shares, strict=True):
+    for result, weight in zip(results, weights or [1.0] * len(results), strict=True):
         for cand in result.candidates:
-            totals[cand.plate] += share * cand.score
+            totals[cand.plate] += weight * cand.score
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:limit]
-    return tuple(Candidate(plate, score) for plate, score in ranked)
+    mean_of = 1 if weights else len(results)
+    return tuple(Candidate(plate, total / mean_of) for plate, total in ranked)
