@@ -103,16 +103,16 @@ class CtcReader:
         )
 
 
-def onnx_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime session on the CPU with one thread unless told otherwise: callers
-    scale with a process pool, one worker per core."""
+def open_model(
+    file: str, threads: int | None = None
+) -> tuple[ort.InferenceSession, str, dict[str, str]]:
+    """A model shipped in ``plate_recognition/models/``: its onnxruntime session on the CPU
+    (one thread unless told otherwise: callers scale with a process pool, one worker per
+    core), the name of its input and its metadata."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or int(os.environ.get("PLATE_OCR_THREADS", "1"))
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def model_path(file: str) -> Path:
-    """A model shipped in ``plate_recognition/models/``."""
-    return Path(__file__).resolve().parent.parent / "models" / file
+    path = Path(__file__).resolve().parent.parent / "models" / file
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return session, session.get_inputs()[0].name, session.get_modelmeta().custom_metadata_map

@@ -14,7 +14,7 @@ import json
 import cv2
 import numpy as np
 
-from plate_recognition.engines.ctc_reader import CtcReader, model_path, onnx_session
+from plate_recognition.engines.ctc_reader import CtcReader, open_model
 
 _MODEL_FILE = "platenet.onnx"
 
@@ -25,9 +25,7 @@ class PlateNetReader(CtcReader):
     name = "platenet"
 
     def __init__(self, threads: int | None = None) -> None:
-        self._session = onnx_session(model_path(_MODEL_FILE), threads)
-        self._input = self._session.get_inputs()[0].name
-        meta = self._session.get_modelmeta().custom_metadata_map
+        self._session, self._input, meta = open_model(_MODEL_FILE, threads)
         height, width = meta["input"].split("x")
         self._size = (int(width), int(height))
         super().__init__(tuple(json.loads(meta["classes"])))

@@ -14,7 +14,7 @@ import math
 import cv2
 import numpy as np
 
-from plate_recognition.engines.ctc_reader import CtcReader, model_path, onnx_session
+from plate_recognition.engines.ctc_reader import CtcReader, open_model
 from plate_recognition.grammar import PLATE_CHARSET
 
 _MODEL_FILE = "ch_PP-OCRv4_rec_infer.onnx"
@@ -35,9 +35,7 @@ class RapidOcrReader(CtcReader):
     name = "rapidocr"
 
     def __init__(self, threads: int | None = None) -> None:
-        self._session = onnx_session(model_path(_MODEL_FILE), threads)
-        self._input = self._session.get_inputs()[0].name
-        meta = self._session.get_modelmeta().custom_metadata_map
+        self._session, self._input, meta = open_model(_MODEL_FILE, threads)
         # CTC label 0 is the blank; the model's dictionary follows, then a space.
         charset = ["", *meta["character"].splitlines(), " "]
         wanted = set(PLATE_CHARSET) | {"I", "O"}  # I/O kept so the grammar can fix them
