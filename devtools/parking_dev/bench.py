@@ -51,7 +51,7 @@ from parking_dev.demo import (
     seed_city,
     with_simulated_cameras,
 )
-from plate_recognition.holdout import unseen
+from plate_recognition.holdout import held_out
 
 # Niceness of the outbox worker and the simulated provider during a bench run.
 DEFERRED_WORK_NICENESS = 10
@@ -218,7 +218,7 @@ def _plate_photos(folder: Path, rng: random.Random) -> list[Vehicle]:
     vehicles = []
     with (folder / "labels.csv").open(encoding="utf-8") as f:
         for row in csv.DictReader(f):
-            if row["kind"] != "crop" or not unseen(row["file"], "crop") or row["plate"] in seen:
+            if row["kind"] != "crop" or not held_out(row["file"]) or row["plate"] in seen:
                 continue
             seen.add(row["plate"])
             image = base64.b64encode((folder / row["file"]).read_bytes()).decode()

@@ -15,7 +15,6 @@ only here, never at run time: the network is exported to ONNX and read with onnx
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import time
@@ -30,6 +29,7 @@ from plate_recognition.conditions import DEGRADATIONS
 from plate_recognition.ctc import best_path_runs
 from plate_recognition.engines.rapidocr import FRAME_PX, RapidOcrReader
 from plate_recognition.engines.rapidocr import HEIGHT as RECOGNISER_HEIGHT
+from plate_recognition.evaluate import load_samples
 from plate_recognition.grammar import PLATE_CHARSET
 from plate_recognition.holdout import unseen
 
@@ -46,13 +46,12 @@ Segmented = list[tuple[np.ndarray, str, Boxes]]
 def load_training(folder: Path) -> Labelled:
     """The labelled crops outside the held-out part, as (BGR image, plate)."""
     out = []
-    with (folder / "labels.csv").open(encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            if unseen(row["file"], row["kind"]):
-                continue
-            image = cv2.imread(str(folder / row["file"]), cv2.IMREAD_COLOR)
-            if image is not None:
-                out.append((image, row["plate"]))
+    for sample in load_samples(folder):
+        if unseen(sample.path.name, sample.kind):
+            continue
+        image = cv2.imread(str(sample.path), cv2.IMREAD_COLOR)
+        if image is not None:
+            out.append((image, sample.plate))
     return out
 
 
