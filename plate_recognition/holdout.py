@@ -15,7 +15,7 @@ from pathlib import PurePath
 HOLDOUT_EVERY = 4
 #: Engines whose model learnt from the shared photos' training part: measured and calibrated
 #: on the held-out part alone.
-TRAINED_ON_SHARED = frozenset({"platenet", "fused"})
+TRAINED_ON_SHARED = frozenset({"platenet", "platenet2", "fused"})
 
 
 def held_out(file: str | PurePath) -> bool:

@@ -42,7 +42,9 @@ def test_the_wheel_carries_migrations_and_the_plate_model(wheel: Path) -> None:
     for name in migrations:
         assert f"parking/_migrations/{name}" in names
     assert "plate_recognition/models/ch_PP-OCRv4_rec_infer.onnx" in names
-    assert "plate_recognition/models/platenet.onnx" in names  # the default reader's first
+    # The default reader's networks.
+    assert "plate_recognition/models/platenet.onnx" in names
+    assert "plate_recognition/models/platenet2.onnx" in names
     assert "plate_recognition/calibration.json" in names  # the reader's calibrated scores
     assert "parking/dashboard/index.html" in names
     # The pages' templates, stylesheet and scripts (no CDN: they are served from the package).

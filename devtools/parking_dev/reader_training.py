@@ -1,6 +1,8 @@
-"""Train the small plate recogniser shipped as ``plate_recognition/models/platenet.onnx``.
+"""Train the small plate recognisers shipped as ``plate_recognition/models/platenet.onnx``
+and ``platenet2.onnx`` (the same recipe from another ``--seed``).
 
-    ./scripts/train-reader [--steps 12000] [--out plate_recognition/models/platenet.onnx]
+    ./scripts/train-reader [--steps 12000] [--seed 21] [--out plate_recognition/models/…]
+    ./scripts/train-reader --seed 22 --out plate_recognition/models/platenet2.onnx
 
 A CRNN-style network (convolutions, then 1-D convolutions along the plate, CTC over the
 plate alphabet) read at 24×96, about the crops' own 94×24. It learns from the training part of
@@ -314,11 +316,19 @@ def greedy(logits: Any) -> list[str]:
     ]
 
 
-def train(folder: Path, steps: int, batch: int, set_size: int, out: Path) -> dict[str, Any]:
+#: The shipped model's seed; another seed trains an independent network on other copies.
+DEFAULT_SEED = 21
+
+
+def train(
+    folder: Path, steps: int, batch: int, set_size: int, out: Path, seed: int = DEFAULT_SEED
+) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    torch.manual_seed(21)
+    torch.manual_seed(seed)
+    # Each generation's degraded copies are drawn from their own seed, distinct per network.
+    generation_seed = 1000 * (seed - DEFAULT_SEED)
     samples = load_training(folder)
     spliceable = segmented(samples)
     model = build_model()
@@ -329,9 +339,9 @@ def train(folder: Path, steps: int, batch: int, set_size: int, out: Path) -> dic
     step, generation = 0, 0
     log: list[dict[str, Any]] = []
     while step < steps:
-        images, plates = make_set(samples, spliceable, set_size, seed=generation)
+        images, plates = make_set(samples, spliceable, set_size, seed=generation_seed + generation)
         generation += 1
-        order = np.random.default_rng(generation).permutation(len(plates))
+        order = np.random.default_rng(generation_seed + generation).permutation(len(plates))
         model.train()
         for i in range(0, len(order) - batch + 1, batch):
             idx = order[i : i + batch]
@@ -375,6 +385,7 @@ def train(folder: Path, steps: int, batch: int, set_size: int, out: Path) -> dic
     export(model, out)
     return {
         "steps": steps,
+        "seed": seed,
         "training_photos": len(samples),
         "spliceable_photos": len(spliceable),
         "seconds": round(time.monotonic() - started),
@@ -426,8 +437,9 @@ def main() -> None:
         "--set-size", type=int, default=40000, help="degraded copies made per generation"
     )
     parser.add_argument("--out", type=Path, default=Path("plate_recognition/models/platenet.onnx"))
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     args = parser.parse_args()
-    print(json.dumps(train(args.data, args.steps, args.batch, args.set_size, args.out)))
+    print(json.dumps(train(args.data, args.steps, args.batch, args.set_size, args.out, args.seed)))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from plate_recognition.engines.base import PlateReader, ReadResult
 
-ENGINES = ("fused", "rapidocr", "platenet", "tesseract", "combined")
+ENGINES = ("fused", "rapidocr", "platenet", "platenet2", "tesseract", "combined")
 DEFAULT_ENGINE = "fused"
 
 
@@ -19,10 +19,10 @@ def get_reader(name: str = DEFAULT_ENGINE) -> PlateReader:
         from plate_recognition.engines.voting import fused
 
         return fused()
-    if name == "platenet":
+    if name in ("platenet", "platenet2"):
         from plate_recognition.engines.platenet import PlateNetReader
 
-        return PlateNetReader()
+        return PlateNetReader(name)
     if name == "tesseract":
         from plate_recognition.engines.tesseract import TesseractReader
 

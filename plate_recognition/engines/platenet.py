@@ -16,16 +16,17 @@ import numpy as np
 
 from plate_recognition.engines.ctc_reader import CtcReader, open_model
 
-_MODEL_FILE = "platenet.onnx"
+#: The shipped networks, by engine name: the same design and training photos, trained from
+#: different seeds on different degraded copies (``scripts/train-reader --seed``).
+MODELS = {"platenet": "platenet.onnx", "platenet2": "platenet2.onnx"}
 
 
 class PlateNetReader(CtcReader):
-    """Plate reader on PlateNet. Build once per process."""
+    """Plate reader on one PlateNet (``name``, one of :data:`MODELS`). Build once per process."""
 
-    name = "platenet"
-
-    def __init__(self, threads: int | None = None) -> None:
-        self._session, self._input, meta = open_model(_MODEL_FILE, threads)
+    def __init__(self, name: str = "platenet", threads: int | None = None) -> None:
+        self.name = name
+        self._session, self._input, meta = open_model(MODELS[name], threads)
         height, width = meta["input"].split("x")
         self._size = (int(width), int(height))
         super().__init__(tuple(json.loads(meta["classes"])))

@@ -1,5 +1,5 @@
 """PlateNet (the plate-trained recogniser), the held-out split it is measured on, and the
-default fused reader in which PlateNet and PP-OCR vote on every plate."""
+default fused reader in which two PlateNets and PP-OCR vote on every plate."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from plate_recognition.conditions import degrade
 from plate_recognition.engines import get_reader
 from plate_recognition.engines.base import ReadResult
-from plate_recognition.engines.voting import VotingReader
+from plate_recognition.engines.voting import FUSED_WEIGHTS, VotingReader
 from plate_recognition.evaluate import load_samples
 from plate_recognition.grammar import Candidate
 from plate_recognition.holdout import HOLDOUT_EVERY, held_out, unseen
@@ -60,19 +60,24 @@ def test_training_never_sees_a_held_out_photo(
     assert only_held and not only_held & set(trained_plates)
 
 
-def test_platenet_reads_held_out_crops(plate_data: Path, plate_rows: list[dict[str, str]]) -> None:
-    reader = get_reader("platenet")
+@pytest.mark.parametrize("engine", ["platenet", "platenet2"])
+def test_each_platenet_reads_held_out_crops(
+    plate_data: Path, plate_rows: list[dict[str, str]], engine: str
+) -> None:
+    reader = get_reader(engine)
     rows = _held_out_crops(plate_rows, 24)
     reads = [reader.read(cv2.imread(str(plate_data / r["file"])), "blue") for r in rows]
     assert sum(read.plate == r["plate"] for read, r in zip(reads, rows, strict=True)) >= 22
-    assert all(read.engine == "platenet" for read in reads)
+    assert all(read.engine == engine for read in reads)
 
 
-def test_platenet_reads_heavy_jpeg_of_held_out_crops(
-    plate_data: Path, plate_rows: list[dict[str, str]]
+@pytest.mark.parametrize("engine", ["platenet", "platenet2"])
+def test_each_platenet_reads_heavy_jpeg_of_held_out_crops(
+    plate_data: Path, plate_rows: list[dict[str, str]], engine: str
 ) -> None:
-    """The PP-OCR reader read 25 of these 40, 31 with its denoised re-read (2026-12-06)."""
-    reader = get_reader("platenet")
+    """The PP-OCR reader read 25 of these 40, 31 with its denoised re-read (2026-12-06); each
+    PlateNet reads 36."""
+    reader = get_reader(engine)
     rows = _held_out_crops(plate_rows, 20)
     exact = 0
     for r in rows:
@@ -96,26 +101,41 @@ class _Fixed:
         return ReadResult(self.name, (Candidate(self.plate, self.score),), raw=self.plate)
 
 
-def _fused(net: _Fixed, general: _Fixed) -> VotingReader:
-    return VotingReader("fused", (net, general))
+def _fused(first: _Fixed, second: _Fixed, general: _Fixed) -> VotingReader:
+    return VotingReader("fused", (first, second, general), FUSED_WEIGHTS)
 
 
 IMAGE = np.zeros((24, 94, 3), np.uint8)
 
 
-def test_even_a_sure_platenet_read_is_voted_with_ppocr() -> None:
-    """PlateNet read 皖A099Q5 as 皖A09905 at 0.99998 on a held-out photo: its own score is
-    not enough for a sure read."""
-    net, general = _Fixed("platenet", "皖A09905", 0.99998), _Fixed("rapidocr", "皖A099Q5", 0.6)
-    result = _fused(net, general).read(IMAGE, "blue")
-    assert (result.engine, general.reads) == ("fused", 1)
+def test_even_a_sure_platenet_read_is_voted_with_the_others() -> None:
+    """The first PlateNet read 皖A099Q5 as 皖A09905 at 0.99998 on a held-out photo: its own
+    score is not enough for a sure read, and the other two outvote it."""
+    first = _Fixed("platenet", "皖A09905", 0.99998)
+    second = _Fixed("platenet2", "皖A099Q5", 0.9)
+    general = _Fixed("rapidocr", "皖A099Q5", 0.8)
+    result = _fused(first, second, general).read(IMAGE, "blue")
+    assert (result.engine, second.reads, general.reads) == ("fused", 1, 1)
     assert result.candidates == (
-        Candidate("皖A09905", pytest.approx(0.99998 / 2)),
-        Candidate("皖A099Q5", pytest.approx(0.3)),
+        Candidate("皖A099Q5", pytest.approx(0.25 * 0.9 + 0.5 * 0.8)),
+        Candidate("皖A09905", pytest.approx(0.25 * 0.99998)),
     )
 
 
-def test_agreeing_engines_keep_their_mean_score() -> None:
-    net, general = _Fixed("platenet", "皖A12345", 0.97), _Fixed("rapidocr", "皖A12345", 0.99)
-    result = _fused(net, general).read(IMAGE, "blue")
-    assert result.candidates == (Candidate("皖A12345", pytest.approx(0.98)),)
+def test_the_two_networks_agreeing_cannot_make_a_read_sure_without_ppocr() -> None:
+    """Both networks learnt from the same, mostly 皖, photos: both read a night 浙JP1W22 as
+    皖JP1W22 at 0.998. With PP-OCR against them the read stays far from sure."""
+    first = _Fixed("platenet", "皖JP1W22", 0.998)
+    second = _Fixed("platenet2", "皖JP1W22", 0.999)
+    general = _Fixed("rapidocr", "浙JP1W22", 0.98)
+    result = _fused(first, second, general).read(IMAGE, "blue")
+    assert [c.plate for c in result.candidates] == ["皖JP1W22", "浙JP1W22"]
+    assert result.candidates[0].score == pytest.approx(0.25 * (0.998 + 0.999))
+    assert result.candidates[0].score < 0.5
+
+
+def test_agreeing_engines_keep_their_weighted_mean_score() -> None:
+    first, second = _Fixed("platenet", "皖A12345", 0.97), _Fixed("platenet2", "皖A12345", 0.95)
+    general = _Fixed("rapidocr", "皖A12345", 0.99)
+    result = _fused(first, second, general).read(IMAGE, "blue")
+    assert result.candidates == (Candidate("皖A12345", pytest.approx(0.975)),)
