@@ -266,6 +266,24 @@ def test_a_charge_is_verified_only_when_no_frame_contradicts_and_each_unsure_end
     )
 
 
+def test_frames_that_disagree_on_the_colour_leave_the_charge_to_a_person() -> None:
+    """A yellow plate the camera took for blue at both gates: the stay is the blue plate's, and
+    five of its six frames show blue. The one yellow frame is weakly read, but the colour is
+    half the identity and no score calibrates it."""
+    plate = ("浙A3M011", "blue")
+    rules = Verification(agree_score=0.95, contradict_score=0.9, certain_score=0.99)
+    sure = FrameRead("浙A3M011", 0.999, "blue")
+    entry = (sure, FrameRead("浙A3M0D1", 0.35, "yellow"), sure)
+    assert verify_charge(plate, (entry, (sure, sure, sure)), rules) == "unconfirmed"
+    # Frames that show no colour take no side; all blue, it is verified as before.
+    unseen = FrameRead("浙A3M0D1", 0.35, None)
+    assert verify_charge(plate, ((sure, unseen, sure), (sure,)), rules) == "verified"
+    # A frame without a plate shows no colour of one.
+    assert verify_charge(plate, ((sure, FrameRead(None, 0.0, "yellow")), (sure,)), rules) == (
+        "verified"
+    )
+
+
 def test_an_end_the_server_decided_counts_its_frames_only_when_the_camera_named_the_car() -> None:
     # Before, an end the server's reader decided was never corroborated (always unconfirmed).
     identity = ("浙A3M011", "blue")

@@ -321,6 +321,11 @@ def verify_charge(
     threshold is never summed across frames: a plate that reads wrong the same way does so on
     every frame of a pass, which per-frame calibration does not measure.
 
+    A plate's colour is read from its pixels, not calibrated like its text: a frame of either end
+    that shows a plate in another colour than the stay's, at any score, leaves the charge
+    `unconfirmed` (a yellow plate taken for blue at both gates, its frames mostly blue, was
+    charged to the blue plate's holder when only sure frames counted).
+
     One reader's certainty is not two independent reads: a plate that fools a camera the
     same way at entry and exit (a bolt, dirt, a worn character) does so with a confident
     score both times, so "entry and exit both certain" does not multiply the error away."""
@@ -354,6 +359,15 @@ def verify_charge(
                 and is_valid(read.plate)
             ):
                 return "refuted"
+    if any(
+        read.plate is not None and read.color not in (None, color)
+        for frames in ends
+        if frames is not None
+        for read in frames
+    ):
+        # The colour is half the vehicle's identity and the frames disagree on it: however sure
+        # the text, the charge cannot rest on the colour the others showed.
+        return "unconfirmed"
     for frames in checked:
         if not any(same(read) and read.score >= verification.agree_score for read in frames):
             return "unconfirmed"
