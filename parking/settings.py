@@ -109,12 +109,12 @@ class Settings(BaseSettings):
     # on an uncalibrated camera's reads waits for the server's reader to agree with the entry
     # and exit frames (lanes.rules.verify_charge): a frame agrees when it reads the stay's
     # plate at verify_agree_score or more, contradicts when it reads another valid plate at
-    # verify_contradict_score or more (calibrated scores). Agreement from 0.95: 72 % of the
-    # fused reader's right reads and 3.3 % of its wrong valid plates score that much (held-out
-    # reads, devtools/parking_dev/ocr_reads.json); from 0.9, 88 % and 12 % (PP-OCR's: 76 % and
-    # 8 %), too easy an agreement for a plate that reads wrong the same way every time.
+    # verify_contradict_score or more (calibrated scores). Agreement from 0.96: 72.5 % of the
+    # fused reader's right reads and 2.6 % of its wrong valid plates score that much (held-out
+    # reads, devtools/parking_dev/ocr_reads.json); from 0.95, 78.5 % and 6.4 %; from 0.9, 90 %
+    # and 13 %: too easy an agreement for a plate that reads wrong the same way every time.
     camera_default_calibrated: bool = False
-    verify_agree_score: float = Field(default=0.95, ge=0.0, le=1.0)
+    verify_agree_score: float = Field(default=0.96, ge=0.0, le=1.0)
     verify_contradict_score: float = Field(default=0.9, ge=0.0, le=1.0)
     # OCR process pool: one single-threaded reader per core this process may run on.
     ocr_workers: int = Field(default_factory=_usable_cores, ge=1)
