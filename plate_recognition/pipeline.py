@@ -106,8 +106,10 @@ class Recognition:
     """Result of reading one image: ranked candidates (maybe none) and where the plate was.
 
     ``corners`` (bottom-right, bottom-left, top-left, top-right) is ``None`` for crops
-    and for frames where no plate was found. The top candidate's score is the calibrated
-    probability that the read is exactly right (:mod:`plate_recognition.calibration`);
+    and for frames where no plate was found. ``color_sure``: the plate's colour is sure
+    (:func:`plate_recognition.localise.plate_color`), not just the likelier guess. The top
+    candidate's score is the calibrated probability that the read is exactly right
+    (:mod:`plate_recognition.calibration`);
     ``raw_score`` is the engine's own score it was mapped from.
     """
 
@@ -119,6 +121,7 @@ class Recognition:
     raw: str = ""
     elapsed_ms: float = 0.0
     raw_score: float = 0.0
+    color_sure: bool = False
 
     @property
     def plate(self) -> str | None:
@@ -189,8 +192,9 @@ def recognise(
             raw=result.raw,
             elapsed_ms=(time.perf_counter() - start) * 1000,
             raw_score=result.candidates[0].score if result.candidates else 0.0,
+            color_sure=color_sure,
         )
-    best: tuple[float, ReadResult, Corners, str | None] | None = None
+    best: tuple[float, ReadResult, Corners, str | None, bool] | None = None
     # Localisation ranks regions by shape and colour; the recogniser's confidence decides.
     for region in find_plates(frame):
         color = color_hint or region.color
@@ -199,15 +203,17 @@ def recognise(
         result = _read_voted(r, region.crop, color, color_sure, _variants("scene", r.name))
         score = result.candidates[0].score if result.candidates else 0.0
         if best is None or score > best[0]:
-            best = (score, result, region.corners, color)
+            best = (score, result, region.corners, color, color_sure)
         if score >= _GOOD_ENOUGH:
             break
     elapsed = (time.perf_counter() - start) * 1000
     if best is None or not best[1].candidates:
         return Recognition(r.name, "scene", (), elapsed_ms=elapsed)
-    raw_score, result, corners, color = best
+    raw_score, result, corners, color, color_sure = best
     candidates = _scored(result.candidates, r.name, calibrated)
-    return Recognition(r.name, "scene", candidates, color, corners, result.raw, elapsed, raw_score)
+    return Recognition(
+        r.name, "scene", candidates, color, corners, result.raw, elapsed, raw_score, color_sure
+    )
 
 
 def _scored(

@@ -307,7 +307,7 @@ async def test_fixed_fee_without_entry_is_paid_at_the_gate_and_cannot_be_dodged(
 
 
 class TestTheDefaultReader:
-    """The lane reads frames with the shipped default (PlateNet and PP-OCR voting) at that
+    """The lane reads frames with the shipped default (two PlateNets and PP-OCR voting) at that
     reader's own certain threshold. (The photo is one PlateNet learnt from: what is checked
     is the lane's choice of reader and threshold, not how well it reads new plates; that is
     the evaluation's, on held-out photos.)"""

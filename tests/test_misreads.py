@@ -272,16 +272,22 @@ def test_frames_that_disagree_on_the_colour_leave_the_charge_to_a_person() -> No
     half the identity and no score calibrates it."""
     plate = ("浙A3M011", "blue")
     rules = Verification(agree_score=0.95, contradict_score=0.9, certain_score=0.99)
-    sure = FrameRead("浙A3M011", 0.999, "blue")
-    entry = (sure, FrameRead("浙A3M0D1", 0.35, "yellow"), sure)
-    assert verify_charge(plate, (entry, (sure, sure, sure)), rules) == "unconfirmed"
-    # Frames that show no colour take no side; all blue, it is verified as before.
-    unseen = FrameRead("浙A3M0D1", 0.35, None)
-    assert verify_charge(plate, ((sure, unseen, sure), (sure,)), rules) == "verified"
-    # A frame without a plate shows no colour of one.
-    assert verify_charge(plate, ((sure, FrameRead(None, 0.0, "yellow")), (sure,)), rules) == (
-        "verified"
+    sure = FrameRead("浙A3M011", 0.999, "blue", color_sure=True)
+    yellow = FrameRead("浙A3M0D1", 0.35, "yellow", color_sure=True)
+    assert verify_charge(plate, ((sure, yellow, sure), (sure, sure, sure)), rules) == (
+        "unconfirmed"
     )
+    # Beside a proven end (no frames to weigh) too.
+    assert verify_charge(plate, (None, (sure, yellow)), rules) == "unconfirmed"
+    # A frame that reads another vehicle surely still refutes.
+    other = FrameRead("浙A3M017", 0.999, "blue", color_sure=True)
+    assert verify_charge(plate, ((sure, yellow), (other,)), rules) == "refuted"
+    # A colour that is only the likelier guess, or none, takes no part; nor a frame without
+    # a plate.
+    guessed = FrameRead("浙A3M0D1", 0.35, "yellow", color_sure=False)
+    unseen = FrameRead("浙A3M0D1", 0.35, None)
+    no_plate = FrameRead(None, 0.0, "yellow", color_sure=True)
+    assert verify_charge(plate, ((sure, guessed, unseen), (sure, no_plate)), rules) == "verified"
 
 
 def test_an_end_the_server_decided_counts_its_frames_only_when_the_camera_named_the_car() -> None:

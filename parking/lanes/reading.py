@@ -220,7 +220,7 @@ def frame_reads(recognitions: Sequence[Recognition | None]) -> tuple[FrameRead, 
     """Each frame's top read (None: no plate found) with its calibrated score: what a charge's
     verification weighs (`rules.verify_charge`)."""
     return tuple(
-        FrameRead(r.candidates[0].plate, r.candidates[0].score, r.color)
+        FrameRead(r.candidates[0].plate, r.candidates[0].score, r.color, r.color_sure)
         if r is not None and r.candidates
         else FrameRead(None, 0.0)
         for r in recognitions

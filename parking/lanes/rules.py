@@ -214,11 +214,13 @@ def better_entry_read(camera: R, server: R, verification: "Verification") -> R:
 @dataclass(frozen=True, slots=True)
 class FrameRead:
     """The server reader's top read of one frame (`plate` None: no plate found), its score a
-    calibrated probability, and the plate's colour as the frame shows it (None: not seen)."""
+    calibrated probability, the plate's colour as the frame shows it (None: not seen) and
+    whether that colour is sure (`plate_recognition.localise.plate_color`)."""
 
     plate: str | None
     score: float
     color: str | None = None
+    color_sure: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +312,7 @@ def verify_charge(
     the stay's colour when the frame shows one): two readers, the camera and the server's, then
     name the same vehicle at both ends. `refuted`: some frame shows another vehicle;
     `unconfirmed`: an unproven end had no frame, or none the server read as the plate with
-    confidence. Both wait for an operator.
+    confidence, or a frame surely shows another colour (below). Both wait for an operator.
 
     An end with a frame the server read as the vehicle at its certain threshold
     (`Verification.certain_score`) and none it read as another vehicle at that threshold is
@@ -322,9 +324,10 @@ def verify_charge(
     every frame of a pass, which per-frame calibration does not measure.
 
     A plate's colour is read from its pixels, not calibrated like its text: a frame of either end
-    that shows a plate in another colour than the stay's, at any score, leaves the charge
-    `unconfirmed` (a yellow plate taken for blue at both gates, its frames mostly blue, was
-    charged to the blue plate's holder when only sure frames counted).
+    that surely shows a plate in another colour than the stay's, whatever its text's score,
+    leaves the charge `unconfirmed`, even at an end settled by sure reads (a yellow plate taken
+    for blue at both gates, its frames mostly blue, was charged to the blue plate's holder when
+    only surely read text counted). A colour that is only the likelier guess takes no part.
 
     One reader's certainty is not two independent reads: a plate that fools a camera the
     same way at entry and exit (a bolt, dirt, a worn character) does so with a confident
@@ -360,7 +363,7 @@ def verify_charge(
             ):
                 return "refuted"
     if any(
-        read.plate is not None and read.color not in (None, color)
+        read.plate is not None and read.color_sure and read.color != color
         for frames in ends
         if frames is not None
         for read in frames

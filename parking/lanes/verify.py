@@ -39,7 +39,10 @@ log = get_logger(__name__)
 def _reads(reads: Sequence[FrameRead] | None) -> list[dict[str, Any]] | None:
     if reads is None:
         return None
-    return [{"plate": r.plate, "score": round(r.score, 4), "color": r.color} for r in reads]
+    return [
+        {"plate": r.plate, "score": round(r.score, 4), "color": r.color, "color_sure": r.color_sure}
+        for r in reads
+    ]
 
 
 def _camera(
