@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from plate_recognition.engines.base import PlateReader, ReadResult
 
-ENGINES = ("fused", "rapidocr", "platenet", "platenet2", "tesseract", "combined")
+#: The PlateNet engines and their networks in ``models/``: the same design and training photos,
+#: trained from different seeds on different degraded copies (``scripts/train-reader --seed``).
+PLATENET_MODELS = {"platenet": "platenet.onnx", "platenet2": "platenet2.onnx"}
+ENGINES = ("fused", "rapidocr", *PLATENET_MODELS, "tesseract", "combined")
 DEFAULT_ENGINE = "fused"
 
 
@@ -19,7 +22,7 @@ def get_reader(name: str = DEFAULT_ENGINE) -> PlateReader:
         from plate_recognition.engines.voting import fused
 
         return fused()
-    if name in ("platenet", "platenet2"):
+    if name in PLATENET_MODELS:
         from plate_recognition.engines.platenet import PlateNetReader
 
         return PlateNetReader(name)
@@ -34,4 +37,11 @@ def get_reader(name: str = DEFAULT_ENGINE) -> PlateReader:
     raise ValueError(f"unknown plate engine {name!r}; choose one of {', '.join(ENGINES)}")
 
 
-__all__ = ["DEFAULT_ENGINE", "ENGINES", "PlateReader", "ReadResult", "get_reader"]
+__all__ = [
+    "DEFAULT_ENGINE",
+    "ENGINES",
+    "PLATENET_MODELS",
+    "PlateReader",
+    "ReadResult",
+    "get_reader",
+]

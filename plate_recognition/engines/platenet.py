@@ -14,19 +14,17 @@ import json
 import cv2
 import numpy as np
 
+from plate_recognition.engines import PLATENET_MODELS
 from plate_recognition.engines.ctc_reader import CtcReader, open_model
-
-#: The shipped networks, by engine name: the same design and training photos, trained from
-#: different seeds on different degraded copies (``scripts/train-reader --seed``).
-MODELS = {"platenet": "platenet.onnx", "platenet2": "platenet2.onnx"}
 
 
 class PlateNetReader(CtcReader):
-    """Plate reader on one PlateNet (``name``, one of :data:`MODELS`). Build once per process."""
+    """Plate reader on one PlateNet (``name``, one of
+    :data:`plate_recognition.engines.PLATENET_MODELS`). Build once per process."""
 
     def __init__(self, name: str = "platenet", threads: int | None = None) -> None:
         self.name = name
-        self._session, self._input, meta = open_model(MODELS[name], threads)
+        self._session, self._input, meta = open_model(PLATENET_MODELS[name], threads)
         height, width = meta["input"].split("x")
         self._size = (int(width), int(height))
         super().__init__(tuple(json.loads(meta["classes"])))
