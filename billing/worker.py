@@ -13,7 +13,6 @@ answer nor a worker killed at any point can charge twice.
 import asyncio
 import contextlib
 import random
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -161,7 +160,6 @@ class OutboxWorker:
         self.stats = WorkerStats()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._next_sweep = 0.0
         # (job id, attempts) of jobs in hand whose outcome could not be written.
         self._unreleased: set[tuple[int, int]] = set()
 
@@ -172,18 +170,39 @@ class OutboxWorker:
         def wake(*_: object) -> None:
             self._wake.set()
 
+        # The sweep runs beside the jobs, never before them: its provider look-ups (a plate's
+        # service state, a payment nobody told us about) may hang up to the provider's
+        # timeout each, and charges must not wait behind them.
+        sweeping = asyncio.create_task(self._sweep_periodically()) if self.sweeps else None
+        try:
+            while not self._stopping.is_set():
+                try:
+                    async with self.pool.acquire() as listener:
+                        await listener.add_listener("outbox", wake)
+                        try:
+                            await self._work(listener)
+                        finally:
+                            if not listener.is_closed():
+                                await listener.remove_listener("outbox", wake)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    log.exception("outbox.listen_failed")
+                    await asyncio.sleep(self.poll_interval_s)
+        finally:
+            if sweeping is not None:
+                # What a sweep does is asked again at the next one: cutting it short loses
+                # nothing (its transaction rolls back).
+                sweeping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeping
+
+    async def _sweep_periodically(self) -> None:
         while not self._stopping.is_set():
             try:
-                async with self.pool.acquire() as listener:
-                    await listener.add_listener("outbox", wake)
-                    try:
-                        await self._work(listener)
-                    finally:
-                        if not listener.is_closed():
-                            await listener.remove_listener("outbox", wake)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                log.exception("outbox.listen_failed")
-                await asyncio.sleep(self.poll_interval_s)
+                await self.sweep(datetime.now(UTC))
+            except Exception:  # the database went away, or worse: the next sweep tries again
+                log.exception("outbox.sweep_failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.sweep_interval_s)
 
     async def _work(self, listener: asyncpg.Connection) -> None:
         """Passes until stopped, or until the listening connection is lost."""
@@ -191,9 +210,6 @@ class OutboxWorker:
             try:
                 if self._unreleased:
                     await self._release_unfinished()
-                if self.sweeps and time.monotonic() >= self._next_sweep:
-                    self._next_sweep = time.monotonic() + self.sweep_interval_s
-                    await self.sweep(datetime.now(UTC))
                 claimed = await self.run_once()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 # The database went away: jobs stay in the outbox; try again shortly.

@@ -4,6 +4,7 @@ a Chinese note), refreshed by the worker's sweep when old (an outage retried at 
 sweep), read by the lane without asking the provider. On WeChat the agreement's number is the
 driver's openid."""
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -11,16 +12,20 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from parking.admin import repository as admin
 from parking.app import create_app
 from parking.drivers.service import SERVICE_NOTES, SERVICE_UNKNOWN_NOTE
 from parking.drivers.verification import DevRegistry, registry_of
-from parking.runtime import Runtime
+from parking.infra import Endpoints
+from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
 from parking_dev import sandbox
 from tests.conftest import (
+    MQTT_URL,
+    REDIS_URL,
     backdate_entry,
     bearer,
     charges_of,
@@ -29,6 +34,8 @@ from tests.conftest import (
     enter,
     entry_registered,
     eventually,
+    exit_after,
+    make_driver,
     provider_and_runtime,
     unique_plate,
 )
@@ -126,6 +133,47 @@ async def test_a_provider_outage_at_binding_binds_and_the_sweep_asks_again(
             return (await _plate(api, headers, plate))["service_state"] == "normal"
 
         await eventually(refreshed, timeout_s=20)
+
+
+async def test_a_refresh_hanging_at_the_provider_does_not_hold_up_the_charges(
+    settings: Settings, database_url: str, gate: GateProbe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider that answers state look-ups slowly (each up to its timeout, a batch of them
+    per sweep) must not stop the worker from charging: the sweep runs beside the jobs."""
+    settings.worker_sweep_interval_s = 0.2
+    settings.plate_state_max_age_s = 0  # every sweep asks
+    settings.payment_provider_timeout_s = 120.0  # the look-up hangs for the whole test
+    secret = uuid.uuid4().hex
+    async with sandbox.running(sandbox.FaultConfig(processing_delay_s=0.01), secret=secret) as (
+        url,
+        provider_app,
+    ):
+        asked = asyncio.Event()
+        answer = asyncio.Event()
+
+        async def hang_reads() -> None:
+            asked.set()
+            await answer.wait()
+
+        monkeypatch.setattr(provider_app.state.sandbox, "fail_query", hang_reads)
+        eps = Endpoints(database_url, REDIS_URL, MQTT_URL)
+        async with running(settings, eps, ProviderEndpoint(url, secret)) as runtime:
+            try:
+                lot = await create_lot(runtime)
+                plate = unique_plate()
+                await make_driver(runtime, plate)  # its state never learned: the sweep asks
+                await asyncio.wait_for(asked.wait(), 20)
+                command = await exit_after(runtime, gate, lot, plate, timedelta(minutes=90))
+                assert (command["action"], command["fee_fen"]) == ("open", 1200), command
+
+                async def charged() -> bool:
+                    rows = await charges_of(runtime, lot)
+                    return [r["status"] for r in rows] == ["succeeded"]
+
+                await eventually(charged, timeout_s=20)
+                assert not answer.is_set(), "charged while the look-up still hangs"
+            finally:
+                answer.set()
 
 
 async def test_on_wechat_the_openid_is_the_agreement_and_a_silent_pause_is_refreshed_and_held(
