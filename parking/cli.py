@@ -35,8 +35,15 @@ SNAPSHOT_PATH = MIGRATIONS_DIR / "schema_snapshot.txt"
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Runs a command's coroutine on uvloop (asyncpg's and the broker client's socket work is
     the lane's hot path). SIGTERM — how a service manager, `timeout` or CI stops a command —
-    unwinds it like Ctrl-C, so that embedded servers and workers are stopped, not orphaned."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    unwinds it like Ctrl-C, so that embedded servers and workers are stopped, not orphaned.
+
+    It is passed on as SIGINT, for the runner's own Ctrl-C handling: that cancels the main task
+    and lets it unwind through its awaits. A KeyboardInterrupt raised wherever the interpreter
+    happens to be (SIGTERM's old handler) could land inside a task's step, and the runner then
+    waited for ever on a task it had stranded, with PostgreSQL and Redis still running."""
+    # A shell starts background jobs with SIGINT ignored, and the runner then leaves it so.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
         return uvloop.run(main)
     except KeyboardInterrupt:

@@ -62,7 +62,8 @@ def _newcomer_env(data_dir: Path, api_port: int, mqtt_port: int) -> dict[str, st
 
 def _servers_under(folder: Path) -> list[int]:
     """Processes working in `folder` (embedded PostgreSQL and Redis run in their data folders)
-    or naming it on their command line."""
+    or naming it on their command line or in their environment (the broker's process inherits
+    PARKING_DATA_DIR and names nothing else of the demo's)."""
     found = []
     needle = str(folder.resolve())
     for proc in Path("/proc").iterdir():
@@ -74,7 +75,7 @@ def _servers_under(folder: Path) -> list[int]:
                 found.append(int(proc.name))
                 continue
         with contextlib.suppress(OSError):
-            if needle.encode() in (proc / "cmdline").read_bytes():
+            if needle.encode() in (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes():
                 found.append(int(proc.name))
     return found
 
