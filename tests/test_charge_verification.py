@@ -158,6 +158,11 @@ async def test_a_plate_that_fools_the_camera_the_same_way_twice_charges_nobody_u
     charge = await _settled(runtime, stranger)
     assert charge["status"] == "awaiting_confirmation"
     assert charge["verification"]["verdict"] == "refuted"
+    # The operator is told why: the entry's frames, read first, show another vehicle.
+    assert (charge["verification"]["reason"], charge["verification"]["end"]) == (
+        "another_vehicle",
+        "entry",
+    )
     exit_reads = charge["verification"]["exit"]
     assert exit_reads[0]["plate"] == "皖M04698" and exit_reads[0]["score"] >= 0.9
     assert await _booked(runtime, charge) == (0, 0), "nothing sent, nothing accrued"
@@ -240,6 +245,11 @@ async def test_a_camera_misread_at_the_exit_is_read_again_before_a_person_is_ask
         "awaiting_confirmation",
         "unconfirmed",
     )
+    # The camera named another plate at the exit: no second reader for the server's read.
+    assert (charge["verification"]["reason"], charge["verification"]["end"]) == (
+        "no_second_reader",
+        "exit",
+    )
 
 
 async def test_a_doubtful_entry_read_is_read_again_so_the_exit_finds_the_stay(
@@ -262,6 +272,10 @@ async def test_a_doubtful_entry_read_is_read_again_so_the_exit_finds_the_stay(
         "unconfirmed",
     )
     assert charge["verification"]["entry"] == []
+    assert (charge["verification"]["reason"], charge["verification"]["end"]) == (
+        "no_second_reader",
+        "entry",
+    )
     # The camera's own read it weighed for the entry: another plate, no second reader.
     assert charge["verification"]["camera"] == {
         "entry": {

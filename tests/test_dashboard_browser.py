@@ -245,6 +245,10 @@ async def test_on_a_phone_an_admin_confirms_a_charge_and_decides_a_dispute_with_
 
             card = page.locator(f"#confirmations-{awaiting['id']}")
             await expect(card).to_contain_text(lot.name)
+            # Why it waits: the server's reader found another vehicle in the exit's frames.
+            await expect(card.locator(f"#confirmations-{awaiting['id']}-why")).to_have_text(
+                "服务器复核 · 出场 · 照片中是另一辆车"
+            )
             for which in ("entry", "exit"):
                 await page.wait_for_function(
                     """id => { const i = document.getElementById(id);
@@ -267,10 +271,10 @@ async def test_on_a_phone_an_admin_confirms_a_charge_and_decides_a_dispute_with_
             await expect(review).to_contain_text(disputer.plate)
             # Each end's read, and beside the exit's (the server's reader's) the camera's own.
             await expect(review.locator(f"#disputes-{dispute_id}-entry-read")).to_contain_text(
-                f"入场 · {disputer.plate} · camera"
+                f"入场 · {disputer.plate} · 相机"
             )
             await expect(review.locator(f"#disputes-{dispute_id}-exit-read")).to_contain_text(
-                f"出场 · {disputer.plate} · ocr 0.980 · 相机识别 皖AD2Y84 蓝牌 0.930"
+                f"出场 · {disputer.plate} · 服务器识别 0.980 · 相机识别 皖AD2Y84 蓝牌 0.930"
             )
             await review.get_by_label("裁决说明").fill("出场照片不是该车")
             await review.get_by_role("button", name="申诉成立（取消或退款）").click()

@@ -20,6 +20,7 @@ from parking.lanes.rules import (
     Certainty,
     FrameRead,
     Identity,
+    Verdict,
     Verification,
     frames_to_verify,
     verify_charge,
@@ -249,20 +250,28 @@ def test_a_charge_is_verified_only_when_no_frame_contradicts_and_each_unsure_end
     plate = ("浙A3M011", "blue")
     rules = Verification(agree_score=0.9, contradict_score=0.9)
     agree, unsure, nothing = FrameRead("浙A3M011", 0.95, "blue"), FrameRead("浙A3M011", 0.5), None
-    assert verify_charge(plate, ((agree,), (unsure, agree)), rules) == "verified"
+    assert verify_charge(plate, ((agree,), (unsure, agree)), rules) == Verdict("verified")
     # A proven end (None) needs no frame; an unproven one with none, or none sure, is a person's.
-    assert verify_charge(plate, (nothing, (agree,)), rules) == "verified"
-    assert verify_charge(plate, ((agree,), ()), rules) == "unconfirmed"
-    assert verify_charge(plate, ((agree,), (unsure,)), rules) == "unconfirmed"
+    assert verify_charge(plate, (nothing, (agree,)), rules) == Verdict("verified")
+    assert verify_charge(plate, ((agree,), ()), rules) == Verdict(
+        "unconfirmed", "no_second_reader", "exit"
+    )
+    assert verify_charge(plate, ((unsure,), (agree,)), rules) == Verdict(
+        "unconfirmed", "no_agreeing_frame", "entry"
+    )
     # Another valid plate, or the plate in another colour, read with confidence on any frame.
     other = FrameRead("浙A3M017", 0.93, "blue")
-    assert verify_charge(plate, ((agree, other), (agree,)), rules) == "refuted"
+    assert verify_charge(plate, ((agree, other), (agree,)), rules) == Verdict(
+        "refuted", "another_vehicle", "entry"
+    )
     yellow = FrameRead("浙A3M011", 0.97, "yellow")
-    assert verify_charge(plate, ((agree,), (agree, yellow)), rules) == "refuted"
+    assert verify_charge(plate, ((agree,), (agree, yellow)), rules) == Verdict(
+        "refuted", "another_vehicle", "exit"
+    )
     # Unsure misreads and unreadable frames contradict nothing.
     weak = FrameRead("浙A3M017", 0.6, "blue")
     assert verify_charge(plate, ((agree, weak), (agree, FrameRead(None, 0.0))), rules) == (
-        "verified"
+        Verdict("verified")
     )
 
 
@@ -274,20 +283,25 @@ def test_frames_that_disagree_on_the_colour_leave_the_charge_to_a_person() -> No
     rules = Verification(agree_score=0.95, contradict_score=0.9, certain_score=0.99)
     sure = FrameRead("浙A3M011", 0.999, "blue", color_sure=True)
     yellow = FrameRead("浙A3M0D1", 0.35, "yellow", color_sure=True)
+    colour_differs = Verdict("unconfirmed", "colour_differs", "entry")
     assert verify_charge(plate, ((sure, yellow, sure), (sure, sure, sure)), rules) == (
-        "unconfirmed"
+        colour_differs
     )
     # Beside a proven end (no frames to weigh) too.
-    assert verify_charge(plate, (None, (sure, yellow)), rules) == "unconfirmed"
+    assert verify_charge(plate, (None, (sure, yellow)), rules) == Verdict(
+        "unconfirmed", "colour_differs", "exit"
+    )
     # A frame that reads another vehicle surely still refutes.
     other = FrameRead("浙A3M017", 0.999, "blue", color_sure=True)
-    assert verify_charge(plate, ((sure, yellow), (other,)), rules) == "refuted"
+    assert verify_charge(plate, ((sure, yellow), (other,)), rules).outcome == "refuted"
     # A colour that is only the likelier guess, or none, takes no part; nor a frame without
     # a plate.
     guessed = FrameRead("浙A3M0D1", 0.35, "yellow", color_sure=False)
     unseen = FrameRead("浙A3M0D1", 0.35, None)
     no_plate = FrameRead(None, 0.0, "yellow", color_sure=True)
-    assert verify_charge(plate, ((sure, guessed, unseen), (sure, no_plate)), rules) == "verified"
+    assert verify_charge(plate, ((sure, guessed, unseen), (sure, no_plate)), rules) == (
+        Verdict("verified")
+    )
 
 
 def test_an_end_the_server_decided_counts_its_frames_only_when_the_camera_named_the_car() -> None:
@@ -301,7 +315,7 @@ def test_an_end_the_server_decided_counts_its_frames_only_when_the_camera_named_
 
     named = CameraOwnRead("浙A·3M011", "blue", 0.85, "cam")
     assert end("ocr", named) == frames
-    assert verify_charge(identity, (end("ocr", named), None), rules) == "verified"
+    assert verify_charge(identity, (end("ocr", named), None), rules) == Verdict("verified")
     assert end("ocr", CameraOwnRead("浙A3M011", None, 0.4)) == frames  # no colour reported
     # Another plate, or the plate in another colour: the readers disagree, a person decides
     # (an uncalibrated camera's read refutes nothing).
@@ -310,7 +324,9 @@ def test_an_end_the_server_decided_counts_its_frames_only_when_the_camera_named_
         CameraOwnRead("浙A3M011", "yellow", 0.85),
     ):
         assert end("ocr", other) == ()
-        assert verify_charge(identity, (end("ocr", other), None), rules) == "unconfirmed"
+        assert verify_charge(identity, (end("ocr", other), None), rules) == Verdict(
+            "unconfirmed", "no_second_reader", "entry"
+        )
     # No camera read: the server reading its own frames again is no second reader.
     assert end("ocr", None) == ()
     assert end("camera", None) == frames

@@ -41,7 +41,7 @@ import time
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -813,9 +813,10 @@ class City:
                 ),
                 self.verification,
             )
-            tally.verifications[verdict] += 1
-            tally.by_kind.setdefault(kind, Counter())[f"verification_{verdict}"] += 1
-        needs_person = plan.needs_person or verdict not in (None, "verified")
+            # "unconfirmed:no_agreeing_frame:exit": the outcome, and why at which end.
+            tally.verifications[":".join(filter(None, astuple(verdict)))] += 1
+            tally.by_kind.setdefault(kind, Counter())[f"verification_{verdict.outcome}"] += 1
+        needs_person = plan.needs_person or (verdict is not None and verdict.outcome != "verified")
         self._judge(car_park, vehicle, kind, reading, plan, stay, resolution.status, needs_person)
         # The lane's records after the exit: a priced stay is closed (pay-later, free, or paid
         # at the gate). Another car's stay that a person looked at (an exception, a charge

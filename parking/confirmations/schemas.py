@@ -45,7 +45,8 @@ class Confirmation(BaseModel):
     entry: ReadSummary
     exit: ReadSummary
     # What the server's reader found in the frames when it checked the charge first
-    # ({"verdict": "refuted" | "unconfirmed", "entry", "exit": each frame's plate, score,
+    # ({"verdict": "refuted" | "unconfirmed", "reason" and "end": why, at which end
+    # (parking.lanes.rules.Verdict), "entry", "exit": each frame's plate, score,
     # colour, "camera": {"entry", "exit": the camera's own read it weighed for that end, its
     # plate, colour, confidence, model and whether it named the vehicle, or None}}); None when
     # the charge was never verified.

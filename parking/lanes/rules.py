@@ -250,6 +250,20 @@ class Verification:
 
 
 VerifyVerdict = Literal["verified", "refuted", "unconfirmed"]
+# Why a charge waits for a person: a frame read another vehicle with confidence (refuted); a
+# frame surely showed the plate's colour otherwise; an unproven end had no reader besides the
+# server's; no frame of an unproven end read the vehicle with confidence.
+VerifyReason = Literal["another_vehicle", "colour_differs", "no_second_reader", "no_agreeing_frame"]
+END_NAMES = ("entry", "exit")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """`verify_charge`'s answer, and for a person why and at which end (`END_NAMES`)."""
+
+    outcome: VerifyVerdict
+    reason: VerifyReason | None = None
+    end: str | None = None
 
 
 def camera_names(camera: CameraOwnRead, identity: Identity) -> bool:
@@ -301,7 +315,7 @@ def verify_charge(
     identity: Identity,
     ends: Sequence[Sequence[FrameRead] | None],
     verification: Verification,
-) -> VerifyVerdict:
+) -> Verdict:
     """Whether a pay-later charge for a stay of `identity` may go to the provider without a
     person.
 
@@ -344,16 +358,17 @@ def verify_charge(
             and (same(read) or is_valid(read.plate))
         )
 
+    named = list(zip(END_NAMES, ends, strict=True))
     checked = [
-        frames
-        for frames in ends
+        (end, frames)
+        for end, frames in named
         if frames is not None
         and not (
             any(certain(read) and same(read) for read in frames)
             and not any(certain(read) and not same(read) for read in frames)
         )
     ]
-    for frames in checked:
+    for end, frames in checked:
         for read in frames:
             if (
                 read.plate is not None
@@ -361,20 +376,21 @@ def verify_charge(
                 and (read.plate != plate or (read.color is not None and read.color != color))
                 and is_valid(read.plate)
             ):
-                return "refuted"
-    if any(
-        read.plate is not None and read.color_sure and read.color != color
-        for frames in ends
-        if frames is not None
-        for read in frames
-    ):
-        # The colour is half the vehicle's identity and the frames disagree on it: however sure
-        # the text, the charge cannot rest on the colour the others showed.
-        return "unconfirmed"
-    for frames in checked:
+                return Verdict("refuted", "another_vehicle", end)
+    for end, reads in named:
+        if any(
+            read.plate is not None and read.color_sure and read.color != color
+            for read in reads or ()
+        ):
+            # The colour is half the vehicle's identity and the frames disagree on it: however
+            # sure the text, the charge cannot rest on the colour the others showed.
+            return Verdict("unconfirmed", "colour_differs", end)
+    for end, frames in checked:
+        if not frames:
+            return Verdict("unconfirmed", "no_second_reader", end)
         if not any(same(read) and read.score >= verification.agree_score for read in frames):
-            return "unconfirmed"
-    return "verified"
+            return Verdict("unconfirmed", "no_agreeing_frame", end)
+    return Verdict("verified")
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,7 +109,10 @@ class ChargeVerifier:
         )
         verdict = verify_charge(identity, (entry, exit_), self.verification)
         found = {
-            "verdict": verdict,
+            "verdict": verdict.outcome,
+            # Why a person decides, and which end's frames it rests on (None when verified).
+            "reason": verdict.reason,
+            "end": verdict.end,
             "entry": _reads(entry),
             "exit": _reads(exit_),
             # The camera's own reads weighed as an end's second reader.
@@ -123,12 +126,22 @@ class ChargeVerifier:
             },
         }
         async with self.pool.acquire() as conn, conn.transaction():
-            if verdict == "verified":
+            if verdict.outcome == "verified":
                 decided = await charges.verified(conn, charge_id, found) is not None
             else:
                 decided = await charges.refer_to_operator(conn, charge_id, found)
             if decided:
                 await audit.record(
-                    conn, "system:verifier", f"charge.{verdict}", f"charge:{charge_id}", found
+                    conn,
+                    "system:verifier",
+                    f"charge.{verdict.outcome}",
+                    f"charge:{charge_id}",
+                    found,
                 )
-        log.info("charge.verification", charge_id=charge_id, verdict=verdict, decided=decided)
+        log.info(
+            "charge.verification",
+            charge_id=charge_id,
+            verdict=verdict.outcome,
+            reason=verdict.reason,
+            decided=decided,
+        )
