@@ -80,6 +80,26 @@ def _servers_under(folder: Path) -> list[int]:
     return found
 
 
+async def _left_running(folder: Path, grace_s: float = 15.0) -> list[str]:
+    """The demo's processes still running `grace_s` after it ended, each with its command line.
+    Children end on their own a moment after their parent (a process pool's workers, the
+    broker's, multiprocessing's resource tracker): a busy full suite once found one such
+    process the instant the demo had ended, which of them the check did not say then. One
+    still running after the grace is a leak, and the message names it."""
+    for _ in range(int(grace_s / 0.2)):
+        if not (left := _servers_under(folder)):
+            break
+        await asyncio.sleep(0.2)
+    described = []
+    for pid in left:
+        with contextlib.suppress(OSError):
+            argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+            described.append(f"{pid}: {b' '.join(argv).decode(errors='replace')}")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # only ever servers this test's demo started
+    return described
+
+
 async def _until(what: str, deadline_s: float, probe: Callable[[], Awaitable[T | None]]) -> T:
     """Polls `probe` until it returns something; fails naming `what` after the deadline."""
     deadline = time.monotonic() + deadline_s
@@ -170,10 +190,7 @@ async def test_demo_on_embedded_servers_as_a_newcomer_runs_it(tmp_path: Path) ->
         summary = await demo.summary()
     finally:
         await demo.stop()
-        left = _servers_under(demo.data_dir)
-        for pid in left:  # only ever servers this test's demo started in its own folder
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        left = await _left_running(demo.data_dir)
     assert left == [], f"servers left running by the demo: {left}"
 
     # The invariants tests/test_demo.py checks on the machine's servers.
@@ -206,10 +223,7 @@ async def test_a_demo_stopped_by_sigterm_stops_its_embedded_servers(tmp_path: Pa
         assert demo.process is not None and demo.process.returncode is not None
     finally:
         await demo.stop()
-        left = _servers_under(demo.data_dir)
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        left = await _left_running(demo.data_dir)
     assert left == [], f"servers left running after SIGTERM: {left}"
 
 
