@@ -11,11 +11,13 @@ from __future__ import annotations
 import zlib
 from pathlib import PurePath
 
+from plate_recognition.engines import PLATENET_MODELS
+
 #: One photo in this many is held out.
 HOLDOUT_EVERY = 4
 #: Engines whose model learnt from the shared photos' training part: measured and calibrated
 #: on the held-out part alone.
-TRAINED_ON_SHARED = frozenset({"platenet", "platenet2", "fused"})
+TRAINED_ON_SHARED = frozenset({*PLATENET_MODELS, "fused"})
 
 
 def held_out(file: str | PurePath) -> bool:
