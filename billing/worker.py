@@ -202,7 +202,8 @@ class OutboxWorker:
             except Exception:  # the database went away, or worse: the next sweep tries again
                 log.exception("outbox.sweep_failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.sweep_interval_s)
+                async with asyncio.timeout(self.sweep_interval_s):
+                    await self._stopping.wait()
 
     async def _work(self, listener: asyncpg.Connection) -> None:
         """Passes until stopped, or until the listening connection is lost."""
@@ -217,7 +218,8 @@ class OutboxWorker:
                 claimed = 0
             if claimed == 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
+                    async with asyncio.timeout(self.poll_interval_s):
+                        await self._wake.wait()
                 self._wake.clear()
 
     async def _release_unfinished(self) -> None:

@@ -228,7 +228,8 @@ class GateAgent:
         if self.mqtt.connected:
             # A clean disconnect suppresses the last will: say it ourselves.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._publish_status("offline", wait=True), 2.0)
+                async with asyncio.timeout(2.0):
+                    await self._publish_status("offline", wait=True)
         await self.mqtt.stop()
         if self.outbox is not None:
             self.outbox.close()

@@ -121,7 +121,8 @@ class MqttClient:
         self._spawn(self._maintain_connection())
         self._spawn(self._housekeeping())
         if wait_connected_s:
-            await asyncio.wait_for(self._connected.wait(), wait_connected_s)
+            async with asyncio.timeout(wait_connected_s):
+                await self._connected.wait()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -154,7 +155,8 @@ class MqttClient:
         future = self._pending.setdefault(info.mid, self._loop.create_future())
         try:
             # shield: a late PUBACK still finds (and resolves) the future instead of leaking.
-            await asyncio.wait_for(asyncio.shield(future), self.ack_timeout_s)
+            async with asyncio.timeout(self.ack_timeout_s):
+                await asyncio.shield(future)
         except TimeoutError as exc:
             raise PublishTimeout(f"no PUBACK for {topic} within {self.ack_timeout_s}s") from exc
 
@@ -165,9 +167,8 @@ class MqttClient:
             try:
                 # paho connects synchronously on this loop: only let it once the broker is
                 # known to answer, so an unreachable host never stalls the loop.
-                _, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.address.host, self.address.port), 2.0
-                )
+                async with asyncio.timeout(2.0):
+                    _, writer = await asyncio.open_connection(self.address.host, self.address.port)
                 writer.close()
                 if first:
                     self._client.connect(self.address.host, self.address.port, self.keepalive_s)

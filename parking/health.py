@@ -16,7 +16,8 @@ async def health(runtime: RuntimeDep) -> JSONResponse:
 
     async def check(name: str, probe: Awaitable[object]) -> None:
         try:
-            await asyncio.wait_for(probe, 2.0)
+            async with asyncio.timeout(2.0):
+                await probe
             checks[name] = True
         except Exception:
             checks[name] = False

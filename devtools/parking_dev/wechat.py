@@ -209,7 +209,8 @@ class Emulator:
 
     async def _hang(self) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), self.config.faults.timeout_s)
+            async with asyncio.timeout(self.config.faults.timeout_s):
+                await self._stopping.wait()
 
     # The wire protocol.
 

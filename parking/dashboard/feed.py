@@ -61,7 +61,8 @@ class Listener:
         """Until there is something to read or `timeout_s` passed."""
         if not self.messages and self.ended is None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), max(0.0, timeout_s))
+                async with asyncio.timeout(max(0.0, timeout_s)):
+                    await self.wake.wait()
         self.wake.clear()
 
 

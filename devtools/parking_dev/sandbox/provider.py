@@ -122,7 +122,8 @@ class Sandbox:
     async def _hang(self) -> bool:
         """Waits timeout_s; False when cut short because the server is stopping."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), self.faults.timeout_s)
+            async with asyncio.timeout(self.faults.timeout_s):
+                await self._stopping.wait()
         return not self._stopping.is_set()
 
     async def fail_before_effect(self) -> JSONResponse | None:
