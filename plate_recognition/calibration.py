@@ -88,18 +88,43 @@ def certain_threshold(engine: str = DEFAULT_ENGINE) -> float:
     return float(entry["certain_threshold"]) if entry else NOT_CERTAIN
 
 
-def calibrate_score(score: float, engine: str) -> float:
+#: A plate fewer pixels high than this is never read *certain*. Its characters are then under
+#: about 10 pixels high, and what tells S from 5, B from 8 or D from 0 is a pixel or two: every
+#: engine can agree on the wrong one. Of the 25 highest-scored wrong valid reads of held-out
+#: seeds 0-15, 12 were distant crops 8-12 pixels high (15 % of the reads), and on new seeds two
+#: such reads (皖A28S79 read 皖A28579, 皖AC129B read 皖AC1298) went past the threshold fitted
+#: there (docs/plate-reading.md).
+SMALL_PLATE_PX = 16.0
+
+
+def is_small_plate(plate_px: float | None) -> bool:
+    """A plate this small (its height in the image's pixels) is never certain; ``None`` or 0
+    (size unknown) is not small."""
+    return plate_px is not None and 0 < plate_px < SMALL_PLATE_PX
+
+
+def calibrate_score(score: float, engine: str, plate_px: float | None = None) -> float:
+    """``score``'s calibrated probability; a small plate's (:data:`SMALL_PLATE_PX`) is kept
+    just below the engine's certain threshold."""
     cal = calibrator(engine)
-    return cal(score) if cal else min(1.0, max(0.0, score))
+    calibrated = cal(score) if cal else min(1.0, max(0.0, score))
+    return capped(calibrated, plate_px, certain_threshold(engine))
 
 
-def calibrate_candidates(candidates: Sequence[Candidate], engine: str) -> tuple[Candidate, ...]:
-    """The top candidate's score replaced by its calibrated probability, the others
-    scaled by the same factor (their order and ratios to the top are kept)."""
+def capped(score: float, plate_px: float | None, threshold: float) -> float:
+    """``score``, kept just below the certain ``threshold`` when the plate is small."""
+    return min(score, max(0.0, threshold - 1e-6)) if is_small_plate(plate_px) else score
+
+
+def calibrate_candidates(
+    candidates: Sequence[Candidate], engine: str, plate_px: float | None = None
+) -> tuple[Candidate, ...]:
+    """The top candidate's score replaced by its calibrated probability (:func:`calibrate_score`),
+    the others scaled by the same factor (their order and ratios to the top are kept)."""
     if not candidates or calibrator(engine) is None:
         return tuple(candidates)
     top = candidates[0].score
-    new_top = calibrate_score(top, engine)
+    new_top = calibrate_score(top, engine, plate_px)
     factor = new_top / top if top > 0 else 0.0
     return tuple(
         Candidate(c.plate, new_top if i == 0 else min(new_top, c.score * factor), c.corrected)

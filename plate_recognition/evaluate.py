@@ -174,6 +174,7 @@ def read_one(sample: Sample, condition: str, seed: int, engine: str) -> dict[str
         "ms": ms,
         "cpu_ms": cpu_ms,
         "corners": list(rec.corners) if rec.corners else None,
+        "plate_px": rec.plate_px,
     }
 
 
@@ -336,7 +337,7 @@ def evaluate(
 
 _SAVED_FIELDS = (
     "file", "condition", "seed", "kind", "color", "truth", "read",
-    "raw_score", "exact", "wrong_valid", "ms", "cpu_ms",
+    "raw_score", "exact", "wrong_valid", "ms", "cpu_ms", "plate_px",
 )  # fmt: skip
 
 
@@ -395,7 +396,17 @@ def calibrate(
     cal = calibration.Calibrator(tuple(k[0] for k in knots), tuple(k[1] for k in knots))
     scores = [cal(s) for s in raw]
     table = calibration.reliability_table(scores, exact, wrong)
-    choice = calibration.choose_threshold(scores, wrong)
+    # Small plates are never certain: the threshold is chosen on the reads that can be (a read
+    # saved without its size counts as one).
+    small = [calibration.is_small_plate(r.get("plate_px")) for r in rows]
+    choice = calibration.choose_threshold(
+        [s for s, sm in zip(scores, small, strict=True) if not sm],
+        [w for w, sm in zip(wrong, small, strict=True) if not sm],
+    )
+    scores = [
+        calibration.capped(s, r.get("plate_px"), choice["threshold"])
+        for s, r in zip(scores, rows, strict=True)
+    ]
     by_condition: dict[str, dict[str, Any]] = {}
     for condition in sorted({r["condition"] for r in rows}, key=_condition_order):
         idx = [i for i, r in enumerate(rows) if r["condition"] == condition]

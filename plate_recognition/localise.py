@@ -88,6 +88,12 @@ def order_corners(points: np.ndarray) -> Corners:
     )
 
 
+def corners_height(corners: Corners) -> float:
+    """A plate quadrilateral's height in pixels: the mean of its left and right sides."""
+    br, bl, tl, tr = (np.array(c) for c in corners)
+    return float((np.linalg.norm(bl - tl) + np.linalg.norm(br - tr)) / 2)
+
+
 def rectify(image: np.ndarray, corners: Corners, size: tuple[int, int]) -> np.ndarray:
     """Perspective-warp the quadrilateral ``corners`` to a ``size`` (w, h) image."""
     w, h = size

@@ -19,7 +19,7 @@ from plate_recognition.calibration import calibrate_candidates
 from plate_recognition.engines import DEFAULT_ENGINE, PlateReader, ReadResult, get_reader
 from plate_recognition.engines.base import vote as engine_vote
 from plate_recognition.grammar import Candidate
-from plate_recognition.localise import Corners, find_plates, plate_color
+from plate_recognition.localise import Corners, corners_height, find_plates, plate_color
 
 Kind = Literal["crop", "scene"]
 
@@ -110,7 +110,9 @@ class Recognition:
     (:func:`plate_recognition.localise.plate_color`), not just the likelier guess. The top
     candidate's score is the calibrated probability that the read is exactly right
     (:mod:`plate_recognition.calibration`);
-    ``raw_score`` is the engine's own score it was mapped from.
+    ``raw_score`` is the engine's own score it was mapped from. ``plate_px``: the plate's
+    height in the image's own pixels (a crop's height; in a frame, its corners'), what
+    tells a small, distant plate from a near one.
     """
 
     engine: str
@@ -122,6 +124,7 @@ class Recognition:
     elapsed_ms: float = 0.0
     raw_score: float = 0.0
     color_sure: bool = False
+    plate_px: float = 0.0
 
     @property
     def plate(self) -> str | None:
@@ -187,12 +190,13 @@ def recognise(
         return Recognition(
             engine=r.name,
             kind="crop",
-            candidates=_scored(result.candidates, r.name, calibrated),
+            candidates=_scored(result.candidates, r.name, calibrated, frame.shape[0]),
             color=color,
             raw=result.raw,
             elapsed_ms=(time.perf_counter() - start) * 1000,
             raw_score=result.candidates[0].score if result.candidates else 0.0,
             color_sure=color_sure,
+            plate_px=frame.shape[0],
         )
     best: tuple[float, ReadResult, Corners, str | None, bool] | None = None
     # Localisation ranks regions by shape and colour; the recogniser's confidence decides.
@@ -210,16 +214,26 @@ def recognise(
     if best is None or not best[1].candidates:
         return Recognition(r.name, "scene", (), elapsed_ms=elapsed)
     raw_score, result, corners, color, color_sure = best
-    candidates = _scored(result.candidates, r.name, calibrated)
+    plate_px = corners_height(corners)
+    candidates = _scored(result.candidates, r.name, calibrated, plate_px)
     return Recognition(
-        r.name, "scene", candidates, color, corners, result.raw, elapsed, raw_score, color_sure
+        r.name,
+        "scene",
+        candidates,
+        color,
+        corners,
+        result.raw,
+        elapsed,
+        raw_score,
+        color_sure,
+        plate_px,
     )
 
 
 def _scored(
-    candidates: tuple[Candidate, ...], engine: str, calibrated: bool
+    candidates: tuple[Candidate, ...], engine: str, calibrated: bool, plate_px: float
 ) -> tuple[Candidate, ...]:
-    return calibrate_candidates(candidates, engine) if calibrated else candidates
+    return calibrate_candidates(candidates, engine, plate_px) if calibrated else candidates
 
 
 def vote(recognitions: Iterable[Recognition], limit: int = 10) -> list[Candidate]:

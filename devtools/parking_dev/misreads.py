@@ -947,16 +947,21 @@ def run_misreads(
 
 def ocr_table(reads: Path) -> dict[str, Any]:
     """Bins reads saved by `parking plates calibrate … --save-reads` (scores mapped through the
-    shipped calibration, as the lane sees them): per condition and score bin, how many reads
+    shipped calibration as the lane sees them, a small plate's below the certain threshold):
+    per condition and score bin, how many reads
     were exact, a different valid plate, or neither (no plate, or not a valid one)."""
-    calibrate = calibration.calibrator(DEFAULT_ENGINE)
-    assert calibrate is not None
+    assert calibration.calibrator(DEFAULT_ENGINE) is not None
     # Sorted: the certain threshold may fall below some of the fixed edges.
     edges = tuple(sorted({*_OCR_EDGES, calibration.certain_threshold(DEFAULT_ENGINE), 1.0}))
     table: dict[str, list[list[float]]] = {}
     for line in reads.read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
-        score = calibrate(r["raw_score"]) if r["raw_score"] is not None else 0.0
+        raw = r["raw_score"]
+        score = (
+            0.0
+            if raw is None
+            else calibration.calibrate_score(raw, DEFAULT_ENGINE, r.get("plate_px"))
+        )
         i = min(bisect.bisect_right(edges, score) - 1, len(edges) - 2)
         rows = table.setdefault(
             r["condition"], [[edges[j], edges[j + 1], 0, 0, 0] for j in range(len(edges) - 1)]

@@ -3,9 +3,11 @@ table's certain threshold holds on a small seeded sample of degraded photos."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
+import cv2
 import pytest
 
 from plate_recognition import calibration
@@ -18,8 +20,11 @@ from plate_recognition.calibration import (
     fit_isotonic,
     upper_bound,
 )
-from plate_recognition.evaluate import collect_reads
+from plate_recognition.evaluate import calibrate, collect_reads
 from plate_recognition.grammar import Candidate
+from plate_recognition.pipeline import recognise
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def _synthetic_reads(n: int, seed: int = 7) -> tuple[list[float], list[bool]]:
@@ -102,3 +107,60 @@ def test_shipped_threshold_reads_no_wrong_valid_plate_on_a_seeded_sample(
     assert above, "no read is certain at all"
     assert not [r for r in above if r["wrong_valid"]]
     assert all(0.0 <= r["score"] <= 1.0 for r in rows)
+
+
+def test_a_small_plate_is_never_certain() -> None:
+    """A plate under SMALL_PLATE_PX pixels high shows S and 5, B and 8 a pixel apart: however
+    sure the engines, its read stays just below the certain threshold."""
+    certain = certain_threshold("fused")
+    sure = (Candidate("皖A28579", 1.0), Candidate("皖A28S79", 0.01))
+    near = calibrate_candidates(sure, "fused", plate_px=24)
+    assert near[0].score >= certain
+    for plate_px in (9, 12, calibration.SMALL_PLATE_PX - 0.5):
+        far = calibrate_candidates(sure, "fused", plate_px=plate_px)
+        assert far[0].score < certain
+        assert far[0].score == pytest.approx(certain, abs=1e-5)  # still a very likely read
+        assert far[1].score / far[0].score == pytest.approx(0.01)
+
+
+def test_a_small_plate_read_from_a_photo_is_not_certain() -> None:
+    """The same photo read at its own size and shrunk to a distant plate's: only the first
+    can be certain, and each read says how high the plate was."""
+    image = cv2.imread(str(FIXTURES / "plate_wanAD2Y34.jpg"), cv2.IMREAD_COLOR)
+    near = recognise(image, kind_hint="crop")
+    assert near.plate == "皖AD2Y34" and near.plate_px == image.shape[0]
+    assert near.confidence >= certain_threshold()
+    h, w = image.shape[:2]
+    small = cv2.resize(image, (w * 11 // h, 11), interpolation=cv2.INTER_AREA)
+    far = recognise(small, kind_hint="crop")
+    assert far.plate_px == 11
+    assert far.confidence < certain_threshold()
+
+
+def _saved_reads(path: Path, reads: list[tuple[float, bool, float | None]]) -> Path:
+    """Reads as `parking plates calibrate --save-reads` writes them: (raw score, exact, the
+    plate's height or None for a read saved without it)."""
+    lines = []
+    for seed, (raw, exact, plate_px) in enumerate(reads):
+        row = {
+            "file": "x.jpg", "condition": "distant", "seed": seed, "kind": "crop",
+            "color": "blue", "truth": "皖A28S79", "read": "皖A28S79" if exact else "皖A28579",
+            "raw_score": raw, "exact": exact, "wrong_valid": not exact, "ms": 1, "cpu_ms": 1,
+        }  # fmt: skip
+        lines.append(json.dumps(row | ({} if plate_px is None else {"plate_px": plate_px})))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_the_threshold_is_chosen_on_plates_that_can_be_certain(tmp_path: Path) -> None:
+    """A wrong read of a small plate scored above every read of larger ones does not push the
+    certain threshold over them: it can never be certain. Saved without its size, it does."""
+    larger = [(0.999, True, 24.0)] * 400 + [(0.95, True, 24.0)] * 400 + [(0.9, False, 24.0)]
+    thresholds = {}
+    for name, plate_px in (("small", 11.0), ("size unknown", None)):
+        reads = _saved_reads(tmp_path / "reads.jsonl", [*larger, (0.99, False, plate_px)])
+        result = calibrate("-", "fused", reads=[reads], out=None, progress=False, all_photos=True)
+        assert result["threshold"]["wrong_valid_above"] == 0
+        thresholds[name] = result["threshold"]["reads_above"]
+    # Small: certain from the 0.95 reads up; size unknown: the 0.999 reads alone.
+    assert thresholds == {"small": 800, "size unknown": 400}
