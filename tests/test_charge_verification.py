@@ -16,7 +16,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import cv2
 import httpx
+import numpy as np
 import pytest
 from fastapi import FastAPI
 
@@ -40,9 +42,21 @@ from tests.conftest import (
 from tests.gates import GateProbe
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _shrunk(photo: bytes, height: int) -> bytes:
+    image = cv2.imdecode(np.frombuffer(photo, np.uint8), cv2.IMREAD_COLOR)
+    h, w = image.shape[:2]
+    small = cv2.resize(image, (round(w * height / h), height), interpolation=cv2.INTER_AREA)
+    return bytes(cv2.imencode(".png", small)[1])
+
+
 # The frames: a real photo of 皖M04698 (read 皖M04698 at a calibrated 0.95) and of 皖AD2Y34.
 M04698 = (FIXTURES / "plate_wanM04698.jpg").read_bytes()
 AD2Y34 = (FIXTURES / "plate_wanAD2Y34.jpg").read_bytes()
+# The same photo of 皖AD2Y34 as a distant plate, 15 pixels high: the reader still reads it
+# 皖AD2Y34 at 0.99, but at 12 pixels it reads 皖A02Y34 (D and 0 a pixel apart).
+AD2Y34_DISTANT = _shrunk(AD2Y34, 15)
 CALIBRATED_MODEL = "calibrated-cam"
 # Reading the frames starts the worker's reader processes first.
 VERIFIED_WITHIN_S = 90.0
@@ -192,6 +206,30 @@ async def test_a_doubtful_camera_read_the_server_agrees_with_is_charged_without_
         return (await _charge(runtime, driver))["status"] == "succeeded"
 
     await eventually(succeeded)
+
+
+async def test_frames_of_a_plate_too_small_to_tell_d_from_0_vouch_for_nobody(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    # As above, but the frames show the plate 15 pixels high. The server reads 皖AD2Y34 in
+    # them at 0.99 as before; at that size its agreement with the camera is not a second
+    # opinion (both see the same few pixels): an operator confirms.
+    driver = await _holder(runtime, "皖AD2Y34")
+    command = await _stay(runtime, gate, lot, driver.plate, (0.99, 0.93), AD2Y34_DISTANT)
+    assert (command["action"], command["fee_fen"]) == ("open", 1200), "the gate never waits"
+
+    charge = await _settled(runtime, driver)
+    assert charge["status"] == "awaiting_confirmation"
+    verification = charge["verification"]
+    assert (verification["verdict"], verification["reason"], verification["end"]) == (
+        "unconfirmed",
+        "no_agreeing_frame",
+        "entry",
+    )
+    entry_read = verification["entry"][0]
+    assert (entry_read["plate"], entry_read["small"]) == ("皖AD2Y34", True)
+    assert entry_read["score"] >= 0.9, "it would have agreed, had the plate been larger"
+    assert await _booked(runtime, charge) == (0, 0), "nothing sent, nothing accrued"
 
 
 async def test_without_frames_an_uncalibrated_camera_alone_charges_nobody_unasked(

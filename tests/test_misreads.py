@@ -275,6 +275,28 @@ def test_a_charge_is_verified_only_when_no_frame_contradicts_and_each_unsure_end
     )
 
 
+def test_a_small_plates_frames_may_refute_a_charge_but_never_vouch_for_it() -> None:
+    """A plate a few pixels high: the camera and the server see the same pixels, and a D read
+    as 0 by one is read so by the other. Its frames neither agree nor settle an end, however
+    sure; a frame of it that reads another vehicle still refutes."""
+    plate = ("浙AD2Y34", "blue")
+    rules = Verification(agree_score=0.9, contradict_score=0.9, certain_score=0.99)
+    small_sure = FrameRead("浙AD2Y34", 0.999, "blue", small=True)
+    large_sure = FrameRead("浙AD2Y34", 0.999, "blue")
+    assert verify_charge(plate, ((large_sure,), (large_sure,)), rules) == Verdict("verified")
+    assert verify_charge(plate, ((small_sure,), (large_sure,)), rules) == Verdict(
+        "unconfirmed", "no_agreeing_frame", "entry"
+    )
+    # Settled by a large frame read surely, an end is not undone by a small one agreeing.
+    assert verify_charge(plate, ((large_sure, small_sure), (large_sure,)), rules) == Verdict(
+        "verified"
+    )
+    small_other = FrameRead("浙A02Y34", 0.95, "blue", small=True)
+    assert verify_charge(
+        plate, ((large_sure,), (FrameRead("浙AD2Y34", 0.95), small_other)), rules
+    ) == (Verdict("refuted", "another_vehicle", "exit"))
+
+
 def test_frames_that_disagree_on_the_colour_leave_the_charge_to_a_person() -> None:
     """A yellow plate the camera took for blue at both gates: the stay is the blue plate's, and
     five of its six frames show blue. The one yellow frame is weakly read, but the colour is

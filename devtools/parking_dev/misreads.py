@@ -118,6 +118,8 @@ DURATIONS = (
     (0.03, 1200.0, 0.4),
 )
 
+# The height a simulated frame's plate has when it is small (the distant crops' median).
+SMALL_FRAME_PX = 10.0
 # The server reader's reads as measured, by condition and score bin (`ocr_table`).
 OCR_TABLE_PATH = Path(__file__).with_name("ocr_reads.json")
 GATE_CONDITIONS = ("night", "glare_rain", "motion_blur", "distant", "jpeg", "tilt")
@@ -278,11 +280,15 @@ class OcrModel:
     """The server reader as measured (`ocr_reads.json`, made by `ocr_table` from the reads of
     `parking plates calibrate`): per condition, score bins with how many reads were exact, a
     different valid plate or neither. A frame draws a bin by its share of reads, an outcome by
-    the bin's counts, and a score uniformly within the bin. Frames are drawn independently
+    the bin's counts, and a score uniformly within the bin; and whether its plate was small
+    by the condition's share of small plates. Frames are drawn independently
     (real frames of one pass are correlated, so voting and verification do a little better
     here than they would)."""
 
     def __init__(self, table: Mapping[str, Any]) -> None:
+        # Per condition, the share of reads whose plate was small (never certain, never a
+        # second opinion: `plate_recognition.calibration.SMALL_PLATE_PX`).
+        self.small_share: dict[str, float] = dict(table.get("small_share", {}))
         self._bins: dict[str, tuple[list[float], list[list[float]]]] = {}
         self._wrong: dict[str, tuple[list[float], list[list[float]]]] = {}
         self._right = {
@@ -633,11 +639,22 @@ class City:
                     if outcome == "wrong_valid"
                     else None
                 )
+            plate_px = SMALL_FRAME_PX if rng.random() < ocr.small_share.get(condition, 0) else 0.0
+            score = calibration.capped(score, plate_px, self.certainty.ocr_score)
             candidates = (Candidate(plate, score),) if plate else ()
             # Every frame's colour counts as sure: the server's colour is as wrong as the
             # camera's on a yellow plate taken for blue, more often than measured.
             out.append(
-                Recognition("sim", "scene", candidates, color, None, plate or "", color_sure=True)
+                Recognition(
+                    "sim",
+                    "scene",
+                    candidates,
+                    color,
+                    None,
+                    plate or "",
+                    color_sure=True,
+                    plate_px=plate_px,
+                )
             )
         return out
 
@@ -948,14 +965,18 @@ def run_misreads(
 def ocr_table(reads: Path) -> dict[str, Any]:
     """Bins reads saved by `parking plates calibrate … --save-reads` (scores mapped through the
     shipped calibration as the lane sees them, a small plate's below the certain threshold):
-    per condition and score bin, how many reads
-    were exact, a different valid plate, or neither (no plate, or not a valid one)."""
+    per condition and score bin, how many reads were exact, a different valid plate, or
+    neither (no plate, or not a valid one); and per condition the share of small plates."""
     assert calibration.calibrator(DEFAULT_ENGINE) is not None
     # Sorted: the certain threshold may fall below some of the fixed edges.
     edges = tuple(sorted({*_OCR_EDGES, calibration.certain_threshold(DEFAULT_ENGINE), 1.0}))
     table: dict[str, list[list[float]]] = {}
+    small: Counter[str] = Counter()
+    reads_of: Counter[str] = Counter()
     for line in reads.read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
+        reads_of[r["condition"]] += 1
+        small[r["condition"]] += calibration.is_small_plate(r.get("plate_px"))
         raw = r["raw_score"]
         score = (
             0.0
@@ -970,4 +991,5 @@ def ocr_table(reads: Path) -> dict[str, Any]:
     return {
         "columns": ["score_from", "score_to", "exact", "wrong_valid", "neither"],
         "conditions": {c: [r for r in rows if sum(r[2:]) > 0] for c, rows in sorted(table.items())},
+        "small_share": {c: round(small[c] / reads_of[c], 4) for c in sorted(reads_of)},
     }

@@ -17,6 +17,7 @@ from parking.lanes.repository import CameraOwnRead
 from parking.lanes.rules import FrameRead
 from parking.logging import get_logger
 from parking.settings import Settings
+from plate_recognition.calibration import is_small_plate
 from plate_recognition.grammar import Candidate, candidates_from_text, is_valid, normalise
 from plate_recognition.pipeline import Recognition, reader, recognise, vote
 
@@ -220,7 +221,13 @@ def frame_reads(recognitions: Sequence[Recognition | None]) -> tuple[FrameRead, 
     """Each frame's top read (None: no plate found) with its calibrated score: what a charge's
     verification weighs (`rules.verify_charge`)."""
     return tuple(
-        FrameRead(r.candidates[0].plate, r.candidates[0].score, r.color, r.color_sure)
+        FrameRead(
+            r.candidates[0].plate,
+            r.candidates[0].score,
+            r.color,
+            r.color_sure,
+            is_small_plate(r.plate_px),
+        )
         if r is not None and r.candidates
         else FrameRead(None, 0.0)
         for r in recognitions

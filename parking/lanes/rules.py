@@ -215,12 +215,15 @@ def better_entry_read(camera: R, server: R, verification: "Verification") -> R:
 class FrameRead:
     """The server reader's top read of one frame (`plate` None: no plate found), its score a
     calibrated probability, the plate's colour as the frame shows it (None: not seen) and
-    whether that colour is sure (`plate_recognition.localise.plate_color`)."""
+    whether that colour is sure (`plate_recognition.localise.plate_color`). `small`: the plate
+    was under `plate_recognition.calibration.SMALL_PLATE_PX` high in the frame, where S and 5 or
+    B and 8 are a pixel apart: its read may contradict a vehicle, never vouch for one."""
 
     plate: str | None
     score: float
     color: str | None = None
     color_sure: bool = False
+    small: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +346,10 @@ def verify_charge(
     for blue at both gates, its frames mostly blue, was charged to the blue plate's holder when
     only surely read text counted). A colour that is only the likelier guess takes no part.
 
+    A frame whose plate was small (`FrameRead.small`) neither agrees nor settles an end: the
+    camera and the server's reader, shown the same few pixels, misread a confusable character
+    the same way, so its agreement is not a second opinion.
+
     One reader's certainty is not two independent reads: a plate that fools a camera the
     same way at entry and exit (a bolt, dirt, a worn character) does so with a confident
     score both times, so "entry and exit both certain" does not multiply the error away."""
@@ -355,8 +362,12 @@ def verify_charge(
         return (
             read.plate is not None
             and read.score >= verification.certain_score
+            and not read.small
             and (same(read) or is_valid(read.plate))
         )
+
+    def agrees(read: FrameRead) -> bool:
+        return same(read) and read.score >= verification.agree_score and not read.small
 
     named = list(zip(END_NAMES, ends, strict=True))
     checked = [
@@ -388,7 +399,7 @@ def verify_charge(
     for end, frames in checked:
         if not frames:
             return Verdict("unconfirmed", "no_second_reader", end)
-        if not any(same(read) and read.score >= verification.agree_score for read in frames):
+        if not any(agrees(read) for read in frames):
             return Verdict("unconfirmed", "no_agreeing_frame", end)
     return Verdict("verified")
 

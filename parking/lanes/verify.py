@@ -40,7 +40,13 @@ def _reads(reads: Sequence[FrameRead] | None) -> list[dict[str, Any]] | None:
     if reads is None:
         return None
     return [
-        {"plate": r.plate, "score": round(r.score, 4), "color": r.color, "color_sure": r.color_sure}
+        {
+            "plate": r.plate,
+            "score": round(r.score, 4),
+            "color": r.color,
+            "color_sure": r.color_sure,
+            "small": r.small,
+        }
         for r in reads
     ]
 
