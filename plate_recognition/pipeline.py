@@ -198,18 +198,12 @@ def recognise(
             color_sure=color_sure,
             plate_px=frame.shape[0],
         )
-    best: tuple[float, ReadResult, Corners, str | None, bool] | None = None
-    # Localisation ranks regions by shape and colour; the recogniser's confidence decides.
-    for region in find_plates(frame):
-        color = color_hint or region.color
-        # The blob's colour is sure when the rectified crop shows it surely too.
-        color_sure = color is not None and plate_color(region.crop) == (color, True)
-        result = _read_voted(r, region.crop, color, color_sure, _variants("scene", r.name))
-        score = result.candidates[0].score if result.candidates else 0.0
-        if best is None or score > best[0]:
-            best = (score, result, region.corners, color, color_sure)
-        if score >= _GOOD_ENOUGH:
-            break
+    best = _best_region(r, frame, color_hint)
+    if best is None or best[0] < _GOOD_ENOUGH:
+        # Nothing read well: look again in the frame with its light evened out.
+        again = _best_region(r, light_normalised(frame), color_hint)
+        if again is not None and (best is None or again[0] > best[0]):
+            best = again
     elapsed = (time.perf_counter() - start) * 1000
     if best is None or not best[1].candidates:
         return Recognition(r.name, "scene", (), elapsed_ms=elapsed)
@@ -228,6 +222,41 @@ def recognise(
         color_sure,
         plate_px,
     )
+
+
+def light_normalised(frame: np.ndarray) -> np.ndarray:
+    """The frame with its light evened out: grey-world white balance (a sodium or LED cast
+    turns a blue plate grey or green, and localisation looks for blue and green), a 3×3
+    median against sensor noise, and local contrast equalisation of the lightness (a plate in
+    the dark or beside a headlamp gets the contrast of one in daylight). Held-out whole frames
+    under night light, seeds 1000-1003: 25 of 52 read exactly without it, 41 with it."""
+    f = frame.astype(np.float32)
+    means = f.reshape(-1, 3).mean(axis=0)
+    balanced = np.clip(f * (means.mean() / np.maximum(means, 1.0)), 0, 255).astype(np.uint8)
+    lab = cv2.cvtColor(cv2.medianBlur(balanced, 3), cv2.COLOR_BGR2LAB)
+    lab[:, :, 0] = cv2.createCLAHE(clipLimit=3.0, tileGridSize=(8, 8)).apply(lab[:, :, 0])
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2BGR)
+
+
+_Found = tuple[float, ReadResult, Corners, str | None, bool]
+
+
+def _best_region(r: PlateReader, frame: np.ndarray, color_hint: str | None) -> _Found | None:
+    """The best read of the plate candidates in a frame: (raw score, read, corners, colour,
+    colour sure). Localisation ranks regions by shape and colour; the recogniser's confidence
+    decides, and a read good enough ends the search."""
+    best: _Found | None = None
+    for region in find_plates(frame):
+        color = color_hint or region.color
+        # The blob's colour is sure when the rectified crop shows it surely too.
+        color_sure = color is not None and plate_color(region.crop) == (color, True)
+        result = _read_voted(r, region.crop, color, color_sure, _variants("scene", r.name))
+        score = result.candidates[0].score if result.candidates else 0.0
+        if best is None or score > best[0]:
+            best = (score, result, region.corners, color, color_sure)
+        if score >= _GOOD_ENOUGH:
+            break
+    return best
 
 
 def _scored(
