@@ -223,7 +223,7 @@ async def test_frames_of_a_plate_too_small_to_tell_d_from_0_vouch_for_nobody(
     verification = charge["verification"]
     assert (verification["verdict"], verification["reason"], verification["end"]) == (
         "unconfirmed",
-        "no_agreeing_frame",
+        "plate_too_small",
         "entry",
     )
     entry_read = verification["entry"][0]

@@ -7,7 +7,7 @@ import re
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, get_args
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -18,6 +18,7 @@ from parking.app import create_app
 from parking.auth.tokens import TokenSigner
 from parking.dashboard import service
 from parking.dashboard.feed import Feed, feed_channels
+from parking.lanes.rules import VerifyReason
 from parking.lanes.worker import lane_events_channel
 from parking.logging import mask_plate
 from parking.runtime import Runtime
@@ -370,6 +371,14 @@ async def test_a_stream_ends_when_its_user_loses_the_dashboard_role(
             )
         assert (await http.get(SUMMARY, headers=bearer(token))).status_code == 403
         assert await asyncio.wait_for(_ends(events), 10) == {"reason": "access_revoked"}
+
+
+async def test_the_console_says_every_reason_a_charge_waits_in_both_languages(
+    api: httpx.AsyncClient,
+) -> None:
+    page = (await api.get("/dashboard")).text
+    for reason in get_args(VerifyReason):
+        assert len(re.findall(rf"\bverify_{reason}: \"[^\"]+\"", page)) == 2, reason
 
 
 async def test_dashboard_page_is_self_contained(api: httpx.AsyncClient) -> None:

@@ -285,6 +285,10 @@ def test_a_small_plates_frames_may_refute_a_charge_but_never_vouch_for_it() -> N
     large_sure = FrameRead("浙AD2Y34", 0.999, "blue")
     assert verify_charge(plate, ((large_sure,), (large_sure,)), rules) == Verdict("verified")
     assert verify_charge(plate, ((small_sure,), (large_sure,)), rules) == Verdict(
+        "unconfirmed", "plate_too_small", "entry"
+    )
+    small_unsure = FrameRead("浙AD2Y34", 0.5, "blue", small=True)
+    assert verify_charge(plate, ((small_unsure,), (large_sure,)), rules) == Verdict(
         "unconfirmed", "no_agreeing_frame", "entry"
     )
     # Settled by a large frame read surely, an end is not undone by a small one agreeing.

@@ -255,8 +255,11 @@ class Verification:
 VerifyVerdict = Literal["verified", "refuted", "unconfirmed"]
 # Why a charge waits for a person: a frame read another vehicle with confidence (refuted); a
 # frame surely showed the plate's colour otherwise; an unproven end had no reader besides the
-# server's; no frame of an unproven end read the vehicle with confidence.
-VerifyReason = Literal["another_vehicle", "colour_differs", "no_second_reader", "no_agreeing_frame"]
+# server's; no frame of an unproven end read the vehicle with confidence, or only frames whose
+# plate was too small to vouch for it.
+VerifyReason = Literal[
+    "another_vehicle", "colour_differs", "no_second_reader", "no_agreeing_frame", "plate_too_small"
+]
 END_NAMES = ("entry", "exit")
 
 
@@ -366,8 +369,8 @@ def verify_charge(
             and (same(read) or is_valid(read.plate))
         )
 
-    def agrees(read: FrameRead) -> bool:
-        return same(read) and read.score >= verification.agree_score and not read.small
+    def vouches(read: FrameRead) -> bool:
+        return same(read) and read.score >= verification.agree_score
 
     named = list(zip(END_NAMES, ends, strict=True))
     checked = [
@@ -399,8 +402,11 @@ def verify_charge(
     for end, frames in checked:
         if not frames:
             return Verdict("unconfirmed", "no_second_reader", end)
-        if not any(agrees(read) for read in frames):
-            return Verdict("unconfirmed", "no_agreeing_frame", end)
+        if not any(vouches(read) and not read.small for read in frames):
+            too_small = any(vouches(read) for read in frames)
+            return Verdict(
+                "unconfirmed", "plate_too_small" if too_small else "no_agreeing_frame", end
+            )
     return Verdict("verified")
 
 
