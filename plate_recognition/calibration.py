@@ -103,12 +103,18 @@ def is_small_plate(plate_px: float | None) -> bool:
     return plate_px is not None and 0 < plate_px < SMALL_PLATE_PX
 
 
-def calibrate_score(score: float, engine: str, plate_px: float | None = None) -> float:
+def calibrate_score(
+    score: float, engine: str, plate_px: float | None = None, certain_score: float | None = None
+) -> float:
     """``score``'s calibrated probability; a small plate's (:data:`SMALL_PLATE_PX`) is kept
-    just below the engine's certain threshold."""
+    just below the certain threshold: the engine's, or ``certain_score`` (the one the caller
+    decides with) when that is lower."""
     cal = calibrator(engine)
     calibrated = cal(score) if cal else min(1.0, max(0.0, score))
-    return capped(calibrated, plate_px, certain_threshold(engine))
+    threshold = certain_threshold(engine)
+    if certain_score is not None:
+        threshold = min(threshold, certain_score)
+    return capped(calibrated, plate_px, threshold)
 
 
 def capped(score: float, plate_px: float | None, threshold: float) -> float:
@@ -117,14 +123,18 @@ def capped(score: float, plate_px: float | None, threshold: float) -> float:
 
 
 def calibrate_candidates(
-    candidates: Sequence[Candidate], engine: str, plate_px: float | None = None
+    candidates: Sequence[Candidate],
+    engine: str,
+    plate_px: float | None = None,
+    certain_score: float | None = None,
 ) -> tuple[Candidate, ...]:
-    """The top candidate's score replaced by its calibrated probability (:func:`calibrate_score`),
-    the others scaled by the same factor (their order and ratios to the top are kept)."""
-    if not candidates or calibrator(engine) is None:
-        return tuple(candidates)
+    """The top candidate's score replaced by its calibrated probability (:func:`calibrate_score`;
+    an engine without a table keeps its raw score, a small plate's kept below certain), the
+    others scaled by the same factor (their order and ratios to the top are kept)."""
+    if not candidates:
+        return ()
     top = candidates[0].score
-    new_top = calibrate_score(top, engine, plate_px)
+    new_top = calibrate_score(top, engine, plate_px, certain_score)
     factor = new_top / top if top > 0 else 0.0
     return tuple(
         Candidate(c.plate, new_top if i == 0 else min(new_top, c.score * factor), c.corrected)

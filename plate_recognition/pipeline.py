@@ -170,13 +170,16 @@ def recognise(
     engine: str = DEFAULT_ENGINE,
     color_hint: str | None = None,
     calibrated: bool = True,
+    certain_score: float | None = None,
 ) -> Recognition:
     """Read the plate in ``image`` (encoded bytes or BGR array).
 
     ``kind_hint`` says whether it is a plate crop or a whole camera frame (guessed from
     its shape otherwise). Never raises for an unreadable plate: ``candidates`` is empty.
     Raises ``ValueError`` for undecodable input. ``calibrated=False`` leaves the engine's
-    raw scores (what ``parking plates calibrate`` fits the table on).
+    raw scores (what ``parking plates calibrate`` fits the table on). ``certain_score``: the
+    certain threshold the caller decides with, when lower than the engine's (a small plate's
+    read is kept below both).
     """
     start = time.perf_counter()
     frame = decode_image(image)
@@ -190,7 +193,9 @@ def recognise(
         return Recognition(
             engine=r.name,
             kind="crop",
-            candidates=_scored(result.candidates, r.name, calibrated, frame.shape[0]),
+            candidates=_scored(
+                result.candidates, r.name, calibrated, frame.shape[0], certain_score
+            ),
             color=color,
             raw=result.raw,
             elapsed_ms=(time.perf_counter() - start) * 1000,
@@ -209,7 +214,7 @@ def recognise(
         return Recognition(r.name, "scene", (), elapsed_ms=elapsed)
     raw_score, result, corners, color, color_sure = best
     plate_px = corners_height(corners)
-    candidates = _scored(result.candidates, r.name, calibrated, plate_px)
+    candidates = _scored(result.candidates, r.name, calibrated, plate_px, certain_score)
     return Recognition(
         r.name,
         "scene",
@@ -260,9 +265,15 @@ def _best_region(r: PlateReader, frame: np.ndarray, color_hint: str | None) -> _
 
 
 def _scored(
-    candidates: tuple[Candidate, ...], engine: str, calibrated: bool, plate_px: float
+    candidates: tuple[Candidate, ...],
+    engine: str,
+    calibrated: bool,
+    plate_px: float,
+    certain_score: float | None,
 ) -> tuple[Candidate, ...]:
-    return calibrate_candidates(candidates, engine, plate_px) if calibrated else candidates
+    if not calibrated:
+        return candidates
+    return calibrate_candidates(candidates, engine, plate_px, certain_score)
 
 
 def vote(recognitions: Iterable[Recognition], limit: int = 10) -> list[Candidate]:

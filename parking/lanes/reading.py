@@ -61,10 +61,11 @@ def decode_frames(capture: Capture) -> list[bytes]:
         raise ValueError(f"image is not valid base64: {exc}") from exc
 
 
-def _read_frame(data: bytes, engine: str) -> Recognition | None:
-    """Runs in a pool process. An undecodable image is an unreadable frame, not an error."""
+def _read_frame(data: bytes, engine: str, certain_score: float) -> Recognition | None:
+    """Runs in a pool process. An undecodable image is an unreadable frame, not an error. A small
+    plate's read stays below the lane's own certain threshold too."""
     try:
-        return recognise(data, engine=engine)
+        return recognise(data, engine=engine, certain_score=certain_score)
     except ValueError:
         return None
 
@@ -91,7 +92,16 @@ class PlateReader:
         loop = asyncio.get_running_loop()
         pool = self._executor()
         return await asyncio.gather(
-            *(loop.run_in_executor(pool, _read_frame, f, self.settings.ocr_engine) for f in frames)
+            *(
+                loop.run_in_executor(
+                    pool,
+                    _read_frame,
+                    f,
+                    self.settings.ocr_engine,
+                    self.settings.plate_certain_score,
+                )
+                for f in frames
+            )
         )
 
     async def warm_up(self) -> None:

@@ -217,7 +217,8 @@ class FrameRead:
     calibrated probability, the plate's colour as the frame shows it (None: not seen) and
     whether that colour is sure (`plate_recognition.localise.plate_color`). `small`: the plate
     was under `plate_recognition.calibration.SMALL_PLATE_PX` high in the frame, where S and 5 or
-    B and 8 are a pixel apart: its read may contradict a vehicle, never vouch for one."""
+    B and 8 are a pixel apart: its read never vouches for a vehicle nor outweighs a sure read of
+    a larger frame; it may still refute a charge at an end no sure read settled."""
 
     plate: str | None
     score: float
@@ -349,9 +350,10 @@ def verify_charge(
     for blue at both gates, its frames mostly blue, was charged to the blue plate's holder when
     only surely read text counted). A colour that is only the likelier guess takes no part.
 
-    A frame whose plate was small (`FrameRead.small`) neither agrees nor settles an end: the
-    camera and the server's reader, shown the same few pixels, misread a confusable character
-    the same way, so its agreement is not a second opinion.
+    A frame whose plate was small (`FrameRead.small`) neither agrees, nor settles an end, nor
+    keeps a sure read of a larger frame from settling it: the camera and the server's reader,
+    shown the same few pixels, misread a confusable character the same way, so its agreement
+    is no second opinion and its contradiction no more than a doubtful read's.
 
     One reader's certainty is not two independent reads: a plate that fools a camera the
     same way at entry and exit (a bolt, dirt, a worn character) does so with a confident

@@ -124,17 +124,29 @@ def test_a_small_plate_is_never_certain() -> None:
 
 
 def test_a_small_plate_read_from_a_photo_is_not_certain() -> None:
-    """The same photo read at its own size and shrunk to a distant plate's: only the first
-    can be certain, and each read says how high the plate was."""
+    """The same photo read at its own size and shrunk to a distant plate's: both read surely,
+    only the first is certain; the second stays below a lower threshold the lane may be set
+    to as well. Each read says how high the plate was."""
     image = cv2.imread(str(FIXTURES / "plate_wanAD2Y34.jpg"), cv2.IMREAD_COLOR)
     near = recognise(image, kind_hint="crop")
     assert near.plate == "皖AD2Y34" and near.plate_px == image.shape[0]
     assert near.confidence >= certain_threshold()
     h, w = image.shape[:2]
-    small = cv2.resize(image, (w * 11 // h, 11), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(image, (w * 14 // h, 14), interpolation=cv2.INTER_AREA)
     far = recognise(small, kind_hint="crop")
-    assert far.plate_px == 11
+    assert far.plate == "皖AD2Y34" and far.plate_px == 14
+    assert calibration.calibrate_score(far.raw_score, "fused") >= certain_threshold(), (
+        "read as surely as the near one: only its size keeps it from certain"
+    )
     assert far.confidence < certain_threshold()
+    lower = certain_threshold() - 0.01
+    assert recognise(small, kind_hint="crop", certain_score=lower).confidence < lower
+
+
+def test_an_engine_without_a_table_reads_no_small_plate_certain() -> None:
+    sure = (Candidate("皖A28579", 1.0),)
+    assert calibrate_candidates(sure, "no-such-engine", plate_px=24)[0].score == 1.0
+    assert calibrate_candidates(sure, "no-such-engine", plate_px=10)[0].score < 1.0
 
 
 def _saved_reads(path: Path, reads: list[tuple[float, bool, float | None]]) -> Path:
