@@ -471,7 +471,7 @@ class TestACertainFrame:
     @pytest.fixture
     def settings(self, settings: Settings) -> Settings:
         # The server reads the photo of 皖AD2Y34 at a calibrated 0.9984: certain from 0.998 here
-        # (the shipped threshold, 0.999348, is a property of the calibration, not of the rule).
+        # (the shipped threshold is a property of the calibration, not of the rule).
         settings.plate_certain_score = 0.998
         return settings
 

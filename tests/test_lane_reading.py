@@ -36,7 +36,7 @@ def settings(settings: Settings) -> Settings:
 async def _photo_unbound(runtime: Runtime) -> AsyncIterator[None]:
     """The photo's plate is bound here: unbound again after each test."""
     yield
-    await unbind(runtime, "皖AD2Y34")
+    await unbind(runtime, "皖AD2Y34", "皖M04698")
 
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -63,14 +63,15 @@ async def _exception(runtime: Runtime, capture_id: object) -> dict | None:
 
 
 async def _leave_with_only_a_photo(
-    runtime: Runtime, gate: GateProbe, lot: Lot
+    runtime: Runtime, gate: GateProbe, lot: Lot, plate: str = "皖AD2Y34"
 ) -> tuple[Driver, Capture, dict[str, Any]]:
-    """A bound 皖AD2Y34 enters (camera read), then leaves with no camera read, only the photo
-    of its plate: the driver, the exit capture and the gate's command."""
-    driver = await make_driver(runtime, "皖AD2Y34")
+    """A bound `plate` (one of the fixture photos') enters (camera read), then leaves with no
+    camera read, only the photo of its plate: the driver, the exit capture and the gate's
+    command."""
+    driver = await make_driver(runtime, plate)
     await _enter(runtime, gate, lot, driver.plate)
     exit_capture = gate.capture("out", None).model_copy(
-        update={"image": _frame("plate_wanAD2Y34.jpg")}
+        update={"image": _frame(f"plate_wan{plate[1:]}.jpg")}
     )
     await gate.send(lot.code, "out1", exit_capture)
     command = await gate.wait_for(exit_capture, timeout_s=60)  # first OCR loads the model
@@ -80,21 +81,21 @@ async def _leave_with_only_a_photo(
 async def test_exit_with_only_an_image_is_read_by_the_server_and_its_charge_waits_for_a_person(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
-    """The server reads the frame right (calibrated 0.998), matched unique to the parked car;
-    below the calibrated certain threshold (0.999348) and with no camera read, the gate opens
-    (the car park's default policy) and the charge waits for an operator: the server's reader
-    reading its own frames again is no second reader, so verification cannot confirm it."""
-    driver, exit_capture, command = await _leave_with_only_a_photo(runtime, gate, lot)
+    """The server reads the frame right (calibrated 0.94), matched unique to the parked car;
+    below the calibrated certain threshold and with no camera read, the gate opens (the car
+    park's default policy) and the charge waits for an operator: the server's reader reading
+    its own frames again is no second reader, so verification cannot confirm it."""
+    driver, exit_capture, command = await _leave_with_only_a_photo(runtime, gate, lot, "皖M04698")
 
     assert (command["action"], command["fee_fen"]) == ("open", 600)
     row = await _capture_row(runtime, exit_capture.capture_id)
     assert (row["plate"], row["plate_source"], row["match_status"], row["outcome"]) == (
-        "皖AD2Y34",
+        "皖M04698",
         "ocr",
         "fuzzy",
         "exited_pay_later",
     )
-    assert 0.99 < row["read_confidence"] < runtime.settings.plate_certain_score
+    assert 0.9 < row["read_confidence"] < runtime.settings.plate_certain_score
     assert await _exception(runtime, exit_capture.capture_id) is None
 
     async def verified() -> Any:
@@ -325,6 +326,6 @@ class TestTheDefaultReader:
         assert command["action"] == "open"
         row = await _capture_row(runtime, exit_capture.capture_id)
         assert (row["plate"], row["plate_source"]) == ("皖AD2Y34", "ocr")
-        # Certain for the default reader; read by PP-OCR alone (the test above) the same photo
-        # scores a calibrated 0.998, below PP-OCR's own certain threshold.
+        # Certain for the default reader, which PP-OCR alone is not for every photo (the test
+        # above).
         assert row["read_confidence"] >= runtime.settings.plate_certain_score
