@@ -81,6 +81,7 @@ def calibrator(engine: str) -> Calibrator | None:
     return Calibrator(tuple(k[0] for k in knots), tuple(k[1] for k in knots))
 
 
+@lru_cache(maxsize=8)
 def certain_threshold(engine: str = DEFAULT_ENGINE) -> float:
     """The shipped *certain* threshold on the calibrated score of ``engine`` (the default
     of the lane's ``plate_certain_score``); 1.0 when the engine is not calibrated."""

@@ -447,6 +447,7 @@ def calibrate(
         data["certain_threshold"] = data["engines"].get(DEFAULT_ENGINE, entry)["certain_threshold"]
         path.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         calibration.calibrator.cache_clear()
+        calibration.certain_threshold.cache_clear()
     return {
         "engine": engine,
         "mode": "calibrate",
