@@ -90,8 +90,9 @@ def deblocked(crop: np.ndarray) -> np.ndarray:
     """A crop squeezed hard by JPEG (`jpeg_blockiness`), smoothed just enough that its block
     edges no longer read as strokes; any other crop as it is. Held-out crops at JPEG quality
     8-14, seeds 1000, 1001 and 2000 (where it was chosen): the fused reader 83.6 → 87.7 %
-    exact, PP-OCR alone 47 → 71 %, every other condition's reads unchanged; over the
-    calibration's 52 seeds (6,604 reads), JPEG crops and frames 86.2 → 89.5 %. The `rapidocr`
+    exact (PP-OCR's own read 47 → 66 % on seeds 1000-1001), every other condition's reads
+    unchanged; over the calibration's 52 seeds (6,604 reads), JPEG crops and frames 86.2 →
+    89.5 %. The `rapidocr`
     engine's denoised re-read of a doubtful crop reads the smoothed crop too (JPEG 68.1 →
     76.4 %, seeds 1000-1001). Whole frames are left alone: the rectified plate has lost the
     block grid, and the frames of our labelled scenes are themselves coded that hard (1.4-5.9)
