@@ -92,11 +92,10 @@ def deblocked(crop: np.ndarray) -> np.ndarray:
     8-14, seeds 1000, 1001 and 2000 (where it was chosen): the fused reader 83.6 → 87.7 %
     exact (PP-OCR's own read 47 → 66 % on seeds 1000-1001), every other condition's reads
     unchanged; over the calibration's 52 seeds (6,604 reads), JPEG crops and frames 86.2 →
-    89.5 %. The `rapidocr`
-    engine's denoised re-read of a doubtful crop reads the smoothed crop too (JPEG 68.1 →
-    76.4 %, seeds 1000-1001). Whole frames are left alone: the rectified plate has lost the
-    block grid, and the frames of our labelled scenes are themselves coded that hard (1.4-5.9)
-    and read no better smoothed."""
+    89.5 %. The `rapidocr` engine's denoised re-read of a doubtful crop reads the smoothed crop
+    too (JPEG 68.1 → 76.4 %, seeds 1000-1001). Whole frames are left alone: the rectified plate
+    has lost the block grid, and the frames of our labelled scenes are themselves coded that
+    hard (1.4-5.9) and read no better smoothed."""
     if crop.shape[1] < _BLOCKY_MIN_WIDTH or jpeg_blockiness(crop) < _BLOCKY:
         return crop
     return cv2.GaussianBlur(crop, (0, 0), _DEBLOCK_SIGMA)
