@@ -54,6 +54,17 @@ def _shrunk(photo: bytes, height: int) -> bytes:
 # The frames: a real photo of 皖M04698 (read 皖M04698 at a calibrated 0.95) and of 皖AD2Y34.
 M04698 = (FIXTURES / "plate_wanM04698.jpg").read_bytes()
 AD2Y34 = (FIXTURES / "plate_wanAD2Y34.jpg").read_bytes()
+# The same photo as a camera in night mode (infrared, monochrome) sends it: the characters
+# read as well, the colour not at all.
+AD2Y34_MONOCHROME = bytes(
+    cv2.imencode(
+        ".png",
+        cv2.cvtColor(
+            cv2.imdecode(np.frombuffer(AD2Y34, np.uint8), cv2.IMREAD_GRAYSCALE),
+            cv2.COLOR_GRAY2BGR,
+        ),
+    )[1]
+)
 # The same photo of 皖AD2Y34 as a distant plate, 15 pixels high: the reader still reads it
 # 皖AD2Y34 at 0.99, but at 12 pixels it reads 皖A02Y34 (D and 0 a pixel apart).
 AD2Y34_DISTANT = _shrunk(AD2Y34, 15)
@@ -229,6 +240,30 @@ async def test_frames_of_a_plate_too_small_to_tell_d_from_0_vouch_for_nobody(
     entry_read = verification["entry"][0]
     assert (entry_read["plate"], entry_read["small"]) == ("皖AD2Y34", True)
     assert entry_read["score"] >= 0.9, "it would have agreed, had the plate been larger"
+    assert await _booked(runtime, charge) == (0, 0), "nothing sent, nothing accrued"
+
+
+async def test_frames_that_show_no_colour_leave_the_colour_to_a_person(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    # The camera calls the plate blue at both gates; the frames, taken in night mode, read
+    # 皖AD2Y34 surely but show no colour. A yellow 皖AD2Y34 (a lorry) would look the same to
+    # the server: before, the blue plate's holder was charged on the camera's colour alone.
+    driver = await _holder(runtime, "皖AD2Y34")
+    command = await _stay(runtime, gate, lot, driver.plate, (0.99, 0.93), AD2Y34_MONOCHROME)
+    assert (command["action"], command["fee_fen"]) == ("open", 1200), "the gate never waits"
+
+    charge = await _settled(runtime, driver)
+    assert charge["status"] == "awaiting_confirmation"
+    verification = charge["verification"]
+    assert (verification["verdict"], verification["reason"], verification["end"]) == (
+        "unconfirmed",
+        "colour_unconfirmed",
+        "entry",
+    )
+    entry_read = verification["entry"][0]
+    assert (entry_read["plate"], entry_read["color_sure"]) == ("皖AD2Y34", False)
+    assert entry_read["score"] >= 0.9, "the characters alone would have been verified"
     assert await _booked(runtime, charge) == (0, 0), "nothing sent, nothing accrued"
 
 

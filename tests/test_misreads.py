@@ -4,11 +4,13 @@ that it decides exits as the lane does (the same cases through the real lane and
 
 import json
 import random
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import cv2
 import pytest
 
 from billing import fees
@@ -28,9 +30,12 @@ from parking.lanes.rules import (
 from parking.runtime import Runtime
 from parking.settings import Settings
 from parking_dev.misreads import (
+    COLOUR_OUTCOMES,
     OCR_TABLE_PATH,
+    ColourModel,
     MisreadModel,
     OcrModel,
+    colour_table,
     decide_exit,
     ocr_table,
     run_misreads,
@@ -249,7 +254,8 @@ async def test_the_lane_and_the_simulation_decide_alike(
 def test_a_charge_is_verified_only_when_no_frame_contradicts_and_each_unsure_end_agrees() -> None:
     plate = ("浙A3M011", "blue")
     rules = Verification(agree_score=0.9, contradict_score=0.9)
-    agree, unsure, nothing = FrameRead("浙A3M011", 0.95, "blue"), FrameRead("浙A3M011", 0.5), None
+    agree = FrameRead("浙A3M011", 0.95, "blue", color_sure=True)
+    unsure, nothing = FrameRead("浙A3M011", 0.5), None
     assert verify_charge(plate, ((agree,), (unsure, agree)), rules) == Verdict("verified")
     # A proven end (None) needs no frame; an unproven one with none, or none sure, is a person's.
     assert verify_charge(plate, (nothing, (agree,)), rules) == Verdict("verified")
@@ -281,8 +287,8 @@ def test_a_small_plates_frames_may_refute_a_charge_but_never_vouch_for_it() -> N
     sure; a frame of it that reads another vehicle still refutes."""
     plate = ("浙AD2Y34", "blue")
     rules = Verification(agree_score=0.9, contradict_score=0.9, certain_score=0.99)
-    small_sure = FrameRead("浙AD2Y34", 0.999, "blue", small=True)
-    large_sure = FrameRead("浙AD2Y34", 0.999, "blue")
+    small_sure = FrameRead("浙AD2Y34", 0.999, "blue", True, small=True)
+    large_sure = FrameRead("浙AD2Y34", 0.999, "blue", True)
     assert verify_charge(plate, ((large_sure,), (large_sure,)), rules) == Verdict("verified")
     assert verify_charge(plate, ((small_sure,), (large_sure,)), rules) == Verdict(
         "unconfirmed", "plate_too_small", "entry"
@@ -299,6 +305,44 @@ def test_a_small_plates_frames_may_refute_a_charge_but_never_vouch_for_it() -> N
     assert verify_charge(
         plate, ((large_sure,), (FrameRead("浙AD2Y34", 0.95), small_other)), rules
     ) == (Verdict("refuted", "another_vehicle", "exit"))
+
+
+def test_an_unproven_end_needs_a_frame_that_surely_shows_the_colour() -> None:
+    """A yellow 浙A3M011 the camera took for blue at both gates, its frames read in a light
+    that shows no colour surely: the characters agree at both ends, yet only the camera named
+    the colour, and the blue plate's holder would pay for the lorry. A green plate's eight
+    characters settle its colour; a proven end needs no frame."""
+    plate = ("浙A3M011", "blue")
+    rules = Verification(agree_score=0.9, contradict_score=0.9, certain_score=0.99)
+    colourless = FrameRead("浙A3M011", 0.999, None)
+    guessed = FrameRead("浙A3M011", 0.97, "blue")
+    sure = FrameRead("浙A3M011", 0.97, "blue", color_sure=True)
+    assert verify_charge(plate, ((colourless, guessed), (sure,)), rules) == Verdict(
+        "unconfirmed", "colour_unconfirmed", "entry"
+    )
+    assert verify_charge(plate, ((guessed, sure), (colourless,)), rules) == Verdict(
+        "unconfirmed", "colour_unconfirmed", "exit"
+    )
+    # Settled by a sure read of its characters, an end still needs its colour shown.
+    assert verify_charge(plate, (None, (colourless,)), rules) == Verdict(
+        "unconfirmed", "colour_unconfirmed", "exit"
+    )
+    # A sure colour on a frame read as another plate (a car behind) shows nothing of this one;
+    # on a frame of this plate with one character misread, it does.
+    behind = FrameRead("浙B5K017", 0.4, "blue", color_sure=True)
+    assert verify_charge(plate, ((guessed, behind), (sure,)), rules).reason == (
+        "colour_unconfirmed"
+    )
+    misread = FrameRead("浙A3M0D1", 0.4, "blue", color_sure=True)
+    assert verify_charge(plate, ((guessed, misread), (sure,)), rules) == Verdict("verified")
+    assert verify_charge(plate, ((guessed, sure), (colourless, sure)), rules) == (
+        Verdict("verified")
+    )
+    assert verify_charge(plate, (None, (sure,)), rules) == Verdict("verified")
+    green = ("浙AD12345", "green")
+    assert verify_charge(
+        green, ((FrameRead("浙AD12345", 0.97, None),), (FrameRead("浙AD12345", 0.97),)), rules
+    ) == Verdict("verified")
 
 
 def test_frames_that_disagree_on_the_colour_leave_the_charge_to_a_person() -> None:
@@ -333,7 +377,7 @@ def test_frames_that_disagree_on_the_colour_leave_the_charge_to_a_person() -> No
 def test_an_end_the_server_decided_counts_its_frames_only_when_the_camera_named_the_car() -> None:
     # Before, an end the server's reader decided was never corroborated (always unconfirmed).
     identity = ("浙A3M011", "blue")
-    frames = (FrameRead("浙A3M011", 0.95, "blue"),)
+    frames = (FrameRead("浙A3M011", 0.95, "blue", True),)
     rules = Verification(agree_score=0.9, contradict_score=0.9)
 
     def end(source: str, camera: CameraOwnRead | None) -> Any:
@@ -372,6 +416,41 @@ def test_the_simulated_server_reader_reads_as_it_was_measured() -> None:
         sure_wrong = sum(o == "wrong_valid" and s >= 0.9 for o, s in drawn) / len(drawn)
         measured = sum(r[3] for r in rows if r[0] >= 0.9) / reads
         assert abs(sure_wrong - measured) < 0.004, condition
+
+
+def test_the_simulated_frames_show_the_colour_as_the_reader_was_measured_to() -> None:
+    table = json.loads(OCR_TABLE_PATH.read_text(encoding="utf-8"))["colour"]
+    colour = ColourModel(table)
+    rng = random.Random(15)
+    for condition in ("clean", "glare_rain", "motion_blur"):
+        counts = table["conditions"][condition]
+        drawn = Counter(colour.draw(rng, condition) for _ in range(20_000))
+        for outcome, n in zip(COLOUR_OUTCOMES, counts, strict=True):
+            assert abs(drawn[outcome] / 20_000 - n / sum(counts)) < 0.01, (condition, outcome)
+    assert colour.frame_colour("sure", "yellow") == ("yellow", True)
+    assert colour.frame_colour("other_sure", "yellow") == ("blue", True)
+    assert colour.frame_colour("other_guess", "blue") == ("yellow", False)
+    assert colour.frame_colour("none", "blue") == (None, False)
+
+
+def test_the_colour_table_counts_what_the_reader_shows_of_each_photo(tmp_path: Path) -> None:
+    """A photo of a blue plate, and the same photo in night mode (monochrome): clean, the one
+    shows blue surely and the other no colour; every condition counts both once a seed."""
+    photo = Path(__file__).parent / "fixtures" / "plate_wanAD2Y34.jpg"
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "colour.jpg").write_bytes(photo.read_bytes())
+    grey = cv2.cvtColor(cv2.imread(str(photo), cv2.IMREAD_GRAYSCALE), cv2.COLOR_GRAY2BGR)
+    cv2.imwrite(str(tmp_path / "images" / "grey.png"), grey)
+    (tmp_path / "labels.csv").write_text(
+        "file,plate,color,kind,corners,source\n"
+        "images/colour.jpg,皖AD2Y34,blue,crop,,test\n"
+        "images/grey.png,皖AD2Y34,blue,crop,,test\n",
+        encoding="utf-8",
+    )
+    table = colour_table(tmp_path, seeds=2)
+    assert table["columns"] == list(COLOUR_OUTCOMES)
+    assert table["conditions"]["clean"] == [1, 0, 1, 0, 0]
+    assert all(sum(counts) == 4 for c, counts in table["conditions"].items() if c != "clean")
 
 
 def test_the_measured_table_has_sorted_disjoint_bins_with_one_starting_at_certain(

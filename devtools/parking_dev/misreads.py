@@ -17,7 +17,9 @@ on a hard frame (night, rain, glare) 1 − Exp(mean 0.03); a wrong read scores u
 production by default, no camera read is *proven*). The server's reader is measured: each of a
 capture's three frames draws its read and calibrated score from what `parking plates
 calibrate` measured under that frame's condition (`OcrModel`, `ocr_reads.json`: a hard frame
-is one of the six gate conditions, any other frame clean), and the lane reads the frames when
+is one of the six gate conditions, any other frame clean), and the plate's colour it shows
+(surely, as a guess, none, or another) from what `colour_table` measured of the reader's colour
+on the labelled photos under that condition; the lane reads the frames when
 its rules ask (a camera read under `camera_min_confidence`, a doubtful entry, an exit read
 that found no stay) and a charge's verification reads them again. Some cars carry a plate
 that reads wrong the same way every time (a bolt, dirt, a worn character: C→L, 8→B, 0→D/Q,
@@ -34,6 +36,7 @@ charges that stranger when the rules let it.
 
 import bisect
 import heapq
+import itertools
 import json
 import math
 import random
@@ -46,6 +49,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
+
+import cv2
+import numpy as np
 
 from billing import fees
 from billing.tariff import Tariff
@@ -82,8 +88,11 @@ from parking.lanes.rules import (
 )
 from parking.settings import Settings
 from plate_recognition import calibration
+from plate_recognition.conditions import CONDITIONS, degrade, variants
 from plate_recognition.engines import DEFAULT_ENGINE
+from plate_recognition.evaluate import load_samples
 from plate_recognition.grammar import LETTERS, PROVINCES, Candidate, is_valid
+from plate_recognition.localise import plate_color
 from plate_recognition.matching import PROVINCE_GROUPS
 from plate_recognition.pipeline import Recognition
 
@@ -123,6 +132,8 @@ SMALL_FRAME_PX = 10.0
 # The server reader's reads as measured, by condition and score bin (`ocr_table`).
 OCR_TABLE_PATH = Path(__file__).with_name("ocr_reads.json")
 GATE_CONDITIONS = ("night", "glare_rain", "motion_blur", "distant", "jpeg", "tilt")
+# What a frame shows of a plate's colour (`ColourModel`, `colour_table`).
+COLOUR_OUTCOMES = ("sure", "guess", "none", "other_guess", "other_sure")
 _OCR_EDGES = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
 
 
@@ -154,6 +165,11 @@ class MisreadModel:
     random_char_rate: float = 0.006
     province_swap_rate: float = 0.001
     yellow_as_blue_rate: float = 0.01
+    # Per frame of a capture whose camera took a yellow plate for blue: the server's reader
+    # shows it surely blue too (a guess, and a harsh one: we have no yellow plate to measure
+    # on, and a light strong enough to mislead the camera may mislead the server's reader).
+    # The other frames show the colour as measured (`ColourModel`).
+    yellow_as_blue_frame_share: float = 0.5
     unreadable_rate: float = 0.002
     # Share of a wrong camera read (not a consistent car's) scored like a right one.
     confident_error_share: float = 0.01
@@ -343,6 +359,40 @@ class OcrModel:
         return rng.uniform(low, high)
 
 
+class ColourModel:
+    """The server reader's plate colour as measured (`ocr_reads.json`'s `colour`, made by
+    `colour_table`): per condition, how many frames showed the plate's own colour surely, its
+    own colour as a guess, no colour, another colour as a guess, another colour surely.
+
+    The photos are all blue, so another colour is a light-ground one (green, yellow) taken for
+    blue's dark ground: the simulation applies the same rates to every colour, the other colour
+    being yellow for a blue plate and blue for any other. Not measured, and so not drawn from
+    here: the frames of a capture whose camera took a yellow plate for blue
+    (`MisreadModel.yellow_as_blue_frame_share`)."""
+
+    def __init__(self, table: Mapping[str, Any]) -> None:
+        self.cumulative = {
+            condition: list(itertools.accumulate(counts))
+            for condition, counts in table["conditions"].items()
+        }
+
+    def draw(self, rng: random.Random, condition: str) -> str:
+        """One frame's colour outcome (`COLOUR_OUTCOMES`) under `condition`."""
+        cumulative = self.cumulative[condition]
+        return COLOUR_OUTCOMES[bisect.bisect_right(cumulative, rng.random() * cumulative[-1])]
+
+    def frame_colour(self, outcome: str, color: str) -> tuple[str | None, bool]:
+        """(colour, sure) a frame of a `color` plate shows for a drawn outcome."""
+        other = "yellow" if color == "blue" else "blue"
+        return {
+            "sure": (color, True),
+            "guess": (color, False),
+            "none": (None, False),
+            "other_guess": (other, False),
+            "other_sure": (other, True),
+        }[outcome]
+
+
 class Registry:
     """Who holds a plate (and colour) the simulated population does not: issued with
     `registry_density`, bound with pay-later like the population, decided by a hash so the
@@ -453,6 +503,7 @@ class City:
         self.certainty = Certainty.from_settings(settings)
         self.verification = Verification.from_settings(settings)
         self.ocr = OcrModel.load()
+        self.colour = ColourModel(json.loads(OCR_TABLE_PATH.read_text(encoding="utf-8"))["colour"])
         self.min_camera = settings.camera_min_confidence
         self.min_entry = settings.plate_min_confidence
         self.window = float(settings.duplicate_read_window_s)
@@ -617,9 +668,13 @@ class City:
         m, rng, ocr = self.model, self.rng, self.ocr
         out: list[Recognition] = []
         for _ in range(m.ocr_frames):
-            color = vehicle.color
-            if kind == "yellow_as_blue" and rng.random() < 0.5:
-                color = "blue"
+            if kind == "yellow_as_blue" and rng.random() < m.yellow_as_blue_frame_share:
+                color: str | None = "blue"
+                color_sure = True
+            else:
+                color, color_sure = self.colour.frame_colour(
+                    self.colour.draw(rng, condition), vehicle.color
+                )
             if vehicle.consistent and rng.random() < m.consistent_ocr_share:
                 plate: str | None = vehicle.consistent
                 score = (
@@ -642,8 +697,6 @@ class City:
             plate_px = SMALL_FRAME_PX if rng.random() < ocr.small_share.get(condition, 0) else 0.0
             score = calibration.capped(score, plate_px, self.certainty.ocr_score)
             candidates = (Candidate(plate, score),) if plate else ()
-            # Every frame's colour counts as sure: the server's colour is as wrong as the
-            # camera's on a yellow plate taken for blue, more often than measured.
             out.append(
                 Recognition(
                     "sim",
@@ -652,7 +705,7 @@ class City:
                     color,
                     None,
                     plate or "",
-                    color_sure=True,
+                    color_sure=color_sure,
                     plate_px=plate_px,
                 )
             )
@@ -992,4 +1045,32 @@ def ocr_table(reads: Path) -> dict[str, Any]:
         "columns": ["score_from", "score_to", "exact", "wrong_valid", "neither"],
         "conditions": {c: [r for r in rows if sum(r[2:]) > 0] for c, rows in sorted(table.items())},
         "small_share": {c: round(small[c] / reads_of[c], 4) for c in sorted(reads_of)},
+    }
+
+
+def colour_table(folder: Path, seeds: int = 16, seed_start: int = 0) -> dict[str, Any]:
+    """What the server reader's colour (`plate_recognition.localise.plate_color`: hue and
+    character polarity agreeing) makes of every labelled crop of `folder`, clean and under each
+    gate condition with `seeds` seeds: per condition, how many showed their own colour surely,
+    as a guess, no colour, another colour as a guess, another colour surely
+    (`COLOUR_OUTCOMES`). Colour is no model's learning, so every photo counts."""
+    counts: dict[str, Counter[str]] = {c: Counter() for c in CONDITIONS}
+    for sample in load_samples(folder):
+        if sample.kind != "crop":
+            continue
+        image = np.asarray(cv2.imread(str(sample.path), cv2.IMREAD_COLOR))
+        for condition, seed in variants(CONDITIONS, seeds):
+            shown, sure = plate_color(
+                degrade(image, condition, sample.path.name, seed + seed_start)
+            )
+            own = shown == sample.color
+            outcome = (
+                "none"
+                if shown is None
+                else ("" if own else "other_") + ("sure" if sure else "guess")
+            )
+            counts[condition][outcome] += 1
+    return {
+        "columns": list(COLOUR_OUTCOMES),
+        "conditions": {c: [counts[c][o] for o in COLOUR_OUTCOMES] for c in CONDITIONS},
     }

@@ -257,9 +257,14 @@ VerifyVerdict = Literal["verified", "refuted", "unconfirmed"]
 # Why a charge waits for a person: a frame read another vehicle with confidence (refuted); a
 # frame surely showed the plate's colour otherwise; an unproven end had no reader besides the
 # server's; no frame of an unproven end read the vehicle with confidence, or only frames whose
-# plate was too small to vouch for it.
+# plate was too small to vouch for it; no frame of an unproven end surely showed the colour.
 VerifyReason = Literal[
-    "another_vehicle", "colour_differs", "no_second_reader", "no_agreeing_frame", "plate_too_small"
+    "another_vehicle",
+    "colour_differs",
+    "no_second_reader",
+    "no_agreeing_frame",
+    "plate_too_small",
+    "colour_unconfirmed",
 ]
 END_NAMES = ("entry", "exit")
 
@@ -350,6 +355,16 @@ def verify_charge(
     for blue at both gates, its frames mostly blue, was charged to the blue plate's holder when
     only surely read text counted). A colour that is only the likelier guess takes no part.
 
+    The colour needs its second reader as the characters do: a blue and a yellow 浙A12345
+    are two vehicles, and a camera that takes the one for the other at both gates (a cast of
+    light, dirt on a yellow plate) names the other's holder with a sure score. So every
+    unproven end, settled by sure reads or not, needs a frame of the plate (its characters
+    read with at most one wrong) that surely shows the stay's colour (`colour_unconfirmed`
+    otherwise), unless its characters settle it (a green plate's eight). A sure colour is the
+    server reader's hue and character polarity agreeing
+    (`plate_recognition.localise.plate_color`); a frame taken in night mode (infrared,
+    monochrome), or in a light that hides the colour, shows none.
+
     A frame whose plate was small (`FrameRead.small`) neither agrees, nor settles an end, nor
     keeps a sure read of a larger frame from settling it: the camera and the server's reader,
     shown the same few pixels, misread a confusable character the same way, so its agreement
@@ -373,6 +388,16 @@ def verify_charge(
 
     def vouches(read: FrameRead) -> bool:
         return same(read) and read.score >= verification.agree_score
+
+    def shows_colour(read: FrameRead) -> bool:
+        # Of this plate: its characters read, at most one wrong (not a car behind).
+        return (
+            read.plate is not None
+            and len(read.plate) == len(plate)
+            and sum(a != b for a, b in zip(read.plate, plate, strict=True)) <= 1
+            and read.color_sure
+            and read.color == color
+        )
 
     named = list(zip(END_NAMES, ends, strict=True))
     checked = [
@@ -409,6 +434,10 @@ def verify_charge(
             return Verdict(
                 "unconfirmed", "plate_too_small" if too_small else "no_agreeing_frame", end
             )
+    if plate_color_guess(plate) is None:
+        for end, shown in named:
+            if shown is not None and not any(shows_colour(read) for read in shown):
+                return Verdict("unconfirmed", "colour_unconfirmed", end)
     return Verdict("verified")
 
 
