@@ -7,6 +7,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 
 from gate_controller.protocol import Capture
@@ -329,3 +331,32 @@ class TestTheDefaultReader:
         # Certain for the default reader, which PP-OCR alone is not for every photo (the test
         # above).
         assert row["read_confidence"] >= runtime.settings.plate_certain_score
+        assert (row["read_certain"], row["read_proven"]) == (True, True)
+
+    async def test_a_server_read_is_certain_of_a_vehicle_only_with_the_colour_a_frame_shows(
+        self, runtime: Runtime, gate: GateProbe, lot: Lot
+    ) -> None:
+        """The frame is sent as a camera in night mode (infrared, monochrome) sends it, with
+        the camera's own doubtful read of it (0.6, blue). The server reads the characters
+        surely; the colour only the camera guessed. A yellow 皖AD2Y34 would look the same:
+        before, the read was certain, and proven, of the blue plate's vehicle."""
+        driver = await make_driver(runtime, "皖AD2Y34")
+        await _enter(runtime, gate, lot, driver.plate)
+        grey = cv2.imdecode(
+            np.frombuffer((FIXTURES / "plate_wanAD2Y34.jpg").read_bytes(), np.uint8),
+            cv2.IMREAD_GRAYSCALE,
+        )
+        monochrome = cv2.imencode(".png", cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR))[1]
+        exit_capture = gate.capture("out", driver.plate, confidence=0.6).model_copy(
+            update={"image": base64.b64encode(bytes(monochrome)).decode()}
+        )
+        await gate.send(lot.code, "out1", exit_capture)
+        await gate.wait_for(exit_capture, timeout_s=60)
+        row = await _capture_row(runtime, exit_capture.capture_id)
+        assert (row["plate"], row["plate_color"], row["plate_source"]) == (
+            "皖AD2Y34",
+            "blue",
+            "ocr",
+        )
+        assert row["read_confidence"] >= runtime.settings.plate_certain_score
+        assert (row["read_certain"], row["read_proven"]) == (False, False)

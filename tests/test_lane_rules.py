@@ -1,6 +1,8 @@
 """The exit decision's pure plate resolution (parking.lanes.rules.resolve_plate), without a
 database: what a misread simulation builds on."""
 
+from gate_controller.protocol import CameraRead
+from parking.lanes.reading import ocr_reading
 from parking.lanes.rules import (
     Certainty,
     ExitRead,
@@ -10,6 +12,7 @@ from parking.lanes.rules import (
     resolve_plate,
 )
 from plate_recognition.grammar import Candidate, candidates_from_text
+from plate_recognition.pipeline import Recognition
 
 CERTAINTY = Certainty(ocr_score=0.995, camera_scores={"cheap-cam": 0.995}, camera_default=0.98)
 
@@ -29,6 +32,29 @@ def test_a_certain_read_needs_its_sources_score_a_colour_and_a_plate_of_that_col
     assert is_certain(camera("浙AD12345", 0.99, color="green"), CERTAINTY)
     ocr = ExitRead((Candidate("浙A12345", 0.99),), "blue", "ocr")
     assert not is_certain(ocr, CERTAINTY)
+
+
+def _frame(plate: str, color: str | None, sure: bool) -> Recognition:
+    return Recognition(
+        "fused", "scene", (Candidate(plate, 0.999),), color, raw=plate, color_sure=sure
+    )
+
+
+def test_a_server_read_is_certain_of_a_vehicle_only_with_a_colour_a_frame_showed_surely() -> None:
+    """The server's score calibrates the characters; a blue and a yellow 浙A12345 are two
+    vehicles. A colour only guessed, or taken from the doubtful camera, leaves it uncertain."""
+    doubtful = CameraRead(plate="浙A12345", color="blue", confidence=0.6)
+    shown = ocr_reading(doubtful, [_frame("浙A12345", "yellow", True)] * 2, None)
+    assert (shown.color, shown.color_sure, is_certain(shown, CERTAINTY)) == ("yellow", True, True)
+    # A colour shown surely outranks more frames that only guess another.
+    mixed = [_frame("浙A12345", "blue", False)] * 2 + [_frame("浙A12345", "yellow", True)]
+    assert ocr_reading(doubtful, mixed, None).color == "yellow"
+    for frames in ([_frame("浙A12345", "blue", False)], [_frame("浙A12345", None, False)]):
+        read = ocr_reading(doubtful, frames, None)
+        assert (read.color, read.color_sure, is_certain(read, CERTAINTY)) == ("blue", False, False)
+    # A green plate's eight characters settle its colour.
+    green = ocr_reading(None, [_frame("浙AD12345", "green", False)], None)
+    assert is_certain(green, CERTAINTY)
 
 
 def test_a_certain_read_is_its_own_vehicle_or_none_here() -> None:

@@ -39,6 +39,9 @@ class PlateReading:
     model: str | None = None
     # The server's reads of each frame, when it read them (`ocr_reading`).
     frames: tuple[FrameRead, ...] = ()
+    # A server read's colour was shown surely by a frame (hue and character polarity agreeing),
+    # not a guess nor the camera's (`rules.is_certain`).
+    color_sure: bool = False
 
     @property
     def best(self) -> Candidate | None:
@@ -195,13 +198,21 @@ def ocr_reading(
     color = camera.color if camera else None
     camera_candidates = _camera_candidates(camera) if camera else []
     merged = _merge(vote(recognitions), camera_candidates)
-    # The colour the frames show, by majority (the camera's own guess breaks no tie: it is
-    # the doubtful read).
-    colors = Counter(r.color for r in recognitions if r.color)
-    ocr_color = colors.most_common(1)[0][0] if colors else color
+    # The colour the frames show, by majority, a colour shown surely before any guessed (the
+    # camera's own guess breaks no tie: it is the doubtful read).
+    sure = Counter(r.color for r in recognitions if r.color and r.color_sure)
+    guessed = Counter(r.color for r in recognitions if r.color)
+    shown = sure or guessed
+    ocr_color = shown.most_common(1)[0][0] if shown else color
     raw = next((r.raw for r in recognitions if r.raw), camera.plate if camera else None)
     return PlateReading(
-        tuple(merged), "ocr", raw, first_frame, ocr_color, frames=frame_reads(recognitions)
+        tuple(merged),
+        "ocr",
+        raw,
+        first_frame,
+        ocr_color,
+        frames=frame_reads(recognitions),
+        color_sure=bool(sure),
     )
 
 

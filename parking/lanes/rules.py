@@ -143,6 +143,8 @@ class Read(Protocol):
     def model(self) -> str | None: ...
     @property
     def raw(self) -> str | None: ...
+    @property
+    def color_sure(self) -> bool: ...
 
 
 R = TypeVar("R", bound=Read)
@@ -155,16 +157,24 @@ class ExitRead:
     source: ReadSource
     model: str | None = None
     raw: str | None = None
+    # A server read's colour shown surely by a frame (`PlateReading.color_sure`).
+    color_sure: bool = True
 
 
 def is_certain(read: Read, certainty: Certainty) -> bool:
     """A read the lane may take as the car's identity without matching: an operator's plate, or
     a reader's top candidate at or above its source's threshold, with a colour, grammatical
-    as read for that colour (a '7-character green' plate is a misread of something)."""
+    as read for that colour (a '7-character green' plate is a misread of something). The
+    server's reader is certain of a vehicle only with the colour a frame showed surely
+    (`PlateReading.color_sure`), unless the characters settle it (a green plate's eight): its
+    score calibrates the characters, and a blue and a yellow 浙A12345 are two vehicles, so a
+    guessed colour, or the doubtful camera's, leaves the read to be matched and verified."""
     best = read.candidates[0] if read.candidates else None
     if best is None or read.color not in COLORS or best.corrected:
         return False
     if not is_valid(best.plate, read.color):
+        return False
+    if read.source == "ocr" and not read.color_sure and plate_color_guess(best.plate) is None:
         return False
     if read.source == "operator":
         return True
