@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from billing.tariff import Tariff
 from parking.admin import repository as admin
+from parking.migrate import MIGRATIONS_DIR
 from parking.runtime import ProviderEndpoint, Runtime
 from tests.conftest import (
     Driver,
@@ -500,3 +501,41 @@ async def test_deciding_a_rejected_exit_again_commands_no_gate(
 
 async def _has_command(gate: GateProbe, capture_id: str) -> bool:
     return bool(gate.commands.get(capture_id))
+
+
+async def test_open_stays_entered_on_a_server_read_are_proven_no_more_after_the_colour_rule(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """Migration 0044: a stay opened on a server read before its colour had to be shown surely
+    waits for the frames to show it; a camera's entry, and a green plate's, are as they were."""
+    plates = {unique_plate(): "ocr", unique_plate(): "camera", "浙AD" + unique_plate()[2:]: "ocr"}
+    for plate in plates:
+        await enter(runtime, gate, lot, plate, color="green" if len(plate) == 8 else "blue")
+    async with runtime.pool.acquire() as conn:
+        for plate, source in plates.items():
+            await conn.execute(
+                """UPDATE captures c SET plate_source = $3 FROM sessions s
+                   WHERE s.car_park_id = $1 AND s.plate = $2
+                     AND c.capture_id = s.entry_capture_id""",
+                lot.id,
+                plate,
+                source,
+            )
+            await conn.execute(
+                "UPDATE sessions SET entry_proven = true WHERE car_park_id = $1 AND plate = $2",
+                lot.id,
+                plate,
+            )
+        sql = (MIGRATIONS_DIR / "0044_server_entries_colour_unproven.sql").read_text("utf-8")
+        await conn.execute(sql)
+        proven = {
+            r["plate"]: r["entry_proven"]
+            for r in await conn.fetch(
+                "SELECT plate, entry_proven FROM sessions"
+                " WHERE car_park_id = $1 AND plate = ANY($2)",
+                lot.id,
+                list(plates),
+            )
+        }
+    blue_ocr, blue_camera, green_ocr = plates
+    assert proven == {blue_ocr: False, blue_camera: True, green_ocr: True}

@@ -52,6 +52,11 @@ def test_a_server_read_is_certain_of_a_vehicle_only_with_a_colour_a_frame_showed
     for frames in ([_frame("浙A12345", "blue", False)], [_frame("浙A12345", None, False)]):
         read = ocr_reading(doubtful, frames, None)
         assert (read.color, read.color_sure, is_certain(read, CERTAINTY)) == ("blue", False, False)
+    # Frames that surely show two colours show none surely; a car behind shows nothing of it.
+    torn = [_frame("浙A12345", "blue", True), _frame("浙A12345", "yellow", True)]
+    behind = [_frame("浙A12345", None, False)] * 2 + [_frame("浙B67890", "blue", True)]
+    for frames in (torn, torn[::-1], behind):
+        assert not ocr_reading(doubtful, frames, None).color_sure
     # A green plate's eight characters settle its colour.
     green = ocr_reading(None, [_frame("浙AD12345", "green", False)], None)
     assert is_certain(green, CERTAINTY)

@@ -364,7 +364,10 @@ class ColourModel:
     `colour_table`): per condition, how many frames showed the plate's own colour surely, its
     own colour as a guess, no colour, another colour as a guess, another colour surely.
 
-    The photos are all blue, so another colour is a light-ground one (green, yellow) taken for
+    Measured on crops: in a whole frame the colour is sure only when the localisation's colour
+    agrees as well (`pipeline._best_region`), so real frames show it surely somewhat less often
+    and another colour surely no more often. The photos are all blue, so another colour is a
+    light-ground one (green, yellow) taken for
     blue's dark ground: the simulation applies the same rates to every colour, the other colour
     being yellow for a blue plate and blue for any other. Not measured, and so not drawn from
     here: the frames of a capture whose camera took a yellow plate for blue
@@ -502,8 +505,9 @@ class City:
         self.rng = random.Random(seed)
         self.certainty = Certainty.from_settings(settings)
         self.verification = Verification.from_settings(settings)
-        self.ocr = OcrModel.load()
-        self.colour = ColourModel(json.loads(OCR_TABLE_PATH.read_text(encoding="utf-8"))["colour"])
+        measured = json.loads(OCR_TABLE_PATH.read_text(encoding="utf-8"))
+        self.ocr = OcrModel(measured)
+        self.colour = ColourModel(measured["colour"])
         self.min_camera = settings.camera_min_confidence
         self.min_entry = settings.plate_min_confidence
         self.window = float(settings.duplicate_read_window_s)

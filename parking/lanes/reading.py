@@ -14,7 +14,7 @@ from typing import Literal
 
 from gate_controller.protocol import CameraRead, Capture
 from parking.lanes.repository import CameraOwnRead
-from parking.lanes.rules import FrameRead
+from parking.lanes.rules import FrameRead, of_plate
 from parking.logging import get_logger
 from parking.settings import Settings
 from plate_recognition.calibration import is_small_plate
@@ -199,8 +199,14 @@ def ocr_reading(
     camera_candidates = _camera_candidates(camera) if camera else []
     merged = _merge(vote(recognitions), camera_candidates)
     # The colour the frames show, by majority, a colour shown surely before any guessed (the
-    # camera's own guess breaks no tie: it is the doubtful read).
-    sure = Counter(r.color for r in recognitions if r.color and r.color_sure)
+    # camera's own guess breaks no tie: it is the doubtful read). It is sure when the frames of
+    # the plate read that show a colour surely all show the same one.
+    best = merged[0].plate if merged else None
+    sure = Counter(
+        r.color
+        for r in recognitions
+        if r.color and r.color_sure and best and of_plate(r.plate, best)
+    )
     guessed = Counter(r.color for r in recognitions if r.color)
     shown = sure or guessed
     ocr_color = shown.most_common(1)[0][0] if shown else color
@@ -212,7 +218,7 @@ def ocr_reading(
         first_frame,
         ocr_color,
         frames=frame_reads(recognitions),
-        color_sure=bool(sure),
+        color_sure=len(sure) == 1,
     )
 
 

@@ -11,7 +11,8 @@ belongs here, so that none of them can drift from the others.
 
 A plate's identity is (characters, colour): 蓝 浙A12345 and 黄 浙A12345 are two vehicles. A
 read is *certain* when its score reaches its source's threshold, it has a colour and it is a
-valid plate of that colour; only a certain read matches a parked plate exactly. It is *proven*
+valid plate of that colour (for the server's reader, a colour its frames showed surely); only a
+certain read matches a parked plate exactly. It is *proven*
 when that threshold is a calibrated one (server OCR, an operator, a camera model an installer
 measured): a stay whose entry and exit reads were both proven is charged pay-later on them
 alone; any other charge the lane opens the gate for waits until the server's reader agrees
@@ -89,7 +90,9 @@ class Certainty:
 
     Which certain reads are *proven* (DESIGN.md step 5: a calibrated score): server OCR's (its
     table is measured), an operator's, and a camera model's listed in `camera_scores` (an
-    installer set it from a calibration of that model's reads), or any camera's when
+    installer set it from a calibration of that model's reads, each judged right only when its
+    characters and its colour both were: a camera's read names the vehicle, colour included,
+    and nothing checks a proven end's colour again), or any camera's when
     `camera_default_calibrated` says the default was set so. A certain read of an uncalibrated
     camera is only one reader's word: a charge on it waits for the server's reader to agree
     with the capture's frames (`verify_charge`)."""
@@ -158,7 +161,7 @@ class ExitRead:
     model: str | None = None
     raw: str | None = None
     # A server read's colour shown surely by a frame (`PlateReading.color_sure`).
-    color_sure: bool = True
+    color_sure: bool = False
 
 
 def is_certain(read: Read, certainty: Certainty) -> bool:
@@ -219,6 +222,16 @@ def better_entry_read(camera: R, server: R, verification: "Verification") -> R:
     conditions), else the camera's."""
     best = server.candidates[0] if server.candidates else None
     return server if best is not None and best.score >= verification.agree_score else camera
+
+
+def of_plate(read: str | None, plate: str) -> bool:
+    """Whether a frame's read is of `plate` (a misread of one character at most, a look-alike
+    province included), not of another car in the frame: what a frame's colour may speak for."""
+    return (
+        read is not None
+        and len(read) == len(plate)
+        and sum(a != b for a, b in zip(read, plate, strict=True)) <= 1
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,14 +413,7 @@ def verify_charge(
         return same(read) and read.score >= verification.agree_score
 
     def shows_colour(read: FrameRead) -> bool:
-        # Of this plate: its characters read, at most one wrong (not a car behind).
-        return (
-            read.plate is not None
-            and len(read.plate) == len(plate)
-            and sum(a != b for a, b in zip(read.plate, plate, strict=True)) <= 1
-            and read.color_sure
-            and read.color == color
-        )
+        return of_plate(read.plate, plate) and read.color_sure and read.color == color
 
     named = list(zip(END_NAMES, ends, strict=True))
     checked = [
