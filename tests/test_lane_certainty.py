@@ -449,6 +449,12 @@ async def test_a_rejected_charge_charges_nobody_and_the_exit_waits_for_the_right
         exception = await conn.fetchrow(
             "SELECT * FROM lane_exceptions WHERE id = $1", decided["exception_id"]
         )
+        # The entry the operator disowned is taken on trust no more: neither certain, nor
+        # proven (a proven entry is never read again when the stay's next exit is charged).
+        reopened = await conn.fetchrow(
+            "SELECT entry_certain, entry_proven FROM sessions WHERE id = $1", charge["session_id"]
+        )
+    assert (reopened["entry_certain"], reopened["entry_proven"]) == (False, False)
     assert (exception["reason"], exception["status"], exception["image"]) == (
         "rejected",
         "open",

@@ -94,12 +94,14 @@ async def charge_for_update(
 
 
 async def reopen_stay(conn: asyncpg.Connection, session_id: int) -> bool | None:
-    """Opens the stay again, its entry no longer taken as certain, unless its vehicle has
-    another open stay here. Returns whether it was counted in the occupancy at its entry, or
-    None when it was not reopened."""
+    """Opens the stay again, its entry no longer taken as certain nor proven (an operator
+    disowned the charge: the next exit's charge waits for the frames or a person), unless its
+    vehicle has another open stay here. Returns whether it was counted in the occupancy at its
+    entry, or None when it was not reopened."""
     counted_in: bool | None = await conn.fetchval(
         """UPDATE sessions s SET status = 'open', exited_at = NULL, exit_capture_id = NULL,
-                  fee_fen = NULL, account_id = NULL, settlement = NULL, entry_certain = false
+                  fee_fen = NULL, account_id = NULL, settlement = NULL, entry_certain = false,
+                  entry_proven = false
            WHERE s.id = $1 AND s.status = 'closed'
              AND NOT EXISTS (SELECT 1 FROM open_stays o
                              WHERE o.car_park_id = s.car_park_id AND o.plate = s.plate
