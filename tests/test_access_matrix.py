@@ -278,7 +278,7 @@ ROWS = [
         "POST",
         "/api/v1/operator/exceptions/{exception_id}/resolve",
         Access.STAFF_X,
-        lambda w: {"plate": unique_plate()},
+        lambda w: {"plate": unique_plate(), "color": "blue"},
     ),
     Row(
         "POST",

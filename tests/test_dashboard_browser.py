@@ -162,6 +162,12 @@ async def test_operator_watches_a_car_enter_and_resolves_an_exception(
             await expect(card).to_be_visible(timeout=STEP_TIMEOUT_MS)
             await expect(card).to_contain_text("车牌无法识别")
             await page.fill(f"#resolve-plate-{held}", plate)
+            # A plate is its characters and its colour: the attendant names both.
+            await page.click(f"#resolve-{held}")
+            await expect(page.locator(f"#exception-result-{held}")).to_contain_text(
+                "请选择车牌颜色", timeout=STEP_TIMEOUT_MS
+            )
+            await page.select_option(f"#resolve-color-{held}", "blue")
             await page.click(f"#resolve-{held}")
             await expect(page.locator(f"#exception-result-{held}")).to_have_text(
                 f"已确认为 {plate}：离场后扣款，道闸已抬起，费用 ¥12.00",

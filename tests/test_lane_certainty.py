@@ -163,7 +163,7 @@ async def test_paying_a_held_uncertain_exit_by_qr_resolves_its_exception(
     # Nothing is left for an operator to decide: deciding it now is refused.
     late = await api.post(
         f"/api/v1/operator/exceptions/{exception['id']}/resolve",
-        json={"plate": owner.plate},
+        json={"plate": owner.plate, "color": "blue"},
         headers=attendant,
     )
     assert (late.status_code, late.json()["error"]["code"]) == (409, "already_resolved")
@@ -207,6 +207,45 @@ async def test_a_yellow_plate_is_another_vehicle_than_the_blue_one_with_its_char
             "SELECT plate_color FROM sessions WHERE id = $1", charge["session_id"]
         )
     assert (color, charge["amount_fen"]) == ("blue", 1200)
+
+
+async def test_an_attendant_names_the_colour_of_the_vehicle_they_let_out(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """A lorry (yellow) and a car (blue, bound) with the same characters are parked; the lorry
+    leaves unread and waits for an attendant. Before, the plate typed took the camera's colour
+    (none: blue by the grammar) and charged the car's holder while the car was still inside."""
+    plate = unique_plate()
+    owner = await make_driver(runtime, plate)
+    await enter(runtime, gate, lot, plate, color="blue", parked_for=timedelta(0))
+    await enter(runtime, gate, lot, plate, color="yellow")
+    held = gate.capture("out", None)
+    assert (await gate.decide(lot.code, "out1", held))["action"] == "hold"
+    exception = await _exception(runtime, held.capture_id)
+    assert exception is not None
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    resolve = f"/api/v1/operator/exceptions/{exception['id']}/resolve"
+
+    unnamed = await api.post(resolve, json={"plate": plate}, headers=attendant)
+    assert (unnamed.status_code, unnamed.json()["error"]["code"]) == (422, "invalid_request")
+    assert "colour" in unnamed.text
+    not_green = await api.post(resolve, json={"plate": plate, "color": "green"}, headers=attendant)
+    assert not_green.status_code == 422
+    assert await _open_stays(runtime, lot) == [(plate, "blue"), (plate, "yellow")]
+
+    lorry = await api.post(resolve, json={"plate": plate, "color": "yellow"}, headers=attendant)
+    assert lorry.status_code == 200, lorry.text
+    assert (lorry.json()["action"], lorry.json()["fee_fen"]) == ("hold", 1200)  # pays at the gate
+    assert await _charges(runtime, owner) == []
+    async with runtime.pool.acquire() as conn:
+        decided = await conn.fetchrow(
+            "SELECT c.plate_color, c.plate_source, s.plate_color AS stay_color FROM captures c"
+            " JOIN sessions s ON s.id = c.session_id WHERE c.capture_id = $1",
+            held.capture_id,
+        )
+    assert tuple(decided.values()) == ("yellow", "operator", "yellow")
+    # The car is still inside, its stay open; the lorry's waits for its payment at the gate.
+    assert await _open_stays(runtime, lot) == [(plate, "blue"), (plate, "yellow")]
 
 
 # 3. A margin from every score below certain.
@@ -486,7 +525,7 @@ async def test_deciding_a_rejected_exit_again_commands_no_gate(
 
     resolved = await api.post(
         f"/api/v1/operator/exceptions/{rejected.json()['exception_id']}/resolve",
-        json={"plate": driver.plate},
+        json={"plate": driver.plate, "color": "blue"},
         headers=attendant,
     )
 

@@ -459,7 +459,7 @@ async def test_an_exception_about_a_stay_is_not_resolved_by_deciding_its_capture
     # Filed under the stay's entry capture: deciding that again would enter the car again.
     resolved = await api.post(
         f"/api/v1/operator/exceptions/{ghost['id']}/resolve",
-        json={"plate": plate},
+        json={"plate": plate, "color": "blue"},
         headers=await _attendant(runtime, app, lot),
     )
     assert resolved.status_code == 409, resolved.text

@@ -107,7 +107,7 @@ async def test_an_unpaid_offline_exit_is_settled_at_the_booth_never_decided_agai
 
     answer = await api.post(
         f"/api/v1/operator/exceptions/{exception_id}/resolve",
-        json={"plate": plate},
+        json={"plate": plate, "color": "blue"},
         headers=attendant,
     )
 

@@ -213,7 +213,7 @@ async def test_another_company_finds_nothing_of_this_one(
     image = await api.get(f"{OPERATOR}/exceptions/{exception_id}/image", headers=theirs)
     resolve = await api.post(
         f"{OPERATOR}/exceptions/{exception_id}/resolve",
-        json={"plate": driver.plate},
+        json={"plate": driver.plate, "color": "blue"},
         headers=theirs,
     )
     refund = await api.post(
@@ -300,7 +300,9 @@ async def test_resolving_an_unreadable_exit_with_the_parked_drivers_plate_opens_
     # Typed as the attendant reads it off the car: lower case, with the usual dot.
     typed = f"{driver.plate[:2]}·{driver.plate[2:].lower()}"
     resolved = await api.post(
-        f"{OPERATOR}/exceptions/{item['id']}/resolve", json={"plate": typed}, headers=attendant
+        f"{OPERATOR}/exceptions/{item['id']}/resolve",
+        json={"plate": typed, "color": "blue"},
+        headers=attendant,
     )
     assert resolved.status_code == 200, resolved.text
     assert resolved.json() == {
@@ -333,7 +335,9 @@ async def test_resolving_an_unreadable_exit_with_the_parked_drivers_plate_opens_
     assert await runtime.occupancy.get(lot.id) == 0
 
     twice = await api.post(
-        f"{OPERATOR}/exceptions/{item['id']}/resolve", json={"plate": typed}, headers=attendant
+        f"{OPERATOR}/exceptions/{item['id']}/resolve",
+        json={"plate": typed, "color": "blue"},
+        headers=attendant,
     )
     assert twice.status_code == 409 and twice.json()["error"]["code"] == "already_resolved"
     # The gate sends the held capture again: it gets the new decision, not the hold.
@@ -353,7 +357,7 @@ async def test_resolving_a_held_entry_lets_the_car_in_and_counts_it(
 
     resolved = await api.post(
         f"{OPERATOR}/exceptions/{await _exception_id(runtime, held)}/resolve",
-        json={"plate": plate},
+        json={"plate": plate, "color": "blue"},
         headers=attendant,
     )
     assert resolved.json() == {
@@ -395,7 +399,7 @@ async def test_an_exception_shows_its_frame_and_refuses_plates_that_are_not_park
     assert invalid.status_code == 422 and invalid.json()["error"]["code"] == "invalid_request"
     # A plate nobody parked here has, one look-alike away from a parked car: what the attendant
     # typed is taken as it is, never bent onto the parked driver.
-    absent = await api.post(resolve, json={"plate": "浙NB007S"}, headers=attendant)
+    absent = await api.post(resolve, json={"plate": "浙NB007S", "color": "blue"}, headers=attendant)
     assert absent.status_code == 409 and absent.json()["error"]["code"] == "no_open_stay"
     assert await stay_status(runtime, lot, look_alike.plate) == "open"
     assert await charges_of(runtime, lot) == []

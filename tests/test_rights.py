@@ -163,7 +163,9 @@ async def test_a_blacklisted_car_is_held_with_the_reason_for_the_attendant(
     (held,) = [e for e in exceptions if e["reason"] == "blacklisted"]
     # Resolving it by plate while the vehicle is listed changes nothing.
     refused = await api.post(
-        f"/api/v1/operator/exceptions/{held['id']}/resolve", json={"plate": plate}, headers=admin
+        f"/api/v1/operator/exceptions/{held['id']}/resolve",
+        json={"plate": plate, "color": "blue"},
+        headers=admin,
     )
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "blacklisted"
     # At the entry too: held, and no stay is opened. Another colour is another vehicle.
@@ -173,7 +175,9 @@ async def test_a_blacklisted_car_is_held_with_the_reason_for_the_attendant(
     assert removed.status_code == 200 and removed.json()["removed_at"] is not None
     # Off the list, the attendant resolves the held exit: the whitelist lets it out free.
     resolved = await api.post(
-        f"/api/v1/operator/exceptions/{held['id']}/resolve", json={"plate": plate}, headers=admin
+        f"/api/v1/operator/exceptions/{held['id']}/resolve",
+        json={"plate": plate, "color": "blue"},
+        headers=admin,
     )
     assert resolved.status_code == 200, resolved.text
     assert resolved.json()["action"] == "open" and resolved.json()["fee_fen"] == 0

@@ -210,21 +210,24 @@ async def update_capture_decision(
     capture_id: UUID,
     *,
     plate: str | None,
+    plate_color: str,
     plate_source: str,
     match_status: str | None,
     outcome: str,
     session_id: int | None,
     command: dict[str, Any],
 ) -> None:
-    """A held capture decided again (an operator settled its plate): its row records the new
-    decision, and a redelivery of the capture gets the new command. An operator's plate is a
-    certain read."""
+    """A held capture decided again (an operator named its vehicle, plate and colour): its row
+    records the new decision, and a redelivery of the capture gets the new command. An
+    operator's plate is a certain read."""
     await conn.execute(
-        """UPDATE captures SET plate = $2, plate_source = $3, match_status = $4, outcome = $5,
-                  session_id = $6, command = $7, read_certain = true
+        """UPDATE captures SET plate = $2, plate_color = $3, plate_source = $4,
+                  match_status = $5, outcome = $6, session_id = $7, command = $8,
+                  read_certain = true
            WHERE capture_id = $1""",
         capture_id,
         plate,
+        plate_color,
         plate_source,
         match_status,
         outcome,

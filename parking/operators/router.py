@@ -220,7 +220,8 @@ async def exception_image(exception_id: Id, operator: OperatorDep, conn: Connect
 async def resolve_exception(
     exception_id: Id, resolution: Resolution, operator: OperatorDep, runtime: RuntimeDep
 ) -> Resolved:
-    """The attendant chooses or types the plate: the held capture is decided again with it
+    """The attendant chooses or types the plate and names its colour (a green plate's eight
+    characters may leave it out): the held capture is decided again with that vehicle
     and the gate gets the new command (not for a rejected charge's exit: that car left long
     ago, `gate_commanded` false). 409 `already_resolved`; 409 `no_open_stay` when no car
     with that plate is parked there (check the plate, or open the gate by hand)."""
@@ -230,7 +231,7 @@ async def resolve_exception(
             runtime.lanes.service,
             operator,
             exception_id,
-            resolution.plate,
+            resolution.identity,
             datetime.now(UTC),
         )
     await service.apply(runtime, effect)

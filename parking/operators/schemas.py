@@ -11,16 +11,18 @@ from pydantic import (
     Field,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
 from billing.money import PositiveFen
+from gate_controller.protocol import PlateColor
 from parking.car_parks.schemas import (
     CAR_PARK_NAME_MAX_CHARS,
     CODE_PATTERN,
     CarParkOccupancy,
     printable_name,
 )
-from plate_recognition.grammar import is_valid, normalise
+from plate_recognition.grammar import is_valid, normalise, plate_color_guess
 
 # PostgreSQL text cannot hold NUL: refused here rather than failing in the database.
 _NO_NUL = r"^[^\x00]*$"
@@ -179,7 +181,12 @@ class LaneException(BaseModel):
 
 
 class Resolution(_Request):
+    """The vehicle an attendant names for a held capture: its characters and its plate's colour
+    (a blue and a yellow 浙A12345 are two vehicles, and the camera's colour is only its guess),
+    which only a green plate's eight characters may leave out."""
+
     plate: str
+    color: PlateColor | None = None
 
     @field_validator("plate")
     @classmethod
@@ -188,6 +195,24 @@ class Resolution(_Request):
         if plate is None or not is_valid(plate):
             raise ValueError("not a valid Chinese licence plate")
         return plate
+
+    @model_validator(mode="after")
+    def _colour_named(self) -> "Resolution":
+        if self.color is None and plate_color_guess(self.plate) is None:
+            raise ValueError(
+                "give the plate's colour (color: blue, yellow, white or black): a blue and a "
+                "yellow plate of the same characters are two vehicles"
+            )
+        if self.color is not None and not is_valid(self.plate, self.color):
+            raise ValueError(f"{self.plate} is not a valid {self.color} plate")
+        return self
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        """(plate, colour): the colour named, else the one the characters settle."""
+        color = self.color or plate_color_guess(self.plate)
+        assert color is not None  # _colour_named
+        return self.plate, color
 
 
 class Resolved(BaseModel):

@@ -28,7 +28,6 @@ from parking.gates import repository as gates_repo
 from parking.gates.commands import publish_command
 from parking.lanes import repository as lanes_repo
 from parking.lanes.reading import operator_reading
-from parking.lanes.rules import identity_color
 from parking.lanes.service import LaneService
 from parking.logging import get_logger, mask_plate
 from parking.occupancy.service import Occupancy
@@ -58,7 +57,7 @@ from parking.operators.schemas import (
     TariffVersion,
 )
 from parking.runtime import Runtime
-from plate_recognition.grammar import normalise, plate_color_guess
+from plate_recognition.grammar import normalise
 
 log = get_logger(__name__)
 
@@ -358,11 +357,9 @@ async def exception_image(
     return image
 
 
-def _held_capture(held: repo.HeldCapture, plate: str) -> Capture:
-    """The held capture as the lane saw it. The decision takes the plate from the reading and
-    only the colour from the camera read, so the camera's colour (or the grammar's guess) is
-    all that is rebuilt of it."""
-    color = held.plate_color or plate_color_guess(plate)
+def _held_capture(held: repo.HeldCapture, plate: str, color: str | None) -> Capture:
+    """The held capture as the lane decides it again: the vehicle (plate, colour) as a person
+    named it, the rest as the gate sent it."""
     return Capture(
         capture_id=held.capture_id,
         seq=held.seq,
@@ -382,12 +379,13 @@ async def resolve_exception(
     lanes: LaneService,
     principal: Principal,
     exception_id: int,
-    plate: str,
+    identity: tuple[str, str],
     now: datetime,
 ) -> tuple[Resolved, GateEffect]:
-    """The attendant gives the plate of a held capture: it is decided again, as the lane decides
-    any capture, with the plate as a certain read; the capture row and the exception record
-    the new decision in the caller's transaction."""
+    """The attendant names the vehicle of a held capture, plate and colour: it is decided again,
+    as the lane decides any capture, with that vehicle as a certain read; the capture row and
+    the exception record the new decision in the caller's transaction."""
+    plate, color = identity
     held = await repo.exception_for_update(conn, _operator_id(principal), exception_id)
     if held is None:
         raise NotFound("exception")
@@ -398,10 +396,8 @@ async def resolve_exception(
     gate = await lanes_repo.load_gate(conn, held.lot, held.gate)
     if gate is None:  # the exception's gate is a foreign key: this cannot happen
         raise NotFound("gate")
-    # The vehicle is the plate with the colour the camera saw (the grammar's when it saw none).
-    color = identity_color(plate, held.plate_color)
     decision = await lanes.decide(
-        conn, gate, _held_capture(held, plate), operator_reading(plate, color), now
+        conn, gate, _held_capture(held, plate, color), operator_reading(plate, color), now
     )
     if decision.outcome in _STILL_AN_EXCEPTION:
         raise AppError(
@@ -420,6 +416,7 @@ async def resolve_exception(
         conn,
         held.capture_id,
         plate=decision.plate,
+        plate_color=color,
         plate_source="operator",
         match_status=decision.match_status,
         outcome=decision.outcome,
