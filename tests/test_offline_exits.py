@@ -130,3 +130,52 @@ async def test_a_live_exit_of_the_same_kind_still_holds(
     await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
     command = await gate.decide(lot.code, "out1", gate.capture("out", plate))
     assert (command["action"], command["fee_fen"]) == ("hold", 1200)
+
+
+async def test_an_offline_exit_uploaded_after_the_car_came_back_in_leaves_its_new_stay_alone(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The car came in 3 h ago, left 2 h ago through an exit that could not reach us (it opened
+    by itself) and came back in 90 minutes ago, superseding its first stay. When the exit's
+    upload arrives, its time is before the new stay's entry: it ended the first stay, not the
+    one of the car now inside. Before, the new stay was closed and charged while the car was
+    parked, the first never, and the car's real exit found no entry record."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=3))
+    upload = gate.capture("out", driver.plate).model_copy(
+        update={
+            "offline": True,
+            "offline_action": "open",
+            "captured_at": datetime.now(UTC) - timedelta(hours=2),
+        }
+    )
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=90))
+    async with runtime.pool.acquire() as conn:
+        first, second = await conn.fetch(
+            "SELECT id, status FROM sessions WHERE car_park_id = $1 AND plate = $2 ORDER BY id",
+            lot.id,
+            driver.plate,
+        )
+    assert (first["status"], second["status"]) == ("superseded", "open")
+
+    command = await gate.decide(lot.code, "out1", upload)
+    assert command["action"] == "open"  # the car left long ago
+    async with runtime.pool.acquire() as conn:
+        statuses = await conn.fetch(
+            "SELECT status FROM sessions WHERE car_park_id = $1 AND plate = $2 ORDER BY id",
+            lot.id,
+            driver.plate,
+        )
+        exception = await conn.fetchrow(
+            "SELECT reason, candidates FROM lane_exceptions WHERE capture_id = $1",
+            upload.capture_id,
+        )
+    assert [s["status"] for s in statuses] == ["superseded", "open"]
+    assert await charges_of(runtime, lot) == []
+    assert exception["reason"] == "offline_exit"
+    assert exception["candidates"][0]["session_id"] == first["id"]
+
+    # The car, still inside, leaves: its stay is found and charged once.
+    leaving = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+    assert (leaving["action"], leaving["fee_fen"]) == ("open", 1200)
+    assert [r["session_id"] for r in await charges_of(runtime, lot)] == [second["id"]]
