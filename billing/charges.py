@@ -236,6 +236,19 @@ async def discard_unconfirmed(conn: asyncpg.Connection, charge_id: int) -> Uncon
     return UnconfirmedCharge(**dict(row)) if row else None
 
 
+async def cancel_unconfirmed(conn: asyncpg.Connection, charge_id: int) -> bool:
+    """A charge still awaiting verification or confirmation that is not owed after all (an
+    operator agreed with the driver's "not my car"): cancelled, with nothing to reverse (its
+    fee is accrued only when it is confirmed). False when it no longer awaits."""
+    cancelled = await conn.fetchval(
+        """UPDATE charges SET status = 'cancelled'
+           WHERE id = $1 AND status IN ('awaiting_verification', 'awaiting_confirmation')
+           RETURNING id""",
+        charge_id,
+    )
+    return cancelled is not None
+
+
 def accrual_lines(account_id: int, car_park_id: int, amount_fen: int) -> list[tuple[str, int]]:
     """The fee accrued at a pay-later exit: the driver owes it, the car park earned it."""
     return [(ledger.receivable(account_id), amount_fen), (ledger.revenue(car_park_id), -amount_fen)]

@@ -26,6 +26,7 @@ from tests.conftest import (
     Lot,
     backdate_entry,
     bearer,
+    driver_token,
     enter,
     eventually,
     make_driver,
@@ -499,6 +500,49 @@ async def test_a_rejected_charge_charges_nobody_and_the_exit_waits_for_the_right
         "open",
         FRAME,
     )
+
+
+async def test_not_my_car_on_a_charge_awaiting_confirmation_is_decided_in_the_dispute(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """The app shows the stay "awaiting the car park" with its "not my car" button: before,
+    tapping it was refused as a debt, and the charge was collected once an operator confirmed
+    it. Now the dispute holds it and decides it: the confirmation queue refuses it meanwhile."""
+    for outcome, status, accrued in (
+        ("driver_right", "cancelled", 0),
+        ("charge_stands", "pending", 1),
+    ):
+        driver, (charge,) = await _awaiting(runtime, gate, lot)
+        as_driver = bearer(driver_token(app, driver.account_id))
+        opened = await api.post(
+            f"/api/v1/me/stays/{charge['session_id']}/dispute", headers=as_driver
+        )
+        assert opened.status_code == 200, opened.text
+        assert (opened.json()["status"], opened.json()["held"]) == ("open", True)
+
+        admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+        confirm = await api.post(
+            f"/api/v1/operator/confirmations/{charge['id']}/confirm",
+            json={"reason": "both frames show the bound car"},
+            headers=admin,
+        )
+        assert (confirm.status_code, confirm.json()["error"]["code"]) == (409, "charge_disputed")
+
+        decided = await api.post(
+            f"/api/v1/operator/disputes/{opened.json()['id']}/decision",
+            json={"outcome": outcome, "note": "looked at both frames"},
+            headers=admin,
+        )
+        assert decided.status_code == 200, decided.text
+        (after,) = await _charges(runtime, driver)
+        assert after["status"] == status
+        assert await _jobs(runtime, charge["id"]) == accrued
+        async with runtime.pool.acquire() as conn:
+            lines = await conn.fetchval(
+                "SELECT count(*) FROM ledger_entries WHERE charge_id = $1 AND kind = 'fee_accrued'",
+                charge["id"],
+            )
+        assert lines == 2 * accrued, "accrued once when the charge stands, never when cancelled"
 
 
 async def test_deciding_a_rejected_exit_again_commands_no_gate(

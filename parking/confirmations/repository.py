@@ -93,6 +93,15 @@ async def charge_for_update(
     return AwaitingCharge(**dict(row)) if row else None
 
 
+async def disputed(conn: asyncpg.Connection, charge_id: int) -> bool:
+    """Whether the driver's "not my car" on the charge is open (parking/disputes/)."""
+    return bool(
+        await conn.fetchval(
+            "SELECT 1 FROM charge_disputes WHERE charge_id = $1 AND status = 'open'", charge_id
+        )
+    )
+
+
 async def reopen_stay(conn: asyncpg.Connection, session_id: int) -> bool | None:
     """Opens the stay again, its entry no longer taken as certain nor proven (an operator
     disowned the charge: the next exit's charge waits for the frames or a person), unless its

@@ -99,6 +99,12 @@ async def _awaiting(
         raise AppError(
             409, "not_awaiting_confirmation", "this charge is no longer awaiting confirmation"
         )
+    if await repo.disputed(conn, charge_id):
+        raise AppError(
+            409,
+            "charge_disputed",
+            "the driver says it was not their car: decide it in the disputes queue",
+        )
     return charge
 
 

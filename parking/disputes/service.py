@@ -2,12 +2,16 @@
 decides with both frames in front of them.
 
 - Opened on a charge not yet sent, the charge is held: the outbox worker does not send it
-  (`billing.charges.begin_sending` takes the charge's lock, as opening a dispute does).
+  (`billing.charges.begin_sending` takes the charge's lock, as opening a dispute does). A
+  charge still awaiting the server's verification or an operator's confirmation is held too:
+  verified, it waits for the dispute; an operator decides it in the dispute, not the
+  confirmation queue.
 - Opened on a charge already collected (or sent), nothing moves until the decision: a refund
   on one tap would let anyone undo their fee without a person looking at the frames.
-- `driver_right`: a held charge is cancelled (its accrual reversed), a collected one refunded
-  in full through `billing.refunds`; the dispute stays listed (`status=driver_right`) for the
-  real car to be found. `charge_stands`: a held charge is released to the provider, once.
+- `driver_right`: a held charge is cancelled (its accrual reversed, if it was accrued), a
+  collected one refunded in full through `billing.refunds`; the dispute stays listed
+  (`status=driver_right`) for the real car to be found. `charge_stands`: a held charge is
+  released to the provider, once (one still awaiting is confirmed: accrued and queued).
 - Each dispute is one per charge (disputing twice is the same dispute), audit-logged, and the
   driver is told both the opening and the outcome.
 """
@@ -33,6 +37,9 @@ from parking.errors import AppError, NotFound
 from parking.logging import get_logger
 
 log = get_logger(__name__)
+
+# A charge not yet booked: the server's reader or an operator has still to vouch for it.
+_AWAITING = ("awaiting_verification", "awaiting_confirmation")
 
 
 def view(row: asyncpg.Record) -> DisputeView:
@@ -62,13 +69,15 @@ async def open_dispute(
     existing = await repo.dispute_of_charge(conn, charge_id)
     if existing is not None:
         return view(existing)
-    if charge["status"] not in ("pending", "succeeded"):
+    if charge["status"] == "cancelled":
+        raise AppError(409, "charge_not_disputable", "this charge was cancelled: nothing is owed")
+    if charge["status"] not in ("pending", "succeeded", *_AWAITING):
         raise AppError(
             409,
             "charge_not_disputable",
             "this fee was not collected and is owed as a debt: contact the car park",
         )
-    held = (
+    held = charge["status"] in _AWAITING or (
         charge["status"] == "pending"
         and charge["sent_at"] is None
         and charge["submitted_at"] is None
@@ -259,10 +268,17 @@ async def decide(
                     "the provider has the charge and has not answered yet: decide once it has",
                 )
             effect = "cancelled"
+        elif charge["status"] in _AWAITING:
+            await charges.cancel_unconfirmed(conn, charge["id"])
+            effect = "cancelled"
         else:
             raise AppError(
                 409, "charge_not_disputable", f"the charge is {charge['status']}: nothing to undo"
             )
+    elif charge["status"] in _AWAITING:
+        # The operator saw both frames: the charge is confirmed, once.
+        await charges.confirm(conn, charge["id"], awaiting=charge["status"])
+        effect = "confirmed"
     elif row["held"] and charge["status"] == "pending":
         await charges.release_held(conn, charge["id"])
         effect = "released"
