@@ -546,6 +546,12 @@ async def cancel_unsent(conn: asyncpg.Connection, charge_id: int) -> ChargeJob |
     )
     if cancelled is None:
         return None
+    return await reverse_accrual(conn, charge_id)
+
+
+async def reverse_accrual(conn: asyncpg.Connection, charge_id: int) -> ChargeJob:
+    """The charge's fee is not owed after all (cancelled before it was sent, or its debt
+    waived): the accrual is reversed by a `fee_cancelled` transaction."""
     job = await load_job(conn, charge_id)
     assert job is not None
     await ledger.post(

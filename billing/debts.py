@@ -35,6 +35,13 @@ class Debt:
     created_at: datetime
 
 
+# A debt whose charge the driver disputes ("not my car", parking/disputes/) is on hold until an
+# operator decides: it blocks no pay-later, is not reminded of, asked for at a gate nor paid in
+# the app. `{d}`: the debts row's alias.
+UNDISPUTED = """NOT EXISTS (SELECT 1 FROM charge_disputes held_by
+    WHERE held_by.charge_id = {d}.charge_id AND held_by.status = 'open')"""
+
+
 async def _lock_account(conn: asyncpg.Connection, account_id: int) -> None:
     """Serialises every change of an account's debts, so that the arrears flag written last
     sees every debt committed before it."""
@@ -53,7 +60,7 @@ async def open_debt(
         charge_id,
         amount_fen,
     )
-    await conn.execute("UPDATE accounts SET blocked_for_arrears = true WHERE id = $1", account_id)
+    await _refresh_arrears(conn, account_id)
 
 
 async def open_stay_debt(
@@ -78,8 +85,9 @@ async def open_debts(
 ) -> list[Debt]:
     lock_clause = "FOR UPDATE" if lock else ""
     rows = await conn.fetch(
-        f"""SELECT id, account_id, charge_id, amount_fen, created_at FROM debts
-            WHERE account_id = $1 AND settled_at IS NULL ORDER BY id {lock_clause}""",
+        f"""SELECT id, account_id, charge_id, amount_fen, created_at FROM debts d
+            WHERE account_id = $1 AND settled_at IS NULL AND {UNDISPUTED.format(d="d")}
+            ORDER BY id {lock_clause}""",
         account_id,
     )
     return [Debt(**dict(r)) for r in rows]
@@ -101,12 +109,7 @@ async def settle(
         payment_id,
         debt_ids,
     )
-    await conn.execute(
-        """UPDATE accounts SET blocked_for_arrears = EXISTS (
-               SELECT 1 FROM debts WHERE account_id = $1 AND settled_at IS NULL)
-           WHERE id = $1""",
-        account_id,
-    )
+    await _refresh_arrears(conn, account_id)
     return settled
 
 
@@ -120,13 +123,45 @@ async def settle_by_charge(conn: asyncpg.Connection, account_id: int, charge_id:
            WHERE charge_id = $1 AND settled_at IS NULL RETURNING id""",
         charge_id,
     )
+    await _refresh_arrears(conn, account_id)
+    return settled is not None
+
+
+async def _refresh_arrears(conn: asyncpg.Connection, account_id: int) -> None:
+    """Pay-later is blocked while a debt is open and not disputed (the account is locked)."""
     await conn.execute(
-        """UPDATE accounts SET blocked_for_arrears = EXISTS (
-               SELECT 1 FROM debts WHERE account_id = $1 AND settled_at IS NULL)
-           WHERE id = $1""",
+        f"""UPDATE accounts SET blocked_for_arrears = EXISTS (
+               SELECT 1 FROM debts d WHERE d.account_id = $1 AND d.settled_at IS NULL
+                 AND {UNDISPUTED.format(d="d")})
+            WHERE id = $1""",
         account_id,
     )
-    return settled is not None
+
+
+async def refresh_arrears(conn: asyncpg.Connection, account_id: int) -> None:
+    """After a dispute of a debt's charge opened or was decided: the arrears block follows."""
+    await _lock_account(conn, account_id)
+    await _refresh_arrears(conn, account_id)
+
+
+async def open_debt_of_charge(conn: asyncpg.Connection, charge_id: int) -> bool:
+    """Whether the failed charge's debt is still owed (not paid, not waived)."""
+    return bool(
+        await conn.fetchval(
+            "SELECT 1 FROM debts WHERE charge_id = $1 AND settled_at IS NULL", charge_id
+        )
+    )
+
+
+async def waive(conn: asyncpg.Connection, charge_id: int) -> bool:
+    """An operator agreed the failed charge was not the driver's car: its debt is waived
+    (settled by nobody). The caller reverses the fee's accrual. False when none was open."""
+    waived = await conn.fetchval(
+        """UPDATE debts SET settled_at = now(), waived = true
+           WHERE charge_id = $1 AND settled_at IS NULL RETURNING id""",
+        charge_id,
+    )
+    return waived is not None
 
 
 async def send_reminders(
@@ -140,15 +175,16 @@ async def send_reminders(
     """Queues one reminder per account whose oldest unreminded debt is due; returns how many.
     Runs in the caller's transaction; the notification outbox sends them after commit."""
     rows = await conn.fetch(
-        """WITH due AS (
-               SELECT DISTINCT account_id FROM debts
-               WHERE settled_at IS NULL
+        f"""WITH due AS (
+               SELECT DISTINCT account_id FROM debts u
+               WHERE settled_at IS NULL AND {UNDISPUTED.format(d="u")}
                  AND COALESCE(last_reminded_at, created_at) <= $1::timestamptz - $2::interval
                ORDER BY account_id LIMIT $3)
            SELECT d.account_id, sum(d.amount_fen)::bigint AS total, count(*) AS n,
                   max(d.reminders_sent) AS sent
            FROM debts d JOIN due USING (account_id)
-           WHERE d.settled_at IS NULL GROUP BY d.account_id""",
+           WHERE d.settled_at IS NULL AND {UNDISPUTED.format(d="d")}
+           GROUP BY d.account_id""",
         now,
         every,
         limit,
@@ -164,8 +200,8 @@ async def send_reminders(
             ),
         )
         await conn.execute(
-            """UPDATE debts SET reminders_sent = reminders_sent + 1, last_reminded_at = $2
-               WHERE account_id = $1 AND settled_at IS NULL""",
+            f"""UPDATE debts d SET reminders_sent = reminders_sent + 1, last_reminded_at = $2
+                WHERE account_id = $1 AND settled_at IS NULL AND {UNDISPUTED.format(d="d")}""",
             row["account_id"],
             now,
         )

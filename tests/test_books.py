@@ -9,16 +9,21 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from billing import debts, ledger, reconcile, refunds, reports
 from parking.runtime import ProviderEndpoint, Runtime
 from tests.conftest import (
     Lot,
+    bearer,
     charges_of,
     driver_in_debt,
+    driver_token,
     eventually,
     exit_after,
     make_driver,
+    make_staff,
+    staff_token,
     unique_plate,
 )
 from tests.gates import GateProbe
@@ -218,3 +223,70 @@ async def test_the_application_role_cannot_update_or_delete_the_ledger(
                         async with conn.transaction():
                             await conn.execute(statement)
                 raise Rollback
+
+
+async def test_not_my_car_on_a_failed_charge_holds_its_debt_until_an_operator_decides(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """A declined charge is a debt that blocks pay-later. Before, its "not my car" was refused
+    ("owed as a debt: contact the car park"): a stranger's declined charge left the wrong driver
+    blocked. Now the dispute puts the debt on hold (no block, no reminder) until an admin
+    decides: the driver right, the debt is waived and its accrual reversed; the charge
+    standing, it is owed again."""
+    admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+    for outcome, blocked_after, waived in (
+        ("driver_right", False, True),
+        ("charge_stands", True, False),
+    ):
+        driver = await driver_in_debt(runtime, gate, lot)
+        async with runtime.pool.acquire() as conn:
+            charge = await conn.fetchrow(
+                "SELECT id, session_id, status FROM charges WHERE account_id = $1",
+                driver.account_id,
+            )
+        assert charge["status"] == "failed"
+        opened = await api.post(
+            f"/api/v1/me/stays/{charge['session_id']}/dispute",
+            headers=bearer(driver_token(app, driver.account_id)),
+        )
+        assert opened.status_code == 200, opened.text
+        assert (opened.json()["status"], opened.json()["held"]) == ("open", True)
+        async with runtime.pool.acquire() as conn, conn.transaction():
+            assert not await conn.fetchval(
+                "SELECT blocked_for_arrears FROM accounts WHERE id = $1", driver.account_id
+            )
+            await debts.send_reminders(
+                conn, every=timedelta(days=3), now=datetime.now(UTC) + timedelta(days=40)
+            )
+            reminded = await conn.fetchval(
+                "SELECT count(*) FROM notifications WHERE account_id = $1"
+                " AND kind = 'debt_reminder'",
+                driver.account_id,
+            )
+        assert reminded == 0
+
+        decided = await api.post(
+            f"/api/v1/operator/disputes/{opened.json()['id']}/decision",
+            json={"outcome": outcome, "note": "looked at both frames"},
+            headers=admin,
+        )
+        assert decided.status_code == 200, decided.text
+        async with runtime.pool.acquire() as conn:
+            blocked = await conn.fetchval(
+                "SELECT blocked_for_arrears FROM accounts WHERE id = $1", driver.account_id
+            )
+            debt = await conn.fetchrow(
+                "SELECT settled_at, waived FROM debts WHERE charge_id = $1", charge["id"]
+            )
+            owed = await conn.fetchval(
+                "SELECT COALESCE(sum(amount_fen), 0) FROM ledger_entries"
+                " WHERE charge_id = $1 AND ledger_account = $2",
+                charge["id"],
+                f"receivable:account:{driver.account_id}",
+            )
+        assert (blocked, debt["waived"], debt["settled_at"] is not None) == (
+            blocked_after,
+            waived,
+            waived,
+        )
+        assert owed == (0 if waived else 600), "the driver owes the fee only if it stands"

@@ -8,6 +8,9 @@ decides with both frames in front of them.
   confirmation queue.
 - Opened on a charge already collected (or sent), nothing moves until the decision: a refund
   on one tap would let anyone undo their fee without a person looking at the frames.
+- A failed charge is a debt that blocks pay-later: disputed while it is owed, the debt is on
+  hold (no block, no reminder, not asked for at a gate) until the decision: `driver_right`
+  waives it (the accrual reversed), `charge_stands` makes it owed again.
 - `driver_right`: a held charge is cancelled (its accrual reversed, if it was accrued), a
   collected one refunded in full through `billing.refunds`; the dispute stays listed
   (`status=driver_right`) for the real car to be found. `charge_stands`: a held charge is
@@ -20,7 +23,7 @@ from uuid import UUID
 
 import asyncpg
 
-from billing import audit, charges, notifications, refunds
+from billing import audit, charges, debts, notifications, refunds
 from billing.tariff import format_fen
 from parking.auth.principal import Principal
 from parking.confirmations.schemas import CameraReadSummary
@@ -71,13 +74,13 @@ async def open_dispute(
         return view(existing)
     if charge["status"] == "cancelled":
         raise AppError(409, "charge_not_disputable", "this charge was cancelled: nothing is owed")
-    if charge["status"] not in ("pending", "succeeded", *_AWAITING):
+    if charge["status"] == "failed" and not await debts.open_debt_of_charge(conn, charge_id):
         raise AppError(
             409,
             "charge_not_disputable",
-            "this fee was not collected and is owed as a debt: contact the car park",
+            "this fee was paid as a debt: contact the car park",
         )
-    held = charge["status"] in _AWAITING or (
+    held = charge["status"] in (*_AWAITING, "failed") or (
         charge["status"] == "pending"
         and charge["sent_at"] is None
         and charge["submitted_at"] is None
@@ -91,6 +94,9 @@ async def open_dispute(
         via=via,
         held=held,
     )
+    if charge["status"] == "failed":
+        # Its debt is on hold: pay-later comes back unless another debt is open.
+        await debts.refresh_arrears(conn, account_id)
     await audit.record(
         conn,
         actor=f"account:{account_id}",
@@ -271,6 +277,9 @@ async def decide(
         elif charge["status"] in _AWAITING:
             await charges.cancel_unconfirmed(conn, charge["id"])
             effect = "cancelled"
+        elif charge["status"] == "failed" and await debts.waive(conn, charge["id"]):
+            await charges.reverse_accrual(conn, charge["id"])
+            effect = "cancelled"
         else:
             raise AppError(
                 409, "charge_not_disputable", f"the charge is {charge['status']}: nothing to undo"
@@ -292,6 +301,9 @@ async def decide(
     )
     if decided is None:  # the row lock above rules this out
         raise AppError(409, "already_decided", "this dispute has already been decided")
+    if charge["status"] == "failed":
+        # A debt the charge stands for is owed again (blocking pay-later); a waived one is not.
+        await debts.refresh_arrears(conn, row["account_id"])
     await audit.record(
         conn,
         actor=principal.actor,

@@ -8,6 +8,8 @@ from typing import Any
 
 import asyncpg
 
+from billing import debts
+
 # The stays a driver may see: those of a vehicle (plate and colour; a stay whose colour was not
 # read counts as any colour's) while it was bound to the account (a new
 # binding sees no history from before it; a stay charged to someone else is theirs), and every
@@ -178,8 +180,8 @@ async def active_agreement(conn: asyncpg.Connection, account_id: int) -> asyncpg
 
 async def open_debt_total(conn: asyncpg.Connection, account_id: int) -> int:
     total: int = await conn.fetchval(
-        """SELECT COALESCE(sum(amount_fen), 0)::bigint FROM debts
-           WHERE account_id = $1 AND settled_at IS NULL""",
+        f"""SELECT COALESCE(sum(amount_fen), 0)::bigint FROM debts d
+            WHERE account_id = $1 AND settled_at IS NULL AND {debts.UNDISPUTED.format(d="d")}""",
         account_id,
     )
     return total
@@ -238,11 +240,12 @@ async def refunds_of_stay(conn: asyncpg.Connection, stay_id: int) -> list[asyncp
 
 async def open_debts(conn: asyncpg.Connection, account_id: int) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await conn.fetch(
-        """SELECT d.id, cp.name AS car_park, s.id AS stay_id, s.entered_at, s.exited_at,
+        f"""SELECT d.id, cp.name AS car_park, s.id AS stay_id, s.entered_at, s.exited_at,
                   d.amount_fen, d.created_at
            FROM debts d
            JOIN sessions s ON s.id = d.session_id JOIN car_parks cp ON cp.id = s.car_park_id
-           WHERE d.account_id = $1 AND d.settled_at IS NULL ORDER BY d.created_at, d.id""",
+           WHERE d.account_id = $1 AND d.settled_at IS NULL AND {debts.UNDISPUTED.format(d="d")}
+           ORDER BY d.created_at, d.id""",
         account_id,
     )
     return rows

@@ -7,7 +7,7 @@ from uuid import UUID
 
 import asyncpg
 
-from billing import fees
+from billing import debts, fees
 from billing.rights import RightTerms, Validation
 from billing.tariff import Tariff
 from parking.rights import repository as rights_repo
@@ -65,11 +65,12 @@ class OpenSession:
 # a stay beginning at `{entered_at}`: a plate's owner is never charged for another colour's
 # vehicle, and a binding or agreement made after the car came in does not pay for its stay
 # (it pays at the gate).
-_PAY_LATER_COLUMNS = """a.id AS account_id, pa.id AS agreement_id, pa.per_session_limit_fen,
+_PAY_LATER_COLUMNS = f"""a.id AS account_id, pa.id AS agreement_id, pa.per_session_limit_fen,
     a.blocked_for_arrears,
     CASE WHEN a.blocked_for_arrears THEN
         (SELECT COALESCE(sum(d.amount_fen), 0)::bigint FROM debts d
-         WHERE d.account_id = a.id AND d.settled_at IS NULL) ELSE 0 END AS debt_fen,
+         WHERE d.account_id = a.id AND d.settled_at IS NULL AND {debts.UNDISPUTED.format(d="d")})
+        ELSE 0 END AS debt_fen,
     ps.state AS service_state"""
 _PAY_LATER_JOINS = """
     LEFT JOIN plate_bindings b ON b.plate = {plate} AND b.color = {color}
