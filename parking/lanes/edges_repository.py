@@ -75,25 +75,6 @@ async def live_neighbours(
     return row["before"], row["after"]
 
 
-async def superseded_stay_before(
-    conn: asyncpg.Connection, car_park_id: int, plate: str, color: str, at: datetime
-) -> int | None:
-    """The vehicle's latest stay here that had begun by `at` and was superseded (its exit
-    missed, a later entry of the plate opened the stay now open): an offline exit captured at
-    `at`, before the open stay's entry, is that stay's."""
-    found: int | None = await conn.fetchval(
-        """SELECT id FROM sessions
-           WHERE car_park_id = $1 AND plate = $2 AND plate_color = $3
-             AND status = 'superseded' AND entered_at <= $4
-           ORDER BY entered_at DESC LIMIT 1""",
-        car_park_id,
-        plate,
-        color,
-        at,
-    )
-    return found
-
-
 async def supersede_unpaid(
     conn: asyncpg.Connection,
     *,

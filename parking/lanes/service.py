@@ -273,19 +273,6 @@ class LaneService:
         resolution = resolved.resolution
         ranked = resolution.ranked
         earliest_at = None
-        stay, identity = resolved.session, resolution.identity
-        if (
-            capture.offline
-            and stay is not None
-            and identity is not None
-            and capture.captured_at < stay.entered_at - self.clock_tolerance
-            and (
-                earlier := await edges_repo.superseded_stay_before(
-                    conn, gate.car_park_id, *identity, capture.captured_at
-                )
-            )
-        ):
-            return await self._earlier_stays_exit(conn, gate, capture, identity[0], earlier, now)
         if capture.offline:
             # A gate's clock is not trusted blindly: bounded by what the server can prove.
             taken = await self._gate_time(conn, gate, capture, now, resolved.session)
@@ -443,38 +430,6 @@ class LaneService:
         return Decision(
             "exited_offline_unpaid", command, plate, session.id, occupancy_delta, None, fee, None
         )
-
-    async def _earlier_stays_exit(
-        self,
-        conn: asyncpg.Connection,
-        gate: GateInfo,
-        capture: Capture,
-        plate: str,
-        earlier: int,
-        now: datetime,
-    ) -> Decision:
-        """An offline exit uploaded after the car came back in: it ended the stay the new entry
-        superseded, not the one open now (the car is inside). The open stay is left alone and
-        an operator settles the earlier one, whose exit is now known."""
-        await repo.insert_exception(
-            conn,
-            capture_id=capture.capture_id,
-            capture_captured_at=capture.captured_at,
-            car_park_id=gate.car_park_id,
-            gate_id=gate.gate_id,
-            reason="offline_exit",
-            candidates=[
-                {
-                    "plate": plate,
-                    "kind": "stay",
-                    "session_id": earlier,
-                    "held_because": "exit_of_a_superseded_stay",
-                }
-            ],
-            image=None,
-        )
-        command = self._command(capture, now, "open", [plate, "一路顺风"], None)
-        return Decision("exited_offline_unpaid", command, plate, earlier, 0, None, None, None)
 
     async def _gate_time(
         self,
