@@ -1,5 +1,9 @@
 """Arrears: a charge that finally failed is a debt of its account.
 
+A debt is settled by a payment, by its own charge when the provider's success comes late, or
+waived when an operator agrees with the driver's "not my car" (while that dispute is open the
+debt is on hold: `UNDISPUTED`).
+
 While an account has an open debt it loses pay-later (the exit holds and shows the debt with
 the stay's fee, collected together through the gate's QR code), the driver can settle in the
 app, and reminders go out at a fixed interval. The receivable of a debt stays open in the
@@ -97,12 +101,15 @@ async def settle(
     conn: asyncpg.Connection, account_id: int, payment_id: int, debt_ids: list[int]
 ) -> int:
     """Settles the listed debts that are still open with a payment; returns the fen settled.
-    Pay-later comes back when nothing is left open (checked even with no debts listed)."""
+    A debt disputed since the payment was priced is left on hold (the caller refunds what was
+    paid for it). Pay-later comes back when nothing is left open (checked even with no debts
+    listed)."""
     await _lock_account(conn, account_id)
     settled: int = await conn.fetchval(
-        """WITH settled AS (
-               UPDATE debts SET settled_at = now(), payment_id = $2
+        f"""WITH settled AS (
+               UPDATE debts d SET settled_at = now(), payment_id = $2
                WHERE account_id = $1 AND id = ANY($3::bigint[]) AND settled_at IS NULL
+                 AND {UNDISPUTED.format(d="d")}
                RETURNING amount_fen)
            SELECT COALESCE(sum(amount_fen), 0)::bigint FROM settled""",
         account_id,
@@ -144,8 +151,10 @@ async def refresh_arrears(conn: asyncpg.Connection, account_id: int) -> None:
     await _refresh_arrears(conn, account_id)
 
 
-async def open_debt_of_charge(conn: asyncpg.Connection, charge_id: int) -> bool:
-    """Whether the failed charge's debt is still owed (not paid, not waived)."""
+async def open_debt_of_charge(conn: asyncpg.Connection, account_id: int, charge_id: int) -> bool:
+    """Whether the failed charge's debt is still owed (not paid, not waived), under the
+    account's lock: a payment settling it waits until the caller's transaction ends."""
+    await _lock_account(conn, account_id)
     return bool(
         await conn.fetchval(
             "SELECT 1 FROM debts WHERE charge_id = $1 AND settled_at IS NULL", charge_id
@@ -153,9 +162,10 @@ async def open_debt_of_charge(conn: asyncpg.Connection, charge_id: int) -> bool:
     )
 
 
-async def waive(conn: asyncpg.Connection, charge_id: int) -> bool:
+async def waive(conn: asyncpg.Connection, account_id: int, charge_id: int) -> bool:
     """An operator agreed the failed charge was not the driver's car: its debt is waived
     (settled by nobody). The caller reverses the fee's accrual. False when none was open."""
+    await _lock_account(conn, account_id)
     waived = await conn.fetchval(
         """UPDATE debts SET settled_at = now(), waived = true
            WHERE charge_id = $1 AND settled_at IS NULL RETURNING id""",

@@ -264,6 +264,11 @@ async def test_not_my_car_on_a_failed_charge_holds_its_debt_until_an_operator_de
                 driver.account_id,
             )
         assert reminded == 0
+        async with runtime.pool.acquire() as conn, conn.transaction():
+            # A payment priced before the dispute (a QR code at a gate, the app's) and paid
+            # after it settles nothing of the disputed debt: what was paid for it is overpaid.
+            debt_id = await conn.fetchval("SELECT id FROM debts WHERE charge_id = $1", charge["id"])
+            assert await debts.settle(conn, driver.account_id, -1, [debt_id]) == 0
 
         decided = await api.post(
             f"/api/v1/operator/disputes/{opened.json()['id']}/decision",

@@ -508,9 +508,10 @@ async def test_not_my_car_on_a_charge_awaiting_confirmation_is_decided_in_the_di
     """The app shows the stay "awaiting the car park" with its "not my car" button: before,
     tapping it was refused as a debt, and the charge was collected once an operator confirmed
     it. Now the dispute holds it and decides it: the confirmation queue refuses it meanwhile."""
-    for outcome, status, accrued in (
-        ("driver_right", "cancelled", 0),
-        ("charge_stands", "pending", 1),
+    for outcome, statuses, accrued in (
+        ("driver_right", ("cancelled",), 0),
+        # Queued: the running worker may have collected it already.
+        ("charge_stands", ("pending", "succeeded"), 1),
     ):
         driver, (charge,) = await _awaiting(runtime, gate, lot)
         as_driver = bearer(driver_token(app, driver.account_id))
@@ -535,7 +536,7 @@ async def test_not_my_car_on_a_charge_awaiting_confirmation_is_decided_in_the_di
         )
         assert decided.status_code == 200, decided.text
         (after,) = await _charges(runtime, driver)
-        assert after["status"] == status
+        assert after["status"] in statuses
         assert await _jobs(runtime, charge["id"]) == accrued
         async with runtime.pool.acquire() as conn:
             lines = await conn.fetchval(

@@ -74,7 +74,9 @@ async def open_dispute(
         return view(existing)
     if charge["status"] == "cancelled":
         raise AppError(409, "charge_not_disputable", "this charge was cancelled: nothing is owed")
-    if charge["status"] == "failed" and not await debts.open_debt_of_charge(conn, charge_id):
+    if charge["status"] == "failed" and not await debts.open_debt_of_charge(
+        conn, account_id, charge_id
+    ):
         raise AppError(
             409,
             "charge_not_disputable",
@@ -277,7 +279,9 @@ async def decide(
         elif charge["status"] in _AWAITING:
             await charges.cancel_unconfirmed(conn, charge["id"])
             effect = "cancelled"
-        elif charge["status"] == "failed" and await debts.waive(conn, charge["id"]):
+        elif charge["status"] == "failed" and await debts.waive(
+            conn, row["account_id"], charge["id"]
+        ):
             await charges.reverse_accrual(conn, charge["id"])
             effect = "cancelled"
         else:

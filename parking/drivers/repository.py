@@ -179,9 +179,11 @@ async def active_agreement(conn: asyncpg.Connection, account_id: int) -> asyncpg
 
 
 async def open_debt_total(conn: asyncpg.Connection, account_id: int) -> int:
+    """Everything owed, disputed debts included: what unbinding a plate and deleting the
+    account wait for (a debt whose charge stands must still find its account)."""
     total: int = await conn.fetchval(
-        f"""SELECT COALESCE(sum(amount_fen), 0)::bigint FROM debts d
-            WHERE account_id = $1 AND settled_at IS NULL AND {debts.UNDISPUTED.format(d="d")}""",
+        """SELECT COALESCE(sum(amount_fen), 0)::bigint FROM debts
+           WHERE account_id = $1 AND settled_at IS NULL""",
         account_id,
     )
     return total
