@@ -528,6 +528,8 @@ async def test_not_my_car_on_a_charge_awaiting_confirmation_is_decided_in_the_di
             headers=admin,
         )
         assert (confirm.status_code, confirm.json()["error"]["code"]) == (409, "charge_disputed")
+        queue = await api.get("/api/v1/operator/confirmations", headers=admin)
+        assert charge["id"] not in {c["id"] for c in queue.json()}, "listed among the disputes"
 
         decided = await api.post(
             f"/api/v1/operator/disputes/{opened.json()['id']}/decision",

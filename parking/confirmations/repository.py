@@ -36,6 +36,9 @@ async def awaiting(
            {exit_}
            WHERE c.status = 'awaiting_confirmation' AND cp.operator_id = $1
              AND ($2::bigint IS NULL OR cp.id = $2)
+             -- A charge the driver disputes is decided in the disputes queue.
+             AND NOT EXISTS (SELECT 1 FROM charge_disputes d
+                             WHERE d.charge_id = c.id AND d.status = 'open')
            ORDER BY c.created_at, c.id
            LIMIT $3""",
         operator_id,
