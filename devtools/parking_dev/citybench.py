@@ -53,7 +53,7 @@ import httpx
 import orjson
 import uvloop
 
-from billing import charges, fees, ledger, notifications
+from billing import charges, debts, fees, ledger, notifications
 from billing.charges import new_idempotency_key
 from billing.notifications import exit_charged_text
 from billing.payments import new_out_trade_no, received_lines
@@ -1147,7 +1147,7 @@ async def table_sizes(conn: asyncpg.Connection) -> dict[str, dict[str, int]]:
 async def consistency(conn: asyncpg.Connection) -> dict[str, Any]:
     """The invariants the history (and the replay on top of it) must keep."""
     row = await conn.fetchrow(
-        """SELECT
+        f"""SELECT
              (SELECT count(*) FROM sessions s WHERE s.settlement = 'pay_later'
                 AND NOT EXISTS (SELECT 1 FROM charges c WHERE c.session_id = s.id))
                  AS pay_later_stays_without_charge,
@@ -1164,7 +1164,8 @@ async def consistency(conn: asyncpg.Connection) -> dict[str, Any]:
                                 WHERE c.capture_id = s.exit_capture_id AND c.session_id = s.id))
                  AS exits_without_capture,
              (SELECT count(*) FROM debts d JOIN accounts a ON a.id = d.account_id
-                WHERE d.settled_at IS NULL AND NOT a.blocked_for_arrears)
+                WHERE d.settled_at IS NULL AND NOT a.blocked_for_arrears
+                  AND {debts.UNDISPUTED.format(d="d")})
                  AS open_debts_of_unblocked_accounts,
              (SELECT count(*) FROM captures c WHERE NOT EXISTS (
                 SELECT 1 FROM capture_keys k
