@@ -522,6 +522,11 @@ async def test_not_my_car_on_a_charge_awaiting_confirmation_is_decided_in_the_di
         assert (opened.json()["status"], opened.json()["held"]) == ("open", True)
 
         admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+        inside = await runtime.occupancy.get(lot.id)
+        async with runtime.pool.acquire() as conn:
+            exit_capture = await conn.fetchval(
+                "SELECT exit_capture_id FROM sessions WHERE id = $1", charge["session_id"]
+            )
         confirm = await api.post(
             f"/api/v1/operator/confirmations/{charge['id']}/confirm",
             json={"reason": "both frames show the bound car"},
@@ -546,6 +551,18 @@ async def test_not_my_car_on_a_charge_awaiting_confirmation_is_decided_in_the_di
                 charge["id"],
             )
         assert lines == 2 * accrued, "accrued once when the charge stands, never when cancelled"
+        # The driver right, the stay is disowned as the confirmation queue's reject does: the
+        # doubtful exit read may have been another car's, and this one still inside.
+        disowned = outcome == "driver_right"
+        assert ((driver.plate, "blue") in await _open_stays(runtime, lot)) == disowned
+        assert await runtime.occupancy.get(lot.id) == inside + disowned
+        async with runtime.pool.acquire() as conn:
+            rejected = await conn.fetchval(
+                "SELECT count(*) FROM lane_exceptions WHERE capture_id = $1"
+                " AND reason = 'rejected' AND status = 'open'",
+                exit_capture,
+            )
+        assert rejected == (1 if disowned else 0)
 
 
 async def test_deciding_a_rejected_exit_again_commands_no_gate(

@@ -132,22 +132,26 @@ async def confirm(
 
 
 @dataclass(frozen=True, slots=True)
-class Rejection:
-    decided: Decided
-    car_park_id: int
-    # +1 when the stay was opened again and had been counted in at its entry (after commit).
-    occupancy_delta: int
+class Disowned:
+    """What became of a stay whose unconfirmed charge was not the vehicle's: `counted_in`
+    whether it was reopened and counted in at its entry (None: not reopened), and the exit's
+    'rejected' exception."""
+
+    counted_in: bool | None
+    exception_id: int | None
+
+    @property
+    def occupancy_delta(self) -> int:
+        """+1 after commit when the reopened stay's car counts as inside again."""
+        return 1 if self.counted_in else 0
 
 
-async def reject(
-    conn: asyncpg.Connection, principal: Principal, charge_id: int, reason: str
-) -> Rejection:
-    """The frames do not show the bound vehicle: nobody is charged. The stay is opened again
-    (its car may still be inside; its entry no longer counts as certain) unless its vehicle
-    has another open stay here, in which case it stays closed and nobody's; the exit capture
-    waits in the exception queue ('rejected') for an operator to give the right plate."""
-    charge = await _awaiting(conn, principal, charge_id)
-    await charges.discard_unconfirmed(conn, charge_id)
+async def disown_stay(conn: asyncpg.Connection, charge: repo.AwaitingCharge) -> Disowned:
+    """A charge that was awaiting was not the bound vehicle's (an operator rejected it, or
+    agreed with the driver's "not my car"): its stay is opened again (its car may still be
+    inside; its entry no longer counts as certain nor proven) unless its vehicle has another
+    open stay here, in which case it stays closed and nobody's; the exit capture waits in the
+    exception queue ('rejected') for an operator to give the right plate."""
     counted_in = await repo.reopen_stay(conn, charge.session_id)
     if counted_in is None:
         await repo.unattribute_stay(conn, charge.session_id)
@@ -158,6 +162,26 @@ async def reject(
             charge.exit_capture_id,
             [{"plate": charge.plate, "kind": "rejected", "fee_fen": charge.amount_fen}],
         )
+    return Disowned(counted_in, exception_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    decided: Decided
+    car_park_id: int
+    # +1 when the stay was opened again and had been counted in at its entry (after commit).
+    occupancy_delta: int
+
+
+async def reject(
+    conn: asyncpg.Connection, principal: Principal, charge_id: int, reason: str
+) -> Rejection:
+    """The frames do not show the bound vehicle: nobody is charged, and the stay is disowned
+    (`disown_stay`)."""
+    charge = await _awaiting(conn, principal, charge_id)
+    await charges.discard_unconfirmed(conn, charge_id)
+    disowned = await disown_stay(conn, charge)
+    counted_in, exception_id = disowned.counted_in, disowned.exception_id
     await audit.record(
         conn,
         principal.actor,
@@ -180,4 +204,4 @@ async def reject(
         exception_id=exception_id,
         reopened=counted_in is not None,
     )
-    return Rejection(decided, charge.car_park_id, 1 if counted_in else 0)
+    return Rejection(decided, charge.car_park_id, disowned.occupancy_delta)

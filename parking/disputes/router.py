@@ -58,14 +58,21 @@ async def decide(
     dispute_id: Id,
     decision: Decision,
     admin: OperatorAdminDep,
-    conn: ConnectionDep,
     runtime: RuntimeDep,
 ) -> OperatorDispute:
-    """`driver_right`: a held charge is cancelled, a collected one refunded in full;
-    `charge_stands`: a held charge goes to the provider. Admins; audit-logged; the driver is
-    told. 409 `already_decided`; 409 `charge_in_flight` while the provider has not answered a
-    charge sent before the dispute."""
-    return await service.decide(conn, admin, dispute_id, decision, message_style(runtime.settings))
+    """`driver_right`: a held charge is cancelled (one that was awaiting reopens its stay, as
+    the confirmation queue's reject does), a collected one refunded in full; `charge_stands`:
+    a held charge goes to the provider. Admins; audit-logged; the driver is told. 409
+    `already_decided`; 409 `charge_in_flight` while the provider has not answered a charge
+    sent before the dispute."""
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        decided = await service.decide(
+            conn, admin, dispute_id, decision, message_style(runtime.settings)
+        )
+    if decided.occupancy_delta:
+        # After commit: the reopened stay's car counts as inside again.
+        await runtime.occupancy.adjust(decided.car_park_id, decided.occupancy_delta)
+    return decided.dispute
 
 
 driver_router = APIRouter(prefix="/api/v1/me", tags=["driver"])

@@ -11,7 +11,8 @@ decides with both frames in front of them.
 - A failed charge is a debt that blocks pay-later: disputed while it is owed, the debt is on
   hold (no block, no reminder, not asked for at a gate) until the decision: `driver_right`
   waives it (the accrual reversed), `charge_stands` makes it owed again.
-- `driver_right`: a held charge is cancelled (its accrual reversed, if it was accrued), a
+- `driver_right`: a held charge is cancelled (its accrual reversed, if it was accrued; one
+  that was awaiting disowns its stay as the confirmation queue's reject does), a
   collected one refunded in full through `billing.refunds`; the dispute stays listed
   (`status=driver_right`) for the real car to be found. `charge_stands`: a held charge is
   released to the provider, once (one still awaiting is confirmed: accrued and queued).
@@ -19,6 +20,7 @@ decides with both frames in front of them.
   driver is told both the opening and the outcome.
 """
 
+from dataclasses import dataclass
 from uuid import UUID
 
 import asyncpg
@@ -26,7 +28,9 @@ import asyncpg
 from billing import audit, charges, debts, notifications, refunds
 from billing.tariff import format_fen
 from parking.auth.principal import Principal
+from parking.confirmations import repository as confirmations_repo
 from parking.confirmations.schemas import CameraReadSummary
+from parking.confirmations.service import disown_stay
 from parking.disputes import repository as repo
 from parking.disputes.schemas import (
     ChargeSummary,
@@ -234,13 +238,22 @@ async def frame(
     return image
 
 
+@dataclass(frozen=True, slots=True)
+class Decided:
+    dispute: OperatorDispute
+    car_park_id: int
+    # +1 after commit when the disowned stay of a charge that was awaiting was reopened and
+    # its car counts as inside again (`confirmations.service.disown_stay`).
+    occupancy_delta: int = 0
+
+
 async def decide(
     conn: asyncpg.Connection,
     principal: Principal,
     dispute_id: int,
     decision: Decision,
     style: notifications.MessageStyle,
-) -> OperatorDispute:
+) -> Decided:
     """An admin's decision, once; audit-logged; the driver is told. Runs in the caller's
     transaction (the refund's provider call and the released charge follow from the outbox)."""
     row = await repo.dispute(conn, _operator_id(principal), dispute_id, lock=True)
@@ -252,6 +265,7 @@ async def decide(
     assert charge is not None  # a foreign key
     refund_id: int | None = None
     effect = "none"
+    occupancy_delta = 0
     if decision.outcome == "driver_right":
         if charge["status"] == "succeeded":
             left = await repo.refundable_fen(conn, charge["id"])
@@ -277,7 +291,14 @@ async def decide(
                 )
             effect = "cancelled"
         elif charge["status"] in _AWAITING:
+            awaiting = await confirmations_repo.charge_for_update(
+                conn, _operator_id(principal), charge["id"]
+            )
+            assert awaiting is not None  # locked above, of this company's car park
             await charges.cancel_unconfirmed(conn, charge["id"])
+            # As the confirmation queue's reject: the doubtful exit read may have been
+            # another car's, and this vehicle still inside.
+            occupancy_delta = (await disown_stay(conn, awaiting)).occupancy_delta
             effect = "cancelled"
         elif charge["status"] == "failed" and await debts.waive(
             conn, row["account_id"], charge["id"]
@@ -349,4 +370,6 @@ async def decide(
         body=body,
     )
     log.info("disputes.decided", dispute_id=dispute_id, outcome=decision.outcome, effect=effect)
-    return await get_dispute(conn, principal, dispute_id)
+    return Decided(
+        await get_dispute(conn, principal, dispute_id), charge["car_park_id"], occupancy_delta
+    )
