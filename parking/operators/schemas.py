@@ -22,6 +22,7 @@ from parking.car_parks.schemas import (
     CarParkOccupancy,
     printable_name,
 )
+from parking.lanes.rules import identity_color
 from plate_recognition.grammar import is_valid, normalise, plate_color_guess
 
 # PostgreSQL text cannot hold NUL: refused here rather than failing in the database.
@@ -210,9 +211,7 @@ class Resolution(_Request):
     @property
     def identity(self) -> tuple[str, str]:
         """(plate, colour): the colour named, else the one the characters settle."""
-        color = self.color or plate_color_guess(self.plate)
-        assert color is not None  # _colour_named
-        return self.plate, color
+        return self.plate, identity_color(self.plate, self.color)
 
 
 class Resolved(BaseModel):
