@@ -19,6 +19,7 @@ from parking.drivers.verification import DevRegistry, dev_licence_no, registry_o
 from parking.logging import pseudonym
 from parking.runtime import ProviderEndpoint, Runtime
 from tests.conftest import (
+    Driver,
     Lot,
     backdate_entry,
     bearer,
@@ -800,24 +801,38 @@ async def test_a_deleted_account_loses_its_personal_data_and_signing_in_again_st
     assert (await _bind(api, again, registry, plate))["plate"] == plate, "the plate is free"
 
 
-async def test_an_account_is_not_deleted_while_a_charge_is_in_flight(
-    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, lot: Lot
-) -> None:
-    driver = await make_driver(runtime, unique_plate())
+# Not yet settled: pending, or awaiting the server's verification or an operator (which a
+# "not my car" dispute can hold indefinitely); each may yet become a debt.
+UNSETTLED = pytest.mark.parametrize(
+    "status", ["pending", "awaiting_verification", "awaiting_confirmation"]
+)
+
+
+async def _unsettled_charge(runtime: Runtime, lot: Lot, driver: Driver, status: str) -> int:
     stay = await _insert_stay(
         runtime, lot, driver.plate, datetime.now(UTC), account_id=driver.account_id
     )
     async with runtime.pool.acquire() as conn:
-        # Queued by no outbox job: it stays pending for the whole test.
-        await conn.execute(
+        # Queued by no outbox job: it keeps its status for the whole test.
+        charge_id: int = await conn.fetchval(
             """INSERT INTO charges (session_id, account_id, agreement_id, amount_fen,
-                                    idempotency_key)
-               VALUES ($1, $2, $3, 1200, $4)""",
+                                    idempotency_key, status)
+               VALUES ($1, $2, $3, 1200, $4, $5) RETURNING id""",
             stay,
             driver.account_id,
             driver.agreement_id,
             f"test-{uuid.uuid4().hex}",
+            status,
         )
+    return charge_id
+
+
+@UNSETTLED
+async def test_an_account_is_not_deleted_while_a_charge_is_in_flight(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, lot: Lot, status: str
+) -> None:
+    driver = await make_driver(runtime, unique_plate())
+    await _unsettled_charge(runtime, lot, driver, status)
     headers = bearer(driver_token(app, driver.account_id))
     assert _error(await api.delete("/api/v1/me", headers=headers)) == (409, "charges_pending")
     assert (await api.get("/api/v1/me", headers=headers)).status_code == 200
@@ -836,24 +851,12 @@ async def test_without_a_configured_registry_no_plate_can_be_bound(
     assert _error(answer) == (503, "vehicle_registry_unavailable")
 
 
+@UNSETTLED
 async def test_a_plate_is_not_unbound_while_a_charge_on_it_is_pending(
-    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, lot: Lot
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, lot: Lot, status: str
 ) -> None:
     driver = await make_driver(runtime, unique_plate())
-    stay = await _insert_stay(
-        runtime, lot, driver.plate, datetime.now(UTC), account_id=driver.account_id
-    )
-    async with runtime.pool.acquire() as conn:
-        # Queued by no outbox job: it stays pending for the whole test.
-        charge_id = await conn.fetchval(
-            """INSERT INTO charges (session_id, account_id, agreement_id, amount_fen,
-                                    idempotency_key)
-               VALUES ($1, $2, $3, 1200, $4) RETURNING id""",
-            stay,
-            driver.account_id,
-            driver.agreement_id,
-            f"test-{uuid.uuid4().hex}",
-        )
+    charge_id = await _unsettled_charge(runtime, lot, driver, status)
     headers = bearer(driver_token(app, driver.account_id))
     [binding] = (await api.get("/api/v1/me/plates", headers=headers)).json()
     unbind = await api.delete(f"/api/v1/me/plates/{binding['id']}", headers=headers)

@@ -268,11 +268,14 @@ async def notifications(
 async def has_pending_charges(
     conn: asyncpg.Connection, account_id: int, *, binding_id: int | None = None
 ) -> bool:
-    """A charge still pending for the account, or for a stay of one of its bound plates (only
-    the binding `binding_id`'s, when given), whoever it is charged to."""
+    """A charge not yet settled for the account, or for a stay of one of its bound plates (only
+    the binding `binding_id`'s, when given), whoever it is charged to: pending, or still
+    awaiting the server's verification or an operator's confirmation (which a "not my car"
+    dispute can hold for as long as the operator takes), since either may yet become a debt."""
     return bool(
         await conn.fetchval(
-            """SELECT 1 FROM charges WHERE status = 'pending' AND (
+            """SELECT 1 FROM charges
+               WHERE status IN ('pending', 'awaiting_verification', 'awaiting_confirmation') AND (
                    ($2::bigint IS NULL AND account_id = $1)
                    OR session_id IN (
                        SELECT s.id FROM plate_bindings b JOIN sessions s ON s.plate = b.plate

@@ -42,6 +42,9 @@ from plate_recognition import grammar
 
 log = get_logger(__name__)
 
+# A charge awaiting an operator (or held by a dispute) may take longer than "shortly".
+_CHARGES_PENDING = "a parking fee is still being charged or confirmed; try again later"
+
 # Enough for a household's or a small business's cars; more is a fleet, not a driver.
 MAX_PLATES_PER_ACCOUNT = 5
 # Ownership checks one account may ask the vehicle registry for per hour: a real registry
@@ -234,9 +237,7 @@ async def unbind_plate(conn: asyncpg.Connection, account_id: int, binding_id: in
         raise AppError(409, "settle_debts_first", "pay what is owed before unbinding a plate")
     if await repo.has_pending_charges(conn, account_id, binding_id=binding_id):
         # A charge in flight may yet fail: its debt must find the account the plate is bound to.
-        raise AppError(
-            409, "charges_pending", "a parking fee is still being charged; try again shortly"
-        )
+        raise AppError(409, "charges_pending", _CHARGES_PENDING)
     if not await repo.unbind(conn, account_id, binding_id):
         raise NotFound("binding")
 
@@ -422,9 +423,7 @@ async def delete_account(conn: asyncpg.Connection, account_id: int) -> None:
         raise AppError(409, "settle_debts_first", "pay what you owe before deleting the account")
     if await repo.has_pending_charges(conn, account_id):
         # A charge still in flight may yet fail and become a debt nobody could pay.
-        raise AppError(
-            409, "charges_pending", "a parking fee is still being charged; try again shortly"
-        )
+        raise AppError(409, "charges_pending", _CHARGES_PENDING)
     await repo.erase_account(conn, account_id)
     await repo.unbind_all(conn, account_id)
     await agreements.cancel(conn, account_id)
