@@ -554,14 +554,32 @@ async def reverse_accrual(conn: asyncpg.Connection, charge_id: int) -> ChargeJob
     waived): the accrual is reversed by a `fee_cancelled` transaction."""
     job = await load_job(conn, charge_id)
     assert job is not None
-    await ledger.post(
+    await cancel_accrual(
         conn,
-        "fee_cancelled",
-        [
-            (account, -amount)
-            for account, amount in accrual_lines(job.account_id, job.car_park_id, job.amount_fen)
-        ],
+        job.account_id,
+        job.car_park_id,
+        job.amount_fen,
         session_id=job.session_id,
         charge_id=job.charge_id,
     )
     return job
+
+
+async def cancel_accrual(
+    conn: asyncpg.Connection,
+    account_id: int,
+    car_park_id: int,
+    amount_fen: int,
+    *,
+    session_id: int,
+    charge_id: int | None = None,
+) -> None:
+    """A fee accrued by `accrual_lines` is not owed after all: a `fee_cancelled` transaction
+    reverses it (a charge's, or a missed stay's debt that has no charge)."""
+    await ledger.post(
+        conn,
+        "fee_cancelled",
+        [(line, -fen) for line, fen in accrual_lines(account_id, car_park_id, amount_fen)],
+        session_id=session_id,
+        charge_id=charge_id,
+    )

@@ -1,8 +1,9 @@
-"""Arrears: a charge that finally failed is a debt of its account.
+"""Arrears: a charge that finally failed is a debt of its account, and so is the fee of a held
+stay whose car left without paying (a debt with no charge behind it).
 
 A debt is settled by a payment, by its own charge when the provider's success comes late, or
-waived when an operator agrees with the driver's "not my car" (while that dispute is open the
-debt is on hold: `UNDISPUTED`).
+waived when an operator agrees with the driver's "not my car" on its stay (while that dispute
+is open the debt is on hold: `UNDISPUTED`).
 
 While an account has an open debt it loses pay-later (the exit holds and shows the debt with
 the stay's fee, collected together through the gate's QR code), the driver can settle in the
@@ -39,11 +40,11 @@ class Debt:
     created_at: datetime
 
 
-# A debt whose charge the driver disputes ("not my car", parking/disputes/) is on hold until an
+# A debt whose stay the driver disputes ("not my car", parking/disputes/) is on hold until an
 # operator decides: it blocks no pay-later, is not reminded of, asked for at a gate nor paid in
 # the app. `{d}`: the debts row's alias.
 UNDISPUTED = """NOT EXISTS (SELECT 1 FROM charge_disputes held_by
-    WHERE held_by.charge_id = {d}.charge_id AND held_by.status = 'open')"""
+    WHERE held_by.session_id = {d}.session_id AND held_by.status = 'open')"""
 
 
 async def _lock_account(conn: asyncpg.Connection, account_id: int) -> None:
@@ -151,25 +152,31 @@ async def refresh_arrears(conn: asyncpg.Connection, account_id: int) -> None:
     await _refresh_arrears(conn, account_id)
 
 
-async def open_debt_of_charge(conn: asyncpg.Connection, account_id: int, charge_id: int) -> bool:
-    """Whether the failed charge's debt is still owed (not paid, not waived), under the
-    account's lock: a payment settling it waits until the caller's transaction ends."""
+async def owed_for_stay(
+    conn: asyncpg.Connection, account_id: int, session_id: int
+) -> asyncpg.Record | None:
+    """The account's debt for the stay while it is still owed (not paid, not waived): its id,
+    amount and charge (None for a missed stay's). Answered under the account's lock, so a
+    payment settling it waits until the caller's transaction ends."""
     await _lock_account(conn, account_id)
-    return bool(
-        await conn.fetchval(
-            "SELECT 1 FROM debts WHERE charge_id = $1 AND settled_at IS NULL", charge_id
-        )
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """SELECT id, amount_fen, charge_id FROM debts
+           WHERE session_id = $1 AND account_id = $2 AND settled_at IS NULL""",
+        session_id,
+        account_id,
     )
+    return row
 
 
-async def waive(conn: asyncpg.Connection, account_id: int, charge_id: int) -> bool:
-    """An operator agreed the failed charge was not the driver's car: its debt is waived
-    (settled by nobody). The caller reverses the fee's accrual. False when none was open."""
+async def waive(conn: asyncpg.Connection, account_id: int, session_id: int) -> bool:
+    """An operator agreed the stay was not the driver's car: its debt is waived (settled by
+    nobody). The caller reverses the fee's accrual. False when none was open."""
     await _lock_account(conn, account_id)
     waived = await conn.fetchval(
         """UPDATE debts SET settled_at = now(), waived = true
-           WHERE charge_id = $1 AND settled_at IS NULL RETURNING id""",
-        charge_id,
+           WHERE session_id = $1 AND account_id = $2 AND settled_at IS NULL RETURNING id""",
+        session_id,
+        account_id,
     )
     return waived is not None
 

@@ -15,6 +15,7 @@ from billing import charges, ledger, reconcile, reports
 from parking.booth import ghosts
 from parking.runtime import Runtime
 from tests.conftest import (
+    Driver,
     Lot,
     bearer,
     charges_of,
@@ -59,9 +60,11 @@ async def _exceptions(runtime: Runtime, lot: Lot, reason: str) -> list[asyncpg.R
 # 1. A held stay never paid does not vanish.
 
 
-async def test_a_held_stay_left_unpaid_is_a_debt_of_the_account_bound_at_its_entry(
-    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
-) -> None:
+async def _left_unpaid(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> tuple[Driver, dict[str, Any]]:
+    """A driver without pay-later held at the exit for ¥12.00, whose car tailgated out and came
+    back: the driver, and the gate's answer to the entry."""
     driver = await make_driver(runtime, unique_plate(), pay_later=False)
     async with runtime.pool.acquire() as conn:  # bound since long before the entry
         await conn.execute(
@@ -71,9 +74,15 @@ async def test_a_held_stay_left_unpaid_is_a_debt_of_the_account_bound_at_its_ent
     await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=90))
     held = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
     assert (held["action"], held["fee_fen"]) == ("hold", 1200)
-    # The car tailgated out; it comes back.
     again = await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
     assert again["action"] == "open"
+    return driver, again
+
+
+async def test_a_held_stay_left_unpaid_is_a_debt_of_the_account_bound_at_its_entry(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    driver, again = await _left_unpaid(runtime, gate, lot)
     assert "欠费 ¥12.00 请在App缴纳" in again["display"], "the debt shows at once"
     stay = await _stay(runtime, lot, driver.plate)
     assert (stay["status"], stay["settlement"], stay["fee_fen"], stay["account_id"]) == (
@@ -97,6 +106,68 @@ async def test_a_held_stay_left_unpaid_is_a_debt_of_the_account_bound_at_its_ent
     listed = await api.get("/api/v1/me/debts", headers=bearer(driver_token(app, driver.account_id)))
     assert listed.json()["total_fen"] == 1200
     assert await _exceptions(runtime, lot, "unpaid_exit") == []
+
+
+async def test_not_my_car_on_a_missed_stays_debt_holds_it_until_an_operator_decides(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """A missed stay's debt has no charge behind it. Before, its "not my car" was a 404 (only
+    charges could be disputed): a stranger's tailgating left the wrong driver owing and
+    blocked, with no one able to end it. Now it is disputed like a failed charge's debt: on
+    hold (no block, not asked for) until an admin decides; the driver right, it is waived and
+    its accrual reversed; the debt standing, it is owed again."""
+    admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+    for outcome, owed_after in (("driver_right", 0), ("charge_stands", 1200)):
+        driver, _ = await _left_unpaid(runtime, gate, lot)
+        stay = await _stay(runtime, lot, driver.plate)
+        headers = bearer(driver_token(app, driver.account_id))
+        shown = (await api.get(f"/api/v1/me/stays/{stay['id']}", headers=headers)).json()
+        assert (shown["settlement"], shown["charge"], shown["dispute"]) == ("debt", None, None)
+
+        opened = await api.post(f"/api/v1/me/stays/{stay['id']}/dispute", headers=headers)
+        assert opened.status_code == 200, opened.text
+        assert (opened.json()["status"], opened.json()["held"]) == ("open", True)
+        again = await api.post(f"/api/v1/me/stays/{stay['id']}/dispute", headers=headers)
+        assert again.json()["id"] == opened.json()["id"], "one dispute per stay"
+        owed = (await api.get("/api/v1/me/debts", headers=headers)).json()
+        assert owed["total_fen"] == 0, "on hold: not asked for"
+        async with runtime.pool.acquire() as conn:
+            assert not await conn.fetchval(
+                "SELECT blocked_for_arrears FROM accounts WHERE id = $1", driver.account_id
+            )
+        listed = await api.get(f"/api/v1/operator/disputes/{opened.json()['id']}", headers=admin)
+        assert (listed.json()["amount_fen"], listed.json()["charge"]) == (1200, None)
+        assert listed.json()["stay_id"] == stay["id"]
+
+        decided = await api.post(
+            f"/api/v1/operator/disputes/{opened.json()['id']}/decision",
+            json={"outcome": outcome, "note": "looked at both frames"},
+            headers=admin,
+        )
+        assert decided.status_code == 200, decided.text
+        async with runtime.pool.acquire() as conn:
+            blocked = await conn.fetchval(
+                "SELECT blocked_for_arrears FROM accounts WHERE id = $1", driver.account_id
+            )
+            debt = await conn.fetchrow(
+                "SELECT settled_at, waived FROM debts WHERE session_id = $1", stay["id"]
+            )
+            receivable = await ledger.balance(conn, ledger.receivable(driver.account_id))
+            told = await conn.fetchval(
+                "SELECT body FROM notifications WHERE account_id = $1 AND kind = $2",
+                driver.account_id,
+                f"dispute_{outcome}",
+            )
+            assert await ledger.is_balanced(conn)
+        assert (blocked, debt["waived"], receivable) == (
+            bool(owed_after),
+            not owed_after,
+            owed_after,
+        )
+        assert (debt["settled_at"] is None) == bool(owed_after)
+        assert "¥12.00" in told
+        owed = (await api.get("/api/v1/me/debts", headers=headers)).json()
+        assert owed["total_fen"] == owed_after
 
 
 async def test_a_held_stay_left_unpaid_by_nobody_bound_goes_to_an_operator(

@@ -1,10 +1,11 @@
-"""SQL of "not my car": a driver's dispute of a charge and an operator's decision."""
+"""SQL of "not my car": a driver's dispute of a stay's charge (or of a missed stay's debt, which
+has no charge) and an operator's decision."""
 
 from uuid import UUID
 
 import asyncpg
 
-_DISPUTE = """d.id, d.charge_id, d.account_id, d.car_park_id, d.via, d.held, d.status,
+_DISPUTE = """d.id, d.charge_id, d.session_id, d.account_id, d.car_park_id, d.via, d.held, d.status,
               d.opened_at, d.decided_at, d.decided_by, d.note, d.refund_id"""
 
 
@@ -12,8 +13,8 @@ async def lock_charge(conn: asyncpg.Connection, charge_id: int) -> asyncpg.Recor
     """The charge, locked (the outbox worker takes the same lock before sending it), with
     what its messages say."""
     row: asyncpg.Record | None = await conn.fetchrow(
-        """SELECT c.id, c.account_id, c.amount_fen, c.status, c.sent_at, c.submitted_at,
-                  c.attempts, c.idempotency_key, s.car_park_id, cp.name AS car_park
+        """SELECT c.id, c.session_id, c.account_id, c.amount_fen, c.status, c.sent_at,
+                  c.submitted_at, c.attempts, c.idempotency_key, s.car_park_id, cp.name AS car_park
            FROM charges c JOIN sessions s ON s.id = c.session_id
            JOIN car_parks cp ON cp.id = s.car_park_id
            WHERE c.id = $1 FOR UPDATE OF c""",
@@ -30,9 +31,24 @@ async def charge_of_stay(conn: asyncpg.Connection, account_id: int, stay_id: int
     return charge_id
 
 
-async def dispute_of_charge(conn: asyncpg.Connection, charge_id: int) -> asyncpg.Record | None:
+async def missed_stay(
+    conn: asyncpg.Connection, account_id: int, stay_id: int
+) -> asyncpg.Record | None:
+    """One of the account's stays that it owes as a missed stay's debt (no charge), with what
+    its messages say."""
     row: asyncpg.Record | None = await conn.fetchrow(
-        f"SELECT {_DISPUTE} FROM charge_disputes d WHERE d.charge_id = $1", charge_id
+        """SELECT s.id, s.car_park_id, cp.name AS car_park FROM sessions s
+           JOIN car_parks cp ON cp.id = s.car_park_id
+           WHERE s.id = $1 AND s.account_id = $2 AND s.settlement = 'debt'""",
+        stay_id,
+        account_id,
+    )
+    return row
+
+
+async def dispute_of_stay(conn: asyncpg.Connection, stay_id: int) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"SELECT {_DISPUTE} FROM charge_disputes d WHERE d.session_id = $1", stay_id
     )
     return row
 
@@ -40,15 +56,18 @@ async def dispute_of_charge(conn: asyncpg.Connection, charge_id: int) -> asyncpg
 async def insert_dispute(
     conn: asyncpg.Connection,
     *,
-    charge_id: int,
+    stay_id: int,
+    charge_id: int | None,
     account_id: int,
     car_park_id: int,
     via: str,
     held: bool,
 ) -> asyncpg.Record:
     row: asyncpg.Record | None = await conn.fetchrow(
-        f"""INSERT INTO charge_disputes AS d (charge_id, account_id, car_park_id, via, held)
-            VALUES ($1, $2, $3, $4, $5) RETURNING {_DISPUTE}""",
+        f"""INSERT INTO charge_disputes AS d
+                (session_id, charge_id, account_id, car_park_id, via, held)
+            VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_DISPUTE}""",
+        stay_id,
         charge_id,
         account_id,
         car_park_id,
@@ -59,12 +78,17 @@ async def insert_dispute(
     return row
 
 
+# A missed stay's dispute has no charge: what is disputed is its debt's amount.
 _LISTED = f"""
-    SELECT {_DISPUTE}, c.amount_fen, c.status AS charge_status, s.id AS stay_id, s.plate,
+    SELECT {_DISPUTE},
+           COALESCE(c.amount_fen,
+                    (SELECT db.amount_fen FROM debts db WHERE db.session_id = d.session_id))
+               AS amount_fen,
+           c.status AS charge_status, s.id AS stay_id, s.plate,
            s.entered_at, s.exited_at, s.entry_capture_id, s.exit_capture_id,
            cp.code AS car_park_code, cp.name AS car_park
     FROM charge_disputes d JOIN car_parks cp ON cp.id = d.car_park_id
-    JOIN charges c ON c.id = d.charge_id JOIN sessions s ON s.id = c.session_id
+    JOIN sessions s ON s.id = d.session_id LEFT JOIN charges c ON c.id = d.charge_id
     WHERE cp.operator_id = $1"""
 
 

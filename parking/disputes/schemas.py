@@ -67,7 +67,9 @@ class OperatorDispute(BaseModel):
     plate: str
     entered_at: datetime
     exited_at: datetime | None
-    charge: ChargeSummary
+    # What is disputed: the charge's amount, or a missed stay's debt (which has no charge).
+    amount_fen: int
+    charge: ChargeSummary | None
     entry: Evidence | None
     exit: Evidence | None
 

@@ -10,13 +10,15 @@ decides with both frames in front of them.
   on one tap would let anyone undo their fee without a person looking at the frames.
 - A failed charge is a debt that blocks pay-later: disputed while it is owed, the debt is on
   hold (no block, no reminder, not asked for at a gate) until the decision: `driver_right`
-  waives it (the accrual reversed), `charge_stands` makes it owed again.
+  waives it (the accrual reversed), `charge_stands` makes it owed again. So is a missed
+  stay's debt (a held stay whose car left without paying: no charge behind it), disputed
+  from the app's stay.
 - `driver_right`: a held charge is cancelled (its accrual reversed, if it was accrued; one
   that was awaiting disowns its stay as the confirmation queue's reject does), a
   collected one refunded in full through `billing.refunds`; the dispute stays listed
   (`status=driver_right`) for the real car to be found. `charge_stands`: a held charge is
   released to the provider, once (one still awaiting is confirmed: accrued and queued).
-- Each dispute is one per charge (disputing twice is the same dispute), audit-logged, and the
+- Each dispute is one per stay (disputing twice is the same dispute), audit-logged, and the
   driver is told both the opening and the outcome.
 """
 
@@ -73,34 +75,97 @@ async def open_dispute(
     charge = await repo.lock_charge(conn, charge_id)
     if charge is None or charge["account_id"] != account_id:
         raise NotFound("charge")
-    existing = await repo.dispute_of_charge(conn, charge_id)
+    existing = await repo.dispute_of_stay(conn, charge["session_id"])
     if existing is not None:
         return view(existing)
     if charge["status"] == "cancelled":
         raise AppError(409, "charge_not_disputable", "this charge was cancelled: nothing is owed")
-    if charge["status"] == "failed" and not await debts.open_debt_of_charge(
-        conn, account_id, charge_id
+    if charge["status"] == "failed" and not await debts.owed_for_stay(
+        conn, account_id, charge["session_id"]
     ):
-        raise AppError(
-            409,
-            "charge_not_disputable",
-            "this fee was paid as a debt: contact the car park",
-        )
+        raise _PAID_AS_DEBT
     held = charge["status"] in (*_AWAITING, "failed") or (
         charge["status"] == "pending"
         and charge["sent_at"] is None
         and charge["submitted_at"] is None
         and charge["attempts"] == 0
     )
-    row = await repo.insert_dispute(
+    return await _opened(
         conn,
+        stay_id=charge["session_id"],
         charge_id=charge_id,
         account_id=account_id,
         car_park_id=charge["car_park_id"],
+        car_park=charge["car_park"],
+        amount_fen=charge["amount_fen"],
+        via=via,
+        held=held,
+        on_debt=charge["status"] == "failed",
+        style=style,
+    )
+
+
+# A debt paid already is settled: a refund of it is the car park's to decide.
+_PAID_AS_DEBT = AppError(
+    409, "charge_not_disputable", "this fee was paid as a debt: contact the car park"
+)
+
+
+async def _dispute_missed_stay(
+    conn: asyncpg.Connection, account_id: int, stay_id: int, style: notifications.MessageStyle
+) -> DisputeView:
+    """ "Not my car" on a held stay left without paying, owed as a debt with no charge: the
+    debt is on hold until an operator decides, as a failed charge's is."""
+    stay = await repo.missed_stay(conn, account_id, stay_id)
+    if stay is None:
+        raise NotFound("stay")
+    debt = await debts.owed_for_stay(conn, account_id, stay_id)  # the account's lock first
+    existing = await repo.dispute_of_stay(conn, stay_id)
+    if existing is not None:
+        return view(existing)
+    if debt is None:
+        raise _PAID_AS_DEBT
+    return await _opened(
+        conn,
+        stay_id=stay_id,
+        charge_id=None,
+        account_id=account_id,
+        car_park_id=stay["car_park_id"],
+        car_park=stay["car_park"],
+        amount_fen=debt["amount_fen"],
+        via="app",
+        held=True,
+        on_debt=True,
+        style=style,
+    )
+
+
+async def _opened(
+    conn: asyncpg.Connection,
+    *,
+    stay_id: int,
+    charge_id: int | None,
+    account_id: int,
+    car_park_id: int,
+    car_park: str,
+    amount_fen: int,
+    via: str,
+    held: bool,
+    on_debt: bool,
+    style: notifications.MessageStyle,
+) -> DisputeView:
+    """Records the dispute of the stay (of its charge, when it has one), audited, and tells the
+    driver."""
+    row = await repo.insert_dispute(
+        conn,
+        stay_id=stay_id,
+        charge_id=charge_id,
+        account_id=account_id,
+        car_park_id=car_park_id,
         via=via,
         held=held,
     )
-    if charge["status"] == "failed":
+    if on_debt:
         # Its debt is on hold: pay-later comes back unless another debt is open.
         await debts.refresh_arrears(conn, account_id)
     await audit.record(
@@ -108,7 +173,7 @@ async def open_dispute(
         actor=f"account:{account_id}",
         action="charge_dispute.opened",
         subject=f"charge_dispute:{row['id']}",
-        detail={"charge_id": charge_id, "held": held, "via": via},
+        detail={"charge_id": charge_id, "stay_id": stay_id, "held": held, "via": via},
     )
     await notifications.enqueue(
         conn,
@@ -118,8 +183,8 @@ async def open_dispute(
         body=notifications.render(
             "dispute_opened",
             style.language,
-            car_park=charge["car_park"],
-            amount=format_fen(charge["amount_fen"]),
+            car_park=car_park,
+            amount=format_fen(amount_fen),
         ),
     )
     log.info("disputes.opened", dispute_id=row["id"], charge_id=charge_id, held=held)
@@ -129,10 +194,11 @@ async def open_dispute(
 async def dispute_stay(
     conn: asyncpg.Connection, account_id: int, stay_id: int, style: notifications.MessageStyle
 ) -> DisputeView:
-    """The driver app's "not my car" on a stay charged to the account."""
+    """The driver app's "not my car" on a stay charged to the account, or owed by it as a
+    missed stay's debt."""
     charge_id = await repo.charge_of_stay(conn, account_id, stay_id)
     if charge_id is None:
-        raise NotFound("stay")
+        return await _dispute_missed_stay(conn, account_id, stay_id, style)
     return await open_dispute(
         conn, charge_id=charge_id, account_id=account_id, via="app", style=style
     )
@@ -192,9 +258,12 @@ async def _operator_views(
             plate=r["plate"],
             entered_at=r["entered_at"],
             exited_at=r["exited_at"],
+            amount_fen=r["amount_fen"],
             charge=ChargeSummary(
                 id=r["charge_id"], amount_fen=r["amount_fen"], status=r["charge_status"]
-            ),
+            )
+            if r["charge_id"] is not None
+            else None,
             entry=_evidence(r["id"], "entry", captures.get(r["entry_capture_id"])),
             exit=_evidence(r["id"], "exit", captures.get(r["exit_capture_id"])),
         )
@@ -261,12 +330,28 @@ async def decide(
         raise NotFound("dispute")
     if row["status"] != "open":
         raise AppError(409, "already_decided", "this dispute has already been decided")
-    charge = await repo.lock_charge(conn, row["charge_id"])
-    assert charge is not None  # a foreign key
+    # None for a missed stay's debt: what is disputed is the debt alone.
+    charge = (
+        await repo.lock_charge(conn, row["charge_id"]) if row["charge_id"] is not None else None
+    )
+    on_debt = charge is None or charge["status"] == "failed"
     refund_id: int | None = None
     effect = "none"
     occupancy_delta = 0
-    if decision.outcome == "driver_right":
+    if decision.outcome == "driver_right" and on_debt:
+        if not await debts.waive(conn, row["account_id"], row["session_id"]):
+            raise AppError(409, "charge_not_disputable", "the debt is settled: nothing to undo")
+        await charges.cancel_accrual(
+            conn,
+            row["account_id"],
+            row["car_park_id"],
+            row["amount_fen"],
+            session_id=row["session_id"],
+            charge_id=row["charge_id"],
+        )
+        effect = "cancelled"
+    # A debt that stands needs nothing more here: it is owed again below.
+    elif charge is not None and decision.outcome == "driver_right":
         if charge["status"] == "succeeded":
             left = await repo.refundable_fen(conn, charge["id"])
             if left > 0:
@@ -300,20 +385,15 @@ async def decide(
             # another car's, and this vehicle still inside.
             occupancy_delta = (await disown_stay(conn, awaiting)).occupancy_delta
             effect = "cancelled"
-        elif charge["status"] == "failed" and await debts.waive(
-            conn, row["account_id"], charge["id"]
-        ):
-            await charges.reverse_accrual(conn, charge["id"])
-            effect = "cancelled"
         else:
             raise AppError(
                 409, "charge_not_disputable", f"the charge is {charge['status']}: nothing to undo"
             )
-    elif charge["status"] in _AWAITING:
+    elif charge is not None and charge["status"] in _AWAITING:
         # The operator saw both frames: the charge is confirmed, once.
         await charges.confirm(conn, charge["id"], awaiting=charge["status"])
         effect = "confirmed"
-    elif row["held"] and charge["status"] == "pending":
+    elif charge is not None and row["held"] and charge["status"] == "pending":
         await charges.release_held(conn, charge["id"])
         effect = "released"
     decided = await repo.mark_decided(
@@ -326,8 +406,8 @@ async def decide(
     )
     if decided is None:  # the row lock above rules this out
         raise AppError(409, "already_decided", "this dispute has already been decided")
-    if charge["status"] == "failed":
-        # A debt the charge stands for is owed again (blocking pay-later); a waived one is not.
+    if on_debt:
+        # A debt that stands is owed again (blocking pay-later); a waived one is not.
         await debts.refresh_arrears(conn, row["account_id"])
     await audit.record(
         conn,
@@ -337,28 +417,34 @@ async def decide(
         detail={
             "outcome": decision.outcome,
             "effect": effect,
-            "charge_id": charge["id"],
+            "charge_id": row["charge_id"],
+            "stay_id": row["session_id"],
             "refund_id": refund_id,
             "note": decision.note,
         },
     )
-    amount = format_fen(charge["amount_fen"])
+    amount = format_fen(row["amount_fen"])
     if decision.outcome == "driver_right":
         body = notifications.render(
             "dispute_driver_right",
             style.language,
-            car_park=charge["car_park"],
+            car_park=row["car_park"],
             amount=amount,
             outcome=notifications.dispute_outcome(
                 style.language, "refunded" if effect == "refunded" else "cancelled"
             ),
         )
     else:
-        link = await notifications.receipt_link(conn, charge["id"], style)
+        # A missed stay's debt has no receipt: the app shows the stay and its frames.
+        link = (
+            await notifications.receipt_link(conn, charge["id"], style)
+            if charge is not None
+            else None
+        )
         body = notifications.render(
             "dispute_charge_stands",
             style.language,
-            car_park=charge["car_park"],
+            car_park=row["car_park"],
             amount=amount,
             receipt=notifications.receipt_sentence(style.language, link),
         )
@@ -371,5 +457,5 @@ async def decide(
     )
     log.info("disputes.decided", dispute_id=dispute_id, outcome=decision.outcome, effect=effect)
     return Decided(
-        await get_dispute(conn, principal, dispute_id), charge["car_park_id"], occupancy_delta
+        await get_dispute(conn, principal, dispute_id), row["car_park_id"], occupancy_delta
     )

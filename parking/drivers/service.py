@@ -331,11 +331,7 @@ async def receipt(conn: asyncpg.Connection, account_id: int, stay_id: int) -> Re
     framed = {
         c["capture_id"]: bool(c["has_frame"]) for c in await disputes_repo.captures(conn, captures)
     }
-    dispute = (
-        await disputes_repo.dispute_of_charge(conn, row["charge_id"])
-        if row["charge_id"] is not None
-        else None
-    )
+    dispute = await disputes_repo.dispute_of_stay(conn, stay_id)
     charge = None
     if row["charge_status"] is not None:
         charge = ChargeView(

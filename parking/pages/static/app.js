@@ -294,7 +294,8 @@
       showFrame($("stay-exit-frame"), stayId, "exit", stay.exit_frame),
     ]);
     $("stay-dispute").textContent = disputeText(stay.dispute);
-    const disputable = Boolean(stay.charge) && !stay.dispute;
+    // A missed stay's debt (left unpaid after a hold) has no charge, and is disputed the same way.
+    const disputable = (Boolean(stay.charge) || stay.settlement === "debt") && !stay.dispute;
     $("not-my-car").hidden = !disputable;
     $("not-my-car-note").hidden = !disputable;
     $("stay").scrollIntoView();
