@@ -223,30 +223,20 @@ async def _record_verification(
 
 
 async def discard_unconfirmed(conn: asyncpg.Connection, charge_id: int) -> UnconfirmedCharge | None:
-    """An operator rejected a charge awaiting confirmation: it is deleted (it was never booked
-    nor sent to the provider). None when it was not awaiting confirmation."""
+    """A charge still awaiting confirmation (or verification) that is not owed after all (an
+    operator rejected it, or agreed with the driver's "not my car"): it is deleted, as it was
+    never booked nor sent to the provider, so that its stay, opened again, can be charged at
+    its real exit. None when it no longer awaits."""
     row = await conn.fetchrow(
         """WITH c AS (
-               DELETE FROM charges WHERE id = $1 AND status = 'awaiting_confirmation'
+               DELETE FROM charges
+               WHERE id = $1 AND status IN ('awaiting_confirmation', 'awaiting_verification')
                RETURNING id, session_id, account_id, amount_fen)
            SELECT c.id AS charge_id, c.session_id, c.account_id, s.car_park_id, c.amount_fen
            FROM c JOIN sessions s ON s.id = c.session_id""",
         charge_id,
     )
     return UnconfirmedCharge(**dict(row)) if row else None
-
-
-async def cancel_unconfirmed(conn: asyncpg.Connection, charge_id: int) -> bool:
-    """A charge still awaiting verification or confirmation that is not owed after all (an
-    operator agreed with the driver's "not my car"): cancelled, with nothing to reverse (its
-    fee is accrued only when it is confirmed). False when it no longer awaits."""
-    cancelled = await conn.fetchval(
-        """UPDATE charges SET status = 'cancelled'
-           WHERE id = $1 AND status IN ('awaiting_verification', 'awaiting_confirmation')
-           RETURNING id""",
-        charge_id,
-    )
-    return cancelled is not None
 
 
 def accrual_lines(account_id: int, car_park_id: int, amount_fen: int) -> list[tuple[str, int]]:

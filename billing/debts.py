@@ -44,7 +44,8 @@ class Debt:
 # operator decides: it blocks no pay-later, is not reminded of, asked for at a gate nor paid in
 # the app. `{d}`: the debts row's alias.
 UNDISPUTED = """NOT EXISTS (SELECT 1 FROM charge_disputes held_by
-    WHERE held_by.session_id = {d}.session_id AND held_by.status = 'open')"""
+    WHERE (held_by.charge_id = {d}.charge_id OR held_by.debt_id = {d}.id)
+      AND held_by.status = 'open')"""
 
 
 async def _lock_account(conn: asyncpg.Connection, account_id: int) -> None:
@@ -152,16 +153,16 @@ async def refresh_arrears(conn: asyncpg.Connection, account_id: int) -> None:
     await _refresh_arrears(conn, account_id)
 
 
-async def owed_for_stay(
+async def of_stay(
     conn: asyncpg.Connection, account_id: int, session_id: int
 ) -> asyncpg.Record | None:
-    """The account's debt for the stay while it is still owed (not paid, not waived): its id,
-    amount and charge (None for a missed stay's). Answered under the account's lock, so a
-    payment settling it waits until the caller's transaction ends."""
+    """The account's debt for the stay: its id, amount, charge (None for a missed stay's) and
+    `owed` (not paid, not waived). Answered under the account's lock, so a payment settling it
+    waits until the caller's transaction ends."""
     await _lock_account(conn, account_id)
     row: asyncpg.Record | None = await conn.fetchrow(
-        """SELECT id, amount_fen, charge_id FROM debts
-           WHERE session_id = $1 AND account_id = $2 AND settled_at IS NULL""",
+        """SELECT id, amount_fen, charge_id, settled_at IS NULL AS owed FROM debts
+           WHERE session_id = $1 AND account_id = $2""",
         session_id,
         account_id,
     )

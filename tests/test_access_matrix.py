@@ -572,10 +572,10 @@ async def world(runtime: Runtime, app: FastAPI, gate: GateProbe, lot: Lot) -> Wo
             FAKE_JPEG,
         )
         dispute_x = await conn.fetchval(
-            """INSERT INTO charge_disputes (charge_id, session_id, account_id, car_park_id, via,
-                                            held)
-               SELECT $1, session_id, $2, $3, 'app', false FROM charges WHERE id = $1
-               RETURNING id""",
+            """INSERT INTO charge_disputes (charge_id, session_id, amount_fen, account_id,
+                                            car_park_id, via, held)
+               SELECT $1, session_id, amount_fen, $2, $3, 'app', false FROM charges
+               WHERE id = $1 RETURNING id""",
             charge_a,
             driver_a.account_id,
             lot_x.id,

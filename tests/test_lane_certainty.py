@@ -507,9 +507,11 @@ async def test_not_my_car_on_a_charge_awaiting_confirmation_is_decided_in_the_di
 ) -> None:
     """The app shows the stay "awaiting the car park" with its "not my car" button: before,
     tapping it was refused as a debt, and the charge was collected once an operator confirmed
-    it. Now the dispute holds it and decides it: the confirmation queue refuses it meanwhile."""
+    it. Now the dispute holds it and decides it: the confirmation queue refuses it meanwhile.
+    The driver right, the charge is deleted as the queue's reject deletes it: kept (cancelled),
+    it held the reopened stay's one charge, and the car's real exit crashed the lane."""
     for outcome, statuses, accrued in (
-        ("driver_right", ("cancelled",), 0),
+        ("driver_right", (), 0),
         # Queued: the running worker may have collected it already.
         ("charge_stands", ("pending", "succeeded"), 1),
     ):
@@ -542,8 +544,11 @@ async def test_not_my_car_on_a_charge_awaiting_confirmation_is_decided_in_the_di
             headers=admin,
         )
         assert decided.status_code == 200, decided.text
-        (after,) = await _charges(runtime, driver)
-        assert after["status"] in statuses
+        left = [c["status"] for c in await _charges(runtime, driver)]
+        if outcome == "driver_right":
+            assert left == [], "deleted, as the confirmation queue's reject deletes it"
+        else:
+            assert len(left) == 1 and left[0] in statuses, left
         assert await _jobs(runtime, charge["id"]) == accrued
         async with runtime.pool.acquire() as conn:
             lines = await conn.fetchval(
@@ -563,6 +568,16 @@ async def test_not_my_car_on_a_charge_awaiting_confirmation_is_decided_in_the_di
                 exit_capture,
             )
         assert rejected == (1 if disowned else 0)
+        if disowned:
+            # The car really leaves now: its stay, opened again, is charged at this exit.
+            out = await gate.decide(lot.code, "out1", _framed(gate, "out", driver.plate, 0.99))
+            assert (out["action"], out["fee_fen"]) == ("open", 1200)
+            assert [c["session_id"] for c in await _charges(runtime, driver)] == [
+                charge["session_id"]
+            ]
+            assert (
+                await api.get(f"/api/v1/operator/disputes/{opened.json()['id']}", headers=admin)
+            ).json()["amount_fen"] == 1200
 
 
 async def test_deciding_a_rejected_exit_again_commands_no_gate(

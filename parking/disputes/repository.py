@@ -5,8 +5,9 @@ from uuid import UUID
 
 import asyncpg
 
-_DISPUTE = """d.id, d.charge_id, d.session_id, d.account_id, d.car_park_id, d.via, d.held, d.status,
-              d.opened_at, d.decided_at, d.decided_by, d.note, d.refund_id"""
+_DISPUTE = """d.id, d.charge_id, d.debt_id, d.session_id, d.account_id, d.car_park_id,
+              d.amount_fen, d.via, d.held, d.status, d.opened_at, d.decided_at, d.decided_by,
+              d.note, d.refund_id"""
 
 
 async def lock_charge(conn: asyncpg.Connection, charge_id: int) -> asyncpg.Record | None:
@@ -46,9 +47,27 @@ async def missed_stay(
     return row
 
 
-async def dispute_of_stay(conn: asyncpg.Connection, stay_id: int) -> asyncpg.Record | None:
+async def dispute_of_charge(conn: asyncpg.Connection, charge_id: int) -> asyncpg.Record | None:
     row: asyncpg.Record | None = await conn.fetchrow(
-        f"SELECT {_DISPUTE} FROM charge_disputes d WHERE d.session_id = $1", stay_id
+        f"SELECT {_DISPUTE} FROM charge_disputes d WHERE d.charge_id = $1", charge_id
+    )
+    return row
+
+
+async def dispute_of_debt(conn: asyncpg.Connection, debt_id: int) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"SELECT {_DISPUTE} FROM charge_disputes d WHERE d.debt_id = $1", debt_id
+    )
+    return row
+
+
+async def dispute_of_stay(conn: asyncpg.Connection, stay_id: int) -> asyncpg.Record | None:
+    """The dispute of the stay's charge or missed stay's debt (not one whose awaiting charge
+    was deleted when the driver was right: the stay was opened again since)."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"""SELECT {_DISPUTE} FROM charge_disputes d
+            WHERE d.session_id = $1 AND (d.charge_id IS NOT NULL OR d.debt_id IS NOT NULL)""",
+        stay_id,
     )
     return row
 
@@ -58,6 +77,8 @@ async def insert_dispute(
     *,
     stay_id: int,
     charge_id: int | None,
+    debt_id: int | None,
+    amount_fen: int,
     account_id: int,
     car_park_id: int,
     via: str,
@@ -65,10 +86,12 @@ async def insert_dispute(
 ) -> asyncpg.Record:
     row: asyncpg.Record | None = await conn.fetchrow(
         f"""INSERT INTO charge_disputes AS d
-                (session_id, charge_id, account_id, car_park_id, via, held)
-            VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_DISPUTE}""",
+                (session_id, charge_id, debt_id, amount_fen, account_id, car_park_id, via, held)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {_DISPUTE}""",
         stay_id,
         charge_id,
+        debt_id,
+        amount_fen,
         account_id,
         car_park_id,
         via,
@@ -78,13 +101,8 @@ async def insert_dispute(
     return row
 
 
-# A missed stay's dispute has no charge: what is disputed is its debt's amount.
 _LISTED = f"""
-    SELECT {_DISPUTE},
-           COALESCE(c.amount_fen,
-                    (SELECT db.amount_fen FROM debts db WHERE db.session_id = d.session_id))
-               AS amount_fen,
-           c.status AS charge_status, s.id AS stay_id, s.plate,
+    SELECT {_DISPUTE}, c.status AS charge_status, s.id AS stay_id, s.plate,
            s.entered_at, s.exited_at, s.entry_capture_id, s.exit_capture_id,
            cp.code AS car_park_code, cp.name AS car_park
     FROM charge_disputes d JOIN car_parks cp ON cp.id = d.car_park_id
@@ -172,16 +190,20 @@ async def mark_decided(
     actor: str,
     note: str | None,
     refund_id: int | None,
+    detach_charge: bool = False,
 ) -> asyncpg.Record | None:
-    """Decides an open dispute once; None when it was decided already."""
+    """Decides an open dispute once; None when it was decided already. `detach_charge`: its
+    charge is about to be deleted (it keeps its stay and amount)."""
     row: asyncpg.Record | None = await conn.fetchrow(
         f"""UPDATE charge_disputes AS d SET status = $2, decided_at = now(), decided_by = $3,
-                   note = $4, refund_id = $5
+                   note = $4, refund_id = $5,
+                   charge_id = CASE WHEN $6 THEN NULL ELSE charge_id END
             WHERE d.id = $1 AND d.status = 'open' RETURNING {_DISPUTE}""",
         dispute_id,
         status,
         actor,
         note,
         refund_id,
+        detach_charge,
     )
     return row

@@ -14,12 +14,12 @@ decides with both frames in front of them.
   stay's debt (a held stay whose car left without paying: no charge behind it), disputed
   from the app's stay.
 - `driver_right`: a held charge is cancelled (its accrual reversed, if it was accrued; one
-  that was awaiting disowns its stay as the confirmation queue's reject does), a
-  collected one refunded in full through `billing.refunds`; the dispute stays listed
+  that was awaiting is deleted and disowns its stay as the confirmation queue's reject does),
+  a collected one refunded in full through `billing.refunds`; the dispute stays listed
   (`status=driver_right`) for the real car to be found. `charge_stands`: a held charge is
   released to the provider, once (one still awaiting is confirmed: accrued and queued).
-- Each dispute is one per stay (disputing twice is the same dispute), audit-logged, and the
-  driver is told both the opening and the outcome.
+- Each dispute is one per charge or missed stay's debt (disputing twice is the same
+  dispute), audit-logged, and the driver is told both the opening and the outcome.
 """
 
 from dataclasses import dataclass
@@ -75,15 +75,15 @@ async def open_dispute(
     charge = await repo.lock_charge(conn, charge_id)
     if charge is None or charge["account_id"] != account_id:
         raise NotFound("charge")
-    existing = await repo.dispute_of_stay(conn, charge["session_id"])
+    existing = await repo.dispute_of_charge(conn, charge_id)
     if existing is not None:
         return view(existing)
     if charge["status"] == "cancelled":
         raise AppError(409, "charge_not_disputable", "this charge was cancelled: nothing is owed")
-    if charge["status"] == "failed" and not await debts.owed_for_stay(
-        conn, account_id, charge["session_id"]
-    ):
-        raise _PAID_AS_DEBT
+    if charge["status"] == "failed":
+        debt = await debts.of_stay(conn, account_id, charge["session_id"])
+        if debt is None or not debt["owed"]:
+            raise _PAID_AS_DEBT
     held = charge["status"] in (*_AWAITING, "failed") or (
         charge["status"] == "pending"
         and charge["sent_at"] is None
@@ -94,6 +94,7 @@ async def open_dispute(
         conn,
         stay_id=charge["session_id"],
         charge_id=charge_id,
+        debt_id=None,
         account_id=account_id,
         car_park_id=charge["car_park_id"],
         car_park=charge["car_park"],
@@ -119,16 +120,19 @@ async def _dispute_missed_stay(
     stay = await repo.missed_stay(conn, account_id, stay_id)
     if stay is None:
         raise NotFound("stay")
-    debt = await debts.owed_for_stay(conn, account_id, stay_id)  # the account's lock first
-    existing = await repo.dispute_of_stay(conn, stay_id)
+    debt = await debts.of_stay(conn, account_id, stay_id)  # the account's lock first
+    if debt is None:
+        raise NotFound("stay")
+    existing = await repo.dispute_of_debt(conn, debt["id"])
     if existing is not None:
         return view(existing)
-    if debt is None:
+    if not debt["owed"]:
         raise _PAID_AS_DEBT
     return await _opened(
         conn,
         stay_id=stay_id,
         charge_id=None,
+        debt_id=debt["id"],
         account_id=account_id,
         car_park_id=stay["car_park_id"],
         car_park=stay["car_park"],
@@ -145,6 +149,7 @@ async def _opened(
     *,
     stay_id: int,
     charge_id: int | None,
+    debt_id: int | None,
     account_id: int,
     car_park_id: int,
     car_park: str,
@@ -154,12 +159,14 @@ async def _opened(
     on_debt: bool,
     style: notifications.MessageStyle,
 ) -> DisputeView:
-    """Records the dispute of the stay (of its charge, when it has one), audited, and tells the
+    """Records the dispute of the stay's charge or missed stay's debt, audited, and tells the
     driver."""
     row = await repo.insert_dispute(
         conn,
         stay_id=stay_id,
         charge_id=charge_id,
+        debt_id=debt_id,
+        amount_fen=amount_fen,
         account_id=account_id,
         car_park_id=car_park_id,
         via=via,
@@ -173,7 +180,13 @@ async def _opened(
         actor=f"account:{account_id}",
         action="charge_dispute.opened",
         subject=f"charge_dispute:{row['id']}",
-        detail={"charge_id": charge_id, "stay_id": stay_id, "held": held, "via": via},
+        detail={
+            "charge_id": charge_id,
+            "debt_id": debt_id,
+            "stay_id": stay_id,
+            "held": held,
+            "via": via,
+        },
     )
     await notifications.enqueue(
         conn,
@@ -338,6 +351,7 @@ async def decide(
     refund_id: int | None = None
     effect = "none"
     occupancy_delta = 0
+    disowned = False  # an awaiting charge the driver was right about: deleted once decided
     if decision.outcome == "driver_right" and on_debt:
         if not await debts.waive(conn, row["account_id"], row["session_id"]):
             raise AppError(409, "charge_not_disputable", "the debt is settled: nothing to undo")
@@ -380,10 +394,11 @@ async def decide(
                 conn, _operator_id(principal), charge["id"]
             )
             assert awaiting is not None  # locked above, of this company's car park
-            await charges.cancel_unconfirmed(conn, charge["id"])
             # As the confirmation queue's reject: the doubtful exit read may have been
-            # another car's, and this vehicle still inside.
+            # another car's, and this vehicle still inside. The charge is deleted below, so
+            # that the reopened stay can be charged at its real exit.
             occupancy_delta = (await disown_stay(conn, awaiting)).occupancy_delta
+            disowned = True
             effect = "cancelled"
         else:
             raise AppError(
@@ -403,9 +418,13 @@ async def decide(
         actor=principal.actor,
         note=decision.note,
         refund_id=refund_id,
+        detach_charge=disowned,
     )
     if decided is None:  # the row lock above rules this out
         raise AppError(409, "already_decided", "this dispute has already been decided")
+    if disowned:
+        assert charge is not None
+        await charges.discard_unconfirmed(conn, charge["id"])
     if on_debt:
         # A debt that stands is owed again (blocking pay-later); a waived one is not.
         await debts.refresh_arrears(conn, row["account_id"])

@@ -74,7 +74,7 @@ async def receipt(conn: asyncpg.Connection, token: str, signer: FrameSigner | No
             return None
         return signer.url(token, which)
 
-    dispute = await disputes_repo.dispute_of_stay(conn, row["stay_id"])
+    dispute = await disputes_repo.dispute_of_charge(conn, row["charge_id"])
     until = row["exited_at"] or datetime.now(UTC)
     return ReceiptView(
         car_park=row["car_park"],
