@@ -432,7 +432,7 @@ async def hold_for_operator(
     no debt, the driver keeps pay-later; one open charge exception per charge waits for an
     operator to retry it (`retry_held`)."""
     await conn.execute(
-        """UPDATE charges SET attempts = attempts + 1, last_error = $2
+        """UPDATE charges SET attempts = attempts + 1, last_error = $2, refused_at = now()
            WHERE id = $1 AND status = 'pending'""",
         job.charge_id,
         reason[:1000],
@@ -492,22 +492,33 @@ async def retry_held(conn: asyncpg.Connection, exception_id: int, actor: str) ->
     return status
 
 
+# A pending charge no money can move for: never sent, or refused by the provider for the car
+# park's own reason (`hold_for_operator`) and not sent since; never accepted. `{c}`: the
+# charges row's alias.
+NOT_WITH_PROVIDER = """({c}.submitted_at IS NULL
+    AND ({c}.sent_at IS NULL OR {c}.refused_at IS NOT NULL))"""
+
+
 async def begin_sending(conn: asyncpg.Connection, charge_id: int) -> bool:
     """Before the worker hands a charge to the provider: under the charge's row lock, False
-    when it is no longer pending or a driver's open dispute holds it; else records that it is
-    being sent (`sent_at`). A dispute takes the same lock, so it either holds the charge
-    before it is sent or finds it sent. Runs in the caller's transaction."""
+    when it is no longer pending or a driver's open dispute holds it (one opened while the
+    charge was not with the provider, whatever an operator's retry asked since); else records
+    that it is being sent (`sent_at`). A dispute takes the same lock, so it either holds the
+    charge before it is sent or finds it sent. Runs in the caller's transaction."""
     status = await conn.fetchval("SELECT status FROM charges WHERE id = $1 FOR UPDATE", charge_id)
     if status != "pending":
         return False
     # A statement of its own, after the lock: it sees a dispute committed while it waited.
     if await conn.fetchval(
-        "SELECT 1 FROM charge_disputes WHERE charge_id = $1 AND status = 'open' AND held",
+        f"""SELECT 1 FROM charge_disputes d JOIN charges c ON c.id = d.charge_id
+            WHERE d.charge_id = $1 AND d.status = 'open'
+              AND (d.held OR {NOT_WITH_PROVIDER.format(c="c")})""",
         charge_id,
     ):
         return False
     await conn.execute(
-        "UPDATE charges SET sent_at = COALESCE(sent_at, now()) WHERE id = $1", charge_id
+        "UPDATE charges SET sent_at = COALESCE(sent_at, now()), refused_at = NULL WHERE id = $1",
+        charge_id,
     )
     return True
 
@@ -523,19 +534,25 @@ async def release_held(conn: asyncpg.Connection, charge_id: int) -> None:
     )
 
 
-async def cancel_unsent(conn: asyncpg.Connection, charge_id: int) -> ChargeJob | None:
-    """A charge that was never sent is not owed after all (an operator agreed it was not the
-    driver's car): cancelled once, its fee accrual reversed. None when it was sent or is no
-    longer pending. Runs in the caller's transaction."""
+async def cancel_unsent(conn: asyncpg.Connection, charge_id: int, actor: str) -> ChargeJob | None:
+    """A charge no money can move for (`NOT_WITH_PROVIDER`) is not owed after all (an operator
+    agreed it was not the driver's car): cancelled once, its fee accrual reversed, and the
+    provider's refusal waiting for an operator closed. None when the provider has it or may
+    have it, or it is no longer pending. Runs in the caller's transaction."""
     cancelled = await conn.fetchval(
-        """UPDATE charges SET status = 'cancelled', last_error = NULL
-           WHERE id = $1 AND status = 'pending' AND sent_at IS NULL AND submitted_at IS NULL
-             AND attempts = 0
-           RETURNING id""",
+        f"""UPDATE charges c SET status = 'cancelled', last_error = NULL
+            WHERE id = $1 AND status = 'pending' AND {NOT_WITH_PROVIDER.format(c="c")}
+            RETURNING id""",
         charge_id,
     )
     if cancelled is None:
         return None
+    await conn.execute(
+        """UPDATE charge_exceptions SET status = 'resolved', resolved_at = now(), resolved_by = $2
+           WHERE charge_id = $1 AND status = 'open'""",
+        charge_id,
+        actor,
+    )
     return await reverse_accrual(conn, charge_id)
 
 

@@ -37,6 +37,7 @@ from tests.conftest import (
     charges_of,
     create_lot,
     driver_in_debt,
+    driver_token,
     enter,
     eventually,
     exit_after,
@@ -296,6 +297,62 @@ async def test_the_car_parks_refusals_go_to_an_operator_never_to_the_driver(
             f"charge:{charge['id']}",
         )
     assert audited == 1
+
+
+async def test_not_my_car_on_a_charge_the_provider_refused_for_the_car_park_is_held(
+    runtime: Runtime, gate: GateProbe, lot: Lot, app: FastAPI, api: httpx.AsyncClient
+) -> None:
+    """A charge the provider refused for the car park's own reason was sent once, yet no money
+    can move for it. Before, its "not my car" did not hold it: an operator's retry of the
+    refusal collected it from the disputing driver, and agreeing with the driver was refused
+    for ever as "in flight". Now the dispute holds it whatever the charge queue asks, and the
+    driver right cancels it and closes the refusal."""
+    driver = await make_driver(runtime, unique_plate())
+    agreement_no = await _agreement_no(runtime, driver.agreement_id)
+    admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+    try:
+        await _exit_refused_at_the_charge(
+            runtime, gate, lot, driver, SANDBOX_FAULTS.unknown_agreements, agreement_no
+        )
+
+        async def listed() -> list[Any]:
+            answer = await api.get(f"{OPERATOR}/charge-exceptions?status=open", headers=admin)
+            return [e for e in answer.json() if e["car_park"] == lot.code]
+
+        [exception] = await eventually(listed)
+    finally:
+        SANDBOX_FAULTS.unknown_agreements.discard(agreement_no)
+    [charge] = await charges_of(runtime, lot)
+    opened = await api.post(
+        f"/api/v1/me/stays/{charge['session_id']}/dispute",
+        headers=bearer(driver_token(app, driver.account_id)),
+    )
+    assert (opened.json()["status"], opened.json()["held"]) == ("open", True)
+
+    # The provider would take it now; an operator retries the refusal from the charge queue.
+    retried = await api.post(f"{OPERATOR}/charge-exceptions/{exception['id']}/retry", headers=admin)
+    assert retried.status_code == 200, retried.text
+
+    async def job_done() -> bool:
+        async with runtime.pool.acquire() as conn:
+            return bool(
+                await conn.fetchval(
+                    "SELECT done_at IS NOT NULL FROM outbox WHERE kind = 'charge' AND ref_id = $1",
+                    charge["id"],
+                )
+            )
+
+    await eventually(job_done)
+    assert [c["status"] for c in await charges_of(runtime, lot)] == ["pending"], "not sent"
+
+    decided = await api.post(
+        f"{OPERATOR}/disputes/{opened.json()['id']}/decision",
+        json={"outcome": "driver_right", "note": "another car in the frames"},
+        headers=admin,
+    )
+    assert decided.status_code == 200, decided.text
+    assert [c["status"] for c in await charges_of(runtime, lot)] == ["cancelled"]
+    assert await _account(runtime, driver.account_id) == (False, 0, 0), "nothing owed"
 
 
 async def test_the_drivers_refusal_still_becomes_a_debt(

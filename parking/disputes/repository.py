@@ -5,6 +5,8 @@ from uuid import UUID
 
 import asyncpg
 
+from billing import charges
+
 _DISPUTE = """d.id, d.charge_id, d.debt_id, d.session_id, d.account_id, d.car_park_id,
               d.amount_fen, d.via, d.held, d.status, d.opened_at, d.decided_at, d.decided_by,
               d.note, d.refund_id"""
@@ -12,13 +14,14 @@ _DISPUTE = """d.id, d.charge_id, d.debt_id, d.session_id, d.account_id, d.car_pa
 
 async def lock_charge(conn: asyncpg.Connection, charge_id: int) -> asyncpg.Record | None:
     """The charge, locked (the outbox worker takes the same lock before sending it), with
-    what its messages say."""
+    what its messages say and whether no money can move for it (`unsent`)."""
     row: asyncpg.Record | None = await conn.fetchrow(
-        """SELECT c.id, c.session_id, c.account_id, c.amount_fen, c.status, c.sent_at,
-                  c.submitted_at, c.attempts, c.idempotency_key, s.car_park_id, cp.name AS car_park
-           FROM charges c JOIN sessions s ON s.id = c.session_id
-           JOIN car_parks cp ON cp.id = s.car_park_id
-           WHERE c.id = $1 FOR UPDATE OF c""",
+        f"""SELECT c.id, c.session_id, c.account_id, c.amount_fen, c.status,
+                   {charges.NOT_WITH_PROVIDER.format(c="c")} AS unsent,
+                   s.car_park_id, cp.name AS car_park
+            FROM charges c JOIN sessions s ON s.id = c.session_id
+            JOIN car_parks cp ON cp.id = s.car_park_id
+            WHERE c.id = $1 FOR UPDATE OF c""",
         charge_id,
     )
     return row

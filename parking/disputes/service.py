@@ -84,11 +84,10 @@ async def open_dispute(
         debt = await debts.of_stay(conn, account_id, charge["session_id"])
         if debt is None or not debt["owed"]:
             raise _PAID_AS_DEBT
+    # Held while no money can move for it: never sent, or refused by the provider for the car
+    # park's own reason (an operator's retry of that refusal sends it no more).
     held = charge["status"] in (*_AWAITING, "failed") or (
-        charge["status"] == "pending"
-        and charge["sent_at"] is None
-        and charge["submitted_at"] is None
-        and charge["attempts"] == 0
+        charge["status"] == "pending" and charge["unsent"]
     )
     return await _opened(
         conn,
@@ -382,7 +381,7 @@ async def decide(
                 refund_id = refund.id
             effect = "refunded"
         elif charge["status"] == "pending":
-            if await charges.cancel_unsent(conn, charge["id"]) is None:
+            if await charges.cancel_unsent(conn, charge["id"], principal.actor) is None:
                 raise AppError(
                     409,
                     "charge_in_flight",
