@@ -580,6 +580,38 @@ async def test_not_my_car_on_a_charge_awaiting_confirmation_is_decided_in_the_di
             ).json()["amount_fen"] == 1200
 
 
+async def test_an_exit_decided_later_never_ends_a_stay_that_began_after_it(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """A rejected exit's car left long ago. Before, an operator naming it later closed whatever
+    stay of that vehicle was open then: one that began when the car came back in since, while
+    the car was parked, charged pay-later with nobody confirming, and the car, inside, had no
+    stay at its real exit. Now a capture decided again is decided as of when it reached us."""
+    other = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, other.plate, parked_for=timedelta(hours=3))
+    _, (charge,) = await _awaiting(runtime, gate, lot)
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    rejected = await api.post(
+        f"/api/v1/operator/confirmations/{charge['id']}/reject",
+        json={"reason": "出口车辆不是入场车辆"},
+        headers=attendant,
+    )
+    assert rejected.status_code == 200, rejected.text
+    # The car in the exit frame was the other one: it comes back in before anyone looks.
+    again = await gate.decide(lot.code, "in1", gate.capture("in", other.plate))
+    assert again["action"] == "open"
+
+    resolved = await api.post(
+        f"/api/v1/operator/exceptions/{rejected.json()['exception_id']}/resolve",
+        json={"plate": other.plate, "color": "blue"},
+        headers=attendant,
+    )
+
+    assert (resolved.status_code, resolved.json()["error"]["code"]) == (409, "no_open_stay")
+    assert (other.plate, "blue") in await _open_stays(runtime, lot), "the car is inside"
+    assert await _charges(runtime, other) == []
+
+
 async def test_deciding_a_rejected_exit_again_commands_no_gate(
     runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
 ) -> None:

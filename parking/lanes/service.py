@@ -132,10 +132,14 @@ class LaneService:
         capture: Capture,
         reading: PlateReading,
         now: datetime,
+        received_at: datetime | None = None,
     ) -> Decision:
-        # Offline uploads happened earlier, when the gate decided alone; live ones happen now.
-        # Never later than now: a gate clock ahead proves nothing (see edges.bounded_gate_time).
-        at = min(capture.captured_at, now) if capture.offline else now
+        """`received_at`: when a capture decided again later (an operator's resolve) reached
+        us; None for one decided as it arrives."""
+        # Offline uploads happened earlier, when the gate decided alone; live ones happen now,
+        # or happened when they reached us if decided again later. Never later than now: a
+        # gate clock ahead proves nothing (see edges.bounded_gate_time).
+        at = min(capture.captured_at, now) if capture.offline else (received_at or now)
         if capture.direction == "in":
             return await self._entry(conn, gate, capture, reading, at, now)
         return await self._exit(conn, gate, capture, reading, at, now)
@@ -272,6 +276,10 @@ class LaneService:
         resolved = await self._resolve_exit(conn, gate, reading, at)
         resolution = resolved.resolution
         ranked = resolution.ranked
+        if not capture.offline and resolved.session and resolved.session.entered_at > at:
+            # Decided again after the vehicle came back in: this exit ended its earlier stay
+            # (superseded at that entry), never the one that began after it.
+            return await self._exception(conn, gate, capture, reading, now, "no_entry", ranked)
         earliest_at = None
         if capture.offline:
             # A gate's clock is not trusted blindly: bounded by what the server can prove.

@@ -222,6 +222,7 @@ class HeldCapture:
     seq: int
     direction: Direction
     captured_at: datetime
+    received_at: datetime
     offline: bool
     plate_color: str | None
 
@@ -233,7 +234,7 @@ async def exception_for_update(
     row = await conn.fetchrow(
         """SELECT e.id AS exception_id, e.status AS exception_status, e.reason, c.capture_id,
                   cp.id AS car_park_id, cp.code AS lot, g.code AS gate, c.seq, c.direction,
-                  c.captured_at, c.offline, c.plate_color
+                  c.captured_at, c.received_at, c.offline, c.plate_color
            FROM lane_exceptions e JOIN car_parks cp ON cp.id = e.car_park_id
            JOIN gates g ON g.id = e.gate_id JOIN captures c
                ON c.capture_id = e.capture_id AND c.captured_at = e.capture_captured_at

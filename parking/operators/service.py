@@ -396,14 +396,22 @@ async def resolve_exception(
     gate = await lanes_repo.load_gate(conn, held.lot, held.gate)
     if gate is None:  # the exception's gate is a foreign key: this cannot happen
         raise NotFound("gate")
+    # Decided as of when the capture reached us: the car was at the barrier then (and, for an
+    # exit, may have come back in since).
     decision = await lanes.decide(
-        conn, gate, _held_capture(held, plate, color), operator_reading(plate, color), now
+        conn,
+        gate,
+        _held_capture(held, plate, color),
+        operator_reading(plate, color),
+        now,
+        received_at=held.received_at,
     )
     if decision.outcome in _STILL_AN_EXCEPTION:
         raise AppError(
             409,
             "no_open_stay",
-            "no car with this plate is parked here: check the plate, or open the gate by hand",
+            "no stay of a car with this plate was open here when the capture was taken: check "
+            "the plate, or open the gate by hand",
         )
     if decision.outcome == "held_blacklisted":
         raise AppError(
