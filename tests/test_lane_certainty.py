@@ -580,6 +580,41 @@ async def test_not_my_car_on_a_charge_awaiting_confirmation_is_decided_in_the_di
             ).json()["amount_fen"] == 1200
 
 
+async def test_the_car_of_a_stay_an_unvouched_exit_closed_leaves_on_that_stay_once(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """A doubtful read of another car closed the stay; its charge awaits an operator. Before,
+    the stay's own car leaving later was "no entry record": it paid the fixed fee at the gate,
+    and the queue still held the stay's charge, which confirmed made it pay twice. Now its
+    certain exit read takes the stay back: that charge is discarded, the earlier exit goes to
+    the exception queue, and this exit charges the stay once."""
+    await set_car_park(runtime, lot, no_entry_policy="fixed_fee", no_entry_fee_fen=2000)
+    driver, (charge,) = await _awaiting(runtime, gate, lot)
+    async with runtime.pool.acquire() as conn:  # the car leaves after the duplicate window
+        earlier_exit = await conn.fetchval(
+            """UPDATE sessions SET exited_at = exited_at - interval '10 minutes'
+               WHERE id = $1 RETURNING exit_capture_id""",
+            charge["session_id"],
+        )
+    inside = await runtime.occupancy.get(lot.id)
+
+    out = await gate.decide(lot.code, "out1", _framed(gate, "out", driver.plate, 0.99))
+
+    assert (out["action"], out["fee_fen"]) == ("open", 1200), "pay-later, not the fixed fee"
+    [again] = await _charges(runtime, driver)
+    assert (again["session_id"], again["amount_fen"]) == (charge["session_id"], 1200)
+    assert again["id"] != charge["id"], "the unvouched exit's charge is discarded"
+    assert await runtime.occupancy.get(lot.id) == inside, "counted out at the earlier exit"
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    queue = await api.get("/api/v1/operator/confirmations", headers=attendant)
+    assert charge["id"] not in {c["id"] for c in queue.json()}
+    rejected = await _exception(runtime, earlier_exit)
+    assert rejected is not None and (rejected["reason"], rejected["status"]) == (
+        "rejected",
+        "open",
+    ), "the car that really left then is for an operator to find"
+
+
 async def test_an_exit_decided_later_never_ends_a_stay_that_began_after_it(
     runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
 ) -> None:

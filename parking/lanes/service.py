@@ -10,21 +10,23 @@ gate for an operator or opens it with the charge awaiting an operator's confirma
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
 
-from billing import charges, entries, fees
+from billing import audit, charges, entries, fees
 from billing.rights import RightTerms
 from billing.tariff import format_fen
 from gate_controller.protocol import Action, Capture, Command
+from parking.confirmations import repository as confirmations_repo
+from parking.confirmations.service import disown_stay
 from parking.lanes import edges
 from parking.lanes import edges_repository as edges_repo
 from parking.lanes import repository as repo
 from parking.lanes.reading import PlateReading
-from parking.lanes.repository import GateInfo, OpenSession
+from parking.lanes.repository import GateInfo, Identity, OpenSession
 from parking.lanes.rules import (
     Certainty,
     ExceptionReason,
@@ -38,9 +40,12 @@ from parking.lanes.rules import (
     resolve_plate,
     uncertain_policy,
 )
+from parking.logging import get_logger
 from parking.payments.qr import gate_payment_page_url
 from parking.rights import service as rights
 from parking.settings import Settings
+
+log = get_logger(__name__)
 
 _TARIFF_CACHE_S = 60.0
 MatchStatus = Literal["exact", "fuzzy", "ambiguous", "no_match"]
@@ -74,6 +79,8 @@ class _Exit:
     resolution: Resolution
     session: OpenSession | None = None
     duplicate_of: int | None = None
+    # +1 when the stay was taken back from an exit nobody vouched for and counts in again.
+    reopened: int = 0
 
     @property
     def plate(self) -> str | None:
@@ -241,10 +248,16 @@ class LaneService:
             assert reading.color is not None
             own = (best.plate, reading.color)
             session = await repo.open_session_for_update(conn, gate.car_park_id, *own)
+            reopened = 0
+            if session is None:
+                left = await repo.recent_exits(conn, gate.car_park_id, since)
+                if own not in left and (taken := await self._take_back(conn, gate, own)):
+                    reopened = taken
+                    session = await repo.open_session_for_update(conn, gate.car_park_id, *own)
             if session is not None:
                 parked = {own: session.entry_certain}
-                return _Exit(resolve_plate(reading, parked, (), self.certainty), session)
-            left = await repo.recent_exits(conn, gate.car_park_id, since)
+                resolution = resolve_plate(reading, parked, (), self.certainty)
+                return _Exit(resolution, session, reopened=reopened)
             resolution = resolve_plate(reading, {}, left, self.certainty)
         else:
             parked, left = await repo.cars_here(conn, gate.car_park_id, since)
@@ -260,6 +273,40 @@ class LaneService:
             return _Exit(Resolution("no_entry", identity, resolution.certain))
         return _Exit(resolution, session)
 
+    async def _take_back(
+        self, conn: asyncpg.Connection, gate: GateInfo, identity: Identity
+    ) -> int | None:
+        """A certain exit read of a vehicle with no open stay here, whose last stay an exit
+        nobody has vouched for closed (its charge still awaiting): that exit was another car's,
+        and this one leaves now. The charge is discarded and the stay disowned as an operator's
+        reject does, so this exit ends it, once; before, the car was "no entry record" and paid
+        again at a fixed-fee car park while the queue still held its stay's charge. Returns the
+        occupancy change the reopening makes (+1 when its car counted in), None when there is
+        no such stay."""
+        charge = await confirmations_repo.unvouched_exit_of_vehicle(
+            conn, gate.car_park_id, *identity
+        )
+        if charge is None:
+            return None
+        await charges.discard_unconfirmed(conn, charge.charge_id)
+        disowned = await disown_stay(conn, charge)
+        await audit.record(
+            conn,
+            "system:lane",
+            "charge.disowned_by_exit",
+            f"charge:{charge.charge_id}",
+            {
+                "session_id": charge.session_id,
+                "account_id": charge.account_id,
+                "amount_fen": charge.amount_fen,
+                "exception_id": disowned.exception_id,
+            },
+        )
+        log.info(
+            "lane.exit_took_back_stay", charge_id=charge.charge_id, car_park_id=gate.car_park_id
+        )
+        return disowned.occupancy_delta
+
     async def _exit(
         self,
         conn: asyncpg.Connection,
@@ -274,6 +321,22 @@ class LaneService:
         ):
             return paid
         resolved = await self._resolve_exit(conn, gate, reading, at)
+        decision = await self._exit_resolved(conn, gate, capture, reading, at, now, resolved)
+        if resolved.reopened:
+            # Counted out at the exit nobody vouched for; this exit's own change follows.
+            return replace(decision, occupancy_delta=decision.occupancy_delta + resolved.reopened)
+        return decision
+
+    async def _exit_resolved(
+        self,
+        conn: asyncpg.Connection,
+        gate: GateInfo,
+        capture: Capture,
+        reading: PlateReading,
+        at: datetime,
+        now: datetime,
+        resolved: _Exit,
+    ) -> Decision:
         resolution = resolved.resolution
         ranked = resolution.ranked
         if not capture.offline and resolved.session and resolved.session.entered_at > at:
