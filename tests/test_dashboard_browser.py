@@ -200,6 +200,57 @@ async def test_operator_watches_a_car_enter_and_resolves_an_exception(
     assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+async def test_a_refused_decision_shows_why_and_can_be_tried_again(
+    runtime: Runtime, app: FastAPI, gate: GateProbe, lot: Lot, browser: Browser
+) -> None:
+    """The driver disputes a charge while an attendant has it on screen, and a gate is removed
+    while its held car's card is shown. Before, both cards' own reason field shadowed the
+    error's wording: the refusal threw in the page, nothing was said, and the buttons stayed
+    disabled."""
+    attendant = await make_staff(runtime, lot.operator_id, "attendant")
+    driver, (awaiting,) = await _awaiting(runtime, gate, lot)
+    stranger = gate.capture("out", unique_plate())
+    assert (await gate.decide(lot.code, "out1", stranger))["action"] == "hold"
+    no_entry = await _exception_id(runtime, stranger.capture_id)
+    problems: list[str] = []
+    async with api_server(runtime, sandbox.free_port(), app=app) as url:
+        context = await browser.new_context(viewport={"width": 1360, "height": 1000})
+        try:
+            page = await context.new_page()
+            page.set_default_timeout(STEP_TIMEOUT_MS)
+            page.on("pageerror", lambda error: problems.append(str(error)))
+            await page.goto(f"{url}/dashboard")
+            await _sign_in(page, attendant)
+            card = page.locator(f"#confirmations-{awaiting['id']}")
+            exception = page.locator(f"#exception-{no_entry}")
+            await expect(card).to_contain_text(lot.name)
+            await expect(exception).to_contain_text("无入场记录")
+
+            async with httpx.AsyncClient(base_url=url) as api:
+                disputed = await api.post(
+                    f"/api/v1/me/stays/{awaiting['session_id']}/dispute",
+                    headers=bearer(driver_token(app, driver.account_id)),
+                )
+            assert disputed.status_code == 200, disputed.text
+            await card.get_by_label("核对说明").fill("入口与出口为同一车辆")
+            await card.get_by_role("button", name="确认扣款").click()
+            await expect(card.locator(".result")).to_contain_text("车主已申诉")
+            await expect(card.get_by_role("button", name="确认扣款")).to_be_enabled()
+
+            async with runtime.pool.acquire() as conn:
+                await conn.execute(
+                    "UPDATE gates SET code = 'out9' WHERE car_park_id = $1 AND code = 'out1'",
+                    lot.id,
+                )
+            await exception.get_by_label("抬杆原因").fill("无入场记录，已现场核实")
+            await exception.get_by_role("button", name="人工抬杆").click()
+            await expect(page.locator(f"#exception-result-{no_entry}")).to_contain_text("操作失败")
+            await expect(exception.get_by_role("button", name="人工抬杆")).to_be_enabled()
+        finally:
+            await context.close()
+    assert problems == []
+
+
 async def test_on_a_phone_an_admin_confirms_a_charge_and_decides_a_dispute_with_both_frames(
     runtime: Runtime, app: FastAPI, gate: GateProbe, lot: Lot, browser: Browser
 ) -> None:
