@@ -453,6 +453,30 @@ def staff_token(app: FastAPI, staff: Staff) -> str:
     return token
 
 
+async def decide_dispute(
+    api: httpx.AsyncClient, admin: dict[str, str], dispute_id: int, outcome: str
+) -> None:
+    """An admin decides a driver's "not my car" after looking at both frames."""
+    decided = await api.post(
+        f"/api/v1/operator/disputes/{dispute_id}/decision",
+        json={"outcome": outcome, "note": "looked at both frames"},
+        headers=admin,
+    )
+    assert decided.status_code == 200, decided.text
+
+
+async def stay_debt(runtime: Runtime, account_id: int, stay_id: int) -> tuple[bool, bool, bool]:
+    """(the account blocked for arrears, the stay's debt settled, and waived)."""
+    async with runtime.pool.acquire() as conn:
+        blocked = await conn.fetchval(
+            "SELECT blocked_for_arrears FROM accounts WHERE id = $1", account_id
+        )
+        debt = await conn.fetchrow(
+            "SELECT settled_at, waived FROM debts WHERE session_id = $1", stay_id
+        )
+    return bool(blocked), debt["settled_at"] is not None, bool(debt["waived"])
+
+
 async def driver_in_debt(runtime: Runtime, gate: GateProbe, lot: Lot) -> Driver:
     """A pay-later driver whose first charge (a 30-minute stay, ¥6.00) the provider declined:
     one open debt, pay-later blocked."""

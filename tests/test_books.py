@@ -17,6 +17,7 @@ from tests.conftest import (
     Lot,
     bearer,
     charges_of,
+    decide_dispute,
     driver_in_debt,
     driver_token,
     eventually,
@@ -24,6 +25,7 @@ from tests.conftest import (
     make_driver,
     make_staff,
     staff_token,
+    stay_debt,
     unique_plate,
 )
 from tests.gates import GateProbe
@@ -270,26 +272,15 @@ async def test_not_my_car_on_a_failed_charge_holds_its_debt_until_an_operator_de
             debt_id = await conn.fetchval("SELECT id FROM debts WHERE charge_id = $1", charge["id"])
             assert await debts.settle(conn, driver.account_id, -1, [debt_id]) == 0
 
-        decided = await api.post(
-            f"/api/v1/operator/disputes/{opened.json()['id']}/decision",
-            json={"outcome": outcome, "note": "looked at both frames"},
-            headers=admin,
-        )
-        assert decided.status_code == 200, decided.text
+        await decide_dispute(api, admin, opened.json()["id"], outcome)
         async with runtime.pool.acquire() as conn:
-            blocked = await conn.fetchval(
-                "SELECT blocked_for_arrears FROM accounts WHERE id = $1", driver.account_id
-            )
-            debt = await conn.fetchrow(
-                "SELECT settled_at, waived FROM debts WHERE charge_id = $1", charge["id"]
-            )
             owed = await conn.fetchval(
                 "SELECT COALESCE(sum(amount_fen), 0) FROM ledger_entries"
                 " WHERE charge_id = $1 AND ledger_account = $2",
                 charge["id"],
                 f"receivable:account:{driver.account_id}",
             )
-        assert (blocked, debt["waived"], debt["settled_at"] is not None) == (
+        assert await stay_debt(runtime, driver.account_id, charge["session_id"]) == (
             blocked_after,
             waived,
             waived,

@@ -4,9 +4,11 @@ as people say them, in Chinese first); on a 390-px phone, confirm a charge and d
 my car" dispute with both frames side by side, and read the audit log. Screenshots are left
 in `.artifacts/dashboard*.png`."""
 
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import httpx
@@ -46,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / ".artifacts" / "dashboard.png"
 PHONE_SCREENSHOT = ROOT / ".artifacts" / "dashboard-390.png"
 PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1360, "height": 1000}
 FRAME = (Path(__file__).parent / "fixtures" / "plate_wanAD2Y34.jpg").read_bytes()
 STEP_TIMEOUT_MS = 10_000
 # An axe-style check: the form controls, buttons and images on the page that have no
@@ -90,6 +93,24 @@ async def _sign_in(page: Page, staff: Staff) -> None:
     await expect(page.locator("#feed-status")).to_have_attribute("data-state", "live")
 
 
+@contextlib.asynccontextmanager
+async def _console(
+    browser: Browser, url: str, staff: Staff, problems: list[str], **context_options: Any
+) -> AsyncIterator[Page]:
+    """The console signed in as `staff` in a fresh profile; errors in the page go to
+    `problems`."""
+    context = await browser.new_context(**context_options)
+    try:
+        page = await context.new_page()
+        page.set_default_timeout(STEP_TIMEOUT_MS)
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        await page.goto(f"{url}/dashboard")
+        await _sign_in(page, staff)
+        yield page
+    finally:
+        await context.close()
+
+
 async def _hold_unreadable_exit(runtime: Runtime, gate: GateProbe, lot: Lot) -> int:
     """An exit the camera could not read: the gate holds and an exception waits."""
     capture = gate.capture("out", None)
@@ -123,7 +144,7 @@ async def test_operator_watches_a_car_enter_and_resolves_an_exception(
             problems.append(message.text)
 
     async with api_server(runtime, sandbox.free_port()) as url:
-        context = await browser.new_context(viewport={"width": 1360, "height": 1000})
+        context = await browser.new_context(viewport=DESKTOP)
         try:
             page = await context.new_page()
             page.set_default_timeout(STEP_TIMEOUT_MS)
@@ -213,41 +234,35 @@ async def test_a_refused_decision_shows_why_and_can_be_tried_again(
     assert (await gate.decide(lot.code, "out1", stranger))["action"] == "hold"
     no_entry = await _exception_id(runtime, stranger.capture_id)
     problems: list[str] = []
-    async with api_server(runtime, sandbox.free_port(), app=app) as url:
-        context = await browser.new_context(viewport={"width": 1360, "height": 1000})
-        try:
-            page = await context.new_page()
-            page.set_default_timeout(STEP_TIMEOUT_MS)
-            page.on("pageerror", lambda error: problems.append(str(error)))
-            await page.goto(f"{url}/dashboard")
-            await _sign_in(page, attendant)
-            card = page.locator(f"#confirmations-{awaiting['id']}")
-            exception = page.locator(f"#exception-{no_entry}")
-            await expect(card).to_contain_text(lot.name)
-            await expect(exception).to_contain_text("无入场记录")
+    async with (
+        api_server(runtime, sandbox.free_port(), app=app) as url,
+        _console(browser, url, attendant, problems, viewport=DESKTOP) as page,
+    ):
+        card = page.locator(f"#confirmations-{awaiting['id']}")
+        exception = page.locator(f"#exception-{no_entry}")
+        await expect(card).to_contain_text(lot.name)
+        await expect(exception).to_contain_text("无入场记录")
 
-            async with httpx.AsyncClient(base_url=url) as api:
-                disputed = await api.post(
-                    f"/api/v1/me/stays/{awaiting['session_id']}/dispute",
-                    headers=bearer(driver_token(app, driver.account_id)),
-                )
-            assert disputed.status_code == 200, disputed.text
-            await card.get_by_label("核对说明").fill("入口与出口为同一车辆")
-            await card.get_by_role("button", name="确认扣款").click()
-            await expect(card.locator(".result")).to_contain_text("车主已申诉")
-            await expect(card.get_by_role("button", name="确认扣款")).to_be_enabled()
+        async with httpx.AsyncClient(base_url=url) as api:
+            disputed = await api.post(
+                f"/api/v1/me/stays/{awaiting['session_id']}/dispute",
+                headers=bearer(driver_token(app, driver.account_id)),
+            )
+        assert disputed.status_code == 200, disputed.text
+        await card.get_by_label("核对说明").fill("入口与出口为同一车辆")
+        await card.get_by_role("button", name="确认扣款").click()
+        await expect(card.locator(".result")).to_contain_text("车主已申诉")
+        await expect(card.get_by_role("button", name="确认扣款")).to_be_enabled()
 
-            async with runtime.pool.acquire() as conn:
-                await conn.execute(
-                    "UPDATE gates SET code = 'out9' WHERE car_park_id = $1 AND code = 'out1'",
-                    lot.id,
-                )
-            await exception.get_by_label("抬杆原因").fill("无入场记录，已现场核实")
-            await exception.get_by_role("button", name="人工抬杆").click()
-            await expect(page.locator(f"#exception-result-{no_entry}")).to_contain_text("操作失败")
-            await expect(exception.get_by_role("button", name="人工抬杆")).to_be_enabled()
-        finally:
-            await context.close()
+        async with runtime.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE gates SET code = 'out9' WHERE car_park_id = $1 AND code = 'out1'",
+                lot.id,
+            )
+        await exception.get_by_label("抬杆原因").fill("无入场记录，已现场核实")
+        await exception.get_by_role("button", name="人工抬杆").click()
+        await expect(page.locator(f"#exception-result-{no_entry}")).to_contain_text("操作失败")
+        await expect(exception.get_by_role("button", name="人工抬杆")).to_be_enabled()
     assert problems == []
 
 
@@ -285,14 +300,9 @@ async def test_on_a_phone_an_admin_confirms_a_charge_and_decides_a_dispute_with_
                 " WHERE capture_id = (SELECT exit_capture_id FROM sessions WHERE id = $1)",
                 stay_id,
             )
-        context = await browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
-        try:
-            page = await context.new_page()
-            page.set_default_timeout(STEP_TIMEOUT_MS)
-            page.on("pageerror", lambda error: problems.append(str(error)))
-            await page.goto(f"{url}/dashboard")
-            await _sign_in(page, admin)
-
+        async with _console(
+            browser, url, admin, problems, viewport=PHONE, is_mobile=True, has_touch=True
+        ) as page:
             # The header keeps "退出登录" on screen, and nothing runs off the phone's width.
             sign_out = await page.locator("#sign-out").bounding_box()
             assert sign_out is not None and sign_out["x"] + sign_out["width"] <= PHONE["width"]
@@ -350,8 +360,6 @@ async def test_on_a_phone_an_admin_confirms_a_charge_and_decides_a_dispute_with_
             )
             await page.screenshot(path=str(PHONE_SCREENSHOT), full_page=True)
             assert await page.evaluate(UNNAMED) == []
-        finally:
-            await context.close()
 
     assert problems == []
     async with runtime.pool.acquire() as conn:

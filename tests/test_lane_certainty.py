@@ -26,6 +26,7 @@ from tests.conftest import (
     Lot,
     backdate_entry,
     bearer,
+    decide_dispute,
     driver_token,
     enter,
     eventually,
@@ -466,6 +467,22 @@ async def test_an_operator_confirms_a_charge_with_both_frames_and_it_is_queued_o
     assert audit["reason"] == body["reason"]
 
 
+async def _rejected(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, lot: Lot, charge: dict[str, Any]
+) -> tuple[dict[str, str], int]:
+    """An attendant rejects the awaiting charge: the attendant's headers, and the exception its
+    exit waits in for the right plate."""
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    rejected = await api.post(
+        f"/api/v1/operator/confirmations/{charge['id']}/reject",
+        json={"reason": "出口车辆不是入场车辆"},
+        headers=attendant,
+    )
+    assert rejected.status_code == 200, rejected.text
+    exception_id: int = rejected.json()["exception_id"]
+    return attendant, exception_id
+
+
 async def test_a_rejected_charge_charges_nobody_and_the_exit_waits_for_the_right_plate(
     runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
 ) -> None:
@@ -538,12 +555,7 @@ async def test_not_my_car_on_a_charge_awaiting_confirmation_is_decided_in_the_di
         queue = await api.get("/api/v1/operator/confirmations", headers=admin)
         assert charge["id"] not in {c["id"] for c in queue.json()}, "listed among the disputes"
 
-        decided = await api.post(
-            f"/api/v1/operator/disputes/{opened.json()['id']}/decision",
-            json={"outcome": outcome, "note": "looked at both frames"},
-            headers=admin,
-        )
-        assert decided.status_code == 200, decided.text
+        await decide_dispute(api, admin, opened.json()["id"], outcome)
         left = [c["status"] for c in await _charges(runtime, driver)]
         if outcome == "driver_right":
             assert left == [], "deleted, as the confirmation queue's reject deletes it"
@@ -625,19 +637,13 @@ async def test_an_exit_decided_later_never_ends_a_stay_that_began_after_it(
     other = await make_driver(runtime, unique_plate())
     await enter(runtime, gate, lot, other.plate, parked_for=timedelta(hours=3))
     _, (charge,) = await _awaiting(runtime, gate, lot)
-    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
-    rejected = await api.post(
-        f"/api/v1/operator/confirmations/{charge['id']}/reject",
-        json={"reason": "出口车辆不是入场车辆"},
-        headers=attendant,
-    )
-    assert rejected.status_code == 200, rejected.text
+    attendant, exception_id = await _rejected(runtime, app, api, lot, charge)
     # The car in the exit frame was the other one: it comes back in before anyone looks.
     again = await gate.decide(lot.code, "in1", gate.capture("in", other.plate))
     assert again["action"] == "open"
 
     resolved = await api.post(
-        f"/api/v1/operator/exceptions/{rejected.json()['exception_id']}/resolve",
+        f"/api/v1/operator/exceptions/{exception_id}/resolve",
         json={"plate": other.plate, "color": "blue"},
         headers=attendant,
     )
@@ -660,17 +666,11 @@ async def test_deciding_a_rejected_exit_again_commands_no_gate(
             )
         )
     assert len(gate.commands[exit_id]) == 1
-    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
-    rejected = await api.post(
-        f"/api/v1/operator/confirmations/{charge['id']}/reject",
-        json={"reason": "出口车辆不是入场车辆"},
-        headers=attendant,
-    )
-    assert rejected.status_code == 200, rejected.text
+    attendant, exception_id = await _rejected(runtime, app, api, lot, charge)
     before = await runtime.occupancy.get(lot.id)
 
     resolved = await api.post(
-        f"/api/v1/operator/exceptions/{rejected.json()['exception_id']}/resolve",
+        f"/api/v1/operator/exceptions/{exception_id}/resolve",
         json={"plate": driver.plate, "color": "blue"},
         headers=attendant,
     )
