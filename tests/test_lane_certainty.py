@@ -592,14 +592,15 @@ async def test_not_my_car_on_a_charge_awaiting_confirmation_is_decided_in_the_di
             ).json()["amount_fen"] == 1200
 
 
-async def test_the_car_of_a_stay_an_unvouched_exit_closed_leaves_on_that_stay_once(
+async def test_the_car_of_a_stay_a_refuted_exit_closed_leaves_on_that_stay_once(
     runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
 ) -> None:
-    """A doubtful read of another car closed the stay; its charge awaits an operator. Before,
-    the stay's own car leaving later was "no entry record": it paid the fixed fee at the gate,
-    and the queue still held the stay's charge, which confirmed made it pay twice. Now its
-    certain exit read takes the stay back: that charge is discarded, the earlier exit goes to
-    the exception queue, and this exit charges the stay once."""
+    """A doubtful read of another car closed the stay, and the exit's frames showed that car:
+    the charge awaits an operator. Before, the stay's own car leaving later was "no entry
+    record": it paid the fixed fee at the gate, and the queue still held the stay's charge,
+    which confirmed made it pay twice. Now its certain exit read takes the stay back: that
+    charge is discarded, the earlier exit goes to the exception queue, and this exit charges
+    the stay once."""
     await set_car_park(runtime, lot, no_entry_policy="fixed_fee", no_entry_fee_fen=2000)
     driver, (charge,) = await _awaiting(runtime, gate, lot)
     async with runtime.pool.acquire() as conn:  # the car leaves after the duplicate window
@@ -625,6 +626,34 @@ async def test_the_car_of_a_stay_an_unvouched_exit_closed_leaves_on_that_stay_on
         "rejected",
         "open",
     ), "the car that really left then is for an operator to find"
+
+
+async def test_an_exit_nobody_refuted_is_left_to_the_operator(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """A doubtful exit read with no frames to check it: the car may have left then and come back
+    in unseen, so its certain read at the exit later takes nothing back (no entry record), and
+    the charge stays for the operator."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=90))
+    doubtful = await gate.decide(
+        lot.code, "out1", gate.capture("out", driver.plate, confidence=0.95)
+    )
+    assert (doubtful["action"], doubtful["fee_fen"]) == ("open", 1200)
+    [charge] = await _charges(runtime, driver)
+    assert (charge["status"], charge["verification"]) == ("awaiting_confirmation", None)
+    async with runtime.pool.acquire() as conn:  # the car leaves after the duplicate window
+        await conn.execute(
+            "UPDATE sessions SET exited_at = exited_at - interval '10 minutes' WHERE id = $1",
+            charge["session_id"],
+        )
+
+    out = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+
+    assert out["action"] == "hold" and "无入场记录" in out["display"]
+    assert [(c["id"], c["status"]) for c in await _charges(runtime, driver)] == [
+        (charge["id"], "awaiting_confirmation")
+    ]
 
 
 async def test_an_exit_decided_later_never_ends_a_stay_that_began_after_it(

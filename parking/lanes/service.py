@@ -79,7 +79,7 @@ class _Exit:
     resolution: Resolution
     session: OpenSession | None = None
     duplicate_of: int | None = None
-    # +1 when the stay was taken back from an exit nobody vouched for and counts in again.
+    # +1 when the stay was taken back from a refuted exit and counts in again.
     reopened: int = 0
 
     @property
@@ -276,16 +276,15 @@ class LaneService:
     async def _take_back(
         self, conn: asyncpg.Connection, gate: GateInfo, identity: Identity
     ) -> int | None:
-        """A certain exit read of a vehicle with no open stay here, whose last stay an exit
-        nobody has vouched for closed (its charge still awaiting): that exit was another car's,
-        and this one leaves now. The charge is discarded and the stay disowned as an operator's
-        reject does, so this exit ends it, once; before, the car was "no entry record" and paid
-        again at a fixed-fee car park while the queue still held its stay's charge. Returns the
-        occupancy change the reopening makes (+1 when its car counted in), None when there is
-        no such stay."""
-        charge = await confirmations_repo.unvouched_exit_of_vehicle(
-            conn, gate.car_park_id, *identity
-        )
+        """A certain exit read of a vehicle with no open stay here, whose last stay was closed
+        by an exit whose frames showed another vehicle (its charge awaiting an operator): that
+        exit was the other car's, and this one leaves now. The charge is discarded and the stay
+        disowned as an operator's reject does, so this exit ends it, once; before, the car was
+        "no entry record" and paid again at a fixed-fee car park while the queue still held its
+        stay's charge. An exit nobody refuted is left to the operator: the car may have left
+        then and come back in unseen. Returns the occupancy change the reopening makes (+1 when
+        its car counted in), None when there is no such stay."""
+        charge = await confirmations_repo.refuted_exit_of_vehicle(conn, gate.car_park_id, *identity)
         if charge is None:
             return None
         await charges.discard_unconfirmed(conn, charge.charge_id)
@@ -323,7 +322,7 @@ class LaneService:
         resolved = await self._resolve_exit(conn, gate, reading, at)
         decision = await self._exit_resolved(conn, gate, capture, reading, at, now, resolved)
         if resolved.reopened:
-            # Counted out at the exit nobody vouched for; this exit's own change follows.
+            # Counted out at the refuted exit; this exit's own change follows.
             return replace(decision, occupancy_delta=decision.occupancy_delta + resolved.reopened)
         return decision
 
