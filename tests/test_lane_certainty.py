@@ -9,6 +9,7 @@ both certain is charged without a person; otherwise the car park's policy holds 
 opens it with the charge awaiting an operator (`parking/confirmations/`).
 """
 
+import asyncio
 import base64
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +20,10 @@ from fastapi import FastAPI
 
 from billing.tariff import Tariff
 from parking.admin import repository as admin
+from parking.disputes import service as disputes
+from parking.lanes import repository as lanes_repo
+from parking.lanes.reading import operator_reading
+from parking.messages import message_style
 from parking.migrate import MIGRATIONS_DIR
 from parking.runtime import ProviderEndpoint, Runtime
 from tests.conftest import (
@@ -628,6 +633,109 @@ async def test_the_car_of_a_stay_a_refuted_exit_closed_leaves_on_that_stay_once(
     ), "the car that really left then is for an operator to find"
 
 
+async def _left_since(runtime: Runtime, stay_id: int) -> None:
+    """The stay's exit was ten minutes ago: a read of its plate now is no duplicate of it."""
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE sessions SET exited_at = exited_at - interval '10 minutes' WHERE id = $1",
+            stay_id,
+        )
+
+
+async def test_only_the_vehicles_last_stay_is_taken_back(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The car came back in and left on certain reads since the refuted exit: that stay is over,
+    and taking it back would charge it again across the later one."""
+    driver, (refuted,) = await _awaiting(runtime, gate, lot)
+    await _left_since(runtime, refuted["session_id"])
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=5))
+    later = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+    assert later["action"] == "open"
+    _, later_charge = await _charges(runtime, driver)
+    await _left_since(runtime, later_charge["session_id"])
+
+    out = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+
+    assert out["action"] == "hold" and "无入场记录" in out["display"]
+    first, _ = await _charges(runtime, driver)
+    assert (first["id"], first["status"]) == (refuted["id"], "awaiting_confirmation")
+
+
+async def test_a_stay_imported_at_go_live_is_taken_back_too(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """Its car was never counted in, so taking it back changes no count; before, that read as
+    "nothing taken back", the reopened stay was left open and the exit was no entry record (at
+    a fixed-fee car park, a second open stay the database refused on every resend)."""
+    await set_car_park(runtime, lot, no_entry_policy="fixed_fee", no_entry_fee_fen=2000)
+    driver = await make_driver(runtime, unique_plate())
+    async with runtime.pool.acquire() as conn:
+        await admin.seed_open_session(
+            conn, lot.id, driver.plate, "blue", datetime.now(UTC), entry_proven=True
+        )
+    await backdate_entry(runtime, lot, driver.plate, timedelta(minutes=90))
+    doubtful = await gate.decide(lot.code, "out1", _framed(gate, "out", driver.plate, 0.95))
+    assert doubtful["action"] == "open"
+
+    async def refuted() -> list[dict[str, Any]] | None:
+        found = await _charges(runtime, driver)
+        return found if found[0]["status"] == "awaiting_confirmation" else None
+
+    [charge] = await eventually(refuted, timeout_s=90)
+    await _left_since(runtime, charge["session_id"])
+
+    out = await gate.decide(lot.code, "out1", _framed(gate, "out", driver.plate, 0.99))
+
+    assert (out["action"], out["fee_fen"]) == ("open", 1200)
+    assert [c["session_id"] for c in await _charges(runtime, driver)] == [charge["session_id"]]
+    assert await _open_stays(runtime, lot) == []
+
+
+async def test_a_dispute_opened_while_the_lane_takes_a_stay_back_keeps_its_charge(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The driver's "not my car" committed while the lane waited for the charge's lock: before,
+    the lane deleted the charge the dispute names and the decision raised. Now the dispute
+    decides that charge, and the exit is no entry record."""
+    driver, (charge,) = await _awaiting(runtime, gate, lot)
+    await _left_since(runtime, charge["session_id"])
+    async with runtime.pool.acquire() as disputing, runtime.pool.acquire() as lane:
+        opening = disputing.transaction()
+        await opening.start()
+        await disputes.open_dispute(
+            disputing,
+            charge_id=charge["id"],
+            account_id=driver.account_id,
+            via="app",
+            style=message_style(runtime.settings),
+        )
+        gate_info = await lanes_repo.load_gate(lane, lot.code, "out1")
+        assert gate_info is not None
+
+        async def decide() -> Any:
+            async with lane.transaction():
+                return await runtime.lanes.service.decide(
+                    lane,
+                    gate_info,
+                    gate.capture("out", driver.plate),
+                    operator_reading(driver.plate, "blue"),
+                    datetime.now(UTC),
+                )
+
+        deciding = asyncio.create_task(decide())
+        # Most often the lane is waiting for the charge's lock by now; either way the
+        # dispute, committed first, must win.
+        await asyncio.sleep(0.5)
+        await opening.commit()
+        decision = await deciding
+
+    assert decision.outcome == "held_no_entry"
+    assert [(c["id"], c["status"]) for c in await _charges(runtime, driver)] == [
+        (charge["id"], "awaiting_confirmation")
+    ]
+
+
 async def test_an_exit_nobody_refuted_is_left_to_the_operator(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
@@ -642,11 +750,7 @@ async def test_an_exit_nobody_refuted_is_left_to_the_operator(
     assert (doubtful["action"], doubtful["fee_fen"]) == ("open", 1200)
     [charge] = await _charges(runtime, driver)
     assert (charge["status"], charge["verification"]) == ("awaiting_confirmation", None)
-    async with runtime.pool.acquire() as conn:  # the car leaves after the duplicate window
-        await conn.execute(
-            "UPDATE sessions SET exited_at = exited_at - interval '10 minutes' WHERE id = $1",
-            charge["session_id"],
-        )
+    await _left_since(runtime, charge["session_id"])
 
     out = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
 

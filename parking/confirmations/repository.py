@@ -99,10 +99,10 @@ async def charge_for_update(
 async def refuted_exit_of_vehicle(
     conn: asyncpg.Connection, car_park_id: int, plate: str, color: str
 ) -> AwaitingCharge | None:
-    """The charge of the vehicle's last stay here if the exit that closed it showed another
-    vehicle: its charge awaits an operator because the server's reader refuted that exit's
-    read with its frames, and no "not my car" is open on it (a dispute decides that one).
-    Locked."""
+    """The charge of the vehicle's last stay here (none of its entered since) if the exit that
+    closed it showed another vehicle: its charge awaits an operator because the server's
+    reader refuted that exit's read with its frames, and no "not my car" is open on it (a
+    dispute decides that one). Locked."""
     row = await conn.fetchrow(
         """SELECT c.id AS charge_id, c.status, s.id AS session_id, s.car_park_id, c.account_id,
                   c.amount_fen, s.plate, s.plate_color, s.exit_capture_id
@@ -110,6 +110,10 @@ async def refuted_exit_of_vehicle(
            WHERE s.car_park_id = $1 AND s.plate = $2 AND s.plate_color = $3
              AND s.status = 'closed' AND c.status = 'awaiting_confirmation'
              AND c.verification->>'verdict' = 'refuted' AND c.verification->>'end' = 'exit'
+             AND NOT EXISTS (SELECT 1 FROM sessions later
+                             WHERE later.car_park_id = s.car_park_id AND later.plate = s.plate
+                               AND later.plate_color = s.plate_color
+                               AND later.entered_at > s.entered_at)
              AND NOT EXISTS (SELECT 1 FROM charge_disputes d
                              WHERE d.charge_id = c.id AND d.status = 'open')
            ORDER BY s.exited_at DESC LIMIT 1

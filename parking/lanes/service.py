@@ -21,7 +21,7 @@ from billing.rights import RightTerms
 from billing.tariff import format_fen
 from gate_controller.protocol import Action, Capture, Command
 from parking.confirmations import repository as confirmations_repo
-from parking.confirmations.service import disown_stay
+from parking.confirmations.service import Disowned, disown_stay
 from parking.lanes import edges
 from parking.lanes import edges_repository as edges_repo
 from parking.lanes import repository as repo
@@ -252,7 +252,7 @@ class LaneService:
             if session is None:
                 left = await repo.recent_exits(conn, gate.car_park_id, since)
                 if own not in left and (taken := await self._take_back(conn, gate, own)):
-                    reopened = taken
+                    reopened = taken.occupancy_delta
                     session = await repo.open_session_for_update(conn, gate.car_park_id, *own)
             if session is not None:
                 parked = {own: session.entry_certain}
@@ -275,17 +275,18 @@ class LaneService:
 
     async def _take_back(
         self, conn: asyncpg.Connection, gate: GateInfo, identity: Identity
-    ) -> int | None:
+    ) -> Disowned | None:
         """A certain exit read of a vehicle with no open stay here, whose last stay was closed
         by an exit whose frames showed another vehicle (its charge awaiting an operator): that
         exit was the other car's, and this one leaves now. The charge is discarded and the stay
         disowned as an operator's reject does, so this exit ends it, once; before, the car was
         "no entry record" and paid again at a fixed-fee car park while the queue still held its
         stay's charge. An exit nobody refuted is left to the operator: the car may have left
-        then and come back in unseen. Returns the occupancy change the reopening makes (+1 when
-        its car counted in), None when there is no such stay."""
+        then and come back in unseen. None when there is no such stay."""
         charge = await confirmations_repo.refuted_exit_of_vehicle(conn, gate.car_park_id, *identity)
-        if charge is None:
+        # A statement of its own, after the lock: a "not my car" opened while we waited for it
+        # decides that charge instead.
+        if charge is None or await confirmations_repo.disputed(conn, charge.charge_id):
             return None
         await charges.discard_unconfirmed(conn, charge.charge_id)
         disowned = await disown_stay(conn, charge)
@@ -304,7 +305,7 @@ class LaneService:
         log.info(
             "lane.exit_took_back_stay", charge_id=charge.charge_id, car_park_id=gate.car_park_id
         )
-        return disowned.occupancy_delta
+        return disowned
 
     async def _exit(
         self,
