@@ -36,6 +36,7 @@ from tests.conftest import (
     bearer,
     charges_of,
     create_lot,
+    decide_dispute,
     driver_in_debt,
     driver_token,
     enter,
@@ -299,14 +300,27 @@ async def test_the_car_parks_refusals_go_to_an_operator_never_to_the_driver(
     assert audited == 1
 
 
+@pytest.mark.parametrize(
+    ("outcome", "disputed_in_flight", "settled"),
+    [("driver_right", False, "cancelled"), ("charge_stands", True, "succeeded")],
+)
 async def test_not_my_car_on_a_charge_the_provider_refused_for_the_car_park_is_held(
-    runtime: Runtime, gate: GateProbe, lot: Lot, app: FastAPI, api: httpx.AsyncClient
+    runtime: Runtime,
+    gate: GateProbe,
+    lot: Lot,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    outcome: str,
+    disputed_in_flight: bool,
+    settled: str,
 ) -> None:
     """A charge the provider refused for the car park's own reason was sent once, yet no money
     can move for it. Before, its "not my car" did not hold it: an operator's retry of the
     refusal collected it from the disputing driver, and agreeing with the driver was refused
-    for ever as "in flight". Now the dispute holds it whatever the charge queue asks, and the
-    driver right cancels it and closes the refusal."""
+    for ever as "in flight". Now the dispute holds it whatever the charge queue asks (also one
+    opened while the charge was still with the provider, before it refused); the driver right
+    cancels it and closes the refusal, the charge standing sends it again (before, a dispute
+    opened in flight left it pending for ever, the retry it skipped never made again)."""
     driver = await make_driver(runtime, unique_plate())
     agreement_no = await _agreement_no(runtime, driver.agreement_id)
     admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
@@ -323,11 +337,21 @@ async def test_not_my_car_on_a_charge_the_provider_refused_for_the_car_park_is_h
     finally:
         SANDBOX_FAULTS.unknown_agreements.discard(agreement_no)
     [charge] = await charges_of(runtime, lot)
+    async with runtime.pool.acquire() as conn:
+        # As between `begin_sending` and the provider's refusal: sent, not yet answered.
+        await conn.execute(
+            "UPDATE charges SET refused_at = CASE WHEN $2 THEN NULL ELSE refused_at END"
+            " WHERE id = $1",
+            charge["id"],
+            disputed_in_flight,
+        )
     opened = await api.post(
         f"/api/v1/me/stays/{charge['session_id']}/dispute",
         headers=bearer(driver_token(app, driver.account_id)),
     )
-    assert (opened.json()["status"], opened.json()["held"]) == ("open", True)
+    assert (opened.json()["status"], opened.json()["held"]) == ("open", not disputed_in_flight)
+    async with runtime.pool.acquire() as conn:  # the refusal, after the dispute
+        await conn.execute("UPDATE charges SET refused_at = now() WHERE id = $1", charge["id"])
 
     # The provider would take it now; an operator retries the refusal from the charge queue.
     retried = await api.post(f"{OPERATOR}/charge-exceptions/{exception['id']}/retry", headers=admin)
@@ -345,14 +369,13 @@ async def test_not_my_car_on_a_charge_the_provider_refused_for_the_car_park_is_h
     await eventually(job_done)
     assert [c["status"] for c in await charges_of(runtime, lot)] == ["pending"], "not sent"
 
-    decided = await api.post(
-        f"{OPERATOR}/disputes/{opened.json()['id']}/decision",
-        json={"outcome": "driver_right", "note": "another car in the frames"},
-        headers=admin,
-    )
-    assert decided.status_code == 200, decided.text
-    assert [c["status"] for c in await charges_of(runtime, lot)] == ["cancelled"]
-    assert await _account(runtime, driver.account_id) == (False, 0, 0), "nothing owed"
+    await decide_dispute(api, admin, opened.json()["id"], outcome)
+
+    async def final() -> bool:
+        return [c["status"] for c in await charges_of(runtime, lot)] == [settled]
+
+    await eventually(final)
+    assert await _account(runtime, driver.account_id) == (False, 0, 0), "nothing left owed"
 
 
 async def test_the_drivers_refusal_still_becomes_a_debt(

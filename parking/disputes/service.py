@@ -407,7 +407,9 @@ async def decide(
         # The operator saw both frames: the charge is confirmed, once.
         await charges.confirm(conn, charge["id"], awaiting=charge["status"])
         effect = "confirmed"
-    elif charge is not None and row["held"] and charge["status"] == "pending":
+    elif charge is not None and charge["status"] == "pending" and (row["held"] or charge["unsent"]):
+        # Its job was skipped while the dispute held it (`charges.begin_sending`), including a
+        # retry an operator asked for after the provider's refusal: due again, once.
         await charges.release_held(conn, charge["id"])
         effect = "released"
     decided = await repo.mark_decided(
