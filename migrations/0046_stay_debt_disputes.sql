@@ -6,9 +6,14 @@
 ALTER TABLE charge_disputes
     ADD COLUMN session_id bigint REFERENCES sessions(id),
     ADD COLUMN amount_fen bigint CHECK (amount_fen > 0),
-    ADD COLUMN debt_id bigint UNIQUE REFERENCES debts(id);
-UPDATE charge_disputes d SET session_id = c.session_id, amount_fen = c.amount_fen
-FROM charges c WHERE c.id = d.charge_id;
+    ADD COLUMN debt_id bigint UNIQUE REFERENCES debts(id),
+    -- The exit disputed, as it was: a stay opened again loses its exit.
+    ADD COLUMN exit_capture_id uuid,
+    ADD COLUMN exited_at timestamptz;
+UPDATE charge_disputes d
+SET session_id = c.session_id, amount_fen = c.amount_fen,
+    exit_capture_id = s.exit_capture_id, exited_at = s.exited_at
+FROM charges c JOIN sessions s ON s.id = c.session_id WHERE c.id = d.charge_id;
 ALTER TABLE charge_disputes
     ALTER COLUMN session_id SET NOT NULL,
     ALTER COLUMN amount_fen SET NOT NULL,

@@ -592,9 +592,17 @@ async def test_not_my_car_on_a_charge_awaiting_confirmation_is_decided_in_the_di
             assert [c["session_id"] for c in await _charges(runtime, driver)] == [
                 charge["session_id"]
             ]
-            assert (
+            # The decided dispute keeps what was disputed, though its stay has a new exit.
+            shown = (
                 await api.get(f"/api/v1/operator/disputes/{opened.json()['id']}", headers=admin)
-            ).json()["amount_fen"] == 1200
+            ).json()
+            assert (shown["kind"], shown["amount_fen"], shown["charge"]) == (
+                "charge_discarded",
+                1200,
+                None,
+            )
+            assert shown["exit"]["capture_id"] == str(exit_capture)
+            assert shown["exited_at"] is not None
 
 
 async def test_the_car_of_a_stay_a_refuted_exit_closed_leaves_on_that_stay_once(
@@ -784,6 +792,42 @@ async def test_an_exit_decided_later_never_ends_a_stay_that_began_after_it(
     assert (resolved.status_code, resolved.json()["error"]["code"]) == (409, "no_open_stay")
     assert (other.plate, "blue") in await _open_stays(runtime, lot), "the car is inside"
     assert await _charges(runtime, other) == []
+
+
+async def test_a_stay_reopened_with_its_cancelled_charge_kept_can_be_charged_after_0048(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """Before the upheld "not my car" deleted a charge that was awaiting, it cancelled it and
+    kept it on the stay it reopened: that stay's real exit then failed at the database (one
+    charge per stay). Migration 0048 deletes such charges, never booked nor sent."""
+    driver, (charge,) = await _awaiting(runtime, gate, lot)
+    async with runtime.pool.acquire() as conn:
+        # As the code before a5d775c left it.
+        await conn.execute(
+            """INSERT INTO charge_disputes (charge_id, session_id, amount_fen, account_id,
+                                            car_park_id, via, held, status, decided_at)
+               VALUES ($1, $2, 1200, $3, $4, 'app', true, 'driver_right', now())""",
+            charge["id"],
+            charge["session_id"],
+            driver.account_id,
+            lot.id,
+        )
+        await conn.execute("UPDATE charges SET status = 'cancelled' WHERE id = $1", charge["id"])
+        await conn.execute(
+            """UPDATE sessions SET status = 'open', exited_at = NULL, exit_capture_id = NULL,
+                      account_id = NULL, settlement = NULL, fee_fen = NULL
+               WHERE id = $1""",
+            charge["session_id"],
+        )
+        await conn.execute(
+            (MIGRATIONS_DIR / "0048_reopened_stays_cancelled_charges.sql").read_text("utf-8")
+        )
+
+    out = await gate.decide(lot.code, "out1", _framed(gate, "out", driver.plate, 0.99))
+
+    assert (out["action"], out["fee_fen"]) == ("open", 1200)
+    [again] = await _charges(runtime, driver)
+    assert again["session_id"] == charge["session_id"] and again["id"] != charge["id"]
 
 
 async def test_deciding_a_rejected_exit_again_commands_no_gate(

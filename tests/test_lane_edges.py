@@ -138,7 +138,7 @@ async def test_not_my_car_on_a_missed_stays_debt_holds_it_until_an_operator_deci
                 "SELECT blocked_for_arrears FROM accounts WHERE id = $1", driver.account_id
             )
         listed = await api.get(f"/api/v1/operator/disputes/{opened.json()['id']}", headers=admin)
-        assert (listed.json()["amount_fen"], listed.json()["charge"]) == (1200, None)
+        assert (listed.json()["kind"], listed.json()["amount_fen"]) == ("missed_stay_debt", 1200)
         assert listed.json()["stay_id"] == stay["id"]
 
         await decide_dispute(api, admin, opened.json()["id"], outcome)

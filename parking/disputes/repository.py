@@ -1,6 +1,7 @@
 """SQL of "not my car": a driver's dispute of a stay's charge (or of a missed stay's debt, which
 has no charge) and an operator's decision."""
 
+from datetime import datetime
 from uuid import UUID
 
 import asyncpg
@@ -8,8 +9,8 @@ import asyncpg
 from billing import charges
 
 _DISPUTE = """d.id, d.charge_id, d.debt_id, d.session_id, d.account_id, d.car_park_id,
-              d.amount_fen, d.via, d.held, d.status, d.opened_at, d.decided_at, d.decided_by,
-              d.note, d.refund_id"""
+              d.amount_fen, d.exit_capture_id, d.exited_at, d.via, d.held, d.status,
+              d.opened_at, d.decided_at, d.decided_by, d.note, d.refund_id"""
 
 
 async def lock_charge(conn: asyncpg.Connection, charge_id: int) -> asyncpg.Record | None:
@@ -18,7 +19,7 @@ async def lock_charge(conn: asyncpg.Connection, charge_id: int) -> asyncpg.Recor
     row: asyncpg.Record | None = await conn.fetchrow(
         f"""SELECT c.id, c.session_id, c.account_id, c.amount_fen, c.status,
                    {charges.NOT_WITH_PROVIDER.format(c="c")} AS unsent,
-                   s.car_park_id, cp.name AS car_park
+                   s.car_park_id, cp.name AS car_park, s.exit_capture_id, s.exited_at
             FROM charges c JOIN sessions s ON s.id = c.session_id
             JOIN car_parks cp ON cp.id = s.car_park_id
             WHERE c.id = $1 FOR UPDATE OF c""",
@@ -41,7 +42,8 @@ async def missed_stay(
     """One of the account's stays that it owes as a missed stay's debt (no charge), with what
     its messages say."""
     row: asyncpg.Record | None = await conn.fetchrow(
-        """SELECT s.id, s.car_park_id, cp.name AS car_park FROM sessions s
+        """SELECT s.id, s.car_park_id, cp.name AS car_park, s.exit_capture_id, s.exited_at
+           FROM sessions s
            JOIN car_parks cp ON cp.id = s.car_park_id
            WHERE s.id = $1 AND s.account_id = $2 AND s.settlement = 'debt'""",
         stay_id,
@@ -82,6 +84,8 @@ async def insert_dispute(
     charge_id: int | None,
     debt_id: int | None,
     amount_fen: int,
+    exit_capture_id: UUID | None,
+    exited_at: datetime | None,
     account_id: int,
     car_park_id: int,
     via: str,
@@ -89,12 +93,15 @@ async def insert_dispute(
 ) -> asyncpg.Record:
     row: asyncpg.Record | None = await conn.fetchrow(
         f"""INSERT INTO charge_disputes AS d
-                (session_id, charge_id, debt_id, amount_fen, account_id, car_park_id, via, held)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {_DISPUTE}""",
+                (session_id, charge_id, debt_id, amount_fen, exit_capture_id, exited_at,
+                 account_id, car_park_id, via, held)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {_DISPUTE}""",
         stay_id,
         charge_id,
         debt_id,
         amount_fen,
+        exit_capture_id,
+        exited_at,
         account_id,
         car_park_id,
         via,
@@ -104,9 +111,11 @@ async def insert_dispute(
     return row
 
 
+# The exit as it was disputed (`d.exit_capture_id`, `d.exited_at`): a stay opened again when
+# the driver was right about a charge that was awaiting has lost its own.
 _LISTED = f"""
     SELECT {_DISPUTE}, c.status AS charge_status, s.id AS stay_id, s.plate,
-           s.entered_at, s.exited_at, s.entry_capture_id, s.exit_capture_id,
+           s.entered_at, s.entry_capture_id,
            cp.code AS car_park_code, cp.name AS car_park
     FROM charge_disputes d JOIN car_parks cp ON cp.id = d.car_park_id
     JOIN sessions s ON s.id = d.session_id LEFT JOIN charges c ON c.id = d.charge_id

@@ -10,6 +10,9 @@ from parking.confirmations.schemas import CameraReadSummary
 
 DisputeStatus = Literal["open", "driver_right", "charge_stands"]
 Outcome = Literal["driver_right", "charge_stands"]
+# What is disputed: a stay's charge, a missed stay's debt (no charge behind it), or a charge
+# that was awaiting and was deleted when the driver was right (its stay opened again).
+DisputeKind = Literal["charge", "missed_stay_debt", "charge_discarded"]
 
 
 class DisputeView(BaseModel):
@@ -67,8 +70,9 @@ class OperatorDispute(BaseModel):
     plate: str
     entered_at: datetime
     exited_at: datetime | None
-    # What is disputed: the charge's amount, or a missed stay's debt (which has no charge).
+    kind: DisputeKind
     amount_fen: int
+    # None unless `kind` is 'charge'.
     charge: ChargeSummary | None
     entry: Evidence | None
     exit: Evidence | None

@@ -23,6 +23,7 @@ decides with both frames in front of them.
 """
 
 from dataclasses import dataclass
+from datetime import datetime
 from uuid import UUID
 
 import asyncpg
@@ -37,6 +38,7 @@ from parking.disputes import repository as repo
 from parking.disputes.schemas import (
     ChargeSummary,
     Decision,
+    DisputeKind,
     DisputeView,
     Evidence,
     OperatorDispute,
@@ -98,6 +100,8 @@ async def open_dispute(
         car_park_id=charge["car_park_id"],
         car_park=charge["car_park"],
         amount_fen=charge["amount_fen"],
+        exit_capture_id=charge["exit_capture_id"],
+        exited_at=charge["exited_at"],
         via=via,
         held=held,
         on_debt=charge["status"] == "failed",
@@ -136,6 +140,8 @@ async def _dispute_missed_stay(
         car_park_id=stay["car_park_id"],
         car_park=stay["car_park"],
         amount_fen=debt["amount_fen"],
+        exit_capture_id=stay["exit_capture_id"],
+        exited_at=stay["exited_at"],
         via="app",
         held=True,
         on_debt=True,
@@ -153,6 +159,8 @@ async def _opened(
     car_park_id: int,
     car_park: str,
     amount_fen: int,
+    exit_capture_id: UUID | None,
+    exited_at: datetime | None,
     via: str,
     held: bool,
     on_debt: bool,
@@ -166,6 +174,8 @@ async def _opened(
         charge_id=charge_id,
         debt_id=debt_id,
         amount_fen=amount_fen,
+        exit_capture_id=exit_capture_id,
+        exited_at=exited_at,
         account_id=account_id,
         car_park_id=car_park_id,
         via=via,
@@ -222,6 +232,14 @@ def _operator_id(principal: Principal) -> int:
     return principal.operator_id
 
 
+def _kind(row: asyncpg.Record) -> DisputeKind:
+    """What the dispute is of: neither a charge nor a debt is one of a charge that was
+    awaiting, deleted when the driver was right."""
+    if row["charge_id"] is not None:
+        return "charge"
+    return "missed_stay_debt" if row["debt_id"] is not None else "charge_discarded"
+
+
 def frame_url(dispute_id: int, which: str) -> str:
     return f"/api/v1/operator/disputes/{dispute_id}/frames/{which}"
 
@@ -270,6 +288,7 @@ async def _operator_views(
             plate=r["plate"],
             entered_at=r["entered_at"],
             exited_at=r["exited_at"],
+            kind=_kind(r),
             amount_fen=r["amount_fen"],
             charge=ChargeSummary(
                 id=r["charge_id"], amount_fen=r["amount_fen"], status=r["charge_status"]
