@@ -162,6 +162,26 @@ async def test_not_my_car_on_a_missed_stays_debt_holds_it_until_an_operator_deci
         assert owed["total_fen"] == owed_after
 
 
+async def test_the_app_offers_not_my_car_only_while_the_stays_debt_is_owed(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """A missed stay's debt settled is nothing to dispute: the app's button goes with it (before,
+    the app offered it on any stay settled as a debt, and the tap met a 409)."""
+    driver, _ = await _left_unpaid(runtime, gate, lot)
+    stay = await _stay(runtime, lot, driver.plate)
+    headers = bearer(driver_token(app, driver.account_id))
+    shown = await api.get(f"/api/v1/me/stays/{stay['id']}", headers=headers)
+    assert shown.json()["disputable"] is True
+    async with runtime.pool.acquire() as conn:  # settled (here by the car park's waiver)
+        await conn.execute(
+            "UPDATE debts SET settled_at = now(), waived = true WHERE session_id = $1", stay["id"]
+        )
+    shown = await api.get(f"/api/v1/me/stays/{stay['id']}", headers=headers)
+    assert (shown.json()["settlement"], shown.json()["disputable"]) == ("debt", False)
+    refused = await api.post(f"/api/v1/me/stays/{stay['id']}/dispute", headers=headers)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (409, "charge_not_disputable")
+
+
 async def test_a_held_stay_left_unpaid_by_nobody_bound_goes_to_an_operator(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:

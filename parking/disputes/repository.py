@@ -52,6 +52,25 @@ async def missed_stay(
     return row
 
 
+async def disputable(conn: asyncpg.Connection, account_id: int, stay_id: int) -> bool:
+    """Whether "not my car" on the stay has something to dispute (`service.dispute_stay`): its
+    charge to the account, not cancelled, and while a failed one's debt is owed; or a missed
+    stay's debt of the account, while owed."""
+    found: bool | None = await conn.fetchval(
+        """SELECT CASE WHEN c.id IS NOT NULL
+                       THEN c.status <> 'cancelled'
+                            AND (c.status <> 'failed' OR d.settled_at IS NULL)
+                       ELSE d.id IS NOT NULL AND d.settled_at IS NULL END
+           FROM sessions s
+           LEFT JOIN charges c ON c.session_id = s.id AND c.account_id = $2
+           LEFT JOIN debts d ON d.session_id = s.id AND d.account_id = $2
+           WHERE s.id = $1""",
+        stay_id,
+        account_id,
+    )
+    return bool(found)
+
+
 async def dispute_of_charge(conn: asyncpg.Connection, charge_id: int) -> asyncpg.Record | None:
     row: asyncpg.Record | None = await conn.fetchrow(
         f"SELECT {_DISPUTE} FROM charge_disputes d WHERE d.charge_id = $1", charge_id

@@ -146,6 +146,8 @@ class Receipt(BaseModel):
     exit_frame: bool = False
     # "Not my car" on the stay's charge, if the driver raised it.
     dispute: DisputeView | None = None
+    # Whether "not my car" has something to dispute now (a charge, or a debt still owed).
+    disputable: bool = False
     # The pass (or other right) the stay held a place of or was priced under.
     pass_name: str | None = None
 

@@ -355,6 +355,7 @@ async def receipt(conn: asyncpg.Connection, account_id: int, stay_id: int) -> Re
         entry_frame=framed.get(row["entry_capture_id"], False),
         exit_frame=framed.get(row["exit_capture_id"], False),
         dispute=disputes_service.view(dispute) if dispute is not None else None,
+        disputable=dispute is None and await disputes_repo.disputable(conn, account_id, stay_id),
         pass_name=row["pass_name"],
     )
 

@@ -294,10 +294,10 @@
       showFrame($("stay-exit-frame"), stayId, "exit", stay.exit_frame),
     ]);
     $("stay-dispute").textContent = disputeText(stay.dispute);
-    // A missed stay's debt (left unpaid after a hold) has no charge, and is disputed the same way.
-    const disputable = (Boolean(stay.charge) || stay.settlement === "debt") && !stay.dispute;
-    $("not-my-car").hidden = !disputable;
-    $("not-my-car-note").hidden = !disputable;
+    // The server says whether there is something to dispute: a charge, or a debt still owed
+    // (a missed stay's has no charge).
+    $("not-my-car").hidden = !stay.disputable;
+    $("not-my-car-note").hidden = !stay.disputable;
     $("stay").scrollIntoView();
   }
 
