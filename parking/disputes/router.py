@@ -60,11 +60,11 @@ async def decide(
     admin: OperatorAdminDep,
     runtime: RuntimeDep,
 ) -> OperatorDispute:
-    """`driver_right`: a held charge is cancelled (one that was awaiting reopens its stay, as
-    the confirmation queue's reject does), a collected one refunded in full; `charge_stands`:
-    a held charge goes to the provider. Admins; audit-logged; the driver is told. 409
-    `already_decided`; 409 `charge_in_flight` while the provider has not answered a charge
-    sent before the dispute."""
+    """`driver_right`: a held charge is cancelled (one that was awaiting is deleted and its stay
+    reopened, as the confirmation queue's reject does), a collected one refunded in full, a
+    debt waived; `charge_stands`: a held charge goes to the provider, a debt is owed again.
+    Admins; audit-logged; the driver is told. 409 `already_decided`; 409 `charge_in_flight`
+    while the provider may have a charge sent before the dispute and has not answered."""
     async with runtime.pool.acquire() as conn, conn.transaction():
         decided = await service.decide(
             conn, admin, dispute_id, decision, message_style(runtime.settings)
@@ -82,9 +82,12 @@ driver_router = APIRouter(prefix="/api/v1/me", tags=["driver"])
 async def dispute_stay(
     dispute_stay_id: Id, driver: DriverDep, conn: ConnectionDep, runtime: RuntimeDep
 ) -> DisputeView:
-    """ "Not my car" on a stay charged to the account: a charge not yet sent is held until an
-    operator decides, a collected one is refunded in full if they agree. The same dispute
-    when asked again; 404 for a stay not charged to the account."""
+    """ "Not my car" on a stay charged to the account, or owed by it as a missed stay's debt (a
+    held stay whose car left without paying): a charge no money has moved for, or a debt, is
+    held until an operator decides; a collected charge is refunded in full if they agree.
+    The same dispute when asked again; 404 for a stay neither charged to nor owed by the
+    account; 409 `charge_not_disputable` when nothing is left to dispute (cancelled, or its
+    debt paid)."""
     assert driver.account_id is not None  # DriverDep admits only drivers
     return await service.dispute_stay(
         conn, driver.account_id, dispute_stay_id, message_style(runtime.settings)
