@@ -104,13 +104,14 @@ async def _insert_stay(
     *,
     minutes: int | None = 90,
     account_id: int | None = None,
+    color: str = "blue",
 ) -> int:
     """A stay as the lanes would have stored it (closed after `minutes`, or still open)."""
     async with runtime.pool.acquire() as conn:
         stay_id: int = await conn.fetchval(
             """INSERT INTO sessions (car_park_id, plate, plate_color, status, entered_at,
                                      exited_at, fee_fen, account_id, settlement)
-               VALUES ($1, $2, 'blue', $3, $4, $5, $6, $7, $8) RETURNING id""",
+               VALUES ($1, $2, $9, $3, $4, $5, $6, $7, $8) RETURNING id""",
             lot.id,
             plate,
             "open" if minutes is None else "closed",
@@ -119,6 +120,7 @@ async def _insert_stay(
             None if minutes is None else 1200,
             account_id,
             None if minutes is None else "paid_at_gate",
+            color,
         )
     return stay_id
 
@@ -808,9 +810,11 @@ UNSETTLED = pytest.mark.parametrize(
 )
 
 
-async def _unsettled_charge(runtime: Runtime, lot: Lot, driver: Driver, status: str) -> int:
+async def _unsettled_charge(
+    runtime: Runtime, lot: Lot, driver: Driver, status: str, color: str = "blue"
+) -> int:
     stay = await _insert_stay(
-        runtime, lot, driver.plate, datetime.now(UTC), account_id=driver.account_id
+        runtime, lot, driver.plate, datetime.now(UTC), account_id=driver.account_id, color=color
     )
     async with runtime.pool.acquire() as conn:
         # Queued by no outbox job: it keeps its status for the whole test.
@@ -866,6 +870,19 @@ async def test_a_plate_is_not_unbound_while_a_charge_on_it_is_pending(
     assert (
         await api.delete(f"/api/v1/me/plates/{binding['id']}", headers=headers)
     ).status_code == 204
+
+
+async def test_a_pending_charge_of_another_colours_vehicle_does_not_hold_an_unbinding(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, lot: Lot
+) -> None:
+    """A yellow lorry of the same characters is another vehicle: its charge in flight is none
+    of the blue car's holder's business (before, it kept them from unbinding their plate)."""
+    driver = await make_driver(runtime, unique_plate())
+    await _unsettled_charge(runtime, lot, driver, "pending", color="yellow")
+    headers = bearer(driver_token(app, driver.account_id))
+    [binding] = (await api.get("/api/v1/me/plates", headers=headers)).json()
+    unbind = await api.delete(f"/api/v1/me/plates/{binding['id']}", headers=headers)
+    assert unbind.status_code == 204, unbind.text
 
 
 async def test_binding_and_disputing_a_plate_log_only_its_pseudonym(

@@ -278,7 +278,9 @@ async def has_pending_charges(
                WHERE status IN ('pending', 'awaiting_verification', 'awaiting_confirmation') AND (
                    ($2::bigint IS NULL AND account_id = $1)
                    OR session_id IN (
-                       SELECT s.id FROM plate_bindings b JOIN sessions s ON s.plate = b.plate
+                       SELECT s.id FROM plate_bindings b
+                       JOIN sessions s ON s.plate = b.plate
+                                      AND COALESCE(s.plate_color, b.color) = b.color
                        WHERE b.account_id = $1 AND b.unbound_at IS NULL
                          AND ($2::bigint IS NULL OR b.id = $2)))
                LIMIT 1""",
