@@ -18,8 +18,11 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
+from billing import charges
 from billing.tariff import Tariff
 from parking.admin import repository as admin
+from parking.confirmations import repository as confirmations_repo
+from parking.confirmations.service import disown_stay
 from parking.disputes import service as disputes
 from parking.lanes import repository as lanes_repo
 from parking.lanes.reading import operator_reading
@@ -865,6 +868,96 @@ async def test_deciding_a_rejected_exit_again_commands_no_gate(
     assert resolved.json()["gate_commanded"] is False
     assert await _open_stays(runtime, lot) == []
     assert await runtime.occupancy.get(lot.id) == before - 1
+
+
+async def test_a_held_capture_the_car_went_through_on_another_commands_no_gate(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """An unreadable exit held; the car was read clearly on its next try and left, charged. The
+    attendant naming the plate of the held capture later finds it a duplicate of that crossing:
+    resolved, and no barrier lifted for whoever stands at it now (before, an open command)."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate)
+    held = gate.capture("out", None)
+    assert (await gate.decide(lot.code, "out1", held))["action"] == "hold"
+    out = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+    assert out["action"] == "open"
+    exception_id = await _exception_id_of(runtime, held.capture_id)
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+
+    resolved = await api.post(
+        f"/api/v1/operator/exceptions/{exception_id}/resolve",
+        json={"plate": driver.plate, "color": "blue"},
+        headers=attendant,
+    )
+
+    assert resolved.status_code == 200, resolved.text
+    assert (resolved.json()["outcome"], resolved.json()["gate_commanded"]) == (
+        "duplicate_read",
+        False,
+    )
+    # A command published after the resolution reaches the gate after anything it published.
+    opened = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/gates/out1/open",
+        json={"reason": "测试 barrier check"},
+        headers=attendant,
+    )
+    await eventually(lambda: _has_command(gate, opened.json()["capture_id"]))
+    assert [c["action"] for c in gate.commands[str(held.capture_id)]] == ["hold"]
+    assert len(await _charges(runtime, driver)) == 1
+
+
+async def _exception_id_of(runtime: Runtime, capture_id: object) -> int:
+    async with runtime.pool.acquire() as conn:
+        found: int = await conn.fetchval(
+            "SELECT id FROM lane_exceptions WHERE capture_id = $1", capture_id
+        )
+    return found
+
+
+async def test_a_reject_committed_while_the_lane_waits_gives_it_the_reopened_stay(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The lane's certain exit read waits for the refuted charge's lock while an operator's
+    reject commits (the charge deleted, the stay reopened). Before, the lane decided on what it
+    read before the wait: "no entry record", the car held beside its own open stay."""
+    driver, (charge,) = await _awaiting(runtime, gate, lot)
+    await _left_since(runtime, charge["session_id"])
+    async with runtime.pool.acquire() as rejecting, runtime.pool.acquire() as lane:
+        rejection = rejecting.transaction()
+        await rejection.start()
+        awaiting = await confirmations_repo.charge_for_update(
+            rejecting, lot.operator_id, charge["id"]
+        )
+        assert awaiting is not None
+        await charges.discard_unconfirmed(rejecting, charge["id"])
+        await disown_stay(rejecting, awaiting)
+        gate_info = await lanes_repo.load_gate(lane, lot.code, "out1")
+        assert gate_info is not None
+
+        async def decide() -> Any:
+            async with lane.transaction():
+                return await runtime.lanes.service.decide(
+                    lane,
+                    gate_info,
+                    gate.capture("out", driver.plate),
+                    operator_reading(driver.plate, "blue"),
+                    datetime.now(UTC),
+                )
+
+        deciding = asyncio.create_task(decide())
+        # Most often the lane is waiting for the charge's lock by now; either way it must see
+        # the stay the reject reopened.
+        await asyncio.sleep(0.5)
+        await rejection.commit()
+        decision = await deciding
+
+    # Its entry disowned, the charge waits for a person; the stay is the car's own.
+    assert (decision.outcome, decision.fee_fen, decision.session_id) == (
+        "exited_awaiting_confirmation",
+        1200,
+        charge["session_id"],
+    )
 
 
 async def _has_command(gate: GateProbe, capture_id: str) -> bool:

@@ -251,9 +251,15 @@ class LaneService:
             reopened = 0
             if session is None:
                 left = await repo.recent_exits(conn, gate.car_park_id, since)
-                if own not in left and (taken := await self._take_back(conn, gate, own)):
-                    reopened = taken.occupancy_delta
+                if own not in left:
+                    taken = await self._take_back(conn, gate, own)
+                    reopened = taken.occupancy_delta if taken else 0
+                    # Read again after the take-back's wait for the charge's lock: a decision
+                    # of this vehicle committed meanwhile (its exit, a reject reopening its
+                    # stay) is seen, not the state from before it.
                     session = await repo.open_session_for_update(conn, gate.car_park_id, *own)
+                    if session is None:
+                        left = await repo.recent_exits(conn, gate.car_park_id, since)
             if session is not None:
                 parked = {own: session.entry_certain}
                 resolution = resolve_plate(reading, parked, (), self.certainty)

@@ -432,7 +432,9 @@ async def resolve_exception(
         command=command.model_dump(mode="json", exclude_none=True),
     )
     await repo.mark_exception_resolved(conn, held.capture_id, plate, principal.actor)
-    commanded = held.reason not in _CAR_GONE
+    # A duplicate read: the vehicle went through on another capture (a re-read at the barrier,
+    # or its later crossing), so nobody waits at the barrier for this one.
+    commanded = held.reason not in _CAR_GONE and decision.outcome != "duplicate_read"
     await audit.record(
         conn,
         principal.actor,
