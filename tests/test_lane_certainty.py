@@ -11,10 +11,12 @@ opens it with the charge awaiting an operator (`parking/confirmations/`).
 
 import asyncio
 import base64
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 from fastapi import FastAPI
 
@@ -703,24 +705,20 @@ async def test_a_stay_imported_at_go_live_is_taken_back_too(
     assert await _open_stays(runtime, lot) == []
 
 
-async def test_a_dispute_opened_while_the_lane_takes_a_stay_back_keeps_its_charge(
-    runtime: Runtime, gate: GateProbe, lot: Lot
-) -> None:
-    """The driver's "not my car" committed while the lane waited for the charge's lock: before,
-    the lane deleted the charge the dispute names and the decision raised. Now the dispute
-    decides that charge, and the exit is no entry record."""
-    driver, (charge,) = await _awaiting(runtime, gate, lot)
-    await _left_since(runtime, charge["session_id"])
-    async with runtime.pool.acquire() as disputing, runtime.pool.acquire() as lane:
-        opening = disputing.transaction()
-        await opening.start()
-        await disputes.open_dispute(
-            disputing,
-            charge_id=charge["id"],
-            account_id=driver.account_id,
-            via="app",
-            style=message_style(runtime.settings),
-        )
+async def _exit_decided_during(
+    runtime: Runtime,
+    gate: GateProbe,
+    lot: Lot,
+    plate: str,
+    meanwhile: Callable[[asyncpg.Connection], Awaitable[object]],
+) -> Any:
+    """The lane decides the vehicle's certain exit read while another transaction, which did
+    `meanwhile` first and holds its locks, commits. Most often the lane is waiting for one of
+    those locks when it does; either way, the transaction committed first must win."""
+    async with runtime.pool.acquire() as other, runtime.pool.acquire() as lane:
+        first = other.transaction()
+        await first.start()
+        await meanwhile(other)
         gate_info = await lanes_repo.load_gate(lane, lot.code, "out1")
         assert gate_info is not None
 
@@ -729,17 +727,36 @@ async def test_a_dispute_opened_while_the_lane_takes_a_stay_back_keeps_its_charg
                 return await runtime.lanes.service.decide(
                     lane,
                     gate_info,
-                    gate.capture("out", driver.plate),
-                    operator_reading(driver.plate, "blue"),
+                    gate.capture("out", plate),
+                    operator_reading(plate, "blue"),
                     datetime.now(UTC),
                 )
 
         deciding = asyncio.create_task(decide())
-        # Most often the lane is waiting for the charge's lock by now; either way the
-        # dispute, committed first, must win.
         await asyncio.sleep(0.5)
-        await opening.commit()
-        decision = await deciding
+        await first.commit()
+        return await deciding
+
+
+async def test_a_dispute_opened_while_the_lane_takes_a_stay_back_keeps_its_charge(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The driver's "not my car" committed while the lane waited for the charge's lock: before,
+    the lane deleted the charge the dispute names and the decision raised. Now the dispute
+    decides that charge, and the exit is no entry record."""
+    driver, (charge,) = await _awaiting(runtime, gate, lot)
+    await _left_since(runtime, charge["session_id"])
+
+    async def dispute(conn: asyncpg.Connection) -> object:
+        return await disputes.open_dispute(
+            conn,
+            charge_id=charge["id"],
+            account_id=driver.account_id,
+            via="app",
+            style=message_style(runtime.settings),
+        )
+
+    decision = await _exit_decided_during(runtime, gate, lot, driver.plate, dispute)
 
     assert decision.outcome == "held_no_entry"
     assert [(c["id"], c["status"]) for c in await _charges(runtime, driver)] == [
@@ -923,34 +940,14 @@ async def test_a_reject_committed_while_the_lane_waits_gives_it_the_reopened_sta
     read before the wait: "no entry record", the car held beside its own open stay."""
     driver, (charge,) = await _awaiting(runtime, gate, lot)
     await _left_since(runtime, charge["session_id"])
-    async with runtime.pool.acquire() as rejecting, runtime.pool.acquire() as lane:
-        rejection = rejecting.transaction()
-        await rejection.start()
-        awaiting = await confirmations_repo.charge_for_update(
-            rejecting, lot.operator_id, charge["id"]
-        )
+
+    async def reject(conn: asyncpg.Connection) -> object:
+        awaiting = await confirmations_repo.charge_for_update(conn, lot.operator_id, charge["id"])
         assert awaiting is not None
-        await charges.discard_unconfirmed(rejecting, charge["id"])
-        await disown_stay(rejecting, awaiting)
-        gate_info = await lanes_repo.load_gate(lane, lot.code, "out1")
-        assert gate_info is not None
+        await charges.discard_unconfirmed(conn, charge["id"])
+        return await disown_stay(conn, awaiting)
 
-        async def decide() -> Any:
-            async with lane.transaction():
-                return await runtime.lanes.service.decide(
-                    lane,
-                    gate_info,
-                    gate.capture("out", driver.plate),
-                    operator_reading(driver.plate, "blue"),
-                    datetime.now(UTC),
-                )
-
-        deciding = asyncio.create_task(decide())
-        # Most often the lane is waiting for the charge's lock by now; either way it must see
-        # the stay the reject reopened.
-        await asyncio.sleep(0.5)
-        await rejection.commit()
-        decision = await deciding
+    decision = await _exit_decided_during(runtime, gate, lot, driver.plate, reject)
 
     # Its entry disowned, the charge waits for a person; the stay is the car's own.
     assert (decision.outcome, decision.fee_fen, decision.session_id) == (
