@@ -47,6 +47,7 @@ CHROMIUM_ARGS = [
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / ".artifacts" / "dashboard.png"
 PHONE_SCREENSHOT = ROOT / ".artifacts" / "dashboard-390.png"
+REFUSALS_SCREENSHOT = ROOT / ".artifacts" / "dashboard-refusals.png"
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1360, "height": 1000}
 FRAME = (Path(__file__).parent / "fixtures" / "plate_wanAD2Y34.jpg").read_bytes()
@@ -224,8 +225,9 @@ async def test_operator_watches_a_car_enter_and_resolves_an_exception(
 async def test_a_refused_decision_shows_why_and_can_be_tried_again(
     runtime: Runtime, app: FastAPI, gate: GateProbe, lot: Lot, browser: Browser
 ) -> None:
-    """The driver disputes a charge while an attendant has it on screen, and a gate is removed
-    while its held car's card is shown. Before, both cards' own reason field shadowed the
+    """The driver disputes a charge while an attendant has it on screen (a charge whose vehicle
+    left again with no entry record, which the card warns of), and a gate is removed while its
+    held car's card is shown. Before, both cards' own reason field shadowed the
     error's wording: the refusal threw in the page, nothing was said, and the buttons stayed
     disabled."""
     attendant = await make_staff(runtime, lot.operator_id, "attendant")
@@ -233,6 +235,15 @@ async def test_a_refused_decision_shows_why_and_can_be_tried_again(
     stranger = gate.capture("out", unique_plate())
     assert (await gate.decide(lot.code, "out1", stranger))["action"] == "hold"
     no_entry = await _exception_id(runtime, stranger.capture_id)
+    async with runtime.pool.acquire() as conn:
+        # The vehicle left again later with no entry record, asked the fixed fee at the gate.
+        await conn.execute(
+            """INSERT INTO sessions (car_park_id, plate, plate_color, status, entered_at,
+                                     fixed_fee_fen)
+               VALUES ($1, $2, 'blue', 'open', now(), 2000)""",
+            lot.id,
+            driver.plate,
+        )
     problems: list[str] = []
     async with (
         api_server(runtime, sandbox.free_port(), app=app) as url,
@@ -241,6 +252,9 @@ async def test_a_refused_decision_shows_why_and_can_be_tried_again(
         card = page.locator(f"#confirmations-{awaiting['id']}")
         exception = page.locator(f"#exception-{no_entry}")
         await expect(card).to_contain_text(lot.name)
+        await expect(card.locator(f"#confirmations-{awaiting['id']}-left-again")).to_contain_text(
+            "以无入场记录再次出场并按固定收费"
+        )
         await expect(exception).to_contain_text("无入场记录")
 
         async with httpx.AsyncClient(base_url=url) as api:
@@ -261,8 +275,11 @@ async def test_a_refused_decision_shows_why_and_can_be_tried_again(
             )
         await exception.get_by_label("抬杆原因").fill("无入场记录，已现场核实")
         await exception.get_by_role("button", name="人工抬杆").click()
-        await expect(page.locator(f"#exception-result-{no_entry}")).to_contain_text("操作失败")
+        await expect(page.locator(f"#exception-result-{no_entry}")).to_have_text(
+            "操作失败：未找到（可能已被删除）"
+        )
         await expect(exception.get_by_role("button", name="人工抬杆")).to_be_enabled()
+        await page.screenshot(path=str(REFUSALS_SCREENSHOT), full_page=True)
     assert problems == []
 
 

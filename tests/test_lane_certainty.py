@@ -788,6 +788,30 @@ async def test_an_exit_nobody_refuted_is_left_to_the_operator(
     ]
 
 
+async def test_the_queue_warns_when_the_vehicle_left_again_paying_the_fixed_fee(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """Nobody refuted the doubtful exit, so the car's later exit with no entry record is asked
+    the fixed fee at the gate. Confirming the first charge then would make it pay twice if that
+    exit was another car's: the queue says the vehicle left again, and when."""
+    await set_car_park(runtime, lot, no_entry_policy="fixed_fee", no_entry_fee_fen=2000)
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=90))
+    await gate.decide(lot.code, "out1", gate.capture("out", driver.plate, confidence=0.95))
+    [charge] = await _charges(runtime, driver)
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    queued = (await api.get("/api/v1/operator/confirmations", headers=attendant)).json()
+    assert [c["left_again_at"] for c in queued if c["id"] == charge["id"]] == [None]
+    await _left_since(runtime, charge["session_id"])
+
+    out = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+
+    assert (out["action"], out["fee_fen"]) == ("hold", 2000)
+    queued = (await api.get("/api/v1/operator/confirmations", headers=attendant)).json()
+    [item] = [c for c in queued if c["id"] == charge["id"]]
+    assert item["left_again_at"] is not None
+
+
 async def test_an_exit_decided_later_never_ends_a_stay_that_began_after_it(
     runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
 ) -> None:

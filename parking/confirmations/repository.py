@@ -14,8 +14,9 @@ _CAPTURE = """LEFT JOIN capture_keys {k} ON {k}.capture_id = {id}
 async def awaiting(
     conn: asyncpg.Connection, operator_id: int, *, car_park_id: int | None, limit: int
 ) -> list[asyncpg.Record]:
-    """Charges awaiting confirmation, oldest first, with both reads and whether their frames
-    are kept."""
+    """Charges awaiting confirmation, oldest first, with both reads, whether their frames are
+    kept, and when the vehicle left again later with no entry record (a fixed fee at the gate:
+    `left_again_at`)."""
     entry = _CAPTURE.format(k="ek", c="ec", f="ef", id="s.entry_capture_id")
     exit_ = _CAPTURE.format(k="xk", c="xc", f="xf", id="s.exit_capture_id")
     rows: list[asyncpg.Record] = await conn.fetch(
@@ -28,7 +29,12 @@ async def awaiting(
                   ec.camera_plate AS entry_camera_plate, ec.camera_color AS entry_camera_color,
                   ec.camera_confidence AS entry_camera_confidence,
                   xc.camera_plate AS exit_camera_plate, xc.camera_color AS exit_camera_color,
-                  xc.camera_confidence AS exit_camera_confidence
+                  xc.camera_confidence AS exit_camera_confidence,
+                  (SELECT min(later.entered_at) FROM sessions later
+                   WHERE later.car_park_id = s.car_park_id AND later.plate = s.plate
+                     AND later.plate_color = s.plate_color AND later.entered_at > s.entered_at
+                     AND later.entry_capture_id IS NULL AND later.fixed_fee_fen IS NOT NULL)
+                      AS left_again_at
            FROM charges c
            JOIN sessions s ON s.id = c.session_id
            JOIN car_parks cp ON cp.id = s.car_park_id

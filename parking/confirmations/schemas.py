@@ -51,6 +51,10 @@ class Confirmation(BaseModel):
     # plate, colour, confidence, model and whether it named the vehicle, or None}}); None when
     # the charge was never verified.
     verification: dict[str, Any] | None = None
+    # The vehicle left again later with no entry record and was asked the fixed fee at the gate:
+    # its car may never have left at this exit (another car's, read as it), and confirming
+    # would charge the stay on top of that fee.
+    left_again_at: datetime | None = None
 
 
 class ConfirmationDecision(BaseModel):

@@ -72,6 +72,7 @@ async def list_awaiting(
                 camera=_camera_read(r, "exit"),
             ),
             verification=r["verification"],
+            left_again_at=r["left_again_at"],
         )
         for r in rows
     ]
