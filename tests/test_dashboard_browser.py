@@ -253,7 +253,7 @@ async def test_a_refused_decision_shows_why_and_can_be_tried_again(
         exception = page.locator(f"#exception-{no_entry}")
         await expect(card).to_contain_text(lot.name)
         await expect(card.locator(f"#confirmations-{awaiting['id']}-left-again")).to_contain_text(
-            "以无入场记录再次出场并按固定收费"
+            "以无入场记录再次出场，并被要求按固定金额缴费"
         )
         await expect(exception).to_contain_text("无入场记录")
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from billing import charges
@@ -818,7 +819,8 @@ async def test_an_exit_decided_later_never_ends_a_stay_that_began_after_it(
     """A rejected exit's car left long ago. Before, an operator naming it later closed whatever
     stay of that vehicle was open then: one that began when the car came back in since, while
     the car was parked, charged pay-later with nobody confirming, and the car, inside, had no
-    stay at its real exit. Now a capture decided again is decided as of when it reached us."""
+    stay at its real exit. Now a capture decided again is decided as of when it reached us:
+    the stay open then, which ended at that entry."""
     other = await make_driver(runtime, unique_plate())
     await enter(runtime, gate, lot, other.plate, parked_for=timedelta(hours=3))
     _, (charge,) = await _awaiting(runtime, gate, lot)
@@ -833,7 +835,9 @@ async def test_an_exit_decided_later_never_ends_a_stay_that_began_after_it(
         headers=attendant,
     )
 
-    assert (resolved.status_code, resolved.json()["error"]["code"]) == (409, "no_open_stay")
+    # Its stay open then ended at that entry: this capture is that crossing, now settled.
+    assert (resolved.status_code, resolved.json()["outcome"]) == (200, "duplicate_read")
+    assert resolved.json()["gate_commanded"] is False
     assert (other.plate, "blue") in await _open_stays(runtime, lot), "the car is inside"
     assert await _charges(runtime, other) == []
 
@@ -946,6 +950,63 @@ async def test_a_held_capture_the_car_went_through_on_another_commands_no_gate(
     await eventually(lambda: _has_command(gate, opened.json()["capture_id"]))
     assert [c["action"] for c in gate.commands[str(held.capture_id)]] == ["hold"]
     assert len(await _charges(runtime, driver)) == 1
+
+
+@pytest.mark.parametrize("direction", ["in", "out"])
+async def test_a_held_capture_resolved_after_the_car_passed_on_another_and_moved_on_is_a_duplicate(
+    runtime: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    direction: str,
+) -> None:
+    """The held capture's car went through on its next try and has moved on since: in, then
+    out again; or out, then back in. Before, naming it later opened a phantom stay and lifted
+    the entry barrier for whoever stood there, or refused the exit's exception for ever (409)."""
+    driver = await make_driver(runtime, unique_plate())
+    if direction == "out":
+        await enter(runtime, gate, lot, driver.plate)
+    held = gate.capture(direction, None)
+    gate_code = f"{direction}1"
+    assert (await gate.decide(lot.code, gate_code, held))["action"] == "hold"
+    passed = await gate.decide(lot.code, gate_code, gate.capture(direction, driver.plate))
+    assert passed["action"] == "open"
+    async with runtime.pool.acquire() as conn:  # held a while ago
+        await conn.execute(
+            "UPDATE captures SET received_at = received_at - interval '1 hour'"
+            " WHERE capture_id = $1",
+            held.capture_id,
+        )
+    # Moved on since: out again, or back in.
+    moved = await gate.decide(
+        lot.code,
+        "out1" if direction == "in" else "in1",
+        gate.capture("out" if direction == "in" else "in", driver.plate),
+    )
+    assert moved["action"] == "open"
+    async with runtime.pool.acquire() as conn:
+        stays = await conn.fetchval("SELECT count(*) FROM sessions WHERE plate = $1", driver.plate)
+    inside = await runtime.occupancy.get(lot.id)
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+
+    resolved = await api.post(
+        f"/api/v1/operator/exceptions/{await _exception_id_of(runtime, held.capture_id)}/resolve",
+        json={"plate": driver.plate, "color": "blue"},
+        headers=attendant,
+    )
+
+    assert resolved.status_code == 200, resolved.text
+    assert (resolved.json()["outcome"], resolved.json()["gate_commanded"]) == (
+        "duplicate_read",
+        False,
+    )
+    async with runtime.pool.acquire() as conn:
+        assert (
+            await conn.fetchval("SELECT count(*) FROM sessions WHERE plate = $1", driver.plate)
+            == stays
+        ), "no phantom stay"
+    assert await runtime.occupancy.get(lot.id) == inside
 
 
 async def _exception_id_of(runtime: Runtime, capture_id: object) -> int:

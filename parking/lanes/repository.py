@@ -288,6 +288,39 @@ async def open_session_for_update(
     return _open_session(row) if row else None
 
 
+async def stay_entered_since(
+    conn: asyncpg.Connection, car_park_id: int, plate: str, color: str, since: datetime
+) -> int | None:
+    """The vehicle's latest stay here that began at `since` or later, whatever its status."""
+    stay_id: int | None = await conn.fetchval(
+        """SELECT id FROM sessions
+           WHERE car_park_id = $1 AND plate = $2 AND plate_color = $3 AND entered_at >= $4
+           ORDER BY entered_at DESC LIMIT 1""",
+        car_park_id,
+        plate,
+        color,
+        since,
+    )
+    return stay_id
+
+
+async def stay_ended_since(
+    conn: asyncpg.Connection, car_park_id: int, plate: str, color: str, at: datetime
+) -> int | None:
+    """The vehicle's stay here that was open at `at` and has ended since."""
+    stay_id: int | None = await conn.fetchval(
+        """SELECT id FROM sessions
+           WHERE car_park_id = $1 AND plate = $2 AND plate_color = $3
+             AND entered_at <= $4 AND exited_at >= $4 AND status <> 'open'
+           ORDER BY entered_at DESC LIMIT 1""",
+        car_park_id,
+        plate,
+        color,
+        at,
+    )
+    return stay_id
+
+
 def _open_session(row: asyncpg.Record) -> OpenSession:
     rights = row.get("rights")
     return OpenSession(

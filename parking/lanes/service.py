@@ -148,7 +148,7 @@ class LaneService:
         # gate clock ahead proves nothing (see edges.bounded_gate_time).
         at = min(capture.captured_at, now) if capture.offline else (received_at or now)
         if capture.direction == "in":
-            return await self._entry(conn, gate, capture, reading, at, now)
+            return await self._entry(conn, gate, capture, reading, at, now, received_at)
         return await self._exit(conn, gate, capture, reading, at, now)
 
     def certain(self, reading: PlateReading) -> bool:
@@ -169,6 +169,7 @@ class LaneService:
         reading: PlateReading,
         at: datetime,
         now: datetime,
+        received_at: datetime | None = None,
     ) -> Decision:
         plate = self._confident(reading)
         if plate is None:
@@ -178,6 +179,14 @@ class LaneService:
         # The vehicle is (plate, colour); a read without a colour (or with one the plate's
         # grammar rules out) is kept under the grammar's colour and is not certain.
         color = identity_color(plate, reading.color)
+        if received_at is not None and (
+            later := await repo.stay_entered_since(
+                conn, gate.car_park_id, plate, color, at - self.duplicate_window
+            )
+        ):
+            # Decided again later: the vehicle came in on another capture since (a re-read at
+            # the barrier), whether it is still inside or has left.
+            return self._open(capture, now, "duplicate_read", plate, later)
         inside = await repo.open_session_for_update(conn, gate.car_park_id, plate, color)
         outcome: Outcome = "entered"
         delta = 1
@@ -346,8 +355,14 @@ class LaneService:
         resolution = resolved.resolution
         ranked = resolution.ranked
         if not capture.offline and resolved.session and resolved.session.entered_at > at:
-            # Decided again after the vehicle came back in: this exit ended its earlier stay
-            # (superseded at that entry), never the one that began after it.
+            # Decided again after the vehicle came back in: never the stay that began since.
+            # The one open when this capture reached us ended since (on another capture, or
+            # at that entry): this is a duplicate of that crossing.
+            identity = resolution.identity
+            assert identity is not None  # a stay was found for it
+            earlier = await repo.stay_ended_since(conn, gate.car_park_id, *identity, at)
+            if earlier is not None:
+                return self._open(capture, now, "duplicate_read", identity[0], earlier)
             return await self._exception(conn, gate, capture, reading, now, "no_entry", ranked)
         earliest_at = None
         if capture.offline:
