@@ -927,20 +927,10 @@ async def test_a_held_capture_the_car_went_through_on_another_commands_no_gate(
     assert (await gate.decide(lot.code, "out1", held))["action"] == "hold"
     out = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
     assert out["action"] == "open"
-    exception_id = await _exception_id_of(runtime, held.capture_id)
-    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
-
-    resolved = await api.post(
-        f"/api/v1/operator/exceptions/{exception_id}/resolve",
-        json={"plate": driver.plate, "color": "blue"},
-        headers=attendant,
+    attendant = await _resolved_as_a_duplicate(
+        runtime, app, api, lot, held.capture_id, driver.plate
     )
 
-    assert resolved.status_code == 200, resolved.text
-    assert (resolved.json()["outcome"], resolved.json()["gate_commanded"]) == (
-        "duplicate_read",
-        False,
-    )
     # A command published after the resolution reaches the gate after anything it published.
     opened = await api.post(
         f"/api/v1/operator/car-parks/{lot.code}/gates/out1/open",
@@ -988,19 +978,9 @@ async def test_a_held_capture_resolved_after_the_car_passed_on_another_and_moved
     async with runtime.pool.acquire() as conn:
         stays = await conn.fetchval("SELECT count(*) FROM sessions WHERE plate = $1", driver.plate)
     inside = await runtime.occupancy.get(lot.id)
-    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
 
-    resolved = await api.post(
-        f"/api/v1/operator/exceptions/{await _exception_id_of(runtime, held.capture_id)}/resolve",
-        json={"plate": driver.plate, "color": "blue"},
-        headers=attendant,
-    )
+    await _resolved_as_a_duplicate(runtime, app, api, lot, held.capture_id, driver.plate)
 
-    assert resolved.status_code == 200, resolved.text
-    assert (resolved.json()["outcome"], resolved.json()["gate_commanded"]) == (
-        "duplicate_read",
-        False,
-    )
     async with runtime.pool.acquire() as conn:
         assert (
             await conn.fetchval("SELECT count(*) FROM sessions WHERE plate = $1", driver.plate)
@@ -1009,12 +989,32 @@ async def test_a_held_capture_resolved_after_the_car_passed_on_another_and_moved
     assert await runtime.occupancy.get(lot.id) == inside
 
 
-async def _exception_id_of(runtime: Runtime, capture_id: object) -> int:
+async def _resolved_as_a_duplicate(
+    runtime: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    lot: Lot,
+    capture_id: object,
+    plate: str,
+) -> dict[str, str]:
+    """An attendant names the held capture's vehicle and finds it passed on another capture:
+    resolved, no gate commanded. The attendant's headers."""
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
     async with runtime.pool.acquire() as conn:
-        found: int = await conn.fetchval(
+        exception_id = await conn.fetchval(
             "SELECT id FROM lane_exceptions WHERE capture_id = $1", capture_id
         )
-    return found
+    resolved = await api.post(
+        f"/api/v1/operator/exceptions/{exception_id}/resolve",
+        json={"plate": plate, "color": "blue"},
+        headers=attendant,
+    )
+    assert resolved.status_code == 200, resolved.text
+    assert (resolved.json()["outcome"], resolved.json()["gate_commanded"]) == (
+        "duplicate_read",
+        False,
+    )
+    return attendant
 
 
 async def test_a_reject_committed_while_the_lane_waits_gives_it_the_reopened_stay(
