@@ -82,7 +82,7 @@ async def open_stay_debt(
         session_id,
         amount_fen,
     )
-    await conn.execute("UPDATE accounts SET blocked_for_arrears = true WHERE id = $1", account_id)
+    await _refresh_arrears(conn, account_id)
     return debt_id is not None
 
 
