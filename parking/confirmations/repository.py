@@ -107,8 +107,8 @@ async def refuted_exit_of_vehicle(
 ) -> AwaitingCharge | None:
     """The charge of the vehicle's last stay here (none of its entered since) if the exit that
     closed it showed another vehicle: its charge awaits an operator because the server's
-    reader refuted that exit's read with its frames, and no "not my car" is open on it (a
-    dispute decides that one). Locked."""
+    reader refuted that exit's read with its frames. Locked; whether a "not my car" is open
+    on it is the caller's question after the lock (`disputed`)."""
     row = await conn.fetchrow(
         """SELECT c.id AS charge_id, c.status, s.id AS session_id, s.car_park_id, c.account_id,
                   c.amount_fen, s.plate, s.plate_color, s.exit_capture_id
@@ -120,8 +120,6 @@ async def refuted_exit_of_vehicle(
                              WHERE later.car_park_id = s.car_park_id AND later.plate = s.plate
                                AND later.plate_color = s.plate_color
                                AND later.entered_at > s.entered_at)
-             AND NOT EXISTS (SELECT 1 FROM charge_disputes d
-                             WHERE d.charge_id = c.id AND d.status = 'open')
            ORDER BY s.exited_at DESC LIMIT 1
            FOR UPDATE OF c""",
         car_park_id,
