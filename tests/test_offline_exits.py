@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 from fastapi import FastAPI
 
+from gate_controller.protocol import Capture
 from parking.runtime import Runtime
 from tests.conftest import (
     Lot,
@@ -130,3 +131,89 @@ async def test_a_live_exit_of_the_same_kind_still_holds(
     await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
     command = await gate.decide(lot.code, "out1", gate.capture("out", plate))
     assert (command["action"], command["fee_fen"]) == ("hold", 1200)
+
+
+def _left_offline(gate: GateProbe, plate: str, at: datetime) -> Capture:
+    """The car leaves at `at` through the exit gate, which cannot reach us and lets it out; the
+    capture is uploaded when the gate is back."""
+    return gate.capture("out", plate).model_copy(
+        update={"offline": True, "offline_action": "open", "captured_at": at}
+    )
+
+
+async def test_an_offline_exit_uploaded_after_the_car_came_back_in_ends_the_earlier_stay(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The exit gate could not reach us when the car left; the car came back in before the gate
+    uploaded that exit. The upload is the end of the stay the re-entry found still open, not of
+    the one the car is parked on now: that stay stays open and is charged once, at its own exit,
+    and the car is counted inside throughout."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=3))
+    left_at = datetime.now(UTC) - timedelta(hours=1)  # the first stay: two hours, ¥12
+    upload = _left_offline(gate, driver.plate, left_at)
+    back_in = await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
+    assert back_in["action"] == "open"
+    inside = await runtime.occupancy.get(lot.id)
+    command = await gate.decide(lot.code, "out1", upload)
+    assert command["fee_fen"] == 1200, command
+    assert await runtime.occupancy.get(lot.id) == inside, "the car is still inside"
+    async with runtime.pool.acquire() as conn:
+        stays = await conn.fetch(
+            """SELECT status, exited_at, settlement, exit_capture_id FROM sessions
+               WHERE car_park_id = $1 AND plate = $2 ORDER BY entered_at""",
+            lot.id,
+            driver.plate,
+        )
+        skews = await conn.fetchval(
+            "SELECT count(*) FROM gate_clock_skews WHERE capture_id = $1", upload.capture_id
+        )
+    first, now_parked = stays
+    assert (first["status"], first["settlement"]) == ("closed", "pay_later")
+    assert first["exit_capture_id"] == upload.capture_id
+    assert abs((first["exited_at"] - left_at).total_seconds()) < 1
+    assert now_parked["status"] == "open", "the stay the car is parked on is not ended"
+    assert skews == 0, "the gate's clock was right"
+
+    leaves = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+    assert (leaves["action"], leaves["fee_fen"]) == ("open", 0)  # back a moment ago: free
+    assert await runtime.occupancy.get(lot.id) == inside - 1
+
+    async def settled() -> list:
+        rows = await charges_of(runtime, lot)
+        return rows if rows and all(r["status"] == "succeeded" for r in rows) else []
+
+    assert [r["amount_fen"] for r in await eventually(settled)] == [1200]
+
+
+async def test_an_offline_exit_uploaded_after_the_car_came_back_in_and_left_again_is_charged(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The same, with the car gone again before the upload: the upload is not a second read
+    of that later exit but the end of the earlier stay, charged once beside the later one."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=3))
+    upload = _left_offline(gate, driver.plate, datetime.now(UTC) - timedelta(hours=1))
+    await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
+    inside = await runtime.occupancy.get(lot.id)
+    # The exit gate is back: its live captures count on from the one it kept (a higher seq).
+    leaves = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+    assert (leaves["action"], leaves["fee_fen"]) == ("open", 0)
+    command = await gate.decide(lot.code, "out1", upload)
+    assert command["fee_fen"] == 1200, command
+    assert await runtime.occupancy.get(lot.id) == inside - 1, "counted out once, by the live exit"
+    async with runtime.pool.acquire() as conn:
+        first = await conn.fetchrow(
+            """SELECT status, settlement, exit_capture_id FROM sessions
+               WHERE car_park_id = $1 AND plate = $2 ORDER BY entered_at LIMIT 1""",
+            lot.id,
+            driver.plate,
+        )
+    assert (first["status"], first["settlement"]) == ("closed", "pay_later")
+    assert first["exit_capture_id"] == upload.capture_id
+
+    async def settled() -> list:
+        rows = await charges_of(runtime, lot)
+        return rows if rows and all(r["status"] == "succeeded" for r in rows) else []
+
+    assert [r["amount_fen"] for r in await eventually(settled)] == [1200]

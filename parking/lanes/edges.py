@@ -175,17 +175,20 @@ async def gate_time(
     session_id: int | None,
     entered_at: datetime | None,
     tolerance: timedelta,
+    ends_by: datetime | None = None,
 ) -> GateTime:
-    """`bounded_gate_time` for an offline capture, bounded by the stay's entry and the gate's
-    live captures around it, flagging a wrong clock for an operator."""
+    """`bounded_gate_time` for an offline capture, bounded by the stay's entry (and by
+    `ends_by`, the vehicle's re-entry, for a stay that ended there) and the gate's live
+    captures around it, flagging a wrong clock for an operator."""
     before, after = await edges_repo.live_neighbours(conn, gate.gate_id, capture.seq)
     floors = [t for t in (entered_at, before) if t is not None]
+    ceilings = [t for t in (ends_by, after) if t is not None]
     taken = bounded_gate_time(
         capture.captured_at,
         received_at,
         tolerance,
         not_before=max(floors) if floors else None,
-        not_after=after,
+        not_after=min(ceilings) if ceilings else None,
     )
     if taken.skew is not None:
         await edges_repo.insert_clock_skew(

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import asyncpg
@@ -59,6 +59,10 @@ class OpenSession:
     # A merchant's validation of the stay (parking/merchants/).
     validation: Validation | None = None
     entry_proven: bool = False
+    # "superseded": ended at its vehicle's next entry (`ended_at`), its exit missed; an offline
+    # exit from before that entry, uploaded since, still ends it (`stay_missed_at_for_update`).
+    status: Literal["open", "superseded"] = "open"
+    ended_at: datetime | None = None
 
 
 # The binding, account and active agreement of the vehicle (`{plate}`, `{color}`) that covered
@@ -238,7 +242,8 @@ async def update_capture_decision(
 
 
 _STAY_COLUMNS = (
-    "s.id, s.entered_at, s.fixed_fee_fen, s.plate_color, s.entry_certain, s.entry_proven"
+    "s.id, s.entered_at, s.fixed_fee_fen, s.plate_color, s.entry_certain, s.entry_proven,"
+    " s.status, s.exited_at"
 )
 # A stay's vehicle's blacklisting and rights in its car park: indexed lookups by (plate, colour)
 # joined into the exit's one query (no extra round trip). A right capped at N inside counts only
@@ -268,6 +273,8 @@ _RIGHTS_COLUMNS = f"""
     ) AS blacklisted,
     {_ACTIVE_RIGHTS} AS rights,
     {_VALIDATION} AS validation"""
+_STAY_SELECT = f"""SELECT {_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}, {_RIGHTS_COLUMNS}
+    FROM sessions s {_STAY_JOINS}"""
 
 
 async def open_session_for_update(
@@ -276,14 +283,33 @@ async def open_session_for_update(
     """The open stay of the vehicle (plate, colour) here, locked, with its driver's pay-later
     state, its rights here and whether it is blacklisted."""
     row = await conn.fetchrow(
-        f"""SELECT {_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}, {_RIGHTS_COLUMNS}
-            FROM sessions s {_STAY_JOINS}
+        f"""{_STAY_SELECT}
             WHERE s.car_park_id = $1 AND s.plate = $2 AND s.plate_color = $3
               AND s.status = 'open'
             FOR UPDATE OF s""",
         car_park_id,
         plate,
         color,
+    )
+    return _open_session(row) if row else None
+
+
+async def stay_missed_at_for_update(
+    conn: asyncpg.Connection, car_park_id: int, plate: str, color: str, at: datetime
+) -> OpenSession | None:
+    """The vehicle's stay here that was open at `at` and was ended unpriced at its next entry
+    (`supersede_session`: its exit missed, nothing owed at a hold), locked, read as an open
+    stay is."""
+    row = await conn.fetchrow(
+        f"""{_STAY_SELECT}
+            WHERE s.car_park_id = $1 AND s.plate = $2 AND s.plate_color = $3
+              AND s.status = 'superseded' AND s.settlement IS NULL
+              AND s.entered_at <= $4 AND s.exited_at > $4
+            FOR UPDATE OF s""",
+        car_park_id,
+        plate,
+        color,
+        at,
     )
     return _open_session(row) if row else None
 
@@ -334,6 +360,8 @@ def _open_session(row: asyncpg.Record) -> OpenSession:
         row.get("blacklisted"),
         Validation.from_json(row["validation"]) if row.get("validation") else None,
         row["entry_proven"],
+        row["status"],
+        row["exited_at"],
     )
 
 
@@ -435,7 +463,7 @@ async def open_session(
                      entry_certain, assigned_right_id, entry_proven)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                 RETURNING id, plate, entered_at, fixed_fee_fen, plate_color, entry_certain,
-                          entry_proven)
+                          entry_proven, status, exited_at)
             SELECT {_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}
             FROM s {_STAY_JOINS}""",
         car_park_id,
@@ -471,11 +499,13 @@ async def close_session(
     account_id: int | None,
     settlement: str,
     applied_right_id: int | None = None,
+    status: str = "open",
 ) -> None:
+    """Ends the stay, which is in `status` (open, or superseded: `OpenSession.status`)."""
     await conn.execute(
         """UPDATE sessions SET status = 'closed', exited_at = $2, exit_capture_id = $3,
                   fee_fen = $4, account_id = $5, settlement = $6, applied_right_id = $7
-           WHERE id = $1 AND status = 'open'""",
+           WHERE id = $1 AND status = $8""",
         session_id,
         exited_at,
         exit_capture_id,
@@ -483,6 +513,7 @@ async def close_session(
         account_id,
         settlement,
         applied_right_id,
+        status,
     )
 
 

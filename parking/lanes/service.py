@@ -79,8 +79,12 @@ class _Exit:
     resolution: Resolution
     session: OpenSession | None = None
     duplicate_of: int | None = None
-    # +1 when the stay was taken back from a refuted exit and counts in again.
-    reopened: int = 0
+    # +1 when the stay is out of the count already and this exit's -1 must not count it out
+    # again: taken back from a refuted exit (which counted it out), or ended at its vehicle's
+    # re-entry (which handed its place to the new stay).
+    counted_out: int = 0
+    # When the stay was ended by its vehicle's re-entry: this exit happened before it.
+    ends_by: datetime | None = None
 
     @property
     def plate(self) -> str | None:
@@ -257,12 +261,12 @@ class LaneService:
             assert reading.color is not None
             own = (best.plate, reading.color)
             session = await repo.open_session_for_update(conn, gate.car_park_id, *own)
-            reopened = 0
+            counted_out = 0
             if session is None:
                 left = await repo.recent_exits(conn, gate.car_park_id, since)
                 if own not in left:
                     taken = await self._take_back(conn, gate, own)
-                    reopened = taken.occupancy_delta if taken else 0
+                    counted_out = taken.occupancy_delta if taken else 0
                     # Read again after the take-back's wait for the charge's lock: a decision
                     # of this vehicle committed meanwhile (its exit, a reject reopening its
                     # stay) is seen, not the state from before it.
@@ -272,7 +276,7 @@ class LaneService:
             if session is not None:
                 parked = {own: session.entry_certain}
                 resolution = resolve_plate(reading, parked, (), self.certainty)
-                return _Exit(resolution, session, reopened=reopened)
+                return _Exit(resolution, session, counted_out=counted_out)
             resolution = resolve_plate(reading, {}, left, self.certainty)
         else:
             parked, left = await repo.cars_here(conn, gate.car_park_id, since)
@@ -336,11 +340,41 @@ class LaneService:
         ):
             return paid
         resolved = await self._resolve_exit(conn, gate, reading, at)
+        if capture.offline:
+            resolved = await self._before_reentry(conn, gate, capture, resolved)
         decision = await self._exit_resolved(conn, gate, capture, reading, at, now, resolved)
-        if resolved.reopened:
-            # Counted out at the refuted exit; this exit's own change follows.
-            return replace(decision, occupancy_delta=decision.occupancy_delta + resolved.reopened)
+        if resolved.counted_out:
+            return replace(
+                decision, occupancy_delta=decision.occupancy_delta + resolved.counted_out
+            )
         return decision
+
+    async def _before_reentry(
+        self, conn: asyncpg.Connection, gate: GateInfo, capture: Capture, resolved: _Exit
+    ) -> _Exit:
+        """An offline exit the gate's clock puts within a stay of its vehicle that a later
+        entry found still open and ended unpriced (its exit missed): the gate could not reach
+        us when the car left, and the car came back in before the upload. The exit ends that
+        stay, priced up to the re-entry at the latest, and not the stay the car is parked on
+        now, nor one it left since. Before, the upload ended the new stay (the clock flagged as
+        behind) and the car's real exit from it later was "no entry record"; or it was taken
+        for a second read of that later exit and the earlier stay was never charged."""
+        resolution = resolved.resolution
+        identity = resolution.identity
+        if identity is None or (resolved.session is None and not resolution.left):
+            return resolved
+        earlier = await repo.stay_missed_at_for_update(
+            conn, gate.car_park_id, *identity, capture.captured_at
+        )
+        if earlier is None:
+            return resolved
+        assert earlier.ended_at is not None
+        return _Exit(
+            replace(resolution, left=False, entry_certain=earlier.entry_certain),
+            earlier,
+            counted_out=1,
+            ends_by=earlier.ended_at,
+        )
 
     async def _exit_resolved(
         self,
@@ -367,7 +401,9 @@ class LaneService:
         earliest_at = None
         if capture.offline:
             # A gate's clock is not trusted blindly: bounded by what the server can prove.
-            taken = await self._gate_time(conn, gate, capture, now, resolved.session)
+            taken = await self._gate_time(
+                conn, gate, capture, now, resolved.session, resolved.ends_by
+            )
             at, earliest_at = taken.at, taken.earliest
         offline_open = capture.offline and capture.offline_action == "open"
         # Which way the exit goes is one pure function (rules.plan_exit), shared with the
@@ -530,6 +566,7 @@ class LaneService:
         capture: Capture,
         now: datetime,
         session: OpenSession | None,
+        ends_by: datetime | None = None,
     ) -> edges.GateTime:
         return await edges.gate_time(
             conn,
@@ -538,6 +575,7 @@ class LaneService:
             now,
             session_id=session.id if session else None,
             entered_at=session.entered_at if session else None,
+            ends_by=ends_by,
             tolerance=self.clock_tolerance,
         )
 
@@ -681,6 +719,7 @@ class LaneService:
             account_id=account_id,
             settlement=settlement,
             applied_right_id=right.id if right else None,
+            status=session.status,
         )
 
     async def _blacklisted(
