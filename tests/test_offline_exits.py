@@ -5,6 +5,7 @@ handed to a person — never charged without consent, never left open."""
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from gate_controller.protocol import Capture
@@ -133,25 +134,29 @@ async def test_a_live_exit_of_the_same_kind_still_holds(
     assert (command["action"], command["fee_fen"]) == ("hold", 1200)
 
 
-def _left_offline(gate: GateProbe, plate: str, at: datetime) -> Capture:
-    """The car leaves at `at` through the exit gate, which cannot reach us and lets it out; the
-    capture is uploaded when the gate is back."""
+def _left_offline(gate: GateProbe, plate: str, at: datetime, action: str = "open") -> Capture:
+    """The car leaves at `at` through the exit gate, which cannot reach us and lets it out (or
+    sends it to the booth); the capture is uploaded when the gate is back."""
     return gate.capture("out", plate).model_copy(
-        update={"offline": True, "offline_action": "open", "captured_at": at}
+        update={"offline": True, "offline_action": action, "captured_at": at}
     )
 
 
+@pytest.mark.parametrize(
+    ("action", "settlement"), [("open", "pay_later"), ("hold", "offline_booth")]
+)
 async def test_an_offline_exit_uploaded_after_the_car_came_back_in_ends_the_earlier_stay(
-    runtime: Runtime, gate: GateProbe, lot: Lot
+    runtime: Runtime, gate: GateProbe, lot: Lot, action: str, settlement: str
 ) -> None:
     """The exit gate could not reach us when the car left; the car came back in before the gate
     uploaded that exit. The upload is the end of the stay the re-entry found still open, not of
     the one the car is parked on now: that stay stays open and is charged once, at its own exit,
-    and the car is counted inside throughout."""
+    and the car is counted inside throughout. A car the gate sent to the booth awaits the booth
+    for the earlier stay, as any offline hold does."""
     driver = await make_driver(runtime, unique_plate())
     await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=3))
     left_at = datetime.now(UTC) - timedelta(hours=1)  # the first stay: two hours, ¥12
-    upload = _left_offline(gate, driver.plate, left_at)
+    upload = _left_offline(gate, driver.plate, left_at, action)
     back_in = await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
     assert back_in["action"] == "open"
     inside = await runtime.occupancy.get(lot.id)
@@ -169,7 +174,7 @@ async def test_an_offline_exit_uploaded_after_the_car_came_back_in_ends_the_earl
             "SELECT count(*) FROM gate_clock_skews WHERE capture_id = $1", upload.capture_id
         )
     first, now_parked = stays
-    assert (first["status"], first["settlement"]) == ("closed", "pay_later")
+    assert (first["status"], first["settlement"]) == ("closed", settlement)
     assert first["exit_capture_id"] == upload.capture_id
     assert abs((first["exited_at"] - left_at).total_seconds()) < 1
     assert now_parked["status"] == "open", "the stay the car is parked on is not ended"
@@ -178,6 +183,9 @@ async def test_an_offline_exit_uploaded_after_the_car_came_back_in_ends_the_earl
     leaves = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
     assert (leaves["action"], leaves["fee_fen"]) == ("open", 0)  # back a moment ago: free
     assert await runtime.occupancy.get(lot.id) == inside - 1
+    if action == "hold":
+        assert await charges_of(runtime, lot) == [], "never pay-later after a booth hold"
+        return
 
     async def settled() -> list:
         rows = await charges_of(runtime, lot)

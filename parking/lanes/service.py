@@ -79,10 +79,8 @@ class _Exit:
     resolution: Resolution
     session: OpenSession | None = None
     duplicate_of: int | None = None
-    # +1 when the stay is out of the count already and this exit's -1 must not count it out
-    # again: taken back from a refuted exit (which counted it out), or ended at its vehicle's
-    # re-entry (which handed its place to the new stay).
-    counted_out: int = 0
+    # +1 when the stay was taken back from a refuted exit and counts in again.
+    reopened: int = 0
     # When the stay was ended by its vehicle's re-entry: this exit happened before it.
     ends_by: datetime | None = None
 
@@ -261,12 +259,12 @@ class LaneService:
             assert reading.color is not None
             own = (best.plate, reading.color)
             session = await repo.open_session_for_update(conn, gate.car_park_id, *own)
-            counted_out = 0
+            reopened = 0
             if session is None:
                 left = await repo.recent_exits(conn, gate.car_park_id, since)
                 if own not in left:
                     taken = await self._take_back(conn, gate, own)
-                    counted_out = taken.occupancy_delta if taken else 0
+                    reopened = taken.occupancy_delta if taken else 0
                     # Read again after the take-back's wait for the charge's lock: a decision
                     # of this vehicle committed meanwhile (its exit, a reject reopening its
                     # stay) is seen, not the state from before it.
@@ -276,7 +274,7 @@ class LaneService:
             if session is not None:
                 parked = {own: session.entry_certain}
                 resolution = resolve_plate(reading, parked, (), self.certainty)
-                return _Exit(resolution, session, counted_out=counted_out)
+                return _Exit(resolution, session, reopened=reopened)
             resolution = resolve_plate(reading, {}, left, self.certainty)
         else:
             parked, left = await repo.cars_here(conn, gate.car_park_id, since)
@@ -343,10 +341,9 @@ class LaneService:
         if capture.offline:
             resolved = await self._before_reentry(conn, gate, capture, resolved)
         decision = await self._exit_resolved(conn, gate, capture, reading, at, now, resolved)
-        if resolved.counted_out:
-            return replace(
-                decision, occupancy_delta=decision.occupancy_delta + resolved.counted_out
-            )
+        if resolved.reopened:
+            # Counted out at the refuted exit; this exit's own change follows.
+            return replace(decision, occupancy_delta=decision.occupancy_delta + resolved.reopened)
         return decision
 
     async def _before_reentry(
@@ -372,7 +369,6 @@ class LaneService:
         return _Exit(
             replace(resolution, left=False, entry_certain=earlier.entry_certain),
             earlier,
-            counted_out=1,
             ends_by=earlier.ended_at,
         )
 
@@ -438,7 +434,8 @@ class LaneService:
                 conn, gate, capture, reading, now, plate, session.blacklisted, session.id, fee
             )
 
-        occupancy_delta = -1
+        # A superseded stay's place went to the stay its vehicle's re-entry opened.
+        occupancy_delta = 0 if session is not None and session.status == "superseded" else -1
         if plan.fixed_fee_stay is not None:
             session = await repo.open_session(
                 conn,
