@@ -940,6 +940,11 @@ async def test_a_held_capture_the_car_went_through_on_another_commands_no_gate(
     await eventually(lambda: _has_command(gate, opened.json()["capture_id"]))
     assert [c["action"] for c in gate.commands[str(held.capture_id)]] == ["hold"]
     assert len(await _charges(runtime, driver)) == 1
+    # The gate sending the held capture again is answered with what it was told then: the
+    # resolution commanded nothing (before, the open it did not send was stored and sent).
+    await gate.send(lot.code, "out1", held)
+    await gate.wait_for(held, commands=2, acks=2)
+    assert [c["action"] for c in gate.commands[str(held.capture_id)]] == ["hold", "hold"]
 
 
 @pytest.mark.parametrize("direction", ["in", "out"])

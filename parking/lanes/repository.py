@@ -220,14 +220,16 @@ async def update_capture_decision(
     match_status: str | None,
     outcome: str,
     session_id: int | None,
-    command: dict[str, Any],
+    command: dict[str, Any] | None,
 ) -> None:
     """A held capture decided again (an operator named its vehicle, plate and colour): its row
-    records the new decision, and a redelivery of the capture gets the new command. An
-    operator's plate is a certain read."""
+    records the new decision, and a redelivery of the capture gets the new command (the one
+    stored before when `command` is None: no gate was commanded). An operator's plate is a
+    certain read."""
     await conn.execute(
         """UPDATE captures SET plate = $2, plate_color = $3, plate_source = $4,
-                  match_status = $5, outcome = $6, session_id = $7, command = $8,
+                  match_status = $5, outcome = $6, session_id = $7,
+                  command = COALESCE($8, command),
                   read_certain = true
            WHERE capture_id = $1""",
         capture_id,

@@ -420,6 +420,9 @@ async def resolve_exception(
             "the vehicle is on the blacklist: remove it first, or open the gate by hand",
         )
     command = decision.command
+    # A duplicate read: the vehicle went through on another capture (a re-read at the barrier,
+    # or its later crossing), so nobody waits at the barrier for this one.
+    commanded = held.reason not in _CAR_GONE and decision.outcome != "duplicate_read"
     await lanes_repo.update_capture_decision(
         conn,
         held.capture_id,
@@ -429,12 +432,10 @@ async def resolve_exception(
         match_status=decision.match_status,
         outcome=decision.outcome,
         session_id=decision.session_id,
-        command=command.model_dump(mode="json", exclude_none=True),
+        # Uncommanded, the gate's redelivery of the capture still gets what it was told then.
+        command=command.model_dump(mode="json", exclude_none=True) if commanded else None,
     )
     await repo.mark_exception_resolved(conn, held.capture_id, plate, principal.actor)
-    # A duplicate read: the vehicle went through on another capture (a re-read at the barrier,
-    # or its later crossing), so nobody waits at the barrier for this one.
-    commanded = held.reason not in _CAR_GONE and decision.outcome != "duplicate_read"
     await audit.record(
         conn,
         principal.actor,
