@@ -4,6 +4,7 @@ handed to a person — never charged without consent, never left open."""
 
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -135,24 +136,52 @@ async def test_a_live_exit_of_the_same_kind_still_holds(
 
 
 def _left_offline(gate: GateProbe, plate: str, at: datetime, action: str = "open") -> Capture:
-    """The car leaves at `at` through the exit gate, which cannot reach us and lets it out (or
-    sends it to the booth); the capture is uploaded when the gate is back."""
+    """The car leaves at `at` (the gate's clock) through the exit gate, which cannot reach us
+    and lets it out (or sends it to the booth); the capture is uploaded when the gate is back.
+    Made now, it takes the gate's next seq: before every live capture made after it."""
     return gate.capture("out", plate).model_copy(
         update={"offline": True, "offline_action": action, "captured_at": at}
     )
 
 
+async def _stays(runtime: Runtime, lot: Lot, plate: str) -> list[asyncpg.Record]:
+    async with runtime.pool.acquire() as conn:
+        rows: list[asyncpg.Record] = await conn.fetch(
+            """SELECT status, exited_at, settlement, exit_capture_id FROM sessions
+               WHERE car_park_id = $1 AND plate = $2 ORDER BY entered_at""",
+            lot.id,
+            plate,
+        )
+    return rows
+
+
+async def _charged(runtime: Runtime, lot: Lot) -> list[tuple[int, str]]:
+    return [(c["amount_fen"], c["status"]) for c in await charges_of(runtime, lot)]
+
+
+# An offline exit uploaded after the car came back in: the re-entry superseded the stay whose
+# exit it missed, and the upload is that stay's exit.
+
+
 @pytest.mark.parametrize(
-    ("action", "settlement"), [("open", "pay_later"), ("hold", "offline_booth")]
+    ("action", "settlement", "charged"),
+    [
+        ("open", "pay_later", [(1200, "awaiting_confirmation")]),
+        ("hold", "offline_booth", []),
+    ],
 )
 async def test_an_offline_exit_uploaded_after_the_car_came_back_in_ends_the_earlier_stay(
-    runtime: Runtime, gate: GateProbe, lot: Lot, action: str, settlement: str
+    runtime: Runtime,
+    gate: GateProbe,
+    lot: Lot,
+    action: str,
+    settlement: str,
+    charged: list[tuple[int, str]],
 ) -> None:
-    """The exit gate could not reach us when the car left; the car came back in before the gate
-    uploaded that exit. The upload is the end of the stay the re-entry found still open, not of
-    the one the car is parked on now: that stay stays open and is charged once, at its own exit,
-    and the car is counted inside throughout. A car the gate sent to the booth awaits the booth
-    for the earlier stay, as any offline hold does."""
+    """The upload ends the stay the re-entry found open, not the one the car is parked on now:
+    that one is charged at its own exit, and the car counts inside throughout. Only the gate's
+    clock puts the exit before the re-entry, so the earlier stay's charge waits for an operator
+    (a car the gate sent to the booth awaits the booth, as any offline hold does)."""
     driver = await make_driver(runtime, unique_plate())
     await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=3))
     left_at = datetime.now(UTC) - timedelta(hours=1)  # the first stay: two hours, ¥12
@@ -164,64 +193,159 @@ async def test_an_offline_exit_uploaded_after_the_car_came_back_in_ends_the_earl
     assert command["fee_fen"] == 1200, command
     assert await runtime.occupancy.get(lot.id) == inside, "the car is still inside"
     async with runtime.pool.acquire() as conn:
-        stays = await conn.fetch(
-            """SELECT status, exited_at, settlement, exit_capture_id FROM sessions
-               WHERE car_park_id = $1 AND plate = $2 ORDER BY entered_at""",
-            lot.id,
-            driver.plate,
-        )
         skews = await conn.fetchval(
             "SELECT count(*) FROM gate_clock_skews WHERE capture_id = $1", upload.capture_id
         )
-    first, now_parked = stays
+    first, now_parked = await _stays(runtime, lot, driver.plate)
     assert (first["status"], first["settlement"]) == ("closed", settlement)
     assert first["exit_capture_id"] == upload.capture_id
     assert abs((first["exited_at"] - left_at).total_seconds()) < 1
     assert now_parked["status"] == "open", "the stay the car is parked on is not ended"
-    assert skews == 0, "the gate's clock was right"
+    assert skews == 0
+    assert await _charged(runtime, lot) == charged
 
     leaves = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
     assert (leaves["action"], leaves["fee_fen"]) == ("open", 0)  # back a moment ago: free
     assert await runtime.occupancy.get(lot.id) == inside - 1
-    if action == "hold":
-        assert await charges_of(runtime, lot) == [], "never pay-later after a booth hold"
-        return
-
-    async def settled() -> list:
-        rows = await charges_of(runtime, lot)
-        return rows if rows and all(r["status"] == "succeeded" for r in rows) else []
-
-    assert [r["amount_fen"] for r in await eventually(settled)] == [1200]
+    assert await _charged(runtime, lot) == charged
 
 
-async def test_an_offline_exit_uploaded_after_the_car_came_back_in_and_left_again_is_charged(
+async def test_an_exit_the_gates_live_captures_put_before_the_re_entry_is_charged_at_once(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:
-    """The same, with the car gone again before the upload: the upload is not a second read
-    of that later exit but the end of the earlier stay, charged once beside the later one."""
+    """The exit gate answered another car live after our car left through it offline (a
+    higher seq) and before our car came back in: the upload's exit is proven to be the earlier
+    stay's, and its charge needs nobody."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=3))
+    upload = _left_offline(gate, driver.plate, datetime.now(UTC) - timedelta(hours=1))
+    other = (await make_driver(runtime, unique_plate())).plate
+    await enter(runtime, gate, lot, other, parked_for=timedelta(minutes=10))
+    assert (await gate.decide(lot.code, "out1", gate.capture("out", other)))["action"] == "open"
+    await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
+    await gate.decide(lot.code, "out1", upload)
+
+    async def settled() -> list[tuple[int, str]]:
+        rows = [
+            (c["amount_fen"], c["status"])
+            for c in await charges_of(runtime, lot)
+            if c["account_id"] == driver.account_id
+        ]
+        return rows if rows and all(status == "succeeded" for _, status in rows) else []
+
+    assert await eventually(settled) == [(1200, "succeeded")]
+
+
+async def test_an_exit_after_the_car_came_back_in_and_left_again_is_not_a_second_read_of_it(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """The car also left again before the upload: the upload is the earlier stay's exit, not a
+    second read of the later one. An operator rejecting its charge leaves that stay closed (it
+    ended by the re-entry's proof): never open again, nor counted in, for a car that is gone."""
     driver = await make_driver(runtime, unique_plate())
     await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=3))
     upload = _left_offline(gate, driver.plate, datetime.now(UTC) - timedelta(hours=1))
     await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
-    inside = await runtime.occupancy.get(lot.id)
-    # The exit gate is back: its live captures count on from the one it kept (a higher seq).
     leaves = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
     assert (leaves["action"], leaves["fee_fen"]) == ("open", 0)
+    gone = await runtime.occupancy.get(lot.id)
     command = await gate.decide(lot.code, "out1", upload)
     assert command["fee_fen"] == 1200, command
-    assert await runtime.occupancy.get(lot.id) == inside - 1, "counted out once, by the live exit"
-    async with runtime.pool.acquire() as conn:
-        first = await conn.fetchrow(
-            """SELECT status, settlement, exit_capture_id FROM sessions
-               WHERE car_park_id = $1 AND plate = $2 ORDER BY entered_at LIMIT 1""",
-            lot.id,
-            driver.plate,
-        )
-    assert (first["status"], first["settlement"]) == ("closed", "pay_later")
+    assert await runtime.occupancy.get(lot.id) == gone, "counted out once, by the live exit"
+    first, _ = await _stays(runtime, lot, driver.plate)
+    assert (first["status"], first["exit_capture_id"]) == ("closed", upload.capture_id)
+    [charge] = await charges_of(runtime, lot)
+    assert (charge["amount_fen"], charge["status"]) == (1200, "awaiting_confirmation")
+
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    rejected = await api.post(
+        f"/api/v1/operator/confirmations/{charge['id']}/reject",
+        json={"reason": "出口车辆不是入场车辆"},
+        headers=attendant,
+    )
+    assert rejected.status_code == 200, rejected.text
+    assert [s["status"] for s in await _stays(runtime, lot, driver.plate)] == ["closed"] * 2
+    assert await runtime.occupancy.get(lot.id) == gone
+
+
+async def test_an_exit_the_gates_live_captures_put_after_the_re_entry_is_the_later_stays(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The exit gate answered another car live after the re-entry and before this capture (a
+    lower seq): whatever its clock says (3 h behind, inside the earlier stay), the car left on
+    the stay it is parked on."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=5))
+    await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
+    other = (await make_driver(runtime, unique_plate())).plate
+    await enter(runtime, gate, lot, other, parked_for=timedelta(minutes=10))
+    assert (await gate.decide(lot.code, "out1", gate.capture("out", other)))["action"] == "open"
+    inside = await runtime.occupancy.get(lot.id)
+    upload = _left_offline(gate, driver.plate, datetime.now(UTC) - timedelta(hours=3))
+    await gate.decide(lot.code, "out1", upload)
+    first, later = await _stays(runtime, lot, driver.plate)
+    assert (first["status"], first["exit_capture_id"]) == ("superseded", None)
+    assert (later["status"], later["exit_capture_id"]) == ("closed", upload.capture_id)
+    assert await runtime.occupancy.get(lot.id) == inside - 1
+
+
+async def test_a_second_read_of_the_offline_crossing_is_a_duplicate(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The offline gate read the leaving car twice, 5 s apart: the second upload is the same
+    crossing, never the end of the stay the car is parked on now."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=3))
+    left_at = datetime.now(UTC) - timedelta(hours=1)
+    first_read = _left_offline(gate, driver.plate, left_at)
+    second_read = _left_offline(gate, driver.plate, left_at + timedelta(seconds=5))
+    await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
+    inside = await runtime.occupancy.get(lot.id)
+    assert (await gate.decide(lot.code, "out1", first_read))["fee_fen"] == 1200
+    await gate.decide(lot.code, "out1", second_read)
+    first, parked = await _stays(runtime, lot, driver.plate)
+    assert first["exit_capture_id"] == first_read.capture_id
+    assert parked["status"] == "open"
+    assert await runtime.occupancy.get(lot.id) == inside
+    assert len(await charges_of(runtime, lot)) == 1
+
+
+async def test_an_offline_exit_of_a_stay_owed_at_a_hold_only_records_its_exit(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The car was held for its fee (nobody bound), then left through the gate once it could
+    not reach us; its re-entry made that fee owed (an unpaid exit for an operator). The upload
+    is that stay's exit: recorded on it, nothing owed twice, the stay parked on untouched."""
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(hours=3))
+    held = await gate.decide(lot.code, "out1", gate.capture("out", plate))
+    assert held["action"] == "hold" and held["fee_fen"]
+    upload = _left_offline(gate, plate, datetime.now(UTC))
+    await gate.decide(lot.code, "in1", gate.capture("in", plate))
+    inside = await runtime.occupancy.get(lot.id)
+    await gate.decide(lot.code, "out1", upload)
+    first, parked = await _stays(runtime, lot, plate)
+    assert (first["status"], first["settlement"]) == ("superseded", "unpaid_exit")
     assert first["exit_capture_id"] == upload.capture_id
+    assert parked["status"] == "open"
+    assert await runtime.occupancy.get(lot.id) == inside
 
-    async def settled() -> list:
-        rows = await charges_of(runtime, lot)
-        return rows if rows and all(r["status"] == "succeeded" for r in rows) else []
 
-    assert [r["amount_fen"] for r in await eventually(settled)] == [1200]
+async def test_a_blacklisted_offline_hold_within_a_superseded_stay_counts_nobody_in(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """Held for a person, the superseded stay stays as it was and the count with it."""
+    admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=3))
+    upload = _left_offline(gate, driver.plate, datetime.now(UTC) - timedelta(hours=1), "hold")
+    await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
+    listed = await api.post(
+        "/api/v1/operator/blacklist",
+        json={"plate": driver.plate, "color": "blue", "reason": "逃费"},
+        headers=admin,
+    )
+    assert listed.status_code == 201, listed.text
+    inside = await runtime.occupancy.get(lot.id)
+    assert (await gate.decide(lot.code, "out1", upload))["action"] == "hold"
+    assert await runtime.occupancy.get(lot.id) == inside

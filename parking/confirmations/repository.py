@@ -141,8 +141,9 @@ async def disputed(conn: asyncpg.Connection, charge_id: int) -> bool:
 async def reopen_stay(conn: asyncpg.Connection, session_id: int) -> bool | None:
     """Opens the stay again, its entry no longer taken as certain nor proven (an operator
     disowned the charge: the next exit's charge waits for the frames or a person), unless its
-    vehicle has another open stay here. Returns whether it was counted in the occupancy at its
-    entry, or None when it was not reopened."""
+    vehicle has another open stay here, or entered here again since (it had left, whichever exit
+    it took). Returns whether it was counted in the occupancy at its entry, or None when it was
+    not reopened."""
     counted_in: bool | None = await conn.fetchval(
         """UPDATE sessions s SET status = 'open', exited_at = NULL, exit_capture_id = NULL,
                   fee_fen = NULL, account_id = NULL, settlement = NULL, entry_certain = false,
@@ -151,6 +152,10 @@ async def reopen_stay(conn: asyncpg.Connection, session_id: int) -> bool | None:
              AND NOT EXISTS (SELECT 1 FROM open_stays o
                              WHERE o.car_park_id = s.car_park_id AND o.plate = s.plate
                                AND o.plate_color = s.plate_color)
+             AND NOT EXISTS (SELECT 1 FROM sessions l
+                             WHERE l.car_park_id = s.car_park_id AND l.plate = s.plate
+                               AND l.plate_color = s.plate_color
+                               AND l.entered_at > s.entered_at)
            RETURNING s.entry_capture_id IS NOT NULL""",
         session_id,
     )

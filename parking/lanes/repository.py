@@ -1,7 +1,7 @@
 """All SQL of the lane service. Every function runs on the caller's connection/transaction."""
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID
 
@@ -59,10 +59,9 @@ class OpenSession:
     # A merchant's validation of the stay (parking/merchants/).
     validation: Validation | None = None
     entry_proven: bool = False
-    # "superseded": ended at its vehicle's next entry (`ended_at`), its exit missed; an offline
-    # exit from before that entry, uploaded since, still ends it (`stay_missed_at_for_update`).
+    # "superseded": ended at its vehicle's next entry, its exit missed; an offline exit from
+    # before that entry, uploaded since, still ends it (`stay_missed_at_for_update`).
     status: Literal["open", "superseded"] = "open"
-    ended_at: datetime | None = None
 
 
 # The binding, account and active agreement of the vehicle (`{plate}`, `{color}`) that covered
@@ -244,8 +243,7 @@ async def update_capture_decision(
 
 
 _STAY_COLUMNS = (
-    "s.id, s.entered_at, s.fixed_fee_fen, s.plate_color, s.entry_certain, s.entry_proven,"
-    " s.status, s.exited_at"
+    "s.id, s.entered_at, s.fixed_fee_fen, s.plate_color, s.entry_certain, s.entry_proven, s.status"
 )
 # A stay's vehicle's blacklisting and rights in its car park: indexed lookups by (plate, colour)
 # joined into the exit's one query (no extra round trip). A right capped at N inside counts only
@@ -275,7 +273,7 @@ _RIGHTS_COLUMNS = f"""
     ) AS blacklisted,
     {_ACTIVE_RIGHTS} AS rights,
     {_VALIDATION} AS validation"""
-_STAY_SELECT = f"""SELECT {_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}, {_RIGHTS_COLUMNS}
+_STAY_READ = f"""{_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}, {_RIGHTS_COLUMNS}
     FROM sessions s {_STAY_JOINS}"""
 
 
@@ -285,7 +283,7 @@ async def open_session_for_update(
     """The open stay of the vehicle (plate, colour) here, locked, with its driver's pay-later
     state, its rights here and whether it is blacklisted."""
     row = await conn.fetchrow(
-        f"""{_STAY_SELECT}
+        f"""SELECT {_STAY_READ}
             WHERE s.car_park_id = $1 AND s.plate = $2 AND s.plate_color = $3
               AND s.status = 'open'
             FOR UPDATE OF s""",
@@ -296,24 +294,65 @@ async def open_session_for_update(
     return _open_session(row) if row else None
 
 
+@dataclass(frozen=True, slots=True)
+class MissedStay:
+    """A stay whose exit was missed, ended when its vehicle entered here again
+    (`reentered_at`). `owed`: it had been held with a fee, and that fee was made owed then (a
+    debt, or an unpaid exit for an operator); otherwise it was left unpriced."""
+
+    stay: OpenSession
+    reentered_at: datetime
+    owed: bool
+
+
 async def stay_missed_at_for_update(
     conn: asyncpg.Connection, car_park_id: int, plate: str, color: str, at: datetime
-) -> OpenSession | None:
-    """The vehicle's stay here that was open at `at` and was ended unpriced at its next entry
-    (`supersede_session`: its exit missed, nothing owed at a hold), locked, read as an open
-    stay is."""
+) -> MissedStay | None:
+    """The vehicle's stay here that was open at `at` and whose exit was missed (superseded at a
+    re-entry after `at`), locked, read as an open stay is."""
     row = await conn.fetchrow(
-        f"""{_STAY_SELECT}
+        f"""SELECT s.settlement IS NOT NULL AS owed,
+                   (SELECT n.entered_at FROM sessions n
+                    WHERE n.car_park_id = s.car_park_id AND n.plate = s.plate
+                      AND n.plate_color = s.plate_color AND n.entered_at > s.entered_at
+                    ORDER BY n.entered_at LIMIT 1) AS reentered_at,
+                   {_STAY_READ}
             WHERE s.car_park_id = $1 AND s.plate = $2 AND s.plate_color = $3
-              AND s.status = 'superseded' AND s.settlement IS NULL
-              AND s.entered_at <= $4 AND s.exited_at > $4
+              AND s.status = 'superseded' AND s.entered_at <= $4
+            ORDER BY s.entered_at DESC LIMIT 1
             FOR UPDATE OF s""",
         car_park_id,
         plate,
         color,
         at,
     )
-    return _open_session(row) if row else None
+    if row is None or row["reentered_at"] is None or row["reentered_at"] <= at:
+        return None
+    return MissedStay(_open_session(row), row["reentered_at"], row["owed"])
+
+
+async def left_around(
+    conn: asyncpg.Connection,
+    car_park_id: int,
+    plate: str,
+    color: str,
+    at: datetime,
+    window: timedelta,
+) -> int | None:
+    """The vehicle's stay here that ended on an exit within `window` of `at`."""
+    stay_id: int | None = await conn.fetchval(
+        """SELECT id FROM sessions
+           WHERE car_park_id = $1 AND plate = $2 AND plate_color = $3 AND status = 'closed'
+             AND exited_at BETWEEN $4::timestamptz - $5::interval
+                               AND $4::timestamptz + $5::interval
+           ORDER BY exited_at DESC LIMIT 1""",
+        car_park_id,
+        plate,
+        color,
+        at,
+        window,
+    )
+    return stay_id
 
 
 async def stay_entered_since(
@@ -363,7 +402,6 @@ def _open_session(row: asyncpg.Record) -> OpenSession:
         Validation.from_json(row["validation"]) if row.get("validation") else None,
         row["entry_proven"],
         row["status"],
-        row["exited_at"],
     )
 
 
@@ -465,7 +503,7 @@ async def open_session(
                      entry_certain, assigned_right_id, entry_proven)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                 RETURNING id, plate, entered_at, fixed_fee_fen, plate_color, entry_certain,
-                          entry_proven, status, exited_at)
+                          entry_proven, status)
             SELECT {_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}
             FROM s {_STAY_JOINS}""",
         car_park_id,

@@ -81,8 +81,10 @@ class _Exit:
     duplicate_of: int | None = None
     # +1 when the stay was taken back from a refuted exit and counts in again.
     reopened: int = 0
-    # When the stay was ended by its vehicle's re-entry: this exit happened before it.
+    # When the stay was ended by its vehicle's re-entry: this offline exit happened before it,
+    # proven by the gate's live captures (`time_proven`) or only by its clock.
     ends_by: datetime | None = None
+    time_proven: bool = True
 
     @property
     def plate(self) -> str | None:
@@ -349,27 +351,45 @@ class LaneService:
     async def _before_reentry(
         self, conn: asyncpg.Connection, gate: GateInfo, capture: Capture, resolved: _Exit
     ) -> _Exit:
-        """An offline exit the gate's clock puts within a stay of its vehicle that a later
-        entry found still open and ended unpriced (its exit missed): the gate could not reach
-        us when the car left, and the car came back in before the upload. The exit ends that
-        stay, priced up to the re-entry at the latest, and not the stay the car is parked on
-        now, nor one it left since. Before, the upload ended the new stay (the clock flagged as
-        behind) and the car's real exit from it later was "no entry record"; or it was taken
-        for a second read of that later exit and the earlier stay was never charged."""
-        resolution = resolved.resolution
+        """An offline exit the gate's clock puts within a stay of its vehicle whose exit was
+        missed (a later entry found it still open): the gate could not reach us when the car
+        left, and the car came back in before the upload. The exit is that stay's, not the
+        stay the car is parked on now, nor a second read of an exit it made since. Before, the
+        upload ended the new stay (the clock flagged as behind) and the car's real exit from it
+        later was "no entry record"; or the earlier stay was never charged.
+
+        A gate's clock proves nothing alone: the exit is not that stay's when the gate answered
+        a live capture after the re-entry and before this one (a lower seq), and its charge
+        waits for an operator unless a live capture after this one (a higher seq) came before
+        the re-entry. A stay already owed at the re-entry (its fee made a debt) only gets its
+        exit capture. A second read of a crossing decided so is a duplicate of it."""
+        resolution, stay = resolved.resolution, resolved.session
         identity = resolution.identity
-        if identity is None or (resolved.session is None and not resolution.left):
+        if identity is None or (stay is None and not resolution.left):
             return resolved
-        earlier = await repo.stay_missed_at_for_update(
+        missed = await repo.stay_missed_at_for_update(
             conn, gate.car_park_id, *identity, capture.captured_at
         )
-        if earlier is None:
+        if missed is None:
+            if stay is None or capture.captured_at >= stay.entered_at:
+                return resolved
+            # Before the stay the car is parked on: a second read of the crossing that ended
+            # the missed stay, when there was one.
+            left = await repo.left_around(
+                conn, gate.car_park_id, *identity, capture.captured_at, self.duplicate_window
+            )
+            return resolved if left is None else _Exit(replace(resolution, left=True), None, left)
+        before, after = await edges_repo.live_neighbours(conn, gate.gate_id, capture.seq)
+        if before is not None and before >= missed.reentered_at:
             return resolved
-        assert earlier.ended_at is not None
+        if missed.owed:
+            await edges_repo.attach_exit_capture(conn, missed.stay.id, capture.capture_id)
+            return _Exit(replace(resolution, left=True), None, missed.stay.id)
         return _Exit(
-            replace(resolution, left=False, entry_certain=earlier.entry_certain),
-            earlier,
-            ends_by=earlier.ended_at,
+            replace(resolution, left=False, entry_certain=missed.stay.entry_certain),
+            missed.stay,
+            ends_by=missed.reentered_at,
+            time_proven=after is not None and after <= missed.reentered_at,
         )
 
     async def _exit_resolved(
@@ -401,6 +421,10 @@ class LaneService:
                 conn, gate, capture, now, resolved.session, resolved.ends_by
             )
             at, earliest_at = taken.at, taken.earliest
+            if not resolved.time_proven and earliest_at is None and resolved.session:
+                # Only the gate's clock says the car left on this stay and not the one it is
+                # parked on: an operator confirms the charge (`rules.exit_rule`).
+                earliest_at = resolved.session.entered_at
         offline_open = capture.offline and capture.offline_action == "open"
         # Which way the exit goes is one pure function (rules.plan_exit), shared with the
         # misread simulation (parking_dev.misreads); this carries it out.
