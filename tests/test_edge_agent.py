@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 from pydantic import SecretStr, ValidationError
 
+from billing import agreements
 from gate_controller.agent import AgentConfig, GateAgent
 from gate_controller.barrier import SimulatedDisplay, SimulatedRelay
 from gate_controller.camera import (
@@ -453,6 +454,39 @@ async def test_the_offline_whitelist_is_of_the_bound_vehicle_not_of_its_plate_te
         whitelists = await gates_repo.offline_whitelists(conn)
     assert [(c.plate, c.color) for c in whitelists.get(lot.code, [])] == [(car.plate, "blue")]
     assert car.plate not in [c.plate for c in whitelists.get(other_lot.code, [])]
+
+
+async def test_the_offline_whitelist_lets_out_on_pay_later_only_what_the_lane_would(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """A gate that cannot reach us lets out on pay-later only stays the lane would charge: the
+    binding and agreement covered the entry (a plate bound minutes before the exit of a long
+    stay pays at the gate, online or not) and the plate's service with the provider is not
+    paused. Before, both were let out, and the stay ended unpaid for a person to chase."""
+    bound_late = await make_driver(runtime, unique_plate())
+    paused = await make_driver(runtime, unique_plate())
+    covered = await make_driver(runtime, unique_plate())
+    for car in (bound_late, paused, covered):
+        await gate.decide(lot.code, "in1", gate.capture("in", car.plate))
+    await backdate_entry(runtime, lot, paused.plate, timedelta(hours=3))  # with its binding
+    async with runtime.pool.acquire() as conn:
+        # In for two days; the plate was bound and the agreement signed just now.
+        await conn.execute(
+            """UPDATE sessions SET entered_at = entered_at - interval '2 days'
+               WHERE car_park_id = $1 AND plate = $2""",
+            lot.id,
+            bound_late.plate,
+        )
+        # The driver paused the plate's service at the provider after its entry was registered
+        # (a word newer than the registration's, whenever that is recorded).
+        await agreements.record_service_state(
+            conn, "sandbox", paused.plate, "blue", "paused", datetime.now(UTC) + timedelta(hours=1)
+        )
+        whitelists = await gates_repo.offline_whitelists(conn)
+    assert [c.plate for c in whitelists.get(lot.code, [])] == [covered.plate]
+    for car in (bound_late, paused):
+        online = await gate.decide(lot.code, "out1", gate.capture("out", car.plate))
+        assert online["action"] == "hold", "online, the lane holds it too"
 
 
 def test_the_gate_matches_a_whitelisted_plate_on_its_colour_too() -> None:

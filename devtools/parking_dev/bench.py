@@ -503,7 +503,7 @@ async def exit_lookup_cost(runtime: Runtime, samples: int = 500) -> dict[str, An
         # The pre-rights query, for the same rows (parking/lanes/repository.py's parts).
         before = (
             f"SELECT {lanes_repo._STAY_COLUMNS}, {lanes_repo._PAY_LATER_COLUMNS}"
-            f" FROM sessions s {lanes_repo._STAY_JOINS}"
+            f" FROM sessions s {lanes_repo.STAY_PAY_LATER_JOINS}"
             " WHERE s.car_park_id = $1 AND s.plate = $2 AND s.plate_color = $3"
             " AND s.status = 'open' FOR UPDATE OF s"
         )

@@ -5,6 +5,7 @@ from uuid import UUID
 import asyncpg
 
 from gate_controller.protocol import GateAddress, PlateColor
+from parking.lanes.repository import STAY_PAY_LATER_JOINS
 
 
 async def gate_addresses(conn: asyncpg.Connection) -> list[GateAddress]:
@@ -27,26 +28,25 @@ class WhitelistedCar:
 
 async def offline_whitelists(conn: asyncpg.Connection) -> dict[str, list[WhitelistedCar]]:
     """By car park code, the cars parked there now that may leave a gate that cannot reach the
-    server: an active binding, an active pay-later agreement, no block for arrears; and pass
-    holders (a free-passage right of that car park, active and valid now, and for a pass of
-    "at most N inside" the stay holding its place), with no limit. A vehicle on the company's
-    blacklist is on no list. A plate's identity is (plate, colour): a stay is matched with the
-    binding of its own colour (a yellow 浙A12345 is not the bound blue one); a stay whose colour
-    was not read, with each binding of its characters, every entry carrying the binding's colour
-    for the gate to check."""
+    server: those the lane would let out on pay-later (a binding and an agreement that covered
+    the stay's entry and are active now, the plate's service with the provider not paused, no
+    block for arrears: `STAY_PAY_LATER_JOINS`); and pass holders (a free-passage right of that
+    car park, active and valid now, and for a pass of "at most N inside" the stay holding its
+    place), with no limit. A vehicle on the company's blacklist is on no list. A plate's
+    identity is (plate, colour): a stay is matched with the binding of its own colour (a yellow
+    浙A12345 is not the bound blue one), every entry carrying the colour for the gate to
+    check."""
     rows = await conn.fetch(
-        """WITH listed AS (
-               SELECT cp.code AS lot, s.plate, b.color, pa.per_session_limit_fen
+        f"""WITH listed AS (
+               SELECT cp.code AS lot, s.plate, s.plate_color AS color, pa.per_session_limit_fen
                FROM sessions s
                JOIN car_parks cp ON cp.id = s.car_park_id
-               JOIN plate_bindings b ON b.plate = s.plate AND b.unbound_at IS NULL
-                                     AND b.color = COALESCE(s.plate_color, b.color)
-               JOIN accounts a ON a.id = b.account_id
-               JOIN pay_later_agreements pa ON pa.account_id = a.id AND pa.cancelled_at IS NULL
-               WHERE s.status = 'open' AND NOT a.blocked_for_arrears AND a.deleted_at IS NULL
+               {STAY_PAY_LATER_JOINS}
+               WHERE s.status = 'open' AND pa.id IS NOT NULL AND NOT a.blocked_for_arrears
+                 AND (ps.state IS NULL OR ps.state = 'normal')
                  AND NOT EXISTS (
                      SELECT 1 FROM plate_blacklist bl
-                     WHERE bl.plate = s.plate AND bl.color = b.color
+                     WHERE bl.plate = s.plate AND bl.color = s.plate_color
                        AND bl.operator_id = cp.operator_id AND bl.removed_at IS NULL)
            ), passes AS (
                SELECT DISTINCT cp.code AS lot, s.plate, s.plate_color AS color,

@@ -83,7 +83,9 @@ _PAY_LATER_JOINS = """
         AND pa.signed_at <= {entered_at}
     LEFT JOIN plate_services ps ON ps.provider = pa.provider AND ps.plate = {plate}
         AND ps.plate_color = {color}"""
-_STAY_JOINS = _PAY_LATER_JOINS.format(
+# A stay `s`'s: the lane's, and the offline whitelist's (a gate that cannot reach us lets out
+# on pay-later only what the lane would).
+STAY_PAY_LATER_JOINS = _PAY_LATER_JOINS.format(
     plate="s.plate", color="s.plate_color", entered_at="s.entered_at"
 )
 
@@ -274,7 +276,7 @@ _RIGHTS_COLUMNS = f"""
     {_ACTIVE_RIGHTS} AS rights,
     {_VALIDATION} AS validation"""
 _STAY_READ = f"""{_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}, {_RIGHTS_COLUMNS}
-    FROM sessions s {_STAY_JOINS}"""
+    FROM sessions s {STAY_PAY_LATER_JOINS}"""
 
 
 async def open_session_for_update(
@@ -505,7 +507,7 @@ async def open_session(
                 RETURNING id, plate, entered_at, fixed_fee_fen, plate_color, entry_certain,
                           entry_proven, status)
             SELECT {_STAY_COLUMNS}, {_PAY_LATER_COLUMNS}
-            FROM s {_STAY_JOINS}""",
+            FROM s {STAY_PAY_LATER_JOINS}""",
         car_park_id,
         plate,
         plate_color,
