@@ -172,6 +172,55 @@ async def test_the_registry_ends_a_dispute_and_the_binding_moves_at_the_proof_ti
     assert charge["account_id"] == buyer_id
 
 
+async def test_a_claim_follows_the_vehicle_to_whoever_binds_it_after_its_holder_let_go(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, registry: DevRegistry
+) -> None:
+    """The owner's claim was against an account that then gave the plate up; a third account
+    bound the free plate. The registry's proof later moves the vehicle from the third account.
+    Before, the claim stayed against the account that let go: the proof was a 409
+    `plate_rebound` for ever, and the third account kept the owner's car."""
+    plate, holder_id, holder, owner_id, owner, dispute_id = await _open_dispute(api, runtime, app)
+    [bound] = (await api.get("/api/v1/me/plates", headers=holder)).json()
+    assert (await api.delete(f"/api/v1/me/plates/{bound['id']}", headers=holder)).status_code == 204
+    third_id, third = await _driver(runtime, app)
+    assert (await _claim_plate(api, third, _claim(plate, dev_licence_no(plate)))).status_code == 201
+    platform = await _platform(runtime, app)
+    [listed] = [
+        c for c in (await api.get(CLAIMS, headers=platform)).json() if c["id"] == dispute_id
+    ]
+    assert listed["holder"]["account_id"] == third_id
+
+    registry.register(plate, "blue", "OWNER-LIC", "真车主")
+    proved = await _claim_plate(api, owner, _claim(plate, "OWNER-LIC", "真车主"))
+    assert proved.status_code == 201, proved.text
+    assert [
+        (b["account_id"], b["unbound_at"] is None) for b in await _bindings(runtime, plate)
+    ] == [
+        (holder_id, False),
+        (third_id, False),
+        (owner_id, True),
+    ]
+    assert "plate_ownership_lost" in await _notifications(runtime, third_id)
+    assert "plate_ownership_lost" not in await _notifications(runtime, holder_id)
+
+
+async def test_a_claimant_binding_the_plate_its_holder_let_go_ends_its_own_claim(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime
+) -> None:
+    """The claimant holds the vehicle now: its claim is moot, withdrawn, no longer in the
+    platform's queue (before, it stayed there, and deciding it for the claimant was a 409)."""
+    plate, _, holder, _, claimant, dispute_id = await _open_dispute(api, runtime, app)
+    [bound] = (await api.get("/api/v1/me/plates", headers=holder)).json()
+    assert (await api.delete(f"/api/v1/me/plates/{bound['id']}", headers=holder)).status_code == 204
+    again = await _claim_plate(api, claimant, _claim(plate, dev_licence_no(plate), "买家"))
+    assert again.status_code == 201, again.text
+    platform = await _platform(runtime, app)
+    assert dispute_id not in [c["id"] for c in (await api.get(CLAIMS, headers=platform)).json()]
+    async with runtime.pool.acquire() as conn:
+        status = await conn.fetchval("SELECT status FROM plate_disputes WHERE id = $1", dispute_id)
+    assert status == "withdrawn"
+
+
 async def test_the_platform_decides_for_the_claimant_with_both_sides_evidence_in_front_of_them(
     api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, lot: Lot
 ) -> None:

@@ -199,6 +199,9 @@ async def claim_plate(
             licence_ref=proof_ref,
         )
         if row is not None:
+            # Claims of the vehicle follow its holder: against this account now (its own claim,
+            # if any, is moot), never against the one that gave the plate up.
+            await ownership.claims_follow_binding(conn, plate, claim.color, account_id, row["id"])
             log.info("drivers.plate_bound", account_id=account_id, plate=pseudonym(plate))
             return await _bound(conn, runtime, account_id, row["id"], answered)
         # Bound by a concurrent claim that committed first.

@@ -110,6 +110,16 @@ async def claim_detail(conn: asyncpg.Connection, dispute_id: int) -> OwnershipCl
     )
 
 
+async def claims_follow_binding(
+    conn: asyncpg.Connection, plate: str, color: str, account_id: int, binding_id: int
+) -> None:
+    """The vehicle was just bound to `account_id` (a free plate bound, or a claim upheld): the
+    other open claims of it are against this holder now, and this account's own is moot. A
+    claim left against an account that gave the plate up could never be upheld (its binding
+    gone, the vehicle bound elsewhere: `plate_rebound`), not even on the registry's proof."""
+    await repo.repoint_open_disputes(conn, plate, color, account_id, binding_id)
+
+
 async def uphold(
     conn: asyncpg.Connection, dispute_id: int, *, resolved_by: str, note: str | None
 ) -> int:
@@ -142,7 +152,7 @@ async def uphold(
             "车辆已被其他账户绑定 / the vehicle is bound to a third account now",
         )
     await repo.set_claimant_binding(conn, dispute_id, binding_id)
-    await repo.repoint_open_disputes(conn, plate, color, dispute["claimant_account_id"], binding_id)
+    await claims_follow_binding(conn, plate, color, dispute["claimant_account_id"], binding_id)
     vehicle = vehicle_text(plate, color)
     await notifications.enqueue(
         conn,
