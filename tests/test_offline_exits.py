@@ -155,6 +155,10 @@ async def _stays(runtime: Runtime, lot: Lot, plate: str) -> list[asyncpg.Record]
     return rows
 
 
+async def _charges_of(runtime: Runtime, lot: Lot, account_id: int) -> list[asyncpg.Record]:
+    return [c for c in await charges_of(runtime, lot) if c["account_id"] == account_id]
+
+
 async def _charged(runtime: Runtime, lot: Lot) -> list[tuple[int, str]]:
     return [(c["amount_fen"], c["status"]) for c in await charges_of(runtime, lot)]
 
@@ -228,8 +232,7 @@ async def test_an_exit_the_gates_live_captures_put_before_the_re_entry_is_charge
     async def settled() -> list[tuple[int, str]]:
         rows = [
             (c["amount_fen"], c["status"])
-            for c in await charges_of(runtime, lot)
-            if c["account_id"] == driver.account_id
+            for c in await _charges_of(runtime, lot, driver.account_id)
         ]
         return rows if rows and all(status == "succeeded" for _, status in rows) else []
 
@@ -308,6 +311,86 @@ async def test_a_second_read_of_the_offline_crossing_is_a_duplicate(
     assert parked["status"] == "open"
     assert await runtime.occupancy.get(lot.id) == inside
     assert len(await charges_of(runtime, lot)) == 1
+
+
+async def _live_exit_received(runtime: Runtime, gate: GateProbe, lot: Lot, ago: timedelta) -> None:
+    """Another car leaves through out1 live, answered `ago`."""
+    other = (await make_driver(runtime, unique_plate())).plate
+    await enter(runtime, gate, lot, other, parked_for=ago + timedelta(hours=1))
+    live = gate.capture("out", other)
+    assert (await gate.decide(lot.code, "out1", live))["action"] == "open"
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE captures SET received_at = now() - $2::interval WHERE capture_id = $1",
+            live.capture_id,
+            ago,
+        )
+
+
+async def _moved_back(
+    runtime: Runtime, lot: Lot, plate: str, *, out: timedelta, back: timedelta
+) -> None:
+    """The vehicle's first stay ended `out` ago and its stay now began `back` ago."""
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            """UPDATE sessions SET exited_at = now() - $3::interval
+               WHERE car_park_id = $1 AND plate = $2 AND status <> 'open'""",
+            lot.id,
+            plate,
+            out,
+        )
+        await conn.execute(
+            """UPDATE sessions SET entered_at = now() - $3::interval
+               WHERE car_park_id = $1 AND plate = $2 AND status = 'open'""",
+            lot.id,
+            plate,
+            back,
+        )
+
+
+async def test_a_second_read_is_matched_by_the_gates_clock_not_by_the_bounded_exit_time(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The gate's clock was 200 s behind (within the tolerance): the first read's exit was
+    bounded up to the gate's last live capture, 195 s from the second read's gate time. The
+    second read is still that crossing: before, it ended the stay the car is parked on."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=3))
+    await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
+    await _moved_back(runtime, lot, driver.plate, out=timedelta(hours=1), back=timedelta(hours=1))
+    await _live_exit_received(runtime, gate, lot, timedelta(minutes=90))
+    gate_time = datetime.now(UTC) - timedelta(minutes=90, seconds=200)
+    first_read = _left_offline(gate, driver.plate, gate_time)
+    second_read = _left_offline(gate, driver.plate, gate_time + timedelta(seconds=5))
+    inside = await runtime.occupancy.get(lot.id)
+    await gate.decide(lot.code, "out1", first_read)
+    await gate.decide(lot.code, "out1", second_read)
+    first, parked = await _stays(runtime, lot, driver.plate)
+    assert (first["status"], first["exit_capture_id"]) == ("closed", first_read.capture_id)
+    assert parked["status"] == "open"
+    assert await runtime.occupancy.get(lot.id) == inside
+    assert len(await _charges_of(runtime, lot, driver.account_id)) == 1
+
+
+async def test_an_offline_exit_a_live_capture_puts_after_the_entry_is_no_earlier_crossing(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The car left live 3 h ago and came in again 2 h ago. The exit gate answered another car
+    live 1 h ago, lost its link, and let our car out, its clock 3 h behind: next to the earlier
+    live exit. That is no second read of it: the live capture proves the upload came after this
+    stay began, so it ends it (before these checks, the stay stayed open with the car gone)."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=5))
+    assert (await gate.decide(lot.code, "out1", gate.capture("out", driver.plate)))["action"]
+    await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
+    await _moved_back(runtime, lot, driver.plate, out=timedelta(hours=3), back=timedelta(hours=2))
+    await _live_exit_received(runtime, gate, lot, timedelta(hours=1))
+    inside = await runtime.occupancy.get(lot.id)
+    upload = _left_offline(gate, driver.plate, datetime.now(UTC) - timedelta(hours=3, seconds=-30))
+    await gate.decide(lot.code, "out1", upload)
+    _, later = await _stays(runtime, lot, driver.plate)
+    assert (later["status"], later["exit_capture_id"]) == ("closed", upload.capture_id)
+    assert await runtime.occupancy.get(lot.id) == inside - 1
 
 
 async def test_an_offline_exit_of_a_stay_owed_at_a_hold_only_records_its_exit(

@@ -333,24 +333,30 @@ async def stay_missed_at_for_update(
     return MissedStay(_open_session(row), row["reentered_at"], row["owed"])
 
 
-async def left_around(
+async def offline_crossing_near(
     conn: asyncpg.Connection,
     car_park_id: int,
     plate: str,
     color: str,
+    gate_id: int,
     at: datetime,
     window: timedelta,
 ) -> int | None:
-    """The vehicle's stay here that ended on an exit within `window` of `at`."""
+    """The vehicle's stay here that an offline capture of this gate, taken within `window` of
+    `at` by the gate's own clock, ended: the same crossing read again, compared clock to clock
+    (the stay's `exited_at` may have been bounded away from that clock's time)."""
     stay_id: int | None = await conn.fetchval(
-        """SELECT id FROM sessions
-           WHERE car_park_id = $1 AND plate = $2 AND plate_color = $3 AND status = 'closed'
-             AND exited_at BETWEEN $4::timestamptz - $5::interval
-                               AND $4::timestamptz + $5::interval
-           ORDER BY exited_at DESC LIMIT 1""",
+        """SELECT s.id FROM sessions s
+           JOIN captures c ON c.capture_id = s.exit_capture_id
+           WHERE s.car_park_id = $1 AND s.plate = $2 AND s.plate_color = $3
+             AND s.status <> 'open' AND c.gate_id = $4 AND c.offline
+             AND c.captured_at BETWEEN $5::timestamptz - $6::interval
+                                   AND $5::timestamptz + $6::interval
+           ORDER BY c.captured_at DESC LIMIT 1""",
         car_park_id,
         plate,
         color,
+        gate_id,
         at,
         window,
     )

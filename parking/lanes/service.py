@@ -370,16 +370,25 @@ class LaneService:
         missed = await repo.stay_missed_at_for_update(
             conn, gate.car_park_id, *identity, capture.captured_at
         )
+        before, after = await edges_repo.live_neighbours(conn, gate.gate_id, capture.seq)
         if missed is None:
-            if stay is None or capture.captured_at >= stay.entered_at:
+            if (
+                stay is None
+                or capture.captured_at >= stay.entered_at
+                or (before is not None and before >= stay.entered_at)
+            ):
                 return resolved
-            # Before the stay the car is parked on: a second read of the crossing that ended
-            # the missed stay, when there was one.
-            left = await repo.left_around(
-                conn, gate.car_park_id, *identity, capture.captured_at, self.duplicate_window
+            # Before the stay the car is parked on, by a clock nothing disproves: a second
+            # read of the offline crossing that ended the missed stay, when there was one.
+            left = await repo.offline_crossing_near(
+                conn,
+                gate.car_park_id,
+                *identity,
+                gate.gate_id,
+                capture.captured_at,
+                self.duplicate_window,
             )
             return resolved if left is None else _Exit(replace(resolution, left=True), None, left)
-        before, after = await edges_repo.live_neighbours(conn, gate.gate_id, capture.seq)
         if before is not None and before >= missed.reentered_at:
             return resolved
         if missed.owed:
