@@ -14,7 +14,12 @@ import pytest
 from fastapi import FastAPI
 
 from parking.admin import repository as admin
-from parking.drivers.verification import DevRegistry, dev_licence_no, registry_of
+from parking.drivers.verification import (
+    DevRegistry,
+    dev_licence_no,
+    registry_of,
+    same_licence,
+)
 from parking.runtime import Runtime
 from tests.conftest import (
     Lot,
@@ -189,6 +194,8 @@ async def test_a_claim_follows_the_vehicle_to_whoever_binds_it_after_its_holder_
         c for c in (await api.get(CLAIMS, headers=platform)).json() if c["id"] == dispute_id
     ]
     assert listed["holder"]["account_id"] == third_id
+    # The owner showed the first holder's very licence; whether it is the third's, nobody knows.
+    assert listed["claimant"]["same_licence_as_holder"] is None
 
     registry.register(plate, "blue", "OWNER-LIC", "真车主")
     proved = await _claim_plate(api, owner, _claim(plate, "OWNER-LIC", "真车主"))
@@ -202,6 +209,11 @@ async def test_a_claim_follows_the_vehicle_to_whoever_binds_it_after_its_holder_
     ]
     assert "plate_ownership_lost" in await _notifications(runtime, third_id)
     assert "plate_ownership_lost" not in await _notifications(runtime, holder_id)
+    async with runtime.pool.acquire() as conn:
+        licence = await conn.fetchval(
+            "SELECT licence_ref FROM plate_bindings WHERE plate = $1 AND unbound_at IS NULL", plate
+        )
+    assert await same_licence("OWNER-LIC", licence), "bound on the proof just made"
 
 
 async def test_a_claimant_binding_the_plate_its_holder_let_go_ends_its_own_claim(

@@ -128,13 +128,20 @@ async def open_dispute(
     licence_ref: str,
     same_licence_as_holder: bool | None,
 ) -> int:
-    """The claimant's open dispute of the vehicle, opened now unless one is open already."""
-    dispute_id: int | None = await conn.fetchval(
+    """The claimant's open dispute of the vehicle: opened now, or the one open already, which
+    takes this claim's evidence (the registry's latest answer, the licence shown) and the
+    current holder."""
+    dispute_id: int = await conn.fetchval(
         """INSERT INTO plate_disputes (plate, color, claimant_account_id, holder_account_id,
                                        holder_binding_id, claimant_verified_by,
                                        claimant_licence_ref, same_licence_as_holder)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-           ON CONFLICT (plate, color, claimant_account_id) WHERE status = 'open' DO NOTHING
+           ON CONFLICT (plate, color, claimant_account_id) WHERE status = 'open' DO UPDATE
+               SET holder_account_id = EXCLUDED.holder_account_id,
+                   holder_binding_id = EXCLUDED.holder_binding_id,
+                   claimant_verified_by = EXCLUDED.claimant_verified_by,
+                   claimant_licence_ref = EXCLUDED.claimant_licence_ref,
+                   same_licence_as_holder = EXCLUDED.same_licence_as_holder
            RETURNING id""",
         plate,
         color,
@@ -145,16 +152,6 @@ async def open_dispute(
         licence_ref,
         same_licence_as_holder,
     )
-    if dispute_id is None:
-        dispute_id = await conn.fetchval(
-            """SELECT id FROM plate_disputes
-               WHERE plate = $1 AND color = $2 AND claimant_account_id = $3
-                 AND status = 'open'""",
-            plate,
-            color,
-            claimant_account_id,
-        )
-    assert dispute_id is not None
     return dispute_id
 
 

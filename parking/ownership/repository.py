@@ -119,7 +119,9 @@ async def repoint_open_disputes(
     conn: asyncpg.Connection, plate: str, color: str, holder_account_id: int, binding_id: int
 ) -> None:
     """Other claims of a vehicle that just moved are now against its new holder (and the one
-    the new holder made itself, if any, is moot: it holds the vehicle)."""
+    the new holder made itself, if any, is moot: it holds the vehicle). Whether a claimant
+    showed the holder's very licence was of the previous holder's: unknown for the new one (the
+    licences are kept as salted hashes, which cannot be compared with each other)."""
     await conn.execute(
         """UPDATE plate_disputes SET status = 'withdrawn', resolved_at = now(),
                   resolved_by = 'superseded'
@@ -129,8 +131,9 @@ async def repoint_open_disputes(
         holder_account_id,
     )
     await conn.execute(
-        """UPDATE plate_disputes SET holder_account_id = $3, holder_binding_id = $4
-           WHERE plate = $1 AND color = $2 AND status = 'open'""",
+        """UPDATE plate_disputes SET holder_account_id = $3, holder_binding_id = $4,
+                  same_licence_as_holder = NULL
+           WHERE plate = $1 AND color = $2 AND status = 'open' AND holder_account_id <> $3""",
         plate,
         color,
         holder_account_id,
