@@ -86,6 +86,9 @@ _DRIVER_CODES = frozenset({"NOTENOUGH", "USER_ACCOUNT_ABNORMAL"})
 _NOT_FOUND_CODES = frozenset(
     {"ORDER_NOT_EXIST", "ORDERNOTEXIST", "RESOURCE_NOT_EXISTS", "NOT_FOUND"}
 )
+# The sign-in's answers to try again (system busy, the app's minute quota); any other errcode
+# (40029 an invalid code, 40163 one used already, 40226 a user WeChat blocks) is the driver's.
+_LOGIN_BUSY_CODES = frozenset({-1, 45011})
 
 # Parking deductions (trade_state) and Native payments (trade_state) as our order statuses.
 _CHARGE_STATES: dict[str, OrderStatus] = {
@@ -129,6 +132,10 @@ class WeChatCredentials:
     platform_public_key_pem: str | None = None
     platform_public_key_id: str | None = None
     platform_cert_dir: str | None = None
+    # The mini program's AppSecret, for the driver's sign-in code (wx.login), and where that
+    # code is exchanged (None: at the API's own URL, as an emulator serves both).
+    app_secret: str = ""
+    login_url: str | None = None
 
 
 def _wechat_time(moment: datetime, tz: ZoneInfo) -> str:
@@ -254,6 +261,7 @@ class WeChatParkingProvider:
         notification_max_age_s: int = 300,
     ) -> None:
         self._credentials = credentials
+        self._timeout_s = timeout_s
         self._notify_url = notify_url
         self._base_url = base_url.rstrip("/")
         # Anything but WeChat's own API is an emulator (parking_dev.wechat): a stand-in.
@@ -342,6 +350,47 @@ class WeChatParkingProvider:
                 code="invalid_out_trade_no",
             )
         return out_trade_no
+
+    # The driver's WeChat identity.
+
+    async def openid_of(self, login_code: str) -> str:
+        """The openid of the WeChat user whose mini program sign-in (wx.login) gave
+        `login_code`: WeChat's answer, never the app's word (jscode2session; a code is good
+        once, for five minutes). A code WeChat refuses is the driver's side."""
+        query = urlencode(
+            {
+                "appid": self._credentials.appid,
+                "secret": self._credentials.app_secret,
+                "js_code": login_code,
+                "grant_type": "authorization_code",
+            }
+        )
+        url = f"{(self._credentials.login_url or self._base_url).rstrip('/')}/sns/jscode2session"
+        try:
+            async with httpx.AsyncClient(timeout=self._timeout_s) as client:
+                response = await client.get(f"{url}?{query}")
+        except httpx.HTTPError as exc:
+            raise ProviderUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 500 or response.status_code == 429:
+            raise ProviderUnavailable(f"WeChat sign-in answered {response.status_code}")
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise ProviderMalformed(f"not JSON: {exc}", response.content) from exc
+        code = body.get("errcode", 0) if isinstance(body, dict) else None
+        if code in _LOGIN_BUSY_CODES:
+            raise ProviderUnavailable(f"WeChat sign-in answered errcode {code}")
+        if code != 0:
+            raise ProviderRejected(
+                f"WeChat refused the sign-in code: {body.get('errmsg') if code else body!r}",
+                side="driver",
+                code=f"login_{code}",
+                status_code=response.status_code,
+            )
+        openid = body.get("openid")
+        if not isinstance(openid, str) or not openid:
+            raise ProviderMalformed("the sign-in answer names no openid", response.content)
+        return openid
 
     # Plate service and entries.
 

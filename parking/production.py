@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from billing.rails import WECHAT_HOSTS
+from billing.rails import WECHAT_HOSTS, WECHAT_LOGIN_API
 from parking.settings import Settings
 
 PROBE_TIMEOUT_S = 3.0
@@ -136,6 +136,14 @@ def payment_stand_ins(settings: Settings) -> list[Missing]:
                 Missing(
                     "PARKING_WECHAT_API_URL",
                     f"{settings.wechat_api_url} is not WeChat's API (an emulator stands in)",
+                )
+            )
+        login_url = settings.wechat_login_url.rstrip("/")
+        if settings.wechat_configured() and login_url != WECHAT_LOGIN_API:
+            missing.append(
+                Missing(
+                    "PARKING_WECHAT_LOGIN_URL",
+                    f"{login_url} is not WeChat's sign-in API (an emulator would name drivers)",
                 )
             )
         return missing

@@ -136,6 +136,10 @@ def wechat_credentials(settings: Settings) -> WeChatCredentials:
         platform_cert_dir=(
             str(settings.wechat_platform_cert_dir) if settings.wechat_platform_cert_dir else None
         ),
+        app_secret=(
+            settings.wechat_app_secret.get_secret_value() if settings.wechat_app_secret else ""
+        ),
+        login_url=settings.wechat_login_url,
     )
 
 

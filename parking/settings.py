@@ -154,6 +154,11 @@ class Settings(BaseSettings):
     wechat_platform_public_key_path: Path | None = None
     wechat_platform_public_key_id: str | None = None
     wechat_platform_cert_dir: Path | None = None
+    # The driver app (a WeChat mini program) signs drivers in with wx.login: the server
+    # exchanges its code for the driver's openid with the mini program's AppSecret, at WeChat's
+    # sign-in API (not the payment one) unless an emulator's is given.
+    wechat_app_secret: SecretStr | None = None
+    wechat_login_url: str = "https://api.weixin.qq.com"
     charge_retry_base_s: float = 0.5
     # How long an accepted charge waits for its notification before the order is queried.
     charge_query_after_s: float = 5.0
@@ -344,7 +349,7 @@ class Settings(BaseSettings):
         return any(
             getattr(self, name) is not None
             for name in type(self).model_fields
-            if name.startswith("wechat_") and name != "wechat_api_url"
+            if name.startswith("wechat_") and name not in ("wechat_api_url", "wechat_login_url")
         )
 
     def wechat_missing(self) -> list[str]:
@@ -357,6 +362,7 @@ class Settings(BaseSettings):
                 "wechat_cert_serial_no",
                 "wechat_private_key_path",
                 "wechat_apiv3_key",
+                "wechat_app_secret",
             )
             if getattr(self, name) is None
         ]

@@ -192,9 +192,10 @@ async def test_on_wechat_the_openid_is_the_agreement_and_a_silent_pause_is_refre
         openid = f"o-{plate}"  # how the emulator knows the driver (its deductions' payer)
         await _bind(api, app, headers, plate)
         refused = await _sign(api, headers)
-        assert refused.status_code == 422 and refused.json()["error"]["code"] == "openid_required"
+        assert refused.status_code == 422
+        assert refused.json()["error"]["code"] == "wechat_code_required"
         emulator.set_plate_state(plate, "BLUE", "NORMAL", openid=openid)
-        signed = await _sign(api, headers, openid=openid)
+        signed = await _sign(api, headers, wechat_code=emulator.login_code(openid))
         assert signed.status_code == 201, signed.text
         assert (signed.json()["provider"], signed.json()["agreement_no"]) == ("wechat", openid)
         assert (await _plate(api, headers, plate))["service_state"] == "normal"
@@ -217,11 +218,13 @@ async def test_on_wechat_the_openid_is_the_agreement_and_a_silent_pause_is_refre
         assert await charges_of(runtime, lot) == []
         # Another account cannot turn pay-later on under the same WeChat user.
         other = await _driver(runtime, app)
-        taken = await _sign(api, other, openid=openid)
+        taken = await _sign(api, other, wechat_code=emulator.login_code(openid))
         assert taken.status_code == 409 and taken.json()["error"]["code"] == "openid_in_use"
         # Off and on again under the same openid.
         assert (await api.delete("/api/v1/me/agreement", headers=headers)).status_code == 204
-        assert (await _sign(api, headers, openid=openid)).status_code == 201
+        assert (
+            await _sign(api, headers, wechat_code=emulator.login_code(openid))
+        ).status_code == 201
 
 
 async def test_a_wechat_outage_during_the_refresh_is_retried_at_a_later_sweep(
@@ -237,7 +240,8 @@ async def test_a_wechat_outage_during_the_refresh_is_retried_at_a_later_sweep(
         headers = await _driver(runtime, app)
         plate = unique_plate()
         await _bind(api, app, headers, plate)
-        assert (await _sign(api, headers, openid=f"o-{plate}")).status_code == 201
+        signed = await _sign(api, headers, wechat_code=emulator.login_code(f"o-{plate}"))
+        assert signed.status_code == 201, signed.text
         assert (await _plate(api, headers, plate))["service_state"] == "normal"
         emulator.config.faults.error_rate = 1.0
         emulator.plates[(plate, "BLUE")] = "PAUSE"
@@ -267,7 +271,38 @@ async def test_a_plate_opened_by_another_wechat_user_is_not_opened_for_this_one(
         headers = await _driver(runtime, app)
         plate = unique_plate()
         emulator.set_plate_state(plate, "BLUE", "NORMAL", openid=f"o-{plate}")
-        assert (await _sign(api, headers, openid="o-someone-else")).status_code == 201
+        signed = await _sign(api, headers, wechat_code=emulator.login_code("o-someone-else"))
+        assert signed.status_code == 201, signed.text
         bound = await _bind(api, app, headers, plate)
         assert bound["service_state"] == "not_opened"
         assert bound["service_note"] == SERVICE_NOTES["not_opened"]
+
+
+async def test_on_wechat_the_openid_is_wechats_answer_to_the_sign_in_never_the_apps_word(
+    settings: Settings, database_url: str
+) -> None:
+    """Before, the app sent the openid and the server took it: anyone could sign pay-later on
+    under another driver's openid, and that driver's own sign-up then met 409 `openid_in_use`
+    for as long as the squatter kept it. Now only a code of WeChat's sign-in (wx.login), good
+    once, names the openid; a code WeChat refuses changes nothing."""
+    async with (
+        wechat_runtime(settings, database_url, _faults()) as (runtime, emulator),
+        driver_app(runtime) as (api, app),
+    ):
+        victim, squatter = await _driver(runtime, app), await _driver(runtime, app)
+        victims_openid = f"o-{uuid.uuid4().hex[:12]}"
+        named = await _sign(api, squatter, openid=victims_openid)
+        assert named.status_code == 422
+        assert named.json()["error"]["code"] == "wechat_code_required"
+        made_up = await _sign(api, squatter, wechat_code=victims_openid)
+        assert made_up.status_code == 422
+        assert made_up.json()["error"]["code"] == "wechat_code_invalid"
+        code = emulator.login_code(victims_openid)
+        signed = await _sign(api, victim, wechat_code=code)
+        assert signed.status_code == 201, signed.text
+        assert signed.json()["agreement_no"] == victims_openid
+        # The victim's code, overheard and replayed: WeChat takes a code once.
+        replayed = await _sign(api, squatter, wechat_code=code)
+        assert replayed.status_code == 422
+        assert replayed.json()["error"]["code"] == "wechat_code_invalid"
+        assert (await api.get("/api/v1/me/agreement", headers=squatter)).status_code == 404

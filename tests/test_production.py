@@ -163,11 +163,17 @@ async def test_production_on_wechat_rails_refuses_the_emulator_and_missing_keys(
         "wechat_apiv3_key": SecretStr("k" * 32),
         "wechat_platform_public_key_path": key,
         "wechat_platform_public_key_id": "PUB_KEY_ID_1",
+        "wechat_app_secret": SecretStr("s" * 32),
         "wechat_api_url": adapter_url,
+        "wechat_login_url": adapter_url,
     }
     refusal = await _refusal(values)
-    assert [item.setting for item in refusal.missing] == ["PARKING_WECHAT_API_URL"], str(refusal)
+    assert [item.setting for item in refusal.missing] == [
+        "PARKING_WECHAT_API_URL",
+        "PARKING_WECHAT_LOGIN_URL",
+    ], str(refusal)
     assert "not WeChat's API" in str(refusal)
+    assert "not WeChat's sign-in API" in str(refusal)
 
 
 def test_every_missing_setting_is_named_at_once() -> None:

@@ -29,6 +29,7 @@ from billing.providers import (
     ProviderUnavailable,
     ServiceStateChange,
 )
+from billing.rails import WECHAT_LOGIN_API
 from billing.wechat import WeChatParkingProvider
 from parking.infra import Endpoints
 from parking.production import payment_stand_ins
@@ -300,6 +301,29 @@ async def test_requests_signed_with_the_wrong_key_are_refused() -> None:
         assert r.emulator.rejected_requests == 1
 
 
+async def test_the_sign_in_code_names_the_openid_once_and_only_with_the_apps_secret() -> None:
+    async with rails(_faults()) as r:
+        code = r.emulator.login_code("o-driver")
+        assert await r.provider.openid_of(code) == "o-driver"
+        with pytest.raises(ProviderRejected) as used:
+            await r.provider.openid_of(code)
+        assert (used.value.code, used.value.side) == ("login_40163", "driver")
+        creds = dataclasses.replace(r.emulator.credentials(), app_secret="not-the-secret")
+        impostor = WeChatParkingProvider(
+            creds, notify_url=r.notes.url, base_url=r.provider._base_url
+        )
+        with pytest.raises(ProviderRejected) as refused:
+            await impostor.openid_of(r.emulator.login_code("o-driver"))
+        assert refused.value.code == "login_40125"
+        # WeChat's sign-in out of reach: an outage, never a refusal of the driver.
+        unreachable = dataclasses.replace(creds, login_url="http://127.0.0.1:9")
+        away = WeChatParkingProvider(
+            unreachable, notify_url=r.notes.url, base_url=r.provider._base_url
+        )
+        with pytest.raises(ProviderUnavailable):
+            await away.openid_of(r.emulator.login_code("o-driver"))
+
+
 async def test_a_wrongly_signed_answer_is_not_believed() -> None:
     async with rails(_faults(bad_response_signature_rate=1.0)) as r:
         with pytest.raises(ProviderMalformed):
@@ -554,12 +578,13 @@ async def test_settings_name_the_stand_ins_and_every_missing_wechat_key(tmp_path
     assert not bare.wechat_configured() and named == bare.wechat_missing()
     assert all("emulator" in item.why for item in payment_stand_ins(bare))
     partial = Settings(payment_provider="wechat", wechat_mchid="1900000109")
-    assert len(partial.wechat_missing()) == 5, partial.wechat_missing()
+    assert len(partial.wechat_missing()) == 6, partial.wechat_missing()
     with pytest.raises(ConfigurationError) as refused:
         async with payment_provider(partial):
             pass
     assert "PARKING_WECHAT_APIV3_KEY" in str(refused.value)
     assert "PARKING_WECHAT_PLATFORM_PUBLIC_KEY_PATH" in str(refused.value)
+    assert "PARKING_WECHAT_APP_SECRET" in str(refused.value)
 
     emulator = Emulator()
     creds = emulator.credentials()
@@ -574,15 +599,21 @@ async def test_settings_name_the_stand_ins_and_every_missing_wechat_key(tmp_path
         wechat_apiv3_key=creds.apiv3_key,
         wechat_platform_public_key_path=tmp_path / "platform.pem",
         wechat_platform_public_key_id=creds.platform_public_key_id,
+        wechat_app_secret=creds.app_secret,
     )
     assert full.wechat_missing() == [] and payment_stand_ins(full) == []
-    assert wechat_credentials(full) == creds
+    assert wechat_credentials(full) == dataclasses.replace(creds, login_url=WECHAT_LOGIN_API)
     async with payment_provider(full) as endpoint:
         provider = make_provider(full, endpoint)
         assert (provider.name, provider.is_stand_in) == ("wechat", False)
         await provider.aclose()
     elsewhere = full.model_copy(update={"wechat_api_url": "http://127.0.0.1:9"})
     assert "not WeChat's API" in payment_stand_ins(elsewhere)[0].why
+    signing_in_elsewhere = full.model_copy(update={"wechat_login_url": "http://127.0.0.1:9"})
+    assert [str(item) for item in payment_stand_ins(signing_in_elsewhere)] == [
+        "PARKING_WECHAT_LOGIN_URL: http://127.0.0.1:9 is not WeChat's sign-in API (an emulator"
+        " would name drivers)"
+    ]
 
 
 async def test_the_emulators_written_settings_point_the_service_at_it(tmp_path: Path) -> None:
@@ -591,7 +622,9 @@ async def test_the_emulators_written_settings_point_the_service_at_it(tmp_path: 
         settings = Settings(_env_file=env)  # type: ignore[call-arg]
         assert settings.payment_provider == "wechat" and settings.wechat_missing() == []
         assert [str(item) for item in payment_stand_ins(settings)] == [
-            f"PARKING_WECHAT_API_URL: {url} is not WeChat's API (an emulator stands in)"
+            f"PARKING_WECHAT_API_URL: {url} is not WeChat's API (an emulator stands in)",
+            f"PARKING_WECHAT_LOGIN_URL: {url} is not WeChat's sign-in API (an emulator would"
+            " name drivers)",
         ]
         async with payment_provider(settings) as endpoint:
             provider = make_provider(settings, endpoint)

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import random
 import re
 import secrets
@@ -55,6 +56,8 @@ _SCHEME = "WECHATPAY2-SHA256-RSA2048"
 _STATES = {"NORMAL", "PAUSE", "OVERDUE", "OUT_SERVICE", "EVALUATION_FAILED"}
 # How far a request's timestamp may be from the emulator's clock (WeChat: 5 minutes).
 _CLOCK_SKEW_S = 300
+# A sign-in code is good for five minutes (wx.login).
+_LOGIN_CODE_TTL_S = 300
 
 Route = Callable[..., Awaitable[Response]]
 
@@ -126,6 +129,11 @@ class Emulator:
         # (use_certificate) the serial number of a platform certificate.
         self.platform_serial = self.platform_key_id
         self.apiv3_key = secrets.token_hex(16)  # 32 characters
+        # The mini program's AppSecret, and the sign-in codes (wx.login) not yet exchanged:
+        # code -> (openid, issued at monotonic seconds).
+        self.app_secret = secrets.token_hex(16)
+        self.login_codes: dict[str, tuple[str, float]] = {}
+        self.used_login_codes: set[str] = set()
         self.plates: dict[tuple[str, str], str] = {}
         # The WeChat user (openid) who opened a plate's service, where a test or the demo said
         # so: the plate-service query under another openid answers OUT_SERVICE. A plate with
@@ -153,6 +161,7 @@ class Emulator:
             apiv3_key=self.apiv3_key,
             platform_public_key_pem=_pem_public(self.platform_key),
             platform_public_key_id=self.platform_key_id,
+            app_secret=self.app_secret,
         )
 
     def use_certificate(self, folder: Path) -> WeChatCredentials:
@@ -381,6 +390,32 @@ class Emulator:
         notice.outcome = "failed"
 
     # Plates and the decisions of deductions.
+
+    def login_code(self, openid: str) -> str:
+        """The WeChat user `openid` signs in to the mini program (wx.login): a code the server
+        exchanges once, within five minutes, for that openid."""
+        code = secrets.token_urlsafe(24)
+        self.login_codes[code] = (openid, time.monotonic())
+        return code
+
+    def exchange_login_code(self, appid: str, secret: str, code: str) -> dict[str, Any]:
+        """jscode2session's answer: the openid, or WeChat's errcode (40125 a wrong AppSecret,
+        40029 an unknown or expired code, 40163 one exchanged already)."""
+        if appid != self.appid or secret != self.app_secret:
+            return {"errcode": 40125, "errmsg": "invalid appsecret"}
+        issued = self.login_codes.get(code)
+        if issued is None:
+            used = code in self.used_login_codes
+            return (
+                {"errcode": 40163, "errmsg": "code been used"}
+                if used
+                else {"errcode": 40029, "errmsg": "invalid code"}
+            )
+        del self.login_codes[code]
+        self.used_login_codes.add(code)
+        if time.monotonic() - issued[1] > _LOGIN_CODE_TTL_S:
+            return {"errcode": 40029, "errmsg": "invalid code"}
+        return {"openid": issued[0], "session_key": base64.b64encode(os.urandom(16)).decode()}
 
     def plate_state(self, plate: str, color: str) -> str:
         return self.plates.get((plate, color), self.config.default_state)
@@ -798,6 +833,30 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
             )
         return emulator.answer(200, emulator.public(payment))
 
+    @app.get("/sns/jscode2session")
+    async def jscode2session(
+        appid: str = "", secret: str = "", js_code: str = "", grant_type: str = ""
+    ) -> Response:
+        """The mini program sign-in's code exchanged for the openid (WeChat answers 200 with an
+        errcode when it refuses)."""
+        if grant_type != "authorization_code":
+            answer: dict[str, Any] = {"errcode": 40002, "errmsg": "invalid grant_type"}
+        else:
+            answer = emulator.exchange_login_code(appid, secret, js_code)
+        return Response(json.dumps(answer), media_type="application/json")
+
+    @app.post("/_emulator/login")
+    async def login(request: Request) -> Response:
+        """Unsigned administration (tests, the demo): the WeChat user `openid` signs in to the
+        mini program; the code its wx.login would give."""
+        data = await request.json()
+        openid = data.get("openid") if isinstance(data, dict) else None
+        if not isinstance(openid, str) or not openid:
+            return Response("openid required", status_code=400)
+        return Response(
+            json.dumps({"code": emulator.login_code(openid)}), media_type="application/json"
+        )
+
     @app.put("/_emulator/plates")
     async def set_plate(request: Request) -> Response:
         """Unsigned administration (tests, the demo): a plate's service state (and, with
@@ -860,6 +919,8 @@ def write_keys(emulator: Emulator, url: str, folder: Path) -> Path:
                 f"PARKING_WECHAT_APIV3_KEY={creds.apiv3_key}",
                 f"PARKING_WECHAT_PLATFORM_PUBLIC_KEY_PATH={public_key.resolve()}",
                 f"PARKING_WECHAT_PLATFORM_PUBLIC_KEY_ID={creds.platform_public_key_id}",
+                f"PARKING_WECHAT_APP_SECRET={creds.app_secret}",
+                f"PARKING_WECHAT_LOGIN_URL={url}",
                 "",
             ]
         )

@@ -111,8 +111,10 @@ async def sign_agreement(
     body: AgreementRequest, driver: DriverDep, conn: ConnectionDep, runtime: RuntimeDep
 ) -> Agreement:
     """Signs a pay-later agreement with the payment provider; 409 while one is active. On
-    WeChat `openid` (the driver's WeChat identity) is required (422 `openid_required`) and is
-    the agreement's number; 409 `openid_in_use` when another account has pay-later under it.
+    WeChat `wechat_code` (the mini program's wx.login code) is required (422
+    `wechat_code_required`); WeChat names the driver's openid for it, the agreement's number
+    (422 `wechat_code_invalid` when WeChat refuses the code, 503 `wechat_unavailable` when it
+    cannot answer; 409 `openid_in_use` when another account has pay-later under that openid).
     The bound plates' service states are looked up with the provider (see GET /api/v1/me)."""
     return await service.sign_agreement(conn, runtime, _account(driver), body)
 

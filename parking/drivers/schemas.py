@@ -76,10 +76,10 @@ class AgreementLimit(BaseModel):
 
 
 class AgreementRequest(AgreementLimit):
-    # The driver's WeChat identity under our appid (the app learns it at WeChat sign-in): on
-    # the WeChat provider it is the agreement's number and is required; other providers
-    # ignore it. (WeChat's are 28 ASCII characters; the emulator's name the plate.)
-    openid: str | None = Field(default=None, pattern=r"^\S{1,128}$")
+    # The code of the driver's WeChat sign-in in the mini program (wx.login): on the WeChat
+    # provider the server exchanges it for the driver's openid, the agreement's number (never
+    # an openid the app names: anyone could name another's); other providers ignore it.
+    wechat_code: str | None = Field(default=None, pattern=r"^\S{1,128}$")
 
 
 class Me(BaseModel):

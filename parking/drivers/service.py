@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 import asyncpg
 
 from billing import agreements, audit
-from billing.providers import PlateService
+from billing.providers import PlateService, ProviderRejected, ProviderUnavailable
+from billing.wechat import WeChatParkingProvider
 from parking.auth import repository as auth_repo
 from parking.disputes import repository as disputes_repo
 from parking.disputes import service as disputes_service
@@ -256,17 +257,11 @@ async def sign_agreement(
     conn: asyncpg.Connection, runtime: Runtime, account_id: int, request: AgreementRequest
 ) -> Agreement:
     """Turns pay-later on. On WeChat the agreement's number is the driver's openid (the
-    provider knows the driver by it); the bound plates' service states are looked up now."""
+    provider knows the driver by it), as WeChat names it for the driver's sign-in code; the
+    bound plates' service states are looked up now."""
     provider = runtime.provider
-    if provider.name == "wechat":
-        if request.openid is None:
-            raise AppError(
-                422,
-                "openid_required",
-                "请先用微信登录以开通微信支付分停车服务 / WeChat pay-later needs the driver's "
-                "WeChat openid",
-            )
-        agreement_no = request.openid
+    if isinstance(provider, WeChatParkingProvider):
+        agreement_no = await _wechat_openid(provider, request.wechat_code)
     else:
         agreement_no = f"AGR-{uuid.uuid4().hex}"
     if await repo.active_agreement(conn, account_id) is not None:
@@ -295,6 +290,28 @@ async def sign_agreement(
         raise AppError(409, "agreement_exists", "cancel the active agreement first") from exc
     await agreements.record_looked_up(conn, provider.name, answered, datetime.now(UTC))
     return await agreement(conn, account_id)
+
+
+async def _wechat_openid(provider: WeChatParkingProvider, code: str | None) -> str:
+    if code is None:
+        raise AppError(
+            422,
+            "wechat_code_required",
+            "请先用微信登录以开通微信支付分停车服务 / WeChat pay-later needs the driver's "
+            "WeChat sign-in code (wx.login)",
+        )
+    try:
+        return await provider.openid_of(code)
+    except ProviderRejected as exc:
+        raise AppError(
+            422,
+            "wechat_code_invalid",
+            "微信登录已失效，请重新登录 / WeChat refused the sign-in code: sign in again",
+        ) from exc
+    except ProviderUnavailable as exc:
+        raise AppError(
+            503, "wechat_unavailable", "微信暂时无法确认您的身份，请稍后再试 / try again later"
+        ) from exc
 
 
 async def set_agreement_limit(
