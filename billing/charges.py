@@ -523,6 +523,20 @@ async def begin_sending(conn: asyncpg.Connection, charge_id: int) -> bool:
     return True
 
 
+async def send_again(conn: asyncpg.Connection, charge_id: int) -> bool:
+    """`begin_sending` for a charge the provider was asked about and has no order of (an
+    earlier request failed before it took effect): the charge is with the provider no more,
+    so a driver's dispute opened since holds it as it would have before the first send. An
+    earlier request still hanging that creates the order after all is booked as a charge
+    collected after its cancellation. Runs in the caller's transaction."""
+    await conn.execute(
+        "UPDATE charges SET sent_at = NULL WHERE id = $1 AND status = 'pending'"
+        " AND submitted_at IS NULL",
+        charge_id,
+    )
+    return await begin_sending(conn, charge_id)
+
+
 async def release_held(conn: asyncpg.Connection, charge_id: int) -> None:
     """A held charge the operator let stand: its outbox job is due again (one per charge)."""
     await conn.execute(

@@ -322,6 +322,8 @@ class OutboxWorker:
                     result = await self.provider.query(out_trade_no=charge.idempotency_key)
                 except ProviderRejected as exc:
                     raise ProviderUnavailable(f"order query refused: {exc}") from exc
+                if result is None and not await self._send_again(job, charge.charge_id):
+                    return
             if result is None:
                 result = await self.provider.create_charge(
                     out_trade_no=charge.idempotency_key,
@@ -378,6 +380,17 @@ class OutboxWorker:
             return
         await self._apply(job, result)
 
+    async def _send_again(self, job: Job, charge_id: int) -> bool:
+        """The provider has no order of the charge: sent as for the first time, unless a
+        driver's "not my car" opened since holds it now (`charges.send_again`)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            sending = await charges.send_again(conn, charge_id)
+            if not sending:
+                await self._mark_done(conn, job)
+        if not sending:
+            log.info("billing.charge_held_for_dispute", charge_id=charge_id)
+        return sending
+
     async def _refund(self, job: Job) -> None:
         async with self.pool.acquire() as conn:
             refund = await refunds.load(conn, job.ref_id)
@@ -400,6 +413,15 @@ class OutboxWorker:
             await self._retry_later(job, str(exc))
             return
         except ProviderRejected as exc:
+            if exc.code not in refunds.REFUSED_FOR_GOOD:
+                # The car park's own request refused (its credentials, its balance): the refund
+                # stays owed and is asked again at the backoff; past its last attempt it waits
+                # in the jobs an operator retries (GET /api/v1/operator/jobs).
+                log.error("billing.refund_refused_retrying", refund_id=refund.id, code=exc.code)
+                async with self.pool.acquire() as conn:
+                    await refunds.record_error(conn, refund.id, str(exc))
+                await self._retry_later(job, str(exc))
+                return
             log.error("billing.refund_rejected", refund_id=refund.id, error=str(exc))
             async with self.pool.acquire() as conn, conn.transaction():
                 await refunds.mark_failed(conn, refund.id, str(exc))

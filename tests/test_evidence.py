@@ -31,6 +31,7 @@ from parking.settings import Settings
 from tests.conftest import (
     MQTT_URL,
     REDIS_URL,
+    SANDBOX_FAULTS,
     SANDBOX_SECRET,
     Driver,
     Lot,
@@ -38,6 +39,7 @@ from tests.conftest import (
     bearer,
     charges_of,
     create_lot,
+    decide_dispute,
     driver_token,
     eventually,
     make_driver,
@@ -567,6 +569,100 @@ async def test_not_my_car_after_collection_is_refunded_in_full_when_the_driver_i
             )
         ]
     assert {"dispute_opened", "dispute_driver_right", "refund"} <= set(kinds)
+
+
+async def _disputed(api: httpx.AsyncClient, app: FastAPI, driver: Driver, stay_id: int) -> int:
+    opened = await api.post(
+        f"/api/v1/me/stays/{stay_id}/dispute", headers=bearer(driver_token(app, driver.account_id))
+    )
+    assert opened.status_code == 200, opened.text
+    dispute_id: int = opened.json()["id"]
+    return dispute_id
+
+
+async def test_not_my_car_holds_a_charge_the_provider_turned_out_never_to_have(
+    quiet: Runtime,
+    quiet_api: tuple[FastAPI, httpx.AsyncClient],
+    gate: GateProbe,
+    provider: ProviderEndpoint,
+) -> None:
+    """The charge's first request failed before it took effect (a 503: the provider never had
+    it), then the driver said "not my car". The worker's retry asks the provider, learns it has
+    no such order, and holds the charge for the operator as if never sent; the operator agrees
+    with the driver at once. Before, the retry sent it anyway: the driver was charged before
+    anyone looked at the frames, and the operator could only refund it afterwards."""
+    app, api = quiet_api
+    lot = await create_lot(quiet)
+    driver = await make_driver(quiet, unique_plate())
+    stay_id = await exit_with_frames(quiet, gate, lot, driver.plate, timedelta(minutes=70))
+    SANDBOX_FAULTS.error_rate = 1.0
+    try:
+        await quiet.outbox.run_once()
+    finally:
+        SANDBOX_FAULTS.error_rate = 0.0
+    charge = await charge_of(quiet, stay_id)
+    assert charge["status"] == "pending" and charge["sent_at"] is not None
+    dispute_id = await _disputed(api, app, driver, stay_id)
+
+    async def asked_again() -> bool:  # the retry comes due after its backoff
+        await run_worker(quiet)
+        return (await charge_of(quiet, stay_id))["sent_at"] is None
+
+    await eventually(asked_again)
+    assert await provider_order(provider.url, charge["idempotency_key"]) is None
+    admin = bearer(staff_token(app, await make_staff(quiet, lot.operator_id, "admin")))
+    decided = await api.post(
+        f"/api/v1/operator/disputes/{dispute_id}/decision",
+        json={"outcome": "driver_right", "note": "another car"},
+        headers=admin,
+    )
+    assert decided.status_code == 200, decided.text
+    assert (await charge_of(quiet, stay_id))["status"] == "cancelled"
+    await run_worker(quiet)
+    assert await provider_order(provider.url, charge["idempotency_key"]) is None
+
+
+async def test_a_refund_the_provider_refuses_for_the_car_parks_reason_is_asked_again(
+    quiet: Runtime,
+    quiet_api: tuple[FastAPI, httpx.AsyncClient],
+    gate: GateProbe,
+    provider: ProviderEndpoint,
+) -> None:
+    """The operator agreed with the driver about a collected charge, and the driver was told
+    the fee is refunded. The provider's first answer to the refund is a 401 (the merchant's
+    credentials refused: the car park's own problem). Before, the refund was failed for good
+    and the driver never got the money; now it stays owed and is asked again."""
+    app, api = quiet_api
+    lot = await create_lot(quiet)
+    driver = await make_driver(quiet, unique_plate())
+    stay_id = await exit_with_frames(quiet, gate, lot, driver.plate, timedelta(minutes=70))
+
+    async def collected() -> bool:
+        await run_worker(quiet)
+        return (await charge_of(quiet, stay_id))["status"] == "succeeded"
+
+    await eventually(collected)
+    charge = await charge_of(quiet, stay_id)
+    dispute_id = await _disputed(api, app, driver, stay_id)
+    admin = bearer(staff_token(app, await make_staff(quiet, lot.operator_id, "admin")))
+    await decide_dispute(api, admin, dispute_id, "driver_right")
+    SANDBOX_FAULTS.unauthorized_rate = 1.0
+    try:
+        await quiet.outbox.run_once()
+    finally:
+        SANDBOX_FAULTS.unauthorized_rate = 0.0
+    async with quiet.pool.acquire() as conn:
+        refused = await conn.fetchrow(
+            "SELECT status, last_error FROM refunds WHERE charge_id = $1", charge["id"]
+        )
+    assert refused["status"] == "pending" and "401" in refused["last_error"]
+
+    async def refunded() -> bool:
+        await run_worker(quiet)
+        order = await provider_order(provider.url, charge["idempotency_key"])
+        return order is not None and order["refunded_fen"] == charge["amount_fen"]
+
+    await eventually(refunded)
 
 
 # --- 5. bad input ----------------------------------------------------------------------------
