@@ -444,16 +444,14 @@ async def test_a_success_after_failed_settles_the_debt_once_and_lifts_the_block(
     assert audit[0]["detail"]["refunded_fen"] == 0
 
 
-async def test_a_success_after_the_debt_was_paid_refunds_what_was_taken_twice_once(
-    runtime: Runtime,
-    provider: ProviderEndpoint,
-    gate: GateProbe,
-    lot: Lot,
-    api: httpx.AsyncClient,
-) -> None:
+async def _paid_twice(
+    runtime: Runtime, provider: ProviderEndpoint, gate: GateProbe, lot: Lot, api: httpx.AsyncClient
+) -> tuple[Driver, Any, list[str]]:
+    """The charge is declined (a debt), the driver pays the debt in the app, then the provider
+    collects the charge after all and says so twice: (driver, charge, the notifications'
+    effects)."""
     driver = await driver_in_debt(runtime, gate, lot)
     charge = await _failed_charge(runtime, driver.account_id)
-    # The driver pays the debt in the app.
     payment = await payments_service.start_debt_payment(runtime, driver.account_id)
     async with httpx.AsyncClient(base_url=provider.url) as wallet:
         paid = await wallet.post(f"/v1/payments/{payment.out_trade_no}/pay")
@@ -461,8 +459,6 @@ async def test_a_success_after_the_debt_was_paid_refunds_what_was_taken_twice_on
     runtime.outbox.query_after_s = 0.0
     await runtime.outbox.sweep(datetime.now(UTC))
     assert await _account(runtime, driver.account_id) == (False, 0, 0)
-
-    # Then the provider collects the declined charge after all, and says so: taken twice.
     async with httpx.AsyncClient(base_url=provider.url) as admin:
         late = await admin.post(f"/_sandbox/orders/{charge['idempotency_key']}/succeed")
     assert late.status_code == 200, late.text
@@ -471,22 +467,73 @@ async def test_a_success_after_the_debt_was_paid_refunds_what_was_taken_twice_on
     for _ in range(2):
         body, headers = _signed(event)
         effects.append((await api.post(NOTIFY, content=body, headers=headers)).json()["effect"])
-    assert effects == ["charged", "no_change"]
+    return driver, charge, effects
 
-    async def refunded() -> list[Any]:
+
+async def _refunds_of(runtime: Runtime, account_id: int) -> list[tuple[int, str, str]]:
+    """The account's refunds (amount, kind, of a charge or a payment) once none is pending."""
+
+    async def settled() -> list[tuple[int, str, str]]:
         async with runtime.pool.acquire() as conn:
             rows = await conn.fetch(
-                "SELECT amount_fen, status, kind FROM refunds WHERE charge_id = $1", charge["id"]
+                "SELECT amount_fen, status, kind, charge_id FROM refunds WHERE account_id = $1"
+                " ORDER BY id",
+                account_id,
             )
-        return rows if rows and all(r["status"] == "succeeded" for r in rows) else []
+        if not rows or any(r["status"] != "succeeded" for r in rows):
+            return []
+        return [
+            (r["amount_fen"], r["kind"], "charge" if r["charge_id"] else "payment") for r in rows
+        ]
 
-    rows = await eventually(refunded)
-    assert [(r["amount_fen"], r["kind"]) for r in rows] == [(600, "overpayment")]
+    rows: list[tuple[int, str, str]] = await eventually(settled)
+    return rows
+
+
+async def test_a_success_after_the_debt_was_paid_refunds_what_was_taken_twice_once(
+    runtime: Runtime,
+    provider: ProviderEndpoint,
+    gate: GateProbe,
+    lot: Lot,
+    api: httpx.AsyncClient,
+) -> None:
+    driver, _, effects = await _paid_twice(runtime, provider, gate, lot, api)
+    assert effects == ["charged", "no_change"]
+    assert await _refunds_of(runtime, driver.account_id) == [(600, "overpayment", "charge")]
     assert await _account(runtime, driver.account_id) == (False, 0, 0)
     async with runtime.pool.acquire() as conn:
         assert await ledger.is_balanced(conn)
         assert await ledger.balance(conn, ledger.overpaid(driver.account_id)) == 0
         assert await ledger.balance(conn, ledger.revenue(lot.id)) == -600
+
+
+async def test_not_my_car_on_a_fee_paid_as_a_debt_and_collected_late_gives_back_what_was_kept(
+    runtime: Runtime,
+    provider: ProviderEndpoint,
+    gate: GateProbe,
+    lot: Lot,
+    api: httpx.AsyncClient,
+    app: FastAPI,
+) -> None:
+    """The charge's own money went back as an overpayment; the app payment that settled its
+    debt stayed. The operator agreeing with the driver refunds that payment. Before, only what
+    was left of the charge counted (nothing): the driver was told the fee is refunded in full
+    and kept paying ¥6 for a car that was not theirs."""
+    driver, charge, _ = await _paid_twice(runtime, provider, gate, lot, api)
+    await _refunds_of(runtime, driver.account_id)
+    opened = await api.post(
+        f"/api/v1/me/stays/{charge['session_id']}/dispute",
+        headers=bearer(driver_token(app, driver.account_id)),
+    )
+    assert opened.status_code == 200, opened.text
+    admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+    await decide_dispute(api, admin, opened.json()["id"], "driver_right")
+    assert await _refunds_of(runtime, driver.account_id) == [
+        (600, "overpayment", "charge"),
+        (600, "operator", "payment"),
+    ]
+    async with runtime.pool.acquire() as conn:
+        assert await ledger.is_balanced(conn)
 
 
 # 4. Bad provider payloads

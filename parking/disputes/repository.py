@@ -213,6 +213,23 @@ async def refundable_fen(conn: asyncpg.Connection, charge_id: int) -> int:
     return left
 
 
+async def debt_payment_left(conn: asyncpg.Connection, session_id: int) -> tuple[int, int] | None:
+    """The payment that settled the stay's debt (in the app, or with a gate's QR code), and
+    what of that debt is left to refund of it: the stay's fee paid the second way, when its
+    charge was collected late (`billing.settlement`: one of the two then goes back)."""
+    row = await conn.fetchrow(
+        """SELECT p.id, LEAST(d.amount_fen, p.amount_fen - COALESCE(
+                      (SELECT sum(r.amount_fen) FROM refunds r
+                       WHERE r.out_trade_no = p.out_trade_no AND r.status <> 'failed'), 0)
+                  )::bigint AS left_fen
+           FROM debts d JOIN payments p ON p.id = d.payment_id
+           WHERE d.session_id = $1 AND d.settled_at IS NOT NULL AND NOT d.waived
+             AND p.status = 'succeeded'""",
+        session_id,
+    )
+    return (row["id"], row["left_fen"]) if row is not None and row["left_fen"] > 0 else None
+
+
 async def mark_decided(
     conn: asyncpg.Connection,
     dispute_id: int,

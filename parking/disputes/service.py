@@ -347,6 +347,37 @@ class Decided:
     occupancy_delta: int = 0
 
 
+async def _refund_the_stay(
+    conn: asyncpg.Connection, charge_id: int, stay_id: int, dispute_id: int, actor: str
+) -> int | None:
+    """Gives back what the driver paid for the stay: what is left of its collected charge, and
+    the payment that settled its debt when the charge was collected late after all (the
+    charge's own money then went back as an overpayment, the payment's stayed). The first
+    refund's id (None when nothing was left to refund)."""
+    reason = f"not the driver's car (dispute {dispute_id})"
+    refund_ids = []
+    try:
+        left = await repo.refundable_fen(conn, charge_id)
+        if left > 0:
+            refund = await refunds.request_for_charge(
+                conn, charge_id=charge_id, amount_fen=left, reason=reason, actor=actor
+            )
+            refund_ids.append(refund.id)
+        if paid := await repo.debt_payment_left(conn, stay_id):
+            payment_id, amount_fen = paid
+            refund = await refunds.request_for_payment(
+                conn,
+                payment_id=payment_id,
+                amount_fen=amount_fen,
+                reason=reason,
+                actor=actor,
+            )
+            refund_ids.append(refund.id)
+    except refunds.RefundNotAllowed as exc:  # the locks rule this out
+        raise AppError(409, "refund_not_allowed", str(exc)) from exc
+    return refund_ids[0] if refund_ids else None
+
+
 async def decide(
     conn: asyncpg.Connection,
     principal: Principal,
@@ -385,19 +416,9 @@ async def decide(
     # A debt that stands needs nothing more here: it is owed again below.
     elif charge is not None and decision.outcome == "driver_right":
         if charge["status"] == "succeeded":
-            left = await repo.refundable_fen(conn, charge["id"])
-            if left > 0:
-                try:
-                    refund = await refunds.request_for_charge(
-                        conn,
-                        charge_id=charge["id"],
-                        amount_fen=left,
-                        reason=f"not the driver's car (dispute {dispute_id})",
-                        actor=principal.actor,
-                    )
-                except refunds.RefundNotAllowed as exc:  # the lock above rules this out
-                    raise AppError(409, "refund_not_allowed", str(exc)) from exc
-                refund_id = refund.id
+            refund_id = await _refund_the_stay(
+                conn, charge["id"], row["session_id"], dispute_id, principal.actor
+            )
             effect = "refunded"
         elif charge["status"] == "pending":
             if await charges.cancel_unsent(conn, charge["id"], principal.actor) is None:
