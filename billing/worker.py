@@ -427,6 +427,20 @@ class OutboxWorker:
                 await refunds.mark_failed(conn, refund.id, str(exc))
                 await self._mark_done(conn, job)
             return
+        if not result.final:
+            # Accepted, not yet with the payer (WeChat's refunds are asynchronous): its
+            # notification may never come, so the provider is asked again (the same refund
+            # number answers the same refund) until it says how it ended.
+            await self._retry_later(job, "refund processing at the provider", self.query_after_s)
+            return
+        if result.status != "succeeded":
+            # Closed or abnormal at the provider (the payer's account could not take it): the
+            # money did not go back; an operator sees the failed refund and pays it otherwise.
+            log.error("billing.refund_not_taken", refund_id=refund.id, status=result.status)
+            async with self.pool.acquire() as conn, conn.transaction():
+                await refunds.mark_failed(conn, refund.id, f"the provider ended it {result.status}")
+                await self._mark_done(conn, job)
+            return
         await self._apply(job, result)
 
     async def _apply(self, job: Job | None, result: OrderResult) -> settlement.Applied:

@@ -553,6 +553,51 @@ async def test_a_refund_on_wechat_is_booked_once(
             assert await ledger.balance(conn, ledger.revenue(lot.id)) == -(1200 - 500)
 
 
+@pytest.mark.parametrize(("outcome", "status"), [("SUCCESS", "succeeded"), ("ABNORMAL", "failed")])
+async def test_a_refund_still_processing_is_asked_about_until_it_ends(
+    settings: Settings, database_url: str, gate: GateProbe, outcome: str, status: str
+) -> None:
+    """WeChat answers a refund PROCESSING and says later, in a notification, how it ended:
+    with the payer, or ABNORMAL (their card could not take it back: failed, for an operator
+    to pay otherwise). Every notification lost: the worker asks again (the same refund number
+    answers the same refund) until the refund has ended. Before, the job was done at
+    PROCESSING and the refund stayed pending for ever."""
+    config = dataclasses.replace(
+        _faults(lost_notification_rate=1.0), refund_processing_s=0.3, refund_outcome=outcome
+    )
+    async with wechat_runtime(settings, database_url, config, query_after_s=0.2) as (
+        runtime,
+        emulator,
+    ):
+        lot = await create_lot(runtime)
+        driver = await _wechat_driver(runtime, unique_plate())
+        await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=70))
+        await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+
+        async def charged() -> list[Any]:
+            rows = await charges_of(runtime, lot)
+            return rows if rows and rows[0]["status"] == "succeeded" else []
+
+        (charge,) = await eventually(charged, timeout_s=20)
+        async with runtime.pool.acquire() as conn, conn.transaction():
+            refund = await refunds.request_for_charge(
+                conn, charge_id=charge["id"], amount_fen=500, reason="不是我的车", actor="test"
+            )
+
+        async def ended() -> bool:
+            async with runtime.pool.acquire() as conn:
+                now = await conn.fetchval("SELECT status FROM refunds WHERE id = $1", refund.id)
+            return bool(now == status)
+
+        await eventually(ended, timeout_s=20)
+        assert [r["status"] for r in emulator.refunds.values()] == [outcome]
+        assert not [n for n in emulator.notices if n.outcome == "delivered"]
+        async with runtime.pool.acquire() as conn:
+            assert await ledger.is_balanced(conn)
+            taken_back = 500 if outcome == "SUCCESS" else 0
+            assert await ledger.balance(conn, ledger.revenue(lot.id)) == -(1200 - taken_back)
+
+
 async def _stay_by_id(runtime: Runtime, session_id: int) -> asyncpg.Record:
     async with runtime.pool.acquire() as conn:
         row: asyncpg.Record = await conn.fetchrow(

@@ -111,6 +111,11 @@ class EmulatorConfig:
     # The state of a plate nobody set: the demo's drivers have all opened the service.
     default_state: str = "NORMAL"
     bad_response_signature_rate: float = 0.0
+    # A refund answered PROCESSING and finished this long after (WeChat's refunds are
+    # asynchronous); 0: SUCCESS within the request.
+    refund_processing_s: float = 0.0
+    # How a refund ends: SUCCESS, or ABNORMAL (the payer's card could not take it back).
+    refund_outcome: str = "SUCCESS"
 
 
 class Emulator:
@@ -416,6 +421,30 @@ class Emulator:
         if time.monotonic() - issued[1] > _LOGIN_CODE_TTL_S:
             return {"errcode": 40029, "errmsg": "invalid code"}
         return {"openid": issued[0], "session_key": base64.b64encode(os.urandom(16)).decode()}
+
+    def finish_refund(self, refund: dict[str, Any], notify_url: str | None) -> None:
+        """The refund ends (`refund_outcome`: SUCCESS, or ABNORMAL) and REFUND.<it> is sent."""
+        outcome = self.config.refund_outcome
+        refund["status"] = outcome
+        if outcome == "SUCCESS":
+            refund["success_time"] = _now()
+        resource = {
+            "mchid": self.mchid,
+            **{k: refund[k] for k in ("out_trade_no", "transaction_id", "out_refund_no")},
+            "refund_id": refund["refund_id"],
+            "refund_status": outcome,
+            "amount": refund["amount"],
+        }
+        if outcome == "SUCCESS":
+            resource["success_time"] = refund["success_time"]
+        self.notify(notify_url, f"REFUND.{outcome}", refund["out_trade_no"], resource)
+
+    def finish_refund_later(self, refund: dict[str, Any], notify_url: str | None) -> None:
+        async def later() -> None:
+            await asyncio.sleep(self.config.refund_processing_s)
+            self.finish_refund(refund, notify_url)
+
+        self._spawn(later())
 
     def plate_state(self, plate: str, color: str) -> str:
         return self.plates.get((plate, color), self.config.default_state)
@@ -761,8 +790,7 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
                 "out_trade_no": no,
                 "channel": "ORIGINAL",
                 "create_time": _now(),
-                "success_time": _now(),
-                "status": "SUCCESS",
+                "status": "PROCESSING",
                 "amount": {
                     "total": order["amount"]["total"],
                     "refund": amount["refund"],
@@ -773,15 +801,10 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
             }
             emulator.refunds[data["out_refund_no"]] = existing
             order["trade_state"] = "REFUND"
-            resource = {
-                "mchid": emulator.mchid,
-                **{k: existing[k] for k in ("out_trade_no", "transaction_id", "out_refund_no")},
-                "refund_id": existing["refund_id"],
-                "refund_status": "SUCCESS",
-                "success_time": existing["success_time"],
-                "amount": existing["amount"],
-            }
-            emulator.notify(data.get("notify_url"), "REFUND.SUCCESS", no or "", resource)
+            if emulator.config.refund_processing_s > 0:
+                emulator.finish_refund_later(existing, data.get("notify_url"))
+            else:
+                emulator.finish_refund(existing, data.get("notify_url"))
         return emulator.answer(200, existing)
 
     @app.get("/v3/bill/tradebill")
