@@ -8,7 +8,7 @@ job up after commit. One charge per session is enforced by the unique session_id
 import unicodedata
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -517,22 +517,23 @@ async def begin_sending(conn: asyncpg.Connection, charge_id: int) -> bool:
     ):
         return False
     await conn.execute(
-        "UPDATE charges SET sent_at = COALESCE(sent_at, now()), refused_at = NULL WHERE id = $1",
-        charge_id,
+        "UPDATE charges SET sent_at = now(), refused_at = NULL WHERE id = $1", charge_id
     )
     return True
 
 
-async def send_again(conn: asyncpg.Connection, charge_id: int) -> bool:
-    """`begin_sending` for a charge the provider was asked about and has no order of (an
-    earlier request failed before it took effect): the charge is with the provider no more,
-    so a driver's dispute opened since holds it as it would have before the first send. An
-    earlier request still hanging that creates the order after all is booked as a charge
-    collected after its cancellation. Runs in the caller's transaction."""
+async def send_again(conn: asyncpg.Connection, charge_id: int, in_flight: timedelta) -> bool:
+    """`begin_sending` for a charge the provider was asked about and has no order of. When its
+    last request was sent longer than `in_flight` ago, none can still take effect (a request
+    our client gave up on may reach the provider late, for a while): the charge is with the
+    provider no more, and a driver's dispute opened since holds it as it would have before the
+    first send. Sooner, it is sent again under its key as before (one order whichever request
+    lands). Runs in the caller's transaction."""
     await conn.execute(
-        "UPDATE charges SET sent_at = NULL WHERE id = $1 AND status = 'pending'"
-        " AND submitted_at IS NULL",
+        """UPDATE charges SET sent_at = NULL WHERE id = $1 AND status = 'pending'
+             AND submitted_at IS NULL AND sent_at < now() - $2::interval""",
         charge_id,
+        in_flight,
     )
     return await begin_sending(conn, charge_id)
 

@@ -512,7 +512,12 @@ class SandboxProvider:
     async def refund(
         self, *, out_refund_no: str, out_trade_no: str, amount_fen: int, reason: str
     ) -> OrderResult:
-        body = {"out_trade_no": out_trade_no, "amount_fen": amount_fen, "reason": reason}
+        # The provider takes a reason of at most 200 characters (as a description).
+        body = {
+            "out_trade_no": out_trade_no,
+            "amount_fen": amount_fen,
+            "reason": reason[:DESCRIPTION_MAX_CHARS],
+        }
         response = await self._send("POST", "/v1/refunds", key=out_refund_no, body=body)
         return self._order_of(response)
 

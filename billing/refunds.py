@@ -36,21 +36,13 @@ _COLUMNS = """id, out_refund_no, provider, out_trade_no, charge_id, payment_id, 
               account_id, amount_fen, kind, reason, status"""
 
 
-# Refusals that end a refund: what the order is (no such order, not refundable, less left than
-# asked, a refund number used for another refund) does not change by asking again. The
-# sandbox's codes, then WeChat Pay's. Any other refusal is the car park's request (credentials,
-# signature, its balance): the refund stays owed while that is put right.
-REFUSED_FOR_GOOD = frozenset(
-    {
-        "not_found",
-        "order_not_refundable",
-        "refund_exceeds_order",
-        "idempotency_key_reused",
-        "ORDER_NOT_EXIST",
-        "RESOURCE_NOT_EXISTS",
-        "INVALID_REQUEST",
-    }
-)
+def refusal_ends_refund(status_code: int | None) -> bool:
+    """Whether a provider's refusal of a refund ends it: asking again with the same request
+    cannot succeed (no such order, not refundable, less left than asked, a request the
+    provider cannot take). A refusal of who asks (401: credentials, signature; 403:
+    permission, the merchant's balance) is the car park's to put right, and the refund stays
+    owed meanwhile."""
+    return status_code not in (401, 403)
 
 
 async def request_for_charge(

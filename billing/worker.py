@@ -93,6 +93,7 @@ class OutboxWorker:
         receipt_base_url: str | None = None,
         retry_base_s: float = 0.5,
         query_after_s: float = 5.0,
+        request_in_flight_s: float = 120.0,
         poll_interval_s: float = 0.5,
         lease_s: float = 60.0,
         batch: int = 8,
@@ -126,6 +127,8 @@ class OutboxWorker:
         self.retry_base_s = retry_base_s
         # How long to wait for the notification of an accepted charge before asking.
         self.query_after_s = query_after_s
+        # How long a request our client gave up on may still take effect at the provider.
+        self.request_in_flight = timedelta(seconds=request_in_flight_s)
         self.sweep_interval_s = sweep_interval_s
         self.reminder_every = reminder_every
         self.pass_reminder_before = pass_reminder_before
@@ -384,7 +387,7 @@ class OutboxWorker:
         """The provider has no order of the charge: sent as for the first time, unless a
         driver's "not my car" opened since holds it now (`charges.send_again`)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            sending = await charges.send_again(conn, charge_id)
+            sending = await charges.send_again(conn, charge_id, self.request_in_flight)
             if not sending:
                 await self._mark_done(conn, job)
         if not sending:
@@ -413,7 +416,7 @@ class OutboxWorker:
             await self._retry_later(job, str(exc))
             return
         except ProviderRejected as exc:
-            if exc.code not in refunds.REFUSED_FOR_GOOD:
+            if not refunds.refusal_ends_refund(exc.status_code):
                 # The car park's own request refused (its credentials, its balance): the refund
                 # stays owed and is asked again at the backoff; past its last attempt it waits
                 # in the jobs an operator retries (GET /api/v1/operator/jobs).

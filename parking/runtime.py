@@ -310,6 +310,7 @@ async def running(
             receipt_base_url=settings.public_base_url,
             retry_base_s=settings.charge_retry_base_s,
             query_after_s=settings.charge_query_after_s,
+            request_in_flight_s=settings.payment_request_in_flight_s,
             poll_interval_s=settings.worker_poll_interval_s,
             sweep_interval_s=settings.worker_sweep_interval_s,
             plate_state_max_age_s=settings.plate_state_max_age_s,

@@ -141,6 +141,9 @@ class Settings(BaseSettings):
     # Verifies the provider's signed notifications; required with payment_provider_url.
     payment_provider_secret: SecretStr | None = None
     payment_provider_timeout_s: float = 3.0
+    # How long a request the client gave up on (a timeout) may still take effect at the
+    # provider: a charge it has no order of is treated as never sent only after this.
+    payment_request_in_flight_s: float = 120.0
     # WeChat Pay (payment_provider=wechat): the merchant id and app id, the merchant API
     # certificate's serial number and private key (PEM file), the APIv3 key (32 characters),
     # and the platform's public key (PEM file) with its id (PUB_KEY_ID_...), or a folder of

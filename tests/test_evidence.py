@@ -603,6 +603,8 @@ async def test_not_my_car_holds_a_charge_the_provider_turned_out_never_to_have(
     charge = await charge_of(quiet, stay_id)
     assert charge["status"] == "pending" and charge["sent_at"] is not None
     dispute_id = await _disputed(api, app, driver, stay_id)
+    # The retry comes after no request can still be in flight (the window, shortened here).
+    quiet.outbox.request_in_flight = timedelta(0)
 
     async def asked_again() -> bool:  # the retry comes due after its backoff
         await run_worker(quiet)
@@ -620,6 +622,52 @@ async def test_not_my_car_holds_a_charge_the_provider_turned_out_never_to_have(
     assert (await charge_of(quiet, stay_id))["status"] == "cancelled"
     await run_worker(quiet)
     assert await provider_order(provider.url, charge["idempotency_key"]) is None
+
+
+async def test_not_my_car_never_cancels_a_charge_whose_request_may_still_land(
+    quiet: Runtime,
+    quiet_api: tuple[FastAPI, httpx.AsyncClient],
+    gate: GateProbe,
+    provider: ProviderEndpoint,
+) -> None:
+    """The charge's first request hangs at the provider: our client gives up, the provider
+    applies it when the hang ends, and its notification is lost. The driver says "not my car"
+    meanwhile. The retry, sooner than a request can be known dead, finds no order yet: the
+    charge is sent again under its key (one order), collected, and the operator's agreement
+    with the driver refunds it. Before, the charge was held and cancelled while the hanging
+    request took the money, and nothing asked the provider about it again."""
+    app, api = quiet_api
+    lot = await create_lot(quiet)
+    driver = await make_driver(quiet, unique_plate())
+    stay_id = await exit_with_frames(quiet, gate, lot, driver.plate, timedelta(minutes=70))
+    hang_s = quiet.settings.payment_provider_timeout_s + 2.0
+    SANDBOX_FAULTS.timeout_rate = 1.0
+    SANDBOX_FAULTS.timeout_s = hang_s
+    SANDBOX_FAULTS.lost_notification_rate = 1.0
+    try:
+        await quiet.outbox.run_once()  # our client gives up; the provider still hangs
+        SANDBOX_FAULTS.timeout_rate = 0.0
+        charge = await charge_of(quiet, stay_id)
+        dispute_id = await _disputed(api, app, driver, stay_id)
+
+        async def collected() -> bool:
+            await run_worker(quiet)
+            return (await charge_of(quiet, stay_id))["status"] == "succeeded"
+
+        await eventually(collected, timeout_s=hang_s + 10)
+    finally:
+        SANDBOX_FAULTS.timeout_rate = 0.0
+        SANDBOX_FAULTS.timeout_s = 10.0
+        SANDBOX_FAULTS.lost_notification_rate = 0.0
+    admin = bearer(staff_token(app, await make_staff(quiet, lot.operator_id, "admin")))
+    await decide_dispute(api, admin, dispute_id, "driver_right")
+
+    async def refunded() -> bool:
+        await run_worker(quiet)
+        order = await provider_order(provider.url, charge["idempotency_key"])
+        return order is not None and order["refunded_fen"] == order["amount_fen"]
+
+    await eventually(refunded)
 
 
 async def test_a_refund_the_provider_refuses_for_the_car_parks_reason_is_asked_again(
@@ -656,6 +704,42 @@ async def test_a_refund_the_provider_refuses_for_the_car_parks_reason_is_asked_a
             "SELECT status, last_error FROM refunds WHERE charge_id = $1", charge["id"]
         )
     assert refused["status"] == "pending" and "401" in refused["last_error"]
+
+    async def refunded() -> bool:
+        await run_worker(quiet)
+        order = await provider_order(provider.url, charge["idempotency_key"])
+        return order is not None and order["refunded_fen"] == charge["amount_fen"]
+
+    await eventually(refunded)
+
+
+async def test_an_operators_refund_with_a_long_reason_reaches_the_provider(
+    quiet: Runtime,
+    quiet_api: tuple[FastAPI, httpx.AsyncClient],
+    gate: GateProbe,
+    provider: ProviderEndpoint,
+) -> None:
+    """The API takes a reason of up to 500 characters, the provider 200: the reason is cut to
+    it. Before, the provider refused the request, and the refund, retried unchanged, was never
+    paid while still counting against the order (a second try was 409 `refund_not_allowed`)."""
+    app, api = quiet_api
+    lot = await create_lot(quiet)
+    driver = await make_driver(quiet, unique_plate())
+    stay_id = await exit_with_frames(quiet, gate, lot, driver.plate, timedelta(minutes=70))
+
+    async def collected() -> bool:
+        await run_worker(quiet)
+        return (await charge_of(quiet, stay_id))["status"] == "succeeded"
+
+    await eventually(collected)
+    charge = await charge_of(quiet, stay_id)
+    admin = bearer(staff_token(app, await make_staff(quiet, lot.operator_id, "admin")))
+    asked = await api.post(
+        f"/api/v1/operator/charges/{charge['id']}/refunds",
+        json={"amount_fen": charge["amount_fen"], "reason": "退款" * 150},
+        headers=admin,
+    )
+    assert asked.status_code == 201, asked.text
 
     async def refunded() -> bool:
         await run_worker(quiet)
