@@ -86,9 +86,11 @@ _DRIVER_CODES = frozenset({"NOTENOUGH", "USER_ACCOUNT_ABNORMAL"})
 _NOT_FOUND_CODES = frozenset(
     {"ORDER_NOT_EXIST", "ORDERNOTEXIST", "RESOURCE_NOT_EXISTS", "NOT_FOUND"}
 )
-# The sign-in's answers to try again (system busy, the app's minute quota); any other errcode
-# (40029 an invalid code, 40163 one used already, 40226 a user WeChat blocks) is the driver's.
+# The sign-in's answers to try again (system busy, the app's minute quota), and those about
+# the driver's code (40029 invalid or expired, 40163 used already, 40226 a user WeChat blocks);
+# any other errcode is about the car park's app (40125 its AppSecret, 40013 its appid).
 _LOGIN_BUSY_CODES = frozenset({-1, 45011})
+_LOGIN_DRIVER_CODES = frozenset({40029, 40163, 40226})
 
 # Parking deductions (trade_state) and Native payments (trade_state) as our order statuses.
 _CHARGE_STATES: dict[str, OrderStatus] = {
@@ -383,7 +385,7 @@ class WeChatParkingProvider:
         if code != 0:
             raise ProviderRejected(
                 f"WeChat refused the sign-in code: {body.get('errmsg') if code else body!r}",
-                side="driver",
+                side="driver" if code in _LOGIN_DRIVER_CODES else "car_park",
                 code=f"login_{code}",
                 status_code=response.status_code,
             )

@@ -306,3 +306,21 @@ async def test_on_wechat_the_openid_is_wechats_answer_to_the_sign_in_never_the_a
         assert replayed.status_code == 422
         assert replayed.json()["error"]["code"] == "wechat_code_invalid"
         assert (await api.get("/api/v1/me/agreement", headers=squatter)).status_code == 404
+
+
+async def test_on_wechat_a_sign_in_refused_for_the_apps_own_secret_is_no_drivers_fault(
+    settings: Settings, database_url: str
+) -> None:
+    """The mini program's AppSecret was reset in WeChat's console: WeChat refuses every code
+    with 40125. Drivers are told to try later (503), not that their sign-in expired (a 422
+    every driver would meet again however often they sign in), and an error is logged."""
+    async with (
+        wechat_runtime(settings, database_url, _faults()) as (runtime, emulator),
+        driver_app(runtime) as (api, app),
+    ):
+        emulator.app_secret = "reset-in-the-console"
+        headers = await _driver(runtime, app)
+        signed = await _sign(api, headers, wechat_code=emulator.login_code("o-anyone"))
+        assert signed.status_code == 503, signed.text
+        assert signed.json()["error"]["code"] == "wechat_unavailable"
+        assert (await api.get("/api/v1/me/agreement", headers=headers)).status_code == 404

@@ -314,7 +314,7 @@ async def test_the_sign_in_code_names_the_openid_once_and_only_with_the_apps_sec
         )
         with pytest.raises(ProviderRejected) as refused:
             await impostor.openid_of(r.emulator.login_code("o-driver"))
-        assert refused.value.code == "login_40125"
+        assert (refused.value.code, refused.value.side) == ("login_40125", "car_park")
         # WeChat's sign-in out of reach: an outage, never a refusal of the driver.
         unreachable = dataclasses.replace(creds, login_url="http://127.0.0.1:9")
         away = WeChatParkingProvider(

@@ -300,18 +300,24 @@ async def _wechat_openid(provider: WeChatParkingProvider, code: str | None) -> s
             "请先用微信登录以开通微信支付分停车服务 / WeChat pay-later needs the driver's "
             "WeChat sign-in code (wx.login)",
         )
+    unavailable = AppError(
+        503, "wechat_unavailable", "微信暂时无法确认您的身份，请稍后再试 / try again later"
+    )
     try:
         return await provider.openid_of(code)
     except ProviderRejected as exc:
+        if exc.side != "driver":
+            # The car park's app itself refused (its AppSecret reset or mistyped): every
+            # driver would meet it, and signing in again cannot help.
+            log.error("drivers.wechat_sign_in_refused", code=exc.code)
+            raise unavailable from exc
         raise AppError(
             422,
             "wechat_code_invalid",
             "微信登录已失效，请重新登录 / WeChat refused the sign-in code: sign in again",
         ) from exc
     except ProviderUnavailable as exc:
-        raise AppError(
-            503, "wechat_unavailable", "微信暂时无法确认您的身份，请稍后再试 / try again later"
-        ) from exc
+        raise unavailable from exc
 
 
 async def set_agreement_limit(
