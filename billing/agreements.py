@@ -58,6 +58,23 @@ async def sign(
     return agreement_id
 
 
+async def displace_unverified(
+    conn: asyncpg.Connection, provider: str, agreement_no: str
+) -> int | None:
+    """Cancels the active agreement under this number whose holder named it unverified (an
+    openid the app named before the server took it from WeChat: migration 0049), for the
+    number's proven owner; the displaced account, or None."""
+    account_id: int | None = await conn.fetchval(
+        """UPDATE pay_later_agreements SET cancelled_at = now()
+           WHERE provider = $1 AND agreement_no = $2 AND cancelled_at IS NULL
+             AND NOT identity_verified
+           RETURNING account_id""",
+        provider,
+        agreement_no,
+    )
+    return account_id
+
+
 async def set_limit(conn: asyncpg.Connection, account_id: int, per_session_limit_fen: int) -> None:
     if per_session_limit_fen <= 0:
         raise AgreementError("the per-session limit must be positive")

@@ -324,3 +324,43 @@ async def test_on_wechat_a_sign_in_refused_for_the_apps_own_secret_is_no_drivers
         assert signed.status_code == 503, signed.text
         assert signed.json()["error"]["code"] == "wechat_unavailable"
         assert (await api.get("/api/v1/me/agreement", headers=headers)).status_code == 404
+
+
+async def test_on_wechat_an_openid_named_before_the_sign_in_check_goes_to_its_proven_owner(
+    settings: Settings, database_url: str
+) -> None:
+    """An agreement made when the app named the openid (migration 0049 marks those
+    unverified) holds a victim's openid. The victim signing in with WeChat takes it over: their
+    pay-later is on, the squatter's is off and they are told. A verified holder keeps it (409)."""
+    async with (
+        wechat_runtime(settings, database_url, _faults()) as (runtime, emulator),
+        driver_app(runtime) as (api, app),
+    ):
+        victims_openid = f"o-{uuid.uuid4().hex[:12]}"
+        squatter = await make_driver(
+            runtime, unique_plate(), provider="wechat", agreement_no=victims_openid
+        )
+        async with runtime.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE pay_later_agreements SET identity_verified = false WHERE id = $1",
+                squatter.agreement_id,
+            )
+        victim = await _driver(runtime, app)
+        signed = await _sign(api, victim, wechat_code=emulator.login_code(victims_openid))
+        assert signed.status_code == 201, signed.text
+        assert signed.json()["agreement_no"] == victims_openid
+        async with runtime.pool.acquire() as conn:
+            displaced = await conn.fetchval(
+                "SELECT cancelled_at IS NOT NULL FROM pay_later_agreements WHERE id = $1",
+                squatter.agreement_id,
+            )
+            told = await conn.fetchval(
+                "SELECT count(*) FROM notifications WHERE account_id = $1"
+                " AND kind = 'agreement_displaced'",
+                squatter.account_id,
+            )
+        assert displaced and told == 1
+        # The victim's own (verified) agreement is nobody's to take.
+        other = await _driver(runtime, app)
+        taken = await _sign(api, other, wechat_code=emulator.login_code(victims_openid))
+        assert taken.status_code == 409 and taken.json()["error"]["code"] == "openid_in_use"

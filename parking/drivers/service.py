@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import asyncpg
 
 from billing import agreements, audit
+from billing import notifications as messages
 from billing.providers import PlateService, ProviderRejected, ProviderUnavailable
 from billing.wechat import WeChatParkingProvider
 from parking.auth import repository as auth_repo
@@ -262,6 +263,7 @@ async def sign_agreement(
     provider = runtime.provider
     if isinstance(provider, WeChatParkingProvider):
         agreement_no = await _wechat_openid(provider, request.wechat_code)
+        await _displace_unverified(conn, account_id, agreement_no)
     else:
         agreement_no = f"AGR-{uuid.uuid4().hex}"
     if await repo.active_agreement(conn, account_id) is not None:
@@ -290,6 +292,30 @@ async def sign_agreement(
         raise AppError(409, "agreement_exists", "cancel the active agreement first") from exc
     await agreements.record_looked_up(conn, provider.name, answered, datetime.now(UTC))
     return await agreement(conn, account_id)
+
+
+async def _displace_unverified(conn: asyncpg.Connection, account_id: int, openid: str) -> None:
+    """The openid's owner, proven by WeChat, takes it over from an agreement whose holder only
+    named it (before the server asked WeChat); that account is told and its pay-later ends."""
+    displaced = await agreements.displace_unverified(conn, "wechat", openid)
+    if displaced is None or displaced == account_id:
+        return
+    await audit.record(
+        conn,
+        f"account:{account_id}",
+        "agreement.displaced",
+        f"account:{displaced}",
+        {"reason": "the openid's owner signed in with WeChat"},
+    )
+    await messages.enqueue(
+        conn,
+        account_id=displaced,
+        kind="agreement_displaced",
+        source_key=f"agreement-displaced:{displaced}:{account_id}",
+        body="您账户的先离场后付费所用的微信身份已由其本人开通，本账户的先离场后付费已关闭；"
+        "如需继续使用，请用您自己的微信重新开通。",
+    )
+    log.warning("drivers.agreement_displaced", account_id=displaced)
 
 
 async def _wechat_openid(provider: WeChatParkingProvider, code: str | None) -> str:
