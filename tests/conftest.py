@@ -465,6 +465,22 @@ async def decide_dispute(
     assert decided.status_code == 200, decided.text
 
 
+async def reject_awaiting(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, lot: Lot, charge_id: int
+) -> tuple[dict[str, str], int]:
+    """An attendant rejects the charge awaiting confirmation: the attendant's headers, and the
+    exception its exit waits in for the right plate."""
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    rejected = await api.post(
+        f"/api/v1/operator/confirmations/{charge_id}/reject",
+        json={"reason": "出口车辆不是入场车辆"},
+        headers=attendant,
+    )
+    assert rejected.status_code == 200, rejected.text
+    exception_id: int = rejected.json()["exception_id"]
+    return attendant, exception_id
+
+
 async def stay_debt(runtime: Runtime, account_id: int, stay_id: int) -> tuple[bool, bool, bool]:
     """(the account blocked for arrears, the stay's debt settled, and waived)."""
     async with runtime.pool.acquire() as conn:

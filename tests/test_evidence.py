@@ -580,6 +580,32 @@ async def _disputed(api: httpx.AsyncClient, app: FastAPI, driver: Driver, stay_i
     return dispute_id
 
 
+async def _collected_stay(quiet: Runtime, gate: GateProbe) -> tuple[Lot, Driver, int, Any]:
+    """A driver's stay of 70 minutes, its charge collected (the worker run here): the lot, the
+    driver, the stay's id and its charge."""
+    lot = await create_lot(quiet)
+    driver = await make_driver(quiet, unique_plate())
+    stay_id = await exit_with_frames(quiet, gate, lot, driver.plate, timedelta(minutes=70))
+
+    async def collected() -> bool:
+        await run_worker(quiet)
+        return (await charge_of(quiet, stay_id))["status"] == "succeeded"
+
+    await eventually(collected)
+    return lot, driver, stay_id, await charge_of(quiet, stay_id)
+
+
+async def _refunded_in_full(quiet: Runtime, provider: ProviderEndpoint, key: str) -> None:
+    """Waits, running the worker, until the provider has given the order's money back."""
+
+    async def refunded() -> bool:
+        await run_worker(quiet)
+        order = await provider_order(provider.url, key)
+        return order is not None and order["refunded_fen"] == order["amount_fen"]
+
+    await eventually(refunded)
+
+
 async def test_not_my_car_holds_a_charge_the_provider_turned_out_never_to_have(
     quiet: Runtime,
     quiet_api: tuple[FastAPI, httpx.AsyncClient],
@@ -613,12 +639,7 @@ async def test_not_my_car_holds_a_charge_the_provider_turned_out_never_to_have(
     await eventually(asked_again)
     assert await provider_order(provider.url, charge["idempotency_key"]) is None
     admin = bearer(staff_token(app, await make_staff(quiet, lot.operator_id, "admin")))
-    decided = await api.post(
-        f"/api/v1/operator/disputes/{dispute_id}/decision",
-        json={"outcome": "driver_right", "note": "another car"},
-        headers=admin,
-    )
-    assert decided.status_code == 200, decided.text
+    await decide_dispute(api, admin, dispute_id, "driver_right")
     assert (await charge_of(quiet, stay_id))["status"] == "cancelled"
     await run_worker(quiet)
     assert await provider_order(provider.url, charge["idempotency_key"]) is None
@@ -662,12 +683,7 @@ async def test_not_my_car_never_cancels_a_charge_whose_request_may_still_land(
     admin = bearer(staff_token(app, await make_staff(quiet, lot.operator_id, "admin")))
     await decide_dispute(api, admin, dispute_id, "driver_right")
 
-    async def refunded() -> bool:
-        await run_worker(quiet)
-        order = await provider_order(provider.url, charge["idempotency_key"])
-        return order is not None and order["refunded_fen"] == order["amount_fen"]
-
-    await eventually(refunded)
+    await _refunded_in_full(quiet, provider, charge["idempotency_key"])
 
 
 async def test_a_refund_the_provider_refuses_for_the_car_parks_reason_is_asked_again(
@@ -681,16 +697,7 @@ async def test_a_refund_the_provider_refuses_for_the_car_parks_reason_is_asked_a
     credentials refused: the car park's own problem). Before, the refund was failed for good
     and the driver never got the money; now it stays owed and is asked again."""
     app, api = quiet_api
-    lot = await create_lot(quiet)
-    driver = await make_driver(quiet, unique_plate())
-    stay_id = await exit_with_frames(quiet, gate, lot, driver.plate, timedelta(minutes=70))
-
-    async def collected() -> bool:
-        await run_worker(quiet)
-        return (await charge_of(quiet, stay_id))["status"] == "succeeded"
-
-    await eventually(collected)
-    charge = await charge_of(quiet, stay_id)
+    lot, driver, stay_id, charge = await _collected_stay(quiet, gate)
     dispute_id = await _disputed(api, app, driver, stay_id)
     admin = bearer(staff_token(app, await make_staff(quiet, lot.operator_id, "admin")))
     await decide_dispute(api, admin, dispute_id, "driver_right")
@@ -705,12 +712,7 @@ async def test_a_refund_the_provider_refuses_for_the_car_parks_reason_is_asked_a
         )
     assert refused["status"] == "pending" and "401" in refused["last_error"]
 
-    async def refunded() -> bool:
-        await run_worker(quiet)
-        order = await provider_order(provider.url, charge["idempotency_key"])
-        return order is not None and order["refunded_fen"] == charge["amount_fen"]
-
-    await eventually(refunded)
+    await _refunded_in_full(quiet, provider, charge["idempotency_key"])
 
 
 async def test_an_operators_refund_with_a_long_reason_reaches_the_provider(
@@ -723,16 +725,7 @@ async def test_an_operators_refund_with_a_long_reason_reaches_the_provider(
     it. Before, the provider refused the request, and the refund, retried unchanged, was never
     paid while still counting against the order (a second try was 409 `refund_not_allowed`)."""
     app, api = quiet_api
-    lot = await create_lot(quiet)
-    driver = await make_driver(quiet, unique_plate())
-    stay_id = await exit_with_frames(quiet, gate, lot, driver.plate, timedelta(minutes=70))
-
-    async def collected() -> bool:
-        await run_worker(quiet)
-        return (await charge_of(quiet, stay_id))["status"] == "succeeded"
-
-    await eventually(collected)
-    charge = await charge_of(quiet, stay_id)
+    lot, _, _, charge = await _collected_stay(quiet, gate)
     admin = bearer(staff_token(app, await make_staff(quiet, lot.operator_id, "admin")))
     asked = await api.post(
         f"/api/v1/operator/charges/{charge['id']}/refunds",
@@ -741,12 +734,7 @@ async def test_an_operators_refund_with_a_long_reason_reaches_the_provider(
     )
     assert asked.status_code == 201, asked.text
 
-    async def refunded() -> bool:
-        await run_worker(quiet)
-        order = await provider_order(provider.url, charge["idempotency_key"])
-        return order is not None and order["refunded_fen"] == charge["amount_fen"]
-
-    await eventually(refunded)
+    await _refunded_in_full(quiet, provider, charge["idempotency_key"])
 
 
 # --- 5. bad input ----------------------------------------------------------------------------

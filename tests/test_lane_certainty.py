@@ -43,6 +43,7 @@ from tests.conftest import (
     eventually,
     make_driver,
     make_staff,
+    reject_awaiting,
     set_car_park,
     staff_token,
     unique_plate,
@@ -478,22 +479,6 @@ async def test_an_operator_confirms_a_charge_with_both_frames_and_it_is_queued_o
     assert audit["reason"] == body["reason"]
 
 
-async def _rejected(
-    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, lot: Lot, charge: dict[str, Any]
-) -> tuple[dict[str, str], int]:
-    """An attendant rejects the awaiting charge: the attendant's headers, and the exception its
-    exit waits in for the right plate."""
-    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
-    rejected = await api.post(
-        f"/api/v1/operator/confirmations/{charge['id']}/reject",
-        json={"reason": "出口车辆不是入场车辆"},
-        headers=attendant,
-    )
-    assert rejected.status_code == 200, rejected.text
-    exception_id: int = rejected.json()["exception_id"]
-    return attendant, exception_id
-
-
 async def test_a_rejected_charge_charges_nobody_and_the_exit_waits_for_the_right_plate(
     runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
 ) -> None:
@@ -824,7 +809,7 @@ async def test_an_exit_decided_later_never_ends_a_stay_that_began_after_it(
     other = await make_driver(runtime, unique_plate())
     await enter(runtime, gate, lot, other.plate, parked_for=timedelta(hours=3))
     _, (charge,) = await _awaiting(runtime, gate, lot)
-    attendant, exception_id = await _rejected(runtime, app, api, lot, charge)
+    attendant, exception_id = await reject_awaiting(runtime, app, api, lot, charge["id"])
     # The car in the exit frame was the other one: it comes back in before anyone looks.
     again = await gate.decide(lot.code, "in1", gate.capture("in", other.plate))
     assert again["action"] == "open"
@@ -891,7 +876,7 @@ async def test_deciding_a_rejected_exit_again_commands_no_gate(
             )
         )
     assert len(gate.commands[exit_id]) == 1
-    attendant, exception_id = await _rejected(runtime, app, api, lot, charge)
+    attendant, exception_id = await reject_awaiting(runtime, app, api, lot, charge["id"])
     before = await runtime.occupancy.get(lot.id)
 
     resolved = await api.post(

@@ -19,6 +19,7 @@ from tests.conftest import (
     eventually,
     make_driver,
     make_staff,
+    reject_awaiting,
     staff_token,
     unique_plate,
 )
@@ -260,13 +261,7 @@ async def test_an_exit_after_the_car_came_back_in_and_left_again_is_not_a_second
     [charge] = await charges_of(runtime, lot)
     assert (charge["amount_fen"], charge["status"]) == (1200, "awaiting_confirmation")
 
-    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
-    rejected = await api.post(
-        f"/api/v1/operator/confirmations/{charge['id']}/reject",
-        json={"reason": "出口车辆不是入场车辆"},
-        headers=attendant,
-    )
-    assert rejected.status_code == 200, rejected.text
+    await reject_awaiting(runtime, app, api, lot, charge["id"])
     assert [s["status"] for s in await _stays(runtime, lot, driver.plate)] == ["closed"] * 2
     assert await runtime.occupancy.get(lot.id) == gone
 

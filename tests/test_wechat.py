@@ -49,6 +49,7 @@ from tests.conftest import (
     MQTT_URL,
     REDIS_URL,
     Driver,
+    Lot,
     api_server,
     backdate_entry,
     charges_of,
@@ -500,32 +501,41 @@ async def test_every_fault_ends_in_one_wechat_order_per_stay(
             assert await ledger.is_balanced(conn)
 
 
+async def _refund_of_a_collected_charge(
+    runtime: Runtime, gate: GateProbe, ends: str
+) -> tuple[Lot, Any]:
+    """A WeChat driver's 70-minute stay, charged ¥12 and collected, then ¥5 of it refunded:
+    waits until the refund's status is `ends`; (the lot, the charge)."""
+    lot = await create_lot(runtime)
+    driver = await _wechat_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=70))
+    await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+
+    async def charged() -> list[Any]:
+        rows = await charges_of(runtime, lot)
+        return rows if rows and rows[0]["status"] == "succeeded" else []
+
+    (charge,) = await eventually(charged, timeout_s=20)
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        refund = await refunds.request_for_charge(
+            conn, charge_id=charge["id"], amount_fen=500, reason="不是我的车", actor="test"
+        )
+
+    async def ended() -> bool:
+        async with runtime.pool.acquire() as conn:
+            now = await conn.fetchval("SELECT status FROM refunds WHERE id = $1", refund.id)
+        return bool(now == ends)
+
+    await eventually(ended, timeout_s=20)
+    return lot, charge
+
+
 async def test_a_refund_on_wechat_is_booked_once(
     settings: Settings, database_url: str, gate: GateProbe
 ) -> None:
     config = _faults(duplicate_notification_rate=1.0)
     async with wechat_runtime(settings, database_url, config) as (runtime, emulator):
-        lot = await create_lot(runtime)
-        driver = await _wechat_driver(runtime, unique_plate())
-        await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=70))
-        await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
-
-        async def charged() -> list[Any]:
-            rows = await charges_of(runtime, lot)
-            return rows if rows and rows[0]["status"] == "succeeded" else []
-
-        (charge,) = await eventually(charged, timeout_s=20)
-        async with runtime.pool.acquire() as conn, conn.transaction():
-            refund = await refunds.request_for_charge(
-                conn, charge_id=charge["id"], amount_fen=500, reason="不是我的车", actor="test"
-            )
-
-        async def refunded() -> bool:
-            async with runtime.pool.acquire() as conn:
-                status = await conn.fetchval("SELECT status FROM refunds WHERE id = $1", refund.id)
-            return bool(status == "succeeded")
-
-        await eventually(refunded, timeout_s=20)
+        lot, charge = await _refund_of_a_collected_charge(runtime, gate, "succeeded")
         (wechat_refund,) = [
             r for r in emulator.refunds.values() if r["out_trade_no"] == charge["idempotency_key"]
         ]
@@ -569,27 +579,7 @@ async def test_a_refund_still_processing_is_asked_about_until_it_ends(
         runtime,
         emulator,
     ):
-        lot = await create_lot(runtime)
-        driver = await _wechat_driver(runtime, unique_plate())
-        await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=70))
-        await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
-
-        async def charged() -> list[Any]:
-            rows = await charges_of(runtime, lot)
-            return rows if rows and rows[0]["status"] == "succeeded" else []
-
-        (charge,) = await eventually(charged, timeout_s=20)
-        async with runtime.pool.acquire() as conn, conn.transaction():
-            refund = await refunds.request_for_charge(
-                conn, charge_id=charge["id"], amount_fen=500, reason="不是我的车", actor="test"
-            )
-
-        async def ended() -> bool:
-            async with runtime.pool.acquire() as conn:
-                now = await conn.fetchval("SELECT status FROM refunds WHERE id = $1", refund.id)
-            return bool(now == status)
-
-        await eventually(ended, timeout_s=20)
+        lot, _ = await _refund_of_a_collected_charge(runtime, gate, status)
         assert [r["status"] for r in emulator.refunds.values()] == [outcome]
         assert not [n for n in emulator.notices if n.outcome == "delivered"]
         async with runtime.pool.acquire() as conn:
