@@ -304,20 +304,14 @@ class OutboxWorker:
         if charge is None or charge.status != "pending":
             await self._done(job)
             return
-        async with self.pool.acquire() as conn, conn.transaction():
-            sending = await charges.begin_sending(conn, charge.charge_id)
-            if not sending:
-                # Held by the driver's "not my car" until an operator decides (a decision
-                # that lets it stand makes the job due again), or no longer pending.
-                await self._mark_done(conn, job)
-        if not sending:
-            log.info("billing.charge_held_for_dispute", charge_id=charge.charge_id)
+        # charge.attempts: a charge sent before (by an earlier job, e.g. before an operator
+        # asked for a retry) is asked about first too.
+        follow_up = job.attempts > 1 or charge.attempts > 0
+        if not follow_up and not await self._begin_sending(job, charge.charge_id, again=False):
             return
         try:
             result = None
-            # charge.attempts: a charge sent before (by an earlier job, e.g. before an operator
-            # asked for a retry) is asked about first too.
-            if job.attempts > 1 or charge.attempts > 0:
+            if follow_up:
                 # A retry or a follow-up: ask first, the order may exist (a lost answer, a crash
                 # after sending, a notification that never came). A refused query says nothing
                 # about the charge: it is retried, never taken for a decline.
@@ -325,7 +319,9 @@ class OutboxWorker:
                     result = await self.provider.query(out_trade_no=charge.idempotency_key)
                 except ProviderRejected as exc:
                     raise ProviderUnavailable(f"order query refused: {exc}") from exc
-                if result is None and not await self._send_again(job, charge.charge_id):
+                if result is None and not await self._begin_sending(
+                    job, charge.charge_id, again=True
+                ):
                     return
             if result is None:
                 result = await self.provider.create_charge(
@@ -383,11 +379,16 @@ class OutboxWorker:
             return
         await self._apply(job, result)
 
-    async def _send_again(self, job: Job, charge_id: int) -> bool:
-        """The provider has no order of the charge: sent as for the first time, unless a
-        driver's "not my car" opened since holds it now (`charges.send_again`)."""
+    async def _begin_sending(self, job: Job, charge_id: int, *, again: bool) -> bool:
+        """Just before the charge goes to the provider: False (its job done) when a driver's
+        "not my car" holds it until an operator decides (a decision that lets it stand makes
+        the job due again), or it is no longer pending. `again`: the provider was asked and
+        has no order of it (`charges.send_again`)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            sending = await charges.send_again(conn, charge_id, self.request_in_flight)
+            if again:
+                sending = await charges.send_again(conn, charge_id, self.request_in_flight)
+            else:
+                sending = await charges.begin_sending(conn, charge_id)
             if not sending:
                 await self._mark_done(conn, job)
         if not sending:

@@ -629,8 +629,10 @@ async def test_not_my_car_holds_a_charge_the_provider_turned_out_never_to_have(
     charge = await charge_of(quiet, stay_id)
     assert charge["status"] == "pending" and charge["sent_at"] is not None
     dispute_id = await _disputed(api, app, driver, stay_id)
-    # The retry comes after no request can still be in flight (the window, shortened here).
-    quiet.outbox.request_in_flight = timedelta(0)
+    async with quiet.pool.acquire() as conn:  # sent an hour ago: no request can still land
+        await conn.execute(
+            "UPDATE charges SET sent_at = sent_at - interval '1 hour' WHERE id = $1", charge["id"]
+        )
 
     async def asked_again() -> bool:  # the retry comes due after its backoff
         await run_worker(quiet)
@@ -735,6 +737,31 @@ async def test_an_operators_refund_with_a_long_reason_reaches_the_provider(
     assert asked.status_code == 201, asked.text
 
     await _refunded_in_full(quiet, provider, charge["idempotency_key"])
+
+
+async def test_a_deleted_accounts_receipt_links_lead_nowhere(
+    runtime: Runtime, gate: GateProbe, lot: Lot, app: FastAPI, api: httpx.AsyncClient
+) -> None:
+    """After the driver deletes the account, a receipt link it was sent (forwarded, or on a
+    phone passed on) shows no stay, no fee and no frame, and opens no dispute in its name.
+    Before, all of it still answered."""
+    driver = await make_driver(runtime, unique_plate())
+    await exit_with_frames(runtime, gate, lot, driver.plate, timedelta(minutes=40))
+    token = await receipt_token_of(runtime, driver)
+    receipt = (await api.get(f"/api/v1/receipts/{token}")).json()
+    entry_frame = receipt["frames"]["entry"]
+    assert (await api.get(entry_frame)).status_code == 200
+
+    async def settled() -> bool:
+        rows = await charges_of(runtime, lot)
+        return bool(rows) and rows[0]["status"] != "pending"
+
+    await eventually(settled)
+    deleted = await api.delete("/api/v1/me", headers=bearer(driver_token(app, driver.account_id)))
+    assert deleted.status_code == 204, deleted.text
+    assert (await api.get(f"/api/v1/receipts/{token}")).status_code == 404
+    assert (await api.get(entry_frame)).status_code == 404
+    assert (await api.post(f"/r/{token}/dispute")).status_code == 404
 
 
 # --- 5. bad input ----------------------------------------------------------------------------
