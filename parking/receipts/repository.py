@@ -13,6 +13,8 @@ async def by_token_hash(conn: asyncpg.Connection, token_hash: bytes) -> asyncpg.
                    WHERE charge_id = c.id AND status = 'succeeded') AS refunded_fen
            FROM receipts r JOIN charges c ON c.id = r.charge_id
            JOIN sessions s ON s.id = c.session_id JOIN car_parks cp ON cp.id = s.car_park_id
+           -- A deleted account's links lead nowhere: its stays and frames are nobody's to see.
+           JOIN accounts a ON a.id = c.account_id AND a.deleted_at IS NULL
            WHERE r.token_hash = $1""",
         token_hash,
     )
