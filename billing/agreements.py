@@ -59,20 +59,34 @@ async def sign(
 
 
 async def displace_unverified(
-    conn: asyncpg.Connection, provider: str, agreement_no: str
+    conn: asyncpg.Connection, provider: str, agreement_no: str, owner_account_id: int
 ) -> int | None:
-    """Cancels the active agreement under this number whose holder named it unverified (an
-    openid the app named before the server took it from WeChat: migration 0049), for the
-    number's proven owner; the displaced account, or None."""
+    """Cancels another account's active agreement under this number, unverified (an openid
+    the app named before the server took it from WeChat: migration 0049), for the account of
+    the number's proven owner; the displaced account, or None."""
     account_id: int | None = await conn.fetchval(
         """UPDATE pay_later_agreements SET cancelled_at = now()
            WHERE provider = $1 AND agreement_no = $2 AND cancelled_at IS NULL
-             AND NOT identity_verified
+             AND NOT identity_verified AND account_id <> $3
            RETURNING account_id""",
         provider,
         agreement_no,
+        owner_account_id,
     )
     return account_id
+
+
+async def verify_own(conn: asyncpg.Connection, account_id: int, agreement_no: str) -> bool:
+    """The account's active agreement is under this number, now proven its own: marked
+    verified. False when its active agreement is under another number, or it has none."""
+    verified = await conn.fetchval(
+        """UPDATE pay_later_agreements SET identity_verified = true
+           WHERE account_id = $1 AND agreement_no = $2 AND cancelled_at IS NULL
+           RETURNING id""",
+        account_id,
+        agreement_no,
+    )
+    return verified is not None
 
 
 async def set_limit(conn: asyncpg.Connection, account_id: int, per_session_limit_fen: int) -> None:

@@ -364,3 +364,45 @@ async def test_on_wechat_an_openid_named_before_the_sign_in_check_goes_to_its_pr
         other = await _driver(runtime, app)
         taken = await _sign(api, other, wechat_code=emulator.login_code(victims_openid))
         assert taken.status_code == 409 and taken.json()["error"]["code"] == "openid_in_use"
+
+
+async def test_on_wechat_a_driver_proving_their_own_openid_keeps_their_agreement(
+    settings: Settings, database_url: str, gate: GateProbe
+) -> None:
+    """A driver's agreement was made while the app named the openid (unverified), and it is
+    theirs. Signing in with WeChat again verifies it: the same agreement, still paying for the
+    stay in progress. Before, it was cancelled for a new one signed now, which does not pay
+    for a stay that began before it: the parked car was held at the exit."""
+    async with (
+        wechat_runtime(settings, database_url, _faults()) as (runtime, emulator),
+        driver_app(runtime) as (api, app),
+    ):
+        lot = await create_lot(runtime)
+        plate = unique_plate()
+        openid = f"o-{plate}"  # the emulator's name for the plate's driver: their own
+        driver = await make_driver(runtime, plate, provider="wechat", agreement_no=openid)
+        async with runtime.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE pay_later_agreements SET identity_verified = false WHERE id = $1",
+                driver.agreement_id,
+            )
+        await enter(runtime, gate, lot, plate, parked_for=timedelta(0))
+        await entry_registered(runtime, lot, plate)
+        await backdate_entry(runtime, lot, plate, timedelta(minutes=70))
+        headers = bearer(driver_token(app, driver.account_id))
+        signed = await _sign(api, headers, wechat_code=emulator.login_code(openid))
+        assert signed.status_code == 201, signed.text
+        async with runtime.pool.acquire() as conn:
+            agreements = await conn.fetch(
+                "SELECT id, cancelled_at, identity_verified FROM pay_later_agreements"
+                " WHERE account_id = $1",
+                driver.account_id,
+            )
+        assert [(a["id"], a["cancelled_at"], a["identity_verified"]) for a in agreements] == [
+            (driver.agreement_id, None, True)
+        ]
+        command = await gate.decide(lot.code, "out1", gate.capture("out", plate))
+        assert (command["action"], command["fee_fen"]) == ("open", 1200)
+        # Another openid while one agreement is active: cancel it first, as before.
+        other = await _sign(api, headers, wechat_code=emulator.login_code("o-someone-else"))
+        assert other.status_code == 409 and other.json()["error"]["code"] == "agreement_exists"

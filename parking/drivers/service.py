@@ -261,13 +261,22 @@ async def sign_agreement(
     provider knows the driver by it), as WeChat names it for the driver's sign-in code; the
     bound plates' service states are looked up now."""
     provider = runtime.provider
+    wechat = isinstance(provider, WeChatParkingProvider)
     if isinstance(provider, WeChatParkingProvider):
         agreement_no = await _wechat_openid(provider, request.wechat_code)
-        await _displace_unverified(conn, account_id, agreement_no)
     else:
         agreement_no = f"AGR-{uuid.uuid4().hex}"
     if await repo.active_agreement(conn, account_id) is not None:
+        if wechat and await agreements.verify_own(conn, account_id, agreement_no):
+            # The driver proved the openid of their own agreement (one made while the app
+            # named it): it stays as it is, paying for the stays it covers.
+            await audit.record(
+                conn, f"account:{account_id}", "agreement.verified", f"account:{account_id}", {}
+            )
+            return await agreement(conn, account_id)
         raise AppError(409, "agreement_exists", "cancel the active agreement first")
+    if wechat:
+        await _displace_unverified(conn, account_id, agreement_no)
     bound = await repo.active_bindings(conn, account_id)
     answered = await agreements.look_up_states(
         provider, [(agreement_no, b["plate"], b["color"]) for b in bound]
@@ -297,8 +306,8 @@ async def sign_agreement(
 async def _displace_unverified(conn: asyncpg.Connection, account_id: int, openid: str) -> None:
     """The openid's owner, proven by WeChat, takes it over from an agreement whose holder only
     named it (before the server asked WeChat); that account is told and its pay-later ends."""
-    displaced = await agreements.displace_unverified(conn, "wechat", openid)
-    if displaced is None or displaced == account_id:
+    displaced = await agreements.displace_unverified(conn, "wechat", openid, account_id)
+    if displaced is None:
         return
     await audit.record(
         conn,
