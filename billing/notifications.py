@@ -225,11 +225,15 @@ async def enqueue(
     body: str,
     params: dict[str, str] | None = None,
 ) -> int | None:
-    """Queues a notification once per source_key; None when it was already queued."""
+    """Queues a notification once per source_key; None when it was already queued, or the
+    account is deleted (its messages were erased with it: a later one, a pass reminder or a
+    refund's, would name its plate and places again)."""
     notification_id: int | None = await conn.fetchval(
         """WITH notification AS (
                INSERT INTO notifications (account_id, kind, source_key, body, params)
-               VALUES ($1, $2, $3, $4, $5) ON CONFLICT (source_key) DO NOTHING RETURNING id)
+               SELECT $1, $2, $3, $4, $5
+               WHERE EXISTS (SELECT 1 FROM accounts WHERE id = $1 AND deleted_at IS NULL)
+               ON CONFLICT (source_key) DO NOTHING RETURNING id)
            INSERT INTO outbox (kind, ref_id) SELECT 'notification', id FROM notification
            RETURNING ref_id""",
         account_id,

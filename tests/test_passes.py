@@ -167,3 +167,29 @@ async def test_a_renewal_starts_where_the_pass_ends_and_one_reminder_before_expi
         await passes.send_expiry_reminders(conn, ends + timedelta(days=28), timedelta(days=3))
     assert len(await reminders()) == 1, "the second pass was renewed by the third"
     assert datetime.fromisoformat(third["starts_at"]) == ends + timedelta(days=30)
+
+
+async def test_a_deleted_account_gets_no_new_message_naming_its_plate(
+    runtime: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    provider: ProviderEndpoint,
+    lot: Lot,
+) -> None:
+    """Deleting the account erases its messages (they name plates and places). Its pass runs
+    on, and its expiry reminder used to write a new message naming the plate in clear for the
+    account nobody can reach any more; none is written now."""
+    offer_id, _ = await _offer(runtime, app, api, lot, price_fen=20_000)
+    driver = await make_driver(runtime, unique_plate())
+    me = bearer(driver_token(app, driver.account_id))
+    bought = await _buy_and_pay(runtime, api, provider, me, offer_id, driver.plate)
+    assert (await api.delete("/api/v1/me", headers=me)).status_code == 204
+    ends = datetime.fromisoformat(bought["ends_at"])
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        await passes.send_expiry_reminders(conn, ends - timedelta(days=2), timedelta(days=3))
+    async with runtime.pool.acquire() as conn:
+        written = await conn.fetch(
+            "SELECT kind FROM notifications WHERE account_id = $1 AND body <> ''",
+            driver.account_id,
+        )
+    assert written == []
