@@ -79,7 +79,12 @@ from gate_controller.protocol import (
     Topics,
     encode,
 )
-from gate_controller.whitelist import OfflineWhitelist, command_refusal, load_public_key
+from gate_controller.whitelist import (
+    OfflineWhitelist,
+    command_refusal,
+    load_public_key,
+    signed_refusal,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -193,6 +198,8 @@ class GateAgent:
         self.config_refusals: Counter[str] = Counter()
         # Commands refused since start, by reason (unsigned, forged, another gate's, expired).
         self.command_refusals: Counter[str] = Counter()
+        # Acks refused since start, by reason (unsigned, forged, another gate's).
+        self.ack_refusals: Counter[str] = Counter()
 
     @property
     def store(self) -> Outbox:
@@ -448,6 +455,12 @@ class GateAgent:
             ack = Ack.model_validate_json(message.payload)
         except ValidationError:
             log.warning("agent.bad_ack", size=len(message.payload))
+            return
+        refusal = signed_refusal(ack, self.whitelist.public_key, self.address)
+        if refusal is not None:
+            # The capture stays in the outbox, sent again until the server acknowledges it.
+            self.ack_refusals[refusal] += 1
+            log.warning("agent.ack_refused", capture_id=str(ack.capture_id), reason=refusal)
             return
         now = time.time()
         if not self.store.ack(ack.capture_id, now):

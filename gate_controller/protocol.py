@@ -99,6 +99,26 @@ class Ack(_Message):
     # Set when the server refused the capture (it is in the dead letters with this reason):
     # the gate must drop it from its outbox rather than resend it forever.
     rejected: str | None = None
+    # Signed as commands are (parking.gates.commands): an ack makes the gate drop its only copy
+    # of the capture, so one anybody else published would lose an offline exit for good.
+    lot: str | None = None
+    gate: str | None = None
+    signature: str | None = None
+
+    def signed_bytes(self) -> bytes:
+        """What the signature covers, as canonical JSON; `"kind": "ack"` keeps it from ever
+        reading as a command or a config."""
+        document = {
+            "v": 1,
+            "kind": "ack",
+            "lot": self.lot,
+            "gate": self.gate,
+            "capture_id": str(self.capture_id),
+            "received_at": _utc_text(self.received_at),
+            "duplicate": self.duplicate,
+            "rejected": self.rejected,
+        }
+        return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
 
 
 class GateEvent(_Message):

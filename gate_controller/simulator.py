@@ -6,7 +6,8 @@ until the server's ack and sends it again if none comes; on top of that it injec
 it counts a command only when the server signed it for that gate and it has not expired (the
 agent's own check, `gate_controller.whitelist.command_refusal`); anything else is counted by
 reason in `SimReport.command_refusals` and logged, so a run that sends unsigned or forged
-commands shows them instead of counting them as answers.
+commands shows them instead of counting them as answers. Acks likewise: one the server did not
+sign for the gate is counted in `SimReport.ack_refusals`, and the capture waits for a real one.
 """
 
 import asyncio
@@ -19,14 +20,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-import orjson
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from gate_controller.mqtt import IncomingMessage, MqttClient
-from gate_controller.protocol import CameraRead, Capture, Command, GateAddress, Topics, encode
-from gate_controller.whitelist import command_refusal
+from gate_controller.protocol import (
+    Ack,
+    CameraRead,
+    Capture,
+    Command,
+    GateAddress,
+    Topics,
+    encode,
+)
+from gate_controller.whitelist import command_refusal, signed_refusal
 
 log = structlog.get_logger(__name__)
 
@@ -86,6 +94,9 @@ class SimReport:
     # Commands a real gate would have refused, by reason (unsigned, bad_signature, other_gate,
     # expired, malformed): never counted in `commands`, and their captures stay unanswered.
     command_refusals: Counter[str] = field(default_factory=Counter)
+    # Acks a real gate would have refused, by reason (unsigned, bad_signature, other_gate,
+    # malformed): never counted in `acks`.
+    ack_refusals: Counter[str] = field(default_factory=Counter)
     acks: int = 0
     unanswered: int = 0
     round_trip_ms: list[float] = field(default_factory=list)
@@ -274,12 +285,25 @@ class GateSimulator:
         return None
 
     def _on_ack(self, message: IncomingMessage) -> None:
-        data = orjson.loads(message.payload)
-        pending = self._pending.get(data.get("capture_id", ""))
+        parsed = self.topics.parse(message.topic)
+        try:
+            ack = Ack.model_validate_json(message.payload)
+        except ValidationError:
+            refusal: str | None = "malformed"
+        else:
+            refusal = (
+                "malformed" if parsed is None else signed_refusal(ack, self.server_key, parsed[0])
+            )
+        if refusal is not None:
+            self.report.ack_refusals[refusal] += 1
+            log.warning("sim.ack_refused", why=refusal, topic=message.topic)
+            return
+        key = str(ack.capture_id)
+        pending = self._pending.get(key)
         if pending is not None and not pending.acked:
             pending.acked = True
             self.report.acks += 1
-            self._forget_if_answered(data["capture_id"], pending)
+            self._forget_if_answered(key, pending)
 
     def _forget_if_answered(self, key: str, pending: _Pending) -> None:
         if pending.acked and pending.commanded:

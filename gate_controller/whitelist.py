@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from gate_controller.protocol import Command, GateAddress, GateConfig, WhitelistEntry
+from gate_controller.protocol import Ack, Command, GateAddress, GateConfig, WhitelistEntry
 
 
 def command_refusal(
@@ -24,17 +24,26 @@ def command_refusal(
     """Why a gate at `address` must not act on `command`, or None when the server signed it
     (`key`: the server's public key) for this very gate and it has not expired. The reasons:
     unsigned, bad_signature, other_gate, expired."""
-    if command.signature is None:
+    refusal = signed_refusal(command, key, address)
+    if refusal is None and command.expires_at <= now:
+        return "expired"
+    return refusal
+
+
+def signed_refusal(
+    message: Command | Ack, key: Ed25519PublicKey, address: GateAddress
+) -> str | None:
+    """Why a gate at `address` must not take `message` as the server's, or None when the
+    server signed it (`key`) for this very gate: unsigned, bad_signature, other_gate."""
+    if message.signature is None:
         return "unsigned"
     try:
-        signature = base64.b64decode(command.signature, validate=True)
-        key.verify(signature, command.signed_bytes())
+        signature = base64.b64decode(message.signature, validate=True)
+        key.verify(signature, message.signed_bytes())
     except (InvalidSignature, binascii.Error, ValueError):
         return "bad_signature"
-    if (command.lot, command.gate) != (address.lot, address.gate):
+    if (message.lot, message.gate) != (address.lot, address.gate):
         return "other_gate"
-    if command.expires_at <= now:
-        return "expired"
     return None
 
 

@@ -37,6 +37,7 @@ from gate_controller.mqtt import IncomingMessage, MqttClient
 from gate_controller.outbox import Outbox
 from gate_controller.protocol import (
     DISPLAY_DEFAULTS,
+    Ack,
     Capture,
     Command,
     GateAddress,
@@ -406,6 +407,17 @@ async def test_offline_decisions_from_the_signed_whitelist_are_uploaded_when_the
             )
             assert out.agent.store.unacked() == exits
             assert into.agent.store.unacked() == entries
+            # Anybody on the broker acking them (unsigned, or signed with another key) makes
+            # the gate drop nothing: before, the exits were lost, the stays never closed.
+            exit_acks = topics.topic(GateAddress(lot.code, "out1"), "ack")
+            for _, capture_id in exits:
+                forged = Ack(capture_id=capture_id, received_at=datetime.now(UTC))
+                await uplink.mqtt.publish(exit_acks, encode(forged))
+                alien = sign_command(forged, out.agent.address, generate_private_key())
+                await uplink.mqtt.publish(exit_acks, encode(alien))
+            await until(lambda: sum(out.agent.ack_refusals.values()) == 2 * len(exits))
+            assert out.agent.ack_refusals == {"unsigned": 3, "bad_signature": 3}
+            assert out.agent.store.unacked() == exits
 
             async with running(offline, runtime.endpoints, provider, outbox_worker=False) as lanes:
                 await until(lambda: out.agent.store.length() + into.agent.store.length() == 0)

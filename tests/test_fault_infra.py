@@ -30,6 +30,7 @@ import asyncpg
 import orjson
 import pytest
 import structlog
+from pydantic import SecretStr
 
 from billing import ledger
 from gate_controller.agent import AgentConfig, GateAgent
@@ -37,7 +38,12 @@ from gate_controller.barrier import SimulatedDisplay, SimulatedRelay
 from gate_controller.camera import CameraEvent, QueueCameraSource
 from gate_controller.mqtt import IncomingMessage, MqttClient
 from gate_controller.protocol import DISPLAY_DEFAULTS, Topics
-from parking.gates.config import generate_private_key, public_key_text, publish_configs
+from parking.gates.config import (
+    generate_private_key,
+    private_key_pem,
+    public_key_text,
+    publish_configs,
+)
 from parking.infra import Endpoints
 from parking.logging import configure_logging
 from parking.runtime import ProviderEndpoint, Runtime, running
@@ -614,6 +620,10 @@ async def exit_lane(
     settings: Settings, tmp_path: Path, *, payers: int, unbound: int
 ) -> AsyncIterator[ExitLane]:
     prefix = settings.mqtt_topic_prefix
+    # The service signs its commands and acks with the key the gate trusts.
+    settings = settings.model_copy(
+        update={"gate_config_key": SecretStr(private_key_pem(SERVER_KEY))}
+    )
     async with (
         own_mosquitto(tmp_path) as broker,
         own_database() as database_url,

@@ -417,6 +417,7 @@ async def drive(
         "outcomes": dict(stats.outcomes),
         "errors": stats.failures + report.unanswered + stats.dead_letters,
         "commands_refused_by_gates": dict(report.command_refusals),
+        "acks_refused_by_gates": dict(report.ack_refusals),
         "charged": charged["succeeded"],
         # Exits decided on a plate other than the car's own (the simulator knows the truth).
         "exits_wrong_plate": wrong["decided"],

@@ -320,6 +320,7 @@ async def summarise(
         "unanswered": report.unanswered,
         # Commands the simulated gates refused (unsigned, forged, another gate's, expired).
         "commands_refused": dict(report.command_refusals),
+        "acks_refused": dict(report.ack_refusals),
         "notifications_sent": runtime.outbox.stats.notified,
         "dead_letters": dead_letters,
         "dead_letters_expected": expected_dead,

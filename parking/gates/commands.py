@@ -11,11 +11,12 @@ unsigned and every agent refuses them: a gate then works as if offline (fail clo
 
 import base64
 from functools import lru_cache
+from typing import TypeVar, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gate_controller.mqtt import MqttClient
-from gate_controller.protocol import Command, GateAddress, Topics, encode
+from gate_controller.protocol import Ack, Command, GateAddress, Topics, encode
 from parking.gates.config import load_private_key
 from parking.logging import get_logger
 from parking.settings import Settings
@@ -23,10 +24,15 @@ from parking.settings import Settings
 log = get_logger(__name__)
 
 
-def sign_command(command: Command, address: GateAddress, key: Ed25519PrivateKey) -> Command:
-    bound = command.model_copy(update={"lot": address.lot, "gate": address.gate, "signature": None})
+Signed = TypeVar("Signed", bound=Command | Ack)
+
+
+def sign_command(message: Signed, address: GateAddress, key: Ed25519PrivateKey) -> Signed:
+    """The command (or ack) bound to the gate at `address` and signed for it."""
+    bound = message.model_copy(update={"lot": address.lot, "gate": address.gate, "signature": None})
     signature = base64.b64encode(key.sign(bound.signed_bytes())).decode()
-    return bound.model_copy(update={"signature": signature})
+    # A copy of the same model: pydantic's Self is lost on a type variable over a union.
+    return cast(Signed, bound.model_copy(update={"signature": signature}))
 
 
 @lru_cache(maxsize=4)
@@ -55,6 +61,14 @@ def _warn_unsigned_once() -> None:
         )
 
 
+def _signed_payload(settings: Settings, address: GateAddress, message: Command | Ack) -> bytes:
+    key = command_key(settings)
+    if key is None:
+        _warn_unsigned_once()
+        return encode(message.model_copy(update={"lot": address.lot, "gate": address.gate}))
+    return encode(sign_command(message, address, key))
+
+
 async def publish_command(
     mqtt: MqttClient, settings: Settings, address: GateAddress, command: Command | bytes
 ) -> None:
@@ -62,10 +76,15 @@ async def publish_command(
     broker). `command` may be the stored JSON of one (the lane answers a resend with it)."""
     if isinstance(command, bytes):
         command = Command.model_validate_json(command)
-    key = command_key(settings)
-    if key is None:
-        _warn_unsigned_once()
-        payload = encode(command.model_copy(update={"lot": address.lot, "gate": address.gate}))
-    else:
-        payload = encode(sign_command(command, address, key))
+    payload = _signed_payload(settings, address, command)
     await mqtt.publish(Topics(settings.mqtt_topic_prefix).topic(address, "command"), payload)
+
+
+async def publish_ack(mqtt: MqttClient, settings: Settings, address: GateAddress, ack: Ack) -> None:
+    """Signs the ack of a capture for its gate and publishes it, without waiting for the broker
+    (the gate resends a capture it has no ack of). The gate drops its copy of the capture only
+    on an ack the server signed for it: one anybody else published would lose an offline exit."""
+    payload = _signed_payload(settings, address, ack)
+    await mqtt.publish(
+        Topics(settings.mqtt_topic_prefix).topic(address, "ack"), payload, wait=False
+    )

@@ -22,8 +22,8 @@ from pydantic import ValidationError
 
 from billing import dead_letters
 from gate_controller.mqtt import IncomingMessage, MqttClient
-from gate_controller.protocol import Ack, Capture, GateAddress, Topics, encode
-from parking.gates.commands import publish_command
+from gate_controller.protocol import Ack, Capture, GateAddress, Topics
+from parking.gates.commands import publish_ack, publish_command
 from parking.lanes import repository as repo
 from parking.lanes.reading import PlateReader, PlateReading, camera_own_read, decode_frames
 from parking.lanes.repository import GateInfo
@@ -258,7 +258,7 @@ class LaneWorker:
         done = time.perf_counter()
         latency_ms = (done - message.received_at) * 1000
         ack = Ack(capture_id=capture.capture_id, received_at=now, duplicate=decision is None)
-        await self.mqtt.publish(self.topics.topic(address, "ack"), encode(ack), wait=False)
+        await publish_ack(self.mqtt, self.settings, address, ack)
 
         self.stats.captures += 1
         if decision is None:
@@ -453,4 +453,4 @@ class LaneWorker:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return  # nothing to acknowledge it by
         ack = Ack(capture_id=capture_id, received_at=datetime.now(UTC), rejected=reason)
-        await self.mqtt.publish(self.topics.topic(parsed[0], "ack"), encode(ack), wait=False)
+        await publish_ack(self.mqtt, self.settings, parsed[0], ack)
