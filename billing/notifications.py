@@ -232,7 +232,9 @@ async def enqueue(
         """WITH notification AS (
                INSERT INTO notifications (account_id, kind, source_key, body, params)
                SELECT $1, $2, $3, $4, $5
-               WHERE EXISTS (SELECT 1 FROM accounts WHERE id = $1 AND deleted_at IS NULL)
+               -- Locked: an account being deleted is waited for, then seen deleted.
+               WHERE EXISTS (SELECT 1 FROM accounts WHERE id = $1 AND deleted_at IS NULL
+                             FOR KEY SHARE)
                ON CONFLICT (source_key) DO NOTHING RETURNING id)
            INSERT INTO outbox (kind, ref_id) SELECT 'notification', id FROM notification
            RETURNING ref_id""",

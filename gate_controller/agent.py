@@ -198,7 +198,8 @@ class GateAgent:
         self.config_refusals: Counter[str] = Counter()
         # Commands refused since start, by reason (unsigned, forged, another gate's, expired).
         self.command_refusals: Counter[str] = Counter()
-        # Acks refused since start, by reason (unsigned, forged, another gate's).
+        # Acks refused since start, by reason (unsigned, forged, another gate's, another
+        # message's: `other_payload`).
         self.ack_refusals: Counter[str] = Counter()
 
     @property
@@ -463,7 +464,11 @@ class GateAgent:
             log.warning("agent.ack_refused", capture_id=str(ack.capture_id), reason=refusal)
             return
         now = time.time()
-        if not self.store.ack(ack.capture_id, now):
+        outcome = self.store.ack(ack.capture_id, now, ack.payload_sha256)
+        if outcome == "other_payload":
+            self.ack_refusals[outcome] += 1
+            log.warning("agent.ack_refused", capture_id=str(ack.capture_id), reason=outcome)
+        if outcome != "acked":
             return
         if ack.rejected:
             log.warning("agent.capture_rejected", capture_id=str(ack.capture_id), why=ack.rejected)

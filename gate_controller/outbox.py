@@ -12,6 +12,7 @@ each call is one small indexed statement, so handing them to a thread would cost
 saves. `synchronous=FULL`: a capture the camera was told is stored survives a power cut.
 """
 
+import hashlib
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from uuid import UUID
 
 DecidedBy = Literal["server", "offline", "abandoned"]
 UsedOnceKind = Literal["camera_signature", "remote_open"]
+AckOutcome = Literal["acked", "absent", "other_payload"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS captures (
@@ -123,15 +125,25 @@ class Outbox:
             )
         return cursor.rowcount == 1
 
-    def ack(self, capture_id: UUID, now: float) -> bool:
-        """Drops the capture from the outbox; False when it was not in it."""
+    def ack(self, capture_id: UUID, now: float, payload_sha256: str | None) -> AckOutcome:
+        """Drops the capture from the outbox when the ack answers the payload it holds (its
+        SHA-256, hex): "acked"; "absent" when it is not in the outbox; "other_payload" when
+        the ack answers another message sent under its id (the capture stays)."""
         with self._db:
-            cursor = self._db.execute(
+            row = self._db.execute(
+                "SELECT payload FROM captures WHERE capture_id = ? AND acked_at IS NULL",
+                (str(capture_id),),
+            ).fetchone()
+            if row is None or row[0] is None:
+                return "absent"
+            if hashlib.sha256(row[0]).hexdigest() != payload_sha256:
+                return "other_payload"
+            self._db.execute(
                 """UPDATE captures SET acked_at = ?, payload = NULL, next_send_at = NULL
-                   WHERE capture_id = ? AND acked_at IS NULL""",
+                   WHERE capture_id = ?""",
                 (now, str(capture_id)),
             )
-        return cursor.rowcount == 1
+        return "acked"
 
     def due(self, now: float, limit: int = 100) -> list[tuple[UUID, bytes]]:
         """Captures to (re)send now, in seq order."""

@@ -99,6 +99,9 @@ class Ack(_Message):
     # Set when the server refused the capture (it is in the dead letters with this reason):
     # the gate must drop it from its outbox rather than resend it forever.
     rejected: str | None = None
+    # The SHA-256 (hex) of the very message this answers: the gate drops its capture only when
+    # it is what the gate sent, never on the answer to another message sent under its id.
+    payload_sha256: str | None = None
     # Signed as commands are (parking.gates.commands): an ack makes the gate drop its only copy
     # of the capture, so one anybody else published would lose an offline exit for good.
     lot: str | None = None
@@ -117,6 +120,7 @@ class Ack(_Message):
             "received_at": _utc_text(self.received_at),
             "duplicate": self.duplicate,
             "rejected": self.rejected,
+            "payload_sha256": self.payload_sha256,
         }
         return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
 

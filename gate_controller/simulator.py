@@ -11,6 +11,7 @@ sign for the gate is counted in `SimReport.ack_refusals`, and the capture waits 
 """
 
 import asyncio
+import hashlib
 import random
 import time
 import uuid
@@ -95,7 +96,7 @@ class SimReport:
     # expired, malformed): never counted in `commands`, and their captures stay unanswered.
     command_refusals: Counter[str] = field(default_factory=Counter)
     # Acks a real gate would have refused, by reason (unsigned, bad_signature, other_gate,
-    # malformed): never counted in `acks`.
+    # other_payload, malformed): never counted in `acks`.
     ack_refusals: Counter[str] = field(default_factory=Counter)
     acks: int = 0
     unanswered: int = 0
@@ -300,10 +301,16 @@ class GateSimulator:
             return
         key = str(ack.capture_id)
         pending = self._pending.get(key)
-        if pending is not None and not pending.acked:
-            pending.acked = True
-            self.report.acks += 1
-            self._forget_if_answered(key, pending)
+        if pending is None or pending.acked:
+            return
+        if hashlib.sha256(pending.payload).hexdigest() != ack.payload_sha256:
+            # An ack of another message sent under the capture's id: the capture stays.
+            self.report.ack_refusals["other_payload"] += 1
+            log.warning("sim.ack_refused", why="other_payload", topic=message.topic)
+            return
+        pending.acked = True
+        self.report.acks += 1
+        self._forget_if_answered(key, pending)
 
     def _forget_if_answered(self, key: str, pending: _Pending) -> None:
         if pending.acked and pending.commanded:

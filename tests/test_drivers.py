@@ -2,6 +2,7 @@
 bound only with proof of ownership and never move to a second claimant; a binding sees no
 stays from before it; debts are paid in the app; the account can be exported and deleted."""
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,6 +16,7 @@ from fastapi import FastAPI
 from billing import notifications, refunds
 from parking.admin import repository as admin
 from parking.auth.tokens import verify_password
+from parking.drivers import service as drivers_service
 from parking.drivers.verification import DevRegistry, dev_licence_no, registry_of
 from parking.logging import pseudonym
 from parking.runtime import ProviderEndpoint, Runtime
@@ -902,3 +904,42 @@ async def test_binding_and_disputing_a_plate_log_only_its_pseudonym(
     assert lines["drivers.plate_bound"]["plate"] == pseudonym(plate)
     assert lines["drivers.plate_disputed"]["plate"] == pseudonym(plate)
     assert plate not in repr(logged)
+
+
+async def test_a_message_queued_while_the_account_is_being_deleted_is_not_left_behind(
+    runtime: Runtime,
+) -> None:
+    """A reminder is queued while the account's deletion is under way (its messages erased,
+    not yet committed): it waits for the deletion and is not written. Before, it was written
+    after the erasure, naming the plate in clear for an account deleted a moment earlier."""
+    driver = await make_driver(runtime, unique_plate())
+    deleting = await runtime.pool.acquire()
+    queueing = await runtime.pool.acquire()
+    try:
+        deletion = deleting.transaction()
+        await deletion.start()
+        await drivers_service.delete_account(deleting, driver.account_id)
+
+        async def remind() -> int | None:
+            async with queueing.transaction():
+                return await notifications.enqueue(
+                    queueing,
+                    account_id=driver.account_id,
+                    kind="pass_expiring",
+                    source_key=f"test:{uuid.uuid4().hex}",
+                    body=f"{driver.plate} 月卡 将于明天到期，请在App续费",
+                )
+
+        reminding = asyncio.create_task(remind())
+        await asyncio.sleep(0.2)  # the reminder is queued behind the deletion
+        await deletion.commit()
+        queued = await asyncio.wait_for(reminding, 10)
+    finally:
+        await runtime.pool.release(deleting)
+        await runtime.pool.release(queueing)
+    async with runtime.pool.acquire() as conn:
+        written = await conn.fetchval(
+            "SELECT count(*) FROM notifications WHERE account_id = $1 AND body <> ''",
+            driver.account_id,
+        )
+    assert (queued, written) == (None, 0)

@@ -454,6 +454,57 @@ async def test_offline_decisions_from_the_signed_whitelist_are_uploaded_when_the
             )
 
 
+async def test_an_ack_of_another_message_under_the_captures_id_drops_nothing(
+    runtime: Runtime,
+    settings: Settings,
+    lot: Lot,
+    gate: GateProbe,
+    provider: ProviderEndpoint,
+    tmp_path: Path,
+    clean_configs: None,
+) -> None:
+    """Somebody on the broker reads an offline exit's capture id and sends junk under it: the
+    service dead-letters the junk and acknowledges it, signed. That ack answers the junk, not
+    the exit the gate holds, which stays until the service acknowledges it. Before, the gate
+    dropped its only copy: the stay stayed open and was never charged."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=1))
+    offline = settings.model_copy(
+        update={"mqtt_topic_prefix": _prefix(), "mqtt_client_id": f"lanes-{uuid.uuid4().hex[:8]}"}
+    )
+    assert await publish_configs(runtime.pool, runtime.mqtt, offline, SERVER_KEY) >= 2
+    topics = Topics(offline.mqtt_topic_prefix)
+    address = GateAddress(lot.code, "out1")
+    # The gate waits long before resending: only the junk reaches the service meanwhile.
+    config = _config(
+        tmp_path, lot.code, "out1", offline.mqtt_topic_prefix, resend_after_s=60, resend_max_s=60
+    )
+    try:
+        async with Listener() as forger, lane(config) as out:
+            await forger.listen(topics.topic(address, "capture"))
+            await until(lambda: out.agent.whitelist.config)
+            await out.camera.put(car("out", driver.plate))
+            await until(lambda: out.relay.openings)
+            sent = await until(lambda: forger.payloads(topics.topic(address, "capture")))
+            junk = orjson.dumps({"capture_id": sent[0]["capture_id"]})
+            async with running(offline, runtime.endpoints, provider, outbox_worker=False) as lanes:
+                for _ in range(20):  # until the service, just started, is listening
+                    await forger.mqtt.publish(topics.topic(address, "capture"), junk)
+                    with contextlib.suppress(AssertionError):
+                        await until(lambda: out.agent.ack_refusals["other_payload"], 0.5)
+                        break
+                assert set(out.agent.ack_refusals) == {"other_payload"}
+                assert lanes.lanes.stats.dead_letters >= 1
+            assert out.agent.store.length() == 1, "the exit is still the gate's to upload"
+    finally:
+        async with runtime.pool.acquire() as conn:
+            gates = await gates_repo.gate_addresses(conn)
+        async with Listener() as cleaner:
+            await cleaner.clear_retained(
+                [topics.topic(g, kind) for g in gates for kind in ("config", "status")]
+            )
+
+
 async def test_the_offline_whitelist_is_of_the_bound_vehicle_not_of_its_plate_text(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:

@@ -201,9 +201,13 @@ async def insert_capture_conflict(
     gate_id: int,
     resent: dict[str, Any],
 ) -> None:
+    # Once per content: the gate keeps resending a capture whose resend conflicts (its ack
+    # names nothing it holds), and each resend says the same.
     await conn.execute(
         """INSERT INTO capture_conflicts (capture_id, car_park_id, gate_id, resent)
-           VALUES ($1, $2, $3, $4)""",
+           SELECT $1, $2, $3, $4
+           WHERE NOT EXISTS (SELECT 1 FROM capture_conflicts
+                             WHERE capture_id = $1 AND resent = $4::jsonb)""",
         capture_id,
         car_park_id,
         gate_id,

@@ -242,14 +242,14 @@ class LaneWorker:
         now = datetime.now(UTC)
         started_db = time.perf_counter()
         try:
-            decision, command = await self._decide(
+            decision, command, conflict = await self._decide(
                 gate, capture, reading, now, frames, may_read_again=bool(frames)
             )
         except _ReadAgain:
             # A camera read that found no stay: the frames are read by the server (rolled
             # back first, so the OCR is outside any transaction) and the capture decided again.
             reading = await self.reader.read_again(capture, frames)
-            decision, command = await self._decide(gate, capture, reading, now, frames)
+            decision, command, conflict = await self._decide(gate, capture, reading, now, frames)
         if decision is not None and decision.occupancy_delta:
             # Before publishing: a publish that fails after commit must not lose the change.
             await self.occupancy.adjust(gate.car_park_id, decision.occupancy_delta)
@@ -257,7 +257,15 @@ class LaneWorker:
         await publish_command(self.mqtt, self.settings, address, command)
         done = time.perf_counter()
         latency_ms = (done - message.received_at) * 1000
-        ack = Ack(capture_id=capture.capture_id, received_at=now, duplicate=decision is None)
+        # Bound to the very message it answers: the gate drops the capture it holds only when
+        # that is what it sent. A conflicting resend is acknowledged as nothing the gate holds:
+        # the capture stored under its id may be another sender's, and the gate's must not go.
+        ack = Ack(
+            capture_id=capture.capture_id,
+            received_at=now,
+            duplicate=decision is None,
+            payload_sha256=None if conflict else hashlib.sha256(message.payload).hexdigest(),
+        )
         await publish_ack(self.mqtt, self.settings, address, ack)
 
         self.stats.captures += 1
@@ -320,15 +328,17 @@ class LaneWorker:
         frames: list[bytes] | None = None,
         *,
         may_read_again: bool = False,
-    ) -> tuple[Decision | None, bytes]:
+    ) -> tuple[Decision | None, bytes, bool]:
         """Decides in one transaction; a redelivered capture gets its stored command again.
 
-        Returns (None, command) for a duplicate: any capture whose id was stored before, whatever
-        its captured_at or content (a resend that differs is recorded for an operator, never
-        decided). Duplicates are detected by the capture's key at insert, not by a lookup first:
-        that saves every capture a round trip, and the duplicate's decision is rolled back with
-        its transaction. A unique violation for any other reason means a concurrent worker
-        changed the same stay first: the second attempt sees its committed result.
+        Returns (decision, command, False), or (None, command, conflict) for a duplicate: any
+        capture whose id was stored before, whatever its captured_at or content (`conflict`: a
+        resend that says something else than the capture stored under its id, recorded for an
+        operator and never decided). Duplicates are detected by the capture's key at insert,
+        not by a lookup first: that saves every capture a round trip, and the duplicate's
+        decision is rolled back with its transaction. A unique violation for any other reason
+        means a concurrent worker changed the same stay first: the second attempt sees its
+        committed result.
         """
         fingerprint = content_fingerprint(gate, capture)
         async with self.pool.acquire() as conn:
@@ -373,13 +383,14 @@ class LaneWorker:
                             session_id=decision.session_id,
                             command=command_json,
                         )
-                    return decision, orjson.dumps(command_json)
+                    return decision, orjson.dumps(command_json), False
                 except asyncpg.UniqueViolationError:
                     stored = await repo.stored_capture(conn, capture.capture_id)
                     if stored is not None:
-                        if stored.content_sha256 not in (None, fingerprint):
+                        conflict = stored.content_sha256 not in (None, fingerprint)
+                        if conflict:
                             await self._record_conflict(conn, gate, capture)
-                        return None, orjson.dumps(stored.command)
+                        return None, orjson.dumps(stored.command), conflict
                     if attempt == 2:
                         raise
         raise AssertionError("unreachable")
@@ -452,5 +463,10 @@ class LaneWorker:
             capture_id = UUID(str(orjson.loads(message.payload)["capture_id"]))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return  # nothing to acknowledge it by
-        ack = Ack(capture_id=capture_id, received_at=datetime.now(UTC), rejected=reason)
+        ack = Ack(
+            capture_id=capture_id,
+            received_at=datetime.now(UTC),
+            rejected=reason,
+            payload_sha256=hashlib.sha256(message.payload).hexdigest(),
+        )
         await publish_ack(self.mqtt, self.settings, parsed[0], ack)
