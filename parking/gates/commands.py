@@ -5,8 +5,9 @@ Each command is bound to its gate (car park and gate code), its capture and its 
 signed with the server's Ed25519 key, the one that signs the gates' configs
 (`PARKING_GATE_CONFIG_KEY`, `parking gates keygen`); the gate agent acts on nothing else. So a
 client that can publish on a command topic (a shared broker login, a broker without ACLs, a
-replayed message for another gate) cannot lift a barrier. Without the key the commands go out
-unsigned and every agent refuses them: a gate then works as if offline (fail closed).
+replayed message for another gate) cannot lift a barrier. Acks are signed the same way (a gate
+drops a capture only on one): without the key both go out unsigned and every agent refuses
+them: a gate then works as if offline (fail closed), resending its captures at its backoff.
 """
 
 import base64
@@ -57,7 +58,7 @@ def _warn_unsigned_once() -> None:
         _warned_unsigned = True
         log.warning(
             "gates.commands_unsigned",
-            hint="set PARKING_GATE_CONFIG_KEY: every gate agent refuses unsigned commands",
+            hint="set PARKING_GATE_CONFIG_KEY: every gate agent refuses unsigned commands and acks",
         )
 
 
