@@ -122,6 +122,29 @@ async def clean_configs(settings: Settings, database_url: str) -> AsyncIterator[
         await cleaner.clear_retained([topics.topic(g, "config") for g in gates])
 
 
+@contextlib.asynccontextmanager
+async def gates_on_their_own(
+    runtime: Runtime, settings: Settings
+) -> AsyncIterator[tuple[Settings, Topics]]:
+    """A topic prefix no lane serves yet, the gates' signed configs published there: the
+    gates are on their own until a lane runs with these settings. The retained configs and
+    statuses are cleared after."""
+    offline = settings.model_copy(
+        update={"mqtt_topic_prefix": _prefix(), "mqtt_client_id": f"lanes-{uuid.uuid4().hex[:8]}"}
+    )
+    assert await publish_configs(runtime.pool, runtime.mqtt, offline, SERVER_KEY) >= 2
+    topics = Topics(offline.mqtt_topic_prefix)
+    try:
+        yield offline, topics
+    finally:
+        async with runtime.pool.acquire() as conn:
+            gates = await gates_repo.gate_addresses(conn)
+        async with Listener() as cleaner:
+            await cleaner.clear_retained(
+                [topics.topic(g, kind) for g in gates for kind in ("config", "status")]
+            )
+
+
 def _prefix() -> str:
     return f"test-agent-{uuid.uuid4().hex[:8]}"
 
@@ -361,14 +384,8 @@ async def test_offline_decisions_from_the_signed_whitelist_are_uploaded_when_the
             "UPDATE accounts SET blocked_for_arrears = true WHERE id = $1", blocked.account_id
         )
 
-    # No lane serves this prefix yet: the gates are on their own.
-    offline = settings.model_copy(
-        update={"mqtt_topic_prefix": _prefix(), "mqtt_client_id": f"lanes-{uuid.uuid4().hex[:8]}"}
-    )
-    assert await publish_configs(runtime.pool, runtime.mqtt, offline, SERVER_KEY) >= 2
-    topics = Topics(offline.mqtt_topic_prefix)
     newcomer = unique_plate()
-    try:
+    async with gates_on_their_own(runtime, settings) as (offline, topics):
         async with (
             Listener() as uplink,
             lane(_config(tmp_path, lot.code, "out1", offline.mqtt_topic_prefix)) as out,
@@ -445,13 +462,6 @@ async def test_offline_decisions_from_the_signed_whitelist_are_uploaded_when_the
             assert out.reasons() == ["offline_exit", "remote"]
             assert into.reasons() == ["offline_entry", "remote"]
         assert await stay_status(runtime, lot, bound.plate) == "closed"
-    finally:
-        async with runtime.pool.acquire() as conn:
-            gates = await gates_repo.gate_addresses(conn)
-        async with Listener() as cleaner:
-            await cleaner.clear_retained(
-                [topics.topic(g, kind) for g in gates for kind in ("config", "status")]
-            )
 
 
 async def test_an_ack_of_another_message_under_the_captures_id_drops_nothing(
@@ -469,17 +479,17 @@ async def test_an_ack_of_another_message_under_the_captures_id_drops_nothing(
     dropped its only copy: the stay stayed open and was never charged."""
     driver = await make_driver(runtime, unique_plate())
     await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=1))
-    offline = settings.model_copy(
-        update={"mqtt_topic_prefix": _prefix(), "mqtt_client_id": f"lanes-{uuid.uuid4().hex[:8]}"}
-    )
-    assert await publish_configs(runtime.pool, runtime.mqtt, offline, SERVER_KEY) >= 2
-    topics = Topics(offline.mqtt_topic_prefix)
     address = GateAddress(lot.code, "out1")
-    # The gate waits long before resending: only the junk reaches the service meanwhile.
-    config = _config(
-        tmp_path, lot.code, "out1", offline.mqtt_topic_prefix, resend_after_s=60, resend_max_s=60
-    )
-    try:
+    async with gates_on_their_own(runtime, settings) as (offline, topics):
+        # The gate waits long before resending: only the junk reaches the service meanwhile.
+        config = _config(
+            tmp_path,
+            lot.code,
+            "out1",
+            offline.mqtt_topic_prefix,
+            resend_after_s=60,
+            resend_max_s=60,
+        )
         async with Listener() as forger, lane(config) as out:
             await forger.listen(topics.topic(address, "capture"))
             await until(lambda: out.agent.whitelist.config)
@@ -496,13 +506,6 @@ async def test_an_ack_of_another_message_under_the_captures_id_drops_nothing(
                 assert set(out.agent.ack_refusals) == {"other_payload"}
                 assert lanes.lanes.stats.dead_letters >= 1
             assert out.agent.store.length() == 1, "the exit is still the gate's to upload"
-    finally:
-        async with runtime.pool.acquire() as conn:
-            gates = await gates_repo.gate_addresses(conn)
-        async with Listener() as cleaner:
-            await cleaner.clear_retained(
-                [topics.topic(g, kind) for g in gates for kind in ("config", "status")]
-            )
 
 
 async def test_the_offline_whitelist_is_of_the_bound_vehicle_not_of_its_plate_text(
