@@ -175,23 +175,23 @@ async def _lane(
 CASES = {
     # name: (entries [(plate, confidence, colour, minutes)], exit (plate, confidence, colour),
     #        car park policies, bound plates)
-    "certain_both": ([("浙A3M001", 0.99, "blue", 90)], ("浙A3M001", 0.99, "blue"), {}, True),
-    "uncertain_both": ([("浙A3M002", 0.85, "blue", 90)], ("浙A3M002", 0.85, "blue"), {}, True),
+    "certain_both": ([("浙M3M001", 0.99, "blue", 90)], ("浙M3M001", 0.99, "blue"), {}, True),
+    "uncertain_both": ([("浙M3M002", 0.85, "blue", 90)], ("浙M3M002", 0.85, "blue"), {}, True),
     "uncertain_hold": (
-        [("浙A3M003", 0.85, "blue", 90)],
-        ("浙A3M003", 0.92, "blue"),
+        [("浙M3M003", 0.85, "blue", 90)],
+        ("浙M3M003", 0.92, "blue"),
         {"uncertain_exit_policy": "hold"},
         True,
     ),
     "certain_entry_doubtful_exit": (
-        [("浙A3M004", 0.99, "blue", 90)],
-        ("浙A3M004", 0.95, "blue"),
+        [("浙M3M004", 0.99, "blue", 90)],
+        ("浙M3M004", 0.95, "blue"),
         {},
         True,
     ),
-    "yellow_both": ([("浙A3M005", 0.99, "yellow", 90)], ("浙A3M005", 0.99, "yellow"), {}, True),
-    "short_stay": ([("浙A3M006", 0.99, "blue", 0)], ("浙A3M006", 0.99, "blue"), {}, True),
-    "unbound": ([("浙A3M007", 0.99, "blue", 90)], ("浙A3M007", 0.99, "blue"), {}, False),
+    "yellow_both": ([("浙M3M005", 0.99, "yellow", 90)], ("浙M3M005", 0.99, "yellow"), {}, True),
+    "short_stay": ([("浙M3M006", 0.99, "blue", 0)], ("浙M3M006", 0.99, "blue"), {}, True),
+    "unbound": ([("浙M3M007", 0.99, "blue", 90)], ("浙M3M007", 0.99, "blue"), {}, False),
     "lookalikes_doubtful": (
         [("浙U38871", 0.99, "blue", 90), ("浙U3B871", 0.99, "blue", 90)],
         ("浙U3B871", 0.95, "blue"),
@@ -199,18 +199,18 @@ CASES = {
         True,
     ),
     "lookalike_no_entry": (
-        [("浙A3M0B8", 0.99, "blue", 90)],
-        ("浙A3M088", 0.99, "blue"),
+        [("浙M3M0B8", 0.99, "blue", 90)],
+        ("浙M3M088", 0.99, "blue"),
         {},
         True,
     ),
     "no_entry_fixed_fee": (
-        [("浙A3M009", 0.99, "blue", 90)],
-        ("皖A3M009", 0.99, "blue"),
+        [("浙M3M009", 0.99, "blue", 90)],
+        ("皖M3M009", 0.99, "blue"),
         {"no_entry_policy": "fixed_fee", "no_entry_fee_fen": 1000},
         True,
     ),
-    "unreadable": ([("浙A3M010", 0.99, "blue", 90)], (None, 0.0, "blue"), {}, True),
+    "unreadable": ([("浙M3M010", 0.99, "blue", 90)], (None, 0.0, "blue"), {}, True),
 }
 
 
@@ -252,10 +252,10 @@ async def test_the_lane_and_the_simulation_decide_alike(
 
 
 def test_a_charge_is_verified_only_when_no_frame_contradicts_and_each_unsure_end_agrees() -> None:
-    plate = ("浙A3M011", "blue")
+    plate = ("浙M3M011", "blue")
     rules = Verification(agree_score=0.9, contradict_score=0.9)
-    agree = FrameRead("浙A3M011", 0.95, "blue", color_sure=True)
-    unsure, nothing = FrameRead("浙A3M011", 0.5), None
+    agree = FrameRead("浙M3M011", 0.95, "blue", color_sure=True)
+    unsure, nothing = FrameRead("浙M3M011", 0.5), None
     assert verify_charge(plate, ((agree,), (unsure, agree)), rules) == Verdict("verified")
     # A proven end (None) needs no frame; an unproven one with none, or none sure, is a person's.
     assert verify_charge(plate, (nothing, (agree,)), rules) == Verdict("verified")
@@ -266,16 +266,16 @@ def test_a_charge_is_verified_only_when_no_frame_contradicts_and_each_unsure_end
         "unconfirmed", "no_agreeing_frame", "entry"
     )
     # Another valid plate, or the plate in another colour, read with confidence on any frame.
-    other = FrameRead("浙A3M017", 0.93, "blue")
+    other = FrameRead("浙M3M017", 0.93, "blue")
     assert verify_charge(plate, ((agree, other), (agree,)), rules) == Verdict(
         "refuted", "another_vehicle", "entry"
     )
-    yellow = FrameRead("浙A3M011", 0.97, "yellow")
+    yellow = FrameRead("浙M3M011", 0.97, "yellow")
     assert verify_charge(plate, ((agree,), (agree, yellow)), rules) == Verdict(
         "refuted", "another_vehicle", "exit"
     )
     # Unsure misreads and unreadable frames contradict nothing.
-    weak = FrameRead("浙A3M017", 0.6, "blue")
+    weak = FrameRead("浙M3M017", 0.6, "blue")
     assert verify_charge(plate, ((agree, weak), (agree, FrameRead(None, 0.0))), rules) == (
         Verdict("verified")
     )
@@ -308,15 +308,15 @@ def test_a_small_plates_frames_may_refute_a_charge_but_never_vouch_for_it() -> N
 
 
 def test_an_unproven_end_needs_a_frame_that_surely_shows_the_colour() -> None:
-    """A yellow 浙A3M011 the camera took for blue at both gates, its frames read in a light
+    """A yellow 浙M3M011 the camera took for blue at both gates, its frames read in a light
     that shows no colour surely: the characters agree at both ends, yet only the camera named
     the colour, and the blue plate's holder would pay for the lorry. A green plate's eight
     characters settle its colour; a proven end needs no frame."""
-    plate = ("浙A3M011", "blue")
+    plate = ("浙M3M011", "blue")
     rules = Verification(agree_score=0.9, contradict_score=0.9, certain_score=0.99)
-    colourless = FrameRead("浙A3M011", 0.999, None)
-    guessed = FrameRead("浙A3M011", 0.97, "blue")
-    sure = FrameRead("浙A3M011", 0.97, "blue", color_sure=True)
+    colourless = FrameRead("浙M3M011", 0.999, None)
+    guessed = FrameRead("浙M3M011", 0.97, "blue")
+    sure = FrameRead("浙M3M011", 0.97, "blue", color_sure=True)
     assert verify_charge(plate, ((colourless, guessed), (sure,)), rules) == Verdict(
         "unconfirmed", "colour_unconfirmed", "entry"
     )
@@ -333,7 +333,7 @@ def test_an_unproven_end_needs_a_frame_that_surely_shows_the_colour() -> None:
     assert verify_charge(plate, ((guessed, behind), (sure,)), rules).reason == (
         "colour_unconfirmed"
     )
-    misread = FrameRead("浙A3M0D1", 0.4, "blue", color_sure=True)
+    misread = FrameRead("浙M3M0D1", 0.4, "blue", color_sure=True)
     assert verify_charge(plate, ((guessed, misread), (sure,)), rules) == Verdict("verified")
     assert verify_charge(plate, ((guessed, sure), (colourless, sure)), rules) == (
         Verdict("verified")
@@ -349,10 +349,10 @@ def test_frames_that_disagree_on_the_colour_leave_the_charge_to_a_person() -> No
     """A yellow plate the camera took for blue at both gates: the stay is the blue plate's, and
     five of its six frames show blue. The one yellow frame is weakly read, but the colour is
     half the identity and no score calibrates it."""
-    plate = ("浙A3M011", "blue")
+    plate = ("浙M3M011", "blue")
     rules = Verification(agree_score=0.95, contradict_score=0.9, certain_score=0.99)
-    sure = FrameRead("浙A3M011", 0.999, "blue", color_sure=True)
-    yellow = FrameRead("浙A3M0D1", 0.35, "yellow", color_sure=True)
+    sure = FrameRead("浙M3M011", 0.999, "blue", color_sure=True)
+    yellow = FrameRead("浙M3M0D1", 0.35, "yellow", color_sure=True)
     colour_differs = Verdict("unconfirmed", "colour_differs", "entry")
     assert verify_charge(plate, ((sure, yellow, sure), (sure, sure, sure)), rules) == (
         colour_differs
@@ -362,12 +362,12 @@ def test_frames_that_disagree_on_the_colour_leave_the_charge_to_a_person() -> No
         "unconfirmed", "colour_differs", "exit"
     )
     # A frame that reads another vehicle surely still refutes.
-    other = FrameRead("浙A3M017", 0.999, "blue", color_sure=True)
+    other = FrameRead("浙M3M017", 0.999, "blue", color_sure=True)
     assert verify_charge(plate, ((sure, yellow), (other,)), rules).outcome == "refuted"
     # A colour that is only the likelier guess, or none, takes no part; nor a frame without
     # a plate.
-    guessed = FrameRead("浙A3M0D1", 0.35, "yellow", color_sure=False)
-    unseen = FrameRead("浙A3M0D1", 0.35, None)
+    guessed = FrameRead("浙M3M0D1", 0.35, "yellow", color_sure=False)
+    unseen = FrameRead("浙M3M0D1", 0.35, None)
     no_plate = FrameRead(None, 0.0, "yellow", color_sure=True)
     assert verify_charge(plate, ((sure, guessed, unseen), (sure, no_plate)), rules) == (
         Verdict("verified")
@@ -376,22 +376,22 @@ def test_frames_that_disagree_on_the_colour_leave_the_charge_to_a_person() -> No
 
 def test_an_end_the_server_decided_counts_its_frames_only_when_the_camera_named_the_car() -> None:
     # Before, an end the server's reader decided was never corroborated (always unconfirmed).
-    identity = ("浙A3M011", "blue")
-    frames = (FrameRead("浙A3M011", 0.95, "blue", True),)
+    identity = ("浙M3M011", "blue")
+    frames = (FrameRead("浙M3M011", 0.95, "blue", True),)
     rules = Verification(agree_score=0.9, contradict_score=0.9)
 
     def end(source: str, camera: CameraOwnRead | None) -> Any:
         return frames_to_verify(identity, False, source, frames, camera)
 
-    named = CameraOwnRead("浙A·3M011", "blue", 0.85, "cam")
+    named = CameraOwnRead("浙M·3M011", "blue", 0.85, "cam")
     assert end("ocr", named) == frames
     assert verify_charge(identity, (end("ocr", named), None), rules) == Verdict("verified")
-    assert end("ocr", CameraOwnRead("浙A3M011", None, 0.4)) == frames  # no colour reported
+    assert end("ocr", CameraOwnRead("浙M3M011", None, 0.4)) == frames  # no colour reported
     # Another plate, or the plate in another colour: the readers disagree, a person decides
     # (an uncalibrated camera's read refutes nothing).
     for other in (
-        CameraOwnRead("浙A3M017", "blue", 0.85),
-        CameraOwnRead("浙A3M011", "yellow", 0.85),
+        CameraOwnRead("浙M3M017", "blue", 0.85),
+        CameraOwnRead("浙M3M011", "yellow", 0.85),
     ):
         assert end("ocr", other) == ()
         assert verify_charge(identity, (end("ocr", other), None), rules) == Verdict(
