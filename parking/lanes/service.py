@@ -367,16 +367,16 @@ class LaneService:
         identity = resolution.identity
         if identity is None or (stay is None and not resolution.left):
             return resolved
+        if stay is not None and capture.captured_at >= stay.entered_at:
+            # After the stay the car is parked on began (every missed stay ended by then): the
+            # common offline exit, which needs no more reading.
+            return resolved
         missed = await repo.stay_missed_at_for_update(
             conn, gate.car_park_id, *identity, capture.captured_at
         )
         before, after = await edges_repo.live_neighbours(conn, gate.gate_id, capture.seq)
         if missed is None:
-            if (
-                stay is None
-                or capture.captured_at >= stay.entered_at
-                or (before is not None and before >= stay.entered_at)
-            ):
+            if stay is None or (before is not None and before >= stay.entered_at):
                 return resolved
             # Before the stay the car is parked on, by a clock nothing disproves: a second
             # read of the offline crossing that ended the missed stay, when there was one.
