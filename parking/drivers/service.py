@@ -261,13 +261,14 @@ async def sign_agreement(
     provider knows the driver by it), as WeChat names it for the driver's sign-in code; the
     bound plates' service states are looked up now."""
     provider = runtime.provider
-    wechat = isinstance(provider, WeChatParkingProvider)
-    if isinstance(provider, WeChatParkingProvider):
-        agreement_no = await _wechat_openid(provider, request.wechat_code)
-    else:
-        agreement_no = f"AGR-{uuid.uuid4().hex}"
+    openid = (
+        await _wechat_openid(provider, request.wechat_code)
+        if isinstance(provider, WeChatParkingProvider)
+        else None
+    )
+    agreement_no = openid or f"AGR-{uuid.uuid4().hex}"
     if await repo.active_agreement(conn, account_id) is not None:
-        if wechat and await agreements.verify_own(conn, account_id, agreement_no):
+        if openid is not None and await agreements.verify_own(conn, account_id, openid):
             # The driver proved the openid of their own agreement (one made while the app
             # named it): it stays as it is, paying for the stays it covers.
             await audit.record(
@@ -275,8 +276,8 @@ async def sign_agreement(
             )
             return await agreement(conn, account_id)
         raise AppError(409, "agreement_exists", "cancel the active agreement first")
-    if wechat:
-        await _displace_unverified(conn, account_id, agreement_no)
+    if openid is not None:
+        await _displace_unverified(conn, account_id, openid)
     bound = await repo.active_bindings(conn, account_id)
     answered = await agreements.look_up_states(
         provider, [(agreement_no, b["plate"], b["color"]) for b in bound]
