@@ -457,18 +457,17 @@ class GateAgent:
         except ValidationError:
             log.warning("agent.bad_ack", size=len(message.payload))
             return
+        now = time.time()
         refusal = signed_refusal(ack, self.whitelist.public_key, self.address)
+        if refusal is None:
+            outcome = self.store.ack(ack.capture_id, now, ack.payload_sha256)
+            if outcome == "absent":
+                return
+            refusal = None if outcome == "acked" else outcome
         if refusal is not None:
             # The capture stays in the outbox, sent again until the server acknowledges it.
             self.ack_refusals[refusal] += 1
             log.warning("agent.ack_refused", capture_id=str(ack.capture_id), reason=refusal)
-            return
-        now = time.time()
-        outcome = self.store.ack(ack.capture_id, now, ack.payload_sha256)
-        if outcome == "other_payload":
-            self.ack_refusals[outcome] += 1
-            log.warning("agent.ack_refused", capture_id=str(ack.capture_id), reason=outcome)
-        if outcome != "acked":
             return
         if ack.rejected:
             log.warning("agent.capture_rejected", capture_id=str(ack.capture_id), why=ack.rejected)
