@@ -215,6 +215,34 @@ async def test_an_offline_exit_uploaded_after_the_car_came_back_in_ends_the_earl
     assert await _charged(runtime, lot) == charged
 
 
+async def test_an_exit_a_clock_ahead_puts_just_after_the_re_entry_may_be_the_earlier_stays(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The car left offline moments before it came back in, through a gate whose clock is a
+    minute ahead (within the tolerance): the clock alone puts the exit after the re-entry.
+    Nothing the gate did live says which stay it ended, so the earlier stay takes it and an
+    operator confirms its charge; the stay the car is parked on is not ended for nothing, and
+    the car's real exit from it is no "no entry record"."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=3))
+    upload = _left_offline(gate, driver.plate, datetime.now(UTC) + timedelta(minutes=1))
+    assert (await gate.decide(lot.code, "in1", gate.capture("in", driver.plate)))["action"] == (
+        "open"
+    )
+    inside = await runtime.occupancy.get(lot.id)
+    await gate.decide(lot.code, "out1", upload)
+    first, now_parked = await _stays(runtime, lot, driver.plate)
+    assert (first["status"], first["exit_capture_id"]) == ("closed", upload.capture_id)
+    assert now_parked["status"] == "open", "the stay the car is parked on is not ended"
+    assert await runtime.occupancy.get(lot.id) == inside
+    [charge] = await _charges_of(runtime, lot, driver.account_id)
+    assert charge["status"] == "awaiting_confirmation"
+
+    leaves = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+    assert (leaves["action"], leaves["fee_fen"]) == ("open", 0)
+    assert await runtime.occupancy.get(lot.id) == inside - 1
+
+
 async def test_an_exit_the_gates_live_captures_put_before_the_re_entry_is_charged_at_once(
     runtime: Runtime, gate: GateProbe, lot: Lot
 ) -> None:

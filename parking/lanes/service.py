@@ -48,6 +48,8 @@ from parking.settings import Settings
 log = get_logger(__name__)
 
 _TARIFF_CACHE_S = 60.0
+# PostgreSQL's resolution: the last moment before another.
+_INSTANT = timedelta(microseconds=1)
 MatchStatus = Literal["exact", "fuzzy", "ambiguous", "no_match"]
 
 
@@ -367,13 +369,18 @@ class LaneService:
         identity = resolution.identity
         if identity is None or (stay is None and not resolution.left):
             return resolved
+        missed_at = capture.captured_at
         if stay is not None and capture.captured_at >= stay.entered_at:
-            # After the stay the car is parked on began (every missed stay ended by then): the
-            # common offline exit, which needs no more reading.
-            return resolved
-        missed = await repo.stay_missed_at_for_update(
-            conn, gate.car_park_id, *identity, capture.captured_at
-        )
+            if capture.captured_at >= stay.entered_at + self.clock_tolerance:
+                # Well after the stay the car is parked on began (every missed stay ended by
+                # then): the common offline exit, which needs no more reading.
+                return resolved
+            # Just after that stay began, by a clock that may be ahead within the tolerance:
+            # the car may have left the stay it missed moments before it came back in (before,
+            # that exit ended the new stay and the missed one was never charged). Only the
+            # gate's live captures tell which, and without them an operator does.
+            missed_at = stay.entered_at - _INSTANT
+        missed = await repo.stay_missed_at_for_update(conn, gate.car_park_id, *identity, missed_at)
         before, after = await edges_repo.live_neighbours(conn, gate.gate_id, capture.seq)
         if missed is None:
             if stay is None or (before is not None and before >= stay.entered_at):
