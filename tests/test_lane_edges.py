@@ -379,6 +379,39 @@ async def test_an_offline_hold_uploaded_after_the_booth_took_the_money_is_matche
     assert await _exceptions(runtime, lot, "no_entry") == []
 
 
+async def test_an_offline_exit_of_a_later_stay_is_never_matched_to_an_earlier_booth_payment(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """The booth took the money for a stay whose exit capture never came (the gate that let the
+    car out was replaced before its upload); the car came back and left offline again. That
+    upload ends the stay it left, charged as any: before, it was taken for the earlier stay's
+    exit, and the later stay stayed open, never paid."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=5))
+    stay = await _stay(runtime, lot, driver.plate)
+    paid = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
+        json={"session_id": stay["id"], "method": "cash", "amount_fen": 3000},
+        headers=await _attendant(runtime, app, lot),
+    )
+    assert paid.status_code == 201, paid.text
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=90))
+    upload = _offline(gate, driver.plate, "open", captured_at=datetime.now(UTC))
+    await gate.decide(lot.code, "out1", upload)
+    async with runtime.pool.acquire() as conn:
+        stays = await conn.fetch(
+            """SELECT status, settlement, exit_capture_id FROM sessions
+               WHERE car_park_id = $1 AND plate = $2 ORDER BY entered_at""",
+            lot.id,
+            driver.plate,
+        )
+    assert [(s["status"], s["settlement"], s["exit_capture_id"]) for s in stays] == [
+        ("closed", "paid_at_booth", None),
+        ("closed", "pay_later", upload.capture_id),
+    ]
+    assert [c["amount_fen"] for c in await charges_of(runtime, lot)] == [1200]
+
+
 # 5. Ghost stays.
 
 

@@ -98,19 +98,32 @@ async def supersede_unpaid(
 
 
 async def booth_paid_stay(
-    conn: asyncpg.Connection, car_park_id: int, plate: str, color: str, at: datetime
+    conn: asyncpg.Connection,
+    car_park_id: int,
+    plate: str,
+    color: str,
+    at: datetime,
+    gate_time: datetime,
 ) -> int | None:
-    """A stay of the vehicle the booth was paid for whose exit capture has not come yet."""
+    """A stay of the vehicle the booth was paid for whose exit capture has not come yet, and
+    that the vehicle had not entered here again after by `gate_time` (the gate's clock): an
+    exit from a later stay is that stay's, even when the earlier one's exit never came."""
     session_id: int | None = await conn.fetchval(
         """SELECT s.id FROM sessions s
            WHERE s.car_park_id = $1 AND s.plate = $2 AND s.plate_color = $4
              AND s.settlement = 'paid_at_booth'
              AND s.exit_capture_id IS NULL AND s.entered_at <= $3
+             AND NOT EXISTS (
+                 SELECT 1 FROM sessions n
+                 WHERE n.car_park_id = s.car_park_id AND n.plate = s.plate
+                   AND n.plate_color = s.plate_color
+                   AND n.entered_at > s.entered_at AND n.entered_at <= $5)
            ORDER BY s.entered_at DESC LIMIT 1 FOR UPDATE""",
         car_park_id,
         plate,
         at,
         color,
+        gate_time,
     )
     return session_id
 

@@ -629,7 +629,12 @@ class LaneService:
         plate = self._confident(reading)
         session_id = (
             await edges_repo.booth_paid_stay(
-                conn, gate.car_park_id, plate, identity_color(plate, reading.color), now
+                conn,
+                gate.car_park_id,
+                plate,
+                identity_color(plate, reading.color),
+                now,
+                capture.captured_at,
             )
             if plate
             else None
