@@ -140,9 +140,12 @@ def is_valid(plate: str, color: str | None = None) -> bool:
     return any(_fits(plate, t) for t in templates)
 
 
-def plate_color_guess(plate: str) -> str | None:
-    """Colour implied by the grammar alone (8 chars -> green), else ``None``."""
-    return "green" if len(plate) == 8 else None
+def settled_color(plate: str) -> str | None:
+    """The colour the characters alone settle: the one colour whose plates take this form (a
+    small new-energy plate's eight: green), else ``None``. A large new-energy plate's eight are
+    a green's or a yellow's, and a blue and a yellow 浙A12345 are two vehicles."""
+    colors = [color for color in COLORS if is_valid(plate, color)]
+    return colors[0] if len(colors) == 1 else None
 
 
 def _position_options(alts: Alternatives, cls: str) -> list[tuple[str, float, bool]]:

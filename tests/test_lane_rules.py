@@ -57,9 +57,15 @@ def test_a_server_read_is_certain_of_a_vehicle_only_with_a_colour_a_frame_showed
     behind = [_frame("浙A12345", None, False)] * 2 + [_frame("浙B67890", "blue", True)]
     for frames in (torn, torn[::-1], behind):
         assert not ocr_reading(doubtful, frames, None).color_sure
-    # A green plate's eight characters settle its colour.
+    # A small new-energy plate's eight characters settle its colour (green); a large one's are
+    # a green or a yellow plate's (a lorry's yellow-green), two vehicles.
     green = ocr_reading(None, [_frame("浙AD12345", "green", False)], None)
     assert is_certain(green, CERTAINTY)
+    for guessed in ("green", "yellow"):
+        large = ocr_reading(None, [_frame("浙A12345D", guessed, False)], None)
+        assert not is_certain(large, CERTAINTY)
+        shown = ocr_reading(None, [_frame("浙A12345D", guessed, True)], None)
+        assert is_certain(shown, CERTAINTY)
 
 
 def test_a_certain_read_is_its_own_vehicle_or_none_here() -> None:
@@ -104,4 +110,6 @@ def test_colours_of_stays_and_prices_follow_the_plate_type() -> None:
     assert identity_color("浙A12345", "yellow") == "yellow"
     assert priced_color("浙A12345", "green", vouched=False) is None
     assert priced_color("浙AD12345", "green", vouched=False) == "green"
+    assert priced_color("浙A12345D", "green", vouched=False) is None  # or a yellow lorry's
+    assert priced_color("浙A12345D", "green", vouched=True) == "green"
     assert priced_color("浙A12345", "yellow", vouched=True) == "yellow"

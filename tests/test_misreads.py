@@ -281,6 +281,23 @@ def test_a_charge_is_verified_only_when_no_frame_contradicts_and_each_unsure_end
     )
 
 
+def test_a_colour_the_characters_do_not_settle_needs_a_frame_that_shows_it() -> None:
+    """Eight characters settle green only in a small new-energy plate's form: a large one's
+    (five digits, then D or F) are a green or a yellow lorry's plate. A camera that says
+    green at both gates is one reader of the colour, as for seven characters."""
+    rules = Verification(agree_score=0.9, contradict_score=0.9)
+    for plate in ("浙A12345D", "浙M3M011"):
+        color = "green" if len(plate) == 8 else "blue"
+        unseen = FrameRead(plate, 0.97, None)
+        shown = FrameRead(plate, 0.97, color, color_sure=True)
+        assert verify_charge((plate, color), ((unseen,), (unseen,)), rules) == Verdict(
+            "unconfirmed", "colour_unconfirmed", "entry"
+        )
+        assert verify_charge((plate, color), ((shown,), (shown,)), rules) == Verdict("verified")
+    small = FrameRead("浙AD12345", 0.97, None)
+    assert verify_charge(("浙AD12345", "green"), ((small,), (small,)), rules) == Verdict("verified")
+
+
 def test_a_small_plates_frames_may_refute_a_charge_but_never_vouch_for_it() -> None:
     """A plate a few pixels high: the camera and the server see the same pixels, and a D read
     as 0 by one is read so by the other. Its frames neither agree nor settle an end, however

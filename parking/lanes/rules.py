@@ -29,7 +29,7 @@ from billing import fees
 from billing.rights import Applied, RightTerms, Validation
 from parking.lanes.repository import CameraOwnRead, OpenSession, PayLater
 from parking.settings import Settings
-from plate_recognition.grammar import COLORS, Candidate, is_valid, normalise, plate_color_guess
+from plate_recognition.grammar import COLORS, Candidate, is_valid, normalise, settled_color
 from plate_recognition.matching import match, plausible_plate
 
 # (plate, colour): what a stay, a binding and a read are about.
@@ -76,8 +76,9 @@ ExceptionReason = Literal[
 
 def identity_color(plate: str, color: str | None) -> str:
     """The colour a stay of `plate` is kept under: the read's when it is a colour the plate's
-    grammar allows, else the grammar's own (8 characters: green new energy; otherwise blue).
-    Migration 0017 gave the stays recorded without a colour the same."""
+    grammar allows, else the most common of its form's (8 characters: green new energy;
+    otherwise blue), as migration 0017 gave the stays recorded without a colour. Only a colour
+    the characters settle (`settled_color`) vouches for the vehicle; this one only files it."""
     if color is not None and color in COLORS and is_valid(plate, color):
         return color
     return "green" if len(plate) == 8 else "blue"
@@ -169,7 +170,7 @@ def is_certain(read: Read, certainty: Certainty) -> bool:
     a reader's top candidate at or above its source's threshold, with a colour, grammatical
     as read for that colour (a '7-character green' plate is a misread of something). The
     server's reader is certain of a vehicle only with the colour a frame showed surely
-    (`PlateReading.color_sure`), unless the characters settle it (a green plate's eight): its
+    (`PlateReading.color_sure`), unless the characters settle it (`grammar.settled_color`): its
     score calibrates the characters, and a blue and a yellow 浙A12345 are two vehicles, so a
     guessed colour, or the doubtful camera's, leaves the read to be matched and verified."""
     best = read.candidates[0] if read.candidates else None
@@ -177,7 +178,7 @@ def is_certain(read: Read, certainty: Certainty) -> bool:
         return False
     if not is_valid(best.plate, read.color):
         return False
-    if read.source == "ocr" and not read.color_sure and plate_color_guess(best.plate) is None:
+    if read.source == "ocr" and not read.color_sure and settled_color(best.plate) is None:
         return False
     if read.source == "operator":
         return True
@@ -383,7 +384,8 @@ def verify_charge(
     light, dirt on a yellow plate) names the other's holder with a sure score. So every
     unproven end, settled by sure reads or not, needs a frame of the plate (its characters
     read with at most one wrong) that surely shows the stay's colour (`colour_unconfirmed`
-    otherwise), unless its characters settle it (a green plate's eight). A sure colour is the
+    otherwise), unless its characters settle it (`grammar.settled_color`: a small new-energy
+    plate's eight; a large one's are a green's or a yellow's). A sure colour is the
     server reader's hue and character polarity agreeing
     (`plate_recognition.localise.plate_color`); a frame taken in night mode (infrared,
     monochrome), or in a light that hides the colour, shows none.
@@ -450,7 +452,7 @@ def verify_charge(
             return Verdict(
                 "unconfirmed", "plate_too_small" if too_small else "no_agreeing_frame", end
             )
-    if plate_color_guess(plate) is None:
+    if settled_color(plate) is None:
         for end, shown in named:
             if shown is not None and not any(shows_colour(read) for read in shown):
                 return Verdict("unconfirmed", "colour_unconfirmed", end)
@@ -544,9 +546,10 @@ def resolve_plate(
 def priced_color(plate: str, stay_color: str | None, *, vouched: bool) -> str | None:
     """The plate type a stay is priced as (colour discounts, e.g. new energy at half price):
     the stay's colour when a binding of that colour or a certain read vouches for it, else
-    only what the plate's grammar says (8 characters: green). A camera's colour guess alone
-    never gives a blue 7-character plate the green discount."""
-    return stay_color if vouched else plate_color_guess(plate)
+    only the colour its characters settle (a small new-energy plate's eight: green). A camera's
+    colour guess alone never gives a blue 7-character plate, nor a yellow large new-energy
+    one, the green discount."""
+    return stay_color if vouched else settled_color(plate)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from parking.car_parks.schemas import (
     printable_name,
 )
 from parking.lanes.rules import identity_color
-from plate_recognition.grammar import is_valid, normalise, plate_color_guess
+from plate_recognition.grammar import is_valid, normalise, settled_color
 
 # PostgreSQL text cannot hold NUL: refused here rather than failing in the database.
 _NO_NUL = r"^[^\x00]*$"
@@ -199,10 +199,10 @@ class Resolution(_Request):
 
     @model_validator(mode="after")
     def _colour_named(self) -> "Resolution":
-        if self.color is None and plate_color_guess(self.plate) is None:
+        if self.color is None and settled_color(self.plate) is None:
             raise ValueError(
-                "give the plate's colour (color: blue, yellow, white or black): a blue and a "
-                "yellow plate of the same characters are two vehicles"
+                "give the plate's colour (color: blue, green, yellow, white or black): plates "
+                "of the same characters in two colours are two vehicles"
             )
         if self.color is not None and not is_valid(self.plate, self.color):
             raise ValueError(f"{self.plate} is not a valid {self.color} plate")
