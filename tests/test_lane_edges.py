@@ -445,14 +445,24 @@ async def test_a_stay_whose_plate_entered_elsewhere_since_is_a_ghost(
     assert await _exceptions(runtime, elsewhere, "ghost_stay") == []
 
 
+@pytest.mark.parametrize("swept", [True, False])
+@pytest.mark.parametrize("why", ["open_too_long", "seen_elsewhere"])
 async def test_a_ghost_stay_is_never_matched_to_an_uncertain_exit_read(
-    runtime: Runtime, gate: GateProbe, lot: Lot
+    runtime: Runtime, gate: GateProbe, lot: Lot, why: str, swept: bool
 ) -> None:
+    """A ghost is no candidate from the moment it is one, not from the sweep that files it for
+    an operator (hourly): before, a stranger's doubtful read was bent onto a stay whose car had
+    since entered another car park, and its holder named for the charge."""
     plate = f"浙K{secrets.randbelow(10_000):04d}0"
-    await enter(runtime, gate, lot, plate, parked_for=timedelta(days=8))
-    await ghosts.sweep_ghost_stays(runtime.pool, datetime.now(UTC))
+    if why == "open_too_long":
+        await enter(runtime, gate, lot, plate, parked_for=timedelta(days=8))
+    else:
+        await enter(runtime, gate, lot, plate, parked_for=timedelta(hours=3))
+        await enter(runtime, gate, await create_lot(runtime), plate, parked_for=timedelta(hours=1))
+    if swept:
+        await ghosts.sweep_ghost_stays(runtime.pool, datetime.now(UTC))
     # A doubtful read one confusion away that is no plate of its own (0 read as O, no plate
-    # letter): without the sweep it would be matched to the stay.
+    # letter): were the stay no ghost, it would be matched to it.
     doubtful = gate.capture("out", plate[:-1] + "O", confidence=0.5)
     await gate.decide(lot.code, "out1", doubtful)
     async with runtime.pool.acquire() as conn:

@@ -7,6 +7,8 @@ from uuid import UUID
 
 import asyncpg
 
+from parking.lanes.repository import GHOST_STAY, STAY_OPEN_TOO_LONG
+
 
 @dataclass(frozen=True, slots=True)
 class BoothStay:
@@ -126,25 +128,12 @@ async def clock_skews(
     return rows
 
 
-# A stay is a ghost when it has been open longer than its car park's limit, or when its plate
-# (of a compatible colour) has a stay at another car park that began after this one's entry: a
-# car is in one place at a time, so it left here without an exit we saw. (Exit reads elsewhere
-# that found no stay are not counted: such a read is for a person already.)
-_MARK_GHOSTS = """
+_MARK_GHOSTS = f"""
     WITH found AS (
-        SELECT s.id,
-               s.entered_at < $1::timestamptz - make_interval(days => cp.ghost_stay_after_days)
-                   AS too_long
+        SELECT s.id, {STAY_OPEN_TOO_LONG.format(now="$1")} AS too_long
         FROM open_stays o JOIN sessions s ON s.id = o.session_id
         JOIN car_parks cp ON cp.id = o.car_park_id
-        WHERE s.status = 'open' AND s.ghost_at IS NULL
-          AND (s.entered_at < $1::timestamptz - make_interval(days => cp.ghost_stay_after_days)
-               OR EXISTS (
-                   SELECT 1 FROM sessions e
-                   WHERE e.plate = s.plate AND e.entered_at > s.entered_at
-                     AND e.car_park_id <> s.car_park_id
-                     AND (e.plate_color IS NULL OR s.plate_color IS NULL
-                          OR e.plate_color = s.plate_color)))
+        WHERE s.status = 'open' AND s.ghost_at IS NULL AND {GHOST_STAY.format(now="$1")}
         ORDER BY s.id LIMIT $2
         FOR UPDATE OF s SKIP LOCKED)
     UPDATE sessions s SET ghost_at = $1 FROM found f WHERE s.id = f.id

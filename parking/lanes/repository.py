@@ -466,22 +466,43 @@ async def recent_exits(
     return {(r["plate"], r["plate_color"]): r["id"] for r in rows}
 
 
+# A stay is a ghost when it has been open longer than its car park's limit, or when its plate
+# (of a compatible colour) has a stay at another car park that began after this one's entry: a
+# car is in one place at a time, so it left here without an exit we saw. (Exit reads elsewhere
+# that found no stay are not counted: such a read is for a person already.) Conditions on the
+# stay `s` and its car park `cp` as of `{now}`, shared by the lane (a ghost is no candidate
+# from the moment it is one) and the sweep that files it for an operator (parking.booth.ghosts).
+STAY_OPEN_TOO_LONG = (
+    "s.entered_at < {now}::timestamptz - make_interval(days => cp.ghost_stay_after_days)"
+)
+GHOST_STAY = f"""({STAY_OPEN_TOO_LONG}
+    OR EXISTS (
+        SELECT 1 FROM sessions e
+        WHERE e.plate = s.plate AND e.entered_at > s.entered_at
+          AND e.car_park_id <> s.car_park_id
+          AND (e.plate_color IS NULL OR s.plate_color IS NULL
+               OR e.plate_color = s.plate_color)))"""
+
+
 async def cars_here(
-    conn: asyncpg.Connection, car_park_id: int, since: datetime
+    conn: asyncpg.Connection, car_park_id: int, since: datetime, now: datetime
 ) -> tuple[dict[Identity, bool], dict[Identity, int]]:
     """What an uncertain exit read is matched against, in one round trip: the vehicles parked
-    here now (with whether their entry read was certain; ghost stays, sent to an operator by
-    parking.booth.ghosts, are no candidates), and those that left since `since` (with their
-    stay)."""
+    here at `now` (with whether their entry read was certain; ghost stays are no candidates,
+    whether or not the sweep has filed them yet), and those that left since `since` (with
+    their stay)."""
     rows = await conn.fetch(
-        """SELECT plate, plate_color, entry_certain, NULL::bigint AS id FROM sessions
-           WHERE car_park_id = $1 AND status = 'open' AND ghost_at IS NULL
-           UNION ALL
-           (SELECT DISTINCT ON (plate, plate_color) plate, plate_color, NULL, id FROM sessions
-            WHERE car_park_id = $1 AND status = 'closed' AND exited_at >= $2
-            ORDER BY plate, plate_color, exited_at DESC)""",
+        f"""SELECT s.plate, s.plate_color, s.entry_certain, NULL::bigint AS id
+            FROM sessions s JOIN car_parks cp ON cp.id = s.car_park_id
+            WHERE s.car_park_id = $1 AND s.status = 'open' AND s.ghost_at IS NULL
+              AND NOT {GHOST_STAY.format(now="$3")}
+            UNION ALL
+            (SELECT DISTINCT ON (plate, plate_color) plate, plate_color, NULL, id FROM sessions
+             WHERE car_park_id = $1 AND status = 'closed' AND exited_at >= $2
+             ORDER BY plate, plate_color, exited_at DESC)""",
         car_park_id,
         since,
+        now,
     )
     parked: dict[Identity, bool] = {}
     left: dict[Identity, int] = {}
@@ -577,7 +598,7 @@ async def prepare_lookups(conn: asyncpg.Connection) -> None:
     await load_gate(conn, "", "")
     await open_session_for_update(conn, 0, "", "")
     await recent_exits(conn, 0, now)
-    await cars_here(conn, 0, now)
+    await cars_here(conn, 0, now, now)
     await fees.tariff_versions(conn, 0)
     # An entry's blacklist and rights, and a capped pass's places (parking/rights/).
     await rights_repo.entry_standing(conn, operator_id=0, car_park_id=0, plate="", color="", at=now)

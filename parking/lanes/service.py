@@ -281,7 +281,7 @@ class LaneService:
                 return _Exit(resolution, session, reopened=reopened)
             resolution = resolve_plate(reading, {}, left, self.certainty)
         else:
-            parked, left = await repo.cars_here(conn, gate.car_park_id, since)
+            parked, left = await repo.cars_here(conn, gate.car_park_id, since, at)
             resolution = resolve_plate(reading, parked, left, self.certainty)
         identity = resolution.identity
         if identity is None or resolution.status not in ("exact", "fuzzy"):
