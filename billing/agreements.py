@@ -124,13 +124,18 @@ async def record_service_state(
     an entry's registration, a service query). A word as new or newer wins (the provider's
     times are to the second: `changed_at` is taken to the second too, and of two words in one
     second the later arrival wins); an older one (a notification retried late, out of order)
-    changes nothing and returns False."""
+    changes nothing and returns False. A service that becomes normal again is so from that word's
+    time (`normal_since`): a stay that came in before it is not paid later."""
     changed_at = changed_at.replace(microsecond=0)
     recorded = await conn.fetchval(
         """INSERT INTO plate_services (provider, plate, plate_color, state, changed_at)
            VALUES ($1, $2, $3, $4, $5)
            ON CONFLICT (provider, plate, plate_color) DO UPDATE
-               SET state = EXCLUDED.state, changed_at = EXCLUDED.changed_at, recorded_at = now()
+               SET state = EXCLUDED.state, changed_at = EXCLUDED.changed_at, recorded_at = now(),
+                   normal_since = CASE
+                       WHEN EXCLUDED.state <> 'normal' THEN NULL
+                       WHEN plate_services.state = 'normal' THEN plate_services.normal_since
+                       ELSE EXCLUDED.changed_at END
                WHERE plate_services.changed_at <= EXCLUDED.changed_at
            RETURNING true""",
         provider,

@@ -527,15 +527,36 @@ async def test_the_offline_whitelist_lets_out_on_pay_later_only_what_the_lane_wo
 ) -> None:
     """A gate that cannot reach us lets out on pay-later only stays the lane would charge: the
     binding and agreement covered the entry (a plate bound minutes before the exit of a long
-    stay pays at the gate, online or not) and the plate's service with the provider is not
-    paused. Before, both were let out, and the stay ended unpaid for a person to chase."""
+    stay pays at the gate, online or not) and so did the plate's service with the provider: not
+    paused now, nor resumed only since the car came in (its entry was never agreed to be paid
+    later). Before, all three were let out, and the stay ended unpaid for a person to chase, or
+    the resumed one was charged."""
     bound_late = await make_driver(runtime, unique_plate())
     paused = await make_driver(runtime, unique_plate())
+    resumed = await make_driver(runtime, unique_plate())
+    resumed_before = await make_driver(runtime, unique_plate())
     covered = await make_driver(runtime, unique_plate())
-    for car in (bound_late, paused, covered):
-        await gate.decide(lot.code, "in1", gate.capture("in", car.plate))
-    await backdate_entry(runtime, lot, paused.plate, timedelta(hours=3))  # with its binding
     async with runtime.pool.acquire() as conn:
+        for car in (resumed, resumed_before):
+            await agreements.record_service_state(
+                conn, "sandbox", car.plate, "blue", "paused", datetime.now(UTC) - timedelta(days=3)
+            )
+        await agreements.record_service_state(
+            conn,
+            "sandbox",
+            resumed_before.plate,
+            "blue",
+            "normal",
+            datetime.now(UTC) - timedelta(days=2),
+        )
+    for car in (bound_late, paused, resumed, resumed_before, covered):
+        await gate.decide(lot.code, "in1", gate.capture("in", car.plate))
+    for car in (paused, resumed, resumed_before):
+        await backdate_entry(runtime, lot, car.plate, timedelta(hours=3))  # with its binding
+    async with runtime.pool.acquire() as conn:
+        await agreements.record_service_state(
+            conn, "sandbox", resumed.plate, "blue", "normal", datetime.now(UTC)
+        )
         # In for two days; the plate was bound and the agreement signed just now.
         await conn.execute(
             """UPDATE sessions SET entered_at = entered_at - interval '2 days'
@@ -549,10 +570,15 @@ async def test_the_offline_whitelist_lets_out_on_pay_later_only_what_the_lane_wo
             conn, "sandbox", paused.plate, "blue", "paused", datetime.now(UTC) + timedelta(hours=1)
         )
         whitelists = await gates_repo.offline_whitelists(conn)
-    assert [c.plate for c in whitelists.get(lot.code, [])] == [covered.plate]
-    for car in (bound_late, paused):
+    assert sorted(c.plate for c in whitelists.get(lot.code, [])) == sorted(
+        [resumed_before.plate, covered.plate]
+    )
+    for car in (bound_late, paused, resumed):
         online = await gate.decide(lot.code, "out1", gate.capture("out", car.plate))
         assert online["action"] == "hold", "online, the lane holds it too"
+    for car in (resumed_before, covered):
+        online = await gate.decide(lot.code, "out1", gate.capture("out", car.plate))
+        assert online["action"] == "open", online
 
 
 def test_the_gate_matches_a_whitelisted_plate_on_its_colour_too() -> None:

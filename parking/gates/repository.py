@@ -5,7 +5,7 @@ from uuid import UUID
 import asyncpg
 
 from gate_controller.protocol import GateAddress, PlateColor
-from parking.lanes.repository import STAY_PAY_LATER_JOINS
+from parking.lanes.repository import STAY_PAY_LATER_JOINS, STAY_SERVICE_STATE
 
 
 async def gate_addresses(conn: asyncpg.Connection) -> list[GateAddress]:
@@ -28,11 +28,11 @@ class WhitelistedCar:
 
 async def offline_whitelists(conn: asyncpg.Connection) -> dict[str, list[WhitelistedCar]]:
     """By car park code, the cars parked there now that may leave a gate that cannot reach the
-    server: those the lane would let out on pay-later (a binding and an agreement that covered
-    the stay's entry and are active now, the plate's service with the provider not paused, no
-    block for arrears: `STAY_PAY_LATER_JOINS`); and pass holders (a free-passage right of that
-    car park, active and valid now, and for a pass of "at most N inside" the stay holding its
-    place), with no limit. A vehicle on the company's blacklist is on no list. A plate's
+    server: those the lane would let out on pay-later (a binding, an agreement and the plate's
+    service with the provider that covered the stay's entry and are active now, no block for
+    arrears: `STAY_PAY_LATER_JOINS`, `STAY_SERVICE_STATE`); and pass holders (a free-passage
+    right of that car park, active and valid now, and for a pass of "at most N inside" the stay
+    holding its place), with no limit. A vehicle on the company's blacklist is on no list. A plate's
     identity is (plate, colour): a stay is matched with the binding of its own colour (a yellow
     浙A12345 is not the bound blue one), every entry carrying the colour for the gate to
     check."""
@@ -43,7 +43,7 @@ async def offline_whitelists(conn: asyncpg.Connection) -> dict[str, list[Whiteli
                JOIN car_parks cp ON cp.id = s.car_park_id
                {STAY_PAY_LATER_JOINS}
                WHERE s.status = 'open' AND pa.id IS NOT NULL AND NOT a.blocked_for_arrears
-                 AND (ps.state IS NULL OR ps.state = 'normal')
+                 AND COALESCE({STAY_SERVICE_STATE}, 'normal') = 'normal'
                  AND NOT EXISTS (
                      SELECT 1 FROM plate_blacklist bl
                      WHERE bl.plate = s.plate AND bl.color = s.plate_color

@@ -35,7 +35,8 @@ class PayLater:
     # Open debts, collected with the stay's fee at the gate.
     debt_fen: int = 0
     # The plate's service state with the agreement's provider (plate_services), None when the
-    # provider never spoke of it: only "normal" (or None) may leave on pay-later.
+    # provider never spoke of it: only "normal" (or None) may leave on pay-later, and
+    # "not_at_entry" is a service resumed since the stay began.
     service_state: str | None = None
 
 
@@ -67,14 +68,8 @@ class OpenSession:
 # The binding, account and active agreement of the vehicle (`{plate}`, `{color}`) that covered
 # a stay beginning at `{entered_at}`: a plate's owner is never charged for another colour's
 # vehicle, and a binding or agreement made after the car came in does not pay for its stay
-# (it pays at the gate).
-_PAY_LATER_COLUMNS = f"""a.id AS account_id, pa.id AS agreement_id, pa.per_session_limit_fen,
-    a.blocked_for_arrears,
-    CASE WHEN a.blocked_for_arrears THEN
-        (SELECT COALESCE(sum(d.amount_fen), 0)::bigint FROM debts d
-         WHERE d.account_id = a.id AND d.settled_at IS NULL AND {debts.UNDISPUTED.format(d="d")})
-        ELSE 0 END AS debt_fen,
-    ps.state AS service_state"""
+# (it pays at the gate). So too the plate's service with the provider: one resumed since the
+# entry did not cover it ('not_at_entry').
 _PAY_LATER_JOINS = """
     LEFT JOIN plate_bindings b ON b.plate = {plate} AND b.color = {color}
         AND b.unbound_at IS NULL AND b.bound_at <= {entered_at}
@@ -88,6 +83,15 @@ _PAY_LATER_JOINS = """
 STAY_PAY_LATER_JOINS = _PAY_LATER_JOINS.format(
     plate="s.plate", color="s.plate_color", entered_at="s.entered_at"
 )
+STAY_SERVICE_STATE = """CASE WHEN ps.state = 'normal' AND ps.normal_since > s.entered_at
+    THEN 'not_at_entry' ELSE ps.state END"""
+_PAY_LATER_COLUMNS = f"""a.id AS account_id, pa.id AS agreement_id, pa.per_session_limit_fen,
+    a.blocked_for_arrears,
+    CASE WHEN a.blocked_for_arrears THEN
+        (SELECT COALESCE(sum(d.amount_fen), 0)::bigint FROM debts d
+         WHERE d.account_id = a.id AND d.settled_at IS NULL AND {debts.UNDISPUTED.format(d="d")})
+        ELSE 0 END AS debt_fen,
+    {STAY_SERVICE_STATE} AS service_state"""
 
 
 def _pay_later(row: asyncpg.Record) -> PayLater | None:

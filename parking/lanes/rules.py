@@ -584,7 +584,8 @@ def pay_later(found: PayLater | None, fee: int) -> tuple[int, int] | Outcome:
     if found.agreement_id is None or found.per_session_limit_fen is None:
         return "held_no_agreement"
     if found.service_state not in (None, "normal"):
-        # Paused, overdue or not opened with the provider: no active pay-later agreement.
+        # Paused, overdue or not opened with the provider, or resumed only since the entry:
+        # no pay-later agreement covered the stay.
         return "held_no_agreement"
     if found.blocked_for_arrears:
         return "held_arrears"
