@@ -1206,6 +1206,37 @@ async def test_every_publisher_signs_its_commands_for_the_gate_they_are_for(
         assert topic.endswith(f"/{command.lot}/{command.gate}/command")
 
 
+async def test_a_capture_id_resent_on_another_gate_gets_no_command_there(
+    runtime: Runtime, settings: Settings, gate: GateProbe, lot: Lot, tmp_path: Path
+) -> None:
+    """Whoever can publish a capture on a gate's topic (its own login, a shared one) and has
+    seen a capture id opened at another gate sends that capture again there. Before, the lane
+    answered with the stored open, signed for the gate the resend came from, and its barrier
+    lifted for a car that was not there. Now the stored command goes to no gate but the
+    capture's own; the other gate gets the conflict's ack, which names nothing it holds."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=1))
+    exit_capture = gate.capture("out", driver.plate)
+    assert (await gate.decide(lot.code, "out1", exit_capture))["action"] == "open"
+
+    other = await create_lot(runtime)
+    async with lane(_config(tmp_path, other.code, "out1", settings.mqtt_topic_prefix)) as far:
+        await gate.send(other.code, "out1", exit_capture)
+        await gate.wait_for(exit_capture, commands=1, acks=2)
+        # A marker the far gate acts on, published after: once it shows, anything the lane
+        # sent that gate for the resend was handled too.
+        marker = _open_command(uuid.uuid4(), far.agent.address, display=("marker",))
+        await gate.mqtt.publish(runtime.lanes.topics.topic(far.agent.address, "command"), marker)
+        await until(lambda: far.display.current == ["marker"])
+        assert far.reasons() == ["remote"], "lifted for another gate's capture"
+    [command] = gate.commands[str(exit_capture.capture_id)]
+    assert command["_topic"].endswith(f"/{lot.code}/out1/command")
+    _, far_ack = gate.acks[str(exit_capture.capture_id)]
+    assert far_ack["_topic"].endswith(f"/{other.code}/out1/ack")
+    assert far_ack["duplicate"] is True and "payload_sha256" not in far_ack
+    assert await stay_status(runtime, lot, driver.plate) == "closed"
+
+
 async def test_a_manual_open_at_the_booth_reaches_the_operators(
     runtime: Runtime,
     app: FastAPI,

@@ -254,7 +254,8 @@ class LaneWorker:
             # Before publishing: a publish that fails after commit must not lose the change.
             await self.occupancy.adjust(gate.car_park_id, decision.occupancy_delta)
         started_publish = time.perf_counter()
-        await publish_command(self.mqtt, self.settings, address, command)
+        if command is not None:
+            await publish_command(self.mqtt, self.settings, address, command)
         done = time.perf_counter()
         latency_ms = (done - message.received_at) * 1000
         # Bound to the very message it answers: the gate drops the capture it holds only when
@@ -328,13 +329,17 @@ class LaneWorker:
         frames: list[bytes] | None = None,
         *,
         may_read_again: bool = False,
-    ) -> tuple[Decision | None, bytes, bool]:
+    ) -> tuple[Decision | None, bytes | None, bool]:
         """Decides in one transaction; a redelivered capture gets its stored command again.
 
         Returns (decision, command, False), or (None, command, conflict) for a duplicate: any
         capture whose id was stored before, whatever its captured_at or content (`conflict`: a
         resend that says something else than the capture stored under its id, recorded for an
-        operator and never decided). Duplicates are detected by the capture's key at insert,
+        operator and never decided). A duplicate's command is None unless its content is the
+        stored capture's (`content_fingerprint`, which names the gate): the stored decision is
+        signed for no gate but the capture's own, so a capture id seen opened at one gate and
+        published on another gate's topic lifts nothing there. Duplicates are detected by the
+        capture's key at insert,
         not by a lookup first: that saves every capture a round trip, and the duplicate's
         decision is rolled back with its transaction. A unique violation for any other reason
         means a concurrent worker changed the same stay first: the second attempt sees its
@@ -390,7 +395,14 @@ class LaneWorker:
                         conflict = stored.content_sha256 not in (None, fingerprint)
                         if conflict:
                             await self._record_conflict(conn, gate, capture)
-                        return None, orjson.dumps(stored.command), conflict
+                        # A capture stored before fingerprints (None) cannot show its gate:
+                        # its command, long expired, is sent to nobody.
+                        command = (
+                            orjson.dumps(stored.command)
+                            if stored.content_sha256 == fingerprint
+                            else None
+                        )
+                        return None, command, conflict
                     if attempt == 2:
                         raise
         raise AssertionError("unreachable")
