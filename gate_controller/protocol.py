@@ -25,6 +25,18 @@ _CODE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 PlateText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=2, max_length=16)]
 
+# What a capture may say, so that the server can store and reckon with every capture it takes
+# (one outside is dead-lettered as invalid and acknowledged, not resent for ever): a sequence
+# number fits PostgreSQL's bigint, and a time is one a gate's clock can show, wrong clocks
+# included: reset to the Unix epoch (a dead clock battery), wrapped back to 1901 (a 32-bit
+# time_t past 2038), or years ahead. The lane takes such clocks (a live capture is placed by the
+# server's clock, an offline one within what the server can prove: parking.lanes.edges), so the
+# bounds are no tighter than that: outside them is no clock, only a time whose arithmetic
+# (windows of minutes to days added or taken away) could overflow.
+MAX_SEQ = 2**63 - 1
+EARLIEST_CAPTURE_TIME = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST_CAPTURE_TIME = datetime(2200, 1, 1, tzinfo=UTC)
+
 
 class _Message(BaseModel):
     # Unknown fields are ignored so that newer gate firmware can add fields without breaking v1.
@@ -42,9 +54,9 @@ class CameraRead(_Message):
 
 class Capture(_Message):
     capture_id: UUID
-    seq: int = Field(ge=0)
+    seq: int = Field(ge=0, le=MAX_SEQ)
     direction: Direction
-    captured_at: AwareDatetime
+    captured_at: AwareDatetime = Field(ge=EARLIEST_CAPTURE_TIME, lt=LATEST_CAPTURE_TIME)
     camera_read: CameraRead | None = None
     image: str | None = Field(default=None, description="base64 JPEG, size-capped")
     # Further frames of the same pass; the server reads them all and lets them vote.

@@ -4,7 +4,9 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import orjson
+import pytest
 
 from billing import ledger
 from gate_controller.protocol import encode
@@ -148,3 +150,89 @@ async def test_a_dead_lettered_capture_keeps_only_an_excerpt_whatever_the_reason
     row = await eventually(stored)
     assert row["reason"] == "invalid_message" and row["payload_size"] == len(junk)
     assert row["kept"] == 4096
+
+
+async def _dead_letters_of(runtime: Runtime, lot: Lot, gate_code: str) -> list[dict[str, Any]]:
+    topic = f"{runtime.lanes.topics.root}/{lot.code}/{gate_code}/capture"
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch("SELECT * FROM dead_letters WHERE topic = $1 ORDER BY id", topic)
+    return [dict(r) for r in rows]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        pytest.param({"seq": 2**63}, id="seq_beyond_bigint"),
+        pytest.param(
+            {"captured_at": "0001-01-01T00:00:00+00:00", "offline": True, "offline_action": "open"},
+            id="offline_at_year_one",
+        ),
+        pytest.param({"captured_at": "9999-12-31T23:00:00-05:00"}, id="beyond_year_9999"),
+    ],
+)
+async def test_a_capture_the_store_or_the_arithmetic_cannot_take_is_dead_lettered_and_rejected(
+    runtime: Runtime, gate: GateProbe, lot: Lot, changes: dict[str, Any]
+) -> None:
+    """Before, such a capture passed the parse and failed in the decision (a bigint out of
+    range, a date overflow) on every resend: no dead letter, no ack, sent for ever."""
+    capture = gate.capture("out", unique_plate())
+    await gate.publish_raw(lot.code, "out1", orjson.dumps(orjson.loads(encode(capture)) | changes))
+    rows = await eventually(lambda: _dead_letters_of(runtime, lot, "out1"), timeout_s=5)
+    assert [r["reason"] for r in rows] == ["invalid_message"] and rows[0]["detail"], rows
+    await gate.wait_for(capture, commands=0, acks=1)
+    assert gate.acks[str(capture.capture_id)][0]["rejected"] == "invalid_message"
+    assert (await gate.decide(lot.code, "in1", gate.capture("in", unique_plate())))[
+        "action"
+    ] == "open", "the lane goes on"
+
+
+async def test_a_capture_from_a_gate_clock_reset_to_the_epoch_is_still_decided(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The bounds refuse only times no clock shows: a gate whose clock battery died is still a
+    gate, its live captures placed by the server's clock."""
+    capture = gate.capture("in", unique_plate())
+    reset = capture.model_copy(update={"captured_at": datetime(1970, 1, 1, tzinfo=UTC)})
+    assert (await gate.decide(lot.code, "in1", reset))["action"] == "open"
+    assert await _dead_letters_of(runtime, lot, "in1") == []
+
+
+async def test_a_decision_the_payload_makes_fail_is_dead_lettered_and_a_broken_database_is_not(
+    runtime: Runtime, gate: GateProbe, lot: Lot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure that a resend repeats (a value the store refuses, an overflow) is the
+    payload's: dead-lettered and acknowledged as rejected, not retried for ever. A failure of
+    the database itself leaves the capture unacknowledged, for the gate to send again."""
+    decide = runtime.lanes.service.decide
+    failure: list[Exception] = []
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        if failure:
+            raise failure[0]
+        return await decide(*args, **kwargs)
+
+    monkeypatch.setattr(runtime.lanes.service, "decide", failing)
+    failures = runtime.lanes.stats.failures
+
+    failure[:] = [asyncpg.PostgresConnectionError("connection was closed")]
+    transient = gate.capture("in", unique_plate())
+    await gate.send(lot.code, "in1", transient)
+    await eventually(lambda: _true(runtime.lanes.stats.failures > failures))
+    failure.clear()
+    await gate.send(lot.code, "in1", transient)  # the gate's resend
+    await gate.wait_for(transient, commands=1, acks=1)
+    assert not gate.acks[str(transient.capture_id)][0].get("rejected")
+
+    for undecidable in (OverflowError("date value out of range"), asyncpg.DataError("bad")):
+        failure[:] = [undecidable]
+        capture = gate.capture("in", unique_plate())
+        await gate.send(lot.code, "in1", capture)
+        await gate.wait_for(capture, commands=0, acks=1)
+        assert gate.acks[str(capture.capture_id)][0]["rejected"] == "undecidable"
+    rows = await _dead_letters_of(runtime, lot, "in1")
+    assert [r["reason"] for r in rows] == ["undecidable", "undecidable"]
+    assert "OverflowError" in rows[0]["detail"]
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -58,6 +58,13 @@ class LaneStats:
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=200_000))
 
 
+# Failures of a decision that the payload itself causes (a value the store refuses, a time
+# whose arithmetic overflows): a resend fails the same way, so the capture is dead-lettered and
+# acknowledged as rejected. Anything else (PostgreSQL, Redis or the broker down) leaves it
+# unacknowledged, and the gate sends it again.
+_UNDECIDABLE = (asyncpg.DataError, OverflowError)
+
+
 class _ReadAgain(Exception):
     """Rolls a decision back so that the capture's frames are read by the server first."""
 
@@ -242,14 +249,24 @@ class LaneWorker:
         now = datetime.now(UTC)
         started_db = time.perf_counter()
         try:
-            decision, command, conflict = await self._decide(
-                gate, capture, reading, now, frames, may_read_again=bool(frames)
-            )
-        except _ReadAgain:
-            # A camera read that found no stay: the frames are read by the server (rolled
-            # back first, so the OCR is outside any transaction) and the capture decided again.
-            reading = await self.reader.read_again(capture, frames)
-            decision, command, conflict = await self._decide(gate, capture, reading, now, frames)
+            try:
+                decision, command, conflict = await self._decide(
+                    gate, capture, reading, now, frames, may_read_again=bool(frames)
+                )
+            except _ReadAgain:
+                # A camera read that found no stay: the frames are read by the server (rolled
+                # back first, so the OCR is outside any transaction) and the capture decided
+                # again.
+                reading = await self.reader.read_again(capture, frames)
+                decision, command, conflict = await self._decide(
+                    gate, capture, reading, now, frames
+                )
+        except _UNDECIDABLE as exc:
+            # Rolled back: nothing of it was stored. With its traceback: the payload may have
+            # found a bug rather than been bad.
+            log.warning("lane.capture_undecidable", exc_info=True)
+            await self._dead_letter(message, InvalidMessage("undecidable", repr(exc)))
+            return
         if decision is not None and decision.occupancy_delta:
             # Before publishing: a publish that fails after commit must not lose the change.
             await self.occupancy.adjust(gate.car_park_id, decision.occupancy_delta)
