@@ -5,7 +5,7 @@ from redis.asyncio import Redis
 
 from parking.app import create_app
 from parking.runtime import Runtime
-from tests.conftest import Lot, make_driver, unique_plate
+from tests.conftest import Lot, make_driver, set_car_park, unique_plate
 from tests.gates import GateProbe
 
 
@@ -56,3 +56,25 @@ async def test_api_errors_share_one_json_shape(runtime: Runtime) -> None:
     assert set(no_route.json()["error"]) == {"code", "message", "details"}
     assert health.status_code == 200
     assert health.json()["checks"] == {"postgresql": True, "redis": True, "mqtt": True}
+
+
+async def _counted_and_rebuilt(runtime: Runtime, redis: Redis, lot: Lot) -> tuple[int, int]:
+    """The counter as Redis holds it now, and what a rebuild from PostgreSQL makes of it."""
+    key = f"{runtime.settings.redis_key_prefix}occupancy:{lot.id}"
+    counted = int(await redis.get(key))
+    await redis.delete(key)
+    return counted, await runtime.occupancy.get(lot.id)
+
+
+async def test_a_stay_opened_at_the_exit_is_counted_alike_live_and_rebuilt(
+    runtime: Runtime, gate: GateProbe, lot: Lot, redis: Redis
+) -> None:
+    """A car with no entry record, held at the exit for the car park's fixed fee, opens a stay
+    the lane never counts in. The rebuild counted every open stay: one too many for as long
+    as the held stay lived, and for good once it was paid (closing it counts nothing out)."""
+    await set_car_park(runtime, lot, no_entry_policy="fixed_fee", no_entry_fee_fen=2000)
+    await gate.decide(lot.code, "in1", gate.capture("in", unique_plate()))
+    command = await gate.decide(lot.code, "out1", gate.capture("out", unique_plate()))
+    assert (command["action"], command["fee_fen"]) == ("hold", 2000)
+    assert await _counted_and_rebuilt(runtime, redis, lot) == (1, 1)
+    assert (await runtime.occupancy.rebuild_all())[lot.id] == 1
