@@ -1,11 +1,17 @@
 """Occupancy lives in Redis for speed and is rebuilt from PostgreSQL when Redis loses it."""
 
+import asyncio
+from typing import Any
+
 import httpx
+import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from parking.app import create_app
+from parking.occupancy import repository as occupancy_repository
 from parking.runtime import Runtime
-from tests.conftest import Lot, make_driver, set_car_park, unique_plate
+from tests.conftest import Lot, eventually, make_driver, set_car_park, unique_plate
 from tests.gates import GateProbe
 
 
@@ -78,3 +84,82 @@ async def test_a_stay_opened_at_the_exit_is_counted_alike_live_and_rebuilt(
     assert (command["action"], command["fee_fen"]) == ("hold", 2000)
     assert await _counted_and_rebuilt(runtime, redis, lot) == (1, 1)
     assert (await runtime.occupancy.rebuild_all())[lot.id] == 1
+
+
+@pytest.mark.parametrize("applied", [False, True], ids=["change_lost", "reply_lost"])
+async def test_a_redis_error_during_a_change_leaves_the_counter_to_be_rebuilt(
+    runtime: Runtime,
+    gate: GateProbe,
+    lot: Lot,
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    applied: bool,
+) -> None:
+    """The lane commits an entry, then Redis fails as it counts it in (a reset connection, a
+    timeout), the change made or not. The gate's resend is a duplicate that changes nothing:
+    before, a lost change left the counter one off for good, its key still there, so nothing
+    rebuilt it. Now a failed change drops the counter, and the next reader rebuilds it from
+    the open stays."""
+    await gate.decide(lot.code, "in1", gate.capture("in", unique_plate()))
+    occupancy = runtime.lanes.occupancy
+    incr = occupancy._incr
+    failed: list[int] = []
+
+    async def blip(**kwargs: Any) -> Any:
+        if not failed:
+            failed.append(1)
+            if applied:
+                await incr(**kwargs)
+            raise RedisConnectionError("Connection reset by peer")
+        return await incr(**kwargs)
+
+    monkeypatch.setattr(occupancy, "_incr", blip)
+    second = gate.capture("in", unique_plate())
+    await gate.send(lot.code, "in1", second)
+    await eventually(lambda: _true(bool(failed)))
+    await gate.send(lot.code, "in1", second)  # not acked: the gate sends it again
+    await gate.wait_for(second, commands=1, acks=1)
+    assert gate.acks[str(second.capture_id)][0]["duplicate"] is True
+    assert await runtime.occupancy.get(lot.id) == 2
+    assert await _counted_and_rebuilt(runtime, redis, lot) == (2, 2)
+
+
+async def test_a_rebuild_read_before_a_change_does_not_overwrite_it(
+    runtime: Runtime, gate: GateProbe, lot: Lot, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader finds the counter missing and counts the open stays. An entry commits; its
+    change finds no counter and rebuilds it too. The reader stores its older count between the
+    lane's read and the lane's store: before, the reader's count won (SET NX) and the entry was
+    never counted."""
+    await gate.decide(lot.code, "in1", gate.capture("in", unique_plate()))
+    await redis.delete(f"{runtime.settings.redis_key_prefix}occupancy:{lot.id}")
+    read = occupancy_repository.open_count
+    reads: list[int] = []
+    reader_read, lane_read, reader_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def interleaved(conn: Any, car_park_id: int) -> int:
+        count = await read(conn, car_park_id)
+        if car_park_id == lot.id:
+            reads.append(count)
+            if len(reads) == 1:
+                reader_read.set()
+                await lane_read.wait()
+            elif len(reads) == 2:
+                lane_read.set()
+                await reader_done.wait()
+        return count
+
+    monkeypatch.setattr(occupancy_repository, "open_count", interleaved)
+    reader = asyncio.create_task(runtime.occupancy.get(lot.id))
+    await reader_read.wait()
+    entry = gate.capture("in", unique_plate())
+    await gate.send(lot.code, "in1", entry)
+    assert await reader == 1, "what the record said when it was read"
+    reader_done.set()
+    await gate.wait_for(entry)
+    assert reads == [1, 2]
+    assert await _counted_and_rebuilt(runtime, redis, lot) == (2, 2)
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -29,3 +29,7 @@ async def open_counts(conn: asyncpg.Connection) -> dict[int, int]:
             GROUP BY cp.id"""
     )
     return {r["id"]: r["n"] for r in rows}
+
+
+async def car_park_ids(conn: asyncpg.Connection) -> list[int]:
+    return [r["id"] for r in await conn.fetch("SELECT id FROM car_parks ORDER BY id")]
