@@ -47,7 +47,7 @@ from gate_controller.protocol import (
     encode,
 )
 from gate_controller.simulator import Vehicle
-from gate_controller.whitelist import OfflineWhitelist
+from gate_controller.whitelist import OfflineWhitelist, command_refusal
 from parking.gates import config as gate_config
 from parking.gates import repository as gates_repo
 from parking.gates.commands import sign_command
@@ -1164,24 +1164,27 @@ async def test_every_publisher_signs_its_commands_for_the_gate_they_are_for(
     lot: Lot,
     clean_configs: None,
 ) -> None:
-    """The lane's decisions, the gate opened after a payment at the gate and an operator's
-    manual open are all signed the same way."""
+    """The lane's decisions, the gate opened after a payment at the gate, an operator's manual
+    open and the booth's cash payment are all signed the same way. One car after the other,
+    each the newest at the exit when its hold is lifted (an older one's open is not sent)."""
     public_key = SERVER_KEY.public_key()
-    paying, by_hand = unique_plate(), unique_plate()
-    for plate in (paying, by_hand):
+    paying, by_hand, at_booth = unique_plate(), unique_plate(), unique_plate()
+    for plate in (paying, by_hand, at_booth):
         await enter(runtime, gate, lot, plate, parked_for=timedelta(hours=1))
-    held_paying = gate.capture("out", paying)
-    held_by_hand = gate.capture("out", by_hand)
-    qr_url = (await gate.decide(lot.code, "out1", held_paying))["payment_qr_url"]
-    assert (await gate.decide(lot.code, "out1", held_by_hand))["action"] == "hold"
-
     staff = await make_staff(runtime, lot.operator_id)
+
+    held_by_hand = gate.capture("out", by_hand)
+    assert (await gate.decide(lot.code, "out1", held_by_hand))["action"] == "hold"
     opened = await api.post(
         f"/api/v1/operator/car-parks/{lot.code}/gates/out1/open",
         headers=bearer(staff_token(app, staff)),
         json={"reason": "driver at the booth", "capture_id": str(held_by_hand.capture_id)},
     )
     assert opened.status_code == 200, opened.text
+    await gate.wait_for(held_by_hand, commands=2, acks=1)
+
+    held_paying = gate.capture("out", paying)
+    qr_url = (await gate.decide(lot.code, "out1", held_paying))["payment_qr_url"]
     # The QR code opens the pay page, whose 支付 button starts the payment through the API.
     qr_path = httpx.URL(qr_url).path.replace("/pay/", "/api/v1/gate-payments/", 1)
     view = (await api.post(qr_path)).json()
@@ -1190,13 +1193,28 @@ async def test_every_publisher_signs_its_commands_for_the_gate_they_are_for(
         assert (await wallet.post(f"/v1/payments/{out_trade_no}/pay")).status_code == 200
     assert (await api.get(qr_path)).json()["status"] == "succeeded"
     await gate.wait_for(held_paying, commands=2)
-    await gate.wait_for(held_by_hand, commands=2, acks=1)
+
+    held_at_booth = gate.capture("out", at_booth)
+    hold = await gate.decide(lot.code, "out1", held_at_booth)
+    attendant = await make_staff(runtime, lot.operator_id, "attendant")
+    paid = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
+        headers=bearer(staff_token(app, attendant)),
+        json={
+            "capture_id": str(held_at_booth.capture_id),
+            "method": "cash",
+            "amount_fen": hold["fee_fen"],
+        },
+    )
+    assert paid.status_code == 201, paid.text
+    await gate.wait_for(held_at_booth, commands=2)
 
     published = [c for commands in gate.commands.values() for c in commands]
     assert {(c["capture_id"], c["action"]) for c in published} >= {
         (str(held_paying.capture_id), "open"),  # the payment's
         (str(held_by_hand.capture_id), "open"),  # the operator's
         (str(held_by_hand.capture_id), "hold"),  # the lane's
+        (str(held_at_booth.capture_id), "open"),  # the booth's
     }
     for data in published:
         topic = data.pop("_topic")
@@ -1235,6 +1253,35 @@ async def test_a_capture_id_resent_on_another_gate_gets_no_command_there(
     assert far_ack["_topic"].endswith(f"/{other.code}/out1/ack")
     assert far_ack["duplicate"] is True and "payload_sha256" not in far_ack
     assert await stay_status(runtime, lot, driver.plate) == "closed"
+
+
+async def test_the_booths_cash_payment_opens_the_held_gate_with_a_command_its_agent_accepts(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """The attendant takes the cash for a held exit: the open it sends is signed for that gate
+    and capture, so the agent acts on it (an unsigned one is refused and the driver who paid
+    stays behind a closed barrier)."""
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
+    held = gate.capture("out", plate)
+    assert (await gate.decide(lot.code, "out1", held))["action"] == "hold"
+    headers = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    paid = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
+        json={"capture_id": str(held.capture_id), "method": "cash", "amount_fen": 1200},
+        headers=headers,
+    )
+    assert paid.status_code == 201, paid.text
+    assert paid.json()["gate_opened"] is True
+    await gate.wait_for(held, commands=2)
+    data = dict(gate.commands[str(held.capture_id)][1])
+    data.pop("_topic")
+    command = Command.model_validate(data)
+    assert (command.capture_id, command.action) == (held.capture_id, "open")
+    refusal = command_refusal(
+        command, SERVER_KEY.public_key(), GateAddress(lot.code, "out1"), datetime.now(UTC)
+    )
+    assert refusal is None, f"the gate agent refuses the booth's open: {refusal}"
 
 
 async def test_a_manual_open_at_the_booth_reaches_the_operators(

@@ -16,11 +16,12 @@ import asyncpg
 
 from billing import audit, fees, ledger
 from billing.tariff import format_fen
-from gate_controller.protocol import Command, GateAddress, Topics, encode
+from gate_controller.protocol import Command, GateAddress
 from parking.auth.principal import Principal
 from parking.booth import repository as repo
 from parking.booth.schemas import BoothPayment, ClockSkew, NewBoothPayment
 from parking.errors import AppError, NotFound
+from parking.gates.commands import publish_command
 from parking.lanes import repository as lanes_repo
 from parking.logging import get_logger
 from parking.operators import repository as operators_repo
@@ -189,12 +190,13 @@ async def record_payment(
 
 
 async def apply(runtime: Runtime, effect: BoothEffect) -> None:
-    """After commit. Occupancy first: a publish that fails must not lose the counted change."""
+    """After commit. Occupancy first: a publish that fails must not lose the counted change.
+    The open goes through the one signer, bound to the held capture's gate: the agent acts on
+    nothing else."""
     if effect.occupancy_delta:
         await runtime.occupancy.adjust(effect.car_park_id, effect.occupancy_delta)
     if effect.address is not None and effect.command is not None:
-        topic = Topics(runtime.settings.mqtt_topic_prefix).topic(effect.address, "command")
-        await runtime.mqtt.publish(topic, encode(effect.command))
+        await publish_command(runtime.mqtt, runtime.settings, effect.address, effect.command)
         log.info("booth.gate_opened", lot=effect.address.lot, gate=effect.address.gate)
 
 
