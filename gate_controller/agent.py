@@ -9,9 +9,11 @@ the link returns. A capture leaves the outbox only when the server acks it, and 
 are resent in seq order, also after a restart.
 
 The barrier opens at most once per capture, whoever asks: a late or redelivered command for a
-capture the gate already opened for changes nothing. A late "open" for a capture the gate sent
-to the booth on its own lifts the barrier only while no newer car has been captured here (the
-car is still at the barrier); later than that, the booth has dealt with it.
+capture the gate already opened for changes nothing. A late "open" for a capture (a payment booked
+after the server's hold, an operator's open, the answer to a hold the gate decided offline)
+lifts the barrier only while no newer car has been captured here (the car is still first at the
+barrier); later than that, the car was let out another way, and the open would let out the car
+behind it.
 
 The gate acts only on commands the server signed (Ed25519, the key that signs its config) for
 this very gate, that have not expired; anything else is counted in `command_refusals` and
@@ -440,8 +442,14 @@ class GateAgent:
             await self._lift(command.capture_id, "remote")
             await self.display.show(command.display)
             return
-        if record.decided_by != "server" and record.seq != self.store.latest_seq():
-            log.info("agent.late_open_ignored", capture_id=str(command.capture_id))
+        if record.seq != self.store.latest_seq():
+            # A newer car has been captured here since, whoever decided this one (the server's
+            # hold paid late, an operator's open of an old hold, our own offline hold): the car
+            # this open is for is no longer first at the barrier, and lifting would let out the
+            # one that is.
+            log.info(
+                "agent.late_open_ignored", capture_id=str(command.capture_id), why="newer_capture"
+            )
             return
         if await self._open(command.capture_id, "server_late"):
             await self.display.show(command.display)

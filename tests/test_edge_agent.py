@@ -699,6 +699,43 @@ async def test_a_late_server_command_never_lifts_the_barrier_twice(tmp_path: Pat
         assert out.reasons() == ["server_late", "remote", "remote", "remote"]
 
 
+async def test_a_late_open_for_a_server_held_car_does_not_lift_the_barrier_for_the_next_car(
+    runtime: Runtime, settings: Settings, gate: GateProbe, lot: Lot, tmp_path: Path
+) -> None:
+    """Car A is held by the server (unbound, QR shown). The attendant lets it out by hand, car B
+    comes up and is held in its turn; then A's payment is booked and its open comes. A is no
+    longer first at the barrier: the open, though the server decided A's hold, lifts nothing."""
+    first, second = unique_plate(), unique_plate()
+    for plate in (first, second):  # neither is bound: both are held with a fee and a QR code
+        await enter(runtime, gate, lot, plate, parked_for=timedelta(hours=1))
+    config = _config(tmp_path, lot.code, "out1", settings.mqtt_topic_prefix, offline_after_s=5.0)
+    async with lane(config) as out:
+        await out.camera.put(car("out", first))
+        await until(lambda: out.display.current and out.display.current[0] == first)
+        await out.agent.manual_open("driver left, paying by phone")
+        await out.camera.put(car("out", second))
+        await until(lambda: out.display.current and out.display.current[0] == second)
+        assert out.reasons() == ["manual"]
+        async with runtime.pool.acquire() as conn:
+            first_capture = await conn.fetchval(
+                "SELECT capture_id FROM captures WHERE car_park_id = $1 AND direction = 'out' "
+                "AND plate = $2",
+                lot.id,
+                first,
+            )
+        # A's payment is booked now: its open, signed for this gate, as the server sends it.
+        address = GateAddress(lot.code, "out1")
+        topic = runtime.lanes.topics.topic(address, "command")
+        await gate.mqtt.publish(topic, _open_command(first_capture, address))
+        marker = _open_command(uuid.uuid4(), address, display=("marker",))
+        await gate.mqtt.publish(topic, marker)
+        await until(lambda: out.display.current == ["marker"])
+        assert out.reasons() == ["manual", "remote"], (
+            "the first car's late open lifted the barrier for the second, held, car: "
+            f"{out.reasons()}"
+        )
+
+
 async def test_a_restarted_agent_resends_its_unacked_captures_in_seq_order(tmp_path: Path) -> None:
     prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
     topics = Topics(prefix)
