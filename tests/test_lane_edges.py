@@ -296,6 +296,40 @@ async def test_booth_cash_for_a_held_exit_closes_the_stay_books_it_and_opens_the
                 )
 
 
+async def test_booth_cash_for_a_car_no_longer_first_at_the_barrier_books_it_and_opens_nothing(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """The attendant books the cash of a held car after the next car came up and was held: the
+    stay is settled, but the gate is sent no open (it would lift the barrier for the next car),
+    and the answer says so. The next car's own payment opens it."""
+    first, second = unique_plate(), unique_plate()
+    held = []
+    for plate in (first, second):
+        await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
+    for plate in (first, second):
+        capture = gate.capture("out", plate)
+        assert (await gate.decide(lot.code, "out1", capture))["fee_fen"] == 1200
+        held.append(capture)
+    headers = await _attendant(runtime, app, lot)
+    path = f"/api/v1/operator/car-parks/{lot.code}/booth-payments"
+    answers = []
+    for capture in held:
+        paid = await api.post(
+            path,
+            json={"capture_id": str(capture.capture_id), "method": "cash", "amount_fen": 1200},
+            headers=headers,
+        )
+        assert paid.status_code == 201, paid.text
+        answers.append(paid.json()["gate_opened"])
+    assert answers == [False, True]
+    # Published in order on the same topic: once the second car's open is here, the first's
+    # would have been.
+    await gate.wait_for(held[1], commands=2)
+    assert [c["action"] for c in gate.commands[str(held[0].capture_id)]] == ["hold"]
+    stay = await _stay(runtime, lot, first)
+    assert (stay["status"], stay["settlement"]) == ("closed", "paid_at_booth")
+
+
 async def test_a_booth_payment_is_for_staff_of_that_car_park_only(
     runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
 ) -> None:

@@ -498,6 +498,80 @@ async def test_two_qr_codes_of_one_stay_both_paid_close_it_once_and_refund_the_o
     assert overpaid == 1, "the second payment goes back"
 
 
+async def _pay_at_gate(
+    runtime: Runtime, provider: ProviderEndpoint, api: httpx.AsyncClient, capture: Capture
+) -> None:
+    """The held car's driver pays by the QR code; waits until the gate's job is done."""
+    view = (await api.post(f"/api/v1/gate-payments/{capture.capture_id}")).json()
+    await _pay(provider, httpx.URL(view["pay_url"]).path.rsplit("/", 1)[-1])
+    path = f"/api/v1/gate-payments/{capture.capture_id}"
+    assert (await api.get(path)).json()["status"] == "succeeded"
+
+    async def released() -> bool:
+        async with runtime.pool.acquire() as conn:
+            done: bool = await conn.fetchval(
+                """SELECT j.done_at IS NOT NULL FROM outbox j JOIN payments p ON p.id = j.ref_id
+                   WHERE j.kind = 'gate_command' AND p.capture_id = $1""",
+                capture.capture_id,
+            )
+        return done
+
+    await eventually(released)
+
+
+async def test_a_payment_booked_after_the_next_car_was_captured_sends_the_gate_no_open(
+    runtime: Runtime,
+    provider: ProviderEndpoint,
+    gate: GateProbe,
+    lot: Lot,
+    api: httpx.AsyncClient,
+) -> None:
+    """Car A is held; before its payment is booked (a slow provider, a lost notification the
+    sweep finds) it was let out by hand and car B came up and is held. A's payment is booked and
+    its stay settled, but no open is sent: the barrier would lift for B. B's own payment opens
+    it as usual."""
+    (first,) = await _held_unbound_exits(runtime, gate, lot, 1)
+    (second,) = await _held_unbound_exits(runtime, gate, lot, 1)
+    await _pay_at_gate(runtime, provider, api, first)
+    await _pay_at_gate(runtime, provider, api, second)
+    # Published in order on the same topic: once B's open is here, A's would have been.
+    await gate.wait_for(second, commands=2)
+    assert gate.commands[str(second.capture_id)][1]["action"] == "open"
+    assert [c["action"] for c in gate.commands[str(first.capture_id)]] == ["hold"], (
+        "the first car's late payment lifted the barrier for the car behind it"
+    )
+    async with runtime.pool.acquire() as conn:
+        stay = await conn.fetchrow(
+            "SELECT status, settlement FROM sessions WHERE exit_capture_id = $1",
+            first.capture_id,
+        )
+        outcome = await conn.fetchval(
+            "SELECT outcome FROM captures WHERE capture_id = $1", first.capture_id
+        )
+    assert (stay["status"], stay["settlement"], outcome) == (
+        "closed",
+        "paid_at_gate",
+        "paid_at_gate",
+    )
+
+
+async def test_a_payment_for_a_car_read_again_at_the_barrier_opens_for_its_newest_read(
+    runtime: Runtime,
+    provider: ProviderEndpoint,
+    gate: GateProbe,
+    lot: Lot,
+    api: httpx.AsyncClient,
+) -> None:
+    """The camera read the waiting car twice, each read held with a QR code; the driver pays by
+    the first. The car is still first in the lane: the open is for its newest read, the one
+    the gate acts on."""
+    first, second = await _held_unbound_exits(runtime, gate, lot, 2)
+    await _pay_at_gate(runtime, provider, api, first)
+    await gate.wait_for(second, commands=2)
+    assert gate.commands[str(second.capture_id)][1]["action"] == "open"
+    assert [c["action"] for c in gate.commands[str(first.capture_id)]] == ["hold"]
+
+
 async def test_an_unpaid_qr_payment_is_closed_at_the_provider_after_its_lifetime(
     runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient
 ) -> None:

@@ -4,9 +4,10 @@ An attendant records cash or a card taken at the booth for a held exit or for a 
 left while the gate was offline. The stay closes as 'paid_at_booth', the ledger books the
 money from the booth's clearing account (`clearing:cash|card:car_park:N`) to the car park's
 revenue, the exit's exception (awaiting the booth) is resolved and the audit log names the
-attendant; a held gate is sent its open command after commit. The stay's fee can be taken once
-only: a second booking of it (by a booth, a charge or a QR payment) is a unique violation of
-`stay_fee_bookings` (migration 0018), and every path first finds the stay settled.
+attendant; a held gate is sent its open command after commit, unless another car has been
+captured there since (`parking.payments.service.capture_to_open`). The stay's fee can be taken
+once only: a second booking of it (by a booth, a charge or a QR payment) is a unique violation
+of `stay_fee_bookings` (migration 0018), and every path first finds the stay settled.
 """
 
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from parking.lanes import repository as lanes_repo
 from parking.logging import get_logger
 from parking.operators import repository as operators_repo
 from parking.payments import repository as payments_repo
+from parking.payments import service as payments_service
 from parking.runtime import Runtime
 
 log = get_logger(__name__)
@@ -168,9 +170,20 @@ async def record_payment(
             command.model_dump(mode="json", exclude_none=True),
             "paid_at_booth",
         )
-        effect = BoothEffect(
-            car_park["id"], GateAddress(held.lot, held.gate), command, effect.occupancy_delta
-        )
+        target = await payments_service.capture_to_open(conn, held)
+        if target is None:
+            # Another car has been captured at the gate since: the paid car is not the one at
+            # the barrier, and an open would let out the one that is.
+            log.warning(
+                "booth.gate_open_skipped", lot=held.lot, gate=held.gate, why="newer_capture"
+            )
+        else:
+            effect = BoothEffect(
+                car_park["id"],
+                GateAddress(held.lot, held.gate),
+                command.model_copy(update={"capture_id": target}),
+                effect.occupancy_delta,
+            )
     await audit.record(
         conn,
         principal.actor,

@@ -400,11 +400,29 @@ async def accept_notification(
     return applied
 
 
+async def capture_to_open(conn: asyncpg.Connection, held: repo.HeldExit) -> UUID | None:
+    """The capture a settled hold's open is for: the held one while it is still the newest its
+    gate took; the newest when that is the same stay's car read again at the barrier; None when
+    another car has been captured there since. That car is first in the lane now and the held
+    one is not (let out by the attendant's button, or behind it): an open would lift the
+    barrier for the wrong car, so none is sent (the gate agent refuses it too). The payment is
+    booked all the same; the held car, if still in the lane, is captured again at the barrier
+    and finds its stay settled."""
+    newer = await repo.newest_after(conn, held.capture_id)
+    if newer is None:
+        return held.capture_id
+    if held.session_id is not None and newer.session_id == held.session_id:
+        return newer.capture_id
+    return None
+
+
 async def release_gate(runtime: Runtime, payment_id: int) -> None:
-    """Opens the barrier for a held car whose payment was booked (an outbox job)."""
+    """Opens the barrier for a held car whose payment was booked (an outbox job), unless
+    another car has been captured at its gate since (`capture_to_open`)."""
     async with runtime.pool.acquire() as conn:
         capture_id = await repo.payment_for_release(conn, payment_id)
         held = await repo.held_exit(conn, capture_id) if capture_id else None
+        target = await capture_to_open(conn, held) if held else None
     if held is None:
         return
     now = datetime.now(UTC)
@@ -418,16 +436,28 @@ async def release_gate(runtime: Runtime, payment_id: int) -> None:
         expires_at=now + timedelta(seconds=runtime.settings.command_ttl_s),
     )
     async with runtime.pool.acquire() as conn:
+        # Also when no open is sent: the hold is lifted by the payment, and a redelivery of the
+        # held capture must not hold the car again.
         await lanes_repo.store_command(
             conn,
             held.capture_id,
             command.model_dump(mode="json", exclude_none=True),
             "paid_at_gate",
         )
-    await publish_command(runtime.mqtt, runtime.settings, GateAddress(held.lot, held.gate), command)
+    address = GateAddress(held.lot, held.gate)
+    if target is not None:
+        await publish_command(
+            runtime.mqtt,
+            runtime.settings,
+            address,
+            command.model_copy(update={"capture_id": target}),
+        )
     if held.counted_in:
         await runtime.occupancy.adjust(held.car_park_id, -1)
-    log.info("lane.exit_opened_after_payment", lot=held.lot, gate=held.gate)
+    if target is None:
+        log.warning("payments.gate_open_skipped", lot=held.lot, gate=held.gate, why="newer_capture")
+    else:
+        log.info("lane.exit_opened_after_payment", lot=held.lot, gate=held.gate)
 
 
 def _stay_of_vehicle(rows: list[asyncpg.Record], color: str | None) -> asyncpg.Record:
