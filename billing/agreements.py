@@ -3,7 +3,7 @@ change the limit and may cancel it. One active agreement per account; a cancelle
 (charges already queued under it still refer to it)."""
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 import structlog
@@ -119,13 +119,21 @@ async def record_service_state(
     color: str,
     state: ServiceState,
     changed_at: datetime,
+    *,
+    about_agreement: bool,
 ) -> bool:
     """What the provider said about a plate's pay-later service (a state-change notification,
     an entry's registration, a service query). A word as new or newer wins (the provider's
     times are to the second: `changed_at` is taken to the second too, and of two words in one
     second the later arrival wins); an older one (a notification retried late, out of order)
     changes nothing and returns False. A service that becomes normal again is so from that word's
-    time (`normal_since`): a stay that came in before it is not paid later."""
+    time (`normal_since`): a stay that came in before it is not paid later.
+
+    Only a word `about_agreement` (a service query under the agreement's own user, WeChat's
+    openid) makes a service that was not normal normal. An entry's registration and a
+    state-change notification name the plate, not the user: on WeChat they are about whoever
+    opened the plate's service, perhaps another user (the plate's previous holder), whom a
+    deduction, naming only the plate, would then charge. They may only say it is not normal."""
     changed_at = changed_at.replace(microsecond=0)
     recorded = await conn.fetchval(
         """INSERT INTO plate_services (provider, plate, plate_color, state, changed_at)
@@ -137,12 +145,14 @@ async def record_service_state(
                        WHEN plate_services.state = 'normal' THEN plate_services.normal_since
                        ELSE EXCLUDED.changed_at END
                WHERE plate_services.changed_at <= EXCLUDED.changed_at
+                 AND ($6 OR EXCLUDED.state <> 'normal' OR plate_services.state = 'normal')
            RETURNING true""",
         provider,
         plate,
         color,
         state,
         changed_at,
+        about_agreement,
     )
     return bool(recorded)
 
@@ -171,7 +181,18 @@ async def record_looked_up(
     conn: asyncpg.Connection, provider: str, answered: Iterable[PlateService], at: datetime
 ) -> None:
     for service in answered:
-        await record_service_state(conn, provider, service.plate, service.color, service.state, at)
+        await record_service_state(
+            conn, provider, service.plate, service.color, service.state, at, about_agreement=True
+        )
+
+
+# Bound vehicles of active agreements with a provider: (agreement_no, plate, color).
+_BOUND_VEHICLES = """SELECT a.agreement_no, b.plate, b.color
+    FROM pay_later_agreements a
+    JOIN plate_bindings b ON b.account_id = a.account_id AND b.unbound_at IS NULL
+    LEFT JOIN plate_services ps
+           ON ps.provider = a.provider AND ps.plate = b.plate AND ps.plate_color = b.color
+    WHERE a.provider = $1 AND a.cancelled_at IS NULL"""
 
 
 async def stale_services(
@@ -181,17 +202,28 @@ async def stale_services(
     learned or last learned before `older_than`, the longest unchecked first: (agreement_no,
     plate, color)."""
     rows: list[asyncpg.Record] = await conn.fetch(
-        """SELECT a.agreement_no, b.plate, b.color
-           FROM pay_later_agreements a
-           JOIN plate_bindings b ON b.account_id = a.account_id AND b.unbound_at IS NULL
-           LEFT JOIN plate_services ps
-                  ON ps.provider = a.provider AND ps.plate = b.plate AND ps.plate_color = b.color
-           WHERE a.provider = $1 AND a.cancelled_at IS NULL
-             AND (ps.recorded_at IS NULL OR ps.recorded_at < $2)
-           ORDER BY ps.recorded_at NULLS FIRST, b.id
-           LIMIT $3""",
+        f"""{_BOUND_VEHICLES}
+              AND (ps.recorded_at IS NULL OR ps.recorded_at < $2)
+            ORDER BY ps.recorded_at NULLS FIRST, b.id
+            LIMIT $3""",
         provider,
         older_than,
         limit,
     )
     return rows
+
+
+async def ask_if_resumed(
+    pool: asyncpg.Pool, provider: PaymentProvider, plate: str, color: str
+) -> None:
+    """A word naming only the plate (an entry's registration, a notification) said its service
+    is normal, which cannot make it so for our driver (`record_service_state`): the provider is
+    asked under the bound agreement's own user, and that answer recorded. An outage leaves the
+    state as it was, for the driver's app or the sweep to ask again."""
+    async with pool.acquire() as conn:
+        vehicles = await conn.fetch(
+            f"{_BOUND_VEHICLES} AND b.plate = $2 AND b.color = $3", provider.name, plate, color
+        )
+    answered = await look_up_states(provider, [tuple(v) for v in vehicles])
+    async with pool.acquire() as conn:
+        await record_looked_up(conn, provider.name, answered, datetime.now(UTC))

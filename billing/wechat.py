@@ -660,6 +660,7 @@ class WeChatParkingProvider:
         try:
             if not isinstance(event_type, str):
                 raise ValueError(f"event_type {event_type!r}")
+            self._check_ours(resource)
             if event_type == "VEHICLE.ENTRANCE_STATE_CHANGE":
                 return _state_change(resource)
             if event_type.startswith("REFUND."):
@@ -674,6 +675,21 @@ class WeChatParkingProvider:
             raise ValueError(f"unknown event_type {event_type!r}")
         except (ValueError, TypeError) as exc:
             raise MalformedNotification(f"malformed notification: {exc}") from exc
+
+    def _check_ours(self, resource: Any) -> None:
+        """A notification about another merchant's or app's order (a shared notify URL, a
+        misrouted delivery) is not about ours, even under an `out_trade_no` we also use."""
+        if not isinstance(resource, Mapping):
+            return
+        ours = {
+            "mchid": self._credentials.mchid,
+            "sp_mchid": self._credentials.mchid,
+            "appid": self._credentials.appid,
+            "sp_appid": self._credentials.appid,
+        }
+        for key, value in ours.items():
+            if key in resource and resource[key] != value:
+                raise ValueError(f"{key} {resource[key]!r} is not ours")
 
     async def aclose(self) -> None:
         if self._open:

@@ -502,15 +502,20 @@ class OutboxWorker:
             return
         async with self.pool.acquire() as conn, conn.transaction():
             await entries.record_parking_id(conn, entry.session_id, registered.parking_id)
-            await agreements.record_service_state(
+            recorded = await agreements.record_service_state(
                 conn,
                 self.provider.name,
                 entry.plate,
                 entry.plate_color,
                 registered.state,
                 datetime.now(UTC),
+                about_agreement=False,
             )
             await self._mark_done(conn, job)
+        if registered.state == "normal" and not recorded:
+            await agreements.ask_if_resumed(
+                self.pool, self.provider, entry.plate, entry.plate_color
+            )
 
     async def _verify_charge(self, job: Job) -> None:
         if self.charge_verifier is None:

@@ -539,7 +539,13 @@ async def test_the_offline_whitelist_lets_out_on_pay_later_only_what_the_lane_wo
     async with runtime.pool.acquire() as conn:
         for car in (resumed, resumed_before):
             await agreements.record_service_state(
-                conn, "sandbox", car.plate, "blue", "paused", datetime.now(UTC) - timedelta(days=3)
+                conn,
+                "sandbox",
+                car.plate,
+                "blue",
+                "paused",
+                datetime.now(UTC) - timedelta(days=3),
+                about_agreement=True,
             )
         await agreements.record_service_state(
             conn,
@@ -548,6 +554,7 @@ async def test_the_offline_whitelist_lets_out_on_pay_later_only_what_the_lane_wo
             "blue",
             "normal",
             datetime.now(UTC) - timedelta(days=2),
+            about_agreement=True,
         )
     for car in (bound_late, paused, resumed, resumed_before, covered):
         await gate.decide(lot.code, "in1", gate.capture("in", car.plate))
@@ -555,7 +562,13 @@ async def test_the_offline_whitelist_lets_out_on_pay_later_only_what_the_lane_wo
         await backdate_entry(runtime, lot, car.plate, timedelta(hours=3))  # with its binding
     async with runtime.pool.acquire() as conn:
         await agreements.record_service_state(
-            conn, "sandbox", resumed.plate, "blue", "normal", datetime.now(UTC)
+            conn,
+            "sandbox",
+            resumed.plate,
+            "blue",
+            "normal",
+            datetime.now(UTC),
+            about_agreement=True,
         )
         # In for two days; the plate was bound and the agreement signed just now.
         await conn.execute(
@@ -567,7 +580,13 @@ async def test_the_offline_whitelist_lets_out_on_pay_later_only_what_the_lane_wo
         # The driver paused the plate's service at the provider after its entry was registered
         # (a word newer than the registration's, whenever that is recorded).
         await agreements.record_service_state(
-            conn, "sandbox", paused.plate, "blue", "paused", datetime.now(UTC) + timedelta(hours=1)
+            conn,
+            "sandbox",
+            paused.plate,
+            "blue",
+            "paused",
+            datetime.now(UTC) + timedelta(hours=1),
+            about_agreement=True,
         )
         whitelists = await gates_repo.offline_whitelists(conn)
     assert sorted(c.plate for c in whitelists.get(lot.code, [])) == sorted(

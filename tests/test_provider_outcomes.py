@@ -231,7 +231,13 @@ async def _exit_refused_at_the_charge(
     rightly hold the car)."""
     async with runtime.pool.acquire() as conn:
         await agreements.record_service_state(
-            conn, runtime.provider.name, driver.plate, "blue", "normal", datetime.now(UTC)
+            conn,
+            runtime.provider.name,
+            driver.plate,
+            "blue",
+            "normal",
+            datetime.now(UTC),
+            about_agreement=True,
         )
     await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=30))
     refusals.add(agreement_no)

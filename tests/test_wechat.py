@@ -19,7 +19,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from billing import ledger, refunds
+from billing import agreements, ledger, refunds
 from billing.providers import (
     InvalidNotification,
     OrderResult,
@@ -776,3 +776,66 @@ def _emulator_url(runtime: Runtime) -> str:
     provider = runtime.provider
     assert isinstance(provider, WeChatParkingProvider)
     return provider._base_url
+
+
+async def test_an_entry_answer_never_makes_a_plate_normal_for_a_driver_who_has_no_service(
+    settings: Settings, database_url: str, gate: GateProbe
+) -> None:
+    """WeChat keeps a plate's service per WeChat user: the query under our driver's openid
+    says it was never opened, while another user (say the plate's previous holder) opened it.
+    The entry registration's answer names no user: it is about that other one, whom a
+    deduction, naming only the plate, would charge. It may say the service is not normal,
+    never that it is: before, it made the plate normal for our driver, and its next stay left
+    on pay-later, paid by the other user."""
+    async with wechat_runtime(settings, database_url, _faults()) as (runtime, emulator):
+        lot = await create_lot(runtime)
+        plate = unique_plate()
+        emulator.set_plate_state(plate, "BLUE", "NORMAL", openid=f"o-{plate.encode().hex()}")
+        ours = f"o-ours-{plate.encode().hex()[:10]}"
+        await make_driver(runtime, plate, provider="wechat", agreement_no=ours)
+        answered = await agreements.look_up_states(runtime.provider, [(ours, plate, "blue")])
+        assert [s.state for s in answered] == ["not_opened"]
+        async with runtime.pool.acquire() as conn:
+            await agreements.record_looked_up(
+                conn, "wechat", answered, datetime.now(UTC) - timedelta(hours=4)
+            )
+        await enter(runtime, gate, lot, plate, parked_for=timedelta(0))
+        await entry_registered(runtime, lot, plate)
+        async with runtime.pool.acquire() as conn:
+            state = await conn.fetchval(
+                "SELECT state FROM plate_services WHERE provider = 'wechat' AND plate = $1", plate
+            )
+        assert state == "not_opened"
+        await backdate_entry(runtime, lot, plate, timedelta(minutes=70))
+        command = await gate.decide(lot.code, "out1", gate.capture("out", plate))
+        assert command["action"] == "hold"
+        assert await charges_of(runtime, lot) == []
+
+
+async def test_a_notification_about_another_merchants_or_apps_order_is_refused() -> None:
+    """A shared notify URL or a misrouted delivery: a signed notification about another
+    merchant's or app's order is not about ours, even under an out_trade_no we use too."""
+    async with rails(_faults()) as r:
+        ours = {
+            "appid": r.emulator.appid,
+            "mchid": r.emulator.mchid,
+            "out_trade_no": "not-ours",
+            "transaction_id": "4200000000000000000000000001",
+            "trade_type": "PARKING",
+            "trade_scene": "PARKING",
+            "trade_state": "SUCCESS",
+            "bank_type": "OTHERS",
+            "success_time": datetime.now(UTC).replace(microsecond=0).isoformat(),
+            "amount": {"total": 1200, "currency": "CNY"},
+        }
+        for key, other in (("appid", "wx0000000000000other"), ("mchid", "1900000999")):
+            body = r.emulator.event("TRANSACTION.SUCCESS", json.dumps({**ours, key: other}))
+            with pytest.raises(InvalidNotification, match=f"{key} .* is not ours"):
+                r.provider.parse_notification(
+                    body, r.emulator._signed_headers(body), now=int(time.time())
+                )
+        body = r.emulator.event("TRANSACTION.SUCCESS", json.dumps(ours))
+        parsed = r.provider.parse_notification(
+            body, r.emulator._signed_headers(body), now=int(time.time())
+        )
+        assert isinstance(parsed, OrderResult) and parsed.status == "succeeded"

@@ -389,8 +389,11 @@ async def accept_notification(
                 result.color,
                 result.state,
                 result.changed_at or datetime.now(UTC),
+                about_agreement=False,
             )
         log.info("payments.service_state_changed", state=result.state, recorded=recorded)
+        if result.state == "normal" and not recorded:
+            await agreements.ask_if_resumed(runtime.pool, provider, result.plate, result.color)
         return settlement.Applied("service_state" if recorded else "no_change")
     async with runtime.pool.acquire() as conn, conn.transaction():
         applied = await settlement.apply(
