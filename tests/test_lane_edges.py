@@ -446,6 +446,58 @@ async def test_an_offline_exit_of_a_later_stay_is_never_matched_to_an_earlier_bo
     assert [c["amount_fen"] for c in await charges_of(runtime, lot)] == [1200]
 
 
+async def test_a_booth_paid_exit_a_clock_ahead_puts_just_after_a_re_entry_is_still_the_booths(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """The exit gate could not reach us, the booth could: the attendant took the stay's fee in
+    cash and the car left. It came back in a minute later (a live entry, a new stay). The exit
+    gate's clock is two minutes ahead (within PARKING_GATE_CLOCK_TOLERANCE_S), so its upload
+    says the car left just after the re-entry. The upload is the booth-paid stay's exit (or at
+    worst a question for an operator); it must not end the stay the car is parked on now.
+    Before, the upload's raw gate time put it after the re-entry: it closed the new stay while
+    the car was inside (its real exit later was "no entry record")."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=90))
+    stay = await _stay(runtime, lot, driver.plate)
+    paid = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
+        json={"session_id": stay["id"], "method": "cash", "amount_fen": 1200},
+        headers=await _attendant(runtime, app, lot),
+    )
+    assert paid.status_code == 201, paid.text
+    # The gate stamps the exit by its own clock, two minutes ahead of the server's.
+    upload = gate.capture("out", driver.plate).model_copy(
+        update={
+            "offline": True,
+            "offline_action": "hold",
+            "captured_at": datetime.now(UTC) + timedelta(minutes=2),
+        }
+    )
+    back_in = await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
+    assert back_in["action"] == "open"
+    inside = await runtime.occupancy.get(lot.id)
+    await gate.decide(lot.code, "out1", upload)
+
+    async with runtime.pool.acquire() as conn:
+        stays = await conn.fetch(
+            """SELECT status, settlement, exit_capture_id FROM sessions
+               WHERE car_park_id = $1 AND plate = $2 ORDER BY entered_at""",
+            lot.id,
+            driver.plate,
+        )
+    assert [(s["status"], s["settlement"], s["exit_capture_id"]) for s in stays] == [
+        ("closed", "paid_at_booth", upload.capture_id),
+        ("open", None, None),
+    ]
+    assert await runtime.occupancy.get(lot.id) == inside, "the car is still inside"
+    assert await charges_of(runtime, lot) == []
+
+    # Its real exit later is its own stay's (a moment: free), not "no entry record".
+    leaves = await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+    assert (leaves["action"], leaves.get("fee_fen")) == ("open", 0), leaves
+    assert await _exceptions(runtime, lot, "no_entry") == []
+
+
 # 5. Ghost stays.
 
 

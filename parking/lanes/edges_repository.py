@@ -103,11 +103,12 @@ async def booth_paid_stay(
     plate: str,
     color: str,
     at: datetime,
-    gate_time: datetime,
+    reentered_by: datetime,
 ) -> int | None:
     """A stay of the vehicle the booth was paid for whose exit capture has not come yet, and
-    that the vehicle had not entered here again after by `gate_time` (the gate's clock): an
-    exit from a later stay is that stay's, even when the earlier one's exit never came."""
+    that the vehicle had not entered here again after by `reentered_by` (the gate's clock,
+    less what it may be ahead): an exit from a later stay is that stay's, even when the
+    earlier one's exit never came."""
     session_id: int | None = await conn.fetchval(
         """SELECT s.id FROM sessions s
            WHERE s.car_park_id = $1 AND s.plate = $2 AND s.plate_color = $4
@@ -123,7 +124,7 @@ async def booth_paid_stay(
         plate,
         at,
         color,
-        gate_time,
+        reentered_by,
     )
     return session_id
 

@@ -634,7 +634,9 @@ class LaneService:
                 plate,
                 identity_color(plate, reading.color),
                 now,
-                capture.captured_at,
+                # A re-entry moments before a gate time that may be ahead (within the
+                # tolerance) does not make the exit the later stay's: the car paid and left.
+                capture.captured_at - self.clock_tolerance,
             )
             if plate
             else None
