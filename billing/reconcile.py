@@ -5,7 +5,7 @@ provider's own clock (its `finished_at`, which we store with every booking), so 
 same money on both sides. Every difference lands in exactly one bucket:
   missing_at_provider  we booked money the statement does not show
   missing_in_ledger    the statement shows money we did not book (or booked as failed)
-  amount_mismatch      both show it with different amounts
+  amount_mismatch      both show it with different amounts (or the statement lists it twice)
 Exceptions are recorded once per (provider, day, order); re-running finds the same set and adds
 nothing. Nothing is corrected here: an exception waits for a person.
 
@@ -131,7 +131,13 @@ async def reconcile(
 ) -> Reconciliation:
     """Compares and records, in the caller's transaction."""
     ours = {r["no"]: r["amount_fen"] for r in await conn.fetch(_BOOKED, provider, day, timezone)}
-    theirs = {line.out_trade_no: line.amount_fen for line in statement}
+    # Summed per number: a number the statement lists twice is money taken twice, never one
+    # line standing for both.
+    theirs: Counter[str] = Counter()
+    listed: Counter[str] = Counter()
+    for line in statement:
+        theirs[line.out_trade_no] += line.amount_fen
+        listed[line.out_trade_no] += 1
     unexplained = sorted(set(theirs) - set(ours))
     known = {r["no"]: r["state"] for r in await conn.fetch(_KNOWN, unexplained)}
     differences = [
@@ -150,14 +156,20 @@ async def reconcile(
     ]
     both = sorted(set(ours) & set(theirs))
     differences += [
-        Difference(no, "amount_mismatch", ours[no], theirs[no], "amounts differ")
+        Difference(
+            no,
+            "amount_mismatch",
+            ours[no],
+            theirs[no],
+            "amounts differ" if listed[no] == 1 else f"listed {listed[no]} times",
+        )
         for no in both
-        if ours[no] != theirs[no]
+        if ours[no] != theirs[no] or listed[no] > 1
     ]
     result = Reconciliation(
         provider,
         day,
-        len(theirs),
+        len(statement),
         len(ours),
         len(both) - sum(1 for d in differences if d.bucket == "amount_mismatch"),
         differences,

@@ -195,6 +195,13 @@ async def load(conn: asyncpg.Connection, refund_id: int) -> Refund | None:
     return Refund(**dict(row)) if row else None
 
 
+async def amount_of(conn: asyncpg.Connection, out_refund_no: str) -> int | None:
+    amount: int | None = await conn.fetchval(
+        "SELECT amount_fen FROM refunds WHERE out_refund_no = $1", out_refund_no
+    )
+    return amount
+
+
 async def mark_succeeded(
     conn: asyncpg.Connection,
     out_refund_no: str,

@@ -47,9 +47,7 @@ async def apply(
         return await _charge(conn, provider_name, result, style)
     if result.kind == "payment":
         if result.status == "succeeded":
-            expected = await payments.amount_of(conn, result.out_trade_no)
-            if expected is not None and expected != result.amount_fen:
-                log.error("billing.amount_mismatch", provider_ref=result.provider_ref)
+            if _another_amount(await payments.amount_of(conn, result.out_trade_no), result):
                 return Applied("amount_mismatch")
             paid = await payments.mark_paid(
                 conn,
@@ -64,11 +62,28 @@ async def apply(
             return Applied("closed")
         return Applied("no_change")
     if result.status == "succeeded":
+        if _another_amount(await refunds.amount_of(conn, result.out_trade_no), result):
+            return Applied("amount_mismatch")
         refund = await refunds.mark_succeeded(
             conn, result.out_trade_no, result.provider_ref, result.finished_at, style=style
         )
         return Applied("refunded") if refund else Applied("no_change")
     return Applied("no_change")
+
+
+def _another_amount(ours: int | None, result: OrderResult) -> bool:
+    """A success for another amount than the order we made: never booked (the books would say
+    what did not move, and the driver be told so); reconciliation and a person take it up."""
+    if ours is None or ours == result.amount_fen:
+        return False
+    log.error(
+        "billing.amount_mismatch",
+        kind=result.kind,
+        provider_ref=result.provider_ref,
+        ours=ours,
+        theirs=result.amount_fen,
+    )
+    return True
 
 
 async def _charge(
@@ -85,14 +100,7 @@ async def _charge(
         return Applied("no_change")
     if charge.status == "failed" and result.status != "succeeded":
         return Applied("no_change")
-    if result.amount_fen != charge.amount_fen:
-        # Never book an amount we did not ask for; reconciliation and a person take it up.
-        log.error(
-            "billing.amount_mismatch",
-            charge_id=charge.charge_id,
-            ours=charge.amount_fen,
-            theirs=result.amount_fen,
-        )
+    if _another_amount(charge.amount_fen, result):
         return Applied("amount_mismatch")
     if result.status == "succeeded" and charge.status == "failed":
         return await _late_success(conn, provider_name, charge, result, style)

@@ -55,6 +55,7 @@ async def test_reconciliation_puts_each_difference_in_one_bucket_and_reruns_the_
 ) -> None:
     rows = await _charged_exits(runtime, gate, lot, 4)
     wrong, missing = rows[0]["idempotency_key"], rows[1]["idempotency_key"]
+    twice = rows[2]["idempotency_key"]
     extra = f"x{uuid.uuid4().hex[:20]}"
     async with httpx.AsyncClient(base_url=provider.url) as books:
         # The provider's books differ from ours in the three ways that happen.
@@ -71,6 +72,8 @@ async def test_reconciliation_puts_each_difference_in_one_bucket_and_reruns_the_
 
     async def run() -> reconcile.Reconciliation:
         statement = await runtime.provider.statement(day)
+        # A number the statement lists twice: taken twice, not one line standing for both.
+        statement += [line for line in statement if line.out_trade_no == twice]
         async with runtime.pool.acquire() as conn, conn.transaction():
             return await reconcile.reconcile(
                 conn, runtime.provider.name, day, statement, runtime.settings.timezone
@@ -82,8 +85,10 @@ async def test_reconciliation_puts_each_difference_in_one_bucket_and_reruns_the_
         wrong: "amount_mismatch",
         missing: "missing_at_provider",
         extra: "missing_in_ledger",
+        twice: "amount_mismatch",
     }
     assert (mine[wrong].ledger_amount_fen, mine[wrong].provider_amount_fen) == (1200, 1100)
+    assert (mine[twice].provider_amount_fen, mine[twice].detail) == (2400, "listed 2 times")
     assert mine[extra].detail == "no such order in our books"
     keys = [d.out_trade_no for d in first.differences]
     assert len(keys) == len(set(keys)), "every difference is in exactly one bucket"

@@ -13,7 +13,7 @@ import orjson
 import pytest
 from fastapi import FastAPI
 
-from billing import agreements, charges, dead_letters, ledger, signing
+from billing import agreements, charges, dead_letters, ledger, refunds, signing
 from billing.money import InvalidAmount, fen_from_json, fen_from_text
 from billing.providers import (
     DESCRIPTION_MAX_CHARS,
@@ -25,9 +25,11 @@ from billing.providers import (
     SandboxProvider,
 )
 from billing.tariff import format_fen
+from parking.app import create_app
 from parking.payments import service as payments_service
 from parking.runtime import ProviderEndpoint, Runtime
 from parking.settings import Settings
+from parking_dev import sandbox
 from tests.conftest import (
     SANDBOX_FAULTS,
     SANDBOX_SECRET,
@@ -44,6 +46,7 @@ from tests.conftest import (
     exit_after,
     make_driver,
     make_staff,
+    provider_and_runtime,
     staff_token,
     unique_plate,
 )
@@ -540,6 +543,55 @@ async def test_not_my_car_on_a_fee_paid_as_a_debt_and_collected_late_gives_back_
     ]
     async with runtime.pool.acquire() as conn:
         assert await ledger.is_balanced(conn)
+
+
+async def test_a_refund_the_provider_reports_for_another_amount_is_never_booked(
+    settings: Settings, database_url: str, gate: GateProbe
+) -> None:
+    """We asked ¥3.00 back; the provider's signed word says it gave ¥1.00. As for a charge or a
+    payment of another amount, nothing is booked and the refund stays pending for
+    reconciliation and a person. Before, ¥3.00 was booked as given back (revenue debited, the
+    driver told ¥3.00) though ¥1.00 moved."""
+    # The provider's requests all fail: its notifications alone decide.
+    faults = sandbox.FaultConfig(error_rate=1.0)
+    async with provider_and_runtime(settings, database_url, faults, secret=SANDBOX_SECRET) as (
+        runtime,
+        _,
+    ):
+        lot = await create_lot(runtime)
+        transport = httpx.ASGITransport(app=create_app(runtime))
+        async with httpx.AsyncClient(transport=transport, base_url="http://parking.test") as api:
+            driver = await make_driver(runtime, unique_plate())
+            await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
+            [charge] = await charges_of(runtime, lot)
+            key = charge["idempotency_key"]
+            body, headers = _signed(_charge_event(key, "succeeded", 600, "sbx_c1"))
+            assert (await api.post(NOTIFY, content=body, headers=headers)).json() == {
+                "effect": "charged"
+            }
+            async with runtime.pool.acquire() as conn, conn.transaction():
+                refund = await refunds.request_for_charge(
+                    conn, charge_id=charge["id"], amount_fen=300, reason="goodwill", actor="test"
+                )
+            effects = []
+            for amount in (100, 300):
+                event = _charge_event(key, "succeeded", amount, "")
+                event.update(type="refund", out_refund_no=refund.out_refund_no, refund_id="r1")
+                body, headers = _signed(event)
+                effects.append((await api.post(NOTIFY, content=body, headers=headers)).json())
+                async with runtime.pool.acquire() as conn:
+                    status = await conn.fetchval(
+                        "SELECT status FROM refunds WHERE id = $1", refund.id
+                    )
+                    booked = await conn.fetchval(
+                        "SELECT COALESCE(sum(amount_fen), 0) FROM ledger_entries "
+                        "WHERE refund_id = $1 AND amount_fen > 0",
+                        refund.id,
+                    )
+                if amount == 100:
+                    assert (status, booked) == ("pending", 0)
+    assert effects == [{"effect": "amount_mismatch"}, {"effect": "refunded"}]
+    assert (status, booked) == ("succeeded", 300)
 
 
 # 4. Bad provider payloads
