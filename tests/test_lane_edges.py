@@ -498,6 +498,31 @@ async def test_a_booth_paid_exit_a_clock_ahead_puts_just_after_a_re_entry_is_sti
     assert await _exceptions(runtime, lot, "no_entry") == []
 
 
+async def test_a_stay_carried_over_from_before_the_system_is_counted_out_when_paid_at_the_booth(
+    runtime: Runtime, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """A stay carried over from before the system started (no entry capture, no fixed fee)
+    takes a place: the counters, rebuilt, count it. Paid at the booth, it is counted out. Before,
+    the booth counted out only stays with an entry capture: the counter kept it for good."""
+    plate = unique_plate()
+    async with runtime.pool.acquire() as conn:
+        stay_id = await conn.fetchval(
+            """INSERT INTO sessions (car_park_id, plate, plate_color, entered_at)
+               VALUES ($1, $2, 'blue', now() - interval '90 minutes') RETURNING id""",
+            lot.id,
+            plate,
+        )
+    await runtime.occupancy.rebuild_all()
+    inside = await runtime.occupancy.get(lot.id)
+    paid = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
+        json={"session_id": stay_id, "method": "cash", "amount_fen": 1200},
+        headers=await _attendant(runtime, app, lot),
+    )
+    assert paid.status_code == 201, paid.text
+    assert await runtime.occupancy.get(lot.id) == inside - 1
+
+
 # 5. Ghost stays.
 
 

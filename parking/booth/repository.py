@@ -8,6 +8,7 @@ from uuid import UUID
 import asyncpg
 
 from parking.lanes.repository import GHOST_STAY, STAY_OPEN_TOO_LONG
+from parking.occupancy.repository import takes_a_place
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +32,9 @@ async def stay_for_update(
     conn: asyncpg.Connection, car_park_id: int, session_id: int
 ) -> BoothStay | None:
     row = await conn.fetchrow(
-        """SELECT id, car_park_id, plate, plate_color, status, settlement, entered_at, fee_fen,
-                  fixed_fee_fen, account_id, exit_capture_id,
-                  entry_capture_id IS NOT NULL AS counted_in
-           FROM sessions WHERE id = $1 AND car_park_id = $2 FOR UPDATE""",
+        f"""SELECT id, car_park_id, plate, plate_color, status, settlement, entered_at, fee_fen,
+                   fixed_fee_fen, account_id, exit_capture_id, {takes_a_place()} AS counted_in
+            FROM sessions WHERE id = $1 AND car_park_id = $2 FOR UPDATE""",
         session_id,
         car_park_id,
     )

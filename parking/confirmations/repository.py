@@ -6,6 +6,8 @@ from uuid import UUID
 
 import asyncpg
 
+from parking.occupancy.repository import takes_a_place
+
 _CAPTURE = """LEFT JOIN capture_keys {k} ON {k}.capture_id = {id}
     LEFT JOIN captures {c} ON {c}.capture_id = {k}.capture_id AND {c}.captured_at = {k}.captured_at
     LEFT JOIN capture_frames {f} ON {f}.capture_id = {id}"""
@@ -145,7 +147,7 @@ async def reopen_stay(conn: asyncpg.Connection, session_id: int) -> bool | None:
     it took). Returns whether it was counted in the occupancy at its entry, or None when it was
     not reopened."""
     counted_in: bool | None = await conn.fetchval(
-        """UPDATE sessions s SET status = 'open', exited_at = NULL, exit_capture_id = NULL,
+        f"""UPDATE sessions s SET status = 'open', exited_at = NULL, exit_capture_id = NULL,
                   fee_fen = NULL, account_id = NULL, settlement = NULL, entry_certain = false,
                   entry_proven = false
            WHERE s.id = $1 AND s.status = 'closed'
@@ -156,7 +158,7 @@ async def reopen_stay(conn: asyncpg.Connection, session_id: int) -> bool | None:
                              WHERE l.car_park_id = s.car_park_id AND l.plate = s.plate
                                AND l.plate_color = s.plate_color
                                AND l.entered_at > s.entered_at)
-           RETURNING s.entry_capture_id IS NOT NULL""",
+           RETURNING {takes_a_place("s")}""",
         session_id,
     )
     return counted_in

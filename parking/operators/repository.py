@@ -9,6 +9,7 @@ from uuid import UUID
 import asyncpg
 
 from gate_controller.protocol import Direction
+from parking.occupancy.repository import takes_a_place
 
 _CAR_PARK_COLUMNS = """id, code, name, capacity, latitude, longitude, no_entry_policy,
     no_entry_fee_fen, closed_at IS NOT NULL AS closed"""
@@ -298,9 +299,9 @@ async def capture_at_gate(
     if row["session_id"] is not None:
         # Locked as the lane and the payments lock it, so the stay is closed once.
         stay_row = await conn.fetchrow(
-            """SELECT id, status, plate, plate_color, entered_at, fixed_fee_fen,
-                      (entry_capture_id IS NOT NULL OR fixed_fee_fen IS NULL) AS counted_in
-               FROM sessions WHERE id = $1 FOR UPDATE""",
+            f"""SELECT id, status, plate, plate_color, entered_at, fixed_fee_fen,
+                       {takes_a_place()} AS counted_in
+                FROM sessions WHERE id = $1 FOR UPDATE""",
             row["session_id"],
         )
         stay = HeldStay(**dict(stay_row))

@@ -6,6 +6,8 @@ from uuid import UUID
 
 import asyncpg
 
+from parking.occupancy.repository import takes_a_place
+
 
 @dataclass(frozen=True, slots=True)
 class HeldExit:
@@ -37,7 +39,7 @@ async def held_exit(
                   cp.id AS car_park_id, cp.name AS car_park_name, c.outcome, c.session_id,
                   s.status AS session_status,
                   s.plate, s.plate_color, s.entered_at, s.fixed_fee_fen,
-                  s.entry_capture_id IS NOT NULL AS counted_in, s.entry_certain,
+                  {takes_a_place("s")} AS counted_in, s.entry_certain,
                   c.received_at
            FROM captures c JOIN gates g ON g.id = c.gate_id
            JOIN car_parks cp ON cp.id = c.car_park_id
