@@ -1,6 +1,7 @@
 """Occupancy lives in Redis for speed and is rebuilt from PostgreSQL when Redis loses it."""
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -84,6 +85,29 @@ async def test_a_stay_opened_at_the_exit_is_counted_alike_live_and_rebuilt(
     assert (command["action"], command["fee_fen"]) == ("hold", 2000)
     assert await _counted_and_rebuilt(runtime, redis, lot) == (1, 1)
     assert (await runtime.occupancy.rebuild_all())[lot.id] == 1
+
+
+async def test_a_stay_opened_at_the_exit_is_never_counted_out(
+    runtime: Runtime, gate: GateProbe, lot: Lot, redis: Redis
+) -> None:
+    """The car held at the exit for the fixed fee (a stay the lane never counted in) is let out
+    by the gate while it cannot reach us; the upload ends that stay and counts nobody out.
+    Before, it counted one out: the counter one short of the open stays for good."""
+    await set_car_park(runtime, lot, no_entry_policy="fixed_fee", no_entry_fee_fen=2000)
+    await gate.decide(lot.code, "in1", gate.capture("in", unique_plate()))
+    stranger = unique_plate()
+    command = await gate.decide(lot.code, "out1", gate.capture("out", stranger))
+    assert (command["action"], command["fee_fen"]) == ("hold", 2000)
+    upload = gate.capture("out", stranger).model_copy(
+        update={"offline": True, "offline_action": "open", "captured_at": datetime.now(UTC)}
+    )
+    await gate.decide(lot.code, "out1", upload)
+    async with runtime.pool.acquire() as conn:
+        status = await conn.fetchval(
+            "SELECT status FROM sessions WHERE car_park_id = $1 AND plate = $2", lot.id, stranger
+        )
+    assert status == "closed"
+    assert await _counted_and_rebuilt(runtime, redis, lot) == (1, 1)
 
 
 @pytest.mark.parametrize("applied", [False, True], ids=["change_lost", "reply_lost"])

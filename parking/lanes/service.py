@@ -474,8 +474,14 @@ class LaneService:
                 conn, gate, capture, reading, now, plate, session.blacklisted, session.id, fee
             )
 
-        # A superseded stay's place went to the stay its vehicle's re-entry opened.
-        occupancy_delta = 0 if session is not None and session.status == "superseded" else -1
+        # A superseded stay's place went to the stay its vehicle's re-entry opened; a stay
+        # opened at an exit for the fixed fee never took one (`occupancy.takes_a_place`).
+        occupancy_delta = (
+            0
+            if session is not None
+            and (session.status == "superseded" or session.fixed_fee_fen is not None)
+            else -1
+        )
         if plan.fixed_fee_stay is not None:
             session = await repo.open_session(
                 conn,
