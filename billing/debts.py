@@ -1,9 +1,10 @@
 """Arrears: a charge that finally failed is a debt of its account, and so is the fee of a held
 stay whose car left without paying (a debt with no charge behind it).
 
-A debt is settled by a payment, by its own charge when the provider's success comes late, or
-waived when an operator agrees with the driver's "not my car" on its stay (while that dispute
-is open the debt is on hold: `UNDISPUTED`).
+A debt is settled by a payment (one priced with it, or the one made for its stay before the
+stay's fee became a debt: `settle_stay`), by its own charge when the provider's success comes
+late, or waived when an operator agrees with the driver's "not my car" on its stay (while that
+dispute is open the debt is on hold: `UNDISPUTED`).
 
 While an account has an open debt it loses pay-later (the exit holds and shows the debt with
 the stay's fee, collected together through the gate's QR code), the driver can settle in the
@@ -120,6 +121,34 @@ async def settle(
     )
     await _refresh_arrears(conn, account_id)
     return settled
+
+
+async def settle_stay(
+    conn: asyncpg.Connection, session_id: int, payment_id: int, paid_fen: int
+) -> tuple[int, int] | None:
+    """A payment made for a stay whose fee has since become a debt (its car left while the
+    payment was on its way, `end_missed_stay`; or its pay-later charge failed) paid that fee:
+    it settles the stay's debt, whichever account owes it. (that account, fen settled); None
+    when nothing of the stay is owed (settled otherwise, waived), the debt is on hold for a
+    dispute, or it is more than `paid_fen` (a debt is settled whole): the caller refunds the
+    payment's stay part. Pay-later comes back when nothing else is open."""
+    account_id: int | None = await conn.fetchval(
+        "SELECT account_id FROM debts WHERE session_id = $1", session_id
+    )
+    if account_id is None:
+        return None
+    await _lock_account(conn, account_id)
+    settled: int | None = await conn.fetchval(
+        f"""UPDATE debts d SET settled_at = now(), payment_id = $2
+            WHERE session_id = $1 AND settled_at IS NULL AND amount_fen <= $3
+              AND {UNDISPUTED.format(d="d")}
+            RETURNING amount_fen""",
+        session_id,
+        payment_id,
+        paid_fen,
+    )
+    await _refresh_arrears(conn, account_id)
+    return (account_id, settled) if settled is not None else None
 
 
 async def settle_by_charge(conn: asyncpg.Connection, account_id: int, charge_id: int) -> bool:

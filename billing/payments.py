@@ -1,9 +1,11 @@
 """Payments a driver makes by themselves: a held car's fee plus any debts, through the QR code
 the gate shows, or debts in the app.
 
-`mark_paid` books a completed payment once: the held stay closes (settlement 'paid_at_gate'),
-the debts it was priced with are settled, the gate gets its open command through the outbox,
-and anything paid twice (a debt settled meanwhile, a stay an operator already let out) is
+`mark_paid` books a completed payment once. It pays the held stay's fee in whatever form that
+fee has taken since it was priced: a stay still open closes (settlement 'paid_at_gate') and the
+gate gets its open command through the outbox; a stay whose car left meanwhile, its fee now a
+debt, has that debt settled. The debts it was priced with are settled too, and anything paid
+twice (a fee or debt collected otherwise meanwhile, a stay an operator already let out) is
 refunded by itself rather than kept.
 """
 
@@ -153,7 +155,8 @@ async def mark_paid(
         if payment.account_id is not None
         else 0
     )
-    overpaid = payment.amount_fen - stay_booked - debt_booked
+    stay_debt = await _settle_stay_debt(conn, payment) if not stay_booked else None
+    overpaid = payment.amount_fen - stay_booked - debt_booked - (stay_debt[1] if stay_debt else 0)
     lines = received_lines(
         payment.provider,
         payment.amount_fen,
@@ -161,6 +164,7 @@ async def mark_paid(
         car_park_id=car_park_id,
         debt_fen=debt_booked,
         account_id=payment.account_id,
+        stay_debt=stay_debt,
     )
     await ledger.post(
         conn, "payment_received", lines, session_id=payment.session_id, payment_id=payment.id
@@ -229,16 +233,24 @@ def received_lines(
     car_park_id: int | None,
     debt_fen: int,
     account_id: int | None,
+    stay_debt: tuple[int, int] | None = None,
 ) -> list[tuple[str, int]]:
     """A booked payment: the provider collected `amount_fen` for the stay's fee (the car park's
     revenue), the debts it settled (the driver's receivable) and, for the rest, money paid twice
-    (owed back to the driver)."""
-    overpaid = amount_fen - stay_fen - debt_fen
+    (owed back to the driver). `stay_debt`: (account, fen) when the stay's fee had become a
+    debt before the payment was booked; its revenue was booked at that debt's accrual, so the
+    payment settles the receivable of the account that owes it."""
+    stay_debt_fen = stay_debt[1] if stay_debt is not None else 0
+    overpaid = amount_fen - stay_fen - debt_fen - stay_debt_fen
     lines = [(ledger.clearing(provider), amount_fen)]
     if stay_fen and car_park_id is not None:
         lines.append((ledger.revenue(car_park_id), -stay_fen))
+    receivables: dict[int, int] = {}
     if debt_fen and account_id is not None:
-        lines.append((ledger.receivable(account_id), -debt_fen))
+        receivables[account_id] = debt_fen
+    if stay_debt is not None:
+        receivables[stay_debt[0]] = receivables.get(stay_debt[0], 0) + stay_debt_fen
+    lines.extend((ledger.receivable(owner), -fen) for owner, fen in receivables.items())
     if overpaid:
         lines.append((ledger.overpaid(account_id), -overpaid))
     return lines
@@ -258,3 +270,13 @@ async def _close_stay(conn: asyncpg.Connection, payment: Payment) -> tuple[int, 
         payment.account_id,
     )
     return (payment.stay_fee_fen, row["car_park_id"]) if row else (0, None)
+
+
+async def _settle_stay_debt(conn: asyncpg.Connection, payment: Payment) -> tuple[int, int] | None:
+    """The held stay the payment was for is no longer open: if its fee has become a debt
+    meanwhile (its car left before the payment was booked), the payment pays that debt rather
+    than going back as paid twice; (account, fen settled). Only a fee collected otherwise (a
+    booth, a charge, another payment) leaves the stay part to be refunded."""
+    if payment.session_id is None or payment.stay_fee_fen == 0:
+        return None
+    return await debts.settle_stay(conn, payment.session_id, payment.id, payment.stay_fee_fen)

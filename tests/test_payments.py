@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from billing import agreements, ledger, signing
+from billing import agreements, ledger, payments, signing
 from gate_controller.protocol import Capture
 from parking.app import create_app
 from parking.errors import AppError
@@ -441,6 +441,90 @@ async def test_a_debt_paid_in_the_app_and_again_at_the_gate_is_refunded_once(
             "SELECT blocked_for_arrears FROM accounts WHERE id = $1", driver.account_id
         )
     assert blocked is False
+
+
+async def test_a_qr_payment_booked_after_its_stay_became_a_debt_settles_that_debt(
+    settings: Settings, database_url: str, gate: GateProbe
+) -> None:
+    """A driver without pay-later is held for ¥12.00 and starts paying by the gate's QR code;
+    the notification is late, the car tailgates out and comes back, so the stay's fee becomes
+    a debt (`lanes.edges.end_missed_stay`). The payment, booked then, paid exactly that fee:
+    it settles the stay's debt. Refunding it as paid twice instead left the driver, who had
+    paid, blocked for arrears, reminded and asked for the same ¥12.00 again (review 12, #3)."""
+    secret = uuid.uuid4().hex
+    # The provider is unreachable for requests: only the notification posted here decides.
+    faults = sandbox.FaultConfig(error_rate=1.0)
+    async with provider_and_runtime(settings, database_url, faults, secret=secret) as (runtime, _):
+        lot = await create_lot(runtime)
+        driver = await make_driver(runtime, unique_plate(), pay_later=False)
+        async with runtime.pool.acquire() as conn:  # bound since long before the entry
+            await conn.execute(
+                "UPDATE plate_bindings SET bound_at = bound_at - interval '1 day' WHERE plate = $1",
+                driver.plate,
+            )
+        await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=90))
+        out = gate.capture("out", driver.plate)
+        held = await gate.decide(lot.code, "out1", out)
+        assert (held["action"], held["fee_fen"]) == ("hold", 1200)
+        async with runtime.pool.acquire() as conn, conn.transaction():
+            stay_id, captured_at = await conn.fetchrow(
+                "SELECT session_id, captured_at FROM captures WHERE capture_id = $1",
+                out.capture_id,
+            )
+            # The payment the QR page started (its provider call is beside the point here).
+            payment = await payments.create(
+                conn,
+                provider=runtime.provider.name,
+                purpose="gate",
+                account_id=driver.account_id,
+                session_id=stay_id,
+                capture=(out.capture_id, captured_at),
+                stay_fee_fen=1200,
+                owed=[],
+            )
+        again = await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
+        assert again["action"] == "open"
+        async with runtime.pool.acquire() as conn:
+            debt = await conn.fetchrow("SELECT * FROM debts WHERE session_id = $1", stay_id)
+        assert debt is not None and debt["amount_fen"] == 1200, "the stay became a debt"
+
+        transport = httpx.ASGITransport(app=create_app(runtime))
+        async with httpx.AsyncClient(transport=transport, base_url="http://parking.test") as api:
+            body, headers = _signed(
+                secret,
+                {
+                    "event_id": str(uuid.uuid4()),
+                    "type": "payment",
+                    "out_trade_no": payment.out_trade_no,
+                    "order_id": "sbx_p1",
+                    "status": "succeeded",
+                    "amount_fen": 1200,
+                    "reason": None,
+                    "finished_at": datetime.now(UTC).isoformat(),
+                },
+            )
+            answer = await api.post(
+                "/api/v1/payments/notifications/sandbox", content=body, headers=headers
+            )
+            assert answer.status_code == 200, answer.text
+        async with runtime.pool.acquire() as conn:
+            debt = await conn.fetchrow("SELECT * FROM debts WHERE session_id = $1", stay_id)
+            blocked = await conn.fetchval(
+                "SELECT blocked_for_arrears FROM accounts WHERE id = $1", driver.account_id
+            )
+            refunded = await conn.fetchval(
+                "SELECT COALESCE(sum(amount_fen), 0) FROM refunds WHERE payment_id = $1",
+                payment.id,
+            )
+            owed = await ledger.balance(conn, ledger.receivable(driver.account_id))
+            overpaid = await ledger.balance(conn, ledger.overpaid(driver.account_id))
+            revenue = await ledger.balance(conn, ledger.revenue(lot.id))
+            assert await ledger.is_balanced(conn)
+    assert debt["payment_id"] == payment.id, "the payment of the stay's fee settles its debt"
+    assert (blocked, owed, overpaid, refunded) == (False, 0, 0, 0), (
+        f"blocked={blocked}, still owed {owed} fen, {refunded} fen refunded as paid twice"
+    )
+    assert revenue == -1200, "the fee was earned once, at the debt's accrual"
 
 
 async def _held_unbound_exits(
