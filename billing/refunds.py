@@ -95,10 +95,22 @@ async def request_for_payment(
     reason: str,
     actor: str,
     kind: str = "operator",
+    stay_id: int | None = None,
 ) -> Refund:
+    """A refund of a completed payment. One payment may have paid fees of stays at several car
+    parks (a gate's stay with debts from elsewhere, an app payment of several debts), each
+    booked to its own car park's revenue, so a refund taking a fee back (kind 'operator') names
+    `stay_id`, the stay whose fee it gives back: the payment's own held stay or one whose debt
+    it settled. It comes out of that stay's car park's revenue. Money paid twice (kind
+    'overpayment') comes out of the driver's overpaid account; its car park (the payment's
+    stay's, else its first debt's) only places it in the refund lists. Locks the payment so
+    concurrent requests cannot together refund more than was paid."""
+    if kind != "overpayment" and stay_id is None:
+        raise ValueError("a refund of a fee names the stay whose fee it gives back")
     row = await conn.fetchrow(
         """SELECT p.id, p.out_trade_no, p.amount_fen, p.status, p.account_id, p.provider,
-                  p.debt_ids, COALESCE(s.car_park_id, c.car_park_id) AS car_park_id
+                  p.session_id, p.debt_ids,
+                  COALESCE(s.car_park_id, c.car_park_id) AS car_park_id
            FROM payments p LEFT JOIN sessions s ON s.id = p.session_id
            LEFT JOIN captures c
                 ON c.capture_id = p.capture_id AND c.captured_at = p.capture_captured_at
@@ -107,16 +119,18 @@ async def request_for_payment(
     )
     if row is None or row["status"] != "succeeded":
         raise RefundNotAllowed("only a payment the driver completed can be refunded")
-    car_park_id = row["car_park_id"]
-    if car_park_id is None:
-        # A debt payment made in the app: the money belongs to the car parks of the debts it
-        # was priced with (whichever payment finally settled them).
-        car_park_id = await conn.fetchval(
-            """SELECT s.car_park_id FROM debts d
-               JOIN sessions s ON s.id = d.session_id WHERE d.id = ANY($1::bigint[])
-               ORDER BY d.id LIMIT 1""",
-            row["debt_ids"],
-        )
+    if stay_id is not None:
+        car_park_id = await _car_park_of_paid_stay(conn, row, stay_id)
+    else:
+        car_park_id = row["car_park_id"]
+        if car_park_id is None:
+            # A debt payment made in the app: its first debt's car park.
+            car_park_id = await conn.fetchval(
+                """SELECT s.car_park_id FROM debts d
+                   JOIN sessions s ON s.id = d.session_id WHERE d.id = ANY($1::bigint[])
+                   ORDER BY d.id LIMIT 1""",
+                row["debt_ids"],
+            )
     return await _request(
         conn,
         provider=row["provider"],
@@ -131,6 +145,27 @@ async def request_for_payment(
         reason=reason,
         actor=actor,
     )
+
+
+async def _car_park_of_paid_stay(
+    conn: asyncpg.Connection, payment: asyncpg.Record, stay_id: int
+) -> int:
+    """The car park of a stay whose fee the payment paid: its own held stay (whether closed by
+    it or settled as the debt it became), or a stay whose debt it was priced with or settled.
+    A stay it paid nothing for is refused: its fee was never this payment's money."""
+    car_park_id: int | None = await conn.fetchval(
+        """SELECT s.car_park_id FROM sessions s
+           WHERE s.id = $1 AND (s.id = $2 OR EXISTS (
+               SELECT 1 FROM debts d WHERE d.session_id = s.id
+                 AND (d.payment_id = $3 OR d.id = ANY($4::bigint[]))))""",
+        stay_id,
+        payment["session_id"],
+        payment["id"],
+        payment["debt_ids"],
+    )
+    if car_park_id is None:
+        raise RefundNotAllowed("the payment paid nothing for that stay")
+    return car_park_id
 
 
 async def _request(

@@ -594,6 +594,126 @@ async def test_a_refund_the_provider_reports_for_another_amount_is_never_booked(
     assert (status, booked) == ("succeeded", 300)
 
 
+async def _collected_late_then_not_my_car(
+    runtime: Runtime,
+    provider: ProviderEndpoint,
+    api: httpx.AsyncClient,
+    app: FastAPI,
+    driver: Driver,
+    charge: Any,
+    lot: Lot,
+) -> None:
+    """The declined `charge`, whose debt a payment settled, is collected late after all (its
+    own money goes back as an overpayment); then the car park's admin agrees its stay was not
+    the driver's car, which refunds the payment's part for that debt."""
+    async with httpx.AsyncClient(base_url=provider.url) as admin:
+        late = await admin.post(f"/_sandbox/orders/{charge['idempotency_key']}/succeed")
+    assert late.status_code == 200, late.text
+    body, headers = _signed(
+        _charge_event(charge["idempotency_key"], "succeeded", 600, late.json()["order_id"])
+    )
+    assert (await api.post(NOTIFY, content=body, headers=headers)).json() == {"effect": "charged"}
+    opened = await api.post(
+        f"/api/v1/me/stays/{charge['session_id']}/dispute",
+        headers=bearer(driver_token(app, driver.account_id)),
+    )
+    assert opened.status_code == 200, opened.text
+    admin_staff = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+    await decide_dispute(api, admin_staff, opened.json()["id"], "driver_right")
+    assert await _refunds_of(runtime, driver.account_id) == [
+        (600, "overpayment", "charge"),
+        (600, "operator", "payment"),
+    ]
+
+
+async def _revenues(runtime: Runtime, *lots: Lot) -> tuple[int, ...]:
+    async with runtime.pool.acquire() as conn:
+        assert await ledger.is_balanced(conn)
+        return tuple([await ledger.balance(conn, ledger.revenue(lot.id)) for lot in lots])
+
+
+async def test_not_my_car_refund_of_an_app_debt_payment_comes_out_of_the_disputed_stays_car_park(
+    runtime: Runtime,
+    provider: ProviderEndpoint,
+    gate: GateProbe,
+    api: httpx.AsyncClient,
+    app: FastAPI,
+) -> None:
+    """One app payment settled declined charges at car park A and at car park B (another
+    company). B's stay turns out not to be the driver's car: the payment's ¥6.00 for B's debt
+    comes out of B's revenue, where that fee was booked. Taken from the car park of the
+    payment's first debt, A showed ¥0.00 for a stay it was paid for and B kept the disputed
+    fee (review 12, #4)."""
+    lot_a, lot_b = await create_lot(runtime), await create_lot(runtime)
+    driver = await make_driver(runtime, unique_plate())
+    async with runtime.pool.acquire() as conn:
+        agreement_no = await conn.fetchval(
+            "SELECT agreement_no FROM pay_later_agreements WHERE id = $1", driver.agreement_id
+        )
+    SANDBOX_FAULTS.declined_agreements.add(agreement_no)
+    try:
+        for lot in (lot_a, lot_b):
+            async with runtime.pool.acquire() as conn:
+                # The second exit came before the first decline was known.
+                await conn.execute(
+                    "UPDATE accounts SET blocked_for_arrears = false WHERE id = $1",
+                    driver.account_id,
+                )
+            command = await exit_after(runtime, gate, lot, driver.plate, timedelta(minutes=30))
+            assert command["action"] == "open", command
+
+            async def failed(lot: Lot = lot) -> bool:
+                rows = await charges_of(runtime, lot)
+                return bool(rows) and rows[0]["status"] == "failed"
+
+            await eventually(failed)
+    finally:
+        SANDBOX_FAULTS.declined_agreements.discard(agreement_no)
+    [charge_b] = await charges_of(runtime, lot_b)
+
+    payment = await payments_service.start_debt_payment(runtime, driver.account_id)
+    assert payment.amount_fen == 1200
+    async with httpx.AsyncClient(base_url=provider.url) as wallet:
+        paid = await wallet.post(f"/v1/payments/{payment.out_trade_no}/pay")
+    assert paid.status_code == 200, paid.text
+    runtime.outbox.query_after_s = 0.0
+    await runtime.outbox.sweep(datetime.now(UTC))
+    await _collected_late_then_not_my_car(runtime, provider, api, app, driver, charge_b, lot_b)
+    assert await _revenues(runtime, lot_a, lot_b) == (-600, 0), (
+        "A earned its ¥6.00, B nothing for a car that was not the driver's"
+    )
+
+
+async def test_not_my_car_refund_of_a_debt_paid_at_another_car_parks_gate_comes_out_of_its_own(
+    runtime: Runtime,
+    provider: ProviderEndpoint,
+    gate: GateProbe,
+    api: httpx.AsyncClient,
+    app: FastAPI,
+) -> None:
+    """A declined charge at car park A is paid with the next stay's fee at car park G's gate,
+    one QR payment. A's stay turns out not to be the driver's car: the payment's ¥6.00 for
+    A's debt comes out of A's revenue, not out of G's, which earned its ¥12.00 in full."""
+    lot_a, lot_g = await create_lot(runtime), await create_lot(runtime)
+    driver = await driver_in_debt(runtime, gate, lot_a)
+    [charge_a] = await charges_of(runtime, lot_a)
+    await enter(runtime, gate, lot_g, driver.plate, parked_for=timedelta(minutes=90))
+    exit_capture = gate.capture("out", driver.plate)
+    held = await gate.decide(lot_g.code, "out1", exit_capture)
+    assert (held["action"], held["fee_fen"]) == ("hold", 1200 + 600)
+    qr = (await api.post(f"/api/v1/gate-payments/{exit_capture.capture_id}")).json()
+    async with httpx.AsyncClient(base_url=provider.url) as wallet:
+        out_trade_no = httpx.URL(qr["pay_url"]).path.rsplit("/", 1)[-1]
+        paid = await wallet.post(f"/v1/payments/{out_trade_no}/pay")
+    assert paid.status_code == 200, paid.text
+    status = (await api.get(f"/api/v1/gate-payments/{exit_capture.capture_id}")).json()
+    assert status["status"] == "succeeded"
+    await _collected_late_then_not_my_car(runtime, provider, api, app, driver, charge_a, lot_a)
+    assert await _revenues(runtime, lot_a, lot_g) == (0, -1200), (
+        "A gives back the disputed fee it was paid, G keeps the fee of the driver's own stay"
+    )
+
+
 # 4. Bad provider payloads
 
 

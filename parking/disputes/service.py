@@ -365,12 +365,14 @@ async def _refund_the_stay(
             refund_ids.append(refund.id)
         if paid := await repo.debt_payment_left(conn, stay_id):
             payment_id, amount_fen = paid
+            # Out of this stay's car park's revenue, whatever else the payment paid for.
             refund = await refunds.request_for_payment(
                 conn,
                 payment_id=payment_id,
                 amount_fen=amount_fen,
                 reason=reason,
                 actor=actor,
+                stay_id=stay_id,
             )
             refund_ids.append(refund.id)
     except refunds.RefundNotAllowed as exc:  # the locks rule this out
