@@ -413,6 +413,30 @@ async def test_an_offline_hold_uploaded_after_the_booth_took_the_money_is_matche
     assert await _exceptions(runtime, lot, "no_entry") == []
 
 
+async def _booth_takes(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, lot: Lot, stay_id: int, fen: int
+) -> None:
+    """An attendant takes the stay's fee in cash at the booth."""
+    paid = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
+        json={"session_id": stay_id, "method": "cash", "amount_fen": fen},
+        headers=await _attendant(runtime, app, lot),
+    )
+    assert paid.status_code == 201, paid.text
+
+
+async def _stays_ended(runtime: Runtime, lot: Lot, plate: str) -> list[tuple[Any, ...]]:
+    """The plate's stays here, oldest first: (status, settlement, exit capture)."""
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            """SELECT status, settlement, exit_capture_id FROM sessions
+               WHERE car_park_id = $1 AND plate = $2 ORDER BY entered_at""",
+            lot.id,
+            plate,
+        )
+    return [tuple(r) for r in rows]
+
+
 async def test_an_offline_exit_of_a_later_stay_is_never_matched_to_an_earlier_booth_payment(
     runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
 ) -> None:
@@ -422,24 +446,13 @@ async def test_an_offline_exit_of_a_later_stay_is_never_matched_to_an_earlier_bo
     exit, and the later stay stayed open, never paid."""
     driver = await make_driver(runtime, unique_plate())
     await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=5))
-    stay = await _stay(runtime, lot, driver.plate)
-    paid = await api.post(
-        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
-        json={"session_id": stay["id"], "method": "cash", "amount_fen": 3000},
-        headers=await _attendant(runtime, app, lot),
+    await _booth_takes(
+        runtime, app, api, lot, (await _stay(runtime, lot, driver.plate))["id"], 3000
     )
-    assert paid.status_code == 201, paid.text
     await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=90))
     upload = _offline(gate, driver.plate, "open", captured_at=datetime.now(UTC))
     await gate.decide(lot.code, "out1", upload)
-    async with runtime.pool.acquire() as conn:
-        stays = await conn.fetch(
-            """SELECT status, settlement, exit_capture_id FROM sessions
-               WHERE car_park_id = $1 AND plate = $2 ORDER BY entered_at""",
-            lot.id,
-            driver.plate,
-        )
-    assert [(s["status"], s["settlement"], s["exit_capture_id"]) for s in stays] == [
+    assert await _stays_ended(runtime, lot, driver.plate) == [
         ("closed", "paid_at_booth", None),
         ("closed", "pay_later", upload.capture_id),
     ]
@@ -458,13 +471,9 @@ async def test_a_booth_paid_exit_a_clock_ahead_puts_just_after_a_re_entry_is_sti
     the car was inside (its real exit later was "no entry record")."""
     driver = await make_driver(runtime, unique_plate())
     await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=90))
-    stay = await _stay(runtime, lot, driver.plate)
-    paid = await api.post(
-        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
-        json={"session_id": stay["id"], "method": "cash", "amount_fen": 1200},
-        headers=await _attendant(runtime, app, lot),
+    await _booth_takes(
+        runtime, app, api, lot, (await _stay(runtime, lot, driver.plate))["id"], 1200
     )
-    assert paid.status_code == 201, paid.text
     # The gate stamps the exit by its own clock, two minutes ahead of the server's.
     upload = gate.capture("out", driver.plate).model_copy(
         update={
@@ -478,14 +487,7 @@ async def test_a_booth_paid_exit_a_clock_ahead_puts_just_after_a_re_entry_is_sti
     inside = await runtime.occupancy.get(lot.id)
     await gate.decide(lot.code, "out1", upload)
 
-    async with runtime.pool.acquire() as conn:
-        stays = await conn.fetch(
-            """SELECT status, settlement, exit_capture_id FROM sessions
-               WHERE car_park_id = $1 AND plate = $2 ORDER BY entered_at""",
-            lot.id,
-            driver.plate,
-        )
-    assert [(s["status"], s["settlement"], s["exit_capture_id"]) for s in stays] == [
+    assert await _stays_ended(runtime, lot, driver.plate) == [
         ("closed", "paid_at_booth", upload.capture_id),
         ("open", None, None),
     ]
@@ -514,12 +516,7 @@ async def test_a_stay_carried_over_from_before_the_system_is_counted_out_when_pa
         )
     await runtime.occupancy.rebuild_all()
     inside = await runtime.occupancy.get(lot.id)
-    paid = await api.post(
-        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
-        json={"session_id": stay_id, "method": "cash", "amount_fen": 1200},
-        headers=await _attendant(runtime, app, lot),
-    )
-    assert paid.status_code == 201, paid.text
+    await _booth_takes(runtime, app, api, lot, stay_id, 1200)
     assert await runtime.occupancy.get(lot.id) == inside - 1
 
 
