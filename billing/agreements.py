@@ -133,8 +133,22 @@ async def record_service_state(
     openid) makes a service that was not normal normal. An entry's registration and a
     state-change notification name the plate, not the user: on WeChat they are about whoever
     opened the plate's service, perhaps another user (the plate's previous holder), whom a
-    deduction, naming only the plate, would then charge. They may only say it is not normal."""
+    deduction, naming only the plate, would then charge. They may only say it is not normal,
+    or refresh a state our driver's own answer made normal; False otherwise (the caller asks
+    the provider under the driver's user: `ask_if_resumed`)."""
     changed_at = changed_at.replace(microsecond=0)
+    if state == "normal" and not about_agreement:
+        refreshed = await conn.fetchval(
+            """UPDATE plate_services SET changed_at = $4, recorded_at = now()
+               WHERE provider = $1 AND plate = $2 AND plate_color = $3 AND state = 'normal'
+                 AND changed_at <= $4
+               RETURNING true""",
+            provider,
+            plate,
+            color,
+            changed_at,
+        )
+        return bool(refreshed)
     recorded = await conn.fetchval(
         """INSERT INTO plate_services (provider, plate, plate_color, state, changed_at)
            VALUES ($1, $2, $3, $4, $5)
@@ -145,14 +159,12 @@ async def record_service_state(
                        WHEN plate_services.state = 'normal' THEN plate_services.normal_since
                        ELSE EXCLUDED.changed_at END
                WHERE plate_services.changed_at <= EXCLUDED.changed_at
-                 AND ($6 OR EXCLUDED.state <> 'normal' OR plate_services.state = 'normal')
            RETURNING true""",
         provider,
         plate,
         color,
         state,
         changed_at,
-        about_agreement,
     )
     return bool(recorded)
 

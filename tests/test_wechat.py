@@ -839,3 +839,22 @@ async def test_a_notification_about_another_merchants_or_apps_order_is_refused()
             body, r.emulator._signed_headers(body), now=int(time.time())
         )
         assert isinstance(parsed, OrderResult) and parsed.status == "succeeded"
+
+
+async def test_an_entry_answer_never_makes_a_plate_normal_even_when_its_service_was_never_asked(
+    runtime: Runtime,
+) -> None:
+    """As the test above, but our driver's own service was never asked (the look-up at sign-up
+    met an outage: no row for the plate). A word naming only the plate does not make it normal
+    either; not recorded, it makes us ask under our driver's openid (`ask_if_resumed`).
+    Before, it created the row as normal: nobody asked, and the stay left on pay-later,
+    deducted from the other user."""
+    plate = unique_plate()
+    async with runtime.pool.acquire() as conn:
+        recorded = await agreements.record_service_state(
+            conn, "wechat", plate, "blue", "normal", datetime.now(UTC), about_agreement=False
+        )
+        state = await conn.fetchval(
+            "SELECT state FROM plate_services WHERE provider = 'wechat' AND plate = $1", plate
+        )
+    assert (recorded, state) == (False, None), "a word about the plate made it normal"
