@@ -520,6 +520,33 @@ async def test_a_stay_carried_over_from_before_the_system_is_counted_out_when_pa
     assert await runtime.occupancy.get(lot.id) == inside - 1
 
 
+async def test_a_paid_held_car_at_a_replaced_gate_controller_gets_its_open(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """The exit gate's controller was replaced (a stolen or broken box: a new SQLite outbox, so
+    its seq starts again from 1). Its first held car pays at the booth: the car is the only one
+    the new box has captured, first at the barrier, and must get its open. Before, the old
+    box's captures (a higher seq, another car) counted as newer and the open was withheld:
+    every paid driver at that gate stayed at a closed barrier until the new box's seq overtook
+    the old one's."""
+    old = unique_plate()
+    await enter(runtime, gate, lot, old, parked_for=timedelta(minutes=10))
+    gate._seq = 50_000  # the old box, long in service
+    await gate.decide(lot.code, "out1", gate.capture("out", old))
+    gate._seq = 0  # the new box
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
+    held = gate.capture("out", plate)
+    assert (await gate.decide(lot.code, "out1", held))["fee_fen"] == 1200
+    paid = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
+        json={"capture_id": str(held.capture_id), "method": "cash", "amount_fen": 1200},
+        headers=await _attendant(runtime, app, lot),
+    )
+    assert paid.status_code == 201, paid.text
+    assert paid.json()["gate_opened"] is True, "the paid car is first at the barrier"
+
+
 # 5. Ghost stays.
 
 
@@ -580,6 +607,37 @@ async def test_a_ghost_stay_is_never_matched_to_an_uncertain_exit_read(
     assert decided["session_id"] is None, decided
     assert decided["outcome"] in ("held_no_entry", "held_unreadable"), decided
     assert (await _stay(runtime, lot, plate))["status"] == "open"
+
+
+async def test_an_offline_doubtful_exit_read_before_the_car_entered_elsewhere_ends_its_stay(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The car left this car park 30 minutes ago through an exit gate that could not reach us,
+    which read its plate doubtfully (0 as O), and let it out. Twenty minutes later it entered
+    another car park (live). The upload arrives after that. The stay was no ghost when the car
+    left: the other stay began after the exit read, so it is the very exit that explains it.
+    The read is matched to the stay and ends it. Before, a ghost was judged as of the upload:
+    the stay was no candidate, the upload "no entry record", and the stay stayed open."""
+    plate = f"浙K{secrets.randbelow(10_000):04d}0"
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(hours=3))
+    left_at = datetime.now(UTC) - timedelta(minutes=30)
+    upload = gate.capture("out", plate[:-1] + "O", confidence=0.5).model_copy(
+        update={"offline": True, "offline_action": "open", "captured_at": left_at}
+    )
+    await enter(runtime, gate, await create_lot(runtime), plate, parked_for=timedelta(minutes=10))
+    await gate.decide(lot.code, "out1", upload)
+    async with runtime.pool.acquire() as conn:
+        decided = await conn.fetchrow(
+            "SELECT outcome, session_id FROM captures WHERE capture_id = $1", upload.capture_id
+        )
+        stay = await conn.fetchrow(
+            """SELECT id, status, exit_capture_id FROM sessions
+               WHERE car_park_id = $1 AND plate = $2""",
+            lot.id,
+            plate,
+        )
+    assert decided["session_id"] == stay["id"], decided
+    assert (stay["status"], stay["exit_capture_id"]) == ("closed", upload.capture_id)
 
 
 # 6. Gate clocks.

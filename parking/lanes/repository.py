@@ -474,7 +474,8 @@ async def recent_exits(
 # (of a compatible colour) has a stay at another car park that began after this one's entry: a
 # car is in one place at a time, so it left here without an exit we saw. (Exit reads elsewhere
 # that found no stay are not counted: such a read is for a person already.) Conditions on the
-# stay `s` and its car park `cp` as of `{now}`, shared by the lane (a ghost is no candidate
+# stay `s` and its car park `cp` as of `{now}` (an exit read uploaded late is judged as of when
+# it was taken, before the car entered elsewhere), shared by the lane (a ghost is no candidate
 # from the moment it is one) and the sweep that files it for an operator (parking.booth.ghosts).
 STAY_OPEN_TOO_LONG = (
     "s.entered_at < {now}::timestamptz - make_interval(days => cp.ghost_stay_after_days)"
@@ -483,7 +484,7 @@ GHOST_STAY = f"""({STAY_OPEN_TOO_LONG}
     OR EXISTS (
         SELECT 1 FROM sessions e
         WHERE e.plate = s.plate AND e.entered_at > s.entered_at
-          AND e.car_park_id <> s.car_park_id
+          AND e.entered_at <= {{now}}::timestamptz AND e.car_park_id <> s.car_park_id
           AND (e.plate_color IS NULL OR s.plate_color IS NULL
                OR e.plate_color = s.plate_color)))"""
 

@@ -58,13 +58,15 @@ class NewerCapture:
 
 async def newest_after(conn: asyncpg.Connection, capture_id: UUID) -> NewerCapture | None:
     """The newest live capture the same gate took after this one (higher in the gate's seq,
-    which grows across the agent's restarts), None while this one is still the newest. Live
-    ones only: found by `captures_gate_live_seq`; an offline one is known to the gate itself,
-    whose agent refuses the late open on its own."""
+    which grows across the agent's restarts, and received after it: a replaced controller
+    starts its seq again, below its predecessor's), None while this one is still the newest.
+    Live ones only: found by `captures_gate_live_seq`; an offline one is known to the gate
+    itself, whose agent refuses the late open on its own."""
     row = await conn.fetchrow(
         """SELECT n.capture_id, n.session_id
            FROM captures c
            JOIN captures n ON n.gate_id = c.gate_id AND NOT n.offline AND n.seq > c.seq
+                AND n.received_at > c.received_at
            WHERE c.capture_id = $1
            ORDER BY n.seq DESC LIMIT 1""",
         capture_id,
