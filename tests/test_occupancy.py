@@ -1,7 +1,7 @@
 """Occupancy lives in Redis for speed and is rebuilt from PostgreSQL when Redis loses it."""
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -12,7 +12,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from parking.app import create_app
 from parking.occupancy import repository as occupancy_repository
 from parking.runtime import Runtime
-from tests.conftest import Lot, eventually, make_driver, set_car_park, unique_plate
+from tests.conftest import (
+    Lot,
+    backdate_entry,
+    eventually,
+    make_driver,
+    set_car_park,
+    unique_plate,
+)
 from tests.gates import GateProbe
 
 
@@ -187,3 +194,22 @@ async def test_a_rebuild_read_before_a_change_does_not_overwrite_it(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_an_entry_superseding_a_stay_opened_at_the_exit_counts_the_car_in(
+    runtime: Runtime, gate: GateProbe, lot: Lot, redis: Redis
+) -> None:
+    """A car with no entry record is held at the exit for the fixed fee (a stay opened there,
+    never counted in: `occupancy.takes_a_place`) and gets out without paying (the attendant's
+    button). It comes back in and supersedes that stay, which held no place: the car is counted
+    in. Before, a superseded stay's place went to the new one: nobody counted the car (live 1,
+    rebuilt 2, for good)."""
+    await set_car_park(runtime, lot, no_entry_policy="fixed_fee", no_entry_fee_fen=2000)
+    await gate.decide(lot.code, "in1", gate.capture("in", unique_plate()))
+    stranger = unique_plate()
+    command = await gate.decide(lot.code, "out1", gate.capture("out", stranger))
+    assert (command["action"], command["fee_fen"]) == ("hold", 2000)
+    await backdate_entry(runtime, lot, stranger, timedelta(minutes=10))  # back 10 min later
+    back_in = await gate.decide(lot.code, "in1", gate.capture("in", stranger))
+    assert back_in["action"] == "open"
+    assert await _counted_and_rebuilt(runtime, redis, lot) == (2, 2)

@@ -214,7 +214,9 @@ class LaneService:
         if inside is not None:
             versions = await self._tariff_versions(conn, gate.car_park_id)
             await edges.end_missed_stay(conn, gate, inside, plate, at, versions)
-            outcome, delta = "entered_superseding", 0
+            # The new stay takes the missed one's place; one opened at an exit for the fixed
+            # fee never took one (`occupancy.takes_a_place`), so the car is counted in.
+            outcome, delta = "entered_superseding", 0 if inside.fixed_fee_fen is None else 1
         # After the missed stay ended: it holds no place of a pass any more.
         place_of, pass_full = await rights.take_place(conn, standing.rights)
         stay = await repo.open_session(
