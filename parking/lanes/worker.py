@@ -249,24 +249,17 @@ class LaneWorker:
         now = datetime.now(UTC)
         started_db = time.perf_counter()
         try:
-            try:
-                decision, command, conflict = await self._decide(
-                    gate, capture, reading, now, frames, may_read_again=bool(frames)
-                )
-            except _ReadAgain:
-                # A camera read that found no stay: the frames are read by the server (rolled
-                # back first, so the OCR is outside any transaction) and the capture decided
-                # again.
-                reading = await self.reader.read_again(capture, frames)
-                decision, command, conflict = await self._decide(
-                    gate, capture, reading, now, frames
-                )
-        except _UNDECIDABLE as exc:
-            # Rolled back: nothing of it was stored. With its traceback: the payload may have
-            # found a bug rather than been bad.
-            log.warning("lane.capture_undecidable", exc_info=True)
-            await self._dead_letter(message, InvalidMessage("undecidable", repr(exc)))
+            decided = await self._decided(
+                message, gate, capture, reading, now, frames, may_read_again=bool(frames)
+            )
+        except _ReadAgain:
+            # A camera read that found no stay: the frames are read by the server (rolled back
+            # first, so the OCR is outside any transaction) and the capture decided again.
+            reading = await self.reader.read_again(capture, frames)
+            decided = await self._decided(message, gate, capture, reading, now, frames)
+        if decided is None:
             return
+        decision, command, conflict = decided
         if decision is not None and decision.occupancy_delta:
             # Before publishing: a publish that fails after commit must not lose the change.
             await self.occupancy.adjust(gate.car_park_id, decision.occupancy_delta)
@@ -337,6 +330,30 @@ class LaneWorker:
         except Exception:  # the feed is a view; a Redis hiccup must not fail the capture
             log.warning("lane.feed_publish_failed")
 
+    async def _decided(
+        self,
+        message: IncomingMessage,
+        gate: GateInfo,
+        capture: Capture,
+        reading: PlateReading,
+        now: datetime,
+        frames: list[bytes] | None = None,
+        *,
+        may_read_again: bool = False,
+    ) -> tuple[Decision | None, bytes | None, bool] | None:
+        """`_decide`; None when the payload itself makes it fail (`_UNDECIDABLE`): rolled back,
+        nothing of it stored, dead-lettered and rejected. The server's reading of the frames is
+        not in here: a reader's failure is no fault of the capture's."""
+        try:
+            return await self._decide(
+                gate, capture, reading, now, frames, may_read_again=may_read_again
+            )
+        except _UNDECIDABLE as exc:
+            # With its traceback: the payload may have found a bug rather than been bad.
+            log.warning("lane.capture_undecidable", exc_info=True)
+            await self._dead_letter(message, InvalidMessage("undecidable", repr(exc)))
+            return None
+
     async def _decide(
         self,
         gate: GateInfo,
@@ -356,11 +373,10 @@ class LaneWorker:
         stored capture's (`content_fingerprint`, which names the gate): the stored decision is
         signed for no gate but the capture's own, so a capture id seen opened at one gate and
         published on another gate's topic lifts nothing there. Duplicates are detected by the
-        capture's key at insert,
-        not by a lookup first: that saves every capture a round trip, and the duplicate's
-        decision is rolled back with its transaction. A unique violation for any other reason
-        means a concurrent worker changed the same stay first: the second attempt sees its
-        committed result.
+        capture's key at insert, not by a lookup first: that saves every capture a round trip,
+        and the duplicate's decision is rolled back with its transaction. A unique violation for
+        any other reason means a concurrent worker changed the same stay first: the second
+        attempt sees its committed result.
         """
         fingerprint = content_fingerprint(gate, capture)
         async with self.pool.acquire() as conn:
