@@ -9,8 +9,11 @@ import orjson
 import pytest
 
 from billing import ledger
-from gate_controller.protocol import encode
+from gate_controller.mqtt import IncomingMessage
+from gate_controller.protocol import GateAddress, Topics, encode
+from parking.gates.events import GateEventRecorder
 from parking.runtime import Runtime
+from parking.settings import Settings
 from tests.conftest import Lot, eventually, unique_plate
 from tests.gates import GateProbe
 
@@ -236,3 +239,25 @@ async def test_a_decision_the_payload_makes_fail_is_dead_lettered_and_a_broken_d
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_gate_event_the_store_cannot_take_is_dead_lettered_with_a_reason(
+    runtime: Runtime, settings: Settings, lot: Lot
+) -> None:
+    """A gate's `manual_open` report (a barrier lift no signed command explains) whose reason
+    holds a NUL passes the model and is refused by PostgreSQL. The broker acknowledged it, so
+    the gate never sends it again: before, it was logged and dropped, a lift no operator saw."""
+    recorder = GateEventRecorder(settings, runtime.pool, runtime.mqtt)
+    topic = Topics(settings.mqtt_topic_prefix).topic(GateAddress(lot.code, "out1"), "event")
+    payload = orjson.dumps(
+        {
+            "type": "manual_open",
+            "at": datetime.now(UTC).isoformat(),
+            "reason": "按钮\u0000救护车",
+            "event_id": str(uuid.uuid4()),
+        }
+    )
+    await recorder.handle(IncomingMessage(topic, payload, 0.0, False))
+    async with runtime.pool.acquire() as conn:
+        letters = await conn.fetch("SELECT reason FROM dead_letters WHERE topic = $1", topic)
+    assert [r["reason"] for r in letters] == ["invalid_message"]

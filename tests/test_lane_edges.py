@@ -520,6 +520,34 @@ async def test_a_stay_carried_over_from_before_the_system_is_counted_out_when_pa
     assert await runtime.occupancy.get(lot.id) == inside - 1
 
 
+async def test_an_old_controllers_held_car_paid_after_the_new_one_took_a_car_lifts_nothing(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """Car A is held at the exit by the old controller (seq 50,001, unbound, fee shown). The box
+    is swapped (a new outbox: seq from 1); the attendant lets A out by hand, and the new box
+    captures car B, held in its turn. Then A's fee is taken at the booth. B is first at the
+    barrier, and it is B's capture the server received after A's: no open may go out. Before,
+    B (seq 2) was not "newer" by the gate's seq; the open went out for A's capture, and the new
+    box, which never heard of it, took it for an operator's remote open and let B out."""
+    first, second = unique_plate(), unique_plate()
+    for plate in (first, second):  # neither is bound: both held with a fee and a QR code
+        await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
+    gate._seq = 50_000  # the old box, long in service
+    held = gate.capture("out", first)
+    assert (await gate.decide(lot.code, "out1", held))["action"] == "hold"
+    gate._seq = 0  # the new box
+    assert (await gate.decide(lot.code, "out1", gate.capture("out", second)))["action"] == "hold"
+    paid = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
+        json={"capture_id": str(held.capture_id), "method": "cash", "amount_fen": 1200},
+        headers=await _attendant(runtime, app, lot),
+    )
+    assert paid.status_code == 201, paid.text
+    assert paid.json()["gate_opened"] is False, (
+        "the old box's held car's open went to the gate after the new box captured another car"
+    )
+
+
 async def test_a_paid_held_car_at_a_replaced_gate_controller_gets_its_open(
     runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
 ) -> None:
@@ -609,14 +637,16 @@ async def test_a_ghost_stay_is_never_matched_to_an_uncertain_exit_read(
     assert (await _stay(runtime, lot, plate))["status"] == "open"
 
 
+@pytest.mark.parametrize("swept", [False, True])
 async def test_an_offline_doubtful_exit_read_before_the_car_entered_elsewhere_ends_its_stay(
-    runtime: Runtime, gate: GateProbe, lot: Lot
+    runtime: Runtime, gate: GateProbe, lot: Lot, swept: bool
 ) -> None:
     """The car left this car park 30 minutes ago through an exit gate that could not reach us,
     which read its plate doubtfully (0 as O), and let it out. Twenty minutes later it entered
-    another car park (live). The upload arrives after that. The stay was no ghost when the car
-    left: the other stay began after the exit read, so it is the very exit that explains it.
-    The read is matched to the stay and ends it. Before, a ghost was judged as of the upload:
+    another car park (live). The upload arrives after that, perhaps after the hourly sweep
+    filed the stay as a ghost. The stay was no ghost when the car left: the other stay began
+    after the exit read, so it is the very exit that explains it. The read is matched to the
+    stay and ends it. Before, a ghost was judged as of the upload (or by the sweep's mark):
     the stay was no candidate, the upload "no entry record", and the stay stayed open."""
     plate = f"浙K{secrets.randbelow(10_000):04d}0"
     await enter(runtime, gate, lot, plate, parked_for=timedelta(hours=3))
@@ -625,6 +655,8 @@ async def test_an_offline_doubtful_exit_read_before_the_car_entered_elsewhere_en
         update={"offline": True, "offline_action": "open", "captured_at": left_at}
     )
     await enter(runtime, gate, await create_lot(runtime), plate, parked_for=timedelta(minutes=10))
+    if swept:
+        await ghosts.sweep_ghost_stays(runtime.pool, datetime.now(UTC))
     await gate.decide(lot.code, "out1", upload)
     async with runtime.pool.acquire() as conn:
         decided = await conn.fetchrow(

@@ -41,6 +41,10 @@ class GateEventRecorder:
     async def handle(self, message: IncomingMessage) -> None:
         try:
             await self._handle(message)
+        except asyncpg.DataError as exc:
+            # A value the store refuses (a NUL in its reason): the event's own fault, kept for
+            # an operator with the reason rather than dropped (nothing resends it).
+            await self._dead_letter(message, "invalid_message", str(exc)[:500])
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             # QoS 1 was acknowledged already: the gate does not send it again.
             log.exception("gates.event_not_stored", topic=message.topic)

@@ -493,13 +493,14 @@ async def cars_here(
     conn: asyncpg.Connection, car_park_id: int, since: datetime, now: datetime
 ) -> tuple[dict[Identity, bool], dict[Identity, int]]:
     """What an uncertain exit read is matched against, in one round trip: the vehicles parked
-    here at `now` (with whether their entry read was certain; ghost stays are no candidates,
-    whether or not the sweep has filed them yet), and those that left since `since` (with
-    their stay)."""
+    here at `now` (with whether their entry read was certain; stays that were ghosts at `now`
+    are no candidates, whether or not the sweep has filed them since: an exit read uploaded
+    late is judged as of when it was taken), and those that left since `since` (with their
+    stay)."""
     rows = await conn.fetch(
         f"""SELECT s.plate, s.plate_color, s.entry_certain, NULL::bigint AS id
             FROM sessions s JOIN car_parks cp ON cp.id = s.car_park_id
-            WHERE s.car_park_id = $1 AND s.status = 'open' AND s.ghost_at IS NULL
+            WHERE s.car_park_id = $1 AND s.status = 'open'
               AND NOT {GHOST_STAY.format(now="$3")}
             UNION ALL
             (SELECT DISTINCT ON (plate, plate_color) plate, plate_color, NULL, id FROM sessions

@@ -57,18 +57,18 @@ class NewerCapture:
 
 
 async def newest_after(conn: asyncpg.Connection, capture_id: UUID) -> NewerCapture | None:
-    """The newest live capture the same gate took after this one (higher in the gate's seq,
-    which grows across the agent's restarts, and received after it: a replaced controller
-    starts its seq again, below its predecessor's), None while this one is still the newest.
-    Live ones only: found by `captures_gate_live_seq`; an offline one is known to the gate
-    itself, whose agent refuses the late open on its own."""
+    """The newest live capture the same gate took after this one, None while this one is still
+    the newest: ordered by when the server received them, not by the gate's seq, which a
+    replaced controller starts again (its first car would be older than its predecessor's last
+    by seq, or the other way round). Live ones only (`captures_gate_live_received`): an offline
+    one is known to the gate itself, whose agent refuses the late open on its own."""
     row = await conn.fetchrow(
         """SELECT n.capture_id, n.session_id
            FROM captures c
-           JOIN captures n ON n.gate_id = c.gate_id AND NOT n.offline AND n.seq > c.seq
+           JOIN captures n ON n.gate_id = c.gate_id AND NOT n.offline
                 AND n.received_at > c.received_at
            WHERE c.capture_id = $1
-           ORDER BY n.seq DESC LIMIT 1""",
+           ORDER BY n.received_at DESC LIMIT 1""",
         capture_id,
     )
     return NewerCapture(row["capture_id"], row["session_id"]) if row else None
