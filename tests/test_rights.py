@@ -472,3 +472,20 @@ async def test_overlapping_rights_the_most_favourable_one_prices_the_stay_once(
             "SELECT amount_fen FROM charges WHERE account_id = $1", driver.account_id
         )
     assert [c["amount_fen"] for c in charged] == [900]
+
+
+async def test_a_right_specification_named_with_a_nul_is_refused_as_bad_input(
+    runtime: Runtime, app: FastAPI, lot: Lot
+) -> None:
+    """A 422 in the one error shape, as for every other stored name: before, PostgreSQL
+    refused the NUL and the operator got a 500."""
+    headers = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://parking.test") as client:
+        response = await client.post(
+            "/api/v1/operator/right-specs",
+            json={"name": "月卡\u0000夜间", "kind": "free_passage"},
+            headers=headers,
+        )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_request"

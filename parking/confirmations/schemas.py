@@ -3,6 +3,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from parking.text import NO_NUL
+
 
 class CameraReadSummary(BaseModel):
     """The camera's own read of a capture whose read the server's reader made."""
@@ -62,9 +64,7 @@ class ConfirmationDecision(BaseModel):
     # Why (kept in the audit log): what the frames showed.
     reason: Annotated[
         str,
-        StringConstraints(
-            strip_whitespace=True, min_length=1, max_length=500, pattern=r"^[^\x00]*$"
-        ),
+        StringConstraints(strip_whitespace=True, min_length=1, max_length=500, pattern=NO_NUL),
     ] = Field(description="what the operator saw in the entry and exit frames")
 
 

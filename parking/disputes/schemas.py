@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from parking.confirmations.schemas import CameraReadSummary
+from parking.text import NO_NUL
 
 DisputeStatus = Literal["open", "driver_right", "charge_stands"]
 Outcome = Literal["driver_right", "charge_stands"]
@@ -80,4 +81,4 @@ class OperatorDispute(BaseModel):
 
 class Decision(BaseModel):
     outcome: Outcome
-    note: str | None = Field(default=None, max_length=500)
+    note: str | None = Field(default=None, max_length=500, pattern=NO_NUL)

@@ -6,11 +6,12 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from gate_controller.protocol import PlateColor
 from parking.car_parks.schemas import CODE_PATTERN
 from parking.rights.schemas import plate_of
+from parking.text import NO_NUL
 
 CarParkCode = Annotated[str, StringConstraints(pattern=CODE_PATTERN)]
 Name = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[^\x00]*$"),
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=NO_NUL),
 ]
 
 

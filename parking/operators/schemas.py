@@ -23,10 +23,9 @@ from parking.car_parks.schemas import (
     printable_name,
 )
 from parking.lanes.rules import identity_color
+from parking.text import NO_NUL
 from plate_recognition.grammar import is_valid, normalise, settled_color
 
-# PostgreSQL text cannot hold NUL: refused here rather than failing in the database.
-_NO_NUL = r"^[^\x00]*$"
 # Ids are bigint: a larger number is a request error, not a database error.
 MAX_ID = 2**63 - 1
 
@@ -43,10 +42,10 @@ def _utc(value: datetime) -> datetime:
 Instant = Annotated[AwareDatetime, AfterValidator(_utc)]
 Code = Annotated[str, StringConstraints(pattern=CODE_PATTERN)]
 Reason = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=3, max_length=500, pattern=_NO_NUL)
+    str, StringConstraints(strip_whitespace=True, min_length=3, max_length=500, pattern=NO_NUL)
 ]
 Name = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=_NO_NUL)
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=NO_NUL)
 ]
 # A car park's name goes into every charge's description, which the payment providers limit
 # (200 characters, see billing.providers.DESCRIPTION_MAX_CHARS) and show to the driver: short,

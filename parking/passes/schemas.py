@@ -7,6 +7,7 @@ from gate_controller.protocol import PlateColor
 from parking.car_parks.schemas import CODE_PATTERN
 from parking.operators.schemas import MAX_ID
 from parking.rights.schemas import plate_of
+from parking.text import NO_NUL
 
 CarParkCode = Annotated[str, StringConstraints(pattern=CODE_PATTERN)]
 
@@ -22,9 +23,7 @@ class NewPassOffer(_Request):
     car_park: CarParkCode
     name: Annotated[
         str,
-        StringConstraints(
-            strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[^\x00]*$"
-        ),
+        StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=NO_NUL),
     ]
     price_fen: int = Field(ge=1, le=100_000_000, strict=True)
     period_days: int = Field(ge=1, le=366, strict=True)

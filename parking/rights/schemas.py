@@ -17,16 +17,19 @@ from pydantic import (
 from billing.rights import RightKind
 from gate_controller.protocol import PlateColor
 from parking.car_parks.schemas import CODE_PATTERN
+from parking.text import NO_NUL
 from plate_recognition.grammar import is_valid, normalise
 
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+Name = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=NO_NUL)
+]
 Label = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[^\x00]*$"),
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=NO_NUL),
 ]
 Reason = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\x00]*$"),
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=NO_NUL),
 ]
 CarParkCode = Annotated[str, StringConstraints(pattern=CODE_PATTERN)]
 RightStatus = Literal["active", "suspended", "cancelled"]
