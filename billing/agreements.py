@@ -135,11 +135,16 @@ async def record_service_state(
     opened the plate's service, perhaps another user (the plate's previous holder), whom a
     deduction, naming only the plate, would then charge. They may only say it is not normal,
     or refresh a state our driver's own answer made normal; False otherwise (the caller asks
-    the provider under the driver's user: `ask_if_resumed`)."""
+    the provider under the driver's user: `ask_if_resumed`). A refresh says nothing new: it
+    moves `recorded_at` only, never `changed_at`, so that a word of a state that is not normal,
+    dated between the state's own time and the refresh (a "paused" notification retried late),
+    still wins when it arrives after the refresh. Had the refresh moved `changed_at`, that
+    pause would be dropped as older, and if the plate-only word was about another user's
+    service on the plate, our driver's pause lost until the next service query."""
     changed_at = changed_at.replace(microsecond=0)
     if state == "normal" and not about_agreement:
         refreshed = await conn.fetchval(
-            """UPDATE plate_services SET changed_at = $4, recorded_at = now()
+            """UPDATE plate_services SET recorded_at = now()
                WHERE provider = $1 AND plate = $2 AND plate_color = $3 AND state = 'normal'
                  AND changed_at <= $4
                RETURNING true""",

@@ -858,3 +858,43 @@ async def test_an_entry_answer_never_makes_a_plate_normal_even_when_its_service_
             "SELECT state FROM plate_services WHERE provider = 'wechat' AND plate = $1", plate
         )
     assert (recorded, state) == (False, None), "a word about the plate made it normal"
+
+
+async def test_a_pause_retried_late_wins_over_a_plate_only_normal_word_that_arrived_first(
+    runtime: Runtime,
+) -> None:
+    """Our driver's own service query made the plate normal (10:00). The driver paused it at
+    10:05; that notification failed and is retried late. Meanwhile an entry's registration
+    (naming only the plate, perhaps about another user's service on it) says "normal" at 10:10:
+    a refresh, which says nothing new. The pause, arriving after it, must still be recorded.
+    Before, the refresh moved the state's `changed_at` to 10:10, and the pause was dropped as
+    older: the plate stayed normal, and our driver's exits were paid later after the pause."""
+    plate = unique_plate()
+    asked = datetime.now(UTC) - timedelta(minutes=10)
+    async with runtime.pool.acquire() as conn:
+        assert await agreements.record_service_state(
+            conn, "wechat", plate, "blue", "normal", asked, about_agreement=True
+        )
+        refreshed = await agreements.record_service_state(
+            conn,
+            "wechat",
+            plate,
+            "blue",
+            "normal",
+            asked + timedelta(minutes=10),
+            about_agreement=False,
+        )
+        paused = await agreements.record_service_state(
+            conn,
+            "wechat",
+            plate,
+            "blue",
+            "paused",
+            asked + timedelta(minutes=5),
+            about_agreement=False,
+        )
+        state = await conn.fetchval(
+            "SELECT state FROM plate_services WHERE provider = 'wechat' AND plate = $1", plate
+        )
+    assert refreshed, "a plate-only word still refreshes a normal state our driver's answer made"
+    assert (paused, state) == (True, "paused"), "the late pause was dropped as older"
