@@ -17,9 +17,16 @@ behind it.
 
 The gate acts only on commands the server signed (Ed25519, the key that signs its config) for
 this very gate, that have not expired; anything else is counted in `command_refusals` and
-ignored, whoever managed to publish it. An opening no signed command explains (the booth's
-button: `manual_open`) is reported as a `manual_open` event, kept on disk until the broker has
-it, so that operators see every lift of the barrier.
+ignored, whoever managed to publish it. A command's expiry is the server's time, so the gate
+judges it by the server's clock as best it knows it (`server_now`), not by its own: each signed
+ack it takes carries the server's time of a capture the gate has just sent, and from the latest
+one that came back at once (`_CLOCK_ACK_MAX_ROUND_TRIP_S`) the gate reckons the server's time on
+its own monotonic clock. Before any such ack (after a start) it takes its own clock, as before;
+a gate clock a minute fast would otherwise refuse every fresh 30 s command as expired.
+
+An opening no signed command explains (the booth's button: `manual_open`) is reported as a
+`manual_open` event, kept on disk until the broker has it, so that operators see every lift of
+the barrier.
 
 The gate's status is retained on `.../status`, with an "offline" last will. Its config (the
 whitelist and display texts) is read from the retained `.../config` and kept on disk.
@@ -97,6 +104,20 @@ except importlib.metadata.PackageNotFoundError:
 
 _LINK_TICK_S = 0.1
 _PRUNE_EVERY_S = 600.0
+# An ack teaches the server's time only when it came back within this of writing the payload it
+# answers: its `received_at` (the server's time when it decided) is then at most this old on
+# arrival, so the server's time reckoned from it is never later than the truth and at most
+# this earlier (a command judged at most this much fresher than it is). An ack that came later
+# (a resend, a backlog, a message held up on the way) still acks its capture and teaches nothing.
+_CLOCK_ACK_MAX_ROUND_TRIP_S = 5.0
+# A change of the reckoned offset (server's time less the gate's) by more than this is logged
+# (`agent.clock_offset`); as a warning beyond the clock error the server tolerates in captures
+# (PARKING_GATE_CLOCK_TOLERANCE_S, 300 s by default), for an operator to fix the gate's clock.
+_CLOCK_OFFSET_LOG_STEP_S = 5.0
+_CLOCK_OFFSET_WARN_S = 300.0
+# A remote open's id is kept this long beyond its expiry by either clock (against a replay
+# after the reckoned offset moved, or the gate's clock was stepped).
+_REMOTE_OPEN_KEEP_EXTRA_S = 300.0
 
 Code = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
@@ -203,6 +224,12 @@ class GateAgent:
         # Acks refused since start, by reason (unsigned, forged, another gate's, another
         # message's: `other_payload`).
         self.ack_refusals: Counter[str] = Counter()
+        # Unacked captures by id: when (time.monotonic()) their payload, as it is now, was
+        # written in this run (an ack's round trip is counted from there).
+        self._written: dict[uuid.UUID, float] = {}
+        # The server's time (epoch seconds) in the latest ack that taught it, and when that ack
+        # arrived (time.monotonic()); None until one did.
+        self._server_clock: tuple[float, float] | None = None
 
     @property
     def store(self) -> Outbox:
@@ -258,6 +285,7 @@ class GateAgent:
             return encode(built[-1])
 
         self.store.add(capture_id, time.time(), payload_for)
+        self._written[capture_id] = time.monotonic()
         capture = built[-1]
         answer = asyncio.get_running_loop().create_future()
         self._awaiting[capture_id] = answer
@@ -332,6 +360,8 @@ class GateAgent:
         self.store.decide(
             capture.capture_id, "offline", action, send_at=time.time(), payload=encode(flagged)
         )
+        if capture.capture_id in self._written:  # not acked yet: the payload is the flagged one
+            self._written[capture.capture_id] = time.monotonic()
         log.info(
             "agent.decided_offline",
             seq=capture.seq,
@@ -405,7 +435,7 @@ class GateAgent:
         except ValidationError:
             log.warning("agent.bad_command", size=len(message.payload))
             return
-        refusal = self._command_refusal(command, datetime.now(UTC))
+        refusal = self._command_refusal(command, self.server_now())
         if refusal is not None:
             # Whoever can publish on the broker (a shared login, a broker without ACLs) must
             # not be able to lift the barrier: only the server's key can.
@@ -423,7 +453,7 @@ class GateAgent:
         operator's open, the answer to a capture decided offline, or a redelivery."""
         if command.action != "open":
             return  # a late hold changes nothing at the barrier
-        if command.expires_at <= datetime.now(UTC):
+        if command.expires_at <= self.server_now():
             log.info("agent.expired_command_ignored", capture_id=str(command.capture_id))
             return
         record = self.store.record(command.capture_id)
@@ -431,11 +461,13 @@ class GateAgent:
             # Not one of this gate's captures: an operator opening the gate for nobody in
             # particular. QoS 1 may deliver it twice.
             # Kept on disk until it expires: a signed open captured off the wire and published
-            # again after a restart would otherwise lift the barrier again.
+            # again after a restart would otherwise lift the barrier again. The key is pruned by
+            # the gate's own clock: kept until the open expired by both clocks, and some more.
+            expires_at = command.expires_at.timestamp()
             if not self.store.use_once(
                 "remote_open",
                 str(command.capture_id),
-                command.expires_at.timestamp(),
+                max(expires_at, expires_at - self.clock_offset_s) + _REMOTE_OPEN_KEEP_EXTRA_S,
                 time.time(),
             ):
                 return
@@ -456,8 +488,49 @@ class GateAgent:
 
     def _command_refusal(self, command: Command, now: datetime) -> str | None:
         """Why the gate must not act on `command`, or None when the server signed it for this
-        gate and it has not expired."""
+        gate and it has not expired (`now`: the server's time, `server_now`)."""
         return command_refusal(command, self.whitelist.public_key, self.address, now)
+
+    def server_now(self) -> datetime:
+        """The server's time as best the gate knows it: the latest teaching ack's `received_at`
+        plus the time elapsed since it arrived, on the monotonic clock (a step of the gate's
+        wall clock changes nothing); the gate's own clock before any such ack."""
+        if self._server_clock is None:
+            return datetime.now(UTC)
+        server_at, arrived = self._server_clock
+        return datetime.fromtimestamp(server_at + time.monotonic() - arrived, UTC)
+
+    @property
+    def clock_offset_s(self) -> float:
+        """The server's time less the gate's, as reckoned (0 before any teaching ack)."""
+        if self._server_clock is None:
+            return 0.0
+        return (self.server_now() - datetime.now(UTC)).total_seconds()
+
+    def _learn_clock(self, ack: Ack, written: float | None) -> None:
+        """Takes the server's time from a signed ack the outbox just took, when it came back
+        within `_CLOCK_ACK_MAX_ROUND_TRIP_S` of writing the payload it answers in this run.
+
+        The ack is verified before it gets here, so only the server's key can move the clock;
+        and since it answers a payload written moments ago, no ack of an earlier send, held up
+        or replayed, can teach an old time. Its size is not capped: the offset is the server's
+        own clock, on which it signs every command's expiry, so following it is consistent
+        however wrong the gate's clock is (a capped offset would refuse every command again at
+        exactly the gates whose clocks are worst). A large one is logged as a warning."""
+        arrived = time.monotonic()
+        if written is None or arrived - written > _CLOCK_ACK_MAX_ROUND_TRIP_S:
+            return
+        before = self.clock_offset_s
+        self._server_clock = (ack.received_at.timestamp(), arrived)
+        after = self.clock_offset_s
+        if abs(after - before) > _CLOCK_OFFSET_LOG_STEP_S:
+            report = log.warning if abs(after) > _CLOCK_OFFSET_WARN_S else log.info
+            report(
+                "agent.clock_offset",
+                offset_s=round(after, 1),
+                was_s=round(before, 1),
+                round_trip_s=round(arrived - written, 3),
+            )
 
     def _on_ack(self, message: IncomingMessage) -> None:
         try:
@@ -477,6 +550,7 @@ class GateAgent:
             self.ack_refusals[refusal] += 1
             log.warning("agent.ack_refused", capture_id=str(ack.capture_id), reason=refusal)
             return
+        self._learn_clock(ack, self._written.pop(ack.capture_id, None))
         if ack.rejected:
             log.warning("agent.capture_rejected", capture_id=str(ack.capture_id), why=ack.rejected)
         # The server answers again: captures waiting out their backoff go now.

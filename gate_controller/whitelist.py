@@ -22,8 +22,9 @@ def command_refusal(
     command: Command, key: Ed25519PublicKey, address: GateAddress, now: datetime
 ) -> str | None:
     """Why a gate at `address` must not act on `command`, or None when the server signed it
-    (`key`: the server's public key) for this very gate and it has not expired. The reasons:
-    unsigned, bad_signature, other_gate, expired."""
+    (`key`: the server's public key) for this very gate and it has not expired by `now`, the
+    server's time as the gate knows it (`GateAgent.server_now`: its expiry is on the server's
+    clock, not the gate's). The reasons: unsigned, bad_signature, other_gate, expired."""
     refusal = signed_refusal(command, key, address)
     if refusal is None and command.expires_at <= now:
         return "expired"

@@ -4,6 +4,7 @@ decisions from the signed whitelist, store-and-forward through restarts, status 
 import asyncio
 import base64
 import contextlib
+import hashlib
 import os
 import signal
 import sys
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 from pydantic import SecretStr, ValidationError
 
+import gate_controller.agent as agent_module
 from billing import agreements
 from gate_controller.agent import AgentConfig, GateAgent
 from gate_controller.barrier import SimulatedDisplay, SimulatedRelay
@@ -1209,6 +1211,117 @@ async def test_a_signed_remote_open_replayed_after_a_restart_lifts_nothing(
             await anyone.mqtt.publish(topic, marker)
             await until(lambda: restarted.display.current == ["三"])
             assert restarted.reasons() == ["remote"], "the replayed open lifted the barrier again"
+
+
+def _signed_ack(
+    payload: bytes,
+    address: GateAddress,
+    received_at: datetime,
+    *,
+    key: Ed25519PrivateKey = SERVER_KEY,
+) -> bytes:
+    """The server's ack of the capture the gate published as `payload`, as the lane sends it:
+    signed for the gate, bound to that very message, stamped with the server's time."""
+    capture_id = uuid.UUID(orjson.loads(payload)["capture_id"])
+    ack = Ack(
+        capture_id=capture_id,
+        received_at=received_at,
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+    )
+    return encode(sign_command(ack, address, key))
+
+
+class _MinuteFast(datetime):
+    """The gate's wall clock, a minute fast."""
+
+    @classmethod
+    def now(cls, tz: Any = None) -> "datetime":  # type: ignore[override]
+        return datetime.now(tz) + timedelta(seconds=60)
+
+
+async def test_a_gate_clock_a_minute_fast_follows_a_fresh_open_once_an_ack_gave_it_the_servers_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 16 #3. The server takes gate clocks up to `gate_clock_tolerance_s` (300 s)
+    wrong; the gate took its own clock as exact against a command's 30 s `expires_at`, so a
+    gate clock 60 s fast refused every command the server signed the moment it was sent
+    ("expired"): every car waited `offline_after_s` and was decided offline, and a driver who
+    paid by QR at the barrier stayed at a closed barrier. The gate now judges expiry by the
+    server's time, learned from the signed ack of a capture it has just sent. Before any ack
+    (just started) it only has its own clock, as before; the replay guards still hold."""
+    monkeypatch.setattr(agent_module, "datetime", _MinuteFast)
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    address = GateAddress(lot, "out1")
+    topics = Topics(prefix)
+    captures, commands = topics.topic(address, "capture"), topics.topic(address, "command")
+    config = _config(tmp_path, lot, "out1", prefix, offline_after_s=5.0)
+    async with Listener() as server, lane(config) as out:
+        await server.listen(captures)
+        first = await out.agent.capture(car("out", unique_plate()))
+        await server.mqtt.publish(commands, _open_command(first.capture_id, address))
+        await until(lambda: out.agent.command_refusals)
+        assert out.agent.command_refusals == {"expired": 1}, "no ack yet: the gate's own clock"
+        (sent,) = await until(lambda: [m.payload for m in server.messages])
+        await server.mqtt.publish(
+            topics.topic(address, "ack"), _signed_ack(sent, address, datetime.now(UTC))
+        )
+        await until(lambda: out.agent.store.length() == 0)
+        assert out.agent.clock_offset_s == pytest.approx(-60, abs=2)
+
+        second = await out.agent.capture(car("out", unique_plate()))
+        await server.mqtt.publish(commands, _open_command(second.capture_id, address))
+        await until(lambda: out.relay.openings)
+        assert out.reasons() == ["server"], dict(out.agent.command_refusals)
+        # An operator's open of no capture of ours, delivered twice, lifts once; a command
+        # expired by the server's clock (still "fresh" by the fast gate's) lifts nothing.
+        remote = _open_command(uuid.uuid4(), address, display=("远程",))
+        await server.mqtt.publish(commands, remote)
+        await server.mqtt.publish(commands, remote)
+        stale = _open_command(uuid.uuid4(), address, ttl=timedelta(seconds=-1))
+        await server.mqtt.publish(commands, stale)
+        await server.mqtt.publish(commands, _open_command(uuid.uuid4(), address, display=("标",)))
+        await until(lambda: out.display.current == ["标"])
+        assert out.reasons() == ["server", "remote", "remote"]
+        assert out.agent.command_refusals == {"expired": 2}
+
+
+async def test_only_a_signed_ack_that_came_back_at_once_tells_the_gate_the_servers_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forged ack is refused before its time is looked at; a signed one that came back long
+    after the capture it answers was written (a resend answered late, a backlog, a message held
+    up on the way: its `received_at` is old on arrival) still acks the capture but teaches
+    nothing, since a time taken from it would make expired commands look fresh. Only an ack
+    that came back at once moves the gate's reckoning of the server's time."""
+    monkeypatch.setattr(agent_module, "_CLOCK_ACK_MAX_ROUND_TRIP_S", 1.0)
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    address = GateAddress(lot, "out1")
+    topics = Topics(prefix)
+    acks = topics.topic(address, "ack")
+    config = _config(tmp_path, lot, "out1", prefix, offline_after_s=10.0)
+    async with Listener() as server, lane(config) as out:
+        await server.listen(topics.topic(address, "capture"))
+        await out.agent.capture(car("out", unique_plate()))
+        (sent,) = await until(lambda: [m.payload for m in server.messages])
+        an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+        forger = generate_private_key()
+        await server.mqtt.publish(acks, _signed_ack(sent, address, an_hour_ago, key=forger))
+        await until(lambda: out.agent.ack_refusals)
+        assert out.agent.ack_refusals == {"bad_signature": 1}
+        assert (out.agent.clock_offset_s, out.agent.store.length()) == (0.0, 1)
+
+        await asyncio.sleep(1.2)  # the server's answer comes back late
+        await server.mqtt.publish(acks, _signed_ack(sent, address, an_hour_ago))
+        await until(lambda: out.agent.store.length() == 0)
+        assert out.agent.clock_offset_s == 0.0, "a late ack's old time was taken as the server's"
+
+        server.messages.clear()
+        await out.agent.capture(car("out", unique_plate()))
+        (sent,) = await until(lambda: [m.payload for m in server.messages])
+        ahead = datetime.now(UTC) + timedelta(minutes=2)
+        await server.mqtt.publish(acks, _signed_ack(sent, address, ahead))
+        await until(lambda: out.agent.store.length() == 0)
+        assert out.agent.clock_offset_s == pytest.approx(120, abs=2)
 
 
 async def test_every_publisher_signs_its_commands_for_the_gate_they_are_for(
