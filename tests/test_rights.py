@@ -256,6 +256,27 @@ async def test_a_pass_for_two_plates_lets_one_inside_the_other_is_a_visitor(
     assert (await _exit(gate, lot, visitor))["fee_fen"] == 0
 
 
+async def test_a_free_place_of_a_capped_pass_is_taken_whatever_uncapped_rights_the_car_holds(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """Rights never add up: the one most favourable to the driver applies. A vehicle holding
+    a 10 % discount (no cap) and a pass of "at most 1 inside" whose place is free takes the
+    pass's place at entry and leaves free: the discount must not stand in for the place,
+    leaving the pass unusable for that stay."""
+    admin = await _admin(runtime, app, lot)
+    discount = await _spec(api, admin, name="九折", kind="discount", discount_percent=10)
+    monthly = await _spec(api, admin, name="月卡", kind="free_passage")
+    plate = unique_plate()
+    await _right(api, admin, discount, [plate, unique_plate()])
+    right = await _right(api, admin, monthly, [plate, unique_plate()], max_inside=1)
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
+    assert (await _stay(runtime, lot, plate))["assigned_right_id"] == right["id"]
+    quote = (await api.get(f"/api/v1/car-parks/{lot.code}/quote", params={"plate": plate})).json()
+    assert quote["fee_fen"] == 0, quote
+    assert (await _exit(gate, lot, plate))["fee_fen"] == 0
+    assert (await _stay(runtime, lot, plate))["applied_right_id"] == right["id"]
+
+
 async def test_a_pass_renewed_while_parked_covers_the_whole_stay(
     runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
 ) -> None:

@@ -422,16 +422,23 @@ async def take_place(
     conn: asyncpg.Connection, rights: list[tuple[int, int | None]]
 ) -> tuple[int | None, bool]:
     """The right whose place an entering stay takes, and whether it enters as a visitor because
-    every place of its pass is taken. A right with no cap gives its place at once (no lock); a
-    capped one after its row lock and a count of its stays inside, in id order."""
+    every place of its pass is taken.
+
+    A capped pass's place is taken whenever one is free, whatever uncapped rights the vehicle
+    also holds: at the exit every uncapped right and the capped one whose place the stay holds
+    compete (the most favourable to the driver applies), so a stay that did not take a free
+    place would lose its pass for nothing. Each capped right is tried after its row lock and a
+    count of its stays inside, in id order. With none free, the stay holds its first uncapped
+    right (no lock), or, with none, enters as a visitor."""
     if not rights:
         return None, False
-    uncapped = [right_id for right_id, cap in rights if cap is None]
-    if uncapped:
-        return uncapped[0], False
     for right_id, cap in rights:
-        assert cap is not None
+        if cap is None:
+            continue
         await repo.lock_right(conn, right_id)
         if await repo.places_taken(conn, right_id) < cap:
             return right_id, False
+    uncapped = [right_id for right_id, cap in rights if cap is None]
+    if uncapped:
+        return uncapped[0], False
     return None, True
