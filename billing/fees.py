@@ -50,9 +50,13 @@ def stay_fee(
     """None when the car park has no tariff for the stay (the gate holds for a person).
 
     `rights`: the vehicle's rights here; the one most favourable to the driver applies
-    (billing.rights.best). `validation`: a merchant's, applied after the right: free minutes
-    price the stay as if it had begun that much later (under the same right), an amount comes
-    off the fee (never below 0). A fixed fee (no entry record) is never reduced."""
+    (billing.rights.best). `validation`: a merchant's, applied after the right. Being priced
+    (no `cost_fen` yet): free minutes price the stay as if it had begun that much later (under
+    the same right), an amount comes off the fee (never below 0); what that takes off is its
+    cost to the merchant's budget. Once given it takes off what it cost, never more, and never
+    more than the fee: a merchant's validation is worth to the driver exactly what the
+    merchant's budget paid for it (the fee under the rights only grows with the stay). A fixed
+    fee (no entry record) is never reduced."""
     if fixed_fee_fen is not None:
         return StayFee(fixed_fee_fen, None)
     tariff = tariff_at(versions, entered_at)
@@ -72,6 +76,9 @@ def stay_fee(
     fee, applied = under_rights(entered_at, quote.total_fen)
     if validation is None or fee == 0:
         return StayFee(fee, quote, applied)
+    if validation.cost_fen is not None:
+        taken = min(validation.cost_fen, fee)
+        return StayFee(fee - taken, quote, applied, taken)
     validated = fee
     if validation.free_minutes is not None:
         begins = entered_at + timedelta(minutes=validation.free_minutes)

@@ -157,15 +157,19 @@ def fee_under(
 @dataclass(frozen=True, slots=True)
 class Validation:
     """A merchant's validation of one stay: free minutes or an amount (billing.fees.stay_fee
-    applies it after the right)."""
+    applies it after the right). `cost_fen`: what it cost the merchant's budget when given, the
+    most it ever takes off (None: one being priced, not yet given)."""
 
     id: int
     free_minutes: int | None = None
     amount_fen: int | None = None
+    cost_fen: int | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Validation":
-        return cls(int(data["id"]), data.get("free_minutes"), data.get("amount_fen"))
+        return cls(
+            int(data["id"]), data.get("free_minutes"), data.get("amount_fen"), data.get("cost_fen")
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,12 +4,14 @@ the report see it; a merchant's sign-in can do nothing else."""
 
 import asyncio
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 from fastapi import FastAPI
 
+from billing.tariff import Tariff
+from parking.admin import repository as admin_repo
 from parking.runtime import Runtime
 from tests.conftest import (
     Lot,
@@ -98,25 +100,99 @@ async def test_an_amount_never_below_zero_and_the_budget_is_a_limit(
         json={"car_park": lot.code, "plate": visitor, "amount_fen": 800},
         headers=shop,
     )
-    assert given.status_code == 201 and given.json()["cost_fen"] == 800
+    # ¥8 off a ¥6 fee takes off ¥6: the budget pays ¥6.
+    assert given.status_code == 201 and given.json()["cost_fen"] == 600
     over = await api.post(
         "/api/v1/merchant/validations",
-        json={"car_park": lot.code, "plate": another, "amount_fen": 300},
+        json={"car_park": lot.code, "plate": another, "amount_fen": 500},
         headers=shop,
     )
     assert over.status_code == 409 and over.json()["error"]["code"] == "budget_exhausted"
     # Nothing changed: the other car is not validated, the budget as it was.
-    assert (await api.get("/api/v1/merchant", headers=shop)).json()["spent_fen"] == 800
+    assert (await api.get("/api/v1/merchant", headers=shop)).json()["spent_fen"] == 600
     merchants = (await api.get("/api/v1/operator/merchants", headers=admin)).json()
     topped = await api.post(
         f"/api/v1/operator/merchants/{merchants[0]['id']}/budget",
         json={"add_fen": 500},
         headers=admin,
     )
-    assert topped.json()["remaining_fen"] == 700
+    assert topped.json()["remaining_fen"] == 900
     # ¥6 less ¥8: free, the gate opens for an unbound visitor.
     command = await gate.decide(lot.code, "out1", gate.capture("out", visitor))
     assert command["action"] == "open" and command["fee_fen"] == 0
+
+
+async def test_a_validation_costs_the_budget_exactly_what_it_takes_off_the_fee(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe
+) -> None:
+    """A validation is priced the way the exit prices the stay: with 15 free minutes (a grace
+    period: a longer stay pays from its entry), 15 minutes validated on a 28-minute stay take
+    its whole ¥6 off (a 13-minute stay is free), not the ¥0 a 15-minute stay would cost. A
+    merchant whose budget is spent gives nothing; once paid for, the validation takes off
+    what it cost and never more, however long the car stays."""
+    lot = await create_lot(runtime)
+    async with runtime.pool.acquire() as conn:
+        await admin_repo.create_tariff(
+            conn,
+            lot.id,
+            effective_from=datetime.now(UTC) - timedelta(days=1),
+            tariff=Tariff.hourly(free_minutes=15, hourly_fen=600),
+        )
+    merchant, shop, admin = await make_merchant(runtime, app, api, lot, budget_fen=0)
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=28))
+
+    async def fee() -> int:
+        quote = await api.get(f"/api/v1/car-parks/{lot.code}/quote", params={"plate": plate})
+        fee_fen: int = quote.json()["fee_fen"]
+        return fee_fen
+
+    assert await fee() == 600
+    body = {"car_park": lot.code, "plate": plate, "free_minutes": 15}
+    given = await api.post("/api/v1/merchant/validations", json=body, headers=shop)
+    assert given.status_code == 409 and given.json()["error"]["code"] == "budget_exhausted"
+    assert given.json()["error"]["details"]["cost_fen"] == 600
+    assert await fee() == 600  # nothing taken off
+    assert (await api.get("/api/v1/merchant", headers=shop)).json()["spent_fen"] == 0
+    # With the budget topped up, it costs what it takes off.
+    await api.post(
+        f"/api/v1/operator/merchants/{merchant['id']}/budget", json={"add_fen": 1000}, headers=admin
+    )
+    given = await api.post("/api/v1/merchant/validations", json=body, headers=shop)
+    assert given.status_code == 201 and given.json()["cost_fen"] == 600
+    assert await fee() == 0
+    assert (await api.get("/api/v1/merchant", headers=shop)).json()["spent_fen"] == 600
+    # Longer: ¥18 for 2 h 28 min. Priced as if begun 15 minutes later (2 h 13 min) it would
+    # be ¥18 too; the validation takes off the ¥6 it cost, no more and no less.
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            """UPDATE sessions SET entered_at = entered_at - interval '2 hours'
+               WHERE car_park_id = $1 AND plate = $2 AND status = 'open'""",
+            lot.id,
+            plate,
+        )
+    assert await fee() == 1200
+    command = await gate.decide(lot.code, "out1", gate.capture("out", plate))
+    assert command["fee_fen"] == 1200
+    assert (await api.get("/api/v1/merchant", headers=shop)).json()["spent_fen"] == 600
+
+
+async def test_a_validation_that_takes_nothing_off_now_is_refused_and_costs_nothing(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """Nothing is a free validation: a stay whose fee is 0 now (here: just entered) cannot be
+    validated, and the budget is untouched."""
+    _, shop, _ = await make_merchant(runtime, app, api, lot, budget_fen=1000)
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(seconds=0))
+    given = await api.post(
+        "/api/v1/merchant/validations",
+        json={"car_park": lot.code, "plate": plate, "free_minutes": 60},
+        headers=shop,
+    )
+    assert given.status_code == 409 and given.json()["error"]["code"] == "not_validatable"
+    assert (await api.get("/api/v1/merchant", headers=shop)).json()["spent_fen"] == 0
+    assert (await api.get("/api/v1/merchant/validations", headers=shop)).json() == []
 
 
 async def test_a_merchant_can_only_validate_and_only_in_its_car_parks(

@@ -274,7 +274,8 @@ _ACTIVE_RIGHTS = f"""(SELECT json_agg({_RIGHT_JSON})
             OR (sp.car_park_ids IS NULL AND sp.operator_id
                 = (SELECT operator_id FROM car_parks WHERE id = s.car_park_id))))"""
 _VALIDATION = """(SELECT json_build_object(
-        'id', v.id, 'free_minutes', v.free_minutes, 'amount_fen', v.amount_fen)
+        'id', v.id, 'free_minutes', v.free_minutes, 'amount_fen', v.amount_fen,
+        'cost_fen', v.cost_fen)
      FROM validations v WHERE v.session_id = s.id)"""
 _RIGHTS_COLUMNS = f"""
     (SELECT bl.reason FROM plate_blacklist bl

@@ -3,20 +3,26 @@ gave it) validates a visitor's stay before the exit, with free minutes or an amo
 
 - Once per stay: a second validation of a stay by the same merchant with the same terms answers
   the first (idempotent, nothing spent again); any other is refused (409 `already_validated`).
-- Its cost to the budget is fixed when it is given: an amount costs the amount, free minutes
-  the tariff's fee for the stay's first that many minutes. A validation the budget cannot pay
-  for is refused (409 `budget_exhausted`) and changes nothing.
-- The exit (and the QR code, the booth, the quote) price the stay with it, after the vehicle's
-  right (billing.fees.stay_fee).
+- It costs the budget exactly what it takes off the fee, priced when it is given the way the
+  exit prices the stay (billing.fees.stay_fee: the tariff's free period, its rounding and caps,
+  the vehicle's rights): the stay's fee now less its fee now with the validation (free minutes:
+  as if it had begun that much later; an amount: off the fee, never below 0). From then on it
+  takes off that cost and never more (nor more than the fee), wherever the stay is priced (the
+  exit, the QR code, the booth, the quote, the receipt): the budget pays once, when it is
+  given, for what the driver gets. A validation that takes nothing off now (a fee of 0, a pass)
+  is refused (409 `not_validatable`): it would be a free one. One the budget cannot pay for
+  is refused (409 `budget_exhausted`) and changes nothing.
 """
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime
 
 import asyncpg
 
 from billing import audit, fees
+from billing.rights import Validation as Terms
 from parking.auth.principal import Principal
 from parking.errors import AppError, NotFound
+from parking.lanes import repository as lanes_repo
 from parking.merchants import repository as repo
 from parking.merchants.schemas import (
     Merchant,
@@ -101,19 +107,20 @@ async def me(conn: asyncpg.Connection, principal: Principal) -> Merchant:
     return await _merchant(conn, operator_id, merchant_id)
 
 
-def _cost(versions: fees.TariffVersions, stay: asyncpg.Record, request: NewValidation) -> int:
-    if request.amount_fen is not None:
-        return request.amount_fen
-    assert request.free_minutes is not None
-    entered = stay["entered_at"]
+async def _cost(conn: asyncpg.Connection, stay: asyncpg.Record, request: NewValidation) -> int:
+    """What the validation takes off the stay's fee now, priced as the exit prices it (under
+    the vehicle's rights as the exit reads them): its cost to the merchant's budget."""
+    terms = await lanes_repo.stay_terms(conn, stay["id"])
     priced = fees.stay_fee(
-        versions,
-        entered_at=entered,
-        at=entered + timedelta(minutes=request.free_minutes),
+        await fees.tariff_versions(conn, stay["car_park_id"]),
+        entered_at=stay["entered_at"],
+        at=max(datetime.now(UTC), stay["entered_at"]),
         plate_color=stay["plate_color"],
         fixed_fee_fen=None,
+        rights=terms.rights,
+        validation=Terms(0, request.free_minutes, request.amount_fen),
     )
-    return priced.fee_fen if priced else 0
+    return priced.validation_fen if priced else 0
 
 
 async def validate(
@@ -133,7 +140,7 @@ async def validate(
         raise NotFound("stay")
     if stay["fixed_fee_fen"] is not None:
         raise AppError(409, "not_validatable", "a stay without an entry record has a fixed fee")
-    cost = _cost(await fees.tariff_versions(conn, stay["car_park_id"]), stay, request)
+    cost = await _cost(conn, stay, request)
     created = await repo.insert_validation(
         conn,
         merchant_id=merchant_id,
@@ -155,6 +162,14 @@ async def validate(
         if not same:
             raise AppError(409, "already_validated", "this stay has been validated already")
         return _validation(found), False
+    # Both refusals raise after the insert: the request's transaction rolls it back.
+    if cost == 0:
+        raise AppError(
+            409,
+            "not_validatable",
+            "the validation takes nothing off the stay's fee now",
+            details={"cost_fen": 0},
+        )
     if not await repo.spend(conn, merchant_id, cost):
         raise AppError(
             409,
