@@ -118,7 +118,7 @@ async def _simulated(
     at = datetime.now(UTC)
     async with runtime.pool.acquire() as conn, conn.transaction():
         parked, left = await repo.cars_here(
-            conn, lot.id, at - timedelta(seconds=settings.duplicate_read_window_s)
+            conn, lot.id, at - timedelta(seconds=settings.duplicate_read_window_s), at
         )
         stays = {i: await repo.open_session_for_update(conn, lot.id, *i) for i in parked}
         versions = await fees.tariff_versions(conn, lot.id)
