@@ -59,7 +59,15 @@ async def assign_right(
 
 
 async def activate(conn: asyncpg.Connection, payment_id: int, provider: str, now: datetime) -> None:
-    """Books a paid pass purchase once (the payment is booked once: `payments.mark_paid`)."""
+    """Books a paid pass purchase once (the payment is booked once: `payments.mark_paid`).
+    Purchases of one offer are booked one at a time (its row locked first, in a statement of
+    its own so that the next one reads the pass this one made): two for one vehicle paid at
+    once run one after the other, never side by side for the same days."""
+    await conn.execute(
+        """SELECT 1 FROM pass_offers o JOIN pass_purchases p ON p.offer_id = o.id
+           WHERE p.payment_id = $1 FOR UPDATE OF o""",
+        payment_id,
+    )
     purchase = await conn.fetchrow(
         """SELECT p.id, p.offer_id, p.account_id, p.plate, p.color, p.amount_fen, o.spec_id,
                   o.operator_id, o.period_days, o.name,

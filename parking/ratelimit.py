@@ -2,6 +2,7 @@
 keeps trying without ever shutting anyone out for long. Losing Redis resets them, which only
 makes the limits briefly lenient: nothing that matters depends on them being exact."""
 
+import ipaddress
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -159,5 +160,13 @@ class Budget:
 
 
 def client_address(request: Request) -> str:
-    """What per-client limits are counted by."""
-    return request.client.host if request.client else "unknown"
+    """What per-client limits are counted by: the address, or for IPv6 its /64, which one
+    subscriber holds whole (a client walking its own prefix is still one client)."""
+    host = request.client.host if request.client else "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return host

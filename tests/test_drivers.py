@@ -35,6 +35,7 @@ from tests.conftest import (
     unique_plate,
 )
 from tests.gates import GateProbe
+from tests.test_evidence import exit_with_frames, receipt_token_of
 
 Headers = dict[str, str]
 
@@ -943,3 +944,27 @@ async def test_a_message_queued_while_the_account_is_being_deleted_is_not_left_b
             driver.account_id,
         )
     assert (queued, written) == (None, 0)
+
+
+async def test_a_deleted_accounts_messages_keep_no_plate_or_receipt_link_in_their_fields(
+    runtime: Runtime, gate: GateProbe, lot: Lot, app: FastAPI, api: httpx.AsyncClient
+) -> None:
+    """Deleting the account erases its messages' texts (they name plates and places). The
+    charge message also keeps its SMS template's fields (`notifications.params`): the plate in
+    clear, the car park, the time and the receipt link. They must go with the text."""
+    driver = await make_driver(runtime, unique_plate())
+    await exit_with_frames(runtime, gate, lot, driver.plate, timedelta(minutes=40))
+    token = await receipt_token_of(runtime, driver)  # the charge was collected and told
+    deleted = await api.delete("/api/v1/me", headers=bearer(driver_token(app, driver.account_id)))
+    assert deleted.status_code == 204, deleted.text
+    async with runtime.pool.acquire() as conn:
+        kept = await conn.fetch(
+            "SELECT kind, body, params::text AS params FROM notifications WHERE account_id = $1",
+            driver.account_id,
+        )
+    assert kept and all(row["body"] == "" for row in kept)
+    leftovers = [row["params"] for row in kept if row["params"] not in (None, "null", "{}")]
+    for params in leftovers:
+        assert driver.plate not in params, params
+        assert token not in params, params
+    assert leftovers == [], "a deleted account's messages keep none of their fields"

@@ -824,3 +824,42 @@ async def test_disputes_of_someone_elses_charge_or_by_another_company_change_not
 
 async def _status_is(runtime: Runtime, stay_id: int, status: str) -> bool:
     return (await charge_of(runtime, stay_id))["status"] == status
+
+
+async def test_a_receipt_shows_no_frames_once_the_operator_found_it_was_not_the_drivers_car(
+    runtime: Runtime,
+    gate: GateProbe,
+    lot: Lot,
+    api: httpx.AsyncClient,
+    app: FastAPI,
+) -> None:
+    """ "Not my car" decided for the driver: the frames are of another vehicle (someone else's
+    car and stay). The driver (or whoever the link was forwarded to) keeps seeing that car's
+    entry and exit photos through the receipt link and the app for as long as they are kept.
+    Once decided `driver_right`, the stay's frames are no longer served to the driver's side
+    (receipt frame links and /api/v1/me/stays/{id}/frames 404); before, they were."""
+    driver = await make_driver(runtime, unique_plate())
+    stay_id = await exit_with_frames(runtime, gate, lot, driver.plate, timedelta(minutes=100))
+    token = await receipt_token_of(runtime, driver)
+    me = bearer(driver_token(app, driver.account_id))
+    opened = await api.post(f"/api/v1/me/stays/{stay_id}/dispute", headers=me)
+    assert opened.status_code == 200, opened.text
+    admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+    decided = await api.post(
+        f"/api/v1/operator/disputes/{opened.json()['id']}/decision",
+        json={"outcome": "driver_right", "note": "another car on both frames"},
+        headers=admin,
+    )
+    assert decided.status_code == 200, decided.text
+    assert (await charge_of(runtime, stay_id))["status"] == "succeeded"  # refunded, as designed
+
+    receipt = (await api.get(f"/api/v1/receipts/{token}")).json()
+    served = []
+    for which, url in receipt["frames"].items():
+        if url is not None and (await api.get(url)).status_code == 200:
+            served.append(f"receipt:{which}")
+    for which in ("entry", "exit"):
+        got = await api.get(f"/api/v1/me/stays/{stay_id}/frames/{which}", headers=me)
+        if got.status_code == 200:
+            served.append(f"app:{which}")
+    assert served == [], f"another car's frames still served to the driver: {served}"

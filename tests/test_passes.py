@@ -3,13 +3,14 @@ recognised over the period (balanced, integer fen, once), the pass's right lets 
 free, a renewal starts where the current pass ends, and the driver is reminded once before it
 ends."""
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 from fastapi import FastAPI
 
-from billing import ledger, passes
+from billing import ledger, passes, payments
 from parking.runtime import ProviderEndpoint, Runtime
 from tests.conftest import (
     Lot,
@@ -193,3 +194,59 @@ async def test_a_deleted_account_gets_no_new_message_naming_its_plate(
             driver.account_id,
         )
     assert written == []
+
+
+async def test_two_passes_of_one_offer_paid_at_once_do_not_overlap(
+    runtime: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    provider: ProviderEndpoint,
+    lot: Lot,
+) -> None:
+    """A driver taps "buy" twice and pays both (the second payment is a renewal: it starts where
+    the first pass ends, `billing.passes.activate`). When the two payments are booked at the
+    same time (two notifications, or a notification and the worker's order query), each
+    booking reads the vehicle's current pass before the other commits: both start now, the
+    driver paid twice for one period. Now the second pass starts where the first ends,
+    however the bookings interleave (the offer's purchases are booked one at a time)."""
+    offer_id, _ = await _offer(runtime, app, api, lot, price_fen=20_000)
+    driver = await make_driver(runtime, unique_plate())
+    me = bearer(driver_token(app, driver.account_id))
+    trade_nos = []
+    for _ in range(2):
+        bought = await api.post(
+            "/api/v1/me/passes", json={"offer_id": offer_id, "plate": driver.plate}, headers=me
+        )
+        assert bought.status_code == 201, bought.text
+        trade_nos.append(httpx.URL(bought.json()["pay_url"]).path.rsplit("/", 1)[-1])
+
+    first = await runtime.pool.acquire()
+    second = await runtime.pool.acquire()
+    try:
+        t1 = first.transaction()
+        await t1.start()
+        await payments.mark_paid(first, trade_nos[0], "ref-1", datetime.now(UTC))
+        t2 = second.transaction()
+        await t2.start()
+        booking = asyncio.create_task(
+            payments.mark_paid(second, trade_nos[1], "ref-2", datetime.now(UTC))
+        )
+        await asyncio.sleep(0.3)  # the second booking runs (or waits for a lock) meanwhile
+        await t1.commit()
+        await booking
+        await t2.commit()
+    finally:
+        await runtime.pool.release(first)
+        await runtime.pool.release(second)
+
+    async with runtime.pool.acquire() as conn:
+        periods = await conn.fetch(
+            """SELECT starts_at, ends_at FROM pass_purchases
+               WHERE account_id = $1 AND right_id IS NOT NULL ORDER BY starts_at, id""",
+            driver.account_id,
+        )
+    assert len(periods) == 2
+    assert periods[1]["starts_at"] >= periods[0]["ends_at"], (
+        "two paid passes of one offer for one vehicle cover the same days: "
+        f"{[(p['starts_at'], p['ends_at']) for p in periods]}"
+    )

@@ -3,6 +3,7 @@
 gate's QR code, and debts settled in the app."""
 
 import asyncio
+import ipaddress
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from fastapi import FastAPI
 
 from billing import agreements, ledger, payments, signing
 from gate_controller.protocol import Capture
@@ -727,3 +729,28 @@ async def test_a_debt_settled_at_the_gate_is_no_longer_offered_in_the_app(
             "SELECT count(*) FROM refunds WHERE account_id = $1", driver.account_id
         )
     assert (status, refunds) == ("closed", 0)
+
+
+async def test_the_quote_limit_is_not_escaped_by_walking_ones_own_ipv6_prefix(
+    runtime: Runtime, app: FastAPI, gate: GateProbe, lot: Lot
+) -> None:
+    """The quote says whether and for how long a plate is parked here, so it is rate-limited
+    per client "so that it must not serve as a way to find cars". The client is the peer's
+    full address: any IPv6 host holds a /64 (2^64 addresses) and sends each request from a
+    new one, so the limit never applied. An IPv6 client is now counted by its /64 prefix,
+    for every per-client limit."""
+    plate = unique_plate()
+    await make_driver(runtime, plate)
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=30))
+    limit = runtime.settings.quotes_per_minute_per_client
+    prefix = ipaddress.IPv6Network("2001:db8:18:18::/64")
+    statuses = []
+    for n in range(1, limit + 6):
+        transport = httpx.ASGITransport(app=app, client=(str(prefix[n]), 40000 + n))
+        async with httpx.AsyncClient(transport=transport, base_url="http://parking.test") as c:
+            answer = await c.get(f"/api/v1/car-parks/{lot.code}/quote", params={"plate": plate})
+        statuses.append(answer.status_code)
+    assert statuses[0] == 200, statuses
+    assert 429 in statuses, (
+        f"{len(statuses)} quotes of one plate from one /64 network, none refused"
+    )

@@ -53,6 +53,27 @@ log = get_logger(__name__)
 _AWAITING = ("awaiting_verification", "awaiting_confirmation")
 
 
+async def frames_withheld(conn: asyncpg.Connection, stay_id: int) -> bool:
+    """Whether the driver's side no longer shows the stay's frames: an operator found its car
+    was not the driver's (`driver_right`), so they show another person's car. The driver's
+    receipt and app answer as if none were kept; operators keep them to find the real car."""
+    dispute = await repo.dispute_of_stay(conn, stay_id)
+    return dispute is not None and dispute["status"] == "driver_right"
+
+
+async def frame_for_driver(
+    conn: asyncpg.Connection, stay_id: int, capture_id: UUID | None
+) -> bytes:
+    """A frame of the stay as its driver sees it (receipt or app): 404 when none is kept or
+    it is withheld (`frames_withheld`)."""
+    if capture_id is None or await frames_withheld(conn, stay_id):
+        raise NotFound("frame")
+    image = await repo.frame(conn, capture_id)
+    if image is None:
+        raise NotFound("frame")
+    return image
+
+
 def view(row: asyncpg.Record) -> DisputeView:
     return DisputeView(
         id=row["id"],

@@ -423,9 +423,10 @@ async def withdraw_disputes(conn: asyncpg.Connection, account_id: int) -> None:
 
 
 async def erase_notifications(conn: asyncpg.Connection, account_id: int) -> None:
-    """Message texts name plates and places; those not yet sent are not sent any more."""
+    """Message texts, and the fields kept for an SMS template beside them, name plates, places
+    and receipt links; those not yet sent are not sent any more."""
     await conn.execute(
-        """UPDATE notifications SET body = '',
+        """UPDATE notifications SET body = '', params = NULL,
                   status = CASE WHEN status = 'pending' THEN 'failed' ELSE status END
            WHERE account_id = $1""",
         account_id,

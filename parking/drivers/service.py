@@ -428,10 +428,7 @@ async def stay_frame(conn: asyncpg.Connection, account_id: int, stay_id: int, wh
     if row is None:
         raise NotFound("stay")
     capture_id = row["entry_capture_id"] if which == "entry" else row["exit_capture_id"]
-    image = await disputes_repo.frame(conn, capture_id) if capture_id is not None else None
-    if image is None:
-        raise NotFound("frame")
-    return image
+    return await disputes_service.frame_for_driver(conn, stay_id, capture_id)
 
 
 async def debts(conn: asyncpg.Connection, account_id: int) -> Debts:

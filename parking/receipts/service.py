@@ -69,8 +69,10 @@ async def receipt(conn: asyncpg.Connection, token: str, signer: FrameSigner | No
         )
     }
 
+    withheld = await disputes.frames_withheld(conn, row["stay_id"])
+
     def url(which: Which, capture_id: object) -> str | None:
-        if signer is None or not captures.get(capture_id):
+        if signer is None or withheld or not captures.get(capture_id):
             return None
         return signer.url(token, which)
 
@@ -112,10 +114,7 @@ async def frame(
         raise AppError(410, "link_expired", "this frame link has expired: open the receipt again")
     row = await _row(conn, token)
     capture_id = row["entry_capture_id"] if which == "entry" else row["exit_capture_id"]
-    image = await disputes_repo.frame(conn, capture_id) if capture_id is not None else None
-    if image is None:
-        raise NotFound("frame")
-    return image
+    return await disputes.frame_for_driver(conn, row["stay_id"], capture_id)
 
 
 async def dispute(
