@@ -9,6 +9,7 @@ except on the APDS routes (/apds/…), which answer in APDS v4's `ResponseStatus
 from collections.abc import Mapping
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -86,6 +87,16 @@ def install_error_handlers(app: FastAPI) -> None:
             )
             message = f"{message}: {where}"
         return error_response(request, 422, "invalid_request", message, details)
+
+    @app.exception_handler(asyncpg.CharacterNotInRepertoireError)
+    @app.exception_handler(asyncpg.UntranslatableCharacterError)
+    async def _unstorable_text(request: Request, exc: asyncpg.DataError) -> JSONResponse:
+        # Text PostgreSQL cannot hold (a NUL) that a schema let through: the request's fault,
+        # and its transaction rolled back. Schemas refuse it first (parking/text.py); this
+        # keeps one they miss from being a 500.
+        return error_response(
+            request, 422, "invalid_request", "the request holds text that cannot be stored"
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

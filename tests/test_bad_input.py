@@ -5,12 +5,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import httpx
 import orjson
 import pytest
+from fastapi import FastAPI
 
 from billing import ledger
 from gate_controller.mqtt import IncomingMessage
 from gate_controller.protocol import GateAddress, Topics, encode
+from parking.errors import install_error_handlers
 from parking.gates.events import GateEventRecorder
 from parking.runtime import Runtime
 from parking.settings import Settings
@@ -261,3 +264,22 @@ async def test_a_gate_event_the_store_cannot_take_is_dead_lettered_with_a_reason
     async with runtime.pool.acquire() as conn:
         letters = await conn.fetch("SELECT reason FROM dead_letters WHERE topic = $1", topic)
     assert [r["reason"] for r in letters] == ["invalid_message"]
+
+
+async def test_text_the_database_cannot_store_is_a_request_error_wherever_a_schema_missed_it() -> (
+    None
+):
+    """Schemas refuse a NUL in stored text (parking/text.py); one a route misses is still a 422
+    in the one error shape, not a 500."""
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/stores-text")
+    async def stores_text() -> None:
+        raise asyncpg.CharacterNotInRepertoireError("invalid byte sequence for encoding UTF8")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://parking.test") as client:
+        answer = await client.get("/stores-text")
+    assert answer.status_code == 422
+    assert answer.json()["error"]["code"] == "invalid_request"

@@ -548,6 +548,37 @@ async def test_an_old_controllers_held_car_paid_after_the_new_one_took_a_car_lif
     )
 
 
+async def test_an_older_capture_uploaded_after_the_held_one_does_not_withhold_its_paid_open(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """The agent crashed with car X's capture (seq 101) stored but undecided; X was let out by
+    hand. After the restart car A is captured (seq 102) and held with its fee; the outbox
+    then sends X's capture as it was (`abandon_undecided`: live, not flagged offline), so the
+    server receives it after A's. A pays at the booth. A is first at the barrier and its
+    capture is the newest the gate took (the gate agent itself would lift for it: seq 102 is
+    its latest): the open must go out. Ordered by receipt alone, X's late upload counted as a
+    car captured after A, and A waited at a closed barrier although it paid."""
+    stale, held_plate = unique_plate(), unique_plate()
+    for plate in (stale, held_plate):  # neither is bound: an exit holds them with a fee
+        await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
+    gate._seq = 100
+    late = gate.capture("out", stale)  # seq 101, stored before the crash
+    late = late.model_copy(update={"captured_at": datetime.now(UTC) - timedelta(seconds=60)})
+    held = gate.capture("out", held_plate)  # seq 102, after the restart
+    assert (await gate.decide(lot.code, "out1", held))["action"] == "hold"
+    await gate.decide(lot.code, "out1", late)  # the abandoned capture, sent as it was
+    paid = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
+        json={"capture_id": str(held.capture_id), "method": "cash", "amount_fen": 1200},
+        headers=await _attendant(runtime, app, lot),
+    )
+    assert paid.status_code == 201, paid.text
+    assert paid.json()["gate_opened"] is True, (
+        "an older capture (lower seq, taken before) that reached the server late withheld the "
+        "open of the paid car that is first at the barrier"
+    )
+
+
 async def test_a_paid_held_car_at_a_replaced_gate_controller_gets_its_open(
     runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
 ) -> None:

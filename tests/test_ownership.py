@@ -392,3 +392,22 @@ async def test_a_claim_in_bad_form_opens_no_dispute(
             "SELECT count(*) FROM plate_disputes WHERE claimant_account_id = $1", claimant_id
         )
     assert disputes == 0
+
+
+async def test_an_ownership_decision_with_a_nul_in_its_reason_is_a_422_and_decides_nothing(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, lot: Lot
+) -> None:
+    """The city platform's decision of an ownership claim stores its reason: a NUL in it is a
+    422 in the one error shape, and the claim stays open. Before, PostgreSQL refused the text
+    and the request was a 500."""
+    _, _, _, _, _, dispute_id = await _open_dispute(api, runtime, app)
+    platform = await _platform(runtime, app)
+    decided = await api.post(
+        f"{CLAIMS}/{dispute_id}/decision",
+        json={"in_favour_of": "claimant", "reason": "核实\u0000"},
+        headers=platform,
+    )
+    assert decided.status_code == 422, decided.text
+    assert _error(decided)[0] == 422
+    detail = await api.get(f"{CLAIMS}/{dispute_id}", headers=platform)
+    assert detail.json()["status"] == "open"

@@ -5,6 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from parking.text import NO_NUL
+
 ClaimStatus = Literal["open", "upheld", "rejected", "withdrawn"]
 
 
@@ -64,4 +66,4 @@ class OwnershipClaimDetail(OwnershipClaim):
 
 class OwnershipDecision(BaseModel):
     in_favour_of: Literal["claimant", "holder"]
-    reason: str = Field(min_length=1, max_length=500)
+    reason: str = Field(min_length=1, max_length=500, pattern=NO_NUL)

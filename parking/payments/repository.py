@@ -58,15 +58,17 @@ class NewerCapture:
 
 async def newest_after(conn: asyncpg.Connection, capture_id: UUID) -> NewerCapture | None:
     """The newest live capture the same gate took after this one, None while this one is still
-    the newest: ordered by when the server received them, not by the gate's seq, which a
-    replaced controller starts again (its first car would be older than its predecessor's last
-    by seq, or the other way round). Live ones only (`captures_gate_live_received`): an offline
-    one is known to the gate itself, whose agent refuses the late open on its own."""
+    the newest: taken after it by the gate's clock and received after it, not ordered by the
+    gate's seq, which a replaced controller starts again (its first car would be older than
+    its predecessor's last by seq, or the other way round); nor by receipt alone, as a
+    capture the agent resent after a restart arrives after cars that came later. Live ones
+    only (`captures_gate_live_received`): an offline one is known to the gate itself, whose
+    agent refuses the late open on its own."""
     row = await conn.fetchrow(
         """SELECT n.capture_id, n.session_id
            FROM captures c
            JOIN captures n ON n.gate_id = c.gate_id AND NOT n.offline
-                AND n.received_at > c.received_at
+                AND n.received_at > c.received_at AND n.captured_at > c.captured_at
            WHERE c.capture_id = $1
            ORDER BY n.received_at DESC LIMIT 1""",
         capture_id,
