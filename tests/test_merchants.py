@@ -12,10 +12,11 @@ from fastapi import FastAPI
 
 from billing.tariff import Tariff
 from parking.admin import repository as admin_repo
-from parking.runtime import Runtime
+from parking.runtime import ProviderEndpoint, Runtime
 from tests.conftest import (
     Lot,
     Staff,
+    backdate_entry,
     bearer,
     create_lot,
     enter,
@@ -25,6 +26,7 @@ from tests.conftest import (
     unique_plate,
 )
 from tests.gates import GateProbe
+from tests.test_payments import _pay
 
 
 async def make_merchant(
@@ -231,3 +233,56 @@ async def test_a_merchant_can_only_validate_and_only_in_its_car_parks(
         headers=shop,
     )
     assert bad.status_code == 422
+
+
+async def _spent(api: httpx.AsyncClient, shop: dict[str, str]) -> int:
+    spent: int = (await api.get("/api/v1/merchant", headers=shop)).json()["spent_fen"]
+    return spent
+
+
+async def test_a_validation_given_while_the_gate_payment_is_pending_is_not_paid_twice(
+    runtime: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    provider: ProviderEndpoint,
+) -> None:
+    """A held visitor scans the gate's QR code: the payment asks ¥12. The merchant then
+    validates ¥6 (201, ¥6 off the budget), and the driver pays the ¥12 already asked. The
+    driver got nothing off while the budget paid ¥6. Now the validation is refused while a
+    priced payment stands (409): the budget is charged what came off the driver's bill."""
+    _, shop, _ = await make_merchant(runtime, app, api, lot, budget_fen=5000)
+    plate = unique_plate()
+    await gate.decide(lot.code, "in1", gate.capture("in", plate))
+    await backdate_entry(runtime, lot, plate, timedelta(minutes=90))
+    capture = gate.capture("out", plate)
+    held = await gate.decide(lot.code, "out1", capture)
+    assert (held["action"], held["fee_fen"]) == ("hold", 1200)
+    started = (await api.post(f"/api/v1/gate-payments/{capture.capture_id}")).json()
+    assert started["amount_fen"] == 1200
+    given = await api.post(
+        "/api/v1/merchant/validations",
+        json={"car_park": lot.code, "plate": plate, "amount_fen": 600},
+        headers=shop,
+    )
+    assert (given.status_code, given.json()["error"]["code"]) == (409, "not_validatable")
+    await _pay(provider, httpx.URL(started["pay_url"]).path.rsplit("/", 1)[-1])
+    assert (await api.get(f"/api/v1/gate-payments/{capture.capture_id}")).json()[
+        "status"
+    ] == "succeeded"
+    async with runtime.pool.acquire() as conn:
+        paid = await conn.fetchval(
+            "SELECT amount_fen FROM payments WHERE capture_id = $1 AND status = 'succeeded'",
+            capture.capture_id,
+        )
+        refunded = await conn.fetchval(
+            """SELECT COALESCE(sum(amount_fen), 0) FROM refunds
+               WHERE payment_id IN (SELECT id FROM payments WHERE capture_id = $1)""",
+            capture.capture_id,
+        )
+    taken_off = 1200 - int(paid - refunded)
+    assert await _spent(api, shop) == taken_off, (
+        f"validation answered {given.status_code}; the budget paid {await _spent(api, shop)}, "
+        f"the driver paid {paid - refunded} of 1200"
+    )

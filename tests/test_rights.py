@@ -510,3 +510,28 @@ async def test_a_right_specification_named_with_a_nul_is_refused_as_bad_input(
         )
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "invalid_request"
+
+
+async def test_a_pass_not_yet_valid_takes_no_place_at_entry(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """A vehicle with a 10 % discount and a pass "at most 1 inside" that starts tomorrow
+    enters today: it takes no place of the pass. Before, it did, and the pass's other vehicle,
+    entering once the pass had begun while this car was still inside, was a visitor."""
+    admin = await _admin(runtime, app, lot)
+    discount = await _spec(api, admin, kind="discount", discount_percent=10)
+    monthly = await _spec(api, admin, kind="free_passage")
+    plate, other = unique_plate(), unique_plate()
+    await _right(api, admin, discount, [plate])
+    tomorrow = datetime.now(UTC) + timedelta(days=1)
+    pass_ = await _right(
+        api,
+        admin,
+        monthly,
+        [plate, other],
+        valid_from=tomorrow,
+        valid_until=tomorrow + timedelta(days=30),
+        max_inside=1,
+    )
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=10))
+    assert (await _stay(runtime, lot, plate))["assigned_right_id"] != pass_["id"]

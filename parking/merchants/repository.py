@@ -76,7 +76,9 @@ async def open_stay(
     """The vehicle's open stay in a car park of the merchant's (its company's, within its
     scope), locked."""
     row: asyncpg.Record | None = await conn.fetchrow(
-        """SELECT s.id, s.car_park_id, s.entered_at, s.plate_color, s.fixed_fee_fen
+        """SELECT s.id, s.car_park_id, s.entered_at, s.plate_color, s.fixed_fee_fen,
+                  EXISTS (SELECT 1 FROM payments p
+                          WHERE p.session_id = s.id AND p.status = 'pending') AS being_paid
            FROM sessions s
            JOIN car_parks cp ON cp.id = s.car_park_id
            JOIN merchants m ON m.id = $2 AND m.operator_id = cp.operator_id

@@ -140,6 +140,10 @@ async def validate(
         raise NotFound("stay")
     if stay["fixed_fee_fen"] is not None:
         raise AppError(409, "not_validatable", "a stay without an entry record has a fixed fee")
+    if stay["being_paid"]:
+        # Its payment was priced without this validation: the driver would pay it all and the
+        # budget pay again.
+        raise AppError(409, "not_validatable", "the stay's fee is being paid at the gate")
     cost = await _cost(conn, stay, request)
     created = await repo.insert_validation(
         conn,

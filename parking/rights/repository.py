@@ -213,7 +213,8 @@ async def entry_standing(
     at: datetime,
 ) -> tuple[str | None, list[tuple[int, int | None]]]:
     """For a vehicle entering: its blacklisting reason in the company (None: not listed), and
-    its active rights here not yet expired, as (id, max_inside), by id. One round trip."""
+    its active rights here not yet expired, as (id, max_inside), by id; a capped pass only
+    once in force (one starting next week takes no place now). One round trip."""
     row = await conn.fetchrow(
         """SELECT
                (SELECT reason FROM plate_blacklist
@@ -225,6 +226,7 @@ async def entry_standing(
                 JOIN assigned_rights ar ON ar.id = rp.right_id AND ar.status = 'active'
                 JOIN right_specs sp ON sp.id = ar.spec_id
                 WHERE rp.plate = $3 AND rp.color = $4 AND ar.valid_until > $5
+                  AND (ar.max_inside IS NULL OR ar.valid_from <= $5)
                   AND ($2 = ANY (sp.car_park_ids)
                        OR (sp.car_park_ids IS NULL AND sp.operator_id = $1))) AS rights""",
         operator_id,
