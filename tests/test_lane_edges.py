@@ -4,6 +4,7 @@ offline captures sent to the booth, ghost stays and gate clocks that are wrong."
 import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -310,17 +311,10 @@ async def test_booth_cash_for_a_car_no_longer_first_at_the_barrier_books_it_and_
         capture = gate.capture("out", plate)
         assert (await gate.decide(lot.code, "out1", capture))["fee_fen"] == 1200
         held.append(capture)
-    headers = await _attendant(runtime, app, lot)
-    path = f"/api/v1/operator/car-parks/{lot.code}/booth-payments"
     answers = []
     for capture in held:
-        paid = await api.post(
-            path,
-            json={"capture_id": str(capture.capture_id), "method": "cash", "amount_fen": 1200},
-            headers=headers,
-        )
-        assert paid.status_code == 201, paid.text
-        answers.append(paid.json()["gate_opened"])
+        paid = await _booth_takes_at_gate(runtime, app, api, lot, capture.capture_id)
+        answers.append(paid["gate_opened"])
     assert answers == [False, True]
     # Published in order on the same topic: once the second car's open is here, the first's
     # would have been.
@@ -423,6 +417,20 @@ async def _booth_takes(
         headers=await _attendant(runtime, app, lot),
     )
     assert paid.status_code == 201, paid.text
+
+
+async def _booth_takes_at_gate(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, lot: Lot, capture_id: UUID
+) -> dict[str, Any]:
+    """An attendant takes a held capture's ¥12.00 in cash: the booth's answer."""
+    paid = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
+        json={"capture_id": str(capture_id), "method": "cash", "amount_fen": 1200},
+        headers=await _attendant(runtime, app, lot),
+    )
+    assert paid.status_code == 201, paid.text
+    answer: dict[str, Any] = paid.json()
+    return answer
 
 
 async def _stays_ended(runtime: Runtime, lot: Lot, plate: str) -> list[tuple[Any, ...]]:
@@ -537,13 +545,8 @@ async def test_an_old_controllers_held_car_paid_after_the_new_one_took_a_car_lif
     assert (await gate.decide(lot.code, "out1", held))["action"] == "hold"
     gate._seq = 0  # the new box
     assert (await gate.decide(lot.code, "out1", gate.capture("out", second)))["action"] == "hold"
-    paid = await api.post(
-        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
-        json={"capture_id": str(held.capture_id), "method": "cash", "amount_fen": 1200},
-        headers=await _attendant(runtime, app, lot),
-    )
-    assert paid.status_code == 201, paid.text
-    assert paid.json()["gate_opened"] is False, (
+    paid = await _booth_takes_at_gate(runtime, app, api, lot, held.capture_id)
+    assert paid["gate_opened"] is False, (
         "the old box's held car's open went to the gate after the new box captured another car"
     )
 
@@ -567,13 +570,8 @@ async def test_an_older_capture_uploaded_after_the_held_one_does_not_withhold_it
     held = gate.capture("out", held_plate)  # seq 102, after the restart
     assert (await gate.decide(lot.code, "out1", held))["action"] == "hold"
     await gate.decide(lot.code, "out1", late)  # the abandoned capture, sent as it was
-    paid = await api.post(
-        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
-        json={"capture_id": str(held.capture_id), "method": "cash", "amount_fen": 1200},
-        headers=await _attendant(runtime, app, lot),
-    )
-    assert paid.status_code == 201, paid.text
-    assert paid.json()["gate_opened"] is True, (
+    paid = await _booth_takes_at_gate(runtime, app, api, lot, held.capture_id)
+    assert paid["gate_opened"] is True, (
         "an older capture (lower seq, taken before) that reached the server late withheld the "
         "open of the paid car that is first at the barrier"
     )
@@ -597,13 +595,8 @@ async def test_a_paid_held_car_at_a_replaced_gate_controller_gets_its_open(
     await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
     held = gate.capture("out", plate)
     assert (await gate.decide(lot.code, "out1", held))["fee_fen"] == 1200
-    paid = await api.post(
-        f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
-        json={"capture_id": str(held.capture_id), "method": "cash", "amount_fen": 1200},
-        headers=await _attendant(runtime, app, lot),
-    )
-    assert paid.status_code == 201, paid.text
-    assert paid.json()["gate_opened"] is True, "the paid car is first at the barrier"
+    paid = await _booth_takes_at_gate(runtime, app, api, lot, held.capture_id)
+    assert paid["gate_opened"] is True, "the paid car is first at the barrier"
 
 
 # 5. Ghost stays.
