@@ -435,6 +435,15 @@ class GateAgent:
         except ValidationError:
             log.warning("agent.bad_command", size=len(message.payload))
             return
+        answer = self._awaiting.get(command.capture_id)
+        if (
+            answer is not None
+            and not answer.done()
+            and signed_refusal(command, self.whitelist.public_key, self.address) is None
+        ):
+            # The server's own answer to the capture just sent: its time, before its expiry is
+            # judged by it.
+            self._learn_clock(command.issued_at, self._written.get(command.capture_id))
         refusal = self._command_refusal(command, self.server_now())
         if refusal is not None:
             # Whoever can publish on the broker (a shared login, a broker without ACLs) must
@@ -442,7 +451,6 @@ class GateAgent:
             self.command_refusals[refusal] += 1
             log.warning("agent.command_refused", why=refusal, capture_id=str(command.capture_id))
             return
-        answer = self._awaiting.get(command.capture_id)
         if answer is not None and not answer.done():
             answer.set_result(command)
             return
@@ -507,13 +515,16 @@ class GateAgent:
             return 0.0
         return (self.server_now() - datetime.now(UTC)).total_seconds()
 
-    def _learn_clock(self, ack: Ack, written: float | None) -> None:
-        """Takes the server's time from a signed ack the outbox just took, when it came back
-        within `_CLOCK_ACK_MAX_ROUND_TRIP_S` of writing the payload it answers in this run.
+    def _learn_clock(self, server_time: datetime, written: float | None) -> None:
+        """Takes the server's time from a signed answer to a capture: the `received_at` of an
+        ack the outbox just took, or the `issued_at` of the command a capture awaits (the first
+        car after a start need not wait for an ack: its command comes first). Only when it came
+        back within `_CLOCK_ACK_MAX_ROUND_TRIP_S` of writing the payload it answers in this run.
 
-        The ack is verified before it gets here, so only the server's key can move the clock;
-        and since it answers a payload written moments ago, no ack of an earlier send, held up
-        or replayed, can teach an old time. Its size is not capped: the offset is the server's
+        The answer is verified before it gets here, so only the server's key can move the
+        clock; and since it answers a payload written moments ago (a command is bound to its
+        capture's id, new with the capture), no answer of an earlier send, held up or replayed,
+        can teach an old time. Its size is not capped: the offset is the server's
         own clock, on which it signs every command's expiry, so following it is consistent
         however wrong the gate's clock is (a capped offset would refuse every command again at
         exactly the gates whose clocks are worst). A large one is logged as a warning."""
@@ -521,7 +532,7 @@ class GateAgent:
         if written is None or arrived - written > _CLOCK_ACK_MAX_ROUND_TRIP_S:
             return
         before = self.clock_offset_s
-        self._server_clock = (ack.received_at.timestamp(), arrived)
+        self._server_clock = (server_time.timestamp(), arrived)
         after = self.clock_offset_s
         if abs(after - before) > _CLOCK_OFFSET_LOG_STEP_S:
             report = log.warning if abs(after) > _CLOCK_OFFSET_WARN_S else log.info
@@ -550,7 +561,7 @@ class GateAgent:
             self.ack_refusals[refusal] += 1
             log.warning("agent.ack_refused", capture_id=str(ack.capture_id), reason=refusal)
             return
-        self._learn_clock(ack, self._written.pop(ack.capture_id, None))
+        self._learn_clock(ack.received_at, self._written.pop(ack.capture_id, None))
         if ack.rejected:
             log.warning("agent.capture_rejected", capture_id=str(ack.capture_id), why=ack.rejected)
         # The server answers again: captures waiting out their backoff go now.

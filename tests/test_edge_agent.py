@@ -1239,7 +1239,7 @@ class _MinuteFast(datetime):
         return datetime.now(tz) + timedelta(seconds=60)
 
 
-async def test_a_gate_clock_a_minute_fast_follows_a_fresh_open_once_an_ack_gave_it_the_servers_time(
+async def test_a_gate_clock_a_minute_fast_follows_the_servers_fresh_open(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Review 16 #3. The server takes gate clocks up to `gate_clock_tolerance_s` (300 s)
@@ -1247,8 +1247,8 @@ async def test_a_gate_clock_a_minute_fast_follows_a_fresh_open_once_an_ack_gave_
     gate clock 60 s fast refused every command the server signed the moment it was sent
     ("expired"): every car waited `offline_after_s` and was decided offline, and a driver who
     paid by QR at the barrier stayed at a closed barrier. The gate now judges expiry by the
-    server's time, learned from the signed ack of a capture it has just sent. Before any ack
-    (just started) it only has its own clock, as before; the replay guards still hold."""
+    server's time, learned from its signed answers to a capture it has just sent: the very
+    first car's command (its `issued_at`), then each ack. The replay guards still hold."""
     monkeypatch.setattr(agent_module, "datetime", _MinuteFast)
     prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
     address = GateAddress(lot, "out1")
@@ -1259,8 +1259,9 @@ async def test_a_gate_clock_a_minute_fast_follows_a_fresh_open_once_an_ack_gave_
         await server.listen(captures)
         first = await out.agent.capture(car("out", unique_plate()))
         await server.mqtt.publish(commands, _open_command(first.capture_id, address))
-        await until(lambda: out.agent.command_refusals)
-        assert out.agent.command_refusals == {"expired": 1}, "no ack yet: the gate's own clock"
+        await until(lambda: out.relay.openings)
+        assert out.reasons() == ["server"], dict(out.agent.command_refusals)
+        assert out.agent.clock_offset_s == pytest.approx(-60, abs=2)
         (sent,) = await until(lambda: [m.payload for m in server.messages])
         await server.mqtt.publish(
             topics.topic(address, "ack"), _signed_ack(sent, address, datetime.now(UTC))
@@ -1270,8 +1271,8 @@ async def test_a_gate_clock_a_minute_fast_follows_a_fresh_open_once_an_ack_gave_
 
         second = await out.agent.capture(car("out", unique_plate()))
         await server.mqtt.publish(commands, _open_command(second.capture_id, address))
-        await until(lambda: out.relay.openings)
-        assert out.reasons() == ["server"], dict(out.agent.command_refusals)
+        await until(lambda: len(out.relay.openings) == 2)
+        assert out.reasons() == ["server", "server"], dict(out.agent.command_refusals)
         # An operator's open of no capture of ours, delivered twice, lifts once; a command
         # expired by the server's clock (still "fresh" by the fast gate's) lifts nothing.
         remote = _open_command(uuid.uuid4(), address, display=("远程",))
@@ -1281,8 +1282,8 @@ async def test_a_gate_clock_a_minute_fast_follows_a_fresh_open_once_an_ack_gave_
         await server.mqtt.publish(commands, stale)
         await server.mqtt.publish(commands, _open_command(uuid.uuid4(), address, display=("标",)))
         await until(lambda: out.display.current == ["标"])
-        assert out.reasons() == ["server", "remote", "remote"]
-        assert out.agent.command_refusals == {"expired": 2}
+        assert out.reasons() == ["server", "server", "remote", "remote"]
+        assert out.agent.command_refusals == {"expired": 1}
 
 
 async def test_only_a_signed_ack_that_came_back_at_once_tells_the_gate_the_servers_time(
