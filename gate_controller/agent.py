@@ -469,14 +469,15 @@ class GateAgent:
             # Not one of this gate's captures: an operator opening the gate for nobody in
             # particular. QoS 1 may deliver it twice.
             # Kept on disk until it expires: a signed open captured off the wire and published
-            # again after a restart would otherwise lift the barrier again. The key is pruned by
-            # the gate's own clock: kept until the open expired by both clocks, and some more.
+            # again after a restart would otherwise lift the barrier again. The key is kept
+            # until the open expired by both clocks, and some more, and forgotten only once both
+            # say so: a step of the gate's wall clock forgets none early.
             expires_at = command.expires_at.timestamp()
             if not self.store.use_once(
                 "remote_open",
                 str(command.capture_id),
                 max(expires_at, expires_at - self.clock_offset_s) + _REMOTE_OPEN_KEEP_EXTRA_S,
-                time.time(),
+                min(time.time(), self.server_now().timestamp()),
             ):
                 return
             await self._lift(command.capture_id, "remote")

@@ -222,9 +222,10 @@ class Outbox:
 
     def use_once(self, kind: UsedOnceKind, key: str, expires_at: float, now: float) -> bool:
         """True the first time `key` is used before it expires, False for a replay; expired
-        keys are forgotten."""
+        keys of its kind are forgotten (each kind's `now` is by the clock its keys are kept
+        by)."""
         with self._db:
-            self._db.execute("DELETE FROM used_once WHERE expires_at < ?", (now,))
+            self._db.execute("DELETE FROM used_once WHERE kind = ? AND expires_at < ?", (kind, now))
             cursor = self._db.execute(
                 "INSERT OR IGNORE INTO used_once (kind, key, expires_at) VALUES (?, ?, ?)",
                 (kind, key, expires_at),

@@ -1096,7 +1096,8 @@ async def test_a_camera_report_replayed_to_a_restarted_agent_is_refused(tmp_path
 
 def test_the_outbox_keeps_a_used_signature_until_it_expires(tmp_path: Path) -> None:
     """Within its time a key is used once, also through a reopened store; past it the row goes
-    (the message's own time check refuses it then), so the table stays small."""
+    (the message's own time check refuses it then), so the table stays small. Each kind's keys
+    go by its own clock: a camera report's `now` forgets no remote open's key."""
     outbox = Outbox(tmp_path / "outbox.sqlite3")
     assert outbox.use_once("camera_signature", "abc", expires_at=100.0, now=50.0)
     assert outbox.use_once("remote_open", "abc", expires_at=100.0, now=50.0)
@@ -1104,9 +1105,11 @@ def test_the_outbox_keeps_a_used_signature_until_it_expires(tmp_path: Path) -> N
     outbox = Outbox(tmp_path / "outbox.sqlite3")
     assert not outbox.use_once("camera_signature", "abc", expires_at=100.0, now=99.0)
     assert outbox.use_once("camera_signature", "def", expires_at=300.0, now=101.0)
+    assert not outbox.use_once("remote_open", "abc", expires_at=100.0, now=99.0)
+    assert outbox.use_once("remote_open", "ghi", expires_at=300.0, now=101.0)
     kept = outbox._db.execute("SELECT kind, key FROM used_once ORDER BY kind, key").fetchall()
     outbox.close()
-    assert kept == [("camera_signature", "def")]
+    assert kept == [("camera_signature", "def"), ("remote_open", "ghi")]
 
 
 async def test_an_unsigned_oversized_camera_body_is_refused_before_it_is_read(
@@ -1284,6 +1287,62 @@ async def test_a_gate_clock_a_minute_fast_follows_the_servers_fresh_open(
         await until(lambda: out.display.current == ["标"])
         assert out.reasons() == ["server", "server", "remote", "remote"]
         assert out.agent.command_refusals == {"expired": 1}
+
+
+class _SteppedClock:
+    """The agent's `time` module after its wall clock was stepped an hour forward (a bad NTP
+    answer, an RTC reset): time.time() jumps, the monotonic clock does not."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def time() -> float:
+        return time.time() + 3600
+
+
+class _HourFast(datetime):
+    @classmethod
+    def now(cls, tz: Any = None) -> "datetime":  # type: ignore[override]
+        return datetime.now(tz) + timedelta(hours=1)
+
+
+async def test_a_remote_open_replayed_after_the_gate_clock_stepped_forward_lifts_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate learnt the server's time from a signed ack (offset 0) and follows an operator's
+    remote open. Its wall clock is then stepped an hour forward. The open, captured off the wire
+    and published again within its 30 s, is still fresh by the server's time as reckoned (the
+    monotonic clock); its replay key is too, forgotten only once both clocks say it expired.
+    Before, the key was forgotten by the stepped wall clock, and the replay lifted again."""
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    address = GateAddress(lot, "out1")
+    topics = Topics(prefix)
+    commands = topics.topic(address, "command")
+    config = _config(tmp_path, lot, "out1", prefix, offline_after_s=5.0)
+    async with Listener() as server, lane(config) as out:
+        await server.listen(topics.topic(address, "capture"))
+        await out.agent.capture(car("out", unique_plate()))
+        (sent,) = await until(lambda: [m.payload for m in server.messages])
+        await server.mqtt.publish(
+            topics.topic(address, "ack"), _signed_ack(sent, address, datetime.now(UTC))
+        )
+        await until(lambda: out.agent.store.length() == 0)
+        assert out.agent.clock_offset_s == pytest.approx(0, abs=2)
+
+        remote = _open_command(uuid.uuid4(), address, display=("远程",))
+        await server.mqtt.publish(commands, remote)
+        await until(lambda: out.relay.openings)
+        assert out.reasons() == ["remote"]
+
+        monkeypatch.setattr(agent_module, "time", _SteppedClock())
+        monkeypatch.setattr(agent_module, "datetime", _HourFast)
+        await server.mqtt.publish(commands, remote)  # the replay
+        await server.mqtt.publish(commands, _open_command(uuid.uuid4(), address, display=("标",)))
+        await until(lambda: out.display.current == ["标"])
+        assert out.reasons() == ["remote", "remote"], (
+            "the replayed remote open lifted the barrier again after the gate's clock stepped"
+        )
 
 
 async def test_only_a_signed_ack_that_came_back_at_once_tells_the_gate_the_servers_time(
