@@ -1234,12 +1234,15 @@ def _signed_ack(
     return encode(sign_command(ack, address, key))
 
 
-class _MinuteFast(datetime):
-    """The gate's wall clock, a minute fast."""
+def _fast_clock(by: timedelta) -> type[datetime]:
+    """The agent's `datetime` with the gate's wall clock `by` fast."""
 
-    @classmethod
-    def now(cls, tz: Any = None) -> "datetime":  # type: ignore[override]
-        return datetime.now(tz) + timedelta(seconds=60)
+    class Fast(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> "datetime":  # type: ignore[override]
+            return datetime.now(tz) + by
+
+    return Fast
 
 
 async def test_a_gate_clock_a_minute_fast_follows_the_servers_fresh_open(
@@ -1252,7 +1255,7 @@ async def test_a_gate_clock_a_minute_fast_follows_the_servers_fresh_open(
     paid by QR at the barrier stayed at a closed barrier. The gate now judges expiry by the
     server's time, learned from its signed answers to a capture it has just sent: the very
     first car's command (its `issued_at`), then each ack. The replay guards still hold."""
-    monkeypatch.setattr(agent_module, "datetime", _MinuteFast)
+    monkeypatch.setattr(agent_module, "datetime", _fast_clock(timedelta(minutes=1)))
     prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
     address = GateAddress(lot, "out1")
     topics = Topics(prefix)
@@ -1301,12 +1304,6 @@ class _SteppedClock:
         return time.time() + 3600
 
 
-class _HourFast(datetime):
-    @classmethod
-    def now(cls, tz: Any = None) -> "datetime":  # type: ignore[override]
-        return datetime.now(tz) + timedelta(hours=1)
-
-
 async def test_a_remote_open_replayed_after_the_gate_clock_stepped_forward_lifts_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1336,7 +1333,7 @@ async def test_a_remote_open_replayed_after_the_gate_clock_stepped_forward_lifts
         assert out.reasons() == ["remote"]
 
         monkeypatch.setattr(agent_module, "time", _SteppedClock())
-        monkeypatch.setattr(agent_module, "datetime", _HourFast)
+        monkeypatch.setattr(agent_module, "datetime", _fast_clock(timedelta(hours=1)))
         await server.mqtt.publish(commands, remote)  # the replay
         await server.mqtt.publish(commands, _open_command(uuid.uuid4(), address, display=("标",)))
         await until(lambda: out.display.current == ["标"])
