@@ -90,7 +90,7 @@ from gate_controller.protocol import (
 )
 from gate_controller.whitelist import (
     OfflineWhitelist,
-    command_refusal,
+    expiry_refusal,
     load_public_key,
     signed_refusal,
 )
@@ -436,15 +436,13 @@ class GateAgent:
             log.warning("agent.bad_command", size=len(message.payload))
             return
         answer = self._awaiting.get(command.capture_id)
-        if (
-            answer is not None
-            and not answer.done()
-            and signed_refusal(command, self.whitelist.public_key, self.address) is None
-        ):
-            # The server's own answer to the capture just sent: its time, before its expiry is
-            # judged by it.
-            self._learn_clock(command.issued_at, self._written.get(command.capture_id))
-        refusal = self._command_refusal(command, self.server_now())
+        refusal = signed_refusal(command, self.whitelist.public_key, self.address)
+        if refusal is None:
+            if answer is not None and not answer.done():
+                # The server's own answer to the capture just sent: its time, before its
+                # expiry is judged by it.
+                self._learn_clock(command.issued_at, self._written.get(command.capture_id))
+            refusal = expiry_refusal(command, self.server_now())
         if refusal is not None:
             # Whoever can publish on the broker (a shared login, a broker without ACLs) must
             # not be able to lift the barrier: only the server's key can.
@@ -494,11 +492,6 @@ class GateAgent:
             return
         if await self._open(command.capture_id, "server_late"):
             await self.display.show(command.display)
-
-    def _command_refusal(self, command: Command, now: datetime) -> str | None:
-        """Why the gate must not act on `command`, or None when the server signed it for this
-        gate and it has not expired (`now`: the server's time, `server_now`)."""
-        return command_refusal(command, self.whitelist.public_key, self.address, now)
 
     def server_now(self) -> datetime:
         """The server's time as best the gate knows it: the latest teaching ack's `received_at`

@@ -26,9 +26,12 @@ def command_refusal(
     server's time as the gate knows it (`GateAgent.server_now`: its expiry is on the server's
     clock, not the gate's). The reasons: unsigned, bad_signature, other_gate, expired."""
     refusal = signed_refusal(command, key, address)
-    if refusal is None and command.expires_at <= now:
-        return "expired"
-    return refusal
+    return refusal if refusal is not None else expiry_refusal(command, now)
+
+
+def expiry_refusal(command: Command, now: datetime) -> str | None:
+    """ "expired" when `command` is no longer in force at `now` (the server's time)."""
+    return "expired" if command.expires_at <= now else None
 
 
 def signed_refusal(
