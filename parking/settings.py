@@ -230,6 +230,15 @@ class Settings(BaseSettings):
     login_code_backoff_max_s: float = Field(default=900.0, gt=0)
     login_code_phone_backoff_max_s: float = Field(default=300.0, gt=0)
     login_codes_per_hour_per_client: int = 30
+    # Wrong guesses at a phone's codes, over all its codes and addresses: this many in a row,
+    # then each further guess waits twice as long as the one before, from login_code_backoff_s
+    # up to login_code_guess_backoff_max_s. Each code allows login_code_max_attempts, and the
+    # phone gets a code every five minutes whoever asks, so without this a botnet guessed 1,440
+    # times a day at a six-digit code (one phone in 700 a day); now about 60. Its owner, whose
+    # right code is refused while a wait lasts, waits at most this long. Forgotten a day after
+    # the last guess, or at the phone's next sign-in.
+    login_code_guesses_free: int = Field(default=10, ge=1)
+    login_code_guess_backoff_max_s: float = Field(default=1800.0, gt=0)
     # Public fee quotes one client may ask for per minute.
     quotes_per_minute_per_client: int = 60
     # Provider notifications that fail verification (forged, junk) one client may send per

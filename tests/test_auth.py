@@ -123,6 +123,46 @@ async def test_an_attacker_guessing_codes_for_a_phone_cannot_burn_its_owners_cod
     assert app.state.signer.decode(signed_in.json()["access_token"]).role == "driver"
 
 
+async def test_wrong_guesses_over_all_of_a_phones_codes_slow_down_until_its_owner_signs_in(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime
+) -> None:
+    """A code allows a few wrong guesses, but codes can be asked for one after another: a
+    phone's wrong guesses over all its codes (PARKING_LOGIN_CODE_GUESSES_FREE) are followed by
+    waits that double up to PARKING_LOGIN_CODE_GUESS_BACKOFF_MAX_S, a refused guess counting
+    nothing; the owner's right code gets in once the wait is over, and forgets them."""
+    settings = runtime.settings
+    phone = _phone()
+    guesses: list[httpx.Response] = []
+    while len(guesses) < settings.login_code_guesses_free:
+        await _waits_pass(runtime)  # the phone's code requests are not what is measured
+        sent = await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
+        assert sent.status_code == 202, sent.text
+        wrong = f"{(int(app.state.sms.last_code(phone)) + 1) % 10**6:06d}"
+        for _ in range(settings.login_code_max_attempts - 1):
+            if len(guesses) < settings.login_code_guesses_free:
+                grant = _code_grant(phone, wrong, _challenge(sent))
+                guesses.append(await api.post("/api/v1/auth/token", json=grant))
+    assert {g.json()["error"]["code"] for g in guesses} == {"invalid_code"}
+    counted = await _attempts(runtime, phone)
+    owners_code = app.state.sms.last_code(phone)
+    refused = await api.post(
+        "/api/v1/auth/token", json=_code_grant(phone, owners_code, _challenge(sent))
+    )
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert int(refused.headers["Retry-After"]) <= settings.login_code_guess_backoff_max_s
+    assert await _attempts(runtime, phone) == counted, "a refused guess counts nothing"
+    await _waits_pass(runtime)
+    signed_in = await api.post(
+        "/api/v1/auth/token", json=_code_grant(phone, owners_code, _challenge(sent))
+    )
+    assert signed_in.status_code == 200, signed_in.text
+    sent = await api.post("/api/v1/auth/sign-in-codes", json={"phone": phone})
+    wrong = f"{(int(app.state.sms.last_code(phone)) + 1) % 10**6:06d}"
+    after = await api.post("/api/v1/auth/token", json=_code_grant(phone, wrong, _challenge(sent)))
+    assert after.status_code == 401 and after.json()["error"]["code"] == "invalid_code"
+
+
 async def test_a_code_with_a_wrong_challenge_is_refused_and_changes_nothing(
     api: httpx.AsyncClient, app: FastAPI, runtime: Runtime
 ) -> None:

@@ -96,6 +96,22 @@ def _code_backoffs(runtime: Runtime, phone: str, client: str) -> list[Backoff]:
     ]
 
 
+def _guess_backoff(runtime: Runtime, phone: str) -> Backoff:
+    """Wrong guesses at any of the phone's codes, from anywhere (settings'
+    login_code_guesses_free): what bounds a botnet's guesses a day, which a code's own
+    attempts cannot once codes are asked for one after another."""
+    settings = runtime.settings
+    return Backoff(
+        f"{settings.redis_key_prefix}backoff:sign-in-guess:{digest(phone)}",
+        settings.login_code_guesses_free,
+        settings.login_code_backoff_s,
+        settings.login_code_guess_backoff_max_s,
+    )
+
+
+_GUESS_MEMORY_S = 86400
+
+
 async def request_code(
     runtime: Runtime, sms: SmsSender, signer: TokenSigner, phone: str, client: str
 ) -> CodeSent:
@@ -151,6 +167,9 @@ async def sign_in_with_code(
         elif found.attempts >= runtime.settings.login_code_max_attempts:
             failure = SignInFailed("too_many_attempts", "too many wrong codes; ask for a new one")
         else:
+            # Counted before the check, so a burst of concurrent guesses gets only the free ones
+            # compared; refused, it changes nothing (a right code takes its count back below).
+            await take(runtime.redis, [_guess_backoff(runtime, phone)], _GUESS_MEMORY_S)
             right = hmac.compare_digest(found.code_hash, _code_hash(phone, code))
             await repo.count_attempt(conn, found.id, consumed=right)
             if not right:
@@ -161,8 +180,10 @@ async def sign_in_with_code(
     if failure is not None:
         raise failure
     assert pair is not None
-    # Signed in: the phone's code requests so far were the driver's own.
-    await forgive(runtime.redis, _code_backoffs(runtime, phone, client))
+    # Signed in: the phone's code requests and guesses so far were the driver's own.
+    await forgive(
+        runtime.redis, [*_code_backoffs(runtime, phone, client), _guess_backoff(runtime, phone)]
+    )
     return pair
 
 
