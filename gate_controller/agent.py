@@ -464,8 +464,15 @@ class GateAgent:
             return
         record = self.store.record(command.capture_id)
         if record is None:
-            # Not one of this gate's captures: an operator opening the gate for nobody in
-            # particular. QoS 1 may deliver it twice.
+            if not command.remote:
+                # An answer to a capture this gate never took (or no longer keeps): one published
+                # by another broker client in this gate's name, which the server answered as
+                # any capture. Lifting would let out whoever is at the barrier.
+                log.warning(
+                    "agent.open_for_unknown_capture_ignored", capture_id=str(command.capture_id)
+                )
+                return
+            # An operator opening the gate for nobody in particular. QoS 1 may deliver it twice.
             # Kept on disk until it expires: a signed open captured off the wire and published
             # again after a restart would otherwise lift the barrier again. The key is kept
             # until the open expired by both clocks, and some more, and forgotten only once both

@@ -78,6 +78,10 @@ class Command(_Message):
     payment_qr_url: str | None = None
     issued_at: AwareDatetime
     expires_at: AwareDatetime
+    # An operator's open of the gate, for a person at it: the only open the agent acts on for a
+    # capture it has no record of. Anything else answers a capture, and an answer to one the
+    # gate never took (a capture published by another broker client) lifts nothing.
+    remote: bool = False
     # Signed commands (parking.gates.commands): the gate they are for and the server's Ed25519
     # signature (base64) over `signed_bytes()`. Optional so that older messages still parse;
     # the gate agent acts on none without a valid signature for itself that has not expired.
@@ -101,6 +105,9 @@ class Command(_Message):
             "issued_at": _utc_text(self.issued_at),
             "expires_at": _utc_text(self.expires_at),
         }
+        if self.remote:
+            # Only when set: the signatures of every other command are as before.
+            document["remote"] = True
         return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
 
 

@@ -63,6 +63,7 @@ from parking.gates.config import (
     signed,
 )
 from parking.gates.repository import WhitelistedCar
+from parking.operators.service import MANUAL_OPEN_DISPLAY
 from parking.runtime import ProviderEndpoint, Runtime, running
 from parking.settings import Settings
 from tests.conftest import (
@@ -235,9 +236,10 @@ def _open_command(
     ttl: timedelta = timedelta(seconds=30),
     display: tuple[str, ...] = ("已缴费 一路顺风",),
     key: Ed25519PrivateKey = SERVER_KEY,
+    remote: bool = False,
 ) -> bytes:
-    """An operator's or a payment's "open" for the capture, as the server sends it: signed for
-    the gate at `address`."""
+    """A payment's "open" for the capture, or with `remote` an operator's, as the server sends
+    it: signed for the gate at `address`."""
     now = datetime.now(UTC)
     command = Command(
         capture_id=capture_id,
@@ -245,6 +247,7 @@ def _open_command(
         display=list(display),
         issued_at=now,
         expires_at=now + ttl,
+        remote=remote,
     )
     return encode(sign_command(command, address, key))
 
@@ -450,7 +453,7 @@ async def test_offline_decisions_from_the_signed_whitelist_are_uploaded_when_the
                 for gate_name in ("out1", "in1"):
                     await uplink.mqtt.publish(
                         topics.topic(GateAddress(lot.code, gate_name), "command"),
-                        _open_command(remote, GateAddress(lot.code, gate_name)),
+                        _open_command(remote, GateAddress(lot.code, gate_name), remote=True),
                     )
                 await until(lambda: "remote" in out.reasons() and "remote" in into.reasons())
                 stats = lanes.lanes.stats
@@ -688,7 +691,9 @@ async def test_a_late_server_command_never_lifts_the_barrier_twice(tmp_path: Pat
     async def handled(mark: str) -> None:
         """Until the gate has handled every command published before now: it handles them in
         order, and an operator's open of no capture shows its text when handled."""
-        await server.mqtt.publish(command_topic, open_command(uuid.uuid4(), display=(mark,)))
+        await server.mqtt.publish(
+            command_topic, open_command(uuid.uuid4(), display=(mark,), remote=True)
+        )
         await until(lambda: out.display.current == [mark])
 
     async with Listener() as server, lane(_config(tmp_path, lot, "out1", prefix)) as out:
@@ -713,11 +718,54 @@ async def test_a_late_server_command_never_lifts_the_barrier_twice(tmp_path: Pat
         await server.mqtt.publish(command_topic, open_command(third, ttl=timedelta(seconds=-1)))
         # An operator's open of no capture of ours lifts it once, even when delivered twice.
         remote = uuid.uuid4()
-        await server.mqtt.publish(command_topic, open_command(remote))
-        await server.mqtt.publish(command_topic, open_command(remote))
+        await server.mqtt.publish(command_topic, open_command(remote, remote=True))
+        await server.mqtt.publish(command_topic, open_command(remote, remote=True))
+        # An answer to a capture this gate never took (another broker client's, in its name)
+        # lifts nothing, though the server signed it.
+        await server.mqtt.publish(command_topic, open_command(uuid.uuid4()))
         await handled("标记二")
         # The slow server's, the first mark's, the operator's (once), the second mark's.
         assert out.reasons() == ["server_late", "remote", "remote", "remote"]
+
+
+async def test_an_open_the_server_signed_for_a_capture_published_in_the_gates_name_lifts_nothing(
+    runtime: Runtime,
+    settings: Settings,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    tmp_path: Path,
+) -> None:
+    """Review 20. A car is held at the exit (unbound, a fee to pay). Another client of the broker
+    (a shared login, no ACLs) publishes a capture in the exit's name: a fresh id, the plate of a
+    pay-later driver parked inside. The lane answers it with an "open" signed for this gate. The
+    agent took any signed open for an id it had no record of as an operator's, and the held car
+    drove out. Now only an open the server marks as an operator's (`remote`) lifts without a
+    capture of the gate's own."""
+    victim = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, victim.plate, parked_for=timedelta(hours=1))
+    held = unique_plate()
+    await enter(runtime, gate, lot, held, parked_for=timedelta(hours=1))
+    config = _config(tmp_path, lot.code, "out1", settings.mqtt_topic_prefix, offline_after_s=5.0)
+    async with lane(config) as out:
+        await out.camera.put(car("out", held))
+        await until(lambda: out.display.current and out.display.current[0] == held)
+        assert out.reasons() == []
+
+        forged = gate.capture("out", victim.plate)
+        await gate.send(lot.code, "out1", forged)
+        await gate.wait_for(forged, commands=0, acks=1)  # the lane signed an "open" for it
+        # An operator's open, for nobody in particular, after it: handled in order.
+        staff = await make_staff(runtime, lot.operator_id)
+        opened = await api.post(
+            f"/api/v1/operator/car-parks/{lot.code}/gates/out1/open",
+            headers=bearer(staff_token(app, staff)),
+            json={"reason": "driver at the intercom"},
+        )
+        assert opened.status_code == 200, opened.text
+        await until(lambda: out.display.current == [MANUAL_OPEN_DISPLAY])
+        assert out.reasons() == ["remote"], out.reasons()
 
 
 async def test_a_late_open_for_a_server_held_car_does_not_lift_the_barrier_for_the_next_car(
@@ -748,7 +796,7 @@ async def test_a_late_open_for_a_server_held_car_does_not_lift_the_barrier_for_t
         address = GateAddress(lot.code, "out1")
         topic = runtime.lanes.topics.topic(address, "command")
         await gate.mqtt.publish(topic, _open_command(first_capture, address))
-        marker = _open_command(uuid.uuid4(), address, display=("marker",))
+        marker = _open_command(uuid.uuid4(), address, display=("marker",), remote=True)
         await gate.mqtt.publish(topic, marker)
         await until(lambda: out.display.current == ["marker"])
         assert out.reasons() == ["manual", "remote"], (
@@ -1172,13 +1220,15 @@ async def test_a_gate_acts_only_on_commands_the_server_signed_for_it(tmp_path: P
         encode(held.model_copy(update={"action": "open"})),  # a signed hold made an open
         encode(sign_command(command(), GateAddress(lot, "out2"), SERVER_KEY)),
         encode(sign_command(command(), GateAddress("another-lot", "out1"), SERVER_KEY)),
-        _open_command(uuid.uuid4(), address, ttl=timedelta(seconds=-1)),
+        _open_command(uuid.uuid4(), address, ttl=timedelta(seconds=-1), remote=True),
     ]
     async with Listener() as anyone, lane(_config(tmp_path, lot, "out1", prefix)) as out:
         for payload in refused:
             await anyone.mqtt.publish(topic, payload)
         # Handled in order: once the genuine one has lifted the barrier, all were seen.
-        await anyone.mqtt.publish(topic, _open_command(uuid.uuid4(), address, display=("真",)))
+        await anyone.mqtt.publish(
+            topic, _open_command(uuid.uuid4(), address, display=("真",), remote=True)
+        )
         await until(lambda: out.display.current == ["真"])
         assert out.reasons() == ["remote"]
         assert out.agent.command_refusals == {
@@ -1198,8 +1248,8 @@ async def test_a_signed_remote_open_replayed_after_a_restart_lifts_nothing(
     prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
     address = GateAddress(lot, "out1")
     topic = Topics(prefix).topic(address, "command")
-    captured = _open_command(uuid.uuid4(), address, display=("一",))
-    marker = _open_command(uuid.uuid4(), address, display=("二",))
+    captured = _open_command(uuid.uuid4(), address, display=("一",), remote=True)
+    marker = _open_command(uuid.uuid4(), address, display=("二",), remote=True)
     config = _config(tmp_path, lot, "out1", prefix)
     async with Listener() as anyone:
         async with lane(config) as out:
@@ -1208,7 +1258,7 @@ async def test_a_signed_remote_open_replayed_after_a_restart_lifts_nothing(
             await anyone.mqtt.publish(topic, marker)
             await until(lambda: out.display.current == ["二"])
             assert out.reasons() == ["remote", "remote"]
-        marker = _open_command(uuid.uuid4(), address, display=("三",))
+        marker = _open_command(uuid.uuid4(), address, display=("三",), remote=True)
         async with lane(config) as restarted:
             await anyone.mqtt.publish(topic, captured)
             await anyone.mqtt.publish(topic, marker)
@@ -1281,12 +1331,14 @@ async def test_a_gate_clock_a_minute_fast_follows_the_servers_fresh_open(
         assert out.reasons() == ["server", "server"], dict(out.agent.command_refusals)
         # An operator's open of no capture of ours, delivered twice, lifts once; a command
         # expired by the server's clock (still "fresh" by the fast gate's) lifts nothing.
-        remote = _open_command(uuid.uuid4(), address, display=("远程",))
+        remote = _open_command(uuid.uuid4(), address, display=("远程",), remote=True)
         await server.mqtt.publish(commands, remote)
         await server.mqtt.publish(commands, remote)
-        stale = _open_command(uuid.uuid4(), address, ttl=timedelta(seconds=-1))
+        stale = _open_command(uuid.uuid4(), address, ttl=timedelta(seconds=-1), remote=True)
         await server.mqtt.publish(commands, stale)
-        await server.mqtt.publish(commands, _open_command(uuid.uuid4(), address, display=("标",)))
+        await server.mqtt.publish(
+            commands, _open_command(uuid.uuid4(), address, display=("标",), remote=True)
+        )
         await until(lambda: out.display.current == ["标"])
         assert out.reasons() == ["server", "server", "remote", "remote"]
         assert out.agent.command_refusals == {"expired": 1}
@@ -1327,7 +1379,7 @@ async def test_a_remote_open_replayed_after_the_gate_clock_stepped_forward_lifts
         await until(lambda: out.agent.store.length() == 0)
         assert out.agent.clock_offset_s == pytest.approx(0, abs=2)
 
-        remote = _open_command(uuid.uuid4(), address, display=("远程",))
+        remote = _open_command(uuid.uuid4(), address, display=("远程",), remote=True)
         await server.mqtt.publish(commands, remote)
         await until(lambda: out.relay.openings)
         assert out.reasons() == ["remote"]
@@ -1335,7 +1387,9 @@ async def test_a_remote_open_replayed_after_the_gate_clock_stepped_forward_lifts
         monkeypatch.setattr(agent_module, "time", _SteppedClock())
         monkeypatch.setattr(agent_module, "datetime", _fast_clock(timedelta(hours=1)))
         await server.mqtt.publish(commands, remote)  # the replay
-        await server.mqtt.publish(commands, _open_command(uuid.uuid4(), address, display=("标",)))
+        await server.mqtt.publish(
+            commands, _open_command(uuid.uuid4(), address, display=("标",), remote=True)
+        )
         await until(lambda: out.display.current == ["标"])
         assert out.reasons() == ["remote", "remote"], (
             "the replayed remote open lifted the barrier again after the gate's clock stepped"
@@ -1469,7 +1523,7 @@ async def test_a_capture_id_resent_on_another_gate_gets_no_command_there(
         await gate.wait_for(exit_capture, commands=1, acks=2)
         # A marker the far gate acts on, published after: once it shows, anything the lane
         # sent that gate for the resend was handled too.
-        marker = _open_command(uuid.uuid4(), far.agent.address, display=("marker",))
+        marker = _open_command(uuid.uuid4(), far.agent.address, display=("marker",), remote=True)
         await gate.mqtt.publish(runtime.lanes.topics.topic(far.agent.address, "command"), marker)
         await until(lambda: far.display.current == ["marker"])
         assert far.reasons() == ["remote"], "lifted for another gate's capture"

@@ -79,7 +79,7 @@ _CAR_GONE = frozenset({"rejected"})
 REVENUE_COLUMNS = tuple(RevenueLine.model_fields)
 _LONGEST_REPORT = timedelta(days=366)
 _DEFAULT_REPORT = timedelta(days=29)  # the last 30 days, both ends included
-_MANUAL_OPEN_DISPLAY = "人工放行"
+MANUAL_OPEN_DISPLAY = "人工放行"
 # A job not done this long after it was due, or tried this many times since its last retry, is
 # stuck: listed for a person before it is dead.
 JOB_OVERDUE = timedelta(minutes=15)
@@ -524,9 +524,10 @@ async def open_gate(
     command = Command(
         capture_id=capture_id,
         action="open",
-        display=[plate, _MANUAL_OPEN_DISPLAY] if plate else [_MANUAL_OPEN_DISPLAY],
+        display=[plate, MANUAL_OPEN_DISPLAY] if plate else [MANUAL_OPEN_DISPLAY],
         issued_at=now,
         expires_at=now + command_ttl,
+        remote=True,
     )
     if held is not None and held.action == "hold":
         # A redelivery of the held capture must not hold the car again.
