@@ -27,6 +27,7 @@ from tests.conftest import (
 )
 from tests.gates import GateProbe
 from tests.test_payments import _pay
+from tests.test_rights import _right, _spec
 
 
 async def make_merchant(
@@ -286,3 +287,112 @@ async def test_a_validation_given_while_the_gate_payment_is_pending_is_not_paid_
         f"validation answered {given.status_code}; the budget paid {await _spent(api, shop)}, "
         f"the driver paid {paid - refunded} of 1200"
     )
+
+
+async def _returned(runtime: Runtime, merchant_id: int) -> list[int]:
+    """What the audit log shows given back to the merchant's budget, in order."""
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            """SELECT detail FROM audit_log WHERE action = 'validation.returned'
+                 AND (detail->>'merchant_id')::bigint = $1 ORDER BY id""",
+            merchant_id,
+        )
+    return [int(r["detail"]["fen"]) for r in rows]
+
+
+async def test_a_right_added_after_the_validation_gives_the_budget_back_what_it_did_not_take_off(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """¥15 validated on a ¥18 stay costs ¥15. The car park then gives the vehicle a 50 % discount:
+    the fee is ¥9, and the validation takes off ¥9. Before, the budget kept paying ¥15 for
+    ¥9 the driver got; now the exit gives the ¥6 back, once, however often the exit is read."""
+    merchant, shop, admin = await make_merchant(runtime, app, api, lot, budget_fen=5000)
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=150))
+    given = await api.post(
+        "/api/v1/merchant/validations",
+        json={"car_park": lot.code, "plate": plate, "amount_fen": 1500},
+        headers=shop,
+    )
+    assert given.status_code == 201 and given.json()["cost_fen"] == 1500
+    spec_id = await _spec(api, admin, kind="discount", discount_percent=50, car_parks=[lot.code])
+    await _right(api, admin, spec_id, [plate])
+    quote = (await api.get(f"/api/v1/car-parks/{lot.code}/quote", params={"plate": plate})).json()
+    assert (quote["fee_fen"], quote["validation_fen"]) == (0, 900)
+    capture = gate.capture("out", plate)
+    command = await gate.decide(lot.code, "out1", capture)
+    assert (command["action"], command["fee_fen"]) == ("open", 0)
+    assert await _spent(api, shop) == 900
+    # The same exit read again (a redelivery, a second camera read): nothing given back twice.
+    await gate.decide(lot.code, "out1", capture)
+    await gate.decide(lot.code, "out1", gate.capture("out", plate))
+    assert await _spent(api, shop) == 900
+    assert await _returned(runtime, merchant["id"]) == [600]
+    listed = (await api.get("/api/v1/merchant/validations", headers=shop)).json()
+    assert (listed[0]["cost_fen"], listed[0]["returned_fen"]) == (1500, 600)
+
+
+async def test_a_stay_ended_at_its_hold_price_gives_the_budget_back_what_it_did_not_take_off(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """An unbound visitor held at the exit for ¥6 walks back to a shop, which an hour later
+    validates ¥12 of the ¥12 the stay costs by then (¥12 off the budget); the car then
+    tailgates out and comes back in. Its stay ends at the ¥6 the gate showed, all of it taken
+    off by the validation: the budget gets the other ¥6 back."""
+    merchant, shop, _ = await make_merchant(runtime, app, api, lot, budget_fen=5000)
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=30))
+    held = gate.capture("out", plate)
+    assert (await gate.decide(lot.code, "out1", held))["fee_fen"] == 600
+    async with runtime.pool.acquire() as conn:  # an hour passes: the hold was an hour ago
+        await conn.execute(
+            """UPDATE captures SET received_at = received_at - interval '1 hour'
+               WHERE capture_id = $1""",
+            held.capture_id,
+        )
+    await backdate_entry(runtime, lot, plate, timedelta(hours=1))
+    given = await api.post(
+        "/api/v1/merchant/validations",
+        json={"car_park": lot.code, "plate": plate, "amount_fen": 1200},
+        headers=shop,
+    )
+    assert given.status_code == 201 and given.json()["cost_fen"] == 1200
+    again = await gate.decide(lot.code, "in1", gate.capture("in", plate))
+    assert again["action"] == "open"
+    async with runtime.pool.acquire() as conn:
+        stay = await conn.fetchrow(
+            "SELECT status, fee_fen FROM sessions WHERE id = $1", given.json()["session_id"]
+        )
+    assert (stay["status"], stay["fee_fen"]) == ("superseded", None)  # nothing owed
+    assert await _spent(api, shop) == 600
+    assert await _returned(runtime, merchant["id"]) == [600]
+
+
+async def test_an_operator_letting_a_held_car_out_for_less_gives_the_budget_back_too(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """¥15 of a ¥18 stay validated, the unbound visitor held for the other ¥3; a 50 % discount
+    given meanwhile makes the fee ¥9, all of it validated, and the attendant lets the car out
+    at ¥0: the ¥6 the validation did not take off goes back, as at the lane's exit."""
+    merchant, shop, admin = await make_merchant(runtime, app, api, lot, budget_fen=5000)
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=150))
+    given = await api.post(
+        "/api/v1/merchant/validations",
+        json={"car_park": lot.code, "plate": plate, "amount_fen": 1500},
+        headers=shop,
+    )
+    assert given.json()["cost_fen"] == 1500
+    held = gate.capture("out", plate)
+    assert (await gate.decide(lot.code, "out1", held))["fee_fen"] == 300
+    spec_id = await _spec(api, admin, kind="discount", discount_percent=50, car_parks=[lot.code])
+    await _right(api, admin, spec_id, [plate])
+    opened = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/gates/out1/open",
+        json={"reason": "月租折扣放行", "capture_id": str(held.capture_id)},
+        headers=admin,
+    )
+    assert opened.status_code == 200, opened.text
+    assert opened.json()["fee_fen"] == 0
+    assert await _spent(api, shop) == 900
+    assert await _returned(runtime, merchant["id"]) == [600]

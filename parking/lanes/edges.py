@@ -30,6 +30,7 @@ from parking.lanes import repository as repo
 from parking.lanes.repository import GateInfo, OpenSession
 from parking.lanes.rules import identity_color
 from parking.logging import get_logger
+from parking.merchants import service as merchants
 
 log = get_logger(__name__)
 
@@ -59,6 +60,9 @@ async def end_missed_stay(
         if hold is not None
         else None
     )
+    if priced is not None and stay.validation is not None:
+        # Ended at the hold's price: the validation is worth what it took off that.
+        await merchants.settle(conn, stay.id, priced.validation_fen, "system:lane")
     if hold is None or priced is None or priced.fee_fen == 0:
         await repo.supersede_session(conn, stay.id, at)
         return

@@ -273,9 +273,11 @@ _ACTIVE_RIGHTS = f"""(SELECT json_agg({_RIGHT_JSON})
        AND (s.car_park_id = ANY (sp.car_park_ids)
             OR (sp.car_park_ids IS NULL AND sp.operator_id
                 = (SELECT operator_id FROM car_parks WHERE id = s.car_park_id))))"""
+# What it cost: less what went back to the budget when the stay was priced lower (a stay
+# reopened since takes off no more than the budget paid for: parking.merchants.service.settle).
 _VALIDATION = """(SELECT json_build_object(
         'id', v.id, 'free_minutes', v.free_minutes, 'amount_fen', v.amount_fen,
-        'cost_fen', v.cost_fen)
+        'cost_fen', v.cost_fen - v.returned_fen)
      FROM validations v WHERE v.session_id = s.id)"""
 _RIGHTS_COLUMNS = f"""
     (SELECT bl.reason FROM plate_blacklist bl

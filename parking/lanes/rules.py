@@ -570,6 +570,8 @@ class ExitRule:
     # A charge whose reads are not both proven: it waits for the server's reader to agree
     # with the entry and exit frames (`verify_charge`) before it goes to the provider.
     verify: bool = False
+    # What a merchant's validation took off the fee (what it is worth once the stay closes).
+    validation_fen: int = 0
 
     @property
     def due_fen(self) -> int:
@@ -645,15 +647,15 @@ def exit_rule(
     )
     if priced is None:
         return None
-    fee, right = priced.fee_fen, priced.right
+    fee, right, taken = priced.fee_fen, priced.right, priced.validation_fen
     if fixed_fee_fen is not None:
         return ExitRule("exited_free", 0) if fee == 0 else ExitRule("held_no_entry_fee", fee)
     debt = pay_later_state.debt_fen if pay_later_state else 0
     if fee == 0:
-        return ExitRule("exited_free", 0, debt, right=right)
+        return ExitRule("exited_free", 0, debt, right=right, validation_fen=taken)
     verdict = pay_later(pay_later_state, fee)
     if isinstance(verdict, str):
-        return ExitRule(verdict, fee, debt, right=right)
+        return ExitRule(verdict, fee, debt, right=right, validation_fen=taken)
     if earliest_at is not None:
         earliest = fees.stay_fee(
             versions,
@@ -665,15 +667,19 @@ def exit_rule(
             validation=validation,
         )
         if earliest is None or earliest.fee_fen < fee:
-            return ExitRule("exited_awaiting_confirmation", fee, debt, verdict, right)
+            return ExitRule(
+                "exited_awaiting_confirmation", fee, debt, verdict, right, validation_fen=taken
+            )
     if reads_certain and reads_proven:
-        return ExitRule("exited_pay_later", fee, debt, verdict, right)
+        return ExitRule("exited_pay_later", fee, debt, verdict, right, validation_fen=taken)
     exit_sure = reads_certain if exit_certain is None else exit_certain
     if verifiable and (exit_sure or uncertain_policy == "open_confirm"):
-        return ExitRule("exited_pay_later", fee, debt, verdict, right, verify=True)
+        return ExitRule(
+            "exited_pay_later", fee, debt, verdict, right, verify=True, validation_fen=taken
+        )
     if uncertain_policy == "hold":
-        return ExitRule("held_uncertain", fee, debt, right=right)
-    return ExitRule("exited_awaiting_confirmation", fee, debt, verdict, right)
+        return ExitRule("held_uncertain", fee, debt, right=right, validation_fen=taken)
+    return ExitRule("exited_awaiting_confirmation", fee, debt, verdict, right, validation_fen=taken)
 
 
 def uncertain_policy(

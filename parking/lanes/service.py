@@ -30,6 +30,7 @@ from parking.lanes.repository import GateInfo, Identity, OpenSession
 from parking.lanes.rules import (
     Certainty,
     ExceptionReason,
+    ExitRule,
     Outcome,
     Resolution,
     Verification,
@@ -41,6 +42,7 @@ from parking.lanes.rules import (
     uncertain_policy,
 )
 from parking.logging import get_logger
+from parking.merchants import service as merchants
 from parking.payments.qr import gate_payment_page_url
 from parking.rights import service as rights
 from parking.settings import Settings
@@ -507,7 +509,7 @@ class LaneService:
 
         right = rule.right.right if rule.right else None
         if plan.outcome == "exited_free":
-            await self._close(conn, session, capture, at, 0, None, "free", right)
+            await self._close(conn, session, capture, at, rule, None, "free", right)
             return self._open(
                 capture,
                 now,
@@ -524,11 +526,11 @@ class LaneService:
         if capture.offline and capture.offline_action == "hold":
             # The gate sent the car to the booth: it awaits the booth, never a pay-later charge.
             return await self._sent_to_booth(
-                conn, gate, capture, session, plate, at, now, fee, rule.outcome, occupancy_delta
+                conn, gate, capture, session, plate, at, now, rule, occupancy_delta
             )
         if plan.outcome == "exited_offline_unpaid":
             return await self._left_unpaid_offline(
-                conn, gate, capture, session, plate, at, now, fee, rule.outcome, occupancy_delta
+                conn, gate, capture, session, plate, at, now, rule, occupancy_delta
             )
         if plan.exception == "uncertain":
             # Bound and able to pay later, but the reads are not both certain: an operator
@@ -552,7 +554,7 @@ class LaneService:
                 matched,
             )
         account_id, agreement_id = rule.charge_to
-        await self._close(conn, session, capture, at, fee, account_id, "pay_later", right)
+        await self._close(conn, session, capture, at, rule, account_id, "pay_later", right)
         awaiting = rule.outcome == "exited_awaiting_confirmation"
         charge_id = await charges.queue_charge(
             conn,
@@ -580,15 +582,15 @@ class LaneService:
         plate: str,
         at: datetime,
         now: datetime,
-        fee: int,
-        why: Outcome,
+        rule: ExitRule,
         occupancy_delta: int,
     ) -> Decision:
         """The gate let the car out while it could not reach us and there is no consent to
         charge it (not bound, no agreement, over the limit, in arrears): the stay ends as
         unpaid and a person collects the fee. Never a charge the driver did not agree to."""
+        fee, why = rule.fee_fen, rule.outcome
         account_id = session.pay_later.account_id if session.pay_later else None
-        await self._close(conn, session, capture, at, fee, account_id, "offline_unpaid")
+        await self._close(conn, session, capture, at, rule, account_id, "offline_unpaid")
         await repo.insert_exception(
             conn,
             capture_id=capture.capture_id,
@@ -663,15 +665,15 @@ class LaneService:
         plate: str,
         at: datetime,
         now: datetime,
-        fee: int,
-        why: Outcome,
+        rule: ExitRule,
         occupancy_delta: int,
     ) -> Decision:
         """The gate, offline, sent the car to the booth, where an attendant may have taken cash:
         never charged pay-later (that would take the fee twice). The stay ends awaiting a booth
         payment and an operator sees it until one is recorded."""
+        fee, why = rule.fee_fen, rule.outcome
         account_id = session.pay_later.account_id if session.pay_later else None
-        await self._close(conn, session, capture, at, fee, account_id, "offline_booth")
+        await self._close(conn, session, capture, at, rule, account_id, "offline_booth")
         await repo.insert_exception(
             conn,
             capture_id=capture.capture_id,
@@ -757,22 +759,26 @@ class LaneService:
         session: OpenSession,
         capture: Capture,
         at: datetime,
-        fee: int,
+        rule: ExitRule,
         account_id: int | None,
         settlement: str,
         right: RightTerms | None = None,
     ) -> None:
+        """Ends the stay at the rule's fee; its validation's cost beyond what it took off goes
+        back to the merchant (in this transaction, as the fee is fixed)."""
         await repo.close_session(
             conn,
             session_id=session.id,
             exited_at=at,
             exit_capture_id=capture.capture_id,
-            fee_fen=fee,
+            fee_fen=rule.fee_fen,
             account_id=account_id,
             settlement=settlement,
             applied_right_id=right.id if right else None,
             status=session.status,
         )
+        if session.validation is not None:
+            await merchants.settle(conn, session.id, rule.validation_fen, "system:lane")
 
     async def _blacklisted(
         self,

@@ -96,7 +96,7 @@ async def open_stay(
 
 
 _VALIDATION_COLUMNS = """v.id, m.name AS merchant, cp.code AS car_park, v.session_id,
-    v.merchant_id, v.free_minutes, v.amount_fen, v.cost_fen, v.created_at"""
+    v.merchant_id, v.free_minutes, v.amount_fen, v.cost_fen, v.returned_fen, v.created_at"""
 
 
 async def insert_validation(
@@ -138,6 +138,30 @@ async def spend(conn: asyncpg.Connection, merchant_id: int, cost_fen: int) -> bo
     return done is not None
 
 
+async def validation_for_update(conn: asyncpg.Connection, session_id: int) -> asyncpg.Record | None:
+    """The stay's validation, locked: (id, merchant_id, worth_fen: what it still cost)."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """SELECT id, merchant_id, cost_fen - returned_fen AS worth_fen FROM validations
+           WHERE session_id = $1 FOR UPDATE""",
+        session_id,
+    )
+    return row
+
+
+async def give_back(
+    conn: asyncpg.Connection, validation_id: int, merchant_id: int, fen: int
+) -> None:
+    """`fen` of what the validation cost goes back to the merchant's budget."""
+    await conn.execute(
+        "UPDATE validations SET returned_fen = returned_fen + $2 WHERE id = $1",
+        validation_id,
+        fen,
+    )
+    await conn.execute(
+        "UPDATE merchants SET spent_fen = spent_fen - $2 WHERE id = $1", merchant_id, fen
+    )
+
+
 async def validation(conn: asyncpg.Connection, *, session_id: int) -> asyncpg.Record | None:
     row: asyncpg.Record | None = await conn.fetchrow(
         f"""SELECT {_VALIDATION_COLUMNS} FROM validations v
@@ -164,12 +188,13 @@ async def validations(
 async def report(
     conn: asyncpg.Connection, operator_id: int, since: datetime, until: datetime
 ) -> list[asyncpg.Record]:
-    """Per merchant of the company: validations given in [since, until) and their cost, and
-    the budget as it stands."""
+    """Per merchant of the company: validations given in [since, until), their cost and what of
+    it went back, and the budget as it stands."""
     rows: list[asyncpg.Record] = await conn.fetch(
         """SELECT m.id AS merchant_id, m.name AS merchant, count(v.id) AS validations,
-                  COALESCE(sum(v.cost_fen), 0)::bigint AS cost_fen, m.budget_fen, m.spent_fen,
-                  m.budget_fen - m.spent_fen AS remaining_fen
+                  COALESCE(sum(v.cost_fen), 0)::bigint AS cost_fen,
+                  COALESCE(sum(v.returned_fen), 0)::bigint AS returned_fen,
+                  m.budget_fen, m.spent_fen, m.budget_fen - m.spent_fen AS remaining_fen
            FROM merchants m
            LEFT JOIN validations v ON v.merchant_id = m.id
                 AND v.created_at >= $2 AND v.created_at < $3

@@ -73,8 +73,10 @@ class Validation(BaseModel):
     session_id: int
     free_minutes: int | None
     amount_fen: int | None
-    # What it cost the merchant's budget.
+    # What it cost the merchant's budget when given, and what went back to the budget when the
+    # stay's final fee left it less to take off.
     cost_fen: int
+    returned_fen: int
     created_at: datetime
 
 
@@ -83,6 +85,7 @@ class MerchantReport(BaseModel):
     merchant: str
     validations: int
     cost_fen: int
+    returned_fen: int
     budget_fen: int
     spent_fen: int
     remaining_fen: int

@@ -9,9 +9,11 @@ gave it) validates a visitor's stay before the exit, with free minutes or an amo
   as if it had begun that much later; an amount: off the fee, never below 0). From then on it
   takes off that cost and never more (nor more than the fee), wherever the stay is priced (the
   exit, the QR code, the booth, the quote, the receipt): the budget pays once, when it is
-  given, for what the driver gets. A validation that takes nothing off now (a fee of 0, a pass)
-  is refused (409 `not_validatable`): it would be a free one. One the budget cannot pay for
-  is refused (409 `budget_exhausted`) and changes nothing.
+  given, for what the driver gets; when the stay's fee is fixed lower than that (a right added
+  since, a held stay ended at its hold price), what it did not take off goes back (`settle`).
+  A validation that takes nothing off now (a fee of 0, a pass) is refused (409
+  `not_validatable`): it would be a free one. One the budget cannot pay for is refused (409
+  `budget_exhausted`) and changes nothing.
 """
 
 from datetime import UTC, datetime
@@ -189,6 +191,30 @@ async def validate(
         {"merchant_id": merchant_id, "session_id": stay["id"], "cost_fen": cost},
     )
     return _validation(found), True
+
+
+async def settle(conn: asyncpg.Connection, session_id: int, taken_fen: int, actor: str) -> None:
+    """The stay's fee is fixed, and its validation, if it has one, took `taken_fen` off it
+    (billing.fees.StayFee.validation_fen): what it cost beyond that goes back to the merchant's
+    budget. From then on it is worth what it took off, so the same close read again gives
+    nothing back twice, and a stay reopened and closed again takes off no more than that."""
+    found = await repo.validation_for_update(conn, session_id)
+    if found is None or found["worth_fen"] <= taken_fen:
+        return
+    fen = found["worth_fen"] - taken_fen
+    await repo.give_back(conn, found["id"], found["merchant_id"], fen)
+    await audit.record(
+        conn,
+        actor,
+        "validation.returned",
+        f"validation:{found['id']}",
+        {
+            "merchant_id": found["merchant_id"],
+            "session_id": session_id,
+            "fen": fen,
+            "taken_fen": taken_fen,
+        },
+    )
 
 
 def _validation(row: asyncpg.Record) -> Validation:

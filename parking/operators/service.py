@@ -30,6 +30,7 @@ from parking.lanes import repository as lanes_repo
 from parking.lanes.reading import operator_reading
 from parking.lanes.service import LaneService
 from parking.logging import get_logger, mask_plate
+from parking.merchants import service as merchants
 from parking.occupancy.service import Occupancy
 from parking.operators import repository as repo
 from parking.operators.schemas import (
@@ -519,6 +520,8 @@ async def open_gate(
                 exit_capture_id=held.capture_id,
                 fee_fen=fee_fen,
             )
+            if priced is not None and terms.validation is not None:
+                await merchants.settle(conn, stay.id, priced.validation_fen, principal.actor)
             plate, session_id = stay.plate, stay.id
             occupancy_delta = -1 if stay.counted_in else 0
     command = Command(
