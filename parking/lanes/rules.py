@@ -649,7 +649,9 @@ def exit_rule(
         return None
     fee, right, taken = priced.fee_fen, priced.right, priced.validation_fen
     if fixed_fee_fen is not None:
-        return ExitRule("exited_free", 0) if fee == 0 else ExitRule("held_no_entry_fee", fee)
+        if fee == 0:
+            return ExitRule("exited_free", 0, validation_fen=taken)
+        return ExitRule("held_no_entry_fee", fee, validation_fen=taken)
     debt = pay_later_state.debt_fen if pay_later_state else 0
     if fee == 0:
         return ExitRule("exited_free", 0, debt, right=right, validation_fen=taken)
