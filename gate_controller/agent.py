@@ -403,6 +403,9 @@ class GateAgent:
             type="manual_open", at=datetime.now(UTC), reason=reason[:200], event_id=uuid.uuid4()
         )
         self.store.add_event(encode(event))
+        # Whoever the button was pressed for, the car first in the lane can go now: a payment
+        # of its hold booked later must not lift the barrier for the car behind it.
+        self.store.mark_newest_opened(time.time())
         await self.barrier.open("manual")
         log.info("agent.manual_open")
         await self._send_events()

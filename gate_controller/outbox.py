@@ -125,6 +125,16 @@ class Outbox:
             )
         return cursor.rowcount == 1
 
+    def mark_newest_opened(self, now: float) -> None:
+        """The barrier was lifted by hand: the car first in the lane (the newest capture) went
+        through it, so no later open of its capture lifts the barrier again."""
+        with self._db:
+            self._db.execute(
+                """UPDATE captures SET opened_at = ?
+                   WHERE seq = (SELECT max(seq) FROM captures) AND opened_at IS NULL""",
+                (now,),
+            )
+
     def ack(self, capture_id: UUID, now: float, payload_sha256: str | None) -> AckOutcome:
         """Drops the capture from the outbox when the ack answers the payload it holds (its
         SHA-256, hex): "acked"; "absent" when it is not in the outbox; "other_payload" when

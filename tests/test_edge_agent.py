@@ -728,6 +728,49 @@ async def test_a_late_server_command_never_lifts_the_barrier_twice(tmp_path: Pat
         assert out.reasons() == ["server_late", "remote", "remote", "remote"]
 
 
+async def test_a_payment_booked_after_the_booths_button_let_the_held_car_out_lifts_nothing(
+    runtime: Runtime,
+    settings: Settings,
+    gate: GateProbe,
+    lot: Lot,
+    api: httpx.AsyncClient,
+    provider: ProviderEndpoint,
+    tmp_path: Path,
+) -> None:
+    """Review 20. A held car is let out with the booth's button ("will pay by phone"); the
+    driver pays by QR before the next car is captured. The server sends the open for the held
+    capture, which is still the gate's newest: the barrier lifted a second time, for nobody or
+    for the car pulling up. A lift by hand lets out the car first in the lane: its capture
+    counts as opened."""
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
+    config = _config(tmp_path, lot.code, "out1", settings.mqtt_topic_prefix, offline_after_s=5.0)
+    async with lane(config) as out:
+        await out.camera.put(car("out", plate))
+        await until(lambda: out.display.current and out.display.current[0] == plate)
+        await out.agent.manual_open("driver left, paying by phone")
+        async with runtime.pool.acquire() as conn:
+            held = await conn.fetchval(
+                "SELECT capture_id FROM captures WHERE car_park_id = $1 AND direction = 'out' "
+                "AND plate = $2",
+                lot.id,
+                plate,
+            )
+        qr_url = gate.commands[str(held)][0]["payment_qr_url"]
+        qr_path = httpx.URL(qr_url).path.replace("/pay/", "/api/v1/gate-payments/", 1)
+        view = (await api.post(qr_path)).json()
+        async with httpx.AsyncClient(base_url=provider.url) as wallet:
+            out_trade_no = httpx.URL(view["pay_url"]).path.rsplit("/", 1)[-1]
+            assert (await wallet.post(f"/v1/payments/{out_trade_no}/pay")).status_code == 200
+        assert (await api.get(qr_path)).json()["status"] == "succeeded"
+        await until(lambda: len(gate.commands[str(held)]) >= 2)  # the paid open went out
+        address = GateAddress(lot.code, "out1")
+        marker = _open_command(uuid.uuid4(), address, display=("marker",), remote=True)
+        await gate.mqtt.publish(runtime.lanes.topics.topic(address, "command"), marker)
+        await until(lambda: out.display.current == ["marker"])  # handled in order
+        assert out.reasons() == ["manual", "remote"], out.reasons()
+
+
 async def test_an_open_the_server_signed_for_a_capture_published_in_the_gates_name_lifts_nothing(
     runtime: Runtime,
     settings: Settings,
