@@ -102,6 +102,13 @@ class RightTerms:
     def in_force(self, at: datetime) -> bool:
         return bool(self.covered(at, at + timedelta(microseconds=1)))
 
+    def in_force_until(self, start: datetime, horizon: datetime) -> datetime | None:
+        """The end of the stretch from `start` during which the right is in force without a
+        break, looking no further than `horizon`; None when it is not in force at `start`. A
+        free passage makes a stay from `start` free up to this instant, and no later."""
+        parts = self.covered(start, horizon)
+        return parts[0][1] if parts and parts[0][0] == start else None
+
     def _occurrence(self, day: date, zone: ZoneInfo) -> Interval:
         if self.window is None:
             begin, finish, next_day = time(0), time(0), True

@@ -2,11 +2,12 @@
 
 For each camera event it stores a capture in the local outbox (SQLite) and publishes it. The
 server's command operates the barrier and the display. When no command comes within
-`offline_after_s`, or the broker cannot be reached, the agent decides alone: an entry is let
-in; an exit opens when the plate is on the server's signed offline whitelist, and is otherwise
-sent to the booth. The capture is then flagged `offline` with what was done and uploaded when
-the link returns. A capture leaves the outbox only when the server acks it, and unacked ones
-are resent in seq order, also after a restart.
+`offline_after_s`, or the broker cannot be reached, the agent decides alone: an entry is let in;
+an exit opens when the plate is on the server's signed offline whitelist (a pass holder's free
+exit only within its pass's hours, judged by the server's time as the gate knows it,
+`server_now`), and is otherwise sent to the booth. The capture is then flagged `offline` with
+what was done and uploaded when the link returns. A capture leaves the outbox only when the
+server acks it, and unacked ones are resent in seq order, also after a restart.
 
 The barrier opens at most once per capture, whoever asks: a late or redelivered command for a
 capture the gate already opened for changes nothing. A late "open" for a capture (a payment booked
@@ -348,11 +349,10 @@ class GateAgent:
         await self.display.show(command.display, qr_url=command.payment_qr_url)
 
     async def _decide_offline(self, capture: Capture) -> None:
-        now = datetime.now(UTC)
         action: OfflineAction = "open"
         if capture.direction == "in":
             text = "offline_entry"
-        elif self._whitelisted(capture, now):
+        elif self._whitelisted(capture, self.server_now()):
             text = "offline_exit"
         else:
             action, text = "hold", "offline_hold"
@@ -579,7 +579,7 @@ class GateAgent:
         except ValidationError:
             log.warning("agent.bad_config", size=len(message.payload))
             return
-        refusal = self.whitelist.offer(config, datetime.now(UTC))
+        refusal = self.whitelist.offer(config, self.server_now())
         if refusal is not None:
             self.config_refusals[refusal] += 1
             log.warning("agent.config_refused", why=refusal)
@@ -599,7 +599,7 @@ class GateAgent:
             config = GateConfig.model_validate_json(payload)
         except ValidationError:
             return
-        refusal = self.whitelist.offer(config, datetime.now(UTC))
+        refusal = self.whitelist.offer(config, self.server_now())
         if refusal is not None:
             log.info("agent.stored_config_unusable", why=refusal)
 
@@ -659,7 +659,7 @@ class GateAgent:
             firmware=self.config.firmware,
             agent_version=AGENT_VERSION,
             at=now,
-            whitelist_expires_at=self.whitelist.expires_at(now),
+            whitelist_expires_at=self.whitelist.expires_at(self.server_now()),
         )
         await self.mqtt.publish(self._topic("status"), encode(status), retain=True, wait=wait)
 

@@ -164,9 +164,20 @@ class GateStatus(_Message):
 
 
 class WhitelistEntry(_Message):
+    """A vehicle an offline gate may let out. `per_session_limit_fen`: it leaves on pay-later
+    (the lane charges it). `free_until`: a pass holder, free until this instant by the server's
+    clock (its pass's hours or validity end then) and, after it, only on pay-later. With
+    neither, a pass holder free for the whole life of the list."""
+
     plate: PlateText
     color: PlateColor | None = None
     per_session_limit_fen: int | None = Field(default=None, gt=0)
+    free_until: AwareDatetime | None = None
+
+    def signed_fields(self) -> list[object]:
+        fields: list[object] = [self.plate, self.color, self.per_session_limit_fen]
+        # Only when set: a list without any still verifies on gates that predate the field.
+        return fields if self.free_until is None else [*fields, _utc_text(self.free_until)]
 
 
 # The display texts of a gate's own (offline) decisions, as keys of GateConfig.display, with
@@ -197,9 +208,7 @@ class GateConfig(_Message):
             "lot": self.lot,
             "issued_at": _utc_text(self.issued_at),
             "whitelist_expires_at": _utc_text(self.whitelist_expires_at),
-            "whitelist": [
-                [entry.plate, entry.color, entry.per_session_limit_fen] for entry in self.whitelist
-            ],
+            "whitelist": [entry.signed_fields() for entry in self.whitelist],
             "display": self.display,
         }
         return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)

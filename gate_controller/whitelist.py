@@ -4,7 +4,9 @@ The server (parking.gates.config) signs each car park's config with its Ed25519 
 is installed with the matching public key. A config counts only when its signature verifies,
 it is for this gate's car park, it has not expired and it is not older than the one already
 held (a replayed old list cannot bring back a plate that has since been removed). Anything
-else is ignored, and an expired list is as good as an empty one.
+else is ignored, and an expired list is as good as an empty one. Times are the server's, as the
+gate knows it (`GateAgent.server_now`): the list's expiry and a pass holder's hours are on the
+server's clock, not the gate's.
 """
 
 import base64
@@ -116,14 +118,28 @@ class OfflineWhitelist:
         return expires if expires is not None and expires > now else None
 
     def allows(self, plate: str, color: str | None, now: datetime) -> bool:
-        """Whether the vehicle may leave while the server is unreachable. A plate's identity is
+        """Whether the vehicle may leave at `now`, the server's time as the gate knows it
+        (`GateAgent.server_now`), while the server is unreachable. A plate's identity is
         (plate, colour): when the camera reports a colour, an entry of that colour (or one that
         names none) must be on the list; a yellow plate is another vehicle than the blue one of
-        the same characters. A read without a colour is matched on the characters alone."""
+        the same characters. A read without a colour is matched on the characters alone. A pass
+        holder past its entry's `free_until` leaves only on pay-later, as the lane would let it
+        (the stay has a fee since)."""
         if self.expires_at(now) is None:
             return False
         entries = self._plates.get(normal_plate(plate), [])
-        return any(color is None or entry.color in (None, color) for entry in entries)
+        return any(
+            (color is None or entry.color in (None, color)) and _may_leave(entry, now)
+            for entry in entries
+        )
 
     def display(self, key: str, default: str) -> str:
         return self.config.display.get(key, default) if self.config else default
+
+
+def _may_leave(entry: WhitelistEntry, now: datetime) -> bool:
+    return (
+        entry.per_session_limit_fen is not None
+        or entry.free_until is None
+        or now < entry.free_until
+    )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import httpx
@@ -26,6 +27,7 @@ from pydantic import SecretStr, ValidationError
 
 import gate_controller.agent as agent_module
 from billing import agreements
+from billing.rights import RightTerms
 from gate_controller.agent import AgentConfig, GateAgent
 from gate_controller.barrier import SimulatedDisplay, SimulatedRelay
 from gate_controller.camera import (
@@ -603,6 +605,142 @@ async def test_the_offline_whitelist_lets_out_on_pay_later_only_what_the_lane_wo
     for car in (resumed_before, covered):
         online = await gate.decide(lot.code, "out1", gate.capture("out", car.plate))
         assert online["action"] == "open", online
+
+
+async def test_the_offline_whitelist_lets_a_pass_holder_out_free_only_in_its_hours(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """A free passage frees a stay only while the pass has been in force since the entry: the
+    lane prices any stretch outside its hours or validity, and the car leaves on pay-later or
+    is held. The whitelist carries each pass holder's `free_until` (server's time): before it the
+    gate lets the car out free, after it only on pay-later. Before, every pass holder valid at
+    publication was on the list with no limit for the list's 24 h: out free after its pass's
+    hours, and the stay ended unpaid in the exception queue."""
+    admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+    local = datetime.now(ZoneInfo("Asia/Shanghai"))
+
+    async def pass_for(plates: list[str], valid_until: timedelta, window: Any = None) -> None:
+        spec = {"name": f"pass-{unique_plate()}", "kind": "free_passage"}
+        if window is not None:
+            spec |= {
+                "window_start": (local + window[0]).strftime("%H:%M"),
+                "window_end": (local + window[1]).strftime("%H:%M"),
+            }
+        made = await api.post("/api/v1/operator/right-specs", json=spec, headers=admin)
+        assert made.status_code == 201, made.text
+        right = await api.post(
+            "/api/v1/operator/rights",
+            json={
+                "spec_id": made.json()["id"],
+                "vehicles": [{"plate": p, "color": "blue"} for p in plates],
+                "valid_from": (local - timedelta(days=10)).isoformat(),
+                "valid_until": (local + valid_until).isoformat(),
+            },
+            headers=admin,
+        )
+        assert right.status_code == 201, right.text
+
+    in_hours, after_hours, expiring, all_day = (unique_plate() for _ in range(4))
+    paying = (await make_driver(runtime, unique_plate())).plate
+    month = timedelta(days=30)
+    await pass_for([in_hours], month, (timedelta(hours=-3), timedelta(hours=1)))
+    await pass_for([after_hours, paying], month, (timedelta(hours=-4), timedelta(hours=-1)))
+    await pass_for([expiring], timedelta(hours=1))
+    await pass_for([all_day], month)
+    plates = [in_hours, after_hours, paying, expiring, all_day]
+    for plate in plates:
+        await enter(runtime, gate, lot, plate, parked_for=timedelta(hours=2))
+
+    now = datetime.now(UTC)
+    async with runtime.pool.acquire() as conn:
+        cars = (await gates_repo.offline_whitelists(conn)).get(lot.code, [])
+    config = build_config(lot.code, cars, SERVER_KEY, issued_at=now)
+    entries = {entry.plate: entry for entry in config.whitelist}
+    assert sorted(entries) == sorted([in_hours, paying, expiring, all_day])
+    assert (entries[all_day].per_session_limit_fen, entries[all_day].free_until) == (None, None)
+    assert entries[paying].free_until is None, "past its hours, it leaves on pay-later"
+    whitelist = OfflineWhitelist(SERVER_KEY.public_key(), lot.code)
+    assert whitelist.offer(config, now) is None
+    later = now + timedelta(hours=2)
+    assert [p for p in plates if whitelist.allows(p, "blue", later)] == [paying, all_day]
+
+    offline = {plate: whitelist.allows(plate, "blue", now) for plate in plates}
+    online = {}
+    for plate in plates:
+        command = await gate.decide(lot.code, "out1", gate.capture("out", plate))
+        online[plate] = command["action"] == "open"
+    assert (
+        online
+        == offline
+        == {
+            in_hours: True,
+            after_hours: False,
+            paying: True,
+            expiring: True,
+            all_day: True,
+        }
+    )
+
+
+async def test_an_offline_gate_judges_a_pass_holders_hours_by_the_servers_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate's clock is three hours fast: by it the pass (in force until an hour from now)
+    is over. The gate judges `free_until` by the server's time it learnt from the signed
+    command to its first car: the holder leaves free. Once the server's time it learns is past
+    `free_until`, the holder is sent to the booth; one with pay-later still leaves."""
+    monkeypatch.setattr(agent_module, "datetime", _fast_clock(timedelta(hours=3)))
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    address = GateAddress(lot, "out1")
+    topics = Topics(prefix)
+    captures = topics.topic(address, "capture")
+    now = datetime.now(UTC)
+    monthly = RightTerms(1, "free_passage", now - timedelta(days=29), now + timedelta(hours=1))
+    holder, paying = unique_plate(), unique_plate()
+    cars = [
+        WhitelistedCar(holder, "blue", None, now - timedelta(hours=2), (monthly,)),
+        WhitelistedCar(paying, "blue", 20_000, now - timedelta(hours=2), (monthly,)),
+    ]
+    listed = build_config(lot, cars, SERVER_KEY, issued_at=now)
+    assert [entry.free_until for entry in listed.whitelist] == [monthly.valid_until] * 2
+    config = _config(tmp_path, lot, "out1", prefix, offline_after_s=2.0)
+    async with Listener() as server, lane(config) as out:
+        try:
+            await server.mqtt.publish(topics.topic(address, "config"), encode(listed), retain=True)
+            await until(lambda: out.agent.whitelist.config)
+            await server.listen(captures)
+            first = await out.agent.capture(car("out", unique_plate()))
+            await server.mqtt.publish(
+                topics.topic(address, "command"), _open_command(first.capture_id, address)
+            )
+            await until(lambda: out.relay.openings)
+            assert out.agent.clock_offset_s == pytest.approx(-3 * 3600, abs=5)
+
+            leaving = await out.agent.capture(car("out", holder))
+            await until(lambda: len(out.relay.openings) == 2)
+            assert out.reasons() == ["server", "offline_exit"]
+
+            # The server's time as the gate learns it is now past the pass's end.
+            flagged = await until(
+                lambda: [
+                    m.payload
+                    for m in server.messages
+                    if orjson.loads(m.payload)["capture_id"] == str(leaving.capture_id)
+                    and orjson.loads(m.payload).get("offline")
+                ]
+            )
+            await server.mqtt.publish(
+                topics.topic(address, "ack"),
+                _signed_ack(flagged[-1], address, now + timedelta(hours=2)),
+            )
+            await until(lambda: out.agent.clock_offset_s < -3000)
+            await out.agent.capture(car("out", holder))
+            await until(lambda: out.display.current == [HOLD_TEXT])
+            await out.agent.capture(car("out", paying))
+            await until(lambda: len(out.relay.openings) == 3)
+            assert out.reasons() == ["server", "offline_exit", "offline_exit"]
+        finally:
+            await server.clear_retained([topics.topic(address, "config")])
 
 
 def test_the_gate_matches_a_whitelisted_plate_on_its_colour_too() -> None:

@@ -1,9 +1,11 @@
 """Each gate's config, signed and retained on its `.../config` topic.
 
-The config carries the car park's offline whitelist: the cars parked there now whose plate is
-bound to an account with an active pay-later agreement and no block for arrears, each with its
-per-session limit. A gate that cannot reach the server lets these out and no one else. The list
-is valid for `valid_for` (24 h by default) and signed with the server's Ed25519 key over
+The config carries the car park's offline whitelist: the cars parked there now that the lane
+would let out on pay-later (the plate bound to an account with an active pay-later agreement and
+no block for arrears, each with its per-session limit), and pass holders, each free until the
+end of its pass's hours or validity (`free_until`, on the server's clock) and after it only on
+pay-later. A gate that cannot reach the server lets these out and no one else. The list is valid
+for `valid_for` (24 h by default) and signed with the server's Ed25519 key over
 `GateConfig.signed_bytes()`; the gates hold the public key (`parking gates keygen` prints it)
 and ignore a config whose signature, car park or expiry does not check out.
 
@@ -101,21 +103,48 @@ def build_config(
     issued_at: datetime,
     valid_for: timedelta = DEFAULT_VALIDITY,
 ) -> GateConfig:
+    expires_at = issued_at + valid_for
     config = GateConfig(
         lot=lot,
         issued_at=issued_at,
         whitelist=[
-            WhitelistEntry(
-                plate=car.plate,
-                color=car.color,
-                per_session_limit_fen=car.per_session_limit_fen,
-            )
-            for car in cars
+            entry for car in cars if (entry := _entry(car, issued_at, expires_at)) is not None
         ],
-        whitelist_expires_at=issued_at + valid_for,
+        whitelist_expires_at=expires_at,
         display=dict(DISPLAY_DEFAULTS),
     )
     return signed(config, key)
+
+
+def _entry(car: WhitelistedCar, issued_at: datetime, expires_at: datetime) -> WhitelistEntry | None:
+    """The car's entry in a list in force from `issued_at` to `expires_at`; None when the lane
+    would let it out at no time of it. Under a free passage the lane lets a stay out free only
+    while the right has been in force since its entry (rights are never combined: one right
+    must cover it all); any stretch outside the pass's hours or validity is priced, and the
+    stay leaves on pay-later or is held. So a pass holder is free until the end of the longest
+    such stretch of its passes (`free_until`), and after it only on pay-later."""
+    free_until = max(
+        (
+            until
+            for right in car.passes
+            if car.entered_at is not None
+            and (until := right.in_force_until(car.entered_at, expires_at)) is not None
+        ),
+        default=None,
+    )
+    if free_until is not None and free_until >= expires_at:
+        # Free for as long as the list lasts, whatever it could pay.
+        return WhitelistEntry(plate=car.plate, color=car.color)
+    if free_until is not None and free_until <= issued_at:
+        free_until = None
+    if free_until is None and car.per_session_limit_fen is None:
+        return None
+    return WhitelistEntry(
+        plate=car.plate,
+        color=car.color,
+        per_session_limit_fen=car.per_session_limit_fen,
+        free_until=free_until,
+    )
 
 
 async def publish_configs(

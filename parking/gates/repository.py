@@ -4,8 +4,9 @@ from uuid import UUID
 
 import asyncpg
 
+from billing.rights import RightTerms
 from gate_controller.protocol import GateAddress, PlateColor
-from parking.lanes.repository import STAY_PAY_LATER_JOINS, STAY_SERVICE_STATE
+from parking.lanes.repository import RIGHT_JSON, STAY_PAY_LATER_JOINS, STAY_SERVICE_STATE
 
 
 async def gate_addresses(conn: asyncpg.Connection) -> list[GateAddress]:
@@ -22,55 +23,62 @@ async def gate_addresses(conn: asyncpg.Connection) -> list[GateAddress]:
 class WhitelistedCar:
     plate: str
     color: PlateColor  # the table's CHECK allows no other
-    # None for a pass holder: it leaves free, whatever the stay's fee.
+    # The lane would let it out on pay-later, charged up to this; None: it would not.
     per_session_limit_fen: int | None
+    # Its stay's entry and its free-passage rights here (passes, whitelists): it leaves free
+    # while one of them has been in force since the entry (parking.gates.config).
+    entered_at: datetime | None = None
+    passes: tuple[RightTerms, ...] = ()
 
 
 async def offline_whitelists(conn: asyncpg.Connection) -> dict[str, list[WhitelistedCar]]:
     """By car park code, the cars parked there now that may leave a gate that cannot reach the
-    server: those the lane would let out on pay-later (a binding, an agreement and the plate's
-    service with the provider that covered the stay's entry and are active now, no block for
-    arrears: `STAY_PAY_LATER_JOINS`, `STAY_SERVICE_STATE`); and pass holders (a free-passage
-    right of that car park, active and valid now, and for a pass of "at most N inside" the stay
-    holding its place), with no limit. A vehicle on the company's blacklist is on no list. A plate's
-    identity is (plate, colour): a stay is matched with the binding of its own colour (a yellow
-    浙A12345 is not the bound blue one), every entry carrying the colour for the gate to
-    check."""
+    server, each with what the gate needs to decide as the lane would: whether the lane would
+    let it out on pay-later (a binding, an agreement and the plate's service with the provider
+    that covered the stay's entry and are active now, no block for arrears:
+    `STAY_PAY_LATER_JOINS`, `STAY_SERVICE_STATE`), with its limit; and its free-passage rights
+    of that car park that are active and not over (for a pass of "at most N inside", only when
+    the stay holds its place), with the stay's entry, for their hours. A vehicle on the
+    company's blacklist is on no list. A plate's identity is (plate, colour): a stay is matched
+    with the binding of its own colour (a yellow 浙A12345 is not the bound blue one), every
+    entry carrying the colour for the gate to check."""
     rows = await conn.fetch(
-        f"""WITH listed AS (
-               SELECT cp.code AS lot, s.plate, s.plate_color AS color, pa.per_session_limit_fen
+        f"""WITH stays AS (
+               SELECT s.id, cp.code AS lot, s.plate, s.plate_color, s.entered_at,
+                      s.car_park_id, s.assigned_right_id, cp.operator_id
                FROM sessions s
                JOIN car_parks cp ON cp.id = s.car_park_id
-               {STAY_PAY_LATER_JOINS}
-               WHERE s.status = 'open' AND pa.id IS NOT NULL AND NOT a.blocked_for_arrears
-                 AND COALESCE({STAY_SERVICE_STATE}, 'normal') = 'normal'
-                 AND NOT EXISTS (
-                     SELECT 1 FROM plate_blacklist bl
-                     WHERE bl.plate = s.plate AND bl.color = s.plate_color
-                       AND bl.operator_id = cp.operator_id AND bl.removed_at IS NULL)
-           ), passes AS (
-               SELECT DISTINCT cp.code AS lot, s.plate, s.plate_color AS color,
-                      NULL::bigint AS per_session_limit_fen
-               FROM sessions s
-               JOIN car_parks cp ON cp.id = s.car_park_id
-               JOIN assigned_right_plates rp ON rp.plate = s.plate AND rp.color = s.plate_color
-               JOIN assigned_rights ar ON ar.id = rp.right_id AND ar.status = 'active'
-                    AND ar.valid_from <= now() AND ar.valid_until > now()
-                    AND (ar.max_inside IS NULL OR ar.id = s.assigned_right_id)
-               JOIN right_specs sp ON sp.id = ar.spec_id AND sp.kind = 'free_passage'
-                    AND (cp.id = ANY (sp.car_park_ids)
-                         OR (sp.car_park_ids IS NULL AND sp.operator_id = cp.operator_id))
                WHERE s.status = 'open'
                  AND NOT EXISTS (
                      SELECT 1 FROM plate_blacklist bl
                      WHERE bl.plate = s.plate AND bl.color = s.plate_color
                        AND bl.operator_id = cp.operator_id AND bl.removed_at IS NULL)
+           ), pay_later AS (
+               SELECT s.id, min(pa.per_session_limit_fen) AS per_session_limit_fen
+               FROM stays s
+               {STAY_PAY_LATER_JOINS}
+               WHERE pa.id IS NOT NULL AND NOT a.blocked_for_arrears
+                 AND COALESCE({STAY_SERVICE_STATE}, 'normal') = 'normal'
+               GROUP BY s.id
+           ), passes AS (
+               SELECT s.id, json_agg({RIGHT_JSON}) AS passes
+               FROM stays s
+               JOIN assigned_right_plates rp ON rp.plate = s.plate AND rp.color = s.plate_color
+               JOIN assigned_rights ar ON ar.id = rp.right_id AND ar.status = 'active'
+                    AND ar.valid_until > now()
+                    AND (ar.max_inside IS NULL OR ar.id = s.assigned_right_id)
+               JOIN right_specs sp ON sp.id = ar.spec_id AND sp.kind = 'free_passage'
+                    AND (s.car_park_id = ANY (sp.car_park_ids)
+                         OR (sp.car_park_ids IS NULL AND sp.operator_id = s.operator_id))
+               GROUP BY s.id
            )
-           SELECT lot, plate, color, min(per_session_limit_fen) AS per_session_limit_fen,
-                  bool_or(per_session_limit_fen IS NULL) AS pass
-           FROM (SELECT * FROM listed UNION ALL SELECT * FROM passes) cars
-           GROUP BY lot, plate, color
-           ORDER BY lot, plate, color"""
+           SELECT s.lot, s.plate, s.plate_color AS color, s.entered_at,
+                  pl.per_session_limit_fen, p.passes
+           FROM stays s
+           LEFT JOIN pay_later pl ON pl.id = s.id
+           LEFT JOIN passes p ON p.id = s.id
+           WHERE pl.id IS NOT NULL OR p.id IS NOT NULL
+           ORDER BY s.lot, s.plate, s.plate_color"""
     )
     whitelists: dict[str, list[WhitelistedCar]] = {}
     for row in rows:
@@ -78,7 +86,9 @@ async def offline_whitelists(conn: asyncpg.Connection) -> dict[str, list[Whiteli
             WhitelistedCar(
                 row["plate"],
                 row["color"],
-                None if row["pass"] else row["per_session_limit_fen"],
+                row["per_session_limit_fen"],
+                row["entered_at"],
+                tuple(RightTerms.from_json(r) for r in row["passes"] or ()),
             )
         )
     return whitelists

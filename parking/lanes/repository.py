@@ -257,14 +257,15 @@ _STAY_COLUMNS = (
 )
 # A stay's vehicle's blacklisting and rights in its car park: indexed lookups by (plate, colour)
 # joined into the exit's one query (no extra round trip). A right capped at N inside counts only
-# for the stay that took one of its places at entry (`sessions.assigned_right_id`).
-_RIGHT_JSON = """json_build_object(
+# for the stay that took one of its places at entry (`sessions.assigned_right_id`). A right
+# as `RightTerms.from_json` reads it (here and in the gates' offline whitelists).
+RIGHT_JSON = """json_build_object(
     'id', ar.id, 'kind', sp.kind, 'name', sp.name, 'valid_from', ar.valid_from,
     'valid_until', ar.valid_until, 'free_minutes', sp.free_minutes,
     'discount_percent', sp.discount_percent, 'flat_fee_fen', sp.flat_fee_fen,
     'weekdays', sp.weekdays, 'window_start', sp.window_start, 'window_end', sp.window_end,
     'time_zone', sp.time_zone)"""
-_ACTIVE_RIGHTS = f"""(SELECT json_agg({_RIGHT_JSON})
+_ACTIVE_RIGHTS = f"""(SELECT json_agg({RIGHT_JSON})
      FROM assigned_right_plates rp
      JOIN assigned_rights ar ON ar.id = rp.right_id AND ar.status = 'active'
      JOIN right_specs sp ON sp.id = ar.spec_id
@@ -442,7 +443,7 @@ async def stay_terms(conn: asyncpg.Connection, session_id: int) -> StayTerms:
     them, a closed one's the right its exit applied (whatever became of that right since)."""
     row = await conn.fetchrow(
         f"""SELECT CASE WHEN s.status = 'open' THEN {_ACTIVE_RIGHTS}
-                   ELSE (SELECT json_agg({_RIGHT_JSON}) FROM assigned_rights ar
+                   ELSE (SELECT json_agg({RIGHT_JSON}) FROM assigned_rights ar
                          JOIN right_specs sp ON sp.id = ar.spec_id
                          WHERE ar.id = s.applied_right_id) END AS rights,
                    {_VALIDATION} AS validation
