@@ -74,6 +74,7 @@ from tests.conftest import (
     backdate_entry,
     bearer,
     create_lot,
+    driver_token,
     enter,
     eventually,
     make_driver,
@@ -741,6 +742,47 @@ async def test_an_offline_gate_judges_a_pass_holders_hours_by_the_servers_time(
             assert out.reasons() == ["server", "offline_exit", "offline_exit"]
         finally:
             await server.clear_retained([topics.topic(address, "config")])
+
+
+async def test_a_gate_online_drops_an_unbound_plate_and_a_deleted_accounts_at_once(
+    runtime: Runtime,
+    settings: Settings,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    tmp_path: Path,
+    clean_configs: None,
+) -> None:
+    """A plate unbound, or its account deleted, is off the whitelist of the gates of the car
+    park where it is parked as soon as that commits: the lane service republishes that car
+    park's lists when told (migration 0053), not only at its next round (an hour here; 60 s by
+    default). Before, a gate kept letting the car out on pay-later offline until then, and the
+    exit ended unpaid in the exception queue."""
+    unbinding, deleting, staying = [await make_driver(runtime, unique_plate()) for _ in range(3)]
+    for driver in (unbinding, deleting, staying):
+        await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=1))
+    assert await publish_configs(runtime.pool, runtime.mqtt, settings, SERVER_KEY) >= 2
+    config = _config(tmp_path, lot.code, "out1", settings.mqtt_topic_prefix)
+    async with lane(config) as out:
+
+        def listed() -> set[str]:
+            held = out.agent.whitelist.config
+            return {entry.plate for entry in held.whitelist} if held else set()
+
+        everyone = {unbinding.plate, deleting.plate, staying.plate}
+        await until(lambda: listed() == everyone)
+        unbinder = bearer(driver_token(app, unbinding.account_id))
+        (binding,) = (await api.get("/api/v1/me/plates", headers=unbinder)).json()
+        gone = await api.delete(f"/api/v1/me/plates/{binding['id']}", headers=unbinder)
+        assert gone.status_code == 204, gone.text
+        await until(lambda: listed() == everyone - {unbinding.plate})
+        deleted = await api.delete(
+            "/api/v1/me", headers=bearer(driver_token(app, deleting.account_id))
+        )
+        assert deleted.status_code == 204, deleted.text
+        await until(lambda: listed() == {staying.plate})
+        assert not out.agent.whitelist.allows(deleting.plate, "blue", datetime.now(UTC))
 
 
 def test_the_gate_matches_a_whitelisted_plate_on_its_colour_too() -> None:

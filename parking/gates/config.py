@@ -10,17 +10,19 @@ for `valid_for` (24 h by default) and signed with the server's Ed25519 key over
 and ignore a config whose signature, car park or expiry does not check out.
 
 Cars enter all the time, so the configs are republished every `interval_s` by
-`publish_periodically`; `parking gates publish-config` does it once.
+`publish_periodically`, and a car park's at once when a binding of a car parked there ends;
+`parking gates publish-config` does it once.
 """
 
 import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import os
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -48,6 +50,10 @@ from parking.settings import Settings, get_settings
 log = get_logger(__name__)
 
 DEFAULT_VALIDITY = timedelta(hours=24)
+# Where a car park's id is announced on commit when a vehicle parked there may have lost its
+# place on the list (migration 0054: a binding ended).
+WHITELIST_CHANNEL = "gate_whitelists"
+_LISTENER_RETRY_S = 1.0
 # Retained publishes in flight at once (the client's own window is 1000).
 _PUBLISH_BATCH = 500
 
@@ -155,13 +161,15 @@ async def publish_configs(
     *,
     valid_for: timedelta = DEFAULT_VALIDITY,
     now: datetime | None = None,
+    car_park_ids: list[int] | None = None,
 ) -> int:
-    """Publishes every gate's signed config, retained; returns how many gates got one. A car
-    park with no whitelisted car still gets its (empty) list: the gates must not keep an old one."""
+    """Publishes the signed config of every gate (of the car parks `car_park_ids`, when given),
+    retained; returns how many gates got one. A car park with no whitelisted car still gets its
+    (empty) list: the gates must not keep an old one."""
     issued_at = now or datetime.now(UTC)
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-        gates = await repository.gate_addresses(conn)
-        whitelists = await repository.offline_whitelists(conn)
+        gates = await repository.gate_addresses(conn, car_park_ids)
+        whitelists = await repository.offline_whitelists(conn, car_park_ids)
     payloads: dict[str, bytes] = {}
     for lot in {address.lot for address in gates}:
         config = build_config(
@@ -186,6 +194,7 @@ async def publish_configs(
         gates=len(gates),
         car_parks=len(payloads),
         whitelisted=sum(len(cars) for cars in whitelists.values()),
+        announced=car_park_ids is not None,
     )
     return len(gates)
 
@@ -199,13 +208,82 @@ async def publish_periodically(
     interval_s: float = 60.0,
 ) -> None:
     """Republishes the configs every `interval_s`, so that cars that entered since are on the
-    lists and the lists never expire while the server runs."""
+    lists and the lists never expire while the server runs. Between rounds, a car park whose
+    list lost a vehicle (a binding ended: a plate unbound, an account deleted; migration 0054
+    announces it on commit) is republished at once, so that its gates that are online drop the
+    plate now rather than at the next round. A gate offline then keeps its list until its link
+    returns (the retained config reaches it then) or the list expires."""
+    loop = asyncio.get_running_loop()
+    announced: set[int] = set()
+    wake = asyncio.Event()
+    next_round = loop.time()
+
+    def on_announcement(car_park_id: int | None) -> None:
+        nonlocal next_round
+        if car_park_id is None:  # announcements may have been missed: a whole round now
+            next_round = loop.time()
+        else:
+            announced.add(car_park_id)
+        wake.set()
+
+    listening = asyncio.create_task(_listen_for_lost_vehicles(pool, on_announcement))
+    try:
+        while True:
+            wake.clear()
+            round_due = loop.time() >= next_round
+            car_park_ids = sorted(announced)
+            announced.clear()
+            try:
+                if round_due:
+                    next_round = loop.time() + interval_s
+                    await publish_configs(pool, mqtt, settings, private_key)
+                elif car_park_ids:
+                    await publish_configs(
+                        pool, mqtt, settings, private_key, car_park_ids=car_park_ids
+                    )
+            except Exception:  # must not end: the gates' lists would expire
+                log.exception("gates.configs_publish_failed")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, next_round - loop.time())):
+                    await wake.wait()
+    finally:
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+
+
+async def _listen_for_lost_vehicles(
+    pool: asyncpg.Pool, on_announcement: Callable[[int | None], None]
+) -> None:
+    """Passes on each car park announced on `WHITELIST_CHANNEL`; after the listening connection
+    was lost (nothing is announced to nobody), None once it listens again."""
+
+    def announced(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        on_announcement(int(payload))
+
+    lost_before = False
     while True:
         try:
-            await publish_configs(pool, mqtt, settings, private_key)
-        except Exception:  # must not end: the gates' lists would expire
-            log.exception("gates.configs_publish_failed")
-        await asyncio.sleep(interval_s)
+            async with pool.acquire() as listener:
+                closed = asyncio.Event()
+
+                def lost(_conn: object, closed: asyncio.Event = closed) -> None:
+                    closed.set()
+
+                listener.add_termination_listener(lost)
+                await listener.add_listener(WHITELIST_CHANNEL, announced)
+                if lost_before:
+                    on_announcement(None)
+                try:
+                    await closed.wait()
+                finally:
+                    listener.remove_termination_listener(lost)
+                    if not listener.is_closed():
+                        await listener.remove_listener(WHITELIST_CHANNEL, announced)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            log.warning("gates.whitelist_listener_lost")
+        lost_before = True
+        await asyncio.sleep(_LISTENER_RETRY_S)
 
 
 # Command line: `parking gates keygen`, `parking gates publish-config`

@@ -9,12 +9,17 @@ from gate_controller.protocol import GateAddress, PlateColor
 from parking.lanes.repository import RIGHT_JSON, STAY_PAY_LATER_JOINS, STAY_SERVICE_STATE
 
 
-async def gate_addresses(conn: asyncpg.Connection) -> list[GateAddress]:
-    """Every gate of every car park, as its protocol address (car park code, gate code)."""
+async def gate_addresses(
+    conn: asyncpg.Connection, car_park_ids: list[int] | None = None
+) -> list[GateAddress]:
+    """Every gate of the car parks `car_park_ids` (all when None), as its protocol address (car
+    park code, gate code)."""
     rows = await conn.fetch(
         """SELECT cp.code AS lot, g.code AS gate
            FROM gates g JOIN car_parks cp ON cp.id = g.car_park_id
-           ORDER BY cp.code, g.code"""
+           WHERE $1::bigint[] IS NULL OR cp.id = ANY ($1::bigint[])
+           ORDER BY cp.code, g.code""",
+        car_park_ids,
     )
     return [GateAddress(row["lot"], row["gate"]) for row in rows]
 
@@ -31,17 +36,19 @@ class WhitelistedCar:
     passes: tuple[RightTerms, ...] = ()
 
 
-async def offline_whitelists(conn: asyncpg.Connection) -> dict[str, list[WhitelistedCar]]:
-    """By car park code, the cars parked there now that may leave a gate that cannot reach the
-    server, each with what the gate needs to decide as the lane would: whether the lane would
-    let it out on pay-later (a binding, an agreement and the plate's service with the provider
-    that covered the stay's entry and are active now, no block for arrears:
-    `STAY_PAY_LATER_JOINS`, `STAY_SERVICE_STATE`), with its limit; and its free-passage rights
-    of that car park that are active and not over (for a pass of "at most N inside", only when
-    the stay holds its place), with the stay's entry, for their hours. A vehicle on the
-    company's blacklist is on no list. A plate's identity is (plate, colour): a stay is matched
-    with the binding of its own colour (a yellow 浙A12345 is not the bound blue one), every
-    entry carrying the colour for the gate to check."""
+async def offline_whitelists(
+    conn: asyncpg.Connection, car_park_ids: list[int] | None = None
+) -> dict[str, list[WhitelistedCar]]:
+    """By car park code (of `car_park_ids`, or all), the cars parked there now that may leave a
+    gate that cannot reach the server, each with what the gate needs to decide as the lane
+    would: whether the lane would let it out on pay-later (a binding, an agreement and the
+    plate's service with the provider that covered the stay's entry and are active now, no
+    block for arrears: `STAY_PAY_LATER_JOINS`, `STAY_SERVICE_STATE`), with its limit; and its
+    free-passage rights of that car park that are active and not over (for a pass of "at most N
+    inside", only when the stay holds its place), with the stay's entry, for their hours. A
+    vehicle on the company's blacklist is on no list. A plate's identity is (plate, colour): a
+    stay is matched with the binding of its own colour (a yellow 浙A12345 is not the bound blue
+    one), every entry carrying the colour for the gate to check."""
     rows = await conn.fetch(
         f"""WITH stays AS (
                SELECT s.id, cp.code AS lot, s.plate, s.plate_color, s.entered_at,
@@ -49,6 +56,7 @@ async def offline_whitelists(conn: asyncpg.Connection) -> dict[str, list[Whiteli
                FROM sessions s
                JOIN car_parks cp ON cp.id = s.car_park_id
                WHERE s.status = 'open'
+                 AND ($1::bigint[] IS NULL OR s.car_park_id = ANY ($1::bigint[]))
                  AND NOT EXISTS (
                      SELECT 1 FROM plate_blacklist bl
                      WHERE bl.plate = s.plate AND bl.color = s.plate_color
@@ -78,7 +86,8 @@ async def offline_whitelists(conn: asyncpg.Connection) -> dict[str, list[Whiteli
            LEFT JOIN pay_later pl ON pl.id = s.id
            LEFT JOIN passes p ON p.id = s.id
            WHERE pl.id IS NOT NULL OR p.id IS NOT NULL
-           ORDER BY s.lot, s.plate, s.plate_color"""
+           ORDER BY s.lot, s.plate, s.plate_color""",
+        car_park_ids,
     )
     whitelists: dict[str, list[WhitelistedCar]] = {}
     for row in rows:
