@@ -13,6 +13,7 @@ from gate_controller.protocol import Capture
 from parking.runtime import Runtime
 from tests.conftest import (
     Lot,
+    backdate_entry,
     bearer,
     charges_of,
     enter,
@@ -292,6 +293,94 @@ async def test_an_exit_after_the_car_came_back_in_and_left_again_is_not_a_second
     await reject_awaiting(runtime, app, api, lot, charge["id"])
     assert [s["status"] for s in await _stays(runtime, lot, driver.plate)] == ["closed"] * 2
     assert await runtime.occupancy.get(lot.id) == gone
+
+
+async def test_a_rejected_exit_named_as_its_own_vehicle_ends_the_stay_it_is_parked_on(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """Only the gate's clock put the upload in the stay the re-entry superseded, and an
+    operator rejects that charge: the exit was not that stay's. Naming its own vehicle on the
+    rejected exit then ends the stay the car is parked on, priced and charged as the lane
+    prices and charges any exit of it (its clock, behind that stay's entry, proven wrong: at
+    the upload's receipt, not at the naming), and commands no gate. Before, the reject left
+    the earlier stay holding the exit, so the naming was a duplicate of it and the stay parked
+    on stayed open until it became a ghost."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=5))
+    upload = _left_offline(gate, driver.plate, datetime.now(UTC) - timedelta(hours=4))
+    assert (await gate.decide(lot.code, "in1", gate.capture("in", driver.plate)))["action"] == (
+        "open"
+    )
+    await backdate_entry(runtime, lot, driver.plate, timedelta(hours=2))  # parked 2 h since
+    await gate.decide(lot.code, "out1", upload)
+    [charge] = await _charges_of(runtime, lot, driver.account_id)
+    assert charge["status"] == "awaiting_confirmation"
+    inside = await runtime.occupancy.get(lot.id)
+    attendant, exception_id = await reject_awaiting(runtime, app, api, lot, charge["id"])
+    first, now_parked = await _stays(runtime, lot, driver.plate)
+    assert (first["status"], first["exit_capture_id"]) == ("closed", None)
+    assert now_parked["status"] == "open"
+    async with runtime.pool.acquire() as conn:  # uploaded an hour ago, named now
+        await conn.execute(
+            "UPDATE captures SET received_at = received_at - interval '1 hour' "
+            "WHERE capture_id = $1",
+            upload.capture_id,
+        )
+
+    answer = await api.post(
+        f"/api/v1/operator/exceptions/{exception_id}/resolve",
+        json={"plate": driver.plate, "color": "blue"},
+        headers=attendant,
+    )
+
+    assert answer.status_code == 200, answer.text
+    # Parked an hour when the upload reached us: priced then, not when the operator named it.
+    assert (answer.json()["fee_fen"], answer.json()["gate_commanded"]) == (600, False)
+    first, now_parked = await _stays(runtime, lot, driver.plate)
+    assert (first["status"], first["exit_capture_id"]) == ("closed", None)
+    assert (now_parked["status"], now_parked["exit_capture_id"]) == ("closed", upload.capture_id)
+    assert await runtime.occupancy.get(lot.id) == inside - 1
+    [stay_charge] = await _charges_of(runtime, lot, driver.account_id)
+    # Its exit time unwitnessed: confirmed by an operator, as the lane leaves any such charge.
+    assert (stay_charge["amount_fen"], stay_charge["status"]) == (600, "awaiting_confirmation")
+    async with runtime.pool.acquire() as conn:
+        charged_stay = await conn.fetchval(
+            "SELECT id FROM sessions WHERE exit_capture_id = $1", upload.capture_id
+        )
+    assert stay_charge["session_id"] == charged_stay
+
+
+async def test_a_rejected_exit_named_as_another_vehicle_ends_that_vehicles_stay(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """The rejected exit was another parked pay-later car's: naming it ends that car's stay,
+    and that stay alone holds the crossing. Before, the stay the charge was rejected on kept
+    the exit capture too: one crossing, two stays' exit."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(hours=3))
+    upload = _left_offline(gate, driver.plate, datetime.now(UTC) - timedelta(hours=1))
+    await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
+    other = (await make_driver(runtime, unique_plate())).plate
+    await enter(runtime, gate, lot, other, parked_for=timedelta(minutes=10))
+    await gate.decide(lot.code, "out1", upload)
+    [charge] = await _charges_of(runtime, lot, driver.account_id)
+    attendant, exception_id = await reject_awaiting(runtime, app, api, lot, charge["id"])
+
+    answer = await api.post(
+        f"/api/v1/operator/exceptions/{exception_id}/resolve",
+        json={"plate": other, "color": "blue"},
+        headers=attendant,
+    )
+
+    assert answer.status_code == 200, answer.text
+    [others] = await _stays(runtime, lot, other)
+    assert (others["status"], others["exit_capture_id"]) == ("closed", upload.capture_id)
+    assert [
+        (s["status"], s["exit_capture_id"]) for s in await _stays(runtime, lot, driver.plate)
+    ] == [
+        ("closed", None),
+        ("open", None),
+    ]
 
 
 async def test_an_exit_the_gates_live_captures_put_after_the_re_entry_is_the_later_stays(

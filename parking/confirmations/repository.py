@@ -165,9 +165,12 @@ async def reopen_stay(conn: asyncpg.Connection, session_id: int) -> bool | None:
 
 
 async def unattribute_stay(conn: asyncpg.Connection, session_id: int) -> None:
-    """The stay stays closed but is nobody's: its fee was never charged."""
+    """The stay stays closed but is nobody's: its fee was never charged. Nor is the exit its
+    any more: the capture waits for the right plate, and may be another stay's exit (its
+    vehicle's later stay, when only the gate's clock put it in this one)."""
     await conn.execute(
-        "UPDATE sessions SET account_id = NULL, settlement = 'operator' WHERE id = $1",
+        """UPDATE sessions SET account_id = NULL, settlement = 'operator', exit_capture_id = NULL
+           WHERE id = $1""",
         session_id,
     )
 

@@ -151,8 +151,9 @@ async def disown_stay(conn: asyncpg.Connection, charge: repo.AwaitingCharge) -> 
     """A charge that was awaiting was not the bound vehicle's (an operator rejected it, or
     agreed with the driver's "not my car"): its stay is opened again (its car may still be
     inside; its entry no longer counts as certain nor proven) unless its vehicle has another
-    open stay here, in which case it stays closed and nobody's; the exit capture waits in the
-    exception queue ('rejected') for an operator to give the right plate."""
+    open stay here, in which case it stays closed and nobody's; the exit capture is no longer
+    the stay's and waits in the exception queue ('rejected') for an operator to give the right
+    plate (its own vehicle's: then it ends the stay the car is parked on, as the lane decides)."""
     counted_in = await repo.reopen_stay(conn, charge.session_id)
     if counted_in is None:
         await repo.unattribute_stay(conn, charge.session_id)

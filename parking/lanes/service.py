@@ -150,14 +150,16 @@ class LaneService:
         received_at: datetime | None = None,
     ) -> Decision:
         """`received_at`: when a capture decided again later (an operator's resolve) reached
-        us; None for one decided as it arrives."""
+        us; None for one decided as it arrives. An offline capture's gate time is bounded by
+        that receipt, not by the decision: the car had left by then, and a stay is never priced
+        up to the moment an operator got to it."""
         # Offline uploads happened earlier, when the gate decided alone; live ones happen now,
         # or happened when they reached us if decided again later. Never later than now: a
         # gate clock ahead proves nothing (see edges.bounded_gate_time).
         at = min(capture.captured_at, now) if capture.offline else (received_at or now)
         if capture.direction == "in":
             return await self._entry(conn, gate, capture, reading, at, now, received_at)
-        return await self._exit(conn, gate, capture, reading, at, now)
+        return await self._exit(conn, gate, capture, reading, at, now, received_at or now)
 
     def certain(self, reading: PlateReading) -> bool:
         return is_certain(reading, self.certainty)
@@ -183,7 +185,7 @@ class LaneService:
         if plate is None:
             return await self._exception(conn, gate, capture, reading, now, "unreadable")
         if capture.offline:
-            at = (await self._gate_time(conn, gate, capture, now, None)).at
+            at = (await self._gate_time(conn, gate, capture, received_at or now, None)).at
         # The vehicle is (plate, colour); a read without a colour (or with one the plate's
         # grammar rules out) is kept under the grammar's colour and is not certain.
         color = identity_color(plate, reading.color)
@@ -340,6 +342,7 @@ class LaneService:
         reading: PlateReading,
         at: datetime,
         now: datetime,
+        received: datetime,
     ) -> Decision:
         if capture.offline and (
             paid := await self._paid_at_booth(conn, gate, capture, reading, now)
@@ -348,7 +351,9 @@ class LaneService:
         resolved = await self._resolve_exit(conn, gate, reading, at)
         if capture.offline:
             resolved = await self._before_reentry(conn, gate, capture, resolved)
-        decision = await self._exit_resolved(conn, gate, capture, reading, at, now, resolved)
+        decision = await self._exit_resolved(
+            conn, gate, capture, reading, at, now, received, resolved
+        )
         if resolved.reopened:
             # Counted out at the refuted exit; this exit's own change follows.
             return replace(decision, occupancy_delta=decision.occupancy_delta + resolved.reopened)
@@ -420,6 +425,7 @@ class LaneService:
         reading: PlateReading,
         at: datetime,
         now: datetime,
+        received: datetime,
         resolved: _Exit,
     ) -> Decision:
         resolution = resolved.resolution
@@ -438,7 +444,7 @@ class LaneService:
         if capture.offline:
             # A gate's clock is not trusted blindly: bounded by what the server can prove.
             taken = await self._gate_time(
-                conn, gate, capture, now, resolved.session, resolved.ends_by
+                conn, gate, capture, received, resolved.session, resolved.ends_by
             )
             at, earliest_at = taken.at, taken.earliest
             if not resolved.time_proven and earliest_at is None and resolved.session:
