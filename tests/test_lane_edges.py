@@ -27,6 +27,7 @@ from tests.conftest import (
     eventually,
     make_driver,
     make_staff,
+    reject_awaiting,
     staff_token,
     stay_debt,
     unique_plate,
@@ -630,6 +631,94 @@ async def test_a_stay_whose_plate_entered_elsewhere_since_is_a_ghost(
     [ghost] = await _exceptions(runtime, lot, "ghost_stay")
     assert ghost["candidates"][0]["why"] == "seen_elsewhere"
     assert await _exceptions(runtime, elsewhere, "ghost_stay") == []
+
+
+@pytest.mark.parametrize("how", ["exit", "offline_exit", "re_entry"])
+async def test_a_ghost_stay_that_ends_resolves_its_exception_and_nobody_acts_on_it_again(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI, how: str
+) -> None:
+    """The sweep filed a stay as a ghost; then its car's exit read comes (live, or uploaded by a
+    gate that was offline), or the car enters again. The stay has ended: its ghost exception is
+    resolved with it (audit-logged), and an operator's action on it (deciding it, opening its
+    gate by hand) is a 409 that changes nothing. Before, the exception stayed open for a stay
+    that had ended, and opening its gate by hand lifted a barrier nobody waited at."""
+    driver = await make_driver(runtime, unique_plate(), limit_fen=10_000_000)
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(days=8))
+    await ghosts.sweep_ghost_stays(runtime.pool, datetime.now(UTC))
+    [ghost] = await _exceptions(runtime, lot, "ghost_stay")
+    if how == "exit":
+        await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+    elif how == "offline_exit":
+        await gate.decide(lot.code, "out1", _offline(gate, driver.plate, "open"))
+    else:
+        await gate.decide(lot.code, "in1", gate.capture("in", driver.plate))
+    stay = await _stay(runtime, lot, driver.plate)
+    assert stay["status"] == ("superseded" if how == "re_entry" else "closed")
+
+    [ghost] = await _exceptions(runtime, lot, "ghost_stay")
+    assert ghost["status"] == "resolved"
+    async with runtime.pool.acquire() as conn:
+        logged = await conn.fetch(
+            "SELECT actor, detail FROM audit_log WHERE action = 'lane_exception.resolved' "
+            "AND subject = $1",
+            f"lane_exception:{ghost['id']}",
+        )
+    assert [(r["detail"]["reason"], r["detail"]["session_id"]) for r in logged] == [
+        ("ghost_stay", stay["id"])
+    ]
+
+    attendant = await _attendant(runtime, app, lot)
+    decided = await api.post(
+        f"/api/v1/operator/exceptions/{ghost['id']}/resolve",
+        json={"plate": driver.plate, "color": "blue"},
+        headers=attendant,
+    )
+    opened = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/gates/in1/open",
+        json={"reason": "车辆早已离场", "capture_id": str(ghost["capture_id"])},
+        headers=attendant,
+    )
+    for answer in (decided, opened):
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["error"]["code"] == "stay_ended"
+    assert [dict(e) for e in await _exceptions(runtime, lot, "ghost_stay")] == [dict(ghost)]
+    assert dict(await _stay(runtime, lot, driver.plate)) == dict(stay)
+    async with runtime.pool.acquire() as conn:
+        gate_opened = await conn.fetchval(
+            "SELECT count(*) FROM audit_log "
+            "WHERE action = 'gate.opened' AND detail->>'car_park' = $1",
+            lot.code,
+        )
+    assert gate_opened == 0
+
+
+async def test_a_ghost_stay_opened_again_by_a_rejected_charge_is_a_ghost_for_a_person_again(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """The exit that ended a ghost stay was not its car's: an operator rejects its charge and
+    the stay is open again. Its ghost exception, resolved by that exit, is open again too (the
+    sweep files a stay once: without it the stay would stay open unseen)."""
+    driver = await make_driver(runtime, unique_plate(), limit_fen=10_000_000)
+    # A doubtful entry read: the exit's charge waits for an operator (no frames to verify it).
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(days=8), confidence=0.9)
+    await ghosts.sweep_ghost_stays(runtime.pool, datetime.now(UTC))
+    await gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+    [charge] = [c for c in await charges_of(runtime, lot) if c["account_id"] == driver.account_id]
+    assert charge["status"] == "awaiting_confirmation"
+    assert [e["status"] for e in await _exceptions(runtime, lot, "ghost_stay")] == ["resolved"]
+
+    await reject_awaiting(runtime, app, api, lot, charge["id"])
+
+    assert (await _stay(runtime, lot, driver.plate))["status"] == "open"
+    [ghost] = await _exceptions(runtime, lot, "ghost_stay")
+    assert (ghost["status"], ghost["resolved_by"]) == ("open", None)
+    async with runtime.pool.acquire() as conn:
+        reopened = await conn.fetchval(
+            "SELECT count(*) FROM audit_log WHERE action = 'lane_exception.reopened' "
+            "AND subject = $1",
+            f"lane_exception:{ghost['id']}",
+        )
+    assert reopened == 1
 
 
 @pytest.mark.parametrize("swept", [True, False])

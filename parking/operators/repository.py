@@ -247,6 +247,18 @@ async def exception_for_update(
     return HeldCapture(**dict(row)) if row else None
 
 
+async def ghost_stay_ended(conn: asyncpg.Connection, capture_id: UUID) -> bool:
+    """Whether the capture's ghost exception, if it has one, is about a stay that has ended
+    since (the exception was resolved with it: migration 0053)."""
+    ended: bool | None = await conn.fetchval(
+        """SELECT s.status <> 'open' FROM lane_exceptions e
+           JOIN sessions s ON s.id = (e.candidates -> 0 ->> 'session_id')::bigint
+           WHERE e.capture_id = $1 AND e.reason = 'ghost_stay'""",
+        capture_id,
+    )
+    return bool(ended)
+
+
 async def mark_exception_resolved(
     conn: asyncpg.Connection, capture_id: UUID, plate: str | None, actor: str
 ) -> int | None:

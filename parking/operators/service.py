@@ -77,6 +77,14 @@ _ABOUT_A_STAY = frozenset({"unpaid_exit", "offline_booth", "offline_exit", "ghos
 # occupancy, and commands no gate: an open command would wait unused at a barrier with
 # nobody in front of it (or lift it for whoever is).
 _CAR_GONE = frozenset({"rejected"})
+# A ghost stay that has ended since (its exit came, or its vehicle entered again): its exception
+# was resolved with it, and nothing an operator does to it may close, charge or open anything.
+_STAY_ENDED = AppError(
+    409,
+    "stay_ended",
+    "the ghost stay has ended since (its exit or its vehicle's return was recorded): "
+    "nothing is left to do",
+)
 REVENUE_COLUMNS = tuple(RevenueLine.model_fields)
 _LONGEST_REPORT = timedelta(days=366)
 _DEFAULT_REPORT = timedelta(days=29)  # the last 30 days, both ends included
@@ -390,6 +398,8 @@ async def resolve_exception(
     held = await repo.exception_for_update(conn, _operator_id(principal), exception_id)
     if held is None:
         raise NotFound("exception")
+    if held.reason == "ghost_stay" and await repo.ghost_stay_ended(conn, held.capture_id):
+        raise _STAY_ENDED
     if held.exception_status != "open":
         raise AppError(409, "already_resolved", "this exception has already been resolved")
     if held.reason in _ABOUT_A_STAY:
@@ -500,6 +510,8 @@ async def open_gate(
         held = await repo.capture_at_gate(conn, gate["id"], request.capture_id)
         if held is None:
             raise NotFound("capture")
+        if await repo.ghost_stay_ended(conn, held.capture_id):
+            raise _STAY_ENDED
         stay = held.stay
         if held.direction == "out" and stay is not None and stay.status == "open":
             terms = await lanes_repo.stay_terms(conn, stay.id)
