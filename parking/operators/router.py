@@ -223,8 +223,10 @@ async def resolve_exception(
     """The attendant chooses or types the plate and names its colour (a green plate's eight
     characters may leave it out): the held capture is decided again with that vehicle
     and the gate gets the new command (not for a rejected charge's exit: that car left long
-    ago, `gate_commanded` false). 409 `already_resolved`; 409 `no_open_stay` when no car
-    with that plate is parked there (check the plate, or open the gate by hand)."""
+    ago, `gate_commanded` false). Naming its own vehicle on a rejected exit its stay's
+    vehicle entered again after ends the stay it is parked on. 409 `already_resolved`; 409
+    `no_open_stay` when no car with that plate is parked there (check the plate, or open the
+    gate by hand); 409 `stay_ended` for a ghost stay's exception once the stay has ended."""
     async with runtime.pool.acquire() as conn, conn.transaction():
         resolved, effect = await service.resolve_exception(
             conn,
@@ -248,7 +250,7 @@ async def open_gate(
 ) -> Opened:
     """Opens a gate by hand, for the reason given (audit-logged). With the `capture_id` of a
     held exit, its stay is closed with settlement 'operator': the fee is recorded, not
-    charged."""
+    charged. 409 `stay_ended` with the capture of a ghost stay that has ended since."""
     async with runtime.pool.acquire() as conn, conn.transaction():
         opened, effect = await service.open_gate(
             conn,
