@@ -756,7 +756,7 @@ async def test_a_gate_online_drops_an_unbound_plate_and_a_deleted_accounts_at_on
 ) -> None:
     """A plate unbound, or its account deleted, is off the whitelist of the gates of the car
     park where it is parked as soon as that commits: the lane service republishes that car
-    park's lists when told (migration 0053), not only at its next round (an hour here; 60 s by
+    park's lists when told (migration 0054), not only at its next round (an hour here; 60 s by
     default). Before, a gate kept letting the car out on pay-later offline until then, and the
     exit ended unpaid in the exception queue."""
     unbinding, deleting, staying = [await make_driver(runtime, unique_plate()) for _ in range(3)]

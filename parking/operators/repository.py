@@ -249,7 +249,7 @@ async def exception_for_update(
 
 async def ghost_stay_ended(conn: asyncpg.Connection, capture_id: UUID) -> bool:
     """Whether the capture's ghost exception, if it has one, is about a stay that has ended
-    since (the exception was resolved with it: migration 0053)."""
+    since (the exception was resolved with it: migration 0055)."""
     ended: bool | None = await conn.fetchval(
         """SELECT s.status <> 'open' FROM lane_exceptions e
            JOIN sessions s ON s.id = (e.candidates -> 0 ->> 'session_id')::bigint
