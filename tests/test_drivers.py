@@ -108,13 +108,16 @@ async def _insert_stay(
     minutes: int | None = 90,
     account_id: int | None = None,
     color: str = "blue",
+    entry_certain: bool = True,
 ) -> int:
-    """A stay as the lanes would have stored it (closed after `minutes`, or still open)."""
+    """A stay as the lanes would have stored it (closed after `minutes`, or still open);
+    `entry_certain=False`: its entry read was not sure of the vehicle (its colour, say, only
+    guessed from the characters)."""
     async with runtime.pool.acquire() as conn:
         stay_id: int = await conn.fetchval(
             """INSERT INTO sessions (car_park_id, plate, plate_color, status, entered_at,
-                                     exited_at, fee_fen, account_id, settlement)
-               VALUES ($1, $2, $9, $3, $4, $5, $6, $7, $8) RETURNING id""",
+                                     exited_at, fee_fen, account_id, settlement, entry_certain)
+               VALUES ($1, $2, $9, $3, $4, $5, $6, $7, $8, $10) RETURNING id""",
             lot.id,
             plate,
             "open" if minutes is None else "closed",
@@ -124,6 +127,7 @@ async def _insert_stay(
             account_id,
             None if minutes is None else "paid_at_gate",
             color,
+            entry_certain,
         )
     return stay_id
 
@@ -323,6 +327,58 @@ async def test_the_yellow_and_the_blue_plate_of_one_text_are_two_vehicles(
         await conn.execute("UPDATE sessions SET plate_color = 'yellow' WHERE id = $1", blue_stay)
     assert await _stay_ids(api, car_owner) == []
     assert await _stay_ids(api, lorry_owner) == [blue_stay]
+
+
+async def test_a_stay_not_surely_of_the_vehicle_is_shown_only_with_evidence_it_is_the_drivers(
+    api: httpx.AsyncClient,
+    app: FastAPI,
+    runtime: Runtime,
+    registry: DevRegistry,
+    lot: Lot,
+) -> None:
+    """A stay whose entry read did not name the vehicle surely (its colour was not read: the
+    lane files it under the colour the characters' form suggests, blue) may be the yellow
+    浙A12345's: the blue one's holder sees it only when it is charged to them, or when the
+    characters settle the colour (a small new-energy plate's eight: green). Before, every stay
+    of the characters filed under the binding's colour was shown, so the blue car's holder saw
+    where and when the yellow lorry parked."""
+    car_id, car_owner = await _new_driver(runtime, app)
+    _, lorry_owner = await _new_driver(runtime, app)
+    plate = unique_plate()
+    registry.register(plate, "yellow", "LORRY-LIC", "货车车主")
+    await _bind(api, car_owner, registry, plate)
+    lorry = await api.post(
+        "/api/v1/me/plates",
+        json=_claim(plate, "LORRY-LIC", "货车车主", color="yellow"),
+        headers=lorry_owner,
+    )
+    assert lorry.status_code == 201, lorry.text
+    green = _green_plate()
+    bound = await api.post(
+        "/api/v1/me/plates",
+        json=_claim(green, dev_licence_no(green), color="green"),
+        headers=car_owner,
+    )
+    assert bound.status_code == 201, bound.text
+    start = datetime.now(UTC) + timedelta(seconds=1)
+
+    guessed = await _insert_stay(runtime, lot, plate, start, entry_certain=False)
+    sure = await _insert_stay(runtime, lot, plate, start + timedelta(minutes=1))
+    charged = await _insert_stay(
+        runtime, lot, plate, start + timedelta(minutes=2), account_id=car_id, entry_certain=False
+    )
+    settled = await _insert_stay(
+        runtime, lot, green, start + timedelta(minutes=3), color="green", entry_certain=False
+    )
+
+    assert await _stay_ids(api, car_owner) == [settled, charged, sure]
+    assert await _stay_ids(api, lorry_owner) == []
+    for path in ("", "/frames/entry"):
+        shown = await api.get(f"/api/v1/me/stays/{guessed}{path}", headers=car_owner)
+        assert _error(shown) == (404, "stay_not_found")
+    assert (await api.get(f"/api/v1/me/stays/{settled}", headers=car_owner)).status_code == 200
+    exported = (await api.get("/api/v1/me/export", headers=car_owner)).json()
+    assert sorted(s["id"] for s in exported["stays"]) == sorted([sure, charged, settled])
 
 
 async def test_unbinding_is_for_the_own_bindings_only(
