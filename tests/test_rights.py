@@ -337,6 +337,47 @@ async def test_suspend_resume_cancel_and_list(
     assert (await api.post(f"{base}/cancel", headers=other_admin)).status_code == 404
 
 
+async def test_rights_are_listed_by_vehicle_colour_and_characters(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, lot: Lot
+) -> None:
+    """`?plate=&color=` names a vehicle: a blue and a yellow 浙A12345 are two, and each right
+    is listed for its own. Before, the colour only checked the plate's form: both were listed
+    for either colour, and a green plate's eight characters without `color` were refused as no
+    blue plate."""
+    admin = await _admin(runtime, app, lot)
+    spec = await _spec(api, admin, kind="free_passage")
+    plate = unique_plate()
+    now = datetime.now(UTC)
+    ids = {}
+    for color in ("blue", "yellow"):
+        made = await api.post(
+            "/api/v1/operator/rights",
+            json={
+                "spec_id": spec,
+                "vehicles": [{"plate": plate, "color": color}],
+                "valid_from": (now - timedelta(days=1)).isoformat(),
+                "valid_until": (now + timedelta(days=30)).isoformat(),
+            },
+            headers=admin,
+        )
+        assert made.status_code == 201, made.text
+        ids[color] = made.json()["id"]
+
+    async def listed(**params: str) -> httpx.Response:
+        return await api.get("/api/v1/operator/rights", params=params, headers=admin)
+
+    for color in ("blue", "yellow"):
+        shown = await listed(plate=plate, color=color)
+        assert [r["id"] for r in shown.json()] == [ids[color]], color
+    assert [r["id"] for r in (await listed(plate=plate)).json()] == [ids["blue"], ids["yellow"]]
+    assert (await listed(plate=plate, color="white")).json() == []
+    assert (await listed(plate=f"浙AD{plate[-5:]}")).json() == [], "a green plate's form"
+    for params in ({"plate": plate, "color": "red"}, {"plate": plate, "color": "green"}):
+        refused = await listed(**params)
+        assert refused.status_code == 422, params
+        assert refused.json()["error"]["code"] == "invalid_request", params
+
+
 async def test_bad_requests_change_nothing(
     runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, lot: Lot
 ) -> None:

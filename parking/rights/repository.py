@@ -112,21 +112,26 @@ async def rights(
     *,
     status: str | None,
     plate: str | None,
+    color: str | None,
     after_id: int,
     limit: int,
 ) -> list[asyncpg.Record]:
+    """The company's rights by id, of one status and of the vehicles whose characters and
+    colour are given (each filter only when given)."""
     rows: list[asyncpg.Record] = await conn.fetch(
         f"""SELECT {_RIGHT_COLUMNS} FROM assigned_rights ar
             JOIN right_specs sp ON sp.id = ar.spec_id
             WHERE ar.operator_id = $1 AND ($2::text IS NULL OR ar.status = $2)
-              AND ($3::text IS NULL OR EXISTS (
+              AND (($3::text IS NULL AND $4::text IS NULL) OR EXISTS (
                   SELECT 1 FROM assigned_right_plates rp
-                  WHERE rp.right_id = ar.id AND rp.plate = $3))
-              AND ar.id > $4
-            ORDER BY ar.id LIMIT $5""",
+                  WHERE rp.right_id = ar.id AND ($3::text IS NULL OR rp.plate = $3)
+                    AND ($4::text IS NULL OR rp.color = $4)))
+              AND ar.id > $5
+            ORDER BY ar.id LIMIT $6""",
         operator_id,
         status,
         plate,
+        color,
         after_id,
         limit,
     )

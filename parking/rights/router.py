@@ -5,6 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
 
+from gate_controller.protocol import PlateColor
 from parking.auth.principal import OperatorAdminDep, OperatorDep
 from parking.deps import ConnectionDep
 from parking.errors import AppError
@@ -55,18 +56,20 @@ async def list_rights(
     conn: ConnectionDep,
     status: RightStatus | None = None,
     plate: Annotated[str | None, Query(min_length=1, max_length=20)] = None,
-    color: Annotated[str, Query(pattern="^(blue|green|yellow|white|black)$")] = "blue",
+    color: PlateColor | None = None,
     after_id: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[Right]:
-    """The company's rights by id (page with `after_id`), optionally of one status or plate."""
+    """The company's rights by id (page with `after_id`), optionally of one status, or of one
+    vehicle: `plate` and `color` (a blue and a yellow 浙A12345 are two vehicles; without
+    `color`, the rights of the characters in any colour)."""
     if plate is not None:
         try:
             plate = plate_of(plate, color)
         except ValueError as exc:
             raise AppError(422, "invalid_request", str(exc)) from exc
     return await service.list_rights(
-        conn, operator, status=status, plate=plate, after_id=after_id, limit=limit
+        conn, operator, status=status, plate=plate, color=color, after_id=after_id, limit=limit
     )
 
 

@@ -39,11 +39,13 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def plate_of(value: str, color: str) -> str:
-    """The canonical plate text, or ValueError when it is no plate of that colour."""
+def plate_of(value: str, color: str | None) -> str:
+    """The canonical plate text, or ValueError when it is no plate of that colour (of any
+    colour when None)."""
     plate = normalise(value)
     if plate is None or not is_valid(plate, color):
-        raise ValueError(f"not a valid {color} Chinese licence plate")
+        kind = f"{color} " if color else ""
+        raise ValueError(f"not a valid {kind}Chinese licence plate")
     return plate
 
 

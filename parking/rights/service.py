@@ -164,11 +164,18 @@ async def list_rights(
     *,
     status: RightStatus | None,
     plate: str | None,
+    color: str | None,
     after_id: int,
     limit: int,
 ) -> list[Right]:
     rows = await repo.rights(
-        conn, company_of(principal), status=status, plate=plate, after_id=after_id, limit=limit
+        conn,
+        company_of(principal),
+        status=status,
+        plate=plate,
+        color=color,
+        after_id=after_id,
+        limit=limit,
     )
     return [Right(**dict(r)) for r in rows]
 
