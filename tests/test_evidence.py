@@ -739,6 +739,52 @@ async def test_an_operators_refund_with_a_long_reason_reaches_the_provider(
     await _refunded_in_full(quiet, provider, charge["idempotency_key"])
 
 
+async def test_deleting_the_account_withdraws_its_open_disputes(
+    quiet: Runtime,
+    quiet_api: tuple[FastAPI, httpx.AsyncClient],
+    gate: GateProbe,
+    provider: ProviderEndpoint,
+) -> None:
+    """A driver who deletes their account while a "not my car" of a collected charge waits
+    (nothing owed, nothing in flight: deleting is allowed) withdraws it, audit-logged: it
+    leaves the operators' queue, and no decision can refund or notify the deleted account.
+    Before, it stayed open for an operator to decide."""
+    app, api = quiet_api
+    lot, driver, stay_id, charge = await _collected_stay(quiet, gate)
+    dispute_id = await _disputed(api, app, driver, stay_id)
+    deleted = await api.delete("/api/v1/me", headers=bearer(driver_token(app, driver.account_id)))
+    assert deleted.status_code == 204, deleted.text
+
+    admin = bearer(staff_token(app, await make_staff(quiet, lot.operator_id, "admin")))
+    queue = await api.get("/api/v1/operator/disputes", params={"status": "open"}, headers=admin)
+    assert queue.status_code == 200 and queue.json() == []
+    shown = (await api.get(f"/api/v1/operator/disputes/{dispute_id}", headers=admin)).json()
+    assert (shown["status"], shown["decided_by"]) == ("withdrawn", "account_deleted")
+    decided = await api.post(
+        f"/api/v1/operator/disputes/{dispute_id}/decision",
+        json={"outcome": "driver_right", "note": "another car"},
+        headers=admin,
+    )
+    assert decided.status_code == 409 and error_code(decided) == "already_decided"
+    await run_worker(quiet)
+    async with quiet.pool.acquire() as conn:
+        audited = await conn.fetch(
+            "SELECT actor, action FROM audit_log WHERE subject = $1 ORDER BY id",
+            f"charge_dispute:{dispute_id}",
+        )
+        refunds = await conn.fetchval(
+            "SELECT count(*) FROM refunds WHERE charge_id = $1", charge["id"]
+        )
+    actor = f"account:{driver.account_id}"
+    assert [(r["actor"], r["action"]) for r in audited] == [
+        (actor, "charge_dispute.opened"),
+        (actor, "charge_dispute.withdrawn"),
+    ]
+    assert refunds == 0
+    order = await provider_order(provider.url, charge["idempotency_key"])
+    assert order is not None and order["refunded_fen"] == 0
+
+
 async def test_a_deleted_accounts_receipt_links_lead_nowhere(
     runtime: Runtime, gate: GateProbe, lot: Lot, app: FastAPI, api: httpx.AsyncClient
 ) -> None:

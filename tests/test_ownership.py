@@ -233,6 +233,53 @@ async def test_a_claimant_binding_the_plate_its_holder_let_go_ends_its_own_claim
     assert status == "withdrawn"
 
 
+async def test_deleting_an_account_withdraws_its_claims_and_those_of_its_vehicles(
+    api: httpx.AsyncClient, app: FastAPI, runtime: Runtime
+) -> None:
+    """The holder deletes their account: the claim of their vehicle is withdrawn, audit-logged,
+    out of the platform's queue, and its claimant is told the vehicle is free to bind (it
+    binds at once). The holder's own claim of another vehicle is withdrawn too, audit-logged,
+    its holder not told (never told of it). Before, both were withdrawn with no audit entry and
+    the claimant never heard of it."""
+    plate, holder_id, holder, claimant_id, claimant, dispute_id = await _open_dispute(
+        api, runtime, app
+    )
+    other_plate = unique_plate()
+    other_id, other = await _driver(runtime, app)
+    assert (
+        await _claim_plate(api, other, _claim(other_plate, dev_licence_no(other_plate)))
+    ).status_code == 201
+    own = await _claim_plate(api, holder, _claim(other_plate, dev_licence_no(other_plate)))
+    assert _error(own) == (409, "plate_disputed")
+    own_id = own.json()["error"]["details"]["dispute_id"]
+
+    assert (await api.delete("/api/v1/me", headers=holder)).status_code == 204
+
+    platform = await _platform(runtime, app)
+    queued = [c["id"] for c in (await api.get(CLAIMS, headers=platform)).json()]
+    assert dispute_id not in queued and own_id not in queued
+    async with runtime.pool.acquire() as conn:
+        audited = await conn.fetch(
+            """SELECT actor, action, subject FROM audit_log
+               WHERE subject = ANY($1::text[]) ORDER BY id""",
+            [f"plate_dispute:{dispute_id}", f"plate_dispute:{own_id}"],
+        )
+        statuses = await conn.fetch(
+            "SELECT status FROM plate_disputes WHERE id = ANY($1::bigint[])", [dispute_id, own_id]
+        )
+    assert {r["status"] for r in statuses} == {"withdrawn"}
+    assert sorted((r["actor"], r["action"], r["subject"]) for r in audited) == sorted(
+        [
+            (f"account:{holder_id}", "plate_dispute.withdrawn", f"plate_dispute:{dispute_id}"),
+            (f"account:{holder_id}", "plate_dispute.withdrawn", f"plate_dispute:{own_id}"),
+        ]
+    )
+    assert "plate_ownership_released" in await _notifications(runtime, claimant_id)
+    assert "plate_ownership_released" not in await _notifications(runtime, other_id)
+    bound = await _claim_plate(api, claimant, _claim(plate, dev_licence_no(plate), "买家"))
+    assert bound.status_code == 201, bound.text
+
+
 async def test_the_platform_decides_for_the_claimant_with_both_sides_evidence_in_front_of_them(
     api: httpx.AsyncClient, app: FastAPI, runtime: Runtime, lot: Lot
 ) -> None:

@@ -230,6 +230,17 @@ async def debt_payment_left(conn: asyncpg.Connection, session_id: int) -> tuple[
     return (row["id"], row["left_fen"]) if row is not None and row["left_fen"] > 0 else None
 
 
+async def withdraw_of_account(conn: asyncpg.Connection, account_id: int) -> list[int]:
+    """Withdraws the account's open disputes as it is deleted; their ids."""
+    rows = await conn.fetch(
+        """UPDATE charge_disputes SET status = 'withdrawn', decided_at = now(),
+                  decided_by = 'account_deleted'
+           WHERE account_id = $1 AND status = 'open' RETURNING id""",
+        account_id,
+    )
+    return [r["id"] for r in rows]
+
+
 async def mark_decided(
     conn: asyncpg.Connection,
     dispute_id: int,

@@ -9,7 +9,8 @@ from pydantic import BaseModel, Field
 from parking.confirmations.schemas import CameraReadSummary
 from parking.text import NO_NUL
 
-DisputeStatus = Literal["open", "driver_right", "charge_stands"]
+# `withdrawn`: the driver deleted their account before an operator decided.
+DisputeStatus = Literal["open", "driver_right", "charge_stands", "withdrawn"]
 Outcome = Literal["driver_right", "charge_stands"]
 # What is disputed: a stay's charge, a missed stay's debt (no charge behind it), or a charge
 # that was awaiting and was deleted when the driver was right (its stay opened again).

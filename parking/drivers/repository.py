@@ -433,14 +433,19 @@ async def unbind_all(conn: asyncpg.Connection, account_id: int) -> None:
     )
 
 
-async def withdraw_disputes(conn: asyncpg.Connection, account_id: int) -> None:
-    """Open disputes the account made or was the holder in: its bindings are gone."""
-    await conn.execute(
+async def withdraw_plate_disputes(
+    conn: asyncpg.Connection, account_id: int
+) -> list[asyncpg.Record]:
+    """Open ownership disputes the account made or was the holder in (its bindings are gone):
+    withdrawn; their id, vehicle and the claimant's account."""
+    rows: list[asyncpg.Record] = await conn.fetch(
         """UPDATE plate_disputes SET status = 'withdrawn', resolved_at = now(),
                   resolved_by = 'account_deleted'
-           WHERE status = 'open' AND (claimant_account_id = $1 OR holder_account_id = $1)""",
+           WHERE status = 'open' AND (claimant_account_id = $1 OR holder_account_id = $1)
+           RETURNING id, plate, color, claimant_account_id""",
         account_id,
     )
+    return rows
 
 
 async def erase_notifications(conn: asyncpg.Connection, account_id: int) -> None:

@@ -487,6 +487,33 @@ async def export(conn: asyncpg.Connection, account_id: int) -> Export:
     )
 
 
+async def _withdraw_disputes(conn: asyncpg.Connection, account_id: int) -> None:
+    """What the account disputed, and the claims of vehicles it held, end with it, each
+    audit-logged: no operator decides for an account that is gone. A claimant whose claim
+    was of this account's vehicle is told the vehicle is free to bind."""
+    actor = f"account:{account_id}"
+    reason = {"reason": "account_deleted"}
+    # Deleting waited for disputed charges and debts to settle: nothing these held is held.
+    for dispute_id in await disputes_repo.withdraw_of_account(conn, account_id):
+        await audit.record(
+            conn, actor, "charge_dispute.withdrawn", f"charge_dispute:{dispute_id}", reason
+        )
+    for claim in await repo.withdraw_plate_disputes(conn, account_id):
+        await audit.record(
+            conn, actor, "plate_dispute.withdrawn", f"plate_dispute:{claim['id']}", reason
+        )
+        if claim["claimant_account_id"] != account_id:
+            vehicle = ownership.vehicle_text(claim["plate"], claim["color"])
+            await messages.enqueue(
+                conn,
+                account_id=claim["claimant_account_id"],
+                kind="plate_ownership_released",
+                source_key=f"plate-dispute:{claim['id']}:claimant",
+                body=f"{vehicle}已不再绑定在其他账户，您的归属申请已结束；"
+                "如需绑定，请在App中重新添加该车牌。",
+            )
+
+
 async def delete_account(conn: asyncpg.Connection, account_id: int) -> None:
     """Erases the account's personal data in the request's one transaction. Money records
     (stays, charges, payments, debts, refunds, the ledger) are kept, as the law requires, but
@@ -501,7 +528,7 @@ async def delete_account(conn: asyncpg.Connection, account_id: int) -> None:
     await repo.unbind_all(conn, account_id)
     await agreements.cancel(conn, account_id)
     await auth_repo.revoke_subject(conn, f"account:{account_id}")
-    await repo.withdraw_disputes(conn, account_id)
+    await _withdraw_disputes(conn, account_id)
     await repo.erase_notifications(conn, account_id)
     await repo.delete_sign_in_codes(conn, row["phone"])
     await audit.record(
