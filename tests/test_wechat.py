@@ -778,6 +778,28 @@ def _emulator_url(runtime: Runtime) -> str:
     return provider._base_url
 
 
+async def test_only_an_entry_surely_read_is_registered_with_wechat(
+    settings: Settings, database_url: str, gate: GateProbe
+) -> None:
+    """WeChat tells a plate's user that their car came in when the stay is registered. An entry
+    read with doubt (a camera's guess below its certain score) may be another vehicle of those
+    characters, or a look-alike: it is not registered; a sure read of the same driver's car is."""
+    async with wechat_runtime(settings, database_url, EmulatorConfig()) as (runtime, _emulator):
+        lot = await create_lot(runtime)
+        doubtful = await _wechat_driver(runtime, unique_plate())
+        sure = await _wechat_driver(runtime, unique_plate())
+        await gate.decide(lot.code, "in1", gate.capture("in", doubtful.plate, confidence=0.93))
+        await gate.decide(lot.code, "in1", gate.capture("in", sure.plate))
+        await entry_registered(runtime, lot, sure.plate)
+        async with runtime.pool.acquire() as conn:
+            queued = await conn.fetch(
+                """SELECT s.plate FROM outbox o JOIN sessions s ON s.id = o.ref_id
+                   WHERE o.kind = 'parking_entry' AND s.car_park_id = $1""",
+                lot.id,
+            )
+        assert [row["plate"] for row in queued] == [sure.plate]
+
+
 async def test_an_entry_answer_never_makes_a_plate_normal_for_a_driver_who_has_no_service(
     settings: Settings, database_url: str, gate: GateProbe
 ) -> None:

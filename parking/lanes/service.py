@@ -238,8 +238,12 @@ class LaneService:
             self.settings.payment_provider == "wechat"
             and stay.pay_later is not None
             and stay.pay_later.agreement_id is not None
+            and self.certain(reading)
         ):
             # The parking rails want each pay-later stay registered at its entry (after commit).
+            # Only a vehicle surely read: WeChat tells the plate's user their car came in, and a
+            # doubtful read (a guessed colour, a look-alike) may be another driver's car. Such a
+            # stay is registered by its deduction, if it comes to one.
             await entries.queue(conn, stay.id)
         debt = stay.pay_later.debt_fen if stay.pay_later else 0
         return self._open(
