@@ -22,8 +22,13 @@ ignored, whoever managed to publish it. A command's expiry is the server's time,
 judges it by the server's clock as best it knows it (`server_now`), not by its own: each signed
 ack it takes carries the server's time of a capture the gate has just sent, and from the latest
 one that came back at once (`_CLOCK_ACK_MAX_ROUND_TRIP_S`) the gate reckons the server's time on
-its own monotonic clock. Before any such ack (after a start) it takes its own clock, as before;
-a gate clock a minute fast would otherwise refuse every fresh 30 s command as expired.
+its own monotonic clock (a gate clock a minute fast would otherwise refuse every fresh 30 s
+command as expired). Before any such answer in a run it takes its own clock, moved back by the
+offset learnt in an earlier run if the clock was fast then (so the first commands after a
+restart are not refused either). And never earlier than the latest signed server time it has
+verified (a config's `issued_at`, a command's, an ack's `received_at`), reckoned on since and
+kept on disk: the server has passed that time, so a gate whose clock is behind (or was reset
+to the epoch) does not take an old signed open for a fresh one.
 
 An opening no signed command explains (the booth's button: `manual_open`) is reported as a
 `manual_open` event, kept on disk until the broker has it, so that operators see every lift of
@@ -40,6 +45,7 @@ import asyncio
 import base64
 import contextlib
 import importlib.metadata
+import math
 import signal
 import sys
 import time
@@ -228,9 +234,17 @@ class GateAgent:
         # Unacked captures by id: when (time.monotonic()) their payload, as it is now, was
         # written in this run (an ack's round trip is counted from there).
         self._written: dict[uuid.UUID, float] = {}
-        # The server's time (epoch seconds) in the latest ack that taught it, and when that ack
-        # arrived (time.monotonic()); None until one did.
+        # The server's time (epoch seconds) in the latest answer that taught it, and when that
+        # answer arrived (time.monotonic()); None until one did in this run.
         self._server_clock: tuple[float, float] | None = None
+        # The floor of the server's time: the latest signed server time verified (or the floor
+        # kept on disk), and when it was taken (time.monotonic()); the server's time is never
+        # earlier than it plus the time since. None until there is one.
+        self._floor: tuple[float, float] | None = None
+        # The offset (server's time less the gate's) learnt in an earlier run, taken until this
+        # run learns one: only a fast clock's (<= 0), which moves the reckoning back from the
+        # gate's own clock and never ahead of it.
+        self._carried_offset_s = 0.0
 
     @property
     def store(self) -> Outbox:
@@ -246,13 +260,16 @@ class GateAgent:
 
     async def start(self) -> None:
         self.outbox = Outbox(self.config.outbox_path)
+        self._load_server_clock()
         abandoned = self.store.abandon_undecided(time.time())
         if abandoned:
             log.warning("agent.undecided_captures_from_last_run", count=abandoned)
         self._load_config()
+        # The config first: its retained copy carries a signed server time (a floor) that is
+        # then known before the commands the broker delivers are judged.
+        await self.mqtt.subscribe(self._topic("config"), self._on_config)
         await self.mqtt.subscribe(self._topic("command"), self._on_command)
         await self.mqtt.subscribe(self._topic("ack"), self._on_ack)
-        await self.mqtt.subscribe(self._topic("config"), self._on_config)
         # The gate works without a broker: do not wait for the connection.
         self._down_since = time.monotonic()
         await self.mqtt.start(wait_connected_s=None)
@@ -441,6 +458,7 @@ class GateAgent:
         answer = self._awaiting.get(command.capture_id)
         refusal = signed_refusal(command, self.whitelist.public_key, self.address)
         if refusal is None:
+            self._raise_floor(command.issued_at)
             if answer is not None and not answer.done():
                 # The server's own answer to the capture just sent: its time, before its
                 # expiry is judged by it.
@@ -504,20 +522,65 @@ class GateAgent:
             await self.display.show(command.display)
 
     def server_now(self) -> datetime:
-        """The server's time as best the gate knows it: the latest teaching ack's `received_at`
-        plus the time elapsed since it arrived, on the monotonic clock (a step of the gate's
-        wall clock changes nothing); the gate's own clock before any such ack."""
-        if self._server_clock is None:
-            return datetime.now(UTC)
-        server_at, arrived = self._server_clock
-        return datetime.fromtimestamp(server_at + time.monotonic() - arrived, UTC)
+        """The server's time as best the gate knows it (see `_reckon`)."""
+        return datetime.fromtimestamp(
+            self._reckon(datetime.now(UTC).timestamp(), time.monotonic()), UTC
+        )
 
     @property
     def clock_offset_s(self) -> float:
-        """The server's time less the gate's, as reckoned (0 before any teaching ack)."""
-        if self._server_clock is None:
-            return 0.0
-        return (self.server_now() - datetime.now(UTC)).total_seconds()
+        """The server's time less the gate's, as reckoned (0 while it is the gate's own)."""
+        wall = datetime.now(UTC).timestamp()
+        return self._reckon(wall, time.monotonic()) - wall
+
+    def _reckon(self, wall: float, monotonic: float) -> float:
+        """The server's time (epoch seconds) when the gate's clocks read `wall` and `monotonic`:
+        the latest teaching answer's time plus the time elapsed since it arrived, on the
+        monotonic clock (a step of the gate's wall clock changes nothing); before any in this
+        run, the gate's own clock plus the carried offset. Never earlier than the floor.
+
+        The carried offset (a restart at a fast gate clock needs it) may be wrong: the gate's
+        clock may have been stepped while the agent was down. Put back, the reckoning falls
+        behind the truth (expired opens look fresh): the floor bounds that, and the offset is
+        dropped once it is below the floor by more than its own error. Put forward, the
+        reckoning runs ahead (fresh commands are refused) and no signed time can show it, each
+        being a lower bound: so only a fast clock's offset (<= 0) is carried, which reckons
+        earlier than the gate's clock and never later. A slow clock's is not (the floor covers
+        what it would)."""
+        floor = self._floor_at(monotonic)
+        if self._server_clock is not None:
+            server_at, arrived = self._server_clock
+            return max(server_at + monotonic - arrived, floor)
+        carried = wall + self._carried_offset_s
+        if carried + _CLOCK_ACK_MAX_ROUND_TRIP_S < floor:
+            carried = wall  # beyond the offset's own error below the floor: proven wrong
+        return max(carried, floor)
+
+    def _floor_at(self, monotonic: float) -> float:
+        if self._floor is None:
+            return -math.inf
+        server_at, taken = self._floor
+        return server_at + monotonic - taken
+
+    def _raise_floor(self, server_time: datetime) -> None:
+        """A signed server time the gate has verified, whatever the message (late, replayed,
+        expired, another capture's): the server's time is at least that from now on."""
+        now = time.monotonic()
+        floor = max(self._floor_at(now), server_time.timestamp())
+        self._floor = (floor, now)
+        self.store.save_clock_floor(floor)
+
+    def _load_server_clock(self) -> None:
+        """What an earlier run knew of the server's clock. Its floor is still a time the server
+        has passed: the floor from now (the time the gate was down is not counted). Its offset
+        is carried when the gate's clock was fast then (see `_reckon`)."""
+        clock = self.store.load_server_clock()
+        if clock is None:
+            return
+        if clock.floor is not None:
+            self._floor = (clock.floor, time.monotonic())
+        if clock.offset_s is not None:
+            self._carried_offset_s = min(clock.offset_s, 0.0)
 
     def _learn_clock(self, server_time: datetime, written: float | None) -> None:
         """Takes the server's time from a signed answer to a capture: the `received_at` of an
@@ -531,12 +594,21 @@ class GateAgent:
         can teach an old time. Its size is not capped: the offset is the server's
         own clock, on which it signs every command's expiry, so following it is consistent
         however wrong the gate's clock is (a capped offset would refuse every command again at
-        exactly the gates whose clocks are worst). A large one is logged as a warning."""
+        exactly the gates whose clocks are worst). A large one is logged as a warning. The
+        offset is kept on disk for the next start (`_reckon`)."""
         arrived = time.monotonic()
         if written is None or arrived - written > _CLOCK_ACK_MAX_ROUND_TRIP_S:
             return
         before = self.clock_offset_s
-        self._server_clock = (server_time.timestamp(), arrived)
+        server_at, wall = server_time.timestamp(), datetime.now(UTC).timestamp()
+        self._server_clock = (server_at, arrived)
+        if self._floor_at(arrived) > server_at + _CLOCK_ACK_MAX_ROUND_TRIP_S:
+            # Above the server's time now: taken from a server clock that has since gone back
+            # (or was wrong ahead). The server's clock is what it signs expiries with: follow
+            # it, or every command would be refused until its time caught up with the floor.
+            self._floor = (server_at, arrived)
+            self.store.save_clock_floor(server_at)
+        self.store.save_clock_offset(server_at - wall)
         after = self.clock_offset_s
         if abs(after - before) > _CLOCK_OFFSET_LOG_STEP_S:
             report = log.warning if abs(after) > _CLOCK_OFFSET_WARN_S else log.info
@@ -556,6 +628,7 @@ class GateAgent:
         now = time.time()
         refusal = signed_refusal(ack, self.whitelist.public_key, self.address)
         if refusal is None:
+            self._raise_floor(ack.received_at)
             outcome = self.store.ack(ack.capture_id, now, ack.payload_sha256)
             if outcome == "absent":
                 return
@@ -584,6 +657,8 @@ class GateAgent:
             self.config_refusals[refusal] += 1
             log.warning("agent.config_refused", why=refusal)
             return
+        if config.issued_at is not None:
+            self._raise_floor(config.issued_at)
         self.store.save_config(message.payload)
         log.info(
             "agent.config_accepted",
@@ -602,6 +677,8 @@ class GateAgent:
         refusal = self.whitelist.offer(config, self.server_now())
         if refusal is not None:
             log.info("agent.stored_config_unusable", why=refusal)
+        elif config.issued_at is not None:
+            self._raise_floor(config.issued_at)
 
     # The link: resends, status
 

@@ -1,5 +1,6 @@
-"""The gate agent's durable local store (SQLite, WAL): its captures, its last valid config and
-the signed messages it has acted on (so that a replay is refused also after a restart).
+"""The gate agent's durable local store (SQLite, WAL): its captures, its last valid config, the
+signed messages it has acted on (so that a replay is refused also after a restart) and what it
+knew of the server's clock.
 
 Every capture is written here, with its `seq`, before it is published, and stays "in the outbox"
 until the server acks it. The row then stays for a day without its payload, as the journal of
@@ -59,7 +60,22 @@ CREATE TABLE IF NOT EXISTS gate_config (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
     payload BLOB NOT NULL
 );
+-- What the gate knew of the server's clock, for its next start (epoch seconds): `floor`, a
+-- signed server time it verified, reckoned on to when it was written (a time the server has
+-- passed, so a lower bound of its time ever after); `offset_s`, the server's time less the
+-- gate's wall clock as last learnt.
+CREATE TABLE IF NOT EXISTS server_clock (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    floor    REAL,
+    offset_s REAL
+);
 """
+
+
+@dataclass(frozen=True, slots=True)
+class ServerClock:
+    floor: float | None
+    offset_s: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +267,26 @@ class Outbox:
     def load_config(self) -> bytes | None:
         row = self._db.execute("SELECT payload FROM gate_config WHERE id = 1").fetchone()
         return bytes(row[0]) if row else None
+
+    def save_clock_floor(self, floor: float) -> None:
+        with self._db:
+            self._db.execute(
+                """INSERT INTO server_clock (id, floor) VALUES (1, ?)
+                   ON CONFLICT (id) DO UPDATE SET floor = excluded.floor""",
+                (floor,),
+            )
+
+    def save_clock_offset(self, offset_s: float) -> None:
+        with self._db:
+            self._db.execute(
+                """INSERT INTO server_clock (id, offset_s) VALUES (1, ?)
+                   ON CONFLICT (id) DO UPDATE SET offset_s = excluded.offset_s""",
+                (offset_s,),
+            )
+
+    def load_server_clock(self) -> ServerClock | None:
+        row = self._db.execute("SELECT floor, offset_s FROM server_clock WHERE id = 1").fetchone()
+        return ServerClock(*row) if row else None
 
     def add_event(self, payload: bytes) -> None:
         with self._db:

@@ -240,10 +240,11 @@ def _open_command(
     display: tuple[str, ...] = ("已缴费 一路顺风",),
     key: Ed25519PrivateKey = SERVER_KEY,
     remote: bool = False,
+    age: timedelta = timedelta(0),
 ) -> bytes:
     """A payment's "open" for the capture, or with `remote` an operator's, as the server sends
-    it: signed for the gate at `address`."""
-    now = datetime.now(UTC)
+    it (or sent it `age` ago): signed for the gate at `address`."""
+    now = datetime.now(UTC) - age
     command = Command(
         capture_id=capture_id,
         action="open",
@@ -1656,6 +1657,230 @@ async def test_only_a_signed_ack_that_came_back_at_once_tells_the_gate_the_serve
         await server.mqtt.publish(acks, _signed_ack(sent, address, ahead))
         await until(lambda: out.agent.store.length() == 0)
         assert out.agent.clock_offset_s == pytest.approx(120, abs=2)
+
+
+async def test_a_paid_held_car_gets_out_after_the_agent_restarted_at_a_gate_a_minute_fast(
+    runtime: Runtime,
+    settings: Settings,
+    gate: GateProbe,
+    lot: Lot,
+    api: httpx.AsyncClient,
+    app: FastAPI,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review 20 #2. The gate's clock is 60 s fast (within the 300 s the server tolerates). A
+    car is held by the server at the exit; while it waits the agent restarts. The driver pays
+    the attendant in cash and the booth's open comes at once. The restarted agent had learnt no
+    server time in this run (only answers to captures written in it teach), judged the open
+    by its own fast clock and refused it as expired: the driver who paid stayed behind a closed
+    barrier. The offset learnt before the restart is carried over (a fast clock's only)."""
+    monkeypatch.setattr(agent_module, "datetime", _fast_clock(timedelta(minutes=1)))
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(minutes=90))
+    config = _config(tmp_path, lot.code, "out1", settings.mqtt_topic_prefix, offline_after_s=5.0)
+    async with lane(config) as out:
+        await out.camera.put(car("out", plate))
+        await until(lambda: out.display.current and out.display.current[0] == plate)
+        await until(lambda: out.agent.store.length() == 0)
+        assert out.reasons() == [], "held by the server"
+        assert out.agent.clock_offset_s == pytest.approx(-60, abs=2)
+    async with runtime.pool.acquire() as conn:
+        held = await conn.fetchval(
+            "SELECT capture_id FROM captures WHERE car_park_id = $1 AND direction = 'out' "
+            "AND plate = $2",
+            lot.id,
+            plate,
+        )
+    fee = gate.commands[str(held)][0]["fee_fen"]
+
+    async with lane(config) as restarted:  # the car is still first at the barrier
+        assert restarted.agent.clock_offset_s == pytest.approx(-60, abs=2)
+        headers = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+        paid = await api.post(
+            f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
+            json={"capture_id": str(held), "method": "cash", "amount_fen": fee},
+            headers=headers,
+        )
+        assert paid.status_code == 201, paid.text
+        assert paid.json()["gate_opened"] is True
+        await until(
+            lambda: restarted.relay.openings or restarted.agent.command_refusals, timeout_s=10
+        )
+        assert restarted.reasons() == ["server_late"], (
+            "the booth's open for the paid car was refused by the restarted agent: "
+            f"{dict(restarted.agent.command_refusals)}"
+        )
+
+
+async def test_an_old_signed_open_lifts_nothing_at_a_gate_started_with_its_clock_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 20 #3. An operator's remote open, signed while the gate's agent was down, kept by
+    an attacker. The agent starts with its clock 10 minutes behind: the open, expired 90 s ago
+    by the server's clock, was fresh by the gate's, and lifted the barrier. Yet the gate held
+    the server's signed config, issued just now: a signed server time the gate has verified
+    is a floor for the server's time, and the expiry is judged against it."""
+    monkeypatch.setattr(agent_module, "datetime", _fast_clock(-timedelta(minutes=10)))
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    address = GateAddress(lot, "out1")
+    topics = Topics(prefix)
+    recorded = _open_command(
+        uuid.uuid4(), address, age=timedelta(seconds=120), display=("远程开闸",), remote=True
+    )
+    config_topic = topics.topic(address, "config")
+    async with Listener() as anyone:
+        # The server's periodic config for the car park, signed and retained just now.
+        config = build_config(lot, [], SERVER_KEY, issued_at=datetime.now(UTC))
+        await anyone.mqtt.publish(config_topic, encode(config), retain=True)
+        try:
+            async with lane(_config(tmp_path, lot, "out1", prefix)) as out:
+                await until(lambda: out.agent.whitelist.config is not None)
+                await anyone.mqtt.publish(topics.topic(address, "command"), recorded)
+                await until(lambda: out.relay.openings or out.agent.command_refusals)
+                assert out.reasons() == [], (
+                    "an open that expired 90 s before the server signed the config the gate "
+                    "holds lifted the barrier"
+                )
+                assert out.agent.command_refusals == {"expired": 1}
+        finally:
+            await anyone.clear_retained([config_topic])
+
+
+async def test_an_old_signed_open_lifts_nothing_after_a_reboot_with_the_gate_clock_at_the_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate followed an operator's open, so it had verified the server's time then. It
+    reboots with its clock reset to the epoch, and no config reaches it yet. An open that
+    expired 90 s ago is published to it: the floor of the server's time, kept on disk, is
+    still a time the server has passed, and the open is refused (by the epoch clock every old
+    signed open would be fresh)."""
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    address = GateAddress(lot, "out1")
+    commands = Topics(prefix).topic(address, "command")
+    config = _config(tmp_path, lot, "out1", prefix)
+    async with Listener() as anyone:
+        async with lane(config) as out:
+            await anyone.mqtt.publish(commands, _open_command(uuid.uuid4(), address, remote=True))
+            await until(lambda: out.relay.openings)
+
+        epoch = datetime(1970, 1, 1, tzinfo=UTC)
+        monkeypatch.setattr(agent_module, "datetime", _fast_clock(epoch - datetime.now(UTC)))
+        old = _open_command(uuid.uuid4(), address, age=timedelta(seconds=120), remote=True)
+        marker = _open_command(uuid.uuid4(), address, display=("标",), remote=True)
+        async with lane(config) as rebooted:
+            await anyone.mqtt.publish(commands, old)
+            await anyone.mqtt.publish(commands, marker)
+            await until(lambda: rebooted.display.current == ["标"])
+            assert rebooted.reasons() == ["remote"], "the expired open lifted the barrier"
+            assert rebooted.agent.command_refusals == {"expired": 1}
+
+
+async def test_an_offset_learnt_before_the_gate_clock_was_put_back_makes_no_expired_open_fresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent learnt its clock was 60 s fast; the gate is then down an hour, and its clock
+    is put right meanwhile. After the restart the carried offset would reckon the server's time
+    a minute behind the truth. The server's config, signed 40 s ago, proves it: the offset is
+    dropped, and an open that expired 20 s ago is refused (by the floor alone it would be
+    fresh)."""
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    address = GateAddress(lot, "out1")
+    topics = Topics(prefix)
+    commands, config_topic = topics.topic(address, "command"), topics.topic(address, "config")
+    config = _config(tmp_path, lot, "out1", prefix, offline_after_s=5.0)
+    with monkeypatch.context() as fast:
+        fast.setattr(agent_module, "datetime", _fast_clock(timedelta(minutes=1)))
+        async with Listener() as server, lane(config) as out:
+            first = await out.agent.capture(car("out", unique_plate()))
+            await server.mqtt.publish(commands, _open_command(first.capture_id, address))
+            await until(lambda: out.relay.openings)
+            assert out.agent.clock_offset_s == pytest.approx(-60, abs=2)
+    store = Outbox(config.outbox_path)  # down an hour: its floor is an hour behind on restart
+    store.save_clock_floor(time.time() - 3600)
+    store.close()
+
+    stale = _open_command(uuid.uuid4(), address, age=timedelta(seconds=50), remote=True)
+    marker = _open_command(uuid.uuid4(), address, display=("标",), remote=True)
+    async with Listener() as anyone:
+        signed = build_config(
+            lot, [], SERVER_KEY, issued_at=datetime.now(UTC) - timedelta(seconds=40)
+        )
+        await anyone.mqtt.publish(config_topic, encode(signed), retain=True)
+        try:
+            async with lane(config) as restarted:
+                await until(lambda: restarted.agent.whitelist.config is not None)
+                await anyone.mqtt.publish(commands, stale)
+                await anyone.mqtt.publish(commands, marker)
+                await until(lambda: restarted.display.current == ["标"])
+                assert restarted.reasons() == ["remote"], "the expired open lifted the barrier"
+                assert restarted.agent.command_refusals == {"expired": 1}
+        finally:
+            await anyone.clear_retained([config_topic])
+
+
+async def test_an_offset_learnt_while_the_gate_clock_was_slow_is_not_carried_into_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent learnt its clock was 10 minutes slow; the clock is put right before it
+    restarts. Nothing the gate holds could show that (every signed time is a lower bound of
+    the server's), so an offset carried over would reckon the server's time 10 minutes ahead
+    and refuse every fresh command until a car came: a slow clock's offset is not carried (the
+    floor keeps such a gate from taking old opens for fresh ones)."""
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    address = GateAddress(lot, "out1")
+    commands = Topics(prefix).topic(address, "command")
+    config = _config(tmp_path, lot, "out1", prefix, offline_after_s=5.0)
+    with monkeypatch.context() as slow:
+        slow.setattr(agent_module, "datetime", _fast_clock(-timedelta(minutes=10)))
+        async with Listener() as server, lane(config) as out:
+            first = await out.agent.capture(car("out", unique_plate()))
+            await server.mqtt.publish(commands, _open_command(first.capture_id, address))
+            await until(lambda: out.relay.openings)
+            assert out.agent.clock_offset_s == pytest.approx(600, abs=2)
+
+    async with Listener() as operator, lane(config) as restarted:
+        await operator.mqtt.publish(commands, _open_command(uuid.uuid4(), address, remote=True))
+        await until(lambda: restarted.relay.openings or restarted.agent.command_refusals)
+        assert restarted.reasons() == ["remote"], dict(restarted.agent.command_refusals)
+
+
+async def test_a_floor_signed_by_a_server_clock_once_ahead_gives_way_to_the_servers_answer(
+    tmp_path: Path,
+) -> None:
+    """A config signed while the server's clock was an hour ahead raises the gate's floor an
+    hour ahead, and fresh commands are refused as expired. The next car's answer, the server's
+    clock as it is now, shows the floor was never a time the server passed: the gate follows
+    the server again (the floor, kept on disk, would otherwise refuse every command for an
+    hour)."""
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    address = GateAddress(lot, "out1")
+    topics = Topics(prefix)
+    commands, config_topic = topics.topic(address, "command"), topics.topic(address, "config")
+    async with Listener() as server:
+        ahead = build_config(lot, [], SERVER_KEY, issued_at=datetime.now(UTC) + timedelta(hours=1))
+        await server.mqtt.publish(config_topic, encode(ahead), retain=True)
+        try:
+            config = _config(tmp_path, lot, "out1", prefix, offline_after_s=5.0)
+            async with lane(config) as out:
+                await until(lambda: out.agent.whitelist.config is not None)
+                await server.mqtt.publish(
+                    commands, _open_command(uuid.uuid4(), address, remote=True)
+                )
+                await until(lambda: out.agent.command_refusals)
+                assert out.agent.command_refusals == {"expired": 1}
+
+                first = await out.agent.capture(car("out", unique_plate()))
+                await server.mqtt.publish(commands, _open_command(first.capture_id, address))
+                await until(lambda: out.relay.openings)
+                assert out.reasons() == ["server"], dict(out.agent.command_refusals)
+                await server.mqtt.publish(
+                    commands, _open_command(uuid.uuid4(), address, remote=True)
+                )
+                await until(lambda: len(out.relay.openings) == 2)
+                assert out.reasons() == ["server", "remote"]
+        finally:
+            await server.clear_retained([config_topic])
 
 
 async def test_every_publisher_signs_its_commands_for_the_gate_they_are_for(
