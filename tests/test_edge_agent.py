@@ -256,6 +256,29 @@ def _open_command(
     return encode(sign_command(command, address, key))
 
 
+async def _exit_capture_of(runtime: Runtime, lot: Lot, plate: str) -> uuid.UUID:
+    """The id of the plate's exit capture at the lot, as the server stored it."""
+    async with runtime.pool.acquire() as conn:
+        capture_id: uuid.UUID = await conn.fetchval(
+            "SELECT capture_id FROM captures WHERE car_park_id = $1 AND direction = 'out' "
+            "AND plate = $2",
+            lot.id,
+            plate,
+        )
+    return capture_id
+
+
+async def _pay_by_qr(api: httpx.AsyncClient, provider: ProviderEndpoint, qr_url: str) -> None:
+    """The driver scans the gate's QR code, whose pay page's 支付 button starts the payment
+    through the API, and pays it in the wallet."""
+    qr_path = httpx.URL(qr_url).path.replace("/pay/", "/api/v1/gate-payments/", 1)
+    view = (await api.post(qr_path)).json()
+    async with httpx.AsyncClient(base_url=provider.url) as wallet:
+        out_trade_no = httpx.URL(view["pay_url"]).path.rsplit("/", 1)[-1]
+        assert (await wallet.post(f"/v1/payments/{out_trade_no}/pay")).status_code == 200
+    assert (await api.get(qr_path)).json()["status"] == "succeeded"
+
+
 async def until(predicate: Callable[[], Any], timeout_s: float = 10.0) -> Any:
     async def probe() -> Any:
         return predicate()
@@ -930,20 +953,9 @@ async def test_a_payment_booked_after_the_booths_button_let_the_held_car_out_lif
         await out.camera.put(car("out", plate))
         await until(lambda: out.display.current and out.display.current[0] == plate)
         await out.agent.manual_open("driver left, paying by phone")
-        async with runtime.pool.acquire() as conn:
-            held = await conn.fetchval(
-                "SELECT capture_id FROM captures WHERE car_park_id = $1 AND direction = 'out' "
-                "AND plate = $2",
-                lot.id,
-                plate,
-            )
+        held = await _exit_capture_of(runtime, lot, plate)
         qr_url = gate.commands[str(held)][0]["payment_qr_url"]
-        qr_path = httpx.URL(qr_url).path.replace("/pay/", "/api/v1/gate-payments/", 1)
-        view = (await api.post(qr_path)).json()
-        async with httpx.AsyncClient(base_url=provider.url) as wallet:
-            out_trade_no = httpx.URL(view["pay_url"]).path.rsplit("/", 1)[-1]
-            assert (await wallet.post(f"/v1/payments/{out_trade_no}/pay")).status_code == 200
-        assert (await api.get(qr_path)).json()["status"] == "succeeded"
+        await _pay_by_qr(api, provider, qr_url)
         await until(lambda: len(gate.commands[str(held)]) >= 2)  # the paid open went out
         address = GateAddress(lot.code, "out1")
         marker = _open_command(uuid.uuid4(), address, display=("marker",), remote=True)
@@ -1009,13 +1021,7 @@ async def test_a_late_open_for_a_server_held_car_does_not_lift_the_barrier_for_t
         await out.camera.put(car("out", second))
         await until(lambda: out.display.current and out.display.current[0] == second)
         assert out.reasons() == ["manual"]
-        async with runtime.pool.acquire() as conn:
-            first_capture = await conn.fetchval(
-                "SELECT capture_id FROM captures WHERE car_park_id = $1 AND direction = 'out' "
-                "AND plate = $2",
-                lot.id,
-                first,
-            )
+        first_capture = await _exit_capture_of(runtime, lot, first)
         # A's payment is booked now: its open, signed for this gate, as the server sends it.
         address = GateAddress(lot.code, "out1")
         topic = runtime.lanes.topics.topic(address, "command")
@@ -1685,13 +1691,7 @@ async def test_a_paid_held_car_gets_out_after_the_agent_restarted_at_a_gate_a_mi
         await until(lambda: out.agent.store.length() == 0)
         assert out.reasons() == [], "held by the server"
         assert out.agent.clock_offset_s == pytest.approx(-60, abs=2)
-    async with runtime.pool.acquire() as conn:
-        held = await conn.fetchval(
-            "SELECT capture_id FROM captures WHERE car_park_id = $1 AND direction = 'out' "
-            "AND plate = $2",
-            lot.id,
-            plate,
-        )
+    held = await _exit_capture_of(runtime, lot, plate)
     fee = gate.commands[str(held)][0]["fee_fen"]
 
     async with lane(config) as restarted:  # the car is still first at the barrier
@@ -1913,13 +1913,7 @@ async def test_every_publisher_signs_its_commands_for_the_gate_they_are_for(
 
     held_paying = gate.capture("out", paying)
     qr_url = (await gate.decide(lot.code, "out1", held_paying))["payment_qr_url"]
-    # The QR code opens the pay page, whose 支付 button starts the payment through the API.
-    qr_path = httpx.URL(qr_url).path.replace("/pay/", "/api/v1/gate-payments/", 1)
-    view = (await api.post(qr_path)).json()
-    async with httpx.AsyncClient(base_url=provider.url) as wallet:
-        out_trade_no = httpx.URL(view["pay_url"]).path.rsplit("/", 1)[-1]
-        assert (await wallet.post(f"/v1/payments/{out_trade_no}/pay")).status_code == 200
-    assert (await api.get(qr_path)).json()["status"] == "succeeded"
+    await _pay_by_qr(api, provider, qr_url)
     await gate.wait_for(held_paying, commands=2)
 
     held_at_booth = gate.capture("out", at_booth)
