@@ -234,9 +234,11 @@ class Settings(BaseSettings):
     # then each further guess waits twice as long as the one before, from login_code_backoff_s
     # up to login_code_guess_backoff_max_s. Each code allows login_code_max_attempts, and the
     # phone gets a code every five minutes whoever asks, so without this a botnet guessed 1,440
-    # times a day at a six-digit code (one phone in 700 a day); now about 60. Its owner, whose
-    # right code is refused while a wait lasts, waits at most this long. Forgotten a day after
-    # the last guess, or at the phone's next sign-in.
+    # times a day at a six-digit code (one phone in 700 a day); now about 60. The price: the
+    # owner's right code is refused while a wait lasts, and a guesser who spends one guess
+    # each time a wait ends keeps the owner's sign-in refused for as long as they keep at it
+    # (texting the owner a code each time); apps signed in and the gates are not affected.
+    # Forgotten a day after the last guess, or at the phone's next sign-in.
     login_code_guesses_free: int = Field(default=10, ge=1)
     login_code_guess_backoff_max_s: float = Field(default=1800.0, gt=0)
     # Public fee quotes one client may ask for per minute.

@@ -12,6 +12,9 @@ from fastapi import FastAPI
 
 from billing.tariff import Tariff
 from parking.admin import repository as admin_repo
+from parking.auth.principal import Principal
+from parking.merchants import service as merchants
+from parking.merchants.schemas import NewValidation
 from parking.runtime import ProviderEndpoint, Runtime
 from tests.conftest import (
     Lot,
@@ -20,6 +23,7 @@ from tests.conftest import (
     bearer,
     create_lot,
     enter,
+    eventually,
     make_driver,
     make_staff,
     staff_token,
@@ -396,3 +400,50 @@ async def test_an_operator_letting_a_held_car_out_for_less_gives_the_budget_back
     assert opened.json()["fee_fen"] == 0
     assert await _spent(api, shop) == 900
     assert await _returned(runtime, merchant["id"]) == [600]
+
+
+async def test_a_validation_committed_while_the_exit_waits_for_the_stay_goes_back_whole(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """Review 21. The shop validates ¥15 of an ¥18 stay just as the car drives out: the exit
+    waits for the stay's lock the validation holds, and its read of the stay, taken before the
+    validation committed, has none. The exit charges ¥18; the budget paid ¥15 for nothing, as
+    the give-back was asked only of a stay read with a validation. Now every close asks."""
+    merchant, _, _ = await make_merchant(runtime, app, api, lot, budget_fen=5000)
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=150))
+    async with runtime.pool.acquire() as conn:
+        user_id = await conn.fetchval(
+            "SELECT id FROM operator_users WHERE email = $1", merchant["email"]
+        )
+    shop = Principal(
+        kind="operator",
+        operator_id=lot.operator_id,
+        operator_user_id=user_id,
+        role="merchant",
+        merchant_id=merchant["id"],
+    )
+
+    async def exit_waits_for_a_lock() -> bool:
+        async with runtime.pool.acquire() as conn:
+            waiting: bool = await conn.fetchval(
+                """SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                   WHERE datname = current_database() AND wait_event_type = 'Lock')"""
+            )
+        return waiting
+
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        given, _ = await merchants.validate(
+            conn, shop, NewValidation(car_park=lot.code, plate=driver.plate, amount_fen=1500)
+        )
+        assert given.cost_fen == 1500
+        leaving = asyncio.create_task(
+            gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
+        )
+        await eventually(exit_waits_for_a_lock)
+    command = await leaving
+    async with runtime.pool.acquire() as conn:
+        spent_fen = await conn.fetchval(
+            "SELECT spent_fen FROM merchants WHERE id = $1", merchant["id"]
+        )
+    assert spent_fen == 1800 - command["fee_fen"], (command["fee_fen"], spent_fen)

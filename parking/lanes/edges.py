@@ -60,8 +60,9 @@ async def end_missed_stay(
         if hold is not None
         else None
     )
-    if priced is not None and stay.validation is not None:
-        # Ended at the hold's price: the validation is worth what it took off that.
+    if priced is not None:
+        # Ended at the hold's price: a validation is worth what it took off that (nothing, if
+        # it was committed after this stay was read: `merchants.settle` reads it afresh).
         await merchants.settle(conn, stay.id, priced.validation_fen, "system:lane")
     if hold is None or priced is None or priced.fee_fen == 0:
         await repo.supersede_session(conn, stay.id, at)

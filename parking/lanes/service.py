@@ -787,8 +787,9 @@ class LaneService:
             applied_right_id=right.id if right else None,
             status=session.status,
         )
-        if session.validation is not None:
-            await merchants.settle(conn, session.id, rule.validation_fen, "system:lane")
+        # Whether or not the stay was read with one: a validation committed while this exit
+        # waited for the stay's lock is not in that read, took nothing off, and goes back whole.
+        await merchants.settle(conn, session.id, rule.validation_fen, "system:lane")
 
     async def _blacklisted(
         self,

@@ -532,7 +532,7 @@ async def open_gate(
                 exit_capture_id=held.capture_id,
                 fee_fen=fee_fen,
             )
-            if priced is not None and terms.validation is not None:
+            if priced is not None:
                 await merchants.settle(conn, stay.id, priced.validation_fen, principal.actor)
             plate, session_id = stay.plate, stay.id
             occupancy_delta = -1 if stay.counted_in else 0
