@@ -26,6 +26,7 @@ from tests.conftest import (
     exit_after,
     make_driver,
     make_staff,
+    reject_awaiting,
     staff_token,
     stay_status,
     unique_plate,
@@ -713,3 +714,105 @@ async def test_dead_and_stuck_jobs_are_listed_for_the_company_and_admins_retry_d
             await conn.execute(
                 "UPDATE outbox SET done_at = now(), locked_until = NULL WHERE id = $1", stuck_id
             )
+
+
+async def test_naming_a_car_that_came_in_after_the_offline_exit_reached_us_closes_nothing(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """Review 23. An offline exit nobody could read reached us an hour ago; a pay-later car came
+    in ten minutes ago and is parked. Naming that car on the old exit closed its stay at the
+    upload's time (before its entry: free) and held its real exit as "no entry record". It was
+    not in the car park when the upload arrived: 409 no_open_stay, its stay left open, as for a
+    live exit named after a re-entry."""
+    upload = gate.capture("out", None).model_copy(
+        update={
+            "offline": True,
+            "offline_action": "open",
+            "captured_at": datetime.now(UTC) - timedelta(minutes=70),
+        }
+    )
+    await gate.decide(lot.code, "out1", upload)
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE captures SET received_at = now() - interval '1 hour' WHERE capture_id = $1",
+            upload.capture_id,
+        )
+        exception_id = await conn.fetchval(
+            "SELECT id FROM lane_exceptions WHERE capture_id = $1 AND status = 'open'",
+            upload.capture_id,
+        )
+    assert exception_id is not None
+    parked = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, parked.plate, parked_for=timedelta(minutes=10))
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+
+    answer = await api.post(
+        f"/api/v1/operator/exceptions/{exception_id}/resolve",
+        json={"plate": parked.plate, "color": "blue"},
+        headers=attendant,
+    )
+
+    async with runtime.pool.acquire() as conn:
+        stay = await conn.fetchrow(
+            "SELECT status, exited_at, entered_at, fee_fen FROM sessions "
+            "WHERE car_park_id = $1 AND plate = $2",
+            lot.id,
+            parked.plate,
+        )
+    # The car drives out for real: an ordinary pay-later exit, not "no entry record".
+    out = await gate.decide(lot.code, "out1", gate.capture("out", parked.plate))
+    assert (answer.status_code, stay["status"], out["action"]) == (409, "open", "open"), (
+        answer.text,
+        dict(stay),
+        out["display"],
+    )
+
+
+async def test_opening_the_gate_by_hand_for_a_rejected_exit_closes_no_stay(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """Review 23. A charge on a doubtful exit is rejected: its stay is opened again (the car may
+    still be inside) and the exit waits as 'rejected'; that car left long ago and the gate never
+    held it. An attendant's manual open citing that capture closed the reopened stay and gave it
+    the crossing, which naming the right car then gave a second stay. A stay is closed by hand
+    only for a held exit, whose car is at the barrier."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, confidence=0.85, parked_for=timedelta(hours=2))
+    exit_ = gate.capture("out", driver.plate, confidence=0.85)
+    assert (await gate.decide(lot.code, "out1", exit_))["action"] == "open"
+    async with runtime.pool.acquire() as conn:
+        charge_id = await conn.fetchval(
+            "SELECT id FROM charges WHERE account_id = $1 AND status = 'awaiting_confirmation'",
+            driver.account_id,
+        )
+    attendant, exception_id = await reject_awaiting(runtime, app, api, lot, charge_id)
+    other = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, other.plate, parked_for=timedelta(hours=3))
+
+    opened = await api.post(
+        f"/api/v1/operator/car-parks/{lot.code}/gates/out1/open",
+        json={"reason": "车主在出口求助", "capture_id": str(exit_.capture_id)},
+        headers=attendant,
+    )
+    named = await api.post(
+        f"/api/v1/operator/exceptions/{exception_id}/resolve",
+        json={"plate": other.plate, "color": "blue"},
+        headers=attendant,
+    )
+
+    async with runtime.pool.acquire() as conn:
+        reopened = await conn.fetchrow(
+            "SELECT status, exit_capture_id, settlement FROM sessions "
+            "WHERE car_park_id = $1 AND plate = $2",
+            lot.id,
+            driver.plate,
+        )
+        holders = await conn.fetchval(
+            "SELECT count(*) FROM sessions WHERE exit_capture_id = $1", exit_.capture_id
+        )
+    assert opened.status_code == 200, opened.text
+    assert named.status_code == 200, named.text
+    assert (reopened["status"], reopened["exit_capture_id"], holders) == ("open", None, 1), (
+        dict(reopened),
+        opened.json(),
+    )

@@ -434,13 +434,14 @@ class LaneService:
     ) -> Decision:
         resolution = resolved.resolution
         ranked = resolution.ranked
-        if not capture.offline and resolved.session and resolved.session.entered_at > at:
-            # Decided again after the vehicle came back in: never the stay that began since.
+        if resolved.session and resolved.session.entered_at > received:
+            # Decided again after the vehicle came back in: never the stay that began since
+            # this capture reached us (an offline one too: the car had left by its upload).
             # The one open when this capture reached us ended since (on another capture, or
             # at that entry): this is a duplicate of that crossing.
             identity = resolution.identity
             assert identity is not None  # a stay was found for it
-            earlier = await repo.stay_ended_since(conn, gate.car_park_id, *identity, at)
+            earlier = await repo.stay_ended_since(conn, gate.car_park_id, *identity, received)
             if earlier is not None:
                 return self._open(capture, now, "duplicate_read", identity[0], earlier)
             return await self._exception(conn, gate, capture, reading, now, "no_entry", ranked)

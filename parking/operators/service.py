@@ -513,7 +513,14 @@ async def open_gate(
         if await repo.ghost_stay_ended(conn, held.capture_id):
             raise _STAY_ENDED
         stay = held.stay
-        if held.direction == "out" and stay is not None and stay.status == "open":
+        # Only a held exit's car is at the barrier: one answered "open" left then, and its stay
+        # open now is one reopened since (a rejected charge), whose car may be inside.
+        if (
+            held.direction == "out"
+            and held.action == "hold"
+            and stay is not None
+            and stay.status == "open"
+        ):
             terms = await lanes_repo.stay_terms(conn, stay.id)
             priced = fees.stay_fee(
                 await fees.tariff_versions(conn, car_park["id"]),
