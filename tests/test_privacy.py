@@ -17,8 +17,16 @@ from parking.admin import repository as admin
 from parking.logging import configure_logging, get_logger
 from parking.retention import service as retention
 from parking.runtime import Runtime
-from tests.conftest import Lot, eventually, exit_after, make_driver, unique_plate
+from tests.conftest import (
+    Lot,
+    eventually,
+    exit_after,
+    make_driver,
+    reject_awaiting,
+    unique_plate,
+)
 from tests.gates import GateProbe
+from tests.test_lane_certainty import FRAME, _awaiting
 from tests.test_lane_reading import FIXTURES
 
 
@@ -134,3 +142,42 @@ async def test_capture_images_are_erased_after_the_retention_period(
             )
         }
     assert kept == {fresh.capture_id: True, old.capture_id: False}
+
+
+async def test_a_rejected_charges_exit_frame_is_erased_with_its_capture(
+    runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
+) -> None:
+    """Review 24. A charge waits for an operator's confirmation; its exit was captured 29 days
+    ago (within the retention, its frame rightly kept). The operator rejects it: the exit goes
+    to the exception queue with a copy of its frame. Two days later the capture is 31 days old
+    and the sweep erased its frame, but the exception's copy, aged from the rejection, was still
+    served."""
+    retention_days = runtime.settings.image_retention_days
+    _, (charge,) = await _awaiting(runtime, gate, lot)
+    async with runtime.pool.acquire() as conn:
+        exit_capture = await conn.fetchval(
+            "SELECT exit_capture_id FROM sessions WHERE id = $1", charge["session_id"]
+        )
+        await conn.execute(
+            "UPDATE capture_frames SET created_at = now() - make_interval(days => $2) "
+            "WHERE capture_id = $1",
+            exit_capture,
+            retention_days - 1,
+        )
+    attendant, exception_id = await reject_awaiting(runtime, app, api, lot, charge["id"])
+    url = f"/api/v1/operator/exceptions/{exception_id}/image"
+    shown = await api.get(url, headers=attendant)
+    assert (shown.status_code, shown.content) == (200, FRAME)  # within the retention: fine
+
+    two_days_on = datetime.now(UTC) + timedelta(days=2)
+    await retention.expire_images(runtime.pool, retention_days, two_days_on)
+    async with runtime.pool.acquire() as conn:
+        evidence = await conn.fetchval(
+            "SELECT image FROM capture_frames WHERE capture_id = $1", exit_capture
+        )
+    assert evidence is None, "the capture's own frame is past the retention and erased"
+    later = await api.get(url, headers=attendant)
+    assert later.status_code == 404, (
+        f"the frame of a capture {retention_days + 1} days old is still served "
+        f"({later.status_code}, {len(later.content)} bytes)"
+    )

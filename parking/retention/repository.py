@@ -10,11 +10,17 @@ from billing.queue import delete_in_batches
 async def erase_images_before(conn: asyncpg.Connection, before: datetime) -> int:
     """Erases capture frames older than `before`: those kept for operators (the exception
     queue) and every capture's first frame, the evidence of its stay (confirming a charge,
-    receipts, disputes); the rows stay, so a receipt can say its frame has expired."""
+    receipts, disputes); the rows stay, so a receipt can say its frame has expired. An
+    exception's copy goes with its capture's frame, however late the exception was filed (a
+    charge rejected weeks after its exit copies the frame into a new one)."""
     erased: int = await conn.fetchval(
         """WITH erased AS (
-               UPDATE lane_exceptions SET image = NULL
-               WHERE image IS NOT NULL AND created_at < $1 RETURNING 1),
+               UPDATE lane_exceptions e SET image = NULL
+               WHERE image IS NOT NULL
+                 AND (created_at < $1
+                      OR EXISTS (SELECT 1 FROM capture_frames f
+                                 WHERE f.capture_id = e.capture_id AND f.created_at < $1))
+               RETURNING 1),
            evidence AS (
                UPDATE capture_frames SET image = NULL, more_images = NULL
                WHERE image IS NOT NULL AND created_at < $1 RETURNING 1)
