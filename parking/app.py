@@ -23,7 +23,7 @@ from parking.drivers.router import router as drivers_router
 from parking.errors import install_error_handlers
 from parking.feeds.router import router as feeds_router
 from parking.health import router as health_router
-from parking.logging import get_logger
+from parking.logging import get_logger, server_log_config
 from parking.merchants.router import merchant_router
 from parking.merchants.router import operator_router as merchants_router
 from parking.operators.router import router as operators_router
@@ -134,5 +134,6 @@ def server_config(app: FastAPI, host: str, port: int, **options: Any) -> uvicorn
         timeout_graceful_shutdown=5,
         # Its lines quote raw query strings, which carry plates.
         access_log=False,
+        log_config=server_log_config(),
         **options,
     )

@@ -100,7 +100,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Still the one JSON shape; the error itself is logged by the server, masked.
+        # Still the one JSON shape; the error itself is logged by the server, masked
+        # (parking.logging.server_log_config).
         return error_response(
             request, 500, "internal_error", "something went wrong; it has been logged"
         )

@@ -5,6 +5,7 @@ Plates and phone numbers must never reach a log line readable. Callers pass them
 quoted in error texts, as a safety net.
 """
 
+import copy
 import hashlib
 import hmac
 import logging
@@ -16,6 +17,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
+import uvicorn.config
 
 if TYPE_CHECKING:
     from parking.settings import Settings
@@ -124,3 +126,26 @@ def mask_plates_in_text(text: str) -> str:
     """Masks plates and mobile numbers found anywhere in a text."""
     text = _PLATE_IN_TEXT.sub(lambda m: mask_plate(m.group(0)), text)
     return _PHONE_IN_TEXT.sub(lambda m: m.group(0)[:3] + "****" + m.group(0)[-4:], text)
+
+
+class MaskPersonalData(logging.Filter):
+    """For stdlib loggers that bypass structlog (uvicorn's: "Exception in ASGI application" with
+    the traceback of a 500, whose database error quotes the row, plate included): the message
+    and its traceback become one text, masked like our own free texts, before any handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info:
+            message = f"{message}\n{logging.Formatter().formatException(record.exc_info)}"
+            record.exc_info, record.exc_text = None, None
+        record.msg, record.args = mask_plates_in_text(message), ()
+        return True
+
+
+def server_log_config() -> dict[str, Any]:
+    """uvicorn's own logging configuration, its records masked (`MaskPersonalData`)."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["filters"] = {"personal_data": {"()": MaskPersonalData}}
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        config["loggers"].setdefault(name, {})["filters"] = ["personal_data"]
+    return config

@@ -4,6 +4,7 @@ are erased after the retention period by a job."""
 import base64
 import io
 import json
+import logging
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,12 +20,16 @@ from parking.retention import service as retention
 from parking.runtime import Runtime
 from tests.conftest import (
     Lot,
+    api_server,
+    bearer,
+    driver_token,
     eventually,
     exit_after,
     make_driver,
     reject_awaiting,
     unique_plate,
 )
+from tests.faults import free_port
 from tests.gates import GateProbe
 from tests.test_lane_certainty import FRAME, _awaiting
 from tests.test_lane_reading import FIXTURES
@@ -181,3 +186,61 @@ async def test_a_rejected_charges_exit_frame_is_erased_with_its_capture(
         f"the frame of a capture {retention_days + 1} days old is still served "
         f"({later.status_code}, {len(later.content)} bytes)"
     )
+
+
+class _Lines(logging.Handler):
+    """What the server's stdlib loggers (uvicorn's) write, formatted as their handler would."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(name)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+async def test_an_unexpected_error_quoting_a_plate_is_not_logged_in_clear(
+    runtime: Runtime, app: FastAPI
+) -> None:
+    """Review 24. A request that ends in a 500 is logged by uvicorn's own logger ("Exception in
+    ASGI application" with the traceback), which bypassed structlog's masking; a database
+    error's text quotes the row (DETAIL: Failing row contains (..., 浙A..., ...)). Here a
+    constraint the binding's insert does not expect stands in for any unforeseen database
+    error."""
+    driver = await make_driver(runtime, unique_plate())
+    plate = unique_plate()
+    constraint = f"review24_{uuid.uuid4().hex[:8]}"
+    async with runtime.pool.acquire() as conn:
+        await conn.execute(
+            f"ALTER TABLE plate_bindings ADD CONSTRAINT {constraint} "
+            f"CHECK (plate <> '{plate}') NOT VALID"
+        )
+    lines = _Lines()
+    server_log = logging.getLogger("uvicorn.error")
+    try:
+        async with (
+            api_server(runtime, free_port(), app=app) as base,
+            httpx.AsyncClient(base_url=base) as client,
+        ):
+            # Once the server has configured its loggers (that replaces their handlers).
+            server_log.addHandler(lines)
+            headers = bearer(driver_token(app, driver.account_id))
+            answer = await client.post(
+                "/api/v1/me/plates",
+                json={
+                    "plate": plate,
+                    "color": "blue",
+                    "licence_no": f"DEV-{plate}",
+                    "owner_name": "X",
+                },
+                headers=headers,
+            )
+    finally:
+        server_log.removeHandler(lines)
+        async with runtime.pool.acquire() as conn:
+            await conn.execute(f"ALTER TABLE plate_bindings DROP CONSTRAINT {constraint}")
+    assert answer.status_code == 500, answer.text
+    text = "\n".join(lines.lines)
+    assert "Exception in ASGI application" in text, text  # the 500 was logged
+    assert plate not in text, f"the plate is in the server's log in clear:\n{text[-600:]}"
