@@ -53,7 +53,7 @@ import tomllib
 import uuid
 from collections import Counter
 from collections.abc import Awaitable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -245,6 +245,10 @@ class GateAgent:
         # run learns one: only a fast clock's (<= 0), which moves the reckoning back from the
         # gate's own clock and never ahead of it.
         self._carried_offset_s = 0.0
+        # Signed server times too far ahead of the time learnt to be taken (`_raise_floor`).
+        self.signed_times_ignored = 0
+        # That offset as learnt, whatever its sign (`server_now_at_the_latest`).
+        self._saved_offset_s: float | None = None
 
     @property
     def store(self) -> Outbox:
@@ -369,7 +373,7 @@ class GateAgent:
         action: OfflineAction = "open"
         if capture.direction == "in":
             text = "offline_entry"
-        elif self._whitelisted(capture, self.server_now()):
+        elif self._whitelisted(capture, self.server_now_at_the_latest()):
             text = "offline_exit"
         else:
             action, text = "hold", "offline_hold"
@@ -527,6 +531,18 @@ class GateAgent:
             self._reckon(datetime.now(UTC).timestamp(), time.monotonic()), UTC
         )
 
+    def server_now_at_the_latest(self) -> datetime:
+        """The server's time for a decision whose safe side is a later estimate (a free exit
+        from the offline whitelist: the list's expiry, a pass's `free_until`): `server_now`,
+        which errs early for a command's expiry, and before this run has learnt the server's
+        time, no earlier than the gate's clock plus the offset last learnt, a slow clock's too
+        (which `server_now` does not carry: it would refuse fresh commands if the clock had
+        been put right since; here it would only hold a car a person then lets out)."""
+        now = self.server_now()
+        if self._server_clock is None and self._saved_offset_s is not None:
+            now = max(now, datetime.now(UTC) + timedelta(seconds=self._saved_offset_s))
+        return now
+
     @property
     def clock_offset_s(self) -> float:
         """The server's time less the gate's, as reckoned (0 while it is the gate's own)."""
@@ -564,8 +580,17 @@ class GateAgent:
 
     def _raise_floor(self, server_time: datetime) -> None:
         """A signed server time the gate has verified, whatever the message (late, replayed,
-        expired, another capture's): the server's time is at least that from now on."""
+        expired, another capture's): the server's time is at least that from now on. Except a
+        time ahead of what this run learnt from a fresh answer (beyond that answer's error):
+        signed while a server clock ran ahead, and replayed since by whoever kept it, it would
+        make the gate refuse every fresh command until real time caught up."""
         now = time.monotonic()
+        if self._server_clock is not None and server_time.timestamp() > (
+            self._reckon(datetime.now(UTC).timestamp(), now) + _CLOCK_ACK_MAX_ROUND_TRIP_S
+        ):
+            self.signed_times_ignored += 1
+            log.warning("agent.signed_time_ahead_ignored")
+            return
         floor = max(self._floor_at(now), server_time.timestamp())
         self._floor = (floor, now)
         self.store.save_clock_floor(floor)
@@ -580,6 +605,7 @@ class GateAgent:
         if clock.floor is not None:
             self._floor = (clock.floor, time.monotonic())
         if clock.offset_s is not None:
+            self._saved_offset_s = clock.offset_s
             self._carried_offset_s = min(clock.offset_s, 0.0)
 
     def _learn_clock(self, server_time: datetime, written: float | None) -> None:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -2047,3 +2047,112 @@ async def test_a_manual_open_at_the_booth_reaches_the_operators(
     assert (
         await api.get("/api/v1/operator/gate-events", headers=bearer(staff_token(app, other)))
     ).json() == []
+
+
+async def test_a_gate_known_slow_restarted_offline_holds_a_pass_holder_after_hours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent learnt its clock is 5 minutes slow (offset +300 s on disk). The link goes
+    down; ten minutes later the gate box is power-cycled (the link still down) and the clock is
+    still 5 minutes slow. A pass holder whose pass ended 2 minutes ago (the list's `free_until`)
+    comes to the exit: by the server's time it is past `free_until` and has no pay-later, so the
+    gate must hold it. Review 22: the agent reckoned the server's time as its own slow clock (a
+    slow offset is not carried for commands; the floor is 10 minutes stale) and let the car out
+    free. A free exit is judged by the later estimate (`server_now_at_the_latest`)."""
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    holder = unique_plate()
+    monthly = RightTerms(1, "free_passage", now - timedelta(days=29), now - timedelta(minutes=2))
+    listed = build_config(
+        lot,
+        [WhitelistedCar(holder, "blue", None, now - timedelta(hours=3), (monthly,))],
+        SERVER_KEY,
+        issued_at=now - timedelta(minutes=10),
+    )
+    assert [entry.free_until for entry in listed.whitelist] == [monthly.valid_until]
+    config = _config(tmp_path, lot, "out1", prefix, mqtt_url="mqtt://127.0.0.1:9")
+    store = Outbox(config.outbox_path)  # what the earlier run left on disk
+    store.save_config(encode(listed))
+    store.save_clock_floor((now - timedelta(minutes=10)).timestamp())
+    store.save_clock_offset(300.0)
+    store.close()
+    monkeypatch.setattr(agent_module, "datetime", _fast_clock(-timedelta(minutes=5)))
+    async with lane(config, reachable=False) as out:
+        await until(lambda: out.agent.whitelist.config is not None)
+        await out.camera.put(car("out", holder))
+        await until(lambda: out.relay.openings or out.display.current == [HOLD_TEXT])
+        assert out.reasons() == [], "a pass holder 2 minutes past its pass's end left free"
+
+
+def _hold_command(capture_id: uuid.UUID, address: GateAddress) -> bytes:
+    now = datetime.now(UTC)
+    command = Command(
+        capture_id=capture_id,
+        action="hold",
+        display=["请扫码缴费"],
+        issued_at=now,
+        expires_at=now + timedelta(seconds=30),
+    )
+    return encode(sign_command(command, address, SERVER_KEY))
+
+
+@pytest.mark.parametrize("replayed", ["config", "ack"])
+async def test_a_replayed_message_signed_while_the_server_clock_ran_ahead_holds_no_paid_car(
+    tmp_path: Path, replayed: Literal["config", "ack"]
+) -> None:
+    """The server's clock was an hour ahead for a while (the case the agent's own test
+    `test_a_floor_signed_by_a_server_clock_once_ahead_gives_way_to_the_servers_answer` covers)
+    and signed a config and acks then. The gate followed the server's answer again after. A
+    broker client (the shared login) that kept one of those messages publishes it again: the
+    floor goes an hour ahead once more, and the paid open of the held car at the barrier, fresh
+    by the server's clock, was refused as expired: the driver paid and stayed behind the barrier
+    (review 22). A signed time beyond what this run learnt from a fresh answer is not taken."""
+    prefix, lot = _prefix(), f"lot-{uuid.uuid4().hex[:8]}"
+    address = GateAddress(lot, "out1")
+    topics = Topics(prefix)
+    commands, config_topic = topics.topic(address, "command"), topics.topic(address, "config")
+    ahead_at = datetime.now(UTC) + timedelta(hours=1)
+    ahead = encode(build_config(lot, [], SERVER_KEY, issued_at=ahead_at))
+    async with Listener() as server:
+        await server.mqtt.publish(config_topic, ahead, retain=True)
+        try:
+            config = _config(tmp_path, lot, "out1", prefix, offline_after_s=5.0)
+            async with lane(config) as out:
+                await until(lambda: out.agent.whitelist.config is not None)
+                await server.listen(topics.topic(address, "capture"))
+                first = await out.agent.capture(car("out", unique_plate()))
+                await server.mqtt.publish(commands, _open_command(first.capture_id, address))
+                await until(lambda: out.relay.openings)
+                # The gate follows the server's clock again.
+                assert abs(out.agent.clock_offset_s) < 5
+
+                held = await out.agent.capture(car("out", unique_plate()))
+                await server.mqtt.publish(commands, _hold_command(held.capture_id, address))
+                await until(lambda: (r := out.agent.store.record(held.capture_id)) and r.action)
+
+                # The replay (anyone on the broker).
+                if replayed == "config":
+                    old = ahead
+                else:
+                    # The ack of a capture of that time (not one this run sent: its answers
+                    # came from the server as it is now).
+                    earlier = encode(
+                        Capture(
+                            capture_id=uuid.uuid4(),
+                            seq=1,
+                            direction="out",
+                            captured_at=ahead_at,
+                        )
+                    )
+                    old = _signed_ack(earlier, address, ahead_at)
+                async with Listener() as anyone:
+                    await anyone.mqtt.publish(topics.topic(address, replayed), old)
+                # Handled: ignored, or (before) taken as the floor.
+                await until(lambda: out.agent.clock_offset_s > 60 or out.agent.signed_times_ignored)
+
+                # The driver pays by phone: the server's open, fresh.
+                await server.mqtt.publish(commands, _open_command(held.capture_id, address))
+                await until(lambda: len(out.relay.openings) == 2 or out.agent.command_refusals)
+                assert out.reasons() == ["server", "server_late"], dict(out.agent.command_refusals)
+        finally:
+            await server.clear_retained([config_topic])
