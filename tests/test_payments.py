@@ -239,6 +239,29 @@ async def test_held_car_pays_fee_and_debt_by_qr_and_pay_later_comes_back(
     assert again["action"] == "open"
 
 
+async def test_a_doubtful_read_of_a_plate_in_arrears_is_never_shown_or_asked_its_debts(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient
+) -> None:
+    """A car read with doubt as the plate of a driver in arrears may be a stranger's: the gate
+    and the QR page showed the holder's debts to whoever was at the barrier and asked them to
+    pay them. Now the debts are shown and collected only when both ends surely read the
+    vehicle; the car pays its stay's fee."""
+    driver = await driver_in_debt(runtime, gate, lot)
+    entered = await gate.decide(lot.code, "in1", gate.capture("in", driver.plate, confidence=0.93))
+    assert not any("欠费" in line for line in entered["display"]), entered["display"]
+    await backdate_entry(runtime, lot, driver.plate, timedelta(minutes=90))
+    exit_capture = gate.capture("out", driver.plate, confidence=0.93)
+    held = await gate.decide(lot.code, "out1", exit_capture)
+    assert (held["action"], held["fee_fen"]) == ("hold", 1200), held
+    assert not any("欠费" in line for line in held["display"]), held["display"]
+    page = await payments_service.gate_payment_page(runtime, exit_capture.capture_id)
+    assert page is not None and (page.debts, page.amount_fen) == ([], 1200), page
+    started = await api.post(f"/api/v1/gate-payments/{exit_capture.capture_id}")
+    assert started.status_code == 200, started.text
+    view = started.json()
+    assert (view["stay_fee_fen"], view["debt_fen"], view["amount_fen"]) == (1200, 0, 1200)
+
+
 async def test_debts_settled_in_the_app_restore_pay_later(
     runtime: Runtime, provider: ProviderEndpoint, gate: GateProbe, lot: Lot
 ) -> None:

@@ -652,7 +652,9 @@ def exit_rule(
         if fee == 0:
             return ExitRule("exited_free", 0, validation_fen=taken)
         return ExitRule("held_no_entry_fee", fee, validation_fen=taken)
-    debt = pay_later_state.debt_fen if pay_later_state else 0
+    # The holder's debts are shown and asked for at the gate only when the reads surely name
+    # the vehicle: otherwise the car may be a stranger's, told another driver's debts.
+    debt = pay_later_state.debt_fen if pay_later_state and reads_certain else 0
     if fee == 0:
         return ExitRule("exited_free", 0, debt, right=right, validation_fen=taken)
     verdict = pay_later(pay_later_state, fee)

@@ -245,7 +245,8 @@ class LaneService:
             # doubtful read (a guessed colour, a look-alike) may be another driver's car. Such a
             # stay is registered by its deduction, if it comes to one.
             await entries.queue(conn, stay.id)
-        debt = stay.pay_later.debt_fen if stay.pay_later else 0
+        # Shown only to a vehicle surely read (`rules.exit_rule`: never a stranger's display).
+        debt = stay.pay_later.debt_fen if stay.pay_later and self.certain(reading) else 0
         return self._open(
             capture,
             now,

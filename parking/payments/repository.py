@@ -28,6 +28,8 @@ class HeldExit:
     counted_in: bool | None
     entry_certain: bool | None = None
     received_at: datetime | None = None
+    # The exit's own read was certain (or a person named the vehicle).
+    exit_certain: bool | None = None
 
 
 async def held_exit(
@@ -40,7 +42,7 @@ async def held_exit(
                   s.status AS session_status,
                   s.plate, s.plate_color, s.entered_at, s.fixed_fee_fen,
                   {takes_a_place("s")} AS counted_in, s.entry_certain,
-                  c.received_at
+                  c.received_at, c.read_certain AS exit_certain
            FROM captures c JOIN gates g ON g.id = c.gate_id
            JOIN car_parks cp ON cp.id = c.car_park_id
            LEFT JOIN sessions s ON s.id = c.session_id

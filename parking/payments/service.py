@@ -106,11 +106,15 @@ async def _payable(conn: asyncpg.Connection, capture_id: UUID, qr_ttl_s: int) ->
     now = datetime.now(UTC)
     if _expired(held, qr_ttl_s, now):
         raise QrExpired()
-    account_id = (
+    holder = (
         None
         if held.outcome in _NOBODYS or held.plate_color is None
         else await repo.account_for_vehicle(conn, held.plate, held.plate_color)
     )
+    # Debts are the holder's, shown and collected only when both ends surely read the vehicle:
+    # on a doubtful read the car at the barrier may be a stranger's, who would be shown the
+    # holder's debts (dates and amounts) and asked to pay them.
+    account_id = holder if held.exit_certain and held.entry_certain else None
     terms = (
         await lanes_repo.stay_terms(conn, held.session_id)
         if held.session_id
@@ -124,7 +128,7 @@ async def _payable(conn: asyncpg.Connection, capture_id: UUID, qr_ttl_s: int) ->
         plate_color=priced_color(
             held.plate,
             held.plate_color,
-            vouched=account_id is not None or bool(held.entry_certain),
+            vouched=holder is not None or bool(held.entry_certain),
         ),
         fixed_fee_fen=held.fixed_fee_fen,
         rights=terms.rights,
