@@ -7,6 +7,7 @@ worker process builds its engine once, on first use, and keeps it.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Literal
 
 import cv2
 import numpy as np
+import PIL.Image
 
 from plate_recognition.calibration import calibrate_candidates
 from plate_recognition.engines import DEFAULT_ENGINE, PlateReader, ReadResult, get_reader
@@ -185,11 +187,31 @@ def reader(engine: str = DEFAULT_ENGINE) -> PlateReader:
     return _READERS[engine]
 
 
+#: The most pixels an encoded image may declare: a 24-megapixel frame, beyond any gate camera's.
+#: A few kilobytes of PNG can declare gigapixels (a decompression bomb): the limit is checked in
+#: the header, before anything is decoded.
+MAX_IMAGE_PIXELS = 24_000_000
+
+
+def _declared_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding it (Pillow reads lazily)."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+    except (OSError, PIL.Image.DecompressionBombError) as exc:
+        raise ValueError(f"image bytes could not be decoded: {exc}") from exc
+    return width, height
+
+
 def decode_image(data: bytes | np.ndarray) -> np.ndarray:
-    """BGR image from encoded bytes (JPEG/PNG/...) or an array (gray or BGR)."""
+    """BGR image from encoded bytes (JPEG/PNG/...) or an array (gray or BGR). ValueError for
+    bytes that are not an image, or declare more than `MAX_IMAGE_PIXELS`."""
     if isinstance(data, np.ndarray):
         image = data
     else:
+        width, height = _declared_size(data)
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"image too large: {width}x{height} pixels")
         decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
         if decoded is None:
             raise ValueError("image bytes could not be decoded")

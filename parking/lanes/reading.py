@@ -65,11 +65,16 @@ def decode_frames(capture: Capture) -> list[bytes]:
 
 
 def _read_frame(data: bytes, engine: str, certain_score: float) -> Recognition | None:
-    """Runs in a pool process. An undecodable image is an unreadable frame, not an error. A small
-    plate's read stays below the lane's own certain threshold too."""
+    """Runs in a pool process. An image the reader cannot take (undecodable, too large, one an
+    OpenCV or model call refuses) is an unreadable frame, not an error: raised, it would leave
+    the capture unanswered, resent by the gate for ever. A small plate's read stays below the
+    lane's own certain threshold too."""
     try:
         return recognise(data, engine=engine, certain_score=certain_score)
     except ValueError:
+        return None
+    except Exception as exc:  # cv2.error, onnxruntime's errors, MemoryError's kin
+        log.warning("lane.frame_unreadable", error=type(exc).__name__)
         return None
 
 
@@ -129,9 +134,19 @@ class PlateReader:
         except BrokenProcessPool:
             # A pool process died (e.g. out of memory on a hostile image): start a new pool.
             log.error("lane.ocr_pool_broken")
-            self.close()
-            self._pool = None
+            self._restart()
+        try:
             return await self._read_frames(frames)
+        except BrokenProcessPool:
+            # Again: these frames may be what kills it. Unreadable, for a person, rather than a
+            # capture left unanswered that the gate resends into every new pool.
+            log.error("lane.ocr_pool_broken", frames_unreadable=len(frames))
+            self._restart()
+            return [None] * len(frames)
+
+    def _restart(self) -> None:
+        self.close()
+        self._pool = None
 
     async def read_again(self, capture: Capture, frames: list[bytes]) -> PlateReading:
         """The frames read by the server alone (`second_reading`)."""

@@ -25,6 +25,7 @@ _MODEL_FILE = "ch_PP-OCRv4_rec_infer.onnx"
 # (`parking plates eval` / `parking plates bench`, 2026-11-22).
 HEIGHT = 40
 _MIN_WIDTH = 200
+_MAX_WIDTH = HEIGHT * 12
 #: Pixels of the resized line per output frame (the network's horizontal stride).
 FRAME_PX = 8
 
@@ -47,7 +48,9 @@ class RapidOcrReader(CtcReader):
         if image.ndim == 2:
             image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
         h, w = image.shape[:2]
-        width = max(1, math.ceil(HEIGHT * w / h))
+        # No plate is wider than a few heights; a strip far wider (hostile input) would cost
+        # the model memory growing with the square of its width.
+        width = min(max(1, math.ceil(HEIGHT * w / h)), _MAX_WIDTH)
         resized = cv2.resize(image, (width, HEIGHT), interpolation=cv2.INTER_CUBIC)
         batch = np.zeros((1, 3, HEIGHT, max(width, _MIN_WIDTH)), dtype=np.float32)
         batch[0, :, :, :width] = resized.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
