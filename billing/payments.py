@@ -257,13 +257,19 @@ def received_lines(
 
 
 async def _close_stay(conn: asyncpg.Connection, payment: Payment) -> tuple[int, int | None]:
-    """Closes the held stay the payment was for, if it is still open; (fen booked, car park)."""
+    """Closes the held stay the payment was for, if it is still open and still the stay its
+    capture was decided for; (fen booked, car park). A person may have named another vehicle
+    on the capture since (a doubtful read): the car that paid was that one, whose stay left
+    otherwise, and this stay's car is still inside; the stay part then goes back as overpaid."""
     if payment.session_id is None or payment.stay_fee_fen == 0:
         return 0, None
     row = await conn.fetchrow(
         """UPDATE sessions SET status = 'closed', exited_at = now(), exit_capture_id = $2,
                   fee_fen = $3, account_id = $4, settlement = 'paid_at_gate'
-           WHERE id = $1 AND status = 'open' RETURNING car_park_id""",
+           WHERE id = $1 AND status = 'open'
+             AND ($2::uuid IS NULL OR EXISTS (
+                 SELECT 1 FROM captures c WHERE c.capture_id = $2 AND c.session_id = $1))
+           RETURNING car_park_id""",
         payment.session_id,
         payment.capture_id,
         payment.stay_fee_fen,

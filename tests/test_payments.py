@@ -25,6 +25,7 @@ from tests.conftest import (
     Lot,
     api_server,
     backdate_entry,
+    bearer,
     charges_of,
     create_lot,
     driver_in_debt,
@@ -32,8 +33,11 @@ from tests.conftest import (
     eventually,
     exit_after,
     make_driver,
+    make_staff,
     provider_and_runtime,
     provider_order,
+    set_car_park,
+    staff_token,
     unique_plate,
 )
 from tests.gates import GateProbe
@@ -776,4 +780,72 @@ async def test_the_quote_limit_is_not_escaped_by_walking_ones_own_ipv6_prefix(
     assert statuses[0] == 200, statuses
     assert 429 in statuses, (
         f"{len(statuses)} quotes of one plate from one /64 network, none refused"
+    )
+
+
+async def test_a_qr_payment_booked_after_an_attendant_named_another_car_goes_back(
+    runtime: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    provider: ProviderEndpoint,
+) -> None:
+    """An exit read with doubt as A's plate holds for A's stay ('uncertain': the driver may pay
+    while an attendant decides). The driver at the barrier opens the QR page (the payment is
+    priced with A's stay) just as the attendant, looking at the frame, names the car: it is
+    B's, whose stay is charged pay-later and the gate opens. The driver's payment is booked a
+    moment later: it closed A's stay, A's car still inside, as paid at the gate with B's money,
+    and nothing went back: B paid twice (review 26). Now the payment books only the stay its
+    capture is still decided for, and the rest goes back."""
+    await set_car_park(runtime, lot, uncertain_exit_policy="hold")
+    owner_a = await make_driver(runtime, unique_plate())
+    owner_b = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, owner_a.plate, confidence=0.85)
+    await enter(runtime, gate, lot, owner_b.plate)
+    capture = gate.capture("out", owner_a.plate, confidence=0.85)
+    held = await gate.decide(lot.code, "out1", capture)
+    assert (held["action"], held["fee_fen"]) == ("hold", 1200), held
+    qr_path = f"/api/v1/gate-payments/{capture.capture_id}"
+    started = await api.post(qr_path)
+    assert started.status_code == 200, started.text
+    assert started.json()["amount_fen"] == 1200
+
+    async with runtime.pool.acquire() as conn:
+        exception_id = await conn.fetchval(
+            "SELECT id FROM lane_exceptions WHERE capture_id = $1", capture.capture_id
+        )
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    named = await api.post(
+        f"/api/v1/operator/exceptions/{exception_id}/resolve",
+        json={"plate": owner_b.plate, "color": "blue"},
+        headers=attendant,
+    )
+    assert named.status_code == 200, named.text
+    assert named.json()["action"] == "open", named.json()
+
+    await _pay(provider, httpx.URL(started.json()["pay_url"]).path.rsplit("/", 1)[-1])
+    assert (await api.get(qr_path)).json()["status"] == "succeeded"
+    async with runtime.pool.acquire() as conn:
+        stay_a = await conn.fetchrow(
+            "SELECT status, settlement FROM sessions WHERE plate = $1 AND car_park_id = $2",
+            owner_a.plate,
+            lot.id,
+        )
+        charged_b = await conn.fetchval(
+            "SELECT count(*) FROM charges c JOIN sessions s ON s.id = c.session_id "
+            "WHERE s.plate = $1 AND s.car_park_id = $2",
+            owner_b.plate,
+            lot.id,
+        )
+        refunded = await conn.fetchval(
+            """SELECT COALESCE(sum(amount_fen), 0) FROM refunds
+               WHERE payment_id IN (SELECT id FROM payments WHERE capture_id = $1)""",
+            capture.capture_id,
+        )
+        assert await ledger.is_balanced(conn)
+    assert charged_b == 1, "B's own stay is charged pay-later"
+    assert (stay_a["status"], refunded) == ("open", 1200), (
+        f"A's stay (car inside) is {stay_a['status']}/{stay_a['settlement']}; "
+        f"of the ¥12.00 B paid for it, {refunded} fen went back"
     )
