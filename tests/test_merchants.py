@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
+from billing import ledger
 from billing.tariff import Tariff
 from parking.admin import repository as admin_repo
 from parking.auth.principal import Principal
@@ -424,14 +425,6 @@ async def test_a_validation_committed_while_the_exit_waits_for_the_stay_goes_bac
         merchant_id=merchant["id"],
     )
 
-    async def exit_waits_for_a_lock() -> bool:
-        async with runtime.pool.acquire() as conn:
-            waiting: bool = await conn.fetchval(
-                """SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-                   WHERE datname = current_database() AND wait_event_type = 'Lock')"""
-            )
-        return waiting
-
     async with runtime.pool.acquire() as conn, conn.transaction():
         given, _ = await merchants.validate(
             conn, shop, NewValidation(car_park=lot.code, plate=driver.plate, amount_fen=1500)
@@ -440,10 +433,91 @@ async def test_a_validation_committed_while_the_exit_waits_for_the_stay_goes_bac
         leaving = asyncio.create_task(
             gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
         )
-        await eventually(exit_waits_for_a_lock)
+        await eventually(lambda: _someone_waits_for_a_lock(runtime))
     command = await leaving
     async with runtime.pool.acquire() as conn:
         spent_fen = await conn.fetchval(
             "SELECT spent_fen FROM merchants WHERE id = $1", merchant["id"]
         )
     assert spent_fen == 1800 - command["fee_fen"], (command["fee_fen"], spent_fen)
+
+
+async def _someone_waits_for_a_lock(runtime: Runtime) -> bool:
+    async with runtime.pool.acquire() as conn:
+        waiting: bool = await conn.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+               WHERE datname = current_database() AND wait_event_type = 'Lock')"""
+        )
+    return waiting
+
+
+async def test_a_validation_racing_the_qr_payment_start_is_not_paid_by_driver_and_budget(
+    runtime: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    provider: ProviderEndpoint,
+) -> None:
+    """Review 26. A held visitor scans the QR code while the shop validates ¥6 of the ¥12 stay.
+    The validation checked "no pending payment" under the stay's lock, but starting the payment
+    took only the capture's lock and read the stay's terms without waiting: the payment was
+    priced ¥12 without the validation, which then committed (¥6 off the budget), and the driver
+    paid ¥12. Now the start waits for the stay's lock and prices the validation in."""
+    merchant, _, _ = await make_merchant(runtime, app, api, lot, budget_fen=5000)
+    plate = unique_plate()
+    await gate.decide(lot.code, "in1", gate.capture("in", plate))
+    await backdate_entry(runtime, lot, plate, timedelta(minutes=90))
+    capture = gate.capture("out", plate)
+    held = await gate.decide(lot.code, "out1", capture)
+    assert (held["action"], held["fee_fen"]) == ("hold", 1200)
+    async with runtime.pool.acquire() as conn:
+        user_id = await conn.fetchval(
+            "SELECT id FROM operator_users WHERE email = $1", merchant["email"]
+        )
+    shop = Principal(
+        kind="operator",
+        operator_id=lot.operator_id,
+        operator_user_id=user_id,
+        role="merchant",
+        merchant_id=merchant["id"],
+    )
+
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        # The validation has passed its "being paid?" check and spent the budget; not
+        # committed yet.
+        given, _ = await merchants.validate(
+            conn, shop, NewValidation(car_park=lot.code, plate=plate, amount_fen=600)
+        )
+        assert given.cost_fen == 600
+        starting = asyncio.create_task(api.post(f"/api/v1/gate-payments/{capture.capture_id}"))
+        # Either the start completes without waiting (today) or it waits for a lock the
+        # validation holds (then it sees the validation once it commits).
+        await eventually(lambda: _done_or_waiting(runtime, starting))
+    started = await starting
+    assert started.status_code == 200, started.text
+    pay_url = started.json()["pay_url"]
+    await _pay(provider, httpx.URL(pay_url).path.rsplit("/", 1)[-1])
+    status = (await api.get(f"/api/v1/gate-payments/{capture.capture_id}")).json()
+    assert status["status"] == "succeeded", status
+    async with runtime.pool.acquire() as conn:
+        paid = await conn.fetchval(
+            "SELECT amount_fen FROM payments WHERE capture_id = $1 AND status = 'succeeded'",
+            capture.capture_id,
+        )
+        refunded = await conn.fetchval(
+            """SELECT COALESCE(sum(amount_fen), 0) FROM refunds
+               WHERE payment_id IN (SELECT id FROM payments WHERE capture_id = $1)""",
+            capture.capture_id,
+        )
+        spent = await conn.fetchval("SELECT spent_fen FROM merchants WHERE id = $1", merchant["id"])
+        assert await ledger.is_balanced(conn)
+    taken_off = 1200 - int(paid - refunded)
+    assert spent == taken_off, (
+        f"the budget paid {spent}, the driver paid {paid - refunded} of 1200: "
+        f"{spent + paid - refunded - 1200} fen paid twice for one fee"
+    )
+
+
+async def _done_or_waiting(runtime: Runtime, task: "asyncio.Task[object]") -> bool:
+    return task.done() or await _someone_waits_for_a_lock(runtime)

@@ -52,6 +52,10 @@ async def held_exit(
     return HeldExit(**dict(row)) if row else None
 
 
+async def lock_stay(conn: asyncpg.Connection, session_id: int) -> None:
+    await conn.execute("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE", session_id)
+
+
 @dataclass(frozen=True, slots=True)
 class NewerCapture:
     capture_id: UUID

@@ -160,6 +160,11 @@ async def start_gate_payment(runtime: Runtime, capture_id: UUID) -> GatePayment:
         held = await repo.held_exit(conn, capture_id, lock=True)
         payment = await payments.open_for_capture(conn, capture_id)
         if payment is None:
+            if held is not None and held.session_id is not None:
+                # The stay too, before it is priced: a merchant's validation (given under this
+                # lock, only while no payment is pending) is then either in the price or
+                # refused, never paid for by the budget and the driver both.
+                await repo.lock_stay(conn, held.session_id)
             due = await _payable(conn, capture_id, runtime.settings.gate_qr_ttl_s)
             held = due.held
             if due.priced.fee_fen + sum(d.amount_fen for d in due.owed) == 0:
