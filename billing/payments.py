@@ -108,13 +108,17 @@ async def create(
     return Payment(**dict(row))
 
 
-async def set_pay_url(conn: asyncpg.Connection, payment_id: int, pay_url: str, ref: str) -> None:
-    await conn.execute(
-        "UPDATE payments SET pay_url = $2, provider_ref = $3 WHERE id = $1",
+async def set_pay_url(conn: asyncpg.Connection, payment_id: int, pay_url: str, ref: str) -> bool:
+    """Keeps the provider order's page; False when the payment is no longer pending (withdrawn
+    while its order was being made): it must not be offered."""
+    offered = await conn.fetchval(
+        """UPDATE payments SET pay_url = $2, provider_ref = $3
+           WHERE id = $1 AND status = 'pending' RETURNING true""",
         payment_id,
         pay_url,
         ref,
     )
+    return bool(offered)
 
 
 async def mark_closed(conn: asyncpg.Connection, out_trade_no: str) -> None:

@@ -13,9 +13,10 @@ import orjson
 import pytest
 from fastapi import FastAPI
 
-from billing import agreements, ledger, payments, signing
+from billing import agreements, debts, ledger, notifications, payments, signing
 from gate_controller.protocol import Capture
 from parking.app import create_app
+from parking.disputes import service as disputes
 from parking.errors import AppError
 from parking.payments import service as payments_service
 from parking.runtime import ProviderEndpoint, Runtime
@@ -849,3 +850,51 @@ async def test_a_qr_payment_booked_after_an_attendant_named_another_car_goes_bac
         f"A's stay (car inside) is {stay_a['status']}/{stay_a['settlement']}; "
         f"of the ¥12.00 B paid for it, {refunded} fen went back"
     )
+
+
+async def test_an_app_payment_withdrawn_while_its_order_is_being_made_is_still_booked_when_paid(
+    runtime: Runtime, provider: ProviderEndpoint, gate: GateProbe, lot: Lot
+) -> None:
+    """Two "pay my debts" taps in the app, as the debt they price changes (disputed here; a
+    gate's QR payment settling it does the same). The first tap's payment row is committed
+    and its provider order being made (`open_at_provider`, a side effect after commit). The
+    second tap finds that payment priced with debts no longer owed and withdraws it: with no
+    pay_url stored yet it takes it for one the provider never had and closes it in our books
+    only. The first tap's order is then made at the provider and its pay URL handed to the
+    driver, who paid it. Its notification lost, the sweep that books lost notifications asks
+    only about pending payments: the money the provider took was never booked nor refunded
+    (review 26). Now an order made for a payment withdrawn meanwhile is closed, not offered."""
+    driver = await driver_in_debt(runtime, gate, lot)
+    # The first tap, up to its commit (start_debt_payment's first unit of work).
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        owed = await debts.open_debts(conn, driver.account_id, lock=True)
+        assert [d.amount_fen for d in owed] == [600]
+        first = await payments.create(
+            conn,
+            provider=runtime.provider.name,
+            purpose="debts",
+            account_id=driver.account_id,
+            session_id=None,
+            capture=None,
+            stay_fee_fen=0,
+            owed=owed,
+        )
+    # Meanwhile the debt changes: the driver disputes its charge.
+    assert owed[0].charge_id is not None
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        await disputes.open_dispute(
+            conn,
+            charge_id=owed[0].charge_id,
+            account_id=driver.account_id,
+            via="app",
+            style=notifications.MessageStyle(),
+        )
+    # The second tap withdraws the first tap's payment (nothing else is owed now).
+    with pytest.raises(AppError, match="nothing to pay"):
+        await payments_service.start_debt_payment(runtime, driver.account_id)
+    # The first tap goes on: its order is made at the provider, and closed there, not shown.
+    with pytest.raises(AppError, match="withdrawn"):
+        await payments_service.open_at_provider(runtime, first, "parking fees owed")
+    async with httpx.AsyncClient(base_url=provider.url) as wallet:
+        paid = await wallet.post(f"/v1/payments/{first.out_trade_no}/pay")
+    assert paid.status_code != 200, "the order of a withdrawn payment can still be paid"

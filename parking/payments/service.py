@@ -245,8 +245,15 @@ async def open_at_provider(
         log.warning("payments.provider_failed", error=str(exc))
         raise ProviderDown() from exc
     async with runtime.pool.acquire() as conn:
-        await payments.set_pay_url(conn, payment.id, pay_url, order.provider_ref)
-    return dataclasses.replace(payment, pay_url=pay_url)
+        offered = await payments.set_pay_url(conn, payment.id, pay_url, order.provider_ref)
+    made = dataclasses.replace(payment, pay_url=pay_url)
+    if not offered:
+        # Withdrawn while its order was being made (a second tap found it priced with debts
+        # no longer owed, and, with no page stored yet, closed it in our books only): the
+        # order is closed at the provider too, never shown to be paid.
+        await _withdraw(runtime, made)
+        raise AppError(409, "payment_withdrawn", "this payment was withdrawn; start it again")
+    return made
 
 
 async def gate_payment_status(runtime: Runtime, capture_id: UUID) -> GatePayment:
