@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     verify_contradict_score: float = Field(default=0.9, ge=0.0, le=1.0)
     # OCR process pool: one single-threaded reader per core this process may run on.
     ocr_workers: int = Field(default_factory=_usable_cores, ge=1)
+    # The frames of one capture the server reads, the first ones: a gate sends two or three,
+    # and every further frame is a read the pool does not give other gates' captures (one
+    # gate's nine large frames held another car park's read up for seconds).
+    ocr_max_frames: int = Field(default=4, ge=1)
 
     # Where drivers' phones and the payment provider reach this service: the gate's payment QR
     # codes, receipt links and the provider's notification URL are built from it. Unset: this

@@ -128,7 +128,9 @@ class PlateReader:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def read_frames(self, frames: list[bytes]) -> list[Recognition | None]:
-        """Each frame read in the pool (None: not an image)."""
+        """Each of the first PARKING_OCR_MAX_FRAMES frames read in the pool (None: not an
+        image)."""
+        frames = frames[: self.settings.ocr_max_frames]
         try:
             return await self._read_frames(frames)
         except BrokenProcessPool:
