@@ -721,6 +721,83 @@ async def test_a_ghost_stay_opened_again_by_a_rejected_charge_is_a_ghost_for_a_p
     assert reopened == 1
 
 
+async def test_an_operator_ends_a_ghost_stay_whose_car_left_unseen_charging_nobody(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """A stay open for eight days: its car left unseen. An attendant ends it: closed as left at
+    an unknown time (settlement 'operator', no fee, no exit capture), nobody charged, the car
+    counted out, the ghost exception resolved and the attendant's reason audit-logged. Ending
+    it again is a 409 that changes nothing; another company's staff do not find it. Before,
+    nothing ended a ghost stay but its car's return: the queue offered deciding its entry
+    again (refused) or lifting the entry barrier for nobody."""
+    driver = await make_driver(runtime, unique_plate(), limit_fen=10_000_000)
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(days=8))
+    await ghosts.sweep_ghost_stays(runtime.pool, datetime.now(UTC))
+    [ghost] = await _exceptions(runtime, lot, "ghost_stay")
+    assert await runtime.occupancy.get(lot.id) == 1
+    path = f"/api/v1/operator/exceptions/{ghost['id']}/end-stay"
+    why = {"reason": "现场核实，车辆已不在场内"}
+
+    other = await create_lot(runtime)
+    foreign = await api.post(path, json=why, headers=await _attendant(runtime, app, other))
+    assert foreign.status_code == 404, foreign.text
+    assert foreign.json()["error"]["code"] == "exception_not_found"
+    assert (await _stay(runtime, lot, driver.plate))["status"] == "open"
+
+    staff = await make_staff(runtime, lot.operator_id, "attendant")
+    attendant = bearer(staff_token(app, staff))
+    ended = await api.post(path, json=why, headers=attendant)
+    assert ended.status_code == 200, ended.text
+    stay = await _stay(runtime, lot, driver.plate)
+    assert ended.json()["session_id"] == stay["id"]
+    assert (
+        stay["status"],
+        stay["settlement"],
+        stay["fee_fen"],
+        stay["exit_capture_id"],
+        stay["account_id"],
+    ) == ("closed", "operator", None, None, None)
+    assert stay["exited_at"] is not None
+    assert [c for c in await charges_of(runtime, lot) if c["session_id"] == stay["id"]] == []
+    assert await runtime.occupancy.get(lot.id) == 0
+    [resolved] = await _exceptions(runtime, lot, "ghost_stay")
+    assert resolved["status"] == "resolved"
+    async with runtime.pool.acquire() as conn:
+        logged = await conn.fetch(
+            "SELECT actor, detail FROM audit_log WHERE action = 'stay.ended' AND subject = $1",
+            f"session:{stay['id']}",
+        )
+        assert await ledger.is_balanced(conn)
+    assert [(r["actor"], r["detail"]["reason"], r["detail"]["exception_id"]) for r in logged] == [
+        (f"operator_user:{staff.user_id}", why["reason"], ghost["id"])
+    ]
+
+    again = await api.post(path, json=why, headers=attendant)
+    assert again.status_code == 409, again.text
+    assert again.json()["error"]["code"] == "stay_ended"
+    assert set(again.json()["error"]) >= {"code", "message"}
+    assert dict(await _stay(runtime, lot, driver.plate)) == dict(stay)
+    assert await runtime.occupancy.get(lot.id) == 0
+
+
+async def test_ending_a_stay_is_only_for_a_ghost_stays_exception(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """A held exit's exception is a car at the barrier, not a stay to end; a reason is needed."""
+    capture = gate.capture("out", None)
+    assert (await gate.decide(lot.code, "out1", capture))["action"] == "hold"
+    [held] = await _exceptions(runtime, lot, "unreadable")
+    attendant = await _attendant(runtime, app, lot)
+    path = f"/api/v1/operator/exceptions/{held['id']}/end-stay"
+    refused = await api.post(path, json={"reason": "车已离开"}, headers=attendant)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "not_a_ghost_stay"
+    unexplained = await api.post(path, json={"reason": " "}, headers=attendant)
+    assert unexplained.status_code == 422, unexplained.text
+    [still] = await _exceptions(runtime, lot, "unreadable")
+    assert dict(still) == dict(held)
+
+
 @pytest.mark.parametrize("swept", [True, False])
 @pytest.mark.parametrize("why", ["open_too_long", "seen_elsewhere"])
 async def test_a_ghost_stay_is_never_matched_to_an_uncertain_exit_read(

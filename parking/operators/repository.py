@@ -275,6 +275,54 @@ async def mark_exception_resolved(
 
 
 @dataclass(frozen=True, slots=True)
+class GhostException:
+    """A ghost stay's exception, locked, with the stay it is about (None: not a ghost's)."""
+
+    exception_id: int
+    reason: str
+    car_park_id: int
+    lot: str
+    gate: str
+    session_id: int | None
+
+
+async def ghost_exception_for_update(
+    conn: asyncpg.Connection, operator_id: int, exception_id: int
+) -> GhostException | None:
+    """Locked, so that two operators ending the same ghost stay end it once."""
+    row = await conn.fetchrow(
+        """SELECT e.id AS exception_id, e.reason, cp.id AS car_park_id, cp.code AS lot,
+                  g.code AS gate,
+                  CASE WHEN e.reason = 'ghost_stay'
+                       THEN (e.candidates -> 0 ->> 'session_id')::bigint END AS session_id
+           FROM lane_exceptions e JOIN car_parks cp ON cp.id = e.car_park_id
+           JOIN gates g ON g.id = e.gate_id
+           WHERE e.id = $1 AND cp.operator_id = $2
+           FOR UPDATE OF e""",
+        exception_id,
+        operator_id,
+    )
+    return GhostException(**dict(row)) if row else None
+
+
+async def end_ghost_stay(
+    conn: asyncpg.Connection, session_id: int, at: datetime
+) -> asyncpg.Record | None:
+    """An operator ends a ghost stay whose car left at a time nobody knows: closed when they
+    did it, with no exit capture, no fee and nobody charged. None when it is no longer open.
+    Its ghost exception is resolved by migration 0055's rule."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"""UPDATE sessions SET status = 'closed', exited_at = $2, fee_fen = NULL,
+                   settlement = 'operator'
+            WHERE id = $1 AND status = 'open'
+            RETURNING id, entered_at, {takes_a_place()} AS counted_in""",
+        session_id,
+        at,
+    )
+    return row
+
+
+@dataclass(frozen=True, slots=True)
 class HeldStay:
     id: int
     status: str

@@ -29,6 +29,8 @@ from parking.operators.schemas import (
     DebtBucket,
     Gate,
     GateOpening,
+    GhostStayEnd,
+    GhostStayEnded,
     Instant,
     LaneException,
     ManualOpen,
@@ -238,6 +240,22 @@ async def resolve_exception(
         )
     await service.apply(runtime, effect)
     return resolved
+
+
+@router.post("/exceptions/{exception_id}/end-stay")
+async def end_ghost_stay(
+    exception_id: Id, request: GhostStayEnd, operator: OperatorDep, runtime: RuntimeDep
+) -> GhostStayEnded:
+    """Ends a ghost stay's stay, for the reason given (audit-logged `stay.ended`): its car
+    left at a time nobody knows. It closes with settlement 'operator', no fee, nobody charged;
+    the car is counted out and the exception resolved; no gate is commanded. 409
+    `not_a_ghost_stay` for another exception, 409 `stay_ended` once the stay has ended."""
+    async with runtime.pool.acquire() as conn, conn.transaction():
+        ended, effect = await service.end_ghost_stay(
+            conn, operator, exception_id, request, datetime.now(UTC)
+        )
+    await service.apply(runtime, effect)
+    return ended
 
 
 @router.post("/car-parks/{code}/gates/{gate}/open")

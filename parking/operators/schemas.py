@@ -235,6 +235,18 @@ class Opened(BaseModel):
     fee_fen: int | None
 
 
+class GhostStayEnd(_Request):
+    # Why the operator knows the car is gone (checked on site, seen elsewhere...).
+    reason: Reason
+
+
+class GhostStayEnded(BaseModel):
+    session_id: int
+    exception_id: int
+    # When the operator ended it: the car left at a time nobody knows, before then.
+    exited_at: datetime
+
+
 class NewRefund(_Request):
     # Strict: 600.0, "600" and true are refused, not read as fen.
     amount_fen: PositiveFen

@@ -42,6 +42,8 @@ from parking.operators.schemas import (
     DebtBucket,
     Gate,
     GateOpening,
+    GhostStayEnd,
+    GhostStayEnded,
     LaneException,
     ManualOpen,
     NewGate,
@@ -77,12 +79,13 @@ _ABOUT_A_STAY = frozenset({"unpaid_exit", "offline_booth", "offline_exit", "ghos
 # occupancy, and commands no gate: an open command would wait unused at a barrier with
 # nobody in front of it (or lift it for whoever is).
 _CAR_GONE = frozenset({"rejected"})
-# A ghost stay that has ended since (its exit came, or its vehicle entered again): its exception
-# was resolved with it, and nothing an operator does to it may close, charge or open anything.
+# A ghost stay that has ended since (its exit came, its vehicle entered again, an operator ended
+# it): its exception was resolved with it, and nothing an operator does to it may close, charge
+# or open anything.
 _STAY_ENDED = AppError(
     409,
     "stay_ended",
-    "the ghost stay has ended since (its exit or its vehicle's return was recorded): "
+    "the ghost stay has ended since (its exit, its vehicle's return or an operator ended it): "
     "nothing is left to do",
 )
 REVENUE_COLUMNS = tuple(RevenueLine.model_fields)
@@ -577,6 +580,54 @@ async def open_gate(
     )
     effect = GateEffect(car_park["id"], GateAddress(code, gate_code), command, occupancy_delta)
     return Opened(capture_id=capture_id, session_id=session_id, fee_fen=fee_fen), effect
+
+
+# Ending a ghost stay
+
+
+async def end_ghost_stay(
+    conn: asyncpg.Connection,
+    principal: Principal,
+    exception_id: int,
+    request: GhostStayEnd,
+    now: datetime,
+) -> tuple[GhostStayEnded, GateEffect]:
+    """The operator knows a ghost stay's car is gone (it left unseen, or it is parked
+    elsewhere): the stay closes as left at an unknown time, settlement 'operator', no fee and
+    nobody charged, and its ghost exception is resolved with it (migration 0055). No gate is
+    commanded: the exception's capture is the stay's entry, and nobody waits at any barrier."""
+    ghost = await repo.ghost_exception_for_update(conn, _operator_id(principal), exception_id)
+    if ghost is None:
+        raise NotFound("exception")
+    if ghost.session_id is None:
+        raise AppError(409, "not_a_ghost_stay", "this exception is not about a ghost stay")
+    ended = await repo.end_ghost_stay(conn, ghost.session_id, now)
+    if ended is None:
+        raise _STAY_ENDED
+    # Charged nobody: a merchant's validation took nothing off, all of it goes back.
+    await merchants.settle(conn, ended["id"], 0, principal.actor)
+    await audit.record(
+        conn,
+        principal.actor,
+        "stay.ended",
+        f"session:{ended['id']}",
+        {
+            "exception_id": ghost.exception_id,
+            "reason": request.reason,
+            "settlement": "operator",
+            "exit_time": "unknown",
+            "counted_out": ended["counted_in"],
+        },
+    )
+    effect = GateEffect(
+        ghost.car_park_id,
+        GateAddress(ghost.lot, ghost.gate),
+        None,
+        -1 if ended["counted_in"] else 0,
+    )
+    return GhostStayEnded(
+        session_id=ended["id"], exception_id=ghost.exception_id, exited_at=now
+    ), effect
 
 
 # Money
