@@ -6,7 +6,7 @@ in `.artifacts/dashboard*.png`."""
 
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -14,8 +14,16 @@ from uuid import UUID
 import httpx
 import pytest
 from fastapi import FastAPI
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
+from playwright.async_api import (
+    Browser,
+    ConsoleMessage,
+    Locator,
+    Page,
+    async_playwright,
+    expect,
+)
 
+from parking.booth import ghosts
 from parking.logging import mask_plate
 from parking.runtime import Runtime
 from parking_dev import sandbox
@@ -26,8 +34,11 @@ from tests.conftest import (
     backdate_entry,
     bearer,
     driver_token,
+    enter,
     make_driver,
     make_staff,
+    reject_awaiting,
+    staff_token,
     unique_plate,
 )
 from tests.gates import GateProbe
@@ -388,3 +399,113 @@ async def test_on_a_phone_an_admin_confirms_a_charge_and_decides_a_dispute_with_
     assert opened == "resolved"
     assert confirmed != "awaiting_confirmation"
     assert decided == "driver_right"
+
+
+async def _ghost_stay(runtime: Runtime, gate: GateProbe, lot: Lot) -> tuple[int, str]:
+    """A car in for eight days, filed as a ghost stay: its exception's id, and its plate."""
+    plate = unique_plate()
+    await enter(runtime, gate, lot, plate, parked_for=timedelta(days=8))
+    await ghosts.sweep_ghost_stays(runtime.pool, datetime.now(UTC))
+    async with runtime.pool.acquire() as conn:
+        exception_id: int = await conn.fetchval(
+            "SELECT id FROM lane_exceptions WHERE car_park_id = $1 AND reason = 'ghost_stay'",
+            lot.id,
+        )
+    return exception_id, plate
+
+
+async def _actions(card: Locator) -> list[str]:
+    return [await b.inner_text() for b in await card.locator("form button").all()]
+
+
+@pytest.mark.parametrize("width", ["desktop", "phone"])
+async def test_each_exception_says_what_to_do_and_a_ghost_stay_is_ended_not_opened(
+    runtime: Runtime, app: FastAPI, gate: GateProbe, lot: Lot, browser: Browser, width: str
+) -> None:
+    """Every card names its reason in Chinese (English on the switch) with a line on what to
+    do, and offers only what makes sense: a held exit (unreadable, blacklisted) a plate and an
+    open by hand, a rejected charge's long-gone car a plate only, a ghost stay neither but
+    ending it. Before, a ghost stay, a rejected charge and a blacklisted car showed their raw
+    reason, and the ghost's card offered to name a plate (refused) and to lift its entry
+    barrier for nobody, with no way to end the stay."""
+    admin = await make_staff(runtime, lot.operator_id, "admin")
+    ghost, plate = await _ghost_stay(runtime, gate, lot)
+    unreadable = await _hold_unreadable_exit(runtime, gate, lot)
+    listed = unique_plate()
+    await enter(runtime, gate, lot, listed)
+    problems: list[str] = []
+    async with api_server(runtime, sandbox.free_port(), app=app) as url:
+        async with httpx.AsyncClient(base_url=url) as api:
+            blacklisted = await api.post(
+                "/api/v1/operator/blacklist",
+                json={"plate": listed, "color": "blue", "reason": "逃费三次"},
+                headers=bearer(staff_token(app, admin)),
+            )
+            assert blacklisted.status_code == 201, blacklisted.text
+        held = gate.capture("out", listed)
+        assert (await gate.decide(lot.code, "out1", held))["action"] == "hold"
+        on_blacklist = await _exception_id(runtime, held.capture_id)
+        rejected = None
+        if width == "desktop":  # a rejected charge's exit: its car left long ago
+            _, (awaiting,) = await _awaiting(runtime, gate, lot)
+            async with httpx.AsyncClient(base_url=url) as api:
+                _, rejected = await reject_awaiting(runtime, app, api, lot, awaiting["id"])
+        viewport = DESKTOP if width == "desktop" else PHONE
+        phone = {"is_mobile": True, "has_touch": True} if width == "phone" else {}
+        async with _console(browser, url, admin, problems, viewport=viewport, **phone) as page:
+            expected = {
+                ghost: ("停车记录长期未结束", "确认车辆不在场后结束该记录", ["结束停车记录"]),
+                unreadable: ("车牌无法识别", "对照照片输入车牌", ["确认车牌", "人工抬杆"]),
+                on_blacklist: ("黑名单车辆", "车辆在黑名单中", ["确认车牌", "人工抬杆"]),
+            }
+            if rejected is not None:
+                expected[rejected] = ("扣款已驳回", "车辆早已离场", ["确认车牌"])
+            for exception_id, (label, hint, actions) in expected.items():
+                card = page.locator(f"#exception-{exception_id}")
+                await expect(card.locator(".reason")).to_have_text(label)
+                await expect(card.locator(".hint")).to_contain_text(hint)
+                assert await _actions(card) == actions, exception_id
+            card = page.locator(f"#exception-{ghost}")
+            await expect(card).to_contain_text(plate)
+            assert await page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
+            occupancy = page.locator(f"#occupancy-{lot.code}")
+            # The ghost and the blacklisted car held at the exit; the rejected charge's stay is
+            # open again (it counts in until its vehicle is named).
+            inside = 2 if rejected is None else 3
+            await expect(occupancy).to_have_text(str(inside))
+            await card.get_by_role("button", name="结束停车记录").click()
+            await expect(page.locator(f"#exception-result-{ghost}")).to_have_text(
+                "请填写结束原因（至少3个字）。"
+            )
+            await card.get_by_label("结束原因").fill("现场核实，车辆已不在场内")
+            await card.get_by_role("button", name="结束停车记录").click()
+            await expect(page.locator(f"#exception-result-{ghost}")).to_have_text(
+                "已结束停车记录，不收费"
+            )
+            await expect(card).to_have_attribute("data-status", "resolved")
+            await expect(occupancy).to_have_text(str(inside - 1))
+            await expect(page.locator('#audit-log tr[data-action="stay.ended"]')).to_contain_text(
+                "结束停车记录"
+            )
+            shot = ROOT / ".artifacts" / f"dashboard-exceptions-{width}.png"
+            await page.screenshot(path=str(shot), full_page=True)
+            assert await page.evaluate(UNNAMED) == []
+
+            await page.click("#lang")
+            english = page.locator(f"#exception-{on_blacklist}")
+            await expect(english.locator(".reason")).to_have_text("Blacklisted vehicle")
+            await expect(english.locator(".hint")).to_contain_text("On the blacklist")
+            if rejected is not None:
+                await expect(page.locator(f"#exception-{rejected} .reason")).to_have_text(
+                    "Charge rejected"
+                )
+
+    assert problems == []
+    async with runtime.pool.acquire() as conn:
+        stay = await conn.fetchrow(
+            "SELECT status, settlement, fee_fen FROM sessions "
+            "WHERE car_park_id = $1 AND plate = $2",
+            lot.id,
+            plate,
+        )
+    assert tuple(stay) == ("closed", "operator", None)
