@@ -282,6 +282,12 @@ ROWS = [
     ),
     Row(
         "POST",
+        "/api/v1/operator/exceptions/{exception_id}/end-stay",
+        Access.STAFF_X,
+        lambda w: {"reason": "access matrix test"},
+    ),
+    Row(
+        "POST",
         "/api/v1/operator/car-parks/{code}/gates/{gate}/open",
         Access.STAFF_X,
         lambda w: {"reason": "access matrix test"},
