@@ -898,3 +898,171 @@ async def test_an_app_payment_withdrawn_while_its_order_is_being_made_is_still_b
     async with httpx.AsyncClient(base_url=provider.url) as wallet:
         paid = await wallet.post(f"/v1/payments/{first.out_trade_no}/pay")
     assert paid.status_code != 200, "the order of a withdrawn payment can still be paid"
+
+
+async def _waiting_on(runtime: Runtime, query_start: str, timeout_s: float = 10.0) -> bool:
+    """Whether a backend running a statement beginning `query_start` waits on a lock."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + timeout_s
+    while loop.time() < until:
+        async with runtime.pool.acquire() as conn:
+            found = await conn.fetchval(
+                """SELECT count(*) FROM pg_stat_activity
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'
+                     AND ltrim(query) LIKE $1""",
+                query_start + "%",
+            )
+        if found:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_a_qr_payment_booked_while_an_attendant_names_another_car_leaves_the_misread_stay(
+    runtime: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    provider: ProviderEndpoint,
+) -> None:
+    """As test_a_qr_payment_booked_after_an_attendant_named_another_car_goes_back, but the
+    booking runs while the attendant's resolve is in flight (its capture row updated, not yet
+    committed: paused here by holding audit_log, the resolve's last write). `_close_stay`'s
+    EXISTS read the capture without locking it, saw the old decision (A's stay) and closed
+    A's stay with B's money; the resolve then committed B's charge: B paid twice (review 28).
+    The booking now locks the capture's exception and the capture first, as the resolve does,
+    and reads the decision committed."""
+    await set_car_park(runtime, lot, uncertain_exit_policy="hold")
+    owner_a = await make_driver(runtime, unique_plate())
+    owner_b = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, owner_a.plate, confidence=0.85)
+    await enter(runtime, gate, lot, owner_b.plate)
+    capture = gate.capture("out", owner_a.plate, confidence=0.85)
+    held = await gate.decide(lot.code, "out1", capture)
+    assert (held["action"], held["fee_fen"]) == ("hold", 1200), held
+    started = await api.post(f"/api/v1/gate-payments/{capture.capture_id}")
+    assert started.status_code == 200, started.text
+    async with runtime.pool.acquire() as conn:
+        exception_id = await conn.fetchval(
+            "SELECT id FROM lane_exceptions WHERE capture_id = $1", capture.capture_id
+        )
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+
+    async with runtime.pool.acquire() as blocker:
+        blocking = blocker.transaction()
+        await blocking.start()
+        await blocker.execute("LOCK TABLE audit_log IN EXCLUSIVE MODE")
+        resolve = asyncio.create_task(
+            api.post(
+                f"/api/v1/operator/exceptions/{exception_id}/resolve",
+                json={"plate": owner_b.plate, "color": "blue"},
+                headers=attendant,
+            )
+        )
+        assert await _waiting_on(runtime, "INSERT INTO audit_log"), "resolve never paused"
+        out_trade_no = httpx.URL(started.json()["pay_url"]).path.rsplit("/", 1)[-1]
+        async with httpx.AsyncClient(base_url=provider.url) as wallet:
+            paid = await wallet.post(f"/v1/payments/{out_trade_no}/pay")
+        assert paid.status_code == 200, paid.text
+        booking = asyncio.create_task(
+            payments_service.gate_payment_status(runtime, capture.capture_id)
+        )
+        # The booking has closed a stay and waits for the exception the resolve holds.
+        await _waiting_on(runtime, "UPDATE lane_exceptions", timeout_s=5)
+        await blocking.commit()
+        named = await resolve
+        await booking
+    assert named.status_code == 200, named.text
+    assert named.json()["action"] == "open", named.json()
+
+    async with runtime.pool.acquire() as conn:
+        stay_a = await conn.fetchrow(
+            "SELECT status, settlement FROM sessions WHERE plate = $1 AND car_park_id = $2",
+            owner_a.plate,
+            lot.id,
+        )
+        charged_b = await conn.fetchval(
+            "SELECT count(*) FROM charges c JOIN sessions s ON s.id = c.session_id "
+            "WHERE s.plate = $1 AND s.car_park_id = $2",
+            owner_b.plate,
+            lot.id,
+        )
+        refunded = await conn.fetchval(
+            """SELECT COALESCE(sum(amount_fen), 0) FROM refunds
+               WHERE payment_id IN (SELECT id FROM payments WHERE capture_id = $1)""",
+            capture.capture_id,
+        )
+        assert await ledger.is_balanced(conn)
+    assert charged_b == 1, "B's own stay is charged pay-later"
+    assert (stay_a["status"], refunded) == ("open", 1200), (
+        f"A's stay (car inside) is {stay_a['status']}/{stay_a['settlement']}; "
+        f"of the ¥12.00 B paid for it, {refunded} fen went back"
+    )
+
+
+async def test_a_qr_payment_booked_while_an_attendant_names_the_same_car_is_no_deadlock(
+    runtime: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    provider: ProviderEndpoint,
+) -> None:
+    """The booking locks the stay, then the held capture's exception
+    (`_resolve_held_exception`); an attendant's resolve locks the exception and the capture,
+    then the stay (`lanes.decide`). Run together on a doubtful exit the attendant confirms as the
+    same car, they waited for each other and PostgreSQL aborted one (a 500 for the attendant, or
+    a booking that failed; review 28). Paused here by holding ledger_entries, the booking's
+    write between the two. Both now lock the exception, the capture, then the stay."""
+    await set_car_park(runtime, lot, uncertain_exit_policy="hold")
+    owner_a = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, owner_a.plate, confidence=0.85)
+    capture = gate.capture("out", owner_a.plate, confidence=0.85)
+    held = await gate.decide(lot.code, "out1", capture)
+    assert (held["action"], held["fee_fen"]) == ("hold", 1200), held
+    started = await api.post(f"/api/v1/gate-payments/{capture.capture_id}")
+    assert started.status_code == 200, started.text
+    async with runtime.pool.acquire() as conn:
+        exception_id = await conn.fetchval(
+            "SELECT id FROM lane_exceptions WHERE capture_id = $1", capture.capture_id
+        )
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    out_trade_no = httpx.URL(started.json()["pay_url"]).path.rsplit("/", 1)[-1]
+    async with httpx.AsyncClient(base_url=provider.url) as wallet:
+        paid = await wallet.post(f"/v1/payments/{out_trade_no}/pay")
+    assert paid.status_code == 200, paid.text
+
+    errors: list[str] = []
+    async with runtime.pool.acquire() as blocker:
+        blocking = blocker.transaction()
+        await blocking.start()
+        await blocker.execute("LOCK TABLE ledger_entries IN EXCLUSIVE MODE")
+        booking = asyncio.create_task(
+            payments_service.gate_payment_status(runtime, capture.capture_id)
+        )
+        if not await _waiting_on(runtime, "INSERT INTO ledger_entries", timeout_s=3):
+            async with runtime.pool.acquire() as conn:
+                rows = await conn.fetch(
+                    "SELECT wait_event_type, state, left(query, 120) q FROM pg_stat_activity"
+                    " WHERE datname = current_database()"
+                )
+            raise AssertionError(f"booking never paused: {booking.done()} {rows}")
+        resolve = asyncio.create_task(
+            api.post(
+                f"/api/v1/operator/exceptions/{exception_id}/resolve",
+                json={"plate": owner_a.plate, "color": "blue"},
+                headers=attendant,
+            )
+        )
+        await _waiting_on(runtime, "SELECT", timeout_s=2)  # the resolve waits for the stay
+        await blocking.commit()
+        for name, task in (("booking", booking), ("resolve", resolve)):
+            try:
+                result = await task
+            except Exception as exc:  # what a deadlock raises is the finding
+                errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            else:
+                if isinstance(result, httpx.Response) and result.status_code >= 500:
+                    errors.append(f"{name}: {result.status_code} {result.text[:200]}")
+    assert not errors, errors
