@@ -1,7 +1,10 @@
 """Server-side plate reading and matching at the lane: OCR of the capture's frames in a process
 pool, confusion-aware matching against the cars parked, and a person for anything uncertain."""
 
+import asyncio
 import base64
+import os
+import signal
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -379,3 +382,34 @@ class TestTheDefaultReader:
         )
         assert row["read_confidence"] >= runtime.settings.plate_certain_score
         assert (row["read_certain"], row["read_proven"]) == (False, False)
+
+
+async def test_a_pool_broken_under_two_captures_leaves_neither_cancelled_nor_unreadable(
+    runtime: Runtime,
+) -> None:
+    """Two captures (two lanes) are read in the pool when one of its processes dies (an
+    out-of-memory kill on a hostile frame of either, here a SIGKILL). Both see BrokenProcessPool;
+    the first restarts the pool and resubmits, then the second's `_restart` shuts down the pool
+    the first just resubmitted to, `cancel_futures=True`: the first capture's read was
+    cancelled (CancelledError is no Exception: `LaneWorker._consume` died with it and its
+    queue's lots were read no more), or, broken again, a good frame was read as unreadable
+    (review 28). Now only the pool that broke is replaced, once."""
+    frame = (FIXTURES / "plate_wanAD2Y34.jpg").read_bytes()
+    reader = runtime.lanes.reader
+    loop = asyncio.get_running_loop()
+    failures: list[object] = []
+    for _ in range(3):  # a race, lost in most rounds
+        tasks = [asyncio.create_task(reader.read_frames([frame] * 4)) for _ in range(6)]
+        until = loop.time() + 10
+        processes: dict[int, object] = {}
+        while loop.time() < until and not processes:
+            pool = reader._pool
+            processes = dict(pool._processes or {}) if pool is not None else {}
+            await asyncio.sleep(0.01)
+        assert processes, "the pool never started a process"
+        os.kill(next(iter(processes)), signal.SIGKILL)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        failures += [r for r in results if isinstance(r, BaseException) or None in r]
+        if failures:
+            break
+    assert not failures, f"reads cancelled, or good frames read as unreadable: {failures}"

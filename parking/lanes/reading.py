@@ -15,7 +15,7 @@ from typing import Literal
 from gate_controller.protocol import CameraRead, Capture
 from parking.lanes.repository import CameraOwnRead
 from parking.lanes.rules import FrameRead, of_plate
-from parking.logging import get_logger
+from parking.logging import configure_logging, get_logger
 from parking.settings import Settings
 from plate_recognition.calibration import is_small_plate
 from plate_recognition.grammar import Candidate, candidates_from_text, is_valid, normalise
@@ -74,7 +74,8 @@ def _read_frame(data: bytes, engine: str, certain_score: float) -> Recognition |
     except ValueError:
         return None
     except Exception as exc:  # cv2.error, onnxruntime's errors, MemoryError's kin
-        log.warning("lane.frame_unreadable", error=type(exc).__name__)
+        # Logged with its message: a reader bug shows as every frame unreadable otherwise.
+        log.warning("lane.frame_unreadable", error=f"{type(exc).__name__}: {exc}"[:300])
         return None
 
 
@@ -89,16 +90,26 @@ class PlateReader:
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
+            key = self.settings.log_pseudonym_key
             # spawn: the parent runs threads (paho, asyncpg), which fork would copy half-way.
             self._pool = ProcessPoolExecutor(
                 max_workers=self.settings.ocr_workers,
                 mp_context=multiprocessing.get_context("spawn"),
+                # A spawned child inherits no logging: its lines are masked and formatted as
+                # ours only once configured.
+                initializer=configure_logging,
+                initargs=(
+                    self.settings.log_level,
+                    self.settings.log_json,
+                    key.get_secret_value() if key else None,
+                ),
             )
         return self._pool
 
-    async def _read_frames(self, frames: list[bytes]) -> list[Recognition | None]:
+    async def _read_frames(
+        self, pool: ProcessPoolExecutor, frames: list[bytes]
+    ) -> list[Recognition | None]:
         loop = asyncio.get_running_loop()
-        pool = self._executor()
         return await asyncio.gather(
             *(
                 loop.run_in_executor(
@@ -129,26 +140,26 @@ class PlateReader:
 
     async def read_frames(self, frames: list[bytes]) -> list[Recognition | None]:
         """Each of the first PARKING_OCR_MAX_FRAMES frames read in the pool (None: not an
-        image)."""
+        image). A pool a process of which died (out of memory on a hostile image, say) is
+        replaced and the frames read again; broken twice, they are unreadable, for a person,
+        rather than a capture left unanswered that the gate resends into every new pool."""
         frames = frames[: self.settings.ocr_max_frames]
-        try:
-            return await self._read_frames(frames)
-        except BrokenProcessPool:
-            # A pool process died (e.g. out of memory on a hostile image): start a new pool.
-            log.error("lane.ocr_pool_broken")
-            self._restart()
-        try:
-            return await self._read_frames(frames)
-        except BrokenProcessPool:
-            # Again: these frames may be what kills it. Unreadable, for a person, rather than a
-            # capture left unanswered that the gate resends into every new pool.
-            log.error("lane.ocr_pool_broken", frames_unreadable=len(frames))
-            self._restart()
-            return [None] * len(frames)
+        for _ in range(2):
+            pool = self._executor()
+            try:
+                return await self._read_frames(pool, frames)
+            except BrokenProcessPool:
+                log.error("lane.ocr_pool_broken")
+                self._replace(pool)
+        log.error("lane.ocr_frames_unreadable", frames=len(frames))
+        return [None] * len(frames)
 
-    def _restart(self) -> None:
-        self.close()
-        self._pool = None
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        """Drops the broken pool, once: every capture that was waiting on it lands here, and
+        one that already got the new pool must not see it shut down under its reads."""
+        if self._pool is broken:
+            self._pool = None
+            broken.shutdown(wait=False)
 
     async def read_again(self, capture: Capture, frames: list[bytes]) -> PlateReading:
         """The frames read by the server alone (`second_reading`)."""
