@@ -42,10 +42,12 @@ async def end_missed_stay(
     plate: str,
     at: datetime,
     versions: fees.TariffVersions,
+    entry_proven: bool,
 ) -> None:
     """The plate enters while its earlier stay is still open: that stay's exit was missed. A stay
     last held with a fee is owed (a debt, or an exception); any other is superseded as before,
-    kept for review and never charged."""
+    kept for review and never charged. `entry_proven`: this entry's read could rest a charge;
+    it is the only sign the held car left unseen."""
     hold = await edges_repo.last_payable_hold(conn, stay.id)
     priced = (
         fees.stay_fee(
@@ -70,12 +72,14 @@ async def end_missed_stay(
     # Priced up to the hold: the gate showed that fee, and it is what the car owed when it left.
     fee = priced.fee_fen
     # Owed without a person only on reads a charge could rest on: a stranger read as this plate
-    # at a gate (even twice, the same way) must not become its owner's debt.
+    # at a gate (even twice, the same way), or entering read as it, must not become its owner's
+    # debt. Nor an entry from before the hold (an offline gate's, uploaded late): the car held
+    # then had not left by it, so it is no sign the car left since.
     account_id = (
         await edges_repo.account_bound_throughout(
             conn, plate, identity_color(plate, stay.plate_color), stay.entered_at, hold.held_at
         )
-        if stay.entry_proven and hold.read_proven
+        if stay.entry_proven and hold.read_proven and entry_proven and at >= hold.held_at
         else None
     )
     await edges_repo.supersede_unpaid(

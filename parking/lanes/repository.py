@@ -489,6 +489,7 @@ GHOST_STAY = f"""({STAY_OPEN_TOO_LONG}
         SELECT 1 FROM sessions e
         WHERE e.plate = s.plate AND e.entered_at > s.entered_at
           AND e.entered_at <= {{now}}::timestamptz AND e.car_park_id <> s.car_park_id
+          AND e.entry_certain
           AND (e.plate_color IS NULL OR s.plate_color IS NULL
                OR e.plate_color = s.plate_color)))"""
 

@@ -217,7 +217,9 @@ class LaneService:
             )
         if inside is not None:
             versions = await self._tariff_versions(conn, gate.car_park_id)
-            await edges.end_missed_stay(conn, gate, inside, plate, at, versions)
+            await edges.end_missed_stay(
+                conn, gate, inside, plate, at, versions, self.proven(reading)
+            )
             # The new stay takes the missed one's place; one opened at an exit for the fixed
             # fee never took one (`occupancy.takes_a_place`), so the car is counted in.
             outcome, delta = "entered_superseding", 0 if inside.fixed_fee_fen is None else 1
