@@ -116,3 +116,22 @@ async def test_a_doubtful_entry_read_elsewhere_never_unmatches_the_cars_stay_her
         "a doubtful read at another car park is no proof X's car left here",
         dict(decided),
     )
+
+
+async def test_a_double_read_at_the_entry_barrier_in_another_colour_is_one_stay(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """The entry camera reads the car twice within a second: blue surely, then yellow doubtfully
+    (0.92). DESIGN.md step 1 dedupes by (car park, plate) within the window; the lane deduped
+    by (plate, colour), so a second stay opened and the car was counted in twice (review 29).
+    A doubtful read of characters that just came in, in another colour, is that car again."""
+    plate = unique_plate()
+    before = await runtime.occupancy.get(lot.id)
+    first = await gate.decide(lot.code, "in1", gate.capture("in", plate))
+    again = await gate.decide(
+        lot.code, "in1", gate.capture("in", plate, confidence=0.92, color="yellow")
+    )
+    assert first["action"] == again["action"] == "open"
+    stays = await _stays(runtime, lot, plate)
+    after = await runtime.occupancy.get(lot.id)
+    assert (len(stays), after - before) == (1, 1), [(s["plate_color"], s["status"]) for s in stays]

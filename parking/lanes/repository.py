@@ -391,6 +391,22 @@ async def stay_entered_since(
     return stay_id
 
 
+async def open_stay_of_characters_since(
+    conn: asyncpg.Connection, car_park_id: int, plate: str, since: datetime
+) -> int | None:
+    """An open stay here of the plate's characters, in any colour, that began at `since` or
+    later: the latest."""
+    stay_id: int | None = await conn.fetchval(
+        """SELECT id FROM sessions
+           WHERE car_park_id = $1 AND plate = $2 AND status = 'open' AND entered_at >= $3
+           ORDER BY entered_at DESC LIMIT 1""",
+        car_park_id,
+        plate,
+        since,
+    )
+    return stay_id
+
+
 async def stay_ended_since(
     conn: asyncpg.Connection, car_park_id: int, plate: str, color: str, at: datetime
 ) -> int | None:

@@ -203,6 +203,14 @@ class LaneService:
         if inside is not None and at - inside.entered_at < self.duplicate_window:
             # The same car read twice at the barrier.
             return self._open(capture, now, "duplicate_read", plate, inside.id)
+        if not self.certain(reading) and (
+            twin := await repo.open_stay_of_characters_since(
+                conn, gate.car_park_id, plate, at - self.duplicate_window
+            )
+        ):
+            # The same characters just came in, in another colour: a doubtful read of that car
+            # again (its colour taken otherwise), not a second car counted in.
+            return self._open(capture, now, "duplicate_read", plate, twin)
         standing = await rights.entry_standing(
             conn,
             operator_id=gate.operator_id,
