@@ -295,6 +295,19 @@ async def eventually(probe: Any, timeout_s: float = 10.0, interval_s: float = 0.
         await asyncio.sleep(interval_s)
 
 
+async def waiting_on_a_lock(runtime: Runtime, query_start: str = "") -> bool:
+    """Whether a backend of the test database running a statement that begins `query_start`
+    waits on a lock: how a test knows another path reached the lock it holds."""
+    async with runtime.pool.acquire() as conn:
+        waiting: bool = await conn.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+               WHERE datname = current_database() AND wait_event_type = 'Lock'
+                 AND ltrim(query) LIKE $1)""",
+            query_start + "%",
+        )
+    return waiting
+
+
 async def entry_registered(runtime: Runtime, lot: Lot, plate: str) -> str:
     """Waits until the provider answered the registration of the plate's stay at its entry
     (WeChat's rails register each pay-later stay; the sandbox's register none) and returns

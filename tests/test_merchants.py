@@ -29,6 +29,7 @@ from tests.conftest import (
     make_staff,
     staff_token,
     unique_plate,
+    waiting_on_a_lock,
 )
 from tests.gates import GateProbe
 from tests.test_payments import _pay
@@ -403,6 +404,22 @@ async def test_an_operator_letting_a_held_car_out_for_less_gives_the_budget_back
     assert await _returned(runtime, merchant["id"]) == [600]
 
 
+async def _merchants_principal(runtime: Runtime, lot: Lot, merchant: dict[str, Any]) -> Principal:
+    """Who the merchant's staff are to the service, for validating inside a test's own
+    transaction (the API would commit at once)."""
+    async with runtime.pool.acquire() as conn:
+        user_id = await conn.fetchval(
+            "SELECT id FROM operator_users WHERE email = $1", merchant["email"]
+        )
+    return Principal(
+        kind="operator",
+        operator_id=lot.operator_id,
+        operator_user_id=user_id,
+        role="merchant",
+        merchant_id=merchant["id"],
+    )
+
+
 async def test_a_validation_committed_while_the_exit_waits_for_the_stay_goes_back_whole(
     runtime: Runtime, app: FastAPI, api: httpx.AsyncClient, gate: GateProbe, lot: Lot
 ) -> None:
@@ -413,17 +430,7 @@ async def test_a_validation_committed_while_the_exit_waits_for_the_stay_goes_bac
     merchant, _, _ = await make_merchant(runtime, app, api, lot, budget_fen=5000)
     driver = await make_driver(runtime, unique_plate())
     await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=150))
-    async with runtime.pool.acquire() as conn:
-        user_id = await conn.fetchval(
-            "SELECT id FROM operator_users WHERE email = $1", merchant["email"]
-        )
-    shop = Principal(
-        kind="operator",
-        operator_id=lot.operator_id,
-        operator_user_id=user_id,
-        role="merchant",
-        merchant_id=merchant["id"],
-    )
+    shop = await _merchants_principal(runtime, lot, merchant)
 
     async with runtime.pool.acquire() as conn, conn.transaction():
         given, _ = await merchants.validate(
@@ -433,22 +440,13 @@ async def test_a_validation_committed_while_the_exit_waits_for_the_stay_goes_bac
         leaving = asyncio.create_task(
             gate.decide(lot.code, "out1", gate.capture("out", driver.plate))
         )
-        await eventually(lambda: _someone_waits_for_a_lock(runtime))
+        await eventually(lambda: waiting_on_a_lock(runtime))
     command = await leaving
     async with runtime.pool.acquire() as conn:
         spent_fen = await conn.fetchval(
             "SELECT spent_fen FROM merchants WHERE id = $1", merchant["id"]
         )
     assert spent_fen == 1800 - command["fee_fen"], (command["fee_fen"], spent_fen)
-
-
-async def _someone_waits_for_a_lock(runtime: Runtime) -> bool:
-    async with runtime.pool.acquire() as conn:
-        waiting: bool = await conn.fetchval(
-            """SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-               WHERE datname = current_database() AND wait_event_type = 'Lock')"""
-        )
-    return waiting
 
 
 async def test_a_validation_racing_the_qr_payment_start_is_not_paid_by_driver_and_budget(
@@ -471,17 +469,7 @@ async def test_a_validation_racing_the_qr_payment_start_is_not_paid_by_driver_an
     capture = gate.capture("out", plate)
     held = await gate.decide(lot.code, "out1", capture)
     assert (held["action"], held["fee_fen"]) == ("hold", 1200)
-    async with runtime.pool.acquire() as conn:
-        user_id = await conn.fetchval(
-            "SELECT id FROM operator_users WHERE email = $1", merchant["email"]
-        )
-    shop = Principal(
-        kind="operator",
-        operator_id=lot.operator_id,
-        operator_user_id=user_id,
-        role="merchant",
-        merchant_id=merchant["id"],
-    )
+    shop = await _merchants_principal(runtime, lot, merchant)
 
     async with runtime.pool.acquire() as conn, conn.transaction():
         # The validation has passed its "being paid?" check and spent the budget; not
@@ -520,4 +508,4 @@ async def test_a_validation_racing_the_qr_payment_start_is_not_paid_by_driver_an
 
 
 async def _done_or_waiting(runtime: Runtime, task: "asyncio.Task[object]") -> bool:
-    return task.done() or await _someone_waits_for_a_lock(runtime)
+    return task.done() or await waiting_on_a_lock(runtime)

@@ -23,6 +23,7 @@ from parking.runtime import ProviderEndpoint, Runtime
 from parking.settings import Settings
 from parking_dev import sandbox
 from tests.conftest import (
+    Driver,
     Lot,
     api_server,
     backdate_entry,
@@ -40,6 +41,7 @@ from tests.conftest import (
     set_car_park,
     staff_token,
     unique_plate,
+    waiting_on_a_lock,
 )
 from tests.gates import GateProbe
 
@@ -784,21 +786,11 @@ async def test_the_quote_limit_is_not_escaped_by_walking_ones_own_ipv6_prefix(
     )
 
 
-async def test_a_qr_payment_booked_after_an_attendant_named_another_car_goes_back(
-    runtime: Runtime,
-    app: FastAPI,
-    api: httpx.AsyncClient,
-    gate: GateProbe,
-    lot: Lot,
-    provider: ProviderEndpoint,
-) -> None:
-    """An exit read with doubt as A's plate holds for A's stay ('uncertain': the driver may pay
-    while an attendant decides). The driver at the barrier opens the QR page (the payment is
-    priced with A's stay) just as the attendant, looking at the frame, names the car: it is
-    B's, whose stay is charged pay-later and the gate opens. The driver's payment is booked a
-    moment later: it closed A's stay, A's car still inside, as paid at the gate with B's money,
-    and nothing went back: B paid twice (review 26). Now the payment books only the stay its
-    capture is still decided for, and the rest goes back."""
+async def _held_as_a_while_b_is_parked(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> tuple[Driver, Driver, Capture]:
+    """Two pay-later drivers parked at a car park that holds doubtful exits; an exit read with
+    doubt as A's plate, held for A's stay's ¥12.00: the drivers and that capture."""
     await set_car_park(runtime, lot, uncertain_exit_policy="hold")
     owner_a = await make_driver(runtime, unique_plate())
     owner_b = await make_driver(runtime, unique_plate())
@@ -807,26 +799,14 @@ async def test_a_qr_payment_booked_after_an_attendant_named_another_car_goes_bac
     capture = gate.capture("out", owner_a.plate, confidence=0.85)
     held = await gate.decide(lot.code, "out1", capture)
     assert (held["action"], held["fee_fen"]) == ("hold", 1200), held
-    qr_path = f"/api/v1/gate-payments/{capture.capture_id}"
-    started = await api.post(qr_path)
-    assert started.status_code == 200, started.text
-    assert started.json()["amount_fen"] == 1200
+    return owner_a, owner_b, capture
 
-    async with runtime.pool.acquire() as conn:
-        exception_id = await conn.fetchval(
-            "SELECT id FROM lane_exceptions WHERE capture_id = $1", capture.capture_id
-        )
-    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
-    named = await api.post(
-        f"/api/v1/operator/exceptions/{exception_id}/resolve",
-        json={"plate": owner_b.plate, "color": "blue"},
-        headers=attendant,
-    )
-    assert named.status_code == 200, named.text
-    assert named.json()["action"] == "open", named.json()
 
-    await _pay(provider, httpx.URL(started.json()["pay_url"]).path.rsplit("/", 1)[-1])
-    assert (await api.get(qr_path)).json()["status"] == "succeeded"
+async def _a_stays_open_and_bs_payment_went_back(
+    runtime: Runtime, lot: Lot, owner_a: Driver, owner_b: Driver, capture: Capture
+) -> None:
+    """The car at the barrier was B's: B's stay is charged pay-later, A's (its car inside)
+    stays open, and the ¥12.00 paid at the gate for A's stay goes back; the ledger balances."""
     async with runtime.pool.acquire() as conn:
         stay_a = await conn.fetchrow(
             "SELECT status, settlement FROM sessions WHERE plate = $1 AND car_park_id = $2",
@@ -850,6 +830,45 @@ async def test_a_qr_payment_booked_after_an_attendant_named_another_car_goes_bac
         f"A's stay (car inside) is {stay_a['status']}/{stay_a['settlement']}; "
         f"of the ¥12.00 B paid for it, {refunded} fen went back"
     )
+
+
+async def test_a_qr_payment_booked_after_an_attendant_named_another_car_goes_back(
+    runtime: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    provider: ProviderEndpoint,
+) -> None:
+    """An exit read with doubt as A's plate holds for A's stay ('uncertain': the driver may pay
+    while an attendant decides). The driver at the barrier opens the QR page (the payment is
+    priced with A's stay) just as the attendant, looking at the frame, names the car: it is
+    B's, whose stay is charged pay-later and the gate opens. The driver's payment is booked a
+    moment later: it closed A's stay, A's car still inside, as paid at the gate with B's money,
+    and nothing went back: B paid twice (review 26). Now the payment books only the stay its
+    capture is still decided for, and the rest goes back."""
+    owner_a, owner_b, capture = await _held_as_a_while_b_is_parked(runtime, gate, lot)
+    qr_path = f"/api/v1/gate-payments/{capture.capture_id}"
+    started = await api.post(qr_path)
+    assert started.status_code == 200, started.text
+    assert started.json()["amount_fen"] == 1200
+
+    async with runtime.pool.acquire() as conn:
+        exception_id = await conn.fetchval(
+            "SELECT id FROM lane_exceptions WHERE capture_id = $1", capture.capture_id
+        )
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    named = await api.post(
+        f"/api/v1/operator/exceptions/{exception_id}/resolve",
+        json={"plate": owner_b.plate, "color": "blue"},
+        headers=attendant,
+    )
+    assert named.status_code == 200, named.text
+    assert named.json()["action"] == "open", named.json()
+
+    await _pay(provider, httpx.URL(started.json()["pay_url"]).path.rsplit("/", 1)[-1])
+    assert (await api.get(qr_path)).json()["status"] == "succeeded"
+    await _a_stays_open_and_bs_payment_went_back(runtime, lot, owner_a, owner_b, capture)
 
 
 async def test_an_app_payment_withdrawn_while_its_order_is_being_made_is_still_booked_when_paid(
@@ -901,21 +920,14 @@ async def test_an_app_payment_withdrawn_while_its_order_is_being_made_is_still_b
 
 
 async def _waiting_on(runtime: Runtime, query_start: str, timeout_s: float = 10.0) -> bool:
-    """Whether a backend running a statement beginning `query_start` waits on a lock."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + timeout_s
-    while loop.time() < until:
-        async with runtime.pool.acquire() as conn:
-            found = await conn.fetchval(
-                """SELECT count(*) FROM pg_stat_activity
-                   WHERE datname = current_database() AND wait_event_type = 'Lock'
-                     AND ltrim(query) LIKE $1""",
-                query_start + "%",
-            )
-        if found:
-            return True
-        await asyncio.sleep(0.05)
-    return False
+    """Whether a backend running a statement beginning `query_start` comes to wait on a lock
+    within `timeout_s`."""
+    try:
+        return bool(
+            await eventually(lambda: waiting_on_a_lock(runtime, query_start), timeout_s=timeout_s)
+        )
+    except AssertionError:
+        return False
 
 
 async def test_a_qr_payment_booked_while_an_attendant_names_another_car_leaves_the_misread_stay(
@@ -933,14 +945,7 @@ async def test_a_qr_payment_booked_while_an_attendant_names_another_car_leaves_t
     A's stay with B's money; the resolve then committed B's charge: B paid twice (review 28).
     The booking now locks the capture's exception and the capture first, as the resolve does,
     and reads the decision committed."""
-    await set_car_park(runtime, lot, uncertain_exit_policy="hold")
-    owner_a = await make_driver(runtime, unique_plate())
-    owner_b = await make_driver(runtime, unique_plate())
-    await enter(runtime, gate, lot, owner_a.plate, confidence=0.85)
-    await enter(runtime, gate, lot, owner_b.plate)
-    capture = gate.capture("out", owner_a.plate, confidence=0.85)
-    held = await gate.decide(lot.code, "out1", capture)
-    assert (held["action"], held["fee_fen"]) == ("hold", 1200), held
+    owner_a, owner_b, capture = await _held_as_a_while_b_is_parked(runtime, gate, lot)
     started = await api.post(f"/api/v1/gate-payments/{capture.capture_id}")
     assert started.status_code == 200, started.text
     async with runtime.pool.acquire() as conn:
@@ -976,29 +981,7 @@ async def test_a_qr_payment_booked_while_an_attendant_names_another_car_leaves_t
     assert named.status_code == 200, named.text
     assert named.json()["action"] == "open", named.json()
 
-    async with runtime.pool.acquire() as conn:
-        stay_a = await conn.fetchrow(
-            "SELECT status, settlement FROM sessions WHERE plate = $1 AND car_park_id = $2",
-            owner_a.plate,
-            lot.id,
-        )
-        charged_b = await conn.fetchval(
-            "SELECT count(*) FROM charges c JOIN sessions s ON s.id = c.session_id "
-            "WHERE s.plate = $1 AND s.car_park_id = $2",
-            owner_b.plate,
-            lot.id,
-        )
-        refunded = await conn.fetchval(
-            """SELECT COALESCE(sum(amount_fen), 0) FROM refunds
-               WHERE payment_id IN (SELECT id FROM payments WHERE capture_id = $1)""",
-            capture.capture_id,
-        )
-        assert await ledger.is_balanced(conn)
-    assert charged_b == 1, "B's own stay is charged pay-later"
-    assert (stay_a["status"], refunded) == ("open", 1200), (
-        f"A's stay (car inside) is {stay_a['status']}/{stay_a['settlement']}; "
-        f"of the ¥12.00 B paid for it, {refunded} fen went back"
-    )
+    await _a_stays_open_and_bs_payment_went_back(runtime, lot, owner_a, owner_b, capture)
 
 
 async def test_a_qr_payment_booked_while_an_attendant_names_the_same_car_is_no_deadlock(
