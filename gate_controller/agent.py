@@ -241,14 +241,12 @@ class GateAgent:
         # kept on disk), and when it was taken (time.monotonic()); the server's time is never
         # earlier than it plus the time since. None until there is one.
         self._floor: tuple[float, float] | None = None
-        # The offset (server's time less the gate's) learnt in an earlier run, taken until this
-        # run learns one: only a fast clock's (<= 0), which moves the reckoning back from the
-        # gate's own clock and never ahead of it.
-        self._carried_offset_s = 0.0
+        # The offset (server's time less the gate's) learnt in an earlier run, whatever its
+        # sign; until this run learns one, `_reckon` carries a fast clock's (<= 0) and
+        # `server_now_at_the_latest` a slow clock's too.
+        self._saved_offset_s: float | None = None
         # Signed server times too far ahead of the time learnt to be taken (`_raise_floor`).
         self.signed_times_ignored = 0
-        # That offset as learnt, whatever its sign (`server_now_at_the_latest`).
-        self._saved_offset_s: float | None = None
 
     @property
     def store(self) -> Outbox:
@@ -567,7 +565,7 @@ class GateAgent:
         if self._server_clock is not None:
             server_at, arrived = self._server_clock
             return max(server_at + monotonic - arrived, floor)
-        carried = wall + self._carried_offset_s
+        carried = wall + min(self._saved_offset_s or 0.0, 0.0)
         if carried + _CLOCK_ACK_MAX_ROUND_TRIP_S < floor:
             carried = wall  # beyond the offset's own error below the floor: proven wrong
         return max(carried, floor)
@@ -604,9 +602,7 @@ class GateAgent:
             return
         if clock.floor is not None:
             self._floor = (clock.floor, time.monotonic())
-        if clock.offset_s is not None:
-            self._saved_offset_s = clock.offset_s
-            self._carried_offset_s = min(clock.offset_s, 0.0)
+        self._saved_offset_s = clock.offset_s
 
     def _learn_clock(self, server_time: datetime, written: float | None) -> None:
         """Takes the server's time from a signed answer to a capture: the `received_at` of an
@@ -678,13 +674,11 @@ class GateAgent:
         except ValidationError:
             log.warning("agent.bad_config", size=len(message.payload))
             return
-        refusal = self.whitelist.offer(config, self.server_now())
+        refusal = self._take_config(config)
         if refusal is not None:
             self.config_refusals[refusal] += 1
             log.warning("agent.config_refused", why=refusal)
             return
-        if config.issued_at is not None:
-            self._raise_floor(config.issued_at)
         self.store.save_config(message.payload)
         log.info(
             "agent.config_accepted",
@@ -700,11 +694,17 @@ class GateAgent:
             config = GateConfig.model_validate_json(payload)
         except ValidationError:
             return
-        refusal = self.whitelist.offer(config, self.server_now())
+        refusal = self._take_config(config)
         if refusal is not None:
             log.info("agent.stored_config_unusable", why=refusal)
-        elif config.issued_at is not None:
+
+    def _take_config(self, config: GateConfig) -> str | None:
+        """Offers a config to the whitelist; taken, its signed `issued_at` is a time the server
+        has passed (`_raise_floor`). Why it was refused, or None."""
+        refusal = self.whitelist.offer(config, self.server_now())
+        if refusal is None and config.issued_at is not None:
             self._raise_floor(config.issued_at)
+        return refusal
 
     # The link: resends, status
 
