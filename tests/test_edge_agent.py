@@ -809,6 +809,67 @@ async def test_a_gate_online_drops_an_unbound_plate_and_a_deleted_accounts_at_on
         assert not out.agent.whitelist.allows(deleting.plate, "blue", datetime.now(UTC))
 
 
+async def test_a_gate_online_drops_a_car_at_once_whatever_ends_its_pay_later(
+    runtime: Runtime,
+    settings: Settings,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    tmp_path: Path,
+    clean_configs: None,
+) -> None:
+    """Not only a binding's end takes a parked car off its car park's whitelist at once
+    (migration 0057): its driver cancelling pay-later, the company blacklisting the vehicle,
+    the provider pausing the plate's service, the account blocked for arrears. Before, each
+    stayed on the gate's list up to the next round (an hour here; 60 s by default), and a gate
+    whose link dropped meanwhile let the car out on pay-later."""
+    cancelling, blacklisted, paused, in_arrears, staying = [
+        await make_driver(runtime, unique_plate()) for _ in range(5)
+    ]
+    everyone = {d.plate for d in (cancelling, blacklisted, paused, in_arrears, staying)}
+    for plate in everyone:
+        await enter(runtime, gate, lot, plate, parked_for=timedelta(hours=1))
+    assert await publish_configs(runtime.pool, runtime.mqtt, settings, SERVER_KEY) >= 2
+    config = _config(tmp_path, lot.code, "out1", settings.mqtt_topic_prefix)
+    async with lane(config) as out:
+
+        def listed() -> set[str]:
+            held = out.agent.whitelist.config
+            return {entry.plate for entry in held.whitelist} if held else set()
+
+        await until(lambda: listed() == everyone)
+        cancelled = await api.delete(
+            "/api/v1/me/agreement", headers=bearer(driver_token(app, cancelling.account_id))
+        )
+        assert cancelled.status_code == 204, cancelled.text
+        await until(lambda: listed() == everyone - {cancelling.plate})
+        admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+        added = await api.post(
+            "/api/v1/operator/blacklist",
+            json={"plate": blacklisted.plate, "color": "blue", "reason": "逃费"},
+            headers=admin,
+        )
+        assert added.status_code == 201, added.text
+        await until(lambda: listed() == everyone - {cancelling.plate, blacklisted.plate})
+        async with runtime.pool.acquire() as conn:
+            assert await agreements.record_service_state(
+                conn,
+                "sandbox",
+                paused.plate,
+                "blue",
+                "paused",
+                datetime.now(UTC),
+                about_agreement=False,
+            )
+            # As `billing.debts` blocks an account with an open debt.
+            await conn.execute(
+                "UPDATE accounts SET blocked_for_arrears = true WHERE id = $1",
+                in_arrears.account_id,
+            )
+        await until(lambda: listed() == {staying.plate})
+
+
 def test_the_gate_matches_a_whitelisted_plate_on_its_colour_too() -> None:
     lot, now = f"lot-{uuid.uuid4().hex[:8]}", datetime.now(UTC)
     both, lorry = unique_plate(), unique_plate()

@@ -10,8 +10,9 @@ for `valid_for` (24 h by default) and signed with the server's Ed25519 key over
 and ignore a config whose signature, car park or expiry does not check out.
 
 Cars enter all the time, so the configs are republished every `interval_s` by
-`publish_periodically`, and a car park's at once when a binding of a car parked there ends;
-`parking gates publish-config` does it once.
+`publish_periodically`, and a car park's at once when something takes a car parked there off
+its list (a binding ended, pay-later cancelled or blocked, a blacklisting, a pass revoked:
+migrations 0054, 0057); `parking gates publish-config` does it once.
 """
 
 import argparse
@@ -51,7 +52,7 @@ log = get_logger(__name__)
 
 DEFAULT_VALIDITY = timedelta(hours=24)
 # Where a car park's id is announced on commit when a vehicle parked there may have lost its
-# place on the list (migration 0054: a binding ended).
+# place on the list (migrations 0054 and 0057).
 WHITELIST_CHANNEL = "gate_whitelists"
 _LISTENER_RETRY_S = 1.0
 # Retained publishes in flight at once (the client's own window is 1000).
@@ -209,10 +210,10 @@ async def publish_periodically(
 ) -> None:
     """Republishes the configs every `interval_s`, so that cars that entered since are on the
     lists and the lists never expire while the server runs. Between rounds, a car park whose
-    list lost a vehicle (a binding ended: a plate unbound, an account deleted; migration 0054
-    announces it on commit) is republished at once, so that its gates that are online drop the
-    plate now rather than at the next round. A gate offline then keeps its list until its link
-    returns (the retained config reaches it then) or the list expires."""
+    list lost a vehicle (migrations 0054 and 0057 announce it on commit) is republished at
+    once, so that its gates that are online drop the plate now rather than at the next round.
+    A gate offline then keeps its list until its link returns (the retained config reaches it
+    then) or the list expires."""
     loop = asyncio.get_running_loop()
     announced: set[int] = set()
     wake = asyncio.Event()
