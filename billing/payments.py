@@ -16,7 +16,7 @@ from uuid import UUID
 
 import asyncpg
 
-from billing import audit, debts, ledger, notifications, passes, refunds
+from billing import audit, captures, debts, ledger, notifications, passes, refunds
 from billing.tariff import format_fen
 
 
@@ -150,7 +150,10 @@ async def mark_paid(
         return None
     payment = Payment(**dict(row))
     if payment.capture_id is not None:
-        await _lock_held_capture(conn, payment.capture_id)
+        # As an operator deciding the held capture locks it, before the stay: the booking
+        # waits for a decision being made and reads it committed (a vehicle named since is
+        # another stay's), and the two never lock in opposite orders (a deadlock, a 500).
+        await captures.lock_for_decision(conn, payment.capture_id)
     if payment.purpose == "pass":
         # Deferred revenue, and the pass's right (billing/passes.py).
         await passes.activate(conn, payment.id, payment.provider, datetime.now(UTC))
@@ -200,15 +203,6 @@ async def mark_paid(
             ),
         )
     return payment
-
-
-async def _lock_held_capture(conn: asyncpg.Connection, capture_id: UUID) -> None:
-    """The held capture's exception, then the capture, as an operator deciding it locks them
-    (`parking.operators.repository.exception_for_update`), before the stay: the booking waits
-    for a decision being made and reads it committed (a vehicle named since is another stay's),
-    and the two never lock in opposite orders (a deadlock, one of them a 500)."""
-    await conn.execute("SELECT 1 FROM lane_exceptions WHERE capture_id = $1 FOR UPDATE", capture_id)
-    await conn.execute("SELECT 1 FROM captures WHERE capture_id = $1 FOR UPDATE", capture_id)
 
 
 async def _resolve_held_exception(conn: asyncpg.Connection, payment: Payment) -> None:

@@ -1,6 +1,7 @@
 """The edges of the lane (issues #15 and #16): a held stay left without paying, booth payments,
 offline captures sent to the booth, ghost stays and gate clocks that are wrong."""
 
+import asyncio
 import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,6 +32,7 @@ from tests.conftest import (
     staff_token,
     stay_debt,
     unique_plate,
+    waiting_on_a_lock,
 )
 from tests.gates import GateProbe
 
@@ -406,6 +408,84 @@ async def test_an_offline_hold_uploaded_after_the_booth_took_the_money_is_matche
     assert await charges_of(runtime, lot) == []
     assert await _exceptions(runtime, lot, "offline_booth") == []
     assert await _exceptions(runtime, lot, "no_entry") == []
+
+
+async def _both_waiting(runtime: Runtime) -> bool:
+    """Whether two backends of the test database wait on a lock."""
+    async with runtime.pool.acquire() as conn:
+        count: int = await conn.fetchval(
+            """SELECT count(*) FROM pg_stat_activity
+               WHERE datname = current_database() AND wait_event_type = 'Lock'"""
+        )
+    return count >= 2
+
+
+async def test_a_booth_payment_while_an_operator_opens_the_held_gate_by_hand_is_no_deadlock(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """A gate offline sent a car to the booth (its stay closed awaiting the booth, the exit
+    capture held with an 'offline_booth' exception). The attendant takes the card for the
+    stay just as an operator opens the gate by hand for that capture (its exception resolved).
+    The booth locks the exit capture's exception, the capture, then the stay, as an operator
+    deciding a capture and a gate payment being booked lock them (`billing.captures`); so does
+    the open, which locked the capture, the stay, then the exception: with the booth's order
+    the two waited for each other (a deadlock, one of them a 500). Paused here by holding
+    sessions, which the open locks after what it locks first."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(minutes=90))
+    upload = _offline(gate, driver.plate, "hold")
+    await gate.decide(lot.code, "out1", upload)
+    stay = await _stay(runtime, lot, driver.plate)
+    assert (stay["settlement"], stay["exit_capture_id"]) == ("offline_booth", upload.capture_id)
+    attendant = await _attendant(runtime, app, lot)
+
+    errors: list[str] = []
+    async with runtime.pool.acquire() as blocker:
+        blocking = blocker.transaction()
+        await blocking.start()
+        await blocker.execute("LOCK TABLE sessions IN EXCLUSIVE MODE")
+        opened = asyncio.create_task(
+            api.post(
+                f"/api/v1/operator/car-parks/{lot.code}/gates/out1/open",
+                json={"reason": "岗亭处理 人工放行", "capture_id": str(upload.capture_id)},
+                headers=attendant,
+            )
+        )
+        await eventually(lambda: waiting_on_a_lock(runtime, "SELECT id, status, plate"))
+        paid = asyncio.create_task(
+            api.post(
+                f"/api/v1/operator/car-parks/{lot.code}/booth-payments",
+                json={"session_id": stay["id"], "method": "card", "amount_fen": 1200},
+                headers=attendant,
+            )
+        )
+        # The booth waits too: for the sessions (before) or what the open locked first.
+        await eventually(lambda: _both_waiting(runtime), timeout_s=5)
+        await blocking.commit()
+        for name, task in (("open", opened), ("booth", paid)):
+            try:
+                answer = await task
+            except Exception as exc:  # what a deadlock raises is the finding
+                errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            else:
+                if answer.status_code >= 500:
+                    errors.append(f"{name}: {answer.status_code} {answer.text[:200]}")
+    assert not errors, errors
+    assert (opened.result().status_code, paid.result().status_code) == (200, 201), (
+        opened.result().text,
+        paid.result().text,
+    )
+    stay = await _stay(runtime, lot, driver.plate)
+    assert (stay["settlement"], stay["fee_fen"]) == ("paid_at_booth", 1200)
+    [exception] = await _exceptions(runtime, lot, "offline_booth")
+    assert exception["status"] == "resolved"
+    async with runtime.pool.acquire() as conn:
+        taken = await conn.fetchval(
+            "SELECT count(*) FROM booth_payments WHERE session_id = $1", stay["id"]
+        )
+        assert await ledger.balance(conn, f"clearing:card:car_park:{lot.id}") == 1200
+        assert await ledger.is_balanced(conn)
+    assert taken == 1
 
 
 async def _booth_takes(

@@ -1049,3 +1049,85 @@ async def test_a_qr_payment_booked_while_an_attendant_names_the_same_car_is_no_d
                 if isinstance(result, httpx.Response) and result.status_code >= 500:
                     errors.append(f"{name}: {result.status_code} {result.text[:200]}")
     assert not errors, errors
+
+
+async def test_a_qr_payment_booked_while_an_operator_opens_the_same_held_gate_is_no_deadlock(
+    runtime: Runtime,
+    app: FastAPI,
+    api: httpx.AsyncClient,
+    gate: GateProbe,
+    lot: Lot,
+    provider: ProviderEndpoint,
+) -> None:
+    """An operator opens the gate by hand for a held doubtful exit (its stay closes as the
+    operator's, its exception resolved) just as the driver's QR payment is booked. The open
+    locked the capture, then the stay, then the exception; the booking locks the exception,
+    then the capture: each waited for what the other held and PostgreSQL aborted one (a 500 or
+    a booking that failed). Paused here by holding sessions, which the open locks after the
+    capture. All of them now lock the exception, the capture, then the stay
+    (`billing.captures`): the open goes first and the payment, its stay closed, goes back."""
+    await set_car_park(runtime, lot, uncertain_exit_policy="hold")
+    owner = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, owner.plate, confidence=0.85)
+    capture = gate.capture("out", owner.plate, confidence=0.85)
+    held = await gate.decide(lot.code, "out1", capture)
+    assert (held["action"], held["fee_fen"]) == ("hold", 1200), held
+    started = await api.post(f"/api/v1/gate-payments/{capture.capture_id}")
+    assert started.status_code == 200, started.text
+    attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
+    out_trade_no = httpx.URL(started.json()["pay_url"]).path.rsplit("/", 1)[-1]
+    async with httpx.AsyncClient(base_url=provider.url) as wallet:
+        paid = await wallet.post(f"/v1/payments/{out_trade_no}/pay")
+    assert paid.status_code == 200, paid.text
+
+    errors: list[str] = []
+    async with runtime.pool.acquire() as blocker:
+        blocking = blocker.transaction()
+        await blocking.start()
+        await blocker.execute("LOCK TABLE sessions IN EXCLUSIVE MODE")
+        opened = asyncio.create_task(
+            api.post(
+                f"/api/v1/operator/car-parks/{lot.code}/gates/out1/open",
+                json={"reason": "司机已扫码 人工放行", "capture_id": str(capture.capture_id)},
+                headers=attendant,
+            )
+        )
+        # The open holds what it locked before the stay, and waits for the stay.
+        assert await _waiting_on(runtime, "SELECT id, status, plate", timeout_s=5), "no pause"
+        booking = asyncio.create_task(
+            payments_service.gate_payment_status(runtime, capture.capture_id)
+        )
+        assert await _waiting_on(runtime, "SELECT 1 FROM", timeout_s=5), "booking never waited"
+        await blocking.commit()
+        for name, task in (("open", opened), ("booking", booking)):
+            try:
+                result = await task
+            except Exception as exc:  # what a deadlock raises is the finding
+                errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            else:
+                if isinstance(result, httpx.Response) and result.status_code >= 500:
+                    errors.append(f"{name}: {result.status_code} {result.text[:200]}")
+    assert not errors, errors
+    assert opened.result().status_code == 200, opened.result().text
+    async with runtime.pool.acquire() as conn:
+        stay = await conn.fetchrow(
+            "SELECT status, settlement FROM sessions WHERE plate = $1 AND car_park_id = $2",
+            owner.plate,
+            lot.id,
+        )
+        booked = await conn.fetch(
+            "SELECT status FROM payments WHERE capture_id = $1", capture.capture_id
+        )
+        refunded = await conn.fetchval(
+            """SELECT COALESCE(sum(amount_fen), 0) FROM refunds
+               WHERE payment_id IN (SELECT id FROM payments WHERE capture_id = $1)""",
+            capture.capture_id,
+        )
+        exception = await conn.fetchval(
+            "SELECT status FROM lane_exceptions WHERE capture_id = $1", capture.capture_id
+        )
+        assert await ledger.is_balanced(conn)
+    # The operator let the car out (nobody charged): the ¥12.00 paid for it goes back.
+    assert (stay["status"], stay["settlement"]) == ("closed", "operator"), dict(stay)
+    assert [r["status"] for r in booked] == ["succeeded"]
+    assert (refunded, exception) == (1200, "resolved")

@@ -41,6 +41,18 @@ async def stay_for_update(
     return BoothStay(**dict(row)) if row else None
 
 
+async def stay_exit_capture(
+    conn: asyncpg.Connection, car_park_id: int, session_id: int
+) -> UUID | None:
+    """The stay's exit capture as now committed, unlocked (None: no exit yet, or no stay)."""
+    capture_id: UUID | None = await conn.fetchval(
+        "SELECT exit_capture_id FROM sessions WHERE id = $1 AND car_park_id = $2",
+        session_id,
+        car_park_id,
+    )
+    return capture_id
+
+
 async def insert_payment(
     conn: asyncpg.Connection,
     *,

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from billing import audit, fees, ledger
+from billing import audit, captures, fees, ledger
 from billing.tariff import format_fen
 from gate_controller.protocol import Command, GateAddress
 from parking.auth.principal import Principal
@@ -96,8 +96,12 @@ async def record_payment(
     """Records a booth payment in the caller's transaction; the effect is applied after commit."""
     car_park = await _own_car_park(conn, principal, code)
     held: payments_repo.HeldExit | None = None
+    # Locked as an operator deciding a capture locks it: its exception, the capture, then the
+    # stay (`billing.captures`). The other way round, a booth payment and an operator acting on
+    # the same capture each waited for what the other held (a deadlock, one of them a 500).
     if request.capture_id is not None:
-        held = await payments_repo.held_exit(conn, request.capture_id, lock=True)
+        await captures.lock_for_decision(conn, request.capture_id)
+        held = await payments_repo.held_exit(conn, request.capture_id)
         if held is None or held.car_park_id != car_park["id"]:
             raise NotFound("capture")
         if held.outcome not in _HELD_WITH_FEE or held.session_id is None:
@@ -106,9 +110,18 @@ async def record_payment(
     else:
         assert request.session_id is not None  # the schema asks for one of the two
         session_id = request.session_id
+    # The stay's exit capture (its exception awaits the booth) is known from the stay only:
+    # read unlocked, locked before the stay, and the same once the stay is locked.
+    seen = await repo.stay_exit_capture(conn, car_park["id"], session_id)
+    if seen is not None and seen != request.capture_id:
+        await captures.lock_for_decision(conn, seen)
     stay = await repo.stay_for_update(conn, car_park["id"], session_id)
     if stay is None:
         raise NotFound("stay")
+    if stay.exit_capture_id != seen:
+        raise AppError(
+            409, "stay_changed", "the stay's exit was recorded meanwhile: look it up again"
+        )
     due = await _due(conn, stay, now)
     if request.amount_fen != due:
         raise AppError(

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 from pydantic import ValidationError
 
-from billing import audit, charges, debts, fees, refunds, reports
+from billing import audit, captures, charges, debts, fees, refunds, reports
 from billing import queue as job_queue
 from billing.tariff import Tariff
 from gate_controller.protocol import CameraRead, Capture, Command, GateAddress
@@ -510,6 +510,10 @@ async def open_gate(
     exception_id: int | None = None
     held = None
     if request.capture_id is not None:
+        # Its exception, the capture, then its stay: as a payment being booked or taken at the
+        # booth locks them (`billing.captures`), which waited for the exception this held its
+        # capture and stay for (a deadlock, one of them a 500).
+        await captures.lock_for_decision(conn, request.capture_id)
         held = await repo.capture_at_gate(conn, gate["id"], request.capture_id)
         if held is None:
             raise NotFound("capture")
