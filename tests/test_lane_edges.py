@@ -801,6 +801,61 @@ async def test_a_ghost_stay_opened_again_by_a_rejected_charge_is_a_ghost_for_a_p
     assert reopened == 1
 
 
+async def test_a_booth_payment_while_an_operator_ends_the_ghost_stay_is_no_deadlock(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """A ghost stay (open eight days) is paid at the booth just as an operator ends it. The
+    booth locks the stay and closes it, whereupon migration 0055's rule resolves its ghost
+    exception; ending it locked the exception first, then the stay: each waited for the other
+    (a deadlock, one of them a 500). Now ending it locks nothing before the stay, and whichever
+    comes second is told the stay has ended. Paused here by holding the stay's row, which the
+    booth asks for first."""
+    driver = await make_driver(runtime, unique_plate(), limit_fen=10_000_000)
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(days=8))
+    await ghosts.sweep_ghost_stays(runtime.pool, datetime.now(UTC))
+    [ghost] = await _exceptions(runtime, lot, "ghost_stay")
+    stay = await _stay(runtime, lot, driver.plate)
+    attendant = await _attendant(runtime, app, lot)
+    booth = f"/api/v1/operator/car-parks/{lot.code}/booth-payments"
+    asked = await api.post(
+        booth, json={"session_id": stay["id"], "method": "cash", "amount_fen": 1}, headers=attendant
+    )
+    assert asked.json()["error"]["code"] == "amount_mismatch", asked.text
+    due = asked.json()["error"]["details"]["fee_fen"]
+
+    async with runtime.pool.acquire() as blocker:
+        blocking = blocker.transaction()
+        await blocking.start()
+        await blocker.execute("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE", stay["id"])
+        paid = asyncio.create_task(
+            api.post(
+                booth,
+                json={"session_id": stay["id"], "method": "cash", "amount_fen": due},
+                headers=attendant,
+            )
+        )
+        await eventually(lambda: waiting_on_a_lock(runtime, "SELECT id, car_park_id, plate"))
+        ended = asyncio.create_task(
+            api.post(
+                f"/api/v1/operator/exceptions/{ghost['id']}/end-stay",
+                json={"reason": "现场核实，车辆已不在场内"},
+                headers=attendant,
+            )
+        )
+        await eventually(lambda: _both_waiting(runtime), timeout_s=5)
+        await blocking.commit()
+        answers = await asyncio.gather(paid, ended, return_exceptions=True)
+    failed = [a for a in answers if not isinstance(a, httpx.Response) or a.status_code >= 500]
+    assert not failed, failed
+    paid_answer, ended_answer = answers
+    assert isinstance(paid_answer, httpx.Response) and isinstance(ended_answer, httpx.Response)
+    assert (paid_answer.status_code, ended_answer.status_code) == (201, 409), ended_answer.text
+    stay = await _stay(runtime, lot, driver.plate)
+    assert (stay["settlement"], stay["fee_fen"]) == ("paid_at_booth", due)
+    [ghost] = await _exceptions(runtime, lot, "ghost_stay")
+    assert ghost["status"] == "resolved"
+
+
 async def test_an_operator_ends_a_ghost_stay_whose_car_left_unseen_charging_nobody(
     runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
 ) -> None:

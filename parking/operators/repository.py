@@ -286,10 +286,12 @@ class GhostException:
     session_id: int | None
 
 
-async def ghost_exception_for_update(
+async def ghost_exception(
     conn: asyncpg.Connection, operator_id: int, exception_id: int
 ) -> GhostException | None:
-    """Locked, so that two operators ending the same ghost stay end it once."""
+    """Unlocked: its stay is what is locked, and ends once (`end_ghost_stay`). Whatever closes
+    a stay locks it before migration 0055's rule resolves its ghost exception; locking the
+    exception first would wait for them while they wait for it (a deadlock)."""
     row = await conn.fetchrow(
         """SELECT e.id AS exception_id, e.reason, cp.id AS car_park_id, cp.code AS lot,
                   g.code AS gate,
@@ -297,8 +299,7 @@ async def ghost_exception_for_update(
                        THEN (e.candidates -> 0 ->> 'session_id')::bigint END AS session_id
            FROM lane_exceptions e JOIN car_parks cp ON cp.id = e.car_park_id
            JOIN gates g ON g.id = e.gate_id
-           WHERE e.id = $1 AND cp.operator_id = $2
-           FOR UPDATE OF e""",
+           WHERE e.id = $1 AND cp.operator_id = $2""",
         exception_id,
         operator_id,
     )

@@ -600,7 +600,7 @@ async def end_ghost_stay(
     elsewhere): the stay closes as left at an unknown time, settlement 'operator', no fee and
     nobody charged, and its ghost exception is resolved with it (migration 0055). No gate is
     commanded: the exception's capture is the stay's entry, and nobody waits at any barrier."""
-    ghost = await repo.ghost_exception_for_update(conn, _operator_id(principal), exception_id)
+    ghost = await repo.ghost_exception(conn, _operator_id(principal), exception_id)
     if ghost is None:
         raise NotFound("exception")
     if ghost.session_id is None:
