@@ -312,17 +312,33 @@ async def eventually(probe: Any, timeout_s: float = 10.0, interval_s: float = 0.
         await asyncio.sleep(interval_s)
 
 
-async def waiting_on_a_lock(runtime: Runtime, query_start: str = "") -> bool:
-    """Whether a backend of the test database running a statement that begins `query_start`
-    waits on a lock: how a test knows another path reached the lock it holds."""
+async def waiting_on_a_lock(runtime: Runtime, query_start: str = "", at_least: int = 1) -> bool:
+    """Whether `at_least` backends of the test database running a statement that begins
+    `query_start` wait on a lock: how a test knows other paths reached the lock it holds."""
     async with runtime.pool.acquire() as conn:
         waiting: bool = await conn.fetchval(
-            """SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+            """SELECT count(*) >= $2 FROM pg_stat_activity
                WHERE datname = current_database() AND wait_event_type = 'Lock'
-                 AND ltrim(query) LIKE $1)""",
+                 AND ltrim(query) LIKE $1""",
             query_start + "%",
+            at_least,
         )
     return waiting
+
+
+async def server_errors(tasks: dict[str, "asyncio.Task[Any]"]) -> list[str]:
+    """What each of two paths racing for the same rows ended in, where it was not an answer:
+    an exception (a deadlock, say) or a 5xx response."""
+    errors = []
+    for name, task in tasks.items():
+        try:
+            result = await task
+        except Exception as exc:
+            errors.append(f"{name}: {type(exc).__name__}: {exc}")
+        else:
+            if isinstance(result, httpx.Response) and result.status_code >= 500:
+                errors.append(f"{name}: {result.status_code} {result.text[:200]}")
+    return errors
 
 
 async def entry_registered(runtime: Runtime, lot: Lot, plate: str) -> str:

@@ -768,6 +768,12 @@ async def test_an_offline_gate_judges_a_pass_holders_hours_by_the_servers_time(
             await server.clear_retained([topics.topic(address, "config")])
 
 
+def _listed(out: Lane) -> set[str]:
+    """The plates on the whitelist a lane's gate agent holds now."""
+    held = out.agent.whitelist.config
+    return {entry.plate for entry in held.whitelist} if held else set()
+
+
 async def test_a_gate_online_drops_an_unbound_plate_and_a_deleted_accounts_at_once(
     runtime: Runtime,
     settings: Settings,
@@ -789,23 +795,18 @@ async def test_a_gate_online_drops_an_unbound_plate_and_a_deleted_accounts_at_on
     assert await publish_configs(runtime.pool, runtime.mqtt, settings, SERVER_KEY) >= 2
     config = _config(tmp_path, lot.code, "out1", settings.mqtt_topic_prefix)
     async with lane(config) as out:
-
-        def listed() -> set[str]:
-            held = out.agent.whitelist.config
-            return {entry.plate for entry in held.whitelist} if held else set()
-
         everyone = {unbinding.plate, deleting.plate, staying.plate}
-        await until(lambda: listed() == everyone)
+        await until(lambda: _listed(out) == everyone)
         unbinder = bearer(driver_token(app, unbinding.account_id))
         (binding,) = (await api.get("/api/v1/me/plates", headers=unbinder)).json()
         gone = await api.delete(f"/api/v1/me/plates/{binding['id']}", headers=unbinder)
         assert gone.status_code == 204, gone.text
-        await until(lambda: listed() == everyone - {unbinding.plate})
+        await until(lambda: _listed(out) == everyone - {unbinding.plate})
         deleted = await api.delete(
             "/api/v1/me", headers=bearer(driver_token(app, deleting.account_id))
         )
         assert deleted.status_code == 204, deleted.text
-        await until(lambda: listed() == {staying.plate})
+        await until(lambda: _listed(out) == {staying.plate})
         assert not out.agent.whitelist.allows(deleting.plate, "blue", datetime.now(UTC))
 
 
@@ -833,17 +834,12 @@ async def test_a_gate_online_drops_a_car_at_once_whatever_ends_its_pay_later(
     assert await publish_configs(runtime.pool, runtime.mqtt, settings, SERVER_KEY) >= 2
     config = _config(tmp_path, lot.code, "out1", settings.mqtt_topic_prefix)
     async with lane(config) as out:
-
-        def listed() -> set[str]:
-            held = out.agent.whitelist.config
-            return {entry.plate for entry in held.whitelist} if held else set()
-
-        await until(lambda: listed() == everyone)
+        await until(lambda: _listed(out) == everyone)
         cancelled = await api.delete(
             "/api/v1/me/agreement", headers=bearer(driver_token(app, cancelling.account_id))
         )
         assert cancelled.status_code == 204, cancelled.text
-        await until(lambda: listed() == everyone - {cancelling.plate})
+        await until(lambda: _listed(out) == everyone - {cancelling.plate})
         admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
         added = await api.post(
             "/api/v1/operator/blacklist",
@@ -851,7 +847,7 @@ async def test_a_gate_online_drops_a_car_at_once_whatever_ends_its_pay_later(
             headers=admin,
         )
         assert added.status_code == 201, added.text
-        await until(lambda: listed() == everyone - {cancelling.plate, blacklisted.plate})
+        await until(lambda: _listed(out) == everyone - {cancelling.plate, blacklisted.plate})
         async with runtime.pool.acquire() as conn:
             assert await agreements.record_service_state(
                 conn,
@@ -867,7 +863,7 @@ async def test_a_gate_online_drops_a_car_at_once_whatever_ends_its_pay_later(
                 "UPDATE accounts SET blocked_for_arrears = true WHERE id = $1",
                 in_arrears.account_id,
             )
-        await until(lambda: listed() == {staying.plate})
+        await until(lambda: _listed(out) == {staying.plate})
 
 
 def test_the_gate_matches_a_whitelisted_plate_on_its_colour_too() -> None:

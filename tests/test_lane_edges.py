@@ -29,6 +29,7 @@ from tests.conftest import (
     make_driver,
     make_staff,
     reject_awaiting,
+    server_errors,
     staff_token,
     stay_debt,
     unique_plate,
@@ -410,16 +411,6 @@ async def test_an_offline_hold_uploaded_after_the_booth_took_the_money_is_matche
     assert await _exceptions(runtime, lot, "no_entry") == []
 
 
-async def _both_waiting(runtime: Runtime) -> bool:
-    """Whether two backends of the test database wait on a lock."""
-    async with runtime.pool.acquire() as conn:
-        count: int = await conn.fetchval(
-            """SELECT count(*) FROM pg_stat_activity
-               WHERE datname = current_database() AND wait_event_type = 'Lock'"""
-        )
-    return count >= 2
-
-
 async def test_a_booth_payment_while_an_operator_opens_the_held_gate_by_hand_is_no_deadlock(
     runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
 ) -> None:
@@ -439,7 +430,6 @@ async def test_a_booth_payment_while_an_operator_opens_the_held_gate_by_hand_is_
     assert (stay["settlement"], stay["exit_capture_id"]) == ("offline_booth", upload.capture_id)
     attendant = await _attendant(runtime, app, lot)
 
-    errors: list[str] = []
     async with runtime.pool.acquire() as blocker:
         blocking = blocker.transaction()
         await blocking.start()
@@ -460,16 +450,9 @@ async def test_a_booth_payment_while_an_operator_opens_the_held_gate_by_hand_is_
             )
         )
         # The booth waits too: for the sessions (before) or what the open locked first.
-        await eventually(lambda: _both_waiting(runtime), timeout_s=5)
+        await eventually(lambda: waiting_on_a_lock(runtime, at_least=2), timeout_s=5)
         await blocking.commit()
-        for name, task in (("open", opened), ("booth", paid)):
-            try:
-                answer = await task
-            except Exception as exc:  # what a deadlock raises is the finding
-                errors.append(f"{name}: {type(exc).__name__}: {exc}")
-            else:
-                if answer.status_code >= 500:
-                    errors.append(f"{name}: {answer.status_code} {answer.text[:200]}")
+        errors = await server_errors({"open": opened, "booth": paid})
     assert not errors, errors
     assert (opened.result().status_code, paid.result().status_code) == (200, 201), (
         opened.result().text,
@@ -842,14 +825,13 @@ async def test_a_booth_payment_while_an_operator_ends_the_ghost_stay_is_no_deadl
                 headers=attendant,
             )
         )
-        await eventually(lambda: _both_waiting(runtime), timeout_s=5)
+        await eventually(lambda: waiting_on_a_lock(runtime, at_least=2), timeout_s=5)
         await blocking.commit()
-        answers = await asyncio.gather(paid, ended, return_exceptions=True)
-    failed = [a for a in answers if not isinstance(a, httpx.Response) or a.status_code >= 500]
-    assert not failed, failed
-    paid_answer, ended_answer = answers
-    assert isinstance(paid_answer, httpx.Response) and isinstance(ended_answer, httpx.Response)
-    assert (paid_answer.status_code, ended_answer.status_code) == (201, 409), ended_answer.text
+        errors = await server_errors({"booth": paid, "end": ended})
+    assert not errors, errors
+    assert (paid.result().status_code, ended.result().status_code) == (201, 409), (
+        ended.result().text
+    )
     stay = await _stay(runtime, lot, driver.plate)
     assert (stay["settlement"], stay["fee_fen"]) == ("paid_at_booth", due)
     [ghost] = await _exceptions(runtime, lot, "ghost_stay")
