@@ -12,7 +12,7 @@ import itertools
 import os
 import secrets
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -324,6 +324,31 @@ async def waiting_on_a_lock(runtime: Runtime, query_start: str = "", at_least: i
             at_least,
         )
     return waiting
+
+
+@contextlib.asynccontextmanager
+async def holding(
+    runtime: Runtime, statement: str, *args: object
+) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """A transaction of its own holding the locks `statement` takes, so that a test can line up
+    other paths behind them; yields the commit that lets them go on (rolled back at the end if
+    the test did not call it)."""
+    async with runtime.pool.acquire() as conn:
+        transaction = conn.transaction()
+        await transaction.start()
+        released = False
+
+        async def release() -> None:
+            nonlocal released
+            released = True
+            await transaction.commit()
+
+        try:
+            await conn.execute(statement, *args)
+            yield release
+        finally:
+            if not released:
+                await transaction.rollback()
 
 
 async def server_errors(tasks: dict[str, "asyncio.Task[Any]"]) -> list[str]:

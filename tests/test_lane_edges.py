@@ -26,6 +26,7 @@ from tests.conftest import (
     driver_token,
     enter,
     eventually,
+    holding,
     make_driver,
     make_staff,
     reject_awaiting,
@@ -430,10 +431,7 @@ async def test_a_booth_payment_while_an_operator_opens_the_held_gate_by_hand_is_
     assert (stay["settlement"], stay["exit_capture_id"]) == ("offline_booth", upload.capture_id)
     attendant = await _attendant(runtime, app, lot)
 
-    async with runtime.pool.acquire() as blocker:
-        blocking = blocker.transaction()
-        await blocking.start()
-        await blocker.execute("LOCK TABLE sessions IN EXCLUSIVE MODE")
+    async with holding(runtime, "LOCK TABLE sessions IN EXCLUSIVE MODE") as release:
         opened = asyncio.create_task(
             api.post(
                 f"/api/v1/operator/car-parks/{lot.code}/gates/out1/open",
@@ -451,7 +449,7 @@ async def test_a_booth_payment_while_an_operator_opens_the_held_gate_by_hand_is_
         )
         # The booth waits too: for the sessions (before) or what the open locked first.
         await eventually(lambda: waiting_on_a_lock(runtime, at_least=2), timeout_s=5)
-        await blocking.commit()
+        await release()
         errors = await server_errors({"open": opened, "booth": paid})
     assert not errors, errors
     assert (opened.result().status_code, paid.result().status_code) == (200, 201), (
@@ -806,10 +804,9 @@ async def test_a_booth_payment_while_an_operator_ends_the_ghost_stay_is_no_deadl
     assert asked.json()["error"]["code"] == "amount_mismatch", asked.text
     due = asked.json()["error"]["details"]["fee_fen"]
 
-    async with runtime.pool.acquire() as blocker:
-        blocking = blocker.transaction()
-        await blocking.start()
-        await blocker.execute("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE", stay["id"])
+    async with holding(
+        runtime, "SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE", stay["id"]
+    ) as release:
         paid = asyncio.create_task(
             api.post(
                 booth,
@@ -826,7 +823,7 @@ async def test_a_booth_payment_while_an_operator_ends_the_ghost_stay_is_no_deadl
             )
         )
         await eventually(lambda: waiting_on_a_lock(runtime, at_least=2), timeout_s=5)
-        await blocking.commit()
+        await release()
         errors = await server_errors({"booth": paid, "end": ended})
     assert not errors, errors
     assert (paid.result().status_code, ended.result().status_code) == (201, 409), (

@@ -34,6 +34,7 @@ from tests.conftest import (
     enter,
     eventually,
     exit_after,
+    holding,
     make_driver,
     make_staff,
     provider_and_runtime,
@@ -979,10 +980,7 @@ async def test_a_qr_payment_booked_while_an_attendant_names_another_car_leaves_t
         )
     attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
 
-    async with runtime.pool.acquire() as blocker:
-        blocking = blocker.transaction()
-        await blocking.start()
-        await blocker.execute("LOCK TABLE audit_log IN EXCLUSIVE MODE")
+    async with holding(runtime, "LOCK TABLE audit_log IN EXCLUSIVE MODE") as release:
         resolve = asyncio.create_task(
             api.post(
                 f"/api/v1/operator/exceptions/{exception_id}/resolve",
@@ -1000,7 +998,7 @@ async def test_a_qr_payment_booked_while_an_attendant_names_another_car_leaves_t
         )
         # The booking has closed a stay and waits for the exception the resolve holds.
         await _waiting_on(runtime, "UPDATE lane_exceptions", timeout_s=5)
-        await blocking.commit()
+        await release()
         named = await resolve
         await booking
     assert named.status_code == 200, named.text
@@ -1031,10 +1029,7 @@ async def test_a_qr_payment_booked_while_an_attendant_names_the_same_car_is_no_d
         )
     attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
 
-    async with runtime.pool.acquire() as blocker:
-        blocking = blocker.transaction()
-        await blocking.start()
-        await blocker.execute("LOCK TABLE ledger_entries IN EXCLUSIVE MODE")
+    async with holding(runtime, "LOCK TABLE ledger_entries IN EXCLUSIVE MODE") as release:
         booking = asyncio.create_task(
             payments_service.gate_payment_status(runtime, capture.capture_id)
         )
@@ -1053,7 +1048,7 @@ async def test_a_qr_payment_booked_while_an_attendant_names_the_same_car_is_no_d
             )
         )
         await _waiting_on(runtime, "SELECT", timeout_s=2)  # the resolve waits for the stay
-        await blocking.commit()
+        await release()
         errors = await server_errors({"booking": booking, "resolve": resolve})
     assert not errors, errors
 
@@ -1077,10 +1072,7 @@ async def test_a_qr_payment_booked_while_an_operator_opens_the_same_held_gate_is
     capture = await _doubtful_exit_paid_by_qr(runtime, api, gate, lot, provider, owner.plate)
     attendant = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "attendant")))
 
-    async with runtime.pool.acquire() as blocker:
-        blocking = blocker.transaction()
-        await blocking.start()
-        await blocker.execute("LOCK TABLE sessions IN EXCLUSIVE MODE")
+    async with holding(runtime, "LOCK TABLE sessions IN EXCLUSIVE MODE") as release:
         opened = asyncio.create_task(
             api.post(
                 f"/api/v1/operator/car-parks/{lot.code}/gates/out1/open",
@@ -1094,7 +1086,7 @@ async def test_a_qr_payment_booked_while_an_operator_opens_the_same_held_gate_is
             payments_service.gate_payment_status(runtime, capture.capture_id)
         )
         assert await _waiting_on(runtime, "SELECT 1 FROM", timeout_s=5), "booking never waited"
-        await blocking.commit()
+        await release()
         errors = await server_errors({"open": opened, "booking": booking})
     assert not errors, errors
     assert opened.result().status_code == 200, opened.result().text
