@@ -12,18 +12,18 @@ from billing import debts
 
 # The stays a driver may see: every stay charged to the account, and a stay charged to nobody
 # of a vehicle (plate and colour) while it was bound to the account (a new binding sees no
-# history from before it) when the stay surely is that vehicle's: its entry read named the
-# vehicle surely (`entry_certain`), or the characters settle the colour (the binding ids in
-# $2, `grammar.settled_color`). Otherwise the stay's colour may be a guess from the
-# characters, and the stay another colour's vehicle's: a blue and a yellow 浙A12345 are two.
-# $1 is the account id.
+# history from before it) when its entry read named the vehicle surely (`entry_certain`).
+# Otherwise the stay may be another car's: its characters may be misread, or its colour a
+# guess (a blue and a yellow 浙A12345 are two vehicles). Characters that settle the colour (a
+# small new-energy plate's eight) say nothing of whether they were read right. $1 is the
+# account id.
 _VISIBLE_STAYS = """
     SELECT s.id, s.car_park_id, s.plate, s.plate_color, s.status, s.entered_at, s.exited_at,
            s.fee_fen, s.settlement, s.account_id, s.entry_capture_id, s.exit_capture_id,
            COALESCE(s.applied_right_id, s.assigned_right_id) AS right_id
     FROM plate_bindings b
     JOIN sessions s ON s.plate = b.plate AND s.plate_color = b.color
-                   AND (s.entry_certain OR b.id = ANY($2::bigint[]))
+                   AND s.entry_certain
                    AND s.entered_at >= b.bound_at
                    AND (b.unbound_at IS NULL OR s.entered_at < b.unbound_at)
     WHERE b.account_id = $1 AND s.account_id IS NULL
@@ -190,33 +190,22 @@ async def open_debt_total(conn: asyncpg.Connection, account_id: int) -> int:
     return total
 
 
-async def bindings_ever(conn: asyncpg.Connection, account_id: int) -> list[asyncpg.Record]:
-    """Every binding the account has had, ended ones included: id, plate, colour."""
-    rows: list[asyncpg.Record] = await conn.fetch(
-        "SELECT id, plate, color FROM plate_bindings WHERE account_id = $1", account_id
-    )
-    return rows
-
-
 async def stays(
     conn: asyncpg.Connection,
     account_id: int,
-    settled: list[int],
     *,
     status: str | None,
     before: datetime | None,
     limit: int,
 ) -> list[asyncpg.Record]:
-    """The account's visible stays, newest entry first; `closed` is every stay that ended.
-    `settled`: the account's bindings whose colour their characters settle."""
+    """The account's visible stays, newest entry first; `closed` is every stay that ended."""
     rows: list[asyncpg.Record] = await conn.fetch(
         f"""SELECT {_STAY_COLUMNS}
             FROM ({_VISIBLE_STAYS}) v JOIN car_parks cp ON cp.id = v.car_park_id
-            WHERE ($3::text IS NULL OR (v.status = 'open') = ($3 = 'open'))
-              AND ($4::timestamptz IS NULL OR v.entered_at < $4)
-            ORDER BY v.entered_at DESC, v.id DESC LIMIT $5""",
+            WHERE ($2::text IS NULL OR (v.status = 'open') = ($2 = 'open'))
+              AND ($3::timestamptz IS NULL OR v.entered_at < $3)
+            ORDER BY v.entered_at DESC, v.id DESC LIMIT $4""",
         account_id,
-        settled,
         status,
         before,
         limit,
@@ -224,10 +213,8 @@ async def stays(
     return rows
 
 
-async def stay(
-    conn: asyncpg.Connection, account_id: int, settled: list[int], stay_id: int
-) -> asyncpg.Record | None:
-    """One visible stay with its charge, if any (`settled` as for `stays`)."""
+async def stay(conn: asyncpg.Connection, account_id: int, stay_id: int) -> asyncpg.Record | None:
+    """One visible stay with its charge, if any."""
     row: asyncpg.Record | None = await conn.fetchrow(
         f"""SELECT {_STAY_COLUMNS}, v.entry_capture_id, v.exit_capture_id,
                    c.id AS charge_id, c.amount_fen AS charge_amount_fen,
@@ -235,9 +222,8 @@ async def stay(
                    c.settled_at AS charge_settled_at
             FROM ({_VISIBLE_STAYS}) v JOIN car_parks cp ON cp.id = v.car_park_id
             LEFT JOIN charges c ON c.session_id = v.id
-            WHERE v.id = $3""",
+            WHERE v.id = $2""",
         account_id,
-        settled,
         stay_id,
     )
     return row
@@ -340,16 +326,13 @@ async def export_agreements(conn: asyncpg.Connection, account_id: int) -> list[d
     )
 
 
-async def export_stays(
-    conn: asyncpg.Connection, account_id: int, settled: list[int]
-) -> list[dict[str, Any]]:
-    """The account's visible stays (`settled` as for `stays`), oldest first."""
+async def export_stays(conn: asyncpg.Connection, account_id: int) -> list[dict[str, Any]]:
+    """The account's visible stays, oldest first."""
     rows = await conn.fetch(
         f"""SELECT {_STAY_COLUMNS}, cp.code AS car_park_code, v.plate_color
             FROM ({_VISIBLE_STAYS}) v JOIN car_parks cp ON cp.id = v.car_park_id
             ORDER BY v.entered_at, v.id""",
         account_id,
-        settled,
     )
     return [dict(r) for r in rows]
 

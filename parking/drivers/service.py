@@ -371,16 +371,6 @@ async def cancel_agreement(conn: asyncpg.Connection, account_id: int) -> None:
         raise NotFound("agreement")
 
 
-async def _settled(conn: asyncpg.Connection, account_id: int) -> list[int]:
-    """The account's bindings whose colour the characters settle (`grammar.settled_color`): a
-    stay of those characters is that vehicle's, whatever colour was read."""
-    return [
-        b["id"]
-        for b in await repo.bindings_ever(conn, account_id)
-        if grammar.settled_color(b["plate"]) == b["color"]
-    ]
-
-
 async def stays(
     conn: asyncpg.Connection,
     account_id: int,
@@ -389,20 +379,13 @@ async def stays(
     before: datetime | None,
     limit: int,
 ) -> StayPage:
-    rows = await repo.stays(
-        conn,
-        account_id,
-        await _settled(conn, account_id),
-        status=status,
-        before=before,
-        limit=limit,
-    )
+    rows = await repo.stays(conn, account_id, status=status, before=before, limit=limit)
     items = [Stay(**dict(r)) for r in rows]
     return StayPage(items=items, next_before=items[-1].entered_at if len(items) == limit else None)
 
 
 async def receipt(conn: asyncpg.Connection, account_id: int, stay_id: int) -> Receipt:
-    row = await repo.stay(conn, account_id, await _settled(conn, account_id), stay_id)
+    row = await repo.stay(conn, account_id, stay_id)
     if row is None:
         raise NotFound("stay")
     until = row["exited_at"] or datetime.now(UTC)
@@ -441,7 +424,7 @@ async def receipt(conn: asyncpg.Connection, account_id: int, stay_id: int) -> Re
 
 async def stay_frame(conn: asyncpg.Connection, account_id: int, stay_id: int, which: str) -> bytes:
     """The entry or exit frame of one of the driver's own stays; 404 when none is kept."""
-    row = await repo.stay(conn, account_id, await _settled(conn, account_id), stay_id)
+    row = await repo.stay(conn, account_id, stay_id)
     if row is None:
         raise NotFound("stay")
     capture_id = row["entry_capture_id"] if which == "entry" else row["exit_capture_id"]
@@ -477,7 +460,7 @@ async def export(conn: asyncpg.Connection, account_id: int) -> Export:
         account=await repo.export_account(conn, account_id),
         bindings=await repo.export_bindings(conn, account_id),
         agreements=await repo.export_agreements(conn, account_id),
-        stays=await repo.export_stays(conn, account_id, await _settled(conn, account_id)),
+        stays=await repo.export_stays(conn, account_id),
         charges=await repo.export_charges(conn, account_id),
         payments=await repo.export_payments(conn, account_id),
         debts=await repo.export_debts(conn, account_id),
