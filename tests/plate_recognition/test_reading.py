@@ -13,7 +13,7 @@ from plate_recognition import pipeline
 from plate_recognition.conditions import degrade
 from plate_recognition.engines import get_reader
 from plate_recognition.engines.base import ReadResult
-from plate_recognition.engines.rapidocr import RapidOcrReader
+from plate_recognition.engines.rapidocr import PLATE_CLASSES, RapidOcrReader
 from plate_recognition.engines.tesseract import serial_image
 from plate_recognition.grammar import Candidate
 from plate_recognition.holdout import unseen
@@ -35,6 +35,15 @@ def test_rapidocr_reads_real_crops(plate_data: Path, plate_rows: list[dict[str, 
         for r in rows
     )
     assert exact >= len(rows) - 1
+
+
+def test_the_shipped_ppocr_model_reads_the_plate_alphabet_alone() -> None:
+    """Its classifier is cut to the blank and the plate alphabet (`parking_dev.ocr_model`):
+    every class it scores is one the reader keeps, and every plate character is one."""
+    reader = RapidOcrReader()
+    probs = reader._session.run(None, {reader._input: np.zeros((1, 3, 40, 200), np.float32)})
+    assert probs[0].shape[-1] == len(reader.chars)
+    assert reader.chars[0] == "" and set(reader.chars[1:]) == PLATE_CLASSES
 
 
 def _frames(chars: tuple[str, ...], *columns: dict[str, float]) -> np.ndarray:
