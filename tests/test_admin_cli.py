@@ -392,3 +392,81 @@ async def test_the_command_line_itself(database_url: str, tmp_path: Path) -> Non
     )
     _, err = await asyncio.wait_for(process.communicate(), timeout=60)
     assert process.returncode == 2 and "exists already" in err.decode()
+
+
+async def test_platform_staff_and_car_parks_never_share_a_company(
+    runtime: Runtime, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The city's reviewers (role platform) sit in the platform's own company: put in a car
+    park operator's, its admins would see their ownership decisions in the company's audit log
+    and could disable them (review 30). Neither order is taken, and nothing is written."""
+    operator = _unique("城投-")
+    platform = _unique("城市平台-")
+    for name in (operator, platform):
+        assert (await admin(database_url, capsys, "company", "create", "--name", name))[0] == 0
+    car_park = _unique("PK")
+    created, _ = await admin(
+        database_url,
+        capsys,
+        "car-park",
+        "create",
+        "--company",
+        operator,
+        "--code",
+        car_park,
+        "--name",
+        "城东停车场",
+        "--capacity",
+        "10",
+        "--hourly-fen",
+        "500",
+    )
+    assert created == 0
+
+    def staff(company: str) -> tuple[str, ...]:
+        email = f"{_unique('platform-')}@example.cn"
+        return (
+            "staff",
+            "create",
+            "--company",
+            company,
+            "--email",
+            email,
+            "--name",
+            "审核员",
+            "--role",
+            "platform",
+        )
+
+    code, error = await admin(database_url, capsys, *staff(operator))
+    assert code != 0 and "runs no car parks" in error
+    assert (await admin(database_url, capsys, *staff(platform)))[0] == 0
+    code, error = await admin(
+        database_url,
+        capsys,
+        "car-park",
+        "create",
+        "--company",
+        platform,
+        "--code",
+        _unique("PK"),
+        "--name",
+        "平台停车场",
+        "--capacity",
+        "10",
+        "--hourly-fen",
+        "500",
+    )
+    assert code != 0 and "runs no car parks" in error
+    async with runtime.pool.acquire() as conn:
+        platform_staff = await conn.fetchval(
+            """SELECT count(*) FROM operator_users u JOIN operators o ON o.id = u.operator_id
+               WHERE o.name = ANY($1::text[]) AND u.role = 'platform'""",
+            [operator, platform],
+        )
+        platform_parks = await conn.fetchval(
+            "SELECT count(*) FROM car_parks cp JOIN operators o ON o.id = cp.operator_id"
+            " WHERE o.name = $1",
+            platform,
+        )
+    assert (platform_staff, platform_parks) == (1, 0)

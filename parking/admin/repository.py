@@ -72,6 +72,21 @@ async def company_id(conn: asyncpg.Connection, ref: str) -> int | None:
     return found
 
 
+async def runs_car_parks(conn: asyncpg.Connection, operator_id: int) -> bool:
+    found: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM car_parks WHERE operator_id = $1)", operator_id
+    )
+    return found
+
+
+async def has_platform_staff(conn: asyncpg.Connection, operator_id: int) -> bool:
+    found: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM operator_users WHERE operator_id = $1 AND role = 'platform')",
+        operator_id,
+    )
+    return found
+
+
 async def car_park_by_code(conn: asyncpg.Connection, code: str) -> asyncpg.Record | None:
     """id, operator_id and uncertain_exit_policy of the car park with `code`, locked for the
     caller's transaction."""

@@ -108,6 +108,8 @@ async def create_car_park(
     except ValueError as exc:
         raise AdminError(str(exc)) from None
     operator_id = await _company(conn, spec.company)
+    if await repo.has_platform_staff(conn, operator_id):
+        raise AdminError("this is the platform's own company: it runs no car parks")
     try:
         async with conn.transaction():  # a savepoint: a taken code leaves nothing behind
             car_park_id = await repo.create_car_park(
@@ -179,6 +181,12 @@ async def create_staff(
     elif len(password) < MIN_PASSWORD_CHARS:
         raise AdminError(f"a password has at least {MIN_PASSWORD_CHARS} characters")
     operator_id = await _company(conn, company)
+    if role == "platform" and await repo.runs_car_parks(conn, operator_id):
+        # The city's reviewers would share a company with an operator whose admins see its
+        # audit log and could disable them.
+        raise AdminError(
+            "platform staff belong to the platform's own company, which runs no car parks"
+        )
     password_hash = await asyncio.to_thread(hash_password, password)
     try:
         async with conn.transaction():
