@@ -835,6 +835,66 @@ async def test_a_booth_payment_while_an_operator_ends_the_ghost_stay_is_no_deadl
     assert ghost["status"] == "resolved"
 
 
+@pytest.mark.parametrize("ender", ["end_stay", "booth"])
+async def test_opening_a_ghost_stays_gate_while_its_stay_ends_is_no_deadlock(
+    runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI, ender: str
+) -> None:
+    """A ghost stay's exception names the stay's entry capture; an operator opens its gate by
+    hand with that capture (the API takes it: test_a_ghost_stay_that_ends_... answers it 409
+    stay_ended once the stay is over) just as another ends the stay, or the booth takes its fee.
+    The open locked the ghost exception first (lock_for_decision), then the capture and the
+    stay (capture_at_gate); ending the stay locks the stay, then migration 0055's rule updates
+    the ghost exception: each waited for the other, a deadlock and a 500 (review 31). A ghost
+    stay's exception is now left to its stay."""
+    driver = await make_driver(runtime, unique_plate(), limit_fen=10_000_000)
+    await enter(runtime, gate, lot, driver.plate, parked_for=timedelta(days=8))
+    await ghosts.sweep_ghost_stays(runtime.pool, datetime.now(UTC))
+    [ghost] = await _exceptions(runtime, lot, "ghost_stay")
+    stay = await _stay(runtime, lot, driver.plate)
+    attendant = await _attendant(runtime, app, lot)
+    booth = f"/api/v1/operator/car-parks/{lot.code}/booth-payments"
+    due = 0
+    if ender == "booth":
+        asked = await api.post(
+            booth,
+            json={"session_id": stay["id"], "method": "cash", "amount_fen": 1},
+            headers=attendant,
+        )
+        due = asked.json()["error"]["details"]["fee_fen"]
+
+    async with holding(
+        runtime, "SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE", stay["id"]
+    ) as release:
+        if ender == "end_stay":
+            ending = asyncio.create_task(
+                api.post(
+                    f"/api/v1/operator/exceptions/{ghost['id']}/end-stay",
+                    json={"reason": "现场核实，车辆已不在场内"},
+                    headers=attendant,
+                )
+            )
+        else:
+            ending = asyncio.create_task(
+                api.post(
+                    booth,
+                    json={"session_id": stay["id"], "method": "cash", "amount_fen": due},
+                    headers=attendant,
+                )
+            )
+        await eventually(lambda: waiting_on_a_lock(runtime))
+        opened = asyncio.create_task(
+            api.post(
+                f"/api/v1/operator/car-parks/{lot.code}/gates/in1/open",
+                json={"reason": "车辆早已离场", "capture_id": str(ghost["capture_id"])},
+                headers=attendant,
+            )
+        )
+        await eventually(lambda: waiting_on_a_lock(runtime, at_least=2), timeout_s=5)
+        await release()
+        errors = await server_errors({"end": ending, "open": opened})
+    assert not errors, errors
+
+
 async def test_an_operator_ends_a_ghost_stay_whose_car_left_unseen_charging_nobody(
     runtime: Runtime, gate: GateProbe, lot: Lot, api: httpx.AsyncClient, app: FastAPI
 ) -> None:

@@ -100,7 +100,7 @@ async def record_payment(
     # stay (`billing.captures`). The other way round, a booth payment and an operator acting on
     # the same capture each waited for what the other held (a deadlock, one of them a 500).
     if request.capture_id is not None:
-        await captures.lock_for_decision(conn, request.capture_id)
+        await captures.lock_for_decision(conn, request.capture_id, car_park["id"])
         held = await payments_repo.held_exit(conn, request.capture_id)
         if held is None or held.car_park_id != car_park["id"]:
             raise NotFound("capture")
@@ -114,7 +114,7 @@ async def record_payment(
     # read unlocked, locked before the stay, and the same once the stay is locked.
     seen = await repo.stay_exit_capture(conn, car_park["id"], session_id)
     if seen is not None and seen != request.capture_id:
-        await captures.lock_for_decision(conn, seen)
+        await captures.lock_for_decision(conn, seen, car_park["id"])
     stay = await repo.stay_for_update(conn, car_park["id"], session_id)
     if stay is None:
         raise NotFound("stay")

@@ -513,7 +513,7 @@ async def open_gate(
         # Its exception, the capture, then its stay: as a payment being booked or taken at the
         # booth locks them (`billing.captures`), which waited for the exception this held its
         # capture and stay for (a deadlock, one of them a 500).
-        await captures.lock_for_decision(conn, request.capture_id)
+        await captures.lock_for_decision(conn, request.capture_id, car_park["id"])
         held = await repo.capture_at_gate(conn, gate["id"], request.capture_id)
         if held is None:
             raise NotFound("capture")
