@@ -5,6 +5,10 @@
 -- republishes those car parks' lists at once (parking.gates.config); before, an online gate kept
 -- the car on its list up to the next round and let it out free or on pay-later if its link
 -- dropped meanwhile.
+-- Where a vehicle is parked, asked by every trigger below (the other indexes lead with the car
+-- park: a scan of every open stay each time).
+CREATE INDEX open_stays_vehicle ON open_stays (plate, plate_color);
+
 CREATE FUNCTION whitelist_notify_vehicle(p_plate text, p_color text) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -44,9 +48,12 @@ BEGIN
     PERFORM whitelist_notify_vehicle(NEW.plate, NEW.plate_color);
     RETURN NULL;
 END $$;
-CREATE TRIGGER plate_services_whitelist_notify
-    AFTER INSERT OR UPDATE OF state ON plate_services
+-- Only a service that stops being normal: a word that it is still paused changes no list.
+CREATE TRIGGER plate_services_whitelist_notify_new AFTER INSERT ON plate_services
     FOR EACH ROW WHEN (NEW.state <> 'normal')
+    EXECUTE FUNCTION plate_services_whitelist_notify();
+CREATE TRIGGER plate_services_whitelist_notify AFTER UPDATE OF state ON plate_services
+    FOR EACH ROW WHEN (OLD.state = 'normal' AND NEW.state <> 'normal')
     EXECUTE FUNCTION plate_services_whitelist_notify();
 
 CREATE FUNCTION plate_blacklist_whitelist_notify() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -68,5 +75,6 @@ BEGIN
 END $$;
 CREATE TRIGGER assigned_rights_whitelist_notify
     AFTER UPDATE OF status, valid_until ON assigned_rights
-    FOR EACH ROW WHEN (NEW.status <> 'active' OR NEW.valid_until < OLD.valid_until)
+    FOR EACH ROW WHEN ((OLD.status = 'active' AND NEW.status <> 'active')
+                       OR NEW.valid_until < OLD.valid_until)
     EXECUTE FUNCTION assigned_rights_whitelist_notify();

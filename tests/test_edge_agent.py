@@ -866,6 +866,47 @@ async def test_a_gate_online_drops_a_car_at_once_whatever_ends_its_pay_later(
         await until(lambda: _listed(out) == {staying.plate})
 
 
+async def test_a_plate_service_confirmed_paused_again_is_not_announced_again(
+    runtime: Runtime, gate: GateProbe, lot: Lot
+) -> None:
+    """Migration 0057 announces a parked car's car park when its plate's service stops being
+    normal: the car leaves the offline whitelist. A word that it is still paused (the worker's
+    daily sweep, an entry's registration, a retried notification) changes nobody's list; the
+    first version announced it whenever the upsert set the state, changed or not, and each such
+    word republished the whole car park's lists (review 31)."""
+    driver = await make_driver(runtime, unique_plate())
+    await enter(runtime, gate, lot, driver.plate)
+    heard: list[str] = []
+    async with runtime.pool.acquire() as listener:
+        await listener.add_listener("gate_whitelists", lambda *a: heard.append(a[3]))
+        try:
+            async with runtime.pool.acquire() as conn:
+                at = datetime.now(UTC) - timedelta(minutes=10)
+                await agreements.record_service_state(
+                    conn, "sandbox", driver.plate, "blue", "paused", at, about_agreement=True
+                )
+
+                # Other car parks of this module's database may be announced meanwhile.
+                async def announced() -> bool:
+                    return str(lot.id) in heard
+
+                await eventually(announced, timeout_s=5)
+                heard.clear()
+                await agreements.record_service_state(
+                    conn,
+                    "sandbox",
+                    driver.plate,
+                    "blue",
+                    "paused",
+                    at + timedelta(minutes=5),
+                    about_agreement=True,
+                )
+            await asyncio.sleep(0.5)
+        finally:
+            await listener.reset()
+    assert str(lot.id) not in heard, "a plate said paused again republished its car park's lists"
+
+
 def test_the_gate_matches_a_whitelisted_plate_on_its_colour_too() -> None:
     lot, now = f"lot-{uuid.uuid4().hex[:8]}", datetime.now(UTC)
     both, lorry = unique_plate(), unique_plate()
