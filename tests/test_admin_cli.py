@@ -8,6 +8,7 @@ import io
 import os
 import sys
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from pydantic import SecretStr
 
 from billing.tariff import Tariff
 from parking.admin import cli as admin_cli
+from parking.admin import service as admin_service
 from parking.cli import build_parser
 from parking.gates import config as gate_configs
 from parking.runtime import Runtime
@@ -470,3 +472,40 @@ async def test_platform_staff_and_car_parks_never_share_a_company(
             platform,
         )
     assert (platform_staff, platform_parks) == (1, 0)
+
+
+async def test_a_car_park_and_platform_staff_added_at_once_to_one_company_are_not_both_taken(
+    runtime: Runtime, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two admins at once: one adds a car park to a new company, the other a platform reviewer
+    to it. Each checked the other's kind was absent, then added its own: both were taken (review
+    31). The company is now locked while either is added, and the second is refused."""
+    company = _unique("新公司-")
+    assert (await admin(database_url, capsys, "company", "create", "--name", company))[0] == 0
+    spec = admin_service.CarParkSpec(
+        company=company,
+        code=_unique("PK"),
+        name="新停车场",
+        capacity=10,
+        tariff=Tariff.hourly(free_minutes=0, hourly_fen=500, daily_cap_fen=3000),
+    )
+    async with runtime.pool.acquire() as first, runtime.pool.acquire() as second:
+        adding = first.transaction()
+        await adding.start()
+        await admin_service.create_car_park(first, "test:admin", spec, datetime.now(UTC))
+        async with second.transaction():
+            staff = asyncio.create_task(
+                admin_service.create_staff(
+                    second,
+                    "test:admin",
+                    company=company,
+                    email=f"{_unique('p-')}@example.cn",
+                    name="审核员",
+                    role="platform",
+                    password=None,
+                )
+            )
+            await asyncio.sleep(0.3)  # before: it went through, not waiting for the car park
+            await adding.commit()
+            with pytest.raises(admin_service.AdminError, match="runs no car parks"):
+                await staff

@@ -62,10 +62,12 @@ async def insert_company(conn: asyncpg.Connection, name: str) -> int | None:
     return operator_id
 
 
-async def company_id(conn: asyncpg.Connection, ref: str) -> int | None:
-    """A company by its id or its exact name."""
+async def company_id(conn: asyncpg.Connection, ref: str, *, lock: bool = False) -> int | None:
+    """A company by its id or its exact name; locked, what is added to it is added one at a
+    time (`runs_car_parks`, `has_platform_staff` read before adding)."""
     found: int | None = await conn.fetchval(
-        "SELECT id FROM operators WHERE name = $1 OR ($2::bigint IS NOT NULL AND id = $2)",
+        "SELECT id FROM operators WHERE name = $1 OR ($2::bigint IS NOT NULL AND id = $2)"
+        + (" FOR UPDATE" if lock else ""),
         ref,
         int(ref) if ref.isdigit() else None,
     )

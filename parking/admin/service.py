@@ -53,8 +53,8 @@ def _company_ref(ref: str) -> str:
     return ref
 
 
-async def _company(conn: asyncpg.Connection, ref: str) -> int:
-    found = await repo.company_id(conn, _company_ref(ref))
+async def _company(conn: asyncpg.Connection, ref: str, *, lock: bool = False) -> int:
+    found = await repo.company_id(conn, _company_ref(ref), lock=lock)
     if found is None:
         raise AdminError(f"no company {ref!r}")
     return found
@@ -107,7 +107,7 @@ async def create_car_park(
         name = check_car_park_name(spec.name)
     except ValueError as exc:
         raise AdminError(str(exc)) from None
-    operator_id = await _company(conn, spec.company)
+    operator_id = await _company(conn, spec.company, lock=True)
     if await repo.has_platform_staff(conn, operator_id):
         raise AdminError("this is the platform's own company: it runs no car parks")
     try:
@@ -180,7 +180,7 @@ async def create_staff(
         password = secrets.token_urlsafe(12)
     elif len(password) < MIN_PASSWORD_CHARS:
         raise AdminError(f"a password has at least {MIN_PASSWORD_CHARS} characters")
-    operator_id = await _company(conn, company)
+    operator_id = await _company(conn, company, lock=True)
     if role == "platform" and await repo.runs_car_parks(conn, operator_id):
         # The city's reviewers would share a company with an operator whose admins see its
         # audit log and could disable them.
