@@ -822,32 +822,58 @@ async def test_a_gate_online_drops_a_car_at_once_whatever_ends_its_pay_later(
 ) -> None:
     """Not only a binding's end takes a parked car off its car park's whitelist at once
     (migration 0057): its driver cancelling pay-later, the company blacklisting the vehicle,
-    the provider pausing the plate's service, the account blocked for arrears. Before, each
-    stayed on the gate's list up to the next round (an hour here; 60 s by default), and a gate
-    whose link dropped meanwhile let the car out on pay-later."""
+    the provider pausing the plate's service, the account blocked for arrears, the company
+    cancelling a pass holder's pass. Before, each stayed on the gate's list up to the next round
+    (an hour here; 60 s by default), and a gate whose link dropped meanwhile let the car out on
+    pay-later, or free."""
     cancelling, blacklisted, paused, in_arrears, staying = [
         await make_driver(runtime, unique_plate()) for _ in range(5)
     ]
-    everyone = {d.plate for d in (cancelling, blacklisted, paused, in_arrears, staying)}
+    admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+    pass_holder = unique_plate()
+    spec = await api.post(
+        "/api/v1/operator/right-specs",
+        json={"name": f"pass-{pass_holder}", "kind": "free_passage"},
+        headers=admin,
+    )
+    assert spec.status_code == 201, spec.text
+    now = datetime.now(UTC)
+    right = await api.post(
+        "/api/v1/operator/rights",
+        json={
+            "spec_id": spec.json()["id"],
+            "vehicles": [{"plate": pass_holder, "color": "blue"}],
+            "valid_from": (now - timedelta(days=10)).isoformat(),
+            "valid_until": (now + timedelta(days=20)).isoformat(),
+        },
+        headers=admin,
+    )
+    assert right.status_code == 201, right.text
+    drivers = {d.plate for d in (cancelling, blacklisted, paused, in_arrears, staying)}
+    everyone = drivers | {pass_holder}
     for plate in everyone:
         await enter(runtime, gate, lot, plate, parked_for=timedelta(hours=1))
     assert await publish_configs(runtime.pool, runtime.mqtt, settings, SERVER_KEY) >= 2
     config = _config(tmp_path, lot.code, "out1", settings.mqtt_topic_prefix)
     async with lane(config) as out:
         await until(lambda: _listed(out) == everyone)
+        revoked = await api.post(
+            f"/api/v1/operator/rights/{right.json()['id']}/cancel", headers=admin
+        )
+        assert revoked.status_code == 200, revoked.text
+        await until(lambda: _listed(out) == drivers)
         cancelled = await api.delete(
             "/api/v1/me/agreement", headers=bearer(driver_token(app, cancelling.account_id))
         )
         assert cancelled.status_code == 204, cancelled.text
-        await until(lambda: _listed(out) == everyone - {cancelling.plate})
-        admin = bearer(staff_token(app, await make_staff(runtime, lot.operator_id, "admin")))
+        await until(lambda: _listed(out) == drivers - {cancelling.plate})
         added = await api.post(
             "/api/v1/operator/blacklist",
             json={"plate": blacklisted.plate, "color": "blue", "reason": "逃费"},
             headers=admin,
         )
         assert added.status_code == 201, added.text
-        await until(lambda: _listed(out) == everyone - {cancelling.plate, blacklisted.plate})
+        await until(lambda: _listed(out) == drivers - {cancelling.plate, blacklisted.plate})
         async with runtime.pool.acquire() as conn:
             assert await agreements.record_service_state(
                 conn,
