@@ -376,33 +376,27 @@ async def offline_crossing_near(
 
 
 async def stay_entered_since(
-    conn: asyncpg.Connection, car_park_id: int, plate: str, color: str, since: datetime
+    conn: asyncpg.Connection,
+    car_park_id: int,
+    plate: str,
+    color: str | None,
+    since: datetime,
+    *,
+    open_only: bool = False,
 ) -> int | None:
-    """The vehicle's latest stay here that began at `since` or later, whatever its status."""
+    """The latest stay here that began at `since` or later: of the vehicle (`plate`, `color`),
+    or of the plate's characters in any colour (`color` None); whatever its status unless
+    `open_only`."""
     stay_id: int | None = await conn.fetchval(
         """SELECT id FROM sessions
-           WHERE car_park_id = $1 AND plate = $2 AND plate_color = $3 AND entered_at >= $4
+           WHERE car_park_id = $1 AND plate = $2 AND ($3::text IS NULL OR plate_color = $3)
+             AND entered_at >= $4 AND (NOT $5 OR status = 'open')
            ORDER BY entered_at DESC LIMIT 1""",
         car_park_id,
         plate,
         color,
         since,
-    )
-    return stay_id
-
-
-async def open_stay_of_characters_since(
-    conn: asyncpg.Connection, car_park_id: int, plate: str, since: datetime
-) -> int | None:
-    """An open stay here of the plate's characters, in any colour, that began at `since` or
-    later: the latest."""
-    stay_id: int | None = await conn.fetchval(
-        """SELECT id FROM sessions
-           WHERE car_park_id = $1 AND plate = $2 AND status = 'open' AND entered_at >= $3
-           ORDER BY entered_at DESC LIMIT 1""",
-        car_park_id,
-        plate,
-        since,
+        open_only,
     )
     return stay_id
 

@@ -204,8 +204,8 @@ class LaneService:
             # The same car read twice at the barrier.
             return self._open(capture, now, "duplicate_read", plate, inside.id)
         if not self.certain(reading) and (
-            twin := await repo.open_stay_of_characters_since(
-                conn, gate.car_park_id, plate, at - self.duplicate_window
+            twin := await repo.stay_entered_since(
+                conn, gate.car_park_id, plate, None, at - self.duplicate_window, open_only=True
             )
         ):
             # The same characters just came in, in another colour: a doubtful read of that car
