@@ -16,6 +16,13 @@ BEGIN
     FROM open_stays o WHERE o.plate = p_plate AND o.plate_color = p_color;
 END $$;
 
+-- A binding's end (0054) is announced by the same lookup.
+CREATE OR REPLACE FUNCTION plate_bindings_whitelist_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM whitelist_notify_vehicle(NEW.plate, NEW.color);
+    RETURN NULL;
+END $$;
+
 CREATE FUNCTION whitelist_notify_account(p_account_id bigint) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
