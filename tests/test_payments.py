@@ -8,6 +8,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import orjson
 import pytest
@@ -804,28 +805,40 @@ async def _held_as_a_while_b_is_parked(
     return owner_a, owner_b, capture
 
 
+async def _stay_of(conn: asyncpg.Connection, lot: Lot, plate: str) -> asyncpg.Record:
+    """The status and settlement of the plate's (only) stay in the car park."""
+    row: asyncpg.Record = await conn.fetchrow(
+        "SELECT status, settlement FROM sessions WHERE plate = $1 AND car_park_id = $2",
+        plate,
+        lot.id,
+    )
+    return row
+
+
+async def _refunded_for(conn: asyncpg.Connection, capture: Capture) -> int:
+    """Fen refunded of the payments made at the gate for `capture`."""
+    refunded: int = await conn.fetchval(
+        """SELECT COALESCE(sum(amount_fen), 0) FROM refunds
+           WHERE payment_id IN (SELECT id FROM payments WHERE capture_id = $1)""",
+        capture.capture_id,
+    )
+    return refunded
+
+
 async def _a_stays_open_and_bs_payment_went_back(
     runtime: Runtime, lot: Lot, owner_a: Driver, owner_b: Driver, capture: Capture
 ) -> None:
     """The car at the barrier was B's: B's stay is charged pay-later, A's (its car inside)
     stays open, and the ¥12.00 paid at the gate for A's stay goes back; the ledger balances."""
     async with runtime.pool.acquire() as conn:
-        stay_a = await conn.fetchrow(
-            "SELECT status, settlement FROM sessions WHERE plate = $1 AND car_park_id = $2",
-            owner_a.plate,
-            lot.id,
-        )
+        stay_a = await _stay_of(conn, lot, owner_a.plate)
         charged_b = await conn.fetchval(
             "SELECT count(*) FROM charges c JOIN sessions s ON s.id = c.session_id "
             "WHERE s.plate = $1 AND s.car_park_id = $2",
             owner_b.plate,
             lot.id,
         )
-        refunded = await conn.fetchval(
-            """SELECT COALESCE(sum(amount_fen), 0) FROM refunds
-               WHERE payment_id IN (SELECT id FROM payments WHERE capture_id = $1)""",
-            capture.capture_id,
-        )
+        refunded = await _refunded_for(conn, capture)
         assert await ledger.is_balanced(conn)
     assert charged_b == 1, "B's own stay is charged pay-later"
     assert (stay_a["status"], refunded) == ("open", 1200), (
@@ -1091,19 +1104,11 @@ async def test_a_qr_payment_booked_while_an_operator_opens_the_same_held_gate_is
     assert not errors, errors
     assert opened.result().status_code == 200, opened.result().text
     async with runtime.pool.acquire() as conn:
-        stay = await conn.fetchrow(
-            "SELECT status, settlement FROM sessions WHERE plate = $1 AND car_park_id = $2",
-            owner.plate,
-            lot.id,
-        )
+        stay = await _stay_of(conn, lot, owner.plate)
         booked = await conn.fetch(
             "SELECT status FROM payments WHERE capture_id = $1", capture.capture_id
         )
-        refunded = await conn.fetchval(
-            """SELECT COALESCE(sum(amount_fen), 0) FROM refunds
-               WHERE payment_id IN (SELECT id FROM payments WHERE capture_id = $1)""",
-            capture.capture_id,
-        )
+        refunded = await _refunded_for(conn, capture)
         exception = await conn.fetchval(
             "SELECT status FROM lane_exceptions WHERE capture_id = $1", capture.capture_id
         )
